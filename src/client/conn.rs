@@ -1,0 +1,209 @@
+//! The client's control connection: requests to the gateway and the thread that reads its
+//! frames (replies, discovery events, lanes).
+
+use super::engine::{RemotePeer, Shared};
+use super::lane::Lane;
+use super::ClientError;
+use crate::model::FailureKind;
+use crate::status::Status;
+use crate::wire::frame::{decode_body, encode_frame, FrameReader, FromGateway, PeerId, ToGateway};
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A reply to a control request.
+pub(crate) enum Reply {
+    Ack,
+    Fail(Status, String),
+    Lane(Arc<Lane>),
+}
+
+pub(crate) struct Conn {
+    sock: UnixStream,
+    write: Mutex<()>,
+    next_req: AtomicU64,
+    pending: Mutex<HashMap<u64, SyncSender<Reply>>>,
+    connected: AtomicBool,
+}
+
+impl Conn {
+    pub(crate) fn new(sock: UnixStream) -> Self {
+        Self {
+            sock,
+            write: Mutex::new(()),
+            next_req: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(true),
+        }
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn socket(&self) -> &UnixStream {
+        &self.sock
+    }
+
+    /// Sends one message.
+    pub(crate) fn send(&self, msg: &ToGateway) -> Result<(), ClientError> {
+        if !self.is_connected() {
+            return Err(ClientError::Disconnected);
+        }
+        let frame = encode_frame(msg, 0).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        crate::sys::fdpass::send_all(self.sock.as_fd(), &frame, &[]).map_err(|_| ClientError::Disconnected)
+    }
+
+    /// Sends a request built around a fresh request id and waits for its reply.
+    pub(crate) fn request(&self, build: impl FnOnce(u64) -> ToGateway, timeout: Duration) -> Result<Reply, ClientError> {
+        // Relaxed: ids only need to be unique.
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = sync_channel(1);
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(req, tx);
+        if let Err(e) = self.send(&build(req)) {
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&req);
+            return Err(e);
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(r) => Ok(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&req);
+                Err(ClientError::Timeout)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected),
+        }
+    }
+
+    fn complete(&self, req: u64, reply: Reply) {
+        if let Some(tx) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&req) {
+            let _ = tx.try_send(reply);
+        }
+    }
+
+    /// The connection is gone: every waiting request fails (their senders drop).
+    fn disconnected(&self) {
+        self.connected.store(false, Ordering::Release);
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Closes the socket; the reader thread then ends.
+    pub(crate) fn shutdown(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Reads control frames until the connection ends.
+pub(crate) fn reader_loop(shared: Arc<Shared>, mut frames: FrameReader) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut fds = Vec::new();
+    let why = 'outer: loop {
+        loop {
+            match frames.next_frame() {
+                Ok(Some((body, fds))) => match decode_body::<FromGateway>(&body) {
+                    Ok(msg) => handle(&shared, msg, fds),
+                    Err(e) => break 'outer format!("undecodable frame from the gateway: {e}"),
+                },
+                Ok(None) => break,
+                Err(e) => break 'outer format!("bad frame from the gateway: {e}"),
+            }
+        }
+        match crate::sys::fdpass::recv(shared.conn.socket().as_fd(), &mut buf, &mut fds) {
+            Ok(0) => break "gateway closed the connection".to_string(),
+            Ok(n) => {
+                frames.push_bytes(&buf[..n]);
+                frames.push_fds(fds.drain(..));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break e.to_string(),
+        }
+    };
+    if !shared.is_closed() {
+        crate::log::warn(format_args!("connection to the gateway lost: {why}"));
+    }
+    shared.conn.disconnected();
+    shared.state_changed.notify_all();
+    shared.wake_all();
+}
+
+fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
+    match msg {
+        FromGateway::Ack { req } => shared.conn.complete(req, Reply::Ack),
+        FromGateway::Fail { req, status, message } => shared.conn.complete(req, Reply::Fail(status, message)),
+        FromGateway::LaneOpened { req, peer, lane, side } => match attach_lane(shared, peer, lane, side, &fds) {
+            Ok(l) => shared.conn.complete(req, Reply::Lane(l)),
+            Err(e) => shared.conn.complete(req, Reply::Fail(Status::Protocol, e)),
+        },
+        FromGateway::LaneOffered { peer, lane, side } => {
+            if let Err(e) = attach_lane(shared, peer, lane, side, &fds) {
+                crate::log::warn(format_args!("cannot map the lane {peer} opened: {e}"));
+            }
+        }
+        FromGateway::LaneClosed { peer, lane, reason } => {
+            let ours = shared.lock_state().lanes.get(&peer).is_some_and(|l| l.id == lane);
+            if ours {
+                shared.drop_lane(peer);
+                shared.fail_calls_to(peer, FailureKind::Delivery(Status::Protocol), &format!("lane closed: {reason}"));
+            }
+        }
+        FromGateway::PeerAdded { identity } => {
+            let identity = Arc::new(identity);
+            {
+                let mut st = shared.lock_state();
+                st.peers.insert(identity.peer_id, RemotePeer { identity: identity.clone(), methods: Default::default() });
+                st.generation += 1;
+            }
+            shared.state_changed.notify_all();
+            super::interop::emit(shared, super::InteropEvent::ServerAdded((*identity).clone()));
+        }
+        FromGateway::PeerRemoved { peer, reason } => {
+            let gone = {
+                let mut st = shared.lock_state();
+                st.generation += 1;
+                st.peers.remove(&peer)
+            };
+            shared.drop_lane(peer);
+            shared.fail_calls_to(peer, FailureKind::PeerLeft, "Peer has left while waiting for result");
+            shared.state_changed.notify_all();
+            if let Some(p) = gone {
+                super::interop::removed_methods(shared, &p.identity, p.methods.values().cloned().collect());
+                super::interop::emit(shared, super::InteropEvent::ServerRemoved { server: (*p.identity).clone(), reason });
+            }
+        }
+        FromGateway::MethodsAdded { peer, methods } => super::interop::methods_added(shared, peer, methods),
+        FromGateway::MethodsRemoved { peer, ids } => super::interop::methods_removed(shared, peer, ids),
+        FromGateway::Shutdown { reason } => {
+            crate::log::info(format_args!("gateway is stopping: {reason}"));
+        }
+        FromGateway::Welcome(_) | FromGateway::Refused { .. } => {
+            crate::log::warn(format_args!("unexpected handshake frame from the gateway"));
+        }
+    }
+}
+
+fn attach_lane(shared: &Arc<Shared>, peer: PeerId, id: u64, side: u8, fds: &[OwnedFd]) -> Result<Arc<Lane>, String> {
+    let mut st = shared.lock_state();
+    if let Some(l) = st.lanes.get(&peer) {
+        if l.id == id && !l.is_closed() {
+            return Ok(l.clone());
+        }
+    }
+    let identity = st
+        .peers
+        .get(&peer)
+        .map(|p| p.identity.clone())
+        .ok_or_else(|| format!("lane offered by unknown peer {peer}"))?;
+    // Fixed header + payload: the largest message body either side may send.
+    let max_message = shared.max_payload + crate::wire::record::INVOKE_HEADER;
+    let (lane, rx) = Lane::open(peer, id, side, identity, fds, max_message)?;
+    if let Some(old) = st.lanes.insert(peer, lane.clone()) {
+        old.close();
+    }
+    drop(st);
+    shared.add_rx(rx);
+    Ok(lane)
+}

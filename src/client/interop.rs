@@ -1,0 +1,463 @@
+//! Interop on the client: registering, invoking, discovery and its events.
+
+use super::conn::Reply;
+use super::engine::{MethodEntry, Shared};
+use super::lane::Lane;
+use super::{ClientError, EventCallback, EventSubscription, Handler, InvokeError};
+use crate::model::target::{method_matches, select};
+use crate::model::{CallFailure, FailureKind, InstanceFilter, InvocationResult, ReturnValue, Target};
+use crate::status::Status;
+use crate::wire::codec;
+use crate::wire::frame::{Instance, MethodDef, MethodSpec, PeerId, ToGateway};
+use crate::wire::Value;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long control requests (register, open a lane) may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Options of [`Client::invoke`](super::Client::invoke). `wait` (for a server to appear) and
+/// `timeout` (for each reply) are separate, as in io.Connect; both default to 30 s.
+#[derive(Debug, Clone)]
+pub struct InvokeOptions {
+    pub target: Target,
+    /// How long to wait for a matching server to appear. Zero: fail at once.
+    pub wait: Duration,
+    /// How long each server has to answer, from when the call is sent.
+    pub timeout: Duration,
+}
+
+impl Default for InvokeOptions {
+    fn default() -> Self {
+        Self { target: Target::Best, wait: Duration::from_secs(30), timeout: Duration::from_secs(30) }
+    }
+}
+
+impl InvokeOptions {
+    /// Defaults with this target.
+    pub fn target(target: Target) -> Self {
+        Self { target, ..Default::default() }
+    }
+}
+
+/// A method and the servers offering it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodInfo {
+    pub def: MethodDef,
+    pub servers: Vec<Instance>,
+}
+
+/// Discovery events (io.Connect's `methodAdded`, `serverAdded`, …).
+#[derive(Debug, Clone, PartialEq)]
+pub enum InteropEvent {
+    /// A peer joined (every peer, with or without methods).
+    ServerAdded(Instance),
+    /// A peer left.
+    ServerRemoved { server: Instance, reason: String },
+    /// The first server of a method identity (name, accepts, returns) appeared.
+    MethodAdded(MethodDef),
+    /// The last server of a method identity went away.
+    MethodRemoved(MethodDef),
+    /// A server registered a method.
+    ServerMethodAdded { server: Instance, method: MethodDef },
+    /// A server unregistered a method (or left).
+    ServerMethodRemoved { server: Instance, method: MethodDef },
+}
+
+/// io.Connect's method identity: `lowercase(name + accepts + returns)`.
+fn identity_key(d: &MethodDef) -> String {
+    format!(
+        "{}{}{}",
+        d.name.to_lowercase(),
+        d.accepts.as_deref().unwrap_or("").to_lowercase(),
+        d.returns.as_deref().unwrap_or("").to_lowercase()
+    )
+}
+
+fn method_error(status: Status, message: String) -> ClientError {
+    ClientError::Gateway { status, message }
+}
+
+pub(crate) fn register(shared: &Arc<Shared>, def: MethodDef, handler: Handler) -> Result<(), ClientError> {
+    if shared.is_closed() {
+        return Err(ClientError::Closed);
+    }
+    if def.name.is_empty() {
+        return Err(ClientError::InvalidArgument(
+            "Method definition is required. Please, provide either a unique string for a method name or a \u{201c}methodDefinition\u{201d} object with a required \u{201c}name\u{201d} property.".into(),
+        ));
+    }
+    let def = Arc::new(def);
+    let id = {
+        let mut st = shared.lock_state();
+        if st.my_methods.values().any(|d| d.name == def.name) {
+            return Err(method_error(
+                Status::AlreadyExists,
+                format!("A method with the name \"{}\" already exists! Please, provide a unique name for the method.", def.name),
+            ));
+        }
+        let id = st.next_method_id;
+        st.next_method_id += 1;
+        id
+    };
+    // The handler is in place before anyone can learn the method exists.
+    shared
+        .handlers
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, Arc::new(MethodEntry { def: def.clone(), handler }));
+    let spec = MethodSpec { id, def: (*def).clone() };
+    let reply = shared.conn.request(|req| ToGateway::Register { req, methods: vec![spec] }, CONTROL_TIMEOUT);
+    let fail = |e| {
+        shared.handlers.write().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        Err(e)
+    };
+    match reply {
+        Ok(Reply::Ack) => {}
+        Ok(Reply::Fail(status, message)) => return fail(method_error(status, message)),
+        Ok(Reply::Lane(_)) => return fail(ClientError::Protocol("unexpected reply to register".into())),
+        Err(e) => return fail(e),
+    }
+    let first_of_identity = {
+        let mut st = shared.lock_state();
+        let key = identity_key(&def);
+        let first = !st.my_methods.values().any(|d| identity_key(d) == key)
+            && !st.peers.values().any(|p| p.methods.values().any(|d| identity_key(d) == key));
+        st.my_methods.insert(id, def.clone());
+        st.generation += 1;
+        first
+    };
+    shared.state_changed.notify_all();
+    if first_of_identity {
+        emit(shared, InteropEvent::MethodAdded((*def).clone()));
+    }
+    emit(shared, InteropEvent::ServerMethodAdded { server: (*shared.me).clone(), method: (*def).clone() });
+    Ok(())
+}
+
+pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientError> {
+    if shared.is_closed() {
+        return Err(ClientError::Closed);
+    }
+    let (id, def) = {
+        let st = shared.lock_state();
+        match st.my_methods.iter().find(|(_, d)| d.name == name) {
+            Some((id, d)) => (*id, d.clone()),
+            None => {
+                return Err(method_error(
+                    Status::NotFound,
+                    format!("Method with a name \"{name}\" does not exist or is not registered by your application!"),
+                ))
+            }
+        }
+    };
+    match shared.conn.request(|req| ToGateway::Unregister { req, ids: vec![id] }, CONTROL_TIMEOUT)? {
+        Reply::Ack => {}
+        Reply::Fail(status, message) => return Err(method_error(status, message)),
+        Reply::Lane(_) => return Err(ClientError::Protocol("unexpected reply to unregister".into())),
+    }
+    shared.handlers.write().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    let last_of_identity = {
+        let mut st = shared.lock_state();
+        st.my_methods.remove(&id);
+        st.generation += 1;
+        let key = identity_key(&def);
+        !st.my_methods.values().any(|d| identity_key(d) == key)
+            && !st.peers.values().any(|p| p.methods.values().any(|d| identity_key(d) == key))
+    };
+    emit(shared, InteropEvent::ServerMethodRemoved { server: (*shared.me).clone(), method: (*def).clone() });
+    if last_of_identity {
+        emit(shared, InteropEvent::MethodRemoved((*def).clone()));
+    }
+    Ok(())
+}
+
+/// A server chosen for a call: who, and its id for the method.
+struct Chosen {
+    server: Arc<Instance>,
+    method_id: u32,
+}
+
+/// Servers of `method` in discovery order, ourselves first, filtered by `target`.
+fn choose(shared: &Shared, method: &str, target: &Target) -> Vec<Chosen> {
+    let st = shared.lock_state();
+    let mut cands: Vec<Chosen> = Vec::new();
+    if let Some((id, _)) = st.my_methods.iter().find(|(_, d)| method_matches(method, d)) {
+        cands.push(Chosen { server: shared.me.clone(), method_id: *id });
+    }
+    for p in st.peers.values() {
+        if let Some((id, _)) = p.methods.iter().find(|(_, d)| !d.streaming && method_matches(method, d)) {
+            cands.push(Chosen { server: p.identity.clone(), method_id: *id });
+        }
+    }
+    let insts: Vec<&Instance> = cands.iter().map(|c| &*c.server).collect();
+    let picked: Vec<PeerId> = select(target, shared.me.peer_id, &insts).iter().map(|i| i.peer_id).collect();
+    picked
+        .into_iter()
+        .filter_map(|p| cands.iter().find(|c| c.server.peer_id == p))
+        .map(|c| Chosen { server: c.server.clone(), method_id: c.method_id })
+        .collect()
+}
+
+fn lane_to(shared: &Arc<Shared>, peer: PeerId) -> Result<Arc<Lane>, (Status, String)> {
+    if let Some(l) = shared.lock_state().lanes.get(&peer) {
+        if !l.is_closed() {
+            return Ok(l.clone());
+        }
+    }
+    match shared.conn.request(|req| ToGateway::OpenLane { req, peer }, CONTROL_TIMEOUT) {
+        Ok(Reply::Lane(l)) => Ok(l),
+        Ok(Reply::Fail(Status::NotFound, _)) => Err((Status::PeerLeft, "Peer has left while waiting for result".into())),
+        Ok(Reply::Fail(s, m)) => Err((s, m)),
+        Ok(Reply::Ack) => Err((Status::Protocol, "unexpected reply to open-lane".into())),
+        Err(e) => Err((e.status(), e.to_string())),
+    }
+}
+
+pub(crate) fn invoke(shared: &Arc<Shared>, method: &str, args: Value, opts: &InvokeOptions) -> Result<InvocationResult, InvokeError> {
+    if shared.is_closed() {
+        return Err(ClientError::Closed.into());
+    }
+    if method.is_empty() {
+        return Err(InvokeError::InvalidArgument("The provided 'method' argument is invalid.".into()));
+    }
+    let size = match &args {
+        Value::Bytes(b) => b.len(),
+        v => codec::encoded_len(v),
+    };
+    if size > shared.max_payload {
+        return Err(InvokeError::PayloadTooLarge { size, max: shared.max_payload });
+    }
+    // Find servers, waiting for one to appear if need be.
+    let wait_until = Instant::now() + opts.wait;
+    let chosen = loop {
+        let c = choose(shared, method, &opts.target);
+        if !c.is_empty() {
+            break c;
+        }
+        let st = shared.lock_state();
+        let gen = st.generation;
+        let now = Instant::now();
+        if now >= wait_until || shared.is_closed() || !shared.conn.is_connected() {
+            return Err(InvokeError::NoServer { method: method.to_string(), target: opts.target.to_string() });
+        }
+        let _ = shared
+            .state_changed
+            .wait_timeout_while(st, wait_until - now, |st| st.generation == gen && !shared.is_closed())
+            .unwrap_or_else(|e| e.into_inner());
+    };
+    // Send one call per server, then collect the outcomes in target order.
+    let start = Instant::now();
+    let deadline = start + opts.timeout;
+    let mut pending = Vec::with_capacity(chosen.len());
+    for c in &chosen {
+        let p = if c.server.peer_id == shared.me.peer_id {
+            let slot = super::engine::CallSlot::new(shared.me.peer_id);
+            shared.local_invoke(slot.clone(), c.method_id, args.clone());
+            Ok((None, slot))
+        } else {
+            match lane_to(shared, c.server.peer_id) {
+                Ok(lane) => {
+                    let (id, slot) = shared.new_call(c.server.peer_id);
+                    match shared.send_invoke(&lane, id, c.method_id, &args, opts.timeout) {
+                        Ok(()) => Ok((Some(id), slot)),
+                        Err(e) => {
+                            shared.forget_call(id);
+                            Err((e.status(), e.to_string()))
+                        }
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        };
+        pending.push(p);
+    }
+    let mut outcomes = Vec::with_capacity(chosen.len());
+    for (c, p) in chosen.iter().zip(pending) {
+        let failure = |kind, message: String, context| CallFailure { executed_by: (*c.server).clone(), message, context, kind };
+        let o = match p {
+            Err((status, message)) => {
+                let kind = if status == Status::PeerLeft { FailureKind::PeerLeft } else { FailureKind::Delivery(status) };
+                Err(failure(kind, message, None))
+            }
+            Ok((id, slot)) => {
+                if shared.wait_slot(&slot, deadline) {
+                    match slot.take() {
+                        Some(Ok(v)) => Ok(ReturnValue { executed_by: (*c.server).clone(), returned: v }),
+                        Some(Err((kind, m, ctx))) => Err(failure(kind, m, ctx)),
+                        None => Err(failure(FailureKind::Delivery(Status::Internal), "outcome lost".into(), None)),
+                    }
+                } else {
+                    if let Some(id) = id {
+                        shared.forget_call(id);
+                    }
+                    let ms = opts.timeout.as_millis();
+                    Err(failure(
+                        FailureKind::Timeout,
+                        format!(
+                            "Invocation timeout ({ms} ms) reached for method name: {method}, target instance: {}",
+                            c.server.to_value()
+                        ),
+                        None,
+                    ))
+                }
+            }
+        };
+        outcomes.push(o);
+    }
+    InvocationResult::aggregate(method, &args, outcomes).map_err(|r| InvokeError::Failed(Box::new(r)))
+}
+
+pub(crate) fn servers(shared: &Shared) -> Vec<Instance> {
+    let st = shared.lock_state();
+    std::iter::once((*shared.me).clone()).chain(st.peers.values().map(|p| (*p.identity).clone())).collect()
+}
+
+pub(crate) fn methods(shared: &Shared) -> Vec<MethodInfo> {
+    let st = shared.lock_state();
+    let mut out: Vec<(String, MethodInfo)> = Vec::new();
+    let mine = st.my_methods.values().map(|d| (&*shared.me, d));
+    let theirs = st.peers.values().flat_map(|p| p.methods.values().map(move |d| (&*p.identity, d)));
+    for (server, def) in mine.chain(theirs) {
+        let key = identity_key(def);
+        match out.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, info)) => info.servers.push(server.clone()),
+            None => out.push((key, MethodInfo { def: (**def).clone(), servers: vec![server.clone()] })),
+        }
+    }
+    out.into_iter().map(|(_, m)| m).collect()
+}
+
+pub(crate) fn methods_for(shared: &Shared, filter: &InstanceFilter) -> Vec<MethodDef> {
+    let st = shared.lock_state();
+    let mut out = Vec::new();
+    if filter.matches(&shared.me) {
+        out.extend(st.my_methods.values().map(|d| (**d).clone()));
+    }
+    for p in st.peers.values().filter(|p| filter.matches(&p.identity)) {
+        out.extend(p.methods.values().map(|d| (**d).clone()));
+    }
+    out
+}
+
+pub(crate) fn wait_for_method(shared: &Shared, name: &str, timeout: Duration) -> Option<MethodInfo> {
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some(m) = methods(shared).into_iter().find(|m| m.def.name == name) {
+            return Some(m);
+        }
+        let st = shared.lock_state();
+        let gen = st.generation;
+        let now = Instant::now();
+        if now >= until || shared.is_closed() {
+            return None;
+        }
+        let _ = shared
+            .state_changed
+            .wait_timeout_while(st, until - now, |st| st.generation == gen && !shared.is_closed())
+            .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+static NEXT_SUB: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn subscribe(shared: &Arc<Shared>, cb: EventCallback) -> EventSubscription {
+    let id = NEXT_SUB.fetch_add(1, Ordering::Relaxed);
+    // Replay what exists now, then deliver changes; both go through the task queue so the
+    // replay precedes any later event.
+    let mut replay: Vec<InteropEvent> = servers(shared).into_iter().map(InteropEvent::ServerAdded).collect();
+    let ms = methods(shared);
+    replay.extend(ms.iter().map(|m| InteropEvent::MethodAdded(m.def.clone())));
+    for m in &ms {
+        for s in &m.servers {
+            replay.push(InteropEvent::ServerMethodAdded { server: s.clone(), method: m.def.clone() });
+        }
+    }
+    {
+        let mut subs = shared.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        let cb2 = cb.clone();
+        shared.enqueue(super::engine::Task::Call(Box::new(move || {
+            for e in &replay {
+                cb2(e);
+            }
+        })));
+        subs.push((id, cb));
+    }
+    EventSubscription { shared: Arc::downgrade(shared), id }
+}
+
+/// Queues `e` for every subscriber.
+pub(crate) fn emit(shared: &Arc<Shared>, e: InteropEvent) {
+    let subs: Vec<EventCallback> = shared.subscribers.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, c)| c.clone()).collect();
+    if subs.is_empty() {
+        return;
+    }
+    shared.enqueue(super::engine::Task::Call(Box::new(move || {
+        for s in &subs {
+            s(&e);
+        }
+    })));
+}
+
+pub(crate) fn methods_added(shared: &Arc<Shared>, peer: PeerId, methods: Vec<MethodSpec>) {
+    let mut events = Vec::new();
+    {
+        let mut st = shared.lock_state();
+        let known: std::collections::HashSet<String> = st
+            .my_methods
+            .values()
+            .chain(st.peers.values().flat_map(|p| p.methods.values()))
+            .map(|d| identity_key(d))
+            .collect();
+        let Some(p) = st.peers.get_mut(&peer) else { return };
+        let server = (*p.identity).clone();
+        let mut new_keys = std::collections::HashSet::new();
+        for m in methods {
+            let key = identity_key(&m.def);
+            if !known.contains(&key) && new_keys.insert(key) {
+                events.push(InteropEvent::MethodAdded(m.def.clone()));
+            }
+            events.push(InteropEvent::ServerMethodAdded { server: server.clone(), method: m.def.clone() });
+            p.methods.insert(m.id, Arc::new(m.def));
+        }
+        st.generation += 1;
+    }
+    shared.state_changed.notify_all();
+    for e in events {
+        emit(shared, e);
+    }
+}
+
+pub(crate) fn methods_removed(shared: &Arc<Shared>, peer: PeerId, ids: Vec<u32>) {
+    let (server, gone) = {
+        let mut st = shared.lock_state();
+        let Some(p) = st.peers.get_mut(&peer) else { return };
+        let gone: Vec<Arc<MethodDef>> = ids.iter().filter_map(|id| p.methods.remove(id)).collect();
+        st.generation += 1;
+        (st.peers[&peer].identity.clone(), gone)
+    };
+    shared.state_changed.notify_all();
+    removed_methods(shared, &server, gone);
+}
+
+/// Emits the removal events for methods `server` no longer offers (already taken out of the
+/// state).
+pub(crate) fn removed_methods(shared: &Arc<Shared>, server: &Instance, gone: Vec<Arc<MethodDef>>) {
+    let remaining: std::collections::HashSet<String> = {
+        let st = shared.lock_state();
+        st.my_methods
+            .values()
+            .chain(st.peers.values().flat_map(|p| p.methods.values()))
+            .map(|d| identity_key(d))
+            .collect()
+    };
+    let mut announced = std::collections::HashSet::new();
+    for d in gone {
+        emit(shared, InteropEvent::ServerMethodRemoved { server: server.clone(), method: (*d).clone() });
+        let key = identity_key(&d);
+        if !remaining.contains(&key) && announced.insert(key) {
+            emit(shared, InteropEvent::MethodRemoved((*d).clone()));
+        }
+    }
+}

@@ -1,0 +1,545 @@
+//! The Rust client: connect to the gateway, register methods, invoke them, discover who serves
+//! what.
+//!
+//! ```no_run
+//! use knit::client::{Client, InvokeOptions};
+//! use knit::Value;
+//!
+//! let server = Client::builder("pricer").connect()?;
+//! server.register("Price", |call| {
+//!     let sym = call.args.get("symbol").and_then(Value::as_str).unwrap_or("?");
+//!     Ok(Value::object([("symbol", Value::from(sym)), ("bid", Value::from(101.25))]))
+//! })?;
+//!
+//! let client = Client::builder("blotter").connect()?;
+//! let r = client.invoke("Price", Value::object([("symbol", Value::from("VOD.L"))]), &InvokeOptions::default())?;
+//! assert_eq!(r.returned.get("bid"), Some(&Value::from(101.25)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Callbacks (method handlers, event callbacks) run on the client's dispatcher thread, or, for a
+//! client built with [`ClientBuilder::poll_mode`], inside [`Client::poll`].
+
+mod conn;
+mod engine;
+mod interop;
+mod lane;
+
+pub use interop::{InteropEvent, InvokeOptions, MethodInfo};
+
+use crate::model::InvocationResult;
+use crate::shm::DoorbellSegment;
+use crate::status::Status;
+use crate::wait::WaitStrategy;
+use crate::wire::frame::{self, FromGateway, Hello, Instance, ToGateway, PROTOCOL_VERSION};
+use crate::wire::Value;
+use engine::{CallSlot, RemotePeer, Shared};
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Errors of the client API other than invocation outcomes.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// Nothing answers on the gateway socket.
+    #[error("gateway unreachable at {path}: {source}")]
+    GatewayUnreachable { path: PathBuf, source: std::io::Error },
+    /// The gateway refused our hello.
+    #[error("gateway refused the connection: {message}")]
+    Refused { status: Status, message: String },
+    /// The gateway answered something this build does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The connection to the gateway is gone.
+    #[error("the connection to the gateway is closed")]
+    Disconnected,
+    /// This client was closed.
+    #[error("the client is closed")]
+    Closed,
+    /// A bad argument (empty name and the like).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The gateway did not answer in time.
+    #[error("the gateway did not answer in time")]
+    Timeout,
+    /// The gateway refused the request.
+    #[error("{message}")]
+    Gateway { status: Status, message: String },
+}
+
+impl ClientError {
+    /// The status code for this error.
+    pub fn status(&self) -> Status {
+        match self {
+            ClientError::GatewayUnreachable { .. } => Status::GatewayUnreachable,
+            ClientError::Refused { status, .. } | ClientError::Gateway { status, .. } => *status,
+            ClientError::Protocol(_) => Status::Protocol,
+            ClientError::Disconnected => Status::Disconnected,
+            ClientError::Closed => Status::Closed,
+            ClientError::InvalidArgument(_) => Status::InvalidArgument,
+            ClientError::Timeout => Status::Timeout,
+        }
+    }
+}
+
+/// Why an invocation failed.
+#[derive(Debug, Error)]
+pub enum InvokeError {
+    /// Bad method name or options.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// No server matched within the wait.
+    #[error("Can not find a method matching {{\"name\":{method:?}}} with server filter \"{target}\"")]
+    NoServer { method: String, target: String },
+    /// The arguments are larger than the gateway allows.
+    #[error("payload of {size} bytes exceeds the limit of {max} bytes")]
+    PayloadTooLarge { size: usize, max: usize },
+    /// Every targeted server failed; the result says how (status via
+    /// [`InvocationResult::failure_status`]).
+    #[error("{}", .0.message)]
+    Failed(Box<InvocationResult>),
+    /// Not connected.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+impl InvokeError {
+    /// The status code for this error (the CLI's exit code follows from it).
+    pub fn status(&self) -> Status {
+        match self {
+            InvokeError::InvalidArgument(_) => Status::InvalidArgument,
+            InvokeError::NoServer { .. } => Status::NoServer,
+            InvokeError::PayloadTooLarge { .. } => Status::PayloadTooLarge,
+            InvokeError::Failed(r) => r.failure_status(),
+            InvokeError::Client(e) => e.status(),
+        }
+    }
+}
+
+/// An error a method handler returns: a message and optional context, as io.Connect has.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodError {
+    pub message: String,
+    pub context: Option<Value>,
+}
+
+impl MethodError {
+    /// An error with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { message: message.into(), context: None }
+    }
+    /// Adds context.
+    pub fn with_context(mut self, context: Value) -> Self {
+        self.context = Some(context);
+        self
+    }
+}
+
+impl<T: std::fmt::Display> From<T> for MethodError {
+    fn from(e: T) -> Self {
+        MethodError::new(e.to_string())
+    }
+}
+
+/// One incoming call.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// The method's name as registered.
+    pub method: String,
+    /// The arguments.
+    pub args: Value,
+    /// Who called.
+    pub caller: Arc<Instance>,
+}
+
+type SyncHandler = Box<dyn Fn(&Invocation) -> Result<Value, MethodError> + Send + Sync>;
+type AsyncHandler = Box<dyn Fn(Invocation, Responder) + Send + Sync>;
+
+pub(crate) enum Handler {
+    Sync(SyncHandler),
+    Async(AsyncHandler),
+}
+
+/// The way to answer an asynchronous call, from any thread, exactly once. Dropping it without
+/// answering answers with an error.
+#[allow(missing_debug_implementations)]
+pub struct Responder {
+    shared: Arc<Shared>,
+    target: Option<ReplyTarget>,
+}
+
+enum ReplyTarget {
+    Lane { lane: Arc<lane::Lane>, call_id: u64 },
+    Local(Arc<CallSlot>),
+}
+
+impl Responder {
+    fn lane(shared: Arc<Shared>, lane: Arc<lane::Lane>, call_id: u64) -> Self {
+        Self { shared, target: Some(ReplyTarget::Lane { lane, call_id }) }
+    }
+
+    fn local(shared: Arc<Shared>, slot: Arc<CallSlot>) -> Self {
+        Self { shared, target: Some(ReplyTarget::Local(slot)) }
+    }
+
+    fn send(&mut self, outcome: Result<Value, (String, Option<Value>)>) {
+        match self.target.take() {
+            Some(ReplyTarget::Lane { lane, call_id }) => self.shared.send_result(&lane, call_id, outcome),
+            Some(ReplyTarget::Local(slot)) => {
+                let o = outcome.map_err(|(m, c)| (crate::model::FailureKind::Remote, m, c));
+                self.shared.complete_local(&slot, o);
+            }
+            None => {}
+        }
+    }
+
+    /// Answers with a result.
+    pub fn ok(mut self, result: impl Into<Value>) {
+        self.send(Ok(result.into()));
+    }
+
+    /// Answers with an error.
+    pub fn error(mut self, e: impl Into<MethodError>) {
+        let e = e.into();
+        self.send(Err((e.message, e.context)));
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if self.target.is_some() {
+            self.send(Err(("method handler did not reply".into(), None)));
+        }
+    }
+}
+
+/// A registered event callback; `unsubscribe` (or dropping it) removes it.
+#[derive(Debug)]
+pub struct EventSubscription {
+    shared: std::sync::Weak<Shared>,
+    id: u64,
+}
+
+impl EventSubscription {
+    /// Stops the callback.
+    pub fn unsubscribe(self) {}
+}
+
+impl Drop for EventSubscription {
+    fn drop(&mut self) {
+        if let Some(s) = self.shared.upgrade() {
+            s.subscribers.lock().unwrap_or_else(|e| e.into_inner()).retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
+pub(crate) type EventCallback = Arc<dyn Fn(&InteropEvent) + Send + Sync>;
+
+/// Sets up a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    socket: Option<PathBuf>,
+    application: String,
+    instance: Option<String>,
+    wait: WaitStrategy,
+    poll_mode: bool,
+    connect_timeout: Duration,
+}
+
+impl ClientBuilder {
+    /// A client for `application`.
+    pub fn new(application: impl Into<String>) -> Self {
+        Self {
+            socket: None,
+            application: application.into(),
+            instance: None,
+            wait: WaitStrategy::default(),
+            poll_mode: false,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The gateway socket (default: `KNIT_GATEWAY`, else the per-user default path).
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.socket = Some(path.into());
+        self
+    }
+
+    /// Asks for a specific instance id (unique among connected peers).
+    pub fn instance(mut self, id: impl Into<String>) -> Self {
+        self.instance = Some(id.into());
+        self
+    }
+
+    /// How the client's threads wait for messages.
+    pub fn wait_strategy(mut self, w: WaitStrategy) -> Self {
+        self.wait = w;
+        self
+    }
+
+    /// No dispatcher thread: callbacks run inside [`Client::poll`].
+    pub fn poll_mode(mut self, on: bool) -> Self {
+        self.poll_mode = on;
+        self
+    }
+
+    /// How long the handshake may take.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Connects and says hello.
+    pub fn connect(self) -> Result<Client, ClientError> {
+        if self.application.trim().is_empty() {
+            return Err(ClientError::InvalidArgument("application name is empty".into()));
+        }
+        let path = crate::control::resolve_socket_path(self.socket.as_deref());
+        let sock = crate::control::connect(&path)
+            .map_err(|source| ClientError::GatewayUnreachable { path: path.clone(), source })?;
+        let hello = ToGateway::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            application: self.application.clone(),
+            instance: self.instance.clone(),
+            api: concat!("knit-rust/", env!("CARGO_PKG_VERSION")).into(),
+        });
+        let frame = frame::encode_frame(&hello, 0).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        crate::sys::fdpass::send_all(sock.as_fd(), &frame, &[]).map_err(|_| ClientError::Disconnected)?;
+        let (welcome, bell_fd, frames) = read_welcome(&sock, self.connect_timeout)?;
+        let bell = DoorbellSegment::open(&bell_fd).map_err(|e| ClientError::Protocol(format!("doorbell: {e}")))?;
+        let peers: BTreeMap<_, _> = welcome
+            .peers
+            .into_iter()
+            .map(|p| {
+                let methods = p.methods.into_iter().map(|m| (m.id, Arc::new(m.def))).collect();
+                (p.identity.peer_id, RemotePeer { identity: Arc::new(p.identity), methods })
+            })
+            .collect();
+        let max_payload = usize::try_from(welcome.max_payload).unwrap_or(usize::MAX);
+        let shared = Arc::new(Shared::new(
+            welcome.identity,
+            self.wait,
+            self.poll_mode,
+            max_payload,
+            welcome.lane_capacity as usize,
+            conn::Conn::new(sock),
+            bell,
+            peers,
+        ));
+        let s = shared.clone();
+        let reader = std::thread::Builder::new()
+            .name("knit-control".into())
+            .spawn(move || conn::reader_loop(s, frames))
+            .map_err(|e| ClientError::Protocol(format!("spawning the control thread: {e}")))?;
+        let dispatcher = if self.poll_mode {
+            None
+        } else {
+            let s = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("knit-dispatch".into())
+                    .spawn(move || s.dispatch_loop())
+                    .map_err(|e| ClientError::Protocol(format!("spawning the dispatcher: {e}")))?,
+            )
+        };
+        Ok(Client {
+            h: Arc::new(ClientHandle { shared, threads: Mutex::new(vec![reader].into_iter().chain(dispatcher).collect()) }),
+        })
+    }
+}
+
+fn read_welcome(
+    sock: &std::os::unix::net::UnixStream,
+    timeout: Duration,
+) -> Result<(frame::Welcome, std::os::fd::OwnedFd, frame::FrameReader), ClientError> {
+    let deadline = Instant::now() + timeout;
+    let mut frames = frame::FrameReader::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut fds = Vec::new();
+    loop {
+        if let Some((body, mut got)) = frames.next_frame().map_err(|e| ClientError::Protocol(e.to_string()))? {
+            return match frame::decode_body::<FromGateway>(&body).map_err(|e| ClientError::Protocol(e.to_string()))? {
+                FromGateway::Welcome(w) if got.len() == 1 => {
+                    let fd = got.remove(0);
+                    let _ = sock.set_read_timeout(None);
+                    Ok((w, fd, frames))
+                }
+                FromGateway::Refused { status, message } => Err(ClientError::Refused { status, message }),
+                other => Err(ClientError::Protocol(format!("expected a welcome, got {other:?}"))),
+            };
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::Timeout);
+        }
+        let _ = sock.set_read_timeout(Some(left));
+        match crate::sys::fdpass::recv(sock.as_fd(), &mut buf, &mut fds) {
+            Ok(0) => return Err(ClientError::Disconnected),
+            Ok(n) => {
+                frames.push_bytes(&buf[..n]);
+                frames.push_fds(fds.drain(..));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(ClientError::Timeout)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(ClientError::Disconnected),
+        }
+    }
+}
+
+struct ClientHandle {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl ClientHandle {
+    fn close(&self) {
+        let s = &self.shared;
+        if s.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let _ = s.conn.send(&ToGateway::Goodbye);
+        s.conn.shutdown();
+        s.fail_all_calls(crate::model::FailureKind::Delivery(Status::Closed), "the client is closed");
+        s.state_changed.notify_all();
+        s.wake_all();
+        let me = std::thread::current().id();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            // A callback that drops the last handle runs on the dispatcher: do not join itself.
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for ClientHandle {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A connection to the gateway. Cheap to clone; the connection closes when the last clone is
+/// dropped or [`Client::close`] is called.
+#[derive(Clone)]
+#[allow(missing_debug_implementations)]
+pub struct Client {
+    h: Arc<ClientHandle>,
+}
+
+impl Client {
+    /// A builder for `application`.
+    pub fn builder(application: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(application)
+    }
+
+    /// Connects with defaults.
+    pub fn connect(application: impl Into<String>) -> Result<Client, ClientError> {
+        ClientBuilder::new(application).connect()
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.h.shared
+    }
+
+    /// Who we are, as the gateway resolved it.
+    pub fn instance(&self) -> &Instance {
+        &self.shared().me
+    }
+
+    /// Largest payload the gateway allows.
+    pub fn max_payload(&self) -> usize {
+        self.shared().max_payload
+    }
+
+    /// Whether the control connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.shared().conn.is_connected() && !self.shared().is_closed()
+    }
+
+    /// Unregisters everything, says goodbye, stops the threads. Pending calls fail.
+    pub fn close(&self) {
+        self.h.close();
+    }
+
+    /// Poll mode: runs pending callbacks, waiting up to `timeout` for one. Returns how many ran.
+    /// (Harmless, and returns 0 at once, on a client with a dispatcher thread.)
+    pub fn poll(&self, timeout: Duration) -> usize {
+        if !self.shared().poll_mode {
+            return 0;
+        }
+        self.shared().poll(timeout)
+    }
+
+    /// Registers a method with a plain handler: return a value, or an error.
+    pub fn register<F>(&self, def: impl Into<frame::MethodDef>, handler: F) -> Result<(), ClientError>
+    where
+        F: Fn(&Invocation) -> Result<Value, MethodError> + Send + Sync + 'static,
+    {
+        interop::register(self.shared(), def.into(), Handler::Sync(Box::new(handler)))
+    }
+
+    /// Registers a method whose handler answers later, from any thread, through a [`Responder`].
+    pub fn register_async<F>(&self, def: impl Into<frame::MethodDef>, handler: F) -> Result<(), ClientError>
+    where
+        F: Fn(Invocation, Responder) + Send + Sync + 'static,
+    {
+        interop::register(self.shared(), def.into(), Handler::Async(Box::new(handler)))
+    }
+
+    /// Removes one of our methods.
+    pub fn unregister(&self, name: &str) -> Result<(), ClientError> {
+        interop::unregister(self.shared(), name)
+    }
+
+    /// Invokes a method.
+    pub fn invoke(&self, method: &str, args: impl Into<Value>, opts: &InvokeOptions) -> Result<InvocationResult, InvokeError> {
+        interop::invoke(self.shared(), method, args.into(), opts)
+    }
+
+    /// Every method known, with its servers (ourselves included).
+    pub fn methods(&self) -> Vec<MethodInfo> {
+        interop::methods(self.shared())
+    }
+
+    /// Every peer known, ourselves first.
+    pub fn servers(&self) -> Vec<Instance> {
+        interop::servers(self.shared())
+    }
+
+    /// Methods of the instances matching `filter`.
+    pub fn methods_for(&self, filter: &crate::model::InstanceFilter) -> Vec<frame::MethodDef> {
+        interop::methods_for(self.shared(), filter)
+    }
+
+    /// Waits until a method named `name` has a server; `None` after `timeout`.
+    pub fn wait_for_method(&self, name: &str, timeout: Duration) -> Option<MethodInfo> {
+        interop::wait_for_method(self.shared(), name, timeout)
+    }
+
+    /// Calls `f` for every discovery event. Current servers and methods are replayed first (as
+    /// `*Added` events) on the dispatch thread.
+    pub fn on_event<F>(&self, f: F) -> EventSubscription
+    where
+        F: Fn(&InteropEvent) + Send + Sync + 'static,
+    {
+        interop::subscribe(self.shared(), Arc::new(f))
+    }
+}
+
+impl From<&str> for frame::MethodDef {
+    fn from(name: &str) -> Self {
+        frame::MethodDef::new(name)
+    }
+}
+
+impl From<String> for frame::MethodDef {
+    fn from(name: String) -> Self {
+        frame::MethodDef::new(name)
+    }
+}

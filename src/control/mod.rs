@@ -1,0 +1,106 @@
+//! The control socket: where it lives and who may use it.
+//!
+//! Default address: `$XDG_RUNTIME_DIR/knit/gateway.sock`, else `/tmp/knit-<uid>/gateway.sock`;
+//! `KNIT_GATEWAY` overrides both. The directory must be ours and closed to everybody else
+//! (mode 0700): the gateway creates it so, and a client refuses to connect through a directory
+//! another user could have planted a socket in. On top of that the gateway accepts only
+//! connections whose kernel-reported uid is its own.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Environment variable naming the gateway socket.
+pub const ENV_GATEWAY: &str = "KNIT_GATEWAY";
+
+/// The default socket path for this user.
+pub fn default_socket_path() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("knit").join("gateway.sock"),
+        None => PathBuf::from(format!("/tmp/knit-{}", crate::sys::identity::euid())).join("gateway.sock"),
+    }
+}
+
+/// The socket path to use: the explicit one, else `KNIT_GATEWAY`, else the default.
+pub fn resolve_socket_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(ENV_GATEWAY).filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => default_socket_path(),
+    }
+}
+
+/// Creates `dir` (mode 0700) if missing; tightens it if it is ours but open to others; refuses
+/// it if it belongs to someone else.
+pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    let md = std::fs::symlink_metadata(dir)?;
+    if !md.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", dir.display())));
+    }
+    if md.uid() != crate::sys::identity::euid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} belongs to uid {}, not to us", dir.display(), md.uid()),
+        ));
+    }
+    if md.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Checks that the socket's directory is ours and private before we trust what answers there.
+pub fn check_private_dir(socket: &Path) -> io::Result<()> {
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let md = std::fs::metadata(dir)?;
+    if md.uid() != crate::sys::identity::euid() || md.mode() & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} must be owned by this user with mode 0700", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Connects to the gateway socket through `interprocess`, returning a plain blocking stream.
+pub fn connect(socket: &Path) -> io::Result<std::os::unix::net::UnixStream> {
+    use interprocess::local_socket::{prelude::*, GenericFilePath, Stream};
+    check_private_dir(socket)?;
+    let name = socket.to_fs_name::<GenericFilePath>()?;
+    let stream = Stream::connect(name)?;
+    let Stream::UdSocket(s) = stream;
+    s.inner().try_clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_dir_is_created_0700_and_tightened() {
+        let base = std::env::temp_dir().join(format!("knit-dir-test-{}", std::process::id()));
+        let dir = base.join("a");
+        ensure_private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_private_dir(&dir.join("s.sock")).is_err());
+        ensure_private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        check_private_dir(&dir.join("s.sock")).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn explicit_path_wins() {
+        assert_eq!(resolve_socket_path(Some(Path::new("/x/y.sock"))), PathBuf::from("/x/y.sock"));
+    }
+}

@@ -1,0 +1,398 @@
+//! The gateway: identity, discovery, lane brokering and liveness for every peer of one user.
+//!
+//! It listens on a Unix socket in a private directory (see [`crate::control`]), admits only
+//! connections whose kernel-reported uid is its own, gives each peer a doorbell segment, tells
+//! everyone about peers and methods, creates the shared-memory lane between two peers when one
+//! asks, and, when a peer's socket closes, removes everything it owned and tells the others —
+//! which fail the calls they had pending on it.
+//!
+//! Run it as a daemon with `knit gateway`, or embedded:
+//!
+//! ```no_run
+//! let gw = knit::gateway::Gateway::bind(knit::gateway::GatewayConfig::new("/tmp/knit-demo/gw.sock"))?;
+//! let handle = gw.spawn()?;
+//! // ... connect clients to handle.socket_path() ...
+//! handle.shutdown();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod registry;
+
+pub use registry::Limits;
+
+use crate::status::Status;
+use crate::sys::identity;
+use crate::wire::frame::{decode_body, encode_frame, FrameReader, FromGateway, PeerId, ToGateway};
+use registry::{Action, Outgoing, PeerTx, Registry};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// How the gateway is set up.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Socket path; its directory is created with mode 0700.
+    pub socket: PathBuf,
+    /// Sizes and limits.
+    pub limits: Limits,
+    /// Frames queued per peer before a peer that does not read is disconnected.
+    pub queue_depth: usize,
+}
+
+impl GatewayConfig {
+    /// Defaults for a socket at `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self { socket: socket.into(), limits: Limits::default(), queue_depth: 65_536 }
+    }
+}
+
+/// Why the gateway could not start or stopped.
+#[derive(Debug, Error)]
+pub enum GatewayError {
+    /// Another gateway holds this socket.
+    #[error("another gateway is already running on {0}")]
+    AlreadyRunning(PathBuf),
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+impl GatewayError {
+    /// The status for this error.
+    pub fn status(&self) -> Status {
+        match self {
+            GatewayError::AlreadyRunning(_) => Status::AlreadyRunning,
+            GatewayError::Io { .. } => Status::GatewayUnreachable,
+        }
+    }
+}
+
+fn ctx(context: impl Into<String>) -> impl FnOnce(io::Error) -> GatewayError {
+    let context = context.into();
+    move |source| GatewayError::Io { context, source }
+}
+
+/// A gateway whose socket is bound, ready to run.
+#[derive(Debug)]
+pub struct Gateway {
+    cfg: GatewayConfig,
+    listener: std::os::unix::net::UnixListener,
+    _lock: OwnedFd,
+}
+
+impl Gateway {
+    /// Takes the socket: refuses when another gateway answers there, replaces a stale socket
+    /// file nobody answers on.
+    pub fn bind(cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
+        use interprocess::local_socket::{prelude::*, GenericFilePath, Listener, ListenerOptions};
+        let dir = cfg.socket.parent().unwrap_or(Path::new("/")).to_path_buf();
+        crate::control::ensure_private_dir(&dir).map_err(ctx(format!("socket directory {}", dir.display())))?;
+        // An exclusive lock held for the gateway's life settles races between two starting
+        // gateways; the connect probe below catches a gateway that holds no lock.
+        let lock_path = cfg.socket.with_extension("lock");
+        let lock = rustix::fs::open(
+            &lock_path,
+            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| ctx(format!("lock file {}", lock_path.display()))(e.into()))?;
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            return Err(GatewayError::AlreadyRunning(cfg.socket.clone()));
+        }
+        if cfg.socket.exists() {
+            if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
+                return Err(GatewayError::AlreadyRunning(cfg.socket.clone()));
+            }
+            std::fs::remove_file(&cfg.socket).map_err(ctx("removing a stale socket"))?;
+        }
+        let name = cfg.socket.as_path().to_fs_name::<GenericFilePath>().map_err(ctx("socket name"))?;
+        let listener = ListenerOptions::new().name(name).create_sync().map_err(ctx("binding the socket"))?;
+        let Listener::UdSocket(l) = listener;
+        let listener = std::os::unix::net::UnixListener::from(OwnedFd::from(l));
+        listener.set_nonblocking(true).map_err(ctx("socket mode"))?;
+        std::fs::set_permissions(&cfg.socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(ctx("socket permissions"))?;
+        Ok(Gateway { cfg, listener, _lock: lock })
+    }
+
+    /// Where it listens.
+    pub fn socket_path(&self) -> &Path {
+        &self.cfg.socket
+    }
+
+    /// Serves on the current thread until `shutdown` completes, then tells every peer, removes
+    /// the socket file and returns.
+    pub fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), GatewayError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ctx("starting the runtime"))?;
+        let socket = self.cfg.socket.clone();
+        let result = rt.block_on(serve(self, shutdown));
+        let _ = std::fs::remove_file(&socket);
+        result
+    }
+
+    /// Serves on a background thread.
+    pub fn spawn(self) -> Result<GatewayHandle, GatewayError> {
+        let (tx, rx) = oneshot::channel::<()>();
+        let path = self.cfg.socket.clone();
+        let thread = std::thread::Builder::new()
+            .name("knit-gateway".into())
+            .spawn(move || {
+                if let Err(e) = self.run_until(async {
+                    let _ = rx.await;
+                }) {
+                    crate::log::warn(format_args!("gateway stopped: {e}"));
+                }
+            })
+            .map_err(ctx("spawning the gateway thread"))?;
+        Ok(GatewayHandle { path, stop: Some(tx), thread: Some(thread) })
+    }
+}
+
+/// A gateway running on a background thread; stops when dropped.
+#[derive(Debug)]
+pub struct GatewayHandle {
+    path: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GatewayHandle {
+    /// Where it listens.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops it and waits until it has cleaned up.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+enum Event {
+    Hello {
+        stream: Arc<UnixStream>,
+        cred: identity::PeerCred,
+        hello: crate::wire::frame::Hello,
+        tx: PeerTx,
+        reply: oneshot::Sender<Result<PeerId, (Status, String)>>,
+    },
+    Msg(PeerId, ToGateway),
+    Closed(PeerId, String),
+}
+
+async fn serve(gw: Gateway, shutdown: impl std::future::Future<Output = ()>) -> Result<(), GatewayError> {
+    let listener = tokio::net::UnixListener::from_std(gw.listener).map_err(ctx("socket"))?;
+    let my_uid = identity::euid();
+    let user = identity::user_name(my_uid);
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
+    let mut registry = Registry::new(gw.cfg.limits.clone());
+    let mut streams: HashMap<PeerId, Arc<UnixStream>> = HashMap::new();
+    let mut writers = tokio::task::JoinSet::new();
+    crate::log::info(format_args!("gateway listening on {}", gw.cfg.socket.display()));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let cred = match identity::peer_cred(&stream) {
+                    Ok(c) => c,
+                    Err(_) => continue,
+                };
+                if cred.uid != my_uid {
+                    crate::log::warn(format_args!("refused a connection from uid {} (pid {})", cred.uid, cred.pid));
+                    continue;
+                }
+                let ev_tx = ev_tx.clone();
+                let depth = gw.cfg.queue_depth;
+                let stream = Arc::new(stream);
+                let (tx, rx) = mpsc::channel::<Outgoing>(depth);
+                writers.spawn(writer(stream.clone(), rx));
+                tokio::spawn(reader(stream, cred, tx, ev_tx));
+            }
+            Some(ev) = ev_rx.recv() => {
+                match ev {
+                    Event::Hello { stream, cred, hello, tx, reply } => {
+                        let r = registry.hello(cred, user.clone(), hello, tx);
+                        if let Ok(id) = &r {
+                            crate::log::debug(format_args!("peer {id} joined (pid {})", cred.pid));
+                            streams.insert(*id, stream);
+                        }
+                        let _ = reply.send(r);
+                    }
+                    Event::Msg(peer, msg) => match msg {
+                        ToGateway::Hello(_) => registry_disconnect(&streams, peer, "second hello"),
+                        ToGateway::Register { req, methods } => registry.register(peer, req, methods),
+                        ToGateway::Unregister { req, ids } => registry.unregister(peer, req, ids),
+                        ToGateway::OpenLane { req, peer: to } => registry.open_lane(peer, req, to),
+                        ToGateway::LaneFault { peer: other, reason } => registry.lane_fault(peer, other, &reason),
+                        ToGateway::Goodbye => registry_disconnect(&streams, peer, "goodbye"),
+                    },
+                    Event::Closed(peer, why) => {
+                        crate::log::debug(format_args!("peer {peer} left: {why}"));
+                        streams.remove(&peer);
+                        registry.remove(peer, "peer has left");
+                    }
+                }
+                for action in registry.take_actions() {
+                    match action {
+                        Action::Disconnect(peer, why) => {
+                            crate::log::warn(format_args!("disconnecting {peer}: {why}"));
+                            registry_disconnect(&streams, peer, &why);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    crate::log::info(format_args!("gateway stopping ({} peers)", registry.peer_count()));
+    registry.shutdown("gateway stopping");
+    drop(registry);
+    drop(ev_rx);
+    // Give the writers a moment to flush the goodbyes; peers that do not read are not waited for.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while writers.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
+}
+
+fn registry_disconnect(streams: &HashMap<PeerId, Arc<UnixStream>>, peer: PeerId, _why: &str) {
+    if let Some(s) = streams.get(&peer) {
+        // The reader then sees end-of-stream and reports the peer closed; cleanup follows the
+        // same path as a crash.
+        let _ = rustix::net::shutdown(s.as_fd(), rustix::net::Shutdown::Both);
+    }
+}
+
+/// Reads frames from one connection and forwards them to the core.
+async fn reader(stream: Arc<UnixStream>, cred: identity::PeerCred, tx: PeerTx, events: mpsc::Sender<Event>) {
+    let mut frames = FrameReader::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut fds = Vec::new();
+    // The first frame must be a hello, within a few seconds.
+    let first = tokio::time::timeout(Duration::from_secs(10), next_msg(&stream, &mut frames, &mut buf, &mut fds)).await;
+    let hello = match first {
+        Ok(Ok(Some(ToGateway::Hello(h)))) => h,
+        _ => return,
+    };
+    let (rtx, rrx) = oneshot::channel();
+    let refusal_tx = tx.clone();
+    if events.send(Event::Hello { stream: stream.clone(), cred, hello, tx, reply: rtx }).await.is_err() {
+        return;
+    }
+    let peer = match rrx.await {
+        Ok(Ok(id)) => id,
+        Ok(Err((status, message))) => {
+            if let Ok(frame) = encode_frame(&FromGateway::Refused { status, message }, 0) {
+                let _ = refusal_tx.send(Outgoing { frame, fds: Vec::new() }).await;
+            }
+            return;
+        }
+        Err(_) => return,
+    };
+    drop(refusal_tx);
+    let why = loop {
+        match next_msg(&stream, &mut frames, &mut buf, &mut fds).await {
+            Ok(Some(msg)) => {
+                if events.send(Event::Msg(peer, msg)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break "connection closed".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    let _ = events.send(Event::Closed(peer, why)).await;
+}
+
+/// The next message, `None` at end of stream. Peers never send descriptors; any that arrive are
+/// dropped (closed).
+async fn next_msg(
+    stream: &UnixStream,
+    frames: &mut FrameReader,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<Option<ToGateway>> {
+    loop {
+        match frames.next_frame() {
+            Ok(Some((body, _fds))) => {
+                return decode_body::<ToGateway>(&body)
+                    .map(Some)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+        stream.readable().await?;
+        let fd = stream.as_raw_fd();
+        match stream.try_io(Interest::READABLE, || {
+            // SAFETY: `fd` belongs to `stream`, which outlives this call.
+            let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+            crate::sys::fdpass::recv(sock, buf, fds)
+        }) {
+            Ok(0) => return Ok(None),
+            Ok(n) => {
+                frames.push_bytes(&buf[..n]);
+                fds.clear();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes one peer's queued frames (with their descriptors) until the queue closes.
+async fn writer(stream: Arc<UnixStream>, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        if write_frame(&stream, &out).await.is_err() {
+            break;
+        }
+    }
+    let _ = rustix::net::shutdown(stream.as_fd(), rustix::net::Shutdown::Write);
+}
+
+async fn write_frame(stream: &UnixStream, out: &Outgoing) -> io::Result<()> {
+    let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(|f| f.as_fd()).collect();
+    let mut sent = 0;
+    while sent < out.frame.len() {
+        stream.writable().await?;
+        let fd = stream.as_raw_fd();
+        let attach: &[BorrowedFd<'_>] = if sent == 0 { &fds } else { &[] };
+        match stream.try_io(Interest::WRITABLE, || {
+            // SAFETY: `fd` belongs to `stream`, which outlives this call.
+            let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+            crate::sys::fdpass::send_some(sock, &out.frame[sent..], attach)
+        }) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

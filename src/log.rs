@@ -1,0 +1,63 @@
+//! Minimal logging to stderr. The gateway logs at `info` by default; libraries stay quiet unless
+//! `KNIT_LOG` is set (`error`, `warn`, `info`, `debug`).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+static LEVEL: AtomicU8 = AtomicU8::new(u8::MAX);
+
+/// Severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Error = 0,
+    Warn = 1,
+    Info = 2,
+    Debug = 3,
+}
+
+fn level() -> u8 {
+    let l = LEVEL.load(Ordering::Relaxed);
+    if l != u8::MAX {
+        return l;
+    }
+    let l = match std::env::var("KNIT_LOG").as_deref() {
+        Ok("error") => 0,
+        Ok("warn") => 1,
+        Ok("info") => 2,
+        Ok("debug") => 3,
+        _ => 0,
+    };
+    LEVEL.store(l, Ordering::Relaxed);
+    l
+}
+
+/// Sets the level unless `KNIT_LOG` chose one.
+pub fn set_default_level(l: Level) {
+    if std::env::var_os("KNIT_LOG").is_none() {
+        LEVEL.store(l as u8, Ordering::Relaxed);
+    }
+}
+
+/// Logs at `l`.
+pub fn log(l: Level, args: std::fmt::Arguments<'_>) {
+    if (l as u8) <= level() {
+        let tag = match l {
+            Level::Error => "error",
+            Level::Warn => "warn",
+            Level::Info => "info",
+            Level::Debug => "debug",
+        };
+        eprintln!("knit {tag}: {args}");
+    }
+}
+
+pub(crate) fn warn(args: std::fmt::Arguments<'_>) {
+    log(Level::Warn, args)
+}
+
+pub(crate) fn info(args: std::fmt::Arguments<'_>) {
+    log(Level::Info, args)
+}
+
+pub(crate) fn debug(args: std::fmt::Arguments<'_>) {
+    log(Level::Debug, args)
+}

@@ -1,0 +1,147 @@
+//! Target selection (features.md §3.3): from the servers offering a method, in discovery order
+//! with ourselves first, pick the ones a target names.
+
+use crate::wire::frame::{Instance, MethodDef, PeerId};
+
+/// Properties an instance must have; unset fields match anything. Strings compare
+/// case-insensitively. When both `peer_id` and `instance` are set, `peer_id` is ignored
+/// (as io.Connect does).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceFilter {
+    pub application: Option<String>,
+    pub instance: Option<String>,
+    pub pid: Option<u32>,
+    pub user: Option<String>,
+    pub machine: Option<String>,
+    pub peer_id: Option<PeerId>,
+}
+
+impl InstanceFilter {
+    /// A filter on the application name.
+    pub fn application(name: impl Into<String>) -> Self {
+        Self { application: Some(name.into()), ..Default::default() }
+    }
+
+    /// A filter on the peer id.
+    pub fn peer(id: PeerId) -> Self {
+        Self { peer_id: Some(id), ..Default::default() }
+    }
+
+    /// Whether `i` has every property set here.
+    pub fn matches(&self, i: &Instance) -> bool {
+        let eq = |want: &Option<String>, have: &str| want.as_ref().is_none_or(|w| w.eq_ignore_ascii_case(have));
+        eq(&self.application, &i.application)
+            && eq(&self.instance, &i.instance)
+            && eq(&self.user, &i.user)
+            && eq(&self.machine, &i.machine)
+            && self.pid.is_none_or(|p| p == i.pid)
+            && (self.instance.is_some() || self.peer_id.is_none_or(|p| p == i.peer_id))
+    }
+}
+
+/// Which servers an invocation goes to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Target {
+    /// Ourselves if we serve the method, else the earliest-joined server.
+    #[default]
+    Best,
+    /// Every server, ourselves included.
+    All,
+    /// Every server but ourselves.
+    SkipMine,
+    /// Every server matching the filter.
+    Instance(InstanceFilter),
+    /// The union of each filter's matches, in list order (duplicates kept, as io.Connect does).
+    List(Vec<InstanceFilter>),
+}
+
+impl Target {
+    /// The CLI's spelling: `best`, `all`, `skip-mine`, or an application name.
+    pub fn parse_cli(s: &str) -> Target {
+        match s {
+            "best" => Target::Best,
+            "all" => Target::All,
+            "skip-mine" | "skipMine" => Target::SkipMine,
+            app => Target::Instance(InstanceFilter::application(app)),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Best => f.write_str("best"),
+            Target::All => f.write_str("all"),
+            Target::SkipMine => f.write_str("skipMine"),
+            Target::Instance(i) => write!(f, "{i:?}"),
+            Target::List(l) => write!(f, "{l:?}"),
+        }
+    }
+}
+
+/// Whether a method definition answers to `name` (case-insensitive, as io.Connect).
+pub fn method_matches(name: &str, def: &MethodDef) -> bool {
+    def.name.eq_ignore_ascii_case(name)
+}
+
+/// Applies `target` to `candidates` (servers of the method, ourselves first if we serve it,
+/// then in the order they joined). `me` is our own peer id.
+pub fn select<'a>(target: &Target, me: PeerId, candidates: &[&'a Instance]) -> Vec<&'a Instance> {
+    match target {
+        // Every native peer is local to its gateway, so "first local" is simply "first".
+        Target::Best => candidates.first().copied().into_iter().collect(),
+        Target::All => candidates.to_vec(),
+        Target::SkipMine => candidates.iter().copied().filter(|i| i.peer_id != me).collect(),
+        Target::Instance(f) => candidates.iter().copied().filter(|i| f.matches(i)).collect(),
+        Target::List(fs) => fs.iter().flat_map(|f| candidates.iter().copied().filter(move |i| f.matches(i))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(app: &str, id: u64) -> Instance {
+        Instance {
+            application: app.into(),
+            instance: format!("i-{id}"),
+            pid: 100 + id as u32,
+            user: "u".into(),
+            machine: "m".into(),
+            peer_id: PeerId(id),
+        }
+    }
+
+    #[test]
+    fn best_is_the_first_candidate() {
+        let (a, b) = (inst("A", 1), inst("B", 2));
+        assert_eq!(select(&Target::Best, PeerId(9), &[&a, &b]), vec![&a]);
+        assert!(select(&Target::Best, PeerId(9), &[]).is_empty());
+    }
+
+    #[test]
+    fn all_skip_mine_and_filters() {
+        let (me, a, b) = (inst("Me", 1), inst("Pricer", 2), inst("pricer", 3));
+        let c = [&me, &a, &b];
+        assert_eq!(select(&Target::All, PeerId(1), &c).len(), 3);
+        assert_eq!(select(&Target::SkipMine, PeerId(1), &c), vec![&a, &b]);
+        assert_eq!(select(&Target::parse_cli("PRICER"), PeerId(1), &c), vec![&a, &b]);
+        let by_pid = Target::Instance(InstanceFilter { pid: Some(103), ..Default::default() });
+        assert_eq!(select(&by_pid, PeerId(1), &c), vec![&b]);
+        let list = Target::List(vec![InstanceFilter::peer(PeerId(3)), InstanceFilter::application("me")]);
+        assert_eq!(select(&list, PeerId(1), &c), vec![&b, &me]);
+    }
+
+    #[test]
+    fn instance_wins_over_peer_id() {
+        let a = inst("A", 1);
+        let f = InstanceFilter { instance: Some("I-1".into()), peer_id: Some(PeerId(77)), ..Default::default() };
+        assert!(f.matches(&a));
+    }
+
+    #[test]
+    fn method_names_match_case_insensitively() {
+        assert!(method_matches("sum", &MethodDef::new("Sum")));
+        assert!(!method_matches("sum", &MethodDef::new("Summ")));
+    }
+}

@@ -1,0 +1,259 @@
+//! The binary encoding of [`Value`]: one tag byte, then the body. Little-endian, LEB128 varints.
+//!
+//! | tag | value | body |
+//! |---|---|---|
+//! | 0 | null | — |
+//! | 1 / 2 | false / true | — |
+//! | 3 | i64 | zig-zag varint |
+//! | 4 | u64 (> i64::MAX) | varint |
+//! | 5 | f64 | 8 bytes |
+//! | 6 | string | varint length, UTF-8 bytes |
+//! | 7 | bytes | varint length, bytes |
+//! | 8 | array | varint count, values |
+//! | 9 | map | varint count, (varint key length, key bytes, value)* |
+//!
+//! Decoding checks every length against what is left, refuses nesting deeper than
+//! [`MAX_DEPTH`](super::value::MAX_DEPTH), invalid UTF-8 and trailing bytes, and never
+//! pre-allocates more than the input could hold.
+
+use super::value::{Map, Value, MAX_DEPTH};
+use thiserror::Error;
+
+/// Why bytes are not a valid encoded [`Value`].
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The input ended inside a value.
+    #[error("truncated value")]
+    Truncated,
+    /// An unknown tag byte.
+    #[error("unknown value tag {0}")]
+    BadTag(u8),
+    /// A varint longer than 10 bytes or overflowing 64 bits.
+    #[error("malformed varint")]
+    BadVarint,
+    /// Text that is not UTF-8.
+    #[error("string is not UTF-8")]
+    BadUtf8,
+    /// Deeper than the limit.
+    #[error("value nested deeper than {0} levels")]
+    TooDeep(usize),
+    /// Bytes left over after the value.
+    #[error("{0} trailing bytes after the value")]
+    Trailing(usize),
+}
+
+const T_NULL: u8 = 0;
+const T_FALSE: u8 = 1;
+const T_TRUE: u8 = 2;
+const T_I64: u8 = 3;
+const T_U64: u8 = 4;
+const T_F64: u8 = 5;
+const T_STR: u8 = 6;
+const T_BYTES: u8 = 7;
+const T_ARRAY: u8 = 8;
+const T_MAP: u8 = 9;
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+/// Appends the encoding of `v` to `out`.
+pub fn encode_into(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Null => out.push(T_NULL),
+        Value::Bool(false) => out.push(T_FALSE),
+        Value::Bool(true) => out.push(T_TRUE),
+        Value::I64(i) => {
+            out.push(T_I64);
+            put_varint(out, ((i << 1) ^ (i >> 63)) as u64);
+        }
+        Value::U64(u) => {
+            if *u <= i64::MAX as u64 {
+                out.push(T_I64);
+                put_varint(out, (*u as i64 as u64) << 1);
+            } else {
+                out.push(T_U64);
+                put_varint(out, *u);
+            }
+        }
+        Value::F64(f) => {
+            out.push(T_F64);
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        Value::String(s) => {
+            out.push(T_STR);
+            put_varint(out, s.len() as u64);
+            out.extend_from_slice(s.as_bytes());
+        }
+        Value::Bytes(b) => {
+            out.push(T_BYTES);
+            put_varint(out, b.len() as u64);
+            out.extend_from_slice(b);
+        }
+        Value::Array(a) => {
+            out.push(T_ARRAY);
+            put_varint(out, a.len() as u64);
+            for x in a {
+                encode_into(x, out);
+            }
+        }
+        Value::Map(m) => {
+            out.push(T_MAP);
+            put_varint(out, m.len() as u64);
+            for (k, x) in m {
+                put_varint(out, k.len() as u64);
+                out.extend_from_slice(k.as_bytes());
+                encode_into(x, out);
+            }
+        }
+    }
+}
+
+/// The encoding of `v`.
+pub fn encode(v: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len(v));
+    encode_into(v, &mut out);
+    out
+}
+
+/// Exactly how many bytes [`encode`] produces.
+pub fn encoded_len(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) => 1,
+        Value::I64(i) => 1 + varint_len(((i << 1) ^ (i >> 63)) as u64),
+        Value::U64(u) if *u <= i64::MAX as u64 => 1 + varint_len(*u << 1),
+        Value::U64(u) => 1 + varint_len(*u),
+        Value::F64(_) => 9,
+        Value::String(s) => 1 + varint_len(s.len() as u64) + s.len(),
+        Value::Bytes(b) => 1 + varint_len(b.len() as u64) + b.len(),
+        Value::Array(a) => 1 + varint_len(a.len() as u64) + a.iter().map(encoded_len).sum::<usize>(),
+        Value::Map(m) => {
+            1 + varint_len(m.len() as u64)
+                + m.iter().map(|(k, x)| varint_len(k.len() as u64) + k.len() + encoded_len(x)).sum::<usize>()
+        }
+    }
+}
+
+/// Decodes one value that must span all of `bytes`.
+pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    let v = r.value(0)?;
+    match bytes.len() - r.pos {
+        0 => Ok(v),
+        n => Err(DecodeError::Trailing(n)),
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        let b = *self.b.get(self.pos).ok_or(DecodeError::Truncated)?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.byte()?;
+            let part = (b & 0x7f) as u64;
+            if i == 9 && part > 1 {
+                return Err(DecodeError::BadVarint);
+            }
+            v |= part << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::BadVarint)
+    }
+
+    fn take(&mut self, n: u64) -> Result<&'a [u8], DecodeError> {
+        let left = (self.b.len() - self.pos) as u64;
+        if n > left {
+            return Err(DecodeError::Truncated);
+        }
+        let s = &self.b[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let n = self.varint()?;
+        let s = self.take(n)?;
+        std::str::from_utf8(s).map(str::to_string).map_err(|_| DecodeError::BadUtf8)
+    }
+
+    /// A count of items, each at least one byte: never more than what is left.
+    fn count(&mut self) -> Result<usize, DecodeError> {
+        let n = self.varint()?;
+        if n > (self.b.len() - self.pos) as u64 {
+            return Err(DecodeError::Truncated);
+        }
+        Ok(n as usize)
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Value, DecodeError> {
+        Ok(match self.byte()? {
+            T_NULL => Value::Null,
+            T_FALSE => Value::Bool(false),
+            T_TRUE => Value::Bool(true),
+            T_I64 => {
+                let z = self.varint()?;
+                Value::I64(((z >> 1) as i64) ^ -((z & 1) as i64))
+            }
+            T_U64 => Value::from(self.varint()?),
+            T_F64 => {
+                let s = self.take(8)?;
+                Value::F64(f64::from_le_bytes(s.try_into().map_err(|_| DecodeError::Truncated)?))
+            }
+            T_STR => Value::String(self.string()?),
+            T_BYTES => {
+                let n = self.varint()?;
+                Value::Bytes(self.take(n)?.to_vec())
+            }
+            T_ARRAY => {
+                if depth >= MAX_DEPTH {
+                    return Err(DecodeError::TooDeep(MAX_DEPTH));
+                }
+                let n = self.count()?;
+                let mut a = Vec::with_capacity(n);
+                for _ in 0..n {
+                    a.push(self.value(depth + 1)?);
+                }
+                Value::Array(a)
+            }
+            T_MAP => {
+                if depth >= MAX_DEPTH {
+                    return Err(DecodeError::TooDeep(MAX_DEPTH));
+                }
+                let n = self.count()?;
+                let mut m = Map::with_capacity(n / 2);
+                for _ in 0..n {
+                    let k = self.string()?;
+                    let v = self.value(depth + 1)?;
+                    m.insert(k, v);
+                }
+                Value::Map(m)
+            }
+            t => return Err(DecodeError::BadTag(t)),
+        })
+    }
+}

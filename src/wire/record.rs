@@ -1,0 +1,174 @@
+//! Records on a lane (the data plane). Each ring record's `kind` says which of these it is; its
+//! body starts with a fixed little-endian header, then the payload. A message larger than one
+//! ring record is split into fragments: every fragment but the last has [`FRAG_MORE`] in the
+//! record flags, and only the first carries the fixed header.
+//!
+//! | kind | body |
+//! |---|---|
+//! | `INVOKE` (1) | call id u64, method id u32, flags u32, timeout ms u32, reserved u32, payload |
+//! | `RESULT` (2) | call id u64, status u32 (0 ok, 1 error), flags u32, payload |
+//! | `CANCEL` (3) | call id u64 |
+//!
+//! Payload flags: [`PAYLOAD_RAW`] means the payload is raw bytes (a `Value::Bytes` sent without
+//! encoding); otherwise it is an encoded [`Value`](super::Value). An error result's payload is an
+//! encoded map `{message, context?}`.
+
+use super::codec::{self, DecodeError};
+use super::value::Value;
+use thiserror::Error;
+
+pub const KIND_INVOKE: u16 = 1;
+pub const KIND_RESULT: u16 = 2;
+pub const KIND_CANCEL: u16 = 3;
+
+/// Record flag: more fragments of this message follow.
+pub const FRAG_MORE: u16 = 1;
+/// Payload flag: raw bytes.
+pub const PAYLOAD_RAW: u32 = 1;
+
+pub const INVOKE_HEADER: usize = 24;
+pub const RESULT_HEADER: usize = 16;
+
+/// A record body that does not parse.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("record kind {0} unknown")]
+    UnknownKind(u16),
+    #[error("record body shorter than its header")]
+    Short,
+    #[error("payload: {0}")]
+    Payload(#[from] DecodeError),
+    #[error("unknown result status {0}")]
+    BadStatus(u32),
+}
+
+/// A parsed invoke record (payload still encoded).
+#[derive(Debug)]
+pub struct InvokeHead {
+    pub call_id: u64,
+    pub method_id: u32,
+    pub flags: u32,
+    pub timeout_ms: u32,
+}
+
+/// A parsed result record (payload still encoded).
+#[derive(Debug)]
+pub struct ResultHead {
+    pub call_id: u64,
+    pub ok: bool,
+    pub flags: u32,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Encodes a payload: raw bytes stay raw, anything else is encoded. Returns the payload flags.
+pub fn encode_payload(v: &Value, out: &mut Vec<u8>) -> u32 {
+    match v {
+        Value::Bytes(b) => {
+            out.extend_from_slice(b);
+            PAYLOAD_RAW
+        }
+        other => {
+            codec::encode_into(other, out);
+            0
+        }
+    }
+}
+
+/// Decodes a payload written by [`encode_payload`].
+pub fn decode_payload(flags: u32, bytes: &[u8]) -> Result<Value, DecodeError> {
+    if flags & PAYLOAD_RAW != 0 {
+        Ok(Value::Bytes(bytes.to_vec()))
+    } else {
+        codec::decode(bytes)
+    }
+}
+
+/// Builds an invoke body into `out` (cleared first).
+pub fn invoke(out: &mut Vec<u8>, call_id: u64, method_id: u32, timeout_ms: u32, args: &Value) {
+    out.clear();
+    out.extend_from_slice(&call_id.to_le_bytes());
+    out.extend_from_slice(&method_id.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&timeout_ms.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    let flags = encode_payload(args, out);
+    out[12..16].copy_from_slice(&flags.to_le_bytes());
+}
+
+/// Builds a result body into `out` (cleared first). An error carries `{message, context?}`.
+pub fn result(out: &mut Vec<u8>, call_id: u64, outcome: &Result<Value, (String, Option<Value>)>) {
+    out.clear();
+    out.extend_from_slice(&call_id.to_le_bytes());
+    out.extend_from_slice(&[0; 8]);
+    let (status, flags) = match outcome {
+        Ok(v) => (0u32, encode_payload(v, out)),
+        Err((message, context)) => {
+            let mut m = super::Map::new();
+            m.insert("message".into(), Value::from(message.as_str()));
+            if let Some(c) = context {
+                m.insert("context".into(), c.clone());
+            }
+            codec::encode_into(&Value::Map(m), out);
+            (1, 0)
+        }
+    };
+    out[8..12].copy_from_slice(&status.to_le_bytes());
+    out[12..16].copy_from_slice(&flags.to_le_bytes());
+}
+
+/// Builds a cancel body.
+pub fn cancel(out: &mut Vec<u8>, call_id: u64) {
+    out.clear();
+    out.extend_from_slice(&call_id.to_le_bytes());
+}
+
+/// Parses an invoke body's header; the payload is `&body[INVOKE_HEADER..]`.
+pub fn parse_invoke(body: &[u8]) -> Result<InvokeHead, RecordError> {
+    if body.len() < INVOKE_HEADER {
+        return Err(RecordError::Short);
+    }
+    Ok(InvokeHead {
+        call_id: u64_at(body, 0),
+        method_id: u32_at(body, 8),
+        flags: u32_at(body, 12),
+        timeout_ms: u32_at(body, 16),
+    })
+}
+
+/// Parses a result body's header; the payload is `&body[RESULT_HEADER..]`.
+pub fn parse_result(body: &[u8]) -> Result<ResultHead, RecordError> {
+    if body.len() < RESULT_HEADER {
+        return Err(RecordError::Short);
+    }
+    let ok = match u32_at(body, 8) {
+        0 => true,
+        1 => false,
+        s => return Err(RecordError::BadStatus(s)),
+    };
+    Ok(ResultHead { call_id: u64_at(body, 0), ok, flags: u32_at(body, 12) })
+}
+
+/// Parses a cancel body.
+pub fn parse_cancel(body: &[u8]) -> Result<u64, RecordError> {
+    if body.len() < 8 {
+        return Err(RecordError::Short);
+    }
+    Ok(u64_at(body, 0))
+}
+
+/// Splits an error payload into message and context.
+pub fn decode_error(bytes: &[u8]) -> Result<(String, Option<Value>), DecodeError> {
+    let v = codec::decode(bytes)?;
+    let message = v.get("message").and_then(Value::as_str).unwrap_or("remote error").to_string();
+    let context = v.get("context").cloned();
+    Ok((message, context))
+}
