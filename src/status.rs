@@ -67,7 +67,10 @@ statuses! {
 impl Status {
     /// The catalogue row.
     pub fn info(self) -> &'static StatusInfo {
-        STATUS_TABLE.iter().find(|i| i.code == self as i32).unwrap_or(&STATUS_TABLE[0])
+        STATUS_TABLE
+            .iter()
+            .find(|i| i.code == self as i32)
+            .unwrap_or(&STATUS_TABLE[0])
     }
     /// The one-line description.
     pub fn message(self) -> &'static str {

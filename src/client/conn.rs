@@ -56,23 +56,37 @@ impl Conn {
         }
         let frame = encode_frame(msg, 0).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        crate::sys::fdpass::send_all(self.sock.as_fd(), &frame, &[]).map_err(|_| ClientError::Disconnected)
+        crate::sys::fdpass::send_all(self.sock.as_fd(), &frame, &[])
+            .map_err(|_| ClientError::Disconnected)
     }
 
     /// Sends a request built around a fresh request id and waits for its reply.
-    pub(crate) fn request(&self, build: impl FnOnce(u64) -> ToGateway, timeout: Duration) -> Result<Reply, ClientError> {
+    pub(crate) fn request(
+        &self,
+        build: impl FnOnce(u64) -> ToGateway,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
         // Relaxed: ids only need to be unique.
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = sync_channel(1);
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(req, tx);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(req, tx);
         if let Err(e) = self.send(&build(req)) {
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&req);
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&req);
             return Err(e);
         }
         match rx.recv_timeout(timeout) {
             Ok(r) => Ok(r),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&req);
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&req);
                 Err(ClientError::Timeout)
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected),
@@ -80,7 +94,12 @@ impl Conn {
     }
 
     fn complete(&self, req: u64, reply: Reply) {
-        if let Some(tx) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&req) {
+        if let Some(tx) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&req)
+        {
             let _ = tx.try_send(reply);
         }
     }
@@ -88,7 +107,10 @@ impl Conn {
     /// The connection is gone: every waiting request fails (their senders drop).
     fn disconnected(&self) {
         self.connected.store(false, Ordering::Release);
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Closes the socket; the reader thread then ends.
@@ -133,8 +155,17 @@ pub(crate) fn reader_loop(shared: Arc<Shared>, mut frames: FrameReader) {
 fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
     match msg {
         FromGateway::Ack { req } => shared.conn.complete(req, Reply::Ack),
-        FromGateway::Fail { req, status, message } => shared.conn.complete(req, Reply::Fail(status, message)),
-        FromGateway::LaneOpened { req, peer, lane, side } => match attach_lane(shared, peer, lane, side, &fds) {
+        FromGateway::Fail {
+            req,
+            status,
+            message,
+        } => shared.conn.complete(req, Reply::Fail(status, message)),
+        FromGateway::LaneOpened {
+            req,
+            peer,
+            lane,
+            side,
+        } => match attach_lane(shared, peer, lane, side, &fds) {
             Ok(l) => shared.conn.complete(req, Reply::Lane(l)),
             Err(e) => shared.conn.complete(req, Reply::Fail(Status::Protocol, e)),
         },
@@ -144,21 +175,38 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             }
         }
         FromGateway::LaneClosed { peer, lane, reason } => {
-            let ours = shared.lock_state().lanes.get(&peer).is_some_and(|l| l.id == lane);
+            let ours = shared
+                .lock_state()
+                .lanes
+                .get(&peer)
+                .is_some_and(|l| l.id == lane);
             if ours {
                 shared.drop_lane(peer);
-                shared.fail_calls_to(peer, FailureKind::Delivery(Status::Protocol), &format!("lane closed: {reason}"));
+                shared.fail_calls_to(
+                    peer,
+                    FailureKind::Delivery(Status::Protocol),
+                    &format!("lane closed: {reason}"),
+                );
             }
         }
         FromGateway::PeerAdded { identity } => {
             let identity = Arc::new(identity);
             {
                 let mut st = shared.lock_state();
-                st.peers.insert(identity.peer_id, RemotePeer { identity: identity.clone(), methods: Default::default() });
+                st.peers.insert(
+                    identity.peer_id,
+                    RemotePeer {
+                        identity: identity.clone(),
+                        methods: Default::default(),
+                    },
+                );
                 st.generation += 1;
             }
             shared.state_changed.notify_all();
-            super::interop::emit(shared, super::InteropEvent::ServerAdded((*identity).clone()));
+            super::interop::emit(
+                shared,
+                super::InteropEvent::ServerAdded((*identity).clone()),
+            );
         }
         FromGateway::PeerRemoved { peer, reason } => {
             let gone = {
@@ -167,15 +215,33 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 st.peers.remove(&peer)
             };
             shared.drop_lane(peer);
-            shared.fail_calls_to(peer, FailureKind::PeerLeft, "Peer has left while waiting for result");
+            shared.fail_calls_to(
+                peer,
+                FailureKind::PeerLeft,
+                "Peer has left while waiting for result",
+            );
             shared.state_changed.notify_all();
             if let Some(p) = gone {
-                super::interop::removed_methods(shared, &p.identity, p.methods.values().cloned().collect());
-                super::interop::emit(shared, super::InteropEvent::ServerRemoved { server: (*p.identity).clone(), reason });
+                super::interop::removed_methods(
+                    shared,
+                    &p.identity,
+                    p.methods.values().cloned().collect(),
+                );
+                super::interop::emit(
+                    shared,
+                    super::InteropEvent::ServerRemoved {
+                        server: (*p.identity).clone(),
+                        reason,
+                    },
+                );
             }
         }
-        FromGateway::MethodsAdded { peer, methods } => super::interop::methods_added(shared, peer, methods),
-        FromGateway::MethodsRemoved { peer, ids } => super::interop::methods_removed(shared, peer, ids),
+        FromGateway::MethodsAdded { peer, methods } => {
+            super::interop::methods_added(shared, peer, methods)
+        }
+        FromGateway::MethodsRemoved { peer, ids } => {
+            super::interop::methods_removed(shared, peer, ids)
+        }
         FromGateway::Shutdown { reason } => {
             crate::log::info(format_args!("gateway is stopping: {reason}"));
         }
@@ -185,7 +251,13 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
     }
 }
 
-fn attach_lane(shared: &Arc<Shared>, peer: PeerId, id: u64, side: u8, fds: &[OwnedFd]) -> Result<Arc<Lane>, String> {
+fn attach_lane(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    id: u64,
+    side: u8,
+    fds: &[OwnedFd],
+) -> Result<Arc<Lane>, String> {
     let mut st = shared.lock_state();
     if let Some(l) = st.lanes.get(&peer) {
         if l.id == id && !l.is_closed() {

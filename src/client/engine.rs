@@ -17,13 +17,32 @@ use crate::wait::{Backoff, Doorbell, WaitStrategy};
 use crate::wire::frame::{Instance, MethodDef, PeerId};
 use crate::wire::record::{self, FRAG_MORE, KIND_CANCEL, KIND_INVOKE, KIND_RESULT};
 use crate::wire::Value;
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::thread::ThreadId;
 use std::time::{Duration, Instant};
+
+/// Call ids are sequential; hashing them is wasted work.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | *b as u64;
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type CallMap = HashMap<u64, Arc<CallSlot>, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// Longest single sleep: bounds the damage of a doorbell a peer scribbled on.
 const MAX_SLEEP: Duration = Duration::from_millis(100);
@@ -33,48 +52,119 @@ const BATCH: usize = 64;
 /// A call's outcome as delivered to its waiter.
 pub(crate) type Outcome = Result<Value, (FailureKind, String, Option<Value>)>;
 
-/// A pending call.
+const SLOT_PENDING: u32 = 0;
+const SLOT_WRITING: u32 = 1;
+const SLOT_DONE: u32 = 2;
+
+/// A pending call: written once by whoever completes it, read once by the thread that made it.
 pub(crate) struct CallSlot {
-    done: AtomicBool,
-    outcome: Mutex<Option<Outcome>>,
+    state: AtomicU32,
+    outcome: UnsafeCell<Option<Outcome>>,
     /// The server the call went to; only its lane may answer it.
     pub peer: PeerId,
-    owner: ThreadId,
+    owner: u64,
+}
+
+// SAFETY: `outcome` is written only by the single thread that wins the PENDING -> WRITING
+// compare-exchange, before it publishes DONE with Release; it is read only by the owner after
+// it observed DONE with Acquire (`take`). No other access exists.
+unsafe impl Sync for CallSlot {}
+
+thread_local! {
+    /// A cheap per-thread token (std's ThreadId costs an Arc clone to obtain), and a spare slot.
+    static THREAD_TOKEN: u64 = {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    };
+    static SPARE_SLOT: Cell<Option<Arc<CallSlot>>> = const { Cell::new(None) };
+}
+
+fn thread_token() -> u64 {
+    THREAD_TOKEN.with(|t| *t)
 }
 
 impl CallSlot {
+    /// A slot for a call to `peer`, reusing this thread's spare when nobody else holds it.
     pub(crate) fn new(peer: PeerId) -> Arc<Self> {
-        Arc::new(Self { done: AtomicBool::new(false), outcome: Mutex::new(None), peer, owner: std::thread::current().id() })
+        let owner = thread_token();
+        if let Some(mut spare) = SPARE_SLOT.with(|c| c.take()) {
+            if let Some(s) = Arc::get_mut(&mut spare) {
+                *s.state.get_mut() = SLOT_PENDING;
+                *s.outcome.get_mut() = None;
+                s.peer = peer;
+                s.owner = owner;
+                return spare;
+            }
+        }
+        Arc::new(Self {
+            state: AtomicU32::new(SLOT_PENDING),
+            outcome: UnsafeCell::new(None),
+            peer,
+            owner,
+        })
+    }
+
+    /// Hands a finished slot back for reuse by this thread.
+    pub(crate) fn recycle(slot: Arc<CallSlot>) {
+        SPARE_SLOT.with(|c| c.set(Some(slot)));
     }
 
     pub(crate) fn is_done(&self) -> bool {
         // SYNC(slot): pairs with the Release store in `complete`.
-        self.done.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) == SLOT_DONE
     }
 
     /// Records the outcome; the first completion wins. Returns whether this one did.
     fn complete(&self, o: Outcome) -> bool {
-        let mut g = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        if self.done.load(Ordering::Relaxed) {
+        // Acquire/Relaxed: winning the exchange only grants the right to write; publication is
+        // the Release store below.
+        if self
+            .state
+            .compare_exchange(
+                SLOT_PENDING,
+                SLOT_WRITING,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
             return false;
         }
-        *g = Some(o);
-        // SYNC(slot): the outcome is visible to whoever sees `done`.
-        self.done.store(true, Ordering::Release);
+        // SAFETY: we won PENDING -> WRITING, so we are the only writer, and the owner does not
+        // read before DONE.
+        unsafe { *self.outcome.get() = Some(o) };
+        // SYNC(slot): the outcome is visible to whoever sees DONE.
+        self.state.store(SLOT_DONE, Ordering::Release);
         true
     }
 
+    /// The outcome, once done. Only the thread that made the call calls this, once.
     pub(crate) fn take(&self) -> Option<Outcome> {
-        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).take()
+        if !self.is_done() {
+            return None;
+        }
+        debug_assert_eq!(self.owner, thread_token());
+        // SAFETY: DONE was observed with Acquire, so the writer is finished and its write is
+        // visible; only the owning thread reads, and it does so once.
+        unsafe { (*self.outcome.get()).take() }
     }
 }
 
 /// Work for the dispatch thread.
 pub(crate) enum Task {
-    /// A peer invoked one of our methods.
-    Invoke { lane: Arc<Lane>, call_id: u64, method_id: u32, flags: u32, payload: Vec<u8> },
+    /// A peer invoked one of our methods (arguments decoded by the pumper).
+    Invoke {
+        lane: Arc<Lane>,
+        call_id: u64,
+        method_id: u32,
+        args: Result<Value, crate::wire::codec::DecodeError>,
+    },
     /// We invoked one of our own methods.
-    LocalInvoke { slot: Arc<CallSlot>, method_id: u32, args: Value },
+    LocalInvoke {
+        slot: Arc<CallSlot>,
+        method_id: u32,
+        args: Value,
+    },
     /// Anything else (event callbacks).
     Call(Box<dyn FnOnce() + Send>),
 }
@@ -87,14 +177,14 @@ pub(crate) struct RemotePeer {
 
 /// One of our own methods.
 pub(crate) struct MethodEntry {
-    pub def: Arc<MethodDef>,
+    pub name: Arc<str>,
     pub handler: Handler,
 }
 
 /// Our replica of the gateway's registry, our lanes, and our methods.
 pub(crate) struct State {
     pub peers: BTreeMap<PeerId, RemotePeer>,
-    pub lanes: HashMap<PeerId, Arc<Lane>>,
+    pub lanes: HashMap<PeerId, Arc<Lane>, std::hash::BuildHasherDefault<IdHasher>>,
     pub my_methods: BTreeMap<u32, Arc<MethodDef>>,
     pub next_method_id: u32,
     /// Bumped on every change to peers or methods.
@@ -105,6 +195,9 @@ pub(crate) struct State {
 pub(crate) struct RxSet {
     lanes: Vec<RxLane>,
     buf: Vec<u8>,
+    /// Tasks the pumper found while it is the dispatch thread: run once the set is released,
+    /// without a trip through the shared queue.
+    ready: Vec<Task>,
 }
 
 impl RxSet {
@@ -131,15 +224,17 @@ pub(crate) struct Shared {
     local: Doorbell,
     rx: Mutex<RxSet>,
     rx_busy: AtomicBool,
+    /// Threads waiting for the receive set; the dispatcher lets go of it when non-zero.
+    rx_wanted: AtomicUsize,
     rx_dirty: AtomicBool,
     new_rx: Mutex<Vec<RxLane>>,
-    calls: Mutex<HashMap<u64, Arc<CallSlot>>>,
+    calls: Mutex<CallMap>,
     next_call: AtomicU64,
     queue: Mutex<VecDeque<Task>>,
     queue_len: AtomicUsize,
     pub state: Mutex<State>,
     pub state_changed: Condvar,
-    pub handlers: RwLock<HashMap<u32, Arc<MethodEntry>>>,
+    pub handlers: RwLock<HashMap<u32, Arc<MethodEntry>, std::hash::BuildHasherDefault<IdHasher>>>,
     pub subscribers: Mutex<Vec<(u64, super::EventCallback)>>,
     pub closed: AtomicBool,
 }
@@ -165,23 +260,28 @@ impl Shared {
             conn,
             bell,
             local: Doorbell::new(),
-            rx: Mutex::new(RxSet { lanes: Vec::new(), buf: Vec::new() }),
+            rx: Mutex::new(RxSet {
+                lanes: Vec::new(),
+                buf: Vec::new(),
+                ready: Vec::new(),
+            }),
             rx_busy: AtomicBool::new(false),
+            rx_wanted: AtomicUsize::new(0),
             rx_dirty: AtomicBool::new(false),
             new_rx: Mutex::new(Vec::new()),
-            calls: Mutex::new(HashMap::new()),
+            calls: Mutex::new(CallMap::default()),
             next_call: AtomicU64::new(1),
             queue: Mutex::new(VecDeque::new()),
             queue_len: AtomicUsize::new(0),
             state: Mutex::new(State {
                 peers,
-                lanes: HashMap::new(),
+                lanes: HashMap::default(),
                 my_methods: BTreeMap::new(),
                 next_method_id: 1,
                 generation: 0,
             }),
             state_changed: Condvar::new(),
-            handlers: RwLock::new(HashMap::new()),
+            handlers: RwLock::new(HashMap::default()),
             subscribers: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
         }
@@ -209,7 +309,10 @@ impl Shared {
 
     /// Hands a freshly mapped lane's receiving half to the pumper.
     pub(crate) fn add_rx(&self, rx: RxLane) {
-        self.new_rx.lock().unwrap_or_else(|e| e.into_inner()).push(rx);
+        self.new_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(rx);
         self.rx_dirty.store(true, Ordering::Release);
         self.wake_all();
     }
@@ -229,12 +332,18 @@ impl Shared {
         // Relaxed: ids only need to be unique.
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let slot = CallSlot::new(peer);
-        self.calls.lock().unwrap_or_else(|e| e.into_inner()).insert(id, slot.clone());
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, slot.clone());
         (id, slot)
     }
 
     pub(crate) fn forget_call(&self, id: u64) {
-        self.calls.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
     /// Completes a call answered in this process.
@@ -243,7 +352,7 @@ impl Shared {
     }
 
     fn complete(&self, slot: &CallSlot, o: Outcome) {
-        if slot.complete(o) && slot.owner != std::thread::current().id() {
+        if slot.complete(o) && slot.owner != thread_token() {
             self.wake_all();
         }
     }
@@ -252,7 +361,11 @@ impl Shared {
     pub(crate) fn fail_calls_to(&self, peer: PeerId, kind: FailureKind, message: &str) {
         let slots: Vec<Arc<CallSlot>> = {
             let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-            let ids: Vec<u64> = calls.iter().filter(|(_, s)| s.peer == peer).map(|(id, _)| *id).collect();
+            let ids: Vec<u64> = calls
+                .iter()
+                .filter(|(_, s)| s.peer == peer)
+                .map(|(id, _)| *id)
+                .collect();
             ids.iter().filter_map(|id| calls.remove(id)).collect()
         };
         for s in slots {
@@ -263,7 +376,13 @@ impl Shared {
 
     /// Fails every pending call (the client is closing).
     pub(crate) fn fail_all_calls(&self, kind: FailureKind, message: &str) {
-        let slots: Vec<Arc<CallSlot>> = self.calls.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, s)| s).collect();
+        let slots: Vec<Arc<CallSlot>> = self
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
         for s in slots {
             s.complete(Err((kind, message.to_string(), None)));
         }
@@ -273,7 +392,10 @@ impl Shared {
     // ----- tasks -----------------------------------------------------------------------------
 
     pub(crate) fn enqueue(&self, t: Task) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(t);
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(t);
         // Relaxed: a hint for sleep predicates; the queue's mutex orders the real data.
         self.queue_len.fetch_add(1, Ordering::Release);
         self.wake_all();
@@ -285,6 +407,9 @@ impl Shared {
 
     /// Runs queued tasks on this (dispatch) thread. Returns how many ran.
     pub(crate) fn run_tasks(self: &Arc<Self>, max: usize) -> usize {
+        if !self.has_tasks() {
+            return 0;
+        }
         let mut n = 0;
         while n < max {
             let t = {
@@ -305,46 +430,81 @@ impl Shared {
 
     fn run_task(self: &Arc<Self>, t: Task) {
         match t {
-            Task::Invoke { lane, call_id, method_id, flags, payload } => {
+            Task::Invoke {
+                lane,
+                call_id,
+                method_id,
+                args,
+            } => {
                 let responder = Responder::lane(self.clone(), lane.clone(), call_id);
-                let args = match record::decode_payload(flags, &payload) {
+                let args = match args {
                     Ok(v) => v,
-                    Err(e) => return responder.error(MethodError::new(format!("invalid arguments: {e}"))),
+                    Err(e) => {
+                        return responder.error(MethodError::new(format!("invalid arguments: {e}")))
+                    }
                 };
                 self.call_handler(method_id, args, lane.identity.clone(), responder);
             }
-            Task::LocalInvoke { slot, method_id, args } => {
+            Task::LocalInvoke {
+                slot,
+                method_id,
+                args,
+            } => {
                 let responder = Responder::local(self.clone(), slot);
                 self.call_handler(method_id, args, self.me.clone(), responder);
             }
             Task::Call(f) => {
                 if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
-                    crate::log::warn(format_args!("an event callback panicked: {}", panic_message(&p)));
+                    crate::log::warn(format_args!(
+                        "an event callback panicked: {}",
+                        panic_message(&p)
+                    ));
                 }
             }
         }
     }
 
-    fn call_handler(self: &Arc<Self>, method_id: u32, args: Value, caller: Arc<Instance>, responder: Responder) {
-        let entry = self.handlers.read().unwrap_or_else(|e| e.into_inner()).get(&method_id).cloned();
+    fn call_handler(
+        self: &Arc<Self>,
+        method_id: u32,
+        args: Value,
+        caller: Arc<Instance>,
+        responder: Responder,
+    ) {
+        let entry = self
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&method_id)
+            .cloned();
         let Some(entry) = entry else {
             return responder.error(MethodError::new("Method has been removed"));
         };
-        let inv = Invocation { method: entry.def.name.clone(), args, caller };
+        let inv = Invocation {
+            method: entry.name.clone(),
+            args,
+            caller,
+        };
         match &entry.handler {
             Handler::Sync(f) => {
                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| f(&inv)));
                 match r {
                     Ok(Ok(v)) => responder.ok(v),
                     Ok(Err(e)) => responder.error(e),
-                    Err(p) => responder.error(MethodError::new(format!("method handler panicked: {}", panic_message(&p)))),
+                    Err(p) => responder.error(MethodError::new(format!(
+                        "method handler panicked: {}",
+                        panic_message(&p)
+                    ))),
                 }
             }
             Handler::Async(f) => {
                 // If the handler panics, the responder is dropped during unwinding and replies
                 // with an error itself.
                 if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(|| f(inv, responder))) {
-                    crate::log::warn(format_args!("async method handler panicked: {}", panic_message(&p)));
+                    crate::log::warn(format_args!(
+                        "async method handler panicked: {}",
+                        panic_message(&p)
+                    ));
                 }
             }
         }
@@ -354,7 +514,11 @@ impl Shared {
     /// (the dispatch thread, or any thread of a poll-mode client, which has no other), else on
     /// the dispatcher.
     pub(crate) fn local_invoke(self: &Arc<Self>, slot: Arc<CallSlot>, method_id: u32, args: Value) {
-        let t = Task::LocalInvoke { slot, method_id, args };
+        let t = Task::LocalInvoke {
+            slot,
+            method_id,
+            args,
+        };
         if self.poll_mode || self.is_dispatch_thread() {
             self.run_task(t);
         } else {
@@ -363,21 +527,39 @@ impl Shared {
     }
 
     /// Sends a reply on a lane (from any thread).
-    pub(crate) fn send_result(self: &Arc<Self>, lane: &Lane, call_id: u64, outcome: Result<Value, (String, Option<Value>)>) {
-        let mut body = Vec::new();
-        record::result(&mut body, call_id, &outcome);
-        if body.len() > lane.max_message {
-            let msg = format!("result of {} bytes exceeds the limit of {} bytes", body.len(), lane.max_message);
-            record::result(&mut body, call_id, &Err((msg, None)));
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        if let Err(e) = self.send_on(lane, KIND_RESULT, &body, deadline) {
-            crate::log::debug(format_args!("reply to {} lost: {e}", lane.peer));
-        }
+    pub(crate) fn send_result(
+        self: &Arc<Self>,
+        lane: &Lane,
+        call_id: u64,
+        outcome: Result<Value, (String, Option<Value>)>,
+    ) {
+        SCRATCH.with(|s| {
+            let mut body = s.take();
+            record::result(&mut body, call_id, &outcome);
+            if body.len() > lane.max_message {
+                let msg = format!(
+                    "result of {} bytes exceeds the limit of {} bytes",
+                    body.len(),
+                    lane.max_message
+                );
+                record::result(&mut body, call_id, &Err((msg, None)));
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            if let Err(e) = self.send_on(lane, KIND_RESULT, &body, deadline) {
+                crate::log::debug(format_args!("reply to {} lost: {e}", lane.peer));
+            }
+            s.set(body);
+        })
     }
 
     /// Sends on a lane, draining our own inbound lanes while the peer's ring is full.
-    pub(crate) fn send_on(self: &Arc<Self>, lane: &Lane, kind: u16, body: &[u8], deadline: Instant) -> Result<(), SendError> {
+    pub(crate) fn send_on(
+        self: &Arc<Self>,
+        lane: &Lane,
+        kind: u16,
+        body: &[u8],
+        deadline: Instant,
+    ) -> Result<(), SendError> {
         let r = lane.send(kind, body, deadline, || {
             if let Ok(mut rx) = self.rx.try_lock() {
                 self.pump(&mut rx);
@@ -410,31 +592,44 @@ impl Shared {
 
     /// A lane's shared memory did not validate: drop it, fail its calls, tell the gateway.
     fn lane_fault(&self, peer: PeerId, why: &str) {
-        crate::log::warn(format_args!("lane to {peer} is corrupt ({why}); closing it"));
+        crate::log::warn(format_args!(
+            "lane to {peer} is corrupt ({why}); closing it"
+        ));
         self.drop_lane(peer);
-        self.fail_calls_to(peer, FailureKind::Delivery(crate::Status::Protocol), &format!("lane corrupt: {why}"));
-        let _ = self.conn.send(&crate::wire::frame::ToGateway::LaneFault { peer, reason: why.to_string() });
+        self.fail_calls_to(
+            peer,
+            FailureKind::Delivery(crate::Status::Protocol),
+            &format!("lane corrupt: {why}"),
+        );
+        let _ = self.conn.send(&crate::wire::frame::ToGateway::LaneFault {
+            peer,
+            reason: why.to_string(),
+        });
     }
 
     // ----- pumping ---------------------------------------------------------------------------
 
     /// Reads every inbound lane once (up to a batch each). Returns records handled.
     fn pump(&self, rx: &mut RxSet) -> usize {
-        if self.rx_dirty.swap(false, Ordering::AcqRel) {
-            let mut fresh = std::mem::take(&mut *self.new_rx.lock().unwrap_or_else(|e| e.into_inner()));
+        // Load first: a swap on every round would bounce the line for nothing.
+        if self.rx_dirty.load(Ordering::Acquire) && self.rx_dirty.swap(false, Ordering::AcqRel) {
+            let mut fresh =
+                std::mem::take(&mut *self.new_rx.lock().unwrap_or_else(|e| e.into_inner()));
             rx.lanes.append(&mut fresh);
             rx.lanes.retain(|l| !l.lane.is_closed());
         }
         let mut handled = 0;
         let mut faults = Vec::new();
-        let RxSet { lanes, buf } = rx;
+        let dispatching = self.is_dispatch_thread();
+        let RxSet { lanes, buf, ready } = rx;
         for l in lanes.iter_mut() {
             for _ in 0..BATCH {
                 match l.consumer.pop_into(buf) {
                     Ok(None) => break,
                     Ok(Some(h)) => {
                         handled += 1;
-                        if let Err(why) = self.on_record(l, h.kind, h.flags, buf) {
+                        let sink = if dispatching { Some(&mut *ready) } else { None };
+                        if let Err(why) = self.on_record(l, h.kind, h.flags, buf, sink) {
                             faults.push((l.lane.peer, why));
                             break;
                         }
@@ -453,7 +648,14 @@ impl Shared {
         handled
     }
 
-    fn on_record(&self, l: &mut RxLane, kind: u16, flags: u16, buf: &mut Vec<u8>) -> Result<(), &'static str> {
+    fn on_record(
+        &self,
+        l: &mut RxLane,
+        kind: u16,
+        flags: u16,
+        buf: &mut [u8],
+        sink: Option<&mut Vec<Task>>,
+    ) -> Result<(), &'static str> {
         if flags & FRAG_MORE != 0 || l.assembly.is_some() {
             let (k, bytes) = l.assembly.get_or_insert_with(|| (kind, Vec::new()));
             if *k != kind {
@@ -467,15 +669,23 @@ impl Shared {
                 return Ok(());
             }
             let (_, whole) = l.assembly.take().unwrap_or_default();
-            return self.on_message(&l.lane, kind, whole);
+            return self.on_message(&l.lane, kind, &whole, sink);
         }
-        self.on_message(&l.lane, kind, std::mem::take(buf))
+        self.on_message(&l.lane, kind, buf, sink)
     }
 
-    fn on_message(&self, lane: &Arc<Lane>, kind: u16, body: Vec<u8>) -> Result<(), &'static str> {
+    /// Handles one whole message. The body is borrowed (usually the receive buffer, reused for
+    /// the next record): what must outlive it is decoded here.
+    fn on_message(
+        &self,
+        lane: &Arc<Lane>,
+        kind: u16,
+        body: &[u8],
+        sink: Option<&mut Vec<Task>>,
+    ) -> Result<(), &'static str> {
         match kind {
             KIND_RESULT => {
-                let head = record::parse_result(&body).map_err(|_| "malformed result record")?;
+                let head = record::parse_result(body).map_err(|_| "malformed result record")?;
                 let slot = {
                     let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
                     match calls.get(&head.call_id) {
@@ -488,32 +698,41 @@ impl Shared {
                 let Some(slot) = slot else { return Ok(()) };
                 let payload = &body[record::RESULT_HEADER..];
                 let outcome = if head.ok {
-                    record::decode_payload(head.flags, payload)
-                        .map_err(|e| (FailureKind::Delivery(crate::Status::Protocol), format!("undecodable result: {e}"), None))
+                    record::decode_payload(head.flags, payload).map_err(|e| {
+                        (
+                            FailureKind::Delivery(crate::Status::Protocol),
+                            format!("undecodable result: {e}"),
+                            None,
+                        )
+                    })
                 } else {
                     match record::decode_error(payload) {
                         Ok((m, c)) => Err((FailureKind::Remote, m, c)),
-                        Err(e) => Err((FailureKind::Remote, format!("undecodable error: {e}"), None)),
+                        Err(e) => {
+                            Err((FailureKind::Remote, format!("undecodable error: {e}"), None))
+                        }
                     }
                 };
                 self.complete(&slot, outcome);
                 Ok(())
             }
             KIND_INVOKE => {
-                let head = record::parse_invoke(&body).map_err(|_| "malformed invoke record")?;
-                let mut payload = body;
-                payload.drain(..record::INVOKE_HEADER);
-                self.enqueue(Task::Invoke {
+                let head = record::parse_invoke(body).map_err(|_| "malformed invoke record")?;
+                let args = record::decode_payload(head.flags, &body[record::INVOKE_HEADER..]);
+                let task = Task::Invoke {
                     lane: lane.clone(),
                     call_id: head.call_id,
                     method_id: head.method_id,
-                    flags: head.flags,
-                    payload,
-                });
+                    args,
+                };
+                match sink {
+                    Some(ready) => ready.push(task),
+                    None => self.enqueue(task),
+                }
                 Ok(())
             }
             KIND_CANCEL => {
-                record::parse_cancel(&body).map_err(|_| "malformed cancel record")?;
+                record::parse_cancel(body).map_err(|_| "malformed cancel record")?;
                 // Handlers are not interruptible; the caller has already stopped waiting.
                 Ok(())
             }
@@ -521,10 +740,28 @@ impl Shared {
         }
     }
 
-    fn release_rx(&self, rx: MutexGuard<'_, RxSet>) {
+    /// Lets go of the receive set; returns the tasks found for the dispatch thread, to run now
+    /// that other threads may pump again.
+    fn release_rx(&self, mut rx: MutexGuard<'_, RxSet>) -> Vec<Task> {
+        let ready = std::mem::take(&mut rx.ready);
         self.rx_busy.store(false, Ordering::Release);
         drop(rx);
         self.local.notify();
+        ready
+    }
+
+    fn run_ready(self: &Arc<Self>, ready: Vec<Task>) -> usize {
+        let n = ready.len();
+        for t in ready {
+            self.run_task(t);
+        }
+        n
+    }
+
+    fn take_rx(&self) -> Option<MutexGuard<'_, RxSet>> {
+        let rx = self.rx.try_lock().ok()?;
+        self.rx_busy.store(true, Ordering::Release);
+        Some(rx)
     }
 
     // ----- waiting ---------------------------------------------------------------------------
@@ -534,38 +771,51 @@ impl Shared {
     pub(crate) fn wait_slot(self: &Arc<Self>, slot: &CallSlot, deadline: Instant) -> bool {
         let dispatching = self.is_dispatch_thread();
         let mut backoff = Backoff::new(self.wait);
-        loop {
+        let mut wanted = false;
+        let done = loop {
             if slot.is_done() {
-                return true;
+                break true;
             }
             let now = Instant::now();
             if now >= deadline {
-                return slot.is_done();
+                break slot.is_done();
             }
             if dispatching && self.run_tasks(16) > 0 {
                 backoff.reset();
                 continue;
             }
-            if let Ok(mut rx) = self.rx.try_lock() {
-                self.rx_busy.store(true, Ordering::Release);
+            if let Some(mut rx) = self.take_rx() {
+                if wanted {
+                    self.rx_wanted.fetch_sub(1, Ordering::Relaxed);
+                    wanted = false;
+                }
                 // Keep the receive set for the whole wait: we pump for everyone.
+                let mut rounds = 0u32;
                 loop {
                     if slot.is_done() {
                         break;
                     }
-                    let now = Instant::now();
-                    if now >= deadline {
-                        break;
-                    }
                     if self.pump(&mut rx) > 0 {
                         backoff.reset();
+                        // Nested dispatch: a call back into us must not deadlock.
+                        if !rx.ready.is_empty() {
+                            break;
+                        }
                         continue;
                     }
                     if dispatching && self.has_tasks() {
-                        // Nested dispatch: a call back into us must not deadlock.
+                        break;
+                    }
+                    rounds = rounds.wrapping_add(1);
+                    // The clock is read every 64 rounds only: it costs as much as a round.
+                    if rounds % 64 == 0 && Instant::now() >= deadline {
                         break;
                     }
                     if backoff.idle() {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
                         let limit = (deadline - now).min(MAX_SLEEP);
                         self.bell.doorbell().sleep_until(
                             || {
@@ -578,15 +828,30 @@ impl Shared {
                         );
                     }
                 }
-                self.release_rx(rx);
-            } else if backoff.idle() {
-                let limit = (deadline - now).min(MAX_SLEEP);
-                self.local.sleep_until(
-                    || slot.is_done() || !self.rx_busy.load(Ordering::Acquire) || (dispatching && self.has_tasks()),
-                    Some(limit),
-                );
+                let ready = self.release_rx(rx);
+                self.run_ready(ready);
+            } else {
+                if !wanted {
+                    self.rx_wanted.fetch_add(1, Ordering::Relaxed);
+                    wanted = true;
+                }
+                if backoff.idle() {
+                    let limit = (deadline - now).min(MAX_SLEEP);
+                    self.local.sleep_until(
+                        || {
+                            slot.is_done()
+                                || !self.rx_busy.load(Ordering::Acquire)
+                                || (dispatching && self.has_tasks())
+                        },
+                        Some(limit),
+                    );
+                }
             }
+        };
+        if wanted {
+            self.rx_wanted.fetch_sub(1, Ordering::Relaxed);
         }
+        done
     }
 
     /// The dispatcher thread's loop.
@@ -598,30 +863,74 @@ impl Shared {
                 backoff.reset();
                 continue;
             }
-            self.pump_or_sleep(&mut backoff, MAX_SLEEP);
+            if self.pump_round(&mut backoff, None) > 0 {
+                backoff.reset();
+            }
         }
         DISPATCHING.with(|d| d.set(0));
     }
 
-    /// One round of pumping, or a sleep of at most `limit` when there is nothing to do.
-    fn pump_or_sleep(&self, backoff: &mut Backoff, limit: Duration) {
-        if let Ok(mut rx) = self.rx.try_lock() {
-            self.rx_busy.store(true, Ordering::Release);
-            if self.pump(&mut rx) > 0 {
-                backoff.reset();
-            } else if !self.has_tasks() && backoff.idle() {
-                self.bell.doorbell().sleep_until(
-                    || self.has_tasks() || rx.has_data() || self.rx_dirty.load(Ordering::Acquire) || self.is_closed(),
+    /// Pumps (holding the receive set while there is nothing to do, sleeping on the doorbell
+    /// when the wait strategy says so, never past `deadline`), then runs what it found.
+    /// Without the receive set, sleeps on the local doorbell instead. Returns tasks run.
+    fn pump_round(self: &Arc<Self>, backoff: &mut Backoff, deadline: Option<Instant>) -> usize {
+        let Some(mut rx) = self.take_rx() else {
+            if backoff.idle() {
+                let limit = deadline.map_or(MAX_SLEEP, |d| {
+                    d.saturating_duration_since(Instant::now()).min(MAX_SLEEP)
+                });
+                self.local.sleep_until(
+                    || {
+                        self.has_tasks()
+                            || !self.rx_busy.load(Ordering::Acquire)
+                            || self.is_closed()
+                    },
                     Some(limit),
                 );
             }
-            self.release_rx(rx);
-        } else if backoff.idle() {
-            self.local.sleep_until(
-                || self.has_tasks() || !self.rx_busy.load(Ordering::Acquire) || self.is_closed(),
-                Some(limit),
-            );
+            return 0;
+        };
+        let mut rounds = 0u32;
+        loop {
+            if self.pump(&mut rx) > 0 {
+                backoff.reset();
+            }
+            if !rx.ready.is_empty()
+                || self.has_tasks()
+                || self.is_closed()
+                || self.rx_wanted.load(Ordering::Relaxed) != 0
+            {
+                break;
+            }
+            rounds = rounds.wrapping_add(1);
+            if let Some(d) = deadline {
+                if rounds % 64 == 0 && Instant::now() >= d {
+                    break;
+                }
+            }
+            if backoff.idle() {
+                let limit = deadline.map_or(MAX_SLEEP, |d| {
+                    d.saturating_duration_since(Instant::now()).min(MAX_SLEEP)
+                });
+                if limit.is_zero() {
+                    break;
+                }
+                self.bell.doorbell().sleep_until(
+                    || {
+                        self.has_tasks()
+                            || rx.has_data()
+                            || self.rx_dirty.load(Ordering::Acquire)
+                            || self.is_closed()
+                            || self.rx_wanted.load(Ordering::Relaxed) != 0
+                    },
+                    Some(limit),
+                );
+                // Back to the caller after a sleep: it re-checks closing and deadlines.
+                break;
+            }
         }
+        let ready = self.release_rx(rx);
+        self.run_ready(ready)
     }
 
     /// Poll mode: runs what is pending, waiting up to `timeout` for something. Returns how many
@@ -636,18 +945,11 @@ impl Shared {
             if ran > 0 || self.is_closed() {
                 break;
             }
-            let now = Instant::now();
-            if now >= deadline {
-                // One last look, so poll(0) still picks up what is already there.
-                if let Ok(mut rx) = self.rx.try_lock() {
-                    self.rx_busy.store(true, Ordering::Release);
-                    self.pump(&mut rx);
-                    self.release_rx(rx);
-                }
-                ran += self.run_tasks(usize::MAX);
+            ran += self.pump_round(&mut backoff, Some(deadline));
+            ran += self.run_tasks(usize::MAX);
+            if ran > 0 || Instant::now() >= deadline {
                 break;
             }
-            self.pump_or_sleep(&mut backoff, (deadline - now).min(MAX_SLEEP));
         }
         DISPATCHING.with(|d| d.set(prev));
         ran

@@ -5,7 +5,9 @@ use super::engine::{MethodEntry, Shared};
 use super::lane::Lane;
 use super::{ClientError, EventCallback, EventSubscription, Handler, InvokeError};
 use crate::model::target::{method_matches, select};
-use crate::model::{CallFailure, FailureKind, InstanceFilter, InvocationResult, ReturnValue, Target};
+use crate::model::{
+    CallFailure, FailureKind, InstanceFilter, InvocationResult, ReturnValue, Target,
+};
 use crate::status::Status;
 use crate::wire::codec;
 use crate::wire::frame::{Instance, MethodDef, MethodSpec, PeerId, ToGateway};
@@ -30,14 +32,21 @@ pub struct InvokeOptions {
 
 impl Default for InvokeOptions {
     fn default() -> Self {
-        Self { target: Target::Best, wait: Duration::from_secs(30), timeout: Duration::from_secs(30) }
+        Self {
+            target: Target::Best,
+            wait: Duration::from_secs(30),
+            timeout: Duration::from_secs(30),
+        }
     }
 }
 
 impl InvokeOptions {
     /// Defaults with this target.
     pub fn target(target: Target) -> Self {
-        Self { target, ..Default::default() }
+        Self {
+            target,
+            ..Default::default()
+        }
     }
 }
 
@@ -79,7 +88,11 @@ fn method_error(status: Status, message: String) -> ClientError {
     ClientError::Gateway { status, message }
 }
 
-pub(crate) fn register(shared: &Arc<Shared>, def: MethodDef, handler: Handler) -> Result<(), ClientError> {
+pub(crate) fn register(
+    shared: &Arc<Shared>,
+    def: MethodDef,
+    handler: Handler,
+) -> Result<(), ClientError> {
     if shared.is_closed() {
         return Err(ClientError::Closed);
     }
@@ -106,24 +119,48 @@ pub(crate) fn register(shared: &Arc<Shared>, def: MethodDef, handler: Handler) -
         .handlers
         .write()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(id, Arc::new(MethodEntry { def: def.clone(), handler }));
-    let spec = MethodSpec { id, def: (*def).clone() };
-    let reply = shared.conn.request(|req| ToGateway::Register { req, methods: vec![spec] }, CONTROL_TIMEOUT);
+        .insert(
+            id,
+            Arc::new(MethodEntry {
+                name: Arc::from(def.name.as_str()),
+                handler,
+            }),
+        );
+    let spec = MethodSpec {
+        id,
+        def: (*def).clone(),
+    };
+    let reply = shared.conn.request(
+        |req| ToGateway::Register {
+            req,
+            methods: vec![spec],
+        },
+        CONTROL_TIMEOUT,
+    );
     let fail = |e| {
-        shared.handlers.write().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        shared
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         Err(e)
     };
     match reply {
         Ok(Reply::Ack) => {}
         Ok(Reply::Fail(status, message)) => return fail(method_error(status, message)),
-        Ok(Reply::Lane(_)) => return fail(ClientError::Protocol("unexpected reply to register".into())),
+        Ok(Reply::Lane(_)) => {
+            return fail(ClientError::Protocol("unexpected reply to register".into()))
+        }
         Err(e) => return fail(e),
     }
     let first_of_identity = {
         let mut st = shared.lock_state();
         let key = identity_key(&def);
         let first = !st.my_methods.values().any(|d| identity_key(d) == key)
-            && !st.peers.values().any(|p| p.methods.values().any(|d| identity_key(d) == key));
+            && !st
+                .peers
+                .values()
+                .any(|p| p.methods.values().any(|d| identity_key(d) == key));
         st.my_methods.insert(id, def.clone());
         st.generation += 1;
         first
@@ -132,7 +169,13 @@ pub(crate) fn register(shared: &Arc<Shared>, def: MethodDef, handler: Handler) -
     if first_of_identity {
         emit(shared, InteropEvent::MethodAdded((*def).clone()));
     }
-    emit(shared, InteropEvent::ServerMethodAdded { server: (*shared.me).clone(), method: (*def).clone() });
+    emit(
+        shared,
+        InteropEvent::ServerMethodAdded {
+            server: (*shared.me).clone(),
+            method: (*def).clone(),
+        },
+    );
     Ok(())
 }
 
@@ -152,99 +195,198 @@ pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientE
             }
         }
     };
-    match shared.conn.request(|req| ToGateway::Unregister { req, ids: vec![id] }, CONTROL_TIMEOUT)? {
+    match shared.conn.request(
+        |req| ToGateway::Unregister { req, ids: vec![id] },
+        CONTROL_TIMEOUT,
+    )? {
         Reply::Ack => {}
         Reply::Fail(status, message) => return Err(method_error(status, message)),
-        Reply::Lane(_) => return Err(ClientError::Protocol("unexpected reply to unregister".into())),
+        Reply::Lane(_) => {
+            return Err(ClientError::Protocol(
+                "unexpected reply to unregister".into(),
+            ))
+        }
     }
-    shared.handlers.write().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    shared
+        .handlers
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
     let last_of_identity = {
         let mut st = shared.lock_state();
         st.my_methods.remove(&id);
         st.generation += 1;
         let key = identity_key(&def);
         !st.my_methods.values().any(|d| identity_key(d) == key)
-            && !st.peers.values().any(|p| p.methods.values().any(|d| identity_key(d) == key))
+            && !st
+                .peers
+                .values()
+                .any(|p| p.methods.values().any(|d| identity_key(d) == key))
     };
-    emit(shared, InteropEvent::ServerMethodRemoved { server: (*shared.me).clone(), method: (*def).clone() });
+    emit(
+        shared,
+        InteropEvent::ServerMethodRemoved {
+            server: (*shared.me).clone(),
+            method: (*def).clone(),
+        },
+    );
     if last_of_identity {
         emit(shared, InteropEvent::MethodRemoved((*def).clone()));
     }
     Ok(())
 }
 
-/// A server chosen for a call: who, and its id for the method.
+/// A server chosen for a call: who, its id for the method, and our lane to it if one is open.
 struct Chosen {
     server: Arc<Instance>,
     method_id: u32,
+    lane: Option<Arc<Lane>>,
 }
 
 /// Servers of `method` in discovery order, ourselves first, filtered by `target`.
 fn choose(shared: &Shared, method: &str, target: &Target) -> Vec<Chosen> {
     let st = shared.lock_state();
-    let mut cands: Vec<Chosen> = Vec::new();
-    if let Some((id, _)) = st.my_methods.iter().find(|(_, d)| method_matches(method, d)) {
-        cands.push(Chosen { server: shared.me.clone(), method_id: *id });
+    if *target == Target::Best {
+        // The hot path: the first candidate, without building the list.
+        if let Some((id, _)) = st
+            .my_methods
+            .iter()
+            .find(|(_, d)| method_matches(method, d))
+        {
+            return vec![Chosen {
+                server: shared.me.clone(),
+                method_id: *id,
+                lane: None,
+            }];
+        }
+        for (peer, p) in &st.peers {
+            if let Some((id, _)) = p
+                .methods
+                .iter()
+                .find(|(_, d)| !d.streaming && method_matches(method, d))
+            {
+                let lane = st.lanes.get(peer).cloned();
+                return vec![Chosen {
+                    server: p.identity.clone(),
+                    method_id: *id,
+                    lane,
+                }];
+            }
+        }
+        return Vec::new();
     }
-    for p in st.peers.values() {
-        if let Some((id, _)) = p.methods.iter().find(|(_, d)| !d.streaming && method_matches(method, d)) {
-            cands.push(Chosen { server: p.identity.clone(), method_id: *id });
+    let mut cands: Vec<Chosen> = Vec::new();
+    if let Some((id, _)) = st
+        .my_methods
+        .iter()
+        .find(|(_, d)| method_matches(method, d))
+    {
+        cands.push(Chosen {
+            server: shared.me.clone(),
+            method_id: *id,
+            lane: None,
+        });
+    }
+    for (peer, p) in &st.peers {
+        if let Some((id, _)) = p
+            .methods
+            .iter()
+            .find(|(_, d)| !d.streaming && method_matches(method, d))
+        {
+            cands.push(Chosen {
+                server: p.identity.clone(),
+                method_id: *id,
+                lane: st.lanes.get(peer).cloned(),
+            });
         }
     }
     let insts: Vec<&Instance> = cands.iter().map(|c| &*c.server).collect();
-    let picked: Vec<PeerId> = select(target, shared.me.peer_id, &insts).iter().map(|i| i.peer_id).collect();
+    let picked: Vec<PeerId> = select(target, shared.me.peer_id, &insts)
+        .iter()
+        .map(|i| i.peer_id)
+        .collect();
     picked
         .into_iter()
         .filter_map(|p| cands.iter().find(|c| c.server.peer_id == p))
-        .map(|c| Chosen { server: c.server.clone(), method_id: c.method_id })
+        .map(|c| Chosen {
+            server: c.server.clone(),
+            method_id: c.method_id,
+            lane: c.lane.clone(),
+        })
         .collect()
 }
 
-fn lane_to(shared: &Arc<Shared>, peer: PeerId) -> Result<Arc<Lane>, (Status, String)> {
-    if let Some(l) = shared.lock_state().lanes.get(&peer) {
+fn lane_to(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    known: Option<&Arc<Lane>>,
+) -> Result<Arc<Lane>, (Status, String)> {
+    if let Some(l) = known {
         if !l.is_closed() {
             return Ok(l.clone());
         }
     }
-    match shared.conn.request(|req| ToGateway::OpenLane { req, peer }, CONTROL_TIMEOUT) {
+    match shared
+        .conn
+        .request(|req| ToGateway::OpenLane { req, peer }, CONTROL_TIMEOUT)
+    {
         Ok(Reply::Lane(l)) => Ok(l),
-        Ok(Reply::Fail(Status::NotFound, _)) => Err((Status::PeerLeft, "Peer has left while waiting for result".into())),
+        Ok(Reply::Fail(Status::NotFound, _)) => Err((
+            Status::PeerLeft,
+            "Peer has left while waiting for result".into(),
+        )),
         Ok(Reply::Fail(s, m)) => Err((s, m)),
         Ok(Reply::Ack) => Err((Status::Protocol, "unexpected reply to open-lane".into())),
         Err(e) => Err((e.status(), e.to_string())),
     }
 }
 
-pub(crate) fn invoke(shared: &Arc<Shared>, method: &str, args: Value, opts: &InvokeOptions) -> Result<InvocationResult, InvokeError> {
+pub(crate) fn invoke(
+    shared: &Arc<Shared>,
+    method: &str,
+    args: Value,
+    opts: &InvokeOptions,
+) -> Result<InvocationResult, InvokeError> {
     if shared.is_closed() {
         return Err(ClientError::Closed.into());
     }
     if method.is_empty() {
-        return Err(InvokeError::InvalidArgument("The provided 'method' argument is invalid.".into()));
+        return Err(InvokeError::InvalidArgument(
+            "The provided 'method' argument is invalid.".into(),
+        ));
     }
     let size = match &args {
         Value::Bytes(b) => b.len(),
         v => codec::encoded_len(v),
     };
     if size > shared.max_payload {
-        return Err(InvokeError::PayloadTooLarge { size, max: shared.max_payload });
+        return Err(InvokeError::PayloadTooLarge {
+            size,
+            max: shared.max_payload,
+        });
     }
     // Find servers, waiting for one to appear if need be.
-    let wait_until = Instant::now() + opts.wait;
+    let mut wait_until = None;
     let chosen = loop {
         let c = choose(shared, method, &opts.target);
         if !c.is_empty() {
             break c;
         }
+        let wait_until = *wait_until.get_or_insert_with(|| Instant::now() + opts.wait);
         let st = shared.lock_state();
         let gen = st.generation;
         let now = Instant::now();
         if now >= wait_until || shared.is_closed() || !shared.conn.is_connected() {
-            return Err(InvokeError::NoServer { method: method.to_string(), target: opts.target.to_string() });
+            return Err(InvokeError::NoServer {
+                method: method.to_string(),
+                target: opts.target.to_string(),
+            });
         }
         let _ = shared
             .state_changed
-            .wait_timeout_while(st, wait_until - now, |st| st.generation == gen && !shared.is_closed())
+            .wait_timeout_while(st, wait_until - now, |st| {
+                st.generation == gen && !shared.is_closed()
+            })
             .unwrap_or_else(|e| e.into_inner());
     };
     // Send one call per server, then collect the outcomes in target order.
@@ -257,7 +399,7 @@ pub(crate) fn invoke(shared: &Arc<Shared>, method: &str, args: Value, opts: &Inv
             shared.local_invoke(slot.clone(), c.method_id, args.clone());
             Ok((None, slot))
         } else {
-            match lane_to(shared, c.server.peer_id) {
+            match lane_to(shared, c.server.peer_id, c.lane.as_ref()) {
                 Ok(lane) => {
                     let (id, slot) = shared.new_call(c.server.peer_id);
                     match shared.send_invoke(&lane, id, c.method_id, &args, opts.timeout) {
@@ -275,19 +417,37 @@ pub(crate) fn invoke(shared: &Arc<Shared>, method: &str, args: Value, opts: &Inv
     }
     let mut outcomes = Vec::with_capacity(chosen.len());
     for (c, p) in chosen.iter().zip(pending) {
-        let failure = |kind, message: String, context| CallFailure { executed_by: (*c.server).clone(), message, context, kind };
+        let failure = |kind, message: String, context| CallFailure {
+            executed_by: c.server.clone(),
+            message,
+            context,
+            kind,
+        };
         let o = match p {
             Err((status, message)) => {
-                let kind = if status == Status::PeerLeft { FailureKind::PeerLeft } else { FailureKind::Delivery(status) };
+                let kind = if status == Status::PeerLeft {
+                    FailureKind::PeerLeft
+                } else {
+                    FailureKind::Delivery(status)
+                };
                 Err(failure(kind, message, None))
             }
             Ok((id, slot)) => {
                 if shared.wait_slot(&slot, deadline) {
-                    match slot.take() {
-                        Some(Ok(v)) => Ok(ReturnValue { executed_by: (*c.server).clone(), returned: v }),
+                    let o = match slot.take() {
+                        Some(Ok(v)) => Ok(ReturnValue {
+                            executed_by: c.server.clone(),
+                            returned: v,
+                        }),
                         Some(Err((kind, m, ctx))) => Err(failure(kind, m, ctx)),
-                        None => Err(failure(FailureKind::Delivery(Status::Internal), "outcome lost".into(), None)),
-                    }
+                        None => Err(failure(
+                            FailureKind::Delivery(Status::Internal),
+                            "outcome lost".into(),
+                            None,
+                        )),
+                    };
+                    super::engine::CallSlot::recycle(slot);
+                    o
                 } else {
                     if let Some(id) = id {
                         shared.forget_call(id);
@@ -306,24 +466,36 @@ pub(crate) fn invoke(shared: &Arc<Shared>, method: &str, args: Value, opts: &Inv
         };
         outcomes.push(o);
     }
-    InvocationResult::aggregate(method, &args, outcomes).map_err(|r| InvokeError::Failed(Box::new(r)))
+    InvocationResult::aggregate(method, args, outcomes)
+        .map_err(|r| InvokeError::Failed(Box::new(r)))
 }
 
 pub(crate) fn servers(shared: &Shared) -> Vec<Instance> {
     let st = shared.lock_state();
-    std::iter::once((*shared.me).clone()).chain(st.peers.values().map(|p| (*p.identity).clone())).collect()
+    std::iter::once((*shared.me).clone())
+        .chain(st.peers.values().map(|p| (*p.identity).clone()))
+        .collect()
 }
 
 pub(crate) fn methods(shared: &Shared) -> Vec<MethodInfo> {
     let st = shared.lock_state();
     let mut out: Vec<(String, MethodInfo)> = Vec::new();
     let mine = st.my_methods.values().map(|d| (&*shared.me, d));
-    let theirs = st.peers.values().flat_map(|p| p.methods.values().map(move |d| (&*p.identity, d)));
+    let theirs = st
+        .peers
+        .values()
+        .flat_map(|p| p.methods.values().map(move |d| (&*p.identity, d)));
     for (server, def) in mine.chain(theirs) {
         let key = identity_key(def);
         match out.iter_mut().find(|(k, _)| *k == key) {
             Some((_, info)) => info.servers.push(server.clone()),
-            None => out.push((key, MethodInfo { def: (**def).clone(), servers: vec![server.clone()] })),
+            None => out.push((
+                key,
+                MethodInfo {
+                    def: (**def).clone(),
+                    servers: vec![server.clone()],
+                },
+            )),
         }
     }
     out.into_iter().map(|(_, m)| m).collect()
@@ -341,7 +513,11 @@ pub(crate) fn methods_for(shared: &Shared, filter: &InstanceFilter) -> Vec<Metho
     out
 }
 
-pub(crate) fn wait_for_method(shared: &Shared, name: &str, timeout: Duration) -> Option<MethodInfo> {
+pub(crate) fn wait_for_method(
+    shared: &Shared,
+    name: &str,
+    timeout: Duration,
+) -> Option<MethodInfo> {
     let until = Instant::now() + timeout;
     loop {
         if let Some(m) = methods(shared).into_iter().find(|m| m.def.name == name) {
@@ -355,7 +531,9 @@ pub(crate) fn wait_for_method(shared: &Shared, name: &str, timeout: Duration) ->
         }
         let _ = shared
             .state_changed
-            .wait_timeout_while(st, until - now, |st| st.generation == gen && !shared.is_closed())
+            .wait_timeout_while(st, until - now, |st| {
+                st.generation == gen && !shared.is_closed()
+            })
             .unwrap_or_else(|e| e.into_inner());
     }
 }
@@ -366,12 +544,18 @@ pub(crate) fn subscribe(shared: &Arc<Shared>, cb: EventCallback) -> EventSubscri
     let id = NEXT_SUB.fetch_add(1, Ordering::Relaxed);
     // Replay what exists now, then deliver changes; both go through the task queue so the
     // replay precedes any later event.
-    let mut replay: Vec<InteropEvent> = servers(shared).into_iter().map(InteropEvent::ServerAdded).collect();
+    let mut replay: Vec<InteropEvent> = servers(shared)
+        .into_iter()
+        .map(InteropEvent::ServerAdded)
+        .collect();
     let ms = methods(shared);
     replay.extend(ms.iter().map(|m| InteropEvent::MethodAdded(m.def.clone())));
     for m in &ms {
         for s in &m.servers {
-            replay.push(InteropEvent::ServerMethodAdded { server: s.clone(), method: m.def.clone() });
+            replay.push(InteropEvent::ServerMethodAdded {
+                server: s.clone(),
+                method: m.def.clone(),
+            });
         }
     }
     {
@@ -384,12 +568,21 @@ pub(crate) fn subscribe(shared: &Arc<Shared>, cb: EventCallback) -> EventSubscri
         })));
         subs.push((id, cb));
     }
-    EventSubscription { shared: Arc::downgrade(shared), id }
+    EventSubscription {
+        shared: Arc::downgrade(shared),
+        id,
+    }
 }
 
 /// Queues `e` for every subscriber.
 pub(crate) fn emit(shared: &Arc<Shared>, e: InteropEvent) {
-    let subs: Vec<EventCallback> = shared.subscribers.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, c)| c.clone()).collect();
+    let subs: Vec<EventCallback> = shared
+        .subscribers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(_, c)| c.clone())
+        .collect();
     if subs.is_empty() {
         return;
     }
@@ -410,7 +603,9 @@ pub(crate) fn methods_added(shared: &Arc<Shared>, peer: PeerId, methods: Vec<Met
             .chain(st.peers.values().flat_map(|p| p.methods.values()))
             .map(|d| identity_key(d))
             .collect();
-        let Some(p) = st.peers.get_mut(&peer) else { return };
+        let Some(p) = st.peers.get_mut(&peer) else {
+            return;
+        };
         let server = (*p.identity).clone();
         let mut new_keys = std::collections::HashSet::new();
         for m in methods {
@@ -418,7 +613,10 @@ pub(crate) fn methods_added(shared: &Arc<Shared>, peer: PeerId, methods: Vec<Met
             if !known.contains(&key) && new_keys.insert(key) {
                 events.push(InteropEvent::MethodAdded(m.def.clone()));
             }
-            events.push(InteropEvent::ServerMethodAdded { server: server.clone(), method: m.def.clone() });
+            events.push(InteropEvent::ServerMethodAdded {
+                server: server.clone(),
+                method: m.def.clone(),
+            });
             p.methods.insert(m.id, Arc::new(m.def));
         }
         st.generation += 1;
@@ -432,7 +630,9 @@ pub(crate) fn methods_added(shared: &Arc<Shared>, peer: PeerId, methods: Vec<Met
 pub(crate) fn methods_removed(shared: &Arc<Shared>, peer: PeerId, ids: Vec<u32>) {
     let (server, gone) = {
         let mut st = shared.lock_state();
-        let Some(p) = st.peers.get_mut(&peer) else { return };
+        let Some(p) = st.peers.get_mut(&peer) else {
+            return;
+        };
         let gone: Vec<Arc<MethodDef>> = ids.iter().filter_map(|id| p.methods.remove(id)).collect();
         st.generation += 1;
         (st.peers[&peer].identity.clone(), gone)
@@ -454,7 +654,13 @@ pub(crate) fn removed_methods(shared: &Arc<Shared>, server: &Instance, gone: Vec
     };
     let mut announced = std::collections::HashSet::new();
     for d in gone {
-        emit(shared, InteropEvent::ServerMethodRemoved { server: server.clone(), method: (*d).clone() });
+        emit(
+            shared,
+            InteropEvent::ServerMethodRemoved {
+                server: server.clone(),
+                method: (*d).clone(),
+            },
+        );
         let key = identity_key(&d);
         if !remaining.contains(&key) && announced.insert(key) {
             emit(shared, InteropEvent::MethodRemoved((*d).clone()));

@@ -66,7 +66,10 @@ impl Lane {
         max_message: usize,
     ) -> Result<(Arc<Lane>, RxLane), String> {
         let [lane_fd, bell_fd] = fds else {
-            return Err(format!("lane frame carried {} descriptors, expected 2", fds.len()));
+            return Err(format!(
+                "lane frame carried {} descriptors, expected 2",
+                fds.len()
+            ));
         };
         if side > 1 {
             return Err(format!("lane side {side} out of range"));
@@ -84,7 +87,14 @@ impl Lane {
             closed: AtomicBool::new(false),
             max_message,
         });
-        Ok((lane.clone(), RxLane { lane, consumer, assembly: None }))
+        Ok((
+            lane.clone(),
+            RxLane {
+                lane,
+                consumer,
+                assembly: None,
+            },
+        ))
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -109,7 +119,10 @@ impl Lane {
             return Err(SendError::Closed(self.peer));
         }
         if body.len() > self.max_message {
-            return Err(SendError::TooLarge { size: body.len(), max: self.max_message });
+            return Err(SendError::TooLarge {
+                size: body.len(),
+                max: self.max_message,
+            });
         }
         // A poisoned lock only means another sender panicked mid-send; the ring itself is
         // consistent (nothing is published before commit).
@@ -120,7 +133,11 @@ impl Lane {
             return self.push_one(&mut tx, kind, 0, &[], deadline, &mut stall);
         }
         while let Some(chunk) = chunks.next() {
-            let flags = if chunks.peek().is_some() { FRAG_MORE } else { 0 };
+            let flags = if chunks.peek().is_some() {
+                FRAG_MORE
+            } else {
+                0
+            };
             self.push_one(&mut tx, kind, flags, chunk, deadline, &mut stall)?;
         }
         Ok(())

@@ -46,7 +46,10 @@ use thiserror::Error;
 pub enum ClientError {
     /// Nothing answers on the gateway socket.
     #[error("gateway unreachable at {path}: {source}")]
-    GatewayUnreachable { path: PathBuf, source: std::io::Error },
+    GatewayUnreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The gateway refused our hello.
     #[error("gateway refused the connection: {message}")]
     Refused { status: Status, message: String },
@@ -92,7 +95,9 @@ pub enum InvokeError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// No server matched within the wait.
-    #[error("Can not find a method matching {{\"name\":{method:?}}} with server filter \"{target}\"")]
+    #[error(
+        "Can not find a method matching {{\"name\":{method:?}}} with server filter \"{target}\""
+    )]
     NoServer { method: String, target: String },
     /// The arguments are larger than the gateway allows.
     #[error("payload of {size} bytes exceeds the limit of {max} bytes")]
@@ -129,7 +134,10 @@ pub struct MethodError {
 impl MethodError {
     /// An error with a message.
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into(), context: None }
+        Self {
+            message: message.into(),
+            context: None,
+        }
     }
     /// Adds context.
     pub fn with_context(mut self, context: Value) -> Self {
@@ -148,7 +156,7 @@ impl<T: std::fmt::Display> From<T> for MethodError {
 #[derive(Debug, Clone)]
 pub struct Invocation {
     /// The method's name as registered.
-    pub method: String,
+    pub method: Arc<str>,
     /// The arguments.
     pub args: Value,
     /// Who called.
@@ -178,16 +186,24 @@ enum ReplyTarget {
 
 impl Responder {
     fn lane(shared: Arc<Shared>, lane: Arc<lane::Lane>, call_id: u64) -> Self {
-        Self { shared, target: Some(ReplyTarget::Lane { lane, call_id }) }
+        Self {
+            shared,
+            target: Some(ReplyTarget::Lane { lane, call_id }),
+        }
     }
 
     fn local(shared: Arc<Shared>, slot: Arc<CallSlot>) -> Self {
-        Self { shared, target: Some(ReplyTarget::Local(slot)) }
+        Self {
+            shared,
+            target: Some(ReplyTarget::Local(slot)),
+        }
     }
 
     fn send(&mut self, outcome: Result<Value, (String, Option<Value>)>) {
         match self.target.take() {
-            Some(ReplyTarget::Lane { lane, call_id }) => self.shared.send_result(&lane, call_id, outcome),
+            Some(ReplyTarget::Lane { lane, call_id }) => {
+                self.shared.send_result(&lane, call_id, outcome)
+            }
             Some(ReplyTarget::Local(slot)) => {
                 let o = outcome.map_err(|(m, c)| (crate::model::FailureKind::Remote, m, c));
                 self.shared.complete_local(&slot, o);
@@ -231,7 +247,10 @@ impl EventSubscription {
 impl Drop for EventSubscription {
     fn drop(&mut self) {
         if let Some(s) = self.shared.upgrade() {
-            s.subscribers.lock().unwrap_or_else(|e| e.into_inner()).retain(|(id, _)| *id != self.id);
+            s.subscribers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(id, _)| *id != self.id);
         }
     }
 }
@@ -295,27 +314,45 @@ impl ClientBuilder {
     /// Connects and says hello.
     pub fn connect(self) -> Result<Client, ClientError> {
         if self.application.trim().is_empty() {
-            return Err(ClientError::InvalidArgument("application name is empty".into()));
+            return Err(ClientError::InvalidArgument(
+                "application name is empty".into(),
+            ));
         }
         let path = crate::control::resolve_socket_path(self.socket.as_deref());
-        let sock = crate::control::connect(&path)
-            .map_err(|source| ClientError::GatewayUnreachable { path: path.clone(), source })?;
+        let sock =
+            crate::control::connect(&path).map_err(|source| ClientError::GatewayUnreachable {
+                path: path.clone(),
+                source,
+            })?;
         let hello = ToGateway::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             application: self.application.clone(),
             instance: self.instance.clone(),
             api: concat!("knit-rust/", env!("CARGO_PKG_VERSION")).into(),
         });
-        let frame = frame::encode_frame(&hello, 0).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        crate::sys::fdpass::send_all(sock.as_fd(), &frame, &[]).map_err(|_| ClientError::Disconnected)?;
+        let frame =
+            frame::encode_frame(&hello, 0).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        crate::sys::fdpass::send_all(sock.as_fd(), &frame, &[])
+            .map_err(|_| ClientError::Disconnected)?;
         let (welcome, bell_fd, frames) = read_welcome(&sock, self.connect_timeout)?;
-        let bell = DoorbellSegment::open(&bell_fd).map_err(|e| ClientError::Protocol(format!("doorbell: {e}")))?;
+        let bell = DoorbellSegment::open(&bell_fd)
+            .map_err(|e| ClientError::Protocol(format!("doorbell: {e}")))?;
         let peers: BTreeMap<_, _> = welcome
             .peers
             .into_iter()
             .map(|p| {
-                let methods = p.methods.into_iter().map(|m| (m.id, Arc::new(m.def))).collect();
-                (p.identity.peer_id, RemotePeer { identity: Arc::new(p.identity), methods })
+                let methods = p
+                    .methods
+                    .into_iter()
+                    .map(|m| (m.id, Arc::new(m.def)))
+                    .collect();
+                (
+                    p.identity.peer_id,
+                    RemotePeer {
+                        identity: Arc::new(p.identity),
+                        methods,
+                    },
+                )
             })
             .collect();
         let max_payload = usize::try_from(welcome.max_payload).unwrap_or(usize::MAX);
@@ -346,7 +383,10 @@ impl ClientBuilder {
             )
         };
         Ok(Client {
-            h: Arc::new(ClientHandle { shared, threads: Mutex::new(vec![reader].into_iter().chain(dispatcher).collect()) }),
+            h: Arc::new(ClientHandle {
+                shared,
+                threads: Mutex::new(vec![reader].into_iter().chain(dispatcher).collect()),
+            }),
         })
     }
 }
@@ -360,15 +400,24 @@ fn read_welcome(
     let mut buf = vec![0u8; 64 * 1024];
     let mut fds = Vec::new();
     loop {
-        if let Some((body, mut got)) = frames.next_frame().map_err(|e| ClientError::Protocol(e.to_string()))? {
-            return match frame::decode_body::<FromGateway>(&body).map_err(|e| ClientError::Protocol(e.to_string()))? {
+        if let Some((body, mut got)) = frames
+            .next_frame()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+        {
+            return match frame::decode_body::<FromGateway>(&body)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+            {
                 FromGateway::Welcome(w) if got.len() == 1 => {
                     let fd = got.remove(0);
                     let _ = sock.set_read_timeout(None);
                     Ok((w, fd, frames))
                 }
-                FromGateway::Refused { status, message } => Err(ClientError::Refused { status, message }),
-                other => Err(ClientError::Protocol(format!("expected a welcome, got {other:?}"))),
+                FromGateway::Refused { status, message } => {
+                    Err(ClientError::Refused { status, message })
+                }
+                other => Err(ClientError::Protocol(format!(
+                    "expected a welcome, got {other:?}"
+                ))),
             };
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -382,7 +431,10 @@ fn read_welcome(
                 frames.push_bytes(&buf[..n]);
                 frames.push_fds(fds.drain(..));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
                 return Err(ClientError::Timeout)
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -404,7 +456,10 @@ impl ClientHandle {
         }
         let _ = s.conn.send(&ToGateway::Goodbye);
         s.conn.shutdown();
-        s.fail_all_calls(crate::model::FailureKind::Delivery(Status::Closed), "the client is closed");
+        s.fail_all_calls(
+            crate::model::FailureKind::Delivery(Status::Closed),
+            "the client is closed",
+        );
         s.state_changed.notify_all();
         s.wake_all();
         let me = std::thread::current().id();
@@ -477,7 +532,11 @@ impl Client {
     }
 
     /// Registers a method with a plain handler: return a value, or an error.
-    pub fn register<F>(&self, def: impl Into<frame::MethodDef>, handler: F) -> Result<(), ClientError>
+    pub fn register<F>(
+        &self,
+        def: impl Into<frame::MethodDef>,
+        handler: F,
+    ) -> Result<(), ClientError>
     where
         F: Fn(&Invocation) -> Result<Value, MethodError> + Send + Sync + 'static,
     {
@@ -485,7 +544,11 @@ impl Client {
     }
 
     /// Registers a method whose handler answers later, from any thread, through a [`Responder`].
-    pub fn register_async<F>(&self, def: impl Into<frame::MethodDef>, handler: F) -> Result<(), ClientError>
+    pub fn register_async<F>(
+        &self,
+        def: impl Into<frame::MethodDef>,
+        handler: F,
+    ) -> Result<(), ClientError>
     where
         F: Fn(Invocation, Responder) + Send + Sync + 'static,
     {
@@ -498,7 +561,12 @@ impl Client {
     }
 
     /// Invokes a method.
-    pub fn invoke(&self, method: &str, args: impl Into<Value>, opts: &InvokeOptions) -> Result<InvocationResult, InvokeError> {
+    pub fn invoke(
+        &self,
+        method: &str,
+        args: impl Into<Value>,
+        opts: &InvokeOptions,
+    ) -> Result<InvocationResult, InvokeError> {
         interop::invoke(self.shared(), method, args.into(), opts)
     }
 

@@ -17,7 +17,8 @@ pub const ENV_GATEWAY: &str = "KNIT_GATEWAY";
 pub fn default_socket_path() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(dir) => PathBuf::from(dir).join("knit").join("gateway.sock"),
-        None => PathBuf::from(format!("/tmp/knit-{}", crate::sys::identity::euid())).join("gateway.sock"),
+        None => PathBuf::from(format!("/tmp/knit-{}", crate::sys::identity::euid()))
+            .join("gateway.sock"),
     }
 }
 
@@ -37,14 +38,20 @@ pub fn resolve_socket_path(explicit: Option<&Path>) -> PathBuf {
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     match std::fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
         }
         Err(e) => return Err(e),
         Ok(_) => {}
     }
     let md = std::fs::symlink_metadata(dir)?;
     if !md.is_dir() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", dir.display())));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a directory", dir.display()),
+        ));
     }
     if md.uid() != crate::sys::identity::euid() {
         return Err(io::Error::new(
@@ -65,7 +72,10 @@ pub fn check_private_dir(socket: &Path) -> io::Result<()> {
     if md.uid() != crate::sys::identity::euid() || md.mode() & 0o077 != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("{} must be owned by this user with mode 0700", dir.display()),
+            format!(
+                "{} must be owned by this user with mode 0700",
+                dir.display()
+            ),
         ));
     }
     Ok(())
@@ -101,6 +111,9 @@ mod tests {
 
     #[test]
     fn explicit_path_wins() {
-        assert_eq!(resolve_socket_path(Some(Path::new("/x/y.sock"))), PathBuf::from("/x/y.sock"));
+        assert_eq!(
+            resolve_socket_path(Some(Path::new("/x/y.sock"))),
+            PathBuf::from("/x/y.sock")
+        );
     }
 }

@@ -49,7 +49,11 @@ pub struct GatewayConfig {
 impl GatewayConfig {
     /// Defaults for a socket at `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into(), limits: Limits::default(), queue_depth: 65_536 }
+        Self {
+            socket: socket.into(),
+            limits: Limits::default(),
+            queue_depth: 65_536,
+        }
     }
 }
 
@@ -93,7 +97,8 @@ impl Gateway {
     pub fn bind(cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
         use interprocess::local_socket::{prelude::*, GenericFilePath, Listener, ListenerOptions};
         let dir = cfg.socket.parent().unwrap_or(Path::new("/")).to_path_buf();
-        crate::control::ensure_private_dir(&dir).map_err(ctx(format!("socket directory {}", dir.display())))?;
+        crate::control::ensure_private_dir(&dir)
+            .map_err(ctx(format!("socket directory {}", dir.display())))?;
         // An exclusive lock held for the gateway's life settles races between two starting
         // gateways; the connect probe below catches a gateway that holds no lock.
         let lock_path = cfg.socket.with_extension("lock");
@@ -112,14 +117,28 @@ impl Gateway {
             }
             std::fs::remove_file(&cfg.socket).map_err(ctx("removing a stale socket"))?;
         }
-        let name = cfg.socket.as_path().to_fs_name::<GenericFilePath>().map_err(ctx("socket name"))?;
-        let listener = ListenerOptions::new().name(name).create_sync().map_err(ctx("binding the socket"))?;
+        let name = cfg
+            .socket
+            .as_path()
+            .to_fs_name::<GenericFilePath>()
+            .map_err(ctx("socket name"))?;
+        let listener = ListenerOptions::new()
+            .name(name)
+            .create_sync()
+            .map_err(ctx("binding the socket"))?;
         let Listener::UdSocket(l) = listener;
         let listener = std::os::unix::net::UnixListener::from(OwnedFd::from(l));
         listener.set_nonblocking(true).map_err(ctx("socket mode"))?;
-        std::fs::set_permissions(&cfg.socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(ctx("socket permissions"))?;
-        Ok(Gateway { cfg, listener, _lock: lock })
+        std::fs::set_permissions(
+            &cfg.socket,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(ctx("socket permissions"))?;
+        Ok(Gateway {
+            cfg,
+            listener,
+            _lock: lock,
+        })
     }
 
     /// Where it listens.
@@ -129,7 +148,10 @@ impl Gateway {
 
     /// Serves on the current thread until `shutdown` completes, then tells every peer, removes
     /// the socket file and returns.
-    pub fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), GatewayError> {
+    pub fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), GatewayError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -154,7 +176,11 @@ impl Gateway {
                 }
             })
             .map_err(ctx("spawning the gateway thread"))?;
-        Ok(GatewayHandle { path, stop: Some(tx), thread: Some(thread) })
+        Ok(GatewayHandle {
+            path,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
     }
 }
 
@@ -205,7 +231,10 @@ enum Event {
     Closed(PeerId, String),
 }
 
-async fn serve(gw: Gateway, shutdown: impl std::future::Future<Output = ()>) -> Result<(), GatewayError> {
+async fn serve(
+    gw: Gateway,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), GatewayError> {
     let listener = tokio::net::UnixListener::from_std(gw.listener).map_err(ctx("socket"))?;
     let my_uid = identity::euid();
     let user = identity::user_name(my_uid);
@@ -213,7 +242,10 @@ async fn serve(gw: Gateway, shutdown: impl std::future::Future<Output = ()>) -> 
     let mut registry = Registry::new(gw.cfg.limits.clone());
     let mut streams: HashMap<PeerId, Arc<UnixStream>> = HashMap::new();
     let mut writers = tokio::task::JoinSet::new();
-    crate::log::info(format_args!("gateway listening on {}", gw.cfg.socket.display()));
+    crate::log::info(format_args!(
+        "gateway listening on {}",
+        gw.cfg.socket.display()
+    ));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -270,7 +302,10 @@ async fn serve(gw: Gateway, shutdown: impl std::future::Future<Output = ()>) -> 
             }
         }
     }
-    crate::log::info(format_args!("gateway stopping ({} peers)", registry.peer_count()));
+    crate::log::info(format_args!(
+        "gateway stopping ({} peers)",
+        registry.peer_count()
+    ));
     registry.shutdown("gateway stopping");
     drop(registry);
     drop(ev_rx);
@@ -291,26 +326,50 @@ fn registry_disconnect(streams: &HashMap<PeerId, Arc<UnixStream>>, peer: PeerId,
 }
 
 /// Reads frames from one connection and forwards them to the core.
-async fn reader(stream: Arc<UnixStream>, cred: identity::PeerCred, tx: PeerTx, events: mpsc::Sender<Event>) {
+async fn reader(
+    stream: Arc<UnixStream>,
+    cred: identity::PeerCred,
+    tx: PeerTx,
+    events: mpsc::Sender<Event>,
+) {
     let mut frames = FrameReader::default();
     let mut buf = vec![0u8; 64 * 1024];
     let mut fds = Vec::new();
     // The first frame must be a hello, within a few seconds.
-    let first = tokio::time::timeout(Duration::from_secs(10), next_msg(&stream, &mut frames, &mut buf, &mut fds)).await;
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        next_msg(&stream, &mut frames, &mut buf, &mut fds),
+    )
+    .await;
     let hello = match first {
         Ok(Ok(Some(ToGateway::Hello(h)))) => h,
         _ => return,
     };
     let (rtx, rrx) = oneshot::channel();
     let refusal_tx = tx.clone();
-    if events.send(Event::Hello { stream: stream.clone(), cred, hello, tx, reply: rtx }).await.is_err() {
+    if events
+        .send(Event::Hello {
+            stream: stream.clone(),
+            cred,
+            hello,
+            tx,
+            reply: rtx,
+        })
+        .await
+        .is_err()
+    {
         return;
     }
     let peer = match rrx.await {
         Ok(Ok(id)) => id,
         Ok(Err((status, message))) => {
             if let Ok(frame) = encode_frame(&FromGateway::Refused { status, message }, 0) {
-                let _ = refusal_tx.send(Outgoing { frame, fds: Vec::new() }).await;
+                let _ = refusal_tx
+                    .send(Outgoing {
+                        frame,
+                        fds: Vec::new(),
+                    })
+                    .await;
             }
             return;
         }

@@ -6,8 +6,8 @@ use crate::shm;
 use crate::status::Status;
 use crate::sys::identity::PeerCred;
 use crate::wire::frame::{
-    encode_frame, FromGateway, Hello, Instance, MethodDef, MethodSpec, PeerId, PeerSnapshot, Welcome,
-    PROTOCOL_VERSION,
+    encode_frame, FromGateway, Hello, Instance, MethodDef, MethodSpec, PeerId, PeerSnapshot,
+    Welcome, PROTOCOL_VERSION,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
@@ -114,7 +114,9 @@ impl Registry {
     }
 
     fn send(&mut self, to: PeerId, msg: &FromGateway, fds: Vec<Arc<OwnedFd>>) {
-        let Some(peer) = self.peers.get(&to) else { return };
+        let Some(peer) = self.peers.get(&to) else {
+            return;
+        };
         let frame = match encode_frame(msg, fds.len()) {
             Ok(f) => f,
             Err(e) => {
@@ -123,15 +125,24 @@ impl Registry {
             }
         };
         if peer.tx.try_send(Outgoing { frame, fds }).is_err() {
-            self.actions.push(Action::Disconnect(to, "control queue overflow: peer is not reading".into()));
+            self.actions.push(Action::Disconnect(
+                to,
+                "control queue overflow: peer is not reading".into(),
+            ));
         }
     }
 
     /// Peers that may see `of` (same user), excluding `of` itself.
     fn audience(&self, of: PeerId) -> Vec<PeerId> {
-        let Some(p) = self.peers.get(&of) else { return Vec::new() };
+        let Some(p) = self.peers.get(&of) else {
+            return Vec::new();
+        };
         let user = &p.identity.user;
-        self.peers.iter().filter(|(id, q)| **id != of && &q.identity.user == user).map(|(id, _)| *id).collect()
+        self.peers
+            .iter()
+            .filter(|(id, q)| **id != of && &q.identity.user == user)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     fn visible(&self, a: PeerId, b: PeerId) -> bool {
@@ -143,18 +154,34 @@ impl Registry {
 
     /// Admits a peer. On success the peer has been sent its `Welcome` and everyone who can see
     /// it a `PeerAdded`.
-    pub(crate) fn hello(&mut self, cred: PeerCred, user: String, hello: Hello, tx: PeerTx) -> Result<PeerId, (Status, String)> {
+    pub(crate) fn hello(
+        &mut self,
+        cred: PeerCred,
+        user: String,
+        hello: Hello,
+        tx: PeerTx,
+    ) -> Result<PeerId, (Status, String)> {
         if hello.protocol != PROTOCOL_VERSION {
             return Err((
                 Status::Protocol,
-                format!("protocol version {} not supported (gateway speaks {PROTOCOL_VERSION})", hello.protocol),
+                format!(
+                    "protocol version {} not supported (gateway speaks {PROTOCOL_VERSION})",
+                    hello.protocol
+                ),
             ));
         }
-        if hello.application.trim().is_empty() || hello.application.len() > self.limits.max_name_len {
-            return Err((Status::InvalidArgument, "application name must be 1..=1024 bytes".into()));
+        if hello.application.trim().is_empty() || hello.application.len() > self.limits.max_name_len
+        {
+            return Err((
+                Status::InvalidArgument,
+                "application name must be 1..=1024 bytes".into(),
+            ));
         }
         if self.peers.len() >= self.limits.max_peers {
-            return Err((Status::Busy, format!("gateway full ({} peers)", self.limits.max_peers)));
+            return Err((
+                Status::Busy,
+                format!("gateway full ({} peers)", self.limits.max_peers),
+            ));
         }
         let id = PeerId(self.next_peer);
         let instance = match hello.instance {
@@ -163,13 +190,17 @@ impl Registry {
                     return Err((Status::InvalidArgument, "instance id too long".into()));
                 }
                 if self.peers.values().any(|p| p.identity.instance == i) {
-                    return Err((Status::AlreadyExists, format!("instance {i:?} is already connected")));
+                    return Err((
+                        Status::AlreadyExists,
+                        format!("instance {i:?} is already connected"),
+                    ));
                 }
                 i
             }
             _ => format!("{}-{}-{}", hello.application, cred.pid, id.0),
         };
-        let doorbell = shm::create_doorbell().map_err(|e| (Status::Internal, format!("doorbell: {e}")))?;
+        let doorbell =
+            shm::create_doorbell().map_err(|e| (Status::Internal, format!("doorbell: {e}")))?;
         self.next_peer += 1;
         let identity = Instance {
             application: hello.application,
@@ -185,13 +216,25 @@ impl Registry {
             .filter(|p| p.identity.user == identity.user)
             .map(|p| PeerSnapshot {
                 identity: p.identity.clone(),
-                methods: p.methods.iter().map(|(id, def)| MethodSpec { id: *id, def: def.clone() }).collect(),
+                methods: p
+                    .methods
+                    .iter()
+                    .map(|(id, def)| MethodSpec {
+                        id: *id,
+                        def: def.clone(),
+                    })
+                    .collect(),
             })
             .collect();
         let doorbell = Arc::new(doorbell);
         self.peers.insert(
             id,
-            Peer { identity: identity.clone(), methods: BTreeMap::new(), doorbell: doorbell.clone(), tx },
+            Peer {
+                identity: identity.clone(),
+                methods: BTreeMap::new(),
+                doorbell: doorbell.clone(),
+                tx,
+            },
         );
         let welcome = FromGateway::Welcome(Welcome {
             protocol: PROTOCOL_VERSION,
@@ -203,26 +246,50 @@ impl Registry {
         });
         self.send(id, &welcome, vec![doorbell]);
         for other in self.audience(id) {
-            self.send(other, &FromGateway::PeerAdded { identity: identity.clone() }, Vec::new());
+            self.send(
+                other,
+                &FromGateway::PeerAdded {
+                    identity: identity.clone(),
+                },
+                Vec::new(),
+            );
         }
         Ok(id)
     }
 
     fn fail(&mut self, to: PeerId, req: u64, status: Status, message: String) {
-        self.send(to, &FromGateway::Fail { req, status, message }, Vec::new());
+        self.send(
+            to,
+            &FromGateway::Fail {
+                req,
+                status,
+                message,
+            },
+            Vec::new(),
+        );
     }
 
     /// Adds methods to a peer; acknowledges, and announces them to the peer's audience.
     pub(crate) fn register(&mut self, from: PeerId, req: u64, methods: Vec<MethodSpec>) {
-        let Some(peer) = self.peers.get(&from) else { return };
+        let Some(peer) = self.peers.get(&from) else {
+            return;
+        };
         let mut seen_ids = std::collections::HashSet::new();
         let mut seen_names = std::collections::HashSet::new();
         for m in &methods {
             let err = if m.def.name.is_empty() || m.def.name.len() > self.limits.max_name_len {
-                Some((Status::InvalidArgument, "method name must be 1..=1024 bytes".to_string()))
+                Some((
+                    Status::InvalidArgument,
+                    "method name must be 1..=1024 bytes".to_string(),
+                ))
             } else if peer.methods.contains_key(&m.id) || !seen_ids.insert(m.id) {
-                Some((Status::AlreadyExists, format!("method id {} is already registered", m.id)))
-            } else if peer.methods.values().any(|d| d.name == m.def.name) || !seen_names.insert(m.def.name.clone()) {
+                Some((
+                    Status::AlreadyExists,
+                    format!("method id {} is already registered", m.id),
+                ))
+            } else if peer.methods.values().any(|d| d.name == m.def.name)
+                || !seen_names.insert(m.def.name.clone())
+            {
                 Some((
                     Status::AlreadyExists,
                     format!(
@@ -239,14 +306,22 @@ impl Registry {
         }
         if peer.methods.len() + methods.len() > self.limits.max_methods_per_peer {
             let max = self.limits.max_methods_per_peer;
-            return self.fail(from, req, Status::Busy, format!("at most {max} methods per peer"));
+            return self.fail(
+                from,
+                req,
+                Status::Busy,
+                format!("at most {max} methods per peer"),
+            );
         }
         let peer = self.peers.get_mut(&from).expect("checked above");
         for m in &methods {
             peer.methods.insert(m.id, m.def.clone());
         }
         self.send(from, &FromGateway::Ack { req }, Vec::new());
-        let msg = FromGateway::MethodsAdded { peer: from, methods };
+        let msg = FromGateway::MethodsAdded {
+            peer: from,
+            methods,
+        };
         for other in self.audience(from) {
             self.send(other, &msg, Vec::new());
         }
@@ -254,7 +329,9 @@ impl Registry {
 
     /// Removes methods of a peer.
     pub(crate) fn unregister(&mut self, from: PeerId, req: u64, ids: Vec<u32>) {
-        let Some(peer) = self.peers.get_mut(&from) else { return };
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return;
+        };
         if let Some(bad) = ids.iter().find(|id| !peer.methods.contains_key(id)) {
             let msg = format!("method id {bad} is not registered by this peer");
             return self.fail(from, req, Status::NotFound, msg);
@@ -272,10 +349,20 @@ impl Registry {
     /// Brokers a lane between `from` and `to` (or hands out the existing one).
     pub(crate) fn open_lane(&mut self, from: PeerId, req: u64, to: PeerId) {
         if from == to {
-            return self.fail(from, req, Status::InvalidArgument, "a peer needs no lane to itself".into());
+            return self.fail(
+                from,
+                req,
+                Status::InvalidArgument,
+                "a peer needs no lane to itself".into(),
+            );
         }
         if !self.visible(from, to) {
-            return self.fail(from, req, Status::NotFound, format!("Unable to find peer with id {to}"));
+            return self.fail(
+                from,
+                req,
+                Status::NotFound,
+                format!("Unable to find peer with id {to}"),
+            );
         }
         let key = lane_key(from, to);
         if !self.lanes.contains_key(&key) {
@@ -285,25 +372,44 @@ impl Registry {
             };
             let id = self.next_lane;
             self.next_lane += 1;
-            let rec = LaneRec { id, side0: from, fd: Arc::new(fd) };
+            let rec = LaneRec {
+                id,
+                side0: from,
+                fd: Arc::new(fd),
+            };
             let to_bell = self.peers[&from].doorbell.clone();
-            let offer = FromGateway::LaneOffered { peer: from, lane: id, side: 1 };
+            let offer = FromGateway::LaneOffered {
+                peer: from,
+                lane: id,
+                side: 1,
+            };
             let lane_fd = rec.fd.clone();
             self.lanes.insert(key, rec);
             self.send(to, &offer, vec![lane_fd, to_bell]);
         }
         let rec = &self.lanes[&key];
         let side = if rec.side0 == from { 0 } else { 1 };
-        let msg = FromGateway::LaneOpened { req, peer: to, lane: rec.id, side };
+        let msg = FromGateway::LaneOpened {
+            req,
+            peer: to,
+            lane: rec.id,
+            side,
+        };
         let fds = vec![rec.fd.clone(), self.peers[&to].doorbell.clone()];
         self.send(from, &msg, fds);
     }
 
     /// `from` found the lane to `other` corrupt: forget the lane and tell `other`.
     pub(crate) fn lane_fault(&mut self, from: PeerId, other: PeerId, reason: &str) {
-        crate::log::warn(format_args!("{from} reports a corrupt lane from {other}: {reason}"));
+        crate::log::warn(format_args!(
+            "{from} reports a corrupt lane from {other}: {reason}"
+        ));
         if let Some(rec) = self.lanes.remove(&lane_key(from, other)) {
-            let msg = FromGateway::LaneClosed { peer: from, lane: rec.id, reason: reason.to_string() };
+            let msg = FromGateway::LaneClosed {
+                peer: from,
+                lane: rec.id,
+                reason: reason.to_string(),
+            };
             self.send(other, &msg, Vec::new());
         }
     }
@@ -311,14 +417,30 @@ impl Registry {
     /// Removes a peer: its methods and lanes go, and everyone who could see it is told.
     pub(crate) fn remove(&mut self, id: PeerId, reason: &str) {
         let audience = self.audience(id);
-        let Some(peer) = self.peers.remove(&id) else { return };
+        let Some(peer) = self.peers.remove(&id) else {
+            return;
+        };
         self.lanes.retain(|(a, b), _| *a != id && *b != id);
         let ids: Vec<u32> = peer.methods.keys().copied().collect();
         for other in audience {
             if !ids.is_empty() {
-                self.send(other, &FromGateway::MethodsRemoved { peer: id, ids: ids.clone() }, Vec::new());
+                self.send(
+                    other,
+                    &FromGateway::MethodsRemoved {
+                        peer: id,
+                        ids: ids.clone(),
+                    },
+                    Vec::new(),
+                );
             }
-            self.send(other, &FromGateway::PeerRemoved { peer: id, reason: reason.to_string() }, Vec::new());
+            self.send(
+                other,
+                &FromGateway::PeerRemoved {
+                    peer: id,
+                    reason: reason.to_string(),
+                },
+                Vec::new(),
+            );
         }
     }
 
@@ -326,7 +448,13 @@ impl Registry {
     pub(crate) fn shutdown(&mut self, reason: &str) {
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
-            self.send(id, &FromGateway::Shutdown { reason: reason.to_string() }, Vec::new());
+            self.send(
+                id,
+                &FromGateway::Shutdown {
+                    reason: reason.to_string(),
+                },
+                Vec::new(),
+            );
         }
     }
 
@@ -356,17 +484,27 @@ mod tests {
     }
 
     fn hello(app: &str) -> Hello {
-        Hello { protocol: PROTOCOL_VERSION, application: app.into(), instance: None, api: "test".into() }
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            application: app.into(),
+            instance: None,
+            api: "test".into(),
+        }
     }
 
     fn join(reg: &mut Registry, app: &str, user: &str) -> (PeerId, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(1024);
-        let id = reg.hello(PeerCred { pid: 42, uid: 1 }, user.into(), hello(app), tx).unwrap();
+        let id = reg
+            .hello(PeerCred { pid: 42, uid: 1 }, user.into(), hello(app), tx)
+            .unwrap();
         (id, rx)
     }
 
     fn spec(id: u32, name: &str) -> MethodSpec {
-        MethodSpec { id, def: MethodDef::new(name) }
+        MethodSpec {
+            id,
+            def: MethodDef::new(name),
+        }
     }
 
     #[test]
@@ -401,7 +539,14 @@ mod tests {
         assert_eq!(msgs.len(), 1, "alice saw {msgs:?}");
         reg.open_lane(a, 9, b);
         let msgs = recv(&mut ra);
-        assert!(matches!(msgs[0].0, FromGateway::Fail { req: 9, status: Status::NotFound, .. }));
+        assert!(matches!(
+            msgs[0].0,
+            FromGateway::Fail {
+                req: 9,
+                status: Status::NotFound,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -415,7 +560,16 @@ mod tests {
         let msgs = recv(&mut ra);
         assert!(matches!(msgs[1].0, FromGateway::Ack { req: 1 }));
         for (i, m) in msgs[2..].iter().enumerate() {
-            assert!(matches!(m.0, FromGateway::Fail { status: Status::AlreadyExists, .. }), "{i}: {m:?}");
+            assert!(
+                matches!(
+                    m.0,
+                    FromGateway::Fail {
+                        status: Status::AlreadyExists,
+                        ..
+                    }
+                ),
+                "{i}: {m:?}"
+            );
         }
     }
 
@@ -431,11 +585,40 @@ mod tests {
         assert_eq!(reg.lane_count(), 1);
         let ma = recv(&mut ra);
         let mb = recv(&mut rb);
-        assert!(matches!(ma[0], (FromGateway::LaneOpened { req: 1, side: 0, .. }, 2)));
-        assert!(matches!(mb[0], (FromGateway::LaneOffered { side: 1, .. }, 2)));
-        assert!(matches!(mb[1], (FromGateway::LaneOpened { req: 2, side: 1, .. }, 2)));
+        assert!(matches!(
+            ma[0],
+            (
+                FromGateway::LaneOpened {
+                    req: 1,
+                    side: 0,
+                    ..
+                },
+                2
+            )
+        ));
+        assert!(matches!(
+            mb[0],
+            (FromGateway::LaneOffered { side: 1, .. }, 2)
+        ));
+        assert!(matches!(
+            mb[1],
+            (
+                FromGateway::LaneOpened {
+                    req: 2,
+                    side: 1,
+                    ..
+                },
+                2
+            )
+        ));
         reg.open_lane(a, 3, a);
-        assert!(matches!(recv(&mut ra)[0].0, FromGateway::Fail { status: Status::InvalidArgument, .. }));
+        assert!(matches!(
+            recv(&mut ra)[0].0,
+            FromGateway::Fail {
+                status: Status::InvalidArgument,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -450,7 +633,9 @@ mod tests {
         reg.remove(b, "peer has left");
         assert_eq!(reg.lane_count(), 0);
         let msgs = recv(&mut ra);
-        assert!(matches!(&msgs[0].0, FromGateway::MethodsRemoved { peer, ids } if *peer == b && ids.len() == 2));
+        assert!(
+            matches!(&msgs[0].0, FromGateway::MethodsRemoved { peer, ids } if *peer == b && ids.len() == 2)
+        );
         assert!(matches!(&msgs[1].0, FromGateway::PeerRemoved { peer, .. } if *peer == b));
         assert_eq!(reg.peer_count(), 1);
     }
@@ -459,24 +644,58 @@ mod tests {
     fn a_peer_that_does_not_read_is_disconnected() {
         let mut reg = Registry::new(Limits::default());
         let (tx, _rx) = mpsc::channel(2);
-        let slow = reg.hello(PeerCred { pid: 1, uid: 1 }, "u".into(), hello("slow"), tx).unwrap();
+        let slow = reg
+            .hello(PeerCred { pid: 1, uid: 1 }, "u".into(), hello("slow"), tx)
+            .unwrap();
         for i in 0..3 {
             join(&mut reg, &format!("n{i}"), "u");
         }
-        assert!(reg.take_actions().contains(&Action::Disconnect(slow, "control queue overflow: peer is not reading".into())));
+        assert!(reg.take_actions().contains(&Action::Disconnect(
+            slow,
+            "control queue overflow: peer is not reading".into()
+        )));
     }
 
     #[test]
     fn bad_hellos_are_refused() {
-        let mut reg = Registry::new(Limits { max_peers: 1, ..Limits::default() });
+        let mut reg = Registry::new(Limits {
+            max_peers: 1,
+            ..Limits::default()
+        });
         let (tx, _rx) = mpsc::channel(8);
         let mut h = hello("A");
         h.protocol = 99;
-        assert_eq!(reg.hello(PeerCred { pid: 1, uid: 1 }, "u".into(), h, tx.clone()).unwrap_err().0, Status::Protocol);
-        assert_eq!(reg.hello(PeerCred { pid: 1, uid: 1 }, "u".into(), hello(" "), tx.clone()).unwrap_err().0, Status::InvalidArgument);
+        assert_eq!(
+            reg.hello(PeerCred { pid: 1, uid: 1 }, "u".into(), h, tx.clone())
+                .unwrap_err()
+                .0,
+            Status::Protocol
+        );
+        assert_eq!(
+            reg.hello(
+                PeerCred { pid: 1, uid: 1 },
+                "u".into(),
+                hello(" "),
+                tx.clone()
+            )
+            .unwrap_err()
+            .0,
+            Status::InvalidArgument
+        );
         let mut h = hello("A");
         h.instance = Some("one".into());
-        reg.hello(PeerCred { pid: 1, uid: 1 }, "u".into(), h.clone(), tx.clone()).unwrap();
-        assert_eq!(reg.hello(PeerCred { pid: 1, uid: 1 }, "u".into(), hello("B"), tx).unwrap_err().0, Status::Busy);
+        reg.hello(
+            PeerCred { pid: 1, uid: 1 },
+            "u".into(),
+            h.clone(),
+            tx.clone(),
+        )
+        .unwrap();
+        assert_eq!(
+            reg.hello(PeerCred { pid: 1, uid: 1 }, "u".into(), hello("B"), tx)
+                .unwrap_err()
+                .0,
+            Status::Busy
+        );
     }
 }

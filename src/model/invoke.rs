@@ -3,6 +3,7 @@
 use crate::status::Status;
 use crate::wire::frame::Instance;
 use crate::wire::Value;
+use std::sync::Arc;
 
 /// Why one server's part of a call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +33,7 @@ impl FailureKind {
 /// One server's failure.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallFailure {
-    pub executed_by: Instance,
+    pub executed_by: Arc<Instance>,
     pub message: String,
     /// Error context supplied by the server, if any.
     pub context: Option<Value>,
@@ -42,7 +43,7 @@ pub struct CallFailure {
 /// One server's success.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReturnValue {
-    pub executed_by: Instance,
+    pub executed_by: Arc<Instance>,
     pub returned: Value,
 }
 
@@ -56,7 +57,7 @@ pub struct InvocationResult {
     /// The first outcome's value (in target order), or `Null` if it failed.
     pub returned: Value,
     /// The first outcome's server.
-    pub executed_by: Option<Instance>,
+    pub executed_by: Option<Arc<Instance>>,
     /// 0 when the first outcome succeeded, 1 when it failed.
     pub status: i32,
     /// The first outcome's error message, empty on success.
@@ -72,15 +73,16 @@ pub struct InvocationResult {
 impl InvocationResult {
     /// Aggregates per-server outcomes given in target order. `Err` (with the same shape) when
     /// every server failed; `Ok` when at least one succeeded.
+    #[allow(clippy::result_large_err)] // both arms are the same, full result
     pub fn aggregate(
         method: &str,
-        called_with: &Value,
+        called_with: Value,
         outcomes: Vec<Result<ReturnValue, CallFailure>>,
     ) -> Result<InvocationResult, InvocationResult> {
         let multi = outcomes.len() > 1;
         let mut r = InvocationResult {
             method: method.to_string(),
-            called_with: called_with.clone(),
+            called_with,
             returned: Value::Null,
             executed_by: None,
             status: 0,
@@ -89,6 +91,25 @@ impl InvocationResult {
             all_errors: Vec::new(),
             multi,
         };
+        if !multi {
+            // The common case: one server, nothing to copy.
+            match outcomes.into_iter().next() {
+                Some(Ok(v)) => {
+                    r.returned = v.returned;
+                    r.executed_by = Some(v.executed_by);
+                    return Ok(r);
+                }
+                Some(Err(e)) => {
+                    r.status = 1;
+                    r.message = e.message.clone();
+                    r.executed_by = Some(e.executed_by.clone());
+                    r.returned = e.context.clone().unwrap_or(Value::Null);
+                    r.all_errors.push(e);
+                    return Err(r);
+                }
+                None => return Err(r),
+            }
+        }
         match outcomes.first() {
             Some(Ok(v)) => {
                 r.returned = v.returned.clone();
@@ -119,7 +140,12 @@ impl InvocationResult {
     /// was a timeout, the single failure's status when there was one server, else
     /// `MethodFailed`.
     pub fn failure_status(&self) -> Status {
-        if !self.all_errors.is_empty() && self.all_errors.iter().all(|e| e.kind == FailureKind::Timeout) {
+        if !self.all_errors.is_empty()
+            && self
+                .all_errors
+                .iter()
+                .all(|e| e.kind == FailureKind::Timeout)
+        {
             return Status::Timeout;
         }
         match self.all_errors.as_slice() {
@@ -136,7 +162,13 @@ impl InvocationResult {
         m.insert("method".into(), Value::from(self.method.as_str()));
         m.insert("called_with".into(), self.called_with.clone());
         m.insert("returned".into(), self.returned.clone());
-        m.insert("executed_by".into(), self.executed_by.as_ref().map(Instance::to_value).unwrap_or(Value::Null));
+        m.insert(
+            "executed_by".into(),
+            self.executed_by
+                .as_deref()
+                .map(Instance::to_value)
+                .unwrap_or(Value::Null),
+        );
         m.insert("status".into(), Value::from(self.status));
         m.insert("message".into(), Value::from(self.message.as_str()));
         if self.multi {
@@ -189,15 +221,28 @@ mod tests {
         }
     }
     fn ok(id: u64, v: i64) -> Result<ReturnValue, CallFailure> {
-        Ok(ReturnValue { executed_by: inst(id), returned: Value::from(v) })
+        Ok(ReturnValue {
+            executed_by: Arc::new(inst(id)),
+            returned: Value::from(v),
+        })
     }
     fn err(id: u64, kind: FailureKind) -> Result<ReturnValue, CallFailure> {
-        Err(CallFailure { executed_by: inst(id), message: format!("e{id}"), context: None, kind })
+        Err(CallFailure {
+            executed_by: Arc::new(inst(id)),
+            message: format!("e{id}"),
+            context: None,
+            kind,
+        })
     }
 
     #[test]
     fn first_outcome_sets_the_top_level_even_when_it_failed() {
-        let r = InvocationResult::aggregate("m", &Value::Null, vec![err(1, FailureKind::Remote), ok(2, 7)]).unwrap();
+        let r = InvocationResult::aggregate(
+            "m",
+            Value::Null,
+            vec![err(1, FailureKind::Remote), ok(2, 7)],
+        )
+        .unwrap();
         assert_eq!(r.status, 1);
         assert_eq!(r.message, "e1");
         assert_eq!(r.executed_by.as_ref().unwrap().peer_id, PeerId(1));
@@ -209,22 +254,34 @@ mod tests {
 
     #[test]
     fn fails_only_when_every_server_failed() {
-        let r = InvocationResult::aggregate("m", &Value::Null, vec![err(1, FailureKind::Timeout), err(2, FailureKind::Timeout)])
-            .unwrap_err();
+        let r = InvocationResult::aggregate(
+            "m",
+            Value::Null,
+            vec![err(1, FailureKind::Timeout), err(2, FailureKind::Timeout)],
+        )
+        .unwrap_err();
         assert_eq!(r.failure_status(), Status::Timeout);
-        let r = InvocationResult::aggregate("m", &Value::Null, vec![err(1, FailureKind::Timeout), err(2, FailureKind::PeerLeft)])
-            .unwrap_err();
+        let r = InvocationResult::aggregate(
+            "m",
+            Value::Null,
+            vec![err(1, FailureKind::Timeout), err(2, FailureKind::PeerLeft)],
+        )
+        .unwrap_err();
         assert_eq!(r.failure_status(), Status::MethodFailed);
-        let r = InvocationResult::aggregate("m", &Value::Null, vec![err(1, FailureKind::PeerLeft)]).unwrap_err();
+        let r = InvocationResult::aggregate("m", Value::Null, vec![err(1, FailureKind::PeerLeft)])
+            .unwrap_err();
         assert_eq!(r.failure_status(), Status::PeerLeft);
     }
 
     #[test]
     fn single_server_output_has_no_aggregate_lists() {
-        let r = InvocationResult::aggregate("m", &Value::from(1), vec![ok(1, 2)]).unwrap();
+        let r = InvocationResult::aggregate("m", Value::from(1), vec![ok(1, 2)]).unwrap();
         let v = r.to_value();
         assert_eq!(v.get("returned"), Some(&Value::from(2)));
         assert!(v.get("all_errors").is_none());
-        assert_eq!(v.get("executed_by").unwrap().get("peerId"), Some(&Value::from("p-1")));
+        assert_eq!(
+            v.get("executed_by").unwrap().get("peerId"),
+            Some(&Value::from("p-1"))
+        );
     }
 }

@@ -19,17 +19,25 @@ pub struct InstanceFilter {
 impl InstanceFilter {
     /// A filter on the application name.
     pub fn application(name: impl Into<String>) -> Self {
-        Self { application: Some(name.into()), ..Default::default() }
+        Self {
+            application: Some(name.into()),
+            ..Default::default()
+        }
     }
 
     /// A filter on the peer id.
     pub fn peer(id: PeerId) -> Self {
-        Self { peer_id: Some(id), ..Default::default() }
+        Self {
+            peer_id: Some(id),
+            ..Default::default()
+        }
     }
 
     /// Whether `i` has every property set here.
     pub fn matches(&self, i: &Instance) -> bool {
-        let eq = |want: &Option<String>, have: &str| want.as_ref().is_none_or(|w| w.eq_ignore_ascii_case(have));
+        let eq = |want: &Option<String>, have: &str| {
+            want.as_ref().is_none_or(|w| w.eq_ignore_ascii_case(have))
+        };
         eq(&self.application, &i.application)
             && eq(&self.instance, &i.instance)
             && eq(&self.user, &i.user)
@@ -91,9 +99,20 @@ pub fn select<'a>(target: &Target, me: PeerId, candidates: &[&'a Instance]) -> V
         // Every native peer is local to its gateway, so "first local" is simply "first".
         Target::Best => candidates.first().copied().into_iter().collect(),
         Target::All => candidates.to_vec(),
-        Target::SkipMine => candidates.iter().copied().filter(|i| i.peer_id != me).collect(),
-        Target::Instance(f) => candidates.iter().copied().filter(|i| f.matches(i)).collect(),
-        Target::List(fs) => fs.iter().flat_map(|f| candidates.iter().copied().filter(move |i| f.matches(i))).collect(),
+        Target::SkipMine => candidates
+            .iter()
+            .copied()
+            .filter(|i| i.peer_id != me)
+            .collect(),
+        Target::Instance(f) => candidates
+            .iter()
+            .copied()
+            .filter(|i| f.matches(i))
+            .collect(),
+        Target::List(fs) => fs
+            .iter()
+            .flat_map(|f| candidates.iter().copied().filter(move |i| f.matches(i)))
+            .collect(),
     }
 }
 
@@ -125,17 +144,30 @@ mod tests {
         let c = [&me, &a, &b];
         assert_eq!(select(&Target::All, PeerId(1), &c).len(), 3);
         assert_eq!(select(&Target::SkipMine, PeerId(1), &c), vec![&a, &b]);
-        assert_eq!(select(&Target::parse_cli("PRICER"), PeerId(1), &c), vec![&a, &b]);
-        let by_pid = Target::Instance(InstanceFilter { pid: Some(103), ..Default::default() });
+        assert_eq!(
+            select(&Target::parse_cli("PRICER"), PeerId(1), &c),
+            vec![&a, &b]
+        );
+        let by_pid = Target::Instance(InstanceFilter {
+            pid: Some(103),
+            ..Default::default()
+        });
         assert_eq!(select(&by_pid, PeerId(1), &c), vec![&b]);
-        let list = Target::List(vec![InstanceFilter::peer(PeerId(3)), InstanceFilter::application("me")]);
+        let list = Target::List(vec![
+            InstanceFilter::peer(PeerId(3)),
+            InstanceFilter::application("me"),
+        ]);
         assert_eq!(select(&list, PeerId(1), &c), vec![&b, &me]);
     }
 
     #[test]
     fn instance_wins_over_peer_id() {
         let a = inst("A", 1);
-        let f = InstanceFilter { instance: Some("I-1".into()), peer_id: Some(PeerId(77)), ..Default::default() };
+        let f = InstanceFilter {
+            instance: Some("I-1".into()),
+            peer_id: Some(PeerId(77)),
+            ..Default::default()
+        };
         assert!(f.matches(&a));
     }
 

@@ -58,7 +58,12 @@ impl std::fmt::Debug for RingCtl {
 impl RingCtl {
     /// Both positions at zero.
     pub fn new() -> Self {
-        Self { head: AtomicU64::new(0), _pad_head: [0; 120], tail: AtomicU64::new(0), _pad_tail: [0; 120] }
+        Self {
+            head: AtomicU64::new(0),
+            _pad_head: [0; 120],
+            tail: AtomicU64::new(0),
+            _pad_tail: [0; 120],
+        }
     }
 }
 
@@ -180,7 +185,12 @@ impl<M: RingMemory> Producer<M> {
         if used > cap || tail % RECORD_ALIGN as u64 != 0 {
             return Err(RingError("positions out of range at attach"));
         }
-        Ok(Self { mem, cap, tail, cached_head: head })
+        Ok(Self {
+            mem,
+            cap,
+            tail,
+            cached_head: head,
+        })
     }
 
     /// Largest payload one record may carry.
@@ -217,17 +227,30 @@ impl<M: RingMemory> Producer<M> {
             }
         }
         if pad > 0 {
-            let hdr = RecordHeader { len: (pad as usize - RECORD_HEADER) as u32, kind: PAD, flags: 0 };
+            let hdr = RecordHeader {
+                len: (pad as usize - RECORD_HEADER) as u32,
+                kind: PAD,
+                flags: 0,
+            };
             // SAFETY: `pos + 8 <= cap` (pad >= 8 because positions are 8-aligned) and the bytes
             // are free (checked above), so they belong to us until commit.
             unsafe { self.mem.write(pos as usize, &hdr.encode()) };
         }
         let start = ((self.tail + pad) & mask) as usize;
-        let hdr = RecordHeader { len: len as u32, kind, flags };
+        let hdr = RecordHeader {
+            len: len as u32,
+            kind,
+            flags,
+        };
         // SAFETY: `start + rec <= cap` by the choice of `pad`, and the bytes are free.
         unsafe { self.mem.write(start, &hdr.encode()) };
         let new_tail = self.tail + need;
-        Ok(Claim { producer: self, start, len, new_tail })
+        Ok(Claim {
+            producer: self,
+            start,
+            len,
+            new_tail,
+        })
     }
 
     /// Claims, copies `payload` and commits.
@@ -272,16 +295,29 @@ impl<M: RingMemory> Claim<'_, M> {
     /// # Panics
     /// If `offset + bytes.len()` exceeds the claimed length (a bug in the caller, not input).
     pub fn write_at(&mut self, offset: usize, bytes: &[u8]) {
-        assert!(offset.checked_add(bytes.len()).is_some_and(|end| end <= self.len), "write past claim");
+        assert!(
+            offset
+                .checked_add(bytes.len())
+                .is_some_and(|end| end <= self.len),
+            "write past claim"
+        );
         // SAFETY: within the claimed record, which lies inside the buffer and is ours.
-        unsafe { self.producer.mem.write(self.start + RECORD_HEADER + offset, bytes) };
+        unsafe {
+            self.producer
+                .mem
+                .write(self.start + RECORD_HEADER + offset, bytes)
+        };
     }
 
     /// Publishes the record (and any padding before it) to the consumer.
     pub fn commit(self) {
         // SYNC(tail): the record bytes written above become visible to the consumer's Acquire
         // load of `tail`.
-        self.producer.mem.ctl().tail.store(self.new_tail, Ordering::Release);
+        self.producer
+            .mem
+            .ctl()
+            .tail
+            .store(self.new_tail, Ordering::Release);
         self.producer.tail = self.new_tail;
     }
 }
@@ -306,7 +342,12 @@ impl<M: RingMemory> Consumer<M> {
         if head % RECORD_ALIGN as u64 != 0 {
             return Err(RingError("consumer position misaligned at attach"));
         }
-        Ok(Self { mem, cap, head, cached_tail: head })
+        Ok(Self {
+            mem,
+            cap,
+            head,
+            cached_tail: head,
+        })
     }
 
     /// Whether a committed record (or padding) is waiting. Cheap: one Acquire load when we had
@@ -343,13 +384,18 @@ impl<M: RingMemory> Consumer<M> {
             if hdr.kind == PAD {
                 let size = hdr.len as usize + RECORD_HEADER;
                 if size != contiguous || size as u64 > avail {
-                    return Err(RingError("padding record does not reach the end of the buffer"));
+                    return Err(RingError(
+                        "padding record does not reach the end of the buffer",
+                    ));
                 }
                 self.release(size as u64);
                 continue;
             }
             let size = align_up(RECORD_HEADER + hdr.len as usize);
-            if hdr.len as usize > max_payload(self.cap as usize) || size > contiguous || size as u64 > avail {
+            if hdr.len as usize > max_payload(self.cap as usize)
+                || size > contiguous
+                || size as u64 > avail
+            {
                 return Err(RingError("record length out of range"));
             }
             out.clear();
@@ -394,11 +440,21 @@ pub mod shm_memory {
         /// `ctl_off` (128-aligned, 256 bytes) and `[data_off, data_off + cap)` must lie inside
         /// `map`, `cap` must be a power of two >= 64, and no other `ShmRing` in this process may
         /// play the same role on the same ring.
-        pub(crate) unsafe fn new(map: Arc<Mapping>, ctl_off: usize, data_off: usize, cap: usize) -> Self {
+        pub(crate) unsafe fn new(
+            map: Arc<Mapping>,
+            ctl_off: usize,
+            data_off: usize,
+            cap: usize,
+        ) -> Self {
             let base = map.as_ptr();
             // SAFETY: offsets are inside the mapping per the caller's contract.
             let (ctl, data) = unsafe { (base.add(ctl_off) as *const RingCtl, base.add(data_off)) };
-            Self { _map: map, ctl, data, cap }
+            Self {
+                _map: map,
+                ctl,
+                data,
+                cap,
+            }
         }
     }
 
@@ -420,7 +476,9 @@ pub mod shm_memory {
             // SAFETY: the caller keeps the range inside the data area. Bytes are copied out once
             // and validated afterwards, so a writer that changes them under us can only make us
             // decode garbage, which the decoders reject.
-            unsafe { std::ptr::copy_nonoverlapping(self.data.add(off), dst.as_mut_ptr(), dst.len()) }
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.data.add(off), dst.as_mut_ptr(), dst.len())
+            }
         }
     }
 }
@@ -453,10 +511,15 @@ pub mod heap_memory {
 
     impl HeapRing {
         /// A ring of `cap` data bytes (a power of two, at least 64).
+        // The cells are not `Sync` by type; the ring protocol shares them (see the impls above).
+        #[allow(clippy::arc_with_non_send_sync)]
         pub fn new(cap: usize) -> Self {
             assert!(cap.is_power_of_two() && cap >= 64);
             let data = (0..cap).map(|_| Cell::new(0)).collect();
-            Self(Arc::new(Inner { ctl: RingCtl::new(), data }))
+            Self(Arc::new(Inner {
+                ctl: RingCtl::new(),
+                data,
+            }))
         }
 
         /// Direct access to the control block, for tests that corrupt it on purpose.

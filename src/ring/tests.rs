@@ -3,7 +3,11 @@ use super::*;
 
 fn pair(cap: usize) -> (Producer<HeapRing>, Consumer<HeapRing>, HeapRing) {
     let mem = HeapRing::new(cap);
-    (Producer::new(mem.clone()).unwrap(), Consumer::new(mem.clone()).unwrap(), mem)
+    (
+        Producer::new(mem.clone()).unwrap(),
+        Consumer::new(mem.clone()).unwrap(),
+        mem,
+    )
 }
 
 #[test]
@@ -21,11 +25,32 @@ fn records_come_out_in_order_with_their_headers() {
     p.push(2, 0, b"").unwrap();
     p.push(3, 1, &[9u8; 20]).unwrap();
     let mut buf = Vec::new();
-    assert_eq!(c.pop_into(&mut buf).unwrap(), Some(RecordHeader { len: 5, kind: 1, flags: 7 }));
+    assert_eq!(
+        c.pop_into(&mut buf).unwrap(),
+        Some(RecordHeader {
+            len: 5,
+            kind: 1,
+            flags: 7
+        })
+    );
     assert_eq!(buf, b"hello");
-    assert_eq!(c.pop_into(&mut buf).unwrap(), Some(RecordHeader { len: 0, kind: 2, flags: 0 }));
+    assert_eq!(
+        c.pop_into(&mut buf).unwrap(),
+        Some(RecordHeader {
+            len: 0,
+            kind: 2,
+            flags: 0
+        })
+    );
     assert!(buf.is_empty());
-    assert_eq!(c.pop_into(&mut buf).unwrap(), Some(RecordHeader { len: 20, kind: 3, flags: 1 }));
+    assert_eq!(
+        c.pop_into(&mut buf).unwrap(),
+        Some(RecordHeader {
+            len: 20,
+            kind: 3,
+            flags: 1
+        })
+    );
     assert_eq!(buf, [9u8; 20]);
     assert_eq!(c.pop_into(&mut buf).unwrap(), None);
 }
@@ -48,7 +73,8 @@ fn claim_is_invisible_until_commit() {
 #[test]
 fn dropped_claim_is_abandoned() {
     let (mut p, mut c, _) = pair(64);
-    drop(p.claim(1, 0, 8).unwrap());
+    let abandoned = p.claim(1, 0, 8).unwrap();
+    let _ = abandoned;
     let mut buf = Vec::new();
     assert_eq!(c.pop_into(&mut buf).unwrap(), None);
     p.push(2, 0, b"x").unwrap();
@@ -77,7 +103,10 @@ fn full_ring_refuses_then_accepts_after_consumption() {
 fn record_larger_than_half_the_ring_is_too_large() {
     let (mut p, _, _) = pair(64);
     assert_eq!(max_payload(64), 24);
-    assert_eq!(p.push(1, 0, &[0; 25]), Err(PushError::TooLarge { len: 25, max: 24 }));
+    assert_eq!(
+        p.push(1, 0, &[0; 25]),
+        Err(PushError::TooLarge { len: 25, max: 24 })
+    );
     assert!(p.push(1, 0, &[0; 24]).is_ok());
 }
 
@@ -98,7 +127,14 @@ fn wrap_inserts_padding_and_keeps_records_whole() {
     c.pop_into(&mut buf).unwrap().unwrap();
     // 24 bytes remain before the end; a 32-byte record must wrap behind a 24-byte pad.
     p.push(3, 0, &[7; 20]).unwrap();
-    assert_eq!(c.pop_into(&mut buf).unwrap(), Some(RecordHeader { len: 20, kind: 3, flags: 0 }));
+    assert_eq!(
+        c.pop_into(&mut buf).unwrap(),
+        Some(RecordHeader {
+            len: 20,
+            kind: 3,
+            flags: 0
+        })
+    );
     assert_eq!(buf, [7; 20]);
     assert_eq!(c.pop_into(&mut buf).unwrap(), None);
 }
@@ -143,7 +179,15 @@ fn corrupt_record_length_is_an_error() {
 fn padding_that_does_not_reach_the_end_is_an_error() {
     let (mut p, mut c, mem) = pair(64);
     p.push(1, 0, b"abc").unwrap();
-    mem.scribble_for_test(0, &RecordHeader { len: 0, kind: PAD, flags: 0 }.encode());
+    mem.scribble_for_test(
+        0,
+        &RecordHeader {
+            len: 0,
+            kind: PAD,
+            flags: 0,
+        }
+        .encode(),
+    );
     let mut buf = Vec::new();
     assert!(c.pop_into(&mut buf).is_err());
 }

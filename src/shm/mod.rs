@@ -129,8 +129,10 @@ impl Segment {
         h.magic.store(MAGIC, Ordering::Relaxed);
         h.kind.store(kind as u32, Ordering::Relaxed);
         h.total_len.store(total as u64, Ordering::Relaxed);
-        h.creator_pid.store(crate::sys::identity::pid(), Ordering::Relaxed);
-        h.ring_capacity.store(ring_capacity as u32, Ordering::Relaxed);
+        h.creator_pid
+            .store(crate::sys::identity::pid(), Ordering::Relaxed);
+        h.ring_capacity
+            .store(ring_capacity as u32, Ordering::Relaxed);
         // Rings and doorbells start as all-zero, which is their initial state.
         // SYNC(version): everything above is visible to a reader that sees the version.
         h.version.store(LAYOUT_VERSION, Ordering::Release);
@@ -152,34 +154,55 @@ impl Segment {
         // SYNC(version): pairs with the creator's Release store.
         let version = h.version.load(Ordering::Acquire);
         if h.magic.load(Ordering::Relaxed) != MAGIC {
-            return Err(if version == 0 { ShmError::NotInitialised } else { ShmError::Invalid("bad magic") });
+            return Err(if version == 0 {
+                ShmError::NotInitialised
+            } else {
+                ShmError::Invalid("bad magic")
+            });
         }
         match version {
             0 => return Err(ShmError::NotInitialised),
             LAYOUT_VERSION => {}
-            found => return Err(ShmError::VersionMismatch { found, expected: LAYOUT_VERSION }),
+            found => {
+                return Err(ShmError::VersionMismatch {
+                    found,
+                    expected: LAYOUT_VERSION,
+                })
+            }
         }
         if h.kind.load(Ordering::Relaxed) != expected as u32 {
             return Err(ShmError::Invalid("unexpected segment kind"));
         }
         if h.total_len.load(Ordering::Relaxed) != size {
-            return Err(ShmError::Invalid("header length differs from the segment size"));
+            return Err(ShmError::Invalid(
+                "header length differs from the segment size",
+            ));
         }
         let ring_capacity = h.ring_capacity.load(Ordering::Relaxed) as usize;
         let fits = match expected {
-            SegmentKind::Lane => lane_len(ring_capacity).map(|l| l as u64 == size).unwrap_or(false),
+            SegmentKind::Lane => lane_len(ring_capacity)
+                .map(|l| l as u64 == size)
+                .unwrap_or(false),
             SegmentKind::Doorbell => size == DOORBELL_LEN as u64,
         };
         if !fits {
-            return Err(ShmError::Invalid("ring capacity does not match the segment size"));
+            return Err(ShmError::Invalid(
+                "ring capacity does not match the segment size",
+            ));
         }
-        Ok(Self { map, kind: expected, ring_capacity })
+        Ok(Self {
+            map,
+            kind: expected,
+            ring_capacity,
+        })
     }
 }
 
 fn lane_len(ring_capacity: usize) -> Result<usize, ShmError> {
     if !ring_capacity.is_power_of_two() || !(MIN_RING..=MAX_RING).contains(&ring_capacity) {
-        return Err(ShmError::Invalid("ring capacity must be a power of two in [4 KiB, 1 GiB]"));
+        return Err(ShmError::Invalid(
+            "ring capacity must be a power of two in [4 KiB, 1 GiB]",
+        ));
     }
     Ok(LANE_DATA + 2 * ring_capacity)
 }
@@ -214,7 +237,14 @@ impl LaneSegment {
         // SAFETY: `open` checked the segment is exactly LANE_DATA + 2 * cap bytes, so both
         // control blocks and both data areas lie inside it; each `LaneSegment` user takes one
         // role per ring (the client builds one producer and one consumer per lane).
-        unsafe { ShmRing::new(self.0.map.clone(), LANE_CTL[index], LANE_DATA + index * cap, cap) }
+        unsafe {
+            ShmRing::new(
+                self.0.map.clone(),
+                LANE_CTL[index],
+                LANE_DATA + index * cap,
+                cap,
+            )
+        }
     }
 
     /// The producer end for `side` (0 or 1).
@@ -282,7 +312,10 @@ mod tests {
         assert!(matches!(LaneSegment::open(&fd), Err(ShmError::Invalid(_))));
         // Sealed but all zeroes: a segment nobody initialised.
         let fd = memfd::create_sealed("x", 8192 + 4096).unwrap();
-        assert!(matches!(LaneSegment::open(&fd), Err(ShmError::NotInitialised)));
+        assert!(matches!(
+            LaneSegment::open(&fd),
+            Err(ShmError::NotInitialised)
+        ));
     }
 
     #[test]
@@ -292,9 +325,15 @@ mod tests {
         seg.0.header().version.store(99, Ordering::SeqCst);
         assert!(matches!(
             LaneSegment::open(&fd),
-            Err(ShmError::VersionMismatch { found: 99, expected: LAYOUT_VERSION })
+            Err(ShmError::VersionMismatch {
+                found: 99,
+                expected: LAYOUT_VERSION
+            })
         ));
-        seg.0.header().version.store(LAYOUT_VERSION, Ordering::SeqCst);
+        seg.0
+            .header()
+            .version
+            .store(LAYOUT_VERSION, Ordering::SeqCst);
         seg.0.header().ring_capacity.store(5000, Ordering::SeqCst);
         assert!(matches!(LaneSegment::open(&fd), Err(ShmError::Invalid(_))));
     }

@@ -23,7 +23,10 @@ pub struct PeerCred {
 /// `SO_PEERCRED` of a connected Unix socket.
 pub fn peer_cred(sock: impl AsFd) -> io::Result<PeerCred> {
     let c = rustix::net::sockopt::socket_peercred(sock)?;
-    Ok(PeerCred { pid: c.pid.as_raw_nonzero().get() as u32, uid: c.uid.as_raw() })
+    Ok(PeerCred {
+        pid: c.pid.as_raw_nonzero().get() as u32,
+        uid: c.uid.as_raw(),
+    })
 }
 
 /// The login name for `uid` from `/etc/passwd`, or the uid as text when there is none.

@@ -1,9 +1,9 @@
 //! Operating-system calls. Everything knit asks of the kernel enters here, through rustix, and
 //! leaves as `std::io::Error` or a typed error of the layer above.
 
+pub mod affinity;
 pub(crate) mod fdpass;
 pub(crate) mod futex;
 pub mod identity;
 pub(crate) mod memfd;
 pub(crate) mod mmap;
-pub mod affinity;

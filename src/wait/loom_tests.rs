@@ -84,7 +84,9 @@ fn loom_doorbell_wakes_every_sleeper() {
         let sleepers: Vec<_> = (0..2)
             .map(|i| {
                 let (b, f) = (bell.clone(), flags.clone());
-                thread::spawn(move || while !b.sleep_until(|| f[i].load(Ordering::Acquire), None) {})
+                thread::spawn(
+                    move || while !b.sleep_until(|| f[i].load(Ordering::Acquire), None) {},
+                )
             })
             .collect();
         flags[0].store(true, Ordering::Release);

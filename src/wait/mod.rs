@@ -39,7 +39,10 @@ impl Default for Doorbell {
 impl Doorbell {
     /// A doorbell nobody sleeps on.
     pub fn new() -> Self {
-        Self { seq: AtomicU32::new(0), sleepers: AtomicU32::new(0) }
+        Self {
+            seq: AtomicU32::new(0),
+            sleepers: AtomicU32::new(0),
+        }
     }
 
     /// Call after publishing work the sleeper should see. No syscall unless somebody sleeps.
@@ -126,7 +129,11 @@ pub struct Backoff {
 impl Backoff {
     /// Starts a wait.
     pub fn new(strategy: WaitStrategy) -> Self {
-        Self { strategy, started: None, spins: 0 }
+        Self {
+            strategy,
+            started: None,
+            spins: 0,
+        }
     }
 
     /// Called once per idle round. `true`: sleep now. `false`: spin once more (the call already

@@ -139,10 +139,14 @@ pub fn encoded_len(v: &Value) -> usize {
         Value::F64(_) => 9,
         Value::String(s) => 1 + varint_len(s.len() as u64) + s.len(),
         Value::Bytes(b) => 1 + varint_len(b.len() as u64) + b.len(),
-        Value::Array(a) => 1 + varint_len(a.len() as u64) + a.iter().map(encoded_len).sum::<usize>(),
+        Value::Array(a) => {
+            1 + varint_len(a.len() as u64) + a.iter().map(encoded_len).sum::<usize>()
+        }
         Value::Map(m) => {
             1 + varint_len(m.len() as u64)
-                + m.iter().map(|(k, x)| varint_len(k.len() as u64) + k.len() + encoded_len(x)).sum::<usize>()
+                + m.iter()
+                    .map(|(k, x)| varint_len(k.len() as u64) + k.len() + encoded_len(x))
+                    .sum::<usize>()
         }
     }
 }
@@ -198,7 +202,9 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Result<String, DecodeError> {
         let n = self.varint()?;
         let s = self.take(n)?;
-        std::str::from_utf8(s).map(str::to_string).map_err(|_| DecodeError::BadUtf8)
+        std::str::from_utf8(s)
+            .map(str::to_string)
+            .map_err(|_| DecodeError::BadUtf8)
     }
 
     /// A count of items, each at least one byte: never more than what is left.
@@ -222,7 +228,9 @@ impl<'a> Reader<'a> {
             T_U64 => Value::from(self.varint()?),
             T_F64 => {
                 let s = self.take(8)?;
-                Value::F64(f64::from_le_bytes(s.try_into().map_err(|_| DecodeError::Truncated)?))
+                Value::F64(f64::from_le_bytes(
+                    s.try_into().map_err(|_| DecodeError::Truncated)?,
+                ))
             }
             T_STR => Value::String(self.string()?),
             T_BYTES => {

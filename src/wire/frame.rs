@@ -30,7 +30,11 @@ impl fmt::Display for PeerId {
 impl std::str::FromStr for PeerId {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
-        s.strip_prefix("p-").unwrap_or(s).parse().map(PeerId).map_err(|_| ())
+        s.strip_prefix("p-")
+            .unwrap_or(s)
+            .parse()
+            .map(PeerId)
+            .map_err(|_| ())
     }
 }
 
@@ -88,7 +92,10 @@ pub struct MethodDef {
 impl MethodDef {
     /// A definition with just a name.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), ..Default::default() }
+        Self {
+            name: name.into(),
+            ..Default::default()
+        }
     }
 }
 
@@ -164,13 +171,25 @@ pub struct Welcome {
 pub enum ToGateway {
     Hello(Hello),
     /// Add methods (answered with `Ack` or `Fail`).
-    Register { req: u64, methods: Vec<MethodSpec> },
+    Register {
+        req: u64,
+        methods: Vec<MethodSpec>,
+    },
     /// Remove methods by id.
-    Unregister { req: u64, ids: Vec<u32> },
+    Unregister {
+        req: u64,
+        ids: Vec<u32>,
+    },
     /// Ask for a lane to `peer` (answered with `LaneOpened` or `Fail`).
-    OpenLane { req: u64, peer: PeerId },
+    OpenLane {
+        req: u64,
+        peer: PeerId,
+    },
     /// A lane's shared memory did not validate: the gateway should drop the other peer's lane.
-    LaneFault { peer: PeerId, reason: String },
+    LaneFault {
+        peer: PeerId,
+        reason: String,
+    },
     /// Clean disconnect.
     Goodbye,
 }
@@ -179,23 +198,58 @@ pub enum ToGateway {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum FromGateway {
     Welcome(Welcome),
-    Ack { req: u64 },
-    Fail { req: u64, status: Status, message: String },
+    Ack {
+        req: u64,
+    },
+    Fail {
+        req: u64,
+        status: Status,
+        message: String,
+    },
     /// Our lane to `peer`. Carries two descriptors: the lane segment and the peer's doorbell.
     /// We are `side` (we write ring `side`).
-    LaneOpened { req: u64, peer: PeerId, lane: u64, side: u8 },
+    LaneOpened {
+        req: u64,
+        peer: PeerId,
+        lane: u64,
+        side: u8,
+    },
     /// `peer` opened a lane to us. Same descriptors and meaning as `LaneOpened`.
-    LaneOffered { peer: PeerId, lane: u64, side: u8 },
+    LaneOffered {
+        peer: PeerId,
+        lane: u64,
+        side: u8,
+    },
     /// The lane to `peer` is gone (the peer found it corrupt); calls on it fail.
-    LaneClosed { peer: PeerId, lane: u64, reason: String },
-    PeerAdded { identity: Instance },
-    PeerRemoved { peer: PeerId, reason: String },
-    MethodsAdded { peer: PeerId, methods: Vec<MethodSpec> },
-    MethodsRemoved { peer: PeerId, ids: Vec<u32> },
+    LaneClosed {
+        peer: PeerId,
+        lane: u64,
+        reason: String,
+    },
+    PeerAdded {
+        identity: Instance,
+    },
+    PeerRemoved {
+        peer: PeerId,
+        reason: String,
+    },
+    MethodsAdded {
+        peer: PeerId,
+        methods: Vec<MethodSpec>,
+    },
+    MethodsRemoved {
+        peer: PeerId,
+        ids: Vec<u32>,
+    },
     /// The gateway is stopping.
-    Shutdown { reason: String },
+    Shutdown {
+        reason: String,
+    },
     /// The hello was refused; the connection closes.
-    Refused { status: Status, message: String },
+    Refused {
+        status: Status,
+        message: String,
+    },
 }
 
 /// Why a frame could not be decoded.
@@ -243,7 +297,9 @@ impl FrameReader {
 
     /// The next complete frame's body and descriptors, if one is buffered.
     #[allow(clippy::type_complexity)]
-    pub fn next_frame(&mut self) -> Result<Option<(Vec<u8>, Vec<std::os::fd::OwnedFd>)>, FrameError> {
+    pub fn next_frame(
+        &mut self,
+    ) -> Result<Option<(Vec<u8>, Vec<std::os::fd::OwnedFd>)>, FrameError> {
         if self.buf.len() < FRAME_HEADER {
             return Ok(None);
         }
@@ -259,7 +315,10 @@ impl FrameReader {
             return Ok(None);
         }
         if self.fds.len() < nfds {
-            return Err(FrameError::MissingFds { declared: nfds, received: self.fds.len() });
+            return Err(FrameError::MissingFds {
+                declared: nfds,
+                received: self.fds.len(),
+            });
         }
         let body = self.buf[FRAME_HEADER..FRAME_HEADER + len].to_vec();
         self.buf.drain(..FRAME_HEADER + len);

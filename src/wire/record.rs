@@ -154,7 +154,11 @@ pub fn parse_result(body: &[u8]) -> Result<ResultHead, RecordError> {
         1 => false,
         s => return Err(RecordError::BadStatus(s)),
     };
-    Ok(ResultHead { call_id: u64_at(body, 0), ok, flags: u32_at(body, 12) })
+    Ok(ResultHead {
+        call_id: u64_at(body, 0),
+        ok,
+        flags: u32_at(body, 12),
+    })
 }
 
 /// Parses a cancel body.
@@ -168,7 +172,11 @@ pub fn parse_cancel(body: &[u8]) -> Result<u64, RecordError> {
 /// Splits an error payload into message and context.
 pub fn decode_error(bytes: &[u8]) -> Result<(String, Option<Value>), DecodeError> {
     let v = codec::decode(bytes)?;
-    let message = v.get("message").and_then(Value::as_str).unwrap_or("remote error").to_string();
+    let message = v
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("remote error")
+        .to_string();
     let context = v.get("context").cloned();
     Ok((message, context))
 }

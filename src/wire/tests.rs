@@ -14,7 +14,9 @@ fn sample() -> Value {
 #[test]
 fn binary_round_trip_keeps_every_kind() {
     let mut v = sample();
-    v.as_map_mut().unwrap().insert("b".into(), Value::Bytes(vec![0, 1, 255]));
+    v.as_map_mut()
+        .unwrap()
+        .insert("b".into(), Value::Bytes(vec![0, 1, 255]));
     let bytes = codec::encode(&v);
     assert_eq!(bytes.len(), codec::encoded_len(&v));
     let back = codec::decode(&bytes).unwrap();
@@ -51,7 +53,11 @@ fn serde_types_convert_both_ways() {
         bid: f64,
         size: u32,
     }
-    let q = Quote { symbol: "VOD.L".into(), bid: 71.25, size: 300 };
+    let q = Quote {
+        symbol: "VOD.L".into(),
+        bid: 71.25,
+        size: 300,
+    };
     let v = Value::from_serialize(&q).unwrap();
     assert_eq!(v.get("size"), Some(&Value::I64(300)));
     assert_eq!(v.deserialize_into::<Quote>().unwrap(), q);
@@ -61,7 +67,10 @@ fn serde_types_convert_both_ways() {
 fn truncated_input_is_an_error_at_every_cut() {
     let bytes = codec::encode(&sample());
     for cut in 0..bytes.len() {
-        assert!(codec::decode(&bytes[..cut]).is_err(), "cut at {cut} decoded");
+        assert!(
+            codec::decode(&bytes[..cut]).is_err(),
+            "cut at {cut} decoded"
+        );
     }
 }
 
@@ -70,18 +79,30 @@ fn hostile_encodings_are_rejected() {
     assert_eq!(codec::decode(&[42]), Err(DecodeError::BadTag(42)));
     assert_eq!(codec::decode(&[0, 0]), Err(DecodeError::Trailing(1)));
     // A string claiming 2^60 bytes.
-    assert_eq!(codec::decode(&[6, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10]), Err(DecodeError::Truncated));
+    assert_eq!(
+        codec::decode(&[6, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10]),
+        Err(DecodeError::Truncated)
+    );
     // An array claiming a billion elements in 6 bytes must not allocate for them.
-    assert_eq!(codec::decode(&[8, 0x80, 0x94, 0xeb, 0xdc, 0x03]), Err(DecodeError::Truncated));
+    assert_eq!(
+        codec::decode(&[8, 0x80, 0x94, 0xeb, 0xdc, 0x03]),
+        Err(DecodeError::Truncated)
+    );
     // Invalid UTF-8.
-    assert_eq!(codec::decode(&[6, 2, 0xff, 0xfe]), Err(DecodeError::BadUtf8));
+    assert_eq!(
+        codec::decode(&[6, 2, 0xff, 0xfe]),
+        Err(DecodeError::BadUtf8)
+    );
     // An 11-byte varint.
-    assert_eq!(codec::decode(&[3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]), Err(DecodeError::BadVarint));
+    assert_eq!(
+        codec::decode(&[3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]),
+        Err(DecodeError::BadVarint)
+    );
 }
 
 #[test]
 fn nesting_beyond_the_limit_is_refused_not_a_stack_overflow() {
-    let mut deep = vec![8u8, 1].repeat(100_000);
+    let mut deep = [8u8, 1].repeat(100_000);
     deep.push(0);
     assert_eq!(codec::decode(&deep), Err(DecodeError::TooDeep(MAX_DEPTH)));
     let json = "[".repeat(10_000) + &"]".repeat(10_000);
@@ -94,7 +115,13 @@ fn nesting_beyond_the_limit_is_refused_not_a_stack_overflow() {
 fn frames_round_trip_and_split_anywhere() {
     let msg = ToGateway::Register {
         req: 7,
-        methods: vec![MethodSpec { id: 1, def: MethodDef { flags: sample(), ..MethodDef::new("Sum") } }],
+        methods: vec![MethodSpec {
+            id: 1,
+            def: MethodDef {
+                flags: sample(),
+                ..MethodDef::new("Sum")
+            },
+        }],
     };
     let frame = encode_frame(&msg, 0).unwrap();
     for split in 0..frame.len() {
@@ -125,12 +152,22 @@ fn oversized_or_fd_hungry_frames_are_refused() {
     assert!(matches!(r.next_frame(), Err(FrameError::TooManyFds(200))));
     let mut r = FrameReader::default();
     r.push_bytes(&[1, 0, 0, 0, 1, 0, 0, 0, 0]);
-    assert!(matches!(r.next_frame(), Err(FrameError::MissingFds { declared: 1, received: 0 })));
+    assert!(matches!(
+        r.next_frame(),
+        Err(FrameError::MissingFds {
+            declared: 1,
+            received: 0
+        })
+    ));
 }
 
 #[test]
 fn garbage_bodies_do_not_decode() {
-    for b in [&[][..], &[200, 1, 2], &[0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]] {
+    for b in [
+        &[][..],
+        &[200, 1, 2],
+        &[0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+    ] {
         assert!(decode_body::<ToGateway>(b).is_err());
     }
 }
@@ -141,7 +178,10 @@ fn records_round_trip() {
     record::invoke(&mut buf, 9, 3, 500, &Value::from("x"));
     let h = record::parse_invoke(&buf).unwrap();
     assert_eq!((h.call_id, h.method_id, h.timeout_ms), (9, 3, 500));
-    assert_eq!(record::decode_payload(h.flags, &buf[record::INVOKE_HEADER..]).unwrap(), Value::from("x"));
+    assert_eq!(
+        record::decode_payload(h.flags, &buf[record::INVOKE_HEADER..]).unwrap(),
+        Value::from("x")
+    );
 
     record::invoke(&mut buf, 1, 1, 0, &Value::Bytes(vec![1, 2, 3]));
     let h = record::parse_invoke(&buf).unwrap();

@@ -172,7 +172,9 @@ impl Value {
             Value::Bool(b) => J::Bool(*b),
             Value::I64(i) => J::from(*i),
             Value::U64(u) => J::from(*u),
-            Value::F64(f) => serde_json::Number::from_f64(*f).map(J::Number).unwrap_or(J::Null),
+            Value::F64(f) => serde_json::Number::from_f64(*f)
+                .map(J::Number)
+                .unwrap_or(J::Null),
             Value::String(s) => J::String(s.clone()),
             Value::Bytes(b) => J::Array(b.iter().map(|&x| J::from(x)).collect()),
             Value::Array(a) => J::Array(a.iter().map(Value::to_json).collect()),

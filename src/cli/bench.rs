@@ -1,0 +1,715 @@
+//! `knit bench`: cross-process latency and throughput, always against baselines measured in the
+//! same run on the same machine (the machines are shared and noisy; absolute numbers from another
+//! day mean little, ratios do).
+//!
+//! `rpc` measures knit's method round trip between two processes pinned to different cores, and
+//! in the same run:
+//! * a raw shared-memory ping-pong through a bare SPSC ring written here without any knit code
+//!   (`baseline_shm_*`), the floor for the spinning mode;
+//! * a Unix-socket ping-pong (`baseline_uds_*`, blocking reads);
+//! * a bare futex ping-pong (`baseline_futex_*`), the floor for the parked mode.
+//!
+//! Each scenario alternates baseline and knit in several rounds, so that a noisy neighbour hurts
+//! both alike. Peers are child processes of this binary (`knit __bench-peer ROLE`).
+
+use super::CliError;
+use knit::client::{Client, InvokeOptions};
+use knit::gateway::{Gateway, GatewayConfig};
+use knit::model::Target;
+use knit::wait::WaitStrategy;
+use knit::{Status, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// rpc (ctx, bus and stream arrive with the data-sharing work), or all.
+    scenario: String,
+    /// One payload size in bytes (default: 8, 64, 1024 and 65536).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Measured round trips per size and mode (split over the rounds).
+    #[arg(long, default_value_t = 20_000)]
+    iters: usize,
+    /// Only this mode: spin or park.
+    #[arg(long)]
+    mode: Option<String>,
+    /// Rounds alternating baseline and knit.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// One JSON object per scenario row instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PeerArgs {
+    role: String,
+    #[arg(long)]
+    fd: Option<i32>,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    #[arg(long, default_value = "spin")]
+    mode: String,
+    #[arg(long)]
+    cpu: Option<usize>,
+}
+
+/// Latency percentiles of one series, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stats {
+    p50: u64,
+    p99: u64,
+    p999: u64,
+    msgs_per_s: f64,
+}
+
+impl Stats {
+    fn of(mut samples: Vec<u64>, elapsed: Duration) -> Stats {
+        if samples.is_empty() {
+            return Stats::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+        Stats {
+            p50: at(0.50),
+            p99: at(0.99),
+            p999: at(0.999),
+            msgs_per_s: samples.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        }
+    }
+}
+
+struct Series {
+    samples: Vec<u64>,
+    elapsed: Duration,
+}
+
+impl Series {
+    fn new() -> Self {
+        Self {
+            samples: Vec::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+    fn stats(self) -> Stats {
+        Stats::of(self.samples, self.elapsed)
+    }
+}
+
+/// Times `n` calls of `f` (after `warm` unmeasured ones) into `s`. With a `gap`, the thread
+/// sleeps that long before each call, outside the timed region (and outside `elapsed`).
+fn measure(
+    s: &mut Series,
+    warm: usize,
+    n: usize,
+    gap: Duration,
+    mut f: impl FnMut() -> Result<(), CliError>,
+) -> Result<(), CliError> {
+    for _ in 0..warm {
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
+        f()?;
+    }
+    for _ in 0..n {
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
+        let t = Instant::now();
+        f()?;
+        let d = t.elapsed();
+        s.samples.push(d.as_nanos() as u64);
+        s.elapsed += d;
+    }
+    Ok(())
+}
+
+fn bench_err(what: &str, e: impl std::fmt::Display) -> CliError {
+    CliError::new(Status::Internal, format!("{what}: {e}"))
+}
+
+fn cpus() -> (Option<usize>, Option<usize>) {
+    let c = knit::sys::affinity::available_cpus();
+    match c.as_slice() {
+        [a, b, ..] => (Some(*a), Some(*b)),
+        _ => (None, None),
+    }
+}
+
+fn pin(cpu: Option<usize>) {
+    if let Some(c) = cpu {
+        let _ = knit::sys::affinity::pin_current_thread(c);
+    }
+}
+
+fn machine() -> String {
+    static MACHINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MACHINE.get_or_init(machine_now).clone()
+}
+
+fn machine_now() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "{model}, {} CPUs available",
+        knit::sys::affinity::available_cpus().len()
+    )
+}
+
+pub fn run(args: BenchArgs) -> Result<(), CliError> {
+    match args.scenario.as_str() {
+        "rpc" | "all" => rpc(&args),
+        "ctx" | "bus" | "stream" => Err(CliError::new(
+            Status::InvalidArgument,
+            format!(
+                "bench {} needs the data-sharing features, which this build does not have yet",
+                args.scenario
+            ),
+        )),
+        other => Err(CliError::new(
+            Status::InvalidArgument,
+            format!("unknown bench scenario {other:?}"),
+        )),
+    }
+}
+
+fn exe() -> Result<PathBuf, CliError> {
+    std::env::current_exe().map_err(|e| bench_err("locating knit", e))
+}
+
+/// A child peer; killed (and reaped) when dropped.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_peer(role: &str, extra: &[String], fd: Option<&OwnedFd>) -> Result<Peer, CliError> {
+    let mut cmd = Command::new(exe()?);
+    cmd.arg("__bench-peer")
+        .arg(role)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    if let Some(fd) = fd {
+        // Let the child inherit this one descriptor.
+        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())
+            .map_err(|e| bench_err("fcntl", e))?;
+        cmd.arg("--fd").arg(fd.as_raw_fd().to_string());
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| bench_err("spawning a bench peer", e))?;
+    if let Some(fd) = fd {
+        let _ = rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC);
+    }
+    // Wait for its "ready" line.
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| bench_err("peer", "no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .map_err(|e| bench_err("peer", e))?;
+    if !line.contains("ready") {
+        let _ = child.kill();
+        return Err(bench_err("bench peer did not start", line.trim()));
+    }
+    Ok(Peer(child))
+}
+
+// ----- the bare ring (baseline; deliberately no knit code) ------------------------------------
+
+const SLOTS: u64 = 4;
+
+/// Two directions of a fixed-slot SPSC ring in one memfd.
+struct Bare {
+    base: *mut u8,
+    len: usize,
+    slot: usize,
+}
+
+impl Bare {
+    fn layout(size: usize) -> (usize, usize) {
+        let slot = (8 + size).div_ceil(64) * 64;
+        (slot, 4096 + 2 * SLOTS as usize * slot)
+    }
+
+    fn create(size: usize) -> Result<(Bare, OwnedFd), CliError> {
+        let (_, len) = Self::layout(size);
+        let fd = rustix::fs::memfd_create("knit-bench", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| bench_err("memfd", e))?;
+        rustix::fs::ftruncate(&fd, len as u64).map_err(|e| bench_err("ftruncate", e))?;
+        Ok((Self::map(&fd, size)?, fd))
+    }
+
+    fn map(fd: impl AsFd, size: usize) -> Result<Bare, CliError> {
+        let (slot, len) = Self::layout(size);
+        // SAFETY: a fresh shared mapping of a memfd we sized to `len`.
+        let base = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                fd,
+                0,
+            )
+        }
+        .map_err(|e| bench_err("mmap", e))?;
+        Ok(Bare {
+            base: base.cast(),
+            len,
+            slot,
+        })
+    }
+
+    fn word(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: `off` is one of the fixed 128-aligned control offsets inside the mapping.
+        unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    fn futex_word(&self, off: usize) -> &AtomicU32 {
+        // SAFETY: as in `word`.
+        unsafe { &*(self.base.add(off) as *const AtomicU32) }
+    }
+
+    fn send(&self, dir: usize, bytes: &[u8]) {
+        let (head, tail) = (self.word(dir * 256), self.word(dir * 256 + 128));
+        let t = tail.load(Ordering::Relaxed);
+        while t - head.load(Ordering::Acquire) >= SLOTS {
+            std::hint::spin_loop();
+        }
+        let off = 4096 + (dir * SLOTS as usize + (t % SLOTS) as usize) * self.slot;
+        // SAFETY: the slot is inside the mapping and free (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (bytes.len() as u64).to_le_bytes().as_ptr(),
+                self.base.add(off),
+                8,
+            );
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(off + 8), bytes.len());
+        }
+        tail.store(t + 1, Ordering::Release);
+    }
+
+    fn recv(&self, dir: usize, out: &mut Vec<u8>) -> bool {
+        let (head, tail) = (self.word(dir * 256), self.word(dir * 256 + 128));
+        let h = head.load(Ordering::Relaxed);
+        while tail.load(Ordering::Acquire) == h {
+            std::hint::spin_loop();
+        }
+        let off = 4096 + (dir * SLOTS as usize + (h % SLOTS) as usize) * self.slot;
+        let mut n = [0u8; 8];
+        // SAFETY: the slot is inside the mapping and published (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(off), n.as_mut_ptr(), 8) };
+        let n = u64::from_le_bytes(n);
+        let stop = n == u64::MAX;
+        let n = (n as usize).min(self.slot - 8);
+        out.resize(if stop { 0 } else { n }, 0);
+        // SAFETY: as above; `n` is clamped to the slot.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.add(off + 8), out.as_mut_ptr(), out.len())
+        };
+        head.store(h + 1, Ordering::Release);
+        !stop
+    }
+
+    fn stop(&self, dir: usize) {
+        let (head, tail) = (self.word(dir * 256), self.word(dir * 256 + 128));
+        let t = tail.load(Ordering::Relaxed);
+        while t - head.load(Ordering::Acquire) >= SLOTS {
+            std::hint::spin_loop();
+        }
+        let off = 4096 + (dir * SLOTS as usize + (t % SLOTS) as usize) * self.slot;
+        // SAFETY: as in `send`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(u64::MAX.to_le_bytes().as_ptr(), self.base.add(off), 8)
+        };
+        tail.store(t + 1, Ordering::Release);
+    }
+}
+
+impl Drop for Bare {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `map`.
+        unsafe {
+            let _ = rustix::mm::munmap(self.base.cast(), self.len);
+        }
+    }
+}
+
+fn futex_wait(w: &AtomicU32, v: u32) {
+    let _ = rustix::thread::futex::wait(w, rustix::thread::futex::Flags::empty(), v, None);
+}
+
+fn futex_wake(w: &AtomicU32) {
+    let _ = rustix::thread::futex::wake(w, rustix::thread::futex::Flags::empty(), 1);
+}
+
+// ----- peers ----------------------------------------------------------------------------------
+
+fn ready() {
+    println!("ready");
+    let _ = std::io::stdout().flush();
+}
+
+fn inherited(fd: Option<i32>) -> Result<OwnedFd, CliError> {
+    let fd = fd.ok_or_else(|| bench_err("peer", "--fd missing"))?;
+    // SAFETY: the parent passed us this descriptor number, open and inherited, and nothing
+    // else in this process owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+pub fn peer(a: PeerArgs) -> Result<(), CliError> {
+    pin(a.cpu);
+    match a.role.as_str() {
+        "raw-shm" => {
+            let fd = inherited(a.fd)?;
+            let bare = Bare::map(&fd, a.size)?;
+            ready();
+            let mut buf = Vec::with_capacity(a.size);
+            while bare.recv(0, &mut buf) {
+                bare.send(1, &buf);
+            }
+        }
+        "futex" => {
+            let fd = inherited(a.fd)?;
+            let bare = Bare::map(&fd, 8)?;
+            let (ping, pong) = (bare.futex_word(1024), bare.futex_word(2048));
+            ready();
+            let mut seen = 0;
+            loop {
+                while ping.load(Ordering::Acquire) == seen {
+                    futex_wait(ping, seen);
+                }
+                seen = ping.load(Ordering::Acquire);
+                if seen == u32::MAX {
+                    break;
+                }
+                pong.store(seen, Ordering::Release);
+                futex_wake(pong);
+            }
+        }
+        "uds" => {
+            let fd = inherited(a.fd)?;
+            let mut s = std::os::unix::net::UnixStream::from(fd);
+            ready();
+            let mut buf = vec![0u8; a.size];
+            while s.read_exact(&mut buf).is_ok() {
+                if s.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        }
+        "rpc-server" => {
+            let wait = WaitStrategy::parse(&a.mode).ok_or_else(|| bench_err("peer", "bad mode"))?;
+            let socket = a
+                .socket
+                .ok_or_else(|| bench_err("peer", "--socket missing"))?;
+            let client = Client::builder("bench-server")
+                .socket(socket)
+                .wait_strategy(wait)
+                .connect()?;
+            client.register_async("bench.echo", |call, r| r.ok(call.args))?;
+            ready();
+            // Serve until the parent closes our stdin (or kills us).
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+            drop(client);
+        }
+        other => {
+            return Err(CliError::new(
+                Status::InvalidArgument,
+                format!("unknown peer role {other}"),
+            ))
+        }
+    }
+    Ok(())
+}
+
+// ----- scenarios ------------------------------------------------------------------------------
+
+fn raw_shm_round(
+    size: usize,
+    n: usize,
+    warm: usize,
+    cpu: Option<usize>,
+    s: &mut Series,
+) -> Result<(), CliError> {
+    let (bare, fd) = Bare::create(size)?;
+    let cpu_arg = cpu
+        .map(|c| vec!["--cpu".into(), c.to_string()])
+        .unwrap_or_default();
+    let _peer = spawn_peer(
+        "raw-shm",
+        &[&["--size".to_string(), size.to_string()][..], &cpu_arg].concat(),
+        Some(&fd),
+    )?;
+    let payload = vec![0xABu8; size];
+    let mut buf = Vec::with_capacity(size);
+    let r = measure(s, warm, n, Duration::ZERO, || {
+        bare.send(0, &payload);
+        bare.recv(1, &mut buf);
+        if buf.len() != size {
+            return Err(bench_err("raw-shm baseline", "short echo"));
+        }
+        Ok(())
+    });
+    bare.stop(0);
+    r
+}
+
+fn uds_round(
+    size: usize,
+    n: usize,
+    warm: usize,
+    cpu: Option<usize>,
+    s: &mut Series,
+) -> Result<(), CliError> {
+    let (mut a, b) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| bench_err("socketpair", e))?;
+    let b: OwnedFd = b.into();
+    let cpu_arg = cpu
+        .map(|c| vec!["--cpu".into(), c.to_string()])
+        .unwrap_or_default();
+    let _peer = spawn_peer(
+        "uds",
+        &[&["--size".to_string(), size.to_string()][..], &cpu_arg].concat(),
+        Some(&b),
+    )?;
+    drop(b);
+    let payload = vec![0xABu8; size];
+    let mut buf = vec![0u8; size];
+    measure(s, warm, n, Duration::ZERO, || {
+        a.write_all(&payload).map_err(|e| bench_err("uds", e))?;
+        a.read_exact(&mut buf).map_err(|e| bench_err("uds", e))
+    })
+}
+
+fn futex_round(
+    n: usize,
+    warm: usize,
+    cpu: Option<usize>,
+    gap: Duration,
+    s: &mut Series,
+) -> Result<(), CliError> {
+    let (bare, fd) = Bare::create(8)?;
+    let cpu_arg = cpu
+        .map(|c| vec!["--cpu".into(), c.to_string()])
+        .unwrap_or_default();
+    let _peer = spawn_peer("futex", &cpu_arg, Some(&fd))?;
+    let (ping, pong) = (bare.futex_word(1024), bare.futex_word(2048));
+    let mut seq = 0u32;
+    let r = measure(s, warm, n, gap, || {
+        seq += 1;
+        ping.store(seq, Ordering::Release);
+        futex_wake(ping);
+        while pong.load(Ordering::Acquire) != seq {
+            futex_wait(pong, seq - 1);
+        }
+        Ok(())
+    });
+    ping.store(u32::MAX, Ordering::Release);
+    futex_wake(ping);
+    r
+}
+
+fn rpc_round(
+    socket: &std::path::Path,
+    size: usize,
+    mode: &str,
+    n: usize,
+    warm: usize,
+    cpu: Option<usize>,
+    s: &mut Series,
+) -> Result<(), CliError> {
+    let (server_wait, client_wait, gap) = match mode {
+        "spin" => ("spin", WaitStrategy::BusySpin, Duration::ZERO),
+        // Both sides on the default strategy; a pause longer than the spin budget between calls
+        // lets the server fall asleep, so every call has to wake it.
+        _ => (
+            "spin-then-park",
+            WaitStrategy::default(),
+            Duration::from_micros(200),
+        ),
+    };
+    let mut extra = vec![
+        "--socket".to_string(),
+        socket.display().to_string(),
+        "--mode".into(),
+        server_wait.into(),
+    ];
+    if let Some(c) = cpu {
+        extra.extend(["--cpu".into(), c.to_string()]);
+    }
+    let _peer = spawn_peer("rpc-server", &extra, None)?;
+    let client = Client::builder("bench-client")
+        .socket(socket)
+        .poll_mode(true)
+        .wait_strategy(client_wait)
+        .connect()?;
+    let opts = InvokeOptions {
+        target: Target::Best,
+        wait: Duration::from_secs(5),
+        timeout: Duration::from_secs(5),
+    };
+    let payload = Value::Bytes(vec![0xAB; size]);
+    measure(s, warm, n, gap, || {
+        let r = client
+            .invoke("bench.echo", payload.clone(), &opts)
+            .map_err(|e| bench_err("invoke", e))?;
+        match r.returned {
+            Value::Bytes(b) if b.len() == size => Ok(()),
+            _ => Err(bench_err("rpc", "wrong echo")),
+        }
+    })
+}
+
+fn row(
+    scenario: &str,
+    mode: &str,
+    size: usize,
+    iters: usize,
+    knit: Stats,
+    baselines: &[(&str, Stats)],
+) -> Value {
+    let mut m = knit::wire::Map::new();
+    m.insert("scenario".into(), Value::from(scenario));
+    m.insert("mode".into(), Value::from(mode));
+    m.insert("size".into(), Value::from(size));
+    m.insert("iters".into(), Value::from(iters));
+    m.insert("p50_ns".into(), Value::from(knit.p50));
+    m.insert("p99_ns".into(), Value::from(knit.p99));
+    m.insert("p999_ns".into(), Value::from(knit.p999));
+    m.insert("msgs_per_s".into(), Value::from(knit.msgs_per_s.round()));
+    for (name, b) in baselines {
+        m.insert(format!("baseline_{name}_p50_ns"), Value::from(b.p50));
+        m.insert(format!("baseline_{name}_p99_ns"), Value::from(b.p99));
+        m.insert(format!("baseline_{name}_p999_ns"), Value::from(b.p999));
+        m.insert(
+            format!("ratio_p50_vs_{name}"),
+            Value::from((knit.p50 as f64 / b.p50.max(1) as f64 * 100.0).round() / 100.0),
+        );
+    }
+    m.insert("machine".into(), Value::from(machine()));
+    Value::Map(m)
+}
+
+fn rpc(args: &BenchArgs) -> Result<(), CliError> {
+    let sizes = match args.size {
+        Some(s) => vec![s],
+        None => vec![8, 64, 1024, 65536],
+    };
+    let modes: Vec<&str> = match args.mode.as_deref() {
+        Some("spin") => vec!["spin"],
+        Some("park") => vec!["park"],
+        None => vec!["spin", "park"],
+        Some(m) => {
+            return Err(CliError::new(
+                Status::InvalidArgument,
+                format!("unknown mode {m}"),
+            ))
+        }
+    };
+    let rounds = args.rounds.max(1);
+    let per_round = (args.iters / rounds).max(1);
+    let warm = (per_round / 10).clamp(10, 2000);
+    let (cpu_client, cpu_server) = cpus();
+    machine(); // read before pinning narrows what we see
+    pin(cpu_client);
+    // A private gateway, so the bench needs nothing running and disturbs nothing.
+    let dir = std::env::temp_dir().join(format!("knit-bench-{}", std::process::id()));
+    let gw = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
+        .map_err(|e| bench_err("gateway", e))?
+        .spawn()
+        .map_err(|e| bench_err("gateway", e))?;
+    let socket = gw.socket_path().to_path_buf();
+    let mut rows = Vec::new();
+    let result = (|| {
+        for &mode in &modes {
+            for &size in &sizes {
+                let (mut k, mut shm, mut uds, mut fx) =
+                    (Series::new(), Series::new(), Series::new(), Series::new());
+                for _ in 0..rounds {
+                    if mode == "spin" {
+                        raw_shm_round(size, per_round, warm, cpu_server, &mut shm)?;
+                        uds_round(size, per_round, warm, cpu_server, &mut uds)?;
+                        rpc_round(&socket, size, mode, per_round, warm, cpu_server, &mut k)?;
+                    } else {
+                        let n = (per_round / 4).max(1);
+                        futex_round(
+                            n,
+                            warm.min(200),
+                            cpu_server,
+                            Duration::from_micros(200),
+                            &mut fx,
+                        )?;
+                        rpc_round(&socket, size, mode, n, warm.min(200), cpu_server, &mut k)?;
+                    }
+                }
+                let n = k.samples.len();
+                let r = if mode == "spin" {
+                    row(
+                        "rpc",
+                        mode,
+                        size,
+                        n,
+                        k.stats(),
+                        &[("shm", shm.stats()), ("uds", uds.stats())],
+                    )
+                } else {
+                    row("rpc", mode, size, n, k.stats(), &[("futex", fx.stats())])
+                };
+                if args.json {
+                    println!("{}", r.to_json_string());
+                } else {
+                    print_row(&r);
+                }
+                rows.push(r);
+            }
+        }
+        Ok(())
+    })();
+    gw.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn print_row(r: &Value) {
+    let g = |k: &str| r.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let us = |k: &str| format!("{:.2}", g(k) / 1000.0);
+    let base = if r.get("baseline_shm_p50_ns").is_some() {
+        "shm"
+    } else {
+        "futex"
+    };
+    println!(
+        "rpc {:<5} {:>6} B  knit p50 {:>8} µs p99 {:>8} µs p99.9 {:>8} µs | {base} p50 {:>7} µs | ratio {:.2}{}",
+        r.get("mode").and_then(Value::as_str).unwrap_or(""),
+        g("size"),
+        us("p50_ns"),
+        us("p99_ns"),
+        us("p999_ns"),
+        us(&format!("baseline_{base}_p50_ns")),
+        g(&format!("ratio_p50_vs_{base}")),
+        if base == "shm" { format!(" | uds p50 {} µs", us("baseline_uds_p50_ns")) } else { String::new() },
+    );
+}

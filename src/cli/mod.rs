@@ -1,0 +1,403 @@
+//! The `knit` command line (DESIGN §5). Output is JSON on stdout, one value per line; errors are
+//! one line on stderr; the exit code says what happened (0 ok, 2 usage, 3 no server, 4 timeout,
+//! 5 remote failure, 6 gateway unreachable, 7 permission denied, 8 bad input).
+
+mod bench;
+
+use clap::{Parser, Subcommand};
+use knit::client::{Client, ClientError, InvokeError, InvokeOptions};
+use knit::gateway::{Gateway, GatewayConfig};
+use knit::model::Target;
+use knit::wait::WaitStrategy;
+use knit::{Status, Value};
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "knit",
+    version,
+    about = "Desktop interop over shared memory: gateway and tools"
+)]
+struct Cli {
+    /// Gateway socket (default: $KNIT_GATEWAY, else $XDG_RUNTIME_DIR/knit/gateway.sock, else
+    /// /tmp/knit-<uid>/gateway.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    gateway: Option<PathBuf>,
+    /// Application name this tool connects as.
+    #[arg(long, global = true, value_name = "NAME")]
+    app: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the gateway until SIGINT/SIGTERM.
+    Gateway(GatewayArgs),
+    /// List methods and their servers.
+    Methods {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Invoke a method and print the io.Connect-shaped result.
+    Invoke {
+        method: String,
+        /// Arguments as JSON, `@FILE`, or `-` for standard input (default `{}`).
+        args: Option<String>,
+        /// best, all, skip-mine, or an application name (case-insensitive).
+        #[arg(long, default_value = "best")]
+        target: String,
+        /// How long to wait for a server to appear.
+        #[arg(long, default_value_t = 3000)]
+        wait_ms: u64,
+        /// How long each server has to answer.
+        #[arg(long, default_value_t = 30000)]
+        timeout_ms: u64,
+    },
+    /// Serve a method (for demos and tests) until killed.
+    Serve {
+        method: String,
+        /// Return the arguments.
+        #[arg(long, conflicts_with = "reply", required_unless_present = "reply")]
+        echo: bool,
+        /// Return this JSON.
+        #[arg(long, value_name = "JSON")]
+        reply: Option<String>,
+        /// Wait this long before answering.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// How the server waits: spin, park, spin-then-park[:MICROS].
+        #[arg(long, default_value = "spin-then-park")]
+        wait: String,
+    },
+    /// Measure (see the README for what each scenario compares against).
+    Bench(bench::BenchArgs),
+    #[command(hide = true, name = "__bench-peer")]
+    BenchPeer(bench::PeerArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GatewayArgs {
+    /// WebSocket bridge address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8385")]
+    ws: String,
+    /// Run without the WebSocket bridge.
+    #[arg(long)]
+    no_ws: bool,
+    /// Bridge authentication: token or open.
+    #[arg(long, value_name = "MODE", default_value = "token")]
+    ws_auth: String,
+    /// Gateway configuration (JSON).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Largest payload a peer may send, in bytes (default 16 MiB).
+    #[arg(long, value_name = "BYTES")]
+    max_payload: Option<u64>,
+}
+
+/// A failure the CLI reports: one line on stderr and an exit code.
+#[derive(Debug)]
+pub(crate) struct CliError {
+    pub status: Status,
+    pub message: String,
+}
+
+impl CliError {
+    pub(crate) fn new(status: Status, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        CliError::new(e.status(), e.to_string())
+    }
+}
+
+type CliResult = Result<(), CliError>;
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("knit: {}", e.message);
+            e.status.exit_code()
+        }
+    }
+}
+
+fn run(cli: Cli) -> CliResult {
+    let socket = knit::control::resolve_socket_path(cli.gateway.as_deref());
+    match cli.cmd {
+        Cmd::Gateway(args) => gateway(socket, args),
+        Cmd::Methods { json } => methods(&connect(&socket, cli.app.as_deref(), "knit-cli")?, json),
+        Cmd::Invoke {
+            method,
+            args,
+            target,
+            wait_ms,
+            timeout_ms,
+        } => {
+            // Parse first: bad input is exit 8 even when no gateway runs.
+            let args = match args {
+                Some(a) => parse_json_arg(&a)?,
+                None => Value::map(),
+            };
+            let client = connect(&socket, cli.app.as_deref(), "knit-cli")?;
+            invoke(&client, &method, args, &target, wait_ms, timeout_ms)
+        }
+        Cmd::Serve {
+            method,
+            echo,
+            reply,
+            delay_ms,
+            wait,
+        } => {
+            let reply = match reply {
+                Some(r) if !echo => Some(parse_json_arg(&r)?),
+                _ => None,
+            };
+            let wait = WaitStrategy::parse(&wait)
+                .ok_or_else(|| CliError::new(Status::InvalidArgument, "bad --wait"))?;
+            let client = Client::builder(cli.app.as_deref().unwrap_or("knit-serve"))
+                .socket(&socket)
+                .wait_strategy(wait)
+                .connect()?;
+            serve(&client, &method, reply, delay_ms)
+        }
+        Cmd::Bench(args) => bench::run(args),
+        Cmd::BenchPeer(args) => bench::peer(args),
+    }
+}
+
+fn connect(
+    socket: &std::path::Path,
+    app: Option<&str>,
+    default_app: &str,
+) -> Result<Client, CliError> {
+    Ok(Client::builder(app.unwrap_or(default_app))
+        .socket(socket)
+        .connect()?)
+}
+
+/// A JSON argument: literal text, `@FILE`, or `-` (standard input). Invalid JSON is exit 8.
+fn parse_json_arg(arg: &str) -> Result<Value, CliError> {
+    let text = if arg == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| CliError::new(Status::BadInput, format!("reading standard input: {e}")))?;
+        s
+    } else if let Some(path) = arg.strip_prefix('@') {
+        std::fs::read_to_string(path)
+            .map_err(|e| CliError::new(Status::BadInput, format!("reading {path}: {e}")))?
+    } else {
+        arg.to_string()
+    };
+    Value::from_json_str(&text)
+        .map_err(|e| CliError::new(Status::BadInput, format!("invalid JSON: {e}")))
+}
+
+fn print_json(v: &Value) {
+    println!("{}", v.to_json_string());
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct GatewayFile {
+    max_payload: Option<u64>,
+    lane_capacity: Option<usize>,
+    max_peers: Option<usize>,
+    max_methods_per_peer: Option<usize>,
+    queue_depth: Option<usize>,
+    #[serde(flatten)]
+    other: serde_json::Map<String, serde_json::Value>,
+}
+
+fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
+    knit::log::set_default_level(knit::log::Level::Info);
+    let mut cfg = GatewayConfig::new(socket);
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            CliError::new(Status::BadInput, format!("reading {}: {e}", path.display()))
+        })?;
+        let f: GatewayFile = serde_json::from_str(&text)
+            .map_err(|e| CliError::new(Status::BadInput, format!("{}: {e}", path.display())))?;
+        if let Some(v) = f.max_payload {
+            cfg.limits.max_payload = v;
+        }
+        if let Some(v) = f.lane_capacity {
+            cfg.limits.lane_capacity = v;
+        }
+        if let Some(v) = f.max_peers {
+            cfg.limits.max_peers = v;
+        }
+        if let Some(v) = f.max_methods_per_peer {
+            cfg.limits.max_methods_per_peer = v;
+        }
+        if let Some(v) = f.queue_depth {
+            cfg.queue_depth = v;
+        }
+        for k in f.other.keys() {
+            eprintln!(
+                "knit: warning: {}: unknown setting {k:?} ignored",
+                path.display()
+            );
+        }
+    }
+    if let Some(v) = args.max_payload {
+        cfg.limits.max_payload = v;
+    }
+    if !cfg.limits.lane_capacity.is_power_of_two() || cfg.limits.lane_capacity < knit::shm::MIN_RING
+    {
+        return Err(CliError::new(
+            Status::InvalidArgument,
+            "lane_capacity must be a power of two >= 4096",
+        ));
+    }
+    if !["token", "open"].contains(&args.ws_auth.as_str()) {
+        return Err(CliError::new(
+            Status::InvalidArgument,
+            "--ws-auth must be token or open",
+        ));
+    }
+    if !args.no_ws {
+        eprintln!("knit: note: the WebSocket bridge ({}) is not part of this build yet; serving native peers only", args.ws);
+    }
+    let gw = Gateway::bind(cfg).map_err(|e| CliError::new(e.status(), e.to_string()))?;
+    gw.run_until(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+    })
+    .map_err(|e| CliError::new(e.status(), e.to_string()))
+}
+
+fn method_json(m: &knit::client::MethodInfo) -> Value {
+    let d = &m.def;
+    let servers = m
+        .servers
+        .iter()
+        .map(|s| {
+            Value::object([
+                ("application", Value::from(s.application.as_str())),
+                ("instance", Value::from(s.instance.as_str())),
+                ("pid", Value::from(s.pid)),
+                ("peerId", Value::from(s.peer_id.to_string())),
+            ])
+        })
+        .collect();
+    Value::object([
+        ("name", Value::from(d.name.as_str())),
+        ("displayName", Value::from(d.display_name.clone())),
+        ("description", Value::from(d.description.clone())),
+        (
+            "objectTypes",
+            Value::Array(
+                d.object_types
+                    .iter()
+                    .map(|s| Value::from(s.as_str()))
+                    .collect(),
+            ),
+        ),
+        ("accepts", Value::from(d.accepts.clone())),
+        ("returns", Value::from(d.returns.clone())),
+        ("version", Value::from(d.version)),
+        ("flags", d.flags.clone()),
+        ("supportsStreaming", Value::from(d.streaming)),
+        ("servers", Value::Array(servers)),
+    ])
+}
+
+fn methods(client: &Client, json: bool) -> CliResult {
+    let mut ms = client.methods();
+    ms.sort_by(|a, b| a.def.name.cmp(&b.def.name));
+    if json {
+        print_json(&Value::Array(ms.iter().map(method_json).collect()));
+    } else {
+        println!("{:<32} {:<24} {:>8}  PEER", "METHOD", "APPLICATION", "PID");
+        for m in &ms {
+            for s in &m.servers {
+                println!(
+                    "{:<32} {:<24} {:>8}  {}",
+                    m.def.name, s.application, s.pid, s.peer_id
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn invoke(
+    client: &Client,
+    method: &str,
+    args: Value,
+    target: &str,
+    wait_ms: u64,
+    timeout_ms: u64,
+) -> CliResult {
+    let opts = InvokeOptions {
+        target: Target::parse_cli(target),
+        wait: Duration::from_millis(wait_ms),
+        timeout: Duration::from_millis(timeout_ms),
+    };
+    match client.invoke(method, args, &opts) {
+        Ok(r) => {
+            print_json(&r.to_value());
+            Ok(())
+        }
+        Err(InvokeError::Failed(r)) => {
+            print_json(&r.to_value());
+            Err(CliError::new(r.failure_status(), r.message.clone()))
+        }
+        Err(e) => Err(CliError::new(e.status(), e.to_string())),
+    }
+}
+
+fn serve(client: &Client, method: &str, reply: Option<Value>, delay_ms: u64) -> CliResult {
+    let delay = Duration::from_millis(delay_ms);
+    client.register_async(method, move |call, responder| {
+        let result = reply.clone().unwrap_or(call.args);
+        if delay.is_zero() {
+            responder.ok(result);
+        } else {
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                responder.ok(result);
+            });
+        }
+    })?;
+    let me = client.instance();
+    print_json(&Value::object([
+        ("ready", Value::from(true)),
+        ("method", Value::from(method)),
+        ("application", Value::from(me.application.as_str())),
+        ("instance", Value::from(me.instance.as_str())),
+        ("pid", Value::from(me.pid)),
+        ("peerId", Value::from(me.peer_id.to_string())),
+    ]));
+    // Serve until killed, or until the gateway goes away.
+    while client.is_connected() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(CliError::new(
+        Status::Disconnected,
+        "the gateway closed the connection",
+    ))
+}
