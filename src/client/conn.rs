@@ -189,7 +189,10 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 );
             }
         }
-        FromGateway::PeerAdded { identity } => {
+        FromGateway::PeerAdded {
+            identity,
+            transport,
+        } => {
             let identity = Arc::new(identity);
             {
                 let mut st = shared.lock_state();
@@ -197,6 +200,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                     identity.peer_id,
                     RemotePeer {
                         identity: identity.clone(),
+                        transport,
                         methods: Default::default(),
                     },
                 );
@@ -242,6 +246,38 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
         FromGateway::MethodsRemoved { peer, ids } => {
             super::interop::methods_removed(shared, peer, ids)
         }
+        FromGateway::Invoke {
+            invocation,
+            caller,
+            method_id,
+            args,
+        } => {
+            let caller = shared
+                .lock_state()
+                .peers
+                .get(&caller)
+                .map(|p| p.identity.clone());
+            match caller {
+                Some(caller) => shared.enqueue(super::engine::Task::RelayInvoke {
+                    invocation,
+                    caller,
+                    method_id,
+                    args,
+                }),
+                None => {
+                    let outcome = crate::wire::frame::RelayOutcome::Err {
+                        status: Status::PeerLeft,
+                        message: "caller unknown".into(),
+                        context: crate::wire::Value::Null,
+                    };
+                    let _ = shared.conn.send(&ToGateway::Yield {
+                        invocation,
+                        outcome,
+                    });
+                }
+            }
+        }
+        FromGateway::CallResult { call, outcome } => shared.complete_relayed(call, outcome),
         FromGateway::Shutdown { reason } => {
             crate::log::info(format_args!("gateway is stopping: {reason}"));
         }

@@ -159,6 +159,13 @@ pub(crate) enum Task {
         method_id: u32,
         args: Result<Value, crate::wire::codec::DecodeError>,
     },
+    /// A peer invoked one of our methods through the gateway.
+    RelayInvoke {
+        invocation: u64,
+        caller: Arc<Instance>,
+        method_id: u32,
+        args: Value,
+    },
     /// We invoked one of our own methods.
     LocalInvoke {
         slot: Arc<CallSlot>,
@@ -172,6 +179,7 @@ pub(crate) enum Task {
 /// A peer as we know it.
 pub(crate) struct RemotePeer {
     pub identity: Arc<Instance>,
+    pub transport: crate::wire::frame::Transport,
     pub methods: BTreeMap<u32, Arc<MethodDef>>,
 }
 
@@ -216,6 +224,8 @@ pub(crate) struct Shared {
     pub me: Arc<Instance>,
     pub wait: WaitStrategy,
     pub poll_mode: bool,
+    /// We asked to be reached (and to reach others) through the gateway only.
+    pub relay_only: bool,
     pub max_payload: usize,
     #[allow(dead_code)]
     pub lane_capacity: usize,
@@ -245,6 +255,7 @@ impl Shared {
         me: Instance,
         wait: WaitStrategy,
         poll_mode: bool,
+        relay_only: bool,
         max_payload: usize,
         lane_capacity: usize,
         conn: super::conn::Conn,
@@ -255,6 +266,7 @@ impl Shared {
             me: Arc::new(me),
             wait,
             poll_mode,
+            relay_only,
             max_payload,
             lane_capacity,
             conn,
@@ -344,6 +356,41 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+    }
+
+    /// Completes a relayed call with the gateway's answer.
+    pub(crate) fn complete_relayed(&self, call_id: u64, outcome: crate::wire::frame::RelayOutcome) {
+        let slot = self
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&call_id);
+        let Some(slot) = slot else { return };
+        let o = match outcome {
+            crate::wire::frame::RelayOutcome::Ok(v) => Ok(v),
+            crate::wire::frame::RelayOutcome::Err {
+                status,
+                message,
+                context,
+            } => {
+                let kind = match status {
+                    crate::Status::MethodFailed => FailureKind::Remote,
+                    crate::Status::PeerLeft => FailureKind::PeerLeft,
+                    crate::Status::Timeout => FailureKind::Timeout,
+                    s => FailureKind::Delivery(s),
+                };
+                Err((
+                    kind,
+                    message,
+                    if context.is_null() {
+                        None
+                    } else {
+                        Some(context)
+                    },
+                ))
+            }
+        };
+        self.complete(&slot, o);
     }
 
     /// Completes a call answered in this process.
@@ -444,6 +491,15 @@ impl Shared {
                     }
                 };
                 self.call_handler(method_id, args, lane.identity.clone(), responder);
+            }
+            Task::RelayInvoke {
+                invocation,
+                caller,
+                method_id,
+                args,
+            } => {
+                let responder = Responder::relay(self.clone(), invocation);
+                self.call_handler(method_id, args, caller, responder);
             }
             Task::LocalInvoke {
                 slot,

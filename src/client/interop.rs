@@ -10,7 +10,7 @@ use crate::model::{
 };
 use crate::status::Status;
 use crate::wire::codec;
-use crate::wire::frame::{Instance, MethodDef, MethodSpec, PeerId, ToGateway};
+use crate::wire::frame::{Instance, MethodDef, MethodSpec, PeerId, ToGateway, Transport};
 use crate::wire::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -236,82 +236,55 @@ pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientE
     Ok(())
 }
 
-/// A server chosen for a call: who, its id for the method, and our lane to it if one is open.
+/// A server chosen for a call: who, its id for the method, how to reach it, and our lane to it
+/// if one is open.
+#[derive(Clone)]
 struct Chosen {
     server: Arc<Instance>,
     method_id: u32,
+    relay: bool,
     lane: Option<Arc<Lane>>,
 }
 
 /// Servers of `method` in discovery order, ourselves first, filtered by `target`.
 fn choose(shared: &Shared, method: &str, target: &Target) -> Vec<Chosen> {
     let st = shared.lock_state();
-    if *target == Target::Best {
-        // The hot path: the first candidate, without building the list.
-        if let Some((id, _)) = st
-            .my_methods
-            .iter()
-            .find(|(_, d)| method_matches(method, d))
-        {
-            return vec![Chosen {
-                server: shared.me.clone(),
-                method_id: *id,
-                lane: None,
-            }];
-        }
-        for (peer, p) in &st.peers {
-            if let Some((id, _)) = p
-                .methods
-                .iter()
-                .find(|(_, d)| !d.streaming && method_matches(method, d))
-            {
-                let lane = st.lanes.get(peer).cloned();
-                return vec![Chosen {
-                    server: p.identity.clone(),
-                    method_id: *id,
-                    lane,
-                }];
-            }
-        }
-        return Vec::new();
-    }
-    let mut cands: Vec<Chosen> = Vec::new();
-    if let Some((id, _)) = st
+    let mine = st
         .my_methods
         .iter()
         .find(|(_, d)| method_matches(method, d))
-    {
-        cands.push(Chosen {
+        .map(|(id, _)| Chosen {
             server: shared.me.clone(),
             method_id: *id,
+            relay: false,
             lane: None,
         });
-    }
-    for (peer, p) in &st.peers {
-        if let Some((id, _)) = p
+    let theirs = st.peers.iter().filter_map(|(peer, p)| {
+        let (id, _) = p
             .methods
             .iter()
-            .find(|(_, d)| !d.streaming && method_matches(method, d))
-        {
-            cands.push(Chosen {
-                server: p.identity.clone(),
-                method_id: *id,
-                lane: st.lanes.get(peer).cloned(),
-            });
-        }
+            .find(|(_, d)| !d.streaming && method_matches(method, d))?;
+        Some(Chosen {
+            server: p.identity.clone(),
+            method_id: *id,
+            relay: p.transport == Transport::Relay || shared.relay_only,
+            lane: st.lanes.get(peer).cloned(),
+        })
+    });
+    let mut cands = mine.into_iter().chain(theirs);
+    if *target == Target::Best {
+        // The hot path: the first candidate, without building the list.
+        return cands.next().into_iter().collect();
     }
+    let cands: Vec<Chosen> = cands.collect();
     let insts: Vec<&Instance> = cands.iter().map(|c| &*c.server).collect();
-    let picked: Vec<PeerId> = select(target, shared.me.peer_id, &insts)
+    select(target, shared.me.peer_id, &insts)
         .iter()
-        .map(|i| i.peer_id)
-        .collect();
-    picked
-        .into_iter()
-        .filter_map(|p| cands.iter().find(|c| c.server.peer_id == p))
-        .map(|c| Chosen {
-            server: c.server.clone(),
-            method_id: c.method_id,
-            lane: c.lane.clone(),
+        .filter_map(|i| {
+            cands
+                .iter()
+                .find(|c| c.server.peer_id == i.peer_id)
+                .cloned()
         })
         .collect()
 }
@@ -398,6 +371,22 @@ pub(crate) fn invoke(
             let slot = super::engine::CallSlot::new(shared.me.peer_id);
             shared.local_invoke(slot.clone(), c.method_id, args.clone());
             Ok((None, slot))
+        } else if c.relay {
+            let (id, slot) = shared.new_call(c.server.peer_id);
+            let msg = ToGateway::Call {
+                call: id,
+                peer: c.server.peer_id,
+                method_id: c.method_id,
+                args: args.clone(),
+                timeout_ms: opts.timeout.as_millis().min(u32::MAX as u128) as u32,
+            };
+            match shared.conn.send(&msg) {
+                Ok(()) => Ok((Some(id), slot)),
+                Err(e) => {
+                    shared.forget_call(id);
+                    Err((e.status(), e.to_string()))
+                }
+            }
         } else {
             match lane_to(shared, c.server.peer_id, c.lane.as_ref()) {
                 Ok(lane) => {

@@ -181,6 +181,7 @@ pub struct Responder {
 
 enum ReplyTarget {
     Lane { lane: Arc<lane::Lane>, call_id: u64 },
+    Relay { invocation: u64 },
     Local(Arc<CallSlot>),
 }
 
@@ -189,6 +190,13 @@ impl Responder {
         Self {
             shared,
             target: Some(ReplyTarget::Lane { lane, call_id }),
+        }
+    }
+
+    fn relay(shared: Arc<Shared>, invocation: u64) -> Self {
+        Self {
+            shared,
+            target: Some(ReplyTarget::Relay { invocation }),
         }
     }
 
@@ -203,6 +211,22 @@ impl Responder {
         match self.target.take() {
             Some(ReplyTarget::Lane { lane, call_id }) => {
                 self.shared.send_result(&lane, call_id, outcome)
+            }
+            Some(ReplyTarget::Relay { invocation }) => {
+                let outcome = match outcome {
+                    Ok(v) => frame::RelayOutcome::Ok(v),
+                    Err((message, context)) => frame::RelayOutcome::Err {
+                        status: Status::MethodFailed,
+                        message,
+                        context: context.unwrap_or(Value::Null),
+                    },
+                };
+                if let Err(e) = self.shared.conn.send(&ToGateway::Yield {
+                    invocation,
+                    outcome,
+                }) {
+                    crate::log::debug(format_args!("relayed reply lost: {e}"));
+                }
             }
             Some(ReplyTarget::Local(slot)) => {
                 let o = outcome.map_err(|(m, c)| (crate::model::FailureKind::Remote, m, c));
@@ -265,6 +289,7 @@ pub struct ClientBuilder {
     instance: Option<String>,
     wait: WaitStrategy,
     poll_mode: bool,
+    relay_only: bool,
     connect_timeout: Duration,
 }
 
@@ -277,6 +302,7 @@ impl ClientBuilder {
             instance: None,
             wait: WaitStrategy::default(),
             poll_mode: false,
+            relay_only: false,
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -305,6 +331,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Route every call through the gateway instead of shared-memory lanes (for sandboxes
+    /// without shared memory; slower: two socket hops per message).
+    pub fn relay_only(mut self, on: bool) -> Self {
+        self.relay_only = on;
+        self
+    }
+
     /// How long the handshake may take.
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
@@ -329,12 +362,27 @@ impl ClientBuilder {
             application: self.application.clone(),
             instance: self.instance.clone(),
             api: concat!("knit-rust/", env!("CARGO_PKG_VERSION")).into(),
+            transport: if self.relay_only {
+                frame::Transport::Relay
+            } else {
+                frame::Transport::Shm
+            },
         });
         let frame =
             frame::encode_frame(&hello, 0).map_err(|e| ClientError::Protocol(e.to_string()))?;
         crate::sys::fdpass::send_all(sock.as_fd(), &frame, &[])
             .map_err(|_| ClientError::Disconnected)?;
         let (welcome, bell_fd, frames) = read_welcome(&sock, self.connect_timeout)?;
+        // A relay-only peer gets no doorbell from the gateway (nobody writes lanes to it); its
+        // own threads still need one to sleep on.
+        let bell_fd = match (bell_fd, self.relay_only) {
+            (Some(fd), _) => fd,
+            (None, true) => crate::shm::create_doorbell()
+                .map_err(|e| ClientError::Protocol(format!("doorbell: {e}")))?,
+            (None, false) => {
+                return Err(ClientError::Protocol("welcome without a doorbell".into()))
+            }
+        };
         let bell = DoorbellSegment::open(&bell_fd)
             .map_err(|e| ClientError::Protocol(format!("doorbell: {e}")))?;
         let peers: BTreeMap<_, _> = welcome
@@ -350,6 +398,7 @@ impl ClientBuilder {
                     p.identity.peer_id,
                     RemotePeer {
                         identity: Arc::new(p.identity),
+                        transport: p.transport,
                         methods,
                     },
                 )
@@ -360,6 +409,7 @@ impl ClientBuilder {
             welcome.identity,
             self.wait,
             self.poll_mode,
+            self.relay_only,
             max_payload,
             welcome.lane_capacity as usize,
             conn::Conn::new(sock),
@@ -394,7 +444,14 @@ impl ClientBuilder {
 fn read_welcome(
     sock: &std::os::unix::net::UnixStream,
     timeout: Duration,
-) -> Result<(frame::Welcome, std::os::fd::OwnedFd, frame::FrameReader), ClientError> {
+) -> Result<
+    (
+        frame::Welcome,
+        Option<std::os::fd::OwnedFd>,
+        frame::FrameReader,
+    ),
+    ClientError,
+> {
     let deadline = Instant::now() + timeout;
     let mut frames = frame::FrameReader::default();
     let mut buf = vec![0u8; 64 * 1024];
@@ -407,8 +464,8 @@ fn read_welcome(
             return match frame::decode_body::<FromGateway>(&body)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?
             {
-                FromGateway::Welcome(w) if got.len() == 1 => {
-                    let fd = got.remove(0);
+                FromGateway::Welcome(w) if got.len() <= 1 => {
+                    let fd = got.pop();
                     let _ = sock.set_read_timeout(None);
                     Ok((w, fd, frames))
                 }

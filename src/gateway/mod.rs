@@ -23,7 +23,7 @@ pub use registry::Limits;
 use crate::status::Status;
 use crate::sys::identity;
 use crate::wire::frame::{decode_body, encode_frame, FrameReader, FromGateway, PeerId, ToGateway};
-use registry::{Action, Outgoing, PeerTx, Registry};
+pub(crate) use registry::{Action, Admission, Outgoing, PeerTx, Registry};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -219,7 +219,13 @@ impl Drop for GatewayHandle {
     }
 }
 
-enum Event {
+#[allow(dead_code)] // until the WebSocket bridge uses it
+/// Closes a peer's connection from the core (native: shut the socket down; virtual: whatever
+/// its front end supplied). The connection's reader then reports the peer closed.
+pub(crate) type Closer = Box<dyn Fn() + Send>;
+
+#[allow(dead_code)] // `Admit` is for the WebSocket bridge
+pub(crate) enum Event {
     Hello {
         stream: Arc<UnixStream>,
         cred: identity::PeerCred,
@@ -227,8 +233,58 @@ enum Event {
         tx: PeerTx,
         reply: oneshot::Sender<Result<PeerId, (Status, String)>>,
     },
+    /// A peer that does not use the native socket (a WebSocket client of the bridge).
+    Admit {
+        adm: Admission,
+        tx: PeerTx,
+        closer: Closer,
+        reply: oneshot::Sender<Result<(PeerId, crate::wire::frame::Welcome), (Status, String)>>,
+    },
     Msg(PeerId, ToGateway),
     Closed(PeerId, String),
+}
+
+/// How front ends other than the native socket (the WebSocket bridge) talk to the core: they
+/// admit peers, send their messages as [`ToGateway`], and receive [`Outgoing`] notices on the
+/// queue they supplied.
+#[derive(Clone)]
+#[allow(dead_code)] // until the WebSocket bridge uses it
+pub(crate) struct CoreHandle {
+    tx: mpsc::Sender<Event>,
+}
+
+#[allow(dead_code)] // until the WebSocket bridge uses it
+impl CoreHandle {
+    /// Admits a peer; returns its id and the welcome (the peers it can see).
+    pub(crate) async fn admit(
+        &self,
+        adm: Admission,
+        tx: PeerTx,
+        closer: Closer,
+    ) -> Result<(PeerId, crate::wire::frame::Welcome), (Status, String)> {
+        let (rtx, rrx) = oneshot::channel();
+        self.tx
+            .send(Event::Admit {
+                adm,
+                tx,
+                closer,
+                reply: rtx,
+            })
+            .await
+            .map_err(|_| (Status::Disconnected, "gateway stopping".to_string()))?;
+        rrx.await
+            .map_err(|_| (Status::Disconnected, "gateway stopping".to_string()))?
+    }
+
+    /// Delivers a message from an admitted peer.
+    pub(crate) async fn send(&self, peer: PeerId, msg: ToGateway) -> bool {
+        self.tx.send(Event::Msg(peer, msg)).await.is_ok()
+    }
+
+    /// Reports that a peer's connection ended.
+    pub(crate) async fn closed(&self, peer: PeerId, why: String) {
+        let _ = self.tx.send(Event::Closed(peer, why)).await;
+    }
 }
 
 async fn serve(
@@ -240,7 +296,9 @@ async fn serve(
     let user = identity::user_name(my_uid);
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
     let mut registry = Registry::new(gw.cfg.limits.clone());
-    let mut streams: HashMap<PeerId, Arc<UnixStream>> = HashMap::new();
+    let mut closers: HashMap<PeerId, Closer> = HashMap::new();
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut writers = tokio::task::JoinSet::new();
     crate::log::info(format_args!(
         "gateway listening on {}",
@@ -250,6 +308,7 @@ async fn serve(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = sweep.tick() => registry.expire(std::time::Instant::now()),
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let cred = match identity::peer_cred(&stream) {
@@ -273,21 +332,36 @@ async fn serve(
                         let r = registry.hello(cred, user.clone(), hello, tx);
                         if let Ok(id) = &r {
                             crate::log::debug(format_args!("peer {id} joined (pid {})", cred.pid));
-                            streams.insert(*id, stream);
+                            closers.insert(*id, Box::new(move || {
+                                // The reader then sees end-of-stream and reports the peer
+                                // closed; cleanup follows the same path as a crash.
+                                let _ = rustix::net::shutdown(stream.as_fd(), rustix::net::Shutdown::Both);
+                            }));
+                        }
+                        let _ = reply.send(r);
+                    }
+                    Event::Admit { adm, tx, closer, reply } => {
+                        let r = registry.admit(adm, tx);
+                        if let Ok((id, _)) = &r {
+                            closers.insert(*id, closer);
                         }
                         let _ = reply.send(r);
                     }
                     Event::Msg(peer, msg) => match msg {
-                        ToGateway::Hello(_) => registry_disconnect(&streams, peer, "second hello"),
+                        ToGateway::Hello(_) => disconnect(&closers, peer),
                         ToGateway::Register { req, methods } => registry.register(peer, req, methods),
                         ToGateway::Unregister { req, ids } => registry.unregister(peer, req, ids),
                         ToGateway::OpenLane { req, peer: to } => registry.open_lane(peer, req, to),
                         ToGateway::LaneFault { peer: other, reason } => registry.lane_fault(peer, other, &reason),
-                        ToGateway::Goodbye => registry_disconnect(&streams, peer, "goodbye"),
+                        ToGateway::Call { call, peer: to, method_id, args, timeout_ms } => {
+                            registry.call(peer, call, to, method_id, args, timeout_ms)
+                        }
+                        ToGateway::Yield { invocation, outcome } => registry.yield_(peer, invocation, outcome),
+                        ToGateway::Goodbye => disconnect(&closers, peer),
                     },
                     Event::Closed(peer, why) => {
                         crate::log::debug(format_args!("peer {peer} left: {why}"));
-                        streams.remove(&peer);
+                        closers.remove(&peer);
                         registry.remove(peer, "peer has left");
                     }
                 }
@@ -295,7 +369,7 @@ async fn serve(
                     match action {
                         Action::Disconnect(peer, why) => {
                             crate::log::warn(format_args!("disconnecting {peer}: {why}"));
-                            registry_disconnect(&streams, peer, &why);
+                            disconnect(&closers, peer);
                         }
                     }
                 }
@@ -317,11 +391,9 @@ async fn serve(
     Ok(())
 }
 
-fn registry_disconnect(streams: &HashMap<PeerId, Arc<UnixStream>>, peer: PeerId, _why: &str) {
-    if let Some(s) = streams.get(&peer) {
-        // The reader then sees end-of-stream and reports the peer closed; cleanup follows the
-        // same path as a crash.
-        let _ = rustix::net::shutdown(s.as_fd(), rustix::net::Shutdown::Both);
+fn disconnect(closers: &HashMap<PeerId, Closer>, peer: PeerId) {
+    if let Some(close) = closers.get(&peer) {
+        close();
     }
 }
 
@@ -363,14 +435,13 @@ async fn reader(
     let peer = match rrx.await {
         Ok(Ok(id)) => id,
         Ok(Err((status, message))) => {
-            if let Ok(frame) = encode_frame(&FromGateway::Refused { status, message }, 0) {
-                let _ = refusal_tx
-                    .send(Outgoing {
-                        frame,
-                        fds: Vec::new(),
-                    })
-                    .await;
-            }
+            let msg = FromGateway::Refused { status, message };
+            let _ = refusal_tx
+                .send(Outgoing {
+                    msg,
+                    fds: Vec::new(),
+                })
+                .await;
             return;
         }
         Err(_) => return,
@@ -429,24 +500,31 @@ async fn next_msg(
 /// Writes one peer's queued frames (with their descriptors) until the queue closes.
 async fn writer(stream: Arc<UnixStream>, mut rx: mpsc::Receiver<Outgoing>) {
     while let Some(out) = rx.recv().await {
-        if write_frame(&stream, &out).await.is_err() {
+        let frame = match encode_frame(&out.msg, out.fds.len()) {
+            Ok(f) => f,
+            Err(e) => {
+                crate::log::warn(format_args!("cannot encode a frame: {e}"));
+                continue;
+            }
+        };
+        if write_frame(&stream, &frame, &out.fds).await.is_err() {
             break;
         }
     }
     let _ = rustix::net::shutdown(stream.as_fd(), rustix::net::Shutdown::Write);
 }
 
-async fn write_frame(stream: &UnixStream, out: &Outgoing) -> io::Result<()> {
-    let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(|f| f.as_fd()).collect();
+async fn write_frame(stream: &UnixStream, frame: &[u8], fds: &[Arc<OwnedFd>]) -> io::Result<()> {
+    let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
     let mut sent = 0;
-    while sent < out.frame.len() {
+    while sent < frame.len() {
         stream.writable().await?;
         let fd = stream.as_raw_fd();
         let attach: &[BorrowedFd<'_>] = if sent == 0 { &fds } else { &[] };
         match stream.try_io(Interest::WRITABLE, || {
             // SAFETY: `fd` belongs to `stream`, which outlives this call.
             let sock = unsafe { BorrowedFd::borrow_raw(fd) };
-            crate::sys::fdpass::send_some(sock, &out.frame[sent..], attach)
+            crate::sys::fdpass::send_some(sock, &frame[sent..], attach)
         }) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -1,17 +1,20 @@
-//! The gateway's state: peers, their methods, the lanes between them. A state machine driven by
-//! the server loop; it owns no sockets, only each peer's outbound queue, so it is tested
-//! without I/O.
+//! The gateway's state: peers, their methods, the lanes between them, relayed calls. A state
+//! machine driven by the server loop; it owns no sockets, only each peer's outbound queue of
+//! typed notices (a native peer's writer encodes them as frames, the WebSocket bridge translates
+//! them to GW3), so it is tested without I/O.
 
 use crate::shm;
 use crate::status::Status;
 use crate::sys::identity::PeerCred;
 use crate::wire::frame::{
-    encode_frame, FromGateway, Hello, Instance, MethodDef, MethodSpec, PeerId, PeerSnapshot,
-    Welcome, PROTOCOL_VERSION,
+    FromGateway, Hello, Instance, MethodDef, MethodSpec, PeerId, PeerSnapshot, RelayOutcome,
+    Transport, Welcome, PROTOCOL_VERSION,
 };
+use crate::wire::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Limits and sizes the gateway enforces.
@@ -27,6 +30,8 @@ pub struct Limits {
     pub max_methods_per_peer: usize,
     /// Longest method or application name.
     pub max_name_len: usize,
+    /// Most relayed calls one peer may have waiting.
+    pub max_pending_calls: usize,
 }
 
 impl Default for Limits {
@@ -37,25 +42,31 @@ impl Default for Limits {
             max_peers: 4096,
             max_methods_per_peer: 100_000,
             max_name_len: 1024,
+            max_pending_calls: 100_000,
         }
     }
 }
 
-/// One frame for one peer, with descriptors to attach.
+/// One message for one peer, with descriptors to attach (native peers only).
+#[derive(Debug)]
 pub(crate) struct Outgoing {
-    pub frame: Vec<u8>,
+    pub msg: FromGateway,
     pub fds: Vec<Arc<OwnedFd>>,
 }
 
-/// A peer's outbound queue. Bounded: a peer that stops reading its control socket is
-/// disconnected rather than letting the gateway's memory grow.
+/// A peer's outbound queue. Bounded: a peer that stops reading is disconnected rather than
+/// letting the gateway's memory grow.
 pub(crate) type PeerTx = mpsc::Sender<Outgoing>;
 
 struct Peer {
     identity: Instance,
+    transport: Transport,
     methods: BTreeMap<u32, MethodDef>,
-    doorbell: Arc<OwnedFd>,
+    /// Native peers' doorbell segment (handed to peers that open lanes to it).
+    doorbell: Option<Arc<OwnedFd>>,
     tx: PeerTx,
+    /// Relayed calls this peer has waiting.
+    pending: usize,
 }
 
 struct LaneRec {
@@ -65,6 +76,14 @@ struct LaneRec {
     fd: Arc<OwnedFd>,
 }
 
+/// A call relayed through the gateway, waiting for the callee's answer.
+struct Relayed {
+    caller: PeerId,
+    call: u64,
+    callee: PeerId,
+    deadline: Instant,
+}
+
 /// What the server loop must do after a registry call.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Action {
@@ -72,13 +91,25 @@ pub(crate) enum Action {
     Disconnect(PeerId, String),
 }
 
-/// Peers, methods and lanes.
+/// What a new peer says about itself.
+#[derive(Debug, Clone)]
+pub(crate) struct Admission {
+    pub application: String,
+    pub instance: Option<String>,
+    pub pid: u32,
+    pub user: String,
+    pub transport: Transport,
+}
+
+/// Peers, methods, lanes and relayed calls.
 pub(crate) struct Registry {
     limits: Limits,
     peers: BTreeMap<PeerId, Peer>,
     lanes: HashMap<(PeerId, PeerId), LaneRec>,
+    relayed: HashMap<u64, Relayed>,
     next_peer: u64,
     next_lane: u64,
+    next_invocation: u64,
     machine: String,
     actions: Vec<Action>,
 }
@@ -91,14 +122,24 @@ fn lane_key(a: PeerId, b: PeerId) -> (PeerId, PeerId) {
     }
 }
 
+fn relay_error(status: Status, message: impl Into<String>) -> RelayOutcome {
+    RelayOutcome::Err {
+        status,
+        message: message.into(),
+        context: Value::Null,
+    }
+}
+
 impl Registry {
     pub(crate) fn new(limits: Limits) -> Self {
         Self {
             limits,
             peers: BTreeMap::new(),
             lanes: HashMap::new(),
+            relayed: HashMap::new(),
             next_peer: 1,
             next_lane: 1,
+            next_invocation: 1,
             machine: crate::sys::identity::host_name(),
             actions: Vec::new(),
         }
@@ -113,21 +154,14 @@ impl Registry {
         self.peers.len()
     }
 
-    fn send(&mut self, to: PeerId, msg: &FromGateway, fds: Vec<Arc<OwnedFd>>) {
+    fn send(&mut self, to: PeerId, msg: FromGateway, fds: Vec<Arc<OwnedFd>>) {
         let Some(peer) = self.peers.get(&to) else {
             return;
         };
-        let frame = match encode_frame(msg, fds.len()) {
-            Ok(f) => f,
-            Err(e) => {
-                crate::log::warn(format_args!("cannot encode a frame for {to}: {e}"));
-                return;
-            }
-        };
-        if peer.tx.try_send(Outgoing { frame, fds }).is_err() {
+        if peer.tx.try_send(Outgoing { msg, fds }).is_err() {
             self.actions.push(Action::Disconnect(
                 to,
-                "control queue overflow: peer is not reading".into(),
+                "outbound queue overflow: peer is not reading".into(),
             ));
         }
     }
@@ -152,8 +186,7 @@ impl Registry {
         }
     }
 
-    /// Admits a peer. On success the peer has been sent its `Welcome` and everyone who can see
-    /// it a `PeerAdded`.
+    /// Admits a native peer (from its hello and the kernel's credentials).
     pub(crate) fn hello(
         &mut self,
         cred: PeerCred,
@@ -170,11 +203,28 @@ impl Registry {
                 ),
             ));
         }
-        if hello.application.trim().is_empty() || hello.application.len() > self.limits.max_name_len
-        {
+        let adm = Admission {
+            application: hello.application,
+            instance: hello.instance,
+            pid: cred.pid,
+            user,
+            transport: hello.transport,
+        };
+        self.admit(adm, tx).map(|(id, _)| id)
+    }
+
+    /// Admits a peer. It is sent its `Welcome` (the snapshot of every peer it can see, which is
+    /// also returned), and everyone who can see it a `PeerAdded`. Native peers get a doorbell.
+    pub(crate) fn admit(
+        &mut self,
+        adm: Admission,
+        tx: PeerTx,
+    ) -> Result<(PeerId, Welcome), (Status, String)> {
+        let max = self.limits.max_name_len;
+        if adm.application.trim().is_empty() || adm.application.len() > max {
             return Err((
                 Status::InvalidArgument,
-                "application name must be 1..=1024 bytes".into(),
+                format!("application name must be 1..={max} bytes"),
             ));
         }
         if self.peers.len() >= self.limits.max_peers {
@@ -184,9 +234,9 @@ impl Registry {
             ));
         }
         let id = PeerId(self.next_peer);
-        let instance = match hello.instance {
+        let instance = match adm.instance {
             Some(i) if !i.is_empty() => {
-                if i.len() > self.limits.max_name_len {
+                if i.len() > max {
                     return Err((Status::InvalidArgument, "instance id too long".into()));
                 }
                 if self.peers.values().any(|p| p.identity.instance == i) {
@@ -197,16 +247,20 @@ impl Registry {
                 }
                 i
             }
-            _ => format!("{}-{}-{}", hello.application, cred.pid, id.0),
+            _ => format!("{}-{}-{}", adm.application, adm.pid, id.0),
         };
-        let doorbell =
-            shm::create_doorbell().map_err(|e| (Status::Internal, format!("doorbell: {e}")))?;
+        let doorbell = match adm.transport {
+            Transport::Shm => Some(Arc::new(
+                shm::create_doorbell().map_err(|e| (Status::Internal, format!("doorbell: {e}")))?,
+            )),
+            Transport::Relay => None,
+        };
         self.next_peer += 1;
         let identity = Instance {
-            application: hello.application,
+            application: adm.application,
             instance,
-            pid: cred.pid,
-            user,
+            pid: adm.pid,
+            user: adm.user,
             machine: self.machine.clone(),
             peer_id: id,
         };
@@ -216,6 +270,7 @@ impl Registry {
             .filter(|p| p.identity.user == identity.user)
             .map(|p| PeerSnapshot {
                 identity: p.identity.clone(),
+                transport: p.transport,
                 methods: p
                     .methods
                     .iter()
@@ -226,41 +281,44 @@ impl Registry {
                     .collect(),
             })
             .collect();
-        let doorbell = Arc::new(doorbell);
         self.peers.insert(
             id,
             Peer {
                 identity: identity.clone(),
+                transport: adm.transport,
                 methods: BTreeMap::new(),
                 doorbell: doorbell.clone(),
                 tx,
+                pending: 0,
             },
         );
-        let welcome = FromGateway::Welcome(Welcome {
+        let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             identity: identity.clone(),
             max_payload: self.limits.max_payload,
             lane_capacity: self.limits.lane_capacity as u32,
             peers,
             gateway_pid: crate::sys::identity::pid(),
-        });
-        self.send(id, &welcome, vec![doorbell]);
+        };
+        self.send(
+            id,
+            FromGateway::Welcome(welcome.clone()),
+            doorbell.into_iter().collect(),
+        );
         for other in self.audience(id) {
-            self.send(
-                other,
-                &FromGateway::PeerAdded {
-                    identity: identity.clone(),
-                },
-                Vec::new(),
-            );
+            let msg = FromGateway::PeerAdded {
+                identity: identity.clone(),
+                transport: adm.transport,
+            };
+            self.send(other, msg, Vec::new());
         }
-        Ok(id)
+        Ok((id, welcome))
     }
 
     fn fail(&mut self, to: PeerId, req: u64, status: Status, message: String) {
         self.send(
             to,
-            &FromGateway::Fail {
+            FromGateway::Fail {
                 req,
                 status,
                 message,
@@ -276,11 +334,12 @@ impl Registry {
         };
         let mut seen_ids = std::collections::HashSet::new();
         let mut seen_names = std::collections::HashSet::new();
+        let max = self.limits.max_name_len;
         for m in &methods {
-            let err = if m.def.name.is_empty() || m.def.name.len() > self.limits.max_name_len {
+            let err = if m.def.name.is_empty() || m.def.name.len() > max {
                 Some((
                     Status::InvalidArgument,
-                    "method name must be 1..=1024 bytes".to_string(),
+                    format!("method name must be 1..={max} bytes"),
                 ))
             } else if peer.methods.contains_key(&m.id) || !seen_ids.insert(m.id) {
                 Some((
@@ -317,13 +376,13 @@ impl Registry {
         for m in &methods {
             peer.methods.insert(m.id, m.def.clone());
         }
-        self.send(from, &FromGateway::Ack { req }, Vec::new());
+        self.send(from, FromGateway::Ack { req }, Vec::new());
         let msg = FromGateway::MethodsAdded {
             peer: from,
             methods,
         };
         for other in self.audience(from) {
-            self.send(other, &msg, Vec::new());
+            self.send(other, msg.clone(), Vec::new());
         }
     }
 
@@ -339,22 +398,18 @@ impl Registry {
         for id in &ids {
             peer.methods.remove(id);
         }
-        self.send(from, &FromGateway::Ack { req }, Vec::new());
+        self.send(from, FromGateway::Ack { req }, Vec::new());
         let msg = FromGateway::MethodsRemoved { peer: from, ids };
         for other in self.audience(from) {
-            self.send(other, &msg, Vec::new());
+            self.send(other, msg.clone(), Vec::new());
         }
     }
 
     /// Brokers a lane between `from` and `to` (or hands out the existing one).
     pub(crate) fn open_lane(&mut self, from: PeerId, req: u64, to: PeerId) {
         if from == to {
-            return self.fail(
-                from,
-                req,
-                Status::InvalidArgument,
-                "a peer needs no lane to itself".into(),
-            );
+            let msg = "a peer needs no lane to itself".into();
+            return self.fail(from, req, Status::InvalidArgument, msg);
         }
         if !self.visible(from, to) {
             return self.fail(
@@ -364,6 +419,13 @@ impl Registry {
                 format!("Unable to find peer with id {to}"),
             );
         }
+        let (Some(from_bell), Some(to_bell)) = (
+            self.peers[&from].doorbell.clone(),
+            self.peers[&to].doorbell.clone(),
+        ) else {
+            let msg = format!("{to} is reached through the gateway, not over a lane");
+            return self.fail(from, req, Status::InvalidArgument, msg);
+        };
         let key = lane_key(from, to);
         if !self.lanes.contains_key(&key) {
             let fd = match shm::create_lane(self.limits.lane_capacity) {
@@ -377,7 +439,6 @@ impl Registry {
                 side0: from,
                 fd: Arc::new(fd),
             };
-            let to_bell = self.peers[&from].doorbell.clone();
             let offer = FromGateway::LaneOffered {
                 peer: from,
                 lane: id,
@@ -385,7 +446,7 @@ impl Registry {
             };
             let lane_fd = rec.fd.clone();
             self.lanes.insert(key, rec);
-            self.send(to, &offer, vec![lane_fd, to_bell]);
+            self.send(to, offer, vec![lane_fd, from_bell]);
         }
         let rec = &self.lanes[&key];
         let side = if rec.side0 == from { 0 } else { 1 };
@@ -395,8 +456,8 @@ impl Registry {
             lane: rec.id,
             side,
         };
-        let fds = vec![rec.fd.clone(), self.peers[&to].doorbell.clone()];
-        self.send(from, &msg, fds);
+        let fds = vec![rec.fd.clone(), to_bell];
+        self.send(from, msg, fds);
     }
 
     /// `from` found the lane to `other` corrupt: forget the lane and tell `other`.
@@ -410,37 +471,160 @@ impl Registry {
                 lane: rec.id,
                 reason: reason.to_string(),
             };
-            self.send(other, &msg, Vec::new());
+            self.send(other, msg, Vec::new());
         }
     }
 
-    /// Removes a peer: its methods and lanes go, and everyone who could see it is told.
+    /// Relays a call from `from` to `peer`'s method (for peers without a lane between them).
+    pub(crate) fn call(
+        &mut self,
+        from: PeerId,
+        call: u64,
+        peer: PeerId,
+        method_id: u32,
+        args: Value,
+        timeout_ms: u32,
+    ) {
+        let outcome = if !self.peers.contains_key(&peer) {
+            Some(relay_error(
+                Status::PeerLeft,
+                format!("Unable to find peer with id {peer}"),
+            ))
+        } else if !self.visible(from, peer) {
+            Some(relay_error(
+                Status::PermissionDenied,
+                "Unable to invoke methods across different users",
+            ))
+        } else if !self.peers[&peer].methods.contains_key(&method_id) {
+            Some(relay_error(
+                Status::NotFound,
+                format!("Unable to find method with id {method_id}"),
+            ))
+        } else if self.peers[&from].pending >= self.limits.max_pending_calls {
+            Some(relay_error(
+                Status::Busy,
+                "too many calls waiting for an answer",
+            ))
+        } else {
+            None
+        };
+        if let Some(outcome) = outcome {
+            return self.send(from, FromGateway::CallResult { call, outcome }, Vec::new());
+        }
+        let invocation = self.next_invocation;
+        self.next_invocation += 1;
+        // The caller times out on its own; this only bounds how long we remember the call.
+        let deadline =
+            Instant::now() + Duration::from_millis(timeout_ms as u64) + Duration::from_secs(5);
+        self.relayed.insert(
+            invocation,
+            Relayed {
+                caller: from,
+                call,
+                callee: peer,
+                deadline,
+            },
+        );
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.pending += 1;
+        }
+        self.send(
+            peer,
+            FromGateway::Invoke {
+                invocation,
+                caller: from,
+                method_id,
+                args,
+            },
+            Vec::new(),
+        );
+    }
+
+    /// The callee's answer to a relayed call.
+    pub(crate) fn yield_(&mut self, from: PeerId, invocation: u64, outcome: RelayOutcome) {
+        // Only the callee may answer; anything else is ignored.
+        if self
+            .relayed
+            .get(&invocation)
+            .is_none_or(|r| r.callee != from)
+        {
+            return;
+        }
+        if let Some(r) = self.relayed.remove(&invocation) {
+            self.finish(r, outcome);
+        }
+    }
+
+    fn finish(&mut self, r: Relayed, outcome: RelayOutcome) {
+        if let Some(p) = self.peers.get_mut(&r.caller) {
+            p.pending = p.pending.saturating_sub(1);
+        }
+        self.send(
+            r.caller,
+            FromGateway::CallResult {
+                call: r.call,
+                outcome,
+            },
+            Vec::new(),
+        );
+    }
+
+    /// Forgets relayed calls long past their deadline (their callers gave up already).
+    pub(crate) fn expire(&mut self, now: Instant) {
+        let old: Vec<u64> = self
+            .relayed
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in old {
+            if let Some(r) = self.relayed.remove(&k) {
+                self.finish(r, relay_error(Status::Timeout, "no answer from the method"));
+            }
+        }
+    }
+
+    /// Removes a peer: its methods, lanes and relayed calls go, and everyone who could see it is
+    /// told. Calls relayed to it fail with "peer has left".
     pub(crate) fn remove(&mut self, id: PeerId, reason: &str) {
         let audience = self.audience(id);
         let Some(peer) = self.peers.remove(&id) else {
             return;
         };
         self.lanes.retain(|(a, b), _| *a != id && *b != id);
+        let orphaned: Vec<u64> = self
+            .relayed
+            .iter()
+            .filter(|(_, r)| r.callee == id || r.caller == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in orphaned {
+            if let Some(r) = self.relayed.remove(&k) {
+                if r.callee == id {
+                    self.finish(
+                        r,
+                        relay_error(Status::PeerLeft, "Peer has left while waiting for result"),
+                    );
+                }
+            }
+        }
         let ids: Vec<u32> = peer.methods.keys().copied().collect();
         for other in audience {
             if !ids.is_empty() {
                 self.send(
                     other,
-                    &FromGateway::MethodsRemoved {
+                    FromGateway::MethodsRemoved {
                         peer: id,
                         ids: ids.clone(),
                     },
                     Vec::new(),
                 );
             }
-            self.send(
-                other,
-                &FromGateway::PeerRemoved {
-                    peer: id,
-                    reason: reason.to_string(),
-                },
-                Vec::new(),
-            );
+            let msg = FromGateway::PeerRemoved {
+                peer: id,
+                reason: reason.to_string(),
+            };
+            self.send(other, msg, Vec::new());
         }
     }
 
@@ -450,7 +634,7 @@ impl Registry {
         for id in ids {
             self.send(
                 id,
-                &FromGateway::Shutdown {
+                FromGateway::Shutdown {
                     reason: reason.to_string(),
                 },
                 Vec::new(),
@@ -467,20 +651,26 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::frame::{decode_body, FrameReader};
 
     fn recv(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(FromGateway, usize)> {
         let mut out = Vec::new();
         while let Ok(o) = rx.try_recv() {
-            let mut r = FrameReader::default();
-            r.push_bytes(&o.frame);
-            // Descriptors are attached out of band; the test only counts them.
-            let n = o.fds.len();
-            r.push_fds(o.fds.iter().map(|f| f.try_clone().unwrap()));
-            let (body, _) = r.next_frame().unwrap().unwrap();
-            out.push((decode_body(&body).unwrap(), n));
+            out.push((o.msg, o.fds.len()));
         }
         out
+    }
+
+    fn join_web(reg: &mut Registry, app: &str, user: &str) -> (PeerId, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let adm = Admission {
+            application: app.into(),
+            instance: None,
+            pid: 0,
+            user: user.into(),
+            transport: Transport::Relay,
+        };
+        let (id, _) = reg.admit(adm, tx).unwrap();
+        (id, rx)
     }
 
     fn hello(app: &str) -> Hello {
@@ -489,6 +679,7 @@ mod tests {
             application: app.into(),
             instance: None,
             api: "test".into(),
+            transport: Transport::Shm,
         }
     }
 
@@ -525,7 +716,9 @@ mod tests {
         let msgs = recv(&mut ra);
         assert!(matches!(msgs[0].0, FromGateway::Welcome(_)));
         assert!(matches!(msgs[1].0, FromGateway::Ack { req: 1 }));
-        assert!(matches!(&msgs[2].0, FromGateway::PeerAdded { identity } if identity.peer_id == b));
+        assert!(
+            matches!(&msgs[2].0, FromGateway::PeerAdded { identity, .. } if identity.peer_id == b)
+        );
     }
 
     #[test]
@@ -652,7 +845,7 @@ mod tests {
         }
         assert!(reg.take_actions().contains(&Action::Disconnect(
             slow,
-            "control queue overflow: peer is not reading".into()
+            "outbound queue overflow: peer is not reading".into()
         )));
     }
 
@@ -697,5 +890,122 @@ mod tests {
                 .0,
             Status::Busy
         );
+    }
+
+    #[test]
+    fn relayed_calls_reach_the_callee_and_answers_reach_the_caller() {
+        let mut reg = Registry::new(Limits::default());
+        let (native, mut rn) = join(&mut reg, "native", "u");
+        let (web, mut rw) = join_web(&mut reg, "web", "u");
+        reg.register(web, 1, vec![spec(7, "WebSum")]);
+        recv(&mut rn);
+        let msgs = recv(&mut rw);
+        match &msgs[0].0 {
+            FromGateway::Welcome(w) => assert_eq!(w.peers[0].transport, Transport::Shm),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(msgs[0].1, 0, "web peers get no doorbell");
+        reg.call(native, 11, web, 7, Value::from(5), 1000);
+        let invocation = match recv(&mut rw).remove(0).0 {
+            FromGateway::Invoke {
+                invocation,
+                caller,
+                method_id: 7,
+                args,
+            } => {
+                assert_eq!(caller, native);
+                assert_eq!(args, Value::from(5));
+                invocation
+            }
+            other => panic!("{other:?}"),
+        };
+        // Only the callee may answer.
+        reg.yield_(native, invocation, RelayOutcome::Ok(Value::from(0)));
+        assert!(recv(&mut rn).is_empty());
+        reg.yield_(web, invocation, RelayOutcome::Ok(Value::from(6)));
+        match recv(&mut rn).remove(0).0 {
+            FromGateway::CallResult {
+                call: 11,
+                outcome: RelayOutcome::Ok(v),
+            } => assert_eq!(v, Value::from(6)),
+            other => panic!("{other:?}"),
+        }
+        // A lane to a web peer is refused.
+        reg.open_lane(native, 3, web);
+        assert!(matches!(
+            recv(&mut rn)[0].0,
+            FromGateway::Fail {
+                status: Status::InvalidArgument,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn relayed_calls_fail_when_the_callee_leaves_or_is_invisible() {
+        let mut reg = Registry::new(Limits::default());
+        let (a, mut ra) = join(&mut reg, "A", "u");
+        let (w, _rw) = join_web(&mut reg, "W", "u");
+        let (x, _rx) = join_web(&mut reg, "X", "other");
+        reg.register(w, 1, vec![spec(1, "M")]);
+        reg.register(x, 1, vec![spec(1, "M")]);
+        recv(&mut ra);
+        reg.call(a, 1, w, 1, Value::Null, 1000);
+        reg.remove(w, "peer has left");
+        let msgs = recv(&mut ra);
+        assert!(msgs.iter().any(|(m, _)| matches!(
+            m,
+            FromGateway::CallResult {
+                call: 1,
+                outcome: RelayOutcome::Err {
+                    status: Status::PeerLeft,
+                    ..
+                }
+            }
+        )));
+        reg.call(a, 2, x, 1, Value::Null, 1000);
+        assert!(matches!(
+            &recv(&mut ra)[0].0,
+            FromGateway::CallResult {
+                call: 2,
+                outcome: RelayOutcome::Err {
+                    status: Status::PermissionDenied,
+                    ..
+                }
+            }
+        ));
+        reg.call(a, 3, PeerId(999), 1, Value::Null, 1000);
+        assert!(matches!(
+            &recv(&mut ra)[0].0,
+            FromGateway::CallResult {
+                call: 3,
+                outcome: RelayOutcome::Err {
+                    status: Status::PeerLeft,
+                    ..
+                }
+            }
+        ));
+    }
+
+    #[test]
+    fn relayed_calls_are_forgotten_after_their_deadline() {
+        let mut reg = Registry::new(Limits::default());
+        let (a, mut ra) = join(&mut reg, "A", "u");
+        let (w, _rw) = join_web(&mut reg, "W", "u");
+        reg.register(w, 1, vec![spec(1, "M")]);
+        recv(&mut ra);
+        reg.call(a, 5, w, 1, Value::Null, 0);
+        reg.expire(Instant::now() + Duration::from_secs(60));
+        assert!(matches!(
+            &recv(&mut ra)[0].0,
+            FromGateway::CallResult {
+                call: 5,
+                outcome: RelayOutcome::Err {
+                    status: Status::Timeout,
+                    ..
+                }
+            }
+        ));
+        assert!(reg.relayed.is_empty());
     }
 }

@@ -133,6 +133,29 @@ pub(crate) mod encoded_value {
     }
 }
 
+/// How a peer is reached for data (invocations, results).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Transport {
+    /// Directly, over a shared-memory lane (native peers).
+    Shm,
+    /// Through the gateway, which relays calls (web peers behind the WebSocket bridge).
+    Relay,
+}
+
+/// The outcome of a relayed call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RelayOutcome {
+    /// The method's result.
+    Ok(#[serde(with = "encoded_value")] Value),
+    /// The method failed (`status` says how: `MethodFailed`, `PeerLeft`, …).
+    Err {
+        status: Status,
+        message: String,
+        #[serde(with = "encoded_value")]
+        context: Value,
+    },
+}
+
 /// First message of every connection.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
@@ -142,12 +165,16 @@ pub struct Hello {
     pub instance: Option<String>,
     /// Client library and version, informational.
     pub api: String,
+    /// How this peer wants to be reached: `Shm` (lanes, the default) or `Relay` (everything
+    /// through the gateway: for sandboxes without shared memory, and for testing).
+    pub transport: Transport,
 }
 
 /// A peer and what it serves, as replayed in [`Welcome`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerSnapshot {
     pub identity: Instance,
+    pub transport: Transport,
     pub methods: Vec<MethodSpec>,
 }
 
@@ -190,6 +217,21 @@ pub enum ToGateway {
         peer: PeerId,
         reason: String,
     },
+    /// Invoke `method_id` of `peer` through the gateway (for peers reached by relay). Answered
+    /// with `CallResult { call }`.
+    Call {
+        call: u64,
+        peer: PeerId,
+        method_id: u32,
+        #[serde(with = "encoded_value")]
+        args: Value,
+        timeout_ms: u32,
+    },
+    /// The answer to a relayed `Invoke`.
+    Yield {
+        invocation: u64,
+        outcome: RelayOutcome,
+    },
     /// Clean disconnect.
     Goodbye,
 }
@@ -228,6 +270,7 @@ pub enum FromGateway {
     },
     PeerAdded {
         identity: Instance,
+        transport: Transport,
     },
     PeerRemoved {
         peer: PeerId,
@@ -240,6 +283,19 @@ pub enum FromGateway {
     MethodsRemoved {
         peer: PeerId,
         ids: Vec<u32>,
+    },
+    /// A relayed call of one of our methods; answer with `Yield { invocation }`.
+    Invoke {
+        invocation: u64,
+        caller: PeerId,
+        method_id: u32,
+        #[serde(with = "encoded_value")]
+        args: Value,
+    },
+    /// The outcome of our relayed `Call { call }`.
+    CallResult {
+        call: u64,
+        outcome: RelayOutcome,
     },
     /// The gateway is stopping.
     Shutdown {
