@@ -47,6 +47,7 @@
 pub(crate) mod sync;
 
 pub mod ring;
+pub mod store;
 pub mod wait;
 
 #[cfg(not(knit_loom))]

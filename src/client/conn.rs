@@ -20,6 +20,7 @@ pub(crate) enum Reply {
     Ack,
     Fail(Status, String),
     Lane(Arc<Lane>),
+    Context(Arc<super::contexts::CtxEntry>),
 }
 
 pub(crate) struct Conn {
@@ -165,12 +166,18 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             peer,
             lane,
             side,
-        } => match attach_lane(shared, peer, lane, side, &fds) {
+            peer_doorbell,
+        } => match attach_lane(shared, peer, lane, side, peer_doorbell, &fds) {
             Ok(l) => shared.conn.complete(req, Reply::Lane(l)),
             Err(e) => shared.conn.complete(req, Reply::Fail(Status::Protocol, e)),
         },
-        FromGateway::LaneOffered { peer, lane, side } => {
-            if let Err(e) = attach_lane(shared, peer, lane, side, &fds) {
+        FromGateway::LaneOffered {
+            peer,
+            lane,
+            side,
+            peer_doorbell,
+        } => {
+            if let Err(e) = attach_lane(shared, peer, lane, side, peer_doorbell, &fds) {
                 crate::log::warn(format_args!("cannot map the lane {peer} opened: {e}"));
             }
         }
@@ -278,6 +285,23 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             }
         }
         FromGateway::CallResult { call, outcome } => shared.complete_relayed(call, outcome),
+        FromGateway::ContextOpened {
+            req,
+            id,
+            name,
+            writable,
+        } => {
+            let r = match fds.first() {
+                Some(fd) => super::contexts::attach(shared, id, name, writable, fd),
+                None => Err("context frame without a descriptor".to_string()),
+            };
+            match r {
+                Ok(e) => shared.conn.complete(req, Reply::Context(e)),
+                Err(e) => shared.conn.complete(req, Reply::Fail(Status::Protocol, e)),
+            }
+        }
+        FromGateway::ContextAdded { id, name } => super::contexts::announced(shared, id, name),
+        FromGateway::ContextDestroyed { id, name } => super::contexts::destroyed(shared, id, &name),
         FromGateway::Shutdown { reason } => {
             crate::log::info(format_args!("gateway is stopping: {reason}"));
         }
@@ -292,6 +316,7 @@ fn attach_lane(
     peer: PeerId,
     id: u64,
     side: u8,
+    peer_doorbell: u32,
     fds: &[OwnedFd],
 ) -> Result<Arc<Lane>, String> {
     let mut st = shared.lock_state();
@@ -307,7 +332,16 @@ fn attach_lane(
         .ok_or_else(|| format!("lane offered by unknown peer {peer}"))?;
     // Fixed header + payload: the largest message body either side may send.
     let max_message = shared.max_payload + crate::wire::record::INVOKE_HEADER;
-    let (lane, rx) = Lane::open(peer, id, side, identity, fds, max_message)?;
+    let (lane, rx) = Lane::open(
+        peer,
+        id,
+        side,
+        identity,
+        fds,
+        max_message,
+        shared.bells(),
+        peer_doorbell,
+    )?;
     if let Some(old) = st.lanes.insert(peer, lane.clone()) {
         old.close();
     }

@@ -166,6 +166,12 @@ pub(crate) enum Task {
         method_id: u32,
         args: Value,
     },
+    /// A context changed (or a subscription's first callback).
+    Context {
+        entry: Arc<super::contexts::CtxEntry>,
+        ev: Arc<super::contexts::ContextUpdate>,
+        only: Option<u64>,
+    },
     /// We invoked one of our own methods.
     LocalInvoke {
         slot: Arc<CallSlot>,
@@ -206,11 +212,13 @@ pub(crate) struct RxSet {
     /// Tasks the pumper found while it is the dispatch thread: run once the set is released,
     /// without a trip through the shared queue.
     ready: Vec<Task>,
+    /// Contexts whose logs we follow.
+    ctx: Vec<super::contexts::CtxFollow>,
 }
 
 impl RxSet {
     fn has_data(&self) -> bool {
-        self.lanes.iter().any(|l| l.consumer.has_data())
+        self.lanes.iter().any(|l| l.consumer.has_data()) || self.ctx.iter().any(|c| c.has_data())
     }
 }
 
@@ -230,7 +238,9 @@ pub(crate) struct Shared {
     #[allow(dead_code)]
     pub lane_capacity: usize,
     pub conn: super::conn::Conn,
-    bell: DoorbellSegment,
+    /// The doorbell directory; ours is `doorbell` (validated at construction).
+    bells: DoorbellSegment,
+    doorbell: u32,
     local: Doorbell,
     rx: Mutex<RxSet>,
     rx_busy: AtomicBool,
@@ -238,6 +248,9 @@ pub(crate) struct Shared {
     rx_wanted: AtomicUsize,
     rx_dirty: AtomicBool,
     new_rx: Mutex<Vec<RxLane>>,
+    new_ctx: Mutex<Vec<super::contexts::CtxFollow>>,
+    /// Contexts: known names, mapped ones, waiting subscriptions.
+    pub ctx: Mutex<super::contexts::CtxState>,
     calls: Mutex<CallMap>,
     next_call: AtomicU64,
     queue: Mutex<VecDeque<Task>>,
@@ -259,7 +272,8 @@ impl Shared {
         max_payload: usize,
         lane_capacity: usize,
         conn: super::conn::Conn,
-        bell: DoorbellSegment,
+        bells: DoorbellSegment,
+        doorbell: u32,
         peers: BTreeMap<PeerId, RemotePeer>,
     ) -> Self {
         Self {
@@ -270,17 +284,21 @@ impl Shared {
             max_payload,
             lane_capacity,
             conn,
-            bell,
+            bells,
+            doorbell,
             local: Doorbell::new(),
             rx: Mutex::new(RxSet {
                 lanes: Vec::new(),
                 buf: Vec::new(),
                 ready: Vec::new(),
+                ctx: Vec::new(),
             }),
             rx_busy: AtomicBool::new(false),
             rx_wanted: AtomicUsize::new(0),
             rx_dirty: AtomicBool::new(false),
             new_rx: Mutex::new(Vec::new()),
+            new_ctx: Mutex::new(Vec::new()),
+            ctx: Mutex::new(Default::default()),
             calls: Mutex::new(CallMap::default()),
             next_call: AtomicU64::new(1),
             queue: Mutex::new(VecDeque::new()),
@@ -307,10 +325,21 @@ impl Shared {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// The doorbell directory.
+    pub(crate) fn bells(&self) -> &DoorbellSegment {
+        &self.bells
+    }
+
+    /// Our doorbell: peers ring it after writing to us.
+    fn bell(&self) -> &Doorbell {
+        // The index was checked in `new`; the directory never shrinks.
+        self.bells.doorbell(self.doorbell).unwrap_or(&self.local)
+    }
+
     /// Wakes every waiter, local or on the shared doorbell.
     pub(crate) fn wake_all(&self) {
         self.local.notify();
-        self.bell.doorbell().notify();
+        self.bell().notify();
     }
 
     fn is_dispatch_thread(&self) -> bool {
@@ -327,6 +356,32 @@ impl Shared {
             .push(rx);
         self.rx_dirty.store(true, Ordering::Release);
         self.wake_all();
+    }
+
+    /// Hands a context to follow to the pumper.
+    pub(crate) fn add_ctx_follow(&self, f: super::contexts::CtxFollow) {
+        self.new_ctx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(f);
+        self.rx_dirty.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// Queues a task for the dispatch thread.
+    pub(crate) fn push_task(&self, t: Task) {
+        self.enqueue(t);
+    }
+
+    /// The identity behind a writer token (a peer id), if we know it.
+    pub(crate) fn identity_of(&self, token: u64) -> Option<Arc<Instance>> {
+        if token == self.me.peer_id.0 {
+            return Some(self.me.clone());
+        }
+        self.lock_state()
+            .peers
+            .get(&PeerId(token))
+            .map(|p| p.identity.clone())
     }
 
     /// Marks the lane to `peer` closed; the pumper drops it at its next round.
@@ -509,6 +564,17 @@ impl Shared {
                 let responder = Responder::local(self.clone(), slot);
                 self.call_handler(method_id, args, self.me.clone(), responder);
             }
+            Task::Context { entry, ev, only } => {
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    super::contexts::deliver(&entry, &ev, only)
+                }));
+                if let Err(p) = r {
+                    crate::log::warn(format_args!(
+                        "a context callback panicked: {}",
+                        panic_message(&p)
+                    ));
+                }
+            }
             Task::Call(f) => {
                 if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
                     crate::log::warn(format_args!(
@@ -667,17 +733,28 @@ impl Shared {
 
     /// Reads every inbound lane once (up to a batch each). Returns records handled.
     fn pump(&self, rx: &mut RxSet) -> usize {
+        let mut handled = 0;
         // Load first: a swap on every round would bounce the line for nothing.
         if self.rx_dirty.load(Ordering::Acquire) && self.rx_dirty.swap(false, Ordering::AcqRel) {
             let mut fresh =
                 std::mem::take(&mut *self.new_rx.lock().unwrap_or_else(|e| e.into_inner()));
             rx.lanes.append(&mut fresh);
             rx.lanes.retain(|l| !l.lane.is_closed());
+            let mut fresh =
+                std::mem::take(&mut *self.new_ctx.lock().unwrap_or_else(|e| e.into_inner()));
+            rx.ctx.append(&mut fresh);
         }
-        let mut handled = 0;
+        if !rx.ctx.is_empty() {
+            rx.ctx.retain(|c| !c.is_closed());
+            for c in rx.ctx.iter_mut() {
+                handled += super::contexts::pump_follow(self, c);
+            }
+        }
         let mut faults = Vec::new();
         let dispatching = self.is_dispatch_thread();
-        let RxSet { lanes, buf, ready } = rx;
+        let RxSet {
+            lanes, buf, ready, ..
+        } = rx;
         for l in lanes.iter_mut() {
             for _ in 0..BATCH {
                 match l.consumer.pop_into(buf) {
@@ -873,7 +950,7 @@ impl Shared {
                             break;
                         }
                         let limit = (deadline - now).min(MAX_SLEEP);
-                        self.bell.doorbell().sleep_until(
+                        self.bell().sleep_until(
                             || {
                                 slot.is_done()
                                     || rx.has_data()
@@ -971,7 +1048,7 @@ impl Shared {
                 if limit.is_zero() {
                     break;
                 }
-                self.bell.doorbell().sleep_until(
+                self.bell().sleep_until(
                     || {
                         self.has_tasks()
                             || rx.has_data()

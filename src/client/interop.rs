@@ -148,9 +148,7 @@ pub(crate) fn register(
     match reply {
         Ok(Reply::Ack) => {}
         Ok(Reply::Fail(status, message)) => return fail(method_error(status, message)),
-        Ok(Reply::Lane(_)) => {
-            return fail(ClientError::Protocol("unexpected reply to register".into()))
-        }
+        Ok(_) => return fail(ClientError::Protocol("unexpected reply to register".into())),
         Err(e) => return fail(e),
     }
     let first_of_identity = {
@@ -201,7 +199,7 @@ pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientE
     )? {
         Reply::Ack => {}
         Reply::Fail(status, message) => return Err(method_error(status, message)),
-        Reply::Lane(_) => {
+        _ => {
             return Err(ClientError::Protocol(
                 "unexpected reply to unregister".into(),
             ))
@@ -309,7 +307,7 @@ fn lane_to(
             "Peer has left while waiting for result".into(),
         )),
         Ok(Reply::Fail(s, m)) => Err((s, m)),
-        Ok(Reply::Ack) => Err((Status::Protocol, "unexpected reply to open-lane".into())),
+        Ok(_) => Err((Status::Protocol, "unexpected reply to open-lane".into())),
         Err(e) => Err((e.status(), e.to_string())),
     }
 }

@@ -41,7 +41,9 @@ pub(crate) struct Lane {
     pub id: u64,
     pub identity: Arc<Instance>,
     tx: Mutex<Producer<ShmRing>>,
-    peer_bell: DoorbellSegment,
+    /// The doorbell directory and the peer's index in it (validated at open).
+    bells: DoorbellSegment,
+    peer_doorbell: u32,
     closed: AtomicBool,
     /// Largest message body (fixed header + payload) accepted in either direction.
     pub max_message: usize,
@@ -56,7 +58,8 @@ pub(crate) struct RxLane {
 }
 
 impl Lane {
-    /// Maps a lane segment and the peer's doorbell received from the gateway.
+    /// Maps a lane segment received from the gateway.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         peer: PeerId,
         id: u64,
@@ -64,10 +67,12 @@ impl Lane {
         identity: Arc<Instance>,
         fds: &[OwnedFd],
         max_message: usize,
+        bells: &DoorbellSegment,
+        peer_doorbell: u32,
     ) -> Result<(Arc<Lane>, RxLane), String> {
-        let [lane_fd, bell_fd] = fds else {
+        let [lane_fd] = fds else {
             return Err(format!(
-                "lane frame carried {} descriptors, expected 2",
+                "lane frame carried {} descriptors, expected 1",
                 fds.len()
             ));
         };
@@ -75,7 +80,9 @@ impl Lane {
             return Err(format!("lane side {side} out of range"));
         }
         let seg = LaneSegment::open(lane_fd).map_err(|e| e.to_string())?;
-        let peer_bell = DoorbellSegment::open(bell_fd).map_err(|e| e.to_string())?;
+        if bells.doorbell(peer_doorbell).is_none() {
+            return Err(format!("peer doorbell {peer_doorbell} out of range"));
+        }
         let producer = seg.producer(side).map_err(|e| e.to_string())?;
         let consumer = seg.consumer(side).map_err(|e| e.to_string())?;
         let lane = Arc::new(Lane {
@@ -83,7 +90,8 @@ impl Lane {
             id,
             identity,
             tx: Mutex::new(producer),
-            peer_bell,
+            bells: bells.clone(),
+            peer_doorbell,
             closed: AtomicBool::new(false),
             max_message,
         });
@@ -95,6 +103,14 @@ impl Lane {
                 assembly: None,
             },
         ))
+    }
+
+    /// Wakes the peer if it sleeps.
+    #[inline]
+    fn ring_peer(&self) {
+        if let Some(d) = self.bells.doorbell(self.peer_doorbell) {
+            d.notify();
+        }
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -156,12 +172,12 @@ impl Lane {
         loop {
             match tx.push(kind, flags, chunk) {
                 Ok(()) => {
-                    self.peer_bell.doorbell().notify();
+                    self.ring_peer();
                     return Ok(());
                 }
                 Err(PushError::Full) => {
                     // Make sure the reader is awake, then let it catch up.
-                    self.peer_bell.doorbell().notify();
+                    self.ring_peer();
                     if self.is_closed() {
                         return Err(SendError::Closed(self.peer));
                     }

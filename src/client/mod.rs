@@ -21,10 +21,12 @@
 //! client built with [`ClientBuilder::poll_mode`], inside [`Client::poll`].
 
 mod conn;
+mod contexts;
 mod engine;
 mod interop;
 mod lane;
 
+pub use contexts::{ContextError, ContextSnapshot, ContextSubscription, ContextUpdate};
 pub use interop::{InteropEvent, InvokeOptions, MethodInfo};
 
 use crate::model::InvocationResult;
@@ -373,18 +375,28 @@ impl ClientBuilder {
         crate::sys::fdpass::send_all(sock.as_fd(), &frame, &[])
             .map_err(|_| ClientError::Disconnected)?;
         let (welcome, bell_fd, frames) = read_welcome(&sock, self.connect_timeout)?;
-        // A relay-only peer gets no doorbell from the gateway (nobody writes lanes to it); its
-        // own threads still need one to sleep on.
-        let bell_fd = match (bell_fd, self.relay_only) {
-            (Some(fd), _) => fd,
-            (None, true) => crate::shm::create_doorbell()
-                .map_err(|e| ClientError::Protocol(format!("doorbell: {e}")))?,
+        // A relay-only peer gets no doorbell directory (nobody writes lanes to it); its own
+        // threads still need a doorbell to sleep on.
+        let (bells_fd, doorbell) = match (bell_fd, self.relay_only) {
+            (Some(fd), _) => (fd, welcome.doorbell),
+            (None, true) => (
+                crate::shm::create_doorbells(1)
+                    .map_err(|e| ClientError::Protocol(format!("doorbell: {e}")))?,
+                0,
+            ),
             (None, false) => {
-                return Err(ClientError::Protocol("welcome without a doorbell".into()))
+                return Err(ClientError::Protocol(
+                    "welcome without a doorbell directory".into(),
+                ))
             }
         };
-        let bell = DoorbellSegment::open(&bell_fd)
-            .map_err(|e| ClientError::Protocol(format!("doorbell: {e}")))?;
+        let bells = DoorbellSegment::open(&bells_fd)
+            .map_err(|e| ClientError::Protocol(format!("doorbells: {e}")))?;
+        if bells.doorbell(doorbell).is_none() {
+            return Err(ClientError::Protocol(format!(
+                "doorbell index {doorbell} out of range"
+            )));
+        }
         let peers: BTreeMap<_, _> = welcome
             .peers
             .into_iter()
@@ -405,6 +417,7 @@ impl ClientBuilder {
             })
             .collect();
         let max_payload = usize::try_from(welcome.max_payload).unwrap_or(usize::MAX);
+        let known_contexts = welcome.contexts.clone();
         let shared = Arc::new(Shared::new(
             welcome.identity,
             self.wait,
@@ -413,9 +426,14 @@ impl ClientBuilder {
             max_payload,
             welcome.lane_capacity as usize,
             conn::Conn::new(sock),
-            bell,
+            bells,
+            doorbell,
             peers,
         ));
+        shared.ctx.lock().unwrap_or_else(|e| e.into_inner()).known = known_contexts
+            .into_iter()
+            .map(|(id, name)| (name, id))
+            .collect();
         let s = shared.clone();
         let reader = std::thread::Builder::new()
             .name("knit-control".into())
@@ -647,6 +665,13 @@ impl Client {
         interop::wait_for_method(self.shared(), name, timeout)
     }
 
+    /// Shared contexts.
+    pub fn contexts(&self) -> Contexts<'_> {
+        Contexts {
+            shared: self.shared(),
+        }
+    }
+
     /// Calls `f` for every discovery event. Current servers and methods are replayed first (as
     /// `*Added` events) on the dispatch thread.
     pub fn on_event<F>(&self, f: F) -> EventSubscription
@@ -654,6 +679,94 @@ impl Client {
         F: Fn(&InteropEvent) + Send + Sync + 'static,
     {
         interop::subscribe(self.shared(), Arc::new(f))
+    }
+}
+
+/// Shared contexts (features.md §5): named objects every app of the user sees, with versions.
+///
+/// ```no_run
+/// # let client = knit::client::Client::connect("app")?;
+/// use knit::Value;
+/// let ctx = client.contexts();
+/// let v = ctx.update("instrument", Value::object([("ric", Value::from("VOD.L"))]))?;
+/// let snap = ctx.get("instrument")?;
+/// assert_eq!(snap.version, v);
+/// let _sub = ctx.subscribe("instrument", |u| println!("{} v{}: {}", u.name, u.version, u.delta))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Copy)]
+pub struct Contexts<'a> {
+    shared: &'a Arc<Shared>,
+}
+
+impl std::fmt::Debug for Contexts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Contexts")
+    }
+}
+
+impl Contexts<'_> {
+    /// Names of every context that exists.
+    pub fn all(&self) -> Vec<String> {
+        contexts::all(self.shared)
+    }
+
+    /// The current value (`{}` at version 0 when the context does not exist). Reads the shared
+    /// snapshot directly: no message, no syscall; decoded once per version.
+    pub fn get(&self, name: &str) -> Result<ContextSnapshot, ContextError> {
+        contexts::get(self.shared, name)
+    }
+
+    /// Replaces the whole value. Returns the version after the call.
+    pub fn set(&self, name: &str, data: impl Into<Value>) -> Result<u64, ContextError> {
+        contexts::set(self.shared, name, data.into())
+    }
+
+    /// Replaces the given top-level keys whole; `null` deletes a key; keys not given stay.
+    /// Nothing is written (and nobody told) when nothing changes. Creates the context (storing
+    /// `data` as given) when missing.
+    pub fn update(&self, name: &str, data: impl Into<Value>) -> Result<u64, ContextError> {
+        contexts::update(self.shared, name, data.into(), None)
+    }
+
+    /// Like `update`, but only if the context is still at `version` (compare-and-set).
+    pub fn update_if(
+        &self,
+        name: &str,
+        version: u64,
+        data: impl Into<Value>,
+    ) -> Result<u64, ContextError> {
+        contexts::update(self.shared, name, data.into(), Some(version))
+    }
+
+    /// Sets one dotted path (intermediates created; `null` deletes the leaf).
+    pub fn set_path(
+        &self,
+        name: &str,
+        path: &str,
+        value: impl Into<Value>,
+    ) -> Result<u64, ContextError> {
+        contexts::set_paths(self.shared, name, vec![(path.to_string(), value.into())])
+    }
+
+    /// Sets several paths in one version, in order.
+    pub fn set_paths(&self, name: &str, paths: Vec<(String, Value)>) -> Result<u64, ContextError> {
+        contexts::set_paths(self.shared, name, paths)
+    }
+
+    /// Destroys the context for everyone.
+    pub fn destroy(&self, name: &str) -> Result<(), ContextError> {
+        contexts::destroy(self.shared, name)
+    }
+
+    /// Calls `f` with the current value (if the context exists) and then with every change, in
+    /// version order, on the dispatch thread. Subscribing before the context exists is fine: the
+    /// first call comes when it is created.
+    pub fn subscribe<F>(&self, name: &str, f: F) -> Result<ContextSubscription, ContextError>
+    where
+        F: Fn(&ContextUpdate) + Send + Sync + 'static,
+    {
+        contexts::subscribe(self.shared, name, Arc::new(f))
     }
 }
 

@@ -16,6 +16,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod contexts;
 mod registry;
 
 pub use registry::Limits;
@@ -295,7 +296,8 @@ async fn serve(
     let my_uid = identity::euid();
     let user = identity::user_name(my_uid);
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
-    let mut registry = Registry::new(gw.cfg.limits.clone());
+    let mut registry = Registry::new(gw.cfg.limits.clone())
+        .map_err(|e| ctx("doorbell directory")(std::io::Error::other(e)))?;
     let mut closers: HashMap<PeerId, Closer> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -356,7 +358,11 @@ async fn serve(
                         ToGateway::Call { call, peer: to, method_id, args, timeout_ms } => {
                             registry.call(peer, call, to, method_id, args, timeout_ms)
                         }
-                        ToGateway::Yield { invocation, outcome } => registry.yield_(peer, invocation, outcome),
+                                                ToGateway::Yield { invocation, outcome } => registry.yield_(peer, invocation, outcome),
+                        ToGateway::OpenContext { req, name, create } => registry.open_context(peer, req, name, create),
+                        ToGateway::SubscribeContext { req, id } => registry.subscribe_context(peer, req, id),
+                        ToGateway::UnsubscribeContext { req, id } => registry.unsubscribe_context(peer, req, id),
+                        ToGateway::DestroyContext { req, id } => registry.destroy_context(peer, req, id),
                         ToGateway::Goodbye => disconnect(&closers, peer),
                     },
                     Event::Closed(peer, why) => {

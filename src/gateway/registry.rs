@@ -32,6 +32,10 @@ pub struct Limits {
     pub max_name_len: usize,
     /// Most relayed calls one peer may have waiting.
     pub max_pending_calls: usize,
+    /// Bytes of each context's delta log (a power of two).
+    pub context_log: usize,
+    /// Most contexts at once.
+    pub max_contexts: usize,
 }
 
 impl Default for Limits {
@@ -43,6 +47,8 @@ impl Default for Limits {
             max_methods_per_peer: 100_000,
             max_name_len: 1024,
             max_pending_calls: 100_000,
+            context_log: 64 << 10,
+            max_contexts: 100_000,
         }
     }
 }
@@ -58,12 +64,12 @@ pub(crate) struct Outgoing {
 /// letting the gateway's memory grow.
 pub(crate) type PeerTx = mpsc::Sender<Outgoing>;
 
-struct Peer {
-    identity: Instance,
-    transport: Transport,
+pub(super) struct Peer {
+    pub(super) identity: Instance,
+    pub(super) transport: Transport,
     methods: BTreeMap<u32, MethodDef>,
-    /// Native peers' doorbell segment (handed to peers that open lanes to it).
-    doorbell: Option<Arc<OwnedFd>>,
+    /// Native peers' doorbell index in the directory.
+    pub(super) doorbell: Option<u32>,
     tx: PeerTx,
     /// Relayed calls this peer has waiting.
     pending: usize,
@@ -103,10 +109,15 @@ pub(crate) struct Admission {
 
 /// Peers, methods, lanes and relayed calls.
 pub(crate) struct Registry {
-    limits: Limits,
-    peers: BTreeMap<PeerId, Peer>,
+    pub(super) limits: Limits,
+    /// The doorbell directory every native peer maps, and its free indices.
+    doorbells: Arc<OwnedFd>,
+    free_doorbells: Vec<u32>,
+    pub(super) peers: BTreeMap<PeerId, Peer>,
     lanes: HashMap<(PeerId, PeerId), LaneRec>,
     relayed: HashMap<u64, Relayed>,
+    /// Shared contexts (see `contexts.rs`).
+    pub(super) contexts: super::contexts::Contexts,
     next_peer: u64,
     next_lane: u64,
     next_invocation: u64,
@@ -131,18 +142,24 @@ fn relay_error(status: Status, message: impl Into<String>) -> RelayOutcome {
 }
 
 impl Registry {
-    pub(crate) fn new(limits: Limits) -> Self {
-        Self {
+    pub(crate) fn new(limits: Limits) -> Result<Self, crate::shm::ShmError> {
+        let n = limits.max_peers.clamp(1, crate::shm::MAX_DOORBELLS);
+        let doorbells = Arc::new(shm::create_doorbells(n)?);
+        Ok(Self {
             limits,
+            doorbells,
+            // Popped from the end: hand out low indices first.
+            free_doorbells: (0..n as u32).rev().collect(),
             peers: BTreeMap::new(),
             lanes: HashMap::new(),
             relayed: HashMap::new(),
+            contexts: Default::default(),
             next_peer: 1,
             next_lane: 1,
             next_invocation: 1,
             machine: crate::sys::identity::host_name(),
             actions: Vec::new(),
-        }
+        })
     }
 
     /// Actions accumulated since the last call.
@@ -154,7 +171,7 @@ impl Registry {
         self.peers.len()
     }
 
-    fn send(&mut self, to: PeerId, msg: FromGateway, fds: Vec<Arc<OwnedFd>>) {
+    pub(super) fn send(&mut self, to: PeerId, msg: FromGateway, fds: Vec<Arc<OwnedFd>>) {
         let Some(peer) = self.peers.get(&to) else {
             return;
         };
@@ -167,7 +184,7 @@ impl Registry {
     }
 
     /// Peers that may see `of` (same user), excluding `of` itself.
-    fn audience(&self, of: PeerId) -> Vec<PeerId> {
+    pub(super) fn audience(&self, of: PeerId) -> Vec<PeerId> {
         let Some(p) = self.peers.get(&of) else {
             return Vec::new();
         };
@@ -250,9 +267,11 @@ impl Registry {
             _ => format!("{}-{}-{}", adm.application, adm.pid, id.0),
         };
         let doorbell = match adm.transport {
-            Transport::Shm => Some(Arc::new(
-                shm::create_doorbell().map_err(|e| (Status::Internal, format!("doorbell: {e}")))?,
-            )),
+            Transport::Shm => Some(
+                self.free_doorbells
+                    .pop()
+                    .ok_or((Status::Busy, "no free doorbell".to_string()))?,
+            ),
             Transport::Relay => None,
         };
         self.next_peer += 1;
@@ -287,7 +306,7 @@ impl Registry {
                 identity: identity.clone(),
                 transport: adm.transport,
                 methods: BTreeMap::new(),
-                doorbell: doorbell.clone(),
+                doorbell,
                 tx,
                 pending: 0,
             },
@@ -299,12 +318,15 @@ impl Registry {
             lane_capacity: self.limits.lane_capacity as u32,
             peers,
             gateway_pid: crate::sys::identity::pid(),
+            doorbell: doorbell.unwrap_or(u32::MAX),
+            contexts: self.contexts.visible_to(&identity.user),
         };
-        self.send(
-            id,
-            FromGateway::Welcome(welcome.clone()),
-            doorbell.into_iter().collect(),
-        );
+        let fds = if doorbell.is_some() {
+            vec![self.doorbells.clone()]
+        } else {
+            Vec::new()
+        };
+        self.send(id, FromGateway::Welcome(welcome.clone()), fds);
         for other in self.audience(id) {
             let msg = FromGateway::PeerAdded {
                 identity: identity.clone(),
@@ -315,7 +337,7 @@ impl Registry {
         Ok((id, welcome))
     }
 
-    fn fail(&mut self, to: PeerId, req: u64, status: Status, message: String) {
+    pub(super) fn fail(&mut self, to: PeerId, req: u64, status: Status, message: String) {
         self.send(
             to,
             FromGateway::Fail {
@@ -419,10 +441,9 @@ impl Registry {
                 format!("Unable to find peer with id {to}"),
             );
         }
-        let (Some(from_bell), Some(to_bell)) = (
-            self.peers[&from].doorbell.clone(),
-            self.peers[&to].doorbell.clone(),
-        ) else {
+        let (Some(from_bell), Some(to_bell)) =
+            (self.peers[&from].doorbell, self.peers[&to].doorbell)
+        else {
             let msg = format!("{to} is reached through the gateway, not over a lane");
             return self.fail(from, req, Status::InvalidArgument, msg);
         };
@@ -443,10 +464,11 @@ impl Registry {
                 peer: from,
                 lane: id,
                 side: 1,
+                peer_doorbell: from_bell,
             };
             let lane_fd = rec.fd.clone();
             self.lanes.insert(key, rec);
-            self.send(to, offer, vec![lane_fd, from_bell]);
+            self.send(to, offer, vec![lane_fd]);
         }
         let rec = &self.lanes[&key];
         let side = if rec.side0 == from { 0 } else { 1 };
@@ -455,8 +477,9 @@ impl Registry {
             peer: to,
             lane: rec.id,
             side,
+            peer_doorbell: to_bell,
         };
-        let fds = vec![rec.fd.clone(), to_bell];
+        let fds = vec![rec.fd.clone()];
         self.send(from, msg, fds);
     }
 
@@ -588,6 +611,7 @@ impl Registry {
     /// told. Calls relayed to it fail with "peer has left".
     pub(crate) fn remove(&mut self, id: PeerId, reason: &str) {
         let audience = self.audience(id);
+        self.contexts_peer_left(id);
         let Some(peer) = self.peers.remove(&id) else {
             return;
         };
@@ -700,7 +724,7 @@ mod tests {
 
     #[test]
     fn welcome_replays_peers_and_methods_and_others_hear_of_the_newcomer() {
-        let mut reg = Registry::new(Limits::default());
+        let mut reg = Registry::new(Limits::default()).unwrap();
         let (a, mut ra) = join(&mut reg, "A", "u");
         reg.register(a, 1, vec![spec(1, "Sum")]);
         let (b, mut rb) = join(&mut reg, "B", "u");
@@ -723,7 +747,7 @@ mod tests {
 
     #[test]
     fn users_do_not_see_each_other() {
-        let mut reg = Registry::new(Limits::default());
+        let mut reg = Registry::new(Limits::default()).unwrap();
         let (a, mut ra) = join(&mut reg, "A", "alice");
         let (b, mut rb) = join(&mut reg, "B", "bob");
         reg.register(b, 1, vec![spec(1, "Secret")]);
@@ -744,7 +768,7 @@ mod tests {
 
     #[test]
     fn duplicate_method_names_are_refused() {
-        let mut reg = Registry::new(Limits::default());
+        let mut reg = Registry::new(Limits::default()).unwrap();
         let (a, mut ra) = join(&mut reg, "A", "u");
         reg.register(a, 1, vec![spec(1, "Sum")]);
         reg.register(a, 2, vec![spec(2, "Sum")]);
@@ -768,7 +792,7 @@ mod tests {
 
     #[test]
     fn lanes_are_brokered_once_per_pair() {
-        let mut reg = Registry::new(Limits::default());
+        let mut reg = Registry::new(Limits::default()).unwrap();
         let (a, mut ra) = join(&mut reg, "A", "u");
         let (b, mut rb) = join(&mut reg, "B", "u");
         recv(&mut ra);
@@ -786,12 +810,12 @@ mod tests {
                     side: 0,
                     ..
                 },
-                2
+                1
             )
         ));
         assert!(matches!(
             mb[0],
-            (FromGateway::LaneOffered { side: 1, .. }, 2)
+            (FromGateway::LaneOffered { side: 1, .. }, 1)
         ));
         assert!(matches!(
             mb[1],
@@ -801,7 +825,7 @@ mod tests {
                     side: 1,
                     ..
                 },
-                2
+                1
             )
         ));
         reg.open_lane(a, 3, a);
@@ -816,7 +840,7 @@ mod tests {
 
     #[test]
     fn removing_a_peer_removes_its_methods_and_lanes_and_tells_everyone() {
-        let mut reg = Registry::new(Limits::default());
+        let mut reg = Registry::new(Limits::default()).unwrap();
         let (a, mut ra) = join(&mut reg, "A", "u");
         let (b, mut rb) = join(&mut reg, "B", "u");
         reg.register(b, 1, vec![spec(1, "M"), spec(2, "N")]);
@@ -835,7 +859,7 @@ mod tests {
 
     #[test]
     fn a_peer_that_does_not_read_is_disconnected() {
-        let mut reg = Registry::new(Limits::default());
+        let mut reg = Registry::new(Limits::default()).unwrap();
         let (tx, _rx) = mpsc::channel(2);
         let slow = reg
             .hello(PeerCred { pid: 1, uid: 1 }, "u".into(), hello("slow"), tx)
@@ -854,7 +878,8 @@ mod tests {
         let mut reg = Registry::new(Limits {
             max_peers: 1,
             ..Limits::default()
-        });
+        })
+        .unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let mut h = hello("A");
         h.protocol = 99;
@@ -894,7 +919,7 @@ mod tests {
 
     #[test]
     fn relayed_calls_reach_the_callee_and_answers_reach_the_caller() {
-        let mut reg = Registry::new(Limits::default());
+        let mut reg = Registry::new(Limits::default()).unwrap();
         let (native, mut rn) = join(&mut reg, "native", "u");
         let (web, mut rw) = join_web(&mut reg, "web", "u");
         reg.register(web, 1, vec![spec(7, "WebSum")]);
@@ -904,7 +929,7 @@ mod tests {
             FromGateway::Welcome(w) => assert_eq!(w.peers[0].transport, Transport::Shm),
             other => panic!("{other:?}"),
         }
-        assert_eq!(msgs[0].1, 0, "web peers get no doorbell");
+        assert_eq!(msgs[0].1, 0, "web peers get no doorbell directory");
         reg.call(native, 11, web, 7, Value::from(5), 1000);
         let invocation = match recv(&mut rw).remove(0).0 {
             FromGateway::Invoke {
@@ -943,7 +968,7 @@ mod tests {
 
     #[test]
     fn relayed_calls_fail_when_the_callee_leaves_or_is_invisible() {
-        let mut reg = Registry::new(Limits::default());
+        let mut reg = Registry::new(Limits::default()).unwrap();
         let (a, mut ra) = join(&mut reg, "A", "u");
         let (w, _rw) = join_web(&mut reg, "W", "u");
         let (x, _rx) = join_web(&mut reg, "X", "other");
@@ -989,7 +1014,7 @@ mod tests {
 
     #[test]
     fn relayed_calls_are_forgotten_after_their_deadline() {
-        let mut reg = Registry::new(Limits::default());
+        let mut reg = Registry::new(Limits::default()).unwrap();
         let (a, mut ra) = join(&mut reg, "A", "u");
         let (w, _rw) = join_web(&mut reg, "W", "u");
         reg.register(w, 1, vec![spec(1, "M")]);

@@ -5,9 +5,17 @@
 //! memfd), initialises it, and writes the layout version **last**; a peer maps what it receives
 //! and validates the header before it touches anything else. Initialisation is a state
 //! ("version 0 = not initialised yet"), distinct from a version the peer does not understand.
+//!
+//! Kinds:
+//! * **lane** — two SPSC rings between two peers ([`LaneSegment`]);
+//! * **doorbell directory** — one doorbell per peer, 64 bytes apart; every native peer maps it,
+//!   so any writer can wake any reader ([`DoorbellSegment`]);
+//! * **context** — a shared context: writer lock, double-buffered snapshot, delta log
+//!   ([`ContextSegment`], algorithm in [`crate::store`]).
 
 use crate::ring::shm_memory::ShmRing;
 use crate::ring::{Consumer, Producer, RingCtl};
+use crate::store::{StoreCtl, StoreMemory};
 use crate::sys::{memfd, mmap::Mapping};
 use crate::wait::Doorbell;
 use std::os::fd::{AsFd, OwnedFd};
@@ -18,13 +26,23 @@ use thiserror::Error;
 /// `b"KNITSHM\0"` read as a little-endian `u64`.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"KNITSHM\0");
 /// The layout version this build writes and accepts.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Page size the layouts are arranged around.
 pub const PAGE: usize = 4096;
-/// Smallest and largest ring capacity a lane may declare.
+/// Smallest ring capacity a lane may declare.
 pub const MIN_RING: usize = 4096;
-/// See [`MIN_RING`].
+/// Largest ring capacity a lane may declare.
 pub const MAX_RING: usize = 1 << 30;
+/// Most doorbells a directory may hold.
+pub const MAX_DOORBELLS: usize = 1 << 16;
+/// Distance between two doorbells in a directory (own cache line pair).
+const DOORBELL_STRIDE: usize = 128;
+/// Largest context snapshot capacity (bytes per buffer).
+pub const MAX_SNAPSHOT: usize = 1 << 30;
+/// Context log capacity bounds (bytes).
+pub const MIN_LOG: usize = 4096;
+/// See [`MIN_LOG`].
+pub const MAX_LOG: usize = 1 << 28;
 
 /// What a segment holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +50,10 @@ pub const MAX_RING: usize = 1 << 30;
 pub enum SegmentKind {
     /// Two rings between two peers.
     Lane = 1,
-    /// One peer's doorbell.
-    Doorbell = 2,
+    /// The doorbell directory.
+    Doorbells = 2,
+    /// A shared context.
+    Context = 3,
 }
 
 /// The first 128 bytes of every segment. All fields are atomics: another process may write them
@@ -47,8 +67,10 @@ pub struct SegmentHeader {
     kind: AtomicU32,
     total_len: AtomicU64,
     creator_pid: AtomicU32,
-    /// Lanes: data bytes per ring. Doorbells: 0.
-    ring_capacity: AtomicU32,
+    /// Lanes: data bytes per ring. Directories: doorbells. Contexts: snapshot bytes per buffer.
+    param: AtomicU32,
+    /// Contexts: log bytes. Others: 0.
+    param2: AtomicU32,
 }
 
 const HEADER_SIZE: usize = 128;
@@ -58,16 +80,17 @@ const _: () = {
     assert!(std::mem::offset_of!(SegmentHeader, kind) == 12);
     assert!(std::mem::offset_of!(SegmentHeader, total_len) == 16);
     assert!(std::mem::offset_of!(SegmentHeader, creator_pid) == 24);
-    assert!(std::mem::offset_of!(SegmentHeader, ring_capacity) == 28);
+    assert!(std::mem::offset_of!(SegmentHeader, param) == 28);
+    assert!(std::mem::offset_of!(SegmentHeader, param2) == 32);
     assert!(std::mem::size_of::<RingCtl>() == 256);
+    assert!(std::mem::size_of::<Doorbell>() <= DOORBELL_STRIDE);
 };
 
 /// Lane layout: header, ring 0 control, ring 1 control, then the data areas from the next page.
 const LANE_CTL: [usize; 2] = [HEADER_SIZE, HEADER_SIZE + 256];
 const LANE_DATA: usize = PAGE;
-/// Doorbell layout: header, then the doorbell on its own line.
-const DOORBELL_OFF: usize = HEADER_SIZE;
-const DOORBELL_LEN: usize = PAGE;
+/// Directory layout: header, then doorbells from the next page.
+const DIR_FIRST: usize = PAGE;
 
 /// Why a segment could not be used.
 #[derive(Debug, Error)]
@@ -86,12 +109,72 @@ pub enum ShmError {
     Invalid(&'static str),
 }
 
+fn round_page(n: usize) -> usize {
+    n.div_ceil(PAGE) * PAGE
+}
+
+/// The length of a segment of `kind` with these parameters, or why they are invalid.
+fn layout_len(kind: SegmentKind, param: usize, param2: usize) -> Result<usize, ShmError> {
+    match kind {
+        SegmentKind::Lane => {
+            if !param.is_power_of_two() || !(MIN_RING..=MAX_RING).contains(&param) {
+                return Err(ShmError::Invalid(
+                    "ring capacity must be a power of two in [4 KiB, 1 GiB]",
+                ));
+            }
+            Ok(LANE_DATA + 2 * param)
+        }
+        SegmentKind::Doorbells => {
+            if param == 0 || param > MAX_DOORBELLS {
+                return Err(ShmError::Invalid("doorbell count out of range"));
+            }
+            Ok(DIR_FIRST + round_page(param * DOORBELL_STRIDE))
+        }
+        SegmentKind::Context => {
+            if param % 8 != 0 || param == 0 || param > MAX_SNAPSHOT {
+                return Err(ShmError::Invalid(
+                    "snapshot capacity must be a non-zero multiple of 8 up to 1 GiB",
+                ));
+            }
+            if !param2.is_power_of_two() || !(MIN_LOG..=MAX_LOG).contains(&param2) {
+                return Err(ShmError::Invalid(
+                    "log capacity must be a power of two in [4 KiB, 256 MiB]",
+                ));
+            }
+            Ok(context_layout(param, param2).total)
+        }
+    }
+}
+
+/// Context layout: header, store control block, then two snapshot buffers and the log, each
+/// page-aligned. A buffer holds 4 header words and then the snapshot bytes.
+struct ContextLayout {
+    ctl: usize,
+    buffers: [usize; 2],
+    log: usize,
+    total: usize,
+}
+
+fn context_layout(snapshot: usize, log: usize) -> ContextLayout {
+    let ctl = HEADER_SIZE;
+    let buf_len = round_page(crate::store::BUFFER_HEADER_WORDS * 8 + snapshot);
+    let first = round_page(ctl + std::mem::size_of::<StoreCtl>());
+    let log_off = first + 2 * buf_len;
+    ContextLayout {
+        ctl,
+        buffers: [first, first + buf_len],
+        log: log_off,
+        total: log_off + log,
+    }
+}
+
 /// A mapped, validated segment.
 #[derive(Clone, Debug)]
 pub struct Segment {
     map: Arc<Mapping>,
     kind: SegmentKind,
-    ring_capacity: usize,
+    param: usize,
+    param2: usize,
 }
 
 impl Segment {
@@ -112,14 +195,12 @@ impl Segment {
     }
 
     /// Creates, initialises and seals a segment. Returns the descriptor to pass to peers.
-    fn create(kind: SegmentKind, ring_capacity: usize) -> Result<OwnedFd, ShmError> {
-        let total = match kind {
-            SegmentKind::Lane => lane_len(ring_capacity)?,
-            SegmentKind::Doorbell => DOORBELL_LEN,
-        };
+    fn create(kind: SegmentKind, param: usize, param2: usize) -> Result<OwnedFd, ShmError> {
+        let total = layout_len(kind, param, param2)?;
         let name = match kind {
             SegmentKind::Lane => "knit-lane",
-            SegmentKind::Doorbell => "knit-doorbell",
+            SegmentKind::Doorbells => "knit-doorbells",
+            SegmentKind::Context => "knit-context",
         };
         let fd = memfd::create_sealed(name, total as u64)?;
         let map = Mapping::map(&fd, total)?;
@@ -131,9 +212,9 @@ impl Segment {
         h.total_len.store(total as u64, Ordering::Relaxed);
         h.creator_pid
             .store(crate::sys::identity::pid(), Ordering::Relaxed);
-        h.ring_capacity
-            .store(ring_capacity as u32, Ordering::Relaxed);
-        // Rings and doorbells start as all-zero, which is their initial state.
+        h.param.store(param as u32, Ordering::Relaxed);
+        h.param2.store(param2 as u32, Ordering::Relaxed);
+        // Rings, doorbells and stores start as all-zero, which is their initial state.
         // SYNC(version): everything above is visible to a reader that sees the version.
         h.version.store(LAYOUT_VERSION, Ordering::Release);
         Ok(fd)
@@ -145,7 +226,7 @@ impl Segment {
         if !sealed {
             return Err(ShmError::Invalid("segment is not sealed against shrinking"));
         }
-        if size < HEADER_SIZE as u64 || size > (2 * MAX_RING + PAGE) as u64 {
+        if size < HEADER_SIZE as u64 || size > (1u64 << 34) {
             return Err(ShmError::Invalid("segment size out of range"));
         }
         let map = Arc::new(Mapping::map(&fd, size as usize)?);
@@ -178,43 +259,35 @@ impl Segment {
                 "header length differs from the segment size",
             ));
         }
-        let ring_capacity = h.ring_capacity.load(Ordering::Relaxed) as usize;
-        let fits = match expected {
-            SegmentKind::Lane => lane_len(ring_capacity)
-                .map(|l| l as u64 == size)
-                .unwrap_or(false),
-            SegmentKind::Doorbell => size == DOORBELL_LEN as u64,
-        };
-        if !fits {
+        let param = h.param.load(Ordering::Relaxed) as usize;
+        let param2 = h.param2.load(Ordering::Relaxed) as usize;
+        if layout_len(expected, param, param2)? as u64 != size {
             return Err(ShmError::Invalid(
-                "ring capacity does not match the segment size",
+                "parameters do not match the segment size",
             ));
         }
         Ok(Self {
             map,
             kind: expected,
-            ring_capacity,
+            param,
+            param2,
         })
     }
 }
 
-fn lane_len(ring_capacity: usize) -> Result<usize, ShmError> {
-    if !ring_capacity.is_power_of_two() || !(MIN_RING..=MAX_RING).contains(&ring_capacity) {
-        return Err(ShmError::Invalid(
-            "ring capacity must be a power of two in [4 KiB, 1 GiB]",
-        ));
-    }
-    Ok(LANE_DATA + 2 * ring_capacity)
-}
-
 /// Creates a lane segment with two rings of `ring_capacity` bytes each.
 pub fn create_lane(ring_capacity: usize) -> Result<OwnedFd, ShmError> {
-    Segment::create(SegmentKind::Lane, ring_capacity)
+    Segment::create(SegmentKind::Lane, ring_capacity, 0)
 }
 
-/// Creates a doorbell segment.
-pub fn create_doorbell() -> Result<OwnedFd, ShmError> {
-    Segment::create(SegmentKind::Doorbell, 0)
+/// Creates a doorbell directory with `count` doorbells.
+pub fn create_doorbells(count: usize) -> Result<OwnedFd, ShmError> {
+    Segment::create(SegmentKind::Doorbells, count, 0)
+}
+
+/// Creates a context segment: two snapshot buffers of `snapshot` bytes and a log of `log` bytes.
+pub fn create_context(snapshot: usize, log: usize) -> Result<OwnedFd, ShmError> {
+    Segment::create(SegmentKind::Context, snapshot, log)
 }
 
 /// A mapped lane: ring `side` is written by side `side` and read by the other.
@@ -229,11 +302,11 @@ impl LaneSegment {
 
     /// Data bytes per ring.
     pub fn ring_capacity(&self) -> usize {
-        self.0.ring_capacity
+        self.0.param
     }
 
     fn ring(&self, index: usize) -> ShmRing {
-        let cap = self.0.ring_capacity;
+        let cap = self.0.param;
         // SAFETY: `open` checked the segment is exactly LANE_DATA + 2 * cap bytes, so both
         // control blocks and both data areas lie inside it; each `LaneSegment` user takes one
         // role per ring (the client builds one producer and one consumer per lane).
@@ -258,21 +331,87 @@ impl LaneSegment {
     }
 }
 
-/// A mapped doorbell segment.
+/// The mapped doorbell directory.
 #[derive(Clone, Debug)]
 pub struct DoorbellSegment(Segment);
 
 impl DoorbellSegment {
-    /// Maps and validates a doorbell segment.
+    /// Maps and validates a doorbell directory.
     pub fn open(fd: impl AsFd) -> Result<Self, ShmError> {
-        Segment::open(fd, SegmentKind::Doorbell).map(Self)
+        Segment::open(fd, SegmentKind::Doorbells).map(Self)
     }
 
-    /// The doorbell.
-    pub fn doorbell(&self) -> &Doorbell {
-        // SAFETY: DOORBELL_OFF + size_of::<Doorbell>() < DOORBELL_LEN (the validated size), the
-        // offset is 128-aligned, and Doorbell holds only atomics.
-        unsafe { &*(self.0.map.as_ptr().add(DOORBELL_OFF) as *const Doorbell) }
+    /// How many doorbells it holds.
+    pub fn len(&self) -> usize {
+        self.0.param
+    }
+
+    /// Whether it holds none (never, for a validated directory).
+    pub fn is_empty(&self) -> bool {
+        self.0.param == 0
+    }
+
+    /// Doorbell `index`, if in range.
+    pub fn doorbell(&self, index: u32) -> Option<&Doorbell> {
+        let i = index as usize;
+        if i >= self.0.param {
+            return None;
+        }
+        // SAFETY: `open` checked the segment holds `param` doorbells of DOORBELL_STRIDE bytes
+        // from DIR_FIRST; the offset is 128-aligned and Doorbell holds only atomics.
+        Some(unsafe {
+            &*(self.0.map.as_ptr().add(DIR_FIRST + i * DOORBELL_STRIDE) as *const Doorbell)
+        })
+    }
+}
+
+/// A mapped context segment.
+#[derive(Clone, Debug)]
+pub struct ContextSegment {
+    seg: Segment,
+}
+
+impl ContextSegment {
+    /// Maps and validates a context segment.
+    pub fn open(fd: impl AsFd) -> Result<Self, ShmError> {
+        Segment::open(fd, SegmentKind::Context).map(|seg| Self { seg })
+    }
+
+    /// Snapshot capacity in bytes.
+    pub fn snapshot_capacity(&self) -> usize {
+        self.seg.param
+    }
+}
+
+// SAFETY: `open` validated the layout for (param, param2): the control block and the three word
+// regions lie inside the mapping, 8-aligned, with the sizes reported here; everything in them is
+// accessed as atomics.
+unsafe impl StoreMemory for ContextSegment {
+    fn ctl(&self) -> &StoreCtl {
+        let l = context_layout(self.seg.param, self.seg.param2);
+        // SAFETY: see the impl's safety note.
+        unsafe { &*(self.seg.map.as_ptr().add(l.ctl) as *const StoreCtl) }
+    }
+    fn buffer(&self, i: usize) -> &[AtomicU64] {
+        let l = context_layout(self.seg.param, self.seg.param2);
+        let words = crate::store::BUFFER_HEADER_WORDS + self.seg.param / 8;
+        // SAFETY: see the impl's safety note.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.seg.map.as_ptr().add(l.buffers[i & 1]) as *const AtomicU64,
+                words,
+            )
+        }
+    }
+    fn log(&self) -> &[AtomicU64] {
+        let l = context_layout(self.seg.param, self.seg.param2);
+        // SAFETY: see the impl's safety note.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.seg.map.as_ptr().add(l.log) as *const AtomicU64,
+                self.seg.param2 / 8,
+            )
+        }
     }
 }
 
@@ -300,9 +439,16 @@ mod tests {
 
     #[test]
     fn wrong_kind_is_refused() {
-        let fd = create_doorbell().unwrap();
+        let fd = create_doorbells(8).unwrap();
         assert!(matches!(LaneSegment::open(&fd), Err(ShmError::Invalid(_))));
-        assert!(DoorbellSegment::open(&fd).is_ok());
+        let dir = DoorbellSegment::open(&fd).unwrap();
+        assert_eq!(dir.len(), 8);
+        assert!(dir.doorbell(7).is_some());
+        assert!(dir.doorbell(8).is_none());
+        assert!(ContextSegment::open(&fd).is_err());
+        let ctx = create_context(4096, 4096).unwrap();
+        assert!(ContextSegment::open(&ctx).is_ok());
+        assert!(DoorbellSegment::open(&ctx).is_err());
     }
 
     #[test]
@@ -334,7 +480,7 @@ mod tests {
             .header()
             .version
             .store(LAYOUT_VERSION, Ordering::SeqCst);
-        seg.0.header().ring_capacity.store(5000, Ordering::SeqCst);
+        seg.0.header().param.store(5000, Ordering::SeqCst);
         assert!(matches!(LaneSegment::open(&fd), Err(ShmError::Invalid(_))));
     }
 

@@ -178,7 +178,8 @@ pub struct PeerSnapshot {
     pub methods: Vec<MethodSpec>,
 }
 
-/// The gateway's answer to [`Hello`]. Carries one descriptor: this peer's doorbell segment.
+/// The gateway's answer to [`Hello`]. Carries one descriptor for native peers: the doorbell
+/// directory, in which `doorbell` is ours.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Welcome {
     pub protocol: u32,
@@ -191,6 +192,10 @@ pub struct Welcome {
     pub peers: Vec<PeerSnapshot>,
     /// The gateway's pid.
     pub gateway_pid: u32,
+    /// Our doorbell's index in the directory (native peers).
+    pub doorbell: u32,
+    /// Contexts that exist and that we may see: (id, name).
+    pub contexts: Vec<(u64, String)>,
 }
 
 /// Peer → gateway.
@@ -232,6 +237,28 @@ pub enum ToGateway {
         invocation: u64,
         outcome: RelayOutcome,
     },
+    /// Map the context `name` (answered with `ContextOpened` or `Fail`); `create` makes it
+    /// when missing.
+    OpenContext {
+        req: u64,
+        name: String,
+        create: bool,
+    },
+    /// Ring our doorbell when context `id` changes.
+    SubscribeContext {
+        req: u64,
+        id: u64,
+    },
+    /// Stop ringing it.
+    UnsubscribeContext {
+        req: u64,
+        id: u64,
+    },
+    /// Destroy context `id` for everyone.
+    DestroyContext {
+        req: u64,
+        id: u64,
+    },
     /// Clean disconnect.
     Goodbye,
 }
@@ -248,19 +275,21 @@ pub enum FromGateway {
         status: Status,
         message: String,
     },
-    /// Our lane to `peer`. Carries two descriptors: the lane segment and the peer's doorbell.
-    /// We are `side` (we write ring `side`).
+    /// Our lane to `peer`. Carries one descriptor, the lane segment; `peer_doorbell` is the
+    /// peer's index in the doorbell directory. We are `side` (we write ring `side`).
     LaneOpened {
         req: u64,
         peer: PeerId,
         lane: u64,
         side: u8,
+        peer_doorbell: u32,
     },
     /// `peer` opened a lane to us. Same descriptors and meaning as `LaneOpened`.
     LaneOffered {
         peer: PeerId,
         lane: u64,
         side: u8,
+        peer_doorbell: u32,
     },
     /// The lane to `peer` is gone (the peer found it corrupt); calls on it fail.
     LaneClosed {
@@ -283,6 +312,24 @@ pub enum FromGateway {
     MethodsRemoved {
         peer: PeerId,
         ids: Vec<u32>,
+    },
+    /// Context `id` mapped for us. Carries one descriptor, the context segment (read-only when
+    /// `writable` is false).
+    ContextOpened {
+        req: u64,
+        id: u64,
+        name: String,
+        writable: bool,
+    },
+    /// A context we may see was created.
+    ContextAdded {
+        id: u64,
+        name: String,
+    },
+    /// A context was destroyed.
+    ContextDestroyed {
+        id: u64,
+        name: String,
     },
     /// A relayed call of one of our methods; answer with `Yield { invocation }`.
     Invoke {

@@ -1,0 +1,841 @@
+//! Shared contexts on the client: reads straight from the context's shared snapshot (no
+//! message, no syscall; decoded once per version and cached), writes under the context's writer
+//! lock directly into shared memory, and subscriptions fed by following the context's delta log
+//! on the pumping thread.
+
+use super::conn::Reply;
+use super::engine::{Shared, Task};
+use super::ClientError;
+use crate::model::context::{apply, Change, ContextError as ModelError, ContextOp};
+use crate::shm::ContextSegment;
+use crate::status::Status;
+use crate::store::{Follower, LogEvent, Store, StoreError};
+use crate::wire::frame::{Instance, ToGateway};
+use crate::wire::{codec, Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a writer waits for another writer's lock.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events queued per context before the pumper stops reading its log (then a writer that laps
+/// us makes us resynchronise: memory stays bounded, state is never lost).
+const MAX_QUEUED: usize = 256;
+/// Log record kind for context operations.
+const KIND_OP: u16 = 1;
+
+/// Why a context operation failed.
+#[derive(Debug, Error)]
+pub enum ContextError {
+    /// A bad name, path or value.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// `destroy` of a context that does not exist.
+    #[error("context with {0} does not exist")]
+    NotFound(String),
+    /// `update_if` with a version that is no longer current.
+    #[error("context {name} is at version {current}, not {expected}")]
+    Stale {
+        name: String,
+        expected: u64,
+        current: u64,
+    },
+    /// The value is larger than the gateway allows.
+    #[error("value of {size} bytes exceeds the limit of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    /// This peer may not write (or read) the context.
+    #[error("not authorized to {0} context")]
+    PermissionDenied(&'static str),
+    /// Another writer held the lock too long.
+    #[error("context busy")]
+    Busy,
+    /// The context's shared memory does not validate.
+    #[error("context corrupt: {0}")]
+    Corrupt(String),
+    /// The client or its connection.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+impl ContextError {
+    /// The status code for this error.
+    pub fn status(&self) -> Status {
+        match self {
+            ContextError::InvalidArgument(_) => Status::BadInput,
+            ContextError::NotFound(_) => Status::NotFound,
+            ContextError::Stale { .. } => Status::AlreadyExists,
+            ContextError::TooLarge { .. } => Status::PayloadTooLarge,
+            ContextError::PermissionDenied(_) => Status::PermissionDenied,
+            ContextError::Busy => Status::Busy,
+            ContextError::Corrupt(_) => Status::Protocol,
+            ContextError::Client(e) => e.status(),
+        }
+    }
+}
+
+impl From<ModelError> for ContextError {
+    fn from(e: ModelError) -> Self {
+        ContextError::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<StoreError> for ContextError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TooLarge { size, max } => ContextError::TooLarge { size, max },
+            StoreError::Busy => ContextError::Busy,
+            StoreError::Corrupt(w) => ContextError::Corrupt(w.to_string()),
+        }
+    }
+}
+
+/// A context's value at one version.
+#[derive(Debug, Clone)]
+pub struct ContextSnapshot {
+    pub name: String,
+    /// 0 when the context does not exist (then `data` is `{}`).
+    pub version: u64,
+    /// Always an object.
+    pub data: Arc<Value>,
+}
+
+/// One change, as a subscriber sees it.
+#[derive(Debug, Clone)]
+pub struct ContextUpdate {
+    pub name: Arc<str>,
+    pub version: u64,
+    /// The whole new value.
+    pub data: Arc<Value>,
+    /// What changed (features.md §5.4); the whole value for the first callback and for `set`.
+    pub delta: Value,
+    /// Top-level keys removed.
+    pub removed: Vec<String>,
+    /// Who wrote it (`None` when unknown: the writer left, or the update is a resynchronisation).
+    pub updater: Option<Arc<Instance>>,
+    /// True for the first callback of a subscription (the current value).
+    pub first: bool,
+    /// True when intermediate versions were skipped (this subscriber fell behind, or a writer
+    /// died mid-publication): `data` is current, `delta` is the difference from what this
+    /// subscriber saw last.
+    pub conflated: bool,
+}
+
+pub(crate) type ContextCallback = Arc<dyn Fn(&ContextUpdate) + Send + Sync>;
+
+/// A subscription; dropping it (or `unsubscribe`) stops the callbacks.
+pub struct ContextSubscription {
+    shared: std::sync::Weak<Shared>,
+    sub: Arc<Sub>,
+}
+
+impl std::fmt::Debug for ContextSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextSubscription")
+            .field("name", &self.sub.name)
+            .finish()
+    }
+}
+
+impl ContextSubscription {
+    /// Stops the callbacks.
+    pub fn unsubscribe(self) {}
+}
+
+impl Drop for ContextSubscription {
+    fn drop(&mut self) {
+        self.sub.active.store(false, Ordering::Release);
+        if let Some(shared) = self.shared.upgrade() {
+            detach(&shared, &self.sub);
+        }
+    }
+}
+
+const NEEDS_SNAPSHOT: u64 = u64::MAX;
+
+pub(crate) struct Sub {
+    id: u64,
+    name: String,
+    cb: ContextCallback,
+    /// Versions up to this one were already delivered (by the first callback);
+    /// `NEEDS_SNAPSHOT` until then.
+    start: AtomicU64,
+    active: AtomicBool,
+}
+
+/// A mapped context.
+pub(crate) struct CtxEntry {
+    pub id: u64,
+    pub name: Arc<str>,
+    pub store: Store<ContextSegment>,
+    pub writable: bool,
+    /// The last decoded snapshot.
+    cache: Mutex<Option<(u64, Arc<Value>)>>,
+    subs: Mutex<Vec<Arc<Sub>>>,
+    /// Events queued for the dispatcher.
+    queued: AtomicUsize,
+    /// Whether the pumper follows its log.
+    followed: AtomicBool,
+    /// A subscription was added that still needs its first callback.
+    new_subs: AtomicBool,
+    closed: AtomicBool,
+}
+
+/// The client's view of contexts.
+#[derive(Default)]
+pub(crate) struct CtxState {
+    /// Names the gateway announced, with their ids.
+    pub known: BTreeMap<String, u64>,
+    pub open: HashMap<String, Arc<CtxEntry>>,
+    /// Subscriptions to contexts that do not exist yet.
+    pub waiting: HashMap<String, Vec<Arc<Sub>>>,
+}
+
+/// What the pumper keeps per followed context.
+pub(crate) struct CtxFollow {
+    entry: Arc<CtxEntry>,
+    f: Follower,
+    /// Our copy of the data at `version` (None until the first snapshot).
+    data: Option<Arc<Map>>,
+    version: u64,
+    buf: Vec<u8>,
+}
+
+impl CtxFollow {
+    pub(crate) fn has_data(&self) -> bool {
+        self.data.is_none() || self.f.has_more(&self.entry.store) || self.needs_snapshot()
+    }
+
+    fn needs_snapshot(&self) -> bool {
+        self.entry.new_subs.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.entry.closed.load(Ordering::Acquire) || !self.entry.followed.load(Ordering::Acquire)
+    }
+}
+
+fn invalid(msg: &str) -> ContextError {
+    ContextError::InvalidArgument(msg.to_string())
+}
+
+fn check_name(name: &str) -> Result<(), ContextError> {
+    if name.is_empty() {
+        return Err(invalid("Please provide the name as a non-empty string!"));
+    }
+    Ok(())
+}
+
+fn decode_map(bytes: &[u8]) -> Result<Map, ContextError> {
+    if bytes.is_empty() {
+        return Ok(Map::new());
+    }
+    match codec::decode(bytes) {
+        Ok(Value::Map(m)) => Ok(m),
+        Ok(_) => Err(ContextError::Corrupt("snapshot is not an object".into())),
+        Err(e) => Err(ContextError::Corrupt(format!(
+            "snapshot does not decode: {e}"
+        ))),
+    }
+}
+
+/// Maps the context (asking the gateway the first time). `Ok(None)` when it does not exist and
+/// `create` is false.
+pub(crate) fn open(
+    shared: &Arc<Shared>,
+    name: &str,
+    create: bool,
+) -> Result<Option<Arc<CtxEntry>>, ContextError> {
+    {
+        let st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = st.open.get(name) {
+            return Ok(Some(e.clone()));
+        }
+        if !create && !st.known.contains_key(name) {
+            return Ok(None);
+        }
+    }
+    let name_owned = name.to_string();
+    match shared.conn.request(
+        |req| ToGateway::OpenContext {
+            req,
+            name: name_owned,
+            create,
+        },
+        CONTROL_TIMEOUT,
+    )? {
+        Reply::Context(e) => Ok(Some(e)),
+        Reply::Fail(Status::NotFound, _) => Ok(None),
+        Reply::Fail(status, message) => Err(ContextError::Client(ClientError::Gateway {
+            status,
+            message,
+        })),
+        _ => Err(ContextError::Client(ClientError::Protocol(
+            "unexpected reply to open-context".into(),
+        ))),
+    }
+}
+
+/// Builds the entry for a segment the gateway sent (control thread).
+pub(crate) fn attach(
+    shared: &Arc<Shared>,
+    id: u64,
+    name: String,
+    writable: bool,
+    fd: &std::os::fd::OwnedFd,
+) -> Result<Arc<CtxEntry>, String> {
+    let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = st.open.get(&name) {
+        if e.id == id {
+            return Ok(e.clone());
+        }
+    }
+    let seg = ContextSegment::open(fd).map_err(|e| e.to_string())?;
+    let store = Store::new(seg).map_err(|e| e.to_string())?;
+    let entry = Arc::new(CtxEntry {
+        id,
+        name: Arc::from(name.as_str()),
+        store,
+        writable,
+        cache: Mutex::new(None),
+        subs: Mutex::new(Vec::new()),
+        queued: AtomicUsize::new(0),
+        followed: AtomicBool::new(false),
+        new_subs: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+    });
+    st.known.insert(name.clone(), id);
+    if let Some(old) = st.open.insert(name, entry.clone()) {
+        old.closed.store(true, Ordering::Release);
+    }
+    Ok(entry)
+}
+
+/// A context was announced (control thread): subscriptions waiting for it attach.
+pub(crate) fn announced(shared: &Arc<Shared>, id: u64, name: String) {
+    let waiting = {
+        let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
+        st.known.insert(name.clone(), id);
+        st.waiting.remove(&name).unwrap_or_default()
+    };
+    if waiting.is_empty() {
+        return;
+    }
+    // Attaching needs control round trips; the control thread must not wait for its own replies.
+    let shared = shared.clone();
+    let _ = std::thread::Builder::new()
+        .name("knit-ctx-attach".into())
+        .spawn(move || {
+            for sub in waiting {
+                if sub.active.load(Ordering::Acquire) {
+                    if let Err(e) = attach_sub(&shared, sub.clone()) {
+                        crate::log::warn(format_args!(
+                            "cannot subscribe to context {:?}: {e}",
+                            sub.name
+                        ));
+                    }
+                }
+            }
+        });
+}
+
+/// A context was destroyed (control thread): forget it; its subscribers wait for it to come
+/// back, as io.Connect subscriptions (by name) do.
+pub(crate) fn destroyed(shared: &Arc<Shared>, id: u64, name: &str) {
+    let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
+    if st.known.get(name) == Some(&id) {
+        st.known.remove(name);
+    }
+    if let Some(e) = st.open.get(name).filter(|e| e.id == id).cloned() {
+        st.open.remove(name);
+        e.closed.store(true, Ordering::Release);
+        let subs = std::mem::take(&mut *e.subs.lock().unwrap_or_else(|e| e.into_inner()));
+        for s in &subs {
+            s.start.store(NEEDS_SNAPSHOT, Ordering::Release);
+        }
+        st.waiting.entry(name.to_string()).or_default().extend(
+            subs.into_iter()
+                .filter(|s| s.active.load(Ordering::Acquire)),
+        );
+    }
+}
+
+/// Every context name we know of.
+pub(crate) fn all(shared: &Shared) -> Vec<String> {
+    shared
+        .ctx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .known
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// The current value: from our cache when the version has not moved, else from the snapshot.
+pub(crate) fn get(shared: &Arc<Shared>, name: &str) -> Result<ContextSnapshot, ContextError> {
+    check_name(name)?;
+    let Some(entry) = open(shared, name, false)? else {
+        return Ok(ContextSnapshot {
+            name: name.to_string(),
+            version: 0,
+            data: Arc::new(Value::map()),
+        });
+    };
+    let (version, data) = snapshot(&entry)?;
+    Ok(ContextSnapshot {
+        name: name.to_string(),
+        version,
+        data,
+    })
+}
+
+fn snapshot(entry: &CtxEntry) -> Result<(u64, Arc<Value>), ContextError> {
+    let v = entry.store.ctl().version();
+    if let Some((cv, data)) = entry
+        .cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        if *cv == v {
+            return Ok((v, data.clone()));
+        }
+    }
+    let mut buf = Vec::new();
+    let info = entry.store.read(&mut buf)?;
+    let data = Arc::new(Value::Map(decode_map(&buf)?));
+    remember(entry, info.version, &data);
+    Ok((info.version, data))
+}
+
+fn remember(entry: &CtxEntry, version: u64, data: &Arc<Value>) {
+    let mut c = entry.cache.lock().unwrap_or_else(|e| e.into_inner());
+    if c.as_ref().is_none_or(|(v, _)| *v < version) {
+        *c = Some((version, data.clone()));
+    }
+}
+
+fn as_object(data: Value) -> Result<Map, ContextError> {
+    match data {
+        Value::Map(m) => Ok(m),
+        _ => Err(invalid("Please provide the data as an object!")),
+    }
+}
+
+/// Applies `op` under the context's writer lock. Returns the version after the call (unchanged
+/// when the op changed nothing).
+pub(crate) fn write(
+    shared: &Arc<Shared>,
+    name: &str,
+    op: ContextOp,
+    expect: Option<u64>,
+) -> Result<u64, ContextError> {
+    check_name(name)?;
+    if shared.is_closed() {
+        return Err(ClientError::Closed.into());
+    }
+    let Some(entry) = open(shared, name, true)? else {
+        return Err(ContextError::NotFound(name.to_string()));
+    };
+    if !entry.writable {
+        return Err(ContextError::PermissionDenied("update"));
+    }
+    let deadline = Instant::now() + LOCK_TIMEOUT;
+    let guard = entry
+        .store
+        .lock(shared.me.peer_id.0, || Instant::now() >= deadline)?;
+    let version = guard.version();
+    if let Some(e) = expect {
+        if e != version {
+            return Err(ContextError::Stale {
+                name: name.to_string(),
+                expected: e,
+                current: version,
+            });
+        }
+    }
+    let current: Option<Arc<Value>> = if version == 0 {
+        None
+    } else {
+        let cached = entry
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(v, _)| *v == version)
+            .map(|(_, d)| d.clone());
+        match cached {
+            Some(d) => Some(d),
+            None => {
+                let mut buf = Vec::new();
+                guard.read(&mut buf)?;
+                Some(Arc::new(Value::Map(decode_map(&buf)?)))
+            }
+        }
+    };
+    let cur_map = current.as_deref().and_then(Value::as_map);
+    let Some(change) = apply(cur_map, &op)? else {
+        return Ok(version);
+    };
+    let norm = op.normalized(&change, cur_map.is_some());
+    let data = Value::Map(change.data);
+    let bytes = codec::encode(&data);
+    if bytes.len() > shared.max_payload {
+        return Err(ContextError::TooLarge {
+            size: bytes.len(),
+            max: shared.max_payload,
+        });
+    }
+    let payload = codec::encode(&norm.to_value());
+    let v = guard.commit(&bytes, KIND_OP, Some(&payload))?;
+    drop(guard);
+    remember(&entry, v, &Arc::new(data));
+    ring_subscribers(shared, &entry);
+    Ok(v)
+}
+
+fn ring_subscribers(shared: &Shared, entry: &CtxEntry) {
+    let bells = shared.bells();
+    entry.store.ctl().for_each_subscriber(|i| {
+        if let Some(d) = bells.doorbell(i) {
+            d.notify();
+        }
+    });
+}
+
+pub(crate) fn set(shared: &Arc<Shared>, name: &str, data: Value) -> Result<u64, ContextError> {
+    write(shared, name, ContextOp::Set(as_object(data)?), None)
+}
+
+pub(crate) fn update(
+    shared: &Arc<Shared>,
+    name: &str,
+    data: Value,
+    expect: Option<u64>,
+) -> Result<u64, ContextError> {
+    write(shared, name, ContextOp::Update(as_object(data)?), expect)
+}
+
+pub(crate) fn set_paths(
+    shared: &Arc<Shared>,
+    name: &str,
+    paths: Vec<(String, Value)>,
+) -> Result<u64, ContextError> {
+    write(shared, name, ContextOp::Paths(paths), None)
+}
+
+pub(crate) fn destroy(shared: &Arc<Shared>, name: &str) -> Result<(), ContextError> {
+    check_name(name)?;
+    let id = shared
+        .ctx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .known
+        .get(name)
+        .copied();
+    let Some(id) = id else {
+        return Err(ContextError::NotFound(name.to_string()));
+    };
+    match shared
+        .conn
+        .request(|req| ToGateway::DestroyContext { req, id }, CONTROL_TIMEOUT)?
+    {
+        Reply::Ack => {
+            destroyed(shared, id, name);
+            Ok(())
+        }
+        Reply::Fail(Status::NotFound, _) => Err(ContextError::NotFound(name.to_string())),
+        Reply::Fail(status, message) => Err(ClientError::Gateway { status, message }.into()),
+        _ => Err(ClientError::Protocol("unexpected reply to destroy-context".into()).into()),
+    }
+}
+
+static NEXT_SUB: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn subscribe(
+    shared: &Arc<Shared>,
+    name: &str,
+    cb: ContextCallback,
+) -> Result<ContextSubscription, ContextError> {
+    check_name(name)?;
+    let sub = Arc::new(Sub {
+        id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
+        name: name.to_string(),
+        cb,
+        start: AtomicU64::new(NEEDS_SNAPSHOT),
+        active: AtomicBool::new(true),
+    });
+    match open(shared, name, false)? {
+        Some(_) => attach_sub(shared, sub.clone())?,
+        None => {
+            let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
+            if st.known.contains_key(name) {
+                drop(st);
+                attach_sub(shared, sub.clone())?;
+            } else {
+                st.waiting
+                    .entry(name.to_string())
+                    .or_default()
+                    .push(sub.clone());
+            }
+        }
+    }
+    Ok(ContextSubscription {
+        shared: Arc::downgrade(shared),
+        sub,
+    })
+}
+
+/// Adds a subscription to its (existing) context and makes sure the pumper follows the log.
+fn attach_sub(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
+    let Some(entry) = open(shared, &sub.name, false)? else {
+        shared
+            .ctx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiting
+            .entry(sub.name.clone())
+            .or_default()
+            .push(sub);
+        return Ok(());
+    };
+    if !entry.followed.swap(true, Ordering::AcqRel) {
+        let id = entry.id;
+        match shared.conn.request(
+            |req| ToGateway::SubscribeContext { req, id },
+            CONTROL_TIMEOUT,
+        )? {
+            Reply::Ack => {}
+            Reply::Fail(status, message) => {
+                entry.followed.store(false, Ordering::Release);
+                return Err(ClientError::Gateway { status, message }.into());
+            }
+            _ => {
+                return Err(
+                    ClientError::Protocol("unexpected reply to subscribe-context".into()).into(),
+                )
+            }
+        }
+        let follow = CtxFollow {
+            f: entry.store.follower(),
+            entry: entry.clone(),
+            data: None,
+            version: 0,
+            buf: Vec::new(),
+        };
+        entry
+            .subs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sub);
+        entry.new_subs.store(true, Ordering::Release);
+        shared.add_ctx_follow(follow);
+    } else {
+        entry
+            .subs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sub);
+        entry.new_subs.store(true, Ordering::Release);
+        shared.wake_all();
+    }
+    Ok(())
+}
+
+fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
+    let entry = {
+        let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = st.waiting.get_mut(&sub.name) {
+            w.retain(|s| s.id != sub.id);
+        }
+        st.open.get(&sub.name).cloned()
+    };
+    let Some(entry) = entry else { return };
+    let now_empty = {
+        let mut subs = entry.subs.lock().unwrap_or_else(|e| e.into_inner());
+        subs.retain(|s| s.id != sub.id);
+        subs.is_empty()
+    };
+    if now_empty && entry.followed.swap(false, Ordering::AcqRel) {
+        // Fire and forget: nobody waits for the answer (request id 0 is never used).
+        let _ = shared.conn.send(&ToGateway::UnsubscribeContext {
+            req: 0,
+            id: entry.id,
+        });
+        shared.wake_all();
+    }
+}
+
+/// Work for the pumper: deliver first callbacks, follow the log. Returns events queued.
+pub(crate) fn pump_follow(shared: &Shared, cf: &mut CtxFollow) -> usize {
+    let mut n = 0;
+    let entry = cf.entry.clone();
+    if cf.data.is_none() || cf.needs_snapshot() {
+        entry.new_subs.store(false, Ordering::Release);
+        if cf.data.is_none() {
+            match read_snapshot(&entry, &mut cf.buf) {
+                Ok((v, m)) => {
+                    cf.f.resync(v);
+                    cf.version = v;
+                    cf.data = Some(m);
+                }
+                Err(e) => {
+                    crate::log::warn(format_args!("context {:?}: {e}", entry.name));
+                    entry.closed.store(true, Ordering::Release);
+                    return 0;
+                }
+            }
+        }
+        let subs: Vec<Arc<Sub>> = entry.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for s in subs {
+            if s.start.load(Ordering::Acquire) == NEEDS_SNAPSHOT {
+                s.start.store(cf.version, Ordering::Release);
+                // Nothing to show for a context that was never written.
+                if cf.version > 0 {
+                    let data = cf.data.clone().unwrap_or_default();
+                    let ev = ContextUpdate {
+                        name: entry.name.clone(),
+                        version: cf.version,
+                        data: Arc::new(Value::Map((*data).clone())),
+                        delta: Value::Map((*data).clone()),
+                        removed: Vec::new(),
+                        updater: None,
+                        first: true,
+                        conflated: false,
+                    };
+                    queue(shared, &entry, ev, Some(s.id));
+                    n += 1;
+                }
+            }
+        }
+    }
+    while entry.queued.load(Ordering::Acquire) < MAX_QUEUED {
+        let ev = match cf.f.next(&entry.store, &mut cf.buf) {
+            Ok(None) => break,
+            Ok(Some(LogEvent::Record {
+                kind: KIND_OP,
+                version,
+                updater,
+                payload_logged: true,
+            })) => {
+                let op = codec::decode(&cf.buf)
+                    .ok()
+                    .and_then(|v| ContextOp::from_value(&v));
+                match op.and_then(|op| apply(cf.data.as_deref(), &op).ok()) {
+                    Some(Some(change)) => make_update(shared, cf, version, updater, change, false),
+                    // A record that changes nothing for us: keep our copy, move on.
+                    Some(None) => {
+                        cf.version = version;
+                        continue;
+                    }
+                    None => resync(shared, cf),
+                }
+            }
+            Ok(Some(_)) => resync(shared, cf),
+            Err(e) => {
+                crate::log::warn(format_args!("context {:?} log: {e}", entry.name));
+                resync(shared, cf)
+            }
+        };
+        if let Some(ev) = ev {
+            queue(shared, &entry, ev, None);
+            n += 1;
+        }
+    }
+    n
+}
+
+fn read_snapshot(entry: &CtxEntry, buf: &mut Vec<u8>) -> Result<(u64, Arc<Map>), ContextError> {
+    let info = entry.store.read(buf)?;
+    Ok((info.version, Arc::new(decode_map(buf)?)))
+}
+
+fn make_update(
+    shared: &Shared,
+    cf: &mut CtxFollow,
+    version: u64,
+    updater: u64,
+    change: Change,
+    conflated: bool,
+) -> Option<ContextUpdate> {
+    let data = Arc::new(Value::Map(change.data.clone()));
+    remember(&cf.entry, version, &data);
+    cf.data = Some(Arc::new(change.data));
+    cf.version = version;
+    Some(ContextUpdate {
+        name: cf.entry.name.clone(),
+        version,
+        data,
+        delta: Value::Map(change.delta),
+        removed: change.removed,
+        updater: shared.identity_of(updater),
+        first: false,
+        conflated,
+    })
+}
+
+/// Catches up from the snapshot: the update says what differs from what we had.
+fn resync(shared: &Shared, cf: &mut CtxFollow) -> Option<ContextUpdate> {
+    let (v, now) = match read_snapshot(&cf.entry, &mut cf.buf) {
+        Ok(x) => x,
+        Err(e) => {
+            crate::log::warn(format_args!("context {:?}: {e}", cf.entry.name));
+            return None;
+        }
+    };
+    cf.f.resync(v);
+    let before = cf.data.clone().unwrap_or_default();
+    if v == cf.version && *before == *now {
+        return None;
+    }
+    let mut delta = Map::new();
+    for (k, val) in now.iter() {
+        if before.get(k) != Some(val) {
+            delta.insert(k.clone(), val.clone());
+        }
+    }
+    let removed = before
+        .keys()
+        .filter(|k| !now.contains_key(*k))
+        .cloned()
+        .collect();
+    let change = Change {
+        data: (*now).clone(),
+        delta,
+        removed,
+    };
+    make_update(shared, cf, v, 0, change, true)
+}
+
+fn queue(shared: &Shared, entry: &Arc<CtxEntry>, ev: ContextUpdate, only: Option<u64>) {
+    entry.queued.fetch_add(1, Ordering::AcqRel);
+    shared.push_task(Task::Context {
+        entry: entry.clone(),
+        ev: Arc::new(ev),
+        only,
+    });
+}
+
+/// Runs one queued event (dispatch thread).
+pub(crate) fn deliver(entry: &CtxEntry, ev: &ContextUpdate, only: Option<u64>) {
+    entry.queued.fetch_sub(1, Ordering::AcqRel);
+    let subs: Vec<Arc<Sub>> = entry.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for s in subs {
+        if !s.active.load(Ordering::Acquire) {
+            continue;
+        }
+        let wanted = match only {
+            Some(id) => s.id == id,
+            None => {
+                let start = s.start.load(Ordering::Acquire);
+                start != NEEDS_SNAPSHOT && ev.version > start
+            }
+        };
+        if wanted {
+            (s.cb)(ev);
+        }
+    }
+}

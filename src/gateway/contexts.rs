@@ -1,0 +1,261 @@
+//! The gateway's side of shared contexts: it creates each context's segment, hands it to the
+//! peers that use it, keeps the table of subscribers' doorbells in the segment, announces
+//! contexts, destroys them, and frees the writer lock of a peer that died holding it. The data
+//! itself never passes through here: writers write the segment directly.
+
+use super::registry::Registry;
+use crate::shm::{self, ContextSegment};
+use crate::status::Status;
+use crate::store::Store;
+use crate::wire::frame::{FromGateway, PeerId};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+/// One context.
+pub(crate) struct ContextRec {
+    pub id: u64,
+    pub name: String,
+    /// Contexts are per user: two users may each have a context of the same name.
+    pub user: String,
+    fd: Arc<OwnedFd>,
+    pub store: Store<ContextSegment>,
+    /// Peers subscribed, with their doorbell (None for peers behind the gateway).
+    subscribers: HashMap<PeerId, Option<u32>>,
+}
+
+/// All contexts.
+#[derive(Default)]
+pub(crate) struct Contexts {
+    by_id: HashMap<u64, ContextRec>,
+    by_name: HashMap<(String, String), u64>,
+    next_id: u64,
+}
+
+impl Contexts {
+    /// (id, name) of every context `user` may see, by id.
+    pub(crate) fn visible_to(&self, user: &str) -> Vec<(u64, String)> {
+        let mut v: Vec<(u64, String)> = self
+            .by_id
+            .values()
+            .filter(|c| c.user == user)
+            .map(|c| (c.id, c.name.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A context by id.
+    pub(crate) fn get(&self, id: u64) -> Option<&ContextRec> {
+        self.by_id.get(&id)
+    }
+
+    /// A context by user and name.
+    pub(crate) fn find(&self, user: &str, name: &str) -> Option<&ContextRec> {
+        self.by_name
+            .get(&(user.to_string(), name.to_string()))
+            .and_then(|id| self.by_id.get(id))
+    }
+}
+
+impl Registry {
+    fn user_of(&self, peer: PeerId) -> Option<String> {
+        self.peers.get(&peer).map(|p| p.identity.user.clone())
+    }
+
+    /// Creates context `name` for `user` if missing; returns its id. Announces new contexts to
+    /// everyone of that user.
+    pub(crate) fn ensure_context(
+        &mut self,
+        user: &str,
+        name: &str,
+    ) -> Result<u64, (Status, String)> {
+        if let Some(c) = self.contexts.find(user, name) {
+            return Ok(c.id);
+        }
+        if name.is_empty() || name.len() > self.limits.max_name_len {
+            return Err((
+                Status::InvalidArgument,
+                "Please provide the name as a non-empty string!".into(),
+            ));
+        }
+        if self.contexts.by_id.len() >= self.limits.max_contexts {
+            return Err((
+                Status::Busy,
+                format!("at most {} contexts", self.limits.max_contexts),
+            ));
+        }
+        let snapshot = (self.limits.max_payload as usize)
+            .div_ceil(8)
+            .clamp(1, shm::MAX_SNAPSHOT / 8)
+            * 8;
+        let fd = shm::create_context(snapshot, self.limits.context_log)
+            .map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
+        let seg = ContextSegment::open(&fd)
+            .map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
+        let store =
+            Store::new(seg).map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
+        self.contexts.next_id += 1;
+        let id = self.contexts.next_id;
+        self.contexts.by_id.insert(
+            id,
+            ContextRec {
+                id,
+                name: name.to_string(),
+                user: user.to_string(),
+                fd: Arc::new(fd),
+                store,
+                subscribers: HashMap::new(),
+            },
+        );
+        self.contexts
+            .by_name
+            .insert((user.to_string(), name.to_string()), id);
+        let audience: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.identity.user == user)
+            .map(|(id, _)| *id)
+            .collect();
+        for p in audience {
+            self.send(
+                p,
+                FromGateway::ContextAdded {
+                    id,
+                    name: name.to_string(),
+                },
+                Vec::new(),
+            );
+        }
+        Ok(id)
+    }
+
+    /// Maps context `name` for `from` (creating it when asked).
+    pub(crate) fn open_context(&mut self, from: PeerId, req: u64, name: String, create: bool) {
+        let Some(user) = self.user_of(from) else {
+            return;
+        };
+        let id = match self.contexts.find(&user, &name) {
+            Some(c) => c.id,
+            None if create => match self.ensure_context(&user, &name) {
+                Ok(id) => id,
+                Err((s, m)) => return self.fail(from, req, s, m),
+            },
+            None => {
+                return self.fail(
+                    from,
+                    req,
+                    Status::NotFound,
+                    format!("context with {name} does not exist"),
+                )
+            }
+        };
+        let Some(c) = self.contexts.get(id) else {
+            return;
+        };
+        let msg = FromGateway::ContextOpened {
+            req,
+            id,
+            name,
+            writable: true,
+        };
+        let fd = c.fd.clone();
+        self.send(from, msg, vec![fd]);
+    }
+
+    /// Adds `from`'s doorbell to context `id`'s subscribers.
+    pub(crate) fn subscribe_context(&mut self, from: PeerId, req: u64, id: u64) {
+        let (Some(user), Some(peer)) = (self.user_of(from), self.peers.get(&from)) else {
+            return;
+        };
+        let doorbell = peer.doorbell;
+        let Some(c) = self.contexts.by_id.get_mut(&id).filter(|c| c.user == user) else {
+            return self.fail(
+                from,
+                req,
+                Status::NotFound,
+                format!("Unable to find context with id {id}"),
+            );
+        };
+        if let Some(d) = doorbell {
+            if !c.store.ctl().add_subscriber(d) {
+                let msg = "too many subscribers to one context".to_string();
+                return self.fail(from, req, Status::Busy, msg);
+            }
+        }
+        c.subscribers.insert(from, doorbell);
+        self.send(from, FromGateway::Ack { req }, Vec::new());
+    }
+
+    /// Removes `from` from context `id`'s subscribers.
+    pub(crate) fn unsubscribe_context(&mut self, from: PeerId, req: u64, id: u64) {
+        if let Some(c) = self.contexts.by_id.get_mut(&id) {
+            if let Some(Some(d)) = c.subscribers.remove(&from) {
+                c.store.ctl().remove_subscriber(d);
+            }
+        }
+        self.send(from, FromGateway::Ack { req }, Vec::new());
+    }
+
+    /// Destroys context `id` for everyone of its user.
+    pub(crate) fn destroy_context(&mut self, from: PeerId, req: u64, id: u64) {
+        let Some(user) = self.user_of(from) else {
+            return;
+        };
+        match self.contexts.by_id.get(&id) {
+            Some(c) if c.user == user => {}
+            _ => {
+                return self.fail(
+                    from,
+                    req,
+                    Status::NotFound,
+                    format!("context with id {id} does not exist"),
+                )
+            }
+        }
+        self.remove_context(id);
+        self.send(from, FromGateway::Ack { req }, Vec::new());
+    }
+
+    /// Forgets a context and tells everyone of its user.
+    pub(crate) fn remove_context(&mut self, id: u64) {
+        let Some(c) = self.contexts.by_id.remove(&id) else {
+            return;
+        };
+        self.contexts
+            .by_name
+            .remove(&(c.user.clone(), c.name.clone()));
+        let audience: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.identity.user == c.user)
+            .map(|(id, _)| *id)
+            .collect();
+        for p in audience {
+            self.send(
+                p,
+                FromGateway::ContextDestroyed {
+                    id,
+                    name: c.name.clone(),
+                },
+                Vec::new(),
+            );
+        }
+    }
+
+    /// A peer left: drop its subscriptions and free any writer lock it held (it may have died
+    /// mid-update; the store's commit order keeps the data consistent either way).
+    pub(crate) fn contexts_peer_left(&mut self, peer: PeerId) {
+        for c in self.contexts.by_id.values_mut() {
+            if let Some(Some(d)) = c.subscribers.remove(&peer) {
+                c.store.ctl().remove_subscriber(d);
+            }
+            if c.store.ctl().break_lock(peer.0) {
+                crate::log::warn(format_args!(
+                    "{peer} died holding the lock of context {:?}; freed",
+                    c.name
+                ));
+            }
+        }
+    }
+}

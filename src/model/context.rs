@@ -1,0 +1,376 @@
+//! Shared-context semantics (features.md §5.3–5.4) as pure functions: what `set`, `update` and
+//! `set_paths` do to a context's data, and the `(delta, removed)` a subscriber is told.
+
+use crate::wire::{Map, Value};
+use thiserror::Error;
+
+/// An operation on a context's data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ContextOp {
+    /// Replace the whole value.
+    Set(Map),
+    /// Replace top-level keys wholesale; `null` deletes a key.
+    Update(Map),
+    /// Set dotted paths in order (intermediates created, non-objects overwritten with `{}`);
+    /// `null` deletes the leaf; the empty path means `Set` (its value must be an object).
+    Paths(Vec<(String, Value)>),
+}
+
+/// What an operation changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The new data.
+    pub data: Map,
+    /// For `update`: the changed keys with their new values. For `set` (and creation): the
+    /// whole value. For paths: an object mirroring the touched paths, deleted leaves `null`.
+    pub delta: Map,
+    /// Top-level keys the change removed (empty for `set`, as io.Connect reports it).
+    pub removed: Vec<String>,
+}
+
+/// A bad operation.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ContextError {
+    /// A path with an empty segment or a forbidden one (`__proto__`, `constructor`,
+    /// `prototype`).
+    #[error("Please provide the path as a dot delimited string! ({0:?})")]
+    BadPath(String),
+    /// The empty path with a value that is not an object.
+    #[error("Please provide the data as an object!")]
+    NotAnObject,
+}
+
+const FORBIDDEN: [&str; 3] = ["__proto__", "constructor", "prototype"];
+
+fn segments(path: &str) -> Result<Vec<&str>, ContextError> {
+    let segs: Vec<&str> = path.split('.').collect();
+    if segs.iter().any(|s| s.is_empty() || FORBIDDEN.contains(s)) {
+        return Err(ContextError::BadPath(path.to_string()));
+    }
+    Ok(segs)
+}
+
+/// Applies `op` to the current data (`None`: the context does not exist yet). `Ok(None)` when
+/// nothing changes (then nothing is written and no subscriber is told).
+pub fn apply(current: Option<&Map>, op: &ContextOp) -> Result<Option<Change>, ContextError> {
+    match op {
+        ContextOp::Set(data) => {
+            if current == Some(data) {
+                return Ok(None);
+            }
+            Ok(Some(Change {
+                data: data.clone(),
+                delta: data.clone(),
+                removed: Vec::new(),
+            }))
+        }
+        ContextOp::Update(data) => {
+            let Some(cur) = current else {
+                // Creating: stored as given, null values included (as io.Connect does).
+                return Ok(Some(Change {
+                    data: data.clone(),
+                    delta: data.clone(),
+                    removed: Vec::new(),
+                }));
+            };
+            let mut next = cur.clone();
+            let mut delta = Map::new();
+            let mut removed = Vec::new();
+            for (k, v) in data {
+                if v.is_null() {
+                    if next.shift_remove(k).is_some() {
+                        removed.push(k.clone());
+                    }
+                } else if cur.get(k) != Some(v) {
+                    next.insert(k.clone(), v.clone());
+                    delta.insert(k.clone(), v.clone());
+                }
+            }
+            if delta.is_empty() && removed.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(Change {
+                data: next,
+                delta,
+                removed,
+            }))
+        }
+        ContextOp::Paths(cmds) => {
+            let mut next = current.cloned().unwrap_or_default();
+            let mut delta = Map::new();
+            let mut removed = Vec::new();
+            for (path, value) in cmds {
+                if path.is_empty() {
+                    let Value::Map(m) = value else {
+                        return Err(ContextError::NotAnObject);
+                    };
+                    next = m.clone();
+                    delta = m.clone();
+                    continue;
+                }
+                let segs = segments(path)?;
+                if value.is_null() {
+                    remove_path(&mut next, &segs);
+                } else {
+                    set_path(&mut next, &segs, value);
+                }
+                set_path(&mut delta, &segs, value);
+                if segs.len() == 1
+                    && value.is_null()
+                    && current.is_some_and(|c| c.contains_key(segs[0]))
+                {
+                    removed.push(segs[0].to_string());
+                }
+            }
+            if current == Some(&next) {
+                return Ok(None);
+            }
+            Ok(Some(Change {
+                data: next,
+                delta,
+                removed,
+            }))
+        }
+    }
+}
+
+/// Deletes the leaf at `segs` if every intermediate exists.
+fn remove_path(m: &mut Map, segs: &[&str]) {
+    let Some((last, init)) = segs.split_last() else {
+        return;
+    };
+    let mut cur = m;
+    for s in init {
+        match cur.get_mut(*s) {
+            Some(Value::Map(inner)) => cur = inner,
+            _ => return,
+        }
+    }
+    cur.shift_remove(*last);
+}
+
+/// Sets `segs` in `m` to `value`, creating intermediates and replacing non-object
+/// intermediates with `{}` (in a delta map, deletes are recorded this way as `null`).
+fn set_path(m: &mut Map, segs: &[&str], value: &Value) {
+    let (last, init) = match segs.split_last() {
+        Some(x) => x,
+        None => return,
+    };
+    let mut cur = m;
+    for s in init {
+        let slot = cur.entry((*s).to_string()).or_insert_with(Value::map);
+        if !matches!(slot, Value::Map(_)) {
+            *slot = Value::map();
+        }
+        let Value::Map(inner) = slot else { return };
+        cur = inner;
+    }
+    cur.insert((*last).to_string(), value.clone());
+}
+
+impl ContextOp {
+    /// The smallest op that has the same effect given the same starting data: followers of
+    /// the context log re-apply it to their copy to get the same data, delta and removed.
+    pub fn normalized(&self, change: &Change, existed: bool) -> ContextOp {
+        match self {
+            ContextOp::Update(_) if existed => {
+                let mut m = change.delta.clone();
+                for k in &change.removed {
+                    m.insert(k.clone(), Value::Null);
+                }
+                ContextOp::Update(m)
+            }
+            other => other.clone(),
+        }
+    }
+
+    /// Encodes for the context log: `{"set": {...}}`, `{"update": {...}}` or
+    /// `{"paths": [[path, value], ...]}`.
+    pub fn to_value(&self) -> Value {
+        match self {
+            ContextOp::Set(m) => Value::object([("set", Value::Map(m.clone()))]),
+            ContextOp::Update(m) => Value::object([("update", Value::Map(m.clone()))]),
+            ContextOp::Paths(p) => Value::object([(
+                "paths",
+                Value::Array(
+                    p.iter()
+                        .map(|(k, v)| Value::Array(vec![Value::from(k.as_str()), v.clone()]))
+                        .collect(),
+                ),
+            )]),
+        }
+    }
+
+    /// Decodes [`ContextOp::to_value`]'s form.
+    pub fn from_value(v: &Value) -> Option<ContextOp> {
+        let m = v.as_map()?;
+        if let Some(Value::Map(d)) = m.get("set") {
+            return Some(ContextOp::Set(d.clone()));
+        }
+        if let Some(Value::Map(d)) = m.get("update") {
+            return Some(ContextOp::Update(d.clone()));
+        }
+        if let Some(Value::Array(a)) = m.get("paths") {
+            let mut out = Vec::with_capacity(a.len());
+            for item in a {
+                match item {
+                    Value::Array(pair) if pair.len() == 2 => {
+                        out.push((pair[0].as_str()?.to_string(), pair[1].clone()))
+                    }
+                    _ => return None,
+                }
+            }
+            return Some(ContextOp::Paths(out));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(json: &str) -> Map {
+        match Value::from_json_str(json).unwrap() {
+            Value::Map(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn update_replaces_top_level_keys_whole_and_null_deletes() {
+        let cur = m(r#"{"a":{"y":2},"b":1,"c":3}"#);
+        let ch = apply(
+            Some(&cur),
+            &ContextOp::Update(m(r#"{"a":{"x":1},"b":1,"c":null}"#)),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(ch.data, m(r#"{"a":{"x":1},"b":1}"#), "not a deep merge");
+        assert_eq!(
+            ch.delta,
+            m(r#"{"a":{"x":1}}"#),
+            "unchanged keys are not in the delta"
+        );
+        assert_eq!(ch.removed, vec!["c".to_string()]);
+    }
+
+    #[test]
+    fn update_that_changes_nothing_is_none() {
+        let cur = m(r#"{"a":1,"b":{"c":[1,2]}}"#);
+        assert_eq!(
+            apply(
+                Some(&cur),
+                &ContextOp::Update(m(r#"{"a":1,"b":{"c":[1,2]},"z":null}"#))
+            )
+            .unwrap(),
+            None
+        );
+        assert_eq!(
+            apply(Some(&cur), &ContextOp::Set(cur.clone())).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn update_that_creates_stores_data_as_given() {
+        let ch = apply(None, &ContextOp::Update(m(r#"{"a":null,"b":2}"#)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ch.data, m(r#"{"a":null,"b":2}"#));
+        assert!(ch.removed.is_empty());
+    }
+
+    #[test]
+    fn set_replaces_everything_and_reports_no_removed_keys() {
+        let cur = m(r#"{"a":1,"b":2}"#);
+        let ch = apply(Some(&cur), &ContextOp::Set(m(r#"{"c":3}"#)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ch.data, m(r#"{"c":3}"#));
+        assert_eq!(ch.delta, m(r#"{"c":3}"#));
+        assert!(ch.removed.is_empty());
+    }
+
+    #[test]
+    fn paths_create_intermediates_overwrite_scalars_and_delete_leaves() {
+        let cur = m(r#"{"a":{"b":1,"keep":true},"s":5,"gone":1}"#);
+        let op = ContextOp::Paths(vec![
+            ("a.b".into(), Value::from(2)),
+            ("s.t.u".into(), Value::from("x")),
+            ("a.keep".into(), Value::Null),
+            ("gone".into(), Value::Null),
+            ("new.deep".into(), Value::from(1)),
+        ]);
+        let ch = apply(Some(&cur), &op).unwrap().unwrap();
+        assert_eq!(
+            ch.data,
+            m(r#"{"a":{"b":2},"s":{"t":{"u":"x"}},"new":{"deep":1}}"#)
+        );
+        assert_eq!(
+            ch.delta,
+            m(r#"{"a":{"b":2,"keep":null},"s":{"t":{"u":"x"}},"gone":null,"new":{"deep":1}}"#)
+        );
+        assert_eq!(ch.removed, vec!["gone".to_string()]);
+    }
+
+    #[test]
+    fn paths_on_a_missing_context_create_it_and_the_empty_path_sets() {
+        let ch = apply(
+            None,
+            &ContextOp::Paths(vec![("x.y".into(), Value::from(1))]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(ch.data, m(r#"{"x":{"y":1}}"#));
+        let ch = apply(
+            Some(&ch.data),
+            &ContextOp::Paths(vec![("".into(), Value::Map(m(r#"{"z":0}"#)))]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(ch.data, m(r#"{"z":0}"#));
+        assert_eq!(
+            apply(None, &ContextOp::Paths(vec![("".into(), Value::from(1))])),
+            Err(ContextError::NotAnObject)
+        );
+    }
+
+    #[test]
+    fn bad_paths_are_rejected() {
+        for p in [
+            "a..b",
+            ".a",
+            "a.",
+            "__proto__",
+            "a.constructor",
+            "prototype.x",
+        ] {
+            assert!(
+                matches!(
+                    apply(None, &ContextOp::Paths(vec![(p.into(), Value::from(1))])),
+                    Err(ContextError::BadPath(_))
+                ),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_follower_reapplying_the_normalized_op_gets_the_same_change() {
+        let cur = m(r#"{"a":1,"b":2,"c":{"d":3}}"#);
+        for op in [
+            ContextOp::Update(m(r#"{"a":1,"b":5,"c":null,"e":[1]}"#)),
+            ContextOp::Set(m(r#"{"q":1}"#)),
+            ContextOp::Paths(vec![
+                ("c.d".into(), Value::Null),
+                ("f".into(), Value::from(true)),
+            ]),
+        ] {
+            let ch = apply(Some(&cur), &op).unwrap().unwrap();
+            let norm = op.normalized(&ch, true);
+            let back = ContextOp::from_value(&norm.to_value()).unwrap();
+            assert_eq!(apply(Some(&cur), &back).unwrap().unwrap(), ch);
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! The shared-context store: what lives in a context segment and how writers and readers use it.
+//!
+//! * a **writer lock** (`lock`: 0 when free, else the holder's token): writers of one context
+//!   take turns; the gateway frees the lock of a writer that died holding it;
+//! * a **version** (`version`): the committed version, one total order per context;
+//! * two **snapshot buffers**, each guarded by a sequence word (a seqlock): version `v` lives in
+//!   buffer `v & 1`, so a writer fills the buffer readers are not using and then publishes the
+//!   new version. Readers never block writers; a reader that raced a writer retries;
+//! * a **delta log**: a broadcast ring of records (`kind`, `version`, `updater`, payload) that
+//!   subscribers follow at their own pace. Writers never wait for them; a follower that is lapped
+//!   notices (by position and by version) and resynchronises from the snapshot;
+//! * a **subscriber table** of doorbell indices, maintained by the gateway, rung by writers.
+//!
+//! Commit order (a writer holding the lock): fill the free buffer (seq odd → data → seq even),
+//! write the log record at `log_tail`, publish `version` (Release), publish `log_tail`
+//! (Release), release the lock. A writer that dies before publishing `version` leaves
+//! everything as it was; one that dies after leaves a consistent snapshot and at worst a missing
+//! log record, which followers see as a version gap and resynchronise over.
+//!
+//! All regions are arrays of `AtomicU64` accessed with Relaxed loads and stores (the seqlock
+//! recipe that is data-race-free in the Rust model), ordered by the Acquire/Release pairs tagged
+//! `SYNC(...)`. Everything read is validated: lengths against capacities, record headers against
+//! the log's bounds. Written once over [`StoreMemory`], so loom checks the same code.
+
+#[cfg(all(test, knit_loom))]
+mod loom_tests;
+#[cfg(all(test, not(knit_loom)))]
+mod tests;
+
+use crate::sync::{fence, spin_hint, AtomicU32, AtomicU64, Ordering};
+use thiserror::Error;
+
+/// Words at the start of each snapshot buffer: version, updater, byte length, reserved.
+pub const BUFFER_HEADER_WORDS: usize = 4;
+/// Words in a log record header: (len | kind << 32 | flags << 48), version, updater.
+const LOG_HEADER_WORDS: usize = 3;
+/// Log record kind reserved for padding at the wrap.
+const LOG_PAD: u16 = 0xFFFF;
+/// Most subscribers whose doorbells a context rings.
+#[cfg(not(knit_loom))]
+pub const MAX_SUBSCRIBERS: usize = 256;
+/// Most subscribers whose doorbells a context rings (small under loom, to keep the model small).
+#[cfg(knit_loom)]
+pub const MAX_SUBSCRIBERS: usize = 2;
+
+/// The control block of a context segment.
+#[repr(C, align(128))]
+pub struct StoreCtl {
+    lock: AtomicU64,
+    _pad0: [u8; 120],
+    version: AtomicU64,
+    log_tail: AtomicU64,
+    _pad1: [u8; 112],
+    seq: [SeqWord; 2],
+    /// Doorbell indices + 1 of subscribers (0: empty slot). Written by the gateway only.
+    subscribers: [AtomicU32; MAX_SUBSCRIBERS],
+}
+
+#[repr(C, align(128))]
+struct SeqWord {
+    seq: AtomicU64,
+    _pad: [u8; 120],
+}
+
+#[cfg(not(knit_loom))]
+const _: () = {
+    assert!(std::mem::offset_of!(StoreCtl, version) == 128);
+    assert!(std::mem::offset_of!(StoreCtl, seq) == 256);
+    assert!(std::mem::offset_of!(StoreCtl, subscribers) == 512);
+};
+
+impl std::fmt::Debug for StoreCtl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreCtl")
+            .field("lock", &self.lock.load(Ordering::Relaxed))
+            .field("version", &self.version.load(Ordering::Relaxed))
+            .field("log_tail", &self.log_tail.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl StoreCtl {
+    /// A fresh control block (all zero), for heap-backed stores.
+    pub fn new() -> Self {
+        Self {
+            lock: AtomicU64::new(0),
+            _pad0: [0; 120],
+            version: AtomicU64::new(0),
+            log_tail: AtomicU64::new(0),
+            _pad1: [0; 112],
+            seq: [
+                SeqWord {
+                    seq: AtomicU64::new(0),
+                    _pad: [0; 120],
+                },
+                SeqWord {
+                    seq: AtomicU64::new(0),
+                    _pad: [0; 120],
+                },
+            ],
+            subscribers: std::array::from_fn(|_| AtomicU32::new(0)),
+        }
+    }
+
+    /// The committed version (0: never written).
+    pub fn version(&self) -> u64 {
+        // SYNC(version): pairs with the writer's Release store in `commit`.
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// The token of the writer holding the lock, 0 if free.
+    pub fn lock_holder(&self) -> u64 {
+        self.lock.load(Ordering::Acquire)
+    }
+
+    /// Frees the lock if `holder` still holds it (the gateway, after that writer died).
+    pub fn break_lock(&self, holder: u64) -> bool {
+        self.lock
+            .compare_exchange(holder, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Adds a subscriber's doorbell index (gateway only). False if the table is full.
+    pub fn add_subscriber(&self, doorbell: u32) -> bool {
+        let want = doorbell.wrapping_add(1);
+        if self
+            .subscribers
+            .iter()
+            .any(|s| s.load(Ordering::Relaxed) == want)
+        {
+            return true;
+        }
+        for s in &self.subscribers {
+            if s.compare_exchange(0, want, Ordering::Release, Ordering::Relaxed)
+                .is_ok()
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Removes a subscriber's doorbell index (gateway only).
+    pub fn remove_subscriber(&self, doorbell: u32) {
+        let want = doorbell.wrapping_add(1);
+        for s in &self.subscribers {
+            let _ = s.compare_exchange(want, 0, Ordering::Release, Ordering::Relaxed);
+        }
+    }
+
+    /// Calls `f` with each subscriber's doorbell index.
+    pub fn for_each_subscriber(&self, mut f: impl FnMut(u32)) {
+        for s in &self.subscribers {
+            // Relaxed: an index is only a hint whom to wake; a stale one causes a spurious wake.
+            let v = s.load(Ordering::Relaxed);
+            if v != 0 {
+                f(v - 1);
+            }
+        }
+    }
+}
+
+impl Default for StoreCtl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where a store lives.
+///
+/// # Safety
+/// `ctl()`, `buffer(0)`, `buffer(1)` and `log()` must stay valid for as long as `self`, never
+/// change size, and never overlap; each buffer has at least `BUFFER_HEADER_WORDS + 1` words;
+/// the log has a power-of-two number of words, at least 64.
+pub unsafe trait StoreMemory {
+    /// The control block.
+    fn ctl(&self) -> &StoreCtl;
+    /// Snapshot buffer `i` (0 or 1): header words then data words.
+    fn buffer(&self, i: usize) -> &[AtomicU64];
+    /// The delta log.
+    fn log(&self) -> &[AtomicU64];
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The snapshot does not fit the context's capacity.
+    #[error("value of {size} bytes exceeds the context's capacity of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    /// Another writer held the lock past the deadline (or a reader kept racing writers).
+    #[error("context busy")]
+    Busy,
+    /// The shared state does not validate: the context is corrupt (a hostile or broken peer).
+    #[error("context corrupt: {0}")]
+    Corrupt(&'static str),
+}
+
+fn bytes_to_words(bytes: &[u8], out: &mut Vec<u64>) {
+    out.clear();
+    out.extend(bytes.chunks(8).map(|c| {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        u64::from_le_bytes(w)
+    }));
+}
+
+fn words_to_bytes(words: &[u64], len: usize, out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(words.len() * 8);
+    for w in words {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out.truncate(len);
+}
+
+/// A snapshot as read: version, the writer's token, and the encoded value in the caller's
+/// buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub version: u64,
+    pub updater: u64,
+}
+
+/// A store over some memory.
+#[derive(Debug)]
+pub struct Store<M: StoreMemory> {
+    mem: M,
+    /// Data bytes a buffer can hold.
+    snap_cap: usize,
+    /// Words in the log (power of two).
+    log_words: u64,
+}
+
+impl<M: StoreMemory> Store<M> {
+    /// Wraps memory that satisfies [`StoreMemory`]'s contract.
+    pub fn new(mem: M) -> Result<Self, StoreError> {
+        let b0 = mem.buffer(0).len();
+        let b1 = mem.buffer(1).len();
+        let log = mem.log().len();
+        if b0 != b1 || b0 <= BUFFER_HEADER_WORDS || !log.is_power_of_two() || log < 64 {
+            return Err(StoreError::Corrupt("store regions have impossible sizes"));
+        }
+        Ok(Self {
+            snap_cap: (b0 - BUFFER_HEADER_WORDS) * 8,
+            log_words: log as u64,
+            mem,
+        })
+    }
+
+    /// The control block.
+    pub fn ctl(&self) -> &StoreCtl {
+        self.mem.ctl()
+    }
+
+    /// Largest encoded value a snapshot can hold.
+    pub fn snapshot_capacity(&self) -> usize {
+        self.snap_cap
+    }
+
+    /// Largest log payload; larger deltas are logged without payload (followers resync).
+    pub fn max_log_payload(&self) -> usize {
+        ((self.log_words / 4) as usize - LOG_HEADER_WORDS) * 8
+    }
+
+    /// Reads the current snapshot into `out` (encoded bytes). Never blocks a writer; retries
+    /// while racing one, up to a bound (then `Busy`).
+    pub fn read(&self, out: &mut Vec<u8>) -> Result<SnapshotInfo, StoreError> {
+        let mut words = Vec::new();
+        for attempt in 0..10_000u32 {
+            let ctl = self.mem.ctl();
+            // SYNC(version): pairs with the writer's Release store; the buffer for this version
+            // was filled before it.
+            let v = ctl.version.load(Ordering::Acquire);
+            if v == 0 {
+                out.clear();
+                return Ok(SnapshotInfo {
+                    version: 0,
+                    updater: 0,
+                });
+            }
+            let b = (v & 1) as usize;
+            // SYNC(seq): pairs with the writer's Release store of the even sequence.
+            let s1 = ctl.seq[b].seq.load(Ordering::Acquire);
+            if s1 & 1 == 0 {
+                let buf = self.mem.buffer(b);
+                let bv = buf[0].load(Ordering::Relaxed);
+                let updater = buf[1].load(Ordering::Relaxed);
+                let len = buf[2].load(Ordering::Relaxed) as usize;
+                if bv == v && len <= self.snap_cap {
+                    let n = len.div_ceil(8);
+                    words.clear();
+                    words.extend(
+                        buf[BUFFER_HEADER_WORDS..BUFFER_HEADER_WORDS + n]
+                            .iter()
+                            .map(|w| w.load(Ordering::Relaxed)),
+                    );
+                    // SYNC(seq): the data loads above happen before this re-check.
+                    fence(Ordering::Acquire);
+                    let s2 = ctl.seq[b].seq.load(Ordering::Relaxed);
+                    if s1 == s2 {
+                        words_to_bytes(&words, len, out);
+                        return Ok(SnapshotInfo {
+                            version: v,
+                            updater,
+                        });
+                    }
+                } else if bv == v {
+                    // A stable buffer with an impossible length: corrupt, not a race.
+                    fence(Ordering::Acquire);
+                    if ctl.seq[b].seq.load(Ordering::Relaxed) == s1 {
+                        return Err(StoreError::Corrupt("snapshot length exceeds the capacity"));
+                    }
+                }
+            }
+            if attempt > 16 {
+                std::thread::yield_now();
+            } else {
+                spin_hint();
+            }
+        }
+        Err(StoreError::Busy)
+    }
+
+    /// Takes the writer lock for `token` (non-zero), spinning then yielding, until `deadline`
+    /// (checked with `expired`).
+    pub fn lock(
+        &self,
+        token: u64,
+        mut expired: impl FnMut() -> bool,
+    ) -> Result<WriteGuard<'_, M>, StoreError> {
+        debug_assert_ne!(token, 0);
+        let mut spins = 0u32;
+        loop {
+            // Acquire: the previous holder's writes (buffer, log, version) happen before ours.
+            if self
+                .mem
+                .ctl()
+                .lock
+                .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Ok(WriteGuard { store: self, token });
+            }
+            spins = spins.wrapping_add(1);
+            if spins < 64 {
+                spin_hint();
+            } else {
+                if expired() {
+                    return Err(StoreError::Busy);
+                }
+                #[cfg(not(knit_loom))]
+                std::thread::sleep(std::time::Duration::from_micros(if spins < 256 {
+                    0
+                } else {
+                    50
+                }));
+                #[cfg(knit_loom)]
+                loom::thread::yield_now();
+            }
+        }
+    }
+
+    /// Starts following the log from now: records committed after this call (and possibly a
+    /// few before, which `next` skips by version).
+    pub fn follower(&self) -> Follower {
+        // SYNC(log_tail): pairs with the writer's Release store.
+        let tail = self.mem.ctl().log_tail.load(Ordering::Acquire);
+        Follower {
+            pos: tail,
+            next_version: 0,
+        }
+    }
+}
+
+/// Exclusive right to write a store; released when dropped.
+#[derive(Debug)]
+pub struct WriteGuard<'a, M: StoreMemory> {
+    store: &'a Store<M>,
+    token: u64,
+}
+
+impl<M: StoreMemory> WriteGuard<'_, M> {
+    /// The committed version (stable while we hold the lock).
+    pub fn version(&self) -> u64 {
+        // Relaxed: we hold the lock, whose Acquire ordered every earlier commit before us.
+        self.store.mem.ctl().version.load(Ordering::Relaxed)
+    }
+
+    /// Reads the current snapshot (no race: only lock holders write).
+    pub fn read(&self, out: &mut Vec<u8>) -> Result<SnapshotInfo, StoreError> {
+        let v = self.version();
+        if v == 0 {
+            out.clear();
+            return Ok(SnapshotInfo {
+                version: 0,
+                updater: 0,
+            });
+        }
+        let buf = self.store.mem.buffer((v & 1) as usize);
+        let len = buf[2].load(Ordering::Relaxed) as usize;
+        if buf[0].load(Ordering::Relaxed) != v || len > self.store.snap_cap {
+            return Err(StoreError::Corrupt(
+                "snapshot buffer does not match the version",
+            ));
+        }
+        let words: Vec<u64> = buf[BUFFER_HEADER_WORDS..BUFFER_HEADER_WORDS + len.div_ceil(8)]
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect();
+        words_to_bytes(&words, len, out);
+        Ok(SnapshotInfo {
+            version: v,
+            updater: buf[1].load(Ordering::Relaxed),
+        })
+    }
+
+    /// Publishes a new snapshot and its log record as version `version() + 1`. `payload` of
+    /// `None`, or larger than the log allows, logs the record without payload (followers then
+    /// resynchronise from the snapshot). Returns the new version.
+    pub fn commit(
+        &self,
+        snapshot: &[u8],
+        kind: u16,
+        payload: Option<&[u8]>,
+    ) -> Result<u64, StoreError> {
+        let store = self.store;
+        if snapshot.len() > store.snap_cap {
+            return Err(StoreError::TooLarge {
+                size: snapshot.len(),
+                max: store.snap_cap,
+            });
+        }
+        debug_assert!(kind != LOG_PAD);
+        let ctl = store.mem.ctl();
+        let v = self.version() + 1;
+        let mut words = Vec::new();
+        bytes_to_words(snapshot, &mut words);
+        // 1. The free buffer, under its sequence word.
+        let b = (v & 1) as usize;
+        let buf = store.mem.buffer(b);
+        let s = ctl.seq[b].seq.load(Ordering::Relaxed) | 1;
+        ctl.seq[b].seq.store(s, Ordering::Relaxed);
+        // SYNC(seq): the odd sequence is visible before any data store below.
+        fence(Ordering::Release);
+        buf[0].store(v, Ordering::Relaxed);
+        buf[1].store(self.token, Ordering::Relaxed);
+        buf[2].store(snapshot.len() as u64, Ordering::Relaxed);
+        for (dst, w) in buf[BUFFER_HEADER_WORDS..].iter().zip(&words) {
+            dst.store(*w, Ordering::Relaxed);
+        }
+        // SYNC(seq): the data is visible to a reader that sees the even sequence.
+        ctl.seq[b].seq.store(s + 1, Ordering::Release);
+        // 2. The log record at the tail (padding first if it would straddle the end).
+        let payload = payload.filter(|p| p.len() <= store.max_log_payload());
+        let (plen, flags) = match payload {
+            Some(p) => (p.len(), 0u16),
+            None => (0, 1u16),
+        };
+        let rec_words = (LOG_HEADER_WORDS + plen.div_ceil(8)) as u64;
+        let log = store.mem.log();
+        let mask = store.log_words - 1;
+        // Relaxed: the tail is published only by lock holders; the lock orders us after them.
+        let mut tail = ctl.log_tail.load(Ordering::Relaxed);
+        let room = store.log_words - (tail & mask);
+        if room < rec_words {
+            log[(tail & mask) as usize].store(
+                pack_header(((room - 1) * 8) as u32, LOG_PAD, 0),
+                Ordering::Relaxed,
+            );
+            tail += room;
+        }
+        let at = (tail & mask) as usize;
+        log[at].store(pack_header(plen as u32, kind, flags), Ordering::Relaxed);
+        log[at + 1].store(v, Ordering::Relaxed);
+        log[at + 2].store(self.token, Ordering::Relaxed);
+        if let Some(p) = payload {
+            bytes_to_words(p, &mut words);
+            for (i, w) in words.iter().enumerate() {
+                log[at + LOG_HEADER_WORDS + i].store(*w, Ordering::Relaxed);
+            }
+        }
+        // 3. Commit: the version, then the log tail.
+        // SYNC(version): buffer and log record are visible to whoever sees the new version.
+        ctl.version.store(v, Ordering::Release);
+        // SYNC(log_tail): the record is visible to followers that see the new tail.
+        ctl.log_tail.store(tail + rec_words, Ordering::Release);
+        Ok(v)
+    }
+}
+
+impl<M: StoreMemory> Drop for WriteGuard<'_, M> {
+    fn drop(&mut self) {
+        // Release: our commit happens before the next holder's Acquire.
+        let _ = self.store.mem.ctl().lock.compare_exchange(
+            self.token,
+            0,
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+fn pack_header(len: u32, kind: u16, flags: u16) -> u64 {
+    len as u64 | (kind as u64) << 32 | (flags as u64) << 48
+}
+
+/// What a follower found in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEvent {
+    /// The next version's record; its payload is in the caller's buffer. `payload_logged` is
+    /// false when the delta was too large for the log (take the data from the snapshot).
+    Record {
+        kind: u16,
+        version: u64,
+        updater: u64,
+        payload_logged: bool,
+    },
+    /// Records were lost to us (we were lapped, or a writer died between its commit and its
+    /// log record): resynchronise from the snapshot.
+    Gap,
+}
+
+/// A reader's position in the log.
+#[derive(Debug, Clone)]
+pub struct Follower {
+    pos: u64,
+    /// The version we expect next; 0 until the first record or `resync`.
+    next_version: u64,
+}
+
+impl Follower {
+    /// After reading a snapshot at `version`: deliver only records after it.
+    pub fn resync(&mut self, version: u64) {
+        self.next_version = version + 1;
+    }
+
+    /// Whether the log has records past our position.
+    pub fn has_more<M: StoreMemory>(&self, store: &Store<M>) -> bool {
+        // SYNC(log_tail): pairs with the writer's Release store.
+        store.mem.ctl().log_tail.load(Ordering::Acquire) != self.pos
+    }
+
+    /// The next record, `Ok(None)` when caught up.
+    pub fn next<M: StoreMemory>(
+        &mut self,
+        store: &Store<M>,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<LogEvent>, StoreError> {
+        let log = store.mem.log();
+        let lw = store.log_words;
+        let mask = lw - 1;
+        loop {
+            // SYNC(log_tail): pairs with the writer's Release store: records before it are
+            // complete.
+            let tail = store.mem.ctl().log_tail.load(Ordering::Acquire);
+            let behind = tail.wrapping_sub(self.pos);
+            if behind == 0 {
+                return Ok(None);
+            }
+            if behind > lw / 2 {
+                // Too far behind to read safely: skip to now.
+                self.pos = tail;
+                self.next_version = 0;
+                return Ok(Some(LogEvent::Gap));
+            }
+            let at = (self.pos & mask) as usize;
+            let h = log[at].load(Ordering::Relaxed);
+            let (len, kind, flags) = (h as u32 as usize, (h >> 32) as u16, (h >> 48) as u16);
+            let room = lw - (self.pos & mask);
+            if kind == LOG_PAD {
+                if (len / 8) as u64 + 1 != room || room > behind {
+                    return Err(StoreError::Corrupt("log padding does not reach the end"));
+                }
+                self.pos += room;
+                continue;
+            }
+            let rec = (LOG_HEADER_WORDS + len.div_ceil(8)) as u64;
+            if len > store.max_log_payload() || rec > room || rec > behind {
+                return Err(StoreError::Corrupt("log record length out of range"));
+            }
+            let version = log[at + 1].load(Ordering::Relaxed);
+            let updater = log[at + 2].load(Ordering::Relaxed);
+            let words: Vec<u64> = log[at + LOG_HEADER_WORDS..at + rec as usize]
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed))
+                .collect();
+            // SYNC(log_tail): the loads above happen before this check; if a writer could
+            // have started overwriting them, the tail shows it.
+            fence(Ordering::Acquire);
+            let now = store.mem.ctl().log_tail.load(Ordering::Relaxed);
+            if now.wrapping_sub(self.pos) > lw / 2 {
+                self.pos = now;
+                self.next_version = 0;
+                return Ok(Some(LogEvent::Gap));
+            }
+            self.pos += rec;
+            if self.next_version != 0 && version < self.next_version {
+                // Older than the snapshot we started from: already reflected.
+                continue;
+            }
+            if self.next_version != 0 && version > self.next_version {
+                self.next_version = 0;
+                return Ok(Some(LogEvent::Gap));
+            }
+            self.next_version = version + 1;
+            words_to_bytes(&words, len, out);
+            return Ok(Some(LogEvent::Record {
+                kind,
+                version,
+                updater,
+                payload_logged: flags & 1 == 0,
+            }));
+        }
+    }
+}
+
+/// A store on the heap (tests, loom).
+#[derive(Debug, Clone)]
+pub struct HeapStore(std::sync::Arc<HeapInner>);
+
+#[derive(Debug)]
+struct HeapInner {
+    ctl: StoreCtl,
+    buffers: [Vec<AtomicU64>; 2],
+    log: Vec<AtomicU64>,
+}
+
+impl HeapStore {
+    /// A store with `snapshot` data bytes per buffer and `log_words` log words.
+    pub fn new(snapshot: usize, log_words: usize) -> Self {
+        let buf = || {
+            (0..BUFFER_HEADER_WORDS + snapshot.div_ceil(8))
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        };
+        Self(std::sync::Arc::new(HeapInner {
+            ctl: StoreCtl::new(),
+            buffers: [buf(), buf()],
+            log: (0..log_words).map(|_| AtomicU64::new(0)).collect(),
+        }))
+    }
+}
+
+// SAFETY: fixed-size heap regions owned by the Arc, never resized; `new` sizes them per the
+// contract (callers pass a power-of-two log of at least 64 words, checked by `Store::new`).
+unsafe impl StoreMemory for HeapStore {
+    fn ctl(&self) -> &StoreCtl {
+        &self.0.ctl
+    }
+    fn buffer(&self, i: usize) -> &[AtomicU64] {
+        &self.0.buffers[i & 1]
+    }
+    fn log(&self) -> &[AtomicU64] {
+        &self.0.log
+    }
+}

@@ -1,0 +1,289 @@
+//! Shared contexts through the Rust API with an embedded gateway: io.Connect's rules
+//! (features.md §5.3–5.4), versions and compare-and-set, subscriptions and their ordering.
+
+use knit::client::{Client, ContextError, ContextUpdate};
+use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
+use knit::Value;
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
+
+struct Env {
+    gw: Option<GatewayHandle>,
+    dir: std::path::PathBuf,
+}
+
+impl Env {
+    fn new(tag: &str) -> Env {
+        let dir = std::env::temp_dir().join(format!("knit-ctx-{tag}-{}", std::process::id()));
+        let gw = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
+            .unwrap()
+            .spawn()
+            .unwrap();
+        Env { gw: Some(gw), dir }
+    }
+    fn client(&self, app: &str) -> Client {
+        Client::builder(app)
+            .socket(self.gw.as_ref().unwrap().socket_path())
+            .connect()
+            .unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            gw.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn j(s: &str) -> Value {
+    Value::from_json_str(s).unwrap()
+}
+
+fn watch(c: &Client, name: &str) -> (knit::client::ContextSubscription, Receiver<ContextUpdate>) {
+    let (tx, rx) = channel();
+    let sub = c.contexts().subscribe(name, move |u| {
+        let _ = tx.send(u.clone());
+    });
+    (sub.unwrap(), rx)
+}
+
+fn next(rx: &Receiver<ContextUpdate>) -> ContextUpdate {
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("no context update within 5 s")
+}
+
+#[test]
+fn get_of_a_missing_context_is_empty_and_does_not_create_it() {
+    let env = Env::new("missing");
+    let c = env.client("a");
+    let s = c.contexts().get("nope").unwrap();
+    assert_eq!((s.version, &*s.data), (0, &Value::map()));
+    assert!(!c.contexts().all().contains(&"nope".to_string()));
+}
+
+#[test]
+fn update_set_and_paths_follow_io_connect_rules() {
+    let env = Env::new("rules");
+    let c = env.client("a");
+    let ctx = c.contexts();
+    let v1 = ctx
+        .update("x", j(r#"{"a":{"y":2},"b":1,"n":null}"#))
+        .unwrap();
+    assert_eq!(
+        *ctx.get("x").unwrap().data,
+        j(r#"{"a":{"y":2},"b":1,"n":null}"#),
+        "creation stores data as given"
+    );
+    let v2 = ctx.update("x", j(r#"{"a":{"x":1},"n":null}"#)).unwrap();
+    assert_eq!(v2, v1 + 1);
+    assert_eq!(
+        *ctx.get("x").unwrap().data,
+        j(r#"{"a":{"x":1},"b":1}"#),
+        "top-level replace, null deletes"
+    );
+    assert_eq!(
+        ctx.update("x", j(r#"{"b":1}"#)).unwrap(),
+        v2,
+        "no change, no new version"
+    );
+    let v3 = ctx.set_path("x", "a.deep.er", 5).unwrap();
+    assert_eq!(
+        *ctx.get("x").unwrap().data,
+        j(r#"{"a":{"x":1,"deep":{"er":5}},"b":1}"#)
+    );
+    let v4 = ctx
+        .set_paths(
+            "x",
+            vec![("a.x".into(), Value::Null), ("c".into(), Value::from(true))],
+        )
+        .unwrap();
+    assert_eq!(v4, v3 + 1);
+    assert_eq!(
+        *ctx.get("x").unwrap().data,
+        j(r#"{"a":{"deep":{"er":5}},"b":1,"c":true}"#)
+    );
+    ctx.set("x", j(r#"{"only":1}"#)).unwrap();
+    assert_eq!(*ctx.get("x").unwrap().data, j(r#"{"only":1}"#));
+    assert!(matches!(
+        ctx.update("x", Value::from(3)),
+        Err(ContextError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        ctx.set_path("x", "a..b", 1),
+        Err(ContextError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        ctx.set_path("x", "__proto__.a", 1),
+        Err(ContextError::InvalidArgument(_))
+    ));
+    assert!(ctx.all().contains(&"x".to_string()));
+}
+
+#[test]
+fn update_if_fails_cleanly_on_a_stale_version() {
+    let env = Env::new("cas");
+    let c = env.client("a");
+    let ctx = c.contexts();
+    let v = ctx.set("cas", j(r#"{"n":1}"#)).unwrap();
+    let v2 = ctx.update_if("cas", v, j(r#"{"n":2}"#)).unwrap();
+    match ctx.update_if("cas", v, j(r#"{"n":3}"#)) {
+        Err(ContextError::Stale {
+            expected, current, ..
+        }) => assert_eq!((expected, current), (v, v2)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(*ctx.get("cas").unwrap().data, j(r#"{"n":2}"#));
+}
+
+#[test]
+fn subscribers_get_the_current_value_first_then_every_change_with_delta_removed_and_updater() {
+    let env = Env::new("sub");
+    let (w, r) = (env.client("writer"), env.client("reader"));
+    w.contexts().set("s", j(r#"{"a":1,"b":2}"#)).unwrap();
+    let (_sub, rx) = watch(&r, "s");
+    let first = next(&rx);
+    assert!(first.first);
+    assert_eq!(*first.data, j(r#"{"a":1,"b":2}"#));
+    w.contexts().update("s", j(r#"{"a":5,"b":null}"#)).unwrap();
+    let u = next(&rx);
+    assert_eq!(*u.data, j(r#"{"a":5}"#));
+    assert_eq!(u.delta, j(r#"{"a":5}"#));
+    assert_eq!(u.removed, vec!["b".to_string()]);
+    assert_eq!(u.updater.as_ref().unwrap().application, "writer");
+    assert_eq!(u.version, first.version + 1);
+    // No change: no callback (the next thing the reader sees is the following real change).
+    w.contexts().update("s", j(r#"{"a":5}"#)).unwrap();
+    w.contexts().set_path("s", "p.q", 1).unwrap();
+    let u = next(&rx);
+    assert_eq!(u.delta, j(r#"{"p":{"q":1}}"#));
+    assert!(!u.conflated);
+}
+
+#[test]
+fn subscribing_before_creation_delivers_on_creation() {
+    let env = Env::new("early");
+    let (w, r) = (env.client("writer"), env.client("reader"));
+    let (_sub, rx) = watch(&r, "later");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(100)).is_err(),
+        "no callback before creation"
+    );
+    w.contexts().update("later", j(r#"{"k":"v"}"#)).unwrap();
+    let u = next(&rx);
+    assert_eq!(*u.data, j(r#"{"k":"v"}"#));
+}
+
+#[test]
+fn racing_writers_produce_one_order_seen_identically_by_two_watchers() {
+    let env = Env::new("race");
+    let writers: Vec<Client> = (0..3).map(|i| env.client(&format!("w{i}"))).collect();
+    writers[0].contexts().set("race", j(r#"{"n":0}"#)).unwrap();
+    let (r1, r2) = (env.client("r1"), env.client("r2"));
+    let (_s1, rx1) = watch(&r1, "race");
+    let (_s2, rx2) = watch(&r2, "race");
+    let start1 = next(&rx1).version;
+    let start2 = next(&rx2).version;
+    assert_eq!(start1, start2);
+    let per = 200;
+    let ts: Vec<_> = writers
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            std::thread::spawn(move || {
+                for k in 0..per {
+                    w.contexts()
+                        .update("race", Value::object([(format!("w{i}"), Value::from(k))]))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in ts {
+        t.join().unwrap();
+    }
+    let total = 3 * per as u64;
+    let collect = |rx: &Receiver<ContextUpdate>| {
+        let mut hist = Vec::new();
+        let mut last = start1;
+        while last < start1 + total {
+            let u = next(rx);
+            assert!(u.version > last, "versions must increase");
+            last = u.version;
+            hist.push((u.version, u.conflated, (*u.data).clone()));
+        }
+        hist
+    };
+    let (h1, h2) = (collect(&rx1), collect(&rx2));
+    // Without lapping (the log holds these), both see every version, identically.
+    assert_eq!(h1.len() as u64, total);
+    assert_eq!(h1, h2);
+}
+
+#[test]
+fn a_slow_subscriber_is_brought_to_the_current_state_and_told_it_was_conflated() {
+    let env = Env::new("slow");
+    let (w, r) = (env.client("writer"), env.client("reader"));
+    w.contexts().set("fast", j(r#"{"n":0}"#)).unwrap();
+    let (tx, rx) = channel();
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let g2 = gate.clone();
+    let _sub = r
+        .contexts()
+        .subscribe("fast", move |u| {
+            if u.first {
+                g2.wait(); // hold the dispatcher until the writer is far ahead
+            }
+            let _ = tx.send(u.clone());
+        })
+        .unwrap();
+    // 5000 updates with 1 KiB values lap a 64 KiB log many times.
+    let big = "x".repeat(1024);
+    for i in 1..=5000 {
+        w.contexts()
+            .update(
+                "fast",
+                Value::object([("n", Value::from(i)), ("pad", Value::from(big.as_str()))]),
+            )
+            .unwrap();
+    }
+    gate.wait();
+    let mut last = next(&rx);
+    let mut conflated = false;
+    while last.data.get("n") != Some(&Value::from(5000)) {
+        last = next(&rx);
+        conflated |= last.conflated;
+    }
+    assert!(
+        conflated,
+        "the subscriber must be told it missed intermediate versions"
+    );
+    assert_eq!(
+        *r.contexts().get("fast").unwrap().data.get("n").unwrap(),
+        Value::from(5000)
+    );
+}
+
+#[test]
+fn destroy_removes_the_context_for_everyone() {
+    let env = Env::new("destroy");
+    let (a, b) = (env.client("a"), env.client("b"));
+    a.contexts().set("d", j(r#"{"x":1}"#)).unwrap();
+    assert_eq!(*b.contexts().get("d").unwrap().data, j(r#"{"x":1}"#));
+    b.contexts().destroy("d").unwrap();
+    assert!(matches!(
+        b.contexts().destroy("d"),
+        Err(ContextError::NotFound(_))
+    ));
+    // The announcement reaches the other client asynchronously.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while a.contexts().all().contains(&"d".to_string()) {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(a.contexts().get("d").unwrap().version, 0);
+    a.contexts().set("d", j(r#"{"y":2}"#)).unwrap();
+    assert_eq!(*b.contexts().get("d").unwrap().data, j(r#"{"y":2}"#));
+}
