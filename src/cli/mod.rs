@@ -73,10 +73,59 @@ enum Cmd {
         #[arg(long, default_value = "spin-then-park")]
         wait: String,
     },
+    /// Publish a message on a topic.
+    Pub {
+        topic: String,
+        /// The message as JSON, `@FILE` or `-`.
+        json: String,
+        #[arg(long)]
+        routing_key: Option<String>,
+    },
+    /// Print one JSON line per message on a topic.
+    Sub {
+        topic: String,
+        #[arg(long)]
+        routing_key: Option<String>,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Shared contexts.
+    Ctx {
+        #[command(subcommand)]
+        cmd: CtxCmd,
+    },
     /// Measure (see the README for what each scenario compares against).
     Bench(bench::BenchArgs),
     #[command(hide = true, name = "__bench-peer")]
     BenchPeer(bench::PeerArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum CtxCmd {
+    /// Print the context's data (`{}` when it does not exist).
+    Get { name: String },
+    /// Replace the whole value; prints {"version": N}.
+    Set { name: String, json: String },
+    /// Replace top-level keys (null deletes); prints {"version": N}.
+    Update { name: String, json: String },
+    /// Set one dotted path (null deletes); prints {"version": N}.
+    SetPath {
+        name: String,
+        path: String,
+        json: String,
+    },
+    /// Destroy the context.
+    Destroy { name: String },
+    /// Print the names of all contexts.
+    List,
+    /// Print one JSON line per change (the current value first).
+    Watch {
+        name: String,
+        /// Exit after this many lines.
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -178,6 +227,44 @@ fn run(cli: Cli) -> CliResult {
                 .wait_strategy(wait)
                 .connect()?;
             serve(&client, &method, reply, delay_ms)
+        }
+        Cmd::Ctx { cmd } => ctx(&socket, cli.app.as_deref(), cmd),
+        Cmd::Pub {
+            topic,
+            json,
+            routing_key,
+        } => {
+            let data = parse_json_arg(&json)?;
+            let client = connect(&socket, cli.app.as_deref(), "knit-cli")?;
+            let opts = knit::client::PublishOptions {
+                routing_key,
+                target: None,
+            };
+            Ok(client.publish(&topic, data, &opts)?)
+        }
+        Cmd::Sub {
+            topic,
+            routing_key,
+            count,
+        } => {
+            let client = connect(&socket, cli.app.as_deref(), "knit-cli")?;
+            let (tx, rx) = std::sync::mpsc::channel::<Value>();
+            let opts = knit::client::SubscribeOptions {
+                routing_key,
+                source: None,
+            };
+            let _sub = client.subscribe(&topic, opts, move |m| {
+                let _ = tx.send(Value::object([
+                    ("topic", Value::from(&*m.topic)),
+                    ("data", m.data.clone()),
+                    ("source", m.source.to_value()),
+                ]));
+            })?;
+            eprintln!(
+                "{}",
+                Value::object([("ready", Value::from(true))]).to_json_string()
+            );
+            print_lines(&client, rx, count)
         }
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchPeer(args) => bench::peer(args),
@@ -287,6 +374,99 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         }
     })
     .map_err(|e| CliError::new(e.status(), e.to_string()))
+}
+
+impl From<knit::client::ContextError> for CliError {
+    fn from(e: knit::client::ContextError) -> Self {
+        CliError::new(e.status(), e.to_string())
+    }
+}
+
+/// Prints lines from `rx` until `count` were printed (or forever), failing if the gateway goes.
+fn print_lines(
+    client: &Client,
+    rx: std::sync::mpsc::Receiver<Value>,
+    count: Option<u64>,
+) -> CliResult {
+    let mut printed = 0u64;
+    while count.is_none_or(|c| printed < c) {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                print_json(&line);
+                printed += 1;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if !client.is_connected() {
+                    return Err(CliError::new(
+                        Status::Disconnected,
+                        "the gateway closed the connection",
+                    ));
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+fn version_json(v: u64) {
+    print_json(&Value::object([("version", Value::from(v))]));
+}
+
+fn ctx(socket: &std::path::Path, app: Option<&str>, cmd: CtxCmd) -> CliResult {
+    // Parse JSON before connecting: bad input is exit 8 even without a gateway.
+    let parsed = match &cmd {
+        CtxCmd::Set { json, .. } | CtxCmd::Update { json, .. } | CtxCmd::SetPath { json, .. } => {
+            Some(parse_json_arg(json)?)
+        }
+        _ => None,
+    };
+    let client = connect(socket, app, "knit-cli")?;
+    let ctx = client.contexts();
+    match cmd {
+        CtxCmd::Get { name } => print_json(&ctx.get(&name)?.data),
+        CtxCmd::Set { name, .. } => version_json(ctx.set(&name, parsed.unwrap_or_default())?),
+        CtxCmd::Update { name, .. } => version_json(ctx.update(&name, parsed.unwrap_or_default())?),
+        CtxCmd::SetPath { name, path, .. } => {
+            version_json(ctx.set_path(&name, &path, parsed.unwrap_or_default())?)
+        }
+        CtxCmd::Destroy { name } => ctx.destroy(&name)?,
+        CtxCmd::List => print_json(&Value::Array(
+            ctx.all().into_iter().map(Value::from).collect(),
+        )),
+        CtxCmd::Watch { name, count } => {
+            let (tx, rx) = std::sync::mpsc::channel::<Value>();
+            let _sub = ctx.subscribe(&name, move |u| {
+                let updater = u.updater.as_ref().map(|i| {
+                    Value::object([
+                        ("application", Value::from(i.application.as_str())),
+                        ("instance", Value::from(i.instance.as_str())),
+                        ("peerId", Value::from(i.peer_id.to_string())),
+                    ])
+                });
+                let mut line = knit::wire::Map::new();
+                line.insert("name".into(), Value::from(&*u.name));
+                line.insert("data".into(), (*u.data).clone());
+                line.insert("delta".into(), u.delta.clone());
+                line.insert(
+                    "removed".into(),
+                    Value::Array(u.removed.iter().map(|s| Value::from(s.as_str())).collect()),
+                );
+                line.insert("version".into(), Value::from(u.version));
+                line.insert("updater".into(), updater.into());
+                if u.conflated {
+                    line.insert("conflated".into(), Value::from(true));
+                }
+                let _ = tx.send(Value::Map(line));
+            })?;
+            eprintln!(
+                "{}",
+                Value::object([("ready", Value::from(true))]).to_json_string()
+            );
+            print_lines(&client, rx, count)?;
+        }
+    }
+    Ok(())
 }
 
 fn method_json(m: &knit::client::MethodInfo) -> Value {

@@ -223,7 +223,14 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             let gone = {
                 let mut st = shared.lock_state();
                 st.generation += 1;
-                st.peers.remove(&peer)
+                let gone = st.peers.remove(&peer);
+                if let Some(p) = &gone {
+                    if st.departed.len() >= 256 {
+                        st.departed.pop_front();
+                    }
+                    st.departed.push_back(p.identity.clone());
+                }
+                gone
             };
             shared.drop_lane(peer);
             shared.fail_calls_to(
@@ -301,6 +308,26 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             }
         }
         FromGateway::ContextAdded { id, name } => super::contexts::announced(shared, id, name),
+        FromGateway::BusSubscribed(info) => super::bus::remote_subscribed(shared, info),
+        FromGateway::BusUnsubscribed { peer, sub } => {
+            super::bus::remote_unsubscribed(shared, peer, sub)
+        }
+        FromGateway::BusMessage {
+            from,
+            topic,
+            routing_key,
+            data,
+        } => {
+            if let Some(source) = shared.identity_of(from.0) {
+                let msg = super::bus::BusMessage {
+                    topic: Arc::from(topic),
+                    data,
+                    routing_key,
+                    source,
+                };
+                shared.push_task(super::engine::Task::Bus(Arc::new(msg)));
+            }
+        }
         FromGateway::ContextDestroyed { id, name } => super::contexts::destroyed(shared, id, &name),
         FromGateway::Shutdown { reason } => {
             crate::log::info(format_args!("gateway is stopping: {reason}"));

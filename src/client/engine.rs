@@ -48,6 +48,8 @@ type CallMap = HashMap<u64, Arc<CallSlot>, std::hash::BuildHasherDefault<IdHashe
 const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// Records read from one lane before moving to the next.
 const BATCH: usize = 64;
+/// Tasks queued for the dispatcher before the pumper stops reading lanes.
+const MAX_QUEUED_TASKS: usize = 65_536;
 
 /// A call's outcome as delivered to its waiter.
 pub(crate) type Outcome = Result<Value, (FailureKind, String, Option<Value>)>;
@@ -172,6 +174,8 @@ pub(crate) enum Task {
         ev: Arc<super::contexts::ContextUpdate>,
         only: Option<u64>,
     },
+    /// A bus message for our subscriptions.
+    Bus(Arc<super::bus::BusMessage>),
     /// We invoked one of our own methods.
     LocalInvoke {
         slot: Arc<CallSlot>,
@@ -203,6 +207,9 @@ pub(crate) struct State {
     pub next_method_id: u32,
     /// Bumped on every change to peers or methods.
     pub generation: u64,
+    /// Peers that left recently, so late events (a context update read after its writer
+    /// quit) still name their author.
+    pub departed: VecDeque<Arc<Instance>>,
 }
 
 /// The inbound lanes, held by the pumper.
@@ -251,6 +258,8 @@ pub(crate) struct Shared {
     new_ctx: Mutex<Vec<super::contexts::CtxFollow>>,
     /// Contexts: known names, mapped ones, waiting subscriptions.
     pub ctx: Mutex<super::contexts::CtxState>,
+    /// Bus subscriptions, ours and everyone's, and publish routes.
+    pub bus: Mutex<super::bus::BusState>,
     calls: Mutex<CallMap>,
     next_call: AtomicU64,
     queue: Mutex<VecDeque<Task>>,
@@ -299,6 +308,7 @@ impl Shared {
             new_rx: Mutex::new(Vec::new()),
             new_ctx: Mutex::new(Vec::new()),
             ctx: Mutex::new(Default::default()),
+            bus: Mutex::new(Default::default()),
             calls: Mutex::new(CallMap::default()),
             next_call: AtomicU64::new(1),
             queue: Mutex::new(VecDeque::new()),
@@ -309,6 +319,7 @@ impl Shared {
                 my_methods: BTreeMap::new(),
                 next_method_id: 1,
                 generation: 0,
+                departed: VecDeque::new(),
             }),
             state_changed: Condvar::new(),
             handlers: RwLock::new(HashMap::default()),
@@ -378,10 +389,11 @@ impl Shared {
         if token == self.me.peer_id.0 {
             return Some(self.me.clone());
         }
-        self.lock_state()
-            .peers
-            .get(&PeerId(token))
-            .map(|p| p.identity.clone())
+        let st = self.lock_state();
+        if let Some(p) = st.peers.get(&PeerId(token)) {
+            return Some(p.identity.clone());
+        }
+        st.departed.iter().find(|i| i.peer_id.0 == token).cloned()
     }
 
     /// Marks the lane to `peer` closed; the pumper drops it at its next round.
@@ -575,6 +587,16 @@ impl Shared {
                     ));
                 }
             }
+            Task::Bus(msg) => {
+                let r =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| super::bus::deliver(self, &msg)));
+                if let Err(p) = r {
+                    crate::log::warn(format_args!(
+                        "a bus callback panicked: {}",
+                        panic_message(&p)
+                    ));
+                }
+            }
             Task::Call(f) => {
                 if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
                     crate::log::warn(format_args!(
@@ -734,12 +756,28 @@ impl Shared {
     /// Reads every inbound lane once (up to a batch each). Returns records handled.
     fn pump(&self, rx: &mut RxSet) -> usize {
         let mut handled = 0;
+        let dispatching = self.is_dispatch_thread();
         // Load first: a swap on every round would bounce the line for nothing.
         if self.rx_dirty.load(Ordering::Acquire) && self.rx_dirty.swap(false, Ordering::AcqRel) {
             let mut fresh =
                 std::mem::take(&mut *self.new_rx.lock().unwrap_or_else(|e| e.into_inner()));
             rx.lanes.append(&mut fresh);
-            rx.lanes.retain(|l| !l.lane.is_closed());
+            // A closed lane (its peer left) is drained first: what the peer wrote before it
+            // left is still delivered.
+            let mut i = 0;
+            while i < rx.lanes.len() {
+                if rx.lanes[i].lane.is_closed() {
+                    let mut l = rx.lanes.swap_remove(i);
+                    let sink = if dispatching {
+                        Some(&mut rx.ready)
+                    } else {
+                        None
+                    };
+                    let _ = self.pump_lane(&mut l, &mut rx.buf, sink, usize::MAX);
+                } else {
+                    i += 1;
+                }
+            }
             let mut fresh =
                 std::mem::take(&mut *self.new_ctx.lock().unwrap_or_else(|e| e.into_inner()));
             rx.ctx.append(&mut fresh);
@@ -750,28 +788,20 @@ impl Shared {
                 handled += super::contexts::pump_follow(self, c);
             }
         }
+        // Backpressure: with too much queued for the dispatcher, leave records in the rings
+        // (their writers then wait), so memory stays bounded.
+        if self.queue_len.load(Ordering::Relaxed) >= MAX_QUEUED_TASKS {
+            return handled;
+        }
         let mut faults = Vec::new();
-        let dispatching = self.is_dispatch_thread();
         let RxSet {
             lanes, buf, ready, ..
         } = rx;
         for l in lanes.iter_mut() {
-            for _ in 0..BATCH {
-                match l.consumer.pop_into(buf) {
-                    Ok(None) => break,
-                    Ok(Some(h)) => {
-                        handled += 1;
-                        let sink = if dispatching { Some(&mut *ready) } else { None };
-                        if let Err(why) = self.on_record(l, h.kind, h.flags, buf, sink) {
-                            faults.push((l.lane.peer, why));
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        faults.push((l.lane.peer, e.0));
-                        break;
-                    }
-                }
+            let sink = if dispatching { Some(&mut *ready) } else { None };
+            match self.pump_lane(l, buf, sink, BATCH) {
+                Ok(n) => handled += n,
+                Err(why) => faults.push((l.lane.peer, why)),
             }
         }
         for (peer, why) in faults {
@@ -779,6 +809,28 @@ impl Shared {
             self.lane_fault(peer, why);
         }
         handled
+    }
+
+    /// Reads up to `max` records of one lane.
+    fn pump_lane(
+        &self,
+        l: &mut RxLane,
+        buf: &mut Vec<u8>,
+        mut sink: Option<&mut Vec<Task>>,
+        max: usize,
+    ) -> Result<usize, &'static str> {
+        let mut n = 0;
+        while n < max {
+            match l.consumer.pop_into(buf) {
+                Ok(None) => break,
+                Ok(Some(h)) => {
+                    n += 1;
+                    self.on_record(l, h.kind, h.flags, buf, sink.as_deref_mut())?;
+                }
+                Err(e) => return Err(e.0),
+            }
+        }
+        Ok(n)
     }
 
     fn on_record(
@@ -858,6 +910,22 @@ impl Shared {
                     method_id: head.method_id,
                     args,
                 };
+                match sink {
+                    Some(ready) => ready.push(task),
+                    None => self.enqueue(task),
+                }
+                Ok(())
+            }
+            crate::wire::record::KIND_BUS => {
+                let (topic, routing_key, data) =
+                    super::bus::decode(body).ok_or("malformed bus record")?;
+                let msg = super::bus::BusMessage {
+                    topic: Arc::from(topic),
+                    data,
+                    routing_key,
+                    source: lane.identity.clone(),
+                };
+                let task = Task::Bus(Arc::new(msg));
                 match sink {
                     Some(ready) => ready.push(task),
                     None => self.enqueue(task),

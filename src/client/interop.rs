@@ -287,7 +287,7 @@ fn choose(shared: &Shared, method: &str, target: &Target) -> Vec<Chosen> {
         .collect()
 }
 
-fn lane_to(
+pub(crate) fn lane_to(
     shared: &Arc<Shared>,
     peer: PeerId,
     known: Option<&Arc<Lane>>,

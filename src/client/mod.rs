@@ -20,12 +20,14 @@
 //! Callbacks (method handlers, event callbacks) run on the client's dispatcher thread, or, for a
 //! client built with [`ClientBuilder::poll_mode`], inside [`Client::poll`].
 
+mod bus;
 mod conn;
 mod contexts;
 mod engine;
 mod interop;
 mod lane;
 
+pub use bus::{BusMessage, BusSubscription, PublishOptions, SubscribeOptions};
 pub use contexts::{ContextError, ContextSnapshot, ContextSubscription, ContextUpdate};
 pub use interop::{InteropEvent, InvokeOptions, MethodInfo};
 
@@ -418,6 +420,7 @@ impl ClientBuilder {
             .collect();
         let max_payload = usize::try_from(welcome.max_payload).unwrap_or(usize::MAX);
         let known_contexts = welcome.contexts.clone();
+        let bus_subs = welcome.bus.clone();
         let shared = Arc::new(Shared::new(
             welcome.identity,
             self.wait,
@@ -434,6 +437,7 @@ impl ClientBuilder {
             .into_iter()
             .map(|(id, name)| (name, id))
             .collect();
+        bus::seed(&shared, bus_subs);
         let s = shared.clone();
         let reader = std::thread::Builder::new()
             .name("knit-control".into())
@@ -663,6 +667,31 @@ impl Client {
     /// Waits until a method named `name` has a server; `None` after `timeout`.
     pub fn wait_for_method(&self, name: &str, timeout: Duration) -> Option<MethodInfo> {
         interop::wait_for_method(self.shared(), name, timeout)
+    }
+
+    /// Publishes `data` on `topic` (features.md §7). Fire-and-forget: delivered to every
+    /// subscription that matches, the publisher's own included.
+    pub fn publish(
+        &self,
+        topic: &str,
+        data: impl Into<Value>,
+        opts: &PublishOptions,
+    ) -> Result<(), ClientError> {
+        bus::publish(self.shared(), topic, data.into(), opts)
+    }
+
+    /// Subscribes to `topic` (exact, or a pattern with `*` for one segment and `>` for the
+    /// rest); `f` runs on the dispatch thread for each matching message.
+    pub fn subscribe<F>(
+        &self,
+        topic: &str,
+        opts: SubscribeOptions,
+        f: F,
+    ) -> Result<BusSubscription, ClientError>
+    where
+        F: Fn(&BusMessage) + Send + Sync + 'static,
+    {
+        bus::subscribe(self.shared(), topic, opts, Arc::new(f))
     }
 
     /// Shared contexts.

@@ -16,6 +16,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod bus;
 mod contexts;
 mod registry;
 
@@ -363,6 +364,13 @@ async fn serve(
                         ToGateway::SubscribeContext { req, id } => registry.subscribe_context(peer, req, id),
                         ToGateway::UnsubscribeContext { req, id } => registry.unsubscribe_context(peer, req, id),
                         ToGateway::DestroyContext { req, id } => registry.destroy_context(peer, req, id),
+                        ToGateway::BusSubscribe { req, sub, topic, routing_key } => {
+                            registry.bus_subscribe(peer, req, sub, topic, routing_key)
+                        }
+                        ToGateway::BusUnsubscribe { req, sub } => registry.bus_unsubscribe(peer, req, sub),
+                        ToGateway::BusPublish { topic, routing_key, target, data } => {
+                            registry.bus_publish(peer, topic, routing_key, target, data, false)
+                        }
                         ToGateway::Goodbye => disconnect(&closers, peer),
                     },
                     Event::Closed(peer, why) => {

@@ -118,6 +118,8 @@ pub(crate) struct Registry {
     relayed: HashMap<u64, Relayed>,
     /// Shared contexts (see `contexts.rs`).
     pub(super) contexts: super::contexts::Contexts,
+    /// Bus subscriptions (see `bus.rs`).
+    pub(super) bus: super::bus::Bus,
     next_peer: u64,
     next_lane: u64,
     next_invocation: u64,
@@ -154,6 +156,7 @@ impl Registry {
             lanes: HashMap::new(),
             relayed: HashMap::new(),
             contexts: Default::default(),
+            bus: Default::default(),
             next_peer: 1,
             next_lane: 1,
             next_invocation: 1,
@@ -320,6 +323,15 @@ impl Registry {
             gateway_pid: crate::sys::identity::pid(),
             doorbell: doorbell.unwrap_or(u32::MAX),
             contexts: self.contexts.visible_to(&identity.user),
+            bus: {
+                let same_user: Vec<PeerId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.identity.user == identity.user)
+                    .map(|(id, _)| *id)
+                    .collect();
+                self.bus.of_peers(&same_user)
+            },
         };
         let fds = if doorbell.is_some() {
             vec![self.doorbells.clone()]
@@ -612,6 +624,7 @@ impl Registry {
     pub(crate) fn remove(&mut self, id: PeerId, reason: &str) {
         let audience = self.audience(id);
         self.contexts_peer_left(id);
+        self.bus_peer_left(id, &audience);
         let Some(peer) = self.peers.remove(&id) else {
             return;
         };

@@ -3,6 +3,7 @@
 //! use these, so each rule exists once. (Contexts, routing keys and the rest join here with the
 //! issues that bring them.)
 
+pub mod bus;
 pub mod context;
 pub mod invoke;
 pub mod target;

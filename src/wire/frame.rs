@@ -156,6 +156,17 @@ pub enum RelayOutcome {
     },
 }
 
+/// A peer's bus subscription, as announced to publishers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusSubInfo {
+    pub peer: PeerId,
+    /// The subscriber's own id for it.
+    pub sub: u64,
+    /// Topic or pattern (`*`, `>`).
+    pub topic: String,
+    pub routing_key: Option<String>,
+}
+
 /// First message of every connection.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
@@ -196,6 +207,8 @@ pub struct Welcome {
     pub doorbell: u32,
     /// Contexts that exist and that we may see: (id, name).
     pub contexts: Vec<(u64, String)>,
+    /// Bus subscriptions of the peers we may see.
+    pub bus: Vec<BusSubInfo>,
 }
 
 /// Peer → gateway.
@@ -259,6 +272,27 @@ pub enum ToGateway {
         req: u64,
         id: u64,
     },
+    /// Start a bus subscription (announced to publishers).
+    BusSubscribe {
+        req: u64,
+        sub: u64,
+        topic: String,
+        routing_key: Option<String>,
+    },
+    /// End one.
+    BusUnsubscribe {
+        req: u64,
+        sub: u64,
+    },
+    /// Publish through the gateway to subscribers behind it (peers reached by relay). No reply.
+    BusPublish {
+        topic: String,
+        routing_key: Option<String>,
+        #[serde(with = "encoded_value")]
+        target: Value,
+        #[serde(with = "encoded_value")]
+        data: Value,
+    },
     /// Clean disconnect.
     Goodbye,
 }
@@ -320,6 +354,21 @@ pub enum FromGateway {
         id: u64,
         name: String,
         writable: bool,
+    },
+    /// A peer started a bus subscription.
+    BusSubscribed(BusSubInfo),
+    /// A peer ended one.
+    BusUnsubscribed {
+        peer: PeerId,
+        sub: u64,
+    },
+    /// A bus message relayed by the gateway (from a peer reached by relay).
+    BusMessage {
+        from: PeerId,
+        topic: String,
+        routing_key: Option<String>,
+        #[serde(with = "encoded_value")]
+        data: Value,
     },
     /// A context we may see was created.
     ContextAdded {

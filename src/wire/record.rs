@@ -20,6 +20,8 @@ use thiserror::Error;
 pub const KIND_INVOKE: u16 = 1;
 pub const KIND_RESULT: u16 = 2;
 pub const KIND_CANCEL: u16 = 3;
+/// A bus message: topic, routing key, payload (layout in `client::bus`).
+pub const KIND_BUS: u16 = 4;
 
 /// Record flag: more fragments of this message follow.
 pub const FRAG_MORE: u16 = 1;

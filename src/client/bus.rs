@@ -1,0 +1,405 @@
+//! The bus on the client (features.md §7): publishers write each message once into the lane of
+//! every peer with a matching subscription (the gateway announces subscriptions to everyone), so
+//! messages never pass through the gateway between native peers. Peers behind the gateway get
+//! the message relayed; our own subscriptions get it locally.
+
+use super::conn::Reply;
+use super::engine::{Shared, Task};
+use super::lane::Lane;
+use super::ClientError;
+use crate::model::bus::{identity_matches, routing_matches, topic_matches};
+use crate::status::Status;
+use crate::wire::frame::{BusSubInfo, Instance, PeerId, ToGateway, Transport};
+use crate::wire::record::{self, KIND_BUS};
+use crate::wire::{Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a publish may wait for a full subscriber lane.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A message as a subscriber sees it.
+#[derive(Debug, Clone)]
+pub struct BusMessage {
+    /// The topic it was published on.
+    pub topic: Arc<str>,
+    pub data: Value,
+    pub routing_key: Option<String>,
+    /// The publisher.
+    pub source: Arc<Instance>,
+}
+
+/// Options of a subscription.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    /// Only messages published with this key, or with none.
+    pub routing_key: Option<String>,
+    /// Only messages from publishers whose identity has every one of these values (exact).
+    pub source: Option<Map>,
+}
+
+/// Options of a publish.
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// Only subscribers that used this key, or none.
+    pub routing_key: Option<String>,
+    /// Only subscribers whose identity has every one of these values (exact).
+    pub target: Option<Map>,
+}
+
+pub(crate) type BusCallback = Arc<dyn Fn(&BusMessage) + Send + Sync>;
+
+pub(crate) struct MySub {
+    id: u64,
+    topic: String,
+    routing_key: Option<String>,
+    source: Option<Map>,
+    cb: BusCallback,
+    active: AtomicBool,
+}
+
+/// Where one (topic, routing key) goes.
+struct Route {
+    generation: u64,
+    lanes: Vec<Arc<Lane>>,
+    relay: bool,
+    local: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct BusState {
+    mine: BTreeMap<u64, Arc<MySub>>,
+    remote: BTreeMap<(PeerId, u64), BusSubInfo>,
+    /// Bumped whenever subscriptions change.
+    generation: u64,
+    routes: HashMap<(String, Option<String>), Arc<Route>>,
+}
+
+/// A subscription; dropping it (or `unsubscribe`) ends it.
+pub struct BusSubscription {
+    shared: std::sync::Weak<Shared>,
+    sub: Arc<MySub>,
+}
+
+impl std::fmt::Debug for BusSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusSubscription")
+            .field("topic", &self.sub.topic)
+            .finish()
+    }
+}
+
+impl BusSubscription {
+    /// Ends the subscription.
+    pub fn unsubscribe(self) {}
+}
+
+impl Drop for BusSubscription {
+    fn drop(&mut self) {
+        self.sub.active.store(false, Ordering::Release);
+        if let Some(shared) = self.shared.upgrade() {
+            let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+            st.mine.remove(&self.sub.id);
+            st.generation += 1;
+            drop(st);
+            // Fire and forget (request id 0 is never used).
+            let _ = shared.conn.send(&ToGateway::BusUnsubscribe {
+                req: 0,
+                sub: self.sub.id,
+            });
+        }
+    }
+}
+
+static NEXT_SUB: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn subscribe(
+    shared: &Arc<Shared>,
+    topic: &str,
+    opts: SubscribeOptions,
+    cb: BusCallback,
+) -> Result<BusSubscription, ClientError> {
+    if topic.is_empty() {
+        return Err(ClientError::InvalidArgument(
+            "Please provide the topic as a non-empty string!".into(),
+        ));
+    }
+    let sub = Arc::new(MySub {
+        id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
+        topic: topic.to_string(),
+        routing_key: opts.routing_key,
+        source: opts.source,
+        cb,
+        active: AtomicBool::new(true),
+    });
+    let (id, topic, routing_key) = (sub.id, sub.topic.clone(), sub.routing_key.clone());
+    match shared.conn.request(
+        |req| ToGateway::BusSubscribe {
+            req,
+            sub: id,
+            topic,
+            routing_key,
+        },
+        CONTROL_TIMEOUT,
+    )? {
+        Reply::Ack => {}
+        Reply::Fail(status, message) => return Err(ClientError::Gateway { status, message }),
+        _ => {
+            return Err(ClientError::Protocol(
+                "unexpected reply to bus subscribe".into(),
+            ))
+        }
+    }
+    let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+    st.mine.insert(sub.id, sub.clone());
+    st.generation += 1;
+    Ok(BusSubscription {
+        shared: Arc::downgrade(shared),
+        sub,
+    })
+}
+
+/// The gateway announced a subscription (control thread).
+pub(crate) fn remote_subscribed(shared: &Shared, info: BusSubInfo) {
+    let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+    st.remote.insert((info.peer, info.sub), info);
+    st.generation += 1;
+}
+
+/// The gateway announced the end of a subscription (control thread).
+pub(crate) fn remote_unsubscribed(shared: &Shared, peer: PeerId, sub: u64) {
+    let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+    st.remote.remove(&(peer, sub));
+    st.generation += 1;
+}
+
+/// Seeds the remote subscriptions from the welcome.
+pub(crate) fn seed(shared: &Shared, subs: Vec<BusSubInfo>) {
+    let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+    for s in subs {
+        st.remote.insert((s.peer, s.sub), s);
+    }
+    st.generation += 1;
+}
+
+fn route(
+    shared: &Arc<Shared>,
+    topic: &str,
+    opts: &PublishOptions,
+) -> Result<Arc<Route>, ClientError> {
+    let key = (topic.to_string(), opts.routing_key.clone());
+    let (generation, peers, local) = {
+        let st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+        if opts.target.is_none() {
+            if let Some(r) = st.routes.get(&key) {
+                if r.generation == st.generation && r.lanes.iter().all(|l| !l.is_closed()) {
+                    return Ok(r.clone());
+                }
+            }
+        }
+        let mut peers: Vec<PeerId> = Vec::new();
+        for s in st.remote.values() {
+            if !peers.contains(&s.peer)
+                && topic_matches(&s.topic, topic)
+                && routing_matches(s.routing_key.as_deref(), opts.routing_key.as_deref())
+            {
+                peers.push(s.peer);
+            }
+        }
+        let local = st.mine.values().any(|s| {
+            topic_matches(&s.topic, topic)
+                && routing_matches(s.routing_key.as_deref(), opts.routing_key.as_deref())
+        });
+        (st.generation, peers, local)
+    };
+    let me_value = shared.me.to_value();
+    let local = local
+        && opts
+            .target
+            .as_ref()
+            .is_none_or(|t| identity_matches(t, &me_value));
+    let mut lanes = Vec::new();
+    let mut relay = false;
+    for p in peers {
+        let (identity, transport) = {
+            let st = shared.lock_state();
+            match st.peers.get(&p) {
+                Some(rp) => (rp.identity.clone(), rp.transport),
+                None => continue,
+            }
+        };
+        if let Some(t) = &opts.target {
+            if !identity_matches(t, &identity.to_value()) {
+                continue;
+            }
+        }
+        if transport == Transport::Relay || shared.relay_only {
+            relay = true;
+            continue;
+        }
+        match super::interop::lane_to(shared, p, None) {
+            Ok(l) => lanes.push(l),
+            // The subscriber is leaving; it misses nothing it would have seen.
+            Err((Status::PeerLeft, _)) => {}
+            Err((status, message)) => return Err(ClientError::Gateway { status, message }),
+        }
+    }
+    let r = Arc::new(Route {
+        generation,
+        lanes,
+        relay,
+        local,
+    });
+    if opts.target.is_none() {
+        shared
+            .bus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .routes
+            .insert(key, r.clone());
+    }
+    Ok(r)
+}
+
+/// Encodes a bus record: topic, routing key, payload flags, payload.
+pub(crate) fn encode(out: &mut Vec<u8>, topic: &str, routing_key: Option<&str>, data: &Value) {
+    out.clear();
+    out.extend_from_slice(&(topic.len() as u32).to_le_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    match routing_key {
+        Some(k) => {
+            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            out.extend_from_slice(k.as_bytes());
+        }
+        None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+    }
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let flags = record::encode_payload(data, out);
+    out[at..at + 4].copy_from_slice(&flags.to_le_bytes());
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if b.len() < n {
+        return None;
+    }
+    let (h, t) = b.split_at(n);
+    *b = t;
+    Some(h)
+}
+
+fn take_u32(b: &mut &[u8]) -> Option<u32> {
+    take(b, 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+/// Decodes a bus record into (topic, routing key, data).
+pub(crate) fn decode(mut b: &[u8]) -> Option<(String, Option<String>, Value)> {
+    let n = take_u32(&mut b)? as usize;
+    let topic = std::str::from_utf8(take(&mut b, n)?).ok()?.to_string();
+    let rk = match take_u32(&mut b)? {
+        u32::MAX => None,
+        n => Some(
+            std::str::from_utf8(take(&mut b, n as usize)?)
+                .ok()?
+                .to_string(),
+        ),
+    };
+    let flags = take_u32(&mut b)?;
+    let data = record::decode_payload(flags, b).ok()?;
+    Some((topic, rk, data))
+}
+
+pub(crate) fn publish(
+    shared: &Arc<Shared>,
+    topic: &str,
+    data: Value,
+    opts: &PublishOptions,
+) -> Result<(), ClientError> {
+    if topic.is_empty() {
+        return Err(ClientError::InvalidArgument(
+            "Please provide the topic as a non-empty string!".into(),
+        ));
+    }
+    if shared.is_closed() {
+        return Err(ClientError::Closed);
+    }
+    let r = route(shared, topic, opts)?;
+    if !r.lanes.is_empty() {
+        let mut body = Vec::new();
+        encode(&mut body, topic, opts.routing_key.as_deref(), &data);
+        if body.len() > shared.max_payload + 64 {
+            return Err(ClientError::InvalidArgument(format!(
+                "payload of {} bytes exceeds the limit of {} bytes",
+                body.len(),
+                shared.max_payload
+            )));
+        }
+        let deadline = Instant::now() + SEND_TIMEOUT;
+        for l in &r.lanes {
+            if let Err(e) = shared.send_on(l, KIND_BUS, &body, deadline) {
+                // Invalidate the route; report only what the caller can act on.
+                shared
+                    .bus
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .generation += 1;
+                if e.status() != Status::PeerLeft {
+                    return Err(ClientError::Gateway {
+                        status: e.status(),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    if r.relay {
+        let target = opts.target.clone().map(Value::Map).unwrap_or(Value::Null);
+        shared.conn.send(&ToGateway::BusPublish {
+            topic: topic.to_string(),
+            routing_key: opts.routing_key.clone(),
+            target,
+            data: data.clone(),
+        })?;
+    }
+    if r.local {
+        let msg = BusMessage {
+            topic: Arc::from(topic),
+            data,
+            routing_key: opts.routing_key.clone(),
+            source: shared.me.clone(),
+        };
+        shared.push_task(Task::Bus(Arc::new(msg)));
+    }
+    Ok(())
+}
+
+/// Runs one message through our subscriptions (dispatch thread).
+pub(crate) fn deliver(shared: &Shared, msg: &BusMessage) {
+    let subs: Vec<Arc<MySub>> = shared
+        .bus
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .mine
+        .values()
+        .cloned()
+        .collect();
+    let mut source_value: Option<Value> = None;
+    for s in subs {
+        if !s.active.load(Ordering::Acquire)
+            || !topic_matches(&s.topic, &msg.topic)
+            || !routing_matches(s.routing_key.as_deref(), msg.routing_key.as_deref())
+        {
+            continue;
+        }
+        if let Some(f) = &s.source {
+            let v = source_value.get_or_insert_with(|| msg.source.to_value());
+            if !identity_matches(f, v) {
+                continue;
+            }
+        }
+        (s.cb)(msg);
+    }
+}
