@@ -238,6 +238,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 FailureKind::PeerLeft,
                 "Peer has left while waiting for result",
             );
+            super::streams::peer_left(shared, peer);
             shared.state_changed.notify_all();
             if let Some(p) = gone {
                 super::interop::removed_methods(
@@ -309,6 +310,15 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
         }
         FromGateway::ContextAdded { id, name } => super::contexts::announced(shared, id, name),
         FromGateway::BusSubscribed(info) => super::bus::remote_subscribed(shared, info),
+        FromGateway::Record { from, kind, body } => {
+            if let Some(identity) = shared.identity_of(from.0) {
+                let link = super::streams::Link::Relay(from);
+                if let Err(e) = super::streams::on_record(shared, from, identity, link, kind, &body)
+                {
+                    crate::log::debug(format_args!("relayed record from {from} dropped: {e}"));
+                }
+            }
+        }
         FromGateway::BusUnsubscribed { peer, sub } => {
             super::bus::remote_unsubscribed(shared, peer, sub)
         }

@@ -174,6 +174,8 @@ pub(crate) enum Task {
         ev: Arc<super::contexts::ContextUpdate>,
         only: Option<u64>,
     },
+    /// Deliver a stream subscriber's queued items.
+    StreamDrain(Arc<super::streams::ClientSub>),
     /// A bus message for our subscriptions.
     Bus(Arc<super::bus::BusMessage>),
     /// We invoked one of our own methods.
@@ -260,6 +262,10 @@ pub(crate) struct Shared {
     pub ctx: Mutex<super::contexts::CtxState>,
     /// Bus subscriptions, ours and everyone's, and publish routes.
     pub bus: Mutex<super::bus::BusState>,
+    /// Streams we serve and stream subscriptions we hold.
+    pub streams: Mutex<super::streams::StreamsState>,
+    /// Stream items queued for slow subscribers (flushed by the dispatch loop).
+    pub stream_pending: AtomicUsize,
     calls: Mutex<CallMap>,
     next_call: AtomicU64,
     queue: Mutex<VecDeque<Task>>,
@@ -309,6 +315,8 @@ impl Shared {
             new_ctx: Mutex::new(Vec::new()),
             ctx: Mutex::new(Default::default()),
             bus: Mutex::new(Default::default()),
+            streams: Mutex::new(Default::default()),
+            stream_pending: AtomicUsize::new(0),
             calls: Mutex::new(CallMap::default()),
             next_call: AtomicU64::new(1),
             queue: Mutex::new(VecDeque::new()),
@@ -382,6 +390,18 @@ impl Shared {
     /// Queues a task for the dispatch thread.
     pub(crate) fn push_task(&self, t: Task) {
         self.enqueue(t);
+    }
+
+    /// Lets lanes paused for a blocking stream subscriber be read again.
+    pub(crate) fn resume_lanes(&self) {
+        let lanes: Vec<Arc<Lane>> = self.lock_state().lanes.values().cloned().collect();
+        let mut any = false;
+        for l in lanes {
+            any |= l.stalled.swap(false, Ordering::AcqRel);
+        }
+        if any {
+            self.wake_all();
+        }
     }
 
     /// The identity behind a writer token (a peer id), if we know it.
@@ -587,6 +607,17 @@ impl Shared {
                     ));
                 }
             }
+            Task::StreamDrain(sub) => {
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    super::streams::drain(self, &sub)
+                }));
+                if let Err(p) = r {
+                    crate::log::warn(format_args!(
+                        "a stream callback panicked: {}",
+                        panic_message(&p)
+                    ));
+                }
+            }
             Task::Bus(msg) => {
                 let r =
                     std::panic::catch_unwind(AssertUnwindSafe(|| super::bus::deliver(self, &msg)));
@@ -641,6 +672,7 @@ impl Shared {
                     ))),
                 }
             }
+            Handler::Stream => responder.error(super::streams::not_invocable()),
             Handler::Async(f) => {
                 // If the handler panics, the responder is dropped during unwinding and replies
                 // with an error itself.
@@ -754,7 +786,7 @@ impl Shared {
     // ----- pumping ---------------------------------------------------------------------------
 
     /// Reads every inbound lane once (up to a batch each). Returns records handled.
-    fn pump(&self, rx: &mut RxSet) -> usize {
+    fn pump(self: &Arc<Self>, rx: &mut RxSet) -> usize {
         let mut handled = 0;
         let dispatching = self.is_dispatch_thread();
         // Load first: a swap on every round would bounce the line for nothing.
@@ -813,7 +845,7 @@ impl Shared {
 
     /// Reads up to `max` records of one lane.
     fn pump_lane(
-        &self,
+        self: &Arc<Self>,
         l: &mut RxLane,
         buf: &mut Vec<u8>,
         mut sink: Option<&mut Vec<Task>>,
@@ -821,6 +853,11 @@ impl Shared {
     ) -> Result<usize, &'static str> {
         let mut n = 0;
         while n < max {
+            // A blocking-policy stream subscriber's queue is full: leave the rest in the ring
+            // (its writer then waits) until the dispatcher drains it.
+            if l.lane.stalled.load(Ordering::Acquire) {
+                break;
+            }
             match l.consumer.pop_into(buf) {
                 Ok(None) => break,
                 Ok(Some(h)) => {
@@ -834,7 +871,7 @@ impl Shared {
     }
 
     fn on_record(
-        &self,
+        self: &Arc<Self>,
         l: &mut RxLane,
         kind: u16,
         flags: u16,
@@ -862,7 +899,7 @@ impl Shared {
     /// Handles one whole message. The body is borrowed (usually the receive buffer, reused for
     /// the next record): what must outlive it is decoded here.
     fn on_message(
-        &self,
+        self: &Arc<Self>,
         lane: &Arc<Lane>,
         kind: u16,
         body: &[u8],
@@ -929,6 +966,23 @@ impl Shared {
                 match sink {
                     Some(ready) => ready.push(task),
                     None => self.enqueue(task),
+                }
+                Ok(())
+            }
+            crate::wire::record::KIND_SUB_REQUEST
+            | crate::wire::record::KIND_SUB_REPLY
+            | crate::wire::record::KIND_STREAM_DATA
+            | crate::wire::record::KIND_SUB_CLOSE => {
+                let link = super::streams::Link::Lane(lane.clone());
+                if super::streams::on_record(
+                    self,
+                    lane.peer,
+                    lane.identity.clone(),
+                    link,
+                    kind,
+                    body,
+                )? {
+                    lane.stalled.store(true, Ordering::Release);
                 }
                 Ok(())
             }
@@ -1064,7 +1118,15 @@ impl Shared {
                 backoff.reset();
                 continue;
             }
-            if self.pump_round(&mut backoff, None) > 0 {
+            // Stream items queued for slow subscribers go out as room frees up; while any are
+            // queued, sleep at most a millisecond.
+            let deadline = if super::streams::pending(self) > 0 {
+                super::streams::flush_all(self);
+                Some(Instant::now() + Duration::from_millis(1))
+            } else {
+                None
+            };
+            if self.pump_round(&mut backoff, deadline) > 0 {
                 backoff.reset();
             }
         }
@@ -1145,6 +1207,9 @@ impl Shared {
             ran += self.run_tasks(usize::MAX);
             if ran > 0 || self.is_closed() {
                 break;
+            }
+            if super::streams::pending(self) > 0 {
+                super::streams::flush_all(self);
             }
             ran += self.pump_round(&mut backoff, Some(deadline));
             ran += self.run_tasks(usize::MAX);

@@ -92,7 +92,7 @@ pub(crate) fn register(
     shared: &Arc<Shared>,
     def: MethodDef,
     handler: Handler,
-) -> Result<(), ClientError> {
+) -> Result<u32, ClientError> {
     if shared.is_closed() {
         return Err(ClientError::Closed);
     }
@@ -174,7 +174,7 @@ pub(crate) fn register(
             method: (*def).clone(),
         },
     );
-    Ok(())
+    Ok(id)
 }
 
 pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientError> {

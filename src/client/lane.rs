@@ -45,6 +45,8 @@ pub(crate) struct Lane {
     bells: DoorbellSegment,
     peer_doorbell: u32,
     closed: AtomicBool,
+    /// Reading paused: a blocking stream subscriber's queue is full.
+    pub stalled: AtomicBool,
     /// Largest message body (fixed header + payload) accepted in either direction.
     pub max_message: usize,
 }
@@ -93,6 +95,7 @@ impl Lane {
             bells: bells.clone(),
             peer_doorbell,
             closed: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
             max_message,
         });
         Ok((
@@ -119,6 +122,33 @@ impl Lane {
 
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
+    }
+
+    /// Sends a message that fits one record without waiting: `Ok(false)` when the ring is full
+    /// (or the message needs fragments), so the caller can apply its own policy.
+    pub(crate) fn try_send(&self, kind: u16, body: &[u8]) -> Result<bool, SendError> {
+        if self.is_closed() {
+            return Err(SendError::Closed(self.peer));
+        }
+        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if body.len() > tx.max_payload() {
+            return Ok(false);
+        }
+        match tx.push(kind, 0, body) {
+            Ok(()) => {
+                self.ring_peer();
+                Ok(true)
+            }
+            Err(PushError::Full) => {
+                self.ring_peer();
+                Ok(false)
+            }
+            Err(PushError::Corrupt(why)) => {
+                self.close();
+                Err(SendError::Corrupt(self.peer, why))
+            }
+            Err(_) => Err(SendError::Corrupt(self.peer, "internal: bad record")),
+        }
     }
 
     /// Sends one message (fragmenting it if needed) and rings the peer's doorbell. While the

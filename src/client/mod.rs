@@ -26,10 +26,15 @@ mod contexts;
 mod engine;
 mod interop;
 mod lane;
+mod streams;
 
 pub use bus::{BusMessage, BusSubscription, PublishOptions, SubscribeOptions};
 pub use contexts::{ContextError, ContextSnapshot, ContextSubscription, ContextUpdate};
 pub use interop::{InteropEvent, InvokeOptions, MethodInfo};
+pub use streams::{
+    ClientSubscription, SlowConsumerPolicy, Stream, StreamError, StreamEvent, StreamOptions,
+    StreamParams, StreamSubscription, SubscriptionRequest,
+};
 
 use crate::model::InvocationResult;
 use crate::shm::DoorbellSegment;
@@ -173,6 +178,8 @@ type AsyncHandler = Box<dyn Fn(Invocation, Responder) + Send + Sync>;
 pub(crate) enum Handler {
     Sync(SyncHandler),
     Async(AsyncHandler),
+    /// A stream: subscribed to, not invoked.
+    Stream,
 }
 
 /// The way to answer an asynchronous call, from any thread, exactly once. Dropping it without
@@ -619,7 +626,7 @@ impl Client {
     where
         F: Fn(&Invocation) -> Result<Value, MethodError> + Send + Sync + 'static,
     {
-        interop::register(self.shared(), def.into(), Handler::Sync(Box::new(handler)))
+        interop::register(self.shared(), def.into(), Handler::Sync(Box::new(handler))).map(|_| ())
     }
 
     /// Registers a method whose handler answers later, from any thread, through a [`Responder`].
@@ -631,7 +638,7 @@ impl Client {
     where
         F: Fn(Invocation, Responder) + Send + Sync + 'static,
     {
-        interop::register(self.shared(), def.into(), Handler::Async(Box::new(handler)))
+        interop::register(self.shared(), def.into(), Handler::Async(Box::new(handler))).map(|_| ())
     }
 
     /// Removes one of our methods.
@@ -692,6 +699,29 @@ impl Client {
         F: Fn(&BusMessage) + Send + Sync + 'static,
     {
         bus::subscribe(self.shared(), topic, opts, Arc::new(f))
+    }
+
+    /// Creates a stream (a method with `streaming: true`) that subscribers follow.
+    pub fn create_stream(
+        &self,
+        def: impl Into<frame::MethodDef>,
+        options: StreamOptions,
+    ) -> Result<Stream, ClientError> {
+        streams::create(self.shared(), def.into(), options)
+    }
+
+    /// Subscribes to a stream; `f` runs on the dispatch thread for each item and once when the
+    /// subscription ends. Returns when the first server accepted.
+    pub fn subscribe_stream<F>(
+        &self,
+        name: &str,
+        params: StreamParams,
+        f: F,
+    ) -> Result<ClientSubscription, StreamError>
+    where
+        F: Fn(&StreamEvent) + Send + Sync + 'static,
+    {
+        streams::subscribe(self.shared(), name, params, Arc::new(f))
     }
 
     /// Shared contexts.

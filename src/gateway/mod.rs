@@ -368,6 +368,7 @@ async fn serve(
                             registry.bus_subscribe(peer, req, sub, topic, routing_key)
                         }
                         ToGateway::BusUnsubscribe { req, sub } => registry.bus_unsubscribe(peer, req, sub),
+                        ToGateway::Record { to, kind, body } => registry.relay_record(peer, to, kind, body),
                         ToGateway::BusPublish { topic, routing_key, target, data } => {
                             registry.bus_publish(peer, topic, routing_key, target, data, false)
                         }

@@ -604,6 +604,14 @@ impl Registry {
         );
     }
 
+    /// Relays a data-plane record between two peers that have no lane (one is behind the
+    /// gateway). Dropped when the destination is gone or invisible.
+    pub(crate) fn relay_record(&mut self, from: PeerId, to: PeerId, kind: u16, body: Vec<u8>) {
+        if self.visible(from, to) {
+            self.send(to, FromGateway::Record { from, kind, body }, Vec::new());
+        }
+    }
+
     /// Forgets relayed calls long past their deadline (their callers gave up already).
     pub(crate) fn expire(&mut self, now: Instant) {
         let old: Vec<u64> = self

@@ -106,6 +106,32 @@ pub struct MethodSpec {
     pub def: MethodDef,
 }
 
+/// Byte vectors as one length-prefixed blob (postcard would otherwise write a varint per byte).
+pub(crate) mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(b.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, b: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(b)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
 /// Carries a [`Value`] through a non-self-describing format as its binary encoding.
 pub(crate) mod encoded_value {
     use crate::wire::{codec, Value};
@@ -272,6 +298,14 @@ pub enum ToGateway {
         req: u64,
         id: u64,
     },
+    /// Relay one data-plane record (see `wire::record`) to a peer without a lane between us
+    /// (one of us is behind the gateway). No reply; lost if the peer is gone.
+    Record {
+        to: PeerId,
+        kind: u16,
+        #[serde(with = "serde_bytes_vec")]
+        body: Vec<u8>,
+    },
     /// Start a bus subscription (announced to publishers).
     BusSubscribe {
         req: u64,
@@ -354,6 +388,13 @@ pub enum FromGateway {
         id: u64,
         name: String,
         writable: bool,
+    },
+    /// A data-plane record relayed from `from`.
+    Record {
+        from: PeerId,
+        kind: u16,
+        #[serde(with = "serde_bytes_vec")]
+        body: Vec<u8>,
     },
     /// A peer started a bus subscription.
     BusSubscribed(BusSubInfo),

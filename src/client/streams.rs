@@ -1,0 +1,1375 @@
+//! Interop streams (features.md §4) with bounded queues.
+//!
+//! A stream is a method with `streaming: true`. A subscriber sends a subscription request
+//! straight to each chosen server (over the lane, or relayed by the gateway for peers behind
+//! it); the server accepts (on a branch) or rejects; data then flows server → subscriber as
+//! records on the same lane. Either side ends a subscription with a close record; a peer's
+//! death ends all of its subscriptions.
+//!
+//! Nothing grows without bound. Each subscriber has a queue of `queue` items on both ends; when
+//! it is full the stream's declared [`SlowConsumerPolicy`] decides: block the pusher up to a
+//! timeout (then the subscription is closed as a slow consumer), drop the oldest item and count
+//! the gap (reported with the next item delivered), or conflate by key (keep the latest item
+//! per value of a field).
+
+use super::engine::{Shared, Task};
+use super::lane::{Lane, SendError};
+use super::{ClientError, MethodError};
+use crate::model::target::{method_matches, select};
+use crate::model::Target;
+use crate::status::Status;
+use crate::wire::frame::{Instance, MethodDef, PeerId, ToGateway, Transport};
+use crate::wire::record::{
+    self, KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST,
+};
+use crate::wire::{codec, Value};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// What a full subscriber queue does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlowConsumerPolicy {
+    /// The pusher waits up to this long for room; then the subscription is closed with
+    /// "slow consumer".
+    Block(Duration),
+    /// The oldest queued item is dropped; the subscriber is told how many it missed.
+    DropOldest,
+    /// An item replaces a queued one whose `data[key]` is equal (the latest value per key
+    /// wins); with no such item, the oldest is dropped and counted.
+    Conflate(String),
+}
+
+impl Default for SlowConsumerPolicy {
+    fn default() -> Self {
+        SlowConsumerPolicy::Block(Duration::from_secs(5))
+    }
+}
+
+impl SlowConsumerPolicy {
+    fn to_value(&self) -> Value {
+        match self {
+            SlowConsumerPolicy::Block(d) => {
+                Value::object([("block_ms", Value::from(d.as_millis() as u64))])
+            }
+            SlowConsumerPolicy::DropOldest => Value::object([("drop_oldest", Value::from(true))]),
+            SlowConsumerPolicy::Conflate(k) => {
+                Value::object([("conflate", Value::from(k.as_str()))])
+            }
+        }
+    }
+
+    fn from_value(v: &Value) -> SlowConsumerPolicy {
+        if let Some(k) = v.get("conflate").and_then(Value::as_str) {
+            return SlowConsumerPolicy::Conflate(k.to_string());
+        }
+        if v.get("drop_oldest").is_some() {
+            return SlowConsumerPolicy::DropOldest;
+        }
+        let ms = v
+            .get("block_ms")
+            .and_then(Value::as_i64)
+            .unwrap_or(5000)
+            .max(0) as u64;
+        SlowConsumerPolicy::Block(Duration::from_millis(ms))
+    }
+}
+
+type RequestHandler = Box<dyn Fn(SubscriptionRequest) + Send + Sync>;
+type SubHandler = Box<dyn Fn(&StreamSubscription) + Send + Sync>;
+
+/// How a stream behaves.
+pub struct StreamOptions {
+    /// Decides each subscription request; without it every request is accepted on branch `""`.
+    pub on_request: Option<RequestHandler>,
+    /// Called after a subscription was accepted.
+    pub on_added: Option<SubHandler>,
+    /// Called when a subscription ends (subscriber closed it or left, or the server closed it).
+    pub on_removed: Option<SubHandler>,
+    /// What a full subscriber queue does.
+    pub policy: SlowConsumerPolicy,
+    /// Items queued per subscriber (on each side) before the policy applies.
+    pub queue: usize,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        Self {
+            on_request: None,
+            on_added: None,
+            on_removed: None,
+            policy: SlowConsumerPolicy::default(),
+            queue: 1024,
+        }
+    }
+}
+
+impl std::fmt::Debug for StreamOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamOptions")
+            .field("policy", &self.policy)
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+/// How to reach a peer for stream records.
+#[derive(Clone)]
+pub(crate) enum Link {
+    Lane(Arc<Lane>),
+    Relay(PeerId),
+}
+
+fn link_to(shared: &Arc<Shared>, peer: PeerId) -> Result<Link, (Status, String)> {
+    let relay = shared.relay_only
+        || shared
+            .lock_state()
+            .peers
+            .get(&peer)
+            .is_some_and(|p| p.transport == Transport::Relay);
+    if relay {
+        return Ok(Link::Relay(peer));
+    }
+    super::interop::lane_to(shared, peer, None).map(Link::Lane)
+}
+
+fn send(
+    shared: &Arc<Shared>,
+    link: &Link,
+    kind: u16,
+    body: &[u8],
+    deadline: Instant,
+) -> Result<(), SendError> {
+    match link {
+        Link::Lane(l) => shared.send_on(l, kind, body, deadline),
+        Link::Relay(p) => shared
+            .conn
+            .send(&ToGateway::Record {
+                to: *p,
+                kind,
+                body: body.to_vec(),
+            })
+            .map_err(|_| SendError::Closed(*p)),
+    }
+}
+
+fn try_send(shared: &Arc<Shared>, link: &Link, kind: u16, body: &[u8]) -> Result<bool, SendError> {
+    match link {
+        Link::Lane(l) => l.try_send(kind, body),
+        Link::Relay(_) => send(shared, link, kind, body, Instant::now()).map(|()| true),
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 8)
+        .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes(s.try_into().unwrap_or([0; 4])))
+}
+
+// ----- server side ----------------------------------------------------------------------------
+
+/// One subscriber as the server sees it.
+pub(crate) struct ServerSub {
+    peer: PeerId,
+    sub_id: u64,
+    link: Link,
+    caller: Arc<Instance>,
+    args: Value,
+    branch: String,
+    out: Mutex<OutQueue>,
+    open: AtomicBool,
+}
+
+#[derive(Default)]
+struct OutQueue {
+    /// Encoded data records waiting for room, with their conflation key.
+    pending: VecDeque<(Vec<u8>, Option<Value>)>,
+    /// Items dropped since the last one delivered.
+    gap: u32,
+}
+
+pub(crate) struct StreamEntry {
+    name: Arc<str>,
+    method_id: u32,
+    options: StreamOptions,
+    subs: Mutex<Vec<Arc<ServerSub>>>,
+    closed: AtomicBool,
+}
+
+/// A stream we serve. Cheap to clone.
+#[derive(Clone)]
+pub struct Stream {
+    shared: Arc<Shared>,
+    entry: Arc<StreamEntry>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("name", &self.entry.name)
+            .finish()
+    }
+}
+
+/// One accepted subscription, on the server.
+#[derive(Clone)]
+pub struct StreamSubscription {
+    shared: Arc<Shared>,
+    entry: Arc<StreamEntry>,
+    sub: Arc<ServerSub>,
+}
+
+impl std::fmt::Debug for StreamSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSubscription")
+            .field("branch", &self.sub.branch)
+            .field("peer", &self.sub.peer)
+            .finish()
+    }
+}
+
+impl StreamSubscription {
+    /// Who subscribed.
+    pub fn instance(&self) -> &Instance {
+        &self.sub.caller
+    }
+    /// The subscription's arguments.
+    pub fn arguments(&self) -> &Value {
+        &self.sub.args
+    }
+    /// The branch it was accepted on (`""` by default).
+    pub fn branch(&self) -> &str {
+        &self.sub.branch
+    }
+    /// Sends to this subscriber only (it sees `private: true`).
+    pub fn push(&self, data: impl Into<Value>) -> Result<(), ClientError> {
+        push_one(&self.shared, &self.entry, &self.sub, &data.into(), true)
+    }
+    /// Ends this subscription ("Server dropping a single subscription").
+    pub fn close(&self) {
+        drop_sub(
+            &self.shared,
+            &self.entry,
+            &self.sub,
+            "Server dropping a single subscription",
+            true,
+        );
+    }
+}
+
+/// A subscription request waiting for the server's decision. Dropping it without deciding
+/// leaves the subscriber waiting until its own timeout, as io.Connect does.
+pub struct SubscriptionRequest {
+    shared: Arc<Shared>,
+    entry: Arc<StreamEntry>,
+    peer: PeerId,
+    sub_id: u64,
+    link: Link,
+    /// Who asks.
+    pub instance: Arc<Instance>,
+    /// The subscription's arguments.
+    pub arguments: Value,
+}
+
+impl std::fmt::Debug for SubscriptionRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionRequest")
+            .field("instance", &self.instance.application)
+            .finish()
+    }
+}
+
+impl SubscriptionRequest {
+    /// Accepts on the default branch `""`.
+    pub fn accept(self) {
+        self.accept_on_branch("")
+    }
+
+    /// Accepts on a branch.
+    pub fn accept_on_branch(self, branch: &str) {
+        let sub = Arc::new(ServerSub {
+            peer: self.peer,
+            sub_id: self.sub_id,
+            link: self.link.clone(),
+            caller: self.instance.clone(),
+            args: self.arguments.clone(),
+            branch: branch.to_string(),
+            out: Mutex::new(OutQueue::default()),
+            open: AtomicBool::new(true),
+        });
+        if self.entry.closed.load(Ordering::Acquire) {
+            return reply(
+                &self.shared,
+                &self.link,
+                self.sub_id,
+                false,
+                "stream closed",
+            );
+        }
+        self.entry
+            .subs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sub.clone());
+        let info = Value::object([
+            ("branch", Value::from(branch)),
+            ("policy", self.entry.options.policy.to_value()),
+            ("queue", Value::from(self.entry.options.queue)),
+        ]);
+        reply_value(&self.shared, &self.link, self.sub_id, true, &info);
+        if let Some(f) = &self.entry.options.on_added {
+            f(&StreamSubscription {
+                shared: self.shared.clone(),
+                entry: self.entry.clone(),
+                sub,
+            });
+        }
+    }
+
+    /// Rejects; the subscriber sees `Subscription rejected by user. <reason>`.
+    pub fn reject(self, reason: &str) {
+        reply(&self.shared, &self.link, self.sub_id, false, reason);
+    }
+}
+
+fn reply(shared: &Arc<Shared>, link: &Link, sub_id: u64, accepted: bool, reason: &str) {
+    reply_value(
+        shared,
+        link,
+        sub_id,
+        accepted,
+        &Value::object([("reason", Value::from(reason))]),
+    )
+}
+
+fn reply_value(shared: &Arc<Shared>, link: &Link, sub_id: u64, accepted: bool, info: &Value) {
+    let mut body = Vec::new();
+    body.extend_from_slice(&sub_id.to_le_bytes());
+    body.extend_from_slice(&(if accepted { 0u32 } else { 1 }).to_le_bytes());
+    codec::encode_into(info, &mut body);
+    let _ = send(
+        shared,
+        link,
+        KIND_SUB_REPLY,
+        &body,
+        Instant::now() + Duration::from_secs(5),
+    );
+}
+
+fn close_record(sub_id: u64, reason: &str) -> Vec<u8> {
+    let mut body = sub_id.to_le_bytes().to_vec();
+    body.extend_from_slice(reason.as_bytes());
+    body
+}
+
+fn drop_sub(
+    shared: &Arc<Shared>,
+    entry: &Arc<StreamEntry>,
+    sub: &Arc<ServerSub>,
+    reason: &str,
+    tell: bool,
+) {
+    if !sub.open.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    entry
+        .subs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|s| !Arc::ptr_eq(s, sub));
+    let pending = std::mem::take(&mut sub.out.lock().unwrap_or_else(|e| e.into_inner()).pending);
+    shared
+        .stream_pending
+        .fetch_sub(pending.len(), Ordering::AcqRel);
+    if tell {
+        // The lane may be full (that is why a slow subscriber is dropped): then the news goes
+        // around it, through the gateway, so it is never lost.
+        let body = close_record(sub.sub_id, reason);
+        if !matches!(try_send(shared, &sub.link, KIND_SUB_CLOSE, &body), Ok(true)) {
+            let _ = send(
+                shared,
+                &Link::Relay(sub.peer),
+                KIND_SUB_CLOSE,
+                &body,
+                Instant::now(),
+            );
+        }
+    }
+    if let Some(f) = &entry.options.on_removed {
+        f(&StreamSubscription {
+            shared: shared.clone(),
+            entry: entry.clone(),
+            sub: sub.clone(),
+        });
+    }
+}
+
+fn data_record(data: &Value, private: bool) -> Vec<u8> {
+    let mut body = vec![0u8; 20];
+    body[8..12].copy_from_slice(&(private as u32).to_le_bytes());
+    let flags = record::encode_payload(data, &mut body);
+    body[16..20].copy_from_slice(&flags.to_le_bytes());
+    body
+}
+
+/// Queues or sends one data record to one subscriber under the stream's policy.
+fn push_one(
+    shared: &Arc<Shared>,
+    entry: &Arc<StreamEntry>,
+    sub: &Arc<ServerSub>,
+    data: &Value,
+    private: bool,
+) -> Result<(), ClientError> {
+    let mut body = data_record(data, private);
+    body[0..8].copy_from_slice(&sub.sub_id.to_le_bytes());
+    let key = match &entry.options.policy {
+        SlowConsumerPolicy::Conflate(k) => data.get(k).cloned(),
+        _ => None,
+    };
+    offer(shared, entry, sub, body, key)
+}
+
+fn offer(
+    shared: &Arc<Shared>,
+    entry: &Arc<StreamEntry>,
+    sub: &Arc<ServerSub>,
+    mut body: Vec<u8>,
+    key: Option<Value>,
+) -> Result<(), ClientError> {
+    if !sub.open.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let mut out = sub.out.lock().unwrap_or_else(|e| e.into_inner());
+    flush_locked(shared, sub, &mut out);
+    if out.pending.is_empty() {
+        body[12..16].copy_from_slice(&out.gap.to_le_bytes());
+        match try_send(shared, &sub.link, KIND_STREAM_DATA, &body) {
+            Ok(true) => {
+                out.gap = 0;
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(_) => {
+                drop(out);
+                drop_sub(shared, entry, sub, "subscriber gone", false);
+                return Ok(());
+            }
+        }
+    }
+    match &entry.options.policy {
+        SlowConsumerPolicy::Block(timeout) => {
+            // Wait for room in order: what is queued goes first.
+            let deadline = Instant::now() + *timeout;
+            while let Some((b, _)) = out.pending.front() {
+                if send(shared, &sub.link, KIND_STREAM_DATA, b, deadline).is_err() {
+                    break;
+                }
+                out.pending.pop_front();
+                shared.stream_pending.fetch_sub(1, Ordering::AcqRel);
+            }
+            body[12..16].copy_from_slice(&out.gap.to_le_bytes());
+            let sent = out.pending.is_empty()
+                && send(shared, &sub.link, KIND_STREAM_DATA, &body, deadline).is_ok();
+            drop(out);
+            if !sent {
+                drop_sub(shared, entry, sub, "slow consumer", true);
+            }
+            Ok(())
+        }
+        SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::Conflate(_) => {
+            if let Some(k) = &key {
+                if let Some(slot) = out
+                    .pending
+                    .iter_mut()
+                    .find(|(_, pk)| pk.as_ref() == Some(k))
+                {
+                    slot.0 = body;
+                    return Ok(());
+                }
+            }
+            if out.pending.len() >= entry.options.queue.max(1) {
+                out.pending.pop_front();
+                shared.stream_pending.fetch_sub(1, Ordering::AcqRel);
+                out.gap = out.gap.saturating_add(1);
+            }
+            out.pending.push_back((body, key));
+            shared.stream_pending.fetch_add(1, Ordering::AcqRel);
+            Ok(())
+        }
+    }
+}
+
+/// Sends what is queued for `sub` while there is room.
+fn flush_locked(shared: &Arc<Shared>, sub: &ServerSub, out: &mut OutQueue) {
+    while let Some((b, _)) = out.pending.front_mut() {
+        b[12..16].copy_from_slice(&out.gap.to_le_bytes());
+        match try_send(shared, &sub.link, KIND_STREAM_DATA, b) {
+            Ok(true) => {
+                out.gap = 0;
+                out.pending.pop_front();
+                shared.stream_pending.fetch_sub(1, Ordering::AcqRel);
+            }
+            _ => break,
+        }
+    }
+}
+
+/// Flushes every subscriber queue (called by the dispatch loop while anything is queued).
+pub(crate) fn flush_all(shared: &Arc<Shared>) {
+    let entries: Vec<Arc<StreamEntry>> = shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .served
+        .values()
+        .cloned()
+        .collect();
+    for e in entries {
+        let subs = e.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for s in subs {
+            let mut out = s.out.lock().unwrap_or_else(|e| e.into_inner());
+            if !out.pending.is_empty() {
+                flush_locked(shared, &s, &mut out);
+            }
+        }
+    }
+}
+
+impl Stream {
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.entry.name
+    }
+
+    /// Pushes to every subscriber of every branch.
+    pub fn push(&self, data: impl Into<Value>) -> Result<(), ClientError> {
+        self.push_where(&data.into(), |_| true)
+    }
+
+    /// Pushes to the subscribers of the given branches (none subscribed: nothing happens).
+    pub fn push_to_branches(
+        &self,
+        branches: &[&str],
+        data: impl Into<Value>,
+    ) -> Result<(), ClientError> {
+        self.push_where(&data.into(), |b| branches.contains(&b))
+    }
+
+    fn push_where(&self, data: &Value, want: impl Fn(&str) -> bool) -> Result<(), ClientError> {
+        if !matches!(data, Value::Map(_) | Value::Bytes(_)) {
+            return Err(ClientError::InvalidArgument(
+                "Invalid arguments. Data must be an object.".into(),
+            ));
+        }
+        let subs: Vec<Arc<ServerSub>> = self
+            .entry
+            .subs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if subs.is_empty() {
+            return Ok(());
+        }
+        let template = data_record(data, false);
+        let key = match &self.entry.options.policy {
+            SlowConsumerPolicy::Conflate(k) => data.get(k).cloned(),
+            _ => None,
+        };
+        for s in subs.iter().filter(|s| want(&s.branch)) {
+            let mut body = template.clone();
+            body[0..8].copy_from_slice(&s.sub_id.to_le_bytes());
+            offer(&self.shared, &self.entry, s, body, key.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Every current subscription.
+    pub fn subscriptions(&self) -> Vec<StreamSubscription> {
+        let subs = self
+            .entry
+            .subs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        subs.into_iter()
+            .map(|sub| StreamSubscription {
+                shared: self.shared.clone(),
+                entry: self.entry.clone(),
+                sub,
+            })
+            .collect()
+    }
+
+    /// Branch keys that have subscribers.
+    pub fn branches(&self) -> Vec<String> {
+        let mut b: Vec<String> = self
+            .entry
+            .subs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|s| s.branch.clone())
+            .collect();
+        b.sort();
+        b.dedup();
+        b
+    }
+
+    /// Ends every subscription on a branch.
+    pub fn close_branch(&self, branch: &str) {
+        for s in self
+            .subscriptions()
+            .into_iter()
+            .filter(|s| s.branch() == branch)
+        {
+            drop_sub(
+                &self.shared,
+                &self.entry,
+                &s.sub,
+                "Server dropping a branch",
+                true,
+            );
+        }
+    }
+
+    /// Ends every subscription and unregisters the stream.
+    pub fn close(&self) -> Result<(), ClientError> {
+        self.entry.closed.store(true, Ordering::Release);
+        for s in self.subscriptions() {
+            drop_sub(&self.shared, &self.entry, &s.sub, "Stream closed", true);
+        }
+        self.shared
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .served
+            .remove(&self.entry.method_id);
+        super::interop::unregister(&self.shared, &self.entry.name)
+    }
+}
+
+pub(crate) fn create(
+    shared: &Arc<Shared>,
+    mut def: MethodDef,
+    options: StreamOptions,
+) -> Result<Stream, ClientError> {
+    def.streaming = true;
+    let name: Arc<str> = Arc::from(def.name.as_str());
+    let method_id = super::interop::register(shared, def, super::Handler::Stream)?;
+    let entry = Arc::new(StreamEntry {
+        name,
+        method_id,
+        options,
+        subs: Mutex::new(Vec::new()),
+        closed: AtomicBool::new(false),
+    });
+    shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .served
+        .insert(method_id, entry.clone());
+    Ok(Stream {
+        shared: shared.clone(),
+        entry,
+    })
+}
+
+// ----- subscriber side ------------------------------------------------------------------------
+
+/// What a stream subscriber receives.
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    /// One item.
+    Data {
+        data: Value,
+        server: Arc<Instance>,
+        /// Sent to this subscriber alone.
+        private: bool,
+        /// Items the slow-consumer policy dropped before this one (0 normally).
+        gap: u64,
+    },
+    /// The subscription ended: every server dropped it (`server_initiated`), or we closed it.
+    Closed {
+        reason: String,
+        server_initiated: bool,
+    },
+}
+
+/// Subscription parameters.
+#[derive(Debug, Clone)]
+pub struct StreamParams {
+    pub arguments: Value,
+    /// `Best`, `All`, an instance filter or a list (`SkipMine` is refused, as in io.Connect).
+    pub target: Target,
+    /// How long to wait for a server to appear.
+    pub wait: Duration,
+    /// How long a server has to accept.
+    pub timeout: Duration,
+}
+
+impl Default for StreamParams {
+    fn default() -> Self {
+        Self {
+            arguments: Value::map(),
+            target: Target::Best,
+            wait: Duration::from_secs(30),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum ServerState {
+    Pending,
+    Accepted,
+    Rejected(String),
+    Gone,
+}
+
+struct Remote {
+    peer: PeerId,
+    identity: Arc<Instance>,
+    link: Link,
+    state: ServerState,
+}
+
+pub(crate) type StreamCallback = Arc<dyn Fn(&StreamEvent) + Send + Sync>;
+
+pub(crate) struct ClientSub {
+    id: u64,
+    cb: StreamCallback,
+    remotes: Mutex<Vec<Remote>>,
+    changed: Condvar,
+    inbox: Mutex<Inbox>,
+    /// The server's policy and queue bound (from its answer).
+    policy: Mutex<(SlowConsumerPolicy, usize)>,
+    /// Ended (by either side): no new items are accepted.
+    closed: AtomicBool,
+    /// Ended by us: queued items are not delivered any more.
+    client_closed: AtomicBool,
+}
+
+#[derive(Default)]
+struct Inbox {
+    items: VecDeque<(StreamEvent, Option<Value>)>,
+    gap: u64,
+    scheduled: bool,
+}
+
+/// A subscription to a stream; `close` (or dropping it) ends it.
+pub struct ClientSubscription {
+    shared: Arc<Shared>,
+    sub: Arc<ClientSub>,
+}
+
+impl std::fmt::Debug for ClientSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSubscription")
+            .field("id", &self.sub.id)
+            .finish()
+    }
+}
+
+impl ClientSubscription {
+    /// The servers that accepted.
+    pub fn servers(&self) -> Vec<Instance> {
+        let r = self.sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter()
+            .filter(|x| x.state == ServerState::Accepted)
+            .map(|x| (*x.identity).clone())
+            .collect()
+    }
+
+    /// Ends the subscription ("ClientInitiated").
+    pub fn close(&self) {
+        end_client_sub(&self.shared, &self.sub, true);
+    }
+}
+
+impl Drop for ClientSubscription {
+    fn drop(&mut self) {
+        end_client_sub(&self.shared, &self.sub, true);
+    }
+}
+
+fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool) {
+    sub.client_closed.store(true, Ordering::Release);
+    if sub.closed.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .remove(&sub.id);
+    let remotes: Vec<Link> = {
+        let mut r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
+        let links = r
+            .iter()
+            .filter(|x| matches!(x.state, ServerState::Accepted | ServerState::Pending))
+            .map(|x| x.link.clone())
+            .collect();
+        for x in r.iter_mut() {
+            x.state = ServerState::Gone;
+        }
+        links
+    };
+    if tell {
+        for l in remotes {
+            let _ = send(
+                shared,
+                &l,
+                KIND_SUB_CLOSE,
+                &close_record(sub.id, "ClientInitiated"),
+                Instant::now() + Duration::from_secs(1),
+            );
+        }
+    }
+    sub.changed.notify_all();
+    let ev = StreamEvent::Closed {
+        reason: "ClientInitiated".into(),
+        server_initiated: false,
+    };
+    let cb = sub.cb.clone();
+    shared.push_task(Task::Call(Box::new(move || cb(&ev))));
+}
+
+static NEXT_SUB: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn subscribe(
+    shared: &Arc<Shared>,
+    name: &str,
+    params: StreamParams,
+    cb: StreamCallback,
+) -> Result<ClientSubscription, StreamError> {
+    if name.is_empty() {
+        return Err(StreamError::InvalidArgument(
+            "Please provide the stream name".into(),
+        ));
+    }
+    if params.target == Target::SkipMine {
+        return Err(StreamError::InvalidArgument(
+            "\"skipMine\" is not a valid target. Valid targets are \"all\", \"best\", or an instance.".into(),
+        ));
+    }
+    // Servers of the stream, waiting for one to appear.
+    let wait_until = Instant::now() + params.wait;
+    let chosen: Vec<(Arc<Instance>, u32)> = loop {
+        let c = {
+            let st = shared.lock_state();
+            let mut cands: Vec<(Arc<Instance>, u32)> = Vec::new();
+            if let Some((id, _)) = st
+                .my_methods
+                .iter()
+                .find(|(_, d)| d.streaming && method_matches(name, d))
+            {
+                cands.push((shared.me.clone(), *id));
+            }
+            for p in st.peers.values() {
+                if let Some((id, _)) = p
+                    .methods
+                    .iter()
+                    .find(|(_, d)| d.streaming && method_matches(name, d))
+                {
+                    cands.push((p.identity.clone(), *id));
+                }
+            }
+            let insts: Vec<&Instance> = cands.iter().map(|c| &*c.0).collect();
+            let picked: Vec<PeerId> = select(&params.target, shared.me.peer_id, &insts)
+                .iter()
+                .map(|i| i.peer_id)
+                .collect();
+            picked
+                .into_iter()
+                .filter_map(|p| cands.iter().find(|c| c.0.peer_id == p).cloned())
+                .collect::<Vec<_>>()
+        };
+        if !c.is_empty() {
+            break c;
+        }
+        let st = shared.lock_state();
+        let gen = st.generation;
+        let now = Instant::now();
+        if now >= wait_until || shared.is_closed() {
+            return Err(StreamError::NoServer);
+        }
+        let _ = shared
+            .state_changed
+            .wait_timeout_while(st, wait_until - now, |st| {
+                st.generation == gen && !shared.is_closed()
+            })
+            .unwrap_or_else(|e| e.into_inner());
+    };
+    let sub = Arc::new(ClientSub {
+        id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
+        cb,
+        remotes: Mutex::new(Vec::new()),
+        changed: Condvar::new(),
+        inbox: Mutex::new(Inbox::default()),
+        policy: Mutex::new((SlowConsumerPolicy::default(), 1024)),
+        closed: AtomicBool::new(false),
+        client_closed: AtomicBool::new(false),
+    });
+    shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .insert(sub.id, sub.clone());
+    let mut body = Vec::new();
+    body.extend_from_slice(&sub.id.to_le_bytes());
+    for (server, method_id) in &chosen {
+        let link = if server.peer_id == shared.me.peer_id {
+            Link::Relay(shared.me.peer_id)
+        } else {
+            match link_to(shared, server.peer_id) {
+                Ok(l) => l,
+                Err(_) => continue,
+            }
+        };
+        body.truncate(8);
+        body.extend_from_slice(&method_id.to_le_bytes());
+        body.extend_from_slice(&[0; 4]);
+        let flags = record::encode_payload(&params.arguments, &mut body);
+        body[12..16].copy_from_slice(&flags.to_le_bytes());
+        sub.remotes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Remote {
+                peer: server.peer_id,
+                identity: server.clone(),
+                link: link.clone(),
+                state: ServerState::Pending,
+            });
+        if server.peer_id == shared.me.peer_id {
+            // Subscribing to ourselves: handled as if it came in from a peer.
+            on_request(
+                shared,
+                shared.me.peer_id,
+                shared.me.clone(),
+                Link::Relay(shared.me.peer_id),
+                &body,
+            );
+        } else if send(
+            shared,
+            &link,
+            KIND_SUB_REQUEST,
+            &body,
+            Instant::now() + params.timeout,
+        )
+        .is_err()
+        {
+            set_state(&sub, server.peer_id, ServerState::Gone);
+        }
+    }
+    // The first acceptance completes the subscription; later ones join it.
+    let deadline = Instant::now() + params.timeout;
+    let mut r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if r.iter().any(|x| x.state == ServerState::Accepted) {
+            drop(r);
+            return Ok(ClientSubscription {
+                shared: shared.clone(),
+                sub,
+            });
+        }
+        if r.iter()
+            .all(|x| matches!(x.state, ServerState::Rejected(_) | ServerState::Gone))
+        {
+            let reason = r.iter().find_map(|x| match &x.state {
+                ServerState::Rejected(m) => Some(m.clone()),
+                _ => None,
+            });
+            drop(r);
+            sub.closed.store(true, Ordering::Release);
+            shared
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .subs
+                .remove(&sub.id);
+            return Err(match reason {
+                Some(m) => StreamError::Rejected(m),
+                None => StreamError::NoServer,
+            });
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            drop(r);
+            end_client_sub(shared, &sub, true);
+            return Err(StreamError::Timeout(params.timeout));
+        }
+        let (g, _) = sub
+            .changed
+            .wait_timeout(r, deadline - now)
+            .unwrap_or_else(|e| e.into_inner());
+        r = g;
+    }
+}
+
+fn set_state(sub: &ClientSub, peer: PeerId, s: ServerState) {
+    let mut r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
+    for x in r.iter_mut().filter(|x| x.peer == peer) {
+        if x.state != ServerState::Gone {
+            x.state = s.clone();
+        }
+    }
+    drop(r);
+    sub.changed.notify_all();
+}
+
+/// Why a stream subscription failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No server matched within the wait.
+    #[error("Subscription failed. No available servers matched the target params.")]
+    NoServer,
+    /// Every server rejected.
+    #[error("Subscription rejected by user. {0}")]
+    Rejected(String),
+    /// No server answered in time.
+    #[error("Subscription failed. Subscription attempt timed out after {} ms.", .0.as_millis())]
+    Timeout(Duration),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+impl StreamError {
+    /// The status code for this error.
+    pub fn status(&self) -> Status {
+        match self {
+            StreamError::InvalidArgument(_) => Status::InvalidArgument,
+            StreamError::NoServer => Status::NoServer,
+            StreamError::Rejected(_) => Status::MethodFailed,
+            StreamError::Timeout(_) => Status::Timeout,
+            StreamError::Client(e) => e.status(),
+        }
+    }
+}
+
+// ----- records --------------------------------------------------------------------------------
+
+/// A stream record arrived from `from` (over a lane or relayed). Returns whether the lane should
+/// pause (a blocking-policy subscriber's queue is full).
+pub(crate) fn on_record(
+    shared: &Arc<Shared>,
+    from: PeerId,
+    identity: Arc<Instance>,
+    link: Link,
+    kind: u16,
+    body: &[u8],
+) -> Result<bool, &'static str> {
+    let sub_id = u64_at(body, 0).ok_or("short stream record")?;
+    match kind {
+        KIND_SUB_REQUEST => {
+            on_request(shared, from, identity, link, body);
+            Ok(false)
+        }
+        KIND_SUB_REPLY => {
+            let status = u32_at(body, 8).ok_or("short stream reply")?;
+            let info = codec::decode(&body[12..]).unwrap_or(Value::Null);
+            let sub = shared
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .subs
+                .get(&sub_id)
+                .cloned();
+            let Some(sub) = sub else { return Ok(false) };
+            if status == 0 {
+                if let Some(p) = info.get("policy") {
+                    let queue = info
+                        .get("queue")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(1024)
+                        .clamp(1, 1 << 20) as usize;
+                    *sub.policy.lock().unwrap_or_else(|e| e.into_inner()) =
+                        (SlowConsumerPolicy::from_value(p), queue);
+                }
+                set_state(&sub, from, ServerState::Accepted);
+            } else {
+                let reason = info
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                set_state(&sub, from, ServerState::Rejected(reason));
+            }
+            Ok(false)
+        }
+        KIND_STREAM_DATA => {
+            let sub = shared
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .subs
+                .get(&sub_id)
+                .cloned();
+            let Some(sub) = sub else { return Ok(false) };
+            let private = u32_at(body, 8).ok_or("short stream data")? & 1 != 0;
+            let gap = u32_at(body, 12).ok_or("short stream data")? as u64;
+            let flags = u32_at(body, 16).ok_or("short stream data")?;
+            let data = record::decode_payload(flags, &body[20..])
+                .map_err(|_| "undecodable stream data")?;
+            Ok(accept_item(
+                shared,
+                &sub,
+                StreamEvent::Data {
+                    data,
+                    server: identity,
+                    private,
+                    gap,
+                },
+            ))
+        }
+        KIND_SUB_CLOSE => {
+            let reason = String::from_utf8_lossy(&body[8..]).to_string();
+            // Either a subscriber leaving one of our streams, or a server dropping us.
+            let served: Vec<Arc<StreamEntry>> = shared
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .served
+                .values()
+                .cloned()
+                .collect();
+            for e in served {
+                let hit = e
+                    .subs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .find(|s| s.peer == from && s.sub_id == sub_id)
+                    .cloned();
+                if let Some(s) = hit {
+                    drop_sub(shared, &e, &s, &reason, false);
+                }
+            }
+            let sub = shared
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .subs
+                .get(&sub_id)
+                .cloned();
+            if let Some(sub) = sub {
+                server_gone(shared, &sub, from, &reason);
+            }
+            Ok(false)
+        }
+        _ => Err("unknown stream record"),
+    }
+}
+
+fn on_request(
+    shared: &Arc<Shared>,
+    from: PeerId,
+    identity: Arc<Instance>,
+    link: Link,
+    body: &[u8],
+) {
+    let (Some(sub_id), Some(method_id), Some(flags)) =
+        (u64_at(body, 0), u32_at(body, 8), u32_at(body, 12))
+    else {
+        return;
+    };
+    let entry = shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .served
+        .get(&method_id)
+        .cloned();
+    let args = record::decode_payload(flags, &body[16..]).unwrap_or(Value::Null);
+    let Some(entry) = entry.filter(|e| !e.closed.load(Ordering::Acquire)) else {
+        return reply(shared, &link, sub_id, false, "Method has been removed");
+    };
+    let req = SubscriptionRequest {
+        shared: shared.clone(),
+        entry: entry.clone(),
+        peer: from,
+        sub_id,
+        link,
+        instance: identity,
+        arguments: args,
+    };
+    shared.push_task(Task::Call(Box::new(move || {
+        match &entry.options.on_request {
+            Some(f) => f(req),
+            None => req.accept(),
+        }
+    })));
+}
+
+/// Puts an item in the subscriber's inbox under the policy; schedules delivery. Returns
+/// whether the lane should pause.
+fn accept_item(shared: &Shared, sub: &Arc<ClientSub>, ev: StreamEvent) -> bool {
+    if sub.closed.load(Ordering::Acquire) {
+        return false;
+    }
+    let (policy, bound) = sub.policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let key = match (&policy, &ev) {
+        (SlowConsumerPolicy::Conflate(k), StreamEvent::Data { data, .. }) => data.get(k).cloned(),
+        _ => None,
+    };
+    let mut inbox = sub.inbox.lock().unwrap_or_else(|e| e.into_inner());
+    let mut stall = false;
+    match policy {
+        SlowConsumerPolicy::Block(_) => {
+            inbox.items.push_back((ev, None));
+            stall = inbox.items.len() >= bound;
+        }
+        _ => {
+            if let Some(k) = &key {
+                if let Some(slot) = inbox
+                    .items
+                    .iter_mut()
+                    .find(|(_, pk)| pk.as_ref() == Some(k))
+                {
+                    slot.0 = ev;
+                    return false;
+                }
+            }
+            if inbox.items.len() >= bound {
+                inbox.items.pop_front();
+                inbox.gap += 1;
+            }
+            inbox.items.push_back((ev, key));
+        }
+    }
+    if !inbox.scheduled {
+        inbox.scheduled = true;
+        let s = sub.clone();
+        shared.push_task(Task::StreamDrain(s));
+    }
+    stall
+}
+
+/// Delivers a subscriber's queued items (dispatch thread).
+pub(crate) fn drain(shared: &Shared, sub: &Arc<ClientSub>) {
+    loop {
+        let batch: Vec<(StreamEvent, u64)> = {
+            let mut inbox = sub.inbox.lock().unwrap_or_else(|e| e.into_inner());
+            if inbox.items.is_empty() {
+                inbox.scheduled = false;
+                break;
+            }
+            let gap = std::mem::take(&mut inbox.gap);
+            let mut out: Vec<(StreamEvent, u64)> =
+                inbox.items.drain(..).map(|(e, _)| (e, 0)).collect();
+            if let Some(first) = out.first_mut() {
+                first.1 = gap;
+            }
+            out
+        };
+        shared.resume_lanes();
+        for (mut ev, extra_gap) in batch {
+            if sub.client_closed.load(Ordering::Acquire) {
+                return;
+            }
+            if let StreamEvent::Data { gap, .. } = &mut ev {
+                *gap += extra_gap;
+            }
+            (sub.cb)(&ev);
+        }
+    }
+}
+
+fn server_gone(shared: &Shared, sub: &Arc<ClientSub>, peer: PeerId, reason: &str) {
+    let last = {
+        let mut r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut any = false;
+        for x in r.iter_mut().filter(|x| x.peer == peer) {
+            any |= x.state == ServerState::Accepted || x.state == ServerState::Pending;
+            x.state = ServerState::Gone;
+        }
+        any && !r
+            .iter()
+            .any(|x| x.state == ServerState::Accepted || x.state == ServerState::Pending)
+    };
+    sub.changed.notify_all();
+    if last && !sub.closed.swap(true, Ordering::AcqRel) {
+        shared
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .subs
+            .remove(&sub.id);
+        let ev = StreamEvent::Closed {
+            reason: reason.to_string(),
+            server_initiated: true,
+        };
+        // After any data still queued for it.
+        sub.inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .items
+            .push_back((ev, None));
+        let mut inbox = sub.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        if !inbox.scheduled {
+            inbox.scheduled = true;
+            shared.push_task(Task::StreamDrain(sub.clone()));
+        }
+    }
+}
+
+/// A peer left: its subscriptions to our streams end, and our subscriptions lose it as a server.
+pub(crate) fn peer_left(shared: &Arc<Shared>, peer: PeerId) {
+    let (served, subs) = {
+        let st = shared.streams.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            st.served.values().cloned().collect::<Vec<_>>(),
+            st.subs.values().cloned().collect::<Vec<_>>(),
+        )
+    };
+    for e in served {
+        let gone: Vec<Arc<ServerSub>> = e
+            .subs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|s| s.peer == peer)
+            .cloned()
+            .collect();
+        for s in gone {
+            drop_sub(shared, &e, &s, "peer has left", false);
+        }
+    }
+    for s in subs {
+        server_gone(shared, &s, peer, "Peer has left");
+    }
+}
+
+/// The client's streams: those we serve (by method id) and our subscriptions (by id).
+#[derive(Default)]
+pub(crate) struct StreamsState {
+    pub served: HashMap<u32, Arc<StreamEntry>>,
+    pub subs: HashMap<u64, Arc<ClientSub>>,
+}
+
+/// Invoking a stream as a method is an error.
+pub(crate) fn not_invocable() -> MethodError {
+    MethodError::new("this method is a stream: subscribe to it")
+}
+
+/// Items queued across all served streams' subscribers (for the dispatch loop's flushing).
+pub(crate) fn pending(shared: &Shared) -> usize {
+    shared.stream_pending.load(Ordering::Acquire)
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Stream>();
+    f::<StreamSubscription>();
+    let _ = AtomicUsize::new(0);
+}

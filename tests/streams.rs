@@ -1,0 +1,460 @@
+//! Interop streams through the Rust API: requests accepted, rejected or branched; pushes to
+//! all, to branches, to one subscriber; closes from either side; slow-consumer policies.
+
+use knit::client::{
+    Client, SlowConsumerPolicy, StreamError, StreamEvent, StreamOptions, StreamParams,
+    SubscriptionRequest,
+};
+use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
+use knit::model::Target;
+use knit::Value;
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
+
+struct Env {
+    gw: Option<GatewayHandle>,
+    dir: std::path::PathBuf,
+}
+
+impl Env {
+    fn new(tag: &str) -> Env {
+        let dir = std::env::temp_dir().join(format!("knit-stream-{tag}-{}", std::process::id()));
+        let gw = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
+            .unwrap()
+            .spawn()
+            .unwrap();
+        Env { gw: Some(gw), dir }
+    }
+    fn client(&self, app: &str) -> Client {
+        Client::builder(app)
+            .socket(self.gw.as_ref().unwrap().socket_path())
+            .connect()
+            .unwrap()
+    }
+    fn relay_client(&self, app: &str) -> Client {
+        Client::builder(app)
+            .socket(self.gw.as_ref().unwrap().socket_path())
+            .relay_only(true)
+            .connect()
+            .unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            gw.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn params(args: Value) -> StreamParams {
+    StreamParams {
+        arguments: args,
+        wait: Duration::from_secs(5),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+fn collect(
+    c: &Client,
+    name: &str,
+    args: Value,
+) -> (knit::client::ClientSubscription, Receiver<StreamEvent>) {
+    let (tx, rx) = channel();
+    let sub = c
+        .subscribe_stream(name, params(args), move |e| {
+            let _ = tx.send(e.clone());
+        })
+        .unwrap();
+    (sub, rx)
+}
+
+fn next(rx: &Receiver<StreamEvent>) -> StreamEvent {
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("no stream event within 5 s")
+}
+
+fn data(e: StreamEvent) -> (Value, bool, u64) {
+    match e {
+        StreamEvent::Data {
+            data, private, gap, ..
+        } => (data, private, gap),
+        other => panic!("expected data, got {other:?}"),
+    }
+}
+
+fn n(i: i64) -> Value {
+    Value::object([("n", Value::from(i))])
+}
+
+#[test]
+fn auto_accepted_subscribers_receive_pushes_in_order() {
+    let env = Env::new("basic");
+    let server = env.client("server");
+    let stream = server
+        .create_stream("Ticks", StreamOptions::default())
+        .unwrap();
+    let client = env.client("client");
+    let (_sub, rx) = collect(&client, "ticks", Value::map());
+    for i in 0..100 {
+        stream.push(n(i)).unwrap();
+    }
+    for i in 0..100 {
+        assert_eq!(data(next(&rx)).0, n(i));
+    }
+    assert!(
+        matches!(stream.push(Value::from(1)), Err(_)),
+        "data must be an object"
+    );
+}
+
+#[test]
+fn requests_are_accepted_on_branches_or_rejected_and_pushes_follow_branches() {
+    let env = Env::new("branches");
+    let server = env.client("server");
+    let opts = StreamOptions {
+        on_request: Some(Box::new(|r: SubscriptionRequest| {
+            match r
+                .arguments
+                .get("symbol")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+            {
+                Some(s) if s == "BAD" => r.reject("no such symbol"),
+                Some(s) => r.accept_on_branch(&s),
+                None => r.accept(),
+            }
+        })),
+        ..Default::default()
+    };
+    let stream = server.create_stream("Prices", opts).unwrap();
+    let c = env.client("client");
+    let (_a, ra) = collect(
+        &c,
+        "Prices",
+        Value::object([("symbol", Value::from("VOD"))]),
+    );
+    let (_b, rb) = collect(&c, "Prices", Value::object([("symbol", Value::from("BP"))]));
+    let err = c
+        .subscribe_stream(
+            "Prices",
+            params(Value::object([("symbol", Value::from("BAD"))])),
+            |_| {},
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, StreamError::Rejected(m) if m == "no such symbol"),
+        "{err:?}"
+    );
+    assert_eq!(stream.branches(), vec!["BP".to_string(), "VOD".to_string()]);
+    stream.push_to_branches(&["VOD"], n(1)).unwrap();
+    stream.push(n(2)).unwrap();
+    assert_eq!(data(next(&ra)).0, n(1));
+    assert_eq!(data(next(&ra)).0, n(2));
+    assert_eq!(data(next(&rb)).0, n(2), "BP never saw the VOD-only push");
+    // A push to one subscriber is private.
+    let one = stream
+        .subscriptions()
+        .into_iter()
+        .find(|s| s.branch() == "BP")
+        .unwrap();
+    one.push(n(3)).unwrap();
+    let (d, private, _) = data(next(&rb));
+    assert_eq!((d, private), (n(3), true));
+    // Closing a branch ends its subscribers, server-initiated.
+    stream.close_branch("VOD");
+    match next(&ra) {
+        StreamEvent::Closed {
+            server_initiated, ..
+        } => assert!(server_initiated),
+        other => panic!("{other:?}"),
+    }
+    stream.push(n(4)).unwrap();
+    assert_eq!(data(next(&rb)).0, n(4));
+}
+
+#[test]
+fn closing_from_either_side_is_reported_with_who_closed() {
+    let env = Env::new("close");
+    let server = env.client("server");
+    let (tx, removed) = channel();
+    let opts = StreamOptions {
+        on_removed: Some(Box::new(move |s| {
+            let _ = tx.send(s.instance().application.clone());
+        })),
+        ..Default::default()
+    };
+    let stream = server.create_stream("S", opts).unwrap();
+    let c = env.client("client");
+    let (sub, rx) = collect(&c, "S", Value::map());
+    sub.close();
+    match next(&rx) {
+        StreamEvent::Closed {
+            server_initiated,
+            reason,
+        } => {
+            assert!(!server_initiated);
+            assert_eq!(reason, "ClientInitiated");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        removed.recv_timeout(Duration::from_secs(5)).unwrap(),
+        "client"
+    );
+    let (_sub2, rx2) = collect(&c, "S", Value::map());
+    stream.close().unwrap();
+    assert!(matches!(
+        next(&rx2),
+        StreamEvent::Closed {
+            server_initiated: true,
+            ..
+        }
+    ));
+    // The stream is unregistered: once the news reaches us, a new subscription finds nobody.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while c.methods().iter().any(|m| m.def.name == "S") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream's removal never reached us"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let p = StreamParams {
+        wait: Duration::ZERO,
+        ..params(Value::map())
+    };
+    assert!(matches!(
+        c.subscribe_stream("S", p, |_| {}),
+        Err(StreamError::NoServer)
+    ));
+}
+
+#[test]
+fn subscribing_to_all_servers_merges_them_and_skip_mine_is_refused() {
+    let env = Env::new("all");
+    let (s1, s2) = (env.client("one"), env.client("two"));
+    let st1 = s1.create_stream("Multi", StreamOptions::default()).unwrap();
+    let st2 = s2.create_stream("Multi", StreamOptions::default()).unwrap();
+    let c = env.client("client");
+    let (tx, rx) = channel();
+    let sub = c
+        .subscribe_stream(
+            "Multi",
+            StreamParams {
+                target: Target::All,
+                ..params(Value::map())
+            },
+            move |e| {
+                let _ = tx.send(e.clone());
+            },
+        )
+        .unwrap();
+    // The call returns on the first acceptance; wait for the second server to accept too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sub.servers().len() < 2 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    st1.push(n(1)).unwrap();
+    st2.push(n(2)).unwrap();
+    let mut got = vec![data(next(&rx)).0, data(next(&rx)).0];
+    got.sort_by_key(|v| v.get("n").and_then(Value::as_i64));
+    assert_eq!(got, vec![n(1), n(2)]);
+    // One server leaving does not close the subscription; the last one does.
+    drop(st1);
+    s1.close();
+    st2.push(n(3)).unwrap();
+    assert_eq!(data(next(&rx)).0, n(3));
+    s2.close();
+    assert!(matches!(
+        next(&rx),
+        StreamEvent::Closed {
+            server_initiated: true,
+            ..
+        }
+    ));
+    let p = StreamParams {
+        target: Target::SkipMine,
+        ..params(Value::map())
+    };
+    assert!(matches!(
+        c.subscribe_stream("Multi", p, |_| {}),
+        Err(StreamError::InvalidArgument(_))
+    ));
+}
+
+/// A subscriber whose callback is held until the server has pushed far more than the queue.
+fn slow_subscriber(policy: SlowConsumerPolicy, queue: usize, pushes: i64) -> Vec<StreamEvent> {
+    let env = Env::new(&format!("slow-{queue}-{pushes}"));
+    let server = env.client("server");
+    let stream = server
+        .create_stream(
+            "Slow",
+            StreamOptions {
+                policy,
+                queue,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let c = env.client("client");
+    let (tx, rx) = channel();
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let g = gate.clone();
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let _sub = c
+        .subscribe_stream("Slow", params(Value::map()), move |e| {
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                g.wait();
+            }
+            let _ = tx.send(e.clone());
+        })
+        .unwrap();
+    stream
+        .push(Value::object([
+            ("n", Value::from(-1)),
+            ("k", Value::from("x")),
+        ]))
+        .unwrap();
+    for i in 0..pushes {
+        stream
+            .push(Value::object([
+                ("n", Value::from(i)),
+                ("k", Value::from(format!("k{}", i % 3))),
+            ]))
+            .unwrap();
+    }
+    gate.wait();
+    let mut out = Vec::new();
+    while let Ok(e) = rx.recv_timeout(Duration::from_millis(500)) {
+        out.push(e);
+    }
+    out
+}
+
+#[test]
+fn drop_oldest_keeps_the_newest_and_counts_the_gap() {
+    let events = slow_subscriber(SlowConsumerPolicy::DropOldest, 8, 10_000);
+    let items: Vec<(i64, u64)> = events
+        .into_iter()
+        .map(|e| {
+            let (d, _, gap) = data(e);
+            (d.get("n").and_then(Value::as_i64).unwrap(), gap)
+        })
+        .collect();
+    assert_eq!(
+        items.last().unwrap().0,
+        9_999,
+        "the newest item is never dropped"
+    );
+    let delivered = items.len() as u64;
+    let gaps: u64 = items.iter().map(|i| i.1).sum();
+    assert!(gaps > 0, "items were dropped and counted");
+    assert_eq!(
+        delivered + gaps,
+        10_001,
+        "every item is either delivered or counted in a gap"
+    );
+    assert!(items.windows(2).all(|w| w[0].0 < w[1].0), "order is kept");
+}
+
+#[test]
+fn conflate_keeps_the_latest_item_per_key() {
+    let events = slow_subscriber(SlowConsumerPolicy::Conflate("k".into()), 16, 3_000);
+    let last: Vec<i64> = events
+        .iter()
+        .filter_map(|e| match e {
+            StreamEvent::Data { data, .. } => data.get("n").and_then(Value::as_i64),
+            _ => None,
+        })
+        .collect();
+    // The latest value of each of the three keys arrives.
+    for want in [2_997, 2_998, 2_999] {
+        assert!(last.contains(&want), "missing {want} in {last:?}");
+    }
+    assert!(last.len() < 3_001, "conflation dropped superseded items");
+}
+
+#[test]
+fn block_closes_a_subscriber_that_stays_slow_past_the_timeout() {
+    let env = Env::new("block");
+    let server = env.client("server");
+    let opts = StreamOptions {
+        policy: SlowConsumerPolicy::Block(Duration::from_millis(200)),
+        queue: 4,
+        ..Default::default()
+    };
+    let stream = server.create_stream("Blocky", opts).unwrap();
+    let c = env.client("client");
+    let (tx, rx) = channel();
+    let hold = std::sync::Arc::new(std::sync::Mutex::new(()));
+    let guard = hold.lock().unwrap();
+    let h = hold.clone();
+    let _sub = c
+        .subscribe_stream("Blocky", params(Value::map()), move |e| {
+            let _g = h.lock().unwrap();
+            let _ = tx.send(e.clone());
+        })
+        .unwrap();
+    // 64 KiB items fill the lane quickly while the callback is blocked.
+    let big = Value::object([("pad", Value::Bytes(vec![0; 64 << 10]))]);
+    let start = std::time::Instant::now();
+    for _ in 0..64 {
+        stream.push(big.clone()).unwrap();
+    }
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(
+        stream.subscriptions().is_empty(),
+        "the slow subscriber was dropped"
+    );
+    drop(guard);
+    let mut closed = None;
+    while let Ok(e) = rx.recv_timeout(Duration::from_secs(5)) {
+        if let StreamEvent::Closed {
+            reason,
+            server_initiated,
+        } = e
+        {
+            closed = Some((reason, server_initiated));
+            break;
+        }
+    }
+    assert_eq!(closed, Some(("slow consumer".to_string(), true)));
+}
+
+#[test]
+fn streams_cross_the_gateway_for_relayed_peers_both_ways() {
+    let env = Env::new("relay");
+    let lane_server = env.client("lane-server");
+    let s1 = lane_server
+        .create_stream("FromLane", StreamOptions::default())
+        .unwrap();
+    let relay_server = env.relay_client("relay-server");
+    let s2 = relay_server
+        .create_stream("FromRelay", StreamOptions::default())
+        .unwrap();
+    let relay_client = env.relay_client("relay-client");
+    let lane_client = env.client("lane-client");
+    let (_a, ra) = collect(&relay_client, "FromLane", Value::map());
+    let (_b, rb) = collect(&lane_client, "FromRelay", Value::map());
+    for i in 0..50 {
+        s1.push(n(i)).unwrap();
+        s2.push(n(i)).unwrap();
+    }
+    for i in 0..50 {
+        assert_eq!(data(next(&ra)).0, n(i));
+        assert_eq!(data(next(&rb)).0, n(i));
+    }
+    relay_server.close();
+    assert!(matches!(
+        next(&rb),
+        StreamEvent::Closed {
+            server_initiated: true,
+            ..
+        }
+    ));
+}
