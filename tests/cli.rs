@@ -112,6 +112,8 @@ fn invoke_all_collects_a_result_from_every_server() {
     assert_eq!(all[1]["returned"], json!({"me": "b"}));
     assert_eq!(r["returned"], json!({"me": "a"}));
     assert_eq!(r["all_errors"], json!([]));
+    // No arguments given: `{}` is sent.
+    assert_eq!(r["called_with"], json!({}));
 }
 
 #[test]
@@ -550,6 +552,61 @@ fn gateway_exits_0_and_removes_its_socket_on_sigterm() {
     assert!(!gw.socket.exists(), "the socket file is removed");
 }
 
+#[test]
+fn serve_exits_6_when_its_gateway_stops() {
+    let dir = TempDir::new("cli-gwgone");
+    let mut gw = GatewayProc::start(&dir, &[]);
+    let mut s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    // SIGINT stops a gateway as SIGTERM does.
+    gw.child.signal(rustix::process::Signal::INT);
+    let status = gw.child.wait_timeout(QUICK).expect("the gateway stops");
+    assert_eq!(status.code(), Some(0), "gateway log: {}", gw.log());
+    let status = s
+        .child
+        .wait_timeout(QUICK)
+        .expect("knit serve notices the gateway is gone");
+    assert_eq!(status.code(), Some(6));
+}
+
+#[test]
+fn gateway_creates_a_private_socket_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("cli-private");
+    let socket = dir.path().join("a").join("b").join("gw.sock");
+    let gw = GatewayProc::start_at(&dir, &socket, &[]);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(socket.parent().unwrap()), 0o700);
+    assert_eq!(mode(&socket), 0o600);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    let out = invoke(&gw.socket, "Echo", Some("1"), &[]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"], 1);
+}
+
+#[test]
+fn gateway_path_comes_from_knit_gateway_when_not_given() {
+    let dir = TempDir::new("cli-env");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    let out = common::spawn_knit_env(
+        &["invoke", "Echo", r#"{"via":"env"}"#],
+        &[("KNIT_GATEWAY", &gw.socket)],
+        None,
+    )
+    .finish(QUICK);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"], json!({"via": "env"}));
+    // An explicit --gateway wins over the variable.
+    let nowhere = dir.path().join("nobody.sock");
+    let out = common::spawn_knit_env(
+        &["--gateway", sock_arg(&nowhere), "invoke", "Echo", "{}"],
+        &[("KNIT_GATEWAY", &gw.socket)],
+        None,
+    )
+    .finish(QUICK);
+    assert_exit(&out, 6);
+}
+
 /// Entries of /dev/shm whose name starts with `knit`.
 fn knit_names_in_dev_shm() -> Vec<String> {
     std::fs::read_dir("/dev/shm")
@@ -598,4 +655,120 @@ fn shared_memory_is_memfd_with_nothing_in_dev_shm() {
         .collect();
     assert!(new.is_empty(), "knit created /dev/shm entries: {new:?}");
     assert!(before.is_empty(), "knit* entries in /dev/shm: {before:?}");
+}
+
+#[test]
+fn app_option_works_before_or_after_the_subcommand() {
+    let dir = TempDir::new("cli-appopt");
+    let gw = GatewayProc::start(&dir, &[]);
+    // `--app` after the subcommand (ServerProc puts it before).
+    let mut child = std::process::Command::new(common::knit_bin())
+        .args(["serve", "Echo", "--echo", "--app", "late-app", "--gateway"])
+        .arg(&gw.socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = common::Lines::spawn(child.stdout.take().unwrap());
+    let _guard = common::ChildGuard::new(child, "knit serve --app after");
+    let ready = lines
+        .wait_for(STARTUP, |l| l.contains("\"ready\""))
+        .expect("ready line");
+    let ready: Json = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["application"], "late-app");
+
+    let out = invoke(&gw.socket, "Echo", Some("{}"), &["--target", "LATE-APP"]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["executed_by"]["application"], "late-app");
+    assert_eq!(out.json()["executed_by"]["peerId"], ready["peerId"]);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["invoke"][..],                                // no method
+        &["serve", "M"][..],                            // neither --echo nor --reply
+        &["serve", "M", "--echo", "--reply", "{}"][..], // both
+        &["invoke", "M", "--timeout-ms", "soon"][..],
+        &["no-such-command"][..],
+    ] {
+        let out = run_knit(args, QUICK);
+        assert_exit(&out, 2);
+        assert!(out.stdout.is_empty(), "{args:?}: {}", out.stdout);
+    }
+}
+
+#[test]
+fn invoke_all_exits_5_when_one_server_dies_and_the_other_times_out() {
+    let dir = TempDir::new("cli-mixedfail");
+    let gw = GatewayProc::start(&dir, &[]);
+    let mut dying = ServerProc::start(
+        &gw.socket,
+        "dying",
+        "Slow",
+        &["--echo", "--delay-ms", "5000"],
+    );
+    let slow = ServerProc::start(
+        &gw.socket,
+        "slow",
+        "Slow",
+        &["--echo", "--delay-ms", "5000"],
+    );
+    let pending = spawn_knit(
+        &[
+            "--gateway",
+            sock_arg(&gw.socket),
+            "invoke",
+            "Slow",
+            "--target",
+            "all",
+            "--timeout-ms",
+            "1000",
+        ],
+        None,
+    );
+    assert!(
+        wait_until(STARTUP, || maps_contain(dying.child.pid(), "knit-lane")
+            && maps_contain(slow.child.pid(), "knit-lane")),
+        "the invoker never opened lanes to both servers"
+    );
+    dying.child.kill9();
+    let out = pending.finish(QUICK);
+    // Every server failed, not all by timing out: 5.
+    assert_exit(&out, 5);
+    let r = out.json();
+    let errs = r["all_errors"].as_array().unwrap();
+    assert_eq!(errs.len(), 2, "{r}");
+    assert_eq!(errs[0]["executed_by"]["peerId"], dying.peer_id());
+    assert!(
+        errs[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Peer has left"),
+        "{r}"
+    );
+    assert_eq!(errs[1]["executed_by"]["peerId"], slow.peer_id());
+    assert!(
+        errs[1]["message"].as_str().unwrap().contains("timeout"),
+        "{r}"
+    );
+}
+
+#[test]
+fn gateway_starts_on_the_socket_of_a_killed_gateway() {
+    let dir = TempDir::new("cli-crash");
+    let mut old = GatewayProc::start(&dir, &[]);
+    let mut orphan = ServerProc::start(&old.socket, "orphan", "Echo", &["--echo"]);
+    old.child.kill9();
+    assert!(old.socket.exists(), "SIGKILL leaves the socket file behind");
+    // Its servers notice.
+    let status = orphan.child.wait_timeout(QUICK).expect("knit serve exits");
+    assert_eq!(status.code(), Some(6));
+
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "new", "Echo", &["--echo"]);
+    let out = invoke(&gw.socket, "Echo", Some(r#""again""#), &[]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["executed_by"]["application"], "new");
 }

@@ -296,6 +296,10 @@ fn invoke_targets_select_the_right_servers_in_order() {
     let r = caller.invoke("Who", Value::map(), &opts(list)).unwrap();
     assert_eq!(peers(&r.all_return_values), [p3, p1]);
     assert_eq!(r.executed_by.as_ref().unwrap().peer_id, p3);
+    // Duplicates in a list are kept, as io.Connect keeps them: the server is called twice.
+    let twice = Target::List(vec![InstanceFilter::peer(p2), InstanceFilter::peer(p2)]);
+    let r = caller.invoke("Who", Value::map(), &opts(twice)).unwrap();
+    assert_eq!(peers(&r.all_return_values), [p2, p2]);
 
     // A filter nobody matches: no server, after the wait.
     let nobody = InvokeOptions {
@@ -926,4 +930,151 @@ fn closed_client_refuses_calls() {
         c.register("X", |_| Ok(Value::Null)),
         Err(ClientError::Closed)
     ));
+}
+
+#[test]
+fn handlers_can_invoke_methods_including_the_callers_own() {
+    let env = Env::new("api-nested");
+    let caller = env.client("caller");
+    caller
+        .register("Callback", |c| {
+            Ok(Value::from(c.args.as_i64().unwrap_or(0) * 10))
+        })
+        .unwrap();
+    let server = env.client("server");
+    server.register("Inner", |c| Ok(c.args.clone())).unwrap();
+    let s2 = server.clone();
+    server
+        .register("Outer", move |c| {
+            let n = c.args.as_i64().ok_or("not a number")?;
+            // Into the caller, which is blocked in its own invoke of Outer ...
+            let back = s2
+                .invoke("Callback", Value::from(n), &opts(Target::Best))
+                .map_err(|e| e.to_string())?;
+            // ... and into ourselves, from inside our own handler.
+            let inner = s2
+                .invoke("Inner", Value::from(1), &opts(Target::Best))
+                .map_err(|e| e.to_string())?;
+            Ok(Value::from(
+                back.returned.as_i64().unwrap_or(0) + inner.returned.as_i64().unwrap_or(0),
+            ))
+        })
+        .unwrap();
+    await_servers(&caller, "Outer", 1);
+    await_servers(&server, "Callback", 1);
+    for n in 1..=20 {
+        let r = caller
+            .invoke("Outer", Value::from(n), &opts(Target::Best))
+            .unwrap_or_else(|e| panic!("call {n}: {e}"));
+        assert_eq!(r.returned, Value::from(n * 10 + 1));
+    }
+    // The handler holds a clone of `server`: close it explicitly to break the cycle.
+    server.close();
+}
+
+#[test]
+fn peers_flooding_each_other_through_small_lanes_do_not_deadlock() {
+    // 16 KiB rings: every 100 KB message is many fragments and fills the ring many times,
+    // while both sides send to each other from several threads.
+    let env = Env::with("api-flood", |cfg| cfg.limits.lane_capacity = 16 << 10);
+    let a = env.client("a");
+    let b = env.client("b");
+    for c in [&a, &b] {
+        c.register("Echo", |call| Ok(call.args.clone())).unwrap();
+    }
+    await_servers(&a, "Echo", 2);
+    await_servers(&b, "Echo", 2);
+    let per_call = InvokeOptions {
+        target: Target::SkipMine,
+        wait: LONG,
+        timeout: Duration::from_secs(20),
+    };
+    let threads: Vec<_> = [&a, &b]
+        .into_iter()
+        .flat_map(|c| (0..3u64).map(move |t| (c.clone(), t)))
+        .map(|(c, t)| {
+            let per_call = per_call.clone();
+            std::thread::spawn(move || {
+                for i in 0..15u64 {
+                    let payload = noise(100_000, t * 1000 + i + 1);
+                    let r = c
+                        .invoke("Echo", Value::Bytes(payload.clone()), &per_call)
+                        .unwrap_or_else(|e| panic!("thread {t} call {i}: {e}"));
+                    assert!(
+                        r.returned.as_bytes() == Some(&payload[..]),
+                        "call {i} changed"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a flooding thread failed");
+    }
+}
+
+#[test]
+fn closing_a_client_fails_its_pending_calls() {
+    let env = Env::new("api-close");
+    let parked: Arc<Mutex<Vec<Responder>>> = Arc::default();
+    let server = env.client("server");
+    let p = parked.clone();
+    server
+        .register_async("Never", move |_, r| p.lock().unwrap().push(r))
+        .unwrap();
+    let caller = env.client("caller");
+    let c2 = caller.clone();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send((
+            c2.invoke("Never", Value::map(), &opts(Target::Best)),
+            Instant::now(),
+        ));
+    });
+    // The call is pending once the server holds its responder.
+    assert!(common::wait_until(LONG, || !parked
+        .lock()
+        .unwrap()
+        .is_empty()));
+    let closed = Instant::now();
+    caller.close();
+    let (r, done) = rx.recv_timeout(LONG).expect("the pending call ends");
+    assert!(done.saturating_duration_since(closed) < Duration::from_secs(1));
+    let e = r.unwrap_err();
+    assert_eq!(e.status(), Status::Closed, "{e}");
+    parked.lock().unwrap().clear();
+}
+
+#[test]
+fn connect_refuses_a_taken_instance_id_and_a_missing_gateway() {
+    let env = Env::new("api-connect");
+    let first = Client::builder("app")
+        .socket(env.gw.socket_path())
+        .instance("the-one")
+        .connect()
+        .unwrap();
+    assert_eq!(first.instance().instance, "the-one");
+    assert_eq!(first.instance().application, "app");
+    assert_eq!(first.instance().pid, std::process::id());
+    let e = Client::builder("app")
+        .socket(env.gw.socket_path())
+        .instance("the-one")
+        .connect()
+        .err()
+        .expect("a second peer with the same instance id is refused");
+    assert_eq!(e.status(), Status::AlreadyExists, "{e}");
+
+    // Instance ids the gateway makes up are unique.
+    let (a, b) = (env.client("app"), env.client("app"));
+    assert_ne!(a.instance().instance, b.instance().instance);
+    assert_ne!(a.instance().peer_id, b.instance().peer_id);
+
+    let dir = TempDir::new("api-nogw");
+    let e = Client::builder("app")
+        .socket(dir.socket())
+        .connect()
+        .err()
+        .expect("nothing listens");
+    assert_eq!(e.status(), Status::GatewayUnreachable, "{e}");
+    assert_eq!(e.status().exit_code(), 6);
 }

@@ -37,6 +37,7 @@ const RECORDS: u64 = 1_000_000;
 const RING0_HEAD: u64 = 128;
 const RING0_TAIL: u64 = 256;
 const RING0_DATA: u64 = 4096;
+const RING1_TAIL: u64 = 512;
 
 // ----- child side ------------------------------------------------------------------------------
 
@@ -51,6 +52,7 @@ fn child_process_entry() {
         "ring-consumer" => child_ring_consumer(),
         "ring-scribbler" => child_ring_scribbler(),
         "api-server" => child_api_server(),
+        "api-vandal" => child_api_vandal(),
         other => panic!("unknown child role {other}"),
     }
 }
@@ -195,6 +197,63 @@ fn child_api_server() {
     .unwrap();
     say(&format!("ready {}", c.instance().peer_id));
     // Serve until killed (bounded, in case the parent died).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline && c.is_connected() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Overwrites the 8 bytes at `offset` of this process's (only) lane segment with `value`, as
+/// a buggy or hostile peer would. The client keeps no descriptor once it has mapped a segment,
+/// so it is reopened through its mapping (`/proc/self/map_files`, which needs privileges), or,
+/// failing that, written through the mapping itself.
+fn scribble_own_lane(offset: u64, value: u64) {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    let line = maps
+        .lines()
+        .find(|l| l.contains("memfd:knit-lane") && l.split_whitespace().nth(2) == Some("00000000"))
+        .expect("the lane the caller opened is mapped here");
+    let range = line.split_whitespace().next().unwrap();
+    let path = format!("/proc/self/map_files/{range}");
+    match rustix::fs::open(
+        path.as_str(),
+        rustix::fs::OFlags::RDWR,
+        rustix::fs::Mode::empty(),
+    ) {
+        Ok(fd) => {
+            let n = rustix::io::pwrite(&fd, &value.to_le_bytes(), offset).expect("pwrite");
+            assert_eq!(n, 8);
+        }
+        Err(_) => {
+            let start = usize::from_str_radix(range.split('-').next().unwrap(), 16).unwrap();
+            // SAFETY: `start` is the page-aligned start of a live shared mapping of the lane
+            // segment (the client that maps it is alive for this whole call), `offset` is an
+            // 8-aligned position inside its control block, and every access knit makes to
+            // that word is atomic, as this one is.
+            let word =
+                unsafe { &*((start + offset as usize) as *const std::sync::atomic::AtomicU64) };
+            word.store(value, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// A peer that, when called, writes garbage over the ring it sends on (ring 1: the caller
+/// opened the lane, so the caller writes ring 0 and reads ring 1).
+fn child_api_vandal() {
+    let socket = std::env::var(SOCKET).expect("KNIT_TEST_SOCKET");
+    let c = Client::builder("vandal")
+        .socket(socket)
+        .connect()
+        .expect("connecting from the child");
+    c.register_async("Vandalize", |_call, responder| {
+        // A misaligned, out-of-range producer position.
+        scribble_own_lane(RING1_TAIL, 0xDEAD_BEEF_DEAD_BEE3);
+        say("scribbled");
+        // Never answer (an answer would commit a sound tail over the garbage).
+        std::mem::forget(responder);
+    })
+    .unwrap();
+    say("ready");
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline && c.is_connected() {
         std::thread::sleep(Duration::from_millis(50));
@@ -558,4 +617,63 @@ fn pending_invoke_fails_with_peer_left_when_the_server_process_is_killed() {
         .methods()
         .iter()
         .all(|m| m.def.name != "Slow")));
+}
+
+#[test]
+fn a_peer_corrupting_its_lane_fails_the_call_with_protocol_not_a_hang() {
+    let dir = common::TempDir::new("proc-vandal");
+    let gw = Gateway::bind(GatewayConfig::new(dir.socket()))
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let (mut child, lines) = spawn_child(
+        "api-vandal",
+        None,
+        &[(SOCKET, gw.socket_path().display().to_string())],
+    );
+    await_line(&lines, "ready", &mut child);
+    let client = Client::builder("victim")
+        .socket(gw.socket_path())
+        .connect()
+        .unwrap();
+    let bystander = Client::builder("bystander")
+        .socket(gw.socket_path())
+        .connect()
+        .unwrap();
+    bystander.register("Still", |c| Ok(c.args.clone())).unwrap();
+    let opts = InvokeOptions {
+        target: Target::Best,
+        wait: Duration::from_secs(10),
+        timeout: Duration::from_secs(30),
+    };
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let caller = client.clone();
+    let o = opts.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send((caller.invoke("Vandalize", Value::map(), &o), Instant::now()));
+    });
+    await_line(&lines, "scribbled", &mut child);
+    let scribbled = Instant::now();
+    let (r, done) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the call on the corrupt lane ends");
+    let after = done.saturating_duration_since(scribbled);
+    assert!(
+        after < Duration::from_millis(1500),
+        "failed {after:?} after the scribble"
+    );
+    let r = match r {
+        Err(InvokeError::Failed(r)) => r,
+        other => panic!("expected a failed call, got {other:?}"),
+    };
+    assert_eq!(r.failure_status(), Status::Protocol, "{}", r.message);
+    assert!(r.message.contains("corrupt"), "{}", r.message);
+
+    // The victim is unharmed and keeps working with everyone else.
+    assert!(client.is_connected());
+    let r = client
+        .invoke("Still", Value::from("fine"), &opts)
+        .expect("other peers still answer");
+    assert_eq!(r.returned, Value::from("fine"));
 }

@@ -368,8 +368,14 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
 
 /// Starts `knit ARGS…` with `stdin` fed to it (or nothing).
 pub fn spawn_knit(args: &[&str], stdin: Option<&[u8]>) -> Running {
+    spawn_knit_env(args, &[], stdin)
+}
+
+/// Starts `knit ARGS…` with extra environment variables and `stdin` fed to it (or nothing).
+pub fn spawn_knit_env(args: &[&str], env: &[(&str, &Path)], stdin: Option<&[u8]>) -> Running {
     let mut child = Command::new(knit_bin())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
