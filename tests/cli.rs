@@ -251,6 +251,32 @@ fn methods_json_lists_the_method_with_both_servers() {
     assert_eq!(servers[1]["pid"], b.child.pid());
     assert_eq!(servers[0]["instance"], a.ready["instance"]);
     assert_eq!(m["supportsStreaming"], false);
+
+    // Without --json: a header, then one row per (method, server).
+    let out = run_knit(&["--gateway", sock_arg(&gw.socket), "methods"], QUICK);
+    assert_exit(&out, 0);
+    let rows: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(rows.len(), 4, "{}", out.stdout);
+    assert!(rows[0].starts_with("METHOD"), "{}", out.stdout);
+    assert!(rows
+        .iter()
+        .any(|r| r.contains("Shared.Method") && r.contains(b.peer_id())));
+}
+
+#[test]
+fn clients_refuse_a_socket_directory_others_can_enter() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("cli-perms");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    let set = |mode| std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode));
+    set(0o755).unwrap();
+    let out = invoke(&gw.socket, "Echo", Some("{}"), &[]);
+    set(0o700).unwrap();
+    assert_exit(&out, 6);
+    assert!(out.stderr.contains("0700"), "says why: {}", out.stderr);
+    let out = invoke(&gw.socket, "Echo", Some("{}"), &[]);
+    assert_exit(&out, 0);
 }
 
 #[test]

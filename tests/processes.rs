@@ -24,7 +24,8 @@ const ROLE: &str = "KNIT_TEST_ROLE";
 const FD: &str = "KNIT_TEST_FD";
 const SOCKET: &str = "KNIT_TEST_SOCKET";
 const SEED: &str = "KNIT_TEST_SEED";
-/// Lines the children print for the parent start with this (libtest prints its own lines).
+/// Lines the children print for the parent carry this tag (libtest's own output may precede
+/// it on the same line).
 const TAG: &str = "@@knit ";
 
 /// Ring capacity used by the lane tests: small, so a million records wrap many times.
@@ -32,8 +33,9 @@ const CAP: usize = 64 << 10;
 /// Records in the cross-process stream.
 const RECORDS: u64 = 1_000_000;
 
-/// Byte offsets in a lane segment (docs: shm-format): header (128 B), ring 0's control block
-/// (head at 128, tail at 256), ring 1's (384, 512), data areas from 4096, ring 0's first.
+/// Byte offsets in a lane segment, as `src/shm` lays it out: header (128 B), ring 0's control
+/// block (head at 128, tail at 256), ring 1's (384, 512), data areas from 4096, ring 0's first.
+/// `ten_records` checks the ring 0 offsets against a live ring before anything is scribbled.
 const RING0_HEAD: u64 = 128;
 const RING0_TAIL: u64 = 256;
 const RING0_DATA: u64 = 4096;
@@ -328,6 +330,7 @@ fn a_million_records_cross_processes_in_order_and_intact() {
     let mut i = 0u64;
     let mut bytes = 0u64;
     let mut empty_polls = 0u32;
+    let mut producer_done = false;
     let deadline = Instant::now() + Duration::from_secs(120);
     while i < RECORDS {
         match consumer.pop_into(&mut got) {
@@ -341,12 +344,17 @@ fn a_million_records_cross_processes_in_order_and_intact() {
                 empty_polls = 0;
             }
             Ok(None) => {
+                // The producer had exited before this empty poll: nothing more will come.
+                assert!(
+                    !producer_done,
+                    "the ring ran dry at record {i} of {RECORDS}"
+                );
                 empty_polls += 1;
                 if empty_polls % 4096 == 0 {
                     assert!(Instant::now() < deadline, "stalled at record {i}");
                     if let Some(s) = child.try_status() {
-                        // The producer may only have finished if everything is in the ring.
                         assert!(s.success(), "the producer failed: {s}");
+                        producer_done = true;
                     }
                 }
                 std::thread::yield_now();
