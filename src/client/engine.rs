@@ -632,7 +632,7 @@ impl Shared {
                 if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
                     crate::log::warn(format_args!(
                         "an event callback panicked: {}",
-                        panic_message(&p)
+                        panic_message(&*p)
                     ));
                 }
             }
@@ -668,7 +668,7 @@ impl Shared {
                     Ok(Err(e)) => responder.error(e),
                     Err(p) => responder.error(MethodError::new(format!(
                         "method handler panicked: {}",
-                        panic_message(&p)
+                        panic_message(&*p)
                     ))),
                 }
             }
@@ -679,7 +679,7 @@ impl Shared {
                 if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(|| f(inv, responder))) {
                     crate::log::warn(format_args!(
                         "async method handler panicked: {}",
-                        panic_message(&p)
+                        panic_message(&*p)
                     ));
                 }
             }

@@ -1,0 +1,800 @@
+//! End-to-end tests of the `knit` command line (DESIGN §5), through the real binary: a real
+//! `knit gateway` per test on its own socket, real `knit serve` processes, and `knit invoke` /
+//! `knit methods` checked for their JSON output and exit codes.
+
+mod common;
+
+use common::{
+    maps_contain, run_knit, run_knit_stdin, spawn_knit, wait_until, GatewayProc, Output,
+    ServerProc, TempDir, STARTUP,
+};
+use serde_json::{json, Value as Json};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Upper bound for a command that should finish promptly.
+const QUICK: Duration = Duration::from_secs(20);
+
+fn sock_arg(p: &Path) -> &str {
+    p.to_str().expect("utf-8 socket path")
+}
+
+/// `knit --gateway SOCK invoke METHOD [ARGS] EXTRA…`
+fn invoke(sock: &Path, method: &str, args: Option<&str>, extra: &[&str]) -> Output {
+    let mut v = vec!["--gateway", sock_arg(sock), "invoke", method];
+    v.extend(args);
+    v.extend_from_slice(extra);
+    run_knit(&v, QUICK)
+}
+
+/// `knit --gateway SOCK methods --json`, parsed.
+fn methods_json(sock: &Path) -> Json {
+    let out = run_knit(&["--gateway", sock_arg(sock), "methods", "--json"], QUICK);
+    assert_eq!(out.code, Some(0), "methods failed: {}", out.stderr);
+    out.json()
+}
+
+/// The servers listed for `method` in `knit methods --json` output, as (application, peerId).
+fn servers_of(methods: &Json, method: &str) -> Vec<(String, String)> {
+    methods
+        .as_array()
+        .expect("methods --json prints an array")
+        .iter()
+        .filter(|m| m["name"] == method)
+        .flat_map(|m| m["servers"].as_array().cloned().unwrap_or_default())
+        .map(|s| {
+            (
+                s["application"].as_str().unwrap_or_default().to_string(),
+                s["peerId"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(
+        out.code,
+        Some(code),
+        "expected exit {code}; stdout: {} stderr: {}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+#[test]
+fn invoke_best_goes_to_the_earliest_joined_server() {
+    let dir = TempDir::new("cli-best");
+    let gw = GatewayProc::start(&dir, &[]);
+    let first = ServerProc::start(&gw.socket, "first", "Echo", &["--echo"]);
+    let second = ServerProc::start(&gw.socket, "second", "Echo", &["--echo"]);
+
+    let out = invoke(
+        &gw.socket,
+        "Echo",
+        Some(r#"{"x":1}"#),
+        &["--target", "best"],
+    );
+    assert_exit(&out, 0);
+    let r = out.json();
+    assert_eq!(r["executed_by"]["application"], "first");
+    assert_eq!(r["executed_by"]["peerId"], first.peer_id());
+    assert_eq!(r["executed_by"]["pid"], first.child.pid());
+    assert_eq!(r["returned"], json!({"x": 1}));
+    assert_eq!(r["status"], 0);
+    // One server called: no aggregate lists.
+    assert!(r.get("all_return_values").is_none(), "{r}");
+
+    // Best is the default target too.
+    let out = invoke(&gw.socket, "Echo", Some("{}"), &[]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["executed_by"]["peerId"], first.peer_id());
+    assert_ne!(first.peer_id(), second.peer_id());
+}
+
+#[test]
+fn invoke_all_collects_a_result_from_every_server() {
+    let dir = TempDir::new("cli-all");
+    let gw = GatewayProc::start(&dir, &[]);
+    let a = ServerProc::start(&gw.socket, "a", "Who", &["--reply", r#"{"me":"a"}"#]);
+    let b = ServerProc::start(&gw.socket, "b", "Who", &["--reply", r#"{"me":"b"}"#]);
+
+    let out = invoke(&gw.socket, "Who", None, &["--target", "all"]);
+    assert_exit(&out, 0);
+    let r = out.json();
+    let all = r["all_return_values"]
+        .as_array()
+        .expect("all_return_values");
+    assert_eq!(all.len(), 2, "{r}");
+    // Target order is join order; the top level comes from the first.
+    assert_eq!(all[0]["executed_by"]["peerId"], a.peer_id());
+    assert_eq!(all[0]["returned"], json!({"me": "a"}));
+    assert_eq!(all[1]["executed_by"]["peerId"], b.peer_id());
+    assert_eq!(all[1]["returned"], json!({"me": "b"}));
+    assert_eq!(r["returned"], json!({"me": "a"}));
+    assert_eq!(r["all_errors"], json!([]));
+    // No arguments given: `{}` is sent.
+    assert_eq!(r["called_with"], json!({}));
+}
+
+#[test]
+fn invoke_skip_mine_calls_every_other_server() {
+    let dir = TempDir::new("cli-skip");
+    let gw = GatewayProc::start(&dir, &[]);
+    let a = ServerProc::start(&gw.socket, "a", "Who", &["--reply", r#""a""#]);
+    let b = ServerProc::start(&gw.socket, "b", "Who", &["--reply", r#""b""#]);
+
+    // The CLI serves nothing itself, so skip-mine reaches both servers.
+    let out = invoke(&gw.socket, "Who", None, &["--target", "skip-mine"]);
+    assert_exit(&out, 0);
+    let r = out.json();
+    let peers: Vec<&str> = r["all_return_values"]
+        .as_array()
+        .expect("all_return_values")
+        .iter()
+        .map(|v| v["executed_by"]["peerId"].as_str().unwrap())
+        .collect();
+    assert_eq!(peers, vec![a.peer_id(), b.peer_id()]);
+    let returned: Vec<&Json> = r["all_return_values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| &v["returned"])
+        .collect();
+    assert_eq!(returned, vec![&json!("a"), &json!("b")]);
+}
+
+#[test]
+fn invoke_target_application_matches_case_insensitively() {
+    let dir = TempDir::new("cli-app");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _a = ServerProc::start(&gw.socket, "Alpha", "Who", &["--reply", r#""alpha""#]);
+    let b = ServerProc::start(&gw.socket, "Beta", "Who", &["--reply", r#""beta""#]);
+
+    let out = invoke(&gw.socket, "Who", None, &["--target", "BETA"]);
+    assert_exit(&out, 0);
+    let r = out.json();
+    assert_eq!(r["executed_by"]["application"], "Beta");
+    assert_eq!(r["executed_by"]["peerId"], b.peer_id());
+    assert_eq!(r["returned"], "beta");
+
+    // An application nobody runs is "no server" after the wait.
+    let out = invoke(
+        &gw.socket,
+        "Who",
+        None,
+        &["--target", "gamma", "--wait-ms", "200"],
+    );
+    assert_exit(&out, 3);
+}
+
+#[test]
+fn invoke_echo_returns_the_arguments_exactly() {
+    let dir = TempDir::new("cli-echo");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    let args = json!({
+        "s": "héllo \"wörld\" \n\t✓",
+        "i": -42,
+        "big": 18446744073709551615u64,
+        "f": 1.5,
+        "tiny": 1e-300,
+        "b": true,
+        "n": null,
+        "arr": [1, "two", [3.25], {"four": 4}],
+        "empty_obj": {},
+        "empty_arr": [],
+        "z_then_a": {"z": 1, "a": 2}
+    });
+    let text = args.to_string();
+    let out = invoke(&gw.socket, "Echo", Some(&text), &[]);
+    assert_exit(&out, 0);
+    let r = out.json();
+    assert_eq!(r["returned"], args);
+    assert_eq!(r["called_with"], args);
+    // Key order survives the trip (the map keeps insertion order).
+    let keys: Vec<&String> = r["returned"]["z_then_a"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(keys, ["z", "a"]);
+}
+
+#[test]
+fn invoke_reply_returns_the_configured_json() {
+    let dir = TempDir::new("cli-reply");
+    let gw = GatewayProc::start(&dir, &[]);
+    let reply = json!({"price": 101.25, "symbol": "VOD.L", "levels": [1, 2, 3]});
+    let _s = ServerProc::start(
+        &gw.socket,
+        "pricer",
+        "Price",
+        &["--reply", &reply.to_string()],
+    );
+    let out = invoke(&gw.socket, "price", Some(r#"{"ignored":true}"#), &[]);
+    assert_exit(&out, 0);
+    let r = out.json();
+    assert_eq!(r["returned"], reply);
+    assert_eq!(r["called_with"], json!({"ignored": true}));
+    assert_eq!(r["message"], "");
+}
+
+#[test]
+fn methods_json_lists_the_method_with_both_servers() {
+    let dir = TempDir::new("cli-methods");
+    let gw = GatewayProc::start(&dir, &[]);
+    let a = ServerProc::start(&gw.socket, "a", "Shared.Method", &["--echo"]);
+    let b = ServerProc::start(&gw.socket, "b", "Shared.Method", &["--echo"]);
+    let _c = ServerProc::start(&gw.socket, "c", "Other", &["--echo"]);
+
+    let ms = methods_json(&gw.socket);
+    let names: Vec<&str> = ms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Other", "Shared.Method"], "sorted by name: {ms}");
+    let m = ms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "Shared.Method")
+        .unwrap();
+    let servers = m["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{m}");
+    assert_eq!(servers[0]["application"], "a");
+    assert_eq!(servers[0]["peerId"], a.peer_id());
+    assert_eq!(servers[0]["pid"], a.child.pid());
+    assert_eq!(servers[1]["application"], "b");
+    assert_eq!(servers[1]["peerId"], b.peer_id());
+    assert_eq!(servers[1]["pid"], b.child.pid());
+    assert_eq!(servers[0]["instance"], a.ready["instance"]);
+    assert_eq!(m["supportsStreaming"], false);
+
+    // Without --json: a header, then one row per (method, server).
+    let out = run_knit(&["--gateway", sock_arg(&gw.socket), "methods"], QUICK);
+    assert_exit(&out, 0);
+    let rows: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(rows.len(), 4, "{}", out.stdout);
+    assert!(rows[0].starts_with("METHOD"), "{}", out.stdout);
+    assert!(rows
+        .iter()
+        .any(|r| r.contains("Shared.Method") && r.contains(b.peer_id())));
+}
+
+#[test]
+fn clients_refuse_a_socket_directory_others_can_enter() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("cli-perms");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    let set = |mode| std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode));
+    set(0o755).unwrap();
+    let out = invoke(&gw.socket, "Echo", Some("{}"), &[]);
+    set(0o700).unwrap();
+    assert_exit(&out, 6);
+    assert!(out.stderr.contains("0700"), "says why: {}", out.stderr);
+    let out = invoke(&gw.socket, "Echo", Some("{}"), &[]);
+    assert_exit(&out, 0);
+}
+
+#[test]
+fn killed_server_disappears_from_methods_within_a_second() {
+    let dir = TempDir::new("cli-kill");
+    let gw = GatewayProc::start(&dir, &[]);
+    let a = ServerProc::start(&gw.socket, "a", "M", &["--echo"]);
+    let mut b = ServerProc::start(&gw.socket, "b", "M", &["--echo"]);
+    assert_eq!(servers_of(&methods_json(&gw.socket), "M").len(), 2);
+
+    b.child.kill9();
+    let killed = Instant::now();
+    let mut last = Json::Null;
+    let gone = wait_until(Duration::from_secs(1), || {
+        last = methods_json(&gw.socket);
+        servers_of(&last, "M") == vec![("a".to_string(), a.peer_id().to_string())]
+    });
+    assert!(
+        gone,
+        "server b still listed {:?} after SIGKILL: {last}",
+        killed.elapsed()
+    );
+}
+
+#[test]
+fn invoke_fails_with_exit_5_when_server_dies() {
+    let dir = TempDir::new("cli-dies");
+    let gw = GatewayProc::start(&dir, &[]);
+    let mut slow = ServerProc::start(
+        &gw.socket,
+        "slow",
+        "Slow",
+        &["--echo", "--delay-ms", "5000"],
+    );
+    let pending = spawn_knit(
+        &["--gateway", sock_arg(&gw.socket), "invoke", "Slow", "{}"],
+        None,
+    );
+    // The invoker has chosen the server once the server maps the lane it opened to it.
+    assert!(
+        wait_until(STARTUP, || maps_contain(slow.child.pid(), "knit-lane")),
+        "the invoker never opened a lane to the server"
+    );
+    slow.child.kill9();
+    let killed = Instant::now();
+    let out = pending.finish(QUICK);
+    let after_kill = killed.elapsed();
+    assert_exit(&out, 5);
+    assert!(
+        after_kill < Duration::from_millis(1500),
+        "the pending call failed only {after_kill:?} after the server died"
+    );
+    let r = out.json();
+    assert_eq!(r["status"], 1);
+    assert!(
+        r["message"].as_str().unwrap().contains("Peer has left"),
+        "{r}"
+    );
+    assert!(!out.stderr.is_empty(), "an error line on stderr");
+}
+
+#[test]
+fn missing_method_fails_with_exit_3_after_the_wait() {
+    let dir = TempDir::new("cli-missing");
+    let gw = GatewayProc::start(&dir, &[]);
+    let out = invoke(
+        &gw.socket,
+        "Nobody.Serves.This",
+        None,
+        &["--wait-ms", "600"],
+    );
+    assert_exit(&out, 3);
+    assert!(
+        out.elapsed >= Duration::from_millis(600),
+        "gave up after {:?}, before the 600 ms wait",
+        out.elapsed
+    );
+    assert!(
+        out.elapsed < Duration::from_millis(600 + 5000),
+        "took {:?}",
+        out.elapsed
+    );
+    assert!(out.stderr.contains("Nobody.Serves.This"), "{}", out.stderr);
+}
+
+#[test]
+fn slow_method_fails_with_exit_4_after_the_timeout() {
+    let dir = TempDir::new("cli-slow");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(
+        &gw.socket,
+        "slow",
+        "Slow",
+        &["--echo", "--delay-ms", "2000"],
+    );
+    let out = invoke(&gw.socket, "Slow", None, &["--timeout-ms", "300"]);
+    assert_exit(&out, 4);
+    assert!(
+        out.elapsed >= Duration::from_millis(300) && out.elapsed < Duration::from_millis(2000),
+        "took {:?}",
+        out.elapsed
+    );
+    let r = out.json();
+    assert_eq!(r["status"], 1);
+    assert!(r["message"].as_str().unwrap().contains("timeout"), "{r}");
+}
+
+#[test]
+fn bad_json_arguments_exit_8() {
+    let dir = TempDir::new("cli-badjson");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    for bad in ["{not json", "[1,2", "{\"a\":}", ""] {
+        let out = invoke(&gw.socket, "Echo", Some(bad), &[]);
+        assert_exit(&out, 8);
+        assert!(out.stdout.is_empty(), "nothing on stdout: {}", out.stdout);
+        assert_eq!(
+            out.stderr.lines().count(),
+            1,
+            "one error line: {}",
+            out.stderr
+        );
+    }
+    // Bad input is reported even when no gateway runs.
+    let nowhere = dir.path().join("nobody.sock");
+    let out = invoke(&nowhere, "Echo", Some("{oops"), &[]);
+    assert_exit(&out, 8);
+    // A file that does not exist is bad input too.
+    let missing = format!("@{}", dir.path().join("missing.json").display());
+    let out = invoke(&gw.socket, "Echo", Some(&missing), &[]);
+    assert_exit(&out, 8);
+}
+
+#[test]
+fn payload_over_the_gateway_limit_exits_8() {
+    let dir = TempDir::new("cli-big");
+    let gw = GatewayProc::start(&dir, &["--max-payload", "1000"]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    let small = Json::String("x".repeat(500)).to_string();
+    let out = invoke(&gw.socket, "Echo", Some(&small), &[]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"].as_str().map(str::len), Some(500));
+
+    let big = Json::String("x".repeat(2000)).to_string();
+    let out = invoke(&gw.socket, "Echo", Some(&big), &[]);
+    assert_exit(&out, 8);
+    assert!(
+        out.stderr.contains("1000"),
+        "names the limit: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn no_gateway_exits_6() {
+    let dir = TempDir::new("cli-nogw");
+    let sock = dir.socket();
+    let out = invoke(&sock, "Echo", Some("{}"), &["--wait-ms", "100"]);
+    assert_exit(&out, 6);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    let out = run_knit(&["--gateway", sock_arg(&sock), "methods", "--json"], QUICK);
+    assert_exit(&out, 6);
+}
+
+#[test]
+fn second_gateway_on_the_same_socket_exits_6() {
+    let dir = TempDir::new("cli-twogw");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    let out = run_knit(
+        &["gateway", "--no-ws", "--gateway", sock_arg(&gw.socket)],
+        QUICK,
+    );
+    assert_exit(&out, 6);
+    assert!(!out.stderr.is_empty(), "a message says why");
+    // The first gateway is untouched and still serves.
+    let out = invoke(&gw.socket, "Echo", Some(r#"{"still":"here"}"#), &[]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"], json!({"still": "here"}));
+}
+
+#[test]
+fn stale_socket_file_is_replaced() {
+    let dir = TempDir::new("cli-stale");
+    let sock = dir.socket();
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("binding a socket to leave stale"));
+    assert!(sock.exists(), "the stale socket file is there");
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
+
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    let out = invoke(&gw.socket, "Echo", Some("[1]"), &[]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"], json!([1]));
+}
+
+#[test]
+fn arguments_come_from_a_file_or_standard_input() {
+    let dir = TempDir::new("cli-argsrc");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+
+    let file = dir.path().join("args.json");
+    std::fs::write(&file, r#"{"from":"file","n":[1,2]}"#).unwrap();
+    let at = format!("@{}", file.display());
+    let out = invoke(&gw.socket, "Echo", Some(&at), &[]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"], json!({"from": "file", "n": [1, 2]}));
+
+    let out = run_knit_stdin(
+        &["--gateway", sock_arg(&gw.socket), "invoke", "Echo", "-"],
+        br#"{"from":"stdin","ok":true}"#,
+        QUICK,
+    );
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"], json!({"from": "stdin", "ok": true}));
+
+    // Bad JSON on standard input is bad input.
+    let out = run_knit_stdin(
+        &["--gateway", sock_arg(&gw.socket), "invoke", "Echo", "-"],
+        b"{nope",
+        QUICK,
+    );
+    assert_exit(&out, 8);
+}
+
+#[test]
+fn invoke_all_succeeds_when_one_server_times_out_and_one_answers() {
+    let dir = TempDir::new("cli-mixed");
+    let gw = GatewayProc::start(&dir, &[]);
+    let slow = ServerProc::start(
+        &gw.socket,
+        "slow",
+        "Mixed",
+        &["--echo", "--delay-ms", "2000"],
+    );
+    let fast = ServerProc::start(
+        &gw.socket,
+        "fast",
+        "Mixed",
+        &["--reply", r#"{"fast":true}"#],
+    );
+
+    let out = invoke(
+        &gw.socket,
+        "Mixed",
+        Some(r#"{"q":1}"#),
+        &["--target", "all", "--timeout-ms", "300"],
+    );
+    assert_exit(&out, 0);
+    let r = out.json();
+    let ok = r["all_return_values"].as_array().unwrap();
+    let errs = r["all_errors"].as_array().unwrap();
+    assert_eq!(ok.len(), 1, "{r}");
+    assert_eq!(errs.len(), 1, "{r}");
+    assert_eq!(ok[0]["executed_by"]["peerId"], fast.peer_id());
+    assert_eq!(ok[0]["returned"], json!({"fast": true}));
+    assert_eq!(errs[0]["executed_by"]["peerId"], slow.peer_id());
+    assert!(
+        errs[0]["message"].as_str().unwrap().contains("timeout"),
+        "{r}"
+    );
+    // The first outcome in target order (the slow server, which joined first) sets the top
+    // level, even though it failed.
+    assert_eq!(r["status"], 1);
+    assert_eq!(r["executed_by"]["peerId"], slow.peer_id());
+}
+
+#[test]
+fn invoke_all_exits_4_when_every_server_times_out() {
+    let dir = TempDir::new("cli-alltimeout");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _a = ServerProc::start(&gw.socket, "a", "Slow", &["--echo", "--delay-ms", "2000"]);
+    let _b = ServerProc::start(&gw.socket, "b", "Slow", &["--echo", "--delay-ms", "2000"]);
+    let out = invoke(
+        &gw.socket,
+        "Slow",
+        None,
+        &["--target", "all", "--timeout-ms", "300"],
+    );
+    assert_exit(&out, 4);
+    let r = out.json();
+    assert_eq!(r["all_errors"].as_array().map(Vec::len), Some(2), "{r}");
+    assert_eq!(r["all_return_values"], json!([]));
+}
+
+#[test]
+fn gateway_exits_0_and_removes_its_socket_on_sigterm() {
+    let dir = TempDir::new("cli-term");
+    let mut gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    assert!(gw.socket.exists());
+    gw.child.signal(rustix::process::Signal::TERM);
+    let status = gw
+        .child
+        .wait_timeout(QUICK)
+        .expect("the gateway stops after SIGTERM");
+    assert_eq!(status.code(), Some(0), "gateway log: {}", gw.log());
+    assert!(!gw.socket.exists(), "the socket file is removed");
+}
+
+#[test]
+fn serve_exits_6_when_its_gateway_stops() {
+    let dir = TempDir::new("cli-gwgone");
+    let mut gw = GatewayProc::start(&dir, &[]);
+    let mut s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    // SIGINT stops a gateway as SIGTERM does.
+    gw.child.signal(rustix::process::Signal::INT);
+    let status = gw.child.wait_timeout(QUICK).expect("the gateway stops");
+    assert_eq!(status.code(), Some(0), "gateway log: {}", gw.log());
+    let status = s
+        .child
+        .wait_timeout(QUICK)
+        .expect("knit serve notices the gateway is gone");
+    assert_eq!(status.code(), Some(6));
+}
+
+#[test]
+fn gateway_creates_a_private_socket_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("cli-private");
+    let socket = dir.path().join("a").join("b").join("gw.sock");
+    let gw = GatewayProc::start_at(&dir, &socket, &[]);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(socket.parent().unwrap()), 0o700);
+    assert_eq!(mode(&socket), 0o600);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    let out = invoke(&gw.socket, "Echo", Some("1"), &[]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"], 1);
+}
+
+#[test]
+fn gateway_path_comes_from_knit_gateway_when_not_given() {
+    let dir = TempDir::new("cli-env");
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo"]);
+    let out = common::spawn_knit_env(
+        &["invoke", "Echo", r#"{"via":"env"}"#],
+        &[("KNIT_GATEWAY", &gw.socket)],
+        None,
+    )
+    .finish(QUICK);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"], json!({"via": "env"}));
+    // An explicit --gateway wins over the variable.
+    let nowhere = dir.path().join("nobody.sock");
+    let out = common::spawn_knit_env(
+        &["--gateway", sock_arg(&nowhere), "invoke", "Echo", "{}"],
+        &[("KNIT_GATEWAY", &gw.socket)],
+        None,
+    )
+    .finish(QUICK);
+    assert_exit(&out, 6);
+}
+
+/// Entries of /dev/shm whose name starts with `knit`.
+fn knit_names_in_dev_shm() -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("knit"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn shared_memory_is_memfd_with_nothing_in_dev_shm() {
+    let before = knit_names_in_dev_shm();
+    let dir = TempDir::new("cli-shm");
+    let gw = GatewayProc::start(&dir, &[]);
+    let s = ServerProc::start(&gw.socket, "echo", "Echo", &["--echo", "--delay-ms", "500"]);
+    let pending = spawn_knit(
+        &[
+            "--gateway",
+            sock_arg(&gw.socket),
+            "invoke",
+            "Echo",
+            r#"{"a":1}"#,
+        ],
+        None,
+    );
+    // While the call is pending both ends map the lane: a memfd, not a /dev/shm file.
+    assert!(
+        wait_until(STARTUP, || maps_contain(s.child.pid(), "knit-lane")),
+        "the server never mapped a lane"
+    );
+    for pid in [s.child.pid(), pending.child.pid()] {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        assert!(maps.contains("/memfd:knit-lane"), "pid {pid}: {maps}");
+        assert!(maps.contains("/memfd:knit-doorbell"), "pid {pid}: {maps}");
+        assert!(!maps.contains("/dev/shm/"), "pid {pid}: {maps}");
+    }
+    let out = pending.finish(QUICK);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"], json!({"a": 1}));
+    let new: Vec<String> = knit_names_in_dev_shm()
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect();
+    assert!(new.is_empty(), "knit created /dev/shm entries: {new:?}");
+    assert!(before.is_empty(), "knit* entries in /dev/shm: {before:?}");
+}
+
+#[test]
+fn app_option_works_before_or_after_the_subcommand() {
+    let dir = TempDir::new("cli-appopt");
+    let gw = GatewayProc::start(&dir, &[]);
+    // `--app` after the subcommand (ServerProc puts it before).
+    let mut child = std::process::Command::new(common::knit_bin())
+        .args(["serve", "Echo", "--echo", "--app", "late-app", "--gateway"])
+        .arg(&gw.socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = common::Lines::spawn(child.stdout.take().unwrap());
+    let _guard = common::ChildGuard::new(child, "knit serve --app after");
+    let ready = lines
+        .wait_for(STARTUP, |l| l.contains("\"ready\""))
+        .expect("ready line");
+    let ready: Json = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["application"], "late-app");
+
+    let out = invoke(&gw.socket, "Echo", Some("{}"), &["--target", "LATE-APP"]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["executed_by"]["application"], "late-app");
+    assert_eq!(out.json()["executed_by"]["peerId"], ready["peerId"]);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["invoke"][..],                                // no method
+        &["serve", "M"][..],                            // neither --echo nor --reply
+        &["serve", "M", "--echo", "--reply", "{}"][..], // both
+        &["invoke", "M", "--timeout-ms", "soon"][..],
+        &["no-such-command"][..],
+    ] {
+        let out = run_knit(args, QUICK);
+        assert_exit(&out, 2);
+        assert!(out.stdout.is_empty(), "{args:?}: {}", out.stdout);
+    }
+}
+
+#[test]
+fn invoke_all_exits_5_when_one_server_dies_and_the_other_times_out() {
+    let dir = TempDir::new("cli-mixedfail");
+    let gw = GatewayProc::start(&dir, &[]);
+    let mut dying = ServerProc::start(
+        &gw.socket,
+        "dying",
+        "Slow",
+        &["--echo", "--delay-ms", "5000"],
+    );
+    let slow = ServerProc::start(
+        &gw.socket,
+        "slow",
+        "Slow",
+        &["--echo", "--delay-ms", "5000"],
+    );
+    let pending = spawn_knit(
+        &[
+            "--gateway",
+            sock_arg(&gw.socket),
+            "invoke",
+            "Slow",
+            "--target",
+            "all",
+            "--timeout-ms",
+            "1000",
+        ],
+        None,
+    );
+    assert!(
+        wait_until(STARTUP, || maps_contain(dying.child.pid(), "knit-lane")
+            && maps_contain(slow.child.pid(), "knit-lane")),
+        "the invoker never opened lanes to both servers"
+    );
+    dying.child.kill9();
+    let out = pending.finish(QUICK);
+    // Every server failed, not all by timing out: 5.
+    assert_exit(&out, 5);
+    let r = out.json();
+    let errs = r["all_errors"].as_array().unwrap();
+    assert_eq!(errs.len(), 2, "{r}");
+    assert_eq!(errs[0]["executed_by"]["peerId"], dying.peer_id());
+    assert!(
+        errs[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Peer has left"),
+        "{r}"
+    );
+    assert_eq!(errs[1]["executed_by"]["peerId"], slow.peer_id());
+    assert!(
+        errs[1]["message"].as_str().unwrap().contains("timeout"),
+        "{r}"
+    );
+}
+
+#[test]
+fn gateway_starts_on_the_socket_of_a_killed_gateway() {
+    let dir = TempDir::new("cli-crash");
+    let mut old = GatewayProc::start(&dir, &[]);
+    let mut orphan = ServerProc::start(&old.socket, "orphan", "Echo", &["--echo"]);
+    old.child.kill9();
+    assert!(old.socket.exists(), "SIGKILL leaves the socket file behind");
+    // Its servers notice.
+    let status = orphan.child.wait_timeout(QUICK).expect("knit serve exits");
+    assert_eq!(status.code(), Some(6));
+
+    let gw = GatewayProc::start(&dir, &[]);
+    let _s = ServerProc::start(&gw.socket, "new", "Echo", &["--echo"]);
+    let out = invoke(&gw.socket, "Echo", Some(r#""again""#), &[]);
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["executed_by"]["application"], "new");
+}

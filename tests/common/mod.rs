@@ -1,0 +1,422 @@
+//! Helpers shared by the integration tests: unique temporary directories, child processes that
+//! are killed and reaped when their guard drops (even when a test fails), the real `knit`
+//! binary started as a gateway or a server, and commands run under a deadline.
+//!
+//! Every wait here is bounded: a test that would hang fails with a message instead.
+
+// Each test crate uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use serde_json::Value as Json;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long anything that should be quick (a process starting, a socket appearing) may take
+/// before the test gives up. Generous: the machine is shared.
+pub const STARTUP: Duration = Duration::from_secs(15);
+
+/// The `knit` binary under test.
+pub fn knit_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_knit")
+}
+
+/// A directory of its own for one test, removed on drop. Short, so socket paths stay well
+/// under the 108-byte limit of `sun_path`.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path =
+            std::env::temp_dir().join(format!("knit-{tag}-{}-{n}-{nanos:x}", std::process::id()));
+        // Private (0700), as the gateway wants its socket directory.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .expect("creating a temporary directory");
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The socket path tests use inside this directory.
+    pub fn socket(&self) -> PathBuf {
+        self.path.join("gw.sock")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes. Returns whether it held. For conditions of
+/// another process (a socket accepting, a peer disappearing) that have no event to wait on.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A child process that is SIGKILLed and reaped when dropped, unless it was already reaped.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Option<Child>,
+    status: Option<ExitStatus>,
+    what: String,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child, what: impl Into<String>) -> ChildGuard {
+        ChildGuard {
+            child: Some(child),
+            status: None,
+            what: what.into(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("child already taken")
+    }
+
+    /// The exit status if it has exited (reaping it), without waiting.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Some(c) = self.child.as_mut() {
+                self.status = c.try_wait().expect("try_wait");
+            }
+        }
+        self.status
+    }
+
+    /// Waits up to `timeout` for it to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_status() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Sends `sig` (the process may be gone already; that is not an error here).
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        if self.status.is_some() {
+            return;
+        }
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid() as i32) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+
+    /// SIGKILL, then reap. Returns once the process is gone.
+    pub fn kill9(&mut self) -> ExitStatus {
+        self.signal(rustix::process::Signal::KILL);
+        self.wait_timeout(STARTUP)
+            .unwrap_or_else(|| panic!("{} did not die after SIGKILL", self.what))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if self.status.is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// The lines a child writes on one of its pipes, read on a thread so they can be awaited with
+/// a deadline.
+#[derive(Debug)]
+pub struct Lines {
+    rx: mpsc::Receiver<String>,
+}
+
+impl Lines {
+    pub fn spawn(r: impl Read + Send + 'static) -> Lines {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { rx }
+    }
+
+    /// The next line matching `pred` within `timeout` (earlier lines are skipped).
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) if pred(&l) => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A `knit gateway` process, with its stderr in a file.
+#[derive(Debug)]
+pub struct GatewayProc {
+    pub child: ChildGuard,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl GatewayProc {
+    /// Starts `knit gateway --no-ws --gateway SOCKET EXTRA…` and waits until the socket
+    /// accepts connections.
+    pub fn start(dir: &TempDir, extra: &[&str]) -> GatewayProc {
+        Self::start_at(dir, &dir.socket(), extra)
+    }
+
+    pub fn start_at(dir: &TempDir, socket: &Path, extra: &[&str]) -> GatewayProc {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let log = dir
+            .path()
+            .join(format!("gateway-{}.log", N.fetch_add(1, Ordering::Relaxed)));
+        let child = Command::new(knit_bin())
+            .arg("gateway")
+            .arg("--no-ws")
+            .arg("--gateway")
+            .arg(socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("gateway log"))
+            .spawn()
+            .expect("spawning knit gateway");
+        let mut gw = GatewayProc {
+            child: ChildGuard::new(child, "knit gateway"),
+            socket: socket.to_path_buf(),
+            log,
+        };
+        let up = wait_until(STARTUP, || {
+            if let Some(s) = gw.child.try_status() {
+                panic!(
+                    "knit gateway exited during start-up ({s}): {}",
+                    read_log(&gw.log)
+                );
+            }
+            std::os::unix::net::UnixStream::connect(&gw.socket).is_ok()
+        });
+        assert!(
+            up,
+            "knit gateway did not accept within {STARTUP:?}: {}",
+            gw.log()
+        );
+        gw
+    }
+
+    /// What it wrote on stderr so far.
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+}
+
+/// A `knit serve` process that has printed its ready line.
+#[derive(Debug)]
+pub struct ServerProc {
+    pub child: ChildGuard,
+    /// The `{"ready": true, …}` line, parsed.
+    pub ready: Json,
+    _stdout: Lines,
+}
+
+impl ServerProc {
+    /// `knit --gateway SOCKET --app APP serve METHOD ARGS…`, waiting for `{"ready":true…}`.
+    pub fn start(socket: &Path, app: &str, method: &str, args: &[&str]) -> ServerProc {
+        let mut child = Command::new(knit_bin())
+            .arg("--gateway")
+            .arg(socket)
+            .arg("--app")
+            .arg(app)
+            .arg("serve")
+            .arg(method)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning knit serve");
+        let stdout = Lines::spawn(child.stdout.take().expect("stdout"));
+        let mut guard = ChildGuard::new(child, format!("knit serve {method} ({app})"));
+        let line = stdout
+            .wait_for(STARTUP, |l| l.contains("\"ready\""))
+            .unwrap_or_else(|| {
+                panic!(
+                    "knit serve {method} ({app}) printed no ready line (exit: {:?})",
+                    guard.try_status()
+                )
+            });
+        let ready: Json = serde_json::from_str(&line).expect("ready line is JSON");
+        assert_eq!(ready["ready"], Json::Bool(true), "ready line: {line}");
+        assert_eq!(ready["method"], Json::from(method), "ready line: {line}");
+        assert_eq!(ready["application"], Json::from(app), "ready line: {line}");
+        ServerProc {
+            child: guard,
+            ready,
+            _stdout: stdout,
+        }
+    }
+
+    /// The server's peer id, as its ready line says.
+    pub fn peer_id(&self) -> &str {
+        self.ready["peerId"].as_str().expect("peerId")
+    }
+}
+
+/// What a finished command did.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit code (`None` when killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Output {
+    /// The first stdout line as JSON.
+    pub fn json(&self) -> Json {
+        let line = self.stdout.lines().next().unwrap_or_else(|| {
+            panic!("no output on stdout (stderr: {})", self.stderr);
+        });
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {line:?}"))
+    }
+}
+
+/// A running `knit …` command whose output is collected on threads.
+#[derive(Debug)]
+pub struct Running {
+    pub child: ChildGuard,
+    started: Instant,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+impl Running {
+    /// Waits up to `timeout` for it to finish; panics (after killing it) if it does not.
+    pub fn finish(mut self, timeout: Duration) -> Output {
+        let status = self.child.wait_timeout(timeout);
+        let elapsed = self.started.elapsed();
+        let Some(status) = status else {
+            self.child.kill9();
+            let err = self.err.join().unwrap_or_default();
+            panic!("command did not finish within {timeout:?}; stderr: {err}");
+        };
+        Output {
+            code: status.code(),
+            stdout: self.out.join().unwrap_or_default(),
+            stderr: self.err.join().unwrap_or_default(),
+            elapsed,
+        }
+    }
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Starts `knit ARGS…` with `stdin` fed to it (or nothing).
+pub fn spawn_knit(args: &[&str], stdin: Option<&[u8]>) -> Running {
+    spawn_knit_env(args, &[], stdin)
+}
+
+/// Starts `knit ARGS…` with extra environment variables and `stdin` fed to it (or nothing).
+pub fn spawn_knit_env(args: &[&str], env: &[(&str, &Path)], stdin: Option<&[u8]>) -> Running {
+    let mut child = Command::new(knit_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning knit");
+    let started = Instant::now();
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        let input = input.to_vec();
+        // On a thread: a large input must not block us if the child reads it late.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&input);
+        });
+    }
+    let out = drain(child.stdout.take().expect("stdout"));
+    let err = drain(child.stderr.take().expect("stderr"));
+    Running {
+        child: ChildGuard::new(child, format!("knit {}", args.join(" "))),
+        started,
+        out,
+        err,
+    }
+}
+
+/// Runs `knit ARGS…` to completion (at most `timeout`).
+pub fn run_knit(args: &[&str], timeout: Duration) -> Output {
+    spawn_knit(args, None).finish(timeout)
+}
+
+/// Runs `knit ARGS…` with `stdin`, to completion (at most `timeout`).
+pub fn run_knit_stdin(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
+    spawn_knit(args, Some(stdin)).finish(timeout)
+}
+
+/// Whether `pid` has a mapping whose path contains `needle` (from `/proc/PID/maps`).
+pub fn maps_contain(pid: u32, needle: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|m| m.contains(needle))
+        .unwrap_or(false)
+}
