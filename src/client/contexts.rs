@@ -253,9 +253,8 @@ pub(crate) fn open(
         if let Some(e) = st.open.get(name) {
             return Ok(Some(e.clone()));
         }
-        if !create && !st.known.contains_key(name) {
-            return Ok(None);
-        }
+        // Not known here does not mean it does not exist: its announcement may still be on
+        // its way, so ask the gateway (a miss costs one round trip; hits are local).
     }
     let name_owned = name.to_string();
     match shared.conn.request(
