@@ -84,7 +84,10 @@ fn build(compiler: &str, flags: &[&str], source: &Path, out_dir: &Path) -> PathB
     cmd.args(flags)
         .arg(source)
         .arg(format!("-I{}", repo().join("bindings/c/include").display()))
-        .arg(format!("-I{}", repo().join("bindings/cpp/include").display()))
+        .arg(format!(
+            "-I{}",
+            repo().join("bindings/cpp/include").display()
+        ))
         .arg(format!("-L{}", lib.display()))
         .arg("-lknit")
         .arg(format!("-Wl,-rpath,{}", lib.display()))
@@ -104,13 +107,23 @@ fn run_test_program(exe: &Path, fx: &Fixture) -> String {
         .arg(fx.socket())
         // Leak checking stays on: knit frees everything a closed client owned. Exit code 23
         // tells an ASan report apart from a failed check (exit 1).
-        .env("ASAN_OPTIONS", "detect_leaks=1:exitcode=23:abort_on_error=0")
-        .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1:exitcode=24")
+        .env(
+            "ASAN_OPTIONS",
+            "detect_leaks=1:exitcode=23:abort_on_error=0",
+        )
+        .env(
+            "UBSAN_OPTIONS",
+            "print_stacktrace=1:halt_on_error=1:exitcode=24",
+        )
         .env_remove("KNIT_GATEWAY");
     run(&mut cmd, &exe.display().to_string())
 }
 
-const SANITIZE: &[&str] = &["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"];
+const SANITIZE: &[&str] = &[
+    "-fsanitize=address,undefined",
+    "-fno-omit-frame-pointer",
+    "-g",
+];
 
 #[test]
 fn c_program_calls_every_function_and_survives_misuse_under_sanitizers() {
