@@ -33,7 +33,10 @@ knit_bin="$CARGO_TARGET_DIR/debug/knit"
 work="$(mktemp -d)"
 gw_pid=""
 cleanup() {
-    [ -n "$gw_pid" ] && kill "$gw_pid" 2>/dev/null && wait "$gw_pid" 2>/dev/null
+    if [ -n "$gw_pid" ]; then
+        kill "$gw_pid" 2>/dev/null || true
+        wait "$gw_pid" 2>/dev/null || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
