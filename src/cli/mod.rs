@@ -469,47 +469,13 @@ fn ctx(socket: &std::path::Path, app: Option<&str>, cmd: CtxCmd) -> CliResult {
     Ok(())
 }
 
-fn method_json(m: &knit::client::MethodInfo) -> Value {
-    let d = &m.def;
-    let servers = m
-        .servers
-        .iter()
-        .map(|s| {
-            Value::object([
-                ("application", Value::from(s.application.as_str())),
-                ("instance", Value::from(s.instance.as_str())),
-                ("pid", Value::from(s.pid)),
-                ("peerId", Value::from(s.peer_id.to_string())),
-            ])
-        })
-        .collect();
-    Value::object([
-        ("name", Value::from(d.name.as_str())),
-        ("displayName", Value::from(d.display_name.clone())),
-        ("description", Value::from(d.description.clone())),
-        (
-            "objectTypes",
-            Value::Array(
-                d.object_types
-                    .iter()
-                    .map(|s| Value::from(s.as_str()))
-                    .collect(),
-            ),
-        ),
-        ("accepts", Value::from(d.accepts.clone())),
-        ("returns", Value::from(d.returns.clone())),
-        ("version", Value::from(d.version)),
-        ("flags", d.flags.clone()),
-        ("supportsStreaming", Value::from(d.streaming)),
-        ("servers", Value::Array(servers)),
-    ])
-}
-
 fn methods(client: &Client, json: bool) -> CliResult {
     let mut ms = client.methods();
     ms.sort_by(|a, b| a.def.name.cmp(&b.def.name));
     if json {
-        print_json(&Value::Array(ms.iter().map(method_json).collect()));
+        print_json(&Value::Array(
+            ms.iter().map(knit::client::MethodInfo::to_value).collect(),
+        ));
     } else {
         println!("{:<32} {:<24} {:>8}  PEER", "METHOD", "APPLICATION", "PID");
         for m in &ms {

@@ -57,6 +57,47 @@ pub struct MethodInfo {
     pub servers: Vec<Instance>,
 }
 
+impl MethodInfo {
+    /// The JSON shape `knit methods --json` prints for one method: its definition
+    /// (`name`, `displayName`, `description`, `objectTypes`, `accepts`, `returns`, `version`,
+    /// `flags`, `supportsStreaming`) and `servers: [{application, instance, pid, peerId}]`.
+    pub fn to_value(&self) -> Value {
+        let d = &self.def;
+        let servers = self
+            .servers
+            .iter()
+            .map(|s| {
+                Value::object([
+                    ("application", Value::from(s.application.as_str())),
+                    ("instance", Value::from(s.instance.as_str())),
+                    ("pid", Value::from(s.pid)),
+                    ("peerId", Value::from(s.peer_id.to_string())),
+                ])
+            })
+            .collect();
+        Value::object([
+            ("name", Value::from(d.name.as_str())),
+            ("displayName", Value::from(d.display_name.clone())),
+            ("description", Value::from(d.description.clone())),
+            (
+                "objectTypes",
+                Value::Array(
+                    d.object_types
+                        .iter()
+                        .map(|s| Value::from(s.as_str()))
+                        .collect(),
+                ),
+            ),
+            ("accepts", Value::from(d.accepts.clone())),
+            ("returns", Value::from(d.returns.clone())),
+            ("version", Value::from(d.version)),
+            ("flags", d.flags.clone()),
+            ("supportsStreaming", Value::from(d.streaming)),
+            ("servers", Value::Array(servers)),
+        ])
+    }
+}
+
 /// Discovery events (io.Connect's `methodAdded`, `serverAdded`, …).
 #[derive(Debug, Clone, PartialEq)]
 pub enum InteropEvent {

@@ -1,0 +1,163 @@
+#define KNIT_CONNECT_POLL 1
+
+#define KNIT_CONNECT_SPIN 2
+
+#define KNIT_CONNECT_PARK 4
+
+#define KNIT_DEFAULT_WAIT_MS 30000
+
+#define KNIT_DEFAULT_TIMEOUT_MS 30000
+
+typedef struct knit_client knit_client;
+
+typedef struct knit_reply knit_reply;
+
+typedef int32_t knit_status_t;
+
+typedef knit_client knit_client_t;
+
+typedef knit_reply knit_reply_t;
+
+typedef void (*knit_method_fn)(void *user_data,
+                               const char *args_json,
+                               const char *caller_json,
+                               knit_reply_t *reply);
+
+typedef void (*knit_bytes_method_fn)(void *user_data,
+                                     const uint8_t *args,
+                                     size_t args_len,
+                                     const char *caller_json,
+                                     knit_reply_t *reply);
+
+#define KNIT_OK 0
+
+#define KNIT_INVALID_ARGUMENT 1
+
+#define KNIT_NO_SERVER 3
+
+#define KNIT_TIMEOUT 4
+
+#define KNIT_METHOD_FAILED 5
+
+#define KNIT_GATEWAY_UNREACHABLE 6
+
+#define KNIT_PERMISSION_DENIED 7
+
+#define KNIT_BAD_INPUT 8
+
+#define KNIT_PAYLOAD_TOO_LARGE 9
+
+#define KNIT_PEER_LEFT 10
+
+#define KNIT_DISCONNECTED 11
+
+#define KNIT_ALREADY_EXISTS 12
+
+#define KNIT_NOT_FOUND 13
+
+#define KNIT_CLOSED 14
+
+#define KNIT_PROTOCOL 15
+
+#define KNIT_INTERNAL 16
+
+#define KNIT_ALREADY_RUNNING 17
+
+#define KNIT_BUSY 18
+
+knit_status_t knit_client_connect(const char *gateway,
+                                  const char *application,
+                                  uint32_t flags,
+                                  knit_client_t **out);
+
+knit_status_t knit_client_connect_ex(const char *gateway,
+                                     const char *application,
+                                     const char *instance,
+                                     uint32_t flags,
+                                     uint32_t connect_timeout_ms,
+                                     knit_client_t **out);
+
+knit_status_t knit_client_close(knit_client_t *client);
+
+knit_status_t knit_client_poll(knit_client_t *client, uint32_t timeout_ms, uint32_t *handled_out);
+
+knit_status_t knit_client_connected(knit_client_t *client);
+
+knit_status_t knit_client_instance(knit_client_t *client, char **json_out);
+
+knit_status_t knit_client_max_payload(knit_client_t *client, uint64_t *out);
+
+knit_status_t knit_methods(knit_client_t *client, char **json_out);
+
+knit_status_t knit_servers(knit_client_t *client, char **json_out);
+
+knit_status_t knit_wait_for_method(knit_client_t *client,
+                                   const char *method,
+                                   uint32_t timeout_ms,
+                                   char **json_out);
+
+knit_status_t knit_reply_ok(knit_reply_t *reply, const char *result_json);
+
+knit_status_t knit_reply_bytes(knit_reply_t *reply, const uint8_t *data, size_t len);
+
+knit_status_t knit_reply_error(knit_reply_t *reply, const char *message);
+
+knit_status_t knit_reply_error_ex(knit_reply_t *reply,
+                                  const char *message,
+                                  const char *context_json);
+
+knit_status_t knit_register(knit_client_t *client,
+                            const char *method,
+                            knit_method_fn handler,
+                            void *user_data);
+
+knit_status_t knit_register_ex(knit_client_t *client,
+                               const char *definition_json,
+                               knit_method_fn handler,
+                               void *user_data);
+
+knit_status_t knit_register_bytes(knit_client_t *client,
+                                  const char *method,
+                                  knit_bytes_method_fn handler,
+                                  void *user_data);
+
+knit_status_t knit_unregister(knit_client_t *client, const char *method);
+
+knit_status_t knit_invoke(knit_client_t *client,
+                          const char *method,
+                          const char *args_json,
+                          const char *target,
+                          uint32_t timeout_ms,
+                          char **result_json_out);
+
+knit_status_t knit_invoke_ex(knit_client_t *client,
+                             const char *method,
+                             const char *args_json,
+                             const char *target,
+                             uint32_t wait_ms,
+                             uint32_t timeout_ms,
+                             char **result_json_out);
+
+knit_status_t knit_invoke_bytes(knit_client_t *client,
+                                const char *method,
+                                const uint8_t *data,
+                                size_t len,
+                                const char *target,
+                                uint32_t wait_ms,
+                                uint32_t timeout_ms,
+                                uint8_t **out,
+                                size_t *out_len);
+
+const char *knit_status_string(knit_status_t status);
+
+const char *knit_status_name(knit_status_t status);
+
+const char *knit_status_family(knit_status_t status);
+
+const char *knit_version(void);
+
+const char *knit_last_error_message(void);
+
+void knit_string_free(char *s);
+
+void knit_bytes_free(uint8_t *data);
