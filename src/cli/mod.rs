@@ -311,6 +311,8 @@ struct GatewayFile {
     max_peers: Option<usize>,
     max_methods_per_peer: Option<usize>,
     queue_depth: Option<usize>,
+    channels: Option<Vec<knit::gateway::channels::ChannelDef>>,
+    channel_restrictions: Option<Vec<knit::gateway::channels::ChannelRestriction>>,
     #[serde(flatten)]
     other: serde_json::Map<String, serde_json::Value>,
 }
@@ -338,6 +340,12 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         }
         if let Some(v) = f.queue_depth {
             cfg.queue_depth = v;
+        }
+        if let Some(v) = f.channels {
+            cfg.channels.channels = v;
+        }
+        if let Some(v) = f.channel_restrictions {
+            cfg.channels.restrictions = v;
         }
         for k in f.other.keys() {
             eprintln!(
