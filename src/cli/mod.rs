@@ -452,7 +452,10 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
     match cmd {
         StreamCmd::Serve { name, rate } => {
             if !(rate > 0.0 && rate.is_finite()) {
-                return Err(CliError::new(Status::InvalidArgument, "--rate must be positive"));
+                return Err(CliError::new(
+                    Status::InvalidArgument,
+                    "--rate must be positive",
+                ));
             }
             let client = connect(socket, app, "knit-stream")?;
             let stream = client.create_stream(name.as_str(), StreamOptions::default())?;
@@ -472,7 +475,10 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0);
-                stream.push(Value::object([("seq", Value::from(seq)), ("time", Value::from(now_ms))]))?;
+                stream.push(Value::object([
+                    ("seq", Value::from(seq)),
+                    ("time", Value::from(now_ms)),
+                ]))?;
                 seq += 1;
                 // Keep the rate on average: sleep until the next slot.
                 let next = start + period.mul_f64(seq as f64);
@@ -480,9 +486,17 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                     std::thread::sleep(d);
                 }
             }
-            Err(CliError::new(Status::Disconnected, "the gateway closed the connection"))
+            Err(CliError::new(
+                Status::Disconnected,
+                "the gateway closed the connection",
+            ))
         }
-        StreamCmd::Sub { name, count, wait_ms, args } => {
+        StreamCmd::Sub {
+            name,
+            count,
+            wait_ms,
+            args,
+        } => {
             let arguments = match args {
                 Some(a) => parse_json_arg(&a)?,
                 None => Value::map(),
@@ -490,7 +504,11 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
             let client = connect(socket, app, "knit-cli")?;
             let (tx, rx) = std::sync::mpsc::channel::<Value>();
             let stream_name = name.clone();
-            let params = StreamParams { arguments, wait: Duration::from_millis(wait_ms), ..Default::default() };
+            let params = StreamParams {
+                arguments,
+                wait: Duration::from_millis(wait_ms),
+                ..Default::default()
+            };
             let _sub = client
                 .subscribe_stream(&name, params, move |e| match e {
                     StreamEvent::Data { data, server, .. } => {
@@ -506,18 +524,29 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                     }
                 })
                 .map_err(|e| CliError::new(e.status(), e.to_string()))?;
-            eprintln!("{}", Value::object([("ready", Value::from(true))]).to_json_string());
+            eprintln!(
+                "{}",
+                Value::object([("ready", Value::from(true))]).to_json_string()
+            );
             let mut printed = 0u64;
             while count.is_none_or(|c| printed < c) {
                 match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(Value::Null) => return Err(CliError::new(Status::PeerLeft, "the stream was closed by its server")),
+                    Ok(Value::Null) => {
+                        return Err(CliError::new(
+                            Status::PeerLeft,
+                            "the stream was closed by its server",
+                        ))
+                    }
                     Ok(line) => {
                         print_json(&line);
                         printed += 1;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                         if !client.is_connected() {
-                            return Err(CliError::new(Status::Disconnected, "the gateway closed the connection"));
+                            return Err(CliError::new(
+                                Status::Disconnected,
+                                "the gateway closed the connection",
+                            ));
                         }
                     }
                     Err(_) => break,
