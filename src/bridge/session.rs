@@ -182,16 +182,22 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
         }
         s.out.close(code, &reason, discard);
     }
-    drop(stream);
     if let Some(me) = s.me.take() {
         s.sh.core.closed(me.peer, why).await;
         s.sh.hub.remove(&me.instance);
     }
     let Session { out, .. } = s;
     drop(out);
-    // Let the close frame go out, but do not wait for a peer that does not read.
+    // Let the close frame go out and read (and discard) what the client still sends until it
+    // answers the close: closing a socket with unread input resets the connection, and the
+    // client could lose the close frame that says why. A peer that neither reads nor closes
+    // is not waited for.
     let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+    let linger = async {
+        let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+        let _ = futures_util::future::join(&mut writer, drain).await;
+    };
+    if tokio::time::timeout(Duration::from_secs(5), linger)
         .await
         .is_err()
     {
