@@ -32,16 +32,17 @@ pub use auth::{read_token, token_path, AuthMode, Password, UserEntry};
 
 use crate::gateway::{CoreHandle, Limits};
 use crate::status::Status;
-use futures_util::SinkExt;
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -329,26 +330,27 @@ async fn connection(stream: TcpStream, remote: SocketAddr, shared: Arc<session::
     session::run(ws, remote, shared).await;
 }
 
-/// A frame for the writer.
-#[derive(Debug)]
-enum Out {
-    Text(String),
-    Close(u16, String),
-}
-
-#[derive(Debug, Default)]
-struct OutState {
+/// The outbound side of one connection: a queue bounded in bytes, written to the socket by the
+/// connection's own task (before it reads the next frame, so answers go out in order and before
+/// a client's close is read), never blocking the task when the peer does not read.
+pub(crate) struct Wire {
+    sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
+    queue: Mutex<VecDeque<Message>>,
     bytes: AtomicUsize,
-    /// Set when closing a slow consumer: queued data is skipped so the close frame goes next.
-    discard: AtomicBool,
+    max_bytes: usize,
+    /// Frames were handed to the socket and not flushed yet.
+    dirty: bool,
+    /// A close frame is queued: nothing may follow it.
+    closing: AtomicBool,
+    failed: bool,
 }
 
-/// The outbound queue of one connection: bounded by bytes, drained by its writer task.
-#[derive(Debug)]
-pub(crate) struct Outbox {
-    tx: mpsc::UnboundedSender<Out>,
-    state: Arc<OutState>,
-    max_bytes: usize,
+impl std::fmt::Debug for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wire")
+            .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
 }
 
 /// The queue is full: the peer does not read what it is sent.
@@ -357,92 +359,110 @@ pub(crate) struct Overflow {
     pub bytes: usize,
 }
 
-impl Outbox {
+impl Wire {
     fn new(
         sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
         max_bytes: usize,
-    ) -> (Outbox, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let state = Arc::new(OutState::default());
-        let task = tokio::spawn(writer(sink, rx, state.clone()));
-        (
-            Outbox {
-                tx,
-                state,
-                max_bytes,
-            },
-            task,
-        )
+    ) -> Wire {
+        Wire {
+            sink,
+            queue: Mutex::new(VecDeque::new()),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
+            dirty: false,
+            closing: AtomicBool::new(false),
+            failed: false,
+        }
+    }
+
+    fn q(&self) -> std::sync::MutexGuard<'_, VecDeque<Message>> {
+        // Only this connection's task touches the queue; the lock is never contended.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a text frame.
     pub(crate) fn text(&self, s: String) -> Result<(), Overflow> {
-        let queued = self.state.bytes.load(Ordering::Relaxed);
+        if self.closing.load(Ordering::Relaxed) {
+            return Ok(()); // the connection is ending; the close frame says why
+        }
+        let queued = self.bytes.load(Ordering::Relaxed);
         if queued.saturating_add(s.len()) > self.max_bytes {
             return Err(Overflow { bytes: queued });
         }
-        self.state.bytes.fetch_add(s.len(), Ordering::Relaxed);
-        let _ = self.tx.send(Out::Text(s));
+        self.bytes.store(queued + s.len(), Ordering::Relaxed);
+        self.q().push_back(Message::text(s));
         Ok(())
-    }
-
-    /// Whether frames are waiting to be written.
-    pub(crate) fn pending(&self) -> bool {
-        self.state.bytes.load(Ordering::Relaxed) > 0
     }
 
     /// Queues the close frame; with `discard`, frames still waiting are dropped first (the
     /// peer is being disconnected for not reading them).
     pub(crate) fn close(&self, code: u16, reason: &str, discard: bool) {
+        if self.closing.swap(true, Ordering::Relaxed) {
+            return;
+        }
         if discard {
-            self.state.discard.store(true, Ordering::Relaxed);
+            self.q().clear();
+            self.bytes.store(0, Ordering::Relaxed);
         }
         // A close reason has at most 123 bytes.
         let mut end = reason.len().min(123);
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        let _ = self.tx.send(Out::Close(code, reason[..end].to_string()));
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason[..end].to_string().into(),
+        };
+        self.q().push_back(Message::Close(Some(frame)));
     }
-}
 
-async fn writer(
-    mut sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    state: Arc<OutState>,
-) {
-    'outer: while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            match out {
-                Out::Text(s) => {
-                    let n = s.len();
-                    let r = if state.discard.load(Ordering::Relaxed) {
-                        Ok(())
-                    } else {
-                        sink.feed(Message::text(s)).await
-                    };
-                    state.bytes.fetch_sub(n, Ordering::Relaxed);
-                    if r.is_err() {
-                        break 'outer;
-                    }
-                }
-                Out::Close(code, reason) => {
-                    let frame = CloseFrame {
-                        code: CloseCode::from(code),
-                        reason: reason.into(),
-                    };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    break 'outer;
-                }
-            }
-            next = rx.try_recv().ok();
-        }
-        if sink.flush().await.is_err() {
-            break;
-        }
+    /// Whether there is something to write or flush.
+    pub(crate) fn busy(&self) -> bool {
+        !self.failed && (self.dirty || !self.q().is_empty())
     }
-    let _ = sink.close().await;
+
+    /// Writes and flushes what is queued; pending while the socket is full. An error means the
+    /// connection is gone.
+    pub(crate) async fn progress(&mut self) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        let r = futures_util::future::poll_fn(|cx| {
+            use futures_util::Sink;
+            use std::task::Poll;
+            loop {
+                if self.q().is_empty() {
+                    if self.dirty {
+                        match Pin::new(&mut self.sink).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.dirty = false,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                match Pin::new(&mut self.sink).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+                let Some(m) = self.q().pop_front() else {
+                    continue;
+                };
+                if let Message::Text(t) = &m {
+                    self.bytes.fetch_sub(
+                        t.len().min(self.bytes.load(Ordering::Relaxed)),
+                        Ordering::Relaxed,
+                    );
+                }
+                Pin::new(&mut self.sink).start_send(m)?;
+                self.dirty = true;
+            }
+        })
+        .await;
+        if r.is_err() {
+            self.failed = true;
+            self.q().clear();
+        }
+        r
+    }
 }
 
 #[cfg(test)]

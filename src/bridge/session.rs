@@ -3,7 +3,7 @@
 use super::auth::Authenticator;
 use super::gw3::{self, Ids, Obj};
 use super::hub::{Hub, HubEvent, Kill, CLOSE_SLOW};
-use super::{BridgeConfig, Outbox};
+use super::{BridgeConfig, Wire};
 use crate::gateway::{Admission, Closer, CoreHandle, Limits, Outgoing};
 use crate::status::Status;
 use crate::wire::frame::{FromGateway, MethodSpec, PeerId, RelayOutcome, ToGateway, Transport};
@@ -103,7 +103,7 @@ struct Me {
 
 struct Session {
     sh: Arc<Shared>,
-    out: Outbox,
+    wire: Wire,
     machine: String,
     kill: Arc<Kill>,
     hub_tx: mpsc::Sender<HubEvent>,
@@ -123,11 +123,11 @@ async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing>
 /// Serves one connection until it closes.
 pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: Arc<Shared>) {
     let (sink, mut stream) = ws.split();
-    let (out, writer) = Outbox::new(sink, sh.cfg.max_queued_bytes);
+    let wire = Wire::new(sink, sh.cfg.max_queued_bytes);
     let (hub_tx, mut hub_rx) = mpsc::channel(1024);
     let mut s = Session {
         sh,
-        out,
+        wire,
         machine: remote.ip().to_string(),
         kill: Arc::new(Kill::default()),
         hub_tx,
@@ -142,14 +142,16 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
         if let Some((code, reason)) = s.done.take() {
             break (reason.clone(), Some((code, reason, false)));
         }
-        // Let the writer send what is queued before the next frame is read: once the client's
-        // close frame has been read nothing more may be sent, and clients that close right
-        // after their last requests (`done()`) still expect the answers.
-        if s.out.pending() {
-            tokio::task::yield_now().await;
-        }
+        // Output first: answers go out before the next frame is read (a client that closes
+        // right after its last requests still gets the answers), and a connection's frames are
+        // handled in the order they arrived, without yielding to other connections in between.
         tokio::select! {
             biased;
+            r = s.wire.progress(), if s.wire.busy() => {
+                if let Err(e) = r {
+                    break (format!("connection error: {e}"), None);
+                }
+            }
             (code, reason) = kill.killed() => break (reason.clone(), Some((code, reason, true))),
             Some(out) = recv_opt(&mut s.reg_rx) => s.on_core(out.msg).await,
             Some(ev) = hub_rx.recv() => s.on_hub(ev),
@@ -180,29 +182,23 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
                     .unwrap_or_else(|| s.machine.clone())
             ));
         }
-        s.out.close(code, &reason, discard);
+        s.wire.close(code, &reason, discard);
     }
     if let Some(me) = s.me.take() {
         s.sh.core.closed(me.peer, why).await;
         s.sh.hub.remove(&me.instance);
     }
-    let Session { out, .. } = s;
-    drop(out);
-    // Let the close frame go out and read (and discard) what the client still sends until it
-    // answers the close: closing a socket with unread input resets the connection, and the
-    // client could lose the close frame that says why. A peer that neither reads nor closes
-    // is not waited for.
-    let mut writer = writer;
+    let Session { mut wire, .. } = s;
+    // Send what is queued (the close frame last) and read (and discard) what the client still
+    // sends until it answers the close: closing a socket with unread input resets the
+    // connection, and the client could lose the close frame that says why. A peer that neither
+    // reads nor closes is not waited for.
     let linger = async {
+        let flush = async { while wire.busy() && wire.progress().await.is_ok() {} };
         let drain = async { while let Some(Ok(_)) = stream.next().await {} };
-        let _ = futures_util::future::join(&mut writer, drain).await;
+        futures_util::future::join(flush, drain).await;
     };
-    if tokio::time::timeout(Duration::from_secs(5), linger)
-        .await
-        .is_err()
-    {
-        writer.abort();
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), linger).await;
 }
 
 fn rid(msg: &Obj) -> J {
@@ -219,7 +215,7 @@ fn display_id(v: &J) -> String {
 impl Session {
     /// Queues a GW3 message; a full queue ends the connection (slow consumer).
     fn send(&self, msg: J) {
-        if let Err(o) = self.out.text(msg.to_string()) {
+        if let Err(o) = self.wire.text(msg.to_string()) {
             self.kill.kill(
                 CLOSE_SLOW,
                 format!(
@@ -236,7 +232,7 @@ impl Session {
     }
 
     fn send_text(&self, text: String) {
-        if let Err(o) = self.out.text(text) {
+        if let Err(o) = self.wire.text(text) {
             self.kill.kill(
                 CLOSE_SLOW,
                 format!("slow consumer: {} bytes waiting to be sent", o.bytes),
