@@ -298,7 +298,10 @@ async fn connection(stream: TcpStream, remote: SocketAddr, shared: Arc<session::
             .unwrap_or(usize::MAX)
             .saturating_add(64 << 10)
     });
+    // A small read buffer: tungstenite zero-fills it before every read, and GW3 messages are
+    // small (a 128 KiB buffer cost ~10 µs per frame; larger messages just take more reads).
     let config = WebSocketConfig::default()
+        .read_buffer_size(16 << 10)
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame));
     let origins = shared.cfg.origins.clone();
