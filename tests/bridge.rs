@@ -789,6 +789,34 @@ async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
 }
 
 #[tokio::test]
+async fn a_connection_that_never_logs_in_is_closed() {
+    let gw = Gw::start("nohello", |b| b.hello_timeout = Duration::from_millis(200));
+    let mut idle = Web::connect(gw.ws).await;
+    match idle.frame().await {
+        Some(Err((code, reason))) => {
+            assert_eq!(code, 1008);
+            assert!(reason.contains("hello"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A failed hello does not count as logging in either.
+    let mut w = Web::connect(gw.ws).await;
+    let r = w
+        .hello(
+            "x",
+            json!({"method": "secret", "login": "nobody", "secret": "no"}),
+        )
+        .await;
+    assert_eq!(r["type"], "error");
+    assert!(matches!(w.frame().await, Some(Err((1008, _)))));
+    // One that logs in stays: it outlives a connection opened after it that does not.
+    let mut ok = Web::login(gw.ws, "ok", &os_user(), &gw.token()).await;
+    let mut later = Web::connect(gw.ws).await;
+    assert!(matches!(later.frame().await, Some(Err((1008, _)))));
+    ok.barrier().await;
+}
+
+#[tokio::test]
 async fn stopping_the_gateway_closes_web_peers_with_going_away() {
     let mut gw = Gw::start("stop", |b| b.auth = AuthMode::Open);
     let mut w = Web::login(gw.ws, "w", "u", "").await;

@@ -78,6 +78,8 @@ pub struct BridgeConfig {
     pub queue_depth: usize,
     /// Most WebSocket connections at once (logged in or not).
     pub max_connections: usize,
+    /// How long a connection may stay without a successful `hello` before it is closed.
+    pub hello_timeout: Duration,
     /// The token file; `None`: next to the gateway socket ([`token_path`]).
     pub token_file: Option<PathBuf>,
 }
@@ -95,6 +97,7 @@ impl BridgeConfig {
             max_queued_bytes: 64 << 20,
             queue_depth: 65_536,
             max_connections: 1024,
+            hello_timeout: Duration::from_secs(30),
             token_file: None,
         }
     }

@@ -136,6 +136,8 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
         done: None,
     };
     let kill = s.kill.clone();
+    let hello_deadline = tokio::time::sleep(s.sh.cfg.hello_timeout);
+    tokio::pin!(hello_deadline);
     // `biased`: registry notices are always handled before hub notices that were issued after
     // them (a peer's `PeerAdded` before the news that it joined `agm`).
     let (why, close) = loop {
@@ -153,6 +155,10 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
                 }
             }
             (code, reason) = kill.killed() => break (reason.clone(), Some((code, reason, true))),
+            _ = &mut hello_deadline, if s.me.is_none() => {
+                let why = "no successful hello in time".to_string();
+                break (why.clone(), Some((CLOSE_SLOW, why, false)));
+            }
             Some(out) = recv_opt(&mut s.reg_rx) => s.on_core(out.msg).await,
             Some(ev) = hub_rx.recv() => s.on_hub(ev),
             frame = stream.next() => match frame {
