@@ -827,3 +827,116 @@ async fn stopping_the_gateway_closes_web_peers_with_going_away() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A `knit gateway` process; SIGTERM when dropped.
+struct GatewayProcess {
+    child: std::process::Child,
+    ws: SocketAddr,
+}
+
+impl GatewayProcess {
+    fn start(dir: &std::path::Path, args: &[&str]) -> GatewayProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_knit"))
+            .arg("gateway")
+            .arg("--gateway")
+            .arg(dir.join("gw.sock"))
+            .args(args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let ws = loop {
+            let line = rx
+                .recv_timeout(WAIT)
+                .expect("the gateway did not report its bridge");
+            if let Some(rest) = line.split("bridge listening on ws://").nth(1) {
+                break rest.split('/').next().unwrap().parse().unwrap();
+            }
+        };
+        GatewayProcess { child, ws }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_cli_serves_the_bridge_with_configured_users_and_prints_the_token() {
+    let dir = std::env::temp_dir().join(format!("knit-bridge-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gw.json");
+    std::fs::write(
+        &config,
+        r#"{"bridge": {"users": [{"login": "carol", "password": "c-pw", "user": "carol"}],
+                      "origins": ["https://app.example.com"], "max_connections": 8}}"#,
+    )
+    .unwrap();
+    let config = config.to_string_lossy().to_string();
+    let gw = GatewayProcess::start(&dir, &["--ws", "127.0.0.1:0", "--config", &config]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knit"))
+        .args(["token", "--gateway"])
+        .arg(dir.join("gw.sock"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(token.len(), 64);
+    let mut me = Web::login(gw.ws, "cli-me", &os_user(), &token).await;
+    let mut carol = Web::login(gw.ws, "cli-carol", "carol", "c-pw").await;
+    me.barrier().await;
+    carol.barrier().await;
+    assert!(Web::open(gw.ws, Some("https://app.example.com"))
+        .await
+        .is_ok());
+    assert!(Web::open(gw.ws, Some("https://other.example.com"))
+        .await
+        .is_err());
+    drop(gw);
+    // Bad configurations are refused before anything starts.
+    std::fs::write(
+        dir.join("bad.json"),
+        r#"{"bridge": {"users": [{"login": "x"}]}}"#,
+    )
+    .unwrap();
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_knit"))
+        .args(["gateway", "--ws", "127.0.0.1:0", "--gateway"])
+        .arg(dir.join("gw.sock"))
+        .arg("--config")
+        .arg(dir.join("bad.json"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let open_remote = std::process::Command::new(env!("CARGO_BIN_EXE_knit"))
+        .args([
+            "gateway",
+            "--ws",
+            "0.0.0.0:0",
+            "--ws-auth",
+            "open",
+            "--gateway",
+        ])
+        .arg(dir.join("gw.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(open_remote.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(dir);
+}

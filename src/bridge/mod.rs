@@ -5,7 +5,7 @@
 //! Each WebSocket connection that logs in becomes an ordinary peer of the gateway's registry
 //! (a *relay* peer: its calls travel through the gateway instead of over a shared-memory lane),
 //! so web and native apps see each other's methods and call each other both ways. The bridge
-//! runs inside the gateway's runtime and talks to the core only through [`CoreHandle`]: it
+//! runs inside the gateway's runtime and talks to the core only through its `CoreHandle`: it
 //! admits peers, sends their requests as [`crate::wire::frame::ToGateway`], and translates the
 //! typed notices the registry queues for them back into GW3.
 //!

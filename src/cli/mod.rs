@@ -270,6 +270,10 @@ struct UserFile {
     user: Option<String>,
 }
 
+fn bridge_file_ws(file: &Option<BridgeFile>) -> Option<&str> {
+    file.as_ref().and_then(|f| f.ws.as_deref())
+}
+
 fn bridge_config(
     file: Option<BridgeFile>,
     args: &GatewayArgs,
@@ -372,8 +376,22 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
             "lane_capacity must be a power of two >= 4096",
         ));
     }
+    // The default address is a convenience: when it is taken (another user's gateway, a test
+    // running in parallel) the gateway still serves native peers, with a warning. An address
+    // that was asked for must be had.
+    let default_addr = args.ws.is_none() && bridge_file_ws(&bridge_file).is_none();
     cfg.bridge = bridge_config(bridge_file, &args)?;
-    let gw = Gateway::bind(cfg).map_err(|e| CliError::new(e.status(), e.to_string()))?;
+    let gw = match Gateway::bind(cfg.clone()) {
+        Err(knit::gateway::GatewayError::Bridge(e @ knit::bridge::BridgeError::Bind { .. }))
+            if default_addr =>
+        {
+            eprintln!("knit: warning: {e}; running without the WebSocket bridge");
+            cfg.bridge = None;
+            Gateway::bind(cfg)
+        }
+        other => other,
+    }
+    .map_err(|e| CliError::new(e.status(), e.to_string()))?;
     gw.run_until(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
