@@ -4,7 +4,7 @@
 // against the reference Glue42 gateway (@glue42/gateway-web, with a large per-client buffer so
 // that it does not drop messages), in the same run, alternating rounds.
 //
-//   node bench.js --knit PATH/TO/knit [--n 2000] [--rounds 3] [--json]
+//   node bench.js --knit PATH/TO/knit [--n 2000] [--rounds 3] [--warmup 1000]
 //
 // Two scenarios: `invoke_rtt` with the client library, and `invoke_rtt_raw_gw3` with bare GW3
 // frames (what the gateways themselves cost, without the library's own time in both processes).
@@ -19,6 +19,8 @@ const path = require("path");
 const argv = process.argv.slice(2);
 const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt; };
 const role = opt("--role");
+// Round trips before measuring, in each fresh caller process (lets V8 optimise both ends).
+const WARMUP = Number(opt("--warmup", 1000));
 
 function connect(url, application) {
   const m = require("@interopio/core");
@@ -35,7 +37,7 @@ async function caller(url, n) {
   const io = await connect(url, "bench-caller");
   await io.interop.waitForMethod("Bench.Echo");
   const payload = { s: "x".repeat(40) }; // about 64 bytes of JSON
-  for (let i = 0; i < 200; i++) await io.interop.invoke("Bench.Echo", payload);
+  for (let i = 0; i < WARMUP; i++) await io.interop.invoke("Bench.Echo", payload);
   const us = [];
   for (let i = 0; i < n; i++) {
     const t = process.hrtime.bigint();
@@ -78,7 +80,7 @@ async function rawCaller(url, n, server) {
   const args = { s: "x".repeat(40) };
   let k = 0;
   const call = () => ws.ask({ type: "call", domain: "agm", request_id: `c${k++}`, peer_id: ws.id, server_id: server, method_id: "0", arguments_kv: args });
-  for (let i = 0; i < 200; i++) await call();
+  for (let i = 0; i < WARMUP; i++) await call();
   const us = [];
   for (let i = 0; i < n; i++) {
     const t = process.hrtime.bigint();
