@@ -663,8 +663,9 @@ fn shared_memory_is_memfd_with_nothing_in_dev_shm() {
     );
     // While the call is pending both ends map the lane: a memfd, not a /dev/shm file.
     assert!(
-        wait_until(STARTUP, || maps_contain(s.child.pid(), "knit-lane")),
-        "the server never mapped a lane"
+        wait_until(STARTUP, || maps_contain(s.child.pid(), "knit-lane")
+            && maps_contain(pending.child.pid(), "knit-lane")),
+        "the server or the caller never mapped a lane"
     );
     for pid in [s.child.pid(), pending.child.pid()] {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();

@@ -143,7 +143,21 @@ pub(crate) fn subscribe(
         active: AtomicBool::new(true),
     });
     let (id, topic, routing_key) = (sub.id, sub.topic.clone(), sub.routing_key.clone());
-    match shared.conn.request(
+    // Ours before the gateway announces it: a publisher that routes to us as soon as it knows
+    // must find the subscription here when its first message arrives.
+    let add = |on: bool| {
+        let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+        if on {
+            st.mine.insert(sub.id, sub.clone());
+        } else {
+            st.mine.remove(&sub.id);
+        }
+        st.mine_list = Arc::new(st.mine.values().cloned().collect());
+        st.generation += 1;
+        shared.bus_generation.fetch_add(1, Ordering::Release);
+    };
+    add(true);
+    let reply = shared.conn.request(
         |req| ToGateway::BusSubscribe {
             req,
             sub: id,
@@ -151,20 +165,20 @@ pub(crate) fn subscribe(
             routing_key,
         },
         CONTROL_TIMEOUT,
-    )? {
-        Reply::Ack => {}
-        Reply::Fail(status, message) => return Err(ClientError::Gateway { status, message }),
-        _ => {
-            return Err(ClientError::Protocol(
-                "unexpected reply to bus subscribe".into(),
-            ))
-        }
+    );
+    let failed = match reply {
+        Ok(Reply::Ack) => None,
+        Ok(Reply::Fail(status, message)) => Some(ClientError::Gateway { status, message }),
+        Ok(_) => Some(ClientError::Protocol(
+            "unexpected reply to bus subscribe".into(),
+        )),
+        Err(e) => Some(e),
+    };
+    if let Some(e) = failed {
+        sub.active.store(false, Ordering::Release);
+        add(false);
+        return Err(e);
     }
-    let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
-    st.mine.insert(sub.id, sub.clone());
-    st.mine_list = Arc::new(st.mine.values().cloned().collect());
-    st.generation += 1;
-    shared.bus_generation.fetch_add(1, Ordering::Release);
     Ok(BusSubscription {
         shared: Arc::downgrade(shared),
         sub,

@@ -310,6 +310,11 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
         }
         FromGateway::ContextAdded { id, name } => super::contexts::announced(shared, id, name),
         FromGateway::BusSubscribed(info) => super::bus::remote_subscribed(shared, info),
+        FromGateway::BusSubscribedSync { info, ticket } => {
+            super::bus::remote_subscribed(shared, info);
+            // Our routes include it now (the next publish sees the new generation).
+            let _ = shared.conn.send(&ToGateway::BusSynced { ticket });
+        }
         FromGateway::Record { from, kind, body } => {
             if let Some(identity) = shared.identity_of(from.0) {
                 let link = super::streams::Link::Relay(from);

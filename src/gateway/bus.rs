@@ -7,12 +7,30 @@ use crate::model::bus::{identity_matches, routing_matches, topic_matches};
 use crate::status::Status;
 use crate::wire::frame::{BusSubInfo, FromGateway, PeerId, Transport};
 use crate::wire::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+/// How long a subscriber waits for peers that do not confirm a new subscription (a stopped
+/// process, say) before its `subscribe` returns anyway.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Every bus subscription.
 #[derive(Default)]
 pub(crate) struct Bus {
     subs: BTreeMap<(PeerId, u64), BusSubInfo>,
+    /// Subscriptions announced to native peers and not yet confirmed by all of them, by ticket.
+    barriers: HashMap<u64, Barrier>,
+    next_ticket: u64,
+}
+
+/// A subscription whose `Ack` waits until every native peer routes to it: native peers
+/// publish straight into their subscribers' lanes, so "subscribed" must mean "every publisher
+/// knows".
+struct Barrier {
+    subscriber: PeerId,
+    req: u64,
+    waiting: Vec<PeerId>,
+    deadline: Instant,
 }
 
 impl Bus {
@@ -46,9 +64,77 @@ impl Registry {
             routing_key,
         };
         self.bus.subs.insert((from, sub), info.clone());
-        self.send(from, FromGateway::Ack { req }, Vec::new());
+        let mut waiting = Vec::new();
+        let ticket = self.bus.next_ticket;
         for p in self.audience(from) {
-            self.send(p, FromGateway::BusSubscribed(info.clone()), Vec::new());
+            let native = self
+                .peers
+                .get(&p)
+                .is_some_and(|x| x.transport == Transport::Shm);
+            if native {
+                waiting.push(p);
+                let msg = FromGateway::BusSubscribedSync {
+                    info: info.clone(),
+                    ticket,
+                };
+                self.send(p, msg, Vec::new());
+            } else {
+                // Peers behind the gateway publish through it: its table is their route.
+                self.send(p, FromGateway::BusSubscribed(info.clone()), Vec::new());
+            }
+        }
+        if waiting.is_empty() {
+            self.send(from, FromGateway::Ack { req }, Vec::new());
+        } else {
+            self.bus.next_ticket += 1;
+            let b = Barrier {
+                subscriber: from,
+                req,
+                waiting,
+                deadline: Instant::now() + SYNC_TIMEOUT,
+            };
+            self.bus.barriers.insert(ticket, b);
+        }
+    }
+
+    /// A peer confirmed a subscription announcement.
+    pub(crate) fn bus_synced(&mut self, from: PeerId, ticket: u64) {
+        let done = match self.bus.barriers.get_mut(&ticket) {
+            Some(b) => {
+                b.waiting.retain(|p| *p != from);
+                b.waiting.is_empty()
+            }
+            None => false,
+        };
+        if done {
+            self.bus_release(ticket);
+        }
+    }
+
+    fn bus_release(&mut self, ticket: u64) {
+        if let Some(b) = self.bus.barriers.remove(&ticket) {
+            self.send(b.subscriber, FromGateway::Ack { req: b.req }, Vec::new());
+        }
+    }
+
+    /// Subscriptions whose announcement some peer never confirmed complete anyway.
+    pub(crate) fn bus_expire(&mut self, now: Instant) {
+        let late: Vec<u64> = self
+            .bus
+            .barriers
+            .iter()
+            .filter(|(_, b)| b.deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in late {
+            if let Some(b) = self.bus.barriers.get(&t) {
+                crate::log::debug(format_args!(
+                    "bus subscription of {}: {} peer(s) did not confirm it in time",
+                    b.subscriber,
+                    b.waiting.len()
+                ));
+            }
+            self.bus_release(t);
         }
     }
 
@@ -65,10 +151,11 @@ impl Registry {
         self.send(from, FromGateway::Ack { req }, Vec::new());
     }
 
-    /// Delivers a message from `from` to the matching subscribers that cannot be reached over a
-    /// lane: peers behind the gateway and, when `everyone` (the publisher is itself behind the
-    /// gateway), native peers too. One message per peer; each peer matches its own
-    /// subscriptions (and the source filters on them).
+    /// Delivers a message from `from` to the matching subscribers it cannot reach over a lane:
+    /// peers behind the gateway and, when the publisher is itself behind the gateway, native
+    /// peers too. The publisher's own subscriptions get it only with `include_self` (a native
+    /// client delivers to itself; a web peer's echo comes from here). One message per peer;
+    /// each peer matches its own subscriptions (and the source filters on them).
     pub(crate) fn bus_publish(
         &mut self,
         from: PeerId,
@@ -76,9 +163,13 @@ impl Registry {
         routing_key: Option<String>,
         target: Value,
         data: Value,
-        everyone: bool,
+        include_self: bool,
     ) {
-        let Some(user) = self.peers.get(&from).map(|p| p.identity.user.clone()) else {
+        let Some((user, everyone)) = self
+            .peers
+            .get(&from)
+            .map(|p| (p.identity.user.clone(), p.transport == Transport::Relay))
+        else {
             return;
         };
         let target = target.as_map().cloned();
@@ -94,12 +185,9 @@ impl Registry {
                 continue;
             };
             if p.identity.user != user
-                || (!everyone && p.transport != Transport::Relay && s.peer != from)
+                || (s.peer == from && !include_self)
+                || (s.peer != from && !everyone && p.transport != Transport::Relay)
             {
-                continue;
-            }
-            if s.peer == from && !everyone {
-                // A native publisher delivers to itself.
                 continue;
             }
             if let Some(t) = &target {
@@ -122,6 +210,18 @@ impl Registry {
 
     /// A peer left: its subscriptions go.
     pub(crate) fn bus_peer_left(&mut self, peer: PeerId, audience: &[PeerId]) {
+        // Barriers: a leaving subscriber's go; a leaving peer confirms nothing more.
+        self.bus.barriers.retain(|_, b| b.subscriber != peer);
+        let mut done = Vec::new();
+        for (t, b) in self.bus.barriers.iter_mut() {
+            b.waiting.retain(|p| *p != peer);
+            if b.waiting.is_empty() {
+                done.push(*t);
+            }
+        }
+        for t in done {
+            self.bus_release(t);
+        }
         let subs: Vec<u64> = self
             .bus
             .subs

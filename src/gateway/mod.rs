@@ -413,6 +413,7 @@ async fn serve(
                         ToGateway::BusPublish { topic, routing_key, target, data } => {
                             registry.bus_publish(peer, topic, routing_key, target, data, false)
                         }
+                        ToGateway::BusSynced { ticket } => registry.bus_synced(peer, ticket),
                         ToGateway::Goodbye => disconnect(&closers, peer),
                     },
                     Event::Closed(peer, why) => {

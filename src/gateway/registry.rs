@@ -623,6 +623,7 @@ impl Registry {
 
     /// Forgets relayed calls long past their deadline (their callers gave up already).
     pub(crate) fn expire(&mut self, now: Instant) {
+        self.bus_expire(now);
         let old: Vec<u64> = self
             .relayed
             .iter()
@@ -773,6 +774,57 @@ mod tests {
         assert!(
             matches!(&msgs[2].0, FromGateway::PeerAdded { identity, .. } if identity.peer_id == b)
         );
+    }
+
+    fn synced_ticket(msgs: &[(FromGateway, usize)], sub: u64) -> Option<u64> {
+        msgs.iter().find_map(|(m, _)| match m {
+            FromGateway::BusSubscribedSync { info, ticket } if info.sub == sub => Some(*ticket),
+            _ => None,
+        })
+    }
+
+    fn acked(msgs: &[(FromGateway, usize)], req: u64) -> bool {
+        msgs.iter()
+            .any(|(m, _)| matches!(m, FromGateway::Ack { req: r } if *r == req))
+    }
+
+    #[test]
+    fn a_bus_subscription_is_acknowledged_once_every_native_peer_routes_to_it() {
+        let mut reg = Registry::new(Limits::default()).unwrap();
+        let (a, mut ra) = join(&mut reg, "A", "u");
+        let (c, mut rc) = join(&mut reg, "C", "u");
+        let (w, mut rw) = join_web(&mut reg, "W", "u");
+        let (s, mut rs) = join(&mut reg, "S", "u");
+        for r in [&mut ra, &mut rc, &mut rw, &mut rs] {
+            recv(r);
+        }
+        reg.bus_subscribe(s, 7, 1, "t".into(), None);
+        assert!(!acked(&recv(&mut rs), 7), "acknowledged before the publishers knew");
+        let ta = synced_ticket(&recv(&mut ra), 1).expect("A was not asked to confirm");
+        let tc = synced_ticket(&recv(&mut rc), 1).expect("C was not asked to confirm");
+        // The web peer publishes through the gateway: it is told, not asked.
+        let web = recv(&mut rw);
+        assert!(synced_ticket(&web, 1).is_none());
+        assert!(web
+            .iter()
+            .any(|(m, _)| matches!(m, FromGateway::BusSubscribed(i) if i.sub == 1)));
+        reg.bus_synced(a, ta);
+        assert!(!acked(&recv(&mut rs), 7), "acknowledged with C still unsure");
+        reg.bus_synced(c, tc);
+        assert!(acked(&recv(&mut rs), 7));
+
+        // A peer that leaves confirms by leaving; one that never answers is waited for only
+        // until the deadline.
+        reg.bus_subscribe(s, 8, 2, "t".into(), None);
+        let ta = synced_ticket(&recv(&mut ra), 2).unwrap();
+        reg.bus_synced(a, ta);
+        reg.remove(c, "gone");
+        assert!(acked(&recv(&mut rs), 8));
+        reg.bus_subscribe(s, 9, 3, "t".into(), None);
+        reg.expire(Instant::now());
+        assert!(!acked(&recv(&mut rs), 9));
+        reg.expire(Instant::now() + Duration::from_secs(60));
+        assert!(acked(&recv(&mut rs), 9));
     }
 
     #[test]

@@ -329,6 +329,11 @@ pub enum ToGateway {
     },
     /// Clean disconnect.
     Goodbye,
+    /// We applied the subscription announced with this ticket (`FromGateway::BusSubscribedSync`):
+    /// our publishes from now on reach it.
+    BusSynced {
+        ticket: u64,
+    },
 }
 
 /// Gateway → peer.
@@ -442,6 +447,13 @@ pub enum FromGateway {
     Refused {
         status: Status,
         message: String,
+    },
+    /// A peer started a bus subscription; answer `ToGateway::BusSynced { ticket }` once our
+    /// routes include it. The subscriber's `subscribe` returns when every native peer has
+    /// answered, so a message published after it returned, by anyone, reaches it.
+    BusSubscribedSync {
+        info: BusSubInfo,
+        ticket: u64,
     },
 }
 

@@ -1,0 +1,305 @@
+//! The bus through the Rust API: topics and patterns, routing keys, identity targets and source
+//! filters (features.md §7), per-publisher order, peers behind the gateway, and the guarantee
+//! that a message published after `subscribe` returned reaches the new subscription.
+
+use knit::client::{BusMessage, Client, PublishOptions, SubscribeOptions};
+use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
+use knit::wire::Map;
+use knit::Value;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::Duration;
+
+struct Env {
+    gw: Option<GatewayHandle>,
+    dir: std::path::PathBuf,
+}
+
+impl Env {
+    fn new(tag: &str) -> Env {
+        let dir = std::env::temp_dir().join(format!("knit-bus-{tag}-{}", std::process::id()));
+        let gw = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
+            .unwrap()
+            .spawn()
+            .unwrap();
+        Env { gw: Some(gw), dir }
+    }
+    fn client(&self, app: &str) -> Client {
+        Client::builder(app)
+            .socket(self.gw.as_ref().unwrap().socket_path())
+            .connect()
+            .unwrap()
+    }
+    fn relay_client(&self, app: &str) -> Client {
+        Client::builder(app)
+            .socket(self.gw.as_ref().unwrap().socket_path())
+            .relay_only(true)
+            .connect()
+            .unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            gw.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// (topic, data, publisher's application) of every message a subscription gets.
+type Got = (String, Value, String);
+
+fn sink(tx: Sender<Got>) -> impl Fn(&BusMessage) + Send + Sync + 'static {
+    move |m| {
+        let _ = tx.send((
+            m.topic.to_string(),
+            m.data.clone(),
+            m.source.application.clone(),
+        ));
+    }
+}
+
+fn sub(
+    c: &Client,
+    topic: &str,
+    opts: SubscribeOptions,
+) -> (knit::client::BusSubscription, Receiver<Got>) {
+    let (tx, rx) = channel();
+    (c.subscribe(topic, opts, sink(tx)).unwrap(), rx)
+}
+
+fn next(rx: &Receiver<Got>) -> Got {
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("no message within 10 s")
+}
+
+/// Publishes `marker` last on `topic` and collects everything `rx` got before it: the
+/// messages a subscription did not get are exactly the ones missing from the result.
+fn drain_until_marker(rx: &Receiver<Got>) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let (_, d, _) = next(rx);
+        if d.get("marker").is_some() {
+            return out;
+        }
+        out.push(d);
+    }
+}
+
+/// Like `drain_until_marker`, for `k` publishers (no order holds across publishers): the
+/// messages before the `k`-th marker, sorted by `n`.
+fn drain_until_markers(rx: &Receiver<Got>, k: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut seen = 0;
+    while seen < k {
+        let (_, d, _) = next(rx);
+        if d.get("marker").is_some() {
+            seen += 1;
+        } else {
+            out.push(d);
+        }
+    }
+    out.sort_by_key(|d| d.get("n").and_then(Value::as_i64));
+    out
+}
+
+fn obj(k: &str, v: i64) -> Value {
+    Value::object([(k, Value::from(v))])
+}
+
+fn map(json: &str) -> Map {
+    Value::from_json_str(json)
+        .unwrap()
+        .as_map()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn a_message_published_after_subscribe_returned_is_never_lost() {
+    let env = Env::new("sync");
+    // The publisher is connected and has published (so it holds routes) long before the
+    // subscriptions exist; each subscription must see the publish that follows its return.
+    let publisher = env.client("pub");
+    publisher
+        .publish("sync.t", obj("warm", 0), &PublishOptions::default())
+        .unwrap();
+    let subscriber = env.client("sub");
+    for round in 0..20 {
+        let topic = format!("sync.t{round}");
+        let (_s, rx) = sub(&subscriber, &topic, SubscribeOptions::default());
+        publisher
+            .publish(&topic, obj("round", round), &PublishOptions::default())
+            .unwrap();
+        let (t, d, app) = next(&rx);
+        assert_eq!(
+            (t.as_str(), d, app.as_str()),
+            (topic.as_str(), obj("round", round), "pub")
+        );
+    }
+}
+
+#[test]
+fn topics_match_exactly_or_by_pattern() {
+    let env = Env::new("topics");
+    let a = env.client("a");
+    let b = env.client("b");
+    let (_exact, exact) = sub(&b, "md.VOD", SubscribeOptions::default());
+    let (_star, star) = sub(&b, "md.*", SubscribeOptions::default());
+    let (_rest, rest) = sub(&b, "md.>", SubscribeOptions::default());
+    let o = PublishOptions::default();
+    a.publish("md.VOD", obj("n", 1), &o).unwrap();
+    a.publish("md.BARC", obj("n", 2), &o).unwrap();
+    a.publish("md.BARC.L", obj("n", 3), &o).unwrap();
+    a.publish("other", obj("n", 4), &o).unwrap();
+    for t in ["md.VOD", "md.BARC", "md.BARC.L"] {
+        a.publish(t, Value::object([("marker", Value::from(true))]), &o)
+            .unwrap();
+    }
+    // Each subscription saw its matches, in publish order, before the markers on its topics.
+    let exact_got = drain_until_marker(&exact);
+    assert_eq!(exact_got, vec![obj("n", 1)]);
+    let star_got = drain_until_marker(&star);
+    assert_eq!(star_got, vec![obj("n", 1), obj("n", 2)]);
+    let rest_got = drain_until_marker(&rest);
+    assert_eq!(rest_got, vec![obj("n", 1), obj("n", 2), obj("n", 3)]);
+}
+
+#[test]
+fn routing_keys_reach_the_same_key_or_no_key() {
+    let env = Env::new("keys");
+    let a = env.client("a");
+    let b = env.client("b");
+    let key = |k: &str| SubscribeOptions {
+        routing_key: Some(k.into()),
+        ..Default::default()
+    };
+    let (_k1, k1) = sub(&b, "rk", key("k1"));
+    let (_k2, k2) = sub(&b, "rk", key("k2"));
+    let (_none, none) = sub(&b, "rk", SubscribeOptions::default());
+    let with = |k: Option<&str>| PublishOptions {
+        routing_key: k.map(Into::into),
+        ..Default::default()
+    };
+    a.publish("rk", obj("n", 1), &with(Some("k1"))).unwrap();
+    a.publish("rk", obj("n", 2), &with(Some("k2"))).unwrap();
+    a.publish("rk", obj("n", 3), &with(None)).unwrap();
+    a.publish(
+        "rk",
+        Value::object([("marker", Value::from(true))]),
+        &with(None),
+    )
+    .unwrap();
+    assert_eq!(drain_until_marker(&k1), vec![obj("n", 1), obj("n", 3)]);
+    assert_eq!(drain_until_marker(&k2), vec![obj("n", 2), obj("n", 3)]);
+    assert_eq!(
+        drain_until_marker(&none),
+        vec![obj("n", 1), obj("n", 2), obj("n", 3)]
+    );
+}
+
+#[test]
+fn targets_pick_subscribers_and_source_filters_pick_publishers() {
+    let env = Env::new("targets");
+    let a = env.client("alpha");
+    let b = env.client("beta");
+    let g = env.client("gamma");
+    let (_sb, rb) = sub(&b, "tg", SubscribeOptions::default());
+    let (_sg, rg) = sub(&g, "tg", SubscribeOptions::default());
+    let only_alpha = SubscribeOptions {
+        source: Some(map(r#"{"application":"alpha"}"#)),
+        ..Default::default()
+    };
+    let (_sf, rf) = sub(&g, "tg", only_alpha);
+    let to_beta = PublishOptions {
+        target: Some(map(r#"{"application":"beta"}"#)),
+        ..Default::default()
+    };
+    a.publish("tg", obj("n", 1), &to_beta).unwrap();
+    // The target is case-sensitive: "Beta" is nobody.
+    let to_nobody = PublishOptions {
+        target: Some(map(r#"{"application":"Beta"}"#)),
+        ..Default::default()
+    };
+    a.publish("tg", obj("n", 2), &to_nobody).unwrap();
+    b.publish("tg", obj("n", 3), &PublishOptions::default())
+        .unwrap();
+    a.publish("tg", obj("n", 4), &PublishOptions::default())
+        .unwrap();
+    let marker = Value::object([("marker", Value::from(true))]);
+    a.publish("tg", marker.clone(), &PublishOptions::default())
+        .unwrap();
+    b.publish("tg", marker, &PublishOptions::default()).unwrap();
+    // beta: alpha's targeted message, its own (no echo suppression), alpha's broadcast.
+    assert_eq!(
+        drain_until_markers(&rb, 2),
+        vec![obj("n", 1), obj("n", 3), obj("n", 4)]
+    );
+    assert_eq!(drain_until_markers(&rg, 2), vec![obj("n", 3), obj("n", 4)]);
+    // gamma's filtered subscription: only alpha's broadcast (and alpha's marker).
+    assert_eq!(drain_until_markers(&rf, 1), vec![obj("n", 4)]);
+}
+
+#[test]
+fn each_publishers_messages_arrive_in_order() {
+    let env = Env::new("order");
+    let a = env.client("a");
+    let b = env.client("b");
+    let (_s, rx) = sub(&b, "seq", SubscribeOptions::default());
+    const N: i64 = 20_000;
+    let o = PublishOptions::default();
+    for i in 0..N {
+        a.publish("seq", obj("i", i), &o).unwrap();
+    }
+    for i in 0..N {
+        let (_, d, _) = next(&rx);
+        assert_eq!(d, obj("i", i));
+    }
+}
+
+#[test]
+fn peers_behind_the_gateway_publish_and_receive() {
+    let env = Env::new("relay");
+    let native = env.client("native");
+    let relayed = env.relay_client("relayed");
+    let (_sn, rn) = sub(&native, "x", SubscribeOptions::default());
+    let (_sr, rr) = sub(&relayed, "x", SubscribeOptions::default());
+    native
+        .publish("x", obj("from", 1), &PublishOptions::default())
+        .unwrap();
+    relayed
+        .publish("x", obj("from", 2), &PublishOptions::default())
+        .unwrap();
+    let mut n: Vec<_> = (0..2).map(|_| next(&rn)).collect();
+    let mut r: Vec<_> = (0..2).map(|_| next(&rr)).collect();
+    n.sort_by_key(|g| g.2.clone());
+    r.sort_by_key(|g| g.2.clone());
+    let want = vec![
+        ("x".to_string(), obj("from", 1), "native".to_string()),
+        ("x".to_string(), obj("from", 2), "relayed".to_string()),
+    ];
+    assert_eq!(n, want);
+    assert_eq!(r, want);
+}
+
+#[test]
+fn unsubscribed_and_departed_subscribers_get_nothing_more() {
+    let env = Env::new("unsub");
+    let a = env.client("a");
+    let b = env.client("b");
+    let (s1, r1) = sub(&b, "u", SubscribeOptions::default());
+    let (_s2, r2) = sub(&b, "u", SubscribeOptions::default());
+    let o = PublishOptions::default();
+    a.publish("u", obj("n", 1), &o).unwrap();
+    assert_eq!(next(&r1).1, obj("n", 1));
+    assert_eq!(next(&r2).1, obj("n", 1));
+    s1.unsubscribe();
+    a.publish("u", obj("n", 2), &o).unwrap();
+    assert_eq!(next(&r2).1, obj("n", 2));
+    // r2 got n = 2, published after the unsubscribe; r1, dispatched on the same thread, did not.
+    assert!(r1.try_recv().is_err());
+    drop(b);
+    // Publishing to a subscriber that left is not an error.
+    a.publish("u", obj("n", 3), &o).unwrap();
+}
