@@ -11,6 +11,16 @@ ABI (cffi, ABI mode).
 
 from ._native import ffi, lib
 from .client import CONNECT_PARK, CONNECT_POLL, CONNECT_SPIN, DEFAULT_WAIT_MS, Client, Reply
+from .pubsub import (
+    ContextUpdate,
+    Contexts,
+    Message,
+    Stream,
+    StreamItem,
+    StreamRequest,
+    StreamSubscriber,
+    Subscription,
+)
 from .errors import (
     FAMILIES,
     InputError,
@@ -31,6 +41,14 @@ __version__ = ffi.string(lib.knit_version()).decode()
 __all__ = [
     "Client",
     "Reply",
+    "Subscription",
+    "Contexts",
+    "ContextUpdate",
+    "Message",
+    "Stream",
+    "StreamItem",
+    "StreamRequest",
+    "StreamSubscriber",
     "Status",
     "KnitError",
     "UsageError",
