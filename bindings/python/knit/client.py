@@ -102,6 +102,8 @@ class Client:
         # are kept until close (unregister may run inside the handler it removes).
         self._keep = {}
         self._retired = []
+        # Open subscriptions and streams: they live until closed or until the client closes.
+        self._live = set()
 
     # ----- lifetime ---------------------------------------------------------------------------
 
@@ -111,6 +113,13 @@ class Client:
             h, self._h = self._h, None
         if h is not None:
             check(lib.knit_client_close(h))
+        running = getattr(pubsub._tls, "running", None)
+        for x in list(self._live):  # closed with the client: forget their handles
+            if x is running:  # closing from inside its callback: keep that alive
+                pubsub._orphans.append(x._cbs)
+            x._h = None
+            x._cbs = None
+        self._live.clear()
         self._keep.clear()
         self._retired.clear()
 

@@ -72,9 +72,10 @@ def _retire(client, owner, cbs):
 
 
 class Subscription:
-    """A subscription (context, topic, stream or discovery events). :meth:`close` (or leaving a
-    ``with`` block) ends it; afterwards its callback is not running and is not called again.
-    Closing it from inside its own callback is fine."""
+    """A subscription (context, topic, stream or discovery events). It lives until
+    :meth:`close` (or the end of a ``with`` block) or until its client closes — dropping the
+    object does not end it (its client keeps it). After :meth:`close` its callback is not
+    running and is not called again. Closing it from inside its own callback is fine."""
 
     __slots__ = ("_h", "_cbs", "_client", "__weakref__")
 
@@ -94,6 +95,7 @@ class Subscription:
             return
         lib.knit_subscription_close(h)  # KNIT_CLOSED once the client closed: fine
         cbs, self._cbs = self._cbs, None
+        self._client._live.discard(self)
         _retire(self._client, self, cbs)
 
     def __enter__(self):
@@ -101,10 +103,6 @@ class Subscription:
 
     def __exit__(self, *exc):
         self.close()
-
-    def __del__(self):
-        if getattr(self, "_h", None) is not None:
-            self.close()
 
 
 class Contexts:
@@ -184,6 +182,7 @@ class Contexts:
         sub._cbs = trampoline
         check(lib.knit_context_subscribe_ex(self._client.handle, _c(name), trampoline, ffi.NULL, out))
         sub._h = out[0]
+        self._client._live.add(sub)
         return sub
 
 
@@ -258,12 +257,17 @@ class StreamRequest:
 
 class Stream:
     """A stream we serve (:meth:`knit.Client.create_stream`). :meth:`close` (or leaving a
-    ``with`` block) ends every subscription and unregisters it."""
+    ``with`` block), or closing its client, ends every subscription and unregisters it;
+    dropping the object does not (its client keeps it)."""
 
     def __init__(self, client):
         self._client = client
         self._h = None
         self._cbs = None
+
+    @property
+    def is_open(self):
+        return self._h is not None
 
     def _handle(self):
         return self._h if self._h is not None else ffi.NULL
@@ -302,6 +306,7 @@ class Stream:
             return
         lib.knit_stream_close(h)
         cbs, self._cbs = self._cbs, None
+        self._client._live.discard(self)
         _retire(self._client, self, cbs)
 
     def __enter__(self):
@@ -340,6 +345,7 @@ def create_stream(client, name, on_request=None, policy=None, block_ms=None, con
     out = ffi.new("knit_stream_t **")
     check(lib.knit_stream_create(client.handle, _c(name), _json_text(options), fn, ffi.NULL, out))
     stream._h = out[0]
+    client._live.add(stream)
     return stream
 
 
@@ -369,6 +375,7 @@ def subscribe_stream(client, name, on_data, on_closed=None, args=None, target=No
         lib.KNIT_DEFAULT_WAIT_MS if wait_ms is None else wait_ms, timeout_ms,
         data_fn, closed_fn, ffi.NULL, out))
     sub._h = out[0]
+    client._live.add(sub)
     return sub
 
 
@@ -388,6 +395,7 @@ def subscribe(client, topic, callback, routing_key=None, source=None):
     out = ffi.new("knit_subscription_t **")
     check(lib.knit_subscribe_ex(client.handle, _c(topic), _json_text(options), trampoline, ffi.NULL, out))
     sub._h = out[0]
+    client._live.add(sub)
     return sub
 
 
@@ -411,4 +419,5 @@ def on_event(client, callback):
     out = ffi.new("knit_subscription_t **")
     check(lib.knit_events_subscribe(client.handle, trampoline, ffi.NULL, out))
     sub._h = out[0]
+    client._live.add(sub)
     return sub
