@@ -7,7 +7,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let name = std::env::args().nth(1).unwrap_or_else(|| "examples.instrument".into());
+    let name = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "examples.instrument".into());
     let client = Client::connect("context-follower-rust")?;
     let (tx, rx) = mpsc::channel();
     let _sub = client.contexts().subscribe(&name, move |u| {

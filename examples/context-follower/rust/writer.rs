@@ -5,7 +5,9 @@ use knit::client::Client;
 use knit::Value;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let name = std::env::args().nth(1).unwrap_or_else(|| "examples.instrument".into());
+    let name = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "examples.instrument".into());
     let client = Client::connect("context-writer-rust")?;
     let ctx = client.contexts();
     ctx.set(
