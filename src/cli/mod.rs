@@ -90,6 +90,11 @@ enum Cmd {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Interop streams.
+    Stream {
+        #[command(subcommand)]
+        cmd: StreamCmd,
+    },
     /// Shared contexts.
     Ctx {
         #[command(subcommand)]
@@ -99,6 +104,30 @@ enum Cmd {
     Bench(bench::BenchArgs),
     #[command(hide = true, name = "__bench-peer")]
     BenchPeer(bench::PeerArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum StreamCmd {
+    /// Serve a stream that pushes {"seq": n, "time": ms} at a rate, until killed.
+    Serve {
+        name: String,
+        /// Pushes per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+    },
+    /// Print one JSON line per item of a stream.
+    Sub {
+        name: String,
+        /// Exit after this many items.
+        #[arg(long)]
+        count: Option<u64>,
+        /// How long to wait for the stream to appear.
+        #[arg(long, default_value_t = 3000)]
+        wait_ms: u64,
+        /// JSON arguments for the subscription.
+        #[arg(long)]
+        args: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -229,6 +258,7 @@ fn run(cli: Cli) -> CliResult {
             serve(&client, &method, reply, delay_ms)
         }
         Cmd::Ctx { cmd } => ctx(&socket, cli.app.as_deref(), cmd),
+        Cmd::Stream { cmd } => stream(&socket, cli.app.as_deref(), cmd),
         Cmd::Pub {
             topic,
             json,
@@ -311,6 +341,8 @@ struct GatewayFile {
     max_peers: Option<usize>,
     max_methods_per_peer: Option<usize>,
     queue_depth: Option<usize>,
+    channels: Option<Vec<knit::gateway::channels::ChannelDef>>,
+    channel_restrictions: Option<Vec<knit::gateway::channels::ChannelRestriction>>,
     #[serde(flatten)]
     other: serde_json::Map<String, serde_json::Value>,
 }
@@ -338,6 +370,12 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         }
         if let Some(v) = f.queue_depth {
             cfg.queue_depth = v;
+        }
+        if let Some(v) = f.channels {
+            cfg.channels.channels = v;
+        }
+        if let Some(v) = f.channel_restrictions {
+            cfg.channels.restrictions = v;
         }
         for k in f.other.keys() {
             eprintln!(
@@ -407,6 +445,87 @@ fn print_lines(
         }
     }
     Ok(())
+}
+
+fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliResult {
+    use knit::client::{StreamEvent, StreamOptions, StreamParams};
+    match cmd {
+        StreamCmd::Serve { name, rate } => {
+            if !(rate > 0.0 && rate.is_finite()) {
+                return Err(CliError::new(Status::InvalidArgument, "--rate must be positive"));
+            }
+            let client = connect(socket, app, "knit-stream")?;
+            let stream = client.create_stream(name.as_str(), StreamOptions::default())?;
+            let me = client.instance();
+            print_json(&Value::object([
+                ("ready", Value::from(true)),
+                ("stream", Value::from(name.as_str())),
+                ("application", Value::from(me.application.as_str())),
+                ("pid", Value::from(me.pid)),
+                ("peerId", Value::from(me.peer_id.to_string())),
+            ]));
+            let period = Duration::from_secs_f64(1.0 / rate);
+            let start = std::time::Instant::now();
+            let mut seq = 0u64;
+            while client.is_connected() {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                stream.push(Value::object([("seq", Value::from(seq)), ("time", Value::from(now_ms))]))?;
+                seq += 1;
+                // Keep the rate on average: sleep until the next slot.
+                let next = start + period.mul_f64(seq as f64);
+                if let Some(d) = next.checked_duration_since(std::time::Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+            Err(CliError::new(Status::Disconnected, "the gateway closed the connection"))
+        }
+        StreamCmd::Sub { name, count, wait_ms, args } => {
+            let arguments = match args {
+                Some(a) => parse_json_arg(&a)?,
+                None => Value::map(),
+            };
+            let client = connect(socket, app, "knit-cli")?;
+            let (tx, rx) = std::sync::mpsc::channel::<Value>();
+            let stream_name = name.clone();
+            let params = StreamParams { arguments, wait: Duration::from_millis(wait_ms), ..Default::default() };
+            let _sub = client
+                .subscribe_stream(&name, params, move |e| match e {
+                    StreamEvent::Data { data, server, .. } => {
+                        let _ = tx.send(Value::object([
+                            ("stream", Value::from(stream_name.as_str())),
+                            ("data", data.clone()),
+                            ("source", server.to_value()),
+                        ]));
+                    }
+                    StreamEvent::Closed { .. } => {
+                        // Dropping the sender ends the printing loop.
+                        let _ = tx.send(Value::Null);
+                    }
+                })
+                .map_err(|e| CliError::new(e.status(), e.to_string()))?;
+            eprintln!("{}", Value::object([("ready", Value::from(true))]).to_json_string());
+            let mut printed = 0u64;
+            while count.is_none_or(|c| printed < c) {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(Value::Null) => return Err(CliError::new(Status::PeerLeft, "the stream was closed by its server")),
+                    Ok(line) => {
+                        print_json(&line);
+                        printed += 1;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if !client.is_connected() {
+                            return Err(CliError::new(Status::Disconnected, "the gateway closed the connection"));
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 fn version_json(v: u64) {

@@ -9,6 +9,7 @@ use super::ClientError;
 use crate::model::context::{apply, Change, ContextError as ModelError, ContextOp};
 use crate::shm::ContextSegment;
 use crate::status::Status;
+use crate::store::context::{WriteError, KIND_OP};
 use crate::store::{Follower, LogEvent, Store, StoreError};
 use crate::wire::frame::{Instance, ToGateway};
 use crate::wire::{codec, Map, Value};
@@ -24,8 +25,6 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events queued per context before the pumper stops reading its log (then a writer that laps
 /// us makes us resynchronise: memory stays bounded, state is never lost).
 const MAX_QUEUED: usize = 256;
-/// Log record kind for context operations.
-const KIND_OP: u16 = 1;
 
 /// Why a context operation failed.
 #[derive(Debug, Error)]
@@ -291,7 +290,12 @@ pub(crate) fn attach(
             return Ok(e.clone());
         }
     }
-    let seg = ContextSegment::open(fd).map_err(|e| e.to_string())?;
+    let seg = if writable {
+        ContextSegment::open(fd)
+    } else {
+        ContextSegment::open_readonly(fd)
+    }
+    .map_err(|e| e.to_string())?;
     let store = Store::new(seg).map_err(|e| e.to_string())?;
     let entry = Arc::new(CtxEntry {
         id,
@@ -443,55 +447,34 @@ pub(crate) fn write(
         return Err(ContextError::PermissionDenied("update"));
     }
     let deadline = Instant::now() + LOCK_TIMEOUT;
-    let guard = entry
-        .store
-        .lock(shared.me.peer_id.0, || Instant::now() >= deadline)?;
-    let version = guard.version();
-    if let Some(e) = expect {
-        if e != version {
-            return Err(ContextError::Stale {
-                name: name.to_string(),
-                expected: e,
-                current: version,
-            });
-        }
-    }
-    let current: Option<Arc<Value>> = if version == 0 {
-        None
-    } else {
-        let cached = entry
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .filter(|(v, _)| *v == version)
-            .map(|(_, d)| d.clone());
-        match cached {
-            Some(d) => Some(d),
-            None => {
-                let mut buf = Vec::new();
-                guard.read(&mut buf)?;
-                Some(Arc::new(Value::Map(decode_map(&buf)?)))
-            }
-        }
-    };
-    let cur_map = current.as_deref().and_then(Value::as_map);
-    let Some(change) = apply(cur_map, &op)? else {
-        return Ok(version);
-    };
-    let norm = op.normalized(&change, cur_map.is_some());
-    let data = Value::Map(change.data);
-    let bytes = codec::encode(&data);
-    if bytes.len() > shared.max_payload {
-        return Err(ContextError::TooLarge {
-            size: bytes.len(),
-            max: shared.max_payload,
-        });
-    }
-    let payload = codec::encode(&norm.to_value());
-    let v = guard.commit(&bytes, KIND_OP, Some(&payload))?;
-    drop(guard);
-    remember(&entry, v, &Arc::new(data));
+    let cached = entry
+        .cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let token = shared.me.peer_id.0;
+    let (v, data) = crate::store::context::write(
+        &entry.store,
+        token,
+        &op,
+        expect,
+        shared.max_payload,
+        deadline,
+        cached,
+    )
+    .map_err(|e| match e {
+        WriteError::Model(m) => m.into(),
+        WriteError::Store(s) => s.into(),
+        WriteError::Stale { expected, current } => ContextError::Stale {
+            name: name.to_string(),
+            expected,
+            current,
+        },
+        WriteError::TooLarge { size, max } => ContextError::TooLarge { size, max },
+        WriteError::Corrupt(m) => ContextError::Corrupt(m),
+    })?;
+    let Some(data) = data else { return Ok(v) };
+    remember(&entry, v, &data);
     ring_subscribers(shared, &entry);
     Ok(v)
 }

@@ -262,6 +262,8 @@ pub(crate) struct Shared {
     pub ctx: Mutex<super::contexts::CtxState>,
     /// Bus subscriptions, ours and everyone's, and publish routes.
     pub bus: Mutex<super::bus::BusState>,
+    /// Channel membership and followers.
+    pub channels: Mutex<super::channels::ChannelState>,
     /// Streams we serve and stream subscriptions we hold.
     pub streams: Mutex<super::streams::StreamsState>,
     /// Stream items queued for slow subscribers (flushed by the dispatch loop).
@@ -316,6 +318,7 @@ impl Shared {
             ctx: Mutex::new(Default::default()),
             bus: Mutex::new(Default::default()),
             streams: Mutex::new(Default::default()),
+            channels: Mutex::new(Default::default()),
             stream_pending: AtomicUsize::new(0),
             calls: Mutex::new(CallMap::default()),
             next_call: AtomicU64::new(1),

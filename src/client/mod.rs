@@ -21,6 +21,7 @@
 //! client built with [`ClientBuilder::poll_mode`], inside [`Client::poll`].
 
 mod bus;
+mod channels;
 mod conn;
 mod contexts;
 mod engine;
@@ -29,6 +30,7 @@ mod lane;
 mod streams;
 
 pub use bus::{BusMessage, BusSubscription, PublishOptions, SubscribeOptions};
+pub use channels::{ChannelContext, ChannelMode, ChannelSubscription, ChannelUpdate};
 pub use contexts::{ContextError, ContextSnapshot, ContextSubscription, ContextUpdate};
 pub use interop::{InteropEvent, InvokeOptions, MethodInfo};
 pub use streams::{
@@ -724,6 +726,13 @@ impl Client {
         streams::subscribe(self.shared(), name, params, Arc::new(f))
     }
 
+    /// Colour channels.
+    pub fn channels(&self) -> Channels<'_> {
+        Channels {
+            shared: self.shared(),
+        }
+    }
+
     /// Shared contexts.
     pub fn contexts(&self) -> Contexts<'_> {
         Contexts {
@@ -826,6 +835,97 @@ impl Contexts<'_> {
         F: Fn(&ContextUpdate) + Send + Sync + 'static,
     {
         contexts::subscribe(self.shared, name, Arc::new(f))
+    }
+}
+
+/// Colour channels (features.md §6).
+///
+/// ```no_run
+/// # let client = knit::client::Client::connect("app")?;
+/// use knit::Value;
+/// let ch = client.channels();
+/// ch.join("Red")?;
+/// let _sub = ch.subscribe(|u| println!("{} now {}", u.channel, u.data))?;
+/// ch.publish(Value::object([("instrument", Value::from("VOD.L"))]), None)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Copy)]
+pub struct Channels<'a> {
+    shared: &'a Arc<Shared>,
+}
+
+impl std::fmt::Debug for Channels<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Channels")
+    }
+}
+
+impl Channels<'_> {
+    /// Names of all channels.
+    pub fn all(&self) -> Vec<String> {
+        channels::all(self.shared)
+    }
+    /// Every channel's context.
+    pub fn list(&self) -> Result<Vec<ChannelContext>, ContextError> {
+        channels::list(self.shared)
+    }
+    /// One channel's context.
+    pub fn get(&self, name: &str) -> Result<ChannelContext, ContextError> {
+        channels::get(self.shared, name)
+    }
+    /// Single (default: joining replaces) or multi mode (joining adds).
+    pub fn set_mode(&self, mode: ChannelMode) {
+        channels::set_mode(self.shared, mode)
+    }
+    /// Joins a channel; followers immediately get its current data.
+    pub fn join(&self, name: &str) -> Result<(), ContextError> {
+        channels::join(self.shared, name)
+    }
+    /// Leaves one channel, or all (`None`). Not joined: nothing happens.
+    pub fn leave(&self, name: Option<&str>) {
+        channels::leave(self.shared, name)
+    }
+    /// The current channel (single mode), or the first joined.
+    pub fn my(&self) -> Option<String> {
+        channels::my_channels(self.shared).into_iter().next()
+    }
+    /// Every channel joined.
+    pub fn my_channels(&self) -> Vec<String> {
+        channels::my_channels(self.shared)
+    }
+    /// Replaces the given top-level keys of the data of the named channel, or of every joined
+    /// channel. Returns the (last) context version.
+    pub fn publish(&self, data: impl Into<Value>, name: Option<&str>) -> Result<u64, ContextError> {
+        channels::publish(self.shared, data.into(), name)
+    }
+    /// Stores an FDC3 context (`{type, …}`) as the latest of its type.
+    pub fn publish_fdc3(
+        &self,
+        context: impl Into<Value>,
+        name: Option<&str>,
+    ) -> Result<u64, ContextError> {
+        channels::publish_fdc3(self.shared, context.into(), name)
+    }
+    /// Follows whatever channels this client is on.
+    pub fn subscribe<F>(&self, f: F) -> Result<ChannelSubscription, ContextError>
+    where
+        F: Fn(&ChannelUpdate) + Send + Sync + 'static,
+    {
+        channels::subscribe(self.shared, Arc::new(f))
+    }
+    /// Follows one channel without joining it.
+    pub fn subscribe_for<F>(&self, name: &str, f: F) -> Result<ChannelSubscription, ContextError>
+    where
+        F: Fn(&ChannelUpdate) + Send + Sync + 'static,
+    {
+        channels::subscribe_for(self.shared, name, Arc::new(f))
+    }
+    /// Calls `f` with the joined channels now and after every change.
+    pub fn on_changed<F>(&self, f: F)
+    where
+        F: Fn(&[String]) + Send + Sync + 'static,
+    {
+        channels::on_changed(self.shared, Arc::new(f));
     }
 }
 

@@ -19,6 +19,8 @@ pub(crate) struct ContextRec {
     /// Contexts are per user: two users may each have a context of the same name.
     pub user: String,
     fd: Arc<OwnedFd>,
+    /// A read-only descriptor for peers that may not write (made on first need).
+    ro_fd: Option<Arc<OwnedFd>>,
     pub store: Store<ContextSegment>,
     /// Peers subscribed, with their doorbell (None for peers behind the gateway).
     subscribers: HashMap<PeerId, Option<u32>>,
@@ -91,6 +93,9 @@ impl Registry {
             * 8;
         let fd = shm::create_context(snapshot, self.limits.context_log)
             .map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
+        // Narrow the memfd's mode: a read-only descriptor then cannot be reopened writable.
+        crate::sys::memfd::restrict_mode(&fd)
+            .map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
         let seg = ContextSegment::open(&fd)
             .map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
         let store =
@@ -104,6 +109,7 @@ impl Registry {
                 name: name.to_string(),
                 user: user.to_string(),
                 fd: Arc::new(fd),
+                ro_fd: None,
                 store,
                 subscribers: HashMap::new(),
             },
@@ -150,16 +156,39 @@ impl Registry {
                 )
             }
         };
-        let Some(c) = self.contexts.get(id) else {
+        let (read, write) = self.context_access(from, &name);
+        if !read {
+            let msg = "Not authorized to read context".to_string();
+            crate::log::warn(format_args!("{from} denied reading {name:?}"));
+            return self.fail(from, req, Status::PermissionDenied, msg);
+        }
+        let Some(c) = self.contexts.by_id.get_mut(&id) else {
             return;
+        };
+        let fd = if write {
+            c.fd.clone()
+        } else {
+            if c.ro_fd.is_none() {
+                match crate::sys::memfd::read_only(&*c.fd) {
+                    Ok(fd) => c.ro_fd = Some(Arc::new(fd)),
+                    Err(e) => {
+                        return self.fail(
+                            from,
+                            req,
+                            Status::Internal,
+                            format!("read-only segment: {e}"),
+                        )
+                    }
+                }
+            }
+            c.ro_fd.clone().unwrap_or_else(|| c.fd.clone())
         };
         let msg = FromGateway::ContextOpened {
             req,
             id,
             name,
-            writable: true,
+            writable: write,
         };
-        let fd = c.fd.clone();
         self.send(from, msg, vec![fd]);
     }
 
@@ -169,13 +198,33 @@ impl Registry {
             return;
         };
         let doorbell = peer.doorbell;
-        let Some(c) = self.contexts.by_id.get_mut(&id).filter(|c| c.user == user) else {
-            return self.fail(
-                from,
-                req,
-                Status::NotFound,
-                format!("Unable to find context with id {id}"),
-            );
+        let readable = self
+            .contexts
+            .by_id
+            .get(&id)
+            .filter(|c| c.user == user)
+            .map(|c| self.context_access(from, &c.name).0);
+        match readable {
+            None => {
+                return self.fail(
+                    from,
+                    req,
+                    Status::NotFound,
+                    format!("Unable to find context with id {id}"),
+                )
+            }
+            Some(false) => {
+                return self.fail(
+                    from,
+                    req,
+                    Status::PermissionDenied,
+                    "Not authorized to read context".into(),
+                )
+            }
+            Some(true) => {}
+        }
+        let Some(c) = self.contexts.by_id.get_mut(&id) else {
+            return;
         };
         if let Some(d) = doorbell {
             if !c.store.ctl().add_subscriber(d) {
@@ -203,7 +252,16 @@ impl Registry {
             return;
         };
         match self.contexts.by_id.get(&id) {
-            Some(c) if c.user == user => {}
+            Some(c) if c.user == user => {
+                if !self.context_access(from, &c.name).1 {
+                    return self.fail(
+                        from,
+                        req,
+                        Status::PermissionDenied,
+                        "Not authorized to destroy context".into(),
+                    );
+                }
+            }
             _ => {
                 return self.fail(
                     from,

@@ -17,6 +17,7 @@
 //! ```
 
 mod bus;
+pub mod channels;
 mod contexts;
 mod registry;
 
@@ -46,6 +47,8 @@ pub struct GatewayConfig {
     pub limits: Limits,
     /// Frames queued per peer before a peer that does not read is disconnected.
     pub queue_depth: usize,
+    /// Colour channels and who may use them.
+    pub channels: channels::ChannelConfig,
 }
 
 impl GatewayConfig {
@@ -55,6 +58,7 @@ impl GatewayConfig {
             socket: socket.into(),
             limits: Limits::default(),
             queue_depth: 65_536,
+            channels: Default::default(),
         }
     }
 }
@@ -299,6 +303,7 @@ async fn serve(
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
     let mut registry = Registry::new(gw.cfg.limits.clone())
         .map_err(|e| ctx("doorbell directory")(std::io::Error::other(e)))?;
+    registry.set_channels(gw.cfg.channels.clone());
     let mut closers: HashMap<PeerId, Closer> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -120,6 +120,8 @@ pub(crate) struct Registry {
     pub(super) contexts: super::contexts::Contexts,
     /// Bus subscriptions (see `bus.rs`).
     pub(super) bus: super::bus::Bus,
+    /// Channel definitions and restrictions (see `channels.rs`).
+    pub(super) channels: super::channels::ChannelConfig,
     next_peer: u64,
     next_lane: u64,
     next_invocation: u64,
@@ -157,6 +159,7 @@ impl Registry {
             relayed: HashMap::new(),
             contexts: Default::default(),
             bus: Default::default(),
+            channels: Default::default(),
             next_peer: 1,
             next_lane: 1,
             next_invocation: 1,
@@ -166,6 +169,11 @@ impl Registry {
     }
 
     /// Actions accumulated since the last call.
+    /// Sets the channel definitions and restrictions.
+    pub(crate) fn set_channels(&mut self, cfg: super::channels::ChannelConfig) {
+        self.channels = cfg;
+    }
+
     pub(crate) fn take_actions(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.actions)
     }
@@ -269,6 +277,7 @@ impl Registry {
             }
             _ => format!("{}-{}-{}", adm.application, adm.pid, id.0),
         };
+        self.ensure_channels(&adm.user);
         let doorbell = match adm.transport {
             Transport::Shm => Some(
                 self.free_doorbells

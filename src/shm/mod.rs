@@ -222,6 +222,10 @@ impl Segment {
 
     /// Maps a segment received from the gateway and validates it.
     pub fn open(fd: impl AsFd, expected: SegmentKind) -> Result<Self, ShmError> {
+        Self::open_with(fd, expected, true)
+    }
+
+    fn open_with(fd: impl AsFd, expected: SegmentKind, writable: bool) -> Result<Self, ShmError> {
         let (size, sealed) = memfd::inspect(&fd)?;
         if !sealed {
             return Err(ShmError::Invalid("segment is not sealed against shrinking"));
@@ -229,7 +233,11 @@ impl Segment {
         if size < HEADER_SIZE as u64 || size > (1u64 << 34) {
             return Err(ShmError::Invalid("segment size out of range"));
         }
-        let map = Arc::new(Mapping::map(&fd, size as usize)?);
+        let map = Arc::new(if writable {
+            Mapping::map(&fd, size as usize)?
+        } else {
+            Mapping::map_readonly(&fd, size as usize)?
+        });
         // SAFETY: as in `header()`: at least HEADER_SIZE bytes, page-aligned, atomics only.
         let h = unsafe { &*(map.as_ptr() as *const SegmentHeader) };
         // SYNC(version): pairs with the creator's Release store.
@@ -375,6 +383,12 @@ impl ContextSegment {
     /// Maps and validates a context segment.
     pub fn open(fd: impl AsFd) -> Result<Self, ShmError> {
         Segment::open(fd, SegmentKind::Context).map(|seg| Self { seg })
+    }
+
+    /// Maps a context segment read-only (for peers that may read but not write it: the
+    /// store's readers and followers never write).
+    pub fn open_readonly(fd: impl AsFd) -> Result<Self, ShmError> {
+        Segment::open_with(fd, SegmentKind::Context, false).map(|seg| Self { seg })
     }
 
     /// Snapshot capacity in bytes.

@@ -22,6 +22,8 @@
 //! `SYNC(...)`. Everything read is validated: lengths against capacities, record headers against
 //! the log's bounds. Written once over [`StoreMemory`], so loom checks the same code.
 
+#[cfg(not(knit_loom))]
+pub mod context;
 #[cfg(all(test, knit_loom))]
 mod loom_tests;
 #[cfg(all(test, not(knit_loom)))]

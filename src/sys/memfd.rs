@@ -13,6 +13,25 @@ pub(crate) fn create_sealed(name: &str, len: u64) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A read-only descriptor of the same memory (a writable mapping of it is refused), and the
+/// memfd's mode narrowed to owner-read so nobody but root can reopen it writable through
+/// `/proc`. Writers keep the descriptors they already have.
+pub(crate) fn read_only(fd: impl AsFd) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    Ok(fs::open(
+        path,
+        fs::OFlags::RDONLY | fs::OFlags::CLOEXEC,
+        fs::Mode::empty(),
+    )?)
+}
+
+/// Restricts a memfd's mode (see [`read_only`]).
+pub(crate) fn restrict_mode(fd: impl AsFd) -> io::Result<()> {
+    fs::fchmod(fd, fs::Mode::from_raw_mode(0o400))?;
+    Ok(())
+}
+
 /// The size of a received segment, and whether it is sealed against shrinking. A segment that
 /// could shrink under us would turn any access past the new end into SIGBUS, so unsealed
 /// segments are refused.

@@ -22,6 +22,15 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` shared, readable and writable.
     pub(crate) fn map(fd: impl AsFd, len: usize) -> io::Result<Self> {
+        Self::map_with(fd, len, ProtFlags::READ | ProtFlags::WRITE)
+    }
+
+    /// Maps `len` bytes of `fd` shared and read-only (writes to it fault).
+    pub(crate) fn map_readonly(fd: impl AsFd, len: usize) -> io::Result<Self> {
+        Self::map_with(fd, len, ProtFlags::READ)
+    }
+
+    fn map_with(fd: impl AsFd, len: usize, prot: ProtFlags) -> io::Result<Self> {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
         }
@@ -31,7 +40,7 @@ impl Mapping {
             mm::mmap(
                 std::ptr::null_mut(),
                 len,
-                ProtFlags::READ | ProtFlags::WRITE,
+                prot,
                 MapFlags::SHARED,
                 fd.as_fd(),
                 0,
