@@ -19,6 +19,7 @@
 #![warn(missing_debug_implementations)]
 
 mod bus;
+mod channels;
 mod client;
 mod contexts;
 mod events;
@@ -31,6 +32,7 @@ mod strings;
 mod subscription;
 
 pub use bus::*;
+pub use channels::*;
 pub use client::*;
 pub use contexts::*;
 pub use events::*;

@@ -7,15 +7,17 @@ use crate::gate::Gate;
 use crate::handle::{Table, KIND_SUBSCRIPTION};
 use crate::status::{guard, knit_status_t, Failure, FfiResult};
 use knit_core::client::{
-    BusSubscription, ClientSubscription, ContextSubscription, EventSubscription,
+    BusSubscription, ChannelSubscription, ClientSubscription, ContextSubscription,
+    EventSubscription,
 };
 use knit_core::Status;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// A subscription (opaque): to a context (`knit_context_subscribe`), a bus topic
-/// (`knit_subscribe`), a stream (`knit_stream_subscribe`) or discovery events
-/// (`knit_events_subscribe`). Ended by `knit_subscription_close`, or by closing its client.
+/// (`knit_subscribe`), a stream (`knit_stream_subscribe`), discovery events
+/// (`knit_events_subscribe`) or channels (`knit_channel_subscribe`, `_subscribe_for`,
+/// `_on_changed`). Ended by `knit_subscription_close`, or by closing its client.
 /// A checked token like every knit handle.
 #[derive(Debug)]
 pub struct knit_subscription {
@@ -33,6 +35,9 @@ pub(crate) enum Inner {
     Bus(BusSubscription),
     Stream(ClientSubscription),
     Events(EventSubscription),
+    Channel(ChannelSubscription),
+    /// Nothing to drop: the gate alone silences the callback (the Rust API keeps it).
+    Gate,
 }
 
 struct SubEntry {

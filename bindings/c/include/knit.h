@@ -13,6 +13,16 @@
 #include <stdint.h>
 
 /**
+ * `knit_channel_set_mode`: joining a channel leaves the one joined before (the default).
+ */
+#define KNIT_CHANNEL_SINGLE 0
+
+/**
+ * `knit_channel_set_mode`: joining a channel adds it to those joined.
+ */
+#define KNIT_CHANNEL_MULTI 1
+
+/**
  * No dispatcher thread: callbacks run inside `knit_client_poll`, on the thread that calls it.
  */
 #define KNIT_CONNECT_POLL 1
@@ -85,8 +95,9 @@ typedef struct knit_stream_subscriber knit_stream_subscriber;
 
 /**
  * A subscription (opaque): to a context (`knit_context_subscribe`), a bus topic
- * (`knit_subscribe`), a stream (`knit_stream_subscribe`) or discovery events
- * (`knit_events_subscribe`). Ended by `knit_subscription_close`, or by closing its client.
+ * (`knit_subscribe`), a stream (`knit_stream_subscribe`), discovery events
+ * (`knit_events_subscribe`) or channels (`knit_channel_subscribe`, `_subscribe_for`,
+ * `_on_changed`). Ended by `knit_subscription_close`, or by closing its client.
  * A checked token like every knit handle.
  */
 typedef struct knit_subscription knit_subscription;
@@ -115,6 +126,22 @@ typedef void (*knit_message_fn)(void *user_data,
  * See `knit_subscription`.
  */
 typedef knit_subscription knit_subscription_t;
+
+/**
+ * A channel follower: the `channel` that changed, its `data_json` (with the latest FDC3
+ * context decoded as `data.fdc3`), the whole channel context `context_json` (`{name, meta,
+ * data}`) and the context `version`. Valid only during the call.
+ */
+typedef void (*knit_channel_fn)(void *user_data,
+                                const char *channel,
+                                const char *data_json,
+                                const char *context_json,
+                                uint64_t version);
+
+/**
+ * A membership callback: `channels_json` is the JSON array of the channels joined now.
+ */
+typedef void (*knit_channels_changed_fn)(void *user_data, const char *channels_json);
 
 /**
  * A context subscriber: the context's `name`, its whole value `data_json`, what changed
@@ -358,6 +385,118 @@ knit_status_t knit_subscribe_ex(knit_client_t *client,
                                 knit_message_fn fn,
                                 void *user_data,
                                 knit_subscription_t **out);
+
+/**
+ * Every channel as a JSON array of `{name, meta: {color, …}, data}`. Free with
+ * `knit_string_free`.
+ *
+ * # Safety
+ * `json_out` is NULL or writable.
+ */
+knit_status_t knit_channel_list(knit_client_t *client, char **json_out);
+
+/**
+ * One channel as JSON `{name, meta, data}` (`KNIT_NOT_FOUND` when there is no such channel).
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated; `json_out` is NULL or writable.
+ */
+knit_status_t knit_channel_get(knit_client_t *client, const char *name, char **json_out);
+
+/**
+ * `KNIT_CHANNEL_SINGLE` (joining replaces) or `KNIT_CHANNEL_MULTI` (joining adds).
+ */
+knit_status_t knit_channel_set_mode(knit_client_t *client, uint32_t mode);
+
+/**
+ * Joins a channel (`KNIT_NOT_FOUND` if it does not exist); in single mode this leaves the one
+ * joined before. Followers (`knit_channel_subscribe`) get its current data at once.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated.
+ */
+knit_status_t knit_channel_join(knit_client_t *client, const char *name);
+
+/**
+ * Leaves one channel (`name`), or every joined channel (NULL). Not joined: nothing happens.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated.
+ */
+knit_status_t knit_channel_leave(knit_client_t *client, const char *name);
+
+/**
+ * The channels joined, as a JSON array of names (the current one first). Free with
+ * `knit_string_free`.
+ *
+ * # Safety
+ * `names_json_out` is NULL or writable.
+ */
+knit_status_t knit_channel_joined(knit_client_t *client, char **names_json_out);
+
+/**
+ * Replaces the given top-level keys of the channel's data (`data_json`, an object): of the
+ * channel `name`, or of every joined channel (`name` NULL; none joined: `KNIT_BAD_INPUT`).
+ * `*version_out` (if not NULL) gets the context version after it.
+ *
+ * # Safety
+ * String arguments are NULL or NUL-terminated; `version_out` is NULL or writable.
+ */
+knit_status_t knit_channel_publish(knit_client_t *client,
+                                   const char *data_json,
+                                   const char *name,
+                                   uint64_t *version_out);
+
+/**
+ * Stores an FDC3 context (`context_json`, an object with a `type`) as the channel's latest
+ * value of its type (followers see it as `data.fdc3`); `name` and `version_out` as for
+ * `knit_channel_publish`.
+ *
+ * # Safety
+ * As for `knit_channel_publish`.
+ */
+knit_status_t knit_channel_publish_fdc3(knit_client_t *client,
+                                        const char *context_json,
+                                        const char *name,
+                                        uint64_t *version_out);
+
+/**
+ * Follows the channels this client is on, as membership changes: `fn` gets a joined
+ * channel's current data when it is joined, then each change, on the client's dispatcher
+ * thread (or inside `knit_client_poll`). End it with `knit_subscription_close`.
+ *
+ * # Safety
+ * `fn` and `user_data` stay valid until `knit_subscription_close` (or `knit_client_close`)
+ * returns; `out` is NULL or writable.
+ */
+knit_status_t knit_channel_subscribe(knit_client_t *client,
+                                     knit_channel_fn fn,
+                                     void *user_data,
+                                     knit_subscription_t **out);
+
+/**
+ * Follows one channel without joining it (`KNIT_NOT_FOUND` when it does not exist).
+ *
+ * # Safety
+ * As for `knit_channel_subscribe`; `name` is NULL or NUL-terminated.
+ */
+knit_status_t knit_channel_subscribe_for(knit_client_t *client,
+                                         const char *name,
+                                         knit_channel_fn fn,
+                                         void *user_data,
+                                         knit_subscription_t **out);
+
+/**
+ * Calls `fn` with the channels joined now, then after every join or leave. End it with
+ * `knit_subscription_close`.
+ *
+ * # Safety
+ * As for `knit_channel_subscribe`.
+ */
+knit_status_t knit_channel_on_changed(knit_client_t *client,
+                                      knit_channels_changed_fn fn,
+                                      void *user_data,
+                                      knit_subscription_t **out);
 
 /**
  * Connects to the gateway at `gateway` (NULL: `$KNIT_GATEWAY`, else the per-user default

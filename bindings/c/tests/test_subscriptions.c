@@ -89,6 +89,16 @@ static void on_stream_closed(void *ud, const char *reason, uint32_t flags) {
     rec_add(ud, line);
 }
 
+/* Records "channel v<version> data=<data> context=<context>". */
+static void on_channel(void *ud, const char *channel, const char *data, const char *context,
+                       uint64_t version) {
+    char line[4096];
+    snprintf(line, sizeof line, "%s v%llu data=%s context=%s", channel, (unsigned long long)version,
+             data, context);
+    rec_add(ud, line);
+}
+static void on_channels_changed(void *ud, const char *names) { rec_add(ud, names); }
+
 /* ----- misuse without a gateway ---------------------------------------------------------- */
 
 static void test_null_and_garbage_handles(void) {
@@ -123,6 +133,18 @@ static void test_null_and_garbage_handles(void) {
         CHECK_STATUS(knit_subscribe_ex(c, "t", NULL, on_message, NULL, &sub),
                      KNIT_INVALID_ARGUMENT);
         CHECK_STATUS(knit_events_subscribe(c, on_event, NULL, &sub), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_channel_list(c, &s), KNIT_INVALID_ARGUMENT);
+        CHECK(s == NULL);
+        CHECK_STATUS(knit_channel_get(c, "Red", &s), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_channel_set_mode(c, KNIT_CHANNEL_SINGLE), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_channel_join(c, "Red"), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_channel_leave(c, NULL), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_channel_joined(c, &s), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_channel_publish(c, "{}", NULL, &v), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_channel_publish_fdc3(c, "{\"type\":\"t\"}", NULL, &v), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_channel_subscribe(c, on_channel, NULL, &sub), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_channel_subscribe_for(c, "Red", on_channel, NULL, &sub), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_channel_on_changed(c, on_channels_changed, NULL, &sub), KNIT_INVALID_ARGUMENT);
         CHECK_STATUS(knit_stream_create(c, "s", NULL, NULL, NULL, &stream), KNIT_INVALID_ARGUMENT);
         CHECK(stream == NULL);
         CHECK_STATUS(knit_stream_subscribe(c, "s", NULL, NULL, 0, 0, on_stream_data, NULL, NULL,
@@ -716,6 +738,115 @@ static void test_events(void) {
     rec_destroy(&ev);
 }
 
+/* ----- channels -------------------------------------------------------------------------- */
+
+static void test_channels(void) {
+    knit_client_t *w = connect_app("c-chan-writer", 0);
+    knit_client_t *r = connect_app("c-chan-reader", 0);
+    char *s = NULL;
+    uint64_t v = 0;
+
+    /* the default colour channels */
+    CHECK_STATUS(knit_channel_list(r, &s), KNIT_OK);
+    CHECK(CONTAINS(s, "{\"name\":\"Red\",\"meta\":{\"color\":\"#F44336\"") && CONTAINS(s, "\"Purple\""));
+    knit_string_free(s);
+    CHECK_STATUS(knit_channel_get(r, "Orange", &s), KNIT_OK);
+    CHECK(CONTAINS(s, "{\"name\":\"Orange\"") && CONTAINS(s, "\"data\":{}"));
+    knit_string_free(s);
+    CHECK_STATUS(knit_channel_get(r, "Nope", &s), KNIT_NOT_FOUND);
+    CHECK(s == NULL);
+    CHECK_STATUS(knit_channel_join(r, "Nope"), KNIT_NOT_FOUND);
+    CHECK_STATUS(knit_channel_join(r, NULL), KNIT_INVALID_ARGUMENT);
+    CHECK_STATUS(knit_channel_set_mode(r, 7), KNIT_INVALID_ARGUMENT);
+    CHECK_STATUS(knit_channel_get(r, "Red", NULL), KNIT_INVALID_ARGUMENT);
+    CHECK_STATUS(knit_channel_subscribe(r, NULL, NULL, &(knit_subscription_t *){NULL}),
+                 KNIT_INVALID_ARGUMENT);
+
+    /* membership changes and following whatever is joined */
+    struct rec changed, follow, one;
+    rec_init(&changed);
+    rec_init(&follow);
+    rec_init(&one);
+    knit_subscription_t *s_changed = NULL, *s_follow = NULL, *s_one = NULL;
+    CHECK_STATUS(knit_channel_on_changed(r, on_channels_changed, &changed, &s_changed), KNIT_OK);
+    CHECK(rec_wait_for(&changed, "[]", WAIT_MS)); /* the membership now, first */
+    CHECK_STATUS(knit_channel_subscribe(r, on_channel, &follow, &s_follow), KNIT_OK);
+    CHECK_STATUS(knit_channel_publish(w, "{\"instrument\":\"VOD.L\",\"px\":1}", "Orange", &v), KNIT_OK);
+    CHECK(v > 0);
+    CHECK_STATUS(knit_channel_join(r, "Orange"), KNIT_OK);
+    CHECK(rec_wait_for(&changed, "[\"Orange\"]", WAIT_MS));
+    CHECK(rec_wait_for(&follow, "Orange v", WAIT_MS)); /* its current data on joining */
+    CHECK(rec_has(&follow, "data={\"instrument\":\"VOD.L\",\"px\":1} context={\"name\":\"Orange\""));
+    CHECK_STATUS(knit_channel_joined(r, &s), KNIT_OK);
+    CHECK(s && strcmp(s, "[\"Orange\"]") == 0);
+    knit_string_free(s);
+    CHECK_STATUS(knit_channel_publish(w, "{\"px\":2}", "Orange", NULL), KNIT_OK);
+    CHECK(rec_wait_for(&follow, "data={\"instrument\":\"VOD.L\",\"px\":2}", WAIT_MS));
+
+    /* single mode: joining another leaves Orange */
+    CHECK_STATUS(knit_channel_join(r, "Yellow"), KNIT_OK);
+    CHECK(rec_wait_for(&changed, "[\"Yellow\"]", WAIT_MS));
+    CHECK_STATUS(knit_channel_publish(w, "{\"px\":3}", "Orange", NULL), KNIT_OK);
+    CHECK_STATUS(knit_channel_publish(w, "{\"y\":1}", "Yellow", NULL), KNIT_OK);
+    CHECK(rec_wait_for(&follow, "data={\"y\":1}", WAIT_MS));
+    CHECK(!rec_has(&follow, "\"px\":3"));
+
+    /* multi mode: joining adds; publishing without a name writes to every joined channel */
+    CHECK_STATUS(knit_channel_set_mode(r, KNIT_CHANNEL_MULTI), KNIT_OK);
+    CHECK_STATUS(knit_channel_join(r, "Orange"), KNIT_OK);
+    CHECK(rec_wait_for(&changed, "[\"Yellow\",\"Orange\"]", WAIT_MS));
+    CHECK_STATUS(knit_channel_publish(r, "{\"both\":true}", NULL, &v), KNIT_OK);
+    CHECK(v > 0);
+    CHECK(rec_wait_for(&follow, "Yellow v", WAIT_MS));
+    CHECK(rec_wait_for(&follow, "data={\"y\":1,\"both\":true}", WAIT_MS));
+    CHECK(rec_wait_for(&follow, "data={\"instrument\":\"VOD.L\",\"px\":3,\"both\":true}", WAIT_MS));
+
+    /* FDC3 contexts: the latest per type, decoded as data.fdc3 */
+    CHECK_STATUS(knit_channel_publish_fdc3(w, "{\"type\":\"fdc3.instrument\",\"id\":{\"ticker\":\"VOD\"}}",
+                                           "Yellow", &v),
+                 KNIT_OK);
+    CHECK(rec_wait_for(&follow, "\"fdc3\":{\"type\":\"fdc3.instrument\",\"id\":{\"ticker\":\"VOD\"}}", WAIT_MS));
+    CHECK_STATUS(knit_channel_publish_fdc3(w, "{\"id\":1}", "Yellow", NULL), KNIT_BAD_INPUT);
+    CHECK_STATUS(knit_channel_publish(w, "[1]", "Yellow", NULL), KNIT_BAD_INPUT);
+    CHECK_STATUS(knit_channel_publish(w, "{x", "Yellow", NULL), KNIT_BAD_INPUT);
+    CHECK_STATUS(knit_channel_publish(w, NULL, "Yellow", NULL), KNIT_INVALID_ARGUMENT);
+    CHECK_STATUS(knit_channel_publish(w, "{}", "Nope", NULL), KNIT_NOT_FOUND);
+    CHECK_STATUS(knit_channel_publish(w, "{\"a\":1}", NULL, &v), KNIT_BAD_INPUT); /* none joined */
+    CHECK(v == 0);
+
+    /* one channel without joining it */
+    CHECK_STATUS(knit_channel_subscribe_for(w, "Magenta", on_channel, &one, &s_one), KNIT_OK);
+    CHECK_STATUS(knit_channel_subscribe_for(w, "Nope", on_channel, &one, &(knit_subscription_t *){NULL}),
+                 KNIT_NOT_FOUND);
+    CHECK_STATUS(knit_channel_publish(r, "{\"m\":1}", "Magenta", NULL), KNIT_OK);
+    CHECK(rec_wait_for(&one, "Magenta v", WAIT_MS) && rec_wait_for(&one, "data={\"m\":1}", WAIT_MS));
+    CHECK_STATUS(knit_channel_joined(w, &s), KNIT_OK);
+    CHECK(s && strcmp(s, "[]") == 0);
+    knit_string_free(s);
+
+    /* leave all; closed subscriptions are not called again */
+    CHECK_STATUS(knit_subscription_close(s_changed), KNIT_OK);
+    int changed_before = rec_count(&changed);
+    CHECK_STATUS(knit_channel_leave(r, "Nope"), KNIT_OK); /* not joined: nothing happens */
+    CHECK_STATUS(knit_channel_leave(r, NULL), KNIT_OK);
+    CHECK_STATUS(knit_channel_joined(r, &s), KNIT_OK);
+    CHECK(s && strcmp(s, "[]") == 0);
+    knit_string_free(s);
+    CHECK_STATUS(knit_subscription_close(s_follow), KNIT_OK);
+    CHECK_STATUS(knit_subscription_close(s_follow), KNIT_CLOSED);
+    CHECK_STATUS(knit_channel_publish(r, "{\"m\":2}", "Magenta", NULL), KNIT_OK);
+    CHECK(rec_wait_for(&one, "data={\"m\":2}", WAIT_MS));
+    CHECK(rec_count(&changed) == changed_before);
+    CHECK_STATUS(knit_client_close(w), KNIT_OK);
+    CHECK_STATUS(knit_subscription_close(s_one), KNIT_CLOSED); /* closed with its client */
+    CHECK_STATUS(knit_channel_join(w, "Red"), KNIT_CLOSED);
+    CHECK_STATUS(knit_channel_list(w, &s), KNIT_CLOSED);
+    CHECK_STATUS(knit_client_close(r), KNIT_OK);
+    rec_destroy(&changed);
+    rec_destroy(&follow);
+    rec_destroy(&one);
+}
+
 /* ----- poll mode ------------------------------------------------------------------------- */
 
 static void test_poll_mode_callbacks(void) {
@@ -762,6 +893,7 @@ int main(int argc, char **argv) {
     test_bus();
     test_streams();
     test_events();
+    test_channels();
     test_poll_mode_callbacks();
     printf("%d checks, %d failed\n", checks, failures);
     return failures == 0 ? 0 : 1;

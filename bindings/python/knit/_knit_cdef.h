@@ -1,3 +1,7 @@
+#define KNIT_CHANNEL_SINGLE 0
+
+#define KNIT_CHANNEL_MULTI 1
+
 #define KNIT_CONNECT_POLL 1
 
 #define KNIT_CONNECT_SPIN 2
@@ -34,6 +38,14 @@ typedef void (*knit_message_fn)(void *user_data,
                                 const char *source_json);
 
 typedef knit_subscription knit_subscription_t;
+
+typedef void (*knit_channel_fn)(void *user_data,
+                                const char *channel,
+                                const char *data_json,
+                                const char *context_json,
+                                uint64_t version);
+
+typedef void (*knit_channels_changed_fn)(void *user_data, const char *channels_json);
 
 typedef void (*knit_context_fn)(void *user_data,
                                 const char *name,
@@ -132,6 +144,44 @@ knit_status_t knit_subscribe_ex(knit_client_t *client,
                                 knit_message_fn fn,
                                 void *user_data,
                                 knit_subscription_t **out);
+
+knit_status_t knit_channel_list(knit_client_t *client, char **json_out);
+
+knit_status_t knit_channel_get(knit_client_t *client, const char *name, char **json_out);
+
+knit_status_t knit_channel_set_mode(knit_client_t *client, uint32_t mode);
+
+knit_status_t knit_channel_join(knit_client_t *client, const char *name);
+
+knit_status_t knit_channel_leave(knit_client_t *client, const char *name);
+
+knit_status_t knit_channel_joined(knit_client_t *client, char **names_json_out);
+
+knit_status_t knit_channel_publish(knit_client_t *client,
+                                   const char *data_json,
+                                   const char *name,
+                                   uint64_t *version_out);
+
+knit_status_t knit_channel_publish_fdc3(knit_client_t *client,
+                                        const char *context_json,
+                                        const char *name,
+                                        uint64_t *version_out);
+
+knit_status_t knit_channel_subscribe(knit_client_t *client,
+                                     knit_channel_fn fn,
+                                     void *user_data,
+                                     knit_subscription_t **out);
+
+knit_status_t knit_channel_subscribe_for(knit_client_t *client,
+                                         const char *name,
+                                         knit_channel_fn fn,
+                                         void *user_data,
+                                         knit_subscription_t **out);
+
+knit_status_t knit_channel_on_changed(knit_client_t *client,
+                                      knit_channels_changed_fn fn,
+                                      void *user_data,
+                                      knit_subscription_t **out);
 
 knit_status_t knit_client_connect(const char *gateway,
                                   const char *application,
