@@ -468,6 +468,42 @@ static void test_events() {
     CHECK(events.wait_for(R"({"type":"serverRemoved","server":{"application":"cpp-events-peer")"));
 }
 
+static void test_channels() {
+    knit::Client w = knit::Client::connect("cpp-chan-w", gw);
+    knit::Client r = knit::Client::connect("cpp-chan-r", gw);
+    CHECK(contains(r.channel_list(), R"({"name":"Green","meta":{"color":"#4CAF50")"));
+    CHECK(contains(r.channel_get("Green"), R"("name":"Green")"));
+    EXPECT_THROW(knit::NotFoundError, r.channel_get("Nope"), KNIT_NOT_FOUND);
+    EXPECT_THROW(knit::NotFoundError, r.channel_join("Nope"), KNIT_NOT_FOUND);
+    Log changed, follow;
+    knit::Subscription c = r.on_channels_changed([&](const std::string& names) { changed.add(names); });
+    knit::Subscription f = r.channel_subscribe([&](const knit::ChannelUpdate& u) {
+        follow.add(u.channel + " " + u.data_json + " " + u.context_json);
+    });
+    CHECK(changed.wait_for("[]"));
+    r.channel_join("Green");
+    CHECK(changed.wait_for(R"(["Green"])") && r.channels_joined() == R"(["Green"])");
+    CHECK(w.channel_publish(R"({"instrument":"VOD.L"})", "Green") > 0);
+    CHECK(follow.wait_for(R"(Green {"instrument":"VOD.L"} {"name":"Green")"));
+    w.channel_publish_fdc3(R"({"type":"fdc3.instrument","id":{"ticker":"BT"}})", "Green");
+    CHECK(follow.wait_for(R"("fdc3":{"type":"fdc3.instrument","id":{"ticker":"BT"}})"));
+    EXPECT_THROW(knit::InputError, w.channel_publish_fdc3(R"({"id":1})", "Green"), KNIT_BAD_INPUT);
+    EXPECT_THROW(knit::InputError, w.channel_publish(R"({"a":1})"), KNIT_BAD_INPUT);  // none joined
+    r.channel_set_mode(knit::ChannelMode::multi);
+    r.channel_join("Cyan");
+    CHECK(changed.wait_for(R"(["Green","Cyan"])"));
+    Log one;
+    knit::Subscription o = w.channel_subscribe_for("Cyan", [&](const knit::ChannelUpdate& u) { one.add(u.data_json); });
+    r.channel_publish(R"({"both":1})");  // every joined channel
+    CHECK(one.wait_for(R"("both":1)") && follow.wait_for(R"(Green {"instrument":"VOD.L")"));
+    r.channel_leave();
+    CHECK(changed.wait_for(R"([])") && r.channels_joined() == "[]");
+    f.close();
+    std::size_t before = follow.size();
+    w.channel_publish(R"({"after":1})", "Cyan");
+    CHECK(one.wait_for(R"("after":1)") && follow.size() == before);
+}
+
 int main(int argc, char** argv) {
     if (argc < 2) {
         std::fprintf(stderr, "usage: %s GATEWAY_SOCKET\n", argv[0]);
@@ -482,6 +518,7 @@ int main(int argc, char** argv) {
         test_bus();
         test_streams();
         test_events();
+        test_channels();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "unexpected exception: %s\n", e.what());
         failures++;

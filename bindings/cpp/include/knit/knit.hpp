@@ -287,6 +287,19 @@ struct SubscribeOptions {
     std::string source_json;  // identity filter of publishers; "": anyone
 };
 
+/// One change of a channel: its data (the latest FDC3 context decoded as data.fdc3), the
+/// whole channel context {name, meta, data}, and the context version.
+struct ChannelUpdate {
+    std::string channel;
+    std::string data_json;
+    std::string context_json;
+    uint64_t version = 0;
+};
+using ChannelHandler = std::function<void(const ChannelUpdate&)>;
+/// The channels joined now (a JSON array of names).
+using ChannelsChangedHandler = std::function<void(const std::string& channels_json)>;
+enum class ChannelMode : uint32_t { single = KNIT_CHANNEL_SINGLE, multi = KNIT_CHANNEL_MULTI };
+
 /// Discovery events as JSON ({"type":"serverAdded","server":{…}}, …; see knit_events_subscribe).
 using EventHandler = std::function<void(const std::string& event_json)>;
 
@@ -736,6 +749,87 @@ public:
         return Subscription(sub, std::move(holder));
     }
 
+
+    // ----- colour channels ---------------------------------------------------------------------
+
+    /// Every channel (JSON array of {name, meta, data}).
+    std::string channel_list() { return json_of(knit_channel_list); }
+    /// One channel ({name, meta, data}); NotFoundError when there is none.
+    std::string channel_get(const std::string& name) {
+        char* out = nullptr;
+        knit_status_t st = knit_channel_get(h_, name.c_str(), &out);
+        std::string s = detail::take(out);
+        check(st);
+        return s;
+    }
+    void channel_set_mode(ChannelMode m) {
+        check(knit_channel_set_mode(h_, static_cast<uint32_t>(m)));
+    }
+    void channel_join(const std::string& name) { check(knit_channel_join(h_, name.c_str())); }
+    /// Leaves one channel, or every joined one ("").
+    void channel_leave(const std::string& name = {}) {
+        check(knit_channel_leave(h_, detail::c_or_null(name)));
+    }
+    /// The channels joined (JSON array of names).
+    std::string channels_joined() { return json_of(knit_channel_joined); }
+    /// Replaces top-level keys of a channel's data ("" : every joined channel).
+    uint64_t channel_publish(const std::string& data_json, const std::string& name = {}) {
+        uint64_t v = 0;
+        check(knit_channel_publish(h_, data_json.c_str(), detail::c_or_null(name), &v));
+        return v;
+    }
+    /// Stores an FDC3 context ({type, …}) as the latest of its type.
+    uint64_t channel_publish_fdc3(const std::string& context_json, const std::string& name = {}) {
+        uint64_t v = 0;
+        check(knit_channel_publish_fdc3(h_, context_json.c_str(), detail::c_or_null(name), &v));
+        return v;
+    }
+    /// Follows the channels this client is on.
+    Subscription channel_subscribe(ChannelHandler h) { return channel_sub(nullptr, std::move(h)); }
+    /// Follows one channel without joining it.
+    Subscription channel_subscribe_for(const std::string& name, ChannelHandler h) {
+        return channel_sub(&name, std::move(h));
+    }
+    /// Calls `h` with the joined channels now and after every join or leave.
+    Subscription on_channels_changed(ChannelsChangedHandler h) {
+        struct H : detail::Holder {
+            ChannelsChangedHandler f;
+        };
+        auto holder = std::make_unique<H>();
+        holder->f = std::move(h);
+        knit_subscription_t* sub = nullptr;
+        check(knit_channel_on_changed(
+            h_,
+            [](void* ud, const char* names) {
+                auto* self = static_cast<H*>(ud);
+                detail::run_callback(self, [&] { self->f(detail::str(names)); });
+            },
+            holder.get(), &sub));
+        return Subscription(sub, std::move(holder));
+    }
+
+private:
+    Subscription channel_sub(const std::string* name, ChannelHandler h) {
+        struct H : detail::Holder {
+            ChannelHandler f;
+        };
+        auto holder = std::make_unique<H>();
+        holder->f = std::move(h);
+        knit_channel_fn fn = [](void* ud, const char* ch, const char* data, const char* context,
+                                uint64_t version) {
+            auto* self = static_cast<H*>(ud);
+            detail::run_callback(self, [&] {
+                self->f(ChannelUpdate{detail::str(ch), detail::str(data), detail::str(context),
+                                      version});
+            });
+        };
+        knit_subscription_t* sub = nullptr;
+        check(name ? knit_channel_subscribe_for(h_, name->c_str(), fn, holder.get(), &sub)
+                   : knit_channel_subscribe(h_, fn, holder.get(), &sub));
+        return Subscription(sub, std::move(holder));
+    }
+
+public:
     // ----- streams -----------------------------------------------------------------------------
 
     /// Serves a stream.
