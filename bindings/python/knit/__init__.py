@@ -12,6 +12,8 @@ ABI (cffi, ABI mode).
 from ._native import ffi, lib
 from .client import CONNECT_PARK, CONNECT_POLL, CONNECT_SPIN, DEFAULT_WAIT_MS, Client, Reply
 from .pubsub import (
+    ChannelUpdate,
+    Channels,
     ContextUpdate,
     Contexts,
     Message,
@@ -43,6 +45,8 @@ __all__ = [
     "Reply",
     "Subscription",
     "Contexts",
+    "Channels",
+    "ChannelUpdate",
     "ContextUpdate",
     "Message",
     "Stream",

@@ -13,6 +13,10 @@ CONNECT_SPIN = lib.KNIT_CONNECT_SPIN
 CONNECT_PARK = lib.KNIT_CONNECT_PARK
 DEFAULT_WAIT_MS = lib.KNIT_DEFAULT_WAIT_MS
 
+# Looked up now, not in __del__: a first lookup of a cffi `lib` attribute takes cffi's
+# non-reentrant lock, which a garbage collection may interrupt (see pubsub.py).
+_reply_error = lib.knit_reply_error
+
 
 def _c(s):
     return ffi.NULL if s is None else s.encode("utf-8")
@@ -75,7 +79,7 @@ class Reply:
         h = getattr(self, "_h", None)
         if h is not None:
             self._h = None
-            lib.knit_reply_error(h, b"method handler did not reply")
+            _reply_error(h, b"method handler did not reply")
 
 
 class Client:
@@ -243,6 +247,12 @@ class Client:
         """Shared contexts: ``client.contexts.get/set/update/update_if/set_path/set_paths/
         destroy/all/subscribe`` (see :class:`knit.pubsub.Contexts`)."""
         return pubsub.Contexts(self)
+
+    @property
+    def channels(self):
+        """Colour channels: ``client.channels.list/get/set_mode/join/leave/joined/publish/
+        publish_fdc3/subscribe/subscribe_for/on_changed`` (see :class:`knit.pubsub.Channels`)."""
+        return pubsub.Channels(self)
 
     def publish(self, topic, data, routing_key=None, target=None):
         """Publishes a JSON-serialisable value on ``topic``. ``routing_key``: only subscribers

@@ -16,11 +16,20 @@ from .errors import UsageError, check
 ContextUpdate = collections.namedtuple(
     "ContextUpdate", "name data delta removed version updater first conflated"
 )
+#: One change of a channel: ``data`` (the latest FDC3 context decoded as ``data["fdc3"]``), the
+#: whole channel ``context`` ``{name, meta, data}`` and the context ``version``.
+ChannelUpdate = collections.namedtuple("ChannelUpdate", "channel data context version")
 #: One bus message.
 Message = collections.namedtuple("Message", "topic data source")
 #: One stream item: ``private`` when pushed to this subscriber alone, ``gap`` = items the
 #: stream's slow-consumer policy dropped before it.
 StreamItem = collections.namedtuple("StreamItem", "data server private gap")
+
+# Functions that __del__ methods call, looked up now: a first lookup of a cffi `lib` attribute
+# takes cffi's (non-reentrant) lock, and a garbage collection can run a __del__ while this
+# thread already holds it (inside ffi.callback, say), which would deadlock.
+_stream_subscriber_free = lib.knit_stream_subscriber_free
+_stream_reject = lib.knit_stream_reject
 
 _tls = threading.local()
 # Callbacks closed from inside themselves after their client closed: kept for good (rare).
@@ -211,7 +220,7 @@ class StreamSubscriber:
         h = getattr(self, "_h", None)
         if h is not None:
             self._h = None
-            lib.knit_stream_subscriber_free(h)
+            _stream_subscriber_free(h)
 
 
 class StreamRequest:
@@ -252,7 +261,7 @@ class StreamRequest:
         h = getattr(self, "_h", None)
         if h is not None:
             self._h = None
-            lib.knit_stream_reject(h, b"request was not decided")
+            _stream_reject(h, b"request was not decided")
 
 
 class Stream:
@@ -421,3 +430,99 @@ def on_event(client, callback):
     sub._h = out[0]
     client._live.add(sub)
     return sub
+
+
+class Channels:
+    """Colour channels of a client (``client.channels``)."""
+
+    SINGLE = lib.KNIT_CHANNEL_SINGLE
+    MULTI = lib.KNIT_CHANNEL_MULTI
+
+    def __init__(self, client):
+        self._client = client
+
+    def _json(self, f, *args):
+        out = ffi.new("char **")
+        st = f(self._client.handle, *args, out)
+        v = _take_json(out[0])
+        check(st)
+        return v
+
+    def list(self):
+        """Every channel: ``[{name, meta, data}]``."""
+        return self._json(lib.knit_channel_list)
+
+    def get(self, name):
+        """One channel ``{name, meta, data}`` (NotFoundError when there is none)."""
+        return self._json(lib.knit_channel_get, _c(name))
+
+    def set_mode(self, mode):
+        """``Channels.SINGLE`` (joining replaces) or ``Channels.MULTI`` (joining adds)."""
+        check(lib.knit_channel_set_mode(self._client.handle, mode))
+
+    def join(self, name):
+        check(lib.knit_channel_join(self._client.handle, _c(name)))
+
+    def leave(self, name=None):
+        """Leaves one channel, or every joined channel (None)."""
+        check(lib.knit_channel_leave(self._client.handle, _c(name)))
+
+    def joined(self):
+        """The channels joined, the current one first."""
+        return self._json(lib.knit_channel_joined)
+
+    def publish(self, data, name=None):
+        """Replaces top-level keys of a channel's data (None: every joined channel); returns
+        the context version."""
+        v = ffi.new("uint64_t *")
+        check(lib.knit_channel_publish(self._client.handle, _json_text(data), _c(name), v))
+        return v[0]
+
+    def publish_fdc3(self, context, name=None):
+        """Stores an FDC3 context (a dict with ``type``) as the latest of its type."""
+        v = ffi.new("uint64_t *")
+        check(lib.knit_channel_publish_fdc3(self._client.handle, _json_text(context), _c(name), v))
+        return v[0]
+
+    def _subscribe(self, callback, name):
+        sub = Subscription(self._client)
+
+        @ffi.callback("knit_channel_fn")
+        def trampoline(_ud, ch, data, context, version):
+            u = ChannelUpdate(_text(ch), json.loads(_text(data)), json.loads(_text(context)), version)
+            _run(sub, callback, u)
+
+        sub._cbs = trampoline
+        out = ffi.new("knit_subscription_t **")
+        if name is None:
+            st = lib.knit_channel_subscribe(self._client.handle, trampoline, ffi.NULL, out)
+        else:
+            st = lib.knit_channel_subscribe_for(self._client.handle, _c(name), trampoline, ffi.NULL, out)
+        check(st)
+        sub._h = out[0]
+        self._client._live.add(sub)
+        return sub
+
+    def subscribe(self, callback):
+        """Follows the channels this client is on: ``callback(update)`` (a
+        :class:`ChannelUpdate`). Returns a :class:`Subscription`."""
+        return self._subscribe(callback, None)
+
+    def subscribe_for(self, name, callback):
+        """Follows one channel without joining it."""
+        return self._subscribe(callback, name)
+
+    def on_changed(self, callback):
+        """Calls ``callback(names)`` with the joined channels now and after every change."""
+        sub = Subscription(self._client)
+
+        @ffi.callback("knit_channels_changed_fn")
+        def trampoline(_ud, names):
+            _run(sub, callback, json.loads(_text(names)))
+
+        sub._cbs = trampoline
+        out = ffi.new("knit_subscription_t **")
+        check(lib.knit_channel_on_changed(self._client.handle, trampoline, ffi.NULL, out))
+        sub._h = out[0]
+        self._client._live.add(sub)
+        return sub

@@ -270,3 +270,43 @@ def test_subscription_misuse_through_the_c_functions(gateway):
     sub.close()  # harmless
     with pytest.raises(knit.UsageError):
         c.contexts.get("n")
+
+
+def test_channels_membership_publishing_and_following(gateway):
+    with knit.Client("py-chan-w", gateway) as w, knit.Client("py-chan-r", gateway) as r:
+        names = [c["name"] for c in r.channels.list()]
+        assert "Purple" in names and len(names) == 8
+        assert r.channels.get("Purple")["meta"]["color"] == "#9C27B0"
+        with pytest.raises(knit.NotFoundError):
+            r.channels.get("Nope")
+        changed, follow = Log(), Log()
+        r.channels.on_changed(changed)
+        sub = r.channels.subscribe(follow)
+        assert changed.wait(lambda items: [] in items)
+        r.channels.join("Purple")
+        assert changed.wait(lambda items: ["Purple"] in items)
+        assert r.channels.joined() == ["Purple"]
+        assert w.channels.publish({"instrument": "VOD.L"}, "Purple") > 0
+        assert follow.wait(lambda items: any(u.data == {"instrument": "VOD.L"} for u in items))
+        u = [u for u in follow.items if u.data == {"instrument": "VOD.L"}][0]
+        assert isinstance(u, knit.ChannelUpdate) and u.channel == "Purple"
+        assert u.context["name"] == "Purple" and u.version > 0
+        w.channels.publish_fdc3({"type": "fdc3.instrument", "id": {"ticker": "VOD"}}, "Purple")
+        assert follow.wait(lambda items: any(
+            i.data.get("fdc3") == {"type": "fdc3.instrument", "id": {"ticker": "VOD"}} for i in items))
+        with pytest.raises(knit.InputError):
+            w.channels.publish({"a": 1})  # not joined to any channel
+        r.channels.set_mode(knit.Channels.MULTI)
+        r.channels.join("Magenta")
+        assert changed.wait(lambda items: ["Purple", "Magenta"] in items)
+        one = Log()
+        w.channels.subscribe_for("Magenta", one)
+        r.channels.publish({"both": 1})
+        assert one.wait(lambda items: any(i.data.get("both") == 1 for i in items))
+        r.channels.leave()
+        assert r.channels.joined() == []
+        sub.close()
+        n = len(follow)
+        w.channels.publish({"after": 1}, "Magenta")
+        assert one.wait(lambda items: any(i.data.get("after") == 1 for i in items))
+        assert len(follow) == n
