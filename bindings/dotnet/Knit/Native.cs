@@ -29,6 +29,12 @@ namespace Knit
     [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
     internal delegate void NativeStreamClosedFn(IntPtr userData, IntPtr reason, uint flags);
 
+    [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+    internal delegate void NativeChannelFn(IntPtr userData, IntPtr channel, IntPtr dataJson, IntPtr contextJson, ulong version);
+
+    [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+    internal delegate void NativeChannelsChangedFn(IntPtr userData, IntPtr channelsJson);
+
     internal static class NativeMethods
     {
         const string Lib = "knit";
@@ -94,6 +100,19 @@ namespace Knit
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_stream_subscriber_close(IntPtr subscriber);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_stream_subscriber_free(IntPtr subscriber);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_stream_subscribe(ClientHandle client, byte[] name, byte[] argsJson, byte[] target, uint waitMs, uint timeoutMs, NativeStreamDataFn onData, NativeStreamClosedFn onClosed, IntPtr userData, out IntPtr subscription);
+
+        // Channels.
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_list(ClientHandle client, out IntPtr json);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_get(ClientHandle client, byte[] name, out IntPtr json);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_set_mode(ClientHandle client, uint mode);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_join(ClientHandle client, byte[] name);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_leave(ClientHandle client, byte[] name);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_joined(ClientHandle client, out IntPtr json);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_publish(ClientHandle client, byte[] dataJson, byte[] name, out ulong version);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_publish_fdc3(ClientHandle client, byte[] contextJson, byte[] name, out ulong version);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_subscribe(ClientHandle client, NativeChannelFn fn, IntPtr userData, out IntPtr subscription);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_subscribe_for(ClientHandle client, byte[] name, NativeChannelFn fn, IntPtr userData, out IntPtr subscription);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_channel_on_changed(ClientHandle client, NativeChannelsChangedFn fn, IntPtr userData, out IntPtr subscription);
 
         // Raw IntPtr-handle forms, for calls on handles a SafeHandle no longer owns (tests of
         // misuse: NULL and closed handles must give status codes).

@@ -70,6 +70,19 @@ namespace Knit
         public ulong Version { get; internal set; }
     }
 
+    /// <summary>One change of a channel: its data (the latest FDC3 context decoded as
+    /// data.fdc3), the whole channel context {name, meta, data}, the context version.</summary>
+    public sealed class ChannelUpdate
+    {
+        public string Channel { get; internal set; }
+        public string DataJson { get; internal set; }
+        public string ContextJson { get; internal set; }
+        public ulong Version { get; internal set; }
+    }
+
+    /// <summary>Joining a channel leaves the one joined before (Single) or adds it (Multi).</summary>
+    public enum ChannelMode : uint { Single = 0, Multi = 1 }
+
     /// <summary>A bus message.</summary>
     public sealed class BusMessage
     {
@@ -250,6 +263,8 @@ namespace Knit
         static readonly NativeStreamRequestFn RequestTrampoline = OnStreamRequest;
         static readonly NativeStreamDataFn StreamDataTrampoline = OnStreamData;
         static readonly NativeStreamClosedFn StreamClosedTrampoline = OnStreamClosed;
+        static readonly NativeChannelFn ChannelTrampoline = OnChannel;
+        static readonly NativeChannelsChangedFn ChannelsChangedTrampoline = OnChannelsChanged;
 
         // Open subscriptions and streams: kept until disposed, or until the client is.
         readonly HashSet<IDisposable> open = new HashSet<IDisposable>();
@@ -377,6 +392,72 @@ namespace Knit
             return Keep(st, h, g);
         }
 
+        // ----- colour channels --------------------------------------------------------------
+
+        /// <summary>Every channel (JSON array of {name, meta, data}).</summary>
+        public string ChannelList() { return Json(NativeMethods.knit_channel_list); }
+
+        /// <summary>One channel ({name, meta, data}); NotFoundException when there is none.</summary>
+        public string ChannelGet(string name)
+        {
+            IntPtr p;
+            int st = NativeMethods.knit_channel_get(H, NativeMethods.Utf8(name), out p);
+            var s = NativeMethods.Take(p);
+            KnitException.Check(st);
+            return s;
+        }
+
+        public void ChannelSetMode(ChannelMode mode) { KnitException.Check(NativeMethods.knit_channel_set_mode(H, (uint)mode)); }
+        public void ChannelJoin(string name) { KnitException.Check(NativeMethods.knit_channel_join(H, NativeMethods.Utf8(name))); }
+        /// <summary>Leaves one channel, or every joined one (null).</summary>
+        public void ChannelLeave(string name = null) { KnitException.Check(NativeMethods.knit_channel_leave(H, NativeMethods.Utf8(name))); }
+        /// <summary>The channels joined (JSON array of names).</summary>
+        public string ChannelsJoined() { return Json(NativeMethods.knit_channel_joined); }
+
+        /// <summary>Replaces top-level keys of a channel's data (name null: every joined
+        /// channel); returns the context version.</summary>
+        public ulong ChannelPublish(string dataJson, string name = null)
+        {
+            ulong v;
+            KnitException.Check(NativeMethods.knit_channel_publish(H, NativeMethods.Utf8(dataJson), NativeMethods.Utf8(name), out v));
+            return v;
+        }
+
+        /// <summary>Stores an FDC3 context ({type, …}) as the latest of its type.</summary>
+        public ulong ChannelPublishFdc3(string contextJson, string name = null)
+        {
+            ulong v;
+            KnitException.Check(NativeMethods.knit_channel_publish_fdc3(H, NativeMethods.Utf8(contextJson), NativeMethods.Utf8(name), out v));
+            return v;
+        }
+
+        /// <summary>Follows the channels this client is on.</summary>
+        public Subscription ChannelSubscribe(Action<ChannelUpdate> handler)
+        {
+            var g = GCHandle.Alloc(handler);
+            IntPtr h;
+            int st = NativeMethods.knit_channel_subscribe(H, ChannelTrampoline, GCHandle.ToIntPtr(g), out h);
+            return Keep(st, h, g);
+        }
+
+        /// <summary>Follows one channel without joining it.</summary>
+        public Subscription ChannelSubscribeFor(string name, Action<ChannelUpdate> handler)
+        {
+            var g = GCHandle.Alloc(handler);
+            IntPtr h;
+            int st = NativeMethods.knit_channel_subscribe_for(H, NativeMethods.Utf8(name), ChannelTrampoline, GCHandle.ToIntPtr(g), out h);
+            return Keep(st, h, g);
+        }
+
+        /// <summary>Calls handler with the joined channels (JSON array) now and after every change.</summary>
+        public Subscription OnChannelsChanged(Action<string> handler)
+        {
+            var g = GCHandle.Alloc(handler);
+            IntPtr h;
+            int st = NativeMethods.knit_channel_on_changed(H, ChannelsChangedTrampoline, GCHandle.ToIntPtr(g), out h);
+            return Keep(st, h, g);
+        }
+
         // ----- streams ----------------------------------------------------------------------
 
         /// <summary>Serves a stream. onRequest decides each subscription (null: accept all on
@@ -446,6 +527,26 @@ namespace Knit
                 if (f != null) f(NativeMethods.Read(ev));
             }
             catch (Exception e) { Console.Error.WriteLine("knit: event callback: " + e); }
+        }
+
+        static void OnChannel(IntPtr ud, IntPtr channel, IntPtr data, IntPtr context, ulong version)
+        {
+            try
+            {
+                var f = Target<Action<ChannelUpdate>>(ud);
+                if (f != null) f(new ChannelUpdate { Channel = NativeMethods.Read(channel), DataJson = NativeMethods.Read(data), ContextJson = NativeMethods.Read(context), Version = version });
+            }
+            catch (Exception e) { Console.Error.WriteLine("knit: channel callback: " + e); }
+        }
+
+        static void OnChannelsChanged(IntPtr ud, IntPtr names)
+        {
+            try
+            {
+                var f = Target<Action<string>>(ud);
+                if (f != null) f(NativeMethods.Read(names));
+            }
+            catch (Exception e) { Console.Error.WriteLine("knit: channel callback: " + e); }
         }
 
         static void OnStreamRequest(IntPtr ud, IntPtr request, IntPtr args, IntPtr caller)

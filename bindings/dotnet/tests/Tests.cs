@@ -380,6 +380,42 @@ static class Tests
         }
     }
 
+    static void Channels()
+    {
+        using (var w = new KnitClient("cs-chan-w", gw))
+        using (var r = new KnitClient("cs-chan-r", gw))
+        {
+            Check(Has(r.ChannelList(), "{\"name\":\"Blue\",\"meta\":{\"color\":\"#2196F3\""), "default channels");
+            Check(Has(r.ChannelGet("Blue"), "\"name\":\"Blue\""), "get");
+            Throws<NotFoundException>(() => r.ChannelGet("Nope"), Status.NotFound, "no such channel");
+            var changed = new Log();
+            var follow = new Log();
+            r.OnChannelsChanged(changed.Add);
+            var f = r.ChannelSubscribe(u => follow.Add(u.Channel + " " + u.DataJson + " " + u.ContextJson));
+            Check(changed.WaitFor("[]"), "membership first");
+            r.ChannelJoin("Blue");
+            Check(changed.WaitFor("[\"Blue\"]") && r.ChannelsJoined() == "[\"Blue\"]", "joined");
+            Check(w.ChannelPublish("{\"instrument\":\"VOD.L\"}", "Blue") > 0, "publish");
+            Check(follow.WaitFor("Blue {\"instrument\":\"VOD.L\"} {\"name\":\"Blue\""), "followed");
+            w.ChannelPublishFdc3("{\"type\":\"fdc3.instrument\",\"id\":{\"ticker\":\"BP\"}}", "Blue");
+            Check(follow.WaitFor("\"fdc3\":{\"type\":\"fdc3.instrument\",\"id\":{\"ticker\":\"BP\"}}"), "FDC3 decoded");
+            Throws<InputException>(() => w.ChannelPublish("{\"a\":1}"), Status.BadInput, "none joined");
+            r.ChannelSetMode(ChannelMode.Multi);
+            r.ChannelJoin("Red");
+            Check(changed.WaitFor("[\"Blue\",\"Red\"]"), "multi mode");
+            var one = new Log();
+            w.ChannelSubscribeFor("Red", u => one.Add(u.DataJson));
+            r.ChannelPublish("{\"both\":1}");
+            Check(one.WaitFor("\"both\":1") && follow.WaitFor("Red "), "publish to every joined channel");
+            r.ChannelLeave();
+            Check(r.ChannelsJoined() == "[]", "left all");
+            f.Dispose();
+            int before = follow.Count;
+            w.ChannelPublish("{\"after\":1}", "Red");
+            Check(one.WaitFor("\"after\":1") && follow.Count == before, "no callback after Dispose");
+        }
+    }
+
     static void SubscriptionMisuse()
     {
         var c = new KnitClient("cs-sub-misuse", gw);
@@ -400,7 +436,7 @@ static class Tests
         if (args.Length < 2) { Console.Error.WriteLine("usage: Tests.exe GATEWAY_SOCKET RUST_METHOD"); return 2; }
         gw = args[0];
         rustMethod = args[1];
-        var tests = new Action[] { StatusEnumMatchesTheLibrary, ConnectFailures, RoundTrips, PollMode, DisposeAndMisuse, RustPeer, Contexts, Bus, Streams, Events, SubscriptionMisuse };
+        var tests = new Action[] { StatusEnumMatchesTheLibrary, ConnectFailures, RoundTrips, PollMode, DisposeAndMisuse, RustPeer, Contexts, Bus, Streams, Events, Channels, SubscriptionMisuse };
         foreach (var t in tests)
         {
             try { t(); }
