@@ -139,7 +139,9 @@ fn release_of(pred: impl Fn(u64, u64) -> bool) {
     for r in requests {
         r.req.reject("Stream closed");
     }
-    drop(lock(&SUBSCRIBERS).remove_where(|e| pred(e.owner, e.stream)));
+    // Dropped after the lock is released.
+    let subscribers = lock(&SUBSCRIBERS).remove_where(|e| pred(e.owner, e.stream));
+    drop(subscribers);
 }
 
 /// Ends every stream of client `owner` (its client is closing).
