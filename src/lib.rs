@@ -13,7 +13,9 @@
 //! * [`wire`] — knit's [`Value`], its binary codec, control frames and lane records;
 //! * [`model`] — io.Connect's rules as pure functions (targets, result aggregation);
 //! * [`gateway`] — the control plane: identity, discovery, lane brokering, liveness;
-//! * [`client`] — the Rust API.
+//! * [`client`] — the Rust API;
+//! * [`bridge`] — the WebSocket bridge that lets web apps (io.Connect / Glue42 clients, GW3)
+//!   join as ordinary peers.
 //!
 //! A complete round trip, with an embedded gateway:
 //!
@@ -50,6 +52,8 @@ pub mod ring;
 pub mod store;
 pub mod wait;
 
+#[cfg(not(knit_loom))]
+pub mod bridge;
 #[cfg(not(knit_loom))]
 pub mod client;
 #[cfg(not(knit_loom))]

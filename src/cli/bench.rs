@@ -25,6 +25,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "bench_data.rs"]
+mod data;
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// rpc (ctx, bus and stream arrive with the data-sharing work), or all.
@@ -49,6 +52,12 @@ pub struct BenchArgs {
 #[derive(clap::Args, Debug)]
 pub struct PeerArgs {
     role: String,
+    /// Subscriptions (ctx), or messages expected (throughput roles).
+    #[arg(long, default_value_t = 1)]
+    n: u64,
+    /// Context name, topic or stream.
+    #[arg(long, default_value = "bench")]
+    name: String,
     #[arg(long)]
     fd: Option<i32>,
     #[arg(long, default_value_t = 64)]
@@ -171,14 +180,16 @@ fn machine_now() -> String {
 
 pub fn run(args: BenchArgs) -> Result<(), CliError> {
     match args.scenario.as_str() {
-        "rpc" | "all" => rpc(&args),
-        "ctx" | "bus" | "stream" => Err(CliError::new(
-            Status::InvalidArgument,
-            format!(
-                "bench {} needs the data-sharing features, which this build does not have yet",
-                args.scenario
-            ),
-        )),
+        "rpc" => rpc(&args),
+        "ctx" => data::ctx(&args),
+        "bus" => data::bus(&args),
+        "stream" => data::stream(&args),
+        "all" => {
+            rpc(&args)?;
+            data::ctx(&args)?;
+            data::bus(&args)?;
+            data::stream(&args)
+        }
         other => Err(CliError::new(
             Status::InvalidArgument,
             format!("unknown bench scenario {other:?}"),
@@ -191,12 +202,29 @@ fn exe() -> Result<PathBuf, CliError> {
 }
 
 /// A child peer; killed (and reaped) when dropped.
-struct Peer(Child);
+struct Peer {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Peer {
+    /// The next line the peer prints.
+    fn line(&mut self) -> Result<String, CliError> {
+        let mut line = String::new();
+        self.out
+            .read_line(&mut line)
+            .map_err(|e| bench_err("peer", e))?;
+        if line.is_empty() {
+            return Err(bench_err("peer", "exited early"));
+        }
+        Ok(line)
+    }
+}
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -224,19 +252,20 @@ fn spawn_peer(role: &str, extra: &[String], fd: Option<&OwnedFd>) -> Result<Peer
         .stdout
         .take()
         .ok_or_else(|| bench_err("peer", "no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(out)
-        .read_line(&mut line)
-        .map_err(|e| bench_err("peer", e))?;
+    let mut peer = Peer {
+        child,
+        out: BufReader::new(out),
+    };
+    let line = peer.line()?;
     if !line.contains("ready") {
-        let _ = child.kill();
         return Err(bench_err("bench peer did not start", line.trim()));
     }
-    Ok(Peer(child))
+    Ok(peer)
 }
 
 // ----- the bare ring (baseline; deliberately no knit code) ------------------------------------
 
+/// Slots of the latency rings (few: always hot in cache, the tightest floor).
 const SLOTS: u64 = 4;
 
 /// Two directions of a fixed-slot SPSC ring in one memfd.
@@ -244,24 +273,33 @@ struct Bare {
     base: *mut u8,
     len: usize,
     slot: usize,
+    slots: u64,
 }
 
 impl Bare {
-    fn layout(size: usize) -> (usize, usize) {
+    fn layout(size: usize, slots: u64) -> (usize, usize) {
         let slot = (8 + size).div_ceil(64) * 64;
-        (slot, 4096 + 2 * SLOTS as usize * slot)
+        (slot, 4096 + 2 * slots as usize * slot)
     }
 
     fn create(size: usize) -> Result<(Bare, OwnedFd), CliError> {
-        let (_, len) = Self::layout(size);
+        Self::create_with(size, SLOTS)
+    }
+
+    fn create_with(size: usize, slots: u64) -> Result<(Bare, OwnedFd), CliError> {
+        let (_, len) = Self::layout(size, slots);
         let fd = rustix::fs::memfd_create("knit-bench", rustix::fs::MemfdFlags::CLOEXEC)
             .map_err(|e| bench_err("memfd", e))?;
         rustix::fs::ftruncate(&fd, len as u64).map_err(|e| bench_err("ftruncate", e))?;
-        Ok((Self::map(&fd, size)?, fd))
+        Ok((Self::map_with(&fd, size, slots)?, fd))
     }
 
     fn map(fd: impl AsFd, size: usize) -> Result<Bare, CliError> {
-        let (slot, len) = Self::layout(size);
+        Self::map_with(fd, size, SLOTS)
+    }
+
+    fn map_with(fd: impl AsFd, size: usize, slots: u64) -> Result<Bare, CliError> {
+        let (slot, len) = Self::layout(size, slots);
         // SAFETY: a fresh shared mapping of a memfd we sized to `len`.
         let base = unsafe {
             rustix::mm::mmap(
@@ -278,6 +316,7 @@ impl Bare {
             base: base.cast(),
             len,
             slot,
+            slots,
         })
     }
 
@@ -294,10 +333,10 @@ impl Bare {
     fn send(&self, dir: usize, bytes: &[u8]) {
         let (head, tail) = (self.word(dir * 256), self.word(dir * 256 + 128));
         let t = tail.load(Ordering::Relaxed);
-        while t - head.load(Ordering::Acquire) >= SLOTS {
+        while t - head.load(Ordering::Acquire) >= self.slots {
             std::hint::spin_loop();
         }
-        let off = 4096 + (dir * SLOTS as usize + (t % SLOTS) as usize) * self.slot;
+        let off = 4096 + (dir * self.slots as usize + (t % self.slots) as usize) * self.slot;
         // SAFETY: the slot is inside the mapping and free (checked above).
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -316,7 +355,7 @@ impl Bare {
         while tail.load(Ordering::Acquire) == h {
             std::hint::spin_loop();
         }
-        let off = 4096 + (dir * SLOTS as usize + (h % SLOTS) as usize) * self.slot;
+        let off = 4096 + (dir * self.slots as usize + (h % self.slots) as usize) * self.slot;
         let mut n = [0u8; 8];
         // SAFETY: the slot is inside the mapping and published (checked above).
         unsafe { std::ptr::copy_nonoverlapping(self.base.add(off), n.as_mut_ptr(), 8) };
@@ -335,10 +374,10 @@ impl Bare {
     fn stop(&self, dir: usize) {
         let (head, tail) = (self.word(dir * 256), self.word(dir * 256 + 128));
         let t = tail.load(Ordering::Relaxed);
-        while t - head.load(Ordering::Acquire) >= SLOTS {
+        while t - head.load(Ordering::Acquire) >= self.slots {
             std::hint::spin_loop();
         }
-        let off = 4096 + (dir * SLOTS as usize + (t % SLOTS) as usize) * self.slot;
+        let off = 4096 + (dir * self.slots as usize + (t % self.slots) as usize) * self.slot;
         // SAFETY: as in `send`.
         unsafe {
             std::ptr::copy_nonoverlapping(u64::MAX.to_le_bytes().as_ptr(), self.base.add(off), 8)
@@ -346,6 +385,12 @@ impl Bare {
         tail.store(t + 1, Ordering::Release);
     }
 }
+
+// SAFETY: `Bare` is a pointer into a shared mapping it owns; every access goes through atomics
+// or copies of slots handed over by the ring's atomic indices, from any thread.
+unsafe impl Send for Bare {}
+// SAFETY: as above.
+unsafe impl Sync for Bare {}
 
 impl Drop for Bare {
     fn drop(&mut self) {
@@ -435,12 +480,7 @@ pub fn peer(a: PeerArgs) -> Result<(), CliError> {
             let _ = std::io::stdin().read_to_end(&mut sink);
             drop(client);
         }
-        other => {
-            return Err(CliError::new(
-                Status::InvalidArgument,
-                format!("unknown peer role {other}"),
-            ))
-        }
+        other => return data::peer(other, &a),
     }
     Ok(())
 }

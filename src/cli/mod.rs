@@ -100,6 +100,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CtxCmd,
     },
+    /// Print the WebSocket bridge token of this user's gateway (the `secret` of a GW3 login
+    /// as the OS user).
+    Token,
     /// Measure (see the README for what each scenario compares against).
     Bench(bench::BenchArgs),
     #[command(hide = true, name = "__bench-peer")]
@@ -159,15 +162,15 @@ enum CtxCmd {
 
 #[derive(clap::Args, Debug)]
 struct GatewayArgs {
-    /// WebSocket bridge address.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8385")]
-    ws: String,
+    /// WebSocket bridge address (default 127.0.0.1:8385; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_ws")]
+    ws: Option<String>,
     /// Run without the WebSocket bridge.
     #[arg(long)]
     no_ws: bool,
-    /// Bridge authentication: token or open.
-    #[arg(long, value_name = "MODE", default_value = "token")]
-    ws_auth: String,
+    /// Bridge authentication: token (default) or open (any login; loopback only).
+    #[arg(long, value_name = "MODE")]
+    ws_auth: Option<String>,
     /// Gateway configuration (JSON).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -296,6 +299,20 @@ fn run(cli: Cli) -> CliResult {
             );
             print_lines(&client, rx, count)
         }
+        Cmd::Token => {
+            let path = knit::bridge::token_path(&socket);
+            let token = knit::bridge::read_token(&socket).map_err(|e| {
+                CliError::new(
+                    Status::GatewayUnreachable,
+                    format!(
+                        "no bridge token at {} ({e}); start `knit gateway` first",
+                        path.display()
+                    ),
+                )
+            })?;
+            println!("{token}");
+            Ok(())
+        }
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchPeer(args) => bench::peer(args),
     }
@@ -343,13 +360,102 @@ struct GatewayFile {
     queue_depth: Option<usize>,
     channels: Option<Vec<knit::gateway::channels::ChannelDef>>,
     channel_restrictions: Option<Vec<knit::gateway::channels::ChannelRestriction>>,
+    bridge: Option<BridgeFile>,
     #[serde(flatten)]
     other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The `bridge` section of the gateway configuration (docs/bridge.md).
+#[derive(serde::Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct BridgeFile {
+    enabled: Option<bool>,
+    ws: Option<String>,
+    auth: Option<String>,
+    origins: Vec<String>,
+    users: Vec<UserFile>,
+    allow_remote: bool,
+    max_frame: Option<usize>,
+    max_queued_bytes: Option<usize>,
+    max_connections: Option<usize>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserFile {
+    login: String,
+    password: Option<String>,
+    password_sha256: Option<String>,
+    user: Option<String>,
+}
+
+fn bridge_file_ws(file: &Option<BridgeFile>) -> Option<&str> {
+    file.as_ref().and_then(|f| f.ws.as_deref())
+}
+
+fn bridge_config(
+    file: Option<BridgeFile>,
+    args: &GatewayArgs,
+) -> Result<Option<knit::bridge::BridgeConfig>, CliError> {
+    let bad = |m: String| CliError::new(Status::InvalidArgument, m);
+    let file = file.unwrap_or_default();
+    if args.no_ws || (file.enabled == Some(false) && args.ws.is_none()) {
+        return Ok(None);
+    }
+    let addr = args
+        .ws
+        .as_deref()
+        .or(file.ws.as_deref())
+        .unwrap_or(knit::bridge::DEFAULT_ADDR);
+    let addr: std::net::SocketAddr = addr.parse().map_err(|_| {
+        bad(format!(
+            "--ws {addr:?}: expected IP:PORT, e.g. 127.0.0.1:8385"
+        ))
+    })?;
+    let mut cfg = knit::bridge::BridgeConfig::new(addr);
+    if let Some(mode) = args.ws_auth.as_deref().or(file.auth.as_deref()) {
+        cfg.auth = mode
+            .parse()
+            .map_err(|_| bad("--ws-auth must be token or open".into()))?;
+    }
+    cfg.origins = file.origins;
+    cfg.allow_remote = file.allow_remote;
+    cfg.max_frame = file.max_frame;
+    if let Some(v) = file.max_queued_bytes {
+        cfg.max_queued_bytes = v;
+    }
+    if let Some(v) = file.max_connections {
+        cfg.max_connections = v;
+    }
+    for u in file.users {
+        let password = match (u.password, u.password_sha256) {
+            (Some(p), None) => knit::bridge::Password::Plain(p),
+            (None, Some(h)) => knit::bridge::Password::sha256_hex(&h).ok_or_else(|| {
+                bad(format!(
+                    "user {:?}: password_sha256 must be 64 hex digits",
+                    u.login
+                ))
+            })?,
+            _ => {
+                return Err(bad(format!(
+                    "user {:?}: give exactly one of password and password_sha256",
+                    u.login
+                )))
+            }
+        };
+        cfg.users.push(knit::bridge::UserEntry {
+            user: u.user.unwrap_or_else(|| u.login.clone()),
+            login: u.login,
+            password,
+        });
+    }
+    Ok(Some(cfg))
 }
 
 fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
     knit::log::set_default_level(knit::log::Level::Info);
     let mut cfg = GatewayConfig::new(socket);
+    let mut bridge_file = None;
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             CliError::new(Status::BadInput, format!("reading {}: {e}", path.display()))
@@ -377,6 +483,7 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         if let Some(v) = f.channel_restrictions {
             cfg.channels.restrictions = v;
         }
+        bridge_file = f.bridge;
         for k in f.other.keys() {
             eprintln!(
                 "knit: warning: {}: unknown setting {k:?} ignored",
@@ -394,16 +501,22 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
             "lane_capacity must be a power of two >= 4096",
         ));
     }
-    if !["token", "open"].contains(&args.ws_auth.as_str()) {
-        return Err(CliError::new(
-            Status::InvalidArgument,
-            "--ws-auth must be token or open",
-        ));
+    // The default address is a convenience: when it is taken (another user's gateway, a test
+    // running in parallel) the gateway still serves native peers, with a warning. An address
+    // that was asked for must be had.
+    let default_addr = args.ws.is_none() && bridge_file_ws(&bridge_file).is_none();
+    cfg.bridge = bridge_config(bridge_file, &args)?;
+    let gw = match Gateway::bind(cfg.clone()) {
+        Err(knit::gateway::GatewayError::Bridge(e @ knit::bridge::BridgeError::Bind { .. }))
+            if default_addr =>
+        {
+            eprintln!("knit: warning: {e}; running without the WebSocket bridge");
+            cfg.bridge = None;
+            Gateway::bind(cfg)
+        }
+        other => other,
     }
-    if !args.no_ws {
-        eprintln!("knit: note: the WebSocket bridge ({}) is not part of this build yet; serving native peers only", args.ws);
-    }
-    let gw = Gateway::bind(cfg).map_err(|e| CliError::new(e.status(), e.to_string()))?;
+    .map_err(|e| CliError::new(e.status(), e.to_string()))?;
     gw.run_until(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -452,7 +565,10 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
     match cmd {
         StreamCmd::Serve { name, rate } => {
             if !(rate > 0.0 && rate.is_finite()) {
-                return Err(CliError::new(Status::InvalidArgument, "--rate must be positive"));
+                return Err(CliError::new(
+                    Status::InvalidArgument,
+                    "--rate must be positive",
+                ));
             }
             let client = connect(socket, app, "knit-stream")?;
             let stream = client.create_stream(name.as_str(), StreamOptions::default())?;
@@ -472,7 +588,10 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0);
-                stream.push(Value::object([("seq", Value::from(seq)), ("time", Value::from(now_ms))]))?;
+                stream.push(Value::object([
+                    ("seq", Value::from(seq)),
+                    ("time", Value::from(now_ms)),
+                ]))?;
                 seq += 1;
                 // Keep the rate on average: sleep until the next slot.
                 let next = start + period.mul_f64(seq as f64);
@@ -480,9 +599,17 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                     std::thread::sleep(d);
                 }
             }
-            Err(CliError::new(Status::Disconnected, "the gateway closed the connection"))
+            Err(CliError::new(
+                Status::Disconnected,
+                "the gateway closed the connection",
+            ))
         }
-        StreamCmd::Sub { name, count, wait_ms, args } => {
+        StreamCmd::Sub {
+            name,
+            count,
+            wait_ms,
+            args,
+        } => {
             let arguments = match args {
                 Some(a) => parse_json_arg(&a)?,
                 None => Value::map(),
@@ -490,7 +617,11 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
             let client = connect(socket, app, "knit-cli")?;
             let (tx, rx) = std::sync::mpsc::channel::<Value>();
             let stream_name = name.clone();
-            let params = StreamParams { arguments, wait: Duration::from_millis(wait_ms), ..Default::default() };
+            let params = StreamParams {
+                arguments,
+                wait: Duration::from_millis(wait_ms),
+                ..Default::default()
+            };
             let _sub = client
                 .subscribe_stream(&name, params, move |e| match e {
                     StreamEvent::Data { data, server, .. } => {
@@ -506,18 +637,29 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                     }
                 })
                 .map_err(|e| CliError::new(e.status(), e.to_string()))?;
-            eprintln!("{}", Value::object([("ready", Value::from(true))]).to_json_string());
+            eprintln!(
+                "{}",
+                Value::object([("ready", Value::from(true))]).to_json_string()
+            );
             let mut printed = 0u64;
             while count.is_none_or(|c| printed < c) {
                 match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(Value::Null) => return Err(CliError::new(Status::PeerLeft, "the stream was closed by its server")),
+                    Ok(Value::Null) => {
+                        return Err(CliError::new(
+                            Status::PeerLeft,
+                            "the stream was closed by its server",
+                        ))
+                    }
                     Ok(line) => {
                         print_json(&line);
                         printed += 1;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                         if !client.is_connected() {
-                            return Err(CliError::new(Status::Disconnected, "the gateway closed the connection"));
+                            return Err(CliError::new(
+                                Status::Disconnected,
+                                "the gateway closed the connection",
+                            ));
                         }
                     }
                     Err(_) => break,

@@ -76,6 +76,11 @@ pub(crate) struct BusState {
     /// Bumped whenever subscriptions change.
     generation: u64,
     routes: HashMap<(String, Option<String>), Arc<Route>>,
+    /// The last route used, for publishers that repeat one topic (no key allocation).
+    last: Option<(String, Option<String>, Arc<Route>)>,
+    /// Our subscriptions as a shared list (rebuilt on change), so delivering a message does
+    /// not copy the list.
+    mine_list: Arc<Vec<Arc<MySub>>>,
 }
 
 /// A subscription; dropping it (or `unsubscribe`) ends it.
@@ -103,7 +108,9 @@ impl Drop for BusSubscription {
         if let Some(shared) = self.shared.upgrade() {
             let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
             st.mine.remove(&self.sub.id);
+            st.mine_list = Arc::new(st.mine.values().cloned().collect());
             st.generation += 1;
+            shared.bus_generation.fetch_add(1, Ordering::Release);
             drop(st);
             // Fire and forget (request id 0 is never used).
             let _ = shared.conn.send(&ToGateway::BusUnsubscribe {
@@ -155,7 +162,9 @@ pub(crate) fn subscribe(
     }
     let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
     st.mine.insert(sub.id, sub.clone());
+    st.mine_list = Arc::new(st.mine.values().cloned().collect());
     st.generation += 1;
+    shared.bus_generation.fetch_add(1, Ordering::Release);
     Ok(BusSubscription {
         shared: Arc::downgrade(shared),
         sub,
@@ -190,10 +199,19 @@ fn route(
     topic: &str,
     opts: &PublishOptions,
 ) -> Result<Arc<Route>, ClientError> {
-    let key = (topic.to_string(), opts.routing_key.clone());
     let (generation, peers, local) = {
         let st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
         if opts.target.is_none() {
+            if let Some((t, k, r)) = &st.last {
+                if t == topic
+                    && k.as_deref() == opts.routing_key.as_deref()
+                    && r.generation == st.generation
+                    && r.lanes.iter().all(|l| !l.is_closed())
+                {
+                    return Ok(r.clone());
+                }
+            }
+            let key = (topic.to_string(), opts.routing_key.clone());
             if let Some(r) = st.routes.get(&key) {
                 if r.generation == st.generation && r.lanes.iter().all(|l| !l.is_closed()) {
                     return Ok(r.clone());
@@ -254,12 +272,10 @@ fn route(
         local,
     });
     if opts.target.is_none() {
-        shared
-            .bus
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .routes
-            .insert(key, r.clone());
+        let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+        st.routes
+            .insert((topic.to_string(), opts.routing_key.clone()), r.clone());
+        st.last = Some((topic.to_string(), opts.routing_key.clone(), r.clone()));
     }
     Ok(r)
 }
@@ -295,10 +311,32 @@ fn take_u32(b: &mut &[u8]) -> Option<u32> {
     take(b, 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
+thread_local! {
+    /// (client, subscription generation, our subscriptions) for `deliver`.
+    #[allow(clippy::type_complexity)]
+    static SUBS_CACHE: std::cell::RefCell<Option<(*const Shared, u64, Arc<Vec<Arc<MySub>>>)>> = const { std::cell::RefCell::new(None) };
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The last topic seen by this (pumping) thread: a subscriber of one busy topic then
+    /// shares one string instead of allocating one per message.
+    static LAST_TOPIC: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Decodes a bus record into (topic, routing key, data).
-pub(crate) fn decode(mut b: &[u8]) -> Option<(String, Option<String>, Value)> {
+pub(crate) fn decode(mut b: &[u8]) -> Option<(Arc<str>, Option<String>, Value)> {
     let n = take_u32(&mut b)? as usize;
-    let topic = std::str::from_utf8(take(&mut b, n)?).ok()?.to_string();
+    let raw = take(&mut b, n)?;
+    let topic = LAST_TOPIC.with(|c| {
+        let mut c = c.borrow_mut();
+        match &*c {
+            // Equal bytes to a valid string: no need to validate again.
+            Some(t) if t.as_bytes() == raw => Some(t.clone()),
+            _ => {
+                let t: Arc<str> = Arc::from(std::str::from_utf8(raw).ok()?);
+                *c = Some(t.clone());
+                Some(t)
+            }
+        }
+    })?;
     let rk = match take_u32(&mut b)? {
         u32::MAX => None,
         n => Some(
@@ -328,7 +366,7 @@ pub(crate) fn publish(
     }
     let r = route(shared, topic, opts)?;
     if !r.lanes.is_empty() {
-        let mut body = Vec::new();
+        let mut body = SCRATCH.with(|s| s.take());
         encode(&mut body, topic, opts.routing_key.as_deref(), &data);
         if body.len() > shared.max_payload + 64 {
             return Err(ClientError::InvalidArgument(format!(
@@ -354,6 +392,7 @@ pub(crate) fn publish(
                 }
             }
         }
+        SCRATCH.with(|s| s.set(body));
     }
     if r.relay {
         let target = opts.target.clone().map(Value::Map).unwrap_or(Value::Null);
@@ -371,23 +410,34 @@ pub(crate) fn publish(
             routing_key: opts.routing_key.clone(),
             source: shared.me.clone(),
         };
-        shared.push_task(Task::Bus(Arc::new(msg)));
+        shared.push_task(Task::Bus(msg));
     }
     Ok(())
 }
 
 /// Runs one message through our subscriptions (dispatch thread).
 pub(crate) fn deliver(shared: &Shared, msg: &BusMessage) {
-    let subs: Vec<Arc<MySub>> = shared
-        .bus
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .mine
-        .values()
-        .cloned()
-        .collect();
+    // The list is cached per thread and refreshed when the subscriptions change, so a busy
+    // subscriber takes no lock per message.
+    let gen = shared.bus_generation.load(Ordering::Acquire);
+    let subs: Arc<Vec<Arc<MySub>>> = SUBS_CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        match &*c {
+            Some((s, g, list)) if *g == gen && std::ptr::eq(*s, shared) => list.clone(),
+            _ => {
+                let list = shared
+                    .bus
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .mine_list
+                    .clone();
+                *c = Some((shared as *const Shared, gen, list.clone()));
+                list
+            }
+        }
+    });
     let mut source_value: Option<Value> = None;
-    for s in subs {
+    for s in subs.iter() {
         if !s.active.load(Ordering::Acquire)
             || !topic_matches(&s.topic, &msg.topic)
             || !routing_matches(s.routing_key.as_deref(), msg.routing_key.as_deref())

@@ -335,7 +335,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                     routing_key,
                     source,
                 };
-                shared.push_task(super::engine::Task::Bus(Arc::new(msg)));
+                shared.push_task(super::engine::Task::Bus(msg));
             }
         }
         FromGateway::ContextDestroyed { id, name } => super::contexts::destroyed(shared, id, &name),

@@ -6,7 +6,7 @@
 use super::conn::Reply;
 use super::engine::{Shared, Task};
 use super::ClientError;
-use crate::model::context::{apply, Change, ContextError as ModelError, ContextOp};
+use crate::model::context::{apply_mut, Change, ContextError as ModelError, ContextOp};
 use crate::shm::ContextSegment;
 use crate::status::Status;
 use crate::store::context::{WriteError, KIND_OP};
@@ -16,7 +16,7 @@ use crate::wire::{codec, Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use thiserror::Error;
 
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -172,7 +172,8 @@ pub(crate) struct CtxEntry {
     pub writable: bool,
     /// The last decoded snapshot.
     cache: Mutex<Option<(u64, Arc<Value>)>>,
-    subs: Mutex<Vec<Arc<Sub>>>,
+    /// Copy-on-write: delivering an event clones the `Arc`, not the list.
+    subs: Mutex<Arc<Vec<Arc<Sub>>>>,
     /// Events queued for the dispatcher.
     queued: AtomicUsize,
     /// Whether the pumper follows its log.
@@ -196,8 +197,10 @@ pub(crate) struct CtxState {
 pub(crate) struct CtxFollow {
     entry: Arc<CtxEntry>,
     f: Follower,
-    /// Our copy of the data at `version` (None until the first snapshot).
-    data: Option<Arc<Map>>,
+    /// Our copy of the data at `version` (an object; None until the first snapshot).
+    data: Option<Arc<Value>>,
+    /// The last writer seen, resolved (saves a peer-table lookup per update).
+    last_updater: Option<(u64, Option<Arc<Instance>>)>,
     version: u64,
     buf: Vec<u8>,
 }
@@ -296,6 +299,7 @@ pub(crate) fn attach(
         ContextSegment::open_readonly(fd)
     }
     .map_err(|e| e.to_string())?;
+    seg.prefault(writable);
     let store = Store::new(seg).map_err(|e| e.to_string())?;
     let entry = Arc::new(CtxEntry {
         id,
@@ -303,7 +307,7 @@ pub(crate) fn attach(
         store,
         writable,
         cache: Mutex::new(None),
-        subs: Mutex::new(Vec::new()),
+        subs: Mutex::new(Arc::new(Vec::new())),
         queued: AtomicUsize::new(0),
         followed: AtomicBool::new(false),
         new_subs: AtomicBool::new(false),
@@ -354,7 +358,9 @@ pub(crate) fn destroyed(shared: &Arc<Shared>, id: u64, name: &str) {
     if let Some(e) = st.open.get(name).filter(|e| e.id == id).cloned() {
         st.open.remove(name);
         e.closed.store(true, Ordering::Release);
-        let subs = std::mem::take(&mut *e.subs.lock().unwrap_or_else(|e| e.into_inner()));
+        let subs = std::mem::take(Arc::make_mut(
+            &mut *e.subs.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
         for s in &subs {
             s.start.store(NEEDS_SNAPSHOT, Ordering::Release);
         }
@@ -446,20 +452,16 @@ pub(crate) fn write(
     if !entry.writable {
         return Err(ContextError::PermissionDenied("update"));
     }
-    let deadline = Instant::now() + LOCK_TIMEOUT;
-    let cached = entry
-        .cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    // Take the cached value out, so that (if nobody else holds it) the write updates it in place.
+    let cached = entry.cache.lock().unwrap_or_else(|e| e.into_inner()).take();
     let token = shared.me.peer_id.0;
-    let (v, data) = crate::store::context::write(
+    let (v, changed, data) = crate::store::context::write(
         &entry.store,
         token,
         &op,
         expect,
         shared.max_payload,
-        deadline,
+        LOCK_TIMEOUT,
         cached,
     )
     .map_err(|e| match e {
@@ -473,8 +475,10 @@ pub(crate) fn write(
         WriteError::TooLarge { size, max } => ContextError::TooLarge { size, max },
         WriteError::Corrupt(m) => ContextError::Corrupt(m),
     })?;
-    let Some(data) = data else { return Ok(v) };
     remember(&entry, v, &data);
+    if !changed {
+        return Ok(v);
+    }
     ring_subscribers(shared, &entry);
     Ok(v)
 }
@@ -605,22 +609,15 @@ fn attach_sub(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
             f: entry.store.follower(),
             entry: entry.clone(),
             data: None,
+            last_updater: None,
             version: 0,
             buf: Vec::new(),
         };
-        entry
-            .subs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(sub);
+        Arc::make_mut(&mut *entry.subs.lock().unwrap_or_else(|e| e.into_inner())).push(sub);
         entry.new_subs.store(true, Ordering::Release);
         shared.add_ctx_follow(follow);
     } else {
-        entry
-            .subs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(sub);
+        Arc::make_mut(&mut *entry.subs.lock().unwrap_or_else(|e| e.into_inner())).push(sub);
         entry.new_subs.store(true, Ordering::Release);
         shared.wake_all();
     }
@@ -638,7 +635,7 @@ fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
     let Some(entry) = entry else { return };
     let now_empty = {
         let mut subs = entry.subs.lock().unwrap_or_else(|e| e.into_inner());
-        subs.retain(|s| s.id != sub.id);
+        Arc::make_mut(&mut *subs).retain(|s| s.id != sub.id);
         subs.is_empty()
     };
     if now_empty && entry.followed.swap(false, Ordering::AcqRel) {
@@ -652,7 +649,11 @@ fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
 }
 
 /// Work for the pumper: deliver first callbacks, follow the log. Returns events queued.
-pub(crate) fn pump_follow(shared: &Shared, cf: &mut CtxFollow) -> usize {
+pub(crate) fn pump_follow(
+    shared: &Shared,
+    cf: &mut CtxFollow,
+    mut sink: Option<&mut Vec<Task>>,
+) -> usize {
     let mut n = 0;
     let entry = cf.entry.clone();
     if cf.data.is_none() || cf.needs_snapshot() {
@@ -662,7 +663,7 @@ pub(crate) fn pump_follow(shared: &Shared, cf: &mut CtxFollow) -> usize {
                 Ok((v, m)) => {
                     cf.f.resync(v);
                     cf.version = v;
-                    cf.data = Some(m);
+                    cf.data = Some(Arc::new(Value::Map((*m).clone())));
                 }
                 Err(e) => {
                     crate::log::warn(format_args!("context {:?}: {e}", entry.name));
@@ -671,24 +672,24 @@ pub(crate) fn pump_follow(shared: &Shared, cf: &mut CtxFollow) -> usize {
                 }
             }
         }
-        let subs: Vec<Arc<Sub>> = entry.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        for s in subs {
+        let subs: Arc<Vec<Arc<Sub>>> = entry.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for s in subs.iter() {
             if s.start.load(Ordering::Acquire) == NEEDS_SNAPSHOT {
                 s.start.store(cf.version, Ordering::Release);
                 // Nothing to show for a context that was never written.
                 if cf.version > 0 {
-                    let data = cf.data.clone().unwrap_or_default();
+                    let data = cf.data.clone().unwrap_or_else(|| Arc::new(Value::map()));
                     let ev = ContextUpdate {
                         name: entry.name.clone(),
                         version: cf.version,
-                        data: Arc::new(Value::Map((*data).clone())),
-                        delta: Value::Map((*data).clone()),
+                        delta: (*data).clone(),
+                        data,
                         removed: Vec::new(),
                         updater: None,
                         first: true,
                         conflated: false,
                     };
-                    queue(shared, &entry, ev, Some(s.id));
+                    queue(shared, &entry, ev, Some(s.id), sink.as_deref_mut());
                     n += 1;
                 }
             }
@@ -705,15 +706,12 @@ pub(crate) fn pump_follow(shared: &Shared, cf: &mut CtxFollow) -> usize {
             })) => {
                 let op = codec::decode(&cf.buf)
                     .ok()
-                    .and_then(|v| ContextOp::from_value(&v));
-                match op.and_then(|op| apply(cf.data.as_deref(), &op).ok()) {
-                    Some(Some(change)) => make_update(shared, cf, version, updater, change, false),
+                    .and_then(ContextOp::from_value_owned);
+                match op.map(|op| apply_record(shared, cf, version, updater, &op)) {
+                    Some(Ok(Some(ev))) => Some(ev),
                     // A record that changes nothing for us: keep our copy, move on.
-                    Some(None) => {
-                        cf.version = version;
-                        continue;
-                    }
-                    None => resync(shared, cf),
+                    Some(Ok(None)) => continue,
+                    Some(Err(())) | None => resync(shared, cf),
                 }
             }
             Ok(Some(_)) => resync(shared, cf),
@@ -723,7 +721,7 @@ pub(crate) fn pump_follow(shared: &Shared, cf: &mut CtxFollow) -> usize {
             }
         };
         if let Some(ev) = ev {
-            queue(shared, &entry, ev, None);
+            queue(shared, &entry, ev, None, sink.as_deref_mut());
             n += 1;
         }
     }
@@ -735,6 +733,58 @@ fn read_snapshot(entry: &CtxEntry, buf: &mut Vec<u8>) -> Result<(u64, Arc<Map>),
     Ok((info.version, Arc::new(decode_map(buf)?)))
 }
 
+/// Applies a logged op to our copy, in place when nobody else holds it.
+fn apply_record(
+    shared: &Shared,
+    cf: &mut CtxFollow,
+    version: u64,
+    updater: u64,
+    op: &ContextOp,
+) -> Result<Option<ContextUpdate>, ()> {
+    let exists = cf.version != 0;
+    let mut data = cf.data.take().unwrap_or_else(|| Arc::new(Value::map()));
+    {
+        // The cache usually holds this very value: let go of it so the update needs no copy.
+        let mut c = cf.entry.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if c.as_ref().is_some_and(|(_, d)| Arc::ptr_eq(d, &data)) {
+            *c = None;
+        }
+    }
+    let Value::Map(map) = Arc::make_mut(&mut data) else {
+        return Err(());
+    };
+    let d = match apply_mut(map, exists, op) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            cf.data = Some(data);
+            cf.version = version;
+            return Ok(None);
+        }
+        Err(_) => return Err(()),
+    };
+    remember(&cf.entry, version, &data);
+    cf.data = Some(data.clone());
+    cf.version = version;
+    let updater = match &cf.last_updater {
+        Some((t, who)) if *t == updater => who.clone(),
+        _ => {
+            let who = shared.identity_of(updater);
+            cf.last_updater = Some((updater, who.clone()));
+            who
+        }
+    };
+    Ok(Some(ContextUpdate {
+        name: cf.entry.name.clone(),
+        version,
+        data,
+        delta: Value::Map(d.delta),
+        removed: d.removed,
+        updater,
+        first: false,
+        conflated: false,
+    }))
+}
+
 fn make_update(
     shared: &Shared,
     cf: &mut CtxFollow,
@@ -743,17 +793,25 @@ fn make_update(
     change: Change,
     conflated: bool,
 ) -> Option<ContextUpdate> {
-    let data = Arc::new(Value::Map(change.data.clone()));
+    let data = Arc::new(Value::Map(change.data));
     remember(&cf.entry, version, &data);
-    cf.data = Some(Arc::new(change.data));
+    cf.data = Some(data.clone());
     cf.version = version;
+    let updater = match &cf.last_updater {
+        Some((t, who)) if *t == updater => who.clone(),
+        _ => {
+            let who = shared.identity_of(updater);
+            cf.last_updater = Some((updater, who.clone()));
+            who
+        }
+    };
     Some(ContextUpdate {
         name: cf.entry.name.clone(),
         version,
         data,
         delta: Value::Map(change.delta),
         removed: change.removed,
-        updater: shared.identity_of(updater),
+        updater,
         first: false,
         conflated,
     })
@@ -769,8 +827,13 @@ fn resync(shared: &Shared, cf: &mut CtxFollow) -> Option<ContextUpdate> {
         }
     };
     cf.f.resync(v);
-    let before = cf.data.clone().unwrap_or_default();
-    if v == cf.version && *before == *now {
+    let before = cf
+        .data
+        .as_deref()
+        .and_then(Value::as_map)
+        .cloned()
+        .unwrap_or_default();
+    if v == cf.version && before == *now {
         return None;
     }
     let mut delta = Map::new();
@@ -792,20 +855,31 @@ fn resync(shared: &Shared, cf: &mut CtxFollow) -> Option<ContextUpdate> {
     make_update(shared, cf, v, 0, change, true)
 }
 
-fn queue(shared: &Shared, entry: &Arc<CtxEntry>, ev: ContextUpdate, only: Option<u64>) {
+fn queue(
+    shared: &Shared,
+    entry: &Arc<CtxEntry>,
+    ev: ContextUpdate,
+    only: Option<u64>,
+    sink: Option<&mut Vec<Task>>,
+) {
     entry.queued.fetch_add(1, Ordering::AcqRel);
-    shared.push_task(Task::Context {
+    let t = Task::Context {
         entry: entry.clone(),
         ev: Arc::new(ev),
         only,
-    });
+    };
+    match sink {
+        // On the dispatch thread: run right after this pump round, no queue, no wake-up.
+        Some(ready) => ready.push(t),
+        None => shared.push_task(t),
+    }
 }
 
 /// Runs one queued event (dispatch thread).
 pub(crate) fn deliver(entry: &CtxEntry, ev: &ContextUpdate, only: Option<u64>) {
     entry.queued.fetch_sub(1, Ordering::AcqRel);
-    let subs: Vec<Arc<Sub>> = entry.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    for s in subs {
+    let subs: Arc<Vec<Arc<Sub>>> = entry.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for s in subs.iter() {
         if !s.active.load(Ordering::Acquire) {
             continue;
         }

@@ -177,7 +177,7 @@ pub(crate) enum Task {
     /// Deliver a stream subscriber's queued items.
     StreamDrain(Arc<super::streams::ClientSub>),
     /// A bus message for our subscriptions.
-    Bus(Arc<super::bus::BusMessage>),
+    Bus(super::bus::BusMessage),
     /// We invoked one of our own methods.
     LocalInvoke {
         slot: Arc<CallSlot>,
@@ -262,12 +262,16 @@ pub(crate) struct Shared {
     pub ctx: Mutex<super::contexts::CtxState>,
     /// Bus subscriptions, ours and everyone's, and publish routes.
     pub bus: Mutex<super::bus::BusState>,
+    /// Bumped when our bus subscriptions change (lets `deliver` cache the list lock-free).
+    pub bus_generation: AtomicU64,
     /// Channel membership and followers.
     pub channels: Mutex<super::channels::ChannelState>,
     /// Streams we serve and stream subscriptions we hold.
     pub streams: Mutex<super::streams::StreamsState>,
     /// Stream items queued for slow subscribers (flushed by the dispatch loop).
     pub stream_pending: AtomicUsize,
+    /// Lanes paused for blocking stream subscribers (so draining checks only when some are).
+    pub stalled_lanes: AtomicUsize,
     calls: Mutex<CallMap>,
     next_call: AtomicU64,
     queue: Mutex<VecDeque<Task>>,
@@ -317,9 +321,11 @@ impl Shared {
             new_ctx: Mutex::new(Vec::new()),
             ctx: Mutex::new(Default::default()),
             bus: Mutex::new(Default::default()),
+            bus_generation: AtomicU64::new(0),
             streams: Mutex::new(Default::default()),
             channels: Mutex::new(Default::default()),
             stream_pending: AtomicUsize::new(0),
+            stalled_lanes: AtomicUsize::new(0),
             calls: Mutex::new(CallMap::default()),
             next_call: AtomicU64::new(1),
             queue: Mutex::new(VecDeque::new()),
@@ -400,7 +406,10 @@ impl Shared {
         let lanes: Vec<Arc<Lane>> = self.lock_state().lanes.values().cloned().collect();
         let mut any = false;
         for l in lanes {
-            any |= l.stalled.swap(false, Ordering::AcqRel);
+            if l.stalled.swap(false, Ordering::AcqRel) {
+                self.stalled_lanes.fetch_sub(1, Ordering::AcqRel);
+                any = true;
+            }
         }
         if any {
             self.wake_all();
@@ -819,8 +828,10 @@ impl Shared {
         }
         if !rx.ctx.is_empty() {
             rx.ctx.retain(|c| !c.is_closed());
-            for c in rx.ctx.iter_mut() {
-                handled += super::contexts::pump_follow(self, c);
+            let RxSet { ctx, ready, .. } = rx;
+            for c in ctx.iter_mut() {
+                let sink = if dispatching { Some(&mut *ready) } else { None };
+                handled += super::contexts::pump_follow(self, c, sink);
             }
         }
         // Backpressure: with too much queued for the dispatcher, leave records in the rings
@@ -865,11 +876,15 @@ impl Shared {
                 Ok(None) => break,
                 Ok(Some(h)) => {
                     n += 1;
-                    self.on_record(l, h.kind, h.flags, buf, sink.as_deref_mut())?;
+                    if let Err(e) = self.on_record(l, h.kind, h.flags, buf, sink.as_deref_mut()) {
+                        l.consumer.flush();
+                        return Err(e);
+                    }
                 }
                 Err(e) => return Err(e.0),
             }
         }
+        l.consumer.flush();
         Ok(n)
     }
 
@@ -960,12 +975,12 @@ impl Shared {
                 let (topic, routing_key, data) =
                     super::bus::decode(body).ok_or("malformed bus record")?;
                 let msg = super::bus::BusMessage {
-                    topic: Arc::from(topic),
+                    topic,
                     data,
                     routing_key,
                     source: lane.identity.clone(),
                 };
-                let task = Task::Bus(Arc::new(msg));
+                let task = Task::Bus(msg);
                 match sink {
                     Some(ready) => ready.push(task),
                     None => self.enqueue(task),
@@ -984,8 +999,9 @@ impl Shared {
                     link,
                     kind,
                     body,
-                )? {
-                    lane.stalled.store(true, Ordering::Release);
+                )? && !lane.stalled.swap(true, Ordering::AcqRel)
+                {
+                    self.stalled_lanes.fetch_add(1, Ordering::AcqRel);
                 }
                 Ok(())
             }

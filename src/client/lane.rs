@@ -206,19 +206,26 @@ impl Lane {
                     return Ok(());
                 }
                 Err(PushError::Full) => {
-                    // Make sure the reader is awake, then let it catch up.
-                    self.ring_peer();
-                    if self.is_closed() {
-                        return Err(SendError::Closed(self.peer));
+                    // Make sure the reader is awake (once), then let it catch up: spin first
+                    // (it frees room in batches), drain our own inbound lanes now and then
+                    // (two peers flooding each other must not deadlock), yield, then sleep.
+                    if rounds == 0 {
+                        self.ring_peer();
                     }
-                    if Instant::now() >= deadline {
-                        return Err(SendError::Stalled(self.peer));
+                    rounds = rounds.wrapping_add(1);
+                    if rounds % 256 == 0 {
+                        if self.is_closed() {
+                            return Err(SendError::Closed(self.peer));
+                        }
+                        if Instant::now() >= deadline {
+                            return Err(SendError::Stalled(self.peer));
+                        }
+                        self.ring_peer();
+                        stall();
                     }
-                    stall();
-                    rounds += 1;
-                    if rounds < 64 {
+                    if rounds < 4096 {
                         std::hint::spin_loop();
-                    } else if rounds < 128 {
+                    } else if rounds < 8192 {
                         std::thread::yield_now();
                     } else {
                         std::thread::sleep(Duration::from_micros(50));

@@ -409,6 +409,18 @@ fn drop_sub(
     }
 }
 
+thread_local! {
+    static PUSH_SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+fn data_record_into(data: &Value, private: bool, body: &mut Vec<u8>) {
+    body.clear();
+    body.resize(20, 0);
+    body[8..12].copy_from_slice(&(private as u32).to_le_bytes());
+    let flags = record::encode_payload(data, body);
+    body[16..20].copy_from_slice(&flags.to_le_bytes());
+}
+
 fn data_record(data: &Value, private: bool) -> Vec<u8> {
     let mut body = vec![0u8; 20];
     body[8..12].copy_from_slice(&(private as u32).to_le_bytes());
@@ -438,7 +450,19 @@ fn offer(
     shared: &Arc<Shared>,
     entry: &Arc<StreamEntry>,
     sub: &Arc<ServerSub>,
-    mut body: Vec<u8>,
+    body: Vec<u8>,
+    key: Option<Value>,
+) -> Result<(), ClientError> {
+    let mut body = body;
+    offer_ref(shared, entry, sub, &mut body, key)
+}
+
+/// [`offer`] on a borrowed record: copied only if it has to wait in the queue.
+fn offer_ref(
+    shared: &Arc<Shared>,
+    entry: &Arc<StreamEntry>,
+    sub: &Arc<ServerSub>,
+    body: &mut [u8],
     key: Option<Value>,
 ) -> Result<(), ClientError> {
     if !sub.open.load(Ordering::Acquire) {
@@ -448,7 +472,7 @@ fn offer(
     flush_locked(shared, sub, &mut out);
     if out.pending.is_empty() {
         body[12..16].copy_from_slice(&out.gap.to_le_bytes());
-        match try_send(shared, &sub.link, KIND_STREAM_DATA, &body) {
+        match try_send(shared, &sub.link, KIND_STREAM_DATA, body) {
             Ok(true) => {
                 out.gap = 0;
                 return Ok(());
@@ -474,7 +498,7 @@ fn offer(
             }
             body[12..16].copy_from_slice(&out.gap.to_le_bytes());
             let sent = out.pending.is_empty()
-                && send(shared, &sub.link, KIND_STREAM_DATA, &body, deadline).is_ok();
+                && send(shared, &sub.link, KIND_STREAM_DATA, body, deadline).is_ok();
             drop(out);
             if !sent {
                 drop_sub(shared, entry, sub, "slow consumer", true);
@@ -488,7 +512,7 @@ fn offer(
                     .iter_mut()
                     .find(|(_, pk)| pk.as_ref() == Some(k))
                 {
-                    slot.0 = body;
+                    slot.0 = body.to_vec();
                     return Ok(());
                 }
             }
@@ -497,7 +521,7 @@ fn offer(
                 shared.stream_pending.fetch_sub(1, Ordering::AcqRel);
                 out.gap = out.gap.saturating_add(1);
             }
-            out.pending.push_back((body, key));
+            out.pending.push_back((body.to_vec(), key));
             shared.stream_pending.fetch_add(1, Ordering::AcqRel);
             Ok(())
         }
@@ -575,17 +599,23 @@ impl Stream {
         if subs.is_empty() {
             return Ok(());
         }
-        let template = data_record(data, false);
         let key = match &self.entry.options.policy {
             SlowConsumerPolicy::Conflate(k) => data.get(k).cloned(),
             _ => None,
         };
+        // One encoding per push, in a reused buffer; only the subscription id differs.
+        let mut body = PUSH_SCRATCH.with(|c| c.take());
+        data_record_into(data, false, &mut body);
+        let mut r = Ok(());
         for s in subs.iter().filter(|s| want(&s.branch)) {
-            let mut body = template.clone();
             body[0..8].copy_from_slice(&s.sub_id.to_le_bytes());
-            offer(&self.shared, &self.entry, s, body, key.clone())?;
+            r = offer_ref(&self.shared, &self.entry, s, &mut body, key.clone());
+            if r.is_err() {
+                break;
+            }
         }
-        Ok(())
+        PUSH_SCRATCH.with(|c| c.set(body));
+        r
     }
 
     /// Every current subscription.
@@ -1235,12 +1265,23 @@ fn accept_item(shared: &Shared, sub: &Arc<ClientSub>, ev: StreamEvent) -> bool {
                     .iter_mut()
                     .find(|(_, pk)| pk.as_ref() == Some(k))
                 {
+                    // Conflated: the older value is superseded, but a gap it carried is kept.
+                    let carried = match &slot.0 {
+                        StreamEvent::Data { gap, .. } => *gap,
+                        _ => 0,
+                    };
                     slot.0 = ev;
+                    if let StreamEvent::Data { gap, .. } = &mut slot.0 {
+                        *gap += carried;
+                    }
                     return false;
                 }
             }
             if inbox.items.len() >= bound {
-                inbox.items.pop_front();
+                // The dropped item may itself carry a count of items dropped before it.
+                if let Some((StreamEvent::Data { gap, .. }, _)) = inbox.items.pop_front() {
+                    inbox.gap += gap;
+                }
                 inbox.gap += 1;
             }
             inbox.items.push_back((ev, key));
@@ -1271,7 +1312,9 @@ pub(crate) fn drain(shared: &Shared, sub: &Arc<ClientSub>) {
             }
             out
         };
-        shared.resume_lanes();
+        if shared.stalled_lanes.load(Ordering::Acquire) > 0 {
+            shared.resume_lanes();
+        }
         for (mut ev, extra_gap) in batch {
             if sub.client_closed.load(Ordering::Acquire) {
                 return;

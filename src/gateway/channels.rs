@@ -9,7 +9,7 @@ use crate::model::context::ContextOp;
 use crate::wire::frame::PeerId;
 use crate::wire::{Map, Value};
 use serde::Deserialize;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Prefix of the contexts that hold channels.
 pub const CHANNEL_PREFIX: &str = "___channel___";
@@ -137,7 +137,6 @@ impl Registry {
             value.insert("meta".into(), Value::from(def.meta.clone()));
             value.insert("data".into(), Value::map());
             if let Some(c) = self.contexts.get(id) {
-                let deadline = Instant::now() + Duration::from_secs(1);
                 let max = self.limits.max_payload as usize;
                 if let Err(e) = crate::store::context::write(
                     &c.store,
@@ -145,7 +144,7 @@ impl Registry {
                     &ContextOp::Set(value),
                     None,
                     max,
-                    deadline,
+                    Duration::from_secs(1),
                     None,
                 ) {
                     crate::log::warn(format_args!("cannot initialise channel {}: {e}", def.name));

@@ -49,6 +49,8 @@ pub struct GatewayConfig {
     pub queue_depth: usize,
     /// Colour channels and who may use them.
     pub channels: channels::ChannelConfig,
+    /// The WebSocket bridge for web apps (GW3); `None`: native peers only.
+    pub bridge: Option<crate::bridge::BridgeConfig>,
 }
 
 impl GatewayConfig {
@@ -59,6 +61,7 @@ impl GatewayConfig {
             limits: Limits::default(),
             queue_depth: 65_536,
             channels: Default::default(),
+            bridge: None,
         }
     }
 }
@@ -72,6 +75,9 @@ pub enum GatewayError {
     /// A system call failed.
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
+    /// The WebSocket bridge could not start.
+    #[error(transparent)]
+    Bridge(#[from] crate::bridge::BridgeError),
 }
 
 impl GatewayError {
@@ -80,6 +86,7 @@ impl GatewayError {
         match self {
             GatewayError::AlreadyRunning(_) => Status::AlreadyRunning,
             GatewayError::Io { .. } => Status::GatewayUnreachable,
+            GatewayError::Bridge(e) => e.status(),
         }
     }
 }
@@ -94,6 +101,7 @@ fn ctx(context: impl Into<String>) -> impl FnOnce(io::Error) -> GatewayError {
 pub struct Gateway {
     cfg: GatewayConfig,
     listener: std::os::unix::net::UnixListener,
+    bridge: Option<crate::bridge::Bound>,
     _lock: OwnedFd,
 }
 
@@ -140,9 +148,18 @@ impl Gateway {
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .map_err(ctx("socket permissions"))?;
+        let bridge = match &cfg.bridge {
+            Some(b) => Some(crate::bridge::bind(
+                b,
+                &cfg.socket,
+                identity::user_name(identity::euid()),
+            )?),
+            None => None,
+        };
         Ok(Gateway {
             cfg,
             listener,
+            bridge,
             _lock: lock,
         })
     }
@@ -150,6 +167,11 @@ impl Gateway {
     /// Where it listens.
     pub fn socket_path(&self) -> &Path {
         &self.cfg.socket
+    }
+
+    /// Where the WebSocket bridge listens (the real port when the configuration said 0).
+    pub fn ws_addr(&self) -> Option<std::net::SocketAddr> {
+        self.bridge.as_ref().map(|b| b.local_addr())
     }
 
     /// Serves on the current thread until `shutdown` completes, then tells every peer, removes
@@ -172,6 +194,7 @@ impl Gateway {
     pub fn spawn(self) -> Result<GatewayHandle, GatewayError> {
         let (tx, rx) = oneshot::channel::<()>();
         let path = self.cfg.socket.clone();
+        let ws_addr = self.ws_addr();
         let thread = std::thread::Builder::new()
             .name("knit-gateway".into())
             .spawn(move || {
@@ -184,6 +207,7 @@ impl Gateway {
             .map_err(ctx("spawning the gateway thread"))?;
         Ok(GatewayHandle {
             path,
+            ws_addr,
             stop: Some(tx),
             thread: Some(thread),
         })
@@ -194,6 +218,7 @@ impl Gateway {
 #[derive(Debug)]
 pub struct GatewayHandle {
     path: PathBuf,
+    ws_addr: Option<std::net::SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -202,6 +227,11 @@ impl GatewayHandle {
     /// Where it listens.
     pub fn socket_path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where the WebSocket bridge listens, if it runs.
+    pub fn ws_addr(&self) -> Option<std::net::SocketAddr> {
+        self.ws_addr
     }
 
     /// Stops it and waits until it has cleaned up.
@@ -225,12 +255,10 @@ impl Drop for GatewayHandle {
     }
 }
 
-#[allow(dead_code)] // until the WebSocket bridge uses it
 /// Closes a peer's connection from the core (native: shut the socket down; virtual: whatever
 /// its front end supplied). The connection's reader then reports the peer closed.
 pub(crate) type Closer = Box<dyn Fn() + Send>;
 
-#[allow(dead_code)] // `Admit` is for the WebSocket bridge
 pub(crate) enum Event {
     Hello {
         stream: Arc<UnixStream>,
@@ -254,12 +282,10 @@ pub(crate) enum Event {
 /// admit peers, send their messages as [`ToGateway`], and receive [`Outgoing`] notices on the
 /// queue they supplied.
 #[derive(Clone)]
-#[allow(dead_code)] // until the WebSocket bridge uses it
 pub(crate) struct CoreHandle {
     tx: mpsc::Sender<Event>,
 }
 
-#[allow(dead_code)] // until the WebSocket bridge uses it
 impl CoreHandle {
     /// Admits a peer; returns its id and the welcome (the peers it can see).
     pub(crate) async fn admit(
@@ -301,6 +327,16 @@ async fn serve(
     let my_uid = identity::euid();
     let user = identity::user_name(my_uid);
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
+    let bridge = match gw.bridge {
+        Some(b) => {
+            let core = CoreHandle { tx: ev_tx.clone() };
+            Some(
+                b.start(core, gw.cfg.limits.clone())
+                    .map_err(ctx("starting the bridge"))?,
+            )
+        }
+        None => None,
+    };
     let mut registry = Registry::new(gw.cfg.limits.clone())
         .map_err(|e| ctx("doorbell directory")(std::io::Error::other(e)))?;
     registry.set_channels(gw.cfg.channels.clone());
@@ -402,6 +438,9 @@ async fn serve(
     ));
     registry.shutdown("gateway stopping");
     drop(registry);
+    if let Some(b) = bridge {
+        b.stop().await;
+    }
     drop(ev_rx);
     // Give the writers a moment to flush the goodbyes; peers that do not read are not waited for.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {

@@ -50,6 +50,118 @@ fn segments(path: &str) -> Result<Vec<&str>, ContextError> {
     Ok(segs)
 }
 
+/// What an in-place application changed (the data itself was changed in place).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delta {
+    pub delta: Map,
+    pub removed: Vec<String>,
+}
+
+/// Like [`apply`], but changes `data` in place (`exists`: whether the context existed; when it
+/// did not, `data` must be empty). Cheaper: nothing is copied but what changed. `Ok(None)`
+/// when nothing changed (then `data` is untouched).
+pub fn apply_mut(
+    data: &mut Map,
+    exists: bool,
+    op: &ContextOp,
+) -> Result<Option<Delta>, ContextError> {
+    match op {
+        ContextOp::Set(new) => {
+            if exists && data == new {
+                return Ok(None);
+            }
+            *data = new.clone();
+            Ok(Some(Delta {
+                delta: new.clone(),
+                removed: Vec::new(),
+            }))
+        }
+        ContextOp::Update(new) if !exists => {
+            *data = new.clone();
+            Ok(Some(Delta {
+                delta: new.clone(),
+                removed: Vec::new(),
+            }))
+        }
+        ContextOp::Update(new) => {
+            let mut delta = Map::new();
+            let mut removed = Vec::new();
+            for (k, v) in new {
+                if v.is_null() {
+                    if data.shift_remove(k).is_some() {
+                        removed.push(k.clone());
+                    }
+                } else if data.get(k) != Some(v) {
+                    set_key(data, k, v);
+                    delta.insert(k.clone(), v.clone());
+                }
+            }
+            if delta.is_empty() && removed.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(Delta { delta, removed }))
+        }
+        ContextOp::Paths(_) => {
+            // Paths may cancel each other out: compare whole values (paths are not the hot path).
+            let cur = if exists { Some(&*data) } else { None };
+            match apply(cur, op)? {
+                Some(ch) => {
+                    *data = ch.data;
+                    Ok(Some(Delta {
+                        delta: ch.delta,
+                        removed: ch.removed,
+                    }))
+                }
+                None => Ok(None),
+            }
+        }
+    }
+}
+
+/// Replaces `k`'s value, allocating a key only when it is new.
+fn set_key(data: &mut Map, k: &str, v: &Value) {
+    match data.get_mut(k) {
+        Some(slot) => *slot = v.clone(),
+        None => {
+            data.insert(k.to_string(), v.clone());
+        }
+    }
+}
+
+/// The writer's fast path for `update` on an existing context: changes `data` in place and
+/// appends the encoded normalized op (what [`ContextOp::to_value`] of
+/// [`ContextOp::normalized`] encodes to) to `out`, without building a delta. Returns whether
+/// anything changed.
+pub fn update_in_place(data: &mut Map, new: &Map, out: &mut Vec<u8>) -> bool {
+    // Which of `new`'s entries change something (the others drop out of the logged op).
+    let mut effective: Vec<bool> = Vec::with_capacity(new.len());
+    for (k, v) in new {
+        let changes = if v.is_null() {
+            data.shift_remove(k).is_some()
+        } else if data.get(k) != Some(v) {
+            set_key(data, k, v);
+            true
+        } else {
+            false
+        };
+        effective.push(changes);
+    }
+    let n = effective.iter().filter(|e| **e).count();
+    if n == 0 {
+        return false;
+    }
+    crate::wire::codec::encode_map_header(out, 1);
+    crate::wire::codec::encode_key(out, "update");
+    crate::wire::codec::encode_map_header(out, n);
+    for ((k, v), e) in new.iter().zip(&effective) {
+        if *e {
+            crate::wire::codec::encode_key(out, k);
+            crate::wire::codec::encode_into(v, out);
+        }
+    }
+    true
+}
+
 /// Applies `op` to the current data (`None`: the context does not exist yet). `Ok(None)` when
 /// nothing changes (then nothing is written and no subscriber is told).
 pub fn apply(current: Option<&Map>, op: &ContextOp) -> Result<Option<Change>, ContextError> {
@@ -169,6 +281,20 @@ fn set_path(m: &mut Map, segs: &[&str], value: &Value) {
 }
 
 impl ContextOp {
+    /// [`ContextOp::normalized`] for an in-place change.
+    pub fn normalized_delta(&self, d: &Delta, existed: bool) -> ContextOp {
+        match self {
+            ContextOp::Update(_) if existed => {
+                let mut m = d.delta.clone();
+                for k in &d.removed {
+                    m.insert(k.clone(), Value::Null);
+                }
+                ContextOp::Update(m)
+            }
+            other => other.clone(),
+        }
+    }
+
     /// The smallest op that has the same effect given the same starting data: followers of
     /// the context log re-apply it to their copy to get the same data, delta and removed.
     pub fn normalized(&self, change: &Change, existed: bool) -> ContextOp {
@@ -198,6 +324,21 @@ impl ContextOp {
                         .collect(),
                 ),
             )]),
+        }
+    }
+
+    /// Decodes [`ContextOp::to_value`]'s form, taking the value apart instead of copying it.
+    pub fn from_value_owned(v: Value) -> Option<ContextOp> {
+        let Value::Map(mut m) = v else { return None };
+        match (
+            m.shift_remove("set"),
+            m.shift_remove("update"),
+            m.shift_remove("paths"),
+        ) {
+            (Some(Value::Map(d)), _, _) => Some(ContextOp::Set(d)),
+            (_, Some(Value::Map(d)), _) => Some(ContextOp::Update(d)),
+            (_, _, Some(p)) => ContextOp::from_value(&Value::object([("paths", p)])),
+            _ => None,
         }
     }
 
@@ -334,6 +475,67 @@ mod tests {
             apply(None, &ContextOp::Paths(vec![("".into(), Value::from(1))])),
             Err(ContextError::NotAnObject)
         );
+    }
+
+    #[test]
+    fn in_place_application_agrees_with_apply() {
+        let cur = m(r#"{"a":1,"b":{"c":2},"d":[1]}"#);
+        let ops = [
+            ContextOp::Update(m(r#"{"a":1,"b":5,"d":null,"e":"x"}"#)),
+            ContextOp::Update(m(r#"{"a":1,"zz":null}"#)),
+            ContextOp::Set(m(r#"{"q":1}"#)),
+            ContextOp::Set(cur.clone()),
+            ContextOp::Paths(vec![
+                ("b.c".into(), Value::Null),
+                ("f.g".into(), Value::from(1)),
+            ]),
+            ContextOp::Paths(vec![
+                ("a".into(), Value::from(2)),
+                ("a".into(), Value::from(1)),
+            ]),
+        ];
+        for op in &ops {
+            for exists in [true, false] {
+                let start = if exists { cur.clone() } else { Map::new() };
+                let expect = apply(if exists { Some(&start) } else { None }, op).unwrap();
+                let mut data = start.clone();
+                let got = apply_mut(&mut data, exists, op).unwrap();
+                match (expect, got) {
+                    (None, None) => assert_eq!(data, start, "{op:?}"),
+                    (Some(e), Some(g)) => {
+                        assert_eq!(data, e.data, "{op:?}");
+                        assert_eq!((g.delta, g.removed), (e.delta, e.removed), "{op:?}");
+                    }
+                    (e, g) => panic!("{op:?} exists={exists}: {e:?} vs {g:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_writers_fast_path_logs_the_normalized_op() {
+        let cur = m(r#"{"a":1,"b":2,"c":3}"#);
+        for new in [
+            r#"{"a":1,"b":5,"c":null,"d":4}"#,
+            r#"{"a":1}"#,
+            r#"{"x":null}"#,
+            r#"{"b":9}"#,
+        ] {
+            let op = ContextOp::Update(m(new));
+            let expect = apply(Some(&cur), &op).unwrap();
+            let mut data = cur.clone();
+            let mut out = Vec::new();
+            let changed = update_in_place(&mut data, &m(new), &mut out);
+            match expect {
+                None => assert!(!changed && out.is_empty() && data == cur, "{new}"),
+                Some(ch) => {
+                    assert!(changed);
+                    assert_eq!(data, ch.data, "{new}");
+                    let logged = crate::wire::codec::decode(&out).unwrap();
+                    assert_eq!(logged, op.normalized(&ch, true).to_value(), "{new}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -327,8 +327,10 @@ impl<M: RingMemory> Claim<'_, M> {
 pub struct Consumer<M: RingMemory> {
     mem: M,
     cap: u64,
-    /// Our position; mirrors `ctl.head`.
+    /// Our position (what we have read).
     head: u64,
+    /// The position last published in `ctl.head` (what the producer may reuse).
+    published: u64,
     /// The producer's position as last read; refreshed only when we caught up with it.
     cached_tail: u64,
 }
@@ -346,6 +348,7 @@ impl<M: RingMemory> Consumer<M> {
             mem,
             cap,
             head,
+            published: head,
             cached_tail: head,
         })
     }
@@ -409,9 +412,22 @@ impl<M: RingMemory> Consumer<M> {
 
     fn release(&mut self, size: u64) {
         self.head += size;
-        // SYNC(head): we are done reading the released bytes; pairs with the producer's Acquire
-        // load before it overwrites them.
-        self.mem.ctl().head.store(self.head, Ordering::Release);
+        // Publishing the position costs a cache-line transfer to the producer (which reads it
+        // when the ring looks full), so it is batched: every eighth of the ring, or when we
+        // have caught up, or on `flush`.
+        if self.head - self.published >= self.cap / 8 || self.head == self.cached_tail {
+            self.flush();
+        }
+    }
+
+    /// Publishes everything read so far as free space for the producer.
+    pub fn flush(&mut self) {
+        if self.published != self.head {
+            self.published = self.head;
+            // SYNC(head): we are done reading the released bytes (they were copied out);
+            // pairs with the producer's Acquire load before it overwrites them.
+            self.mem.ctl().head.store(self.head, Ordering::Release);
+        }
     }
 }
 

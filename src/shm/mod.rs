@@ -395,6 +395,31 @@ impl ContextSegment {
     pub fn snapshot_capacity(&self) -> usize {
         self.seg.param
     }
+
+    /// Faults in the pages a context's hot path touches (the log and the start of both
+    /// snapshot buffers), so the first laps of the log do not pay a page fault per page.
+    /// Best effort: kernels without `MADV_POPULATE_*` simply fault later.
+    pub fn prefault(&self, writable: bool) {
+        let l = context_layout(self.seg.param, self.seg.param2);
+        let buf_pages =
+            round_page(crate::store::BUFFER_HEADER_WORDS * 8 + self.seg.param).min(4 * PAGE);
+        let advice = if writable {
+            rustix::mm::Advice::LinuxPopulateWrite
+        } else {
+            rustix::mm::Advice::LinuxPopulateRead
+        };
+        for (off, len) in [
+            (l.buffers[0], buf_pages),
+            (l.buffers[1], buf_pages),
+            (l.log, self.seg.param2),
+        ] {
+            // SAFETY: the range lies inside our mapping (checked layout); populating changes no
+            // data, it only faults pages in.
+            unsafe {
+                let _ = rustix::mm::madvise(self.seg.map.as_ptr().add(off).cast(), len, advice);
+            }
+        }
+    }
 }
 
 // SAFETY: `open` validated the layout for (param, param2): the control block and the three word

@@ -2,10 +2,10 @@
 //! sets up channels, the WebSocket bridge for web peers), so the protocol exists once.
 
 use super::{Store, StoreError, StoreMemory};
-use crate::model::context::{apply, ContextError as ModelError, ContextOp};
+use crate::model::context::{apply_mut, update_in_place, ContextError as ModelError, ContextOp};
 use crate::wire::{codec, Value};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Log record kind of a context operation (payload: the normalized op, encoded).
 pub const KIND_OP: u16 = 1;
@@ -43,18 +43,24 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<crate::wire::Map, WriteError> {
 }
 
 /// Applies `op` under the writer lock as `token`. `cached` may hold the decoded value at some
-/// version, to skip decoding when it is current. Returns the version after the call and, when
-/// something changed, the new value (nothing is written when nothing changes).
+/// version: when it is current it is updated in place (copied first only if someone else still
+/// holds it), which saves decoding and copying. Returns the version after the call and, when
+/// whether anything changed (nothing is written when nothing does), and the value now.
 pub fn write<M: StoreMemory>(
     store: &Store<M>,
     token: u64,
     op: &ContextOp,
     expect: Option<u64>,
     max_size: usize,
-    deadline: Instant,
+    timeout: Duration,
     cached: Option<(u64, Arc<Value>)>,
-) -> Result<(u64, Option<Arc<Value>>), WriteError> {
-    let guard = store.lock(token, || Instant::now() >= deadline)?;
+) -> Result<(u64, bool, Arc<Value>), WriteError> {
+    // The clock is read only when the lock is contended.
+    let mut deadline: Option<Instant> = None;
+    let guard = store.lock(token, || {
+        let d = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+        Instant::now() >= d
+    })?;
     let version = guard.version();
     if let Some(e) = expect {
         if e != version {
@@ -64,32 +70,44 @@ pub fn write<M: StoreMemory>(
             });
         }
     }
-    let current: Option<Arc<Value>> = if version == 0 {
-        None
-    } else {
-        match cached.filter(|(v, _)| *v == version) {
-            Some((_, d)) => Some(d),
-            None => {
-                let mut buf = Vec::new();
-                guard.read(&mut buf)?;
-                Some(Arc::new(Value::Map(decode_snapshot(&buf)?)))
+    let exists = version != 0;
+    let mut current: Arc<Value> = match cached.filter(|(v, _)| *v == version && exists) {
+        Some((_, d)) => d,
+        None if exists => {
+            let mut buf = Vec::new();
+            guard.read(&mut buf)?;
+            Arc::new(Value::Map(decode_snapshot(&buf)?))
+        }
+        None => Arc::new(Value::map()),
+    };
+    let Value::Map(map) = Arc::make_mut(&mut current) else {
+        return Err(WriteError::Corrupt("snapshot is not an object".into()));
+    };
+    let mut payload = Vec::with_capacity(128);
+    match op {
+        // The hot path: no delta built, the logged op encoded while applying.
+        ContextOp::Update(new) if exists => {
+            if !update_in_place(map, new, &mut payload) {
+                return Ok((version, false, current));
             }
         }
-    };
-    let cur_map = current.as_deref().and_then(Value::as_map);
-    let Some(change) = apply(cur_map, op)? else {
-        return Ok((version, None));
-    };
-    let norm = op.normalized(&change, cur_map.is_some());
-    let data = Value::Map(change.data);
-    let bytes = codec::encode(&data);
+        _ => {
+            let Some(delta) = apply_mut(map, exists, op)? else {
+                return Ok((version, false, current));
+            };
+            codec::encode_into(
+                &op.normalized_delta(&delta, exists).to_value(),
+                &mut payload,
+            );
+        }
+    }
+    let bytes = codec::encode(&current);
     if bytes.len() > max_size {
         return Err(WriteError::TooLarge {
             size: bytes.len(),
             max: max_size,
         });
     }
-    let payload = codec::encode(&norm.to_value());
     let v = guard.commit(&bytes, KIND_OP, Some(&payload))?;
-    Ok((v, Some(Arc::new(data))))
+    Ok((v, true, current))
 }

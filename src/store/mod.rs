@@ -52,7 +52,9 @@ pub struct StoreCtl {
     _pad0: [u8; 120],
     version: AtomicU64,
     log_tail: AtomicU64,
-    _pad1: [u8; 112],
+    /// One past the highest subscriber slot ever used (writers scan no further).
+    sub_hi: AtomicU32,
+    _pad1: [u8; 108],
     seq: [SeqWord; 2],
     /// Doorbell indices + 1 of subscribers (0: empty slot). Written by the gateway only.
     subscribers: [AtomicU32; MAX_SUBSCRIBERS],
@@ -89,7 +91,8 @@ impl StoreCtl {
             _pad0: [0; 120],
             version: AtomicU64::new(0),
             log_tail: AtomicU64::new(0),
-            _pad1: [0; 112],
+            sub_hi: AtomicU32::new(0),
+            _pad1: [0; 108],
             seq: [
                 SeqWord {
                     seq: AtomicU64::new(0),
@@ -132,10 +135,12 @@ impl StoreCtl {
         {
             return true;
         }
-        for s in &self.subscribers {
+        for (i, s) in self.subscribers.iter().enumerate() {
             if s.compare_exchange(0, want, Ordering::Release, Ordering::Relaxed)
                 .is_ok()
             {
+                // Release: the slot is visible to a writer that sees the bound.
+                self.sub_hi.fetch_max(i as u32 + 1, Ordering::Release);
                 return true;
             }
         }
@@ -152,7 +157,9 @@ impl StoreCtl {
 
     /// Calls `f` with each subscriber's doorbell index.
     pub fn for_each_subscriber(&self, mut f: impl FnMut(u32)) {
-        for s in &self.subscribers {
+        // A hostile bound is clamped to the table.
+        let hi = (self.sub_hi.load(Ordering::Acquire) as usize).min(MAX_SUBSCRIBERS);
+        for s in &self.subscribers[..hi] {
             // Relaxed: an index is only a hint whom to wake; a stale one causes a spurious wake.
             let v = s.load(Ordering::Relaxed);
             if v != 0 {
@@ -197,20 +204,21 @@ pub enum StoreError {
     Corrupt(&'static str),
 }
 
-fn bytes_to_words(bytes: &[u8], out: &mut Vec<u64>) {
-    out.clear();
-    out.extend(bytes.chunks(8).map(|c| {
+/// Stores `bytes` into consecutive atomic words (little-endian, zero-padded), Relaxed.
+fn store_bytes(dst: &[AtomicU64], bytes: &[u8]) {
+    for (d, c) in dst.iter().zip(bytes.chunks(8)) {
         let mut w = [0u8; 8];
         w[..c.len()].copy_from_slice(c);
-        u64::from_le_bytes(w)
-    }));
+        d.store(u64::from_le_bytes(w), Ordering::Relaxed);
+    }
 }
 
-fn words_to_bytes(words: &[u64], len: usize, out: &mut Vec<u8>) {
+/// Loads `len` bytes from consecutive atomic words into `out` (replacing it), Relaxed.
+fn load_bytes(src: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
     out.clear();
-    out.reserve(words.len() * 8);
-    for w in words {
-        out.extend_from_slice(&w.to_le_bytes());
+    out.reserve(len + 8);
+    for w in src.iter().take(len.div_ceil(8)) {
+        out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
     }
     out.truncate(len);
 }
@@ -267,7 +275,6 @@ impl<M: StoreMemory> Store<M> {
     /// Reads the current snapshot into `out` (encoded bytes). Never blocks a writer; retries
     /// while racing one, up to a bound (then `Busy`).
     pub fn read(&self, out: &mut Vec<u8>) -> Result<SnapshotInfo, StoreError> {
-        let mut words = Vec::new();
         for attempt in 0..10_000u32 {
             let ctl = self.mem.ctl();
             // SYNC(version): pairs with the writer's Release store; the buffer for this version
@@ -289,18 +296,11 @@ impl<M: StoreMemory> Store<M> {
                 let updater = buf[1].load(Ordering::Relaxed);
                 let len = buf[2].load(Ordering::Relaxed) as usize;
                 if bv == v && len <= self.snap_cap {
-                    let n = len.div_ceil(8);
-                    words.clear();
-                    words.extend(
-                        buf[BUFFER_HEADER_WORDS..BUFFER_HEADER_WORDS + n]
-                            .iter()
-                            .map(|w| w.load(Ordering::Relaxed)),
-                    );
+                    load_bytes(&buf[BUFFER_HEADER_WORDS..], len, out);
                     // SYNC(seq): the data loads above happen before this re-check.
                     fence(Ordering::Acquire);
                     let s2 = ctl.seq[b].seq.load(Ordering::Relaxed);
                     if s1 == s2 {
-                        words_to_bytes(&words, len, out);
                         return Ok(SnapshotInfo {
                             version: v,
                             updater,
@@ -405,11 +405,7 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
                 "snapshot buffer does not match the version",
             ));
         }
-        let words: Vec<u64> = buf[BUFFER_HEADER_WORDS..BUFFER_HEADER_WORDS + len.div_ceil(8)]
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed))
-            .collect();
-        words_to_bytes(&words, len, out);
+        load_bytes(&buf[BUFFER_HEADER_WORDS..], len, out);
         Ok(SnapshotInfo {
             version: v,
             updater: buf[1].load(Ordering::Relaxed),
@@ -435,8 +431,7 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
         debug_assert!(kind != LOG_PAD);
         let ctl = store.mem.ctl();
         let v = self.version() + 1;
-        let mut words = Vec::new();
-        bytes_to_words(snapshot, &mut words);
+
         // 1. The free buffer, under its sequence word.
         let b = (v & 1) as usize;
         let buf = store.mem.buffer(b);
@@ -447,9 +442,7 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
         buf[0].store(v, Ordering::Relaxed);
         buf[1].store(self.token, Ordering::Relaxed);
         buf[2].store(snapshot.len() as u64, Ordering::Relaxed);
-        for (dst, w) in buf[BUFFER_HEADER_WORDS..].iter().zip(&words) {
-            dst.store(*w, Ordering::Relaxed);
-        }
+        store_bytes(&buf[BUFFER_HEADER_WORDS..], snapshot);
         // SYNC(seq): the data is visible to a reader that sees the even sequence.
         ctl.seq[b].seq.store(s + 1, Ordering::Release);
         // 2. The log record at the tail (padding first if it would straddle the end).
@@ -476,10 +469,7 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
         log[at + 1].store(v, Ordering::Relaxed);
         log[at + 2].store(self.token, Ordering::Relaxed);
         if let Some(p) = payload {
-            bytes_to_words(p, &mut words);
-            for (i, w) in words.iter().enumerate() {
-                log[at + LOG_HEADER_WORDS + i].store(*w, Ordering::Relaxed);
-            }
+            store_bytes(&log[at + LOG_HEADER_WORDS..], p);
         }
         // 3. Commit: the version, then the log tail.
         // SYNC(version): buffer and log record are visible to whoever sees the new version.
@@ -582,10 +572,7 @@ impl Follower {
             }
             let version = log[at + 1].load(Ordering::Relaxed);
             let updater = log[at + 2].load(Ordering::Relaxed);
-            let words: Vec<u64> = log[at + LOG_HEADER_WORDS..at + rec as usize]
-                .iter()
-                .map(|w| w.load(Ordering::Relaxed))
-                .collect();
+            load_bytes(&log[at + LOG_HEADER_WORDS..at + rec as usize], len, out);
             // SYNC(log_tail): the loads above happen before this check; if a writer could
             // have started overwriting them, the tail shows it.
             fence(Ordering::Acquire);
@@ -605,7 +592,6 @@ impl Follower {
                 return Ok(Some(LogEvent::Gap));
             }
             self.next_version = version + 1;
-            words_to_bytes(&words, len, out);
             return Ok(Some(LogEvent::Record {
                 kind,
                 version,

@@ -122,6 +122,18 @@ pub fn encode_into(v: &Value, out: &mut Vec<u8>) {
     }
 }
 
+/// Appends the header of a map of `n` entries (then write `n` keys and values).
+pub fn encode_map_header(out: &mut Vec<u8>, n: usize) {
+    out.push(T_MAP);
+    put_varint(out, n as u64);
+}
+
+/// Appends a map key.
+pub fn encode_key(out: &mut Vec<u8>, k: &str) {
+    put_varint(out, k.len() as u64);
+    out.extend_from_slice(k.as_bytes());
+}
+
 /// The encoding of `v`.
 pub fn encode(v: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(encoded_len(v));

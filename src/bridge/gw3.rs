@@ -1,0 +1,318 @@
+//! GW3 message shapes: ids, envelopes, errors, and the conversions between GW3's JSON and
+//! knit's own types (method definitions, identities, argument and result conventions).
+//!
+//! Everything here is pure; the connection state machine in `session.rs` decides when to send
+//! what.
+
+use crate::wire::frame::{Instance, MethodDef, PeerId};
+use crate::wire::Value;
+use serde_json::{json, Map, Value as J};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A JSON object.
+pub(crate) type Obj = Map<String, J>;
+
+/// The domains this bridge announces in `welcome`. `context` must be version 2 or the client
+/// refuses `setPath` (PROTOCOL.md §4.1).
+pub(crate) fn available_domains() -> J {
+    json!([
+        {"uri": "agm", "description": "", "version": 1},
+        {"uri": "activity", "description": "", "version": 2},
+        {"uri": "global", "description": "", "version": 1},
+        {"uri": "bus", "description": "", "version": 1},
+        {"uri": "context", "description": "", "version": 2},
+        {"uri": "metrics", "description": "", "version": 1},
+    ])
+}
+
+/// Makes and parses the gateway's GW3 ids. They have the reference gateway's shape,
+/// `<kind>-<node>-<n>` with a random 32-hex-digit node, so tools that normalise transcripts
+/// recognise them; clients treat them as opaque strings. Peer ids embed the registry's
+/// [`PeerId`], so every peer — native or web — has one GW3 id.
+#[derive(Debug)]
+pub(crate) struct Ids {
+    node: String,
+    next: AtomicU64,
+}
+
+impl Ids {
+    pub(crate) fn new(node: String) -> Self {
+        Self {
+            node,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// The GW3 id of a registry peer.
+    pub(crate) fn peer(&self, p: PeerId) -> String {
+        format!("p-{}-{}", self.node, p.0)
+    }
+
+    /// The registry peer a GW3 peer id names, if it is one of ours.
+    pub(crate) fn parse_peer(&self, s: &str) -> Option<PeerId> {
+        let n = s
+            .strip_prefix("p-")?
+            .strip_prefix(self.node.as_str())?
+            .strip_prefix('-')?;
+        if n.is_empty() || n.len() > 20 || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        n.parse().ok().map(PeerId)
+    }
+
+    /// A fresh id of `kind` (`i` instance, `r` invocation/subscription, `c` context).
+    pub(crate) fn fresh(&self, kind: char) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{kind}-{}-{n}", self.node)
+    }
+}
+
+/// `{"domain", "type":"success", "request_id", "peer_id"}`.
+pub(crate) fn success(domain: &str, request_id: &J, peer_id: &J) -> J {
+    json!({"domain": domain, "type": "success", "request_id": request_id, "peer_id": peer_id})
+}
+
+/// The error shape every domain uses (PROTOCOL.md §3).
+pub(crate) fn error(
+    domain: &str,
+    request_id: &J,
+    peer_id: &J,
+    reason_uri: &str,
+    reason: &str,
+) -> J {
+    json!({"domain": domain, "type": "error", "request_id": request_id, "peer_id": peer_id,
+           "reason_uri": reason_uri, "reason": reason})
+}
+
+/// A method id as a map key: its canonical JSON text, so `"7"` and `7` stay distinct.
+pub(crate) fn id_key(id: &J) -> String {
+    id.to_string()
+}
+
+/// Why a GW3 method definition was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum MethodError {
+    #[error("a method definition must be an object")]
+    NotObject,
+    #[error("a method definition needs an id")]
+    NoId,
+    #[error("a method definition needs a non-empty string name")]
+    NoName,
+    #[error("method field {0:?} has the wrong type")]
+    BadField(&'static str),
+}
+
+/// Reads a GW3 method object (`register`) into knit's definition. Unknown fields are kept only
+/// in the verbatim copy the bridge forwards to web peers.
+pub(crate) fn method_def_from_gw3(m: &J) -> Result<MethodDef, MethodError> {
+    let o = m.as_object().ok_or(MethodError::NotObject)?;
+    match o.get("id") {
+        None | Some(J::Null) => return Err(MethodError::NoId),
+        Some(_) => {}
+    }
+    let name = match o.get("name") {
+        Some(J::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err(MethodError::NoName),
+    };
+    let opt_str = |k: &'static str| -> Result<Option<String>, MethodError> {
+        match o.get(k) {
+            None | Some(J::Null) => Ok(None),
+            Some(J::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(MethodError::BadField(k)),
+        }
+    };
+    let object_types = match o.get("object_types") {
+        None | Some(J::Null) => Vec::new(),
+        Some(J::Array(a)) => a
+            .iter()
+            .map(|t| t.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(MethodError::BadField("object_types"))?,
+        Some(_) => return Err(MethodError::BadField("object_types")),
+    };
+    let (flags, streaming) = match o.get("flags") {
+        None | Some(J::Null) => (Value::map(), false),
+        Some(J::Object(f)) => {
+            let meta = match f.get("metadata") {
+                None | Some(J::Null) => Value::map(),
+                Some(v) => Value::from(v.clone()),
+            };
+            let streaming = match f.get("streaming") {
+                None | Some(J::Null) => false,
+                Some(J::Bool(b)) => *b,
+                Some(_) => return Err(MethodError::BadField("flags.streaming")),
+            };
+            (meta, streaming)
+        }
+        Some(_) => return Err(MethodError::BadField("flags")),
+    };
+    let version = match o.get("version") {
+        None | Some(J::Null) => None,
+        Some(J::Number(n)) => n.as_u64().and_then(|v| u32::try_from(v).ok()),
+        Some(_) => return Err(MethodError::BadField("version")),
+    };
+    Ok(MethodDef {
+        name,
+        display_name: opt_str("display_name")?,
+        description: opt_str("description")?,
+        object_types,
+        accepts: opt_str("input_signature")?,
+        returns: opt_str("result_signature")?,
+        version,
+        flags,
+        streaming,
+    })
+}
+
+/// A native method as GW3 announces it. Native method ids are the registry's numbers, sent as
+/// strings as `@interopio/core` does for its own.
+pub(crate) fn method_to_gw3(id: u32, d: &MethodDef) -> J {
+    let mut o = Obj::new();
+    o.insert("id".into(), J::String(id.to_string()));
+    o.insert("name".into(), J::String(d.name.clone()));
+    if let Some(s) = &d.display_name {
+        o.insert("display_name".into(), J::String(s.clone()));
+    }
+    if let Some(s) = &d.description {
+        o.insert("description".into(), J::String(s.clone()));
+    }
+    if let Some(v) = d.version {
+        o.insert("version".into(), J::from(v));
+    }
+    if !d.object_types.is_empty() {
+        o.insert("object_types".into(), json!(d.object_types));
+    }
+    if let Some(s) = &d.accepts {
+        o.insert("input_signature".into(), J::String(s.clone()));
+    }
+    if let Some(s) = &d.returns {
+        o.insert("result_signature".into(), J::String(s.clone()));
+    }
+    let meta = match &d.flags {
+        Value::Null => J::Object(Obj::new()),
+        v => v.to_json(),
+    };
+    o.insert(
+        "flags".into(),
+        json!({"metadata": meta, "streaming": d.streaming}),
+    );
+    J::Object(o)
+}
+
+/// A native peer's identity as GW3 shows it (`peer-added`, `caller` instances).
+pub(crate) fn native_identity(i: &Instance) -> J {
+    json!({
+        "machine": i.machine,
+        "application": i.application,
+        "applicationName": i.application,
+        "process": i.pid,
+        "user": i.user,
+        "instance": i.instance,
+    })
+}
+
+/// What a web method receives as `arguments_kv` for a knit value: objects as they are, `null`
+/// as `{}`, anything else wrapped as `{_value: v}` (io.Connect handlers take an object).
+pub(crate) fn to_kv(v: &Value) -> J {
+    match v {
+        Value::Map(_) => v.to_json(),
+        Value::Null => J::Object(Obj::new()),
+        other => json!({"_value": other.to_json()}),
+    }
+}
+
+/// What a web caller receives as `result` for a knit value: the io.Connect convention, objects
+/// as they are, `null` as `{}`, any other value as `{_value: v}` (features.md §3.2).
+pub(crate) fn to_result(v: &Value) -> J {
+    to_kv(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_ids_round_trip_and_foreign_ones_are_refused() {
+        let ids = Ids::new("0123456789abcdef0123456789abcdef".into());
+        let s = ids.peer(PeerId(42));
+        assert_eq!(s, "p-0123456789abcdef0123456789abcdef-42");
+        assert_eq!(ids.parse_peer(&s), Some(PeerId(42)));
+        for bad in [
+            "p-nobody",
+            "p-0123456789abcdef0123456789abcdef-",
+            "p-0123456789abcdef0123456789abcdef-+4",
+            "p-0123456789abcdef0123456789abcdef-99999999999999999999999",
+            "p-ffff456789abcdef0123456789abcdef-4",
+            "r-0123456789abcdef0123456789abcdef-4",
+        ] {
+            assert_eq!(ids.parse_peer(bad), None, "{bad}");
+        }
+        assert_ne!(ids.fresh('i'), ids.fresh('i'));
+    }
+
+    #[test]
+    fn gw3_methods_become_definitions() {
+        let m = json!({"id": "1", "name": "Harness.OnlyA", "description": "only on A",
+            "flags": {"metadata": {"kind": "test"}, "streaming": false},
+            "input_signature": "Int x", "result_signature": "Int y", "version": 2,
+            "object_types": ["T"]});
+        let d = method_def_from_gw3(&m).unwrap();
+        assert_eq!(d.name, "Harness.OnlyA");
+        assert_eq!(d.accepts.as_deref(), Some("Int x"));
+        assert_eq!(d.returns.as_deref(), Some("Int y"));
+        assert_eq!(d.version, Some(2));
+        assert_eq!(d.flags, Value::object([("kind", Value::from("test"))]));
+        assert_eq!(d.object_types, vec!["T".to_string()]);
+        assert_eq!(
+            method_def_from_gw3(&json!({"id": 7, "name": "E", "flags": {}}))
+                .unwrap()
+                .flags,
+            Value::map()
+        );
+        assert_eq!(method_def_from_gw3(&json!(3)), Err(MethodError::NotObject));
+        assert_eq!(
+            method_def_from_gw3(&json!({"name": "x"})),
+            Err(MethodError::NoId)
+        );
+        assert_eq!(
+            method_def_from_gw3(&json!({"id": 1, "name": ""})),
+            Err(MethodError::NoName)
+        );
+        assert_eq!(
+            method_def_from_gw3(&json!({"id": 1, "name": "x", "flags": {"streaming": "yes"}})),
+            Err(MethodError::BadField("flags.streaming"))
+        );
+        assert_eq!(
+            method_def_from_gw3(&json!({"id": 1, "name": "x", "object_types": [1]})),
+            Err(MethodError::BadField("object_types"))
+        );
+    }
+
+    #[test]
+    fn native_methods_are_announced_in_gw3_shape() {
+        let mut d = MethodDef::new("Sum");
+        d.accepts = Some("Int a".into());
+        let j = method_to_gw3(3, &d);
+        assert_eq!(
+            j,
+            json!({"id": "3", "name": "Sum", "input_signature": "Int a",
+                   "flags": {"metadata": {}, "streaming": false}})
+        );
+        // And they read back to the same definition.
+        let back = method_def_from_gw3(&j).unwrap();
+        assert_eq!(back.name, "Sum");
+        assert_eq!(back.accepts, d.accepts);
+    }
+
+    #[test]
+    fn non_object_values_travel_as_value_objects() {
+        assert_eq!(to_result(&Value::from(42)), json!({"_value": 42}));
+        assert_eq!(to_result(&Value::Null), json!({}));
+        assert_eq!(
+            to_result(&Value::Array(vec![Value::from(1)])),
+            json!({"_value": [1]})
+        );
+        let obj = Value::object([("a", Value::from(1))]);
+        assert_eq!(to_kv(&obj), json!({"a": 1}));
+    }
+}

@@ -1,0 +1,506 @@
+//! The WebSocket bridge: web apps using the published io.Connect / Glue42 client libraries
+//! (`@interopio/core` 6.x, `@glue42/core` 5.x) join knit by speaking GW3 — one JSON object per
+//! text frame — to `ws://127.0.0.1:8385/` (any path).
+//!
+//! Each WebSocket connection that logs in becomes an ordinary peer of the gateway's registry
+//! (a *relay* peer: its calls travel through the gateway instead of over a shared-memory lane),
+//! so web and native apps see each other's methods and call each other both ways. The bridge
+//! runs inside the gateway's runtime and talks to the core only through its `CoreHandle`: it
+//! admits peers, sends their requests as [`crate::wire::frame::ToGateway`], and translates the
+//! typed notices the registry queues for them back into GW3.
+//!
+//! What the bridge keeps itself, because GW3 needs it and the registry has no use for it: the
+//! full GW3 identity each web peer logged in with, its method ids (any JSON value, mapped to the
+//! registry's numbers and back) and method objects (forwarded verbatim), its `agm` membership
+//! (GW3 announces a peer only once it joined `agm`), and the ids of pending invocations.
+//!
+//! Every frame is untrusted: frames have a size limit (the gateway's payload limit plus room
+//! for the envelope), JSON nesting is bounded, every field is type-checked, and a frame that is
+//! not a JSON object gets a plain-text error frame (as the reference gateway's WebSocket front
+//! does). Nothing is dropped silently: requests apply back-pressure to the socket, and a peer
+//! that does not read what it is sent is disconnected with a close frame that says why.
+//!
+//! See `docs/bridge.md` for the configuration and `docs/gw3-conformance.md` for how the bridge
+//! compares with the reference gateway.
+
+mod auth;
+mod gw3;
+mod hub;
+mod session;
+
+pub use auth::{read_token, token_path, AuthMode, Password, UserEntry};
+
+use crate::gateway::{CoreHandle, Limits};
+use crate::status::Status;
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// The default bridge address (DESIGN §5).
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8385";
+
+/// How the bridge is set up.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// Where to listen. Port 0 picks a free port (see `Gateway::ws_addr`).
+    pub addr: SocketAddr,
+    /// How `secret` logins are checked.
+    pub auth: AuthMode,
+    /// Browser origins allowed besides loopback ones (`http(s)://localhost|127.0.0.1|[::1]`
+    /// with any port). `"*"` allows every origin. Connections without an `Origin` header
+    /// (non-browser clients) are not affected.
+    pub origins: Vec<String>,
+    /// Users that may log in with a password (token mode).
+    pub users: Vec<UserEntry>,
+    /// Allow a non-loopback `addr` (token authentication only).
+    pub allow_remote: bool,
+    /// Largest frame accepted; `None`: the gateway's payload limit plus 64 KiB for the
+    /// envelope. A larger frame closes the connection with 1009 (message too big).
+    pub max_frame: Option<usize>,
+    /// Bytes that may wait to be written to one connection before it is closed as a slow
+    /// consumer (1008).
+    pub max_queued_bytes: usize,
+    /// Registry notices that may wait for one connection's task.
+    pub queue_depth: usize,
+    /// Most WebSocket connections at once (logged in or not).
+    pub max_connections: usize,
+    /// How long a connection may stay without a successful `hello` before it is closed.
+    pub hello_timeout: Duration,
+    /// The token file; `None`: next to the gateway socket ([`token_path`]).
+    pub token_file: Option<PathBuf>,
+}
+
+impl BridgeConfig {
+    /// Defaults, listening on `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            auth: AuthMode::Token,
+            origins: Vec::new(),
+            users: Vec::new(),
+            allow_remote: false,
+            max_frame: None,
+            max_queued_bytes: 64 << 20,
+            queue_depth: 65_536,
+            max_connections: 1024,
+            hello_timeout: Duration::from_secs(30),
+            token_file: None,
+        }
+    }
+
+    /// Defaults on `127.0.0.1` with a free port: what tests use.
+    pub fn loopback_ephemeral() -> Self {
+        Self::new(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+}
+
+/// Why the bridge could not start.
+#[derive(Debug, Error)]
+pub enum BridgeError {
+    /// The address is not a loopback one and `allow_remote` is off.
+    #[error("the WebSocket bridge listens on loopback addresses only, not {0} (set \"allow_remote\": true in the configuration to change that)")]
+    NotLoopback(SocketAddr),
+    /// `open` authentication with a non-loopback address.
+    #[error("--ws-auth open is for loopback addresses only")]
+    OpenRemote,
+    /// Binding failed.
+    #[error("binding the WebSocket bridge to {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    /// The token file could not be read or written.
+    #[error("bridge token {path}: {source}")]
+    Token { path: PathBuf, source: io::Error },
+}
+
+impl BridgeError {
+    /// The status for this error.
+    pub fn status(&self) -> Status {
+        match self {
+            BridgeError::NotLoopback(_) | BridgeError::OpenRemote => Status::InvalidArgument,
+            BridgeError::Bind { .. } | BridgeError::Token { .. } => Status::GatewayUnreachable,
+        }
+    }
+}
+
+/// A bridge whose socket is bound, not yet serving.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    cfg: BridgeConfig,
+    auth: auth::Authenticator,
+}
+
+/// Binds the bridge's socket and prepares authentication (creating the token file).
+pub(crate) fn bind(
+    cfg: &BridgeConfig,
+    socket: &Path,
+    os_user: String,
+) -> Result<Bound, BridgeError> {
+    if !cfg.addr.ip().is_loopback() {
+        if cfg.auth == AuthMode::Open {
+            return Err(BridgeError::OpenRemote);
+        }
+        if !cfg.allow_remote {
+            return Err(BridgeError::NotLoopback(cfg.addr));
+        }
+    }
+    let path = cfg.token_file.clone().unwrap_or_else(|| token_path(socket));
+    let token = auth::load_or_create_token(&path).map_err(|source| BridgeError::Token {
+        path: path.clone(),
+        source,
+    })?;
+    let bind_err = |source| BridgeError::Bind {
+        addr: cfg.addr,
+        source,
+    };
+    let listener = std::net::TcpListener::bind(cfg.addr).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    let auth = auth::Authenticator::new(cfg.auth, os_user, token, cfg.users.clone());
+    Ok(Bound {
+        listener,
+        addr,
+        cfg: cfg.clone(),
+        auth,
+    })
+}
+
+impl Bound {
+    /// The address actually bound.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts accepting connections on the current runtime.
+    pub(crate) fn start(self, core: CoreHandle, limits: Limits) -> Result<Running, io::Error> {
+        let listener = TcpListener::from_std(self.listener)?;
+        let mut node = [0u8; 16];
+        getrandom::fill(&mut node).map_err(|e| io::Error::other(format!("random bytes: {e}")))?;
+        let node: String = node.iter().map(|b| format!("{b:02x}")).collect();
+        let shared = Arc::new(session::Shared {
+            core,
+            hub: hub::Hub::default(),
+            ids: gw3::Ids::new(node),
+            auth: self.auth,
+            limits,
+            cfg: self.cfg,
+        });
+        crate::log::info(format_args!(
+            "bridge listening on ws://{}/ ({} authentication)",
+            self.addr,
+            match shared.cfg.auth {
+                AuthMode::Token => "token",
+                AuthMode::Open => "open",
+            }
+        ));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(accept_loop(listener, shared, stop_rx));
+        Ok(Running {
+            stop: stop_tx,
+            task,
+        })
+    }
+}
+
+/// A serving bridge.
+#[derive(Debug)]
+pub(crate) struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting and gives open connections a moment to send their close frames (the
+    /// registry has already told each one the gateway is stopping).
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<session::Shared>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let Ok((stream, remote)) = accepted else { continue };
+                if conns.len() >= shared.cfg.max_connections {
+                    crate::log::warn(format_args!(
+                        "bridge: refused a connection from {remote}: {} connections open",
+                        conns.len()
+                    ));
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                conns.spawn(connection(stream, remote, shared.clone()));
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+/// Whether a browser `Origin` may connect: loopback origins always, others when configured.
+fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let rest = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    let Some(rest) = rest else {
+        return false;
+    };
+    let host = if let Some(v6) = rest.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, port)) if port.is_empty() || port.starts_with(':') => h,
+            _ => return false,
+        }
+    } else {
+        match rest.split_once(':') {
+            Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            Some(_) => return false,
+            None => rest,
+        }
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+async fn connection(stream: TcpStream, remote: SocketAddr, shared: Arc<session::Shared>) {
+    let max_frame = shared.cfg.max_frame.unwrap_or_else(|| {
+        usize::try_from(shared.limits.max_payload)
+            .unwrap_or(usize::MAX)
+            .saturating_add(64 << 10)
+    });
+    // A small read buffer: tungstenite zero-fills it before every read, and GW3 messages are
+    // small (a 128 KiB buffer cost ~10 µs per frame; larger messages just take more reads).
+    let config = WebSocketConfig::default()
+        .read_buffer_size(16 << 10)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame));
+    let origins = shared.cfg.origins.clone();
+    // The signature is tungstenite's callback contract.
+    #[allow(clippy::result_large_err)]
+    let check = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if let Some(origin) = req.headers().get("origin") {
+            let ok = origin
+                .to_str()
+                .map(|o| origin_allowed(o, &origins))
+                .unwrap_or(false);
+            if !ok {
+                let mut r = ErrorResponse::new(Some("origin not allowed".into()));
+                *r.status_mut() = StatusCode::FORBIDDEN;
+                return Err(r);
+            }
+        }
+        Ok(resp)
+    };
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
+    let ws = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            crate::log::debug(format_args!("bridge: handshake with {remote} failed: {e}"));
+            return;
+        }
+        Err(_) => return,
+    };
+    session::run(ws, remote, shared).await;
+}
+
+/// The outbound side of one connection: a queue bounded in bytes, written to the socket by the
+/// connection's own task (before it reads the next frame, so answers go out in order and before
+/// a client's close is read), never blocking the task when the peer does not read.
+pub(crate) struct Wire {
+    sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
+    queue: Mutex<VecDeque<Message>>,
+    bytes: AtomicUsize,
+    max_bytes: usize,
+    /// Frames were handed to the socket and not flushed yet.
+    dirty: bool,
+    /// A close frame is queued: nothing may follow it.
+    closing: AtomicBool,
+    failed: bool,
+}
+
+impl std::fmt::Debug for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wire")
+            .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The queue is full: the peer does not read what it is sent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Overflow {
+    pub bytes: usize,
+}
+
+impl Wire {
+    fn new(
+        sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
+        max_bytes: usize,
+    ) -> Wire {
+        Wire {
+            sink,
+            queue: Mutex::new(VecDeque::new()),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
+            dirty: false,
+            closing: AtomicBool::new(false),
+            failed: false,
+        }
+    }
+
+    fn q(&self) -> std::sync::MutexGuard<'_, VecDeque<Message>> {
+        // Only this connection's task touches the queue; the lock is never contended.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a text frame.
+    pub(crate) fn text(&self, s: String) -> Result<(), Overflow> {
+        if self.closing.load(Ordering::Relaxed) {
+            return Ok(()); // the connection is ending; the close frame says why
+        }
+        let queued = self.bytes.load(Ordering::Relaxed);
+        if queued.saturating_add(s.len()) > self.max_bytes {
+            return Err(Overflow { bytes: queued });
+        }
+        self.bytes.store(queued + s.len(), Ordering::Relaxed);
+        self.q().push_back(Message::text(s));
+        Ok(())
+    }
+
+    /// Queues the close frame; with `discard`, frames still waiting are dropped first (the
+    /// peer is being disconnected for not reading them).
+    pub(crate) fn close(&self, code: u16, reason: &str, discard: bool) {
+        if self.closing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if discard {
+            self.q().clear();
+            self.bytes.store(0, Ordering::Relaxed);
+        }
+        // A close reason has at most 123 bytes.
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason[..end].to_string().into(),
+        };
+        self.q().push_back(Message::Close(Some(frame)));
+    }
+
+    /// Whether there is something to write or flush.
+    pub(crate) fn busy(&self) -> bool {
+        !self.failed && (self.dirty || !self.q().is_empty())
+    }
+
+    /// Writes and flushes what is queued; pending while the socket is full. An error means the
+    /// connection is gone.
+    pub(crate) async fn progress(&mut self) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        let r = futures_util::future::poll_fn(|cx| {
+            use futures_util::Sink;
+            use std::task::Poll;
+            loop {
+                if self.q().is_empty() {
+                    if self.dirty {
+                        match Pin::new(&mut self.sink).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.dirty = false,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                match Pin::new(&mut self.sink).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+                let Some(m) = self.q().pop_front() else {
+                    continue;
+                };
+                if let Message::Text(t) = &m {
+                    self.bytes.fetch_sub(
+                        t.len().min(self.bytes.load(Ordering::Relaxed)),
+                        Ordering::Relaxed,
+                    );
+                }
+                Pin::new(&mut self.sink).start_send(m)?;
+                self.dirty = true;
+            }
+        })
+        .await;
+        if r.is_err() {
+            self.failed = true;
+            self.q().clear();
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_origins_pass_and_others_need_configuring() {
+        let none: Vec<String> = vec![];
+        for ok in [
+            "http://localhost",
+            "http://localhost:3000",
+            "https://127.0.0.1:8443",
+            "http://[::1]:80",
+            "http://127.0.0.2",
+        ] {
+            assert!(origin_allowed(ok, &none), "{ok}");
+        }
+        for bad in [
+            "null",
+            "http://evil.example",
+            "http://localhost.evil.example",
+            "http://127.0.0.1.evil.example:80",
+            "http://localhost:80@evil.example",
+            "file://",
+            "http://[::1]x",
+        ] {
+            assert!(!origin_allowed(bad, &none), "{bad}");
+        }
+        let cfg = vec!["https://app.example.com".to_string()];
+        assert!(origin_allowed("https://APP.example.com", &cfg));
+        assert!(!origin_allowed("https://app.example.com.evil", &cfg));
+        assert!(origin_allowed("null", &["*".to_string()]));
+    }
+}

@@ -1,0 +1,1088 @@
+//! One WebSocket connection: GW3 in, registry requests out; registry notices in, GW3 out.
+
+use super::auth::Authenticator;
+use super::gw3::{self, Ids, Obj};
+use super::hub::{Hub, HubEvent, Kill, CLOSE_SLOW};
+use super::{BridgeConfig, Wire};
+use crate::gateway::{Admission, Closer, CoreHandle, Limits, Outgoing};
+use crate::status::Status;
+use crate::wire::frame::{FromGateway, MethodSpec, PeerId, RelayOutcome, ToGateway, Transport};
+use crate::wire::Value;
+use futures_util::StreamExt;
+use serde_json::{json, Value as J};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// What every connection of one bridge shares.
+pub(crate) struct Shared {
+    pub core: CoreHandle,
+    pub hub: Hub,
+    pub ids: Ids,
+    pub auth: Authenticator,
+    pub limits: Limits,
+    pub cfg: BridgeConfig,
+}
+
+/// A method id nobody registers: asks the registry whether a peer we do not know exists and
+/// whether it is ours to call, without calling anything.
+const NO_METHOD: u32 = u32::MAX;
+
+/// Close codes (RFC 6455).
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_PROTOCOL: u16 = 1002;
+
+/// Another peer as this connection's client knows it.
+struct Known {
+    /// The GW3 identity shown in `peer-added`.
+    identity: J,
+    /// The instance of a web peer (whose `agm` membership the hub knows); `None` for natives.
+    web: Option<String>,
+    /// Registry method id → (GW3 id, method object).
+    methods: BTreeMap<u32, (J, J)>,
+    /// Whether the client was sent `peer-added` for it.
+    announced: bool,
+}
+
+impl Known {
+    fn method_by_gw3(&self, id: &J) -> Option<u32> {
+        let key = gw3::id_key(id);
+        self.methods
+            .iter()
+            .find(|(_, (gid, _))| gw3::id_key(gid) == key)
+            .map(|(n, _)| *n)
+    }
+}
+
+/// A registry request waiting for `Ack`/`Fail`.
+enum Req {
+    Register {
+        request_id: J,
+        ids: Vec<u32>,
+    },
+    Unregister {
+        request_id: J,
+        ids: Vec<u32>,
+    },
+    /// Unregistering on `leave agm`: nothing to tell the client.
+    Quiet {
+        ids: Vec<u32>,
+    },
+}
+
+struct PendingCall {
+    request_id: J,
+    server: String,
+    method: String,
+}
+
+/// The logged-in peer behind this connection.
+struct Me {
+    peer: PeerId,
+    id: J,
+    instance: String,
+    user: String,
+    in_agm: bool,
+    /// Own methods: registry id → (GW3 id, object); and GW3 id key → registry id.
+    methods: HashMap<u32, (J, J)>,
+    by_key: HashMap<String, u32>,
+    next_method: u32,
+    known: BTreeMap<PeerId, Known>,
+    calls: HashMap<u64, PendingCall>,
+    next_call: u64,
+    invocations: HashMap<String, u64>,
+    reqs: HashMap<u64, Req>,
+    next_req: u64,
+}
+
+struct Session {
+    sh: Arc<Shared>,
+    wire: Wire,
+    machine: String,
+    kill: Arc<Kill>,
+    hub_tx: mpsc::Sender<HubEvent>,
+    reg_rx: Option<mpsc::Receiver<Outgoing>>,
+    me: Option<Me>,
+    /// Set when the connection must end (gateway stopping).
+    done: Option<(u16, String)>,
+}
+
+async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves one connection until it closes.
+pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: Arc<Shared>) {
+    let (sink, mut stream) = ws.split();
+    let wire = Wire::new(sink, sh.cfg.max_queued_bytes);
+    let (hub_tx, mut hub_rx) = mpsc::channel(1024);
+    let mut s = Session {
+        sh,
+        wire,
+        machine: remote.ip().to_string(),
+        kill: Arc::new(Kill::default()),
+        hub_tx,
+        reg_rx: None,
+        me: None,
+        done: None,
+    };
+    let kill = s.kill.clone();
+    let hello_deadline = tokio::time::sleep(s.sh.cfg.hello_timeout);
+    tokio::pin!(hello_deadline);
+    // `biased`: registry notices are always handled before hub notices that were issued after
+    // them (a peer's `PeerAdded` before the news that it joined `agm`).
+    let (why, close) = loop {
+        if let Some((code, reason)) = s.done.take() {
+            break (reason.clone(), Some((code, reason, false)));
+        }
+        // Output first: answers go out before the next frame is read (a client that closes
+        // right after its last requests still gets the answers), and a connection's frames are
+        // handled in the order they arrived, without yielding to other connections in between.
+        tokio::select! {
+            biased;
+            r = s.wire.progress(), if s.wire.busy() => {
+                if let Err(e) = r {
+                    break (format!("connection error: {e}"), None);
+                }
+            }
+            (code, reason) = kill.killed() => break (reason.clone(), Some((code, reason, true))),
+            _ = &mut hello_deadline, if s.me.is_none() => {
+                let why = "no successful hello in time".to_string();
+                break (why.clone(), Some((CLOSE_SLOW, why, false)));
+            }
+            Some(out) = recv_opt(&mut s.reg_rx) => s.on_core(out.msg).await,
+            Some(ev) = hub_rx.recv() => s.on_hub(ev),
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(t))) => s.on_text(t.as_str()).await,
+                Some(Ok(Message::Binary(_))) => s.raw("GW3 messages are JSON text frames, not binary"),
+                Some(Ok(Message::Close(_))) | None => break ("connection closed".to_string(), None),
+                Some(Ok(_)) => {} // ping/pong: answered by the WebSocket layer
+                Some(Err(e)) => {
+                    use tokio_tungstenite::tungstenite::Error as E;
+                    let code = match &e {
+                        E::Capacity(_) => Some(CLOSE_TOO_BIG),
+                        E::Protocol(_) | E::Utf8(_) => Some(CLOSE_PROTOCOL),
+                        _ => None,
+                    };
+                    let why = format!("connection error: {e}");
+                    break (why.clone(), code.map(|c| (c, why, false)));
+                }
+            },
+        }
+    };
+    if let Some((code, reason, discard)) = close {
+        if discard {
+            crate::log::warn(format_args!(
+                "bridge: closing {}: {reason}",
+                s.me.as_ref()
+                    .map(|m| m.id.to_string())
+                    .unwrap_or_else(|| s.machine.clone())
+            ));
+        }
+        s.wire.close(code, &reason, discard);
+    }
+    if let Some(me) = s.me.take() {
+        s.sh.core.closed(me.peer, why).await;
+        s.sh.hub.remove(&me.instance);
+    }
+    let Session { mut wire, .. } = s;
+    // Send what is queued (the close frame last) and read (and discard) what the client still
+    // sends until it answers the close: closing a socket with unread input resets the
+    // connection, and the client could lose the close frame that says why. A peer that neither
+    // reads nor closes is not waited for.
+    let linger = async {
+        let flush = async { while wire.busy() && wire.progress().await.is_ok() {} };
+        let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+        futures_util::future::join(flush, drain).await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), linger).await;
+}
+
+fn rid(msg: &Obj) -> J {
+    msg.get("request_id").cloned().unwrap_or(J::Null)
+}
+
+fn display_id(v: &J) -> String {
+    match v {
+        J::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Session {
+    /// Queues a GW3 message; a full queue ends the connection (slow consumer).
+    fn send(&self, msg: J) {
+        if let Err(o) = self.wire.text(msg.to_string()) {
+            self.kill.kill(
+                CLOSE_SLOW,
+                format!(
+                    "slow consumer: {} bytes waiting to be sent (limit {})",
+                    o.bytes, self.sh.cfg.max_queued_bytes
+                ),
+            );
+        }
+    }
+
+    /// Queues a plain-text frame (answers to frames that are not GW3 messages).
+    fn raw(&self, text: &str) {
+        self.send_text(text.to_string());
+    }
+
+    fn send_text(&self, text: String) {
+        if let Err(o) = self.wire.text(text) {
+            self.kill.kill(
+                CLOSE_SLOW,
+                format!("slow consumer: {} bytes waiting to be sent", o.bytes),
+            );
+        }
+    }
+
+    fn my_id(&self) -> J {
+        self.me.as_ref().map(|m| m.id.clone()).unwrap_or(J::Null)
+    }
+
+    async fn core(&self, msg: ToGateway) {
+        if let Some(me) = &self.me {
+            self.sh.core.send(me.peer, msg).await;
+        }
+    }
+
+    // ---- frames from the client ------------------------------------------------------------
+
+    async fn on_text(&mut self, text: &str) {
+        let msg = match serde_json::from_str::<J>(text) {
+            Ok(J::Object(o)) => o,
+            Ok(_) => return self.raw("GW3 message must be a JSON object"),
+            Err(e) => return self.send_text(format!("GW3 message must be a JSON object: {e}")),
+        };
+        let domain = match msg.get("domain") {
+            None | Some(J::Null) => "global".to_string(),
+            Some(J::String(d)) => d.clone(),
+            Some(other) => {
+                let reason = format!("domain must be a string, not {other}");
+                return self.send(gw3::error(
+                    "global",
+                    &rid(&msg),
+                    &self.my_id(),
+                    "global.errors.failure",
+                    &reason,
+                ));
+            }
+        };
+        let ty = match msg.get("type") {
+            Some(J::String(t)) => t.clone(),
+            _ => {
+                let uri = format!("{domain}.errors.unhandled_message");
+                return self.send(gw3::error(
+                    &domain,
+                    &rid(&msg),
+                    &self.my_id(),
+                    &uri,
+                    "a GW3 message needs a string \"type\"",
+                ));
+            }
+        };
+        if ty == "ping" {
+            return;
+        }
+        let Some(me) = &self.me else {
+            if ty == "hello" {
+                return self.hello(&msg).await;
+            }
+            let pid = msg.get("peer_id").cloned().unwrap_or(J::Null);
+            let reason = format!("Unable to find peer with id {}", display_id(&pid));
+            return self.send(gw3::error(
+                &domain,
+                &rid(&msg),
+                &pid,
+                "global.errors.invalid_peer",
+                &reason,
+            ));
+        };
+        if let Some(p) = msg.get("peer_id") {
+            if !p.is_null() && *p != me.id {
+                let reason = format!("Unable to find peer with id {}", display_id(p));
+                return self.send(gw3::error(
+                    &domain,
+                    &rid(&msg),
+                    p,
+                    "global.errors.invalid_peer",
+                    &reason,
+                ));
+            }
+        }
+        match domain.as_str() {
+            "global" => self.global(&ty, &msg).await,
+            "agm" => self.agm(&ty, &msg).await,
+            "bus" => self.bus(&ty, &msg),
+            "metrics" => match ty.as_str() {
+                "define" | "publish" => {} // metrics are accepted and not stored
+                _ => self.unhandled("metrics", &ty, &msg),
+            },
+            "context" => self.not_yet("context", &msg, "shared contexts"),
+            other => {
+                let reason = format!("Unable to find domain {other}");
+                self.send(gw3::error(
+                    other,
+                    &rid(&msg),
+                    &self.my_id(),
+                    "global.errors.failure",
+                    &reason,
+                ));
+            }
+        }
+    }
+
+    fn unhandled(&self, domain: &str, ty: &str, msg: &Obj) {
+        let uri = format!("{domain}.errors.unhandled_message");
+        let reason = format!("Unhandled message type {ty} in domain {domain}");
+        self.send(gw3::error(domain, &rid(msg), &self.my_id(), &uri, &reason));
+    }
+
+    /// Parts of GW3 that arrive with the core's contexts, bus and streams (phase 2).
+    fn not_yet(&self, domain: &str, msg: &Obj, what: &str) {
+        let uri = format!("{domain}.errors.failure");
+        let reason = format!("{what} are not available in this version of the knit bridge");
+        self.send(gw3::error(domain, &rid(msg), &self.my_id(), &uri, &reason));
+    }
+
+    async fn hello(&mut self, msg: &Obj) {
+        let request_id = rid(msg);
+        let fail =
+            |uri: &str, reason: &str| gw3::error("global", &request_id, &J::Null, uri, reason);
+        let login = match self.sh.auth.authenticate(msg.get("authentication")) {
+            Ok(l) => l,
+            Err(reason) => return self.send(fail("global.errors.authentication.failure", &reason)),
+        };
+        let mut identity = match msg.get("identity") {
+            Some(J::Object(o)) => o.clone(),
+            _ => {
+                return self.send(fail(
+                    "global.errors.bad_identity",
+                    "identity must be an object",
+                ))
+            }
+        };
+        let max = self.sh.limits.max_name_len;
+        let application = match identity.get("application") {
+            Some(J::String(s)) if !s.trim().is_empty() && s.len() <= max => s.clone(),
+            _ => {
+                let reason = format!("identity.application must be a string of 1..={max} bytes");
+                return self.send(fail("global.errors.bad_identity", &reason));
+            }
+        };
+        let given = match identity.get("instance") {
+            None | Some(J::Null) => None,
+            Some(J::String(s)) if !s.is_empty() && s.len() <= max => Some(s.clone()),
+            _ => {
+                return self.send(fail(
+                    "global.errors.bad_identity",
+                    "identity.instance must be a non-empty string",
+                ))
+            }
+        };
+        let pid = identity
+            .get("process")
+            .and_then(J::as_u64)
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
+        let instance = given.clone().unwrap_or_else(|| self.sh.ids.fresh('i'));
+        identity.insert("machine".into(), J::String(self.machine.clone()));
+        identity.insert("user".into(), J::String(login.user.clone()));
+        if let Some(l) = &login.login {
+            identity.insert("login".into(), J::String(l.clone()));
+        }
+        if given.is_none() {
+            identity.insert("instance".into(), J::String(instance.clone()));
+        }
+        let identity = J::Object(identity);
+        let hub = &self.sh.hub;
+        if !hub.reserve(
+            &instance,
+            &login.user,
+            identity.clone(),
+            self.hub_tx.clone(),
+            self.kill.clone(),
+        ) {
+            return self.send(fail(
+                "global.errors.already_seen",
+                "Hello already received once",
+            ));
+        }
+        let (reg_tx, reg_rx) = mpsc::channel(self.sh.cfg.queue_depth.max(1));
+        let kill = self.kill.clone();
+        let closer: Closer = Box::new(move || {
+            kill.kill(
+                CLOSE_SLOW,
+                "slow consumer: the gateway's queue for this peer overflowed",
+            )
+        });
+        let adm = Admission {
+            application,
+            instance: Some(instance.clone()),
+            pid,
+            user: login.user.clone(),
+            transport: Transport::Relay,
+        };
+        let (peer, welcome) = match self.sh.core.admit(adm, reg_tx, closer).await {
+            Ok(x) => x,
+            Err((status, message)) => {
+                hub.remove(&instance);
+                return self.send(if status == Status::AlreadyExists {
+                    fail("global.errors.already_seen", "Hello already received once")
+                } else {
+                    fail("global.errors.failure", &message)
+                });
+            }
+        };
+        hub.admitted(&instance, peer);
+        let id = J::String(self.sh.ids.peer(peer));
+        let mut known = BTreeMap::new();
+        for p in &welcome.peers {
+            let mut k = self.known_from(&p.identity, p.transport);
+            self.add_known_methods(&mut k, &p.methods);
+            known.insert(p.identity.peer_id, k);
+        }
+        let mut w = json!({
+            "domain": "global", "type": "welcome", "request_id": request_id, "peer_id": id,
+            "available_domains": gw3::available_domains(), "resolved_identity": identity,
+        });
+        if login.access_token {
+            w["options"] = json!({"access_token": self.sh.auth.access_token(&login)});
+        }
+        self.me = Some(Me {
+            peer,
+            id,
+            instance,
+            user: login.user,
+            in_agm: false,
+            methods: HashMap::new(),
+            by_key: HashMap::new(),
+            next_method: 1,
+            known,
+            calls: HashMap::new(),
+            next_call: 1,
+            invocations: HashMap::new(),
+            reqs: HashMap::new(),
+            next_req: 1,
+        });
+        self.reg_rx = Some(reg_rx);
+        self.send(w);
+    }
+
+    async fn global(&mut self, ty: &str, msg: &Obj) {
+        let request_id = rid(msg);
+        match ty {
+            "join" | "leave" => {
+                let dest = match msg.get("destination") {
+                    Some(J::String(d)) => d.clone(),
+                    other => other.map(display_id).unwrap_or_default(),
+                };
+                if !["agm", "bus", "metrics", "context", "activity", "global"]
+                    .contains(&dest.as_str())
+                {
+                    let reason = format!("Unable to {ty} missing domain {dest}");
+                    return self.send(gw3::error(
+                        "global",
+                        &request_id,
+                        &self.my_id(),
+                        "global.errors.invalid_domain",
+                        &reason,
+                    ));
+                }
+                if dest == "agm" {
+                    if ty == "join" {
+                        self.join_agm();
+                    } else {
+                        self.leave_agm().await;
+                    }
+                }
+                self.send(gw3::success(&dest, &request_id, &self.my_id()));
+            }
+            "create-token" => {
+                let user = self.me.as_ref().map(|m| m.user.clone()).unwrap_or_default();
+                let token = self.sh.auth.gateway_token(&user);
+                self.send(
+                    json!({"domain": "global", "type": "token", "request_id": request_id,
+                                 "peer_id": self.my_id(), "token": token}),
+                );
+            }
+            "hello" => {
+                self.send(gw3::error(
+                    "global",
+                    &request_id,
+                    &J::Null,
+                    "global.errors.already_seen",
+                    "Hello already received once",
+                ));
+            }
+            "create-context"
+            | "update-context"
+            | "subscribe-context"
+            | "unsubscribe-context"
+            | "destroy-context" => self.not_yet("global", msg, "shared contexts"),
+            _ => self.unhandled("global", ty, msg),
+        }
+    }
+
+    fn bus(&self, ty: &str, msg: &Obj) {
+        match ty {
+            "publish" => {} // fire-and-forget; the bus arrives in phase 2
+            "subscribe" | "unsubscribe" => self.not_yet("bus", msg, "bus subscriptions"),
+            _ => self.unhandled("bus", ty, msg),
+        }
+    }
+
+    async fn agm(&mut self, ty: &str, msg: &Obj) {
+        match ty {
+            "register" => self.register(msg).await,
+            "unregister" => self.unregister(msg).await,
+            "call" => self.call(msg).await,
+            "yield" => self.yield_(msg).await,
+            "error" => self.server_error(msg).await,
+            "subscribe" | "unsubscribe" => {
+                let reason = "streams are not available in this version of the knit bridge";
+                self.send(gw3::error(
+                    "agm",
+                    &rid(msg),
+                    &self.my_id(),
+                    "agm.errors.subscription.failure",
+                    reason,
+                ));
+            }
+            // Fire-and-forget stream messages: nothing to answer (streams arrive in phase 2).
+            "accepted" | "publish" | "post" | "drop-subscription" => {}
+            _ => self.unhandled("agm", ty, msg),
+        }
+    }
+
+    fn agm_error(&self, msg: &Obj, uri: &str, reason: &str) {
+        self.send(gw3::error("agm", &rid(msg), &self.my_id(), uri, reason));
+    }
+
+    async fn register(&mut self, msg: &Obj) {
+        const FAIL: &str = "agm.errors.registration.failure";
+        let Some(J::Array(list)) = msg.get("methods") else {
+            return self.agm_error(msg, FAIL, "register needs a \"methods\" array");
+        };
+        let Some(me) = self.me.as_mut() else { return };
+        let mut specs = Vec::with_capacity(list.len());
+        let mut entries = Vec::with_capacity(list.len());
+        let mut keys = HashSet::new();
+        let mut next = me.next_method;
+        for m in list {
+            let def = match gw3::method_def_from_gw3(m) {
+                Ok(d) => d,
+                Err(e) => return self.agm_error(msg, FAIL, &e.to_string()),
+            };
+            let id = m.get("id").cloned().unwrap_or(J::Null);
+            let key = gw3::id_key(&id);
+            if me.by_key.contains_key(&key) || !keys.insert(key.clone()) {
+                let reason = format!("a method with id {} is already registered", display_id(&id));
+                return self.agm_error(msg, FAIL, &reason);
+            }
+            let Some(after) = next.checked_add(1).filter(|n| *n != NO_METHOD) else {
+                return self.agm_error(msg, FAIL, "too many registrations on this connection");
+            };
+            specs.push(MethodSpec { id: next, def });
+            entries.push((next, key, id, m.clone()));
+            next = after;
+        }
+        me.next_method = next;
+        let ids: Vec<u32> = entries.iter().map(|e| e.0).collect();
+        self.sh.hub.add_methods(
+            &me.instance,
+            entries.iter().map(|(n, _, _, o)| (*n, o.clone())),
+        );
+        for (n, key, id, obj) in entries {
+            me.by_key.insert(key, n);
+            me.methods.insert(n, (id, obj));
+        }
+        let req = me.next_req;
+        me.next_req += 1;
+        me.reqs.insert(
+            req,
+            Req::Register {
+                request_id: rid(msg),
+                ids,
+            },
+        );
+        self.core(ToGateway::Register {
+            req,
+            methods: specs,
+        })
+        .await;
+    }
+
+    async fn unregister(&mut self, msg: &Obj) {
+        const FAIL: &str = "agm.errors.unregistration.failure";
+        let Some(J::Array(list)) = msg.get("methods") else {
+            return self.agm_error(msg, FAIL, "unregister needs a \"methods\" array of ids");
+        };
+        let Some(me) = self.me.as_mut() else { return };
+        let mut ids = Vec::with_capacity(list.len());
+        for id in list {
+            match me.by_key.get(&gw3::id_key(id)) {
+                Some(n) => ids.push(*n),
+                None => {
+                    let reason = format!(
+                        "Unable to find method with id {} registered by this peer",
+                        display_id(id)
+                    );
+                    return self.agm_error(msg, FAIL, &reason);
+                }
+            }
+        }
+        let req = me.next_req;
+        me.next_req += 1;
+        me.reqs.insert(
+            req,
+            Req::Unregister {
+                request_id: rid(msg),
+                ids: ids.clone(),
+            },
+        );
+        self.core(ToGateway::Unregister { req, ids }).await;
+    }
+
+    async fn call(&mut self, msg: &Obj) {
+        const FAIL: &str = "agm.errors.invocation.failure";
+        let server = match msg.get("server_id") {
+            Some(J::String(s)) => s.clone(),
+            _ => return self.agm_error(msg, FAIL, "call needs a string \"server_id\""),
+        };
+        let positional = msg.get("arguments").filter(|v| !v.is_null());
+        let named = msg.get("arguments_kv").filter(|v| !v.is_null());
+        let args = match (positional, named) {
+            (Some(_), Some(_)) => {
+                return self.agm_error(
+                    msg,
+                    FAIL,
+                    "Cant use positional and by-name arguments at the same time",
+                )
+            }
+            (None, Some(kv @ J::Object(_))) => Value::from(kv.clone()),
+            (None, Some(_)) => return self.agm_error(msg, FAIL, "arguments_kv must be an object"),
+            (Some(a @ J::Array(_)), None) => Value::from(a.clone()),
+            (Some(_), None) => return self.agm_error(msg, FAIL, "arguments must be an array"),
+            (None, None) => Value::map(),
+        };
+        let method = msg.get("method_id").cloned().unwrap_or(J::Null);
+        let Some(me) = self.me.as_mut() else { return };
+        let unknown_method = || {
+            format!(
+                "Unable to find method with id {} on server id {server} registered with this peer",
+                display_id(&method)
+            )
+        };
+        let Some(target) = self.sh.ids.parse_peer(&server) else {
+            let reason = format!("Unable to find peer with id {server}");
+            return self.agm_error(msg, FAIL, &reason);
+        };
+        let method_id = if target == me.peer {
+            me.by_key.get(&gw3::id_key(&method)).copied()
+        } else if let Some(k) = me.known.get(&target) {
+            k.method_by_gw3(&method)
+        } else {
+            // Not a peer we know: the registry says whether it is gone or another user's.
+            Some(NO_METHOD)
+        };
+        let Some(method_id) = method_id else {
+            return self.agm_error(msg, FAIL, &unknown_method());
+        };
+        let call = me.next_call;
+        me.next_call += 1;
+        me.calls.insert(
+            call,
+            PendingCall {
+                request_id: rid(msg),
+                server,
+                method: display_id(&method),
+            },
+        );
+        // GW3 has no call timeouts (the client keeps its own); the registry forgets the call
+        // only when the callee answers or leaves.
+        self.core(ToGateway::Call {
+            call,
+            peer: target,
+            method_id,
+            args,
+            timeout_ms: u32::MAX,
+        })
+        .await;
+    }
+
+    async fn yield_(&mut self, msg: &Obj) {
+        let Some(me) = self.me.as_mut() else { return };
+        let Some(inv) = msg
+            .get("invocation_id")
+            .and_then(J::as_str)
+            .and_then(|i| me.invocations.remove(i))
+        else {
+            return; // not ours or already answered: GW3 sends no reply to yield
+        };
+        let result = Value::from(msg.get("result").cloned().unwrap_or(J::Null));
+        self.core(ToGateway::Yield {
+            invocation: inv,
+            outcome: RelayOutcome::Ok(result),
+        })
+        .await;
+    }
+
+    /// A server's `error`: `request_id` names the invocation it fails.
+    async fn server_error(&mut self, msg: &Obj) {
+        let Some(me) = self.me.as_mut() else { return };
+        let Some(inv) = msg
+            .get("request_id")
+            .and_then(J::as_str)
+            .and_then(|i| me.invocations.remove(i))
+        else {
+            return;
+        };
+        let reason = match msg.get("reason") {
+            Some(J::String(s)) => s.clone(),
+            None | Some(J::Null) => String::new(),
+            Some(other) => other.to_string(),
+        };
+        let context = Value::from(msg.get("context").cloned().unwrap_or(J::Null));
+        self.core(ToGateway::Yield {
+            invocation: inv,
+            outcome: RelayOutcome::Err {
+                status: Status::MethodFailed,
+                message: reason,
+                context,
+            },
+        })
+        .await;
+    }
+
+    fn join_agm(&mut self) {
+        let Some(me) = self.me.as_mut() else { return };
+        if !me.in_agm {
+            me.in_agm = true;
+            self.sh.hub.set_agm(&me.instance, true);
+        }
+        let peers: Vec<PeerId> = me.known.keys().copied().collect();
+        for p in peers {
+            self.announce(p);
+        }
+    }
+
+    async fn leave_agm(&mut self) {
+        let Some(me) = self.me.as_mut() else { return };
+        if !me.in_agm {
+            return;
+        }
+        me.in_agm = false;
+        self.sh.hub.set_agm(&me.instance, false);
+        for k in me.known.values_mut() {
+            k.announced = false;
+        }
+        // A peer that left agm serves nothing, for native peers either.
+        let ids: Vec<u32> = me.methods.keys().copied().collect();
+        if !ids.is_empty() {
+            let req = me.next_req;
+            me.next_req += 1;
+            me.reqs.insert(req, Req::Quiet { ids: ids.clone() });
+            self.core(ToGateway::Unregister { req, ids }).await;
+        }
+    }
+
+    // ---- notices from the registry ---------------------------------------------------------
+
+    fn known_from(&self, identity: &crate::wire::frame::Instance, transport: Transport) -> Known {
+        let web = if transport == Transport::Relay {
+            self.sh.hub.identity(&identity.instance)
+        } else {
+            None
+        };
+        Known {
+            identity: web
+                .clone()
+                .unwrap_or_else(|| gw3::native_identity(identity)),
+            web: web.map(|_| identity.instance.clone()),
+            methods: BTreeMap::new(),
+            announced: false,
+        }
+    }
+
+    /// Adds methods to a known peer; returns their GW3 objects.
+    fn add_known_methods(&self, k: &mut Known, methods: &[MethodSpec]) -> Vec<J> {
+        let mut objs = Vec::with_capacity(methods.len());
+        for m in methods {
+            let obj = k
+                .web
+                .as_ref()
+                .and_then(|inst| self.sh.hub.method(inst, m.id))
+                .unwrap_or_else(|| gw3::method_to_gw3(m.id, &m.def));
+            let id = obj.get("id").cloned().unwrap_or(J::Null);
+            k.methods.insert(m.id, (id, obj.clone()));
+            objs.push(obj);
+        }
+        objs
+    }
+
+    /// Tells the client about a peer (and its methods) if it may see it now.
+    fn announce(&mut self, peer: PeerId) {
+        let Some(me) = self.me.as_mut() else { return };
+        let Some(k) = me.known.get_mut(&peer) else {
+            return;
+        };
+        if !me.in_agm || k.announced {
+            return;
+        }
+        if let Some(inst) = &k.web {
+            if !self.sh.hub.in_agm(inst) {
+                return;
+            }
+        }
+        k.announced = true;
+        let server = self.sh.ids.peer(peer);
+        let added = json!({"domain": "agm", "type": "peer-added", "peer_id": me.id,
+            "new_peer_id": server, "identity": k.identity, "meta": {"local": true}});
+        let methods: Vec<J> = k.methods.values().map(|(_, o)| o.clone()).collect();
+        let me_id = me.id.clone();
+        self.send(added);
+        if !methods.is_empty() {
+            self.send(
+                json!({"domain": "agm", "type": "methods-added", "peer_id": me_id,
+                "source_type": "local", "server_id": server, "methods": methods}),
+            );
+        }
+    }
+
+    fn on_hub(&mut self, ev: HubEvent) {
+        match ev {
+            HubEvent::AgmJoined(p) => self.announce(p),
+            HubEvent::AgmLeft(p) => {
+                let Some(me) = self.me.as_mut() else { return };
+                let Some(k) = me.known.get_mut(&p) else {
+                    return;
+                };
+                if !std::mem::replace(&mut k.announced, false) || !me.in_agm {
+                    return;
+                }
+                let ids: Vec<J> = k.methods.values().map(|(id, _)| id.clone()).collect();
+                let (me_id, server) = (me.id.clone(), self.sh.ids.peer(p));
+                if !ids.is_empty() {
+                    self.send(
+                        json!({"domain": "agm", "type": "methods-removed", "peer_id": me_id,
+                        "server_id": server, "methods": ids}),
+                    );
+                }
+                self.send(
+                    json!({"domain": "agm", "type": "peer-removed", "peer_id": me_id,
+                    "removed_id": server, "reason_uri": null, "reason": null}),
+                );
+            }
+        }
+    }
+
+    async fn on_core(&mut self, msg: FromGateway) {
+        let Some(me) = self.me.as_mut() else { return };
+        let me_id = me.id.clone();
+        match msg {
+            FromGateway::Ack { req } => match me.reqs.remove(&req) {
+                Some(Req::Register { request_id, ids }) => {
+                    let objs: Vec<J> = ids
+                        .iter()
+                        .filter_map(|n| me.methods.get(n).map(|(_, o)| o.clone()))
+                        .collect();
+                    if !objs.is_empty() {
+                        self.send(
+                            json!({"domain": "agm", "type": "methods-added", "peer_id": me_id,
+                            "source_type": "local", "server_id": me_id, "methods": objs}),
+                        );
+                    }
+                    self.send(gw3::success("agm", &request_id, &me_id));
+                }
+                Some(Req::Unregister { request_id, ids }) => {
+                    let gids = self.forget_own(&ids);
+                    self.send(
+                        json!({"domain": "agm", "type": "methods-removed", "peer_id": me_id,
+                        "server_id": me_id, "methods": gids}),
+                    );
+                    self.send(gw3::success("agm", &request_id, &me_id));
+                }
+                Some(Req::Quiet { ids }) => {
+                    self.forget_own(&ids);
+                }
+                None => {}
+            },
+            FromGateway::Fail { req, message, .. } => match me.reqs.remove(&req) {
+                Some(Req::Register { request_id, ids }) => {
+                    self.forget_own(&ids);
+                    self.send(gw3::error(
+                        "agm",
+                        &request_id,
+                        &me_id,
+                        "agm.errors.registration.failure",
+                        &message,
+                    ));
+                }
+                Some(Req::Unregister { request_id, .. }) => {
+                    self.send(gw3::error(
+                        "agm",
+                        &request_id,
+                        &me_id,
+                        "agm.errors.unregistration.failure",
+                        &message,
+                    ));
+                }
+                Some(Req::Quiet { .. }) | None => {}
+            },
+            FromGateway::PeerAdded {
+                identity,
+                transport,
+            } => {
+                let peer = identity.peer_id;
+                let k = self.known_from(&identity, transport);
+                if let Some(me) = self.me.as_mut() {
+                    me.known.insert(peer, k);
+                }
+                self.announce(peer);
+            }
+            FromGateway::PeerRemoved { peer, .. } => {
+                let Some(k) = me.known.remove(&peer) else {
+                    return;
+                };
+                if k.announced && me.in_agm {
+                    self.send(
+                        json!({"domain": "agm", "type": "peer-removed", "peer_id": me_id,
+                        "removed_id": self.sh.ids.peer(peer),
+                        "reason_uri": "agm.peer-removed", "reason": "Peer has been removed"}),
+                    );
+                }
+            }
+            FromGateway::MethodsAdded { peer, methods } => {
+                let Some(mut k) = me.known.remove(&peer) else {
+                    return;
+                };
+                let objs = self.add_known_methods(&mut k, &methods);
+                let show = k.announced && !objs.is_empty();
+                let Some(me) = self.me.as_mut() else { return };
+                me.known.insert(peer, k);
+                if show && me.in_agm {
+                    self.send(json!({"domain": "agm", "type": "methods-added", "peer_id": me_id,
+                        "source_type": "local", "server_id": self.sh.ids.peer(peer), "methods": objs}));
+                }
+            }
+            FromGateway::MethodsRemoved { peer, ids } => {
+                let in_agm = me.in_agm;
+                let Some(k) = me.known.get_mut(&peer) else {
+                    return;
+                };
+                let gids: Vec<J> = ids
+                    .iter()
+                    .filter_map(|n| k.methods.remove(n).map(|(id, _)| id))
+                    .collect();
+                if k.announced && in_agm && !gids.is_empty() {
+                    self.send(
+                        json!({"domain": "agm", "type": "methods-removed", "peer_id": me_id,
+                        "server_id": self.sh.ids.peer(peer), "methods": gids}),
+                    );
+                }
+            }
+            FromGateway::Invoke {
+                invocation,
+                caller,
+                method_id,
+                args,
+            } => {
+                let gid = me.methods.get(&method_id).map(|(id, _)| id.clone());
+                let busy = me.invocations.len() >= self.sh.limits.max_pending_calls;
+                let (Some(gid), false) = (gid, busy) else {
+                    let (status, message) = if busy {
+                        (Status::Busy, "the server has too many invocations waiting")
+                    } else {
+                        (Status::NotFound, "the method is not registered")
+                    };
+                    let outcome = RelayOutcome::Err {
+                        status,
+                        message: message.into(),
+                        context: Value::Null,
+                    };
+                    return self
+                        .core(ToGateway::Yield {
+                            invocation,
+                            outcome,
+                        })
+                        .await;
+                };
+                let inv_id = self.sh.ids.fresh('r');
+                me.invocations.insert(inv_id.clone(), invocation);
+                self.send(
+                    json!({"domain": "agm", "type": "invoke", "invocation_id": inv_id,
+                    "peer_id": me_id, "method_id": gid, "caller_id": self.sh.ids.peer(caller),
+                    "arguments": null, "arguments_kv": gw3::to_kv(&args), "context": null}),
+                );
+            }
+            FromGateway::CallResult { call, outcome } => {
+                let Some(pc) = me.calls.remove(&call) else {
+                    return;
+                };
+                let reply = match outcome {
+                    RelayOutcome::Ok(v) => json!({"domain": "agm", "type": "result",
+                        "request_id": pc.request_id, "peer_id": me_id, "result": gw3::to_result(&v)}),
+                    RelayOutcome::Err {
+                        status,
+                        message,
+                        context,
+                    } => {
+                        const FAIL: &str = "agm.errors.invocation.failure";
+                        let (uri, reason) = match status {
+                            Status::MethodFailed => ("agm.errors.client_error", message),
+                            Status::NotFound => (FAIL, format!(
+                                "Unable to find method with id {} on server id {} registered with this peer",
+                                pc.method, pc.server)),
+                            Status::PeerLeft if message.starts_with("Unable to find peer") => {
+                                (FAIL, format!("Unable to find peer with id {}", pc.server))
+                            }
+                            _ => (FAIL, message),
+                        };
+                        let mut e = gw3::error("agm", &pc.request_id, &me_id, uri, &reason);
+                        if status == Status::MethodFailed {
+                            e["context"] = match context {
+                                Value::Null => json!({}),
+                                c => c.to_json(),
+                            };
+                        }
+                        e
+                    }
+                };
+                self.send(reply);
+            }
+            FromGateway::Shutdown { reason } => {
+                self.done = Some((CLOSE_GOING_AWAY, reason));
+            }
+            // The welcome came back from `admit`; lanes never concern relay peers; anything the
+            // core adds later is ignored until the bridge learns it.
+            _ => {}
+        }
+    }
+
+    /// Forgets own methods; returns their GW3 ids.
+    fn forget_own(&mut self, ids: &[u32]) -> Vec<J> {
+        let Some(me) = self.me.as_mut() else {
+            return Vec::new();
+        };
+        self.sh.hub.remove_methods(&me.instance, ids);
+        let mut gids = Vec::with_capacity(ids.len());
+        for n in ids {
+            if let Some((id, _)) = me.methods.remove(n) {
+                me.by_key.remove(&gw3::id_key(&id));
+                gids.push(id);
+            }
+        }
+        gids
+    }
+}

@@ -1,0 +1,942 @@
+//! The WebSocket bridge, driven with raw GW3 frames from a Rust WebSocket client: native and web
+//! peers calling each other, authentication and user isolation, the Origin allowlist, and
+//! robustness against malformed frames, floods and peers that do not read.
+//!
+//! (The published JavaScript clients are exercised by `tests/web/`, run from `tests/web.rs`.)
+
+use futures_util::{SinkExt, StreamExt};
+use knit::bridge::{AuthMode, BridgeConfig, Password, UserEntry};
+use knit::client::{Client, InvokeError, InvokeOptions, MethodError};
+use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
+use knit::{Status, Value};
+use serde_json::{json, Value as J};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Gw {
+    handle: Option<GatewayHandle>,
+    dir: PathBuf,
+    ws: SocketAddr,
+}
+
+impl Gw {
+    fn start(tag: &str, tune: impl FnOnce(&mut BridgeConfig)) -> Gw {
+        let dir = std::env::temp_dir().join(format!("knit-bridge-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
+        let mut b = BridgeConfig::loopback_ephemeral();
+        tune(&mut b);
+        cfg.bridge = Some(b);
+        let handle = Gateway::bind(cfg).unwrap().spawn().unwrap();
+        let ws = handle.ws_addr().unwrap();
+        Gw {
+            handle: Some(handle),
+            dir,
+            ws,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("gw.sock")
+    }
+
+    fn token(&self) -> String {
+        knit::bridge::read_token(&self.socket()).unwrap()
+    }
+
+    fn native(&self, app: &str) -> Client {
+        Client::builder(app)
+            .socket(self.socket())
+            .connect()
+            .unwrap()
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn os_user() -> String {
+    knit::sys::identity::user_name(knit::sys::identity::euid())
+}
+
+/// A raw GW3 peer.
+struct Web {
+    ws: WebSocketStream<TcpStream>,
+    inbox: VecDeque<J>,
+    id: J,
+    n: u64,
+}
+
+impl Web {
+    async fn open(
+        addr: SocketAddr,
+        origin: Option<&str>,
+    ) -> Result<Web, tokio_tungstenite::tungstenite::Error> {
+        let mut req = format!("ws://{addr}/any/path").into_client_request()?;
+        if let Some(o) = origin {
+            req.headers_mut().insert("origin", o.parse().unwrap());
+        }
+        let tcp = TcpStream::connect(addr).await?;
+        let (ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
+        Ok(Web {
+            ws,
+            inbox: VecDeque::new(),
+            id: J::Null,
+            n: 0,
+        })
+    }
+
+    async fn connect(addr: SocketAddr) -> Web {
+        Web::open(addr, None).await.unwrap()
+    }
+
+    /// Logs in (hello → welcome) and joins agm; panics if refused.
+    async fn login(addr: SocketAddr, app: &str, login: &str, secret: &str) -> Web {
+        let mut w = Web::connect(addr).await;
+        let welcome = w
+            .hello(
+                app,
+                json!({"method": "secret", "login": login, "secret": secret}),
+            )
+            .await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        w.id = welcome["peer_id"].clone();
+        let ok = w.req(json!({"type": "join", "destination": "agm"})).await;
+        assert_eq!(
+            ok,
+            json!({"domain": "agm", "type": "success", "request_id": ok["request_id"], "peer_id": w.id})
+        );
+        w
+    }
+
+    async fn hello(&mut self, app: &str, auth: J) -> J {
+        self.request(
+            json!({"type": "hello", "domain": "global", "request_id": "hello",
+            "identity": {"application": app}, "authentication": auth}),
+        )
+        .await
+    }
+
+    async fn send(&mut self, m: J) {
+        self.ws.send(Message::text(m.to_string())).await.unwrap();
+    }
+
+    /// Next frame (text as parsed JSON, or as a JSON string if not JSON); `None` at close.
+    async fn frame(&mut self) -> Option<Result<J, (u16, String)>> {
+        loop {
+            let f = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("no frame within the wait");
+            match f {
+                Some(Ok(Message::Text(t))) => {
+                    return Some(Ok(serde_json::from_str(t.as_str())
+                        .unwrap_or_else(|_| J::String(t.as_str().to_string()))))
+                }
+                Some(Ok(Message::Close(c))) => {
+                    return Some(Err(c
+                        .map(|c| (u16::from(c.code), c.reason.as_str().to_string()))
+                        .unwrap_or((1005, String::new()))))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// The next message matching `pred` (others stay queued).
+    async fn next(&mut self, pred: impl Fn(&J) -> bool) -> J {
+        if let Some(i) = self.inbox.iter().position(&pred) {
+            return self.inbox.remove(i).unwrap();
+        }
+        loop {
+            match self.frame().await {
+                Some(Ok(m)) if pred(&m) => return m,
+                Some(Ok(m)) => self.inbox.push_back(m),
+                other => panic!("connection ended while waiting: {other:?}"),
+            }
+        }
+    }
+
+    /// Sends `m` with a fresh request id (and our peer id, domain global unless given) and
+    /// waits for the answer.
+    async fn req(&mut self, mut m: J) -> J {
+        self.n += 1;
+        let rid = format!("r{}", self.n);
+        m["request_id"] = json!(rid);
+        if m.get("peer_id").is_none() {
+            m["peer_id"] = self.id.clone();
+        }
+        if m.get("domain").is_none() {
+            m["domain"] = json!("global");
+        }
+        self.send(m).await;
+        self.next(|x| x["request_id"] == rid).await
+    }
+
+    async fn request(&mut self, m: J) -> J {
+        let rid = m["request_id"].clone();
+        self.send(m).await;
+        self.next(|x| x["request_id"] == rid).await
+    }
+
+    /// Everything received so far, after a round trip that orders it (see `barrier`).
+    async fn drain(&mut self) -> Vec<J> {
+        self.barrier().await;
+        self.inbox.drain(..).collect()
+    }
+
+    /// A request whose answer comes after every notice already queued for us.
+    async fn barrier(&mut self) {
+        let r = self
+            .req(json!({"type": "join", "destination": "metrics"}))
+            .await;
+        assert_eq!(r["type"], "success");
+    }
+
+    async fn register(&mut self, methods: J) -> J {
+        self.req(json!({"type": "register", "domain": "agm", "methods": methods}))
+            .await
+    }
+}
+
+fn opts() -> InvokeOptions {
+    InvokeOptions {
+        wait: Duration::from_secs(5),
+        timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test]
+async fn native_client_invokes_a_web_method_and_sees_its_errors() {
+    let gw = Gw::start("n2w", |_| {});
+    let mut web = Web::login(gw.ws, "web-app", &os_user(), &gw.token()).await;
+    let ok = web
+        .register(
+            json!([{"id": "0", "name": "Web.Double", "flags": {"metadata": {}, "streaming": false}},
+                          {"id": 5, "name": "Web.Fail", "flags": {}}]),
+        )
+        .await;
+    assert_eq!(ok["type"], "success");
+    let native = gw.native("native-app");
+    let n2 = native.clone();
+    let call = tokio::spawn(blocking(move || {
+        n2.invoke(
+            "Web.Double",
+            Value::object([("x", Value::from(21))]),
+            &opts(),
+        )
+    }));
+    let inv = web.next(|m| m["type"] == "invoke").await;
+    assert_eq!(inv["method_id"], "0", "the web peer's own id comes back");
+    assert_eq!(inv["arguments_kv"], json!({"x": 21}));
+    assert_eq!(inv["arguments"], J::Null);
+    assert_eq!(inv["peer_id"], web.id);
+    web.send(
+        json!({"type": "yield", "domain": "agm", "peer_id": web.id, "request_id": "y1",
+        "invocation_id": inv["invocation_id"], "result": {"_value": 42}}),
+    )
+    .await;
+    let r = call.await.unwrap().unwrap();
+    assert_eq!(r.returned, Value::object([("_value", Value::from(42))]));
+    let by = r.executed_by.unwrap();
+    assert_eq!(by.application, "web-app");
+
+    // Non-object arguments reach a web method wrapped, and its error reaches the native caller.
+    let n2 = native.clone();
+    let call = tokio::spawn(blocking(move || {
+        n2.invoke("Web.Fail", Value::from(7), &opts())
+    }));
+    let inv = web.next(|m| m["type"] == "invoke").await;
+    assert_eq!(inv["method_id"], 5, "numeric ids keep their type");
+    assert_eq!(inv["arguments_kv"], json!({"_value": 7}));
+    web.send(json!({"type": "error", "domain": "agm", "peer_id": web.id,
+        "request_id": inv["invocation_id"], "reason_uri": "agm.errors.client_error",
+        "reason": "no thanks", "context": {"code": 3}}))
+        .await;
+    match call.await.unwrap() {
+        Err(InvokeError::Failed(r)) => {
+            assert_eq!(r.message, "no thanks");
+            assert_eq!(r.returned, Value::object([("code", Value::from(3))]));
+            assert_eq!(r.failure_status(), Status::MethodFailed);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The web peer leaves with a call pending: the native caller hears "peer has left".
+    let n2 = native.clone();
+    let call = tokio::spawn(blocking(move || {
+        n2.invoke("Web.Double", Value::map(), &opts())
+    }));
+    let _inv = web.next(|m| m["type"] == "invoke").await;
+    drop(web);
+    assert_eq!(call.await.unwrap().unwrap_err().status(), Status::PeerLeft);
+}
+
+#[tokio::test]
+async fn web_client_invokes_native_methods_and_sees_native_peers() {
+    let gw = Gw::start("w2n", |_| {});
+    let native = gw.native("calc");
+    native
+        .register("Sum", |c| {
+            let a = c.args.get("a").and_then(Value::as_i64).unwrap_or(0);
+            let b = c.args.get("b").and_then(Value::as_i64).unwrap_or(0);
+            Ok(Value::from(a + b))
+        })
+        .unwrap();
+    native
+        .register("Obj", |c| {
+            Ok(Value::object([(
+                "caller",
+                Value::from(c.caller.application.as_str()),
+            )]))
+        })
+        .unwrap();
+    native
+        .register("Boom", |_| {
+            Err(MethodError::new("boom").with_context(Value::from("ctx")))
+        })
+        .unwrap();
+    let mut web = Web::login(gw.ws, "web-caller", &os_user(), &gw.token()).await;
+    let added = web.next(|m| m["type"] == "peer-added").await;
+    assert_eq!(added["identity"]["application"], "calc");
+    assert_eq!(added["identity"]["process"], std::process::id());
+    assert_eq!(added["meta"], json!({"local": true}));
+    let server = added["new_peer_id"].clone();
+    let methods = web.next(|m| m["type"] == "methods-added").await;
+    assert_eq!(methods["server_id"], server);
+    let id_of = |name: &str| {
+        methods["methods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()["id"]
+            .clone()
+    };
+    let sum = web
+        .req(
+            json!({"type": "call", "domain": "agm", "server_id": server, "method_id": id_of("Sum"),
+            "arguments_kv": {"a": 40, "b": 2}}),
+        )
+        .await;
+    assert_eq!(sum["type"], "result");
+    assert_eq!(
+        sum["result"],
+        json!({"_value": 42}),
+        "scalars travel as {{_value}}"
+    );
+    let obj = web
+        .req(
+            json!({"type": "call", "domain": "agm", "server_id": server, "method_id": id_of("Obj"),
+            "arguments_kv": {}}),
+        )
+        .await;
+    assert_eq!(obj["result"], json!({"caller": "web-caller"}));
+    let boom = web
+        .req(
+            json!({"type": "call", "domain": "agm", "server_id": server, "method_id": id_of("Boom"),
+            "arguments_kv": {}}),
+        )
+        .await;
+    assert_eq!(boom["type"], "error");
+    assert_eq!(boom["reason_uri"], "agm.errors.client_error");
+    assert_eq!(boom["reason"], "boom");
+    assert_eq!(boom["context"], "ctx");
+    let missing = web
+        .req(json!({"type": "call", "domain": "agm", "server_id": server, "method_id": 99, "arguments_kv": {}}))
+        .await;
+    assert_eq!(
+        missing["reason"],
+        format!(
+            "Unable to find method with id 99 on server id {} registered with this peer",
+            server.as_str().unwrap()
+        )
+    );
+
+    // The native peer unregisters one method and leaves: the web peer is told.
+    native.unregister("Boom").unwrap();
+    let removed = web.next(|m| m["type"] == "methods-removed").await;
+    assert_eq!(removed["methods"], json!([id_of("Boom")]));
+    native.close();
+    let gone = web.next(|m| m["type"] == "peer-removed").await;
+    assert_eq!(gone["removed_id"], server);
+    assert_eq!(gone["reason_uri"], "agm.peer-removed");
+}
+
+#[tokio::test]
+async fn web_peers_call_each_other_and_are_announced_only_in_agm() {
+    let gw = Gw::start("w2w", |b| b.auth = AuthMode::Open);
+    let mut a = Web::login(gw.ws, "A", "u", "").await;
+    // B logs in but does not join agm yet: A hears nothing of it.
+    let mut b = Web::connect(gw.ws).await;
+    let w = b
+        .hello(
+            "B",
+            json!({"method": "secret", "login": "u", "secret": "x"}),
+        )
+        .await;
+    b.id = w["peer_id"].clone();
+    assert!(a.drain().await.is_empty());
+    let ok = b.req(json!({"type": "join", "destination": "agm"})).await;
+    assert_eq!(ok["domain"], "agm");
+    let added = a.next(|m| m["type"] == "peer-added").await;
+    assert_eq!(added["new_peer_id"], b.id);
+    assert_eq!(added["identity"]["application"], "B");
+    assert_eq!(added["identity"]["login"], "u");
+    // Method objects travel verbatim, and the registrant gets its own echo first.
+    let m = json!({"id": {"weird": ["id"]}, "name": "B.M", "flags": {"metadata": {"k": 1}}, "extra": true});
+    let reg = b.register(json!([m])).await;
+    assert_eq!(reg["type"], "success");
+    let echo = b
+        .inbox
+        .iter()
+        .find(|x| x["type"] == "methods-added")
+        .unwrap()
+        .clone();
+    assert_eq!(echo["server_id"], b.id);
+    assert_eq!(echo["methods"], json!([m]));
+    let seen = a.next(|x| x["type"] == "methods-added").await;
+    assert_eq!(seen["methods"], json!([m]));
+    a.send(
+        json!({"type": "call", "domain": "agm", "request_id": "c1", "peer_id": a.id,
+        "server_id": b.id, "method_id": {"weird": ["id"]}, "arguments_kv": {"q": 1}}),
+    )
+    .await;
+    let inv = b.next(|x| x["type"] == "invoke").await;
+    assert_eq!(inv["caller_id"], a.id);
+    assert_eq!(inv["method_id"], json!({"weird": ["id"]}));
+    b.send(json!({"type": "yield", "domain": "agm", "peer_id": b.id, "invocation_id": inv["invocation_id"],
+        "result": {"ok": 1}}))
+        .await;
+    let res = a.next(|x| x["request_id"] == "c1").await;
+    assert_eq!(
+        res,
+        json!({"domain": "agm", "type": "result", "request_id": "c1", "peer_id": a.id, "result": {"ok": 1}})
+    );
+    // Leaving agm: A sees the methods and the peer go, with null reasons.
+    let left = b.req(json!({"type": "leave", "destination": "agm"})).await;
+    assert_eq!(left["domain"], "agm");
+    let gone = a.next(|x| x["type"] == "peer-removed").await;
+    assert_eq!(gone["reason_uri"], J::Null);
+    let removed: Vec<J> = a.drain().await;
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(removed[0]["type"], "methods-removed");
+}
+
+#[tokio::test]
+async fn token_mode_checks_logins_and_isolates_users() {
+    let gw = Gw::start("users", |b| {
+        b.users = vec![
+            UserEntry {
+                login: "alice".into(),
+                password: Password::Plain("a-pw".into()),
+                user: "alice".into(),
+            },
+            UserEntry {
+                login: "bob".into(),
+                password: Password::Plain("b-pw".into()),
+                user: "bob".into(),
+            },
+        ]
+    });
+    let mut w = Web::connect(gw.ws).await;
+    for auth in [
+        json!({"method": "secret", "login": os_user(), "secret": "wrong"}),
+        json!({"method": "secret", "login": "alice", "secret": gw.token()}),
+        json!({"method": "secret", "login": "mallory", "secret": "a-pw"}),
+    ] {
+        let r = w.hello("x", auth).await;
+        assert_eq!(r["type"], "error");
+        assert_eq!(r["reason_uri"], "global.errors.authentication.failure");
+        assert_eq!(r["peer_id"], J::Null);
+    }
+    let mut alice = Web::login(gw.ws, "alice-app", "alice", "a-pw").await;
+    let mut bob = Web::login(gw.ws, "bob-app", "bob", "b-pw").await;
+    let native = gw.native("native");
+    alice.register(json!([{"id": 1, "name": "Secret"}])).await;
+    // Bob and the native peer (the OS user) see nothing of alice.
+    assert!(bob.drain().await.is_empty());
+    assert!(!native.methods().iter().any(|m| m.def.name == "Secret"));
+    let alice_id = alice.id.clone();
+    let r = bob
+        .req(json!({"type": "call", "domain": "agm", "server_id": alice_id, "method_id": 1, "arguments_kv": {}}))
+        .await;
+    assert_eq!(
+        r["reason"],
+        "Unable to invoke methods across different users"
+    );
+    let err = blocking(move || {
+        native.invoke(
+            "Secret",
+            Value::map(),
+            &InvokeOptions {
+                wait: Duration::from_millis(200),
+                ..Default::default()
+            },
+        )
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.status(), Status::NoServer);
+    // A call naming a peer that does not exist.
+    let gone = bob
+        .req(json!({"type": "call", "domain": "agm", "server_id": "p-nobody", "method_id": 1, "arguments_kv": {}}))
+        .await;
+    assert_eq!(gone["reason"], "Unable to find peer with id p-nobody");
+    // A request carrying someone else's peer id is refused.
+    let spoof = bob
+        .req(json!({"type": "register", "domain": "agm", "peer_id": alice_id, "methods": []}))
+        .await;
+    assert_eq!(spoof["reason_uri"], "global.errors.invalid_peer");
+}
+
+#[tokio::test]
+async fn access_and_gateway_tokens_log_in_as_the_same_user() {
+    let gw = Gw::start("tokens", |_| {});
+    let mut a = Web::connect(gw.ws).await;
+    let w = a
+        .hello(
+            "a",
+            json!({"method": "secret", "login": os_user(), "secret": gw.token()}),
+        )
+        .await;
+    a.id = w["peer_id"].clone();
+    let access = w["options"]["access_token"].as_str().unwrap().to_string();
+    assert_eq!(w["resolved_identity"]["user"], os_user());
+    let mut b = Web::connect(gw.ws).await;
+    let wb = b
+        .hello("b", json!({"method": "access-token", "token": access}))
+        .await;
+    assert_eq!(wb["type"], "welcome");
+    assert_eq!(wb["resolved_identity"]["login"], os_user());
+    let t = a.req(json!({"type": "create-token"})).await;
+    assert_eq!(t["type"], "token");
+    let mut c = Web::connect(gw.ws).await;
+    let wc = c
+        .hello("c", json!({"method": "gateway-token", "token": t["token"]}))
+        .await;
+    assert_eq!(wc["type"], "welcome");
+    assert_eq!(wc["resolved_identity"]["user"], os_user());
+    assert!(wc["resolved_identity"].get("login").is_none());
+    assert!(wc.get("options").is_none());
+    let mut d = Web::connect(gw.ws).await;
+    let bad = d
+        .hello("d", json!({"method": "gateway-token", "token": access}))
+        .await;
+    assert_eq!(bad["type"], "error");
+    // The same identity twice (explicit instance) is refused.
+    let mut e1 = Web::connect(gw.ws).await;
+    let hello = |req: &str| {
+        json!({"type": "hello", "request_id": req, "identity": {"application": "dup", "instance": "dup-1"},
+        "authentication": {"method": "access-token", "token": access}})
+    };
+    assert_eq!(e1.request(hello("e1")).await["type"], "welcome");
+    let mut e2 = Web::connect(gw.ws).await;
+    let dup = e2.request(hello("e2")).await;
+    assert_eq!(dup["reason_uri"], "global.errors.already_seen");
+}
+
+#[tokio::test]
+async fn browser_origins_are_checked() {
+    let gw = Gw::start("origin", |b| {
+        b.origins = vec!["https://app.example.com".into()]
+    });
+    assert!(Web::open(gw.ws, Some("http://evil.example")).await.is_err());
+    assert!(Web::open(gw.ws, Some("null")).await.is_err());
+    assert!(Web::open(gw.ws, Some("http://localhost:3000"))
+        .await
+        .is_ok());
+    assert!(Web::open(gw.ws, Some("https://app.example.com"))
+        .await
+        .is_ok());
+    assert!(Web::open(gw.ws, None).await.is_ok());
+}
+
+#[test]
+fn the_bridge_binds_loopback_only_unless_told_otherwise() {
+    let dir = std::env::temp_dir().join(format!("knit-bridge-bind-{}", std::process::id()));
+    let try_bind = |tune: &dyn Fn(&mut BridgeConfig)| {
+        let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
+        let mut b = BridgeConfig::new("0.0.0.0:0".parse().unwrap());
+        tune(&mut b);
+        cfg.bridge = Some(b);
+        Gateway::bind(cfg).map(|_| ())
+    };
+    let e = try_bind(&|_| {}).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+    let e = try_bind(&|b| {
+        b.allow_remote = true;
+        b.auth = AuthMode::Open;
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("loopback"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn malformed_frames_get_errors_and_the_gateway_keeps_serving() {
+    let gw = Gw::start("garbage", |b| {
+        b.auth = AuthMode::Open;
+        b.max_frame = Some(64 << 10);
+    });
+    let mut w = Web::connect(gw.ws).await;
+    // Before login.
+    w.send(json!({"type": "join", "destination": "agm", "request_id": "j0", "peer_id": "p-x"}))
+        .await;
+    let r = w.next(|m| m["request_id"] == "j0").await;
+    assert_eq!(r["reason_uri"], "global.errors.invalid_peer");
+    let w2 = w
+        .hello("g", json!({"method": "secret", "login": "u", "secret": ""}))
+        .await;
+    w.id = w2["peer_id"].clone();
+    let texts: Vec<String> = vec![
+        "not json".into(),
+        "42".into(),
+        "[1,2]".into(),
+        "\"x\"".into(),
+        "null".into(),
+        "{".into(),
+        format!("{}{}", "[".repeat(100_000), "]".repeat(100_000))
+            .chars()
+            .take(60_000)
+            .collect(),
+        format!(
+            "{{\"type\":\"call\",\"domain\":\"agm\",\"arguments_kv\":{}1{}}}",
+            "{\"a\":".repeat(200),
+            "}".repeat(200)
+        ),
+    ];
+    for t in &texts {
+        w.ws.send(Message::text(t.clone())).await.unwrap();
+        match w.frame().await {
+            Some(Ok(J::String(s))) => assert!(s.contains("JSON object"), "{t:.40}: {s}"),
+            Some(Ok(j)) => assert_eq!(j["type"], "error", "{t:.40}: {j}"),
+            other => panic!("{t:.40}: {other:?}"),
+        }
+    }
+    for m in [
+        json!({"type": 5}),
+        json!({"type": "join", "domain": 7}),
+        json!({"type": "register", "domain": "agm"}),
+        json!({"type": "register", "domain": "agm", "methods": "x"}),
+        json!({"type": "register", "domain": "agm", "methods": [{"id": 1}]}),
+        json!({"type": "register", "domain": "agm", "methods": [{"id": 1, "name": "x", "flags": 3}]}),
+        json!({"type": "unregister", "domain": "agm", "methods": [404]}),
+        json!({"type": "call", "domain": "agm"}),
+        json!({"type": "call", "domain": "agm", "server_id": 3}),
+        json!({"type": "call", "domain": "agm", "server_id": "p-1", "arguments_kv": [1]}),
+        json!({"type": "call", "domain": "agm", "server_id": w.id, "arguments": [1], "arguments_kv": {"a": 1}}),
+        json!({"type": "join", "destination": ["agm"]}),
+        json!({"type": "frobnicate", "domain": "nosuch"}),
+        json!({"type": "frobnicate", "domain": "agm"}),
+        json!({"type": "create-context", "name": "c", "data": {}}),
+        json!({"type": "subscribe", "domain": "bus", "topic": "t"}),
+        json!({"type": "subscribe", "domain": "agm", "server_id": w.id, "method_id": 1}),
+    ] {
+        let r = w.req(m.clone()).await;
+        assert_eq!(r["type"], "error", "{m} -> {r}");
+        assert!(
+            r["reason"].as_str().is_some_and(|s| !s.is_empty()),
+            "{m} -> {r}"
+        );
+    }
+    // Fire-and-forget messages with nonsense get no answer; yields for nothing are ignored.
+    for m in [
+        json!({"type": "ping"}),
+        json!({"type": "yield", "domain": "agm", "invocation_id": "r-nope", "result": 1}),
+        json!({"type": "error", "domain": "agm", "request_id": {"x": 1}}),
+        json!({"type": "publish", "domain": "bus", "topic": 1}),
+        json!({"type": "define", "domain": "metrics", "metrics": 3}),
+    ] {
+        w.send(m).await;
+    }
+    assert!(w.drain().await.is_empty());
+    w.ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert!(matches!(w.frame().await, Some(Ok(J::String(s))) if s.contains("text")));
+    // A frame over the limit closes the connection with 1009.
+    let huge =
+        json!({"type": "call", "domain": "agm", "arguments_kv": {"s": "x".repeat(100 << 10)}});
+    let _ = w.ws.send(Message::text(huge.to_string())).await;
+    match w.frame().await {
+        Some(Err((code, _))) => assert_eq!(code, u16::from(CloseCode::Size)),
+        other => panic!("{other:?}"),
+    }
+    // Everyone else is fine.
+    let mut again = Web::login(gw.ws, "after", "u", "").await;
+    again.barrier().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_calls_loses_nothing() {
+    let gw = Gw::start("flood", |_| {});
+    let native = gw.native("echo");
+    native.register("Echo", |c| Ok(c.args.clone())).unwrap();
+    let mut web = Web::login(gw.ws, "flooder", &os_user(), &gw.token()).await;
+    let added = web.next(|m| m["type"] == "methods-added").await;
+    let (server, method) = (
+        added["server_id"].clone(),
+        added["methods"][0]["id"].clone(),
+    );
+    const N: usize = 5000;
+    let id = web.id.clone();
+    let (mut tx, mut rx) = web.ws.split();
+    let writer = tokio::spawn(async move {
+        for i in 0..N {
+            let m = json!({"type": "call", "domain": "agm", "request_id": format!("c{i}"), "peer_id": id,
+                "server_id": server, "method_id": method, "arguments_kv": {"i": i}});
+            tx.send(Message::text(m.to_string())).await.unwrap();
+        }
+        tx
+    });
+    let mut seen = vec![false; N];
+    let mut got = 0;
+    while got < N {
+        let f = tokio::time::timeout(WAIT, rx.next())
+            .await
+            .expect("results stopped arriving");
+        let Some(Ok(Message::Text(t))) = f else {
+            panic!("{f:?}")
+        };
+        let m: J = serde_json::from_str(t.as_str()).unwrap();
+        if m["type"] != "result" {
+            continue;
+        }
+        let i = m["result"]["i"].as_u64().unwrap() as usize;
+        assert_eq!(m["request_id"], format!("c{i}"));
+        assert!(!std::mem::replace(&mut seen[i], true), "duplicate {i}");
+        got += 1;
+    }
+    let _sink = writer.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
+    let gw = Gw::start("slow", |b| b.max_queued_bytes = 1 << 20);
+    let native = gw.native("big");
+    let blob = Value::from("x".repeat(256 << 10));
+    native.register("Big", move |_| Ok(blob.clone())).unwrap();
+    let mut web = Web::login(gw.ws, "sloth", &os_user(), &gw.token()).await;
+    let added = web.next(|m| m["type"] == "methods-added").await;
+    let (server, method) = (
+        added["server_id"].clone(),
+        added["methods"][0]["id"].clone(),
+    );
+    let (gone_tx, gone_rx) = std::sync::mpsc::channel();
+    let _events = native.on_event(move |e| {
+        if let knit::client::InteropEvent::ServerRemoved { server, reason } = e {
+            if server.application == "sloth" {
+                let _ = gone_tx.send(reason.clone());
+            }
+        }
+    });
+    // Ask for ~50 MiB without reading any of it, until the gateway gives up on us.
+    for i in 0..200 {
+        let m = json!({"type": "call", "domain": "agm", "request_id": format!("c{i}"), "peer_id": web.id,
+            "server_id": server, "method_id": method, "arguments_kv": {}});
+        if web.ws.send(Message::text(m.to_string())).await.is_err() {
+            break;
+        }
+    }
+    let reason = blocking(move || gone_rx.recv_timeout(WAIT))
+        .await
+        .expect("the peer was not removed");
+    assert!(!reason.is_empty());
+    // Now read: some results, then a close frame that says why — never a silent gap.
+    let mut results = 0;
+    loop {
+        match web.frame().await {
+            Some(Ok(m)) if m["type"] == "result" => {
+                assert_eq!(
+                    m["request_id"],
+                    format!("c{results}"),
+                    "results arrive in order, none skipped"
+                );
+                results += 1;
+            }
+            Some(Ok(m)) => panic!("{m}"),
+            Some(Err((code, reason))) => {
+                assert_eq!(code, 1008);
+                assert!(reason.contains("slow consumer"), "{reason}");
+                break;
+            }
+            None => panic!("closed without a close frame after {results} results"),
+        }
+    }
+    assert!(results < 200, "the peer should have been cut off");
+    // The native server is unaffected.
+    let r = blocking(move || native.invoke("Big", Value::Null, &opts())).await;
+    assert!(r.is_ok());
+}
+
+#[tokio::test]
+async fn a_connection_that_never_logs_in_is_closed() {
+    let gw = Gw::start("nohello", |b| b.hello_timeout = Duration::from_millis(200));
+    let mut idle = Web::connect(gw.ws).await;
+    match idle.frame().await {
+        Some(Err((code, reason))) => {
+            assert_eq!(code, 1008);
+            assert!(reason.contains("hello"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A failed hello does not count as logging in either.
+    let mut w = Web::connect(gw.ws).await;
+    let r = w
+        .hello(
+            "x",
+            json!({"method": "secret", "login": "nobody", "secret": "no"}),
+        )
+        .await;
+    assert_eq!(r["type"], "error");
+    assert!(matches!(w.frame().await, Some(Err((1008, _)))));
+    // One that logs in stays: it outlives a connection opened after it that does not.
+    let mut ok = Web::login(gw.ws, "ok", &os_user(), &gw.token()).await;
+    let mut later = Web::connect(gw.ws).await;
+    assert!(matches!(later.frame().await, Some(Err((1008, _)))));
+    ok.barrier().await;
+}
+
+#[tokio::test]
+async fn stopping_the_gateway_closes_web_peers_with_going_away() {
+    let mut gw = Gw::start("stop", |b| b.auth = AuthMode::Open);
+    let mut w = Web::login(gw.ws, "w", "u", "").await;
+    let h = gw.handle.take().unwrap();
+    blocking(move || h.shutdown()).await;
+    match w.frame().await {
+        Some(Err((code, _))) => assert_eq!(code, 1001),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A `knit gateway` process; SIGTERM when dropped.
+struct GatewayProcess {
+    child: std::process::Child,
+    ws: SocketAddr,
+}
+
+impl GatewayProcess {
+    fn start(dir: &std::path::Path, args: &[&str]) -> GatewayProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_knit"))
+            .arg("gateway")
+            .arg("--gateway")
+            .arg(dir.join("gw.sock"))
+            .args(args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let ws = loop {
+            let line = rx
+                .recv_timeout(WAIT)
+                .expect("the gateway did not report its bridge");
+            if let Some(rest) = line.split("bridge listening on ws://").nth(1) {
+                break rest.split('/').next().unwrap().parse().unwrap();
+            }
+        };
+        GatewayProcess { child, ws }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_cli_serves_the_bridge_with_configured_users_and_prints_the_token() {
+    let dir = std::env::temp_dir().join(format!("knit-bridge-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gw.json");
+    std::fs::write(
+        &config,
+        r#"{"bridge": {"users": [{"login": "carol", "password": "c-pw", "user": "carol"}],
+                      "origins": ["https://app.example.com"], "max_connections": 8}}"#,
+    )
+    .unwrap();
+    let config = config.to_string_lossy().to_string();
+    let gw = GatewayProcess::start(&dir, &["--ws", "127.0.0.1:0", "--config", &config]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knit"))
+        .args(["token", "--gateway"])
+        .arg(dir.join("gw.sock"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(token.len(), 64);
+    let mut me = Web::login(gw.ws, "cli-me", &os_user(), &token).await;
+    let mut carol = Web::login(gw.ws, "cli-carol", "carol", "c-pw").await;
+    me.barrier().await;
+    carol.barrier().await;
+    assert!(Web::open(gw.ws, Some("https://app.example.com"))
+        .await
+        .is_ok());
+    assert!(Web::open(gw.ws, Some("https://other.example.com"))
+        .await
+        .is_err());
+    drop(gw);
+    // Bad configurations are refused before anything starts.
+    std::fs::write(
+        dir.join("bad.json"),
+        r#"{"bridge": {"users": [{"login": "x"}]}}"#,
+    )
+    .unwrap();
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_knit"))
+        .args(["gateway", "--ws", "127.0.0.1:0", "--gateway"])
+        .arg(dir.join("gw.sock"))
+        .arg("--config")
+        .arg(dir.join("bad.json"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let open_remote = std::process::Command::new(env!("CARGO_BIN_EXE_knit"))
+        .args([
+            "gateway",
+            "--ws",
+            "0.0.0.0:0",
+            "--ws-auth",
+            "open",
+            "--gateway",
+        ])
+        .arg(dir.join("gw.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(open_remote.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(dir);
+}

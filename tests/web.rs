@@ -1,0 +1,364 @@
+//! The published JavaScript client libraries against knit's bridge, unchanged: GW3 conformance
+//! with the golden transcripts, mixed worlds (a Node web app and a native app calling each other),
+//! and a real headless Chromium page.
+//!
+//! Needs Node and `npm ci` in `tests/web` (and `/usr/bin/chromium` for the browser test);
+//! `.ci/bridge.sh` installs them. Without them these tests are skipped with a message, unless
+//! `KNIT_REQUIRE_WEB=1` (set by CI) makes a missing piece a failure.
+
+use knit::bridge::{AuthMode, BridgeConfig};
+use knit::client::{Client, InvokeError, InvokeOptions, MethodError};
+use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
+use knit::{Status, Value};
+use serde_json::Value as J;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn web_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/web")
+}
+
+/// Whether the Node side can run; if not, explains (and fails under `KNIT_REQUIRE_WEB`).
+fn have_node(extra: Option<&Path>) -> bool {
+    let node = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let modules = web_dir().join("node_modules/@interopio/core").exists()
+        && web_dir().join("node_modules/@glue42/core").exists();
+    let extra_ok = extra.is_none_or(|p| p.exists());
+    if node && modules && extra_ok {
+        return true;
+    }
+    let what = format!(
+        "node: {node}, tests/web/node_modules: {modules}{}",
+        extra
+            .map(|p| format!(", {}: {extra_ok}", p.display()))
+            .unwrap_or_default()
+    );
+    if std::env::var_os("KNIT_REQUIRE_WEB").is_some() {
+        panic!("the web tests cannot run ({what}); run .ci/bridge.sh");
+    }
+    eprintln!("skipping: the web tests need Node and `npm ci` in tests/web ({what})");
+    false
+}
+
+struct Gw {
+    handle: Option<GatewayHandle>,
+    dir: PathBuf,
+    ws: SocketAddr,
+}
+
+impl Gw {
+    fn start(tag: &str, auth: AuthMode) -> Gw {
+        let dir = std::env::temp_dir().join(format!("knit-web-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
+        let mut b = BridgeConfig::loopback_ephemeral();
+        b.auth = auth;
+        cfg.bridge = Some(b);
+        let handle = Gateway::bind(cfg).unwrap().spawn().unwrap();
+        let ws = handle.ws_addr().unwrap();
+        Gw {
+            handle: Some(handle),
+            dir,
+            ws,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}", self.ws)
+    }
+
+    fn native(&self, app: &str) -> Client {
+        Client::builder(app)
+            .socket(self.dir.join("gw.sock"))
+            .connect()
+            .unwrap()
+    }
+
+    fn token(&self) -> String {
+        knit::bridge::read_token(&self.dir.join("gw.sock")).unwrap()
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn os_user() -> String {
+    knit::sys::identity::user_name(knit::sys::identity::euid())
+}
+
+/// A Node script with JSON lines on stdout and commands on stdin; killed if dropped.
+struct Script {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Script {
+    fn start(script: &str, args: &[&str]) -> Script {
+        let mut child = Command::new("node")
+            .arg(script)
+            .args(args)
+            .current_dir(web_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Script {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// The next line (parsed when it is JSON); fails the test after `within`.
+    fn line(&self, within: Duration) -> Option<String> {
+        self.lines.recv_timeout(within).ok()
+    }
+
+    fn json(&self) -> J {
+        let l = self
+            .line(Duration::from_secs(60))
+            .expect("the script printed nothing within a minute");
+        serde_json::from_str(&l).unwrap_or_else(|_| panic!("not JSON: {l}"))
+    }
+
+    fn tell(&mut self, line: &str) {
+        if let Some(s) = self.stdin.as_mut() {
+            let _ = writeln!(s, "{line}");
+        }
+    }
+
+    /// Waits for the exit (with a deadline); the script's own exit status.
+    fn finish(mut self, within: Duration) -> bool {
+        drop(self.stdin.take());
+        let deadline = std::time::Instant::now() + within;
+        // Show (and drain) what the script still prints; its stdout closes when it exits.
+        while let Some(l) = self.line(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
+            println!("{l}");
+        }
+        let pid = self.child.id();
+        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait().map(|s| s.success()).unwrap_or(false));
+        });
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(ok) => ok,
+            Err(_) => {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                panic!("script {pid} did not finish within {within:?}");
+            }
+        }
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn conformance(lib: &str) {
+    if !have_node(None) {
+        return;
+    }
+    let gw = Gw::start(&format!("conf-{lib}"), AuthMode::Open);
+    let url = gw.url();
+    let script = Script::start("conformance.js", &["--url", &url, "--lib", lib]);
+    assert!(
+        script.finish(Duration::from_secs(180)),
+        "GW3 transcripts differ from the golden ones (see the output above)"
+    );
+}
+
+#[test]
+fn gw3_transcripts_with_interopio_core_match_the_reference_gateway() {
+    conformance("io");
+}
+
+#[test]
+fn gw3_transcripts_with_glue42_core_match_the_reference_gateway() {
+    conformance("glue");
+}
+
+fn native_side(gw: &Gw) -> Client {
+    let native = gw.native("rust-native");
+    native
+        .register("Native.Sum", |c| {
+            let a = c.args.get("a").and_then(Value::as_i64).unwrap_or(0);
+            let b = c.args.get("b").and_then(Value::as_i64).unwrap_or(0);
+            Ok(Value::from(a + b))
+        })
+        .unwrap();
+    native
+        .register("Native.Fail", |_| {
+            Err(MethodError::new("native says no")
+                .with_context(Value::object([("why", Value::from("test"))])))
+        })
+        .unwrap();
+    native
+}
+
+fn opts() -> InvokeOptions {
+    InvokeOptions {
+        wait: Duration::from_secs(10),
+        timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+fn mixed(lib: &str) {
+    if !have_node(None) {
+        return;
+    }
+    let gw = Gw::start(&format!("mixed-{lib}"), AuthMode::Token);
+    let native = native_side(&gw);
+    let (url, user, token) = (gw.url(), os_user(), gw.token());
+    let mut web = Script::start(
+        "mixed.js",
+        &[
+            "--url", &url, "--user", &user, "--secret", &token, "--lib", lib,
+        ],
+    );
+    let connected = web.json();
+    assert_eq!(connected["user"], user.as_str(), "{connected}");
+    let server = web.json();
+    assert_eq!(server["server"]["pid"], std::process::id(), "{server}");
+    assert_eq!(server["server"]["isLocal"], true);
+    let sum = web.json();
+    assert_eq!(sum["returned"], serde_json::json!({"_value": 42}), "{sum}");
+    assert_eq!(sum["executed_by"], "rust-native");
+    let fail = web.json();
+    assert_eq!(fail["error"], "native says no", "{fail}");
+    assert_eq!(
+        fail["returned"],
+        serde_json::json!({"why": "test"}),
+        "{fail}"
+    );
+    assert_eq!(web.json(), serde_json::json!({"ready": true}));
+
+    // The native app calls the web app's methods.
+    let r = native
+        .invoke(
+            "Web.Upper",
+            Value::object([("s", Value::from("abc"))]),
+            &opts(),
+        )
+        .unwrap();
+    assert_eq!(
+        r.returned,
+        Value::object([
+            ("upper", Value::from("ABC")),
+            ("caller", Value::from("rust-native"))
+        ])
+    );
+    assert_eq!(r.executed_by.unwrap().application, "web-mixed");
+    match native.invoke("Web.Fail", Value::map(), &opts()) {
+        Err(InvokeError::Failed(r)) => {
+            assert_eq!(r.message, "web says no");
+            assert_eq!(r.failure_status(), Status::MethodFailed);
+        }
+        other => panic!("{other:?}"),
+    }
+    web.tell("done");
+    assert!(web.finish(Duration::from_secs(30)));
+    // The web app is gone: so are its methods.
+    let gone = native.invoke(
+        "Web.Upper",
+        Value::map(),
+        &InvokeOptions {
+            wait: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    assert_eq!(gone.unwrap_err().status(), Status::NoServer);
+}
+
+#[test]
+fn interopio_core_web_app_and_native_app_call_each_other() {
+    mixed("io");
+}
+
+#[test]
+fn glue42_core_web_app_and_native_app_call_each_other() {
+    mixed("glue");
+}
+
+#[test]
+fn headless_chromium_page_and_native_app_call_each_other() {
+    let chromium = std::env::var_os("KNIT_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    if !have_node(Some(&chromium)) || !web_dir().join("node_modules/playwright-core").exists() {
+        return;
+    }
+    let gw = Gw::start("browser", AuthMode::Token);
+    let native = native_side(&gw);
+    let (url, user, token) = (gw.url(), os_user(), gw.token());
+    let shot = gw.dir.join("page.png");
+    let shot_s = shot.to_string_lossy().to_string();
+    let mut page = Script::start(
+        "browser.js",
+        &[
+            "--url",
+            &url,
+            "--user",
+            &user,
+            "--secret",
+            &token,
+            "--screenshot",
+            &shot_s,
+        ],
+    );
+    let r = page.json();
+    assert_eq!(r["step"], "browser", "{r}");
+    assert_eq!(r["sum"], serde_json::json!({"_value": 3}), "{r}");
+    assert_eq!(r["by"], "rust-native");
+    assert_eq!(r["user"], user.as_str());
+    assert_eq!(page.json(), serde_json::json!({"ready": true}));
+    assert!(shot.exists(), "no screenshot");
+    let hello = native
+        .invoke(
+            "Browser.Hello",
+            Value::object([("name", Value::from("knit"))]),
+            &opts(),
+        )
+        .unwrap();
+    assert_eq!(
+        hello.returned,
+        Value::object([
+            ("hello", Value::from("knit")),
+            ("from", Value::from("chromium")),
+            ("caller", Value::from("rust-native"))
+        ])
+    );
+    assert_eq!(hello.executed_by.unwrap().application, "browser-app");
+    page.tell("done");
+    assert!(page.finish(Duration::from_secs(30)));
+}
