@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The C ABI and its bindings: unit tests, the generated-header check, the C and C++ tests under
 # ASan/UBSan (all in `cargo test -p knit-ffi`), the install step with pkg-config (an out-of-tree
-# program linked dynamically and statically), the Python tests, the .NET tests under Mono, and
-# the C-ABI-vs-Rust RPC bench run once (reported, not gated: this machine is shared).
+# program linked dynamically and statically), the Python tests, the .NET tests under Mono, the
+# cross-language examples run against each other (examples/run-matrix.sh), and the
+# C-ABI-vs-Rust RPC bench run once (reported, not gated: this machine is shared).
 # Installs what it needs: gcc/g++, pkg-config, mono (apt), cffi and pytest (pip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +83,9 @@ KNIT_LIB="$lib_dir/libknit.so" KNIT_BIN="$knit_bin" python3 -m pytest -q "$repo/
 
 echo "== .NET binding under Mono"
 KNIT_LIB_DIR="$lib_dir" KNIT_BIN="$knit_bin" "$repo/bindings/dotnet/test.sh"
+
+echo "== examples: every language against every other (debug build, already made above)"
+KNIT_PROFILE=debug "$repo/examples/run-matrix.sh"
 
 echo "== C ABI vs Rust RPC round trip (run once, short)"
 cargo bench -p knit-ffi --bench rpc -- --iters 6000 --rounds 2

@@ -1,7 +1,7 @@
 //! Client handles: connect, close, poll, and what the client knows (identity, methods, peers).
 
+use crate::gate::Gate;
 use crate::handle::{HandleError, Table, KIND_CLIENT};
-use crate::interop::Gate;
 use crate::status::{guard, knit_status_t, Failure, FfiResult};
 use crate::strings::{clear_out, opt_str, put_json, req_str};
 use knit_core::client::{Client, ClientBuilder};
@@ -9,7 +9,7 @@ use knit_core::wait::WaitStrategy;
 use knit_core::{Status, Value};
 use std::collections::HashMap;
 use std::ffi::c_char;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -43,6 +43,9 @@ pub(crate) struct ClientEntry {
     pub poll: bool,
     /// Our registered methods' gates, by name.
     pub methods: Mutex<HashMap<String, Arc<Gate>>>,
+    /// Set (SeqCst) by `knit_client_close` before it sweeps the handle tables, so that a
+    /// handle made concurrently is not left behind.
+    pub closed: AtomicBool,
 }
 
 static CLIENTS: RwLock<Table<Arc<ClientEntry>>> = RwLock::new(Table::new(KIND_CLIENT));
@@ -155,6 +158,7 @@ pub unsafe extern "C" fn knit_client_connect_ex(
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             poll,
             methods: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
         });
         let inserted = CLIENTS
             .write()
@@ -173,12 +177,13 @@ pub unsafe extern "C" fn knit_client_connect_ex(
     })
 }
 
-/// Closes the connection: unregisters the client's methods, says goodbye, fails its pending
-/// calls (`KNIT_CLOSED`), stops its dispatcher and frees the handle. When it returns, none of
-/// the client's callbacks is running or will run again (except the one that called it, if it
-/// was called from a callback). Unanswered reply handles of this client are answered with an
-/// error and become closed. A second close, or any later use of the handle, gives
-/// `KNIT_CLOSED`.
+/// Closes the connection: unregisters the client's methods and streams, ends its
+/// subscriptions, says goodbye, fails its pending calls (`KNIT_CLOSED`), stops its dispatcher
+/// and frees the handle. When it returns, none of the client's callbacks is running or will
+/// run again (except the one that called it, if it was called from a callback). Unanswered
+/// reply handles of this client are answered with an error and become closed; its
+/// subscription, stream, request and subscriber handles become closed. A second close, or any
+/// later use of the handle, gives `KNIT_CLOSED`.
 #[no_mangle]
 pub extern "C" fn knit_client_close(client: *mut knit_client_t) -> knit_status_t {
     guard(|| {
@@ -187,6 +192,8 @@ pub extern "C" fn knit_client_close(client: *mut knit_client_t) -> knit_status_t
             .unwrap_or_else(PoisonError::into_inner)
             .remove(client.addr())
             .map_err(|e| handle_failure(e, "client"))?;
+        // SYNC(client-closed): see `subscription::add`.
+        entry.closed.store(true, Ordering::SeqCst);
         entry.client.close();
         let gates: Vec<Arc<Gate>> = entry
             .methods
@@ -199,6 +206,8 @@ pub extern "C" fn knit_client_close(client: *mut knit_client_t) -> knit_status_t
             g.close_and_wait();
         }
         crate::interop::release_replies(entry.id);
+        crate::subscription::release_subscriptions(entry.id);
+        crate::streams::release_streams(entry.id);
         Ok(())
     })
 }

@@ -11,6 +11,10 @@ use knit_core::Status;
 /// Handle kinds (bits 24..32), so a reply handle passed as a client is recognised as wrong.
 pub(crate) const KIND_CLIENT: u8 = 0x4b; // 'K'
 pub(crate) const KIND_REPLY: u8 = 0x52; // 'R'
+pub(crate) const KIND_SUBSCRIPTION: u8 = 0x53; // 'S'
+pub(crate) const KIND_STREAM: u8 = 0x54; // 'T'
+pub(crate) const KIND_REQUEST: u8 = 0x51; // 'Q'
+pub(crate) const KIND_SUBSCRIBER: u8 = 0x55; // 'U'
 
 const INDEX_BITS: u32 = 24;
 const INDEX_MASK: usize = (1 << INDEX_BITS) - 1;
@@ -138,6 +142,14 @@ impl<T> Table<T> {
             .map(|(i, _)| i)
             .collect();
         hits.into_iter().filter_map(|i| self.vacate(i)).collect()
+    }
+
+    /// The first live object `pred` selects.
+    pub(crate) fn get_where(&self, mut pred: impl FnMut(&T) -> bool) -> Option<&T> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.value.as_ref())
+            .find(|v| pred(v))
     }
 
     /// Live objects.

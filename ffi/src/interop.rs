@@ -1,6 +1,7 @@
 //! Methods: registering C handlers, answering through reply handles, invoking.
 
 use crate::client::{client_of, handle_failure, knit_client_t};
+use crate::gate::{Gate, UserData};
 use crate::handle::{Table, KIND_REPLY};
 use crate::status::{guard, knit_status_t, Failure, FfiResult};
 use crate::strings::{
@@ -11,10 +12,9 @@ use knit_core::model::{InstanceFilter, InvocationResult, Target};
 use knit_core::wire::frame::{Instance, MethodDef};
 use knit_core::wire::{codec, Value};
 use knit_core::Status;
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::ffi::{c_char, c_void, CString};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// One incoming call's answer (opaque). The handler that receives it must answer exactly once,
@@ -57,81 +57,6 @@ pub type knit_bytes_method_fn = Option<
 pub const KNIT_DEFAULT_WAIT_MS: u32 = 30_000;
 /// See `KNIT_DEFAULT_WAIT_MS`.
 pub const KNIT_DEFAULT_TIMEOUT_MS: u32 = 30_000;
-
-// ----- gates: no callback runs after unregister/close returns --------------------------------
-
-thread_local! {
-    /// The gates whose callbacks this thread is inside (nested calls stack up).
-    static INSIDE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Counts the callbacks of one registered method that are running, and closes: after
-/// [`Gate::close_and_wait`] no callback starts, and none is running except on the calling
-/// thread itself.
-pub(crate) struct Gate {
-    open: AtomicBool,
-    running: AtomicUsize,
-    lock: Mutex<()>,
-    idle: Condvar,
-}
-
-struct Inside<'a>(&'a Gate);
-
-impl Gate {
-    fn new() -> Self {
-        Self {
-            open: AtomicBool::new(true),
-            running: AtomicUsize::new(0),
-            lock: Mutex::new(()),
-            idle: Condvar::new(),
-        }
-    }
-
-    fn key(&self) -> usize {
-        self as *const Gate as usize
-    }
-
-    fn enter(&self) -> Option<Inside<'_>> {
-        // SYNC(gate): SeqCst pair with `close_and_wait`: either we see the gate closed, or
-        // the closer sees us running.
-        self.running.fetch_add(1, Ordering::SeqCst);
-        if !self.open.load(Ordering::SeqCst) {
-            self.exit();
-            return None;
-        }
-        let _ = INSIDE.try_with(|v| v.borrow_mut().push(self.key()));
-        Some(Inside(self))
-    }
-
-    fn exit(&self) {
-        // SYNC(gate): see `enter`.
-        self.running.fetch_sub(1, Ordering::SeqCst);
-        if !self.open.load(Ordering::SeqCst) {
-            // Taking the lock orders this wake after the closer's check (no lost wake-up).
-            let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-            self.idle.notify_all();
-        }
-    }
-
-    pub(crate) fn close_and_wait(&self) {
-        // SYNC(gate): see `enter`.
-        self.open.store(false, Ordering::SeqCst);
-        let mine = INSIDE
-            .try_with(|v| v.borrow().iter().filter(|&&k| k == self.key()).count())
-            .unwrap_or(0);
-        let mut g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        while self.running.load(Ordering::SeqCst) > mine {
-            g = self.idle.wait(g).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-}
-
-impl Drop for Inside<'_> {
-    fn drop(&mut self) {
-        let _ = INSIDE.try_with(|v| v.borrow_mut().pop());
-        self.0.exit();
-    }
-}
 
 // ----- reply handles -------------------------------------------------------------------------
 
@@ -281,16 +206,6 @@ pub unsafe extern "C" fn knit_reply_error_ex(
 }
 
 // ----- registering ---------------------------------------------------------------------------
-
-/// The app's `user_data`, handed back to its callbacks untouched.
-#[derive(Clone, Copy)]
-struct UserData(*mut c_void);
-
-// SAFETY: knit never dereferences `user_data`; it only passes it back to the app's own
-// callback, on knit's threads, which the contract (ffi/README.md) tells the app about.
-unsafe impl Send for UserData {}
-// SAFETY: as above.
-unsafe impl Sync for UserData {}
 
 #[derive(Clone, Copy)]
 enum CHandler {
@@ -458,7 +373,7 @@ pub unsafe extern "C" fn knit_register_bytes(
     })
 }
 
-fn method_def(v: &Value) -> FfiResult<MethodDef> {
+pub(crate) fn method_def(v: &Value) -> FfiResult<MethodDef> {
     let m = v
         .as_map()
         .ok_or_else(|| Failure::invalid("definition_json must be an object"))?;
@@ -583,7 +498,7 @@ fn filter_of(v: &Value) -> FfiResult<InstanceFilter> {
 
 /// NULL / "best", "all", "skip-mine", an application name, or JSON: an instance filter object
 /// `{application, instance, pid, user, machine, peerId}` or an array of them.
-fn parse_target(t: Option<&str>) -> FfiResult<Target> {
+pub(crate) fn parse_target(t: Option<&str>) -> FfiResult<Target> {
     let Some(t) = t else { return Ok(Target::Best) };
     let trimmed = t.trim_start();
     if trimmed.starts_with('{') {
@@ -603,7 +518,7 @@ fn parse_target(t: Option<&str>) -> FfiResult<Target> {
     Ok(Target::parse_cli(t))
 }
 
-fn timeout(ms: u32) -> Duration {
+pub(crate) fn timeout(ms: u32) -> Duration {
     Duration::from_millis(u64::from(match ms {
         0 => KNIT_DEFAULT_TIMEOUT_MS,
         ms => ms,
@@ -826,44 +741,5 @@ mod tests {
         assert_eq!(d.version, Some(2));
         assert!(method_def(&Value::from_json_str(r#"{"name":"m","nme":1}"#).unwrap()).is_err());
         assert!(method_def(&Value::from(3)).is_err());
-    }
-
-    #[test]
-    fn a_gate_waits_for_running_callbacks_but_not_for_its_own_thread() {
-        let g = Arc::new(Gate::new());
-        {
-            let _in = g.enter().unwrap();
-            // Closing from inside the callback itself must not deadlock.
-            g.close_and_wait();
-        }
-        assert!(g.enter().is_none(), "closed: no callback starts");
-
-        let g = Arc::new(Gate::new());
-        let left = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let (g2, left2) = (g.clone(), left.clone());
-        let t = std::thread::spawn(move || {
-            let _in = g2.enter().unwrap();
-            tx.send(()).unwrap();
-            done_rx.recv().unwrap();
-            left2.store(true, Ordering::SeqCst);
-        });
-        rx.recv().unwrap();
-        let closer = {
-            let (g, left) = (g.clone(), left.clone());
-            std::thread::spawn(move || {
-                g.close_and_wait();
-                left.load(Ordering::SeqCst)
-            })
-        };
-        assert!(!closer.is_finished(), "close returned while a callback ran");
-        done_tx.send(()).unwrap();
-        assert!(
-            closer.join().unwrap(),
-            "close returned before the callback left"
-        );
-        t.join().unwrap();
-        assert_eq!(g.running.load(Ordering::SeqCst), 0);
     }
 }

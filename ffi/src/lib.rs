@@ -18,13 +18,26 @@
 #![allow(non_camel_case_types)]
 #![warn(missing_debug_implementations)]
 
+mod bus;
+mod channels;
 mod client;
+mod contexts;
+mod events;
+mod gate;
 mod handle;
 mod interop;
 mod status;
+mod streams;
 mod strings;
+mod subscription;
 
+pub use bus::*;
+pub use channels::*;
 pub use client::*;
+pub use contexts::*;
+pub use events::*;
 pub use interop::*;
 pub use status::*;
+pub use streams::*;
 pub use strings::{knit_bytes_free, knit_string_free};
+pub use subscription::*;

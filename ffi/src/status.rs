@@ -204,6 +204,18 @@ impl From<knit_core::client::ClientError> for Failure {
     }
 }
 
+impl From<knit_core::client::ContextError> for Failure {
+    fn from(e: knit_core::client::ContextError) -> Self {
+        Failure::new(e.status(), e.to_string())
+    }
+}
+
+impl From<knit_core::client::StreamError> for Failure {
+    fn from(e: knit_core::client::StreamError) -> Self {
+        Failure::new(e.status(), e.to_string())
+    }
+}
+
 pub(crate) type FfiResult<T = ()> = Result<T, Failure>;
 
 /// Runs the body of an exported function: panics are caught (reported as `KNIT_INTERNAL`),

@@ -103,6 +103,72 @@ pub(crate) unsafe fn put_json(out: *mut *mut c_char, v: &Value) -> FfiResult {
     Ok(())
 }
 
+/// Text for a callback argument: a C string (an interior NUL, which JSON text never has but a
+/// name from another peer might, becomes a space).
+pub(crate) fn c_text(s: &str) -> CString {
+    CString::new(s.replace('\0', " ")).unwrap_or_default()
+}
+
+/// Writes `v` to an optional out-pointer (NULL: not wanted).
+///
+/// # Safety
+/// `out` is NULL or valid for a write of one `T`.
+pub(crate) unsafe fn put_opt<T>(out: *mut T, v: T) {
+    if !out.is_null() {
+        // SAFETY: non-NULL and writable by the caller's contract.
+        unsafe { out.write(v) };
+    }
+}
+
+/// Parses an optional options object (NULL: empty) and refuses keys not in `known`.
+///
+/// # Safety
+/// As for [`opt_str`].
+pub(crate) unsafe fn options_arg(
+    p: *const c_char,
+    what: &str,
+    known: &[&str],
+) -> FfiResult<knit_core::wire::Map> {
+    // SAFETY: forwarded to the caller's contract.
+    let v = unsafe { json_arg(p, what, Value::map()) }?;
+    let Value::Map(m) = v else {
+        return Err(Failure::invalid(format!("{what} must be a JSON object")));
+    };
+    if let Some(k) = m.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(Failure::invalid(format!(
+            "unknown {what} key {k:?} (known: {})",
+            known.join(", ")
+        )));
+    }
+    Ok(m)
+}
+
+/// An optional string option.
+pub(crate) fn opt_string(
+    m: &knit_core::wire::Map,
+    key: &str,
+    what: &str,
+) -> FfiResult<Option<String>> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(Failure::invalid(format!("{what} {key} must be a string"))),
+    }
+}
+
+/// An optional object option.
+pub(crate) fn opt_object(
+    m: &knit_core::wire::Map,
+    key: &str,
+    what: &str,
+) -> FfiResult<Option<knit_core::wire::Map>> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Map(o)) => Ok(Some(o.clone())),
+        Some(_) => Err(Failure::invalid(format!("{what} {key} must be an object"))),
+    }
+}
+
 /// Knit-owned byte buffers carry their length in the 8 bytes before the data, so that
 /// `knit_bytes_free` needs only the pointer.
 const BYTES_HEADER: usize = 8;

@@ -115,6 +115,9 @@ fn run_test_program(exe: &Path, fx: &Fixture) -> String {
             "UBSAN_OPTIONS",
             "print_stacktrace=1:halt_on_error=1:exitcode=24",
         )
+        // cargo's own LD_LIBRARY_PATH also names target/<profile>, where an older libknit.so
+        // from `cargo build` may lie: the program must load the one this test run built.
+        .env("LD_LIBRARY_PATH", lib_dir())
         .env_remove("KNIT_GATEWAY");
     run(&mut cmd, &exe.display().to_string())
 }
@@ -133,6 +136,20 @@ fn c_program_calls_every_function_and_survives_misuse_under_sanitizers() {
         "gcc",
         &flags,
         &repo().join("bindings/c/tests/test_abi.c"),
+        &fx.dir,
+    );
+    let out = run_test_program(&exe, &fx);
+    assert!(out.contains(", 0 failed"), "unexpected output:\n{out}");
+}
+
+#[test]
+fn c_subscription_program_covers_contexts_bus_streams_and_events_under_sanitizers() {
+    let fx = Fixture::new("csub");
+    let flags = [&["-std=c11", "-Wall", "-Wextra", "-Werror"][..], SANITIZE].concat();
+    let exe = build(
+        "gcc",
+        &flags,
+        &repo().join("bindings/c/tests/test_subscriptions.c"),
         &fx.dir,
     );
     let out = run_test_program(&exe, &fx);

@@ -13,6 +13,16 @@
 #include <stdint.h>
 
 /**
+ * `knit_channel_set_mode`: joining a channel leaves the one joined before (the default).
+ */
+#define KNIT_CHANNEL_SINGLE 0
+
+/**
+ * `knit_channel_set_mode`: joining a channel adds it to those joined.
+ */
+#define KNIT_CHANNEL_MULTI 1
+
+/**
  * No dispatcher thread: callbacks run inside `knit_client_poll`, on the thread that calls it.
  */
 #define KNIT_CONNECT_POLL 1
@@ -40,6 +50,16 @@
 #define KNIT_DEFAULT_TIMEOUT_MS 30000
 
 /**
+ * Data flag: the item was pushed to this subscriber alone (`knit_stream_subscriber_push`).
+ */
+#define KNIT_STREAM_PRIVATE 1
+
+/**
+ * Closed flag: the server side ended the subscription.
+ */
+#define KNIT_STREAM_SERVER_INITIATED 2
+
+/**
  * A connection to the gateway (opaque). Made by `knit_client_connect`, ended by
  * `knit_client_close`. The handle is a checked token, never dereferenced: a closed, NULL or
  * garbage handle gives a status code.
@@ -54,6 +74,35 @@ typedef struct knit_client knit_client;
 typedef struct knit_reply knit_reply;
 
 /**
+ * A stream this client serves (opaque). Made by `knit_stream_create`, ended by
+ * `knit_stream_close` (or `knit_client_close`).
+ */
+typedef struct knit_stream knit_stream;
+
+/**
+ * A subscription request waiting for the server's decision (opaque), given to the stream's
+ * request callback. Decide exactly once, now or later, from any thread:
+ * `knit_stream_accept` or `knit_stream_reject`. Afterwards the handle is closed.
+ */
+typedef struct knit_stream_request knit_stream_request;
+
+/**
+ * One accepted subscriber of a stream we serve (opaque), from `knit_stream_accept`: push to
+ * it alone, or close its subscription. Freed by `knit_stream_subscriber_close` or
+ * `knit_stream_subscriber_free`, or when its stream or client closes.
+ */
+typedef struct knit_stream_subscriber knit_stream_subscriber;
+
+/**
+ * A subscription (opaque): to a context (`knit_context_subscribe`), a bus topic
+ * (`knit_subscribe`), a stream (`knit_stream_subscribe`), discovery events
+ * (`knit_events_subscribe`) or channels (`knit_channel_subscribe`, `_subscribe_for`,
+ * `_on_changed`). Ended by `knit_subscription_close`, or by closing its client.
+ * A checked token like every knit handle.
+ */
+typedef struct knit_subscription knit_subscription;
+
+/**
  * A knit status code: `KNIT_OK` (0) or an error (> 0). Codes are stable.
  */
 typedef int32_t knit_status_t;
@@ -62,6 +111,63 @@ typedef int32_t knit_status_t;
  * See `knit_client`.
  */
 typedef knit_client knit_client_t;
+
+/**
+ * A bus subscriber: the `topic` the message was published on, its `data_json`, and its
+ * publisher `source_json` (`{application, instance, pid, user, machine, peerId}`). Valid only
+ * during the call.
+ */
+typedef void (*knit_message_fn)(void *user_data,
+                                const char *topic,
+                                const char *data_json,
+                                const char *source_json);
+
+/**
+ * See `knit_subscription`.
+ */
+typedef knit_subscription knit_subscription_t;
+
+/**
+ * A channel follower: the `channel` that changed, its `data_json` (with the latest FDC3
+ * context decoded as `data.fdc3`), the whole channel context `context_json` (`{name, meta,
+ * data}`) and the context `version`. Valid only during the call.
+ */
+typedef void (*knit_channel_fn)(void *user_data,
+                                const char *channel,
+                                const char *data_json,
+                                const char *context_json,
+                                uint64_t version);
+
+/**
+ * A membership callback: `channels_json` is the JSON array of the channels joined now.
+ */
+typedef void (*knit_channels_changed_fn)(void *user_data, const char *channels_json);
+
+/**
+ * A context subscriber: the context's `name`, its whole value `data_json`, what changed
+ * `delta_json` (the whole value on the first call and after `set`; a key set to `null` was
+ * removed) and the `version` now. The strings are valid only during the call.
+ */
+typedef void (*knit_context_fn)(void *user_data,
+                                const char *name,
+                                const char *data_json,
+                                const char *delta_json,
+                                uint64_t version);
+
+/**
+ * A context subscriber that gets each change as one JSON object, as `knit ctx watch` prints
+ * it plus two flags: `{name, data, delta, removed: [keys], version, updater: {application,
+ * instance, pid, user, machine, peerId} or null, first, conflated}`. `first` marks the
+ * current value delivered on subscribing; `conflated` that versions were skipped (`delta` is
+ * then the difference from what this subscriber saw last). Valid only during the call.
+ */
+typedef void (*knit_context_update_fn)(void *user_data, const char *update_json);
+
+/**
+ * A discovery-event callback: `event_json` is `{"type": …, …}` (see
+ * `knit_events_subscribe`), valid only during the call.
+ */
+typedef void (*knit_event_fn)(void *user_data, const char *event_json);
 
 /**
  * See `knit_reply`.
@@ -87,6 +193,50 @@ typedef void (*knit_bytes_method_fn)(void *user_data,
                                      size_t args_len,
                                      const char *caller_json,
                                      knit_reply_t *reply);
+
+/**
+ * See `knit_stream_request`.
+ */
+typedef knit_stream_request knit_stream_request_t;
+
+/**
+ * A stream's request callback: someone asks to subscribe with `args_json`; `caller_json` is
+ * who (`{application, instance, pid, user, machine, peerId}`). The strings are valid only
+ * during the call; `request` until decided.
+ */
+typedef void (*knit_stream_request_fn)(void *user_data,
+                                       knit_stream_request_t *request,
+                                       const char *args_json,
+                                       const char *caller_json);
+
+/**
+ * See `knit_stream`.
+ */
+typedef knit_stream knit_stream_t;
+
+/**
+ * See `knit_stream_subscriber`.
+ */
+typedef knit_stream_subscriber knit_stream_subscriber_t;
+
+/**
+ * A stream subscriber's data callback: one item `data_json` from server `server_json`.
+ * `flags`: `KNIT_STREAM_PRIVATE` when it was pushed to this subscriber alone. `gap`: how many
+ * items the stream's slow-consumer policy dropped before this one (0 normally). Valid only
+ * during the call.
+ */
+typedef void (*knit_stream_data_fn)(void *user_data,
+                                    const char *data_json,
+                                    const char *server_json,
+                                    uint32_t flags,
+                                    uint64_t gap);
+
+/**
+ * A stream subscriber's end callback: the subscription ended because every server dropped it
+ * or left (`flags` has `KNIT_STREAM_SERVER_INITIATED`), with the `reason`. Not called for
+ * `knit_subscription_close`.
+ */
+typedef void (*knit_stream_closed_fn)(void *user_data, const char *reason, uint32_t flags);
 
 /**
  * success
@@ -183,6 +333,172 @@ extern "C" {
 #endif // __cplusplus
 
 /**
+ * Publishes `data_json` (any JSON value; required) on `topic`. Fire-and-forget: every
+ * subscription whose topic or pattern matches gets it, the publisher's own included; with no
+ * subscriber nothing is sent.
+ *
+ * # Safety
+ * String arguments are NULL or NUL-terminated.
+ */
+knit_status_t knit_publish(knit_client_t *client, const char *topic, const char *data_json);
+
+/**
+ * `knit_publish` with options (NULL: none), a JSON object: `routingKey` (only subscribers
+ * that used this key, or none, get it) and `target` (only subscribers whose identity has every
+ * one of these values, e.g. `{"application": "blotter"}`).
+ *
+ * # Safety
+ * As for `knit_publish`.
+ */
+knit_status_t knit_publish_ex(knit_client_t *client,
+                              const char *topic,
+                              const char *data_json,
+                              const char *options_json);
+
+/**
+ * Subscribes to `topic`: an exact topic, or a pattern where `*` matches one dot-separated
+ * segment and `>` the rest (`"prices.>"`). `fn` runs on the client's dispatcher thread (or
+ * inside `knit_client_poll`) for each message, in each publisher's order. End it with
+ * `knit_subscription_close`.
+ *
+ * # Safety
+ * `topic` is NULL or NUL-terminated; `fn` and `user_data` stay valid until
+ * `knit_subscription_close` (or `knit_client_close`) returns; `out` is NULL or writable.
+ */
+knit_status_t knit_subscribe(knit_client_t *client,
+                             const char *topic,
+                             knit_message_fn fn,
+                             void *user_data,
+                             knit_subscription_t **out);
+
+/**
+ * `knit_subscribe` with options (NULL: none), a JSON object: `routingKey` (only messages
+ * published with this key, or with none) and `source` (only messages from publishers whose
+ * identity has every one of these values, e.g. `{"application": "pricer"}`).
+ *
+ * # Safety
+ * As for `knit_subscribe`; `options_json` is NULL or NUL-terminated.
+ */
+knit_status_t knit_subscribe_ex(knit_client_t *client,
+                                const char *topic,
+                                const char *options_json,
+                                knit_message_fn fn,
+                                void *user_data,
+                                knit_subscription_t **out);
+
+/**
+ * Every channel as a JSON array of `{name, meta: {color, …}, data}`. Free with
+ * `knit_string_free`.
+ *
+ * # Safety
+ * `json_out` is NULL or writable.
+ */
+knit_status_t knit_channel_list(knit_client_t *client, char **json_out);
+
+/**
+ * One channel as JSON `{name, meta, data}` (`KNIT_NOT_FOUND` when there is no such channel).
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated; `json_out` is NULL or writable.
+ */
+knit_status_t knit_channel_get(knit_client_t *client, const char *name, char **json_out);
+
+/**
+ * `KNIT_CHANNEL_SINGLE` (joining replaces) or `KNIT_CHANNEL_MULTI` (joining adds).
+ */
+knit_status_t knit_channel_set_mode(knit_client_t *client, uint32_t mode);
+
+/**
+ * Joins a channel (`KNIT_NOT_FOUND` if it does not exist); in single mode this leaves the one
+ * joined before. Followers (`knit_channel_subscribe`) get its current data at once.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated.
+ */
+knit_status_t knit_channel_join(knit_client_t *client, const char *name);
+
+/**
+ * Leaves one channel (`name`), or every joined channel (NULL). Not joined: nothing happens.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated.
+ */
+knit_status_t knit_channel_leave(knit_client_t *client, const char *name);
+
+/**
+ * The channels joined, as a JSON array of names (the current one first). Free with
+ * `knit_string_free`.
+ *
+ * # Safety
+ * `names_json_out` is NULL or writable.
+ */
+knit_status_t knit_channel_joined(knit_client_t *client, char **names_json_out);
+
+/**
+ * Replaces the given top-level keys of the channel's data (`data_json`, an object): of the
+ * channel `name`, or of every joined channel (`name` NULL; none joined: `KNIT_BAD_INPUT`).
+ * `*version_out` (if not NULL) gets the context version after it.
+ *
+ * # Safety
+ * String arguments are NULL or NUL-terminated; `version_out` is NULL or writable.
+ */
+knit_status_t knit_channel_publish(knit_client_t *client,
+                                   const char *data_json,
+                                   const char *name,
+                                   uint64_t *version_out);
+
+/**
+ * Stores an FDC3 context (`context_json`, an object with a `type`) as the channel's latest
+ * value of its type (followers see it as `data.fdc3`); `name` and `version_out` as for
+ * `knit_channel_publish`.
+ *
+ * # Safety
+ * As for `knit_channel_publish`.
+ */
+knit_status_t knit_channel_publish_fdc3(knit_client_t *client,
+                                        const char *context_json,
+                                        const char *name,
+                                        uint64_t *version_out);
+
+/**
+ * Follows the channels this client is on, as membership changes: `fn` gets a joined
+ * channel's current data when it is joined, then each change, on the client's dispatcher
+ * thread (or inside `knit_client_poll`). End it with `knit_subscription_close`.
+ *
+ * # Safety
+ * `fn` and `user_data` stay valid until `knit_subscription_close` (or `knit_client_close`)
+ * returns; `out` is NULL or writable.
+ */
+knit_status_t knit_channel_subscribe(knit_client_t *client,
+                                     knit_channel_fn fn,
+                                     void *user_data,
+                                     knit_subscription_t **out);
+
+/**
+ * Follows one channel without joining it (`KNIT_NOT_FOUND` when it does not exist).
+ *
+ * # Safety
+ * As for `knit_channel_subscribe`; `name` is NULL or NUL-terminated.
+ */
+knit_status_t knit_channel_subscribe_for(knit_client_t *client,
+                                         const char *name,
+                                         knit_channel_fn fn,
+                                         void *user_data,
+                                         knit_subscription_t **out);
+
+/**
+ * Calls `fn` with the channels joined now, then after every join or leave. End it with
+ * `knit_subscription_close`.
+ *
+ * # Safety
+ * As for `knit_channel_subscribe`.
+ */
+knit_status_t knit_channel_on_changed(knit_client_t *client,
+                                      knit_channels_changed_fn fn,
+                                      void *user_data,
+                                      knit_subscription_t **out);
+
+/**
  * Connects to the gateway at `gateway` (NULL: `$KNIT_GATEWAY`, else the per-user default
  * path) as `application`. `flags`: `KNIT_CONNECT_POLL`, and at most one of
  * `KNIT_CONNECT_SPIN` / `KNIT_CONNECT_PARK`; unknown bits are `KNIT_INVALID_ARGUMENT`. On
@@ -211,12 +527,13 @@ knit_status_t knit_client_connect_ex(const char *gateway,
                                      knit_client_t **out);
 
 /**
- * Closes the connection: unregisters the client's methods, says goodbye, fails its pending
- * calls (`KNIT_CLOSED`), stops its dispatcher and frees the handle. When it returns, none of
- * the client's callbacks is running or will run again (except the one that called it, if it
- * was called from a callback). Unanswered reply handles of this client are answered with an
- * error and become closed. A second close, or any later use of the handle, gives
- * `KNIT_CLOSED`.
+ * Closes the connection: unregisters the client's methods and streams, ends its
+ * subscriptions, says goodbye, fails its pending calls (`KNIT_CLOSED`), stops its dispatcher
+ * and frees the handle. When it returns, none of the client's callbacks is running or will
+ * run again (except the one that called it, if it was called from a callback). Unanswered
+ * reply handles of this client are answered with an error and become closed; its
+ * subscription, stream, request and subscriber handles become closed. A second close, or any
+ * later use of the handle, gives `KNIT_CLOSED`.
  */
 knit_status_t knit_client_close(knit_client_t *client);
 
@@ -287,6 +604,181 @@ knit_status_t knit_wait_for_method(knit_client_t *client,
                                    const char *method,
                                    uint32_t timeout_ms,
                                    char **json_out);
+
+/**
+ * The context's data as JSON (`{}` when it does not exist). Free `*data_json_out` with
+ * `knit_string_free`. Reads shared memory directly: no message to the gateway once the
+ * context is known.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated; `data_json_out` is NULL or writable.
+ */
+knit_status_t knit_context_get(knit_client_t *client, const char *name, char **data_json_out);
+
+/**
+ * `knit_context_get` that also gives the version read (`*version_out`, if not NULL; 0 when
+ * the context does not exist).
+ *
+ * # Safety
+ * As for `knit_context_get`; `version_out` is NULL or writable.
+ */
+knit_status_t knit_context_get_ex(knit_client_t *client,
+                                  const char *name,
+                                  char **data_json_out,
+                                  uint64_t *version_out);
+
+/**
+ * Replaces the context's whole value with `data_json` (a JSON object), creating the context
+ * if needed. Invalid JSON or a non-object is `KNIT_BAD_INPUT`, a value over the gateway's
+ * limit `KNIT_PAYLOAD_TOO_LARGE`.
+ *
+ * # Safety
+ * String arguments are NULL or NUL-terminated.
+ */
+knit_status_t knit_context_set(knit_client_t *client, const char *name, const char *data_json);
+
+/**
+ * `knit_context_set` that gives the context's version after the write in `*version_out` (if
+ * not NULL).
+ *
+ * # Safety
+ * As for `knit_context_set`; `version_out` is NULL or writable.
+ */
+knit_status_t knit_context_set_ex(knit_client_t *client,
+                                  const char *name,
+                                  const char *data_json,
+                                  uint64_t *version_out);
+
+/**
+ * Merges `delta_json` (a JSON object) into the context: its top-level keys replace the
+ * context's, a key set to `null` is removed, other keys stay. A delta that changes nothing
+ * writes nothing (the version stays). Creates the context, storing the delta as given, when
+ * it does not exist.
+ *
+ * # Safety
+ * String arguments are NULL or NUL-terminated.
+ */
+knit_status_t knit_context_update(knit_client_t *client, const char *name, const char *delta_json);
+
+/**
+ * `knit_context_update` that gives the version after the write in `*version_out` (if not
+ * NULL).
+ *
+ * # Safety
+ * As for `knit_context_update`; `version_out` is NULL or writable.
+ */
+knit_status_t knit_context_update_ex(knit_client_t *client,
+                                     const char *name,
+                                     const char *delta_json,
+                                     uint64_t *version_out);
+
+/**
+ * Compare-and-set: `knit_context_update`, but only while the context is still at
+ * `expected_version` (0: it does not exist yet). Otherwise nothing is written and the status
+ * is `KNIT_ALREADY_EXISTS` ("context … is at version N, not M"): read it again and retry.
+ *
+ * # Safety
+ * As for `knit_context_update_ex`.
+ */
+knit_status_t knit_context_update_if(knit_client_t *client,
+                                     const char *name,
+                                     uint64_t expected_version,
+                                     const char *delta_json,
+                                     uint64_t *version_out);
+
+/**
+ * Sets one dotted path (`"a.b.c"`) to `value_json` (any JSON value; `null` removes the leaf),
+ * creating intermediate objects. `*version_out` (if not NULL) gets the version after it.
+ *
+ * # Safety
+ * String arguments are NULL or NUL-terminated; `version_out` is NULL or writable.
+ */
+knit_status_t knit_context_set_path(knit_client_t *client,
+                                    const char *name,
+                                    const char *path,
+                                    const char *value_json,
+                                    uint64_t *version_out);
+
+/**
+ * Sets several dotted paths in one version, in order: `paths_json` is a JSON object
+ * `{"a.b": 1, "c": null}` (its keys are paths, applied in the order written) or an array of
+ * `[path, value]` pairs.
+ *
+ * # Safety
+ * As for `knit_context_set_path`.
+ */
+knit_status_t knit_context_set_paths(knit_client_t *client,
+                                     const char *name,
+                                     const char *paths_json,
+                                     uint64_t *version_out);
+
+/**
+ * Destroys the context for everyone (`KNIT_NOT_FOUND` if it does not exist). Its subscribers
+ * stay subscribed and hear from it again if it is created anew.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated.
+ */
+knit_status_t knit_context_destroy(knit_client_t *client, const char *name);
+
+/**
+ * The names of every context, as a JSON array of strings (sorted). Free with
+ * `knit_string_free`.
+ *
+ * # Safety
+ * `names_json_out` is NULL or writable.
+ */
+knit_status_t knit_context_list(knit_client_t *client, char **names_json_out);
+
+/**
+ * Follows a context: `fn` gets its current value first (if it exists), then every change, in
+ * version order, on the client's dispatcher thread (or inside `knit_client_poll`).
+ * Subscribing to a context that does not exist yet is fine: the first call comes when it is
+ * created. End it with `knit_subscription_close`.
+ *
+ * # Safety
+ * `name` is NULL or NUL-terminated; `fn` and `user_data` stay valid until
+ * `knit_subscription_close` (or `knit_client_close`) returns; `out` is NULL or writable.
+ */
+knit_status_t knit_context_subscribe(knit_client_t *client,
+                                     const char *name,
+                                     knit_context_fn fn,
+                                     void *user_data,
+                                     knit_subscription_t **out);
+
+/**
+ * `knit_context_subscribe` with the whole update as JSON (see `knit_context_update_fn`): who
+ * wrote it, which keys were removed, whether it is the first call or a conflated one.
+ *
+ * # Safety
+ * As for `knit_context_subscribe`.
+ */
+knit_status_t knit_context_subscribe_ex(knit_client_t *client,
+                                        const char *name,
+                                        knit_context_update_fn fn,
+                                        void *user_data,
+                                        knit_subscription_t **out);
+
+/**
+ * Calls `fn` for every discovery event, on the client's dispatcher thread (or inside
+ * `knit_client_poll`): first what exists now (`serverAdded` for every peer, ourselves
+ * included, `methodAdded` and `serverMethodAdded` for every method), then each change.
+ * `event_json` is one of
+ * `{"type":"serverAdded","server":{application,instance,pid,user,machine,peerId}}`,
+ * `{"type":"serverRemoved","server":{…},"reason":"…"}`,
+ * `{"type":"methodAdded","method":{name,displayName,…,supportsStreaming}}` (the first server
+ * of a method appeared), `{"type":"methodRemoved","method":{…}}` (its last server left),
+ * `{"type":"serverMethodAdded","server":{…},"method":{…}}` and `serverMethodRemoved`. End it
+ * with `knit_subscription_close`.
+ *
+ * # Safety
+ * `fn` and `user_data` stay valid until `knit_subscription_close` (or `knit_client_close`)
+ * returns; `out` is NULL or writable.
+ */
+knit_status_t knit_events_subscribe(knit_client_t *client,
+                                    knit_event_fn fn,
+                                    void *user_data,
+                                    knit_subscription_t **out);
 
 /**
  * Answers a call with a result (JSON; NULL means `null`). Invalid JSON gives
@@ -469,6 +961,153 @@ const char *knit_version(void);
 const char *knit_last_error_message(void);
 
 /**
+ * Serves a stream named `name`. `options_json` (NULL: defaults) is a JSON object:
+ * `policy` — what a subscriber's full queue does: `"block"` (default: the pusher waits up to
+ * `blockMs`, default 5000, then that subscription is closed as a slow consumer),
+ * `"drop-oldest"` (the oldest item goes; the subscriber is told the gap) or `"conflate"` (an
+ * item replaces a queued one with the same `conflateKey` field value); `queue` — items queued
+ * per subscriber before the policy applies (default 1024); `definition` — more of the method
+ * definition, as for `knit_register_ex` (without `name`). `on_request` (NULL: accept every
+ * request on the default branch) decides each subscription request, on the client's
+ * dispatcher thread (or inside `knit_client_poll`); it must decide each request exactly once,
+ * now or later. `*out` is the stream, ended with `knit_stream_close`.
+ *
+ * # Safety
+ * String arguments are NULL or NUL-terminated; `on_request` and `user_data` stay valid until
+ * `knit_stream_close` (or `knit_client_close`) returns; `out` is NULL or writable.
+ */
+knit_status_t knit_stream_create(knit_client_t *client,
+                                 const char *name,
+                                 const char *options_json,
+                                 knit_stream_request_fn on_request,
+                                 void *user_data,
+                                 knit_stream_t **out);
+
+/**
+ * Pushes `data_json` (a JSON object) to every subscriber of the stream. With a blocking policy
+ * this may wait for a slow subscriber (up to its `blockMs`).
+ *
+ * # Safety
+ * `data_json` is NULL or NUL-terminated.
+ */
+knit_status_t knit_stream_push(knit_stream_t *stream, const char *data_json);
+
+/**
+ * Pushes `data_json` to the subscribers of the branches in `branches_json`, a JSON array of
+ * branch names (`[""]` is the default branch). Branches without subscribers are skipped.
+ *
+ * # Safety
+ * String arguments are NULL or NUL-terminated.
+ */
+knit_status_t knit_stream_push_branches(knit_stream_t *stream,
+                                        const char *branches_json,
+                                        const char *data_json);
+
+/**
+ * Ends every subscription on `branch` (NULL: the default branch `""`); their subscribers'
+ * closed callbacks run with the reason "Server dropping a branch".
+ *
+ * # Safety
+ * `branch` is NULL or NUL-terminated.
+ */
+knit_status_t knit_stream_close_branch(knit_stream_t *stream, const char *branch);
+
+/**
+ * The branches that have subscribers, as a sorted JSON array of strings. Free with
+ * `knit_string_free`.
+ *
+ * # Safety
+ * `json_out` is NULL or writable.
+ */
+knit_status_t knit_stream_branches(knit_stream_t *stream, char **json_out);
+
+/**
+ * Every current subscription, as a JSON array of `{branch, instance: {application, …},
+ * arguments}`. Free with `knit_string_free`.
+ *
+ * # Safety
+ * `json_out` is NULL or writable.
+ */
+knit_status_t knit_stream_subscriptions(knit_stream_t *stream, char **json_out);
+
+/**
+ * Ends every subscription ("Stream closed"), answers undecided requests with a rejection,
+ * unregisters the stream and frees the handle, with its request and subscriber handles. When
+ * it returns, the request callback is not running (unless this is called from inside it) and
+ * will not run again.
+ */
+knit_status_t knit_stream_close(knit_stream_t *stream);
+
+/**
+ * Accepts a subscription request on `branch` (NULL or "": the default branch). If
+ * `subscriber_out` is not NULL it gets a handle on the new subscriber (to push to it alone or
+ * close it), which the app frees with `knit_stream_subscriber_close` or
+ * `knit_stream_subscriber_free`. A decided request gives `KNIT_CLOSED`.
+ *
+ * # Safety
+ * `branch` is NULL or NUL-terminated; `subscriber_out` is NULL or writable.
+ */
+knit_status_t knit_stream_accept(knit_stream_request_t *request,
+                                 const char *branch,
+                                 knit_stream_subscriber_t **subscriber_out);
+
+/**
+ * Rejects a subscription request; the subscriber's `knit_stream_subscribe` fails with
+ * `KNIT_METHOD_FAILED` and "Subscription rejected by user. <reason>" (`reason` NULL: "").
+ *
+ * # Safety
+ * `reason` is NULL or NUL-terminated.
+ */
+knit_status_t knit_stream_reject(knit_stream_request_t *request, const char *reason);
+
+/**
+ * Pushes `data_json` (a JSON object) to this subscriber alone (it sees
+ * `KNIT_STREAM_PRIVATE`). A subscription that has ended ignores it.
+ *
+ * # Safety
+ * `data_json` is NULL or NUL-terminated.
+ */
+knit_status_t knit_stream_subscriber_push(knit_stream_subscriber_t *subscriber,
+                                          const char *data_json);
+
+/**
+ * Ends this one subscription (the subscriber hears "Server dropping a single subscription")
+ * and frees the handle.
+ */
+knit_status_t knit_stream_subscriber_close(knit_stream_subscriber_t *subscriber);
+
+/**
+ * Frees a subscriber handle; the subscription goes on.
+ */
+knit_status_t knit_stream_subscriber_free(knit_stream_subscriber_t *subscriber);
+
+/**
+ * Subscribes to the stream `name` with `args_json` (NULL: `{}`) on `target` (NULL or "best",
+ * "all", an application name, or JSON as for `knit_invoke_ex`; "skip-mine" is refused),
+ * waiting up to `wait_ms` for a server to appear (0: fail at once with `KNIT_NO_SERVER`) and
+ * `timeout_ms` (0: `KNIT_DEFAULT_TIMEOUT_MS`) for one to accept. Returns once a server
+ * accepted; every server rejecting gives `KNIT_METHOD_FAILED` with the reason. `on_data`
+ * (required) gets each item and `on_closed` (NULL: not wanted) the end, on the client's
+ * dispatcher thread (or inside `knit_client_poll`; a poll-mode client cannot subscribe to its
+ * own stream, as it cannot decide the request while it waits). End it with
+ * `knit_subscription_close`.
+ *
+ * # Safety
+ * String arguments are NULL or NUL-terminated; the callbacks and `user_data` stay valid until
+ * `knit_subscription_close` (or `knit_client_close`) returns; `out` is NULL or writable.
+ */
+knit_status_t knit_stream_subscribe(knit_client_t *client,
+                                    const char *name,
+                                    const char *args_json,
+                                    const char *target,
+                                    uint32_t wait_ms,
+                                    uint32_t timeout_ms,
+                                    knit_stream_data_fn on_data,
+                                    knit_stream_closed_fn on_closed,
+                                    void *user_data,
+                                    knit_subscription_t **out);
+
+/**
  * Frees a string knit returned (`result_json_out` and the like). NULL is ignored. Passing
  * anything else — a string knit did not return, or one already freed — is undefined behaviour,
  * as with `free`.
@@ -486,6 +1125,16 @@ void knit_string_free(char *s);
  * `data` is NULL or a buffer returned by knit and not yet freed.
  */
 void knit_bytes_free(uint8_t *data);
+
+/**
+ * Ends a subscription. When it returns, its callback is not running and will not be called
+ * again — unless it is called from inside that very callback, which then finishes after it
+ * returns and is not called again; `user_data` may be freed once that callback has returned.
+ * A stream subscription tells its servers ("ClientInitiated"); its `on_closed` is not called
+ * for a close the app asked for. A second close, or a close after the subscription's client
+ * was closed, gives `KNIT_CLOSED`.
+ */
+knit_status_t knit_subscription_close(knit_subscription_t *subscription);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -5,11 +5,15 @@
 #include <knit/knit.hpp>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <vector>
 
 static int failures = 0;
 static int checks = 0;
@@ -56,6 +60,47 @@ static_assert(!std::is_copy_constructible_v<knit::Client>, "Client is move-only"
 static_assert(std::is_nothrow_move_constructible_v<knit::Client>, "Client moves cheaply");
 static_assert(!std::is_copy_constructible_v<knit::Reply>, "Reply is move-only");
 static_assert(std::is_base_of_v<std::runtime_error, knit::TimeoutError>, "errors are exceptions");
+static_assert(!std::is_copy_constructible_v<knit::Subscription>, "Subscription is move-only");
+static_assert(std::is_nothrow_move_constructible_v<knit::Subscription>, "Subscription moves");
+static_assert(!std::is_copy_constructible_v<knit::Stream>, "Stream is move-only");
+static_assert(!std::is_copy_constructible_v<knit::StreamRequest>, "StreamRequest is move-only");
+
+/// Lines that callbacks add, with waits on conditions (never sleeps).
+class Log {
+public:
+    void add(std::string line) {
+        std::lock_guard<std::mutex> g(mu_);
+        lines_.push_back(std::move(line));
+        cv_.notify_all();
+    }
+    /// Waits up to 5 s until some line contains `needle`.
+    bool wait_for(const std::string& needle) {
+        std::unique_lock<std::mutex> g(mu_);
+        return cv_.wait_for(g, std::chrono::seconds(5), [&] { return has_locked(needle); });
+    }
+    bool wait_count(std::size_t n) {
+        std::unique_lock<std::mutex> g(mu_);
+        return cv_.wait_for(g, std::chrono::seconds(5), [&] { return lines_.size() >= n; });
+    }
+    bool has(const std::string& needle) {
+        std::lock_guard<std::mutex> g(mu_);
+        return has_locked(needle);
+    }
+    std::size_t size() {
+        std::lock_guard<std::mutex> g(mu_);
+        return lines_.size();
+    }
+
+private:
+    bool has_locked(const std::string& needle) const {
+        for (auto& l : lines_)
+            if (l.find(needle) != std::string::npos) return true;
+        return false;
+    }
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::vector<std::string> lines_;
+};
 
 static void test_errors_and_raii() {
     auto e = EXPECT_THROW(knit::ConnectionError,
@@ -194,6 +239,271 @@ static void test_poll_mode() {
     EXPECT_THROW(knit::UsageError, client.poll(0), KNIT_INVALID_ARGUMENT);
 }
 
+
+static void test_contexts() {
+    knit::Client w = knit::Client::connect("cpp-ctx-writer", gw);
+    knit::Client f = knit::Client::connect("cpp-ctx-follower", gw);
+    uint64_t v = 99;
+    CHECK(f.context_get("cpp.ctx", &v) == "{}" && v == 0);
+    uint64_t v1 = w.context_set("cpp.ctx", R"({"a":1,"b":2})");
+    CHECK(v1 > 0);
+    CHECK(f.context_get("cpp.ctx", &v) == R"({"a":1,"b":2})" && v == v1);
+
+    Log log, other;
+    knit::Subscription s = f.context_subscribe("cpp.ctx", [&](const knit::ContextUpdate& u) {
+        log.add(u.name + " v" + std::to_string(u.version) + " " + u.data_json + " " + u.delta_json);
+    });
+    knit::Subscription barrier = f.context_subscribe("cpp.ctx", [&](const knit::ContextUpdate& u) {
+        other.add(u.data_json);
+    });
+    CHECK(s.is_open());
+    CHECK(log.wait_for(R"(cpp.ctx v)" + std::to_string(v1) + R"( {"a":1,"b":2} {"a":1,"b":2})"));
+    uint64_t v2 = w.context_update("cpp.ctx", R"({"b":null,"c":3})");
+    CHECK(v2 == v1 + 1);
+    CHECK(log.wait_for(R"({"a":1,"c":3} {"c":3,"b":null})"));
+    EXPECT_THROW(knit::InputError, w.context_update_if("cpp.ctx", v1, R"({"x":1})"), KNIT_ALREADY_EXISTS);
+    CHECK(w.context_update_if("cpp.ctx", v2, R"({"x":1})") == v2 + 1);
+    CHECK(w.context_set_path("cpp.ctx", "p.q", "[true]") == v2 + 2);
+    CHECK(w.context_set_paths("cpp.ctx", R"({"p.r":1,"x":null})") == v2 + 3);
+    CHECK(f.context_get("cpp.ctx") == R"({"a":1,"c":3,"p":{"q":[true],"r":1}})");
+    EXPECT_THROW(knit::InputError, w.context_set("cpp.ctx", "[1]"), KNIT_BAD_INPUT);
+    EXPECT_THROW(knit::InputError, w.context_set("cpp.ctx", "{oops"), KNIT_BAD_INPUT);
+    CHECK(contains(w.contexts(), R"("cpp.ctx")"));
+
+    // Moving a subscription keeps it; closing it stops the callback (the barrier subscription
+    // on the same client is called in the same delivery).
+    knit::Subscription moved = std::move(s);
+    CHECK(!s.is_open() && moved.is_open());
+    moved.close();
+    moved.close();  // idempotent
+    std::size_t before = log.size();
+    w.context_update("cpp.ctx", R"({"after":1})");
+    CHECK(other.wait_for(R"("after":1)"));
+    CHECK(log.size() == before);
+
+    // A callback may close (or destroy) its own subscription.
+    Log self_log;
+    knit::Subscription self;
+    self = f.context_subscribe("cpp.ctx", [&](const knit::ContextUpdate& u) {
+        self_log.add(u.data_json);
+        if (contains(u.data_json, "self")) self.close();
+    });
+    CHECK(self_log.wait_count(1));
+    w.context_update("cpp.ctx", R"({"self":1})");
+    CHECK(self_log.wait_for(R"("self":1)"));
+    w.context_update("cpp.ctx", R"({"self":2})");
+    CHECK(other.wait_for(R"("self":2)"));
+    CHECK(self_log.size() == 2 && !self.is_open());
+
+    // Exceptions in a callback stay in the callback.
+    knit::Subscription thrower = f.context_subscribe("cpp.ctx", [&](const knit::ContextUpdate&) {
+        throw std::runtime_error("ignored");
+    });
+    w.context_update("cpp.ctx", R"({"thrown":1})");
+    CHECK(other.wait_for(R"("thrown":1)"));
+
+    w.context_destroy("cpp.ctx");
+    EXPECT_THROW(knit::NotFoundError, w.context_destroy("cpp.ctx"), KNIT_NOT_FOUND);
+    // Subscriptions may outlive their client: closing the client ends them.
+    f.close();
+    barrier.close();
+    thrower.close();
+}
+
+static void test_bus() {
+    knit::Client sub = knit::Client::connect("cpp-bus-sub", gw);
+    Log all, keyed;
+    knit::Subscription s1 = sub.subscribe("cpp.prices.*", [&](const knit::Message& m) {
+        all.add(m.topic + " " + m.data_json + " " + m.source_json);
+    });
+    knit::SubscribeOptions eu;
+    eu.routing_key = "eu";
+    knit::Subscription s2 = sub.subscribe(
+        "cpp.prices.>", [&](const knit::Message& m) { keyed.add(m.data_json); }, eu);
+    knit::Client pub = knit::Client::connect("cpp-bus-pub", gw);  // knows both subscriptions
+    pub.publish("cpp.prices.VOD", R"({"bid":1})");
+    knit::PublishOptions us;
+    us.routing_key = "us";
+    pub.publish("cpp.prices.VOD", R"({"k":"us"})", us);
+    knit::PublishOptions to_eu;
+    to_eu.routing_key = "eu";
+    pub.publish("cpp.prices.VOD", R"({"k":"eu"})", to_eu);
+    knit::PublishOptions nobody;
+    nobody.target_json = R"({"application":"nobody"})";
+    pub.publish("cpp.prices.VOD", R"({"k":"nobody"})", nobody);
+    pub.publish("cpp.prices.VOD", R"({"k":"last"})");
+    CHECK(all.wait_for(R"({"k":"last"})"));
+    CHECK(keyed.wait_for(R"({"k":"last"})"));
+    CHECK(all.has(R"(cpp.prices.VOD {"bid":1} {"application":"cpp-bus-pub")"));
+    CHECK(all.has(R"({"k":"us"})") && !keyed.has(R"({"k":"us"})") && keyed.has(R"({"k":"eu"})"));
+    CHECK(!all.has("nobody"));
+    EXPECT_THROW(knit::InputError, pub.publish("t", "{bad"), KNIT_BAD_INPUT);
+    EXPECT_THROW(knit::UsageError, pub.publish("", "1"), KNIT_INVALID_ARGUMENT);
+    s2.close();
+    pub.publish("cpp.prices.VOD", R"({"k":"after"})");
+    CHECK(all.wait_for(R"({"k":"after"})"));
+    CHECK(!keyed.has("after"));
+}
+
+static void test_streams() {
+    knit::Client server = knit::Client::connect("cpp-stream-server", gw);
+    knit::Client client = knit::Client::connect("cpp-stream-client", gw);
+    std::mutex mu;
+    std::condition_variable cv;  // signalled when eu_sub or parked is set
+    std::optional<knit::StreamSubscriber> eu_sub;
+    std::optional<knit::StreamRequest> parked;
+    knit::StreamOptions so;
+    so.policy = "drop-oldest";
+    so.queue = 16;
+    so.on_request = [&](knit::StreamRequest& r) {
+        if (contains(r.args_json(), "reject")) return r.reject("not you");
+        if (contains(r.args_json(), "throw")) throw std::runtime_error("thrown");
+        if (contains(r.args_json(), "forget")) return;  // destroyed undecided: rejected
+        if (contains(r.args_json(), "park")) {
+            std::lock_guard<std::mutex> g(mu);
+            parked.emplace(std::move(r));
+            cv.notify_all();
+            return;
+        }
+        if (contains(r.args_json(), "eu")) {
+            auto s = r.accept("eu");
+            std::lock_guard<std::mutex> g(mu);
+            eu_sub.emplace(std::move(s));
+            cv.notify_all();
+            return;
+        }
+        r.accept();
+    };
+    knit::Stream ticks = server.create_stream("Cpp.Ticks", std::move(so));
+    EXPECT_THROW(knit::InputError, server.create_stream("Cpp.Ticks"), KNIT_ALREADY_EXISTS);
+    knit::StreamOptions bad;
+    bad.policy = "lossy";
+    EXPECT_THROW(knit::UsageError, server.create_stream("Cpp.Bad", bad), KNIT_INVALID_ARGUMENT);
+
+    Log plain, branch, ends;
+    knit::StreamSubscribeOptions o;
+    o.wait_ms = 5000;
+    o.timeout_ms = 5000;
+    knit::Subscription s1 = client.subscribe_stream(
+        "Cpp.Ticks", [&](const knit::StreamItem& i) { plain.add(i.data_json); },
+        [&](const std::string& reason, bool server) { ends.add(reason + (server ? " server" : "")); },
+        o);
+    knit::StreamSubscribeOptions on_eu = o;
+    on_eu.args_json = R"({"branch":"eu"})";
+    knit::Subscription s2 = client.subscribe_stream(
+        "Cpp.Ticks",
+        [&](const knit::StreamItem& i) {
+            branch.add(i.data_json + (i.is_private ? " private" : "") + " gap=" + std::to_string(i.gap));
+        },
+        {}, on_eu);
+    for (const char* why : {R"({"reject":1})", R"({"throw":1})", R"({"forget":1})"}) {
+        knit::StreamSubscribeOptions r = o;
+        r.args_json = why;
+        EXPECT_THROW(knit::RemoteError,
+                     client.subscribe_stream("Cpp.Ticks", [](const knit::StreamItem&) {}, {}, r),
+                     KNIT_METHOD_FAILED);
+    }
+    ticks.push(R"({"n":1})");
+    ticks.push({"eu"}, R"({"only":"eu"})");
+    CHECK(branch.wait_for(R"({"only":"eu"})"));
+    {
+        // The request callback may still be running when the subscriber hears the answer.
+        std::unique_lock<std::mutex> g(mu);
+        CHECK(cv.wait_for(g, std::chrono::seconds(5), [&] { return eu_sub.has_value(); }));
+        if (eu_sub) eu_sub->push(R"({"just":"you"})");
+    }
+    CHECK(branch.wait_for(R"({"just":"you"} private gap=0)"));
+    ticks.push(R"({"n":2})");
+    CHECK(plain.wait_for(R"({"n":2})"));
+    CHECK(!plain.has("only") && !plain.has("just"));
+    CHECK(ticks.branches() == R"(["","eu"])");
+    CHECK(contains(ticks.subscriptions(), R"("arguments":{"branch":"eu"})"));
+    EXPECT_THROW(knit::InputError, ticks.push("[1]"), KNIT_BAD_INPUT);
+
+    // A request decided later, from another thread.
+    std::thread later([&] {
+        std::unique_lock<std::mutex> g(mu);
+        if (cv.wait_for(g, std::chrono::seconds(5), [&] { return parked.has_value(); })) {
+            parked->accept();
+            parked.reset();
+        }
+    });
+    knit::StreamSubscribeOptions park = o;
+    park.args_json = R"({"park":1})";
+    Log parked_log;
+    knit::Subscription s3 = client.subscribe_stream(
+        "Cpp.Ticks", [&](const knit::StreamItem& i) { parked_log.add(i.data_json); }, {}, park);
+    later.join();
+    ticks.push(R"({"n":3})");
+    CHECK(parked_log.wait_for(R"({"n":3})"));
+
+    ticks.close_branch("eu");
+    s3.close();
+    ticks.push(R"({"n":4})");
+    CHECK(plain.wait_for(R"({"n":4})"));
+    CHECK(!parked_log.has(R"({"n":4})"));
+    ticks.close();
+    CHECK(ends.wait_for("Stream closed server"));
+    EXPECT_THROW(knit::UsageError, ticks.push("{}"), KNIT_INVALID_ARGUMENT);  // closed: NULL
+    {
+        std::lock_guard<std::mutex> g(mu);
+        if (eu_sub) EXPECT_THROW(knit::UsageError, eu_sub->push("{}"), KNIT_CLOSED);
+    }
+    EXPECT_THROW(knit::NotFoundError,
+                 client.subscribe_stream("Cpp.Nobody", [](const knit::StreamItem&) {}, {},
+                                         knit::StreamSubscribeOptions{"{}", "", 0, 1000}),
+                 KNIT_NO_SERVER);
+}
+
+static void test_events() {
+    knit::Client watcher = knit::Client::connect("cpp-events", gw);
+    Log events;
+    knit::Subscription s = watcher.on_event([&](const std::string& e) { events.add(e); });
+    CHECK(events.wait_for(R"({"type":"serverAdded","server":{"application":"cpp-events")"));
+    {
+        knit::Client peer = knit::Client::connect("cpp-events-peer", gw);
+        peer.register_method("Cpp.Ev", [](const knit::Call& c) { return c.args_json; });
+        CHECK(events.wait_for(R"({"type":"methodAdded","method":{"name":"Cpp.Ev")"));
+    }
+    CHECK(events.wait_for(R"({"type":"serverRemoved","server":{"application":"cpp-events-peer")"));
+}
+
+static void test_channels() {
+    knit::Client w = knit::Client::connect("cpp-chan-w", gw);
+    knit::Client r = knit::Client::connect("cpp-chan-r", gw);
+    CHECK(contains(r.channel_list(), R"({"name":"Green","meta":{"color":"#4CAF50")"));
+    CHECK(contains(r.channel_get("Green"), R"("name":"Green")"));
+    EXPECT_THROW(knit::NotFoundError, r.channel_get("Nope"), KNIT_NOT_FOUND);
+    EXPECT_THROW(knit::NotFoundError, r.channel_join("Nope"), KNIT_NOT_FOUND);
+    Log changed, follow;
+    knit::Subscription c = r.on_channels_changed([&](const std::string& names) { changed.add(names); });
+    knit::Subscription f = r.channel_subscribe([&](const knit::ChannelUpdate& u) {
+        follow.add(u.channel + " " + u.data_json + " " + u.context_json);
+    });
+    CHECK(changed.wait_for("[]"));
+    r.channel_join("Green");
+    CHECK(changed.wait_for(R"(["Green"])") && r.channels_joined() == R"(["Green"])");
+    CHECK(w.channel_publish(R"({"instrument":"VOD.L"})", "Green") > 0);
+    CHECK(follow.wait_for(R"(Green {"instrument":"VOD.L"} {"name":"Green")"));
+    w.channel_publish_fdc3(R"({"type":"fdc3.instrument","id":{"ticker":"BT"}})", "Green");
+    CHECK(follow.wait_for(R"("fdc3":{"type":"fdc3.instrument","id":{"ticker":"BT"}})"));
+    EXPECT_THROW(knit::InputError, w.channel_publish_fdc3(R"({"id":1})", "Green"), KNIT_BAD_INPUT);
+    EXPECT_THROW(knit::InputError, w.channel_publish(R"({"a":1})"), KNIT_BAD_INPUT);  // none joined
+    r.channel_set_mode(knit::ChannelMode::multi);
+    r.channel_join("Cyan");
+    CHECK(changed.wait_for(R"(["Green","Cyan"])"));
+    Log one;
+    knit::Subscription o = w.channel_subscribe_for("Cyan", [&](const knit::ChannelUpdate& u) { one.add(u.data_json); });
+    r.channel_publish(R"({"both":1})");  // every joined channel
+    CHECK(one.wait_for(R"("both":1)") && follow.wait_for(R"(Green {"instrument":"VOD.L")"));
+    r.channel_leave();
+    CHECK(changed.wait_for(R"([])") && r.channels_joined() == "[]");
+    f.close();
+    std::size_t before = follow.size();
+    w.channel_publish(R"({"after":1})", "Cyan");
+    CHECK(one.wait_for(R"("after":1)") && follow.size() == before);
+}
+
 int main(int argc, char** argv) {
     if (argc < 2) {
         std::fprintf(stderr, "usage: %s GATEWAY_SOCKET\n", argv[0]);
@@ -204,6 +514,11 @@ int main(int argc, char** argv) {
         test_errors_and_raii();
         test_handlers();
         test_poll_mode();
+        test_contexts();
+        test_bus();
+        test_streams();
+        test_events();
+        test_channels();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "unexpected exception: %s\n", e.what());
         failures++;

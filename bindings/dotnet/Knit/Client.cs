@@ -92,7 +92,7 @@ namespace Knit
 
     /// <summary>A connection to the gateway. Handlers run on knit's dispatcher thread, or inside
     /// Poll for a client made with poll: true.</summary>
-    public sealed class KnitClient : IDisposable
+    public sealed partial class KnitClient : IDisposable
     {
         // One static trampoline per signature, alive for the process: the native side holds
         // its pointer. The handler is found through a GCHandle passed as user_data, kept
@@ -119,10 +119,12 @@ namespace Knit
         /// <summary>The SafeHandle (its raw value is the knit_client_t*).</summary>
         public ClientHandle Handle { get { return handle; } }
 
-        /// <summary>Closes (idempotent); afterwards none of this client's handlers runs.</summary>
+        /// <summary>Closes (idempotent); afterwards none of this client's handlers or
+        /// subscription callbacks runs, and its subscriptions and streams are closed.</summary>
         public void Dispose()
         {
             handle.Dispose();
+            DisposeOpen(); // closed with the client: their handles are now stale, freed here
             lock (gate)
             {
                 foreach (var g in live.Values) g.Free();

@@ -34,6 +34,32 @@ static class Tests
 
     static bool Has(string s, string needle) { return s != null && s.Contains(needle); }
 
+    /// <summary>Lines that callbacks add, with waits on conditions (never sleeps).</summary>
+    sealed class Log
+    {
+        readonly List<string> lines = new List<string>();
+        public void Add(string line) { lock (lines) { lines.Add(line); Monitor.PulseAll(lines); } }
+        public bool WaitFor(string needle) { return WaitUntil(() => HasLocked(needle)); }
+        public bool WaitCount(int n) { return WaitUntil(() => lines.Count >= n); }
+        bool WaitUntil(Func<bool> pred)
+        {
+            var until = DateTime.UtcNow.AddSeconds(5);
+            lock (lines)
+            {
+                while (!pred())
+                {
+                    var left = until - DateTime.UtcNow;
+                    if (left <= TimeSpan.Zero) return false;
+                    Monitor.Wait(lines, left);
+                }
+                return true;
+            }
+        }
+        bool HasLocked(string needle) { foreach (var l in lines) if (l.Contains(needle)) return true; return false; }
+        public bool HasLine(string needle) { lock (lines) return HasLocked(needle); }
+        public int Count { get { lock (lines) return lines.Count; } }
+    }
+
     static void StatusEnumMatchesTheLibrary()
     {
         var names = new Dictionary<int, string>();
@@ -171,12 +197,246 @@ static class Tests
         }
     }
 
+
+    static void Contexts()
+    {
+        using (var w = new KnitClient("cs-ctx-w", gw))
+        using (var f = new KnitClient("cs-ctx-f", gw))
+        {
+            ulong v;
+            Check(f.ContextGet("cs.ctx", out v) == "{}" && v == 0, "missing context is {} at 0");
+            var v1 = w.ContextSet("cs.ctx", "{\"a\":1,\"b\":2}");
+            Check(v1 > 0 && f.ContextGet("cs.ctx", out v) == "{\"a\":1,\"b\":2}" && v == v1, "set then get");
+            var log = new Log();
+            var barrier = new Log();
+            var sub = f.ContextSubscribe("cs.ctx", u => log.Add(u.Name + " v" + u.Version + " " + u.DataJson + " " + u.DeltaJson));
+            var other = f.ContextSubscribe("cs.ctx", u => barrier.Add(u.DataJson));
+            Check(log.WaitFor("cs.ctx v" + v1 + " {\"a\":1,\"b\":2}"), "first callback: the current value");
+            var v2 = w.ContextUpdate("cs.ctx", "{\"b\":null,\"c\":3}");
+            Check(v2 == v1 + 1, "update version");
+            Check(log.WaitFor("{\"a\":1,\"c\":3} {\"c\":3,\"b\":null}"), "update seen with removal as null");
+            Throws<InputException>(() => w.ContextUpdateIf("cs.ctx", v1, "{\"x\":1}"), Status.AlreadyExists, "stale compare-and-set");
+            Check(w.ContextUpdateIf("cs.ctx", v2, "{\"x\":1}") == v2 + 1, "compare-and-set");
+            Check(w.ContextSetPath("cs.ctx", "p.q", "true") == v2 + 2, "set path");
+            Check(w.ContextSetPaths("cs.ctx", "{\"p.r\":1,\"x\":null}") == v2 + 3, "set paths");
+            Check(f.ContextGet("cs.ctx") == "{\"a\":1,\"c\":3,\"p\":{\"q\":true,\"r\":1}}", "paths applied: " + f.ContextGet("cs.ctx"));
+            Throws<InputException>(() => w.ContextSet("cs.ctx", "[1]"), Status.BadInput, "not an object");
+            Throws<InputException>(() => w.ContextSet("cs.ctx", "{oops"), Status.BadInput, "invalid JSON");
+            Check(Has(w.Contexts(), "\"cs.ctx\""), "list");
+
+            sub.Dispose();
+            sub.Dispose(); // idempotent
+            Check(!sub.IsOpen, "closed");
+            int before = log.Count;
+            w.ContextUpdate("cs.ctx", "{\"after\":1}");
+            Check(barrier.WaitFor("\"after\":1"), "barrier saw the update");
+            Check(log.Count == before, "no callback after Dispose");
+
+            // A callback may dispose its own subscription; exceptions stay in the callback.
+            var selfLog = new Log();
+            Subscription self = null;
+            self = f.ContextSubscribe("cs.ctx", u =>
+            {
+                selfLog.Add(u.DataJson);
+                if (u.DataJson.Contains("self")) self.Dispose();
+            });
+            var thrower = f.ContextSubscribe("cs.ctx", u => { throw new InvalidOperationException("ignored"); });
+            Check(selfLog.WaitCount(1), "self: first call");
+            w.ContextUpdate("cs.ctx", "{\"self\":1}");
+            Check(selfLog.WaitCount(2), "self: second call");
+            w.ContextUpdate("cs.ctx", "{\"self\":2}");
+            Check(barrier.WaitFor("\"self\":2"), "barrier saw self:2");
+            Check(selfLog.Count == 2 && !self.IsOpen, "closed itself");
+            thrower.Dispose();
+            w.ContextDestroy("cs.ctx");
+            Throws<NotFoundException>(() => w.ContextDestroy("cs.ctx"), Status.NotFound, "destroy twice");
+            // `other` is left open: disposing the client closes it.
+            Check(other.IsOpen, "still open");
+        }
+    }
+
+    static void Bus()
+    {
+        using (var s = new KnitClient("cs-bus-sub", gw))
+        {
+            var all = new Log();
+            var eu = new Log();
+            s.Subscribe("cs.prices.*", m => all.Add(m.Topic + " " + m.DataJson + " " + m.SourceJson));
+            var keyed = s.Subscribe("cs.prices.>", m => eu.Add(m.DataJson), routingKey: "eu");
+            using (var pub = new KnitClient("cs-bus-pub", gw)) // knows the subscriptions already
+            {
+                pub.Publish("cs.prices.VOD", "{\"bid\":1}");
+                pub.Publish("cs.prices.VOD", "{\"k\":\"us\"}", routingKey: "us");
+                pub.Publish("cs.prices.VOD", "{\"k\":\"eu\"}", routingKey: "eu");
+                pub.Publish("cs.prices.VOD", "{\"k\":\"nobody\"}", targetJson: "{\"application\":\"nobody\"}");
+                pub.Publish("cs.prices.VOD", "{\"k\":\"last\"}");
+                Check(all.WaitFor("{\"k\":\"last\"}") && eu.WaitFor("{\"k\":\"last\"}"), "messages arrive");
+                Check(all.HasLine("cs.prices.VOD {\"bid\":1} {\"application\":\"cs-bus-pub\""), "topic, data, source");
+                Check(all.HasLine("\"us\"") && !eu.HasLine("\"us\"") && eu.HasLine("\"eu\""), "routing keys");
+                Check(!all.HasLine("nobody"), "target filter");
+                Throws<InputException>(() => pub.Publish("t", "{bad"), Status.BadInput, "invalid JSON");
+                keyed.Dispose();
+                pub.Publish("cs.prices.VOD", "{\"k\":\"after\"}");
+                Check(all.WaitFor("after") && !eu.HasLine("after"), "no callback after Dispose");
+            }
+        }
+    }
+
+    static void Streams()
+    {
+        using (var server = new KnitClient("cs-stream-server", gw))
+        using (var client = new KnitClient("cs-stream-client", gw))
+        {
+            var kept = new Dictionary<string, object>();
+            Action<StreamRequest> decide = r =>
+            {
+                if (r.ArgsJson.Contains("reject")) { r.Reject("not you"); return; }
+                if (r.ArgsJson.Contains("throw")) throw new InvalidOperationException("thrown");
+                if (r.ArgsJson.Contains("park")) { lock (kept) { kept["parked"] = r; Monitor.PulseAll(kept); } return; }
+                if (r.ArgsJson.Contains("eu")) { var sub = r.Accept("eu"); lock (kept) { kept["eu"] = sub; Monitor.PulseAll(kept); } return; }
+                r.Accept();
+            };
+            var ticks = server.CreateStream("Cs.Ticks", decide, new StreamOptions { Policy = "drop-oldest", Queue = 64 });
+            Throws<InputException>(() => server.CreateStream("Cs.Ticks"), Status.AlreadyExists, "stream twice");
+            Throws<UsageException>(() => server.CreateStream("Cs.Bad", null, new StreamOptions { Policy = "lossy" }), Status.InvalidArgument, "bad policy");
+
+            var plain = new Log();
+            var branch = new Log();
+            var ends = new Log();
+            var o = new StreamSubscribeOptions { WaitMs = 5000, TimeoutMs = 5000 };
+            var s1 = client.SubscribeStream("Cs.Ticks", i => plain.Add(i.DataJson), (reason, byServer) => ends.Add(reason + (byServer ? " server" : "")), o);
+            var s2 = client.SubscribeStream("Cs.Ticks", i => branch.Add(i.DataJson + (i.Private ? " private" : "")), null, new StreamSubscribeOptions { ArgsJson = "{\"branch\":\"eu\"}", TimeoutMs = 5000 });
+            Throws<RemoteException>(() => client.SubscribeStream("Cs.Ticks", i => { }, null, new StreamSubscribeOptions { ArgsJson = "{\"reject\":1}", TimeoutMs = 5000 }), Status.MethodFailed, "rejected");
+            var e = Throws<RemoteException>(() => client.SubscribeStream("Cs.Ticks", i => { }, null, new StreamSubscribeOptions { ArgsJson = "{\"throw\":1}", TimeoutMs = 5000 }), Status.MethodFailed, "handler threw");
+            Check(e != null && Has(e.Message, "thrown"), "the exception's message is the reason");
+            Throws<NotFoundException>(() => client.SubscribeStream("Cs.Nobody", i => { }, null, new StreamSubscribeOptions { WaitMs = 0 }), Status.NoServer, "no such stream");
+
+            ticks.Push("{\"n\":1}");
+            ticks.PushToBranches(new[] { "eu" }, "{\"only\":\"eu\"}");
+            StreamSubscriber euSub = null;
+            lock (kept)
+            {
+                var until = DateTime.UtcNow.AddSeconds(5);
+                while (!kept.ContainsKey("eu") && DateTime.UtcNow < until) Monitor.Wait(kept, until - DateTime.UtcNow);
+                if (kept.ContainsKey("eu")) euSub = (StreamSubscriber)kept["eu"];
+            }
+            Check(euSub != null, "accepted on a branch");
+            if (euSub != null) euSub.Push("{\"just\":\"you\"}");
+            ticks.Push("{\"n\":2}");
+            Check(plain.WaitFor("{\"n\":2}") && branch.WaitFor("{\"n\":2}"), "pushes arrive");
+            Check(!plain.HasLine("only") && !plain.HasLine("just"), "branch and private pushes stay on their branch");
+            Check(branch.HasLine("{\"only\":\"eu\"}") && branch.HasLine("{\"just\":\"you\"} private"), "branch and private pushes");
+            Check(ticks.Branches() == "[\"\",\"eu\"]", "branches: " + ticks.Branches());
+            Check(Has(ticks.Subscriptions(), "\"arguments\":{\"branch\":\"eu\"}"), "subscriptions");
+            Throws<InputException>(() => ticks.Push("[1]"), Status.BadInput, "not an object");
+
+            // decided later, from another thread
+            StreamSubscriber late = null;
+            var t = new Thread(() =>
+            {
+                lock (kept)
+                {
+                    var until = DateTime.UtcNow.AddSeconds(5);
+                    while (!kept.ContainsKey("parked") && DateTime.UtcNow < until) Monitor.Wait(kept, until - DateTime.UtcNow);
+                    if (kept.ContainsKey("parked")) late = ((StreamRequest)kept["parked"]).Accept();
+                }
+            });
+            t.Start();
+            var lateLog = new Log();
+            var s3 = client.SubscribeStream("Cs.Ticks", i => lateLog.Add(i.DataJson + (i.Private ? " private" : "")), null, new StreamSubscribeOptions { ArgsJson = "{\"park\":1}", TimeoutMs = 5000 });
+            t.Join();
+            Check(late != null, "accepted later");
+            if (late != null) late.Push("{\"late\":true}");
+            Check(lateLog.WaitFor("{\"late\":true} private"), "private push to the late subscriber");
+
+            ticks.CloseBranch("eu");
+            s3.Dispose();
+            ticks.Push("{\"n\":3}");
+            Check(plain.WaitFor("{\"n\":3}") && !lateLog.HasLine("\"n\":3"), "no data after Dispose");
+            ticks.Dispose();
+            Check(ends.WaitFor("Stream closed server"), "closing the stream ends subscriptions");
+            Throws<UsageException>(() => ticks.Push("{}"), Status.Closed, "push after close");
+            if (euSub != null) Throws<UsageException>(() => euSub.Push("{}"), Status.Closed, "subscriber of a closed stream");
+            s1.Dispose();
+            s2.Dispose();
+        }
+    }
+
+    static void Events()
+    {
+        using (var watcher = new KnitClient("cs-events", gw))
+        {
+            var events = new Log();
+            using (watcher.OnEvent(events.Add))
+            {
+                Check(events.WaitFor("{\"type\":\"serverAdded\",\"server\":{\"application\":\"cs-events\""), "replay: ourselves");
+                using (var peer = new KnitClient("cs-events-peer", gw))
+                {
+                    peer.Register("Cs.Ev", c => c.ArgsJson);
+                    Check(events.WaitFor("{\"type\":\"methodAdded\",\"method\":{\"name\":\"Cs.Ev\""), "methodAdded");
+                }
+                Check(events.WaitFor("{\"type\":\"serverRemoved\",\"server\":{\"application\":\"cs-events-peer\""), "serverRemoved");
+            }
+        }
+    }
+
+    static void Channels()
+    {
+        using (var w = new KnitClient("cs-chan-w", gw))
+        using (var r = new KnitClient("cs-chan-r", gw))
+        {
+            Check(Has(r.ChannelList(), "{\"name\":\"Blue\",\"meta\":{\"color\":\"#2196F3\""), "default channels");
+            Check(Has(r.ChannelGet("Blue"), "\"name\":\"Blue\""), "get");
+            Throws<NotFoundException>(() => r.ChannelGet("Nope"), Status.NotFound, "no such channel");
+            var changed = new Log();
+            var follow = new Log();
+            r.OnChannelsChanged(changed.Add);
+            var f = r.ChannelSubscribe(u => follow.Add(u.Channel + " " + u.DataJson + " " + u.ContextJson));
+            Check(changed.WaitFor("[]"), "membership first");
+            r.ChannelJoin("Blue");
+            Check(changed.WaitFor("[\"Blue\"]") && r.ChannelsJoined() == "[\"Blue\"]", "joined");
+            Check(w.ChannelPublish("{\"instrument\":\"VOD.L\"}", "Blue") > 0, "publish");
+            Check(follow.WaitFor("Blue {\"instrument\":\"VOD.L\"} {\"name\":\"Blue\""), "followed");
+            w.ChannelPublishFdc3("{\"type\":\"fdc3.instrument\",\"id\":{\"ticker\":\"BP\"}}", "Blue");
+            Check(follow.WaitFor("\"fdc3\":{\"type\":\"fdc3.instrument\",\"id\":{\"ticker\":\"BP\"}}"), "FDC3 decoded");
+            Throws<InputException>(() => w.ChannelPublish("{\"a\":1}"), Status.BadInput, "none joined");
+            r.ChannelSetMode(ChannelMode.Multi);
+            r.ChannelJoin("Red");
+            Check(changed.WaitFor("[\"Blue\",\"Red\"]"), "multi mode");
+            var one = new Log();
+            w.ChannelSubscribeFor("Red", u => one.Add(u.DataJson));
+            r.ChannelPublish("{\"both\":1}");
+            Check(one.WaitFor("\"both\":1") && follow.WaitFor("Red "), "publish to every joined channel");
+            r.ChannelLeave();
+            Check(r.ChannelsJoined() == "[]", "left all");
+            f.Dispose();
+            int before = follow.Count;
+            w.ChannelPublish("{\"after\":1}", "Red");
+            Check(one.WaitFor("\"after\":1") && follow.Count == before, "no callback after Dispose");
+        }
+    }
+
+    static void SubscriptionMisuse()
+    {
+        var c = new KnitClient("cs-sub-misuse", gw);
+        var sub = c.Subscribe("cs.misuse", m => { });
+        IntPtr raw = sub.Handle.DangerousGetHandle();
+        c.Dispose(); // closes the subscription with the client
+        Check(!sub.IsOpen, "subscription closed with its client");
+        Check(NativeMethods.knit_subscription_close(raw) == (int)Status.Closed, "double close in C");
+        Check(NativeMethods.knit_subscription_close(IntPtr.Zero) == (int)Status.InvalidArgument, "NULL subscription");
+        sub.Dispose(); // harmless
+        ulong v;
+        Check(NativeMethods.knit_context_set_ex_raw(IntPtr.Zero, NativeMethods.Utf8("n"), NativeMethods.Utf8("{}"), out v) == (int)Status.InvalidArgument, "NULL client");
+        Throws<UsageException>(() => c.ContextGet("n"), Status.Closed, "context on a closed client");
+    }
+
     static int Main(string[] args)
     {
         if (args.Length < 2) { Console.Error.WriteLine("usage: Tests.exe GATEWAY_SOCKET RUST_METHOD"); return 2; }
         gw = args[0];
         rustMethod = args[1];
-        var tests = new Action[] { StatusEnumMatchesTheLibrary, ConnectFailures, RoundTrips, PollMode, DisposeAndMisuse, RustPeer };
+        var tests = new Action[] { StatusEnumMatchesTheLibrary, ConnectFailures, RoundTrips, PollMode, DisposeAndMisuse, RustPeer, Contexts, Bus, Streams, Events, Channels, SubscriptionMisuse };
         foreach (var t in tests)
         {
             try { t(); }

@@ -11,6 +11,18 @@ ABI (cffi, ABI mode).
 
 from ._native import ffi, lib
 from .client import CONNECT_PARK, CONNECT_POLL, CONNECT_SPIN, DEFAULT_WAIT_MS, Client, Reply
+from .pubsub import (
+    ChannelUpdate,
+    Channels,
+    ContextUpdate,
+    Contexts,
+    Message,
+    Stream,
+    StreamItem,
+    StreamRequest,
+    StreamSubscriber,
+    Subscription,
+)
 from .errors import (
     FAMILIES,
     InputError,
@@ -31,6 +43,16 @@ __version__ = ffi.string(lib.knit_version()).decode()
 __all__ = [
     "Client",
     "Reply",
+    "Subscription",
+    "Contexts",
+    "Channels",
+    "ChannelUpdate",
+    "ContextUpdate",
+    "Message",
+    "Stream",
+    "StreamItem",
+    "StreamRequest",
+    "StreamSubscriber",
     "Status",
     "KnitError",
     "UsageError",

@@ -42,3 +42,11 @@ def _load():
 
 
 lib = _load()
+
+# Resolve every declared function and constant now. cffi looks a `lib` attribute up on first
+# use under its own non-reentrant lock; a __del__ run by a garbage collection that interrupts
+# cffi while it holds that lock (in ffi.callback, say) and touches a new attribute would
+# deadlock the thread. After this, attribute reads take no lock.
+for _name in dir(lib):
+    getattr(lib, _name)
+del _name

@@ -4,6 +4,7 @@ module), raw bytes through :meth:`Client.invoke_bytes` / :meth:`Client.register_
 import json
 import threading
 
+from . import pubsub
 from ._native import ffi, lib
 from .errors import UsageError, check, error_class, last_error
 
@@ -11,6 +12,10 @@ CONNECT_POLL = lib.KNIT_CONNECT_POLL
 CONNECT_SPIN = lib.KNIT_CONNECT_SPIN
 CONNECT_PARK = lib.KNIT_CONNECT_PARK
 DEFAULT_WAIT_MS = lib.KNIT_DEFAULT_WAIT_MS
+
+# Looked up now, not in __del__: a first lookup of a cffi `lib` attribute takes cffi's
+# non-reentrant lock, which a garbage collection may interrupt (see pubsub.py).
+_reply_error = lib.knit_reply_error
 
 
 def _c(s):
@@ -74,7 +79,7 @@ class Reply:
         h = getattr(self, "_h", None)
         if h is not None:
             self._h = None
-            lib.knit_reply_error(h, b"method handler did not reply")
+            _reply_error(h, b"method handler did not reply")
 
 
 class Client:
@@ -101,6 +106,8 @@ class Client:
         # are kept until close (unregister may run inside the handler it removes).
         self._keep = {}
         self._retired = []
+        # Open subscriptions and streams: they live until closed or until the client closes.
+        self._live = set()
 
     # ----- lifetime ---------------------------------------------------------------------------
 
@@ -110,6 +117,13 @@ class Client:
             h, self._h = self._h, None
         if h is not None:
             check(lib.knit_client_close(h))
+        running = getattr(pubsub._tls, "running", None)
+        for x in list(self._live):  # closed with the client: forget their handles
+            if x is running:  # closing from inside its callback: keep that alive
+                pubsub._orphans.append(x._cbs)
+            x._h = None
+            x._cbs = None
+        self._live.clear()
         self._keep.clear()
         self._retired.clear()
 
@@ -225,6 +239,54 @@ class Client:
             return bytes(ffi.buffer(out[0], n[0]))
         finally:
             lib.knit_bytes_free(out[0])
+
+    # ----- contexts, bus, streams, events -----------------------------------------------------
+
+    @property
+    def contexts(self):
+        """Shared contexts: ``client.contexts.get/set/update/update_if/set_path/set_paths/
+        destroy/all/subscribe`` (see :class:`knit.pubsub.Contexts`)."""
+        return pubsub.Contexts(self)
+
+    @property
+    def channels(self):
+        """Colour channels: ``client.channels.list/get/set_mode/join/leave/joined/publish/
+        publish_fdc3/subscribe/subscribe_for/on_changed`` (see :class:`knit.pubsub.Channels`)."""
+        return pubsub.Channels(self)
+
+    def publish(self, topic, data, routing_key=None, target=None):
+        """Publishes a JSON-serialisable value on ``topic``. ``routing_key``: only subscribers
+        that used it (or none) get it; ``target``: an identity filter dict of subscribers."""
+        pubsub.publish(self, topic, data, routing_key, target)
+
+    def subscribe(self, topic, callback, routing_key=None, source=None):
+        """Calls ``callback(message)`` (a :class:`knit.Message`: topic, data, source) for each
+        message on ``topic`` (or a pattern: ``*`` one segment, ``>`` the rest). ``source``: an
+        identity filter dict of publishers. Returns a :class:`knit.Subscription`."""
+        return pubsub.subscribe(self, topic, callback, routing_key, source)
+
+    def on_event(self, callback):
+        """Calls ``callback(event)`` (a dict with ``type``: serverAdded, serverRemoved,
+        methodAdded, methodRemoved, serverMethodAdded, serverMethodRemoved) for what exists now
+        and every change. Returns a :class:`knit.Subscription`."""
+        return pubsub.on_event(self, callback)
+
+    def create_stream(self, name, on_request=None, *, policy=None, block_ms=None,
+                      conflate_key=None, queue=None, definition=None):
+        """Serves a stream. ``on_request(request)`` (a :class:`knit.StreamRequest`) decides
+        each subscription (None: accept all on the default branch); ``policy``: "block"
+        (default), "drop-oldest" or "conflate" (with ``conflate_key``); ``queue``: items per
+        subscriber. Returns a :class:`knit.Stream`."""
+        return pubsub.create_stream(self, name, on_request, policy, block_ms, conflate_key, queue,
+                                    definition)
+
+    def subscribe_stream(self, name, on_data, on_closed=None, *, args=None, target=None,
+                         wait_ms=DEFAULT_WAIT_MS, timeout_ms=0):
+        """Subscribes to a stream: ``on_data(item)`` (a :class:`knit.StreamItem`) per item,
+        ``on_closed(reason, server_initiated)`` when the server side ends it. Returns once a
+        server accepted (RemoteError when rejected) a :class:`knit.Subscription`."""
+        return pubsub.subscribe_stream(self, name, on_data, on_closed, args, target, wait_ms,
+                                       timeout_ms)
 
     # ----- the rest ---------------------------------------------------------------------------
 

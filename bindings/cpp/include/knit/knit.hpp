@@ -5,6 +5,9 @@
 //   server.register_method("Price", [](const knit::Call& c) { return std::string("{\"bid\":1.5}"); });
 //   knit::Client client = knit::Client::connect("blotter");
 //   std::string result = client.invoke("Price", R"({"symbol":"VOD.L"})");   // io.Connect result JSON
+//   knit::Subscription s = client.context_subscribe("instrument", [](const knit::ContextUpdate& u) {
+//       std::cout << u.version << " " << u.data_json << "\n";
+//   });                                               // ends when `s` is destroyed
 //
 // Threading is the C ABI's (ffi/README.md): handlers run on the client's dispatcher thread, or
 // inside Client::poll for a client connected with KNIT_CONNECT_POLL; a Client may be used from
@@ -94,6 +97,46 @@ inline std::string take(char* s) {
     return s ? std::string(s) : std::string();
 }
 inline const char* c_or_null(const std::string& s) { return s.empty() ? nullptr : s.c_str(); }
+
+/// What a subscription or stream keeps for its callbacks (the std::functions), passed to knit
+/// as user_data. Deleted when the subscription closes — or, when it is closed from inside its
+/// own callback, right after that callback returns (knit does not call it again).
+struct Holder {
+    virtual ~Holder() = default;
+    bool delete_after_call = false;
+};
+
+/// The holder whose callback runs on this thread now (callbacks of one client run one at a
+/// time on its dispatcher thread, or inside Client::poll).
+inline Holder*& running() noexcept {
+    static thread_local Holder* current = nullptr;
+    return current;
+}
+
+/// Runs a callback for `h`: no exception may leave it into C (they are swallowed: a
+/// subscription callback has nobody to report to), and a holder retired meanwhile is deleted.
+template <class F>
+void run_callback(Holder* h, F&& f) noexcept {
+    Holder* outer = running();
+    running() = h;
+    try {
+        f();
+    } catch (...) {
+    }
+    running() = outer;
+    if (h->delete_after_call) delete h;
+}
+
+/// Frees a holder now, or after its running callback returns.
+inline void retire(std::unique_ptr<Holder> h) noexcept {
+    if (!h) return;
+    if (running() == h.get()) {
+        h.release()->delete_after_call = true;
+    }
+    // else: destroyed here
+}
+
+inline std::string str(const char* s) { return s ? std::string(s) : std::string(); }
 }  // namespace detail
 
 // ----- replies --------------------------------------------------------------------------------
@@ -176,6 +219,275 @@ struct Outcome {
     std::string result_json;  // also set when every server failed
     std::string message;      // the error detail when status != KNIT_OK
     explicit operator bool() const noexcept { return status == KNIT_OK; }
+};
+
+// ----- subscriptions, contexts, bus, streams -----------------------------------------------
+
+/// A subscription (context, bus topic, stream, discovery events). Move-only; destroying or
+/// closing it ends the subscription: afterwards its callback is not running and is not called
+/// again. Closing it from inside its own callback is fine. A subscription may outlive its
+/// Client (closing the client ends it; closing it afterwards does nothing).
+class Subscription {
+public:
+    Subscription() noexcept = default;
+    Subscription(knit_subscription_t* h, std::unique_ptr<detail::Holder> cb) noexcept
+        : h_(h), cb_(std::move(cb)) {}
+    Subscription(Subscription&& o) noexcept
+        : h_(std::exchange(o.h_, nullptr)), cb_(std::move(o.cb_)) {}
+    Subscription& operator=(Subscription&& o) noexcept {
+        if (this != &o) {
+            close();
+            h_ = std::exchange(o.h_, nullptr);
+            cb_ = std::move(o.cb_);
+        }
+        return *this;
+    }
+    Subscription(const Subscription&) = delete;
+    Subscription& operator=(const Subscription&) = delete;
+    ~Subscription() { close(); }
+
+    /// Ends it (idempotent).
+    void close() noexcept {
+        if (h_) (void)knit_subscription_close(std::exchange(h_, nullptr));
+        detail::retire(std::move(cb_));
+    }
+    bool is_open() const noexcept { return h_ != nullptr; }
+    knit_subscription_t* native() const noexcept { return h_; }
+
+private:
+    knit_subscription_t* h_ = nullptr;
+    std::unique_ptr<detail::Holder> cb_;
+};
+
+/// One change of a context: its whole value, what changed (removed keys are null) and the
+/// version now.
+struct ContextUpdate {
+    std::string name;
+    std::string data_json;
+    std::string delta_json;
+    uint64_t version = 0;
+};
+using ContextHandler = std::function<void(const ContextUpdate&)>;
+
+/// A bus message: topic, data and the publisher's identity, as JSON.
+struct Message {
+    std::string topic;
+    std::string data_json;
+    std::string source_json;
+};
+using MessageHandler = std::function<void(const Message&)>;
+
+struct PublishOptions {
+    std::string routing_key;  // "": none
+    std::string target_json;  // identity filter, e.g. {"application":"blotter"}; "": everyone
+};
+
+struct SubscribeOptions {
+    std::string routing_key;  // "": every message
+    std::string source_json;  // identity filter of publishers; "": anyone
+};
+
+/// One change of a channel: its data (the latest FDC3 context decoded as data.fdc3), the
+/// whole channel context {name, meta, data}, and the context version.
+struct ChannelUpdate {
+    std::string channel;
+    std::string data_json;
+    std::string context_json;
+    uint64_t version = 0;
+};
+using ChannelHandler = std::function<void(const ChannelUpdate&)>;
+/// The channels joined now (a JSON array of names).
+using ChannelsChangedHandler = std::function<void(const std::string& channels_json)>;
+enum class ChannelMode : uint32_t { single = KNIT_CHANNEL_SINGLE, multi = KNIT_CHANNEL_MULTI };
+
+/// Discovery events as JSON ({"type":"serverAdded","server":{…}}, …; see knit_events_subscribe).
+using EventHandler = std::function<void(const std::string& event_json)>;
+
+/// One stream item as a subscriber sees it.
+struct StreamItem {
+    std::string data_json;
+    std::string server_json;
+    bool is_private = false;  // pushed to this subscriber alone
+    uint64_t gap = 0;         // items the slow-consumer policy dropped before this one
+};
+using StreamDataHandler = std::function<void(const StreamItem&)>;
+/// The subscription ended on the server side (not called for Subscription::close).
+using StreamClosedHandler = std::function<void(const std::string& reason, bool server_initiated)>;
+
+struct StreamSubscribeOptions {
+    std::string args_json = "{}";
+    std::string target;  // "": best; "all", an application name, or a JSON instance filter
+    uint32_t wait_ms = KNIT_DEFAULT_WAIT_MS;
+    uint32_t timeout_ms = 0;  // 0: KNIT_DEFAULT_TIMEOUT_MS
+};
+
+/// One accepted subscriber of a stream we serve: push to it alone, or end its subscription.
+/// Move-only; destroying it frees the handle (the subscription goes on).
+class StreamSubscriber {
+public:
+    StreamSubscriber() noexcept = default;
+    explicit StreamSubscriber(knit_stream_subscriber_t* h) noexcept : h_(h) {}
+    StreamSubscriber(StreamSubscriber&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+    StreamSubscriber& operator=(StreamSubscriber&& o) noexcept {
+        if (this != &o) {
+            free();
+            h_ = std::exchange(o.h_, nullptr);
+        }
+        return *this;
+    }
+    StreamSubscriber(const StreamSubscriber&) = delete;
+    StreamSubscriber& operator=(const StreamSubscriber&) = delete;
+    ~StreamSubscriber() { free(); }
+
+    /// Sends a JSON object to this subscriber only.
+    void push(const std::string& data_json) {
+        check(knit_stream_subscriber_push(h_, data_json.c_str()));
+    }
+    /// Ends this subscription.
+    void close() { check(knit_stream_subscriber_close(std::exchange(h_, nullptr))); }
+    bool is_open() const noexcept { return h_ != nullptr; }
+
+private:
+    void free() noexcept {
+        if (h_) (void)knit_stream_subscriber_free(std::exchange(h_, nullptr));
+    }
+    knit_stream_subscriber_t* h_ = nullptr;
+};
+
+/// A subscription request: decide it once, now or later, from any thread. Move-only;
+/// destroying it undecided rejects it ("request was not decided").
+class StreamRequest {
+public:
+    StreamRequest(knit_stream_request_t* h, std::string args_json, std::string caller_json) noexcept
+        : h_(h), args_json_(std::move(args_json)), caller_json_(std::move(caller_json)) {}
+    StreamRequest(StreamRequest&& o) noexcept
+        : h_(std::exchange(o.h_, nullptr)),
+          args_json_(std::move(o.args_json_)),
+          caller_json_(std::move(o.caller_json_)) {}
+    StreamRequest& operator=(StreamRequest&& o) noexcept {
+        if (this != &o) {
+            abandon();
+            h_ = std::exchange(o.h_, nullptr);
+            args_json_ = std::move(o.args_json_);
+            caller_json_ = std::move(o.caller_json_);
+        }
+        return *this;
+    }
+    StreamRequest(const StreamRequest&) = delete;
+    StreamRequest& operator=(const StreamRequest&) = delete;
+    ~StreamRequest() { abandon(); }
+
+    const std::string& args_json() const noexcept { return args_json_; }
+    const std::string& caller_json() const noexcept { return caller_json_; }
+    bool decided() const noexcept { return h_ == nullptr; }
+
+    /// Accepts on `branch` ("" is the default branch); returns the new subscriber.
+    StreamSubscriber accept(const std::string& branch = {}) {
+        knit_stream_subscriber_t* sub = nullptr;
+        check(knit_stream_accept(std::exchange(h_, nullptr), branch.c_str(), &sub));
+        return StreamSubscriber(sub);
+    }
+    /// Rejects; the subscriber's subscribe_stream throws RemoteError with the reason.
+    void reject(const std::string& reason) {
+        check(knit_stream_reject(std::exchange(h_, nullptr), reason.c_str()));
+    }
+
+private:
+    void abandon() noexcept {
+        if (h_) (void)knit_stream_reject(std::exchange(h_, nullptr), "request was not decided");
+    }
+    knit_stream_request_t* h_;
+    std::string args_json_;
+    std::string caller_json_;
+};
+
+/// Decides a request (may move it away to decide later). An exception rejects it with what().
+using RequestHandler = std::function<void(StreamRequest&)>;
+
+struct StreamOptions {
+    std::string policy;  // "block" (default), "drop-oldest", "conflate"
+    uint32_t block_ms = 0;  // 0: the default (5000)
+    std::string conflate_key;
+    uint32_t queue = 0;  // 0: the default (1024)
+    RequestHandler on_request;  // empty: accept every request on the default branch
+};
+
+/// A stream we serve. Move-only; destroying or closing it ends every subscription and
+/// unregisters it; afterwards its request handler is not running.
+class Stream {
+public:
+    Stream() noexcept = default;
+    Stream(knit_stream_t* h, std::unique_ptr<detail::Holder> cb) noexcept
+        : h_(h), cb_(std::move(cb)) {}
+    Stream(Stream&& o) noexcept : h_(std::exchange(o.h_, nullptr)), cb_(std::move(o.cb_)) {}
+    Stream& operator=(Stream&& o) noexcept {
+        if (this != &o) {
+            close();
+            h_ = std::exchange(o.h_, nullptr);
+            cb_ = std::move(o.cb_);
+        }
+        return *this;
+    }
+    Stream(const Stream&) = delete;
+    Stream& operator=(const Stream&) = delete;
+    ~Stream() { close(); }
+
+    /// Pushes a JSON object to every subscriber.
+    void push(const std::string& data_json) { check(knit_stream_push(h_, data_json.c_str())); }
+    /// Pushes to the subscribers of these branches.
+    void push(const std::vector<std::string>& branches, const std::string& data_json) {
+        std::string list = "[";
+        for (std::size_t i = 0; i < branches.size(); i++) {
+            if (i) list += ",";
+            list += json_string(branches[i]);
+        }
+        list += "]";
+        check(knit_stream_push_branches(h_, list.c_str(), data_json.c_str()));
+    }
+    /// Ends every subscription on a branch.
+    void close_branch(const std::string& branch) {
+        check(knit_stream_close_branch(h_, branch.c_str()));
+    }
+    /// Branches that have subscribers (JSON array).
+    std::string branches() { return json_of(knit_stream_branches); }
+    /// Current subscriptions (JSON array of {branch, instance, arguments}).
+    std::string subscriptions() { return json_of(knit_stream_subscriptions); }
+    /// Closes (idempotent).
+    void close() noexcept {
+        if (h_) (void)knit_stream_close(std::exchange(h_, nullptr));
+        detail::retire(std::move(cb_));
+    }
+    bool is_open() const noexcept { return h_ != nullptr; }
+
+    /// `s` as a JSON string literal.
+    static std::string json_string(const std::string& s) {
+        std::string out = "\"";
+        for (unsigned char c : s) {
+            if (c == '"' || c == '\\') {
+                out += '\\';
+                out += static_cast<char>(c);
+            } else if (c < 0x20) {
+                const char* hex = "0123456789abcdef";
+                out += "\\u00";
+                out += hex[c >> 4];
+                out += hex[c & 15];
+            } else {
+                out += static_cast<char>(c);
+            }
+        }
+        return out + "\"";
+    }
+
+private:
+    std::string json_of(knit_status_t (*f)(knit_stream_t*, char**)) {
+        char* out = nullptr;
+        knit_status_t st = f(h_, &out);
+        std::string s = detail::take(out);
+        check(st);
+        return s;
+    }
+    knit_stream_t* h_ = nullptr;
+    std::unique_ptr<detail::Holder> cb_;
 };
 
 // ----- the client -----------------------------------------------------------------------------
@@ -306,6 +618,290 @@ public:
         if (st == KNIT_NO_SERVER) return false;
         check(st);
         return true;
+    }
+
+    // ----- contexts ----------------------------------------------------------------------------
+
+    /// The context's data as JSON ("{}" when it does not exist); its version in *version.
+    std::string context_get(const std::string& name, uint64_t* version = nullptr) {
+        char* out = nullptr;
+        uint64_t v = 0;
+        knit_status_t st = knit_context_get_ex(h_, name.c_str(), &out, &v);
+        std::string s = detail::take(out);
+        check(st);
+        if (version) *version = v;
+        return s;
+    }
+    /// Replaces the whole value (a JSON object); returns the version after.
+    uint64_t context_set(const std::string& name, const std::string& data_json) {
+        uint64_t v = 0;
+        check(knit_context_set_ex(h_, name.c_str(), data_json.c_str(), &v));
+        return v;
+    }
+    /// Merges top-level keys (null removes one); returns the version after.
+    uint64_t context_update(const std::string& name, const std::string& delta_json) {
+        uint64_t v = 0;
+        check(knit_context_update_ex(h_, name.c_str(), delta_json.c_str(), &v));
+        return v;
+    }
+    /// context_update only while the context is at `expected_version`, else InputError
+    /// (ALREADY_EXISTS).
+    uint64_t context_update_if(const std::string& name, uint64_t expected_version,
+                               const std::string& delta_json) {
+        uint64_t v = 0;
+        check(knit_context_update_if(h_, name.c_str(), expected_version, delta_json.c_str(), &v));
+        return v;
+    }
+    /// Sets one dotted path to a JSON value.
+    uint64_t context_set_path(const std::string& name, const std::string& path,
+                              const std::string& value_json) {
+        uint64_t v = 0;
+        check(knit_context_set_path(h_, name.c_str(), path.c_str(), value_json.c_str(), &v));
+        return v;
+    }
+    /// Sets several paths in one version: {"a.b": 1, "c": null} or [[path, value], …].
+    uint64_t context_set_paths(const std::string& name, const std::string& paths_json) {
+        uint64_t v = 0;
+        check(knit_context_set_paths(h_, name.c_str(), paths_json.c_str(), &v));
+        return v;
+    }
+    void context_destroy(const std::string& name) { check(knit_context_destroy(h_, name.c_str())); }
+    /// Every context name (JSON array).
+    std::string contexts() { return json_of(knit_context_list); }
+    /// Follows a context: the current value first (if it exists), then every change.
+    Subscription context_subscribe(const std::string& name, ContextHandler h) {
+        struct H : detail::Holder {
+            ContextHandler f;
+        };
+        auto holder = std::make_unique<H>();
+        holder->f = std::move(h);
+        knit_subscription_t* sub = nullptr;
+        check(knit_context_subscribe(
+            h_, name.c_str(),
+            [](void* ud, const char* n, const char* data, const char* delta, uint64_t version) {
+                auto* self = static_cast<H*>(ud);
+                detail::run_callback(self, [&] {
+                    self->f(ContextUpdate{detail::str(n), detail::str(data), detail::str(delta),
+                                          version});
+                });
+            },
+            holder.get(), &sub));
+        return Subscription(sub, std::move(holder));
+    }
+
+    // ----- the bus -----------------------------------------------------------------------------
+
+    /// Publishes JSON data on a topic.
+    void publish(const std::string& topic, const std::string& data_json,
+                 const PublishOptions& o = {}) {
+        std::string opts = "{";
+        if (!o.routing_key.empty()) opts += "\"routingKey\":" + Stream::json_string(o.routing_key);
+        if (!o.target_json.empty()) {
+            if (opts.size() > 1) opts += ",";
+            opts += "\"target\":" + o.target_json;
+        }
+        opts += "}";
+        check(knit_publish_ex(h_, topic.c_str(), data_json.c_str(), opts.c_str()));
+    }
+    /// Subscribes to a topic or pattern ("prices.*", "prices.>").
+    Subscription subscribe(const std::string& topic, MessageHandler h,
+                           const SubscribeOptions& o = {}) {
+        struct H : detail::Holder {
+            MessageHandler f;
+        };
+        auto holder = std::make_unique<H>();
+        holder->f = std::move(h);
+        std::string opts = "{";
+        if (!o.routing_key.empty()) opts += "\"routingKey\":" + Stream::json_string(o.routing_key);
+        if (!o.source_json.empty()) {
+            if (opts.size() > 1) opts += ",";
+            opts += "\"source\":" + o.source_json;
+        }
+        opts += "}";
+        knit_subscription_t* sub = nullptr;
+        check(knit_subscribe_ex(
+            h_, topic.c_str(), opts.c_str(),
+            [](void* ud, const char* t, const char* data, const char* source) {
+                auto* self = static_cast<H*>(ud);
+                detail::run_callback(self, [&] {
+                    self->f(Message{detail::str(t), detail::str(data), detail::str(source)});
+                });
+            },
+            holder.get(), &sub));
+        return Subscription(sub, std::move(holder));
+    }
+
+    /// Discovery events: what exists now, then every change.
+    Subscription on_event(EventHandler h) {
+        struct H : detail::Holder {
+            EventHandler f;
+        };
+        auto holder = std::make_unique<H>();
+        holder->f = std::move(h);
+        knit_subscription_t* sub = nullptr;
+        check(knit_events_subscribe(
+            h_,
+            [](void* ud, const char* event) {
+                auto* self = static_cast<H*>(ud);
+                detail::run_callback(self, [&] { self->f(detail::str(event)); });
+            },
+            holder.get(), &sub));
+        return Subscription(sub, std::move(holder));
+    }
+
+
+    // ----- colour channels ---------------------------------------------------------------------
+
+    /// Every channel (JSON array of {name, meta, data}).
+    std::string channel_list() { return json_of(knit_channel_list); }
+    /// One channel ({name, meta, data}); NotFoundError when there is none.
+    std::string channel_get(const std::string& name) {
+        char* out = nullptr;
+        knit_status_t st = knit_channel_get(h_, name.c_str(), &out);
+        std::string s = detail::take(out);
+        check(st);
+        return s;
+    }
+    void channel_set_mode(ChannelMode m) {
+        check(knit_channel_set_mode(h_, static_cast<uint32_t>(m)));
+    }
+    void channel_join(const std::string& name) { check(knit_channel_join(h_, name.c_str())); }
+    /// Leaves one channel, or every joined one ("").
+    void channel_leave(const std::string& name = {}) {
+        check(knit_channel_leave(h_, detail::c_or_null(name)));
+    }
+    /// The channels joined (JSON array of names).
+    std::string channels_joined() { return json_of(knit_channel_joined); }
+    /// Replaces top-level keys of a channel's data ("" : every joined channel).
+    uint64_t channel_publish(const std::string& data_json, const std::string& name = {}) {
+        uint64_t v = 0;
+        check(knit_channel_publish(h_, data_json.c_str(), detail::c_or_null(name), &v));
+        return v;
+    }
+    /// Stores an FDC3 context ({type, …}) as the latest of its type.
+    uint64_t channel_publish_fdc3(const std::string& context_json, const std::string& name = {}) {
+        uint64_t v = 0;
+        check(knit_channel_publish_fdc3(h_, context_json.c_str(), detail::c_or_null(name), &v));
+        return v;
+    }
+    /// Follows the channels this client is on.
+    Subscription channel_subscribe(ChannelHandler h) { return channel_sub(nullptr, std::move(h)); }
+    /// Follows one channel without joining it.
+    Subscription channel_subscribe_for(const std::string& name, ChannelHandler h) {
+        return channel_sub(&name, std::move(h));
+    }
+    /// Calls `h` with the joined channels now and after every join or leave.
+    Subscription on_channels_changed(ChannelsChangedHandler h) {
+        struct H : detail::Holder {
+            ChannelsChangedHandler f;
+        };
+        auto holder = std::make_unique<H>();
+        holder->f = std::move(h);
+        knit_subscription_t* sub = nullptr;
+        check(knit_channel_on_changed(
+            h_,
+            [](void* ud, const char* names) {
+                auto* self = static_cast<H*>(ud);
+                detail::run_callback(self, [&] { self->f(detail::str(names)); });
+            },
+            holder.get(), &sub));
+        return Subscription(sub, std::move(holder));
+    }
+
+private:
+    Subscription channel_sub(const std::string* name, ChannelHandler h) {
+        struct H : detail::Holder {
+            ChannelHandler f;
+        };
+        auto holder = std::make_unique<H>();
+        holder->f = std::move(h);
+        knit_channel_fn fn = [](void* ud, const char* ch, const char* data, const char* context,
+                                uint64_t version) {
+            auto* self = static_cast<H*>(ud);
+            detail::run_callback(self, [&] {
+                self->f(ChannelUpdate{detail::str(ch), detail::str(data), detail::str(context),
+                                      version});
+            });
+        };
+        knit_subscription_t* sub = nullptr;
+        check(name ? knit_channel_subscribe_for(h_, name->c_str(), fn, holder.get(), &sub)
+                   : knit_channel_subscribe(h_, fn, holder.get(), &sub));
+        return Subscription(sub, std::move(holder));
+    }
+
+public:
+    // ----- streams -----------------------------------------------------------------------------
+
+    /// Serves a stream.
+    Stream create_stream(const std::string& name, StreamOptions o = {}) {
+        struct H : detail::Holder {
+            RequestHandler f;
+        };
+        std::string opts = "{";
+        auto add = [&](const std::string& kv) {
+            if (opts.size() > 1) opts += ",";
+            opts += kv;
+        };
+        if (!o.policy.empty()) add("\"policy\":" + Stream::json_string(o.policy));
+        if (o.block_ms) add("\"blockMs\":" + std::to_string(o.block_ms));
+        if (!o.conflate_key.empty()) add("\"conflateKey\":" + Stream::json_string(o.conflate_key));
+        if (o.queue) add("\"queue\":" + std::to_string(o.queue));
+        opts += "}";
+        std::unique_ptr<H> holder;
+        knit_stream_request_fn fn = nullptr;
+        if (o.on_request) {
+            holder = std::make_unique<H>();
+            holder->f = std::move(o.on_request);
+            fn = [](void* ud, knit_stream_request_t* r, const char* args, const char* caller) {
+                auto* self = static_cast<H*>(ud);
+                StreamRequest req(r, detail::str(args), detail::str(caller));
+                detail::run_callback(self, [&] {
+                    try {
+                        self->f(req);
+                    } catch (const std::exception& e) {
+                        if (!req.decided()) req.reject(e.what());
+                    }
+                });
+            };
+        }
+        knit_stream_t* st = nullptr;
+        check(knit_stream_create(h_, name.c_str(), opts.c_str(), fn, holder.get(), &st));
+        return Stream(st, std::move(holder));
+    }
+
+    /// Subscribes to a stream; returns once a server accepted (RemoteError when rejected).
+    Subscription subscribe_stream(const std::string& name, StreamDataHandler on_data,
+                                  StreamClosedHandler on_closed = {},
+                                  const StreamSubscribeOptions& o = {}) {
+        struct H : detail::Holder {
+            StreamDataHandler data;
+            StreamClosedHandler closed;
+        };
+        auto holder = std::make_unique<H>();
+        holder->data = std::move(on_data);
+        holder->closed = std::move(on_closed);
+        knit_subscription_t* sub = nullptr;
+        check(knit_stream_subscribe(
+            h_, name.c_str(), o.args_json.c_str(), detail::c_or_null(o.target), o.wait_ms,
+            o.timeout_ms,
+            [](void* ud, const char* data, const char* server, uint32_t flags, uint64_t gap) {
+                auto* self = static_cast<H*>(ud);
+                detail::run_callback(self, [&] {
+                    if (self->data)
+                        self->data(StreamItem{detail::str(data), detail::str(server),
+                                              (flags & KNIT_STREAM_PRIVATE) != 0, gap});
+                });
+            },
+            [](void* ud, const char* reason, uint32_t flags) {
+                auto* self = static_cast<H*>(ud);
+                detail::run_callback(self, [&] {
+                    if (self->closed)
+                        self->closed(detail::str(reason),
+                                     (flags & KNIT_STREAM_SERVER_INITIATED) != 0);
+                });
+            },
+            holder.get(), &sub));
+        return Subscription(sub, std::move(holder));
     }
 
 private:
