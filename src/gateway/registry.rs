@@ -799,7 +799,10 @@ mod tests {
             recv(r);
         }
         reg.bus_subscribe(s, 7, 1, "t".into(), None);
-        assert!(!acked(&recv(&mut rs), 7), "acknowledged before the publishers knew");
+        assert!(
+            !acked(&recv(&mut rs), 7),
+            "acknowledged before the publishers knew"
+        );
         let ta = synced_ticket(&recv(&mut ra), 1).expect("A was not asked to confirm");
         let tc = synced_ticket(&recv(&mut rc), 1).expect("C was not asked to confirm");
         // The web peer publishes through the gateway: it is told, not asked.
@@ -809,7 +812,10 @@ mod tests {
             .iter()
             .any(|(m, _)| matches!(m, FromGateway::BusSubscribed(i) if i.sub == 1)));
         reg.bus_synced(a, ta);
-        assert!(!acked(&recv(&mut rs), 7), "acknowledged with C still unsure");
+        assert!(
+            !acked(&recv(&mut rs), 7),
+            "acknowledged with C still unsure"
+        );
         reg.bus_synced(c, tc);
         assert!(acked(&recv(&mut rs), 7));
 
