@@ -9,6 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
+# KNIT_PROFILE=release|debug: which build to test (scripts/test-all.sh uses release throughout,
+# so one build serves every step); KNIT_FFI_SKIP_CARGO_TEST=1 when `cargo test --workspace`
+# already ran knit-ffi's tests.
+profile="${KNIT_PROFILE:-debug}"
+cargo_flag=()
+[ "$profile" = release ] && cargo_flag=(--release)
+
 
 need=()
 command -v gcc >/dev/null || need+=(gcc)
@@ -25,11 +32,11 @@ python3 -c 'import cffi' 2>/dev/null || python3 -m pip install -q 'cffi>=1.15'
 python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q 'pytest>=7'
 
 echo "== ffi: unit tests, header check, C and C++ tests under ASan/UBSan"
-cargo test -p knit-ffi
-cargo build -p knit --bin knit
-cargo build -p knit-ffi
-lib_dir="$CARGO_TARGET_DIR/debug"
-knit_bin="$CARGO_TARGET_DIR/debug/knit"
+[ "${KNIT_FFI_SKIP_CARGO_TEST:-0}" = 1 ] || cargo test "${cargo_flag[@]}" -p knit-ffi
+cargo build "${cargo_flag[@]}" -p knit --bin knit
+cargo build "${cargo_flag[@]}" -p knit-ffi
+lib_dir="$CARGO_TARGET_DIR/$profile"
+knit_bin="$CARGO_TARGET_DIR/$profile/knit"
 
 work="$(mktemp -d)"
 gw_pid=""
@@ -84,8 +91,10 @@ KNIT_LIB="$lib_dir/libknit.so" KNIT_BIN="$knit_bin" python3 -m pytest -q "$repo/
 echo "== .NET binding under Mono"
 KNIT_LIB_DIR="$lib_dir" KNIT_BIN="$knit_bin" "$repo/bindings/dotnet/test.sh"
 
-echo "== examples: every language against every other (debug build, already made above)"
-KNIT_PROFILE=debug "$repo/examples/run-matrix.sh"
+echo "== examples: every language against every other ($profile build, already made above)"
+KNIT_PROFILE="$profile" "$repo/examples/run-matrix.sh"
 
-echo "== C ABI vs Rust RPC round trip (run once, short)"
-cargo bench -p knit-ffi --bench rpc -- --iters 6000 --rounds 2
+if [ "${KNIT_FFI_SKIP_BENCH:-0}" != 1 ]; then
+    echo "== C ABI vs Rust RPC round trip (run once, short)"
+    cargo bench -p knit-ffi --bench rpc -- --iters 6000 --rounds 2
+fi
