@@ -793,7 +793,7 @@ mod tests {
         let mut reg = Registry::new(Limits::default()).unwrap();
         let (a, mut ra) = join(&mut reg, "A", "u");
         let (c, mut rc) = join(&mut reg, "C", "u");
-        let (w, mut rw) = join_web(&mut reg, "W", "u");
+        let (_w, mut rw) = join_web(&mut reg, "W", "u");
         let (s, mut rs) = join(&mut reg, "S", "u");
         for r in [&mut ra, &mut rc, &mut rw, &mut rs] {
             recv(r);
