@@ -16,11 +16,13 @@ struct Env {
 
 impl Env {
     fn new(tag: &str) -> Env {
+        Env::with(tag, |_| {})
+    }
+    fn with(tag: &str, f: impl FnOnce(&mut GatewayConfig)) -> Env {
         let dir = std::env::temp_dir().join(format!("knit-bus-{tag}-{}", std::process::id()));
-        let gw = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
-            .unwrap()
-            .spawn()
-            .unwrap();
+        let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
+        f(&mut cfg);
+        let gw = Gateway::bind(cfg).unwrap().spawn().unwrap();
         Env { gw: Some(gw), dir }
     }
     fn client(&self, app: &str) -> Client {
@@ -302,4 +304,25 @@ fn unsubscribed_and_departed_subscribers_get_nothing_more() {
     drop(b);
     // Publishing to a subscriber that left is not an error.
     a.publish("u", obj("n", 3), &o).unwrap();
+}
+
+#[test]
+fn oversized_messages_are_refused_with_a_typed_error_and_nothing_is_delivered() {
+    let env = Env::with("big", |c| c.limits.max_payload = 4096);
+    let a = env.client("a");
+    let b = env.client("b");
+    let relayed = env.relay_client("r");
+    let (_sb, rb) = sub(&b, "big", SubscribeOptions::default());
+    let (_sr, rr) = sub(&relayed, "big", SubscribeOptions::default());
+    let o = PublishOptions::default();
+    for publisher in [&a, &relayed] {
+        let err = publisher
+            .publish("big", Value::Bytes(vec![7; 8192]), &o)
+            .unwrap_err();
+        assert_eq!(err.status(), knit::Status::PayloadTooLarge, "{err}");
+    }
+    // A message within the limit still flows, and is the first each subscriber sees.
+    a.publish("big", obj("n", 1), &o).unwrap();
+    assert_eq!(next(&rb).1, obj("n", 1));
+    assert_eq!(next(&rr).1, obj("n", 1));
 }

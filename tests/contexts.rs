@@ -230,15 +230,20 @@ fn a_slow_subscriber_is_brought_to_the_current_state_and_told_it_was_conflated()
     let (tx, rx) = channel();
     let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
     let g2 = gate.clone();
+    let (held_tx, held) = channel();
     let _sub = r
         .contexts()
         .subscribe("fast", move |u| {
             if u.first {
+                let _ = held_tx.send(());
                 g2.wait(); // hold the dispatcher until the writer is far ahead
             }
             let _ = tx.send(u.clone());
         })
         .unwrap();
+    // The subscriber holds its first callback (n = 0) before the writer starts.
+    held.recv_timeout(Duration::from_secs(10))
+        .expect("no first callback");
     // 5000 updates with 1 KiB values lap a 64 KiB log many times.
     let big = "x".repeat(1024);
     for i in 1..=5000 {
@@ -286,4 +291,60 @@ fn destroy_removes_the_context_for_everyone() {
     assert_eq!(a.contexts().get("d").unwrap().version, 0);
     a.contexts().set("d", j(r#"{"y":2}"#)).unwrap();
     assert_eq!(*b.contexts().get("d").unwrap().data, j(r#"{"y":2}"#));
+}
+
+#[test]
+fn a_write_that_fails_on_a_missing_context_does_not_create_it() {
+    let env = Env::new("nocreate");
+    let c = env.client("w");
+    // Compare-and-set against a version the (missing) context cannot have.
+    let err = c
+        .contexts()
+        .update_if("ghost.cas", 3, j(r#"{"a":1}"#))
+        .unwrap_err();
+    assert!(
+        matches!(err, ContextError::Stale { current: 0, .. }),
+        "{err}"
+    );
+    // The empty path with a value that is not an object.
+    let err = c.contexts().set_path("ghost.path", "", 5).unwrap_err();
+    assert_eq!(err.status(), knit::Status::BadInput, "{err}");
+    let other = env.client("r");
+    let all = other.contexts().all();
+    assert!(
+        !all.iter().any(|n| n.starts_with("ghost.")),
+        "a failed write left {all:?}"
+    );
+    // update_if(0, …) creates, as a compare-and-set on "does not exist yet".
+    assert_eq!(
+        c.contexts()
+            .update_if("ghost.new", 0, j(r#"{"a":1}"#))
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        *other.contexts().get("ghost.new").unwrap().data,
+        j(r#"{"a":1}"#)
+    );
+}
+
+#[test]
+fn an_update_too_large_for_the_log_still_names_its_writer_and_is_not_conflated() {
+    let env = Env::new("bigdelta");
+    let (w, r) = (env.client("big-writer"), env.client("reader"));
+    w.contexts().set("big", j(r#"{"n":0}"#)).unwrap();
+    let (_s, rx) = watch(&r, "big");
+    assert!(next(&rx).first);
+    let big = "y".repeat(64 * 1024);
+    w.contexts()
+        .update("big", Value::object([("pad", Value::from(big.as_str()))]))
+        .unwrap();
+    let u = next(&rx);
+    assert!(!u.conflated, "nothing was skipped");
+    assert_eq!(
+        u.updater.as_ref().map(|i| i.application.as_str()),
+        Some("big-writer")
+    );
+    assert_eq!(u.delta, Value::object([("pad", Value::from(big.as_str()))]));
+    assert_eq!(u.data.get("n"), Some(&Value::from(0)));
 }

@@ -379,27 +379,31 @@ pub(crate) fn publish(
         return Err(ClientError::Closed);
     }
     let r = route(shared, topic, opts)?;
-    if !r.lanes.is_empty() {
+    let mut failed = None;
+    if !r.lanes.is_empty() || r.relay {
         let mut body = SCRATCH.with(|s| s.take());
         encode(&mut body, topic, opts.routing_key.as_deref(), &data);
-        if body.len() > shared.max_payload + 64 {
-            return Err(ClientError::InvalidArgument(format!(
-                "payload of {} bytes exceeds the limit of {} bytes",
-                body.len(),
-                shared.max_payload
-            )));
+        // The same limit wherever the subscribers are (the topic and key are not payload).
+        let size = body.len().saturating_sub(topic.len() + 12);
+        if size > shared.max_payload {
+            SCRATCH.with(|s| s.set(body));
+            return Err(ClientError::PayloadTooLarge {
+                size,
+                max: shared.max_payload,
+            });
         }
         let deadline = Instant::now() + SEND_TIMEOUT;
         for l in &r.lanes {
             if let Err(e) = shared.send_on(l, KIND_BUS, &body, deadline) {
-                // Invalidate the route; report only what the caller can act on.
+                // Invalidate the route; the other subscribers still get the message. Report
+                // only what the caller can act on, after trying everyone.
                 shared
                     .bus
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .generation += 1;
-                if e.status() != Status::PeerLeft {
-                    return Err(ClientError::Gateway {
+                if e.status() != Status::PeerLeft && failed.is_none() {
+                    failed = Some(ClientError::Gateway {
                         status: e.status(),
                         message: e.to_string(),
                     });
@@ -426,7 +430,10 @@ pub(crate) fn publish(
         };
         shared.push_task(Task::Bus(msg));
     }
-    Ok(())
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Runs one message through our subscriptions (dispatch thread).

@@ -16,7 +16,7 @@ use crate::wire::{codec, Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -446,8 +446,24 @@ pub(crate) fn write(
     if shared.is_closed() {
         return Err(ClientError::Closed.into());
     }
-    let Some(entry) = open(shared, name, true)? else {
-        return Err(ContextError::NotFound(name.to_string()));
+    let entry = match open(shared, name, false)? {
+        Some(e) => e,
+        None => {
+            // Creating it: refuse what would fail anyway before anything exists, so a failed
+            // write leaves no empty context behind.
+            if let Some(expected) = expect.filter(|e| *e != 0) {
+                return Err(ContextError::Stale {
+                    name: name.to_string(),
+                    expected,
+                    current: 0,
+                });
+            }
+            crate::model::context::apply(None, &op)?;
+            match open(shared, name, true)? {
+                Some(e) => e,
+                None => return Err(ContextError::NotFound(name.to_string())),
+            }
+        }
     };
     if !entry.writable {
         return Err(ContextError::PermissionDenied("update"));
@@ -555,12 +571,16 @@ pub(crate) fn subscribe(
         active: AtomicBool::new(true),
     });
     match open(shared, name, false)? {
-        Some(_) => attach_sub(shared, sub.clone())?,
+        Some(_) => {
+            attach_sub(shared, sub.clone())?;
+            settle(shared, &sub);
+        }
         None => {
             let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
             if st.known.contains_key(name) {
                 drop(st);
                 attach_sub(shared, sub.clone())?;
+                settle(shared, &sub);
             } else {
                 st.waiting
                     .entry(name.to_string())
@@ -573,6 +593,27 @@ pub(crate) fn subscribe(
         shared: Arc::downgrade(shared),
         sub,
     })
+}
+
+/// Returns once the subscription has its starting point (the snapshot its first callback
+/// shows), so every write after `subscribe` returns reaches it as a change of its own and none
+/// is folded into the first value. (A subscription still waiting for its context to be
+/// created passes at once.)
+fn settle(shared: &Arc<Shared>, sub: &Arc<Sub>) {
+    let s = sub.clone();
+    let waiting_for_creation = {
+        let st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
+        st.waiting
+            .get(&sub.name)
+            .is_some_and(|w| w.iter().any(|x| Arc::ptr_eq(x, sub)))
+    };
+    if waiting_for_creation {
+        return;
+    }
+    shared.wait_for(
+        move || s.start.load(Ordering::Acquire) != NEEDS_SNAPSHOT,
+        Instant::now() + CONTROL_TIMEOUT,
+    );
 }
 
 /// Adds a subscription to its (existing) context and makes sure the pumper follows the log.
@@ -714,6 +755,14 @@ pub(crate) fn pump_follow(
                     Some(Err(())) | None => resync(shared, cf),
                 }
             }
+            // A delta too large for the log: the data comes from the snapshot. Nothing was
+            // skipped when the snapshot is still at that version.
+            Ok(Some(LogEvent::Record {
+                kind: KIND_OP,
+                version,
+                updater,
+                payload_logged: false,
+            })) => resync_at(shared, cf, Some((version, updater))),
             Ok(Some(_)) => resync(shared, cf),
             Err(e) => {
                 crate::log::warn(format_args!("context {:?} log: {e}", entry.name));
@@ -819,6 +868,17 @@ fn make_update(
 
 /// Catches up from the snapshot: the update says what differs from what we had.
 fn resync(shared: &Shared, cf: &mut CtxFollow) -> Option<ContextUpdate> {
+    resync_at(shared, cf, None)
+}
+
+/// Brings our copy to the snapshot. With `exact` = (version, updater) of a record whose data
+/// was not logged: when the snapshot is at that version the update is reported as that
+/// writer's, not conflated.
+fn resync_at(
+    shared: &Shared,
+    cf: &mut CtxFollow,
+    exact: Option<(u64, u64)>,
+) -> Option<ContextUpdate> {
     let (v, now) = match read_snapshot(&cf.entry, &mut cf.buf) {
         Ok(x) => x,
         Err(e) => {
@@ -852,7 +912,10 @@ fn resync(shared: &Shared, cf: &mut CtxFollow) -> Option<ContextUpdate> {
         delta,
         removed,
     };
-    make_update(shared, cf, v, 0, change, true)
+    match exact {
+        Some((ver, updater)) if ver == v => make_update(shared, cf, v, updater, change, false),
+        _ => make_update(shared, cf, v, 0, change, true),
+    }
 }
 
 fn queue(

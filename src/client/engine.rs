@@ -1043,16 +1043,22 @@ impl Shared {
     /// Waits until `slot` completes or `deadline` passes; pumps when it can. Returns whether
     /// the slot completed.
     pub(crate) fn wait_slot(self: &Arc<Self>, slot: &CallSlot, deadline: Instant) -> bool {
+        self.wait_for(|| slot.is_done(), deadline)
+    }
+
+    /// Waits until `done()` holds or `deadline` passes, pumping (and, on the dispatch thread,
+    /// running tasks) when it can. Returns `done()`'s last value.
+    pub(crate) fn wait_for(self: &Arc<Self>, done: impl Fn() -> bool, deadline: Instant) -> bool {
         let dispatching = self.is_dispatch_thread();
         let mut backoff = Backoff::new(self.wait);
         let mut wanted = false;
-        let done = loop {
-            if slot.is_done() {
+        let finished = loop {
+            if done() {
                 break true;
             }
             let now = Instant::now();
             if now >= deadline {
-                break slot.is_done();
+                break done();
             }
             if dispatching && self.run_tasks(16) > 0 {
                 backoff.reset();
@@ -1066,7 +1072,7 @@ impl Shared {
                 // Keep the receive set for the whole wait: we pump for everyone.
                 let mut rounds = 0u32;
                 loop {
-                    if slot.is_done() {
+                    if done() {
                         break;
                     }
                     if self.pump(&mut rx) > 0 {
@@ -1093,7 +1099,7 @@ impl Shared {
                         let limit = (deadline - now).min(MAX_SLEEP);
                         self.bell().sleep_until(
                             || {
-                                slot.is_done()
+                                done()
                                     || rx.has_data()
                                     || self.rx_dirty.load(Ordering::Acquire)
                                     || (dispatching && self.has_tasks())
@@ -1113,7 +1119,7 @@ impl Shared {
                     let limit = (deadline - now).min(MAX_SLEEP);
                     self.local.sleep_until(
                         || {
-                            slot.is_done()
+                            done()
                                 || !self.rx_busy.load(Ordering::Acquire)
                                 || (dispatching && self.has_tasks())
                         },
@@ -1125,7 +1131,7 @@ impl Shared {
         if wanted {
             self.rx_wanted.fetch_sub(1, Ordering::Relaxed);
         }
-        done
+        finished
     }
 
     /// The dispatcher thread's loop.

@@ -79,6 +79,9 @@ pub enum ClientError {
     /// The gateway did not answer in time.
     #[error("the gateway did not answer in time")]
     Timeout,
+    /// A payload larger than the gateway allows.
+    #[error("payload of {size} bytes exceeds the limit of {max} bytes")]
+    PayloadTooLarge { size: usize, max: usize },
     /// The gateway refused the request.
     #[error("{message}")]
     Gateway { status: Status, message: String },
@@ -95,6 +98,7 @@ impl ClientError {
             ClientError::Closed => Status::Closed,
             ClientError::InvalidArgument(_) => Status::InvalidArgument,
             ClientError::Timeout => Status::Timeout,
+            ClientError::PayloadTooLarge { .. } => Status::PayloadTooLarge,
         }
     }
 }

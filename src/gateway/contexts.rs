@@ -304,6 +304,7 @@ impl Registry {
     /// A peer left: drop its subscriptions and free any writer lock it held (it may have died
     /// mid-update; the store's commit order keeps the data consistent either way).
     pub(crate) fn contexts_peer_left(&mut self, peer: PeerId) {
+        let mut notify = Vec::new();
         for c in self.contexts.by_id.values_mut() {
             if let Some(Some(d)) = c.subscribers.remove(&peer) {
                 c.store.ctl().remove_subscriber(d);
@@ -313,7 +314,24 @@ impl Registry {
                     "{peer} died holding the lock of context {:?}; freed",
                     c.name
                 ));
+                // It may have published its version and died before logging it: log the
+                // current version again so subscribers hear of it now, not at the next write.
+                // If another writer took the lock meanwhile, its record does that instead.
+                let mut tries = 0;
+                let guard = c.store.lock(super::channels::GATEWAY_TOKEN, || {
+                    tries += 1;
+                    tries > 1
+                });
+                if let Ok(g) = guard {
+                    if g.reannounce(crate::store::context::KIND_OP) != 0 {
+                        drop(g);
+                        c.store.ctl().for_each_subscriber(|d| notify.push(d));
+                    }
+                }
             }
+        }
+        for d in notify {
+            self.ring(d);
         }
     }
 }

@@ -112,6 +112,11 @@ pub(crate) struct Registry {
     pub(super) limits: Limits,
     /// The doorbell directory every native peer maps, and its free indices.
     doorbells: Arc<OwnedFd>,
+    /// Our own mapping of it: slots are reset before they are handed out again.
+    bells: shm::DoorbellSegment,
+    /// Free slots, taken from the end; freed slots go to the front, so a slot is reused as
+    /// late as possible (a notifier that has not yet heard of its owner's death only causes a
+    /// spurious wake-up).
     free_doorbells: Vec<u32>,
     pub(super) peers: BTreeMap<PeerId, Peer>,
     lanes: HashMap<(PeerId, PeerId), LaneRec>,
@@ -149,9 +154,11 @@ impl Registry {
     pub(crate) fn new(limits: Limits) -> Result<Self, crate::shm::ShmError> {
         let n = limits.max_peers.clamp(1, crate::shm::MAX_DOORBELLS);
         let doorbells = Arc::new(shm::create_doorbells(n)?);
+        let bells = shm::DoorbellSegment::open(&*doorbells)?;
         Ok(Self {
             limits,
             doorbells,
+            bells,
             // Popped from the end: hand out low indices first.
             free_doorbells: (0..n as u32).rev().collect(),
             peers: BTreeMap::new(),
@@ -191,6 +198,13 @@ impl Registry {
                 to,
                 "outbound queue overflow: peer is not reading".into(),
             ));
+        }
+    }
+
+    /// Rings doorbell `slot` (a subscriber's, after the gateway logged something for it).
+    pub(super) fn ring(&self, slot: u32) {
+        if let Some(bell) = self.bells.doorbell(slot) {
+            bell.notify();
         }
     }
 
@@ -646,6 +660,12 @@ impl Registry {
         let Some(peer) = self.peers.remove(&id) else {
             return;
         };
+        if let Some(slot) = peer.doorbell {
+            if let Some(bell) = self.bells.doorbell(slot) {
+                bell.reset();
+            }
+            self.free_doorbells.insert(0, slot);
+        }
         self.lanes.retain(|(a, b), _| *a != id && *b != id);
         let orphaned: Vec<u64> = self
             .relayed
@@ -831,6 +851,25 @@ mod tests {
         assert!(!acked(&recv(&mut rs), 9));
         reg.expire(Instant::now() + Duration::from_secs(60));
         assert!(acked(&recv(&mut rs), 9));
+    }
+
+    #[test]
+    fn doorbell_slots_of_departed_peers_are_reused() {
+        let limits = Limits {
+            max_peers: 2,
+            ..Limits::default()
+        };
+        let mut reg = Registry::new(limits).unwrap();
+        let (keep, _rk) = join(&mut reg, "K", "u");
+        let mut slots = std::collections::BTreeSet::new();
+        for i in 0..10 {
+            let (p, _rp) = join(&mut reg, &format!("P{i}"), "u");
+            slots.insert(reg.peers[&p].doorbell.unwrap());
+            reg.remove(p, "left");
+        }
+        // One slot is K's; the other is handed out again and again.
+        assert_eq!(slots.len(), 1);
+        assert!(!slots.contains(&reg.peers[&keep].doorbell.unwrap()));
     }
 
     #[test]

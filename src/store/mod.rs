@@ -480,6 +480,47 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
     }
 }
 
+impl<M: StoreMemory> WriteGuard<'_, M> {
+    /// Logs the current version again, without payload and under the updater recorded in its
+    /// snapshot. For the gateway after it broke a dead writer's lock: that writer may have
+    /// published its version and died before its log record, so followers would hear of the
+    /// change only at the next write. Harmless otherwise: a follower that already has this
+    /// version skips the record; one that does not resynchronises from the snapshot. Returns
+    /// the version announced (0: nothing was ever written, nothing logged).
+    pub fn reannounce(&self, kind: u16) -> u64 {
+        let store = self.store;
+        let v = self.version();
+        if v == 0 {
+            return 0;
+        }
+        debug_assert!(kind != LOG_PAD);
+        let ctl = store.mem.ctl();
+        // Relaxed: we hold the lock, which ordered the snapshot's writer before us.
+        let updater = store.mem.buffer((v & 1) as usize)[1].load(Ordering::Relaxed);
+        let log = store.mem.log();
+        let mask = store.log_words - 1;
+        // Relaxed: the tail is published only by lock holders; the lock orders us after them.
+        let mut tail = ctl.log_tail.load(Ordering::Relaxed);
+        let room = store.log_words - (tail & mask);
+        let rec_words = LOG_HEADER_WORDS as u64;
+        if room < rec_words {
+            log[(tail & mask) as usize].store(
+                pack_header(((room - 1) * 8) as u32, LOG_PAD, 0),
+                Ordering::Relaxed,
+            );
+            tail += room;
+        }
+        let at = (tail & mask) as usize;
+        // Flag 1: no payload logged (take the data from the snapshot).
+        log[at].store(pack_header(0, kind, 1), Ordering::Relaxed);
+        log[at + 1].store(v, Ordering::Relaxed);
+        log[at + 2].store(updater, Ordering::Relaxed);
+        // SYNC(log_tail): the record is visible to followers that see the new tail.
+        ctl.log_tail.store(tail + rec_words, Ordering::Release);
+        v
+    }
+}
+
 impl<M: StoreMemory> Drop for WriteGuard<'_, M> {
     fn drop(&mut self) {
         // Release: our commit happens before the next holder's Acquire.

@@ -270,3 +270,60 @@ fn readers_in_threads_never_see_torn_snapshots() {
     }
     writer.join().unwrap();
 }
+
+#[test]
+fn a_writer_that_died_before_logging_is_announced_by_reannounce() {
+    let s = store();
+    let mut out = Vec::new();
+    let g = s.lock(7, || false).unwrap();
+    g.commit(b"one", 1, Some(b"d1")).unwrap();
+    drop(g);
+    let mut f = s.follower();
+    f.resync(1);
+    // Writer 9 publishes version 2 and dies before its log tail moves.
+    let tail = s.ctl().log_tail.load(Ordering::Relaxed);
+    let g = s.lock(9, || false).unwrap();
+    g.commit(b"two", 1, Some(b"d2")).unwrap();
+    std::mem::forget(g);
+    s.ctl().log_tail.store(tail, Ordering::Relaxed);
+    assert_eq!(s.read(&mut out).unwrap().version, 2);
+    assert_eq!(f.next(&s, &mut out).unwrap(), None, "nothing logged yet");
+    // The gateway breaks the lock and logs the current version again.
+    assert!(s.ctl().break_lock(9));
+    let g = s.lock(u64::MAX, || true).unwrap();
+    assert_eq!(g.reannounce(1), 2);
+    drop(g);
+    assert_eq!(
+        f.next(&s, &mut out).unwrap(),
+        Some(LogEvent::Record {
+            kind: 1,
+            version: 2,
+            updater: 9,
+            payload_logged: false
+        })
+    );
+    // A follower that already had version 2 skips it.
+    let mut g2 = s.follower();
+    g2.resync(2);
+    let g = s.lock(u64::MAX, || true).unwrap();
+    g.reannounce(1);
+    drop(g);
+    assert_eq!(g2.next(&s, &mut out).unwrap(), None);
+    // The next real write follows on.
+    let g = s.lock(3, || true).unwrap();
+    assert_eq!(g.commit(b"three", 1, Some(b"d3")).unwrap(), 3);
+    drop(g);
+    assert!(matches!(
+        f.next(&s, &mut out).unwrap(),
+        Some(LogEvent::Record { version: 3, .. })
+    ));
+}
+
+#[test]
+fn reannounce_of_a_never_written_store_logs_nothing() {
+    let s = store();
+    let g = s.lock(u64::MAX, || true).unwrap();
+    assert_eq!(g.reannounce(1), 0);
+    drop(g);
+    assert_eq!(s.ctl().log_tail.load(Ordering::Relaxed), 0);
+}

@@ -45,6 +45,17 @@ impl Doorbell {
         }
     }
 
+    /// Makes a doorbell fit for a new owner (the gateway, before handing a freed slot to a new
+    /// peer): a previous owner that died asleep left `sleepers` above zero, which would cost
+    /// every notifier a futex syscall. Anyone still waiting on it is woken.
+    pub fn reset(&self) {
+        // Relaxed: the new owner learns of its slot through the gateway's socket, which orders
+        // these stores before anything it does; the wake below covers leftover sleepers.
+        self.sleepers.store(0, Ordering::Relaxed);
+        self.seq.fetch_add(1, Ordering::Relaxed);
+        futex::wake_all(&self.seq);
+    }
+
     /// Call after publishing work the sleeper should see. No syscall unless somebody sleeps.
     #[inline]
     pub fn notify(&self) {

@@ -1,0 +1,390 @@
+//! The data-sharing commands as a user runs them: `knit ctx …`, `knit pub`/`sub`,
+//! `knit stream serve`/`sub` against a real `knit gateway` process; two `ctx watch` processes
+//! seeing one history while writers race; a context writer killed in the middle of its updates.
+//!
+//! The killed writer is this test binary re-executed with `KNIT_TEST_ROLE=ctx-writer` (see
+//! `child_process_entry`); under a normal run that entry does nothing.
+
+mod common;
+
+use common::{run_knit, spawn_knit, wait_until, ChildGuard, GatewayProc, Lines, TempDir, STARTUP};
+use knit::client::Client;
+use knit::Value;
+use serde_json::{json, Value as Json};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const QUICK: Duration = Duration::from_secs(20);
+const ROLE: &str = "KNIT_TEST_ROLE";
+const SOCKET: &str = "KNIT_TEST_SOCKET";
+
+fn gw(dir: &TempDir) -> GatewayProc {
+    GatewayProc::start(dir, &[])
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn knit_ok(sock: &Path, args: &[&str]) -> Json {
+    let mut all = vec!["--gateway", s(sock)];
+    all.extend_from_slice(args);
+    let out = run_knit(&all, QUICK);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "knit {args:?}: stdout {} stderr {}",
+        out.stdout,
+        out.stderr
+    );
+    if out.stdout.trim().is_empty() {
+        Json::Null
+    } else {
+        out.json()
+    }
+}
+
+fn knit_code(sock: &Path, args: &[&str]) -> Option<i32> {
+    let mut all = vec!["--gateway", s(sock)];
+    all.extend_from_slice(args);
+    run_knit(&all, QUICK).code
+}
+
+/// A long-running `knit` command whose stdout and stderr lines can be awaited.
+struct Follower {
+    child: ChildGuard,
+    out: Lines,
+    err: Lines,
+}
+
+impl Follower {
+    /// Starts `knit --gateway SOCK ARGS…` and waits for `{"ready":true}` on stderr.
+    fn start(sock: &Path, args: &[&str]) -> Follower {
+        let mut child = Command::new(common::knit_bin())
+            .arg("--gateway")
+            .arg(sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning knit");
+        let out = Lines::spawn(child.stdout.take().expect("stdout"));
+        let err = Lines::spawn(child.stderr.take().expect("stderr"));
+        let f = Follower {
+            child: ChildGuard::new(child, format!("knit {args:?}")),
+            out,
+            err,
+        };
+        f.err
+            .wait_for(STARTUP, |l| l.contains("\"ready\""))
+            .unwrap_or_else(|| panic!("knit {args:?} never said ready"));
+        f
+    }
+
+    fn next(&self) -> Json {
+        let line = self
+            .out
+            .wait_for(QUICK, |_| true)
+            .expect("no line within the deadline");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    /// Every line until the process exits (it was started with `--count`).
+    fn finish(mut self, lines: usize) -> Vec<Json> {
+        let mut v = Vec::new();
+        for k in 0..lines {
+            match self.out.wait_for(QUICK, |_| true) {
+                Some(l) => v.push(serde_json::from_str(&l).unwrap_or(Json::Null)),
+                None => panic!(
+                    "line {k} of {lines} never came; the last ones: {:?}",
+                    &v[v.len().saturating_sub(3)..]
+                ),
+            }
+        }
+        let status = self.child.wait_timeout(QUICK).expect("did not exit");
+        assert!(status.success(), "exit {status}");
+        v
+    }
+}
+
+#[test]
+fn ctx_commands_print_versions_and_data_with_the_documented_exit_codes() {
+    let dir = TempDir::new("ctxcli");
+    let g = gw(&dir);
+    let sock = &g.socket;
+    assert_eq!(knit_ok(sock, &["ctx", "get", "nothing"]), json!({}));
+    assert_eq!(
+        knit_ok(sock, &["ctx", "set", "inst", r#"{"ric":"VOD.L","qty":5}"#]),
+        json!({"version": 1})
+    );
+    assert_eq!(
+        knit_ok(sock, &["ctx", "update", "inst", r#"{"qty":null,"px":1.5}"#]),
+        json!({"version": 2})
+    );
+    // Nothing changes: no new version.
+    assert_eq!(
+        knit_ok(sock, &["ctx", "update", "inst", r#"{"px":1.5}"#]),
+        json!({"version": 2})
+    );
+    assert_eq!(
+        knit_ok(sock, &["ctx", "set-path", "inst", "book.side", r#""buy""#]),
+        json!({"version": 3})
+    );
+    assert_eq!(
+        knit_ok(sock, &["ctx", "get", "inst"]),
+        json!({"ric": "VOD.L", "px": 1.5, "book": {"side": "buy"}})
+    );
+    let list = knit_ok(sock, &["ctx", "list"]);
+    assert!(list.as_array().unwrap().contains(&json!("inst")), "{list}");
+    assert_eq!(
+        knit_code(sock, &["ctx", "set", "inst", "{not json"]),
+        Some(8)
+    );
+    assert_eq!(knit_code(sock, &["ctx", "set", "inst", "[1,2]"]), Some(8));
+    knit_ok(sock, &["ctx", "destroy", "inst"]);
+    assert_eq!(knit_ok(sock, &["ctx", "get", "inst"]), json!({}));
+    let list = knit_ok(sock, &["ctx", "list"]);
+    assert!(!list.as_array().unwrap().contains(&json!("inst")), "{list}");
+}
+
+#[test]
+fn two_watchers_see_one_identical_history_while_writers_race() {
+    let dir = TempDir::new("ctxrace");
+    let g = gw(&dir);
+    let sock = g.socket.clone();
+    knit_ok(&sock, &["ctx", "set", "race", r#"{"w":"init"}"#]);
+    const WRITERS: usize = 3;
+    const EACH: usize = 100;
+    let total = 1 + WRITERS * EACH;
+    let count = total.to_string();
+    let a = Follower::start(&sock, &["ctx", "watch", "race", "--count", &count]);
+    let b = Follower::start(&sock, &["ctx", "watch", "race", "--count", &count]);
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let c = Client::builder(format!("writer-{w}"))
+                    .socket(&sock)
+                    .connect()
+                    .unwrap();
+                for i in 0..EACH {
+                    let v =
+                        Value::object([("w", Value::from(w as i64)), ("i", Value::from(i as i64))]);
+                    c.contexts().update("race", v).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in writers {
+        t.join().unwrap();
+    }
+    let ha = a.finish(total);
+    let hb = b.finish(total);
+    assert_eq!(ha, hb, "the watchers saw different histories");
+    // One version per write, none skipped, first the value that was there.
+    assert_eq!(ha[0]["data"], json!({"w": "init"}));
+    let mut last_i = [-1i64; WRITERS];
+    for (k, line) in ha.iter().enumerate() {
+        assert_eq!(line["version"], json!(k as u64 + 1), "line {k}: {line}");
+        assert_eq!(line["name"], json!("race"));
+        if k == 0 {
+            continue;
+        }
+        let w = line["data"]["w"].as_u64().expect("w") as usize;
+        let i = line["data"]["i"].as_i64().expect("i");
+        // Each writer's updates in its own order.
+        assert_eq!(i, last_i[w] + 1, "writer {w} out of order at line {k}");
+        last_i[w] = i;
+        assert_eq!(
+            line["updater"]["application"],
+            json!(format!("writer-{w}")),
+            "line {k}"
+        );
+        // The delta holds the keys whose values changed since the previous version.
+        let prev = &ha[k - 1]["data"];
+        let mut delta = serde_json::Map::new();
+        for (key, val) in line["data"].as_object().unwrap() {
+            if prev.get(key) != Some(val) {
+                delta.insert(key.clone(), val.clone());
+            }
+        }
+        assert_eq!(line["delta"], Json::Object(delta), "line {k}");
+    }
+    assert_eq!(last_i, [EACH as i64 - 1; WRITERS]);
+}
+
+#[test]
+fn pub_and_sub_route_by_topic_and_routing_key() {
+    let dir = TempDir::new("pubsub");
+    let g = gw(&dir);
+    let sock = &g.socket;
+    let all = Follower::start(sock, &["sub", "prices", "--count", "2"]);
+    let keyed = Follower::start(
+        sock,
+        &["sub", "prices", "--routing-key", "eu", "--count", "1"],
+    );
+    knit_ok(
+        sock,
+        &[
+            "--app",
+            "feed",
+            "pub",
+            "prices",
+            r#"{"VOD.L":101.5}"#,
+            "--routing-key",
+            "eu",
+        ],
+    );
+    knit_ok(
+        sock,
+        &["pub", "prices", r#"{"IBM":140}"#, "--routing-key", "us"],
+    );
+    let got = all.finish(2);
+    assert_eq!(got[0]["topic"], json!("prices"));
+    assert_eq!(got[0]["data"], json!({"VOD.L": 101.5}));
+    assert_eq!(got[0]["source"]["application"], json!("feed"));
+    assert_eq!(got[1]["data"], json!({"IBM": 140}));
+    assert_eq!(keyed.finish(1)[0]["data"], json!({"VOD.L": 101.5}));
+    assert_eq!(knit_code(sock, &["pub", "prices", "{oops"]), Some(8));
+    assert_eq!(knit_code(sock, &["pub", "", "{}"]), Some(2));
+}
+
+#[test]
+fn stream_serve_pushes_to_stream_sub_and_a_missing_stream_exits_3() {
+    let dir = TempDir::new("streamcli");
+    let g = gw(&dir);
+    let sock = &g.socket;
+    let mut server = spawn_knit(
+        &[
+            "--gateway",
+            s(sock),
+            "--app",
+            "ticker",
+            "stream",
+            "serve",
+            "ticks",
+            "--rate",
+            "500",
+        ],
+        None,
+    );
+    // The stream exists once `knit methods` lists it.
+    assert!(wait_until(STARTUP, || {
+        knit_ok(sock, &["methods", "--json"])
+            .to_string()
+            .contains("\"ticks\"")
+    }));
+    let sub = Follower::start(sock, &["stream", "sub", "ticks", "--count", "5"]);
+    let got = sub.finish(5);
+    let seqs: Vec<i64> = got
+        .iter()
+        .map(|l| {
+            assert_eq!(l["stream"], json!("ticks"), "{l}");
+            assert_eq!(l["source"]["application"], json!("ticker"), "{l}");
+            l["data"]["seq"].as_i64().expect("seq")
+        })
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert_eq!(
+        knit_code(
+            sock,
+            &["stream", "sub", "nope", "--wait-ms", "200", "--count", "1"]
+        ),
+        Some(3)
+    );
+    server.child.kill9();
+}
+
+// ----- a context writer killed mid-update ------------------------------------------------------
+
+/// The child processes' entry point; a no-op unless the environment names a role.
+#[test]
+fn child_process_entry() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    assert_eq!(role, "ctx-writer", "unknown child role");
+    let sock = std::env::var(SOCKET).expect("socket");
+    let c = Client::builder("doomed-writer")
+        .socket(&sock)
+        .connect()
+        .expect("connect");
+    // Updates as fast as possible until killed; every value is self-checking, and sizes vary
+    // so the snapshot and the log records change shape.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut i: i64 = 0;
+    while std::time::Instant::now() < deadline {
+        i += 1;
+        let pad = "p".repeat((i % 700) as usize);
+        let v = Value::object([
+            ("i", Value::from(i)),
+            ("check", Value::from(i * 7)),
+            ("pad", Value::from(pad.as_str())),
+        ]);
+        c.contexts().update("victim", v).expect("update");
+    }
+}
+
+#[test]
+fn a_writer_killed_mid_update_leaves_the_context_consistent_and_writable() {
+    let dir = TempDir::new("ctxkill");
+    let g = gw(&dir);
+    let sock = g.socket.clone();
+    let watch = Follower::start(&sock, &["ctx", "watch", "victim"]);
+    for round in 1..=3i64 {
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_process_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ROLE, "ctx-writer")
+            .env(SOCKET, &sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning the writer");
+        let mut writer = ChildGuard::new(child, "ctx writer");
+        // Let it get well into its updates (the watcher sees them), then kill it.
+        let want = 300 * round;
+        let mut seen = 0;
+        while seen < want {
+            let line = watch.next();
+            if let Some(i) = line["data"]["i"].as_i64() {
+                seen = i;
+            }
+        }
+        writer.kill9();
+        // Whatever it was doing, the context holds one whole value it wrote…
+        let data = knit_ok(&sock, &["ctx", "get", "victim"]);
+        let i = data["i"].as_i64().expect("i");
+        assert_eq!(data["check"], json!(i * 7), "torn value {data}");
+        assert_eq!(data["pad"].as_str().map(str::len), Some((i % 700) as usize));
+        // …and stays writable by others (the gateway broke a lock the writer may have held).
+        let v = knit_ok(
+            &sock,
+            &[
+                "ctx",
+                "update",
+                "victim",
+                &format!(r#"{{"round":{round}}}"#),
+            ],
+        );
+        assert!(v["version"].as_u64().unwrap() > 0);
+        let after = knit_ok(&sock, &["ctx", "get", "victim"]);
+        assert_eq!(after["round"], json!(round));
+        assert_eq!(after["check"], json!(after["i"].as_i64().unwrap() * 7));
+        // The watcher hears of that update too.
+        loop {
+            let line = watch.next();
+            if line["data"]["round"] == json!(round) {
+                assert_eq!(line["delta"], json!({"round": round}), "{line}");
+                break;
+            }
+        }
+    }
+}
