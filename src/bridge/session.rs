@@ -943,6 +943,7 @@ impl Session {
             FromGateway::PeerAdded {
                 identity,
                 transport,
+                ..
             } => {
                 let peer = identity.peer_id;
                 let k = self.known_from(&identity, transport);

@@ -177,6 +177,10 @@ struct GatewayArgs {
     /// Largest payload a peer may send, in bytes (default 16 MiB).
     #[arg(long, value_name = "BYTES")]
     max_payload: Option<u64>,
+    /// Access-control policy (JSON: `{"default": …, "rules": […]}`; see the README). Replaces
+    /// the configuration file's `policy`.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
 }
 
 /// A failure the CLI reports: one line on stderr and an exit code.
@@ -360,6 +364,7 @@ struct GatewayFile {
     queue_depth: Option<usize>,
     channels: Option<Vec<knit::gateway::channels::ChannelDef>>,
     channel_restrictions: Option<Vec<knit::gateway::channels::ChannelRestriction>>,
+    policy: Option<serde_json::Value>,
     bridge: Option<BridgeFile>,
     #[serde(flatten)]
     other: serde_json::Map<String, serde_json::Value>,
@@ -483,6 +488,10 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         if let Some(v) = f.channel_restrictions {
             cfg.channels.restrictions = v;
         }
+        if let Some(p) = &f.policy {
+            cfg.policy = knit::model::policy::Policy::from_json(p)
+                .map_err(|e| CliError::new(Status::BadInput, format!("{}: {e}", path.display())))?;
+        }
         bridge_file = f.bridge;
         for k in f.other.keys() {
             eprintln!(
@@ -493,6 +502,18 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
     }
     if let Some(v) = args.max_payload {
         cfg.limits.max_payload = v;
+    }
+    if let Some(path) = &args.policy {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            CliError::new(Status::BadInput, format!("reading {}: {e}", path.display()))
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| CliError::new(Status::BadInput, format!("{}: {e}", path.display())))?;
+        cfg.policy = knit::model::policy::Policy::from_json(&v)
+            .map_err(|e| CliError::new(Status::BadInput, format!("{}: {e}", path.display())))?;
+    }
+    if !cfg.policy.is_open() {
+        eprintln!("knit: access-control policy in force");
     }
     if !cfg.limits.lane_capacity.is_power_of_two() || cfg.limits.lane_capacity < knit::shm::MIN_RING
     {

@@ -8,6 +8,7 @@ use super::engine::{Shared, Task};
 use super::lane::Lane;
 use super::ClientError;
 use crate::model::bus::{identity_matches, routing_matches, topic_matches};
+use crate::model::policy::Action as PolicyAction;
 use crate::status::Status;
 use crate::wire::frame::{BusSubInfo, Instance, PeerId, ToGateway, Transport};
 use crate::wire::record::{self, KIND_BUS};
@@ -377,6 +378,12 @@ pub(crate) fn publish(
     }
     if shared.is_closed() {
         return Err(ClientError::Closed);
+    }
+    if let Err(message) = shared.check_mine(PolicyAction::Publish, topic) {
+        return Err(ClientError::Gateway {
+            status: Status::PermissionDenied,
+            message,
+        });
     }
     let r = route(shared, topic, opts)?;
     let mut failed = None;

@@ -199,9 +199,15 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
         FromGateway::PeerAdded {
             identity,
             transport,
+            rules,
         } => {
             let identity = Arc::new(identity);
             {
+                let rules = super::engine::restrictive(rules);
+                if rules.is_some() {
+                    // Relaxed: a hint read before taking the state lock, which orders the rules.
+                    shared.policy_on.store(true, Ordering::Relaxed);
+                }
                 let mut st = shared.lock_state();
                 st.peers.insert(
                     identity.peer_id,
@@ -209,6 +215,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                         identity: identity.clone(),
                         transport,
                         methods: Default::default(),
+                        rules,
                     },
                 );
                 st.generation += 1;

@@ -11,9 +11,11 @@
 
 use super::lane::{Lane, RxLane, SendError};
 use super::{Handler, Invocation, MethodError, Responder};
+use crate::model::policy::{Action as PolicyAction, PeerRules};
 use crate::model::FailureKind;
 use crate::shm::DoorbellSegment;
 use crate::wait::{Backoff, Doorbell, WaitStrategy};
+use crate::wire::frame::ToGateway;
 use crate::wire::frame::{Instance, MethodDef, PeerId};
 use crate::wire::record::{self, FRAG_MORE, KIND_CANCEL, KIND_INVOKE, KIND_RESULT};
 use crate::wire::Value;
@@ -193,6 +195,13 @@ pub(crate) struct RemotePeer {
     pub identity: Arc<Instance>,
     pub transport: crate::wire::frame::Transport,
     pub methods: BTreeMap<u32, Arc<MethodDef>>,
+    /// What the gateway's policy lets it do (`None`: everything).
+    pub rules: Option<Arc<PeerRules>>,
+}
+
+/// A peer's rules worth keeping: `None` when they allow everything (nothing to check).
+pub(crate) fn restrictive(rules: PeerRules) -> Option<Arc<PeerRules>> {
+    (!rules.is_open()).then(|| Arc::new(rules))
 }
 
 /// One of our own methods.
@@ -281,6 +290,10 @@ pub(crate) struct Shared {
     pub handlers: RwLock<HashMap<u32, Arc<MethodEntry>, std::hash::BuildHasherDefault<IdHasher>>>,
     pub subscribers: Mutex<Vec<(u64, super::EventCallback)>>,
     pub closed: AtomicBool,
+    /// What the gateway's policy lets us do (`None`: everything), to refuse early.
+    pub my_rules: RwLock<Option<Arc<PeerRules>>>,
+    /// Whether any peer we know has restrictive rules (else incoming work is not checked).
+    pub policy_on: AtomicBool,
 }
 
 impl Shared {
@@ -342,6 +355,49 @@ impl Shared {
             handlers: RwLock::new(HashMap::default()),
             subscribers: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
+            my_rules: RwLock::new(None),
+            policy_on: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether our own rules allow `action` on `resource`; the error a refusal becomes.
+    pub(crate) fn check_mine(&self, action: PolicyAction, resource: &str) -> Result<(), String> {
+        let rules = self.my_rules.read().unwrap_or_else(|e| e.into_inner());
+        match &*rules {
+            Some(r) if !r.allows(action, resource) => Err(format!(
+                "the gateway's policy does not allow this application to {} {resource:?}",
+                action.name()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `peer` may do `action` on `resource` to us. A refusal is reported to the
+    /// gateway (which logs it). Cheap when no peer has restrictive rules.
+    pub(crate) fn peer_allowed(&self, peer: PeerId, action: PolicyAction, resource: &str) -> bool {
+        // Relaxed: a hint; the rules themselves are read under the state lock.
+        if !self.policy_on.load(Ordering::Relaxed) {
+            return true;
+        }
+        let rules = self
+            .lock_state()
+            .peers
+            .get(&peer)
+            .and_then(|p| p.rules.clone());
+        match rules {
+            Some(r) if !r.allows(action, resource) => {
+                crate::log::warn(format_args!(
+                    "refused: {peer} may not {} {resource:?} (gateway policy)",
+                    action.name()
+                ));
+                let _ = self.conn.send(&ToGateway::Denied {
+                    peer,
+                    action: action.name().to_string(),
+                    resource: resource.to_string(),
+                });
+                false
+            }
+            _ => true,
         }
     }
 
@@ -582,6 +638,21 @@ impl Shared {
                 method_id,
                 args,
             } => {
+                if self.policy_on.load(Ordering::Relaxed) {
+                    let name = self
+                        .handlers
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&method_id)
+                        .map(|e| e.name.clone());
+                    if let Some(name) = name {
+                        if !self.peer_allowed(lane.peer, PolicyAction::Invoke, &name) {
+                            let message =
+                                format!("the gateway's policy does not allow invoking {name:?}");
+                            return self.send_denied(&lane, call_id, &message);
+                        }
+                    }
+                }
                 let responder = Responder::lane(self.clone(), lane.clone(), call_id);
                 let args = match args {
                     Ok(v) => v,
@@ -715,6 +786,19 @@ impl Shared {
     }
 
     /// Sends a reply on a lane (from any thread).
+    /// Refuses an invocation the policy does not allow (the caller sees `PermissionDenied`).
+    pub(crate) fn send_denied(self: &Arc<Self>, lane: &Lane, call_id: u64, message: &str) {
+        SCRATCH.with(|s| {
+            let mut body = s.take();
+            record::result_denied(&mut body, call_id, message);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            if let Err(e) = self.send_on(lane, KIND_RESULT, &body, deadline) {
+                crate::log::debug(format_args!("refusal to {} lost: {e}", lane.peer));
+            }
+            s.set(body);
+        });
+    }
+
     pub(crate) fn send_result(
         self: &Arc<Self>,
         lane: &Lane,
@@ -947,6 +1031,9 @@ impl Shared {
                     })
                 } else {
                     match record::decode_error(payload) {
+                        Ok((m, c)) if record::error_denied(payload) => {
+                            Err((FailureKind::Delivery(crate::Status::PermissionDenied), m, c))
+                        }
                         Ok((m, c)) => Err((FailureKind::Remote, m, c)),
                         Err(e) => {
                             Err((FailureKind::Remote, format!("undecodable error: {e}"), None))
@@ -974,6 +1061,9 @@ impl Shared {
             crate::wire::record::KIND_BUS => {
                 let (topic, routing_key, data) =
                     super::bus::decode(body).ok_or("malformed bus record")?;
+                if !self.peer_allowed(lane.peer, PolicyAction::Publish, &topic) {
+                    return Ok(());
+                }
                 let msg = super::bus::BusMessage {
                     topic,
                     data,

@@ -4,6 +4,7 @@ use super::conn::Reply;
 use super::engine::{MethodEntry, Shared};
 use super::lane::Lane;
 use super::{ClientError, EventCallback, EventSubscription, Handler, InvokeError};
+use crate::model::policy::Action as PolicyAction;
 use crate::model::target::{method_matches, select};
 use crate::model::{
     CallFailure, FailureKind, InstanceFilter, InvocationResult, ReturnValue, Target,
@@ -366,6 +367,13 @@ pub(crate) fn invoke(
         return Err(InvokeError::InvalidArgument(
             "The provided 'method' argument is invalid.".into(),
         ));
+    }
+    if let Err(message) = shared.check_mine(PolicyAction::Invoke, method) {
+        return Err(ClientError::Gateway {
+            status: Status::PermissionDenied,
+            message,
+        }
+        .into());
     }
     let size = match &args {
         Value::Bytes(b) => b.len(),

@@ -308,6 +308,7 @@ pub struct ClientBuilder {
     poll_mode: bool,
     relay_only: bool,
     connect_timeout: Duration,
+    skip_own_policy: bool,
 }
 
 impl ClientBuilder {
@@ -321,7 +322,17 @@ impl ClientBuilder {
             poll_mode: false,
             relay_only: false,
             connect_timeout: Duration::from_secs(5),
+            skip_own_policy: false,
         }
+    }
+
+    /// Testing only: do not refuse what the gateway's policy forbids us before sending it, as
+    /// a modified client library would not — to show the gateway and the receiving peers
+    /// refuse it anyway.
+    #[doc(hidden)]
+    pub fn skip_own_policy_checks(mut self) -> Self {
+        self.skip_own_policy = true;
+        self
     }
 
     /// The gateway socket (default: `KNIT_GATEWAY`, else the per-user default path).
@@ -427,6 +438,7 @@ impl ClientBuilder {
                         identity: Arc::new(p.identity),
                         transport: p.transport,
                         methods,
+                        rules: engine::restrictive(p.rules),
                     },
                 )
             })
@@ -434,6 +446,12 @@ impl ClientBuilder {
         let max_payload = usize::try_from(welcome.max_payload).unwrap_or(usize::MAX);
         let known_contexts = welcome.contexts.clone();
         let bus_subs = welcome.bus.clone();
+        let my_rules = if self.skip_own_policy {
+            None
+        } else {
+            engine::restrictive(welcome.rules.clone())
+        };
+        let policy_on = peers.values().any(|p| p.rules.is_some());
         let shared = Arc::new(Shared::new(
             welcome.identity,
             self.wait,
@@ -446,6 +464,11 @@ impl ClientBuilder {
             doorbell,
             peers,
         ));
+        *shared.my_rules.write().unwrap_or_else(|e| e.into_inner()) = my_rules;
+        // Relaxed: nothing else runs on this client yet.
+        shared
+            .policy_on
+            .store(policy_on, std::sync::atomic::Ordering::Relaxed);
         shared.ctx.lock().unwrap_or_else(|e| e.into_inner()).known = known_contexts
             .into_iter()
             .map(|(id, name)| (name, id))

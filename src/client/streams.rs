@@ -15,6 +15,7 @@
 use super::engine::{Shared, Task};
 use super::lane::{Lane, SendError};
 use super::{ClientError, MethodError};
+use crate::model::policy::Action as PolicyAction;
 use crate::model::target::{method_matches, select};
 use crate::model::Target;
 use crate::status::Status;
@@ -889,6 +890,12 @@ pub(crate) fn subscribe(
             "\"skipMine\" is not a valid target. Valid targets are \"all\", \"best\", or an instance.".into(),
         ));
     }
+    if let Err(message) = shared.check_mine(PolicyAction::Invoke, name) {
+        return Err(StreamError::Client(ClientError::Gateway {
+            status: Status::PermissionDenied,
+            message,
+        }));
+    }
     // Servers of the stream, waiting for one to appear.
     let wait_until = Instant::now() + params.wait;
     let chosen: Vec<(Arc<Instance>, u32)> = loop {
@@ -1223,6 +1230,13 @@ fn on_request(
     let Some(entry) = entry.filter(|e| !e.closed.load(Ordering::Acquire)) else {
         return reply(shared, &link, sub_id, false, "Method has been removed");
     };
+    if !shared.peer_allowed(from, PolicyAction::Invoke, &entry.name) {
+        let why = format!(
+            "the gateway's policy does not allow subscribing to {:?}",
+            entry.name
+        );
+        return reply(shared, &link, sub_id, false, &why);
+    }
     let req = SubscriptionRequest {
         shared: shared.clone(),
         entry: entry.clone(),

@@ -4,6 +4,7 @@
 
 use super::registry::Registry;
 use crate::model::bus::{identity_matches, routing_matches, topic_matches};
+use crate::model::policy::Action as PolicyAction;
 use crate::status::Status;
 use crate::wire::frame::{BusSubInfo, FromGateway, PeerId, Transport};
 use crate::wire::Value;
@@ -56,6 +57,10 @@ impl Registry {
         if topic.is_empty() || topic.len() > self.limits.max_name_len {
             let msg = "Please provide the topic as a non-empty string!".to_string();
             return self.fail(from, req, Status::InvalidArgument, msg);
+        }
+        if !self.allowed(from, PolicyAction::Subscribe, &topic) {
+            let msg = format!("the gateway's policy does not allow subscribing to {topic:?}");
+            return self.fail(from, req, Status::PermissionDenied, msg);
         }
         let info = BusSubInfo {
             peer: from,
@@ -172,6 +177,10 @@ impl Registry {
         else {
             return;
         };
+        // The publisher's library refuses first; this is for one that does not.
+        if !self.allowed(from, PolicyAction::Publish, &topic) {
+            return;
+        }
         let target = target.as_map().cloned();
         let mut dests: Vec<PeerId> = Vec::new();
         for s in self.bus.subs.values() {

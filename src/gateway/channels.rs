@@ -155,11 +155,24 @@ impl Registry {
 
     /// What `peer` may do with context `name`: (read, write).
     pub(crate) fn context_access(&self, peer: PeerId, name: &str) -> (bool, bool) {
-        let (Some(ch), Some(p)) = (channel_of(name), self.peers.get(&peer)) else {
-            return (true, true);
+        let Some(p) = self.peers.get(&peer) else {
+            return (false, false);
         };
-        self.channels
-            .access(&p.identity.application, &p.identity.user, ch)
+        // The channel restrictions (io.Connect's feature) and the gateway's policy must both
+        // allow it.
+        let (read, write) = match channel_of(name) {
+            Some(ch) => self
+                .channels
+                .access(&p.identity.application, &p.identity.user, ch),
+            None => (true, true),
+        };
+        let read = read
+            && p.rules
+                .allows(crate::model::policy::Action::ContextRead, name);
+        let write = write
+            && p.rules
+                .allows(crate::model::policy::Action::ContextWrite, name);
+        (read, write)
     }
 }
 

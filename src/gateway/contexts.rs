@@ -3,7 +3,7 @@
 //! contexts, destroys them, and frees the writer lock of a peer that died holding it. The data
 //! itself never passes through here: writers write the segment directly.
 
-use super::registry::Registry;
+use super::registry::{log_denial, Registry};
 use crate::shm::{self, ContextSegment};
 use crate::status::Status;
 use crate::store::Store;
@@ -141,8 +141,23 @@ impl Registry {
         let Some(user) = self.user_of(from) else {
             return;
         };
+        let (read, write) = self.context_access(from, &name);
+        if !read {
+            let msg = "Not authorized to read context".to_string();
+            if let Some(p) = self.peers.get(&from) {
+                log_denial(&p.identity, "context.read", &name, "the gateway");
+            }
+            return self.fail(from, req, Status::PermissionDenied, msg);
+        }
         let id = match self.contexts.find(&user, &name) {
             Some(c) => c.id,
+            None if create && !write => {
+                if let Some(p) = self.peers.get(&from) {
+                    log_denial(&p.identity, "context.write", &name, "the gateway");
+                }
+                let msg = "Not authorized to create context".to_string();
+                return self.fail(from, req, Status::PermissionDenied, msg);
+            }
             None if create => match self.ensure_context(&user, &name) {
                 Ok(id) => id,
                 Err((s, m)) => return self.fail(from, req, s, m),
@@ -156,12 +171,6 @@ impl Registry {
                 )
             }
         };
-        let (read, write) = self.context_access(from, &name);
-        if !read {
-            let msg = "Not authorized to read context".to_string();
-            crate::log::warn(format_args!("{from} denied reading {name:?}"));
-            return self.fail(from, req, Status::PermissionDenied, msg);
-        }
         let Some(c) = self.contexts.by_id.get_mut(&id) else {
             return;
         };
@@ -254,6 +263,9 @@ impl Registry {
         match self.contexts.by_id.get(&id) {
             Some(c) if c.user == user => {
                 if !self.context_access(from, &c.name).1 {
+                    if let Some(p) = self.peers.get(&from) {
+                        log_denial(&p.identity, "context.write", &c.name, "the gateway");
+                    }
                     return self.fail(
                         from,
                         req,

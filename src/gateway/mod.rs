@@ -51,6 +51,9 @@ pub struct GatewayConfig {
     pub channels: channels::ChannelConfig,
     /// The WebSocket bridge for web apps (GW3); `None`: native peers only.
     pub bridge: Option<crate::bridge::BridgeConfig>,
+    /// Access control: who may register, invoke, publish, subscribe, read and write what
+    /// (`model::policy`). The default allows everything.
+    pub policy: crate::model::policy::Policy,
 }
 
 impl GatewayConfig {
@@ -62,6 +65,7 @@ impl GatewayConfig {
             queue_depth: 65_536,
             channels: Default::default(),
             bridge: None,
+            policy: Default::default(),
         }
     }
 }
@@ -340,6 +344,7 @@ async fn serve(
     let mut registry = Registry::new(gw.cfg.limits.clone())
         .map_err(|e| ctx("doorbell directory")(std::io::Error::other(e)))?;
     registry.set_channels(gw.cfg.channels.clone());
+    registry.set_policy(gw.cfg.policy.clone());
     let mut closers: HashMap<PeerId, Closer> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -414,6 +419,9 @@ async fn serve(
                             registry.bus_publish(peer, topic, routing_key, target, data, false)
                         }
                         ToGateway::BusSynced { ticket } => registry.bus_synced(peer, ticket),
+                        ToGateway::Denied { peer: offender, action, resource } => {
+                            registry.denied_by_peer(peer, offender, &action, &resource)
+                        }
                         ToGateway::Goodbye => disconnect(&closers, peer),
                     },
                     Event::Closed(peer, why) => {

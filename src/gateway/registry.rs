@@ -3,6 +3,7 @@
 //! typed notices (a native peer's writer encodes them as frames, the WebSocket bridge translates
 //! them to GW3), so it is tested without I/O.
 
+use crate::model::policy::{Action as PolicyAction, PeerRules, Policy, Who};
 use crate::shm;
 use crate::status::Status;
 use crate::sys::identity::PeerCred;
@@ -73,6 +74,8 @@ pub(super) struct Peer {
     tx: PeerTx,
     /// Relayed calls this peer has waiting.
     pending: usize,
+    /// What the policy lets it do.
+    pub(super) rules: Arc<PeerRules>,
 }
 
 struct LaneRec {
@@ -127,6 +130,8 @@ pub(crate) struct Registry {
     pub(super) bus: super::bus::Bus,
     /// Channel definitions and restrictions (see `channels.rs`).
     pub(super) channels: super::channels::ChannelConfig,
+    /// Access control (see `model::policy`).
+    policy: Policy,
     next_peer: u64,
     next_lane: u64,
     next_invocation: u64,
@@ -140,6 +145,14 @@ fn lane_key(a: PeerId, b: PeerId) -> (PeerId, PeerId) {
     } else {
         (b, a)
     }
+}
+
+/// Logs a refusal (always: a denial is something an administrator wants to see).
+pub(super) fn log_denial(who: &Instance, action: &str, resource: &str, by: &str) {
+    crate::log::warn(format_args!(
+        "denied by policy ({by}): application {:?} user {:?} peer {} may not {action} {resource:?}",
+        who.application, who.user, who.peer_id
+    ));
 }
 
 fn relay_error(status: Status, message: impl Into<String>) -> RelayOutcome {
@@ -167,6 +180,7 @@ impl Registry {
             contexts: Default::default(),
             bus: Default::default(),
             channels: Default::default(),
+            policy: Policy::default(),
             next_peer: 1,
             next_lane: 1,
             next_invocation: 1,
@@ -179,6 +193,38 @@ impl Registry {
     /// Sets the channel definitions and restrictions.
     pub(crate) fn set_channels(&mut self, cfg: super::channels::ChannelConfig) {
         self.channels = cfg;
+    }
+
+    /// Sets the access-control policy (before any peer joins).
+    pub(crate) fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    /// Whether `peer` may do `action` on `resource`; a refusal is logged.
+    pub(crate) fn allowed(&self, peer: PeerId, action: PolicyAction, resource: &str) -> bool {
+        let Some(p) = self.peers.get(&peer) else {
+            return false;
+        };
+        if p.rules.allows(action, resource) {
+            return true;
+        }
+        log_denial(&p.identity, action.name(), resource, "the gateway");
+        false
+    }
+
+    /// A peer reports it refused something `offender` sent it over a lane.
+    pub(crate) fn denied_by_peer(
+        &self,
+        by: PeerId,
+        offender: PeerId,
+        action: &str,
+        resource: &str,
+    ) {
+        let (Some(b), Some(o)) = (self.peers.get(&by), self.peers.get(&offender)) else {
+            return;
+        };
+        let by = format!("{} ({})", b.identity.application, by);
+        log_denial(&o.identity, action, resource, &by);
     }
 
     pub(crate) fn take_actions(&mut self) -> Vec<Action> {
@@ -252,7 +298,11 @@ impl Registry {
             user,
             transport: hello.transport,
         };
-        self.admit(adm, tx).map(|(id, _)| id)
+        // The executable of a kernel-verified pid: policies may name it.
+        let exe = std::fs::read_link(format!("/proc/{}/exe", cred.pid))
+            .ok()
+            .and_then(|p| p.to_str().map(str::to_owned));
+        self.admit_with(adm, tx, exe.as_deref()).map(|(id, _)| id)
     }
 
     /// Admits a peer. It is sent its `Welcome` (the snapshot of every peer it can see, which is
@@ -261,6 +311,16 @@ impl Registry {
         &mut self,
         adm: Admission,
         tx: PeerTx,
+    ) -> Result<(PeerId, Welcome), (Status, String)> {
+        self.admit_with(adm, tx, None)
+    }
+
+    /// [`Registry::admit`], with the peer's executable when the kernel vouches for its pid.
+    fn admit_with(
+        &mut self,
+        adm: Admission,
+        tx: PeerTx,
+        exe: Option<&str>,
     ) -> Result<(PeerId, Welcome), (Status, String)> {
         let max = self.limits.max_name_len;
         if adm.application.trim().is_empty() || adm.application.len() > max {
@@ -301,6 +361,11 @@ impl Registry {
             Transport::Relay => None,
         };
         self.next_peer += 1;
+        let rules = Arc::new(self.policy.for_peer(Who {
+            app: &adm.application,
+            user: &adm.user,
+            exe,
+        }));
         let identity = Instance {
             application: adm.application,
             instance,
@@ -324,6 +389,7 @@ impl Registry {
                         def: def.clone(),
                     })
                     .collect(),
+                rules: (*p.rules).clone(),
             })
             .collect();
         self.peers.insert(
@@ -335,6 +401,7 @@ impl Registry {
                 doorbell,
                 tx,
                 pending: 0,
+                rules: rules.clone(),
             },
         );
         let welcome = Welcome {
@@ -355,6 +422,7 @@ impl Registry {
                     .collect();
                 self.bus.of_peers(&same_user)
             },
+            rules: (*rules).clone(),
         };
         let fds = if doorbell.is_some() {
             vec![self.doorbells.clone()]
@@ -366,6 +434,7 @@ impl Registry {
             let msg = FromGateway::PeerAdded {
                 identity: identity.clone(),
                 transport: adm.transport,
+                rules: (*rules).clone(),
             };
             self.send(other, msg, Vec::new());
         }
@@ -410,6 +479,15 @@ impl Registry {
                     Status::AlreadyExists,
                     format!(
                         "A method with the name \"{}\" already exists! Please, provide a unique name for the method.",
+                        m.def.name
+                    ),
+                ))
+            } else if !peer.rules.allows(PolicyAction::Register, &m.def.name) {
+                log_denial(&peer.identity, "register", &m.def.name, "the gateway");
+                Some((
+                    Status::PermissionDenied,
+                    format!(
+                        "the gateway's policy does not allow registering {:?}",
                         m.def.name
                     ),
                 ))
@@ -562,6 +640,18 @@ impl Registry {
             Some(relay_error(
                 Status::Busy,
                 "too many calls waiting for an answer",
+            ))
+        } else if !self.allowed(
+            from,
+            PolicyAction::Invoke,
+            &self.peers[&peer].methods[&method_id].name,
+        ) {
+            Some(relay_error(
+                Status::PermissionDenied,
+                format!(
+                    "the gateway's policy does not allow invoking {:?}",
+                    self.peers[&peer].methods[&method_id].name
+                ),
             ))
         } else {
             None

@@ -6,6 +6,7 @@
 pub mod bus;
 pub mod context;
 pub mod invoke;
+pub mod policy;
 pub mod target;
 
 pub use invoke::{CallFailure, FailureKind, InvocationResult, ReturnValue};

@@ -213,6 +213,9 @@ pub struct PeerSnapshot {
     pub identity: Instance,
     pub transport: Transport,
     pub methods: Vec<MethodSpec>,
+    /// What the gateway's policy lets this peer do: a peer receiving an invocation, a stream
+    /// request or a bus message from it over a lane checks these.
+    pub rules: crate::model::policy::PeerRules,
 }
 
 /// The gateway's answer to [`Hello`]. Carries one descriptor for native peers: the doorbell
@@ -235,6 +238,9 @@ pub struct Welcome {
     pub contexts: Vec<(u64, String)>,
     /// Bus subscriptions of the peers we may see.
     pub bus: Vec<BusSubInfo>,
+    /// What the gateway's policy lets us do (so our library refuses early, with the same
+    /// answer the gateway or the receiving peer would give).
+    pub rules: crate::model::policy::PeerRules,
 }
 
 /// Peer → gateway.
@@ -329,6 +335,13 @@ pub enum ToGateway {
     },
     /// Clean disconnect.
     Goodbye,
+    /// We refused something `peer` sent us over a lane because the policy does not allow it
+    /// (for the gateway's log). No reply.
+    Denied {
+        peer: PeerId,
+        action: String,
+        resource: String,
+    },
     /// We applied the subscription announced with this ticket (`FromGateway::BusSubscribedSync`):
     /// our publishes from now on reach it.
     BusSynced {
@@ -373,6 +386,8 @@ pub enum FromGateway {
     PeerAdded {
         identity: Instance,
         transport: Transport,
+        /// As in [`PeerSnapshot::rules`].
+        rules: crate::model::policy::PeerRules,
     },
     PeerRemoved {
         peer: PeerId,

@@ -133,6 +133,27 @@ pub fn result(out: &mut Vec<u8>, call_id: u64, outcome: &Result<Value, (String, 
     out[12..16].copy_from_slice(&flags.to_le_bytes());
 }
 
+/// Builds the result of an invocation the receiver's policy check refused: an error whose
+/// `denied` flag tells the caller it is `PermissionDenied`, not the method failing.
+pub fn result_denied(out: &mut Vec<u8>, call_id: u64, message: &str) {
+    out.clear();
+    out.extend_from_slice(&call_id.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let mut m = super::Map::new();
+    m.insert("message".into(), Value::from(message));
+    m.insert("denied".into(), Value::Bool(true));
+    codec::encode_into(&Value::Map(m), out);
+}
+
+/// Whether an error result is a policy refusal (see [`result_denied`]).
+pub fn error_denied(bytes: &[u8]) -> bool {
+    codec::decode(bytes)
+        .ok()
+        .and_then(|v| v.get("denied").and_then(Value::as_bool))
+        .unwrap_or(false)
+}
+
 /// Builds a cancel body.
 pub fn cancel(out: &mut Vec<u8>, call_id: u64) {
     out.clear();

@@ -1,0 +1,364 @@
+//! Access control: a policy that denies each operation, enforced where the operation happens —
+//! by the gateway for what passes through it, by the receiving peer for what travels over a
+//! lane — so a client library that skips its own check (`skip_own_policy_checks`, standing in
+//! for a modified library) is refused all the same. Denials are `PermissionDenied` (CLI exit 7)
+//! and the gateway logs them.
+
+mod common;
+
+use common::{run_knit, GatewayProc, ServerProc, TempDir};
+use knit::client::{
+    Client, InvokeOptions, PublishOptions, StreamOptions, StreamParams, SubscribeOptions,
+};
+use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
+use knit::model::policy::Policy;
+use knit::{Status, Value};
+use serde_json::json;
+use std::sync::mpsc::channel;
+use std::time::Duration;
+
+/// Who may do what in these tests:
+/// * `viewer` may not register anything, may not invoke `Admin*`, may not publish on
+///   `orders.new*`, may not subscribe to `secret.*`, may not write context `ref.*` nor read
+///   `hr.*`, and may not write the Red channel;
+/// * everybody else may do everything.
+fn policy() -> Policy {
+    Policy::from_json(&json!({
+        "default": "allow",
+        "rules": [
+            {"effect": "deny", "actions": "register", "app": "viewer"},
+            {"effect": "deny", "actions": "invoke", "resource": "Admin*", "app": "viewer"},
+            {"effect": "deny", "actions": "publish", "resource": "orders.new*", "app": "viewer"},
+            {"effect": "deny", "actions": "subscribe", "resource": "secret.*", "app": "viewer"},
+            {"effect": "deny", "actions": "context.write", "resource": "ref.*", "app": "viewer"},
+            {"effect": "deny", "actions": "context.read", "resource": "hr.*", "app": "viewer"},
+            {"effect": "deny", "actions": "channel.write", "resource": "Red", "app": "viewer"}
+        ]
+    }))
+    .unwrap()
+}
+
+struct Env {
+    gw: Option<GatewayHandle>,
+    dir: std::path::PathBuf,
+}
+
+impl Env {
+    fn new(tag: &str) -> Env {
+        let dir = std::env::temp_dir().join(format!("knit-policy-{tag}-{}", std::process::id()));
+        let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
+        cfg.policy = policy();
+        let gw = Gateway::bind(cfg).unwrap().spawn().unwrap();
+        Env { gw: Some(gw), dir }
+    }
+    fn client(&self, app: &str) -> Client {
+        Client::builder(app)
+            .socket(self.gw.as_ref().unwrap().socket_path())
+            .connect()
+            .unwrap()
+    }
+    /// A client whose library does not check its own rules.
+    fn rogue(&self, app: &str) -> Client {
+        Client::builder(app)
+            .socket(self.gw.as_ref().unwrap().socket_path())
+            .skip_own_policy_checks()
+            .connect()
+            .unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            gw.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn denied(status: Status) {
+    assert_eq!(status, Status::PermissionDenied);
+}
+
+#[test]
+fn registration_is_refused_by_the_gateway() {
+    let env = Env::new("register");
+    for c in [env.client("viewer"), env.rogue("viewer")] {
+        let e = c.register("Anything", |_| Ok(Value::Null)).unwrap_err();
+        denied(e.status());
+        let e = c
+            .create_stream("AStream", StreamOptions::default())
+            .unwrap_err();
+        denied(e.status());
+    }
+    // Others may.
+    env.client("pricer")
+        .register("Anything", |_| Ok(Value::Null))
+        .unwrap();
+}
+
+#[test]
+fn invocation_is_refused_by_the_server_even_when_the_caller_skips_its_check() {
+    let env = Env::new("invoke");
+    let server = env.client("admin-tool");
+    server
+        .register("AdminReset", |_| Ok(Value::from("reset")))
+        .unwrap();
+    server.register("Price", |_| Ok(Value::from(1.5))).unwrap();
+    let o = InvokeOptions::default();
+    // The viewer's own library refuses before sending…
+    let polite = env.client("viewer");
+    let e = polite.invoke("AdminReset", Value::map(), &o).unwrap_err();
+    denied(e.status());
+    // …and a library that does not is refused by the server's, over the lane.
+    let rogue = env.rogue("viewer");
+    let e = rogue.invoke("adminreset", Value::map(), &o).unwrap_err();
+    denied(e.status());
+    // What is allowed still works, for both.
+    assert_eq!(
+        rogue.invoke("Price", Value::map(), &o).unwrap().returned,
+        Value::from(1.5)
+    );
+    assert_eq!(
+        polite.invoke("Price", Value::map(), &o).unwrap().returned,
+        Value::from(1.5)
+    );
+    // Others may call the admin method.
+    let admin = env.client("ops");
+    assert_eq!(
+        admin
+            .invoke("AdminReset", Value::map(), &o)
+            .unwrap()
+            .returned,
+        Value::from("reset")
+    );
+}
+
+#[test]
+fn relayed_invocation_is_refused_by_the_gateway() {
+    let env = Env::new("relay");
+    let server = env.client("admin-tool");
+    server
+        .register("AdminReset", |_| Ok(Value::from("reset")))
+        .unwrap();
+    let rogue = Client::builder("viewer")
+        .socket(env.gw.as_ref().unwrap().socket_path())
+        .relay_only(true)
+        .skip_own_policy_checks()
+        .connect()
+        .unwrap();
+    let e = rogue
+        .invoke("AdminReset", Value::map(), &InvokeOptions::default())
+        .unwrap_err();
+    denied(e.status());
+}
+
+#[test]
+fn publishing_is_refused_by_the_subscribers_and_subscribing_by_the_gateway() {
+    let env = Env::new("bus");
+    let sub = env.client("blotter");
+    let (tx, rx) = channel();
+    let _s = sub
+        .subscribe("orders.>", SubscribeOptions::default(), move |m| {
+            let _ = tx.send((m.source.application.clone(), m.data.clone()));
+        })
+        .unwrap();
+    let o = PublishOptions::default();
+    let polite = env.client("viewer");
+    denied(
+        polite
+            .publish("orders.new", Value::from(1), &o)
+            .unwrap_err()
+            .status(),
+    );
+    // The rogue's message reaches the subscriber's lane and is dropped there; the allowed
+    // message published after it arrives, and is the only one.
+    let rogue = env.rogue("viewer");
+    rogue.publish("orders.new", Value::from(2), &o).unwrap();
+    rogue.publish("orders.cancel", Value::from(3), &o).unwrap();
+    env.client("oms")
+        .publish("orders.new", Value::from(4), &o)
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("no message"),
+        );
+    }
+    got.sort_by_key(|(app, _)| app.clone());
+    // orders.cancel is outside "orders.new*", so the viewer may publish it.
+    assert_eq!(
+        got,
+        vec![
+            ("oms".to_string(), Value::from(4)),
+            ("viewer".to_string(), Value::from(3))
+        ]
+    );
+    assert!(rx.try_recv().is_err(), "a refused message got through");
+    // Subscribing: the gateway refuses.
+    for c in [&polite, &rogue] {
+        let e = c
+            .subscribe("secret.plans", SubscribeOptions::default(), |_| {})
+            .unwrap_err();
+        denied(e.status());
+    }
+}
+
+#[test]
+fn contexts_and_channels_are_read_only_or_hidden_as_the_policy_says() {
+    let env = Env::new("ctx");
+    let owner = env.client("refdata");
+    owner
+        .contexts()
+        .set("ref.ccy", Value::object([("EUR", Value::from(1.08))]))
+        .unwrap();
+    owner
+        .contexts()
+        .set("hr.salaries", Value::object([("x", Value::from(1))]))
+        .unwrap();
+    for viewer in [env.client("viewer"), env.rogue("viewer")] {
+        let ctx = viewer.contexts();
+        // Readable, not writable: the mapping it gets is read-only.
+        assert_eq!(
+            ctx.get("ref.ccy").unwrap().data.get("EUR"),
+            Some(&Value::from(1.08))
+        );
+        let e = ctx
+            .update("ref.ccy", Value::object([("EUR", Value::from(2))]))
+            .unwrap_err();
+        denied(e.status());
+        // Nor may it create one under ref.*.
+        let e = ctx
+            .set("ref.new", Value::object([("a", Value::from(1))]))
+            .unwrap_err();
+        denied(e.status());
+        let e = ctx.destroy("ref.ccy").unwrap_err();
+        denied(e.status());
+        // hr.* is not readable at all.
+        match ctx.get("hr.salaries") {
+            Err(e) => denied(e.status()),
+            Ok(s) => panic!("read {:?}", s.data),
+        }
+        let Err(e) = ctx.subscribe("hr.salaries", |_| {}) else {
+            panic!("subscribed");
+        };
+        denied(e.status());
+        // Channels: may join Red and read it, not publish on it; Green is fine.
+        let ch = viewer.channels();
+        ch.join("Red").unwrap();
+        let e = ch
+            .publish(Value::object([("ric", Value::from("VOD.L"))]), None)
+            .unwrap_err();
+        denied(e.status());
+        ch.join("Green").unwrap();
+        ch.publish(Value::object([("ric", Value::from("VOD.L"))]), None)
+            .unwrap();
+    }
+    assert_eq!(
+        owner.contexts().get("ref.ccy").unwrap().data.get("EUR"),
+        Some(&Value::from(1.08)),
+        "a denied write changed the context"
+    );
+    assert!(!owner.contexts().all().contains(&"ref.new".to_string()));
+}
+
+#[test]
+fn stream_subscriptions_are_refused_by_the_server() {
+    let env = Env::new("stream");
+    let server = env.client("admin-tool");
+    let _stream = server
+        .create_stream("AdminFeed", StreamOptions::default())
+        .unwrap();
+    let params = StreamParams {
+        wait: Duration::from_secs(5),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let polite = env.client("viewer");
+    let Err(e) = polite.subscribe_stream("AdminFeed", params.clone(), |_| {}) else {
+        panic!("subscribed");
+    };
+    denied(e.status());
+    let rogue = env.rogue("viewer");
+    let Err(e) = rogue.subscribe_stream("AdminFeed", params.clone(), |_| {}) else {
+        panic!("subscribed");
+    };
+    assert!(e.to_string().contains("policy"), "{e}");
+    // Others may.
+    let ok = env.client("ops");
+    ok.subscribe_stream("AdminFeed", params, |_| {}).unwrap();
+}
+
+#[test]
+fn the_cli_exits_7_and_the_gateway_logs_the_denial() {
+    let dir = TempDir::new("policycli");
+    let file = dir.path().join("policy.json");
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&json!({
+            "rules": [{"effect": "deny", "actions": ["invoke"], "resource": "Admin*", "app": "viewer"},
+                      {"effect": "deny", "actions": ["register"], "app": "viewer"},
+                      {"effect": "deny", "actions": ["publish"], "app": "viewer"}]
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let gw = GatewayProc::start(&dir, &["--policy", file.to_str().unwrap()]);
+    let sock = gw.socket.to_str().unwrap();
+    let _server = ServerProc::start(&gw.socket, "admin-tool", "AdminReset", &["--reply", "1"]);
+    let out = run_knit(
+        &["--gateway", sock, "--app", "viewer", "invoke", "AdminReset"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code, Some(7), "{}", out.stderr);
+    let out = run_knit(
+        &["--gateway", sock, "--app", "viewer", "pub", "t", "{}"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code, Some(7), "{}", out.stderr);
+    let out = run_knit(
+        &["--gateway", sock, "--app", "ops", "invoke", "AdminReset"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let file2 = dir.path().join("bad.json");
+    std::fs::write(
+        &file2,
+        br#"{"rules":[{"effect":"deny","actions":["fly"]}]}"#,
+    )
+    .unwrap();
+    let bad = run_knit(
+        &[
+            "gateway",
+            "--no-ws",
+            "--gateway",
+            &format!("{sock}.2"),
+            "--policy",
+            file2.to_str().unwrap(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(bad.code, Some(8), "{}", bad.stderr);
+    assert!(bad.stderr.contains("unknown action"), "{}", bad.stderr);
+    // A refusal by the gateway itself (a registration) is logged.
+    assert!(!gw.log().contains("denied by policy"));
+    let out = run_knit(
+        &[
+            "--gateway",
+            sock,
+            "--app",
+            "viewer",
+            "serve",
+            "Nope",
+            "--echo",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code, Some(7), "{}", out.stderr);
+    assert!(
+        gw.log().contains("denied by policy"),
+        "gateway log: {}",
+        gw.log()
+    );
+}
