@@ -9,7 +9,8 @@
 # Python, .NET, the cross-language example matrix), and each benchmark run once, briefly, so
 # none of them rots (figures are reported, never asserted).
 #
-#   KNIT_SKIP_BENCH=1   skip the short benchmark runs
+#   KNIT_SKIP_BENCH=1   skip the benchmark smoke run; KNIT_FULL_BENCH=1 adds criterion and the
+#                       bridge benchmark
 #   LOOM_MAX_PREEMPTIONS (default 3) bounds the loom models' search
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,12 +47,16 @@ RUSTFLAGS="--cfg knit_loom" CARGO_TARGET_DIR="$CARGO_TARGET_DIR/loom" \
     LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" cargo test --release --lib loom
 
 step "bindings: install, C/C++ out of tree, Python, .NET, example matrix"
-KNIT_PROFILE=release KNIT_FFI_SKIP_CARGO_TEST=1 KNIT_FFI_SKIP_BENCH="${KNIT_SKIP_BENCH:-0}" .ci/ffi.sh
+KNIT_PROFILE=release KNIT_FFI_SKIP_CARGO_TEST=1 KNIT_FFI_SKIP_BENCH="$([ "${KNIT_FULL_BENCH:-0}" = 1 ] && echo 0 || echo 1)" .ci/ffi.sh
 
 if [ "${KNIT_SKIP_BENCH:-0}" != 1 ]; then
+    # A smoke run: every scenario runs end to end (figures reported, never asserted). The full
+    # runs are `knit bench all`, `cargo bench` and `node tests/web/bench.js` (see the README).
     step "benchmarks, once and briefly (reported, not asserted)"
-    "$CARGO_TARGET_DIR/release/knit" bench all --iters 2000 --rounds 1
-    cargo bench --bench ring --bench codec -- --warm-up-time 0.2 --measurement-time 0.5 --noplot
-    node tests/web/bench.js --knit "$CARGO_TARGET_DIR/release/knit" --n 600 --rounds 1
+    "$CARGO_TARGET_DIR/release/knit" bench all --iters 300 --rounds 1
+    if [ "${KNIT_FULL_BENCH:-0}" = 1 ]; then
+        cargo bench --bench ring --bench codec -- --warm-up-time 0.2 --measurement-time 0.5 --noplot
+        node tests/web/bench.js --knit "$CARGO_TARGET_DIR/release/knit" --n 600 --rounds 1
+    fi
 fi
 step "all tests passed"
