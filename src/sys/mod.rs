@@ -5,5 +5,6 @@ pub mod affinity;
 pub(crate) mod fdpass;
 pub(crate) mod futex;
 pub mod identity;
+pub mod limits;
 pub(crate) mod memfd;
 pub(crate) mod mmap;
