@@ -181,6 +181,26 @@ pub(crate) struct CtxEntry {
     /// A subscription was added that still needs its first callback.
     new_subs: AtomicBool,
     closed: AtomicBool,
+    /// The mapping, for [`CtxEntry::prefault`].
+    seg: ContextSegment,
+    /// Whether this process has faulted in the pages the hot path touches.
+    prefaulted: AtomicBool,
+}
+
+impl CtxEntry {
+    /// Faults in the hot pages (the log and the start of both buffers, ~96 KiB) once, when the
+    /// context is used for delivery: by a subscriber when it starts following, by a writer once
+    /// the context has subscribers. Not when a context is merely opened: 10 000 contexts
+    /// nobody follows would otherwise hold ~1 GiB of shared memory (docs/guarantees.md, "Load
+    /// and soak").
+    fn prefault(&self) {
+        // Relaxed: only whether the (idempotent) populate call is still owed.
+        if !self.prefaulted.load(Ordering::Relaxed)
+            && !self.prefaulted.swap(true, Ordering::Relaxed)
+        {
+            self.seg.prefault(self.writable);
+        }
+    }
 }
 
 /// The client's view of contexts.
@@ -299,8 +319,7 @@ pub(crate) fn attach(
         ContextSegment::open_readonly(fd)
     }
     .map_err(|e| e.to_string())?;
-    seg.prefault(writable);
-    let store = Store::new(seg).map_err(|e| e.to_string())?;
+    let store = Store::new(seg.clone()).map_err(|e| e.to_string())?;
     let entry = Arc::new(CtxEntry {
         id,
         name: Arc::from(name.as_str()),
@@ -312,6 +331,8 @@ pub(crate) fn attach(
         followed: AtomicBool::new(false),
         new_subs: AtomicBool::new(false),
         closed: AtomicBool::new(false),
+        seg,
+        prefaulted: AtomicBool::new(false),
     });
     st.known.insert(name.clone(), id);
     if let Some(old) = st.open.insert(name, entry.clone()) {
@@ -364,10 +385,15 @@ pub(crate) fn destroyed(shared: &Arc<Shared>, id: u64, name: &str) {
         for s in &subs {
             s.start.store(NEEDS_SNAPSHOT, Ordering::Release);
         }
-        st.waiting.entry(name.to_string()).or_default().extend(
-            subs.into_iter()
-                .filter(|s| s.active.load(Ordering::Acquire)),
-        );
+        let live: Vec<Arc<Sub>> = subs
+            .into_iter()
+            .filter(|s| s.active.load(Ordering::Acquire))
+            .collect();
+        // Nothing waits when nobody subscribed: no entry (a process that creates and destroys
+        // contexts all day would otherwise keep one per name).
+        if !live.is_empty() {
+            st.waiting.entry(name.to_string()).or_default().extend(live);
+        }
     }
 }
 
@@ -501,11 +527,16 @@ pub(crate) fn write(
 
 fn ring_subscribers(shared: &Shared, entry: &CtxEntry) {
     let bells = shared.bells();
+    let mut any = false;
     entry.store.ctl().for_each_subscriber(|i| {
+        any = true;
         if let Some(d) = bells.doorbell(i) {
             d.notify();
         }
     });
+    if any {
+        entry.prefault();
+    }
 }
 
 pub(crate) fn set(shared: &Arc<Shared>, name: &str, data: Value) -> Result<u64, ContextError> {
@@ -630,6 +661,7 @@ fn attach_sub(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
         return Ok(());
     };
     if !entry.followed.swap(true, Ordering::AcqRel) {
+        entry.prefault();
         let id = entry.id;
         match shared.conn.request(
             |req| ToGateway::SubscribeContext { req, id },
@@ -670,6 +702,9 @@ fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
         let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = st.waiting.get_mut(&sub.name) {
             w.retain(|s| s.id != sub.id);
+            if w.is_empty() {
+                st.waiting.remove(&sub.name);
+            }
         }
         st.open.get(&sub.name).cloned()
     };

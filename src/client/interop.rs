@@ -1,7 +1,7 @@
 //! Interop on the client: registering, invoking, discovery and its events.
 
 use super::conn::Reply;
-use super::engine::{MethodEntry, Shared};
+use super::engine::{MethodEntry, Shared, State};
 use super::lane::Lane;
 use super::{ClientError, EventCallback, EventSubscription, Handler, InvokeError};
 use crate::model::policy::Action as PolicyAction;
@@ -126,6 +126,18 @@ fn identity_key(d: &MethodDef) -> String {
     )
 }
 
+/// Whether anyone listens for discovery events. The `MethodAdded`/`MethodRemoved` bookkeeping
+/// looks at every method known (O(methods) per announcement, on every peer): without listeners
+/// it is skipped, so registering 10 000 methods among 256 peers does not cost each peer
+/// 10 000 × 10 000 key comparisons.
+fn listening(shared: &Shared) -> bool {
+    !shared
+        .subscribers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_empty()
+}
+
 fn method_error(status: Status, message: String) -> ClientError {
     ClientError::Gateway { status, message }
 }
@@ -193,10 +205,12 @@ pub(crate) fn register(
         Ok(_) => return fail(ClientError::Protocol("unexpected reply to register".into())),
         Err(e) => return fail(e),
     }
+    let listening = listening(shared);
     let first_of_identity = {
         let mut st = shared.lock_state();
         let key = identity_key(&def);
-        let first = !st.my_methods.values().any(|d| identity_key(d) == key)
+        let first = listening
+            && !st.my_methods.values().any(|d| identity_key(d) == key)
             && !st
                 .peers
                 .values()
@@ -252,12 +266,14 @@ pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientE
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
+    let listening = listening(shared);
     let last_of_identity = {
         let mut st = shared.lock_state();
         st.my_methods.remove(&id);
         st.generation += 1;
         let key = identity_key(&def);
-        !st.my_methods.values().any(|d| identity_key(d) == key)
+        listening
+            && !st.my_methods.values().any(|d| identity_key(d) == key)
             && !st
                 .peers
                 .values()
@@ -287,38 +303,34 @@ struct Chosen {
 }
 
 /// Servers of `method` in discovery order, ourselves first, filtered by `target`.
-fn choose(shared: &Shared, method: &str, target: &Target) -> Vec<Chosen> {
+fn choose(shared: &Arc<Shared>, method: &str, target: &Target) -> Vec<Chosen> {
     let st = shared.lock_state();
-    let mine = st
-        .my_methods
-        .iter()
-        .find(|(_, d)| method_matches(method, d))
-        .map(|(id, _)| Chosen {
-            server: shared.me.clone(),
-            method_id: *id,
-            relay: false,
-            lane: None,
-        });
-    let theirs = st.peers.iter().filter_map(|(peer, p)| {
-        let (id, _) = p
-            .methods
-            .iter()
-            .find(|(_, d)| !d.streaming && method_matches(method, d))?;
+    let me = shared.me.peer_id;
+    let servers = servers_of(shared, &st, method);
+    let mut cands = servers.iter().filter_map(|&(peer, method_id)| {
+        if peer == me {
+            return Some(Chosen {
+                server: shared.me.clone(),
+                method_id,
+                relay: false,
+                lane: None,
+            });
+        }
+        let p = st.peers.get(&peer)?;
         Some(Chosen {
             server: p.identity.clone(),
-            method_id: *id,
+            method_id,
             relay: p.transport == Transport::Relay || shared.relay_only,
-            lane: st.lanes.get(peer).cloned(),
+            lane: st.lanes.get(&peer).cloned(),
         })
     });
-    let mut cands = mine.into_iter().chain(theirs);
     if *target == Target::Best {
         // The hot path: the first candidate, without building the list.
         return cands.next().into_iter().collect();
     }
     let cands: Vec<Chosen> = cands.collect();
     let insts: Vec<&Instance> = cands.iter().map(|c| &*c.server).collect();
-    select(target, shared.me.peer_id, &insts)
+    select(target, me, &insts)
         .iter()
         .filter_map(|i| {
             cands
@@ -327,6 +339,79 @@ fn choose(shared: &Shared, method: &str, target: &Target) -> Vec<Chosen> {
                 .cloned()
         })
         .collect()
+}
+
+/// `(peer, method id)` of every server of `method`, ourselves first (any method of that name),
+/// then the others in discovery order (not streams).
+fn scan_servers(shared: &Shared, st: &State, method: &str) -> Servers {
+    let mine = st
+        .my_methods
+        .iter()
+        .find(|(_, d)| method_matches(method, d))
+        .map(|(id, _)| (shared.me.peer_id, *id));
+    let theirs = st.peers.iter().filter_map(|(peer, p)| {
+        let (id, _) = p
+            .methods
+            .iter()
+            .find(|(_, d)| !d.streaming && method_matches(method, d))?;
+        Some((*peer, *id))
+    });
+    mine.into_iter().chain(theirs).collect()
+}
+
+/// The servers of a method: shared, so a cache hit costs a reference count, not an allocation.
+type Servers = Arc<[(PeerId, u32)]>;
+
+/// A thread's recent answers of [`scan_servers`], valid while the client's `generation` (bumped
+/// on every change to peers or methods) has not moved.
+struct ServersCache {
+    /// Whose state it describes. Holding the `Weak` keeps the allocation, so the address cannot
+    /// be reused by another client while the entry exists.
+    owner: std::sync::Weak<Shared>,
+    generation: u64,
+    method: Box<str>,
+    servers: Servers,
+}
+
+const SERVERS_CACHE_ENTRIES: usize = 8;
+
+thread_local! {
+    static SERVERS_CACHE: std::cell::RefCell<Vec<ServersCache>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`scan_servers`], remembered per thread. The scan looks at every method of every peer
+/// (10 000 methods: tens of microseconds per call); a thread calling the same few methods
+/// again pays it only after the registry changed. `st` must be `shared`'s state, locked.
+fn servers_of(shared: &Arc<Shared>, st: &State, method: &str) -> Servers {
+    SERVERS_CACHE
+        .try_with(|cache| {
+            // Not re-entered (nothing below calls out), but a failed borrow must not panic.
+            let Ok(mut cache) = cache.try_borrow_mut() else {
+                return scan_servers(shared, st, method);
+            };
+            let mine = |e: &ServersCache| std::ptr::eq(e.owner.as_ptr(), Arc::as_ptr(shared));
+            if let Some(e) = cache
+                .iter()
+                .find(|e| mine(e) && e.generation == st.generation && &*e.method == method)
+            {
+                return e.servers.clone();
+            }
+            let servers = scan_servers(shared, st, method);
+            // Drop entries of dead clients and the stale entry of this method.
+            cache.retain(|e| e.owner.strong_count() > 0 && !(mine(e) && &*e.method == method));
+            if cache.len() >= SERVERS_CACHE_ENTRIES {
+                cache.remove(0);
+            }
+            cache.push(ServersCache {
+                owner: Arc::downgrade(shared),
+                generation: st.generation,
+                method: method.into(),
+                servers: servers.clone(),
+            });
+            servers
+        })
+        .unwrap_or_else(|_| scan_servers(shared, st, method))
 }
 
 pub(crate) fn lane_to(
@@ -515,26 +600,29 @@ pub(crate) fn servers(shared: &Shared) -> Vec<Instance> {
 
 pub(crate) fn methods(shared: &Shared) -> Vec<MethodInfo> {
     let st = shared.lock_state();
-    let mut out: Vec<(String, MethodInfo)> = Vec::new();
+    // In order of first appearance; the index keeps this linear in the number of methods.
+    let mut out: Vec<MethodInfo> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = Default::default();
     let mine = st.my_methods.values().map(|d| (&*shared.me, d));
     let theirs = st
         .peers
         .values()
         .flat_map(|p| p.methods.values().map(move |d| (&*p.identity, d)));
     for (server, def) in mine.chain(theirs) {
-        let key = identity_key(def);
-        match out.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, info)) => info.servers.push(server.clone()),
-            None => out.push((
-                key,
-                MethodInfo {
+        match index.entry(identity_key(def)) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                out[*e.get()].servers.push(server.clone())
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(out.len());
+                out.push(MethodInfo {
                     def: (**def).clone(),
                     servers: vec![server.clone()],
-                },
-            )),
+                });
+            }
         }
     }
-    out.into_iter().map(|(_, m)| m).collect()
+    out
 }
 
 pub(crate) fn methods_for(shared: &Shared, filter: &InstanceFilter) -> Vec<MethodDef> {
@@ -631,28 +719,34 @@ pub(crate) fn emit(shared: &Arc<Shared>, e: InteropEvent) {
 
 pub(crate) fn methods_added(shared: &Arc<Shared>, peer: PeerId, methods: Vec<MethodSpec>) {
     let mut events = Vec::new();
+    let listening = listening(shared);
     {
         let mut st = shared.lock_state();
-        let known: std::collections::HashSet<String> = st
-            .my_methods
-            .values()
-            .chain(st.peers.values().flat_map(|p| p.methods.values()))
-            .map(|d| identity_key(d))
-            .collect();
+        let known: std::collections::HashSet<String> = if listening {
+            st.my_methods
+                .values()
+                .chain(st.peers.values().flat_map(|p| p.methods.values()))
+                .map(|d| identity_key(d))
+                .collect()
+        } else {
+            Default::default()
+        };
         let Some(p) = st.peers.get_mut(&peer) else {
             return;
         };
         let server = (*p.identity).clone();
         let mut new_keys = std::collections::HashSet::new();
         for m in methods {
-            let key = identity_key(&m.def);
-            if !known.contains(&key) && new_keys.insert(key) {
-                events.push(InteropEvent::MethodAdded(m.def.clone()));
+            if listening {
+                let key = identity_key(&m.def);
+                if !known.contains(&key) && new_keys.insert(key) {
+                    events.push(InteropEvent::MethodAdded(m.def.clone()));
+                }
+                events.push(InteropEvent::ServerMethodAdded {
+                    server: server.clone(),
+                    method: m.def.clone(),
+                });
             }
-            events.push(InteropEvent::ServerMethodAdded {
-                server: server.clone(),
-                method: m.def.clone(),
-            });
             p.methods.insert(m.id, Arc::new(m.def));
         }
         st.generation += 1;
@@ -680,6 +774,9 @@ pub(crate) fn methods_removed(shared: &Arc<Shared>, peer: PeerId, ids: Vec<u32>)
 /// Emits the removal events for methods `server` no longer offers (already taken out of the
 /// state).
 pub(crate) fn removed_methods(shared: &Arc<Shared>, server: &Instance, gone: Vec<Arc<MethodDef>>) {
+    if !listening(shared) {
+        return;
+    }
     let remaining: std::collections::HashSet<String> = {
         let st = shared.lock_state();
         st.my_methods
