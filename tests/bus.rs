@@ -260,6 +260,71 @@ fn each_publishers_messages_arrive_in_order() {
     }
 }
 
+/// The subscriber's other threads pump its lanes too (an `invoke` waiting for its reply reads
+/// whatever arrives), while its dispatch thread pumps and runs callbacks: the messages one
+/// publisher sent must still reach the callback in the order sent. (The 4-minute soak caught
+/// the dispatch thread running what it had just read before what another thread had queued
+/// earlier; the window is narrow, so this test guards the path without reliably hitting it.)
+#[test]
+fn order_holds_while_other_threads_of_the_subscriber_pump() {
+    let env = Env::new("order-pump");
+    let a = env.client("a");
+    let b = env.client("b");
+    let echo = env.client("echo");
+    echo.register("Echo", |c| Ok(c.args.clone())).unwrap();
+    const N: i64 = 100_000;
+    let out_of_order = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (tx, rx) = channel::<i64>();
+    let ooo = out_of_order.clone();
+    let next_seen = std::sync::Mutex::new(0i64);
+    let _s = b
+        .subscribe("seq", SubscribeOptions::default(), move |m| {
+            let i = m.data.get("i").and_then(Value::as_i64).unwrap_or(-1);
+            let mut want = next_seen.lock().unwrap();
+            if i != *want {
+                ooo.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            *want = i + 1;
+            if i == N - 1 {
+                let _ = tx.send(i);
+            }
+            // A callback that takes a moment, so reads queue up behind it.
+            let t = std::time::Instant::now();
+            while t.elapsed() < Duration::from_micros(2) {}
+        })
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Threads of the subscriber invoking all along: each waits for its reply by pumping.
+    let pumpers: Vec<_> = (0..4)
+        .map(|_| {
+            let (b, stop) = (b.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let o = knit::client::InvokeOptions::default();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    b.invoke("Echo", obj("k", 1), &o).unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let o = PublishOptions::default();
+    for i in 0..N {
+        a.publish("seq", obj("i", i), &o).unwrap();
+    }
+    let last = rx.recv_timeout(Duration::from_secs(60));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let invokes: u64 = pumpers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(last, Ok(N - 1), "the last message did not arrive");
+    assert!(invokes > 0);
+    assert_eq!(
+        out_of_order.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "messages out of order ({invokes} invocations ran alongside)"
+    );
+}
+
 #[test]
 fn peers_behind_the_gateway_publish_and_receive() {
     let env = Env::new("relay");

@@ -884,7 +884,13 @@ impl Shared {
     /// Reads every inbound lane once (up to a batch each). Returns records handled.
     fn pump(self: &Arc<Self>, rx: &mut RxSet) -> usize {
         let mut handled = 0;
-        let dispatching = self.is_dispatch_thread();
+        // What the dispatch thread reads goes to its `ready` list, run as soon as it lets go of
+        // the receive set, ahead of the shared queue. Only while that queue is empty, though:
+        // what another thread read earlier (pumping while it waited for a reply) and queued
+        // must run first, or one peer's messages would reach the callbacks out of order. Only
+        // the holder of the receive set reads lanes, so nothing read before this check can be
+        // queued after it.
+        let dispatching = self.is_dispatch_thread() && !self.has_tasks();
         // Load first: a swap on every round would bounce the line for nothing.
         if self.rx_dirty.load(Ordering::Acquire) && self.rx_dirty.swap(false, Ordering::AcqRel) {
             let mut fresh =
