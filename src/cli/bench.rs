@@ -27,10 +27,14 @@ use std::time::{Duration, Instant};
 
 #[path = "bench_data.rs"]
 mod data;
+#[path = "bench_load.rs"]
+mod load;
+#[path = "bench_soak.rs"]
+mod soak;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// rpc (ctx, bus and stream arrive with the data-sharing work), or all.
+    /// rpc, ctx, bus, stream, or all of these; or load, scale, soak (long runs, not in all).
     scenario: String,
     /// One payload size in bytes (default: 8, 64, 1024 and 65536).
     #[arg(long)]
@@ -47,6 +51,9 @@ pub struct BenchArgs {
     /// One JSON object per scenario row instead of a table.
     #[arg(long)]
     json: bool,
+    /// load, scale and soak (not part of `all`).
+    #[command(flatten)]
+    scale: load::ScaleArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +75,8 @@ pub struct PeerArgs {
     mode: String,
     #[arg(long)]
     cpu: Option<usize>,
+    #[command(flatten)]
+    scale: load::ScalePeerArgs,
 }
 
 /// Latency percentiles of one series, in nanoseconds.
@@ -184,6 +193,9 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
         "ctx" => data::ctx(&args),
         "bus" => data::bus(&args),
         "stream" => data::stream(&args),
+        "load" => load::run(&args),
+        "soak" => soak::run(&args),
+        "scale" => load::scale(&args),
         "all" => {
             rpc(&args)?;
             data::ctx(&args)?;
@@ -480,6 +492,8 @@ pub fn peer(a: PeerArgs) -> Result<(), CliError> {
             let _ = std::io::stdin().read_to_end(&mut sink);
             drop(client);
         }
+        other if other.starts_with("load-") => return load::peer(other, &a),
+        other if other.starts_with("soak-") => return soak::peer(other, &a),
         other => return data::peer(other, &a),
     }
     Ok(())
