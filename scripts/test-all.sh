@@ -51,9 +51,11 @@ KNIT_PROFILE=release KNIT_FFI_SKIP_CARGO_TEST=1 KNIT_FFI_SKIP_BENCH="$([ "${KNIT
 
 if [ "${KNIT_SKIP_BENCH:-0}" != 1 ]; then
     # A smoke run: every scenario runs end to end (figures reported, never asserted). The full
-    # runs are `knit bench all`, `cargo bench` and `node tests/web/bench.js` (see the README).
+    # runs are `knit bench all`, `cargo bench`, `node tests/web/bench.js` and `scripts/load.sh`
+    # (see the README).
     step "benchmarks, once and briefly (reported, not asserted)"
     "$CARGO_TARGET_DIR/release/knit" bench all --iters 300 --rounds 1
+    scripts/load.sh --quick        # load, scale and soak at small sizes (counts checked)
     if [ "${KNIT_FULL_BENCH:-0}" = 1 ]; then
         cargo bench --bench ring --bench codec -- --warm-up-time 0.2 --measurement-time 0.5 --noplot
         node tests/web/bench.js --knit "$CARGO_TARGET_DIR/release/knit" --n 600 --rounds 1

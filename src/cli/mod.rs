@@ -460,7 +460,7 @@ fn bridge_config(
 fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
     knit::log::set_default_level(knit::log::Level::Info);
     // One descriptor per peer, lane and context: 10 000 contexts need more than a 1024 soft
-    // limit (docs/guarantees.md, "Load and soak").
+    // limit (docs/load.md).
     if let Err(e) = knit::sys::limits::raise_nofile() {
         eprintln!("knit: warning: cannot raise the open-file limit: {e}");
     }

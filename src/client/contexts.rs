@@ -191,8 +191,7 @@ impl CtxEntry {
     /// Faults in the hot pages (the log and the start of both buffers, ~96 KiB) once, when the
     /// context is used for delivery: by a subscriber when it starts following, by a writer once
     /// the context has subscribers. Not when a context is merely opened: 10 000 contexts
-    /// nobody follows would otherwise hold ~1 GiB of shared memory (docs/guarantees.md, "Load
-    /// and soak").
+    /// nobody follows would otherwise hold ~1 GiB of shared memory (docs/load.md).
     fn prefault(&self) {
         // Relaxed: only whether the (idempotent) populate call is still owed.
         if !self.prefaulted.load(Ordering::Relaxed)
