@@ -358,6 +358,10 @@ async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = sweep.tick() => registry.expire(std::time::Instant::now()),
+            // Reap writers whose connection ended: a finished task stays in the set (about
+            // 1.4 KiB each) until joined, so a gateway that saw many short-lived peers grew
+            // without bound (docs/load.md).
+            Some(_) = writers.join_next(), if !writers.is_empty() => {}
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let cred = match identity::peer_cred(&stream) {
