@@ -134,6 +134,11 @@ for k in ['contexts', 'methods', 'peers']:
     print(f"   {r['count']:>6} {k:<8}: gateway {r['gateway_rss_b']} B each (heap {r['gateway_anon_b']}, "
           f"shared {r['gateway_shmem_b']}), {r['gateway_fds']} descriptors each; system shared "
           f"memory {r['system_shmem_b']} B each{extra}")
+g = lambda k: f"{s[k]['rss_kb'] / 1024:.1f} MiB"
+print(f"   gateway RSS: everything {g('gateway_full')}; the peers left {g('gateway_after_peers_left')}, "
+      f"came back {g('gateway_peers_again')}, left again {g('gateway_after_peers_left_again')}; "
+      f"methods gone {g('gateway_after_methods_left')}; contexts destroyed "
+      f"{g('gateway_after_contexts_destroyed')} ({s['gateway_after_contexts_destroyed']['fds']} descriptors)")
 if s.get('gateway_clean_exit') is not True:
     sys.exit("scale: the gateway did not stop cleanly")
 EOF

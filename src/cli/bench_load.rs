@@ -1438,15 +1438,24 @@ fn scale_with(a: &ScaleArgs, gw: &GatewayProc) -> Result<Value, CliError> {
         mib(with_p.gw.rss),
         with_p.fds
     );
-    // Taken away again: the peers leave, the method server leaves, the contexts are destroyed.
-    for p in &mut idle_procs {
-        p.close_stdin();
-    }
-    for p in &mut idle_procs {
-        p.finish(Duration::from_secs(60));
-    }
-    drop(idle_procs);
+    // Taken away again: the peers leave (then come and leave a second time: memory the first
+    // round left behind is either reused, or a leak), the method server leaves, the contexts
+    // are destroyed.
+    let leave = |mut procs: Vec<Proc>| {
+        for p in &mut procs {
+            p.close_stdin();
+        }
+        for p in &mut procs {
+            p.finish(Duration::from_secs(60));
+        }
+    };
+    leave(idle_procs);
     let peers_gone = snap(pid);
+    let mut again = Vec::new();
+    add_idle(&gw.socket, &a.wait, "q", a.peers, 0, 0, &mut again)?;
+    let peers_again = snap(pid);
+    leave(again);
+    let peers_gone_again = snap(pid);
     drop(m_maker);
     let methods_gone = snap(pid);
     let cleaner = Client::builder("scale-cleaner")
@@ -1482,6 +1491,8 @@ fn scale_with(a: &ScaleArgs, gw: &GatewayProc) -> Result<Value, CliError> {
         ("peers_connect_s", Value::from(round2(p_s))),
         ("gateway_full", s(with_p)),
         ("gateway_after_peers_left", s(peers_gone)),
+        ("gateway_peers_again", s(peers_again)),
+        ("gateway_after_peers_left_again", s(peers_gone_again)),
         ("gateway_after_methods_left", s(methods_gone)),
         ("gateway_after_contexts_destroyed", s(all_gone)),
         ("contexts_destroyed", Value::from(destroyed)),
@@ -1508,9 +1519,11 @@ fn scale_with(a: &ScaleArgs, gw: &GatewayProc) -> Result<Value, CliError> {
         }
     }
     eprintln!(
-        "  gateway RSS: full {}, peers left {}, methods left {}, contexts destroyed {} ({} descriptors)",
+        "  gateway RSS: full {}, peers left {}, back {}, left again {}, methods left {}, contexts destroyed {} ({} descriptors)",
         mib(with_p.gw.rss),
         mib(peers_gone.gw.rss),
+        mib(peers_again.gw.rss),
+        mib(peers_gone_again.gw.rss),
         mib(methods_gone.gw.rss),
         mib(all_gone.gw.rss),
         all_gone.fds
