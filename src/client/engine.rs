@@ -292,6 +292,8 @@ pub(crate) struct Shared {
     pub closed: AtomicBool,
     /// What the gateway's policy lets us do (`None`: everything), to refuse early.
     pub my_rules: RwLock<Option<Arc<PeerRules>>>,
+    /// Whether `my_rules` is set (so the common case takes no lock).
+    pub my_rules_on: AtomicBool,
     /// Whether any peer we know has restrictive rules (else incoming work is not checked).
     pub policy_on: AtomicBool,
 }
@@ -356,12 +358,17 @@ impl Shared {
             subscribers: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             my_rules: RwLock::new(None),
+            my_rules_on: AtomicBool::new(false),
             policy_on: AtomicBool::new(false),
         }
     }
 
     /// Whether our own rules allow `action` on `resource`; the error a refusal becomes.
     pub(crate) fn check_mine(&self, action: PolicyAction, resource: &str) -> Result<(), String> {
+        // Relaxed: set once at connect, before any caller can get here.
+        if !self.my_rules_on.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let rules = self.my_rules.read().unwrap_or_else(|e| e.into_inner());
         match &*rules {
             Some(r) if !r.allows(action, resource) => Err(format!(

@@ -464,6 +464,9 @@ impl ClientBuilder {
             doorbell,
             peers,
         ));
+        shared
+            .my_rules_on
+            .store(my_rules.is_some(), std::sync::atomic::Ordering::Relaxed);
         *shared.my_rules.write().unwrap_or_else(|e| e.into_inner()) = my_rules;
         // Relaxed: nothing else runs on this client yet.
         shared
