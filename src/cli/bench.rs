@@ -30,7 +30,7 @@ mod data;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// rpc (ctx, bus and stream arrive with the data-sharing work), or all.
+    /// rpc, ctx, bus, stream, or all.
     scenario: String,
     /// One payload size in bytes (default: 8, 64, 1024 and 65536).
     #[arg(long)]

@@ -605,7 +605,8 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push_back(t);
-        // Relaxed: a hint for sleep predicates; the queue's mutex orders the real data.
+        // Release: a hint for sleep predicates (paired with the Acquire in `has_tasks`); the
+        // queue's mutex orders the tasks themselves.
         self.queue_len.fetch_add(1, Ordering::Release);
         self.wake_all();
     }

@@ -44,8 +44,8 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<crate::wire::Map, WriteError> {
 
 /// Applies `op` under the writer lock as `token`. `cached` may hold the decoded value at some
 /// version: when it is current it is updated in place (copied first only if someone else still
-/// holds it), which saves decoding and copying. Returns the version after the call and, when
-/// whether anything changed (nothing is written when nothing does), and the value now.
+/// holds it), which saves decoding and copying. Returns the version after the call, whether
+/// anything changed (nothing is written when nothing does), and the value now.
 pub fn write<M: StoreMemory>(
     store: &Store<M>,
     token: u64,

@@ -2,7 +2,8 @@
 //!
 //! On the socket each frame is an 8-byte header — `len: u32` (body bytes), `fds: u16`
 //! (descriptors attached to this frame, sent with its first byte), `reserved: u16`, all
-//! little-endian — followed by the postcard body. See `docs/protocol.md`.
+//! little-endian — followed by the postcard body (the frame types below; `docs/design.md`
+//! describes the exchanges).
 
 use super::value::Value;
 use crate::status::Status;
