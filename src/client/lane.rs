@@ -124,15 +124,56 @@ impl Lane {
         self.closed.store(true, Ordering::Release);
     }
 
-    /// Sends a message that fits one record without waiting: `Ok(false)` when the ring is full
-    /// (or the message needs fragments), so the caller can apply its own policy.
+    /// Whether a message of `len` bytes can ever be in the ring at once (else only a blocking
+    /// [`Lane::send`], which waits for the peer to make room fragment by fragment, gets it
+    /// across).
+    pub(crate) fn fits_at_once(&self, len: usize) -> bool {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let max = tx.max_payload();
+        // The ring holds a little over two maximal records.
+        len + len.div_ceil(max.max(1)) * 16 + max + 16 <= 2 * (max + 8)
+    }
+
+    /// Sends a message without waiting: `Ok(false)` when the ring has no room for all of it
+    /// now, so the caller can apply its own policy.
     pub(crate) fn try_send(&self, kind: u16, body: &[u8]) -> Result<bool, SendError> {
         if self.is_closed() {
             return Err(SendError::Closed(self.peer));
         }
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        if body.len() > tx.max_payload() {
-            return Ok(false);
+        let max = tx.max_payload();
+        if body.len() > max {
+            // Several records: send them only if they all fit now, so nothing waits and no
+            // message is ever left half-sent. Each record costs at most its payload plus a
+            // header rounded to 8, and one wrap may waste up to a whole record's room.
+            if body.len() > self.max_message {
+                return Ok(false);
+            }
+            let records = body.len().div_ceil(max);
+            let need = body.len() + records * 16 + max + 16;
+            if tx.free_bytes() < need {
+                self.ring_peer();
+                return Ok(false);
+            }
+            let mut chunks = body.chunks(max).peekable();
+            while let Some(chunk) = chunks.next() {
+                let flags = if chunks.peek().is_some() {
+                    FRAG_MORE
+                } else {
+                    0
+                };
+                match tx.push(kind, flags, chunk) {
+                    Ok(()) => {}
+                    Err(PushError::Corrupt(why)) => {
+                        self.close();
+                        return Err(SendError::Corrupt(self.peer, why));
+                    }
+                    // Room was checked above; the consumer only ever frees more.
+                    Err(_) => return Err(SendError::Corrupt(self.peer, "internal: no room")),
+                }
+            }
+            self.ring_peer();
+            return Ok(true);
         }
         match tx.push(kind, 0, body) {
             Ok(()) => {

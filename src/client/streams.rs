@@ -155,9 +155,19 @@ fn send(
     }
 }
 
+/// How long an item too large to ever fit a lane at once may take to cross it (it goes
+/// fragment by fragment as the subscriber reads).
+const BIG_ITEM_WAIT: Duration = Duration::from_secs(5);
+
 fn try_send(shared: &Arc<Shared>, link: &Link, kind: u16, body: &[u8]) -> Result<bool, SendError> {
     match link {
-        Link::Lane(l) => l.try_send(kind, body),
+        Link::Lane(l) => match l.try_send(kind, body)? {
+            true => Ok(true),
+            false if !l.fits_at_once(body.len()) => {
+                send(shared, link, kind, body, Instant::now() + BIG_ITEM_WAIT).map(|()| true)
+            }
+            false => Ok(false),
+        },
         Link::Relay(_) => send(shared, link, kind, body, Instant::now()).map(|()| true),
     }
 }
@@ -430,6 +440,19 @@ fn data_record(data: &Value, private: bool) -> Vec<u8> {
     body
 }
 
+/// An item larger than the gateway allows is refused to the pusher (it would otherwise close
+/// every subscriber it was queued for).
+fn check_size(shared: &Shared, body: &[u8]) -> Result<(), ClientError> {
+    let size = body.len().saturating_sub(20);
+    if size > shared.max_payload {
+        return Err(ClientError::PayloadTooLarge {
+            size,
+            max: shared.max_payload,
+        });
+    }
+    Ok(())
+}
+
 /// Queues or sends one data record to one subscriber under the stream's policy.
 fn push_one(
     shared: &Arc<Shared>,
@@ -439,6 +462,7 @@ fn push_one(
     private: bool,
 ) -> Result<(), ClientError> {
     let mut body = data_record(data, private);
+    check_size(shared, &body)?;
     body[0..8].copy_from_slice(&sub.sub_id.to_le_bytes());
     let key = match &entry.options.policy {
         SlowConsumerPolicy::Conflate(k) => data.get(k).cloned(),
@@ -607,6 +631,10 @@ impl Stream {
         // One encoding per push, in a reused buffer; only the subscription id differs.
         let mut body = PUSH_SCRATCH.with(|c| c.take());
         data_record_into(data, false, &mut body);
+        if let Err(e) = check_size(&self.shared, &body) {
+            PUSH_SCRATCH.with(|c| c.set(body));
+            return Err(e);
+        }
         let mut r = Ok(());
         for s in subs.iter().filter(|s| want(&s.branch)) {
             body[0..8].copy_from_slice(&s.sub_id.to_le_bytes());
