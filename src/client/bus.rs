@@ -295,7 +295,12 @@ fn route(
 }
 
 /// Encodes a bus record: topic, routing key, payload flags, payload.
-pub(crate) fn encode(out: &mut Vec<u8>, topic: &str, routing_key: Option<&str>, data: &Value) {
+pub(crate) fn encode(
+    out: &mut Vec<u8>,
+    topic: &str,
+    routing_key: Option<&str>,
+    data: &Value,
+) -> Result<(), crate::wire::codec::EncodeError> {
     out.clear();
     out.extend_from_slice(&(topic.len() as u32).to_le_bytes());
     out.extend_from_slice(topic.as_bytes());
@@ -308,8 +313,9 @@ pub(crate) fn encode(out: &mut Vec<u8>, topic: &str, routing_key: Option<&str>, 
     }
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
-    let flags = record::encode_payload(data, out);
+    let flags = record::encode_payload(data, out)?;
     out[at..at + 4].copy_from_slice(&flags.to_le_bytes());
+    Ok(())
 }
 
 fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
@@ -378,10 +384,11 @@ pub(crate) fn publish(
     if shared.is_closed() {
         return Err(ClientError::Closed);
     }
+    crate::wire::codec::check(&data)?;
     let r = route(shared, topic, opts)?;
     if !r.lanes.is_empty() {
         let mut body = SCRATCH.with(|s| s.take());
-        encode(&mut body, topic, opts.routing_key.as_deref(), &data);
+        encode(&mut body, topic, opts.routing_key.as_deref(), &data)?;
         if body.len() > shared.max_payload + 64 {
             return Err(ClientError::InvalidArgument(format!(
                 "payload of {} bytes exceeds the limit of {} bytes",

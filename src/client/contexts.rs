@@ -474,6 +474,7 @@ pub(crate) fn write(
         },
         WriteError::TooLarge { size, max } => ContextError::TooLarge { size, max },
         WriteError::Corrupt(m) => ContextError::Corrupt(m),
+        WriteError::Encode(e) => ContextError::InvalidArgument(e.to_string()),
     })?;
     remember(&entry, v, &data);
     if !changed {

@@ -723,14 +723,18 @@ impl Shared {
     ) {
         SCRATCH.with(|s| {
             let mut body = s.take();
-            record::result(&mut body, call_id, &outcome);
+            if let Err(e) = record::result(&mut body, call_id, &outcome) {
+                let msg = format!("result cannot be sent: {e}");
+                // A plain message always encodes.
+                let _ = record::result(&mut body, call_id, &Err((msg, None)));
+            }
             if body.len() > lane.max_message {
                 let msg = format!(
                     "result of {} bytes exceeds the limit of {} bytes",
                     body.len(),
                     lane.max_message
                 );
-                record::result(&mut body, call_id, &Err((msg, None)));
+                let _ = record::result(&mut body, call_id, &Err((msg, None)));
             }
             let deadline = Instant::now() + Duration::from_secs(30);
             if let Err(e) = self.send_on(lane, KIND_RESULT, &body, deadline) {
@@ -771,8 +775,10 @@ impl Shared {
         SCRATCH.with(|s| {
             let mut body = s.take();
             let ms = timeout.as_millis().min(u32::MAX as u128) as u32;
-            record::invoke(&mut body, call_id, method_id, ms, args);
-            let r = self.send_on(lane, KIND_INVOKE, &body, Instant::now() + timeout);
+            let r = match record::invoke(&mut body, call_id, method_id, ms, args) {
+                Ok(()) => self.send_on(lane, KIND_INVOKE, &body, Instant::now() + timeout),
+                Err(e) => Err(e.into()),
+            };
             s.set(body);
             r
         })

@@ -367,6 +367,7 @@ pub(crate) fn invoke(
             "The provided 'method' argument is invalid.".into(),
         ));
     }
+    codec::check(&args).map_err(|e| InvokeError::InvalidArgument(e.to_string()))?;
     let size = match &args {
         Value::Bytes(b) => b.len(),
         v => codec::encoded_len(v),

@@ -23,6 +23,9 @@ pub(crate) enum SendError {
     Stalled(PeerId),
     #[error("lane to {0} is corrupt: {1}")]
     Corrupt(PeerId, &'static str),
+    /// The message cannot be encoded (a value the receiver could not decode).
+    #[error("invalid value: {0}")]
+    Encode(#[from] crate::wire::codec::EncodeError),
 }
 
 impl SendError {
@@ -32,6 +35,7 @@ impl SendError {
             SendError::TooLarge { .. } => Status::PayloadTooLarge,
             SendError::Stalled(_) => Status::Busy,
             SendError::Corrupt(..) => Status::Protocol,
+            SendError::Encode(_) => Status::BadInput,
         }
     }
 }

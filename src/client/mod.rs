@@ -99,6 +99,12 @@ impl ClientError {
     }
 }
 
+impl From<crate::wire::codec::EncodeError> for ClientError {
+    fn from(e: crate::wire::codec::EncodeError) -> Self {
+        ClientError::InvalidArgument(e.to_string())
+    }
+}
+
 /// Why an invocation failed.
 #[derive(Debug, Error)]
 pub enum InvokeError {

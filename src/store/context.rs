@@ -26,6 +26,9 @@ pub enum WriteError {
     /// The snapshot does not decode.
     #[error("context corrupt: {0}")]
     Corrupt(String),
+    /// The new value cannot be stored: readers could not decode it.
+    #[error("invalid value: {0}")]
+    Encode(#[from] codec::EncodeError),
 }
 
 /// Decodes a snapshot (empty bytes: `{}`).
@@ -84,30 +87,34 @@ pub fn write<M: StoreMemory>(
         return Err(WriteError::Corrupt("snapshot is not an object".into()));
     };
     let mut payload = Vec::with_capacity(128);
+    // An op too deep to encode is committed without a logged payload (followers take the
+    // snapshot); the snapshot itself must encode, or nothing is written.
+    let mut logged = true;
     match op {
         // The hot path: no delta built, the logged op encoded while applying.
-        ContextOp::Update(new) if exists => {
-            if !update_in_place(map, new, &mut payload) {
-                return Ok((version, false, current));
-            }
-        }
+        ContextOp::Update(new) if exists => match update_in_place(map, new, &mut payload) {
+            Ok(false) => return Ok((version, false, current)),
+            Ok(true) => {}
+            Err(_) => logged = false,
+        },
         _ => {
             let Some(delta) = apply_mut(map, exists, op)? else {
                 return Ok((version, false, current));
             };
-            codec::encode_into(
+            logged = codec::encode_into(
                 &op.normalized_delta(&delta, exists).to_value(),
                 &mut payload,
-            );
+            )
+            .is_ok();
         }
     }
-    let bytes = codec::encode(&current);
+    let bytes = codec::encode(&current)?;
     if bytes.len() > max_size {
         return Err(WriteError::TooLarge {
             size: bytes.len(),
             max: max_size,
         });
     }
-    let v = guard.commit(&bytes, KIND_OP, Some(&payload))?;
+    let v = guard.commit(&bytes, KIND_OP, logged.then_some(payload.as_slice()))?;
     Ok((v, true, current))
 }
