@@ -15,7 +15,7 @@ use crate::model::FailureKind;
 use crate::shm::DoorbellSegment;
 use crate::wait::{Backoff, Doorbell, WaitStrategy};
 use crate::wire::frame::{Instance, MethodDef, PeerId};
-use crate::wire::record::{self, FRAG_MORE, KIND_CANCEL, KIND_INVOKE, KIND_RESULT};
+use crate::wire::record::{self, KIND_CANCEL, KIND_INVOKE, KIND_RESULT};
 use crate::wire::Value;
 use std::cell::{Cell, UnsafeCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -902,22 +902,10 @@ impl Shared {
         buf: &mut [u8],
         sink: Option<&mut Vec<Task>>,
     ) -> Result<(), &'static str> {
-        if flags & FRAG_MORE != 0 || l.assembly.is_some() {
-            let (k, bytes) = l.assembly.get_or_insert_with(|| (kind, Vec::new()));
-            if *k != kind {
-                return Err("fragment kinds differ");
-            }
-            if bytes.len() + buf.len() > l.lane.max_message {
-                return Err("message exceeds the payload limit");
-            }
-            bytes.extend_from_slice(buf);
-            if flags & FRAG_MORE != 0 {
-                return Ok(());
-            }
-            let (_, whole) = l.assembly.take().unwrap_or_default();
-            return self.on_message(&l.lane, kind, &whole, sink);
+        match l.assembly.push(kind, flags, buf, l.lane.max_message)? {
+            None => Ok(()),
+            Some(msg) => self.on_message(&l.lane, kind, &msg, sink),
         }
-        self.on_message(&l.lane, kind, buf, sink)
     }
 
     /// Handles one whole message. The body is borrowed (usually the receive buffer, reused for

@@ -236,7 +236,8 @@ impl<M: RingMemory> Producer<M> {
             // are free (checked above), so they belong to us until commit.
             unsafe { self.mem.write(pos as usize, &hdr.encode()) };
         }
-        let start = ((self.tail + pad) & mask) as usize;
+        // Positions wrap (compared by difference): one read from shared memory may be anywhere.
+        let start = (self.tail.wrapping_add(pad) & mask) as usize;
         let hdr = RecordHeader {
             len: len as u32,
             kind,
@@ -244,7 +245,7 @@ impl<M: RingMemory> Producer<M> {
         };
         // SAFETY: `start + rec <= cap` by the choice of `pad`, and the bytes are free.
         unsafe { self.mem.write(start, &hdr.encode()) };
-        let new_tail = self.tail + need;
+        let new_tail = self.tail.wrapping_add(need);
         Ok(Claim {
             producer: self,
             start,
@@ -411,11 +412,11 @@ impl<M: RingMemory> Consumer<M> {
     }
 
     fn release(&mut self, size: u64) {
-        self.head += size;
+        self.head = self.head.wrapping_add(size);
         // Publishing the position costs a cache-line transfer to the producer (which reads it
         // when the ring looks full), so it is batched: every eighth of the ring, or when we
         // have caught up, or on `flush`.
-        if self.head - self.published >= self.cap / 8 || self.head == self.cached_tail {
+        if self.head.wrapping_sub(self.published) >= self.cap / 8 || self.head == self.cached_tail {
             self.flush();
         }
     }

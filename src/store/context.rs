@@ -78,8 +78,21 @@ pub fn write<M: StoreMemory>(
         Some((_, d)) => d,
         None if exists => {
             let mut buf = Vec::new();
-            guard.read(&mut buf)?;
-            Arc::new(Value::Map(decode_snapshot(&buf)?))
+            let decoded = guard
+                .read(&mut buf)
+                .map_err(WriteError::from)
+                .and_then(|_| decode_snapshot(&buf));
+            match decoded {
+                Ok(m) => Arc::new(Value::Map(m)),
+                // A `set` replaces everything, so it repairs a snapshot that was scribbled
+                // over; every other op needs the current value and reports the corruption.
+                Err(WriteError::Corrupt(_) | WriteError::Store(StoreError::Corrupt(_)))
+                    if matches!(op, ContextOp::Set(_)) =>
+                {
+                    Arc::new(Value::map())
+                }
+                Err(e) => return Err(e),
+            }
         }
         None => Arc::new(Value::map()),
     };

@@ -1,7 +1,10 @@
 //! Records on a lane (the data plane). Each ring record's `kind` says which of these it is; its
 //! body starts with a fixed little-endian header, then the payload. A message larger than one
 //! ring record is split into fragments: every fragment but the last has [`FRAG_MORE`] in the
-//! record flags, and only the first carries the fixed header.
+//! record flags, every fragment but the first has [`FRAG_CONT`], and only the first carries
+//! the fixed header. A record without `FRAG_CONT` always starts a new message, so a message
+//! whose sender gave up part-way (its peer stopped reading) is dropped by the receiver, never
+//! glued to the next one.
 //!
 //! | kind | body |
 //! |---|---|
@@ -31,6 +34,9 @@ pub const KIND_SUB_CLOSE: u16 = 8;
 
 /// Record flag: more fragments of this message follow.
 pub const FRAG_MORE: u16 = 1;
+/// Record flag: this fragment continues the message before it (set on every fragment but the
+/// first).
+pub const FRAG_CONT: u16 = 2;
 /// Payload flag: raw bytes.
 pub const PAYLOAD_RAW: u32 = 1;
 
