@@ -539,6 +539,15 @@ pub mod heap_memory {
             }))
         }
 
+        /// A copy of the data bytes, for tests (seed images for the fuzz targets).
+        #[doc(hidden)]
+        pub fn image_for_test(&self) -> Vec<u8> {
+            let mut out = vec![0u8; self.0.data.len()];
+            // SAFETY: single-threaded tests only; reads within the buffer.
+            unsafe { <Self as RingMemory>::read(self, 0, &mut out) };
+            out
+        }
+
         /// Direct access to the control block, for tests that corrupt it on purpose.
         pub fn ctl_for_test(&self) -> &RingCtl {
             &self.0.ctl
@@ -559,6 +568,15 @@ pub mod heap_memory {
     }
 
     impl crate::ring::RingCtl {
+        /// The positions (head, tail), for tests.
+        #[doc(hidden)]
+        pub fn positions_for_test(&self) -> (u64, u64) {
+            (
+                self.head.load(crate::sync::Ordering::SeqCst),
+                self.tail.load(crate::sync::Ordering::SeqCst),
+            )
+        }
+
         /// Sets the positions, for tests that corrupt them on purpose.
         pub fn set_for_test(&self, head: u64, tail: u64) {
             self.head.store(head, crate::sync::Ordering::SeqCst);

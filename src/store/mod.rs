@@ -644,6 +644,67 @@ impl HeapStore {
     }
 }
 
+impl HeapStore {
+    /// Overwrites the store's words, as a hostile peer with a writable mapping could: the
+    /// control words (lock, version, log tail, subscriber bound, both sequence words), then
+    /// both buffers, then the log, as far as `words` goes. For tests and fuzz targets.
+    #[doc(hidden)]
+    pub fn scribble_for_test(&self, words: impl IntoIterator<Item = u64>) {
+        let ctl = &self.0.ctl;
+        let control = [
+            &ctl.lock,
+            &ctl.version,
+            &ctl.log_tail,
+            &ctl.seq[0].seq,
+            &ctl.seq[1].seq,
+        ];
+        let mut words = words.into_iter();
+        for (w, v) in control.into_iter().zip(words.by_ref()) {
+            w.store(v, Ordering::Relaxed);
+        }
+        if let Some(v) = words.next() {
+            ctl.sub_hi.store(v as u32, Ordering::Relaxed);
+        }
+        let regions = self.0.buffers[0]
+            .iter()
+            .chain(&self.0.buffers[1])
+            .chain(&self.0.log);
+        for (w, v) in regions.zip(words) {
+            w.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// The words [`scribble_for_test`](Self::scribble_for_test) writes, in the same order
+    /// (seed images for the fuzz targets).
+    #[doc(hidden)]
+    pub fn image_for_test(&self) -> Vec<u64> {
+        let ctl = &self.0.ctl;
+        let mut out: Vec<u64> = [
+            &ctl.lock,
+            &ctl.version,
+            &ctl.log_tail,
+            &ctl.seq[0].seq,
+            &ctl.seq[1].seq,
+        ]
+        .iter()
+        .map(|w| w.load(Ordering::Relaxed))
+        .collect();
+        out.push(ctl.sub_hi.load(Ordering::Relaxed) as u64);
+        let regions = self.0.buffers[0]
+            .iter()
+            .chain(&self.0.buffers[1])
+            .chain(&self.0.log);
+        out.extend(regions.map(|w| w.load(Ordering::Relaxed)));
+        out
+    }
+
+    /// Sets the log tail (tests and fuzz targets).
+    #[doc(hidden)]
+    pub fn set_log_tail_for_test(&self, tail: u64) {
+        self.0.ctl.log_tail.store(tail, Ordering::Relaxed);
+    }
+}
+
 // SAFETY: fixed-size heap regions owned by the Arc, never resized; `new` sizes them per the
 // contract (callers pass a power-of-two log of at least 64 words, checked by `Store::new`).
 unsafe impl StoreMemory for HeapStore {
