@@ -385,6 +385,17 @@ pub(crate) fn publish(
         return Err(ClientError::Closed);
     }
     crate::wire::codec::check(&data)?;
+    // The payload itself against the limit (the record's topic and key come on top).
+    let size = match &data {
+        Value::Bytes(b) => b.len(),
+        v => crate::wire::codec::encoded_len(v),
+    };
+    if size > shared.max_payload {
+        return Err(ClientError::PayloadTooLarge {
+            size,
+            max: shared.max_payload,
+        });
+    }
     let r = route(shared, topic, opts)?;
     if !r.lanes.is_empty() {
         let mut body = SCRATCH.with(|s| s.take());

@@ -82,6 +82,9 @@ pub enum ClientError {
     /// The gateway refused the request.
     #[error("{message}")]
     Gateway { status: Status, message: String },
+    /// A payload larger than the gateway allows.
+    #[error("payload of {size} bytes exceeds the limit of {max} bytes")]
+    PayloadTooLarge { size: usize, max: usize },
 }
 
 impl ClientError {
@@ -95,6 +98,7 @@ impl ClientError {
             ClientError::Closed => Status::Closed,
             ClientError::InvalidArgument(_) => Status::InvalidArgument,
             ClientError::Timeout => Status::Timeout,
+            ClientError::PayloadTooLarge { .. } => Status::PayloadTooLarge,
         }
     }
 }

@@ -339,6 +339,12 @@ impl LaneSegment {
     }
 }
 
+/// Where doorbell `index` lies in a directory segment (for the gateway, which resets a slot
+/// through its descriptor before handing it to a new peer).
+pub(crate) fn doorbell_offset(index: u32) -> u64 {
+    (DIR_FIRST + index as usize * DOORBELL_STRIDE) as u64
+}
+
 /// The mapped doorbell directory.
 #[derive(Clone, Debug)]
 pub struct DoorbellSegment(Segment);
