@@ -41,13 +41,16 @@ for t in "${targets[@]}"; do
     find "$artifacts" -type f -delete
     echo "== $t: ${seconds}s"
     set +e
+    parallel=()
+    [ "$jobs" -gt 1 ] && parallel=(-jobs="$jobs" -workers="$jobs")
     cargo fuzz run -s none -a "$t" "$corpus" "$seeds" -- \
-        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -jobs="$jobs" \
-        -workers="$jobs" -print_final_stats=1 -artifact_prefix="$artifacts/" >"$log" 2>&1
+        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 "${parallel[@]}" \
+        -print_final_stats=1 -artifact_prefix="$artifacts/" >"$log" 2>&1
     status=$?
     set -e
     # With -jobs, libFuzzer writes each worker's output to fuzz-N.log in the current directory.
-    if [ "$jobs" -gt 1 ]; then cat fuzz-*.log >>"$log" 2>/dev/null || true; rm -f fuzz-*.log; fi
+    cat fuzz-*.log >>"$log" 2>/dev/null || true
+    rm -f fuzz-*.log
     execs=$(grep -h 'stat::number_of_executed_units' "$log" | awk '{s += $2} END {print s + 0}')
     last=$(grep -hE '^#[0-9]+' "$log" | tail -1 || true)
     cov=$(sed -nE 's/.*cov: ([0-9]+).*/\1/p' <<<"$last")
