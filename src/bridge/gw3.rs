@@ -102,10 +102,10 @@ pub(crate) enum EnvelopeError {
     NotObject(String),
     /// `domain` is not a string: answered with a `global` error.
     #[error("domain must be a string, not {domain}")]
-    BadDomain { domain: J, msg: Obj },
+    BadDomain { domain: J, msg: Box<Obj> },
     /// No string `type`: answered with an `unhandled_message` error in the domain.
     #[error("a GW3 message needs a string \"type\"")]
-    NoType { domain: String, msg: Obj },
+    NoType { domain: String, msg: Box<Obj> },
 }
 
 /// Checks one text frame's envelope. Pure: the session decides what to do with it.
@@ -120,12 +120,16 @@ pub(crate) fn parse_envelope(text: &str) -> Result<Envelope, EnvelopeError> {
         Some(J::String(d)) => d.clone(),
         Some(other) => {
             let domain = other.clone();
+            let msg = Box::new(msg);
             return Err(EnvelopeError::BadDomain { domain, msg });
         }
     };
     let ty = match msg.get("type") {
         Some(J::String(t)) => t.clone(),
-        _ => return Err(EnvelopeError::NoType { domain, msg }),
+        _ => {
+            let msg = Box::new(msg);
+            return Err(EnvelopeError::NoType { domain, msg });
+        }
     };
     Ok(Envelope { domain, ty, msg })
 }
