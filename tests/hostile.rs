@@ -52,6 +52,22 @@ fn client(gw: &GatewayHandle, app: &str) -> Client {
         .unwrap()
 }
 
+/// Aborts the whole test process, naming `what`, unless dropped within `limit`: a regression
+/// that makes a client hang (a dispatcher spinning forever cannot be joined) then fails the run
+/// with a message instead of stalling it.
+struct Watchdog(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
+fn watchdog(what: &'static str, limit: Duration) -> Watchdog {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("{what} did not finish within {limit:?}: aborting");
+            std::process::abort();
+        }
+    });
+    Watchdog(tx)
+}
+
 // ----- child side ------------------------------------------------------------------------------
 
 #[test]
@@ -199,6 +215,7 @@ fn await_line(lines: &Lines, what: &str, child: &mut ChildGuard) -> String {
 
 #[test]
 fn a_peer_scribbling_over_its_lane_is_disconnected_and_the_victim_carries_on() {
+    let _watchdog = watchdog("the lane scribbler test", Duration::from_secs(120));
     let dir = TempDir::new("hostile-lane");
     let gw = gateway(&dir, Limits::default());
     let victim = client(&gw, "victim");
@@ -295,6 +312,7 @@ fn cpu_time() -> Duration {
 
 #[test]
 fn a_writer_scribbling_over_a_context_gives_readers_typed_errors_and_they_carry_on() {
+    let _watchdog = watchdog("the context scribbler test", Duration::from_secs(120));
     let dir = TempDir::new("hostile-ctx");
     let gw = gateway(&dir, Limits::default());
     let writer = client(&gw, "writer");

@@ -690,7 +690,11 @@ impl Registry {
             // owner's writers call the kernel on every notify. Best effort: a failed write
             // costs only spurious wake-ups.
             let _ = rustix::io::pwrite(&*self.doorbells, &[0u8; 8], shm::doorbell_offset(bell));
-            self.free_doorbells.push(bell);
+            // At the back of the queue (slots are taken from the end): reused as late as
+            // possible, so a departed client still winding down is unlikely to share its
+            // doorbell with a newcomer (which would cost it spurious wake-ups or, at worst, one
+            // sleep of up to 100 ms).
+            self.free_doorbells.insert(0, bell);
         }
         self.lanes.retain(|(a, b), _| *a != id && *b != id);
         let orphaned: Vec<u64> = self
