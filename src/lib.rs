@@ -59,6 +59,9 @@ pub mod client;
 #[cfg(not(knit_loom))]
 pub mod control;
 #[cfg(not(knit_loom))]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(not(knit_loom))]
 pub mod gateway;
 #[cfg(not(knit_loom))]
 pub mod log;

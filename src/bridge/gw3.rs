@@ -84,6 +84,56 @@ pub(crate) fn error(
            "reason_uri": reason_uri, "reason": reason})
 }
 
+/// One GW3 text frame that has the envelope every message needs: a JSON object with a string
+/// `type` and a string (or absent, meaning `global`) `domain`.
+#[derive(Debug)]
+pub(crate) struct Envelope {
+    pub domain: String,
+    pub ty: String,
+    pub msg: Obj,
+}
+
+/// Why a text frame is not a GW3 message. Each says how to answer (`session.rs`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EnvelopeError {
+    /// Not JSON, or JSON but not an object: answered with a plain-text frame (there is no
+    /// request id to answer to).
+    #[error("GW3 message must be a JSON object{0}")]
+    NotObject(String),
+    /// `domain` is not a string: answered with a `global` error.
+    #[error("domain must be a string, not {domain}")]
+    BadDomain { domain: J, msg: Box<Obj> },
+    /// No string `type`: answered with an `unhandled_message` error in the domain.
+    #[error("a GW3 message needs a string \"type\"")]
+    NoType { domain: String, msg: Box<Obj> },
+}
+
+/// Checks one text frame's envelope. Pure: the session decides what to do with it.
+pub(crate) fn parse_envelope(text: &str) -> Result<Envelope, EnvelopeError> {
+    let msg = match serde_json::from_str::<J>(text) {
+        Ok(J::Object(o)) => o,
+        Ok(_) => return Err(EnvelopeError::NotObject(String::new())),
+        Err(e) => return Err(EnvelopeError::NotObject(format!(": {e}"))),
+    };
+    let domain = match msg.get("domain") {
+        None | Some(J::Null) => "global".to_string(),
+        Some(J::String(d)) => d.clone(),
+        Some(other) => {
+            let domain = other.clone();
+            let msg = Box::new(msg);
+            return Err(EnvelopeError::BadDomain { domain, msg });
+        }
+    };
+    let ty = match msg.get("type") {
+        Some(J::String(t)) => t.clone(),
+        _ => {
+            let msg = Box::new(msg);
+            return Err(EnvelopeError::NoType { domain, msg });
+        }
+    };
+    Ok(Envelope { domain, ty, msg })
+}
+
 /// A method id as a map key: its canonical JSON text, so `"7"` and `7` stay distinct.
 pub(crate) fn id_key(id: &J) -> String {
     id.to_string()

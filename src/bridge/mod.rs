@@ -23,8 +23,8 @@
 //! See `docs/bridge.md` for the configuration and `docs/gw3-conformance.md` for how the bridge
 //! compares with the reference gateway.
 
-mod auth;
-mod gw3;
+pub(crate) mod auth;
+pub(crate) mod gw3;
 mod hub;
 mod session;
 

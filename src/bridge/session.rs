@@ -259,35 +259,31 @@ impl Session {
     // ---- frames from the client ------------------------------------------------------------
 
     async fn on_text(&mut self, text: &str) {
-        let msg = match serde_json::from_str::<J>(text) {
-            Ok(J::Object(o)) => o,
-            Ok(_) => return self.raw("GW3 message must be a JSON object"),
-            Err(e) => return self.send_text(format!("GW3 message must be a JSON object: {e}")),
-        };
-        let domain = match msg.get("domain") {
-            None | Some(J::Null) => "global".to_string(),
-            Some(J::String(d)) => d.clone(),
-            Some(other) => {
-                let reason = format!("domain must be a string, not {other}");
+        let gw3::Envelope { domain, ty, msg } = match gw3::parse_envelope(text) {
+            Ok(e) => e,
+            Err(e @ gw3::EnvelopeError::NotObject(_)) => return self.send_text(e.to_string()),
+            Err(ref e @ gw3::EnvelopeError::BadDomain { ref msg, .. }) => {
                 return self.send(gw3::error(
                     "global",
-                    &rid(&msg),
+                    &rid(msg),
                     &self.my_id(),
                     "global.errors.failure",
-                    &reason,
+                    &e.to_string(),
                 ));
             }
-        };
-        let ty = match msg.get("type") {
-            Some(J::String(t)) => t.clone(),
-            _ => {
+            Err(
+                ref e @ gw3::EnvelopeError::NoType {
+                    ref domain,
+                    ref msg,
+                },
+            ) => {
                 let uri = format!("{domain}.errors.unhandled_message");
                 return self.send(gw3::error(
-                    &domain,
-                    &rid(&msg),
+                    domain,
+                    &rid(msg),
                     &self.my_id(),
                     &uri,
-                    "a GW3 message needs a string \"type\"",
+                    &e.to_string(),
                 ));
             }
         };

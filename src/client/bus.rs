@@ -296,7 +296,12 @@ fn route(
 }
 
 /// Encodes a bus record: topic, routing key, payload flags, payload.
-pub(crate) fn encode(out: &mut Vec<u8>, topic: &str, routing_key: Option<&str>, data: &Value) {
+pub(crate) fn encode(
+    out: &mut Vec<u8>,
+    topic: &str,
+    routing_key: Option<&str>,
+    data: &Value,
+) -> Result<(), crate::wire::codec::EncodeError> {
     out.clear();
     out.extend_from_slice(&(topic.len() as u32).to_le_bytes());
     out.extend_from_slice(topic.as_bytes());
@@ -309,8 +314,9 @@ pub(crate) fn encode(out: &mut Vec<u8>, topic: &str, routing_key: Option<&str>, 
     }
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
-    let flags = record::encode_payload(data, out);
+    let flags = record::encode_payload(data, out)?;
     out[at..at + 4].copy_from_slice(&flags.to_le_bytes());
+    Ok(())
 }
 
 fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
@@ -389,7 +395,7 @@ pub(crate) fn publish(
     let mut failed = None;
     if !r.lanes.is_empty() || r.relay {
         let mut body = SCRATCH.with(|s| s.take());
-        encode(&mut body, topic, opts.routing_key.as_deref(), &data);
+        encode(&mut body, topic, opts.routing_key.as_deref(), &data)?;
         // The same limit wherever the subscribers are (the topic and key are not payload).
         let size = body.len().saturating_sub(topic.len() + 12);
         if size > shared.max_payload {
@@ -418,6 +424,19 @@ pub(crate) fn publish(
             }
         }
         SCRATCH.with(|s| s.set(body));
+    } else {
+        // Only local subscribers (or none): the same checks, without encoding.
+        crate::wire::codec::check(&data)?;
+        let size = match &data {
+            Value::Bytes(b) => b.len(),
+            v => crate::wire::codec::encoded_len(v),
+        };
+        if size > shared.max_payload {
+            return Err(ClientError::PayloadTooLarge {
+                size,
+                max: shared.max_payload,
+            });
+        }
     }
     if r.relay {
         let target = opts.target.clone().map(Value::Map).unwrap_or(Value::Null);

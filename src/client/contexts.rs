@@ -203,6 +203,10 @@ pub(crate) struct CtxFollow {
     last_updater: Option<(u64, Option<Arc<Instance>>)>,
     version: u64,
     buf: Vec<u8>,
+    /// The shared memory failed validation and our copy could not be refreshed from the
+    /// snapshot: logged records are not applied to it, each one retries the snapshot instead.
+    /// Set once per episode, which is when the error is reported.
+    broken: bool,
 }
 
 impl CtxFollow {
@@ -490,6 +494,7 @@ pub(crate) fn write(
         },
         WriteError::TooLarge { size, max } => ContextError::TooLarge { size, max },
         WriteError::Corrupt(m) => ContextError::Corrupt(m),
+        WriteError::Encode(e) => ContextError::InvalidArgument(e.to_string()),
     })?;
     remember(&entry, v, &data);
     if !changed {
@@ -653,6 +658,7 @@ fn attach_sub(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
             last_updater: None,
             version: 0,
             buf: Vec::new(),
+            broken: false,
         };
         Arc::make_mut(&mut *entry.subs.lock().unwrap_or_else(|e| e.into_inner())).push(sub);
         entry.new_subs.store(true, Ordering::Release);
@@ -739,6 +745,8 @@ pub(crate) fn pump_follow(
     while entry.queued.load(Ordering::Acquire) < MAX_QUEUED {
         let ev = match cf.f.next(&entry.store, &mut cf.buf) {
             Ok(None) => break,
+            // Our copy may be behind: take the snapshot instead.
+            Ok(Some(_)) if cf.broken => resync(shared, cf),
             Ok(Some(LogEvent::Record {
                 kind: KIND_OP,
                 version,
@@ -764,8 +772,11 @@ pub(crate) fn pump_follow(
                 payload_logged: false,
             })) => resync_at(shared, cf, Some((version, updater))),
             Ok(Some(_)) => resync(shared, cf),
+            // The follower has moved past the corrupt part (`Follower::next`), so this ends.
             Err(e) => {
-                crate::log::warn(format_args!("context {:?} log: {e}", entry.name));
+                if !cf.broken {
+                    crate::log::warn(format_args!("context {:?} log: {e}", entry.name));
+                }
                 resync(shared, cf)
             }
         };
@@ -882,10 +893,16 @@ fn resync_at(
     let (v, now) = match read_snapshot(&cf.entry, &mut cf.buf) {
         Ok(x) => x,
         Err(e) => {
-            crate::log::warn(format_args!("context {:?}: {e}", cf.entry.name));
+            if !std::mem::replace(&mut cf.broken, true) {
+                crate::log::warn(format_args!(
+                    "context {:?}: {e}; its subscribers wait for a sound snapshot",
+                    cf.entry.name
+                ));
+            }
             return None;
         }
     };
+    cf.broken = false;
     cf.f.resync(v);
     let before = cf
         .data

@@ -17,7 +17,7 @@ use crate::shm::DoorbellSegment;
 use crate::wait::{Backoff, Doorbell, WaitStrategy};
 use crate::wire::frame::ToGateway;
 use crate::wire::frame::{Instance, MethodDef, PeerId};
-use crate::wire::record::{self, FRAG_MORE, KIND_CANCEL, KIND_INVOKE, KIND_RESULT};
+use crate::wire::record::{self, KIND_CANCEL, KIND_INVOKE, KIND_RESULT};
 use crate::wire::Value;
 use std::cell::{Cell, UnsafeCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -815,14 +815,18 @@ impl Shared {
     ) {
         SCRATCH.with(|s| {
             let mut body = s.take();
-            record::result(&mut body, call_id, &outcome);
+            if let Err(e) = record::result(&mut body, call_id, &outcome) {
+                let msg = format!("result cannot be sent: {e}");
+                // A plain message always encodes.
+                let _ = record::result(&mut body, call_id, &Err((msg, None)));
+            }
             if body.len() > lane.max_message {
                 let msg = format!(
                     "result of {} bytes exceeds the limit of {} bytes",
                     body.len(),
                     lane.max_message
                 );
-                record::result(&mut body, call_id, &Err((msg, None)));
+                let _ = record::result(&mut body, call_id, &Err((msg, None)));
             }
             let deadline = Instant::now() + Duration::from_secs(30);
             if let Err(e) = self.send_on(lane, KIND_RESULT, &body, deadline) {
@@ -863,8 +867,10 @@ impl Shared {
         SCRATCH.with(|s| {
             let mut body = s.take();
             let ms = timeout.as_millis().min(u32::MAX as u128) as u32;
-            record::invoke(&mut body, call_id, method_id, ms, args);
-            let r = self.send_on(lane, KIND_INVOKE, &body, Instant::now() + timeout);
+            let r = match record::invoke(&mut body, call_id, method_id, ms, args) {
+                Ok(()) => self.send_on(lane, KIND_INVOKE, &body, Instant::now() + timeout),
+                Err(e) => Err(e.into()),
+            };
             s.set(body);
             r
         })
@@ -988,22 +994,10 @@ impl Shared {
         buf: &mut [u8],
         sink: Option<&mut Vec<Task>>,
     ) -> Result<(), &'static str> {
-        if flags & FRAG_MORE != 0 || l.assembly.is_some() {
-            let (k, bytes) = l.assembly.get_or_insert_with(|| (kind, Vec::new()));
-            if *k != kind {
-                return Err("fragment kinds differ");
-            }
-            if bytes.len() + buf.len() > l.lane.max_message {
-                return Err("message exceeds the payload limit");
-            }
-            bytes.extend_from_slice(buf);
-            if flags & FRAG_MORE != 0 {
-                return Ok(());
-            }
-            let (_, whole) = l.assembly.take().unwrap_or_default();
-            return self.on_message(&l.lane, kind, &whole, sink);
+        match l.assembly.push(kind, flags, buf, l.lane.max_message)? {
+            None => Ok(()),
+            Some(msg) => self.on_message(&l.lane, kind, &msg, sink),
         }
-        self.on_message(&l.lane, kind, buf, sink)
     }
 
     /// Handles one whole message. The body is borrowed (usually the receive buffer, reused for

@@ -375,6 +375,7 @@ pub(crate) fn invoke(
         }
         .into());
     }
+    codec::check(&args).map_err(|e| InvokeError::InvalidArgument(e.to_string()))?;
     let size = match &args {
         Value::Bytes(b) => b.len(),
         v => codec::encoded_len(v),

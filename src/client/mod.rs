@@ -20,13 +20,13 @@
 //! Callbacks (method handlers, event callbacks) run on the client's dispatcher thread, or, for a
 //! client built with [`ClientBuilder::poll_mode`], inside [`Client::poll`].
 
-mod bus;
+pub(crate) mod bus;
 mod channels;
 mod conn;
 mod contexts;
 mod engine;
 mod interop;
-mod lane;
+pub(crate) mod lane;
 mod streams;
 
 pub use bus::{BusMessage, BusSubscription, PublishOptions, SubscribeOptions};
@@ -100,6 +100,12 @@ impl ClientError {
             ClientError::Timeout => Status::Timeout,
             ClientError::PayloadTooLarge { .. } => Status::PayloadTooLarge,
         }
+    }
+}
+
+impl From<crate::wire::codec::EncodeError> for ClientError {
+    fn from(e: crate::wire::codec::EncodeError) -> Self {
+        ClientError::InvalidArgument(e.to_string())
     }
 }
 

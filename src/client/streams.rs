@@ -362,7 +362,10 @@ fn reply_value(shared: &Arc<Shared>, link: &Link, sub_id: u64, accepted: bool, i
     let mut body = Vec::new();
     body.extend_from_slice(&sub_id.to_le_bytes());
     body.extend_from_slice(&(if accepted { 0u32 } else { 1 }).to_le_bytes());
-    codec::encode_into(info, &mut body);
+    if codec::encode_into(info, &mut body).is_err() {
+        // `info` is built here from names and numbers: never deep. Nothing half-built is sent.
+        return;
+    }
     let _ = send(
         shared,
         link,
@@ -424,20 +427,19 @@ thread_local! {
     static PUSH_SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-fn data_record_into(data: &Value, private: bool, body: &mut Vec<u8>) {
+fn data_record_into(data: &Value, private: bool, body: &mut Vec<u8>) -> Result<(), ClientError> {
     body.clear();
     body.resize(20, 0);
     body[8..12].copy_from_slice(&(private as u32).to_le_bytes());
-    let flags = record::encode_payload(data, body);
+    let flags = record::encode_payload(data, body)?;
     body[16..20].copy_from_slice(&flags.to_le_bytes());
+    Ok(())
 }
 
-fn data_record(data: &Value, private: bool) -> Vec<u8> {
-    let mut body = vec![0u8; 20];
-    body[8..12].copy_from_slice(&(private as u32).to_le_bytes());
-    let flags = record::encode_payload(data, &mut body);
-    body[16..20].copy_from_slice(&flags.to_le_bytes());
-    body
+fn data_record(data: &Value, private: bool) -> Result<Vec<u8>, ClientError> {
+    let mut body = Vec::new();
+    data_record_into(data, private, &mut body)?;
+    Ok(body)
 }
 
 /// An item larger than the gateway allows is refused to the pusher (it would otherwise close
@@ -461,7 +463,7 @@ fn push_one(
     data: &Value,
     private: bool,
 ) -> Result<(), ClientError> {
-    let mut body = data_record(data, private);
+    let mut body = data_record(data, private)?;
     check_size(shared, &body)?;
     body[0..8].copy_from_slice(&sub.sub_id.to_le_bytes());
     let key = match &entry.options.policy {
@@ -630,8 +632,9 @@ impl Stream {
         };
         // One encoding per push, in a reused buffer; only the subscription id differs.
         let mut body = PUSH_SCRATCH.with(|c| c.take());
-        data_record_into(data, false, &mut body);
-        if let Err(e) = check_size(&self.shared, &body) {
+        if let Err(e) = data_record_into(data, false, &mut body)
+            .and_then(|()| check_size(&self.shared, &body))
+        {
             PUSH_SCRATCH.with(|c| c.set(body));
             return Err(e);
         }
@@ -1002,7 +1005,8 @@ pub(crate) fn subscribe(
         body.truncate(8);
         body.extend_from_slice(&method_id.to_le_bytes());
         body.extend_from_slice(&[0; 4]);
-        let flags = record::encode_payload(&params.arguments, &mut body);
+        let flags = record::encode_payload(&params.arguments, &mut body)
+            .map_err(|e| StreamError::InvalidArgument(e.to_string()))?;
         body[12..16].copy_from_slice(&flags.to_le_bytes());
         sub.remotes
             .lock()

@@ -26,6 +26,9 @@ pub enum WriteError {
     /// The snapshot does not decode.
     #[error("context corrupt: {0}")]
     Corrupt(String),
+    /// The new value cannot be stored: readers could not decode it.
+    #[error("invalid value: {0}")]
+    Encode(#[from] codec::EncodeError),
 }
 
 /// Decodes a snapshot (empty bytes: `{}`).
@@ -75,8 +78,21 @@ pub fn write<M: StoreMemory>(
         Some((_, d)) => d,
         None if exists => {
             let mut buf = Vec::new();
-            guard.read(&mut buf)?;
-            Arc::new(Value::Map(decode_snapshot(&buf)?))
+            let decoded = guard
+                .read(&mut buf)
+                .map_err(WriteError::from)
+                .and_then(|_| decode_snapshot(&buf));
+            match decoded {
+                Ok(m) => Arc::new(Value::Map(m)),
+                // A `set` replaces everything, so it repairs a snapshot that was scribbled
+                // over; every other op needs the current value and reports the corruption.
+                Err(WriteError::Corrupt(_) | WriteError::Store(StoreError::Corrupt(_)))
+                    if matches!(op, ContextOp::Set(_)) =>
+                {
+                    Arc::new(Value::map())
+                }
+                Err(e) => return Err(e),
+            }
         }
         None => Arc::new(Value::map()),
     };
@@ -84,30 +100,34 @@ pub fn write<M: StoreMemory>(
         return Err(WriteError::Corrupt("snapshot is not an object".into()));
     };
     let mut payload = Vec::with_capacity(128);
+    // An op too deep to encode is committed without a logged payload (followers take the
+    // snapshot); the snapshot itself must encode, or nothing is written.
+    let mut logged = true;
     match op {
         // The hot path: no delta built, the logged op encoded while applying.
-        ContextOp::Update(new) if exists => {
-            if !update_in_place(map, new, &mut payload) {
-                return Ok((version, false, current));
-            }
-        }
+        ContextOp::Update(new) if exists => match update_in_place(map, new, &mut payload) {
+            Ok(false) => return Ok((version, false, current)),
+            Ok(true) => {}
+            Err(_) => logged = false,
+        },
         _ => {
             let Some(delta) = apply_mut(map, exists, op)? else {
                 return Ok((version, false, current));
             };
-            codec::encode_into(
+            logged = codec::encode_into(
                 &op.normalized_delta(&delta, exists).to_value(),
                 &mut payload,
-            );
+            )
+            .is_ok();
         }
     }
-    let bytes = codec::encode(&current);
+    let bytes = codec::encode(&current)?;
     if bytes.len() > max_size {
         return Err(WriteError::TooLarge {
             size: bytes.len(),
             max: max_size,
         });
     }
-    let v = guard.commit(&bytes, KIND_OP, Some(&payload))?;
+    let v = guard.commit(&bytes, KIND_OP, logged.then_some(payload.as_slice()))?;
     Ok((v, true, current))
 }

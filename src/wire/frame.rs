@@ -139,7 +139,8 @@ pub(crate) mod encoded_value {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &Value, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&codec::encode(v))
+        let bytes = codec::encode(v).map_err(serde::ser::Error::custom)?;
+        s.serialize_bytes(&bytes)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
