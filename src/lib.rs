@@ -61,6 +61,8 @@ pub mod control;
 #[cfg(not(knit_loom))]
 pub mod gateway;
 #[cfg(not(knit_loom))]
+pub mod keeper;
+#[cfg(not(knit_loom))]
 pub mod log;
 #[cfg(not(knit_loom))]
 pub mod model;

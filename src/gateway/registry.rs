@@ -122,7 +122,9 @@ pub(crate) struct Registry {
     pub(super) bus: super::bus::Bus,
     /// Channel definitions and restrictions (see `channels.rs`).
     pub(super) channels: super::channels::ChannelConfig,
-    next_peer: u64,
+    /// The keeper and what adoption left behind (see `keep.rs`).
+    pub(super) keep: super::keep::Keep,
+    pub(super) next_peer: u64,
     next_lane: u64,
     next_invocation: u64,
     machine: String,
@@ -160,6 +162,7 @@ impl Registry {
             contexts: Default::default(),
             bus: Default::default(),
             channels: Default::default(),
+            keep: Default::default(),
             next_peer: 1,
             next_lane: 1,
             next_invocation: 1,
@@ -287,6 +290,7 @@ impl Registry {
             Transport::Relay => None,
         };
         self.next_peer += 1;
+        self.keep_peer_joined(id, adm.pid, adm.transport == Transport::Shm);
         let identity = Instance {
             application: adm.application,
             instance,
@@ -646,6 +650,7 @@ impl Registry {
         let Some(peer) = self.peers.remove(&id) else {
             return;
         };
+        self.keep_peer_left(id);
         self.lanes.retain(|(a, b), _| *a != id && *b != id);
         let orphaned: Vec<u64> = self
             .relayed
