@@ -561,3 +561,35 @@ fn attach_lane(
     shared.add_rx(rx);
     Ok(lane)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restore_waits_for_changes_under_way_and_changes_wait_for_a_restore() {
+        let gate = Arc::new(Gate::default());
+        let change = gate.enter();
+        let restorer = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.begin_restore(Duration::from_secs(30)))
+        };
+        // The restore cannot start while the change is under way (a negative check: it is
+        // given time to go wrong).
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!restorer.is_finished(), "a restore started during a change");
+        drop(change);
+        restorer.join().unwrap();
+        let changer = {
+            let gate = gate.clone();
+            std::thread::spawn(move || drop(gate.enter()))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !changer.is_finished(),
+            "a change went ahead during a restore"
+        );
+        gate.end_restore();
+        changer.join().unwrap();
+    }
+}

@@ -317,6 +317,9 @@ fn apply(
         frames,
         ..
     } = hs;
+    // Subscribers of our streams were peers of the old connection: their subscriptions end
+    // (before the gate closes: `on_removed` callbacks may register things).
+    super::streams::connection_reset(shared);
     // Registration changes under way (failing fast: we are disconnected) finish first; new
     // ones wait until the restore has sent everything again.
     shared.conn.gate.begin_restore(Duration::from_secs(1));
@@ -347,10 +350,17 @@ fn apply(
         crate::model::FailureKind::Delivery(crate::Status::Disconnected),
         "gateway connection reset before the reply arrived",
     );
-    super::streams::connection_reset(shared);
+    super::streams::forget_servers(shared);
     super::contexts::connection_reset(shared, welcome.contexts);
     super::bus::connection_reset(shared, welcome.bus);
     shared.conn.install(sock.clone());
+    // `close` shuts down the socket it finds installed; one installed after it looked is
+    // ours to shut down (the socket's mutex orders the two).
+    if shared.is_closed() {
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+        shared.conn.gate.end_restore();
+        return Err(ClientError::Closed);
+    }
     let removed: Vec<(Arc<frame::Instance>, Vec<Arc<frame::MethodDef>>)> = old_peers
         .into_values()
         .map(|p| (p.identity, p.methods.into_values().collect()))

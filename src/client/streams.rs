@@ -1431,22 +1431,35 @@ fn _assert_send_sync() {
 }
 
 /// A new gateway connection (control thread): every subscriber of our streams is a peer of the
-/// old connection (it will subscribe again), so those subscriptions end; our own subscriptions
-/// lose their servers and wait for [`restore`].
+/// old connection (it will subscribe again), so those subscriptions end.
 pub(crate) fn connection_reset(shared: &Arc<Shared>) {
-    let (served, subs) = {
-        let st = shared.streams.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            st.served.values().cloned().collect::<Vec<_>>(),
-            st.subs.values().cloned().collect::<Vec<_>>(),
-        )
-    };
+    let served: Vec<Arc<StreamEntry>> = shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .served
+        .values()
+        .cloned()
+        .collect();
     for e in served {
         let gone = e.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for s in gone {
             drop_sub(shared, &e, &s, "gateway connection reset", false);
         }
     }
+}
+
+/// A new gateway connection (control thread): our subscriptions lose their servers (peers of
+/// the old connection) and wait for [`restore`].
+pub(crate) fn forget_servers(shared: &Shared) {
+    let subs: Vec<Arc<ClientSub>> = shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .values()
+        .cloned()
+        .collect();
     for s in subs {
         s.remotes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         s.changed.notify_all();

@@ -80,7 +80,8 @@ pub(crate) struct Keep {
 }
 
 impl Registry {
-    /// Adopts what a keeper handed back. Call before any peer is admitted. Returns what was
+    /// Adopts what a keeper handed back (after [`Registry::set_keeper`], so that what is left
+    /// out is dropped from the keeper too). Call before any peer is admitted. Returns what was
     /// left out and why.
     pub(crate) fn adopt(&mut self, state: State) -> Vec<AdoptError> {
         let mut errors = Vec::new();
@@ -102,15 +103,14 @@ impl Registry {
             .max(state.counters.next_context.saturating_sub(1));
         self.next_peer = self.next_peer.max(state.counters.next_peer).max(1);
         self.keep.previous = state.peers.into_iter().collect();
-        // Nothing of the previous run's may be handed out again, even if it did not survive.
-        self.keep.reserved_peer = self.next_peer;
-        self.keep.reserved_context = self.contexts.next_id + 1;
         // Do not offer what we refused to the next run either.
         if let Some(link) = self.keep.link.as_mut() {
             for id in rejected {
                 let _ = link.drop_context(id);
             }
         }
+        // Nothing of the previous run's may be handed out again, even if it did not survive.
+        self.reserve(true);
         errors
     }
 
@@ -187,12 +187,12 @@ impl Registry {
         Ok(id)
     }
 
-    /// Starts handing segments to `link`; `source` says how to find the keeper again.
+    /// Starts handing segments to `link` (then call [`Registry::adopt`] with what it handed
+    /// back); `source` says how to find the keeper again.
     pub(crate) fn set_keeper(&mut self, link: Link, source: Option<(PathBuf, KeeperConfig)>) {
         self.keep.link = Some(link);
         self.keep.source = source;
         self.keep.last_attach = Some(Instant::now());
-        self.reserve(true);
     }
 
     /// Remembers how to find a keeper that could not be reached at start-up.

@@ -365,6 +365,7 @@ async fn serve(
     registry.set_channels(gw.cfg.channels.clone());
     match (gw.kept, &gw.cfg.keeper) {
         (Some((link, state)), Some(cfg)) => {
+            registry.set_keeper(link, Some((gw.cfg.socket.clone(), cfg.clone())));
             let offered = state.contexts.len();
             let errors = registry.adopt(state);
             for e in &errors {
@@ -376,7 +377,6 @@ async fn serve(
                     offered - errors.len()
                 ));
             }
-            registry.set_keeper(link, Some((gw.cfg.socket.clone(), cfg.clone())));
         }
         (None, Some(cfg)) => registry.set_keeper_source(gw.cfg.socket.clone(), cfg.clone()),
         _ => {}
