@@ -586,3 +586,32 @@ fn a_client_without_reconnection_stays_disconnected() {
     drop((on, off));
     gw.shutdown();
 }
+
+/// The keeper is killed while its gateway runs: the gateway starts another and hands it every
+/// context, so a crash afterwards still loses nothing.
+#[test]
+fn a_gateway_whose_keeper_dies_starts_another_and_hands_it_every_context() {
+    let dir = TempDir::new("restart-keeper");
+    let mut gw = GatewayProc::start(&dir, &[]);
+    let socket = gw.socket.clone();
+    let first = gw.keeper_pid().expect("a keeper");
+    let set = |name: &str, json: &str| {
+        let out = run_knit(
+            &["--gateway", sock(&socket), "ctx", "set", name, json],
+            STARTUP,
+        );
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    };
+    set("before", r#"{"x": 1}"#);
+    common::stop_keeper(&socket);
+    assert!(
+        common::wait_until(STARTUP, || gw.keeper_pid().is_some_and(|p| p != first)),
+        "no new keeper; gateway log: {}",
+        gw.log()
+    );
+    set("after", r#"{"y": 2}"#);
+    gw.child.kill9();
+    let _gw2 = GatewayProc::start(&dir, &[]);
+    assert_eq!(ctx_get(&socket, "before"), json!({"x": 1}));
+    assert_eq!(ctx_get(&socket, "after"), json!({"y": 2}));
+}

@@ -31,7 +31,7 @@ const LIVE_HOLDER_GRACE: Duration = Duration::from_secs(30);
 /// Ids reserved with the keeper at a time.
 const ID_BLOCK: u64 = 1024;
 /// How often a lost keeper is looked for again.
-const REATTACH_EVERY: Duration = Duration::from_secs(5);
+const REATTACH_EVERY: Duration = Duration::from_secs(2);
 
 /// Why a segment handed back by the keeper was not adopted.
 #[derive(Debug, Error)]
@@ -274,7 +274,7 @@ impl Registry {
     /// again if its link broke.
     pub(crate) fn keep_sweep(&mut self, now: Instant) {
         self.break_stale_locks(now);
-        let broken = self.keep.link.as_ref().is_none_or(Link::is_broken);
+        let broken = self.keep.link.as_mut().is_none_or(Link::is_broken);
         let due = self
             .keep
             .last_attach

@@ -316,8 +316,22 @@ impl Link {
         Ok((link, state))
     }
 
-    /// Whether a send failed (the keeper died or stopped reading): nothing more is kept.
-    pub fn is_broken(&self) -> bool {
+    /// Whether the keeper is gone (a send failed, or it hung up: it never speaks after its
+    /// state, so anything readable on the socket means it closed). Never blocks.
+    pub fn is_broken(&mut self) -> bool {
+        if !self.broken {
+            let mut pfd = [rustix::event::PollFd::new(
+                &self.sock,
+                rustix::event::PollFlags::IN,
+            )];
+            let zero = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if matches!(rustix::event::poll(&mut pfd, Some(&zero)), Ok(n) if n > 0) {
+                self.broken = true;
+            }
+        }
         self.broken
     }
 
