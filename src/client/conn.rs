@@ -34,9 +34,11 @@ pub(crate) struct Down {
 }
 
 pub(crate) struct Conn {
-    /// The socket requests go out on, `None` while disconnected. Its mutex also keeps each
-    /// frame whole when several threads send.
+    /// The socket requests go out on, `None` while disconnected.
     sock: Mutex<Option<Arc<UnixStream>>>,
+    /// Keeps each frame whole when several threads send (held while sending: never taken by
+    /// `shutdown`, which must work while a send is stuck).
+    write: Mutex<()>,
     /// A connection being set up, so that closing the client can interrupt its handshake.
     handshake: Mutex<Option<Arc<UnixStream>>>,
     next_req: AtomicU64,
@@ -61,6 +63,7 @@ impl Conn {
     pub(crate) fn new(sock: Arc<UnixStream>) -> Self {
         Self {
             sock: Mutex::new(Some(sock)),
+            write: Mutex::new(()),
             handshake: Mutex::new(None),
             next_req: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
@@ -92,10 +95,10 @@ impl Conn {
     /// Sends one message.
     pub(crate) fn send(&self, msg: &ToGateway) -> Result<(), ClientError> {
         let frame = encode_frame(msg, 0).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(s) = sock.as_ref() else {
+        let Some(s) = self.sock.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Err(ClientError::Disconnected);
         };
+        let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
         crate::sys::fdpass::send_all(s.as_fd(), &frame, &[]).map_err(|_| ClientError::Disconnected)
     }
 
