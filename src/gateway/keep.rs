@@ -531,4 +531,115 @@ mod tests {
         assert_eq!(probe.ctl().lock_holder(), 22);
         assert!(probe.ctl().break_lock(22));
     }
+
+    /// A keeper that hands back one good segment, one record that does not decode and one
+    /// segment of the wrong kind: the gateway starts, serves the good context to clients, and
+    /// tells the keeper to drop the one it refused.
+    #[test]
+    fn a_gateway_starts_and_adopts_what_validates_when_its_keeper_hands_back_garbage() {
+        use crate::keeper::{send_frame, FromKeeper, KeeperConfig, ToKeeper};
+        use crate::wire::frame::{decode_body, encode_frame, FrameReader};
+        use std::os::unix::net::UnixListener;
+        let dir = std::env::temp_dir().join(format!("knit-keep-fake-{}", std::process::id()));
+        crate::control::ensure_private_dir(&dir).unwrap();
+        let socket = dir.join("gw.sock");
+        let listener = UnixListener::bind(crate::keeper::socket_path(&socket)).unwrap();
+        let good = crate::shm::create_context(4096, 4096).unwrap();
+        {
+            let store = Store::new(ContextSegment::open(&good).unwrap()).unwrap();
+            let mut m = crate::wire::Map::new();
+            m.insert("kept".into(), crate::wire::Value::from(true));
+            crate::store::context::write(
+                &store,
+                9,
+                &crate::model::context::ContextOp::Set(m),
+                None,
+                1 << 20,
+                Duration::from_secs(1),
+                None,
+            )
+            .unwrap();
+        }
+        let lane = crate::shm::create_lane(4096).unwrap();
+        let fake = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let deadline = || Instant::now() + Duration::from_secs(10);
+            let frame = |m: &FromKeeper, n| encode_frame(m, n).unwrap();
+            let mut frames = FrameReader::default();
+            let mut buf = vec![0u8; 65536];
+            let mut next = move |sock: &std::os::unix::net::UnixStream| loop {
+                if let Some((body, _)) = frames.next_frame().unwrap() {
+                    return Some(decode_body::<ToKeeper>(&body).unwrap());
+                }
+                let mut fds = Vec::new();
+                match crate::sys::fdpass::recv(sock.as_fd(), &mut buf, &mut fds) {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => {
+                        frames.push_bytes(&buf[..n]);
+                        frames.push_fds(fds);
+                    }
+                }
+            };
+            assert!(matches!(next(&sock), Some(ToKeeper::Hello { .. })));
+            let state = FromKeeper::State {
+                protocol: crate::keeper::PROTOCOL,
+                counters: Counters::default(),
+                peers: Vec::new(),
+                contexts: 3,
+            };
+            send_frame(sock.as_fd(), &frame(&state, 0), &[], deadline()).unwrap();
+            let kept = |id, name: &str| {
+                FromKeeper::Kept(KeptContext {
+                    id,
+                    user: crate::sys::identity::user_name(crate::sys::identity::euid()),
+                    name: name.into(),
+                })
+            };
+            send_frame(
+                sock.as_fd(),
+                &frame(&kept(3, "good"), 1),
+                &[good.as_fd()],
+                deadline(),
+            )
+            .unwrap();
+            // A well-framed record whose body is not a record.
+            let mut garbage = vec![0u8; 8];
+            garbage.extend_from_slice(&[0xff; 5]);
+            garbage[0] = 5;
+            send_frame(sock.as_fd(), &garbage, &[], deadline()).unwrap();
+            send_frame(
+                sock.as_fd(),
+                &frame(&kept(4, "lane"), 1),
+                &[lane.as_fd()],
+                deadline(),
+            )
+            .unwrap();
+            send_frame(sock.as_fd(), &frame(&FromKeeper::End, 0), &[], deadline()).unwrap();
+            let mut dropped = Vec::new();
+            while let Some(m) = next(&sock) {
+                match m {
+                    ToKeeper::Drop { id } => dropped.push(id),
+                    ToKeeper::Exit => break,
+                    _ => {}
+                }
+            }
+            dropped
+        });
+        let mut cfg = super::super::GatewayConfig::new(&socket);
+        // Never spawned: the fake answers.
+        cfg.keeper = Some(KeeperConfig::new("/nonexistent/knit"));
+        let gw = super::super::Gateway::bind(cfg).unwrap().spawn().unwrap();
+        let c = crate::client::Client::builder("t")
+            .socket(&socket)
+            .connect()
+            .unwrap();
+        assert!(c.contexts().all().contains(&"good".to_string()));
+        assert!(!c.contexts().all().contains(&"lane".to_string()));
+        let snap = c.contexts().get("good").unwrap();
+        assert_eq!(snap.data.get("kept"), Some(&crate::wire::Value::from(true)));
+        c.close();
+        gw.shutdown();
+        assert_eq!(fake.join().unwrap(), vec![4]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
