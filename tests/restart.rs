@@ -232,6 +232,19 @@ fn clients_reconnect_and_restore_everything_after_the_gateway_is_killed_and_rest
         reconnect < WITHIN,
         "reconnected {reconnect:?} after the gateway listened"
     );
+    // The server process came back too and registered its method again: our client sees it.
+    let served = c
+        .wait_for_method("Restart.Echo", STARTUP)
+        .expect("the method is served again");
+    let restored = back.elapsed();
+    eprintln!(
+        "method served again {restored:?} after the gateway listened (by {})",
+        served.servers[0].peer_id
+    );
+    assert!(
+        restored < WITHIN,
+        "the server's method came back {restored:?} after the gateway listened"
+    );
     let InteropEvent::Reconnected(me) = ev else {
         unreachable!()
     };
