@@ -212,6 +212,14 @@ fn clients_reconnect_and_restore_everything_after_the_gateway_is_killed_and_rest
     assert!(matches!(e, ClientError::Disconnected), "{e}");
     let e = c.invoke("Restart.Nobody", Value::Null, &opts).unwrap_err();
     assert_eq!(e.status(), Status::Disconnected, "{e}");
+    let e = c
+        .subscribe_stream("Restart.Ticks", StreamParams::default(), |_| {})
+        .unwrap_err();
+    assert_eq!(e.status(), Status::Disconnected, "{e}");
+    let e = c
+        .subscribe("restart.other", Default::default(), |_| {})
+        .unwrap_err();
+    assert_eq!(e.status(), Status::Disconnected, "{e}");
     assert!(
         t.elapsed() < Duration::from_millis(500),
         "failing took {:?}",

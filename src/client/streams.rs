@@ -963,6 +963,10 @@ pub(crate) fn subscribe(
                 .remove(&sub.id);
             return Err(match reason {
                 Some(m) => StreamError::Rejected(m),
+                // The servers were there, but reaching them needs the gateway.
+                None if !shared.conn.is_connected() && !shared.is_closed() => {
+                    StreamError::Client(ClientError::Disconnected)
+                }
                 None => StreamError::NoServer,
             });
         }
