@@ -64,6 +64,8 @@ pub mod fuzzing;
 #[cfg(not(knit_loom))]
 pub mod gateway;
 #[cfg(not(knit_loom))]
+pub mod keeper;
+#[cfg(not(knit_loom))]
 pub mod log;
 #[cfg(not(knit_loom))]
 pub mod model;

@@ -789,13 +789,29 @@ fn gateway_starts_on_the_socket_of_a_killed_gateway() {
     let mut orphan = ServerProc::start(&old.socket, "orphan", "Echo", &["--echo"]);
     old.child.kill9();
     assert!(old.socket.exists(), "SIGKILL leaves the socket file behind");
-    // Its servers notice.
-    let status = orphan.child.wait_timeout(QUICK).expect("knit serve exits");
-    assert_eq!(status.code(), Some(6));
 
     let gw = GatewayProc::start(&dir, &[]);
+    // The server of the killed gateway reconnects by itself and registers its method again.
+    assert!(
+        wait_until(STARTUP, || servers_of(&methods_json(&gw.socket), "Echo")
+            .iter()
+            .any(|(app, _)| app == "orphan")),
+        "the orphaned server did not come back"
+    );
     let _s = ServerProc::start(&gw.socket, "new", "Echo", &["--echo"]);
-    let out = invoke(&gw.socket, "Echo", Some(r#""again""#), &[]);
+    let out = invoke(&gw.socket, "Echo", Some(r#""again""#), &["--target", "new"]);
     assert_exit(&out, 0);
     assert_eq!(out.json()["executed_by"]["application"], "new");
+    let out = invoke(
+        &gw.socket,
+        "Echo",
+        Some(r#""orphan""#),
+        &["--target", "orphan"],
+    );
+    assert_exit(&out, 0);
+    assert_eq!(out.json()["returned"], "orphan");
+    assert!(
+        orphan.child.try_status().is_none(),
+        "knit serve rode the restart out"
+    );
 }

@@ -107,6 +107,7 @@ impl Drop for BusSubscription {
     fn drop(&mut self) {
         self.sub.active.store(false, Ordering::Release);
         if let Some(shared) = self.shared.upgrade() {
+            let _gate = shared.conn.gate.enter();
             let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
             st.mine.remove(&self.sub.id);
             st.mine_list = Arc::new(st.mine.values().cloned().collect());
@@ -144,6 +145,7 @@ pub(crate) fn subscribe(
         active: AtomicBool::new(true),
     });
     let (id, topic, routing_key) = (sub.id, sub.topic.clone(), sub.routing_key.clone());
+    let _gate = shared.conn.gate.enter();
     // Ours before the gateway announces it: a publisher that routes to us as soon as it knows
     // must find the subscription here when its first message arrives.
     let add = |on: bool| {
@@ -248,7 +250,7 @@ fn route(
         });
         (st.generation, peers, local)
     };
-    let me_value = shared.me.to_value();
+    let me_value = shared.me().to_value();
     let local = local
         && opts
             .target
@@ -398,11 +400,11 @@ pub(crate) fn publish(
         encode(&mut body, topic, opts.routing_key.as_deref(), &data)?;
         // The same limit wherever the subscribers are (the topic and key are not payload).
         let size = body.len().saturating_sub(topic.len() + 12);
-        if size > shared.max_payload {
+        if size > shared.max_payload() {
             SCRATCH.with(|s| s.set(body));
             return Err(ClientError::PayloadTooLarge {
                 size,
-                max: shared.max_payload,
+                max: shared.max_payload(),
             });
         }
         let deadline = Instant::now() + SEND_TIMEOUT;
@@ -431,10 +433,10 @@ pub(crate) fn publish(
             Value::Bytes(b) => b.len(),
             v => crate::wire::codec::encoded_len(v),
         };
-        if size > shared.max_payload {
+        if size > shared.max_payload() {
             return Err(ClientError::PayloadTooLarge {
                 size,
-                max: shared.max_payload,
+                max: shared.max_payload(),
             });
         }
     }
@@ -452,7 +454,7 @@ pub(crate) fn publish(
             topic: Arc::from(topic),
             data,
             routing_key: opts.routing_key.clone(),
-            source: shared.me.clone(),
+            source: shared.me(),
         };
         shared.push_task(Task::Bus(msg));
     }
@@ -498,5 +500,47 @@ pub(crate) fn deliver(shared: &Shared, msg: &BusMessage) {
             }
         }
         (s.cb)(msg);
+    }
+}
+
+/// A new gateway connection (control thread): the subscriptions others hold are the ones its
+/// welcome lists; every cached route is stale (its lanes are retired).
+pub(crate) fn connection_reset(shared: &Shared, subs: Vec<BusSubInfo>) {
+    let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+    st.remote.clear();
+    for s in subs {
+        st.remote.insert((s.peer, s.sub), s);
+    }
+    st.routes.clear();
+    st.last = None;
+    st.generation += 1;
+}
+
+/// Subscribes our subscriptions again, with the same ids (restore thread).
+pub(crate) fn restore(shared: &Arc<Shared>) {
+    let subs: Vec<Arc<MySub>> = shared
+        .bus
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .mine
+        .values()
+        .filter(|s| s.active.load(Ordering::Acquire))
+        .cloned()
+        .collect();
+    // All requests first, then the answers: each waits for every peer to route to it.
+    let pending: Vec<_> = subs
+        .iter()
+        .map(|s| {
+            shared.conn.start(|req| ToGateway::BusSubscribe {
+                req,
+                sub: s.id,
+                topic: s.topic.clone(),
+                routing_key: s.routing_key.clone(),
+            })
+        })
+        .collect();
+    for (s, p) in subs.iter().zip(pending) {
+        let r = p.and_then(|p| p.wait(&shared.conn, CONTROL_TIMEOUT));
+        super::reconnect::expect_ack(&format!("the bus subscription to {:?}", s.topic), r);
     }
 }

@@ -22,7 +22,7 @@ use crate::wire::Value;
 use std::cell::{Cell, UnsafeCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -166,6 +166,8 @@ pub(crate) enum Task {
     /// A peer invoked one of our methods through the gateway.
     RelayInvoke {
         invocation: u64,
+        /// The connection it came on (an answer on a later one would be misread).
+        epoch: u64,
         caller: Arc<Instance>,
         method_id: u32,
         args: Value,
@@ -223,6 +225,22 @@ pub(crate) struct State {
     pub departed: VecDeque<Arc<Instance>>,
 }
 
+impl State {
+    /// Keeps a departed peer's identity for late events (the last 256).
+    pub(crate) fn remember_departed(&mut self, who: Arc<Instance>) {
+        if self.departed.len() >= 256 {
+            self.departed.pop_front();
+        }
+        self.departed.push_back(who);
+    }
+}
+
+/// A doorbell directory and our doorbell in it (from a `Welcome`).
+pub(crate) struct Bells {
+    pub seg: DoorbellSegment,
+    pub index: u32,
+}
+
 /// The inbound lanes, held by the pumper.
 pub(crate) struct RxSet {
     lanes: Vec<RxLane>,
@@ -246,19 +264,28 @@ thread_local! {
 }
 
 /// Everything the client's threads share.
+///
+/// What the gateway assigns per connection — our identity, the doorbell directory and our
+/// doorbell in it, the payload limit — changes when the client reconnects, so it is read
+/// through accessors (`me`, `my_id`, `bells`, `max_payload`).
 pub(crate) struct Shared {
-    pub me: Arc<Instance>,
+    me: std::sync::RwLock<Arc<Instance>>,
+    /// `me.peer_id`, readable without a lock.
+    my_id: AtomicU64,
     pub wait: WaitStrategy,
     pub poll_mode: bool,
     /// We asked to be reached (and to reach others) through the gateway only.
     pub relay_only: bool,
-    pub max_payload: usize,
-    #[allow(dead_code)]
-    pub lane_capacity: usize,
+    max_payload: AtomicUsize,
+    /// How to connect again.
+    pub hello: super::reconnect::HelloParams,
     pub conn: super::conn::Conn,
-    /// The doorbell directory; ours is `doorbell` (validated at construction).
-    bells: DoorbellSegment,
-    doorbell: u32,
+    /// The current doorbell directory and our index in it: points into an `Arc` held by
+    /// `all_bells`.
+    bells: AtomicPtr<Bells>,
+    /// Every directory installed so far (one per connection), kept for as long as `self`, so
+    /// that a reference obtained through `bells` stays valid however often it is replaced.
+    all_bells: Mutex<Vec<Arc<Bells>>>,
     local: Doorbell,
     rx: Mutex<RxSet>,
     rx_busy: AtomicBool,
@@ -296,6 +323,9 @@ pub(crate) struct Shared {
     pub my_rules_on: AtomicBool,
     /// Whether any peer we know has restrictive rules (else incoming work is not checked).
     pub policy_on: AtomicBool,
+    /// Tests only: never refuse our own operations early (the gateway and the receivers
+    /// still check), kept across reconnections.
+    pub skip_own_policy: AtomicBool,
 }
 
 impl Shared {
@@ -304,24 +334,24 @@ impl Shared {
         me: Instance,
         wait: WaitStrategy,
         poll_mode: bool,
-        relay_only: bool,
+        hello: super::reconnect::HelloParams,
         max_payload: usize,
-        lane_capacity: usize,
         conn: super::conn::Conn,
-        bells: DoorbellSegment,
-        doorbell: u32,
+        bells: Bells,
         peers: BTreeMap<PeerId, RemotePeer>,
     ) -> Self {
+        let bells = Arc::new(bells);
         Self {
-            me: Arc::new(me),
+            my_id: AtomicU64::new(me.peer_id.0),
+            me: std::sync::RwLock::new(Arc::new(me)),
             wait,
             poll_mode,
-            relay_only,
-            max_payload,
-            lane_capacity,
+            relay_only: hello.relay_only,
+            hello,
+            max_payload: AtomicUsize::new(max_payload),
             conn,
-            bells,
-            doorbell,
+            bells: AtomicPtr::new(Arc::as_ptr(&bells).cast_mut()),
+            all_bells: Mutex::new(vec![bells]),
             local: Doorbell::new(),
             rx: Mutex::new(RxSet {
                 lanes: Vec::new(),
@@ -360,6 +390,7 @@ impl Shared {
             my_rules: RwLock::new(None),
             my_rules_on: AtomicBool::new(false),
             policy_on: AtomicBool::new(false),
+            skip_own_policy: AtomicBool::new(false),
         }
     }
 
@@ -416,15 +447,66 @@ impl Shared {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Who we are (the gateway's answer to our last hello).
+    pub(crate) fn me(&self) -> Arc<Instance> {
+        self.me.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Our peer id.
+    pub(crate) fn my_id(&self) -> PeerId {
+        // Relaxed: replaced only on reconnection; a reader racing it sees either id, both ours.
+        PeerId(self.my_id.load(Ordering::Relaxed))
+    }
+
+    /// Largest payload the gateway allows.
+    pub(crate) fn max_payload(&self) -> usize {
+        // Relaxed: a plain setting, replaced only on reconnection.
+        self.max_payload.load(Ordering::Relaxed)
+    }
+
+    /// A new connection: our new identity and payload limit.
+    pub(crate) fn set_identity(&self, me: Instance, max_payload: usize) {
+        // Relaxed: see `my_id` and `max_payload`.
+        self.my_id.store(me.peer_id.0, Ordering::Relaxed);
+        self.max_payload.store(max_payload, Ordering::Relaxed);
+        *self.me.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(me);
+    }
+
+    fn current_bells(&self) -> &Bells {
+        // SYNC(bells): pairs with the Release store in `install_bells`.
+        let p = self.bells.load(Ordering::Acquire);
+        // SAFETY: `p` came from `Arc::as_ptr` of an `Arc<Bells>` pushed into `all_bells` before
+        // it was stored; `all_bells` only grows and lives as long as `self`, so the pointee is
+        // alive and never mutated for the lifetime of the returned reference.
+        unsafe { &*p }
+    }
+
+    /// Switches to the doorbell directory of a new connection (a reference obtained before
+    /// stays valid: the old directory stays mapped).
+    pub(crate) fn install_bells(&self, b: Bells) {
+        let b = Arc::new(b);
+        let p = Arc::as_ptr(&b).cast_mut();
+        self.all_bells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(b);
+        let old = self.bell();
+        // SYNC(bells): the directory (mapped before) is visible to whoever loads the pointer.
+        self.bells.store(p, Ordering::Release);
+        // Whoever sleeps on the old doorbell wakes up and sleeps on the new one from now on.
+        old.notify();
+    }
+
     /// The doorbell directory.
     pub(crate) fn bells(&self) -> &DoorbellSegment {
-        &self.bells
+        &self.current_bells().seg
     }
 
     /// Our doorbell: peers ring it after writing to us.
     fn bell(&self) -> &Doorbell {
-        // The index was checked in `new`; the directory never shrinks.
-        self.bells.doorbell(self.doorbell).unwrap_or(&self.local)
+        // The index was checked before the directory was installed; directories never shrink.
+        let b = self.current_bells();
+        b.seg.doorbell(b.index).unwrap_or(&self.local)
     }
 
     /// Wakes every waiter, local or on the shared doorbell.
@@ -481,8 +563,8 @@ impl Shared {
 
     /// The identity behind a writer token (a peer id), if we know it.
     pub(crate) fn identity_of(&self, token: u64) -> Option<Arc<Instance>> {
-        if token == self.me.peer_id.0 {
-            return Some(self.me.clone());
+        if token == self.my_id().0 {
+            return Some(self.me());
         }
         let st = self.lock_state();
         if let Some(p) = st.peers.get(&PeerId(token)) {
@@ -495,6 +577,19 @@ impl Shared {
     pub(crate) fn drop_lane(&self, peer: PeerId) {
         if let Some(lane) = self.lock_state().lanes.remove(&peer) {
             lane.close();
+        }
+        self.rx_dirty.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// Retires lanes of a gateway connection that is gone: closed (the pumper drains what the
+    /// peers wrote before, then drops them), no longer counted as paused.
+    pub(crate) fn retire_lanes(&self, lanes: &[Arc<Lane>]) {
+        for l in lanes {
+            l.close();
+            if l.stalled.swap(false, Ordering::AcqRel) {
+                self.stalled_lanes.fetch_sub(1, Ordering::AcqRel);
+            }
         }
         self.rx_dirty.store(true, Ordering::Release);
         self.wake_all();
@@ -579,6 +674,37 @@ impl Shared {
         };
         for s in slots {
             s.complete(Err((kind, message.to_string(), None)));
+        }
+        self.wake_all();
+    }
+
+    /// Fails every pending call that went through the gateway (the connection is gone).
+    pub(crate) fn fail_relayed_calls(&self, message: &str) {
+        let relayed: std::collections::HashSet<PeerId> = {
+            let st = self.lock_state();
+            st.peers
+                .iter()
+                .filter(|(_, p)| {
+                    self.relay_only || p.transport == crate::wire::frame::Transport::Relay
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let slots: Vec<Arc<CallSlot>> = {
+            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<u64> = calls
+                .iter()
+                .filter(|(_, s)| relayed.contains(&s.peer))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| calls.remove(id)).collect()
+        };
+        for s in slots {
+            s.complete(Err((
+                FailureKind::Delivery(crate::Status::Disconnected),
+                message.to_string(),
+                None,
+            )));
         }
         self.wake_all();
     }
@@ -672,11 +798,12 @@ impl Shared {
             }
             Task::RelayInvoke {
                 invocation,
+                epoch,
                 caller,
                 method_id,
                 args,
             } => {
-                let responder = Responder::relay(self.clone(), invocation);
+                let responder = Responder::relay(self.clone(), invocation, epoch);
                 self.call_handler(method_id, args, caller, responder);
             }
             Task::LocalInvoke {
@@ -685,7 +812,7 @@ impl Shared {
                 args,
             } => {
                 let responder = Responder::local(self.clone(), slot);
-                self.call_handler(method_id, args, self.me.clone(), responder);
+                self.call_handler(method_id, args, self.me(), responder);
             }
             Task::Context { entry, ev, only } => {
                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| {

@@ -114,6 +114,17 @@ pub enum InteropEvent {
     ServerMethodAdded { server: Instance, method: MethodDef },
     /// A server unregistered a method (or left).
     ServerMethodRemoved { server: Instance, method: MethodDef },
+    /// The connection to the gateway was lost (`gateway_stopped`: the gateway said it was
+    /// stopping). Lanes to live peers and mapped contexts keep working; the client
+    /// reconnects by itself unless built with `reconnect(false)`.
+    Disconnected {
+        reason: String,
+        gateway_stopped: bool,
+    },
+    /// The client is connected again, as this instance (a new peer id). Every remote peer
+    /// was forgotten first (`ServerRemoved` with reason "reset") and is announced again as it
+    /// is rediscovered; our methods, streams and subscriptions are being restored.
+    Reconnected(Instance),
 }
 
 /// io.Connect's method identity: `lowercase(name + accepts + returns)`.
@@ -144,6 +155,7 @@ pub(crate) fn register(
         ));
     }
     let def = Arc::new(def);
+    let _gate = shared.conn.gate.enter();
     let id = {
         let mut st = shared.lock_state();
         if st.my_methods.values().any(|d| d.name == def.name) {
@@ -212,7 +224,7 @@ pub(crate) fn register(
     emit(
         shared,
         InteropEvent::ServerMethodAdded {
-            server: (*shared.me).clone(),
+            server: (*shared.me()).clone(),
             method: (*def).clone(),
         },
     );
@@ -223,6 +235,7 @@ pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientE
     if shared.is_closed() {
         return Err(ClientError::Closed);
     }
+    let _gate = shared.conn.gate.enter();
     let (id, def) = {
         let st = shared.lock_state();
         match st.my_methods.iter().find(|(_, d)| d.name == name) {
@@ -266,7 +279,7 @@ pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientE
     emit(
         shared,
         InteropEvent::ServerMethodRemoved {
-            server: (*shared.me).clone(),
+            server: (*shared.me()).clone(),
             method: (*def).clone(),
         },
     );
@@ -294,7 +307,7 @@ fn choose(shared: &Shared, method: &str, target: &Target) -> Vec<Chosen> {
         .iter()
         .find(|(_, d)| method_matches(method, d))
         .map(|(id, _)| Chosen {
-            server: shared.me.clone(),
+            server: shared.me(),
             method_id: *id,
             relay: false,
             lane: None,
@@ -318,7 +331,7 @@ fn choose(shared: &Shared, method: &str, target: &Target) -> Vec<Chosen> {
     }
     let cands: Vec<Chosen> = cands.collect();
     let insts: Vec<&Instance> = cands.iter().map(|c| &*c.server).collect();
-    select(target, shared.me.peer_id, &insts)
+    select(target, shared.my_id(), &insts)
         .iter()
         .filter_map(|i| {
             cands
@@ -380,11 +393,9 @@ pub(crate) fn invoke(
         Value::Bytes(b) => b.len(),
         v => codec::encoded_len(v),
     };
-    if size > shared.max_payload {
-        return Err(InvokeError::PayloadTooLarge {
-            size,
-            max: shared.max_payload,
-        });
+    let max = shared.max_payload();
+    if size > max {
+        return Err(InvokeError::PayloadTooLarge { size, max });
     }
     // Find servers, waiting for one to appear if need be.
     let mut wait_until = None;
@@ -397,7 +408,11 @@ pub(crate) fn invoke(
         let st = shared.lock_state();
         let gen = st.generation;
         let now = Instant::now();
-        if now >= wait_until || shared.is_closed() || !shared.conn.is_connected() {
+        if !shared.conn.is_connected() && !shared.is_closed() {
+            // Nobody can tell us about servers while the gateway is away.
+            return Err(ClientError::Disconnected.into());
+        }
+        if now >= wait_until || shared.is_closed() {
             return Err(InvokeError::NoServer {
                 method: method.to_string(),
                 target: opts.target.to_string(),
@@ -415,8 +430,9 @@ pub(crate) fn invoke(
     let deadline = start + opts.timeout;
     let mut pending = Vec::with_capacity(chosen.len());
     for c in &chosen {
-        let p = if c.server.peer_id == shared.me.peer_id {
-            let slot = super::engine::CallSlot::new(shared.me.peer_id);
+        let my_id = shared.my_id();
+        let p = if c.server.peer_id == my_id {
+            let slot = super::engine::CallSlot::new(my_id);
             shared.local_invoke(slot.clone(), c.method_id, args.clone());
             Ok((None, slot))
         } else if c.relay {
@@ -509,7 +525,7 @@ pub(crate) fn invoke(
 
 pub(crate) fn servers(shared: &Shared) -> Vec<Instance> {
     let st = shared.lock_state();
-    std::iter::once((*shared.me).clone())
+    std::iter::once((*shared.me()).clone())
         .chain(st.peers.values().map(|p| (*p.identity).clone()))
         .collect()
 }
@@ -517,7 +533,8 @@ pub(crate) fn servers(shared: &Shared) -> Vec<Instance> {
 pub(crate) fn methods(shared: &Shared) -> Vec<MethodInfo> {
     let st = shared.lock_state();
     let mut out: Vec<(String, MethodInfo)> = Vec::new();
-    let mine = st.my_methods.values().map(|d| (&*shared.me, d));
+    let me = shared.me();
+    let mine = st.my_methods.values().map(|d| (&*me, d));
     let theirs = st
         .peers
         .values()
@@ -541,7 +558,7 @@ pub(crate) fn methods(shared: &Shared) -> Vec<MethodInfo> {
 pub(crate) fn methods_for(shared: &Shared, filter: &InstanceFilter) -> Vec<MethodDef> {
     let st = shared.lock_state();
     let mut out = Vec::new();
-    if filter.matches(&shared.me) {
+    if filter.matches(&shared.me()) {
         out.extend(st.my_methods.values().map(|d| (**d).clone()));
     }
     for p in st.peers.values().filter(|p| filter.matches(&p.identity)) {
@@ -701,6 +718,89 @@ pub(crate) fn removed_methods(shared: &Arc<Shared>, server: &Instance, gone: Vec
         let key = identity_key(&d);
         if !remaining.contains(&key) && announced.insert(key) {
             emit(shared, InteropEvent::MethodRemoved((*d).clone()));
+        }
+    }
+}
+
+/// Registers every one of our methods and streams again, with the same ids (restore thread,
+/// after a reconnection).
+pub(crate) fn restore(shared: &Arc<Shared>) {
+    let methods: Vec<MethodSpec> = shared
+        .lock_state()
+        .my_methods
+        .iter()
+        .map(|(id, d)| MethodSpec {
+            id: *id,
+            def: (**d).clone(),
+        })
+        .collect();
+    if methods.is_empty() {
+        return;
+    }
+    let n = methods.len();
+    let r = shared
+        .conn
+        .request(|req| ToGateway::Register { req, methods }, CONTROL_TIMEOUT);
+    if super::reconnect::expect_ack("registering our methods", r) {
+        crate::log::debug(format_args!("{n} methods registered again"));
+    }
+}
+
+type PeerMethods = (Arc<Instance>, Vec<Arc<MethodDef>>);
+
+/// The events of a reconnection (control thread): every old peer is forgotten (its methods
+/// removed, `ServerRemoved` with reason "reset"), we are `Reconnected`, and the new peers are
+/// discovered, as if they had just joined. Our own methods count as present throughout.
+pub(crate) fn reset_events(
+    shared: &Arc<Shared>,
+    removed: Vec<PeerMethods>,
+    added: Vec<PeerMethods>,
+) {
+    let mine: std::collections::HashSet<String> = shared
+        .lock_state()
+        .my_methods
+        .values()
+        .map(|d| identity_key(d))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for (server, methods) in &removed {
+        for d in methods {
+            emit(
+                shared,
+                InteropEvent::ServerMethodRemoved {
+                    server: (**server).clone(),
+                    method: (**d).clone(),
+                },
+            );
+            let key = identity_key(d);
+            if !mine.contains(&key) && seen.insert(key) {
+                emit(shared, InteropEvent::MethodRemoved((**d).clone()));
+            }
+        }
+        emit(
+            shared,
+            InteropEvent::ServerRemoved {
+                server: (**server).clone(),
+                reason: "reset".into(),
+            },
+        );
+    }
+    emit(shared, InteropEvent::Reconnected((*shared.me()).clone()));
+    let mut seen = std::collections::HashSet::new();
+    for (server, methods) in &added {
+        emit(shared, InteropEvent::ServerAdded((**server).clone()));
+        for d in methods {
+            let key = identity_key(d);
+            if !mine.contains(&key) && seen.insert(key) {
+                emit(shared, InteropEvent::MethodAdded((**d).clone()));
+            }
+            emit(
+                shared,
+                InteropEvent::ServerMethodAdded {
+                    server: (**server).clone(),
+                    method: (**d).clone(),
+                },
+            );
         }
     }
 }

@@ -446,10 +446,10 @@ fn data_record(data: &Value, private: bool) -> Result<Vec<u8>, ClientError> {
 /// every subscriber it was queued for).
 fn check_size(shared: &Shared, body: &[u8]) -> Result<(), ClientError> {
     let size = body.len().saturating_sub(20);
-    if size > shared.max_payload {
+    if size > shared.max_payload() {
         return Err(ClientError::PayloadTooLarge {
             size,
-            max: shared.max_payload,
+            max: shared.max_payload(),
         });
     }
     Ok(())
@@ -805,6 +805,9 @@ pub(crate) type StreamCallback = Arc<dyn Fn(&StreamEvent) + Send + Sync>;
 
 pub(crate) struct ClientSub {
     id: u64,
+    /// The stream and how it was subscribed (to subscribe again after a reconnection).
+    name: String,
+    params: StreamParams,
     cb: StreamCallback,
     remotes: Mutex<Vec<Remote>>,
     changed: Condvar,
@@ -927,44 +930,22 @@ pub(crate) fn subscribe(
             message,
         }));
     }
+    crate::wire::codec::check(&params.arguments)
+        .map_err(|e| StreamError::InvalidArgument(e.to_string()))?;
     // Servers of the stream, waiting for one to appear.
     let wait_until = Instant::now() + params.wait;
     let chosen: Vec<(Arc<Instance>, u32)> = loop {
-        let c = {
-            let st = shared.lock_state();
-            let mut cands: Vec<(Arc<Instance>, u32)> = Vec::new();
-            if let Some((id, _)) = st
-                .my_methods
-                .iter()
-                .find(|(_, d)| d.streaming && method_matches(name, d))
-            {
-                cands.push((shared.me.clone(), *id));
-            }
-            for p in st.peers.values() {
-                if let Some((id, _)) = p
-                    .methods
-                    .iter()
-                    .find(|(_, d)| d.streaming && method_matches(name, d))
-                {
-                    cands.push((p.identity.clone(), *id));
-                }
-            }
-            let insts: Vec<&Instance> = cands.iter().map(|c| &*c.0).collect();
-            let picked: Vec<PeerId> = select(&params.target, shared.me.peer_id, &insts)
-                .iter()
-                .map(|i| i.peer_id)
-                .collect();
-            picked
-                .into_iter()
-                .filter_map(|p| cands.iter().find(|c| c.0.peer_id == p).cloned())
-                .collect::<Vec<_>>()
-        };
+        let c = candidates(shared, name, &params.target);
         if !c.is_empty() {
             break c;
         }
         let st = shared.lock_state();
         let gen = st.generation;
         let now = Instant::now();
+        if !shared.conn.is_connected() && !shared.is_closed() {
+            // Nobody can tell us about servers while the gateway is away.
+            return Err(StreamError::Client(ClientError::Disconnected));
+        }
         if now >= wait_until || shared.is_closed() {
             return Err(StreamError::NoServer);
         }
@@ -977,6 +958,8 @@ pub(crate) fn subscribe(
     };
     let sub = Arc::new(ClientSub {
         id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
+        name: name.to_string(),
+        params: params.clone(),
         cb,
         remotes: Mutex::new(Vec::new()),
         changed: Condvar::new(),
@@ -991,53 +974,7 @@ pub(crate) fn subscribe(
         .unwrap_or_else(|e| e.into_inner())
         .subs
         .insert(sub.id, sub.clone());
-    let mut body = Vec::new();
-    body.extend_from_slice(&sub.id.to_le_bytes());
-    for (server, method_id) in &chosen {
-        let link = if server.peer_id == shared.me.peer_id {
-            Link::Relay(shared.me.peer_id)
-        } else {
-            match link_to(shared, server.peer_id) {
-                Ok(l) => l,
-                Err(_) => continue,
-            }
-        };
-        body.truncate(8);
-        body.extend_from_slice(&method_id.to_le_bytes());
-        body.extend_from_slice(&[0; 4]);
-        let flags = record::encode_payload(&params.arguments, &mut body)
-            .map_err(|e| StreamError::InvalidArgument(e.to_string()))?;
-        body[12..16].copy_from_slice(&flags.to_le_bytes());
-        sub.remotes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Remote {
-                peer: server.peer_id,
-                identity: server.clone(),
-                link: link.clone(),
-                state: ServerState::Pending,
-            });
-        if server.peer_id == shared.me.peer_id {
-            // Subscribing to ourselves: handled as if it came in from a peer.
-            on_request(
-                shared,
-                shared.me.peer_id,
-                shared.me.clone(),
-                Link::Relay(shared.me.peer_id),
-                &body,
-            );
-        } else if send(
-            shared,
-            &link,
-            KIND_SUB_REQUEST,
-            &body,
-            Instant::now() + params.timeout,
-        )
-        .is_err()
-        {
-            set_state(&sub, server.peer_id, ServerState::Gone);
-        }
-    }
+    send_requests(shared, &sub, &chosen);
     // The first acceptance completes the subscription; later ones join it.
     let deadline = Instant::now() + params.timeout;
     let mut r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
@@ -1066,6 +1003,10 @@ pub(crate) fn subscribe(
                 .remove(&sub.id);
             return Err(match reason {
                 Some(m) => StreamError::Rejected(m),
+                // The servers were there, but reaching them needs the gateway.
+                None if !shared.conn.is_connected() && !shared.is_closed() => {
+                    StreamError::Client(ClientError::Disconnected)
+                }
                 None => StreamError::NoServer,
             });
         }
@@ -1080,6 +1021,86 @@ pub(crate) fn subscribe(
             .wait_timeout(r, deadline - now)
             .unwrap_or_else(|e| e.into_inner());
         r = g;
+    }
+}
+
+/// The servers of stream `name` that `target` picks, ourselves included.
+fn candidates(shared: &Shared, name: &str, target: &Target) -> Vec<(Arc<Instance>, u32)> {
+    let st = shared.lock_state();
+    let mut cands: Vec<(Arc<Instance>, u32)> = Vec::new();
+    if let Some((id, _)) = st
+        .my_methods
+        .iter()
+        .find(|(_, d)| d.streaming && method_matches(name, d))
+    {
+        cands.push((shared.me(), *id));
+    }
+    for p in st.peers.values() {
+        if let Some((id, _)) = p
+            .methods
+            .iter()
+            .find(|(_, d)| d.streaming && method_matches(name, d))
+        {
+            cands.push((p.identity.clone(), *id));
+        }
+    }
+    let insts: Vec<&Instance> = cands.iter().map(|c| &*c.0).collect();
+    let picked: Vec<PeerId> = select(target, shared.my_id(), &insts)
+        .iter()
+        .map(|i| i.peer_id)
+        .collect();
+    picked
+        .into_iter()
+        .filter_map(|p| cands.iter().find(|c| c.0.peer_id == p).cloned())
+        .collect()
+}
+
+/// Asks each chosen server for the subscription.
+fn send_requests(shared: &Arc<Shared>, sub: &Arc<ClientSub>, chosen: &[(Arc<Instance>, u32)]) {
+    let params = &sub.params;
+    let my_id = shared.my_id();
+    let mut body = Vec::new();
+    body.extend_from_slice(&sub.id.to_le_bytes());
+    for (server, method_id) in chosen {
+        let link = if server.peer_id == my_id {
+            Link::Relay(my_id)
+        } else {
+            match link_to(shared, server.peer_id) {
+                Ok(l) => l,
+                Err(_) => continue,
+            }
+        };
+        body.truncate(8);
+        body.extend_from_slice(&method_id.to_le_bytes());
+        body.extend_from_slice(&[0; 4]);
+        let Ok(flags) = record::encode_payload(&params.arguments, &mut body) else {
+            // Checked before the subscription was made; a failure here reaches nobody.
+            continue;
+        };
+        body[12..16].copy_from_slice(&flags.to_le_bytes());
+        sub.remotes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Remote {
+                peer: server.peer_id,
+                identity: server.clone(),
+                link: link.clone(),
+                state: ServerState::Pending,
+            });
+        if server.peer_id == my_id {
+            // Subscribing to ourselves: handled as if it came in from a peer.
+            on_request(shared, my_id, shared.me(), Link::Relay(my_id), &body);
+        } else if send(
+            shared,
+            &link,
+            KIND_SUB_REQUEST,
+            &body,
+            Instant::now() + params.timeout,
+        )
+        .is_err()
+        {
+            set_state(sub, server.peer_id, ServerState::Gone);
+        }
     }
 }
 
@@ -1461,4 +1482,171 @@ fn _assert_send_sync() {
     f::<Stream>();
     f::<StreamSubscription>();
     let _ = AtomicUsize::new(0);
+}
+
+/// A new gateway connection (control thread): every subscriber of our streams is a peer of the
+/// old connection (it will subscribe again), so those subscriptions end.
+pub(crate) fn connection_reset(shared: &Arc<Shared>) {
+    let served: Vec<Arc<StreamEntry>> = shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .served
+        .values()
+        .cloned()
+        .collect();
+    for e in served {
+        let gone = e.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for s in gone {
+            drop_sub(shared, &e, &s, "gateway connection reset", false);
+        }
+    }
+}
+
+/// A new gateway connection (control thread): our subscriptions lose their servers (peers of
+/// the old connection) and wait for [`restore`].
+pub(crate) fn forget_servers(shared: &Shared) {
+    let subs: Vec<Arc<ClientSub>> = shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .values()
+        .cloned()
+        .collect();
+    for s in subs {
+        s.remotes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        s.changed.notify_all();
+    }
+}
+
+/// Subscribes our stream subscriptions again as their servers reappear (restore thread): each
+/// waits up to its `wait` for a server and its `timeout` for an acceptance, as when it was
+/// made; one that cannot be restored ends with `Closed` (`server_initiated`) and a reason that
+/// says so. Stops early if the connection is reset again (a newer restore takes over).
+pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
+    struct Todo {
+        sub: Arc<ClientSub>,
+        wait_until: Instant,
+        accept_until: Option<Instant>,
+    }
+    let start = Instant::now();
+    let mut todo: Vec<Todo> = shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .values()
+        .filter(|s| !s.closed.load(Ordering::Acquire))
+        .map(|s| Todo {
+            sub: s.clone(),
+            wait_until: start + s.params.wait,
+            accept_until: None,
+        })
+        .collect();
+    while !todo.is_empty() {
+        if shared.is_closed() || shared.conn.epoch() != epoch {
+            return;
+        }
+        let now = Instant::now();
+        let mut failed: Vec<(Arc<ClientSub>, String)> = Vec::new();
+        todo.retain_mut(|t| {
+            if t.sub.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            match t.accept_until {
+                None => {
+                    let c = candidates(shared, &t.sub.name, &t.sub.params.target);
+                    if !c.is_empty() {
+                        send_requests(shared, &t.sub, &c);
+                        t.accept_until = Some(now + t.sub.params.timeout);
+                    } else if now >= t.wait_until {
+                        failed.push((t.sub.clone(), "no server offers the stream".into()));
+                        return false;
+                    }
+                    true
+                }
+                Some(until) => {
+                    let r = t.sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
+                    if r.iter().any(|x| x.state == ServerState::Accepted) {
+                        return false;
+                    }
+                    let why = if r
+                        .iter()
+                        .all(|x| matches!(x.state, ServerState::Rejected(_) | ServerState::Gone))
+                    {
+                        r.iter()
+                            .find_map(|x| match &x.state {
+                                ServerState::Rejected(m) => Some(format!("rejected: {m}")),
+                                _ => None,
+                            })
+                            .unwrap_or_else(|| "its servers are gone".into())
+                    } else if now >= until {
+                        "no server accepted in time".into()
+                    } else {
+                        return true;
+                    };
+                    drop(r);
+                    failed.push((t.sub.clone(), why));
+                    false
+                }
+            }
+        });
+        for (sub, why) in failed {
+            lost(
+                shared,
+                &sub,
+                &format!("Subscription lost after the gateway connection was reset: {why}"),
+            );
+        }
+        if todo.is_empty() {
+            break;
+        }
+        // Servers come back when they reconnect; acceptances arrive on lanes.
+        let st = shared.lock_state();
+        let _ = shared
+            .state_changed
+            .wait_timeout_while(st, Duration::from_millis(20), |_| !shared.is_closed())
+            .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Ends a subscription that could not be restored.
+fn lost(shared: &Arc<Shared>, sub: &Arc<ClientSub>, reason: &str) {
+    let links: Vec<Link> = sub
+        .remotes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|x| x.state == ServerState::Pending)
+        .map(|x| x.link.clone())
+        .collect();
+    for l in links {
+        let _ = send(
+            shared,
+            &l,
+            KIND_SUB_CLOSE,
+            &close_record(sub.id, "ClientInitiated"),
+            Instant::now() + Duration::from_secs(1),
+        );
+    }
+    if sub.closed.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .remove(&sub.id);
+    let ev = StreamEvent::Closed {
+        reason: reason.to_string(),
+        server_initiated: true,
+    };
+    let mut inbox = sub.inbox.lock().unwrap_or_else(|e| e.into_inner());
+    inbox.items.push_back((ev, None));
+    if !inbox.scheduled {
+        inbox.scheduled = true;
+        shared.push_task(Task::StreamDrain(sub.clone()));
+    }
 }

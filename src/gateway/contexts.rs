@@ -31,10 +31,57 @@ pub(crate) struct ContextRec {
 pub(crate) struct Contexts {
     by_id: HashMap<u64, ContextRec>,
     by_name: HashMap<(String, String), u64>,
-    next_id: u64,
+    /// The last id handed out.
+    pub(super) next_id: u64,
+}
+
+impl ContextRec {
+    /// The segment's (writable) descriptor.
+    pub(super) fn fd(&self) -> &Arc<OwnedFd> {
+        &self.fd
+    }
 }
 
 impl Contexts {
+    /// How many contexts exist.
+    pub(super) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Every context's id.
+    pub(super) fn ids(&self) -> Vec<u64> {
+        self.by_id.keys().copied().collect()
+    }
+
+    /// Every context.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &ContextRec> {
+        self.by_id.values()
+    }
+
+    /// Adds a context adopted from the keeper (validated by the caller; nobody subscribed).
+    pub(super) fn insert_adopted(
+        &mut self,
+        id: u64,
+        name: String,
+        user: String,
+        fd: OwnedFd,
+        store: Store<ContextSegment>,
+    ) {
+        self.by_name.insert((user.clone(), name.clone()), id);
+        self.by_id.insert(
+            id,
+            ContextRec {
+                id,
+                name,
+                user,
+                fd: Arc::new(fd),
+                ro_fd: None,
+                store,
+                subscribers: HashMap::new(),
+            },
+        );
+    }
+
     /// (id, name) of every context `user` may see, by id.
     pub(crate) fn visible_to(&self, user: &str) -> Vec<(u64, String)> {
         let mut v: Vec<(u64, String)> = self
@@ -117,6 +164,7 @@ impl Registry {
         self.contexts
             .by_name
             .insert((user.to_string(), name.to_string()), id);
+        self.keep_context_created(id);
         let audience: Vec<PeerId> = self
             .peers
             .iter()
@@ -295,6 +343,7 @@ impl Registry {
         self.contexts
             .by_name
             .remove(&(c.user.clone(), c.name.clone()));
+        self.keep_context_removed(id);
         let audience: Vec<PeerId> = self
             .peers
             .iter()

@@ -137,7 +137,9 @@ pub(crate) struct Registry {
     pub(super) channels: super::channels::ChannelConfig,
     /// Access control (see `model::policy`).
     policy: Policy,
-    next_peer: u64,
+    /// The keeper and what adoption left behind (see `keep.rs`).
+    pub(super) keep: super::keep::Keep,
+    pub(super) next_peer: u64,
     next_lane: u64,
     next_invocation: u64,
     machine: String,
@@ -186,6 +188,7 @@ impl Registry {
             bus: Default::default(),
             channels: Default::default(),
             policy: Policy::default(),
+            keep: Default::default(),
             next_peer: 1,
             next_lane: 1,
             next_invocation: 1,
@@ -371,6 +374,7 @@ impl Registry {
             user: &adm.user,
             exe,
         }));
+        self.keep_peer_joined(id, adm.pid, adm.transport == Transport::Shm);
         let identity = Instance {
             application: adm.application,
             instance,
@@ -793,6 +797,7 @@ impl Registry {
             }
             self.free_doorbells.insert(0, slot);
         }
+        self.keep_peer_left(id);
         self.lanes.retain(|(a, b), _| *a != id && *b != id);
         let orphaned: Vec<u64> = self
             .relayed

@@ -155,6 +155,17 @@ impl StoreCtl {
         }
     }
 
+    /// Empties the subscriber table (a gateway adopting a segment from a previous run: the
+    /// indices refer to that run's doorbell directory; subscribers subscribe again).
+    pub fn clear_subscribers(&self) {
+        for s in &self.subscribers {
+            // Relaxed: an index is only a hint whom to wake (see `for_each_subscriber`).
+            s.store(0, Ordering::Relaxed);
+        }
+        // Release: a writer that sees the lowered bound also sees the emptied slots.
+        self.sub_hi.store(0, Ordering::Release);
+    }
+
     /// Calls `f` with each subscriber's doorbell index.
     pub fn for_each_subscriber(&self, mut f: impl FnMut(u32)) {
         // A hostile bound is clamped to the table.

@@ -7,3 +7,4 @@ pub(crate) mod futex;
 pub mod identity;
 pub(crate) mod memfd;
 pub(crate) mod mmap;
+pub mod process;
