@@ -136,8 +136,11 @@ unsafe fn word<'a>(base: usize, off: usize) -> &'a AtomicU64 {
 /// anything itself (its own reading position is private, so its client sees nothing wrong).
 fn child_lane_vandal() {
     let socket = std::env::var(SOCKET).expect("KNIT_TEST_SOCKET");
+    // No reconnection: a reconnecting client retires (unmaps) its old lanes, and this loop
+    // writes through raw addresses of one of them.
     let c = Client::builder("vandal")
         .socket(socket)
+        .reconnect(false)
         .connect()
         .expect("connecting from the child");
     c.register("Vandal.Marker", |_| Ok(Value::Null)).unwrap();
@@ -155,7 +158,8 @@ fn child_lane_vandal() {
     let mut rounds = 0u64;
     while c.is_connected() && Instant::now() < deadline {
         // SAFETY: `base..base + len` is the lane segment this client mapped; it stays mapped
-        // while the client lives (`c` outlives the loop); every offset is 8-aligned and inside.
+        // while the client lives (`c` outlives the loop) and does not reconnect (which would
+        // retire the lane); every offset is 8-aligned and inside.
         unsafe {
             word(base, (noise.next() as usize % 16) * 8).store(noise.next(), Ordering::Relaxed);
             word(base, RING0_TAIL).store(noise.next(), Ordering::Relaxed);
