@@ -186,7 +186,12 @@ impl Bound {
     }
 
     /// Starts accepting connections on the current runtime.
-    pub(crate) fn start(self, core: CoreHandle, limits: Limits) -> Result<Running, io::Error> {
+    pub(crate) fn start(
+        self,
+        core: CoreHandle,
+        limits: Limits,
+        bell: Option<(u32, Arc<std::os::fd::OwnedFd>)>,
+    ) -> Result<Running, io::Error> {
         let listener = TcpListener::from_std(self.listener)?;
         let mut node = [0u8; 16];
         getrandom::fill(&mut node).map_err(|e| io::Error::other(format!("random bytes: {e}")))?;

@@ -432,6 +432,7 @@ impl Session {
             pid,
             user: login.user.clone(),
             transport: Transport::Relay,
+            attributes: Value::from(identity.clone()),
         };
         let (peer, welcome) = match self.sh.core.admit(adm, reg_tx, closer).await {
             Ok(x) => x,

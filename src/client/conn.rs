@@ -308,7 +308,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 Err(e) => shared.conn.complete(req, Reply::Fail(Status::Protocol, e)),
             }
         }
-        FromGateway::ContextAdded { id, name } => super::contexts::announced(shared, id, name),
+        FromGateway::ContextAdded { id, name, .. } => super::contexts::announced(shared, id, name),
         FromGateway::BusSubscribed(info) => super::bus::remote_subscribed(shared, info),
         FromGateway::Record { from, kind, body } => {
             if let Some(identity) = shared.identity_of(from.0) {
@@ -338,10 +338,14 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 shared.push_task(super::engine::Task::Bus(msg));
             }
         }
-        FromGateway::ContextDestroyed { id, name } => super::contexts::destroyed(shared, id, &name),
+        FromGateway::ContextDestroyed { id, name, .. } => {
+            super::contexts::destroyed(shared, id, &name)
+        }
         FromGateway::Shutdown { reason } => {
             crate::log::info(format_args!("gateway is stopping: {reason}"));
         }
+        // Native clients never send `CreateContext` (a GW3 notion).
+        FromGateway::ContextCreated { .. } => {}
         FromGateway::Welcome(_) | FromGateway::Refused { .. } => {
             crate::log::warn(format_args!("unexpected handshake frame from the gateway"));
         }

@@ -68,7 +68,8 @@ impl Registry {
     /// Delivers a message from `from` to the matching subscribers that cannot be reached over a
     /// lane: peers behind the gateway and, when `everyone` (the publisher is itself behind the
     /// gateway), native peers too. One message per peer; each peer matches its own
-    /// subscriptions (and the source filters on them).
+    /// subscriptions (and the source filters on them). Never to the publisher: publishers
+    /// deliver to their own subscriptions themselves.
     pub(crate) fn bus_publish(
         &mut self,
         from: PeerId,
@@ -93,17 +94,14 @@ impl Registry {
             let Some(p) = self.peers.get(&s.peer) else {
                 continue;
             };
-            if p.identity.user != user
-                || (!everyone && p.transport != Transport::Relay && s.peer != from)
+            if s.peer == from
+                || p.identity.user != user
+                || (!everyone && p.transport != Transport::Relay)
             {
                 continue;
             }
-            if s.peer == from && !everyone {
-                // A native publisher delivers to itself.
-                continue;
-            }
             if let Some(t) = &target {
-                if !identity_matches(t, &p.identity.to_value()) {
+                if !identity_matches(t, &p.attributes) {
                     continue;
                 }
             }

@@ -70,6 +70,9 @@ pub(super) struct Peer {
     methods: BTreeMap<u32, MethodDef>,
     /// Native peers' doorbell index in the directory.
     pub(super) doorbell: Option<u32>,
+    /// What identity filters (bus `target`) match: the identity, plus the attributes a peer
+    /// behind the gateway logged in with (a web peer's GW3 identity).
+    pub(super) attributes: Value,
     tx: PeerTx,
     /// Relayed calls this peer has waiting.
     pending: usize,
@@ -105,6 +108,8 @@ pub(crate) struct Admission {
     pub pid: u32,
     pub user: String,
     pub transport: Transport,
+    /// More identity attributes (a map; `Null`: none), matched by identity filters.
+    pub attributes: Value,
 }
 
 /// Peers, methods, lanes and relayed calls.
@@ -174,6 +179,14 @@ impl Registry {
         self.channels = cfg;
     }
 
+    /// Takes a doorbell for the gateway's own use (the WebSocket bridge sleeps on it, and it is
+    /// rung for context subscribers behind the gateway). Returns its index and the directory.
+    pub(crate) fn reserve_doorbell(&mut self) -> Option<(u32, Arc<OwnedFd>)> {
+        let i = self.free_doorbells.pop()?;
+        self.contexts.relay_bell = Some(i);
+        Some((i, self.doorbells.clone()))
+    }
+
     pub(crate) fn take_actions(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.actions)
     }
@@ -237,6 +250,7 @@ impl Registry {
             pid: cred.pid,
             user,
             transport: hello.transport,
+            attributes: Value::Null,
         };
         self.admit(adm, tx).map(|(id, _)| id)
     }
@@ -312,11 +326,18 @@ impl Registry {
                     .collect(),
             })
             .collect();
+        let mut attributes = identity.to_value();
+        if let (Value::Map(all), Value::Map(extra)) = (&mut attributes, adm.attributes) {
+            for (k, v) in extra {
+                all.entry(k).or_insert(v);
+            }
+        }
         self.peers.insert(
             id,
             Peer {
                 identity: identity.clone(),
                 transport: adm.transport,
+                attributes,
                 methods: BTreeMap::new(),
                 doorbell,
                 tx,
@@ -341,6 +362,7 @@ impl Registry {
                     .collect();
                 self.bus.of_peers(&same_user)
             },
+            context_owners: self.contexts.owners_visible_to(&identity.user),
         };
         let fds = if doorbell.is_some() {
             vec![self.doorbells.clone()]
@@ -722,6 +744,7 @@ mod tests {
             pid: 0,
             user: user.into(),
             transport: Transport::Relay,
+            attributes: Value::Null,
         };
         let (id, _) = reg.admit(adm, tx).unwrap();
         (id, rx)

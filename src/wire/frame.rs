@@ -193,6 +193,29 @@ pub struct BusSubInfo {
     pub routing_key: Option<String>,
 }
 
+/// How long a shared context lives (GW3's context lifetimes; native clients always create
+/// `Retained` ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContextLifetime {
+    /// Until destroyed explicitly (or the gateway stops).
+    Retained,
+    /// Until its last member (the creator and every subscriber) unsubscribes or leaves.
+    RefCounted,
+    /// Until its creator (the owner) leaves; only the owner may destroy it.
+    Ownership,
+}
+
+/// Why a context went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContextGone {
+    /// Somebody destroyed it.
+    Destroyed,
+    /// A ref-counted context lost its last member.
+    LastMemberLeft,
+    /// The owner of an ownership context left.
+    OwnerLeft,
+}
+
 /// First message of every connection.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
@@ -235,6 +258,8 @@ pub struct Welcome {
     pub contexts: Vec<(u64, String)>,
     /// Bus subscriptions of the peers we may see.
     pub bus: Vec<BusSubInfo>,
+    /// The owners of the `Ownership` contexts among `contexts`.
+    pub context_owners: Vec<(u64, PeerId)>,
 }
 
 /// Peer → gateway.
@@ -329,6 +354,16 @@ pub enum ToGateway {
     },
     /// Clean disconnect.
     Goodbye,
+    /// Create context `name` with `data` and a lifetime, or join it if it exists (GW3's
+    /// `create-context`: then `data` is ignored). Answered with `ContextCreated` or `Fail`. The
+    /// caller becomes a member (a subscriber).
+    CreateContext {
+        req: u64,
+        name: String,
+        lifetime: ContextLifetime,
+        #[serde(with = "encoded_value")]
+        data: Value,
+    },
 }
 
 /// Gateway → peer.
@@ -411,15 +446,18 @@ pub enum FromGateway {
         #[serde(with = "encoded_value")]
         data: Value,
     },
-    /// A context we may see was created.
+    /// A context we may see was created (`creator`: by that peer; `None` when the gateway made
+    /// it, e.g. a channel).
     ContextAdded {
         id: u64,
         name: String,
+        creator: Option<PeerId>,
     },
     /// A context was destroyed.
     ContextDestroyed {
         id: u64,
         name: String,
+        reason: ContextGone,
     },
     /// A relayed call of one of our methods; answer with `Yield { invocation }`.
     Invoke {
@@ -442,6 +480,15 @@ pub enum FromGateway {
     Refused {
         status: Status,
         message: String,
+    },
+    /// The answer to `CreateContext`: the context (`created`: new, else it existed and we
+    /// joined it). Carries one descriptor, the context segment, as `ContextOpened` does.
+    ContextCreated {
+        req: u64,
+        id: u64,
+        name: String,
+        created: bool,
+        writable: bool,
     },
 }
 
