@@ -154,8 +154,11 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
     };
     let hello_deadline = tokio::time::sleep(s.sh.cfg.hello_timeout);
     tokio::pin!(hello_deadline);
-    // `biased`: registry notices are always handled before hub notices that were issued after
-    // them (a peer's `PeerAdded` before the news that it joined `agm`).
+    // `biased`: output first; then news from the bridge's other connections (a web peer joined
+    // or left `agm`), which is always older than what the registry queued about the same peer
+    // (a clean `leave` must not be overtaken by the disconnect right behind it; and `PeerAdded`
+    // coming after the news that the peer joined is fine: it announces the peer then); then the
+    // registry's notices; then frames from the client.
     let (why, close) = loop {
         if let Some((code, reason)) = s.done.take() {
             break (reason.clone(), Some((code, reason, false)));
@@ -179,8 +182,8 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
                 let why = "no successful hello in time".to_string();
                 break (why.clone(), Some((CLOSE_SLOW, why, false)));
             }
+            Some(ev) = hub_rx.recv() => s.on_hub(ev),
             Some(out) = recv_opt(&mut s.reg_rx) => s.on_core(out).await,
-            Some(ev) = hub_rx.recv() => s.on_hub(ev).await,
             // Another task queued frames for us (context updates).
             _ = out.woken() => {}
             frame = stream.next() => match frame {
@@ -696,7 +699,7 @@ impl Session {
                 ids: ids.clone(),
             },
         );
-        self.streams_unregistering(&ids).await;
+        self.streams_unregistering(&ids, false).await;
         self.core(ToGateway::Unregister { req, ids }).await;
     }
 
@@ -831,15 +834,15 @@ impl Session {
             return;
         }
         me.in_agm = false;
-        self.sh.hub.set_agm(&me.instance, false);
         for k in me.known.values_mut() {
             k.announced = false;
         }
         // A peer that left agm serves nothing, for native peers either, and subscribes to
         // nothing.
         let ids: Vec<u32> = me.methods.keys().copied().collect();
+        self.sh.hub.set_agm(&me.instance, false);
         self.streams_leaving().await;
-        self.streams_unregistering(&ids).await;
+        self.streams_unregistering(&ids, true).await;
         let Some(me) = self.me.as_mut() else { return };
         if !ids.is_empty() {
             let req = me.next_req;
@@ -912,7 +915,7 @@ impl Session {
         }
     }
 
-    async fn on_hub(&mut self, ev: HubEvent) {
+    fn on_hub(&mut self, ev: HubEvent) {
         match ev {
             HubEvent::AgmJoined(p) => self.announce(p),
             HubEvent::AgmLeft(p) => {

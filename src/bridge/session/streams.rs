@@ -241,10 +241,10 @@ impl Session {
         self.drop_in_from(peer, J::from("agm.peer-removed"), J::from(PEER_REMOVED));
     }
 
-    /// A web peer left `agm` cleanly: as the reference gateway reports a clean leave, without
-    /// reasons.
+    /// A web peer left `agm` cleanly: as the reference gateway reports it, its subscribers
+    /// hear that the peer was removed, and the servers it subscribed to get no reasons.
     pub(super) fn streams_peer_left_agm(&mut self, peer: PeerId) {
-        self.cancel_out(Some(peer), None, J::Null, PEER_REMOVED);
+        self.cancel_out(Some(peer), None, J::from("agm.peer-removed"), PEER_REMOVED);
         self.drop_in_from(peer, J::Null, J::Null);
     }
 
@@ -387,8 +387,10 @@ impl Session {
     }
 
     /// Before our methods go (unregister, leaving `agm`): their subscribers are told, without a
-    /// `remove-interest` to us (as the reference gateway does it).
-    pub(super) async fn streams_unregistering(&mut self, methods: &[u32]) {
+    /// `remove-interest` to us (as the reference gateway does it). With `leaving`, web
+    /// subscribers are not: the bridge tells their connections that we left `agm` directly,
+    /// and they end what we served them then.
+    pub(super) async fn streams_unregistering(&mut self, methods: &[u32], leaving: bool) {
         let Some(me) = self.me.as_mut() else { return };
         let hit: Vec<u64> = me
             .streams
@@ -400,7 +402,11 @@ impl Session {
         let mut closes = Vec::with_capacity(hit.len());
         for n in hit {
             if let Some(s) = me.streams.take_in(n) {
-                closes.push((s.peer, s.sub_id));
+                let web =
+                    s.peer == me.peer || me.known.get(&s.peer).is_some_and(|k| k.web.is_some());
+                if !(leaving && web) {
+                    closes.push((s.peer, s.sub_id));
+                }
             }
         }
         for (peer, sub_id) in closes {
@@ -413,13 +419,22 @@ impl Session {
         }
     }
 
-    /// Leaving `agm`: our own subscriptions end too (their servers are told).
+    /// Leaving `agm`: our own subscriptions end too. Native servers are told here; web servers'
+    /// connections hear that we left `agm` from the bridge directly (a record could overtake
+    /// that news and make a clean leave look like an unsubscribe).
     pub(super) async fn streams_leaving(&mut self) {
         let Some(me) = self.me.as_mut() else { return };
         let out = std::mem::take(&mut me.streams.out);
-        for (n, s) in out {
+        let natives: Vec<(u64, PeerId)> = out
+            .into_iter()
+            .filter(|(_, s)| {
+                s.server != me.peer && me.known.get(&s.server).is_none_or(|k| k.web.is_none())
+            })
+            .map(|(n, s)| (n, s.server))
+            .collect();
+        for (n, server) in natives {
             self.core(record_to(
-                s.server,
+                server,
                 KIND_SUB_CLOSE,
                 rec::close(n, "ClientInitiated"),
             ))
