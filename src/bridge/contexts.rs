@@ -40,6 +40,8 @@ pub(crate) const GW3_NOTE: &str = "gw3";
 const WAKER_TICK: Duration = Duration::from_millis(100);
 
 type CtxStore = Store<ContextSegment>;
+/// A decoded value at a version.
+type Cached = Option<(u64, Arc<Value>)>;
 
 /// A web peer following a context.
 struct Sub {
@@ -56,7 +58,7 @@ struct Ctx {
     follower: Follower,
     subs: Vec<Sub>,
     /// The last decoded value (saves decoding the snapshot on every web write).
-    cache: Option<(u64, Arc<Value>)>,
+    cache: Cached,
     buf: Vec<u8>,
 }
 
@@ -289,7 +291,7 @@ impl Contexts {
 
     /// What a writer needs: the store and the cached value (taken: given back by
     /// [`Contexts::written`]). `None` when not mapped writable.
-    pub(crate) fn writer(&self, id: u64) -> Option<(Arc<CtxStore>, Option<(u64, Arc<Value>)>)> {
+    pub(crate) fn writer(&self, id: u64) -> Option<(Arc<CtxStore>, Cached)> {
         let mut st = self.lock();
         let c = st.get_mut(&id).filter(|c| c.writable)?;
         Some((c.store.clone(), c.cache.take()))
@@ -343,12 +345,17 @@ impl Contexts {
                     payload_logged: true,
                 })) => match delta_text(&c.buf, version) {
                     Some(delta) => self.emit(id, c, version, updater, &delta, true),
-                    None => self.resync(id, c),
+                    None => self.resync(id, c, None),
                 },
-                Ok(Some(_)) => self.resync(id, c),
+                // A change too large for the log: the snapshot says what it did (and when
+                // nothing else happened since, its writer need not hear of it).
+                Ok(Some(LogEvent::Record {
+                    version, updater, ..
+                })) => self.resync(id, c, Some((version, updater))),
+                Ok(Some(LogEvent::Gap)) => self.resync(id, c, None),
                 Err(e) => {
                     crate::log::warn(format_args!("bridge: context {id} log: {e}"));
-                    self.resync(id, c);
+                    self.resync(id, c, None);
                     break;
                 }
             }
@@ -377,8 +384,10 @@ impl Contexts {
     }
 
     /// Lost track of the log (lapped, an oversized or unknown record): the snapshot goes out as
-    /// a `reset`, and following resumes after it.
-    fn resync(&self, id: u64, c: &mut Ctx) {
+    /// a `reset`, and following resumes after it. `only`: the record (version, writer) that
+    /// was not logged in full; when the snapshot is exactly that version, its writer is skipped
+    /// as for any other update.
+    fn resync(&self, id: u64, c: &mut Ctx, only: Option<(u64, u64)>) {
         let info = match c.store.read(&mut c.buf) {
             Ok(i) => i,
             Err(e) => {
@@ -395,7 +404,8 @@ impl Contexts {
             }
         };
         let delta = serde_json::json!({ "reset": data.to_json() }).to_string();
-        self.emit(id, c, info.version, info.updater, &delta, false);
+        let exact = only.is_some_and(|(v, _)| v == info.version);
+        self.emit(id, c, info.version, info.updater, &delta, exact);
         for s in c.subs.iter_mut() {
             s.start = s.start.max(info.version);
         }

@@ -393,7 +393,7 @@ mod tests {
         assert_eq!(
             plan(&parts).unwrap(),
             Plan::Op(ContextOp::Paths(vec![
-                ("b".into(), Value::from(Value::from(json!({"d": 3})))),
+                ("b".into(), Value::from(json!({"d": 3}))),
                 ("a".into(), Value::Null)
             ]))
         );

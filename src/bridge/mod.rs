@@ -402,7 +402,9 @@ impl Outbox {
         }
         let mut q = self.q();
         let queued = self.bytes.load(Ordering::Relaxed);
-        if queued.saturating_add(s.len()) > self.max_bytes {
+        // One frame is always taken (a message larger than the bound must still go out); the
+        // bound is on what piles up behind it.
+        if queued > 0 && queued.saturating_add(s.len()) > self.max_bytes {
             return Err(Overflow { bytes: queued });
         }
         self.bytes.store(queued + s.len(), Ordering::Relaxed);
