@@ -29,6 +29,7 @@ mod delta;
 mod gw3;
 mod hub;
 mod session;
+mod spin;
 
 pub use auth::{read_token, token_path, AuthMode, Password, UserEntry};
 
@@ -84,6 +85,9 @@ pub struct BridgeConfig {
     pub hello_timeout: Duration,
     /// The token file; `None`: next to the gateway socket ([`token_path`]).
     pub token_file: Option<PathBuf>,
+    /// How long the gateway's thread keeps polling its sockets without sleeping after bridge
+    /// traffic (saves the wake-up of a sleeping thread on the next frame); zero: never.
+    pub spin: Duration,
 }
 
 impl BridgeConfig {
@@ -101,6 +105,7 @@ impl BridgeConfig {
             max_connections: 1024,
             hello_timeout: Duration::from_secs(30),
             token_file: None,
+            spin: Duration::from_micros(300),
         }
     }
 
@@ -200,6 +205,8 @@ impl Bound {
         let node: String = node.iter().map(|b| format!("{b:02x}")).collect();
         let ctxs = contexts::Contexts::new(node.clone(), bell);
         ctxs.start()?;
+        let spin = spin::Spin::new(self.cfg.spin);
+        let spin_task = tokio::spawn(spin.clone().run());
         let shared = Arc::new(session::Shared {
             core,
             hub: hub::Hub::default(),
@@ -208,6 +215,7 @@ impl Bound {
             limits,
             cfg: self.cfg,
             ctxs,
+            spin,
         });
         crate::log::info(format_args!(
             "bridge listening on ws://{}/ ({} authentication)",
@@ -224,6 +232,7 @@ impl Bound {
             stop: stop_tx,
             task,
             ctxs,
+            spin_task,
         })
     }
 }
@@ -234,6 +243,7 @@ pub(crate) struct Running {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
     ctxs: Arc<contexts::Contexts>,
+    spin_task: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
@@ -243,6 +253,7 @@ impl Running {
         let _ = self.stop.send(());
         let _ = self.task.await;
         self.ctxs.stop();
+        self.spin_task.abort();
     }
 }
 

@@ -34,6 +34,7 @@ pub(crate) struct Shared {
     pub limits: Limits,
     pub cfg: BridgeConfig,
     pub ctxs: Arc<Contexts>,
+    pub spin: Arc<super::spin::Spin>,
 }
 
 /// A method id nobody registers: asks the registry whether a peer we do not know exists and
@@ -187,7 +188,10 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
             // Another task queued frames for us (context updates).
             _ = out.woken() => {}
             frame = stream.next() => match frame {
-                Some(Ok(Message::Text(t))) => s.on_text(t.as_str()).await,
+                Some(Ok(Message::Text(t))) => {
+                    s.sh.spin.touch();
+                    s.on_text(t.as_str()).await
+                }
                 Some(Ok(Message::Binary(_))) => s.raw("GW3 messages are JSON text frames, not binary"),
                 Some(Ok(Message::Close(_))) | None => break ("connection closed".to_string(), None),
                 Some(Ok(_)) => {} // ping/pong: answered by the WebSocket layer
