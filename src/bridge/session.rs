@@ -37,6 +37,10 @@ pub(crate) struct Shared {
     pub spin: Arc<super::spin::Spin>,
 }
 
+/// Most bus subscriptions, stream subscriptions made, and subscriptions to its streams, that
+/// one connection may have (each is state in the gateway).
+pub(super) const MAX_SUBSCRIPTIONS: usize = 100_000;
+
 /// A method id nobody registers: asks the registry whether a peer we do not know exists and
 /// whether it is ours to call, without calling anything.
 const NO_METHOD: u32 = u32::MAX;

@@ -62,6 +62,13 @@ impl Session {
         };
         // `source` (a filter on publishers) is the client library's to apply, as in the
         // reference gateway.
+        if self
+            .me
+            .as_ref()
+            .is_some_and(|m| m.bus.subs.len() >= super::MAX_SUBSCRIPTIONS)
+        {
+            return self.bus_error(msg, "too many subscriptions on this connection");
+        }
         let n = self.sh.ids.number();
         let reply = self
             .ask(|req| ToGateway::BusSubscribe {

@@ -129,6 +129,9 @@ impl Session {
             );
             return self.stream_error(msg, SUB_FAIL, &reason);
         };
+        if me.streams.out.len() >= super::MAX_SUBSCRIPTIONS {
+            return self.stream_error(msg, SUB_FAIL, "too many subscriptions on this connection");
+        }
         let n = self.sh.ids.number();
         let gid = self.sh.ids.with('r', n);
         let mut body = Vec::new();
@@ -479,6 +482,16 @@ impl Session {
         };
         if me.streams.by_key.contains_key(&(from, r.sub_id)) {
             return Ok(()); // a repeat
+        }
+        if me.streams.inc.len() >= super::MAX_SUBSCRIPTIONS {
+            let mut b = Vec::new();
+            let info = Value::object([(
+                "reason",
+                Value::from("the server has too many subscriptions"),
+            )]);
+            rec::reply(&mut b, r.sub_id, false, &info);
+            self.core(record_to(from, KIND_SUB_REPLY, b)).await;
+            return Ok(());
         }
         let web = from == me.peer || me.known.get(&from).is_some_and(|k| k.web.is_some());
         let gid = if web {
