@@ -3,7 +3,8 @@
 // knit's bridge and against the reference Glue42 gateway (@glue42/gateway-web, with a large
 // per-client buffer so that it does not drop messages), in the same run, alternating rounds.
 //
-//   node bench.js --knit PATH/TO/knit [--n 2000] [--rounds 3] [--warmup 1000] [--only SCENARIO,...]
+//   node bench.js --knit PATH/TO/knit [--knit-config FILE] [--n 2000] [--rounds 3] [--warmup 1000]
+//                 [--only SCENARIO,...]
 //
 // Scenarios:
 //   invoke_rtt           invoke round trip: a server registers Bench.Echo, a caller invokes it;
@@ -218,8 +219,9 @@ async function referenceGateway() {
 
 async function knitGateway(bin) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "knit-bench-"));
-  const child = spawn(bin, ["gateway", "--gateway", path.join(dir, "gw.sock"), "--ws", "127.0.0.1:0", "--ws-auth", "open"],
-    { stdio: ["ignore", "ignore", "pipe"] });
+  const config = opt("--knit-config");
+  const child = spawn(bin, ["gateway", "--gateway", path.join(dir, "gw.sock"), "--ws", "127.0.0.1:0", "--ws-auth", "open",
+    ...(config ? ["--config", config] : [])], { stdio: ["ignore", "ignore", "pipe"] });
   const url = await new Promise((ok, fail) => {
     let err = "";
     child.stderr.on("data", (d) => {
