@@ -50,21 +50,46 @@ impl Ids {
 
     /// The registry peer a GW3 peer id names, if it is one of ours.
     pub(crate) fn parse_peer(&self, s: &str) -> Option<PeerId> {
-        let n = s
-            .strip_prefix("p-")?
-            .strip_prefix(self.node.as_str())?
-            .strip_prefix('-')?;
-        if n.is_empty() || n.len() > 20 || !n.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        n.parse().ok().map(PeerId)
+        parse_numbered(s, 'p', &self.node).map(PeerId)
     }
 
     /// A fresh id of `kind` (`i` instance, `r` invocation/subscription, `c` context).
     pub(crate) fn fresh(&self, kind: char) -> String {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.with(kind, self.number())
+    }
+
+    /// A fresh number (ids made with [`Ids::with`] from it are unique).
+    pub(crate) fn number(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The id of `kind` with number `n`.
+    pub(crate) fn with(&self, kind: char, n: u64) -> String {
         format!("{kind}-{}-{n}", self.node)
     }
+
+    /// The registry context a GW3 context id names, if it is one of ours.
+    pub(crate) fn parse_ctx(&self, s: &str) -> Option<u64> {
+        parse_numbered(s, 'c', &self.node)
+    }
+
+    /// The GW3 id of a registry context.
+    pub(crate) fn ctx(&self, id: u64) -> String {
+        super::contexts::gw3_id(&self.node, id)
+    }
+}
+
+/// `<kind>-<node>-<n>` → `n`.
+fn parse_numbered(s: &str, kind: char, node: &str) -> Option<u64> {
+    let n = s
+        .strip_prefix(kind)?
+        .strip_prefix('-')?
+        .strip_prefix(node)?
+        .strip_prefix('-')?;
+    if n.is_empty() || n.len() > 20 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
 }
 
 /// `{"domain", "type":"success", "request_id", "peer_id"}`.
@@ -298,6 +323,9 @@ mod tests {
             assert_eq!(ids.parse_peer(bad), None, "{bad}");
         }
         assert_ne!(ids.fresh('i'), ids.fresh('i'));
+        assert_eq!(ids.parse_ctx(&ids.ctx(7)), Some(7));
+        assert_eq!(ids.parse_ctx("c-nope"), None);
+        assert_eq!(ids.parse_ctx(&ids.peer(PeerId(7))), None);
     }
 
     #[test]

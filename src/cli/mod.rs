@@ -402,6 +402,7 @@ struct BridgeFile {
     max_frame: Option<usize>,
     max_queued_bytes: Option<usize>,
     max_connections: Option<usize>,
+    spin_us: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -450,6 +451,9 @@ fn bridge_config(
     }
     if let Some(v) = file.max_connections {
         cfg.max_connections = v;
+    }
+    if let Some(v) = file.spin_us {
+        cfg.spin = std::time::Duration::from_micros(v);
     }
     for u in file.users {
         let password = match (u.password, u.password_sha256) {

@@ -486,7 +486,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 Err(e) => shared.conn.complete(req, Reply::Fail(Status::Protocol, e)),
             }
         }
-        FromGateway::ContextAdded { id, name } => super::contexts::announced(shared, id, name),
+        FromGateway::ContextAdded { id, name, .. } => super::contexts::announced(shared, id, name),
         FromGateway::BusSubscribed(info) => super::bus::remote_subscribed(shared, info),
         FromGateway::BusSubscribedSync { info, ticket } => {
             super::bus::remote_subscribed(shared, info);
@@ -521,12 +521,16 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 shared.push_task(super::engine::Task::Bus(msg));
             }
         }
-        FromGateway::ContextDestroyed { id, name } => super::contexts::destroyed(shared, id, &name),
+        FromGateway::ContextDestroyed { id, name, .. } => {
+            super::contexts::destroyed(shared, id, &name)
+        }
         FromGateway::Shutdown { reason } => {
             crate::log::info(format_args!("gateway is stopping: {reason}"));
             // Relaxed: read by this (control) thread when the connection closes.
             shared.conn.stopping.store(true, Ordering::Relaxed);
         }
+        // Native clients never send `CreateContext` (a GW3 notion).
+        FromGateway::ContextCreated { .. } => {}
         FromGateway::Welcome(_) | FromGateway::Refused { .. } => {
             crate::log::warn(format_args!("unexpected handshake frame from the gateway"));
         }

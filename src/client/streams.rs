@@ -20,10 +20,9 @@ use crate::model::target::{method_matches, select};
 use crate::model::Target;
 use crate::status::Status;
 use crate::wire::frame::{Instance, MethodDef, PeerId, ToGateway, Transport};
-use crate::wire::record::{
-    self, KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST,
-};
-use crate::wire::{codec, Value};
+use crate::wire::record::{KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST};
+use crate::wire::stream as rec;
+use crate::wire::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -170,16 +169,6 @@ fn try_send(shared: &Arc<Shared>, link: &Link, kind: u16, body: &[u8]) -> Result
         },
         Link::Relay(_) => send(shared, link, kind, body, Instant::now()).map(|()| true),
     }
-}
-
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    b.get(at..at + 8)
-        .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes(s.try_into().unwrap_or([0; 4])))
 }
 
 // ----- server side ----------------------------------------------------------------------------
@@ -360,9 +349,7 @@ fn reply(shared: &Arc<Shared>, link: &Link, sub_id: u64, accepted: bool, reason:
 
 fn reply_value(shared: &Arc<Shared>, link: &Link, sub_id: u64, accepted: bool, info: &Value) {
     let mut body = Vec::new();
-    body.extend_from_slice(&sub_id.to_le_bytes());
-    body.extend_from_slice(&(if accepted { 0u32 } else { 1 }).to_le_bytes());
-    if codec::encode_into(info, &mut body).is_err() {
+    if rec::reply(&mut body, sub_id, accepted, info).is_err() {
         // `info` is built here from names and numbers: never deep. Nothing half-built is sent.
         return;
     }
@@ -373,12 +360,6 @@ fn reply_value(shared: &Arc<Shared>, link: &Link, sub_id: u64, accepted: bool, i
         &body,
         Instant::now() + Duration::from_secs(5),
     );
-}
-
-fn close_record(sub_id: u64, reason: &str) -> Vec<u8> {
-    let mut body = sub_id.to_le_bytes().to_vec();
-    body.extend_from_slice(reason.as_bytes());
-    body
 }
 
 fn drop_sub(
@@ -403,7 +384,7 @@ fn drop_sub(
     if tell {
         // The lane may be full (that is why a slow subscriber is dropped): then the news goes
         // around it, through the gateway, so it is never lost.
-        let body = close_record(sub.sub_id, reason);
+        let body = rec::close(sub.sub_id, reason);
         if !matches!(try_send(shared, &sub.link, KIND_SUB_CLOSE, &body), Ok(true)) {
             let _ = send(
                 shared,
@@ -427,21 +408,6 @@ thread_local! {
     static PUSH_SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-fn data_record_into(data: &Value, private: bool, body: &mut Vec<u8>) -> Result<(), ClientError> {
-    body.clear();
-    body.resize(20, 0);
-    body[8..12].copy_from_slice(&(private as u32).to_le_bytes());
-    let flags = record::encode_payload(data, body)?;
-    body[16..20].copy_from_slice(&flags.to_le_bytes());
-    Ok(())
-}
-
-fn data_record(data: &Value, private: bool) -> Result<Vec<u8>, ClientError> {
-    let mut body = Vec::new();
-    data_record_into(data, private, &mut body)?;
-    Ok(body)
-}
-
 /// An item larger than the gateway allows is refused to the pusher (it would otherwise close
 /// every subscriber it was queued for).
 fn check_size(shared: &Shared, body: &[u8]) -> Result<(), ClientError> {
@@ -463,9 +429,10 @@ fn push_one(
     data: &Value,
     private: bool,
 ) -> Result<(), ClientError> {
-    let mut body = data_record(data, private)?;
+    let mut body = Vec::new();
+    rec::data_into(&mut body, private, data)?;
     check_size(shared, &body)?;
-    body[0..8].copy_from_slice(&sub.sub_id.to_le_bytes());
+    rec::set_sub_id(&mut body, sub.sub_id);
     let key = match &entry.options.policy {
         SlowConsumerPolicy::Conflate(k) => data.get(k).cloned(),
         _ => None,
@@ -498,7 +465,7 @@ fn offer_ref(
     let mut out = sub.out.lock().unwrap_or_else(|e| e.into_inner());
     flush_locked(shared, sub, &mut out);
     if out.pending.is_empty() {
-        body[12..16].copy_from_slice(&out.gap.to_le_bytes());
+        rec::set_gap(body, out.gap);
         match try_send(shared, &sub.link, KIND_STREAM_DATA, body) {
             Ok(true) => {
                 out.gap = 0;
@@ -523,7 +490,7 @@ fn offer_ref(
                 out.pending.pop_front();
                 shared.stream_pending.fetch_sub(1, Ordering::AcqRel);
             }
-            body[12..16].copy_from_slice(&out.gap.to_le_bytes());
+            rec::set_gap(body, out.gap);
             let sent = out.pending.is_empty()
                 && send(shared, &sub.link, KIND_STREAM_DATA, body, deadline).is_ok();
             drop(out);
@@ -558,7 +525,7 @@ fn offer_ref(
 /// Sends what is queued for `sub` while there is room.
 fn flush_locked(shared: &Arc<Shared>, sub: &ServerSub, out: &mut OutQueue) {
     while let Some((b, _)) = out.pending.front_mut() {
-        b[12..16].copy_from_slice(&out.gap.to_le_bytes());
+        rec::set_gap(b, out.gap);
         match try_send(shared, &sub.link, KIND_STREAM_DATA, b) {
             Ok(true) => {
                 out.gap = 0;
@@ -632,7 +599,8 @@ impl Stream {
         };
         // One encoding per push, in a reused buffer; only the subscription id differs.
         let mut body = PUSH_SCRATCH.with(|c| c.take());
-        if let Err(e) = data_record_into(data, false, &mut body)
+        if let Err(e) = rec::data_into(&mut body, false, data)
+            .map_err(ClientError::from)
             .and_then(|()| check_size(&self.shared, &body))
         {
             PUSH_SCRATCH.with(|c| c.set(body));
@@ -640,7 +608,7 @@ impl Stream {
         }
         let mut r = Ok(());
         for s in subs.iter().filter(|s| want(&s.branch)) {
-            body[0..8].copy_from_slice(&s.sub_id.to_le_bytes());
+            rec::set_sub_id(&mut body, s.sub_id);
             r = offer_ref(&self.shared, &self.entry, s, &mut body, key.clone());
             if r.is_err() {
                 break;
@@ -892,7 +860,7 @@ fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool) {
                 shared,
                 &l,
                 KIND_SUB_CLOSE,
-                &close_record(sub.id, "ClientInitiated"),
+                &rec::close(sub.id, "ClientInitiated"),
                 Instant::now() + Duration::from_secs(1),
             );
         }
@@ -1060,7 +1028,6 @@ fn send_requests(shared: &Arc<Shared>, sub: &Arc<ClientSub>, chosen: &[(Arc<Inst
     let params = &sub.params;
     let my_id = shared.my_id();
     let mut body = Vec::new();
-    body.extend_from_slice(&sub.id.to_le_bytes());
     for (server, method_id) in chosen {
         let link = if server.peer_id == my_id {
             Link::Relay(my_id)
@@ -1070,14 +1037,10 @@ fn send_requests(shared: &Arc<Shared>, sub: &Arc<ClientSub>, chosen: &[(Arc<Inst
                 Err(_) => continue,
             }
         };
-        body.truncate(8);
-        body.extend_from_slice(&method_id.to_le_bytes());
-        body.extend_from_slice(&[0; 4]);
-        let Ok(flags) = record::encode_payload(&params.arguments, &mut body) else {
+        if rec::request(&mut body, sub.id, *method_id, &params.arguments).is_err() {
             // Checked before the subscription was made; a failure here reaches nobody.
             continue;
-        };
-        body[12..16].copy_from_slice(&flags.to_le_bytes());
+        }
         sub.remotes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1158,15 +1121,15 @@ pub(crate) fn on_record(
     kind: u16,
     body: &[u8],
 ) -> Result<bool, &'static str> {
-    let sub_id = u64_at(body, 0).ok_or("short stream record")?;
+    let sub_id = rec::sub_id(body).map_err(|_| "short stream record")?;
     match kind {
         KIND_SUB_REQUEST => {
             on_request(shared, from, identity, link, body);
             Ok(false)
         }
         KIND_SUB_REPLY => {
-            let status = u32_at(body, 8).ok_or("short stream reply")?;
-            let info = codec::decode(&body[12..]).unwrap_or(Value::Null);
+            let rec::Reply { accepted, info, .. } =
+                rec::parse_reply(body).map_err(|_| "bad stream reply")?;
             let sub = shared
                 .streams
                 .lock()
@@ -1175,7 +1138,7 @@ pub(crate) fn on_record(
                 .get(&sub_id)
                 .cloned();
             let Some(sub) = sub else { return Ok(false) };
-            if status == 0 {
+            if accepted {
                 if let Some(p) = info.get("policy") {
                     let queue = info
                         .get("queue")
@@ -1205,24 +1168,21 @@ pub(crate) fn on_record(
                 .get(&sub_id)
                 .cloned();
             let Some(sub) = sub else { return Ok(false) };
-            let private = u32_at(body, 8).ok_or("short stream data")? & 1 != 0;
-            let gap = u32_at(body, 12).ok_or("short stream data")? as u64;
-            let flags = u32_at(body, 16).ok_or("short stream data")?;
-            let data = record::decode_payload(flags, &body[20..])
-                .map_err(|_| "undecodable stream data")?;
+            // Extra GW3 fields (sequence, snapshot) have no place in knit's stream events.
+            let d = rec::parse_data(body).map_err(|_| "undecodable stream data")?;
             Ok(accept_item(
                 shared,
                 &sub,
                 StreamEvent::Data {
-                    data,
+                    data: d.data,
                     server: identity,
-                    private,
-                    gap,
+                    private: d.private,
+                    gap: d.gap as u64,
                 },
             ))
         }
         KIND_SUB_CLOSE => {
-            let reason = String::from_utf8_lossy(&body[8..]).to_string();
+            let (_, reason) = rec::parse_close(body).map_err(|_| "short stream close")?;
             // Either a subscriber leaving one of our streams, or a server dropping us.
             let served: Vec<Arc<StreamEntry>> = shared
                 .streams
@@ -1267,10 +1227,20 @@ fn on_request(
     link: Link,
     body: &[u8],
 ) {
-    let (Some(sub_id), Some(method_id), Some(flags)) =
-        (u64_at(body, 0), u32_at(body, 8), u32_at(body, 12))
-    else {
-        return;
+    let (sub_id, method_id, args) = match rec::parse_request(body) {
+        Ok(r) => (r.sub_id, r.method_id, r.args),
+        Err(_) => {
+            if let Ok(sub_id) = rec::sub_id(body) {
+                reply(
+                    shared,
+                    &link,
+                    sub_id,
+                    false,
+                    "malformed subscription request",
+                );
+            }
+            return;
+        }
     };
     let entry = shared
         .streams
@@ -1279,7 +1249,6 @@ fn on_request(
         .served
         .get(&method_id)
         .cloned();
-    let args = record::decode_payload(flags, &body[16..]).unwrap_or(Value::Null);
     let Some(entry) = entry.filter(|e| !e.closed.load(Ordering::Acquire)) else {
         return reply(shared, &link, sub_id, false, "Method has been removed");
     };
@@ -1626,7 +1595,7 @@ fn lost(shared: &Arc<Shared>, sub: &Arc<ClientSub>, reason: &str) {
             shared,
             &l,
             KIND_SUB_CLOSE,
-            &close_record(sub.id, "ClientInitiated"),
+            &rec::close(sub.id, "ClientInitiated"),
             Instant::now() + Duration::from_secs(1),
         );
     }

@@ -467,7 +467,7 @@ mod tests {
         assert_eq!(reg.contexts.visible_to("u"), vec![(3, "good".to_string())]);
         // Counters continue past the previous run's.
         assert!(reg.next_peer >= 500);
-        let id = reg.ensure_context("u", "new").unwrap();
+        let id = reg.ensure_context("u", "new", None).unwrap();
         assert!(id >= 40, "context id {id} reuses the previous run's range");
     }
 

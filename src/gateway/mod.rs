@@ -354,16 +354,6 @@ async fn serve(
     let my_uid = identity::euid();
     let user = identity::user_name(my_uid);
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
-    let bridge = match gw.bridge {
-        Some(b) => {
-            let core = CoreHandle { tx: ev_tx.clone() };
-            Some(
-                b.start(core, gw.cfg.limits.clone())
-                    .map_err(ctx("starting the bridge"))?,
-            )
-        }
-        None => None,
-    };
     let mut registry = Registry::new(gw.cfg.limits.clone())
         .map_err(|e| ctx("doorbell directory")(std::io::Error::other(e)))?;
     registry.set_channels(gw.cfg.channels.clone());
@@ -386,6 +376,19 @@ async fn serve(
         (None, Some(cfg)) => registry.set_keeper_source(gw.cfg.socket.clone(), cfg.clone()),
         _ => {}
     }
+    let bridge = match gw.bridge {
+        Some(b) => {
+            let core = CoreHandle { tx: ev_tx.clone() };
+            // The bridge follows shared contexts for its web peers: it sleeps on a doorbell of
+            // the directory that native writers ring.
+            let bell = registry.reserve_doorbell();
+            Some(
+                b.start(core, gw.cfg.limits.clone(), bell)
+                    .map_err(ctx("starting the bridge"))?,
+            )
+        }
+        None => None,
+    };
     let mut closers: HashMap<PeerId, Closer> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -461,7 +464,14 @@ async fn serve(
                         ToGateway::BusUnsubscribe { req, sub } => registry.bus_unsubscribe(peer, req, sub),
                         ToGateway::Record { to, kind, body } => registry.relay_record(peer, to, kind, body),
                         ToGateway::BusPublish { topic, routing_key, target, data } => {
-                            registry.bus_publish(peer, topic, routing_key, target, data, false)
+                            // A publisher behind the gateway has no lanes: it reaches everyone
+                            // through here.
+                            let everyone = registry.peers.get(&peer)
+                                .is_some_and(|p| p.transport == crate::wire::frame::Transport::Relay);
+                            registry.bus_publish(peer, topic, routing_key, target, data, everyone)
+                        }
+                        ToGateway::CreateContext { req, name, lifetime, data } => {
+                            registry.create_context(peer, req, name, lifetime, data)
                         }
                         ToGateway::BusSynced { ticket } => registry.bus_synced(peer, ticket),
                         ToGateway::Denied { peer: offender, action, resource } => {

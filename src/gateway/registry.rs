@@ -71,6 +71,9 @@ pub(super) struct Peer {
     methods: BTreeMap<u32, MethodDef>,
     /// Native peers' doorbell index in the directory.
     pub(super) doorbell: Option<u32>,
+    /// What identity filters (bus `target`) match: the identity, plus the attributes a peer
+    /// behind the gateway logged in with (a web peer's GW3 identity).
+    pub(super) attributes: Value,
     tx: PeerTx,
     /// Relayed calls this peer has waiting.
     pending: usize,
@@ -113,6 +116,8 @@ pub(crate) struct Admission {
     pub pid: u32,
     pub user: String,
     pub transport: Transport,
+    /// More identity attributes (a map; `Null`: none), matched by identity filters.
+    pub attributes: Value,
 }
 
 /// Peers, methods, lanes and relayed calls.
@@ -235,6 +240,14 @@ impl Registry {
         log_denial(&o.identity, action, resource, &by);
     }
 
+    /// Takes a doorbell for the gateway's own use (the WebSocket bridge sleeps on it, and it is
+    /// rung for context subscribers behind the gateway). Returns its index and the directory.
+    pub(crate) fn reserve_doorbell(&mut self) -> Option<(u32, Arc<OwnedFd>)> {
+        let i = self.free_doorbells.pop()?;
+        self.contexts.relay_bell = Some(i);
+        Some((i, self.doorbells.clone()))
+    }
+
     pub(crate) fn take_actions(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.actions)
     }
@@ -305,6 +318,7 @@ impl Registry {
             pid: cred.pid,
             user,
             transport: hello.transport,
+            attributes: Value::Null,
         };
         // The executable of a kernel-verified pid: policies may name it.
         let exe = std::fs::read_link(format!("/proc/{}/exe", cred.pid))
@@ -401,11 +415,18 @@ impl Registry {
                 rules: (*p.rules).clone(),
             })
             .collect();
+        let mut attributes = identity.to_value();
+        if let (Value::Map(all), Value::Map(extra)) = (&mut attributes, adm.attributes) {
+            for (k, v) in extra {
+                all.entry(k).or_insert(v);
+            }
+        }
         self.peers.insert(
             id,
             Peer {
                 identity: identity.clone(),
                 transport: adm.transport,
+                attributes,
                 methods: BTreeMap::new(),
                 doorbell,
                 tx,
@@ -433,6 +454,7 @@ impl Registry {
                 self.bus.of_peers(&same_user)
             },
             rules: (*rules).clone(),
+            context_owners: self.contexts.owners_visible_to(&identity.user),
         };
         let fds = if doorbell.is_some() {
             vec![self.doorbells.clone()]
@@ -875,6 +897,7 @@ mod tests {
             pid: 0,
             user: user.into(),
             transport: Transport::Relay,
+            attributes: Value::Null,
         };
         let (id, _) = reg.admit(adm, tx).unwrap();
         (id, rx)

@@ -58,6 +58,24 @@ pub fn write<M: StoreMemory>(
     timeout: Duration,
     cached: Option<(u64, Arc<Value>)>,
 ) -> Result<(u64, bool, Arc<Value>), WriteError> {
+    write_noted(store, token, op, expect, max_size, timeout, cached, None)
+}
+
+/// [`write`] with a note logged beside the op: `(key, value)` becomes one more entry of the
+/// logged map (`{"update": …, key: value}`), which followers that do not know the key ignore.
+/// The WebSocket bridge notes a web writer's GW3 delta there, so web subscribers get it
+/// verbatim.
+#[allow(clippy::too_many_arguments)]
+pub fn write_noted<M: StoreMemory>(
+    store: &Store<M>,
+    token: u64,
+    op: &ContextOp,
+    expect: Option<u64>,
+    max_size: usize,
+    timeout: Duration,
+    cached: Option<(u64, Arc<Value>)>,
+    note: Option<(&str, Value)>,
+) -> Result<(u64, bool, Arc<Value>), WriteError> {
     // The clock is read only when the lock is contended.
     let mut deadline: Option<Instant> = None;
     let guard = store.lock(token, || {
@@ -103,22 +121,24 @@ pub fn write<M: StoreMemory>(
     // An op too deep to encode is committed without a logged payload (followers take the
     // snapshot); the snapshot itself must encode, or nothing is written.
     let mut logged = true;
-    match op {
+    match (op, note) {
         // The hot path: no delta built, the logged op encoded while applying.
-        ContextOp::Update(new) if exists => match update_in_place(map, new, &mut payload) {
-            Ok(false) => return Ok((version, false, current)),
-            Ok(true) => {}
-            Err(_) => logged = false,
-        },
-        _ => {
+        (ContextOp::Update(new), None) if exists => {
+            match update_in_place(map, new, &mut payload) {
+                Ok(false) => return Ok((version, false, current)),
+                Ok(true) => {}
+                Err(_) => logged = false,
+            }
+        }
+        (_, note) => {
             let Some(delta) = apply_mut(map, exists, op)? else {
                 return Ok((version, false, current));
             };
-            logged = codec::encode_into(
-                &op.normalized_delta(&delta, exists).to_value(),
-                &mut payload,
-            )
-            .is_ok();
+            let mut op_value = op.normalized_delta(&delta, exists).to_value();
+            if let (Value::Map(m), Some((k, v))) = (&mut op_value, note) {
+                m.insert(k.to_string(), v);
+            }
+            logged = codec::encode_into(&op_value, &mut payload).is_ok();
         }
     }
     let bytes = codec::encode(&current)?;

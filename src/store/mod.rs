@@ -113,6 +113,13 @@ impl StoreCtl {
         self.version.load(Ordering::Acquire)
     }
 
+    /// The log's tail position: it moves with every commit (a follower that saw one value and
+    /// sees another knows there is something to read).
+    pub fn log_position(&self) -> u64 {
+        // SYNC(log_tail): pairs with the writer's Release store in `commit`.
+        self.log_tail.load(Ordering::Acquire)
+    }
+
     /// The token of the writer holding the lock, 0 if free.
     pub fn lock_holder(&self) -> u64 {
         self.lock.load(Ordering::Acquire)

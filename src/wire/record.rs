@@ -25,7 +25,7 @@ pub const KIND_RESULT: u16 = 2;
 pub const KIND_CANCEL: u16 = 3;
 /// A bus message: topic, routing key, payload (layout in `client::bus`).
 pub const KIND_BUS: u16 = 4;
-/// Stream records (layouts in `client::streams`): a subscription request (subscriber → server),
+/// Stream records (layouts in [`super::stream`]): a subscription request (subscriber → server),
 /// its answer, one data item, and the end of a subscription (either way).
 pub const KIND_SUB_REQUEST: u16 = 5;
 pub const KIND_SUB_REPLY: u16 = 6;
