@@ -464,11 +464,9 @@ async fn serve(
                         ToGateway::BusUnsubscribe { req, sub } => registry.bus_unsubscribe(peer, req, sub),
                         ToGateway::Record { to, kind, body } => registry.relay_record(peer, to, kind, body),
                         ToGateway::BusPublish { topic, routing_key, target, data } => {
-                            // A publisher behind the gateway has no lanes: it reaches everyone
-                            // through here.
-                            let everyone = registry.peers.get(&peer)
-                                .is_some_and(|p| p.transport == crate::wire::frame::Transport::Relay);
-                            registry.bus_publish(peer, topic, routing_key, target, data, everyone)
+                            // Publishers deliver to their own subscriptions themselves (a web
+                            // peer's session included).
+                            registry.bus_publish(peer, topic, routing_key, target, data, false)
                         }
                         ToGateway::CreateContext { req, name, lifetime, data } => {
                             registry.create_context(peer, req, name, lifetime, data)
