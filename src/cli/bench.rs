@@ -27,10 +27,13 @@ use std::time::{Duration, Instant};
 
 #[path = "bench_data.rs"]
 mod data;
+#[path = "bench_restart.rs"]
+mod restart;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// rpc, ctx, bus, stream, or all.
+    /// rpc, ctx, bus, stream, all (those four), or restart (gateway SIGKILL and restart; not
+    /// part of all).
     scenario: String,
     /// One payload size in bytes (default: 8, 64, 1024 and 65536).
     #[arg(long)]
@@ -41,9 +44,12 @@ pub struct BenchArgs {
     /// Only this mode: spin or park.
     #[arg(long)]
     mode: Option<String>,
-    /// Rounds alternating baseline and knit.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    /// Rounds alternating baseline and knit (default 3; restart: 20 gateway restarts).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Client processes (restart).
+    #[arg(long, default_value_t = 8)]
+    peers: usize,
     /// One JSON object per scenario row instead of a table.
     #[arg(long)]
     json: bool,
@@ -68,6 +74,9 @@ pub struct PeerArgs {
     mode: String,
     #[arg(long)]
     cpu: Option<usize>,
+    /// This peer's number among `n` (restart).
+    #[arg(long)]
+    index: Option<usize>,
 }
 
 /// Latency percentiles of one series, in nanoseconds.
@@ -184,6 +193,7 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
         "ctx" => data::ctx(&args),
         "bus" => data::bus(&args),
         "stream" => data::stream(&args),
+        "restart" => restart::restart(&args),
         "all" => {
             rpc(&args)?;
             data::ctx(&args)?;
@@ -480,6 +490,7 @@ pub fn peer(a: PeerArgs) -> Result<(), CliError> {
             let _ = std::io::stdin().read_to_end(&mut sink);
             drop(client);
         }
+        "restart-peer" => return restart::peer(&a),
         other => return data::peer(other, &a),
     }
     Ok(())
@@ -669,7 +680,7 @@ fn rpc(args: &BenchArgs) -> Result<(), CliError> {
             ))
         }
     };
-    let rounds = args.rounds.max(1);
+    let rounds = args.rounds.unwrap_or(3).max(1);
     let per_round = (args.iters / rounds).max(1);
     let warm = (per_round / 10).clamp(10, 2000);
     let (cpu_client, cpu_server) = cpus();

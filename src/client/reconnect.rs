@@ -340,7 +340,9 @@ fn apply(
     };
     *shared.my_rules.write().unwrap_or_else(|e| e.into_inner()) = my_rules.clone();
     // Relaxed: a flag read before the rules' lock, which orders the rules themselves.
-    shared.my_rules_on.store(my_rules.is_some(), Ordering::Relaxed);
+    shared
+        .my_rules_on
+        .store(my_rules.is_some(), Ordering::Relaxed);
     shared.policy_on.store(
         new_peers.values().any(|p| p.rules.is_some()),
         Ordering::Relaxed,

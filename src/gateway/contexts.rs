@@ -365,7 +365,11 @@ impl Registry {
         let (read, write) = self.context_access(from, &name);
         let exists = self.contexts.find(&user, &name).is_some();
         if !read || (!exists && !write) {
-            let action = if read { "context.write" } else { "context.read" };
+            let action = if read {
+                "context.write"
+            } else {
+                "context.read"
+            };
             if let Some(p) = self.peers.get(&from) {
                 log_denial(&p.identity, action, &name, "the gateway");
             }

@@ -123,13 +123,11 @@ pub fn write_noted<M: StoreMemory>(
     let mut logged = true;
     match (op, note) {
         // The hot path: no delta built, the logged op encoded while applying.
-        (ContextOp::Update(new), None) if exists => {
-            match update_in_place(map, new, &mut payload) {
-                Ok(false) => return Ok((version, false, current)),
-                Ok(true) => {}
-                Err(_) => logged = false,
-            }
-        }
+        (ContextOp::Update(new), None) if exists => match update_in_place(map, new, &mut payload) {
+            Ok(false) => return Ok((version, false, current)),
+            Ok(true) => {}
+            Err(_) => logged = false,
+        },
         (_, note) => {
             let Some(delta) = apply_mut(map, exists, op)? else {
                 return Ok((version, false, current));

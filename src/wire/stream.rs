@@ -286,7 +286,8 @@ mod tests {
             false,
             &Value::object([("s", Value::from(1))]),
             &args,
-        ).unwrap();
+        )
+        .unwrap();
         for n in 0..full.len() {
             let _ = parse_data(&full[..n]);
         }
