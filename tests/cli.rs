@@ -280,7 +280,7 @@ fn clients_refuse_a_socket_directory_others_can_enter() {
 }
 
 #[test]
-fn killed_server_disappears_from_methods_within_a_second() {
+fn killed_server_disappears_from_methods() {
     let dir = TempDir::new("cli-kill");
     let gw = GatewayProc::start(&dir, &[]);
     let a = ServerProc::start(&gw.socket, "a", "M", &["--echo"]);
@@ -290,7 +290,8 @@ fn killed_server_disappears_from_methods_within_a_second() {
     b.child.kill9();
     let killed = Instant::now();
     let mut last = Json::Null;
-    let gone = wait_until(Duration::from_secs(1), || {
+    // A hang guard, not a speed check (the kill matrix prints how long it takes).
+    let gone = wait_until(STARTUP, || {
         last = methods_json(&gw.socket);
         servers_of(&last, "M") == vec![("a".to_string(), a.peer_id().to_string())]
     });
