@@ -326,8 +326,10 @@ fn invoke_fails_with_exit_5_when_server_dies() {
     let out = pending.finish(QUICK);
     let after_kill = killed.elapsed();
     assert_exit(&out, 5);
+    // The server would have answered after 5 s: failing before means its death was noticed
+    // (how fast is the kill matrix's business).
     assert!(
-        after_kill < Duration::from_millis(1500),
+        after_kill < Duration::from_millis(4500),
         "the pending call failed only {after_kill:?} after the server died"
     );
     let r = out.json();
