@@ -41,7 +41,7 @@ fn bytes_1k() -> Value {
 fn bench_value(cr: &mut Criterion, name: &str, v: Value) {
     let json = v.to_json();
     // Correctness before timing: both round trips give back what went in.
-    let bytes = codec::encode(&v);
+    let bytes = codec::encode(&v).unwrap();
     assert_eq!(bytes.len(), codec::encoded_len(&v));
     assert_eq!(codec::decode(&bytes).expect("decodes"), v);
     let text = serde_json::to_string(&json).unwrap();
@@ -59,7 +59,7 @@ fn bench_value(cr: &mut Criterion, name: &str, v: Value) {
 
     let mut g = cr.benchmark_group(format!("codec_{name}"));
     g.bench_function(BenchmarkId::new("encode", "knit"), |b| {
-        b.iter(|| codec::encode(black_box(&v)))
+        b.iter(|| codec::encode(black_box(&v)).unwrap())
     });
     g.bench_function(BenchmarkId::new("encode", "serde_json_baseline"), |b| {
         b.iter(|| serde_json::to_string(black_box(&json)).unwrap())

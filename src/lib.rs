@@ -59,7 +59,12 @@ pub mod client;
 #[cfg(not(knit_loom))]
 pub mod control;
 #[cfg(not(knit_loom))]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(not(knit_loom))]
 pub mod gateway;
+#[cfg(not(knit_loom))]
+pub mod keeper;
 #[cfg(not(knit_loom))]
 pub mod log;
 #[cfg(not(knit_loom))]

@@ -194,10 +194,19 @@ impl Web {
         self.next(|x| x["request_id"] == rid).await
     }
 
-    /// Everything received so far, after a round trip that orders it (see `barrier`).
+    /// Everything received so far, after a round trip that orders it (see `barrier`), but the
+    /// announcements of the colour channels every login brings.
     async fn drain(&mut self) -> Vec<J> {
         self.barrier().await;
-        self.inbox.drain(..).collect()
+        self.inbox
+            .drain(..)
+            .filter(|m| {
+                !(m["type"] == "context-added"
+                    && m["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("___channel___")))
+            })
+            .collect()
     }
 
     /// A request whose answer comes after every notice already queued for us.
@@ -609,6 +618,7 @@ async fn malformed_frames_get_errors_and_the_gateway_keeps_serving() {
         .hello("g", json!({"method": "secret", "login": "u", "secret": ""}))
         .await;
     w.id = w2["peer_id"].clone();
+    assert!(w.drain().await.is_empty());
     let texts: Vec<String> = vec![
         "not json".into(),
         "42".into(),
@@ -650,8 +660,18 @@ async fn malformed_frames_get_errors_and_the_gateway_keeps_serving() {
         json!({"type": "frobnicate", "domain": "nosuch"}),
         json!({"type": "frobnicate", "domain": "agm"}),
         json!({"type": "create-context", "name": "c", "data": {}}),
-        json!({"type": "subscribe", "domain": "bus", "topic": "t"}),
+        json!({"type": "create-context", "name": "", "data": {}, "lifetime": "retained"}),
+        json!({"type": "create-context", "name": "c", "data": 5, "lifetime": "retained"}),
+        json!({"type": "update-context", "context_id": "c-nope", "delta": {}}),
+        json!({"type": "subscribe-context", "context_id": 5}),
+        json!({"type": "destroy-context"}),
+        json!({"type": "subscribe", "domain": "bus"}),
+        json!({"type": "subscribe", "domain": "bus", "topic": "t", "routing_key": 5}),
+        json!({"type": "unsubscribe", "domain": "bus", "subscription_id": "r-nope"}),
         json!({"type": "subscribe", "domain": "agm", "server_id": w.id, "method_id": 1}),
+        json!({"type": "subscribe", "domain": "agm", "server_id": "p-1", "method_id": 1}),
+        json!({"type": "subscribe", "domain": "agm", "server_id": w.id, "arguments_kv": 3}),
+        json!({"type": "unsubscribe", "domain": "agm", "subscription_id": "r-nope"}),
     ] {
         let r = w.req(m.clone()).await;
         assert_eq!(r["type"], "error", "{m} -> {r}");
@@ -666,6 +686,11 @@ async fn malformed_frames_get_errors_and_the_gateway_keeps_serving() {
         json!({"type": "yield", "domain": "agm", "invocation_id": "r-nope", "result": 1}),
         json!({"type": "error", "domain": "agm", "request_id": {"x": 1}}),
         json!({"type": "publish", "domain": "bus", "topic": 1}),
+        json!({"type": "publish", "domain": "bus", "topic": "t", "target_identity": 3}),
+        json!({"type": "accepted", "domain": "agm", "subscription_id": "r-nope"}),
+        json!({"type": "publish", "domain": "agm", "stream_id": {"x": 1}, "data": 1}),
+        json!({"type": "post", "domain": "agm", "subscription_id": 7}),
+        json!({"type": "drop-subscription", "domain": "agm"}),
         json!({"type": "define", "domain": "metrics", "metrics": 3}),
     ] {
         w.send(m).await;
@@ -939,4 +964,761 @@ async fn the_cli_serves_the_bridge_with_configured_users_and_prints_the_token() 
         .unwrap();
     assert_eq!(open_remote.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- phase 2: shared contexts, the bus, interop streams ----------------------------------
+
+use knit::client::{
+    BusMessage, ContextUpdate, PublishOptions, StreamEvent, StreamOptions, StreamParams,
+    SubscribeOptions,
+};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+/// The next item a native callback sent, within the wait.
+async fn got<T>(rx: &mut UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("nothing from the native side within the wait")
+        .expect("the native callback went away")
+}
+
+fn obj(j: J) -> Value {
+    Value::from(j)
+}
+
+/// What a GW3 client does with a delta (`applyContextDelta` in @interopio/core): `reset` wins,
+/// else `commands`, else added, updated (one-level merge), removed.
+fn client_apply(data: &J, delta: &J) -> J {
+    if let Some(r) = delta.get("reset") {
+        return r.clone();
+    }
+    let mut d = data.as_object().cloned().unwrap_or_default();
+    if let Some(J::Array(cmds)) = delta.get("commands") {
+        for c in cmds {
+            let path: Vec<&str> = c["path"].as_str().unwrap().split('.').collect();
+            let (last, init) = path.split_last().unwrap();
+            let mut cur = &mut d;
+            for s in init {
+                let slot = cur.entry(s.to_string()).or_insert_with(|| json!({}));
+                if !slot.is_object() {
+                    *slot = json!({});
+                }
+                cur = slot.as_object_mut().unwrap();
+            }
+            if c["type"] == "remove" {
+                cur.remove(*last);
+            } else {
+                cur.insert(last.to_string(), c["value"].clone());
+            }
+        }
+        return J::Object(d);
+    }
+    if let Some(J::Object(a)) = delta.get("added") {
+        for (k, v) in a {
+            d.insert(k.clone(), v.clone());
+        }
+    }
+    if let Some(J::Array(r)) = delta.get("removed") {
+        for k in r {
+            d.remove(k.as_str().unwrap());
+        }
+    }
+    J::Object(d)
+}
+
+#[tokio::test]
+async fn web_peers_share_contexts_with_gw3_deltas_forwarded_verbatim() {
+    let gw = Gw::start("ctx-w2w", |b| b.auth = AuthMode::Open);
+    let mut a = Web::login(gw.ws, "A", "u", "").await;
+    let mut b = Web::login(gw.ws, "B", "u", "").await;
+    let mut z = Web::login(gw.ws, "Z", "other", "").await;
+    let made = a
+        .req(json!({"type": "create-context", "name": "t.ctx",
+            "data": {"a": {"b": 1}, "l": [1]}, "lifetime": "retained"}))
+        .await;
+    assert_eq!(made["type"], "context-created", "{made}");
+    let cid = made["context_id"].clone();
+    let is_added = |m: &J| m["type"] == "context-added" && m["name"] == "t.ctx";
+    let added = a.next(is_added).await;
+    assert_eq!(added["creator_id"], a.id, "the creator is told too");
+    assert_eq!(added["context_id"], cid);
+    assert_eq!(b.next(is_added).await["creator_id"], a.id);
+    let sub = b
+        .req(json!({"type": "subscribe-context", "context_id": cid}))
+        .await;
+    assert_eq!(sub["type"], "subscribed-context");
+    assert_eq!(sub["data"], json!({"a": {"b": 1}, "l": [1]}));
+    // The reference gateway's rules (PROTOCOL.md §6.2): parts in key order, `updated` merges
+    // one level, `added` keeps nulls.
+    for (delta, stored) in [
+        (
+            json!({"added": {}, "updated": {}, "removed": [],
+                "commands": [{"type": "set", "path": "a.c", "value": 2}, {"type": "remove", "path": "l"}]}),
+            json!({"a": {"b": 1, "c": 2}}),
+        ),
+        (
+            json!({"reset": {"r": 1}, "added": {"s": 2}}),
+            json!({"r": 1, "s": 2}),
+        ),
+        (
+            json!({"added": {"t": [3]}, "removed": ["r"]}),
+            json!({"s": 2, "t": [3]}),
+        ),
+        (
+            json!({"updated": {"s": {"x": 1}}}),
+            json!({"s": {"x": 1}, "t": [3]}),
+        ),
+        (
+            json!({"updated": {"s": {"y": 2}}, "added": {"n": null}}),
+            json!({"s": {"x": 1, "y": 2}, "t": [3], "n": null}),
+        ),
+    ] {
+        let ok = a
+            .req(json!({"type": "update-context", "context_id": cid, "delta": delta}))
+            .await;
+        assert_eq!(ok["type"], "success", "{delta} -> {ok}");
+        let upd = b.next(|m| m["type"] == "context-updated").await;
+        assert_eq!(upd["delta"], delta, "forwarded verbatim");
+        assert_eq!(upd["updater_id"], a.id);
+        assert_eq!(upd["context_id"], cid);
+        let now = b
+            .req(json!({"type": "subscribe-context", "context_id": cid}))
+            .await;
+        assert_eq!(now["data"], stored, "{delta}");
+    }
+    let now = b
+        .req(json!({"type": "subscribe-context", "context_id": cid}))
+        .await;
+    assert_eq!(
+        now["data"],
+        json!({"s": {"x": 1, "y": 2}, "t": [3], "n": null}),
+        "GW3's rules: key order, one-level merge, nulls kept by `added`"
+    );
+    // The updater hears nothing of its own writes; the other user nothing at all.
+    assert!(!a
+        .drain()
+        .await
+        .iter()
+        .any(|m| m["type"] == "context-updated"));
+    assert!(!z
+        .drain()
+        .await
+        .iter()
+        .any(|m| m["type"].as_str().unwrap_or("").starts_with("context")));
+    let zc = z
+        .req(json!({"type": "create-context", "name": "t.ctx", "data": {}, "lifetime": "retained"}))
+        .await;
+    assert_eq!(
+        zc["type"], "context-created",
+        "another user's name is its own"
+    );
+    assert_ne!(zc["context_id"], cid);
+    // Errors.
+    for (m, uri) in [
+        (
+            json!({"type": "update-context", "context_id": "c-nope", "delta": {}}),
+            "global.errors.failure",
+        ),
+        (
+            json!({"type": "update-context", "context_id": zc["context_id"], "delta": {}}),
+            "global.errors.failure",
+        ),
+        (
+            json!({"type": "update-context", "context_id": cid, "delta": {"removed": "x"}}),
+            "global.errors.failure",
+        ),
+        (
+            json!({"type": "update-context", "context_id": cid,
+                "delta": {"commands": [{"type": "set", "path": "__proto__.x", "value": 1}]}}),
+            "global.errors.failure",
+        ),
+        (
+            json!({"type": "create-context", "name": "t2", "data": {}, "lifetime": "forever"}),
+            "global.errors.bad_lifetime",
+        ),
+    ] {
+        let r = a.req(m.clone()).await;
+        assert_eq!(r["type"], "error", "{m} -> {r}");
+        assert_eq!(r["reason_uri"], uri, "{m} -> {r}");
+    }
+    // Unsubscribed: no more updates; destroyed: everyone is told, the destroyer before its
+    // answer.
+    let ok = b
+        .req(json!({"type": "unsubscribe-context", "context_id": cid}))
+        .await;
+    assert_eq!(ok["type"], "success");
+    a.req(json!({"type": "update-context", "context_id": cid, "delta": {"reset": {}}}))
+        .await;
+    assert!(!b
+        .drain()
+        .await
+        .iter()
+        .any(|m| m["type"] == "context-updated"));
+    a.send(
+        json!({"type": "destroy-context", "domain": "global", "request_id": "d1",
+        "peer_id": a.id, "context_id": cid}),
+    )
+    .await;
+    let first = a
+        .next(|m| m["type"] == "context-destroyed" || m["request_id"] == "d1")
+        .await;
+    assert_eq!(first["type"], "context-destroyed");
+    assert_eq!(first["reason_uri"], "global.destroyed");
+    assert_eq!(a.next(|m| m["request_id"] == "d1").await["type"], "success");
+    assert_eq!(
+        b.next(|m| m["type"] == "context-destroyed").await["context_id"],
+        cid
+    );
+    let gone = a
+        .req(json!({"type": "subscribe-context", "context_id": cid}))
+        .await;
+    assert_eq!(gone["type"], "error");
+}
+
+#[tokio::test]
+async fn native_and_web_peers_see_each_others_context_writes_with_the_same_deltas() {
+    let gw = Gw::start("ctx-mixed", |_| {});
+    let native = gw.native("nat");
+    let (tx, mut rx) = unbounded_channel::<ContextUpdate>();
+    let _watch = native
+        .contexts()
+        .subscribe("mix.ctx", move |u| {
+            let _ = tx.send(u.clone());
+        })
+        .unwrap();
+    let mut web = Web::login(gw.ws, "web", &os_user(), &gw.token()).await;
+    let native_id = web
+        .next(|m| m["type"] == "peer-added" && m["identity"]["application"] == "nat")
+        .await["new_peer_id"]
+        .clone();
+    let made = web
+        .req(
+            json!({"type": "create-context", "name": "mix.ctx", "data": {"a": 1, "b": {"c": 2}},
+            "lifetime": "retained"}),
+        )
+        .await;
+    let cid = made["context_id"].clone();
+    // The native subscriber waited for the context; its first callback is the value.
+    let first = got(&mut rx).await;
+    assert_eq!(*first.data, obj(json!({"a": 1, "b": {"c": 2}})));
+    // Web writes reach the native subscriber as the op they are: paths, set, update.
+    for (delta, want_data, want_delta, want_removed) in [
+        (
+            json!({"commands": [{"type": "set", "path": "b.d", "value": 3}, {"type": "remove", "path": "a"}]}),
+            json!({"b": {"c": 2, "d": 3}}),
+            json!({"b": {"d": 3}, "a": null}),
+            vec!["a"],
+        ),
+        (
+            json!({"reset": {"x": 1}}),
+            json!({"x": 1}),
+            json!({"x": 1}),
+            vec![],
+        ),
+        (
+            json!({"added": {"y": {"z": 2}}, "removed": ["x"]}),
+            json!({"y": {"z": 2}}),
+            json!({"y": {"z": 2}}),
+            vec!["x"],
+        ),
+        (
+            json!({"updated": {"y": {"w": 3}}}),
+            json!({"y": {"z": 2, "w": 3}}),
+            json!({"y": {"z": 2, "w": 3}}),
+            vec![],
+        ),
+    ] {
+        let ok = web
+            .req(json!({"type": "update-context", "context_id": cid, "delta": delta}))
+            .await;
+        assert_eq!(ok["type"], "success", "{ok}");
+        let u = got(&mut rx).await;
+        assert_eq!(*u.data, obj(want_data), "{delta}");
+        assert_eq!(u.delta, obj(want_delta), "{delta}");
+        assert_eq!(u.removed, want_removed, "{delta}");
+        assert_eq!(u.updater.as_ref().unwrap().application, "web");
+    }
+    // Native writes reach the web subscriber (the creator is a member) as a delta that a GW3
+    // client applies to the same data, and reports with the same delta and removed keys.
+    let mut data = json!({"y": {"z": 2, "w": 3}});
+    let n2 = native.clone();
+    let versions = blocking(move || {
+        let c = n2.contexts();
+        vec![
+            c.update(
+                "mix.ctx",
+                obj(json!({"y": null, "k.dotted": 1, "o": {"p": true}})),
+            )
+            .unwrap(),
+            c.set("mix.ctx", obj(json!({"s": [1, 2]}))).unwrap(),
+            c.set_path("mix.ctx", "q.r", Value::from(5)).unwrap(),
+            c.set_paths(
+                "mix.ctx",
+                vec![("q.r".into(), Value::Null), ("s".into(), Value::from("x"))],
+            )
+            .unwrap(),
+        ]
+    })
+    .await;
+    assert!(versions.windows(2).all(|w| w[0] < w[1]));
+    for want in [
+        json!({"added": {"k.dotted": 1, "o": {"p": true}}, "removed": ["y"]}),
+        json!({"reset": {"s": [1, 2]}}),
+        json!({"commands": [{"type": "set", "path": "q.r", "value": 5}]}),
+        json!({"commands": [{"type": "remove", "path": "q.r"}, {"type": "set", "path": "s", "value": "x"}]}),
+    ] {
+        let upd = web.next(|m| m["type"] == "context-updated").await;
+        assert_eq!(upd["delta"], want);
+        assert_eq!(upd["updater_id"], native_id);
+        data = client_apply(&data, &upd["delta"]);
+    }
+    let native_view = blocking(move || native.contexts().get("mix.ctx").unwrap()).await;
+    assert_eq!(Value::from(data), *native_view.data);
+    // A context a native app creates is announced to web peers, with its creator.
+    let n3 = gw.native("nat2");
+    let n3_for = n3.clone();
+    blocking(move || {
+        n3_for
+            .contexts()
+            .set("nat.only", obj(json!({"v": 1})))
+            .unwrap()
+    })
+    .await;
+    let added = web
+        .next(|m| m["type"] == "context-added" && m["name"] == "nat.only")
+        .await;
+    let sub = web
+        .req(json!({"type": "subscribe-context", "context_id": added["context_id"]}))
+        .await;
+    assert_eq!(sub["data"], json!({"v": 1}));
+    drop(n3);
+}
+
+#[tokio::test]
+async fn bus_messages_flow_both_ways_between_web_and_native_peers() {
+    let gw = Gw::start("bus-mixed", |_| {});
+    let native = gw.native("nat");
+    let (tx, mut rx) = unbounded_channel::<BusMessage>();
+    let _sub = native
+        .subscribe("mix.>", SubscribeOptions::default(), move |m| {
+            let _ = tx.send(m.clone());
+        })
+        .unwrap();
+    let mut web = Web::login(gw.ws, "web", &os_user(), &gw.token()).await;
+    web.req(json!({"type": "join", "destination": "bus"})).await;
+    let wild = web
+        .req(json!({"type": "subscribe", "domain": "bus", "topic": "mix.*"}))
+        .await;
+    assert_eq!(wild["type"], "subscribed", "{wild}");
+    let keyed = web
+        .req(json!({"type": "subscribe", "domain": "bus", "topic": "mix.a", "routing_key": "rk"}))
+        .await;
+    let (wild, keyed) = (
+        wild["subscription_id"].clone(),
+        keyed["subscription_id"].clone(),
+    );
+    // Native → web: one event per matching subscription, with the publisher's identity.
+    let n2 = native.clone();
+    blocking(move || {
+        n2.publish("mix.a", obj(json!({"n": 1})), &PublishOptions::default())
+            .unwrap();
+        n2.publish(
+            "mix.a",
+            obj(json!({"n": 2})),
+            &PublishOptions {
+                routing_key: Some("other".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    })
+    .await;
+    let mut events = Vec::new();
+    for _ in 0..3 {
+        events.push(web.next(|m| m["type"] == "event").await);
+    }
+    assert_eq!(events[0]["subscription_id"], wild);
+    assert_eq!(events[0]["data"], json!({"n": 1}));
+    assert_eq!(events[0]["publisher-identity"]["application"], "nat");
+    assert_eq!(events[1]["subscription_id"], keyed);
+    assert_eq!(events[1]["data"], json!({"n": 1}));
+    assert_eq!(
+        events[2]["subscription_id"], wild,
+        "rk 'other' misses the keyed one"
+    );
+    assert_eq!(events[2]["data"], json!({"n": 2}));
+    // The native publisher got its own messages locally.
+    assert_eq!(got(&mut rx).await.data, obj(json!({"n": 1})));
+    assert_eq!(got(&mut rx).await.data, obj(json!({"n": 2})));
+    // Web → native (and to the web publisher's own subscription).
+    web.send(
+        json!({"type": "publish", "domain": "bus", "peer_id": web.id, "request_id": "p1",
+        "topic": "mix.b", "data": {"n": 3}}),
+    )
+    .await;
+    let m = got(&mut rx).await;
+    assert_eq!(m.data, obj(json!({"n": 3})));
+    assert_eq!(&*m.topic, "mix.b");
+    assert_eq!(m.source.application, "web");
+    let own = web.next(|m| m["type"] == "event").await;
+    assert_eq!(own["data"], json!({"n": 3}));
+    assert_eq!(own["publisher-identity"]["application"], "web");
+    // A target identity: matched against each subscriber's identity (a web peer's GW3 one).
+    web.send(
+        json!({"type": "publish", "domain": "bus", "peer_id": web.id, "request_id": "p2",
+        "topic": "mix.b", "data": {"n": 4}, "target_identity": {"application": "nat"}}),
+    )
+    .await;
+    web.send(
+        json!({"type": "publish", "domain": "bus", "peer_id": web.id, "request_id": "p3",
+        "topic": "mix.b", "data": {"n": 5}, "target_identity": {"login": web_login_of(&web)}}),
+    )
+    .await;
+    assert_eq!(got(&mut rx).await.data, obj(json!({"n": 4})));
+    let own = web.next(|m| m["type"] == "event").await;
+    assert_eq!(
+        own["data"],
+        json!({"n": 5}),
+        "n=4 was for nat only; n=5 for peers logged in as us"
+    );
+    // Unsubscribed: nothing more for it.
+    let ok = web
+        .req(json!({"type": "unsubscribe", "domain": "bus", "subscription_id": wild}))
+        .await;
+    assert_eq!(ok["type"], "success");
+    blocking(move || {
+        native
+            .publish("mix.z", obj(json!({"n": 6})), &PublishOptions::default())
+            .unwrap()
+    })
+    .await;
+    assert!(!web.drain().await.iter().any(|m| m["type"] == "event"));
+}
+
+fn web_login_of(_w: &Web) -> String {
+    os_user()
+}
+
+#[tokio::test]
+async fn a_native_stream_serves_web_subscribers() {
+    let gw = Gw::start("stream-n2w", |_| {});
+    let native = gw.native("nat");
+    let (added_tx, mut added) = unbounded_channel::<()>();
+    let (removed_tx, mut removed) = unbounded_channel::<Value>();
+    let stream = native
+        .create_stream(
+            "Nat.Ticks",
+            StreamOptions {
+                on_request: Some(Box::new(|req| {
+                    if req.arguments.get("no").is_some() {
+                        req.reject("nope")
+                    } else {
+                        req.accept_on_branch("b")
+                    }
+                })),
+                on_added: Some(Box::new(move |_| {
+                    let _ = added_tx.send(());
+                })),
+                on_removed: Some(Box::new(move |s| {
+                    let _ = removed_tx.send(s.arguments().clone());
+                })),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut web = Web::login(gw.ws, "web", &os_user(), &gw.token()).await;
+    let methods = web
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Nat.Ticks")
+        .await;
+    let (server, method) = (
+        methods["server_id"].clone(),
+        methods["methods"][0]["id"].clone(),
+    );
+    assert_eq!(methods["methods"][0]["flags"]["streaming"], true);
+    let sub = web
+        .req(
+            json!({"type": "subscribe", "domain": "agm", "server_id": server,
+            "method_id": method, "arguments_kv": {"x": 1}}),
+        )
+        .await;
+    assert_eq!(sub["type"], "subscribed", "{sub}");
+    let sid = sub["subscription_id"].clone();
+    got(&mut added).await;
+    let s2 = stream.clone();
+    blocking(move || {
+        s2.push(obj(json!({"t": 1}))).unwrap();
+        s2.subscriptions()[0].push(obj(json!({"p": 1}))).unwrap();
+    })
+    .await;
+    let e1 = web.next(|m| m["type"] == "event").await;
+    assert_eq!(
+        e1,
+        json!({"domain": "agm", "type": "event", "peer_id": web.id, "subscription_id": sid,
+            "oob": false, "sequence": null, "snapshot": null, "data": {"t": 1}})
+    );
+    let e2 = web.next(|m| m["type"] == "event").await;
+    assert_eq!(
+        (e2["oob"].clone(), e2["data"].clone()),
+        (json!(true), json!({"p": 1}))
+    );
+    // Rejected: the GW3 error the client libraries expect.
+    let rej = web
+        .req(
+            json!({"type": "subscribe", "domain": "agm", "server_id": server,
+            "method_id": method, "arguments_kv": {"no": true}}),
+        )
+        .await;
+    assert_eq!(rej["type"], "error");
+    assert_eq!(
+        rej["reason_uri"],
+        "com.tick42.agm.errors.subscription.failure"
+    );
+    assert_eq!(rej["reason"], "Subscription rejected by user. nope");
+    // The subscriber leaves: the server hears of it.
+    let ok = web
+        .req(
+            json!({"type": "unsubscribe", "domain": "agm", "subscription_id": sid,
+            "reason_uri": "", "reason": "ClientInitiated"}),
+        )
+        .await;
+    assert_eq!(ok["type"], "success");
+    assert_eq!(got(&mut removed).await, obj(json!({"x": 1})));
+    // The server drops one: the subscriber hears why.
+    let sub = web
+        .req(
+            json!({"type": "subscribe", "domain": "agm", "server_id": server,
+            "method_id": method, "arguments_kv": {}}),
+        )
+        .await;
+    got(&mut added).await;
+    let s2 = stream.clone();
+    blocking(move || s2.subscriptions()[0].close()).await;
+    let gone = web.next(|m| m["type"] == "subscription-cancelled").await;
+    assert_eq!(gone["subscription_id"], sub["subscription_id"]);
+    assert_eq!(gone["reason"], "Server dropping a single subscription");
+    // The server goes: the subscriber's subscription goes before the server's methods.
+    let sub = web
+        .req(
+            json!({"type": "subscribe", "domain": "agm", "server_id": server,
+            "method_id": method, "arguments_kv": {}}),
+        )
+        .await;
+    got(&mut added).await;
+    drop(stream);
+    native.close();
+    let next = web
+        .next(|m| m["type"] == "subscription-cancelled" || m["type"] == "methods-removed")
+        .await;
+    assert_eq!(next["type"], "subscription-cancelled");
+    assert_eq!(next["subscription_id"], sub["subscription_id"]);
+    assert_eq!(next["reason_uri"], "agm.peer-removed");
+}
+
+#[tokio::test]
+async fn a_web_stream_serves_native_subscribers() {
+    let gw = Gw::start("stream-w2n", |_| {});
+    let native = gw.native("nat");
+    let mut web = Web::login(gw.ws, "web", &os_user(), &gw.token()).await;
+    let reg = web
+        .register(
+            json!([{"id": "s", "name": "Web.Ticks", "flags": {"metadata": {}, "streaming": true}}]),
+        )
+        .await;
+    assert_eq!(reg["type"], "success");
+    let subscribe = |args: J| {
+        let n = native.clone();
+        let (tx, rx) = unbounded_channel::<StreamEvent>();
+        let params = StreamParams {
+            arguments: obj(args),
+            wait: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let task = tokio::spawn(blocking(move || {
+            n.subscribe_stream("Web.Ticks", params, move |e| {
+                let _ = tx.send(e.clone());
+            })
+        }));
+        (task, rx)
+    };
+    let (task, mut events) = subscribe(json!({"k": 1}));
+    let interest = web.next(|m| m["type"] == "add-interest").await;
+    assert_eq!(interest["method_id"], "s");
+    assert_eq!(interest["arguments_kv"], json!({"k": 1}));
+    assert_eq!(interest["flags"], J::Null);
+    let sid = interest["subscription_id"].clone();
+    web.send(
+        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a1",
+        "subscription_id": sid, "stream_id": "0"}),
+    )
+    .await;
+    let sub = task.await.unwrap().expect("accepted");
+    assert_eq!(sub.servers()[0].application, "web");
+    web.send(
+        json!({"type": "publish", "domain": "agm", "peer_id": web.id, "request_id": "p1",
+        "stream_id": "0", "data": {"v": 1}, "sequence": 3}),
+    )
+    .await;
+    web.send(
+        json!({"type": "post", "domain": "agm", "peer_id": web.id, "request_id": "p2",
+        "subscription_id": sid, "data": {"v": 2}}),
+    )
+    .await;
+    web.send(
+        json!({"type": "publish", "domain": "agm", "peer_id": web.id, "request_id": "p3",
+        "stream_id": "elsewhere", "data": {"v": 0}}),
+    )
+    .await;
+    match got(&mut events).await {
+        StreamEvent::Data { data, private, .. } => {
+            assert_eq!((data, private), (obj(json!({"v": 1})), false))
+        }
+        other => panic!("{other:?}"),
+    }
+    match got(&mut events).await {
+        StreamEvent::Data { data, private, .. } => {
+            assert_eq!((data, private), (obj(json!({"v": 2})), true))
+        }
+        other => panic!("{other:?}"),
+    }
+    // The native subscriber closes: the web server gets remove-interest.
+    drop(sub);
+    let gone = web.next(|m| m["type"] == "remove-interest").await;
+    assert_eq!(gone["subscription_id"], sid);
+    assert_eq!(gone["reason"], "ClientInitiated");
+    assert_eq!(gone["method_id"], "s");
+    // The web server rejects one, then drops another.
+    let (task, _ev) = subscribe(json!({}));
+    let interest = web.next(|m| m["type"] == "add-interest").await;
+    web.send(json!({"type": "error", "domain": "agm", "peer_id": web.id,
+        "request_id": interest["subscription_id"], "reason_uri": "com.tick42.agm.errors.subscription.failure",
+        "reason": "Subscription rejected by user. no"}))
+        .await;
+    match task.await.unwrap() {
+        Err(e) => assert_eq!(e.to_string(), "Subscription rejected by user. no"),
+        Ok(_) => panic!("accepted"),
+    }
+    let (task, mut events) = subscribe(json!({}));
+    let interest = web.next(|m| m["type"] == "add-interest").await;
+    web.send(
+        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a2",
+        "subscription_id": interest["subscription_id"], "stream_id": "1"}),
+    )
+    .await;
+    let _sub = task.await.unwrap().unwrap();
+    web.send(
+        json!({"type": "drop-subscription", "domain": "agm", "peer_id": web.id,
+        "request_id": "d1", "subscription_id": interest["subscription_id"], "reason": "bye"}),
+    )
+    .await;
+    match got(&mut events).await {
+        StreamEvent::Closed {
+            reason,
+            server_initiated,
+        } => assert_eq!((reason.as_str(), server_initiated), ("bye", true)),
+        other => panic!("{other:?}"),
+    }
+    // The web server unregisters the stream with a subscriber: it is told, as GW3 does.
+    let (task, mut events) = subscribe(json!({}));
+    let interest = web.next(|m| m["type"] == "add-interest").await;
+    web.send(
+        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a3",
+        "subscription_id": interest["subscription_id"], "stream_id": "1"}),
+    )
+    .await;
+    let _sub = task.await.unwrap().unwrap();
+    let ok = web
+        .req(json!({"type": "unregister", "domain": "agm", "methods": ["s"]}))
+        .await;
+    assert_eq!(ok["type"], "success");
+    match got(&mut events).await {
+        StreamEvent::Closed { reason, .. } => assert_eq!(reason, "Method has been removed"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn slow_web_subscribers_of_contexts_and_streams_are_disconnected_with_a_reason() {
+    let gw = Gw::start("slow-data", |b| b.max_queued_bytes = 256 << 10);
+    let native = gw.native("writer");
+    let stream = native
+        .create_stream("Big.Ticks", StreamOptions::default())
+        .unwrap();
+    let (gone_tx, mut gone) = unbounded_channel::<String>();
+    let _events = native.on_event(move |e| {
+        if let knit::client::InteropEvent::ServerRemoved { server, .. } = e {
+            let _ = gone_tx.send(server.application.clone());
+        }
+    });
+    // One web peer follows a context, another a stream; neither reads. Each is sent ~16 MiB,
+    // far more than the socket's buffers and the 256 KiB it may have waiting.
+    let mut writer = Web::login(gw.ws, "ctx-writer", &os_user(), &gw.token()).await;
+    let made = writer
+        .req(json!({"type": "create-context", "name": "big", "data": {}, "lifetime": "retained"}))
+        .await;
+    let cid = made["context_id"].clone();
+    let mut ctx_sloth = Web::login(gw.ws, "ctx-sloth", &os_user(), &gw.token()).await;
+    let sub = ctx_sloth
+        .req(json!({"type": "subscribe-context", "context_id": cid}))
+        .await;
+    assert_eq!(sub["type"], "subscribed-context");
+    let mut stream_sloth = Web::login(gw.ws, "stream-sloth", &os_user(), &gw.token()).await;
+    let m = stream_sloth
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Big.Ticks")
+        .await;
+    let sub = stream_sloth
+        .req(
+            json!({"type": "subscribe", "domain": "agm", "server_id": m["server_id"],
+            "method_id": m["methods"][0]["id"], "arguments_kv": {}}),
+        )
+        .await;
+    assert_eq!(sub["type"], "subscribed");
+    let pusher = tokio::spawn(blocking(move || {
+        let blob = "s".repeat(64 << 10);
+        for i in 0..256 {
+            let item = Value::object([("i", Value::from(i)), ("blob", Value::from(blob.as_str()))]);
+            if stream.push(item).is_err() {
+                break;
+            }
+        }
+    }));
+    // Web writes are sent to web subscribers one frame per write (no conflation).
+    let blob = "c".repeat(512 << 10);
+    for i in 0..32 {
+        let ok = writer
+            .req(json!({"type": "update-context", "context_id": cid,
+                "delta": {"reset": {"i": i, "blob": blob}}}))
+            .await;
+        assert_eq!(ok["type"], "success");
+    }
+    let mut out = vec![got(&mut gone).await, got(&mut gone).await];
+    out.sort();
+    assert_eq!(out, ["ctx-sloth", "stream-sloth"]);
+    pusher.await.unwrap();
+    // Each reads what was queued for it, in order, then a close frame that says why.
+    for (w, kind, sent) in [
+        (&mut ctx_sloth, "context-updated", 32),
+        (&mut stream_sloth, "event", 256),
+    ] {
+        let mut seen = 0;
+        loop {
+            match w.frame().await {
+                Some(Ok(m)) if m["type"] == kind => {
+                    let i = m["data"]["i"]
+                        .as_i64()
+                        .or(m["delta"]["reset"]["i"].as_i64());
+                    assert_eq!(i, Some(seen), "{kind}: in order, none skipped");
+                    seen += 1;
+                }
+                Some(Ok(_)) => {}
+                Some(Err((code, reason))) => {
+                    assert_eq!(code, 1008);
+                    assert!(reason.contains("slow consumer"), "{reason}");
+                    break;
+                }
+                None => panic!("{kind}: closed without a reason after {seen}"),
+            }
+        }
+        assert!(seen < sent, "{kind}: the peer should have been cut off");
+    }
 }

@@ -359,6 +359,7 @@ fn a_writer_killed_mid_update_leaves_the_context_consistent_and_writable() {
             }
         }
         writer.kill9();
+        let killed = std::time::Instant::now();
         // Whatever it was doing, the context holds one whole value it wrote…
         let data = knit_ok(&sock, &["ctx", "get", "victim"]);
         let i = data["i"].as_i64().expect("i");
@@ -375,6 +376,10 @@ fn a_writer_killed_mid_update_leaves_the_context_consistent_and_writable() {
             ],
         );
         assert!(v["version"].as_u64().unwrap() > 0);
+        eprintln!(
+            "kill matrix: context writer killed mid-update → another writer's update done: {:?}",
+            killed.elapsed()
+        );
         let after = knit_ok(&sock, &["ctx", "get", "victim"]);
         assert_eq!(after["round"], json!(round));
         assert_eq!(after["check"], json!(after["i"].as_i64().unwrap() * 7));

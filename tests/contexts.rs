@@ -348,3 +348,63 @@ fn an_update_too_large_for_the_log_still_names_its_writer_and_is_not_conflated()
     assert_eq!(u.delta, Value::object([("pad", Value::from(big.as_str()))]));
     assert_eq!(u.data.get("n"), Some(&Value::from(0)));
 }
+
+/// A value `n` maps deep.
+fn deep_object(n: usize) -> Value {
+    let mut v = Value::from(1);
+    for _ in 0..n {
+        v = Value::object([("d", v)]);
+    }
+    v
+}
+
+#[test]
+fn a_value_too_deep_for_readers_is_refused_and_locks_nobody_out() {
+    let env = Env::new("deep");
+    let writer = env.client("writer");
+    let reader = env.client("reader");
+    writer.contexts().set("deep", j(r#"{"a":1}"#)).unwrap();
+    let (_sub, rx) = watch(&reader, "deep");
+    assert_eq!(next(&rx).data.get("a"), Some(&Value::from(1)));
+    let max = knit::wire::value::MAX_DEPTH;
+
+    // Every way to write: a whole value, an update, a path that builds the nesting itself.
+    let too_deep = [
+        writer
+            .contexts()
+            .set("deep", Value::object([("x", deep_object(max))])),
+        writer
+            .contexts()
+            .update("deep", Value::object([("x", deep_object(max))])),
+        writer
+            .contexts()
+            .set_path("deep", &vec!["p"; max + 1].join("."), Value::from(1)),
+    ];
+    for r in too_deep {
+        match r {
+            Err(e @ ContextError::InvalidArgument(_)) => {
+                assert!(e.to_string().contains("nested deeper"), "{e}")
+            }
+            other => panic!("expected a typed refusal, got {other:?}"),
+        }
+    }
+    // Nothing was written: every reader still reads the context.
+    let got = reader.contexts().get("deep").unwrap();
+    assert_eq!(got.version, 1);
+    assert_eq!(got.data.get("a"), Some(&Value::from(1)));
+
+    // The deepest value that decodes is stored and read back (its logged op is one level
+    // deeper than the codec takes, so it travels through the snapshot).
+    let v = writer
+        .contexts()
+        .set("deep", Value::object([("x", deep_object(max - 1))]))
+        .unwrap();
+    assert_eq!(v, 2);
+    let u = next(&rx);
+    assert_eq!(u.version, 2);
+    assert_eq!(u.data.get("x"), Some(&deep_object(max - 1)));
+    let got = reader.contexts().get("deep").unwrap();
+    assert_eq!(got.data.get("x"), Some(&deep_object(max - 1)));
+    writer.contexts().update("deep", j(r#"{"b":2}"#)).unwrap();
+    assert_eq!(next(&rx).delta, j(r#"{"b":2}"#));
+}

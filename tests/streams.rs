@@ -458,3 +458,65 @@ fn streams_cross_the_gateway_for_relayed_peers_both_ways() {
         }
     ));
 }
+
+#[test]
+fn items_larger_than_one_ring_record_reach_subscribers_under_every_policy() {
+    let env = Env::new("big");
+    let server = env.client("server");
+    let client = env.client("client");
+    for (i, policy) in [
+        SlowConsumerPolicy::DropOldest,
+        SlowConsumerPolicy::Conflate("k".into()),
+        SlowConsumerPolicy::Block(Duration::from_secs(5)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("Big{i}");
+        let opts = StreamOptions {
+            policy,
+            ..Default::default()
+        };
+        let stream = server.create_stream(name.as_str(), opts).unwrap();
+        let (_sub, rx) = collect(&client, &name, Value::map());
+        // 600 KiB: several ring records in a 256 KiB lane.
+        let big = Value::object([
+            ("k", Value::from(1)),
+            ("blob", Value::Bytes(vec![i as u8; 600 << 10])),
+        ]);
+        stream.push(big.clone()).unwrap();
+        stream.push(n(2)).unwrap();
+        assert_eq!(data(next(&rx)).0, big, "policy {i}");
+        assert_eq!(data(next(&rx)).0, n(2), "policy {i}");
+    }
+}
+
+#[test]
+fn an_item_over_the_payload_limit_is_refused_to_the_pusher_and_subscribers_stay() {
+    let dir = std::env::temp_dir().join(format!("knit-stream-limit-{}", std::process::id()));
+    let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
+    cfg.limits.max_payload = 64 << 10;
+    let gw = Gateway::bind(cfg).unwrap().spawn().unwrap();
+    let connect = |app: &str| {
+        Client::builder(app)
+            .socket(gw.socket_path())
+            .connect()
+            .unwrap()
+    };
+    let (server, client) = (connect("server"), connect("client"));
+    let opts = StreamOptions {
+        policy: SlowConsumerPolicy::Block(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    let stream = server.create_stream("Limited", opts).unwrap();
+    let (_sub, rx) = collect(&client, "Limited", Value::map());
+    let too_big = Value::object([("blob", Value::Bytes(vec![0; 100 << 10]))]);
+    let err = stream.push(too_big).unwrap_err();
+    assert_eq!(err.status(), knit::Status::PayloadTooLarge, "{err}");
+    stream.push(n(1)).unwrap();
+    assert_eq!(data(next(&rx)).0, n(1));
+    assert_eq!(stream.subscriptions().len(), 1);
+    drop((server, client));
+    gw.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+}

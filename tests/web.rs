@@ -7,7 +7,11 @@
 //! `KNIT_REQUIRE_WEB=1` (set by CI) makes a missing piece a failure.
 
 use knit::bridge::{AuthMode, BridgeConfig};
-use knit::client::{Client, InvokeError, InvokeOptions, MethodError};
+use knit::client::{
+    Client, ContextUpdate, InvokeError, InvokeOptions, MethodError, StreamEvent, StreamOptions,
+    StreamParams,
+};
+use knit::gateway::channels::ChannelConfig;
 use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
 use knit::{Status, Value};
 use serde_json::Value as J;
@@ -55,9 +59,14 @@ struct Gw {
 
 impl Gw {
     fn start(tag: &str, auth: AuthMode) -> Gw {
+        Gw::start_with(tag, auth, |_| {})
+    }
+
+    fn start_with(tag: &str, auth: AuthMode, tune: impl FnOnce(&mut GatewayConfig)) -> Gw {
         let dir = std::env::temp_dir().join(format!("knit-web-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
+        tune(&mut cfg);
         let mut b = BridgeConfig::loopback_ephemeral();
         b.auth = auth;
         cfg.bridge = Some(b);
@@ -188,7 +197,14 @@ fn conformance(lib: &str) {
     if !have_node(None) {
         return;
     }
-    let gw = Gw::start(&format!("conf-{lib}"), AuthMode::Open);
+    // The reference gateway has no colour channels: without them, a login announces the same
+    // contexts on both (knit's default channels would add eight `context-added` frames).
+    let gw = Gw::start_with(&format!("conf-{lib}"), AuthMode::Open, |cfg| {
+        cfg.channels = ChannelConfig {
+            channels: Vec::new(),
+            restrictions: Vec::new(),
+        }
+    });
     let url = gw.url();
     let script = Script::start("conformance.js", &["--url", &url, "--lib", lib]);
     assert!(
@@ -286,6 +302,7 @@ fn mixed(lib: &str) {
         }
         other => panic!("{other:?}"),
     }
+    shared_contexts_bus_and_streams(&native, &mut web);
     web.tell("done");
     assert!(web.finish(Duration::from_secs(30)));
     // The web app is gone: so are its methods.
@@ -298,6 +315,194 @@ fn mixed(lib: &str) {
         },
     );
     assert_eq!(gone.unwrap_err().status(), Status::NoServer);
+}
+
+/// What a context subscriber saw: (data, delta, removed) as JSON.
+fn seen(u: &ContextUpdate) -> (J, J, Vec<String>) {
+    (u.data.to_json(), u.delta.to_json(), u.removed.clone())
+}
+
+fn web_seen(line: &J) -> (J, J, Vec<String>) {
+    let removed = line["removed"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|k| k.as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    (line["data"].clone(), line["delta"].clone(), removed)
+}
+
+/// The rest of a mixed world: contexts written on one side and observed on the other with the
+/// same (data, delta, removed), bus messages both ways, a stream served on each side.
+fn shared_contexts_bus_and_streams(native: &Client, web: &mut Script) {
+    let wait = Duration::from_secs(10);
+    let expect = |web: &mut Script, step: &str| -> J {
+        let j = web.json();
+        assert_eq!(j["step"], step, "{j}");
+        j
+    };
+    // Native writes, observed by a native and a web subscriber alike.
+    let (tx, rx) = mpsc::channel::<ContextUpdate>();
+    let _mine = native
+        .contexts()
+        .subscribe("mixed.ctx", move |u| {
+            let _ = tx.send(u.clone());
+        })
+        .unwrap();
+    let c = native.contexts();
+    let writes: Vec<Box<dyn Fn()>> = vec![
+        Box::new(|| {
+            c.set(
+                "mixed.ctx",
+                Value::from(serde_json::json!({"a": 1, "b": {"c": 2}})),
+            )
+            .map(|_| ())
+            .unwrap()
+        }),
+        Box::new(|| {
+            c.update(
+                "mixed.ctx",
+                Value::from(serde_json::json!({"a": null, "d": 3})),
+            )
+            .map(|_| ())
+            .unwrap()
+        }),
+        Box::new(|| {
+            c.set_path("mixed.ctx", "b.e", Value::from(5))
+                .map(|_| ())
+                .unwrap()
+        }),
+        Box::new(|| {
+            c.set("mixed.ctx", Value::from(serde_json::json!({"x": [1]})))
+                .map(|_| ())
+                .unwrap()
+        }),
+    ];
+    for (i, write) in writes.iter().enumerate() {
+        write();
+        let n = rx
+            .recv_timeout(wait)
+            .expect("the native subscriber saw nothing");
+        let w = expect(web, "ctx");
+        if i == 0 {
+            // The first callback is the value (the libraries report its delta as `{}` or
+            // as the value, depending on how they got it: features.md §5.4).
+            assert!(n.first);
+            assert_eq!(web_seen(&w).0, seen(&n).0);
+        } else {
+            assert_eq!(web_seen(&w), seen(&n), "web vs native for {n:?}");
+        }
+    }
+    // Web writes, observed by the native side and by the web writer's own subscription.
+    let (tx, rx) = mpsc::channel::<ContextUpdate>();
+    let _theirs = native
+        .contexts()
+        .subscribe("web.ctx", move |u| {
+            let _ = tx.send(u.clone());
+        })
+        .unwrap();
+    for cmd in [
+        r#"ctx update {"k":1}"#,
+        r#"ctx update {"k":null,"m":{"n":1}}"#,
+        r#"ctx setPath m.o 2"#,
+        r#"ctx set {"z":true}"#,
+    ] {
+        web.tell(cmd);
+        // The writer's own callback and its "written" come in either order.
+        let (a, b) = (web.json(), web.json());
+        let own = if a["step"] == "own-ctx" { a } else { b };
+        assert_eq!(own["step"], "own-ctx", "{own}");
+        let n = rx
+            .recv_timeout(wait)
+            .expect("the native subscriber saw nothing");
+        if n.first {
+            assert_eq!(seen(&n).0, web_seen(&own).0, "{cmd}");
+        } else {
+            assert_eq!(seen(&n), web_seen(&own), "{cmd}");
+            assert_eq!(n.updater.as_ref().unwrap().application, "web-mixed");
+        }
+    }
+    // The bus, both ways.
+    let (tx, rx) = mpsc::channel::<knit::client::BusMessage>();
+    let _sub = native
+        .subscribe("web.topic", Default::default(), move |m| {
+            let _ = tx.send(m.clone());
+        })
+        .unwrap();
+    web.tell("publish");
+    expect(web, "published");
+    let m = rx
+        .recv_timeout(wait)
+        .expect("no bus message from the web app");
+    assert_eq!(m.data, Value::object([("n", Value::from(1))]));
+    assert_eq!(m.source.application, "web-mixed");
+    native
+        .publish(
+            "mixed.topic",
+            Value::object([("n", Value::from(2))]),
+            &Default::default(),
+        )
+        .unwrap();
+    let b = expect(web, "bus");
+    assert_eq!(b["data"], serde_json::json!({"n": 2}));
+    assert_eq!(b["from"], "rust-native");
+    // A native stream with a web subscriber...
+    let ticks = native
+        .create_stream("Native.Ticks", StreamOptions::default())
+        .unwrap();
+    web.tell("subscribe-native-stream");
+    expect(web, "subscribed");
+    ticks.push(Value::object([("t", Value::from(1))])).unwrap();
+    ticks.subscriptions()[0]
+        .push(Value::object([("p", Value::from(1))]))
+        .unwrap();
+    let d = expect(web, "stream");
+    assert_eq!(
+        (d["data"].clone(), d["private"].clone(), d["server"].clone()),
+        (
+            serde_json::json!({"t": 1}),
+            J::Bool(false),
+            J::from("rust-native")
+        )
+    );
+    let d = expect(web, "stream");
+    assert_eq!(
+        (d["data"].clone(), d["private"].clone()),
+        (serde_json::json!({"p": 1}), J::Bool(true))
+    );
+    // ... and a web stream with a native subscriber.
+    let (tx, rx) = mpsc::channel::<StreamEvent>();
+    let sub = native
+        .subscribe_stream(
+            "Web.Ticks",
+            StreamParams {
+                wait,
+                timeout: wait,
+                ..Default::default()
+            },
+            move |e| {
+                let _ = tx.send(e.clone());
+            },
+        )
+        .unwrap();
+    web.tell("push");
+    expect(web, "pushed");
+    match rx
+        .recv_timeout(wait)
+        .expect("no stream data from the web app")
+    {
+        StreamEvent::Data { data, server, .. } => {
+            assert_eq!(data, Value::object([("w", Value::from(1))]));
+            assert_eq!(server.application, "web-mixed");
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(sub);
+    ticks.close().unwrap();
+    let closed = expect(web, "stream-closed");
+    assert_eq!(closed["message"], "ServerInitiated");
 }
 
 #[test]
@@ -320,6 +525,14 @@ fn headless_chromium_page_and_native_app_call_each_other() {
     }
     let gw = Gw::start("browser", AuthMode::Token);
     let native = native_side(&gw);
+    // A context and a stream for the page to follow.
+    native
+        .contexts()
+        .set("browser.ctx", Value::object([("v", Value::from(1))]))
+        .unwrap();
+    let feed = native
+        .create_stream("Native.Feed", StreamOptions::default())
+        .unwrap();
     let (url, user, token) = (gw.url(), os_user(), gw.token());
     let shot = gw.dir.join("page.png");
     let shot_s = shot.to_string_lossy().to_string();
@@ -359,6 +572,41 @@ fn headless_chromium_page_and_native_app_call_each_other() {
         ])
     );
     assert_eq!(hello.executed_by.unwrap().application, "browser-app");
+    // The page subscribed to Native.Feed before it said it was ready.
+    feed.push(Value::object([("tick", Value::from(1))]))
+        .unwrap();
+    page.tell("check");
+    let seen = page.json();
+    assert_eq!(seen["step"], "seen", "{seen}");
+    assert_eq!(seen["ctx"], serde_json::json!({"v": 1}));
+    assert_eq!(seen["feed"], serde_json::json!({"tick": 1}));
+    // The page writes a context and serves a stream; the native app follows both.
+    let (tx, rx) = mpsc::channel::<ContextUpdate>();
+    let _out = native
+        .contexts()
+        .subscribe("browser.out", move |u| {
+            let _ = tx.send(u.clone());
+        })
+        .unwrap();
+    page.tell("write");
+    assert_eq!(page.json()["step"], "written");
+    let u = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(*u.data, Value::object([("from", Value::from("chromium"))]));
+    let (tx, rx) = mpsc::channel::<StreamEvent>();
+    let _sub = native
+        .subscribe_stream("Browser.Ticks", StreamParams::default(), move |e| {
+            let _ = tx.send(e.clone());
+        })
+        .unwrap();
+    page.tell("push");
+    assert_eq!(page.json()["step"], "pushed");
+    match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+        StreamEvent::Data { data, server, .. } => {
+            assert_eq!(data, Value::object([("b", Value::from(1))]));
+            assert_eq!(server.application, "browser-app");
+        }
+        other => panic!("{other:?}"),
+    }
     page.tell("done");
     assert!(page.finish(Duration::from_secs(30)));
 }

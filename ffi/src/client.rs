@@ -214,7 +214,8 @@ pub extern "C" fn knit_client_close(client: *mut knit_client_t) -> knit_status_t
 
 /// Poll mode (`KNIT_CONNECT_POLL`): runs pending callbacks on this thread, waiting up to
 /// `timeout_ms` for one; `*handled_out` (if not NULL) gets how many ran. Returns
-/// `KNIT_DISCONNECTED` when nothing ran and the gateway connection is gone, and
+/// `KNIT_DISCONNECTED` when nothing ran and the gateway connection is down (the client
+/// reconnects by itself: keep polling to ride out a gateway restart), and
 /// `KNIT_INVALID_ARGUMENT` on a client with a dispatcher thread.
 ///
 /// # Safety
@@ -251,8 +252,9 @@ pub unsafe extern "C" fn knit_client_poll(
     })
 }
 
-/// `KNIT_OK` while the connection to the gateway is up, `KNIT_DISCONNECTED` once it is gone
-/// (the gateway stopped), `KNIT_CLOSED` for a closed handle.
+/// `KNIT_OK` while the connection to the gateway is up, `KNIT_DISCONNECTED` while it is down
+/// (the gateway stopped or died; the client reconnects by itself and restores its methods and
+/// subscriptions), `KNIT_CLOSED` for a closed handle.
 #[no_mangle]
 pub extern "C" fn knit_client_connected(client: *mut knit_client_t) -> knit_status_t {
     guard(|| {

@@ -56,6 +56,17 @@ pub(crate) fn event_value(e: &InteropEvent) -> Value {
             ("server", server.to_value()),
             ("method", def_value(method)),
         ]),
+        InteropEvent::Disconnected {
+            reason,
+            gateway_stopped,
+        } => Value::object([
+            kind("disconnected"),
+            ("reason", Value::from(reason.as_str())),
+            ("gatewayStopped", Value::from(*gateway_stopped)),
+        ]),
+        InteropEvent::Reconnected(me) => {
+            Value::object([kind("reconnected"), ("instance", me.to_value())])
+        }
     }
 }
 
@@ -67,8 +78,11 @@ pub(crate) fn event_value(e: &InteropEvent) -> Value {
 /// `{"type":"serverRemoved","server":{…},"reason":"…"}`,
 /// `{"type":"methodAdded","method":{name,displayName,…,supportsStreaming}}` (the first server
 /// of a method appeared), `{"type":"methodRemoved","method":{…}}` (its last server left),
-/// `{"type":"serverMethodAdded","server":{…},"method":{…}}` and `serverMethodRemoved`. End it
-/// with `knit_subscription_close`.
+/// `{"type":"serverMethodAdded","server":{…},"method":{…}}` and `serverMethodRemoved`; and for
+/// the gateway connection `{"type":"disconnected","reason":"…","gatewayStopped":false}` and
+/// `{"type":"reconnected","instance":{…}}` (the client reconnects by itself; every remote
+/// peer is first removed with reason `"reset"`, then announced again). End it with
+/// `knit_subscription_close`.
 ///
 /// # Safety
 /// `fn` and `user_data` stay valid until `knit_subscription_close` (or `knit_client_close`)

@@ -50,21 +50,46 @@ impl Ids {
 
     /// The registry peer a GW3 peer id names, if it is one of ours.
     pub(crate) fn parse_peer(&self, s: &str) -> Option<PeerId> {
-        let n = s
-            .strip_prefix("p-")?
-            .strip_prefix(self.node.as_str())?
-            .strip_prefix('-')?;
-        if n.is_empty() || n.len() > 20 || !n.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        n.parse().ok().map(PeerId)
+        parse_numbered(s, 'p', &self.node).map(PeerId)
     }
 
     /// A fresh id of `kind` (`i` instance, `r` invocation/subscription, `c` context).
     pub(crate) fn fresh(&self, kind: char) -> String {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.with(kind, self.number())
+    }
+
+    /// A fresh number (ids made with [`Ids::with`] from it are unique).
+    pub(crate) fn number(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The id of `kind` with number `n`.
+    pub(crate) fn with(&self, kind: char, n: u64) -> String {
         format!("{kind}-{}-{n}", self.node)
     }
+
+    /// The registry context a GW3 context id names, if it is one of ours.
+    pub(crate) fn parse_ctx(&self, s: &str) -> Option<u64> {
+        parse_numbered(s, 'c', &self.node)
+    }
+
+    /// The GW3 id of a registry context.
+    pub(crate) fn ctx(&self, id: u64) -> String {
+        super::contexts::gw3_id(&self.node, id)
+    }
+}
+
+/// `<kind>-<node>-<n>` → `n`.
+fn parse_numbered(s: &str, kind: char, node: &str) -> Option<u64> {
+    let n = s
+        .strip_prefix(kind)?
+        .strip_prefix('-')?
+        .strip_prefix(node)?
+        .strip_prefix('-')?;
+    if n.is_empty() || n.len() > 20 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
 }
 
 /// `{"domain", "type":"success", "request_id", "peer_id"}`.
@@ -82,6 +107,56 @@ pub(crate) fn error(
 ) -> J {
     json!({"domain": domain, "type": "error", "request_id": request_id, "peer_id": peer_id,
            "reason_uri": reason_uri, "reason": reason})
+}
+
+/// One GW3 text frame that has the envelope every message needs: a JSON object with a string
+/// `type` and a string (or absent, meaning `global`) `domain`.
+#[derive(Debug)]
+pub(crate) struct Envelope {
+    pub domain: String,
+    pub ty: String,
+    pub msg: Obj,
+}
+
+/// Why a text frame is not a GW3 message. Each says how to answer (`session.rs`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EnvelopeError {
+    /// Not JSON, or JSON but not an object: answered with a plain-text frame (there is no
+    /// request id to answer to).
+    #[error("GW3 message must be a JSON object{0}")]
+    NotObject(String),
+    /// `domain` is not a string: answered with a `global` error.
+    #[error("domain must be a string, not {domain}")]
+    BadDomain { domain: J, msg: Box<Obj> },
+    /// No string `type`: answered with an `unhandled_message` error in the domain.
+    #[error("a GW3 message needs a string \"type\"")]
+    NoType { domain: String, msg: Box<Obj> },
+}
+
+/// Checks one text frame's envelope. Pure: the session decides what to do with it.
+pub(crate) fn parse_envelope(text: &str) -> Result<Envelope, EnvelopeError> {
+    let msg = match serde_json::from_str::<J>(text) {
+        Ok(J::Object(o)) => o,
+        Ok(_) => return Err(EnvelopeError::NotObject(String::new())),
+        Err(e) => return Err(EnvelopeError::NotObject(format!(": {e}"))),
+    };
+    let domain = match msg.get("domain") {
+        None | Some(J::Null) => "global".to_string(),
+        Some(J::String(d)) => d.clone(),
+        Some(other) => {
+            let domain = other.clone();
+            let msg = Box::new(msg);
+            return Err(EnvelopeError::BadDomain { domain, msg });
+        }
+    };
+    let ty = match msg.get("type") {
+        Some(J::String(t)) => t.clone(),
+        _ => {
+            let msg = Box::new(msg);
+            return Err(EnvelopeError::NoType { domain, msg });
+        }
+    };
+    Ok(Envelope { domain, ty, msg })
 }
 
 /// A method id as a map key: its canonical JSON text, so `"7"` and `7` stay distinct.
@@ -248,6 +323,9 @@ mod tests {
             assert_eq!(ids.parse_peer(bad), None, "{bad}");
         }
         assert_ne!(ids.fresh('i'), ids.fresh('i'));
+        assert_eq!(ids.parse_ctx(&ids.ctx(7)), Some(7));
+        assert_eq!(ids.parse_ctx("c-nope"), None);
+        assert_eq!(ids.parse_ctx(&ids.peer(PeerId(7))), None);
     }
 
     #[test]

@@ -162,7 +162,8 @@ impl Hub {
             .and_then(|w| w.methods.get(&id).cloned())
     }
 
-    /// Marks a web peer in or out of `agm` and tells the other web peers of its user. A
+    /// Marks a web peer in or out of `agm` and tells the other web peers of its user (their
+    /// connections handle this news before the registry's notices, see `session.rs`). A
     /// connection whose notice queue is full is closed as a slow consumer, never skipped.
     pub(crate) fn set_agm(&self, instance: &str, joined: bool) {
         let m = self.lock();

@@ -23,10 +23,13 @@
 //! See `docs/bridge.md` for the configuration and `docs/gw3-conformance.md` for how the bridge
 //! compares with the reference gateway.
 
-mod auth;
-mod gw3;
+pub(crate) mod auth;
+mod contexts;
+mod delta;
+pub(crate) mod gw3;
 mod hub;
 mod session;
+mod spin;
 
 pub use auth::{read_token, token_path, AuthMode, Password, UserEntry};
 
@@ -82,6 +85,9 @@ pub struct BridgeConfig {
     pub hello_timeout: Duration,
     /// The token file; `None`: next to the gateway socket ([`token_path`]).
     pub token_file: Option<PathBuf>,
+    /// How long the gateway's thread keeps polling its sockets without sleeping after bridge
+    /// traffic (saves the wake-up of a sleeping thread on the next frame); zero: never.
+    pub spin: Duration,
 }
 
 impl BridgeConfig {
@@ -99,6 +105,7 @@ impl BridgeConfig {
             max_connections: 1024,
             hello_timeout: Duration::from_secs(30),
             token_file: None,
+            spin: Duration::from_micros(300),
         }
     }
 
@@ -186,11 +193,20 @@ impl Bound {
     }
 
     /// Starts accepting connections on the current runtime.
-    pub(crate) fn start(self, core: CoreHandle, limits: Limits) -> Result<Running, io::Error> {
+    pub(crate) fn start(
+        self,
+        core: CoreHandle,
+        limits: Limits,
+        bell: Option<(u32, Arc<std::os::fd::OwnedFd>)>,
+    ) -> Result<Running, io::Error> {
         let listener = TcpListener::from_std(self.listener)?;
         let mut node = [0u8; 16];
         getrandom::fill(&mut node).map_err(|e| io::Error::other(format!("random bytes: {e}")))?;
         let node: String = node.iter().map(|b| format!("{b:02x}")).collect();
+        let ctxs = contexts::Contexts::new(node.clone(), bell);
+        ctxs.start()?;
+        let spin = spin::Spin::new(self.cfg.spin);
+        let spin_task = tokio::spawn(spin.clone().run());
         let shared = Arc::new(session::Shared {
             core,
             hub: hub::Hub::default(),
@@ -198,6 +214,8 @@ impl Bound {
             auth: self.auth,
             limits,
             cfg: self.cfg,
+            ctxs,
+            spin,
         });
         crate::log::info(format_args!(
             "bridge listening on ws://{}/ ({} authentication)",
@@ -208,10 +226,13 @@ impl Bound {
             }
         ));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let ctxs = shared.ctxs.clone();
         let task = tokio::spawn(accept_loop(listener, shared, stop_rx));
         Ok(Running {
             stop: stop_tx,
             task,
+            ctxs,
+            spin_task,
         })
     }
 }
@@ -221,6 +242,8 @@ impl Bound {
 pub(crate) struct Running {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+    ctxs: Arc<contexts::Contexts>,
+    spin_task: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
@@ -229,6 +252,8 @@ impl Running {
     pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
+        self.ctxs.stop();
+        self.spin_task.abort();
     }
 }
 
@@ -336,24 +361,23 @@ async fn connection(stream: TcpStream, remote: SocketAddr, shared: Arc<session::
     session::run(ws, remote, shared).await;
 }
 
-/// The outbound side of one connection: a queue bounded in bytes, written to the socket by the
-/// connection's own task (before it reads the next frame, so answers go out in order and before
-/// a client's close is read), never blocking the task when the peer does not read.
-pub(crate) struct Wire {
-    sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
+/// What waits to be written to one connection: a queue bounded in bytes. The connection's own
+/// task queues its answers here; other tasks (a context update fanned out to every web
+/// subscriber) queue frames too and wake it. Full means the peer does not read: the connection
+/// is closed as a slow consumer with a reason, never silently skipped.
+pub(crate) struct Outbox {
     queue: Mutex<VecDeque<Message>>,
     bytes: AtomicUsize,
     max_bytes: usize,
-    /// Frames were handed to the socket and not flushed yet.
-    dirty: bool,
     /// A close frame is queued: nothing may follow it.
     closing: AtomicBool,
-    failed: bool,
+    kill: Arc<hub::Kill>,
+    wake: tokio::sync::Notify,
 }
 
-impl std::fmt::Debug for Wire {
+impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Wire")
+        f.debug_struct("Outbox")
             .field("bytes", &self.bytes.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -365,24 +389,20 @@ pub(crate) struct Overflow {
     pub bytes: usize,
 }
 
-impl Wire {
-    fn new(
-        sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
-        max_bytes: usize,
-    ) -> Wire {
-        Wire {
-            sink,
+impl Outbox {
+    pub(crate) fn new(max_bytes: usize, kill: Arc<hub::Kill>) -> Self {
+        Outbox {
             queue: Mutex::new(VecDeque::new()),
             bytes: AtomicUsize::new(0),
             max_bytes,
-            dirty: false,
             closing: AtomicBool::new(false),
-            failed: false,
+            kill,
+            wake: tokio::sync::Notify::new(),
         }
     }
 
     fn q(&self) -> std::sync::MutexGuard<'_, VecDeque<Message>> {
-        // Only this connection's task touches the queue; the lock is never contended.
+        // Held only to push or pop one frame, never across an await.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -391,13 +411,31 @@ impl Wire {
         if self.closing.load(Ordering::Relaxed) {
             return Ok(()); // the connection is ending; the close frame says why
         }
+        let mut q = self.q();
         let queued = self.bytes.load(Ordering::Relaxed);
-        if queued.saturating_add(s.len()) > self.max_bytes {
+        // One frame is always taken (a message larger than the bound must still go out); the
+        // bound is on what piles up behind it.
+        if queued > 0 && queued.saturating_add(s.len()) > self.max_bytes {
             return Err(Overflow { bytes: queued });
         }
         self.bytes.store(queued + s.len(), Ordering::Relaxed);
-        self.q().push_back(Message::text(s));
+        q.push_back(Message::text(s));
         Ok(())
+    }
+
+    /// Queues a frame from another task and wakes the connection; a full queue closes the
+    /// connection as a slow consumer.
+    pub(crate) fn push(&self, s: String) {
+        if let Err(o) = self.text(s) {
+            self.kill.kill(
+                hub::CLOSE_SLOW,
+                format!(
+                    "slow consumer: {} bytes waiting to be sent (limit {})",
+                    o.bytes, self.max_bytes
+                ),
+            );
+        }
+        self.wake.notify_one();
     }
 
     /// Queues the close frame; with `discard`, frames still waiting are dropped first (the
@@ -406,8 +444,9 @@ impl Wire {
         if self.closing.swap(true, Ordering::Relaxed) {
             return;
         }
+        let mut q = self.q();
         if discard {
-            self.q().clear();
+            q.clear();
             self.bytes.store(0, Ordering::Relaxed);
         }
         // A close reason has at most 123 bytes.
@@ -419,12 +458,74 @@ impl Wire {
             code: CloseCode::from(code),
             reason: reason[..end].to_string().into(),
         };
-        self.q().push_back(Message::Close(Some(frame)));
+        q.push_back(Message::Close(Some(frame)));
+    }
+
+    fn pop(&self) -> Option<Message> {
+        let mut q = self.q();
+        let m = q.pop_front()?;
+        if let Message::Text(t) = &m {
+            let b = self.bytes.load(Ordering::Relaxed);
+            self.bytes.store(b - t.len().min(b), Ordering::Relaxed);
+        }
+        Some(m)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.q().is_empty()
+    }
+
+    /// Resolves when another task queued something.
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await
+    }
+}
+
+/// The writing side of one connection: its [`Outbox`], written to the socket by the
+/// connection's own task (before it reads the next frame, so answers go out in order and before
+/// a client's close is read), never blocking the task when the peer does not read.
+pub(crate) struct Wire {
+    sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
+    pub(crate) out: Arc<Outbox>,
+    /// Frames were handed to the socket and not flushed yet.
+    dirty: bool,
+    failed: bool,
+}
+
+impl std::fmt::Debug for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wire")
+            .field("out", &self.out)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Wire {
+    fn new(
+        sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
+        out: Arc<Outbox>,
+    ) -> Wire {
+        Wire {
+            sink,
+            out,
+            dirty: false,
+            failed: false,
+        }
+    }
+
+    /// Queues a text frame.
+    pub(crate) fn text(&self, s: String) -> Result<(), Overflow> {
+        self.out.text(s)
+    }
+
+    /// Queues the close frame (see [`Outbox::close`]).
+    pub(crate) fn close(&self, code: u16, reason: &str, discard: bool) {
+        self.out.close(code, reason, discard)
     }
 
     /// Whether there is something to write or flush.
     pub(crate) fn busy(&self) -> bool {
-        !self.failed && (self.dirty || !self.q().is_empty())
+        !self.failed && (self.dirty || !self.out.is_empty())
     }
 
     /// Writes and flushes what is queued; pending while the socket is full. An error means the
@@ -434,7 +535,7 @@ impl Wire {
             use futures_util::Sink;
             use std::task::Poll;
             loop {
-                if self.q().is_empty() {
+                if self.out.is_empty() {
                     if self.dirty {
                         match Pin::new(&mut self.sink).poll_flush(cx) {
                             Poll::Ready(Ok(())) => self.dirty = false,
@@ -449,15 +550,9 @@ impl Wire {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
                 }
-                let Some(m) = self.q().pop_front() else {
+                let Some(m) = self.out.pop() else {
                     continue;
                 };
-                if let Message::Text(t) = &m {
-                    self.bytes.fetch_sub(
-                        t.len().min(self.bytes.load(Ordering::Relaxed)),
-                        Ordering::Relaxed,
-                    );
-                }
                 Pin::new(&mut self.sink).start_send(m)?;
                 self.dirty = true;
             }
@@ -465,7 +560,7 @@ impl Wire {
         .await;
         if r.is_err() {
             self.failed = true;
-            self.q().clear();
+            self.out.q().clear();
         }
         r
     }

@@ -1,16 +1,22 @@
 //! One WebSocket connection: GW3 in, registry requests out; registry notices in, GW3 out.
+//! Interop methods are here; shared contexts, the bus and streams in the child modules.
+
+mod bus;
+mod ctx;
+mod streams;
 
 use super::auth::Authenticator;
+use super::contexts::Contexts;
 use super::gw3::{self, Ids, Obj};
 use super::hub::{Hub, HubEvent, Kill, CLOSE_SLOW};
-use super::{BridgeConfig, Wire};
+use super::{BridgeConfig, Outbox, Wire};
 use crate::gateway::{Admission, Closer, CoreHandle, Limits, Outgoing};
 use crate::status::Status;
 use crate::wire::frame::{FromGateway, MethodSpec, PeerId, RelayOutcome, ToGateway, Transport};
 use crate::wire::Value;
 use futures_util::StreamExt;
 use serde_json::{json, Value as J};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +33,13 @@ pub(crate) struct Shared {
     pub auth: Authenticator,
     pub limits: Limits,
     pub cfg: BridgeConfig,
+    pub ctxs: Arc<Contexts>,
+    pub spin: Arc<super::spin::Spin>,
 }
+
+/// Most bus subscriptions, stream subscriptions made, and subscriptions to its streams, that
+/// one connection may have (each is state in the gateway).
+pub(super) const MAX_SUBSCRIPTIONS: usize = 100_000;
 
 /// A method id nobody registers: asks the registry whether a peer we do not know exists and
 /// whether it is ours to call, without calling anything.
@@ -86,6 +98,8 @@ struct PendingCall {
 struct Me {
     peer: PeerId,
     id: J,
+    /// The GW3 identity it logged in with (resolved).
+    identity: J,
     instance: String,
     user: String,
     in_agm: bool,
@@ -99,6 +113,9 @@ struct Me {
     invocations: HashMap<String, u64>,
     reqs: HashMap<u64, Req>,
     next_req: u64,
+    ctx: ctx::CtxState,
+    bus: bus::BusState,
+    streams: streams::StreamState,
 }
 
 struct Session {
@@ -109,6 +126,8 @@ struct Session {
     hub_tx: mpsc::Sender<HubEvent>,
     reg_rx: Option<mpsc::Receiver<Outgoing>>,
     me: Option<Me>,
+    /// Registry notices taken off the queue early (to look ahead), handled before the queue.
+    stash: VecDeque<Outgoing>,
     /// Set when the connection must end (gateway stopping).
     done: Option<(u16, String)>,
 }
@@ -123,26 +142,35 @@ async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing>
 /// Serves one connection until it closes.
 pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: Arc<Shared>) {
     let (sink, mut stream) = ws.split();
-    let wire = Wire::new(sink, sh.cfg.max_queued_bytes);
+    let kill = Arc::new(Kill::default());
+    let out = Arc::new(Outbox::new(sh.cfg.max_queued_bytes, kill.clone()));
+    let wire = Wire::new(sink, out.clone());
     let (hub_tx, mut hub_rx) = mpsc::channel(1024);
     let mut s = Session {
         sh,
         wire,
         machine: remote.ip().to_string(),
-        kill: Arc::new(Kill::default()),
+        kill: kill.clone(),
         hub_tx,
         reg_rx: None,
         me: None,
+        stash: VecDeque::new(),
         done: None,
     };
-    let kill = s.kill.clone();
     let hello_deadline = tokio::time::sleep(s.sh.cfg.hello_timeout);
     tokio::pin!(hello_deadline);
-    // `biased`: registry notices are always handled before hub notices that were issued after
-    // them (a peer's `PeerAdded` before the news that it joined `agm`).
+    // `biased`: output first; then news from the bridge's other connections (a web peer joined
+    // or left `agm`), which is always older than what the registry queued about the same peer
+    // (a clean `leave` must not be overtaken by the disconnect right behind it; and `PeerAdded`
+    // coming after the news that the peer joined is fine: it announces the peer then); then the
+    // registry's notices; then frames from the client.
     let (why, close) = loop {
         if let Some((code, reason)) = s.done.take() {
             break (reason.clone(), Some((code, reason, false)));
+        }
+        if let Some(out) = s.stash.pop_front() {
+            s.on_core(out).await;
+            continue;
         }
         // Output first: answers go out before the next frame is read (a client that closes
         // right after its last requests still gets the answers), and a connection's frames are
@@ -159,10 +187,15 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
                 let why = "no successful hello in time".to_string();
                 break (why.clone(), Some((CLOSE_SLOW, why, false)));
             }
-            Some(out) = recv_opt(&mut s.reg_rx) => s.on_core(out.msg).await,
             Some(ev) = hub_rx.recv() => s.on_hub(ev),
+            Some(out) = recv_opt(&mut s.reg_rx) => s.on_core(out).await,
+            // Another task queued frames for us (context updates).
+            _ = out.woken() => {}
             frame = stream.next() => match frame {
-                Some(Ok(Message::Text(t))) => s.on_text(t.as_str()).await,
+                Some(Ok(Message::Text(t))) => {
+                    s.sh.spin.touch();
+                    s.on_text(t.as_str()).await
+                }
                 Some(Ok(Message::Binary(_))) => s.raw("GW3 messages are JSON text frames, not binary"),
                 Some(Ok(Message::Close(_))) | None => break ("connection closed".to_string(), None),
                 Some(Ok(_)) => {} // ping/pong: answered by the WebSocket layer
@@ -191,6 +224,7 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
         s.wire.close(code, &reason, discard);
     }
     if let Some(me) = s.me.take() {
+        s.sh.ctxs.forget_peer(me.peer);
         s.sh.core.closed(me.peer, why).await;
         s.sh.hub.remove(&me.instance);
     }
@@ -259,35 +293,31 @@ impl Session {
     // ---- frames from the client ------------------------------------------------------------
 
     async fn on_text(&mut self, text: &str) {
-        let msg = match serde_json::from_str::<J>(text) {
-            Ok(J::Object(o)) => o,
-            Ok(_) => return self.raw("GW3 message must be a JSON object"),
-            Err(e) => return self.send_text(format!("GW3 message must be a JSON object: {e}")),
-        };
-        let domain = match msg.get("domain") {
-            None | Some(J::Null) => "global".to_string(),
-            Some(J::String(d)) => d.clone(),
-            Some(other) => {
-                let reason = format!("domain must be a string, not {other}");
+        let gw3::Envelope { domain, ty, msg } = match gw3::parse_envelope(text) {
+            Ok(e) => e,
+            Err(e @ gw3::EnvelopeError::NotObject(_)) => return self.send_text(e.to_string()),
+            Err(ref e @ gw3::EnvelopeError::BadDomain { ref msg, .. }) => {
                 return self.send(gw3::error(
                     "global",
-                    &rid(&msg),
+                    &rid(msg),
                     &self.my_id(),
                     "global.errors.failure",
-                    &reason,
+                    &e.to_string(),
                 ));
             }
-        };
-        let ty = match msg.get("type") {
-            Some(J::String(t)) => t.clone(),
-            _ => {
+            Err(
+                ref e @ gw3::EnvelopeError::NoType {
+                    ref domain,
+                    ref msg,
+                },
+            ) => {
                 let uri = format!("{domain}.errors.unhandled_message");
                 return self.send(gw3::error(
-                    &domain,
-                    &rid(&msg),
+                    domain,
+                    &rid(msg),
                     &self.my_id(),
                     &uri,
-                    "a GW3 message needs a string \"type\"",
+                    &e.to_string(),
                 ));
             }
         };
@@ -323,12 +353,17 @@ impl Session {
         match domain.as_str() {
             "global" => self.global(&ty, &msg).await,
             "agm" => self.agm(&ty, &msg).await,
-            "bus" => self.bus(&ty, &msg),
+            "bus" => self.bus(&ty, &msg).await,
             "metrics" => match ty.as_str() {
                 "define" | "publish" => {} // metrics are accepted and not stored
                 _ => self.unhandled("metrics", &ty, &msg),
             },
-            "context" => self.not_yet("context", &msg, "shared contexts"),
+            // Clients that join the context domain explicitly use it for context messages.
+            "context" => {
+                if !self.context("context", &ty, &msg).await {
+                    self.unhandled("context", &ty, &msg);
+                }
+            }
             other => {
                 let reason = format!("Unable to find domain {other}");
                 self.send(gw3::error(
@@ -348,11 +383,34 @@ impl Session {
         self.send(gw3::error(domain, &rid(msg), &self.my_id(), &uri, &reason));
     }
 
-    /// Parts of GW3 that arrive with the core's contexts, bus and streams (phase 2).
-    fn not_yet(&self, domain: &str, msg: &Obj, what: &str) {
-        let uri = format!("{domain}.errors.failure");
-        let reason = format!("{what} are not available in this version of the knit bridge");
-        self.send(gw3::error(domain, &rid(msg), &self.my_id(), &uri, &reason));
+    /// Sends a request to the core and waits for its answer (the `Ack`, `Fail`,
+    /// `ContextOpened` or `ContextCreated` with its `req`), handling the notices queued before
+    /// the answer in order. `None` when the gateway is stopping.
+    async fn ask(&mut self, build: impl FnOnce(u64) -> ToGateway) -> Option<Outgoing> {
+        let req = {
+            let me = self.me.as_mut()?;
+            let r = me.next_req;
+            me.next_req += 1;
+            r
+        };
+        self.core(build(req)).await;
+        loop {
+            let out = match self.stash.pop_front() {
+                Some(o) => o,
+                None => self.reg_rx.as_mut()?.recv().await?,
+            };
+            let answer = match &out.msg {
+                FromGateway::Ack { req: r }
+                | FromGateway::Fail { req: r, .. }
+                | FromGateway::ContextOpened { req: r, .. }
+                | FromGateway::ContextCreated { req: r, .. } => *r == req,
+                _ => false,
+            };
+            if answer {
+                return Some(out);
+            }
+            self.on_core(out).await;
+        }
     }
 
     async fn hello(&mut self, msg: &Obj) {
@@ -432,6 +490,7 @@ impl Session {
             pid,
             user: login.user.clone(),
             transport: Transport::Relay,
+            attributes: Value::from(identity.clone()),
         };
         let (peer, welcome) = match self.sh.core.admit(adm, reg_tx, closer).await {
             Ok(x) => x,
@@ -462,6 +521,7 @@ impl Session {
         self.me = Some(Me {
             peer,
             id,
+            identity: identity.clone(),
             instance,
             user: login.user,
             in_agm: false,
@@ -474,9 +534,15 @@ impl Session {
             invocations: HashMap::new(),
             reqs: HashMap::new(),
             next_req: 1,
+            ctx: Default::default(),
+            bus: Default::default(),
+            streams: Default::default(),
         });
         self.reg_rx = Some(reg_rx);
         self.send(w);
+        // The contexts that exist, right after the welcome (of this user only: the reference
+        // gateway also announces other users' contexts here, a leak knit does not copy).
+        self.ctx_welcome(&welcome.contexts, &welcome.context_owners);
     }
 
     async fn global(&mut self, ty: &str, msg: &Obj) {
@@ -525,20 +591,11 @@ impl Session {
                     "Hello already received once",
                 ));
             }
-            "create-context"
-            | "update-context"
-            | "subscribe-context"
-            | "unsubscribe-context"
-            | "destroy-context" => self.not_yet("global", msg, "shared contexts"),
-            _ => self.unhandled("global", ty, msg),
-        }
-    }
-
-    fn bus(&self, ty: &str, msg: &Obj) {
-        match ty {
-            "publish" => {} // fire-and-forget; the bus arrives in phase 2
-            "subscribe" | "unsubscribe" => self.not_yet("bus", msg, "bus subscriptions"),
-            _ => self.unhandled("bus", ty, msg),
+            _ => {
+                if !self.context("global", ty, msg).await {
+                    self.unhandled("global", ty, msg)
+                }
+            }
         }
     }
 
@@ -549,18 +606,13 @@ impl Session {
             "call" => self.call(msg).await,
             "yield" => self.yield_(msg).await,
             "error" => self.server_error(msg).await,
-            "subscribe" | "unsubscribe" => {
-                let reason = "streams are not available in this version of the knit bridge";
-                self.send(gw3::error(
-                    "agm",
-                    &rid(msg),
-                    &self.my_id(),
-                    "agm.errors.subscription.failure",
-                    reason,
-                ));
-            }
-            // Fire-and-forget stream messages: nothing to answer (streams arrive in phase 2).
-            "accepted" | "publish" | "post" | "drop-subscription" => {}
+            "subscribe" => self.stream_subscribe(msg).await,
+            "unsubscribe" => self.stream_unsubscribe(msg).await,
+            // Fire-and-forget: no answers.
+            "accepted" => self.stream_accepted(msg).await,
+            "publish" => self.stream_push(msg, false).await,
+            "post" => self.stream_push(msg, true).await,
+            "drop-subscription" => self.stream_drop(msg).await,
             _ => self.unhandled("agm", ty, msg),
         }
     }
@@ -651,6 +703,7 @@ impl Session {
                 ids: ids.clone(),
             },
         );
+        self.streams_unregistering(&ids, false).await;
         self.core(ToGateway::Unregister { req, ids }).await;
     }
 
@@ -738,7 +791,8 @@ impl Session {
         .await;
     }
 
-    /// A server's `error`: `request_id` names the invocation it fails.
+    /// A server's `error`: `request_id` names the invocation it fails, or else the
+    /// subscription it rejects.
     async fn server_error(&mut self, msg: &Obj) {
         let Some(me) = self.me.as_mut() else { return };
         let Some(inv) = msg
@@ -746,6 +800,7 @@ impl Session {
             .and_then(J::as_str)
             .and_then(|i| me.invocations.remove(i))
         else {
+            self.stream_rejected(msg).await;
             return;
         };
         let reason = match msg.get("reason") {
@@ -783,12 +838,16 @@ impl Session {
             return;
         }
         me.in_agm = false;
-        self.sh.hub.set_agm(&me.instance, false);
         for k in me.known.values_mut() {
             k.announced = false;
         }
-        // A peer that left agm serves nothing, for native peers either.
+        // A peer that left agm serves nothing, for native peers either, and subscribes to
+        // nothing.
         let ids: Vec<u32> = me.methods.keys().copied().collect();
+        self.sh.hub.set_agm(&me.instance, false);
+        self.streams_leaving().await;
+        self.streams_unregistering(&ids, true).await;
+        let Some(me) = self.me.as_mut() else { return };
         if !ids.is_empty() {
             let req = me.next_req;
             me.next_req += 1;
@@ -864,6 +923,9 @@ impl Session {
         match ev {
             HubEvent::AgmJoined(p) => self.announce(p),
             HubEvent::AgmLeft(p) => {
+                // Its subscriptions to our streams and its streams we subscribed to end first
+                // (the records it sent on its way out come later, and find nothing).
+                self.streams_peer_left_agm(p);
                 let Some(me) = self.me.as_mut() else { return };
                 let Some(k) = me.known.get_mut(&p) else {
                     return;
@@ -887,7 +949,8 @@ impl Session {
         }
     }
 
-    async fn on_core(&mut self, msg: FromGateway) {
+    async fn on_core(&mut self, out: Outgoing) {
+        let Outgoing { msg, fds: _ } = out;
         let Some(me) = self.me.as_mut() else { return };
         let me_id = me.id.clone();
         match msg {
@@ -953,6 +1016,8 @@ impl Session {
                 self.announce(peer);
             }
             FromGateway::PeerRemoved { peer, .. } => {
+                self.streams_peer_gone(peer);
+                let Some(me) = self.me.as_mut() else { return };
                 let Some(k) = me.known.remove(&peer) else {
                     return;
                 };
@@ -978,6 +1043,24 @@ impl Session {
                 }
             }
             FromGateway::MethodsRemoved { peer, ids } => {
+                // Subscriptions to the methods end before the methods do. When the peer is
+                // leaving, the registry queued its `PeerRemoved` right behind: then they end
+                // because the peer did (as GW3 reports it).
+                if self.stash.is_empty() {
+                    if let Some(next) = self.reg_rx.as_mut().and_then(|r| r.try_recv().ok()) {
+                        self.stash.push_back(next);
+                    }
+                }
+                let leaving = matches!(
+                    self.stash.front().map(|o| &o.msg),
+                    Some(FromGateway::PeerRemoved { peer: p, .. }) if *p == peer
+                );
+                if leaving {
+                    self.streams_peer_gone(peer);
+                } else {
+                    self.streams_methods_removed(peer, &ids);
+                }
+                let Some(me) = self.me.as_mut() else { return };
                 let in_agm = me.in_agm;
                 let Some(k) = me.known.get_mut(&peer) else {
                     return;
@@ -1065,6 +1148,15 @@ impl Session {
             FromGateway::Shutdown { reason } => {
                 self.done = Some((CLOSE_GOING_AWAY, reason));
             }
+            FromGateway::ContextAdded { id, name, creator } => self.ctx_added(id, name, creator),
+            FromGateway::ContextDestroyed { id, reason, .. } => self.ctx_destroyed(id, reason),
+            FromGateway::Record { from, kind, body } => self.stream_record(from, kind, &body).await,
+            FromGateway::BusMessage {
+                from,
+                topic,
+                routing_key,
+                data,
+            } => self.bus_deliver(from, &topic, routing_key.as_deref(), &data.to_json()),
             // The welcome came back from `admit`; lanes never concern relay peers; anything the
             // core adds later is ignored until the bridge learns it.
             _ => {}

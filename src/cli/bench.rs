@@ -29,12 +29,15 @@ use std::time::{Duration, Instant};
 mod data;
 #[path = "bench_load.rs"]
 mod load;
+#[path = "bench_restart.rs"]
+mod restart;
 #[path = "bench_soak.rs"]
 mod soak;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// rpc, ctx, bus, stream, or all of these; or load, scale, soak (long runs, not in all).
+    /// rpc, ctx, bus, stream, all (those four); or the long runs, not part of all: restart
+    /// (gateway SIGKILL and restart), load, scale, soak.
     scenario: String,
     /// One payload size in bytes (default: 8, 64, 1024 and 65536).
     #[arg(long)]
@@ -45,9 +48,12 @@ pub struct BenchArgs {
     /// Only this mode: spin or park.
     #[arg(long)]
     mode: Option<String>,
-    /// Rounds alternating baseline and knit.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    /// Rounds alternating baseline and knit (default 3; restart: 20 gateway restarts).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// restart: client processes (default 8); load, scale: peers connected (default 256).
+    #[arg(long)]
+    peers: Option<usize>,
     /// One JSON object per scenario row instead of a table.
     #[arg(long)]
     json: bool,
@@ -75,6 +81,9 @@ pub struct PeerArgs {
     mode: String,
     #[arg(long)]
     cpu: Option<usize>,
+    /// This peer's number among `n` (restart), or among the clients or servers (load).
+    #[arg(long)]
+    index: Option<usize>,
     #[command(flatten)]
     scale: load::ScalePeerArgs,
 }
@@ -193,6 +202,7 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
         "ctx" => data::ctx(&args),
         "bus" => data::bus(&args),
         "stream" => data::stream(&args),
+        "restart" => restart::restart(&args),
         "load" => load::run(&args),
         "soak" => soak::run(&args),
         "scale" => load::scale(&args),
@@ -492,6 +502,7 @@ pub fn peer(a: PeerArgs) -> Result<(), CliError> {
             let _ = std::io::stdin().read_to_end(&mut sink);
             drop(client);
         }
+        "restart-peer" => return restart::peer(&a),
         other if other.starts_with("load-") => return load::peer(other, &a),
         other if other.starts_with("soak-") => return soak::peer(other, &a),
         other => return data::peer(other, &a),
@@ -683,7 +694,7 @@ fn rpc(args: &BenchArgs) -> Result<(), CliError> {
             ))
         }
     };
-    let rounds = args.rounds.max(1);
+    let rounds = args.rounds.unwrap_or(3).max(1);
     let per_round = (args.iters / rounds).max(1);
     let warm = (per_round / 10).clamp(10, 2000);
     let (cpu_client, cpu_server) = cpus();

@@ -12,7 +12,7 @@ use knit::client::{PublishOptions, StreamEvent, StreamOptions, StreamParams, Sub
 use std::sync::{Arc, Mutex};
 
 /// Nanoseconds on the machine-wide monotonic clock.
-fn mono_ns() -> u64 {
+pub(super) fn mono_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }

@@ -34,9 +34,6 @@ pub struct ScaleArgs {
     /// load: server processes.
     #[arg(long, default_value_t = 4)]
     pub servers: usize,
-    /// load: peers connected during the run (idle peers make up the difference).
-    #[arg(long, default_value_t = 256)]
-    pub peers: usize,
     /// load: methods registered during the run (at least).
     #[arg(long, default_value_t = 10_000)]
     pub methods: usize,
@@ -60,9 +57,6 @@ pub struct ScaleArgs {
 // Options of the load and soak roles of `knit __bench-peer`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ScalePeerArgs {
-    /// Which client or server this is.
-    #[arg(long, default_value_t = 0)]
-    pub index: usize,
     /// Client processes in the run.
     #[arg(long, default_value_t = 1)]
     pub clients: usize,
@@ -100,6 +94,11 @@ const ECHO: &str = "Load.Echo";
 const PROBE: &str = "Load.Probe";
 /// The probe server's instance id.
 const PROBE_INSTANCE: &str = "load-probe-server";
+
+/// `--peers` (shared with `restart`, whose default is different): 256 unless given.
+fn peers_of(args: &BenchArgs) -> usize {
+    args.peers.unwrap_or(256)
+}
 
 pub(super) fn wait_strategy(s: &str) -> Result<WaitStrategy, CliError> {
     WaitStrategy::parse(s).ok_or_else(|| {
@@ -956,12 +955,12 @@ fn load_with(
         contexts: a.contexts.min(10),
     };
     let mid = Census {
-        peers: (a.peers / 4).max(low.peers),
+        peers: (peers_of(args) / 4).max(low.peers),
         methods: (a.methods / 10).max(low.methods),
         contexts: (a.contexts / 10).max(low.contexts),
     };
     let high = Census {
-        peers: a.peers.max(mid.peers),
+        peers: peers_of(args).max(mid.peers),
         methods: a.methods.max(mid.methods),
         contexts: a.contexts.max(mid.contexts),
     };
@@ -1340,7 +1339,7 @@ pub(super) fn scale(args: &BenchArgs) -> Result<(), CliError> {
     let (_, hard) = knit::sys::limits::nofile();
     let dir = RunDir::new("scale")?;
     let mut gw = GatewayProc::start(&dir.0)?;
-    let r = scale_with(a, &gw);
+    let r = scale_with(a, peers_of(args), &gw);
     let clean = gw.stop();
     let mut out = r?;
     if let Value::Map(m) = &mut out {
@@ -1357,7 +1356,7 @@ pub(super) fn scale(args: &BenchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn scale_with(a: &ScaleArgs, gw: &GatewayProc) -> Result<Value, CliError> {
+fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, CliError> {
     let socket = gw.socket.display().to_string();
     let pid = gw.pid();
     let idle = snap(pid);
@@ -1420,21 +1419,21 @@ fn scale_with(a: &ScaleArgs, gw: &GatewayProc) -> Result<Value, CliError> {
     // Idle peers (nothing registered, nothing created).
     let mut idle_procs = Vec::new();
     let t = Instant::now();
-    add_idle(&gw.socket, &a.wait, "p", a.peers, 0, 0, &mut idle_procs)?;
+    add_idle(&gw.socket, &a.wait, "p", peers, 0, 0, &mut idle_procs)?;
     let p_s = t.elapsed().as_secs_f64();
     let with_p = snap(pid);
     let peers_rss = sum_rss(&idle_procs);
-    let mut p_row = per_item("peers", a.peers, with_m, with_p, None);
+    let mut p_row = per_item("peers", peers, with_m, with_p, None);
     if let Value::Map(m) = &mut p_row {
         m.insert("peer_process_rss_kb".into(), Value::from(peers_rss));
         m.insert(
             "peer_process_rss_per_peer_kb".into(),
-            Value::from(peers_rss / a.peers.max(1) as u64),
+            Value::from(peers_rss / peers.max(1) as u64),
         );
     }
     eprintln!(
         "scale: {} idle peers in {p_s:.1} s: gateway RSS {}, {} descriptors",
-        a.peers,
+        peers,
         mib(with_p.gw.rss),
         with_p.fds
     );
@@ -1452,7 +1451,7 @@ fn scale_with(a: &ScaleArgs, gw: &GatewayProc) -> Result<Value, CliError> {
     leave(idle_procs);
     let peers_gone = snap(pid);
     let mut again = Vec::new();
-    add_idle(&gw.socket, &a.wait, "q", a.peers, 0, 0, &mut again)?;
+    add_idle(&gw.socket, &a.wait, "q", peers, 0, 0, &mut again)?;
     let peers_again = snap(pid);
     leave(again);
     let peers_gone_again = snap(pid);
@@ -1664,7 +1663,8 @@ struct ServerBook {
 
 fn load_server(a: &PeerArgs) -> Result<(), CliError> {
     let sc = &a.scale;
-    let (me, n_clients, n_servers) = (sc.index, sc.clients.max(1), sc.servers.max(1));
+    let me = a.index.unwrap_or(0);
+    let (n_clients, n_servers) = (sc.clients.max(1), sc.servers.max(1));
     let client = Client::builder("load-server")
         .socket(socket_of(a)?)
         .instance(format!("load-server-{me}"))
@@ -1733,7 +1733,8 @@ fn load_server(a: &PeerArgs) -> Result<(), CliError> {
 
 fn load_client(a: &PeerArgs) -> Result<(), CliError> {
     let sc = &a.scale;
-    let (me, n, n_servers) = (sc.index, sc.calls, sc.servers.max(1));
+    let me = a.index.unwrap_or(0);
+    let (n, n_servers) = (sc.calls, sc.servers.max(1));
     let client = Client::builder("load-client")
         .socket(socket_of(a)?)
         .instance(format!("load-client-{me}"))

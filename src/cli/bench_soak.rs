@@ -470,7 +470,7 @@ fn check_seq(book: &Shared, what: &str, v: &Value, pick: fn(&mut Book) -> &mut V
 
 fn soak_peer(a: &PeerArgs) -> Result<(), CliError> {
     let sc = &a.scale;
-    let (me, n) = (sc.index, sc.count.max(1));
+    let (me, n) = (a.index.unwrap_or(0), sc.count.max(1));
     let socket = a
         .socket
         .clone()

@@ -107,6 +107,14 @@ enum Cmd {
     Bench(bench::BenchArgs),
     #[command(hide = true, name = "__bench-peer")]
     BenchPeer(bench::PeerArgs),
+    /// The keeper a gateway starts to hold its contexts across restarts (not for humans).
+    #[command(hide = true, name = "__keeper")]
+    Keeper {
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        #[arg(long, value_name = "MS")]
+        linger_ms: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -181,6 +189,13 @@ struct GatewayArgs {
     /// the configuration file's `policy`.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
+    /// Do not start a keeper: contexts then live only as long as this gateway process.
+    #[arg(long)]
+    no_keeper: bool,
+    /// How long the keeper holds the contexts after this gateway vanished without stopping
+    /// cleanly, waiting for a new gateway, in seconds (default 600).
+    #[arg(long, value_name = "SECONDS", conflicts_with = "no_keeper")]
+    keeper_linger: Option<f64>,
 }
 
 /// A failure the CLI reports: one line on stderr and an exit code.
@@ -319,6 +334,10 @@ fn run(cli: Cli) -> CliResult {
         }
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchPeer(args) => bench::peer(args),
+        Cmd::Keeper { socket, linger_ms } => {
+            knit::keeper::run(&socket, Duration::from_millis(linger_ms))
+                .map_err(|e| CliError::new(Status::Internal, e.to_string()))
+        }
     }
 }
 
@@ -383,6 +402,7 @@ struct BridgeFile {
     max_frame: Option<usize>,
     max_queued_bytes: Option<usize>,
     max_connections: Option<usize>,
+    spin_us: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -431,6 +451,9 @@ fn bridge_config(
     }
     if let Some(v) = file.max_connections {
         cfg.max_connections = v;
+    }
+    if let Some(v) = file.spin_us {
+        cfg.spin = std::time::Duration::from_micros(v);
     }
     for u in file.users {
         let password = match (u.password, u.password_sha256) {
@@ -520,6 +543,24 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
     if !cfg.policy.is_open() {
         eprintln!("knit: access-control policy in force");
     }
+    if !args.no_keeper {
+        let program = std::env::current_exe().map_err(|e| {
+            CliError::new(
+                Status::Internal,
+                format!("locating the knit executable: {e}"),
+            )
+        })?;
+        let mut k = knit::keeper::KeeperConfig::new(program);
+        if let Some(secs) = args.keeper_linger {
+            k.linger = Duration::try_from_secs_f64(secs).map_err(|_| {
+                CliError::new(
+                    Status::InvalidArgument,
+                    "--keeper-linger must be a number of seconds",
+                )
+            })?;
+        }
+        cfg.keeper = Some(k);
+    }
     if !cfg.limits.lane_capacity.is_power_of_two() || cfg.limits.lane_capacity < knit::shm::MIN_RING
     {
         return Err(CliError::new(
@@ -559,6 +600,39 @@ impl From<knit::client::ContextError> for CliError {
     }
 }
 
+/// How long a long-running tool (`serve`, `sub`, `ctx watch`, `stream …`) waits for a gateway
+/// that vanished without stopping cleanly to come back, before it gives up (exit 6).
+const RECONNECT_GRACE: Duration = Duration::from_secs(60);
+
+/// Whether a long-running tool goes on: while connected, and while a gateway that crashed may
+/// still come back (the client reconnects by itself and restores what it had); exit 6 once the
+/// gateway stopped cleanly, or stayed away longer than [`RECONNECT_GRACE`].
+fn still_served(client: &Client) -> CliResult {
+    use knit::client::ConnectionState;
+    match client.connection_state() {
+        ConnectionState::Connected => Ok(()),
+        ConnectionState::Disconnected {
+            since,
+            gateway_stopped,
+            ..
+        } if !gateway_stopped && since.elapsed() < RECONNECT_GRACE => Ok(()),
+        ConnectionState::Disconnected {
+            gateway_stopped: false,
+            ..
+        } => Err(CliError::new(
+            Status::Disconnected,
+            format!(
+                "the gateway did not come back within {} s",
+                RECONNECT_GRACE.as_secs()
+            ),
+        )),
+        _ => Err(CliError::new(
+            Status::Disconnected,
+            "the gateway closed the connection",
+        )),
+    }
+}
+
 /// Prints lines from `rx` until `count` were printed (or forever), failing if the gateway goes.
 fn print_lines(
     client: &Client,
@@ -572,14 +646,7 @@ fn print_lines(
                 print_json(&line);
                 printed += 1;
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if !client.is_connected() {
-                    return Err(CliError::new(
-                        Status::Disconnected,
-                        "the gateway closed the connection",
-                    ));
-                }
-            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => still_served(client)?,
             Err(_) => break,
         }
     }
@@ -609,7 +676,8 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
             let period = Duration::from_secs_f64(1.0 / rate);
             let start = std::time::Instant::now();
             let mut seq = 0u64;
-            while client.is_connected() {
+            loop {
+                still_served(&client)?;
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
@@ -625,10 +693,6 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                     std::thread::sleep(d);
                 }
             }
-            Err(CliError::new(
-                Status::Disconnected,
-                "the gateway closed the connection",
-            ))
         }
         StreamCmd::Sub {
             name,
@@ -680,14 +744,7 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                         print_json(&line);
                         printed += 1;
                     }
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        if !client.is_connected() {
-                            return Err(CliError::new(
-                                Status::Disconnected,
-                                "the gateway closed the connection",
-                            ));
-                        }
-                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => still_served(&client)?,
                     Err(_) => break,
                 }
             }
@@ -825,12 +882,9 @@ fn serve(client: &Client, method: &str, reply: Option<Value>, delay_ms: u64) -> 
         ("pid", Value::from(me.pid)),
         ("peerId", Value::from(me.peer_id.to_string())),
     ]));
-    // Serve until killed, or until the gateway goes away.
-    while client.is_connected() {
+    // Serve until killed, or until the gateway stops (or crashes and does not come back).
+    loop {
+        still_served(client)?;
         std::thread::sleep(Duration::from_millis(200));
     }
-    Err(CliError::new(
-        Status::Disconnected,
-        "the gateway closed the connection",
-    ))
 }

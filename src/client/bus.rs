@@ -107,6 +107,7 @@ impl Drop for BusSubscription {
     fn drop(&mut self) {
         self.sub.active.store(false, Ordering::Release);
         if let Some(shared) = self.shared.upgrade() {
+            let _gate = shared.conn.gate.enter();
             let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
             st.mine.remove(&self.sub.id);
             st.mine_list = Arc::new(st.mine.values().cloned().collect());
@@ -144,6 +145,7 @@ pub(crate) fn subscribe(
         active: AtomicBool::new(true),
     });
     let (id, topic, routing_key) = (sub.id, sub.topic.clone(), sub.routing_key.clone());
+    let _gate = shared.conn.gate.enter();
     // Ours before the gateway announces it: a publisher that routes to us as soon as it knows
     // must find the subscription here when its first message arrives.
     let add = |on: bool| {
@@ -248,7 +250,7 @@ fn route(
         });
         (st.generation, peers, local)
     };
-    let me_value = shared.me.to_value();
+    let me_value = shared.me().to_value();
     let local = local
         && opts
             .target
@@ -296,7 +298,12 @@ fn route(
 }
 
 /// Encodes a bus record: topic, routing key, payload flags, payload.
-pub(crate) fn encode(out: &mut Vec<u8>, topic: &str, routing_key: Option<&str>, data: &Value) {
+pub(crate) fn encode(
+    out: &mut Vec<u8>,
+    topic: &str,
+    routing_key: Option<&str>,
+    data: &Value,
+) -> Result<(), crate::wire::codec::EncodeError> {
     out.clear();
     out.extend_from_slice(&(topic.len() as u32).to_le_bytes());
     out.extend_from_slice(topic.as_bytes());
@@ -309,8 +316,9 @@ pub(crate) fn encode(out: &mut Vec<u8>, topic: &str, routing_key: Option<&str>, 
     }
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
-    let flags = record::encode_payload(data, out);
+    let flags = record::encode_payload(data, out)?;
     out[at..at + 4].copy_from_slice(&flags.to_le_bytes());
+    Ok(())
 }
 
 fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
@@ -389,14 +397,14 @@ pub(crate) fn publish(
     let mut failed = None;
     if !r.lanes.is_empty() || r.relay {
         let mut body = SCRATCH.with(|s| s.take());
-        encode(&mut body, topic, opts.routing_key.as_deref(), &data);
+        encode(&mut body, topic, opts.routing_key.as_deref(), &data)?;
         // The same limit wherever the subscribers are (the topic and key are not payload).
         let size = body.len().saturating_sub(topic.len() + 12);
-        if size > shared.max_payload {
+        if size > shared.max_payload() {
             SCRATCH.with(|s| s.set(body));
             return Err(ClientError::PayloadTooLarge {
                 size,
-                max: shared.max_payload,
+                max: shared.max_payload(),
             });
         }
         let deadline = Instant::now() + SEND_TIMEOUT;
@@ -418,6 +426,19 @@ pub(crate) fn publish(
             }
         }
         SCRATCH.with(|s| s.set(body));
+    } else {
+        // Only local subscribers (or none): the same checks, without encoding.
+        crate::wire::codec::check(&data)?;
+        let size = match &data {
+            Value::Bytes(b) => b.len(),
+            v => crate::wire::codec::encoded_len(v),
+        };
+        if size > shared.max_payload() {
+            return Err(ClientError::PayloadTooLarge {
+                size,
+                max: shared.max_payload(),
+            });
+        }
     }
     if r.relay {
         let target = opts.target.clone().map(Value::Map).unwrap_or(Value::Null);
@@ -433,7 +454,7 @@ pub(crate) fn publish(
             topic: Arc::from(topic),
             data,
             routing_key: opts.routing_key.clone(),
-            source: shared.me.clone(),
+            source: shared.me(),
         };
         shared.push_task(Task::Bus(msg));
     }
@@ -479,5 +500,47 @@ pub(crate) fn deliver(shared: &Shared, msg: &BusMessage) {
             }
         }
         (s.cb)(msg);
+    }
+}
+
+/// A new gateway connection (control thread): the subscriptions others hold are the ones its
+/// welcome lists; every cached route is stale (its lanes are retired).
+pub(crate) fn connection_reset(shared: &Shared, subs: Vec<BusSubInfo>) {
+    let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+    st.remote.clear();
+    for s in subs {
+        st.remote.insert((s.peer, s.sub), s);
+    }
+    st.routes.clear();
+    st.last = None;
+    st.generation += 1;
+}
+
+/// Subscribes our subscriptions again, with the same ids (restore thread).
+pub(crate) fn restore(shared: &Arc<Shared>) {
+    let subs: Vec<Arc<MySub>> = shared
+        .bus
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .mine
+        .values()
+        .filter(|s| s.active.load(Ordering::Acquire))
+        .cloned()
+        .collect();
+    // All requests first, then the answers: each waits for every peer to route to it.
+    let pending: Vec<_> = subs
+        .iter()
+        .map(|s| {
+            shared.conn.start(|req| ToGateway::BusSubscribe {
+                req,
+                sub: s.id,
+                topic: s.topic.clone(),
+                routing_key: s.routing_key.clone(),
+            })
+        })
+        .collect();
+    for (s, p) in subs.iter().zip(pending) {
+        let r = p.and_then(|p| p.wait(&shared.conn, CONTROL_TIMEOUT));
+        super::reconnect::expect_ack(&format!("the bus subscription to {:?}", s.topic), r);
     }
 }

@@ -1,5 +1,6 @@
 //! The client's control connection: requests to the gateway and the thread that reads its
-//! frames (replies, discovery events, lanes).
+//! frames (replies, discovery events, lanes), and that reconnects when the gateway goes away
+//! (`reconnect.rs`).
 
 use super::engine::{RemotePeer, Shared};
 use super::lane::Lane;
@@ -11,9 +12,9 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// A reply to a control request.
 pub(crate) enum Reply {
@@ -23,42 +24,82 @@ pub(crate) enum Reply {
     Context(Arc<super::contexts::CtxEntry>),
 }
 
+/// Why the connection is down.
+#[derive(Debug, Clone)]
+pub(crate) struct Down {
+    pub since: Instant,
+    pub reason: String,
+    /// The gateway said it was stopping before the connection closed.
+    pub stopping: bool,
+}
+
 pub(crate) struct Conn {
-    sock: UnixStream,
+    /// The socket requests go out on, `None` while disconnected.
+    sock: Mutex<Option<Arc<UnixStream>>>,
+    /// Keeps each frame whole when several threads send (held while sending: never taken by
+    /// `shutdown`, which must work while a send is stuck).
     write: Mutex<()>,
+    /// A connection being set up, so that closing the client can interrupt its handshake.
+    handshake: Mutex<Option<Arc<UnixStream>>>,
     next_req: AtomicU64,
     pending: Mutex<HashMap<u64, SyncSender<Reply>>>,
     connected: AtomicBool,
+    /// Bumped at every (re)connection: what was tied to an older one is stale.
+    epoch: AtomicU64,
+    /// The gateway announced it is stopping, on the current connection.
+    stopping: AtomicBool,
+    down: Mutex<Option<Down>>,
+    /// Registration changes wait while a reconnection restores registrations.
+    pub(crate) gate: Gate,
+}
+
+/// A request sent, its reply not yet awaited.
+pub(crate) struct Pending {
+    req: u64,
+    rx: Receiver<Reply>,
 }
 
 impl Conn {
-    pub(crate) fn new(sock: UnixStream) -> Self {
+    pub(crate) fn new(sock: Arc<UnixStream>) -> Self {
         Self {
-            sock,
+            sock: Mutex::new(Some(sock)),
             write: Mutex::new(()),
+            handshake: Mutex::new(None),
             next_req: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(true),
+            epoch: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+            down: Mutex::new(None),
+            gate: Gate::default(),
         }
     }
 
     pub(crate) fn is_connected(&self) -> bool {
+        // SYNC(connected): pairs with the Release stores in `disconnected` and `install`.
         self.connected.load(Ordering::Acquire)
     }
 
-    pub(crate) fn socket(&self) -> &UnixStream {
-        &self.sock
+    /// Which connection this is (1 for the first).
+    pub(crate) fn epoch(&self) -> u64 {
+        // Acquire: pairs with the Release increment in `install`; what `install` set up before
+        // is visible to whoever sees the new epoch.
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Why the connection is down, if it is.
+    pub(crate) fn down(&self) -> Option<Down> {
+        self.down.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Sends one message.
     pub(crate) fn send(&self, msg: &ToGateway) -> Result<(), ClientError> {
-        if !self.is_connected() {
-            return Err(ClientError::Disconnected);
-        }
         let frame = encode_frame(msg, 0).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        crate::sys::fdpass::send_all(self.sock.as_fd(), &frame, &[])
-            .map_err(|_| ClientError::Disconnected)
+        let Some(s) = self.sock.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Err(ClientError::Disconnected);
+        };
+        let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        crate::sys::fdpass::send_all(s.as_fd(), &frame, &[]).map_err(|_| ClientError::Disconnected)
     }
 
     /// Sends a request built around a fresh request id and waits for its reply.
@@ -67,6 +108,14 @@ impl Conn {
         build: impl FnOnce(u64) -> ToGateway,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
+        self.start(build)?.wait(self, timeout)
+    }
+
+    /// Sends a request; its reply is awaited later (several requests then travel together).
+    pub(crate) fn start(
+        &self,
+        build: impl FnOnce(u64) -> ToGateway,
+    ) -> Result<Pending, ClientError> {
         // Relaxed: ids only need to be unique.
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = sync_channel(1);
@@ -75,23 +124,17 @@ impl Conn {
             .unwrap_or_else(|e| e.into_inner())
             .insert(req, tx);
         if let Err(e) = self.send(&build(req)) {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&req);
+            self.forget(req);
             return Err(e);
         }
-        match rx.recv_timeout(timeout) {
-            Ok(r) => Ok(r),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&req);
-                Err(ClientError::Timeout)
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected),
-        }
+        Ok(Pending { req, rx })
+    }
+
+    fn forget(&self, req: u64) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&req);
     }
 
     fn complete(&self, req: u64, reply: Reply) {
@@ -105,52 +148,214 @@ impl Conn {
         }
     }
 
-    /// The connection is gone: every waiting request fails (their senders drop).
-    fn disconnected(&self) {
+    /// The connection is gone: sends fail from now on and every waiting request fails (their
+    /// senders drop).
+    fn disconnected(&self, reason: &str) -> Down {
+        // SYNC(connected): see `is_connected`.
         self.connected.store(false, Ordering::Release);
+        *self.sock.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        let down = Down {
+            since: Instant::now(),
+            reason: reason.to_string(),
+            // Relaxed: written and read by the control thread only.
+            stopping: self.stopping.swap(false, Ordering::Relaxed),
+        };
+        *self.down.lock().unwrap_or_else(|e| e.into_inner()) = Some(down.clone());
+        down
     }
 
-    /// Closes the socket; the reader thread then ends.
+    /// A new connection is up: requests go out on `sock`.
+    pub(crate) fn install(&self, sock: Arc<UnixStream>) {
+        *self.sock.lock().unwrap_or_else(|e| e.into_inner()) = Some(sock);
+        *self.down.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Release: see `epoch`.
+        self.epoch.fetch_add(1, Ordering::Release);
+        // SYNC(connected): see `is_connected`.
+        self.connected.store(true, Ordering::Release);
+    }
+
+    /// Records (or clears) the socket of a handshake in progress.
+    pub(crate) fn set_handshake(&self, sock: Option<Arc<UnixStream>>) {
+        *self.handshake.lock().unwrap_or_else(|e| e.into_inner()) = sock;
+    }
+
+    /// Closes the socket (and any handshake in progress); the reader thread then ends.
     pub(crate) fn shutdown(&self) {
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        let socks = [
+            self.sock.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            self.handshake
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        ];
+        for s in socks.into_iter().flatten() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
-/// Reads control frames until the connection ends.
-pub(crate) fn reader_loop(shared: Arc<Shared>, mut frames: FrameReader) {
+impl Pending {
+    /// Waits for the reply.
+    pub(crate) fn wait(self, conn: &Conn, timeout: Duration) -> Result<Reply, ClientError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(r) => Ok(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                conn.forget(self.req);
+                Err(ClientError::Timeout)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected),
+        }
+    }
+}
+
+/// Keeps registration changes (methods, bus and context subscriptions) from interleaving with
+/// a reconnection that re-sends them all: changes wait while a restore runs, and a restore
+/// starts once the changes under way are done. Without it, a method registered just as the
+/// connection came back could be sent twice, or one removed could be brought back.
+#[derive(Default)]
+pub(crate) struct Gate {
+    st: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    restoring: bool,
+    active: usize,
+}
+
+/// A registration change under way; ends when dropped.
+pub(crate) struct GateGuard<'a>(&'a Gate);
+
+/// Longest a change waits for a restore (a restore is a few control round trips).
+const GATE_WAIT: Duration = Duration::from_secs(10);
+
+impl Gate {
+    /// Starts a registration change, after any restore in progress.
+    pub(crate) fn enter(&self) -> GateGuard<'_> {
+        let st = self.st.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut st, _) = self
+            .cv
+            .wait_timeout_while(st, GATE_WAIT, |s| s.restoring)
+            .unwrap_or_else(|e| e.into_inner());
+        st.active += 1;
+        GateGuard(self)
+    }
+
+    /// Starts a restore once the changes under way are done (waiting at most `max`: those
+    /// fail fast while disconnected).
+    pub(crate) fn begin_restore(&self, max: Duration) {
+        let st = self.st.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut st, _) = self
+            .cv
+            .wait_timeout_while(st, max, |s| s.restoring || s.active > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        st.restoring = true;
+    }
+
+    /// Ends a restore.
+    pub(crate) fn end_restore(&self) {
+        self.st.lock().unwrap_or_else(|e| e.into_inner()).restoring = false;
+        self.cv.notify_all();
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.st.lock().unwrap_or_else(|e| e.into_inner());
+        st.active = st.active.saturating_sub(1);
+        drop(st);
+        self.0.cv.notify_all();
+    }
+}
+
+/// Reads control frames; when the connection ends, reconnects (unless the client is closed or
+/// was built without reconnection) and reads on.
+pub(crate) fn reader_loop(shared: Arc<Shared>, mut sock: Arc<UnixStream>, mut frames: FrameReader) {
+    loop {
+        let why = read_until_closed(&shared, &sock, &mut frames);
+        let closed = shared.is_closed();
+        if !closed {
+            crate::log::warn(format_args!("connection to the gateway lost: {why}"));
+        }
+        let down = shared.conn.disconnected(&why);
+        super::reconnect::connection_lost(&shared, &down);
+        if closed || !shared.hello.reconnect {
+            break;
+        }
+        match super::reconnect::run(&shared) {
+            Some((s, f)) => {
+                sock = s;
+                frames = f;
+            }
+            None => break,
+        }
+    }
+    shared.state_changed.notify_all();
+    shared.wake_all();
+}
+
+/// Handles frames until the socket closes; returns why it did.
+fn read_until_closed(shared: &Arc<Shared>, sock: &UnixStream, frames: &mut FrameReader) -> String {
     let mut buf = vec![0u8; 64 * 1024];
     let mut fds = Vec::new();
-    let why = 'outer: loop {
+    loop {
         loop {
             match frames.next_frame() {
                 Ok(Some((body, fds))) => match decode_body::<FromGateway>(&body) {
-                    Ok(msg) => handle(&shared, msg, fds),
-                    Err(e) => break 'outer format!("undecodable frame from the gateway: {e}"),
+                    Ok(msg) => handle(shared, msg, fds),
+                    Err(e) => return format!("undecodable frame from the gateway: {e}"),
                 },
                 Ok(None) => break,
-                Err(e) => break 'outer format!("bad frame from the gateway: {e}"),
+                Err(e) => return format!("bad frame from the gateway: {e}"),
             }
         }
-        match crate::sys::fdpass::recv(shared.conn.socket().as_fd(), &mut buf, &mut fds) {
-            Ok(0) => break "gateway closed the connection".to_string(),
+        match crate::sys::fdpass::recv(sock.as_fd(), &mut buf, &mut fds) {
+            Ok(0) => return "gateway closed the connection".to_string(),
             Ok(n) => {
                 frames.push_bytes(&buf[..n]);
                 frames.push_fds(fds.drain(..));
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => break e.to_string(),
+            Err(e) => return e.to_string(),
         }
-    };
-    if !shared.is_closed() {
-        crate::log::warn(format_args!("connection to the gateway lost: {why}"));
     }
-    shared.conn.disconnected();
+}
+
+/// A peer is gone (the gateway said so, or, while disconnected, its process vanished): calls
+/// pending on it fail, its lane and stream subscriptions end, removal events go out.
+pub(crate) fn peer_removed(shared: &Arc<Shared>, peer: PeerId, reason: String) {
+    let gone = {
+        let mut st = shared.lock_state();
+        st.generation += 1;
+        let gone = st.peers.remove(&peer);
+        if let Some(p) = &gone {
+            st.remember_departed(p.identity.clone());
+        }
+        gone
+    };
+    shared.drop_lane(peer);
+    shared.fail_calls_to(
+        peer,
+        FailureKind::PeerLeft,
+        "Peer has left while waiting for result",
+    );
+    super::streams::peer_left(shared, peer);
     shared.state_changed.notify_all();
-    shared.wake_all();
+    if let Some(p) = gone {
+        super::interop::removed_methods(shared, &p.identity, p.methods.values().cloned().collect());
+        super::interop::emit(
+            shared,
+            super::InteropEvent::ServerRemoved {
+                server: (*p.identity).clone(),
+                reason,
+            },
+        );
+    }
 }
 
 fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
@@ -226,42 +431,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 super::InteropEvent::ServerAdded((*identity).clone()),
             );
         }
-        FromGateway::PeerRemoved { peer, reason } => {
-            let gone = {
-                let mut st = shared.lock_state();
-                st.generation += 1;
-                let gone = st.peers.remove(&peer);
-                if let Some(p) = &gone {
-                    if st.departed.len() >= 256 {
-                        st.departed.pop_front();
-                    }
-                    st.departed.push_back(p.identity.clone());
-                }
-                gone
-            };
-            shared.drop_lane(peer);
-            shared.fail_calls_to(
-                peer,
-                FailureKind::PeerLeft,
-                "Peer has left while waiting for result",
-            );
-            super::streams::peer_left(shared, peer);
-            shared.state_changed.notify_all();
-            if let Some(p) = gone {
-                super::interop::removed_methods(
-                    shared,
-                    &p.identity,
-                    p.methods.values().cloned().collect(),
-                );
-                super::interop::emit(
-                    shared,
-                    super::InteropEvent::ServerRemoved {
-                        server: (*p.identity).clone(),
-                        reason,
-                    },
-                );
-            }
-        }
+        FromGateway::PeerRemoved { peer, reason } => peer_removed(shared, peer, reason),
         FromGateway::MethodsAdded { peer, methods } => {
             super::interop::methods_added(shared, peer, methods)
         }
@@ -282,6 +452,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             match caller {
                 Some(caller) => shared.enqueue(super::engine::Task::RelayInvoke {
                     invocation,
+                    epoch: shared.conn.epoch(),
                     caller,
                     method_id,
                     args,
@@ -315,7 +486,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 Err(e) => shared.conn.complete(req, Reply::Fail(Status::Protocol, e)),
             }
         }
-        FromGateway::ContextAdded { id, name } => super::contexts::announced(shared, id, name),
+        FromGateway::ContextAdded { id, name, .. } => super::contexts::announced(shared, id, name),
         FromGateway::BusSubscribed(info) => super::bus::remote_subscribed(shared, info),
         FromGateway::BusSubscribedSync { info, ticket } => {
             super::bus::remote_subscribed(shared, info);
@@ -350,10 +521,16 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 shared.push_task(super::engine::Task::Bus(msg));
             }
         }
-        FromGateway::ContextDestroyed { id, name } => super::contexts::destroyed(shared, id, &name),
+        FromGateway::ContextDestroyed { id, name, .. } => {
+            super::contexts::destroyed(shared, id, &name)
+        }
         FromGateway::Shutdown { reason } => {
             crate::log::info(format_args!("gateway is stopping: {reason}"));
+            // Relaxed: read by this (control) thread when the connection closes.
+            shared.conn.stopping.store(true, Ordering::Relaxed);
         }
+        // Native clients never send `CreateContext` (a GW3 notion).
+        FromGateway::ContextCreated { .. } => {}
         FromGateway::Welcome(_) | FromGateway::Refused { .. } => {
             crate::log::warn(format_args!("unexpected handshake frame from the gateway"));
         }
@@ -380,7 +557,7 @@ fn attach_lane(
         .map(|p| p.identity.clone())
         .ok_or_else(|| format!("lane offered by unknown peer {peer}"))?;
     // Fixed header + payload: the largest message body either side may send.
-    let max_message = shared.max_payload + crate::wire::record::INVOKE_HEADER;
+    let max_message = shared.max_payload() + crate::wire::record::INVOKE_HEADER;
     let (lane, rx) = Lane::open(
         peer,
         id,
@@ -397,4 +574,36 @@ fn attach_lane(
     drop(st);
     shared.add_rx(rx);
     Ok(lane)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restore_waits_for_changes_under_way_and_changes_wait_for_a_restore() {
+        let gate = Arc::new(Gate::default());
+        let change = gate.enter();
+        let restorer = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.begin_restore(Duration::from_secs(30)))
+        };
+        // The restore cannot start while the change is under way (a negative check: it is
+        // given time to go wrong).
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!restorer.is_finished(), "a restore started during a change");
+        drop(change);
+        restorer.join().unwrap();
+        let changer = {
+            let gate = gate.clone();
+            std::thread::spawn(move || drop(gate.enter()))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !changer.is_finished(),
+            "a change went ahead during a restore"
+        );
+        gate.end_restore();
+        changer.join().unwrap();
+    }
 }

@@ -170,6 +170,9 @@ pub(crate) struct CtxEntry {
     pub name: Arc<str>,
     pub store: Store<ContextSegment>,
     pub writable: bool,
+    /// The segment's (device, inode): tells whether the segment a new gateway connection
+    /// hands out is this one.
+    file: Option<(u64, u64)>,
     /// The last decoded snapshot.
     cache: Mutex<Option<(u64, Arc<Value>)>>,
     /// Copy-on-write: delivering an event clones the `Arc`, not the list.
@@ -222,6 +225,13 @@ pub(crate) struct CtxFollow {
     last_updater: Option<(u64, Option<Arc<Instance>>)>,
     version: u64,
     buf: Vec<u8>,
+    /// The shared memory failed validation and our copy could not be refreshed from the
+    /// snapshot: logged records are not applied to it, each one retries the snapshot instead.
+    /// Set once per episode, which is when the error is reported.
+    broken: bool,
+    /// What subscribers had seen of a context whose segment was replaced while the gateway
+    /// was away: they get one conflated update with the difference (if any).
+    carry: Option<Arc<Value>>,
 }
 
 impl CtxFollow {
@@ -306,9 +316,11 @@ pub(crate) fn attach(
     writable: bool,
     fd: &std::os::fd::OwnedFd,
 ) -> Result<Arc<CtxEntry>, String> {
+    let file = crate::sys::memfd::file_id(fd).ok();
     let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(e) = st.open.get(&name) {
-        if e.id == id {
+        // The same segment (a context opened twice, or kept across a gateway restart).
+        if e.id == id && e.writable == writable && e.file == file && file.is_some() {
             return Ok(e.clone());
         }
     }
@@ -324,6 +336,7 @@ pub(crate) fn attach(
         name: Arc::from(name.as_str()),
         store,
         writable,
+        file,
         cache: Mutex::new(None),
         subs: Mutex::new(Arc::new(Vec::new())),
         queued: AtomicUsize::new(0),
@@ -495,13 +508,13 @@ pub(crate) fn write(
     }
     // Take the cached value out, so that (if nobody else holds it) the write updates it in place.
     let cached = entry.cache.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let token = shared.me.peer_id.0;
+    let token = shared.my_id().0;
     let (v, changed, data) = crate::store::context::write(
         &entry.store,
         token,
         &op,
         expect,
-        shared.max_payload,
+        shared.max_payload(),
         LOCK_TIMEOUT,
         cached,
     )
@@ -515,6 +528,7 @@ pub(crate) fn write(
         },
         WriteError::TooLarge { size, max } => ContextError::TooLarge { size, max },
         WriteError::Corrupt(m) => ContextError::Corrupt(m),
+        WriteError::Encode(e) => ContextError::InvalidArgument(e.to_string()),
     })?;
     remember(&entry, v, &data);
     if !changed {
@@ -600,16 +614,17 @@ pub(crate) fn subscribe(
         start: AtomicU64::new(NEEDS_SNAPSHOT),
         active: AtomicBool::new(true),
     });
+    let _gate = shared.conn.gate.enter();
     match open(shared, name, false)? {
         Some(_) => {
-            attach_sub(shared, sub.clone())?;
+            attach_sub_inner(shared, sub.clone())?;
             settle(shared, &sub);
         }
         None => {
             let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
             if st.known.contains_key(name) {
                 drop(st);
-                attach_sub(shared, sub.clone())?;
+                attach_sub_inner(shared, sub.clone())?;
                 settle(shared, &sub);
             } else {
                 st.waiting
@@ -648,6 +663,12 @@ fn settle(shared: &Arc<Shared>, sub: &Arc<Sub>) {
 
 /// Adds a subscription to its (existing) context and makes sure the pumper follows the log.
 fn attach_sub(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
+    let _gate = shared.conn.gate.enter();
+    attach_sub_inner(shared, sub)
+}
+
+/// [`attach_sub`] for a caller that holds the gate or restores.
+fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
     let Some(entry) = open(shared, &sub.name, false)? else {
         shared
             .ctx
@@ -684,6 +705,8 @@ fn attach_sub(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
             last_updater: None,
             version: 0,
             buf: Vec::new(),
+            broken: false,
+            carry: None,
         };
         Arc::make_mut(&mut *entry.subs.lock().unwrap_or_else(|e| e.into_inner())).push(sub);
         entry.new_subs.store(true, Ordering::Release);
@@ -697,6 +720,7 @@ fn attach_sub(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
 }
 
 fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
+    let _gate = shared.conn.gate.enter();
     let entry = {
         let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = st.waiting.get_mut(&sub.name) {
@@ -739,6 +763,12 @@ pub(crate) fn pump_follow(
                     cf.f.resync(v);
                     cf.version = v;
                     cf.data = Some(Arc::new(Value::Map((*m).clone())));
+                    if let Some(before) = cf.carry.take() {
+                        if let Some(ev) = carried_over(cf, &before) {
+                            queue(shared, &entry, ev, None, sink.as_deref_mut());
+                            n += 1;
+                        }
+                    }
                 }
                 Err(e) => {
                     crate::log::warn(format_args!("context {:?}: {e}", entry.name));
@@ -773,6 +803,8 @@ pub(crate) fn pump_follow(
     while entry.queued.load(Ordering::Acquire) < MAX_QUEUED {
         let ev = match cf.f.next(&entry.store, &mut cf.buf) {
             Ok(None) => break,
+            // Our copy may be behind: take the snapshot instead.
+            Ok(Some(_)) if cf.broken => resync(shared, cf),
             Ok(Some(LogEvent::Record {
                 kind: KIND_OP,
                 version,
@@ -798,8 +830,11 @@ pub(crate) fn pump_follow(
                 payload_logged: false,
             })) => resync_at(shared, cf, Some((version, updater))),
             Ok(Some(_)) => resync(shared, cf),
+            // The follower has moved past the corrupt part (`Follower::next`), so this ends.
             Err(e) => {
-                crate::log::warn(format_args!("context {:?} log: {e}", entry.name));
+                if !cf.broken {
+                    crate::log::warn(format_args!("context {:?} log: {e}", entry.name));
+                }
                 resync(shared, cf)
             }
         };
@@ -916,10 +951,16 @@ fn resync_at(
     let (v, now) = match read_snapshot(&cf.entry, &mut cf.buf) {
         Ok(x) => x,
         Err(e) => {
-            crate::log::warn(format_args!("context {:?}: {e}", cf.entry.name));
+            if !std::mem::replace(&mut cf.broken, true) {
+                crate::log::warn(format_args!(
+                    "context {:?}: {e}; its subscribers wait for a sound snapshot",
+                    cf.entry.name
+                ));
+            }
             return None;
         }
     };
+    cf.broken = false;
     cf.f.resync(v);
     let before = cf
         .data
@@ -991,4 +1032,181 @@ pub(crate) fn deliver(entry: &CtxEntry, ev: &ContextUpdate, only: Option<u64>) {
             (s.cb)(ev);
         }
     }
+}
+
+/// The update owed to subscribers carried over from a replaced segment: the difference between
+/// what they had and the new segment's value, or nothing when they are equal.
+fn carried_over(cf: &CtxFollow, before: &Value) -> Option<ContextUpdate> {
+    let now = cf.data.clone()?;
+    let (before, after) = (before.as_map()?, now.as_map()?);
+    if before == after {
+        return None;
+    }
+    let mut delta = Map::new();
+    for (k, v) in after.iter() {
+        if before.get(k) != Some(v) {
+            delta.insert(k.clone(), v.clone());
+        }
+    }
+    let removed = before
+        .keys()
+        .filter(|k| !after.contains_key(*k))
+        .cloned()
+        .collect();
+    Some(ContextUpdate {
+        name: cf.entry.name.clone(),
+        version: cf.version,
+        data: now,
+        delta: Value::Map(delta),
+        removed,
+        updater: None,
+        first: false,
+        conflated: true,
+    })
+}
+
+/// A new gateway connection (control thread): the contexts that exist are the ones its
+/// welcome lists.
+pub(crate) fn connection_reset(shared: &Shared, contexts: Vec<(u64, String)>) {
+    shared.ctx.lock().unwrap_or_else(|e| e.into_inner()).known =
+        contexts.into_iter().map(|(id, name)| (name, id)).collect();
+}
+
+/// After a reconnection (restore thread): every mapped context is opened again. The same
+/// segment (kept across a gateway restart) stays mapped and its followers subscribe again; a
+/// different one (the gateway lost it) replaces it and its subscribers get one conflated update
+/// if the value differs from what they had; one that is gone is treated as destroyed.
+/// Subscriptions waiting for a context that now exists attach.
+pub(crate) fn restore(shared: &Arc<Shared>) {
+    let entries: Vec<Arc<CtxEntry>> = shared
+        .ctx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .open
+        .values()
+        .cloned()
+        .collect();
+    let pending: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            shared.conn.start(|req| ToGateway::OpenContext {
+                req,
+                name: e.name.to_string(),
+                create: false,
+            })
+        })
+        .collect();
+    let mut resubscribe = Vec::new();
+    for (old, p) in entries.iter().zip(pending) {
+        match p.and_then(|p| p.wait(&shared.conn, CONTROL_TIMEOUT)) {
+            Ok(Reply::Context(new)) if Arc::ptr_eq(&new, old) => {
+                if old.followed.load(Ordering::Acquire) {
+                    resubscribe.push(old.clone());
+                }
+            }
+            Ok(Reply::Context(new)) => migrate(shared, old, &new),
+            Ok(Reply::Fail(status, message)) => {
+                if status != Status::NotFound {
+                    crate::log::warn(format_args!(
+                        "after reconnecting, context {:?} is not available: {message}",
+                        old.name
+                    ));
+                }
+                // Its subscribers wait for it to exist again.
+                old.followed.store(false, Ordering::Release);
+                destroyed(shared, old.id, &old.name);
+            }
+            Ok(_) => {}
+            Err(e) => crate::log::warn(format_args!(
+                "after reconnecting, context {:?}: {e}",
+                old.name
+            )),
+        }
+    }
+    let pending: Vec<_> = resubscribe
+        .iter()
+        .map(|e| {
+            let id = e.id;
+            shared
+                .conn
+                .start(|req| ToGateway::SubscribeContext { req, id })
+        })
+        .collect();
+    for (e, p) in resubscribe.iter().zip(pending) {
+        let r = p.and_then(|p| p.wait(&shared.conn, CONTROL_TIMEOUT));
+        super::reconnect::expect_ack(&format!("following context {:?}", e.name), r);
+    }
+    // Subscriptions to contexts that did not exist before and do now.
+    let waiting: Vec<Arc<Sub>> = {
+        let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
+        let names: Vec<String> = st
+            .waiting
+            .keys()
+            .filter(|n| st.known.contains_key(*n))
+            .cloned()
+            .collect();
+        names
+            .into_iter()
+            .flat_map(|n| st.waiting.remove(&n).unwrap_or_default())
+            .collect()
+    };
+    for sub in waiting {
+        if sub.active.load(Ordering::Acquire) {
+            if let Err(e) = attach_sub_inner(shared, sub.clone()) {
+                crate::log::warn(format_args!(
+                    "cannot subscribe to context {:?}: {e}",
+                    sub.name
+                ));
+            }
+        }
+    }
+    shared.wake_all();
+}
+
+/// Moves the subscribers of a context whose segment was replaced to the new segment
+/// (restore thread; `attach` already closed the old entry).
+fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
+    let subs = std::mem::take(Arc::make_mut(
+        &mut *old.subs.lock().unwrap_or_else(|e| e.into_inner()),
+    ));
+    let subs: Vec<Arc<Sub>> = subs
+        .into_iter()
+        .filter(|s| s.active.load(Ordering::Acquire))
+        .collect();
+    if subs.is_empty() {
+        return;
+    }
+    for s in &subs {
+        // Versions start again in the new segment: everything in it is news.
+        if s.start.load(Ordering::Acquire) != NEEDS_SNAPSHOT {
+            s.start.store(0, Ordering::Release);
+        }
+    }
+    let before = old
+        .cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|(_, d)| d.clone());
+    Arc::make_mut(&mut *new.subs.lock().unwrap_or_else(|e| e.into_inner())).extend(subs);
+    if new.followed.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let id = new.id;
+    let r = shared.conn.request(
+        |req| ToGateway::SubscribeContext { req, id },
+        CONTROL_TIMEOUT,
+    );
+    super::reconnect::expect_ack(&format!("following context {:?}", new.name), r);
+    new.new_subs.store(true, Ordering::Release);
+    shared.add_ctx_follow(CtxFollow {
+        f: new.store.follower(),
+        entry: new.clone(),
+        data: None,
+        last_updater: None,
+        version: 0,
+        buf: Vec::new(),
+        broken: false,
+        carry: before,
+    });
 }

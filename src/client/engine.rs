@@ -17,12 +17,12 @@ use crate::shm::DoorbellSegment;
 use crate::wait::{Backoff, Doorbell, WaitStrategy};
 use crate::wire::frame::ToGateway;
 use crate::wire::frame::{Instance, MethodDef, PeerId};
-use crate::wire::record::{self, FRAG_MORE, KIND_CANCEL, KIND_INVOKE, KIND_RESULT};
+use crate::wire::record::{self, KIND_CANCEL, KIND_INVOKE, KIND_RESULT};
 use crate::wire::Value;
 use std::cell::{Cell, UnsafeCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -166,6 +166,8 @@ pub(crate) enum Task {
     /// A peer invoked one of our methods through the gateway.
     RelayInvoke {
         invocation: u64,
+        /// The connection it came on (an answer on a later one would be misread).
+        epoch: u64,
         caller: Arc<Instance>,
         method_id: u32,
         args: Value,
@@ -223,6 +225,22 @@ pub(crate) struct State {
     pub departed: VecDeque<Arc<Instance>>,
 }
 
+impl State {
+    /// Keeps a departed peer's identity for late events (the last 256).
+    pub(crate) fn remember_departed(&mut self, who: Arc<Instance>) {
+        if self.departed.len() >= 256 {
+            self.departed.pop_front();
+        }
+        self.departed.push_back(who);
+    }
+}
+
+/// A doorbell directory and our doorbell in it (from a `Welcome`).
+pub(crate) struct Bells {
+    pub seg: DoorbellSegment,
+    pub index: u32,
+}
+
 /// The inbound lanes, held by the pumper.
 pub(crate) struct RxSet {
     lanes: Vec<RxLane>,
@@ -246,19 +264,28 @@ thread_local! {
 }
 
 /// Everything the client's threads share.
+///
+/// What the gateway assigns per connection — our identity, the doorbell directory and our
+/// doorbell in it, the payload limit — changes when the client reconnects, so it is read
+/// through accessors (`me`, `my_id`, `bells`, `max_payload`).
 pub(crate) struct Shared {
-    pub me: Arc<Instance>,
+    me: std::sync::RwLock<Arc<Instance>>,
+    /// `me.peer_id`, readable without a lock.
+    my_id: AtomicU64,
     pub wait: WaitStrategy,
     pub poll_mode: bool,
     /// We asked to be reached (and to reach others) through the gateway only.
     pub relay_only: bool,
-    pub max_payload: usize,
-    #[allow(dead_code)]
-    pub lane_capacity: usize,
+    max_payload: AtomicUsize,
+    /// How to connect again.
+    pub hello: super::reconnect::HelloParams,
     pub conn: super::conn::Conn,
-    /// The doorbell directory; ours is `doorbell` (validated at construction).
-    bells: DoorbellSegment,
-    doorbell: u32,
+    /// The current doorbell directory and our index in it: points into an `Arc` held by
+    /// `all_bells`.
+    bells: AtomicPtr<Bells>,
+    /// Every directory installed so far (one per connection), kept for as long as `self`, so
+    /// that a reference obtained through `bells` stays valid however often it is replaced.
+    all_bells: Mutex<Vec<Arc<Bells>>>,
     local: Doorbell,
     rx: Mutex<RxSet>,
     rx_busy: AtomicBool,
@@ -292,8 +319,13 @@ pub(crate) struct Shared {
     pub closed: AtomicBool,
     /// What the gateway's policy lets us do (`None`: everything), to refuse early.
     pub my_rules: RwLock<Option<Arc<PeerRules>>>,
+    /// Whether `my_rules` is set (so the common case takes no lock).
+    pub my_rules_on: AtomicBool,
     /// Whether any peer we know has restrictive rules (else incoming work is not checked).
     pub policy_on: AtomicBool,
+    /// Tests only: never refuse our own operations early (the gateway and the receivers
+    /// still check), kept across reconnections.
+    pub skip_own_policy: AtomicBool,
 }
 
 impl Shared {
@@ -302,24 +334,24 @@ impl Shared {
         me: Instance,
         wait: WaitStrategy,
         poll_mode: bool,
-        relay_only: bool,
+        hello: super::reconnect::HelloParams,
         max_payload: usize,
-        lane_capacity: usize,
         conn: super::conn::Conn,
-        bells: DoorbellSegment,
-        doorbell: u32,
+        bells: Bells,
         peers: BTreeMap<PeerId, RemotePeer>,
     ) -> Self {
+        let bells = Arc::new(bells);
         Self {
-            me: Arc::new(me),
+            my_id: AtomicU64::new(me.peer_id.0),
+            me: std::sync::RwLock::new(Arc::new(me)),
             wait,
             poll_mode,
-            relay_only,
-            max_payload,
-            lane_capacity,
+            relay_only: hello.relay_only,
+            hello,
+            max_payload: AtomicUsize::new(max_payload),
             conn,
-            bells,
-            doorbell,
+            bells: AtomicPtr::new(Arc::as_ptr(&bells).cast_mut()),
+            all_bells: Mutex::new(vec![bells]),
             local: Doorbell::new(),
             rx: Mutex::new(RxSet {
                 lanes: Vec::new(),
@@ -356,12 +388,18 @@ impl Shared {
             subscribers: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             my_rules: RwLock::new(None),
+            my_rules_on: AtomicBool::new(false),
             policy_on: AtomicBool::new(false),
+            skip_own_policy: AtomicBool::new(false),
         }
     }
 
     /// Whether our own rules allow `action` on `resource`; the error a refusal becomes.
     pub(crate) fn check_mine(&self, action: PolicyAction, resource: &str) -> Result<(), String> {
+        // Relaxed: set once at connect, before any caller can get here.
+        if !self.my_rules_on.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let rules = self.my_rules.read().unwrap_or_else(|e| e.into_inner());
         match &*rules {
             Some(r) if !r.allows(action, resource) => Err(format!(
@@ -409,15 +447,66 @@ impl Shared {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Who we are (the gateway's answer to our last hello).
+    pub(crate) fn me(&self) -> Arc<Instance> {
+        self.me.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Our peer id.
+    pub(crate) fn my_id(&self) -> PeerId {
+        // Relaxed: replaced only on reconnection; a reader racing it sees either id, both ours.
+        PeerId(self.my_id.load(Ordering::Relaxed))
+    }
+
+    /// Largest payload the gateway allows.
+    pub(crate) fn max_payload(&self) -> usize {
+        // Relaxed: a plain setting, replaced only on reconnection.
+        self.max_payload.load(Ordering::Relaxed)
+    }
+
+    /// A new connection: our new identity and payload limit.
+    pub(crate) fn set_identity(&self, me: Instance, max_payload: usize) {
+        // Relaxed: see `my_id` and `max_payload`.
+        self.my_id.store(me.peer_id.0, Ordering::Relaxed);
+        self.max_payload.store(max_payload, Ordering::Relaxed);
+        *self.me.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(me);
+    }
+
+    fn current_bells(&self) -> &Bells {
+        // SYNC(bells): pairs with the Release store in `install_bells`.
+        let p = self.bells.load(Ordering::Acquire);
+        // SAFETY: `p` came from `Arc::as_ptr` of an `Arc<Bells>` pushed into `all_bells` before
+        // it was stored; `all_bells` only grows and lives as long as `self`, so the pointee is
+        // alive and never mutated for the lifetime of the returned reference.
+        unsafe { &*p }
+    }
+
+    /// Switches to the doorbell directory of a new connection (a reference obtained before
+    /// stays valid: the old directory stays mapped).
+    pub(crate) fn install_bells(&self, b: Bells) {
+        let b = Arc::new(b);
+        let p = Arc::as_ptr(&b).cast_mut();
+        self.all_bells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(b);
+        let old = self.bell();
+        // SYNC(bells): the directory (mapped before) is visible to whoever loads the pointer.
+        self.bells.store(p, Ordering::Release);
+        // Whoever sleeps on the old doorbell wakes up and sleeps on the new one from now on.
+        old.notify();
+    }
+
     /// The doorbell directory.
     pub(crate) fn bells(&self) -> &DoorbellSegment {
-        &self.bells
+        &self.current_bells().seg
     }
 
     /// Our doorbell: peers ring it after writing to us.
     fn bell(&self) -> &Doorbell {
-        // The index was checked in `new`; the directory never shrinks.
-        self.bells.doorbell(self.doorbell).unwrap_or(&self.local)
+        // The index was checked before the directory was installed; directories never shrink.
+        let b = self.current_bells();
+        b.seg.doorbell(b.index).unwrap_or(&self.local)
     }
 
     /// Wakes every waiter, local or on the shared doorbell.
@@ -474,8 +563,8 @@ impl Shared {
 
     /// The identity behind a writer token (a peer id), if we know it.
     pub(crate) fn identity_of(&self, token: u64) -> Option<Arc<Instance>> {
-        if token == self.me.peer_id.0 {
-            return Some(self.me.clone());
+        if token == self.my_id().0 {
+            return Some(self.me());
         }
         let st = self.lock_state();
         if let Some(p) = st.peers.get(&PeerId(token)) {
@@ -488,6 +577,19 @@ impl Shared {
     pub(crate) fn drop_lane(&self, peer: PeerId) {
         if let Some(lane) = self.lock_state().lanes.remove(&peer) {
             lane.close();
+        }
+        self.rx_dirty.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// Retires lanes of a gateway connection that is gone: closed (the pumper drains what the
+    /// peers wrote before, then drops them), no longer counted as paused.
+    pub(crate) fn retire_lanes(&self, lanes: &[Arc<Lane>]) {
+        for l in lanes {
+            l.close();
+            if l.stalled.swap(false, Ordering::AcqRel) {
+                self.stalled_lanes.fetch_sub(1, Ordering::AcqRel);
+            }
         }
         self.rx_dirty.store(true, Ordering::Release);
         self.wake_all();
@@ -576,6 +678,37 @@ impl Shared {
         self.wake_all();
     }
 
+    /// Fails every pending call that went through the gateway (the connection is gone).
+    pub(crate) fn fail_relayed_calls(&self, message: &str) {
+        let relayed: std::collections::HashSet<PeerId> = {
+            let st = self.lock_state();
+            st.peers
+                .iter()
+                .filter(|(_, p)| {
+                    self.relay_only || p.transport == crate::wire::frame::Transport::Relay
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let slots: Vec<Arc<CallSlot>> = {
+            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<u64> = calls
+                .iter()
+                .filter(|(_, s)| relayed.contains(&s.peer))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| calls.remove(id)).collect()
+        };
+        for s in slots {
+            s.complete(Err((
+                FailureKind::Delivery(crate::Status::Disconnected),
+                message.to_string(),
+                None,
+            )));
+        }
+        self.wake_all();
+    }
+
     /// Fails every pending call (the client is closing).
     pub(crate) fn fail_all_calls(&self, kind: FailureKind, message: &str) {
         let slots: Vec<Arc<CallSlot>> = self
@@ -598,7 +731,8 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push_back(t);
-        // Relaxed: a hint for sleep predicates; the queue's mutex orders the real data.
+        // Release: a hint for sleep predicates (paired with the Acquire in `has_tasks`); the
+        // queue's mutex orders the tasks themselves.
         self.queue_len.fetch_add(1, Ordering::Release);
         self.wake_all();
     }
@@ -664,11 +798,12 @@ impl Shared {
             }
             Task::RelayInvoke {
                 invocation,
+                epoch,
                 caller,
                 method_id,
                 args,
             } => {
-                let responder = Responder::relay(self.clone(), invocation);
+                let responder = Responder::relay(self.clone(), invocation, epoch);
                 self.call_handler(method_id, args, caller, responder);
             }
             Task::LocalInvoke {
@@ -677,7 +812,7 @@ impl Shared {
                 args,
             } => {
                 let responder = Responder::local(self.clone(), slot);
-                self.call_handler(method_id, args, self.me.clone(), responder);
+                self.call_handler(method_id, args, self.me(), responder);
             }
             Task::Context { entry, ev, only } => {
                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -807,14 +942,18 @@ impl Shared {
     ) {
         SCRATCH.with(|s| {
             let mut body = s.take();
-            record::result(&mut body, call_id, &outcome);
+            if let Err(e) = record::result(&mut body, call_id, &outcome) {
+                let msg = format!("result cannot be sent: {e}");
+                // A plain message always encodes.
+                let _ = record::result(&mut body, call_id, &Err((msg, None)));
+            }
             if body.len() > lane.max_message {
                 let msg = format!(
                     "result of {} bytes exceeds the limit of {} bytes",
                     body.len(),
                     lane.max_message
                 );
-                record::result(&mut body, call_id, &Err((msg, None)));
+                let _ = record::result(&mut body, call_id, &Err((msg, None)));
             }
             let deadline = Instant::now() + Duration::from_secs(30);
             if let Err(e) = self.send_on(lane, KIND_RESULT, &body, deadline) {
@@ -855,8 +994,10 @@ impl Shared {
         SCRATCH.with(|s| {
             let mut body = s.take();
             let ms = timeout.as_millis().min(u32::MAX as u128) as u32;
-            record::invoke(&mut body, call_id, method_id, ms, args);
-            let r = self.send_on(lane, KIND_INVOKE, &body, Instant::now() + timeout);
+            let r = match record::invoke(&mut body, call_id, method_id, ms, args) {
+                Ok(()) => self.send_on(lane, KIND_INVOKE, &body, Instant::now() + timeout),
+                Err(e) => Err(e.into()),
+            };
             s.set(body);
             r
         })
@@ -986,22 +1127,10 @@ impl Shared {
         buf: &mut [u8],
         sink: Option<&mut Vec<Task>>,
     ) -> Result<(), &'static str> {
-        if flags & FRAG_MORE != 0 || l.assembly.is_some() {
-            let (k, bytes) = l.assembly.get_or_insert_with(|| (kind, Vec::new()));
-            if *k != kind {
-                return Err("fragment kinds differ");
-            }
-            if bytes.len() + buf.len() > l.lane.max_message {
-                return Err("message exceeds the payload limit");
-            }
-            bytes.extend_from_slice(buf);
-            if flags & FRAG_MORE != 0 {
-                return Ok(());
-            }
-            let (_, whole) = l.assembly.take().unwrap_or_default();
-            return self.on_message(&l.lane, kind, &whole, sink);
+        match l.assembly.push(kind, flags, buf, l.lane.max_message)? {
+            None => Ok(()),
+            Some(msg) => self.on_message(&l.lane, kind, &msg, sink),
         }
-        self.on_message(&l.lane, kind, buf, sink)
     }
 
     /// Handles one whole message. The body is borrowed (usually the receive buffer, reused for

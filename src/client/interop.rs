@@ -114,6 +114,17 @@ pub enum InteropEvent {
     ServerMethodAdded { server: Instance, method: MethodDef },
     /// A server unregistered a method (or left).
     ServerMethodRemoved { server: Instance, method: MethodDef },
+    /// The connection to the gateway was lost (`gateway_stopped`: the gateway said it was
+    /// stopping). Lanes to live peers and mapped contexts keep working; the client
+    /// reconnects by itself unless built with `reconnect(false)`.
+    Disconnected {
+        reason: String,
+        gateway_stopped: bool,
+    },
+    /// The client is connected again, as this instance (a new peer id). Every remote peer
+    /// was forgotten first (`ServerRemoved` with reason "reset") and is announced again as it
+    /// is rediscovered; our methods, streams and subscriptions are being restored.
+    Reconnected(Instance),
 }
 
 /// io.Connect's method identity: `lowercase(name + accepts + returns)`.
@@ -156,6 +167,7 @@ pub(crate) fn register(
         ));
     }
     let def = Arc::new(def);
+    let _gate = shared.conn.gate.enter();
     let id = {
         let mut st = shared.lock_state();
         if st.my_methods.values().any(|d| d.name == def.name) {
@@ -226,7 +238,7 @@ pub(crate) fn register(
     emit(
         shared,
         InteropEvent::ServerMethodAdded {
-            server: (*shared.me).clone(),
+            server: (*shared.me()).clone(),
             method: (*def).clone(),
         },
     );
@@ -237,6 +249,7 @@ pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientE
     if shared.is_closed() {
         return Err(ClientError::Closed);
     }
+    let _gate = shared.conn.gate.enter();
     let (id, def) = {
         let st = shared.lock_state();
         match st.my_methods.iter().find(|(_, d)| d.name == name) {
@@ -282,7 +295,7 @@ pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientE
     emit(
         shared,
         InteropEvent::ServerMethodRemoved {
-            server: (*shared.me).clone(),
+            server: (*shared.me()).clone(),
             method: (*def).clone(),
         },
     );
@@ -305,17 +318,16 @@ struct Chosen {
 /// Servers of `method` in discovery order, ourselves first, filtered by `target`.
 fn choose(shared: &Arc<Shared>, method: &str, target: &Target) -> Vec<Chosen> {
     let st = shared.lock_state();
-    let me = shared.me.peer_id;
     let servers = servers_of(shared, &st, method);
     let mut cands = servers.iter().filter_map(|&(peer, method_id)| {
-        if peer == me {
+        let Some(peer) = peer else {
             return Some(Chosen {
-                server: shared.me.clone(),
+                server: shared.me(),
                 method_id,
                 relay: false,
                 lane: None,
             });
-        }
+        };
         let p = st.peers.get(&peer)?;
         Some(Chosen {
             server: p.identity.clone(),
@@ -330,7 +342,7 @@ fn choose(shared: &Arc<Shared>, method: &str, target: &Target) -> Vec<Chosen> {
     }
     let cands: Vec<Chosen> = cands.collect();
     let insts: Vec<&Instance> = cands.iter().map(|c| &*c.server).collect();
-    select(target, me, &insts)
+    select(target, shared.my_id(), &insts)
         .iter()
         .filter_map(|i| {
             cands
@@ -341,26 +353,28 @@ fn choose(shared: &Arc<Shared>, method: &str, target: &Target) -> Vec<Chosen> {
         .collect()
 }
 
-/// `(peer, method id)` of every server of `method`, ourselves first (any method of that name),
-/// then the others in discovery order (not streams).
-fn scan_servers(shared: &Shared, st: &State, method: &str) -> Servers {
+/// `(peer, method id)` of every server of `method`, ourselves first (`None`: any method of
+/// that name), then the others in discovery order (not streams).
+fn scan_servers(st: &State, method: &str) -> Servers {
     let mine = st
         .my_methods
         .iter()
         .find(|(_, d)| method_matches(method, d))
-        .map(|(id, _)| (shared.me.peer_id, *id));
+        .map(|(id, _)| (None, *id));
     let theirs = st.peers.iter().filter_map(|(peer, p)| {
         let (id, _) = p
             .methods
             .iter()
             .find(|(_, d)| !d.streaming && method_matches(method, d))?;
-        Some((*peer, *id))
+        Some((Some(*peer), *id))
     });
     mine.into_iter().chain(theirs).collect()
 }
 
 /// The servers of a method: shared, so a cache hit costs a reference count, not an allocation.
-type Servers = Arc<[(PeerId, u32)]>;
+/// Ourselves as `None`, not by peer id: the id changes when the client reconnects (a new
+/// gateway), and an answer cached a moment before must not then miss our own method.
+type Servers = Arc<[(Option<PeerId>, u32)]>;
 
 /// A thread's recent answers of [`scan_servers`], valid while the client's `generation` (bumped
 /// on every change to peers or methods) has not moved.
@@ -388,7 +402,7 @@ fn servers_of(shared: &Arc<Shared>, st: &State, method: &str) -> Servers {
         .try_with(|cache| {
             // Not re-entered (nothing below calls out), but a failed borrow must not panic.
             let Ok(mut cache) = cache.try_borrow_mut() else {
-                return scan_servers(shared, st, method);
+                return scan_servers(st, method);
             };
             let mine = |e: &ServersCache| std::ptr::eq(e.owner.as_ptr(), Arc::as_ptr(shared));
             if let Some(e) = cache
@@ -397,7 +411,7 @@ fn servers_of(shared: &Arc<Shared>, st: &State, method: &str) -> Servers {
             {
                 return e.servers.clone();
             }
-            let servers = scan_servers(shared, st, method);
+            let servers = scan_servers(st, method);
             // Drop entries of dead clients and the stale entry of this method.
             cache.retain(|e| e.owner.strong_count() > 0 && !(mine(e) && &*e.method == method));
             if cache.len() >= SERVERS_CACHE_ENTRIES {
@@ -411,7 +425,7 @@ fn servers_of(shared: &Arc<Shared>, st: &State, method: &str) -> Servers {
             });
             servers
         })
-        .unwrap_or_else(|_| scan_servers(shared, st, method))
+        .unwrap_or_else(|_| scan_servers(st, method))
 }
 
 pub(crate) fn lane_to(
@@ -460,15 +474,14 @@ pub(crate) fn invoke(
         }
         .into());
     }
+    codec::check(&args).map_err(|e| InvokeError::InvalidArgument(e.to_string()))?;
     let size = match &args {
         Value::Bytes(b) => b.len(),
         v => codec::encoded_len(v),
     };
-    if size > shared.max_payload {
-        return Err(InvokeError::PayloadTooLarge {
-            size,
-            max: shared.max_payload,
-        });
+    let max = shared.max_payload();
+    if size > max {
+        return Err(InvokeError::PayloadTooLarge { size, max });
     }
     // Find servers, waiting for one to appear if need be.
     let mut wait_until = None;
@@ -481,7 +494,11 @@ pub(crate) fn invoke(
         let st = shared.lock_state();
         let gen = st.generation;
         let now = Instant::now();
-        if now >= wait_until || shared.is_closed() || !shared.conn.is_connected() {
+        if !shared.conn.is_connected() && !shared.is_closed() {
+            // Nobody can tell us about servers while the gateway is away.
+            return Err(ClientError::Disconnected.into());
+        }
+        if now >= wait_until || shared.is_closed() {
             return Err(InvokeError::NoServer {
                 method: method.to_string(),
                 target: opts.target.to_string(),
@@ -499,8 +516,9 @@ pub(crate) fn invoke(
     let deadline = start + opts.timeout;
     let mut pending = Vec::with_capacity(chosen.len());
     for c in &chosen {
-        let p = if c.server.peer_id == shared.me.peer_id {
-            let slot = super::engine::CallSlot::new(shared.me.peer_id);
+        let my_id = shared.my_id();
+        let p = if c.server.peer_id == my_id {
+            let slot = super::engine::CallSlot::new(my_id);
             shared.local_invoke(slot.clone(), c.method_id, args.clone());
             Ok((None, slot))
         } else if c.relay {
@@ -593,7 +611,7 @@ pub(crate) fn invoke(
 
 pub(crate) fn servers(shared: &Shared) -> Vec<Instance> {
     let st = shared.lock_state();
-    std::iter::once((*shared.me).clone())
+    std::iter::once((*shared.me()).clone())
         .chain(st.peers.values().map(|p| (*p.identity).clone()))
         .collect()
 }
@@ -603,7 +621,8 @@ pub(crate) fn methods(shared: &Shared) -> Vec<MethodInfo> {
     // In order of first appearance; the index keeps this linear in the number of methods.
     let mut out: Vec<MethodInfo> = Vec::new();
     let mut index: std::collections::HashMap<String, usize> = Default::default();
-    let mine = st.my_methods.values().map(|d| (&*shared.me, d));
+    let me = shared.me();
+    let mine = st.my_methods.values().map(|d| (&*me, d));
     let theirs = st
         .peers
         .values()
@@ -628,7 +647,7 @@ pub(crate) fn methods(shared: &Shared) -> Vec<MethodInfo> {
 pub(crate) fn methods_for(shared: &Shared, filter: &InstanceFilter) -> Vec<MethodDef> {
     let st = shared.lock_state();
     let mut out = Vec::new();
-    if filter.matches(&shared.me) {
+    if filter.matches(&shared.me()) {
         out.extend(st.my_methods.values().map(|d| (**d).clone()));
     }
     for p in st.peers.values().filter(|p| filter.matches(&p.identity)) {
@@ -797,6 +816,89 @@ pub(crate) fn removed_methods(shared: &Arc<Shared>, server: &Instance, gone: Vec
         let key = identity_key(&d);
         if !remaining.contains(&key) && announced.insert(key) {
             emit(shared, InteropEvent::MethodRemoved((*d).clone()));
+        }
+    }
+}
+
+/// Registers every one of our methods and streams again, with the same ids (restore thread,
+/// after a reconnection).
+pub(crate) fn restore(shared: &Arc<Shared>) {
+    let methods: Vec<MethodSpec> = shared
+        .lock_state()
+        .my_methods
+        .iter()
+        .map(|(id, d)| MethodSpec {
+            id: *id,
+            def: (**d).clone(),
+        })
+        .collect();
+    if methods.is_empty() {
+        return;
+    }
+    let n = methods.len();
+    let r = shared
+        .conn
+        .request(|req| ToGateway::Register { req, methods }, CONTROL_TIMEOUT);
+    if super::reconnect::expect_ack("registering our methods", r) {
+        crate::log::debug(format_args!("{n} methods registered again"));
+    }
+}
+
+type PeerMethods = (Arc<Instance>, Vec<Arc<MethodDef>>);
+
+/// The events of a reconnection (control thread): every old peer is forgotten (its methods
+/// removed, `ServerRemoved` with reason "reset"), we are `Reconnected`, and the new peers are
+/// discovered, as if they had just joined. Our own methods count as present throughout.
+pub(crate) fn reset_events(
+    shared: &Arc<Shared>,
+    removed: Vec<PeerMethods>,
+    added: Vec<PeerMethods>,
+) {
+    let mine: std::collections::HashSet<String> = shared
+        .lock_state()
+        .my_methods
+        .values()
+        .map(|d| identity_key(d))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for (server, methods) in &removed {
+        for d in methods {
+            emit(
+                shared,
+                InteropEvent::ServerMethodRemoved {
+                    server: (**server).clone(),
+                    method: (**d).clone(),
+                },
+            );
+            let key = identity_key(d);
+            if !mine.contains(&key) && seen.insert(key) {
+                emit(shared, InteropEvent::MethodRemoved((**d).clone()));
+            }
+        }
+        emit(
+            shared,
+            InteropEvent::ServerRemoved {
+                server: (**server).clone(),
+                reason: "reset".into(),
+            },
+        );
+    }
+    emit(shared, InteropEvent::Reconnected((*shared.me()).clone()));
+    let mut seen = std::collections::HashSet::new();
+    for (server, methods) in &added {
+        emit(shared, InteropEvent::ServerAdded((**server).clone()));
+        for d in methods {
+            let key = identity_key(d);
+            if !mine.contains(&key) && seen.insert(key) {
+                emit(shared, InteropEvent::MethodAdded((**d).clone()));
+            }
+            emit(
+                shared,
+                InteropEvent::ServerMethodAdded {
+                    server: (**server).clone(),
+                    method: (**d).clone(),
+                },
+            );
         }
     }
 }

@@ -6,7 +6,8 @@ use crate::ring::{Consumer, Producer, PushError};
 use crate::shm::{DoorbellSegment, LaneSegment};
 use crate::status::Status;
 use crate::wire::frame::{Instance, PeerId};
-use crate::wire::record::FRAG_MORE;
+use crate::wire::record::{FRAG_CONT, FRAG_MORE};
+use std::borrow::Cow;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,9 @@ pub(crate) enum SendError {
     Stalled(PeerId),
     #[error("lane to {0} is corrupt: {1}")]
     Corrupt(PeerId, &'static str),
+    /// The message cannot be encoded (a value the receiver could not decode).
+    #[error("invalid value: {0}")]
+    Encode(#[from] crate::wire::codec::EncodeError),
 }
 
 impl SendError {
@@ -32,6 +36,7 @@ impl SendError {
             SendError::TooLarge { .. } => Status::PayloadTooLarge,
             SendError::Stalled(_) => Status::Busy,
             SendError::Corrupt(..) => Status::Protocol,
+            SendError::Encode(_) => Status::BadInput,
         }
     }
 }
@@ -55,8 +60,60 @@ pub(crate) struct Lane {
 pub(crate) struct RxLane {
     pub lane: Arc<Lane>,
     pub consumer: Consumer<ShmRing>,
-    /// Fragments of a message being reassembled: its kind and bytes so far.
-    pub assembly: Option<(u16, Vec<u8>)>,
+    /// Fragments of a message being reassembled.
+    pub assembly: Reassembly,
+}
+
+/// Puts fragmented messages back together (`wire::record`: `FRAG_MORE` on all fragments but
+/// the last, `FRAG_CONT` on all but the first).
+#[derive(Debug, Default)]
+pub(crate) struct Reassembly {
+    /// Kind and bytes so far of the message being reassembled, if any.
+    partial: Option<(u16, Vec<u8>)>,
+    /// Messages dropped because their sender gave up part-way.
+    pub abandoned: u64,
+}
+
+impl Reassembly {
+    /// Takes one record. Returns the message it completes (`None` while more fragments are due);
+    /// an error is a protocol violation by the peer (a lane fault). A record that starts a
+    /// message while another is incomplete drops the incomplete one: its sender gave up (ring
+    /// full past its deadline) and will never send the rest.
+    pub(crate) fn push<'a>(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        body: &'a [u8],
+        max_message: usize,
+    ) -> Result<Option<Cow<'a, [u8]>>, &'static str> {
+        if flags & FRAG_CONT == 0 {
+            if self.partial.take().is_some() {
+                self.abandoned += 1;
+            }
+            if flags & FRAG_MORE == 0 {
+                return Ok(Some(Cow::Borrowed(body)));
+            }
+            if body.len() > max_message {
+                return Err("message exceeds the payload limit");
+            }
+            self.partial = Some((kind, body.to_vec()));
+            return Ok(None);
+        }
+        let Some((k, bytes)) = self.partial.as_mut() else {
+            return Err("fragment continues no message");
+        };
+        if *k != kind {
+            return Err("fragment kinds differ");
+        }
+        if bytes.len() + body.len() > max_message {
+            return Err("message exceeds the payload limit");
+        }
+        bytes.extend_from_slice(body);
+        if flags & FRAG_MORE != 0 {
+            return Ok(None);
+        }
+        Ok(self.partial.take().map(|(_, whole)| Cow::Owned(whole)))
+    }
 }
 
 impl Lane {
@@ -103,7 +160,7 @@ impl Lane {
             RxLane {
                 lane,
                 consumer,
-                assembly: None,
+                assembly: Reassembly::default(),
             },
         ))
     }
@@ -124,15 +181,56 @@ impl Lane {
         self.closed.store(true, Ordering::Release);
     }
 
-    /// Sends a message that fits one record without waiting: `Ok(false)` when the ring is full
-    /// (or the message needs fragments), so the caller can apply its own policy.
+    /// Whether a message of `len` bytes can ever be in the ring at once (else only a blocking
+    /// [`Lane::send`], which waits for the peer to make room fragment by fragment, gets it
+    /// across).
+    pub(crate) fn fits_at_once(&self, len: usize) -> bool {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let max = tx.max_payload();
+        // The ring holds a little over two maximal records.
+        len + len.div_ceil(max.max(1)) * 16 + max + 16 <= 2 * (max + 8)
+    }
+
+    /// Sends a message without waiting: `Ok(false)` when the ring has no room for all of it
+    /// now, so the caller can apply its own policy.
     pub(crate) fn try_send(&self, kind: u16, body: &[u8]) -> Result<bool, SendError> {
         if self.is_closed() {
             return Err(SendError::Closed(self.peer));
         }
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        if body.len() > tx.max_payload() {
-            return Ok(false);
+        let max = tx.max_payload();
+        if body.len() > max {
+            // Several records: send them only if they all fit now, so nothing waits and no
+            // message is ever left half-sent. Each record costs at most its payload plus a
+            // header rounded to 8, and one wrap may waste up to a whole record's room.
+            if body.len() > self.max_message {
+                return Ok(false);
+            }
+            let records = body.len().div_ceil(max);
+            let need = body.len() + records * 16 + max + 16;
+            if tx.free_bytes() < need {
+                self.ring_peer();
+                return Ok(false);
+            }
+            let mut chunks = body.chunks(max).peekable();
+            while let Some(chunk) = chunks.next() {
+                let flags = if chunks.peek().is_some() {
+                    FRAG_MORE
+                } else {
+                    0
+                };
+                match tx.push(kind, flags, chunk) {
+                    Ok(()) => {}
+                    Err(PushError::Corrupt(why)) => {
+                        self.close();
+                        return Err(SendError::Corrupt(self.peer, why));
+                    }
+                    // Room was checked above; the consumer only ever frees more.
+                    Err(_) => return Err(SendError::Corrupt(self.peer, "internal: no room")),
+                }
+            }
+            self.ring_peer();
+            return Ok(true);
         }
         match tx.push(kind, 0, body) {
             Ok(()) => {
@@ -178,13 +276,17 @@ impl Lane {
         if body.is_empty() {
             return self.push_one(&mut tx, kind, 0, &[], deadline, &mut stall);
         }
+        let mut cont = 0;
         while let Some(chunk) = chunks.next() {
-            let flags = if chunks.peek().is_some() {
+            let more = if chunks.peek().is_some() {
                 FRAG_MORE
             } else {
                 0
             };
-            self.push_one(&mut tx, kind, flags, chunk, deadline, &mut stall)?;
+            // Giving up part-way leaves an incomplete message in the ring; the receiver drops
+            // it when the next message starts (a record without FRAG_CONT).
+            self.push_one(&mut tx, kind, more | cont, chunk, deadline, &mut stall)?;
+            cont = FRAG_CONT;
         }
         Ok(())
     }
@@ -241,5 +343,101 @@ impl Lane {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::frame::Instance;
+
+    fn identity() -> Arc<Instance> {
+        Arc::new(Instance {
+            application: "t".into(),
+            instance: "t".into(),
+            pid: 0,
+            user: "u".into(),
+            machine: "m".into(),
+            peer_id: PeerId(2),
+        })
+    }
+
+    /// Both ends of one lane with 4 KiB rings (records of at most 2040 bytes).
+    fn lane() -> ((Arc<Lane>, RxLane), (Arc<Lane>, RxLane)) {
+        let fd = crate::shm::create_lane(4096).unwrap();
+        let bells = DoorbellSegment::open(crate::shm::create_doorbells(4).unwrap()).unwrap();
+        let fds = [fd];
+        let a = Lane::open(PeerId(2), 1, 0, identity(), &fds, 1 << 20, &bells, 1).unwrap();
+        let b = Lane::open(PeerId(1), 1, 1, identity(), &fds, 1 << 20, &bells, 0).unwrap();
+        (a, b)
+    }
+
+    /// Every whole message `rx` can read now.
+    fn receive(rx: &mut RxLane) -> Vec<(u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(h) = rx.consumer.pop_into(&mut buf).unwrap() {
+            if let Some(m) = rx
+                .assembly
+                .push(h.kind, h.flags, &buf, rx.lane.max_message)
+                .unwrap()
+            {
+                out.push((h.kind, m.into_owned()));
+            }
+        }
+        rx.consumer.flush();
+        out
+    }
+
+    #[test]
+    fn a_message_abandoned_part_way_is_dropped_not_glued_to_the_next() {
+        let ((a, _a_rx), (_b, mut b_rx)) = lane();
+        // Three fragments; only two fit while the receiver does not read, and the deadline has
+        // passed: the send gives up after committing two.
+        let big = vec![7u8; 3 * 2040];
+        let r = a.send(1, &big, Instant::now(), || {});
+        assert!(matches!(r, Err(SendError::Stalled(_))), "{r:?}");
+        // The receiver sees the incomplete message, then the next one whole (before FRAG_CONT
+        // the next message was appended to the incomplete one: a garbled message of the same
+        // kind, or a lane fault for another kind).
+        assert!(receive(&mut b_rx).is_empty());
+        a.send(1, b"next", Instant::now() + Duration::from_secs(5), || {})
+            .unwrap();
+        assert_eq!(receive(&mut b_rx), vec![(1, b"next".to_vec())]);
+        assert_eq!(b_rx.assembly.abandoned, 1);
+        // A fragmented message after that arrives whole.
+        let big: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let t = {
+            let a = a.clone();
+            let big = big.clone();
+            std::thread::spawn(move || {
+                a.send(2, &big, Instant::now() + Duration::from_secs(10), || {})
+            })
+        };
+        let mut got = Vec::new();
+        while got.is_empty() {
+            got = receive(&mut b_rx);
+            std::thread::yield_now();
+        }
+        t.join().unwrap().unwrap();
+        assert_eq!(got, vec![(2, big)]);
+    }
+
+    #[test]
+    fn fragments_that_continue_nothing_or_change_kind_are_faults() {
+        let mut r = Reassembly::default();
+        assert!(r.push(1, FRAG_CONT, b"x", 100).is_err());
+        assert_eq!(r.push(1, FRAG_MORE, b"ab", 100), Ok(None));
+        assert!(r.push(2, FRAG_CONT, b"cd", 100).is_err());
+        let mut r = Reassembly::default();
+        assert_eq!(r.push(1, FRAG_MORE, b"ab", 100), Ok(None));
+        assert_eq!(r.push(1, FRAG_MORE | FRAG_CONT, b"cd", 100), Ok(None));
+        assert_eq!(
+            r.push(1, FRAG_CONT, b"ef", 100),
+            Ok(Some(Cow::Owned(b"abcdef".to_vec())))
+        );
+        // The size limit counts the whole message.
+        assert_eq!(r.push(1, FRAG_MORE, &[0; 60], 100), Ok(None));
+        assert!(r.push(1, FRAG_CONT, &[0; 60], 100).is_err());
     }
 }

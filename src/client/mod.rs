@@ -20,13 +20,14 @@
 //! Callbacks (method handlers, event callbacks) run on the client's dispatcher thread, or, for a
 //! client built with [`ClientBuilder::poll_mode`], inside [`Client::poll`].
 
-mod bus;
+pub(crate) mod bus;
 mod channels;
 mod conn;
 mod contexts;
 mod engine;
 mod interop;
-mod lane;
+pub(crate) mod lane;
+mod reconnect;
 mod streams;
 
 pub use bus::{BusMessage, BusSubscription, PublishOptions, SubscribeOptions};
@@ -39,14 +40,11 @@ pub use streams::{
 };
 
 use crate::model::InvocationResult;
-use crate::shm::DoorbellSegment;
 use crate::status::Status;
 use crate::wait::WaitStrategy;
-use crate::wire::frame::{self, FromGateway, Hello, Instance, ToGateway, PROTOCOL_VERSION};
+use crate::wire::frame::{self, Instance, ToGateway};
 use crate::wire::Value;
-use engine::{CallSlot, RemotePeer, Shared};
-use std::collections::BTreeMap;
-use std::os::fd::AsFd;
+use engine::{CallSlot, Shared};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -100,6 +98,12 @@ impl ClientError {
             ClientError::Timeout => Status::Timeout,
             ClientError::PayloadTooLarge { .. } => Status::PayloadTooLarge,
         }
+    }
+}
+
+impl From<crate::wire::codec::EncodeError> for ClientError {
+    fn from(e: crate::wire::codec::EncodeError) -> Self {
+        ClientError::InvalidArgument(e.to_string())
     }
 }
 
@@ -198,7 +202,7 @@ pub struct Responder {
 
 enum ReplyTarget {
     Lane { lane: Arc<lane::Lane>, call_id: u64 },
-    Relay { invocation: u64 },
+    Relay { invocation: u64, epoch: u64 },
     Local(Arc<CallSlot>),
 }
 
@@ -210,10 +214,10 @@ impl Responder {
         }
     }
 
-    fn relay(shared: Arc<Shared>, invocation: u64) -> Self {
+    fn relay(shared: Arc<Shared>, invocation: u64, epoch: u64) -> Self {
         Self {
             shared,
-            target: Some(ReplyTarget::Relay { invocation }),
+            target: Some(ReplyTarget::Relay { invocation, epoch }),
         }
     }
 
@@ -229,7 +233,15 @@ impl Responder {
             Some(ReplyTarget::Lane { lane, call_id }) => {
                 self.shared.send_result(&lane, call_id, outcome)
             }
-            Some(ReplyTarget::Relay { invocation }) => {
+            Some(ReplyTarget::Relay { invocation, epoch }) => {
+                // The call came through a gateway connection that is gone; the new gateway's
+                // invocation ids mean other calls.
+                if epoch != self.shared.conn.epoch() {
+                    crate::log::debug(format_args!(
+                        "relayed reply dropped: the gateway connection was reset"
+                    ));
+                    return;
+                }
                 let outcome = match outcome {
                     Ok(v) => frame::RelayOutcome::Ok(v),
                     Err((message, context)) => frame::RelayOutcome::Err {
@@ -309,6 +321,24 @@ pub struct ClientBuilder {
     relay_only: bool,
     connect_timeout: Duration,
     skip_own_policy: bool,
+    reconnect: bool,
+}
+
+/// The state of a client's connection to the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Connected.
+    Connected,
+    /// The connection was lost at `since`; the client is trying to reconnect (unless it was
+    /// built with [`ClientBuilder::reconnect`]`(false)`).
+    Disconnected {
+        since: Instant,
+        reason: String,
+        /// The gateway said it was stopping (a clean stop, not a crash).
+        gateway_stopped: bool,
+    },
+    /// [`Client::close`] was called.
+    Closed,
 }
 
 impl ClientBuilder {
@@ -323,6 +353,7 @@ impl ClientBuilder {
             relay_only: false,
             connect_timeout: Duration::from_secs(5),
             skip_own_policy: false,
+            reconnect: true,
         }
     }
 
@@ -372,6 +403,14 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether to reconnect by itself when the gateway goes away (default: yes). A client
+    /// that reconnects registers its methods and streams again, resubscribes its bus, context
+    /// and stream subscriptions and keeps its channel membership; see `docs/guarantees.md`.
+    pub fn reconnect(mut self, on: bool) -> Self {
+        self.reconnect = on;
+        self
+    }
+
     /// Connects and says hello.
     pub fn connect(self) -> Result<Client, ClientError> {
         if self.application.trim().is_empty() {
@@ -379,91 +418,45 @@ impl ClientBuilder {
                 "application name is empty".into(),
             ));
         }
-        let path = crate::control::resolve_socket_path(self.socket.as_deref());
-        let sock =
-            crate::control::connect(&path).map_err(|source| ClientError::GatewayUnreachable {
-                path: path.clone(),
-                source,
-            })?;
-        let hello = ToGateway::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
+        let hello = reconnect::HelloParams {
+            path: crate::control::resolve_socket_path(self.socket.as_deref()),
             application: self.application.clone(),
-            instance: self.instance.clone(),
-            api: concat!("knit-rust/", env!("CARGO_PKG_VERSION")).into(),
-            transport: if self.relay_only {
-                frame::Transport::Relay
-            } else {
-                frame::Transport::Shm
-            },
-        });
-        let frame =
-            frame::encode_frame(&hello, 0).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        crate::sys::fdpass::send_all(sock.as_fd(), &frame, &[])
-            .map_err(|_| ClientError::Disconnected)?;
-        let (welcome, bell_fd, frames) = read_welcome(&sock, self.connect_timeout)?;
-        // A relay-only peer gets no doorbell directory (nobody writes lanes to it); its own
-        // threads still need a doorbell to sleep on.
-        let (bells_fd, doorbell) = match (bell_fd, self.relay_only) {
-            (Some(fd), _) => (fd, welcome.doorbell),
-            (None, true) => (
-                crate::shm::create_doorbells(1)
-                    .map_err(|e| ClientError::Protocol(format!("doorbell: {e}")))?,
-                0,
-            ),
-            (None, false) => {
-                return Err(ClientError::Protocol(
-                    "welcome without a doorbell directory".into(),
-                ))
-            }
+            relay_only: self.relay_only,
+            timeout: self.connect_timeout,
+            reconnect: self.reconnect,
         };
-        let bells = DoorbellSegment::open(&bells_fd)
-            .map_err(|e| ClientError::Protocol(format!("doorbells: {e}")))?;
-        if bells.doorbell(doorbell).is_none() {
-            return Err(ClientError::Protocol(format!(
-                "doorbell index {doorbell} out of range"
-            )));
-        }
-        let peers: BTreeMap<_, _> = welcome
-            .peers
-            .into_iter()
-            .map(|p| {
-                let methods = p
-                    .methods
-                    .into_iter()
-                    .map(|m| (m.id, Arc::new(m.def)))
-                    .collect();
-                (
-                    p.identity.peer_id,
-                    RemotePeer {
-                        identity: Arc::new(p.identity),
-                        transport: p.transport,
-                        methods,
-                        rules: engine::restrictive(p.rules),
-                    },
-                )
-            })
-            .collect();
-        let max_payload = usize::try_from(welcome.max_payload).unwrap_or(usize::MAX);
-        let known_contexts = welcome.contexts.clone();
-        let bus_subs = welcome.bus.clone();
+        let hs = reconnect::handshake(&hello, self.instance.clone(), None)?;
+        let bells = reconnect::bells_of(&hs, self.relay_only, true)?
+            .ok_or_else(|| ClientError::Protocol("welcome without a doorbell directory".into()))?;
+        let welcome = hs.welcome;
+        let peers = reconnect::peers_of(welcome.peers);
         let my_rules = if self.skip_own_policy {
             None
         } else {
             engine::restrictive(welcome.rules.clone())
         };
         let policy_on = peers.values().any(|p| p.rules.is_some());
+        let max_payload = usize::try_from(welcome.max_payload).unwrap_or(usize::MAX);
+        let known_contexts = welcome.contexts.clone();
+        let bus_subs = welcome.bus.clone();
+        let sock = hs.sock;
+        let frames = hs.frames;
         let shared = Arc::new(Shared::new(
             welcome.identity,
             self.wait,
             self.poll_mode,
-            self.relay_only,
+            hello,
             max_payload,
-            welcome.lane_capacity as usize,
-            conn::Conn::new(sock),
+            conn::Conn::new(sock.clone()),
             bells,
-            doorbell,
             peers,
         ));
+        shared
+            .my_rules_on
+            .store(my_rules.is_some(), std::sync::atomic::Ordering::Relaxed);
+        shared
+            .skip_own_policy
+            .store(self.skip_own_policy, std::sync::atomic::Ordering::Relaxed);
         *shared.my_rules.write().unwrap_or_else(|e| e.into_inner()) = my_rules;
         // Relaxed: nothing else runs on this client yet.
         shared
@@ -477,7 +470,7 @@ impl ClientBuilder {
         let s = shared.clone();
         let reader = std::thread::Builder::new()
             .name("knit-control".into())
-            .spawn(move || conn::reader_loop(s, frames))
+            .spawn(move || conn::reader_loop(s, sock, frames))
             .map_err(|e| ClientError::Protocol(format!("spawning the control thread: {e}")))?;
         let dispatcher = if self.poll_mode {
             None
@@ -496,65 +489,6 @@ impl ClientBuilder {
                 threads: Mutex::new(vec![reader].into_iter().chain(dispatcher).collect()),
             }),
         })
-    }
-}
-
-fn read_welcome(
-    sock: &std::os::unix::net::UnixStream,
-    timeout: Duration,
-) -> Result<
-    (
-        frame::Welcome,
-        Option<std::os::fd::OwnedFd>,
-        frame::FrameReader,
-    ),
-    ClientError,
-> {
-    let deadline = Instant::now() + timeout;
-    let mut frames = frame::FrameReader::default();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut fds = Vec::new();
-    loop {
-        if let Some((body, mut got)) = frames
-            .next_frame()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-        {
-            return match frame::decode_body::<FromGateway>(&body)
-                .map_err(|e| ClientError::Protocol(e.to_string()))?
-            {
-                FromGateway::Welcome(w) if got.len() <= 1 => {
-                    let fd = got.pop();
-                    let _ = sock.set_read_timeout(None);
-                    Ok((w, fd, frames))
-                }
-                FromGateway::Refused { status, message } => {
-                    Err(ClientError::Refused { status, message })
-                }
-                other => Err(ClientError::Protocol(format!(
-                    "expected a welcome, got {other:?}"
-                ))),
-            };
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ClientError::Timeout);
-        }
-        let _ = sock.set_read_timeout(Some(left));
-        match crate::sys::fdpass::recv(sock.as_fd(), &mut buf, &mut fds) {
-            Ok(0) => return Err(ClientError::Disconnected),
-            Ok(n) => {
-                frames.push_bytes(&buf[..n]);
-                frames.push_fds(fds.drain(..));
-            }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                return Err(ClientError::Timeout)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(ClientError::Disconnected),
-        }
     }
 }
 
@@ -617,19 +551,36 @@ impl Client {
         &self.h.shared
     }
 
-    /// Who we are, as the gateway resolved it.
-    pub fn instance(&self) -> &Instance {
-        &self.shared().me
+    /// Who we are, as the gateway resolved it. After a reconnection the peer id is new; the
+    /// instance id stays the same.
+    pub fn instance(&self) -> Arc<Instance> {
+        self.shared().me()
     }
 
     /// Largest payload the gateway allows.
     pub fn max_payload(&self) -> usize {
-        self.shared().max_payload
+        self.shared().max_payload()
     }
 
     /// Whether the control connection is up.
     pub fn is_connected(&self) -> bool {
         self.shared().conn.is_connected() && !self.shared().is_closed()
+    }
+
+    /// Whether the control connection is up, and if not since when and why.
+    pub fn connection_state(&self) -> ConnectionState {
+        let s = self.shared();
+        if s.is_closed() {
+            return ConnectionState::Closed;
+        }
+        match s.conn.down() {
+            Some(d) if !s.conn.is_connected() => ConnectionState::Disconnected {
+                since: d.since,
+                reason: d.reason,
+                gateway_stopped: d.stopping,
+            },
+            _ => ConnectionState::Connected,
+        }
     }
 
     /// Unregisters everything, says goodbye, stops the threads. Pending calls fail.

@@ -20,10 +20,9 @@ use crate::model::target::{method_matches, select};
 use crate::model::Target;
 use crate::status::Status;
 use crate::wire::frame::{Instance, MethodDef, PeerId, ToGateway, Transport};
-use crate::wire::record::{
-    self, KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST,
-};
-use crate::wire::{codec, Value};
+use crate::wire::record::{KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST};
+use crate::wire::stream as rec;
+use crate::wire::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -155,21 +154,21 @@ fn send(
     }
 }
 
+/// How long an item too large to ever fit a lane at once may take to cross it (it goes
+/// fragment by fragment as the subscriber reads).
+const BIG_ITEM_WAIT: Duration = Duration::from_secs(5);
+
 fn try_send(shared: &Arc<Shared>, link: &Link, kind: u16, body: &[u8]) -> Result<bool, SendError> {
     match link {
-        Link::Lane(l) => l.try_send(kind, body),
+        Link::Lane(l) => match l.try_send(kind, body)? {
+            true => Ok(true),
+            false if !l.fits_at_once(body.len()) => {
+                send(shared, link, kind, body, Instant::now() + BIG_ITEM_WAIT).map(|()| true)
+            }
+            false => Ok(false),
+        },
         Link::Relay(_) => send(shared, link, kind, body, Instant::now()).map(|()| true),
     }
-}
-
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    b.get(at..at + 8)
-        .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes(s.try_into().unwrap_or([0; 4])))
 }
 
 // ----- server side ----------------------------------------------------------------------------
@@ -350,9 +349,10 @@ fn reply(shared: &Arc<Shared>, link: &Link, sub_id: u64, accepted: bool, reason:
 
 fn reply_value(shared: &Arc<Shared>, link: &Link, sub_id: u64, accepted: bool, info: &Value) {
     let mut body = Vec::new();
-    body.extend_from_slice(&sub_id.to_le_bytes());
-    body.extend_from_slice(&(if accepted { 0u32 } else { 1 }).to_le_bytes());
-    codec::encode_into(info, &mut body);
+    if rec::reply(&mut body, sub_id, accepted, info).is_err() {
+        // `info` is built here from names and numbers: never deep. Nothing half-built is sent.
+        return;
+    }
     let _ = send(
         shared,
         link,
@@ -360,12 +360,6 @@ fn reply_value(shared: &Arc<Shared>, link: &Link, sub_id: u64, accepted: bool, i
         &body,
         Instant::now() + Duration::from_secs(5),
     );
-}
-
-fn close_record(sub_id: u64, reason: &str) -> Vec<u8> {
-    let mut body = sub_id.to_le_bytes().to_vec();
-    body.extend_from_slice(reason.as_bytes());
-    body
 }
 
 fn drop_sub(
@@ -390,7 +384,7 @@ fn drop_sub(
     if tell {
         // The lane may be full (that is why a slow subscriber is dropped): then the news goes
         // around it, through the gateway, so it is never lost.
-        let body = close_record(sub.sub_id, reason);
+        let body = rec::close(sub.sub_id, reason);
         if !matches!(try_send(shared, &sub.link, KIND_SUB_CLOSE, &body), Ok(true)) {
             let _ = send(
                 shared,
@@ -414,20 +408,17 @@ thread_local! {
     static PUSH_SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-fn data_record_into(data: &Value, private: bool, body: &mut Vec<u8>) {
-    body.clear();
-    body.resize(20, 0);
-    body[8..12].copy_from_slice(&(private as u32).to_le_bytes());
-    let flags = record::encode_payload(data, body);
-    body[16..20].copy_from_slice(&flags.to_le_bytes());
-}
-
-fn data_record(data: &Value, private: bool) -> Vec<u8> {
-    let mut body = vec![0u8; 20];
-    body[8..12].copy_from_slice(&(private as u32).to_le_bytes());
-    let flags = record::encode_payload(data, &mut body);
-    body[16..20].copy_from_slice(&flags.to_le_bytes());
-    body
+/// An item larger than the gateway allows is refused to the pusher (it would otherwise close
+/// every subscriber it was queued for).
+fn check_size(shared: &Shared, body: &[u8]) -> Result<(), ClientError> {
+    let size = body.len().saturating_sub(20);
+    if size > shared.max_payload() {
+        return Err(ClientError::PayloadTooLarge {
+            size,
+            max: shared.max_payload(),
+        });
+    }
+    Ok(())
 }
 
 /// Queues or sends one data record to one subscriber under the stream's policy.
@@ -438,8 +429,10 @@ fn push_one(
     data: &Value,
     private: bool,
 ) -> Result<(), ClientError> {
-    let mut body = data_record(data, private);
-    body[0..8].copy_from_slice(&sub.sub_id.to_le_bytes());
+    let mut body = Vec::new();
+    rec::data_into(&mut body, private, data)?;
+    check_size(shared, &body)?;
+    rec::set_sub_id(&mut body, sub.sub_id);
     let key = match &entry.options.policy {
         SlowConsumerPolicy::Conflate(k) => data.get(k).cloned(),
         _ => None,
@@ -472,7 +465,7 @@ fn offer_ref(
     let mut out = sub.out.lock().unwrap_or_else(|e| e.into_inner());
     flush_locked(shared, sub, &mut out);
     if out.pending.is_empty() {
-        body[12..16].copy_from_slice(&out.gap.to_le_bytes());
+        rec::set_gap(body, out.gap);
         match try_send(shared, &sub.link, KIND_STREAM_DATA, body) {
             Ok(true) => {
                 out.gap = 0;
@@ -497,7 +490,7 @@ fn offer_ref(
                 out.pending.pop_front();
                 shared.stream_pending.fetch_sub(1, Ordering::AcqRel);
             }
-            body[12..16].copy_from_slice(&out.gap.to_le_bytes());
+            rec::set_gap(body, out.gap);
             let sent = out.pending.is_empty()
                 && send(shared, &sub.link, KIND_STREAM_DATA, body, deadline).is_ok();
             drop(out);
@@ -532,7 +525,7 @@ fn offer_ref(
 /// Sends what is queued for `sub` while there is room.
 fn flush_locked(shared: &Arc<Shared>, sub: &ServerSub, out: &mut OutQueue) {
     while let Some((b, _)) = out.pending.front_mut() {
-        b[12..16].copy_from_slice(&out.gap.to_le_bytes());
+        rec::set_gap(b, out.gap);
         match try_send(shared, &sub.link, KIND_STREAM_DATA, b) {
             Ok(true) => {
                 out.gap = 0;
@@ -606,10 +599,16 @@ impl Stream {
         };
         // One encoding per push, in a reused buffer; only the subscription id differs.
         let mut body = PUSH_SCRATCH.with(|c| c.take());
-        data_record_into(data, false, &mut body);
+        if let Err(e) = rec::data_into(&mut body, false, data)
+            .map_err(ClientError::from)
+            .and_then(|()| check_size(&self.shared, &body))
+        {
+            PUSH_SCRATCH.with(|c| c.set(body));
+            return Err(e);
+        }
         let mut r = Ok(());
         for s in subs.iter().filter(|s| want(&s.branch)) {
-            body[0..8].copy_from_slice(&s.sub_id.to_le_bytes());
+            rec::set_sub_id(&mut body, s.sub_id);
             r = offer_ref(&self.shared, &self.entry, s, &mut body, key.clone());
             if r.is_err() {
                 break;
@@ -774,6 +773,9 @@ pub(crate) type StreamCallback = Arc<dyn Fn(&StreamEvent) + Send + Sync>;
 
 pub(crate) struct ClientSub {
     id: u64,
+    /// The stream and how it was subscribed (to subscribe again after a reconnection).
+    name: String,
+    params: StreamParams,
     cb: StreamCallback,
     remotes: Mutex<Vec<Remote>>,
     changed: Condvar,
@@ -858,7 +860,7 @@ fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool) {
                 shared,
                 &l,
                 KIND_SUB_CLOSE,
-                &close_record(sub.id, "ClientInitiated"),
+                &rec::close(sub.id, "ClientInitiated"),
                 Instant::now() + Duration::from_secs(1),
             );
         }
@@ -896,44 +898,22 @@ pub(crate) fn subscribe(
             message,
         }));
     }
+    crate::wire::codec::check(&params.arguments)
+        .map_err(|e| StreamError::InvalidArgument(e.to_string()))?;
     // Servers of the stream, waiting for one to appear.
     let wait_until = Instant::now() + params.wait;
     let chosen: Vec<(Arc<Instance>, u32)> = loop {
-        let c = {
-            let st = shared.lock_state();
-            let mut cands: Vec<(Arc<Instance>, u32)> = Vec::new();
-            if let Some((id, _)) = st
-                .my_methods
-                .iter()
-                .find(|(_, d)| d.streaming && method_matches(name, d))
-            {
-                cands.push((shared.me.clone(), *id));
-            }
-            for p in st.peers.values() {
-                if let Some((id, _)) = p
-                    .methods
-                    .iter()
-                    .find(|(_, d)| d.streaming && method_matches(name, d))
-                {
-                    cands.push((p.identity.clone(), *id));
-                }
-            }
-            let insts: Vec<&Instance> = cands.iter().map(|c| &*c.0).collect();
-            let picked: Vec<PeerId> = select(&params.target, shared.me.peer_id, &insts)
-                .iter()
-                .map(|i| i.peer_id)
-                .collect();
-            picked
-                .into_iter()
-                .filter_map(|p| cands.iter().find(|c| c.0.peer_id == p).cloned())
-                .collect::<Vec<_>>()
-        };
+        let c = candidates(shared, name, &params.target);
         if !c.is_empty() {
             break c;
         }
         let st = shared.lock_state();
         let gen = st.generation;
         let now = Instant::now();
+        if !shared.conn.is_connected() && !shared.is_closed() {
+            // Nobody can tell us about servers while the gateway is away.
+            return Err(StreamError::Client(ClientError::Disconnected));
+        }
         if now >= wait_until || shared.is_closed() {
             return Err(StreamError::NoServer);
         }
@@ -946,6 +926,8 @@ pub(crate) fn subscribe(
     };
     let sub = Arc::new(ClientSub {
         id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
+        name: name.to_string(),
+        params: params.clone(),
         cb,
         remotes: Mutex::new(Vec::new()),
         changed: Condvar::new(),
@@ -960,52 +942,7 @@ pub(crate) fn subscribe(
         .unwrap_or_else(|e| e.into_inner())
         .subs
         .insert(sub.id, sub.clone());
-    let mut body = Vec::new();
-    body.extend_from_slice(&sub.id.to_le_bytes());
-    for (server, method_id) in &chosen {
-        let link = if server.peer_id == shared.me.peer_id {
-            Link::Relay(shared.me.peer_id)
-        } else {
-            match link_to(shared, server.peer_id) {
-                Ok(l) => l,
-                Err(_) => continue,
-            }
-        };
-        body.truncate(8);
-        body.extend_from_slice(&method_id.to_le_bytes());
-        body.extend_from_slice(&[0; 4]);
-        let flags = record::encode_payload(&params.arguments, &mut body);
-        body[12..16].copy_from_slice(&flags.to_le_bytes());
-        sub.remotes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Remote {
-                peer: server.peer_id,
-                identity: server.clone(),
-                link: link.clone(),
-                state: ServerState::Pending,
-            });
-        if server.peer_id == shared.me.peer_id {
-            // Subscribing to ourselves: handled as if it came in from a peer.
-            on_request(
-                shared,
-                shared.me.peer_id,
-                shared.me.clone(),
-                Link::Relay(shared.me.peer_id),
-                &body,
-            );
-        } else if send(
-            shared,
-            &link,
-            KIND_SUB_REQUEST,
-            &body,
-            Instant::now() + params.timeout,
-        )
-        .is_err()
-        {
-            set_state(&sub, server.peer_id, ServerState::Gone);
-        }
-    }
+    send_requests(shared, &sub, &chosen);
     // The first acceptance completes the subscription; later ones join it.
     let deadline = Instant::now() + params.timeout;
     let mut r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
@@ -1034,6 +971,10 @@ pub(crate) fn subscribe(
                 .remove(&sub.id);
             return Err(match reason {
                 Some(m) => StreamError::Rejected(m),
+                // The servers were there, but reaching them needs the gateway.
+                None if !shared.conn.is_connected() && !shared.is_closed() => {
+                    StreamError::Client(ClientError::Disconnected)
+                }
                 None => StreamError::NoServer,
             });
         }
@@ -1048,6 +989,81 @@ pub(crate) fn subscribe(
             .wait_timeout(r, deadline - now)
             .unwrap_or_else(|e| e.into_inner());
         r = g;
+    }
+}
+
+/// The servers of stream `name` that `target` picks, ourselves included.
+fn candidates(shared: &Shared, name: &str, target: &Target) -> Vec<(Arc<Instance>, u32)> {
+    let st = shared.lock_state();
+    let mut cands: Vec<(Arc<Instance>, u32)> = Vec::new();
+    if let Some((id, _)) = st
+        .my_methods
+        .iter()
+        .find(|(_, d)| d.streaming && method_matches(name, d))
+    {
+        cands.push((shared.me(), *id));
+    }
+    for p in st.peers.values() {
+        if let Some((id, _)) = p
+            .methods
+            .iter()
+            .find(|(_, d)| d.streaming && method_matches(name, d))
+        {
+            cands.push((p.identity.clone(), *id));
+        }
+    }
+    let insts: Vec<&Instance> = cands.iter().map(|c| &*c.0).collect();
+    let picked: Vec<PeerId> = select(target, shared.my_id(), &insts)
+        .iter()
+        .map(|i| i.peer_id)
+        .collect();
+    picked
+        .into_iter()
+        .filter_map(|p| cands.iter().find(|c| c.0.peer_id == p).cloned())
+        .collect()
+}
+
+/// Asks each chosen server for the subscription.
+fn send_requests(shared: &Arc<Shared>, sub: &Arc<ClientSub>, chosen: &[(Arc<Instance>, u32)]) {
+    let params = &sub.params;
+    let my_id = shared.my_id();
+    let mut body = Vec::new();
+    for (server, method_id) in chosen {
+        let link = if server.peer_id == my_id {
+            Link::Relay(my_id)
+        } else {
+            match link_to(shared, server.peer_id) {
+                Ok(l) => l,
+                Err(_) => continue,
+            }
+        };
+        if rec::request(&mut body, sub.id, *method_id, &params.arguments).is_err() {
+            // Checked before the subscription was made; a failure here reaches nobody.
+            continue;
+        }
+        sub.remotes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Remote {
+                peer: server.peer_id,
+                identity: server.clone(),
+                link: link.clone(),
+                state: ServerState::Pending,
+            });
+        if server.peer_id == my_id {
+            // Subscribing to ourselves: handled as if it came in from a peer.
+            on_request(shared, my_id, shared.me(), Link::Relay(my_id), &body);
+        } else if send(
+            shared,
+            &link,
+            KIND_SUB_REQUEST,
+            &body,
+            Instant::now() + params.timeout,
+        )
+        .is_err()
+        {
+            set_state(sub, server.peer_id, ServerState::Gone);
+        }
     }
 }
 
@@ -1105,15 +1121,15 @@ pub(crate) fn on_record(
     kind: u16,
     body: &[u8],
 ) -> Result<bool, &'static str> {
-    let sub_id = u64_at(body, 0).ok_or("short stream record")?;
+    let sub_id = rec::sub_id(body).map_err(|_| "short stream record")?;
     match kind {
         KIND_SUB_REQUEST => {
             on_request(shared, from, identity, link, body);
             Ok(false)
         }
         KIND_SUB_REPLY => {
-            let status = u32_at(body, 8).ok_or("short stream reply")?;
-            let info = codec::decode(&body[12..]).unwrap_or(Value::Null);
+            let rec::Reply { accepted, info, .. } =
+                rec::parse_reply(body).map_err(|_| "bad stream reply")?;
             let sub = shared
                 .streams
                 .lock()
@@ -1122,7 +1138,7 @@ pub(crate) fn on_record(
                 .get(&sub_id)
                 .cloned();
             let Some(sub) = sub else { return Ok(false) };
-            if status == 0 {
+            if accepted {
                 if let Some(p) = info.get("policy") {
                     let queue = info
                         .get("queue")
@@ -1152,24 +1168,21 @@ pub(crate) fn on_record(
                 .get(&sub_id)
                 .cloned();
             let Some(sub) = sub else { return Ok(false) };
-            let private = u32_at(body, 8).ok_or("short stream data")? & 1 != 0;
-            let gap = u32_at(body, 12).ok_or("short stream data")? as u64;
-            let flags = u32_at(body, 16).ok_or("short stream data")?;
-            let data = record::decode_payload(flags, &body[20..])
-                .map_err(|_| "undecodable stream data")?;
+            // Extra GW3 fields (sequence, snapshot) have no place in knit's stream events.
+            let d = rec::parse_data(body).map_err(|_| "undecodable stream data")?;
             Ok(accept_item(
                 shared,
                 &sub,
                 StreamEvent::Data {
-                    data,
+                    data: d.data,
                     server: identity,
-                    private,
-                    gap,
+                    private: d.private,
+                    gap: d.gap as u64,
                 },
             ))
         }
         KIND_SUB_CLOSE => {
-            let reason = String::from_utf8_lossy(&body[8..]).to_string();
+            let (_, reason) = rec::parse_close(body).map_err(|_| "short stream close")?;
             // Either a subscriber leaving one of our streams, or a server dropping us.
             let served: Vec<Arc<StreamEntry>> = shared
                 .streams
@@ -1214,10 +1227,20 @@ fn on_request(
     link: Link,
     body: &[u8],
 ) {
-    let (Some(sub_id), Some(method_id), Some(flags)) =
-        (u64_at(body, 0), u32_at(body, 8), u32_at(body, 12))
-    else {
-        return;
+    let (sub_id, method_id, args) = match rec::parse_request(body) {
+        Ok(r) => (r.sub_id, r.method_id, r.args),
+        Err(_) => {
+            if let Ok(sub_id) = rec::sub_id(body) {
+                reply(
+                    shared,
+                    &link,
+                    sub_id,
+                    false,
+                    "malformed subscription request",
+                );
+            }
+            return;
+        }
     };
     let entry = shared
         .streams
@@ -1226,7 +1249,6 @@ fn on_request(
         .served
         .get(&method_id)
         .cloned();
-    let args = record::decode_payload(flags, &body[16..]).unwrap_or(Value::Null);
     let Some(entry) = entry.filter(|e| !e.closed.load(Ordering::Acquire)) else {
         return reply(shared, &link, sub_id, false, "Method has been removed");
     };
@@ -1429,4 +1451,171 @@ fn _assert_send_sync() {
     f::<Stream>();
     f::<StreamSubscription>();
     let _ = AtomicUsize::new(0);
+}
+
+/// A new gateway connection (control thread): every subscriber of our streams is a peer of the
+/// old connection (it will subscribe again), so those subscriptions end.
+pub(crate) fn connection_reset(shared: &Arc<Shared>) {
+    let served: Vec<Arc<StreamEntry>> = shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .served
+        .values()
+        .cloned()
+        .collect();
+    for e in served {
+        let gone = e.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for s in gone {
+            drop_sub(shared, &e, &s, "gateway connection reset", false);
+        }
+    }
+}
+
+/// A new gateway connection (control thread): our subscriptions lose their servers (peers of
+/// the old connection) and wait for [`restore`].
+pub(crate) fn forget_servers(shared: &Shared) {
+    let subs: Vec<Arc<ClientSub>> = shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .values()
+        .cloned()
+        .collect();
+    for s in subs {
+        s.remotes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        s.changed.notify_all();
+    }
+}
+
+/// Subscribes our stream subscriptions again as their servers reappear (restore thread): each
+/// waits up to its `wait` for a server and its `timeout` for an acceptance, as when it was
+/// made; one that cannot be restored ends with `Closed` (`server_initiated`) and a reason that
+/// says so. Stops early if the connection is reset again (a newer restore takes over).
+pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
+    struct Todo {
+        sub: Arc<ClientSub>,
+        wait_until: Instant,
+        accept_until: Option<Instant>,
+    }
+    let start = Instant::now();
+    let mut todo: Vec<Todo> = shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .values()
+        .filter(|s| !s.closed.load(Ordering::Acquire))
+        .map(|s| Todo {
+            sub: s.clone(),
+            wait_until: start + s.params.wait,
+            accept_until: None,
+        })
+        .collect();
+    while !todo.is_empty() {
+        if shared.is_closed() || shared.conn.epoch() != epoch {
+            return;
+        }
+        let now = Instant::now();
+        let mut failed: Vec<(Arc<ClientSub>, String)> = Vec::new();
+        todo.retain_mut(|t| {
+            if t.sub.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            match t.accept_until {
+                None => {
+                    let c = candidates(shared, &t.sub.name, &t.sub.params.target);
+                    if !c.is_empty() {
+                        send_requests(shared, &t.sub, &c);
+                        t.accept_until = Some(now + t.sub.params.timeout);
+                    } else if now >= t.wait_until {
+                        failed.push((t.sub.clone(), "no server offers the stream".into()));
+                        return false;
+                    }
+                    true
+                }
+                Some(until) => {
+                    let r = t.sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
+                    if r.iter().any(|x| x.state == ServerState::Accepted) {
+                        return false;
+                    }
+                    let why = if r
+                        .iter()
+                        .all(|x| matches!(x.state, ServerState::Rejected(_) | ServerState::Gone))
+                    {
+                        r.iter()
+                            .find_map(|x| match &x.state {
+                                ServerState::Rejected(m) => Some(format!("rejected: {m}")),
+                                _ => None,
+                            })
+                            .unwrap_or_else(|| "its servers are gone".into())
+                    } else if now >= until {
+                        "no server accepted in time".into()
+                    } else {
+                        return true;
+                    };
+                    drop(r);
+                    failed.push((t.sub.clone(), why));
+                    false
+                }
+            }
+        });
+        for (sub, why) in failed {
+            lost(
+                shared,
+                &sub,
+                &format!("Subscription lost after the gateway connection was reset: {why}"),
+            );
+        }
+        if todo.is_empty() {
+            break;
+        }
+        // Servers come back when they reconnect; acceptances arrive on lanes.
+        let st = shared.lock_state();
+        let _ = shared
+            .state_changed
+            .wait_timeout_while(st, Duration::from_millis(20), |_| !shared.is_closed())
+            .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Ends a subscription that could not be restored.
+fn lost(shared: &Arc<Shared>, sub: &Arc<ClientSub>, reason: &str) {
+    let links: Vec<Link> = sub
+        .remotes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|x| x.state == ServerState::Pending)
+        .map(|x| x.link.clone())
+        .collect();
+    for l in links {
+        let _ = send(
+            shared,
+            &l,
+            KIND_SUB_CLOSE,
+            &rec::close(sub.id, "ClientInitiated"),
+            Instant::now() + Duration::from_secs(1),
+        );
+    }
+    if sub.closed.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .remove(&sub.id);
+    let ev = StreamEvent::Closed {
+        reason: reason.to_string(),
+        server_initiated: true,
+    };
+    let mut inbox = sub.inbox.lock().unwrap_or_else(|e| e.into_inner());
+    inbox.items.push_back((ev, None));
+    if !inbox.scheduled {
+        inbox.scheduled = true;
+        shared.push_task(Task::StreamDrain(sub.clone()));
+    }
 }

@@ -200,7 +200,7 @@ impl Registry {
                 continue;
             }
             if let Some(t) = &target {
-                if !identity_matches(t, &p.identity.to_value()) {
+                if !identity_matches(t, &p.attributes) {
                     continue;
                 }
             }

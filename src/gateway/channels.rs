@@ -125,7 +125,12 @@ impl Registry {
             if self.contexts.find(user, &name).is_some() {
                 continue;
             }
-            let id = match self.ensure_context(user, &name) {
+            let id = match self.new_context(
+                user,
+                &name,
+                crate::wire::frame::ContextLifetime::Retained,
+                None,
+            ) {
                 Ok(id) => id,
                 Err((_, m)) => {
                     crate::log::warn(format_args!("cannot create channel {}: {m}", def.name));
@@ -150,6 +155,7 @@ impl Registry {
                     crate::log::warn(format_args!("cannot initialise channel {}: {e}", def.name));
                 }
             }
+            self.announce_context(id);
         }
     }
 

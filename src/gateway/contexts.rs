@@ -2,12 +2,20 @@
 //! peers that use it, keeps the table of subscribers' doorbells in the segment, announces
 //! contexts, destroys them, and frees the writer lock of a peer that died holding it. The data
 //! itself never passes through here: writers write the segment directly.
+//!
+//! Lifetimes (GW3's, asked for by web peers; native clients create `Retained` contexts):
+//! `Retained` lives until destroyed; `RefCounted` until its last member (creator and
+//! subscribers) unsubscribes or leaves; `Ownership` until its creator leaves, and only the
+//! creator may destroy it. Peers behind the gateway (the WebSocket bridge's) have no doorbell of
+//! their own: for them the bridge's doorbell goes into the subscriber table, once per context
+//! however many of them subscribe.
 
 use super::registry::{log_denial, Registry};
 use crate::shm::{self, ContextSegment};
 use crate::status::Status;
 use crate::store::Store;
-use crate::wire::frame::{FromGateway, PeerId};
+use crate::wire::frame::{ContextGone, ContextLifetime, FromGateway, PeerId, Transport};
+use crate::wire::Value;
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -22,8 +30,11 @@ pub(crate) struct ContextRec {
     /// A read-only descriptor for peers that may not write (made on first need).
     ro_fd: Option<Arc<OwnedFd>>,
     pub store: Store<ContextSegment>,
-    /// Peers subscribed, with their doorbell (None for peers behind the gateway).
+    /// Peers subscribed (the members), with the doorbell rung for them.
     subscribers: HashMap<PeerId, Option<u32>>,
+    pub lifetime: ContextLifetime,
+    /// Who created it (the owner of an `Ownership` context); `None`: the gateway.
+    pub creator: Option<PeerId>,
 }
 
 /// All contexts.
@@ -31,10 +42,63 @@ pub(crate) struct ContextRec {
 pub(crate) struct Contexts {
     by_id: HashMap<u64, ContextRec>,
     by_name: HashMap<(String, String), u64>,
-    next_id: u64,
+    /// The last id handed out.
+    pub(super) next_id: u64,
+    /// The doorbell rung for subscribers behind the gateway (the bridge's), if it runs.
+    pub(crate) relay_bell: Option<u32>,
+}
+
+impl ContextRec {
+    /// The segment's (writable) descriptor.
+    pub(super) fn fd(&self) -> &Arc<OwnedFd> {
+        &self.fd
+    }
 }
 
 impl Contexts {
+    /// How many contexts exist.
+    pub(super) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Every context's id.
+    pub(super) fn ids(&self) -> Vec<u64> {
+        self.by_id.keys().copied().collect()
+    }
+
+    /// Every context.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &ContextRec> {
+        self.by_id.values()
+    }
+
+    /// Adds a context adopted from the keeper (validated by the caller; nobody subscribed).
+    pub(super) fn insert_adopted(
+        &mut self,
+        id: u64,
+        name: String,
+        user: String,
+        fd: OwnedFd,
+        store: Store<ContextSegment>,
+    ) {
+        self.by_name.insert((user.clone(), name.clone()), id);
+        self.by_id.insert(
+            id,
+            ContextRec {
+                id,
+                name,
+                user,
+                fd: Arc::new(fd),
+                ro_fd: None,
+                store,
+                subscribers: HashMap::new(),
+                // The keeper holds segments, not lifetimes: an adopted context is retained
+                // (its data is what a restart must not lose; docs/guarantees.md).
+                lifetime: ContextLifetime::Retained,
+                creator: None,
+            },
+        );
+    }
+
     /// (id, name) of every context `user` may see, by id.
     pub(crate) fn visible_to(&self, user: &str) -> Vec<(u64, String)> {
         let mut v: Vec<(u64, String)> = self
@@ -42,6 +106,18 @@ impl Contexts {
             .values()
             .filter(|c| c.user == user)
             .map(|c| (c.id, c.name.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// (id, owner) of the `Ownership` contexts `user` may see.
+    pub(crate) fn owners_visible_to(&self, user: &str) -> Vec<(u64, PeerId)> {
+        let mut v: Vec<(u64, PeerId)> = self
+            .by_id
+            .values()
+            .filter(|c| c.user == user && c.lifetime == ContextLifetime::Ownership)
+            .filter_map(|c| c.creator.map(|p| (c.id, p)))
             .collect();
         v.sort();
         v
@@ -60,21 +136,60 @@ impl Contexts {
     }
 }
 
+/// Forgets `peer` as a subscriber of `c`; its doorbell leaves the table when nobody else rings
+/// it. Returns whether it was a member.
+fn drop_subscriber(c: &mut ContextRec, peer: PeerId) -> bool {
+    match c.subscribers.remove(&peer) {
+        Some(Some(d)) => {
+            if !c.subscribers.values().any(|x| *x == Some(d)) {
+                c.store.ctl().remove_subscriber(d);
+            }
+            true
+        }
+        Some(None) => true,
+        None => false,
+    }
+}
+
 impl Registry {
     fn user_of(&self, peer: PeerId) -> Option<String> {
         self.peers.get(&peer).map(|p| p.identity.user.clone())
     }
 
+    /// The doorbell to ring for `peer` when a context it subscribed to changes.
+    fn doorbell_for(&self, peer: PeerId) -> Option<u32> {
+        let p = self.peers.get(&peer)?;
+        match (p.doorbell, p.transport) {
+            (Some(d), _) => Some(d),
+            (None, Transport::Relay) => self.contexts.relay_bell,
+            (None, Transport::Shm) => None,
+        }
+    }
+
     /// Creates context `name` for `user` if missing; returns its id. Announces new contexts to
-    /// everyone of that user.
+    /// everyone of that user (`creator`: who asked for it).
     pub(crate) fn ensure_context(
         &mut self,
         user: &str,
         name: &str,
+        creator: Option<PeerId>,
     ) -> Result<u64, (Status, String)> {
         if let Some(c) = self.contexts.find(user, name) {
             return Ok(c.id);
         }
+        let id = self.new_context(user, name, ContextLifetime::Retained, creator)?;
+        self.announce_context(id);
+        Ok(id)
+    }
+
+    /// Makes the segment and the record of a new context, without telling anyone yet.
+    pub(crate) fn new_context(
+        &mut self,
+        user: &str,
+        name: &str,
+        lifetime: ContextLifetime,
+        creator: Option<PeerId>,
+    ) -> Result<u64, (Status, String)> {
         if name.is_empty() || name.len() > self.limits.max_name_len {
             return Err((
                 Status::InvalidArgument,
@@ -112,28 +227,76 @@ impl Registry {
                 ro_fd: None,
                 store,
                 subscribers: HashMap::new(),
+                lifetime,
+                creator,
             },
         );
         self.contexts
             .by_name
             .insert((user.to_string(), name.to_string()), id);
+        self.keep_context_created(id);
+        Ok(id)
+    }
+
+    /// Tells everyone of the context's user (its creator included) that it exists.
+    pub(crate) fn announce_context(&mut self, id: u64) {
+        let Some(c) = self.contexts.by_id.get(&id) else {
+            return;
+        };
+        let msg = FromGateway::ContextAdded {
+            id,
+            name: c.name.clone(),
+            creator: c.creator,
+        };
         let audience: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.identity.user == user)
+            .filter(|(_, p)| p.identity.user == c.user)
             .map(|(id, _)| *id)
             .collect();
         for p in audience {
-            self.send(
-                p,
-                FromGateway::ContextAdded {
-                    id,
-                    name: name.to_string(),
-                },
-                Vec::new(),
-            );
+            self.send(p, msg.clone(), Vec::new());
         }
-        Ok(id)
+    }
+
+    /// The descriptor `peer` may have for context `id`: read-write, or read-only when it may
+    /// not write. `None` when it may not read, with the failure to send.
+    fn context_fd(
+        &mut self,
+        peer: PeerId,
+        id: u64,
+    ) -> Result<(Arc<OwnedFd>, bool), (Status, String)> {
+        let Some(c) = self.contexts.by_id.get(&id) else {
+            return Err((
+                Status::NotFound,
+                format!("Unable to find context with id {id}"),
+            ));
+        };
+        let (read, write) = self.context_access(peer, &c.name);
+        if !read {
+            if let Some(p) = self.peers.get(&peer) {
+                log_denial(&p.identity, "context.read", &c.name, "the gateway");
+            }
+            return Err((
+                Status::PermissionDenied,
+                "Not authorized to read context".into(),
+            ));
+        }
+        let Some(c) = self.contexts.by_id.get_mut(&id) else {
+            return Err((
+                Status::NotFound,
+                format!("Unable to find context with id {id}"),
+            ));
+        };
+        if write {
+            return Ok((c.fd.clone(), true));
+        }
+        if c.ro_fd.is_none() {
+            let fd = crate::sys::memfd::read_only(&*c.fd)
+                .map_err(|e| (Status::Internal, format!("read-only segment: {e}")))?;
+            c.ro_fd = Some(Arc::new(fd));
+        }
+        Ok((c.ro_fd.clone().unwrap_or_else(|| c.fd.clone()), false))
     }
 
     /// Maps context `name` for `from` (creating it when asked).
@@ -158,7 +321,7 @@ impl Registry {
                 let msg = "Not authorized to create context".to_string();
                 return self.fail(from, req, Status::PermissionDenied, msg);
             }
-            None if create => match self.ensure_context(&user, &name) {
+            None if create => match self.ensure_context(&user, &name, Some(from)) {
                 Ok(id) => id,
                 Err((s, m)) => return self.fail(from, req, s, m),
             },
@@ -171,42 +334,123 @@ impl Registry {
                 )
             }
         };
-        let Some(c) = self.contexts.by_id.get_mut(&id) else {
+        match self.context_fd(from, id) {
+            Ok((fd, writable)) => {
+                let msg = FromGateway::ContextOpened {
+                    req,
+                    id,
+                    name,
+                    writable,
+                };
+                self.send(from, msg, vec![fd]);
+            }
+            Err((s, m)) => self.fail(from, req, s, m),
+        }
+    }
+
+    /// GW3's `create-context`: a new context holding `data` with the given lifetime, or (when
+    /// the name exists) the existing one, whose data stays as it is. Either way `from` becomes a
+    /// member; the answer carries the segment.
+    pub(crate) fn create_context(
+        &mut self,
+        from: PeerId,
+        req: u64,
+        name: String,
+        lifetime: ContextLifetime,
+        data: Value,
+    ) {
+        let Some(user) = self.user_of(from) else {
             return;
         };
-        let fd = if write {
-            c.fd.clone()
-        } else {
-            if c.ro_fd.is_none() {
-                match crate::sys::memfd::read_only(&*c.fd) {
-                    Ok(fd) => c.ro_fd = Some(Arc::new(fd)),
-                    Err(e) => {
-                        return self.fail(
-                            from,
-                            req,
-                            Status::Internal,
-                            format!("read-only segment: {e}"),
-                        )
+        let (read, write) = self.context_access(from, &name);
+        let exists = self.contexts.find(&user, &name).is_some();
+        if !read || (!exists && !write) {
+            let action = if read {
+                "context.write"
+            } else {
+                "context.read"
+            };
+            if let Some(p) = self.peers.get(&from) {
+                log_denial(&p.identity, action, &name, "the gateway");
+            }
+            let msg = if read {
+                "Not authorized to create context"
+            } else {
+                "Not authorized to read context"
+            };
+            return self.fail(from, req, Status::PermissionDenied, msg.to_string());
+        }
+        let (id, created) = match self.contexts.find(&user, &name) {
+            Some(c) => (c.id, false),
+            None => {
+                let Value::Map(data) = data else {
+                    let msg = "Please provide the data as an object!".to_string();
+                    return self.fail(from, req, Status::InvalidArgument, msg);
+                };
+                let id = match self.new_context(&user, &name, lifetime, Some(from)) {
+                    Ok(id) => id,
+                    Err((s, m)) => return self.fail(from, req, s, m),
+                };
+                // Nobody else has the segment yet: the lock is free and the data is in place
+                // before anyone hears of the context.
+                let max = self.limits.max_payload as usize;
+                let written = self.contexts.by_id.get(&id).map(|c| {
+                    crate::store::context::write(
+                        &c.store,
+                        from.0,
+                        &crate::model::context::ContextOp::Set(data),
+                        None,
+                        max,
+                        std::time::Duration::from_secs(1),
+                        None,
+                    )
+                });
+                if let Some(Err(e)) = written {
+                    if let Some(c) = self.contexts.by_id.remove(&id) {
+                        self.contexts.by_name.remove(&(c.user, c.name));
                     }
+                    return self.fail(from, req, Status::InvalidArgument, e.to_string());
+                }
+                (id, true)
+            }
+        };
+        let (fd, writable) = match self.context_fd(from, id) {
+            Ok(x) => x,
+            Err((s, m)) => {
+                if created {
+                    self.announce_context(id);
+                }
+                return self.fail(from, req, s, m);
+            }
+        };
+        let doorbell = self.doorbell_for(from);
+        if let Some(c) = self.contexts.by_id.get_mut(&id) {
+            if let Some(d) = doorbell {
+                if !c.store.ctl().add_subscriber(d) {
+                    crate::log::warn(format_args!("context {name:?}: subscriber table full"));
                 }
             }
-            c.ro_fd.clone().unwrap_or_else(|| c.fd.clone())
-        };
-        let msg = FromGateway::ContextOpened {
+            c.subscribers.insert(from, doorbell);
+        }
+        if created {
+            self.announce_context(id);
+        }
+        let msg = FromGateway::ContextCreated {
             req,
             id,
             name,
-            writable: write,
+            created,
+            writable,
         };
         self.send(from, msg, vec![fd]);
     }
 
-    /// Adds `from`'s doorbell to context `id`'s subscribers.
+    /// Adds `from` to context `id`'s subscribers (members).
     pub(crate) fn subscribe_context(&mut self, from: PeerId, req: u64, id: u64) {
-        let (Some(user), Some(peer)) = (self.user_of(from), self.peers.get(&from)) else {
+        let Some(user) = self.user_of(from) else {
             return;
         };
-        let doorbell = peer.doorbell;
+        let doorbell = self.doorbell_for(from);
         let readable = self
             .contexts
             .by_id
@@ -245,12 +489,17 @@ impl Registry {
         self.send(from, FromGateway::Ack { req }, Vec::new());
     }
 
-    /// Removes `from` from context `id`'s subscribers.
+    /// Removes `from` from context `id`'s subscribers; a ref-counted context that loses its
+    /// last member goes (everyone hears of it before the answer).
     pub(crate) fn unsubscribe_context(&mut self, from: PeerId, req: u64, id: u64) {
+        let mut last = false;
         if let Some(c) = self.contexts.by_id.get_mut(&id) {
-            if let Some(Some(d)) = c.subscribers.remove(&from) {
-                c.store.ctl().remove_subscriber(d);
-            }
+            last = drop_subscriber(c, from)
+                && c.lifetime == ContextLifetime::RefCounted
+                && c.subscribers.is_empty();
+        }
+        if last {
+            self.remove_context(id, ContextGone::LastMemberLeft);
         }
         self.send(from, FromGateway::Ack { req }, Vec::new());
     }
@@ -262,8 +511,9 @@ impl Registry {
         };
         match self.contexts.by_id.get(&id) {
             Some(c) if c.user == user => {
-                if !self.context_access(from, &c.name).1 {
-                    if let Some(p) = self.peers.get(&from) {
+                let not_owner = c.lifetime == ContextLifetime::Ownership && c.creator != Some(from);
+                if not_owner || !self.context_access(from, &c.name).1 {
+                    if let Some(p) = self.peers.get(&from).filter(|_| !not_owner) {
                         log_denial(&p.identity, "context.write", &c.name, "the gateway");
                     }
                     return self.fail(
@@ -283,18 +533,19 @@ impl Registry {
                 )
             }
         }
-        self.remove_context(id);
+        self.remove_context(id, ContextGone::Destroyed);
         self.send(from, FromGateway::Ack { req }, Vec::new());
     }
 
     /// Forgets a context and tells everyone of its user.
-    pub(crate) fn remove_context(&mut self, id: u64) {
+    pub(crate) fn remove_context(&mut self, id: u64, reason: ContextGone) {
         let Some(c) = self.contexts.by_id.remove(&id) else {
             return;
         };
         self.contexts
             .by_name
             .remove(&(c.user.clone(), c.name.clone()));
+        self.keep_context_removed(id);
         let audience: Vec<PeerId> = self
             .peers
             .iter()
@@ -307,6 +558,7 @@ impl Registry {
                 FromGateway::ContextDestroyed {
                     id,
                     name: c.name.clone(),
+                    reason,
                 },
                 Vec::new(),
             );
@@ -314,13 +566,13 @@ impl Registry {
     }
 
     /// A peer left: drop its subscriptions and free any writer lock it held (it may have died
-    /// mid-update; the store's commit order keeps the data consistent either way).
+    /// mid-update; the store's commit order keeps the data consistent either way). Its
+    /// ownership contexts go, and so do ref-counted contexts it was the last member of.
     pub(crate) fn contexts_peer_left(&mut self, peer: PeerId) {
         let mut notify = Vec::new();
+        let mut gone = Vec::new();
         for c in self.contexts.by_id.values_mut() {
-            if let Some(Some(d)) = c.subscribers.remove(&peer) {
-                c.store.ctl().remove_subscriber(d);
-            }
+            let member = drop_subscriber(c, peer);
             if c.store.ctl().break_lock(peer.0) {
                 crate::log::warn(format_args!(
                     "{peer} died holding the lock of context {:?}; freed",
@@ -341,9 +593,227 @@ impl Registry {
                     }
                 }
             }
+            match c.lifetime {
+                ContextLifetime::Ownership if c.creator == Some(peer) => {
+                    gone.push((c.id, ContextGone::OwnerLeft))
+                }
+                ContextLifetime::RefCounted if member && c.subscribers.is_empty() => {
+                    gone.push((c.id, ContextGone::LastMemberLeft))
+                }
+                _ => {}
+            }
+        }
+        gone.sort_by_key(|g| g.0);
+        for (id, reason) in gone {
+            self.remove_context(id, reason);
         }
         for d in notify {
             self.ring(d);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::registry::{Admission, Limits, Outgoing};
+    use tokio::sync::mpsc;
+
+    fn web(reg: &mut Registry, app: &str, user: &str) -> (PeerId, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let adm = Admission {
+            application: app.into(),
+            instance: None,
+            pid: 0,
+            user: user.into(),
+            transport: Transport::Relay,
+            attributes: Value::Null,
+        };
+        let (id, _) = reg.admit(adm, tx).unwrap();
+        (id, rx)
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<FromGateway> {
+        let mut v = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            v.push(o.msg);
+        }
+        v
+    }
+
+    fn created(msgs: &[FromGateway]) -> Option<(u64, bool)> {
+        msgs.iter().find_map(|m| match m {
+            FromGateway::ContextCreated { id, created, .. } => Some((*id, *created)),
+            _ => None,
+        })
+    }
+
+    fn destroyed(msgs: &[FromGateway]) -> Vec<(u64, ContextGone)> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                FromGateway::ContextDestroyed { id, reason, .. } => Some((*id, *reason)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn registry() -> Registry {
+        let mut reg = Registry::new(Limits::default()).unwrap();
+        reg.set_channels(crate::gateway::channels::ChannelConfig {
+            channels: Vec::new(),
+            restrictions: Vec::new(),
+        });
+        reg
+    }
+
+    #[test]
+    fn create_announces_to_the_user_and_joins_an_existing_name() {
+        let mut reg = registry();
+        let (a, mut ra) = web(&mut reg, "A", "u");
+        let (b, mut rb) = web(&mut reg, "B", "u");
+        let (_z, mut rz) = web(&mut reg, "Z", "other");
+        drain(&mut ra);
+        drain(&mut rb);
+        drain(&mut rz);
+        let data = Value::object([("a", Value::from(1))]);
+        reg.create_context(a, 1, "c".into(), ContextLifetime::Retained, data);
+        let msgs = drain(&mut ra);
+        assert!(
+            matches!(&msgs[0], FromGateway::ContextAdded { creator: Some(p), .. } if *p == a),
+            "{msgs:?}"
+        );
+        let (id, fresh) = created(&msgs).unwrap();
+        assert!(fresh);
+        assert!(matches!(
+            drain(&mut rb)[0],
+            FromGateway::ContextAdded { .. }
+        ));
+        assert!(drain(&mut rz).is_empty(), "other users hear nothing");
+        let c = reg.contexts.get(id).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(c.store.read(&mut buf).unwrap().updater, a.0);
+        // The same name again: joined, data untouched.
+        reg.create_context(b, 2, "c".into(), ContextLifetime::Retained, Value::map());
+        assert_eq!(created(&drain(&mut rb)), Some((id, false)));
+        let w = reg.admit(
+            Admission {
+                application: "W".into(),
+                instance: None,
+                pid: 0,
+                user: "u".into(),
+                transport: Transport::Relay,
+                attributes: Value::Null,
+            },
+            mpsc::channel(8).0,
+        );
+        assert_eq!(w.unwrap().1.contexts, vec![(id, "c".to_string())]);
+        // A bad lifetime never reaches here; bad data does.
+        reg.create_context(a, 3, "d".into(), ContextLifetime::Retained, Value::from(1));
+        assert!(drain(&mut ra).iter().any(|m| matches!(
+            m,
+            FromGateway::Fail {
+                req: 3,
+                status: Status::InvalidArgument,
+                ..
+            }
+        )));
+        assert!(reg.contexts.find("u", "d").is_none());
+    }
+
+    #[test]
+    fn ref_counted_contexts_go_with_their_last_member() {
+        let mut reg = registry();
+        let (y, mut ry) = web(&mut reg, "Y", "u");
+        let (w, mut rw) = web(&mut reg, "W", "u");
+        reg.create_context(y, 1, "rc".into(), ContextLifetime::RefCounted, Value::map());
+        let (id, _) = created(&drain(&mut ry)).unwrap();
+        reg.subscribe_context(w, 2, id);
+        reg.unsubscribe_context(y, 3, id);
+        assert!(destroyed(&drain(&mut ry)).is_empty(), "W is still a member");
+        drain(&mut rw);
+        reg.unsubscribe_context(w, 4, id);
+        let msgs = drain(&mut rw);
+        assert_eq!(destroyed(&msgs), vec![(id, ContextGone::LastMemberLeft)]);
+        assert!(
+            matches!(msgs.last(), Some(FromGateway::Ack { req: 4 })),
+            "destroyed before the answer: {msgs:?}"
+        );
+        // And when the last member leaves instead.
+        reg.create_context(
+            y,
+            5,
+            "rc2".into(),
+            ContextLifetime::RefCounted,
+            Value::map(),
+        );
+        let (id2, _) = created(&drain(&mut ry)).unwrap();
+        reg.remove(y, "gone");
+        assert_eq!(
+            destroyed(&drain(&mut rw)),
+            vec![(id2, ContextGone::LastMemberLeft)]
+        );
+    }
+
+    #[test]
+    fn ownership_contexts_belong_to_their_creator() {
+        let mut reg = registry();
+        let (y, mut ry) = web(&mut reg, "Y", "u");
+        let (w, mut rw) = web(&mut reg, "W", "u");
+        reg.create_context(w, 1, "own".into(), ContextLifetime::Ownership, Value::map());
+        let (id, _) = created(&drain(&mut rw)).unwrap();
+        drain(&mut ry);
+        reg.destroy_context(y, 2, id);
+        assert!(matches!(
+            drain(&mut ry)[0],
+            FromGateway::Fail {
+                status: Status::PermissionDenied,
+                ..
+            }
+        ));
+        let (_, welcome) = reg
+            .admit(
+                Admission {
+                    application: "L".into(),
+                    instance: None,
+                    pid: 0,
+                    user: "u".into(),
+                    transport: Transport::Relay,
+                    attributes: Value::Null,
+                },
+                mpsc::channel(8).0,
+            )
+            .unwrap();
+        assert_eq!(welcome.context_owners, vec![(id, w)]);
+        reg.remove(w, "gone");
+        assert_eq!(
+            destroyed(&drain(&mut ry)),
+            vec![(id, ContextGone::OwnerLeft)]
+        );
+    }
+
+    #[test]
+    fn peers_behind_the_gateway_share_one_doorbell_per_context() {
+        let mut reg = registry();
+        let (bell, _dir) = reg.reserve_doorbell().unwrap();
+        let (a, mut ra) = web(&mut reg, "A", "u");
+        let (b, _rb) = web(&mut reg, "B", "u");
+        reg.create_context(a, 1, "c".into(), ContextLifetime::Retained, Value::map());
+        let (id, _) = created(&drain(&mut ra)).unwrap();
+        reg.subscribe_context(b, 2, id);
+        let bells = |reg: &Registry| {
+            let mut v = Vec::new();
+            reg.contexts
+                .get(id)
+                .unwrap()
+                .store
+                .ctl()
+                .for_each_subscriber(|i| v.push(i));
+            v
+        };
+        assert_eq!(bells(&reg), vec![bell]);
+        reg.unsubscribe_context(a, 3, id);
+        assert_eq!(bells(&reg), vec![bell], "B still needs it");
+        reg.unsubscribe_context(b, 4, id);
+        assert!(bells(&reg).is_empty());
     }
 }

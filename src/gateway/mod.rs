@@ -19,8 +19,10 @@
 mod bus;
 pub mod channels;
 mod contexts;
+mod keep;
 mod registry;
 
+pub use keep::AdoptError;
 pub use registry::Limits;
 
 use crate::status::Status;
@@ -54,6 +56,10 @@ pub struct GatewayConfig {
     /// Access control: who may register, invoke, publish, subscribe, read and write what
     /// (`model::policy`). The default allows everything.
     pub policy: crate::model::policy::Policy,
+    /// The keeper that holds context segments across gateway restarts ([`crate::keeper`]);
+    /// `None` (the default for embedded gateways): contexts live only as long as the gateway.
+    /// `knit gateway` uses one unless told `--no-keeper`.
+    pub keeper: Option<crate::keeper::KeeperConfig>,
 }
 
 impl GatewayConfig {
@@ -66,6 +72,7 @@ impl GatewayConfig {
             channels: Default::default(),
             bridge: None,
             policy: Default::default(),
+            keeper: None,
         }
     }
 }
@@ -106,6 +113,8 @@ pub struct Gateway {
     cfg: GatewayConfig,
     listener: std::os::unix::net::UnixListener,
     bridge: Option<crate::bridge::Bound>,
+    /// The keeper's link and what it handed back, adopted when serving starts.
+    kept: Option<(crate::keeper::Link, crate::keeper::State)>,
     _lock: OwnedFd,
 }
 
@@ -135,6 +144,27 @@ impl Gateway {
             }
             std::fs::remove_file(&cfg.socket).map_err(ctx("removing a stale socket"))?;
         }
+        let bridge = match &cfg.bridge {
+            Some(b) => Some(crate::bridge::bind(
+                b,
+                &cfg.socket,
+                identity::user_name(identity::euid()),
+            )?),
+            None => None,
+        };
+        // Before the socket listens: clients that connect find the adopted contexts.
+        let kept = match &cfg.keeper {
+            Some(k) => match crate::keeper::Link::attach(&cfg.socket, k) {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    crate::log::warn(format_args!(
+                        "no keeper: contexts will not survive a gateway crash ({e})"
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
         let name = cfg
             .socket
             .as_path()
@@ -152,18 +182,11 @@ impl Gateway {
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .map_err(ctx("socket permissions"))?;
-        let bridge = match &cfg.bridge {
-            Some(b) => Some(crate::bridge::bind(
-                b,
-                &cfg.socket,
-                identity::user_name(identity::euid()),
-            )?),
-            None => None,
-        };
         Ok(Gateway {
             cfg,
             listener,
             bridge,
+            kept,
             _lock: lock,
         })
     }
@@ -331,20 +354,41 @@ async fn serve(
     let my_uid = identity::euid();
     let user = identity::user_name(my_uid);
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
+    let mut registry = Registry::new(gw.cfg.limits.clone())
+        .map_err(|e| ctx("doorbell directory")(std::io::Error::other(e)))?;
+    registry.set_channels(gw.cfg.channels.clone());
+    registry.set_policy(gw.cfg.policy.clone());
+    match (gw.kept, &gw.cfg.keeper) {
+        (Some((link, state)), Some(cfg)) => {
+            registry.set_keeper(link, Some((gw.cfg.socket.clone(), cfg.clone())));
+            let offered = state.contexts.len();
+            let errors = registry.adopt(state);
+            for e in &errors {
+                crate::log::warn(format_args!("not adopted: {e}"));
+            }
+            if offered > 0 {
+                crate::log::info(format_args!(
+                    "adopted {} of {offered} contexts kept across the restart",
+                    offered - errors.len()
+                ));
+            }
+        }
+        (None, Some(cfg)) => registry.set_keeper_source(gw.cfg.socket.clone(), cfg.clone()),
+        _ => {}
+    }
     let bridge = match gw.bridge {
         Some(b) => {
             let core = CoreHandle { tx: ev_tx.clone() };
+            // The bridge follows shared contexts for its web peers: it sleeps on a doorbell of
+            // the directory that native writers ring.
+            let bell = registry.reserve_doorbell();
             Some(
-                b.start(core, gw.cfg.limits.clone())
+                b.start(core, gw.cfg.limits.clone(), bell)
                     .map_err(ctx("starting the bridge"))?,
             )
         }
         None => None,
     };
-    let mut registry = Registry::new(gw.cfg.limits.clone())
-        .map_err(|e| ctx("doorbell directory")(std::io::Error::other(e)))?;
-    registry.set_channels(gw.cfg.channels.clone());
-    registry.set_policy(gw.cfg.policy.clone());
     let mut closers: HashMap<PeerId, Closer> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -357,7 +401,11 @@ async fn serve(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = sweep.tick() => registry.expire(std::time::Instant::now()),
+            _ = sweep.tick() => {
+                let now = std::time::Instant::now();
+                registry.expire(now);
+                registry.keep_sweep(now);
+            }
             // Reap writers whose connection ended: a finished task stays in the set (about
             // 1.4 KiB each) until joined, so a gateway that saw many short-lived peers grew
             // without bound (docs/load.md).
@@ -420,7 +468,12 @@ async fn serve(
                         ToGateway::BusUnsubscribe { req, sub } => registry.bus_unsubscribe(peer, req, sub),
                         ToGateway::Record { to, kind, body } => registry.relay_record(peer, to, kind, body),
                         ToGateway::BusPublish { topic, routing_key, target, data } => {
+                            // Publishers deliver to their own subscriptions themselves (a web
+                            // peer's session included).
                             registry.bus_publish(peer, topic, routing_key, target, data, false)
+                        }
+                        ToGateway::CreateContext { req, name, lifetime, data } => {
+                            registry.create_context(peer, req, name, lifetime, data)
                         }
                         ToGateway::BusSynced { ticket } => registry.bus_synced(peer, ticket),
                         ToGateway::Denied { peer: offender, action, resource } => {
@@ -450,6 +503,8 @@ async fn serve(
         registry.peer_count()
     ));
     registry.shutdown("gateway stopping");
+    // A clean stop keeps nothing: the keeper exits with us.
+    registry.keeper_exit();
     drop(registry);
     if let Some(b) = bridge {
         b.stop().await;

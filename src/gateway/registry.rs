@@ -71,12 +71,20 @@ pub(super) struct Peer {
     methods: BTreeMap<u32, MethodDef>,
     /// Native peers' doorbell index in the directory.
     pub(super) doorbell: Option<u32>,
+    /// What identity filters (bus `target`) match: the identity, plus the attributes a peer
+    /// behind the gateway logged in with (a web peer's GW3 identity).
+    pub(super) attributes: Value,
     tx: PeerTx,
     /// Relayed calls this peer has waiting.
     pending: usize,
     /// What the policy lets it do.
     pub(super) rules: Arc<PeerRules>,
+    /// Lane faults this peer reported that disconnected the accused (see `lane_fault`).
+    accusations: u32,
 }
+
+/// Lane faults by one peer that disconnect the accused; later ones only drop the lane.
+const MAX_ACCUSATIONS: u32 = 8;
 
 struct LaneRec {
     id: u64,
@@ -108,6 +116,8 @@ pub(crate) struct Admission {
     pub pid: u32,
     pub user: String,
     pub transport: Transport,
+    /// More identity attributes (a map; `Null`: none), matched by identity filters.
+    pub attributes: Value,
 }
 
 /// Peers, methods, lanes and relayed calls.
@@ -132,7 +142,9 @@ pub(crate) struct Registry {
     pub(super) channels: super::channels::ChannelConfig,
     /// Access control (see `model::policy`).
     policy: Policy,
-    next_peer: u64,
+    /// The keeper and what adoption left behind (see `keep.rs`).
+    pub(super) keep: super::keep::Keep,
+    pub(super) next_peer: u64,
     next_lane: u64,
     next_invocation: u64,
     machine: String,
@@ -181,6 +193,7 @@ impl Registry {
             bus: Default::default(),
             channels: Default::default(),
             policy: Policy::default(),
+            keep: Default::default(),
             next_peer: 1,
             next_lane: 1,
             next_invocation: 1,
@@ -225,6 +238,14 @@ impl Registry {
         };
         let by = format!("{} ({})", b.identity.application, by);
         log_denial(&o.identity, action, resource, &by);
+    }
+
+    /// Takes a doorbell for the gateway's own use (the WebSocket bridge sleeps on it, and it is
+    /// rung for context subscribers behind the gateway). Returns its index and the directory.
+    pub(crate) fn reserve_doorbell(&mut self) -> Option<(u32, Arc<OwnedFd>)> {
+        let i = self.free_doorbells.pop()?;
+        self.contexts.relay_bell = Some(i);
+        Some((i, self.doorbells.clone()))
     }
 
     pub(crate) fn take_actions(&mut self) -> Vec<Action> {
@@ -297,6 +318,7 @@ impl Registry {
             pid: cred.pid,
             user,
             transport: hello.transport,
+            attributes: Value::Null,
         };
         // The executable of a kernel-verified pid: policies may name it.
         let exe = std::fs::read_link(format!("/proc/{}/exe", cred.pid))
@@ -366,6 +388,7 @@ impl Registry {
             user: &adm.user,
             exe,
         }));
+        self.keep_peer_joined(id, adm.pid, adm.transport == Transport::Shm);
         let identity = Instance {
             application: adm.application,
             instance,
@@ -392,16 +415,24 @@ impl Registry {
                 rules: (*p.rules).clone(),
             })
             .collect();
+        let mut attributes = identity.to_value();
+        if let (Value::Map(all), Value::Map(extra)) = (&mut attributes, adm.attributes) {
+            for (k, v) in extra {
+                all.entry(k).or_insert(v);
+            }
+        }
         self.peers.insert(
             id,
             Peer {
                 identity: identity.clone(),
                 transport: adm.transport,
+                attributes,
                 methods: BTreeMap::new(),
                 doorbell,
                 tx,
                 pending: 0,
                 rules: rules.clone(),
+                accusations: 0,
             },
         );
         let welcome = Welcome {
@@ -423,6 +454,7 @@ impl Registry {
                 self.bus.of_peers(&same_user)
             },
             rules: (*rules).clone(),
+            context_owners: self.contexts.owners_visible_to(&identity.user),
         };
         let fds = if doorbell.is_some() {
             vec![self.doorbells.clone()]
@@ -596,19 +628,50 @@ impl Registry {
         self.send(from, msg, fds);
     }
 
-    /// `from` found the lane to `other` corrupt: forget the lane and tell `other`.
+    /// `from` found the lane to `other` corrupt: forget the lane, tell `other`, and disconnect
+    /// `other`, the only other process that maps the lane: a peer that writes garbage into
+    /// shared memory is not trusted with any (DESIGN §2; the victim has already dropped the
+    /// lane and failed its calls, and carries on with everyone else).
+    ///
+    /// The gateway cannot verify the accusation: both ends map the whole segment read-write, so
+    /// either could have written anything, and "which ring" a report names would be the
+    /// accuser's word too. What bounds a false accusation:
+    /// * the lane must exist between the two: a peer accuses only a peer it holds a live lane
+    ///   with, and a lane yields at most one disconnection (it is forgotten at the first report,
+    ///   so the accused's counter-report finds nothing);
+    /// * every native peer runs as the gateway's own OS user (other uids are refused at accept),
+    ///   so the accuser could as well signal or ptrace the accused: lying gains it nothing it
+    ///   does not have;
+    /// * a peer's accusations disconnect at most [`MAX_ACCUSATIONS`] peers over its lifetime;
+    ///   after that its reports only drop the lane (a peer that finds everyone corrupt is more
+    ///   likely the broken one).
     pub(crate) fn lane_fault(&mut self, from: PeerId, other: PeerId, reason: &str) {
         crate::log::warn(format_args!(
             "{from} reports a corrupt lane from {other}: {reason}"
         ));
-        if let Some(rec) = self.lanes.remove(&lane_key(from, other)) {
-            let msg = FromGateway::LaneClosed {
-                peer: from,
-                lane: rec.id,
-                reason: reason.to_string(),
-            };
-            self.send(other, msg, Vec::new());
+        let Some(rec) = self.lanes.remove(&lane_key(from, other)) else {
+            return;
+        };
+        let msg = FromGateway::LaneClosed {
+            peer: from,
+            lane: rec.id,
+            reason: reason.to_string(),
+        };
+        self.send(other, msg, Vec::new());
+        let Some(accuser) = self.peers.get_mut(&from) else {
+            return;
+        };
+        if accuser.accusations >= MAX_ACCUSATIONS {
+            crate::log::warn(format_args!(
+                "{from} has reported {MAX_ACCUSATIONS} corrupt peers; keeping {other} connected"
+            ));
+            return;
         }
+        accuser.accusations += 1;
+        self.actions.push(Action::Disconnect(
+            other,
+            format!("wrote garbage into its lane to {from} ({reason})"),
+        ));
     }
 
     /// Relays a call from `from` to `peer`'s method (for peers without a lane between them).
@@ -756,6 +819,7 @@ impl Registry {
             }
             self.free_doorbells.insert(0, slot);
         }
+        self.keep_peer_left(id);
         self.lanes.retain(|(a, b), _| *a != id && *b != id);
         let orphaned: Vec<u64> = self
             .relayed
@@ -833,6 +897,7 @@ mod tests {
             pid: 0,
             user: user.into(),
             transport: Transport::Relay,
+            attributes: Value::Null,
         };
         let (id, _) = reg.admit(adm, tx).unwrap();
         (id, rx)
@@ -1249,5 +1314,165 @@ mod tests {
             }
         ));
         assert!(reg.relayed.is_empty());
+    }
+
+    #[test]
+    fn a_lane_fault_disconnects_the_accused_once_and_only_over_a_live_lane() {
+        let mut reg = Registry::new(Limits::default()).unwrap();
+        let (victim, mut rv) = join(&mut reg, "victim", "u");
+        let (vandal, mut rx) = join(&mut reg, "vandal", "u");
+        let (bystander, _rb) = join(&mut reg, "bystander", "u");
+        // No lane between them: nothing happens (a peer accuses only a peer it has a lane with).
+        reg.lane_fault(victim, bystander, "made up");
+        assert!(reg.take_actions().is_empty());
+        reg.open_lane(vandal, 1, victim);
+        recv(&mut rv);
+        recv(&mut rx);
+        reg.lane_fault(
+            victim,
+            vandal,
+            "ring corrupt: producer position out of range",
+        );
+        let actions = reg.take_actions();
+        assert!(
+            matches!(&actions[..], [Action::Disconnect(p, why)] if *p == vandal && why.contains("garbage")),
+            "{actions:?}"
+        );
+        assert_eq!(reg.lane_count(), 0);
+        assert!(matches!(
+            &recv(&mut rx)[0].0,
+            FromGateway::LaneClosed { peer, .. } if *peer == victim
+        ));
+        // The accused's counter-accusation finds no lane: the victim stays.
+        reg.lane_fault(vandal, victim, "you did it");
+        assert!(reg.take_actions().is_empty());
+    }
+
+    #[test]
+    fn a_peer_that_finds_everyone_corrupt_stops_disconnecting_them() {
+        let mut reg = Registry::new(Limits::default()).unwrap();
+        let (accuser, _ra) = join(&mut reg, "accuser", "u");
+        let mut disconnected = 0;
+        let mut keep = Vec::new();
+        for i in 0..MAX_ACCUSATIONS + 3 {
+            let (p, rp) = join(&mut reg, &format!("p{i}"), "u");
+            keep.push(rp);
+            reg.open_lane(accuser, 1, p);
+            reg.lane_fault(accuser, p, "corrupt");
+            disconnected += reg.take_actions().len() as u32;
+            assert_eq!(reg.lane_count(), 0, "the lane is dropped either way");
+        }
+        assert_eq!(disconnected, MAX_ACCUSATIONS);
+    }
+
+    #[test]
+    fn registration_floods_are_refused_with_typed_errors() {
+        let mut reg = Registry::new(Limits {
+            max_methods_per_peer: 1000,
+            max_name_len: 64,
+            ..Limits::default()
+        })
+        .unwrap();
+        let (a, mut ra) = join(&mut reg, "A", "u");
+        let (_b, mut rb) = join(&mut reg, "B", "u");
+        recv(&mut rb);
+        // In batches up to the limit: accepted.
+        for batch in 0..10u32 {
+            let specs = (0..100).map(|i| spec(batch * 100 + i, &format!("m{batch}.{i}")));
+            reg.register(a, batch as u64, specs.collect());
+        }
+        assert_eq!(reg.peers[&a].methods.len(), 1000);
+        recv(&mut ra);
+        // One more, or a whole flood at once: refused, nothing registered, nobody told.
+        reg.register(a, 99, vec![spec(5000, "one.more")]);
+        let flood = (0..100_000)
+            .map(|i| spec(10_000 + i, &format!("f{i}")))
+            .collect();
+        reg.register(a, 100, flood);
+        for (req, (m, _)) in [99u64, 100].iter().zip(recv(&mut ra)) {
+            assert!(
+                matches!(&m, FromGateway::Fail { req: r, status: Status::Busy, message } if r == req && message.contains("at most 1000")),
+                "{m:?}"
+            );
+        }
+        assert_eq!(reg.peers[&a].methods.len(), 1000);
+        assert_eq!(
+            recv(&mut rb).len(),
+            10,
+            "only the accepted batches were announced"
+        );
+        // Oversized names are refused too.
+        reg.register(a, 101, vec![spec(7000, &"n".repeat(65))]);
+        assert!(matches!(
+            recv(&mut ra)[0].0,
+            FromGateway::Fail {
+                status: Status::InvalidArgument,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_flood_of_peers_is_refused_beyond_the_limit() {
+        let mut reg = Registry::new(Limits {
+            max_peers: 50,
+            ..Limits::default()
+        })
+        .unwrap();
+        let mut keep = Vec::new();
+        for i in 0..50 {
+            let (tx, rx) = mpsc::channel(4096);
+            reg.hello(PeerCred { pid: i, uid: 1 }, "u".into(), hello("p"), tx)
+                .unwrap();
+            keep.push(rx);
+        }
+        for i in 0..1000 {
+            let (tx, _rx) = mpsc::channel(8);
+            let e = reg
+                .hello(PeerCred { pid: i, uid: 1 }, "u".into(), hello("p"), tx)
+                .unwrap_err();
+            assert_eq!(e.0, Status::Busy);
+        }
+        assert_eq!(reg.peer_count(), 50);
+        // A long application name is refused, not stored.
+        let (tx, _rx) = mpsc::channel(8);
+        reg.remove(PeerId(1), "left");
+        let e = reg
+            .hello(
+                PeerCred { pid: 1, uid: 1 },
+                "u".into(),
+                hello(&"a".repeat(5000)),
+                tx,
+            )
+            .unwrap_err();
+        assert_eq!(e.0, Status::InvalidArgument);
+    }
+
+    #[test]
+    fn peers_that_leave_give_their_place_back() {
+        let mut reg = Registry::new(Limits {
+            max_peers: 4,
+            ..Limits::default()
+        })
+        .unwrap();
+        let (stay, _rs) = join(&mut reg, "stay", "u");
+        // Ten times as many native peers as there are doorbells, one after the other.
+        for i in 0..40 {
+            let (p, _rp) = join(&mut reg, &format!("churn{i}"), "u");
+            reg.remove(p, "peer has left");
+            reg.take_actions();
+        }
+        assert_eq!(reg.peer_count(), 1);
+        assert!(reg.peers[&stay].doorbell.is_some());
+        let mut bells: Vec<u32> = (0..3)
+            .map(|i| {
+                let (p, rp) = join(&mut reg, &format!("last{i}"), "u");
+                std::mem::forget(rp);
+                reg.peers[&p].doorbell.unwrap()
+            })
+            .collect();
+        bells.push(reg.peers[&stay].doorbell.unwrap());
+        bells.sort();
+        assert_eq!(bells, [0, 1, 2, 3], "every doorbell in use once");
     }
 }

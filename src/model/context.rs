@@ -131,8 +131,13 @@ fn set_key(data: &mut Map, k: &str, v: &Value) {
 /// The writer's fast path for `update` on an existing context: changes `data` in place and
 /// appends the encoded normalized op (what [`ContextOp::to_value`] of
 /// [`ContextOp::normalized`] encodes to) to `out`, without building a delta. Returns whether
-/// anything changed.
-pub fn update_in_place(data: &mut Map, new: &Map, out: &mut Vec<u8>) -> bool {
+/// anything changed. `data` is changed even when the op cannot be encoded (a value nested too
+/// deeply for the codec); then the error says so and `out` holds no complete op.
+pub fn update_in_place(
+    data: &mut Map,
+    new: &Map,
+    out: &mut Vec<u8>,
+) -> Result<bool, crate::wire::codec::EncodeError> {
     // Which of `new`'s entries change something (the others drop out of the logged op).
     let mut effective: Vec<bool> = Vec::with_capacity(new.len());
     for (k, v) in new {
@@ -148,7 +153,7 @@ pub fn update_in_place(data: &mut Map, new: &Map, out: &mut Vec<u8>) -> bool {
     }
     let n = effective.iter().filter(|e| **e).count();
     if n == 0 {
-        return false;
+        return Ok(false);
     }
     crate::wire::codec::encode_map_header(out, 1);
     crate::wire::codec::encode_key(out, "update");
@@ -156,10 +161,11 @@ pub fn update_in_place(data: &mut Map, new: &Map, out: &mut Vec<u8>) -> bool {
     for ((k, v), e) in new.iter().zip(&effective) {
         if *e {
             crate::wire::codec::encode_key(out, k);
-            crate::wire::codec::encode_into(v, out);
+            // Inside `{"update": {k: v}}`.
+            crate::wire::codec::encode_nested_into(v, out, 2)?;
         }
     }
-    true
+    Ok(true)
 }
 
 /// Applies `op` to the current data (`None`: the context does not exist yet). `Ok(None)` when
@@ -525,7 +531,7 @@ mod tests {
             let expect = apply(Some(&cur), &op).unwrap();
             let mut data = cur.clone();
             let mut out = Vec::new();
-            let changed = update_in_place(&mut data, &m(new), &mut out);
+            let changed = update_in_place(&mut data, &m(new), &mut out).unwrap();
             match expect {
                 None => assert!(!changed && out.is_empty() && data == cur, "{new}"),
                 Some(ch) => {

@@ -236,7 +236,8 @@ impl<M: RingMemory> Producer<M> {
             // are free (checked above), so they belong to us until commit.
             unsafe { self.mem.write(pos as usize, &hdr.encode()) };
         }
-        let start = ((self.tail + pad) & mask) as usize;
+        // Positions wrap (compared by difference): one read from shared memory may be anywhere.
+        let start = (self.tail.wrapping_add(pad) & mask) as usize;
         let hdr = RecordHeader {
             len: len as u32,
             kind,
@@ -244,7 +245,7 @@ impl<M: RingMemory> Producer<M> {
         };
         // SAFETY: `start + rec <= cap` by the choice of `pad`, and the bytes are free.
         unsafe { self.mem.write(start, &hdr.encode()) };
-        let new_tail = self.tail + need;
+        let new_tail = self.tail.wrapping_add(need);
         Ok(Claim {
             producer: self,
             start,
@@ -411,11 +412,11 @@ impl<M: RingMemory> Consumer<M> {
     }
 
     fn release(&mut self, size: u64) {
-        self.head += size;
+        self.head = self.head.wrapping_add(size);
         // Publishing the position costs a cache-line transfer to the producer (which reads it
         // when the ring looks full), so it is batched: every eighth of the ring, or when we
         // have caught up, or on `flush`.
-        if self.head - self.published >= self.cap / 8 || self.head == self.cached_tail {
+        if self.head.wrapping_sub(self.published) >= self.cap / 8 || self.head == self.cached_tail {
             self.flush();
         }
     }
@@ -538,6 +539,15 @@ pub mod heap_memory {
             }))
         }
 
+        /// A copy of the data bytes, for tests (seed images for the fuzz targets).
+        #[doc(hidden)]
+        pub fn image_for_test(&self) -> Vec<u8> {
+            let mut out = vec![0u8; self.0.data.len()];
+            // SAFETY: single-threaded tests only; reads within the buffer.
+            unsafe { <Self as RingMemory>::read(self, 0, &mut out) };
+            out
+        }
+
         /// Direct access to the control block, for tests that corrupt it on purpose.
         pub fn ctl_for_test(&self) -> &RingCtl {
             &self.0.ctl
@@ -558,6 +568,15 @@ pub mod heap_memory {
     }
 
     impl crate::ring::RingCtl {
+        /// The positions (head, tail), for tests.
+        #[doc(hidden)]
+        pub fn positions_for_test(&self) -> (u64, u64) {
+            (
+                self.head.load(crate::sync::Ordering::SeqCst),
+                self.tail.load(crate::sync::Ordering::SeqCst),
+            )
+        }
+
         /// Sets the positions, for tests that corrupt them on purpose.
         pub fn set_for_test(&self, head: u64, tail: u64) {
             self.head.store(head, crate::sync::Ordering::SeqCst);

@@ -264,3 +264,21 @@ fn threads_exchange_a_million_records() {
     }
     t.join().unwrap();
 }
+
+#[test]
+fn positions_wrap_around_u64_without_overflow() {
+    // A peer may leave the positions anywhere; near the top of u64 they must wrap, not
+    // overflow (a panic with debug assertions, as the fuzz targets build).
+    let mem = HeapRing::new(64);
+    let start = u64::MAX - 15; // 8-aligned, two records before the wrap
+    mem.ctl_for_test().set_for_test(start, start);
+    let mut p = Producer::new(mem.clone()).unwrap();
+    let mut c = Consumer::new(mem).unwrap();
+    let mut buf = Vec::new();
+    for i in 0..20u8 {
+        p.push(1, 0, &[i; 5]).unwrap();
+        assert_eq!(c.pop_into(&mut buf).unwrap().unwrap().len, 5);
+        assert_eq!(buf, [i; 5]);
+    }
+    assert_eq!(c.pop_into(&mut buf), Ok(None));
+}

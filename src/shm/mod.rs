@@ -8,7 +8,7 @@
 //!
 //! Kinds:
 //! * **lane** — two SPSC rings between two peers ([`LaneSegment`]);
-//! * **doorbell directory** — one doorbell per peer, 64 bytes apart; every native peer maps it,
+//! * **doorbell directory** — one doorbell per peer, 128 bytes apart; every native peer maps it,
 //!   so any writer can wake any reader ([`DoorbellSegment`]);
 //! * **context** — a shared context: writer lock, double-buffered snapshot, delta log
 //!   ([`ContextSegment`], algorithm in [`crate::store`]).

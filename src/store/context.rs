@@ -26,6 +26,9 @@ pub enum WriteError {
     /// The snapshot does not decode.
     #[error("context corrupt: {0}")]
     Corrupt(String),
+    /// The new value cannot be stored: readers could not decode it.
+    #[error("invalid value: {0}")]
+    Encode(#[from] codec::EncodeError),
 }
 
 /// Decodes a snapshot (empty bytes: `{}`).
@@ -44,8 +47,8 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<crate::wire::Map, WriteError> {
 
 /// Applies `op` under the writer lock as `token`. `cached` may hold the decoded value at some
 /// version: when it is current it is updated in place (copied first only if someone else still
-/// holds it), which saves decoding and copying. Returns the version after the call and, when
-/// whether anything changed (nothing is written when nothing does), and the value now.
+/// holds it), which saves decoding and copying. Returns the version after the call, whether
+/// anything changed (nothing is written when nothing does), and the value now.
 pub fn write<M: StoreMemory>(
     store: &Store<M>,
     token: u64,
@@ -54,6 +57,24 @@ pub fn write<M: StoreMemory>(
     max_size: usize,
     timeout: Duration,
     cached: Option<(u64, Arc<Value>)>,
+) -> Result<(u64, bool, Arc<Value>), WriteError> {
+    write_noted(store, token, op, expect, max_size, timeout, cached, None)
+}
+
+/// [`write`] with a note logged beside the op: `(key, value)` becomes one more entry of the
+/// logged map (`{"update": …, key: value}`), which followers that do not know the key ignore.
+/// The WebSocket bridge notes a web writer's GW3 delta there, so web subscribers get it
+/// verbatim.
+#[allow(clippy::too_many_arguments)]
+pub fn write_noted<M: StoreMemory>(
+    store: &Store<M>,
+    token: u64,
+    op: &ContextOp,
+    expect: Option<u64>,
+    max_size: usize,
+    timeout: Duration,
+    cached: Option<(u64, Arc<Value>)>,
+    note: Option<(&str, Value)>,
 ) -> Result<(u64, bool, Arc<Value>), WriteError> {
     // The clock is read only when the lock is contended.
     let mut deadline: Option<Instant> = None;
@@ -75,8 +96,21 @@ pub fn write<M: StoreMemory>(
         Some((_, d)) => d,
         None if exists => {
             let mut buf = Vec::new();
-            guard.read(&mut buf)?;
-            Arc::new(Value::Map(decode_snapshot(&buf)?))
+            let decoded = guard
+                .read(&mut buf)
+                .map_err(WriteError::from)
+                .and_then(|_| decode_snapshot(&buf));
+            match decoded {
+                Ok(m) => Arc::new(Value::Map(m)),
+                // A `set` replaces everything, so it repairs a snapshot that was scribbled
+                // over; every other op needs the current value and reports the corruption.
+                Err(WriteError::Corrupt(_) | WriteError::Store(StoreError::Corrupt(_)))
+                    if matches!(op, ContextOp::Set(_)) =>
+                {
+                    Arc::new(Value::map())
+                }
+                Err(e) => return Err(e),
+            }
         }
         None => Arc::new(Value::map()),
     };
@@ -84,30 +118,34 @@ pub fn write<M: StoreMemory>(
         return Err(WriteError::Corrupt("snapshot is not an object".into()));
     };
     let mut payload = Vec::with_capacity(128);
-    match op {
+    // An op too deep to encode is committed without a logged payload (followers take the
+    // snapshot); the snapshot itself must encode, or nothing is written.
+    let mut logged = true;
+    match (op, note) {
         // The hot path: no delta built, the logged op encoded while applying.
-        ContextOp::Update(new) if exists => {
-            if !update_in_place(map, new, &mut payload) {
-                return Ok((version, false, current));
-            }
-        }
-        _ => {
+        (ContextOp::Update(new), None) if exists => match update_in_place(map, new, &mut payload) {
+            Ok(false) => return Ok((version, false, current)),
+            Ok(true) => {}
+            Err(_) => logged = false,
+        },
+        (_, note) => {
             let Some(delta) = apply_mut(map, exists, op)? else {
                 return Ok((version, false, current));
             };
-            codec::encode_into(
-                &op.normalized_delta(&delta, exists).to_value(),
-                &mut payload,
-            );
+            let mut op_value = op.normalized_delta(&delta, exists).to_value();
+            if let (Value::Map(m), Some((k, v))) = (&mut op_value, note) {
+                m.insert(k.to_string(), v);
+            }
+            logged = codec::encode_into(&op_value, &mut payload).is_ok();
         }
     }
-    let bytes = codec::encode(&current);
+    let bytes = codec::encode(&current)?;
     if bytes.len() > max_size {
         return Err(WriteError::TooLarge {
             size: bytes.len(),
             max: max_size,
         });
     }
-    let v = guard.commit(&bytes, KIND_OP, Some(&payload))?;
+    let v = guard.commit(&bytes, KIND_OP, logged.then_some(payload.as_slice()))?;
     Ok((v, true, current))
 }

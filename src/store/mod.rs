@@ -113,6 +113,13 @@ impl StoreCtl {
         self.version.load(Ordering::Acquire)
     }
 
+    /// The log's tail position: it moves with every commit (a follower that saw one value and
+    /// sees another knows there is something to read).
+    pub fn log_position(&self) -> u64 {
+        // SYNC(log_tail): pairs with the writer's Release store in `commit`.
+        self.log_tail.load(Ordering::Acquire)
+    }
+
     /// The token of the writer holding the lock, 0 if free.
     pub fn lock_holder(&self) -> u64 {
         self.lock.load(Ordering::Acquire)
@@ -153,6 +160,17 @@ impl StoreCtl {
         for s in &self.subscribers {
             let _ = s.compare_exchange(want, 0, Ordering::Release, Ordering::Relaxed);
         }
+    }
+
+    /// Empties the subscriber table (a gateway adopting a segment from a previous run: the
+    /// indices refer to that run's doorbell directory; subscribers subscribe again).
+    pub fn clear_subscribers(&self) {
+        for s in &self.subscribers {
+            // Relaxed: an index is only a hint whom to wake (see `for_each_subscriber`).
+            s.store(0, Ordering::Relaxed);
+        }
+        // Release: a writer that sees the lowered bound also sees the emptied slots.
+        self.sub_hi.store(0, Ordering::Release);
     }
 
     /// Calls `f` with each subscriber's doorbell index.
@@ -430,7 +448,7 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
         }
         debug_assert!(kind != LOG_PAD);
         let ctl = store.mem.ctl();
-        let v = self.version() + 1;
+        let v = self.version().wrapping_add(1);
 
         // 1. The free buffer, under its sequence word.
         let b = (v & 1) as usize;
@@ -444,7 +462,7 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
         buf[2].store(snapshot.len() as u64, Ordering::Relaxed);
         store_bytes(&buf[BUFFER_HEADER_WORDS..], snapshot);
         // SYNC(seq): the data is visible to a reader that sees the even sequence.
-        ctl.seq[b].seq.store(s + 1, Ordering::Release);
+        ctl.seq[b].seq.store(s.wrapping_add(1), Ordering::Release);
         // 2. The log record at the tail (padding first if it would straddle the end).
         let payload = payload.filter(|p| p.len() <= store.max_log_payload());
         let (plen, flags) = match payload {
@@ -462,7 +480,9 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
                 pack_header(((room - 1) * 8) as u32, LOG_PAD, 0),
                 Ordering::Relaxed,
             );
-            tail += room;
+            // Wrapping: positions are compared by difference, and a hostile peer may have put
+            // the tail anywhere.
+            tail = tail.wrapping_add(room);
         }
         let at = (tail & mask) as usize;
         log[at].store(pack_header(plen as u32, kind, flags), Ordering::Relaxed);
@@ -475,7 +495,8 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
         // SYNC(version): buffer and log record are visible to whoever sees the new version.
         ctl.version.store(v, Ordering::Release);
         // SYNC(log_tail): the record is visible to followers that see the new tail.
-        ctl.log_tail.store(tail + rec_words, Ordering::Release);
+        ctl.log_tail
+            .store(tail.wrapping_add(rec_words), Ordering::Release);
         Ok(v)
     }
 }
@@ -564,7 +585,14 @@ pub struct Follower {
 impl Follower {
     /// After reading a snapshot at `version`: deliver only records after it.
     pub fn resync(&mut self, version: u64) {
-        self.next_version = version + 1;
+        self.next_version = version.wrapping_add(1);
+    }
+
+    /// Gives up on everything before `tail` after finding a corrupt record.
+    fn skip_corrupt(&mut self, tail: u64, why: &'static str) -> StoreError {
+        self.pos = tail;
+        self.next_version = 0;
+        StoreError::Corrupt(why)
     }
 
     /// Whether the log has records past our position.
@@ -574,6 +602,11 @@ impl Follower {
     }
 
     /// The next record, `Ok(None)` when caught up.
+    ///
+    /// A record that does not validate is `Err(Corrupt)`, and the follower moves past it to the
+    /// end of the log (nothing before the tail can be trusted to line up any more), so the
+    /// next call makes progress: the caller resynchronises from the snapshot, as after a
+    /// [`LogEvent::Gap`]. A corrupt log never makes a follower loop.
     pub fn next<M: StoreMemory>(
         &mut self,
         store: &Store<M>,
@@ -602,14 +635,14 @@ impl Follower {
             let room = lw - (self.pos & mask);
             if kind == LOG_PAD {
                 if (len / 8) as u64 + 1 != room || room > behind {
-                    return Err(StoreError::Corrupt("log padding does not reach the end"));
+                    return Err(self.skip_corrupt(tail, "log padding does not reach the end"));
                 }
-                self.pos += room;
+                self.pos = self.pos.wrapping_add(room);
                 continue;
             }
             let rec = (LOG_HEADER_WORDS + len.div_ceil(8)) as u64;
             if len > store.max_log_payload() || rec > room || rec > behind {
-                return Err(StoreError::Corrupt("log record length out of range"));
+                return Err(self.skip_corrupt(tail, "log record length out of range"));
             }
             let version = log[at + 1].load(Ordering::Relaxed);
             let updater = log[at + 2].load(Ordering::Relaxed);
@@ -623,7 +656,7 @@ impl Follower {
                 self.next_version = 0;
                 return Ok(Some(LogEvent::Gap));
             }
-            self.pos += rec;
+            self.pos = self.pos.wrapping_add(rec);
             if self.next_version != 0 && version < self.next_version {
                 // Older than the snapshot we started from: already reflected.
                 continue;
@@ -632,7 +665,7 @@ impl Follower {
                 self.next_version = 0;
                 return Ok(Some(LogEvent::Gap));
             }
-            self.next_version = version + 1;
+            self.next_version = version.wrapping_add(1);
             return Ok(Some(LogEvent::Record {
                 kind,
                 version,
@@ -667,6 +700,67 @@ impl HeapStore {
             buffers: [buf(), buf()],
             log: (0..log_words).map(|_| AtomicU64::new(0)).collect(),
         }))
+    }
+}
+
+impl HeapStore {
+    /// Overwrites the store's words, as a hostile peer with a writable mapping could: the
+    /// control words (lock, version, log tail, subscriber bound, both sequence words), then
+    /// both buffers, then the log, as far as `words` goes. For tests and fuzz targets.
+    #[doc(hidden)]
+    pub fn scribble_for_test(&self, words: impl IntoIterator<Item = u64>) {
+        let ctl = &self.0.ctl;
+        let control = [
+            &ctl.lock,
+            &ctl.version,
+            &ctl.log_tail,
+            &ctl.seq[0].seq,
+            &ctl.seq[1].seq,
+        ];
+        let mut words = words.into_iter();
+        for (w, v) in control.into_iter().zip(words.by_ref()) {
+            w.store(v, Ordering::Relaxed);
+        }
+        if let Some(v) = words.next() {
+            ctl.sub_hi.store(v as u32, Ordering::Relaxed);
+        }
+        let regions = self.0.buffers[0]
+            .iter()
+            .chain(&self.0.buffers[1])
+            .chain(&self.0.log);
+        for (w, v) in regions.zip(words) {
+            w.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// The words [`scribble_for_test`](Self::scribble_for_test) writes, in the same order
+    /// (seed images for the fuzz targets).
+    #[doc(hidden)]
+    pub fn image_for_test(&self) -> Vec<u64> {
+        let ctl = &self.0.ctl;
+        let mut out: Vec<u64> = [
+            &ctl.lock,
+            &ctl.version,
+            &ctl.log_tail,
+            &ctl.seq[0].seq,
+            &ctl.seq[1].seq,
+        ]
+        .iter()
+        .map(|w| w.load(Ordering::Relaxed))
+        .collect();
+        out.push(ctl.sub_hi.load(Ordering::Relaxed) as u64);
+        let regions = self.0.buffers[0]
+            .iter()
+            .chain(&self.0.buffers[1])
+            .chain(&self.0.log);
+        out.extend(regions.map(|w| w.load(Ordering::Relaxed)));
+        out
+    }
+
+    /// Sets the log tail (tests and fuzz targets).
+    #[doc(hidden)]
+    pub fn set_log_tail_for_test(&self, tail: u64) {
+        self.0.ctl.log_tail.store(tail, Ordering::Relaxed);
     }
 }
 

@@ -40,3 +40,11 @@ pub(crate) fn inspect(fd: impl AsFd) -> io::Result<(u64, bool)> {
     let seals = fs::fcntl_get_seals(fd.as_fd()).unwrap_or(SealFlags::empty());
     Ok((st.st_size as u64, seals.contains(SealFlags::SHRINK)))
 }
+
+/// The (device, inode) of a descriptor: two descriptors of the same memfd have the same pair,
+/// and no other live file has it, so it tells whether a segment received again is the one
+/// already mapped.
+pub(crate) fn file_id(fd: impl AsFd) -> io::Result<(u64, u64)> {
+    let st = fs::fstat(fd.as_fd())?;
+    Ok((st.st_dev as u64, st.st_ino as u64))
+}

@@ -8,3 +8,4 @@ pub mod identity;
 pub mod limits;
 pub(crate) mod memfd;
 pub(crate) mod mmap;
+pub mod process;

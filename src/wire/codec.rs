@@ -14,7 +14,8 @@
 //!
 //! Decoding checks every length against what is left, refuses nesting deeper than
 //! [`MAX_DEPTH`](super::value::MAX_DEPTH), invalid UTF-8 and trailing bytes, and never
-//! pre-allocates more than the input could hold.
+//! pre-allocates more than the input could hold. Encoding refuses exactly what decoding would
+//! refuse ([`EncodeError`]), so nothing a writer stores can lock readers out.
 
 use super::value::{Map, Value, MAX_DEPTH};
 use thiserror::Error;
@@ -40,6 +41,14 @@ pub enum DecodeError {
     /// Bytes left over after the value.
     #[error("{0} trailing bytes after the value")]
     Trailing(usize),
+}
+
+/// Why a [`Value`] cannot be encoded: it would not decode.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum EncodeError {
+    /// Arrays and maps nested deeper than the decoder accepts.
+    #[error("value nested deeper than {0} levels")]
+    TooDeep(usize),
 }
 
 const T_NULL: u8 = 0;
@@ -70,8 +79,41 @@ fn varint_len(mut v: u64) -> usize {
     n
 }
 
-/// Appends the encoding of `v` to `out`.
-pub fn encode_into(v: &Value, out: &mut Vec<u8>) {
+/// Appends the encoding of `v` to `out`. A value the decoder would refuse (arrays and maps
+/// nested deeper than [`MAX_DEPTH`]) is an error, and `out` is left as it was.
+pub fn encode_into(v: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    encode_nested_into(v, out, 0)
+}
+
+/// [`encode_into`] for a value that will sit inside `depth` arrays or maps written around it
+/// by hand (with [`encode_map_header`]): the limit applies to the whole.
+pub fn encode_nested_into(v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), EncodeError> {
+    let start = out.len();
+    let r = encode_at(v, out, depth);
+    if r.is_err() {
+        out.truncate(start);
+    }
+    r
+}
+
+/// Checks that `v` can be encoded (its nesting is within [`MAX_DEPTH`]) without encoding it.
+pub fn check(v: &Value) -> Result<(), EncodeError> {
+    fn at(v: &Value, depth: usize) -> Result<(), EncodeError> {
+        match v {
+            Value::Array(_) | Value::Map(_) if depth >= MAX_DEPTH => {
+                Err(EncodeError::TooDeep(MAX_DEPTH))
+            }
+            Value::Array(a) => a.iter().try_for_each(|x| at(x, depth + 1)),
+            Value::Map(m) => m.values().try_for_each(|x| at(x, depth + 1)),
+            _ => Ok(()),
+        }
+    }
+    at(v, 0)
+}
+
+/// `depth` counts the arrays and maps around `v`, as the decoder does: recursion is bounded by
+/// [`MAX_DEPTH`] whatever the value.
+fn encode_at(v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), EncodeError> {
     match v {
         Value::Null => out.push(T_NULL),
         Value::Bool(false) => out.push(T_FALSE),
@@ -103,11 +145,14 @@ pub fn encode_into(v: &Value, out: &mut Vec<u8>) {
             put_varint(out, b.len() as u64);
             out.extend_from_slice(b);
         }
+        Value::Array(_) | Value::Map(_) if depth >= MAX_DEPTH => {
+            return Err(EncodeError::TooDeep(MAX_DEPTH));
+        }
         Value::Array(a) => {
             out.push(T_ARRAY);
             put_varint(out, a.len() as u64);
             for x in a {
-                encode_into(x, out);
+                encode_at(x, out, depth + 1)?;
             }
         }
         Value::Map(m) => {
@@ -116,10 +161,11 @@ pub fn encode_into(v: &Value, out: &mut Vec<u8>) {
             for (k, x) in m {
                 put_varint(out, k.len() as u64);
                 out.extend_from_slice(k.as_bytes());
-                encode_into(x, out);
+                encode_at(x, out, depth + 1)?;
             }
         }
     }
+    Ok(())
 }
 
 /// Appends the header of a map of `n` entries (then write `n` keys and values).
@@ -134,15 +180,20 @@ pub fn encode_key(out: &mut Vec<u8>, k: &str) {
     out.extend_from_slice(k.as_bytes());
 }
 
-/// The encoding of `v`.
-pub fn encode(v: &Value) -> Vec<u8> {
+/// The encoding of `v` (see [`encode_into`]).
+pub fn encode(v: &Value) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::with_capacity(encoded_len(v));
-    encode_into(v, &mut out);
-    out
+    encode_into(v, &mut out)?;
+    Ok(out)
 }
 
-/// Exactly how many bytes [`encode`] produces.
+/// Exactly how many bytes [`encode`] produces (for a value it accepts; the size of a value
+/// nested too deeply is not computed past [`MAX_DEPTH`], so this never recurses deeper).
 pub fn encoded_len(v: &Value) -> usize {
+    len_at(v, 0)
+}
+
+fn len_at(v: &Value, depth: usize) -> usize {
     match v {
         Value::Null | Value::Bool(_) => 1,
         Value::I64(i) => 1 + varint_len(((i << 1) ^ (i >> 63)) as u64),
@@ -151,13 +202,14 @@ pub fn encoded_len(v: &Value) -> usize {
         Value::F64(_) => 9,
         Value::String(s) => 1 + varint_len(s.len() as u64) + s.len(),
         Value::Bytes(b) => 1 + varint_len(b.len() as u64) + b.len(),
+        Value::Array(_) | Value::Map(_) if depth >= MAX_DEPTH => 1,
         Value::Array(a) => {
-            1 + varint_len(a.len() as u64) + a.iter().map(encoded_len).sum::<usize>()
+            1 + varint_len(a.len() as u64) + a.iter().map(|x| len_at(x, depth + 1)).sum::<usize>()
         }
         Value::Map(m) => {
             1 + varint_len(m.len() as u64)
                 + m.iter()
-                    .map(|(k, x)| varint_len(k.len() as u64) + k.len() + encoded_len(x))
+                    .map(|(k, x)| varint_len(k.len() as u64) + k.len() + len_at(x, depth + 1))
                     .sum::<usize>()
         }
     }

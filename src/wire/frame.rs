@@ -2,7 +2,8 @@
 //!
 //! On the socket each frame is an 8-byte header — `len: u32` (body bytes), `fds: u16`
 //! (descriptors attached to this frame, sent with its first byte), `reserved: u16`, all
-//! little-endian — followed by the postcard body. See `docs/protocol.md`.
+//! little-endian — followed by the postcard body (the frame types below; `docs/design.md`
+//! describes the exchanges).
 
 use super::value::Value;
 use crate::status::Status;
@@ -138,7 +139,8 @@ pub(crate) mod encoded_value {
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &Value, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&codec::encode(v))
+        let bytes = codec::encode(v).map_err(serde::ser::Error::custom)?;
+        s.serialize_bytes(&bytes)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
@@ -193,6 +195,29 @@ pub struct BusSubInfo {
     pub routing_key: Option<String>,
 }
 
+/// How long a shared context lives (GW3's context lifetimes; native clients always create
+/// `Retained` ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContextLifetime {
+    /// Until destroyed explicitly (or the gateway stops).
+    Retained,
+    /// Until its last member (the creator and every subscriber) unsubscribes or leaves.
+    RefCounted,
+    /// Until its creator (the owner) leaves; only the owner may destroy it.
+    Ownership,
+}
+
+/// Why a context went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContextGone {
+    /// Somebody destroyed it.
+    Destroyed,
+    /// A ref-counted context lost its last member.
+    LastMemberLeft,
+    /// The owner of an ownership context left.
+    OwnerLeft,
+}
+
 /// First message of every connection.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
@@ -241,6 +266,8 @@ pub struct Welcome {
     /// What the gateway's policy lets us do (so our library refuses early, with the same
     /// answer the gateway or the receiving peer would give).
     pub rules: crate::model::policy::PeerRules,
+    /// The owners of the `Ownership` contexts among `contexts`.
+    pub context_owners: Vec<(u64, PeerId)>,
 }
 
 /// Peer → gateway.
@@ -347,6 +374,16 @@ pub enum ToGateway {
     BusSynced {
         ticket: u64,
     },
+    /// Create context `name` with `data` and a lifetime, or join it if it exists (GW3's
+    /// `create-context`: then `data` is ignored). Answered with `ContextCreated` or `Fail`. The
+    /// caller becomes a member (a subscriber).
+    CreateContext {
+        req: u64,
+        name: String,
+        lifetime: ContextLifetime,
+        #[serde(with = "encoded_value")]
+        data: Value,
+    },
 }
 
 /// Gateway → peer.
@@ -431,15 +468,18 @@ pub enum FromGateway {
         #[serde(with = "encoded_value")]
         data: Value,
     },
-    /// A context we may see was created.
+    /// A context we may see was created (`creator`: by that peer; `None` when the gateway made
+    /// it, e.g. a channel).
     ContextAdded {
         id: u64,
         name: String,
+        creator: Option<PeerId>,
     },
     /// A context was destroyed.
     ContextDestroyed {
         id: u64,
         name: String,
+        reason: ContextGone,
     },
     /// A relayed call of one of our methods; answer with `Yield { invocation }`.
     Invoke {
@@ -469,6 +509,15 @@ pub enum FromGateway {
     BusSubscribedSync {
         info: BusSubInfo,
         ticket: u64,
+    },
+    /// The answer to `CreateContext`: the context (`created`: new, else it existed and we
+    /// joined it). Carries one descriptor, the context segment, as `ContextOpened` does.
+    ContextCreated {
+        req: u64,
+        id: u64,
+        name: String,
+        created: bool,
+        writable: bool,
     },
 }
 

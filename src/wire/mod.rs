@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod frame;
 pub mod record;
+pub mod stream;
 pub mod value;
 
 pub use value::{Map, Value};

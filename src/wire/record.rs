@@ -1,7 +1,10 @@
 //! Records on a lane (the data plane). Each ring record's `kind` says which of these it is; its
 //! body starts with a fixed little-endian header, then the payload. A message larger than one
 //! ring record is split into fragments: every fragment but the last has [`FRAG_MORE`] in the
-//! record flags, and only the first carries the fixed header.
+//! record flags, every fragment but the first has [`FRAG_CONT`], and only the first carries
+//! the fixed header. A record without `FRAG_CONT` always starts a new message, so a message
+//! whose sender gave up part-way (its peer stopped reading) is dropped by the receiver, never
+//! glued to the next one.
 //!
 //! | kind | body |
 //! |---|---|
@@ -13,7 +16,7 @@
 //! encoding); otherwise it is an encoded [`Value`](super::Value). An error result's payload is an
 //! encoded map `{message, context?}`.
 
-use super::codec::{self, DecodeError};
+use super::codec::{self, DecodeError, EncodeError};
 use super::value::Value;
 use thiserror::Error;
 
@@ -22,7 +25,7 @@ pub const KIND_RESULT: u16 = 2;
 pub const KIND_CANCEL: u16 = 3;
 /// A bus message: topic, routing key, payload (layout in `client::bus`).
 pub const KIND_BUS: u16 = 4;
-/// Stream records (layouts in `client::streams`): a subscription request (subscriber → server),
+/// Stream records (layouts in [`super::stream`]): a subscription request (subscriber → server),
 /// its answer, one data item, and the end of a subscription (either way).
 pub const KIND_SUB_REQUEST: u16 = 5;
 pub const KIND_SUB_REPLY: u16 = 6;
@@ -31,6 +34,9 @@ pub const KIND_SUB_CLOSE: u16 = 8;
 
 /// Record flag: more fragments of this message follow.
 pub const FRAG_MORE: u16 = 1;
+/// Record flag: this fragment continues the message before it (set on every fragment but the
+/// first).
+pub const FRAG_CONT: u16 = 2;
 /// Payload flag: raw bytes.
 pub const PAYLOAD_RAW: u32 = 1;
 
@@ -78,16 +84,14 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 /// Encodes a payload: raw bytes stay raw, anything else is encoded. Returns the payload flags.
-pub fn encode_payload(v: &Value, out: &mut Vec<u8>) -> u32 {
+/// A value the codec refuses leaves `out` as it was.
+pub fn encode_payload(v: &Value, out: &mut Vec<u8>) -> Result<u32, EncodeError> {
     match v {
         Value::Bytes(b) => {
             out.extend_from_slice(b);
-            PAYLOAD_RAW
+            Ok(PAYLOAD_RAW)
         }
-        other => {
-            codec::encode_into(other, out);
-            0
-        }
+        other => codec::encode_into(other, out).map(|()| 0),
     }
 }
 
@@ -101,36 +105,49 @@ pub fn decode_payload(flags: u32, bytes: &[u8]) -> Result<Value, DecodeError> {
 }
 
 /// Builds an invoke body into `out` (cleared first).
-pub fn invoke(out: &mut Vec<u8>, call_id: u64, method_id: u32, timeout_ms: u32, args: &Value) {
+pub fn invoke(
+    out: &mut Vec<u8>,
+    call_id: u64,
+    method_id: u32,
+    timeout_ms: u32,
+    args: &Value,
+) -> Result<(), EncodeError> {
     out.clear();
     out.extend_from_slice(&call_id.to_le_bytes());
     out.extend_from_slice(&method_id.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&timeout_ms.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
-    let flags = encode_payload(args, out);
+    let flags = encode_payload(args, out)?;
     out[12..16].copy_from_slice(&flags.to_le_bytes());
+    Ok(())
 }
 
 /// Builds a result body into `out` (cleared first). An error carries `{message, context?}`.
-pub fn result(out: &mut Vec<u8>, call_id: u64, outcome: &Result<Value, (String, Option<Value>)>) {
+/// A value the codec refuses (the result, or an error's context) is an error.
+pub fn result(
+    out: &mut Vec<u8>,
+    call_id: u64,
+    outcome: &Result<Value, (String, Option<Value>)>,
+) -> Result<(), EncodeError> {
     out.clear();
     out.extend_from_slice(&call_id.to_le_bytes());
     out.extend_from_slice(&[0; 8]);
     let (status, flags) = match outcome {
-        Ok(v) => (0u32, encode_payload(v, out)),
+        Ok(v) => (0u32, encode_payload(v, out)?),
         Err((message, context)) => {
             let mut m = super::Map::new();
             m.insert("message".into(), Value::from(message.as_str()));
             if let Some(c) = context {
                 m.insert("context".into(), c.clone());
             }
-            codec::encode_into(&Value::Map(m), out);
+            codec::encode_into(&Value::Map(m), out)?;
             (1, 0)
         }
     };
     out[8..12].copy_from_slice(&status.to_le_bytes());
     out[12..16].copy_from_slice(&flags.to_le_bytes());
+    Ok(())
 }
 
 /// Builds the result of an invocation the receiver's policy check refused: an error whose
@@ -143,7 +160,8 @@ pub fn result_denied(out: &mut Vec<u8>, call_id: u64, message: &str) {
     let mut m = super::Map::new();
     m.insert("message".into(), Value::from(message));
     m.insert("denied".into(), Value::Bool(true));
-    codec::encode_into(&Value::Map(m), out);
+    // A two-key map of a string and a bool: never too deep to encode.
+    let _ = codec::encode_into(&Value::Map(m), out);
 }
 
 /// Whether an error result is a policy refusal (see [`result_denied`]).

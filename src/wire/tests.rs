@@ -1,4 +1,4 @@
-use super::codec::{self, DecodeError};
+use super::codec::{self, DecodeError, EncodeError};
 use super::frame::*;
 use super::record;
 use super::value::{Value, MAX_DEPTH};
@@ -17,7 +17,7 @@ fn binary_round_trip_keeps_every_kind() {
     v.as_map_mut()
         .unwrap()
         .insert("b".into(), Value::Bytes(vec![0, 1, 255]));
-    let bytes = codec::encode(&v);
+    let bytes = codec::encode(&v).unwrap();
     assert_eq!(bytes.len(), codec::encoded_len(&v));
     let back = codec::decode(&bytes).unwrap();
     assert_eq!(back, v);
@@ -65,7 +65,7 @@ fn serde_types_convert_both_ways() {
 
 #[test]
 fn truncated_input_is_an_error_at_every_cut() {
-    let bytes = codec::encode(&sample());
+    let bytes = codec::encode(&sample()).unwrap();
     for cut in 0..bytes.len() {
         assert!(
             codec::decode(&bytes[..cut]).is_err(),
@@ -109,6 +109,66 @@ fn nesting_beyond_the_limit_is_refused_not_a_stack_overflow() {
     assert!(Value::from_json_str(&json).is_err());
     let ok = "[".repeat(MAX_DEPTH - 1) + &"]".repeat(MAX_DEPTH - 1);
     assert!(Value::from_json_str(&ok).is_ok());
+}
+
+/// Arrays and maps nested `n` deep around a null.
+fn nested(n: usize, map: bool) -> Value {
+    let mut v = Value::Null;
+    for _ in 0..n {
+        v = if map {
+            Value::object([("k", v)])
+        } else {
+            Value::Array(vec![v])
+        };
+    }
+    v
+}
+
+#[test]
+fn encoding_refuses_exactly_what_decoding_refuses() {
+    for map in [false, true] {
+        // The deepest value the decoder takes encodes, and decodes back.
+        let ok = nested(MAX_DEPTH, map);
+        let bytes = codec::encode(&ok).expect("MAX_DEPTH levels encode");
+        assert_eq!(codec::decode(&bytes).unwrap(), ok);
+        assert_eq!(codec::check(&ok), Ok(()));
+        // One more level: refused with a typed error, nothing written.
+        let deep = nested(MAX_DEPTH + 1, map);
+        assert_eq!(codec::encode(&deep), Err(EncodeError::TooDeep(MAX_DEPTH)));
+        assert_eq!(codec::check(&deep), Err(EncodeError::TooDeep(MAX_DEPTH)));
+        let mut out = vec![1, 2, 3];
+        assert!(codec::encode_into(&deep, &mut out).is_err());
+        assert_eq!(
+            out,
+            [1, 2, 3],
+            "a refused value leaves the buffer as it was"
+        );
+        // What sits around a value counts.
+        let mut out = Vec::new();
+        assert!(codec::encode_nested_into(&ok, &mut out, 1).is_err());
+        assert!(out.is_empty());
+        // Very deep values are refused without recursing through them.
+        let abyss = nested(200_000, map);
+        assert!(codec::encode(&abyss).is_err());
+        assert!(codec::encoded_len(&abyss) > 0);
+        // Frames carrying values refuse them too, as a typed error.
+        let frame = ToGateway::BusPublish {
+            topic: "t".into(),
+            routing_key: None,
+            target: Value::Null,
+            data: deep,
+        };
+        assert!(matches!(encode_frame(&frame, 0), Err(FrameError::Body(_))));
+        // Iterative drop: a 200 000-deep value would overflow the stack when dropped.
+        let mut v = abyss;
+        loop {
+            v = match v {
+                Value::Array(mut a) => a.pop().unwrap_or_default(),
+                Value::Map(mut m) => m.pop().map(|(_, x)| x).unwrap_or_default(),
+                _ => break,
+            };
+        }
+    }
 }
 
 #[test]
@@ -175,7 +235,7 @@ fn garbage_bodies_do_not_decode() {
 #[test]
 fn records_round_trip() {
     let mut buf = Vec::new();
-    record::invoke(&mut buf, 9, 3, 500, &Value::from("x"));
+    record::invoke(&mut buf, 9, 3, 500, &Value::from("x")).unwrap();
     let h = record::parse_invoke(&buf).unwrap();
     assert_eq!((h.call_id, h.method_id, h.timeout_ms), (9, 3, 500));
     assert_eq!(
@@ -183,12 +243,12 @@ fn records_round_trip() {
         Value::from("x")
     );
 
-    record::invoke(&mut buf, 1, 1, 0, &Value::Bytes(vec![1, 2, 3]));
+    record::invoke(&mut buf, 1, 1, 0, &Value::Bytes(vec![1, 2, 3])).unwrap();
     let h = record::parse_invoke(&buf).unwrap();
     assert_eq!(h.flags & record::PAYLOAD_RAW, record::PAYLOAD_RAW);
     assert_eq!(&buf[record::INVOKE_HEADER..], &[1, 2, 3]);
 
-    record::result(&mut buf, 5, &Err(("boom".into(), Some(Value::from(1)))));
+    record::result(&mut buf, 5, &Err(("boom".into(), Some(Value::from(1))))).unwrap();
     let h = record::parse_result(&buf).unwrap();
     assert!(!h.ok);
     let (m, c) = record::decode_error(&buf[record::RESULT_HEADER..]).unwrap();

@@ -256,6 +256,56 @@ impl GatewayProc {
     pub fn log(&self) -> String {
         read_log(&self.log)
     }
+
+    /// The pid of the keeper serving this gateway's socket, if one answers.
+    pub fn keeper_pid(&self) -> Option<u32> {
+        knit::keeper::keeper_pid(&self.socket)
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        // A clean stop ends the keeper too; a gateway killed earlier (on purpose) left it
+        // lingering for a successor, so stop whatever still answers on the keeper socket.
+        if self.child.try_status().is_none() {
+            self.child.signal(rustix::process::Signal::TERM);
+            if self.child.wait_timeout(STARTUP).is_none() {
+                self.child.kill9();
+            }
+        }
+        stop_keeper(&self.socket);
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn process_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Kills the keeper of the gateway socket `socket` (if one answers and it is a keeper) and
+/// waits until it is gone.
+pub fn stop_keeper(socket: &Path) {
+    let Some(pid) = knit::keeper::keeper_pid(socket) else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !String::from_utf8_lossy(&cmdline).contains("__keeper") {
+        return;
+    }
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+    }
+    assert!(
+        wait_until(STARTUP, || !process_running(pid)),
+        "keeper {pid} still runs after SIGKILL"
+    );
 }
 
 /// A `knit serve` process that has printed its ready line.

@@ -1,15 +1,23 @@
 #!/usr/bin/env node
-// Invoke round trip through a GW3 gateway with the same published client (@interopio/core) in
-// two processes — a server that registers Bench.Echo and a caller — against knit's bridge and
-// against the reference Glue42 gateway (@glue42/gateway-web, with a large per-client buffer so
-// that it does not drop messages), in the same run, alternating rounds.
+// GW3 gateways with the same published client (@interopio/core) in two processes, against
+// knit's bridge and against the reference Glue42 gateway (@glue42/gateway-web, with a large
+// per-client buffer so that it does not drop messages), in the same run, alternating rounds.
 //
-//   node bench.js --knit PATH/TO/knit [--n 2000] [--rounds 3] [--warmup 1000]
+//   node bench.js --knit PATH/TO/knit [--knit-config FILE] [--n 2000] [--rounds 3] [--warmup 1000]
+//                 [--only SCENARIO,...]
 //
-// Two scenarios: `invoke_rtt` with the client library, and `invoke_rtt_raw_gw3` with bare GW3
-// frames (what the gateways themselves cost, without the library's own time in both processes).
+// Scenarios:
+//   invoke_rtt           invoke round trip: a server registers Bench.Echo, a caller invokes it;
+//   invoke_rtt_raw_gw3   the same with bare GW3 frames (what the gateways themselves cost,
+//                        without the library's own time in both processes);
+//   ctx_update           context update propagation, one way: a writer updates `bench.ping`
+//                        ({i, t, s}: t its clock), a subscriber's callback takes now - t (both
+//                        processes read the same monotonic clock) and answers on `bench.pong`;
+//                        the writer waits for the answer before the next update (no queueing);
+//   ctx_update_raw_gw3   the same with bare GW3 frames (update-context → context-updated).
 // Prints one JSON line per gateway and scenario {gateway, scenario, n, p50_us, p99_us, p999_us,
-// mean_us}, then {scenario, ratio_p50, ratio_mean, target} (ratio = reference / knit).
+// mean_us}, then {scenario, ratio_p50, ratio_p99, ratio_p999, ratio_mean, target} (ratio =
+// reference / knit).
 "use strict";
 const { fork, spawn } = require("child_process");
 const fs = require("fs");
@@ -59,6 +67,7 @@ async function rawLogin(url, application) {
     const m = JSON.parse(d.toString());
     const w = m.request_id != null && waiters.get(m.request_id);
     if (w) { waiters.delete(m.request_id); w(m); } else if (ws.onInvoke && m.type === "invoke") ws.onInvoke(m);
+    else if (ws.onOther) ws.onOther(m);
   });
   ws.ask = (m) => new Promise((ok) => { waiters.set(m.request_id, ok); ws.send(JSON.stringify(m)); });
   const w = await ws.ask({ type: "hello", request_id: "h", identity: { application }, authentication: { method: "secret", login: "bench", secret: "bench" } });
@@ -73,6 +82,97 @@ async function rawServer(url) {
     invocation_id: m.invocation_id, result: m.arguments_kv }));
   await ws.ask({ type: "register", domain: "agm", request_id: "r", peer_id: ws.id, methods: [{ id: "0", name: "Bench.RawEcho" }] });
   process.send({ ready: true, id: ws.id });
+}
+
+// Context propagation with the library: the subscriber measures, the writer paces.
+async function ctxReader(url) {
+  const io = await connect(url, "bench-ctx-reader");
+  const us = [];
+  let want = null;
+  let done = null;
+  await io.contexts.subscribe("bench.ping", (data) => {
+    if (typeof data.i !== "number" || data.i < 0) return;
+    const dt = Number(process.hrtime.bigint() - BigInt(data.t)) / 1000;
+    if (data.i >= WARMUP) us.push(dt);
+    io.contexts.update("bench.pong", { i: data.i });
+    if (want !== null && us.length >= want && done) done();
+  });
+  process.on("message", (m) => {
+    if (m.collect) {
+      want = m.collect;
+      const finish = () => { process.send({ us: us.slice(0, want) }); };
+      if (us.length >= want) finish(); else done = finish;
+    }
+  });
+  process.send({ ready: true });
+}
+
+async function ctxWriter(url, n) {
+  const io = await connect(url, "bench-ctx-writer");
+  let wake = null;
+  let seen = -1;
+  await io.contexts.subscribe("bench.pong", (data) => {
+    if (typeof data.i === "number") { seen = data.i; if (wake) wake(); }
+  });
+  const s = "x".repeat(40);
+  for (let i = 0; i < WARMUP + n; i++) {
+    const acked = new Promise((r) => { wake = () => { if (seen >= i) r(); }; });
+    await io.contexts.update("bench.ping", { i, t: String(process.hrtime.bigint()), s });
+    if (seen < i) await acked;
+  }
+  process.send({ done: true });
+  await io.done();
+}
+
+// The same with bare GW3 frames.
+async function rawCtxReader(url) {
+  const ws = await rawLogin(url, "bench-raw-ctx-reader");
+  const us = [];
+  let want = null;
+  let done = null;
+  const made = await ws.ask({ type: "create-context", domain: "global", request_id: "c", peer_id: ws.id,
+    name: "bench.raw", data: {}, lifetime: "retained" });
+  ws.onOther = (m) => {
+    if (m.type !== "context-updated" || !m.delta.reset) return;
+    const d = m.delta.reset;
+    if (d.i < 0) return;
+    const dt = Number(process.hrtime.bigint() - BigInt(d.t)) / 1000;
+    if (d.i >= WARMUP) us.push(dt);
+    ws.send(JSON.stringify({ type: "update-context", domain: "global", request_id: `a${d.i}`, peer_id: ws.id,
+      context_id: made.context_id, delta: { reset: { ack: d.i } } }));
+    if (want !== null && us.length >= want && done) done();
+  };
+  process.on("message", (m) => {
+    if (m.collect) {
+      want = m.collect;
+      const finish = () => { process.send({ us: us.slice(0, want) }); };
+      if (us.length >= want) finish(); else done = finish;
+    }
+  });
+  process.send({ ready: true });
+}
+
+async function rawCtxWriter(url, n) {
+  const ws = await rawLogin(url, "bench-raw-ctx-writer");
+  const made = await ws.ask({ type: "create-context", domain: "global", request_id: "c", peer_id: ws.id,
+    name: "bench.raw", data: {}, lifetime: "retained" });
+  let wake = null;
+  let seen = -1;
+  ws.onOther = (m) => {
+    if (m.type === "context-updated" && m.delta.reset && typeof m.delta.reset.ack === "number") {
+      seen = m.delta.reset.ack;
+      if (wake) wake();
+    }
+  };
+  const s = "x".repeat(40);
+  for (let i = 0; i < WARMUP + n; i++) {
+    const acked = new Promise((r) => { wake = () => { if (seen >= i) r(); }; });
+    ws.send(JSON.stringify({ type: "update-context", domain: "global", request_id: `u${i}`, peer_id: ws.id,
+      context_id: made.context_id, delta: { reset: { i, t: String(process.hrtime.bigint()), s } } }));
+    if (seen < i) await acked;
+  }
+  process.send({ done: true });
+  ws.close();
 }
 
 async function rawCaller(url, n, server) {
@@ -119,8 +219,9 @@ async function referenceGateway() {
 
 async function knitGateway(bin) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "knit-bench-"));
-  const child = spawn(bin, ["gateway", "--gateway", path.join(dir, "gw.sock"), "--ws", "127.0.0.1:0", "--ws-auth", "open"],
-    { stdio: ["ignore", "ignore", "pipe"] });
+  const config = opt("--knit-config");
+  const child = spawn(bin, ["gateway", "--gateway", path.join(dir, "gw.sock"), "--ws", "127.0.0.1:0", "--ws-auth", "open",
+    ...(config ? ["--config", config] : [])], { stdio: ["ignore", "ignore", "pipe"] });
   const url = await new Promise((ok, fail) => {
     let err = "";
     child.stderr.on("data", (d) => {
@@ -131,6 +232,20 @@ async function knitGateway(bin) {
     child.on("exit", (code) => fail(new Error(`knit gateway exited (${code}): ${err}`)));
   });
   return { url, close: async () => { child.kill("SIGTERM"); fs.rmSync(dir, { recursive: true, force: true }); } };
+}
+
+// One way, context propagation: the reader measures; the writer paces itself on the answers.
+async function measureCtx(url, n, raw) {
+  const rd = fork(__filename, ["--role", raw ? "raw-ctx-reader" : "ctx-reader", "--url", url], { stdio: "inherit" });
+  await new Promise((ok, fail) => { rd.once("message", ok); rd.once("exit", () => fail(new Error("reader died"))); });
+  const wr = fork(__filename, ["--role", raw ? "raw-ctx-writer" : "ctx-writer", "--url", url, "--n", String(n)],
+    { stdio: "inherit" });
+  await new Promise((ok, fail) => { wr.once("message", ok); wr.once("exit", () => fail(new Error("writer died"))); });
+  rd.send({ collect: n });
+  const { us } = await new Promise((ok, fail) => { rd.once("message", ok); rd.once("exit", () => fail(new Error("reader died"))); });
+  rd.kill();
+  await new Promise((r) => wr.once("exit", r));
+  return us;
 }
 
 async function measure(url, n, raw) {
@@ -157,28 +272,38 @@ async function main() {
   const rounds = Number(opt("--rounds", 3));
   const bin = opt("--knit");
   if (!bin) throw new Error("--knit PATH is required");
-  const gateways = { knit: await knitGateway(bin), reference: await referenceGateway() };
-  const scenarios = { invoke_rtt: false, invoke_rtt_raw_gw3: true };
+  const all = {
+    invoke_rtt: (url, k) => measure(url, k, false),
+    invoke_rtt_raw_gw3: (url, k) => measure(url, k, true),
+    ctx_update: (url, k) => measureCtx(url, k, false),
+    ctx_update_raw_gw3: (url, k) => measureCtx(url, k, true),
+  };
+  const only = opt("--only");
+  const scenarios = only ? only.split(",") : Object.keys(all);
+  for (const s of scenarios) if (!all[s]) throw new Error(`unknown scenario ${s}`);
   const samples = {};
-  try {
-    for (let i = 0; i < rounds; i++) {
-      for (const [scenario, raw] of Object.entries(scenarios)) {
+  // A fresh pair of gateways per round (a context scenario leaves its contexts behind).
+  for (let i = 0; i < rounds; i++) {
+    const gateways = { knit: await knitGateway(bin), reference: await referenceGateway() };
+    try {
+      for (const scenario of scenarios) {
         for (const name of Object.keys(gateways)) {
           const key = `${scenario}/${name}`;
-          samples[key] = (samples[key] || []).concat(await measure(gateways[name].url, Math.ceil(n / rounds), raw));
+          samples[key] = (samples[key] || []).concat(await all[scenario](gateways[name].url, Math.ceil(n / rounds)));
         }
       }
+    } finally {
+      for (const g of Object.values(gateways)) await g.close();
     }
-  } finally {
-    for (const g of Object.values(gateways)) await g.close();
   }
-  for (const scenario of Object.keys(scenarios)) {
+  const ratio = (a, b) => Math.round((a / b) * 100) / 100;
+  for (const scenario of scenarios) {
     const k = stats("knit", scenario, samples[`${scenario}/knit`]);
     const r = stats("reference", scenario, samples[`${scenario}/reference`]);
     console.log(JSON.stringify(k));
     console.log(JSON.stringify(r));
-    console.log(JSON.stringify({ scenario, ratio_p50: Math.round((r.p50_us / k.p50_us) * 100) / 100,
-      ratio_mean: Math.round((r.mean_us / k.mean_us) * 100) / 100, target: 3 }));
+    console.log(JSON.stringify({ scenario, ratio_p50: ratio(r.p50_us, k.p50_us), ratio_p99: ratio(r.p99_us, k.p99_us),
+      ratio_p999: ratio(r.p999_us, k.p999_us), ratio_mean: ratio(r.mean_us, k.mean_us), target: 3 }));
   }
   process.exit(0);
 }
@@ -187,4 +312,8 @@ if (role === "server") server(opt("--url")).catch((e) => { console.error(e); pro
 else if (role === "raw-server") rawServer(opt("--url")).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "raw-caller") rawCaller(opt("--url"), Number(opt("--n")), opt("--server")).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "caller") caller(opt("--url"), Number(opt("--n"))).catch((e) => { console.error(e); process.exit(1); });
+else if (role === "ctx-reader") ctxReader(opt("--url")).catch((e) => { console.error(e); process.exit(1); });
+else if (role === "ctx-writer") ctxWriter(opt("--url"), Number(opt("--n"))).catch((e) => { console.error(e); process.exit(1); });
+else if (role === "raw-ctx-reader") rawCtxReader(opt("--url")).catch((e) => { console.error(e); process.exit(1); });
+else if (role === "raw-ctx-writer") rawCtxWriter(opt("--url"), Number(opt("--n"))).catch((e) => { console.error(e); process.exit(1); });
 else main().catch((e) => { console.error(e); process.exit(1); });

@@ -1,11 +1,15 @@
 #!/usr/bin/env node
 // A real browser page: headless Chromium (driven by playwright-core) loads @interopio/core's
 // browser build from a page served on 127.0.0.1, connects to knit's bridge, registers
-// Browser.Hello and calls the native Native.Sum. Driven by tests/web.rs like mixed.js:
+// Browser.Hello and calls the native Native.Sum; follows the context `browser.ctx` and the
+// native stream Native.Feed, and serves the stream Browser.Ticks. Driven by tests/web.rs like
+// mixed.js:
 //
 //   node browser.js --url ws://127.0.0.1:PORT --user NAME --secret TOKEN [--screenshot FILE]
 //
-// Prints JSON lines, then {"ready":true}; a "done" line on stdin ends it (exit 0).
+// Prints JSON lines, then {"ready":true}; then acts on stdin lines: "check" (waits until the
+// page saw browser.ctx with v=1 and a Native.Feed item, prints them), "write" (the page updates
+// `browser.out`), "push" (it pushes {b:1} on Browser.Ticks), "done" (ends it, exit 0).
 "use strict";
 const fs = require("fs");
 const http = require("http");
@@ -62,6 +66,18 @@ function serve() {
         ({ hello: args.name, from: navigator.userAgent.includes("Chrome") ? "chromium" : navigator.userAgent, caller: caller.application }));
       await io.interop.waitForMethod("Native.Sum");
       const sum = await io.interop.invoke("Native.Sum", { a: 1, b: 2 });
+      // What the page sees, and a way to wait for it without polling.
+      window.ctx = [];
+      window.feed = [];
+      const waiters = [];
+      const wake = () => waiters.splice(0).forEach((w) => w());
+      window.until = (cond) => new Promise((resolve) => {
+        const look = () => (cond() ? resolve() : waiters.push(look));
+        look();
+      });
+      await io.contexts.subscribe("browser.ctx", (data, delta) => { window.ctx.push({ data, delta }); wake(); });
+      await io.interop.subscribe("Native.Feed", { onData: (d) => { window.feed.push(d.data); wake(); } });
+      window.ticks = await io.interop.createStream("Browser.Ticks");
       document.getElementById("log").textContent =
         `peer ${io.connection.peerId}: Native.Sum(1, 2) = ${JSON.stringify(sum.returned)} by ${sum.executed_by.application}`;
       return { peerId: io.connection.peerId, user: io.connection.resolvedIdentity.user, sum: sum.returned, by: sum.executed_by.application };
@@ -70,7 +86,25 @@ function serve() {
     if (opt("--screenshot")) await page.screenshot({ path: opt("--screenshot") });
     say({ ready: true });
     const lines = readline.createInterface({ input: process.stdin });
-    for await (const line of lines) if (line.trim() === "done") break;
+    for await (const line of lines) {
+      const cmd = line.trim();
+      if (cmd === "done") break;
+      if (cmd === "check") {
+        const seen = await page.evaluate(async () => {
+          await window.until(() => window.ctx.some((c) => c.data.v === 1) && window.feed.length > 0);
+          return { ctx: window.ctx[window.ctx.length - 1].data, feed: window.feed[0] };
+        });
+        say({ step: "seen", ...seen });
+      } else if (cmd === "write") {
+        await page.evaluate(() => window.io.contexts.update("browser.out", { from: "chromium" }));
+        say({ step: "written" });
+      } else if (cmd === "push") {
+        await page.evaluate(() => window.ticks.push({ b: 1 }));
+        say({ step: "pushed" });
+      } else {
+        throw new Error(`unknown command ${cmd}`);
+      }
+    }
     await page.evaluate(() => window.io.done());
   } finally {
     await browser.close();

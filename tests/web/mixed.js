@@ -4,9 +4,16 @@
 //
 //   node mixed.js --url ws://127.0.0.1:PORT --user NAME --secret TOKEN [--lib io|glue]
 //
-// It registers Web.Upper and Web.Fail, calls the native Native.Sum and Native.Fail, and prints
-// one JSON line per observation on stdout, then {"ready":true}. It leaves (done()) when a line
-// "done" arrives on stdin, and exits 0, or 1 on any unexpected failure.
+// It registers Web.Upper and Web.Fail and calls the native Native.Sum and Native.Fail; follows
+// the context `mixed.ctx` (written natively) and its own `web.ctx`; subscribes to the bus topic
+// `mixed.topic`; serves the stream Web.Ticks. It prints one JSON line per observation on stdout
+// ({"ready":true} once set up), and acts on one command per stdin line:
+//
+//   ctx update|set JSON      write web.ctx            ctx setPath PATH JSON
+//   publish                  publish {n:1} on web.topic
+//   subscribe-native-stream  subscribe to Native.Ticks (prints "subscribed" once accepted)
+//   push                     push {w:1} on Web.Ticks
+//   done                     leave (done()) and exit 0 (1 on any unexpected failure)
 "use strict";
 const readline = require("readline");
 const { library } = require("./scenarios");
@@ -20,6 +27,7 @@ const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
     application: "web-mixed",
     gateway: { ws: opt("--url") },
     auth: { username: opt("--user"), password: opt("--secret") },
+    bus: true,
     logger: "error",
   });
   say({ step: "connected", user: io.connection.resolvedIdentity.user, peerId: io.connection.peerId });
@@ -36,10 +44,39 @@ const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
   } catch (e) {
     say({ step: "fail", error: e.message, returned: e.returned });
   }
+
+  // Contexts: what a subscriber callback gets (removed is undefined for a reset: shown as []).
+  const watch = (step) => (data, delta, removed) => say({ step, data, delta, removed: removed || [] });
+  await io.contexts.subscribe("mixed.ctx", watch("ctx"));
+  await io.contexts.subscribe("web.ctx", watch("own-ctx"));
+  await io.bus.subscribe("mixed.topic", (data, topic, source) => say({ step: "bus", data, topic, from: source && source.application }));
+  const ticks = await io.interop.createStream("Web.Ticks");
   say({ ready: true });
+
   const lines = readline.createInterface({ input: process.stdin });
   for await (const line of lines) {
-    if (line.trim() === "done") break;
+    const [cmd, ...rest] = line.trim().split(" ");
+    if (cmd === "done") break;
+    if (cmd === "ctx") {
+      const [op, ...more] = rest;
+      if (op === "setPath") await io.contexts.setPath("web.ctx", more[0], JSON.parse(more.slice(1).join(" ")));
+      else await io.contexts[op]("web.ctx", JSON.parse(more.join(" ")));
+      say({ step: "written", op });
+    } else if (cmd === "publish") {
+      io.bus.publish("web.topic", { n: 1 });
+      say({ step: "published" });
+    } else if (cmd === "subscribe-native-stream") {
+      await io.interop.subscribe("Native.Ticks", {
+        onData: (d) => say({ step: "stream", data: d.data, private: d.private, server: d.server && d.server.application }),
+        onClosed: (c) => say({ step: "stream-closed", message: c.message }),
+      });
+      say({ step: "subscribed" });
+    } else if (cmd === "push") {
+      ticks.push({ w: 1 });
+      say({ step: "pushed" });
+    } else {
+      throw new Error(`unknown command ${line}`);
+    }
   }
   await io.done();
   process.exit(0);

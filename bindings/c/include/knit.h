@@ -540,7 +540,8 @@ knit_status_t knit_client_close(knit_client_t *client);
 /**
  * Poll mode (`KNIT_CONNECT_POLL`): runs pending callbacks on this thread, waiting up to
  * `timeout_ms` for one; `*handled_out` (if not NULL) gets how many ran. Returns
- * `KNIT_DISCONNECTED` when nothing ran and the gateway connection is gone, and
+ * `KNIT_DISCONNECTED` when nothing ran and the gateway connection is down (the client
+ * reconnects by itself: keep polling to ride out a gateway restart), and
  * `KNIT_INVALID_ARGUMENT` on a client with a dispatcher thread.
  *
  * # Safety
@@ -549,8 +550,9 @@ knit_status_t knit_client_close(knit_client_t *client);
 knit_status_t knit_client_poll(knit_client_t *client, uint32_t timeout_ms, uint32_t *handled_out);
 
 /**
- * `KNIT_OK` while the connection to the gateway is up, `KNIT_DISCONNECTED` once it is gone
- * (the gateway stopped), `KNIT_CLOSED` for a closed handle.
+ * `KNIT_OK` while the connection to the gateway is up, `KNIT_DISCONNECTED` while it is down
+ * (the gateway stopped or died; the client reconnects by itself and restores its methods and
+ * subscriptions), `KNIT_CLOSED` for a closed handle.
  */
 knit_status_t knit_client_connected(knit_client_t *client);
 
@@ -768,8 +770,11 @@ knit_status_t knit_context_subscribe_ex(knit_client_t *client,
  * `{"type":"serverRemoved","server":{…},"reason":"…"}`,
  * `{"type":"methodAdded","method":{name,displayName,…,supportsStreaming}}` (the first server
  * of a method appeared), `{"type":"methodRemoved","method":{…}}` (its last server left),
- * `{"type":"serverMethodAdded","server":{…},"method":{…}}` and `serverMethodRemoved`. End it
- * with `knit_subscription_close`.
+ * `{"type":"serverMethodAdded","server":{…},"method":{…}}` and `serverMethodRemoved`; and for
+ * the gateway connection `{"type":"disconnected","reason":"…","gatewayStopped":false}` and
+ * `{"type":"reconnected","instance":{…}}` (the client reconnects by itself; every remote
+ * peer is first removed with reason `"reset"`, then announced again). End it with
+ * `knit_subscription_close`.
  *
  * # Safety
  * `fn` and `user_data` stay valid until `knit_subscription_close` (or `knit_client_close`)

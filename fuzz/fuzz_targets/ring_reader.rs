@@ -1,0 +1,6 @@
+//! `knit::fuzzing::ring_reader`: see its documentation for the input layout and what must hold.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = knit::fuzzing::ring_reader(data);
+});

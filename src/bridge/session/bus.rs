@@ -1,0 +1,202 @@
+//! The bus for one connection (GW3 domain `bus`: `subscribe`, `unsubscribe`, `publish`;
+//! `event`). Subscriptions live in the registry, which announces them to native publishers;
+//! those write messages for web subscribers to the gateway, which hands one copy per matching
+//! peer to its connection, and the connection emits one `event` per matching subscription. A
+//! web publisher's messages go through the gateway to everyone else; its own subscriptions get
+//! them here (the reference gateway delivers a publisher's messages to itself too).
+
+use super::{display_id, rid, Session};
+use crate::bridge::gw3::{self, Obj};
+use crate::gateway::Outgoing;
+use crate::model::bus::{identity_matches, routing_matches, topic_matches};
+use crate::wire::frame::{FromGateway, PeerId, ToGateway};
+use crate::wire::Value;
+use serde_json::{json, Value as J};
+use std::collections::BTreeMap;
+
+const FAIL: &str = "bus.errors.failure";
+
+struct BusSub {
+    gid: String,
+    topic: String,
+    routing_key: Option<String>,
+}
+
+/// One connection's bus subscriptions, by number (creation order: events for one message go
+/// out in the order the subscriptions were made).
+#[derive(Default)]
+pub(super) struct BusState {
+    subs: BTreeMap<u64, BusSub>,
+}
+
+fn opt_string(msg: &Obj, key: &str) -> Result<Option<String>, String> {
+    match msg.get(key) {
+        None | Some(J::Null) => Ok(None),
+        Some(J::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("{key} must be a string")),
+    }
+}
+
+impl Session {
+    pub(super) async fn bus(&mut self, ty: &str, msg: &Obj) {
+        match ty {
+            "subscribe" => self.bus_subscribe(msg).await,
+            "unsubscribe" => self.bus_unsubscribe(msg).await,
+            "publish" => self.bus_publish(msg).await,
+            _ => self.unhandled("bus", ty, msg),
+        }
+    }
+
+    fn bus_error(&self, msg: &Obj, reason: &str) {
+        self.send(gw3::error("bus", &rid(msg), &self.my_id(), FAIL, reason));
+    }
+
+    async fn bus_subscribe(&mut self, msg: &Obj) {
+        let topic = match msg.get("topic") {
+            Some(J::String(t)) if !t.is_empty() => t.clone(),
+            _ => return self.bus_error(msg, "Please provide the topic as a non-empty string!"),
+        };
+        let routing_key = match opt_string(msg, "routing_key") {
+            Ok(k) => k,
+            Err(e) => return self.bus_error(msg, &e),
+        };
+        // `source` (a filter on publishers) is the client library's to apply, as in the
+        // reference gateway.
+        if self
+            .me
+            .as_ref()
+            .is_some_and(|m| m.bus.subs.len() >= super::MAX_SUBSCRIPTIONS)
+        {
+            return self.bus_error(msg, "too many subscriptions on this connection");
+        }
+        let n = self.sh.ids.number();
+        let reply = self
+            .ask(|req| ToGateway::BusSubscribe {
+                req,
+                sub: n,
+                topic: topic.clone(),
+                routing_key: routing_key.clone(),
+            })
+            .await;
+        match reply {
+            Some(Outgoing {
+                msg: FromGateway::Ack { .. },
+                ..
+            }) => {
+                let gid = self.sh.ids.with('r', n);
+                let Some(me) = self.me.as_mut() else { return };
+                me.bus.subs.insert(
+                    n,
+                    BusSub {
+                        gid: gid.clone(),
+                        topic,
+                        routing_key,
+                    },
+                );
+                self.send(
+                    json!({"domain": "bus", "type": "subscribed", "request_id": rid(msg),
+                    "peer_id": self.my_id(), "subscription_id": gid}),
+                );
+            }
+            Some(Outgoing {
+                msg: FromGateway::Fail { message, .. },
+                ..
+            }) => self.bus_error(msg, &message),
+            _ => self.bus_error(msg, "the gateway is stopping"),
+        }
+    }
+
+    async fn bus_unsubscribe(&mut self, msg: &Obj) {
+        let gid = msg.get("subscription_id").cloned().unwrap_or(J::Null);
+        let Some(me) = self.me.as_mut() else { return };
+        let found = me
+            .bus
+            .subs
+            .iter()
+            .find(|(_, s)| gid.as_str() == Some(s.gid.as_str()))
+            .map(|(n, _)| *n);
+        let Some(n) = found else {
+            let reason = format!("Unable to find subscription with id {}", display_id(&gid));
+            return self.bus_error(msg, &reason);
+        };
+        me.bus.subs.remove(&n);
+        let _ = self
+            .ask(|req| ToGateway::BusUnsubscribe { req, sub: n })
+            .await;
+        self.send(gw3::success("bus", &rid(msg), &self.my_id()));
+    }
+
+    async fn bus_publish(&mut self, msg: &Obj) {
+        // Fire-and-forget: a bad publish gets no answer, as in the reference gateway.
+        let Some(J::String(topic)) = msg.get("topic") else {
+            return;
+        };
+        let Ok(routing_key) = opt_string(msg, "routing_key") else {
+            return;
+        };
+        let target = match msg.get("target_identity") {
+            None | Some(J::Null) => Value::Null,
+            Some(t @ J::Object(_)) => Value::from(t.clone()),
+            Some(_) => return,
+        };
+        let data = msg.get("data").cloned().unwrap_or(J::Null);
+        let Some(me) = self.me.as_ref() else { return };
+        let (peer, identity) = (me.peer, me.identity.clone());
+        let mine = match &target {
+            Value::Map(t) => identity_matches(t, &Value::from(identity.clone())),
+            _ => true,
+        };
+        if mine {
+            self.bus_deliver(peer, topic, routing_key.as_deref(), &data);
+        }
+        self.core(ToGateway::BusPublish {
+            topic: topic.clone(),
+            routing_key,
+            target,
+            data: Value::from(data),
+        })
+        .await;
+    }
+
+    /// A message for this peer (from the gateway, or its own): one `event` per matching
+    /// subscription.
+    pub(super) fn bus_deliver(
+        &mut self,
+        from: PeerId,
+        topic: &str,
+        routing_key: Option<&str>,
+        data: &J,
+    ) {
+        let Some(me) = self.me.as_ref() else { return };
+        let matching: Vec<&BusSub> = me
+            .bus
+            .subs
+            .values()
+            .filter(|s| {
+                topic_matches(&s.topic, topic)
+                    && routing_matches(s.routing_key.as_deref(), routing_key)
+            })
+            .collect();
+        if matching.is_empty() {
+            return;
+        }
+        let publisher = if from == me.peer {
+            me.identity.clone()
+        } else {
+            match me.known.get(&from) {
+                Some(k) => k.identity.clone(),
+                None => return, // not a peer we may see
+            }
+        };
+        let frames: Vec<J> = matching
+            .iter()
+            .map(|s| {
+                json!({"domain": "bus", "type": "event", "peer_id": me.id,
+                    "subscription_id": s.gid, "publisher-identity": publisher, "data": data})
+            })
+            .collect();
+        for f in frames {
+            self.send(f);
+        }
+    }
+}

@@ -1,0 +1,637 @@
+//! Gateway restart (docs/guarantees.md "Gateway restart"): a `knit gateway` process is
+//! SIGKILLed and started again on the same socket; clients reconnect by themselves and restore
+//! what they had; retained contexts lose nothing, even those whose writer has exited; lanes
+//! between live peers keep working meanwhile; a clean stop leaves nothing running.
+//! And the same with embedded gateways stopped cleanly, without a keeper.
+
+mod common;
+
+use common::{process_running, run_knit, GatewayProc, ServerProc, TempDir, STARTUP};
+use knit::client::{
+    ChannelUpdate, Client, ClientError, ContextUpdate, InteropEvent, InvokeError, InvokeOptions,
+    StreamEvent, StreamParams,
+};
+use knit::model::Target;
+use knit::{Status, Value};
+use serde_json::{json, Value as Json};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+/// Hang guard for reconnection and restoration: only a client that never comes back fails
+/// here. The requirement's budget (back within 1 s) is a speed target, measured and reported by
+/// `knit bench restart` (docs/benchmarks.md), never asserted on a timer in a test.
+const RECONNECT_HANG_GUARD: Duration = Duration::from_secs(10);
+/// Hang guard for calls that must fail at once while the gateway is down (they must not wait
+/// for it to come back).
+const FAIL_FAST_HANG_GUARD: Duration = Duration::from_secs(10);
+
+fn j(s: &str) -> Value {
+    Value::from_json_str(s).unwrap()
+}
+
+/// Receives from `rx` until `pred` holds, or panics after `timeout` (what was seen is shown).
+fn wait_for<T: std::fmt::Debug>(
+    rx: &Receiver<T>,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(v) if pred(&v) => return v,
+            Ok(v) => {
+                if seen.len() < 20 {
+                    seen.push(format!("{v:?}"));
+                }
+            }
+            Err(_) => panic!("{what}: not within {timeout:?}; saw {seen:#?}"),
+        }
+    }
+}
+
+fn sock(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ctx_get(socket: &Path, name: &str) -> Json {
+    let out = run_knit(&["--gateway", sock(socket), "ctx", "get", name], STARTUP);
+    assert_eq!(out.code, Some(0), "ctx get {name}: {}", out.stderr);
+    out.json()
+}
+
+#[test]
+fn clients_reconnect_and_restore_everything_after_the_gateway_is_killed_and_restarted() {
+    let dir = TempDir::new("restart");
+    let mut gw = GatewayProc::start(&dir, &[]);
+    let socket = gw.socket.clone();
+    let keeper = gw.keeper_pid().expect("knit gateway starts a keeper");
+    assert!(process_running(keeper));
+
+    // A server of a method, a server of a stream, a command-line bus subscriber.
+    let mut echo = ServerProc::start(&socket, "restart-server", "Restart.Echo", &["--echo"]);
+    let mut ticks = Command::new(common::knit_bin())
+        .args(["--gateway", sock(&socket), "--app", "restart-ticks"])
+        .args(["stream", "serve", "Restart.Ticks", "--rate", "50"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ticks_out = common::Lines::spawn(ticks.stdout.take().unwrap());
+    let mut ticks = common::ChildGuard::new(ticks, "knit stream serve");
+    ticks_out
+        .wait_for(STARTUP, |l| l.contains("\"ready\""))
+        .expect("knit stream serve is ready");
+    let mut sub = Command::new(common::knit_bin())
+        .args(["--gateway", sock(&socket), "sub", "restart.topic"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sub_out = common::Lines::spawn(sub.stdout.take().unwrap());
+    let sub_err = common::Lines::spawn(sub.stderr.take().unwrap());
+    let mut sub = common::ChildGuard::new(sub, "knit sub");
+    sub_err
+        .wait_for(STARTUP, |l| l.contains("\"ready\""))
+        .expect("knit sub is ready");
+
+    // A writer sets a retained context and exits.
+    let out = run_knit(
+        &[
+            "--gateway",
+            sock(&socket),
+            "--app",
+            "writer",
+            "ctx",
+            "set",
+            "restart.retained",
+            r#"{"v": 42, "who": "writer"}"#,
+        ],
+        STARTUP,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    // Our client: events, a lane to the server, a context, a bus topic, a channel, a stream.
+    let c = Client::builder("restart-client")
+        .socket(&socket)
+        .connect()
+        .unwrap();
+    let (etx, events) = channel::<InteropEvent>();
+    let _ev = c.on_event(move |e| {
+        let _ = etx.send(e.clone());
+    });
+    let opts = InvokeOptions {
+        target: Target::Best,
+        wait: STARTUP,
+        timeout: STARTUP,
+    };
+    let r = c.invoke("Restart.Echo", j(r#"{"n": 1}"#), &opts).unwrap();
+    assert_eq!(r.returned, j(r#"{"n": 1}"#));
+    c.contexts()
+        .set("restart.watched", j(r#"{"phase": "before"}"#))
+        .unwrap();
+    let (ctx_tx, ctx_rx) = channel::<ContextUpdate>();
+    let _cs = c
+        .contexts()
+        .subscribe("restart.watched", move |u| {
+            let _ = ctx_tx.send(u.clone());
+        })
+        .unwrap();
+    wait_for(&ctx_rx, STARTUP, "first context callback", |u| u.first);
+    let (bus_tx, bus_rx) = channel::<Value>();
+    let _bs = c
+        .subscribe("restart.topic", Default::default(), move |m| {
+            let _ = bus_tx.send(m.data.clone());
+        })
+        .unwrap();
+    c.channels().join("Red").unwrap();
+    let (ch_tx, ch_rx) = channel::<ChannelUpdate>();
+    let _chs = c
+        .channels()
+        .subscribe(move |u| {
+            let _ = ch_tx.send(u.clone());
+        })
+        .unwrap();
+    let (st_tx, st_rx) = channel::<StreamEvent>();
+    let _ss = c
+        .subscribe_stream(
+            "Restart.Ticks",
+            StreamParams {
+                wait: STARTUP,
+                timeout: STARTUP,
+                ..Default::default()
+            },
+            move |e| {
+                let _ = st_tx.send(e.clone());
+            },
+        )
+        .unwrap();
+    let StreamEvent::Data {
+        server: ticks_before,
+        ..
+    } = wait_for(&st_rx, STARTUP, "a stream item", |e| {
+        matches!(e, StreamEvent::Data { .. })
+    })
+    else {
+        unreachable!()
+    };
+
+    // The gateway dies.
+    gw.child.kill9();
+    let ev = wait_for(&events, STARTUP, "Disconnected", |e| {
+        matches!(e, InteropEvent::Disconnected { .. })
+    });
+    assert!(
+        matches!(
+            ev,
+            InteropEvent::Disconnected {
+                gateway_stopped: false,
+                ..
+            }
+        ),
+        "{ev:?}"
+    );
+    assert!(!c.is_connected());
+    assert!(process_running(keeper), "the keeper outlives its gateway");
+
+    // While it is down: the lane to the server still carries calls…
+    let r = c
+        .invoke("Restart.Echo", j(r#"{"n": 2}"#), &opts)
+        .expect("an invocation over an existing lane works without the gateway");
+    assert_eq!(r.returned, j(r#"{"n": 2}"#));
+    // …shared memory still holds contexts (this write must survive the restart)…
+    c.contexts()
+        .update("restart.watched", j(r#"{"phase": "down"}"#))
+        .unwrap();
+    // …and what needs the gateway fails at once with a typed error.
+    let t = Instant::now();
+    let e = c.contexts().get("restart.never-opened").unwrap_err();
+    assert_eq!(e.status(), Status::Disconnected, "{e}");
+    let e = c.register("Restart.Late", |_| Ok(Value::Null)).unwrap_err();
+    assert!(matches!(e, ClientError::Disconnected), "{e}");
+    let e = c.invoke("Restart.Nobody", Value::Null, &opts).unwrap_err();
+    assert_eq!(e.status(), Status::Disconnected, "{e}");
+    let e = c
+        .subscribe_stream("Restart.Ticks", StreamParams::default(), |_| {})
+        .unwrap_err();
+    assert_eq!(e.status(), Status::Disconnected, "{e}");
+    let e = c
+        .subscribe("restart.other", Default::default(), |_| {})
+        .unwrap_err();
+    assert_eq!(e.status(), Status::Disconnected, "{e}");
+    let failing = t.elapsed();
+    eprintln!("five calls needing the gateway failed in {failing:?}");
+    assert!(
+        failing < FAIL_FAST_HANG_GUARD,
+        "failing took {failing:?}: a call waited for the gateway"
+    );
+
+    // The gateway comes back on the same socket and adopts the kept contexts.
+    let started = Instant::now();
+    let gw2 = GatewayProc::start(&dir, &[]);
+    let listening = started.elapsed();
+    let back = Instant::now();
+    // Timings are printed, not asserted: `knit bench restart` measures them.
+    let ev = wait_for(&events, RECONNECT_HANG_GUARD, "Reconnected", |e| {
+        matches!(e, InteropEvent::Reconnected(_))
+    });
+    let reconnect = back.elapsed();
+    eprintln!("gateway listening after {listening:?}; client reconnected {reconnect:?} later");
+    // The server process came back too and registered its method again: our client sees it.
+    let served = c
+        .wait_for_method("Restart.Echo", RECONNECT_HANG_GUARD)
+        .expect("the method is served again");
+    let restored = back.elapsed();
+    eprintln!(
+        "method served again {restored:?} after the gateway listened (by {})",
+        served.servers[0].peer_id
+    );
+    let InteropEvent::Reconnected(me) = ev else {
+        unreachable!()
+    };
+    assert_eq!(
+        me.instance,
+        c.instance().instance,
+        "the instance id is kept"
+    );
+    assert!(c.is_connected());
+    assert_eq!(
+        gw2.keeper_pid(),
+        Some(keeper),
+        "the same keeper serves the new gateway"
+    );
+
+    // Retained contexts are intact: the exited writer's, and the one written while down.
+    assert_eq!(
+        ctx_get(&socket, "restart.retained"),
+        json!({"v": 42, "who": "writer"})
+    );
+    assert_eq!(
+        ctx_get(&socket, "restart.watched"),
+        json!({"phase": "down"})
+    );
+
+    // The server re-registered its method by itself.
+    let out = run_knit(
+        &[
+            "--gateway",
+            sock(&socket),
+            "invoke",
+            "Restart.Echo",
+            r#"{"n": 3}"#,
+        ],
+        STARTUP,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.json()["returned"], json!({"n": 3}));
+    assert_eq!(out.json()["executed_by"]["application"], "restart-server");
+    // Our client calls it again (over a new lane).
+    let r = c.invoke("Restart.Echo", j(r#"{"n": 4}"#), &opts).unwrap();
+    assert_eq!(r.returned, j(r#"{"n": 4}"#));
+
+    // Our context subscription follows new writes.
+    let out = run_knit(
+        &[
+            "--gateway",
+            sock(&socket),
+            "ctx",
+            "update",
+            "restart.watched",
+            r#"{"phase": "after"}"#,
+        ],
+        STARTUP,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_for(
+        &ctx_rx,
+        STARTUP,
+        "the context update after the restart",
+        |u| u.data.get("phase") == Some(&Value::from("after")),
+    );
+
+    // Our bus subscription and the command-line subscriber receive new publishes. Each
+    // publisher connects anew and learns who subscribes from its welcome; publish until both
+    // resubscriptions are visible to it.
+    let deadline = Instant::now() + STARTUP;
+    let (mut ours, mut cli) = (false, false);
+    let mut n = 100;
+    while !(ours && cli) {
+        let out = run_knit(
+            &[
+                "--gateway",
+                sock(&socket),
+                "pub",
+                "restart.topic",
+                &format!(r#"{{"n": {n}}}"#),
+            ],
+            STARTUP,
+        );
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        ours |= bus_rx
+            .recv_timeout(Duration::from_millis(100))
+            .is_ok_and(|v| v.get("n").is_some());
+        // Nothing was published before the restart: any line is a message from after it.
+        cli |= sub_out
+            .wait_for(Duration::from_millis(100), |l| l.contains("restart.topic"))
+            .is_some();
+        assert!(
+            Instant::now() < deadline,
+            "no bus message after the restart (our client: {ours}, knit sub: {cli})"
+        );
+        n += 1;
+    }
+
+    // Channel membership is restored: a publish on Red reaches our channel subscription.
+    assert_eq!(c.channels().my(), Some("Red".to_string()));
+    let out = run_knit(
+        &[
+            "--gateway",
+            sock(&socket),
+            "ctx",
+            "set-path",
+            "___channel___Red",
+            "data.restart",
+            r#""after""#,
+        ],
+        STARTUP,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_for(&ch_rx, STARTUP, "a channel update after the restart", |u| {
+        u.data.get("restart") == Some(&Value::from("after"))
+    });
+
+    // The stream subscription was made again: items flow from the server as it reconnected
+    // (a new peer id).
+    let e = wait_for(
+        &st_rx,
+        STARTUP,
+        "a stream item after the restart",
+        |e| match e {
+            StreamEvent::Data { server, .. } => server.peer_id != ticks_before.peer_id,
+            StreamEvent::Closed { .. } => true,
+        },
+    );
+    assert!(matches!(e, StreamEvent::Data { .. }), "{e:?}");
+
+    // Every long-running tool rode the restart out.
+    assert!(echo.child.try_status().is_none(), "knit serve exited");
+    assert!(ticks.try_status().is_none(), "knit stream serve exited");
+    assert!(sub.try_status().is_none(), "knit sub exited");
+
+    // A clean stop: the gateway exits 0, its keeper exits, the tools see it and exit 6, and
+    // nothing is left running or in /dev/shm.
+    let mut gw2 = gw2;
+    let gw_pid = gw2.child.pid();
+    gw2.child.signal(rustix::process::Signal::TERM);
+    let status = gw2.child.wait_timeout(STARTUP).expect("the gateway stops");
+    assert_eq!(status.code(), Some(0), "gateway log: {}", gw2.log());
+    assert!(
+        common::wait_until(STARTUP, || !process_running(keeper)),
+        "the keeper outlived a clean stop: {} {}; gateway log: {}",
+        std::fs::read_to_string(format!("/proc/{keeper}/stat")).unwrap_or_default(),
+        std::fs::read_to_string(format!("/proc/{keeper}/wchan")).unwrap_or_default(),
+        gw2.log()
+    );
+    for (what, child) in [
+        ("knit serve", &mut echo.child),
+        ("knit stream serve", &mut ticks),
+        ("knit sub", &mut sub),
+    ] {
+        let status = child
+            .wait_timeout(STARTUP)
+            .unwrap_or_else(|| panic!("{what} did not exit after a clean stop"));
+        assert_eq!(status.code(), Some(6), "{what}");
+    }
+    assert!(!process_running(gw_pid));
+    assert!(!socket.exists(), "the socket file is removed");
+    assert!(
+        !knit::keeper::socket_path(&socket).exists(),
+        "the keeper socket is removed"
+    );
+    let shm: Vec<String> = std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with("knit"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(shm.is_empty(), "knit entries in /dev/shm: {shm:?}");
+    c.close();
+}
+
+/// An embedded gateway (no keeper) stopped cleanly and started again: clients reconnect,
+/// register again, keep their channel and resynchronise followers of contexts that came back
+/// as new segments; calls in flight fail with a clear reason instead of hanging.
+#[test]
+fn an_embedded_gateway_restarted_without_a_keeper_gets_clients_back() {
+    use knit::gateway::{Gateway, GatewayConfig};
+    let dir = TempDir::new("restart-emb");
+    let start = || {
+        Gateway::bind(GatewayConfig::new(dir.socket()))
+            .unwrap()
+            .spawn()
+            .unwrap()
+    };
+    let gw = start();
+    let server = Client::builder("emb-server")
+        .socket(dir.socket())
+        .connect()
+        .unwrap();
+    server
+        .register("Emb.Echo", |call| Ok(call.args.clone()))
+        .unwrap();
+    // A slow method, relayed: its call is in flight when the gateway goes.
+    let relayed = Client::builder("emb-relayed")
+        .socket(dir.socket())
+        .relay_only(true)
+        .connect()
+        .unwrap();
+    let (running_tx, running) = channel::<()>();
+    relayed
+        .register("Emb.Slow", move |_| {
+            let _ = running_tx.send(());
+            std::thread::sleep(Duration::from_secs(3));
+            Ok(Value::Null)
+        })
+        .unwrap();
+    let c = Client::builder("emb-client")
+        .socket(dir.socket())
+        .connect()
+        .unwrap();
+    let (etx, events) = channel::<InteropEvent>();
+    let _ev = c.on_event(move |e| {
+        let _ = etx.send(e.clone());
+    });
+    let opts = InvokeOptions {
+        target: Target::Best,
+        wait: STARTUP,
+        timeout: Duration::from_secs(30),
+    };
+    assert_eq!(
+        c.invoke("Emb.Echo", Value::from(1), &opts)
+            .unwrap()
+            .returned,
+        Value::from(1)
+    );
+    c.channels().join("Red").unwrap();
+    c.channels()
+        .publish(j(r#"{"k": "v"}"#), Some("Red"))
+        .unwrap();
+    let (ch_tx, ch_rx) = channel::<ChannelUpdate>();
+    let _chs = c
+        .channels()
+        .subscribe(move |u| {
+            let _ = ch_tx.send(u.clone());
+        })
+        .unwrap();
+    wait_for(&ch_rx, STARTUP, "the channel's current data", |u| {
+        u.data.get("k").is_some()
+    });
+
+    let slow = {
+        let c = c.clone();
+        let opts = opts.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            (c.invoke("Emb.Slow", Value::Null, &opts), t.elapsed())
+        })
+    };
+    // The relayed call is in flight once its server runs it.
+    running
+        .recv_timeout(STARTUP)
+        .expect("the relayed call reaches its server");
+    gw.shutdown();
+    let ev = wait_for(&events, STARTUP, "Disconnected", |e| {
+        matches!(e, InteropEvent::Disconnected { .. })
+    });
+    assert!(
+        matches!(
+            ev,
+            InteropEvent::Disconnected {
+                gateway_stopped: true,
+                ..
+            }
+        ),
+        "{ev:?}"
+    );
+    let (r, took) = slow.join().unwrap();
+    let e = r.expect_err("the relayed call cannot complete");
+    assert_eq!(e.status(), Status::Disconnected, "{e}");
+    assert!(took < Duration::from_secs(3), "the call hung for {took:?}");
+    if let InvokeError::Failed(r) = &e {
+        assert!(
+            r.message.contains("gateway connection lost"),
+            "{}",
+            r.message
+        );
+    }
+
+    let gw = start();
+    let back = Instant::now();
+    // Old peers are forgotten with reason "reset" before we hear we are back.
+    let mut reset = false;
+    wait_for(&events, RECONNECT_HANG_GUARD, "Reconnected", |e| {
+        if let InteropEvent::ServerRemoved { reason, .. } = e {
+            reset |= reason == "reset";
+        }
+        matches!(e, InteropEvent::Reconnected(_))
+    });
+    // Printed, not asserted (`knit bench restart` measures reconnection).
+    eprintln!(
+        "embedded gateway: reconnected {:?} after it listened",
+        back.elapsed()
+    );
+    assert!(reset, "no ServerRemoved with reason \"reset\"");
+    // The server registered again.
+    assert_eq!(
+        c.invoke("Emb.Echo", Value::from(2), &opts)
+            .unwrap()
+            .returned,
+        Value::from(2)
+    );
+    // The new gateway's Red is a new, empty channel: our follower is told, conflated.
+    let u = wait_for(&ch_rx, STARTUP, "the channel resynchronised", |u| {
+        u.data.get("k").is_none()
+    });
+    assert!(u.version >= 1);
+    assert_eq!(c.channels().my(), Some("Red".to_string()));
+    c.channels().publish(j(r#"{"k": "again"}"#), None).unwrap();
+    wait_for(&ch_rx, STARTUP, "a publish after the restart", |u| {
+        u.data.get("k") == Some(&Value::from("again"))
+    });
+    drop((c, server, relayed));
+    gw.shutdown();
+}
+
+/// A client built with `reconnect(false)` stays disconnected.
+#[test]
+fn a_client_without_reconnection_stays_disconnected() {
+    use knit::gateway::{Gateway, GatewayConfig};
+    let dir = TempDir::new("restart-off");
+    let start = || {
+        Gateway::bind(GatewayConfig::new(dir.socket()))
+            .unwrap()
+            .spawn()
+            .unwrap()
+    };
+    let gw = start();
+    let on = Client::builder("on")
+        .socket(dir.socket())
+        .connect()
+        .unwrap();
+    let off = Client::builder("off")
+        .socket(dir.socket())
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    gw.shutdown();
+    assert!(common::wait_until(STARTUP, || !off.is_connected() && !on.is_connected()));
+    let gw = start();
+    assert!(common::wait_until(STARTUP, || on.is_connected()));
+    assert!(!off.is_connected());
+    assert!(matches!(
+        off.connection_state(),
+        knit::client::ConnectionState::Disconnected {
+            gateway_stopped: true,
+            ..
+        }
+    ));
+    drop((on, off));
+    gw.shutdown();
+}
+
+/// The keeper is killed while its gateway runs: the gateway starts another and hands it every
+/// context, so a crash afterwards still loses nothing.
+#[test]
+fn a_gateway_whose_keeper_dies_starts_another_and_hands_it_every_context() {
+    let dir = TempDir::new("restart-keeper");
+    let mut gw = GatewayProc::start(&dir, &[]);
+    let socket = gw.socket.clone();
+    let first = gw.keeper_pid().expect("a keeper");
+    let set = |name: &str, json: &str| {
+        let out = run_knit(
+            &["--gateway", sock(&socket), "ctx", "set", name, json],
+            STARTUP,
+        );
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    };
+    set("before", r#"{"x": 1}"#);
+    common::stop_keeper(&socket);
+    assert!(
+        common::wait_until(STARTUP, || gw.keeper_pid().is_some_and(|p| p != first)),
+        "no new keeper; gateway log: {}",
+        gw.log()
+    );
+    set("after", r#"{"y": 2}"#);
+    gw.child.kill9();
+    let _gw2 = GatewayProc::start(&dir, &[]);
+    assert_eq!(ctx_get(&socket, "before"), json!({"x": 1}));
+    assert_eq!(ctx_get(&socket, "after"), json!({"y": 2}));
+}
