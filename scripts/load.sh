@@ -104,7 +104,8 @@ print(f"   {s['elapsed_s']} s, {s['calls_per_s']} calls/s; latency p50 {s['p50_n
       f"p99 {s['p99_ns']/1e3:.1f} µs max {s['max_ns']/1e3:.1f} µs (set-up {s['setup_s']} s)")
 print(f"   registry: {s['peers']} peers, {s['methods']} methods, {s['contexts']} contexts; "
       f"gateway {s['gateway_fds']} descriptors, RSS idle {mib(s['gateway_rss_idle_kb'])}, "
-      f"full {mib(s['gateway_rss_before_kb'])}, peak {mib(s['gateway_rss_peak_run_kb'])}")
+      f"full {mib(s['gateway_rss_before_kb'])}, peak {mib(s['gateway_rss_peak_run_kb'])}; "
+      f"keeper {s['keeper_fds']} descriptors, {mib(s['keeper_rss_kb'])}")
 for r in rows:
     if r.get('scenario') == 'load_probe':
         print(f"   probe {r['stage']:<4} {r['peers']:>4} peers {r['methods']:>6} methods "
@@ -122,7 +123,8 @@ echo "== knit bench scale ${scale_args[*]}"
 python3 - "$out/scale.jsonl" <<'EOF'
 import json, sys
 s = next(r for r in map(json.loads, open(sys.argv[1])) if r.get('scenario') == 'scale')
-print(f"   idle gateway RSS {s['gateway_rss_idle_kb'] / 1024:.1f} MiB; open-file limit "
+print(f"   idle gateway RSS {s['gateway_rss_idle_kb'] / 1024:.1f} MiB (its keeper "
+      f"{s['gateway_idle']['keeper_rss_kb'] / 1024:.1f} MiB); open-file limit "
       f"{s['nofile_soft_limit']} (hard {s['nofile_hard_limit']}, was {s['nofile_soft_limit_before']})")
 for k in ['contexts', 'methods', 'peers']:
     r = s[k]
@@ -132,7 +134,8 @@ for k in ['contexts', 'methods', 'peers']:
     if 'peer_process_rss_per_peer_kb' in r:
         extra = f"; client process {r['peer_process_rss_per_peer_kb']} KiB per peer"
     print(f"   {r['count']:>6} {k:<8}: gateway {r['gateway_rss_b']} B each (heap {r['gateway_anon_b']}, "
-          f"shared {r['gateway_shmem_b']}), {r['gateway_fds']} descriptors each; system shared "
+          f"shared {r['gateway_shmem_b']}), {r['gateway_fds']} descriptors each; keeper "
+          f"{r['keeper_rss_b']} B, {r['keeper_fds']} descriptors each; system shared "
           f"memory {r['system_shmem_b']} B each{extra}")
 g = lambda k: f"{s[k]['rss_kb'] / 1024:.1f} MiB"
 print(f"   gateway RSS: everything {g('gateway_full')}; the peers left {g('gateway_after_peers_left')}, "
@@ -159,9 +162,9 @@ if s is None:
     sys.exit(f"soak: no summary (exit {rc})")
 # RSS samples, about ten of them spread over the run (all are in the JSON).
 step = max(1, len(samples) // 10)
-print("   t (s)   gateway RSS   peer RSS (KiB)")
+print("   t (s)   gateway RSS   peer RSS (KiB)          keeper RSS")
 for r in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
-    print(f"   {r['t_s']:>6}  {r['gateway']['rss_kb']:>8} KiB   {r['peers_rss_kb']}")
+    print(f"   {r['t_s']:>6}  {r['gateway']['rss_kb']:>8} KiB   {r['peers_rss_kb']}   {r.get('keeper_rss_kb')} KiB")
 print("   process   start → middle → end (KiB)     growth   slope 2nd half   verdict")
 for m in s['memory']:
     print(f"   {m['process']:<9} {m['start_kb']} → {m['middle_kb']} → {m['end_kb']}   "

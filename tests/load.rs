@@ -142,9 +142,12 @@ fn soak_delivers_everything_and_samples_memory() {
         let peers = s["peers_rss_kb"].as_array().expect("peers_rss_kb");
         assert_eq!(peers.len(), 3, "{s}");
         assert!(peers.iter().all(|p| p.as_u64().unwrap_or(0) > 0), "{s}");
+        assert!(s["keeper_rss_kb"].as_u64().unwrap_or(0) > 0, "{s}");
     }
+    // The gateway, the three peers, and the gateway's keeper.
     let memory = v["memory"].as_array().expect("memory");
-    assert_eq!(memory.len(), 4, "{v}");
+    assert_eq!(memory.len(), 5, "{v}");
+    assert_eq!(memory[4]["process"], "keeper", "{v}");
     for m in memory {
         assert!(m["verdict"] == "flat" || m["verdict"] == "growing", "{m}");
     }

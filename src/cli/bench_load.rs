@@ -269,6 +269,8 @@ pub(super) struct GatewayProc {
     pub socket: PathBuf,
     log: PathBuf,
     stopped: bool,
+    /// The keeper the gateway started (it holds every context's descriptor), if any.
+    pub keeper: Option<u32>,
 }
 
 impl GatewayProc {
@@ -294,10 +296,13 @@ impl GatewayProc {
             socket,
             log,
             stopped: false,
+            keeper: None,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if std::os::unix::net::UnixStream::connect(&gw.socket).is_ok() {
+                // Started before the gateway listens.
+                gw.keeper = knit::keeper::keeper_pid(&gw.socket);
                 return Ok(gw);
             }
             if let Ok(Some(s)) = gw.child.try_wait() {
@@ -1067,6 +1072,8 @@ fn load_with(
     let full = census(&probe);
     let gw_before = mem(gw.pid()).unwrap_or_default();
     let gw_fds = fd_count(gw.pid());
+    let keeper_mem = gw.keeper.and_then(mem).unwrap_or_default();
+    let keeper_fds = gw.keeper.map_or(0, fd_count);
     let shmem_full = meminfo_kb("Shmem");
     let idle_rss = sum_rss(&idle);
     let client_rss = sum_rss(&clients);
@@ -1256,6 +1263,9 @@ fn load_with(
         ("gateway_rss_after_kb", Value::from(gw_after.rss)),
         ("gateway_after", gw_after.to_value()),
         ("gateway_fds", Value::from(gw_fds)),
+        ("keeper", Value::from(gw.keeper.is_some())),
+        ("keeper_rss_kb", Value::from(keeper_mem.rss)),
+        ("keeper_fds", Value::from(keeper_fds)),
         (
             "system_shmem_delta_kb",
             Value::from(shmem_full.saturating_sub(shmem_start)),
@@ -1280,15 +1290,20 @@ fn load_with(
 struct Snap {
     gw: Mem,
     fds: usize,
+    /// The keeper's memory and descriptors (zero without a keeper).
+    keeper: Mem,
+    keeper_fds: usize,
     shmem: u64,
 }
 
 /// Waits `SETTLE` (announcements are asynchronous and memory figures lag), then measures.
-fn snap(gw_pid: u32) -> Snap {
+fn snap(gw_pid: u32, keeper: Option<u32>) -> Snap {
     std::thread::sleep(SETTLE);
     Snap {
         gw: mem(gw_pid).unwrap_or_default(),
         fds: fd_count(gw_pid),
+        keeper: keeper.and_then(mem).unwrap_or_default(),
+        keeper_fds: keeper.map_or(0, fd_count),
         shmem: meminfo_kb("Shmem"),
     }
 }
@@ -1314,6 +1329,16 @@ fn per_item(what: &str, n: usize, before: Snap, after: Snap, maker: Option<(Mem,
         (
             "gateway_fds",
             Value::from(round2((after.fds as f64 - before.fds as f64) / n as f64)),
+        ),
+        (
+            "keeper_rss_b",
+            Value::from(b(after.keeper.rss, before.keeper.rss)),
+        ),
+        (
+            "keeper_fds",
+            Value::from(round2(
+                (after.keeper_fds as f64 - before.keeper_fds as f64) / n as f64,
+            )),
         ),
         ("system_shmem_b", Value::from(b(after.shmem, before.shmem))),
         ("gateway_rss_after_kb", Value::from(after.gw.rss)),
@@ -1359,7 +1384,8 @@ pub(super) fn scale(args: &BenchArgs) -> Result<(), CliError> {
 fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, CliError> {
     let socket = gw.socket.display().to_string();
     let pid = gw.pid();
-    let idle = snap(pid);
+    let keeper = gw.keeper;
+    let idle = snap(pid, keeper);
     eprintln!(
         "scale: gateway idle RSS {} ({} descriptors)",
         mib(idle.gw.rss),
@@ -1387,7 +1413,7 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
     };
     // Contexts.
     let (ctx_maker, ctx_s) = spawn_maker("c", 0, a.contexts)?;
-    let with_ctx = snap(pid);
+    let with_ctx = snap(pid, keeper);
     let ctx_row = per_item(
         "contexts",
         a.contexts,
@@ -1403,7 +1429,7 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
     );
     // Methods.
     let (m_maker, m_s) = spawn_maker("m", a.methods, 0)?;
-    let with_m = snap(pid);
+    let with_m = snap(pid, keeper);
     let m_row = per_item(
         "methods",
         a.methods,
@@ -1421,7 +1447,7 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
     let t = Instant::now();
     add_idle(&gw.socket, &a.wait, "p", peers, 0, 0, &mut idle_procs)?;
     let p_s = t.elapsed().as_secs_f64();
-    let with_p = snap(pid);
+    let with_p = snap(pid, keeper);
     let peers_rss = sum_rss(&idle_procs);
     let mut p_row = per_item("peers", peers, with_m, with_p, None);
     if let Value::Map(m) = &mut p_row {
@@ -1449,14 +1475,14 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
         }
     };
     leave(idle_procs);
-    let peers_gone = snap(pid);
+    let peers_gone = snap(pid, keeper);
     let mut again = Vec::new();
     add_idle(&gw.socket, &a.wait, "q", peers, 0, 0, &mut again)?;
-    let peers_again = snap(pid);
+    let peers_again = snap(pid, keeper);
     leave(again);
-    let peers_gone_again = snap(pid);
+    let peers_gone_again = snap(pid, keeper);
     drop(m_maker);
-    let methods_gone = snap(pid);
+    let methods_gone = snap(pid, keeper);
     let cleaner = Client::builder("scale-cleaner")
         .socket(&gw.socket)
         .wait_strategy(WaitStrategy::Park)
@@ -1469,17 +1495,20 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
     }
     drop(cleaner);
     drop(ctx_maker);
-    let all_gone = snap(pid);
+    let all_gone = snap(pid, keeper);
     let s = |x: Snap| {
         obj(vec![
             ("rss_kb", Value::from(x.gw.rss)),
             ("anon_kb", Value::from(x.gw.anon)),
             ("shmem_kb", Value::from(x.gw.shmem)),
             ("fds", Value::from(x.fds)),
+            ("keeper_rss_kb", Value::from(x.keeper.rss)),
+            ("keeper_fds", Value::from(x.keeper_fds)),
         ])
     };
     let out = obj(vec![
         ("scenario", Value::from("scale")),
+        ("keeper", Value::from(keeper.is_some())),
         ("gateway_rss_idle_kb", Value::from(idle.gw.rss)),
         ("gateway_idle", s(idle)),
         ("contexts", ctx_row),
@@ -1500,18 +1529,24 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
     let row = |v: &Value| {
         let g = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
         eprintln!(
-            "  {:>6} {:<9} gateway {:>7.0} B each ({:>6.0} B heap, {:>6.0} B shared), {:>4.2} descriptors; system shared memory {:>7.0} B each",
+            "  {:>6} {:<9} gateway {:>7.0} B each ({:>6.0} B heap, {:>6.0} B shared), {:>4.2} descriptors; keeper {:>5.0} B, {:>4.2} descriptors; system shared memory {:>7.0} B each",
             g("count"),
             v.get("items").and_then(Value::as_str).unwrap_or(""),
             g("gateway_rss_b"),
             g("gateway_anon_b"),
             g("gateway_shmem_b"),
             g("gateway_fds"),
+            g("keeper_rss_b"),
+            g("keeper_fds"),
             g("system_shmem_b"),
         );
     };
     eprintln!();
-    eprintln!("scale: idle gateway {}", mib(idle.gw.rss));
+    eprintln!(
+        "scale: idle gateway {}, keeper {}",
+        mib(idle.gw.rss),
+        mib(idle.keeper.rss)
+    );
     for k in ["contexts", "methods", "peers"] {
         if let Some(v) = out.get(k) {
             row(v);

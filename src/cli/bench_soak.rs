@@ -232,8 +232,10 @@ fn soak_with(args: &BenchArgs, gw: &GatewayProc, idle: Mem) -> Result<(Value, u6
         a.minutes,
         a.sample_secs
     );
+    // The gateway, the peers, and the keeper holding the contexts' descriptors (if any).
     let mut tracks: Vec<Track> = std::iter::once("gateway".to_string())
         .chain((0..PEERS).map(|i| format!("peer {i}")))
+        .chain(gw.keeper.map(|_| "keeper".to_string()))
         .map(|name| Track {
             name,
             samples: Vec::new(),
@@ -241,6 +243,7 @@ fn soak_with(args: &BenchArgs, gw: &GatewayProc, idle: Mem) -> Result<(Value, u6
         .collect();
     let pids: Vec<u32> = std::iter::once(gw.pid())
         .chain(peers.iter().map(|p| p.pid()))
+        .chain(gw.keeper)
         .collect();
     let duration = a.minutes * 60.0;
     let t0 = Instant::now();
@@ -271,7 +274,12 @@ fn soak_with(args: &BenchArgs, gw: &GatewayProc, idle: Mem) -> Result<(Value, u6
             ("gateway", row[0].to_value()),
             (
                 "peers_rss_kb",
-                Value::Array(row[1..].iter().map(|m| Value::from(m.rss)).collect()),
+                Value::Array(row[1..=PEERS].iter().map(|m| Value::from(m.rss)).collect()),
+            ),
+            (
+                "keeper_rss_kb",
+                row.get(PEERS + 1)
+                    .map_or(Value::Null, |m| Value::from(m.rss)),
             ),
         ]));
         if died > 0 {
