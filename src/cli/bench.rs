@@ -207,9 +207,19 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
         "soak" => soak::run(&args),
         "scale" => load::scale(&args),
         "all" => {
+            // Each scenario pins this thread; threads started later (a client's dispatcher)
+            // inherit that, so the next scenario starts from the process's own CPU set again
+            // (else its dispatcher would share one core with the pinned sender).
+            let cpus = knit::sys::affinity::available_cpus();
+            let unpin = || {
+                let _ = knit::sys::affinity::allow_current_thread(&cpus);
+            };
             rpc(&args)?;
+            unpin();
             data::ctx(&args)?;
+            unpin();
             data::bus(&args)?;
+            unpin();
             data::stream(&args)
         }
         other => Err(CliError::new(

@@ -18,3 +18,13 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     sched_setaffinity(None, &set)?;
     Ok(())
 }
+
+/// Lets the calling thread run on every CPU of `cpus` (undoes [`pin_current_thread`]).
+pub fn allow_current_thread(cpus: &[usize]) -> io::Result<()> {
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c);
+    }
+    sched_setaffinity(None, &set)?;
+    Ok(())
+}
