@@ -24,7 +24,7 @@ use crate::wire::record::{KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND
 use crate::wire::stream as rec;
 use crate::wire::Value;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -537,17 +537,21 @@ fn flush_locked(shared: &Arc<Shared>, sub: &ServerSub, out: &mut OutQueue) {
     }
 }
 
-/// Flushes every subscriber queue (called by the dispatch loop while anything is queued).
-pub(crate) fn flush_all(shared: &Arc<Shared>) {
-    let entries: Vec<Arc<StreamEntry>> = shared
+/// The streams we serve, taken out of the lock (callers then lock each entry's subscribers).
+fn served_streams(shared: &Shared) -> Vec<Arc<StreamEntry>> {
+    shared
         .streams
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .served
         .values()
         .cloned()
-        .collect();
-    for e in entries {
+        .collect()
+}
+
+/// Flushes every subscriber queue (called by the dispatch loop while anything is queued).
+pub(crate) fn flush_all(shared: &Arc<Shared>) {
+    for e in served_streams(shared) {
         let subs = e.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for s in subs {
             let mut out = s.out.lock().unwrap_or_else(|e| e.into_inner());
@@ -1450,21 +1454,12 @@ fn _assert_send_sync() {
     fn f<T: Send + Sync>() {}
     f::<Stream>();
     f::<StreamSubscription>();
-    let _ = AtomicUsize::new(0);
 }
 
 /// A new gateway connection (control thread): every subscriber of our streams is a peer of the
 /// old connection (it will subscribe again), so those subscriptions end.
 pub(crate) fn connection_reset(shared: &Arc<Shared>) {
-    let served: Vec<Arc<StreamEntry>> = shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .served
-        .values()
-        .cloned()
-        .collect();
-    for e in served {
+    for e in served_streams(shared) {
         let gone = e.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for s in gone {
             drop_sub(shared, &e, &s, "gateway connection reset", false);
