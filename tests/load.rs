@@ -14,16 +14,6 @@ use serde_json::Value as Json;
 use std::path::Path;
 use std::time::Duration;
 
-/// The runs here take turns. Each already loads both cores; run side by side they also expose a
-/// known discovery race (a client's view of the registry can miss one peer or method while
-/// other peers register at the same time; see the open issue), which `knit bench load` then
-/// waits on. Until that is fixed, one run at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn turn() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Generous: two benches may share two cores with other tests.
 const DEADLINE: Duration = Duration::from_secs(240);
 
@@ -54,7 +44,6 @@ fn run_bench(tmp: &TempDir, args: &[&str]) -> Output {
 
 #[test]
 fn load_every_call_is_answered_once_by_its_server() {
-    let _turn = turn();
     let tmp = TempDir::new("ld");
     let (clients, calls, servers) = (4u64, 2_000u64, 2u64);
     let out = run_bench(
@@ -119,7 +108,6 @@ fn load_every_call_is_answered_once_by_its_server() {
 
 #[test]
 fn soak_delivers_everything_and_samples_memory() {
-    let _turn = turn();
     let tmp = TempDir::new("sk");
     let out = run_bench(
         &tmp,
@@ -183,7 +171,6 @@ fn rss_kb(pid: u32) -> (u64, u64) {
 /// gateway's task set, ~1.4 KiB per peer that ever connected, 4 MiB per 3 000.)
 #[test]
 fn peers_that_come_and_go_leave_nothing_in_the_gateway() {
-    let _turn = turn();
     use knit::client::Client;
     let dir = TempDir::new("visit");
     let gw = GatewayProc::start(&dir, &[]);
