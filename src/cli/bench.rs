@@ -229,6 +229,23 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
     }
 }
 
+/// Waits up to `timeout` for `child` to exit, then kills it; reaps it either way. Its exit
+/// status when it exited by itself.
+fn reap_within(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
 fn exe() -> Result<PathBuf, CliError> {
     std::env::current_exe().map_err(|e| bench_err("locating knit", e))
 }

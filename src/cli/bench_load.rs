@@ -238,20 +238,7 @@ impl Proc {
     /// Waits up to `timeout` for it to exit; kills it then. Whether it exited by itself with 0.
     pub(super) fn finish(&mut self, timeout: Duration) -> bool {
         self.close_stdin();
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => return s.success(),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return false;
-                }
-            }
-        }
+        reap_within(&mut self.child, timeout).is_some_and(|s| s.success())
     }
 }
 
@@ -336,20 +323,7 @@ impl GatewayProc {
         if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => return s.success(),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return false;
-                }
-            }
-        }
+        reap_within(&mut self.child, Duration::from_secs(10)).is_some_and(|s| s.success())
     }
 }
 

@@ -310,16 +310,7 @@ fn stop(child: &mut Child) -> Option<std::process::ExitStatus> {
     if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
-    let deadline = Instant::now() + HANG_GUARD;
-    while Instant::now() < deadline {
-        if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
+    reap_within(child, HANG_GUARD)
 }
 
 impl Drop for Round {
