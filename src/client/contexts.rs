@@ -6,7 +6,7 @@
 use super::conn::Reply;
 use super::engine::{Shared, Task};
 use super::ClientError;
-use crate::model::context::{apply_mut, Change, ContextError as ModelError, ContextOp};
+use crate::model::context::{apply_owned, Change, ContextError as ModelError, ContextOp};
 use crate::shm::ContextSegment;
 use crate::status::Status;
 use crate::store::context::{WriteError, KIND_OP};
@@ -811,10 +811,8 @@ pub(crate) fn pump_follow(
                 updater,
                 payload_logged: true,
             })) => {
-                let op = codec::decode(&cf.buf)
-                    .ok()
-                    .and_then(ContextOp::from_value_owned);
-                match op.map(|op| apply_record(shared, cf, version, updater, &op)) {
+                let op = ContextOp::decode(&cf.buf);
+                match op.map(|op| apply_record(shared, cf, version, updater, op)) {
                     Some(Ok(Some(ev))) => Some(ev),
                     // A record that changes nothing for us: keep our copy, move on.
                     Some(Ok(None)) => continue,
@@ -857,7 +855,7 @@ fn apply_record(
     cf: &mut CtxFollow,
     version: u64,
     updater: u64,
-    op: &ContextOp,
+    op: ContextOp,
 ) -> Result<Option<ContextUpdate>, ()> {
     let exists = cf.version != 0;
     let mut data = cf.data.take().unwrap_or_else(|| Arc::new(Value::map()));
@@ -871,7 +869,7 @@ fn apply_record(
     let Value::Map(map) = Arc::make_mut(&mut data) else {
         return Err(());
     };
-    let d = match apply_mut(map, exists, op) {
+    let d = match apply_owned(map, exists, op) {
         Ok(Some(d)) => d,
         Ok(None) => {
             cf.data = Some(data);

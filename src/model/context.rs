@@ -128,6 +128,36 @@ fn set_key(data: &mut Map, k: &str, v: &Value) {
     }
 }
 
+/// [`apply_mut`] for an op the caller owns: an update's keys and values move into the delta
+/// instead of being copied for it.
+pub fn apply_owned(
+    data: &mut Map,
+    exists: bool,
+    op: ContextOp,
+) -> Result<Option<Delta>, ContextError> {
+    match op {
+        ContextOp::Update(new) if exists => {
+            let mut delta = Map::with_capacity(new.len());
+            let mut removed = Vec::new();
+            for (k, v) in new {
+                if v.is_null() {
+                    if data.shift_remove(&k).is_some() {
+                        removed.push(k);
+                    }
+                } else if data.get(&k) != Some(&v) {
+                    set_key(data, &k, &v);
+                    delta.insert(k, v);
+                }
+            }
+            if delta.is_empty() && removed.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(Delta { delta, removed }))
+        }
+        op => apply_mut(data, exists, &op),
+    }
+}
+
 /// The writer's fast path for `update` on an existing context: changes `data` in place and
 /// appends the encoded normalized op (what [`ContextOp::to_value`] of
 /// [`ContextOp::normalized`] encodes to) to `out`, without building a delta. Returns whether
@@ -139,8 +169,17 @@ pub fn update_in_place(
     out: &mut Vec<u8>,
 ) -> Result<bool, crate::wire::codec::EncodeError> {
     // Which of `new`'s entries change something (the others drop out of the logged op).
-    let mut effective: Vec<bool> = Vec::with_capacity(new.len());
-    for (k, v) in new {
+    // Which of `new`'s entries change something (the others drop out of the logged op): a
+    // bit each, on the stack for up to 64 entries.
+    let mut small = [false; 64];
+    let mut large = Vec::new();
+    let effective: &mut [bool] = if new.len() <= small.len() {
+        &mut small[..new.len()]
+    } else {
+        large.resize(new.len(), false);
+        &mut large
+    };
+    for ((k, v), slot) in new.iter().zip(effective.iter_mut()) {
         let changes = if v.is_null() {
             data.shift_remove(k).is_some()
         } else if data.get(k) != Some(v) {
@@ -149,7 +188,7 @@ pub fn update_in_place(
         } else {
             false
         };
-        effective.push(changes);
+        *slot = changes;
     }
     let n = effective.iter().filter(|e| **e).count();
     if n == 0 {
@@ -158,7 +197,7 @@ pub fn update_in_place(
     crate::wire::codec::encode_map_header(out, 1);
     crate::wire::codec::encode_key(out, "update");
     crate::wire::codec::encode_map_header(out, n);
-    for ((k, v), e) in new.iter().zip(&effective) {
+    for ((k, v), e) in new.iter().zip(effective.iter()) {
         if *e {
             crate::wire::codec::encode_key(out, k);
             // Inside `{"update": {k: v}}`.
@@ -345,6 +384,18 @@ impl ContextOp {
             (_, Some(Value::Map(d)), _) => Some(ContextOp::Update(d)),
             (_, _, Some(p)) => ContextOp::from_value(&Value::object([("paths", p)])),
             _ => None,
+        }
+    }
+
+    /// Decodes an encoded op (what the store logs). The common `{"update": {…}}` is read
+    /// straight into its map, without the outer map and its lookups.
+    pub fn decode(bytes: &[u8]) -> Option<ContextOp> {
+        match crate::wire::codec::decode_single_entry(bytes, "update") {
+            Ok(Some(Value::Map(d))) => Some(ContextOp::Update(d)),
+            Ok(Some(_)) | Err(_) => None,
+            Ok(None) => crate::wire::codec::decode(bytes)
+                .ok()
+                .and_then(ContextOp::from_value_owned),
         }
     }
 

@@ -117,35 +117,66 @@ pub fn write_noted<M: StoreMemory>(
     let Value::Map(map) = Arc::make_mut(&mut current) else {
         return Err(WriteError::Corrupt("snapshot is not an object".into()));
     };
-    let mut payload = Vec::with_capacity(128);
+    // Scratch buffers of this thread: a write allocates nothing for its encodings.
+    let (mut payload, mut bytes) = SCRATCH.with(|c| c.take());
+    payload.clear();
+    let r = encode_and_commit(&guard, op, note, map, exists, &mut payload, &mut bytes, max_size);
+    // Kept unless one huge write grew them.
+    if payload.capacity() <= 1 << 20 && bytes.capacity() <= 1 << 20 {
+        SCRATCH.with(|c| c.set((payload, bytes)));
+    }
+    match r? {
+        Some(v) => Ok((v, true, current)),
+        None => Ok((version, false, current)),
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<(Vec<u8>, Vec<u8>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Applies the op to `map`, encodes the logged op and the new value, commits. `Ok(None)`:
+/// nothing changed, nothing written.
+#[allow(clippy::too_many_arguments)]
+fn encode_and_commit<M: StoreMemory>(
+    guard: &super::WriteGuard<'_, M>,
+    op: &ContextOp,
+    note: Option<(&str, Value)>,
+    map: &mut crate::wire::Map,
+    exists: bool,
+    payload: &mut Vec<u8>,
+    bytes: &mut Vec<u8>,
+    max_size: usize,
+) -> Result<Option<u64>, WriteError> {
     // An op too deep to encode is committed without a logged payload (followers take the
     // snapshot); the snapshot itself must encode, or nothing is written.
     let mut logged = true;
     match (op, note) {
         // The hot path: no delta built, the logged op encoded while applying.
-        (ContextOp::Update(new), None) if exists => match update_in_place(map, new, &mut payload) {
-            Ok(false) => return Ok((version, false, current)),
+        (ContextOp::Update(new), None) if exists => match update_in_place(map, new, payload) {
+            Ok(false) => return Ok(None),
             Ok(true) => {}
             Err(_) => logged = false,
         },
         (_, note) => {
             let Some(delta) = apply_mut(map, exists, op)? else {
-                return Ok((version, false, current));
+                return Ok(None);
             };
             let mut op_value = op.normalized_delta(&delta, exists).to_value();
             if let (Value::Map(m), Some((k, v))) = (&mut op_value, note) {
                 m.insert(k.to_string(), v);
             }
-            logged = codec::encode_into(&op_value, &mut payload).is_ok();
+            logged = codec::encode_into(&op_value, payload).is_ok();
         }
     }
-    let bytes = codec::encode(&current)?;
+    bytes.clear();
+    codec::encode_map_into(map, bytes)?;
     if bytes.len() > max_size {
         return Err(WriteError::TooLarge {
             size: bytes.len(),
             max: max_size,
         });
     }
-    let v = guard.commit(&bytes, KIND_OP, logged.then_some(payload.as_slice()))?;
-    Ok((v, true, current))
+    let v = guard.commit(bytes, KIND_OP, logged.then_some(payload.as_slice()))?;
+    Ok(Some(v))
 }

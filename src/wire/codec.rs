@@ -85,6 +85,20 @@ pub fn encode_into(v: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     encode_nested_into(v, out, 0)
 }
 
+/// Appends the encoding of a map (what [`encode_into`] writes for `Value::Map(m)`).
+pub fn encode_map_into(m: &Map, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let start = out.len();
+    encode_map_header(out, m.len());
+    for (k, v) in m {
+        encode_key(out, k);
+        if let Err(e) = encode_at(v, out, 1) {
+            out.truncate(start);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// [`encode_into`] for a value that will sit inside `depth` arrays or maps written around it
 /// by hand (with [`encode_map_header`]): the limit applies to the whole.
 pub fn encode_nested_into(v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), EncodeError> {
@@ -221,6 +235,26 @@ pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
     let v = r.value(0)?;
     match bytes.len() - r.pos {
         0 => Ok(v),
+        n => Err(DecodeError::Trailing(n)),
+    }
+}
+
+/// Decodes `{key: value}` (a map of exactly one entry, spanning all of `bytes`) to `value`
+/// without building the outer map. `Ok(None)` when `bytes` hold some other value (decode those
+/// with [`decode`]). A reader's fast path for records of one known shape.
+pub fn decode_single_entry(bytes: &[u8], key: &str) -> Result<Option<Value>, DecodeError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    if r.byte()? != T_MAP || r.varint()? != 1 {
+        return Ok(None);
+    }
+    let n = r.varint()?;
+    if r.take(n)? != key.as_bytes() {
+        return Ok(None);
+    }
+    // Inside the outer map, as `decode` would see it.
+    let v = r.value(1)?;
+    match bytes.len() - r.pos {
+        0 => Ok(Some(v)),
         n => Err(DecodeError::Trailing(n)),
     }
 }
