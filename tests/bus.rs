@@ -2,52 +2,14 @@
 //! filters (features.md §7), per-publisher order, peers behind the gateway, and the guarantee
 //! that a message published after `subscribe` returned reaches the new subscription.
 
+mod common;
+
+use common::Env;
 use knit::client::{BusMessage, Client, PublishOptions, SubscribeOptions};
-use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
 use knit::wire::Map;
 use knit::Value;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Duration;
-
-struct Env {
-    gw: Option<GatewayHandle>,
-    dir: std::path::PathBuf,
-}
-
-impl Env {
-    fn new(tag: &str) -> Env {
-        Env::with(tag, |_| {})
-    }
-    fn with(tag: &str, f: impl FnOnce(&mut GatewayConfig)) -> Env {
-        let dir = std::env::temp_dir().join(format!("knit-bus-{tag}-{}", std::process::id()));
-        let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
-        f(&mut cfg);
-        let gw = Gateway::bind(cfg).unwrap().spawn().unwrap();
-        Env { gw: Some(gw), dir }
-    }
-    fn client(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.gw.as_ref().unwrap().socket_path())
-            .connect()
-            .unwrap()
-    }
-    fn relay_client(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.gw.as_ref().unwrap().socket_path())
-            .relay_only(true)
-            .connect()
-            .unwrap()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(gw) = self.gw.take() {
-            gw.shutdown();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// (topic, data, publisher's application) of every message a subscription gets.
 type Got = (String, Value, String);

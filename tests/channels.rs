@@ -1,45 +1,14 @@
 //! Colour channels: the default set, membership, publishing, following, FDC3 payloads, and
 //! restrictions enforced by the runtime.
 
-use knit::client::{ChannelMode, ChannelUpdate, Client, ContextError};
+mod common;
+
+use common::Env;
+use knit::client::{ChannelMode, ChannelUpdate, ContextError};
 use knit::gateway::channels::{ChannelConfig, ChannelRestriction};
-use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
 use knit::{Status, Value};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
-
-struct Env {
-    gw: Option<GatewayHandle>,
-    dir: std::path::PathBuf,
-}
-
-impl Env {
-    fn with(tag: &str, channels: ChannelConfig) -> Env {
-        let dir = std::env::temp_dir().join(format!("knit-chan-{tag}-{}", std::process::id()));
-        let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
-        cfg.channels = channels;
-        let gw = Gateway::bind(cfg).unwrap().spawn().unwrap();
-        Env { gw: Some(gw), dir }
-    }
-    fn new(tag: &str) -> Env {
-        Env::with(tag, ChannelConfig::default())
-    }
-    fn client(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.gw.as_ref().unwrap().socket_path())
-            .connect()
-            .unwrap()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(gw) = self.gw.take() {
-            gw.shutdown();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn j(s: &str) -> Value {
     Value::from_json_str(s).unwrap()
@@ -252,7 +221,7 @@ fn restrictions_are_enforced_by_the_runtime() {
         ],
         ..ChannelConfig::default()
     };
-    let env = Env::with("restrict", cfg);
+    let env = Env::with("restrict", |c| c.channels = cfg);
     let (editor, viewer, outsider) = (
         env.client("editor"),
         env.client("viewer"),

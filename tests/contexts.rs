@@ -1,42 +1,13 @@
 //! Shared contexts through the Rust API with an embedded gateway: io.Connect's rules
 //! (features.md §5.3–5.4), versions and compare-and-set, subscriptions and their ordering.
 
+mod common;
+
+use common::Env;
 use knit::client::{Client, ContextError, ContextUpdate};
-use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
 use knit::Value;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
-
-struct Env {
-    gw: Option<GatewayHandle>,
-    dir: std::path::PathBuf,
-}
-
-impl Env {
-    fn new(tag: &str) -> Env {
-        let dir = std::env::temp_dir().join(format!("knit-ctx-{tag}-{}", std::process::id()));
-        let gw = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
-            .unwrap()
-            .spawn()
-            .unwrap();
-        Env { gw: Some(gw), dir }
-    }
-    fn client(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.gw.as_ref().unwrap().socket_path())
-            .connect()
-            .unwrap()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(gw) = self.gw.take() {
-            gw.shutdown();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn j(s: &str) -> Value {
     Value::from_json_str(s).unwrap()

@@ -4,46 +4,15 @@
 
 mod common;
 
-use common::TempDir;
+use common::{Env, TempDir};
 use knit::client::{
     Client, ClientError, InteropEvent, InvokeError, InvokeOptions, MethodError, Responder,
 };
-use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
 use knit::model::{FailureKind, InstanceFilter, InvocationResult, Target};
 use knit::{Status, Value};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// A gateway on its own socket, stopped (then its directory removed) when dropped.
-struct Env {
-    gw: GatewayHandle,
-    _dir: TempDir,
-}
-
-impl Env {
-    fn new(tag: &str) -> Env {
-        Env::with(tag, |_| {})
-    }
-
-    fn with(tag: &str, f: impl FnOnce(&mut GatewayConfig)) -> Env {
-        let dir = TempDir::new(tag);
-        let mut cfg = GatewayConfig::new(dir.socket());
-        f(&mut cfg);
-        let gw = Gateway::bind(cfg)
-            .expect("binding the gateway")
-            .spawn()
-            .expect("starting the gateway");
-        Env { gw, _dir: dir }
-    }
-
-    fn client(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.gw.socket_path())
-            .connect()
-            .expect("connecting")
-    }
-}
 
 const LONG: Duration = Duration::from_secs(10);
 
@@ -446,7 +415,7 @@ fn several_servers_fail_only_when_every_server_failed() {
 fn wait_for_a_server_and_timeout_for_the_reply_are_separate() {
     let env = Env::new("api-wait");
     let caller = env.client("caller");
-    let socket = env.gw.socket_path().to_path_buf();
+    let socket = env.socket().to_path_buf();
     // The server appears 200 ms after the call starts; the call waits up to 2 s for a server
     // but gives the reply only 100 ms, counted from when it is sent.
     let opts = InvokeOptions {
@@ -536,7 +505,7 @@ fn discovery_lists_methods_and_servers_and_waits_for_methods() {
         .is_empty());
 
     // wait_for_method: a method registered later, and one that never comes.
-    let socket = env.gw.socket_path().to_path_buf();
+    let socket = env.socket().to_path_buf();
     let (ready_tx, ready_rx) = mpsc::channel();
     let late = std::thread::spawn(move || {
         let c = Client::builder("late").socket(&socket).connect().unwrap();
@@ -684,11 +653,7 @@ fn events_replay_the_present_then_follow_changes() {
 #[test]
 fn poll_mode_runs_handlers_only_inside_poll() {
     let env = Env::new("api-poll");
-    let server = Client::builder("polled")
-        .socket(env.gw.socket_path())
-        .poll_mode(true)
-        .connect()
-        .unwrap();
+    let server = env.builder("polled").poll_mode(true).connect().unwrap();
     let ran_on: Arc<Mutex<Vec<std::thread::ThreadId>>> = Arc::default();
     let r2 = ran_on.clone();
     server
@@ -1048,16 +1013,12 @@ fn closing_a_client_fails_its_pending_calls() {
 #[test]
 fn connect_refuses_a_taken_instance_id_and_a_missing_gateway() {
     let env = Env::new("api-connect");
-    let first = Client::builder("app")
-        .socket(env.gw.socket_path())
-        .instance("the-one")
-        .connect()
-        .unwrap();
+    let first = env.builder("app").instance("the-one").connect().unwrap();
     assert_eq!(first.instance().instance, "the-one");
     assert_eq!(first.instance().application, "app");
     assert_eq!(first.instance().pid, std::process::id());
-    let e = Client::builder("app")
-        .socket(env.gw.socket_path())
+    let e = env
+        .builder("app")
         .instance("the-one")
         .connect()
         .err()

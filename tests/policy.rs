@@ -6,11 +6,10 @@
 
 mod common;
 
-use common::{run_knit, GatewayProc, ServerProc, TempDir};
+use common::{run_knit, Env, GatewayProc, ServerProc, TempDir};
 use knit::client::{
     Client, InvokeOptions, PublishOptions, StreamOptions, StreamParams, SubscribeOptions,
 };
-use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
 use knit::model::policy::Policy;
 use knit::{Status, Value};
 use serde_json::json;
@@ -38,42 +37,14 @@ fn policy() -> Policy {
     .unwrap()
 }
 
-struct Env {
-    gw: Option<GatewayHandle>,
-    dir: std::path::PathBuf,
+/// A gateway enforcing [`policy`].
+fn policy_env(tag: &str) -> Env {
+    Env::with(tag, |cfg| cfg.policy = policy())
 }
 
-impl Env {
-    fn new(tag: &str) -> Env {
-        let dir = std::env::temp_dir().join(format!("knit-policy-{tag}-{}", std::process::id()));
-        let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
-        cfg.policy = policy();
-        let gw = Gateway::bind(cfg).unwrap().spawn().unwrap();
-        Env { gw: Some(gw), dir }
-    }
-    fn client(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.gw.as_ref().unwrap().socket_path())
-            .connect()
-            .unwrap()
-    }
-    /// A client whose library does not check its own rules.
-    fn rogue(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.gw.as_ref().unwrap().socket_path())
-            .skip_own_policy_checks()
-            .connect()
-            .unwrap()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(gw) = self.gw.take() {
-            gw.shutdown();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A client of `app` whose library does not check its own rules.
+fn rogue(env: &Env, app: &str) -> Client {
+    env.builder(app).skip_own_policy_checks().connect().unwrap()
 }
 
 fn denied(status: Status) {
@@ -82,8 +53,8 @@ fn denied(status: Status) {
 
 #[test]
 fn registration_is_refused_by_the_gateway() {
-    let env = Env::new("register");
-    for c in [env.client("viewer"), env.rogue("viewer")] {
+    let env = policy_env("register");
+    for c in [env.client("viewer"), rogue(&env, "viewer")] {
         let e = c.register("Anything", |_| Ok(Value::Null)).unwrap_err();
         denied(e.status());
         let e = c
@@ -99,7 +70,7 @@ fn registration_is_refused_by_the_gateway() {
 
 #[test]
 fn invocation_is_refused_by_the_server_even_when_the_caller_skips_its_check() {
-    let env = Env::new("invoke");
+    let env = policy_env("invoke");
     let server = env.client("admin-tool");
     server
         .register("AdminReset", |_| Ok(Value::from("reset")))
@@ -111,7 +82,7 @@ fn invocation_is_refused_by_the_server_even_when_the_caller_skips_its_check() {
     let e = polite.invoke("AdminReset", Value::map(), &o).unwrap_err();
     denied(e.status());
     // …and a library that does not is refused by the server's, over the lane.
-    let rogue = env.rogue("viewer");
+    let rogue = rogue(&env, "viewer");
     let e = rogue.invoke("adminreset", Value::map(), &o).unwrap_err();
     denied(e.status());
     // What is allowed still works, for both.
@@ -136,13 +107,13 @@ fn invocation_is_refused_by_the_server_even_when_the_caller_skips_its_check() {
 
 #[test]
 fn relayed_invocation_is_refused_by_the_gateway() {
-    let env = Env::new("relay");
+    let env = policy_env("relay");
     let server = env.client("admin-tool");
     server
         .register("AdminReset", |_| Ok(Value::from("reset")))
         .unwrap();
-    let rogue = Client::builder("viewer")
-        .socket(env.gw.as_ref().unwrap().socket_path())
+    let rogue = env
+        .builder("viewer")
         .relay_only(true)
         .skip_own_policy_checks()
         .connect()
@@ -155,7 +126,7 @@ fn relayed_invocation_is_refused_by_the_gateway() {
 
 #[test]
 fn publishing_is_refused_by_the_subscribers_and_subscribing_by_the_gateway() {
-    let env = Env::new("bus");
+    let env = policy_env("bus");
     let sub = env.client("blotter");
     let (tx, rx) = channel();
     let _s = sub
@@ -173,7 +144,7 @@ fn publishing_is_refused_by_the_subscribers_and_subscribing_by_the_gateway() {
     );
     // The rogue's message reaches the subscriber's lane and is dropped there; the allowed
     // message published after it arrives, and is the only one.
-    let rogue = env.rogue("viewer");
+    let rogue = rogue(&env, "viewer");
     rogue.publish("orders.new", Value::from(2), &o).unwrap();
     rogue.publish("orders.cancel", Value::from(3), &o).unwrap();
     env.client("oms")
@@ -207,7 +178,7 @@ fn publishing_is_refused_by_the_subscribers_and_subscribing_by_the_gateway() {
 
 #[test]
 fn contexts_and_channels_are_read_only_or_hidden_as_the_policy_says() {
-    let env = Env::new("ctx");
+    let env = policy_env("ctx");
     let owner = env.client("refdata");
     owner
         .contexts()
@@ -217,7 +188,7 @@ fn contexts_and_channels_are_read_only_or_hidden_as_the_policy_says() {
         .contexts()
         .set("hr.salaries", Value::object([("x", Value::from(1))]))
         .unwrap();
-    for viewer in [env.client("viewer"), env.rogue("viewer")] {
+    for viewer in [env.client("viewer"), rogue(&env, "viewer")] {
         let ctx = viewer.contexts();
         // Readable, not writable: the mapping it gets is read-only.
         assert_eq!(
@@ -265,7 +236,7 @@ fn contexts_and_channels_are_read_only_or_hidden_as_the_policy_says() {
 
 #[test]
 fn stream_subscriptions_are_refused_by_the_server() {
-    let env = Env::new("stream");
+    let env = policy_env("stream");
     let server = env.client("admin-tool");
     let _stream = server
         .create_stream("AdminFeed", StreamOptions::default())
@@ -280,7 +251,7 @@ fn stream_subscriptions_are_refused_by_the_server() {
         panic!("subscribed");
     };
     denied(e.status());
-    let rogue = env.rogue("viewer");
+    let rogue = rogue(&env, "viewer");
     let Err(e) = rogue.subscribe_stream("AdminFeed", params.clone(), |_| {}) else {
         panic!("subscribed");
     };

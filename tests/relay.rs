@@ -1,19 +1,12 @@
 //! Calls relayed through the gateway: the path web peers use, exercised with native clients in
 //! relay-only mode, in both directions and across a peer's death.
 
-use knit::client::{Client, InvokeError, InvokeOptions};
-use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
+mod common;
+
+use common::Env;
+use knit::client::{InvokeError, InvokeOptions};
 use knit::{Status, Value};
 use std::time::{Duration, Instant};
-
-fn gateway(tag: &str) -> (GatewayHandle, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("knit-relay-{tag}-{}", std::process::id()));
-    let gw = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
-        .unwrap()
-        .spawn()
-        .unwrap();
-    (gw, dir)
-}
 
 fn opts(timeout_ms: u64) -> InvokeOptions {
     InvokeOptions {
@@ -25,21 +18,14 @@ fn opts(timeout_ms: u64) -> InvokeOptions {
 
 #[test]
 fn lane_client_invokes_a_relay_only_server() {
-    let (gw, dir) = gateway("a");
-    let server = Client::builder("relayed-server")
-        .socket(gw.socket_path())
-        .relay_only(true)
-        .connect()
-        .unwrap();
+    let env = Env::new("a");
+    let server = env.relay_client("relayed-server");
     server
         .register("Double", |c| {
             Ok(Value::from(c.args.as_i64().unwrap_or(0) * 2))
         })
         .unwrap();
-    let client = Client::builder("lane-client")
-        .socket(gw.socket_path())
-        .connect()
-        .unwrap();
+    let client = env.client("lane-client");
     for i in 0..200 {
         let r = client
             .invoke("Double", Value::from(i), &opts(5000))
@@ -48,17 +34,12 @@ fn lane_client_invokes_a_relay_only_server() {
         assert_eq!(r.executed_by.unwrap().application, "relayed-server");
     }
     drop((client, server));
-    gw.shutdown();
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn relay_only_client_invokes_a_lane_server_and_sees_errors_with_context() {
-    let (gw, dir) = gateway("b");
-    let server = Client::builder("lane-server")
-        .socket(gw.socket_path())
-        .connect()
-        .unwrap();
+    let env = Env::new("b");
+    let server = env.client("lane-server");
     server
         .register("Check", |c| {
             if c.args.get("ok").and_then(Value::as_bool) == Some(true) {
@@ -68,11 +49,7 @@ fn relay_only_client_invokes_a_lane_server_and_sees_errors_with_context() {
             }
         })
         .unwrap();
-    let client = Client::builder("relay-client")
-        .socket(gw.socket_path())
-        .relay_only(true)
-        .connect()
-        .unwrap();
+    let client = env.relay_client("relay-client");
     let ok = client
         .invoke(
             "check",
@@ -98,18 +75,12 @@ fn relay_only_client_invokes_a_lane_server_and_sees_errors_with_context() {
         other => panic!("{other:?}"),
     }
     drop((client, server));
-    gw.shutdown();
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn relayed_call_fails_when_the_server_leaves_and_times_out_when_it_is_slow() {
-    let (gw, dir) = gateway("c");
-    let server = Client::builder("slow")
-        .socket(gw.socket_path())
-        .relay_only(true)
-        .connect()
-        .unwrap();
+    let env = Env::new("c");
+    let server = env.relay_client("slow");
     let (tx, rx) = std::sync::mpsc::channel();
     server
         .register_async("Hang", move |_c, r| {
@@ -117,10 +88,7 @@ fn relayed_call_fails_when_the_server_leaves_and_times_out_when_it_is_slow() {
             let _ = tx.send(r);
         })
         .unwrap();
-    let client = Client::builder("caller")
-        .socket(gw.socket_path())
-        .connect()
-        .unwrap();
+    let client = env.client("caller");
 
     let err = client.invoke("Hang", Value::Null, &opts(300)).unwrap_err();
     assert_eq!(err.status(), Status::Timeout);
@@ -140,6 +108,4 @@ fn relayed_call_fails_when_the_server_leaves_and_times_out_when_it_is_slow() {
     assert_eq!(r.unwrap_err().status(), Status::PeerLeft);
     assert!(took < Duration::from_secs(5), "took {took:?}");
     drop(client);
-    gw.shutdown();
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -1,53 +1,17 @@
 //! Interop streams through the Rust API: requests accepted, rejected or branched; pushes to
 //! all, to branches, to one subscriber; closes from either side; slow-consumer policies.
 
+mod common;
+
+use common::Env;
 use knit::client::{
     Client, SlowConsumerPolicy, StreamError, StreamEvent, StreamOptions, StreamParams,
     SubscriptionRequest,
 };
-use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
 use knit::model::Target;
 use knit::Value;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
-
-struct Env {
-    gw: Option<GatewayHandle>,
-    dir: std::path::PathBuf,
-}
-
-impl Env {
-    fn new(tag: &str) -> Env {
-        let dir = std::env::temp_dir().join(format!("knit-stream-{tag}-{}", std::process::id()));
-        let gw = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
-            .unwrap()
-            .spawn()
-            .unwrap();
-        Env { gw: Some(gw), dir }
-    }
-    fn client(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.gw.as_ref().unwrap().socket_path())
-            .connect()
-            .unwrap()
-    }
-    fn relay_client(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.gw.as_ref().unwrap().socket_path())
-            .relay_only(true)
-            .connect()
-            .unwrap()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(gw) = self.gw.take() {
-            gw.shutdown();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn params(args: Value) -> StreamParams {
     StreamParams {
@@ -493,17 +457,8 @@ fn items_larger_than_one_ring_record_reach_subscribers_under_every_policy() {
 
 #[test]
 fn an_item_over_the_payload_limit_is_refused_to_the_pusher_and_subscribers_stay() {
-    let dir = std::env::temp_dir().join(format!("knit-stream-limit-{}", std::process::id()));
-    let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
-    cfg.limits.max_payload = 64 << 10;
-    let gw = Gateway::bind(cfg).unwrap().spawn().unwrap();
-    let connect = |app: &str| {
-        Client::builder(app)
-            .socket(gw.socket_path())
-            .connect()
-            .unwrap()
-    };
-    let (server, client) = (connect("server"), connect("client"));
+    let env = Env::with("limit", |c| c.limits.max_payload = 64 << 10);
+    let (server, client) = (env.client("server"), env.client("client"));
     let opts = StreamOptions {
         policy: SlowConsumerPolicy::Block(Duration::from_secs(5)),
         ..Default::default()
@@ -517,6 +472,4 @@ fn an_item_over_the_payload_limit_is_refused_to_the_pusher_and_subscribers_stay(
     assert_eq!(data(next(&rx)).0, n(1));
     assert_eq!(stream.subscriptions().len(), 1);
     drop((server, client));
-    gw.shutdown();
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -1,12 +1,15 @@
-//! Helpers shared by the integration tests: unique temporary directories, child processes that
-//! are killed and reaped when their guard drops (even when a test fails), the real `knit`
-//! binary started as a gateway or a server, and commands run under a deadline.
+//! Helpers shared by the integration tests: unique temporary directories, a gateway embedded in
+//! the test process, child processes that are killed and reaped when their guard drops (even
+//! when a test fails), the real `knit` binary started as a gateway or a server, and commands
+//! run under a deadline.
 //!
 //! Every wait here is bounded: a test that would hang fails with a message instead.
 
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
 
+use knit::client::{Client, ClientBuilder};
+use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
 use serde_json::Value as Json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -64,6 +67,63 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A gateway running inside the test process on a socket of its own (in a [`TempDir`] named
+/// after the test crate and `tag`, so tests running side by side never share one), stopped and
+/// then its directory removed when dropped.
+#[derive(Debug)]
+pub struct Env {
+    // Declared before `dir`: the gateway stops before its directory goes.
+    gw: GatewayHandle,
+    dir: TempDir,
+}
+
+impl Env {
+    /// A gateway with the default configuration.
+    pub fn new(tag: &str) -> Env {
+        Env::with(tag, |_| {})
+    }
+
+    /// A gateway whose configuration `configure` adjusts first (limits, a policy, channels…).
+    pub fn with(tag: &str, configure: impl FnOnce(&mut GatewayConfig)) -> Env {
+        let dir = TempDir::new(&format!("{}-{tag}", env!("CARGO_CRATE_NAME")));
+        let mut cfg = GatewayConfig::new(dir.socket());
+        configure(&mut cfg);
+        let gw = Gateway::bind(cfg)
+            .expect("binding the gateway")
+            .spawn()
+            .expect("starting the gateway");
+        Env { gw, dir }
+    }
+
+    /// Where the gateway listens.
+    pub fn socket(&self) -> &Path {
+        self.gw.socket_path()
+    }
+
+    /// The test's own directory (the socket lives in it).
+    pub fn dir(&self) -> &TempDir {
+        &self.dir
+    }
+
+    /// A client builder for `app` aimed at this gateway, for options beyond [`Env::client`]'s.
+    pub fn builder(&self, app: &str) -> ClientBuilder {
+        Client::builder(app).socket(self.socket())
+    }
+
+    /// A client of `app`, connected.
+    pub fn client(&self, app: &str) -> Client {
+        self.builder(app).connect().expect("connecting")
+    }
+
+    /// A client of `app` that reaches other peers only through the gateway (no lanes).
+    pub fn relay_client(&self, app: &str) -> Client {
+        self.builder(app)
+            .relay_only(true)
+            .connect()
+            .expect("connecting")
     }
 }
 
