@@ -8,21 +8,18 @@
 
 mod common;
 
-use common::{ChildGuard, Lines, TempDir, STARTUP};
+use common::{await_line, say, spawn_child, Env, CHILD_ROLE, STARTUP};
 use knit::client::{Client, ClientError, ContextError, InteropEvent, InvokeOptions};
-use knit::gateway::{Gateway, GatewayConfig, GatewayHandle, Limits};
+use knit::gateway::Limits;
 use knit::model::Target;
 use knit::wire::frame::{encode_frame, Hello, MethodDef, MethodSpec, ToGateway, Transport};
 use knit::{Status, Value};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-const ROLE: &str = "KNIT_TEST_ROLE";
 const SOCKET: &str = "KNIT_TEST_SOCKET";
-const TAG: &str = "@@knit ";
 
 /// Lane segment offsets (`docs/shm-format.md` §3): ring 0's tail, ring 1's head, the data
 /// areas. The side that opened the lane (0) writes ring 0 and reads ring 1, so these and the
@@ -37,19 +34,6 @@ fn opts() -> InvokeOptions {
         wait: Duration::from_secs(10),
         timeout: Duration::from_secs(20),
     }
-}
-
-fn gateway(dir: &TempDir, limits: Limits) -> GatewayHandle {
-    let mut cfg = GatewayConfig::new(dir.socket());
-    cfg.limits = limits;
-    Gateway::bind(cfg).unwrap().spawn().unwrap()
-}
-
-fn client(gw: &GatewayHandle, app: &str) -> Client {
-    Client::builder(app)
-        .socket(gw.socket_path())
-        .connect()
-        .unwrap()
 }
 
 /// Aborts the whole test process, naming `what`, unless dropped within `limit`: a regression
@@ -72,17 +56,13 @@ fn watchdog(what: &'static str, limit: Duration) -> Watchdog {
 
 #[test]
 fn child_process_entry() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Ok(role) = std::env::var(CHILD_ROLE) else {
         return;
     };
     match role.as_str() {
         "lane-vandal" => child_lane_vandal(),
         other => panic!("unknown child role {other}"),
     }
-}
-
-fn say(line: &str) {
-    println!("{TAG}{line}");
 }
 
 /// Deterministic pseudo-random numbers (xorshift64).
@@ -184,49 +164,15 @@ fn child_lane_vandal() {
 
 // ----- parent side -----------------------------------------------------------------------------
 
-fn spawn_child(role: &str, env: &[(&str, String)]) -> (ChildGuard, Lines) {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(exe);
-    cmd.args([
-        "--exact",
-        "child_process_entry",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ])
-    .env(ROLE, role)
-    .envs(env.iter().map(|(k, v)| (k, v)))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
-    let mut child = cmd.spawn().expect("spawning the child process");
-    let lines = Lines::spawn(child.stdout.take().expect("stdout"));
-    (ChildGuard::new(child, format!("child {role}")), lines)
-}
-
-fn await_line(lines: &Lines, what: &str, child: &mut ChildGuard) -> String {
-    let said = |l: &str| l.split_once(TAG).map(|(_, s)| s.to_string());
-    lines
-        .wait_for(STARTUP, |l| said(l).is_some_and(|s| s.starts_with(what)))
-        .and_then(|l| said(&l))
-        .unwrap_or_else(|| {
-            panic!(
-                "the child never said {what:?} (status {:?})",
-                child.try_status()
-            )
-        })
-}
-
 #[test]
 fn a_peer_scribbling_over_its_lane_is_disconnected_and_the_victim_carries_on() {
     let _watchdog = watchdog("the lane scribbler test", Duration::from_secs(120));
-    let dir = TempDir::new("hostile-lane");
-    let gw = gateway(&dir, Limits::default());
-    let victim = client(&gw, "victim");
+    let env = Env::new("lane");
+    let victim = env.client("victim");
     victim
         .register("Victim.Echo", |call| Ok(call.args.clone()))
         .unwrap();
-    let witness = client(&gw, "witness");
+    let witness = env.client("witness");
     let (tx, removed) = std::sync::mpsc::channel();
     let _events = witness.on_event(move |e| {
         if let InteropEvent::ServerRemoved { server, reason } = e {
@@ -236,7 +182,7 @@ fn a_peer_scribbling_over_its_lane_is_disconnected_and_the_victim_carries_on() {
 
     let (mut child, lines) = spawn_child(
         "lane-vandal",
-        &[(SOCKET, gw.socket_path().display().to_string())],
+        &[(SOCKET, env.socket().display().to_string())],
     );
     let ready = await_line(&lines, "ready", &mut child);
     let vandal = ready.rsplit(' ').next().unwrap().to_string();
@@ -317,10 +263,9 @@ fn cpu_time() -> Duration {
 #[test]
 fn a_writer_scribbling_over_a_context_gives_readers_typed_errors_and_they_carry_on() {
     let _watchdog = watchdog("the context scribbler test", Duration::from_secs(120));
-    let dir = TempDir::new("hostile-ctx");
-    let gw = gateway(&dir, Limits::default());
-    let writer = client(&gw, "writer");
-    let reader = client(&gw, "reader");
+    let env = Env::new("ctx");
+    let writer = env.client("writer");
+    let reader = env.client("reader");
     let marker = "knit-scribble-marker-7d1f";
     writer
         .contexts()
@@ -425,8 +370,8 @@ fn a_writer_scribbling_over_a_context_gives_readers_typed_errors_and_they_carry_
 // ----- control frames ------------------------------------------------------------------------------
 
 /// A raw control connection: sends a hello, reads what comes back (descriptors are dropped).
-fn raw_peer(gw: &GatewayHandle) -> UnixStream {
-    let mut s = UnixStream::connect(gw.socket_path()).unwrap();
+fn raw_peer(env: &Env) -> UnixStream {
+    let mut s = UnixStream::connect(env.socket()).unwrap();
     s.set_read_timeout(Some(STARTUP)).unwrap();
     let hello = ToGateway::Hello(Hello {
         protocol: knit::wire::frame::PROTOCOL_VERSION,
@@ -454,13 +399,12 @@ fn until_closed(s: &mut UnixStream) {
 
 #[test]
 fn malformed_and_over_deep_control_frames_disconnect_only_their_sender() {
-    let dir = TempDir::new("hostile-frames");
-    let gw = gateway(&dir, Limits::default());
-    let good = client(&gw, "good");
+    let env = Env::new("frames");
+    let good = env.client("good");
     good.register("Good.Echo", |c| Ok(c.args.clone())).unwrap();
 
     // A body that is not a message.
-    let mut s = raw_peer(&gw);
+    let mut s = raw_peer(&env);
     s.write_all(&[8, 0, 0, 0, 0, 0, 0, 0]).unwrap();
     s.write_all(&[0xff; 8]).unwrap();
     until_closed(&mut s);
@@ -470,14 +414,14 @@ fn malformed_and_over_deep_control_frames_disconnect_only_their_sender() {
         [0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0],
         [0, 0, 0, 0, 99, 0, 0, 0],
     ] {
-        let mut s = raw_peer(&gw);
+        let mut s = raw_peer(&env);
         s.write_all(&header).unwrap();
         until_closed(&mut s);
     }
 
     // A registration whose metadata value nests 100 000 levels deep (the encoder refuses to
     // write one, so it is made by hand): refused by the decoder, not a stack overflow.
-    let mut s = raw_peer(&gw);
+    let mut s = raw_peer(&env);
     let reg = ToGateway::Register {
         req: 1,
         methods: vec![MethodSpec {
@@ -505,7 +449,7 @@ fn malformed_and_over_deep_control_frames_disconnect_only_their_sender() {
     until_closed(&mut s);
 
     // Everyone else carries on.
-    let other = client(&gw, "other");
+    let other = env.client("other");
     let r = other
         .invoke("Good.Echo", Value::from(1), &opts())
         .expect("the gateway still serves");
@@ -518,17 +462,15 @@ fn malformed_and_over_deep_control_frames_disconnect_only_their_sender() {
 
 #[test]
 fn floods_of_registrations_and_peers_get_typed_refusals() {
-    let dir = TempDir::new("hostile-flood");
-    let gw = gateway(
-        &dir,
-        Limits {
+    let env = Env::with("flood", |cfg| {
+        cfg.limits = Limits {
             max_methods_per_peer: 300,
             max_peers: 12,
             max_name_len: 100,
             ..Limits::default()
-        },
-    );
-    let flooder = client(&gw, "flooder");
+        }
+    });
+    let flooder = env.client("flooder");
     for i in 0..300 {
         flooder
             .register(format!("Flood.{i}").as_str(), |_| Ok(Value::Null))
@@ -545,7 +487,7 @@ fn floods_of_registrations_and_peers_get_typed_refusals() {
         Ok(()) => panic!("an over-long name was registered"),
     }
     // The registrations that were refused are not half there.
-    let watcher = client(&gw, "watcher");
+    let watcher = env.client("watcher");
     let flood: Vec<_> = watcher
         .methods()
         .into_iter()
@@ -561,13 +503,10 @@ fn floods_of_registrations_and_peers_get_typed_refusals() {
     // Peers up to the limit (flooder and watcher are two of the twelve), then refusals.
     let mut peers = Vec::new();
     for i in 0..10 {
-        peers.push(client(&gw, &format!("peer{i}")));
+        peers.push(env.client(&format!("peer{i}")));
     }
     for _ in 0..5 {
-        match Client::builder("one-too-many")
-            .socket(gw.socket_path())
-            .connect()
-        {
+        match env.builder("one-too-many").connect() {
             Err(e @ ClientError::Refused { .. }) => assert_eq!(e.status(), Status::Busy),
             Err(e) => panic!("a peer beyond the limit: {e}"),
             Ok(_) => panic!("a peer beyond the limit was admitted"),
@@ -575,8 +514,8 @@ fn floods_of_registrations_and_peers_get_typed_refusals() {
     }
     // A place frees up when one leaves.
     drop(peers.pop());
-    assert!(common::wait_until(STARTUP, || Client::builder("late")
-        .socket(gw.socket_path())
+    assert!(common::wait_until(STARTUP, || env
+        .builder("late")
         .connect()
         .map(|c| peers.push(c))
         .is_ok()));
@@ -584,10 +523,9 @@ fn floods_of_registrations_and_peers_get_typed_refusals() {
 
 #[test]
 fn fan_out_to_many_servers_and_subscribers_delivers_to_each_once() {
-    let dir = TempDir::new("hostile-fanout");
-    let gw = gateway(&dir, Limits::default());
+    let env = Env::new("fanout");
     const N: usize = 24;
-    let servers: Vec<Client> = (0..N).map(|i| client(&gw, &format!("s{i}"))).collect();
+    let servers: Vec<Client> = (0..N).map(|i| env.client(&format!("s{i}"))).collect();
     let (tx, rx) = std::sync::mpsc::channel();
     let mut subs = Vec::new();
     for (i, s) in servers.iter().enumerate() {
@@ -600,7 +538,7 @@ fn fan_out_to_many_servers_and_subscribers_delivers_to_each_once() {
             .unwrap(),
         );
     }
-    let caller = client(&gw, "caller");
+    let caller = env.client("caller");
     assert!(common::wait_until(STARTUP, || caller
         .methods()
         .iter()

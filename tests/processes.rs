@@ -8,25 +8,22 @@
 
 mod common;
 
-use common::{ChildGuard, Lines, STARTUP};
+use common::{
+    await_line, child_command, say, spawn_child_command, ChildGuard, Env, Lines, CHILD_ROLE,
+    STARTUP,
+};
 use knit::client::{Client, InvokeError, InvokeOptions};
-use knit::gateway::{Gateway, GatewayConfig};
 use knit::model::{FailureKind, Target};
 use knit::ring::{PushError, RingError};
 use knit::shm::{create_lane, LaneSegment};
 use knit::{Status, Value};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ROLE: &str = "KNIT_TEST_ROLE";
 const FD: &str = "KNIT_TEST_FD";
 const SOCKET: &str = "KNIT_TEST_SOCKET";
 const SEED: &str = "KNIT_TEST_SEED";
-/// Lines the children print for the parent carry this tag (libtest's own output may precede
-/// it on the same line).
-const TAG: &str = "@@knit ";
 
 /// Ring capacity used by the lane tests: small, so a million records wrap many times.
 const CAP: usize = 64 << 10;
@@ -46,7 +43,7 @@ const RING1_TAIL: u64 = 512;
 /// The child processes' entry point; a no-op unless the environment names a role.
 #[test]
 fn child_process_entry() {
-    let Ok(role) = std::env::var(ROLE) else {
+    let Ok(role) = std::env::var(CHILD_ROLE) else {
         return;
     };
     match role.as_str() {
@@ -68,10 +65,6 @@ fn inherited_fd() -> OwnedFd {
     // SAFETY: the parent passed this descriptor to us (and only us) open and without
     // FD_CLOEXEC; nothing else in this process owns it.
     unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
-}
-
-fn say(line: &str) {
-    println!("{TAG}{line}");
 }
 
 /// The record number `i` of the stream: length, kind, flags and every byte follow from `i`.
@@ -270,20 +263,7 @@ fn spawn_child(
     fd: Option<BorrowedFd<'_>>,
     env: &[(&str, String)],
 ) -> (ChildGuard, Lines) {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(exe);
-    cmd.args([
-        "--exact",
-        "child_process_entry",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ])
-    .env(ROLE, role)
-    .envs(env.iter().map(|(k, v)| (k, v)))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    let mut cmd = child_command(role, env);
     if let Some(fd) = fd {
         let raw = fd.as_raw_fd();
         cmd.env(FD, raw.to_string());
@@ -298,24 +278,7 @@ fn spawn_child(
             });
         }
     }
-    let mut child = cmd.spawn().expect("spawning the child process");
-    let lines = Lines::spawn(child.stdout.take().expect("stdout"));
-    (ChildGuard::new(child, format!("child {role}")), lines)
-}
-
-/// Waits for the child to say `what`; returns what it said (without the tag). The tag may be
-/// preceded by libtest's "test child_process_entry ... " on the same line.
-fn await_line(lines: &Lines, what: &str, child: &mut ChildGuard) -> String {
-    let said = |l: &str| l.split_once(TAG).map(|(_, s)| s.to_string());
-    lines
-        .wait_for(STARTUP, |l| said(l).is_some_and(|s| s.starts_with(what)))
-        .and_then(|l| said(&l))
-        .unwrap_or_else(|| {
-            panic!(
-                "the child never said {what:?} (status {:?})",
-                child.try_status()
-            )
-        })
+    spawn_child_command(cmd, role)
 }
 
 #[test]
@@ -563,23 +526,16 @@ fn ring_survives_a_peer_scribbling_while_it_streams() {
 
 #[test]
 fn pending_invoke_fails_with_peer_left_when_the_server_process_is_killed() {
-    let dir = common::TempDir::new("proc-api");
-    let gw = Gateway::bind(GatewayConfig::new(dir.socket()))
-        .unwrap()
-        .spawn()
-        .unwrap();
+    let env = Env::new("api");
     let (mut child, lines) = spawn_child(
         "api-server",
         None,
-        &[(SOCKET, gw.socket_path().display().to_string())],
+        &[(SOCKET, env.socket().display().to_string())],
     );
     let ready = await_line(&lines, "ready", &mut child);
     let child_peer = ready.rsplit(' ').next().unwrap().to_string();
 
-    let client = Client::builder("parent")
-        .socket(gw.socket_path())
-        .connect()
-        .unwrap();
+    let client = env.client("parent");
     let opts = InvokeOptions {
         target: Target::Best,
         wait: Duration::from_secs(10),
@@ -631,25 +587,15 @@ fn pending_invoke_fails_with_peer_left_when_the_server_process_is_killed() {
 
 #[test]
 fn a_peer_corrupting_its_lane_fails_the_call_with_protocol_not_a_hang() {
-    let dir = common::TempDir::new("proc-vandal");
-    let gw = Gateway::bind(GatewayConfig::new(dir.socket()))
-        .unwrap()
-        .spawn()
-        .unwrap();
+    let env = Env::new("vandal");
     let (mut child, lines) = spawn_child(
         "api-vandal",
         None,
-        &[(SOCKET, gw.socket_path().display().to_string())],
+        &[(SOCKET, env.socket().display().to_string())],
     );
     await_line(&lines, "ready", &mut child);
-    let client = Client::builder("victim")
-        .socket(gw.socket_path())
-        .connect()
-        .unwrap();
-    let bystander = Client::builder("bystander")
-        .socket(gw.socket_path())
-        .connect()
-        .unwrap();
+    let client = env.client("victim");
+    let bystander = env.client("bystander");
     bystander.register("Still", |c| Ok(c.args.clone())).unwrap();
     let opts = InvokeOptions {
         target: Target::Best,

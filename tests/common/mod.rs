@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: unique temporary directories, a gateway embedded in
 //! the test process, child processes that are killed and reaped when their guard drops (even
-//! when a test fails), the real `knit` binary started as a gateway or a server, and commands
-//! run under a deadline.
+//! when a test fails), the real `knit` binary started as a gateway or a server, the test binary
+//! re-executed as a child process in a role, and commands run under a deadline.
 //!
 //! Every wait here is bounded: a test that would hang fails with a message instead.
 
@@ -253,6 +253,67 @@ impl Lines {
             }
         }
     }
+}
+
+/// The environment variable naming what a re-executed test binary does (its role). The test
+/// crate's `child_process_entry` test reads it, and does nothing without it.
+pub const CHILD_ROLE: &str = "KNIT_TEST_ROLE";
+
+/// Lines a child prints for its parent carry this tag (libtest's own output may precede it on
+/// the same line).
+pub const CHILD_TAG: &str = "@@knit ";
+
+/// In a child: tells the parent `line` (see [`await_line`]).
+pub fn say(line: &str) {
+    println!("{CHILD_TAG}{line}");
+}
+
+/// This test binary, set up to run as a child in `role` with `env` added: only its
+/// `child_process_entry` test runs, on one thread, its output shown; stdout is piped to the
+/// parent, stderr inherited. Callers may adjust it before [`spawn_child_command`].
+pub fn child_command(role: &str, env: &[(&str, String)]) -> Command {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--exact",
+        "child_process_entry",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env(CHILD_ROLE, role)
+    .envs(env.iter().map(|(k, v)| (k, v)))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    cmd
+}
+
+/// Starts `cmd` (from [`child_command`] for `role`), its stdout read as lines.
+pub fn spawn_child_command(mut cmd: Command, role: &str) -> (ChildGuard, Lines) {
+    let mut child = cmd.spawn().expect("spawning the child process");
+    let lines = Lines::spawn(child.stdout.take().expect("stdout"));
+    (ChildGuard::new(child, format!("child {role}")), lines)
+}
+
+/// Starts this test binary as a child in `role`, with `env` added.
+pub fn spawn_child(role: &str, env: &[(&str, String)]) -> (ChildGuard, Lines) {
+    spawn_child_command(child_command(role, env), role)
+}
+
+/// Waits for the child to say `what`; returns what it said (without the tag). The tag may be
+/// preceded by libtest's "test child_process_entry ... " on the same line.
+pub fn await_line(lines: &Lines, what: &str, child: &mut ChildGuard) -> String {
+    let said = |l: &str| l.split_once(CHILD_TAG).map(|(_, s)| s.to_string());
+    lines
+        .wait_for(STARTUP, |l| said(l).is_some_and(|s| s.starts_with(what)))
+        .and_then(|l| said(&l))
+        .unwrap_or_else(|| {
+            panic!(
+                "the child never said {what:?} (status {:?})",
+                child.try_status()
+            )
+        })
 }
 
 fn read_log(path: &Path) -> String {
