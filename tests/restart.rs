@@ -6,11 +6,12 @@
 
 mod common;
 
-use common::{process_running, run_knit, GatewayProc, ServerProc, TempDir, STARTUP};
+use common::{process_running, run_knit, spawn_gateway, GatewayProc, ServerProc, TempDir, STARTUP};
 use knit::client::{
     ChannelUpdate, Client, ClientError, ContextUpdate, InteropEvent, InvokeError, InvokeOptions,
     StreamEvent, StreamParams,
 };
+use knit::gateway::GatewayConfig;
 use knit::model::Target;
 use knit::{Status, Value};
 use serde_json::{json, Value as Json};
@@ -431,14 +432,8 @@ fn clients_reconnect_and_restore_everything_after_the_gateway_is_killed_and_rest
 /// as new segments; calls in flight fail with a clear reason instead of hanging.
 #[test]
 fn an_embedded_gateway_restarted_without_a_keeper_gets_clients_back() {
-    use knit::gateway::{Gateway, GatewayConfig};
     let dir = TempDir::new("restart-emb");
-    let start = || {
-        Gateway::bind(GatewayConfig::new(dir.socket()))
-            .unwrap()
-            .spawn()
-            .unwrap()
-    };
+    let start = || spawn_gateway(GatewayConfig::new(dir.socket()));
     let gw = start();
     let server = Client::builder("emb-server")
         .socket(dir.socket())
@@ -573,14 +568,8 @@ fn an_embedded_gateway_restarted_without_a_keeper_gets_clients_back() {
 /// A client built with `reconnect(false)` stays disconnected.
 #[test]
 fn a_client_without_reconnection_stays_disconnected() {
-    use knit::gateway::{Gateway, GatewayConfig};
     let dir = TempDir::new("restart-off");
-    let start = || {
-        Gateway::bind(GatewayConfig::new(dir.socket()))
-            .unwrap()
-            .spawn()
-            .unwrap()
-    };
+    let start = || spawn_gateway(GatewayConfig::new(dir.socket()));
     let gw = start();
     let on = Client::builder("on")
         .socket(dir.socket())

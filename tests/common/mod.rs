@@ -91,11 +91,10 @@ impl Env {
         let dir = TempDir::new(&format!("{}-{tag}", env!("CARGO_CRATE_NAME")));
         let mut cfg = GatewayConfig::new(dir.socket());
         configure(&mut cfg);
-        let gw = Gateway::bind(cfg)
-            .expect("binding the gateway")
-            .spawn()
-            .expect("starting the gateway");
-        Env { gw, dir }
+        Env {
+            gw: spawn_gateway(cfg),
+            dir,
+        }
     }
 
     /// Where the gateway listens.
@@ -125,6 +124,15 @@ impl Env {
             .connect()
             .expect("connecting")
     }
+}
+
+/// A gateway inside the test process, configured by `cfg`; stopped when the handle drops. For
+/// tests that stop and start one on the same socket themselves; others use [`Env`].
+pub fn spawn_gateway(cfg: GatewayConfig) -> GatewayHandle {
+    Gateway::bind(cfg)
+        .expect("binding the gateway")
+        .spawn()
+        .expect("starting the gateway")
 }
 
 /// Polls `cond` until it holds or `timeout` passes. Returns whether it held. For conditions of
