@@ -4,15 +4,17 @@
 //!
 //! (The published JavaScript clients are exercised by `tests/web/`, run from `tests/web.rs`.)
 
+mod common;
+
+use common::Env;
 use futures_util::{SinkExt, StreamExt};
 use knit::bridge::{AuthMode, BridgeConfig, Password, UserEntry};
-use knit::client::{Client, InvokeError, InvokeOptions, MethodError};
-use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
+use knit::client::{InvokeError, InvokeOptions, MethodError};
+use knit::gateway::{Gateway, GatewayConfig};
 use knit::{Status, Value};
 use serde_json::{json, Value as J};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -22,52 +24,13 @@ use tokio_tungstenite::WebSocketStream;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-struct Gw {
-    handle: Option<GatewayHandle>,
-    dir: PathBuf,
-    ws: SocketAddr,
-}
-
-impl Gw {
-    fn start(tag: &str, tune: impl FnOnce(&mut BridgeConfig)) -> Gw {
-        let dir = std::env::temp_dir().join(format!("knit-bridge-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
+/// A gateway whose WebSocket bridge listens on an ephemeral loopback port, `tune`d.
+fn gateway(tag: &str, tune: impl FnOnce(&mut BridgeConfig)) -> Env {
+    Env::with(tag, |cfg| {
         let mut b = BridgeConfig::loopback_ephemeral();
         tune(&mut b);
         cfg.bridge = Some(b);
-        let handle = Gateway::bind(cfg).unwrap().spawn().unwrap();
-        let ws = handle.ws_addr().unwrap();
-        Gw {
-            handle: Some(handle),
-            dir,
-            ws,
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("gw.sock")
-    }
-
-    fn token(&self) -> String {
-        knit::bridge::read_token(&self.socket()).unwrap()
-    }
-
-    fn native(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.socket())
-            .connect()
-            .unwrap()
-    }
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            h.shutdown();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    })
 }
 
 fn os_user() -> String {
@@ -237,8 +200,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 #[tokio::test]
 async fn native_client_invokes_a_web_method_and_sees_its_errors() {
-    let gw = Gw::start("n2w", |_| {});
-    let mut web = Web::login(gw.ws, "web-app", &os_user(), &gw.token()).await;
+    let gw = gateway("n2w", |_| {});
+    let mut web = Web::login(gw.ws(), "web-app", &os_user(), &gw.token()).await;
     let ok = web
         .register(
             json!([{"id": "0", "name": "Web.Double", "flags": {"metadata": {}, "streaming": false}},
@@ -246,7 +209,7 @@ async fn native_client_invokes_a_web_method_and_sees_its_errors() {
         )
         .await;
     assert_eq!(ok["type"], "success");
-    let native = gw.native("native-app");
+    let native = gw.client("native-app");
     let n2 = native.clone();
     let call = tokio::spawn(blocking(move || {
         n2.invoke(
@@ -303,8 +266,8 @@ async fn native_client_invokes_a_web_method_and_sees_its_errors() {
 
 #[tokio::test]
 async fn web_client_invokes_native_methods_and_sees_native_peers() {
-    let gw = Gw::start("w2n", |_| {});
-    let native = gw.native("calc");
+    let gw = gateway("w2n", |_| {});
+    let native = gw.client("calc");
     native
         .register("Sum", |c| {
             let a = c.args.get("a").and_then(Value::as_i64).unwrap_or(0);
@@ -325,7 +288,7 @@ async fn web_client_invokes_native_methods_and_sees_native_peers() {
             Err(MethodError::new("boom").with_context(Value::from("ctx")))
         })
         .unwrap();
-    let mut web = Web::login(gw.ws, "web-caller", &os_user(), &gw.token()).await;
+    let mut web = Web::login(gw.ws(), "web-caller", &os_user(), &gw.token()).await;
     let added = web.next(|m| m["type"] == "peer-added").await;
     assert_eq!(added["identity"]["application"], "calc");
     assert_eq!(added["identity"]["process"], std::process::id());
@@ -394,10 +357,10 @@ async fn web_client_invokes_native_methods_and_sees_native_peers() {
 
 #[tokio::test]
 async fn web_peers_call_each_other_and_are_announced_only_in_agm() {
-    let gw = Gw::start("w2w", |b| b.auth = AuthMode::Open);
-    let mut a = Web::login(gw.ws, "A", "u", "").await;
+    let gw = gateway("w2w", |b| b.auth = AuthMode::Open);
+    let mut a = Web::login(gw.ws(), "A", "u", "").await;
     // B logs in but does not join agm yet: A hears nothing of it.
-    let mut b = Web::connect(gw.ws).await;
+    let mut b = Web::connect(gw.ws()).await;
     let w = b
         .hello(
             "B",
@@ -454,7 +417,7 @@ async fn web_peers_call_each_other_and_are_announced_only_in_agm() {
 
 #[tokio::test]
 async fn token_mode_checks_logins_and_isolates_users() {
-    let gw = Gw::start("users", |b| {
+    let gw = gateway("users", |b| {
         b.users = vec![
             UserEntry {
                 login: "alice".into(),
@@ -468,7 +431,7 @@ async fn token_mode_checks_logins_and_isolates_users() {
             },
         ]
     });
-    let mut w = Web::connect(gw.ws).await;
+    let mut w = Web::connect(gw.ws()).await;
     for auth in [
         json!({"method": "secret", "login": os_user(), "secret": "wrong"}),
         json!({"method": "secret", "login": "alice", "secret": gw.token()}),
@@ -479,9 +442,9 @@ async fn token_mode_checks_logins_and_isolates_users() {
         assert_eq!(r["reason_uri"], "global.errors.authentication.failure");
         assert_eq!(r["peer_id"], J::Null);
     }
-    let mut alice = Web::login(gw.ws, "alice-app", "alice", "a-pw").await;
-    let mut bob = Web::login(gw.ws, "bob-app", "bob", "b-pw").await;
-    let native = gw.native("native");
+    let mut alice = Web::login(gw.ws(), "alice-app", "alice", "a-pw").await;
+    let mut bob = Web::login(gw.ws(), "bob-app", "bob", "b-pw").await;
+    let native = gw.client("native");
     alice.register(json!([{"id": 1, "name": "Secret"}])).await;
     // Bob and the native peer (the OS user) see nothing of alice.
     assert!(bob.drain().await.is_empty());
@@ -521,8 +484,8 @@ async fn token_mode_checks_logins_and_isolates_users() {
 
 #[tokio::test]
 async fn access_and_gateway_tokens_log_in_as_the_same_user() {
-    let gw = Gw::start("tokens", |_| {});
-    let mut a = Web::connect(gw.ws).await;
+    let gw = gateway("tokens", |_| {});
+    let mut a = Web::connect(gw.ws()).await;
     let w = a
         .hello(
             "a",
@@ -532,7 +495,7 @@ async fn access_and_gateway_tokens_log_in_as_the_same_user() {
     a.id = w["peer_id"].clone();
     let access = w["options"]["access_token"].as_str().unwrap().to_string();
     assert_eq!(w["resolved_identity"]["user"], os_user());
-    let mut b = Web::connect(gw.ws).await;
+    let mut b = Web::connect(gw.ws()).await;
     let wb = b
         .hello("b", json!({"method": "access-token", "token": access}))
         .await;
@@ -540,7 +503,7 @@ async fn access_and_gateway_tokens_log_in_as_the_same_user() {
     assert_eq!(wb["resolved_identity"]["login"], os_user());
     let t = a.req(json!({"type": "create-token"})).await;
     assert_eq!(t["type"], "token");
-    let mut c = Web::connect(gw.ws).await;
+    let mut c = Web::connect(gw.ws()).await;
     let wc = c
         .hello("c", json!({"method": "gateway-token", "token": t["token"]}))
         .await;
@@ -548,37 +511,39 @@ async fn access_and_gateway_tokens_log_in_as_the_same_user() {
     assert_eq!(wc["resolved_identity"]["user"], os_user());
     assert!(wc["resolved_identity"].get("login").is_none());
     assert!(wc.get("options").is_none());
-    let mut d = Web::connect(gw.ws).await;
+    let mut d = Web::connect(gw.ws()).await;
     let bad = d
         .hello("d", json!({"method": "gateway-token", "token": access}))
         .await;
     assert_eq!(bad["type"], "error");
     // The same identity twice (explicit instance) is refused.
-    let mut e1 = Web::connect(gw.ws).await;
+    let mut e1 = Web::connect(gw.ws()).await;
     let hello = |req: &str| {
         json!({"type": "hello", "request_id": req, "identity": {"application": "dup", "instance": "dup-1"},
         "authentication": {"method": "access-token", "token": access}})
     };
     assert_eq!(e1.request(hello("e1")).await["type"], "welcome");
-    let mut e2 = Web::connect(gw.ws).await;
+    let mut e2 = Web::connect(gw.ws()).await;
     let dup = e2.request(hello("e2")).await;
     assert_eq!(dup["reason_uri"], "global.errors.already_seen");
 }
 
 #[tokio::test]
 async fn browser_origins_are_checked() {
-    let gw = Gw::start("origin", |b| {
+    let gw = gateway("origin", |b| {
         b.origins = vec!["https://app.example.com".into()]
     });
-    assert!(Web::open(gw.ws, Some("http://evil.example")).await.is_err());
-    assert!(Web::open(gw.ws, Some("null")).await.is_err());
-    assert!(Web::open(gw.ws, Some("http://localhost:3000"))
+    assert!(Web::open(gw.ws(), Some("http://evil.example"))
+        .await
+        .is_err());
+    assert!(Web::open(gw.ws(), Some("null")).await.is_err());
+    assert!(Web::open(gw.ws(), Some("http://localhost:3000"))
         .await
         .is_ok());
-    assert!(Web::open(gw.ws, Some("https://app.example.com"))
+    assert!(Web::open(gw.ws(), Some("https://app.example.com"))
         .await
         .is_ok());
-    assert!(Web::open(gw.ws, None).await.is_ok());
+    assert!(Web::open(gw.ws(), None).await.is_ok());
 }
 
 #[test]
@@ -604,11 +569,11 @@ fn the_bridge_binds_loopback_only_unless_told_otherwise() {
 
 #[tokio::test]
 async fn malformed_frames_get_errors_and_the_gateway_keeps_serving() {
-    let gw = Gw::start("garbage", |b| {
+    let gw = gateway("garbage", |b| {
         b.auth = AuthMode::Open;
         b.max_frame = Some(64 << 10);
     });
-    let mut w = Web::connect(gw.ws).await;
+    let mut w = Web::connect(gw.ws()).await;
     // Before login.
     w.send(json!({"type": "join", "destination": "agm", "request_id": "j0", "peer_id": "p-x"}))
         .await;
@@ -707,16 +672,16 @@ async fn malformed_frames_get_errors_and_the_gateway_keeps_serving() {
         other => panic!("{other:?}"),
     }
     // Everyone else is fine.
-    let mut again = Web::login(gw.ws, "after", "u", "").await;
+    let mut again = Web::login(gw.ws(), "after", "u", "").await;
     again.barrier().await;
 }
 
 #[tokio::test]
 async fn a_flood_of_calls_loses_nothing() {
-    let gw = Gw::start("flood", |_| {});
-    let native = gw.native("echo");
+    let gw = gateway("flood", |_| {});
+    let native = gw.client("echo");
     native.register("Echo", |c| Ok(c.args.clone())).unwrap();
-    let mut web = Web::login(gw.ws, "flooder", &os_user(), &gw.token()).await;
+    let mut web = Web::login(gw.ws(), "flooder", &os_user(), &gw.token()).await;
     let added = web.next(|m| m["type"] == "methods-added").await;
     let (server, method) = (
         added["server_id"].clone(),
@@ -756,11 +721,11 @@ async fn a_flood_of_calls_loses_nothing() {
 
 #[tokio::test]
 async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
-    let gw = Gw::start("slow", |b| b.max_queued_bytes = 1 << 20);
-    let native = gw.native("big");
+    let gw = gateway("slow", |b| b.max_queued_bytes = 1 << 20);
+    let native = gw.client("big");
     let blob = Value::from("x".repeat(256 << 10));
     native.register("Big", move |_| Ok(blob.clone())).unwrap();
-    let mut web = Web::login(gw.ws, "sloth", &os_user(), &gw.token()).await;
+    let mut web = Web::login(gw.ws(), "sloth", &os_user(), &gw.token()).await;
     let added = web.next(|m| m["type"] == "methods-added").await;
     let (server, method) = (
         added["server_id"].clone(),
@@ -815,8 +780,8 @@ async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
 
 #[tokio::test]
 async fn a_connection_that_never_logs_in_is_closed() {
-    let gw = Gw::start("nohello", |b| b.hello_timeout = Duration::from_millis(200));
-    let mut idle = Web::connect(gw.ws).await;
+    let gw = gateway("nohello", |b| b.hello_timeout = Duration::from_millis(200));
+    let mut idle = Web::connect(gw.ws()).await;
     match idle.frame().await {
         Some(Err((code, reason))) => {
             assert_eq!(code, 1008);
@@ -825,7 +790,7 @@ async fn a_connection_that_never_logs_in_is_closed() {
         other => panic!("{other:?}"),
     }
     // A failed hello does not count as logging in either.
-    let mut w = Web::connect(gw.ws).await;
+    let mut w = Web::connect(gw.ws()).await;
     let r = w
         .hello(
             "x",
@@ -835,18 +800,18 @@ async fn a_connection_that_never_logs_in_is_closed() {
     assert_eq!(r["type"], "error");
     assert!(matches!(w.frame().await, Some(Err((1008, _)))));
     // One that logs in stays: it outlives a connection opened after it that does not.
-    let mut ok = Web::login(gw.ws, "ok", &os_user(), &gw.token()).await;
-    let mut later = Web::connect(gw.ws).await;
+    let mut ok = Web::login(gw.ws(), "ok", &os_user(), &gw.token()).await;
+    let mut later = Web::connect(gw.ws()).await;
     assert!(matches!(later.frame().await, Some(Err((1008, _)))));
     ok.barrier().await;
 }
 
 #[tokio::test]
 async fn stopping_the_gateway_closes_web_peers_with_going_away() {
-    let mut gw = Gw::start("stop", |b| b.auth = AuthMode::Open);
-    let mut w = Web::login(gw.ws, "w", "u", "").await;
-    let h = gw.handle.take().unwrap();
-    blocking(move || h.shutdown()).await;
+    let gw = gateway("stop", |b| b.auth = AuthMode::Open);
+    let mut w = Web::login(gw.ws(), "w", "u", "").await;
+    // Dropping it stops the gateway (which blocks until it has).
+    blocking(move || drop(gw)).await;
     match w.frame().await {
         Some(Err((code, _))) => assert_eq!(code, 1001),
         other => panic!("{other:?}"),
@@ -1028,10 +993,10 @@ fn client_apply(data: &J, delta: &J) -> J {
 
 #[tokio::test]
 async fn web_peers_share_contexts_with_gw3_deltas_forwarded_verbatim() {
-    let gw = Gw::start("ctx-w2w", |b| b.auth = AuthMode::Open);
-    let mut a = Web::login(gw.ws, "A", "u", "").await;
-    let mut b = Web::login(gw.ws, "B", "u", "").await;
-    let mut z = Web::login(gw.ws, "Z", "other", "").await;
+    let gw = gateway("ctx-w2w", |b| b.auth = AuthMode::Open);
+    let mut a = Web::login(gw.ws(), "A", "u", "").await;
+    let mut b = Web::login(gw.ws(), "B", "u", "").await;
+    let mut z = Web::login(gw.ws(), "Z", "other", "").await;
     let made = a
         .req(json!({"type": "create-context", "name": "t.ctx",
             "data": {"a": {"b": 1}, "l": [1]}, "lifetime": "retained"}))
@@ -1177,8 +1142,8 @@ async fn web_peers_share_contexts_with_gw3_deltas_forwarded_verbatim() {
 
 #[tokio::test]
 async fn native_and_web_peers_see_each_others_context_writes_with_the_same_deltas() {
-    let gw = Gw::start("ctx-mixed", |_| {});
-    let native = gw.native("nat");
+    let gw = gateway("ctx-mixed", |_| {});
+    let native = gw.client("nat");
     let (tx, mut rx) = unbounded_channel::<ContextUpdate>();
     let _watch = native
         .contexts()
@@ -1186,7 +1151,7 @@ async fn native_and_web_peers_see_each_others_context_writes_with_the_same_delta
             let _ = tx.send(u.clone());
         })
         .unwrap();
-    let mut web = Web::login(gw.ws, "web", &os_user(), &gw.token()).await;
+    let mut web = Web::login(gw.ws(), "web", &os_user(), &gw.token()).await;
     let native_id = web
         .next(|m| m["type"] == "peer-added" && m["identity"]["application"] == "nat")
         .await["new_peer_id"]
@@ -1275,7 +1240,7 @@ async fn native_and_web_peers_see_each_others_context_writes_with_the_same_delta
     let native_view = blocking(move || native.contexts().get("mix.ctx").unwrap()).await;
     assert_eq!(Value::from(data), *native_view.data);
     // A context a native app creates is announced to web peers, with its creator.
-    let n3 = gw.native("nat2");
+    let n3 = gw.client("nat2");
     let n3_for = n3.clone();
     blocking(move || {
         n3_for
@@ -1296,15 +1261,15 @@ async fn native_and_web_peers_see_each_others_context_writes_with_the_same_delta
 
 #[tokio::test]
 async fn bus_messages_flow_both_ways_between_web_and_native_peers() {
-    let gw = Gw::start("bus-mixed", |_| {});
-    let native = gw.native("nat");
+    let gw = gateway("bus-mixed", |_| {});
+    let native = gw.client("nat");
     let (tx, mut rx) = unbounded_channel::<BusMessage>();
     let _sub = native
         .subscribe("mix.>", SubscribeOptions::default(), move |m| {
             let _ = tx.send(m.clone());
         })
         .unwrap();
-    let mut web = Web::login(gw.ws, "web", &os_user(), &gw.token()).await;
+    let mut web = Web::login(gw.ws(), "web", &os_user(), &gw.token()).await;
     web.req(json!({"type": "join", "destination": "bus"})).await;
     let wild = web
         .req(json!({"type": "subscribe", "domain": "bus", "topic": "mix.*"}))
@@ -1401,8 +1366,8 @@ fn web_login_of(_w: &Web) -> String {
 
 #[tokio::test]
 async fn a_native_stream_serves_web_subscribers() {
-    let gw = Gw::start("stream-n2w", |_| {});
-    let native = gw.native("nat");
+    let gw = gateway("stream-n2w", |_| {});
+    let native = gw.client("nat");
     let (added_tx, mut added) = unbounded_channel::<()>();
     let (removed_tx, mut removed) = unbounded_channel::<Value>();
     let stream = native
@@ -1426,7 +1391,7 @@ async fn a_native_stream_serves_web_subscribers() {
             },
         )
         .unwrap();
-    let mut web = Web::login(gw.ws, "web", &os_user(), &gw.token()).await;
+    let mut web = Web::login(gw.ws(), "web", &os_user(), &gw.token()).await;
     let methods = web
         .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Nat.Ticks")
         .await;
@@ -1516,9 +1481,9 @@ async fn a_native_stream_serves_web_subscribers() {
 
 #[tokio::test]
 async fn a_web_stream_serves_native_subscribers() {
-    let gw = Gw::start("stream-w2n", |_| {});
-    let native = gw.native("nat");
-    let mut web = Web::login(gw.ws, "web", &os_user(), &gw.token()).await;
+    let gw = gateway("stream-w2n", |_| {});
+    let native = gw.client("nat");
+    let mut web = Web::login(gw.ws(), "web", &os_user(), &gw.token()).await;
     let reg = web
         .register(
             json!([{"id": "s", "name": "Web.Ticks", "flags": {"metadata": {}, "streaming": true}}]),
@@ -1639,8 +1604,8 @@ async fn a_web_stream_serves_native_subscribers() {
 
 #[tokio::test]
 async fn slow_web_subscribers_of_contexts_and_streams_are_disconnected_with_a_reason() {
-    let gw = Gw::start("slow-data", |b| b.max_queued_bytes = 256 << 10);
-    let native = gw.native("writer");
+    let gw = gateway("slow-data", |b| b.max_queued_bytes = 256 << 10);
+    let native = gw.client("writer");
     let stream = native
         .create_stream("Big.Ticks", StreamOptions::default())
         .unwrap();
@@ -1652,17 +1617,17 @@ async fn slow_web_subscribers_of_contexts_and_streams_are_disconnected_with_a_re
     });
     // One web peer follows a context, another a stream; neither reads. Each is sent ~16 MiB,
     // far more than the socket's buffers and the 256 KiB it may have waiting.
-    let mut writer = Web::login(gw.ws, "ctx-writer", &os_user(), &gw.token()).await;
+    let mut writer = Web::login(gw.ws(), "ctx-writer", &os_user(), &gw.token()).await;
     let made = writer
         .req(json!({"type": "create-context", "name": "big", "data": {}, "lifetime": "retained"}))
         .await;
     let cid = made["context_id"].clone();
-    let mut ctx_sloth = Web::login(gw.ws, "ctx-sloth", &os_user(), &gw.token()).await;
+    let mut ctx_sloth = Web::login(gw.ws(), "ctx-sloth", &os_user(), &gw.token()).await;
     let sub = ctx_sloth
         .req(json!({"type": "subscribe-context", "context_id": cid}))
         .await;
     assert_eq!(sub["type"], "subscribed-context");
-    let mut stream_sloth = Web::login(gw.ws, "stream-sloth", &os_user(), &gw.token()).await;
+    let mut stream_sloth = Web::login(gw.ws(), "stream-sloth", &os_user(), &gw.token()).await;
     let m = stream_sloth
         .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Big.Ticks")
         .await;

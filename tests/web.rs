@@ -6,17 +6,19 @@
 //! `.ci/bridge.sh` installs them. Without them these tests are skipped with a message, unless
 //! `KNIT_REQUIRE_WEB=1` (set by CI) makes a missing piece a failure.
 
+mod common;
+
+use common::Env;
 use knit::bridge::{AuthMode, BridgeConfig};
 use knit::client::{
     Client, ContextUpdate, InvokeError, InvokeOptions, MethodError, StreamEvent, StreamOptions,
     StreamParams,
 };
 use knit::gateway::channels::ChannelConfig;
-use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
+use knit::gateway::GatewayConfig;
 use knit::{Status, Value};
 use serde_json::Value as J;
 use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -51,57 +53,23 @@ fn have_node(extra: Option<&Path>) -> bool {
     false
 }
 
-struct Gw {
-    handle: Option<GatewayHandle>,
-    dir: PathBuf,
-    ws: SocketAddr,
+/// A gateway whose WebSocket bridge (on an ephemeral loopback port) authenticates with `auth`.
+fn gateway(tag: &str, auth: AuthMode) -> Env {
+    gateway_with(tag, auth, |_| {})
 }
 
-impl Gw {
-    fn start(tag: &str, auth: AuthMode) -> Gw {
-        Gw::start_with(tag, auth, |_| {})
-    }
-
-    fn start_with(tag: &str, auth: AuthMode, tune: impl FnOnce(&mut GatewayConfig)) -> Gw {
-        let dir = std::env::temp_dir().join(format!("knit-web-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut cfg = GatewayConfig::new(dir.join("gw.sock"));
-        tune(&mut cfg);
+/// [`gateway`], its configuration first adjusted by `tune`.
+fn gateway_with(tag: &str, auth: AuthMode, tune: impl FnOnce(&mut GatewayConfig)) -> Env {
+    Env::with(tag, |cfg| {
+        tune(cfg);
         let mut b = BridgeConfig::loopback_ephemeral();
         b.auth = auth;
         cfg.bridge = Some(b);
-        let handle = Gateway::bind(cfg).unwrap().spawn().unwrap();
-        let ws = handle.ws_addr().unwrap();
-        Gw {
-            handle: Some(handle),
-            dir,
-            ws,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}", self.ws)
-    }
-
-    fn native(&self, app: &str) -> Client {
-        Client::builder(app)
-            .socket(self.dir.join("gw.sock"))
-            .connect()
-            .unwrap()
-    }
-
-    fn token(&self) -> String {
-        knit::bridge::read_token(&self.dir.join("gw.sock")).unwrap()
-    }
+    })
 }
 
-impl Drop for Gw {
-    fn drop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            h.shutdown();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn url(gw: &Env) -> String {
+    format!("ws://{}", gw.ws())
 }
 
 fn os_user() -> String {
@@ -199,13 +167,13 @@ fn conformance(lib: &str) {
     }
     // The reference gateway has no colour channels: without them, a login announces the same
     // contexts on both (knit's default channels would add eight `context-added` frames).
-    let gw = Gw::start_with(&format!("conf-{lib}"), AuthMode::Open, |cfg| {
+    let gw = gateway_with(&format!("conf-{lib}"), AuthMode::Open, |cfg| {
         cfg.channels = ChannelConfig {
             channels: Vec::new(),
             restrictions: Vec::new(),
         }
     });
-    let url = gw.url();
+    let url = url(&gw);
     let script = Script::start("conformance.js", &["--url", &url, "--lib", lib]);
     assert!(
         script.finish(Duration::from_secs(180)),
@@ -223,8 +191,8 @@ fn gw3_transcripts_with_glue42_core_match_the_reference_gateway() {
     conformance("glue");
 }
 
-fn native_side(gw: &Gw) -> Client {
-    let native = gw.native("rust-native");
+fn native_side(gw: &Env) -> Client {
+    let native = gw.client("rust-native");
     native
         .register("Native.Sum", |c| {
             let a = c.args.get("a").and_then(Value::as_i64).unwrap_or(0);
@@ -253,9 +221,9 @@ fn mixed(lib: &str) {
     if !have_node(None) {
         return;
     }
-    let gw = Gw::start(&format!("mixed-{lib}"), AuthMode::Token);
+    let gw = gateway(&format!("mixed-{lib}"), AuthMode::Token);
     let native = native_side(&gw);
-    let (url, user, token) = (gw.url(), os_user(), gw.token());
+    let (url, user, token) = (url(&gw), os_user(), gw.token());
     let mut web = Script::start(
         "mixed.js",
         &[
@@ -534,7 +502,7 @@ fn headless_chromium_page_and_native_app_call_each_other() {
     if !have_node(Some(&chromium)) || !web_dir().join("node_modules/playwright-core").exists() {
         return;
     }
-    let gw = Gw::start("browser", AuthMode::Token);
+    let gw = gateway("browser", AuthMode::Token);
     let native = native_side(&gw);
     // A context and a stream for the page to follow.
     native
@@ -544,8 +512,8 @@ fn headless_chromium_page_and_native_app_call_each_other() {
     let feed = native
         .create_stream("Native.Feed", StreamOptions::default())
         .unwrap();
-    let (url, user, token) = (gw.url(), os_user(), gw.token());
-    let shot = gw.dir.join("page.png");
+    let (url, user, token) = (url(&gw), os_user(), gw.token());
+    let shot = gw.dir().path().join("page.png");
     let shot_s = shot.to_string_lossy().to_string();
     let mut page = Script::start(
         "browser.js",

@@ -12,6 +12,7 @@ use knit::client::{Client, ClientBuilder};
 use knit::gateway::{Gateway, GatewayConfig, GatewayHandle};
 use serde_json::Value as Json;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -100,6 +101,18 @@ impl Env {
     /// Where the gateway listens.
     pub fn socket(&self) -> &Path {
         self.gw.socket_path()
+    }
+
+    /// Where the gateway's WebSocket bridge listens (its configuration must have one).
+    pub fn ws(&self) -> SocketAddr {
+        self.gw
+            .ws_addr()
+            .expect("the gateway runs a WebSocket bridge")
+    }
+
+    /// The bridge token of this user, which the gateway wrote next to its socket.
+    pub fn token(&self) -> String {
+        knit::bridge::read_token(self.socket()).expect("reading the bridge token")
     }
 
     /// The test's own directory (the socket lives in it).
