@@ -120,7 +120,16 @@ pub fn write_noted<M: StoreMemory>(
     // Scratch buffers of this thread: a write allocates nothing for its encodings.
     let (mut payload, mut bytes) = SCRATCH.with(|c| c.take());
     payload.clear();
-    let r = encode_and_commit(&guard, op, note, map, exists, &mut payload, &mut bytes, max_size);
+    let r = encode_and_commit(
+        &guard,
+        op,
+        note,
+        map,
+        exists,
+        &mut payload,
+        &mut bytes,
+        max_size,
+    );
     // Kept unless one huge write grew them.
     if payload.capacity() <= 1 << 20 && bytes.capacity() <= 1 << 20 {
         SCRATCH.with(|c| c.set((payload, bytes)));
