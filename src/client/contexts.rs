@@ -177,6 +177,8 @@ pub(crate) struct CtxEntry {
     cache: Mutex<Option<(u64, Arc<Value>)>>,
     /// Copy-on-write: delivering an event clones the `Arc`, not the list.
     subs: Mutex<Arc<Vec<Arc<Sub>>>>,
+    /// Bumped after every change of `subs`, so the dispatcher can keep using its copy.
+    subs_gen: AtomicU64,
     /// Events queued for the dispatcher.
     queued: AtomicUsize,
     /// Whether the pumper follows its log.
@@ -339,6 +341,7 @@ pub(crate) fn attach(
         file,
         cache: Mutex::new(None),
         subs: Mutex::new(Arc::new(Vec::new())),
+        subs_gen: AtomicU64::new(0),
         queued: AtomicUsize::new(0),
         followed: AtomicBool::new(false),
         new_subs: AtomicBool::new(false),
@@ -394,6 +397,7 @@ pub(crate) fn destroyed(shared: &Arc<Shared>, id: u64, name: &str) {
         let subs = std::mem::take(Arc::make_mut(
             &mut *e.subs.lock().unwrap_or_else(|e| e.into_inner()),
         ));
+        subs_changed(&e);
         for s in &subs {
             s.start.store(NEEDS_SNAPSHOT, Ordering::Release);
         }
@@ -484,7 +488,7 @@ pub(crate) fn write(
     if shared.is_closed() {
         return Err(ClientError::Closed.into());
     }
-    let entry = match open(shared, name, false)? {
+    let entry = match last_written(shared, name).map_or_else(|| open(shared, name, false), |e| Ok(Some(e)))? {
         Some(e) => e,
         None => {
             // Creating it: refuse what would fail anyway before anything exists, so a failed
@@ -531,11 +535,48 @@ pub(crate) fn write(
         WriteError::Encode(e) => ContextError::InvalidArgument(e.to_string()),
     })?;
     remember(&entry, v, &data);
+    remember_written(shared, &entry);
     if !changed {
         return Ok(v);
     }
     ring_subscribers(shared, &entry);
     Ok(v)
+}
+
+thread_local! {
+    /// The context this thread wrote last: a writer that updates one context in a loop finds
+    /// it without the client's context table (a lock and a hash of the name per write).
+    #[allow(clippy::type_complexity)]
+    static LAST_WRITTEN: std::cell::RefCell<Option<(std::sync::Weak<Shared>, String, std::sync::Weak<CtxEntry>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The entry this thread wrote last, if it is `name`'s for this client and still open.
+fn last_written(shared: &Arc<Shared>, name: &str) -> Option<Arc<CtxEntry>> {
+    LAST_WRITTEN.with(|c| {
+        let c = c.borrow();
+        let (s, n, e) = c.as_ref()?;
+        if !std::ptr::eq(s.as_ptr(), Arc::as_ptr(shared)) || n != name {
+            return None;
+        }
+        e.upgrade().filter(|e| !e.closed.load(Ordering::Acquire))
+    })
+}
+
+fn remember_written(shared: &Arc<Shared>, entry: &Arc<CtxEntry>) {
+    LAST_WRITTEN.with(|c| {
+        let mut c = c.borrow_mut();
+        let hit = c.as_ref().is_some_and(|(s, _, e)| {
+            std::ptr::eq(s.as_ptr(), Arc::as_ptr(shared)) && std::ptr::eq(e.as_ptr(), Arc::as_ptr(entry))
+        });
+        if !hit {
+            *c = Some((
+                Arc::downgrade(shared),
+                entry.name.to_string(),
+                Arc::downgrade(entry),
+            ));
+        }
+    });
 }
 
 fn ring_subscribers(shared: &Shared, entry: &CtxEntry) {
@@ -709,10 +750,12 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
             carry: None,
         };
         Arc::make_mut(&mut *entry.subs.lock().unwrap_or_else(|e| e.into_inner())).push(sub);
+        subs_changed(&entry);
         entry.new_subs.store(true, Ordering::Release);
         shared.add_ctx_follow(follow);
     } else {
         Arc::make_mut(&mut *entry.subs.lock().unwrap_or_else(|e| e.into_inner())).push(sub);
+        subs_changed(&entry);
         entry.new_subs.store(true, Ordering::Release);
         shared.wake_all();
     }
@@ -737,6 +780,7 @@ fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
         Arc::make_mut(&mut *subs).retain(|s| s.id != sub.id);
         subs.is_empty()
     };
+    subs_changed(&entry);
     if now_empty && entry.followed.swap(false, Ordering::AcqRel) {
         // Fire and forget: nobody waits for the answer (request id 0 is never used).
         let _ = shared.conn.send(&ToGateway::UnsubscribeContext {
@@ -753,6 +797,11 @@ pub(crate) fn pump_follow(
     cf: &mut CtxFollow,
     mut sink: Option<&mut Vec<Task>>,
 ) -> usize {
+    // The common case while polling: nothing new. Decided without touching the entry's
+    // reference count (a locked instruction per poll lengthened every poll round).
+    if cf.data.is_some() && !cf.needs_snapshot() && !cf.f.has_more(&cf.entry.store) {
+        return 0;
+    }
     let mut n = 0;
     let entry = cf.entry.clone();
     if cf.data.is_none() || cf.needs_snapshot() {
@@ -859,12 +908,11 @@ fn apply_record(
 ) -> Result<Option<ContextUpdate>, ()> {
     let exists = cf.version != 0;
     let mut data = cf.data.take().unwrap_or_else(|| Arc::new(Value::map()));
-    {
-        // The cache usually holds this very value: let go of it so the update needs no copy.
-        let mut c = cf.entry.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if c.as_ref().is_some_and(|(_, d)| Arc::ptr_eq(d, &data)) {
-            *c = None;
-        }
+    // One lock of the cache for the whole update: it usually holds this very value, which is
+    // let go of so the update needs no copy, and gets the new value back.
+    let mut cache = cf.entry.cache.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.as_ref().is_some_and(|(_, d)| Arc::ptr_eq(d, &data)) {
+        *cache = None;
     }
     let Value::Map(map) = Arc::make_mut(&mut data) else {
         return Err(());
@@ -872,13 +920,17 @@ fn apply_record(
     let d = match apply_owned(map, exists, op) {
         Ok(Some(d)) => d,
         Ok(None) => {
+            drop(cache);
             cf.data = Some(data);
             cf.version = version;
             return Ok(None);
         }
         Err(_) => return Err(()),
     };
-    remember(&cf.entry, version, &data);
+    if cache.as_ref().is_none_or(|(v, _)| *v < version) {
+        *cache = Some((version, data.clone()));
+    }
+    drop(cache);
     cf.data = Some(data.clone());
     cf.version = version;
     let updater = match &cf.last_updater {
@@ -1012,9 +1064,38 @@ fn queue(
 }
 
 /// Runs one queued event (dispatch thread).
-pub(crate) fn deliver(entry: &CtxEntry, ev: &ContextUpdate, only: Option<u64>) {
+pub(crate) fn deliver(entry: &Arc<CtxEntry>, ev: &ContextUpdate, only: Option<u64>) {
     entry.queued.fetch_sub(1, Ordering::AcqRel);
-    let subs: Arc<Vec<Arc<Sub>>> = entry.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // The list as of the last change, kept by this (dispatch) thread: no lock per event.
+    let gen = entry.subs_gen.load(Ordering::Acquire);
+    let cached = SUBS_SEEN.with(|c| c.take()).filter(|(e, g, _)| {
+        *g == gen && std::ptr::eq(e.as_ptr(), Arc::as_ptr(entry))
+    });
+    let (owner, subs) = match cached {
+        Some((owner, _, subs)) => (owner, subs),
+        None => {
+            let subs = entry.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            (Arc::downgrade(entry), subs)
+        }
+    };
+    deliver_to(&subs, ev, only);
+    SUBS_SEEN.with(|c| c.set(Some((owner, gen, subs))));
+}
+
+fn subs_changed(entry: &CtxEntry) {
+    // Release: pairs with the Acquire in `deliver`; the list itself is read under its lock.
+    entry.subs_gen.fetch_add(1, Ordering::Release);
+}
+
+thread_local! {
+    /// (entry, its `subs_gen`, its subscriptions) as `deliver` last saw them. The weak
+    /// reference keeps the address from being reused while the copy is kept.
+    #[allow(clippy::type_complexity)]
+    static SUBS_SEEN: std::cell::Cell<Option<(std::sync::Weak<CtxEntry>, u64, Arc<Vec<Arc<Sub>>>)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+fn deliver_to(subs: &[Arc<Sub>], ev: &ContextUpdate, only: Option<u64>) {
     for s in subs.iter() {
         if !s.active.load(Ordering::Acquire) {
             continue;
@@ -1167,6 +1248,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
     let subs = std::mem::take(Arc::make_mut(
         &mut *old.subs.lock().unwrap_or_else(|e| e.into_inner()),
     ));
+    subs_changed(old);
     let subs: Vec<Arc<Sub>> = subs
         .into_iter()
         .filter(|s| s.active.load(Ordering::Acquire))
@@ -1187,6 +1269,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         .as_ref()
         .map(|(_, d)| d.clone());
     Arc::make_mut(&mut *new.subs.lock().unwrap_or_else(|e| e.into_inner())).extend(subs);
+    subs_changed(new);
     if new.followed.swap(true, Ordering::AcqRel) {
         return;
     }
