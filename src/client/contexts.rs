@@ -488,7 +488,9 @@ pub(crate) fn write(
     if shared.is_closed() {
         return Err(ClientError::Closed.into());
     }
-    let entry = match last_written(shared, name).map_or_else(|| open(shared, name, false), |e| Ok(Some(e)))? {
+    let entry = match last_written(shared, name)
+        .map_or_else(|| open(shared, name, false), |e| Ok(Some(e)))?
+    {
         Some(e) => e,
         None => {
             // Creating it: refuse what would fail anyway before anything exists, so a failed
@@ -567,7 +569,8 @@ fn remember_written(shared: &Arc<Shared>, entry: &Arc<CtxEntry>) {
     LAST_WRITTEN.with(|c| {
         let mut c = c.borrow_mut();
         let hit = c.as_ref().is_some_and(|(s, _, e)| {
-            std::ptr::eq(s.as_ptr(), Arc::as_ptr(shared)) && std::ptr::eq(e.as_ptr(), Arc::as_ptr(entry))
+            std::ptr::eq(s.as_ptr(), Arc::as_ptr(shared))
+                && std::ptr::eq(e.as_ptr(), Arc::as_ptr(entry))
         });
         if !hit {
             *c = Some((
@@ -860,8 +863,7 @@ pub(crate) fn pump_follow(
                 updater,
                 payload_logged: true,
             })) => {
-                let op = ContextOp::decode(&cf.buf);
-                match op.map(|op| apply_record(shared, cf, version, updater, op)) {
+                match apply_logged(shared, cf, version, updater) {
                     Some(Ok(Some(ev))) => Some(ev),
                     // A record that changes nothing for us: keep our copy, move on.
                     Some(Ok(None)) => continue,
@@ -898,15 +900,40 @@ fn read_snapshot(entry: &CtxEntry, buf: &mut Vec<u8>) -> Result<(u64, Arc<Map>),
     Ok((info.version, Arc::new(decode_map(buf)?)))
 }
 
-/// Applies a logged op to our copy, in place when nobody else holds it.
+/// Applies the logged op in `cf.buf` to our copy: a small update straight from its encoding,
+/// anything else decoded first. `None`: it does not decode.
+fn apply_logged(
+    shared: &Shared,
+    cf: &mut CtxFollow,
+    version: u64,
+    updater: u64,
+) -> Option<Result<Option<ContextUpdate>, ()>> {
+    if cf.version != 0 {
+        let buf = std::mem::take(&mut cf.buf);
+        let r = apply_record(shared, cf, version, updater, |map| {
+            crate::model::context::apply_logged_update(map, &buf)
+        });
+        cf.buf = buf;
+        if let Some(r) = r {
+            return Some(r);
+        }
+    }
+    let op = ContextOp::decode(&cf.buf)?;
+    let exists = cf.version != 0;
+    apply_record(shared, cf, version, updater, |map| {
+        Some(apply_owned(map, exists, op).map_err(|_| ()))
+    })
+}
+
+/// Applies a logged op to our copy, in place when nobody else holds it. `apply` changes the
+/// map (or says `None`: it cannot, and then nothing changed).
 fn apply_record(
     shared: &Shared,
     cf: &mut CtxFollow,
     version: u64,
     updater: u64,
-    op: ContextOp,
-) -> Result<Option<ContextUpdate>, ()> {
-    let exists = cf.version != 0;
+    apply: impl FnOnce(&mut Map) -> Option<Result<Option<crate::model::context::Delta>, ()>>,
+) -> Option<Result<Option<ContextUpdate>, ()>> {
     let mut data = cf.data.take().unwrap_or_else(|| Arc::new(Value::map()));
     // One lock of the cache for the whole update: it usually holds this very value, which is
     // let go of so the update needs no copy, and gets the new value back.
@@ -915,17 +942,27 @@ fn apply_record(
         *cache = None;
     }
     let Value::Map(map) = Arc::make_mut(&mut data) else {
-        return Err(());
+        drop(cache);
+        cf.data = Some(data);
+        return Some(Err(()));
     };
-    let d = match apply_owned(map, exists, op) {
-        Ok(Some(d)) => d,
-        Ok(None) => {
+    let d = match apply(map) {
+        Some(Ok(Some(d))) => d,
+        Some(Ok(None)) => {
             drop(cache);
             cf.data = Some(data);
             cf.version = version;
-            return Ok(None);
+            return Some(Ok(None));
         }
-        Err(_) => return Err(()),
+        other => {
+            // Nothing changed: the cache gets back what it had.
+            if cache.is_none() && cf.version != 0 {
+                *cache = Some((cf.version, data.clone()));
+            }
+            drop(cache);
+            cf.data = Some(data);
+            return other.map(|_| Err(()));
+        }
     };
     if cache.as_ref().is_none_or(|(v, _)| *v < version) {
         *cache = Some((version, data.clone()));
@@ -941,7 +978,7 @@ fn apply_record(
             who
         }
     };
-    Ok(Some(ContextUpdate {
+    Some(Ok(Some(ContextUpdate {
         name: cf.entry.name.clone(),
         version,
         data,
@@ -950,7 +987,7 @@ fn apply_record(
         updater,
         first: false,
         conflated: false,
-    }))
+    })))
 }
 
 fn make_update(
@@ -1053,7 +1090,7 @@ fn queue(
     entry.queued.fetch_add(1, Ordering::AcqRel);
     let t = Task::Context {
         entry: entry.clone(),
-        ev: Arc::new(ev),
+        ev: Box::new(ev),
         only,
     };
     match sink {
@@ -1068,9 +1105,9 @@ pub(crate) fn deliver(entry: &Arc<CtxEntry>, ev: &ContextUpdate, only: Option<u6
     entry.queued.fetch_sub(1, Ordering::AcqRel);
     // The list as of the last change, kept by this (dispatch) thread: no lock per event.
     let gen = entry.subs_gen.load(Ordering::Acquire);
-    let cached = SUBS_SEEN.with(|c| c.take()).filter(|(e, g, _)| {
-        *g == gen && std::ptr::eq(e.as_ptr(), Arc::as_ptr(entry))
-    });
+    let cached = SUBS_SEEN
+        .with(|c| c.take())
+        .filter(|(e, g, _)| *g == gen && std::ptr::eq(e.as_ptr(), Arc::as_ptr(entry)));
     let (owner, subs) = match cached {
         Some((owner, _, subs)) => (owner, subs),
         None => {

@@ -175,7 +175,7 @@ pub(crate) enum Task {
     /// A context changed (or a subscription's first callback).
     Context {
         entry: Arc<super::contexts::CtxEntry>,
-        ev: Arc<super::contexts::ContextUpdate>,
+        ev: Box<super::contexts::ContextUpdate>,
         only: Option<u64>,
     },
     /// Deliver a stream subscriber's queued items.

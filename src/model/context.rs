@@ -128,6 +128,22 @@ fn set_key(data: &mut Map, k: &str, v: &Value) {
     }
 }
 
+/// Sets `k` to `v` unless it already holds an equal value (one lookup). Returns whether it
+/// changed.
+fn set_if_changed(data: &mut Map, k: &str, v: &Value) -> bool {
+    match data.get_mut(k) {
+        Some(slot) if *slot == *v => false,
+        Some(slot) => {
+            *slot = v.clone();
+            true
+        }
+        None => {
+            data.insert(k.to_string(), v.clone());
+            true
+        }
+    }
+}
+
 /// [`apply_mut`] for an op the caller owns: an update's keys and values move into the delta
 /// instead of being copied for it.
 pub fn apply_owned(
@@ -144,8 +160,7 @@ pub fn apply_owned(
                     if data.shift_remove(&k).is_some() {
                         removed.push(k);
                     }
-                } else if data.get(&k) != Some(&v) {
-                    set_key(data, &k, &v);
+                } else if set_if_changed(data, &k, &v) {
                     delta.insert(k, v);
                 }
             }
@@ -156,6 +171,55 @@ pub fn apply_owned(
         }
         op => apply_mut(data, exists, &op),
     }
+}
+
+/// A follower's fast path: applies a logged `{"update": {…}}` of at most eight keys to the
+/// data of an existing context straight from its encoding, without building the op's map.
+/// `None` when the record has another shape, more keys or a key twice (decode those with
+/// [`ContextOp::decode`]); `Some(Err(()))` when it does not decode (nothing was applied).
+pub fn apply_logged_update(data: &mut Map, bytes: &[u8]) -> Option<Result<Option<Delta>, ()>> {
+    const MAX: usize = 8;
+    let mut items: [Option<(&str, Value)>; MAX] = std::array::from_fn(|_| None);
+    let mut n = 0;
+    let mut over = false;
+    // Collected first: a record that fails to decode half-way changes nothing.
+    match crate::wire::codec::visit_single_entry_map(bytes, "update", |k, v| {
+        if n < MAX {
+            items[n] = Some((k, v));
+            n += 1;
+        } else {
+            over = true;
+        }
+    }) {
+        Ok(true) if !over => {}
+        Ok(_) => return None,
+        Err(_) => return Some(Err(())),
+    }
+    let items = &mut items[..n];
+    for i in 1..items.len() {
+        let k = items[i].as_ref().map(|(k, _)| *k);
+        if items[..i]
+            .iter()
+            .any(|e| e.as_ref().map(|(k2, _)| *k2) == k)
+        {
+            return None;
+        }
+    }
+    let mut delta = Map::with_capacity(n);
+    let mut removed = Vec::new();
+    for (k, v) in items.iter_mut().filter_map(Option::take) {
+        if v.is_null() {
+            if data.shift_remove(k).is_some() {
+                removed.push(k.to_string());
+            }
+        } else if set_if_changed(data, k, &v) {
+            delta.insert(k.to_string(), v);
+        }
+    }
+    if delta.is_empty() && removed.is_empty() {
+        return Some(Ok(None));
+    }
+    Some(Ok(Some(Delta { delta, removed })))
 }
 
 /// The writer's fast path for `update` on an existing context: changes `data` in place and
@@ -182,11 +246,8 @@ pub fn update_in_place(
     for ((k, v), slot) in new.iter().zip(effective.iter_mut()) {
         let changes = if v.is_null() {
             data.shift_remove(k).is_some()
-        } else if data.get(k) != Some(v) {
-            set_key(data, k, v);
-            true
         } else {
-            false
+            set_if_changed(data, k, v)
         };
         *slot = changes;
     }

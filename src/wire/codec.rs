@@ -259,6 +259,37 @@ pub fn decode_single_entry(bytes: &[u8], key: &str) -> Result<Option<Value>, Dec
     }
 }
 
+/// Reads `{key: {k1: v1, …}}` (an outer map of exactly one entry, spanning all of `bytes`) and
+/// hands each inner entry to `f` in order, its key borrowed: no map is built. `Ok(false)` when
+/// `bytes` hold another shape (then nothing was handed over). An error may come after some
+/// entries were handed over: callers that must not act on half a value collect first.
+pub fn visit_single_entry_map<'a>(
+    bytes: &'a [u8],
+    key: &str,
+    mut f: impl FnMut(&'a str, Value),
+) -> Result<bool, DecodeError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    if r.byte()? != T_MAP || r.varint()? != 1 {
+        return Ok(false);
+    }
+    let n = r.varint()?;
+    if r.take(n)? != key.as_bytes() || r.byte()? != T_MAP {
+        return Ok(false);
+    }
+    let n = r.count()?;
+    for _ in 0..n {
+        let len = r.varint()?;
+        let k = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::BadUtf8)?;
+        // Two maps deep, as `decode` would see it.
+        let v = r.value(2)?;
+        f(k, v);
+    }
+    match bytes.len() - r.pos {
+        0 => Ok(true),
+        n => Err(DecodeError::Trailing(n)),
+    }
+}
+
 struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
