@@ -262,6 +262,18 @@ fn destroy_removes_the_context_for_everyone() {
     assert_eq!(a.contexts().get("d").unwrap().version, 0);
     a.contexts().set("d", j(r#"{"y":2}"#)).unwrap();
     assert_eq!(*b.contexts().get("d").unwrap().data, j(r#"{"y":2}"#));
+    // The writer destroys the context it wrote last and writes it again at once: the write
+    // goes to a new context (version 1), not to the destroyed one it remembered.
+    a.contexts().destroy("d").unwrap();
+    assert_eq!(a.contexts().set("d", j(r#"{"z":3}"#)).unwrap(), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while *b.contexts().get("d").unwrap().data != j(r#"{"z":3}"#) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never saw the new context"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]

@@ -514,6 +514,76 @@ mod tests {
         assert_eq!(ch.removed, vec!["c".to_string()]);
     }
 
+    /// What the follower's fast path must agree with: decode the op, then apply it.
+    fn slow_path(data: &Map, bytes: &[u8]) -> (Map, Option<Delta>) {
+        let mut d = data.clone();
+        let op = ContextOp::decode(bytes).expect("decodes");
+        let delta = apply_owned(&mut d, true, op).unwrap();
+        (d, delta)
+    }
+
+    fn logged_update(json: &str) -> Vec<u8> {
+        crate::wire::codec::encode(&ContextOp::Update(m(json)).to_value()).unwrap()
+    }
+
+    #[test]
+    fn logged_update_applied_from_its_encoding_matches_decode_then_apply() {
+        let cur = m(r#"{"a":{"y":2},"b":1,"c":3,"d":"x"}"#);
+        for op in [
+            r#"{"a":{"x":1},"b":1,"c":null}"#,
+            r#"{"b":1}"#,
+            r#"{"z":null}"#,
+            r#"{"e":[1,2,{"f":null}],"d":"y","a":{"y":2}}"#,
+            r#"{"c":null,"d":null,"b":2}"#,
+            r#"{}"#,
+        ] {
+            let bytes = logged_update(op);
+            let (want_data, want_delta) = slow_path(&cur, &bytes);
+            let mut data = cur.clone();
+            let got = apply_logged_update(&mut data, &bytes)
+                .expect("handled")
+                .unwrap();
+            assert_eq!(data, want_data, "{op}");
+            assert_eq!(got, want_delta, "{op}");
+        }
+    }
+
+    #[test]
+    fn logged_update_fast_path_declines_what_it_does_not_handle() {
+        let cur = m(r#"{"a":1}"#);
+        // Other shapes, and more keys than it collects: the caller decodes them instead.
+        let set = crate::wire::codec::encode(&ContextOp::Set(m(r#"{"a":2}"#)).to_value()).unwrap();
+        let mut data = cur.clone();
+        assert!(apply_logged_update(&mut data, &set).is_none());
+        let many: String = (0..9)
+            .map(|i| format!(r#""k{i}":{i}"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(apply_logged_update(&mut data, &logged_update(&format!("{{{many}}}"))).is_none());
+        assert_eq!(data, cur, "nothing applied");
+        // A key twice (only a hand-made record has that): the decoded map keeps the last.
+        let mut twice = Vec::new();
+        crate::wire::codec::encode_map_header(&mut twice, 1);
+        crate::wire::codec::encode_key(&mut twice, "update");
+        crate::wire::codec::encode_map_header(&mut twice, 2);
+        for v in [1, 5] {
+            crate::wire::codec::encode_key(&mut twice, "a");
+            crate::wire::codec::encode_into(&Value::from(v), &mut twice).unwrap();
+        }
+        assert!(apply_logged_update(&mut data, &twice).is_none());
+        assert_eq!(slow_path(&cur, &twice).0, m(r#"{"a":5}"#));
+        // Cut short: an error, and nothing applied (not the first key of two).
+        let bytes = logged_update(r#"{"a":2,"b":"long enough to cut"}"#);
+        let r = apply_logged_update(&mut data, &bytes[..bytes.len() - 3]);
+        assert_eq!(r, Some(Err(())));
+        assert_eq!(data, cur, "a record that does not decode changes nothing");
+        // Trailing bytes are an error too.
+        let mut long = logged_update(r#"{"a":2}"#);
+        long.push(0);
+        assert_eq!(apply_logged_update(&mut data, &long), Some(Err(())));
+        assert_eq!(data, cur);
+    }
+
     #[test]
     fn update_that_changes_nothing_is_none() {
         let cur = m(r#"{"a":1,"b":{"c":[1,2]}}"#);
