@@ -624,3 +624,48 @@ fn a_gateway_whose_keeper_dies_starts_another_and_hands_it_every_context() {
     assert_eq!(ctx_get(&socket, "before"), json!({"x": 1}));
     assert_eq!(ctx_get(&socket, "after"), json!({"y": 2}));
 }
+
+/// A second gateway on a socket is refused; a lock on it held only for a moment (a process that
+/// forked while the previous gateway ran keeps a copy until it execs) is waited out.
+#[test]
+fn a_second_gateway_is_refused_but_a_lock_held_for_a_moment_is_waited_out() {
+    use knit::gateway::Gateway;
+    let dir = TempDir::new("bind-twice");
+    let gw = spawn_gateway(GatewayConfig::new(dir.socket()));
+    let second = Gateway::bind(GatewayConfig::new(dir.socket()));
+    assert!(
+        matches!(&second, Err(e) if e.status() == Status::AlreadyRunning),
+        "{:?}",
+        second.err()
+    );
+    gw.shutdown();
+    // Another holder of the lock file, as a forked child would be.
+    let lock_path = dir.socket().with_extension("lock");
+    let open_lock = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .unwrap()
+    };
+    let held = open_lock();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    // Held throughout: refused.
+    let refused = Gateway::bind(GatewayConfig::new(dir.socket()));
+    assert!(matches!(&refused, Err(e) if e.status() == Status::AlreadyRunning));
+    // Let go while a bind is trying: it starts. The bind is seen trying once it has the lock
+    // file open too (a second descriptor of it in this process).
+    let socket = dir.socket();
+    let binding = std::thread::spawn(move || Gateway::bind(GatewayConfig::new(socket)).map(|_| ()));
+    let opened = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|p| *p == lock_path)
+            .count()
+    };
+    assert!(common::wait_until(STARTUP, || opened() >= 2 || binding.is_finished()));
+    drop(held);
+    let r = binding.join().unwrap();
+    assert!(r.is_ok(), "{r:?}");
+}

@@ -135,13 +135,28 @@ impl Gateway {
             rustix::fs::Mode::from_raw_mode(0o600),
         )
         .map_err(|e| ctx(format!("lock file {}", lock_path.display()))(e.into()))?;
-        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            return Err(GatewayError::AlreadyRunning(cfg.socket.clone()));
-        }
-        if cfg.socket.exists() {
-            if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
+        // A gateway that stopped a moment ago can still seem to hold both: a process that
+        // forked just then (another thread of an app that embeds the gateway, spawning a
+        // child) keeps copies of its lock and listening socket until that child execs, which
+        // closes them. So a refusal is confirmed for a little while before it is reported;
+        // a gateway that really runs holds them throughout.
+        let confirm = std::time::Instant::now() + std::time::Duration::from_millis(250);
+        loop {
+            let locked =
+                rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                    .is_ok();
+            let answered = locked
+                && cfg.socket.exists()
+                && std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok();
+            if locked && !answered {
+                break;
+            }
+            if std::time::Instant::now() >= confirm {
                 return Err(GatewayError::AlreadyRunning(cfg.socket.clone()));
             }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        if cfg.socket.exists() {
             std::fs::remove_file(&cfg.socket).map_err(ctx("removing a stale socket"))?;
         }
         let bridge = match &cfg.bridge {
