@@ -30,6 +30,7 @@ mod loom_tests;
 mod tests;
 
 use crate::sync::{fence, spin_hint, AtomicU32, AtomicU64, Ordering};
+use std::cell::Cell;
 use thiserror::Error;
 
 /// Words at the start of each snapshot buffer: version, updater, byte length, reserved.
@@ -359,7 +360,18 @@ impl<M: StoreMemory> Store<M> {
                 .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
-                return Ok(WriteGuard { store: self, token });
+                // Relaxed: the Acquire above ordered every earlier commit before us, and only
+                // lock holders change these. Read once, here: they share the line followers
+                // poll, so every later read of it would likely be another cache miss.
+                let ctl = self.mem.ctl();
+                let version = ctl.version.load(Ordering::Relaxed);
+                let tail = ctl.log_tail.load(Ordering::Relaxed);
+                return Ok(WriteGuard {
+                    store: self,
+                    token,
+                    version: Cell::new(version),
+                    tail: Cell::new(tail),
+                });
             }
             spins = spins.wrapping_add(1);
             if spins < 64 {
@@ -397,13 +409,16 @@ impl<M: StoreMemory> Store<M> {
 pub struct WriteGuard<'a, M: StoreMemory> {
     store: &'a Store<M>,
     token: u64,
+    /// The committed version and the log tail when the lock was taken (only lock holders
+    /// change them).
+    version: Cell<u64>,
+    tail: Cell<u64>,
 }
 
 impl<M: StoreMemory> WriteGuard<'_, M> {
     /// The committed version (stable while we hold the lock).
     pub fn version(&self) -> u64 {
-        // Relaxed: we hold the lock, whose Acquire ordered every earlier commit before us.
-        self.store.mem.ctl().version.load(Ordering::Relaxed)
+        self.version.get()
     }
 
     /// Reads the current snapshot (no race: only lock holders write).
@@ -472,8 +487,7 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
         let rec_words = (LOG_HEADER_WORDS + plen.div_ceil(8)) as u64;
         let log = store.mem.log();
         let mask = store.log_words - 1;
-        // Relaxed: the tail is published only by lock holders; the lock orders us after them.
-        let mut tail = ctl.log_tail.load(Ordering::Relaxed);
+        let mut tail = self.tail.get();
         let room = store.log_words - (tail & mask);
         if room < rec_words {
             log[(tail & mask) as usize].store(
@@ -497,6 +511,8 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
         // SYNC(log_tail): the record is visible to followers that see the new tail.
         ctl.log_tail
             .store(tail.wrapping_add(rec_words), Ordering::Release);
+        self.version.set(v);
+        self.tail.set(tail.wrapping_add(rec_words));
         Ok(v)
     }
 }
@@ -520,8 +536,7 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
         let updater = store.mem.buffer((v & 1) as usize)[1].load(Ordering::Relaxed);
         let log = store.mem.log();
         let mask = store.log_words - 1;
-        // Relaxed: the tail is published only by lock holders; the lock orders us after them.
-        let mut tail = ctl.log_tail.load(Ordering::Relaxed);
+        let mut tail = self.tail.get();
         let room = store.log_words - (tail & mask);
         let rec_words = LOG_HEADER_WORDS as u64;
         if room < rec_words {
@@ -538,6 +553,7 @@ impl<M: StoreMemory> WriteGuard<'_, M> {
         log[at + 2].store(updater, Ordering::Relaxed);
         // SYNC(log_tail): the record is visible to followers that see the new tail.
         ctl.log_tail.store(tail + rec_words, Ordering::Release);
+        self.tail.set(tail + rec_words);
         v
     }
 }
