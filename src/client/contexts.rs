@@ -852,7 +852,9 @@ pub(crate) fn pump_follow(
             }
         }
     }
-    while entry.queued.load(Ordering::Acquire) < MAX_QUEUED {
+    // Events for the dispatch thread's own list are not in `queued`; they count here.
+    let own = sink.is_some();
+    while entry.queued.load(Ordering::Acquire) + if own { n } else { 0 } < MAX_QUEUED {
         let ev = match cf.f.next(&entry.store, &mut cf.buf) {
             Ok(None) => break,
             // Our copy may be behind: take the snapshot instead.
@@ -1087,11 +1089,17 @@ fn queue(
     only: Option<u64>,
     sink: Option<&mut Vec<Task>>,
 ) {
-    entry.queued.fetch_add(1, Ordering::AcqRel);
+    // Counted only when it goes through the shared queue: what the dispatch thread collects
+    // for itself runs right after this pump round (which bounds it, see `pump_follow`).
+    let counted = sink.is_none();
+    if counted {
+        entry.queued.fetch_add(1, Ordering::AcqRel);
+    }
     let t = Task::Context {
         entry: entry.clone(),
         ev: Box::new(ev),
         only,
+        counted,
     };
     match sink {
         // On the dispatch thread: run right after this pump round, no queue, no wake-up.
@@ -1101,8 +1109,10 @@ fn queue(
 }
 
 /// Runs one queued event (dispatch thread).
-pub(crate) fn deliver(entry: &Arc<CtxEntry>, ev: &ContextUpdate, only: Option<u64>) {
-    entry.queued.fetch_sub(1, Ordering::AcqRel);
+pub(crate) fn deliver(entry: &Arc<CtxEntry>, ev: &ContextUpdate, only: Option<u64>, counted: bool) {
+    if counted {
+        entry.queued.fetch_sub(1, Ordering::AcqRel);
+    }
     // The list as of the last change, kept by this (dispatch) thread: no lock per event.
     let gen = entry.subs_gen.load(Ordering::Acquire);
     let cached = SUBS_SEEN

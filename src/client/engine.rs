@@ -177,6 +177,8 @@ pub(crate) enum Task {
         entry: Arc<super::contexts::CtxEntry>,
         ev: Box<super::contexts::ContextUpdate>,
         only: Option<u64>,
+        /// Counted in the entry's `queued` (it went through the shared queue).
+        counted: bool,
     },
     /// Deliver a stream subscriber's queued items.
     StreamDrain(Arc<super::streams::ClientSub>),
@@ -814,9 +816,14 @@ impl Shared {
                 let responder = Responder::local(self.clone(), slot);
                 self.call_handler(method_id, args, self.me(), responder);
             }
-            Task::Context { entry, ev, only } => {
+            Task::Context {
+                entry,
+                ev,
+                only,
+                counted,
+            } => {
                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    super::contexts::deliver(&entry, &ev, only)
+                    super::contexts::deliver(&entry, &ev, only, counted)
                 }));
                 if let Err(p) = r {
                     crate::log::warn(format_args!(
