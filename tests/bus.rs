@@ -353,3 +353,61 @@ fn oversized_messages_are_refused_with_a_typed_error_and_nothing_is_delivered() 
     assert_eq!(next(&rb).1, obj("n", 1));
     assert_eq!(next(&rr).1, obj("n", 1));
 }
+
+/// Raw-byte payloads (which the subscriber delivers in batches) mixed with encoded values, sent
+/// by `publish` and `publish_batch` in turn: every message arrives once and in the order sent,
+/// at a native subscriber, at one behind the gateway and at one in the publisher's process.
+#[test]
+fn batches_and_raw_payloads_arrive_once_and_in_order_everywhere() {
+    let env = Env::new("batch");
+    let a = env.client("a");
+    let b = env.client("b");
+    let relayed = env.relay_client("r");
+    let o = PublishOptions::default();
+    let (_sb, rb) = sub(&b, "feed", SubscribeOptions::default());
+    let (_sr, rr) = sub(&relayed, "feed", SubscribeOptions::default());
+    let (_sa, ra) = sub(&a, "feed", SubscribeOptions::default());
+    let item = |i: i64| {
+        if i % 3 == 0 {
+            obj("i", i)
+        } else {
+            Value::Bytes(i.to_le_bytes().to_vec())
+        }
+    };
+    let mut want = Vec::new();
+    let mut i = 0;
+    for round in 0..200 {
+        if round % 2 == 0 {
+            let batch: Vec<Value> = (0..64).map(|k| item(i + k)).collect();
+            a.publish_batch("feed", &batch, &o).unwrap();
+            want.extend(batch);
+            i += 64;
+        } else {
+            a.publish("feed", item(i), &o).unwrap();
+            want.push(item(i));
+            i += 1;
+        }
+    }
+    // An empty batch sends nothing.
+    a.publish_batch("feed", &[], &o).unwrap();
+    a.publish("feed", obj("marker", 1), &o).unwrap();
+    for (who, rx) in [("native", &rb), ("relayed", &rr), ("local", &ra)] {
+        assert_eq!(drain_until_marker(rx), want, "{who}");
+    }
+}
+
+#[test]
+fn a_batch_with_an_oversized_item_is_refused_whole() {
+    let env = Env::with("batch-big", |c| c.limits.max_payload = 4096);
+    let a = env.client("a");
+    let b = env.client("b");
+    let (_sb, rb) = sub(&b, "big", SubscribeOptions::default());
+    let o = PublishOptions::default();
+    let err = a
+        .publish_batch("big", &[obj("n", 1), Value::Bytes(vec![7; 8192])], &o)
+        .unwrap_err();
+    assert_eq!(err.status(), knit::Status::PayloadTooLarge, "{err}");
+    // Nothing of the refused batch was delivered: the next message is the first b sees.
+    a.publish("big", obj("n", 2), &o).unwrap();
+    assert_eq!(next(&rb).1, obj("n", 2));
+}

@@ -217,6 +217,15 @@ fn emit(args: &BenchArgs, r: &Value) {
         } else {
             String::new()
         };
+        let tput = if g("batch_msgs_per_s") > 0.0 {
+            format!(
+                "{tput} | batches of 64: {:.2} M msg/s (ratio {:.2})",
+                g("batch_msgs_per_s") / 1e6,
+                g("ratio_batch_msgs_per_s_vs_shm")
+            )
+        } else {
+            tput
+        };
         println!(
             "{:<6}{subs} {:>6} B  one-way p50 {:>7} µs p99 {:>7} µs p99.9 {:>7} µs | bare ring p50 {:>6} µs | ratio {:.2}{tput}",
             r.get("scenario").and_then(Value::as_str).unwrap_or(""),
@@ -416,10 +425,31 @@ fn data_plane(args: &BenchArgs, scenario: &str) -> Result<(), CliError> {
         }
         let end = parse_end(&peer.line()?)?;
         let tput = tput_n as f64 / ((end.saturating_sub(start)) as f64 / 1e9).max(1e-9);
-        emit(
-            args,
-            &data_row(scenario, Some(1), size, n, k, base, Some((tput, base_tput))),
-        );
+        let mut row = data_row(scenario, Some(1), size, n, k, base, Some((tput, base_tput)));
+        if scenario == "bus" {
+            // The same through `publish_batch`, 64 messages a call.
+            drop(peer);
+            let (_board, fd) = Bare::create(8)?;
+            let mut peer = spawn_peer(&role, &extra, Some(&fd))?;
+            let batch: Vec<Value> = (0..64).map(|_| payload.clone()).collect();
+            let start = mono_ns();
+            let mut sent = 0;
+            while sent < tput_n {
+                let k = (tput_n - sent).min(64) as usize;
+                client.publish_batch("bench.bus", &batch[..k], &PublishOptions::default())?;
+                sent += k as u64;
+            }
+            let end = parse_end(&peer.line()?)?;
+            let t = tput_n as f64 / ((end.saturating_sub(start)) as f64 / 1e9).max(1e-9);
+            if let Value::Map(m) = &mut row {
+                m.insert("batch_msgs_per_s".into(), Value::from(t.round()));
+                m.insert(
+                    "ratio_batch_msgs_per_s_vs_shm".into(),
+                    Value::from((t / base_tput.max(1.0) * 100.0).round() / 100.0),
+                );
+            }
+        }
+        emit(args, &row);
         Ok(())
     })
 }

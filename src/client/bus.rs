@@ -112,6 +112,7 @@ impl Drop for BusSubscription {
             st.mine.remove(&self.sub.id);
             st.mine_list = Arc::new(st.mine.values().cloned().collect());
             st.generation += 1;
+            shared.bus_routes.store(st.generation, Ordering::Release);
             shared.bus_generation.fetch_add(1, Ordering::Release);
             drop(st);
             // Fire and forget (request id 0 is never used).
@@ -157,6 +158,7 @@ pub(crate) fn subscribe(
         }
         st.mine_list = Arc::new(st.mine.values().cloned().collect());
         st.generation += 1;
+        shared.bus_routes.store(st.generation, Ordering::Release);
         shared.bus_generation.fetch_add(1, Ordering::Release);
     };
     add(true);
@@ -193,6 +195,7 @@ pub(crate) fn remote_subscribed(shared: &Shared, info: BusSubInfo) {
     let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
     st.remote.insert((info.peer, info.sub), info);
     st.generation += 1;
+    shared.bus_routes.store(st.generation, Ordering::Release);
 }
 
 /// The gateway announced the end of a subscription (control thread).
@@ -200,6 +203,7 @@ pub(crate) fn remote_unsubscribed(shared: &Shared, peer: PeerId, sub: u64) {
     let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
     st.remote.remove(&(peer, sub));
     st.generation += 1;
+    shared.bus_routes.store(st.generation, Ordering::Release);
 }
 
 /// Seeds the remote subscriptions from the welcome.
@@ -209,6 +213,7 @@ pub(crate) fn seed(shared: &Shared, subs: Vec<BusSubInfo>) {
         st.remote.insert((s.peer, s.sub), s);
     }
     st.generation += 1;
+    shared.bus_routes.store(st.generation, Ordering::Release);
 }
 
 fn route(
@@ -305,6 +310,16 @@ pub(crate) fn encode(
     data: &Value,
 ) -> Result<(), crate::wire::codec::EncodeError> {
     out.clear();
+    encode_append(out, topic, routing_key, data)
+}
+
+/// [`encode`] appending to `out` (several records side by side for a batch).
+fn encode_append(
+    out: &mut Vec<u8>,
+    topic: &str,
+    routing_key: Option<&str>,
+    data: &Value,
+) -> Result<(), crate::wire::codec::EncodeError> {
     out.extend_from_slice(&(topic.len() as u32).to_le_bytes());
     out.extend_from_slice(topic.as_bytes());
     match routing_key {
@@ -344,33 +359,198 @@ thread_local! {
     static LAST_TOPIC: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Decodes a bus record into (topic, routing key, data).
-pub(crate) fn decode(mut b: &[u8]) -> Option<(Arc<str>, Option<String>, Value)> {
+/// A bus record's fields, borrowed from its body (strings not yet validated).
+pub(crate) struct Parsed<'a> {
+    pub topic: &'a [u8],
+    pub routing_key: Option<&'a [u8]>,
+    pub flags: u32,
+    pub payload: &'a [u8],
+}
+
+/// Splits a bus record into its fields; `None` when the framing is broken.
+pub(crate) fn parse(mut b: &[u8]) -> Option<Parsed<'_>> {
     let n = take_u32(&mut b)? as usize;
-    let raw = take(&mut b, n)?;
+    let topic = take(&mut b, n)?;
+    let routing_key = match take_u32(&mut b)? {
+        u32::MAX => None,
+        n => Some(take(&mut b, n as usize)?),
+    };
+    let flags = take_u32(&mut b)?;
+    Some(Parsed {
+        topic,
+        routing_key,
+        flags,
+        payload: b,
+    })
+}
+
+/// Decodes a bus record into (topic, routing key, data).
+pub(crate) fn decode(b: &[u8]) -> Option<(Arc<str>, Option<String>, Value)> {
+    let p = parse(b)?;
     let topic = LAST_TOPIC.with(|c| {
         let mut c = c.borrow_mut();
         match &*c {
             // Equal bytes to a valid string: no need to validate again.
-            Some(t) if t.as_bytes() == raw => Some(t.clone()),
+            Some(t) if t.as_bytes() == p.topic => Some(t.clone()),
             _ => {
-                let t: Arc<str> = Arc::from(std::str::from_utf8(raw).ok()?);
+                let t: Arc<str> = Arc::from(std::str::from_utf8(p.topic).ok()?);
                 *c = Some(t.clone());
                 Some(t)
             }
         }
     })?;
-    let rk = match take_u32(&mut b)? {
-        u32::MAX => None,
-        n => Some(
-            std::str::from_utf8(take(&mut b, n as usize)?)
-                .ok()?
-                .to_string(),
-        ),
+    let rk = match p.routing_key {
+        None => None,
+        Some(k) => Some(std::str::from_utf8(k).ok()?.to_string()),
     };
-    let flags = take_u32(&mut b)?;
-    let data = record::decode_payload(flags, b).ok()?;
+    let data = record::decode_payload(p.flags, p.payload).ok()?;
     Some((topic, rk, data))
+}
+
+/// Raw payloads up to this size are delivered in batches (larger ones, and encoded values, as
+/// one task each: copying them into a batch would cost more than the task).
+pub(crate) const BATCH_MAX_PAYLOAD: usize = 4096;
+
+/// Raw-payload messages one pump round read from one lane, copied side by side, delivered by
+/// the dispatch thread in one go: one subscription-list lookup and one reused message per
+/// batch, no allocation per message.
+pub(crate) struct BusBatch {
+    lane: Arc<Lane>,
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
+}
+
+thread_local! {
+    /// Emptied batch buffers, reused by the next batch this (dispatch) thread fills.
+    static BATCH_SPARE: std::cell::Cell<Option<(Vec<u8>, Vec<u32>)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether a bus record (parsed and checked by the pumper) goes into a batch.
+pub(crate) fn batchable(p: &Parsed<'_>) -> bool {
+    p.flags & record::PAYLOAD_RAW != 0 && p.payload.len() <= BATCH_MAX_PAYLOAD
+}
+
+/// Appends a record to the batch of `lane` at the end of `ready`, or starts one there (a task
+/// of another kind in between starts a new batch, so the order of a lane's messages holds).
+pub(crate) fn batch_push(ready: &mut Vec<Task>, lane: &Arc<Lane>, body: &[u8]) {
+    if let Some(Task::BusBatch(b)) = ready.last_mut() {
+        if Arc::ptr_eq(&b.lane, lane) {
+            b.bytes.extend_from_slice(body);
+            b.ends.push(b.bytes.len() as u32);
+            return;
+        }
+    }
+    let (mut bytes, mut ends) = BATCH_SPARE.with(|c| c.take()).unwrap_or_default();
+    bytes.extend_from_slice(body);
+    ends.push(bytes.len() as u32);
+    ready.push(Task::BusBatch(BusBatch {
+        lane: lane.clone(),
+        bytes,
+        ends,
+    }));
+}
+
+/// Our subscriptions, cached by the caller per subscription generation.
+struct SubsView {
+    gen: u64,
+    list: Arc<Vec<Arc<MySub>>>,
+}
+
+impl SubsView {
+    fn new(shared: &Shared) -> Self {
+        let gen = shared.bus_generation.load(Ordering::Acquire);
+        let list = SUBS_CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            match &*c {
+                Some((s, g, list)) if *g == gen && std::ptr::eq(*s, shared) => list.clone(),
+                _ => {
+                    let list = shared
+                        .bus
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .mine_list
+                        .clone();
+                    *c = Some((shared as *const Shared, gen, list.clone()));
+                    list
+                }
+            }
+        });
+        Self { gen, list }
+    }
+
+    /// The list again if the subscriptions changed (a callback may subscribe).
+    fn refresh(&mut self, shared: &Shared) {
+        if shared.bus_generation.load(Ordering::Acquire) != self.gen {
+            *self = Self::new(shared);
+        }
+    }
+}
+
+/// Delivers a batch (dispatch thread). Returns the messages delivered.
+pub(crate) fn deliver_batch(shared: &Shared, batch: BusBatch) -> usize {
+    let BusBatch {
+        lane,
+        mut bytes,
+        mut ends,
+    } = batch;
+    let mut subs = SubsView::new(shared);
+    let mut msg: Option<BusMessage> = None;
+    let mut start = 0usize;
+    for &end in &ends {
+        let body = &bytes[start..end as usize];
+        start = end as usize;
+        // Checked by the pumper; a record that does not parse now cannot occur.
+        let Some(p) = parse(body) else { continue };
+        let Ok(topic) = std::str::from_utf8(p.topic) else {
+            continue;
+        };
+        let routing_key = match p.routing_key.map(std::str::from_utf8) {
+            None => None,
+            Some(Ok(k)) => Some(k),
+            Some(Err(_)) => continue,
+        };
+        let m = match &mut msg {
+            Some(m) => {
+                if &*m.topic != topic {
+                    m.topic = Arc::from(topic);
+                }
+                if m.routing_key.as_deref() != routing_key {
+                    m.routing_key = routing_key.map(str::to_string);
+                }
+                match &mut m.data {
+                    Value::Bytes(v) => {
+                        v.clear();
+                        v.extend_from_slice(p.payload);
+                    }
+                    other => *other = Value::Bytes(p.payload.to_vec()),
+                }
+                m
+            }
+            None => msg.insert(BusMessage {
+                topic: Arc::from(topic),
+                data: Value::Bytes(p.payload.to_vec()),
+                routing_key: routing_key.map(str::to_string),
+                source: lane.identity.clone(),
+            }),
+        };
+        subs.refresh(shared);
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver_to(&subs.list, m)));
+        if let Err(p) = r {
+            crate::log::warn(format_args!(
+                "a bus callback panicked: {}",
+                super::engine::panic_message(&p)
+            ));
+        }
+    }
+    let n = ends.len();
+    // Keep the buffers for the next batch unless a burst of large messages grew them.
+    if bytes.capacity() <= 1 << 20 {
+        bytes.clear();
+        ends.clear();
+        BATCH_SPARE.with(|c| c.set(Some((bytes, ends))));
+    }
+    n
 }
 
 pub(crate) fn publish(
@@ -393,7 +573,59 @@ pub(crate) fn publish(
             message,
         });
     }
-    let r = route(shared, topic, opts)?;
+    // The route this thread used last, if it still holds: no lock and no reference count
+    // per message (each locked instruction right after the previous message's stores waits
+    // for them to reach the subscriber).
+    let cached = ROUTE_CACHE.with(|c| c.take()).filter(|c| {
+        opts.target.is_none()
+            && std::ptr::eq(c.shared.as_ptr(), Arc::as_ptr(shared))
+            && c.generation == shared.bus_routes.load(Ordering::Acquire)
+            && c.topic == topic
+            && c.routing_key.as_deref() == opts.routing_key.as_deref()
+            && c.route.lanes.iter().all(|l| !l.is_closed())
+    });
+    let cached = match cached {
+        Some(c) => c,
+        None => {
+            // Read before the route: a change after this makes the cached copy stale.
+            let generation = shared.bus_routes.load(Ordering::Acquire);
+            CachedRoute {
+                shared: Arc::downgrade(shared),
+                generation,
+                topic: topic.to_string(),
+                routing_key: opts.routing_key.clone(),
+                route: route(shared, topic, opts)?,
+            }
+        }
+    };
+    let r = publish_on(shared, topic, data, opts, &cached.route);
+    if opts.target.is_none() {
+        ROUTE_CACHE.with(|c| c.set(Some(cached)));
+    }
+    r
+}
+
+/// A route remembered by a publishing thread, valid while the client's route generation stays.
+struct CachedRoute {
+    /// Whose route (a weak reference: the address cannot be reused while cached).
+    shared: std::sync::Weak<Shared>,
+    generation: u64,
+    topic: String,
+    routing_key: Option<String>,
+    route: Arc<Route>,
+}
+
+thread_local! {
+    static ROUTE_CACHE: std::cell::Cell<Option<CachedRoute>> = const { std::cell::Cell::new(None) };
+}
+
+fn publish_on(
+    shared: &Arc<Shared>,
+    topic: &str,
+    data: Value,
+    opts: &PublishOptions,
+    r: &Route,
+) -> Result<(), ClientError> {
     let mut failed = None;
     if !r.lanes.is_empty() || r.relay {
         let mut body = SCRATCH.with(|s| s.take());
@@ -412,11 +644,9 @@ pub(crate) fn publish(
             if let Err(e) = shared.send_on(l, KIND_BUS, &body, deadline) {
                 // Invalidate the route; the other subscribers still get the message. Report
                 // only what the caller can act on, after trying everyone.
-                shared
-                    .bus
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .generation += 1;
+                let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+                st.generation += 1;
+                shared.bus_routes.store(st.generation, Ordering::Release);
                 if e.status() != Status::PeerLeft && failed.is_none() {
                     failed = Some(ClientError::Gateway {
                         status: e.status(),
@@ -464,27 +694,113 @@ pub(crate) fn publish(
     }
 }
 
+/// Publishes several messages on one topic: one route lookup, and one lock and one doorbell
+/// ring per subscriber lane for the whole batch (a publisher of a fast feed pays the
+/// per-message synchronisation once per batch). Each message is delivered as if published on
+/// its own, in order; an error is reported after every subscriber was tried, as by
+/// [`publish`].
+pub(crate) fn publish_batch(
+    shared: &Arc<Shared>,
+    topic: &str,
+    items: &[Value],
+    opts: &PublishOptions,
+) -> Result<(), ClientError> {
+    if topic.is_empty() {
+        return Err(ClientError::InvalidArgument(
+            "Please provide the topic as a non-empty string!".into(),
+        ));
+    }
+    if shared.is_closed() {
+        return Err(ClientError::Closed);
+    }
+    if let Err(message) = shared.check_mine(PolicyAction::Publish, topic) {
+        return Err(ClientError::Gateway {
+            status: Status::PermissionDenied,
+            message,
+        });
+    }
+    if items.is_empty() {
+        return Ok(());
+    }
+    let r = route(shared, topic, opts)?;
+    // Every message is checked before any is sent: a batch is refused whole.
+    let mut body = SCRATCH.with(|s| s.take());
+    body.clear();
+    let mut ends = Vec::with_capacity(items.len());
+    for v in items {
+        let start = body.len();
+        if let Err(e) = encode_append(&mut body, topic, opts.routing_key.as_deref(), v) {
+            SCRATCH.with(|s| s.set(body));
+            return Err(e.into());
+        }
+        let size = (body.len() - start).saturating_sub(topic.len() + 12);
+        if size > shared.max_payload() {
+            SCRATCH.with(|s| s.set(body));
+            return Err(ClientError::PayloadTooLarge {
+                size,
+                max: shared.max_payload(),
+            });
+        }
+        ends.push(body.len());
+    }
+    let mut failed = None;
+    let deadline = Instant::now() + SEND_TIMEOUT;
+    for l in &r.lanes {
+        let bodies = ends.iter().scan(0, |at, &end| {
+            let b = &body[*at..end];
+            *at = end;
+            Some(b)
+        });
+        if let Err(e) = shared.send_many_on(l, KIND_BUS, bodies, deadline) {
+            let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+            st.generation += 1;
+            shared.bus_routes.store(st.generation, Ordering::Release);
+            drop(st);
+            if e.status() != Status::PeerLeft && failed.is_none() {
+                failed = Some(ClientError::Gateway {
+                    status: e.status(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    SCRATCH.with(|s| s.set(body));
+    if r.relay {
+        let target = opts.target.clone().map(Value::Map).unwrap_or(Value::Null);
+        for v in items {
+            shared.conn.send(&ToGateway::BusPublish {
+                topic: topic.to_string(),
+                routing_key: opts.routing_key.clone(),
+                target: target.clone(),
+                data: v.clone(),
+            })?;
+        }
+    }
+    if r.local {
+        let (topic, me) = (Arc::<str>::from(topic), shared.me());
+        for v in items {
+            shared.push_task(Task::Bus(BusMessage {
+                topic: topic.clone(),
+                data: v.clone(),
+                routing_key: opts.routing_key.clone(),
+                source: me.clone(),
+            }));
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// Runs one message through our subscriptions (dispatch thread).
 pub(crate) fn deliver(shared: &Shared, msg: &BusMessage) {
     // The list is cached per thread and refreshed when the subscriptions change, so a busy
     // subscriber takes no lock per message.
-    let gen = shared.bus_generation.load(Ordering::Acquire);
-    let subs: Arc<Vec<Arc<MySub>>> = SUBS_CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        match &*c {
-            Some((s, g, list)) if *g == gen && std::ptr::eq(*s, shared) => list.clone(),
-            _ => {
-                let list = shared
-                    .bus
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .mine_list
-                    .clone();
-                *c = Some((shared as *const Shared, gen, list.clone()));
-                list
-            }
-        }
-    });
+    deliver_to(&SubsView::new(shared).list, msg);
+}
+
+fn deliver_to(subs: &[Arc<MySub>], msg: &BusMessage) {
     let mut source_value: Option<Value> = None;
     for s in subs.iter() {
         if !s.active.load(Ordering::Acquire)
@@ -514,6 +830,7 @@ pub(crate) fn connection_reset(shared: &Shared, subs: Vec<BusSubInfo>) {
     st.routes.clear();
     st.last = None;
     st.generation += 1;
+    shared.bus_routes.store(st.generation, Ordering::Release);
 }
 
 /// Subscribes our subscriptions again, with the same ids (restore thread).

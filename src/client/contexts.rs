@@ -25,6 +25,8 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events queued per context before the pumper stops reading its log (then a writer that laps
 /// us makes us resynchronise: memory stays bounded, state is never lost).
 const MAX_QUEUED: usize = 256;
+/// How long a follower waits to learn who a brand-new writer is (see `updater_of`).
+const UPDATER_WAIT: Duration = Duration::from_millis(50);
 
 /// Why a context operation failed.
 #[derive(Debug, Error)]
@@ -972,14 +974,7 @@ fn apply_record(
     drop(cache);
     cf.data = Some(data.clone());
     cf.version = version;
-    let updater = match &cf.last_updater {
-        Some((t, who)) if *t == updater => who.clone(),
-        _ => {
-            let who = shared.identity_of(updater);
-            cf.last_updater = Some((updater, who.clone()));
-            who
-        }
-    };
+    let updater = updater_of(shared, cf, updater);
     Some(Ok(Some(ContextUpdate {
         name: cf.entry.name.clone(),
         version,
@@ -990,6 +985,21 @@ fn apply_record(
         first: false,
         conflated: false,
     })))
+}
+
+/// The writer of a record, resolved once per run of records by the same writer. A writer
+/// newer than every peer we know of has been announced by the gateway, but our connection
+/// thread may not have read that yet (the writer can be quicker through shared memory): then
+/// we wait for it a little, so that every follower names the same updater.
+fn updater_of(shared: &Shared, cf: &mut CtxFollow, token: u64) -> Option<Arc<Instance>> {
+    if let Some((t, who)) = &cf.last_updater {
+        if *t == token {
+            return who.clone();
+        }
+    }
+    let who = shared.identity_of_soon(token, UPDATER_WAIT);
+    cf.last_updater = Some((token, who.clone()));
+    who
 }
 
 fn make_update(
@@ -1004,14 +1014,7 @@ fn make_update(
     remember(&cf.entry, version, &data);
     cf.data = Some(data.clone());
     cf.version = version;
-    let updater = match &cf.last_updater {
-        Some((t, who)) if *t == updater => who.clone(),
-        _ => {
-            let who = shared.identity_of(updater);
-            cf.last_updater = Some((updater, who.clone()));
-            who
-        }
-    };
+    let updater = updater_of(shared, cf, updater);
     Some(ContextUpdate {
         name: cf.entry.name.clone(),
         version,

@@ -184,6 +184,8 @@ pub(crate) enum Task {
     StreamDrain(Arc<super::streams::ClientSub>),
     /// A bus message for our subscriptions.
     Bus(super::bus::BusMessage),
+    /// Small raw bus messages from one lane, read in one round (dispatch thread only).
+    BusBatch(super::bus::BusBatch),
     /// We invoked one of our own methods.
     LocalInvoke {
         slot: Arc<CallSlot>,
@@ -302,6 +304,9 @@ pub(crate) struct Shared {
     pub bus: Mutex<super::bus::BusState>,
     /// Bumped when our bus subscriptions change (lets `deliver` cache the list lock-free).
     pub bus_generation: AtomicU64,
+    /// Mirrors the bus state's route generation, so a publisher can check its cached route
+    /// without the lock.
+    pub bus_routes: AtomicU64,
     /// Channel membership and followers.
     pub channels: Mutex<super::channels::ChannelState>,
     /// Streams we serve and stream subscriptions we hold.
@@ -369,6 +374,7 @@ impl Shared {
             ctx: Mutex::new(Default::default()),
             bus: Mutex::new(Default::default()),
             bus_generation: AtomicU64::new(0),
+            bus_routes: AtomicU64::new(0),
             streams: Mutex::new(Default::default()),
             channels: Mutex::new(Default::default()),
             stream_pending: AtomicUsize::new(0),
@@ -575,6 +581,36 @@ impl Shared {
         st.departed.iter().find(|i| i.peer_id.0 == token).cloned()
     }
 
+    /// [`Shared::identity_of`], waiting up to `wait` when `token` is newer than every peer we
+    /// know of: the gateway announces a peer to everyone before it can write anything, so its
+    /// announcement is on our connection, not yet read. (Peer ids only grow; the gateway's own
+    /// token is `u64::MAX` and is never waited for.)
+    pub(crate) fn identity_of_soon(&self, token: u64, wait: Duration) -> Option<Arc<Instance>> {
+        if let Some(who) = self.identity_of(token) {
+            return Some(who);
+        }
+        if token == u64::MAX || token == 0 {
+            return None;
+        }
+        let deadline = Instant::now() + wait;
+        let mut st = self.lock_state();
+        loop {
+            if let Some(p) = st.peers.get(&PeerId(token)) {
+                return Some(p.identity.clone());
+            }
+            let newest = st.peers.keys().next_back().map_or(0, |p| p.0);
+            let now = Instant::now();
+            if token <= newest || now >= deadline || self.is_closed() {
+                return st.departed.iter().find(|i| i.peer_id.0 == token).cloned();
+            }
+            st = self
+                .state_changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Marks the lane to `peer` closed; the pumper drops it at its next round.
     pub(crate) fn drop_lane(&self, peer: PeerId) {
         if let Some(lane) = self.lock_state().lanes.remove(&peer) {
@@ -766,7 +802,18 @@ impl Shared {
         n
     }
 
-    fn run_task(self: &Arc<Self>, t: Task) {
+    /// Runs one task; returns the count of messages it stands for (a batch stands for several).
+    fn run_task(self: &Arc<Self>, t: Task) -> usize {
+        match t {
+            Task::BusBatch(b) => super::bus::deliver_batch(self, b),
+            t => {
+                self.run_one(t);
+                1
+            }
+        }
+    }
+
+    fn run_one(self: &Arc<Self>, t: Task) {
         match t {
             Task::Invoke {
                 lane,
@@ -842,6 +889,9 @@ impl Shared {
                         panic_message(&p)
                     ));
                 }
+            }
+            Task::BusBatch(b) => {
+                super::bus::deliver_batch(self, b);
             }
             Task::Bus(msg) => {
                 let r =
@@ -979,6 +1029,25 @@ impl Shared {
         deadline: Instant,
     ) -> Result<(), SendError> {
         let r = lane.send(kind, body, deadline, || {
+            if let Ok(mut rx) = self.rx.try_lock() {
+                self.pump(&mut rx);
+            }
+        });
+        if let Err(SendError::Corrupt(peer, why)) = &r {
+            self.lane_fault(*peer, why);
+        }
+        r
+    }
+
+    /// [`Shared::send_on`] for several messages at once (one lock, one doorbell ring).
+    pub(crate) fn send_many_on<'b>(
+        self: &Arc<Self>,
+        lane: &Lane,
+        kind: u16,
+        bodies: impl Iterator<Item = &'b [u8]>,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        let r = lane.send_many(kind, bodies, deadline, || {
             if let Ok(mut rx) = self.rx.try_lock() {
                 self.pump(&mut rx);
             }
@@ -1147,7 +1216,7 @@ impl Shared {
         lane: &Arc<Lane>,
         kind: u16,
         body: &[u8],
-        sink: Option<&mut Vec<Task>>,
+        mut sink: Option<&mut Vec<Task>>,
     ) -> Result<(), &'static str> {
         match kind {
             KIND_RESULT => {
@@ -1201,6 +1270,18 @@ impl Shared {
                 Ok(())
             }
             crate::wire::record::KIND_BUS => {
+                let p = super::bus::parse(body).ok_or("malformed bus record")?;
+                if let Some(ready) = sink.as_deref_mut().filter(|_| super::bus::batchable(&p)) {
+                    // Checked here, so a bad record still faults the lane.
+                    let topic = std::str::from_utf8(p.topic).map_err(|_| "malformed bus record")?;
+                    if let Some(k) = p.routing_key {
+                        std::str::from_utf8(k).map_err(|_| "malformed bus record")?;
+                    }
+                    if self.peer_allowed(lane.peer, PolicyAction::Publish, topic) {
+                        super::bus::batch_push(ready, lane, body);
+                    }
+                    return Ok(());
+                }
                 let (topic, routing_key, data) =
                     super::bus::decode(body).ok_or("malformed bus record")?;
                 if !self.peer_allowed(lane.peer, PolicyAction::Publish, &topic) {
@@ -1249,18 +1330,31 @@ impl Shared {
     /// Lets go of the receive set; returns the tasks found for the dispatch thread, to run now
     /// that other threads may pump again.
     fn release_rx(&self, mut rx: MutexGuard<'_, RxSet>) -> Vec<Task> {
-        let ready = std::mem::take(&mut rx.ready);
+        let ready = if rx.ready.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::replace(&mut rx.ready, READY_SPARE.with(|c| c.take()))
+        };
         self.rx_busy.store(false, Ordering::Release);
         drop(rx);
         self.local.notify();
         ready
     }
 
-    fn run_ready(self: &Arc<Self>, ready: Vec<Task>) -> usize {
-        let n = ready.len();
-        for t in ready {
-            self.run_task(t);
+    fn run_ready(self: &Arc<Self>, mut ready: Vec<Task>) -> usize {
+        let mut n = 0;
+        for t in ready.drain(..) {
+            n += self.run_task(t);
         }
+        // The emptied list serves the next round (no allocation per round).
+        READY_SPARE.with(|c| {
+            let spare = c.take();
+            c.set(if spare.capacity() >= ready.capacity() {
+                spare
+            } else {
+                ready
+            })
+        });
         n
     }
 
@@ -1481,6 +1575,8 @@ impl Shared {
 
 thread_local! {
     static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    /// An emptied `ready` list, handed back to the receive set on the next release.
+    static READY_SPARE: Cell<Vec<Task>> = const { Cell::new(Vec::new()) };
 }
 
 pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

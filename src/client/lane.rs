@@ -5,12 +5,13 @@ use crate::ring::shm_memory::ShmRing;
 use crate::ring::{Consumer, Producer, PushError};
 use crate::shm::{DoorbellSegment, LaneSegment};
 use crate::status::Status;
+use crate::sync::SendLock;
 use crate::wire::frame::{Instance, PeerId};
 use crate::wire::record::{FRAG_CONT, FRAG_MORE};
 use std::borrow::Cow;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why a message could not be sent on a lane.
@@ -45,7 +46,7 @@ pub(crate) struct Lane {
     pub peer: PeerId,
     pub id: u64,
     pub identity: Arc<Instance>,
-    tx: Mutex<Producer<ShmRing>>,
+    tx: SendLock<Producer<ShmRing>>,
     /// The doorbell directory and the peer's index in it (validated at open).
     bells: DoorbellSegment,
     peer_doorbell: u32,
@@ -148,7 +149,7 @@ impl Lane {
             peer,
             id,
             identity,
-            tx: Mutex::new(producer),
+            tx: SendLock::new(producer),
             bells: bells.clone(),
             peer_doorbell,
             closed: AtomicBool::new(false),
@@ -185,7 +186,7 @@ impl Lane {
     /// [`Lane::send`], which waits for the peer to make room fragment by fragment, gets it
     /// across).
     pub(crate) fn fits_at_once(&self, len: usize) -> bool {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = self.tx.lock();
         let max = tx.max_payload();
         // The ring holds a little over two maximal records.
         len + len.div_ceil(max.max(1)) * 16 + max + 16 <= 2 * (max + 8)
@@ -197,7 +198,7 @@ impl Lane {
         if self.is_closed() {
             return Err(SendError::Closed(self.peer));
         }
-        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tx = self.tx.lock();
         let max = tx.max_payload();
         if body.len() > max {
             // Several records: send them only if they all fit now, so nothing waits and no
@@ -270,7 +271,7 @@ impl Lane {
         }
         // A poisoned lock only means another sender panicked mid-send; the ring itself is
         // consistent (nothing is published before commit).
-        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tx = self.tx.lock();
         let max = tx.max_payload();
         let mut chunks = body.chunks(max).peekable();
         if body.is_empty() {
@@ -289,6 +290,79 @@ impl Lane {
             cont = FRAG_CONT;
         }
         Ok(())
+    }
+
+    /// Sends several messages (each fragmented if needed) under one lock, ringing the peer's
+    /// doorbell once at the end (and whenever the ring fills, so the reader drains it). Gives
+    /// up like [`Lane::send`]; the messages before the one that failed were sent.
+    pub(crate) fn send_many<'b>(
+        &self,
+        kind: u16,
+        bodies: impl Iterator<Item = &'b [u8]>,
+        deadline: Instant,
+        mut stall: impl FnMut(),
+    ) -> Result<(), SendError> {
+        if self.is_closed() {
+            return Err(SendError::Closed(self.peer));
+        }
+        let mut tx = self.tx.lock();
+        let max = tx.max_payload();
+        let mut r = Ok(());
+        'all: for body in bodies {
+            if body.len() > self.max_message {
+                r = Err(SendError::TooLarge {
+                    size: body.len(),
+                    max: self.max_message,
+                });
+                break;
+            }
+            if body.is_empty() {
+                if let Err(e) = self.push_quiet(&mut tx, kind, 0, &[], deadline, &mut stall) {
+                    r = Err(e);
+                    break;
+                }
+                continue;
+            }
+            let mut chunks = body.chunks(max).peekable();
+            let mut cont = 0;
+            while let Some(chunk) = chunks.next() {
+                let more = if chunks.peek().is_some() {
+                    FRAG_MORE
+                } else {
+                    0
+                };
+                if let Err(e) =
+                    self.push_quiet(&mut tx, kind, more | cont, chunk, deadline, &mut stall)
+                {
+                    r = Err(e);
+                    break 'all;
+                }
+                cont = FRAG_CONT;
+            }
+        }
+        self.ring_peer();
+        r
+    }
+
+    /// [`Lane::push_one`] without ringing the peer after a record that fit at once.
+    fn push_quiet(
+        &self,
+        tx: &mut Producer<ShmRing>,
+        kind: u16,
+        flags: u16,
+        chunk: &[u8],
+        deadline: Instant,
+        stall: &mut impl FnMut(),
+    ) -> Result<(), SendError> {
+        match tx.push(kind, flags, chunk) {
+            Ok(()) => Ok(()),
+            Err(PushError::Full) => self.push_one(tx, kind, flags, chunk, deadline, stall),
+            Err(PushError::Corrupt(why)) => {
+                self.close();
+                Err(SendError::Corrupt(self.peer, why))
+            }
+            Err(_) => Err(SendError::Corrupt(self.peer, "internal: bad record")),
+        }
     }
 
     fn push_one(

@@ -667,6 +667,19 @@ impl Client {
         bus::publish(self.shared(), topic, data.into(), opts)
     }
 
+    /// Publishes `items` on `topic`, in order, as if each were published alone, paying the
+    /// per-message synchronisation (the lane lock, the doorbell's fence) once per batch. For
+    /// fast feeds. The batch is checked whole before anything is sent (an item that cannot be
+    /// encoded or is too large refuses the batch).
+    pub fn publish_batch(
+        &self,
+        topic: &str,
+        items: &[Value],
+        opts: &PublishOptions,
+    ) -> Result<(), ClientError> {
+        bus::publish_batch(self.shared(), topic, items, opts)
+    }
+
     /// Subscribes to `topic` (exact, or a pattern with `*` for one segment and `>` for the
     /// rest); `f` runs on the dispatch thread for each matching message.
     pub fn subscribe<F>(

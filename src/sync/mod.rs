@@ -6,6 +6,11 @@
 //! model-checked. The futex is emulated with loom's mutex and condition variable: a lost wake-up
 //! then shows up as a deadlock that loom reports.
 
+mod send_lock;
+// Lanes, its one user, are not built for the loom models; the lock's own model is.
+#[cfg_attr(knit_loom, allow(unused_imports))]
+pub(crate) use send_lock::SendLock;
+
 #[cfg(not(knit_loom))]
 pub(crate) use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
