@@ -5,7 +5,7 @@
 
 use super::conn::Reply;
 use super::engine::{Shared, Task};
-use super::lane::Lane;
+use super::lane::{Lane, SendError};
 use super::ClientError;
 use crate::model::bus::{identity_matches, routing_matches, topic_matches};
 use crate::model::policy::Action as PolicyAction;
@@ -64,21 +64,35 @@ pub(crate) struct MySub {
 
 /// Where one (topic, routing key) goes.
 struct Route {
+    /// `Shared::bus_routes` when it was computed.
     generation: u64,
     lanes: Vec<Arc<Lane>>,
     relay: bool,
     local: bool,
 }
 
+impl Route {
+    /// Whether no subscription changed since and every lane is still open.
+    fn is_current(&self, shared: &Shared) -> bool {
+        self.generation == shared.bus_routes.load(Ordering::Acquire)
+            && self.lanes.iter().all(|l| !l.is_closed())
+    }
+}
+
+/// Subscriptions changed: every computed route is stale.
+fn routes_changed(shared: &Shared) {
+    // Release: pairs with the Acquire in `Route::is_current`; the routes themselves are read
+    // under the bus lock or were computed after this load.
+    shared.bus_routes.fetch_add(1, Ordering::Release);
+}
+
 #[derive(Default)]
 pub(crate) struct BusState {
     mine: BTreeMap<u64, Arc<MySub>>,
     remote: BTreeMap<(PeerId, u64), BusSubInfo>,
-    /// Bumped whenever subscriptions change.
-    generation: u64,
+    /// Routes computed so far, valid while `Shared::bus_routes` stays at their generation
+    /// (publishing threads also keep the one they used last, see `ROUTE_CACHE`).
     routes: HashMap<(String, Option<String>), Arc<Route>>,
-    /// The last route used, for publishers that repeat one topic (no key allocation).
-    last: Option<(String, Option<String>, Arc<Route>)>,
     /// Our subscriptions as a shared list (rebuilt on change), so delivering a message does
     /// not copy the list.
     mine_list: Arc<Vec<Arc<MySub>>>,
@@ -111,8 +125,7 @@ impl Drop for BusSubscription {
             let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
             st.mine.remove(&self.sub.id);
             st.mine_list = Arc::new(st.mine.values().cloned().collect());
-            st.generation += 1;
-            shared.bus_routes.store(st.generation, Ordering::Release);
+            routes_changed(&shared);
             shared.bus_generation.fetch_add(1, Ordering::Release);
             drop(st);
             // Fire and forget (request id 0 is never used).
@@ -157,8 +170,7 @@ pub(crate) fn subscribe(
             st.mine.remove(&sub.id);
         }
         st.mine_list = Arc::new(st.mine.values().cloned().collect());
-        st.generation += 1;
-        shared.bus_routes.store(st.generation, Ordering::Release);
+        routes_changed(shared);
         shared.bus_generation.fetch_add(1, Ordering::Release);
     };
     add(true);
@@ -194,16 +206,14 @@ pub(crate) fn subscribe(
 pub(crate) fn remote_subscribed(shared: &Shared, info: BusSubInfo) {
     let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
     st.remote.insert((info.peer, info.sub), info);
-    st.generation += 1;
-    shared.bus_routes.store(st.generation, Ordering::Release);
+    routes_changed(shared);
 }
 
 /// The gateway announced the end of a subscription (control thread).
 pub(crate) fn remote_unsubscribed(shared: &Shared, peer: PeerId, sub: u64) {
     let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
     st.remote.remove(&(peer, sub));
-    st.generation += 1;
-    shared.bus_routes.store(st.generation, Ordering::Release);
+    routes_changed(shared);
 }
 
 /// Seeds the remote subscriptions from the welcome.
@@ -212,8 +222,7 @@ pub(crate) fn seed(shared: &Shared, subs: Vec<BusSubInfo>) {
     for s in subs {
         st.remote.insert((s.peer, s.sub), s);
     }
-    st.generation += 1;
-    shared.bus_routes.store(st.generation, Ordering::Release);
+    routes_changed(shared);
 }
 
 fn route(
@@ -223,21 +232,12 @@ fn route(
 ) -> Result<Arc<Route>, ClientError> {
     let (generation, peers, local) = {
         let st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock, before the route: a change after this makes the route stale.
+        let generation = shared.bus_routes.load(Ordering::Acquire);
         if opts.target.is_none() {
-            if let Some((t, k, r)) = &st.last {
-                if t == topic
-                    && k.as_deref() == opts.routing_key.as_deref()
-                    && r.generation == st.generation
-                    && r.lanes.iter().all(|l| !l.is_closed())
-                {
-                    return Ok(r.clone());
-                }
-            }
             let key = (topic.to_string(), opts.routing_key.clone());
-            if let Some(r) = st.routes.get(&key) {
-                if r.generation == st.generation && r.lanes.iter().all(|l| !l.is_closed()) {
-                    return Ok(r.clone());
-                }
+            if let Some(r) = st.routes.get(&key).filter(|r| r.is_current(shared)) {
+                return Ok(r.clone());
             }
         }
         let mut peers: Vec<PeerId> = Vec::new();
@@ -253,7 +253,7 @@ fn route(
             topic_matches(&s.topic, topic)
                 && routing_matches(s.routing_key.as_deref(), opts.routing_key.as_deref())
         });
-        (st.generation, peers, local)
+        (generation, peers, local)
     };
     let me_value = shared.me().to_value();
     let local = local
@@ -297,7 +297,6 @@ fn route(
         let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
         st.routes
             .insert((topic.to_string(), opts.routing_key.clone()), r.clone());
-        st.last = Some((topic.to_string(), opts.routing_key.clone(), r.clone()));
     }
     Ok(r)
 }
@@ -553,12 +552,8 @@ pub(crate) fn deliver_batch(shared: &Shared, batch: BusBatch) -> usize {
     n
 }
 
-pub(crate) fn publish(
-    shared: &Arc<Shared>,
-    topic: &str,
-    data: Value,
-    opts: &PublishOptions,
-) -> Result<(), ClientError> {
+/// The checks every publish makes before routing.
+fn check_publish(shared: &Shared, topic: &str) -> Result<(), ClientError> {
     if topic.is_empty() {
         return Err(ClientError::InvalidArgument(
             "Please provide the topic as a non-empty string!".into(),
@@ -567,49 +562,18 @@ pub(crate) fn publish(
     if shared.is_closed() {
         return Err(ClientError::Closed);
     }
-    if let Err(message) = shared.check_mine(PolicyAction::Publish, topic) {
-        return Err(ClientError::Gateway {
+    shared
+        .check_mine(PolicyAction::Publish, topic)
+        .map_err(|message| ClientError::Gateway {
             status: Status::PermissionDenied,
             message,
-        });
-    }
-    // The route this thread used last, if it still holds: no lock and no reference count
-    // per message (each locked instruction right after the previous message's stores waits
-    // for them to reach the subscriber).
-    let cached = ROUTE_CACHE.with(|c| c.take()).filter(|c| {
-        opts.target.is_none()
-            && std::ptr::eq(c.shared.as_ptr(), Arc::as_ptr(shared))
-            && c.generation == shared.bus_routes.load(Ordering::Acquire)
-            && c.topic == topic
-            && c.routing_key.as_deref() == opts.routing_key.as_deref()
-            && c.route.lanes.iter().all(|l| !l.is_closed())
-    });
-    let cached = match cached {
-        Some(c) => c,
-        None => {
-            // Read before the route: a change after this makes the cached copy stale.
-            let generation = shared.bus_routes.load(Ordering::Acquire);
-            CachedRoute {
-                shared: Arc::downgrade(shared),
-                generation,
-                topic: topic.to_string(),
-                routing_key: opts.routing_key.clone(),
-                route: route(shared, topic, opts)?,
-            }
-        }
-    };
-    let r = publish_on(shared, topic, data, opts, &cached.route);
-    if opts.target.is_none() {
-        ROUTE_CACHE.with(|c| c.set(Some(cached)));
-    }
-    r
+        })
 }
 
-/// A route remembered by a publishing thread, valid while the client's route generation stays.
+/// A route remembered by a publishing thread (see [`with_route`]).
 struct CachedRoute {
     /// Whose route (a weak reference: the address cannot be reused while cached).
     shared: std::sync::Weak<Shared>,
-    generation: u64,
     topic: String,
     routing_key: Option<String>,
     route: Arc<Route>,
@@ -619,57 +583,59 @@ thread_local! {
     static ROUTE_CACHE: std::cell::Cell<Option<CachedRoute>> = const { std::cell::Cell::new(None) };
 }
 
-fn publish_on(
+/// Runs `f` with the route of (`topic`, `opts`): the one this thread used last while it is
+/// current, so a publisher of one topic takes no lock and no reference count per message (a
+/// locked instruction right after the previous message's stores waits for them to reach the
+/// subscriber, docs/benchmarks.md §6.2); else a route computed now and kept for next time.
+fn with_route<T>(
     shared: &Arc<Shared>,
     topic: &str,
-    data: Value,
     opts: &PublishOptions,
-    r: &Route,
-) -> Result<(), ClientError> {
-    let mut failed = None;
-    if !r.lanes.is_empty() || r.relay {
-        let mut body = SCRATCH.with(|s| s.take());
-        encode(&mut body, topic, opts.routing_key.as_deref(), &data)?;
-        // The same limit wherever the subscribers are (the topic and key are not payload).
-        let size = body.len().saturating_sub(topic.len() + 12);
-        if size > shared.max_payload() {
-            SCRATCH.with(|s| s.set(body));
-            return Err(ClientError::PayloadTooLarge {
-                size,
-                max: shared.max_payload(),
-            });
-        }
-        let deadline = Instant::now() + SEND_TIMEOUT;
-        for l in &r.lanes {
-            if let Err(e) = shared.send_on(l, KIND_BUS, &body, deadline) {
-                // Invalidate the route; the other subscribers still get the message. Report
-                // only what the caller can act on, after trying everyone.
-                let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
-                st.generation += 1;
-                shared.bus_routes.store(st.generation, Ordering::Release);
-                if e.status() != Status::PeerLeft && failed.is_none() {
-                    failed = Some(ClientError::Gateway {
-                        status: e.status(),
-                        message: e.to_string(),
-                    });
-                }
-            }
-        }
-        SCRATCH.with(|s| s.set(body));
-    } else {
-        // Only local subscribers (or none): the same checks, without encoding.
-        crate::wire::codec::check(&data)?;
-        let size = match &data {
-            Value::Bytes(b) => b.len(),
-            v => crate::wire::codec::encoded_len(v),
-        };
-        if size > shared.max_payload() {
-            return Err(ClientError::PayloadTooLarge {
-                size,
-                max: shared.max_payload(),
-            });
-        }
+    f: impl FnOnce(&Route) -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    if opts.target.is_some() {
+        return f(&*route(shared, topic, opts)?);
     }
+    let cached = ROUTE_CACHE.with(|c| c.take()).filter(|c| {
+        std::ptr::eq(c.shared.as_ptr(), Arc::as_ptr(shared))
+            && c.topic == topic
+            && c.routing_key.as_deref() == opts.routing_key.as_deref()
+            && c.route.is_current(shared)
+    });
+    let cached = match cached {
+        Some(c) => c,
+        None => CachedRoute {
+            shared: Arc::downgrade(shared),
+            topic: topic.to_string(),
+            routing_key: opts.routing_key.clone(),
+            route: route(shared, topic, opts)?,
+        },
+    };
+    let r = f(&cached.route);
+    ROUTE_CACHE.with(|c| c.set(Some(cached)));
+    r
+}
+
+/// A subscriber lane failed mid-publish: its route is stale. The other subscribers still get
+/// the message; the first failure the caller can act on is reported after all were tried.
+fn lane_failed(shared: &Shared, e: SendError, failed: &mut Option<ClientError>) {
+    routes_changed(shared);
+    if e.status() != Status::PeerLeft && failed.is_none() {
+        *failed = Some(ClientError::Gateway {
+            status: e.status(),
+            message: e.to_string(),
+        });
+    }
+}
+
+/// What the gateway relays and our own subscriptions get, for one message.
+fn relay_and_local(
+    shared: &Shared,
+    r: &Route,
+    topic: &str,
+    opts: &PublishOptions,
+    data: Value,
+) -> Result<(), ClientError> {
     if r.relay {
         let target = opts.target.clone().map(Value::Map).unwrap_or(Value::Null);
         shared.conn.send(&ToGateway::BusPublish {
@@ -680,117 +646,118 @@ fn publish_on(
         })?;
     }
     if r.local {
-        let msg = BusMessage {
+        shared.push_task(Task::Bus(BusMessage {
             topic: Arc::from(topic),
             data,
             routing_key: opts.routing_key.clone(),
             source: shared.me(),
-        };
-        shared.push_task(Task::Bus(msg));
+        }));
     }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
-/// Publishes several messages on one topic: one route lookup, and one lock and one doorbell
-/// ring per subscriber lane for the whole batch (a publisher of a fast feed pays the
-/// per-message synchronisation once per batch). Each message is delivered as if published on
-/// its own, in order; an error is reported after every subscriber was tried, as by
-/// [`publish`].
+pub(crate) fn publish(
+    shared: &Arc<Shared>,
+    topic: &str,
+    data: Value,
+    opts: &PublishOptions,
+) -> Result<(), ClientError> {
+    check_publish(shared, topic)?;
+    with_route(shared, topic, opts, |r| {
+        let mut failed = None;
+        if !r.lanes.is_empty() || r.relay {
+            let mut body = SCRATCH.with(|s| s.take());
+            encode(&mut body, topic, opts.routing_key.as_deref(), &data)?;
+            // The same limit wherever the subscribers are (the topic and key are not payload).
+            let size = body.len().saturating_sub(topic.len() + 12);
+            if size > shared.max_payload() {
+                SCRATCH.with(|s| s.set(body));
+                return Err(ClientError::PayloadTooLarge {
+                    size,
+                    max: shared.max_payload(),
+                });
+            }
+            let deadline = Instant::now() + SEND_TIMEOUT;
+            for l in &r.lanes {
+                if let Err(e) = shared.send_on(l, KIND_BUS, &body, deadline) {
+                    lane_failed(shared, e, &mut failed);
+                }
+            }
+            SCRATCH.with(|s| s.set(body));
+        } else {
+            // Only local subscribers (or none): the same checks, without encoding.
+            crate::wire::codec::check(&data)?;
+            let size = match &data {
+                Value::Bytes(b) => b.len(),
+                v => crate::wire::codec::encoded_len(v),
+            };
+            if size > shared.max_payload() {
+                return Err(ClientError::PayloadTooLarge {
+                    size,
+                    max: shared.max_payload(),
+                });
+            }
+        }
+        relay_and_local(shared, r, topic, opts, data)?;
+        failed.map_or(Ok(()), Err)
+    })
+}
+
+/// Publishes several messages on one topic: one route, and one lock and one doorbell ring per
+/// subscriber lane for the whole batch (a publisher of a fast feed pays the per-message
+/// synchronisation once per batch). Each message is delivered as if published on its own, in
+/// order; an error is reported after every subscriber was tried, as by [`publish`].
 pub(crate) fn publish_batch(
     shared: &Arc<Shared>,
     topic: &str,
     items: &[Value],
     opts: &PublishOptions,
 ) -> Result<(), ClientError> {
-    if topic.is_empty() {
-        return Err(ClientError::InvalidArgument(
-            "Please provide the topic as a non-empty string!".into(),
-        ));
-    }
-    if shared.is_closed() {
-        return Err(ClientError::Closed);
-    }
-    if let Err(message) = shared.check_mine(PolicyAction::Publish, topic) {
-        return Err(ClientError::Gateway {
-            status: Status::PermissionDenied,
-            message,
-        });
-    }
+    check_publish(shared, topic)?;
     if items.is_empty() {
         return Ok(());
     }
-    let r = route(shared, topic, opts)?;
-    // Every message is checked before any is sent: a batch is refused whole.
-    let mut body = SCRATCH.with(|s| s.take());
-    body.clear();
-    let mut ends = Vec::with_capacity(items.len());
-    for v in items {
-        let start = body.len();
-        if let Err(e) = encode_append(&mut body, topic, opts.routing_key.as_deref(), v) {
-            SCRATCH.with(|s| s.set(body));
-            return Err(e.into());
-        }
-        let size = (body.len() - start).saturating_sub(topic.len() + 12);
-        if size > shared.max_payload() {
-            SCRATCH.with(|s| s.set(body));
-            return Err(ClientError::PayloadTooLarge {
-                size,
-                max: shared.max_payload(),
-            });
-        }
-        ends.push(body.len());
-    }
-    let mut failed = None;
-    let deadline = Instant::now() + SEND_TIMEOUT;
-    for l in &r.lanes {
-        let bodies = ends.iter().scan(0, |at, &end| {
-            let b = &body[*at..end];
-            *at = end;
-            Some(b)
-        });
-        if let Err(e) = shared.send_many_on(l, KIND_BUS, bodies, deadline) {
-            let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
-            st.generation += 1;
-            shared.bus_routes.store(st.generation, Ordering::Release);
-            drop(st);
-            if e.status() != Status::PeerLeft && failed.is_none() {
-                failed = Some(ClientError::Gateway {
-                    status: e.status(),
-                    message: e.to_string(),
+    with_route(shared, topic, opts, |r| {
+        // Every message is checked before any is sent: a batch is refused whole.
+        let mut body = SCRATCH.with(|s| s.take());
+        body.clear();
+        let mut ends = Vec::with_capacity(items.len());
+        for v in items {
+            let start = body.len();
+            if let Err(e) = encode_append(&mut body, topic, opts.routing_key.as_deref(), v) {
+                SCRATCH.with(|s| s.set(body));
+                return Err(e.into());
+            }
+            let size = (body.len() - start).saturating_sub(topic.len() + 12);
+            if size > shared.max_payload() {
+                SCRATCH.with(|s| s.set(body));
+                return Err(ClientError::PayloadTooLarge {
+                    size,
+                    max: shared.max_payload(),
                 });
             }
+            ends.push(body.len());
         }
-    }
-    SCRATCH.with(|s| s.set(body));
-    if r.relay {
-        let target = opts.target.clone().map(Value::Map).unwrap_or(Value::Null);
-        for v in items {
-            shared.conn.send(&ToGateway::BusPublish {
-                topic: topic.to_string(),
-                routing_key: opts.routing_key.clone(),
-                target: target.clone(),
-                data: v.clone(),
-            })?;
+        let mut failed = None;
+        let deadline = Instant::now() + SEND_TIMEOUT;
+        for l in &r.lanes {
+            let bodies = ends.iter().scan(0, |at, &end| {
+                let b = &body[*at..end];
+                *at = end;
+                Some(b)
+            });
+            if let Err(e) = shared.send_many_on(l, KIND_BUS, bodies, deadline) {
+                lane_failed(shared, e, &mut failed);
+            }
         }
-    }
-    if r.local {
-        let (topic, me) = (Arc::<str>::from(topic), shared.me());
-        for v in items {
-            shared.push_task(Task::Bus(BusMessage {
-                topic: topic.clone(),
-                data: v.clone(),
-                routing_key: opts.routing_key.clone(),
-                source: me.clone(),
-            }));
+        SCRATCH.with(|s| s.set(body));
+        if r.relay || r.local {
+            for v in items {
+                relay_and_local(shared, r, topic, opts, v.clone())?;
+            }
         }
-    }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+        failed.map_or(Ok(()), Err)
+    })
 }
 
 /// Runs one message through our subscriptions (dispatch thread).
@@ -828,9 +795,7 @@ pub(crate) fn connection_reset(shared: &Shared, subs: Vec<BusSubInfo>) {
         st.remote.insert((s.peer, s.sub), s);
     }
     st.routes.clear();
-    st.last = None;
-    st.generation += 1;
-    shared.bus_routes.store(st.generation, Ordering::Release);
+    routes_changed(shared);
 }
 
 /// Subscribes our subscriptions again, with the same ids (restore thread).

@@ -304,8 +304,8 @@ pub(crate) struct Shared {
     pub bus: Mutex<super::bus::BusState>,
     /// Bumped when our bus subscriptions change (lets `deliver` cache the list lock-free).
     pub bus_generation: AtomicU64,
-    /// Mirrors the bus state's route generation, so a publisher can check its cached route
-    /// without the lock.
+    /// Bumped whenever bus subscriptions change: routes computed before are stale (checked
+    /// without a lock by publishers, `client/bus.rs::Route::is_current`).
     pub bus_routes: AtomicU64,
     /// Channel membership and followers.
     pub channels: Mutex<super::channels::ChannelState>,
