@@ -1028,15 +1028,7 @@ impl Shared {
         body: &[u8],
         deadline: Instant,
     ) -> Result<(), SendError> {
-        let r = lane.send(kind, body, deadline, || {
-            if let Ok(mut rx) = self.rx.try_lock() {
-                self.pump(&mut rx);
-            }
-        });
-        if let Err(SendError::Corrupt(peer, why)) = &r {
-            self.lane_fault(*peer, why);
-        }
-        r
+        self.send_many_on(lane, kind, std::iter::once(body), deadline)
     }
 
     /// [`Shared::send_on`] for several messages at once (one lock, one doorbell ring).

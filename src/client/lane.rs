@@ -183,7 +183,7 @@ impl Lane {
     }
 
     /// Whether a message of `len` bytes can ever be in the ring at once (else only a blocking
-    /// [`Lane::send`], which waits for the peer to make room fragment by fragment, gets it
+    /// [`Lane::send_many`], which waits for the peer to make room fragment by fragment, gets it
     /// across).
     pub(crate) fn fits_at_once(&self, len: usize) -> bool {
         let tx = self.tx.lock();
@@ -250,51 +250,11 @@ impl Lane {
         }
     }
 
-    /// Sends one message (fragmenting it if needed) and rings the peer's doorbell. While the
-    /// ring is full it calls `stall` (which lets the caller drain its own inbound rings, so two
-    /// peers flooding each other cannot deadlock) and gives up after `deadline`.
-    pub(crate) fn send(
-        &self,
-        kind: u16,
-        body: &[u8],
-        deadline: Instant,
-        mut stall: impl FnMut(),
-    ) -> Result<(), SendError> {
-        if self.is_closed() {
-            return Err(SendError::Closed(self.peer));
-        }
-        if body.len() > self.max_message {
-            return Err(SendError::TooLarge {
-                size: body.len(),
-                max: self.max_message,
-            });
-        }
-        // A poisoned lock only means another sender panicked mid-send; the ring itself is
-        // consistent (nothing is published before commit).
-        let mut tx = self.tx.lock();
-        let max = tx.max_payload();
-        let mut chunks = body.chunks(max).peekable();
-        if body.is_empty() {
-            return self.push_one(&mut tx, kind, 0, &[], deadline, &mut stall);
-        }
-        let mut cont = 0;
-        while let Some(chunk) = chunks.next() {
-            let more = if chunks.peek().is_some() {
-                FRAG_MORE
-            } else {
-                0
-            };
-            // Giving up part-way leaves an incomplete message in the ring; the receiver drops
-            // it when the next message starts (a record without FRAG_CONT).
-            self.push_one(&mut tx, kind, more | cont, chunk, deadline, &mut stall)?;
-            cont = FRAG_CONT;
-        }
-        Ok(())
-    }
-
-    /// Sends several messages (each fragmented if needed) under one lock, ringing the peer's
-    /// doorbell once at the end (and whenever the ring fills, so the reader drains it). Gives
-    /// up like [`Lane::send`]; the messages before the one that failed were sent.
+    /// Sends messages (each fragmented if needed) under one lock and rings the peer's doorbell
+    /// once at the end, and whenever the ring fills so the reader drains it. While the ring is
+    /// full it calls `stall` (which lets the caller drain its own inbound rings, so two peers
+    /// flooding each other cannot deadlock) and gives up after `deadline`; the messages before
+    /// the one that failed were sent.
     pub(crate) fn send_many<'b>(
         &self,
         kind: u16,
@@ -306,65 +266,53 @@ impl Lane {
             return Err(SendError::Closed(self.peer));
         }
         let mut tx = self.tx.lock();
-        let max = tx.max_payload();
         let mut r = Ok(());
-        'all: for body in bodies {
-            if body.len() > self.max_message {
-                r = Err(SendError::TooLarge {
-                    size: body.len(),
-                    max: self.max_message,
-                });
+        for body in bodies {
+            r = self.push_message(&mut tx, kind, body, deadline, &mut stall);
+            if r.is_err() {
                 break;
-            }
-            if body.is_empty() {
-                if let Err(e) = self.push_quiet(&mut tx, kind, 0, &[], deadline, &mut stall) {
-                    r = Err(e);
-                    break;
-                }
-                continue;
-            }
-            let mut chunks = body.chunks(max).peekable();
-            let mut cont = 0;
-            while let Some(chunk) = chunks.next() {
-                let more = if chunks.peek().is_some() {
-                    FRAG_MORE
-                } else {
-                    0
-                };
-                if let Err(e) =
-                    self.push_quiet(&mut tx, kind, more | cont, chunk, deadline, &mut stall)
-                {
-                    r = Err(e);
-                    break 'all;
-                }
-                cont = FRAG_CONT;
             }
         }
         self.ring_peer();
         r
     }
 
-    /// [`Lane::push_one`] without ringing the peer after a record that fit at once.
-    fn push_quiet(
+    /// Writes one message, in fragments when it is larger than a record.
+    fn push_message(
         &self,
         tx: &mut Producer<ShmRing>,
         kind: u16,
-        flags: u16,
-        chunk: &[u8],
+        body: &[u8],
         deadline: Instant,
         stall: &mut impl FnMut(),
     ) -> Result<(), SendError> {
-        match tx.push(kind, flags, chunk) {
-            Ok(()) => Ok(()),
-            Err(PushError::Full) => self.push_one(tx, kind, flags, chunk, deadline, stall),
-            Err(PushError::Corrupt(why)) => {
-                self.close();
-                Err(SendError::Corrupt(self.peer, why))
-            }
-            Err(_) => Err(SendError::Corrupt(self.peer, "internal: bad record")),
+        if body.len() > self.max_message {
+            return Err(SendError::TooLarge {
+                size: body.len(),
+                max: self.max_message,
+            });
         }
+        if body.is_empty() {
+            return self.push_one(tx, kind, 0, &[], deadline, stall);
+        }
+        let mut chunks = body.chunks(tx.max_payload()).peekable();
+        let mut cont = 0;
+        while let Some(chunk) = chunks.next() {
+            let more = if chunks.peek().is_some() {
+                FRAG_MORE
+            } else {
+                0
+            };
+            // Giving up part-way leaves an incomplete message in the ring; the receiver drops
+            // it when the next message starts (a record without FRAG_CONT).
+            self.push_one(tx, kind, more | cont, chunk, deadline, stall)?;
+            cont = FRAG_CONT;
+        }
+        Ok(())
     }
 
+    /// Writes one record, waiting for room while the ring is full. The caller rings the peer
+    /// once it has written what it has (here only while waiting).
     fn push_one(
         &self,
         tx: &mut Producer<ShmRing>,
@@ -377,10 +325,7 @@ impl Lane {
         let mut rounds = 0u32;
         loop {
             match tx.push(kind, flags, chunk) {
-                Ok(()) => {
-                    self.ring_peer();
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(PushError::Full) => {
                     // Make sure the reader is awake (once), then let it catch up: spin first
                     // (it frees room in batches), drain our own inbound lanes now and then
@@ -446,6 +391,10 @@ mod tests {
         (a, b)
     }
 
+    fn send(lane: &Lane, kind: u16, body: &[u8], deadline: Instant) -> Result<(), SendError> {
+        lane.send_many(kind, std::iter::once(body), deadline, || {})
+    }
+
     /// Every whole message `rx` can read now.
     fn receive(rx: &mut RxLane) -> Vec<(u16, Vec<u8>)> {
         let mut out = Vec::new();
@@ -469,14 +418,13 @@ mod tests {
         // Three fragments; only two fit while the receiver does not read, and the deadline has
         // passed: the send gives up after committing two.
         let big = vec![7u8; 3 * 2040];
-        let r = a.send(1, &big, Instant::now(), || {});
+        let r = send(&a, 1, &big, Instant::now());
         assert!(matches!(r, Err(SendError::Stalled(_))), "{r:?}");
         // The receiver sees the incomplete message, then the next one whole (before FRAG_CONT
         // the next message was appended to the incomplete one: a garbled message of the same
         // kind, or a lane fault for another kind).
         assert!(receive(&mut b_rx).is_empty());
-        a.send(1, b"next", Instant::now() + Duration::from_secs(5), || {})
-            .unwrap();
+        send(&a, 1, b"next", Instant::now() + Duration::from_secs(5)).unwrap();
         assert_eq!(receive(&mut b_rx), vec![(1, b"next".to_vec())]);
         assert_eq!(b_rx.assembly.abandoned, 1);
         // A fragmented message after that arrives whole.
@@ -484,9 +432,7 @@ mod tests {
         let t = {
             let a = a.clone();
             let big = big.clone();
-            std::thread::spawn(move || {
-                a.send(2, &big, Instant::now() + Duration::from_secs(10), || {})
-            })
+            std::thread::spawn(move || send(&a, 2, &big, Instant::now() + Duration::from_secs(10)))
         };
         let mut got = Vec::new();
         while got.is_empty() {
