@@ -549,6 +549,39 @@ fn served_streams(shared: &Shared) -> Vec<Arc<StreamEntry>> {
         .collect()
 }
 
+/// One of our subscriptions, by id.
+fn client_sub(shared: &Shared, id: u64) -> Option<Arc<ClientSub>> {
+    shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .get(&id)
+        .cloned()
+}
+
+/// Drops one of our subscriptions from the table.
+fn forget_client_sub(shared: &Shared, id: u64) {
+    shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .remove(&id);
+}
+
+/// Every subscription of ours, taken out of the lock.
+fn client_subs(shared: &Shared) -> Vec<Arc<ClientSub>> {
+    shared
+        .streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .subs
+        .values()
+        .cloned()
+        .collect()
+}
+
 /// Flushes every subscriber queue (called by the dispatch loop while anything is queued).
 pub(crate) fn flush_all(shared: &Arc<Shared>) {
     for e in served_streams(shared) {
@@ -840,12 +873,7 @@ fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool) {
     if sub.closed.swap(true, Ordering::AcqRel) {
         return;
     }
-    shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .subs
-        .remove(&sub.id);
+    forget_client_sub(shared, sub.id);
     let remotes: Vec<Link> = {
         let mut r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
         let links = r
@@ -967,12 +995,7 @@ pub(crate) fn subscribe(
             });
             drop(r);
             sub.closed.store(true, Ordering::Release);
-            shared
-                .streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .subs
-                .remove(&sub.id);
+            forget_client_sub(shared, sub.id);
             return Err(match reason {
                 Some(m) => StreamError::Rejected(m),
                 // The servers were there, but reaching them needs the gateway.
@@ -1134,13 +1157,7 @@ pub(crate) fn on_record(
         KIND_SUB_REPLY => {
             let rec::Reply { accepted, info, .. } =
                 rec::parse_reply(body).map_err(|_| "bad stream reply")?;
-            let sub = shared
-                .streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .subs
-                .get(&sub_id)
-                .cloned();
+            let sub = client_sub(shared, sub_id);
             let Some(sub) = sub else { return Ok(false) };
             if accepted {
                 if let Some(p) = info.get("policy") {
@@ -1164,13 +1181,7 @@ pub(crate) fn on_record(
             Ok(false)
         }
         KIND_STREAM_DATA => {
-            let sub = shared
-                .streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .subs
-                .get(&sub_id)
-                .cloned();
+            let sub = client_sub(shared, sub_id);
             let Some(sub) = sub else { return Ok(false) };
             // Extra GW3 fields (sequence, snapshot) have no place in knit's stream events.
             let d = rec::parse_data(body).map_err(|_| "undecodable stream data")?;
@@ -1188,15 +1199,7 @@ pub(crate) fn on_record(
         KIND_SUB_CLOSE => {
             let (_, reason) = rec::parse_close(body).map_err(|_| "short stream close")?;
             // Either a subscriber leaving one of our streams, or a server dropping us.
-            let served: Vec<Arc<StreamEntry>> = shared
-                .streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .served
-                .values()
-                .cloned()
-                .collect();
-            for e in served {
+            for e in served_streams(shared) {
                 let hit = e
                     .subs
                     .lock()
@@ -1208,13 +1211,7 @@ pub(crate) fn on_record(
                     drop_sub(shared, &e, &s, &reason, false);
                 }
             }
-            let sub = shared
-                .streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .subs
-                .get(&sub_id)
-                .cloned();
+            let sub = client_sub(shared, sub_id);
             if let Some(sub) = sub {
                 server_gone(shared, &sub, from, &reason);
             }
@@ -1381,12 +1378,7 @@ fn server_gone(shared: &Shared, sub: &Arc<ClientSub>, peer: PeerId, reason: &str
     };
     sub.changed.notify_all();
     if last && !sub.closed.swap(true, Ordering::AcqRel) {
-        shared
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .subs
-            .remove(&sub.id);
+        forget_client_sub(shared, sub.id);
         let ev = StreamEvent::Closed {
             reason: reason.to_string(),
             server_initiated: true,
@@ -1470,14 +1462,7 @@ pub(crate) fn connection_reset(shared: &Arc<Shared>) {
 /// A new gateway connection (control thread): our subscriptions lose their servers (peers of
 /// the old connection) and wait for [`restore`].
 pub(crate) fn forget_servers(shared: &Shared) {
-    let subs: Vec<Arc<ClientSub>> = shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .subs
-        .values()
-        .cloned()
-        .collect();
+    let subs = client_subs(shared);
     for s in subs {
         s.remotes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         s.changed.notify_all();
@@ -1597,12 +1582,7 @@ fn lost(shared: &Arc<Shared>, sub: &Arc<ClientSub>, reason: &str) {
     if sub.closed.swap(true, Ordering::AcqRel) {
         return;
     }
-    shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .subs
-        .remove(&sub.id);
+    forget_client_sub(shared, sub.id);
     let ev = StreamEvent::Closed {
         reason: reason.to_string(),
         server_initiated: true,
