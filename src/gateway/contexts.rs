@@ -616,22 +616,9 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::registry::{Admission, Limits, Outgoing};
+    use crate::gateway::registry::tests::{join_web, web_admission};
+    use crate::gateway::registry::{Limits, Outgoing};
     use tokio::sync::mpsc;
-
-    fn web(reg: &mut Registry, app: &str, user: &str) -> (PeerId, mpsc::Receiver<Outgoing>) {
-        let (tx, rx) = mpsc::channel(1024);
-        let adm = Admission {
-            application: app.into(),
-            instance: None,
-            pid: 0,
-            user: user.into(),
-            transport: Transport::Relay,
-            attributes: Value::Null,
-        };
-        let (id, _) = reg.admit(adm, tx).unwrap();
-        (id, rx)
-    }
 
     fn drain(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<FromGateway> {
         let mut v = Vec::new();
@@ -669,9 +656,9 @@ mod tests {
     #[test]
     fn create_announces_to_the_user_and_joins_an_existing_name() {
         let mut reg = registry();
-        let (a, mut ra) = web(&mut reg, "A", "u");
-        let (b, mut rb) = web(&mut reg, "B", "u");
-        let (_z, mut rz) = web(&mut reg, "Z", "other");
+        let (a, mut ra) = join_web(&mut reg, "A", "u");
+        let (b, mut rb) = join_web(&mut reg, "B", "u");
+        let (_z, mut rz) = join_web(&mut reg, "Z", "other");
         drain(&mut ra);
         drain(&mut rb);
         drain(&mut rz);
@@ -695,17 +682,7 @@ mod tests {
         // The same name again: joined, data untouched.
         reg.create_context(b, 2, "c".into(), ContextLifetime::Retained, Value::map());
         assert_eq!(created(&drain(&mut rb)), Some((id, false)));
-        let w = reg.admit(
-            Admission {
-                application: "W".into(),
-                instance: None,
-                pid: 0,
-                user: "u".into(),
-                transport: Transport::Relay,
-                attributes: Value::Null,
-            },
-            mpsc::channel(8).0,
-        );
+        let w = reg.admit(web_admission("W", "u"), mpsc::channel(8).0);
         assert_eq!(w.unwrap().1.contexts, vec![(id, "c".to_string())]);
         // A bad lifetime never reaches here; bad data does.
         reg.create_context(a, 3, "d".into(), ContextLifetime::Retained, Value::from(1));
@@ -723,8 +700,8 @@ mod tests {
     #[test]
     fn ref_counted_contexts_go_with_their_last_member() {
         let mut reg = registry();
-        let (y, mut ry) = web(&mut reg, "Y", "u");
-        let (w, mut rw) = web(&mut reg, "W", "u");
+        let (y, mut ry) = join_web(&mut reg, "Y", "u");
+        let (w, mut rw) = join_web(&mut reg, "W", "u");
         reg.create_context(y, 1, "rc".into(), ContextLifetime::RefCounted, Value::map());
         let (id, _) = created(&drain(&mut ry)).unwrap();
         reg.subscribe_context(w, 2, id);
@@ -757,8 +734,8 @@ mod tests {
     #[test]
     fn ownership_contexts_belong_to_their_creator() {
         let mut reg = registry();
-        let (y, mut ry) = web(&mut reg, "Y", "u");
-        let (w, mut rw) = web(&mut reg, "W", "u");
+        let (y, mut ry) = join_web(&mut reg, "Y", "u");
+        let (w, mut rw) = join_web(&mut reg, "W", "u");
         reg.create_context(w, 1, "own".into(), ContextLifetime::Ownership, Value::map());
         let (id, _) = created(&drain(&mut rw)).unwrap();
         drain(&mut ry);
@@ -771,17 +748,7 @@ mod tests {
             }
         ));
         let (_, welcome) = reg
-            .admit(
-                Admission {
-                    application: "L".into(),
-                    instance: None,
-                    pid: 0,
-                    user: "u".into(),
-                    transport: Transport::Relay,
-                    attributes: Value::Null,
-                },
-                mpsc::channel(8).0,
-            )
+            .admit(web_admission("L", "u"), mpsc::channel(8).0)
             .unwrap();
         assert_eq!(welcome.context_owners, vec![(id, w)]);
         reg.remove(w, "gone");
@@ -795,8 +762,8 @@ mod tests {
     fn peers_behind_the_gateway_share_one_doorbell_per_context() {
         let mut reg = registry();
         let (bell, _dir) = reg.reserve_doorbell().unwrap();
-        let (a, mut ra) = web(&mut reg, "A", "u");
-        let (b, _rb) = web(&mut reg, "B", "u");
+        let (a, mut ra) = join_web(&mut reg, "A", "u");
+        let (b, _rb) = join_web(&mut reg, "B", "u");
         reg.create_context(a, 1, "c".into(), ContextLifetime::Retained, Value::map());
         let (id, _) = created(&drain(&mut ra)).unwrap();
         reg.subscribe_context(b, 2, id);

@@ -878,7 +878,7 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn recv(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(FromGateway, usize)> {
@@ -889,18 +889,27 @@ mod tests {
         out
     }
 
-    fn join_web(reg: &mut Registry, app: &str, user: &str) -> (PeerId, mpsc::Receiver<Outgoing>) {
+    /// Admits a peer behind the gateway (a web peer) of `user`; also used by the context tests.
+    pub(crate) fn join_web(
+        reg: &mut Registry,
+        app: &str,
+        user: &str,
+    ) -> (PeerId, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(1024);
-        let adm = Admission {
+        let (id, _) = reg.admit(web_admission(app, user), tx).unwrap();
+        (id, rx)
+    }
+
+    /// What a peer behind the gateway (a web peer) of `user` asks to be admitted with.
+    pub(crate) fn web_admission(app: &str, user: &str) -> Admission {
+        Admission {
             application: app.into(),
             instance: None,
             pid: 0,
             user: user.into(),
             transport: Transport::Relay,
             attributes: Value::Null,
-        };
-        let (id, _) = reg.admit(adm, tx).unwrap();
-        (id, rx)
+        }
     }
 
     fn hello(app: &str) -> Hello {
