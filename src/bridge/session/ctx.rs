@@ -16,6 +16,8 @@ use crate::wire::frame::{ContextGone, ContextLifetime, FromGateway, PeerId, ToGa
 use crate::wire::Value;
 use serde_json::{json, Value as J};
 use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a web write waits for a native writer holding the context's lock (off the
@@ -169,16 +171,7 @@ impl Session {
                     },
                 fds,
             }) if got == id => {
-                let fd = fds
-                    .first()
-                    .ok_or_else(|| Refusal::failure("no context segment"))?;
-                self.sh
-                    .ctxs
-                    .map(id, fd, writable)
-                    .map_err(|e| Refusal::failure(e.to_string()))?;
-                if let Some(me) = self.me.as_mut() {
-                    me.ctx.open.insert(id, writable);
-                }
+                self.ctx_map(id, &fds, writable)?;
                 Ok(writable)
             }
             Some(Outgoing {
@@ -192,6 +185,21 @@ impl Session {
                 self.sh.ids.ctx(id)
             ))),
         }
+    }
+
+    /// Maps the segment the gateway sent for context `id` and notes it as open for this peer.
+    fn ctx_map(&mut self, id: u64, fds: &[Arc<OwnedFd>], writable: bool) -> Result<(), Refusal> {
+        let fd = fds
+            .first()
+            .ok_or_else(|| Refusal::failure("no context segment"))?;
+        self.sh
+            .ctxs
+            .map(id, fd, writable)
+            .map_err(|e| Refusal::failure(e.to_string()))?;
+        if let Some(me) = self.me.as_mut() {
+            me.ctx.open.insert(id, writable);
+        }
+        Ok(())
     }
 
     /// Follows the context from now: returns its data for `subscribed-context`.
@@ -261,15 +269,8 @@ impl Session {
             }) => return Err(Refusal::from_core(status, message)),
             _ => return Err(Refusal::failure("the gateway is stopping")),
         };
-        let fd = fds
-            .first()
-            .ok_or_else(|| Refusal::failure("no context segment"))?;
-        self.sh
-            .ctxs
-            .map(id, fd, writable)
-            .map_err(|e| Refusal::failure(e.to_string()))?;
+        self.ctx_map(id, &fds, writable)?;
         if let Some(me) = self.me.as_mut() {
-            me.ctx.open.insert(id, writable);
             me.ctx.known.entry(id).or_insert(name);
         }
         let data = self.ctx_follow(id)?;
