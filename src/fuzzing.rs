@@ -116,10 +116,34 @@ pub fn frame_decode(data: &[u8]) -> Result<usize, FrameError> {
 
 /// The value codec. What decodes re-encodes (to exactly `encoded_len` bytes), and those bytes
 /// decode to a value that encodes identically; its JSON form parses back unless it is deeper
-/// than JSON parsing takes. The same bytes are also read as each lane record body.
+/// than JSON parsing takes. Decoding into a used value (the previous input's, and the value
+/// itself) gives the same result and the same key order. The same bytes are also read as each
+/// lane record body.
 pub fn value_decode(data: &[u8]) -> Result<Value, DecodeError> {
     lane_message(data);
     let r = codec::decode(data);
+    thread_local! {
+        static LAST: std::cell::RefCell<Value> = const { std::cell::RefCell::new(Value::Null) };
+    }
+    LAST.with(|last| {
+        let mut slot = last.take();
+        let into = codec::decode_into(data, &mut slot);
+        match (&r, &into) {
+            (Ok(v), Ok(())) => {
+                assert_eq!(
+                    slot.to_json_string(),
+                    v.to_json_string(),
+                    "decode_into agrees"
+                );
+                let mut again = v.clone();
+                codec::decode_into(data, &mut again).expect("decodes into itself");
+                assert_eq!(again.to_json_string(), v.to_json_string());
+                *last.borrow_mut() = slot;
+            }
+            (Err(a), Err(b)) => assert_eq!(a, b, "decode_into fails the same way"),
+            _ => panic!("decode gave {r:?}, decode_into {into:?}"),
+        }
+    });
     if let Ok(v) = &r {
         let bytes = codec::encode(v).expect("a decoded value encodes again");
         assert_eq!(bytes.len(), codec::encoded_len(v), "encoded_len is exact");

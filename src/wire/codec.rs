@@ -239,6 +239,18 @@ pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
     }
 }
 
+/// [`decode`] into `slot`, reusing its allocations where the shapes agree (a reader of a feed
+/// of like-shaped values decodes without allocating). On error `slot` holds part of a value:
+/// discard it.
+pub fn decode_into(bytes: &[u8], slot: &mut Value) -> Result<(), DecodeError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    r.value_into(slot, 0)?;
+    match bytes.len() - r.pos {
+        0 => Ok(()),
+        n => Err(DecodeError::Trailing(n)),
+    }
+}
+
 /// Decodes `{key: value}` (a map of exactly one entry, spanning all of `bytes`) to `value`
 /// without building the outer map. `Ok(None)` when `bytes` hold some other value (decode those
 /// with [`decode`]). A reader's fast path for records of one known shape.
@@ -278,8 +290,7 @@ pub fn visit_single_entry_map<'a>(
     }
     let n = r.count()?;
     for _ in 0..n {
-        let len = r.varint()?;
-        let k = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError::BadUtf8)?;
+        let k = r.str()?;
         // Two maps deep, as `decode` would see it.
         let v = r.value(2)?;
         f(k, v);
@@ -328,12 +339,9 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn string(&mut self) -> Result<String, DecodeError> {
+    fn str(&mut self) -> Result<&'a str, DecodeError> {
         let n = self.varint()?;
-        let s = self.take(n)?;
-        std::str::from_utf8(s)
-            .map(str::to_string)
-            .map_err(|_| DecodeError::BadUtf8)
+        std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError::BadUtf8)
     }
 
     /// A count of items, each at least one byte: never more than what is left.
@@ -346,51 +354,106 @@ impl<'a> Reader<'a> {
     }
 
     fn value(&mut self, depth: usize) -> Result<Value, DecodeError> {
-        Ok(match self.byte()? {
-            T_NULL => Value::Null,
-            T_FALSE => Value::Bool(false),
-            T_TRUE => Value::Bool(true),
+        let mut v = Value::Null;
+        self.value_into(&mut v, depth)?;
+        Ok(v)
+    }
+
+    /// Decodes into `slot`, reusing what it holds where the shapes agree: a string's or bytes'
+    /// buffer, an array's elements, a map's entries while its keys come in the same order (no
+    /// key is allocated or hashed again). On error `slot` holds part of a value: discard it.
+    fn value_into(&mut self, slot: &mut Value, depth: usize) -> Result<(), DecodeError> {
+        match self.byte()? {
+            T_NULL => *slot = Value::Null,
+            T_FALSE => *slot = Value::Bool(false),
+            T_TRUE => *slot = Value::Bool(true),
             T_I64 => {
                 let z = self.varint()?;
-                Value::I64(((z >> 1) as i64) ^ -((z & 1) as i64))
+                *slot = Value::I64(((z >> 1) as i64) ^ -((z & 1) as i64));
             }
-            T_U64 => Value::from(self.varint()?),
+            T_U64 => *slot = Value::from(self.varint()?),
             T_F64 => {
                 let s = self.take(8)?;
-                Value::F64(f64::from_le_bytes(
+                *slot = Value::F64(f64::from_le_bytes(
                     s.try_into().map_err(|_| DecodeError::Truncated)?,
-                ))
+                ));
             }
-            T_STR => Value::String(self.string()?),
+            T_STR => {
+                let s = self.str()?;
+                match slot {
+                    Value::String(t) => {
+                        t.clear();
+                        t.push_str(s);
+                    }
+                    _ => *slot = Value::String(s.to_string()),
+                }
+            }
             T_BYTES => {
                 let n = self.varint()?;
-                Value::Bytes(self.take(n)?.to_vec())
+                let b = self.take(n)?;
+                match slot {
+                    Value::Bytes(v) => {
+                        v.clear();
+                        v.extend_from_slice(b);
+                    }
+                    _ => *slot = Value::Bytes(b.to_vec()),
+                }
             }
             T_ARRAY => {
                 if depth >= MAX_DEPTH {
                     return Err(DecodeError::TooDeep(MAX_DEPTH));
                 }
                 let n = self.count()?;
-                let mut a = Vec::with_capacity(n);
-                for _ in 0..n {
-                    a.push(self.value(depth + 1)?);
+                if !matches!(slot, Value::Array(_)) {
+                    *slot = Value::Array(Vec::with_capacity(n));
                 }
-                Value::Array(a)
+                if let Value::Array(a) = slot {
+                    a.truncate(n);
+                    for i in 0..n {
+                        match a.get_mut(i) {
+                            Some(e) => self.value_into(e, depth + 1)?,
+                            None => a.push(self.value(depth + 1)?),
+                        }
+                    }
+                }
             }
             T_MAP => {
                 if depth >= MAX_DEPTH {
                     return Err(DecodeError::TooDeep(MAX_DEPTH));
                 }
                 let n = self.count()?;
-                let mut m = Map::with_capacity(n / 2);
-                for _ in 0..n {
-                    let k = self.string()?;
-                    let v = self.value(depth + 1)?;
-                    m.insert(k, v);
+                if !matches!(slot, Value::Map(_)) {
+                    *slot = Value::Map(Map::with_capacity(n / 2));
                 }
-                Value::Map(m)
+                if let Value::Map(m) = slot {
+                    // Entries `..kept` were matched in order and decoded in place; at the first
+                    // key out of order the rest is dropped and built as `decode` builds it
+                    // (a repeated key keeps its first place and takes the last value).
+                    let mut kept = 0;
+                    let mut in_order = true;
+                    for _ in 0..n {
+                        let k = self.str()?;
+                        if in_order {
+                            if let Some((_, v)) =
+                                m.get_index_mut(kept).filter(|(key, _)| key.as_str() == k)
+                            {
+                                self.value_into(v, depth + 1)?;
+                                kept += 1;
+                                continue;
+                            }
+                            m.truncate(kept);
+                            in_order = false;
+                        }
+                        let v = self.value(depth + 1)?;
+                        m.insert(k.to_string(), v);
+                    }
+                    if in_order {
+                        m.truncate(kept);
+                    }
+                }
             }
             t => return Err(DecodeError::BadTag(t)),
-        })
+        }
+        Ok(())
     }
 }

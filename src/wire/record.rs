@@ -104,6 +104,21 @@ pub fn decode_payload(flags: u32, bytes: &[u8]) -> Result<Value, DecodeError> {
     }
 }
 
+/// [`decode_payload`] into `slot`, reusing its allocations ([`codec::decode_into`]).
+pub fn decode_payload_into(flags: u32, bytes: &[u8], slot: &mut Value) -> Result<(), DecodeError> {
+    if flags & PAYLOAD_RAW == 0 {
+        return codec::decode_into(bytes, slot);
+    }
+    match slot {
+        Value::Bytes(v) => {
+            v.clear();
+            v.extend_from_slice(bytes);
+        }
+        _ => *slot = Value::Bytes(bytes.to_vec()),
+    }
+    Ok(())
+}
+
 /// Builds an invoke body into `out` (cleared first).
 pub fn invoke(
     out: &mut Vec<u8>,

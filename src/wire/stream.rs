@@ -21,7 +21,7 @@
 //! `reason_uri` and `gw3_reason` (its GW3 error as sent).
 
 use super::codec::{self, EncodeError};
-use super::record::{decode_payload, encode_payload, RecordError};
+use super::record::{decode_payload, decode_payload_into, encode_payload, RecordError};
 use super::value::Value;
 
 /// Bytes before a data record's payload (without extras).
@@ -130,12 +130,26 @@ pub fn parse_reply(body: &[u8]) -> Result<Reply, RecordError> {
 /// [`set_sub_id`] (and the gap with [`set_gap`]).
 pub fn data_into(body: &mut Vec<u8>, private: bool, data: &Value) -> Result<(), EncodeError> {
     body.clear();
-    body.resize(DATA_HEADER, 0);
+    data_append(body, private, data)
+}
+
+/// [`data_into`] appending to what `out` holds (records side by side for a batch; patch each
+/// one's slice). On error `out` is left as it was.
+pub fn data_append(out: &mut Vec<u8>, private: bool, data: &Value) -> Result<(), EncodeError> {
+    let at = out.len();
+    out.resize(at + DATA_HEADER, 0);
     let dflags = if private { DATA_PRIVATE } else { 0 };
-    body[8..12].copy_from_slice(&dflags.to_le_bytes());
-    let flags = encode_payload(data, body)?;
-    body[16..20].copy_from_slice(&flags.to_le_bytes());
-    Ok(())
+    out[at + 8..at + 12].copy_from_slice(&dflags.to_le_bytes());
+    match encode_payload(data, out) {
+        Ok(flags) => {
+            out[at + 16..at + 20].copy_from_slice(&flags.to_le_bytes());
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(at);
+            Err(e)
+        }
+    }
 }
 
 /// [`data_into`] with an extra-fields map (omitted when `extra` is `Null` or an empty map).
@@ -192,6 +206,29 @@ pub struct Data {
 
 /// Parses a data record.
 pub fn parse_data(body: &[u8]) -> Result<Data, RecordError> {
+    let mut data = Value::Null;
+    let h = parse_data_into(body, &mut data)?;
+    Ok(Data {
+        sub_id: h.sub_id,
+        private: h.private,
+        gap: h.gap,
+        extra: h.extra,
+        data,
+    })
+}
+
+/// A data record's fields other than the item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataHead {
+    pub sub_id: u64,
+    pub private: bool,
+    pub gap: u32,
+    pub extra: Option<Value>,
+}
+
+/// [`parse_data`] decoding the item into `slot`, reusing its allocations
+/// ([`codec::decode_into`]). On error `slot` holds part of a value: discard it.
+pub fn parse_data_into(body: &[u8], slot: &mut Value) -> Result<DataHead, RecordError> {
     let sub_id = u64_at(body, 0)?;
     let dflags = u32_at(body, 8)?;
     let gap = u32_at(body, 12)?;
@@ -204,13 +241,12 @@ pub fn parse_data(body: &[u8]) -> Result<Data, RecordError> {
     } else {
         (None, DATA_HEADER)
     };
-    let data = decode_payload(flags, body.get(at..).ok_or(RecordError::Short)?)?;
-    Ok(Data {
+    decode_payload_into(flags, body.get(at..).ok_or(RecordError::Short)?, slot)?;
+    Ok(DataHead {
         sub_id,
         private: dflags & DATA_PRIVATE != 0,
         gap,
         extra,
-        data,
     })
 }
 

@@ -26,6 +26,73 @@ fn binary_round_trip_keeps_every_kind() {
     assert_eq!(keys, ["s", "i", "big", "f", "t", "n", "a", "o", "b"]);
 }
 
+/// Equal and with the same key order everywhere (`==` on maps ignores order).
+fn same(a: &Value, b: &Value) -> bool {
+    a == b && a.to_json_string() == b.to_json_string()
+}
+
+#[test]
+fn decoding_into_a_used_value_gives_what_decoding_gives() {
+    let j = |s: &str| Value::from_json_str(s).unwrap();
+    let mut with_bytes = sample();
+    with_bytes
+        .as_map_mut()
+        .unwrap()
+        .insert("b".into(), Value::Bytes(vec![9; 40]));
+    let shapes = [
+        Value::Null,
+        j("1"),
+        j(r#""text""#),
+        Value::Bytes(vec![1, 2, 3]),
+        j("[1,2,3,4]"),
+        j("[[1],{\"a\":[]}]"),
+        j(r#"{"n":1,"b":"x"}"#),
+        j(r#"{"b":"x","n":1}"#),
+        j(r#"{"n":1}"#),
+        j(r#"{"n":1,"b":"x","extra":[1,2]}"#),
+        j(r#"{"n":{"deep":{"er":[1,{"x":null}]}}}"#),
+        sample(),
+        with_bytes,
+    ];
+    for want in &shapes {
+        let bytes = codec::encode(want).unwrap();
+        for prior in &shapes {
+            let mut slot = prior.clone();
+            codec::decode_into(&bytes, &mut slot).unwrap();
+            assert!(same(&slot, want), "{prior:?} then {want:?} gave {slot:?}");
+            // Every cut is refused, whatever the slot held.
+            for cut in 0..bytes.len() {
+                let mut slot = prior.clone();
+                assert!(codec::decode_into(&bytes[..cut], &mut slot).is_err());
+            }
+        }
+    }
+    // A repeated key keeps its first place and takes the last value, as `decode` does,
+    // whichever entries the slot held.
+    let dup = [9, 3, 1, b'a', 3, 2, 1, b'b', 3, 4, 1, b'a', 3, 6];
+    let want = codec::decode(&dup).unwrap();
+    assert!(same(&want, &j(r#"{"a":3,"b":2}"#)));
+    for prior in [
+        j(r#"{"a":0,"b":0}"#),
+        j(r#"{"a":0}"#),
+        j(r#"{"b":0,"a":0}"#),
+        j(r#"{"a":0,"b":0,"c":0}"#),
+        Value::Null,
+    ] {
+        let mut slot = prior.clone();
+        codec::decode_into(&dup, &mut slot).unwrap();
+        assert!(same(&slot, &want), "{prior:?} gave {slot:?}");
+    }
+    // Trailing bytes are refused too.
+    let mut long = codec::encode(&j(r#"{"n":1}"#)).unwrap();
+    long.push(0);
+    let mut slot = j(r#"{"n":0}"#);
+    assert_eq!(
+        codec::decode_into(&long, &mut slot),
+        Err(DecodeError::Trailing(1))
+    );
+}
+
 #[test]
 fn json_round_trip_keeps_integers_integral() {
     let v = sample();
