@@ -466,10 +466,165 @@ fn an_item_over_the_payload_limit_is_refused_to_the_pusher_and_subscribers_stay(
     let stream = server.create_stream("Limited", opts).unwrap();
     let (_sub, rx) = collect(&client, "Limited", Value::map());
     let too_big = Value::object([("blob", Value::Bytes(vec![0; 100 << 10]))]);
-    let err = stream.push(too_big).unwrap_err();
+    let err = stream.push(too_big.clone()).unwrap_err();
+    assert_eq!(err.status(), knit::Status::PayloadTooLarge, "{err}");
+    // In a batch it refuses the whole batch: the items before it are not sent either.
+    let err = stream.push_batch(&[n(0), too_big]).unwrap_err();
     assert_eq!(err.status(), knit::Status::PayloadTooLarge, "{err}");
     stream.push(n(1)).unwrap();
     assert_eq!(data(next(&rx)).0, n(1));
     assert_eq!(stream.subscriptions().len(), 1);
     drop((server, client));
+}
+
+/// Pushes 0..total as `{n}` items, in runs of one `push` and batches of up to 64 in turn.
+fn push_mixed(stream: &knit::client::Stream, total: i64) {
+    let mut i = 0;
+    let mut round = 0usize;
+    while i < total {
+        if round % 2 == 0 {
+            stream.push(n(i)).unwrap();
+            i += 1;
+        } else {
+            let k = ((round * 7) % 64 + 1) as i64;
+            let batch: Vec<Value> = (i..(i + k).min(total)).map(n).collect();
+            stream.push_batch(&batch).unwrap();
+            i += batch.len() as i64;
+        }
+        round += 1;
+    }
+}
+
+/// The `n` of every data item, until `total` arrived.
+fn numbers(rx: &Receiver<StreamEvent>, total: usize) -> Vec<i64> {
+    (0..total)
+        .map(|_| data(next(rx)).0.get("n").and_then(Value::as_i64).unwrap())
+        .collect()
+}
+
+#[test]
+fn batched_and_single_pushes_arrive_once_and_in_order_under_every_policy() {
+    let env = Env::new("batch");
+    let server = env.client("server");
+    let lane_client = env.client("lane-client");
+    let relay_client = env.relay_client("relay-client");
+    let total = 6_000;
+    for (i, policy) in [
+        SlowConsumerPolicy::Block(Duration::from_secs(5)),
+        SlowConsumerPolicy::DropOldest,
+        SlowConsumerPolicy::Conflate("n".into()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("Batched{i}");
+        // A queue as large as the run: nothing is dropped, so every item must arrive.
+        let opts = StreamOptions {
+            policy,
+            queue: total as usize,
+            ..Default::default()
+        };
+        let stream = server.create_stream(name.as_str(), opts).unwrap();
+        let (_a, ra) = collect(&lane_client, &name, Value::map());
+        let (_b, rb) = collect(&relay_client, &name, Value::map());
+        push_mixed(&stream, total);
+        let want: Vec<i64> = (0..total).collect();
+        assert_eq!(
+            numbers(&ra, total as usize),
+            want,
+            "lane subscriber, policy {i}"
+        );
+        assert_eq!(
+            numbers(&rb, total as usize),
+            want,
+            "relayed subscriber, policy {i}"
+        );
+    }
+    let stream = server
+        .create_stream("Checked", StreamOptions::default())
+        .unwrap();
+    let (_c, rc) = collect(&lane_client, "Checked", Value::map());
+    assert!(
+        matches!(
+            stream.push_batch(&[n(0), Value::from(1)]),
+            Err(knit::client::ClientError::InvalidArgument(_))
+        ),
+        "an item that is not an object refuses the batch"
+    );
+    stream.push_batch(&[]).unwrap();
+    stream.push(n(7)).unwrap();
+    assert_eq!(
+        data(next(&rc)).0,
+        n(7),
+        "nothing of the refused batch was sent"
+    );
+}
+
+#[test]
+fn a_callback_that_waits_for_a_reply_still_sees_every_item_in_order() {
+    // While the callback waits for its reply, the dispatch thread reads its lanes, and with
+    // them more items of this very subscription: those must wait for the callback's turn.
+    let env = Env::new("nested");
+    let server = env.client("server");
+    server.register("Echo", |inv| Ok(inv.args.clone())).unwrap();
+    // The reply travels behind the items on the server's lane: the subscriber's queue must
+    // take them all while the callback waits (a blocking queue that filled would leave the
+    // reply unread).
+    let total = 3_000;
+    let opts = StreamOptions {
+        queue: total as usize,
+        ..Default::default()
+    };
+    let stream = server.create_stream("Nested", opts).unwrap();
+    let client = env.client("client");
+    let caller = client.clone();
+    let (tx, rx) = channel();
+    let opts = knit::client::InvokeOptions {
+        target: Target::Best,
+        wait: Duration::from_secs(5),
+        timeout: Duration::from_secs(5),
+    };
+    let _sub = client
+        .subscribe_stream("Nested", params(Value::map()), move |e| {
+            if let StreamEvent::Data { data, .. } = e {
+                let i = data.get("n").and_then(Value::as_i64).unwrap();
+                if i % 50 == 0 {
+                    let echoed = caller.invoke("Echo", data.clone(), &opts).unwrap();
+                    assert_eq!(echoed.returned, *data);
+                }
+                let _ = tx.send(i);
+            }
+        })
+        .unwrap();
+    push_mixed(&stream, total);
+    let got: Vec<i64> = (0..total)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).expect("an item"))
+        .collect();
+    assert_eq!(got, (0..total).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_panicking_callback_loses_only_its_own_item() {
+    let env = Env::new("panics");
+    let server = env.client("server");
+    let stream = server
+        .create_stream("Panicky", StreamOptions::default())
+        .unwrap();
+    let client = env.client("client");
+    let (tx, rx) = channel();
+    let _sub = client
+        .subscribe_stream("Panicky", params(Value::map()), move |e| {
+            if let StreamEvent::Data { data, .. } = e {
+                let i = data.get("n").and_then(Value::as_i64).unwrap();
+                assert!(i % 10 != 3, "callback fails on {i}");
+                let _ = tx.send(i);
+            }
+        })
+        .unwrap();
+    push_mixed(&stream, 500);
+    let got: Vec<i64> = (0..450)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).expect("an item"))
+        .collect();
+    let want: Vec<i64> = (0..500).filter(|i| i % 10 != 3).collect();
+    assert_eq!(got, want);
 }

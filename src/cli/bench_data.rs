@@ -426,8 +426,8 @@ fn data_plane(args: &BenchArgs, scenario: &str) -> Result<(), CliError> {
         let end = parse_end(&peer.line()?)?;
         let tput = tput_n as f64 / ((end.saturating_sub(start)) as f64 / 1e9).max(1e-9);
         let mut row = data_row(scenario, Some(1), size, n, k, base, Some((tput, base_tput)));
-        if scenario == "bus" {
-            // The same through `publish_batch`, 64 messages a call.
+        {
+            // The same through `publish_batch` / `push_batch`, 64 messages a call.
             drop(peer);
             let (_board, fd) = Bare::create(8)?;
             let mut peer = spawn_peer(&role, &extra, Some(&fd))?;
@@ -436,7 +436,14 @@ fn data_plane(args: &BenchArgs, scenario: &str) -> Result<(), CliError> {
             let mut sent = 0;
             while sent < tput_n {
                 let k = (tput_n - sent).min(64) as usize;
-                client.publish_batch("bench.bus", &batch[..k], &PublishOptions::default())?;
+                match &stream {
+                    Some(s) => s.push_batch(&batch[..k])?,
+                    None => client.publish_batch(
+                        "bench.bus",
+                        &batch[..k],
+                        &PublishOptions::default(),
+                    )?,
+                }
                 sent += k as u64;
             }
             let end = parse_end(&peer.line()?)?;

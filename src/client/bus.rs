@@ -741,12 +741,9 @@ pub(crate) fn publish_batch(
         let mut failed = None;
         let deadline = Instant::now() + SEND_TIMEOUT;
         for l in &r.lanes {
-            let bodies = ends.iter().scan(0, |at, &end| {
-                let b = &body[*at..end];
-                *at = end;
-                Some(b)
-            });
-            if let Err(e) = shared.send_many_on(l, KIND_BUS, bodies, deadline) {
+            if let Err(e) =
+                shared.send_many_on(l, KIND_BUS, super::lane::split_at(&body, &ends), deadline)
+            {
                 lane_failed(shared, e, &mut failed);
             }
         }

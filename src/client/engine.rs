@@ -186,6 +186,9 @@ pub(crate) enum Task {
     Bus(super::bus::BusMessage),
     /// Small raw bus messages from one lane, read in one round (dispatch thread only).
     BusBatch(super::bus::BusBatch),
+    /// Stream items from one lane for one subscription, read in one round (dispatch thread
+    /// only).
+    StreamBatch(super::streams::StreamBatch),
     /// We invoked one of our own methods.
     LocalInvoke {
         slot: Arc<CallSlot>,
@@ -806,6 +809,7 @@ impl Shared {
     fn run_task(self: &Arc<Self>, t: Task) -> usize {
         match t {
             Task::BusBatch(b) => super::bus::deliver_batch(self, b),
+            Task::StreamBatch(b) => super::streams::deliver_batch(self, b),
             t => {
                 self.run_one(t);
                 1
@@ -892,6 +896,9 @@ impl Shared {
             }
             Task::BusBatch(b) => {
                 super::bus::deliver_batch(self, b);
+            }
+            Task::StreamBatch(b) => {
+                super::streams::deliver_batch(self, b);
             }
             Task::Bus(msg) => {
                 let r =
@@ -1296,16 +1303,20 @@ impl Shared {
             | crate::wire::record::KIND_SUB_REPLY
             | crate::wire::record::KIND_STREAM_DATA
             | crate::wire::record::KIND_SUB_CLOSE => {
-                let link = super::streams::Link::Lane(lane.clone());
-                if super::streams::on_record(
-                    self,
-                    lane.peer,
-                    lane.identity.clone(),
-                    link,
-                    kind,
-                    body,
-                )? && !lane.stalled.swap(true, Ordering::AcqRel)
-                {
+                let stall = if kind == crate::wire::record::KIND_STREAM_DATA {
+                    super::streams::on_lane_data(self, lane, body, sink)?
+                } else {
+                    let link = super::streams::Link::Lane(lane.clone());
+                    super::streams::on_record(
+                        self,
+                        lane.peer,
+                        lane.identity.clone(),
+                        link,
+                        kind,
+                        body,
+                    )?
+                };
+                if stall && !lane.stalled.swap(true, Ordering::AcqRel) {
                     self.stalled_lanes.fetch_add(1, Ordering::AcqRel);
                 }
                 Ok(())

@@ -365,6 +365,15 @@ impl Lane {
     }
 }
 
+/// Messages side by side in `body`, ending at `ends` (each end is the next one's start).
+pub(crate) fn split_at<'a>(body: &'a [u8], ends: &'a [usize]) -> impl Iterator<Item = &'a [u8]> {
+    ends.iter().scan(0, move |at, &end| {
+        let b = &body[*at..end];
+        *at = end;
+        Some(b)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
