@@ -14,7 +14,11 @@
 //                        ({i, t, s}: t its clock), a subscriber's callback takes now - t (both
 //                        processes read the same monotonic clock) and answers on `bench.pong`;
 //                        the writer waits for the answer before the next update (no queueing);
-//   ctx_update_raw_gw3   the same with bare GW3 frames (update-context → context-updated).
+//   ctx_update_raw_gw3   the same with bare GW3 frames (update-context → context-updated);
+//   ws_direct            no gateway at all: the raw caller's frames to a Node WebSocket server that
+//                        answers each with a result frame — one hop each way instead of two, the
+//                        floor a gateway's bare GW3 round trip is measured against (printed as
+//                        {gateway: "none"} and, with invoke_rtt_raw_gw3, knit's ratio to it).
 // Prints one JSON line per gateway and scenario {gateway, scenario, n, p50_us, p99_us, p999_us,
 // mean_us}, then {scenario, ratio_p50, ratio_p99, ratio_p999, ratio_mean, target} (ratio =
 // reference / knit).
@@ -192,6 +196,57 @@ async function rawCaller(url, n, server) {
   ws.close();
 }
 
+// No gateway: a WebSocket server that answers each call frame with a result frame.
+async function directServer() {
+  const { WebSocketServer } = require("ws");
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  await new Promise((ok) => wss.once("listening", ok));
+  wss.on("connection", (ws) => ws.on("message", (d) => {
+    const m = JSON.parse(d.toString());
+    ws.send(JSON.stringify({ type: "result", domain: "agm", request_id: m.request_id, peer_id: m.peer_id, result: m.arguments_kv }));
+  }));
+  process.send({ ready: true, url: `ws://127.0.0.1:${wss.address().port}` });
+}
+
+async function directCaller(url, n) {
+  const WebSocket = require("ws");
+  const ws = new WebSocket(url);
+  await new Promise((ok, fail) => { ws.once("open", ok); ws.once("error", fail); });
+  const waiters = new Map();
+  ws.on("message", (d) => {
+    const m = JSON.parse(d.toString());
+    const w = waiters.get(m.request_id);
+    if (w) { waiters.delete(m.request_id); w(m); }
+  });
+  const args = { s: "x".repeat(40) };
+  let k = 0;
+  const call = () => new Promise((ok) => {
+    const m = { type: "call", domain: "agm", request_id: `c${k++}`, peer_id: "p", server_id: "s", method_id: "0", arguments_kv: args };
+    waiters.set(m.request_id, ok);
+    ws.send(JSON.stringify(m));
+  });
+  for (let i = 0; i < WARMUP; i++) await call();
+  const us = [];
+  for (let i = 0; i < n; i++) {
+    const t = process.hrtime.bigint();
+    const r = await call();
+    us.push(Number(process.hrtime.bigint() - t) / 1000);
+    if (r.type !== "result") throw new Error(JSON.stringify(r));
+  }
+  process.send({ us });
+  ws.close();
+}
+
+async function measureDirect(n) {
+  const srv = fork(__filename, ["--role", "direct-server"], { stdio: "inherit" });
+  const ready = await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
+  const cli = fork(__filename, ["--role", "direct-caller", "--url", ready.url, "--n", String(n)], { stdio: "inherit" });
+  const { us } = await new Promise((ok, fail) => { cli.once("message", ok); cli.once("exit", () => fail(new Error("caller died"))); });
+  srv.kill();
+  await new Promise((r) => cli.once("exit", r));
+  return us;
+}
+
 // The reference gateway, in this process, on a WebSocket server of our own on 127.0.0.1.
 async function referenceGateway() {
   const { WebSocketServer } = require("ws");
@@ -212,7 +267,9 @@ async function referenceGateway() {
     gw.connect((_c, msg) => { if (socket.readyState === socket.OPEN) socket.send(JSON.stringify(msg)); })
       .then((c) => { client = c; early.splice(0).forEach(deliver); });
     socket.on("message", (d) => (client ? deliver(d.toString()) : early.push(d.toString())));
-    socket.on("close", () => client && client.disconnect());
+    // The reference gateway sometimes throws while tearing down a peer whose process was just
+    // killed; that must not end the benchmark.
+    socket.on("close", () => { try { if (client) client.disconnect(); } catch (e) { process.stderr.write(`reference disconnect: ${e.message}\n`); } });
   });
   return { url: `ws://127.0.0.1:${wss.address().port}`, close: async () => { wss.close(); await gw.stop(); } };
 }
@@ -277,16 +334,19 @@ async function main() {
     invoke_rtt_raw_gw3: (url, k) => measure(url, k, true),
     ctx_update: (url, k) => measureCtx(url, k, false),
     ctx_update_raw_gw3: (url, k) => measureCtx(url, k, true),
+    ws_direct: null,
   };
   const only = opt("--only");
   const scenarios = only ? only.split(",") : Object.keys(all);
-  for (const s of scenarios) if (!all[s]) throw new Error(`unknown scenario ${s}`);
+  for (const s of scenarios) if (!(s in all)) throw new Error(`unknown scenario ${s}`);
+  const direct = scenarios.includes("ws_direct");
   const samples = {};
   // A fresh pair of gateways per round (a context scenario leaves its contexts behind).
   for (let i = 0; i < rounds; i++) {
     const gateways = { knit: await knitGateway(bin), reference: await referenceGateway() };
     try {
-      for (const scenario of scenarios) {
+      if (direct) samples.ws_direct = (samples.ws_direct || []).concat(await measureDirect(Math.ceil(n / rounds)));
+      for (const scenario of scenarios.filter((s) => s !== "ws_direct")) {
         for (const name of Object.keys(gateways)) {
           const key = `${scenario}/${name}`;
           samples[key] = (samples[key] || []).concat(await all[scenario](gateways[name].url, Math.ceil(n / rounds)));
@@ -297,7 +357,17 @@ async function main() {
     }
   }
   const ratio = (a, b) => Math.round((a / b) * 100) / 100;
-  for (const scenario of scenarios) {
+  if (direct) {
+    const f = stats("none", "ws_direct", samples.ws_direct);
+    console.log(JSON.stringify(f));
+    const raw = samples["invoke_rtt_raw_gw3/knit"];
+    if (raw) {
+      const k = stats("knit", "invoke_rtt_raw_gw3", raw.slice());
+      console.log(JSON.stringify({ scenario: "invoke_rtt_raw_gw3_vs_ws_direct", knit_over_floor_p50: ratio(k.p50_us, f.p50_us),
+        knit_over_floor_mean: ratio(k.mean_us, f.mean_us) }));
+    }
+  }
+  for (const scenario of scenarios.filter((s) => s !== "ws_direct")) {
     const k = stats("knit", scenario, samples[`${scenario}/knit`]);
     const r = stats("reference", scenario, samples[`${scenario}/reference`]);
     console.log(JSON.stringify(k));
@@ -311,6 +381,8 @@ async function main() {
 if (role === "server") server(opt("--url")).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "raw-server") rawServer(opt("--url")).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "raw-caller") rawCaller(opt("--url"), Number(opt("--n")), opt("--server")).catch((e) => { console.error(e); process.exit(1); });
+else if (role === "direct-server") directServer().catch((e) => { console.error(e); process.exit(1); });
+else if (role === "direct-caller") directCaller(opt("--url"), Number(opt("--n"))).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "caller") caller(opt("--url"), Number(opt("--n"))).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "ctx-reader") ctxReader(opt("--url")).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "ctx-writer") ctxWriter(opt("--url"), Number(opt("--n"))).catch((e) => { console.error(e); process.exit(1); });
