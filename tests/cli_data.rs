@@ -393,3 +393,38 @@ fn a_writer_killed_mid_update_leaves_the_context_consistent_and_writable() {
         }
     }
 }
+
+#[test]
+fn sub_whose_reader_goes_away_exits_0_without_a_panic() {
+    // `knit sub prices | head -1`: the reader closes the pipe after the first line.
+    let dir = TempDir::new("subpipe");
+    let g = gw(&dir);
+    let sock = &g.socket;
+    let mut child = Command::new(common::knit_bin())
+        .arg("--gateway")
+        .arg(sock)
+        .args(["sub", "prices"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning knit");
+    let err = Lines::spawn(child.stderr.take().expect("stderr"));
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut sub = ChildGuard::new(child, "knit sub prices");
+    err.wait_for(STARTUP, |l| l.contains("\"ready\""))
+        .expect("knit sub never said ready");
+    knit_ok(sock, &["pub", "prices", r#"{"n":1}"#]);
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).expect("a first line");
+    assert!(first.contains(r#""n":1"#), "{first}");
+    drop(out);
+    // The next message is written to a closed pipe: that ends the command.
+    let exited = wait_until(QUICK, || {
+        knit_ok(sock, &["pub", "prices", r#"{"n":2}"#]);
+        sub.try_status().is_some()
+    });
+    assert!(exited, "knit sub kept running with nobody reading");
+    assert_eq!(sub.try_status().and_then(|s| s.code()), Some(0));
+    assert_eq!(err.wait_for(QUICK, |l| l.contains("panicked")), None);
+}

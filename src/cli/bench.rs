@@ -461,7 +461,7 @@ fn futex_wake(w: &AtomicU32) {
 // ----- peers ----------------------------------------------------------------------------------
 
 fn ready() {
-    println!("ready");
+    outln!("ready");
     let _ = std::io::stdout().flush();
 }
 
@@ -771,7 +771,7 @@ fn rpc(args: &BenchArgs) -> Result<(), CliError> {
                     row("rpc", mode, size, n, k.stats(), &[("futex", fx.stats())])
                 };
                 if args.json {
-                    println!("{}", r.to_json_string());
+                    outln!("{}", r.to_json_string());
                 } else {
                     print_row(&r);
                 }
@@ -793,7 +793,7 @@ fn print_row(r: &Value) {
     } else {
         "futex"
     };
-    println!(
+    outln!(
         "rpc {:<5} {:>6} B  knit p50 {:>8} µs p99 {:>8} µs p99.9 {:>8} µs | {base} p50 {:>7} µs | ratio {:.2}{}",
         r.get("mode").and_then(Value::as_str).unwrap_or(""),
         g("size"),

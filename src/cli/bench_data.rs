@@ -38,7 +38,7 @@ fn stamp_of(b: &[u8]) -> Option<u64> {
 
 fn print_samples(samples: &[u64]) {
     let v = Value::Array(samples.iter().map(|&s| Value::from(s)).collect());
-    println!("{}", Value::object([("samples", v)]).to_json_string());
+    outln!("{}", Value::object([("samples", v)]).to_json_string());
 }
 
 fn read_samples(p: &mut Peer) -> Result<Vec<u64>, CliError> {
@@ -198,7 +198,7 @@ fn data_row(
 
 fn emit(args: &BenchArgs, r: &Value) {
     if args.json {
-        println!("{}", r.to_json_string());
+        outln!("{}", r.to_json_string());
     } else {
         let g = |k: &str| r.get(k).and_then(Value::as_f64).unwrap_or(0.0);
         let us = |k: &str| format!("{:.2}", g(k) / 1000.0);
@@ -226,7 +226,7 @@ fn emit(args: &BenchArgs, r: &Value) {
         } else {
             tput
         };
-        println!(
+        outln!(
             "{:<6}{subs} {:>6} B  one-way p50 {:>7} µs p99 {:>7} µs p99.9 {:>7} µs | bare ring p50 {:>6} µs | ratio {:.2}{tput}",
             r.get("scenario").and_then(Value::as_str).unwrap_or(""),
             g("size"),
@@ -323,11 +323,14 @@ pub(super) fn ctx(args: &BenchArgs) -> Result<(), CliError> {
         m.insert("machine".into(), Value::from(machine()));
         let r = Value::Map(m);
         if args.json {
-            println!("{}", r.to_json_string());
+            outln!("{}", r.to_json_string());
         } else {
-            println!(
+            outln!(
                 "ctx_get  1024 B  p50 {} ns p99 {} ns p99.9 {} ns | memcpy 1 KiB + clock p50 {} ns",
-                k.p50, k.p99, k.p999, b.p50
+                k.p50,
+                k.p99,
+                k.p999,
+                b.p50
             );
         }
         Ok(())
@@ -493,7 +496,7 @@ pub(super) fn peer(role: &str, a: &PeerArgs) -> Result<(), CliError> {
             for _ in 0..a.n {
                 bare.recv(0, &mut buf);
             }
-            println!(
+            outln!(
                 "{}",
                 Value::object([("end", Value::from(mono_ns()))]).to_json_string()
             );
@@ -596,7 +599,7 @@ pub(super) fn peer(role: &str, a: &PeerArgs) -> Result<(), CliError> {
                 while finished.load(Ordering::Acquire) == 0 {
                     futex_wait(&finished, 0);
                 }
-                println!(
+                outln!(
                     "{}",
                     Value::object([("end", Value::from(end.load(Ordering::Relaxed)))])
                         .to_json_string()

@@ -118,7 +118,7 @@ pub(super) fn obj(pairs: Vec<(&str, Value)>) -> Value {
 }
 
 pub(super) fn say(v: &Value) {
-    println!("{}", v.to_json_string());
+    outln!("{}", v.to_json_string());
     let _ = std::io::stdout().flush();
 }
 

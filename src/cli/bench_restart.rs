@@ -59,7 +59,7 @@ fn peer_err(e: impl std::fmt::Display) -> CliError {
 }
 
 fn emit(v: Value) {
-    println!("{}", v.to_json_string());
+    outln!("{}", v.to_json_string());
     let _ = std::io::stdout().flush();
 }
 
@@ -473,7 +473,7 @@ fn restart_row(name: &str, peers: usize, rounds: usize, v: &[u64], s: &Samples) 
 fn print_restart_row(r: &Value) {
     let g = |k: &str| r.get(k).and_then(Value::as_f64).unwrap_or(0.0);
     let ms = |k: &str| format!("{:.2}", g(k) / 1e6);
-    println!(
+    outln!(
         "restart {:<13} {:>2} peers × {:>3} rounds  p50 {:>7} ms p99 {:>7} ms p99.9 {:>7} ms | connect+register p50 {:>6} ms p99 {:>6} ms | ratio p50 {:.1} p99 {:.1} | ≤ 1 s {}",
         r.get("figure").and_then(Value::as_str).unwrap_or(""),
         g("peers"),
@@ -506,14 +506,14 @@ pub(super) fn restart(args: &BenchArgs) -> Result<(), CliError> {
     ] {
         let r = restart_row(name, peers, rounds, v, &s);
         if args.json {
-            println!("{}", r.to_json_string());
+            outln!("{}", r.to_json_string());
         } else {
             print_restart_row(&r);
         }
     }
     if !args.json {
         let l = Stats::of(s.listen.clone(), Duration::ZERO);
-        println!(
+        outln!(
             "restart: a new gateway listened {:.2} ms (p50) after it was spawned; times above are from then",
             l.p50 as f64 / 1e6
         );

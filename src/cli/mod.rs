@@ -2,6 +2,14 @@
 //! one line on stderr; the exit code says what happened (0 ok, 2 usage, 3 no server, 4 timeout,
 //! 5 remote failure, 6 gateway unreachable, 7 permission denied, 8 bad input).
 
+/// `println!` for command output: a reader that went away ends the command quietly
+/// ([`out_line`]) instead of a panic.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::cli::out_line(format_args!($($t)*))
+    };
+}
+
 mod bench;
 
 use clap::{Parser, Subcommand};
@@ -329,7 +337,7 @@ fn run(cli: Cli) -> CliResult {
                     ),
                 )
             })?;
-            println!("{token}");
+            outln!("{token}");
             Ok(())
         }
         Cmd::Bench(args) => bench::run(args),
@@ -370,7 +378,25 @@ fn parse_json_arg(arg: &str) -> Result<Value, CliError> {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", v.to_json_string());
+    outln!("{}", v.to_json_string());
+}
+
+/// Writes one line of output. When the reader has gone (`knit sub … | head -1`) nobody is left
+/// to tell: the command ends at once with 0. Any other failure to write ends it with 1.
+pub(crate) fn out_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o
+        .write_fmt(line)
+        .and_then(|()| o.write_all(b"\n"))
+        .and_then(|()| o.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("knit: cannot write the output: {e}");
+        std::process::exit(1);
+    }
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -821,12 +847,15 @@ fn methods(client: &Client, json: bool) -> CliResult {
             ms.iter().map(knit::client::MethodInfo::to_value).collect(),
         ));
     } else {
-        println!("{:<32} {:<24} {:>8}  PEER", "METHOD", "APPLICATION", "PID");
+        outln!("{:<32} {:<24} {:>8}  PEER", "METHOD", "APPLICATION", "PID");
         for m in &ms {
             for s in &m.servers {
-                println!(
+                outln!(
                     "{:<32} {:<24} {:>8}  {}",
-                    m.def.name, s.application, s.pid, s.peer_id
+                    m.def.name,
+                    s.application,
+                    s.pid,
+                    s.peer_id
                 );
             }
         }
