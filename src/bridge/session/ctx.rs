@@ -414,6 +414,13 @@ impl Session {
             }
         };
         ctxs.written(id, version, changed, data);
+        if changed {
+            // The other web subscribers' frames are queued on their connections' tasks; let
+            // those run first. Each frame costs its sender a loopback `send` that wakes the
+            // receiving process (~24 µs on the 2-core VM), so sending this writer's `success`
+            // first would delay every other subscriber by that much (docs/benchmarks.md §6.3).
+            tokio::task::yield_now().await;
+        }
         self.send(gw3::success(domain, &rid(msg), &self.my_id()));
         Ok(())
     }
