@@ -61,8 +61,9 @@ async function caller(url, n) {
   await io.done();
 }
 
-// The same round trip with bare GW3 frames (no client library): what the gateway itself costs.
-async function rawLogin(url, application) {
+// A WebSocket whose `ask(m)` sends `m` and resolves with the answer carrying its request_id;
+// other frames go to `onInvoke` (invocations) or `onOther`.
+async function openAsk(url) {
   const WebSocket = require("ws");
   const ws = new WebSocket(url);
   await new Promise((ok, fail) => { ws.once("open", ok); ws.once("error", fail); });
@@ -74,6 +75,26 @@ async function rawLogin(url, application) {
     else if (ws.onOther) ws.onOther(m);
   });
   ws.ask = (m) => new Promise((ok) => { waiters.set(m.request_id, ok); ws.send(JSON.stringify(m)); });
+  return ws;
+}
+
+// Times `n` calls (after WARMUP), each expecting a `result`; sends the times to the parent.
+async function timeCalls(ws, call, n) {
+  for (let i = 0; i < WARMUP; i++) await call();
+  const us = [];
+  for (let i = 0; i < n; i++) {
+    const t = process.hrtime.bigint();
+    const r = await call();
+    us.push(Number(process.hrtime.bigint() - t) / 1000);
+    if (r.type !== "result") throw new Error(JSON.stringify(r));
+  }
+  process.send({ us });
+  ws.close();
+}
+
+// The same round trip with bare GW3 frames (no client library): what the gateway itself costs.
+async function rawLogin(url, application) {
+  const ws = await openAsk(url);
   const w = await ws.ask({ type: "hello", request_id: "h", identity: { application }, authentication: { method: "secret", login: "bench", secret: "bench" } });
   ws.id = w.peer_id;
   await ws.ask({ type: "join", domain: "global", destination: "agm", request_id: "j", peer_id: ws.id });
@@ -184,16 +205,7 @@ async function rawCaller(url, n, server) {
   const args = { s: "x".repeat(40) };
   let k = 0;
   const call = () => ws.ask({ type: "call", domain: "agm", request_id: `c${k++}`, peer_id: ws.id, server_id: server, method_id: "0", arguments_kv: args });
-  for (let i = 0; i < WARMUP; i++) await call();
-  const us = [];
-  for (let i = 0; i < n; i++) {
-    const t = process.hrtime.bigint();
-    const r = await call();
-    us.push(Number(process.hrtime.bigint() - t) / 1000);
-    if (r.type !== "result") throw new Error(JSON.stringify(r));
-  }
-  process.send({ us });
-  ws.close();
+  await timeCalls(ws, call, n);
 }
 
 // No gateway: a WebSocket server that answers each call frame with a result frame.
@@ -209,32 +221,11 @@ async function directServer() {
 }
 
 async function directCaller(url, n) {
-  const WebSocket = require("ws");
-  const ws = new WebSocket(url);
-  await new Promise((ok, fail) => { ws.once("open", ok); ws.once("error", fail); });
-  const waiters = new Map();
-  ws.on("message", (d) => {
-    const m = JSON.parse(d.toString());
-    const w = waiters.get(m.request_id);
-    if (w) { waiters.delete(m.request_id); w(m); }
-  });
+  const ws = await openAsk(url);
   const args = { s: "x".repeat(40) };
   let k = 0;
-  const call = () => new Promise((ok) => {
-    const m = { type: "call", domain: "agm", request_id: `c${k++}`, peer_id: "p", server_id: "s", method_id: "0", arguments_kv: args };
-    waiters.set(m.request_id, ok);
-    ws.send(JSON.stringify(m));
-  });
-  for (let i = 0; i < WARMUP; i++) await call();
-  const us = [];
-  for (let i = 0; i < n; i++) {
-    const t = process.hrtime.bigint();
-    const r = await call();
-    us.push(Number(process.hrtime.bigint() - t) / 1000);
-    if (r.type !== "result") throw new Error(JSON.stringify(r));
-  }
-  process.send({ us });
-  ws.close();
+  const call = () => ws.ask({ type: "call", domain: "agm", request_id: `c${k++}`, peer_id: "p", server_id: "s", method_id: "0", arguments_kv: args });
+  await timeCalls(ws, call, n);
 }
 
 async function measureDirect(n) {
