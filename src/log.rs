@@ -46,8 +46,16 @@ pub fn log(l: Level, args: std::fmt::Arguments<'_>) {
             Level::Info => "info",
             Level::Debug => "debug",
         };
-        eprintln!("knit {tag}: {args}");
+        line(format_args!("knit {tag}: {args}"));
     }
+}
+
+/// Writes one line to stderr. A stderr that cannot be written (a closed pipe: `knit gateway
+/// 2>&1 | head`) loses the line; it never panics, least of all in an application's thread.
+pub fn line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut e = std::io::stderr().lock();
+    let _ = e.write_fmt(args).and_then(|()| e.write_all(b"\n"));
 }
 
 pub(crate) fn warn(args: std::fmt::Arguments<'_>) {

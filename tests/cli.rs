@@ -818,3 +818,30 @@ fn gateway_starts_on_the_socket_of_a_killed_gateway() {
         "knit serve rode the restart out"
     );
 }
+
+#[test]
+fn a_gateway_whose_stderr_was_closed_keeps_serving_and_stops_cleanly() {
+    // `knit gateway 2>&1 | head -1`: the reader of its log is gone after the first line.
+    let dir = TempDir::new("closed-stderr");
+    let sock = dir.socket();
+    let mut child = std::process::Command::new(common::knit_bin())
+        .args(["gateway", "--no-ws", "--gateway", sock_arg(&sock)])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning knit gateway");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut gw = common::ChildGuard::new(child, "knit gateway");
+    let up = wait_until(STARTUP, || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    assert!(up, "the gateway never accepted");
+    drop(stderr);
+    let out = run_knit(&["--gateway", sock_arg(&sock), "methods", "--json"], QUICK);
+    assert_exit(&out, 0);
+    // Stopping logs a line: it must not turn into a crash.
+    gw.signal(rustix::process::Signal::TERM);
+    let status = gw.wait_timeout(QUICK).expect("the gateway did not stop");
+    assert_eq!(status.code(), Some(0), "{status}");
+}

@@ -881,7 +881,7 @@ pub(super) fn run(args: &BenchArgs) -> Result<(), CliError> {
     std::thread::sleep(Duration::from_millis(500));
     let gw_idle = mem(gw.pid()).unwrap_or_default();
     let shmem_start = meminfo_kb("Shmem");
-    eprintln!(
+    errln!(
         "load: gateway pid {} idle RSS {} (load average {load_start})",
         gw.pid(),
         mib(gw_idle.rss)
@@ -889,7 +889,7 @@ pub(super) fn run(args: &BenchArgs) -> Result<(), CliError> {
     let result = load_with(args, &mut gw, &socket, gw_idle, shmem_start);
     let clean = gw.stop();
     if !clean {
-        eprintln!("load: the gateway did not stop cleanly: {}", gw.log_text());
+        errln!("load: the gateway did not stop cleanly: {}", gw.log_text());
     }
     let (out, violations) = result?;
     let mut out = out;
@@ -971,7 +971,7 @@ fn load_with(
     }
     let mut rows = Vec::new();
     let c = wait_census(&probe, low, Duration::from_secs(60))?;
-    eprintln!("load: probe at {c:?}");
+    errln!("load: probe at {c:?}");
     rows.push(probe_stage(&probe, socket, "low", a.probe_iters, c)?);
 
     let mut idle: Vec<Proc> = Vec::new();
@@ -986,7 +986,7 @@ fn load_with(
         &mut idle,
     )?;
     let c = wait_census(&probe, mid, Duration::from_secs(600))?;
-    eprintln!("load: probe at {c:?}");
+    errln!("load: probe at {c:?}");
     rows.push(probe_stage(&probe, socket, "mid", a.probe_iters, c)?);
 
     // The load's own peers, then idle ones up to the high mark.
@@ -1045,7 +1045,7 @@ fn load_with(
     )?;
     let full = wait_census(&probe, high, Duration::from_secs(1800))?;
     let setup_s = t_setup.elapsed().as_secs_f64();
-    eprintln!("load: probe at {full:?} (set-up took {setup_s:.0} s)");
+    errln!("load: probe at {full:?} (set-up took {setup_s:.0} s)");
     rows.push(probe_stage(&probe, socket, "high", a.probe_iters, full)?);
     for r in &rows {
         say(&probe_value(r, &rows[0]));
@@ -1062,7 +1062,7 @@ fn load_with(
     let client_rss = sum_rss(&clients);
     let server_rss = sum_rss(&servers);
     let idle_peers = full.peers.saturating_sub(2 + s_n + c_n);
-    eprintln!(
+    errln!(
         "load: {} peers, {} methods, {} contexts; gateway RSS {} ({} open descriptors); go: {c_n} clients × {n} calls → {s_n} servers",
         full.peers,
         full.methods,
@@ -1369,7 +1369,7 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
     let pid = gw.pid();
     let keeper = gw.keeper;
     let idle = snap(pid, keeper);
-    eprintln!(
+    errln!(
         "scale: gateway idle RSS {} ({} descriptors)",
         mib(idle.gw.rss),
         idle.fds
@@ -1404,7 +1404,7 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
         with_ctx,
         mem(ctx_maker.pid()).map(|m| (m, fd_count(ctx_maker.pid()))),
     );
-    eprintln!(
+    errln!(
         "scale: {} contexts in {ctx_s:.1} s: gateway RSS {}, {} descriptors",
         a.contexts,
         mib(with_ctx.gw.rss),
@@ -1420,7 +1420,7 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
         with_m,
         mem(m_maker.pid()).map(|m| (m, fd_count(m_maker.pid()))),
     );
-    eprintln!(
+    errln!(
         "scale: {} methods in {m_s:.1} s: gateway RSS {}",
         a.methods,
         mib(with_m.gw.rss)
@@ -1440,7 +1440,7 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
             Value::from(peers_rss / peers.max(1) as u64),
         );
     }
-    eprintln!(
+    errln!(
         "scale: {} idle peers in {p_s:.1} s: gateway RSS {}, {} descriptors",
         peers,
         mib(with_p.gw.rss),
@@ -1511,7 +1511,7 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
     ]);
     let row = |v: &Value| {
         let g = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-        eprintln!(
+        errln!(
             "  {:>6} {:<9} gateway {:>7.0} B each ({:>6.0} B heap, {:>6.0} B shared), {:>4.2} descriptors; keeper {:>5.0} B, {:>4.2} descriptors; system shared memory {:>7.0} B each",
             g("count"),
             v.get("items").and_then(Value::as_str).unwrap_or(""),
@@ -1524,8 +1524,8 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
             g("system_shmem_b"),
         );
     };
-    eprintln!();
-    eprintln!(
+    errln!("");
+    errln!(
         "scale: idle gateway {}, keeper {}",
         mib(idle.gw.rss),
         mib(idle.keeper.rss)
@@ -1535,7 +1535,7 @@ fn scale_with(a: &ScaleArgs, peers: usize, gw: &GatewayProc) -> Result<Value, Cl
             row(v);
         }
     }
-    eprintln!(
+    errln!(
         "  gateway RSS: full {}, peers left {}, back {}, left again {}, methods left {}, contexts destroyed {} ({} descriptors)",
         mib(with_p.gw.rss),
         mib(peers_gone.gw.rss),
@@ -1562,21 +1562,21 @@ fn wait_until_peers(c: &Client, n: usize, timeout: Duration) -> bool {
 fn print_table(v: &Value, rows: &[ProbeRow]) {
     let g = |k: &str| int(v, k);
     let us = |ns: u64| format!("{:.1} µs", ns as f64 / 1000.0);
-    eprintln!();
-    eprintln!(
+    errln!("");
+    errln!(
         "load: {} clients × {} calls → {} servers ({} wait)",
         g("clients"),
         g("calls_per_client"),
         g("servers"),
         v.get("wait").and_then(Value::as_str).unwrap_or("")
     );
-    eprintln!(
+    errln!(
         "  calls expected / replied ok / received by servers  {} / {} / {}",
         g("expected_calls"),
         g("replies_ok"),
         g("server_received")
     );
-    eprintln!(
+    errln!(
         "  violations {}  (errors {}, wrong replies {}, misrouted {}/{}, duplicates {}, gaps {}, pair mismatches {}, lost processes {})",
         g("violations"),
         g("call_errors"),
@@ -1588,7 +1588,7 @@ fn print_table(v: &Value, rows: &[ProbeRow]) {
         g("pair_mismatches"),
         g("lost_clients") + g("lost_servers"),
     );
-    eprintln!(
+    errln!(
         "  {:.1} s, {} calls/s; latency p50 {} p99 {} p99.9 {} max {}",
         v.get("elapsed_s").and_then(Value::as_f64).unwrap_or(0.0),
         g("calls_per_s"),
@@ -1597,14 +1597,14 @@ fn print_table(v: &Value, rows: &[ProbeRow]) {
         us(g("p999_ns")),
         us(g("max_ns")),
     );
-    eprintln!(
+    errln!(
         "  registry: {} peers, {} methods, {} contexts; gateway {} open descriptors",
         g("peers"),
         g("methods"),
         g("contexts"),
         g("gateway_fds")
     );
-    eprintln!(
+    errln!(
         "  gateway RSS: idle {}, full registry {}, peak during run {}, after peers left {}, after contexts destroyed {}",
         mib(g("gateway_rss_idle_kb")),
         mib(g("gateway_rss_before_kb")),
@@ -1612,19 +1612,19 @@ fn print_table(v: &Value, rows: &[ProbeRow]) {
         mib(g("gateway_rss_after_peers_left_kb")),
         mib(g("gateway_rss_after_kb")),
     );
-    eprintln!(
+    errln!(
         "  idle peers {}: {} RSS in all ({} per peer); system shared memory +{}",
         g("idle_peers"),
         mib(g("idle_processes_rss_kb")),
         mib(g("idle_rss_per_peer_kb")),
         mib(g("system_shmem_delta_kb")),
     );
-    eprintln!("  scale probe (ratios against the smallest registry):");
-    eprintln!("    stage  peers methods contexts | invoke p50    p99      ratio p50/p99 | targeted p50    p99  ratio p50/p99 | ctx create p50 ratio | connect p50 ratio");
+    errln!("  scale probe (ratios against the smallest registry):");
+    errln!("    stage  peers methods contexts | invoke p50    p99      ratio p50/p99 | targeted p50    p99  ratio p50/p99 | ctx create p50 ratio | connect p50 ratio");
     let base = &rows[0];
     let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
     for r in rows {
-        eprintln!(
+        errln!(
             "    {:<5} {:>6} {:>7} {:>8} | {:>10} {:>10} {:>5.2}/{:<5.2} | {:>10} {:>10} {:>5.2}/{:<5.2} | {:>10} {:>5.2} | {:>10} {:>5.2}",
             r.stage,
             r.census.peers,

@@ -170,7 +170,7 @@ pub(super) fn run(args: &BenchArgs) -> Result<(), CliError> {
     let mut gw = GatewayProc::start(&dir.0)?;
     std::thread::sleep(Duration::from_secs(1));
     let idle = mem(gw.pid()).unwrap_or_default();
-    eprintln!(
+    errln!(
         "soak: gateway pid {} idle RSS {} (no peers; load average {load_start})",
         gw.pid(),
         mib(idle.rss)
@@ -226,7 +226,7 @@ fn soak_with(args: &BenchArgs, gw: &GatewayProc, idle: Mem) -> Result<(Value, u6
     }
     std::thread::sleep(Duration::from_millis(500));
     let idle_linked = mem(gw.pid()).unwrap_or_default();
-    eprintln!(
+    errln!(
         "soak: {PEERS} peers linked; gateway RSS {} before the workload; running {} min, sampling every {} s",
         mib(idle_linked.rss),
         a.minutes,
@@ -392,8 +392,8 @@ fn soak_with(args: &BenchArgs, gw: &GatewayProc, idle: Mem) -> Result<(Value, u6
         ("reports", Value::Array(reports)),
         ("machine", Value::from(machine())),
     ]);
-    eprintln!();
-    eprintln!(
+    errln!("");
+    errln!(
         "soak: {:.1} min, {} operations, {} violations; idle gateway {} (target < 20 MiB), with {PEERS} peers {}",
         elapsed / 60.0,
         ops,
@@ -401,12 +401,12 @@ fn soak_with(args: &BenchArgs, gw: &GatewayProc, idle: Mem) -> Result<(Value, u6
         mib(idle.rss),
         mib(idle_linked.rss)
     );
-    eprintln!(
+    errln!(
         "  process       start    middle       end | first-window max  last-window mean   growth | slope/min (2nd half)  verdict"
     );
     for j in &judged {
         let f = |k: &str| j.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-        eprintln!(
+        errln!(
             "  {:<9} {:>9} {:>9} {:>9} | {:>16} {:>17} {:>+6} KiB | {:>+8.1} KiB ({:>+8.1})  {}",
             j.get("process").and_then(Value::as_str).unwrap_or(""),
             mib(int(j, "start_kb")),
@@ -420,7 +420,7 @@ fn soak_with(args: &BenchArgs, gw: &GatewayProc, idle: Mem) -> Result<(Value, u6
             j.get("verdict").and_then(Value::as_str).unwrap_or(""),
         );
     }
-    eprintln!("  overall: {}", if flat { "flat" } else { "growing" });
+    errln!("  overall: {}", if flat { "flat" } else { "growing" });
     Ok((out, violations))
 }
 

@@ -10,6 +10,13 @@ macro_rules! outln {
     };
 }
 
+/// `eprintln!` that never panics: a closed stderr loses the line ([`knit::log::line`]).
+macro_rules! errln {
+    ($($t:tt)*) => {
+        knit::log::line(format_args!($($t)*))
+    };
+}
+
 mod bench;
 
 use clap::{Parser, Subcommand};
@@ -242,7 +249,7 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("knit: {}", e.message);
+            errln!("knit: {}", e.message);
             e.status.exit_code()
         }
     }
@@ -320,7 +327,7 @@ fn run(cli: Cli) -> CliResult {
                     ("source", m.source.to_value()),
                 ]));
             })?;
-            eprintln!(
+            errln!(
                 "{}",
                 Value::object([("ready", Value::from(true))]).to_json_string()
             );
@@ -394,7 +401,7 @@ pub(crate) fn out_line(line: std::fmt::Arguments<'_>) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
-        eprintln!("knit: cannot write the output: {e}");
+        errln!("knit: cannot write the output: {e}");
         std::process::exit(1);
     }
 }
@@ -511,7 +518,7 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
     // One descriptor per peer, lane and context: 10 000 contexts need more than a 1024 soft
     // limit (docs/load.md).
     if let Err(e) = knit::sys::limits::raise_nofile() {
-        eprintln!("knit: warning: cannot raise the open-file limit: {e}");
+        errln!("knit: warning: cannot raise the open-file limit: {e}");
     }
     let mut cfg = GatewayConfig::new(socket);
     let mut bridge_file = None;
@@ -548,7 +555,7 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         }
         bridge_file = f.bridge;
         for k in f.other.keys() {
-            eprintln!(
+            errln!(
                 "knit: warning: {}: unknown setting {k:?} ignored",
                 path.display()
             );
@@ -567,7 +574,7 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
             .map_err(|e| CliError::new(Status::BadInput, format!("{}: {e}", path.display())))?;
     }
     if !cfg.policy.is_open() {
-        eprintln!("knit: access-control policy in force");
+        errln!("knit: access-control policy in force");
     }
     if !args.no_keeper {
         let program = std::env::current_exe().map_err(|e| {
@@ -603,7 +610,7 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         Err(knit::gateway::GatewayError::Bridge(e @ knit::bridge::BridgeError::Bind { .. }))
             if default_addr =>
         {
-            eprintln!("knit: warning: {e}; running without the WebSocket bridge");
+            errln!("knit: warning: {e}; running without the WebSocket bridge");
             cfg.bridge = None;
             Gateway::bind(cfg)
         }
@@ -753,7 +760,7 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                     }
                 })
                 .map_err(|e| CliError::new(e.status(), e.to_string()))?;
-            eprintln!(
+            errln!(
                 "{}",
                 Value::object([("ready", Value::from(true))]).to_json_string()
             );
@@ -829,7 +836,7 @@ fn ctx(socket: &std::path::Path, app: Option<&str>, cmd: CtxCmd) -> CliResult {
                 }
                 let _ = tx.send(Value::Map(line));
             })?;
-            eprintln!(
+            errln!(
                 "{}",
                 Value::object([("ready", Value::from(true))]).to_json_string()
             );
