@@ -7,7 +7,7 @@ use crate::handle::{Table, KIND_REQUEST, KIND_STREAM, KIND_SUBSCRIBER};
 use crate::interop::{method_def, parse_target, timeout};
 use crate::status::{guard, knit_status_t, Failure, FfiResult};
 use crate::strings::{
-    c_text, clear_out, json_arg, opt_str, opt_string, options_arg, put_json, req_str,
+    c_text, clear_out, items_arg, json_arg, opt_str, opt_string, options_arg, put_json, req_str,
 };
 use crate::subscription::{add, knit_subscription_t, Inner};
 use knit_core::client::{
@@ -347,6 +347,31 @@ pub unsafe extern "C" fn knit_stream_push(
         // SAFETY: caller's contract.
         let data = unsafe { item_arg(data_json) }?;
         Ok(stream_of(stream)?.stream.push(data)?)
+    })
+}
+
+/// Pushes every element of `items_json` (a JSON array of objects; required) to every
+/// subscriber, in order, each delivered as if pushed on its own, for the synchronisation cost
+/// of one push. Every item is checked before any is sent: one that is not an object, or one
+/// over `max_payload`, refuses the whole batch.
+///
+/// # Safety
+/// `items_json` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn knit_stream_push_batch(
+    stream: *mut knit_stream_t,
+    items_json: *const c_char,
+) -> knit_status_t {
+    guard(|| {
+        // SAFETY: caller's contract.
+        let items = unsafe { items_arg(items_json, "items_json") }?;
+        if items.iter().any(|v| v.as_map().is_none()) {
+            return Err(Failure::new(
+                Status::BadInput,
+                "every item of items_json must be a JSON object",
+            ));
+        }
+        Ok(stream_of(stream)?.stream.push_batch(&items)?)
     })
 }
 

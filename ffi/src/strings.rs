@@ -71,6 +71,24 @@ pub(crate) unsafe fn json_arg(p: *const c_char, what: &str, default: Value) -> F
     }
 }
 
+/// A required JSON array argument (the items of a batch), as its elements.
+///
+/// # Safety
+/// As for [`opt_str`].
+pub(crate) unsafe fn items_arg(p: *const c_char, what: &str) -> FfiResult<Vec<Value>> {
+    if p.is_null() {
+        return Err(Failure::invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: forwarded to the caller's contract.
+    match unsafe { json_arg(p, what, Value::Null) }? {
+        Value::Array(items) => Ok(items),
+        _ => Err(Failure::new(
+            Status::BadInput,
+            format!("{what} must be a JSON array"),
+        )),
+    }
+}
+
 /// Checks an out-pointer and clears what it points to, so that the caller finds NULL there
 /// whenever the call fails.
 ///

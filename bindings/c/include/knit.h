@@ -356,6 +356,21 @@ knit_status_t knit_publish_ex(knit_client_t *client,
                               const char *options_json);
 
 /**
+ * Publishes every element of `items_json` (a JSON array; required) on `topic`, in order, each
+ * delivered as if published on its own, for the synchronisation cost of one publish: one route
+ * lookup, and one lock and one wake-up per subscriber lane. Every item is checked before any is
+ * sent: one the gateway would refuse (over `max_payload`) refuses the whole batch. Options as
+ * for `knit_publish_ex` (NULL: none).
+ *
+ * # Safety
+ * As for `knit_publish`.
+ */
+knit_status_t knit_publish_batch(knit_client_t *client,
+                                 const char *topic,
+                                 const char *items_json,
+                                 const char *options_json);
+
+/**
  * Subscribes to `topic`: an exact topic, or a pattern where `*` matches one dot-separated
  * segment and `>` the rest (`"prices.>"`). `fn` runs on the client's dispatcher thread (or
  * inside `knit_client_poll`) for each message, in each publisher's order. End it with
@@ -996,6 +1011,17 @@ knit_status_t knit_stream_create(knit_client_t *client,
  * `data_json` is NULL or NUL-terminated.
  */
 knit_status_t knit_stream_push(knit_stream_t *stream, const char *data_json);
+
+/**
+ * Pushes every element of `items_json` (a JSON array of objects; required) to every
+ * subscriber, in order, each delivered as if pushed on its own, for the synchronisation cost
+ * of one push. Every item is checked before any is sent: one that is not an object, or one
+ * over `max_payload`, refuses the whole batch.
+ *
+ * # Safety
+ * `items_json` is NULL or NUL-terminated.
+ */
+knit_status_t knit_stream_push_batch(knit_stream_t *stream, const char *items_json);
 
 /**
  * Pushes `data_json` to the subscribers of the branches in `branches_json`, a JSON array of

@@ -142,4 +142,14 @@ static inline int rec_has(struct rec *r, const char *needle) {
     return ok;
 }
 
+/* Whether both were recorded, `first` before `then`. */
+static inline int rec_before(struct rec *r, const char *first, const char *then) {
+    pthread_mutex_lock(&r->mu);
+    const char *a = strstr(r->log, first);
+    const char *b = strstr(r->log, then);
+    int ok = a != NULL && b != NULL && a < b;
+    pthread_mutex_unlock(&r->mu);
+    return ok;
+}
+
 #endif

@@ -129,6 +129,7 @@ static void test_null_and_garbage_handles(void) {
                      KNIT_INVALID_ARGUMENT);
         CHECK_STATUS(knit_publish(c, "t", "1"), KNIT_INVALID_ARGUMENT);
         CHECK_STATUS(knit_publish_ex(c, "t", "1", "{}"), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_publish_batch(c, "t", "[1]", NULL), KNIT_INVALID_ARGUMENT);
         CHECK_STATUS(knit_subscribe(c, "t", on_message, NULL, &sub), KNIT_INVALID_ARGUMENT);
         CHECK_STATUS(knit_subscribe_ex(c, "t", NULL, on_message, NULL, &sub),
                      KNIT_INVALID_ARGUMENT);
@@ -158,6 +159,7 @@ static void test_null_and_garbage_handles(void) {
         CHECK_STATUS(knit_subscription_close((knit_subscription_t *)bad[i]), KNIT_INVALID_ARGUMENT);
         knit_stream_t *st = (knit_stream_t *)bad[i];
         CHECK_STATUS(knit_stream_push(st, "{}"), KNIT_INVALID_ARGUMENT);
+        CHECK_STATUS(knit_stream_push_batch(st, "[{}]"), KNIT_INVALID_ARGUMENT);
         CHECK_STATUS(knit_stream_push_branches(st, "[\"\"]", "{}"), KNIT_INVALID_ARGUMENT);
         CHECK_STATUS(knit_stream_close_branch(st, NULL), KNIT_INVALID_ARGUMENT);
         CHECK_STATUS(knit_stream_branches(st, &s), KNIT_INVALID_ARGUMENT);
@@ -176,6 +178,8 @@ static void test_null_and_garbage_handles(void) {
     /* arguments are checked before handles where that costs nothing */
     CHECK_STATUS(knit_stream_push(NULL, "{bad"), KNIT_BAD_INPUT);
     CHECK_STATUS(knit_publish_ex(NULL, "t", "1", "{bad"), KNIT_BAD_INPUT);
+    CHECK_STATUS(knit_publish_batch(NULL, "t", "{bad", NULL), KNIT_BAD_INPUT);
+    CHECK_STATUS(knit_stream_push_batch(NULL, "[1]"), KNIT_BAD_INPUT);
 }
 
 /* ----- contexts -------------------------------------------------------------------------- */
@@ -413,7 +417,22 @@ static void test_bus(void) {
     CHECK_STATUS(knit_publish(pub, "c.self", "[1,\"two\",null]"), KNIT_OK);
     CHECK(rec_wait_for(&own, "c.self [1,\"two\",null] {\"application\":\"c-bus-pub\"", WAIT_MS));
 
+    /* a batch: each item delivered as if published alone, in order */
+    CHECK_STATUS(knit_publish_batch(pub, "c.prices.B", "[{\"b\":1},{\"b\":2},{\"b\":3}]", NULL),
+                 KNIT_OK);
+    CHECK(rec_wait_for(&all, "{\"b\":3}", WAIT_MS));
+    CHECK(rec_before(&all, "{\"b\":1}", "{\"b\":2}") && rec_before(&all, "{\"b\":2}", "{\"b\":3}"));
+    CHECK_STATUS(knit_publish_batch(pub, "c.prices.B", "[{\"k\":\"eu-batch\"}]",
+                                    "{\"routingKey\":\"eu\"}"),
+                 KNIT_OK);
+    CHECK(rec_wait_for(&eu, "eu-batch", WAIT_MS));
+    CHECK_STATUS(knit_publish_batch(pub, "c.prices.B", "[]", NULL), KNIT_OK);
+
     /* bad publishes */
+    CHECK_STATUS(knit_publish_batch(pub, "c.x", "{\"not\":\"an array\"}", NULL), KNIT_BAD_INPUT);
+    CHECK_STATUS(knit_publish_batch(pub, "c.x", "[1,", NULL), KNIT_BAD_INPUT);
+    CHECK_STATUS(knit_publish_batch(pub, "c.x", NULL, NULL), KNIT_INVALID_ARGUMENT);
+    CHECK_STATUS(knit_publish_batch(pub, "", "[1]", NULL), KNIT_INVALID_ARGUMENT);
     CHECK_STATUS(knit_publish(pub, "c.x", "{bad"), KNIT_BAD_INPUT);
     CHECK_STATUS(knit_publish(pub, "c.x", NULL), KNIT_INVALID_ARGUMENT);
     CHECK_STATUS(knit_publish(pub, "", "1"), KNIT_INVALID_ARGUMENT);
@@ -585,15 +604,25 @@ static void test_streams(void) {
     CHECK_STATUS(knit_stream_push(ticks, "{\"n\":2}"), KNIT_OK);
     CHECK(rec_wait_for(&plain, "{\"n\":2}", WAIT_MS));
     CHECK(rec_wait_for(&branch, "{\"n\":2}", WAIT_MS));
+    /* a batch reaches every subscriber, in order */
+    CHECK_STATUS(knit_stream_push_batch(ticks, "[{\"n\":3},{\"n\":4}]"), KNIT_OK);
+    CHECK(rec_wait_for(&plain, "{\"n\":4}", WAIT_MS));
+    CHECK(rec_wait_for(&branch, "{\"n\":4}", WAIT_MS));
+    CHECK(rec_before(&plain, "{\"n\":3}", "{\"n\":4}"));
+    CHECK(rec_before(&branch, "{\"n\":3}", "{\"n\":4}"));
     /* one lane from server to client: per-subscriber order holds, so the plain subscriber
        would have seen the branch item before n=2 */
     CHECK(!rec_has(&plain, "only") && !rec_has(&plain, "private"));
     CHECK(rec_has(&plain, "data {\"n\":1} flags=0 gap=0 server={\"application\":\"c-stream-server\""));
     CHECK(rec_has(&branch, "data {\"only\":\"eu\"} flags=0"));
     CHECK(rec_has(&branch, "data {\"private\":true} flags=1"));
-    CHECK(rec_count(&plain) == 2 && rec_count(&branch) == 4);
+    CHECK(rec_count(&plain) == 4 && rec_count(&branch) == 6);
     /* bad pushes */
     CHECK_STATUS(knit_stream_push(ticks, "[1]"), KNIT_BAD_INPUT);
+    CHECK_STATUS(knit_stream_push_batch(ticks, "[{\"n\":5},1]"), KNIT_BAD_INPUT); /* refused whole */
+    CHECK_STATUS(knit_stream_push_batch(ticks, "{\"n\":5}"), KNIT_BAD_INPUT);
+    CHECK_STATUS(knit_stream_push_batch(ticks, NULL), KNIT_INVALID_ARGUMENT);
+    CHECK_STATUS(knit_stream_push_batch(ticks, "[]"), KNIT_OK);
     CHECK_STATUS(knit_stream_push(ticks, "{x"), KNIT_BAD_INPUT);
     CHECK_STATUS(knit_stream_push(ticks, NULL), KNIT_INVALID_ARGUMENT);
     CHECK_STATUS(knit_stream_push_branches(ticks, "\"eu\"", "{}"), KNIT_BAD_INPUT);

@@ -90,12 +90,19 @@ public:
         std::lock_guard<std::mutex> g(mu_);
         return lines_.size();
     }
+    /// Whether a line with `first` came before a line with `then`.
+    bool before(const std::string& first, const std::string& then) {
+        std::lock_guard<std::mutex> g(mu_);
+        std::size_t a = index_locked(first), b = index_locked(then);
+        return a < lines_.size() && b < lines_.size() && a < b;
+    }
 
 private:
-    bool has_locked(const std::string& needle) const {
-        for (auto& l : lines_)
-            if (l.find(needle) != std::string::npos) return true;
-        return false;
+    bool has_locked(const std::string& needle) const { return index_locked(needle) < lines_.size(); }
+    std::size_t index_locked(const std::string& needle) const {
+        for (std::size_t i = 0; i < lines_.size(); i++)
+            if (lines_[i].find(needle) != std::string::npos) return i;
+        return lines_.size();
     }
     std::mutex mu_;
     std::condition_variable cv_;
@@ -339,6 +346,12 @@ static void test_bus() {
     CHECK(!all.has("nobody"));
     EXPECT_THROW(knit::InputError, pub.publish("t", "{bad"), KNIT_BAD_INPUT);
     EXPECT_THROW(knit::UsageError, pub.publish("", "1"), KNIT_INVALID_ARGUMENT);
+    pub.publish_batch("cpp.prices.VOD", R"([{"b":1},{"b":2},{"b":3}])");
+    CHECK(all.wait_for(R"({"b":3})"));
+    CHECK(all.before(R"({"b":1})", R"({"b":2})") && all.before(R"({"b":2})", R"({"b":3})"));
+    pub.publish_batch("cpp.prices.VOD", R"([{"k":"eu-batch"}])", to_eu);
+    CHECK(keyed.wait_for("eu-batch"));
+    EXPECT_THROW(knit::InputError, pub.publish_batch("t", R"({"not":"an array"})"), KNIT_BAD_INPUT);
     s2.close();
     pub.publish("cpp.prices.VOD", R"({"k":"after"})");
     CHECK(all.wait_for(R"({"k":"after"})"));
@@ -419,6 +432,10 @@ static void test_streams() {
     CHECK(ticks.branches() == R"(["","eu"])");
     CHECK(contains(ticks.subscriptions(), R"("arguments":{"branch":"eu"})"));
     EXPECT_THROW(knit::InputError, ticks.push("[1]"), KNIT_BAD_INPUT);
+    ticks.push_batch(R"([{"n":3},{"n":4}])");
+    CHECK(plain.wait_for(R"({"n":4})"));
+    CHECK(plain.before(R"({"n":3})", R"({"n":4})"));
+    EXPECT_THROW(knit::InputError, ticks.push_batch(R"([{"n":5},1])"), KNIT_BAD_INPUT);
 
     // A request decided later, from another thread.
     std::thread later([&] {

@@ -84,11 +84,13 @@ namespace Knit
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_context_list(ClientHandle client, out IntPtr namesJson);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_context_subscribe(ClientHandle client, byte[] name, NativeContextFn fn, IntPtr userData, out IntPtr subscription);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_publish_ex(ClientHandle client, byte[] topic, byte[] dataJson, byte[] optionsJson);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_publish_batch(ClientHandle client, byte[] topic, byte[] itemsJson, byte[] optionsJson);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_subscribe_ex(ClientHandle client, byte[] topic, byte[] optionsJson, NativeMessageFn fn, IntPtr userData, out IntPtr subscription);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_events_subscribe(ClientHandle client, NativeEventFn fn, IntPtr userData, out IntPtr subscription);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_subscription_close(IntPtr subscription);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_stream_create(ClientHandle client, byte[] name, byte[] optionsJson, NativeStreamRequestFn onRequest, IntPtr userData, out IntPtr stream);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_stream_push(StreamHandle stream, byte[] dataJson);
+        [DllImport(Lib, CallingConvention = C)] public static extern int knit_stream_push_batch(StreamHandle stream, byte[] itemsJson);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_stream_push_branches(StreamHandle stream, byte[] branchesJson, byte[] dataJson);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_stream_close_branch(StreamHandle stream, byte[] branch);
         [DllImport(Lib, CallingConvention = C)] public static extern int knit_stream_branches(StreamHandle stream, out IntPtr json);

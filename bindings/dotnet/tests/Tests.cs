@@ -58,6 +58,15 @@ static class Tests
         bool HasLocked(string needle) { foreach (var l in lines) if (l.Contains(needle)) return true; return false; }
         public bool HasLine(string needle) { lock (lines) return HasLocked(needle); }
         public int Count { get { lock (lines) return lines.Count; } }
+        /// <summary>Whether a line with `first` came before a line with `then`.</summary>
+        public bool Before(string first, string then)
+        {
+            lock (lines)
+            {
+                int a = lines.FindIndex(l => l.Contains(first)), b = lines.FindIndex(l => l.Contains(then));
+                return a >= 0 && b >= 0 && a < b;
+            }
+        }
     }
 
     static void StatusEnumMatchesTheLibrary()
@@ -275,6 +284,11 @@ static class Tests
                 Check(all.HasLine("\"us\"") && !eu.HasLine("\"us\"") && eu.HasLine("\"eu\""), "routing keys");
                 Check(!all.HasLine("nobody"), "target filter");
                 Throws<InputException>(() => pub.Publish("t", "{bad"), Status.BadInput, "invalid JSON");
+                pub.PublishBatch("cs.prices.B", "[{\"b\":1},{\"b\":2},{\"b\":3}]");
+                Check(all.WaitFor("{\"b\":3}") && all.Before("{\"b\":1}", "{\"b\":2}") && all.Before("{\"b\":2}", "{\"b\":3}"), "a batch arrives in order");
+                pub.PublishBatch("cs.prices.B", "[{\"k\":\"eu-batch\"}]", routingKey: "eu");
+                Check(eu.WaitFor("eu-batch"), "a batch with a routing key");
+                Throws<InputException>(() => pub.PublishBatch("t", "{\"not\":\"an array\"}"), Status.BadInput, "not an array");
                 keyed.Dispose();
                 pub.Publish("cs.prices.VOD", "{\"k\":\"after\"}");
                 Check(all.WaitFor("after") && !eu.HasLine("after"), "no callback after Dispose");
@@ -329,6 +343,9 @@ static class Tests
             Check(ticks.Branches() == "[\"\",\"eu\"]", "branches: " + ticks.Branches());
             Check(Has(ticks.Subscriptions(), "\"arguments\":{\"branch\":\"eu\"}"), "subscriptions");
             Throws<InputException>(() => ticks.Push("[1]"), Status.BadInput, "not an object");
+            ticks.PushBatch("[{\"m\":1},{\"m\":2}]");
+            Check(plain.WaitFor("{\"m\":2}") && plain.Before("{\"m\":1}", "{\"m\":2}"), "a pushed batch arrives in order");
+            Throws<InputException>(() => ticks.PushBatch("[{\"m\":3},1]"), Status.BadInput, "a bad item refuses the batch");
 
             // decided later, from another thread
             StreamSubscriber late = null;

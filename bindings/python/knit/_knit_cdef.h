@@ -132,6 +132,11 @@ knit_status_t knit_publish_ex(knit_client_t *client,
                               const char *data_json,
                               const char *options_json);
 
+knit_status_t knit_publish_batch(knit_client_t *client,
+                                 const char *topic,
+                                 const char *items_json,
+                                 const char *options_json);
+
 knit_status_t knit_subscribe(knit_client_t *client,
                              const char *topic,
                              knit_message_fn fn,
@@ -343,6 +348,8 @@ knit_status_t knit_stream_create(knit_client_t *client,
                                  knit_stream_t **out);
 
 knit_status_t knit_stream_push(knit_stream_t *stream, const char *data_json);
+
+knit_status_t knit_stream_push_batch(knit_stream_t *stream, const char *items_json);
 
 knit_status_t knit_stream_push_branches(knit_stream_t *stream,
                                         const char *branches_json,

@@ -259,6 +259,11 @@ class Client:
         that used it (or none) get it; ``target``: an identity filter dict of subscribers."""
         pubsub.publish(self, topic, data, routing_key, target)
 
+    def publish_batch(self, topic, items, routing_key=None, target=None):
+        """Publishes every value of the list ``items`` on ``topic``, in order, each as if
+        published on its own, for the cost of one publish; a bad item refuses the whole batch."""
+        pubsub.publish_batch(self, topic, items, routing_key, target)
+
     def subscribe(self, topic, callback, routing_key=None, source=None):
         """Calls ``callback(message)`` (a :class:`knit.Message`: topic, data, source) for each
         message on ``topic`` (or a pattern: ``*`` one segment, ``>`` the rest). ``source``: an

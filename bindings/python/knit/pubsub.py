@@ -285,6 +285,11 @@ class Stream:
         """Sends a dict to every subscriber."""
         check(lib.knit_stream_push(self._handle(), _json_text(data)))
 
+    def push_batch(self, items):
+        """Sends every dict of the list ``items`` to every subscriber, in order, for the cost of
+        one push; a bad item refuses the whole batch."""
+        check(lib.knit_stream_push_batch(self._handle(), _json_text(items)))
+
     def push_to_branches(self, branches, data):
         """Sends a dict to the subscribers of these branches."""
         check(lib.knit_stream_push_branches(self._handle(), _json_text(list(branches)), _json_text(data)))
@@ -408,13 +413,23 @@ def subscribe(client, topic, callback, routing_key=None, source=None):
     return sub
 
 
-def publish(client, topic, data, routing_key=None, target=None):
+def _publish_options(routing_key, target):
     options = {}
     if routing_key is not None:
         options["routingKey"] = routing_key
     if target is not None:
         options["target"] = target
-    check(lib.knit_publish_ex(client.handle, _c(topic), _json_text(data), _json_text(options)))
+    return _json_text(options)
+
+
+def publish(client, topic, data, routing_key=None, target=None):
+    options = _publish_options(routing_key, target)
+    check(lib.knit_publish_ex(client.handle, _c(topic), _json_text(data), options))
+
+
+def publish_batch(client, topic, items, routing_key=None, target=None):
+    options = _publish_options(routing_key, target)
+    check(lib.knit_publish_batch(client.handle, _c(topic), _json_text(items), options))
 
 
 def on_event(client, callback):

@@ -138,6 +138,14 @@ def test_bus_topics_routing_keys_and_filters(gateway):
                 pub.publish("py.self", [1, "two", None])
                 assert own.wait_count(1)
                 assert own.items[0].data == [1, "two", None]
+            batch = [{"b": i} for i in range(5)]
+            pub.publish_batch("py.prices.B", batch)
+            assert everything.wait(lambda items: any(m.data == {"b": 4} for m in items))
+            assert [m.data for m in everything.items if "b" in m.data] == batch
+            pub.publish_batch("py.prices.B", [{"k": "eu-batch"}], routing_key="eu")
+            assert eu.wait(lambda items: any(m.data == {"k": "eu-batch"} for m in items))
+            with pytest.raises(knit.InputError):
+                pub.publish_batch("py.x", {"not": "a list"})
 
 
 def test_streams_requests_branches_and_closes(gateway):
@@ -196,6 +204,11 @@ def test_streams_requests_branches_and_closes(gateway):
         assert {"branch": "eu"} in [s["arguments"] for s in ticks.subscriptions()]
         with pytest.raises(knit.InputError):
             ticks.push([1])
+        ticks.push_batch([{"m": 1}, {"m": 2}])
+        assert plain.wait(lambda items: any(i.data == {"m": 2} for i in items))
+        assert [i.data for i in plain.items][-2:] == [{"m": 1}, {"m": 2}]
+        with pytest.raises(knit.InputError):
+            ticks.push_batch([{"m": 3}, 1])  # refused whole
 
         # decided later, from another thread
         def accept_later():
