@@ -16,7 +16,7 @@ use crate::wire::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a publish may wait for a full subscriber lane.
@@ -677,9 +677,8 @@ pub(crate) fn publish(
                     max: shared.max_payload(),
                 });
             }
-            let deadline = Instant::now() + SEND_TIMEOUT;
             for l in &r.lanes {
-                if let Err(e) = shared.send_on(l, KIND_BUS, &body, deadline) {
+                if let Err(e) = shared.send_on(l, KIND_BUS, &body, SEND_TIMEOUT) {
                     lane_failed(shared, e, &mut failed);
                 }
             }
@@ -739,11 +738,13 @@ pub(crate) fn publish_batch(
             ends.push(body.len());
         }
         let mut failed = None;
-        let deadline = Instant::now() + SEND_TIMEOUT;
         for l in &r.lanes {
-            if let Err(e) =
-                shared.send_many_on(l, KIND_BUS, super::lane::split_at(&body, &ends), deadline)
-            {
+            if let Err(e) = shared.send_many_on(
+                l,
+                KIND_BUS,
+                super::lane::split_at(&body, &ends),
+                SEND_TIMEOUT,
+            ) {
                 lane_failed(shared, e, &mut failed);
             }
         }

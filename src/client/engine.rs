@@ -990,8 +990,7 @@ impl Shared {
         SCRATCH.with(|s| {
             let mut body = s.take();
             record::result_denied(&mut body, call_id, message);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            if let Err(e) = self.send_on(lane, KIND_RESULT, &body, deadline) {
+            if let Err(e) = self.send_on(lane, KIND_RESULT, &body, REPLY_TIMEOUT) {
                 crate::log::debug(format_args!("refusal to {} lost: {e}", lane.peer));
             }
             s.set(body);
@@ -1019,23 +1018,23 @@ impl Shared {
                 );
                 let _ = record::result(&mut body, call_id, &Err((msg, None)));
             }
-            let deadline = Instant::now() + Duration::from_secs(30);
-            if let Err(e) = self.send_on(lane, KIND_RESULT, &body, deadline) {
+            if let Err(e) = self.send_on(lane, KIND_RESULT, &body, REPLY_TIMEOUT) {
                 crate::log::debug(format_args!("reply to {} lost: {e}", lane.peer));
             }
             s.set(body);
         })
     }
 
-    /// Sends on a lane, draining our own inbound lanes while the peer's ring is full.
+    /// Sends on a lane, draining our own inbound lanes while the peer's ring is full (for at
+    /// most `timeout` from when it first finds it full).
     pub(crate) fn send_on(
         self: &Arc<Self>,
         lane: &Lane,
         kind: u16,
         body: &[u8],
-        deadline: Instant,
+        timeout: Duration,
     ) -> Result<(), SendError> {
-        self.send_many_on(lane, kind, std::iter::once(body), deadline)
+        self.send_many_on(lane, kind, std::iter::once(body), timeout)
     }
 
     /// [`Shared::send_on`] for several messages at once (one lock, one doorbell ring).
@@ -1044,9 +1043,9 @@ impl Shared {
         lane: &Lane,
         kind: u16,
         bodies: impl Iterator<Item = &'b [u8]>,
-        deadline: Instant,
+        timeout: Duration,
     ) -> Result<(), SendError> {
-        let r = lane.send_many(kind, bodies, deadline, || {
+        let r = lane.send_many(kind, bodies, timeout, || {
             if let Ok(mut rx) = self.rx.try_lock() {
                 self.pump(&mut rx);
             }
@@ -1070,7 +1069,7 @@ impl Shared {
             let mut body = s.take();
             let ms = timeout.as_millis().min(u32::MAX as u128) as u32;
             let r = match record::invoke(&mut body, call_id, method_id, ms, args) {
-                Ok(()) => self.send_on(lane, KIND_INVOKE, &body, Instant::now() + timeout),
+                Ok(()) => self.send_on(lane, KIND_INVOKE, &body, timeout),
                 Err(e) => Err(e.into()),
             };
             s.set(body);
@@ -1575,6 +1574,9 @@ impl Shared {
         ran
     }
 }
+
+/// How long a reply may wait for room on the caller's lane.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 thread_local! {
     static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };

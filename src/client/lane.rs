@@ -253,22 +253,26 @@ impl Lane {
     /// Sends messages (each fragmented if needed) under one lock and rings the peer's doorbell
     /// once at the end, and whenever the ring fills so the reader drains it. While the ring is
     /// full it calls `stall` (which lets the caller drain its own inbound rings, so two peers
-    /// flooding each other cannot deadlock) and gives up after `deadline`; the messages before
-    /// the one that failed were sent.
+    /// flooding each other cannot deadlock) and gives up `timeout` after it first found the
+    /// ring full; the messages before the one that failed were sent.
     pub(crate) fn send_many<'b>(
         &self,
         kind: u16,
         bodies: impl Iterator<Item = &'b [u8]>,
-        deadline: Instant,
+        timeout: Duration,
         mut stall: impl FnMut(),
     ) -> Result<(), SendError> {
         if self.is_closed() {
             return Err(SendError::Closed(self.peer));
         }
         let mut tx = self.tx.lock();
+        let mut patience = Patience {
+            timeout,
+            until: None,
+        };
         let mut r = Ok(());
         for body in bodies {
-            r = self.push_message(&mut tx, kind, body, deadline, &mut stall);
+            r = self.push_message(&mut tx, kind, body, &mut patience, &mut stall);
             if r.is_err() {
                 break;
             }
@@ -283,7 +287,7 @@ impl Lane {
         tx: &mut Producer<ShmRing>,
         kind: u16,
         body: &[u8],
-        deadline: Instant,
+        patience: &mut Patience,
         stall: &mut impl FnMut(),
     ) -> Result<(), SendError> {
         if body.len() > self.max_message {
@@ -293,7 +297,7 @@ impl Lane {
             });
         }
         if body.is_empty() {
-            return self.push_one(tx, kind, 0, &[], deadline, stall);
+            return self.push_one(tx, kind, 0, &[], patience, stall);
         }
         let mut chunks = body.chunks(tx.max_payload()).peekable();
         let mut cont = 0;
@@ -305,7 +309,7 @@ impl Lane {
             };
             // Giving up part-way leaves an incomplete message in the ring; the receiver drops
             // it when the next message starts (a record without FRAG_CONT).
-            self.push_one(tx, kind, more | cont, chunk, deadline, stall)?;
+            self.push_one(tx, kind, more | cont, chunk, patience, stall)?;
             cont = FRAG_CONT;
         }
         Ok(())
@@ -319,7 +323,7 @@ impl Lane {
         kind: u16,
         flags: u16,
         chunk: &[u8],
-        deadline: Instant,
+        patience: &mut Patience,
         stall: &mut impl FnMut(),
     ) -> Result<(), SendError> {
         let mut rounds = 0u32;
@@ -331,6 +335,7 @@ impl Lane {
                     // (it frees room in batches), drain our own inbound lanes now and then
                     // (two peers flooding each other must not deadlock), yield, then sleep.
                     if rounds == 0 {
+                        patience.start();
                         self.ring_peer();
                     }
                     rounds = rounds.wrapping_add(1);
@@ -338,7 +343,7 @@ impl Lane {
                         if self.is_closed() {
                             return Err(SendError::Closed(self.peer));
                         }
-                        if Instant::now() >= deadline {
+                        if patience.over() {
                             return Err(SendError::Stalled(self.peer));
                         }
                         self.ring_peer();
@@ -362,6 +367,26 @@ impl Lane {
                 }
             }
         }
+    }
+}
+
+/// How long a send may wait while the ring is full: `timeout` from the first time it found the
+/// ring full, so a send that finds room reads no clock.
+struct Patience {
+    timeout: Duration,
+    until: Option<Instant>,
+}
+
+impl Patience {
+    /// The ring is full: the wait starts now, unless it started earlier in this send.
+    fn start(&mut self) {
+        if self.until.is_none() {
+            self.until = Some(Instant::now() + self.timeout);
+        }
+    }
+
+    fn over(&self) -> bool {
+        self.until.is_some_and(|u| Instant::now() >= u)
     }
 }
 
@@ -400,8 +425,8 @@ mod tests {
         (a, b)
     }
 
-    fn send(lane: &Lane, kind: u16, body: &[u8], deadline: Instant) -> Result<(), SendError> {
-        lane.send_many(kind, std::iter::once(body), deadline, || {})
+    fn send(lane: &Lane, kind: u16, body: &[u8], timeout: Duration) -> Result<(), SendError> {
+        lane.send_many(kind, std::iter::once(body), timeout, || {})
     }
 
     /// Every whole message `rx` can read now.
@@ -427,13 +452,13 @@ mod tests {
         // Three fragments; only two fit while the receiver does not read, and the deadline has
         // passed: the send gives up after committing two.
         let big = vec![7u8; 3 * 2040];
-        let r = send(&a, 1, &big, Instant::now());
+        let r = send(&a, 1, &big, Duration::ZERO);
         assert!(matches!(r, Err(SendError::Stalled(_))), "{r:?}");
         // The receiver sees the incomplete message, then the next one whole (before FRAG_CONT
         // the next message was appended to the incomplete one: a garbled message of the same
         // kind, or a lane fault for another kind).
         assert!(receive(&mut b_rx).is_empty());
-        send(&a, 1, b"next", Instant::now() + Duration::from_secs(5)).unwrap();
+        send(&a, 1, b"next", Duration::from_secs(5)).unwrap();
         assert_eq!(receive(&mut b_rx), vec![(1, b"next".to_vec())]);
         assert_eq!(b_rx.assembly.abandoned, 1);
         // A fragmented message after that arrives whole.
@@ -441,7 +466,7 @@ mod tests {
         let t = {
             let a = a.clone();
             let big = big.clone();
-            std::thread::spawn(move || send(&a, 2, &big, Instant::now() + Duration::from_secs(10)))
+            std::thread::spawn(move || send(&a, 2, &big, Duration::from_secs(10)))
         };
         let mut got = Vec::new();
         while got.is_empty() {

@@ -139,22 +139,22 @@ fn send(
     link: &Link,
     kind: u16,
     body: &[u8],
-    deadline: Instant,
+    timeout: Duration,
 ) -> Result<(), SendError> {
-    send_many(shared, link, kind, std::iter::once(body), deadline)
+    send_many(shared, link, kind, std::iter::once(body), timeout)
 }
 
 /// Sends records in order (over a lane: one lock and one doorbell ring for all of them),
-/// waiting up to `deadline` for room; the records before one that failed were sent.
+/// waiting up to `timeout` for room; the records before one that failed were sent.
 fn send_many<'b>(
     shared: &Arc<Shared>,
     link: &Link,
     kind: u16,
     mut bodies: impl Iterator<Item = &'b [u8]>,
-    deadline: Instant,
+    timeout: Duration,
 ) -> Result<(), SendError> {
     match link {
-        Link::Lane(l) => shared.send_many_on(l, kind, bodies, deadline),
+        Link::Lane(l) => shared.send_many_on(l, kind, bodies, timeout),
         Link::Relay(p) => bodies.try_for_each(|body| {
             shared
                 .conn
@@ -177,11 +177,11 @@ fn try_send(shared: &Arc<Shared>, link: &Link, kind: u16, body: &[u8]) -> Result
         Link::Lane(l) => match l.try_send(kind, body)? {
             true => Ok(true),
             false if !l.fits_at_once(body.len()) => {
-                send(shared, link, kind, body, Instant::now() + BIG_ITEM_WAIT).map(|()| true)
+                send(shared, link, kind, body, BIG_ITEM_WAIT).map(|()| true)
             }
             false => Ok(false),
         },
-        Link::Relay(_) => send(shared, link, kind, body, Instant::now()).map(|()| true),
+        Link::Relay(_) => send(shared, link, kind, body, Duration::ZERO).map(|()| true),
     }
 }
 
@@ -201,7 +201,8 @@ pub(crate) struct ServerSub {
 
 #[derive(Default)]
 struct OutQueue {
-    /// Encoded data records waiting for room, with their conflation key.
+    /// Encoded data records waiting for room, with their conflation key (dropping and
+    /// conflating policies; under the blocking policy an item waits for room in the lane).
     pending: VecDeque<(Vec<u8>, Option<Value>)>,
     /// Items dropped since the last one delivered.
     gap: u32,
@@ -367,13 +368,7 @@ fn reply_value(shared: &Arc<Shared>, link: &Link, sub_id: u64, accepted: bool, i
         // `info` is built here from names and numbers: never deep. Nothing half-built is sent.
         return;
     }
-    let _ = send(
-        shared,
-        link,
-        KIND_SUB_REPLY,
-        &body,
-        Instant::now() + Duration::from_secs(5),
-    );
+    let _ = send(shared, link, KIND_SUB_REPLY, &body, Duration::from_secs(5));
 }
 
 fn drop_sub(
@@ -401,7 +396,7 @@ fn drop_sub(
                 &Link::Relay(sub.peer),
                 KIND_SUB_CLOSE,
                 &body,
-                Instant::now(),
+                Duration::ZERO,
             );
         }
     }
@@ -528,17 +523,34 @@ fn offer_batch(
         }
         return Ok(());
     };
-    if !sub.open.load(Ordering::Acquire) {
-        return Ok(());
-    }
-    let mut out = sub.out.lock().unwrap_or_else(|e| e.into_inner());
-    // Records carry gap 0 as built: nothing is ever dropped under this policy.
-    let sent = send_blocking(shared, sub, &mut out, split_at(body, ends), *timeout);
-    drop(out);
-    if !sent {
-        drop_sub(shared, entry, sub, "slow consumer", true);
+    if sub.open.load(Ordering::Acquire) {
+        let r = send_many(
+            shared,
+            &sub.link,
+            KIND_STREAM_DATA,
+            split_at(body, ends),
+            *timeout,
+        );
+        blocked_send_failed(shared, entry, sub, r);
     }
     Ok(())
+}
+
+/// Under the blocking policy nothing waits in the subscriber's queue (items go straight to the
+/// link, waiting for room there; records carry gap 0 as built), so a failed send ends the
+/// subscription: a subscriber that did not make room in time is a slow consumer (and is told,
+/// around the lane if need be); one whose link broke is gone.
+fn blocked_send_failed(
+    shared: &Arc<Shared>,
+    entry: &Arc<StreamEntry>,
+    sub: &Arc<ServerSub>,
+    r: Result<(), SendError>,
+) {
+    match r {
+        Ok(()) => {}
+        Err(SendError::Stalled(_)) => drop_sub(shared, entry, sub, "slow consumer", true),
+        Err(_) => drop_sub(shared, entry, sub, "subscriber gone", false),
+    }
 }
 
 fn offer(
@@ -563,17 +575,10 @@ fn offer_ref(
     if !sub.open.load(Ordering::Acquire) {
         return Ok(());
     }
-    if let SlowConsumerPolicy::Block(_) = &entry.options.policy {
-        // Nothing ever waits in the queue under this policy (a full lane is waited out, under
-        // the queue lock, below), so while the lane has room no lock but the lane's is taken.
-        match try_send(shared, &sub.link, KIND_STREAM_DATA, body) {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(_) => {
-                drop_sub(shared, entry, sub, "subscriber gone", false);
-                return Ok(());
-            }
-        }
+    if let SlowConsumerPolicy::Block(timeout) = &entry.options.policy {
+        let r = send(shared, &sub.link, KIND_STREAM_DATA, body, *timeout);
+        blocked_send_failed(shared, entry, sub, r);
+        return Ok(());
     }
     let mut out = sub.out.lock().unwrap_or_else(|e| e.into_inner());
     flush_locked(shared, sub, &mut out);
@@ -592,57 +597,25 @@ fn offer_ref(
             }
         }
     }
-    match &entry.options.policy {
-        SlowConsumerPolicy::Block(timeout) => {
-            rec::set_gap(body, out.gap);
-            let sent = send_blocking(shared, sub, &mut out, std::iter::once(&*body), *timeout);
-            drop(out);
-            if !sent {
-                drop_sub(shared, entry, sub, "slow consumer", true);
-            }
-            Ok(())
-        }
-        SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::Conflate(_) => {
-            if let Some(k) = &key {
-                if let Some(slot) = out
-                    .pending
-                    .iter_mut()
-                    .find(|(_, pk)| pk.as_ref() == Some(k))
-                {
-                    slot.0 = body.to_vec();
-                    return Ok(());
-                }
-            }
-            if out.pending.len() >= entry.options.queue.max(1) {
-                out.pending.pop_front();
-                shared.stream_pending.fetch_sub(1, Ordering::AcqRel);
-                out.gap = out.gap.saturating_add(1);
-            }
-            out.pending.push_back((body.to_vec(), key));
-            shared.stream_pending.fetch_add(1, Ordering::AcqRel);
-            Ok(())
+    // Dropping the oldest, or conflating: the queue holds what the lane has no room for.
+    if let Some(k) = &key {
+        if let Some(slot) = out
+            .pending
+            .iter_mut()
+            .find(|(_, pk)| pk.as_ref() == Some(k))
+        {
+            slot.0 = body.to_vec();
+            return Ok(());
         }
     }
-}
-
-/// The blocking policy: sends what is queued for `sub`, then `records`, in order, waiting up to
-/// `timeout` for room. False when the time ran out or the link failed.
-fn send_blocking<'b>(
-    shared: &Arc<Shared>,
-    sub: &ServerSub,
-    out: &mut OutQueue,
-    records: impl Iterator<Item = &'b [u8]>,
-    timeout: Duration,
-) -> bool {
-    let deadline = Instant::now() + timeout;
-    while let Some((b, _)) = out.pending.front() {
-        if send(shared, &sub.link, KIND_STREAM_DATA, b, deadline).is_err() {
-            return false;
-        }
+    if out.pending.len() >= entry.options.queue.max(1) {
         out.pending.pop_front();
         shared.stream_pending.fetch_sub(1, Ordering::AcqRel);
+        out.gap = out.gap.saturating_add(1);
     }
-    send_many(shared, &sub.link, KIND_STREAM_DATA, records, deadline).is_ok()
+    out.pending.push_back((body.to_vec(), key));
+    shared.stream_pending.fetch_add(1, Ordering::AcqRel);
+    Ok(())
 }
 
 /// Sends what is queued for `sub` while there is room.
@@ -1042,7 +1015,7 @@ fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool) {
                 &l,
                 KIND_SUB_CLOSE,
                 &rec::close(sub.id, "ClientInitiated"),
-                Instant::now() + Duration::from_secs(1),
+                Duration::from_secs(1),
             );
         }
     }
@@ -1230,15 +1203,7 @@ fn send_requests(shared: &Arc<Shared>, sub: &Arc<ClientSub>, chosen: &[(Arc<Inst
         if server.peer_id == my_id {
             // Subscribing to ourselves: handled as if it came in from a peer.
             on_request(shared, my_id, shared.me(), Link::Relay(my_id), &body);
-        } else if send(
-            shared,
-            &link,
-            KIND_SUB_REQUEST,
-            &body,
-            Instant::now() + params.timeout,
-        )
-        .is_err()
-        {
+        } else if send(shared, &link, KIND_SUB_REQUEST, &body, params.timeout).is_err() {
             set_state(sub, server.peer_id, ServerState::Gone);
         }
     }
@@ -1883,7 +1848,7 @@ fn lost(shared: &Arc<Shared>, sub: &Arc<ClientSub>, reason: &str) {
             &l,
             KIND_SUB_CLOSE,
             &rec::close(sub.id, "ClientInitiated"),
-            Instant::now() + Duration::from_secs(1),
+            Duration::from_secs(1),
         );
     }
     if sub.closed.swap(true, Ordering::AcqRel) {
