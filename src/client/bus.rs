@@ -485,8 +485,15 @@ impl SubsView {
     }
 }
 
-/// Delivers a batch (dispatch thread). Returns the messages delivered.
-pub(crate) fn deliver_batch(shared: &Shared, batch: BusBatch) -> usize {
+impl BusBatch {
+    /// The messages in it.
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+}
+
+/// Delivers a batch (dispatch thread).
+pub(crate) fn deliver_batch(shared: &Shared, batch: BusBatch) {
     let BusBatch {
         lane,
         mut bytes,
@@ -542,14 +549,12 @@ pub(crate) fn deliver_batch(shared: &Shared, batch: BusBatch) -> usize {
             ));
         }
     }
-    let n = ends.len();
     // Keep the buffers for the next batch unless a burst of large messages grew them.
     if bytes.capacity() <= 1 << 20 {
         bytes.clear();
         ends.clear();
         BATCH_SPARE.with(|c| c.set(Some((bytes, ends))));
     }
-    n
 }
 
 /// The checks every publish makes before routing.

@@ -807,14 +807,13 @@ impl Shared {
 
     /// Runs one task; returns the count of messages it stands for (a batch stands for several).
     fn run_task(self: &Arc<Self>, t: Task) -> usize {
-        match t {
-            Task::BusBatch(b) => super::bus::deliver_batch(self, b),
-            Task::StreamBatch(b) => super::streams::deliver_batch(self, b),
-            t => {
-                self.run_one(t);
-                1
-            }
-        }
+        let n = match &t {
+            Task::BusBatch(b) => b.len(),
+            Task::StreamBatch(b) => b.len(),
+            _ => 1,
+        };
+        self.run_one(t);
+        n
     }
 
     fn run_one(self: &Arc<Self>, t: Task) {
@@ -894,12 +893,8 @@ impl Shared {
                     ));
                 }
             }
-            Task::BusBatch(b) => {
-                super::bus::deliver_batch(self, b);
-            }
-            Task::StreamBatch(b) => {
-                super::streams::deliver_batch(self, b);
-            }
+            Task::BusBatch(b) => super::bus::deliver_batch(self, b),
+            Task::StreamBatch(b) => super::streams::deliver_batch(self, b),
             Task::Bus(msg) => {
                 let r =
                     std::panic::catch_unwind(AssertUnwindSafe(|| super::bus::deliver(self, &msg)));

@@ -1415,6 +1415,11 @@ pub(crate) struct StreamBatch {
 }
 
 impl StreamBatch {
+    /// The items to deliver.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// Decodes a record into the next slot.
     fn add(&mut self, body: &[u8]) -> Result<(), &'static str> {
         if self.len == self.items.len() {
@@ -1494,8 +1499,8 @@ fn claim(sub: &ClientSub) -> bool {
 }
 
 /// Delivers a batch (dispatch thread), then whatever reached the inbox meanwhile, and lets go
-/// of the claim. Returns the items delivered.
-pub(crate) fn deliver_batch(shared: &Shared, batch: StreamBatch) -> usize {
+/// of the claim.
+pub(crate) fn deliver_batch(shared: &Shared, batch: StreamBatch) {
     let StreamBatch {
         sub,
         lane,
@@ -1535,7 +1540,6 @@ pub(crate) fn deliver_batch(shared: &Shared, batch: StreamBatch) -> usize {
     }
     STREAM_SPARE.with(|c| c.set(items));
     drain(shared, &sub);
-    len
 }
 
 /// Runs a subscription's callback; a panic is logged and the next item still delivered.
