@@ -193,7 +193,9 @@ pub fn lane_message(body: &[u8]) -> usize {
     if record::parse_cancel(body).is_ok() {
         ok += 1;
     }
-    if let Some((topic, key, data)) = crate::client::bus::decode(body) {
+    if let Some((topic, key, data)) =
+        crate::client::bus::parse(body).and_then(|p| crate::client::bus::decode(&p))
+    {
         assert!(topic.len() + key.map_or(0, |k| k.len()) <= body.len());
         let _ = data;
         ok += 1;

@@ -383,9 +383,8 @@ pub(crate) fn parse(mut b: &[u8]) -> Option<Parsed<'_>> {
     })
 }
 
-/// Decodes a bus record into (topic, routing key, data).
-pub(crate) fn decode(b: &[u8]) -> Option<(Arc<str>, Option<String>, Value)> {
-    let p = parse(b)?;
+/// Decodes a parsed bus record into (topic, routing key, data).
+pub(crate) fn decode(p: &Parsed<'_>) -> Option<(Arc<str>, Option<String>, Value)> {
     let topic = LAST_TOPIC.with(|c| {
         let mut c = c.borrow_mut();
         match &*c {
@@ -505,40 +504,35 @@ pub(crate) fn deliver_batch(shared: &Shared, batch: BusBatch) {
     for &end in &ends {
         let body = &bytes[start..end as usize];
         start = end as usize;
-        // Checked by the pumper; a record that does not parse now cannot occur.
+        // Checked by the pumper (framing and UTF-8), so only a topic or key that differs from
+        // the previous message's is converted again; a record that fails now cannot occur.
         let Some(p) = parse(body) else { continue };
-        let Ok(topic) = std::str::from_utf8(p.topic) else {
-            continue;
-        };
-        let routing_key = match p.routing_key.map(std::str::from_utf8) {
-            None => None,
-            Some(Ok(k)) => Some(k),
-            Some(Err(_)) => continue,
-        };
-        let m = match &mut msg {
-            Some(m) => {
-                if &*m.topic != topic {
-                    m.topic = Arc::from(topic);
-                }
-                if m.routing_key.as_deref() != routing_key {
-                    m.routing_key = routing_key.map(str::to_string);
-                }
-                match &mut m.data {
-                    Value::Bytes(v) => {
-                        v.clear();
-                        v.extend_from_slice(p.payload);
-                    }
-                    other => *other = Value::Bytes(p.payload.to_vec()),
-                }
-                m
+        let m = msg.get_or_insert_with(|| BusMessage {
+            topic: Arc::from(""),
+            data: Value::Bytes(Vec::new()),
+            routing_key: None,
+            source: lane.identity.clone(),
+        });
+        if m.topic.as_bytes() != p.topic {
+            let Ok(t) = std::str::from_utf8(p.topic) else {
+                continue;
+            };
+            m.topic = Arc::from(t);
+        }
+        if m.routing_key.as_deref().map(str::as_bytes) != p.routing_key {
+            m.routing_key = match p.routing_key.map(std::str::from_utf8) {
+                None => None,
+                Some(Ok(k)) => Some(k.to_string()),
+                Some(Err(_)) => continue,
+            };
+        }
+        match &mut m.data {
+            Value::Bytes(v) => {
+                v.clear();
+                v.extend_from_slice(p.payload);
             }
-            None => msg.insert(BusMessage {
-                topic: Arc::from(topic),
-                data: Value::Bytes(p.payload.to_vec()),
-                routing_key: routing_key.map(str::to_string),
-                source: lane.identity.clone(),
-            }),
-        };
+            other => *other = Value::Bytes(p.payload.to_vec()),
+        }
         subs.refresh(shared);
         let r =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver_to(&subs.list, m)));

@@ -1276,7 +1276,7 @@ impl Shared {
                     return Ok(());
                 }
                 let (topic, routing_key, data) =
-                    super::bus::decode(body).ok_or("malformed bus record")?;
+                    super::bus::decode(&p).ok_or("malformed bus record")?;
                 if !self.peer_allowed(lane.peer, PolicyAction::Publish, &topic) {
                     return Ok(());
                 }
