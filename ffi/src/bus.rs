@@ -3,7 +3,7 @@
 
 use crate::client::{client_of, knit_client_t};
 use crate::gate::{Gate, UserData};
-use crate::status::{guard, knit_status_t, Failure};
+use crate::status::{guard, knit_status_t, Failure, FfiResult};
 use crate::strings::{
     c_text, clear_out, items_arg, json_arg, opt_object, opt_string, options_arg, req_str,
 };
@@ -62,15 +62,23 @@ pub unsafe extern "C" fn knit_publish_ex(
                 return Err(Failure::invalid("data_json is NULL"));
             }
             let data = json_arg(data_json, "data_json", Value::Null)?;
-            let o = options_arg(options_json, "options_json", &["routingKey", "target"])?;
-            let opts = PublishOptions {
-                routing_key: opt_string(&o, "routingKey", "option")?,
-                target: opt_object(&o, "target", "option")?,
-            };
-            (topic, data, opts)
+            (topic, data, publish_options(options_json)?)
         };
         let e = client_of(client)?;
         Ok(e.client.publish(topic, data, &opts)?)
+    })
+}
+
+/// A publish's options (`{"routingKey", "target"}`; NULL: none).
+///
+/// # Safety
+/// `options_json` is NULL or NUL-terminated.
+unsafe fn publish_options(options_json: *const c_char) -> FfiResult<PublishOptions> {
+    // SAFETY: caller's contract.
+    let o = unsafe { options_arg(options_json, "options_json", &["routingKey", "target"]) }?;
+    Ok(PublishOptions {
+        routing_key: opt_string(&o, "routingKey", "option")?,
+        target: opt_object(&o, "target", "option")?,
     })
 }
 
@@ -94,12 +102,7 @@ pub unsafe extern "C" fn knit_publish_batch(
         let (topic, items, opts) = unsafe {
             let topic = req_str(topic, "topic")?;
             let items = items_arg(items_json, "items_json")?;
-            let o = options_arg(options_json, "options_json", &["routingKey", "target"])?;
-            let opts = PublishOptions {
-                routing_key: opt_string(&o, "routingKey", "option")?,
-                target: opt_object(&o, "target", "option")?,
-            };
-            (topic, items, opts)
+            (topic, items, publish_options(options_json)?)
         };
         let e = client_of(client)?;
         Ok(e.client.publish_batch(topic, &items, &opts)?)
