@@ -418,6 +418,13 @@ thread_local! {
         const { std::cell::Cell::new(None) };
 }
 
+impl StreamEntry {
+    /// The subscriber list as it is now (one reference count; see [`with_subs`] for pushes).
+    fn current_subs(&self) -> SubsList {
+        self.subs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// Replaces a stream's subscriber list with `f` applied to a copy.
 fn change_subs(entry: &StreamEntry, f: impl FnOnce(&mut Vec<Arc<ServerSub>>)) {
     let mut list = entry.subs.lock().unwrap_or_else(|e| e.into_inner());
@@ -633,55 +640,35 @@ fn flush_locked(shared: &Arc<Shared>, sub: &ServerSub, out: &mut OutQueue) {
     }
 }
 
+/// The streams table (streams we serve, subscriptions we hold).
+fn table(shared: &Shared) -> std::sync::MutexGuard<'_, StreamsState> {
+    shared.streams.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The streams we serve, taken out of the lock (callers then lock each entry's subscribers).
 fn served_streams(shared: &Shared) -> Vec<Arc<StreamEntry>> {
-    shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .served
-        .values()
-        .cloned()
-        .collect()
+    table(shared).served.values().cloned().collect()
 }
 
 /// One of our subscriptions, by id.
 fn client_sub(shared: &Shared, id: u64) -> Option<Arc<ClientSub>> {
-    shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .subs
-        .get(&id)
-        .cloned()
+    table(shared).subs.get(&id).cloned()
 }
 
 /// Drops one of our subscriptions from the table.
 fn forget_client_sub(shared: &Shared, id: u64) {
-    shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .subs
-        .remove(&id);
+    table(shared).subs.remove(&id);
 }
 
 /// Every subscription of ours, taken out of the lock.
 fn client_subs(shared: &Shared) -> Vec<Arc<ClientSub>> {
-    shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .subs
-        .values()
-        .cloned()
-        .collect()
+    table(shared).subs.values().cloned().collect()
 }
 
 /// Flushes every subscriber queue (called by the dispatch loop while anything is queued).
 pub(crate) fn flush_all(shared: &Arc<Shared>) {
     for e in served_streams(shared) {
-        let subs = e.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let subs = e.current_subs();
         for s in subs.iter() {
             let mut out = s.out.lock().unwrap_or_else(|e| e.into_inner());
             if !out.pending.is_empty() {
@@ -774,13 +761,9 @@ impl Stream {
 
     /// Every current subscription.
     pub fn subscriptions(&self) -> Vec<StreamSubscription> {
-        let subs = self
-            .entry
-            .subs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        subs.iter()
+        self.entry
+            .current_subs()
+            .iter()
             .map(|sub| StreamSubscription {
                 shared: self.shared.clone(),
                 entry: self.entry.clone(),
@@ -793,9 +776,7 @@ impl Stream {
     pub fn branches(&self) -> Vec<String> {
         let mut b: Vec<String> = self
             .entry
-            .subs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .current_subs()
             .iter()
             .map(|s| s.branch.clone())
             .collect();
@@ -827,12 +808,7 @@ impl Stream {
         for s in self.subscriptions() {
             drop_sub(&self.shared, &self.entry, &s.sub, "Stream closed", true);
         }
-        self.shared
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .served
-            .remove(&self.entry.method_id);
+        table(&self.shared).served.remove(&self.entry.method_id);
         super::interop::unregister(&self.shared, &self.entry.name)
     }
 }
@@ -853,12 +829,7 @@ pub(crate) fn create(
         subs_gen: AtomicU64::new(0),
         closed: AtomicBool::new(false),
     });
-    shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .served
-        .insert(method_id, entry.clone());
+    table(shared).served.insert(method_id, entry.clone());
     Ok(Stream {
         shared: shared.clone(),
         entry,
@@ -1091,12 +1062,7 @@ pub(crate) fn subscribe(
         closed: AtomicBool::new(false),
         client_closed: AtomicBool::new(false),
     });
-    shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .subs
-        .insert(sub.id, sub.clone());
+    table(shared).subs.insert(sub.id, sub.clone());
     send_requests(shared, &sub, &chosen);
     // The first acceptance completes the subscription; later ones join it.
     let deadline = Instant::now() + params.timeout;
@@ -1310,9 +1276,7 @@ pub(crate) fn on_record(
             // Either a subscriber leaving one of our streams, or a server dropping us.
             for e in served_streams(shared) {
                 let hit = e
-                    .subs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                    .current_subs()
                     .iter()
                     .find(|s| s.peer == from && s.sub_id == sub_id)
                     .cloned();
@@ -1352,13 +1316,7 @@ fn on_request(
             return;
         }
     };
-    let entry = shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .served
-        .get(&method_id)
-        .cloned();
+    let entry = table(shared).served.get(&method_id).cloned();
     let Some(entry) = entry.filter(|e| !e.closed.load(Ordering::Acquire)) else {
         return reply(shared, &link, sub_id, false, "Method has been removed");
     };
@@ -1676,7 +1634,7 @@ fn server_gone(shared: &Shared, sub: &Arc<ClientSub>, peer: PeerId, reason: &str
 /// A peer left: its subscriptions to our streams end, and our subscriptions lose it as a server.
 pub(crate) fn peer_left(shared: &Arc<Shared>, peer: PeerId) {
     let (served, subs) = {
-        let st = shared.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let st = table(shared);
         (
             st.served.values().cloned().collect::<Vec<_>>(),
             st.subs.values().cloned().collect::<Vec<_>>(),
@@ -1684,9 +1642,7 @@ pub(crate) fn peer_left(shared: &Arc<Shared>, peer: PeerId) {
     };
     for e in served {
         let gone: Vec<Arc<ServerSub>> = e
-            .subs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .current_subs()
             .iter()
             .filter(|s| s.peer == peer)
             .cloned()
@@ -1728,7 +1684,7 @@ fn _assert_send_sync() {
 /// old connection (it will subscribe again), so those subscriptions end.
 pub(crate) fn connection_reset(shared: &Arc<Shared>) {
     for e in served_streams(shared) {
-        let gone = e.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let gone = e.current_subs();
         for s in gone.iter() {
             drop_sub(shared, &e, s, "gateway connection reset", false);
         }
@@ -1756,10 +1712,7 @@ pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
         accept_until: Option<Instant>,
     }
     let start = Instant::now();
-    let mut todo: Vec<Todo> = shared
-        .streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    let mut todo: Vec<Todo> = table(shared)
         .subs
         .values()
         .filter(|s| !s.closed.load(Ordering::Acquire))
