@@ -4,6 +4,7 @@
 //! on the pumping thread.
 
 use super::conn::Reply;
+use super::cow::{with_kept, CowList, Kept};
 use super::engine::{Shared, Task};
 use super::ClientError;
 use crate::model::context::{apply_owned, Change, ContextError as ModelError, ContextOp};
@@ -177,10 +178,8 @@ pub(crate) struct CtxEntry {
     file: Option<(u64, u64)>,
     /// The last decoded snapshot.
     cache: Mutex<Option<(u64, Arc<Value>)>>,
-    /// Copy-on-write: delivering an event clones the `Arc`, not the list.
-    subs: Mutex<Arc<Vec<Arc<Sub>>>>,
-    /// Bumped after every change of `subs`, so the dispatcher can keep using its copy.
-    subs_gen: AtomicU64,
+    /// The dispatcher keeps the list it took while it is current (see `deliver`).
+    subs: CowList<Arc<Sub>>,
     /// Events queued for the dispatcher.
     queued: AtomicUsize,
     /// Whether the pumper follows its log.
@@ -342,8 +341,7 @@ pub(crate) fn attach(
         writable,
         file,
         cache: Mutex::new(None),
-        subs: Mutex::new(Arc::new(Vec::new())),
-        subs_gen: AtomicU64::new(0),
+        subs: CowList::default(),
         queued: AtomicUsize::new(0),
         followed: AtomicBool::new(false),
         new_subs: AtomicBool::new(false),
@@ -396,10 +394,7 @@ pub(crate) fn destroyed(shared: &Arc<Shared>, id: u64, name: &str) {
     if let Some(e) = st.open.get(name).filter(|e| e.id == id).cloned() {
         st.open.remove(name);
         e.closed.store(true, Ordering::Release);
-        let subs = std::mem::take(Arc::make_mut(
-            &mut *e.subs.lock().unwrap_or_else(|e| e.into_inner()),
-        ));
-        subs_changed(&e);
+        let subs = e.subs.change(std::mem::take);
         for s in &subs {
             s.start.store(NEEDS_SNAPSHOT, Ordering::Release);
         }
@@ -754,13 +749,11 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
             broken: false,
             carry: None,
         };
-        Arc::make_mut(&mut *entry.subs.lock().unwrap_or_else(|e| e.into_inner())).push(sub);
-        subs_changed(&entry);
+        entry.subs.change(|v| v.push(sub));
         entry.new_subs.store(true, Ordering::Release);
         shared.add_ctx_follow(follow);
     } else {
-        Arc::make_mut(&mut *entry.subs.lock().unwrap_or_else(|e| e.into_inner())).push(sub);
-        subs_changed(&entry);
+        entry.subs.change(|v| v.push(sub));
         entry.new_subs.store(true, Ordering::Release);
         shared.wake_all();
     }
@@ -780,12 +773,10 @@ fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
         st.open.get(&sub.name).cloned()
     };
     let Some(entry) = entry else { return };
-    let now_empty = {
-        let mut subs = entry.subs.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::make_mut(&mut *subs).retain(|s| s.id != sub.id);
-        subs.is_empty()
-    };
-    subs_changed(&entry);
+    let now_empty = entry.subs.change(|v| {
+        v.retain(|s| s.id != sub.id);
+        v.is_empty()
+    });
     if now_empty && entry.followed.swap(false, Ordering::AcqRel) {
         // Fire and forget: nobody waits for the answer (request id 0 is never used).
         let _ = shared.conn.send(&ToGateway::UnsubscribeContext {
@@ -831,7 +822,7 @@ pub(crate) fn pump_follow(
                 }
             }
         }
-        let subs: Arc<Vec<Arc<Sub>>> = entry.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let subs: Arc<Vec<Arc<Sub>>> = entry.subs.snapshot();
         for s in subs.iter() {
             if s.start.load(Ordering::Acquire) == NEEDS_SNAPSHOT {
                 s.start.store(cf.version, Ordering::Release);
@@ -1117,32 +1108,17 @@ pub(crate) fn deliver(entry: &Arc<CtxEntry>, ev: &ContextUpdate, only: Option<u6
         entry.queued.fetch_sub(1, Ordering::AcqRel);
     }
     // The list as of the last change, kept by this (dispatch) thread: no lock per event.
-    let gen = entry.subs_gen.load(Ordering::Acquire);
-    let cached = SUBS_SEEN
-        .with(|c| c.take())
-        .filter(|(e, g, _)| *g == gen && std::ptr::eq(e.as_ptr(), Arc::as_ptr(entry)));
-    let (owner, subs) = match cached {
-        Some((owner, _, subs)) => (owner, subs),
-        None => {
-            let subs = entry.subs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            (Arc::downgrade(entry), subs)
-        }
-    };
-    deliver_to(&subs, ev, only);
-    SUBS_SEEN.with(|c| c.set(Some((owner, gen, subs))));
-}
-
-fn subs_changed(entry: &CtxEntry) {
-    // Release: pairs with the Acquire in `deliver`; the list itself is read under its lock.
-    entry.subs_gen.fetch_add(1, Ordering::Release);
+    with_kept(
+        &SUBS_SEEN,
+        entry,
+        |e| &e.subs,
+        |subs| deliver_to(subs, ev, only),
+    );
 }
 
 thread_local! {
-    /// (entry, its `subs_gen`, its subscriptions) as `deliver` last saw them. The weak
-    /// reference keeps the address from being reused while the copy is kept.
-    #[allow(clippy::type_complexity)]
-    static SUBS_SEEN: std::cell::Cell<Option<(std::sync::Weak<CtxEntry>, u64, Arc<Vec<Arc<Sub>>>)>> =
-        const { std::cell::Cell::new(None) };
+    /// The subscriptions of the context `deliver` last delivered to.
+    static SUBS_SEEN: Kept<CtxEntry, Arc<Sub>> = const { std::cell::Cell::new(None) };
 }
 
 fn deliver_to(subs: &[Arc<Sub>], ev: &ContextUpdate, only: Option<u64>) {
@@ -1295,10 +1271,7 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
 /// Moves the subscribers of a context whose segment was replaced to the new segment
 /// (restore thread; `attach` already closed the old entry).
 fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
-    let subs = std::mem::take(Arc::make_mut(
-        &mut *old.subs.lock().unwrap_or_else(|e| e.into_inner()),
-    ));
-    subs_changed(old);
+    let subs = old.subs.change(std::mem::take);
     let subs: Vec<Arc<Sub>> = subs
         .into_iter()
         .filter(|s| s.active.load(Ordering::Acquire))
@@ -1318,8 +1291,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
         .map(|(_, d)| d.clone());
-    Arc::make_mut(&mut *new.subs.lock().unwrap_or_else(|e| e.into_inner())).extend(subs);
-    subs_changed(new);
+    new.subs.change(|v| v.extend(subs));
     if new.followed.swap(true, Ordering::AcqRel) {
         return;
     }

@@ -24,6 +24,7 @@ pub(crate) mod bus;
 mod channels;
 mod conn;
 mod contexts;
+mod cow;
 mod engine;
 mod interop;
 pub(crate) mod lane;

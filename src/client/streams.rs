@@ -12,6 +12,7 @@
 //! the gap (reported with the next item delivered), or conflate by key (keep the latest item
 //! per value of a field).
 
+use super::cow::{with_kept, CowList, Kept};
 use super::engine::{Shared, Task};
 use super::lane::{split_at, Lane, SendError};
 use super::{ClientError, MethodError};
@@ -212,11 +213,8 @@ pub(crate) struct StreamEntry {
     name: Arc<str>,
     method_id: u32,
     options: StreamOptions,
-    /// Replaced whole on every change ([`change_subs`]), so a pusher keeps the list it took
-    /// while it is current ([`with_subs`]).
-    subs: Mutex<Arc<Vec<Arc<ServerSub>>>>,
-    /// Bumped, under `subs`' lock, whenever the list is replaced.
-    subs_gen: AtomicU64,
+    /// A pusher keeps the list it took while it is current ([`with_subs`]).
+    subs: CowList<Arc<ServerSub>>,
     closed: AtomicBool,
 }
 
@@ -330,7 +328,7 @@ impl SubscriptionRequest {
                 "stream closed",
             );
         }
-        change_subs(&self.entry, |v| v.push(sub.clone()));
+        self.entry.subs.change(|v| v.push(sub.clone()));
         let info = Value::object([
             ("branch", Value::from(branch)),
             ("policy", self.entry.options.policy.to_value()),
@@ -381,7 +379,7 @@ fn drop_sub(
     if !sub.open.swap(false, Ordering::AcqRel) {
         return;
     }
-    change_subs(entry, |v| v.retain(|s| !Arc::ptr_eq(s, sub)));
+    entry.subs.change(|v| v.retain(|s| !Arc::ptr_eq(s, sub)));
     let pending = std::mem::take(&mut sub.out.lock().unwrap_or_else(|e| e.into_inner()).pending);
     shared
         .stream_pending
@@ -409,54 +407,17 @@ fn drop_sub(
     }
 }
 
-type SubsList = Arc<Vec<Arc<ServerSub>>>;
-
 thread_local! {
     static PUSH_SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-    /// The subscriber list this thread pushed to last, with its stream and generation.
-    static SUBS_CACHE: std::cell::Cell<Option<(std::sync::Weak<StreamEntry>, u64, SubsList)>> =
-        const { std::cell::Cell::new(None) };
+    /// The subscriber list this thread pushed to last.
+    static SUBS_KEPT: Kept<StreamEntry, Arc<ServerSub>> = const { std::cell::Cell::new(None) };
 }
 
-impl StreamEntry {
-    /// The subscriber list as it is now (one reference count; see [`with_subs`] for pushes).
-    fn current_subs(&self) -> SubsList {
-        self.subs.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// Replaces a stream's subscriber list with `f` applied to a copy.
-fn change_subs(entry: &StreamEntry, f: impl FnOnce(&mut Vec<Arc<ServerSub>>)) {
-    let mut list = entry.subs.lock().unwrap_or_else(|e| e.into_inner());
-    f(Arc::make_mut(&mut list));
-    // Under the lock, so a reader that takes the lock sees a generation matching the list.
-    // Release pairs with the Acquire in `with_subs`: a pusher that sees the new generation
-    // takes the new list.
-    entry.subs_gen.fetch_add(1, Ordering::Release);
-}
-
-/// Runs `f` with a stream's subscribers: the list this thread pushed to last while it is
-/// current, so a pusher takes no lock and no reference count per push (a locked instruction
-/// right after the previous item's stores waits for them to reach the subscriber,
-/// docs/benchmarks.md §6.2); else the list taken now and kept for next time. A push that
-/// races a change reaches the list from before it, as if it had come first.
+/// Runs `f` with a stream's subscribers, as this thread kept them while they are current, so a
+/// pusher takes no lock and no reference count per push (a locked instruction right after the
+/// previous item's stores waits for them to reach the subscriber, docs/benchmarks.md §6.2).
 fn with_subs<T>(entry: &Arc<StreamEntry>, f: impl FnOnce(&[Arc<ServerSub>]) -> T) -> T {
-    let gen = entry.subs_gen.load(Ordering::Acquire);
-    // Taken out, not borrowed: a callback `f` runs (a subscription removed) may push again.
-    let cached = SUBS_CACHE
-        .with(|c| c.take())
-        .filter(|(e, g, _)| *g == gen && std::ptr::eq(e.as_ptr(), Arc::as_ptr(entry)));
-    let cached = match cached {
-        Some(c) => c,
-        None => {
-            let list = entry.subs.lock().unwrap_or_else(|e| e.into_inner());
-            let gen = entry.subs_gen.load(Ordering::Relaxed);
-            (Arc::downgrade(entry), gen, list.clone())
-        }
-    };
-    let r = f(&cached.2);
-    SUBS_CACHE.with(|c| c.set(Some(cached)));
-    r
+    with_kept(&SUBS_KEPT, entry, |e| &e.subs, f)
 }
 
 /// An item larger than the gateway allows is refused to the pusher (it would otherwise close
@@ -668,7 +629,7 @@ fn client_subs(shared: &Shared) -> Vec<Arc<ClientSub>> {
 /// Flushes every subscriber queue (called by the dispatch loop while anything is queued).
 pub(crate) fn flush_all(shared: &Arc<Shared>) {
     for e in served_streams(shared) {
-        let subs = e.current_subs();
+        let subs = e.subs.snapshot();
         for s in subs.iter() {
             let mut out = s.out.lock().unwrap_or_else(|e| e.into_inner());
             if !out.pending.is_empty() {
@@ -762,7 +723,8 @@ impl Stream {
     /// Every current subscription.
     pub fn subscriptions(&self) -> Vec<StreamSubscription> {
         self.entry
-            .current_subs()
+            .subs
+            .snapshot()
             .iter()
             .map(|sub| StreamSubscription {
                 shared: self.shared.clone(),
@@ -776,7 +738,8 @@ impl Stream {
     pub fn branches(&self) -> Vec<String> {
         let mut b: Vec<String> = self
             .entry
-            .current_subs()
+            .subs
+            .snapshot()
             .iter()
             .map(|s| s.branch.clone())
             .collect();
@@ -825,8 +788,7 @@ pub(crate) fn create(
         name,
         method_id,
         options,
-        subs: Mutex::new(Arc::new(Vec::new())),
-        subs_gen: AtomicU64::new(0),
+        subs: CowList::default(),
         closed: AtomicBool::new(false),
     });
     table(shared).served.insert(method_id, entry.clone());
@@ -1276,7 +1238,8 @@ pub(crate) fn on_record(
             // Either a subscriber leaving one of our streams, or a server dropping us.
             for e in served_streams(shared) {
                 let hit = e
-                    .current_subs()
+                    .subs
+                    .snapshot()
                     .iter()
                     .find(|s| s.peer == from && s.sub_id == sub_id)
                     .cloned();
@@ -1642,7 +1605,8 @@ pub(crate) fn peer_left(shared: &Arc<Shared>, peer: PeerId) {
     };
     for e in served {
         let gone: Vec<Arc<ServerSub>> = e
-            .current_subs()
+            .subs
+            .snapshot()
             .iter()
             .filter(|s| s.peer == peer)
             .cloned()
@@ -1684,7 +1648,7 @@ fn _assert_send_sync() {
 /// old connection (it will subscribe again), so those subscriptions end.
 pub(crate) fn connection_reset(shared: &Arc<Shared>) {
     for e in served_streams(shared) {
-        let gone = e.current_subs();
+        let gone = e.subs.snapshot();
         for s in gone.iter() {
             drop_sub(shared, &e, s, "gateway connection reset", false);
         }
