@@ -4,6 +4,7 @@
 //! the message relayed; our own subscriptions get it locally.
 
 use super::conn::Reply;
+use super::cow::{with_kept, Kept};
 use super::engine::{Shared, Task};
 use super::lane::{Lane, SendError};
 use super::ClientError;
@@ -93,9 +94,15 @@ pub(crate) struct BusState {
     /// Routes computed so far, valid while `Shared::bus_routes` stays at their generation
     /// (publishing threads also keep the one they used last, see `ROUTE_CACHE`).
     routes: HashMap<(String, Option<String>), Arc<Route>>,
-    /// Our subscriptions as a shared list (rebuilt on change), so delivering a message does
-    /// not copy the list.
-    mine_list: Arc<Vec<Arc<MySub>>>,
+}
+
+/// Our subscriptions changed (`st` holds them): the delivering thread's list
+/// (`Shared::bus_subs`) and every route are stale.
+fn mine_changed(shared: &Shared, st: &BusState) {
+    shared
+        .bus_subs
+        .change(|v| *v = st.mine.values().cloned().collect());
+    routes_changed(shared);
 }
 
 /// A subscription; dropping it (or `unsubscribe`) ends it.
@@ -124,9 +131,7 @@ impl Drop for BusSubscription {
             let _gate = shared.conn.gate.enter();
             let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
             st.mine.remove(&self.sub.id);
-            st.mine_list = Arc::new(st.mine.values().cloned().collect());
-            routes_changed(&shared);
-            shared.bus_generation.fetch_add(1, Ordering::Release);
+            mine_changed(&shared, &st);
             drop(st);
             // Fire and forget (request id 0 is never used).
             let _ = shared.conn.send(&ToGateway::BusUnsubscribe {
@@ -169,9 +174,7 @@ pub(crate) fn subscribe(
         } else {
             st.mine.remove(&sub.id);
         }
-        st.mine_list = Arc::new(st.mine.values().cloned().collect());
-        routes_changed(shared);
-        shared.bus_generation.fetch_add(1, Ordering::Release);
+        mine_changed(shared, &st);
     };
     add(true);
     let reply = shared.conn.request(
@@ -349,9 +352,8 @@ fn take_u32(b: &mut &[u8]) -> Option<u32> {
 }
 
 thread_local! {
-    /// (client, subscription generation, our subscriptions) for `deliver`.
-    #[allow(clippy::type_complexity)]
-    static SUBS_CACHE: std::cell::RefCell<Option<(*const Shared, u64, Arc<Vec<Arc<MySub>>>)>> = const { std::cell::RefCell::new(None) };
+    /// Our subscriptions as `deliver` last used them.
+    static SUBS_KEPT: Kept<Shared, Arc<MySub>> = const { std::cell::Cell::new(None) };
     static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
     /// The last topic seen by this (pumping) thread: a subscriber of one busy topic then
     /// shares one string instead of allocating one per message.
@@ -448,42 +450,6 @@ pub(crate) fn batch_push(ready: &mut Vec<Task>, lane: &Arc<Lane>, body: &[u8]) {
     }));
 }
 
-/// Our subscriptions, cached by the caller per subscription generation.
-struct SubsView {
-    gen: u64,
-    list: Arc<Vec<Arc<MySub>>>,
-}
-
-impl SubsView {
-    fn new(shared: &Shared) -> Self {
-        let gen = shared.bus_generation.load(Ordering::Acquire);
-        let list = SUBS_CACHE.with(|c| {
-            let mut c = c.borrow_mut();
-            match &*c {
-                Some((s, g, list)) if *g == gen && std::ptr::eq(*s, shared) => list.clone(),
-                _ => {
-                    let list = shared
-                        .bus
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .mine_list
-                        .clone();
-                    *c = Some((shared as *const Shared, gen, list.clone()));
-                    list
-                }
-            }
-        });
-        Self { gen, list }
-    }
-
-    /// The list again if the subscriptions changed (a callback may subscribe).
-    fn refresh(&mut self, shared: &Shared) {
-        if shared.bus_generation.load(Ordering::Acquire) != self.gen {
-            *self = Self::new(shared);
-        }
-    }
-}
-
 impl BusBatch {
     /// The messages in it.
     pub(crate) fn len(&self) -> usize {
@@ -492,13 +458,12 @@ impl BusBatch {
 }
 
 /// Delivers a batch (dispatch thread).
-pub(crate) fn deliver_batch(shared: &Shared, batch: BusBatch) {
+pub(crate) fn deliver_batch(shared: &Arc<Shared>, batch: BusBatch) {
     let BusBatch {
         lane,
         mut bytes,
         mut ends,
     } = batch;
-    let mut subs = SubsView::new(shared);
     let mut msg: Option<BusMessage> = None;
     let mut start = 0usize;
     for &end in &ends {
@@ -533,9 +498,7 @@ pub(crate) fn deliver_batch(shared: &Shared, batch: BusBatch) {
             }
             other => *other = Value::Bytes(p.payload.to_vec()),
         }
-        subs.refresh(shared);
-        let r =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver_to(&subs.list, m)));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver(shared, m)));
         if let Err(p) = r {
             crate::log::warn(format_args!(
                 "a bus callback panicked: {}",
@@ -757,11 +720,16 @@ pub(crate) fn publish_batch(
     })
 }
 
-/// Runs one message through our subscriptions (dispatch thread).
-pub(crate) fn deliver(shared: &Shared, msg: &BusMessage) {
-    // The list is cached per thread and refreshed when the subscriptions change, so a busy
-    // subscriber takes no lock per message.
-    deliver_to(&SubsView::new(shared).list, msg);
+/// Runs one message through our subscriptions (dispatch thread). The list is kept per thread
+/// while the subscriptions are unchanged, so a busy subscriber takes no lock per message; a
+/// callback that subscribes is seen by the next message.
+pub(crate) fn deliver(shared: &Arc<Shared>, msg: &BusMessage) {
+    with_kept(
+        &SUBS_KEPT,
+        shared,
+        |s| &s.bus_subs,
+        |subs| deliver_to(subs, msg),
+    );
 }
 
 fn deliver_to(subs: &[Arc<MySub>], msg: &BusMessage) {

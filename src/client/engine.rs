@@ -305,8 +305,9 @@ pub(crate) struct Shared {
     pub ctx: Mutex<super::contexts::CtxState>,
     /// Bus subscriptions, ours and everyone's, and publish routes.
     pub bus: Mutex<super::bus::BusState>,
-    /// Bumped when our bus subscriptions change (lets `deliver` cache the list lock-free).
-    pub bus_generation: AtomicU64,
+    /// Our bus subscriptions as a list (rebuilt on change), kept by the delivering thread
+    /// while unchanged (`client/bus.rs::deliver`).
+    pub bus_subs: super::cow::CowList<Arc<super::bus::MySub>>,
     /// Bumped whenever bus subscriptions change: routes computed before are stale (checked
     /// without a lock by publishers, `client/bus.rs::Route::is_current`).
     pub bus_routes: AtomicU64,
@@ -376,7 +377,7 @@ impl Shared {
             new_ctx: Mutex::new(Vec::new()),
             ctx: Mutex::new(Default::default()),
             bus: Mutex::new(Default::default()),
-            bus_generation: AtomicU64::new(0),
+            bus_subs: Default::default(),
             bus_routes: AtomicU64::new(0),
             streams: Mutex::new(Default::default()),
             channels: Mutex::new(Default::default()),
