@@ -1227,12 +1227,7 @@ pub(crate) fn on_record(
             }
             Ok(false)
         }
-        KIND_STREAM_DATA => {
-            let d = rec::parse_data(body).map_err(|_| "undecodable stream data")?;
-            let sub = client_sub(shared, sub_id);
-            let Some(sub) = sub else { return Ok(false) };
-            Ok(accept_item(shared, &sub, data_event(d, identity)))
-        }
+        KIND_STREAM_DATA => to_inbox(shared, client_sub(shared, sub_id), body, identity),
         KIND_SUB_CLOSE => {
             let (_, reason) = rec::parse_close(body).map_err(|_| "short stream close")?;
             // Either a subscriber leaving one of our streams, or a server dropping us.
@@ -1307,15 +1302,24 @@ fn on_request(
     })));
 }
 
-/// The event for a data item. Extra GW3 fields (sequence, snapshot) have no place in knit's
-/// stream events.
-fn data_event(d: rec::Data, server: Arc<Instance>) -> StreamEvent {
-    StreamEvent::Data {
+/// A data record for `sub` (none: one we no longer hold) through the inbox. Extra GW3 fields
+/// (sequence, snapshot) have no place in knit's stream events. Returns whether the lane should
+/// pause.
+fn to_inbox(
+    shared: &Shared,
+    sub: Option<Arc<ClientSub>>,
+    body: &[u8],
+    server: Arc<Instance>,
+) -> Result<bool, &'static str> {
+    let d = rec::parse_data(body).map_err(|_| "undecodable stream data")?;
+    let Some(sub) = sub else { return Ok(false) };
+    let ev = StreamEvent::Data {
         data: d.data,
         server,
         private: d.private,
         gap: d.gap as u64,
-    }
+    };
+    Ok(accept_item(shared, &sub, ev))
 }
 
 /// Data items one pump round read from one lane for one of our subscriptions, delivered by the
@@ -1397,11 +1401,7 @@ pub(crate) fn on_lane_data(
             ready.push(Task::StreamBatch(b));
             r.map(|()| false)
         }
-        (_, sub) => {
-            let d = rec::parse_data(body).map_err(|_| "undecodable stream data")?;
-            Ok(sub
-                .is_some_and(|sub| accept_item(shared, &sub, data_event(d, lane.identity.clone()))))
-        }
+        (_, sub) => to_inbox(shared, sub, body, lane.identity.clone()),
     }
 }
 
