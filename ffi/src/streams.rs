@@ -163,13 +163,16 @@ unsafe fn item_arg(p: *const c_char) -> FfiResult<Value> {
     }
     // SAFETY: caller's contract.
     let v = unsafe { json_arg(p, "data_json", Value::Null) }?;
-    if v.as_map().is_none() {
-        return Err(Failure::new(
-            Status::BadInput,
-            "data_json must be a JSON object",
-        ));
-    }
+    object_item(&v, "data_json must be a JSON object")?;
     Ok(v)
+}
+
+/// Streams carry objects, as in io.Connect: anything else is bad input.
+fn object_item(v: &Value, why: &str) -> FfiResult {
+    match v.as_map() {
+        Some(_) => Ok(()),
+        None => Err(Failure::new(Status::BadInput, why)),
+    }
 }
 
 fn policy_of(o: &knit_core::wire::Map) -> FfiResult<(SlowConsumerPolicy, usize)> {
@@ -365,11 +368,8 @@ pub unsafe extern "C" fn knit_stream_push_batch(
     guard(|| {
         // SAFETY: caller's contract.
         let items = unsafe { items_arg(items_json, "items_json") }?;
-        if items.iter().any(|v| v.as_map().is_none()) {
-            return Err(Failure::new(
-                Status::BadInput,
-                "every item of items_json must be a JSON object",
-            ));
+        for v in &items {
+            object_item(v, "every item of items_json must be a JSON object")?;
         }
         Ok(stream_of(stream)?.stream.push_batch(&items)?)
     })
