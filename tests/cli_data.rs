@@ -51,19 +51,6 @@ fn knit_code(sock: &Path, args: &[&str]) -> Option<i32> {
     run_knit(&all, QUICK).code
 }
 
-/// `knit --gateway SOCK ARGS…` with its stdout and stderr piped to us.
-fn spawn_piped(sock: &Path, args: &[&str]) -> std::process::Child {
-    Command::new(common::knit_bin())
-        .arg("--gateway")
-        .arg(sock)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning knit")
-}
-
 /// A long-running `knit` command whose stdout and stderr lines can be awaited.
 struct Follower {
     child: ChildGuard,
@@ -74,7 +61,7 @@ struct Follower {
 impl Follower {
     /// Starts `knit --gateway SOCK ARGS…` and waits for `{"ready":true}` on stderr.
     fn start(sock: &Path, args: &[&str]) -> Follower {
-        let mut child = spawn_piped(sock, args);
+        let mut child = common::spawn_piped(sock, args);
         let out = Lines::spawn(child.stdout.take().expect("stdout"));
         let err = Lines::spawn(child.stderr.take().expect("stderr"));
         let f = Follower {
@@ -405,7 +392,7 @@ fn sub_whose_reader_goes_away_exits_0_without_a_panic() {
     let dir = TempDir::new("subpipe");
     let g = gw(&dir);
     let sock = &g.socket;
-    let mut child = spawn_piped(sock, &["sub", "prices"]);
+    let mut child = common::spawn_piped(sock, &["sub", "prices"]);
     let err = Lines::spawn(child.stderr.take().expect("stderr"));
     let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let mut sub = ChildGuard::new(child, "knit sub prices");

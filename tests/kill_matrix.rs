@@ -159,15 +159,7 @@ struct Follower {
 }
 
 fn follow(sock: &Path, args: &[&str]) -> Follower {
-    let mut child = Command::new(common::knit_bin())
-        .arg("--gateway")
-        .arg(sock)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning knit");
+    let mut child = common::spawn_piped(sock, args);
     let out = Lines::spawn(child.stdout.take().unwrap());
     let err = Lines::spawn(child.stderr.take().unwrap());
     err.wait_for(STARTUP, |l| l.contains("\"ready\""))

@@ -596,6 +596,19 @@ pub fn spawn_knit_env(args: &[&str], env: &[(&str, &Path)], stdin: Option<&[u8]>
     }
 }
 
+/// `knit --gateway SOCK ARGS…` with its stdout and stderr piped to the caller.
+pub fn spawn_piped(sock: &Path, args: &[&str]) -> Child {
+    Command::new(knit_bin())
+        .arg("--gateway")
+        .arg(sock)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning knit")
+}
+
 /// Runs `knit ARGS…` to completion (at most `timeout`).
 pub fn run_knit(args: &[&str], timeout: Duration) -> Output {
     spawn_knit(args, None).finish(timeout)
