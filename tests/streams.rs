@@ -567,19 +567,20 @@ fn batched_and_single_pushes_arrive_once_and_in_order_under_every_policy() {
     );
 }
 
-#[test]
-fn a_callback_that_waits_for_a_reply_still_sees_every_item_in_order() {
+/// A subscriber whose callback invokes a method of the server pushing to it on every 50th item
+/// and waits for the reply; the subscriber's queue holds `queue` items.
+fn callback_invokes_its_server(tag: &str, queue: usize) {
     // While the callback waits for its reply, the dispatch thread reads its lanes, and with
-    // them more items of this very subscription: those must wait for the callback's turn.
-    let env = Env::new("nested");
+    // them more items of this very subscription: those must wait for the callback's turn. The
+    // reply travels on the server's lane behind items; with a small queue the subscription
+    // stalls (its lane is left unread) while the callback waits, and the wait must still read
+    // on to the reply.
+    let env = Env::new(tag);
     let server = env.client("server");
     server.register("Echo", |inv| Ok(inv.args.clone())).unwrap();
-    // The reply travels behind the items on the server's lane: the subscriber's queue must
-    // take them all while the callback waits (a blocking queue that filled would leave the
-    // reply unread).
     let total = 3_000;
     let opts = StreamOptions {
-        queue: total as usize,
+        queue,
         ..Default::default()
     };
     let stream = server.create_stream("Nested", opts).unwrap();
@@ -605,6 +606,16 @@ fn a_callback_that_waits_for_a_reply_still_sees_every_item_in_order() {
         .unwrap();
     push_mixed(&stream, total);
     assert_eq!(take(&rx, total as usize), (0..total).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_callback_that_waits_for_a_reply_still_sees_every_item_in_order() {
+    callback_invokes_its_server("nested", 3_000);
+}
+
+#[test]
+fn a_callback_waits_for_its_servers_reply_behind_a_full_queue() {
+    callback_invokes_its_server("nested-full", 8);
 }
 
 #[test]

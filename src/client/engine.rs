@@ -52,6 +52,9 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 const BATCH: usize = 64;
 /// Tasks queued for the dispatcher before the pumper stops reading lanes.
 const MAX_QUEUED_TASKS: usize = 65_536;
+/// Bytes read past a pause for a full blocking subscriber while a call to the same peer waits
+/// for its reply (they queue for the subscriber beyond its bound).
+const MAX_PAST_STALL: usize = 16 << 20;
 
 /// A call's outcome as delivered to its waiter.
 pub(crate) type Outcome = Result<Value, (FailureKind, String, Option<Value>)>;
@@ -720,6 +723,12 @@ impl Shared {
         self.wake_all();
     }
 
+    /// Whether a call to `peer` waits for its reply.
+    fn awaits_reply_from(&self, peer: PeerId) -> bool {
+        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        calls.values().any(|s| s.peer == peer)
+    }
+
     /// Fails every pending call that went through the gateway (the connection is gone).
     pub(crate) fn fail_relayed_calls(&self, message: &str) {
         let relayed: std::collections::HashSet<PeerId> = {
@@ -1167,16 +1176,31 @@ impl Shared {
         max: usize,
     ) -> Result<usize, &'static str> {
         let mut n = 0;
+        // Whether a call to this lane's peer waits (looked up once, when first needed).
+        let mut awaited = None;
         while n < max {
             // A blocking-policy stream subscriber's queue is full: leave the rest in the ring
-            // (its writer then waits) until the dispatcher drains it.
-            if l.lane.stalled.load(Ordering::Acquire) {
-                break;
+            // (its writer then waits) until the dispatcher drains it. Unless a call to the
+            // peer waits: its reply is behind the subscriber's items, and the dispatcher may
+            // be the very thread waiting (a stream callback that invokes the pushing server),
+            // so the items are read on into the queue, up to a bound, until the reply is in.
+            let stalled = l.lane.stalled.load(Ordering::Acquire);
+            if stalled {
+                if l.past_stall >= MAX_PAST_STALL
+                    || !*awaited.get_or_insert_with(|| self.awaits_reply_from(l.lane.peer))
+                {
+                    break;
+                }
+            } else if l.past_stall != 0 {
+                l.past_stall = 0;
             }
             match l.consumer.pop_into(buf) {
                 Ok(None) => break,
                 Ok(Some(h)) => {
                     n += 1;
+                    if stalled {
+                        l.past_stall += buf.len().max(1);
+                    }
                     if let Err(e) = self.on_record(l, h.kind, h.flags, buf, sink.as_deref_mut()) {
                         l.consumer.flush();
                         return Err(e);

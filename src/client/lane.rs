@@ -63,6 +63,9 @@ pub(crate) struct RxLane {
     pub consumer: Consumer<ShmRing>,
     /// Fragments of a message being reassembled.
     pub assembly: Reassembly,
+    /// Bytes read since the lane was paused for a full blocking subscriber, to reach the reply
+    /// to a call waiting behind the subscriber's items (`Shared::pump_lane`).
+    pub past_stall: usize,
 }
 
 /// Puts fragmented messages back together (`wire::record`: `FRAG_MORE` on all fragments but
@@ -162,6 +165,7 @@ impl Lane {
                 lane,
                 consumer,
                 assembly: Reassembly::default(),
+                past_stall: 0,
             },
         ))
     }
