@@ -1180,10 +1180,12 @@ async fn native_and_web_peers_see_each_others_context_writes_with_the_same_delta
             json!({"x": 1}),
             vec![],
         ),
+        // The legacy (v1) form is an update: a native subscriber is told it as io.Connect's
+        // `update` (v2, path commands) is told, removed keys null.
         (
             json!({"added": {"y": {"z": 2}}, "removed": ["x"]}),
             json!({"y": {"z": 2}}),
-            json!({"y": {"z": 2}}),
+            json!({"y": {"z": 2}, "x": null}),
             vec!["x"],
         ),
         (
@@ -1257,6 +1259,66 @@ async fn native_and_web_peers_see_each_others_context_writes_with_the_same_delta
         .await;
     assert_eq!(sub["data"], json!({"v": 1}));
     drop(n3);
+}
+
+#[tokio::test]
+async fn updates_too_large_for_the_log_and_removals_reach_web_subscribers_as_updates() {
+    // A change larger than the context log's record (16 KiB) is logged without its data.
+    // Web subscribers must still be told it as the update it was, not as a `reset` of the
+    // whole value (which hides the removed keys): the web writer's own delta, or the native
+    // change as path commands.
+    let gw = gateway("ctx-big", |_| {});
+    let native = gw.client("nat");
+    let mut w = Web::login(gw.ws(), "web-w", &os_user(), &gw.token()).await;
+    let mut r = Web::login(gw.ws(), "web-r", &os_user(), &gw.token()).await;
+    let native_id = r
+        .next(|m| m["type"] == "peer-added" && m["identity"]["application"] == "nat")
+        .await["new_peer_id"]
+        .clone();
+    let made = w
+        .req(json!({"type": "create-context", "name": "big.ctx",
+            "data": {"keep": 1, "gone": 2, "gone2": 3}, "lifetime": "retained"}))
+        .await;
+    let cid = made["context_id"].clone();
+    let sub = r
+        .req(json!({"type": "subscribe-context", "context_id": cid}))
+        .await;
+    let mut data = sub["data"].clone();
+    let big = "x".repeat(40_000);
+    // Web writer: the reader gets the writer's delta verbatim.
+    let delta = json!({"commands": [{"type": "set", "path": "big", "value": big},
+        {"type": "remove", "path": "gone"}]});
+    let ok = w
+        .req(json!({"type": "update-context", "context_id": cid, "delta": delta}))
+        .await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let upd = r.next(|m| m["type"] == "context-updated").await;
+    assert_eq!(upd["delta"], delta);
+    data = client_apply(&data, &upd["delta"]);
+    // Native writer, small with a removal, then large with a removal: path commands.
+    let n2 = native.clone();
+    let big2 = "y".repeat(40_000);
+    let b2 = big2.clone();
+    blocking(move || {
+        let c = n2.contexts();
+        c.update("big.ctx", obj(json!({"gone2": null, "n": 1})))
+            .unwrap();
+        c.update("big.ctx", obj(json!({"big": b2, "keep": null})))
+            .unwrap();
+    })
+    .await;
+    for want in [
+        json!({"commands": [{"type": "remove", "path": "gone2"}, {"type": "set", "path": "n", "value": 1}]}),
+        json!({"commands": [{"type": "set", "path": "big", "value": big2}, {"type": "remove", "path": "keep"}]}),
+    ] {
+        let upd = r.next(|m| m["type"] == "context-updated").await;
+        assert_eq!(upd["delta"], want);
+        assert_eq!(upd["updater_id"], native_id);
+        data = client_apply(&data, &upd["delta"]);
+    }
+    assert_eq!(data, json!({"big": big2, "n": 1}));
+    let native_view = blocking(move || native.contexts().get("big.ctx").unwrap()).await;
+    assert_eq!(Value::from(data), *native_view.data);
 }
 
 #[tokio::test]

@@ -121,7 +121,7 @@ fn subscribers_get_the_current_value_first_then_every_change_with_delta_removed_
     w.contexts().update("s", j(r#"{"a":5,"b":null}"#)).unwrap();
     let u = next(&rx);
     assert_eq!(*u.data, j(r#"{"a":5}"#));
-    assert_eq!(u.delta, j(r#"{"a":5}"#));
+    assert_eq!(u.delta, j(r#"{"a":5,"b":null}"#));
     assert_eq!(u.removed, vec!["b".to_string()]);
     assert_eq!(u.updater.as_ref().unwrap().application, "writer");
     assert_eq!(u.version, first.version + 1);

@@ -362,21 +362,6 @@ fn update_value(u: &ContextUpdate) -> Value {
     ])
 }
 
-/// The delta with each removed top-level key as `null`, so that one JSON object says all that
-/// changed (as an update that removes keys is written).
-fn delta_with_removals(u: &ContextUpdate) -> std::borrow::Cow<'_, Value> {
-    match &u.delta {
-        Value::Map(m) if !u.removed.is_empty() => {
-            let mut m = m.clone();
-            for k in &u.removed {
-                m.entry(k.clone()).or_insert(Value::Null);
-            }
-            std::borrow::Cow::Owned(Value::Map(m))
-        }
-        _ => std::borrow::Cow::Borrowed(&u.delta),
-    }
-}
-
 #[derive(Clone, Copy)]
 enum Callback {
     Plain(unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char, *const c_char, u64)),
@@ -409,7 +394,7 @@ unsafe fn subscribe(
                 Callback::Plain(f) => {
                     let name = c_text(&u.name);
                     let data = c_text(&u.data.to_json_string());
-                    let delta = c_text(&delta_with_removals(u).to_json_string());
+                    let delta = c_text(&u.delta.to_json_string());
                     // SAFETY: the app subscribed `f` with this signature; the strings live
                     // for the call, as the contract says.
                     unsafe {
@@ -491,28 +476,5 @@ mod tests {
                 "{bad}"
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod removal_tests {
-    use super::*;
-
-    #[test]
-    fn removed_keys_show_as_null_in_the_plain_delta() {
-        let u = ContextUpdate {
-            name: Arc::from("n"),
-            version: 2,
-            data: Arc::new(Value::from_json_str(r#"{"b":1}"#).unwrap()),
-            delta: Value::from_json_str(r#"{"b":1}"#).unwrap(),
-            removed: vec!["a".into()],
-            updater: None,
-            first: false,
-            conflated: false,
-        };
-        assert_eq!(
-            delta_with_removals(&u).to_json_string(),
-            r#"{"b":1,"a":null}"#
-        );
     }
 }

@@ -231,7 +231,7 @@ impl Contexts {
         let c = st.get_mut(&id).ok_or(CtxError::NotMapped(id))?;
         // Pending records first: they were meant for the subscribers already there.
         if !c.subs.is_empty() {
-            self.pump_ctx(id, c);
+            self.pump_ctx(id, c, None);
         }
         let fresh = c.subs.is_empty();
         if fresh {
@@ -242,6 +242,9 @@ impl Contexts {
             .read(&mut c.buf)
             .map_err(|e| CtxError::Data(e.to_string()))?;
         let data = decode_map(&c.buf)?;
+        if c.cache.as_ref().is_none_or(|(v, _)| *v < info.version) {
+            c.cache = Some((info.version, Arc::new(data.clone())));
+        }
         if fresh {
             c.follower.resync(info.version);
             let store = c.store.clone();
@@ -297,9 +300,16 @@ impl Contexts {
         Some((c.store.clone(), c.cache.take()))
     }
 
-    /// A web peer wrote context `id` (now at `version`, holding `data`): native subscribers are
-    /// woken and web subscribers told.
-    pub(crate) fn written(&self, id: u64, version: u64, changed: bool, data: Arc<Value>) {
+    /// A web peer wrote context `id` (now at `version`, holding `data`, with the GW3 delta
+    /// `note`): native subscribers are woken and web subscribers told.
+    pub(crate) fn written(
+        &self,
+        id: u64,
+        version: u64,
+        changed: bool,
+        data: Arc<Value>,
+        note: &str,
+    ) {
         let mut st = self.lock();
         let Some(c) = st.get_mut(&id) else { return };
         if c.cache.as_ref().is_none_or(|(v, _)| *v <= version) {
@@ -317,7 +327,7 @@ impl Contexts {
                 }
             });
         }
-        self.pump_ctx(id, c);
+        self.pump_ctx(id, c, Some((version, note)));
     }
 
     /// Reads every followed log (the waker saw something move).
@@ -325,13 +335,16 @@ impl Contexts {
         let mut st = self.lock();
         for (id, c) in st.iter_mut() {
             if !c.subs.is_empty() && c.follower.has_more(&c.store) {
-                self.pump_ctx(*id, c);
+                self.pump_ctx(*id, c, None);
             }
         }
     }
 
     /// Sends what the log of one context holds past our position to its web subscribers.
-    fn pump_ctx(&self, id: u64, c: &mut Ctx) {
+    /// `noted`: the version a web peer just wrote and its GW3 delta, for when the record was
+    /// too large for the log (web subscribers then still get the writer's delta verbatim, as
+    /// the reference gateway forwards it whatever its size).
+    fn pump_ctx(&self, id: u64, c: &mut Ctx, noted: Option<(u64, &str)>) {
         if c.subs.is_empty() {
             return;
         }
@@ -343,15 +356,19 @@ impl Contexts {
                     version,
                     updater,
                     payload_logged: true,
-                })) => match delta_text(&c.buf, version) {
+                })) => match delta_text(&c.buf, version, &mut c.cache) {
                     Some(delta) => self.emit(id, c, version, updater, &delta, true),
                     None => self.resync(id, c, None),
                 },
-                // A change too large for the log: the snapshot says what it did (and when
-                // nothing else happened since, its writer need not hear of it).
+                // A change too large for the log: its web writer's delta, else the snapshot
+                // says what it did (and when nothing else happened since, its writer need not
+                // hear of it).
                 Ok(Some(LogEvent::Record {
                     version, updater, ..
-                })) => self.resync(id, c, Some((version, updater))),
+                })) => match noted.filter(|(v, _)| *v == version) {
+                    Some((_, delta)) => self.emit(id, c, version, updater, delta, true),
+                    None => self.resync(id, c, Some((version, updater))),
+                },
                 Ok(Some(LogEvent::Gap)) => self.resync(id, c, None),
                 Err(e) => {
                     crate::log::warn(format_args!("bridge: context {id} log: {e}"));
@@ -386,7 +403,8 @@ impl Contexts {
     /// Lost track of the log (lapped, an oversized or unknown record): the snapshot goes out as
     /// a `reset`, and following resumes after it. `only`: the record (version, writer) that
     /// was not logged in full; when the snapshot is exactly that version, its writer is skipped
-    /// as for any other update.
+    /// as for any other update, and when the value before it is cached, the subscribers get
+    /// the difference (as an `update` would tell it) instead of a `reset`.
     fn resync(&self, id: u64, c: &mut Ctx, only: Option<(u64, u64)>) {
         let info = match c.store.read(&mut c.buf) {
             Ok(i) => i,
@@ -403,9 +421,18 @@ impl Contexts {
                 return;
             }
         };
-        let delta = serde_json::json!({ "reset": data.to_json() }).to_string();
         let exact = only.is_some_and(|(v, _)| v == info.version);
+        let before = match &c.cache {
+            Some((v, old)) if exact && *v + 1 == info.version => old.as_map(),
+            _ => None,
+        };
+        let delta = before
+            .zip(data.as_map())
+            .and_then(|(old, new)| super::delta::to_gw3(&super::delta::diff(old, new), false))
+            .unwrap_or_else(|| serde_json::json!({ "reset": data.to_json() }))
+            .to_string();
         self.emit(id, c, info.version, info.updater, &delta, exact);
+        c.cache = Some((info.version, Arc::new(data)));
         for s in c.subs.iter_mut() {
             s.start = s.start.max(info.version);
         }
@@ -413,8 +440,10 @@ impl Contexts {
 }
 
 /// The GW3 delta text of a logged op: the web writer's own when noted, else the translation of
-/// the op. `None`: not translatable (take the snapshot).
-fn delta_text(payload: &[u8], version: u64) -> Option<String> {
+/// the op, which also brings `cache` to `version` when it held the version before (so that a
+/// later change too large for the log can be told as a difference). `None`: not translatable
+/// (take the snapshot).
+fn delta_text(payload: &[u8], version: u64, cache: &mut Cached) -> Option<String> {
     let Ok(Value::Map(mut m)) = codec::decode(payload) else {
         return None;
     };
@@ -422,6 +451,17 @@ fn delta_text(payload: &[u8], version: u64) -> Option<String> {
         return Some(s);
     }
     let op = ContextOp::from_value_owned(Value::Map(m))?;
+    if let Some((v, data)) = cache.as_mut().filter(|(v, _)| *v + 1 == version) {
+        let applied = match Arc::make_mut(data) {
+            Value::Map(m) => crate::model::context::apply_mut(m, true, &op).is_ok(),
+            _ => false,
+        };
+        if applied {
+            *v = version;
+        } else {
+            *cache = None;
+        }
+    }
     super::delta::to_gw3(&op, version == 1).map(|j| j.to_string())
 }
 
@@ -468,8 +508,8 @@ mod tests {
         let mut v = op.to_value();
         let plain = codec::encode(&v).unwrap();
         assert_eq!(
-            delta_text(&plain, 2).as_deref(),
-            Some(r#"{"added":{"a":1},"removed":[]}"#)
+            delta_text(&plain, 2, &mut None).as_deref(),
+            Some(r#"{"commands":[{"type":"set","path":"a","value":1}]}"#)
         );
         if let Value::Map(m) = &mut v {
             m.insert(
@@ -478,9 +518,9 @@ mod tests {
             );
         }
         assert_eq!(
-            delta_text(&codec::encode(&v).unwrap(), 2).as_deref(),
+            delta_text(&codec::encode(&v).unwrap(), 2, &mut None).as_deref(),
             Some(r#"{"added":{"a":1},"updated":{}}"#)
         );
-        assert_eq!(delta_text(b"\xff\xff", 2), None);
+        assert_eq!(delta_text(b"\xff\xff", 2, &mut None), None);
     }
 }

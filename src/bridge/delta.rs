@@ -290,21 +290,13 @@ pub(crate) fn apply(data: &mut Map, parts: &[Part]) -> Result<(), DeltaError> {
 /// The op that takes `old` to `new`: the changed top-level keys as an `Update` (removed keys as
 /// `null`), or a `Set` when a key must hold `null` (which an update would delete).
 pub(crate) fn diff(old: &Map, new: &Map) -> ContextOp {
-    let mut m = Map::new();
-    for (k, v) in new {
-        if old.get(k) != Some(v) {
-            if v.is_null() {
-                return ContextOp::Set(new.clone());
-            }
-            m.insert(k.clone(), v.clone());
-        }
+    if new
+        .iter()
+        .any(|(k, v)| v.is_null() && old.get(k) != Some(v))
+    {
+        return ContextOp::Set(new.clone());
     }
-    for k in old.keys() {
-        if !new.contains_key(k) {
-            m.insert(k.clone(), Value::Null);
-        }
-    }
-    ContextOp::Update(m)
+    ContextOp::Update(crate::model::context::difference(old, new).delta)
 }
 
 /// The GW3 delta for a knit op (`first`: it created the context). `None` when a path op sets
@@ -314,6 +306,23 @@ pub(crate) fn to_gw3(op: &ContextOp, first: bool) -> Option<J> {
         ContextOp::Set(m) => Some(json!({"reset": Value::Map(m.clone()).to_json()})),
         // An update that creates a context stores the data as given (nulls included).
         ContextOp::Update(m) if first => Some(json!({"reset": Value::Map(m.clone()).to_json()})),
+        // What an io.Connect client sends for `update` (features.md §5.3): top-level path
+        // commands, so a web subscriber is told a native update exactly as a web one (removed
+        // keys `null` in its callback's delta). A key a path would misread (dotted, empty or
+        // forbidden) makes the update travel as `added`/`removed` instead.
+        ContextOp::Update(m) if m.keys().all(|k| plain_key(k)) => {
+            let cmds: Vec<J> = m
+                .iter()
+                .map(|(k, v)| {
+                    if v.is_null() {
+                        json!({"type": "remove", "path": k})
+                    } else {
+                        json!({"type": "set", "path": k, "value": v.to_json()})
+                    }
+                })
+                .collect();
+            Some(json!({ "commands": cmds }))
+        }
         ContextOp::Update(m) => {
             let mut added = serde_json::Map::new();
             let mut removed = Vec::new();
@@ -341,6 +350,11 @@ pub(crate) fn to_gw3(op: &ContextOp, first: bool) -> Option<J> {
             Some(json!({"commands": cmds}))
         }
     }
+}
+
+/// A top-level key a GW3 path command names as it is.
+fn plain_key(k: &str) -> bool {
+    !k.is_empty() && !k.contains('.') && !crate::model::context::FORBIDDEN.contains(&k)
 }
 
 #[cfg(test)]
@@ -495,6 +509,20 @@ mod tests {
         assert_eq!(
             to_gw3(&ContextOp::Update(m(json!({"a.b": 1, "c": null}))), false),
             Some(json!({"added": {"a.b": 1}, "removed": ["c"]}))
+        );
+        assert_eq!(
+            to_gw3(
+                &ContextOp::Update(m(json!({"a": {"b": 1}, "c": null}))),
+                false
+            ),
+            Some(json!({"commands": [
+                {"type": "set", "path": "a", "value": {"b": 1}},
+                {"type": "remove", "path": "c"}
+            ]}))
+        );
+        assert_eq!(
+            to_gw3(&ContextOp::Update(m(json!({"constructor": 1}))), false),
+            Some(json!({"added": {"constructor": 1}, "removed": []}))
         );
         assert_eq!(
             to_gw3(&ContextOp::Update(m(json!({"a": 1, "c": null}))), true),

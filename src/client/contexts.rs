@@ -1054,21 +1054,11 @@ fn resync_at(
     if v == cf.version && before == *now {
         return None;
     }
-    let mut delta = Map::new();
-    for (k, val) in now.iter() {
-        if before.get(k) != Some(val) {
-            delta.insert(k.clone(), val.clone());
-        }
-    }
-    let removed = before
-        .keys()
-        .filter(|k| !now.contains_key(*k))
-        .cloned()
-        .collect();
+    let d = crate::model::context::difference(&before, &now);
     let change = Change {
         data: (*now).clone(),
-        delta,
-        removed,
+        delta: d.delta,
+        removed: d.removed,
     };
     match exact {
         Some((ver, updater)) if ver == v => make_update(shared, cf, v, updater, change, false),
@@ -1147,23 +1137,13 @@ fn carried_over(cf: &CtxFollow, before: &Value) -> Option<ContextUpdate> {
     if before == after {
         return None;
     }
-    let mut delta = Map::new();
-    for (k, v) in after.iter() {
-        if before.get(k) != Some(v) {
-            delta.insert(k.clone(), v.clone());
-        }
-    }
-    let removed = before
-        .keys()
-        .filter(|k| !after.contains_key(*k))
-        .cloned()
-        .collect();
+    let d = crate::model::context::difference(before, after);
     Some(ContextUpdate {
         name: cf.entry.name.clone(),
         version: cf.version,
         data: now,
-        delta: Value::Map(delta),
-        removed,
+        delta: Value::Map(d.delta),
+        removed: d.removed,
         updater: None,
         first: false,
         conflated: true,

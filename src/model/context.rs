@@ -21,8 +21,10 @@ pub enum ContextOp {
 pub struct Change {
     /// The new data.
     pub data: Map,
-    /// For `update`: the changed keys with their new values. For `set` (and creation): the
-    /// whole value. For paths: an object mirroring the touched paths, deleted leaves `null`.
+    /// For `update`: the changed keys with their new values, removed keys `null` (an
+    /// io.Connect `update` travels as top-level path commands, features.md §5.3–5.4). For `set`
+    /// (and creation): the whole value. For paths: an object mirroring the touched paths,
+    /// deleted leaves `null`.
     pub delta: Map,
     /// Top-level keys the change removed (empty for `set`, as io.Connect reports it).
     pub removed: Vec<String>,
@@ -40,7 +42,8 @@ pub enum ContextError {
     NotAnObject,
 }
 
-const FORBIDDEN: [&str; 3] = ["__proto__", "constructor", "prototype"];
+/// Path segments io.Connect refuses (they would reach a JavaScript object's prototype).
+pub(crate) const FORBIDDEN: [&str; 3] = ["__proto__", "constructor", "prototype"];
 
 fn segments(path: &str) -> Result<Vec<&str>, ContextError> {
     let segs: Vec<&str> = path.split('.').collect();
@@ -89,6 +92,7 @@ pub fn apply_mut(
             for (k, v) in new {
                 if v.is_null() {
                     if data.shift_remove(k).is_some() {
+                        delta.insert(k.clone(), Value::Null);
                         removed.push(k.clone());
                     }
                 } else if data.get(k) != Some(v) {
@@ -158,6 +162,7 @@ pub fn apply_owned(
             for (k, v) in new {
                 if v.is_null() {
                     if data.shift_remove(&k).is_some() {
+                        delta.insert(k.clone(), Value::Null);
                         removed.push(k);
                     }
                 } else if set_if_changed(data, &k, &v) {
@@ -171,6 +176,26 @@ pub fn apply_owned(
         }
         op => apply_mut(data, exists, &op),
     }
+}
+
+/// What taking `before` to `after` changed, told as an `update` would tell it: the keys whose
+/// value differs with their new value, removed keys `null` and listed in `removed`. For a
+/// follower that lost track of the log and compares snapshots.
+pub fn difference(before: &Map, after: &Map) -> Delta {
+    let mut delta = Map::new();
+    for (k, v) in after {
+        if before.get(k) != Some(v) {
+            delta.insert(k.clone(), v.clone());
+        }
+    }
+    let mut removed = Vec::new();
+    for k in before.keys() {
+        if !after.contains_key(k) {
+            delta.insert(k.clone(), Value::Null);
+            removed.push(k.clone());
+        }
+    }
+    Delta { delta, removed }
 }
 
 /// A follower's fast path: applies a logged `{"update": {…}}` of at most eight keys to the
@@ -210,6 +235,7 @@ pub fn apply_logged_update(data: &mut Map, bytes: &[u8]) -> Option<Result<Option
     for (k, v) in items.iter_mut().filter_map(Option::take) {
         if v.is_null() {
             if data.shift_remove(k).is_some() {
+                delta.insert(k.to_string(), Value::Null);
                 removed.push(k.to_string());
             }
         } else if set_if_changed(data, k, &v) {
@@ -297,6 +323,7 @@ pub fn apply(current: Option<&Map>, op: &ContextOp) -> Result<Option<Change>, Co
             for (k, v) in data {
                 if v.is_null() {
                     if next.shift_remove(k).is_some() {
+                        delta.insert(k.clone(), Value::Null);
                         removed.push(k.clone());
                     }
                 } else if cur.get(k) != Some(v) {
@@ -508,8 +535,8 @@ mod tests {
         assert_eq!(ch.data, m(r#"{"a":{"x":1},"b":1}"#), "not a deep merge");
         assert_eq!(
             ch.delta,
-            m(r#"{"a":{"x":1}}"#),
-            "unchanged keys are not in the delta"
+            m(r#"{"a":{"x":1},"c":null}"#),
+            "unchanged keys are not in the delta; removed ones are null"
         );
         assert_eq!(ch.removed, vec!["c".to_string()]);
     }

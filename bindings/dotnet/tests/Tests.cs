@@ -223,7 +223,7 @@ static class Tests
             Check(log.WaitFor("cs.ctx v" + v1 + " {\"a\":1,\"b\":2}"), "first callback: the current value");
             var v2 = w.ContextUpdate("cs.ctx", "{\"b\":null,\"c\":3}");
             Check(v2 == v1 + 1, "update version");
-            Check(log.WaitFor("{\"a\":1,\"c\":3} {\"c\":3,\"b\":null}"), "update seen with removal as null");
+            Check(log.WaitFor("{\"a\":1,\"c\":3} {\"b\":null,\"c\":3}"), "update seen with removal as null");
             Throws<InputException>(() => w.ContextUpdateIf("cs.ctx", v1, "{\"x\":1}"), Status.AlreadyExists, "stale compare-and-set");
             Check(w.ContextUpdateIf("cs.ctx", v2, "{\"x\":1}") == v2 + 1, "compare-and-set");
             Check(w.ContextSetPath("cs.ctx", "p.q", "true") == v2 + 2, "set path");

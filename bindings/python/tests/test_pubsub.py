@@ -57,7 +57,7 @@ def test_contexts_values_versions_and_subscriptions(gateway):
         assert v2 == v1 + 1
         assert log.wait_count(2)
         u = log.items[1]
-        assert u.data == {"a": 1, "c": "x"} and u.delta == {"c": "x"} and u.removed == ["b"]
+        assert u.data == {"a": 1, "c": "x"} and u.delta == {"b": None, "c": "x"} and u.removed == ["b"]
         assert u.version == v2 and not u.first
         assert u.updater["application"] == "py-ctx-w"
         assert log.threads[1] != threading.get_ident()  # the dispatcher thread

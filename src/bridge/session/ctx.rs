@@ -413,7 +413,10 @@ impl Session {
                 Err(e) => return Err(Refusal::failure(e.to_string())),
             }
         };
-        ctxs.written(id, version, changed, data);
+        let Value::String(note) = &note else {
+            unreachable!("the note is the delta text")
+        };
+        ctxs.written(id, version, changed, data, note);
         if changed {
             // The other web subscribers' frames are queued on their connections' tasks; let
             // those run first. Each frame costs its sender a loopback `send` that wakes the
