@@ -288,6 +288,15 @@ async fn web_client_invokes_native_methods_and_sees_native_peers() {
             Err(MethodError::new("boom").with_context(Value::from("ctx")))
         })
         .unwrap();
+    native
+        .register("Len", |c| {
+            let n = match &c.args {
+                Value::Array(a) => a.len() as i64,
+                _ => -1,
+            };
+            Ok(Value::object([("n", Value::from(n))]))
+        })
+        .unwrap();
     let mut web = Web::login(gw.ws(), "web-caller", &os_user(), &gw.token()).await;
     let added = web.next(|m| m["type"] == "peer-added").await;
     assert_eq!(added["identity"]["application"], "calc");
@@ -324,6 +333,29 @@ async fn web_client_invokes_native_methods_and_sees_native_peers() {
         )
         .await;
     assert_eq!(obj["result"], json!({"caller": "web-caller"}));
+    // Arguments are opaque: an array (what the client library sends for `invoke(m, [1, 2])`)
+    // reaches the server as it is, as the reference gateway forwards it.
+    let len = web
+        .req(
+            json!({"type": "call", "domain": "agm", "server_id": server, "method_id": id_of("Len"),
+            "arguments_kv": [1, 2, 3]}),
+        )
+        .await;
+    assert_eq!(len["result"], json!({"n": 3}), "{len}");
+    // Subscribing to a method that is not a stream is refused, saying so.
+    let not_stream = web
+        .req(
+            json!({"type": "subscribe", "domain": "agm", "server_id": server,
+            "method_id": id_of("Sum"), "arguments_kv": {}}),
+        )
+        .await;
+    assert_eq!(not_stream["type"], "error", "{not_stream}");
+    assert!(
+        not_stream["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("Method is not a stream")),
+        "{not_stream}"
+    );
     let boom = web
         .req(
             json!({"type": "call", "domain": "agm", "server_id": server, "method_id": id_of("Boom"),

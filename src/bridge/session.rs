@@ -723,8 +723,9 @@ impl Session {
                     "Cant use positional and by-name arguments at the same time",
                 )
             }
-            (None, Some(kv @ J::Object(_))) => Value::from(kv.clone()),
-            (None, Some(_)) => return self.agm_error(msg, FAIL, "arguments_kv must be an object"),
+            // Opaque to the gateway: the client library passes arrays and scalars as they are,
+            // and the reference gateway forwards them.
+            (None, Some(kv)) => Value::from(kv.clone()),
             (Some(a @ J::Array(_)), None) => Value::from(a.clone()),
             (Some(_), None) => return self.agm_error(msg, FAIL, "arguments must be an array"),
             (None, None) => Value::map(),

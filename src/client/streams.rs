@@ -1276,7 +1276,17 @@ fn on_request(
     };
     let entry = table(shared).served.get(&method_id).cloned();
     let Some(entry) = entry.filter(|e| !e.closed.load(Ordering::Acquire)) else {
-        return reply(shared, &link, sub_id, false, "Method has been removed");
+        let plain = shared
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&method_id);
+        let why = if plain {
+            "Method is not a stream"
+        } else {
+            "Method has been removed"
+        };
+        return reply(shared, &link, sub_id, false, why);
     };
     if !shared.peer_allowed(from, PolicyAction::Invoke, &entry.name) {
         let why = format!(

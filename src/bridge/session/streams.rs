@@ -109,10 +109,13 @@ impl Session {
             _ => return self.stream_error(msg, SUB_FAIL, "subscribe needs a string \"server_id\""),
         };
         let args = match (msg.get("arguments_kv"), msg.get("arguments")) {
-            (Some(kv @ J::Object(_)), _) => Value::from(kv.clone()),
             (None | Some(J::Null), None | Some(J::Null)) => Value::Null,
             (None | Some(J::Null), Some(a @ J::Array(_))) => Value::from(a.clone()),
-            _ => return self.stream_error(msg, SUB_FAIL, "arguments_kv must be an object"),
+            (None | Some(J::Null), Some(_)) => {
+                return self.stream_error(msg, SUB_FAIL, "arguments must be an array")
+            }
+            // Opaque to the gateway, as for `call`.
+            (Some(kv), _) => Value::from(kv.clone()),
         };
         let method = msg.get("method_id").cloned().unwrap_or(J::Null);
         let Some(me) = self.me.as_ref() else { return };
