@@ -413,6 +413,8 @@ struct GatewayFile {
     lane_capacity: Option<usize>,
     max_peers: Option<usize>,
     max_methods_per_peer: Option<usize>,
+    max_contexts: Option<usize>,
+    max_contexts_per_user: Option<usize>,
     queue_depth: Option<usize>,
     channels: Option<Vec<knit::gateway::channels::ChannelDef>>,
     channel_restrictions: Option<Vec<knit::gateway::channels::ChannelRestriction>>,
@@ -539,6 +541,12 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         }
         if let Some(v) = f.max_methods_per_peer {
             cfg.limits.max_methods_per_peer = v;
+        }
+        if let Some(v) = f.max_contexts {
+            cfg.limits.max_contexts = v;
+        }
+        if let Some(v) = f.max_contexts_per_user {
+            cfg.limits.max_contexts_per_user = v;
         }
         if let Some(v) = f.queue_depth {
             cfg.queue_depth = v;

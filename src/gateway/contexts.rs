@@ -20,6 +20,28 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+/// How many contexts this process has room for: each holds a descriptor and two memory
+/// mappings, and the gateway must keep descriptors for connections and lanes and mappings for
+/// everything else, whatever the contexts (a web client creating contexts in a loop once took
+/// every descriptor, and then nobody could connect). An eighth of the descriptors (at least
+/// 128) and of the mappings stays for the rest.
+fn context_capacity() -> usize {
+    static MAPS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let maps = *MAPS.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    });
+    capacity_for(crate::sys::limits::nofile().0, maps)
+}
+
+/// [`context_capacity`] for a descriptor limit and a mapping limit (`None`: unlimited).
+fn capacity_for(nofile: Option<u64>, max_maps: Option<u64>) -> usize {
+    let fds = nofile.map_or(u64::MAX, |n| n - (n / 8).max(128).min(n));
+    let maps = max_maps.map_or(u64::MAX, |n| (n - n / 8) / 2);
+    usize::try_from(fds.min(maps)).unwrap_or(usize::MAX)
+}
+
 /// One context.
 pub(crate) struct ContextRec {
     pub id: u64,
@@ -42,6 +64,8 @@ pub(crate) struct ContextRec {
 pub(crate) struct Contexts {
     by_id: HashMap<u64, ContextRec>,
     by_name: HashMap<(String, String), u64>,
+    /// How many contexts each user has.
+    per_user: HashMap<String, usize>,
     /// The last id handed out.
     pub(super) next_id: u64,
     /// The doorbell rung for subscribers behind the gateway (the bridge's), if it runs.
@@ -56,6 +80,30 @@ impl ContextRec {
 }
 
 impl Contexts {
+    fn insert(&mut self, rec: ContextRec) {
+        self.by_name
+            .insert((rec.user.clone(), rec.name.clone()), rec.id);
+        *self.per_user.entry(rec.user.clone()).or_default() += 1;
+        self.by_id.insert(rec.id, rec);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<ContextRec> {
+        let c = self.by_id.remove(&id)?;
+        self.by_name.remove(&(c.user.clone(), c.name.clone()));
+        if let Some(n) = self.per_user.get_mut(&c.user) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_user.remove(&c.user);
+            }
+        }
+        Some(c)
+    }
+
+    /// How many contexts `user` has.
+    pub(super) fn of_user(&self, user: &str) -> usize {
+        self.per_user.get(user).copied().unwrap_or(0)
+    }
+
     /// How many contexts exist.
     pub(super) fn len(&self) -> usize {
         self.by_id.len()
@@ -80,23 +128,19 @@ impl Contexts {
         fd: OwnedFd,
         store: Store<ContextSegment>,
     ) {
-        self.by_name.insert((user.clone(), name.clone()), id);
-        self.by_id.insert(
+        self.insert(ContextRec {
             id,
-            ContextRec {
-                id,
-                name,
-                user,
-                fd: Arc::new(fd),
-                ro_fd: None,
-                store,
-                subscribers: HashMap::new(),
-                // The keeper holds segments, not lifetimes: an adopted context is retained
-                // (its data is what a restart must not lose; docs/guarantees.md).
-                lifetime: ContextLifetime::Retained,
-                creator: None,
-            },
-        );
+            name,
+            user,
+            fd: Arc::new(fd),
+            ro_fd: None,
+            store,
+            subscribers: HashMap::new(),
+            // The keeper holds segments, not lifetimes: an adopted context is retained
+            // (its data is what a restart must not lose; docs/guarantees.md).
+            lifetime: ContextLifetime::Retained,
+            creator: None,
+        });
     }
 
     /// (id, name) of every context `user` may see, by id.
@@ -196,10 +240,17 @@ impl Registry {
                 "Please provide the name as a non-empty string!".into(),
             ));
         }
-        if self.contexts.by_id.len() >= self.limits.max_contexts {
+        let room = context_capacity();
+        let max = self.limits.max_contexts.min(room);
+        if self.contexts.len() >= max {
+            return Err((Status::Busy, format!("at most {max} contexts")));
+        }
+        // One user never takes the others' last eighth.
+        let per_user = self.limits.max_contexts_per_user.min(max - max / 8);
+        if self.contexts.of_user(user) >= per_user {
             return Err((
                 Status::Busy,
-                format!("at most {} contexts", self.limits.max_contexts),
+                format!("at most {per_user} contexts per user"),
             ));
         }
         let snapshot = (self.limits.max_payload as usize)
@@ -217,23 +268,17 @@ impl Registry {
             Store::new(seg).map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
         self.contexts.next_id += 1;
         let id = self.contexts.next_id;
-        self.contexts.by_id.insert(
+        self.contexts.insert(ContextRec {
             id,
-            ContextRec {
-                id,
-                name: name.to_string(),
-                user: user.to_string(),
-                fd: Arc::new(fd),
-                ro_fd: None,
-                store,
-                subscribers: HashMap::new(),
-                lifetime,
-                creator,
-            },
-        );
-        self.contexts
-            .by_name
-            .insert((user.to_string(), name.to_string()), id);
+            name: name.to_string(),
+            user: user.to_string(),
+            fd: Arc::new(fd),
+            ro_fd: None,
+            store,
+            subscribers: HashMap::new(),
+            lifetime,
+            creator,
+        });
         self.keep_context_created(id);
         Ok(id)
     }
@@ -406,9 +451,7 @@ impl Registry {
                     )
                 });
                 if let Some(Err(e)) = written {
-                    if let Some(c) = self.contexts.by_id.remove(&id) {
-                        self.contexts.by_name.remove(&(c.user, c.name));
-                    }
+                    self.contexts.remove(id);
                     return self.fail(from, req, Status::InvalidArgument, e.to_string());
                 }
                 (id, true)
@@ -539,12 +582,9 @@ impl Registry {
 
     /// Forgets a context and tells everyone of its user.
     pub(crate) fn remove_context(&mut self, id: u64, reason: ContextGone) {
-        let Some(c) = self.contexts.by_id.remove(&id) else {
+        let Some(c) = self.contexts.remove(id) else {
             return;
         };
-        self.contexts
-            .by_name
-            .remove(&(c.user.clone(), c.name.clone()));
         self.keep_context_removed(id);
         let audience: Vec<PeerId> = self
             .peers
@@ -651,6 +691,66 @@ mod tests {
             restrictions: Vec::new(),
         });
         reg
+    }
+
+    #[test]
+    fn contexts_leave_descriptors_and_mappings_for_everything_else() {
+        assert_eq!(capacity_for(Some(20_000), Some(65_530)), 17_500);
+        assert_eq!(capacity_for(Some(1024), Some(65_530)), 896);
+        assert_eq!(capacity_for(Some(100), None), 0, "too few to spare any");
+        assert_eq!(capacity_for(Some(1 << 20), Some(65_530)), 28_669);
+        assert_eq!(capacity_for(None, None), usize::MAX);
+    }
+
+    #[test]
+    fn one_user_cannot_take_every_context() {
+        let mut reg = Registry::new(Limits {
+            max_contexts_per_user: 3,
+            ..Limits::default()
+        })
+        .unwrap();
+        reg.set_channels(crate::gateway::channels::ChannelConfig {
+            channels: Vec::new(),
+            restrictions: Vec::new(),
+        });
+        let (m, mut rm) = join_web(&mut reg, "M", "mallory");
+        let (a, mut ra) = join_web(&mut reg, "A", "alice");
+        for i in 0..4 {
+            reg.create_context(
+                m,
+                i,
+                format!("c{i}"),
+                ContextLifetime::Retained,
+                Value::map(),
+            );
+        }
+        let msgs = drain(&mut rm);
+        let refused: Vec<&String> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                FromGateway::Fail {
+                    status: Status::Busy,
+                    message,
+                    ..
+                } => Some(message),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(refused, ["at most 3 contexts per user"], "{msgs:?}");
+        assert!(reg.contexts.find("mallory", "c3").is_none());
+        reg.create_context(a, 9, "mine".into(), ContextLifetime::Retained, Value::map());
+        assert!(created(&drain(&mut ra)).is_some(), "others still create");
+        // A context destroyed gives its place back.
+        let id = reg.contexts.find("mallory", "c0").unwrap().id;
+        reg.remove_context(id, ContextGone::Destroyed);
+        reg.create_context(
+            m,
+            10,
+            "again".into(),
+            ContextLifetime::Retained,
+            Value::map(),
+        );
+        assert!(created(&drain(&mut rm)).is_some());
     }
 
     #[test]

@@ -35,8 +35,13 @@ pub struct Limits {
     pub max_pending_calls: usize,
     /// Bytes of each context's delta log (a power of two).
     pub context_log: usize,
-    /// Most contexts at once.
+    /// Most contexts at once (also bounded by the descriptors and memory mappings the process
+    /// may have: an eighth of each is kept for everything else).
     pub max_contexts: usize,
+    /// Most contexts one user may have (the users a bridge logs in share a gateway: one must
+    /// not be able to take every context, and descriptor, from the others); never more than
+    /// seven eighths of the contexts there is room for.
+    pub max_contexts_per_user: usize,
 }
 
 impl Default for Limits {
@@ -50,6 +55,7 @@ impl Default for Limits {
             max_pending_calls: 100_000,
             context_log: 64 << 10,
             max_contexts: 100_000,
+            max_contexts_per_user: 50_000,
         }
     }
 }
