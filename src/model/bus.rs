@@ -5,9 +5,9 @@ use crate::wire::{Map, Value};
 
 /// Whether a subscription's topic (possibly a pattern) matches a published topic, as the
 /// reference gateway matches them: the pattern is read as an anchored regular expression in
-/// which `*` stands for `[A-Za-z0-9_]+` and `>` for `.+` (so `a.*` matches one more segment,
-/// `a.>` one or more, `t*` matches `ta`, and `a.>.c` needs a `.c` at the end); everything else
-/// matches itself.
+/// which `*` stands for `[A-Za-z0-9_]+` and `>` for `.*` (so `a.*` matches one more segment,
+/// `a.>` anything after `a.`, `t*` matches `ta`, and `a.>.c` needs a `.c` at the end);
+/// everything else matches itself.
 pub fn topic_matches(pattern: &str, topic: &str) -> bool {
     if !pattern.contains(['*', '>']) {
         return pattern == topic;
@@ -34,7 +34,7 @@ fn by_segments(pattern: &str, topic: &str) -> Option<bool> {
             if segs.peek().is_some() {
                 return None;
             }
-            return Some(rest.is_some_and(|r| !r.is_empty()));
+            return Some(rest.is_some());
         }
         if p != "*" && p.contains(['*', '>']) {
             return None;
@@ -78,8 +78,8 @@ fn by_bytes(p: &[u8], t: &[u8]) -> bool {
             }
             b'>' => {
                 let first = reach.iter().position(|&r| r).unwrap_or(n + 1);
-                for (j, slot) in next.iter_mut().enumerate().skip(1) {
-                    *slot = j > first;
+                for (j, slot) in next.iter_mut().enumerate() {
+                    *slot = j >= first;
                 }
             }
             _ => {
@@ -129,7 +129,7 @@ mod tests {
         assert!(topic_matches("a.>", "a.b.c"));
         assert!(!topic_matches("a.>", "a"));
         assert!(topic_matches("*.x", "q.x"));
-        assert!(!topic_matches("a.>", "a."));
+        assert!(topic_matches("a.>", "a."), "> may match nothing");
     }
 
     #[test]
@@ -144,7 +144,8 @@ mod tests {
         assert!(topic_matches("t.>.c", "t.a.b.c"));
         assert!(!topic_matches("t.>.c", "t.a"));
         assert!(!topic_matches("t.>.c", "t.a-b"));
-        assert!(!topic_matches("t.>.c", "t..c"), "> needs something");
+        assert!(topic_matches("t.>.c", "t..c"), "> may match nothing");
+        assert!(topic_matches("t.>", "t."));
         assert!(topic_matches("*.>", "a.b"));
         assert!(topic_matches("a*b.*", "axyb.c"));
         assert!(!topic_matches("a*b.*", "ab.c"));
