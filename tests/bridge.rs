@@ -1422,23 +1422,26 @@ async fn bus_messages_flow_both_ways_between_web_and_native_peers() {
     let own = web.next(|m| m["type"] == "event").await;
     assert_eq!(own["data"], json!({"n": 3}));
     assert_eq!(own["publisher-identity"]["application"], "web");
-    // A target identity: matched against each subscriber's identity (a web peer's GW3 one).
-    web.send(
-        json!({"type": "publish", "domain": "bus", "peer_id": web.id, "request_id": "p2",
-        "topic": "mix.b", "data": {"n": 4}, "target_identity": {"application": "nat"}}),
-    )
-    .await;
-    web.send(
-        json!({"type": "publish", "domain": "bus", "peer_id": web.id, "request_id": "p3",
-        "topic": "mix.b", "data": {"n": 5}, "target_identity": {"login": web_login_of(&web)}}),
-    )
-    .await;
+    // A target identity: matched against each subscriber's identity as a web peer is shown it
+    // (GW3: a web peer's as announced, `machine` the address it came from; `login` is shown but
+    // not matched, as in the reference gateway).
+    for (n, target) in [
+        (4, json!({"application": "nat"})),
+        (5, json!({"login": web_login_of(&web)})),
+        (6, json!({"machine": "127.0.0.1", "user": os_user()})),
+    ] {
+        web.send(
+            json!({"type": "publish", "domain": "bus", "peer_id": web.id, "request_id": "p2",
+            "topic": "mix.b", "data": {"n": n}, "target_identity": target}),
+        )
+        .await;
+    }
     assert_eq!(got(&mut rx).await.data, obj(json!({"n": 4})));
     let own = web.next(|m| m["type"] == "event").await;
     assert_eq!(
         own["data"],
-        json!({"n": 5}),
-        "n=4 was for nat only; n=5 for peers logged in as us"
+        json!({"n": 6}),
+        "n=4 was for nat only, n=5 for nobody, n=6 for web peers from 127.0.0.1"
     );
     // Unsubscribed: nothing more for it.
     let ok = web
@@ -1447,7 +1450,7 @@ async fn bus_messages_flow_both_ways_between_web_and_native_peers() {
     assert_eq!(ok["type"], "success");
     blocking(move || {
         native
-            .publish("mix.z", obj(json!({"n": 6})), &PublishOptions::default())
+            .publish("mix.z", obj(json!({"n": 7})), &PublishOptions::default())
             .unwrap()
     })
     .await;

@@ -1151,6 +1151,11 @@ impl Session {
             }
             FromGateway::ContextAdded { id, name, creator } => self.ctx_added(id, name, creator),
             FromGateway::ContextDestroyed { id, reason, .. } => self.ctx_destroyed(id, reason),
+            FromGateway::ContextsDestroyed { gone } => {
+                for (id, _, reason) in gone {
+                    self.ctx_destroyed(id, reason);
+                }
+            }
             FromGateway::Record { from, kind, body } => self.stream_record(from, kind, &body).await,
             FromGateway::BusMessage {
                 from,

@@ -219,6 +219,24 @@ pub(crate) fn remote_unsubscribed(shared: &Shared, peer: PeerId, sub: u64) {
     routes_changed(shared);
 }
 
+/// A peer left (control thread): its subscriptions go with it. The gateway announces no
+/// `BusUnsubscribed` for them (one per subscription would be a burst every peer must absorb).
+pub(crate) fn peer_left(shared: &Shared, peer: PeerId) {
+    let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
+    let gone: Vec<(PeerId, u64)> = st
+        .remote
+        .range((peer, 0)..=(peer, u64::MAX))
+        .map(|(k, _)| *k)
+        .collect();
+    if gone.is_empty() {
+        return;
+    }
+    for k in gone {
+        st.remote.remove(&k);
+    }
+    routes_changed(shared);
+}
+
 /// Seeds the remote subscriptions from the welcome.
 pub(crate) fn seed(shared: &Shared, subs: Vec<BusSubInfo>) {
     let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());

@@ -338,6 +338,7 @@ pub(crate) fn peer_removed(shared: &Arc<Shared>, peer: PeerId, reason: String) {
         }
         gone
     };
+    super::bus::peer_left(shared, peer);
     shared.drop_lane(peer);
     shared.fail_calls_to(
         peer,
@@ -523,6 +524,11 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
         }
         FromGateway::ContextDestroyed { id, name, .. } => {
             super::contexts::destroyed(shared, id, &name)
+        }
+        FromGateway::ContextsDestroyed { gone } => {
+            for (id, name, _) in gone {
+                super::contexts::destroyed(shared, id, &name)
+            }
         }
         FromGateway::Shutdown { reason } => {
             crate::log::info(format_args!("gateway is stopping: {reason}"));

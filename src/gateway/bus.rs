@@ -37,9 +37,9 @@ struct Barrier {
 impl Bus {
     /// The subscriptions of the given peers.
     pub(crate) fn of_peers(&self, peers: &[PeerId]) -> Vec<BusSubInfo> {
-        self.subs
-            .values()
-            .filter(|s| peers.contains(&s.peer))
+        peers
+            .iter()
+            .flat_map(|p| self.subs.range((*p, 0)..=(*p, u64::MAX)).map(|(_, s)| s))
             .cloned()
             .collect()
     }
@@ -200,7 +200,11 @@ impl Registry {
                 continue;
             }
             if let Some(t) = &target {
-                if !identity_matches(t, &p.attributes) {
+                // As the publisher sees the subscriber (the identity it was shown).
+                let Some(publisher) = self.peers.get(&from) else {
+                    return;
+                };
+                if !identity_matches(t, p.seen_by(publisher)) {
                     continue;
                 }
             }
@@ -217,8 +221,8 @@ impl Registry {
         }
     }
 
-    /// A peer left: its subscriptions go.
-    pub(crate) fn bus_peer_left(&mut self, peer: PeerId, audience: &[PeerId]) {
+    /// A peer left: its subscriptions go, silently (see below).
+    pub(crate) fn bus_peer_left(&mut self, peer: PeerId) {
         // Barriers: a leaving subscriber's go; a leaving peer confirms nothing more.
         self.bus.barriers.retain(|_, b| b.subscriber != peer);
         let mut done = Vec::new();
@@ -231,18 +235,18 @@ impl Registry {
         for t in done {
             self.bus_release(t);
         }
-        let subs: Vec<u64> = self
+        // No `BusUnsubscribed` per subscription: everyone who could see the peer drops its
+        // subscriptions on the `PeerRemoved` that follows. A burst of one notice per
+        // subscription (up to 100,000 for a web peer) to every peer of the user overflowed
+        // their queues and disconnected them.
+        let mine: Vec<(PeerId, u64)> = self
             .bus
             .subs
-            .keys()
-            .filter(|(p, _)| *p == peer)
-            .map(|(_, s)| *s)
+            .range((peer, 0)..=(peer, u64::MAX))
+            .map(|(k, _)| *k)
             .collect();
-        for sub in subs {
-            self.bus.subs.remove(&(peer, sub));
-            for a in audience {
-                self.send(*a, FromGateway::BusUnsubscribed { peer, sub }, Vec::new());
-            }
+        for k in mine {
+            self.bus.subs.remove(&k);
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::status::Status;
 use crate::store::Store;
 use crate::wire::frame::{ContextGone, ContextLifetime, FromGateway, PeerId, Transport};
 use crate::wire::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -582,17 +582,10 @@ impl Registry {
 
     /// Forgets a context and tells everyone of its user.
     pub(crate) fn remove_context(&mut self, id: u64, reason: ContextGone) {
-        let Some(c) = self.contexts.remove(id) else {
+        let Some(c) = self.take_context(id) else {
             return;
         };
-        self.keep_context_removed(id);
-        let audience: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.identity.user == c.user)
-            .map(|(id, _)| *id)
-            .collect();
-        for p in audience {
+        for p in self.same_user(&c.user) {
             self.send(
                 p,
                 FromGateway::ContextDestroyed {
@@ -603,6 +596,22 @@ impl Registry {
                 Vec::new(),
             );
         }
+    }
+
+    /// Forgets context `id` without telling anyone.
+    fn take_context(&mut self, id: u64) -> Option<ContextRec> {
+        let c = self.contexts.remove(id)?;
+        self.keep_context_removed(id);
+        Some(c)
+    }
+
+    /// Every peer of `user`.
+    fn same_user(&self, user: &str) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.identity.user == user)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// A peer left: drop its subscriptions and free any writer lock it held (it may have died
@@ -643,9 +652,23 @@ impl Registry {
                 _ => {}
             }
         }
+        // One notice per user for all of them: a peer may own up to `max_contexts`, and a
+        // notice per context would be a burst beyond every other peer's queue.
         gone.sort_by_key(|g| g.0);
+        let mut by_user: BTreeMap<String, Vec<(u64, String, ContextGone)>> = BTreeMap::new();
         for (id, reason) in gone {
-            self.remove_context(id, reason);
+            if let Some(c) = self.take_context(id) {
+                by_user
+                    .entry(c.user)
+                    .or_default()
+                    .push((id, c.name, reason));
+            }
+        }
+        for (user, gone) in by_user {
+            for p in self.same_user(&user) {
+                let msg = FromGateway::ContextsDestroyed { gone: gone.clone() };
+                self.send(p, msg, Vec::new());
+            }
         }
         for d in notify {
             self.ring(d);
@@ -677,9 +700,12 @@ mod tests {
 
     fn destroyed(msgs: &[FromGateway]) -> Vec<(u64, ContextGone)> {
         msgs.iter()
-            .filter_map(|m| match m {
-                FromGateway::ContextDestroyed { id, reason, .. } => Some((*id, *reason)),
-                _ => None,
+            .flat_map(|m| match m {
+                FromGateway::ContextDestroyed { id, reason, .. } => vec![(*id, *reason)],
+                FromGateway::ContextsDestroyed { gone } => {
+                    gone.iter().map(|(id, _, reason)| (*id, *reason)).collect()
+                }
+                _ => Vec::new(),
             })
             .collect()
     }

@@ -75,11 +75,19 @@ pub(super) struct Peer {
     pub(super) identity: Instance,
     pub(super) transport: Transport,
     methods: BTreeMap<u32, MethodDef>,
+    /// The ids of `methods` by name (names are unique per peer): a registration checks each new
+    /// name without scanning what the peer already holds.
+    method_names: HashMap<String, u32>,
     /// Native peers' doorbell index in the directory.
     pub(super) doorbell: Option<u32>,
-    /// What identity filters (bus `target`) match: the identity, plus the attributes a peer
-    /// behind the gateway logged in with (a web peer's GW3 identity).
-    pub(super) attributes: Value,
+    /// What a bus `target` from a web publisher is matched against: this peer's identity as
+    /// web peers see it (the GW3 identity the bridge announces; for a native peer, the GW3
+    /// form of its identity). A native publisher's target is matched against
+    /// `seen_by_native`, the identity as native peers see it. See [`Peer::seen_by`].
+    seen_by_web: Value,
+    seen_by_native: Value,
+    /// Whether it is a web peer (it logged in with a GW3 identity).
+    pub(super) web: bool,
     tx: PeerTx,
     /// Relayed calls this peer has waiting.
     pending: usize,
@@ -87,6 +95,21 @@ pub(super) struct Peer {
     pub(super) rules: Arc<PeerRules>,
     /// Lane faults this peer reported that disconnected the accused (see `lane_fault`).
     accusations: u32,
+    /// Its queue overflowed: it is being disconnected, and nothing more is queued for it (one
+    /// `Disconnect`, one log line, however many messages it would have missed).
+    overflowed: bool,
+}
+
+impl Peer {
+    /// Its identity as `viewer` sees it (a web peer sees the GW3 form): what a bus `target`
+    /// from `viewer` is matched against, key by key.
+    pub(super) fn seen_by(&self, viewer: &Peer) -> &Value {
+        if viewer.web {
+            &self.seen_by_web
+        } else {
+            &self.seen_by_native
+        }
+    }
 }
 
 /// Lane faults by one peer that disconnect the accused; later ones only drop the lane.
@@ -263,10 +286,14 @@ impl Registry {
     }
 
     pub(super) fn send(&mut self, to: PeerId, msg: FromGateway, fds: Vec<Arc<OwnedFd>>) {
-        let Some(peer) = self.peers.get(&to) else {
+        let Some(peer) = self.peers.get_mut(&to) else {
             return;
         };
+        if peer.overflowed {
+            return;
+        }
         if peer.tx.try_send(Outgoing { msg, fds }).is_err() {
+            peer.overflowed = true;
             self.actions.push(Action::Disconnect(
                 to,
                 "outbound queue overflow: peer is not reading".into(),
@@ -421,24 +448,33 @@ impl Registry {
                 rules: (*p.rules).clone(),
             })
             .collect();
-        let mut attributes = identity.to_value();
-        if let (Value::Map(all), Value::Map(extra)) = (&mut attributes, adm.attributes) {
-            for (k, v) in extra {
-                all.entry(k).or_insert(v);
+        let (seen_by_web, web) = match adm.attributes {
+            Value::Map(mut m) => {
+                // Announced, but not matched by the reference gateway.
+                m.shift_remove("login");
+                (Value::Map(m), true)
             }
-        }
+            _ => (
+                Value::from(crate::bridge::gw3::native_identity(&identity)),
+                false,
+            ),
+        };
         self.peers.insert(
             id,
             Peer {
                 identity: identity.clone(),
                 transport: adm.transport,
-                attributes,
+                seen_by_web,
+                seen_by_native: identity.to_value(),
+                web,
                 methods: BTreeMap::new(),
+                method_names: HashMap::new(),
                 doorbell,
                 tx,
                 pending: 0,
                 rules: rules.clone(),
                 accusations: 0,
+                overflowed: false,
             },
         );
         let welcome = Welcome {
@@ -491,7 +527,8 @@ impl Registry {
         );
     }
 
-    /// Adds methods to a peer; acknowledges, and announces them to the peer's audience.
+    /// Adds methods to a peer; acknowledges, and announces them to the peer's audience. Costs
+    /// O(methods sent), whatever the peer already holds (`Peer::method_names`).
     pub(crate) fn register(&mut self, from: PeerId, req: u64, methods: Vec<MethodSpec>) {
         let Some(peer) = self.peers.get(&from) else {
             return;
@@ -510,8 +547,8 @@ impl Registry {
                     Status::AlreadyExists,
                     format!("method id {} is already registered", m.id),
                 ))
-            } else if peer.methods.values().any(|d| d.name == m.def.name)
-                || !seen_names.insert(m.def.name.clone())
+            } else if peer.method_names.contains_key(&m.def.name)
+                || !seen_names.insert(m.def.name.as_str())
             {
                 Some((
                     Status::AlreadyExists,
@@ -548,6 +585,7 @@ impl Registry {
         let peer = self.peers.get_mut(&from).expect("checked above");
         for m in &methods {
             peer.methods.insert(m.id, m.def.clone());
+            peer.method_names.insert(m.def.name.clone(), m.id);
         }
         self.send(from, FromGateway::Ack { req }, Vec::new());
         let msg = FromGateway::MethodsAdded {
@@ -569,7 +607,9 @@ impl Registry {
             return self.fail(from, req, Status::NotFound, msg);
         }
         for id in &ids {
-            peer.methods.remove(id);
+            if let Some(def) = peer.methods.remove(id) {
+                peer.method_names.remove(&def.name);
+            }
         }
         self.send(from, FromGateway::Ack { req }, Vec::new());
         let msg = FromGateway::MethodsRemoved { peer: from, ids };
@@ -815,7 +855,7 @@ impl Registry {
     pub(crate) fn remove(&mut self, id: PeerId, reason: &str) {
         let audience = self.audience(id);
         self.contexts_peer_left(id);
-        self.bus_peer_left(id, &audience);
+        self.bus_peer_left(id);
         let Some(peer) = self.peers.remove(&id) else {
             return;
         };
@@ -886,6 +926,7 @@ impl Registry {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::wire::frame::ContextLifetime;
 
     fn recv(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(FromGateway, usize)> {
         let mut out = Vec::new();
@@ -1021,6 +1062,194 @@ pub(crate) mod tests {
         assert!(!acked(&recv(&mut rs), 9));
         reg.expire(Instant::now() + Duration::from_secs(60));
         assert!(acked(&recv(&mut rs), 9));
+    }
+
+    /// A peer of `user` whose queue holds `depth` messages.
+    fn join_with_depth(
+        reg: &mut Registry,
+        app: &str,
+        user: &str,
+        depth: usize,
+    ) -> (PeerId, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(depth);
+        let id = reg
+            .hello(PeerCred { pid: 42, uid: 1 }, user.into(), hello(app), tx)
+            .unwrap();
+        (id, rx)
+    }
+
+    #[test]
+    fn a_departing_peer_costs_the_others_no_notice_per_item_it_held() {
+        let mut reg = Registry::new(Limits::default()).unwrap();
+        // Bystanders with queues far smaller than what the hog holds.
+        let (native, mut rn) = join_with_depth(&mut reg, "native", "u", 64);
+        let (tx, mut rw) = mpsc::channel(64);
+        let (web, _) = reg.admit(web_admission("web", "u"), tx).unwrap();
+        let (hog, mut rh) = join_web(&mut reg, "hog", "u");
+        recv(&mut rn);
+        recv(&mut rw);
+        for i in 0..500u64 {
+            reg.bus_subscribe(hog, i, i, format!("t.{i}"), None);
+            let lifetime = if i % 2 == 0 {
+                ContextLifetime::Ownership
+            } else {
+                ContextLifetime::RefCounted
+            };
+            if i < 40 {
+                reg.create_context(hog, 1000 + i, format!("c{i}"), lifetime, Value::map());
+            }
+            // The bystanders keep up with the hog's requests, one notice each.
+            recv(&mut rn);
+            recv(&mut rw);
+            recv(&mut rh);
+        }
+        assert!(reg.take_actions().is_empty());
+        reg.remove(hog, "peer has left");
+        assert_eq!(reg.take_actions(), [], "a bystander's queue overflowed");
+        for (who, rx) in [(native, &mut rn), (web, &mut rw)] {
+            let msgs = recv(rx);
+            assert!(
+                msgs.len() <= 3,
+                "{who} was sent {} notices: {:?}",
+                msgs.len(),
+                msgs.first()
+            );
+            let gone: usize = msgs
+                .iter()
+                .map(|(m, _)| match m {
+                    FromGateway::ContextsDestroyed { gone } => gone.len(),
+                    _ => 0,
+                })
+                .sum();
+            assert_eq!(gone, 40, "{who}: {msgs:?}");
+            assert!(msgs
+                .iter()
+                .any(|(m, _)| matches!(m, FromGateway::PeerRemoved { peer, .. } if *peer == hog)));
+        }
+        assert!(reg.bus.of_peers(&[hog]).is_empty());
+    }
+
+    #[test]
+    fn a_peer_whose_queue_overflows_is_disconnected_once() {
+        let mut reg = Registry::new(Limits::default()).unwrap();
+        let (slow, _rs) = join_with_depth(&mut reg, "slow", "u", 2);
+        let (busy, _rb) = join(&mut reg, "busy", "u");
+        for i in 0..100 {
+            reg.register(busy, i, vec![spec(i as u32, &format!("m{i}"))]);
+        }
+        let actions = reg.take_actions();
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        assert!(matches!(&actions[0], Action::Disconnect(p, _) if *p == slow));
+    }
+
+    #[test]
+    fn method_names_stay_unique_through_unregistration() {
+        let mut reg = Registry::new(Limits::default()).unwrap();
+        let (a, mut ra) = join(&mut reg, "A", "u");
+        recv(&mut ra);
+        reg.register(a, 1, vec![spec(1, "M"), spec(2, "N")]);
+        reg.register(a, 2, vec![spec(3, "M")]);
+        reg.unregister(a, 3, vec![1]);
+        reg.register(a, 4, vec![spec(4, "M")]);
+        reg.register(a, 5, vec![spec(5, "N")]);
+        let msgs = recv(&mut ra);
+        let outcome: Vec<bool> = msgs
+            .iter()
+            .filter_map(|(m, _)| match m {
+                FromGateway::Ack { .. } => Some(true),
+                FromGateway::Fail { .. } => Some(false),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(outcome, [true, false, true, true, false], "{msgs:?}");
+        assert_eq!(reg.peers[&a].method_names.len(), 2);
+        assert_eq!(reg.peers[&a].method_names["M"], 4);
+    }
+
+    /// A web peer's admission, with the GW3 identity the bridge announces for it.
+    fn web_with_identity(
+        reg: &mut Registry,
+        app: &str,
+        gw3: &str,
+    ) -> (PeerId, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let mut adm = web_admission(app, "u");
+        adm.pid = 4242;
+        adm.attributes = Value::from_json_str(gw3).unwrap();
+        let (id, _) = reg.admit(adm, tx).unwrap();
+        (id, rx)
+    }
+
+    fn bus_delivered(rx: &mut mpsc::Receiver<Outgoing>) -> usize {
+        recv(rx)
+            .iter()
+            .filter(|(m, _)| matches!(m, FromGateway::BusMessage { .. }))
+            .count()
+    }
+
+    #[test]
+    fn a_bus_target_matches_the_subscriber_as_the_publisher_sees_it() {
+        let mut reg = Registry::new(Limits::default()).unwrap();
+        let (w1, _r1) = web_with_identity(
+            &mut reg,
+            "w1",
+            r#"{"application":"w1","applicationName":"w1","machine":"127.0.0.1","process":7,"user":"u","login":"u","instance":"i-1"}"#,
+        );
+        let (w2, mut r2) = web_with_identity(
+            &mut reg,
+            "w2",
+            r#"{"application":"w2","applicationName":"w2","machine":"127.0.0.1","process":4242,"user":"u","login":"u","instance":"i-2"}"#,
+        );
+        let (n, mut rn) = join(&mut reg, "nat", "u");
+        reg.bus_subscribe(w2, 1, 1, "t".into(), None);
+        reg.bus_subscribe(n, 2, 2, "t".into(), None);
+        recv(&mut r2);
+        recv(&mut rn);
+        let publish = |reg: &mut Registry, from: PeerId, target: &str| {
+            let target = Value::from_json_str(target).unwrap();
+            reg.bus_publish(from, "t".into(), None, target, Value::Null, false);
+        };
+        let machine = crate::sys::identity::host_name();
+        // A web publisher sees GW3 identities: the web subscriber's as it logged in...
+        for t in [
+            r#"{"machine":"127.0.0.1"}"#,
+            r#"{"process":4242}"#,
+            r#"{"applicationName":"w2","instance":"i-2"}"#,
+        ] {
+            publish(&mut reg, w1, t);
+            assert_eq!(bus_delivered(&mut r2), 1, "web target {t}");
+        }
+        for t in [
+            r#"{"pid":4242}"#,
+            r#"{"login":"u"}"#,
+            &format!(r#"{{"machine":{machine:?}}}"#),
+        ] {
+            publish(&mut reg, w1, t);
+            assert_eq!(bus_delivered(&mut r2), 0, "web target {t}");
+        }
+        // ...and the native one's in GW3 form (the host name above reached it).
+        recv(&mut rn);
+        for t in [
+            r#"{"applicationName":"nat"}"#,
+            r#"{"process":42}"#,
+            &format!(r#"{{"machine":{machine:?},"application":"nat"}}"#),
+        ] {
+            publish(&mut reg, w1, t);
+            assert_eq!(bus_delivered(&mut rn), 1, "native target {t}");
+        }
+        publish(&mut reg, w1, r#"{"pid":42}"#);
+        assert_eq!(bus_delivered(&mut rn), 0);
+        // A native publisher sees knit identities.
+        let (np, _rp) = join(&mut reg, "np", "u");
+        recv(&mut r2);
+        for (t, n) in [
+            (r#"{"pid":4242}"#.to_string(), 1),
+            (format!(r#"{{"machine":{machine:?}}}"#), 1),
+            (r#"{"process":4242}"#.to_string(), 0),
+        ] {
+            publish(&mut reg, np, &t);
+            assert_eq!(bus_delivered(&mut r2), n, "native publisher, target {t}");
+        }
     }
 
     #[test]

@@ -519,6 +519,11 @@ pub enum FromGateway {
         created: bool,
         writable: bool,
     },
+    /// Contexts destroyed together, as (id, name, why): those a departing peer owned or was
+    /// the last member of. One notice, however many there were.
+    ContextsDestroyed {
+        gone: Vec<(u64, String, ContextGone)>,
+    },
 }
 
 /// Why a frame could not be decoded.

@@ -143,7 +143,11 @@ impl Session {
         let Some(me) = self.me.as_ref() else { return };
         let (peer, identity) = (me.peer, me.identity.clone());
         let mine = match &target {
-            Value::Map(t) => identity_matches(t, &Value::from(identity.clone())),
+            // `login` is announced but not matched (as in the reference gateway; the registry
+            // matches other subscribers the same way).
+            Value::Map(t) => {
+                !t.contains_key("login") && identity_matches(t, &Value::from(identity.clone()))
+            }
             _ => true,
         };
         if mine {
