@@ -677,6 +677,70 @@ async fn malformed_frames_get_errors_and_the_gateway_keeps_serving() {
 }
 
 #[tokio::test]
+async fn lone_surrogates_are_replaced_and_unreadable_answers_fail_their_requests() {
+    let gw = gateway("surrogate", |b| b.auth = AuthMode::Open);
+    let mut s = Web::login(gw.ws(), "Srv", "u", "").await;
+    let mut c = Web::login(gw.ws(), "Cli", "u", "").await;
+    let reg = s.register(json!([{"id": "0", "name": "Echo"}])).await;
+    assert_eq!(reg["type"], "success");
+    c.next(|m| m["type"] == "methods-added").await;
+    let (cid, sid) = (c.id.clone(), s.id.clone());
+    // What JSON.stringify writes for a string holding half an emoji.
+    let call = |rid: &str, arg: &str| {
+        format!(
+            r#"{{"type":"call","domain":"agm","request_id":"{rid}","peer_id":{},"server_id":{},"method_id":"0","arguments_kv":{{"text":"cut {arg}"}}}}"#,
+            cid, sid
+        )
+    };
+    c.ws.send(Message::text(call("c1", r"\ud83d")))
+        .await
+        .unwrap();
+    let inv = s.next(|m| m["type"] == "invoke").await;
+    assert_eq!(inv["arguments_kv"]["text"], "cut \u{fffd}");
+    let yield_ = |inv: &J, result: &str| {
+        format!(
+            r#"{{"type":"yield","domain":"agm","peer_id":{},"invocation_id":{},"result":{result}}}"#,
+            sid, inv["invocation_id"]
+        )
+    };
+    s.ws.send(Message::text(yield_(&inv, r#"{"text":"\ude00 end"}"#)))
+        .await
+        .unwrap();
+    let res = c.next(|m| m["request_id"] == "c1").await;
+    assert_eq!(res["type"], "result", "{res}");
+    assert_eq!(res["result"]["text"], "\u{fffd} end");
+    // An object that does not parse for another reason: an accurate error for its request.
+    c.ws.send(Message::text(call("c2", "\",\"n\":1e400,\"x\":\"")))
+        .await
+        .unwrap();
+    let err = c.next(|m| m["request_id"] == "c2").await;
+    assert_eq!(err["type"], "error", "{err}");
+    assert_eq!(err["domain"], "agm", "{err}");
+    let reason = err["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("out of range") && !reason.contains("JSON object"),
+        "{reason}"
+    );
+    // A server's answer that does not parse fails the call instead of losing it.
+    c.ws.send(Message::text(call("c3", "ok"))).await.unwrap();
+    let inv = s.next(|m| m["type"] == "invoke").await;
+    s.ws.send(Message::text(yield_(&inv, r#"{"n":1e400}"#)))
+        .await
+        .unwrap();
+    let res = c.next(|m| m["request_id"] == "c3").await;
+    assert_eq!(res["type"], "error", "{res}");
+    assert!(
+        res["reason"].as_str().unwrap().contains("out of range"),
+        "{res}"
+    );
+    let told = s.next(|m| m["type"] == "error").await;
+    assert!(
+        told["reason"].as_str().unwrap().contains("out of range"),
+        "{told}"
+    );
+}
+
+#[tokio::test]
 async fn a_flood_of_calls_loses_nothing() {
     let gw = gateway("flood", |_| {});
     let native = gw.client("echo");

@@ -296,6 +296,9 @@ impl Session {
         let gw3::Envelope { domain, ty, msg } = match gw3::parse_envelope(text) {
             Ok(e) => e,
             Err(e @ gw3::EnvelopeError::NotObject(_)) => return self.send_text(e.to_string()),
+            Err(ref e @ gw3::EnvelopeError::Invalid { ref head, .. }) => {
+                return self.invalid(head, &e.to_string()).await
+            }
             Err(ref e @ gw3::EnvelopeError::BadDomain { ref msg, .. }) => {
                 return self.send(gw3::error(
                     "global",
@@ -375,6 +378,46 @@ impl Session {
                 ));
             }
         }
+    }
+
+    /// A JSON object that does not parse as a whole: an error for its request, and when it
+    /// answers an invocation (`yield`, `error`), the caller gets an error instead of waiting
+    /// forever.
+    async fn invalid(&mut self, head: &Obj, reason: &str) {
+        let domain = match head.get("domain") {
+            Some(J::String(d)) => d.clone(),
+            _ => "global".to_string(),
+        };
+        let inv_key = match head.get("type").and_then(J::as_str) {
+            Some("yield") => "invocation_id",
+            Some("error") => "request_id",
+            _ => "",
+        };
+        let inv = head.get(inv_key).and_then(J::as_str);
+        let inv = match (domain.as_str(), inv, self.me.as_mut()) {
+            ("agm", Some(i), Some(me)) => me.invocations.remove(i),
+            _ => None,
+        };
+        if let Some(invocation) = inv {
+            let outcome = RelayOutcome::Err {
+                status: Status::MethodFailed,
+                message: format!("the server's answer could not be read ({reason})"),
+                context: Value::Null,
+            };
+            self.core(ToGateway::Yield {
+                invocation,
+                outcome,
+            })
+            .await;
+        }
+        let peer = self.my_id();
+        self.send(gw3::error(
+            &domain,
+            &rid(head),
+            &peer,
+            "global.errors.failure",
+            reason,
+        ));
     }
 
     fn unhandled(&self, domain: &str, ty: &str, msg: &Obj) {
