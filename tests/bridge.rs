@@ -843,6 +843,65 @@ async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
 }
 
 #[tokio::test]
+async fn joining_agm_replays_methods_far_larger_than_the_output_bound() {
+    const BOUND: usize = 64 << 10;
+    let gw = gateway("replay", |b| {
+        b.auth = AuthMode::Open;
+        b.max_queued_bytes = BOUND;
+    });
+    // Two peers whose method objects (legal, large metadata) are larger than the bound each.
+    let method = |i: usize| json!({"id": i, "name": format!("Big{i}"), "flags": {"metadata": {"blob": "x".repeat(BOUND / 2)}}});
+    let mut hogs = Vec::new();
+    for h in 0..2 {
+        let mut hog = Web::login(gw.ws(), &format!("hog{h}"), "u", "").await;
+        let r = hog.register(json!([method(0), method(1), method(2)])).await;
+        assert_eq!(r["type"], "success", "{r}");
+        hogs.push(hog);
+    }
+    for hog in &mut hogs {
+        hog.barrier().await;
+    }
+    for v in 0..2 {
+        let mut victim = Web::connect(gw.ws()).await;
+        let w = victim
+            .hello(
+                &format!("victim{v}"),
+                json!({"method": "secret", "login": "u", "secret": ""}),
+            )
+            .await;
+        victim.id = w["peer_id"].clone();
+        victim.inbox.clear();
+        let ok = victim
+            .req(json!({"type": "join", "destination": "agm"}))
+            .await;
+        assert_eq!(ok["type"], "success", "{ok}");
+        // Everything came before the success, each peer's methods after the peer.
+        let seen: Vec<(J, J, usize)> = victim
+            .inbox
+            .drain(..)
+            .filter(|m| m["domain"] == "agm")
+            .map(|m| {
+                let peer = m["new_peer_id"].clone();
+                let server = m["server_id"].clone();
+                let n = m["methods"].as_array().map_or(0, Vec::len);
+                (
+                    m["type"].clone(),
+                    if peer.is_null() { server } else { peer },
+                    n,
+                )
+            })
+            .collect();
+        let mut want = Vec::new();
+        for hog in &hogs {
+            want.push((json!("peer-added"), hog.id.clone(), 0));
+            want.push((json!("methods-added"), hog.id.clone(), 3));
+        }
+        assert_eq!(seen, want);
+        victim.barrier().await;
+    }
+}
+
+#[tokio::test]
 async fn a_connection_that_never_logs_in_is_closed() {
     let gw = gateway("nohello", |b| b.hello_timeout = Duration::from_millis(200));
     let mut idle = Web::connect(gw.ws()).await;

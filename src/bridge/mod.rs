@@ -454,11 +454,17 @@ async fn connection(stream: TcpStream, remote: SocketAddr, shared: Arc<session::
 /// subscriber) queue frames too and wake it. Full means the peer does not read: the connection
 /// is closed as a slow consumer with a reason, never silently skipped.
 pub(crate) struct Outbox {
-    queue: Mutex<VecDeque<Message>>,
+    /// Frames, each marked if it is the one allowed over the bound.
+    queue: Mutex<VecDeque<(Message, bool)>>,
+    /// Bytes queued, the frame over the bound not counted.
     bytes: AtomicUsize,
+    /// The size of the frame allowed over the bound, if one is queued.
+    over: AtomicUsize,
     max_bytes: usize,
     /// A close frame is queued: nothing may follow it.
     closing: AtomicBool,
+    /// A frame was refused: nothing may follow but the close frame.
+    refused: AtomicBool,
     kill: Arc<hub::Kill>,
     wake: tokio::sync::Notify,
 }
@@ -474,7 +480,21 @@ impl std::fmt::Debug for Outbox {
 /// The queue is full: the peer does not read what it is sent.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Overflow {
+    /// Bytes waiting.
     pub bytes: usize,
+    /// The size of the frame that did not fit.
+    pub adding: usize,
+    pub max_bytes: usize,
+}
+
+impl Overflow {
+    /// The close reason.
+    pub(crate) fn reason(&self) -> String {
+        format!(
+            "slow consumer: {} bytes waiting to be sent, {} more would pass the limit ({})",
+            self.bytes, self.adding, self.max_bytes
+        )
+    }
 }
 
 impl Outbox {
@@ -482,46 +502,59 @@ impl Outbox {
         Outbox {
             queue: Mutex::new(VecDeque::new()),
             bytes: AtomicUsize::new(0),
+            over: AtomicUsize::new(0),
             max_bytes,
             closing: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             kill,
             wake: tokio::sync::Notify::new(),
         }
     }
 
-    fn q(&self) -> std::sync::MutexGuard<'_, VecDeque<Message>> {
+    fn q(&self) -> std::sync::MutexGuard<'_, VecDeque<(Message, bool)>> {
         // Held only to push or pop one frame, never across an await.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a text frame.
+    /// Queues a text frame. Once one was refused, nothing more is queued (the peer must see
+    /// a prefix of its messages, then the close frame that says why).
     pub(crate) fn text(&self, s: String) -> Result<(), Overflow> {
-        if self.closing.load(Ordering::Relaxed) {
+        let mut q = self.q();
+        if self.closing.load(Ordering::Relaxed) || self.refused.load(Ordering::Relaxed) {
             return Ok(()); // the connection is ending; the close frame says why
         }
-        let mut q = self.q();
         let queued = self.bytes.load(Ordering::Relaxed);
-        // One frame is always taken (a message larger than the bound must still go out); the
-        // bound is on what piles up behind it.
-        if queued > 0 && queued.saturating_add(s.len()) > self.max_bytes {
-            return Err(Overflow { bytes: queued });
+        let over = self.over.load(Ordering::Relaxed);
+        let fits = queued.saturating_add(s.len()) <= self.max_bytes;
+        // One frame larger than the bound is taken when no other is queued (it must still go
+        // out, even behind a few small ones); the bound is on the rest.
+        if !fits && (over > 0 || s.len() <= self.max_bytes) {
+            self.refused.store(true, Ordering::Relaxed);
+            return Err(Overflow {
+                bytes: queued + over,
+                adding: s.len(),
+                max_bytes: self.max_bytes,
+            });
         }
-        self.bytes.store(queued + s.len(), Ordering::Relaxed);
-        q.push_back(Message::text(s));
+        if fits {
+            self.bytes.store(queued + s.len(), Ordering::Relaxed);
+        } else {
+            self.over.store(s.len(), Ordering::Relaxed);
+        }
+        q.push_back((Message::text(s), !fits));
         Ok(())
+    }
+
+    /// Bytes waiting to be written.
+    pub(crate) fn queued(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed) + self.over.load(Ordering::Relaxed)
     }
 
     /// Queues a frame from another task and wakes the connection; a full queue closes the
     /// connection as a slow consumer.
     pub(crate) fn push(&self, s: String) {
         if let Err(o) = self.text(s) {
-            self.kill.kill(
-                hub::CLOSE_SLOW,
-                format!(
-                    "slow consumer: {} bytes waiting to be sent (limit {})",
-                    o.bytes, self.max_bytes
-                ),
-            );
+            self.kill.kill(hub::CLOSE_SLOW, o.reason());
         }
         self.wake.notify_one();
     }
@@ -529,13 +562,14 @@ impl Outbox {
     /// Queues the close frame; with `discard`, frames still waiting are dropped first (the
     /// peer is being disconnected for not reading them).
     pub(crate) fn close(&self, code: u16, reason: &str, discard: bool) {
+        let mut q = self.q();
         if self.closing.swap(true, Ordering::Relaxed) {
             return;
         }
-        let mut q = self.q();
         if discard {
             q.clear();
             self.bytes.store(0, Ordering::Relaxed);
+            self.over.store(0, Ordering::Relaxed);
         }
         // A close reason has at most 123 bytes.
         let mut end = reason.len().min(123);
@@ -546,13 +580,15 @@ impl Outbox {
             code: CloseCode::from(code),
             reason: reason[..end].to_string().into(),
         };
-        q.push_back(Message::Close(Some(frame)));
+        q.push_back((Message::Close(Some(frame)), false));
     }
 
     fn pop(&self) -> Option<Message> {
         let mut q = self.q();
-        let m = q.pop_front()?;
-        if let Message::Text(t) = &m {
+        let (m, over) = q.pop_front()?;
+        if over {
+            self.over.store(0, Ordering::Relaxed);
+        } else if let Message::Text(t) = &m {
             let b = self.bytes.load(Ordering::Relaxed);
             self.bytes.store(b - t.len().min(b), Ordering::Relaxed);
         }
@@ -657,6 +693,41 @@ impl Wire {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn drain(out: &Outbox) -> Vec<usize> {
+        std::iter::from_fn(|| out.pop())
+            .map(|m| match m {
+                Message::Text(t) => t.len(),
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_frame_may_pass_the_bound_and_nothing_follows_a_refused_one() {
+        let out = Outbox::new(100, Arc::default());
+        let s = |n: usize| "x".repeat(n);
+        // A large frame behind a small one (a `methods-added` after its `peer-added`).
+        out.text(s(30)).unwrap();
+        out.text(s(300)).unwrap();
+        out.text(s(70)).unwrap();
+        assert_eq!(out.queued(), 400);
+        let o = out.text(s(5)).unwrap_err();
+        assert_eq!((o.bytes, o.adding), (400, 5));
+        assert!(o.reason().contains("400 bytes waiting"), "{}", o.reason());
+        // Refused once: what comes after is not queued, the close frame is.
+        out.text(s(1)).unwrap();
+        out.close(1008, &o.reason(), false);
+        assert_eq!(drain(&out), [30, 300, 70, 0]);
+        // Written out, the large frame makes room for another.
+        let out = Outbox::new(100, Arc::default());
+        out.text(s(300)).unwrap();
+        out.text(s(100)).unwrap();
+        assert_eq!(drain(&out), [300, 100]);
+        out.text(s(50)).unwrap();
+        out.text(s(200)).unwrap();
+        assert_eq!(out.queued(), 250);
+    }
 
     /// A listener whose `accept` fails `left` times (as with no file descriptors left), then
     /// waits forever; it records when each attempt was made.

@@ -130,6 +130,19 @@ struct Session {
     stash: VecDeque<Outgoing>,
     /// Set when the connection must end (gateway stopping).
     done: Option<(u16, String)>,
+    /// The `agm` replay under way, if any.
+    replay: Option<Replay>,
+}
+
+/// What joining `agm` sends: every peer the client may see, with its methods, then the
+/// `success`. It can be far larger than `max_queued_bytes` (method objects are forwarded
+/// verbatim), so it is queued as the socket takes it — one peer at a time, whenever less than
+/// half the bound waits — and the connection does nothing else meanwhile (its answers and the
+/// registry's news stay in order behind the replay).
+struct Replay {
+    peers: VecDeque<PeerId>,
+    frames: VecDeque<J>,
+    then: J,
 }
 
 async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
@@ -156,6 +169,7 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
         me: None,
         stash: VecDeque::new(),
         done: None,
+        replay: None,
     };
     let hello_deadline = tokio::time::sleep(s.sh.cfg.hello_timeout);
     tokio::pin!(hello_deadline);
@@ -168,7 +182,12 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
         if let Some((code, reason)) = s.done.take() {
             break (reason.clone(), Some((code, reason, false)));
         }
-        if let Some(out) = s.stash.pop_front() {
+        let replaying = s.replay.is_some();
+        if replaying && s.wire.out.queued() <= s.sh.cfg.max_queued_bytes / 2 {
+            s.replay_step();
+            continue;
+        }
+        if let (false, Some(out)) = (replaying, s.stash.pop_front()) {
             s.on_core(out).await;
             continue;
         }
@@ -187,11 +206,11 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
                 let why = "no successful hello in time".to_string();
                 break (why.clone(), Some((CLOSE_SLOW, why, false)));
             }
-            Some(ev) = hub_rx.recv() => s.on_hub(ev),
-            Some(out) = recv_opt(&mut s.reg_rx) => s.on_core(out).await,
+            Some(ev) = hub_rx.recv(), if !replaying => s.on_hub(ev),
+            Some(out) = recv_opt(&mut s.reg_rx), if !replaying => s.on_core(out).await,
             // Another task queued frames for us (context updates).
             _ = out.woken() => {}
-            frame = stream.next() => match frame {
+            frame = stream.next(), if !replaying => match frame {
                 Some(Ok(Message::Text(t))) => {
                     s.sh.spin.touch();
                     s.on_text(t.as_str()).await
@@ -255,15 +274,7 @@ fn display_id(v: &J) -> String {
 impl Session {
     /// Queues a GW3 message; a full queue ends the connection (slow consumer).
     fn send(&self, msg: J) {
-        if let Err(o) = self.wire.text(msg.to_string()) {
-            self.kill.kill(
-                CLOSE_SLOW,
-                format!(
-                    "slow consumer: {} bytes waiting to be sent (limit {})",
-                    o.bytes, self.sh.cfg.max_queued_bytes
-                ),
-            );
-        }
+        self.send_text(msg.to_string());
     }
 
     /// Queues a plain-text frame (answers to frames that are not GW3 messages).
@@ -273,10 +284,7 @@ impl Session {
 
     fn send_text(&self, text: String) {
         if let Err(o) = self.wire.text(text) {
-            self.kill.kill(
-                CLOSE_SLOW,
-                format!("slow consumer: {} bytes waiting to be sent", o.bytes),
-            );
+            self.kill.kill(CLOSE_SLOW, o.reason());
         }
     }
 
@@ -610,7 +618,7 @@ impl Session {
                 }
                 if dest == "agm" {
                     if ty == "join" {
-                        self.join_agm();
+                        return self.join_agm(gw3::success(&dest, &request_id, &self.my_id()));
                     } else {
                         self.leave_agm().await;
                     }
@@ -863,15 +871,38 @@ impl Session {
         .await;
     }
 
-    fn join_agm(&mut self) {
+    /// Joins `agm`; `then` (the `success`) follows the replay of the peers already there.
+    fn join_agm(&mut self, then: J) {
         let Some(me) = self.me.as_mut() else { return };
         if !me.in_agm {
             me.in_agm = true;
             self.sh.hub.set_agm(&me.instance, true);
         }
-        let peers: Vec<PeerId> = me.known.keys().copied().collect();
-        for p in peers {
-            self.announce(p);
+        let peers = me.known.keys().copied().collect();
+        self.replay = Some(Replay {
+            peers,
+            frames: VecDeque::new(),
+            then,
+        });
+    }
+
+    /// Queues the replay's next frame (announcing its next peer when needed).
+    fn replay_step(&mut self) {
+        let Some(r) = self.replay.as_mut() else {
+            return;
+        };
+        if let Some(f) = r.frames.pop_front() {
+            return self.send(f);
+        }
+        if let Some(p) = r.peers.pop_front() {
+            let frames = self.announcement(p);
+            if let Some(r) = self.replay.as_mut() {
+                r.frames.extend(frames);
+            }
+            return;
+        }
+        if let Some(r) = self.replay.take() {
+            self.send(r.then);
         }
     }
 
@@ -935,16 +966,26 @@ impl Session {
 
     /// Tells the client about a peer (and its methods) if it may see it now.
     fn announce(&mut self, peer: PeerId) {
-        let Some(me) = self.me.as_mut() else { return };
+        for f in self.announcement(peer) {
+            self.send(f);
+        }
+    }
+
+    /// The frames that announce a peer (and its methods) if the client may see it now; the
+    /// peer counts as announced.
+    fn announcement(&mut self, peer: PeerId) -> Vec<J> {
+        let Some(me) = self.me.as_mut() else {
+            return Vec::new();
+        };
         let Some(k) = me.known.get_mut(&peer) else {
-            return;
+            return Vec::new();
         };
         if !me.in_agm || k.announced {
-            return;
+            return Vec::new();
         }
         if let Some(inst) = &k.web {
             if !self.sh.hub.in_agm(inst) {
-                return;
+                return Vec::new();
             }
         }
         k.announced = true;
@@ -953,13 +994,14 @@ impl Session {
             "new_peer_id": server, "identity": k.identity, "meta": {"local": true}});
         let methods: Vec<J> = k.methods.values().map(|(_, o)| o.clone()).collect();
         let me_id = me.id.clone();
-        self.send(added);
+        let mut frames = vec![added];
         if !methods.is_empty() {
-            self.send(
+            frames.push(
                 json!({"domain": "agm", "type": "methods-added", "peer_id": me_id,
                 "source_type": "local", "server_id": server, "methods": methods}),
             );
         }
+        frames
     }
 
     fn on_hub(&mut self, ev: HubEvent) {
