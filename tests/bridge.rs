@@ -842,6 +842,52 @@ async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
     assert!(r.is_ok());
 }
 
+/// The bridge waited 5 s for a cut-off slow consumer to read the close frame; it waits 30 s.
+#[tokio::test]
+async fn a_slow_consumer_stalled_for_a_while_still_gets_the_reason() {
+    let gw = gateway("stalled", |b| b.max_queued_bytes = 1 << 20);
+    let native = gw.client("big2");
+    let blob = Value::from("x".repeat(256 << 10));
+    native.register("Big", move |_| Ok(blob.clone())).unwrap();
+    let mut web = Web::login(gw.ws(), "stalled", &os_user(), &gw.token()).await;
+    let added = web.next(|m| m["type"] == "methods-added").await;
+    let (server, method) = (
+        added["server_id"].clone(),
+        added["methods"][0]["id"].clone(),
+    );
+    let (gone_tx, gone_rx) = std::sync::mpsc::channel();
+    let _events = native.on_event(move |e| {
+        if let knit::client::InteropEvent::ServerRemoved { server, .. } = e {
+            if server.application == "stalled" {
+                let _ = gone_tx.send(());
+            }
+        }
+    });
+    for i in 0..200 {
+        let m = json!({"type": "call", "domain": "agm", "request_id": format!("c{i}"), "peer_id": web.id,
+            "server_id": server, "method_id": method, "arguments_kv": {}});
+        if web.ws.send(Message::text(m.to_string())).await.is_err() {
+            break;
+        }
+    }
+    blocking(move || gone_rx.recv_timeout(WAIT))
+        .await
+        .expect("the peer was not removed");
+    // Cut off; the peer stays stalled longer than the bridge used to wait, then reads.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    loop {
+        match web.frame().await {
+            Some(Ok(m)) => assert_eq!(m["type"], "result"),
+            Some(Err((code, reason))) => {
+                assert_eq!(code, 1008);
+                assert!(reason.contains("slow consumer"), "{reason}");
+                break;
+            }
+            None => panic!("closed without a close frame"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn joining_agm_replays_methods_far_larger_than_the_output_bound() {
     const BOUND: usize = 64 << 10;

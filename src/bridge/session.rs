@@ -251,14 +251,19 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
     // Send what is queued (the close frame last) and read (and discard) what the client still
     // sends until it answers the close: closing a socket with unread input resets the
     // connection, and the client could lose the close frame that says why. A peer that neither
-    // reads nor closes is not waited for.
+    // reads nor closes is waited for [`LINGER`] at most (a slow consumer, cut off, may be
+    // stalled a while before it reads what was already on its way, then the close frame); the
+    // connection keeps its slot meanwhile, its peer is gone from the registry.
     let linger = async {
         let flush = async { while wire.busy() && wire.progress().await.is_ok() {} };
         let drain = async { while let Some(Ok(_)) = stream.next().await {} };
         futures_util::future::join(flush, drain).await;
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), linger).await;
+    let _ = tokio::time::timeout(LINGER, linger).await;
 }
+
+/// How long a closing connection waits for its peer to read the close frame and answer it.
+const LINGER: Duration = Duration::from_secs(30);
 
 fn rid(msg: &Obj) -> J {
     msg.get("request_id").cloned().unwrap_or(J::Null)
