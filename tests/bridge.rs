@@ -948,6 +948,25 @@ async fn joining_agm_replays_methods_far_larger_than_the_output_bound() {
 }
 
 #[tokio::test]
+async fn connections_beyond_the_limit_get_http_503_with_the_reason() {
+    let gw = gateway("full", |b| {
+        b.auth = AuthMode::Open;
+        b.max_connections = 1;
+    });
+    let mut first = Web::login(gw.ws(), "first", "u", "").await;
+    match Web::open(gw.ws(), None).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 503);
+            let body = String::from_utf8_lossy(r.body().as_deref().unwrap_or_default());
+            assert!(body.contains("max_connections"), "{body}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a second connection was accepted"),
+    }
+    first.barrier().await;
+}
+
+#[tokio::test]
 async fn a_connection_that_never_logs_in_is_closed() {
     let gw = gateway("nohello", |b| b.hello_timeout = Duration::from_millis(200));
     let mut idle = Web::connect(gw.ws()).await;

@@ -47,7 +47,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
@@ -263,17 +263,24 @@ async fn accept_loop(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    // Connections being refused (over `max_connections`): answered with HTTP 503, a few at once.
+    let mut refusals = tokio::task::JoinSet::new();
     let mut acc = Accepting::new(listener);
     loop {
         tokio::select! {
             _ = &mut stop => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => acc.retry_now(),
+            Some(_) = refusals.join_next(), if !refusals.is_empty() => acc.retry_now(),
             (stream, remote) = acc.next() => {
                 if conns.len() >= shared.cfg.max_connections {
-                    crate::log::warn(format_args!(
-                        "bridge: refused a connection from {remote}: {} connections open",
+                    let why = format!(
+                        "the bridge is full: {} connections open (max_connections)",
                         conns.len()
-                    ));
+                    );
+                    crate::log::warn(format_args!("bridge: refused a connection from {remote}: {why}"));
+                    if refusals.len() < MAX_REFUSING {
+                        refusals.spawn(refuse(stream, why));
+                    }
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
@@ -373,6 +380,34 @@ impl<L: Listen> Accepting<L> {
             }
         }
     }
+}
+
+/// Most refusals answered at once; connections beyond are dropped without an answer.
+const MAX_REFUSING: usize = 16;
+
+/// Answers a WebSocket upgrade with HTTP 503 and `why` (after reading the request, so the
+/// answer is not lost to a TCP reset); gives up after a short while.
+async fn refuse(stream: TcpStream, why: String) {
+    // The signature is tungstenite's callback contract.
+    #[allow(clippy::result_large_err)]
+    let no = move |_: &Request, _: Response| -> Result<Response, ErrorResponse> {
+        let body = format!("{why}\n");
+        let mut r = ErrorResponse::new(Some(body.clone()));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let h = r.headers_mut();
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert("content-length", body.len().into());
+        h.insert("connection", HeaderValue::from_static("close"));
+        Err(r)
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio_tungstenite::accept_hdr_async(stream, no),
+    )
+    .await;
 }
 
 /// Whether a browser `Origin` may connect: loopback origins always, others when configured.
