@@ -741,6 +741,36 @@ async fn lone_surrogates_are_replaced_and_unreadable_answers_fail_their_requests
 }
 
 #[tokio::test]
+async fn error_messages_clip_what_they_repeat_of_the_input() {
+    let gw = gateway("clip", |b| b.auth = AuthMode::Open);
+    let big = "y".repeat(100_000);
+    let mut w = Web::connect(gw.ws()).await;
+    let r = w
+        .hello("c", json!({"method": big, "login": "u", "secret": ""}))
+        .await;
+    let short = |r: &J| r["reason"].as_str().is_some_and(|s| s.len() < 400);
+    assert!(short(&r), "{:.300}", r.to_string());
+    let mut w = Web::login(gw.ws(), "clip", "u", "").await;
+    for m in [
+        json!({"type": big, "domain": "agm"}),
+        json!({"type": "x", "domain": big}),
+        json!({"type": "join", "destination": big}),
+        json!({"type": "call", "domain": "agm", "server_id": big}),
+        json!({"type": "call", "domain": "agm", "server_id": w.id, "method_id": big}),
+        json!({"type": "unregister", "domain": "agm", "methods": [big]}),
+        json!({"type": "unsubscribe", "domain": "bus", "subscription_id": big}),
+        json!({"type": "subscribe-context", "context_id": big}),
+    ] {
+        let r = w.req(m).await;
+        assert_eq!(r["type"], "error", "{:.300}", r.to_string());
+        assert!(short(&r), "{:.300}", r.to_string());
+        let uri = r["reason_uri"].as_str().unwrap_or_default();
+        assert!(uri.len() < 400, "{uri:.300}");
+        assert!(r.to_string().len() < 101_000, "at most the input once");
+    }
+}
+
+#[tokio::test]
 async fn a_flood_of_calls_loses_nothing() {
     let gw = gateway("flood", |_| {});
     let native = gw.client("echo");

@@ -276,6 +276,11 @@ fn display_id(v: &J) -> String {
     }
 }
 
+/// An id from the client as an error message repeats it (clipped, [`gw3::clip`]).
+fn echo(v: &J) -> String {
+    gw3::clip(&display_id(v)).into_owned()
+}
+
 impl Session {
     /// Queues a GW3 message; a full queue ends the connection (slow consumer).
     fn send(&self, msg: J) {
@@ -327,7 +332,7 @@ impl Session {
                     ref msg,
                 },
             ) => {
-                let uri = format!("{domain}.errors.unhandled_message");
+                let uri = format!("{}.errors.unhandled_message", gw3::clip(domain));
                 return self.send(gw3::error(
                     domain,
                     &rid(msg),
@@ -345,7 +350,7 @@ impl Session {
                 return self.hello(&msg).await;
             }
             let pid = msg.get("peer_id").cloned().unwrap_or(J::Null);
-            let reason = format!("Unable to find peer with id {}", display_id(&pid));
+            let reason = format!("Unable to find peer with id {}", echo(&pid));
             return self.send(gw3::error(
                 &domain,
                 &rid(&msg),
@@ -356,7 +361,7 @@ impl Session {
         };
         if let Some(p) = msg.get("peer_id") {
             if !p.is_null() && *p != me.id {
-                let reason = format!("Unable to find peer with id {}", display_id(p));
+                let reason = format!("Unable to find peer with id {}", echo(p));
                 return self.send(gw3::error(
                     &domain,
                     &rid(&msg),
@@ -381,7 +386,7 @@ impl Session {
                 }
             }
             other => {
-                let reason = format!("Unable to find domain {other}");
+                let reason = format!("Unable to find domain {}", gw3::clip(other));
                 self.send(gw3::error(
                     other,
                     &rid(&msg),
@@ -434,8 +439,9 @@ impl Session {
     }
 
     fn unhandled(&self, domain: &str, ty: &str, msg: &Obj) {
-        let uri = format!("{domain}.errors.unhandled_message");
-        let reason = format!("Unhandled message type {ty} in domain {domain}");
+        let (ty, d) = (gw3::clip(ty), gw3::clip(domain));
+        let uri = format!("{d}.errors.unhandled_message");
+        let reason = format!("Unhandled message type {ty} in domain {d}");
         self.send(gw3::error(domain, &rid(msg), &self.my_id(), &uri, &reason));
     }
 
@@ -612,7 +618,7 @@ impl Session {
                 if !["agm", "bus", "metrics", "context", "activity", "global"]
                     .contains(&dest.as_str())
                 {
-                    let reason = format!("Unable to {ty} missing domain {dest}");
+                    let reason = format!("Unable to {ty} missing domain {}", gw3::clip(&dest));
                     return self.send(gw3::error(
                         "global",
                         &request_id,
@@ -695,7 +701,7 @@ impl Session {
             let id = m.get("id").cloned().unwrap_or(J::Null);
             let key = gw3::id_key(&id);
             if me.by_key.contains_key(&key) || !keys.insert(key.clone()) {
-                let reason = format!("a method with id {} is already registered", display_id(&id));
+                let reason = format!("a method with id {} is already registered", echo(&id));
                 return self.agm_error(msg, FAIL, &reason);
             }
             let Some(after) = next.checked_add(1).filter(|n| *n != NO_METHOD) else {
@@ -744,7 +750,7 @@ impl Session {
                 None => {
                     let reason = format!(
                         "Unable to find method with id {} registered by this peer",
-                        display_id(id)
+                        echo(id)
                     );
                     return self.agm_error(msg, FAIL, &reason);
                 }
@@ -789,12 +795,13 @@ impl Session {
         let Some(me) = self.me.as_mut() else { return };
         let unknown_method = || {
             format!(
-                "Unable to find method with id {} on server id {server} registered with this peer",
-                display_id(&method)
+                "Unable to find method with id {} on server id {} registered with this peer",
+                echo(&method),
+                gw3::clip(&server)
             )
         };
         let Some(target) = self.sh.ids.parse_peer(&server) else {
-            let reason = format!("Unable to find peer with id {server}");
+            let reason = format!("Unable to find peer with id {}", gw3::clip(&server));
             return self.agm_error(msg, FAIL, &reason);
         };
         let method_id = if target == me.peer {
@@ -815,7 +822,7 @@ impl Session {
             PendingCall {
                 request_id: rid(msg),
                 server,
-                method: display_id(&method),
+                method: echo(&method),
             },
         );
         // GW3 has no call timeouts (the client keeps its own); the registry forgets the call
