@@ -709,6 +709,100 @@ async fn malformed_frames_get_errors_and_the_gateway_keeps_serving() {
 }
 
 #[tokio::test]
+async fn lone_surrogates_are_replaced_and_unreadable_answers_fail_their_requests() {
+    let gw = gateway("surrogate", |b| b.auth = AuthMode::Open);
+    let mut s = Web::login(gw.ws(), "Srv", "u", "").await;
+    let mut c = Web::login(gw.ws(), "Cli", "u", "").await;
+    let reg = s.register(json!([{"id": "0", "name": "Echo"}])).await;
+    assert_eq!(reg["type"], "success");
+    c.next(|m| m["type"] == "methods-added").await;
+    let (cid, sid) = (c.id.clone(), s.id.clone());
+    // What JSON.stringify writes for a string holding half an emoji.
+    let call = |rid: &str, arg: &str| {
+        format!(
+            r#"{{"type":"call","domain":"agm","request_id":"{rid}","peer_id":{},"server_id":{},"method_id":"0","arguments_kv":{{"text":"cut {arg}"}}}}"#,
+            cid, sid
+        )
+    };
+    c.ws.send(Message::text(call("c1", r"\ud83d")))
+        .await
+        .unwrap();
+    let inv = s.next(|m| m["type"] == "invoke").await;
+    assert_eq!(inv["arguments_kv"]["text"], "cut \u{fffd}");
+    let yield_ = |inv: &J, result: &str| {
+        format!(
+            r#"{{"type":"yield","domain":"agm","peer_id":{},"invocation_id":{},"result":{result}}}"#,
+            sid, inv["invocation_id"]
+        )
+    };
+    s.ws.send(Message::text(yield_(&inv, r#"{"text":"\ude00 end"}"#)))
+        .await
+        .unwrap();
+    let res = c.next(|m| m["request_id"] == "c1").await;
+    assert_eq!(res["type"], "result", "{res}");
+    assert_eq!(res["result"]["text"], "\u{fffd} end");
+    // An object that does not parse for another reason: an accurate error for its request.
+    c.ws.send(Message::text(call("c2", "\",\"n\":1e400,\"x\":\"")))
+        .await
+        .unwrap();
+    let err = c.next(|m| m["request_id"] == "c2").await;
+    assert_eq!(err["type"], "error", "{err}");
+    assert_eq!(err["domain"], "agm", "{err}");
+    let reason = err["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("out of range") && !reason.contains("JSON object"),
+        "{reason}"
+    );
+    // A server's answer that does not parse fails the call instead of losing it.
+    c.ws.send(Message::text(call("c3", "ok"))).await.unwrap();
+    let inv = s.next(|m| m["type"] == "invoke").await;
+    s.ws.send(Message::text(yield_(&inv, r#"{"n":1e400}"#)))
+        .await
+        .unwrap();
+    let res = c.next(|m| m["request_id"] == "c3").await;
+    assert_eq!(res["type"], "error", "{res}");
+    assert!(
+        res["reason"].as_str().unwrap().contains("out of range"),
+        "{res}"
+    );
+    let told = s.next(|m| m["type"] == "error").await;
+    assert!(
+        told["reason"].as_str().unwrap().contains("out of range"),
+        "{told}"
+    );
+}
+
+#[tokio::test]
+async fn error_messages_clip_what_they_repeat_of_the_input() {
+    let gw = gateway("clip", |b| b.auth = AuthMode::Open);
+    let big = "y".repeat(100_000);
+    let mut w = Web::connect(gw.ws()).await;
+    let r = w
+        .hello("c", json!({"method": big, "login": "u", "secret": ""}))
+        .await;
+    let short = |r: &J| r["reason"].as_str().is_some_and(|s| s.len() < 400);
+    assert!(short(&r), "{:.300}", r.to_string());
+    let mut w = Web::login(gw.ws(), "clip", "u", "").await;
+    for m in [
+        json!({"type": big, "domain": "agm"}),
+        json!({"type": "x", "domain": big}),
+        json!({"type": "join", "destination": big}),
+        json!({"type": "call", "domain": "agm", "server_id": big}),
+        json!({"type": "call", "domain": "agm", "server_id": w.id, "method_id": big}),
+        json!({"type": "unregister", "domain": "agm", "methods": [big]}),
+        json!({"type": "unsubscribe", "domain": "bus", "subscription_id": big}),
+        json!({"type": "subscribe-context", "context_id": big}),
+    ] {
+        let r = w.req(m).await;
+        assert_eq!(r["type"], "error", "{:.300}", r.to_string());
+        assert!(short(&r), "{:.300}", r.to_string());
+        let uri = r["reason_uri"].as_str().unwrap_or_default();
+        assert!(uri.len() < 400, "{uri:.300}");
+        assert!(r.to_string().len() < 101_000, "at most the input once");
+    }
+}
+
+#[tokio::test]
 async fn a_flood_of_calls_loses_nothing() {
     let gw = gateway("flood", |_| {});
     let native = gw.client("echo");
@@ -808,6 +902,130 @@ async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
     // The native server is unaffected.
     let r = blocking(move || native.invoke("Big", Value::Null, &opts())).await;
     assert!(r.is_ok());
+}
+
+/// The bridge waited 5 s for a cut-off slow consumer to read the close frame; it waits 30 s.
+#[tokio::test]
+async fn a_slow_consumer_stalled_for_a_while_still_gets_the_reason() {
+    let gw = gateway("stalled", |b| b.max_queued_bytes = 1 << 20);
+    let native = gw.client("big2");
+    let blob = Value::from("x".repeat(256 << 10));
+    native.register("Big", move |_| Ok(blob.clone())).unwrap();
+    let mut web = Web::login(gw.ws(), "stalled", &os_user(), &gw.token()).await;
+    let added = web.next(|m| m["type"] == "methods-added").await;
+    let (server, method) = (
+        added["server_id"].clone(),
+        added["methods"][0]["id"].clone(),
+    );
+    let (gone_tx, gone_rx) = std::sync::mpsc::channel();
+    let _events = native.on_event(move |e| {
+        if let knit::client::InteropEvent::ServerRemoved { server, .. } = e {
+            if server.application == "stalled" {
+                let _ = gone_tx.send(());
+            }
+        }
+    });
+    for i in 0..200 {
+        let m = json!({"type": "call", "domain": "agm", "request_id": format!("c{i}"), "peer_id": web.id,
+            "server_id": server, "method_id": method, "arguments_kv": {}});
+        if web.ws.send(Message::text(m.to_string())).await.is_err() {
+            break;
+        }
+    }
+    blocking(move || gone_rx.recv_timeout(WAIT))
+        .await
+        .expect("the peer was not removed");
+    // Cut off; the peer stays stalled longer than the bridge used to wait, then reads.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    loop {
+        match web.frame().await {
+            Some(Ok(m)) => assert_eq!(m["type"], "result"),
+            Some(Err((code, reason))) => {
+                assert_eq!(code, 1008);
+                assert!(reason.contains("slow consumer"), "{reason}");
+                break;
+            }
+            None => panic!("closed without a close frame"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn joining_agm_replays_methods_far_larger_than_the_output_bound() {
+    const BOUND: usize = 64 << 10;
+    let gw = gateway("replay", |b| {
+        b.auth = AuthMode::Open;
+        b.max_queued_bytes = BOUND;
+    });
+    // Two peers whose method objects (legal, large metadata) are larger than the bound each.
+    let method = |i: usize| json!({"id": i, "name": format!("Big{i}"), "flags": {"metadata": {"blob": "x".repeat(BOUND / 2)}}});
+    let mut hogs = Vec::new();
+    for h in 0..2 {
+        let mut hog = Web::login(gw.ws(), &format!("hog{h}"), "u", "").await;
+        let r = hog.register(json!([method(0), method(1), method(2)])).await;
+        assert_eq!(r["type"], "success", "{r}");
+        hogs.push(hog);
+    }
+    for hog in &mut hogs {
+        hog.barrier().await;
+    }
+    for v in 0..2 {
+        let mut victim = Web::connect(gw.ws()).await;
+        let w = victim
+            .hello(
+                &format!("victim{v}"),
+                json!({"method": "secret", "login": "u", "secret": ""}),
+            )
+            .await;
+        victim.id = w["peer_id"].clone();
+        victim.inbox.clear();
+        let ok = victim
+            .req(json!({"type": "join", "destination": "agm"}))
+            .await;
+        assert_eq!(ok["type"], "success", "{ok}");
+        // Everything came before the success, each peer's methods after the peer.
+        let seen: Vec<(J, J, usize)> = victim
+            .inbox
+            .drain(..)
+            .filter(|m| m["domain"] == "agm")
+            .map(|m| {
+                let peer = m["new_peer_id"].clone();
+                let server = m["server_id"].clone();
+                let n = m["methods"].as_array().map_or(0, Vec::len);
+                (
+                    m["type"].clone(),
+                    if peer.is_null() { server } else { peer },
+                    n,
+                )
+            })
+            .collect();
+        let mut want = Vec::new();
+        for hog in &hogs {
+            want.push((json!("peer-added"), hog.id.clone(), 0));
+            want.push((json!("methods-added"), hog.id.clone(), 3));
+        }
+        assert_eq!(seen, want);
+        victim.barrier().await;
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_get_http_503_with_the_reason() {
+    let gw = gateway("full", |b| {
+        b.auth = AuthMode::Open;
+        b.max_connections = 1;
+    });
+    let mut first = Web::login(gw.ws(), "first", "u", "").await;
+    match Web::open(gw.ws(), None).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 503);
+            let body = String::from_utf8_lossy(r.body().as_deref().unwrap_or_default());
+            assert!(body.contains("max_connections"), "{body}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a second connection was accepted"),
+    }
+    first.barrier().await;
 }
 
 #[tokio::test]

@@ -173,7 +173,8 @@ impl Authenticator {
                 .map(str::to_string)
                 .unwrap_or_else(|| p.to_string());
             return Err(format!(
-                "Requested authentication provider :{p} is not available"
+                "Requested authentication provider :{} is not available",
+                super::gw3::clip(&p)
             ));
         }
         match a.get("method").and_then(J::as_str) {
@@ -220,7 +221,10 @@ impl Authenticator {
                     }
                 })
             }
-            Some(other) => Err(format!("Unknown authentication method {other}")),
+            Some(other) => Err(format!(
+                "Unknown authentication method {}",
+                super::gw3::clip(other)
+            )),
             None => Err("Unknown authentication method ".into()),
         }
     }

@@ -125,20 +125,71 @@ pub(crate) enum EnvelopeError {
     /// request id to answer to).
     #[error("GW3 message must be a JSON object{0}")]
     NotObject(String),
+    /// A JSON object whose envelope could be read, but not the rest (a number out of range,
+    /// nesting too deep): answered with an error in its domain, for its request.
+    #[error("invalid GW3 message: {error}")]
+    Invalid { error: String, head: Box<Obj> },
     /// `domain` is not a string: answered with a `global` error.
-    #[error("domain must be a string, not {domain}")]
+    #[error("domain must be a string, not {}", clip(&domain.to_string()))]
     BadDomain { domain: J, msg: Box<Obj> },
     /// No string `type`: answered with an `unhandled_message` error in the domain.
     #[error("a GW3 message needs a string \"type\"")]
     NoType { domain: String, msg: Box<Obj> },
 }
 
+/// The envelope fields of a frame that does not parse as a whole; the other fields are skipped
+/// without being decoded.
+#[derive(serde::Deserialize)]
+struct Head {
+    domain: Option<J>,
+    #[serde(rename = "type")]
+    ty: Option<J>,
+    request_id: Option<J>,
+    peer_id: Option<J>,
+    invocation_id: Option<J>,
+}
+
 /// Checks one text frame's envelope. Pure: the session decides what to do with it.
+///
+/// A string escape that is half of a UTF-16 surrogate pair (`"\ud83d"`, which JavaScript's
+/// `JSON.stringify` writes for an emoji cut in half, and parses back) stands for U+FFFD, the
+/// replacement character, as a WHATWG `TextDecoder` makes of it: such frames are accepted.
 pub(crate) fn parse_envelope(text: &str) -> Result<Envelope, EnvelopeError> {
-    let msg = match serde_json::from_str::<J>(text) {
+    let mut fixed = None;
+    let parsed = match serde_json::from_str::<J>(text) {
+        Err(e) => {
+            fixed = replace_lone_surrogates(text);
+            match &fixed {
+                Some(f) => serde_json::from_str::<J>(f),
+                None => Err(e),
+            }
+        }
+        ok => ok,
+    };
+    let msg = match parsed {
         Ok(J::Object(o)) => o,
         Ok(_) => return Err(EnvelopeError::NotObject(String::new())),
-        Err(e) => return Err(EnvelopeError::NotObject(format!(": {e}"))),
+        Err(e) => {
+            let head = serde_json::from_str::<Head>(fixed.as_deref().unwrap_or(text));
+            let Ok(h) = head else {
+                return Err(EnvelopeError::NotObject(format!(": {e}")));
+            };
+            let mut head = Obj::new();
+            for (k, v) in [
+                ("domain", h.domain),
+                ("type", h.ty),
+                ("request_id", h.request_id),
+                ("peer_id", h.peer_id),
+                ("invocation_id", h.invocation_id),
+            ] {
+                if let Some(v) = v {
+                    head.insert(k.into(), v);
+                }
+            }
+            let error = e.to_string();
+            let head = Box::new(head);
+            return Err(EnvelopeError::Invalid { error, head });
+        }
     };
     let domain = match msg.get("domain") {
         None | Some(J::Null) => "global".to_string(),
@@ -157,6 +208,68 @@ pub(crate) fn parse_envelope(text: &str) -> Result<Envelope, EnvelopeError> {
         }
     };
     Ok(Envelope { domain, ty, msg })
+}
+
+/// `text` with every `\uXXXX` escape that is an unpaired UTF-16 surrogate replaced by
+/// `\ufffd`; `None` if there is none. Escapes occur only inside JSON strings, and a `\\`
+/// escape is skipped as a whole, so `"\\ud800"` (a backslash, then text) is left alone.
+fn replace_lone_surrogates(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let hex = |at: usize| -> Option<u16> {
+        let h = b.get(at..at + 4)?;
+        u16::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()
+    };
+    let unicode = |at: usize| -> Option<u16> {
+        if b.get(at) == Some(&b'\\') && b.get(at + 1) == Some(&b'u') {
+            hex(at + 2)
+        } else {
+            None
+        }
+    };
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        let Some(u) = unicode(i) else {
+            i += 2; // any other escape, `\\` included
+            continue;
+        };
+        let paired = match u {
+            0xD800..=0xDBFF => matches!(unicode(i + 6), Some(0xDC00..=0xDFFF)),
+            0xDC00..=0xDFFF => false,
+            _ => {
+                i += 6;
+                continue;
+            }
+        };
+        if paired {
+            i += 12;
+            continue;
+        }
+        let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+        o.push_str(&text[copied..i]);
+        o.push_str("\\ufffd");
+        i += 6;
+        copied = i;
+    }
+    let mut o = out?;
+    o.push_str(&text[copied..]);
+    Some(o)
+}
+
+/// Most characters of client input an error message repeats.
+const CLIP: usize = 200;
+
+/// Client input as an error message repeats it: at most [`CLIP`] characters, then "…".
+pub(crate) fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(CLIP) {
+        None => s.into(),
+        Some((end, _)) => format!("{}…", &s[..end]).into(),
+    }
 }
 
 /// A method id as a map key: its canonical JSON text, so `"7"` and `7` stay distinct.
@@ -380,6 +493,54 @@ mod tests {
         let back = method_def_from_gw3(&j).unwrap();
         assert_eq!(back.name, "Sum");
         assert_eq!(back.accepts, d.accepts);
+    }
+
+    #[test]
+    fn lone_surrogate_escapes_read_as_replacement_characters() {
+        let parse = |t: &str| parse_envelope(t).map(|e| e.msg);
+        let m = parse(r#"{"type":"x","s":"cut \ud83d","t":"\udE00!","u":"\ud83d\ud83d\ude00"}"#)
+            .unwrap();
+        assert_eq!(m["s"], "cut \u{fffd}");
+        assert_eq!(m["t"], "\u{fffd}!");
+        assert_eq!(m["u"], "\u{fffd}\u{1f600}");
+        // Escaped backslashes and valid pairs are left alone; nothing else changes.
+        let m = parse(r#"{"type":"x","s":"\\ud800","p":"\ud83d\ude00\n"}"#).unwrap();
+        assert_eq!(m["s"], "\\ud800");
+        assert_eq!(m["p"], "\u{1f600}\n");
+        assert_eq!(replace_lone_surrogates(r#"{"a":"\\ud800\u0041"}"#), None);
+    }
+
+    #[test]
+    fn objects_that_do_not_parse_keep_their_envelope() {
+        match parse_envelope(
+            r#"{"type":"call","domain":"agm","request_id":"c1","arguments_kv":{"n":1e400}}"#,
+        ) {
+            Err(e @ EnvelopeError::Invalid { .. }) => {
+                assert!(!e.to_string().contains("JSON object"), "{e}");
+                assert!(e.to_string().contains("out of range"), "{e}");
+                let EnvelopeError::Invalid { head, .. } = e else {
+                    unreachable!()
+                };
+                assert_eq!(head["request_id"], "c1");
+                assert_eq!(head["domain"], "agm");
+            }
+            other => panic!("{other:?}"),
+        }
+        for t in ["[1e400]", "{\"a\":", "nope"] {
+            assert!(
+                matches!(parse_envelope(t), Err(EnvelopeError::NotObject(_))),
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn echoed_input_is_clipped() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(5000);
+        let c = clip(&long);
+        assert_eq!(c.chars().count(), CLIP + 1);
+        assert!(c.ends_with('…'));
     }
 
     #[test]

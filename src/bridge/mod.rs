@@ -47,7 +47,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
@@ -263,17 +263,24 @@ async fn accept_loop(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    // Connections being refused (over `max_connections`): answered with HTTP 503, a few at once.
+    let mut refusals = tokio::task::JoinSet::new();
+    let mut acc = Accepting::new(listener);
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let Ok((stream, remote)) = accepted else { continue };
+            Some(_) = conns.join_next(), if !conns.is_empty() => acc.retry_now(),
+            Some(_) = refusals.join_next(), if !refusals.is_empty() => acc.retry_now(),
+            (stream, remote) = acc.next() => {
                 if conns.len() >= shared.cfg.max_connections {
-                    crate::log::warn(format_args!(
-                        "bridge: refused a connection from {remote}: {} connections open",
+                    let why = format!(
+                        "the bridge is full: {} connections open (max_connections)",
                         conns.len()
-                    ));
+                    );
+                    crate::log::warn(format_args!("bridge: refused a connection from {remote}: {why}"));
+                    if refusals.len() < MAX_REFUSING {
+                        refusals.spawn(refuse(stream, why));
+                    }
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
@@ -284,6 +291,122 @@ async fn accept_loop(
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while conns.join_next().await.is_some() {}
     })
+    .await;
+}
+
+/// Where connections come from: the bridge's listener (a trait so tests can make accepting
+/// fail).
+trait Listen {
+    type Conn;
+    fn poll_accept(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<(Self::Conn, SocketAddr)>>;
+}
+
+impl Listen for TcpListener {
+    type Conn = TcpStream;
+    fn poll_accept(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<(TcpStream, SocketAddr)>> {
+        TcpListener::poll_accept(self, cx)
+    }
+}
+
+/// First and longest pause after `accept` fails.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(200));
+
+/// Accepts connections, backing off while `accept` fails (out of file descriptors: the
+/// pending connection stays in the backlog and the call fails again at once, so retrying
+/// without a pause spins a core). Failures are logged once per episode: again only after
+/// [`ACCEPT_LOG_EVERY`] (connections ending in between let a few through, and that is not the
+/// end of the shortage).
+struct Accepting<L> {
+    listener: L,
+    /// While failing: when to try again, and the next pause.
+    retry: Option<(tokio::time::Instant, Duration)>,
+    /// Failures since the last warning.
+    failures: u64,
+    warned: Option<tokio::time::Instant>,
+}
+
+/// How often a lasting failure to accept is logged.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl<L: Listen> Accepting<L> {
+    fn new(listener: L) -> Self {
+        Accepting {
+            listener,
+            retry: None,
+            failures: 0,
+            warned: None,
+        }
+    }
+
+    /// Tries again without waiting out the pause (a connection ended, freeing its descriptor).
+    fn retry_now(&mut self) {
+        if let Some((at, _)) = &mut self.retry {
+            *at = tokio::time::Instant::now();
+        }
+    }
+
+    /// The next connection. Cancel-safe: the pause is kept in `self`.
+    async fn next(&mut self) -> (L::Conn, SocketAddr) {
+        loop {
+            if let Some((at, _)) = self.retry {
+                tokio::time::sleep_until(at).await;
+            }
+            match futures_util::future::poll_fn(|cx| self.listener.poll_accept(cx)).await {
+                Ok(c) => {
+                    self.retry = None;
+                    return c;
+                }
+                Err(e) => {
+                    let now = tokio::time::Instant::now();
+                    self.failures += 1;
+                    if self.warned.is_none_or(|w| now - w >= ACCEPT_LOG_EVERY) {
+                        crate::log::warn(format_args!(
+                            "bridge: accepting connections fails: {e} ({} times since the last warning; retrying every {} ms at most)",
+                            self.failures,
+                            ACCEPT_BACKOFF.1.as_millis()
+                        ));
+                        self.warned = Some(now);
+                        self.failures = 0;
+                    }
+                    let pause = self.retry.map_or(ACCEPT_BACKOFF.0, |(_, p)| p);
+                    self.retry = Some((now + pause, (pause * 2).min(ACCEPT_BACKOFF.1)));
+                }
+            }
+        }
+    }
+}
+
+/// Most refusals answered at once; connections beyond are dropped without an answer.
+const MAX_REFUSING: usize = 16;
+
+/// Answers a WebSocket upgrade with HTTP 503 and `why` (after reading the request, so the
+/// answer is not lost to a TCP reset); gives up after a short while.
+async fn refuse(stream: TcpStream, why: String) {
+    // The signature is tungstenite's callback contract.
+    #[allow(clippy::result_large_err)]
+    let no = move |_: &Request, _: Response| -> Result<Response, ErrorResponse> {
+        let body = format!("{why}\n");
+        let mut r = ErrorResponse::new(Some(body.clone()));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let h = r.headers_mut();
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert("content-length", body.len().into());
+        h.insert("connection", HeaderValue::from_static("close"));
+        Err(r)
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio_tungstenite::accept_hdr_async(stream, no),
+    )
     .await;
 }
 
@@ -366,11 +489,17 @@ async fn connection(stream: TcpStream, remote: SocketAddr, shared: Arc<session::
 /// subscriber) queue frames too and wake it. Full means the peer does not read: the connection
 /// is closed as a slow consumer with a reason, never silently skipped.
 pub(crate) struct Outbox {
-    queue: Mutex<VecDeque<Message>>,
+    /// Frames, each marked if it is the one allowed over the bound.
+    queue: Mutex<VecDeque<(Message, bool)>>,
+    /// Bytes queued, the frame over the bound not counted.
     bytes: AtomicUsize,
+    /// The size of the frame allowed over the bound, if one is queued.
+    over: AtomicUsize,
     max_bytes: usize,
     /// A close frame is queued: nothing may follow it.
     closing: AtomicBool,
+    /// A frame was refused: nothing may follow but the close frame.
+    refused: AtomicBool,
     kill: Arc<hub::Kill>,
     wake: tokio::sync::Notify,
 }
@@ -386,7 +515,21 @@ impl std::fmt::Debug for Outbox {
 /// The queue is full: the peer does not read what it is sent.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Overflow {
+    /// Bytes waiting.
     pub bytes: usize,
+    /// The size of the frame that did not fit.
+    pub adding: usize,
+    pub max_bytes: usize,
+}
+
+impl Overflow {
+    /// The close reason.
+    pub(crate) fn reason(&self) -> String {
+        format!(
+            "slow consumer: {} bytes waiting to be sent, {} more would pass the limit ({})",
+            self.bytes, self.adding, self.max_bytes
+        )
+    }
 }
 
 impl Outbox {
@@ -394,46 +537,59 @@ impl Outbox {
         Outbox {
             queue: Mutex::new(VecDeque::new()),
             bytes: AtomicUsize::new(0),
+            over: AtomicUsize::new(0),
             max_bytes,
             closing: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             kill,
             wake: tokio::sync::Notify::new(),
         }
     }
 
-    fn q(&self) -> std::sync::MutexGuard<'_, VecDeque<Message>> {
+    fn q(&self) -> std::sync::MutexGuard<'_, VecDeque<(Message, bool)>> {
         // Held only to push or pop one frame, never across an await.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a text frame.
+    /// Queues a text frame. Once one was refused, nothing more is queued (the peer must see
+    /// a prefix of its messages, then the close frame that says why).
     pub(crate) fn text(&self, s: String) -> Result<(), Overflow> {
-        if self.closing.load(Ordering::Relaxed) {
+        let mut q = self.q();
+        if self.closing.load(Ordering::Relaxed) || self.refused.load(Ordering::Relaxed) {
             return Ok(()); // the connection is ending; the close frame says why
         }
-        let mut q = self.q();
         let queued = self.bytes.load(Ordering::Relaxed);
-        // One frame is always taken (a message larger than the bound must still go out); the
-        // bound is on what piles up behind it.
-        if queued > 0 && queued.saturating_add(s.len()) > self.max_bytes {
-            return Err(Overflow { bytes: queued });
+        let over = self.over.load(Ordering::Relaxed);
+        let fits = queued.saturating_add(s.len()) <= self.max_bytes;
+        // One frame larger than the bound is taken when no other is queued (it must still go
+        // out, even behind a few small ones); the bound is on the rest.
+        if !fits && (over > 0 || s.len() <= self.max_bytes) {
+            self.refused.store(true, Ordering::Relaxed);
+            return Err(Overflow {
+                bytes: queued + over,
+                adding: s.len(),
+                max_bytes: self.max_bytes,
+            });
         }
-        self.bytes.store(queued + s.len(), Ordering::Relaxed);
-        q.push_back(Message::text(s));
+        if fits {
+            self.bytes.store(queued + s.len(), Ordering::Relaxed);
+        } else {
+            self.over.store(s.len(), Ordering::Relaxed);
+        }
+        q.push_back((Message::text(s), !fits));
         Ok(())
+    }
+
+    /// Bytes waiting to be written.
+    pub(crate) fn queued(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed) + self.over.load(Ordering::Relaxed)
     }
 
     /// Queues a frame from another task and wakes the connection; a full queue closes the
     /// connection as a slow consumer.
     pub(crate) fn push(&self, s: String) {
         if let Err(o) = self.text(s) {
-            self.kill.kill(
-                hub::CLOSE_SLOW,
-                format!(
-                    "slow consumer: {} bytes waiting to be sent (limit {})",
-                    o.bytes, self.max_bytes
-                ),
-            );
+            self.kill.kill(hub::CLOSE_SLOW, o.reason());
         }
         self.wake.notify_one();
     }
@@ -441,13 +597,14 @@ impl Outbox {
     /// Queues the close frame; with `discard`, frames still waiting are dropped first (the
     /// peer is being disconnected for not reading them).
     pub(crate) fn close(&self, code: u16, reason: &str, discard: bool) {
+        let mut q = self.q();
         if self.closing.swap(true, Ordering::Relaxed) {
             return;
         }
-        let mut q = self.q();
         if discard {
             q.clear();
             self.bytes.store(0, Ordering::Relaxed);
+            self.over.store(0, Ordering::Relaxed);
         }
         // A close reason has at most 123 bytes.
         let mut end = reason.len().min(123);
@@ -458,13 +615,15 @@ impl Outbox {
             code: CloseCode::from(code),
             reason: reason[..end].to_string().into(),
         };
-        q.push_back(Message::Close(Some(frame)));
+        q.push_back((Message::Close(Some(frame)), false));
     }
 
     fn pop(&self) -> Option<Message> {
         let mut q = self.q();
-        let m = q.pop_front()?;
-        if let Message::Text(t) = &m {
+        let (m, over) = q.pop_front()?;
+        if over {
+            self.over.store(0, Ordering::Relaxed);
+        } else if let Message::Text(t) = &m {
             let b = self.bytes.load(Ordering::Relaxed);
             self.bytes.store(b - t.len().min(b), Ordering::Relaxed);
         }
@@ -569,6 +728,86 @@ impl Wire {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn drain(out: &Outbox) -> Vec<usize> {
+        std::iter::from_fn(|| out.pop())
+            .map(|m| match m {
+                Message::Text(t) => t.len(),
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_frame_may_pass_the_bound_and_nothing_follows_a_refused_one() {
+        let out = Outbox::new(100, Arc::default());
+        let s = |n: usize| "x".repeat(n);
+        // A large frame behind a small one (a `methods-added` after its `peer-added`).
+        out.text(s(30)).unwrap();
+        out.text(s(300)).unwrap();
+        out.text(s(70)).unwrap();
+        assert_eq!(out.queued(), 400);
+        let o = out.text(s(5)).unwrap_err();
+        assert_eq!((o.bytes, o.adding), (400, 5));
+        assert!(o.reason().contains("400 bytes waiting"), "{}", o.reason());
+        // Refused once: what comes after is not queued, the close frame is.
+        out.text(s(1)).unwrap();
+        out.close(1008, &o.reason(), false);
+        assert_eq!(drain(&out), [30, 300, 70, 0]);
+        // Written out, the large frame makes room for another.
+        let out = Outbox::new(100, Arc::default());
+        out.text(s(300)).unwrap();
+        out.text(s(100)).unwrap();
+        assert_eq!(drain(&out), [300, 100]);
+        out.text(s(50)).unwrap();
+        out.text(s(200)).unwrap();
+        assert_eq!(out.queued(), 250);
+    }
+
+    /// A listener whose `accept` fails `left` times (as with no file descriptors left), then
+    /// waits forever; it records when each attempt was made.
+    struct Failing {
+        left: std::cell::Cell<u32>,
+        attempts: std::cell::RefCell<Vec<tokio::time::Instant>>,
+    }
+
+    impl Listen for Failing {
+        type Conn = ();
+        fn poll_accept(
+            &self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<((), SocketAddr)>> {
+            if self.left.get() == 0 {
+                return std::task::Poll::Pending;
+            }
+            self.left.set(self.left.get() - 1);
+            self.attempts.borrow_mut().push(tokio::time::Instant::now());
+            std::task::Poll::Ready(Err(io::Error::from_raw_os_error(24))) // EMFILE
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_accepts_back_off_instead_of_spinning() {
+        let failing = Failing {
+            left: std::cell::Cell::new(12),
+            attempts: Default::default(),
+        };
+        let mut acc = Accepting::new(failing);
+        // The clock is paused: this returns once every attempt was made and the listener waits.
+        let r = tokio::time::timeout(Duration::from_secs(3600), acc.next()).await;
+        assert!(r.is_err());
+        let at = acc.listener.attempts.borrow();
+        assert_eq!(at.len(), 12);
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        for pair in gaps.windows(2) {
+            assert!(pair[0] <= pair[1], "{gaps:?}");
+        }
+        assert!(
+            gaps[0] >= ACCEPT_BACKOFF.0 && gaps[gaps.len() - 1] == ACCEPT_BACKOFF.1,
+            "{gaps:?}"
+        );
+        assert_eq!(acc.failures, 11, "one warning");
+    }
 
     #[test]
     fn loopback_origins_pass_and_others_need_configuring() {

@@ -130,6 +130,19 @@ struct Session {
     stash: VecDeque<Outgoing>,
     /// Set when the connection must end (gateway stopping).
     done: Option<(u16, String)>,
+    /// The `agm` replay under way, if any.
+    replay: Option<Replay>,
+}
+
+/// What joining `agm` sends: every peer the client may see, with its methods, then the
+/// `success`. It can be far larger than `max_queued_bytes` (method objects are forwarded
+/// verbatim), so it is queued as the socket takes it — one peer at a time, whenever less than
+/// half the bound waits — and the connection does nothing else meanwhile (its answers and the
+/// registry's news stay in order behind the replay).
+struct Replay {
+    peers: VecDeque<PeerId>,
+    frames: VecDeque<J>,
+    then: J,
 }
 
 async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
@@ -156,6 +169,7 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
         me: None,
         stash: VecDeque::new(),
         done: None,
+        replay: None,
     };
     let hello_deadline = tokio::time::sleep(s.sh.cfg.hello_timeout);
     tokio::pin!(hello_deadline);
@@ -168,7 +182,12 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
         if let Some((code, reason)) = s.done.take() {
             break (reason.clone(), Some((code, reason, false)));
         }
-        if let Some(out) = s.stash.pop_front() {
+        let replaying = s.replay.is_some();
+        if replaying && s.wire.out.queued() <= s.sh.cfg.max_queued_bytes / 2 {
+            s.replay_step();
+            continue;
+        }
+        if let (false, Some(out)) = (replaying, s.stash.pop_front()) {
             s.on_core(out).await;
             continue;
         }
@@ -187,11 +206,11 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
                 let why = "no successful hello in time".to_string();
                 break (why.clone(), Some((CLOSE_SLOW, why, false)));
             }
-            Some(ev) = hub_rx.recv() => s.on_hub(ev),
-            Some(out) = recv_opt(&mut s.reg_rx) => s.on_core(out).await,
+            Some(ev) = hub_rx.recv(), if !replaying => s.on_hub(ev),
+            Some(out) = recv_opt(&mut s.reg_rx), if !replaying => s.on_core(out).await,
             // Another task queued frames for us (context updates).
             _ = out.woken() => {}
-            frame = stream.next() => match frame {
+            frame = stream.next(), if !replaying => match frame {
                 Some(Ok(Message::Text(t))) => {
                     s.sh.spin.touch();
                     s.on_text(t.as_str()).await
@@ -232,14 +251,19 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
     // Send what is queued (the close frame last) and read (and discard) what the client still
     // sends until it answers the close: closing a socket with unread input resets the
     // connection, and the client could lose the close frame that says why. A peer that neither
-    // reads nor closes is not waited for.
+    // reads nor closes is waited for [`LINGER`] at most (a slow consumer, cut off, may be
+    // stalled a while before it reads what was already on its way, then the close frame); the
+    // connection keeps its slot meanwhile, its peer is gone from the registry.
     let linger = async {
         let flush = async { while wire.busy() && wire.progress().await.is_ok() {} };
         let drain = async { while let Some(Ok(_)) = stream.next().await {} };
         futures_util::future::join(flush, drain).await;
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), linger).await;
+    let _ = tokio::time::timeout(LINGER, linger).await;
 }
+
+/// How long a closing connection waits for its peer to read the close frame and answer it.
+const LINGER: Duration = Duration::from_secs(30);
 
 fn rid(msg: &Obj) -> J {
     msg.get("request_id").cloned().unwrap_or(J::Null)
@@ -252,18 +276,15 @@ fn display_id(v: &J) -> String {
     }
 }
 
+/// An id from the client as an error message repeats it (clipped, [`gw3::clip`]).
+fn echo(v: &J) -> String {
+    gw3::clip(&display_id(v)).into_owned()
+}
+
 impl Session {
     /// Queues a GW3 message; a full queue ends the connection (slow consumer).
     fn send(&self, msg: J) {
-        if let Err(o) = self.wire.text(msg.to_string()) {
-            self.kill.kill(
-                CLOSE_SLOW,
-                format!(
-                    "slow consumer: {} bytes waiting to be sent (limit {})",
-                    o.bytes, self.sh.cfg.max_queued_bytes
-                ),
-            );
-        }
+        self.send_text(msg.to_string());
     }
 
     /// Queues a plain-text frame (answers to frames that are not GW3 messages).
@@ -273,10 +294,7 @@ impl Session {
 
     fn send_text(&self, text: String) {
         if let Err(o) = self.wire.text(text) {
-            self.kill.kill(
-                CLOSE_SLOW,
-                format!("slow consumer: {} bytes waiting to be sent", o.bytes),
-            );
+            self.kill.kill(CLOSE_SLOW, o.reason());
         }
     }
 
@@ -296,6 +314,9 @@ impl Session {
         let gw3::Envelope { domain, ty, msg } = match gw3::parse_envelope(text) {
             Ok(e) => e,
             Err(e @ gw3::EnvelopeError::NotObject(_)) => return self.send_text(e.to_string()),
+            Err(ref e @ gw3::EnvelopeError::Invalid { ref head, .. }) => {
+                return self.invalid(head, &e.to_string()).await
+            }
             Err(ref e @ gw3::EnvelopeError::BadDomain { ref msg, .. }) => {
                 return self.send(gw3::error(
                     "global",
@@ -311,7 +332,7 @@ impl Session {
                     ref msg,
                 },
             ) => {
-                let uri = format!("{domain}.errors.unhandled_message");
+                let uri = format!("{}.errors.unhandled_message", gw3::clip(domain));
                 return self.send(gw3::error(
                     domain,
                     &rid(msg),
@@ -329,7 +350,7 @@ impl Session {
                 return self.hello(&msg).await;
             }
             let pid = msg.get("peer_id").cloned().unwrap_or(J::Null);
-            let reason = format!("Unable to find peer with id {}", display_id(&pid));
+            let reason = format!("Unable to find peer with id {}", echo(&pid));
             return self.send(gw3::error(
                 &domain,
                 &rid(&msg),
@@ -340,7 +361,7 @@ impl Session {
         };
         if let Some(p) = msg.get("peer_id") {
             if !p.is_null() && *p != me.id {
-                let reason = format!("Unable to find peer with id {}", display_id(p));
+                let reason = format!("Unable to find peer with id {}", echo(p));
                 return self.send(gw3::error(
                     &domain,
                     &rid(&msg),
@@ -365,7 +386,7 @@ impl Session {
                 }
             }
             other => {
-                let reason = format!("Unable to find domain {other}");
+                let reason = format!("Unable to find domain {}", gw3::clip(other));
                 self.send(gw3::error(
                     other,
                     &rid(&msg),
@@ -377,9 +398,50 @@ impl Session {
         }
     }
 
+    /// A JSON object that does not parse as a whole: an error for its request, and when it
+    /// answers an invocation (`yield`, `error`), the caller gets an error instead of waiting
+    /// forever.
+    async fn invalid(&mut self, head: &Obj, reason: &str) {
+        let domain = match head.get("domain") {
+            Some(J::String(d)) => d.clone(),
+            _ => "global".to_string(),
+        };
+        let inv_key = match head.get("type").and_then(J::as_str) {
+            Some("yield") => "invocation_id",
+            Some("error") => "request_id",
+            _ => "",
+        };
+        let inv = head.get(inv_key).and_then(J::as_str);
+        let inv = match (domain.as_str(), inv, self.me.as_mut()) {
+            ("agm", Some(i), Some(me)) => me.invocations.remove(i),
+            _ => None,
+        };
+        if let Some(invocation) = inv {
+            let outcome = RelayOutcome::Err {
+                status: Status::MethodFailed,
+                message: format!("the server's answer could not be read ({reason})"),
+                context: Value::Null,
+            };
+            self.core(ToGateway::Yield {
+                invocation,
+                outcome,
+            })
+            .await;
+        }
+        let peer = self.my_id();
+        self.send(gw3::error(
+            &domain,
+            &rid(head),
+            &peer,
+            "global.errors.failure",
+            reason,
+        ));
+    }
+
     fn unhandled(&self, domain: &str, ty: &str, msg: &Obj) {
-        let uri = format!("{domain}.errors.unhandled_message");
-        let reason = format!("Unhandled message type {ty} in domain {domain}");
+        let (ty, d) = (gw3::clip(ty), gw3::clip(domain));
+        let uri = format!("{d}.errors.unhandled_message");
+        let reason = format!("Unhandled message type {ty} in domain {d}");
         self.send(gw3::error(domain, &rid(msg), &self.my_id(), &uri, &reason));
     }
 
@@ -556,7 +618,7 @@ impl Session {
                 if !["agm", "bus", "metrics", "context", "activity", "global"]
                     .contains(&dest.as_str())
                 {
-                    let reason = format!("Unable to {ty} missing domain {dest}");
+                    let reason = format!("Unable to {ty} missing domain {}", gw3::clip(&dest));
                     return self.send(gw3::error(
                         "global",
                         &request_id,
@@ -567,7 +629,7 @@ impl Session {
                 }
                 if dest == "agm" {
                     if ty == "join" {
-                        self.join_agm();
+                        return self.join_agm(gw3::success(&dest, &request_id, &self.my_id()));
                     } else {
                         self.leave_agm().await;
                     }
@@ -639,7 +701,7 @@ impl Session {
             let id = m.get("id").cloned().unwrap_or(J::Null);
             let key = gw3::id_key(&id);
             if me.by_key.contains_key(&key) || !keys.insert(key.clone()) {
-                let reason = format!("a method with id {} is already registered", display_id(&id));
+                let reason = format!("a method with id {} is already registered", echo(&id));
                 return self.agm_error(msg, FAIL, &reason);
             }
             let Some(after) = next.checked_add(1).filter(|n| *n != NO_METHOD) else {
@@ -688,7 +750,7 @@ impl Session {
                 None => {
                     let reason = format!(
                         "Unable to find method with id {} registered by this peer",
-                        display_id(id)
+                        echo(id)
                     );
                     return self.agm_error(msg, FAIL, &reason);
                 }
@@ -734,12 +796,13 @@ impl Session {
         let Some(me) = self.me.as_mut() else { return };
         let unknown_method = || {
             format!(
-                "Unable to find method with id {} on server id {server} registered with this peer",
-                display_id(&method)
+                "Unable to find method with id {} on server id {} registered with this peer",
+                echo(&method),
+                gw3::clip(&server)
             )
         };
         let Some(target) = self.sh.ids.parse_peer(&server) else {
-            let reason = format!("Unable to find peer with id {server}");
+            let reason = format!("Unable to find peer with id {}", gw3::clip(&server));
             return self.agm_error(msg, FAIL, &reason);
         };
         let method_id = if target == me.peer {
@@ -760,7 +823,7 @@ impl Session {
             PendingCall {
                 request_id: rid(msg),
                 server,
-                method: display_id(&method),
+                method: echo(&method),
             },
         );
         // GW3 has no call timeouts (the client keeps its own); the registry forgets the call
@@ -821,15 +884,38 @@ impl Session {
         .await;
     }
 
-    fn join_agm(&mut self) {
+    /// Joins `agm`; `then` (the `success`) follows the replay of the peers already there.
+    fn join_agm(&mut self, then: J) {
         let Some(me) = self.me.as_mut() else { return };
         if !me.in_agm {
             me.in_agm = true;
             self.sh.hub.set_agm(&me.instance, true);
         }
-        let peers: Vec<PeerId> = me.known.keys().copied().collect();
-        for p in peers {
-            self.announce(p);
+        let peers = me.known.keys().copied().collect();
+        self.replay = Some(Replay {
+            peers,
+            frames: VecDeque::new(),
+            then,
+        });
+    }
+
+    /// Queues the replay's next frame (announcing its next peer when needed).
+    fn replay_step(&mut self) {
+        let Some(r) = self.replay.as_mut() else {
+            return;
+        };
+        if let Some(f) = r.frames.pop_front() {
+            return self.send(f);
+        }
+        if let Some(p) = r.peers.pop_front() {
+            let frames = self.announcement(p);
+            if let Some(r) = self.replay.as_mut() {
+                r.frames.extend(frames);
+            }
+            return;
+        }
+        if let Some(r) = self.replay.take() {
+            self.send(r.then);
         }
     }
 
@@ -893,16 +979,26 @@ impl Session {
 
     /// Tells the client about a peer (and its methods) if it may see it now.
     fn announce(&mut self, peer: PeerId) {
-        let Some(me) = self.me.as_mut() else { return };
+        for f in self.announcement(peer) {
+            self.send(f);
+        }
+    }
+
+    /// The frames that announce a peer (and its methods) if the client may see it now; the
+    /// peer counts as announced.
+    fn announcement(&mut self, peer: PeerId) -> Vec<J> {
+        let Some(me) = self.me.as_mut() else {
+            return Vec::new();
+        };
         let Some(k) = me.known.get_mut(&peer) else {
-            return;
+            return Vec::new();
         };
         if !me.in_agm || k.announced {
-            return;
+            return Vec::new();
         }
         if let Some(inst) = &k.web {
             if !self.sh.hub.in_agm(inst) {
-                return;
+                return Vec::new();
             }
         }
         k.announced = true;
@@ -911,13 +1007,14 @@ impl Session {
             "new_peer_id": server, "identity": k.identity, "meta": {"local": true}});
         let methods: Vec<J> = k.methods.values().map(|(_, o)| o.clone()).collect();
         let me_id = me.id.clone();
-        self.send(added);
+        let mut frames = vec![added];
         if !methods.is_empty() {
-            self.send(
+            frames.push(
                 json!({"domain": "agm", "type": "methods-added", "peer_id": me_id,
                 "source_type": "local", "server_id": server, "methods": methods}),
             );
         }
+        frames
     }
 
     fn on_hub(&mut self, ev: HubEvent) {

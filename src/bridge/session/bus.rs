@@ -5,7 +5,7 @@
 //! web publisher's messages go through the gateway to everyone else; its own subscriptions get
 //! them here (the reference gateway delivers a publisher's messages to itself too).
 
-use super::{display_id, rid, Session};
+use super::{echo, rid, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::gateway::Outgoing;
 use crate::model::bus::{identity_matches, routing_matches, topic_matches};
@@ -116,7 +116,7 @@ impl Session {
             .find(|(_, s)| gid.as_str() == Some(s.gid.as_str()))
             .map(|(n, _)| *n);
         let Some(n) = found else {
-            let reason = format!("Unable to find subscription with id {}", display_id(&gid));
+            let reason = format!("Unable to find subscription with id {}", echo(&gid));
             return self.bus_error(msg, &reason);
         };
         me.bus.subs.remove(&n);

@@ -65,7 +65,7 @@ impl Refusal {
 fn unknown(gid: &J) -> Refusal {
     Refusal::failure(format!(
         "Unable to find context with id {}",
-        super::display_id(gid)
+        super::echo(gid)
     ))
 }
 

@@ -15,7 +15,7 @@
 //! subscription names it the same without asking; a native subscriber's subscription gets a
 //! fresh GW3 id. Branches are GW3 `stream_id`s.
 
-use super::{display_id, rid, Session};
+use super::{display_id, echo, rid, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::wire::frame::{PeerId, ToGateway};
 use crate::wire::record::{KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST};
@@ -127,8 +127,9 @@ impl Session {
         };
         let (Some(target), Some(method_id)) = (target, method_id) else {
             let reason = format!(
-                "Unable to find method with id {} on server id {server} registered with this peer",
-                display_id(&method)
+                "Unable to find method with id {} on server id {} registered with this peer",
+                echo(&method),
+                gw3::clip(&server)
             );
             return self.stream_error(msg, SUB_FAIL, &reason);
         };
@@ -170,7 +171,7 @@ impl Session {
             .find(|(_, s)| gid.as_str() == Some(s.gid.as_str()))
             .map(|(n, _)| *n);
         let Some(sub) = found.and_then(|n| me.streams.out.remove(&n).map(|s| (n, s))) else {
-            let reason = format!("Unable to find subscription with id {}", display_id(&gid));
+            let reason = format!("Unable to find subscription with id {}", echo(&gid));
             return self.stream_error(msg, "agm.errors.subscription.invalid_subscription", &reason);
         };
         let (n, s) = sub;
