@@ -1345,6 +1345,10 @@ pub(crate) struct StreamBatch {
     /// (item, private, gap); the first `len` are this batch's.
     items: Vec<(Value, bool, u32)>,
     len: usize,
+    /// The subscription's queue bound: a batch holds no more (further items go to the inbox,
+    /// which pauses the lane when it fills, so a subscriber that does not keep up holds at
+    /// most two queues' worth and its server's pushes wait, as the blocking policy says).
+    bound: usize,
     /// Record bytes read, to let go of the values after a batch of large items.
     bytes: usize,
 }
@@ -1392,7 +1396,7 @@ pub(crate) fn on_lane_data(
 ) -> Result<bool, &'static str> {
     let sub_id = rec::sub_id(body).map_err(|_| "short stream record")?;
     if let Some(Some(Task::StreamBatch(b))) = ready.as_deref_mut().map(|r| r.last_mut()) {
-        if b.sub.id == sub_id && Arc::ptr_eq(&b.lane, lane) {
+        if b.sub.id == sub_id && Arc::ptr_eq(&b.lane, lane) && b.len < b.bound {
             b.add(body)?;
             return Ok(false);
         }
@@ -1400,11 +1404,13 @@ pub(crate) fn on_lane_data(
     let sub = client_sub(shared, sub_id);
     match (ready, sub) {
         (Some(ready), Some(sub)) if claim(&sub) => {
+            let bound = sub.policy.lock().unwrap_or_else(|e| e.into_inner()).1;
             let mut b = StreamBatch {
                 sub,
                 lane: lane.clone(),
                 items: STREAM_SPARE.with(|c| c.take()),
                 len: 0,
+                bound: bound.max(1),
                 bytes: 0,
             };
             let r = b.add(body);
@@ -1438,6 +1444,7 @@ pub(crate) fn deliver_batch(shared: &Shared, batch: StreamBatch) {
         mut items,
         len,
         bytes,
+        ..
     } = batch;
     let mut ev = StreamEvent::Data {
         data: Value::Null,
