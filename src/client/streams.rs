@@ -25,7 +25,7 @@ use crate::wire::record::{KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND
 use crate::wire::stream as rec;
 use crate::wire::Value;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -870,10 +870,11 @@ pub(crate) struct ClientSub {
     inbox: Mutex<Inbox>,
     /// The server's policy and queue bound (from its answer).
     policy: Mutex<(SlowConsumerPolicy, usize)>,
-    /// The policy is blocking: items read on the dispatch thread may skip the inbox
-    /// ([`StreamBatch`]). Under the others the inbox is where a slow callback's backlog is
-    /// dropped or conflated, so every item goes through it.
-    batchable: AtomicBool,
+    /// Non-zero when the policy is blocking: items read on the dispatch thread may then skip
+    /// the inbox ([`StreamBatch`]), this many at most per batch (the queue bound). Under the
+    /// others the inbox is where a slow callback's backlog is dropped or conflated, so every
+    /// item goes through it.
+    batch_bound: AtomicUsize,
     /// Ended (by either side): no new items are accepted.
     closed: AtomicBool,
     /// Ended by us: queued items are not delivered any more.
@@ -1020,7 +1021,7 @@ pub(crate) fn subscribe(
         changed: Condvar::new(),
         inbox: Mutex::new(Inbox::default()),
         policy: Mutex::new((SlowConsumerPolicy::default(), 1024)),
-        batchable: AtomicBool::new(false),
+        batch_bound: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
         client_closed: AtomicBool::new(false),
     });
@@ -1210,10 +1211,9 @@ pub(crate) fn on_record(
                         .unwrap_or(1024)
                         .clamp(1, 1 << 20) as usize;
                     let policy = SlowConsumerPolicy::from_value(p);
-                    sub.batchable.store(
-                        matches!(policy, SlowConsumerPolicy::Block(_)),
-                        Ordering::Release,
-                    );
+                    let batch = matches!(policy, SlowConsumerPolicy::Block(_));
+                    sub.batch_bound
+                        .store(if batch { queue } else { 0 }, Ordering::Release);
                     *sub.policy.lock().unwrap_or_else(|e| e.into_inner()) = (policy, queue);
                 }
                 set_state(&sub, from, ServerState::Accepted);
@@ -1404,7 +1404,8 @@ pub(crate) fn on_lane_data(
     let sub = client_sub(shared, sub_id);
     match (ready, sub) {
         (Some(ready), Some(sub)) if claim(&sub) => {
-            let bound = sub.policy.lock().unwrap_or_else(|e| e.into_inner()).1;
+            // Relaxed: `claim` read it with Acquire just now.
+            let bound = sub.batch_bound.load(Ordering::Relaxed);
             let mut b = StreamBatch {
                 sub,
                 lane: lane.clone(),
@@ -1424,7 +1425,7 @@ pub(crate) fn on_lane_data(
 /// Takes a subscription's delivery claim for a batch: only under the blocking policy, when it
 /// is open and nothing of it is queued or being delivered.
 fn claim(sub: &ClientSub) -> bool {
-    if !sub.batchable.load(Ordering::Acquire) || sub.closed.load(Ordering::Acquire) {
+    if sub.batch_bound.load(Ordering::Acquire) == 0 || sub.closed.load(Ordering::Acquire) {
         return false;
     }
     let mut inbox = sub.inbox.lock().unwrap_or_else(|e| e.into_inner());
