@@ -9,7 +9,7 @@ mod common;
 use common::Env;
 use futures_util::{SinkExt, StreamExt};
 use knit::bridge::{AuthMode, BridgeConfig, Password, UserEntry};
-use knit::client::{InvokeError, InvokeOptions, MethodError};
+use knit::client::{Client, InvokeError, InvokeOptions, MethodError};
 use knit::gateway::{Gateway, GatewayConfig};
 use knit::{Status, Value};
 use serde_json::{json, Value as J};
@@ -845,27 +845,28 @@ async fn a_flood_of_calls_loses_nothing() {
     let _sink = writer.await.unwrap();
 }
 
-#[tokio::test]
-async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
-    let gw = gateway("slow", |b| b.max_queued_bytes = 1 << 20);
-    let native = gw.client("big");
+/// A web peer (application `app`) that asks a native server for ~50 MiB of results without
+/// reading any of them, until the gateway removes it; returns it (still unread) with the
+/// reason the native side was given and the native server.
+async fn cut_off_slow_consumer(gw: &Env, app: &str) -> (Web, String, Client) {
+    let native = gw.client(&format!("{app}-server"));
     let blob = Value::from("x".repeat(256 << 10));
     native.register("Big", move |_| Ok(blob.clone())).unwrap();
-    let mut web = Web::login(gw.ws(), "sloth", &os_user(), &gw.token()).await;
+    let mut web = Web::login(gw.ws(), app, &os_user(), &gw.token()).await;
     let added = web.next(|m| m["type"] == "methods-added").await;
     let (server, method) = (
         added["server_id"].clone(),
         added["methods"][0]["id"].clone(),
     );
     let (gone_tx, gone_rx) = std::sync::mpsc::channel();
-    let _events = native.on_event(move |e| {
+    let who = app.to_string();
+    let events = native.on_event(move |e| {
         if let knit::client::InteropEvent::ServerRemoved { server, reason } = e {
-            if server.application == "sloth" {
+            if server.application == who {
                 let _ = gone_tx.send(reason.clone());
             }
         }
     });
-    // Ask for ~50 MiB without reading any of it, until the gateway gives up on us.
     for i in 0..200 {
         let m = json!({"type": "call", "domain": "agm", "request_id": format!("c{i}"), "peer_id": web.id,
             "server_id": server, "method_id": method, "arguments_kv": {}});
@@ -876,6 +877,14 @@ async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
     let reason = blocking(move || gone_rx.recv_timeout(WAIT))
         .await
         .expect("the peer was not removed");
+    drop(events);
+    (web, reason, native)
+}
+
+#[tokio::test]
+async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
+    let gw = gateway("slow", |b| b.max_queued_bytes = 1 << 20);
+    let (mut web, reason, native) = cut_off_slow_consumer(&gw, "sloth").await;
     assert!(!reason.is_empty());
     // Now read: some results, then a close frame that says why — never a silent gap.
     let mut results = 0;
@@ -908,33 +917,7 @@ async fn a_web_peer_that_does_not_read_is_disconnected_with_a_reason() {
 #[tokio::test]
 async fn a_slow_consumer_stalled_for_a_while_still_gets_the_reason() {
     let gw = gateway("stalled", |b| b.max_queued_bytes = 1 << 20);
-    let native = gw.client("big2");
-    let blob = Value::from("x".repeat(256 << 10));
-    native.register("Big", move |_| Ok(blob.clone())).unwrap();
-    let mut web = Web::login(gw.ws(), "stalled", &os_user(), &gw.token()).await;
-    let added = web.next(|m| m["type"] == "methods-added").await;
-    let (server, method) = (
-        added["server_id"].clone(),
-        added["methods"][0]["id"].clone(),
-    );
-    let (gone_tx, gone_rx) = std::sync::mpsc::channel();
-    let _events = native.on_event(move |e| {
-        if let knit::client::InteropEvent::ServerRemoved { server, .. } = e {
-            if server.application == "stalled" {
-                let _ = gone_tx.send(());
-            }
-        }
-    });
-    for i in 0..200 {
-        let m = json!({"type": "call", "domain": "agm", "request_id": format!("c{i}"), "peer_id": web.id,
-            "server_id": server, "method_id": method, "arguments_kv": {}});
-        if web.ws.send(Message::text(m.to_string())).await.is_err() {
-            break;
-        }
-    }
-    blocking(move || gone_rx.recv_timeout(WAIT))
-        .await
-        .expect("the peer was not removed");
+    let (mut web, _, _native) = cut_off_slow_consumer(&gw, "stalled").await;
     // Cut off; the peer stays stalled longer than the bridge used to wait, then reads.
     tokio::time::sleep(Duration::from_secs(6)).await;
     loop {
