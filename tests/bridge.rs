@@ -1644,11 +1644,24 @@ async fn bus_messages_flow_both_ways_between_web_and_native_peers() {
         json!({"n": 6}),
         "n=4 was for nat only, n=5 for nobody, n=6 for web peers from 127.0.0.1"
     );
+    // Another connection cannot end this subscription, even knowing its id.
+    let mut other = Web::login(gw.ws(), "web2", &os_user(), &gw.token()).await;
+    other
+        .req(json!({"type": "join", "destination": "bus"}))
+        .await;
+    let theirs = other
+        .req(json!({"type": "unsubscribe", "domain": "bus", "subscription_id": wild}))
+        .await;
+    assert_eq!(theirs["type"], "error", "{theirs}");
     // Unsubscribed: nothing more for it.
     let ok = web
         .req(json!({"type": "unsubscribe", "domain": "bus", "subscription_id": wild}))
         .await;
     assert_eq!(ok["type"], "success");
+    let again = web
+        .req(json!({"type": "unsubscribe", "domain": "bus", "subscription_id": wild}))
+        .await;
+    assert_eq!(again["type"], "error", "only once: {again}");
     blocking(move || {
         native
             .publish("mix.z", obj(json!({"n": 7})), &PublishOptions::default())

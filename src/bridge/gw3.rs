@@ -68,6 +68,11 @@ impl Ids {
         format!("{kind}-{}-{n}", self.node)
     }
 
+    /// The number of an id of `kind` made with [`Ids::with`], if it is one of ours.
+    pub(crate) fn parse_numbered(&self, s: &str, kind: char) -> Option<u64> {
+        parse_numbered(s, kind, &self.node)
+    }
+
     /// The registry context a GW3 context id names, if it is one of ours.
     pub(crate) fn parse_ctx(&self, s: &str) -> Option<u64> {
         parse_numbered(s, 'c', &self.node)

@@ -108,13 +108,12 @@ impl Session {
 
     async fn bus_unsubscribe(&mut self, msg: &Obj) {
         let gid = msg.get("subscription_id").cloned().unwrap_or(J::Null);
+        // The id carries the subscription's number: one lookup, however many there are.
+        let n = gid
+            .as_str()
+            .and_then(|g| self.sh.ids.parse_numbered(g, 'r'));
         let Some(me) = self.me.as_mut() else { return };
-        let found = me
-            .bus
-            .subs
-            .iter()
-            .find(|(_, s)| gid.as_str() == Some(s.gid.as_str()))
-            .map(|(n, _)| *n);
+        let found = n.filter(|n| me.bus.subs.contains_key(n));
         let Some(n) = found else {
             let reason = format!("Unable to find subscription with id {}", echo(&gid));
             return self.bus_error(msg, &reason);
