@@ -406,13 +406,13 @@ impl Session {
             Some(J::String(d)) => d.clone(),
             _ => "global".to_string(),
         };
-        let inv_key = match head.get("type").and_then(J::as_str) {
-            Some("yield") => "invocation_id",
-            Some("error") => "request_id",
-            _ => "",
+        // The invocation it answers: named by a `yield`'s invocation_id, an `error`'s request_id.
+        let inv = match head.get("type").and_then(J::as_str) {
+            Some("yield") => head.get("invocation_id"),
+            Some("error") => head.get("request_id"),
+            _ => None,
         };
-        let inv = head.get(inv_key).and_then(J::as_str);
-        let inv = match (domain.as_str(), inv, self.me.as_mut()) {
+        let inv = match (domain.as_str(), inv.and_then(J::as_str), self.me.as_mut()) {
             ("agm", Some(i), Some(me)) => me.invocations.remove(i),
             _ => None,
         };

@@ -352,7 +352,7 @@ impl Session {
         };
         // Web subscribers get the writer's delta as it was sent (the reference forwards it
         // verbatim); native subscribers get the op.
-        let note = Value::String(delta_json.to_string());
+        let note = delta_json.to_string();
         let max = usize::try_from(self.sh.limits.max_payload).unwrap_or(usize::MAX);
         let ctxs = self.sh.ctxs.clone();
         let mut tries = 0;
@@ -385,11 +385,11 @@ impl Session {
                 max,
                 Duration::ZERO,
                 cache,
-                Some((GW3_NOTE, note.clone())),
+                Some((GW3_NOTE, Value::from(note.as_str()))),
             );
             let r = match quick {
                 Err(WriteError::Store(StoreError::Busy)) => {
-                    let note = note.clone();
+                    let note = Value::from(note.as_str());
                     tokio::task::spawn_blocking(move || {
                         write_noted(
                             &*store,
@@ -413,10 +413,7 @@ impl Session {
                 Err(e) => return Err(Refusal::failure(e.to_string())),
             }
         };
-        let Value::String(note) = &note else {
-            unreachable!("the note is the delta text")
-        };
-        ctxs.written(id, version, changed, data, note);
+        ctxs.written(id, version, changed, data, &note);
         if changed {
             // The other web subscribers' frames are queued on their connections' tasks; let
             // those run first. Each frame costs its sender a loopback `send` that wakes the
