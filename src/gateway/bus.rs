@@ -170,18 +170,15 @@ impl Registry {
         data: Value,
         include_self: bool,
     ) {
-        let Some((user, everyone)) = self
-            .peers
-            .get(&from)
-            .map(|p| (p.identity.user.clone(), p.transport == Transport::Relay))
-        else {
+        let Some(publisher) = self.peers.get(&from) else {
             return;
         };
+        let everyone = publisher.transport == Transport::Relay;
         // The publisher's library refuses first; this is for one that does not.
         if !self.allowed(from, PolicyAction::Publish, &topic) {
             return;
         }
-        let target = target.as_map().cloned();
+        let target = target.as_map();
         let mut dests: Vec<PeerId> = Vec::new();
         for s in self.bus.subs.values() {
             if dests.contains(&s.peer)
@@ -193,20 +190,15 @@ impl Registry {
             let Some(p) = self.peers.get(&s.peer) else {
                 continue;
             };
-            if p.identity.user != user
+            if p.identity.user != publisher.identity.user
                 || (s.peer == from && !include_self)
                 || (s.peer != from && !everyone && p.transport != Transport::Relay)
             {
                 continue;
             }
-            if let Some(t) = &target {
-                // As the publisher sees the subscriber (the identity it was shown).
-                let Some(publisher) = self.peers.get(&from) else {
-                    return;
-                };
-                if !identity_matches(t, p.seen_by(publisher)) {
-                    continue;
-                }
+            // As the publisher sees the subscriber (the identity it was shown).
+            if target.is_some_and(|t| !identity_matches(t, p.seen_by(publisher))) {
+                continue;
             }
             dests.push(s.peer);
         }

@@ -240,8 +240,7 @@ impl Registry {
                 "Please provide the name as a non-empty string!".into(),
             ));
         }
-        let room = context_capacity();
-        let max = self.limits.max_contexts.min(room);
+        let max = self.limits.max_contexts.min(context_capacity());
         if self.contexts.len() >= max {
             return Err((Status::Busy, format!("at most {max} contexts")));
         }
@@ -711,7 +710,12 @@ mod tests {
     }
 
     fn registry() -> Registry {
-        let mut reg = Registry::new(Limits::default()).unwrap();
+        registry_with(Limits::default())
+    }
+
+    /// A registry without channels (their contexts would be in every count).
+    fn registry_with(limits: Limits) -> Registry {
+        let mut reg = Registry::new(limits).unwrap();
         reg.set_channels(crate::gateway::channels::ChannelConfig {
             channels: Vec::new(),
             restrictions: Vec::new(),
@@ -730,14 +734,9 @@ mod tests {
 
     #[test]
     fn one_user_cannot_take_every_context() {
-        let mut reg = Registry::new(Limits {
+        let mut reg = registry_with(Limits {
             max_contexts_per_user: 3,
             ..Limits::default()
-        })
-        .unwrap();
-        reg.set_channels(crate::gateway::channels::ChannelConfig {
-            channels: Vec::new(),
-            restrictions: Vec::new(),
         });
         let (m, mut rm) = join_web(&mut reg, "M", "mallory");
         let (a, mut ra) = join_web(&mut reg, "A", "alice");
