@@ -1012,6 +1012,47 @@ async fn connections_beyond_the_limit_get_http_503_with_the_reason() {
 }
 
 #[tokio::test]
+async fn connections_that_never_log_in_cannot_keep_real_clients_out() {
+    let gw = gateway("squat", |b| {
+        b.auth = AuthMode::Open;
+        b.max_connections = 8;
+        b.max_pending_logins = 3;
+    });
+    // Squatters: sockets that never send their upgrade request, and WebSockets that never
+    // log in — far more than `max_connections`, all opened before the real client.
+    let mut raw = Vec::new();
+    for _ in 0..20 {
+        raw.push(tokio::net::TcpStream::connect(gw.ws()).await.unwrap());
+    }
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(Web::connect(gw.ws()).await);
+    }
+    // The real client gets in and works (it is the newest waiting connection until it
+    // has logged in).
+    let mut first = Web::login(gw.ws(), "real", "u", "").await;
+    first.barrier().await;
+    // The oldest WebSocket squatter was evicted with the reason; `real` logged in, so it
+    // no longer counts: one more squatter evicts the next-oldest squatter, not `real`.
+    let reason = |f| match f {
+        Some(Err((code, reason))) => {
+            assert_eq!(code, 1008);
+            reason
+        }
+        other => panic!("{other:?}"),
+    };
+    let r = reason(idle[0].frame().await);
+    assert!(r.contains("max_pending_logins"), "{r}");
+    let _late = (Web::connect(gw.ws()).await, Web::connect(gw.ws()).await);
+    let r = reason(idle[1].frame().await);
+    assert!(r.contains("waited longest"), "{r}");
+    first.barrier().await;
+    let mut second = Web::login(gw.ws(), "second", "u", "").await;
+    second.barrier().await;
+    drop(raw);
+}
+
+#[tokio::test]
 async fn a_connection_that_never_logs_in_is_closed() {
     let gw = gateway("nohello", |b| b.hello_timeout = Duration::from_millis(200));
     let mut idle = Web::connect(gw.ws()).await;
@@ -1105,7 +1146,8 @@ async fn the_cli_serves_the_bridge_with_configured_users_and_prints_the_token() 
     std::fs::write(
         &config,
         r#"{"bridge": {"users": [{"login": "carol", "password": "c-pw", "user": "carol"}],
-                      "origins": ["https://app.example.com"], "max_connections": 8}}"#,
+                      "origins": ["https://app.example.com"], "max_connections": 8,
+                      "max_pending_logins": 4, "hello_timeout_ms": 30000}}"#,
     )
     .unwrap();
     let config = config.to_string_lossy().to_string();

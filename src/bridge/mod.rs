@@ -28,6 +28,7 @@ mod contexts;
 mod delta;
 pub(crate) mod gw3;
 mod hub;
+mod pending;
 mod session;
 mod spin;
 
@@ -81,6 +82,10 @@ pub struct BridgeConfig {
     pub queue_depth: usize,
     /// Most WebSocket connections at once (logged in or not).
     pub max_connections: usize,
+    /// Most connections at once that have not logged in yet (they count against
+    /// `max_connections` too). When full, a new connection evicts the one that has waited
+    /// longest, so connections that never log in cannot keep real clients out.
+    pub max_pending_logins: usize,
     /// How long a connection may stay without a successful `hello` before it is closed.
     pub hello_timeout: Duration,
     /// The token file; `None`: next to the gateway socket ([`token_path`]).
@@ -103,6 +108,7 @@ impl BridgeConfig {
             max_queued_bytes: 64 << 20,
             queue_depth: 65_536,
             max_connections: 1024,
+            max_pending_logins: 128,
             hello_timeout: Duration::from_secs(30),
             token_file: None,
             spin: Duration::from_micros(300),
@@ -216,6 +222,7 @@ impl Bound {
             cfg: self.cfg,
             ctxs,
             spin,
+            pending: Default::default(),
         });
         crate::log::info(format_args!(
             "bridge listening on ws://{}/ ({} authentication)",
@@ -272,10 +279,11 @@ async fn accept_loop(
             Some(_) = conns.join_next(), if !conns.is_empty() => acc.retry_now(),
             Some(_) = refusals.join_next(), if !refusals.is_empty() => acc.retry_now(),
             (stream, remote) = acc.next() => {
-                if conns.len() >= shared.cfg.max_connections {
+                // Evicted connections no longer count (their tasks may not have ended yet).
+                let live = shared.pending.live();
+                if live >= shared.cfg.max_connections {
                     let why = format!(
-                        "the bridge is full: {} connections open (max_connections)",
-                        conns.len()
+                        "the bridge is full: {live} connections open (max_connections)"
                     );
                     crate::log::warn(format_args!("bridge: refused a connection from {remote}: {why}"));
                     if refusals.len() < MAX_REFUSING {
@@ -284,7 +292,17 @@ async fn accept_loop(
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                conns.spawn(connection(stream, remote, shared.clone()));
+                let before = shared.pending.evicted();
+                let ticket = shared.pending.admit(shared.cfg.max_pending_logins);
+                let after = shared.pending.evicted();
+                // Logged at the 1st, 10th, 100th… eviction.
+                if after > before && pending::milestone(after) {
+                    crate::log::warn(format_args!(
+                        "bridge: evicted a connection that had not logged in ({after} so far): {}",
+                        pending::reason(shared.cfg.max_pending_logins)
+                    ));
+                }
+                conns.spawn(connection(stream, remote, shared.clone(), ticket));
             }
         }
     }
@@ -443,7 +461,12 @@ fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
             .unwrap_or(false)
 }
 
-async fn connection(stream: TcpStream, remote: SocketAddr, shared: Arc<session::Shared>) {
+async fn connection(
+    stream: TcpStream,
+    remote: SocketAddr,
+    shared: Arc<session::Shared>,
+    ticket: pending::Ticket,
+) {
     let max_frame = shared.cfg.max_frame.unwrap_or_else(|| {
         usize::try_from(shared.limits.max_payload)
             .unwrap_or(usize::MAX)
@@ -473,15 +496,20 @@ async fn connection(stream: TcpStream, remote: SocketAddr, shared: Arc<session::
         Ok(resp)
     };
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
-    let ws = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            crate::log::debug(format_args!("bridge: handshake with {remote} failed: {e}"));
-            return;
-        }
-        Err(_) => return,
+    let handshake = tokio::time::timeout(Duration::from_secs(10), handshake);
+    let ws = tokio::select! {
+        r = handshake => match r {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(e)) => {
+                crate::log::debug(format_args!("bridge: handshake with {remote} failed: {e}"));
+                return;
+            }
+            Err(_) => return,
+        },
+        // Evicted before it even upgraded: there is no WebSocket to send a reason on.
+        _ = ticket.evicted() => return,
     };
-    session::run(ws, remote, shared).await;
+    session::run(ws, remote, shared, ticket).await;
 }
 
 /// What waits to be written to one connection: a queue bounded in bytes. The connection's own

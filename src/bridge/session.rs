@@ -35,6 +35,7 @@ pub(crate) struct Shared {
     pub cfg: BridgeConfig,
     pub ctxs: Arc<Contexts>,
     pub spin: Arc<super::spin::Spin>,
+    pub pending: Arc<super::pending::Pending>,
 }
 
 /// Most bus subscriptions, stream subscriptions made, and subscriptions to its streams, that
@@ -153,7 +154,12 @@ async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing>
 }
 
 /// Serves one connection until it closes.
-pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: Arc<Shared>) {
+pub(crate) async fn run(
+    ws: WebSocketStream<TcpStream>,
+    remote: SocketAddr,
+    sh: Arc<Shared>,
+    ticket: super::pending::Ticket,
+) {
     let (sink, mut stream) = ws.split();
     let kill = Arc::new(Kill::default());
     let out = Arc::new(Outbox::new(sh.cfg.max_queued_bytes, kill.clone()));
@@ -173,14 +179,25 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
     };
     let hello_deadline = tokio::time::sleep(s.sh.cfg.hello_timeout);
     tokio::pin!(hello_deadline);
+    // The connection's place among those waiting to log in, given up once it has.
+    let mut ticket = ticket;
+    let mut waiting = true;
     // `biased`: output first; then news from the bridge's other connections (a web peer joined
     // or left `agm`), which is always older than what the registry queued about the same peer
     // (a clean `leave` must not be overtaken by the disconnect right behind it; and `PeerAdded`
     // coming after the news that the peer joined is fine: it announces the peer then); then the
     // registry's notices; then frames from the client.
+    let mut evicted = false;
     let (why, close) = loop {
         if let Some((code, reason)) = s.done.take() {
             break (reason.clone(), Some((code, reason, false)));
+        }
+        if waiting && s.me.is_some() {
+            waiting = false;
+            if !ticket.logged_in() {
+                // Evicted while logging in: the eviction arm below sees it.
+                waiting = true;
+            }
         }
         let replaying = s.replay.is_some();
         if replaying && s.wire.out.queued() <= s.sh.cfg.max_queued_bytes / 2 {
@@ -204,6 +221,11 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
             (code, reason) = kill.killed() => break (reason.clone(), Some((code, reason, true))),
             _ = &mut hello_deadline, if s.me.is_none() => {
                 let why = "no successful hello in time".to_string();
+                break (why.clone(), Some((CLOSE_SLOW, why, false)));
+            }
+            _ = ticket.evicted(), if waiting => {
+                let why = super::pending::reason(s.sh.cfg.max_pending_logins);
+                evicted = true;
                 break (why.clone(), Some((CLOSE_SLOW, why, false)));
             }
             Some(ev) = hub_rx.recv(), if !replaying => s.on_hub(ev),
@@ -259,7 +281,18 @@ pub(crate) async fn run(ws: WebSocketStream<TcpStream>, remote: SocketAddr, sh: 
         let drain = async { while let Some(Ok(_)) = stream.next().await {} };
         futures_util::future::join(flush, drain).await;
     };
-    let _ = tokio::time::timeout(LINGER, linger).await;
+    // An evicted connection does not linger: one attempt to send the close frame, then the
+    // socket is closed (it no longer counts against `max_connections`, so its descriptor must
+    // not outlive it). One that never logged in stops lingering when it is evicted.
+    let ended = tokio::time::timeout(if evicted { Duration::ZERO } else { LINGER }, linger);
+    if waiting && !evicted {
+        tokio::select! {
+            _ = ended => {}
+            _ = ticket.evicted() => {}
+        }
+    } else {
+        let _ = ended.await;
+    }
 }
 
 /// How long a closing connection waits for its peer to read the close frame and answer it.

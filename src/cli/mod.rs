@@ -437,6 +437,8 @@ struct BridgeFile {
     max_frame: Option<usize>,
     max_queued_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_pending_logins: Option<usize>,
+    hello_timeout_ms: Option<u64>,
     spin_us: Option<u64>,
 }
 
@@ -486,6 +488,15 @@ fn bridge_config(
     }
     if let Some(v) = file.max_connections {
         cfg.max_connections = v;
+    }
+    if let Some(v) = file.max_pending_logins {
+        if v == 0 {
+            return Err(bad("bridge.max_pending_logins must be at least 1".into()));
+        }
+        cfg.max_pending_logins = v;
+    }
+    if let Some(v) = file.hello_timeout_ms {
+        cfg.hello_timeout = std::time::Duration::from_millis(v);
     }
     if let Some(v) = file.spin_us {
         cfg.spin = std::time::Duration::from_micros(v);
