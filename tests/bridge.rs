@@ -1137,6 +1137,45 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// The first JSON block after `after` in a document of the repository.
+fn doc_json(doc: &str, after: &str) -> String {
+    let text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(doc))
+        .unwrap();
+    let rest = &text[text
+        .find(after)
+        .unwrap_or_else(|| panic!("{doc}: no {after:?}"))..];
+    let start = rest.find("```json\n").expect("a json block") + "```json\n".len();
+    let len = rest[start..].find("```").expect("the block's end");
+    rest[start..start + len].to_string()
+}
+
+#[test]
+fn the_configuration_examples_in_the_docs_start_a_gateway() {
+    for (doc, after) in [
+        ("README.md", "The gateway's configuration file"),
+        ("docs/bridge.md", "## Configuration"),
+    ] {
+        let json = doc_json(doc, after);
+        let dir = std::env::temp_dir().join(format!(
+            "knit-doc-config-{}-{}",
+            std::process::id(),
+            doc.replace('/', "-")
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("gw.json");
+        std::fs::write(&config, &json).unwrap();
+        // The example's own address may be taken: a free port instead.
+        let gw = GatewayProcess::start(
+            &dir,
+            &["--ws", "127.0.0.1:0", "--config", &config.to_string_lossy()],
+        );
+        assert_ne!(gw.ws.port(), 0, "{doc}");
+        drop(gw);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 #[tokio::test]
 async fn the_cli_serves_the_bridge_with_configured_users_and_prints_the_token() {
     let dir = std::env::temp_dir().join(format!("knit-bridge-cli-{}", std::process::id()));

@@ -415,6 +415,8 @@ struct GatewayFile {
     max_methods_per_peer: Option<usize>,
     max_contexts: Option<usize>,
     max_contexts_per_user: Option<usize>,
+    max_bus_subs_per_peer: Option<usize>,
+    max_pending_calls: Option<usize>,
     queue_depth: Option<usize>,
     channels: Option<Vec<knit::gateway::channels::ChannelDef>>,
     channel_restrictions: Option<Vec<knit::gateway::channels::ChannelRestriction>>,
@@ -558,6 +560,12 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         }
         if let Some(v) = f.max_contexts_per_user {
             cfg.limits.max_contexts_per_user = v;
+        }
+        if let Some(v) = f.max_bus_subs_per_peer {
+            cfg.limits.max_bus_subs_per_peer = v;
+        }
+        if let Some(v) = f.max_pending_calls {
+            cfg.limits.max_pending_calls = v;
         }
         if let Some(v) = f.queue_depth {
             cfg.queue_depth = v;

@@ -19,6 +19,8 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub(crate) struct Bus {
     subs: BTreeMap<(PeerId, u64), BusSubInfo>,
+    /// How many of `subs` each peer holds.
+    pub(super) held: HashMap<PeerId, usize>,
     /// Subscriptions announced to native peers and not yet confirmed by all of them, by ticket.
     barriers: HashMap<u64, Barrier>,
     next_ticket: u64,
@@ -62,13 +64,24 @@ impl Registry {
             let msg = format!("the gateway's policy does not allow subscribing to {topic:?}");
             return self.fail(from, req, Status::PermissionDenied, msg);
         }
+        let held = self.bus.held.get(&from).copied().unwrap_or(0);
+        let known = self.bus.subs.contains_key(&(from, sub));
+        if !known && held >= self.limits.max_bus_subs_per_peer {
+            let msg = format!(
+                "at most {} bus subscriptions per peer (max_bus_subs_per_peer)",
+                self.limits.max_bus_subs_per_peer
+            );
+            return self.fail(from, req, Status::Busy, msg);
+        }
         let info = BusSubInfo {
             peer: from,
             sub,
             topic,
             routing_key,
         };
-        self.bus.subs.insert((from, sub), info.clone());
+        if self.bus.subs.insert((from, sub), info.clone()).is_none() {
+            *self.bus.held.entry(from).or_default() += 1;
+        }
         let mut waiting = Vec::new();
         let ticket = self.bus.next_ticket;
         for p in self.audience(from) {
@@ -145,6 +158,12 @@ impl Registry {
 
     pub(crate) fn bus_unsubscribe(&mut self, from: PeerId, req: u64, sub: u64) {
         if self.bus.subs.remove(&(from, sub)).is_some() {
+            if let Some(n) = self.bus.held.get_mut(&from) {
+                *n -= 1;
+                if *n == 0 {
+                    self.bus.held.remove(&from);
+                }
+            }
             for p in self.audience(from) {
                 self.send(
                     p,
@@ -240,5 +259,6 @@ impl Registry {
         for k in mine {
             self.bus.subs.remove(&k);
         }
+        self.bus.held.remove(&peer);
     }
 }

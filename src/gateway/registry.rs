@@ -33,6 +33,8 @@ pub struct Limits {
     pub max_name_len: usize,
     /// Most relayed calls one peer may have waiting.
     pub max_pending_calls: usize,
+    /// Most bus subscriptions one peer may hold.
+    pub max_bus_subs_per_peer: usize,
     /// Bytes of each context's delta log (a power of two).
     pub context_log: usize,
     /// Most contexts at once (also bounded by the descriptors and memory mappings the process
@@ -53,6 +55,7 @@ impl Default for Limits {
             max_methods_per_peer: 100_000,
             max_name_len: 1024,
             max_pending_calls: 100_000,
+            max_bus_subs_per_peer: 100_000,
             context_log: 64 << 10,
             max_contexts: 100_000,
             max_contexts_per_user: 50_000,
@@ -1607,6 +1610,51 @@ pub(crate) mod tests {
             assert_eq!(reg.lane_count(), 0, "the lane is dropped either way");
         }
         assert_eq!(disconnected, MAX_ACCUSATIONS);
+    }
+
+    #[test]
+    fn bus_subscriptions_per_peer_are_bounded_and_given_back() {
+        let mut reg = Registry::new(Limits {
+            max_bus_subs_per_peer: 3,
+            ..Limits::default()
+        })
+        .unwrap();
+        let (a, mut ra) = join(&mut reg, "A", "u");
+        let (b, mut rb) = join(&mut reg, "B", "u");
+        recv(&mut ra);
+        let fails = |r: &mut mpsc::Receiver<Outgoing>| -> Vec<u64> {
+            recv(r)
+                .into_iter()
+                .filter_map(|(m, _)| match m {
+                    FromGateway::Fail {
+                        req,
+                        status: Status::Busy,
+                        message,
+                    } if message.contains("at most 3 bus subscriptions") => Some(req),
+                    _ => None,
+                })
+                .collect()
+        };
+        for i in 0..3 {
+            reg.bus_subscribe(a, i, i, format!("t{i}"), None);
+        }
+        // Re-subscribing a held one replaces it; a fourth is refused; another peer is not
+        // affected.
+        reg.bus_subscribe(a, 10, 2, "t2".into(), None);
+        reg.bus_subscribe(a, 11, 3, "t3".into(), None);
+        reg.bus_subscribe(b, 12, 1, "t".into(), None);
+        assert_eq!(fails(&mut ra), [11]);
+        assert_eq!(fails(&mut rb), Vec::<u64>::new());
+        // An unsubscribe gives its place back (a second one for the same id gives nothing).
+        reg.bus_unsubscribe(a, 13, 0);
+        reg.bus_unsubscribe(a, 14, 0);
+        reg.bus_subscribe(a, 15, 4, "t4".into(), None);
+        reg.bus_subscribe(a, 16, 5, "t5".into(), None);
+        assert_eq!(fails(&mut ra), [16]);
+        assert_eq!(reg.bus.of_peers(&[a]).len(), 3);
+        // Leaving gives every place back.
+        reg.remove(a, "peer has left");
+        assert!(!reg.bus.held.contains_key(&a));
     }
 
     #[test]
