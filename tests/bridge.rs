@@ -1096,6 +1096,8 @@ async fn stopping_the_gateway_closes_web_peers_with_going_away() {
 struct GatewayProcess {
     child: std::process::Child,
     ws: SocketAddr,
+    /// What it logged up to its bridge's address.
+    early: Vec<String>,
 }
 
 impl GatewayProcess {
@@ -1116,15 +1118,17 @@ impl GatewayProcess {
                 let _ = tx.send(line);
             }
         });
+        let mut early = Vec::new();
         let ws = loop {
             let line = rx
                 .recv_timeout(WAIT)
-                .expect("the gateway did not report its bridge");
+                .unwrap_or_else(|_| panic!("the gateway did not report its bridge: {early:?}"));
             if let Some(rest) = line.split("bridge listening on ws://").nth(1) {
                 break rest.split('/').next().unwrap().parse().unwrap();
             }
+            early.push(line);
         };
-        GatewayProcess { child, ws }
+        GatewayProcess { child, ws, early }
     }
 }
 
@@ -1171,6 +1175,12 @@ fn the_configuration_examples_in_the_docs_start_a_gateway() {
             &["--ws", "127.0.0.1:0", "--config", &config.to_string_lossy()],
         );
         assert_ne!(gw.ws.port(), 0, "{doc}");
+        // Every key of the example is known (unknown top-level ones are only warned about).
+        assert!(
+            gw.early.iter().all(|l| !l.contains("warning")),
+            "{doc}: {:?}",
+            gw.early
+        );
         drop(gw);
         let _ = std::fs::remove_dir_all(&dir);
     }
