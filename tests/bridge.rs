@@ -1046,6 +1046,47 @@ async fn joining_agm_replays_methods_far_larger_than_the_output_bound() {
 }
 
 #[tokio::test]
+async fn a_peer_with_many_methods_is_announced_in_frames_of_bounded_size() {
+    let gw = gateway("chunks", |b| b.auth = AuthMode::Open);
+    // 40 methods of ~20 KiB each: ~800 KiB, announced in frames of about 256 KiB.
+    let methods: Vec<J> = (0..40)
+        .map(|i| json!({"id": i, "name": format!("M{i}"), "flags": {"metadata": {"pad": "p".repeat(20 << 10)}}}))
+        .collect();
+    let mut server = Web::login(gw.ws(), "server", "u", "").await;
+    let r = server.register(J::Array(methods.clone())).await;
+    assert_eq!(r["type"], "success", "{r}");
+    server.barrier().await;
+    let mut joiner = Web::connect(gw.ws()).await;
+    let w = joiner
+        .hello(
+            "joiner",
+            json!({"method": "secret", "login": "u", "secret": ""}),
+        )
+        .await;
+    joiner.id = w["peer_id"].clone();
+    joiner.inbox.clear();
+    let ok = joiner
+        .req(json!({"type": "join", "destination": "agm"}))
+        .await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let frames: Vec<J> = joiner
+        .inbox
+        .drain(..)
+        .filter(|m| m["type"] == "methods-added" && m["server_id"] == server.id)
+        .collect();
+    assert!(frames.len() >= 3, "{} frames", frames.len());
+    for f in &frames {
+        let len = f.to_string().len();
+        assert!(len < (256 + 24) << 10, "a frame of {len} bytes");
+    }
+    let got: Vec<J> = frames
+        .iter()
+        .flat_map(|f| f["methods"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(got, methods, "every method once, in order");
+}
+
+#[tokio::test]
 async fn connections_beyond_the_limit_get_http_503_with_the_reason() {
     let gw = gateway("full", |b| {
         b.auth = AuthMode::Open;

@@ -560,3 +560,21 @@ mod tests {
         assert_eq!(to_kv(&obj), json!({"a": 1}));
     }
 }
+
+/// About how long `v` is as JSON text (strings without escapes; numbers at most 24 bytes):
+/// for splitting large announcements without serialising them twice.
+pub(crate) fn approx_len(v: &J) -> usize {
+    match v {
+        J::Null => 4,
+        J::Bool(_) => 5,
+        J::Number(_) => 24,
+        J::String(s) => s.len() + 2,
+        J::Array(a) => 2 + a.iter().map(|x| approx_len(x) + 1).sum::<usize>(),
+        J::Object(o) => {
+            2 + o
+                .iter()
+                .map(|(k, x)| k.len() + 4 + approx_len(x))
+                .sum::<usize>()
+        }
+    }
+}

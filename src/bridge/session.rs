@@ -143,7 +143,8 @@ struct Session {
 struct Replay {
     peers: VecDeque<PeerId>,
     frames: VecDeque<J>,
-    then: J,
+    /// The `success` of the `join`; none when the replay announces one large peer.
+    then: Option<J>,
 }
 
 async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
@@ -152,6 +153,9 @@ async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing>
         None => std::future::pending().await,
     }
 }
+
+/// About how many bytes of method objects one `methods-added` announcing a peer carries.
+const ANNOUNCE_CHUNK: usize = 256 << 10;
 
 /// Serves one connection until it closes.
 pub(crate) async fn run(
@@ -928,7 +932,7 @@ impl Session {
         self.replay = Some(Replay {
             peers,
             frames: VecDeque::new(),
-            then,
+            then: Some(then),
         });
     }
 
@@ -947,8 +951,8 @@ impl Session {
             }
             return;
         }
-        if let Some(r) = self.replay.take() {
-            self.send(r.then);
+        if let Some(then) = self.replay.take().and_then(|r| r.then) {
+            self.send(then);
         }
     }
 
@@ -1012,8 +1016,24 @@ impl Session {
 
     /// Tells the client about a peer (and its methods) if it may see it now.
     fn announce(&mut self, peer: PeerId) {
-        for f in self.announcement(peer) {
-            self.send(f);
+        let mut frames = self.announcement(peer);
+        if frames.len() <= 2 {
+            for f in frames {
+                self.send(f);
+            }
+            return;
+        }
+        // Methods in several frames: queued as the socket takes them, like a join's replay
+        // (nothing else is handled meanwhile, so what follows stays behind them).
+        match &mut self.replay {
+            Some(r) => r.frames.extend(frames),
+            None => {
+                self.replay = Some(Replay {
+                    peers: VecDeque::new(),
+                    frames: frames.drain(..).collect(),
+                    then: None,
+                })
+            }
         }
     }
 
@@ -1038,14 +1058,29 @@ impl Session {
         let server = self.sh.ids.peer(peer);
         let added = json!({"domain": "agm", "type": "peer-added", "peer_id": me.id,
             "new_peer_id": server, "identity": k.identity, "meta": {"local": true}});
-        let methods: Vec<J> = k.methods.values().map(|(_, o)| o.clone()).collect();
         let me_id = me.id.clone();
         let mut frames = vec![added];
-        if !methods.is_empty() {
+        // Methods in frames of about ANNOUNCE_CHUNK bytes each: a peer may hold 100 000
+        // methods, tens of MiB in one frame otherwise.
+        let mut methods = Vec::new();
+        let mut bytes = 0;
+        let mut flush = |methods: &mut Vec<J>| {
             frames.push(
                 json!({"domain": "agm", "type": "methods-added", "peer_id": me_id,
-                "source_type": "local", "server_id": server, "methods": methods}),
+                "source_type": "local", "server_id": server, "methods": std::mem::take(methods)}),
             );
+        };
+        for (_, o) in k.methods.values() {
+            let len = gw3::approx_len(o);
+            if !methods.is_empty() && bytes + len > ANNOUNCE_CHUNK {
+                flush(&mut methods);
+                bytes = 0;
+            }
+            bytes += len;
+            methods.push(o.clone());
+        }
+        if !methods.is_empty() {
+            flush(&mut methods);
         }
         frames
     }
