@@ -420,6 +420,24 @@ pub(crate) fn to_result(v: &Value) -> J {
     to_kv(v)
 }
 
+/// About how long `v` is as JSON text (strings without escapes; numbers at most 24 bytes):
+/// for splitting large announcements without serialising them twice.
+pub(crate) fn approx_len(v: &J) -> usize {
+    match v {
+        J::Null => 4,
+        J::Bool(_) => 5,
+        J::Number(_) => 24,
+        J::String(s) => s.len() + 2,
+        J::Array(a) => 2 + a.iter().map(|x| approx_len(x) + 1).sum::<usize>(),
+        J::Object(o) => {
+            2 + o
+                .iter()
+                .map(|(k, x)| k.len() + 4 + approx_len(x))
+                .sum::<usize>()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,23 +576,5 @@ mod tests {
         );
         let obj = Value::object([("a", Value::from(1))]);
         assert_eq!(to_kv(&obj), json!({"a": 1}));
-    }
-}
-
-/// About how long `v` is as JSON text (strings without escapes; numbers at most 24 bytes):
-/// for splitting large announcements without serialising them twice.
-pub(crate) fn approx_len(v: &J) -> usize {
-    match v {
-        J::Null => 4,
-        J::Bool(_) => 5,
-        J::Number(_) => 24,
-        J::String(s) => s.len() + 2,
-        J::Array(a) => 2 + a.iter().map(|x| approx_len(x) + 1).sum::<usize>(),
-        J::Object(o) => {
-            2 + o
-                .iter()
-                .map(|(k, x)| k.len() + 4 + approx_len(x))
-                .sum::<usize>()
-        }
     }
 }
