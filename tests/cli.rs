@@ -365,6 +365,31 @@ fn missing_method_fails_with_exit_3_after_the_wait() {
     assert!(out.stderr.contains("Nobody.Serves.This"), "{}", out.stderr);
 }
 
+/// The "no server" error names the method and the target as io.Connect's clients do
+/// (`JSON.stringify` of each), not in Rust's debug notation.
+#[test]
+fn no_server_error_names_the_target_as_io_connect_does() {
+    let dir = TempDir::new("cli-no-server-msg");
+    let gw = GatewayProc::start(&dir, &[]);
+    let out = invoke(&gw.socket, "Nobody.Home", None, &["--wait-ms", "0"]);
+    assert_exit(&out, 3);
+    assert_eq!(
+        out.stderr.trim(),
+        r#"knit: Can not find a method matching {"name":"Nobody.Home"} with server filter "best""#
+    );
+    let out = invoke(
+        &gw.socket,
+        "Nobody.Home",
+        None,
+        &["--wait-ms", "0", "--target", "Pricer"],
+    );
+    assert_exit(&out, 3);
+    assert_eq!(
+        out.stderr.trim(),
+        r#"knit: Can not find a method matching {"name":"Nobody.Home"} with server filter {"application":"Pricer"}"#
+    );
+}
+
 #[test]
 fn slow_method_fails_with_exit_4_after_the_timeout() {
     let dir = TempDir::new("cli-slow");

@@ -116,7 +116,8 @@ pub enum InvokeError {
     InvalidArgument(String),
     /// No server matched within the wait.
     #[error(
-        "Can not find a method matching {{\"name\":{method:?}}} with server filter \"{target}\""
+        "Can not find a method matching {{\"name\":{}}} with server filter {target}",
+        serde_json::Value::from(method.as_str())
     )]
     NoServer { method: String, target: String },
     /// The arguments are larger than the gateway allows.

@@ -75,15 +75,41 @@ impl Target {
     }
 }
 
+impl InstanceFilter {
+    /// The filter as io.Connect's clients write it: a JSON object with the set properties.
+    fn to_json(&self) -> serde_json::Value {
+        let mut o = serde_json::Map::new();
+        let mut text = |k: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                o.insert(k.into(), v.as_str().into());
+            }
+        };
+        text("application", &self.application);
+        text("instance", &self.instance);
+        text("user", &self.user);
+        text("machine", &self.machine);
+        if let Some(pid) = self.pid {
+            o.insert("pid".into(), pid.into());
+        }
+        if let Some(p) = self.peer_id {
+            o.insert("peerId".into(), p.to_string().into());
+        }
+        serde_json::Value::Object(o)
+    }
+}
+
+/// As io.Connect's `JSON.stringify(target)` shows it in "with server filter …": `"best"`,
+/// `"all"`, `"skipMine"`, `{"application":"pricer"}`, or an array of such objects.
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Best => f.write_str("best"),
-            Target::All => f.write_str("all"),
-            Target::SkipMine => f.write_str("skipMine"),
-            Target::Instance(i) => write!(f, "{i:?}"),
-            Target::List(l) => write!(f, "{l:?}"),
-        }
+        let v = match self {
+            Target::Best => "best".into(),
+            Target::All => "all".into(),
+            Target::SkipMine => "skipMine".into(),
+            Target::Instance(i) => i.to_json(),
+            Target::List(l) => l.iter().map(InstanceFilter::to_json).collect(),
+        };
+        write!(f, "{v}")
     }
 }
 
