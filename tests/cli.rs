@@ -390,6 +390,29 @@ fn no_server_error_names_the_target_as_io_connect_does() {
     );
 }
 
+/// `knit token` against a gateway that runs without its WebSocket bridge (`--no-ws`, or its
+/// default address was taken) says so, instead of telling the user to start a gateway.
+#[test]
+fn token_of_a_gateway_without_its_bridge_says_so() {
+    let dir = TempDir::new("cli-token-no-ws");
+    let gw = GatewayProc::start(&dir, &[]);
+    let out = run_knit(&["--gateway", sock_arg(&gw.socket), "token"], QUICK);
+    assert_exit(&out, 6);
+    assert!(
+        out.stderr.contains("runs without its WebSocket bridge"),
+        "{}",
+        out.stderr
+    );
+    drop(gw);
+    let out = run_knit(&["--gateway", sock_arg(&dir.socket()), "token"], QUICK);
+    assert_exit(&out, 6);
+    assert!(
+        out.stderr.contains("start `knit gateway` first"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn slow_method_fails_with_exit_4_after_the_timeout() {
     let dir = TempDir::new("cli-slow");

@@ -336,12 +336,20 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Token => {
             let path = knit::bridge::token_path(&socket);
             let token = knit::bridge::read_token(&socket).map_err(|e| {
+                // A gateway that answers but left no token runs without its bridge (`--no-ws`,
+                // `"enabled": false`, or its default address was taken).
+                let why = if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                    format!(
+                        "the gateway on {} runs without its WebSocket bridge (--no-ws, \
+                         \"enabled\": false, or its address was taken: see its log)",
+                        socket.display()
+                    )
+                } else {
+                    "start `knit gateway` first".to_string()
+                };
                 CliError::new(
                     Status::GatewayUnreachable,
-                    format!(
-                        "no bridge token at {} ({e}); start `knit gateway` first",
-                        path.display()
-                    ),
+                    format!("no bridge token at {} ({e}); {why}", path.display()),
                 )
             })?;
             outln!("{token}");
