@@ -1349,6 +1349,78 @@ async fn the_cli_serves_the_bridge_with_configured_users_and_prints_the_token() 
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Tokens die with their user: after a restart whose configuration no longer has the user an
+/// access or gateway token was issued to (removed, or its login now maps to another user), the
+/// token no longer logs in, while the OS user's tokens go on working.
+#[tokio::test]
+async fn tokens_of_a_user_no_longer_configured_do_not_log_in() {
+    let dir = std::env::temp_dir().join(format!("knit-bridge-revoke-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let before = dir.join("before.json");
+    std::fs::write(
+        &before,
+        r#"{"bridge": {"users": [{"login": "alice", "password": "a-pw"}]}}"#,
+    )
+    .unwrap();
+    let after = dir.join("after.json");
+    std::fs::write(
+        &after,
+        r#"{"bridge": {"users": [{"login": "alice", "password": "a-pw", "user": "team"}]}}"#,
+    )
+    .unwrap();
+    let (before, after) = (
+        before.to_string_lossy().to_string(),
+        after.to_string_lossy().to_string(),
+    );
+    let gw = GatewayProcess::start(&dir, &["--ws", "127.0.0.1:0", "--config", &before]);
+    let token = std::fs::read_to_string(dir.join("gw.token")).unwrap();
+    let mut tokens = Vec::new();
+    for (login, secret) in [("alice", "a-pw"), (os_user().as_str(), token.trim())] {
+        let mut w = Web::connect(gw.ws).await;
+        let welcome = w
+            .hello(
+                "t",
+                json!({"method": "secret", "login": login, "secret": secret}),
+            )
+            .await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        w.id = welcome["peer_id"].clone();
+        let access = welcome["options"]["access_token"].clone();
+        let t = w.req(json!({"type": "create-token"})).await;
+        assert_eq!(t["type"], "token", "{t}");
+        tokens.push((login.to_string(), access, t["token"].clone()));
+    }
+    drop(gw);
+    let gw = GatewayProcess::start(&dir, &["--ws", "127.0.0.1:0", "--config", &after]);
+    for (login, access, gateway) in tokens {
+        for auth in [
+            json!({"method": "access-token", "token": access}),
+            json!({"method": "gateway-token", "token": gateway}),
+        ] {
+            let mut w = Web::connect(gw.ws).await;
+            let r = w.hello("t", auth.clone()).await;
+            if login == "alice" {
+                assert_eq!(r["type"], "error", "{auth} {r}");
+                assert_eq!(r["reason_uri"], "global.errors.authentication.failure");
+            } else {
+                assert_eq!(r["type"], "welcome", "{auth} {r}");
+            }
+        }
+    }
+    // alice logs in with her password again, now as the user "team".
+    let mut w = Web::connect(gw.ws).await;
+    let welcome = w
+        .hello(
+            "t",
+            json!({"method": "secret", "login": "alice", "secret": "a-pw"}),
+        )
+        .await;
+    assert_eq!(welcome["resolved_identity"]["user"], "team", "{welcome}");
+    drop(gw);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 // ---- phase 2: shared contexts, the bus, interop streams ----------------------------------
 
 use knit::client::{

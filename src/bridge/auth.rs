@@ -202,6 +202,12 @@ impl Authenticator {
                     .and_then(J::as_str)
                     .unwrap_or_default()
                     .to_string();
+                // A token dies with its user: one issued to a login or user that the
+                // configuration no longer has (removed, or mapped to another user since) is
+                // refused, though its signature still holds.
+                if !self.still_known(&user, claims.get("login").and_then(J::as_str)) {
+                    return Err("Invalid or expired token: its user is no longer configured".into());
+                }
                 Ok(if kind == "access" {
                     let login = claims
                         .get("login")
@@ -226,6 +232,21 @@ impl Authenticator {
                 super::gw3::clip(other)
             )),
             None => Err("Unknown authentication method ".into()),
+        }
+    }
+
+    /// Whether a token's `user` (and `login`, when it has one) could still log in now: always
+    /// in open mode; in token mode, the OS user or a configured entry mapping to that user.
+    fn still_known(&self, user: &str, login: Option<&str>) -> bool {
+        if self.mode == AuthMode::Open {
+            return true;
+        }
+        match login {
+            Some(l) => {
+                (l == self.os_user && user == self.os_user)
+                    || self.users.iter().any(|u| u.login == l && u.user == user)
+            }
+            None => user == self.os_user || self.users.iter().any(|u| u.user == user),
         }
     }
 
