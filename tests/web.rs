@@ -191,6 +191,29 @@ fn gw3_transcripts_with_glue42_core_match_the_reference_gateway() {
     conformance("glue");
 }
 
+/// Runs one check of `tests/web/semantics.js` with `lib` against a fresh gateway.
+fn semantics(lib: &str, check: &str) {
+    if !have_node(None) {
+        return;
+    }
+    let gw = gateway(&format!("sem-{check}-{lib}"), AuthMode::Open);
+    let url = url(&gw);
+    let script = Script::start(
+        "semantics.js",
+        &["--url", &url, "--lib", lib, "--check", check],
+    );
+    assert!(
+        script.finish(Duration::from_secs(60)),
+        "{check} with {lib} failed (see the output above)"
+    );
+}
+
+#[test]
+fn a_web_callers_array_arguments_reach_web_methods_and_streams_as_arrays() {
+    semantics("io", "array-arguments");
+    semantics("glue", "array-arguments");
+}
+
 fn native_side(gw: &Env) -> Client {
     let native = gw.client("rust-native");
     native
