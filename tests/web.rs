@@ -214,6 +214,12 @@ fn a_web_callers_array_arguments_reach_web_methods_and_streams_as_arrays() {
     semantics("glue", "array-arguments");
 }
 
+#[test]
+fn a_bus_subscription_unsubscribed_twice_is_no_error() {
+    semantics("io", "bus-unsubscribe-twice");
+    semantics("glue", "bus-unsubscribe-twice");
+}
+
 fn native_side(gw: &Env) -> Client {
     let native = gw.client("rust-native");
     native

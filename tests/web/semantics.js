@@ -8,6 +8,8 @@
 //
 //   array-arguments  a web caller's array arguments reach a web method (and a web stream's
 //                    subscription request) as the array they are, as the reference forwards them
+//   bus-unsubscribe-twice  a bus subscription unsubscribed twice (the libraries send both) is
+//                    no error: @glue42/core would leave one unhandled
 "use strict";
 const { client } = require("./scenarios");
 
@@ -40,6 +42,23 @@ const checks = {
     sub.close();
     await A.done();
     await C.done();
+  },
+  async "bus-unsubscribe-twice"() {
+    const A = await client(url, "A", { lib });
+    const got = [];
+    const sub = await A.bus.subscribe("twice.topic", (d) => got.push(d));
+    sub.unsubscribe();
+    sub.unsubscribe();
+    // Answered in order: once this subscription is confirmed, both unsubscribes were answered
+    // (and a rejection of either reported).
+    const later = await A.bus.subscribe("twice.later", () => {});
+    A.bus.publish("twice.topic", { n: 1 });
+    A.bus.publish("twice.later", { n: 2 });
+    const after = await A.bus.subscribe("twice.after", () => {});
+    expect(got.length === 0, `unsubscribed, yet got ${JSON.stringify(got)}`);
+    later.unsubscribe();
+    after.unsubscribe();
+    await A.done();
   },
 };
 
