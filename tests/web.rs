@@ -191,6 +191,35 @@ fn gw3_transcripts_with_glue42_core_match_the_reference_gateway() {
     conformance("glue");
 }
 
+/// Runs one check of `tests/web/semantics.js` with `lib` against a fresh gateway.
+fn semantics(lib: &str, check: &str) {
+    if !have_node(None) {
+        return;
+    }
+    let gw = gateway(&format!("sem-{check}-{lib}"), AuthMode::Open);
+    let url = url(&gw);
+    let script = Script::start(
+        "semantics.js",
+        &["--url", &url, "--lib", lib, "--check", check],
+    );
+    assert!(
+        script.finish(Duration::from_secs(60)),
+        "{check} with {lib} failed (see the output above)"
+    );
+}
+
+#[test]
+fn a_web_callers_array_arguments_reach_web_methods_and_streams_as_arrays() {
+    semantics("io", "array-arguments");
+    semantics("glue", "array-arguments");
+}
+
+#[test]
+fn a_bus_subscription_unsubscribed_twice_is_no_error() {
+    semantics("io", "bus-unsubscribe-twice");
+    semantics("glue", "bus-unsubscribe-twice");
+}
+
 fn native_side(gw: &Env) -> Client {
     let native = gw.client("rust-native");
     native

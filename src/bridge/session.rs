@@ -1270,10 +1270,20 @@ impl Session {
                 };
                 let inv_id = self.sh.ids.fresh('r');
                 me.invocations.insert(inv_id.clone(), invocation);
+                // A web caller's arguments are what its library sent (an array passes the
+                // library's check too): forwarded verbatim, as the reference gateway does. A
+                // native caller's non-object value is wrapped for the handler.
+                let web =
+                    caller == me.peer || me.known.get(&caller).is_some_and(|k| k.web.is_some());
+                let kv = if web {
+                    args.to_json()
+                } else {
+                    gw3::to_kv(&args)
+                };
                 self.send(
                     json!({"domain": "agm", "type": "invoke", "invocation_id": inv_id,
                     "peer_id": me_id, "method_id": gid, "caller_id": self.sh.ids.peer(caller),
-                    "arguments": null, "arguments_kv": gw3::to_kv(&args), "context": null}),
+                    "arguments": null, "arguments_kv": kv, "context": null}),
                 );
             }
             FromGateway::CallResult { call, outcome } => {

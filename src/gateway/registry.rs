@@ -591,7 +591,9 @@ impl Registry {
             peer.methods.insert(m.id, m.def.clone());
             peer.method_names.insert(m.def.name.clone(), m.id);
         }
-        self.send(from, FromGateway::Ack { req }, Vec::new());
+        // The others hear of the methods before the registrant's answer: a web client that
+        // sees its `register` resolve may rely on another client of the same process (or one
+        // it told) already listing them, as with the reference gateway.
         let msg = FromGateway::MethodsAdded {
             peer: from,
             methods,
@@ -599,6 +601,7 @@ impl Registry {
         for other in self.audience(from) {
             self.send(other, msg.clone(), Vec::new());
         }
+        self.send(from, FromGateway::Ack { req }, Vec::new());
     }
 
     /// Removes methods of a peer.
@@ -615,11 +618,12 @@ impl Registry {
                 peer.method_names.remove(&def.name);
             }
         }
-        self.send(from, FromGateway::Ack { req }, Vec::new());
+        // The others first, as for `register`.
         let msg = FromGateway::MethodsRemoved { peer: from, ids };
         for other in self.audience(from) {
             self.send(other, msg.clone(), Vec::new());
         }
+        self.send(from, FromGateway::Ack { req }, Vec::new());
     }
 
     /// Brokers a lane between `from` and `to` (or hands out the existing one).
@@ -1009,6 +1013,38 @@ pub(crate) mod tests {
         assert!(
             matches!(&msgs[2].0, FromGateway::PeerAdded { identity, .. } if identity.peer_id == b)
         );
+    }
+
+    #[test]
+    fn the_others_hear_of_a_registration_before_the_registrant_is_answered() {
+        // Two peers behind the gateway share one queue here, so its order is the order the
+        // registry sent in: the bridge wakes their connections in that order, and a web app
+        // whose `register` resolved finds the method already listed by another client.
+        let mut reg = Registry::new(Limits::default()).unwrap();
+        let (tx, mut rx) = mpsc::channel(1024);
+        let (a, _) = reg.admit(web_admission("A", "u"), tx.clone()).unwrap();
+        reg.admit(web_admission("C", "u"), tx).unwrap();
+        recv(&mut rx);
+        reg.register(a, 1, vec![spec(1, "M")]);
+        let order: Vec<&str> = recv(&mut rx)
+            .iter()
+            .map(|(m, _)| match m {
+                FromGateway::MethodsAdded { peer, .. } if *peer == a => "added",
+                FromGateway::Ack { req: 1 } => "ack",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(order, ["added", "ack"]);
+        reg.unregister(a, 2, vec![1]);
+        let order: Vec<&str> = recv(&mut rx)
+            .iter()
+            .map(|(m, _)| match m {
+                FromGateway::MethodsRemoved { peer, .. } if *peer == a => "removed",
+                FromGateway::Ack { req: 2 } => "ack",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(order, ["removed", "ack"]);
     }
 
     fn synced_ticket(msgs: &[(FromGateway, usize)], sub: u64) -> Option<u64> {

@@ -5,7 +5,7 @@
 //! web publisher's messages go through the gateway to everyone else; its own subscriptions get
 //! them here (the reference gateway delivers a publisher's messages to itself too).
 
-use super::{echo, rid, Session};
+use super::{rid, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::gateway::Outgoing;
 use crate::model::bus::{identity_matches, routing_matches, topic_matches};
@@ -113,15 +113,16 @@ impl Session {
             .as_str()
             .and_then(|g| self.sh.ids.parse_numbered(g, 'r'));
         let Some(me) = self.me.as_mut() else { return };
-        let found = n.filter(|n| me.bus.subs.contains_key(n));
-        let Some(n) = found else {
-            let reason = format!("Unable to find subscription with id {}", echo(&gid));
-            return self.bus_error(msg, &reason);
-        };
-        me.bus.subs.remove(&n);
-        let _ = self
-            .ask(|req| ToGateway::BusUnsubscribe { req, sub: n })
-            .await;
+        // An id this connection does not hold (unsubscribed already, another connection's,
+        // never issued) is a success that changes nothing, as in the reference gateway: the
+        // libraries send a second `unsubscribe` when an app calls it twice, and @glue42/core
+        // leaves an error to it unhandled.
+        if let Some(n) = n.filter(|n| me.bus.subs.contains_key(n)) {
+            me.bus.subs.remove(&n);
+            let _ = self
+                .ask(|req| ToGateway::BusUnsubscribe { req, sub: n })
+                .await;
+        }
         self.send(gw3::success("bus", &rid(msg), &self.my_id()));
     }
 

@@ -82,8 +82,9 @@ fn close_uri(reason: &str) -> J {
     }
 }
 
-/// Arguments as a GW3 server receives them: objects as they are, nothing as `null`, anything
-/// else wrapped (io.Connect handlers take an object).
+/// A native subscriber's arguments as a GW3 server receives them: objects as they are, nothing
+/// as `null`, anything else wrapped (io.Connect handlers take an object). A web subscriber's
+/// go verbatim (what its library sent), as the reference gateway forwards them.
 fn args_kv(v: &Value) -> J {
     match v {
         Value::Null => J::Null,
@@ -527,7 +528,8 @@ impl Session {
         );
         let frame = json!({"domain": "agm", "type": "add-interest", "subscription_id": gid,
             "peer_id": me.id, "method_id": method, "caller_id": self.sh.ids.peer(from),
-            "arguments": null, "arguments_kv": args_kv(&r.args), "flags": null, "context": null});
+            "arguments": null, "arguments_kv": if web { r.args.to_json() } else { args_kv(&r.args) },
+            "flags": null, "context": null});
         self.send(frame);
         Ok(())
     }

@@ -1,0 +1,75 @@
+#!/usr/bin/env node
+// Behaviours of the reference gateway that apps written against the published client libraries
+// rely on, checked one at a time against knit's bridge. Driven by tests/web.rs:
+//
+//   node semantics.js --url ws://127.0.0.1:PORT --lib io|glue --check NAME
+//
+// Prints what it saw and exits 0 when the check holds, 1 otherwise. The checks:
+//
+//   array-arguments  a web caller's array arguments reach a web method (and a web stream's
+//                    subscription request) as the array they are, as the reference forwards them
+//   bus-unsubscribe-twice  a bus subscription unsubscribed twice (the libraries send both) is
+//                    no error: @glue42/core would leave one unhandled
+"use strict";
+const { client } = require("./scenarios");
+
+const argv = process.argv.slice(2);
+const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt; };
+const url = opt("--url");
+const lib = opt("--lib", "io");
+const check = opt("--check");
+
+const failures = [];
+const expect = (ok, what) => { if (!ok) failures.push(what); };
+// Any rejection nobody handles is a failure: it would end a Node app (and warn in a browser).
+process.on("unhandledRejection", (e) => failures.push(`unhandled rejection: ${JSON.stringify(e && (e.message || e))}`));
+
+const checks = {
+  async "array-arguments"() {
+    const A = await client(url, "A", { lib });
+    const C = await client(url, "C", { lib });
+    await A.interop.register("Args.Echo", (args) => ({ got: args }));
+    const requests = [];
+    await A.interop.createStream("Args.Stream", { subscriptionRequestHandler: (r) => { requests.push(r.arguments); r.accept(); } });
+    await C.interop.waitForMethod("Args.Echo");
+    await C.interop.waitForMethod("Args.Stream");
+    for (const args of [[1, 2], [], [{ a: 1 }, "s"], { k: [1] }]) {
+      const r = await C.interop.invoke("Args.Echo", args);
+      expect(JSON.stringify(r.returned.got) === JSON.stringify(args), `invoke with ${JSON.stringify(args)}: the method got ${JSON.stringify(r.returned.got)}`);
+    }
+    const sub = await C.interop.subscribe("Args.Stream", { arguments: [3, 4] });
+    expect(JSON.stringify(requests) === "[[3,4]]", `subscribe with [3,4]: the server got ${JSON.stringify(requests)}`);
+    sub.close();
+    await A.done();
+    await C.done();
+  },
+  async "bus-unsubscribe-twice"() {
+    const A = await client(url, "A", { lib });
+    const got = [];
+    const sub = await A.bus.subscribe("twice.topic", (d) => got.push(d));
+    sub.unsubscribe();
+    sub.unsubscribe();
+    // Answered in order: once this subscription is confirmed, both unsubscribes were answered
+    // (and a rejection of either reported).
+    const later = await A.bus.subscribe("twice.later", () => {});
+    A.bus.publish("twice.topic", { n: 1 });
+    A.bus.publish("twice.later", { n: 2 });
+    const after = await A.bus.subscribe("twice.after", () => {});
+    expect(got.length === 0, `unsubscribed, yet got ${JSON.stringify(got)}`);
+    later.unsubscribe();
+    after.unsubscribe();
+    await A.done();
+  },
+};
+
+(async () => {
+  const run = checks[check];
+  if (!run) throw new Error(`unknown check ${check}`);
+  await run();
+  for (const f of failures) console.log(`FAILED: ${f}`);
+  console.log(failures.length ? `${check} (${lib}): ${failures.length} failures` : `${check} (${lib}): ok`);
+  process.exit(failures.length ? 1 : 0);
+})().catch((e) => {
+  console.log(`${check} (${lib}): error ${e && (e.stack || e.message || e)}`);
+  process.exit(1);
+});
