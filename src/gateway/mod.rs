@@ -77,27 +77,6 @@ impl GatewayConfig {
     }
 }
 
-/// The limits as enforced: calls waiting per peer are capped at half the smallest peer queue.
-/// When a callee leaves, every call waiting on it is answered at once, in one burst into each
-/// caller's queue; more waiting calls than the queue holds would disconnect the caller as a
-/// slow consumer.
-pub(crate) fn effective_limits(cfg: &GatewayConfig) -> Limits {
-    let mut limits = cfg.limits.clone();
-    let depth = cfg
-        .bridge
-        .as_ref()
-        .map_or(cfg.queue_depth, |b| b.queue_depth.min(cfg.queue_depth));
-    let cap = (depth / 2).max(1);
-    if limits.max_pending_calls > cap {
-        crate::log::warn(format_args!(
-            "max_pending_calls {} lowered to {cap}: half the queue depth, so that a callee leaving can answer every call waiting on it",
-            limits.max_pending_calls
-        ));
-        limits.max_pending_calls = cap;
-    }
-    limits
-}
-
 /// Why the gateway could not start or stopped.
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -390,8 +369,7 @@ async fn serve(
     let my_uid = identity::euid();
     let user = identity::user_name(my_uid);
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
-    let limits = effective_limits(&gw.cfg);
-    let mut registry = Registry::new(limits.clone())
+    let mut registry = Registry::new(gw.cfg.limits.clone())
         .map_err(|e| ctx("doorbell directory")(std::io::Error::other(e)))?;
     registry.set_channels(gw.cfg.channels.clone());
     registry.set_policy(gw.cfg.policy.clone());
@@ -420,7 +398,7 @@ async fn serve(
             // the directory that native writers ring.
             let bell = registry.reserve_doorbell();
             Some(
-                b.start(core, limits.clone(), bell)
+                b.start(core, gw.cfg.limits.clone(), bell)
                     .map_err(ctx("starting the bridge"))?,
             )
         }

@@ -31,8 +31,7 @@ pub struct Limits {
     pub max_methods_per_peer: usize,
     /// Longest method or application name.
     pub max_name_len: usize,
-    /// Most relayed calls one peer may have waiting (the gateway lowers it to half its peers'
-    /// queue depth: a callee that leaves answers all of them at once).
+    /// Most relayed calls one peer may have waiting.
     pub max_pending_calls: usize,
     /// Most bus subscriptions one peer may hold.
     pub max_bus_subs_per_peer: usize,
@@ -55,7 +54,7 @@ impl Default for Limits {
             max_peers: 4096,
             max_methods_per_peer: 100_000,
             max_name_len: 1024,
-            max_pending_calls: 32_768,
+            max_pending_calls: 100_000,
             max_bus_subs_per_peer: 100_000,
             context_log: 64 << 10,
             max_contexts: 100_000,
