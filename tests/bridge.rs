@@ -845,6 +845,45 @@ async fn a_flood_of_calls_loses_nothing() {
     let _sink = writer.await.unwrap();
 }
 
+/// A callee that never answers and then leaves fails every call waiting on it — even when a
+/// caller has more calls waiting than its registry queue holds (`queue_depth`): the failures
+/// come as one notice, and the caller, which reads everything, stays connected. (They came as
+/// one notice per call, which overflowed that queue and cut the caller off as a slow consumer.)
+#[tokio::test]
+async fn a_callee_leaving_fails_more_waiting_calls_than_the_callers_queue_holds() {
+    let gw = gateway("mute-callee", |b| b.queue_depth = 16);
+    let mut callee = Web::login(gw.ws(), "mute", &os_user(), &gw.token()).await;
+    let ok = callee.register(json!([{"id": 1, "name": "Mute"}])).await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let mut caller = Web::login(gw.ws(), "patient", &os_user(), &gw.token()).await;
+    let added = caller
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Mute")
+        .await;
+    const N: usize = 200;
+    // In steps of 8, so the callee's queue (16 too) never overflows.
+    for step in (0..N).step_by(8) {
+        for i in step..step + 8 {
+            caller
+                .send(
+                    json!({"type": "call", "domain": "agm", "request_id": format!("c{i}"),
+                    "peer_id": caller.id, "server_id": added["server_id"], "method_id": 1,
+                    "arguments_kv": {"i": i}}),
+                )
+                .await;
+        }
+        for _ in 0..8 {
+            callee.next(|m| m["type"] == "invoke").await;
+        }
+    }
+    drop(callee);
+    for i in 0..N {
+        let e = caller.next(|m| m["request_id"] == format!("c{i}")).await;
+        assert_eq!(e["type"], "error", "{e}");
+        assert_eq!(e["reason"], "Peer has left while waiting for result", "{e}");
+    }
+    caller.barrier().await;
+}
+
 /// A web peer (application `app`) that asks a native server for ~50 MiB of results without
 /// reading any of them, until the gateway removes it; returns it (still unread) with the
 /// reason the native side was given and the native server.

@@ -1208,40 +1208,11 @@ impl Session {
                     "arguments": null, "arguments_kv": gw3::to_kv(&args), "context": null}),
                 );
             }
-            FromGateway::CallResult { call, outcome } => {
-                let Some(pc) = me.calls.remove(&call) else {
-                    return;
-                };
-                let reply = match outcome {
-                    RelayOutcome::Ok(v) => json!({"domain": "agm", "type": "result",
-                        "request_id": pc.request_id, "peer_id": me_id, "result": gw3::to_result(&v)}),
-                    RelayOutcome::Err {
-                        status,
-                        message,
-                        context,
-                    } => {
-                        const FAIL: &str = "agm.errors.invocation.failure";
-                        let (uri, reason) = match status {
-                            Status::MethodFailed => ("agm.errors.client_error", message),
-                            Status::NotFound => (FAIL, format!(
-                                "Unable to find method with id {} on server id {} registered with this peer",
-                                pc.method, pc.server)),
-                            Status::PeerLeft if message.starts_with("Unable to find peer") => {
-                                (FAIL, format!("Unable to find peer with id {}", pc.server))
-                            }
-                            _ => (FAIL, message),
-                        };
-                        let mut e = gw3::error("agm", &pc.request_id, &me_id, uri, &reason);
-                        if status == Status::MethodFailed {
-                            e["context"] = match context {
-                                Value::Null => json!({}),
-                                c => c.to_json(),
-                            };
-                        }
-                        e
-                    }
-                };
-                self.send(reply);
+            FromGateway::CallResult { call, outcome } => self.call_result(call, outcome),
+            FromGateway::CallsFailed { calls, outcome } => {
+                for call in calls {
+                    self.call_result(call, outcome.clone());
+                }
             }
             FromGateway::Shutdown { reason } => {
                 self.done = Some((CLOSE_GOING_AWAY, reason));
@@ -1264,6 +1235,45 @@ impl Session {
             // core adds later is ignored until the bridge learns it.
             _ => {}
         }
+    }
+
+    /// The outcome of one of our calls, as GW3 tells the caller.
+    fn call_result(&mut self, call: u64, outcome: RelayOutcome) {
+        let Some(me) = self.me.as_mut() else { return };
+        let me_id = me.id.clone();
+        let Some(pc) = me.calls.remove(&call) else {
+            return;
+        };
+        let reply = match outcome {
+            RelayOutcome::Ok(v) => json!({"domain": "agm", "type": "result",
+                "request_id": pc.request_id, "peer_id": me_id, "result": gw3::to_result(&v)}),
+            RelayOutcome::Err {
+                status,
+                message,
+                context,
+            } => {
+                const FAIL: &str = "agm.errors.invocation.failure";
+                let (uri, reason) = match status {
+                    Status::MethodFailed => ("agm.errors.client_error", message),
+                    Status::NotFound => (FAIL, format!(
+                        "Unable to find method with id {} on server id {} registered with this peer",
+                        pc.method, pc.server)),
+                    Status::PeerLeft if message.starts_with("Unable to find peer") => {
+                        (FAIL, format!("Unable to find peer with id {}", pc.server))
+                    }
+                    _ => (FAIL, message),
+                };
+                let mut e = gw3::error("agm", &pc.request_id, &me_id, uri, &reason);
+                if status == Status::MethodFailed {
+                    e["context"] = match context {
+                        Value::Null => json!({}),
+                        c => c.to_json(),
+                    };
+                }
+                e
+            }
+        };
+        self.send(reply);
     }
 
     /// Forgets own methods; returns their GW3 ids.

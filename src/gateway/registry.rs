@@ -843,10 +843,41 @@ impl Registry {
             .filter(|(_, r)| r.deadline <= now)
             .map(|(k, _)| *k)
             .collect();
-        for k in old {
-            if let Some(r) = self.relayed.remove(&k) {
-                self.finish(r, relay_error(Status::Timeout, "no answer from the method"));
+        let gone: Vec<Relayed> = old
+            .into_iter()
+            .filter_map(|k| self.relayed.remove(&k))
+            .collect();
+        self.fail_all(
+            gone,
+            relay_error(Status::Timeout, "no answer from the method"),
+        );
+    }
+
+    /// Fails relayed calls alike: one notice per caller, however many of its calls there are
+    /// (a caller with more calls waiting than its queue holds must not be disconnected because
+    /// its callee left).
+    fn fail_all(&mut self, gone: Vec<Relayed>, outcome: RelayOutcome) {
+        let mut by_caller: BTreeMap<PeerId, Vec<u64>> = BTreeMap::new();
+        for r in gone {
+            if let Some(p) = self.peers.get_mut(&r.caller) {
+                p.pending = p.pending.saturating_sub(1);
             }
+            by_caller.entry(r.caller).or_default().push(r.call);
+        }
+        for (caller, mut calls) in by_caller {
+            calls.sort_unstable();
+            let msg = if let [call] = calls[..] {
+                FromGateway::CallResult {
+                    call,
+                    outcome: outcome.clone(),
+                }
+            } else {
+                FromGateway::CallsFailed {
+                    calls,
+                    outcome: outcome.clone(),
+                }
+            };
+            self.send(caller, msg, Vec::new());
         }
     }
 
@@ -873,16 +904,15 @@ impl Registry {
             .filter(|(_, r)| r.callee == id || r.caller == id)
             .map(|(k, _)| *k)
             .collect();
-        for k in orphaned {
-            if let Some(r) = self.relayed.remove(&k) {
-                if r.callee == id {
-                    self.finish(
-                        r,
-                        relay_error(Status::PeerLeft, "Peer has left while waiting for result"),
-                    );
-                }
-            }
-        }
+        let failed: Vec<Relayed> = orphaned
+            .into_iter()
+            .filter_map(|k| self.relayed.remove(&k))
+            .filter(|r| r.callee == id)
+            .collect();
+        self.fail_all(
+            failed,
+            relay_error(Status::PeerLeft, "Peer has left while waiting for result"),
+        );
         let ids: Vec<u32> = peer.methods.keys().copied().collect();
         for other in audience {
             if !ids.is_empty() {
