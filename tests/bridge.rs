@@ -1952,6 +1952,58 @@ async fn a_web_stream_serves_native_subscribers() {
     }
 }
 
+/// A web server that sends `error` for a subscription it accepted already ends it: the
+/// subscriber is told, with the reason. (The subscription used to be forgotten on the server's
+/// side only: the subscriber stayed subscribed and silently got nothing more.)
+#[tokio::test]
+async fn a_web_server_rejecting_an_accepted_subscription_ends_it_with_the_reason() {
+    let gw = gateway("reject-late", |_| {});
+    let mut server = Web::login(gw.ws(), "fickle", &os_user(), &gw.token()).await;
+    let reg = server
+        .register(json!([{"id": "s", "name": "Fickle.Ticks", "flags": {"streaming": true}}]))
+        .await;
+    assert_eq!(reg["type"], "success", "{reg}");
+    let mut sub = Web::login(gw.ws(), "follower", &os_user(), &gw.token()).await;
+    let added = sub
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Fickle.Ticks")
+        .await;
+    sub.send(
+        json!({"type": "subscribe", "domain": "agm", "request_id": "s1", "peer_id": sub.id,
+        "server_id": added["server_id"], "method_id": "s", "arguments_kv": {}}),
+    )
+    .await;
+    let interest = server.next(|m| m["type"] == "add-interest").await;
+    let sid = interest["subscription_id"].clone();
+    server
+        .send(
+            json!({"type": "accepted", "domain": "agm", "peer_id": server.id,
+        "subscription_id": sid, "stream_id": "b"}),
+        )
+        .await;
+    let ok = sub.next(|m| m["request_id"] == "s1").await;
+    assert_eq!(ok["type"], "subscribed", "{ok}");
+    server
+        .send(
+            json!({"type": "error", "domain": "agm", "peer_id": server.id,
+        "request_id": sid, "reason": "changed my mind"}),
+        )
+        .await;
+    let end = sub
+        .next(|m| m["type"] == "subscription-cancelled" || m["type"] == "event")
+        .await;
+    assert_eq!(end["type"], "subscription-cancelled", "{end}");
+    assert_eq!(end["subscription_id"], ok["subscription_id"]);
+    assert_eq!(end["reason"], "changed my mind");
+    // Pushes to the branch reach nobody now, and the server can still serve a new one.
+    server
+        .send(
+            json!({"type": "publish", "domain": "agm", "peer_id": server.id,
+        "stream_id": "b", "data": {"late": true}}),
+        )
+        .await;
+    assert!(sub.drain().await.iter().all(|m| m["type"] != "event"));
+}
+
 #[tokio::test]
 async fn slow_web_subscribers_of_contexts_and_streams_are_disconnected_with_a_reason() {
     let gw = gateway("slow-data", |b| b.max_queued_bytes = 256 << 10);

@@ -301,8 +301,8 @@ impl Session {
         self.core(record_to(peer, KIND_SUB_REPLY, body)).await;
     }
 
-    /// A server's `error` naming one of our pending subscriptions: a rejection. False when it
-    /// names none.
+    /// A server's `error` naming one of our subscriptions: a rejection of a pending one, the
+    /// end of an accepted one (like `drop-subscription`). False when it names none.
     pub(super) async fn stream_rejected(&mut self, msg: &Obj) -> bool {
         let Some(gid) = msg.get("request_id").and_then(J::as_str) else {
             return false;
@@ -321,6 +321,17 @@ impl Session {
             None | Some(J::Null) => String::new(),
             Some(other) => other.to_string(),
         };
+        if s.stream.is_some() {
+            // Accepted already: the server no longer serves it. It ends as if dropped, with the
+            // reason — the subscriber must not stay subscribed to a stream nobody feeds it.
+            self.core(record_to(
+                s.peer,
+                KIND_SUB_CLOSE,
+                rec::close(s.sub_id, &reason),
+            ))
+            .await;
+            return true;
+        }
         let uri = msg
             .get("reason_uri")
             .and_then(J::as_str)
