@@ -884,6 +884,93 @@ async fn a_callee_leaving_fails_more_waiting_calls_than_the_callers_queue_holds(
     caller.barrier().await;
 }
 
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A web client's identity and method objects are as large as it makes them (up to
+/// `max_frame` each). Every connection that knew the peer kept its own copy of them, so one
+/// client could make the gateway's memory grow with the number of connections times what it
+/// sent (16 MiB of method objects cost 420 MB with 20 peers). They are shared now: the gateway
+/// — a process of its own here, so that its memory alone is measured — grows by a small
+/// multiple of what the client sent, however many peers know it.
+#[tokio::test]
+async fn big_identities_and_method_objects_are_kept_once_not_once_per_connection() {
+    let dir = common::TempDir::new("shared-objects");
+    let child = std::process::Command::new(common::knit_bin())
+        .arg("gateway")
+        .arg("--gateway")
+        .arg(dir.socket())
+        .args(["--ws", "127.0.0.1:0", "--ws-auth", "open"])
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut gw = common::ChildGuard::new(child, "knit gateway");
+    let lines = common::Lines::spawn(gw.child_mut().stderr.take().unwrap());
+    let line = lines
+        .wait_for(common::STARTUP, |l| l.contains("bridge listening on ws://"))
+        .expect("the bridge did not start");
+    let addr: SocketAddr = line
+        .split("ws://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    const PEERS: usize = 24;
+    const MIB: usize = 1 << 20;
+    let mut peers = Vec::new();
+    for i in 0..PEERS {
+        peers.push(Web::login(addr, &format!("peer{i}"), "u", "x").await);
+    }
+    let before = rss_kib(gw.pid());
+    let big = "x".repeat(MIB);
+    let mut hog = Web::connect(addr).await;
+    let welcome = hog
+        .request(
+            json!({"type": "hello", "domain": "global", "request_id": "hello",
+            "identity": {"application": "hog", "pad": big},
+            "authentication": {"method": "secret", "login": "u", "secret": "x"}}),
+        )
+        .await;
+    assert_eq!(welcome["type"], "welcome");
+    hog.id = welcome["peer_id"].clone();
+    let ok = hog.req(json!({"type": "join", "destination": "agm"})).await;
+    assert_eq!(ok["type"], "success");
+    for p in &mut peers {
+        let id = hog.id.clone();
+        p.next(|m| m["type"] == "peer-added" && m["new_peer_id"] == id)
+            .await;
+    }
+    const METHODS: usize = 8;
+    for n in 0..METHODS {
+        let ok = hog
+            .register(json!([{"id": n, "name": format!("Big{n}"), "description": big}]))
+            .await;
+        assert_eq!(ok["type"], "success");
+        for p in &mut peers {
+            let id = hog.id.clone();
+            p.next(|m| m["type"] == "methods-added" && m["server_id"] == id)
+                .await;
+        }
+    }
+    let grown = rss_kib(gw.pid()).saturating_sub(before);
+    let sent = (METHODS + 1) * MIB / 1024;
+    eprintln!("the gateway grew by {grown} KiB for {sent} KiB sent, {PEERS} peers");
+    assert!(
+        grown < 12 * sent as u64,
+        "the gateway grew by {grown} KiB for {sent} KiB of identity and method objects"
+    );
+}
+
 /// A web peer (application `app`) that asks a native server for ~50 MiB of results without
 /// reading any of them, until the gateway removes it; returns it (still unread) with the
 /// reason the native side was given and the native server.

@@ -52,14 +52,21 @@ const CLOSE_PROTOCOL: u16 = 1002;
 
 /// Another peer as this connection's client knows it.
 struct Known {
-    /// The GW3 identity shown in `peer-added`.
-    identity: J,
+    /// The GW3 identity shown in `peer-added` (a web peer's shared with the hub: one copy
+    /// however many connections know the peer).
+    identity: Arc<J>,
     /// The instance of a web peer (whose `agm` membership the hub knows); `None` for natives.
     web: Option<String>,
-    /// Registry method id → (GW3 id, method object).
-    methods: BTreeMap<u32, (J, J)>,
+    /// Registry method id → method object (its `id` is the GW3 id; a web peer's object is
+    /// shared with the hub).
+    methods: BTreeMap<u32, Arc<J>>,
     /// Whether the client was sent `peer-added` for it.
     announced: bool,
+}
+
+/// The GW3 id of a method object (`null` when it has none).
+fn gid_of(obj: &J) -> &J {
+    obj.get("id").unwrap_or(&J::Null)
 }
 
 impl Known {
@@ -67,7 +74,7 @@ impl Known {
         let key = gw3::id_key(id);
         self.methods
             .iter()
-            .find(|(_, (gid, _))| gw3::id_key(gid) == key)
+            .find(|(_, o)| gw3::id_key(gid_of(o)) == key)
             .map(|(n, _)| *n)
     }
 }
@@ -98,13 +105,13 @@ struct PendingCall {
 struct Me {
     peer: PeerId,
     id: J,
-    /// The GW3 identity it logged in with (resolved).
-    identity: J,
+    /// The GW3 identity it logged in with (resolved; shared with the hub).
+    identity: Arc<J>,
     instance: String,
     user: String,
     in_agm: bool,
     /// Own methods: registry id → (GW3 id, object); and GW3 id key → registry id.
-    methods: HashMap<u32, (J, J)>,
+    methods: HashMap<u32, (J, Arc<J>)>,
     by_key: HashMap<String, u32>,
     next_method: u32,
     known: BTreeMap<PeerId, Known>,
@@ -524,7 +531,7 @@ impl Session {
         if given.is_none() {
             identity.insert("instance".into(), J::String(instance.clone()));
         }
-        let identity = J::Object(identity);
+        let identity = Arc::new(J::Object(identity));
         let hub = &self.sh.hub;
         if !hub.reserve(
             &instance,
@@ -552,7 +559,7 @@ impl Session {
             pid,
             user: login.user.clone(),
             transport: Transport::Relay,
-            attributes: Value::from(identity.clone()),
+            attributes: Value::from((*identity).clone()),
         };
         let (peer, welcome) = match self.sh.core.admit(adm, reg_tx, closer).await {
             Ok(x) => x,
@@ -575,7 +582,7 @@ impl Session {
         }
         let mut w = json!({
             "domain": "global", "type": "welcome", "request_id": request_id, "peer_id": id,
-            "available_domains": gw3::available_domains(), "resolved_identity": identity,
+            "available_domains": gw3::available_domains(), "resolved_identity": *identity,
         });
         if login.access_token {
             w["options"] = json!({"access_token": self.sh.auth.access_token(&login)});
@@ -708,7 +715,7 @@ impl Session {
                 return self.agm_error(msg, FAIL, "too many registrations on this connection");
             };
             specs.push(MethodSpec { id: next, def });
-            entries.push((next, key, id, m.clone()));
+            entries.push((next, key, id, Arc::new(m.clone())));
             next = after;
         }
         me.next_method = next;
@@ -954,7 +961,7 @@ impl Session {
         Known {
             identity: web
                 .clone()
-                .unwrap_or_else(|| gw3::native_identity(identity)),
+                .unwrap_or_else(|| Arc::new(gw3::native_identity(identity))),
             web: web.map(|_| identity.instance.clone()),
             methods: BTreeMap::new(),
             announced: false,
@@ -969,10 +976,9 @@ impl Session {
                 .web
                 .as_ref()
                 .and_then(|inst| self.sh.hub.method(inst, m.id))
-                .unwrap_or_else(|| gw3::method_to_gw3(m.id, &m.def));
-            let id = obj.get("id").cloned().unwrap_or(J::Null);
-            k.methods.insert(m.id, (id, obj.clone()));
-            objs.push(obj);
+                .unwrap_or_else(|| Arc::new(gw3::method_to_gw3(m.id, &m.def)));
+            objs.push((*obj).clone());
+            k.methods.insert(m.id, obj);
         }
         objs
     }
@@ -1004,8 +1010,8 @@ impl Session {
         k.announced = true;
         let server = self.sh.ids.peer(peer);
         let added = json!({"domain": "agm", "type": "peer-added", "peer_id": me.id,
-            "new_peer_id": server, "identity": k.identity, "meta": {"local": true}});
-        let methods: Vec<J> = k.methods.values().map(|(_, o)| o.clone()).collect();
+            "new_peer_id": server, "identity": *k.identity, "meta": {"local": true}});
+        let methods: Vec<J> = k.methods.values().map(|o| (**o).clone()).collect();
         let me_id = me.id.clone();
         let mut frames = vec![added];
         if !methods.is_empty() {
@@ -1031,7 +1037,7 @@ impl Session {
                 if !std::mem::replace(&mut k.announced, false) || !me.in_agm {
                     return;
                 }
-                let ids: Vec<J> = k.methods.values().map(|(id, _)| id.clone()).collect();
+                let ids: Vec<J> = k.methods.values().map(|o| gid_of(o).clone()).collect();
                 let (me_id, server) = (me.id.clone(), self.sh.ids.peer(p));
                 if !ids.is_empty() {
                     self.send(
@@ -1056,7 +1062,7 @@ impl Session {
                 Some(Req::Register { request_id, ids }) => {
                     let objs: Vec<J> = ids
                         .iter()
-                        .filter_map(|n| me.methods.get(n).map(|(_, o)| o.clone()))
+                        .filter_map(|n| me.methods.get(n).map(|(_, o)| (**o).clone()))
                         .collect();
                     if !objs.is_empty() {
                         self.send(
@@ -1165,7 +1171,7 @@ impl Session {
                 };
                 let gids: Vec<J> = ids
                     .iter()
-                    .filter_map(|n| k.methods.remove(n).map(|(id, _)| id))
+                    .filter_map(|n| k.methods.remove(n).map(|o| gid_of(&o).clone()))
                     .collect();
                 if k.announced && in_agm && !gids.is_empty() {
                     self.send(
