@@ -971,6 +971,67 @@ async fn big_identities_and_method_objects_are_kept_once_not_once_per_connection
     );
 }
 
+/// `knit serve --delay-ms` (the slow native server of demos and tests) answers hundreds of web
+/// calls waiting at once from a bounded set of threads: it started a thread per call, so
+/// callers piling up calls on it ran it out of threads or memory, and the calls beyond failed
+/// ("failed to spawn thread"). Here its address space is limited to 512 MiB, which a few
+/// hundred thread stacks exceed.
+#[tokio::test]
+async fn a_slow_native_server_answers_hundreds_of_waiting_web_calls() {
+    use std::os::unix::process::CommandExt;
+    let gw = gateway("slow-serve", |_| {});
+    let mut cmd = std::process::Command::new(common::knit_bin());
+    cmd.arg("--gateway")
+        .arg(gw.socket())
+        .args([
+            "--app",
+            "sluggish",
+            "serve",
+            "Sluggish",
+            "--echo",
+            "--delay-ms",
+            "2000",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit, a
+    // single async-signal-safe system call; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = rustix::process::Rlimit {
+                current: Some(512 << 20),
+                maximum: Some(512 << 20),
+            };
+            rustix::process::setrlimit(rustix::process::Resource::As, limit)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let out = common::Lines::spawn(child.stdout.take().unwrap());
+    let _server = common::ChildGuard::new(child, "knit serve Sluggish");
+    out.wait_for(common::STARTUP, |l| l.contains("\"ready\""))
+        .expect("knit serve did not start");
+    let mut web = Web::login(gw.ws(), "impatient", &os_user(), &gw.token()).await;
+    let added = web
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Sluggish")
+        .await;
+    const N: usize = 400;
+    for i in 0..N {
+        web.send(
+            json!({"type": "call", "domain": "agm", "request_id": format!("c{i}"),
+            "peer_id": web.id, "server_id": added["server_id"],
+            "method_id": added["methods"][0]["id"], "arguments_kv": {"i": i}}),
+        )
+        .await;
+    }
+    for i in 0..N {
+        let r = web.next(|m| m["request_id"] == format!("c{i}")).await;
+        assert_eq!(r["type"], "result", "call {i}: {r}");
+        assert_eq!(r["result"], json!({"i": i}));
+    }
+}
+
 /// A web peer (application `app`) that asks a native server for ~50 MiB of results without
 /// reading any of them, until the gateway removes it; returns it (still unread) with the
 /// reason the native side was given and the native server.
