@@ -1032,6 +1032,57 @@ async fn a_slow_native_server_answers_hundreds_of_waiting_web_calls() {
     }
 }
 
+/// The bridge keeps each waiting call's `request_id` to answer with it, and a client chooses
+/// their size (up to `max_frame`): calls to a server that does not answer held 1 MiB of gateway
+/// memory per 1 MiB id, up to `max_pending_calls` of them. Their bytes are bounded per
+/// connection (`max_waiting_bytes`): a call beyond gets an error at once, and an answer frees
+/// its share.
+#[tokio::test]
+async fn request_ids_of_waiting_calls_are_bounded_per_connection() {
+    let gw = gateway("waiting-bytes", |b| b.max_waiting_bytes = 4096);
+    let mut callee = Web::login(gw.ws(), "stalling", &os_user(), &gw.token()).await;
+    let ok = callee.register(json!([{"id": 1, "name": "Stall"}])).await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let mut caller = Web::login(gw.ws(), "verbose", &os_user(), &gw.token()).await;
+    let added = caller
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Stall")
+        .await;
+    let me = caller.id.clone();
+    let call = |i: usize| {
+        json!({"type": "call", "domain": "agm", "request_id": format!("{i}{}", "r".repeat(999)),
+            "peer_id": me, "server_id": added["server_id"], "method_id": 1,
+            "arguments_kv": {"i": i}})
+    };
+    // Four ids of 1002 bytes (as JSON) fit in 4096; the fifth does not.
+    for i in 0..5 {
+        caller.send(call(i)).await;
+    }
+    let refused = caller.next(|m| m["type"] == "error").await;
+    assert_eq!(refused["request_id"], call(4)["request_id"]);
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(reason.contains("max_waiting_bytes"), "{reason}");
+    let first = callee.next(|m| m["type"] == "invoke").await;
+    assert_eq!(first["arguments_kv"], json!({"i": 0}));
+    callee
+        .send(
+            json!({"type": "yield", "domain": "agm", "peer_id": callee.id,
+            "invocation_id": first["invocation_id"], "result": {"ok": true}}),
+        )
+        .await;
+    let r = caller
+        .next(|m| m["request_id"] == call(0)["request_id"])
+        .await;
+    assert_eq!(r["type"], "result", "{r}");
+    // Its share is free again.
+    caller.send(call(5)).await;
+    for i in 1..4 {
+        let inv = callee.next(|m| m["type"] == "invoke").await;
+        assert_eq!(inv["arguments_kv"], json!({"i": i}));
+    }
+    let inv = callee.next(|m| m["type"] == "invoke").await;
+    assert_eq!(inv["arguments_kv"], json!({"i": 5}));
+}
+
 /// A web peer (application `app`) that asks a native server for ~50 MiB of results without
 /// reading any of them, until the gateway removes it; returns it (still unread) with the
 /// reason the native side was given and the native server.

@@ -64,6 +64,15 @@ struct Known {
     announced: bool,
 }
 
+/// The length of `v` as JSON text (a string's without escapes: what it holds is what counts).
+fn json_len(v: &J) -> usize {
+    match v {
+        J::String(s) => s.len() + 2,
+        J::Null => 4,
+        other => other.to_string().len(),
+    }
+}
+
 /// The GW3 id of a method object (`null` when it has none).
 fn gid_of(obj: &J) -> &J {
     obj.get("id").unwrap_or(&J::Null)
@@ -97,6 +106,8 @@ enum Req {
 
 struct PendingCall {
     request_id: J,
+    /// What `request_id` counts against `max_waiting_bytes`.
+    bytes: usize,
     server: String,
     method: String,
 }
@@ -116,6 +127,8 @@ struct Me {
     next_method: u32,
     known: BTreeMap<PeerId, Known>,
     calls: HashMap<u64, PendingCall>,
+    /// Bytes of the request ids in `calls`.
+    waiting_bytes: usize,
     next_call: u64,
     invocations: HashMap<String, u64>,
     reqs: HashMap<u64, Req>,
@@ -599,6 +612,7 @@ impl Session {
             next_method: 1,
             known,
             calls: HashMap::new(),
+            waiting_bytes: 0,
             next_call: 1,
             invocations: HashMap::new(),
             reqs: HashMap::new(),
@@ -823,12 +837,25 @@ impl Session {
         let Some(method_id) = method_id else {
             return self.agm_error(msg, FAIL, &unknown_method());
         };
+        let request_id = rid(msg);
+        let bytes = json_len(&request_id);
+        let limit = self.sh.cfg.max_waiting_bytes;
+        if me.waiting_bytes.saturating_add(bytes) > limit {
+            let reason = format!(
+                "too many calls waiting for an answer: their request ids hold {} bytes, {bytes} \
+                 more would pass the limit ({limit}, max_waiting_bytes)",
+                me.waiting_bytes
+            );
+            return self.agm_error(msg, FAIL, &reason);
+        }
+        me.waiting_bytes += bytes;
         let call = me.next_call;
         me.next_call += 1;
         me.calls.insert(
             call,
             PendingCall {
-                request_id: rid(msg),
+                request_id,
+                bytes,
                 server,
                 method: echo(&method),
             },
@@ -1250,6 +1277,7 @@ impl Session {
         let Some(pc) = me.calls.remove(&call) else {
             return;
         };
+        me.waiting_bytes -= pc.bytes;
         let reply = match outcome {
             RelayOutcome::Ok(v) => json!({"domain": "agm", "type": "result",
                 "request_id": pc.request_id, "peer_id": me_id, "result": gw3::to_result(&v)}),

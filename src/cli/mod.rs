@@ -436,6 +436,7 @@ struct BridgeFile {
     allow_remote: bool,
     max_frame: Option<usize>,
     max_queued_bytes: Option<usize>,
+    max_waiting_bytes: Option<usize>,
     max_connections: Option<usize>,
     spin_us: Option<u64>,
 }
@@ -483,6 +484,9 @@ fn bridge_config(
     cfg.max_frame = file.max_frame;
     if let Some(v) = file.max_queued_bytes {
         cfg.max_queued_bytes = v;
+    }
+    if let Some(v) = file.max_waiting_bytes {
+        cfg.max_waiting_bytes = v;
     }
     if let Some(v) = file.max_connections {
         cfg.max_connections = v;
