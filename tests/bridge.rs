@@ -1083,6 +1083,55 @@ async fn request_ids_of_waiting_calls_are_bounded_per_connection() {
     assert_eq!(inv["arguments_kv"], json!({"i": 5}));
 }
 
+/// Stream subscriptions keep their `request_id` too (to answer with, until they end): the same
+/// per-connection bound (`max_waiting_bytes`) covers them.
+#[tokio::test]
+async fn request_ids_of_stream_subscriptions_are_bounded_per_connection() {
+    let gw = gateway("held-subs", |b| b.max_waiting_bytes = 4096);
+    let mut server = Web::login(gw.ws(), "undecided", &os_user(), &gw.token()).await;
+    let ok = server
+        .register(json!([{"id": 1, "name": "Undecided", "flags": {"streaming": true}}]))
+        .await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let mut sub = Web::login(gw.ws(), "hopeful", &os_user(), &gw.token()).await;
+    let added = sub
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Undecided")
+        .await;
+    let me = sub.id.clone();
+    let subscribe = |i: usize| {
+        json!({"type": "subscribe", "domain": "agm", "request_id": format!("{i}{}", "s".repeat(999)),
+            "peer_id": me, "server_id": added["server_id"], "method_id": 1, "arguments_kv": {"i": i}})
+    };
+    for i in 0..5 {
+        sub.send(subscribe(i)).await;
+    }
+    let refused = sub.next(|m| m["type"] == "error").await;
+    assert_eq!(refused["request_id"], subscribe(4)["request_id"]);
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(reason.contains("max_waiting_bytes"), "{reason}");
+    let first = server.next(|m| m["type"] == "add-interest").await;
+    server
+        .send(
+            json!({"type": "accepted", "domain": "agm", "peer_id": server.id,
+            "subscription_id": first["subscription_id"], "stream_id": "x"}),
+        )
+        .await;
+    let ok = sub
+        .next(|m| m["request_id"] == subscribe(0)["request_id"])
+        .await;
+    assert_eq!(ok["type"], "subscribed", "{ok}");
+    let gone = sub
+        .req(json!({"type": "unsubscribe", "domain": "agm", "subscription_id": ok["subscription_id"]}))
+        .await;
+    assert_eq!(gone["type"], "success", "{gone}");
+    // Its share is free again.
+    sub.send(subscribe(5)).await;
+    for i in [1, 2, 3, 5] {
+        let interest = server.next(|m| m["type"] == "add-interest").await;
+        assert_eq!(interest["arguments_kv"], json!({"i": i}));
+    }
+}
+
 /// A web peer (application `app`) that asks a native server for ~50 MiB of results without
 /// reading any of them, until the gateway removes it; returns it (still unread) with the
 /// reason the native side was given and the native server.

@@ -79,9 +79,9 @@ pub struct BridgeConfig {
     pub max_queued_bytes: usize,
     /// Registry notices that may wait for one connection's task.
     pub queue_depth: usize,
-    /// Bytes of `request_id`s one connection's calls waiting for an answer may hold (the
-    /// bridge keeps each to answer with it; a client chooses their size). A `call` beyond it
-    /// gets an error.
+    /// Bytes of `request_id`s one connection's calls waiting for an answer may hold, and
+    /// separately its stream subscriptions (the bridge keeps each to answer with it; a client
+    /// chooses their size). A `call` or `subscribe` beyond it gets an error.
     pub max_waiting_bytes: usize,
     /// Most WebSocket connections at once (logged in or not).
     pub max_connections: usize,
