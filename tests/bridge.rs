@@ -265,6 +265,49 @@ async fn native_client_invokes_a_web_method_and_sees_its_errors() {
 }
 
 #[tokio::test]
+async fn a_native_caller_with_more_calls_waiting_than_its_queue_hears_its_callee_leave() {
+    // Frames the gateway may queue for a native peer: fewer than the calls waiting.
+    const DEPTH: usize = 64;
+    const CALLS: usize = 100;
+    let gw = Env::with("burst", |cfg| {
+        cfg.queue_depth = DEPTH;
+        cfg.bridge = Some(BridgeConfig::loopback_ephemeral());
+    });
+    let mut web = Web::login(gw.ws(), "sink", &os_user(), &gw.token()).await;
+    let ok = web.register(json!([{"id": 1, "name": "Web.Sink"}])).await;
+    assert_eq!(ok["type"], "success");
+    let native = gw.client("caller");
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..CALLS {
+        let n = native.clone();
+        calls.spawn(blocking(move || {
+            n.invoke("Web.Sink", Value::map(), &opts())
+        }));
+    }
+    for _ in 0..CALLS {
+        web.next(|m| m["type"] == "invoke").await;
+    }
+    // The callee leaves with every call waiting: each is answered, and the caller (whose
+    // queue holds fewer frames than it has calls waiting) is not cut off.
+    drop(web);
+    for _ in 0..CALLS {
+        let r = tokio::time::timeout(WAIT, calls.join_next())
+            .await
+            .expect("every waiting call is answered")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.unwrap_err().status(), Status::PeerLeft);
+    }
+    native
+        .register("Still.Here", |c| Ok(c.args.clone()))
+        .unwrap();
+    let r = native
+        .invoke("Still.Here", Value::from(1), &opts())
+        .unwrap();
+    assert_eq!(r.returned, Value::from(1));
+}
+
+#[tokio::test]
 async fn web_client_invokes_native_methods_and_sees_native_peers() {
     let gw = gateway("w2n", |_| {});
     let native = gw.client("calc");
@@ -841,6 +884,293 @@ async fn a_flood_of_calls_loses_nothing() {
         got += 1;
     }
     let _sink = writer.await.unwrap();
+}
+
+/// A callee that never answers and then leaves fails every call waiting on it — even when a
+/// caller has more calls waiting than its registry queue holds (`queue_depth`): the failures
+/// come as one notice, and the caller, which reads everything, stays connected. (They came as
+/// one notice per call, which overflowed that queue and cut the caller off as a slow consumer.)
+#[tokio::test]
+async fn a_callee_leaving_fails_more_waiting_calls_than_the_callers_queue_holds() {
+    let gw = gateway("mute-callee", |b| b.queue_depth = 16);
+    let mut callee = Web::login(gw.ws(), "mute", &os_user(), &gw.token()).await;
+    let ok = callee.register(json!([{"id": 1, "name": "Mute"}])).await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let mut caller = Web::login(gw.ws(), "patient", &os_user(), &gw.token()).await;
+    let added = caller
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Mute")
+        .await;
+    const N: usize = 200;
+    // In steps of 8, so the callee's queue (16 too) never overflows.
+    for step in (0..N).step_by(8) {
+        for i in step..step + 8 {
+            caller
+                .send(
+                    json!({"type": "call", "domain": "agm", "request_id": format!("c{i}"),
+                    "peer_id": caller.id, "server_id": added["server_id"], "method_id": 1,
+                    "arguments_kv": {"i": i}}),
+                )
+                .await;
+        }
+        for _ in 0..8 {
+            callee.next(|m| m["type"] == "invoke").await;
+        }
+    }
+    drop(callee);
+    for i in 0..N {
+        let e = caller.next(|m| m["request_id"] == format!("c{i}")).await;
+        assert_eq!(e["type"], "error", "{e}");
+        assert_eq!(e["reason"], "Peer has left while waiting for result", "{e}");
+    }
+    caller.barrier().await;
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A web client's identity and method objects are as large as it makes them (up to
+/// `max_frame` each). Every connection that knew the peer kept its own copy of them, so one
+/// client could make the gateway's memory grow with the number of connections times what it
+/// sent (16 MiB of method objects cost 420 MB with 20 peers). They are shared now: the gateway
+/// — a process of its own here, so that its memory alone is measured — grows by a small
+/// multiple of what the client sent, however many peers know it.
+#[tokio::test]
+async fn big_identities_and_method_objects_are_kept_once_not_once_per_connection() {
+    let dir = common::TempDir::new("shared-objects");
+    let child = std::process::Command::new(common::knit_bin())
+        .arg("gateway")
+        .arg("--gateway")
+        .arg(dir.socket())
+        .args(["--ws", "127.0.0.1:0", "--ws-auth", "open"])
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut gw = common::ChildGuard::new(child, "knit gateway");
+    let lines = common::Lines::spawn(gw.child_mut().stderr.take().unwrap());
+    let line = lines
+        .wait_for(common::STARTUP, |l| l.contains("bridge listening on ws://"))
+        .expect("the bridge did not start");
+    let addr: SocketAddr = line
+        .split("ws://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    const PEERS: usize = 24;
+    const MIB: usize = 1 << 20;
+    let mut peers = Vec::new();
+    for i in 0..PEERS {
+        peers.push(Web::login(addr, &format!("peer{i}"), "u", "x").await);
+    }
+    let before = rss_kib(gw.pid());
+    let big = "x".repeat(MIB);
+    let mut hog = Web::connect(addr).await;
+    let welcome = hog
+        .request(
+            json!({"type": "hello", "domain": "global", "request_id": "hello",
+            "identity": {"application": "hog", "pad": big},
+            "authentication": {"method": "secret", "login": "u", "secret": "x"}}),
+        )
+        .await;
+    assert_eq!(welcome["type"], "welcome");
+    hog.id = welcome["peer_id"].clone();
+    let ok = hog.req(json!({"type": "join", "destination": "agm"})).await;
+    assert_eq!(ok["type"], "success");
+    for p in &mut peers {
+        let id = hog.id.clone();
+        p.next(|m| m["type"] == "peer-added" && m["new_peer_id"] == id)
+            .await;
+    }
+    const METHODS: usize = 8;
+    for n in 0..METHODS {
+        let ok = hog
+            .register(json!([{"id": n, "name": format!("Big{n}"), "description": big}]))
+            .await;
+        assert_eq!(ok["type"], "success");
+        for p in &mut peers {
+            let id = hog.id.clone();
+            p.next(|m| m["type"] == "methods-added" && m["server_id"] == id)
+                .await;
+        }
+    }
+    let grown = rss_kib(gw.pid()).saturating_sub(before);
+    let sent = (METHODS + 1) * MIB / 1024;
+    eprintln!("the gateway grew by {grown} KiB for {sent} KiB sent, {PEERS} peers");
+    assert!(
+        grown < 12 * sent as u64,
+        "the gateway grew by {grown} KiB for {sent} KiB of identity and method objects"
+    );
+}
+
+/// `knit serve --delay-ms` (the slow native server of demos and tests) answers hundreds of web
+/// calls waiting at once from a bounded set of threads: it started a thread per call, so
+/// callers piling up calls on it ran it out of threads or memory, and the calls beyond failed
+/// ("failed to spawn thread"). Here its address space is limited to 512 MiB, which a few
+/// hundred thread stacks exceed.
+#[tokio::test]
+async fn a_slow_native_server_answers_hundreds_of_waiting_web_calls() {
+    use std::os::unix::process::CommandExt;
+    let gw = gateway("slow-serve", |_| {});
+    let mut cmd = std::process::Command::new(common::knit_bin());
+    cmd.arg("--gateway")
+        .arg(gw.socket())
+        .args([
+            "--app",
+            "sluggish",
+            "serve",
+            "Sluggish",
+            "--echo",
+            "--delay-ms",
+            "2000",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit, a
+    // single async-signal-safe system call; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = rustix::process::Rlimit {
+                current: Some(512 << 20),
+                maximum: Some(512 << 20),
+            };
+            rustix::process::setrlimit(rustix::process::Resource::As, limit)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let out = common::Lines::spawn(child.stdout.take().unwrap());
+    let _server = common::ChildGuard::new(child, "knit serve Sluggish");
+    out.wait_for(common::STARTUP, |l| l.contains("\"ready\""))
+        .expect("knit serve did not start");
+    let mut web = Web::login(gw.ws(), "impatient", &os_user(), &gw.token()).await;
+    let added = web
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Sluggish")
+        .await;
+    const N: usize = 400;
+    for i in 0..N {
+        web.send(
+            json!({"type": "call", "domain": "agm", "request_id": format!("c{i}"),
+            "peer_id": web.id, "server_id": added["server_id"],
+            "method_id": added["methods"][0]["id"], "arguments_kv": {"i": i}}),
+        )
+        .await;
+    }
+    for i in 0..N {
+        let r = web.next(|m| m["request_id"] == format!("c{i}")).await;
+        assert_eq!(r["type"], "result", "call {i}: {r}");
+        assert_eq!(r["result"], json!({"i": i}));
+    }
+}
+
+/// The bridge keeps each waiting call's `request_id` to answer with it, and a client chooses
+/// their size (up to `max_frame`): calls to a server that does not answer held 1 MiB of gateway
+/// memory per 1 MiB id, up to `max_pending_calls` of them. Their bytes are bounded per
+/// connection (`max_waiting_bytes`): a call beyond gets an error at once, and an answer frees
+/// its share.
+#[tokio::test]
+async fn request_ids_of_waiting_calls_are_bounded_per_connection() {
+    let gw = gateway("waiting-bytes", |b| b.max_waiting_bytes = 4096);
+    let mut callee = Web::login(gw.ws(), "stalling", &os_user(), &gw.token()).await;
+    let ok = callee.register(json!([{"id": 1, "name": "Stall"}])).await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let mut caller = Web::login(gw.ws(), "verbose", &os_user(), &gw.token()).await;
+    let added = caller
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Stall")
+        .await;
+    let me = caller.id.clone();
+    let call = |i: usize| {
+        json!({"type": "call", "domain": "agm", "request_id": format!("{i}{}", "r".repeat(999)),
+            "peer_id": me, "server_id": added["server_id"], "method_id": 1,
+            "arguments_kv": {"i": i}})
+    };
+    // Four ids of 1002 bytes (as JSON) fit in 4096; the fifth does not.
+    for i in 0..5 {
+        caller.send(call(i)).await;
+    }
+    let refused = caller.next(|m| m["type"] == "error").await;
+    assert_eq!(refused["request_id"], call(4)["request_id"]);
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(reason.contains("max_waiting_bytes"), "{reason}");
+    let first = callee.next(|m| m["type"] == "invoke").await;
+    assert_eq!(first["arguments_kv"], json!({"i": 0}));
+    callee
+        .send(
+            json!({"type": "yield", "domain": "agm", "peer_id": callee.id,
+            "invocation_id": first["invocation_id"], "result": {"ok": true}}),
+        )
+        .await;
+    let r = caller
+        .next(|m| m["request_id"] == call(0)["request_id"])
+        .await;
+    assert_eq!(r["type"], "result", "{r}");
+    // Its share is free again.
+    caller.send(call(5)).await;
+    for i in 1..4 {
+        let inv = callee.next(|m| m["type"] == "invoke").await;
+        assert_eq!(inv["arguments_kv"], json!({"i": i}));
+    }
+    let inv = callee.next(|m| m["type"] == "invoke").await;
+    assert_eq!(inv["arguments_kv"], json!({"i": 5}));
+}
+
+/// Stream subscriptions keep their `request_id` too (to answer with, until they end): the same
+/// per-connection bound (`max_waiting_bytes`) covers them.
+#[tokio::test]
+async fn request_ids_of_stream_subscriptions_are_bounded_per_connection() {
+    let gw = gateway("held-subs", |b| b.max_waiting_bytes = 4096);
+    let mut server = Web::login(gw.ws(), "undecided", &os_user(), &gw.token()).await;
+    let ok = server
+        .register(json!([{"id": 1, "name": "Undecided", "flags": {"streaming": true}}]))
+        .await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let mut sub = Web::login(gw.ws(), "hopeful", &os_user(), &gw.token()).await;
+    let added = sub
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Undecided")
+        .await;
+    let me = sub.id.clone();
+    let subscribe = |i: usize| {
+        json!({"type": "subscribe", "domain": "agm", "request_id": format!("{i}{}", "s".repeat(999)),
+            "peer_id": me, "server_id": added["server_id"], "method_id": 1, "arguments_kv": {"i": i}})
+    };
+    for i in 0..5 {
+        sub.send(subscribe(i)).await;
+    }
+    let refused = sub.next(|m| m["type"] == "error").await;
+    assert_eq!(refused["request_id"], subscribe(4)["request_id"]);
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(reason.contains("max_waiting_bytes"), "{reason}");
+    let first = server.next(|m| m["type"] == "add-interest").await;
+    server
+        .send(
+            json!({"type": "accepted", "domain": "agm", "peer_id": server.id,
+            "subscription_id": first["subscription_id"], "stream_id": "x"}),
+        )
+        .await;
+    let ok = sub
+        .next(|m| m["request_id"] == subscribe(0)["request_id"])
+        .await;
+    assert_eq!(ok["type"], "subscribed", "{ok}");
+    let gone = sub
+        .req(json!({"type": "unsubscribe", "domain": "agm", "subscription_id": ok["subscription_id"]}))
+        .await;
+    assert_eq!(gone["type"], "success", "{gone}");
+    // Its share is free again.
+    sub.send(subscribe(5)).await;
+    for i in [1, 2, 3, 5] {
+        let interest = server.next(|m| m["type"] == "add-interest").await;
+        assert_eq!(interest["arguments_kv"], json!({"i": i}));
+    }
 }
 
 /// A web peer (application `app`) that asks a native server for ~50 MiB of results without
@@ -2125,6 +2455,58 @@ async fn a_web_stream_serves_native_subscribers() {
         StreamEvent::Closed { reason, .. } => assert_eq!(reason, "Method has been removed"),
         other => panic!("{other:?}"),
     }
+}
+
+/// A web server that sends `error` for a subscription it accepted already ends it: the
+/// subscriber is told, with the reason. (The subscription used to be forgotten on the server's
+/// side only: the subscriber stayed subscribed and silently got nothing more.)
+#[tokio::test]
+async fn a_web_server_rejecting_an_accepted_subscription_ends_it_with_the_reason() {
+    let gw = gateway("reject-late", |_| {});
+    let mut server = Web::login(gw.ws(), "fickle", &os_user(), &gw.token()).await;
+    let reg = server
+        .register(json!([{"id": "s", "name": "Fickle.Ticks", "flags": {"streaming": true}}]))
+        .await;
+    assert_eq!(reg["type"], "success", "{reg}");
+    let mut sub = Web::login(gw.ws(), "follower", &os_user(), &gw.token()).await;
+    let added = sub
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Fickle.Ticks")
+        .await;
+    sub.send(
+        json!({"type": "subscribe", "domain": "agm", "request_id": "s1", "peer_id": sub.id,
+        "server_id": added["server_id"], "method_id": "s", "arguments_kv": {}}),
+    )
+    .await;
+    let interest = server.next(|m| m["type"] == "add-interest").await;
+    let sid = interest["subscription_id"].clone();
+    server
+        .send(
+            json!({"type": "accepted", "domain": "agm", "peer_id": server.id,
+        "subscription_id": sid, "stream_id": "b"}),
+        )
+        .await;
+    let ok = sub.next(|m| m["request_id"] == "s1").await;
+    assert_eq!(ok["type"], "subscribed", "{ok}");
+    server
+        .send(
+            json!({"type": "error", "domain": "agm", "peer_id": server.id,
+        "request_id": sid, "reason": "changed my mind"}),
+        )
+        .await;
+    let end = sub
+        .next(|m| m["type"] == "subscription-cancelled" || m["type"] == "event")
+        .await;
+    assert_eq!(end["type"], "subscription-cancelled", "{end}");
+    assert_eq!(end["subscription_id"], ok["subscription_id"]);
+    assert_eq!(end["reason"], "changed my mind");
+    // Pushes to the branch reach nobody now, and the server can still serve a new one.
+    server
+        .send(
+            json!({"type": "publish", "domain": "agm", "peer_id": server.id,
+        "stream_id": "b", "data": {"late": true}}),
+        )
+        .await;
+    assert!(sub.drain().await.iter().all(|m| m["type"] != "event"));
 }
 
 #[tokio::test]

@@ -420,8 +420,9 @@ pub(crate) fn to_result(v: &Value) -> J {
     to_kv(v)
 }
 
-/// About how long `v` is as JSON text (strings without escapes; numbers at most 24 bytes):
-/// for splitting large announcements without serialising them twice.
+/// About how long `v` is as JSON text (strings without escapes; a number counts 24 bytes),
+/// without serialising it: for splitting large announcements and for the bytes of request ids
+/// a connection may keep waiting.
 pub(crate) fn approx_len(v: &J) -> usize {
     match v {
         J::Null => 4,

@@ -60,10 +60,12 @@ impl Kill {
 struct WebPeer {
     peer: Option<PeerId>,
     user: String,
-    identity: J,
+    /// Shared with every connection that knows the peer (one copy however many there are: an
+    /// identity or method object is as large as a client makes it).
+    identity: Arc<J>,
     in_agm: bool,
     /// Registry method id → the method object exactly as the client registered it.
-    methods: HashMap<u32, J>,
+    methods: HashMap<u32, Arc<J>>,
     events: mpsc::Sender<HubEvent>,
     kill: Arc<Kill>,
 }
@@ -94,7 +96,7 @@ impl Hub {
         &self,
         instance: &str,
         user: &str,
-        identity: J,
+        identity: Arc<J>,
         events: mpsc::Sender<HubEvent>,
         kill: Arc<Kill>,
     ) -> bool {
@@ -130,7 +132,7 @@ impl Hub {
     }
 
     /// The GW3 identity of the web peer with this instance, if it is one.
-    pub(crate) fn identity(&self, instance: &str) -> Option<J> {
+    pub(crate) fn identity(&self, instance: &str) -> Option<Arc<J>> {
         self.lock().get(instance).map(|w| w.identity.clone())
     }
 
@@ -140,7 +142,11 @@ impl Hub {
     }
 
     /// Stores the method objects a web peer is registering.
-    pub(crate) fn add_methods(&self, instance: &str, methods: impl IntoIterator<Item = (u32, J)>) {
+    pub(crate) fn add_methods(
+        &self,
+        instance: &str,
+        methods: impl IntoIterator<Item = (u32, Arc<J>)>,
+    ) {
         if let Some(w) = self.lock().get_mut(instance) {
             w.methods.extend(methods);
         }
@@ -156,7 +162,7 @@ impl Hub {
     }
 
     /// The verbatim object of a web peer's method.
-    pub(crate) fn method(&self, instance: &str, id: u32) -> Option<J> {
+    pub(crate) fn method(&self, instance: &str, id: u32) -> Option<Arc<J>> {
         self.lock()
             .get(instance)
             .and_then(|w| w.methods.get(&id).cloned())
@@ -211,7 +217,8 @@ mod tests {
     ) -> (mpsc::Receiver<HubEvent>, Arc<Kill>) {
         let (tx, rx) = mpsc::channel(depth);
         let kill = Arc::new(Kill::default());
-        assert!(hub.reserve(inst, user, json!({"application": inst}), tx, kill.clone()));
+        let identity = Arc::new(json!({"application": inst}));
+        assert!(hub.reserve(inst, user, identity, tx, kill.clone()));
         hub.admitted(inst, PeerId(peer));
         (rx, kill)
     }
@@ -237,7 +244,8 @@ mod tests {
         let hub = Hub::default();
         let (_ra, _) = add(&hub, "a", "u", 1, 8);
         let (tx, _rx) = mpsc::channel(1);
-        assert!(!hub.reserve("a", "u", json!({}), tx, Arc::new(Kill::default())));
+        let identity = Arc::new(json!({}));
+        assert!(!hub.reserve("a", "u", identity, tx, Arc::new(Kill::default())));
         let (_rb, kb) = add(&hub, "b", "u", 2, 1);
         hub.set_agm("a", true);
         hub.set_agm("a", false);
@@ -253,10 +261,13 @@ mod tests {
     fn method_objects_are_kept_verbatim() {
         let hub = Hub::default();
         let (_ra, _) = add(&hub, "a", "u", 1, 8);
-        hub.add_methods("a", [(1, json!({"id": 7, "name": "M", "x": [1]}))]);
+        hub.add_methods(
+            "a",
+            [(1, Arc::new(json!({"id": 7, "name": "M", "x": [1]})))],
+        );
         assert_eq!(
-            hub.method("a", 1),
-            Some(json!({"id": 7, "name": "M", "x": [1]}))
+            hub.method("a", 1).as_deref(),
+            Some(&json!({"id": 7, "name": "M", "x": [1]}))
         );
         hub.remove_methods("a", &[1]);
         assert_eq!(hub.method("a", 1), None);

@@ -80,6 +80,10 @@ pub struct BridgeConfig {
     pub max_queued_bytes: usize,
     /// Registry notices that may wait for one connection's task.
     pub queue_depth: usize,
+    /// Bytes of `request_id`s one connection's calls waiting for an answer may hold, and
+    /// separately its stream subscriptions (the bridge keeps each to answer with it; a client
+    /// chooses their size). A `call` or `subscribe` beyond it gets an error.
+    pub max_waiting_bytes: usize,
     /// Most WebSocket connections at once (logged in or not).
     pub max_connections: usize,
     /// Most connections at once that have not logged in yet (they count against
@@ -107,6 +111,7 @@ impl BridgeConfig {
             max_frame: None,
             max_queued_bytes: 64 << 20,
             queue_depth: 65_536,
+            max_waiting_bytes: 16 << 20,
             max_connections: 1024,
             max_pending_logins: 128,
             hello_timeout: Duration::from_secs(30),

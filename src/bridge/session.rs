@@ -53,14 +53,21 @@ const CLOSE_PROTOCOL: u16 = 1002;
 
 /// Another peer as this connection's client knows it.
 struct Known {
-    /// The GW3 identity shown in `peer-added`.
-    identity: J,
+    /// The GW3 identity shown in `peer-added` (a web peer's shared with the hub: one copy
+    /// however many connections know the peer).
+    identity: Arc<J>,
     /// The instance of a web peer (whose `agm` membership the hub knows); `None` for natives.
     web: Option<String>,
-    /// Registry method id → (GW3 id, method object).
-    methods: BTreeMap<u32, (J, J)>,
+    /// Registry method id → method object (its `id` is the GW3 id; a web peer's object is
+    /// shared with the hub).
+    methods: BTreeMap<u32, Arc<J>>,
     /// Whether the client was sent `peer-added` for it.
     announced: bool,
+}
+
+/// The GW3 id of a method object (`null` when it has none).
+fn gid_of(obj: &J) -> &J {
+    obj.get("id").unwrap_or(&J::Null)
 }
 
 impl Known {
@@ -68,7 +75,7 @@ impl Known {
         let key = gw3::id_key(id);
         self.methods
             .iter()
-            .find(|(_, (gid, _))| gw3::id_key(gid) == key)
+            .find(|(_, o)| gw3::id_key(gid_of(o)) == key)
             .map(|(n, _)| *n)
     }
 }
@@ -91,6 +98,8 @@ enum Req {
 
 struct PendingCall {
     request_id: J,
+    /// What `request_id` counts against `max_waiting_bytes`.
+    bytes: usize,
     server: String,
     method: String,
 }
@@ -99,17 +108,19 @@ struct PendingCall {
 struct Me {
     peer: PeerId,
     id: J,
-    /// The GW3 identity it logged in with (resolved).
-    identity: J,
+    /// The GW3 identity it logged in with (resolved; shared with the hub).
+    identity: Arc<J>,
     instance: String,
     user: String,
     in_agm: bool,
     /// Own methods: registry id → (GW3 id, object); and GW3 id key → registry id.
-    methods: HashMap<u32, (J, J)>,
+    methods: HashMap<u32, (J, Arc<J>)>,
     by_key: HashMap<String, u32>,
     next_method: u32,
     known: BTreeMap<PeerId, Known>,
     calls: HashMap<u64, PendingCall>,
+    /// Bytes of the request ids in `calls`.
+    waiting_bytes: usize,
     next_call: u64,
     invocations: HashMap<String, u64>,
     reqs: HashMap<u64, Req>,
@@ -561,7 +572,7 @@ impl Session {
         if given.is_none() {
             identity.insert("instance".into(), J::String(instance.clone()));
         }
-        let identity = J::Object(identity);
+        let identity = Arc::new(J::Object(identity));
         let hub = &self.sh.hub;
         if !hub.reserve(
             &instance,
@@ -589,7 +600,7 @@ impl Session {
             pid,
             user: login.user.clone(),
             transport: Transport::Relay,
-            attributes: Value::from(identity.clone()),
+            attributes: Value::from((*identity).clone()),
         };
         let (peer, welcome) = match self.sh.core.admit(adm, reg_tx, closer).await {
             Ok(x) => x,
@@ -612,7 +623,7 @@ impl Session {
         }
         let mut w = json!({
             "domain": "global", "type": "welcome", "request_id": request_id, "peer_id": id,
-            "available_domains": gw3::available_domains(), "resolved_identity": identity,
+            "available_domains": gw3::available_domains(), "resolved_identity": *identity,
         });
         if login.access_token {
             w["options"] = json!({"access_token": self.sh.auth.access_token(&login)});
@@ -629,6 +640,7 @@ impl Session {
             next_method: 1,
             known,
             calls: HashMap::new(),
+            waiting_bytes: 0,
             next_call: 1,
             invocations: HashMap::new(),
             reqs: HashMap::new(),
@@ -745,7 +757,7 @@ impl Session {
                 return self.agm_error(msg, FAIL, "too many registrations on this connection");
             };
             specs.push(MethodSpec { id: next, def });
-            entries.push((next, key, id, m.clone()));
+            entries.push((next, key, id, Arc::new(m.clone())));
             next = after;
         }
         me.next_method = next;
@@ -853,12 +865,25 @@ impl Session {
         let Some(method_id) = method_id else {
             return self.agm_error(msg, FAIL, &unknown_method());
         };
+        let request_id = rid(msg);
+        let bytes = gw3::approx_len(&request_id);
+        let limit = self.sh.cfg.max_waiting_bytes;
+        if me.waiting_bytes.saturating_add(bytes) > limit {
+            let reason = format!(
+                "too many calls waiting for an answer: their request ids hold {} bytes, {bytes} \
+                 more would pass the limit ({limit}, max_waiting_bytes)",
+                me.waiting_bytes
+            );
+            return self.agm_error(msg, FAIL, &reason);
+        }
+        me.waiting_bytes += bytes;
         let call = me.next_call;
         me.next_call += 1;
         me.calls.insert(
             call,
             PendingCall {
-                request_id: rid(msg),
+                request_id,
+                bytes,
                 server,
                 method: echo(&method),
             },
@@ -991,7 +1016,7 @@ impl Session {
         Known {
             identity: web
                 .clone()
-                .unwrap_or_else(|| gw3::native_identity(identity)),
+                .unwrap_or_else(|| Arc::new(gw3::native_identity(identity))),
             web: web.map(|_| identity.instance.clone()),
             methods: BTreeMap::new(),
             announced: false,
@@ -1006,10 +1031,9 @@ impl Session {
                 .web
                 .as_ref()
                 .and_then(|inst| self.sh.hub.method(inst, m.id))
-                .unwrap_or_else(|| gw3::method_to_gw3(m.id, &m.def));
-            let id = obj.get("id").cloned().unwrap_or(J::Null);
-            k.methods.insert(m.id, (id, obj.clone()));
-            objs.push(obj);
+                .unwrap_or_else(|| Arc::new(gw3::method_to_gw3(m.id, &m.def)));
+            objs.push((*obj).clone());
+            k.methods.insert(m.id, obj);
         }
         objs
     }
@@ -1057,7 +1081,7 @@ impl Session {
         k.announced = true;
         let server = self.sh.ids.peer(peer);
         let added = json!({"domain": "agm", "type": "peer-added", "peer_id": me.id,
-            "new_peer_id": server, "identity": k.identity, "meta": {"local": true}});
+            "new_peer_id": server, "identity": *k.identity, "meta": {"local": true}});
         let me_id = me.id.clone();
         let mut frames = vec![added];
         // Methods in frames of about ANNOUNCE_CHUNK bytes each: a peer may hold 100 000
@@ -1070,14 +1094,14 @@ impl Session {
                 "source_type": "local", "server_id": server, "methods": std::mem::take(methods)}),
             );
         };
-        for (_, o) in k.methods.values() {
+        for o in k.methods.values() {
             let len = gw3::approx_len(o);
             if !methods.is_empty() && bytes + len > ANNOUNCE_CHUNK {
                 flush(&mut methods);
                 bytes = 0;
             }
             bytes += len;
-            methods.push(o.clone());
+            methods.push((**o).clone());
         }
         if !methods.is_empty() {
             flush(&mut methods);
@@ -1099,7 +1123,7 @@ impl Session {
                 if !std::mem::replace(&mut k.announced, false) || !me.in_agm {
                     return;
                 }
-                let ids: Vec<J> = k.methods.values().map(|(id, _)| id.clone()).collect();
+                let ids: Vec<J> = k.methods.values().map(|o| gid_of(o).clone()).collect();
                 let (me_id, server) = (me.id.clone(), self.sh.ids.peer(p));
                 if !ids.is_empty() {
                     self.send(
@@ -1124,7 +1148,7 @@ impl Session {
                 Some(Req::Register { request_id, ids }) => {
                     let objs: Vec<J> = ids
                         .iter()
-                        .filter_map(|n| me.methods.get(n).map(|(_, o)| o.clone()))
+                        .filter_map(|n| me.methods.get(n).map(|(_, o)| (**o).clone()))
                         .collect();
                     if !objs.is_empty() {
                         self.send(
@@ -1233,7 +1257,7 @@ impl Session {
                 };
                 let gids: Vec<J> = ids
                     .iter()
-                    .filter_map(|n| k.methods.remove(n).map(|(id, _)| id))
+                    .filter_map(|n| k.methods.remove(n).map(|o| gid_of(&o).clone()))
                     .collect();
                 if k.announced && in_agm && !gids.is_empty() {
                     self.send(
@@ -1286,40 +1310,11 @@ impl Session {
                     "arguments": null, "arguments_kv": kv, "context": null}),
                 );
             }
-            FromGateway::CallResult { call, outcome } => {
-                let Some(pc) = me.calls.remove(&call) else {
-                    return;
-                };
-                let reply = match outcome {
-                    RelayOutcome::Ok(v) => json!({"domain": "agm", "type": "result",
-                        "request_id": pc.request_id, "peer_id": me_id, "result": gw3::to_result(&v)}),
-                    RelayOutcome::Err {
-                        status,
-                        message,
-                        context,
-                    } => {
-                        const FAIL: &str = "agm.errors.invocation.failure";
-                        let (uri, reason) = match status {
-                            Status::MethodFailed => ("agm.errors.client_error", message),
-                            Status::NotFound => (FAIL, format!(
-                                "Unable to find method with id {} on server id {} registered with this peer",
-                                pc.method, pc.server)),
-                            Status::PeerLeft if message.starts_with("Unable to find peer") => {
-                                (FAIL, format!("Unable to find peer with id {}", pc.server))
-                            }
-                            _ => (FAIL, message),
-                        };
-                        let mut e = gw3::error("agm", &pc.request_id, &me_id, uri, &reason);
-                        if status == Status::MethodFailed {
-                            e["context"] = match context {
-                                Value::Null => json!({}),
-                                c => c.to_json(),
-                            };
-                        }
-                        e
-                    }
-                };
-                self.send(reply);
+            FromGateway::CallResult { call, outcome } => self.call_result(call, outcome),
+            FromGateway::CallsFailed { calls, outcome } => {
+                for call in calls {
+                    self.call_result(call, outcome.clone());
+                }
             }
             FromGateway::Shutdown { reason } => {
                 self.done = Some((CLOSE_GOING_AWAY, reason));
@@ -1342,6 +1337,46 @@ impl Session {
             // core adds later is ignored until the bridge learns it.
             _ => {}
         }
+    }
+
+    /// The outcome of one of our calls, as GW3 tells the caller.
+    fn call_result(&mut self, call: u64, outcome: RelayOutcome) {
+        let Some(me) = self.me.as_mut() else { return };
+        let me_id = me.id.clone();
+        let Some(pc) = me.calls.remove(&call) else {
+            return;
+        };
+        me.waiting_bytes -= pc.bytes;
+        let reply = match outcome {
+            RelayOutcome::Ok(v) => json!({"domain": "agm", "type": "result",
+                "request_id": pc.request_id, "peer_id": me_id, "result": gw3::to_result(&v)}),
+            RelayOutcome::Err {
+                status,
+                message,
+                context,
+            } => {
+                const FAIL: &str = "agm.errors.invocation.failure";
+                let (uri, reason) = match status {
+                    Status::MethodFailed => ("agm.errors.client_error", message),
+                    Status::NotFound => (FAIL, format!(
+                        "Unable to find method with id {} on server id {} registered with this peer",
+                        pc.method, pc.server)),
+                    Status::PeerLeft if message.starts_with("Unable to find peer") => {
+                        (FAIL, format!("Unable to find peer with id {}", pc.server))
+                    }
+                    _ => (FAIL, message),
+                };
+                let mut e = gw3::error("agm", &pc.request_id, &me_id, uri, &reason);
+                if status == Status::MethodFailed {
+                    e["context"] = match context {
+                        Value::Null => json!({}),
+                        c => c.to_json(),
+                    };
+                }
+                e
+            }
+        };
+        self.send(reply);
     }
 
     /// Forgets own methods; returns their GW3 ids.

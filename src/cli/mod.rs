@@ -20,7 +20,7 @@ macro_rules! errln {
 mod bench;
 
 use clap::{Parser, Subcommand};
-use knit::client::{Client, ClientError, InvokeError, InvokeOptions};
+use knit::client::{Client, ClientError, InvokeError, InvokeOptions, Responder};
 use knit::gateway::{Gateway, GatewayConfig};
 use knit::model::Target;
 use knit::wait::WaitStrategy;
@@ -446,6 +446,7 @@ struct BridgeFile {
     allow_remote: bool,
     max_frame: Option<usize>,
     max_queued_bytes: Option<usize>,
+    max_waiting_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_pending_logins: Option<usize>,
     hello_timeout_ms: Option<u64>,
@@ -495,6 +496,9 @@ fn bridge_config(
     cfg.max_frame = file.max_frame;
     if let Some(v) = file.max_queued_bytes {
         cfg.max_queued_bytes = v;
+    }
+    if let Some(v) = file.max_waiting_bytes {
+        cfg.max_waiting_bytes = v;
     }
     if let Some(v) = file.max_connections {
         cfg.max_connections = v;
@@ -933,15 +937,34 @@ fn invoke(
 
 fn serve(client: &Client, method: &str, reply: Option<Value>, delay_ms: u64) -> CliResult {
     let delay = Duration::from_millis(delay_ms);
+    // Delayed answers wait on one thread, in arrival order (every call waits as long, so that
+    // is deadline order too). A thread per call ran the process out of threads and memory
+    // when callers piled up tens of thousands of calls on a slow server.
+    let delayed = (!delay.is_zero()).then(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, Responder, Value)>();
+        std::thread::Builder::new()
+            .name("knit-serve-delay".into())
+            .spawn(move || {
+                for (due, responder, result) in rx {
+                    std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+                    responder.ok(result);
+                }
+            })
+            .map(|_| tx)
+    });
+    let delayed = delayed
+        .transpose()
+        .map_err(|e| CliError::new(Status::Busy, format!("cannot start the delay thread: {e}")))?;
     client.register_async(method, move |call, responder| {
         let result = reply.clone().unwrap_or(call.args);
-        if delay.is_zero() {
-            responder.ok(result);
-        } else {
-            std::thread::spawn(move || {
-                std::thread::sleep(delay);
-                responder.ok(result);
-            });
+        match &delayed {
+            None => responder.ok(result),
+            Some(tx) => {
+                let due = std::time::Instant::now() + delay;
+                // The thread ends only with the process; if it is gone, the responder is
+                // dropped with the item, which answers the caller with an error.
+                let _ = tx.send((due, responder, result));
+            }
         }
     })?;
     let me = client.instance();

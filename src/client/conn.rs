@@ -472,6 +472,11 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             }
         }
         FromGateway::CallResult { call, outcome } => shared.complete_relayed(call, outcome),
+        FromGateway::CallsFailed { calls, outcome } => {
+            for call in calls {
+                shared.complete_relayed(call, outcome.clone());
+            }
+        }
         FromGateway::ContextOpened {
             req,
             id,

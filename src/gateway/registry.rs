@@ -92,8 +92,9 @@ pub(super) struct Peer {
     /// Whether it is a web peer (it logged in with a GW3 identity).
     pub(super) web: bool,
     tx: PeerTx,
-    /// Relayed calls this peer has waiting.
+    /// Relayed calls this peer has waiting, in all and per callee.
     pending: usize,
+    pending_on: HashMap<PeerId, usize>,
     /// What the policy lets it do.
     pub(super) rules: Arc<PeerRules>,
     /// Lane faults this peer reported that disconnected the accused (see `lane_fault`).
@@ -104,6 +105,17 @@ pub(super) struct Peer {
 }
 
 impl Peer {
+    /// One of its relayed calls to `callee` was answered (or failed).
+    fn answered(&mut self, callee: PeerId) {
+        self.pending = self.pending.saturating_sub(1);
+        if let Some(n) = self.pending_on.get_mut(&callee) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_on.remove(&callee);
+            }
+        }
+    }
+
     /// Its identity as `viewer` sees it (a web peer sees the GW3 form): what a bus `target`
     /// from `viewer` is matched against, key by key.
     pub(super) fn seen_by(&self, viewer: &Peer) -> &Value {
@@ -475,6 +487,7 @@ impl Registry {
                 doorbell,
                 tx,
                 pending: 0,
+                pending_on: HashMap::new(),
                 rules: rules.clone(),
                 accusations: 0,
                 overflowed: false,
@@ -757,6 +770,19 @@ impl Registry {
                 Status::Busy,
                 "too many calls waiting for an answer",
             ))
+        } else if self.peers[&from]
+            .pending_on
+            .get(&peer)
+            .copied()
+            .unwrap_or(0)
+            >= (self.limits.max_pending_calls / 2).max(1)
+        {
+            // A server that never answers (but stays) must not take the caller's whole budget:
+            // calls to other servers still go through.
+            Some(relay_error(
+                Status::Busy,
+                "too many calls waiting for an answer from this server",
+            ))
         } else if !self.allowed(
             from,
             PolicyAction::Invoke,
@@ -791,6 +817,7 @@ impl Registry {
         );
         if let Some(p) = self.peers.get_mut(&from) {
             p.pending += 1;
+            *p.pending_on.entry(peer).or_default() += 1;
         }
         self.send(
             peer,
@@ -821,7 +848,7 @@ impl Registry {
 
     fn finish(&mut self, r: Relayed, outcome: RelayOutcome) {
         if let Some(p) = self.peers.get_mut(&r.caller) {
-            p.pending = p.pending.saturating_sub(1);
+            p.answered(r.callee);
         }
         self.send(
             r.caller,
@@ -850,10 +877,41 @@ impl Registry {
             .filter(|(_, r)| r.deadline <= now)
             .map(|(k, _)| *k)
             .collect();
-        for k in old {
-            if let Some(r) = self.relayed.remove(&k) {
-                self.finish(r, relay_error(Status::Timeout, "no answer from the method"));
+        let gone: Vec<Relayed> = old
+            .into_iter()
+            .filter_map(|k| self.relayed.remove(&k))
+            .collect();
+        self.fail_all(
+            gone,
+            relay_error(Status::Timeout, "no answer from the method"),
+        );
+    }
+
+    /// Fails relayed calls alike: one notice per caller, however many of its calls there are
+    /// (a caller with more calls waiting than its queue holds must not be disconnected because
+    /// its callee left).
+    fn fail_all(&mut self, gone: Vec<Relayed>, outcome: RelayOutcome) {
+        let mut by_caller: BTreeMap<PeerId, Vec<u64>> = BTreeMap::new();
+        for r in gone {
+            if let Some(p) = self.peers.get_mut(&r.caller) {
+                p.answered(r.callee);
             }
+            by_caller.entry(r.caller).or_default().push(r.call);
+        }
+        for (caller, mut calls) in by_caller {
+            calls.sort_unstable();
+            let msg = if let [call] = calls[..] {
+                FromGateway::CallResult {
+                    call,
+                    outcome: outcome.clone(),
+                }
+            } else {
+                FromGateway::CallsFailed {
+                    calls,
+                    outcome: outcome.clone(),
+                }
+            };
+            self.send(caller, msg, Vec::new());
         }
     }
 
@@ -880,16 +938,15 @@ impl Registry {
             .filter(|(_, r)| r.callee == id || r.caller == id)
             .map(|(k, _)| *k)
             .collect();
-        for k in orphaned {
-            if let Some(r) = self.relayed.remove(&k) {
-                if r.callee == id {
-                    self.finish(
-                        r,
-                        relay_error(Status::PeerLeft, "Peer has left while waiting for result"),
-                    );
-                }
-            }
-        }
+        let failed: Vec<Relayed> = orphaned
+            .into_iter()
+            .filter_map(|k| self.relayed.remove(&k))
+            .filter(|r| r.callee == id)
+            .collect();
+        self.fail_all(
+            failed,
+            relay_error(Status::PeerLeft, "Peer has left while waiting for result"),
+        );
         let ids: Vec<u32> = peer.methods.keys().copied().collect();
         for other in audience {
             if !ids.is_empty() {
@@ -1529,6 +1586,70 @@ pub(crate) mod tests {
                 ..
             }
         ));
+    }
+
+    /// A callee that never answers (but stays) takes at most half of a caller's
+    /// `max_pending_calls`: the caller can still call other servers. (It took all of it, and
+    /// every later call of that caller, to anyone, was refused for as long as the callee stayed.)
+    #[test]
+    fn a_callee_that_never_answers_takes_half_of_a_callers_waiting_calls_at_most() {
+        let limits = Limits {
+            max_pending_calls: 4,
+            ..Limits::default()
+        };
+        let mut reg = Registry::new(limits).unwrap();
+        let (caller, mut rc) = join_web(&mut reg, "caller", "u");
+        let (mute, mut rm) = join_web(&mut reg, "mute", "u");
+        let (fine, mut rf) = join_web(&mut reg, "fine", "u");
+        reg.register(mute, 1, vec![spec(1, "Mute")]);
+        reg.register(fine, 2, vec![spec(1, "Fine")]);
+        recv(&mut rc);
+        recv(&mut rm);
+        recv(&mut rf);
+        let busy = |m: &FromGateway, want: u64| matches!(m, FromGateway::CallResult { call, outcome: RelayOutcome::Err { status: Status::Busy, .. } } if *call == want);
+        for call in 1..=3 {
+            reg.call(caller, call, mute, 1, Value::Null, u32::MAX);
+        }
+        let msgs = recv(&mut rc);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(busy(&msgs[0].0, 3), "{msgs:?}");
+        assert_eq!(
+            recv(&mut rm).len(),
+            2,
+            "two invocations reach the mute callee"
+        );
+        for call in 4..=6 {
+            reg.call(caller, call, fine, 1, Value::Null, u32::MAX);
+        }
+        let msgs = recv(&mut rc);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(
+            busy(&msgs[0].0, 6),
+            "the caller's own limit still holds: {msgs:?}"
+        );
+        let invocations: Vec<u64> = recv(&mut rf)
+            .into_iter()
+            .filter_map(|(m, _)| match m {
+                FromGateway::Invoke { invocation, .. } => Some(invocation),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(invocations.len(), 2);
+        // Answers give the places back.
+        reg.yield_(fine, invocations[0], RelayOutcome::Ok(Value::Null));
+        reg.call(caller, 7, fine, 1, Value::Null, u32::MAX);
+        let msgs = recv(&mut rc);
+        assert!(
+            matches!(
+                msgs[0].0,
+                FromGateway::CallResult {
+                    call: 4,
+                    outcome: RelayOutcome::Ok(_)
+                }
+            ),
+            "{msgs:?}"
+        );
+        assert_eq!(msgs.len(), 1, "call 7 is waiting: {msgs:?}");
     }
 
     #[test]

@@ -524,6 +524,12 @@ pub enum FromGateway {
     ContextsDestroyed {
         gone: Vec<(u64, String, ContextGone)>,
     },
+    /// Several of our relayed calls failed alike (their callee left, or they expired): each
+    /// as if by `CallResult { call, outcome }`. One notice, however many calls there were.
+    CallsFailed {
+        calls: Vec<u64>,
+        outcome: RelayOutcome,
+    },
 }
 
 /// Why a frame could not be decoded.

@@ -146,7 +146,7 @@ impl Session {
             // `login` is announced but not matched (as in the reference gateway; the registry
             // matches other subscribers the same way).
             Value::Map(t) => {
-                !t.contains_key("login") && identity_matches(t, &Value::from(identity.clone()))
+                !t.contains_key("login") && identity_matches(t, &Value::from((*identity).clone()))
             }
             _ => true,
         };
@@ -196,7 +196,7 @@ impl Session {
             .iter()
             .map(|s| {
                 json!({"domain": "bus", "type": "event", "peer_id": me.id,
-                    "subscription_id": s.gid, "publisher-identity": publisher, "data": data})
+                    "subscription_id": s.gid, "publisher-identity": *publisher, "data": data})
             })
             .collect();
         for f in frames {

@@ -23,6 +23,8 @@ use crate::wire::stream as rec;
 use crate::wire::Value;
 use serde_json::{json, Value as J};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 const SUB_FAIL: &str = "agm.errors.subscription.failure";
 /// What GW3 servers (the client libraries) say when they reject.
@@ -31,10 +33,24 @@ const REJECTED_PREFIX: &str = "Subscription rejected by user. ";
 const METHOD_REMOVED: &str = "Method has been removed";
 const PEER_REMOVED: &str = "Peer has been removed";
 
+/// A subscription's `request_id`, counted against `max_waiting_bytes` while it is held (the
+/// client chooses its size; it is kept to answer with).
+struct HeldId {
+    id: J,
+    bytes: usize,
+    meter: Arc<AtomicUsize>,
+}
+
+impl Drop for HeldId {
+    fn drop(&mut self) {
+        self.meter.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// A subscription this peer made.
 struct OutSub {
     gid: String,
-    request_id: J,
+    request_id: HeldId,
     server: PeerId,
     /// The server's method (registry id).
     method: u32,
@@ -62,6 +78,8 @@ pub(super) struct StreamState {
     next_in: u64,
     by_gid: HashMap<String, u64>,
     by_key: HashMap<(PeerId, u64), u64>,
+    /// Bytes of the request ids in `out`.
+    held: Arc<AtomicUsize>,
 }
 
 impl StreamState {
@@ -137,6 +155,19 @@ impl Session {
         if me.streams.out.len() >= super::MAX_SUBSCRIPTIONS {
             return self.stream_error(msg, SUB_FAIL, "too many subscriptions on this connection");
         }
+        let request_id = rid(msg);
+        let bytes = gw3::approx_len(&request_id);
+        let (held, limit) = (
+            me.streams.held.load(Ordering::Relaxed),
+            self.sh.cfg.max_waiting_bytes,
+        );
+        if held.saturating_add(bytes) > limit {
+            let reason = format!(
+                "too many subscriptions: their request ids hold {held} bytes, {bytes} more \
+                 would pass the limit ({limit}, max_waiting_bytes)"
+            );
+            return self.stream_error(msg, SUB_FAIL, &reason);
+        }
         let n = self.sh.ids.number();
         let gid = self.sh.ids.with('r', n);
         let mut body = Vec::new();
@@ -144,11 +175,16 @@ impl Session {
             return self.stream_error(msg, SUB_FAIL, &e.to_string());
         }
         if let Some(me) = self.me.as_mut() {
+            me.streams.held.fetch_add(bytes, Ordering::Relaxed);
             me.streams.out.insert(
                 n,
                 OutSub {
                     gid,
-                    request_id: rid(msg),
+                    request_id: HeldId {
+                        id: request_id,
+                        bytes,
+                        meter: me.streams.held.clone(),
+                    },
                     server: target,
                     method: method_id,
                     accepted: false,
@@ -209,7 +245,7 @@ impl Session {
                 json!({"domain": "agm", "type": "subscription-cancelled", "peer_id": me_id,
                     "subscription_id": s.gid, "reason_uri": uri, "reason": reason})
             } else {
-                gw3::error("agm", &s.request_id, &me_id, SUB_FAIL, reason)
+                gw3::error("agm", &s.request_id.id, &me_id, SUB_FAIL, reason)
             });
         }
         for f in frames {
@@ -302,8 +338,8 @@ impl Session {
         self.core(record_to(peer, KIND_SUB_REPLY, body)).await;
     }
 
-    /// A server's `error` naming one of our pending subscriptions: a rejection. False when it
-    /// names none.
+    /// A server's `error` naming one of our subscriptions: a rejection of a pending one, the
+    /// end of an accepted one (like `drop-subscription`). False when it names none.
     pub(super) async fn stream_rejected(&mut self, msg: &Obj) -> bool {
         let Some(gid) = msg.get("request_id").and_then(J::as_str) else {
             return false;
@@ -322,6 +358,17 @@ impl Session {
             None | Some(J::Null) => String::new(),
             Some(other) => other.to_string(),
         };
+        if s.stream.is_some() {
+            // Accepted already: the server no longer serves it. It ends as if dropped, with the
+            // reason — the subscriber must not stay subscribed to a stream nobody feeds it.
+            self.core(record_to(
+                s.peer,
+                KIND_SUB_CLOSE,
+                rec::close(s.sub_id, &reason),
+            ))
+            .await;
+            return true;
+        }
         let uri = msg
             .get("reason_uri")
             .and_then(J::as_str)
@@ -552,7 +599,7 @@ impl Session {
         }
         if r.accepted {
             s.accepted = true;
-            let frame = json!({"domain": "agm", "type": "subscribed", "request_id": s.request_id,
+            let frame = json!({"domain": "agm", "type": "subscribed", "request_id": s.request_id.id,
                 "peer_id": me_id, "subscription_id": s.gid});
             self.send(frame);
             return Ok(());
@@ -573,7 +620,7 @@ impl Session {
                 info.get("reason").and_then(Value::as_str).unwrap_or("")
             ),
         };
-        self.send(gw3::error("agm", &s.request_id, &me_id, &uri, &reason));
+        self.send(gw3::error("agm", &s.request_id.id, &me_id, &uri, &reason));
         Ok(())
     }
 
@@ -628,7 +675,7 @@ impl Session {
                     json!({"domain": "agm", "type": "subscription-cancelled", "peer_id": me_id,
                         "subscription_id": s.gid, "reason_uri": close_uri(&reason), "reason": reason})
                 } else {
-                    gw3::error("agm", &s.request_id, &me_id, SUB_FAIL, &reason)
+                    gw3::error("agm", &s.request_id.id, &me_id, SUB_FAIL, &reason)
                 });
             }
             return Ok(());
