@@ -2087,6 +2087,56 @@ async fn updates_too_large_for_the_log_and_removals_reach_web_subscribers_as_upd
 }
 
 #[tokio::test]
+async fn a_web_publisher_flooding_the_bus_waits_for_its_subscribers_instead_of_cutting_them_off() {
+    // A small queue per connection, so the flood is many times what one can hold.
+    const N: u64 = 20_000;
+    let gw = gateway("busflood", |b| {
+        b.auth = AuthMode::Open;
+        b.queue_depth = 512;
+    });
+    let mut subs = Vec::new();
+    for i in 0..2 {
+        let mut s = Web::login(gw.ws(), &format!("sub{i}"), "u", "").await;
+        s.req(json!({"type": "join", "destination": "bus"})).await;
+        let r = s
+            .req(json!({"type": "subscribe", "domain": "bus", "topic": "flood"}))
+            .await;
+        assert_eq!(r["type"], "subscribed", "{r}");
+        subs.push(s);
+    }
+    let mut publisher = Web::login(gw.ws(), "pub", "u", "").await;
+    publisher
+        .req(json!({"type": "join", "destination": "bus"}))
+        .await;
+    let id = publisher.id.clone();
+    // The publisher writes as fast as its socket takes it and reads nothing.
+    let flood = tokio::spawn(async move {
+        for i in 0..N {
+            publisher
+                .send(json!({"type": "publish", "domain": "bus", "peer_id": id, "topic": "flood", "data": {"i": i}}))
+                .await;
+        }
+        publisher
+    });
+    // Both subscribers read everything, in order, and stay connected.
+    let mut seen = [0u64; 2];
+    while seen.iter().any(|&n| n < N) {
+        for (k, s) in subs.iter_mut().enumerate() {
+            if seen[k] == N {
+                continue;
+            }
+            let e = s.next(|m| m["type"] == "event").await;
+            assert_eq!(e["data"]["i"], seen[k], "subscriber {k}");
+            seen[k] += 1;
+        }
+    }
+    let _publisher = flood.await.unwrap();
+    for s in &mut subs {
+        s.barrier().await;
+    }
+}
+
+#[tokio::test]
 async fn bus_messages_flow_both_ways_between_web_and_native_peers() {
     let gw = gateway("bus-mixed", |_| {});
     let native = gw.client("nat");

@@ -26,6 +26,7 @@
 pub(crate) mod auth;
 mod contexts;
 mod delta;
+mod gate;
 pub(crate) mod gw3;
 mod hub;
 mod pending;
@@ -228,6 +229,7 @@ impl Bound {
             ctxs,
             spin,
             pending: Default::default(),
+            gate: Default::default(),
         });
         crate::log::info(format_args!(
             "bridge listening on ws://{}/ ({} authentication)",

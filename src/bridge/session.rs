@@ -36,6 +36,7 @@ pub(crate) struct Shared {
     pub ctxs: Arc<Contexts>,
     pub spin: Arc<super::spin::Spin>,
     pub pending: Arc<super::pending::Pending>,
+    pub gate: super::gate::Gate,
 }
 
 /// Most bus subscriptions, stream subscriptions made, and subscriptions to its streams, that
@@ -144,6 +145,10 @@ struct Session {
     done: Option<(u16, String)>,
     /// The `agm` replay under way, if any.
     replay: Option<Replay>,
+    /// It has published on the bus: it waits while the gate is closed.
+    publisher: bool,
+    /// Its queue of registry notices has a backlog (it holds the gate closed).
+    congested: bool,
 }
 
 /// What joining `agm` sends: every peer the client may see, with its methods, then the
@@ -164,6 +169,10 @@ async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing>
         None => std::future::pending().await,
     }
 }
+
+/// How often a publisher held back by the gate looks again (the gate's wake-up is not kept
+/// for a waiter that registers late).
+const GATE_RECHECK: Duration = Duration::from_millis(5);
 
 /// About how many bytes of method objects one `methods-added` announcing a peer carries.
 const ANNOUNCE_CHUNK: usize = 256 << 10;
@@ -191,7 +200,10 @@ pub(crate) async fn run(
         stash: VecDeque::new(),
         done: None,
         replay: None,
+        publisher: false,
+        congested: false,
     };
+    let sh = s.sh.clone();
     let hello_deadline = tokio::time::sleep(s.sh.cfg.hello_timeout);
     tokio::pin!(hello_deadline);
     // The connection's place among those waiting to log in, given up once it has.
@@ -215,14 +227,22 @@ pub(crate) async fn run(
             }
         }
         let replaying = s.replay.is_some();
+        if replaying {
+            // Its queue is not read during a replay, so its backlog is not known: it must not
+            // hold publishers back meanwhile (a client that stops reading would hold them for
+            // good). A queue that overflows meanwhile disconnects it, as before.
+            s.sh.gate.release(&mut s.congested);
+        }
         if replaying && s.wire.out.queued() <= s.sh.cfg.max_queued_bytes / 2 {
             s.replay_step();
             continue;
         }
         if let (false, Some(out)) = (replaying, s.stash.pop_front()) {
             s.on_core(out).await;
+            s.observe_backlog();
             continue;
         }
+        let throttled = s.publisher && sh.gate.closed();
         // Output first: answers go out before the next frame is read (a client that closes
         // right after its last requests still gets the answers), and a connection's frames are
         // handled in the order they arrived, without yielding to other connections in between.
@@ -244,10 +264,16 @@ pub(crate) async fn run(
                 break (why.clone(), Some((CLOSE_SLOW, why, false)));
             }
             Some(ev) = hub_rx.recv(), if !replaying => s.on_hub(ev),
-            Some(out) = recv_opt(&mut s.reg_rx), if !replaying => s.on_core(out).await,
+            Some(out) = recv_opt(&mut s.reg_rx), if !replaying => {
+                s.on_core(out).await;
+                s.observe_backlog();
+            }
             // Another task queued frames for us (context updates).
             _ = out.woken() => {}
-            frame = stream.next(), if !replaying => match frame {
+            // A publisher waiting for subscribers' backlogs to clear (see `gate`).
+            _ = sh.gate.eased(), if throttled => {}
+            _ = tokio::time::sleep(GATE_RECHECK), if throttled => {}
+            frame = stream.next(), if !replaying && !throttled => match frame {
                 Some(Ok(Message::Text(t))) => {
                     s.sh.spin.touch();
                     s.on_text(t.as_str()).await
@@ -284,6 +310,7 @@ pub(crate) async fn run(
         s.sh.core.closed(me.peer, why).await;
         s.sh.hub.remove(&me.instance);
     }
+    s.sh.gate.release(&mut s.congested);
     let Session { mut wire, .. } = s;
     // Send what is queued (the close frame last) and read (and discard) what the client still
     // sends until it answers the close: closing a socket with unread input resets the
@@ -1039,6 +1066,14 @@ impl Session {
     }
 
     /// Tells the client about a peer (and its methods) if it may see it now.
+    /// Reports this connection's backlog of registry notices to the gate.
+    fn observe_backlog(&mut self) {
+        let backlog = self.reg_rx.as_ref().map_or(0, |r| r.len());
+        self.sh
+            .gate
+            .observe(&mut self.congested, backlog, self.sh.cfg.queue_depth);
+    }
+
     fn announce(&mut self, peer: PeerId) {
         let mut frames = self.announcement(peer);
         if frames.len() <= 2 {

@@ -153,6 +153,7 @@ impl Session {
         if mine {
             self.bus_deliver(peer, topic, routing_key.as_deref(), &data);
         }
+        self.publisher = true;
         self.core(ToGateway::BusPublish {
             topic: topic.clone(),
             routing_key,
