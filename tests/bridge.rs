@@ -886,6 +886,21 @@ async fn a_flood_of_calls_loses_nothing() {
     let _sink = writer.await.unwrap();
 }
 
+/// A web callee registering `method` (GW3 id 1) and a web caller that has seen it announced
+/// (the `methods-added`).
+async fn callee_and_caller(gw: &Env, method: &str) -> (Web, Web, J) {
+    let callee_app = format!("{method}-callee");
+    let mut callee = Web::login(gw.ws(), &callee_app, &os_user(), &gw.token()).await;
+    let ok = callee.register(json!([{"id": 1, "name": method}])).await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let caller_app = format!("{method}-caller");
+    let mut caller = Web::login(gw.ws(), &caller_app, &os_user(), &gw.token()).await;
+    let added = caller
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == method)
+        .await;
+    (callee, caller, added)
+}
+
 /// A callee that never answers and then leaves fails every call waiting on it — even when a
 /// caller has more calls waiting than its registry queue holds (`queue_depth`): the failures
 /// come as one notice, and the caller, which reads everything, stays connected. (They came as
@@ -893,13 +908,7 @@ async fn a_flood_of_calls_loses_nothing() {
 #[tokio::test]
 async fn a_callee_leaving_fails_more_waiting_calls_than_the_callers_queue_holds() {
     let gw = gateway("mute-callee", |b| b.queue_depth = 16);
-    let mut callee = Web::login(gw.ws(), "mute", &os_user(), &gw.token()).await;
-    let ok = callee.register(json!([{"id": 1, "name": "Mute"}])).await;
-    assert_eq!(ok["type"], "success", "{ok}");
-    let mut caller = Web::login(gw.ws(), "patient", &os_user(), &gw.token()).await;
-    let added = caller
-        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Mute")
-        .await;
+    let (mut callee, mut caller, added) = callee_and_caller(&gw, "Mute").await;
     const N: usize = 200;
     // In steps of 8, so the callee's queue (16 too) never overflows.
     for step in (0..N).step_by(8) {
@@ -1081,13 +1090,7 @@ async fn a_slow_native_server_answers_hundreds_of_waiting_web_calls() {
 #[tokio::test]
 async fn request_ids_of_waiting_calls_are_bounded_per_connection() {
     let gw = gateway("waiting-bytes", |b| b.max_waiting_bytes = 4096);
-    let mut callee = Web::login(gw.ws(), "stalling", &os_user(), &gw.token()).await;
-    let ok = callee.register(json!([{"id": 1, "name": "Stall"}])).await;
-    assert_eq!(ok["type"], "success", "{ok}");
-    let mut caller = Web::login(gw.ws(), "verbose", &os_user(), &gw.token()).await;
-    let added = caller
-        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Stall")
-        .await;
+    let (mut callee, mut caller, added) = callee_and_caller(&gw, "Stall").await;
     let me = caller.id.clone();
     let call = |i: usize| {
         json!({"type": "call", "domain": "agm", "request_id": format!("{i}{}", "r".repeat(999)),
