@@ -886,6 +886,56 @@ async fn a_flood_of_calls_loses_nothing() {
     let _sink = writer.await.unwrap();
 }
 
+#[tokio::test]
+async fn method_objects_and_identities_are_bounded_in_bytes() {
+    let gw = gateway("obj-bytes", |b| {
+        b.auth = AuthMode::Open;
+        b.max_method_bytes = 4096;
+        b.max_identity_bytes = 2048;
+    });
+    // An identity over the limit is refused with the reason; the same login, smaller, is not.
+    let mut big = Web::connect(gw.ws()).await;
+    let mut r = big
+        .request(
+            json!({"type": "hello", "domain": "global", "request_id": "h",
+            "identity": {"application": "big", "pad": "p".repeat(4096)},
+            "authentication": {"method": "secret", "login": "u", "secret": ""}}),
+        )
+        .await;
+    assert_eq!(r["type"], "error", "{r}");
+    assert!(
+        r["reason"].as_str().unwrap().contains("max_identity_bytes"),
+        "{r}"
+    );
+    r = big
+        .request(
+            json!({"type": "hello", "domain": "global", "request_id": "h2",
+            "identity": {"application": "big", "pad": "p".repeat(1024)},
+            "authentication": {"method": "secret", "login": "u", "secret": ""}}),
+        )
+        .await;
+    assert_eq!(r["type"], "welcome", "{r}");
+    // Method objects of ~1 KiB: three fit in 4 KiB, a batch of two more does not, and
+    // nothing of a refused batch is registered.
+    let mut w = Web::login(gw.ws(), "server", "u", "").await;
+    let m = |i: u32| json!({"id": i, "name": format!("M{i}"), "flags": {"metadata": {"pad": "p".repeat(1000)}}});
+    let ok = w.register(json!([m(1), m(2), m(3)])).await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let no = w.register(json!([m(4), m(5)])).await;
+    assert_eq!(no["type"], "error", "{no}");
+    assert!(
+        no["reason"].as_str().unwrap().contains("max_method_bytes"),
+        "{no}"
+    );
+    // Unregistering gives the bytes back.
+    let off = w
+        .req(json!({"type": "unregister", "domain": "agm", "methods": [1, 2]}))
+        .await;
+    assert_eq!(off["type"], "success", "{off}");
+    let ok = w.register(json!([m(4), m(5)])).await;
+    assert_eq!(ok["type"], "success", "{ok}");
+}
+
 /// A web callee registering `method` (GW3 id 1) and a web caller that has seen it announced
 /// (the `methods-added`).
 async fn callee_and_caller(gw: &Env, method: &str) -> (Web, Web, J) {
@@ -950,11 +1000,16 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test]
 async fn big_identities_and_method_objects_are_kept_once_not_once_per_connection() {
     let dir = common::TempDir::new("shared-objects");
+    // A 1 MiB identity: past the default `max_identity_bytes` (64 KiB), which bounds what
+    // this test measures.
+    let config = dir.path().join("gw.json");
+    std::fs::write(&config, r#"{"bridge": {"max_identity_bytes": 4194304}}"#).unwrap();
     let child = std::process::Command::new(common::knit_bin())
         .arg("gateway")
         .arg("--gateway")
         .arg(dir.socket())
-        .args(["--ws", "127.0.0.1:0", "--ws-auth", "open"])
+        .args(["--ws", "127.0.0.1:0", "--ws-auth", "open", "--config"])
+        .arg(&config)
         .env("XDG_RUNTIME_DIR", dir.path())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -85,6 +85,12 @@ pub struct BridgeConfig {
     /// separately its stream subscriptions (the bridge keeps each to answer with it; a client
     /// chooses their size). A `call` or `subscribe` beyond it gets an error.
     pub max_waiting_bytes: usize,
+    /// Bytes of method objects one connection may hold registered (they are kept verbatim,
+    /// and a client chooses their size). A `register` beyond it is refused.
+    pub max_method_bytes: usize,
+    /// Largest GW3 identity a `hello` may carry (kept for the connection's life and shown to
+    /// every peer that sees it).
+    pub max_identity_bytes: usize,
     /// Most WebSocket connections at once (logged in or not).
     pub max_connections: usize,
     /// Most connections at once that have not logged in yet (they count against
@@ -113,6 +119,8 @@ impl BridgeConfig {
             max_queued_bytes: 64 << 20,
             queue_depth: 65_536,
             max_waiting_bytes: 16 << 20,
+            max_method_bytes: 64 << 20,
+            max_identity_bytes: 64 << 10,
             max_connections: 1024,
             max_pending_logins: 128,
             hello_timeout: Duration::from_secs(30),

@@ -122,6 +122,8 @@ struct Me {
     calls: HashMap<u64, PendingCall>,
     /// Bytes of the request ids in `calls`.
     waiting_bytes: usize,
+    /// What its registered method objects count against `max_method_bytes`.
+    method_bytes: usize,
     next_call: u64,
     invocations: HashMap<String, u64>,
     reqs: HashMap<u64, Req>,
@@ -558,6 +560,14 @@ impl Session {
             Ok(l) => l,
             Err(reason) => return self.send(fail("global.errors.authentication.failure", &reason)),
         };
+        let limit = self.sh.cfg.max_identity_bytes;
+        if let Some(id) = msg.get("identity").filter(|i| gw3::approx_len(i) > limit) {
+            let reason = format!(
+                "the identity is {} bytes, more than the limit ({limit}, max_identity_bytes)",
+                gw3::approx_len(id)
+            );
+            return self.send(fail("global.errors.bad_identity", &reason));
+        }
         let mut identity = match msg.get("identity") {
             Some(J::Object(o)) => o.clone(),
             _ => {
@@ -668,6 +678,7 @@ impl Session {
             known,
             calls: HashMap::new(),
             waiting_bytes: 0,
+            method_bytes: 0,
             next_call: 1,
             invocations: HashMap::new(),
             reqs: HashMap::new(),
@@ -769,6 +780,16 @@ impl Session {
         let mut entries = Vec::with_capacity(list.len());
         let mut keys = HashSet::new();
         let mut next = me.next_method;
+        let adding: usize = list.iter().map(gw3::approx_len).sum();
+        let limit = self.sh.cfg.max_method_bytes;
+        if me.method_bytes.saturating_add(adding) > limit {
+            let reason = format!(
+                "registering these methods would hold {} bytes of method objects on this \
+                 connection, more than the limit ({limit}, max_method_bytes)",
+                me.method_bytes.saturating_add(adding)
+            );
+            return self.agm_error(msg, FAIL, &reason);
+        }
         for m in list {
             let def = match gw3::method_def_from_gw3(m) {
                 Ok(d) => d,
@@ -788,6 +809,7 @@ impl Session {
             next = after;
         }
         me.next_method = next;
+        me.method_bytes += adding;
         let ids: Vec<u32> = entries.iter().map(|e| e.0).collect();
         self.sh.hub.add_methods(
             &me.instance,
@@ -1422,8 +1444,9 @@ impl Session {
         self.sh.hub.remove_methods(&me.instance, ids);
         let mut gids = Vec::with_capacity(ids.len());
         for n in ids {
-            if let Some((id, _)) = me.methods.remove(n) {
+            if let Some((id, obj)) = me.methods.remove(n) {
                 me.by_key.remove(&gw3::id_key(&id));
+                me.method_bytes = me.method_bytes.saturating_sub(gw3::approx_len(&obj));
                 gids.push(id);
             }
         }

@@ -447,6 +447,8 @@ struct BridgeFile {
     max_frame: Option<usize>,
     max_queued_bytes: Option<usize>,
     max_waiting_bytes: Option<usize>,
+    max_method_bytes: Option<usize>,
+    max_identity_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_pending_logins: Option<usize>,
     hello_timeout_ms: Option<u64>,
@@ -499,6 +501,12 @@ fn bridge_config(
     }
     if let Some(v) = file.max_waiting_bytes {
         cfg.max_waiting_bytes = v;
+    }
+    if let Some(v) = file.max_method_bytes {
+        cfg.max_method_bytes = v;
+    }
+    if let Some(v) = file.max_identity_bytes {
+        cfg.max_identity_bytes = v;
     }
     if let Some(v) = file.max_connections {
         cfg.max_connections = v;
