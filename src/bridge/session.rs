@@ -67,7 +67,7 @@ struct Known {
 }
 
 /// The GW3 id of a method object (`null` when it has none).
-fn gid_of(obj: &J) -> &J {
+pub(super) fn gid_of(obj: &J) -> &J {
     obj.get("id").unwrap_or(&J::Null)
 }
 
@@ -114,8 +114,9 @@ struct Me {
     instance: String,
     user: String,
     in_agm: bool,
-    /// Own methods: registry id → (GW3 id, object); and GW3 id key → registry id.
-    methods: HashMap<u32, (J, Arc<J>)>,
+    /// Own methods: registry id → object (its `id` is the GW3 id; shared with the hub); and
+    /// GW3 id key → registry id.
+    methods: HashMap<u32, Arc<J>>,
     by_key: HashMap<String, u32>,
     next_method: u32,
     known: BTreeMap<PeerId, Known>,
@@ -795,17 +796,17 @@ impl Session {
                 Ok(d) => d,
                 Err(e) => return self.agm_error(msg, FAIL, &e.to_string()),
             };
-            let id = m.get("id").cloned().unwrap_or(J::Null);
-            let key = gw3::id_key(&id);
+            let id = gid_of(m);
+            let key = gw3::id_key(id);
             if me.by_key.contains_key(&key) || !keys.insert(key.clone()) {
-                let reason = format!("a method with id {} is already registered", echo(&id));
+                let reason = format!("a method with id {} is already registered", echo(id));
                 return self.agm_error(msg, FAIL, &reason);
             }
             let Some(after) = next.checked_add(1).filter(|n| *n != NO_METHOD) else {
                 return self.agm_error(msg, FAIL, "too many registrations on this connection");
             };
             specs.push(MethodSpec { id: next, def });
-            entries.push((next, key, id, Arc::new(m.clone())));
+            entries.push((next, key, Arc::new(m.clone())));
             next = after;
         }
         me.next_method = next;
@@ -813,11 +814,11 @@ impl Session {
         let ids: Vec<u32> = entries.iter().map(|e| e.0).collect();
         self.sh.hub.add_methods(
             &me.instance,
-            entries.iter().map(|(n, _, _, o)| (*n, o.clone())),
+            entries.iter().map(|(n, _, o)| (*n, o.clone())),
         );
-        for (n, key, id, obj) in entries {
+        for (n, key, obj) in entries {
             me.by_key.insert(key, n);
-            me.methods.insert(n, (id, obj));
+            me.methods.insert(n, obj);
         }
         let req = me.next_req;
         me.next_req += 1;
@@ -1205,7 +1206,7 @@ impl Session {
                 Some(Req::Register { request_id, ids }) => {
                     let objs: Vec<J> = ids
                         .iter()
-                        .filter_map(|n| me.methods.get(n).map(|(_, o)| (**o).clone()))
+                        .filter_map(|n| me.methods.get(n).map(|o| (**o).clone()))
                         .collect();
                     if !objs.is_empty() {
                         self.send(
@@ -1329,7 +1330,7 @@ impl Session {
                 method_id,
                 args,
             } => {
-                let gid = me.methods.get(&method_id).map(|(id, _)| id.clone());
+                let gid = me.methods.get(&method_id).map(|o| gid_of(o).clone());
                 let busy = me.invocations.len() >= self.sh.limits.max_pending_calls;
                 let (Some(gid), false) = (gid, busy) else {
                     let (status, message) = if busy {
@@ -1444,7 +1445,8 @@ impl Session {
         self.sh.hub.remove_methods(&me.instance, ids);
         let mut gids = Vec::with_capacity(ids.len());
         for n in ids {
-            if let Some((id, obj)) = me.methods.remove(n) {
+            if let Some(obj) = me.methods.remove(n) {
+                let id = gid_of(&obj).clone();
                 me.by_key.remove(&gw3::id_key(&id));
                 me.method_bytes = me.method_bytes.saturating_sub(gw3::approx_len(&obj));
                 gids.push(id);

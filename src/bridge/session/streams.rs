@@ -15,7 +15,7 @@
 //! subscription names it the same without asking; a native subscriber's subscription gets a
 //! fresh GW3 id. Branches are GW3 `stream_id`s.
 
-use super::{display_id, echo, rid, Session};
+use super::{display_id, echo, gid_of, rid, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::wire::frame::{PeerId, ToGateway};
 use crate::wire::record::{KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST};
@@ -269,7 +269,7 @@ impl Session {
             let Some(s) = me.streams.take_in(n) else {
                 continue;
             };
-            let method = me.methods.get(&s.method).map(|(id, _)| id.clone());
+            let method = me.methods.get(&s.method).map(|o| gid_of(o).clone());
             frames.push(
                 json!({"domain": "agm", "type": "remove-interest", "peer_id": me_id,
                 "subscription_id": s.gid, "method_id": method,
@@ -532,7 +532,7 @@ impl Session {
         let Some(me) = self.me.as_mut() else {
             return Ok(());
         };
-        let Some(method) = me.methods.get(&r.method_id).map(|(id, _)| id.clone()) else {
+        let Some(method) = me.methods.get(&r.method_id).map(|o| gid_of(o).clone()) else {
             // Not (or no longer) ours: the subscriber hears so instead of waiting.
             let mut b = Vec::new();
             let info = Value::object([("reason", Value::from(METHOD_REMOVED))]);
@@ -683,7 +683,7 @@ impl Session {
         // …or a subscriber leaving one of our streams.
         if let Some(n) = me.streams.by_key.get(&(from, sub_id)).copied() {
             if let Some(s) = me.streams.take_in(n) {
-                let method = me.methods.get(&s.method).map(|(id, _)| id.clone());
+                let method = me.methods.get(&s.method).map(|o| gid_of(o).clone());
                 self.send(
                     json!({"domain": "agm", "type": "remove-interest", "peer_id": me_id,
                     "subscription_id": s.gid, "method_id": method,
