@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value as J};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -98,11 +99,49 @@ enum Req {
 }
 
 struct PendingCall {
-    request_id: J,
-    /// What `request_id` counts against `max_waiting_bytes`.
-    bytes: usize,
+    request_id: HeldId,
     server: String,
     method: String,
+}
+
+/// The bytes of the request ids a connection keeps to answer with (those of its waiting calls,
+/// or of its stream subscriptions), against `max_waiting_bytes`: a client chooses their size.
+#[derive(Default)]
+pub(super) struct Meter(Arc<AtomicUsize>);
+
+/// A request id kept to answer with; its meter counts it until it is dropped.
+pub(super) struct HeldId {
+    pub(super) id: J,
+    bytes: usize,
+    meter: Arc<AtomicUsize>,
+}
+
+impl Meter {
+    /// Holds `id` if it fits under `limit`; otherwise the reason, naming what is `waiting`.
+    pub(super) fn hold(&self, id: J, limit: usize, waiting: &str) -> Result<HeldId, String> {
+        let bytes = gw3::approx_len(&id);
+        // Relaxed: only the connection's own task holds and drops its ids (the count is
+        // atomic to be shared with them, not across threads).
+        let held = self.0.load(Ordering::Relaxed);
+        if held.saturating_add(bytes) > limit {
+            return Err(format!(
+                "too many {waiting}: their request ids hold {held} bytes, {bytes} more would \
+                 pass the limit ({limit}, max_waiting_bytes)"
+            ));
+        }
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+        Ok(HeldId {
+            id,
+            bytes,
+            meter: self.0.clone(),
+        })
+    }
+}
+
+impl Drop for HeldId {
+    fn drop(&mut self) {
+        self.meter.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// The logged-in peer behind this connection.
@@ -121,8 +160,8 @@ struct Me {
     next_method: u32,
     known: BTreeMap<PeerId, Known>,
     calls: HashMap<u64, PendingCall>,
-    /// Bytes of the request ids in `calls`.
-    waiting_bytes: usize,
+    /// The request ids `calls` hold.
+    waiting: Meter,
     /// What its registered method objects count against `max_method_bytes`.
     method_bytes: usize,
     next_call: u64,
@@ -678,7 +717,7 @@ impl Session {
             next_method: 1,
             known,
             calls: HashMap::new(),
-            waiting_bytes: 0,
+            waiting: Meter::default(),
             method_bytes: 0,
             next_call: 1,
             invocations: HashMap::new(),
@@ -915,25 +954,20 @@ impl Session {
         let Some(method_id) = method_id else {
             return self.agm_error(msg, FAIL, &unknown_method());
         };
-        let request_id = rid(msg);
-        let bytes = gw3::approx_len(&request_id);
         let limit = self.sh.cfg.max_waiting_bytes;
-        if me.waiting_bytes.saturating_add(bytes) > limit {
-            let reason = format!(
-                "too many calls waiting for an answer: their request ids hold {} bytes, {bytes} \
-                 more would pass the limit ({limit}, max_waiting_bytes)",
-                me.waiting_bytes
-            );
-            return self.agm_error(msg, FAIL, &reason);
-        }
-        me.waiting_bytes += bytes;
+        let request_id = match me
+            .waiting
+            .hold(rid(msg), limit, "calls waiting for an answer")
+        {
+            Ok(h) => h,
+            Err(reason) => return self.agm_error(msg, FAIL, &reason),
+        };
         let call = me.next_call;
         me.next_call += 1;
         me.calls.insert(
             call,
             PendingCall {
                 request_id,
-                bytes,
                 server,
                 method: echo(&method),
             },
@@ -1404,10 +1438,9 @@ impl Session {
         let Some(pc) = me.calls.remove(&call) else {
             return;
         };
-        me.waiting_bytes -= pc.bytes;
         let reply = match outcome {
             RelayOutcome::Ok(v) => json!({"domain": "agm", "type": "result",
-                "request_id": pc.request_id, "peer_id": me_id, "result": gw3::to_result(&v)}),
+                "request_id": pc.request_id.id, "peer_id": me_id, "result": gw3::to_result(&v)}),
             RelayOutcome::Err {
                 status,
                 message,
@@ -1424,7 +1457,7 @@ impl Session {
                     }
                     _ => (FAIL, message),
                 };
-                let mut e = gw3::error("agm", &pc.request_id, &me_id, uri, &reason);
+                let mut e = gw3::error("agm", &pc.request_id.id, &me_id, uri, &reason);
                 if status == Status::MethodFailed {
                     e["context"] = match context {
                         Value::Null => json!({}),

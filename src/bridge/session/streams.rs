@@ -15,7 +15,7 @@
 //! subscription names it the same without asking; a native subscriber's subscription gets a
 //! fresh GW3 id. Branches are GW3 `stream_id`s.
 
-use super::{display_id, echo, gid_of, rid, Session};
+use super::{display_id, echo, gid_of, rid, HeldId, Meter, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::wire::frame::{PeerId, ToGateway};
 use crate::wire::record::{KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST};
@@ -23,8 +23,6 @@ use crate::wire::stream as rec;
 use crate::wire::Value;
 use serde_json::{json, Value as J};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 const SUB_FAIL: &str = "agm.errors.subscription.failure";
 /// What GW3 servers (the client libraries) say when they reject.
@@ -32,20 +30,6 @@ const REJECTED_URI: &str = "com.tick42.agm.errors.subscription.failure";
 const REJECTED_PREFIX: &str = "Subscription rejected by user. ";
 const METHOD_REMOVED: &str = "Method has been removed";
 const PEER_REMOVED: &str = "Peer has been removed";
-
-/// A subscription's `request_id`, counted against `max_waiting_bytes` while it is held (the
-/// client chooses its size; it is kept to answer with).
-struct HeldId {
-    id: J,
-    bytes: usize,
-    meter: Arc<AtomicUsize>,
-}
-
-impl Drop for HeldId {
-    fn drop(&mut self) {
-        self.meter.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
 
 /// A subscription this peer made.
 struct OutSub {
@@ -78,8 +62,8 @@ pub(super) struct StreamState {
     next_in: u64,
     by_gid: HashMap<String, u64>,
     by_key: HashMap<(PeerId, u64), u64>,
-    /// Bytes of the request ids in `out`.
-    held: Arc<AtomicUsize>,
+    /// The request ids `out` holds.
+    held: Meter,
 }
 
 impl StreamState {
@@ -155,19 +139,11 @@ impl Session {
         if me.streams.out.len() >= super::MAX_SUBSCRIPTIONS {
             return self.stream_error(msg, SUB_FAIL, "too many subscriptions on this connection");
         }
-        let request_id = rid(msg);
-        let bytes = gw3::approx_len(&request_id);
-        let (held, limit) = (
-            me.streams.held.load(Ordering::Relaxed),
-            self.sh.cfg.max_waiting_bytes,
-        );
-        if held.saturating_add(bytes) > limit {
-            let reason = format!(
-                "too many subscriptions: their request ids hold {held} bytes, {bytes} more \
-                 would pass the limit ({limit}, max_waiting_bytes)"
-            );
-            return self.stream_error(msg, SUB_FAIL, &reason);
-        }
+        let limit = self.sh.cfg.max_waiting_bytes;
+        let request_id = match me.streams.held.hold(rid(msg), limit, "subscriptions") {
+            Ok(h) => h,
+            Err(reason) => return self.stream_error(msg, SUB_FAIL, &reason),
+        };
         let n = self.sh.ids.number();
         let gid = self.sh.ids.with('r', n);
         let mut body = Vec::new();
@@ -175,16 +151,11 @@ impl Session {
             return self.stream_error(msg, SUB_FAIL, &e.to_string());
         }
         if let Some(me) = self.me.as_mut() {
-            me.streams.held.fetch_add(bytes, Ordering::Relaxed);
             me.streams.out.insert(
                 n,
                 OutSub {
                     gid,
-                    request_id: HeldId {
-                        id: request_id,
-                        bytes,
-                        meter: me.streams.held.clone(),
-                    },
+                    request_id,
                     server: target,
                     method: method_id,
                     accepted: false,
