@@ -195,12 +195,12 @@ struct Session {
 
 /// What joining `agm` sends: every peer the client may see, with its methods, then the
 /// `success`. It can be far larger than `max_queued_bytes` (method objects are forwarded
-/// verbatim), so it is queued as the socket takes it — one peer at a time, whenever less than
+/// verbatim), so it is queued as the socket takes it — one frame at a time, whenever less than
 /// half the bound waits — and the connection does nothing else meanwhile (its answers and the
 /// registry's news stay in order behind the replay).
 struct Replay {
     peers: VecDeque<PeerId>,
-    frames: VecDeque<J>,
+    frames: VecDeque<String>,
     /// The `success` of the `join`; none when the replay announces one large peer.
     then: Option<J>,
 }
@@ -215,6 +215,52 @@ async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing>
 /// How often a publisher held back by the gate looks again (the gate's wake-up is not kept
 /// for a waiter that registers late).
 const GATE_RECHECK: Duration = Duration::from_millis(5);
+
+/// A `peer-added` frame, serialised from the identity in place (it is shared, and can be large).
+#[derive(serde::Serialize)]
+struct PeerAdded<'a> {
+    domain: &'static str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    peer_id: &'a J,
+    new_peer_id: &'a J,
+    identity: &'a J,
+    meta: Local,
+}
+
+#[derive(serde::Serialize)]
+struct Local {
+    local: bool,
+}
+
+/// A `methods-added` frame, serialised from the method objects in place (they are forwarded
+/// verbatim and can be large: a `json!` value would copy each one first).
+#[derive(serde::Serialize)]
+struct MethodsAdded<'a> {
+    domain: &'static str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    peer_id: &'a J,
+    source_type: &'static str,
+    server_id: &'a J,
+    methods: Vec<&'a J>,
+}
+
+/// The text of a frame made of JSON values and strings only (which always serialises).
+fn frame_text(frame: &impl serde::Serialize) -> String {
+    serde_json::to_string(frame).unwrap_or_default()
+}
+
+fn methods_added(peer_id: &J, server_id: &J, methods: Vec<&J>) -> String {
+    frame_text(&MethodsAdded {
+        domain: "agm",
+        ty: "methods-added",
+        peer_id,
+        source_type: "local",
+        server_id,
+        methods,
+    })
+}
 
 /// About how many bytes of method objects one `methods-added` announcing a peer carries.
 const ANNOUNCE_CHUNK: usize = 256 << 10;
@@ -1051,7 +1097,7 @@ impl Session {
             return;
         };
         if let Some(f) = r.frames.pop_front() {
-            return self.send(f);
+            return self.send_text(f);
         }
         if let Some(p) = r.peers.pop_front() {
             let frames = self.announcement(p);
@@ -1108,7 +1154,7 @@ impl Session {
     }
 
     /// Adds methods to a known peer; returns their GW3 objects.
-    fn add_known_methods(&self, k: &mut Known, methods: &[MethodSpec]) -> Vec<J> {
+    fn add_known_methods(&self, k: &mut Known, methods: &[MethodSpec]) -> Vec<Arc<J>> {
         let mut objs = Vec::with_capacity(methods.len());
         for m in methods {
             let obj = k
@@ -1116,13 +1162,12 @@ impl Session {
                 .as_ref()
                 .and_then(|inst| self.sh.hub.method(inst, m.id))
                 .unwrap_or_else(|| Arc::new(gw3::method_to_gw3(m.id, &m.def)));
-            objs.push((*obj).clone());
+            objs.push(obj.clone());
             k.methods.insert(m.id, obj);
         }
         objs
     }
 
-    /// Tells the client about a peer (and its methods) if it may see it now.
     /// Reports this connection's backlog of registry notices to the gate.
     fn observe_backlog(&mut self) {
         let backlog = self.reg_rx.as_ref().map_or(0, |r| r.len());
@@ -1131,11 +1176,12 @@ impl Session {
             .observe(&mut self.congested, backlog, self.sh.cfg.queue_depth);
     }
 
+    /// Tells the client about a peer (and its methods) if it may see it now.
     fn announce(&mut self, peer: PeerId) {
-        let mut frames = self.announcement(peer);
+        let frames = self.announcement(peer);
         if frames.len() <= 2 {
             for f in frames {
-                self.send(f);
+                self.send_text(f);
             }
             return;
         }
@@ -1146,7 +1192,7 @@ impl Session {
             None => {
                 self.replay = Some(Replay {
                     peers: VecDeque::new(),
-                    frames: frames.drain(..).collect(),
+                    frames: frames.into(),
                     then: None,
                 })
             }
@@ -1155,7 +1201,7 @@ impl Session {
 
     /// The frames that announce a peer (and its methods) if the client may see it now; the
     /// peer counts as announced.
-    fn announcement(&mut self, peer: PeerId) -> Vec<J> {
+    fn announcement(&mut self, peer: PeerId) -> Vec<String> {
         let Some(me) = self.me.as_mut() else {
             return Vec::new();
         };
@@ -1171,32 +1217,30 @@ impl Session {
             }
         }
         k.announced = true;
-        let server = self.sh.ids.peer(peer);
-        let added = json!({"domain": "agm", "type": "peer-added", "peer_id": me.id,
-            "new_peer_id": server, "identity": *k.identity, "meta": {"local": true}});
-        let me_id = me.id.clone();
-        let mut frames = vec![added];
+        let server = J::String(self.sh.ids.peer(peer));
+        let mut frames = vec![frame_text(&PeerAdded {
+            domain: "agm",
+            ty: "peer-added",
+            peer_id: &me.id,
+            new_peer_id: &server,
+            identity: &k.identity,
+            meta: Local { local: true },
+        })];
         // Methods in frames of about ANNOUNCE_CHUNK bytes each: a peer may hold 100 000
         // methods, tens of MiB in one frame otherwise.
-        let mut methods = Vec::new();
+        let mut chunk = Vec::new();
         let mut bytes = 0;
-        let mut flush = |methods: &mut Vec<J>| {
-            frames.push(
-                json!({"domain": "agm", "type": "methods-added", "peer_id": me_id,
-                "source_type": "local", "server_id": server, "methods": std::mem::take(methods)}),
-            );
-        };
         for o in k.methods.values() {
             let len = gw3::approx_len(o);
-            if !methods.is_empty() && bytes + len > ANNOUNCE_CHUNK {
-                flush(&mut methods);
+            if !chunk.is_empty() && bytes + len > ANNOUNCE_CHUNK {
+                frames.push(methods_added(&me.id, &server, std::mem::take(&mut chunk)));
                 bytes = 0;
             }
             bytes += len;
-            methods.push((**o).clone());
+            chunk.push(&**o);
         }
-        if !methods.is_empty() {
-            flush(&mut methods);
+        if !chunk.is_empty() {
+            frames.push(methods_added(&me.id, &server, chunk));
         }
         frames
     }
@@ -1238,15 +1282,14 @@ impl Session {
         match msg {
             FromGateway::Ack { req } => match me.reqs.remove(&req) {
                 Some(Req::Register { request_id, ids }) => {
-                    let objs: Vec<J> = ids
+                    let objs: Vec<&J> = ids
                         .iter()
-                        .filter_map(|n| me.methods.get(n).map(|o| (**o).clone()))
+                        .filter_map(|n| me.methods.get(n))
+                        .map(|o| &**o)
                         .collect();
-                    if !objs.is_empty() {
-                        self.send(
-                            json!({"domain": "agm", "type": "methods-added", "peer_id": me_id,
-                            "source_type": "local", "server_id": me_id, "methods": objs}),
-                        );
+                    let added = (!objs.is_empty()).then(|| methods_added(&me_id, &me_id, objs));
+                    if let Some(added) = added {
+                        self.send_text(added);
                     }
                     self.send(gw3::success("agm", &request_id, &me_id));
                 }
@@ -1320,8 +1363,9 @@ impl Session {
                 let Some(me) = self.me.as_mut() else { return };
                 me.known.insert(peer, k);
                 if show && me.in_agm {
-                    self.send(json!({"domain": "agm", "type": "methods-added", "peer_id": me_id,
-                        "source_type": "local", "server_id": self.sh.ids.peer(peer), "methods": objs}));
+                    let server = J::String(self.sh.ids.peer(peer));
+                    let objs = objs.iter().map(|o| &**o).collect();
+                    self.send_text(methods_added(&me_id, &server, objs));
                 }
             }
             FromGateway::MethodsRemoved { peer, ids } => {
