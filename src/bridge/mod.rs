@@ -307,16 +307,7 @@ async fn accept_loop(
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                let before = shared.pending.evicted();
                 let ticket = shared.pending.admit(shared.cfg.max_pending_logins);
-                let after = shared.pending.evicted();
-                // Logged at the 1st, 10th, 100th… eviction.
-                if after > before && pending::milestone(after) {
-                    crate::log::warn(format_args!(
-                        "bridge: evicted a connection that had not logged in ({after} so far): {}",
-                        pending::reason(shared.cfg.max_pending_logins)
-                    ));
-                }
                 conns.spawn(connection(stream, remote, shared.clone(), ticket));
             }
         }

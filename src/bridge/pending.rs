@@ -35,6 +35,7 @@ impl Pending {
     /// The ticket leaves the budget when it is dropped (logged in, or the connection ended).
     pub(crate) fn admit(self: &Arc<Self>, max: usize) -> Ticket {
         let mut g = self.lock();
+        let before = g.evicted;
         while g.waiting.len() >= max.max(1) {
             let Some((_, oldest)) = g.waiting.pop_first() else {
                 break;
@@ -50,6 +51,15 @@ impl Pending {
         let go = Arc::new(Notify::new());
         g.waiting.insert(seq, go.clone());
         g.live += 1;
+        let evicted = g.evicted;
+        drop(g);
+        // Logged at the 1st, 10th, 100th… eviction.
+        if evicted > before && milestone(evicted) {
+            crate::log::warn(format_args!(
+                "bridge: evicted a connection that had not logged in ({evicted} so far): {}",
+                reason(max)
+            ));
+        }
         Ticket {
             pending: self.clone(),
             seq,
@@ -70,6 +80,7 @@ impl Pending {
     }
 
     /// Connections evicted so far.
+    #[cfg(test)]
     pub(crate) fn evicted(&self) -> u64 {
         self.lock().evicted
     }
@@ -114,7 +125,7 @@ impl Drop for Ticket {
 }
 
 /// Whether `n` is 1, 10, 100, … (the evictions worth a log line).
-pub(crate) fn milestone(mut n: u64) -> bool {
+fn milestone(mut n: u64) -> bool {
     while n >= 10 && n % 10 == 0 {
         n /= 10;
     }

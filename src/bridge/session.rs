@@ -307,12 +307,10 @@ pub(crate) async fn run(
         if let Some((code, reason)) = s.done.take() {
             break (reason.clone(), Some((code, reason, false)));
         }
-        if waiting && s.me.is_some() {
+        // Logged in: out of the waiting ones (unless it was evicted meanwhile, which the
+        // eviction arm below sees).
+        if waiting && s.me.is_some() && ticket.logged_in() {
             waiting = false;
-            if !ticket.logged_in() {
-                // Evicted while logging in: the eviction arm below sees it.
-                waiting = true;
-            }
         }
         let replaying = s.replay.is_some();
         if replaying {
@@ -647,10 +645,10 @@ impl Session {
             Err(reason) => return self.send(fail("global.errors.authentication.failure", &reason)),
         };
         let limit = self.sh.cfg.max_identity_bytes;
-        if let Some(id) = msg.get("identity").filter(|i| gw3::approx_len(i) > limit) {
+        let size = msg.get("identity").map_or(0, gw3::approx_len);
+        if size > limit {
             let reason = format!(
-                "the identity is {} bytes, more than the limit ({limit}, max_identity_bytes)",
-                gw3::approx_len(id)
+                "the identity is {size} bytes, more than the limit ({limit}, max_identity_bytes)"
             );
             return self.send(fail("global.errors.bad_identity", &reason));
         }
