@@ -464,6 +464,13 @@ struct UserFile {
     user: Option<String>,
 }
 
+/// A setting from the file (or the command line), if given.
+fn set<T>(dst: &mut T, v: Option<T>) {
+    if let Some(v) = v {
+        *dst = v;
+    }
+}
+
 fn bridge_file_ws(file: &Option<BridgeFile>) -> Option<&str> {
     file.as_ref().and_then(|f| f.ws.as_deref())
 }
@@ -496,33 +503,22 @@ fn bridge_config(
     cfg.origins = file.origins;
     cfg.allow_remote = file.allow_remote;
     cfg.max_frame = file.max_frame;
-    if let Some(v) = file.max_queued_bytes {
-        cfg.max_queued_bytes = v;
-    }
-    if let Some(v) = file.max_waiting_bytes {
-        cfg.max_waiting_bytes = v;
-    }
-    if let Some(v) = file.max_method_bytes {
-        cfg.max_method_bytes = v;
-    }
-    if let Some(v) = file.max_identity_bytes {
-        cfg.max_identity_bytes = v;
-    }
-    if let Some(v) = file.max_connections {
-        cfg.max_connections = v;
-    }
+    set(&mut cfg.max_queued_bytes, file.max_queued_bytes);
+    set(&mut cfg.max_waiting_bytes, file.max_waiting_bytes);
+    set(&mut cfg.max_method_bytes, file.max_method_bytes);
+    set(&mut cfg.max_identity_bytes, file.max_identity_bytes);
+    set(&mut cfg.max_connections, file.max_connections);
     if let Some(v) = file.max_pending_logins {
         if v == 0 {
             return Err(bad("bridge.max_pending_logins must be at least 1".into()));
         }
         cfg.max_pending_logins = v;
     }
-    if let Some(v) = file.hello_timeout_ms {
-        cfg.hello_timeout = std::time::Duration::from_millis(v);
-    }
-    if let Some(v) = file.spin_us {
-        cfg.spin = std::time::Duration::from_micros(v);
-    }
+    set(
+        &mut cfg.hello_timeout,
+        file.hello_timeout_ms.map(Duration::from_millis),
+    );
+    set(&mut cfg.spin, file.spin_us.map(Duration::from_micros));
     for u in file.users {
         let password = match (u.password, u.password_sha256) {
             (Some(p), None) => knit::bridge::Password::Plain(p),
@@ -563,39 +559,23 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         })?;
         let f: GatewayFile = serde_json::from_str(&text)
             .map_err(|e| CliError::new(Status::BadInput, format!("{}: {e}", path.display())))?;
-        if let Some(v) = f.max_payload {
-            cfg.limits.max_payload = v;
-        }
-        if let Some(v) = f.lane_capacity {
-            cfg.limits.lane_capacity = v;
-        }
-        if let Some(v) = f.max_peers {
-            cfg.limits.max_peers = v;
-        }
-        if let Some(v) = f.max_methods_per_peer {
-            cfg.limits.max_methods_per_peer = v;
-        }
-        if let Some(v) = f.max_contexts {
-            cfg.limits.max_contexts = v;
-        }
-        if let Some(v) = f.max_contexts_per_user {
-            cfg.limits.max_contexts_per_user = v;
-        }
-        if let Some(v) = f.max_bus_subs_per_peer {
-            cfg.limits.max_bus_subs_per_peer = v;
-        }
-        if let Some(v) = f.max_pending_calls {
-            cfg.limits.max_pending_calls = v;
-        }
-        if let Some(v) = f.queue_depth {
-            cfg.queue_depth = v;
-        }
-        if let Some(v) = f.channels {
-            cfg.channels.channels = v;
-        }
-        if let Some(v) = f.channel_restrictions {
-            cfg.channels.restrictions = v;
-        }
+        set(&mut cfg.limits.max_payload, f.max_payload);
+        set(&mut cfg.limits.lane_capacity, f.lane_capacity);
+        set(&mut cfg.limits.max_peers, f.max_peers);
+        set(&mut cfg.limits.max_methods_per_peer, f.max_methods_per_peer);
+        set(&mut cfg.limits.max_contexts, f.max_contexts);
+        set(
+            &mut cfg.limits.max_contexts_per_user,
+            f.max_contexts_per_user,
+        );
+        set(
+            &mut cfg.limits.max_bus_subs_per_peer,
+            f.max_bus_subs_per_peer,
+        );
+        set(&mut cfg.limits.max_pending_calls, f.max_pending_calls);
+        set(&mut cfg.queue_depth, f.queue_depth);
+        set(&mut cfg.channels.channels, f.channels);
+        set(&mut cfg.channels.restrictions, f.channel_restrictions);
         if let Some(p) = &f.policy {
             cfg.policy = knit::model::policy::Policy::from_json(p)
                 .map_err(|e| CliError::new(Status::BadInput, format!("{}: {e}", path.display())))?;
@@ -608,9 +588,7 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
             );
         }
     }
-    if let Some(v) = args.max_payload {
-        cfg.limits.max_payload = v;
-    }
+    set(&mut cfg.limits.max_payload, args.max_payload);
     if let Some(path) = &args.policy {
         let text = std::fs::read_to_string(path).map_err(|e| {
             CliError::new(Status::BadInput, format!("reading {}: {e}", path.display()))
