@@ -1319,6 +1319,21 @@ async fn a_slow_consumer_stalled_for_a_while_still_gets_the_reason() {
     }
 }
 
+/// A web client of `app` (login `u`, open mode) that logs in, then joins `agm`: the client, and
+/// what it was sent between the two (the join's replay, before its `success`).
+async fn join_agm_after_login(gw: &Env, app: &str) -> (Web, Vec<J>) {
+    let mut w = Web::connect(gw.ws()).await;
+    let welcome = w
+        .hello(app, json!({"method": "secret", "login": "u", "secret": ""}))
+        .await;
+    w.id = welcome["peer_id"].clone();
+    w.inbox.clear();
+    let ok = w.req(json!({"type": "join", "destination": "agm"})).await;
+    assert_eq!(ok["type"], "success", "{ok}");
+    let replay = w.inbox.drain(..).collect();
+    (w, replay)
+}
+
 #[tokio::test]
 async fn joining_agm_replays_methods_far_larger_than_the_output_bound() {
     const BOUND: usize = 64 << 10;
@@ -1339,23 +1354,10 @@ async fn joining_agm_replays_methods_far_larger_than_the_output_bound() {
         hog.barrier().await;
     }
     for v in 0..2 {
-        let mut victim = Web::connect(gw.ws()).await;
-        let w = victim
-            .hello(
-                &format!("victim{v}"),
-                json!({"method": "secret", "login": "u", "secret": ""}),
-            )
-            .await;
-        victim.id = w["peer_id"].clone();
-        victim.inbox.clear();
-        let ok = victim
-            .req(json!({"type": "join", "destination": "agm"}))
-            .await;
-        assert_eq!(ok["type"], "success", "{ok}");
+        let (mut victim, replay) = join_agm_after_login(&gw, &format!("victim{v}")).await;
         // Everything came before the success, each peer's methods after the peer.
-        let seen: Vec<(J, J, usize)> = victim
-            .inbox
-            .drain(..)
+        let seen: Vec<(J, J, usize)> = replay
+            .into_iter()
             .filter(|m| m["domain"] == "agm")
             .map(|m| {
                 let peer = m["new_peer_id"].clone();
@@ -1389,22 +1391,9 @@ async fn a_peer_with_many_methods_is_announced_in_frames_of_bounded_size() {
     let r = server.register(J::Array(methods.clone())).await;
     assert_eq!(r["type"], "success", "{r}");
     server.barrier().await;
-    let mut joiner = Web::connect(gw.ws()).await;
-    let w = joiner
-        .hello(
-            "joiner",
-            json!({"method": "secret", "login": "u", "secret": ""}),
-        )
-        .await;
-    joiner.id = w["peer_id"].clone();
-    joiner.inbox.clear();
-    let ok = joiner
-        .req(json!({"type": "join", "destination": "agm"}))
-        .await;
-    assert_eq!(ok["type"], "success", "{ok}");
-    let frames: Vec<J> = joiner
-        .inbox
-        .drain(..)
+    let (_joiner, replay) = join_agm_after_login(&gw, "joiner").await;
+    let frames: Vec<J> = replay
+        .into_iter()
         .filter(|m| m["type"] == "methods-added" && m["server_id"] == server.id)
         .collect();
     assert!(frames.len() >= 3, "{} frames", frames.len());

@@ -1081,26 +1081,21 @@ pub(crate) mod tests {
         let (a, _) = reg.admit(web_admission("A", "u"), tx.clone()).unwrap();
         reg.admit(web_admission("C", "u"), tx).unwrap();
         recv(&mut rx);
+        let order = |rx: &mut mpsc::Receiver<Outgoing>, req: u64| -> Vec<&str> {
+            recv(rx)
+                .iter()
+                .map(|(m, _)| match m {
+                    FromGateway::MethodsAdded { peer, .. } if *peer == a => "added",
+                    FromGateway::MethodsRemoved { peer, .. } if *peer == a => "removed",
+                    FromGateway::Ack { req: r } if *r == req => "ack",
+                    _ => "other",
+                })
+                .collect()
+        };
         reg.register(a, 1, vec![spec(1, "M")]);
-        let order: Vec<&str> = recv(&mut rx)
-            .iter()
-            .map(|(m, _)| match m {
-                FromGateway::MethodsAdded { peer, .. } if *peer == a => "added",
-                FromGateway::Ack { req: 1 } => "ack",
-                _ => "other",
-            })
-            .collect();
-        assert_eq!(order, ["added", "ack"]);
+        assert_eq!(order(&mut rx, 1), ["added", "ack"]);
         reg.unregister(a, 2, vec![1]);
-        let order: Vec<&str> = recv(&mut rx)
-            .iter()
-            .map(|(m, _)| match m {
-                FromGateway::MethodsRemoved { peer, .. } if *peer == a => "removed",
-                FromGateway::Ack { req: 2 } => "ack",
-                _ => "other",
-            })
-            .collect();
-        assert_eq!(order, ["removed", "ack"]);
+        assert_eq!(order(&mut rx, 2), ["removed", "ack"]);
     }
 
     fn synced_ticket(msgs: &[(FromGateway, usize)], sub: u64) -> Option<u64> {
