@@ -2691,3 +2691,105 @@ async fn slow_web_subscribers_of_contexts_and_streams_are_disconnected_with_a_re
         assert!(seen < sent, "{kind}: the peer should have been cut off");
     }
 }
+
+#[tokio::test]
+async fn a_native_publisher_flooding_web_subscribers_waits_for_them_instead_of_cutting_them_off() {
+    // A small queue per connection, so the flood is many times what one can hold.
+    const N: u64 = 20_000;
+    let gw = gateway("natflood", |b| {
+        b.queue_depth = 512;
+    });
+    let mut subs = Vec::new();
+    for i in 0..2 {
+        let mut s = Web::login(gw.ws(), &format!("sub{i}"), &os_user(), &gw.token()).await;
+        s.req(json!({"type": "join", "destination": "bus"})).await;
+        let r = s
+            .req(json!({"type": "subscribe", "domain": "bus", "topic": "flood"}))
+            .await;
+        assert_eq!(r["type"], "subscribed", "{r}");
+        subs.push(s);
+    }
+    let native = gw.client("natpub");
+    let flood = std::thread::spawn(move || {
+        for i in 0..N {
+            native
+                .publish("flood", obj(json!({"i": i})), &PublishOptions::default())
+                .unwrap();
+        }
+        native
+    });
+    let mut seen = [0u64; 2];
+    while seen.iter().any(|&n| n < N) {
+        for (k, s) in subs.iter_mut().enumerate() {
+            if seen[k] == N {
+                continue;
+            }
+            let e = s.next(|m| m["type"] == "event").await;
+            assert_eq!(e["data"]["i"], seen[k], "subscriber {k}");
+            seen[k] += 1;
+        }
+    }
+    let _native = flood.join().unwrap();
+    for s in &mut subs {
+        s.barrier().await;
+    }
+}
+
+#[tokio::test]
+async fn a_native_stream_flooding_web_subscribers_waits_for_them_instead_of_cutting_them_off() {
+    // A small queue per connection, so the flood is many times what one can hold.
+    const N: u64 = 20_000;
+    let gw = gateway("natstreamflood", |b| {
+        b.queue_depth = 512;
+    });
+    let native = gw.client("natsrv");
+    let (added_tx, mut added) = unbounded_channel::<()>();
+    let stream = native
+        .create_stream(
+            "Nat.Flood",
+            StreamOptions {
+                on_added: Some(Box::new(move |_| {
+                    let _ = added_tx.send(());
+                })),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut subs = Vec::new();
+    for i in 0..2 {
+        let mut s = Web::login(gw.ws(), &format!("sub{i}"), &os_user(), &gw.token()).await;
+        let m = s
+            .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Nat.Flood")
+            .await;
+        let r = s
+            .req(
+                json!({"type": "subscribe", "domain": "agm", "server_id": m["server_id"],
+                "method_id": m["methods"][0]["id"], "arguments_kv": {}}),
+            )
+            .await;
+        assert_eq!(r["type"], "subscribed", "{r}");
+        got(&mut added).await;
+        subs.push(s);
+    }
+    let flood = std::thread::spawn(move || {
+        for i in 0..N {
+            stream.push(obj(json!({"i": i}))).unwrap();
+        }
+        stream
+    });
+    let mut seen = [0u64; 2];
+    while seen.iter().any(|&n| n < N) {
+        for (k, s) in subs.iter_mut().enumerate() {
+            if seen[k] == N {
+                continue;
+            }
+            let e = s.next(|m| m["type"] == "event").await;
+            assert_eq!(e["data"]["i"], seen[k], "subscriber {k}");
+            seen[k] += 1;
+        }
+    }
+    let _stream = flood.join().unwrap();
+    for s in &mut subs {
+        s.barrier().await;
+    }
+}

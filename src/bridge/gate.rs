@@ -1,4 +1,5 @@
-//! Back-pressure from web subscribers to web publishers.
+//! Back-pressure from web subscribers to publishers (web ones, and native ones whose messages
+//! the gateway relays to web peers).
 //!
 //! The registry hands each message to every subscriber's queue without waiting (it serves
 //! everyone and must never block on one peer); a queue that overflows means a peer that does
@@ -8,10 +9,17 @@
 //! queue holds a backlog (a quarter of `queue_depth`), connections that publish stop reading
 //! their sockets, until every backlog is down to a sixteenth. The publisher's own socket then
 //! fills and its client waits: nothing is dropped, and readers are not cut off for a flood
-//! they did read.
+//! they did read. A native peer whose bus messages or stream items the gateway relays (to web
+//! subscribers) is held back the same way: the gateway stops reading its socket, and its
+//! `publish` blocks until the web subscribers caught up.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 use tokio::sync::Notify;
+
+/// How often a publisher held back by the gate looks again (the gate's wake-up is not kept
+/// for a waiter that registers late).
+pub(crate) const RECHECK: Duration = Duration::from_millis(5);
 
 /// How many connections have a backlog, and a wake-up for when none has.
 #[derive(Debug, Default)]
@@ -32,6 +40,16 @@ impl Gate {
     /// that happens before this is polled is not kept).
     pub(crate) async fn eased(&self) {
         self.eased.notified().await
+    }
+
+    /// Returns once the gate is open (at once if it is).
+    pub(crate) async fn open(&self) {
+        while self.closed() {
+            tokio::select! {
+                _ = self.eased() => {}
+                _ = tokio::time::sleep(RECHECK) => {}
+            }
+        }
     }
 
     /// A connection reports its backlog (`backlog` of `depth`); `mark` is its state.

@@ -26,7 +26,7 @@
 pub(crate) mod auth;
 mod contexts;
 mod delta;
-mod gate;
+pub(crate) mod gate;
 pub(crate) mod gw3;
 mod hub;
 mod pending;
@@ -218,6 +218,7 @@ impl Bound {
         core: CoreHandle,
         limits: Limits,
         bell: Option<(u32, Arc<std::os::fd::OwnedFd>)>,
+        gate: Arc<gate::Gate>,
     ) -> Result<Running, io::Error> {
         let listener = TcpListener::from_std(self.listener)?;
         let mut node = [0u8; 16];
@@ -237,7 +238,7 @@ impl Bound {
             ctxs,
             spin,
             pending: Default::default(),
-            gate: Default::default(),
+            gate,
         });
         crate::log::info(format_args!(
             "bridge listening on ws://{}/ ({} authentication)",

@@ -37,7 +37,7 @@ pub(crate) struct Shared {
     pub ctxs: Arc<Contexts>,
     pub spin: Arc<super::spin::Spin>,
     pub pending: Arc<super::pending::Pending>,
-    pub gate: super::gate::Gate,
+    pub gate: Arc<super::gate::Gate>,
 }
 
 /// Most bus subscriptions, stream subscriptions made, and subscriptions to its streams, that
@@ -212,10 +212,6 @@ async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing>
     }
 }
 
-/// How often a publisher held back by the gate looks again (the gate's wake-up is not kept
-/// for a waiter that registers late).
-const GATE_RECHECK: Duration = Duration::from_millis(5);
-
 /// A `peer-added` frame, serialised from the identity in place (it is shared, and can be large).
 #[derive(serde::Serialize)]
 struct PeerAdded<'a> {
@@ -358,7 +354,7 @@ pub(crate) async fn run(
             _ = out.woken() => {}
             // A publisher waiting for subscribers' backlogs to clear (see `gate`).
             _ = sh.gate.eased(), if throttled => {}
-            _ = tokio::time::sleep(GATE_RECHECK), if throttled => {}
+            _ = tokio::time::sleep(super::gate::RECHECK), if throttled => {}
             frame = stream.next(), if !replaying && !throttled => match frame {
                 Some(Ok(Message::Text(t))) => {
                     s.sh.spin.touch();

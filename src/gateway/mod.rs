@@ -391,6 +391,8 @@ async fn serve(
         (None, Some(cfg)) => registry.set_keeper_source(gw.cfg.socket.clone(), cfg.clone()),
         _ => {}
     }
+    // Held closed by web connections with a backlog: relaying peers wait (see `bridge::gate`).
+    let gate = Arc::new(crate::bridge::gate::Gate::default());
     let bridge = match gw.bridge {
         Some(b) => {
             let core = CoreHandle { tx: ev_tx.clone() };
@@ -398,7 +400,7 @@ async fn serve(
             // the directory that native writers ring.
             let bell = registry.reserve_doorbell();
             Some(
-                b.start(core, gw.cfg.limits.clone(), bell)
+                b.start(core, gw.cfg.limits.clone(), bell, gate.clone())
                     .map_err(ctx("starting the bridge"))?,
             )
         }
@@ -440,7 +442,7 @@ async fn serve(
                 let stream = Arc::new(stream);
                 let (tx, rx) = mpsc::channel::<Outgoing>(depth);
                 writers.spawn(writer(stream.clone(), rx));
-                tokio::spawn(reader(stream, cred, tx, ev_tx));
+                tokio::spawn(reader(stream, cred, tx, ev_tx, gate.clone()));
             }
             Some(ev) = ev_rx.recv() => {
                 match ev {
@@ -545,6 +547,7 @@ async fn reader(
     cred: identity::PeerCred,
     tx: PeerTx,
     events: mpsc::Sender<Event>,
+    gate: Arc<crate::bridge::gate::Gate>,
 ) {
     let mut frames = FrameReader::default();
     let mut fds = Vec::new();
@@ -588,9 +591,16 @@ async fn reader(
         Err(_) => return,
     };
     drop(refusal_tx);
+    // Whether this peer sent messages the gateway fans out to web peers' queues: from then on
+    // it waits while web subscribers have a backlog, as web publishers do (`bridge::gate`).
+    let mut relays = false;
     let why = loop {
+        if relays {
+            gate.open().await;
+        }
         match next_msg(&stream, &mut frames, &mut fds).await {
             Ok(Some(msg)) => {
+                relays |= matches!(msg, ToGateway::BusPublish { .. } | ToGateway::Record { .. });
                 if events.send(Event::Msg(peer, msg)).await.is_err() {
                     return;
                 }
