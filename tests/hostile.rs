@@ -12,7 +12,9 @@ use common::{await_line, say, spawn_child, Env, CHILD_ROLE, STARTUP};
 use knit::client::{Client, ClientError, ContextError, InteropEvent, InvokeOptions};
 use knit::gateway::Limits;
 use knit::model::Target;
-use knit::wire::frame::{encode_frame, Hello, MethodDef, MethodSpec, ToGateway, Transport};
+use knit::wire::frame::{
+    encode_frame, FromGateway, Hello, MethodDef, MethodSpec, ToGateway, Transport,
+};
 use knit::{Status, Value};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -382,6 +384,44 @@ fn raw_peer(env: &Env) -> UnixStream {
     });
     s.write_all(&encode_frame(&hello, 0).unwrap()).unwrap();
     s
+}
+
+#[test]
+fn a_client_of_another_protocol_version_is_refused_with_both_versions_named() {
+    let env = Env::new("hostile-protover");
+    let mut s = UnixStream::connect(env.socket()).unwrap();
+    s.set_read_timeout(Some(STARTUP)).unwrap();
+    let old = knit::wire::frame::PROTOCOL_VERSION - 1;
+    let hello = ToGateway::Hello(Hello {
+        protocol: old,
+        application: "old".into(),
+        instance: None,
+        api: "test".into(),
+        transport: Transport::Relay,
+    });
+    s.write_all(&encode_frame(&hello, 0).unwrap()).unwrap();
+    let mut frames = knit::wire::frame::FrameReader::default();
+    let mut buf = [0u8; 4096];
+    let body = loop {
+        if let Some((body, _)) = frames.next_frame().unwrap() {
+            break body;
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed without an answer");
+        frames.push_bytes(&buf[..n]);
+    };
+    match knit::wire::frame::decode_body::<FromGateway>(&body).unwrap() {
+        FromGateway::Refused { status, message } => {
+            assert_eq!(status, knit::Status::Protocol);
+            let want = format!(
+                "protocol version {old} not supported (gateway speaks {})",
+                knit::wire::frame::PROTOCOL_VERSION
+            );
+            assert_eq!(message, want);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    until_closed(&mut s);
 }
 
 /// Reads until the gateway closes the connection. Panics on a timeout.

@@ -10,8 +10,9 @@ use crate::status::Status;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Bumped when the control protocol changes incompatibly.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped when the control protocol changes incompatibly. 2: `FromGateway::ContextsDestroyed`
+/// and `FromGateway::CallsFailed` (a version-1 client could not decode them).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest control frame body accepted (method lists and snapshots can be large).
 pub const MAX_FRAME: usize = 64 << 20;
 /// Frame header size.
