@@ -482,6 +482,27 @@ mod tests {
     }
 
     #[test]
+    fn removing_under_a_missing_or_scalar_parent_changes_nothing_for_anyone() {
+        // The reference gateway stores `{"q": null}` (or `{"q": {"y": null}}`) for the first two
+        // while its subscribers' libraries do not, and fails the next two with a ClojureScript
+        // type error; knit leaves the data alone, the same for its store, its web subscribers
+        // (the delta as sent) and its native subscribers (docs/gw3-conformance.md).
+        let start = m(json!({"c": 1, "t": true, "s": "str", "l": [1], "n": null, "q0": {}}));
+        for path in ["q.y", "q0.y.z", "c.x", "t.x", "s.x", "l.0", "n.x", "q.y.z"] {
+            let delta = json!({"commands": [{"type": "remove", "path": path}]});
+            let parts = parse(&delta).unwrap();
+            let mut gw3 = start.clone();
+            apply(&mut gw3, &parts).unwrap();
+            assert_eq!(gw3, start, "{path}");
+            let Plan::Op(op) = plan(&parts).unwrap() else {
+                panic!("{path}")
+            };
+            let native = knit_apply(Some(&start), &op).unwrap().map(|c| c.data);
+            assert_eq!(native.unwrap_or(start.clone()), start, "{path}");
+        }
+    }
+
+    #[test]
     fn computed_writes_are_the_top_level_difference() {
         let old = m(json!({"a": {"b": 1}, "k": 1, "gone": 2}));
         let mut new = old.clone();
