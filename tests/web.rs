@@ -220,6 +220,53 @@ fn a_bus_subscription_unsubscribed_twice_is_no_error() {
     semantics("glue", "bus-unsubscribe-twice");
 }
 
+/// Runs `tests/web/differential.js`: the same seeded sequences of operations by apps using `lib`,
+/// against knit and against the reference gateway, compared step by step.
+fn differential(scenario: &str, lib: &str, seeds: &str) {
+    if !have_node(None) {
+        return;
+    }
+    let gw = gateway(&format!("diff-{scenario}-{lib}"), AuthMode::Open);
+    let url = url(&gw);
+    let script = Script::start(
+        "differential.js",
+        &[
+            "--url",
+            &url,
+            "--scenario",
+            scenario,
+            "--lib",
+            lib,
+            "--seeds",
+            seeds,
+            "--ops",
+            "150",
+        ],
+    );
+    assert!(
+        script.finish(Duration::from_secs(180)),
+        "{scenario} with {lib} differs from the reference gateway (see the output above)"
+    );
+}
+
+#[test]
+fn random_context_writes_are_seen_as_on_the_reference_gateway() {
+    differential("ctx", "io", "1,2,3,4");
+    differential("ctx", "glue", "5,6");
+}
+
+#[test]
+fn random_interop_sequences_give_the_results_of_the_reference_gateway() {
+    differential("interop", "io", "1,2,3");
+    differential("interop", "glue", "4");
+}
+
+#[test]
+fn random_bus_sequences_reach_whom_the_reference_gateway_reaches() {
+    differential("bus", "io", "1,2,3");
+    differential("bus", "glue", "4");
+}
+
 fn native_side(gw: &Env) -> Client {
     let native = gw.client("rust-native");
     native
