@@ -7,7 +7,8 @@
 //   node differential.js --url ws://127.0.0.1:PORT --scenario ctx|interop|bus
 //                        [--seeds 1,2] [--ops 120] [--lib io|glue]
 //
-// Prints the first differences and exits 1 if there are any, 0 otherwise. Scenarios:
+// Prints the first differences and exits 1 if there are any, 0 otherwise (with SHOW=1 in the
+// environment, both logs whole, to investigate one). Scenarios:
 //
 //   ctx      a writer's update / set / setPaths (nested objects, arrays, nulls, removals) on one
 //            context: the subscriber's (data, delta, removed) after each step, and what an app
