@@ -848,3 +848,217 @@ fn random_context_writes_from_both_worlds_leave_every_view_equal() {
     mixed_random_ctx("io", 1, 120);
     mixed_random_ctx("glue", 2, 60);
 }
+
+/// Native and web apps register and unregister methods in a random order while a native and a
+/// web caller invoke them with every target form; each invocation reaches exactly the servers
+/// the registrations say, whichever world each is in.
+fn mixed_random_interop(lib: &str, seed: u64, steps: u64) {
+    use knit::model::{InstanceFilter, Target};
+    use std::collections::{BTreeMap, BTreeSet};
+    if !have_node(None) {
+        return;
+    }
+    const APPS: [&str; 4] = ["rust-a", "rust-b", "web-a", "web-b"];
+    const METHODS: [&str; 3] = ["Mix.M1", "Mix.M2", "Mix.M3"];
+    let gw = gateway(&format!("mixed-interop-{lib}"), AuthMode::Token);
+    let natives: BTreeMap<&str, Client> = [
+        ("rust-a", gw.client("rust-a")),
+        ("rust-b", gw.client("rust-b")),
+    ]
+    .into_iter()
+    .collect();
+    let (url, user, token) = (url(&gw), os_user(), gw.token());
+    let mut web = Script::start(
+        "mixed-interop.js",
+        &[
+            "--url", &url, "--user", &user, "--secret", &token, "--lib", lib,
+        ],
+    );
+    assert_eq!(web.json(), serde_json::json!({"ready": true}));
+    let mut serving: BTreeMap<&str, BTreeSet<&str>> =
+        APPS.iter().map(|a| (*a, BTreeSet::new())).collect();
+    let mut r = Lcg(seed);
+    for i in 1..=steps {
+        let m = METHODS[r.below(3)];
+        if r.unit() < 0.3 {
+            let app = APPS[r.below(4)];
+            let now = !serving[app].contains(m);
+            if let Some(c) = natives.get(app) {
+                if now {
+                    let by = Value::from(serde_json::json!({"by": app}));
+                    c.register(m, move |_| Ok(by.clone())).unwrap();
+                } else {
+                    c.unregister(m).unwrap();
+                }
+            } else {
+                web.tell(&serde_json::json!({"toggle": app, "method": m}).to_string());
+                assert_eq!(
+                    web.json(),
+                    serde_json::json!({"registered": now}),
+                    "step {i}"
+                );
+            }
+            let s = serving.get_mut(app).unwrap();
+            if now {
+                s.insert(m);
+            } else {
+                s.remove(m);
+            }
+            // Both callers see the new set of servers before anyone calls.
+            let want: Vec<&str> = APPS
+                .iter()
+                .copied()
+                .filter(|a| serving[a].contains(m))
+                .collect();
+            web.tell(&serde_json::json!({"await": m, "servers": want}).to_string());
+            assert_eq!(
+                web.json()["seen"],
+                serde_json::json!(want),
+                "step {i}: web-a's view of {m}"
+            );
+            let native_view = || {
+                let mut v: Vec<String> = natives["rust-a"]
+                    .methods()
+                    .iter()
+                    .filter(|x| x.def.name == m)
+                    .flat_map(|x| x.servers.iter().map(|s| s.application.clone()))
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while native_view() != want && std::time::Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            assert_eq!(native_view(), want, "step {i}: rust-a's view of {m}");
+            continue;
+        }
+        let from_web = r.unit() < 0.5;
+        let caller = if from_web { "web-a" } else { "rust-a" };
+        let (x, y) = (APPS[r.below(4)], APPS[r.below(4)]);
+        let form = r.below(6);
+        let (js_target, target) = match form {
+            0 => (serde_json::json!("best"), Target::Best),
+            1 => (serde_json::json!("all"), Target::All),
+            2 => (serde_json::json!("skipMine"), Target::SkipMine),
+            3 => (
+                serde_json::json!({"application": x}),
+                Target::Instance(InstanceFilter::application(x)),
+            ),
+            4 => (
+                serde_json::json!([{"application": x}, {"application": y}]),
+                Target::List(vec![
+                    InstanceFilter::application(x),
+                    InstanceFilter::application(y),
+                ]),
+            ),
+            _ => (
+                serde_json::json!({"application": "nobody"}),
+                Target::Instance(InstanceFilter::application("nobody")),
+            ),
+        };
+        let servers: Vec<&str> = APPS
+            .iter()
+            .copied()
+            .filter(|a| serving[a].contains(m))
+            .collect();
+        let mut expect: Vec<&str> = match form {
+            0 => servers.first().into_iter().copied().collect(), // one of them (checked below)
+            1 => servers.clone(),
+            2 => servers.iter().copied().filter(|a| *a != caller).collect(),
+            3 => servers.iter().copied().filter(|a| *a == x).collect(),
+            4 => [x, y].into_iter().filter(|a| servers.contains(a)).collect(),
+            _ => Vec::new(),
+        };
+        expect.sort();
+        let what = format!("step {i}: {caller} invokes {m} on {js_target}, served by {servers:?}");
+        let got: Result<(Vec<String>, Vec<String>), String> = if from_web {
+            web.tell(&serde_json::json!({"invoke": m, "target": js_target}).to_string());
+            let a = web.json();
+            match a.get("error") {
+                Some(e) => Err(e.to_string()),
+                None => {
+                    let list = |k: &str| -> Vec<String> {
+                        a[k].as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.as_str().unwrap().to_string())
+                            .collect()
+                    };
+                    Ok((list("executors"), list("returned")))
+                }
+            }
+        } else {
+            let opts = InvokeOptions {
+                target,
+                wait: Duration::ZERO,
+                ..InvokeOptions::default()
+            };
+            match natives["rust-a"].invoke(m, Value::object([] as [(&str, Value); 0]), &opts) {
+                Err(e) => Err(e.to_string()),
+                Ok(res) => {
+                    let mut pairs: Vec<(String, String)> = if res.multi {
+                        res.all_return_values
+                            .iter()
+                            .map(|v| {
+                                (
+                                    v.executed_by.application.clone(),
+                                    v.returned.to_json()["by"]
+                                        .as_str()
+                                        .unwrap_or("")
+                                        .to_string(),
+                                )
+                            })
+                            .collect()
+                    } else {
+                        let by = res
+                            .executed_by
+                            .as_ref()
+                            .map(|e| e.application.clone())
+                            .unwrap_or_default();
+                        vec![(
+                            by,
+                            res.returned.to_json()["by"]
+                                .as_str()
+                                .unwrap_or("")
+                                .to_string(),
+                        )]
+                    };
+                    pairs.sort();
+                    Ok(pairs.into_iter().unzip())
+                }
+            }
+        };
+        match got {
+            Err(e) => assert!(
+                expect.is_empty(),
+                "{what}: failed ({e}), expected {expect:?}"
+            ),
+            Ok((executors, returned)) => {
+                let mut returned = returned;
+                returned.sort();
+                assert_eq!(
+                    executors, returned,
+                    "{what}: each result comes from its executor"
+                );
+                if form == 0 {
+                    assert!(
+                        executors.len() == 1 && servers.contains(&executors[0].as_str()),
+                        "{what}: {executors:?}"
+                    );
+                } else {
+                    assert_eq!(executors, expect, "{what}");
+                }
+            }
+        }
+    }
+    web.tell(r#"{"done": true}"#);
+    assert!(web.finish(Duration::from_secs(30)));
+}
+
+#[test]
+fn random_registrations_and_targets_reach_the_same_servers_from_both_worlds() {
+    mixed_random_interop("io", 1, 150);
+    mixed_random_interop("glue", 2, 60);
+}

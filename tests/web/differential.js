@@ -136,7 +136,7 @@ const scenarios = {
       // (The libraries list a method once per distinct definition, each with all its servers.)
       return [...new Set(found.flatMap((d) => d.getServers().map((s) => s.application)))].sort().join("+");
     };
-    const one = (x) => x && { by: x.executer && x.executer.application, returned: x.returned, message: x.message, status: x.status };
+    const one = (x) => x && { by: x.executed_by && x.executed_by.application, returned: x.returned, message: x.message, status: x.status };
     const byApp = (a, b) => String(a.by).localeCompare(String(b.by));
     const shape = (res) => res && { ...one(res),
       all: (res.all_return_values || []).map(one).sort(byApp), errors: (res.all_errors || []).map(one).sort(byApp) };
