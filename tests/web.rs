@@ -1062,3 +1062,161 @@ fn random_registrations_and_targets_reach_the_same_servers_from_both_worlds() {
     mixed_random_interop("io", 1, 150);
     mixed_random_interop("glue", 2, 60);
 }
+
+/// A native and a web app hold twin bus subscriptions (the same topic pattern, routing key and
+/// source filter), made and ended at random, while a native and a web app publish with random
+/// topics, routing keys and targets: after each publish both twins received the same, or, when
+/// the publish targets one of the two apps, the other received nothing.
+fn mixed_random_bus(lib: &str, seed: u64, steps: u64) {
+    use knit::client::{BusSubscription, PublishOptions, SubscribeOptions};
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::{Arc, Mutex};
+    if !have_node(None) {
+        return;
+    }
+    let gw = gateway(&format!("mixed-bus-{lib}"), AuthMode::Token);
+    let native_sub = gw.client("rust-sub");
+    let native_pub = gw.client("rust-pub");
+    let got = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mark = Arc::new(AtomicI64::new(0));
+    let m2 = mark.clone();
+    let _marks = native_sub
+        .subscribe("mix.mark", SubscribeOptions::default(), move |m| {
+            let n = m.data.get("mark").and_then(Value::as_i64).unwrap_or(-1);
+            m2.store(n, Ordering::SeqCst);
+        })
+        .unwrap();
+    let (url, user, token) = (url(&gw), os_user(), gw.token());
+    let mut web = Script::start(
+        "mixed-bus.js",
+        &[
+            "--url", &url, "--user", &user, "--secret", &token, "--lib", lib,
+        ],
+    );
+    assert_eq!(web.json(), serde_json::json!({"ready": true}));
+    let ok = serde_json::json!({"ok": true});
+    let mut twins: BTreeMap<u64, BusSubscription> = BTreeMap::new();
+    let mut r = Lcg(seed);
+    let mut delivered = 0;
+    for i in 1..=steps {
+        let k = r.unit();
+        if k < 0.25 {
+            let topic = ["t.a", "t.b", "t.*", "t.>", "u", "t.a.b"][r.below(6)];
+            let key = [None, Some("rk"), Some("other")][r.below(3)];
+            let source = [None, Some("rust-pub"), Some("web-pub")][r.below(3)];
+            let mut options = serde_json::Map::new();
+            if let Some(key) = key {
+                options.insert("routingKey".into(), J::from(key));
+            }
+            if let Some(app) = source {
+                options.insert("target".into(), serde_json::json!({"application": app}));
+            }
+            let tag = i;
+            let g = got.clone();
+            let opts = SubscribeOptions {
+                routing_key: key.map(String::from),
+                source: source.map(|a| {
+                    knit::wire::Map::from_iter([("application".to_string(), Value::from(a))])
+                }),
+            };
+            twins.insert(
+                i,
+                native_sub
+                    .subscribe(topic, opts, move |m| {
+                        g.lock()
+                            .unwrap()
+                            .push(format!("{tag}:{}", m.data.to_json()));
+                    })
+                    .unwrap(),
+            );
+            web.tell(
+                &serde_json::json!({"subscribe": i, "topic": topic, "options": options})
+                    .to_string(),
+            );
+            assert_eq!(web.json(), ok, "step {i}");
+            continue;
+        }
+        if k < 0.35 && !twins.is_empty() {
+            let key = *twins.keys().nth(r.below(twins.len())).unwrap();
+            twins.remove(&key).unwrap().unsubscribe();
+            web.tell(&serde_json::json!({"unsubscribe": key}).to_string());
+            assert_eq!(web.json(), ok, "step {i}");
+            continue;
+        }
+        let from_web = r.unit() < 0.5;
+        let topic = ["t.a", "t.b", "u", "t.a.b", "t.c"][r.below(5)];
+        let key = [None, Some("rk"), Some("other")][r.below(3)];
+        let target = [None, Some("rust-sub"), Some("web-sub")][r.below(3)];
+        let data = serde_json::json!({"i": i});
+        let what = format!(
+            "step {i}: {} publishes on {topic} (key {key:?}, target {target:?}) to {:?}",
+            if from_web { "web-pub" } else { "rust-pub" },
+            twins.keys().collect::<Vec<_>>()
+        );
+        if from_web {
+            let mut options = serde_json::Map::new();
+            if let Some(key) = key {
+                options.insert("routingKey".into(), J::from(key));
+            }
+            if let Some(app) = target {
+                options.insert("target".into(), serde_json::json!({"application": app}));
+            }
+            web.tell(
+                &serde_json::json!({"publish": topic, "data": data, "options": options})
+                    .to_string(),
+            );
+            assert_eq!(web.json(), ok, "{what}");
+            web.tell(&serde_json::json!({"mark": i, "publish": true}).to_string());
+        } else {
+            let opts = PublishOptions {
+                routing_key: key.map(String::from),
+                target: target.map(|a| {
+                    knit::wire::Map::from_iter([("application".to_string(), Value::from(a))])
+                }),
+            };
+            native_pub.publish(topic, Value::from(data), &opts).unwrap();
+            native_pub
+                .publish(
+                    "mix.mark",
+                    Value::from(serde_json::json!({"mark": i})),
+                    &PublishOptions::default(),
+                )
+                .unwrap();
+            web.tell(&serde_json::json!({"mark": i, "publish": false}).to_string());
+        }
+        let web_got: Vec<String> = match web.json()["got"].clone() {
+            J::Array(a) => a
+                .into_iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect(),
+            other => panic!("{what}: web-sub {other}"),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while mark.load(Ordering::SeqCst) != i as i64 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            mark.load(Ordering::SeqCst),
+            i as i64,
+            "{what}: rust-sub's marker"
+        );
+        let mut native_got = std::mem::take(&mut *got.lock().unwrap());
+        native_got.sort();
+        delivered += native_got.len() + web_got.len();
+        match target {
+            None => assert_eq!(native_got, web_got, "{what}: rust-sub and web-sub"),
+            Some("rust-sub") => assert!(web_got.is_empty(), "{what}: web-sub got {web_got:?}"),
+            _ => assert!(native_got.is_empty(), "{what}: rust-sub got {native_got:?}"),
+        }
+    }
+    assert!(delivered > 0, "nothing was ever delivered");
+    web.tell(r#"{"done": true}"#);
+    assert!(web.finish(Duration::from_secs(30)));
+}
+
+#[test]
+fn random_bus_traffic_reaches_twin_subscriptions_in_both_worlds_alike() {
+    mixed_random_bus("io", 1, 200);
+    mixed_random_bus("glue", 2, 80);
+}
