@@ -1220,3 +1220,202 @@ fn random_bus_traffic_reaches_twin_subscriptions_in_both_worlds_alike() {
     mixed_random_bus("io", 1, 200);
     mixed_random_bus("glue", 2, 80);
 }
+
+/// What one native twin of a stream subscription received.
+#[derive(Default)]
+struct TwinLog {
+    events: std::sync::Mutex<Vec<String>>,
+    mark: std::sync::atomic::AtomicI64,
+    ended: std::sync::atomic::AtomicBool,
+}
+
+/// A native and a web app hold twin subscriptions (the same arguments) to a native stream and
+/// to a web stream, made and ended at random, while each server pushes to all or to a branch,
+/// closes branches and drops single subscriptions: after each step both twins received the
+/// same items and ended alike.
+fn mixed_random_stream(lib: &str, seed: u64, steps: u64) {
+    use knit::client::ClientSubscription;
+    use std::collections::BTreeMap;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    if !have_node(None) {
+        return;
+    }
+    let gw = gateway(&format!("mixed-stream-{lib}"), AuthMode::Token);
+    let server = gw.client("rust-srv");
+    let subscriber = gw.client("rust-sub");
+    let stream = server
+        .create_stream(
+            "Mix.S.native",
+            StreamOptions {
+                on_request: Some(Box::new(|req| {
+                    let mode = req
+                        .arguments
+                        .get("mode")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    match mode.as_str() {
+                        "rej" => req.reject("no"),
+                        "b1" | "b2" => req.accept_on_branch(&mode),
+                        _ => req.accept(),
+                    }
+                })),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let (url, user, token) = (url(&gw), os_user(), gw.token());
+    let mut web = Script::start(
+        "mixed-stream.js",
+        &[
+            "--url", &url, "--user", &user, "--secret", &token, "--lib", lib,
+        ],
+    );
+    assert_eq!(web.json(), serde_json::json!({"ready": true}));
+    assert!(subscriber
+        .wait_for_method("Mix.S.web", Duration::from_secs(10))
+        .is_some());
+    let ok = serde_json::json!({"ok": true});
+    let mut twins: BTreeMap<u64, (&str, ClientSubscription, Arc<TwinLog>)> = BTreeMap::new();
+    let mut r = Lcg(seed);
+    let mut items = 0;
+    for i in 1..=steps {
+        let on = ["native", "web"][r.below(2)];
+        let k = r.unit();
+        let what = format!("step {i} on the {on} stream");
+        if k < 0.3 {
+            let mode = ["all", "b1", "b2", "rej"][r.below(4)];
+            let log = Arc::new(TwinLog::default());
+            let l = log.clone();
+            let native = subscriber.subscribe_stream(
+                if on == "native" {
+                    "Mix.S.native"
+                } else {
+                    "Mix.S.web"
+                },
+                StreamParams {
+                    arguments: Value::from(serde_json::json!({"mode": mode, "k": i})),
+                    wait: Duration::ZERO,
+                    ..StreamParams::default()
+                },
+                move |e| match e {
+                    StreamEvent::Data { data, private, .. } => {
+                        match data.get("mark").and_then(Value::as_i64) {
+                            Some(n) => l.mark.store(n, Ordering::SeqCst),
+                            None => l.events.lock().unwrap().push(format!(
+                                "{} {}",
+                                if *private { "private" } else { "data" },
+                                data.to_json()
+                            )),
+                        }
+                    }
+                    StreamEvent::Closed { .. } => {
+                        l.events.lock().unwrap().push("closed".into());
+                        l.ended.store(true, Ordering::SeqCst);
+                    }
+                },
+            );
+            web.tell(&serde_json::json!({"subscribe": i, "server": on, "mode": mode}).to_string());
+            let w = web.json();
+            match native {
+                Ok(s) => {
+                    assert_eq!(w, ok, "{what}: subscribing {mode}: native accepted, web");
+                    twins.insert(i, (on, s, log));
+                }
+                Err(e) => assert!(
+                    w.get("error").is_some(),
+                    "{what}: subscribing {mode}: native {e}, web {w}"
+                ),
+            }
+            continue;
+        }
+        let mine: Vec<u64> = twins
+            .iter()
+            .filter(|(_, t)| t.0 == on)
+            .map(|(k, _)| *k)
+            .collect();
+        if k < 0.35 && !mine.is_empty() {
+            let key = mine[r.below(mine.len())];
+            let (_, s, _) = twins.remove(&key).unwrap();
+            s.close();
+            web.tell(&serde_json::json!({"close": key}).to_string());
+            assert_eq!(web.json(), ok, "{what}");
+            continue;
+        }
+        if k < 0.88 {
+            let branch = [None, Some("b1"), Some("b2"), Some("b3")][r.below(4)];
+            let data = serde_json::json!({"i": i});
+            if on == "native" {
+                match branch {
+                    None => stream.push(Value::from(data)),
+                    Some(b) => stream.push_to_branches(&[b], Value::from(data)),
+                }
+                .unwrap();
+            } else {
+                web.tell(&serde_json::json!({"push": data, "branch": branch}).to_string());
+                assert_eq!(web.json(), ok, "{what}");
+            }
+        } else if k < 0.94 {
+            let b = ["b1", "b2"][r.below(2)];
+            if on == "native" {
+                stream.close_branch(b);
+            } else {
+                web.tell(&serde_json::json!({"closeBranch": b}).to_string());
+                assert_eq!(web.json(), ok, "{what}");
+            }
+        } else if !mine.is_empty() {
+            let key = mine[r.below(mine.len())];
+            if on == "native" {
+                for s in stream.subscriptions() {
+                    if s.arguments().get("k").and_then(Value::as_i64) == Some(key as i64) {
+                        s.close();
+                    }
+                }
+            } else {
+                web.tell(&serde_json::json!({"drop": key}).to_string());
+                assert_eq!(web.json(), ok, "{what}");
+            }
+        }
+        // A marker behind the step, from the same server: each twin has it, or has ended.
+        if on == "native" {
+            stream
+                .push(Value::from(serde_json::json!({"mark": i})))
+                .unwrap();
+        }
+        web.tell(&serde_json::json!({"mark": i, "push": on == "web", "keys": mine}).to_string());
+        let got = web.json();
+        for key in &mine {
+            let (_, _, log) = &twins[key];
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while log.mark.load(Ordering::SeqCst) != i as i64
+                && !log.ended.load(Ordering::SeqCst)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::yield_now();
+            }
+            let mut native: Vec<String> = std::mem::take(&mut *log.events.lock().unwrap());
+            if log.mark.load(Ordering::SeqCst) != i as i64 && !log.ended.load(Ordering::SeqCst) {
+                native.push(format!("no marker {i}"));
+            }
+            items += native.len();
+            assert_eq!(
+                serde_json::json!(native),
+                got["got"][key.to_string()],
+                "{what}: twin {key} ({got})"
+            );
+            if log.ended.load(Ordering::SeqCst) {
+                twins.remove(key);
+            }
+        }
+    }
+    assert!(items > 0, "nothing was ever delivered");
+    web.tell(r#"{"done": true}"#);
+    assert!(web.finish(Duration::from_secs(30)));
+}
+
+#[test]
+fn random_stream_traffic_reaches_twin_subscriptions_in_both_worlds_alike() {
+    mixed_random_stream("io", 1, 300);
+    mixed_random_stream("glue", 2, 100);
+}
