@@ -2133,6 +2133,48 @@ async fn updates_too_large_for_the_log_and_removals_reach_web_subscribers_as_upd
     assert_eq!(Value::from(data), *native_view.data);
 }
 
+/// `web`, joined to the bus and subscribed to `topic`.
+async fn bus_subscriber(mut web: Web, topic: &str) -> Web {
+    web.req(json!({"type": "join", "destination": "bus"})).await;
+    let r = web
+        .req(json!({"type": "subscribe", "domain": "bus", "topic": topic}))
+        .await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    web
+}
+
+/// A web peer (as the OS user) subscribed to the native stream `name`, once it is announced.
+async fn subscribed_to(gw: &Env, label: &str, name: &str) -> Web {
+    let mut w = Web::login(gw.ws(), label, &os_user(), &gw.token()).await;
+    let m = w
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == name)
+        .await;
+    let sub = w
+        .req(
+            json!({"type": "subscribe", "domain": "agm", "server_id": m["server_id"],
+            "method_id": m["methods"][0]["id"], "arguments_kv": {}}),
+        )
+        .await;
+    assert_eq!(sub["type"], "subscribed", "{sub}");
+    w
+}
+
+/// Reads `n` events from each subscriber, a little from each in turn (a flood's subscribers all
+/// read), checking that each carries `data.i` 0, 1, 2 … in order.
+async fn read_in_turn(subs: &mut [Web], n: u64) {
+    let mut seen = vec![0u64; subs.len()];
+    while seen.iter().any(|&x| x < n) {
+        for (k, s) in subs.iter_mut().enumerate() {
+            if seen[k] == n {
+                continue;
+            }
+            let e = s.next(|m| m["type"] == "event").await;
+            assert_eq!(e["data"]["i"], seen[k], "subscriber {k}");
+            seen[k] += 1;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_web_publisher_flooding_the_bus_waits_for_its_subscribers_instead_of_cutting_them_off() {
     // A small queue per connection, so the flood is many times what one can hold.
@@ -2143,13 +2185,13 @@ async fn a_web_publisher_flooding_the_bus_waits_for_its_subscribers_instead_of_c
     });
     let mut subs = Vec::new();
     for i in 0..2 {
-        let mut s = Web::login(gw.ws(), &format!("sub{i}"), "u", "").await;
-        s.req(json!({"type": "join", "destination": "bus"})).await;
-        let r = s
-            .req(json!({"type": "subscribe", "domain": "bus", "topic": "flood"}))
-            .await;
-        assert_eq!(r["type"], "subscribed", "{r}");
-        subs.push(s);
+        subs.push(
+            bus_subscriber(
+                Web::login(gw.ws(), &format!("sub{i}"), "u", "").await,
+                "flood",
+            )
+            .await,
+        );
     }
     let mut publisher = Web::login(gw.ws(), "pub", "u", "").await;
     publisher
@@ -2166,17 +2208,7 @@ async fn a_web_publisher_flooding_the_bus_waits_for_its_subscribers_instead_of_c
         publisher
     });
     // Both subscribers read everything, in order, and stay connected.
-    let mut seen = [0u64; 2];
-    while seen.iter().any(|&n| n < N) {
-        for (k, s) in subs.iter_mut().enumerate() {
-            if seen[k] == N {
-                continue;
-            }
-            let e = s.next(|m| m["type"] == "event").await;
-            assert_eq!(e["data"]["i"], seen[k], "subscriber {k}");
-            seen[k] += 1;
-        }
-    }
+    read_in_turn(&mut subs, N).await;
     let _publisher = flood.await.unwrap();
     for s in &mut subs {
         s.barrier().await;
@@ -2631,17 +2663,7 @@ async fn slow_web_subscribers_of_contexts_and_streams_are_disconnected_with_a_re
         .req(json!({"type": "subscribe-context", "context_id": cid}))
         .await;
     assert_eq!(sub["type"], "subscribed-context");
-    let mut stream_sloth = Web::login(gw.ws(), "stream-sloth", &os_user(), &gw.token()).await;
-    let m = stream_sloth
-        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Big.Ticks")
-        .await;
-    let sub = stream_sloth
-        .req(
-            json!({"type": "subscribe", "domain": "agm", "server_id": m["server_id"],
-            "method_id": m["methods"][0]["id"], "arguments_kv": {}}),
-        )
-        .await;
-    assert_eq!(sub["type"], "subscribed");
+    let mut stream_sloth = subscribed_to(&gw, "stream-sloth", "Big.Ticks").await;
     let pusher = tokio::spawn(blocking(move || {
         let blob = "s".repeat(64 << 10);
         for i in 0..256 {
@@ -2701,13 +2723,8 @@ async fn a_native_publisher_flooding_web_subscribers_waits_for_them_instead_of_c
     });
     let mut subs = Vec::new();
     for i in 0..2 {
-        let mut s = Web::login(gw.ws(), &format!("sub{i}"), &os_user(), &gw.token()).await;
-        s.req(json!({"type": "join", "destination": "bus"})).await;
-        let r = s
-            .req(json!({"type": "subscribe", "domain": "bus", "topic": "flood"}))
-            .await;
-        assert_eq!(r["type"], "subscribed", "{r}");
-        subs.push(s);
+        let web = Web::login(gw.ws(), &format!("sub{i}"), &os_user(), &gw.token()).await;
+        subs.push(bus_subscriber(web, "flood").await);
     }
     let native = gw.client("natpub");
     let flood = std::thread::spawn(move || {
@@ -2718,17 +2735,7 @@ async fn a_native_publisher_flooding_web_subscribers_waits_for_them_instead_of_c
         }
         native
     });
-    let mut seen = [0u64; 2];
-    while seen.iter().any(|&n| n < N) {
-        for (k, s) in subs.iter_mut().enumerate() {
-            if seen[k] == N {
-                continue;
-            }
-            let e = s.next(|m| m["type"] == "event").await;
-            assert_eq!(e["data"]["i"], seen[k], "subscriber {k}");
-            seen[k] += 1;
-        }
-    }
+    read_in_turn(&mut subs, N).await;
     let _native = flood.join().unwrap();
     for s in &mut subs {
         s.barrier().await;
@@ -2757,19 +2764,8 @@ async fn a_native_stream_flooding_web_subscribers_waits_for_them_instead_of_cutt
         .unwrap();
     let mut subs = Vec::new();
     for i in 0..2 {
-        let mut s = Web::login(gw.ws(), &format!("sub{i}"), &os_user(), &gw.token()).await;
-        let m = s
-            .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Nat.Flood")
-            .await;
-        let r = s
-            .req(
-                json!({"type": "subscribe", "domain": "agm", "server_id": m["server_id"],
-                "method_id": m["methods"][0]["id"], "arguments_kv": {}}),
-            )
-            .await;
-        assert_eq!(r["type"], "subscribed", "{r}");
+        subs.push(subscribed_to(&gw, &format!("sub{i}"), "Nat.Flood").await);
         got(&mut added).await;
-        subs.push(s);
     }
     let flood = std::thread::spawn(move || {
         for i in 0..N {
@@ -2777,17 +2773,7 @@ async fn a_native_stream_flooding_web_subscribers_waits_for_them_instead_of_cutt
         }
         stream
     });
-    let mut seen = [0u64; 2];
-    while seen.iter().any(|&n| n < N) {
-        for (k, s) in subs.iter_mut().enumerate() {
-            if seen[k] == N {
-                continue;
-            }
-            let e = s.next(|m| m["type"] == "event").await;
-            assert_eq!(e["data"]["i"], seen[k], "subscriber {k}");
-            seen[k] += 1;
-        }
-    }
+    read_in_turn(&mut subs, N).await;
     let _stream = flood.join().unwrap();
     for s in &mut subs {
         s.barrier().await;

@@ -666,6 +666,19 @@ fn headless_chromium_page_and_native_app_call_each_other() {
     assert!(page.finish(Duration::from_secs(30)));
 }
 
+/// Starts `script`, a web side of the mixed-world tests, against `gw`'s bridge as the OS user
+/// with `lib` (and `extra` arguments); returns once it says it is ready.
+fn mixed_script(gw: &Env, script: &str, lib: &str, extra: &[&str]) -> Script {
+    let (url, user, token) = (url(gw), os_user(), gw.token());
+    let mut args = vec![
+        "--url", &url, "--user", &user, "--secret", &token, "--lib", lib,
+    ];
+    args.extend_from_slice(extra);
+    let web = Script::start(script, &args);
+    assert_eq!(web.json(), serde_json::json!({"ready": true}), "{script}");
+    web
+}
+
 /// A small deterministic generator (the runs are reproducible from their seed).
 struct Lcg(u64);
 
@@ -752,14 +765,7 @@ fn mixed_random_ctx(lib: &str, seed: u64, steps: u64) {
             let _ = tx.send((u.data.to_json(), u.removed.clone()));
         })
         .unwrap();
-    let (url, user, token) = (url(&gw), os_user(), gw.token());
-    let mut web = Script::start(
-        "mixed-ctx.js",
-        &[
-            "--url", &url, "--user", &user, "--secret", &token, "--name", name, "--lib", lib,
-        ],
-    );
-    assert_eq!(web.json(), serde_json::json!({"ready": true}));
+    let mut web = mixed_script(&gw, "mixed-ctx.js", lib, &["--name", name]);
     let mut r = Lcg(seed);
     let mut stored = serde_json::json!({"seq": 0});
     for i in 1..=steps {
@@ -867,14 +873,7 @@ fn mixed_random_interop(lib: &str, seed: u64, steps: u64) {
     ]
     .into_iter()
     .collect();
-    let (url, user, token) = (url(&gw), os_user(), gw.token());
-    let mut web = Script::start(
-        "mixed-interop.js",
-        &[
-            "--url", &url, "--user", &user, "--secret", &token, "--lib", lib,
-        ],
-    );
-    assert_eq!(web.json(), serde_json::json!({"ready": true}));
+    let mut web = mixed_script(&gw, "mixed-interop.js", lib, &[]);
     let mut serving: BTreeMap<&str, BTreeSet<&str>> =
         APPS.iter().map(|a| (*a, BTreeSet::new())).collect();
     let mut r = Lcg(seed);
@@ -1087,14 +1086,7 @@ fn mixed_random_bus(lib: &str, seed: u64, steps: u64) {
             m2.store(n, Ordering::SeqCst);
         })
         .unwrap();
-    let (url, user, token) = (url(&gw), os_user(), gw.token());
-    let mut web = Script::start(
-        "mixed-bus.js",
-        &[
-            "--url", &url, "--user", &user, "--secret", &token, "--lib", lib,
-        ],
-    );
-    assert_eq!(web.json(), serde_json::json!({"ready": true}));
+    let mut web = mixed_script(&gw, "mixed-bus.js", lib, &[]);
     let ok = serde_json::json!({"ok": true});
     let mut twins: BTreeMap<u64, BusSubscription> = BTreeMap::new();
     let mut r = Lcg(seed);
@@ -1265,14 +1257,7 @@ fn mixed_random_stream(lib: &str, seed: u64, steps: u64) {
             },
         )
         .unwrap();
-    let (url, user, token) = (url(&gw), os_user(), gw.token());
-    let mut web = Script::start(
-        "mixed-stream.js",
-        &[
-            "--url", &url, "--user", &user, "--secret", &token, "--lib", lib,
-        ],
-    );
-    assert_eq!(web.json(), serde_json::json!({"ready": true}));
+    let mut web = mixed_script(&gw, "mixed-stream.js", lib, &[]);
     assert!(subscriber
         .wait_for_method("Mix.S.web", Duration::from_secs(10))
         .is_some());

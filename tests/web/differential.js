@@ -25,6 +25,7 @@
 // reference is one of the differences listed in docs/gw3-conformance.md are not generated (a
 // removal through a parent that is not an object).
 "use strict";
+const { referenceGateway } = require("./lib/reference");
 const { client } = require("./scenarios");
 
 const argv = process.argv.slice(2);
@@ -229,32 +230,6 @@ const scenarios = {
     for (const n of names) await apps[n].done();
   },
 };
-
-// The reference gateway, in this process, behind a WebSocket server on 127.0.0.1, with a client
-// buffer large enough that it drops nothing.
-async function referenceGateway() {
-  const { WebSocketServer } = require("ws");
-  const gwlib = require("@glue42/gateway-web/node/gateway-web.js");
-  gwlib.configure_logging({ level: "error", appender: (e) => process.stderr.write(e.output + "\n") });
-  const gw = gwlib.create({ clients: { inactive_seconds: 0, buffer_size: 1000000 } });
-  await gw.start();
-  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
-  await new Promise((ok) => wss.once("listening", ok));
-  wss.on("connection", (socket) => {
-    const early = [];
-    let peer = null;
-    const deliver = (text) => {
-      let msg;
-      try { msg = JSON.parse(text); } catch { return; }
-      if (msg && typeof msg === "object" && !Array.isArray(msg)) peer.send(msg);
-    };
-    gw.connect((_c, msg) => { if (socket.readyState === socket.OPEN) socket.send(JSON.stringify(msg)); })
-      .then((c) => { peer = c; early.splice(0).forEach(deliver); });
-    socket.on("message", (d) => (peer ? deliver(d.toString()) : early.push(d.toString())));
-    socket.on("close", () => { try { if (peer) peer.disconnect(); } catch { /* a peer torn down twice */ } });
-  });
-  return { url: `ws://127.0.0.1:${wss.address().port}`, close: async () => { wss.close(); await gw.stop(); } };
-}
 
 async function run(url, seed) {
   const lines = [];

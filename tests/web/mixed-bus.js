@@ -19,19 +19,7 @@
 //   {"done": true}                               leaves and exits 0
 // Every other command is answered {"ok": true}.
 "use strict";
-const readline = require("readline");
-const { library } = require("./scenarios");
-
-const argv = process.argv.slice(2);
-const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt; };
-const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
-const connect = (application) => library(opt("--lib", "io"))({
-  application,
-  gateway: { ws: opt("--url") },
-  auth: { username: opt("--user"), password: opt("--secret") },
-  bus: true,
-  logger: "error",
-});
+const { connect, until, serve, fail } = require("./lib/mixed");
 
 (async () => {
   const sub = await connect("web-sub");
@@ -40,30 +28,23 @@ const connect = (application) => library(opt("--lib", "io"))({
   let got = [];
   let mark = 0;
   await sub.bus.subscribe("mix.mark", (d) => { mark = d.mark; });
-  say({ ready: true });
-  const lines = readline.createInterface({ input: process.stdin });
-  for await (const line of lines) {
-    const cmd = JSON.parse(line);
-    if (cmd.done) break;
+  await serve(async (cmd) => {
+    if (cmd.mark !== undefined) {
+      if (cmd.publish) pub.bus.publish("mix.mark", { mark: cmd.mark });
+      await until(() => mark === cmd.mark);
+      const out = { got: mark === cmd.mark ? got.sort() : `no marker ${cmd.mark} (last ${mark})` };
+      got = [];
+      return out;
+    }
     if (cmd.subscribe !== undefined) {
       const k = cmd.subscribe;
       subs.set(k, await sub.bus.subscribe(cmd.topic, (d) => got.push(`${k}:${JSON.stringify(d)}`), cmd.options || undefined));
     } else if (cmd.unsubscribe !== undefined) {
       subs.get(cmd.unsubscribe).unsubscribe();
       subs.delete(cmd.unsubscribe);
-    } else if (cmd.mark !== undefined) {
-      if (cmd.publish) pub.bus.publish("mix.mark", { mark: cmd.mark });
-      const end = Date.now() + 10000;
-      while (mark !== cmd.mark && Date.now() < end) await new Promise((r) => setImmediate(r));
-      say({ got: mark === cmd.mark ? got.sort() : `no marker ${cmd.mark} (last ${mark})` });
-      got = [];
-      continue;
-    } else if (cmd.publish !== undefined) {
+    } else {
       pub.bus.publish(cmd.publish, cmd.data, cmd.options || undefined);
     }
-    say({ ok: true });
-  }
-  await pub.done();
-  await sub.done();
-  process.exit(0);
-})().catch((e) => { say({ failed: String(e && e.stack || e) }); process.exit(1); });
+    return undefined;
+  }, async () => { await pub.done(); await sub.done(); });
+})().catch(fail);

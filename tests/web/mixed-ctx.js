@@ -16,52 +16,29 @@
 //   {"done": true}
 //        leaves and exits 0
 "use strict";
-const readline = require("readline");
-const { library } = require("./scenarios");
+const { opt, connect, until, serve, fail } = require("./lib/mixed");
 
-const argv = process.argv.slice(2);
-const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt; };
-const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
 const name = opt("--name");
-const connect = (application) => library(opt("--lib", "io"))({
-  application,
-  gateway: { ws: opt("--url") },
-  auth: { username: opt("--user"), password: opt("--secret") },
-  logger: "error",
-});
 
 (async () => {
   const writer = await connect("web-writer");
   const reader = await connect("web-reader");
   let last = null;
   await reader.contexts.subscribe(name, (data, delta, removed) => { last = { data, delta, removed }; });
-  say({ ready: true });
-  const lines = readline.createInterface({ input: process.stdin });
-  for await (const line of lines) {
-    const cmd = JSON.parse(line);
-    if (cmd.done) break;
+  await serve(async (cmd) => {
     if (cmd.view !== undefined) {
-      const end = Date.now() + 10000;
-      while (!(last && last.data && last.data.seq === cmd.view) && Date.now() < end) await new Promise((r) => setImmediate(r));
+      await until(() => last && last.data && last.data.seq === cmd.view);
       const out = { ...(last || {}) };
       if (cmd.joiner) {
         const app = await connect("web-joiner");
         out.joined = await app.contexts.get(name);
         await app.done();
       }
-      say(out);
-      continue;
+      return out;
     }
-    try {
-      if (cmd.update) await writer.contexts.update(name, cmd.update);
-      else if (cmd.set) await writer.contexts.set(name, cmd.set);
-      else await writer.contexts.setPaths(name, cmd.paths);
-      say({ ok: true });
-    } catch (e) {
-      say({ error: (e && (e.message || e.reason)) || String(e) });
-    }
-  }
-  await writer.done();
-  await reader.done();
-  process.exit(0);
-})().catch((e) => { say({ failed: String(e && e.stack || e) }); process.exit(1); });
+    if (cmd.update) await writer.contexts.update(name, cmd.update);
+    else if (cmd.set) await writer.contexts.set(name, cmd.set);
+    else await writer.contexts.setPaths(name, cmd.paths);
+    return undefined;
+  }, async () => { await writer.done(); await reader.done(); });
+})().catch(fail);

@@ -21,18 +21,7 @@
 //   {"done": true}                  leaves and exits 0
 // The others are answered {"ok": true} (or {"error": MESSAGE}).
 "use strict";
-const readline = require("readline");
-const { library } = require("./scenarios");
-
-const argv = process.argv.slice(2);
-const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt; };
-const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
-const connect = (application) => library(opt("--lib", "io"))({
-  application,
-  gateway: { ws: opt("--url") },
-  auth: { username: opt("--user"), password: opt("--secret") },
-  logger: "error",
-});
+const { connect, until, serve, fail } = require("./lib/mixed");
 
 (async () => {
   const srv = await connect("web-srv");
@@ -48,55 +37,41 @@ const connect = (application) => library(opt("--lib", "io"))({
   await sub.interop.waitForMethod("Mix.S.web");
   await sub.interop.waitForMethod("Mix.S.native");
   const subs = new Map(); // K -> {sub, events, mark, ended}
-  say({ ready: true });
-  const lines = readline.createInterface({ input: process.stdin });
-  for await (const line of lines) {
-    const cmd = JSON.parse(line);
-    if (cmd.done) break;
-    try {
-      if (cmd.mark !== undefined) {
-        if (cmd.push) stream.push({ mark: cmd.mark });
-        const end = Date.now() + 10000;
-        const done = () => cmd.keys.every((k) => { const t = subs.get(k); return !t || t.ended || t.mark === cmd.mark; });
-        while (!done() && Date.now() < end) await new Promise((r) => setImmediate(r));
-        const got = {};
-        for (const k of cmd.keys) {
-          const t = subs.get(k);
-          got[k] = t ? t.events.splice(0) : ["gone"];
-          if (t && t.mark !== cmd.mark && !t.ended) got[k].push(`no marker ${cmd.mark}`);
-          if (t && t.ended) subs.delete(k);
-        }
-        say({ got });
-        continue;
-      } else if (cmd.subscribe !== undefined) {
-        const k = cmd.subscribe;
-        const name = cmd.server === "native" ? "Mix.S.native" : "Mix.S.web";
-        const s = await sub.interop.subscribe(name, { arguments: { mode: cmd.mode, k }, waitTimeoutMs: 0 });
-        const t = { sub: s, events: [], mark: 0, ended: false };
-        s.onData((d) => {
-          if (d.data && d.data.mark !== undefined) t.mark = d.data.mark;
-          else t.events.push(`${d.private ? "private" : "data"} ${JSON.stringify(d.data)}`);
-        });
-        s.onClosed(() => { t.ended = true; t.events.push("closed"); });
-        subs.set(k, t);
-      } else if (cmd.close !== undefined) {
-        const t = subs.get(cmd.close);
-        t.sub.close();
-        subs.delete(cmd.close);
-      } else if (cmd.push !== undefined) {
-        stream.push(cmd.push, cmd.branch || undefined);
-      } else if (cmd.closeBranch !== undefined) {
-        const b = stream.branches(cmd.closeBranch);
-        if (b) b.close();
-      } else if (cmd.drop !== undefined) {
-        for (const s of stream.subscriptions()) if (s.arguments.k === cmd.drop) s.close();
+  await serve(async (cmd) => {
+    if (cmd.mark !== undefined) {
+      if (cmd.push) stream.push({ mark: cmd.mark });
+      await until(() => cmd.keys.every((k) => { const t = subs.get(k); return !t || t.ended || t.mark === cmd.mark; }));
+      const got = {};
+      for (const k of cmd.keys) {
+        const t = subs.get(k);
+        got[k] = t ? t.events.splice(0) : ["gone"];
+        if (t && t.mark !== cmd.mark && !t.ended) got[k].push(`no marker ${cmd.mark}`);
+        if (t && t.ended) subs.delete(k);
       }
-      say({ ok: true });
-    } catch (e) {
-      say({ error: (e && (e.message || e.reason)) || String(e) });
+      return { got };
     }
-  }
-  await sub.done();
-  await srv.done();
-  process.exit(0);
-})().catch((e) => { say({ failed: String(e && e.stack || e) }); process.exit(1); });
+    if (cmd.subscribe !== undefined) {
+      const k = cmd.subscribe;
+      const name = cmd.server === "native" ? "Mix.S.native" : "Mix.S.web";
+      const s = await sub.interop.subscribe(name, { arguments: { mode: cmd.mode, k }, waitTimeoutMs: 0 });
+      const t = { sub: s, events: [], mark: 0, ended: false };
+      s.onData((d) => {
+        if (d.data && d.data.mark !== undefined) t.mark = d.data.mark;
+        else t.events.push(`${d.private ? "private" : "data"} ${JSON.stringify(d.data)}`);
+      });
+      s.onClosed(() => { t.ended = true; t.events.push("closed"); });
+      subs.set(k, t);
+    } else if (cmd.close !== undefined) {
+      subs.get(cmd.close).sub.close();
+      subs.delete(cmd.close);
+    } else if (cmd.push !== undefined) {
+      stream.push(cmd.push, cmd.branch || undefined);
+    } else if (cmd.closeBranch !== undefined) {
+      const b = stream.branches(cmd.closeBranch);
+      if (b) b.close();
+    } else if (cmd.drop !== undefined) {
+      for (const s of stream.subscriptions()) if (s.arguments.k === cmd.drop) s.close();
+    }
+    return undefined;
+  }, async () => { await sub.done(); await srv.done(); });
+})().catch(fail);
