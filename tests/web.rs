@@ -262,6 +262,12 @@ fn random_interop_sequences_give_the_results_of_the_reference_gateway() {
 }
 
 #[test]
+fn random_stream_sequences_deliver_and_end_as_on_the_reference_gateway() {
+    differential("streams", "io", "1,2,3");
+    differential("streams", "glue", "4");
+}
+
+#[test]
 fn random_bus_sequences_reach_whom_the_reference_gateway_reaches() {
     differential("bus", "io", "1,2,3");
     differential("bus", "glue", "4");

@@ -4,7 +4,7 @@
 // (@glue42/gateway-web from npm, started here), and what every app observed compared step by
 // step. Driven by tests/web.rs:
 //
-//   node differential.js --url ws://127.0.0.1:PORT --scenario ctx|interop|bus
+//   node differential.js --url ws://127.0.0.1:PORT --scenario ctx|interop|bus|streams
 //                        [--seeds 1,2] [--ops 120] [--lib io|glue]
 //
 // Prints the first differences and exits 1 if there are any, 0 otherwise (with SHOW=1 in the
@@ -19,6 +19,10 @@
 //            view of the methods
 //   bus      three apps subscribe (topics with * and >, routing keys, targets), unsubscribe and
 //            publish (with routing keys and targets): who received what after each publish
+//   streams  a server accepting, rejecting and accepting on branches; two apps subscribing and
+//            closing; the server pushing to all, to branches and to one subscription, closing
+//            branches and dropping subscriptions: what each subscription received, how it
+//            ended, and what the server's handlers were told, after each step
 //
 // Every step waits on what it caused (a sequence number in the data, the expected method view,
 // a marker message behind the step), never on a timer. Operations whose outcome on the
@@ -228,6 +232,83 @@ const scenarios = {
       log(`#${i} ${line} -> ${j(received)}`);
     }
     for (const n of names) await apps[n].done();
+  },
+
+  async streams(url, r, log) {
+    const pick = (a) => a[Math.floor(r() * a.length)];
+    const A = await client(url, "A", { lib });
+    const apps = { B: await client(url, "B", { lib }), C: await client(url, "C", { lib }) };
+    const server = [];
+    const stream = await A.interop.createStream("Diff.Stream", {
+      subscriptionRequestHandler: (req) => {
+        const { mode, n } = req.arguments;
+        server.push(`request ${n} ${mode} from ${req.instance.application}`);
+        if (mode === "rej") req.reject(`no ${n}`);
+        else if (mode === "b1" || mode === "b2") req.acceptOnBranch(mode);
+        else req.accept();
+      },
+      subscriptionAddedHandler: (s) => server.push(`added ${s.arguments.n} on ${j(s.branchKey)}`),
+      subscriptionRemovedHandler: (s) => server.push(`removed ${s.arguments.n}`),
+    });
+    for (const X of Object.values(apps)) await X.interop.waitForMethod("Diff.Stream");
+    const open = new Map(); // n -> {who, events, mark, ended}
+    for (let i = 1; i <= OPS; i++) {
+      const k = r();
+      let line;
+      if (k < 0.3) {
+        const who = pick(["B", "C"]);
+        const mode = pick(["all", "b1", "b2", "rej"]);
+        try {
+          const sub = await apps[who].interop.subscribe("Diff.Stream", { arguments: { mode, n: i }, waitTimeoutMs: 0 });
+          const t = { who, events: [], mark: 0, ended: false };
+          sub.onData((d) => { if (d.data.mark !== undefined) t.mark = d.data.mark; else t.events.push(`${d.private ? "private" : "data"} ${j(d.data)}`); });
+          sub.onClosed((c) => { t.ended = true; t.events.push(`closed ${c && c.message}`); });
+          t.sub = sub;
+          open.set(i, t);
+          line = `${who} subscribes ${i} (${mode})`;
+        } catch (e) {
+          line = `${who} subscribes ${i} (${mode}): ${e.message || j(e)}`;
+        }
+      } else if (k < 0.38 && open.size) {
+        const n = pick([...open.keys()]);
+        open.get(n).sub.close();
+        line = `${open.get(n).who} closes ${n}`;
+      } else if (k < 0.8) {
+        const branch = pick([undefined, "b1", "b2", "b3"]);
+        stream.push({ i }, branch);
+        line = `A pushes to ${j(branch)}`;
+      } else if (k < 0.87) {
+        const b = stream.branches(pick(["b1", "b2"]));
+        line = `A closes branch ${b ? b.key : "(none)"}`;
+        if (b) b.close();
+      } else {
+        const subs = stream.subscriptions();
+        const s = subs.length ? subs[Math.floor(r() * subs.length)] : null;
+        if (!s) line = "A has no subscription";
+        else if (r() < 0.5) { s.push({ only: i }); line = `A pushes to ${s.arguments.n} alone`; }
+        else { s.close(); line = `A drops ${s.arguments.n}`; }
+      }
+      // A marker to every subscription behind the step: each has it, or has ended.
+      stream.push({ mark: i });
+      try {
+        await until(() => [...open.values()].every((t) => t.ended || t.mark === i), `every subscription to get marker ${i}`);
+        // ... and the server's list agrees with the subscribers' (it hears of their closes later).
+        const live = () => j([...open].filter(([, t]) => !t.ended).map(([n]) => n).sort((a, b) => a - b));
+        const listed = () => j(stream.subscriptions().map((s) => s.arguments.n).sort((a, b) => a - b));
+        await until(() => live() === listed(), `the server to list ${live()}`);
+      } catch (e) {
+        log(`#${i} ${line}: ${e.message}`);
+        break;
+      }
+      const seen = {};
+      for (const [n, t] of open) {
+        if (t.events.length) seen[n] = t.events.splice(0);
+        if (t.ended) open.delete(n);
+      }
+      log(`#${i} ${line} -> ${j(seen)} server ${j(server.splice(0).sort())}`);
+    }
+    for (const X of Object.values(apps)) await X.done();
+    await A.done();
   },
 };
 
