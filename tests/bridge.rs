@@ -915,6 +915,21 @@ async fn method_objects_and_identities_are_bounded_in_bytes() {
         )
         .await;
     assert_eq!(r["type"], "welcome", "{r}");
+    // A login is a name: in open mode any login is a user, carried in every identity of it.
+    let mut long = Web::connect(gw.ws()).await;
+    let login = |n: usize| json!({"method": "secret", "login": "l".repeat(n), "secret": ""});
+    r = long.hello("long", login(1025)).await;
+    assert_eq!(r["type"], "error", "{r}");
+    assert_eq!(
+        r["reason_uri"], "global.errors.authentication.failure",
+        "{r}"
+    );
+    assert_eq!(
+        r["reason"],
+        "the login is 1025 bytes, more than the limit (1024)"
+    );
+    r = long.hello("long", login(1024)).await;
+    assert_eq!(r["type"], "welcome", "{r}");
     // Method objects of ~1 KiB: three fit in 4 KiB, a batch of two more does not, and
     // nothing of a refused batch is registered.
     let mut w = Web::login(gw.ws(), "server", "u", "").await;

@@ -640,6 +640,18 @@ impl Session {
             Ok(l) => l,
             Err(reason) => return self.send(fail("global.errors.authentication.failure", &reason)),
         };
+        // The login names the user (in `open` mode any login is a user of its own), which every
+        // peer of that user carries in its identity: as long as a name may be, no longer.
+        let max = self.sh.limits.max_name_len;
+        let longest = login
+            .login
+            .as_ref()
+            .map_or(0, String::len)
+            .max(login.user.len());
+        if longest > max {
+            let reason = format!("the login is {longest} bytes, more than the limit ({max})");
+            return self.send(fail("global.errors.authentication.failure", &reason));
+        }
         let limit = self.sh.cfg.max_identity_bytes;
         let size = msg.get("identity").map_or(0, gw3::approx_len);
         if size > limit {
@@ -657,7 +669,6 @@ impl Session {
                 ))
             }
         };
-        let max = self.sh.limits.max_name_len;
         let application = match identity.get("application") {
             Some(J::String(s)) if !s.trim().is_empty() && s.len() <= max => s.clone(),
             _ => {
