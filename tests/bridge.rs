@@ -719,6 +719,12 @@ async fn malformed_frames_get_errors_and_the_gateway_keeps_serving() {
             "{m} -> {r}"
         );
     }
+    // A missing context id reads as the reference prints nil (`@glue42/core` 5.x sends one when
+    // it destroys a context it no longer knows the id of).
+    let r = w
+        .req(json!({"type": "destroy-context", "context_id": null}))
+        .await;
+    assert_eq!(r["reason"], "Unable to find context with id ", "{r}");
     // Fire-and-forget messages with nonsense get no answer; yields for nothing are ignored.
     for m in [
         json!({"type": "ping"}),

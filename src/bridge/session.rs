@@ -429,6 +429,10 @@ fn rid(msg: &Obj) -> J {
 fn display_id(v: &J) -> String {
     match v {
         J::String(s) => s.clone(),
+        // As the reference prints a missing id: "Unable to find context with id " (ClojureScript
+        // `(str nil)`), which `@glue42/core` 5.x makes happen by destroying a context it no
+        // longer knows the id of.
+        J::Null => String::new(),
         other => other.to_string(),
     }
 }
