@@ -158,12 +158,7 @@ impl Registry {
 
     pub(crate) fn bus_unsubscribe(&mut self, from: PeerId, req: u64, sub: u64) {
         if self.bus.subs.remove(&(from, sub)).is_some() {
-            if let Some(n) = self.bus.held.get_mut(&from) {
-                *n -= 1;
-                if *n == 0 {
-                    self.bus.held.remove(&from);
-                }
-            }
+            super::registry::count_down(&mut self.bus.held, from);
             for p in self.audience(from) {
                 self.send(
                     p,

@@ -104,16 +104,22 @@ pub(super) struct Peer {
     overflowed: bool,
 }
 
+/// Takes one off `key`'s count, forgetting keys that reach zero (so the map holds only what
+/// is held).
+pub(super) fn count_down(counts: &mut HashMap<PeerId, usize>, key: PeerId) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&key);
+        }
+    }
+}
+
 impl Peer {
     /// One of its relayed calls to `callee` was answered (or failed).
     fn answered(&mut self, callee: PeerId) {
         self.pending = self.pending.saturating_sub(1);
-        if let Some(n) = self.pending_on.get_mut(&callee) {
-            *n -= 1;
-            if *n == 0 {
-                self.pending_on.remove(&callee);
-            }
-        }
+        count_down(&mut self.pending_on, callee);
     }
 
     /// Its identity as `viewer` sees it (a web peer sees the GW3 form): what a bus `target`
