@@ -292,21 +292,20 @@ pub(crate) async fn run(
     tokio::pin!(hello_deadline);
     // The connection's place among those waiting to log in, given up once it has.
     let mut ticket = ticket;
-    let mut waiting = true;
+    let mut evicted = false;
     // `biased`: output first; then news from the bridge's other connections (a web peer joined
     // or left `agm`), which is always older than what the registry queued about the same peer
     // (a clean `leave` must not be overtaken by the disconnect right behind it; and `PeerAdded`
     // coming after the news that the peer joined is fine: it announces the peer then); then the
     // registry's notices; then frames from the client.
-    let mut evicted = false;
     let (why, close) = loop {
         if let Some((code, reason)) = s.done.take() {
             break (reason.clone(), Some((code, reason, false)));
         }
         // Logged in: out of the waiting ones (unless it was evicted meanwhile, which the
         // eviction arm below sees).
-        if waiting && s.me.is_some() && ticket.logged_in() {
-            waiting = false;
+        if ticket.waiting() && s.me.is_some() {
+            ticket.logged_in();
         }
         let replaying = s.replay.is_some();
         if replaying {
@@ -340,7 +339,7 @@ pub(crate) async fn run(
                 let why = "no successful hello in time".to_string();
                 break (why.clone(), Some((CLOSE_SLOW, why, false)));
             }
-            _ = ticket.evicted(), if waiting => {
+            _ = ticket.evicted(), if ticket.waiting() => {
                 let why = super::pending::reason(s.sh.cfg.max_pending_logins);
                 evicted = true;
                 break (why.clone(), Some((CLOSE_SLOW, why, false)));
@@ -409,7 +408,7 @@ pub(crate) async fn run(
     // socket is closed (it no longer counts against `max_connections`, so its descriptor must
     // not outlive it). One that never logged in stops lingering when it is evicted.
     let ended = tokio::time::timeout(if evicted { Duration::ZERO } else { LINGER }, linger);
-    if waiting && !evicted {
+    if ticket.waiting() && !evicted {
         tokio::select! {
             _ = ended => {}
             _ = ticket.evicted() => {}
