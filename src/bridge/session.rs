@@ -150,6 +150,8 @@ struct Me {
     id: J,
     /// The GW3 identity it logged in with (resolved; shared with the hub).
     identity: Arc<J>,
+    /// The same as knit values: what a bus `target` of its own publishes is matched against.
+    attributes: Value,
     instance: String,
     user: String,
     in_agm: bool,
@@ -243,7 +245,7 @@ struct MethodsAdded<'a> {
 }
 
 /// The text of a frame made of JSON values and strings only (which always serialises).
-fn frame_text(frame: &impl serde::Serialize) -> String {
+pub(super) fn frame_text(frame: &impl serde::Serialize) -> String {
     serde_json::to_string(frame).unwrap_or_default()
 }
 
@@ -725,13 +727,14 @@ impl Session {
                 "slow consumer: the gateway's queue for this peer overflowed",
             )
         });
+        let attributes = Value::from((*identity).clone());
         let adm = Admission {
             application,
             instance: Some(instance.clone()),
             pid,
             user: login.user.clone(),
             transport: Transport::Relay,
-            attributes: Value::from((*identity).clone()),
+            attributes: attributes.clone(),
         };
         let (peer, welcome) = match self.sh.core.admit(adm, reg_tx, closer).await {
             Ok(x) => x,
@@ -763,6 +766,7 @@ impl Session {
             peer,
             id,
             identity: identity.clone(),
+            attributes,
             instance,
             user: login.user,
             in_agm: false,

@@ -5,7 +5,7 @@
 //! web publisher's messages go through the gateway to everyone else; its own subscriptions get
 //! them here (the reference gateway delivers a publisher's messages to itself too).
 
-use super::{rid, Session};
+use super::{frame_text, rid, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::gateway::Outgoing;
 use crate::model::bus::{identity_matches, routing_matches, topic_matches};
@@ -141,13 +141,11 @@ impl Session {
         };
         let data = msg.get("data").cloned().unwrap_or(J::Null);
         let Some(me) = self.me.as_ref() else { return };
-        let (peer, identity) = (me.peer, me.identity.clone());
+        let peer = me.peer;
         let mine = match &target {
             // `login` is announced but not matched (as in the reference gateway; the registry
             // matches other subscribers the same way).
-            Value::Map(t) => {
-                !t.contains_key("login") && identity_matches(t, &Value::from((*identity).clone()))
-            }
+            Value::Map(t) => !t.contains_key("login") && identity_matches(t, &me.attributes),
             _ => true,
         };
         if mine {
@@ -193,15 +191,35 @@ impl Session {
                 None => return, // not a peer we may see
             }
         };
-        let frames: Vec<J> = matching
+        // Serialised in place: the publisher's identity and the data are not copied per event.
+        let frames: Vec<String> = matching
             .iter()
             .map(|s| {
-                json!({"domain": "bus", "type": "event", "peer_id": me.id,
-                    "subscription_id": s.gid, "publisher-identity": *publisher, "data": data})
+                frame_text(&Event {
+                    domain: "bus",
+                    ty: "event",
+                    peer_id: &me.id,
+                    subscription_id: &s.gid,
+                    publisher_identity: &publisher,
+                    data,
+                })
             })
             .collect();
         for f in frames {
-            self.send(f);
+            self.send_text(f);
         }
     }
+}
+
+/// A bus `event` frame.
+#[derive(serde::Serialize)]
+struct Event<'a> {
+    domain: &'static str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    peer_id: &'a J,
+    subscription_id: &'a str,
+    #[serde(rename = "publisher-identity")]
+    publisher_identity: &'a J,
+    data: &'a J,
 }
