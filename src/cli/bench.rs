@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 mod data;
 #[path = "bench_load.rs"]
 mod load;
+#[path = "bench_relay.rs"]
+pub(crate) mod relay;
 #[path = "bench_restart.rs"]
 mod restart;
 #[path = "bench_soak.rs"]

@@ -122,6 +122,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     #[command(hide = true, name = "__bench-peer")]
     BenchPeer(bench::PeerArgs),
+    /// A relay that does nothing but copy WebSocket frames: the bridge benchmark's baseline.
+    #[command(hide = true, name = "__ws-relay")]
+    WsRelay(bench::relay::RelayArgs),
     /// The keeper a gateway starts to hold its contexts across restarts (not for humans).
     #[command(hide = true, name = "__keeper")]
     Keeper {
@@ -357,6 +360,7 @@ fn run(cli: Cli) -> CliResult {
         }
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchPeer(args) => bench::peer(args),
+        Cmd::WsRelay(args) => bench::relay::run(args),
         Cmd::Keeper { socket, linger_ms } => {
             knit::keeper::run(&socket, Duration::from_millis(linger_ms))
                 .map_err(|e| CliError::new(Status::Internal, e.to_string()))

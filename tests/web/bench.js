@@ -19,6 +19,11 @@
 //                        answers each with a result frame — one hop each way instead of two, the
 //                        floor a gateway's bare GW3 round trip is measured against (printed as
 //                        {gateway: "none"} and, with invoke_rtt_raw_gw3, knit's ratio to it).
+//   ws_relay             the same caller and server with `knit __ws-relay` between them: a relay
+//                        that only copies frames, spinning (no JSON, no routing, no sleep) — what
+//                        the machine charges any relay for the two extra hops. Printed as
+//                        {gateway: "relay"}; with invoke_rtt and invoke_rtt_raw_gw3 also the best
+//                        ratio any relay could reach in this run (invoke_rtt_ceiling, below).
 // Prints one JSON line per gateway and scenario {gateway, scenario, n, p50_us, p99_us, p999_us,
 // mean_us}, then {scenario, ratio_p50, ratio_p99, ratio_p999, ratio_mean, target} (ratio =
 // reference / knit).
@@ -239,6 +244,24 @@ async function measureDirect(n) {
   return us;
 }
 
+// The ideal relay: the direct server behind `knit __ws-relay`.
+async function measureRelay(bin, n) {
+  const srv = fork(__filename, ["--role", "direct-server"], { stdio: "inherit" });
+  const ready = await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
+  const relay = spawn(bin, ["__ws-relay", "--upstream", ready.url.replace("ws://", "")], { stdio: ["ignore", "pipe", "inherit"] });
+  const url = await new Promise((ok, fail) => {
+    let out = "";
+    relay.stdout.on("data", (d) => { out += d; if (out.includes("\n")) ok(out.trim()); });
+    relay.once("exit", (code) => fail(new Error(`knit __ws-relay exited (${code})`)));
+  });
+  const cli = fork(__filename, ["--role", "direct-caller", "--url", url, "--n", String(n)], { stdio: "inherit" });
+  const { us } = await new Promise((ok, fail) => { cli.once("message", ok); cli.once("exit", () => fail(new Error("caller died"))); });
+  await new Promise((r) => cli.once("exit", r));
+  relay.kill();
+  srv.kill();
+  return us;
+}
+
 async function knitGateway(bin) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "knit-bench-"));
   const config = opt("--knit-config");
@@ -300,18 +323,22 @@ async function main() {
     ctx_update: (url, k) => measureCtx(url, k, false),
     ctx_update_raw_gw3: (url, k) => measureCtx(url, k, true),
     ws_direct: null,
+    ws_relay: null,
   };
+  const floors = ["ws_direct", "ws_relay"];
   const only = opt("--only");
   const scenarios = only ? only.split(",") : Object.keys(all);
   for (const s of scenarios) if (!(s in all)) throw new Error(`unknown scenario ${s}`);
   const direct = scenarios.includes("ws_direct");
+  const relay = scenarios.includes("ws_relay");
   const samples = {};
   // A fresh pair of gateways per round (a context scenario leaves its contexts behind).
   for (let i = 0; i < rounds; i++) {
     const gateways = { knit: await knitGateway(bin), reference: await referenceGateway() };
     try {
       if (direct) samples.ws_direct = (samples.ws_direct || []).concat(await measureDirect(Math.ceil(n / rounds)));
-      for (const scenario of scenarios.filter((s) => s !== "ws_direct")) {
+      if (relay) samples.ws_relay = (samples.ws_relay || []).concat(await measureRelay(bin, Math.ceil(n / rounds)));
+      for (const scenario of scenarios.filter((s) => !floors.includes(s))) {
         for (const name of Object.keys(gateways)) {
           const key = `${scenario}/${name}`;
           samples[key] = (samples[key] || []).concat(await all[scenario](gateways[name].url, Math.ceil(n / rounds)));
@@ -332,7 +359,23 @@ async function main() {
         knit_over_floor_mean: ratio(k.mean_us, f.mean_us) }));
     }
   }
-  for (const scenario of scenarios.filter((s) => s !== "ws_direct")) {
+  if (relay) {
+    const f = stats("relay", "ws_relay", samples.ws_relay);
+    console.log(JSON.stringify(f));
+    const raw = samples["invoke_rtt_raw_gw3/knit"];
+    const lib = samples["invoke_rtt/knit"];
+    const ref = samples["invoke_rtt/reference"];
+    if (raw && lib && ref) {
+      // The library's own share of a round trip, as knit's run shows it (library minus bare); a
+      // relay that cost no more than the ideal one would take relay + library, so no relay can
+      // beat the reference by more than reference / (relay + library) in this run.
+      const [k, l, r] = [raw, lib, ref].map((xs) => stats("", "", xs.slice()).p50_us);
+      console.log(JSON.stringify({ scenario: "invoke_rtt_ceiling", relay_p50_us: f.p50_us, knit_raw_p50_us: k,
+        knit_raw_over_relay_p50: ratio(k, f.p50_us), library_p50_us: Math.round((l - k) * 10) / 10,
+        reference_p50_us: r, best_ratio_p50: ratio(r, f.p50_us + (l - k)), knit_ratio_p50: ratio(r, l) }));
+    }
+  }
+  for (const scenario of scenarios.filter((s) => !floors.includes(s))) {
     const k = stats("knit", scenario, samples[`${scenario}/knit`]);
     const r = stats("reference", scenario, samples[`${scenario}/reference`]);
     console.log(JSON.stringify(k));

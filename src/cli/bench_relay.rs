@@ -1,0 +1,219 @@
+//! `knit __ws-relay`: the cheapest possible WebSocket relay, a baseline for the bridge benchmark
+//! (`tests/web/bench.js`, scenario `ws_relay`).
+//!
+//! It accepts one WebSocket client at a time, opens a WebSocket to `--upstream`, and copies text
+//! frames both ways, untouched: no JSON, no routing, no queues, no runtime. What a gateway's
+//! extra hop costs on top of this is the gateway's own work; what this costs on top of a direct
+//! connection (`ws_direct`) is what the machine charges any relay for two more loopback hops
+//! and, if it sleeps, two more wake-ups. `--wait spin` (default) polls both sockets on one thread
+//! and never sleeps (offering its core with `sched_yield` while idle, as the bridge's spin
+//! does); `--wait block` sleeps in `read` on one thread per direction.
+//!
+//! Prints `ws://ADDR` on stdout once listening. Not for production: one client at a time.
+
+use super::CliError;
+use knit::Status;
+use std::io::ErrorKind;
+use std::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::{self as ws, Message, WebSocket};
+
+#[derive(clap::Args, Debug)]
+pub struct RelayArgs {
+    /// The WebSocket server to relay to, `HOST:PORT`.
+    #[arg(long)]
+    upstream: String,
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// spin (poll both sockets, never sleep) or block (sleep in read, a thread per direction).
+    #[arg(long, default_value = "spin")]
+    wait: String,
+}
+
+fn io_err(what: &str) -> impl Fn(std::io::Error) -> CliError + '_ {
+    move |e| CliError::new(Status::Disconnected, format!("{what}: {e}"))
+}
+
+fn ws_err(what: &str) -> impl Fn(ws::Error) -> CliError + '_ {
+    move |e| CliError::new(Status::Disconnected, format!("{what}: {e}"))
+}
+
+pub fn run(a: RelayArgs) -> Result<(), CliError> {
+    let spin = match a.wait.as_str() {
+        "spin" => true,
+        "block" => false,
+        other => {
+            return Err(CliError::new(
+                Status::InvalidArgument,
+                format!("--wait is spin or block, not {other:?}"),
+            ))
+        }
+    };
+    let listener = TcpListener::bind(&a.listen).map_err(io_err("listening"))?;
+    outln!(
+        "ws://{}",
+        listener.local_addr().map_err(io_err("listening"))?
+    );
+    loop {
+        let (sock, _) = listener.accept().map_err(io_err("accepting"))?;
+        // One client failing (a bad handshake, the upstream gone) ends that client only.
+        if let Err(e) = serve(sock, &a.upstream, spin) {
+            errln!("ws-relay: {}", e.message);
+        }
+    }
+}
+
+fn serve(sock: TcpStream, upstream: &str, spin: bool) -> Result<(), CliError> {
+    sock.set_nodelay(true).map_err(io_err("client socket"))?;
+    let down = ws::accept(sock)
+        .map_err(|e| CliError::new(Status::BadInput, format!("client handshake: {e}")))?;
+    let up_sock = TcpStream::connect(upstream).map_err(|e| {
+        CliError::new(
+            Status::GatewayUnreachable,
+            format!("connecting upstream: {e}"),
+        )
+    })?;
+    up_sock
+        .set_nodelay(true)
+        .map_err(io_err("upstream socket"))?;
+    let (up, _) = ws::client(format!("ws://{upstream}/"), up_sock).map_err(|e| {
+        CliError::new(
+            Status::GatewayUnreachable,
+            format!("upstream handshake: {e}"),
+        )
+    })?;
+    if spin {
+        spin_relay(down, up)
+    } else {
+        block_relay(down, up)
+    }
+}
+
+/// What one non-blocking read of a side gave.
+enum Got {
+    Frame(Message),
+    Nothing,
+    Closed,
+}
+
+fn poll(side: &mut WebSocket<TcpStream>, what: &str) -> Result<Got, CliError> {
+    match side.read() {
+        Ok(Message::Close(_)) => Ok(Got::Closed),
+        Ok(m @ Message::Text(_)) => Ok(Got::Frame(m)),
+        Ok(_) => Ok(Got::Nothing), // ping/pong/binary: answered or ignored by tungstenite
+        Err(ws::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(Got::Nothing),
+        Err(e) if ended(&e) => Ok(Got::Closed),
+        Err(e) => Err(ws_err(what)(e)),
+    }
+}
+
+/// Queues `m` on `side` and writes what the socket takes now; the rest goes out on a later
+/// `flush` (the socket is non-blocking).
+fn forward(side: &mut WebSocket<TcpStream>, m: Message, what: &str) -> Result<(), CliError> {
+    match side.send(m) {
+        Ok(()) => Ok(()),
+        Err(ws::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(ws_err(what)(e)),
+    }
+}
+
+fn flush(side: &mut WebSocket<TcpStream>, what: &str) -> Result<(), CliError> {
+    match side.flush() {
+        Ok(()) => Ok(()),
+        Err(ws::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(ws_err(what)(e)),
+    }
+}
+
+fn spin_relay(
+    mut down: WebSocket<TcpStream>,
+    mut up: WebSocket<TcpStream>,
+) -> Result<(), CliError> {
+    down.get_mut()
+        .set_nonblocking(true)
+        .map_err(io_err("client socket"))?;
+    up.get_mut()
+        .set_nonblocking(true)
+        .map_err(io_err("upstream socket"))?;
+    loop {
+        let mut idle = true;
+        match poll(&mut down, "reading the client")? {
+            Got::Frame(m) => {
+                forward(&mut up, m, "writing upstream")?;
+                idle = false;
+            }
+            Got::Nothing => {}
+            Got::Closed => return Ok(()),
+        }
+        match poll(&mut up, "reading upstream")? {
+            Got::Frame(m) => {
+                forward(&mut down, m, "writing to the client")?;
+                idle = false;
+            }
+            Got::Nothing => {}
+            Got::Closed => return Ok(()),
+        }
+        flush(&mut up, "writing upstream")?;
+        flush(&mut down, "writing to the client")?;
+        if idle {
+            std::thread::yield_now();
+        }
+    }
+}
+
+fn block_relay(down: WebSocket<TcpStream>, up: WebSocket<TcpStream>) -> Result<(), CliError> {
+    // Each direction reads one socket and writes the other through a second handle of it: a
+    // reader thread per direction, no locks (a side's reader and writer never share state
+    // beyond the socket; pings are not relayed, so the writer halves never answer them).
+    let down_w = down
+        .get_ref()
+        .try_clone()
+        .map_err(io_err("client socket"))?;
+    let up_w = up
+        .get_ref()
+        .try_clone()
+        .map_err(io_err("upstream socket"))?;
+    let to_up = WebSocket::from_raw_socket(up_w, Role::Client, None);
+    let to_down = WebSocket::from_raw_socket(down_w, Role::Server, None);
+    let a = std::thread::spawn(move || copy(down, to_up, "client to upstream"));
+    let b = copy(up, to_down, "upstream to client");
+    // One direction ending (a close) leaves the other blocked in read until its peer closes
+    // too, which the benchmark's client and server both do.
+    let a = a
+        .join()
+        .unwrap_or_else(|_| Err(CliError::new(Status::Internal, "relay thread panicked")));
+    a.and(b)
+}
+
+fn copy(
+    mut from: WebSocket<TcpStream>,
+    mut to: WebSocket<TcpStream>,
+    what: &str,
+) -> Result<(), CliError> {
+    loop {
+        match from.read() {
+            Ok(m @ Message::Text(_)) => to.send(m).map_err(ws_err(what))?,
+            Ok(Message::Close(_)) => {
+                let _ = to.get_ref().shutdown(std::net::Shutdown::Both);
+                return Ok(());
+            }
+            Err(e) if ended(&e) => {
+                let _ = to.get_ref().shutdown(std::net::Shutdown::Both);
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => return Err(ws_err(what)(e)),
+        }
+    }
+}
+
+/// The other side went away (closed, or dropped the connection without a close frame).
+fn ended(e: &ws::Error) -> bool {
+    matches!(
+        e,
+        ws::Error::ConnectionClosed
+            | ws::Error::AlreadyClosed
+            | ws::Error::Protocol(ws::error::ProtocolError::ResetWithoutClosingHandshake)
+    ) || matches!(e, ws::Error::Io(io) if io.kind() == ErrorKind::ConnectionReset)
+}
