@@ -57,10 +57,21 @@ impl Spin {
         let budget = u64::try_from(self.budget.as_nanos()).unwrap_or(u64::MAX);
         loop {
             self.wake.notified().await;
-            while self.now().saturating_sub(self.last.load(Ordering::Relaxed)) < budget {
-                // The thread's core to any other runnable thread first, then the runtime's
-                // other tasks and a zero-timeout poll of its sockets.
-                std::thread::yield_now();
+            let mut seen = None;
+            loop {
+                let last = self.last.load(Ordering::Relaxed);
+                if self.now().saturating_sub(last) >= budget {
+                    break;
+                }
+                // The thread's core to any other runnable thread, unless a frame came in since
+                // the last round: then the tasks that forward it may be queued behind this one,
+                // and giving the core away now would hold the frame back until the kernel gives
+                // it back.
+                if seen == Some(last) {
+                    std::thread::yield_now();
+                }
+                seen = Some(last);
+                // The runtime's other tasks, then a zero-timeout poll of its sockets.
                 tokio::task::yield_now().await;
             }
         }

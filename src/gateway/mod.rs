@@ -227,7 +227,26 @@ impl Gateway {
             .build()
             .map_err(ctx("starting the runtime"))?;
         let socket = self.cfg.socket.clone();
-        let result = rt.block_on(serve(self, shutdown));
+        // The gateway's core loop runs as a task of its own, not as the `block_on` future: the
+        // runtime polls that future only after it has polled its sockets, so a message a
+        // connection task hands to the core would wait for a poll of the driver (and for any
+        // task queued meanwhile) before the core routes it on. As a task, the core is queued
+        // behind the connection task and runs next (docs/benchmarks.md §6.3).
+        let result = rt.block_on(async {
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let mut core = tokio::spawn(serve(self, async {
+                let _ = stop_rx.await;
+            }));
+            tokio::pin!(shutdown);
+            let done = tokio::select! {
+                r = &mut core => r,
+                _ = &mut shutdown => {
+                    let _ = stop_tx.send(());
+                    core.await
+                }
+            };
+            done.unwrap_or_else(|e| Err(ctx("the gateway's core task")(std::io::Error::other(e))))
+        });
         let _ = std::fs::remove_file(&socket);
         result
     }
