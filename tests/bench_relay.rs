@@ -43,8 +43,13 @@ fn upstream(clients: usize) -> (String, std::thread::JoinHandle<usize>) {
 }
 
 fn relay(upstream: &str, wait: &str) -> (Relay, String) {
+    relay_with(upstream, wait, &[])
+}
+
+fn relay_with(upstream: &str, wait: &str, more: &[&str]) -> (Relay, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_knit"))
         .args(["__ws-relay", "--upstream", upstream, "--wait", wait])
+        .args(more)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -112,4 +117,29 @@ fn a_client_whose_upstream_is_gone_is_dropped_and_the_relay_goes_on() {
     // Still listening and accepting.
     assert!(TcpStream::connect(url.trim_start_matches("ws://")).is_ok());
     assert!(relay.0.try_wait().unwrap().is_none(), "the relay exited");
+}
+
+#[test]
+fn a_client_that_never_finishes_its_handshake_does_not_hold_the_relay() {
+    let (up, server) = upstream(1);
+    let (_relay, url) = relay_with(&up, "spin", &["--handshake-ms", "200"]);
+    // Connects and says nothing: the relay, serving one client at a time, drops it after its
+    // handshake time and takes the next.
+    let addr = url.trim_start_matches("ws://");
+    let _silent = TcpStream::connect(addr).unwrap();
+    // Bounded, so that a relay still held by the silent client fails the test instead of
+    // hanging it.
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let (mut c, _) = ws::client(url.as_str(), sock).unwrap();
+    c.send(Message::text("after")).unwrap();
+    match c.read().unwrap() {
+        Message::Text(t) => assert_eq!(t.as_str(), "up:after"),
+        other => panic!("{other:?}"),
+    }
+    c.close(None).unwrap();
+    while c.read().is_ok() {}
+    drop(c);
+    assert_eq!(server.join().unwrap(), 1);
 }

@@ -9,12 +9,14 @@
 //! and never sleeps (offering its core with `sched_yield` while idle, as the bridge's spin
 //! does); `--wait block` sleeps in `read` on one thread per direction.
 //!
-//! Prints `ws://ADDR` on stdout once listening. Not for production: one client at a time.
+//! Prints `ws://ADDR` on stdout once listening. Not for production: one client at a time (a
+//! client that does not finish its handshake within `--handshake-ms` is dropped).
 
 use super::CliError;
 use knit::Status;
 use std::io::ErrorKind;
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::Duration;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self as ws, Message, WebSocket};
 
@@ -29,6 +31,9 @@ pub struct RelayArgs {
     /// spin (poll both sockets, never sleep) or block (sleep in read, a thread per direction).
     #[arg(long, default_value = "spin")]
     wait: String,
+    /// How long each side has to complete its WebSocket handshake.
+    #[arg(long, default_value_t = 5000)]
+    handshake_ms: u64,
 }
 
 fn io_err(what: &str) -> impl Fn(std::io::Error) -> CliError + '_ {
@@ -58,31 +63,45 @@ pub fn run(a: RelayArgs) -> Result<(), CliError> {
     loop {
         let (sock, _) = listener.accept().map_err(io_err("accepting"))?;
         // One client failing (a bad handshake, the upstream gone) ends that client only.
-        if let Err(e) = serve(sock, &a.upstream, spin) {
+        let handshake = Duration::from_millis(a.handshake_ms.max(1));
+        if let Err(e) = serve(sock, &a.upstream, spin, handshake) {
             errln!("ws-relay: {}", e.message);
         }
     }
 }
 
-fn serve(sock: TcpStream, upstream: &str, spin: bool) -> Result<(), CliError> {
+fn serve(sock: TcpStream, upstream: &str, spin: bool, handshake: Duration) -> Result<(), CliError> {
+    // A client that connects and never finishes its handshake must not hold the relay (it
+    // serves one client at a time): the handshakes have `handshake` to complete.
     sock.set_nodelay(true).map_err(io_err("client socket"))?;
+    sock.set_read_timeout(Some(handshake))
+        .map_err(io_err("client socket"))?;
     let down = ws::accept(sock)
         .map_err(|e| CliError::new(Status::BadInput, format!("client handshake: {e}")))?;
-    let up_sock = TcpStream::connect(upstream).map_err(|e| {
-        CliError::new(
-            Status::GatewayUnreachable,
-            format!("connecting upstream: {e}"),
-        )
-    })?;
+    down.get_ref()
+        .set_read_timeout(None)
+        .map_err(io_err("client socket"))?;
+    let unreachable = |what: &str, e: &dyn std::fmt::Display| {
+        CliError::new(Status::GatewayUnreachable, format!("{what}: {e}"))
+    };
+    let addr = upstream
+        .to_socket_addrs()
+        .map_err(|e| unreachable("resolving upstream", &e))?
+        .next()
+        .ok_or_else(|| unreachable("resolving upstream", &"no address"))?;
+    let up_sock = TcpStream::connect_timeout(&addr, handshake)
+        .map_err(|e| unreachable("connecting upstream", &e))?;
     up_sock
         .set_nodelay(true)
         .map_err(io_err("upstream socket"))?;
-    let (up, _) = ws::client(format!("ws://{upstream}/"), up_sock).map_err(|e| {
-        CliError::new(
-            Status::GatewayUnreachable,
-            format!("upstream handshake: {e}"),
-        )
-    })?;
+    up_sock
+        .set_read_timeout(Some(handshake))
+        .map_err(io_err("upstream socket"))?;
+    let (up, _) = ws::client(format!("ws://{upstream}/"), up_sock)
+        .map_err(|e| unreachable("upstream handshake", &e))?;
+    up.get_ref()
+        .set_read_timeout(None)
+        .map_err(io_err("upstream socket"))?;
     if spin {
         spin_relay(down, up)
     } else {
