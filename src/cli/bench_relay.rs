@@ -109,39 +109,44 @@ fn serve(sock: TcpStream, upstream: &str, spin: bool, handshake: Duration) -> Re
     }
 }
 
-/// What one non-blocking read of a side gave.
-enum Got {
-    Frame(Message),
-    Nothing,
+/// What one round of a direction did.
+enum Step {
+    Moved,
+    Idle,
     Closed,
 }
 
-fn poll(side: &mut WebSocket<TcpStream>, what: &str) -> Result<Got, CliError> {
-    match side.read() {
-        Ok(Message::Close(_)) => Ok(Got::Closed),
-        Ok(m @ Message::Text(_)) => Ok(Got::Frame(m)),
-        Ok(_) => Ok(Got::Nothing), // ping/pong/binary: answered or ignored by tungstenite
-        Err(ws::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(Got::Nothing),
-        Err(e) if ended(&e) => Ok(Got::Closed),
+/// One non-blocking read of `from`; a text frame read is queued on `to` and written as far as the
+/// socket takes it now (the rest goes out on a later [`flush`]).
+fn pass(
+    from: &mut WebSocket<TcpStream>,
+    to: &mut WebSocket<TcpStream>,
+    what: &str,
+) -> Result<Step, CliError> {
+    match from.read() {
+        Ok(Message::Close(_)) => Ok(Step::Closed),
+        Ok(m @ Message::Text(_)) => {
+            pending_ok(to.send(m), what)?;
+            Ok(Step::Moved)
+        }
+        Ok(_) => Ok(Step::Idle), // ping/pong/binary: answered or ignored by tungstenite
+        Err(ws::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(Step::Idle),
+        Err(e) if ended(&e) => Ok(Step::Closed),
         Err(e) => Err(ws_err(what)(e)),
     }
 }
 
-/// Queues `m` on `side` and writes what the socket takes now; the rest goes out on a later
-/// `flush` (the socket is non-blocking).
-fn forward(side: &mut WebSocket<TcpStream>, m: Message, what: &str) -> Result<(), CliError> {
-    match side.send(m) {
-        Ok(()) => Ok(()),
-        Err(ws::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(()),
-        Err(e) => Err(ws_err(what)(e)),
-    }
-}
-
+/// Writes what is queued on `side` as far as the socket takes it now.
 fn flush(side: &mut WebSocket<TcpStream>, what: &str) -> Result<(), CliError> {
-    match side.flush() {
-        Ok(()) => Ok(()),
+    pending_ok(side.flush(), what)
+}
+
+/// A write that would block is not an error on a non-blocking socket: what was not written
+/// stays queued.
+fn pending_ok(r: Result<(), ws::Error>, what: &str) -> Result<(), CliError> {
+    match r {
         Err(ws::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(()),
-        Err(e) => Err(ws_err(what)(e)),
+        r => r.map_err(ws_err(what)),
     }
 }
 
@@ -156,26 +161,14 @@ fn spin_relay(
         .set_nonblocking(true)
         .map_err(io_err("upstream socket"))?;
     loop {
-        let mut idle = true;
-        match poll(&mut down, "reading the client")? {
-            Got::Frame(m) => {
-                forward(&mut up, m, "writing upstream")?;
-                idle = false;
-            }
-            Got::Nothing => {}
-            Got::Closed => return Ok(()),
+        let a = pass(&mut down, &mut up, "client to upstream")?;
+        let b = pass(&mut up, &mut down, "upstream to client")?;
+        if matches!(a, Step::Closed) || matches!(b, Step::Closed) {
+            return Ok(());
         }
-        match poll(&mut up, "reading upstream")? {
-            Got::Frame(m) => {
-                forward(&mut down, m, "writing to the client")?;
-                idle = false;
-            }
-            Got::Nothing => {}
-            Got::Closed => return Ok(()),
-        }
-        flush(&mut up, "writing upstream")?;
-        flush(&mut down, "writing to the client")?;
-        if idle {
+        flush(&mut up, "client to upstream")?;
+        flush(&mut down, "upstream to client")?;
+        if matches!((a, b), (Step::Idle, Step::Idle)) {
             std::thread::yield_now();
         }
     }
