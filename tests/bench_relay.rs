@@ -122,7 +122,7 @@ fn a_client_whose_upstream_is_gone_is_dropped_and_the_relay_goes_on() {
 #[test]
 fn a_client_that_never_finishes_its_handshake_does_not_hold_the_relay() {
     let (up, server) = upstream(1);
-    let (_relay, url) = relay_with(&up, "spin", &["--handshake-ms", "200"]);
+    let (_relay, url) = relay_with(&up, "spin", &["--handshake-ms", "1000"]);
     // Connects and says nothing: the relay, serving one client at a time, drops it after its
     // handshake time and takes the next.
     let addr = url.trim_start_matches("ws://");
