@@ -6,10 +6,12 @@
 //! bridge keeps the runtime polling its sockets without sleeping for `budget` (a task that
 //! yields: the runtime then polls the I/O driver with a zero timeout instead of blocking), and
 //! lets it sleep once traffic stops. A chatty web app keeps one core busy; an idle gateway costs
-//! nothing. `budget` zero turns it off. Each round also offers the core to the kernel
-//! (`sched_yield`): a web client woken on the gateway's core runs at once instead of waiting
-//! for the spin to be preempted (on the 2-core VM: mean invoke round trip −12 %, context
-//! propagation p50 −7 %, docs/benchmarks.md §6.3).
+//! nothing. `budget` zero turns it off. Each round in which no frame arrived also offers the
+//! core to the kernel (`sched_yield`): a web client woken on the gateway's core runs at once
+//! instead of waiting for the spin to be preempted (on the 2-core VM: mean invoke round trip
+//! −12 %, context propagation p50 −7 %). A round right after a frame does not, so the frame's
+//! forwarding tasks, which may be queued behind this one, write it first (docs/benchmarks.md
+//! §6.3).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
