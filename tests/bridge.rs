@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::Env;
+use common::{Env, Lcg};
 use futures_util::{SinkExt, StreamExt};
 use knit::bridge::{AuthMode, BridgeConfig, Password, UserEntry};
 use knit::client::{Client, InvokeError, InvokeOptions, MethodError};
@@ -2801,58 +2801,15 @@ async fn a_native_stream_flooding_web_subscribers_waits_for_them_instead_of_cutt
     }
 }
 
-/// A small deterministic generator for the randomized hostile runs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*: enough spread for choosing among a few dozen cases.
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+/// Any JSON value at most `depth` deep, now and then a string shaped like the ids and names
+/// the gateway deals in.
+fn any_value(r: &mut Lcg, depth: u32) -> J {
+    if r.chance(15) {
+        return json!(r
+            .pick(&["", "t.x", "___channel___Red", "p-1", "\u{1F600}", "r-1"])
+            .to_string());
     }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
-}
-
-/// Any JSON value, nested up to `depth`.
-fn any_value(r: &mut Rng, depth: u32) -> J {
-    match r.below(if depth == 0 { 5 } else { 7 }) {
-        0 => J::Null,
-        1 => json!(r.chance(50)),
-        2 => json!(r.below(2000) as i64 - 1000),
-        3 => json!(r.next() as f64 / 7.0),
-        4 => json!(r
-            .pick(&[
-                "",
-                "a",
-                "t.x",
-                "___channel___Red",
-                "p-1",
-                "\u{1F600}",
-                "r-1"
-            ])
-            .to_string()),
-        5 => J::Array((0..r.below(4)).map(|_| any_value(r, depth - 1)).collect()),
-        _ => {
-            let mut m = serde_json::Map::new();
-            for _ in 0..r.below(4) {
-                m.insert(
-                    r.pick(&["a", "b", "c", "_value", "x"]).to_string(),
-                    any_value(r, depth - 1),
-                );
-            }
-            J::Object(m)
-        }
-    }
+    r.value(3u32.saturating_sub(depth))
 }
 
 /// Ids the peers have been told about, to aim hostile messages at real things.
@@ -2885,7 +2842,7 @@ impl Seen {
 
 /// Mostly an id the peers were told about, sometimes one that never existed, sometimes not
 /// even a string.
-fn some_id(r: &mut Rng, pool: &[J]) -> J {
+fn some_id(r: &mut Lcg, pool: &[J]) -> J {
     match r.below(10) {
         0 => any_value(r, 1),
         1 | 2 => json!(format!("x-{}", r.below(5))),
@@ -2895,7 +2852,7 @@ fn some_id(r: &mut Rng, pool: &[J]) -> J {
 }
 
 /// One GW3 message a hostile (or merely confused) peer might send.
-fn hostile_message(r: &mut Rng, seen: &Seen) -> J {
+fn hostile_message(r: &mut Lcg, seen: &Seen) -> J {
     let method = || json!([{"id": "0", "name": "M.A"}, {"id": "1", "name": "M.B", "flags": {"supportsStreaming": true}}]);
     let mut m = match r.below(21) {
         0 => {
@@ -3008,7 +2965,7 @@ async fn hostile_run(seed: u64, steps: usize) {
     native
         .register("Native.Echo", |c| Ok(c.args.clone()))
         .unwrap();
-    let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut r = Lcg(seed);
     let mut seen = Seen::default();
     // The native peer's user, so that the web peers see it (users are isolated).
     let user = os_user();

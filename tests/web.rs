@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::Env;
+use common::{Env, Lcg};
 use knit::bridge::{AuthMode, BridgeConfig};
 use knit::client::{
     Client, ContextUpdate, InvokeError, InvokeOptions, MethodError, StreamEvent, StreamOptions,
@@ -683,72 +683,6 @@ fn mixed_script(gw: &Env, script: &str, lib: &str, extra: &[&str]) -> Script {
     let web = Script::start(script, &args);
     assert_eq!(web.json(), serde_json::json!({"ready": true}), "{script}");
     web
-}
-
-/// A small deterministic generator (the runs are reproducible from their seed).
-struct Lcg(u64);
-
-impl Lcg {
-    fn unit(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        ((self.unit() * n as f64) as usize).min(n - 1)
-    }
-
-    /// A random JSON value: scalars (null included), arrays and objects, at most 3 deep.
-    fn value(&mut self, depth: u32) -> J {
-        let k = self.unit();
-        if depth > 2 || k < 0.35 {
-            return [
-                J::from(1),
-                J::from(0),
-                J::from(-2.5),
-                J::from("s"),
-                J::from(""),
-                J::from(true),
-                J::Null,
-            ][self.below(7)]
-            .clone();
-        }
-        if k < 0.5 {
-            return J::Array((0..self.below(3)).map(|_| self.value(depth + 1)).collect());
-        }
-        J::Object(self.object(depth + 1, 0))
-    }
-
-    /// An object of up to `extra + 2` keys from a, b, c, d.
-    fn object(&mut self, depth: u32, extra: usize) -> serde_json::Map<String, J> {
-        let mut o = serde_json::Map::new();
-        for _ in 0..self.below(3) + extra {
-            let k = ["a", "b", "c", "d"][self.below(4)];
-            o.insert(k.to_string(), self.value(depth));
-        }
-        o
-    }
-
-    /// A dotted path through objects of `data` only (writing through an array or a scalar is
-    /// one of the places where a web subscriber's library and the stored value part ways, on
-    /// the reference gateway as on knit; docs/gw3-conformance.md).
-    fn path(&mut self, data: &J) -> String {
-        let mut segs = Vec::new();
-        let mut node = Some(data);
-        for _ in 0..=self.below(3) {
-            let k = ["a", "b", "c", "d"][self.below(4)];
-            segs.push(k);
-            match node.and_then(|n| n.get(k)) {
-                Some(v @ J::Object(_)) => node = Some(v),
-                Some(_) => break,
-                None => node = None,
-            }
-        }
-        segs.join(".")
-    }
 }
 
 /// Native and web apps write one context in a random interleaving (update, set, paths with

@@ -625,3 +625,79 @@ pub fn maps_contain(pid: u32, needle: &str) -> bool {
         .map(|m| m.contains(needle))
         .unwrap_or(false)
 }
+
+/// A small deterministic generator (the runs are reproducible from their seed).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn unit(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.unit() * n as f64) as usize).min(n - 1)
+    }
+
+    /// True `percent` times in a hundred.
+    pub fn chance(&mut self, percent: u32) -> bool {
+        self.unit() * 100.0 < f64::from(percent)
+    }
+
+    /// One of `xs`.
+    pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len())]
+    }
+
+    /// A random JSON value: scalars (null included), arrays and objects, at most 3 deep.
+    pub fn value(&mut self, depth: u32) -> Json {
+        let k = self.unit();
+        if depth > 2 || k < 0.35 {
+            return [
+                Json::from(1),
+                Json::from(0),
+                Json::from(-2.5),
+                Json::from("s"),
+                Json::from(""),
+                Json::from(true),
+                Json::Null,
+            ][self.below(7)]
+            .clone();
+        }
+        if k < 0.5 {
+            return Json::Array((0..self.below(3)).map(|_| self.value(depth + 1)).collect());
+        }
+        Json::Object(self.object(depth + 1, 0))
+    }
+
+    /// An object of up to `extra + 2` keys from a, b, c, d.
+    pub fn object(&mut self, depth: u32, extra: usize) -> serde_json::Map<String, Json> {
+        let mut o = serde_json::Map::new();
+        for _ in 0..self.below(3) + extra {
+            let k = ["a", "b", "c", "d"][self.below(4)];
+            o.insert(k.to_string(), self.value(depth));
+        }
+        o
+    }
+
+    /// A dotted path through objects of `data` only (writing through an array or a scalar is
+    /// one of the places where a web subscriber's library and the stored value part ways, on
+    /// the reference gateway as on knit; docs/gw3-conformance.md).
+    pub fn path(&mut self, data: &Json) -> String {
+        let mut segs = Vec::new();
+        let mut node = Some(data);
+        for _ in 0..=self.below(3) {
+            let k = ["a", "b", "c", "d"][self.below(4)];
+            segs.push(k);
+            match node.and_then(|n| n.get(k)) {
+                Some(v @ Json::Object(_)) => node = Some(v),
+                Some(_) => break,
+                None => node = None,
+            }
+        }
+        segs.join(".")
+    }
+}
