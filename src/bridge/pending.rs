@@ -102,13 +102,13 @@ impl Ticket {
         self.go.notified().await;
     }
 
-    /// The connection logged in: it leaves the waiting ones (and can no longer be evicted).
-    /// Returns false if it had been evicted already.
     /// Whether it still waits to log in (it has not, or it was evicted first).
     pub(crate) fn waiting(&self) -> bool {
         !self.logged_in
     }
 
+    /// The connection logged in: it leaves the waiting ones (and can no longer be evicted).
+    /// Returns false if it had been evicted already.
     pub(crate) fn logged_in(&mut self) -> bool {
         if self.logged_in {
             return true;
