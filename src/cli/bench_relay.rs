@@ -36,12 +36,14 @@ pub struct RelayArgs {
     handshake_ms: u64,
 }
 
-fn io_err(what: &str) -> impl Fn(std::io::Error) -> CliError + '_ {
-    move |e| CliError::new(Status::Disconnected, format!("{what}: {e}"))
+/// Turns an error of `what` into the command's error with `status`.
+fn fail<E: std::fmt::Display>(status: Status, what: &str) -> impl Fn(E) -> CliError + '_ {
+    move |e| CliError::new(status, format!("{what}: {e}"))
 }
 
-fn ws_err(what: &str) -> impl Fn(ws::Error) -> CliError + '_ {
-    move |e| CliError::new(Status::Disconnected, format!("{what}: {e}"))
+/// A socket or WebSocket error of `what`: the connection is gone.
+fn lost<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> CliError + '_ {
+    fail(Status::Disconnected, what)
 }
 
 pub fn run(a: RelayArgs) -> Result<(), CliError> {
@@ -55,15 +57,12 @@ pub fn run(a: RelayArgs) -> Result<(), CliError> {
             ))
         }
     };
-    let listener = TcpListener::bind(&a.listen).map_err(io_err("listening"))?;
-    outln!(
-        "ws://{}",
-        listener.local_addr().map_err(io_err("listening"))?
-    );
+    let listener = TcpListener::bind(&a.listen).map_err(lost("listening"))?;
+    outln!("ws://{}", listener.local_addr().map_err(lost("listening"))?);
+    let handshake = Duration::from_millis(a.handshake_ms.max(1));
     loop {
-        let (sock, _) = listener.accept().map_err(io_err("accepting"))?;
+        let (sock, _) = listener.accept().map_err(lost("accepting"))?;
         // One client failing (a bad handshake, the upstream gone) ends that client only.
-        let handshake = Duration::from_millis(a.handshake_ms.max(1));
         if let Err(e) = serve(sock, &a.upstream, spin, handshake) {
             errln!("ws-relay: {}", e.message);
         }
@@ -73,35 +72,30 @@ pub fn run(a: RelayArgs) -> Result<(), CliError> {
 fn serve(sock: TcpStream, upstream: &str, spin: bool, handshake: Duration) -> Result<(), CliError> {
     // A client that connects and never finishes its handshake must not hold the relay (it
     // serves one client at a time): the handshakes have `handshake` to complete.
-    sock.set_nodelay(true).map_err(io_err("client socket"))?;
+    sock.set_nodelay(true).map_err(lost("client socket"))?;
     sock.set_read_timeout(Some(handshake))
-        .map_err(io_err("client socket"))?;
-    let down = ws::accept(sock)
-        .map_err(|e| CliError::new(Status::BadInput, format!("client handshake: {e}")))?;
+        .map_err(lost("client socket"))?;
+    let down = ws::accept(sock).map_err(fail(Status::BadInput, "client handshake"))?;
     down.get_ref()
         .set_read_timeout(None)
-        .map_err(io_err("client socket"))?;
-    let unreachable = |what: &str, e: &dyn std::fmt::Display| {
-        CliError::new(Status::GatewayUnreachable, format!("{what}: {e}"))
-    };
+        .map_err(lost("client socket"))?;
     let addr = upstream
         .to_socket_addrs()
-        .map_err(|e| unreachable("resolving upstream", &e))?
+        .map_err(fail(Status::GatewayUnreachable, "resolving upstream"))?
         .next()
-        .ok_or_else(|| unreachable("resolving upstream", &"no address"))?;
+        .ok_or("no address")
+        .map_err(fail(Status::GatewayUnreachable, "resolving upstream"))?;
     let up_sock = TcpStream::connect_timeout(&addr, handshake)
-        .map_err(|e| unreachable("connecting upstream", &e))?;
-    up_sock
-        .set_nodelay(true)
-        .map_err(io_err("upstream socket"))?;
+        .map_err(fail(Status::GatewayUnreachable, "connecting upstream"))?;
+    up_sock.set_nodelay(true).map_err(lost("upstream socket"))?;
     up_sock
         .set_read_timeout(Some(handshake))
-        .map_err(io_err("upstream socket"))?;
+        .map_err(lost("upstream socket"))?;
     let (up, _) = ws::client(format!("ws://{upstream}/"), up_sock)
-        .map_err(|e| unreachable("upstream handshake", &e))?;
+        .map_err(fail(Status::GatewayUnreachable, "upstream handshake"))?;
     up.get_ref()
         .set_read_timeout(None)
-        .map_err(io_err("upstream socket"))?;
+        .map_err(lost("upstream socket"))?;
     if spin {
         spin_relay(down, up)
     } else {
@@ -132,7 +126,7 @@ fn pass(
         Ok(_) => Ok(Step::Idle), // ping/pong/binary: answered or ignored by tungstenite
         Err(ws::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(Step::Idle),
         Err(e) if ended(&e) => Ok(Step::Closed),
-        Err(e) => Err(ws_err(what)(e)),
+        Err(e) => Err(lost(what)(e)),
     }
 }
 
@@ -146,7 +140,7 @@ fn flush(side: &mut WebSocket<TcpStream>, what: &str) -> Result<(), CliError> {
 fn pending_ok(r: Result<(), ws::Error>, what: &str) -> Result<(), CliError> {
     match r {
         Err(ws::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => Ok(()),
-        r => r.map_err(ws_err(what)),
+        r => r.map_err(lost(what)),
     }
 }
 
@@ -156,10 +150,10 @@ fn spin_relay(
 ) -> Result<(), CliError> {
     down.get_mut()
         .set_nonblocking(true)
-        .map_err(io_err("client socket"))?;
+        .map_err(lost("client socket"))?;
     up.get_mut()
         .set_nonblocking(true)
-        .map_err(io_err("upstream socket"))?;
+        .map_err(lost("upstream socket"))?;
     loop {
         let a = pass(&mut down, &mut up, "client to upstream")?;
         let b = pass(&mut up, &mut down, "upstream to client")?;
@@ -178,14 +172,8 @@ fn block_relay(down: WebSocket<TcpStream>, up: WebSocket<TcpStream>) -> Result<(
     // Each direction reads one socket and writes the other through a second handle of it: a
     // reader thread per direction, no locks (a side's reader and writer never share state
     // beyond the socket; pings are not relayed, so the writer halves never answer them).
-    let down_w = down
-        .get_ref()
-        .try_clone()
-        .map_err(io_err("client socket"))?;
-    let up_w = up
-        .get_ref()
-        .try_clone()
-        .map_err(io_err("upstream socket"))?;
+    let down_w = down.get_ref().try_clone().map_err(lost("client socket"))?;
+    let up_w = up.get_ref().try_clone().map_err(lost("upstream socket"))?;
     let to_up = WebSocket::from_raw_socket(up_w, Role::Client, None);
     let to_down = WebSocket::from_raw_socket(down_w, Role::Server, None);
     let a = std::thread::spawn(move || copy(down, to_up, "client to upstream"));
@@ -205,19 +193,16 @@ fn copy(
 ) -> Result<(), CliError> {
     loop {
         match from.read() {
-            Ok(m @ Message::Text(_)) => to.send(m).map_err(ws_err(what))?,
-            Ok(Message::Close(_)) => {
-                let _ = to.get_ref().shutdown(std::net::Shutdown::Both);
-                return Ok(());
-            }
-            Err(e) if ended(&e) => {
-                let _ = to.get_ref().shutdown(std::net::Shutdown::Both);
-                return Ok(());
-            }
+            Ok(m @ Message::Text(_)) => to.send(m).map_err(lost(what))?,
+            Ok(Message::Close(_)) => break,
+            Err(e) if ended(&e) => break,
             Ok(_) => {}
-            Err(e) => return Err(ws_err(what)(e)),
+            Err(e) => return Err(lost(what)(e)),
         }
     }
+    // Its peer went away: so does the other side, which ends the other direction's read.
+    let _ = to.get_ref().shutdown(std::net::Shutdown::Both);
+    Ok(())
 }
 
 /// The other side went away (closed, or dropped the connection without a close frame).
