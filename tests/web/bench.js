@@ -234,31 +234,26 @@ async function directCaller(url, n) {
   await timeCalls(ws, call, n);
 }
 
-async function measureDirect(n) {
+// The direct caller against the direct server: connected to it (`relayBin` absent), or through
+// `knit __ws-relay` (the do-nothing relay) started from `relayBin`.
+async function measureFloor(n, relayBin) {
   const srv = fork(__filename, ["--role", "direct-server"], { stdio: "inherit" });
   const ready = await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
-  const cli = fork(__filename, ["--role", "direct-caller", "--url", ready.url, "--n", String(n)], { stdio: "inherit" });
-  const { us } = await new Promise((ok, fail) => { cli.once("message", ok); cli.once("exit", () => fail(new Error("caller died"))); });
-  srv.kill();
-  await new Promise((r) => cli.once("exit", r));
-  return us;
-}
-
-// The ideal relay: the direct server behind `knit __ws-relay`.
-async function measureRelay(bin, n) {
-  const srv = fork(__filename, ["--role", "direct-server"], { stdio: "inherit" });
-  const ready = await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
-  const relay = spawn(bin, ["__ws-relay", "--upstream", ready.url.replace("ws://", "")], { stdio: ["ignore", "pipe", "inherit"] });
-  const url = await new Promise((ok, fail) => {
-    let out = "";
-    relay.stdout.on("data", (d) => { out += d; if (out.includes("\n")) ok(out.trim()); });
-    relay.once("exit", (code) => fail(new Error(`knit __ws-relay exited (${code})`)));
-  });
+  let url = ready.url;
+  let relay = null;
+  if (relayBin) {
+    relay = spawn(relayBin, ["__ws-relay", "--upstream", ready.url.replace("ws://", "")], { stdio: ["ignore", "pipe", "inherit"] });
+    url = await new Promise((ok, fail) => {
+      let out = "";
+      relay.stdout.on("data", (d) => { out += d; if (out.includes("\n")) ok(out.trim()); });
+      relay.once("exit", (code) => fail(new Error(`knit __ws-relay exited (${code})`)));
+    });
+  }
   const cli = fork(__filename, ["--role", "direct-caller", "--url", url, "--n", String(n)], { stdio: "inherit" });
   const { us } = await new Promise((ok, fail) => { cli.once("message", ok); cli.once("exit", () => fail(new Error("caller died"))); });
-  await new Promise((r) => cli.once("exit", r));
-  relay.kill();
   srv.kill();
+  if (relay) relay.kill();
+  await new Promise((r) => cli.once("exit", r));
   return us;
 }
 
@@ -336,8 +331,8 @@ async function main() {
   for (let i = 0; i < rounds; i++) {
     const gateways = { knit: await knitGateway(bin), reference: await referenceGateway() };
     try {
-      if (direct) samples.ws_direct = (samples.ws_direct || []).concat(await measureDirect(Math.ceil(n / rounds)));
-      if (relay) samples.ws_relay = (samples.ws_relay || []).concat(await measureRelay(bin, Math.ceil(n / rounds)));
+      if (direct) samples.ws_direct = (samples.ws_direct || []).concat(await measureFloor(Math.ceil(n / rounds)));
+      if (relay) samples.ws_relay = (samples.ws_relay || []).concat(await measureFloor(Math.ceil(n / rounds), bin));
       for (const scenario of scenarios.filter((s) => !floors.includes(s))) {
         for (const name of Object.keys(gateways)) {
           const key = `${scenario}/${name}`;
@@ -349,35 +344,39 @@ async function main() {
     }
   }
   const ratio = (a, b) => Math.round((a / b) * 100) / 100;
+  // The statistics of every series, once: `scenario/gateway`, or the floors by name.
+  const st = {};
+  for (const [key, xs] of Object.entries(samples)) {
+    const [scenario, gateway] = key.includes("/") ? key.split("/") : [key, key === "ws_direct" ? "none" : "relay"];
+    st[key] = stats(gateway, scenario, xs);
+  }
+  const knitRaw = st["invoke_rtt_raw_gw3/knit"];
   if (direct) {
-    const f = stats("none", "ws_direct", samples.ws_direct);
+    const f = st.ws_direct;
     console.log(JSON.stringify(f));
-    const raw = samples["invoke_rtt_raw_gw3/knit"];
-    if (raw) {
-      const k = stats("knit", "invoke_rtt_raw_gw3", raw.slice());
-      console.log(JSON.stringify({ scenario: "invoke_rtt_raw_gw3_vs_ws_direct", knit_over_floor_p50: ratio(k.p50_us, f.p50_us),
-        knit_over_floor_mean: ratio(k.mean_us, f.mean_us) }));
+    if (knitRaw) {
+      console.log(JSON.stringify({ scenario: "invoke_rtt_raw_gw3_vs_ws_direct", knit_over_floor_p50: ratio(knitRaw.p50_us, f.p50_us),
+        knit_over_floor_mean: ratio(knitRaw.mean_us, f.mean_us) }));
     }
   }
   if (relay) {
-    const f = stats("relay", "ws_relay", samples.ws_relay);
+    const f = st.ws_relay;
     console.log(JSON.stringify(f));
-    const raw = samples["invoke_rtt_raw_gw3/knit"];
-    const lib = samples["invoke_rtt/knit"];
-    const ref = samples["invoke_rtt/reference"];
-    if (raw && lib && ref) {
+    const lib = st["invoke_rtt/knit"];
+    const ref = st["invoke_rtt/reference"];
+    if (knitRaw && lib && ref) {
       // The library's own share of a round trip, as knit's run shows it (library minus bare); a
       // relay that cost no more than the ideal one would take relay + library, so no relay can
       // beat the reference by more than reference / (relay + library) in this run.
-      const [k, l, r] = [raw, lib, ref].map((xs) => stats("", "", xs.slice()).p50_us);
+      const [k, l, r] = [knitRaw, lib, ref].map((x) => x.p50_us);
       console.log(JSON.stringify({ scenario: "invoke_rtt_ceiling", relay_p50_us: f.p50_us, knit_raw_p50_us: k,
         knit_raw_over_relay_p50: ratio(k, f.p50_us), library_p50_us: Math.round((l - k) * 10) / 10,
         reference_p50_us: r, best_ratio_p50: ratio(r, f.p50_us + (l - k)), knit_ratio_p50: ratio(r, l) }));
     }
   }
   for (const scenario of scenarios.filter((s) => !floors.includes(s))) {
-    const k = stats("knit", scenario, samples[`${scenario}/knit`]);
-    const r = stats("reference", scenario, samples[`${scenario}/reference`]);
+    const k = st[`${scenario}/knit`];
+    const r = st[`${scenario}/reference`];
     console.log(JSON.stringify(k));
     console.log(JSON.stringify(r));
     console.log(JSON.stringify({ scenario, ratio_p50: ratio(r.p50_us, k.p50_us), ratio_p99: ratio(r.p99_us, k.p99_us),
