@@ -3032,11 +3032,13 @@ async fn hostile_run(seed: u64, steps: usize) {
     let mut late = Web::login(gw.ws(), "late", &user, "").await;
     let told = late.drain().await;
     let mut methods = Vec::new();
+    let mut native_method = None;
     for m in &told {
         match m["type"].as_str() {
             Some("methods-added") => {
                 for d in m["methods"].as_array().unwrap() {
                     methods.push(d["name"].as_str().unwrap().to_string());
+                    native_method = Some((m["server_id"].clone(), d["id"].clone()));
                 }
             }
             Some("context-added") => {
@@ -3051,11 +3053,12 @@ async fn hostile_run(seed: u64, steps: usize) {
     }
     assert_eq!(methods, ["Native.Echo"], "seed {seed}: {told:?}");
     // And the native peer is served as before.
+    let (server, method) = native_method.unwrap();
     let r = late
-        .req(json!({"type": "call", "domain": "agm", "server_id": told.iter()
-            .find(|m| m["type"] == "methods-added").unwrap()["server_id"],
-            "method_id": told.iter().find(|m| m["type"] == "methods-added").unwrap()["methods"][0]["id"],
-            "arguments_kv": {"ok": 1}}))
+        .req(
+            json!({"type": "call", "domain": "agm", "server_id": server, "method_id": method,
+            "arguments_kv": {"ok": 1}}),
+        )
         .await;
     assert_eq!(r["type"], "result", "seed {seed}: {r}");
     assert_eq!(r["result"], json!({"ok": 1}));
