@@ -3,7 +3,7 @@
 // knit's bridge and against the reference Glue42 gateway (@glue42/gateway-web, with a large
 // per-client buffer so that it does not drop messages), in the same run, alternating rounds.
 //
-//   node bench.js --knit PATH/TO/knit [--knit-config FILE] [--n 2000] [--rounds 3] [--warmup 1000]
+//   node bench.js --knit PATH/TO/knit [--knit-config FILE] [--n 2000] [--rounds 3] [--warmup 5000]
 //                 [--only SCENARIO,...]
 //
 // Scenarios:
@@ -37,8 +37,14 @@ const path = require("path");
 const argv = process.argv.slice(2);
 const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt; };
 const role = opt("--role");
-// Round trips before measuring, in each fresh caller process (lets V8 optimise both ends).
-const WARMUP = Number(opt("--warmup", 1000));
+// Round trips before measuring, in each fresh caller process: V8 optimises the client library in
+// both processes over the first few thousand calls (with either gateway, the p50 of calls
+// 1000-2000 is 20-25 % above that of calls 4000 and on), so fewer would time the JIT's warm-up
+// rather than the gateways.
+const WARMUP = Number(opt("--warmup", 5000));
+
+// A child process of this script in `role`; it inherits the warm-up.
+const child = (role, args = []) => fork(__filename, ["--role", role, ...args, "--warmup", String(WARMUP)], { stdio: "inherit" });
 
 function connect(url, application) {
   const m = require("@interopio/core");
@@ -237,7 +243,7 @@ async function directCaller(url, n) {
 // The direct caller against the direct server: connected to it (`relayBin` absent), or through
 // `knit __ws-relay` (the do-nothing relay) started from `relayBin`.
 async function measureFloor(n, relayBin) {
-  const srv = fork(__filename, ["--role", "direct-server"], { stdio: "inherit" });
+  const srv = child("direct-server");
   const ready = await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
   let url = ready.url;
   let relay = null;
@@ -249,7 +255,7 @@ async function measureFloor(n, relayBin) {
       relay.once("exit", (code) => fail(new Error(`knit __ws-relay exited (${code})`)));
     });
   }
-  const cli = fork(__filename, ["--role", "direct-caller", "--url", url, "--n", String(n)], { stdio: "inherit" });
+  const cli = child("direct-caller", ["--url", url, "--n", String(n)]);
   const { us } = await new Promise((ok, fail) => { cli.once("message", ok); cli.once("exit", () => fail(new Error("caller died"))); });
   srv.kill();
   if (relay) relay.kill();
@@ -276,10 +282,9 @@ async function knitGateway(bin) {
 
 // One way, context propagation: the reader measures; the writer paces itself on the answers.
 async function measureCtx(url, n, raw) {
-  const rd = fork(__filename, ["--role", raw ? "raw-ctx-reader" : "ctx-reader", "--url", url], { stdio: "inherit" });
+  const rd = child(raw ? "raw-ctx-reader" : "ctx-reader", ["--url", url]);
   await new Promise((ok, fail) => { rd.once("message", ok); rd.once("exit", () => fail(new Error("reader died"))); });
-  const wr = fork(__filename, ["--role", raw ? "raw-ctx-writer" : "ctx-writer", "--url", url, "--n", String(n)],
-    { stdio: "inherit" });
+  const wr = child(raw ? "raw-ctx-writer" : "ctx-writer", ["--url", url, "--n", String(n)]);
   await new Promise((ok, fail) => { wr.once("message", ok); wr.once("exit", () => fail(new Error("writer died"))); });
   rd.send({ collect: n });
   const { us } = await new Promise((ok, fail) => { rd.once("message", ok); rd.once("exit", () => fail(new Error("reader died"))); });
@@ -289,10 +294,9 @@ async function measureCtx(url, n, raw) {
 }
 
 async function measure(url, n, raw) {
-  const srv = fork(__filename, ["--role", raw ? "raw-server" : "server", "--url", url], { stdio: "inherit" });
+  const srv = child(raw ? "raw-server" : "server", ["--url", url]);
   const ready = await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
-  const cli = fork(__filename, ["--role", raw ? "raw-caller" : "caller", "--url", url, "--n", String(n), "--server", String(ready.id)],
-    { stdio: "inherit" });
+  const cli = child(raw ? "raw-caller" : "caller", ["--url", url, "--n", String(n), "--server", String(ready.id)]);
   const { us } = await new Promise((ok, fail) => { cli.once("message", ok); cli.once("exit", () => fail(new Error("caller died"))); });
   srv.kill();
   await new Promise((r) => cli.once("exit", r));
