@@ -45,7 +45,7 @@ impl Ids {
 
     /// The GW3 id of a registry peer.
     pub(crate) fn peer(&self, p: PeerId) -> String {
-        format!("p-{}-{}", self.node, p.0)
+        self.with('p', p.0)
     }
 
     /// The registry peer a GW3 peer id names, if it is one of ours.
@@ -63,9 +63,30 @@ impl Ids {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The id of `kind` with number `n`.
+    /// The id of `kind` with number `n` (written by hand: one is made for every call, and
+    /// `format!` took longer than the rest of the id's handling).
     pub(crate) fn with(&self, kind: char, n: u64) -> String {
-        format!("{kind}-{}-{n}", self.node)
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut rest = n;
+        loop {
+            at -= 1;
+            // The remainder is below 10.
+            digits[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        let mut id = String::with_capacity(self.node.len() + 4 + digits.len() - at);
+        id.push(kind);
+        id.push('-');
+        id.push_str(&self.node);
+        id.push('-');
+        for &d in &digits[at..] {
+            id.push(char::from(d));
+        }
+        id
     }
 
     /// The number of an id of `kind` made with [`Ids::with`], if it is one of ours.
@@ -414,10 +435,29 @@ pub(crate) fn to_kv(v: &Value) -> J {
     }
 }
 
-/// What a web caller receives as `result` for a knit value: the io.Connect convention, objects
-/// as they are, `null` as `{}`, any other value as `{_value: v}` (features.md §3.2).
-pub(crate) fn to_result(v: &Value) -> J {
-    to_kv(v)
+/// A knit value in a GW3 frame, serialised straight from the value instead of through a
+/// `serde_json::Value` tree (building and dropping that tree cost more than writing the text):
+/// `AsIs` as [`Value::to_json`] makes it, `Kv` as [`to_kv`] shapes it: that is also what a web
+/// caller receives as `result`, the io.Connect convention (features.md §3.2).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kv<'a> {
+    AsIs(&'a Value),
+    Kv(&'a Value),
+}
+
+impl serde::Serialize for Kv<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match *self {
+            Kv::AsIs(v) | Kv::Kv(v @ Value::Map(_)) => v.serialize(s),
+            Kv::Kv(Value::Null) => s.serialize_map(Some(0))?.end(),
+            Kv::Kv(v) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("_value", v)?;
+                m.end()
+            }
+        }
+    }
 }
 
 /// About how long `v` is as JSON text (strings without escapes; a number counts 24 bytes),
@@ -568,14 +608,59 @@ mod tests {
     }
 
     #[test]
+    fn ids_read_as_format_writes_them_and_parse_back() {
+        let ids = Ids::new("0a1b".into());
+        for n in [0, 1, 9, 10, 99, 100, 12_345, u64::MAX / 10, u64::MAX] {
+            let id = ids.with('r', n);
+            assert_eq!(id, format!("r-0a1b-{n}"));
+            assert_eq!(ids.parse_numbered(&id, 'r'), Some(n));
+        }
+        assert_eq!(ids.peer(PeerId(7)), "p-0a1b-7");
+        assert_eq!(ids.parse_peer("p-0a1b-7"), Some(PeerId(7)));
+    }
+
+    #[test]
     fn non_object_values_travel_as_value_objects() {
-        assert_eq!(to_result(&Value::from(42)), json!({"_value": 42}));
-        assert_eq!(to_result(&Value::Null), json!({}));
+        assert_eq!(to_kv(&Value::from(42)), json!({"_value": 42}));
+        assert_eq!(to_kv(&Value::Null), json!({}));
         assert_eq!(
-            to_result(&Value::Array(vec![Value::from(1)])),
+            to_kv(&Value::Array(vec![Value::from(1)])),
             json!({"_value": [1]})
         );
         let obj = Value::object([("a", Value::from(1))]);
         assert_eq!(to_kv(&obj), json!({"a": 1}));
+    }
+
+    /// The frames serialised straight from knit values carry the same text as the JSON trees
+    /// they replaced, for every kind of value (key order included).
+    #[test]
+    fn kv_writes_the_text_of_the_tree_it_replaced() {
+        let values = [
+            Value::Null,
+            Value::Bool(true),
+            Value::from(-7i64),
+            Value::U64(u64::MAX),
+            Value::F64(2.5),
+            Value::F64(f64::NAN),
+            Value::F64(f64::INFINITY),
+            Value::String("é \"q\" \n".into()),
+            Value::Bytes(vec![0, 7, 255]),
+            Value::Array(vec![Value::Null, Value::from(1), Value::Bytes(vec![1])]),
+            Value::Map(Default::default()),
+            Value::object([
+                ("z", Value::from(1)),
+                ("a", Value::Array(vec![Value::F64(f64::NAN)])),
+                (
+                    "m",
+                    Value::object([("y", Value::Null), ("b", Value::from("s"))]),
+                ),
+            ]),
+        ];
+        for v in &values {
+            let as_is = serde_json::to_string(&Kv::AsIs(v)).unwrap();
+            assert_eq!(as_is, v.to_json().to_string(), "{v:?}");
+            let kv = serde_json::to_string(&Kv::Kv(v)).unwrap();
+            assert_eq!(kv, to_kv(v).to_string(), "{v:?}");
+        }
     }
 }

@@ -52,6 +52,36 @@ const NO_METHOD: u32 = u32::MAX;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_PROTOCOL: u16 = 1002;
+/// RFC 6455: the server met a condition that kept it from serving the connection.
+const CLOSE_INTERNAL: u16 = 1011;
+
+/// The `invoke` frame: with [`ResultFrame`], the two frames on the path of every call, which
+/// are serialised straight from their parts instead of through a `serde_json::Value` tree
+/// (docs/benchmarks.md §6.3). Same fields, in the same order, as the reference gateway's.
+#[derive(serde::Serialize)]
+struct InvokeFrame<'a> {
+    domain: &'static str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    invocation_id: &'a str,
+    peer_id: &'a J,
+    method_id: &'a J,
+    caller_id: &'a str,
+    arguments: (),
+    arguments_kv: gw3::Kv<'a>,
+    context: (),
+}
+
+/// The `result` frame a caller gets for a successful call (see [`InvokeFrame`]).
+#[derive(serde::Serialize)]
+struct ResultFrame<'a> {
+    domain: &'static str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    request_id: &'a J,
+    peer_id: &'a J,
+    result: gw3::Kv<'a>,
+}
 
 /// Another peer as this connection's client knows it.
 struct Known {
@@ -61,8 +91,13 @@ struct Known {
     /// The instance of a web peer (whose `agm` membership the hub knows); `None` for natives.
     web: Option<String>,
     /// Registry method id → method object (its `id` is the GW3 id; a web peer's object is
-    /// shared with the hub).
+    /// shared with the hub). Changed only through [`Known::add_method`] and
+    /// [`Known::remove_method`], which keep `by_gid` in step.
     methods: BTreeMap<u32, Arc<J>>,
+    /// GW3 method id (as [`gw3::id_key`] writes it) → registry method id: a call names its
+    /// method by GW3 id, and a server may have thousands. A peer's GW3 ids are distinct (a
+    /// registration repeating one is refused; a native method's is its registry id).
+    by_gid: HashMap<String, u32>,
     /// Whether the client was sent `peer-added` for it.
     announced: bool,
 }
@@ -74,11 +109,21 @@ pub(super) fn gid_of(obj: &J) -> &J {
 
 impl Known {
     fn method_by_gw3(&self, id: &J) -> Option<u32> {
-        let key = gw3::id_key(id);
-        self.methods
-            .iter()
-            .find(|(_, o)| gw3::id_key(gid_of(o)) == key)
-            .map(|(n, _)| *n)
+        self.by_gid.get(&gw3::id_key(id)).copied()
+    }
+
+    fn add_method(&mut self, n: u32, obj: Arc<J>) {
+        self.by_gid.insert(gw3::id_key(gid_of(&obj)), n);
+        self.methods.insert(n, obj);
+    }
+
+    fn remove_method(&mut self, n: u32) -> Option<Arc<J>> {
+        let obj = self.methods.remove(&n)?;
+        let key = gw3::id_key(gid_of(&obj));
+        if self.by_gid.get(&key) == Some(&n) {
+            self.by_gid.remove(&key);
+        }
+        Some(obj)
     }
 }
 
@@ -292,6 +337,9 @@ pub(crate) async fn run(
     let sh = s.sh.clone();
     let hello_deadline = tokio::time::sleep(s.sh.cfg.hello_timeout);
     tokio::pin!(hello_deadline);
+    // Made once, not in every round of the loop: it is polled in every one.
+    let killed = kill.killed();
+    tokio::pin!(killed);
     // The connection's place among those waiting to log in, given up once it has.
     let mut ticket = ticket;
     let mut evicted = false;
@@ -336,7 +384,7 @@ pub(crate) async fn run(
                     break (format!("connection error: {e}"), None);
                 }
             }
-            (code, reason) = kill.killed() => break (reason.clone(), Some((code, reason, true))),
+            (code, reason) = &mut killed => break (reason.clone(), Some((code, reason, true))),
             _ = &mut hello_deadline, if s.me.is_none() => {
                 let why = "no successful hello in time".to_string();
                 break (why.clone(), Some((CLOSE_SLOW, why, false)));
@@ -447,6 +495,18 @@ impl Session {
     /// Queues a GW3 message; a full queue ends the connection (slow consumer).
     fn send(&self, msg: J) {
         self.send_text(msg.to_string());
+    }
+
+    /// Queues a frame serialised straight from its parts (see [`InvokeFrame`]).
+    fn send_frame<T: serde::Serialize>(&self, frame: &T) {
+        match serde_json::to_string(frame) {
+            Ok(text) => self.send_text(text),
+            // Only a map with keys that are not strings fails, and frames have none; were it
+            // to happen, the connection closes with the reason instead of losing the frame.
+            Err(e) => self
+                .kill
+                .kill(CLOSE_INTERNAL, format!("cannot encode a frame: {e}")),
+        }
     }
 
     /// Queues a plain-text frame (answers to frames that are not GW3 messages).
@@ -1161,6 +1221,7 @@ impl Session {
                 .unwrap_or_else(|| Arc::new(gw3::native_identity(identity))),
             web: web.map(|_| identity.instance.clone()),
             methods: BTreeMap::new(),
+            by_gid: HashMap::new(),
             announced: false,
         }
     }
@@ -1175,7 +1236,7 @@ impl Session {
                 .and_then(|inst| self.sh.hub.method(inst, m.id))
                 .unwrap_or_else(|| Arc::new(gw3::method_to_gw3(m.id, &m.def)));
             objs.push(obj.clone());
-            k.methods.insert(m.id, obj);
+            k.add_method(m.id, obj);
         }
         objs
     }
@@ -1405,7 +1466,7 @@ impl Session {
                 };
                 let gids: Vec<J> = ids
                     .iter()
-                    .filter_map(|n| k.methods.remove(n).map(|o| gid_of(&o).clone()))
+                    .filter_map(|n| k.remove_method(*n).map(|o| gid_of(&o).clone()))
                     .collect();
                 if k.announced && in_agm && !gids.is_empty() {
                     self.send(
@@ -1447,16 +1508,22 @@ impl Session {
                 // native caller's non-object value is wrapped for the handler.
                 let web =
                     caller == me.peer || me.known.get(&caller).is_some_and(|k| k.web.is_some());
-                let kv = if web {
-                    args.to_json()
+                let arguments_kv = if web {
+                    gw3::Kv::AsIs(&args)
                 } else {
-                    gw3::to_kv(&args)
+                    gw3::Kv::Kv(&args)
                 };
-                self.send(
-                    json!({"domain": "agm", "type": "invoke", "invocation_id": inv_id,
-                    "peer_id": me_id, "method_id": gid, "caller_id": self.sh.ids.peer(caller),
-                    "arguments": null, "arguments_kv": kv, "context": null}),
-                );
+                self.send_frame(&InvokeFrame {
+                    domain: "agm",
+                    ty: "invoke",
+                    invocation_id: &inv_id,
+                    peer_id: &me_id,
+                    method_id: &gid,
+                    caller_id: &self.sh.ids.peer(caller),
+                    arguments: (),
+                    arguments_kv,
+                    context: (),
+                });
             }
             FromGateway::CallResult { call, outcome } => self.call_result(call, outcome),
             FromGateway::CallsFailed { calls, outcome } => {
@@ -1495,8 +1562,15 @@ impl Session {
             return;
         };
         let reply = match outcome {
-            RelayOutcome::Ok(v) => json!({"domain": "agm", "type": "result",
-                "request_id": pc.request_id.id, "peer_id": me_id, "result": gw3::to_result(&v)}),
+            RelayOutcome::Ok(v) => {
+                return self.send_frame(&ResultFrame {
+                    domain: "agm",
+                    ty: "result",
+                    request_id: &pc.request_id.id,
+                    peer_id: &me_id,
+                    result: gw3::Kv::Kv(&v),
+                })
+            }
             RelayOutcome::Err {
                 status,
                 message,
@@ -1542,5 +1616,42 @@ impl Session {
             }
         }
         gids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known() -> Known {
+        Known {
+            identity: Arc::new(J::Null),
+            web: None,
+            methods: BTreeMap::new(),
+            by_gid: HashMap::new(),
+            announced: false,
+        }
+    }
+
+    /// A call names its method by GW3 id (a string, a number, any JSON); the index answers as
+    /// the method table does, through additions and removals.
+    #[test]
+    fn known_methods_are_found_by_gw3_id_until_removed() {
+        let mut k = known();
+        let ids = [json!("a"), json!(7), json!("7"), json!({"x": [1]})];
+        for (n, id) in (10u32..).zip(&ids) {
+            k.add_method(n, Arc::new(json!({"id": id, "name": format!("m{n}")})));
+        }
+        for (n, id) in (10u32..).zip(&ids) {
+            assert_eq!(k.method_by_gw3(id), Some(n), "{id}");
+        }
+        assert_eq!(k.method_by_gw3(&json!("b")), None);
+        let gone = k.remove_method(11).map(|o| gid_of(&o).clone());
+        assert_eq!(gone, Some(json!(7)));
+        assert_eq!(k.method_by_gw3(&json!(7)), None);
+        assert_eq!(k.method_by_gw3(&json!("7")), Some(12));
+        assert_eq!(k.remove_method(11), None);
+        assert_eq!(k.methods.len(), 3);
+        assert_eq!(k.by_gid.len(), 3);
     }
 }
