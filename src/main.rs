@@ -2,9 +2,6 @@
 
 mod cli;
 
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     std::process::exit(cli::main());
 }
