@@ -57,7 +57,8 @@ const CLOSE_INTERNAL: u16 = 1011;
 
 /// The `invoke` frame: with [`ResultFrame`], the two frames on the path of every call, which
 /// are serialised straight from their parts instead of through a `serde_json::Value` tree
-/// (docs/benchmarks.md §6.3). Same fields, in the same order, as the reference gateway's.
+/// (docs/benchmarks.md §6.3). Same fields, in the same order, as the `json!` trees they
+/// replaced.
 #[derive(serde::Serialize)]
 struct InvokeFrame<'a> {
     domain: &'static str,
@@ -94,10 +95,15 @@ struct Known {
     /// shared with the hub). Changed only through [`Known::add_method`] and
     /// [`Known::remove_method`], which keep `by_gid` in step.
     methods: BTreeMap<u32, Arc<J>>,
-    /// GW3 method id (as [`gw3::id_key`] writes it) → registry method id: a call names its
-    /// method by GW3 id, and a server may have thousands. A peer's GW3 ids are distinct (a
-    /// registration repeating one is refused; a native method's is its registry id).
-    by_gid: HashMap<String, u32>,
+    /// A hash of each method's GW3 id (as [`gw3::id_key`] writes it) → registry method id: a
+    /// call names its method by GW3 id, and a server may have thousands. Hashes, not the ids:
+    /// an id is any JSON a client chose, and a copy per connection that knows the peer would
+    /// undo the sharing of method objects. A peer's GW3 ids are distinct (a registration
+    /// repeating one is refused; a native method's is its registry id); a hit is checked
+    /// against the method's id, and if two ids ever share a hash the lookup falls back to a scan.
+    by_gid: HashMap<u64, u32>,
+    gid_hasher: std::collections::hash_map::RandomState,
+    gid_collision: bool,
     /// Whether the client was sent `peer-added` for it.
     announced: bool,
 }
@@ -108,20 +114,67 @@ pub(super) fn gid_of(obj: &J) -> &J {
 }
 
 impl Known {
+    fn new(identity: Arc<J>, web: Option<String>) -> Known {
+        Known {
+            identity,
+            web,
+            methods: BTreeMap::new(),
+            by_gid: HashMap::new(),
+            gid_hasher: Default::default(),
+            gid_collision: false,
+            announced: false,
+        }
+    }
+
+    /// The hash of `id`'s JSON text, without writing the text out.
+    fn gid_hash(&self, id: &J) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        struct Feed<H>(H);
+        impl<H: Hasher> std::io::Write for Feed<H> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.write(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut feed = Feed(self.gid_hasher.build_hasher());
+        // Writing JSON into a hasher cannot fail: a `serde_json::Value` has string keys only.
+        let _ = serde_json::to_writer(&mut feed, id);
+        feed.0.finish()
+    }
+
     fn method_by_gw3(&self, id: &J) -> Option<u32> {
-        self.by_gid.get(&gw3::id_key(id)).copied()
+        let key = gw3::id_key(id);
+        if self.gid_collision {
+            return self
+                .methods
+                .iter()
+                .find(|(_, o)| gw3::id_key(gid_of(o)) == key)
+                .map(|(n, _)| *n);
+        }
+        let n = *self.by_gid.get(&self.gid_hash(id))?;
+        let obj = self.methods.get(&n)?;
+        (gw3::id_key(gid_of(obj)) == key).then_some(n)
     }
 
     fn add_method(&mut self, n: u32, obj: Arc<J>) {
-        self.by_gid.insert(gw3::id_key(gid_of(&obj)), n);
+        let h = self.gid_hash(gid_of(&obj));
+        if let Some(&other) = self.by_gid.get(&h) {
+            if other != n {
+                self.gid_collision = true;
+            }
+        }
+        self.by_gid.insert(h, n);
         self.methods.insert(n, obj);
     }
 
     fn remove_method(&mut self, n: u32) -> Option<Arc<J>> {
         let obj = self.methods.remove(&n)?;
-        let key = gw3::id_key(gid_of(&obj));
-        if self.by_gid.get(&key) == Some(&n) {
-            self.by_gid.remove(&key);
+        let h = self.gid_hash(gid_of(&obj));
+        if self.by_gid.get(&h) == Some(&n) {
+            self.by_gid.remove(&h);
         }
         Some(obj)
     }
@@ -1215,15 +1268,11 @@ impl Session {
         } else {
             None
         };
-        Known {
-            identity: web
-                .clone()
+        Known::new(
+            web.clone()
                 .unwrap_or_else(|| Arc::new(gw3::native_identity(identity))),
-            web: web.map(|_| identity.instance.clone()),
-            methods: BTreeMap::new(),
-            by_gid: HashMap::new(),
-            announced: false,
-        }
+            web.map(|_| identity.instance.clone()),
+        )
     }
 
     /// Adds methods to a known peer; returns their GW3 objects.
@@ -1624,13 +1673,7 @@ mod tests {
     use super::*;
 
     fn known() -> Known {
-        Known {
-            identity: Arc::new(J::Null),
-            web: None,
-            methods: BTreeMap::new(),
-            by_gid: HashMap::new(),
-            announced: false,
-        }
+        Known::new(Arc::new(J::Null), None)
     }
 
     /// A call names its method by GW3 id (a string, a number, any JSON); the index answers as
@@ -1653,5 +1696,25 @@ mod tests {
         assert_eq!(k.remove_method(11), None);
         assert_eq!(k.methods.len(), 3);
         assert_eq!(k.by_gid.len(), 3);
+    }
+
+    /// Were two ids ever to share a hash, every lookup still finds the right method.
+    #[test]
+    fn a_hash_shared_by_two_ids_falls_back_to_the_scan() {
+        let mut k = known();
+        k.add_method(1, Arc::new(json!({"id": "a"})));
+        k.add_method(2, Arc::new(json!({"id": "b"})));
+        // Forge the collision: "b"'s entry now claims "a"'s hash too.
+        let (ha, hb) = (k.gid_hash(&json!("a")), k.gid_hash(&json!("b")));
+        k.by_gid.remove(&hb);
+        k.by_gid.insert(ha, 2);
+        assert_eq!(
+            k.method_by_gw3(&json!("a")),
+            None,
+            "the hit is checked against the id"
+        );
+        k.gid_collision = true;
+        assert_eq!(k.method_by_gw3(&json!("a")), Some(1));
+        assert_eq!(k.method_by_gw3(&json!("b")), Some(2));
     }
 }
