@@ -108,6 +108,15 @@ struct Known {
     announced: bool,
 }
 
+/// Whether two GW3 ids are the same id: the same JSON text ([`gw3::id_key`]), which for two
+/// strings, the usual case, is string equality.
+fn same_id(a: &J, b: &J) -> bool {
+    match (a, b) {
+        (J::String(x), J::String(y)) => x == y,
+        _ => gw3::id_key(a) == gw3::id_key(b),
+    }
+}
+
 /// The GW3 id of a method object (`null` when it has none).
 pub(super) fn gid_of(obj: &J) -> &J {
     obj.get("id").unwrap_or(&J::Null)
@@ -146,17 +155,16 @@ impl Known {
     }
 
     fn method_by_gw3(&self, id: &J) -> Option<u32> {
-        let key = gw3::id_key(id);
         if self.gid_collision {
             return self
                 .methods
                 .iter()
-                .find(|(_, o)| gw3::id_key(gid_of(o)) == key)
+                .find(|(_, o)| same_id(gid_of(o), id))
                 .map(|(n, _)| *n);
         }
         let n = *self.by_gid.get(&self.gid_hash(id))?;
         let obj = self.methods.get(&n)?;
-        (gw3::id_key(gid_of(obj)) == key).then_some(n)
+        same_id(gid_of(obj), id).then_some(n)
     }
 
     fn add_method(&mut self, n: u32, obj: Arc<J>) {
