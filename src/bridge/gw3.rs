@@ -63,29 +63,17 @@ impl Ids {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The id of `kind` with number `n` (written by hand: one is made for every call, and
-    /// `format!` took longer than the rest of the id's handling).
+    /// The id of `kind` with number `n` (one is made for every call: sized once, and only the
+    /// number goes through the formatter).
     pub(crate) fn with(&self, kind: char, n: u64) -> String {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut rest = n;
-        loop {
-            at -= 1;
-            // The remainder is below 10.
-            digits[at] = b'0' + (rest % 10) as u8;
-            rest /= 10;
-            if rest == 0 {
-                break;
-            }
-        }
-        let mut id = String::with_capacity(self.node.len() + 4 + digits.len() - at);
+        use std::fmt::Write;
+        let mut id = String::with_capacity(self.node.len() + 24);
         id.push(kind);
         id.push('-');
         id.push_str(&self.node);
         id.push('-');
-        for &d in &digits[at..] {
-            id.push(char::from(d));
-        }
+        // Writing to a `String` cannot fail.
+        let _ = write!(id, "{n}");
         id
     }
 
