@@ -1613,21 +1613,19 @@ impl Session {
 
     /// The outcome of one of our calls, as GW3 tells the caller.
     fn call_result(&mut self, call: u64, outcome: RelayOutcome) {
-        let Some(me) = self.me.as_mut() else { return };
-        let me_id = me.id.clone();
-        let Some(pc) = me.calls.remove(&call) else {
+        let Some(pc) = self.me.as_mut().and_then(|me| me.calls.remove(&call)) else {
             return;
         };
-        let reply = match outcome {
-            RelayOutcome::Ok(v) => {
-                return self.send_frame(&ResultFrame {
-                    domain: "agm",
-                    ty: "result",
-                    request_id: &pc.request_id.id,
-                    peer_id: &me_id,
-                    result: gw3::Kv::Kv(&v),
-                })
-            }
+        let Some(me) = self.me.as_ref() else { return };
+        let me_id = &me.id;
+        match outcome {
+            RelayOutcome::Ok(v) => self.send_frame(&ResultFrame {
+                domain: "agm",
+                ty: "result",
+                request_id: &pc.request_id.id,
+                peer_id: me_id,
+                result: gw3::Kv::Kv(&v),
+            }),
             RelayOutcome::Err {
                 status,
                 message,
@@ -1644,17 +1642,16 @@ impl Session {
                     }
                     _ => (FAIL, message),
                 };
-                let mut e = gw3::error("agm", &pc.request_id.id, &me_id, uri, &reason);
+                let mut e = gw3::error("agm", &pc.request_id.id, me_id, uri, &reason);
                 if status == Status::MethodFailed {
                     e["context"] = match context {
                         Value::Null => json!({}),
                         c => c.to_json(),
                     };
                 }
-                e
+                self.send(e);
             }
-        };
-        self.send(reply);
+        }
     }
 
     /// Forgets own methods; returns their GW3 ids.
