@@ -17,34 +17,13 @@ command -v perf >/dev/null || { echo "bridge-hop: perf is not installed (Debian:
 work="$(mktemp -d)"
 driver=""
 cleanup() {
-  [ -n "$driver" ] && kill "$driver" 2>/dev/null || true
-  pkill -f "gateway --gateway $work/" 2>/dev/null || true
+  if [ -n "$driver" ]; then kill "$driver" 2>/dev/null || true; wait "$driver" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-# A gateway, a server and a caller making calls until killed.
-cat > "$work/drive.js" <<'EOF'
-const { fork, spawn } = require("child_process");
-const [bench, knit, dir] = process.argv.slice(2);
-const gw = spawn(knit, ["gateway", "--gateway", `${dir}/gw.sock`, "--ws", "127.0.0.1:0", "--ws-auth", "open"],
-  { stdio: ["ignore", "ignore", "pipe"] });
-const kids = [];
-const quit = () => { for (const k of kids) k.kill(); gw.kill("SIGTERM"); process.exit(0); };
-process.on("SIGTERM", quit);
-let err = "";
-gw.stderr.on("data", async (d) => {
-  err += d;
-  const m = /bridge listening on (ws:\/\/[0-9.:]+)\//.exec(err);
-  if (!m || kids.length) return;
-  const srv = fork(bench, ["--role", "server", "--url", m[1]], { stdio: "inherit" });
-  kids.push(srv);
-  await new Promise((ok) => srv.once("message", ok));
-  kids.push(fork(bench, ["--role", "caller", "--url", m[1], "--n", "100000000", "--warmup", "0"], { stdio: "inherit" }));
-  console.log(gw.pid);
-});
-EOF
-node "$work/drive.js" "$root/tests/web/bench.js" "$knit" "$work" > "$work/pid" &
+# A gateway, a server and a caller making calls until stopped (tests/web/bench.js --role drive).
+node "$root/tests/web/bench.js" --role drive --knit "$knit" > "$work/pid" &
 driver=$!
 for _ in $(seq 100); do [ -s "$work/pid" ] && break; sleep 0.1; done
 gw="$(head -1 "$work/pid")"

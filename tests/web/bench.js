@@ -277,7 +277,18 @@ async function knitGateway(bin) {
     });
     child.on("exit", (code) => fail(new Error(`knit gateway exited (${code}): ${err}`)));
   });
-  return { url, close: async () => { child.kill("SIGTERM"); fs.rmSync(dir, { recursive: true, force: true }); } };
+  return { url, pid: child.pid, close: async () => { child.kill("SIGTERM"); fs.rmSync(dir, { recursive: true, force: true }); } };
+}
+
+// For scripts/bridge-hop.sh: a knit gateway and the library server and caller of `invoke_rtt`,
+// calling until SIGTERM; prints the gateway's pid once the calls have started.
+async function drive(bin) {
+  const g = await knitGateway(bin);
+  const srv = child("server", ["--url", g.url]);
+  await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
+  const cli = child("caller", ["--url", g.url, "--n", String(Number.MAX_SAFE_INTEGER)]);
+  process.on("SIGTERM", async () => { cli.kill(); srv.kill(); await g.close(); process.exit(0); });
+  console.log(g.pid);
 }
 
 // One way, context propagation: the reader measures; the writer paces itself on the answers.
@@ -399,4 +410,5 @@ else if (role === "ctx-reader") ctxReader(opt("--url")).catch((e) => { console.e
 else if (role === "ctx-writer") ctxWriter(opt("--url"), Number(opt("--n"))).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "raw-ctx-reader") rawCtxReader(opt("--url")).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "raw-ctx-writer") rawCtxWriter(opt("--url"), Number(opt("--n"))).catch((e) => { console.error(e); process.exit(1); });
+else if (role === "drive") drive(opt("--knit")).catch((e) => { console.error(e); process.exit(1); });
 else main().catch((e) => { console.error(e); process.exit(1); });
