@@ -26,7 +26,7 @@ trap cleanup EXIT
 node "$root/tests/web/bench.js" --role drive --knit "$knit" > "$work/pid" &
 driver=$!
 for _ in $(seq 100); do [ -s "$work/pid" ] && break; sleep 0.1; done
-gw="$(head -1 "$work/pid")"
+gw="$(head -1 "$work/pid" | cut -d" " -f1)"
 [ -n "$gw" ] || { echo "bridge-hop: the gateway did not start" >&2; exit 1; }
 sleep 5 # past the client library's warm-up (docs/benchmarks.md §4)
 for i in $(seq "$windows"); do

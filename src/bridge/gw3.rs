@@ -224,6 +224,48 @@ pub(crate) fn parse_envelope(text: &str) -> Result<Envelope, EnvelopeError> {
     Ok(Envelope { domain, ty, msg })
 }
 
+/// An `agm` `call` or `yield`, the two frames of every invocation's round trip, read straight
+/// into the fields the gateway uses: no tree of the whole frame is built and dropped, and the
+/// arguments or result become knit values directly (docs/benchmarks.md §6.3, stop 16).
+///
+/// [`hot`] gives one only for a well-formed frame of those two types. Anything else, or
+/// anything unusual (a duplicate key, an escaped `type`, an unpaired surrogate, a field of
+/// another type), goes through [`parse_envelope`] and the general handlers as before, so every
+/// frame is answered as it was.
+#[derive(serde::Deserialize)]
+pub(crate) struct Hot<'a> {
+    #[serde(rename = "type", borrow)]
+    pub ty: &'a str,
+    #[serde(borrow, default)]
+    pub domain: Option<&'a str>,
+    #[serde(default)]
+    pub peer_id: Option<J>,
+    #[serde(default)]
+    pub request_id: Option<J>,
+    #[serde(default)]
+    pub server_id: Option<J>,
+    #[serde(default)]
+    pub method_id: Option<J>,
+    #[serde(default)]
+    pub arguments: Option<Value>,
+    #[serde(default)]
+    pub arguments_kv: Option<Value>,
+    #[serde(borrow, default)]
+    pub invocation_id: Option<&'a str>,
+    #[serde(default)]
+    pub result: Option<Value>,
+}
+
+/// `text` as a [`Hot`] frame, if it is one.
+pub(crate) fn hot(text: &str) -> Option<Hot<'_>> {
+    // Other frames skip the attempt; a false match only costs it.
+    if !(text.contains("\"call\"") || text.contains("\"yield\"")) {
+        return None;
+    }
+    let h: Hot = serde_json::from_str(text).ok()?;
+    (h.domain == Some("agm") && matches!(h.ty, "call" | "yield")).then_some(h)
+}
+
 /// `text` with every `\uXXXX` escape that is an unpaired UTF-16 surrogate replaced by
 /// `\ufffd`; `None` if there is none. Escapes occur only inside JSON strings, and a `\\`
 /// escape is skipped as a whole, so `"\\ud800"` (a backslash, then text) is left alone.

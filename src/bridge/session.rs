@@ -464,7 +464,9 @@ pub(crate) async fn run(
             _ = out.woken() => {}
             // A publisher waiting for subscribers' backlogs to clear (see `gate`).
             _ = sh.gate.eased(), if throttled => {}
-            _ = tokio::time::sleep(super::gate::RECHECK), if throttled => {}
+            // In a block: `select!` makes every branch's future in every round, enabled or not,
+            // and a bare `sleep` reads the clock and sets up a timer entry when made.
+            _ = async { tokio::time::sleep(super::gate::RECHECK).await }, if throttled => {}
             frame = stream.next(), if !replaying && !throttled => match frame {
                 Some(Ok(Message::Text(t))) => {
                     s.sh.spin.touch();
@@ -532,6 +534,48 @@ pub(crate) async fn run(
 /// How long a closing connection waits for its peer to read the close frame and answer it.
 const LINGER: Duration = Duration::from_secs(30);
 
+/// What a `call` asks, from either reading of its frame (null fields count as absent).
+#[derive(Debug, PartialEq)]
+struct CallReq {
+    request_id: J,
+    server_id: Option<J>,
+    method_id: J,
+    arguments: Option<Value>,
+    arguments_kv: Option<Value>,
+}
+
+impl CallReq {
+    fn of(msg: &Obj) -> CallReq {
+        let value = |k: &str| msg.get(k).filter(|v| !v.is_null()).cloned();
+        CallReq {
+            request_id: rid(msg),
+            server_id: value("server_id"),
+            method_id: msg.get("method_id").cloned().unwrap_or(J::Null),
+            arguments: value("arguments").map(Value::from),
+            arguments_kv: value("arguments_kv").map(Value::from),
+        }
+    }
+
+    fn of_hot(h: gw3::Hot<'_>) -> CallReq {
+        CallReq {
+            request_id: h.request_id.unwrap_or(J::Null),
+            server_id: h.server_id,
+            method_id: h.method_id.unwrap_or(J::Null),
+            arguments: h.arguments,
+            arguments_kv: h.arguments_kv,
+        }
+    }
+}
+
+/// The invocation a general `yield` answers (none unless its id is a string).
+fn yield_invocation(msg: &Obj) -> Option<&str> {
+    msg.get("invocation_id").and_then(J::as_str)
+}
+
+fn yield_result(msg: &Obj) -> Value {
+    Value::from(msg.get("result").cloned().unwrap_or(J::Null))
+}
+
 fn rid(msg: &Obj) -> J {
     msg.get("request_id").cloned().unwrap_or(J::Null)
 }
@@ -594,6 +638,12 @@ impl Session {
     // ---- frames from the client ------------------------------------------------------------
 
     async fn on_text(&mut self, text: &str) {
+        if let (Some(me), Some(h)) = (&self.me, gw3::hot(text)) {
+            // As below: a frame naming another peer is refused there.
+            if h.peer_id.as_ref().is_none_or(|p| *p == me.id) {
+                return self.on_hot(h).await;
+            }
+        }
         let gw3::Envelope { domain, ty, msg } = match gw3::parse_envelope(text) {
             Ok(e) => e,
             Err(e @ gw3::EnvelopeError::NotObject(_)) => return self.send_text(e.to_string()),
@@ -985,6 +1035,17 @@ impl Session {
         }
     }
 
+    /// A `call` or `yield` read by [`gw3::hot`]: handled as [`Session::agm`] handles it.
+    async fn on_hot(&mut self, h: gw3::Hot<'_>) {
+        if h.ty == "call" {
+            self.call_req(CallReq::of_hot(h)).await
+        } else {
+            let result = h.result;
+            self.yield_req(h.invocation_id, || result.unwrap_or(Value::Null))
+                .await
+        }
+    }
+
     fn agm_error(&self, msg: &Obj, uri: &str, reason: &str) {
         self.send(gw3::error("agm", &rid(msg), &self.my_id(), uri, reason));
     }
@@ -1087,29 +1148,33 @@ impl Session {
     }
 
     async fn call(&mut self, msg: &Obj) {
+        self.call_req(CallReq::of(msg)).await
+    }
+
+    async fn call_req(&mut self, req: CallReq) {
         const FAIL: &str = "agm.errors.invocation.failure";
-        let server = match msg.get("server_id") {
-            Some(J::String(s)) => s.clone(),
-            _ => return self.agm_error(msg, FAIL, "call needs a string \"server_id\""),
+        let error = |s: &Self, reason: &str| {
+            s.send(gw3::error("agm", &req.request_id, &s.my_id(), FAIL, reason))
         };
-        let positional = msg.get("arguments").filter(|v| !v.is_null());
-        let named = msg.get("arguments_kv").filter(|v| !v.is_null());
-        let args = match (positional, named) {
+        let server = match &req.server_id {
+            Some(J::String(s)) => s.clone(),
+            _ => return error(self, "call needs a string \"server_id\""),
+        };
+        let args = match (req.arguments, req.arguments_kv) {
             (Some(_), Some(_)) => {
-                return self.agm_error(
-                    msg,
-                    FAIL,
+                return error(
+                    self,
                     "Cant use positional and by-name arguments at the same time",
                 )
             }
             // Opaque to the gateway: the client library passes arrays and scalars as they are,
             // and the reference gateway forwards them.
-            (None, Some(kv)) => Value::from(kv.clone()),
-            (Some(a @ J::Array(_)), None) => Value::from(a.clone()),
-            (Some(_), None) => return self.agm_error(msg, FAIL, "arguments must be an array"),
+            (None, Some(kv)) => kv,
+            (Some(a @ Value::Array(_)), None) => a,
+            (Some(_), None) => return error(self, "arguments must be an array"),
             (None, None) => Value::map(),
         };
-        let method = msg.get("method_id").cloned().unwrap_or(J::Null);
+        let method = req.method_id;
         let Some(me) = self.me.as_mut() else { return };
         let unknown_method = || {
             format!(
@@ -1120,7 +1185,7 @@ impl Session {
         };
         let Some(target) = self.sh.ids.parse_peer(&server) else {
             let reason = format!("Unable to find peer with id {}", gw3::clip(&server));
-            return self.agm_error(msg, FAIL, &reason);
+            return error(self, &reason);
         };
         let method_id = if target == me.peer {
             me.by_key.get(&gw3::id_key(&method)).copied()
@@ -1131,16 +1196,17 @@ impl Session {
             Some(NO_METHOD)
         };
         let Some(method_id) = method_id else {
-            return self.agm_error(msg, FAIL, &unknown_method());
+            return error(self, &unknown_method());
         };
         let limit = self.sh.cfg.max_waiting_bytes;
-        let request_id = match me
-            .waiting
-            .hold(rid(msg), limit, "calls waiting for an answer")
-        {
-            Ok(h) => h,
-            Err(reason) => return self.agm_error(msg, FAIL, &reason),
-        };
+        let request_id =
+            match me
+                .waiting
+                .hold(req.request_id.clone(), limit, "calls waiting for an answer")
+            {
+                Ok(h) => h,
+                Err(reason) => return error(self, &reason),
+            };
         let call = me.next_call;
         me.next_call += 1;
         me.calls.insert(
@@ -1164,15 +1230,17 @@ impl Session {
     }
 
     async fn yield_(&mut self, msg: &Obj) {
+        self.yield_req(yield_invocation(msg), || yield_result(msg))
+            .await
+    }
+
+    /// A `yield` answering `invocation`; `result` is made only when it does.
+    async fn yield_req(&mut self, invocation: Option<&str>, result: impl FnOnce() -> Value) {
         let Some(me) = self.me.as_mut() else { return };
-        let Some(inv) = msg
-            .get("invocation_id")
-            .and_then(J::as_str)
-            .and_then(|i| me.invocations.remove(i))
-        else {
+        let Some(inv) = invocation.and_then(|i| me.invocations.remove(i)) else {
             return; // not ours or already answered: GW3 sends no reply to yield
         };
-        let result = Value::from(msg.get("result").cloned().unwrap_or(J::Null));
+        let result = result();
         self.core(ToGateway::Yield {
             invocation: inv,
             outcome: RelayOutcome::Ok(result),
@@ -1676,6 +1744,58 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn general(text: &str) -> Obj {
+        gw3::parse_envelope(text).expect("a valid frame").msg
+    }
+
+    /// The fast reading of `call` and `yield` gives the handlers what the general one gives
+    /// them, for every shape the fields can take; and frames it must not take fall through.
+    #[test]
+    fn hot_frames_read_as_the_general_path_reads_them() {
+        let calls = [
+            r#"{"type":"call","server_id":"p-1","method_id":"0","arguments_kv":{"n":1,"s":"x\u00e9","f":1.5,"b":18446744073709551615,"a":[null,{"k":-0}]},"request_id":"r","domain":"agm","peer_id":"p-2"}"#,
+            r#"{"domain":"agm","type":"call","server_id":"p-1","method_id":{"odd":[1]},"arguments":[1,"two",[3]],"request_id":7}"#,
+            r#"{"domain":"agm","type":"call","server_id":null,"method_id":null,"arguments":null,"arguments_kv":null,"request_id":null}"#,
+            r#"{"domain":"agm","type":"call","server_id":5,"arguments":{"not":"an array"},"arguments_kv":[1]}"#,
+            r#"{"domain":"agm","type":"call","arguments_kv":{"dup":1,"dup":2},"extra":{"ignored":true}}"#,
+        ];
+        for text in calls {
+            let h = gw3::hot(text).unwrap_or_else(|| panic!("not read fast: {text}"));
+            assert_eq!(CallReq::of_hot(h), CallReq::of(&general(text)), "{text}");
+        }
+        let yields = [
+            r#"{"type":"yield","invocation_id":"r-1","peer_id":"p-1","result":{"server":"B","args":{"n":1}},"request_id":"x","domain":"agm"}"#,
+            r#"{"domain":"agm","type":"yield","invocation_id":"r-1","result":null}"#,
+            r#"{"domain":"agm","type":"yield","invocation_id":"r-1"}"#,
+            r#"{"domain":"agm","type":"yield","result":[1,2.25,"x"]}"#,
+        ];
+        for text in yields {
+            let h = gw3::hot(text).unwrap_or_else(|| panic!("not read fast: {text}"));
+            let msg = general(text);
+            assert_eq!(h.invocation_id, yield_invocation(&msg), "{text}");
+            assert_eq!(
+                h.result.unwrap_or(Value::Null),
+                yield_result(&msg),
+                "{text}"
+            );
+        }
+        // Left to the general path, which answers them as before.
+        for text in [
+            r#"{"domain":"agm","type":"call","request_id":"a","request_id":"b"}"#, // duplicate field
+            r#"{"domain":"agm","type":"yield","invocation_id":7,"result":1}"#, // id not a string
+            r#"{"domain":"agm","type":"c\u0061ll"}"#,                          // escaped type
+            r#"{"domain":"agm","type":"call","request_id":"\ud800"}"#,         // lone surrogate
+            r#"{"domain":"agm","type":"call","arguments_kv":{"n":1e400}}"#,    // out of range
+            r#"{"domain":"global","type":"call"}"#,                            // another domain
+            r#"{"type":"call"}"#,                                              // no domain: global
+            r#"{"domain":"agm","type":"register","methods":[{"name":"call"}]}"#,
+            r#"{"domain":"agm","type":"call","#, // not JSON
+            r#"["call","yield"]"#,
+        ] {
+            assert!(gw3::hot(text).is_none(), "read fast: {text}");
+        }
+    }
 
     fn known() -> Known {
         Known::new(Arc::new(J::Null), None)

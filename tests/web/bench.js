@@ -280,15 +280,18 @@ async function knitGateway(bin) {
   return { url, pid: child.pid, close: async () => { child.kill("SIGTERM"); fs.rmSync(dir, { recursive: true, force: true }); } };
 }
 
-// For scripts/bridge-hop.sh: a knit gateway and the library server and caller of `invoke_rtt`,
-// calling until SIGTERM; prints the gateway's pid once the calls have started.
+// For scripts/bridge-hop.sh and tracing by hand: a knit gateway (`--knit reference`: the
+// reference, in this process) and the library server and caller of `invoke_rtt` (with
+// `--scenario ctx`: the reader and writer of `ctx_update`), running until SIGTERM; prints the
+// gateway's, the server's (reader's) and the caller's (writer's) pids once they have started.
 async function drive(bin) {
-  const g = await knitGateway(bin);
-  const srv = child("server", ["--url", g.url]);
+  const g = bin === "reference" ? { ...(await referenceGateway()), pid: process.pid } : await knitGateway(bin);
+  const ctx = opt("--scenario", "invoke") === "ctx";
+  const srv = child(ctx ? "ctx-reader" : "server", ["--url", g.url]);
   await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
-  const cli = child("caller", ["--url", g.url, "--n", String(Number.MAX_SAFE_INTEGER)]);
+  const cli = child(ctx ? "ctx-writer" : "caller", ["--url", g.url, "--n", String(Number.MAX_SAFE_INTEGER)]);
   process.on("SIGTERM", async () => { cli.kill(); srv.kill(); await g.close(); process.exit(0); });
-  console.log(g.pid);
+  console.log(g.pid, srv.pid, cli.pid);
 }
 
 // One way, context propagation: the reader measures; the writer paces itself on the answers.
