@@ -3,7 +3,10 @@
 # forwards it, traced inside a running gateway while two @interopio/core processes (the roles
 # of tests/web/bench.js) call each other through it (docs/benchmarks.md §6.3, stop 15).
 #
-#   scripts/bridge-hop.sh [KNIT_BINARY] [WINDOWS]
+#   scripts/bridge-hop.sh [KNIT_BINARY] [WINDOWS] [invoke|ctx]
+#
+# `ctx` traces the context scenario instead (a writer's update-context to the subscriber's
+# context-updated).
 #
 # Needs `perf` (Debian: linux-perf) with access to tracepoints (root, or
 # kernel.perf_event_paranoid <= 1), and tests/web/node_modules (scripts/test-all.sh installs it).
@@ -12,6 +15,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 knit="$(realpath "${1:-$root/target/release/knit}")"
 windows="${2:-3}"
+scenario="${3:-invoke}"
 command -v perf >/dev/null || { echo "bridge-hop: perf is not installed (Debian: apt-get install linux-perf)" >&2; exit 2; }
 [ -d "$root/tests/web/node_modules/@interopio/core" ] || { echo "bridge-hop: run scripts/test-all.sh (or npm ci in tests/web) first" >&2; exit 2; }
 work="$(mktemp -d)"
@@ -23,7 +27,7 @@ cleanup() {
 trap cleanup EXIT
 
 # A gateway, a server and a caller making calls until stopped (tests/web/bench.js --role drive).
-node "$root/tests/web/bench.js" --role drive --knit "$knit" > "$work/pid" &
+node "$root/tests/web/bench.js" --role drive --knit "$knit" --scenario "$scenario" > "$work/pid" &
 driver=$!
 for _ in $(seq 100); do [ -s "$work/pid" ] && break; sleep 0.1; done
 gw="$(head -1 "$work/pid" | cut -d" " -f1)"

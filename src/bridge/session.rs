@@ -84,6 +84,17 @@ struct ResultFrame<'a> {
     result: gw3::Kv<'a>,
 }
 
+/// The `success` answer to a request (see [`InvokeFrame`]): the fields of [`gw3::success`],
+/// in its order.
+#[derive(serde::Serialize)]
+struct SuccessFrame<'a> {
+    domain: &'a str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    request_id: &'a J,
+    peer_id: &'a J,
+}
+
 /// Another peer as this connection's client knows it.
 struct Known {
     /// The GW3 identity shown in `peer-added` (a web peer's shared with the hub: one copy
@@ -577,7 +588,12 @@ fn yield_result(msg: &Obj) -> Value {
 }
 
 fn rid(msg: &Obj) -> J {
-    msg.get("request_id").cloned().unwrap_or(J::Null)
+    rid_ref(msg).clone()
+}
+
+/// A request's `request_id` (null when it has none).
+fn rid_ref(msg: &Obj) -> &J {
+    msg.get("request_id").unwrap_or(&J::Null)
 }
 
 fn display_id(v: &J) -> String {
@@ -623,6 +639,16 @@ impl Session {
         if let Err(o) = self.wire.text(text) {
             self.kill.kill(CLOSE_SLOW, o.reason());
         }
+    }
+
+    /// Queues the `success` answer to `request_id` (see [`SuccessFrame`]).
+    fn send_success(&self, domain: &str, request_id: &J) {
+        self.send_frame(&SuccessFrame {
+            domain,
+            ty: "success",
+            request_id,
+            peer_id: self.me.as_ref().map_or(&J::Null, |m| &m.id),
+        });
     }
 
     fn my_id(&self) -> J {
@@ -990,7 +1016,7 @@ impl Session {
                         self.leave_agm().await;
                     }
                 }
-                self.send(gw3::success(&dest, &request_id, &self.my_id()));
+                self.send_success(&dest, &request_id);
             }
             "create-token" => {
                 let user = self.me.as_ref().map(|m| m.user.clone()).unwrap_or_default();
@@ -1489,7 +1515,7 @@ impl Session {
                     if let Some(added) = added {
                         self.send_text(added);
                     }
-                    self.send(gw3::success("agm", &request_id, &me_id));
+                    self.send_success("agm", &request_id);
                 }
                 Some(Req::Unregister { request_id, ids }) => {
                     let gids = self.forget_own(&ids);
@@ -1497,7 +1523,7 @@ impl Session {
                         json!({"domain": "agm", "type": "methods-removed", "peer_id": me_id,
                         "server_id": me_id, "methods": gids}),
                     );
-                    self.send(gw3::success("agm", &request_id, &me_id));
+                    self.send_success("agm", &request_id);
                 }
                 Some(Req::Quiet { ids }) => {
                     self.forget_own(&ids);
@@ -1744,6 +1770,33 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `success` written from its parts is the text the `json!` tree made, whatever JSON the
+    /// ids are.
+    #[test]
+    fn success_frames_are_written_as_the_tree_wrote_them() {
+        let ids = [
+            json!("r-1"),
+            json!(7),
+            J::Null,
+            json!({"k": [1, "two", null], "a": {"z": 1, "b": 2}}),
+            json!("quote \" and \\ and \u{1F600}"),
+        ];
+        for rid in &ids {
+            for peer in &ids {
+                let frame = SuccessFrame {
+                    domain: "global",
+                    ty: "success",
+                    request_id: rid,
+                    peer_id: peer,
+                };
+                assert_eq!(
+                    frame_text(&frame),
+                    gw3::success("global", rid, peer).to_string()
+                );
+            }
+        }
+    }
 
     fn general(text: &str) -> Obj {
         gw3::parse_envelope(text).expect("a valid frame").msg

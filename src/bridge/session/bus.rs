@@ -5,7 +5,7 @@
 //! web publisher's messages go through the gateway to everyone else; its own subscriptions get
 //! them here (the reference gateway delivers a publisher's messages to itself too).
 
-use super::{frame_text, rid, Session};
+use super::{frame_text, rid, rid_ref, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::gateway::Outgoing;
 use crate::model::bus::{identity_matches, routing_matches, topic_matches};
@@ -123,7 +123,7 @@ impl Session {
                 .ask(|req| ToGateway::BusUnsubscribe { req, sub: n })
                 .await;
         }
-        self.send(gw3::success("bus", &rid(msg), &self.my_id()));
+        self.send_success("bus", rid_ref(msg));
     }
 
     async fn bus_publish(&mut self, msg: &Obj) {

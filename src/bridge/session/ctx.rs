@@ -4,7 +4,7 @@
 //! members; the bridge's [`Contexts`](crate::bridge::contexts::Contexts) maps their segments,
 //! writes for web peers and follows the logs for them.
 
-use super::{rid, Session};
+use super::{rid, rid_ref, Session};
 use crate::bridge::contexts::GW3_NOTE;
 use crate::bridge::delta::{self, Plan};
 use crate::bridge::gw3::{self, Obj};
@@ -307,7 +307,7 @@ impl Session {
         }
         self.ask_ack(|req| ToGateway::UnsubscribeContext { req, id })
             .await?;
-        self.send(gw3::success(domain, &rid(msg), &self.my_id()));
+        self.send_success(domain, rid_ref(msg));
         Ok(())
     }
 
@@ -315,7 +315,7 @@ impl Session {
         let id = self.ctx_id(msg)?;
         self.ask_ack(|req| ToGateway::DestroyContext { req, id })
             .await?;
-        self.send(gw3::success(domain, &rid(msg), &self.my_id()));
+        self.send_success(domain, rid_ref(msg));
         Ok(())
     }
 
@@ -338,8 +338,8 @@ impl Session {
 
     async fn update_context(&mut self, domain: &str, msg: &Obj) -> Result<(), Refusal> {
         let id = self.ctx_id(msg)?;
-        let delta_json = msg.get("delta").cloned().unwrap_or(J::Null);
-        let parts = delta::parse(&delta_json).map_err(|e| Refusal::failure(e.to_string()))?;
+        let delta_json = msg.get("delta").unwrap_or(&J::Null);
+        let parts = delta::parse(delta_json).map_err(|e| Refusal::failure(e.to_string()))?;
         let plan = delta::plan(&parts).map_err(|e| Refusal::failure(e.to_string()))?;
         if !self.ctx_open(id).await? {
             return Err(Refusal {
@@ -421,7 +421,7 @@ impl Session {
             // first would delay every other subscriber by that much (docs/benchmarks.md §6.3).
             tokio::task::yield_now().await;
         }
-        self.send(gw3::success(domain, &rid(msg), &self.my_id()));
+        self.send_success(domain, rid_ref(msg));
         Ok(())
     }
 }

@@ -15,7 +15,7 @@
 //! subscription names it the same without asking; a native subscriber's subscription gets a
 //! fresh GW3 id. Branches are GW3 `stream_id`s.
 
-use super::{display_id, echo, gid_of, rid, HeldId, Meter, Session};
+use super::{display_id, echo, gid_of, rid, rid_ref, HeldId, Meter, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::wire::frame::{PeerId, ToGateway};
 use crate::wire::record::{KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST};
@@ -185,7 +185,7 @@ impl Session {
         let (n, s) = sub;
         self.core(record_to(s.server, KIND_SUB_CLOSE, rec::close(n, &reason)))
             .await;
-        self.send(gw3::success("agm", &rid(msg), &self.my_id()));
+        self.send_success("agm", rid_ref(msg));
     }
 
     /// Ends this peer's subscriptions on `server` (or all, with `None`) as the server is gone;
