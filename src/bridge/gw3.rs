@@ -230,9 +230,13 @@ pub(crate) fn parse_envelope(text: &str) -> Result<Envelope, EnvelopeError> {
 ///
 /// [`hot`] gives one only for a well-formed frame of those two types. Anything else, or
 /// anything unusual (a duplicate key, an escaped `type`, an unpaired surrogate, a field of
-/// another type), goes through [`parse_envelope`] and the general handlers as before, so every
-/// frame is answered as it was.
+/// another type, a field it does not know), goes through [`parse_envelope`] and the general
+/// handlers as before, so every frame is answered as it was. Unknown fields are refused rather
+/// than skipped because skipping is laxer than parsing: serde_json skips a number out of range,
+/// or nesting past its depth limit, that the general reading refuses (the fuzzer found the
+/// first: `tests/fuzz_regressions/gw3_json/`). The clients send no other fields.
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct Hot<'a> {
     #[serde(rename = "type", borrow)]
     pub ty: &'a str,
