@@ -238,25 +238,19 @@ pub(crate) fn parse_envelope(text: &str) -> Result<Envelope, EnvelopeError> {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Hot<'a> {
-    #[serde(rename = "type", borrow)]
+    #[serde(rename = "type")]
     pub ty: &'a str,
-    #[serde(borrow, default)]
+    // Absent `Option` fields read as `None`; a borrowed `&str` inside one needs `borrow`.
+    #[serde(borrow)]
     pub domain: Option<&'a str>,
-    #[serde(default)]
     pub peer_id: Option<J>,
-    #[serde(default)]
     pub request_id: Option<J>,
-    #[serde(default)]
     pub server_id: Option<J>,
-    #[serde(default)]
     pub method_id: Option<J>,
-    #[serde(default)]
     pub arguments: Option<Value>,
-    #[serde(default)]
     pub arguments_kv: Option<Value>,
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     pub invocation_id: Option<&'a str>,
-    #[serde(default)]
     pub result: Option<Value>,
 }
 
