@@ -454,13 +454,11 @@ pub(crate) fn native_identity(i: &Instance) -> J {
 }
 
 /// What a web method receives as `arguments_kv` for a knit value: objects as they are, `null`
-/// as `{}`, anything else wrapped as `{_value: v}` (io.Connect handlers take an object).
+/// as `{}`, anything else wrapped as `{_value: v}` (io.Connect handlers take an object). As a
+/// tree, for the frames still built as trees; the convention itself is written once, in [`Kv`].
 pub(crate) fn to_kv(v: &Value) -> J {
-    match v {
-        Value::Map(_) => v.to_json(),
-        Value::Null => J::Object(Obj::new()),
-        other => json!({"_value": other.to_json()}),
-    }
+    // The only error, a map key that is not a string, cannot happen with knit values.
+    serde_json::to_value(Kv::Kv(v)).unwrap_or(J::Null)
 }
 
 /// A knit value in a GW3 frame, serialised straight from the value instead of through a
