@@ -7,7 +7,7 @@ mod streams;
 
 use super::auth::Authenticator;
 use super::contexts::Contexts;
-use super::gw3::{self, Ids, Obj};
+use super::gw3::{self, rid, rid_ref, yield_invocation, yield_result, CallReq, Ids, Obj};
 use super::hub::{Hub, HubEvent, Kill, CLOSE_SLOW};
 use super::{BridgeConfig, Outbox, Wire};
 use crate::gateway::{Admission, Closer, CoreHandle, Limits, Outgoing};
@@ -544,57 +544,6 @@ pub(crate) async fn run(
 
 /// How long a closing connection waits for its peer to read the close frame and answer it.
 const LINGER: Duration = Duration::from_secs(30);
-
-/// What a `call` asks, from either reading of its frame (null fields count as absent).
-#[derive(Debug, PartialEq)]
-struct CallReq {
-    request_id: J,
-    server_id: Option<J>,
-    method_id: J,
-    arguments: Option<Value>,
-    arguments_kv: Option<Value>,
-}
-
-impl CallReq {
-    fn of(msg: &Obj) -> CallReq {
-        let value = |k: &str| msg.get(k).filter(|v| !v.is_null()).cloned();
-        CallReq {
-            request_id: rid(msg),
-            server_id: value("server_id"),
-            method_id: msg.get("method_id").cloned().unwrap_or(J::Null),
-            arguments: value("arguments").map(Value::from),
-            arguments_kv: value("arguments_kv").map(Value::from),
-        }
-    }
-
-    fn of_hot(h: gw3::Hot<'_>) -> CallReq {
-        CallReq {
-            request_id: h.request_id.unwrap_or(J::Null),
-            server_id: h.server_id,
-            method_id: h.method_id.unwrap_or(J::Null),
-            arguments: h.arguments,
-            arguments_kv: h.arguments_kv,
-        }
-    }
-}
-
-/// The invocation a general `yield` answers (none unless its id is a string).
-fn yield_invocation(msg: &Obj) -> Option<&str> {
-    msg.get("invocation_id").and_then(J::as_str)
-}
-
-fn yield_result(msg: &Obj) -> Value {
-    Value::from(msg.get("result").cloned().unwrap_or(J::Null))
-}
-
-fn rid(msg: &Obj) -> J {
-    rid_ref(msg).clone()
-}
-
-/// A request's `request_id` (null when it has none).
-fn rid_ref(msg: &Obj) -> &J {
-    msg.get("request_id").unwrap_or(&J::Null)
-}
 
 fn display_id(v: &J) -> String {
     match v {
@@ -1795,59 +1744,6 @@ mod tests {
                     gw3::success("global", rid, peer).to_string()
                 );
             }
-        }
-    }
-
-    fn general(text: &str) -> Obj {
-        gw3::parse_envelope(text).expect("a valid frame").msg
-    }
-
-    /// The fast reading of `call` and `yield` gives the handlers what the general one gives
-    /// them, for every shape the fields can take; and frames it must not take fall through.
-    #[test]
-    fn hot_frames_read_as_the_general_path_reads_them() {
-        let calls = [
-            r#"{"type":"call","server_id":"p-1","method_id":"0","arguments_kv":{"n":1,"s":"x\u00e9","f":1.5,"b":18446744073709551615,"a":[null,{"k":-0}]},"request_id":"r","domain":"agm","peer_id":"p-2"}"#,
-            r#"{"domain":"agm","type":"call","server_id":"p-1","method_id":{"odd":[1]},"arguments":[1,"two",[3]],"request_id":7}"#,
-            r#"{"domain":"agm","type":"call","server_id":null,"method_id":null,"arguments":null,"arguments_kv":null,"request_id":null}"#,
-            r#"{"domain":"agm","type":"call","server_id":5,"arguments":{"not":"an array"},"arguments_kv":[1]}"#,
-            r#"{"domain":"agm","type":"call","arguments_kv":{"dup":1,"dup":2}}"#,
-        ];
-        for text in calls {
-            let h = gw3::hot(text).unwrap_or_else(|| panic!("not read fast: {text}"));
-            assert_eq!(CallReq::of_hot(h), CallReq::of(&general(text)), "{text}");
-        }
-        let yields = [
-            r#"{"type":"yield","invocation_id":"r-1","peer_id":"p-1","result":{"server":"B","args":{"n":1}},"request_id":"x","domain":"agm"}"#,
-            r#"{"domain":"agm","type":"yield","invocation_id":"r-1","result":null}"#,
-            r#"{"domain":"agm","type":"yield","invocation_id":"r-1"}"#,
-            r#"{"domain":"agm","type":"yield","result":[1,2.25,"x"]}"#,
-        ];
-        for text in yields {
-            let h = gw3::hot(text).unwrap_or_else(|| panic!("not read fast: {text}"));
-            let msg = general(text);
-            assert_eq!(h.invocation_id, yield_invocation(&msg), "{text}");
-            assert_eq!(
-                h.result.unwrap_or(Value::Null),
-                yield_result(&msg),
-                "{text}"
-            );
-        }
-        // Left to the general path, which answers them as before.
-        for text in [
-            r#"{"domain":"agm","type":"call","request_id":"a","request_id":"b"}"#, // duplicate field
-            r#"{"domain":"agm","type":"yield","invocation_id":7,"result":1}"#, // id not a string
-            r#"{"domain":"agm","type":"c\u0061ll"}"#,                          // escaped type
-            r#"{"domain":"agm","type":"call","request_id":"\ud800"}"#,         // lone surrogate
-            r#"{"domain":"agm","type":"call","arguments_kv":{"n":1e400}}"#,    // out of range
-            r#"{"domain":"agm","type":"call","x":[1e400]}"#,                   // unknown field
-            r#"{"domain":"global","type":"call"}"#,                            // another domain
-            r#"{"type":"call"}"#,                                              // no domain: global
-            r#"{"domain":"agm","type":"register","methods":[{"name":"call"}]}"#,
-            r#"{"domain":"agm","type":"call","#, // not JSON
-            r#"["call","yield"]"#,
-        ] {
-            assert!(gw3::hot(text).is_none(), "read fast: {text}");
         }
     }
 
