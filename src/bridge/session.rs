@@ -292,6 +292,13 @@ struct Me {
     streams: streams::StreamState,
 }
 
+impl Me {
+    /// Whether a frame's `peer_id` names another peer than this connection's (null names none).
+    fn is_other(&self, peer_id: &J) -> bool {
+        !peer_id.is_null() && *peer_id != self.id
+    }
+}
+
 struct Session {
     sh: Arc<Shared>,
     wire: Wire,
@@ -614,8 +621,8 @@ impl Session {
 
     async fn on_text(&mut self, text: &str) {
         if let (Some(me), Some(h)) = (&self.me, gw3::hot(text)) {
-            // As below: a frame naming another peer is refused there.
-            if h.peer_id.as_ref().is_none_or(|p| *p == me.id) {
+            // A frame naming another peer is refused below.
+            if !h.peer_id.as_ref().is_some_and(|p| me.is_other(p)) {
                 return self.on_hot(h).await;
             }
         }
@@ -667,17 +674,15 @@ impl Session {
                 &reason,
             ));
         };
-        if let Some(p) = msg.get("peer_id") {
-            if !p.is_null() && *p != me.id {
-                let reason = format!("Unable to find peer with id {}", echo(p));
-                return self.send(gw3::error(
-                    &domain,
-                    &rid(&msg),
-                    p,
-                    "global.errors.invalid_peer",
-                    &reason,
-                ));
-            }
+        if let Some(p) = msg.get("peer_id").filter(|p| me.is_other(p)) {
+            let reason = format!("Unable to find peer with id {}", echo(p));
+            return self.send(gw3::error(
+                &domain,
+                &rid(&msg),
+                p,
+                "global.errors.invalid_peer",
+                &reason,
+            ));
         }
         match domain.as_str() {
             "global" => self.global(&ty, &msg).await,
