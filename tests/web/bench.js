@@ -45,6 +45,9 @@ const WARMUP = Number(opt("--warmup", 5000));
 
 // A child process of this script in `role`; it inherits the warm-up.
 const child = (role, args = []) => fork(__filename, ["--role", role, ...args, "--warmup", String(WARMUP)], { stdio: "inherit" });
+// The next message from child process `proc` (the `who` of the script's roles), or an error if it
+// exits first.
+const reply = (proc, who) => new Promise((ok, fail) => { proc.once("message", ok); proc.once("exit", () => fail(new Error(`${who} died`))); });
 
 function connect(url, application) {
   const m = require("@interopio/core");
@@ -244,7 +247,7 @@ async function directCaller(url, n) {
 // `knit __ws-relay` (the do-nothing relay) started from `relayBin`.
 async function measureFloor(n, relayBin) {
   const srv = child("direct-server");
-  const ready = await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
+  const ready = await reply(srv, "server");
   let url = ready.url;
   let relay = null;
   if (relayBin) {
@@ -256,7 +259,7 @@ async function measureFloor(n, relayBin) {
     });
   }
   const cli = child("direct-caller", ["--url", url, "--n", String(n)]);
-  const { us } = await new Promise((ok, fail) => { cli.once("message", ok); cli.once("exit", () => fail(new Error("caller died"))); });
+  const { us } = await reply(cli, "caller");
   srv.kill();
   if (relay) relay.kill();
   await new Promise((r) => cli.once("exit", r));
@@ -288,7 +291,7 @@ async function drive(bin) {
   const g = bin === "reference" ? { ...(await referenceGateway()), pid: process.pid } : await knitGateway(bin);
   const ctx = opt("--scenario", "invoke") === "ctx";
   const srv = child(ctx ? "ctx-reader" : "server", ["--url", g.url]);
-  await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
+  await reply(srv, "server");
   const cli = child(ctx ? "ctx-writer" : "caller", ["--url", g.url, "--n", String(Number.MAX_SAFE_INTEGER)]);
   process.on("SIGTERM", async () => { cli.kill(); srv.kill(); await g.close(); process.exit(0); });
   console.log(g.pid, srv.pid, cli.pid);
@@ -297,11 +300,11 @@ async function drive(bin) {
 // One way, context propagation: the reader measures; the writer paces itself on the answers.
 async function measureCtx(url, n, raw) {
   const rd = child(raw ? "raw-ctx-reader" : "ctx-reader", ["--url", url]);
-  await new Promise((ok, fail) => { rd.once("message", ok); rd.once("exit", () => fail(new Error("reader died"))); });
+  await reply(rd, "reader");
   const wr = child(raw ? "raw-ctx-writer" : "ctx-writer", ["--url", url, "--n", String(n)]);
-  await new Promise((ok, fail) => { wr.once("message", ok); wr.once("exit", () => fail(new Error("writer died"))); });
+  await reply(wr, "writer");
   rd.send({ collect: n });
-  const { us } = await new Promise((ok, fail) => { rd.once("message", ok); rd.once("exit", () => fail(new Error("reader died"))); });
+  const { us } = await reply(rd, "reader");
   rd.kill();
   await new Promise((r) => wr.once("exit", r));
   return us;
@@ -309,9 +312,9 @@ async function measureCtx(url, n, raw) {
 
 async function measure(url, n, raw) {
   const srv = child(raw ? "raw-server" : "server", ["--url", url]);
-  const ready = await new Promise((ok, fail) => { srv.once("message", ok); srv.once("exit", () => fail(new Error("server died"))); });
+  const ready = await reply(srv, "server");
   const cli = child(raw ? "raw-caller" : "caller", ["--url", url, "--n", String(n), "--server", String(ready.id)]);
-  const { us } = await new Promise((ok, fail) => { cli.once("message", ok); cli.once("exit", () => fail(new Error("caller died"))); });
+  const { us } = await reply(cli, "caller");
   srv.kill();
   await new Promise((r) => cli.once("exit", r));
   return us;
