@@ -106,11 +106,6 @@ fn parse_numbered(s: &str, kind: char, node: &str) -> Option<u64> {
     n.parse().ok()
 }
 
-/// `{"domain", "type":"success", "request_id", "peer_id"}`.
-pub(crate) fn success(domain: &str, request_id: &J, peer_id: &J) -> J {
-    json!({"domain": domain, "type": "success", "request_id": request_id, "peer_id": peer_id})
-}
-
 /// The error shape every domain uses (PROTOCOL.md §3).
 pub(crate) fn error(
     domain: &str,

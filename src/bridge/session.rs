@@ -84,8 +84,8 @@ struct ResultFrame<'a> {
     result: gw3::Kv<'a>,
 }
 
-/// The `success` answer to a request (see [`InvokeFrame`]): the fields of [`gw3::success`],
-/// in its order.
+/// The `success` answer to a request (see [`InvokeFrame`]), in the field order of the `json!`
+/// tree it replaced.
 #[derive(serde::Serialize)]
 struct SuccessFrame<'a> {
     domain: &'a str,
@@ -328,7 +328,7 @@ struct Replay {
     peers: VecDeque<PeerId>,
     frames: VecDeque<String>,
     /// The `success` of the `join`; none when the replay announces one large peer.
-    then: Option<J>,
+    then: Option<String>,
 }
 
 async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
@@ -597,14 +597,19 @@ impl Session {
         }
     }
 
-    /// Queues the `success` answer to `request_id` (see [`SuccessFrame`]).
+    /// Queues the `success` answer to `request_id`.
     fn send_success(&self, domain: &str, request_id: &J) {
-        self.send_frame(&SuccessFrame {
+        self.send_text(self.success_text(domain, request_id));
+    }
+
+    /// The `success` answer to `request_id` (see [`SuccessFrame`]).
+    fn success_text(&self, domain: &str, request_id: &J) -> String {
+        frame_text(&SuccessFrame {
             domain,
             ty: "success",
             request_id,
             peer_id: self.me.as_ref().map_or(&J::Null, |m| &m.id),
-        });
+        })
     }
 
     fn my_id(&self) -> J {
@@ -965,7 +970,7 @@ impl Session {
                 }
                 if dest == "agm" {
                     if ty == "join" {
-                        return self.join_agm(gw3::success(&dest, &request_id, &self.my_id()));
+                        return self.join_agm(self.success_text(&dest, &request_id));
                     } else {
                         self.leave_agm().await;
                     }
@@ -1258,7 +1263,7 @@ impl Session {
     }
 
     /// Joins `agm`; `then` (the `success`) follows the replay of the peers already there.
-    fn join_agm(&mut self, then: J) {
+    fn join_agm(&mut self, then: String) {
         let Some(me) = self.me.as_mut() else { return };
         if !me.in_agm {
             me.in_agm = true;
@@ -1288,7 +1293,7 @@ impl Session {
             return;
         }
         if let Some(then) = self.replay.take().and_then(|r| r.then) {
-            self.send(then);
+            self.send_text(then);
         }
     }
 
@@ -1746,7 +1751,8 @@ mod tests {
                 };
                 assert_eq!(
                     frame_text(&frame),
-                    gw3::success("global", rid, peer).to_string()
+                    json!({"domain": "global", "type": "success", "request_id": rid, "peer_id": peer})
+                        .to_string()
                 );
             }
         }
