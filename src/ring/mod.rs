@@ -169,7 +169,8 @@ pub struct Producer<M: RingMemory> {
     cap: u64,
     /// Our position; mirrors `ctl.tail`.
     tail: u64,
-    /// The consumer's position as last read; refreshed only when the ring looks full.
+    /// The consumer's position as last read; refreshed only when the ring looks full. Only a
+    /// position at most `cap` behind `tail` is kept, so `tail - cached_head <= cap` always.
     cached_head: u64,
 }
 
@@ -217,11 +218,14 @@ impl<M: RingMemory> Producer<M> {
         if self.cap - self.tail.wrapping_sub(self.cached_head) < need {
             // SYNC(head): pairs with the consumer's Release store; the bytes it released are no
             // longer read, so we may overwrite them.
-            self.cached_head = self.mem.ctl().head.load(Ordering::Acquire);
-            let used = self.tail.wrapping_sub(self.cached_head);
+            let head = self.mem.ctl().head.load(Ordering::Acquire);
+            let used = self.tail.wrapping_sub(head);
             if used > self.cap || used % RECORD_ALIGN as u64 != 0 {
+                // Not kept: `cached_head` stays a position within `cap` of ours, which the
+                // check above relies on.
                 return Err(PushError::Corrupt("consumer position out of range"));
             }
+            self.cached_head = head;
             if self.cap - used < need {
                 return Err(PushError::Full);
             }
@@ -265,9 +269,14 @@ impl<M: RingMemory> Producer<M> {
     /// Bytes free right now (refreshing the consumer's position).
     pub fn free_bytes(&mut self) -> usize {
         // SYNC(head): as in `claim`.
-        self.cached_head = self.mem.ctl().head.load(Ordering::Acquire);
-        let used = self.tail.wrapping_sub(self.cached_head);
-        self.cap.saturating_sub(used) as usize
+        let head = self.mem.ctl().head.load(Ordering::Acquire);
+        let used = self.tail.wrapping_sub(head);
+        if used > self.cap {
+            // A consumer position that cannot be: no room (the next claim reports it).
+            return 0;
+        }
+        self.cached_head = head;
+        (self.cap - used) as usize
     }
 }
 
@@ -332,7 +341,8 @@ pub struct Consumer<M: RingMemory> {
     head: u64,
     /// The position last published in `ctl.head` (what the producer may reuse).
     published: u64,
-    /// The producer's position as last read; refreshed only when we caught up with it.
+    /// The producer's position as last read; refreshed only when we caught up with it. Only a
+    /// position at most `cap` ahead of `head` (and 8-aligned from it) is kept.
     cached_tail: u64,
 }
 
@@ -368,11 +378,13 @@ impl<M: RingMemory> Consumer<M> {
             if self.head == self.cached_tail {
                 // SYNC(tail): pairs with the producer's Release store in `commit`: the record
                 // bytes before `tail` are visible.
-                self.cached_tail = self.mem.ctl().tail.load(Ordering::Acquire);
-                let avail = self.cached_tail.wrapping_sub(self.head);
+                let tail = self.mem.ctl().tail.load(Ordering::Acquire);
+                let avail = tail.wrapping_sub(self.head);
                 if avail > self.cap || avail % RECORD_ALIGN as u64 != 0 {
+                    // Not kept: `cached_tail` stays at most `cap` ahead of `head`.
                     return Err(RingError("producer position out of range"));
                 }
+                self.cached_tail = tail;
                 if avail == 0 {
                     return Ok(None);
                 }

@@ -166,6 +166,21 @@ fn corrupt_tail_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn a_corrupt_tail_stays_an_error_until_the_producer_is_sane_again() {
+    let (mut p, mut c, mem) = pair(64);
+    p.push(1, 0, &[1; 24]).unwrap();
+    mem.ctl_for_test().set_for_test(0, 1 << 40);
+    let mut buf = Vec::new();
+    for _ in 0..3 {
+        assert!(c.pop_into(&mut buf).is_err());
+    }
+    mem.ctl_for_test().set_for_test(0, 32);
+    c.pop_into(&mut buf).unwrap().unwrap();
+    assert_eq!(buf, [1; 24]);
+    assert_eq!(c.pop_into(&mut buf).unwrap(), None);
+}
+
+#[test]
 fn corrupt_record_length_is_an_error() {
     let (mut p, mut c, mem) = pair(64);
     p.push(1, 0, b"abc").unwrap();
@@ -200,6 +215,29 @@ fn corrupt_head_is_reported_to_the_producer() {
     // The consumer claims to be ahead of the producer.
     mem.ctl_for_test().set_for_test(5000, 64);
     assert!(matches!(p.push(1, 0, &[0; 8]), Err(PushError::Corrupt(_))));
+}
+
+#[test]
+fn a_corrupt_head_once_seen_never_lets_the_producer_overwrite_unread_records() {
+    // Found by the ring_reader fuzzer: the producer kept the impossible position it had read
+    // and refused; the next claim then took the ring for empty (and overflowed in debug).
+    let (mut p, mut c, mem) = pair(64);
+    p.push(1, 0, &[1; 24]).unwrap();
+    p.push(1, 0, &[2; 24]).unwrap();
+    mem.ctl_for_test().set_for_test(5000, 64);
+    for _ in 0..3 {
+        assert!(matches!(p.push(1, 0, &[9; 24]), Err(PushError::Corrupt(_))));
+    }
+    assert_eq!(p.free_bytes(), 0);
+    // The consumer's real position back: the ring is full, then drains as it was written.
+    mem.ctl_for_test().set_for_test(0, 64);
+    assert_eq!(p.push(1, 0, &[9; 24]), Err(PushError::Full));
+    let mut buf = Vec::new();
+    c.pop_into(&mut buf).unwrap().unwrap();
+    assert_eq!(buf, [1; 24]);
+    c.pop_into(&mut buf).unwrap().unwrap();
+    assert_eq!(buf, [2; 24]);
+    assert_eq!(c.pop_into(&mut buf).unwrap(), None);
 }
 
 #[test]
