@@ -164,22 +164,11 @@ impl Value {
         serde_json::to_string(self).unwrap_or_else(|_| "null".into())
     }
 
-    /// Converts to `serde_json::Value`.
+    /// Converts to `serde_json::Value`: the JSON of [`Value::to_json_string`], as a tree (one
+    /// definition of the JSON, `Value`'s `Serialize`).
     pub fn to_json(&self) -> serde_json::Value {
-        use serde_json::Value as J;
-        match self {
-            Value::Null => J::Null,
-            Value::Bool(b) => J::Bool(*b),
-            Value::I64(i) => J::from(*i),
-            Value::U64(u) => J::from(*u),
-            Value::F64(f) => serde_json::Number::from_f64(*f)
-                .map(J::Number)
-                .unwrap_or(J::Null),
-            Value::String(s) => J::String(s.clone()),
-            Value::Bytes(b) => J::Array(b.iter().map(|&x| J::from(x)).collect()),
-            Value::Array(a) => J::Array(a.iter().map(Value::to_json).collect()),
-            Value::Map(m) => J::Object(m.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()),
-        }
+        // Cannot fail: every map key is a string and every number is representable.
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 }
 
