@@ -297,6 +297,24 @@ impl Me {
     fn is_other(&self, peer_id: &J) -> bool {
         !peer_id.is_null() && *peer_id != self.id
     }
+
+    /// The registry id of the method with GW3 id `method` of peer `server`: one of this peer's
+    /// own, or one `server` announced to it; `None` when neither knows it.
+    fn method_of(&self, server: PeerId, method: &J) -> Option<u32> {
+        if server == self.peer {
+            self.by_key.get(&gw3::id_key(method)).copied()
+        } else {
+            self.known.get(&server)?.method_by_gw3(method)
+        }
+    }
+}
+
+/// The reason the reference gives for a method (`method`, as [`echo`] gives it) that server
+/// `server` does not have for this peer.
+fn no_method(method: &str, server: &str) -> String {
+    format!(
+        "Unable to find method with id {method} on server id {server} registered with this peer"
+    )
 }
 
 struct Session {
@@ -1161,27 +1179,18 @@ impl Session {
         };
         let method = req.method_id;
         let Some(me) = self.me.as_mut() else { return };
-        let unknown_method = || {
-            format!(
-                "Unable to find method with id {} on server id {} registered with this peer",
-                echo(&method),
-                gw3::clip(&server)
-            )
-        };
         let Some(target) = self.sh.ids.parse_peer(&server) else {
             let reason = format!("Unable to find peer with id {}", gw3::clip(&server));
             return error(self, &reason);
         };
-        let method_id = if target == me.peer {
-            me.by_key.get(&gw3::id_key(&method)).copied()
-        } else if let Some(k) = me.known.get(&target) {
-            k.method_by_gw3(&method)
-        } else {
+        let method_id = if target != me.peer && !me.known.contains_key(&target) {
             // Not a peer we know: the registry says whether it is gone or another user's.
             Some(NO_METHOD)
+        } else {
+            me.method_of(target, &method)
         };
         let Some(method_id) = method_id else {
-            return error(self, &unknown_method());
+            return error(self, &no_method(&echo(&method), &gw3::clip(&server)));
         };
         let limit = self.sh.cfg.max_waiting_bytes;
         let request_id =
@@ -1687,9 +1696,7 @@ impl Session {
                 const FAIL: &str = "agm.errors.invocation.failure";
                 let (uri, reason) = match status {
                     Status::MethodFailed => ("agm.errors.client_error", message),
-                    Status::NotFound => (FAIL, format!(
-                        "Unable to find method with id {} on server id {} registered with this peer",
-                        pc.method, pc.server)),
+                    Status::NotFound => (FAIL, no_method(&pc.method, &pc.server)),
                     Status::PeerLeft if message.starts_with("Unable to find peer") => {
                         (FAIL, format!("Unable to find peer with id {}", pc.server))
                     }

@@ -123,17 +123,9 @@ impl Session {
         let method = msg.get("method_id").cloned().unwrap_or(J::Null);
         let Some(me) = self.me.as_ref() else { return };
         let target = self.sh.ids.parse_peer(&server);
-        let method_id = match target {
-            Some(p) if p == me.peer => me.by_key.get(&gw3::id_key(&method)).copied(),
-            Some(p) => me.known.get(&p).and_then(|k| k.method_by_gw3(&method)),
-            None => None,
-        };
-        let (Some(target), Some(method_id)) = (target, method_id) else {
-            let reason = format!(
-                "Unable to find method with id {} on server id {} registered with this peer",
-                echo(&method),
-                gw3::clip(&server)
-            );
+        let found = target.and_then(|p| Some((p, me.method_of(p, &method)?)));
+        let Some((target, method_id)) = found else {
+            let reason = super::no_method(&echo(&method), &gw3::clip(&server));
             return self.stream_error(msg, SUB_FAIL, &reason);
         };
         if me.streams.out.len() >= super::MAX_SUBSCRIPTIONS {
