@@ -213,9 +213,17 @@ impl Lane {
             }
             let records = body.len().div_ceil(max);
             let need = body.len() + records * 16 + max + 16;
-            if tx.free_bytes() < need {
-                self.ring_peer();
-                return Ok(false);
+            match tx.free_bytes() {
+                Ok(free) if free >= need => {}
+                Ok(_) => {
+                    self.ring_peer();
+                    return Ok(false);
+                }
+                Err(PushError::Corrupt(why)) => {
+                    self.close();
+                    return Err(SendError::Corrupt(self.peer, why));
+                }
+                Err(_) => return Err(SendError::Corrupt(self.peer, "internal: bad record")),
             }
             let mut chunks = body.chunks(max).peekable();
             while let Some(chunk) = chunks.next() {
@@ -479,6 +487,21 @@ mod tests {
         }
         t.join().unwrap().unwrap();
         assert_eq!(got, vec![(2, big)]);
+    }
+
+    #[test]
+    fn a_fragmented_send_over_a_corrupt_consumer_position_is_a_fault_not_a_full_ring() {
+        let ((a, _a_rx), (_b, _b_rx)) = lane();
+        {
+            let tx = a.tx.lock();
+            let ctl = crate::ring::RingMemory::ctl(tx.mem_for_test());
+            // The peer claims to have read far more than was ever written.
+            ctl.set_for_test(1 << 40, 0);
+        }
+        // Two fragments: room is checked for the whole message first.
+        let r = a.try_send(1, &[7u8; 3000]);
+        assert!(matches!(r, Err(SendError::Corrupt(..))), "{r:?}");
+        assert!(a.is_closed());
     }
 
     #[test]

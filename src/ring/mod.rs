@@ -266,17 +266,23 @@ impl<M: RingMemory> Producer<M> {
         Ok(())
     }
 
-    /// Bytes free right now (refreshing the consumer's position).
-    pub fn free_bytes(&mut self) -> usize {
+    /// The ring's memory, for tests that corrupt it on purpose.
+    #[cfg(test)]
+    pub(crate) fn mem_for_test(&self) -> &M {
+        &self.mem
+    }
+
+    /// Bytes free right now (refreshing the consumer's position); `Corrupt` when that position
+    /// cannot be, as [`Producer::claim`] checks it.
+    pub fn free_bytes(&mut self) -> Result<usize, PushError> {
         // SYNC(head): as in `claim`.
         let head = self.mem.ctl().head.load(Ordering::Acquire);
         let used = self.tail.wrapping_sub(head);
-        if used > self.cap {
-            // A consumer position that cannot be: no room (the next claim reports it).
-            return 0;
+        if used > self.cap || used % RECORD_ALIGN as u64 != 0 {
+            return Err(PushError::Corrupt("consumer position out of range"));
         }
         self.cached_head = head;
-        (self.cap - used) as usize
+        Ok((self.cap - used) as usize)
     }
 }
 
