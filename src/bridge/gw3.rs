@@ -100,7 +100,13 @@ fn parse_numbered(s: &str, kind: char, node: &str) -> Option<u64> {
         .strip_prefix('-')?
         .strip_prefix(node)?
         .strip_prefix('-')?;
-    if n.is_empty() || n.len() > 20 || !n.bytes().all(|b| b.is_ascii_digit()) {
+    // Only the digits `with` writes: no leading zero, so one number has one id (`-08` is not
+    // the peer `-8` is; the reference knows neither).
+    if n.is_empty()
+        || n.len() > 20
+        || (n.len() > 1 && n.starts_with('0'))
+        || !n.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     n.parse().ok()
@@ -569,6 +575,8 @@ mod tests {
             "p-nobody",
             "p-0123456789abcdef0123456789abcdef-",
             "p-0123456789abcdef0123456789abcdef-+4",
+            "p-0123456789abcdef0123456789abcdef-04",
+            "p-0123456789abcdef0123456789abcdef-00",
             "p-0123456789abcdef0123456789abcdef-99999999999999999999999",
             "p-ffff456789abcdef0123456789abcdef-4",
             "r-0123456789abcdef0123456789abcdef-4",
@@ -578,6 +586,8 @@ mod tests {
         assert_ne!(ids.fresh('i'), ids.fresh('i'));
         assert_eq!(ids.parse_ctx(&ids.ctx(7)), Some(7));
         assert_eq!(ids.parse_ctx("c-nope"), None);
+        assert_eq!(ids.parse_ctx("c-0123456789abcdef0123456789abcdef-07"), None);
+        assert_eq!(ids.parse_ctx(&ids.ctx(0)), Some(0));
         assert_eq!(ids.parse_ctx(&ids.peer(PeerId(7))), None);
     }
 
