@@ -183,7 +183,7 @@ impl<M: RingMemory> Producer<M> {
         // SYNC(head): pairs with the consumer's Release store of `head`.
         let head = mem.ctl().head.load(Ordering::Acquire);
         let used = tail.wrapping_sub(head);
-        if used > cap || tail % RECORD_ALIGN as u64 != 0 {
+        if used > cap || used % RECORD_ALIGN as u64 != 0 || tail % RECORD_ALIGN as u64 != 0 {
             return Err(RingError("positions out of range at attach"));
         }
         Ok(Self {

@@ -218,6 +218,15 @@ fn corrupt_head_is_reported_to_the_producer() {
 }
 
 #[test]
+fn a_producer_does_not_attach_to_a_misaligned_consumer_position() {
+    let mem = HeapRing::new(64);
+    mem.ctl_for_test().set_for_test(4, 16);
+    assert!(Producer::new(mem.clone()).is_err());
+    mem.ctl_for_test().set_for_test(8, 16);
+    assert!(Producer::new(mem).is_ok());
+}
+
+#[test]
 fn a_corrupt_head_once_seen_never_lets_the_producer_overwrite_unread_records() {
     // Found by the ring_reader fuzzer: the producer kept the impossible position it had read
     // and refused; the next claim then took the ring for empty (and overflowed in debug).
