@@ -2,7 +2,7 @@
 //! and the peer's ring to us (read only by the thread that holds the receive set).
 
 use crate::ring::shm_memory::ShmRing;
-use crate::ring::{Consumer, Producer, PushError};
+use crate::ring::{Consumer, Producer, PushError, RingError};
 use crate::shm::{DoorbellSegment, LaneSegment};
 use crate::status::Status;
 use crate::sync::SendLock;
@@ -186,6 +186,13 @@ impl Lane {
         self.closed.store(true, Ordering::Release);
     }
 
+    /// Closes the lane because the peer's side of the ring is corrupt (`why`); the error to
+    /// return.
+    fn fault(&self, why: &'static str) -> SendError {
+        self.close();
+        SendError::Corrupt(self.peer, why)
+    }
+
     /// Whether a message of `len` bytes can ever be in the ring at once (else only a blocking
     /// [`Lane::send_many`], which waits for the peer to make room fragment by fragment, gets it
     /// across).
@@ -213,17 +220,10 @@ impl Lane {
             }
             let records = body.len().div_ceil(max);
             let need = body.len() + records * 16 + max + 16;
-            match tx.free_bytes() {
-                Ok(free) if free >= need => {}
-                Ok(_) => {
-                    self.ring_peer();
-                    return Ok(false);
-                }
-                Err(PushError::Corrupt(why)) => {
-                    self.close();
-                    return Err(SendError::Corrupt(self.peer, why));
-                }
-                Err(_) => return Err(SendError::Corrupt(self.peer, "internal: bad record")),
+            let free = tx.free_bytes().map_err(|RingError(why)| self.fault(why))?;
+            if free < need {
+                self.ring_peer();
+                return Ok(false);
             }
             let mut chunks = body.chunks(max).peekable();
             while let Some(chunk) = chunks.next() {
@@ -234,10 +234,7 @@ impl Lane {
                 };
                 match tx.push(kind, flags, chunk) {
                     Ok(()) => {}
-                    Err(PushError::Corrupt(why)) => {
-                        self.close();
-                        return Err(SendError::Corrupt(self.peer, why));
-                    }
+                    Err(PushError::Corrupt(why)) => return Err(self.fault(why)),
                     // Room was checked above; the consumer only ever frees more.
                     Err(_) => return Err(SendError::Corrupt(self.peer, "internal: no room")),
                 }
@@ -254,10 +251,7 @@ impl Lane {
                 self.ring_peer();
                 Ok(false)
             }
-            Err(PushError::Corrupt(why)) => {
-                self.close();
-                Err(SendError::Corrupt(self.peer, why))
-            }
+            Err(PushError::Corrupt(why)) => Err(self.fault(why)),
             Err(_) => Err(SendError::Corrupt(self.peer, "internal: bad record")),
         }
     }
@@ -369,10 +363,7 @@ impl Lane {
                         std::thread::sleep(Duration::from_micros(50));
                     }
                 }
-                Err(PushError::Corrupt(why)) => {
-                    self.close();
-                    return Err(SendError::Corrupt(self.peer, why));
-                }
+                Err(PushError::Corrupt(why)) => return Err(self.fault(why)),
                 Err(PushError::TooLarge { .. }) | Err(PushError::ReservedKind(_)) => {
                     // Chunks are at most `max_payload` and kinds come from `wire::record`.
                     return Err(SendError::Corrupt(self.peer, "internal: bad record"));

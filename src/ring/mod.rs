@@ -151,6 +151,14 @@ pub enum PushError {
 #[error("ring corrupt: {0}")]
 pub struct RingError(pub &'static str);
 
+/// Whether `span`, the bytes between the two positions (one read from the peer), can be: at
+/// most the ring and whole records. Every position read from the other side passes this before
+/// it is used or kept.
+#[inline]
+const fn possible(span: u64, cap: u64) -> bool {
+    span <= cap && span % RECORD_ALIGN as u64 == 0
+}
+
 #[inline]
 const fn align_up(n: usize) -> usize {
     (n + RECORD_ALIGN - 1) & !(RECORD_ALIGN - 1)
@@ -183,7 +191,7 @@ impl<M: RingMemory> Producer<M> {
         // SYNC(head): pairs with the consumer's Release store of `head`.
         let head = mem.ctl().head.load(Ordering::Acquire);
         let used = tail.wrapping_sub(head);
-        if used > cap || used % RECORD_ALIGN as u64 != 0 || tail % RECORD_ALIGN as u64 != 0 {
+        if !possible(used, cap) || tail % RECORD_ALIGN as u64 != 0 {
             return Err(RingError("positions out of range at attach"));
         }
         Ok(Self {
@@ -216,16 +224,9 @@ impl<M: RingMemory> Producer<M> {
         let pad = if contiguous < rec { contiguous } else { 0 };
         let need = pad + rec;
         if self.cap - self.tail.wrapping_sub(self.cached_head) < need {
-            // SYNC(head): pairs with the consumer's Release store; the bytes it released are no
-            // longer read, so we may overwrite them.
-            let head = self.mem.ctl().head.load(Ordering::Acquire);
-            let used = self.tail.wrapping_sub(head);
-            if used > self.cap || used % RECORD_ALIGN as u64 != 0 {
-                // Not kept: `cached_head` stays a position within `cap` of ours, which the
-                // check above relies on.
-                return Err(PushError::Corrupt("consumer position out of range"));
-            }
-            self.cached_head = head;
+            let used = self
+                .refresh_head()
+                .map_err(|RingError(why)| PushError::Corrupt(why))?;
             if self.cap - used < need {
                 return Err(PushError::Full);
             }
@@ -272,17 +273,26 @@ impl<M: RingMemory> Producer<M> {
         &self.mem
     }
 
-    /// Bytes free right now (refreshing the consumer's position); `Corrupt` when that position
-    /// cannot be, as [`Producer::claim`] checks it.
-    pub fn free_bytes(&mut self) -> Result<usize, PushError> {
-        // SYNC(head): as in `claim`.
+    /// Bytes free right now (refreshing the consumer's position); an error when that position
+    /// cannot be.
+    pub fn free_bytes(&mut self) -> Result<usize, RingError> {
+        let used = self.refresh_head()?;
+        Ok((self.cap - used) as usize)
+    }
+
+    /// Reads the consumer's position and gives the bytes in use. The position is kept only if
+    /// it is [`possible`]: `cached_head` stays within `cap` of `tail`, which `claim`'s fast
+    /// check relies on.
+    fn refresh_head(&mut self) -> Result<u64, RingError> {
+        // SYNC(head): pairs with the consumer's Release store; the bytes it released are no
+        // longer read, so we may overwrite them.
         let head = self.mem.ctl().head.load(Ordering::Acquire);
         let used = self.tail.wrapping_sub(head);
-        if used > self.cap || used % RECORD_ALIGN as u64 != 0 {
-            return Err(PushError::Corrupt("consumer position out of range"));
+        if !possible(used, self.cap) {
+            return Err(RingError("consumer position out of range"));
         }
         self.cached_head = head;
-        Ok((self.cap - used) as usize)
+        Ok(used)
     }
 }
 
@@ -386,7 +396,7 @@ impl<M: RingMemory> Consumer<M> {
                 // bytes before `tail` are visible.
                 let tail = self.mem.ctl().tail.load(Ordering::Acquire);
                 let avail = tail.wrapping_sub(self.head);
-                if avail > self.cap || avail % RECORD_ALIGN as u64 != 0 {
+                if !possible(avail, self.cap) {
                     // Not kept: `cached_tail` stays at most `cap` ahead of `head`.
                     return Err(RingError("producer position out of range"));
                 }
