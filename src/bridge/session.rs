@@ -299,12 +299,13 @@ impl Me {
     }
 
     /// The registry id of the method with GW3 id `method` of peer `server`: one of this peer's
-    /// own, or one `server` announced to it; `None` when neither knows it.
-    fn method_of(&self, server: PeerId, method: &J) -> Option<u32> {
+    /// own, or one `server` announced to it. `None` when this peer does not know `server`,
+    /// `Some(None)` when it knows no such method of it.
+    fn method_of(&self, server: PeerId, method: &J) -> Option<Option<u32>> {
         if server == self.peer {
-            self.by_key.get(&gw3::id_key(method)).copied()
+            Some(self.by_key.get(&gw3::id_key(method)).copied())
         } else {
-            self.known.get(&server)?.method_by_gw3(method)
+            Some(self.known.get(&server)?.method_by_gw3(method))
         }
     }
 }
@@ -1183,12 +1184,8 @@ impl Session {
             let reason = format!("Unable to find peer with id {}", gw3::clip(&server));
             return error(self, &reason);
         };
-        let method_id = if target != me.peer && !me.known.contains_key(&target) {
-            // Not a peer we know: the registry says whether it is gone or another user's.
-            Some(NO_METHOD)
-        } else {
-            me.method_of(target, &method)
-        };
+        // Not a peer we know: the registry says whether it is gone or another user's.
+        let method_id = me.method_of(target, &method).unwrap_or(Some(NO_METHOD));
         let Some(method_id) = method_id else {
             return error(self, &no_method(&echo(&method), &gw3::clip(&server)));
         };

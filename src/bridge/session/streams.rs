@@ -123,7 +123,7 @@ impl Session {
         let method = msg.get("method_id").cloned().unwrap_or(J::Null);
         let Some(me) = self.me.as_ref() else { return };
         let target = self.sh.ids.parse_peer(&server);
-        let found = target.and_then(|p| Some((p, me.method_of(p, &method)?)));
+        let found = target.and_then(|p| Some((p, me.method_of(p, &method).flatten()?)));
         let Some((target, method_id)) = found else {
             let reason = super::no_method(&echo(&method), &gw3::clip(&server));
             return self.stream_error(msg, SUB_FAIL, &reason);
