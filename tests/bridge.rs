@@ -603,6 +603,60 @@ async fn access_and_gateway_tokens_log_in_as_the_same_user() {
     assert_eq!(dup["reason_uri"], "global.errors.already_seen");
 }
 
+/// The identity a login resolves to lists its keys as the reference gateway does (`machine`
+/// first, then the app's own keys in its order, `user`, `login` and `instance` in place when the
+/// app sent them, after them when it did not), and `machine` is the bridge's whatever the app
+/// claims.
+#[tokio::test]
+async fn resolved_identities_keep_the_reference_key_order_and_the_bridges_machine() {
+    let gw = gateway("identity-order", |_| {});
+    let auth = json!({"method": "secret", "login": os_user(), "secret": gw.token()});
+    let cases = [
+        (
+            json!({"application": "x", "machine": "elsewhere", "user": "someone", "zeta": 1, "instance": "id-order-1"}),
+            vec![
+                "machine",
+                "application",
+                "user",
+                "zeta",
+                "instance",
+                "login",
+            ],
+        ),
+        (
+            json!({"zeta": 1, "application": "x", "process": 5}),
+            vec![
+                "machine",
+                "zeta",
+                "application",
+                "process",
+                "user",
+                "login",
+                "instance",
+            ],
+        ),
+    ];
+    for (i, (identity, keys)) in cases.into_iter().enumerate() {
+        let mut w = Web::connect(gw.ws()).await;
+        let welcome = w
+            .request(
+                json!({"type": "hello", "domain": "global", "request_id": format!("h{i}"),
+                "identity": identity, "authentication": auth}),
+            )
+            .await;
+        let resolved = &welcome["resolved_identity"];
+        let got: Vec<&str> = resolved
+            .as_object()
+            .unwrap_or_else(|| panic!("no identity in {welcome}"))
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(got, keys, "{welcome}");
+        assert_eq!(resolved["machine"], "127.0.0.1", "{welcome}");
+        assert_eq!(resolved["user"], os_user(), "{welcome}");
+    }
+}
+
 #[tokio::test]
 async fn browser_origins_are_checked() {
     let gw = gateway("origin", |b| {

@@ -840,8 +840,21 @@ impl Session {
             );
             return self.send(fail("global.errors.bad_identity", &reason));
         }
+        // In the reference's key order: `machine` first, then the app's keys as it sent them,
+        // with `user`, `login` and `instance` in place when it sent them, else after them. The
+        // machine is always the bridge's: an app does not get to say where it runs (the
+        // reference keeps an app's own `machine`).
         let mut identity = match msg.get("identity") {
-            Some(J::Object(o)) => o.clone(),
+            Some(J::Object(o)) => {
+                let mut ordered = Obj::with_capacity(o.len() + 4);
+                ordered.insert("machine".into(), J::String(self.machine.clone()));
+                for (k, v) in o {
+                    if k != "machine" {
+                        ordered.insert(k.clone(), v.clone());
+                    }
+                }
+                ordered
+            }
             _ => {
                 return self.send(fail(
                     "global.errors.bad_identity",
@@ -872,7 +885,6 @@ impl Session {
             .and_then(|p| u32::try_from(p).ok())
             .unwrap_or(0);
         let instance = given.clone().unwrap_or_else(|| self.sh.ids.fresh('i'));
-        identity.insert("machine".into(), J::String(self.machine.clone()));
         identity.insert("user".into(), J::String(login.user.clone()));
         if let Some(l) = &login.login {
             identity.insert("login".into(), J::String(l.clone()));
