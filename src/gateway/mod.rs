@@ -529,6 +529,10 @@ async fn serve(
                             crate::log::warn(format_args!("disconnecting {peer}: {why}"));
                             disconnect(&closers, peer);
                         }
+                        Action::Ending(peer) => {
+                            crate::log::debug(format_args!("peer {peer} is leaving"));
+                            disconnect(&closers, peer);
+                        }
                     }
                 }
             }

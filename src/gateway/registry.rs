@@ -156,6 +156,9 @@ struct Relayed {
 pub(crate) enum Action {
     /// Close this peer's connection (its queue overflowed or it misbehaved).
     Disconnect(PeerId, String),
+    /// This peer's queue is closed: its connection is already ending (its `Closed` event is on
+    /// the way). Closed again to be sure, without the warning a misbehaving peer gets.
+    Ending(PeerId),
 }
 
 /// What a new peer says about itself.
@@ -313,12 +316,19 @@ impl Registry {
         if peer.overflowed {
             return;
         }
-        if peer.tx.try_send(Outgoing { msg, fds }).is_err() {
-            peer.overflowed = true;
-            self.actions.push(Action::Disconnect(
-                to,
-                "outbound queue overflow: peer is not reading".into(),
-            ));
+        match peer.tx.try_send(Outgoing { msg, fds }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                peer.overflowed = true;
+                self.actions.push(Action::Disconnect(
+                    to,
+                    "outbound queue overflow: peer is not reading".into(),
+                ));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                peer.overflowed = true;
+                self.actions.push(Action::Ending(to));
+            }
         }
     }
 
@@ -1494,6 +1504,28 @@ pub(crate) mod tests {
             slow,
             "outbound queue overflow: peer is not reading".into()
         )));
+    }
+
+    /// A peer whose connection is ending (its queue's reader gone, its `Closed` event not yet
+    /// handled) is not reported as one that does not read, however many messages come for it.
+    #[test]
+    fn a_peer_whose_queue_is_closed_is_ending_not_slow() {
+        let mut reg = Registry::new(Limits::default()).unwrap();
+        let (tx, rx) = mpsc::channel(2);
+        let leaving = reg
+            .hello(
+                PeerCred { pid: 1, uid: 1 },
+                "u".into(),
+                hello("leaving"),
+                tx,
+            )
+            .unwrap();
+        drop(rx);
+        let others: Vec<_> = (0..3)
+            .map(|i| join(&mut reg, &format!("n{i}"), "u"))
+            .collect();
+        assert_eq!(reg.take_actions(), [Action::Ending(leaving)]);
+        drop(others);
     }
 
     #[test]
