@@ -24,6 +24,12 @@
 //                        the machine charges any relay for the two extra hops. Printed as
 //                        {gateway: "relay"}; with invoke_rtt and invoke_rtt_raw_gw3 also the best
 //                        ratio any relay could reach in this run (invoke_rtt_ceiling, below).
+//   ctx_relay            the same for context propagation: the bare context writer's updates
+//                        through `knit __ws-relay` to a Node WebSocket server that plays gateway
+//                        and reader at once (sends the writer its `success`, takes now - t,
+//                        answers with the ack) — the one-way floor of any relay. Printed as {gateway: "relay"}; with ctx_update and
+//                        ctx_update_raw_gw3 also the best context ratio any relay could reach
+//                        (ctx_update_ceiling).
 // Prints one JSON line per gateway and scenario {gateway, scenario, n, p50_us, p99_us, p999_us,
 // mean_us}, then {scenario, ratio_p50, ratio_p99, ratio_p999, ratio_mean, target} (ratio =
 // reference / knit).
@@ -243,6 +249,70 @@ async function directCaller(url, n) {
   await timeCalls(ws, call, n);
 }
 
+// The bare context writer's peer when there is no gateway: answers its login and
+// create-context, and for each update sends the writer the `success` a gateway sends it, takes
+// the update's one-way time (as rawCtxReader does) and answers with the ack the writer paces
+// itself on.
+async function directCtxReader() {
+  const { WebSocketServer } = require("ws");
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  await new Promise((ok) => wss.once("listening", ok));
+  const us = [];
+  let want = null;
+  let done = null;
+  wss.on("connection", (ws) => ws.on("message", (d) => {
+    const m = JSON.parse(d.toString());
+    const answer = (a) => ws.send(JSON.stringify({ domain: m.domain, request_id: m.request_id, peer_id: "p-1", ...a }));
+    if (m.type === "hello") answer({ type: "welcome" });
+    else if (m.type === "join") answer({ type: "success" });
+    else if (m.type === "create-context") answer({ type: "context-added", context_id: "c-1", name: m.name });
+    else if (m.type === "update-context" && m.delta.reset && m.delta.reset.t) {
+      answer({ type: "success" });
+      const r = m.delta.reset;
+      const dt = Number(process.hrtime.bigint() - BigInt(r.t)) / 1000;
+      if (r.i >= WARMUP) us.push(dt);
+      ws.send(JSON.stringify({ type: "context-updated", domain: "global", peer_id: "p-1", context_id: m.context_id,
+        updater_id: "p-2", delta: { reset: { ack: r.i } } }));
+      if (want !== null && us.length >= want && done) done();
+    }
+  }));
+  process.on("message", (m) => {
+    if (m.collect) {
+      want = m.collect;
+      const finish = () => { process.send({ us: us.slice(0, want) }); };
+      if (us.length >= want) finish(); else done = finish;
+    }
+  });
+  process.send({ ready: true, url: `ws://127.0.0.1:${wss.address().port}` });
+}
+
+// `knit __ws-relay` from `bin` in front of the WebSocket server at `upstream`; resolves with
+// the relay and its URL.
+async function startRelay(bin, upstream) {
+  const relay = spawn(bin, ["__ws-relay", "--upstream", upstream.replace("ws://", "")], { stdio: ["ignore", "pipe", "inherit"] });
+  const url = await new Promise((ok, fail) => {
+    let out = "";
+    relay.stdout.on("data", (d) => { out += d; if (out.includes("\n")) ok(out.trim()); });
+    relay.once("exit", (code) => fail(new Error(`knit __ws-relay exited (${code})`)));
+  });
+  return { relay, url };
+}
+
+// The bare context writer through the do-nothing relay to directCtxReader: one-way times.
+async function measureCtxFloor(n, relayBin) {
+  const rd = child("direct-ctx-reader");
+  const ready = await reply(rd, "reader");
+  const { relay, url } = await startRelay(relayBin, ready.url);
+  const wr = child("raw-ctx-writer", ["--url", url, "--n", String(n)]);
+  await reply(wr, "writer");
+  rd.send({ collect: n });
+  const { us } = await reply(rd, "reader");
+  rd.kill();
+  relay.kill();
+  await new Promise((r) => wr.once("exit", r));
+  return us;
+}
+
 // The direct caller against the direct server: connected to it (`relayBin` absent), or through
 // `knit __ws-relay` (the do-nothing relay) started from `relayBin`.
 async function measureFloor(n, relayBin) {
@@ -250,14 +320,7 @@ async function measureFloor(n, relayBin) {
   const ready = await reply(srv, "server");
   let url = ready.url;
   let relay = null;
-  if (relayBin) {
-    relay = spawn(relayBin, ["__ws-relay", "--upstream", ready.url.replace("ws://", "")], { stdio: ["ignore", "pipe", "inherit"] });
-    url = await new Promise((ok, fail) => {
-      let out = "";
-      relay.stdout.on("data", (d) => { out += d; if (out.includes("\n")) ok(out.trim()); });
-      relay.once("exit", (code) => fail(new Error(`knit __ws-relay exited (${code})`)));
-    });
-  }
+  if (relayBin) ({ relay, url } = await startRelay(relayBin, ready.url));
   const cli = child("direct-caller", ["--url", url, "--n", String(n)]);
   const { us } = await reply(cli, "caller");
   srv.kill();
@@ -340,13 +403,15 @@ async function main() {
     ctx_update_raw_gw3: (url, k) => measureCtx(url, k, true),
     ws_direct: null,
     ws_relay: null,
+    ctx_relay: null,
   };
-  const floors = ["ws_direct", "ws_relay"];
+  const floors = ["ws_direct", "ws_relay", "ctx_relay"];
   const only = opt("--only");
   const scenarios = only ? only.split(",") : Object.keys(all);
   for (const s of scenarios) if (!(s in all)) throw new Error(`unknown scenario ${s}`);
   const direct = scenarios.includes("ws_direct");
   const relay = scenarios.includes("ws_relay");
+  const ctxRelay = scenarios.includes("ctx_relay");
   const samples = {};
   // A fresh pair of gateways per round (a context scenario leaves its contexts behind).
   for (let i = 0; i < rounds; i++) {
@@ -354,6 +419,7 @@ async function main() {
     try {
       if (direct) samples.ws_direct = (samples.ws_direct || []).concat(await measureFloor(Math.ceil(n / rounds)));
       if (relay) samples.ws_relay = (samples.ws_relay || []).concat(await measureFloor(Math.ceil(n / rounds), bin));
+      if (ctxRelay) samples.ctx_relay = (samples.ctx_relay || []).concat(await measureCtxFloor(Math.ceil(n / rounds), bin));
       for (const scenario of scenarios.filter((s) => !floors.includes(s))) {
         for (const name of Object.keys(gateways)) {
           const key = `${scenario}/${name}`;
@@ -395,6 +461,19 @@ async function main() {
         reference_p50_us: r, best_ratio_p50: ratio(r, f.p50_us + (l - k)), knit_ratio_p50: ratio(r, l) }));
     }
   }
+  if (ctxRelay) {
+    const f = st.ctx_relay;
+    console.log(JSON.stringify(f));
+    const [raw, lib, ref] = [st["ctx_update_raw_gw3/knit"], st["ctx_update/knit"], st["ctx_update/reference"]];
+    if (raw && lib && ref) {
+      // As for invoke: the library's share of one update's way (library minus bare, knit's run),
+      // and the best ratio a relay costing no more than the ideal one could reach in this run.
+      const [k, l, r] = [raw, lib, ref].map((x) => x.p50_us);
+      console.log(JSON.stringify({ scenario: "ctx_update_ceiling", relay_p50_us: f.p50_us, knit_raw_p50_us: k,
+        knit_raw_over_relay_p50: ratio(k, f.p50_us), library_p50_us: Math.round((l - k) * 10) / 10,
+        reference_p50_us: r, best_ratio_p50: ratio(r, f.p50_us + (l - k)), knit_ratio_p50: ratio(r, l) }));
+    }
+  }
   for (const scenario of scenarios.filter((s) => !floors.includes(s))) {
     const k = st[`${scenario}/knit`];
     const r = st[`${scenario}/reference`];
@@ -410,6 +489,7 @@ if (role === "server") server(opt("--url")).catch((e) => { console.error(e); pro
 else if (role === "raw-server") rawServer(opt("--url")).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "raw-caller") rawCaller(opt("--url"), Number(opt("--n")), opt("--server")).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "direct-server") directServer().catch((e) => { console.error(e); process.exit(1); });
+else if (role === "direct-ctx-reader") directCtxReader().catch((e) => { console.error(e); process.exit(1); });
 else if (role === "direct-caller") directCaller(opt("--url"), Number(opt("--n"))).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "caller") caller(opt("--url"), Number(opt("--n"))).catch((e) => { console.error(e); process.exit(1); });
 else if (role === "ctx-reader") ctxReader(opt("--url")).catch((e) => { console.error(e); process.exit(1); });
