@@ -110,6 +110,7 @@ fn spawn_echo(seg: &LaneSegment, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = Vec::new();
         let mut spins = 0;
+        // Relaxed: a stop flag; the records travel through the ring, which orders itself.
         while !stop.load(Ordering::Relaxed) {
             match rx.pop_into(&mut buf).expect("sound ring") {
                 Some(h) => {
@@ -156,6 +157,7 @@ fn ping_pong(cr: &mut Criterion) {
                 start.elapsed()
             })
         });
+        // Relaxed: a stop flag; the thread's end comes back through join().
         stop.store(true, Ordering::Relaxed);
         echo.join().expect("echo thread");
     }
@@ -168,11 +170,15 @@ fn ping_pong(cr: &mut Criterion) {
         let (ping, pong, stop) = (ping.clone(), pong.clone(), stop.clone());
         std::thread::spawn(move || {
             let (mut seen, mut spins) = (0, 0);
+            // Relaxed: a stop flag; the thread's end comes back through join().
             while !stop.load(Ordering::Relaxed) {
+                // SYNC(ping): pairs with the Release store in `round_trip`; the word is the whole
+                // message, but the pairing is what a real publish pays, so the floor includes it.
                 let v = ping.load(Ordering::Acquire);
                 if v != seen {
                     seen = v;
                     spins = 0;
+                    // SYNC(pong): pairs with the Acquire poll in `round_trip`; as for `ping`.
                     pong.store(v, Ordering::Release);
                 } else {
                     relax(&mut spins);
@@ -183,7 +189,9 @@ fn ping_pong(cr: &mut Criterion) {
     let mut seq = 0u64;
     let round_trip = |seq: &mut u64| {
         *seq += 1;
+        // SYNC(ping): pairs with the echo's Acquire load; the word is the whole message.
         ping.store(*seq, Ordering::Release);
+        // SYNC(pong): pairs with the echo's Release store.
         spin_until(&echo, || {
             (pong.load(Ordering::Acquire) == *seq).then_some(())
         });
@@ -191,6 +199,7 @@ fn ping_pong(cr: &mut Criterion) {
     for _ in 0..1000 {
         round_trip(&mut seq);
     }
+    // SYNC(pong): as in `round_trip`, which already saw 1000 here; coherence alone would do.
     assert_eq!(pong.load(Ordering::Acquire), 1000);
     g.bench_function("atomic_mailbox_baseline", |b| {
         b.iter_custom(|iters| {
@@ -201,6 +210,7 @@ fn ping_pong(cr: &mut Criterion) {
             start.elapsed()
         })
     });
+    // Relaxed: a stop flag; the thread's end comes back through join().
     stop.store(true, Ordering::Relaxed);
     echo.join().expect("mailbox echo thread");
     g.finish();

@@ -15,6 +15,8 @@ pub enum Level {
 }
 
 fn level() -> u8 {
+    // Relaxed: the level is a lone setting that publishes no other data; a thread that reads a
+    // stale MAX only computes the same value from the environment again.
     let l = LEVEL.load(Ordering::Relaxed);
     if l != u8::MAX {
         return l;
@@ -26,6 +28,7 @@ fn level() -> u8 {
         Ok("debug") => 3,
         _ => 0,
     };
+    // Relaxed: as above, a lone setting; nothing else is read through it.
     LEVEL.store(l, Ordering::Relaxed);
     l
 }
@@ -33,6 +36,7 @@ fn level() -> u8 {
 /// Sets the level unless `KNIT_LOG` chose one.
 pub fn set_default_level(l: Level) {
     if std::env::var_os("KNIT_LOG").is_none() {
+        // Relaxed: a lone setting, made at start-up; nothing else is read through it.
         LEVEL.store(l as u8, Ordering::Relaxed);
     }
 }

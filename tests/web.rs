@@ -220,6 +220,26 @@ fn a_bus_subscription_unsubscribed_twice_is_no_error() {
     semantics("glue", "bus-unsubscribe-twice");
 }
 
+/// A hundred web apps on one `knit gateway` process (`tests/web/scale.js`): every context
+/// update reaches every app, every app calls its neighbour, a call to all servers reaches all
+/// hundred, and the crowd leaving at once makes the gateway log no warning or error.
+#[test]
+fn a_hundred_web_apps_see_every_update_call_each_other_and_leave_quietly() {
+    if !have_node(None) {
+        return;
+    }
+    let script = Script::start(
+        "scale.js",
+        &["--knit", env!("CARGO_BIN_EXE_knit"), "--n", "100"],
+    );
+    let figures = script.json();
+    assert_eq!(figures["n"], 100, "{figures}");
+    assert!(
+        script.finish(Duration::from_secs(180)),
+        "the crowd missed something or the gateway complained (see the output above): {figures}"
+    );
+}
+
 /// Runs `tests/web/differential.js`: the same seeded sequences of operations by apps using `lib`,
 /// against knit and against the reference gateway, compared step by step.
 fn differential(scenario: &str, lib: &str, seeds: &str) {

@@ -152,6 +152,8 @@ impl Contexts {
             .spawn(move || waker(watch, bells))?;
         let me = self.clone();
         tokio::spawn(async move {
+            // SYNC(stop): pairs with the Release store in `stop`; the flag carries no data, the
+            // pairing only makes `stop`'s caller's earlier writes visible to the ending loop.
             while !me.watch.stop.load(Ordering::Acquire) {
                 me.watch.changed.notified().await;
                 me.pump_all();
@@ -162,6 +164,8 @@ impl Contexts {
 
     /// Stops the waker and the pump.
     pub(crate) fn stop(&self) {
+        // SYNC(stop): pairs with the Acquire loads in the pump and the waker. The doorbell's
+        // fences (in `notify` below and `sleep_until`) keep a sleeping waker from missing it.
         self.watch.stop.store(true, Ordering::Release);
         self.watch.changed.notify_one();
         if let Some((i, dir)) = &self.bells {
@@ -468,6 +472,7 @@ fn delta_text(payload: &[u8], version: u64, cache: &mut Cached) -> Option<String
 /// Sleeps on the bridge's doorbell; when a followed log moved, wakes the pump.
 fn waker(watch: Arc<Watch>, bells: Option<(u32, DoorbellSegment)>) {
     let moved = || {
+        // SYNC(stop): pairs with the Release store in `Contexts::stop`.
         if watch.stop.load(Ordering::Acquire) {
             return true;
         }
@@ -481,6 +486,7 @@ fn waker(watch: Arc<Watch>, bells: Option<(u32, DoorbellSegment)>) {
         }
         any
     };
+    // SYNC(stop): pairs with the Release store in `Contexts::stop`.
     while !watch.stop.load(Ordering::Acquire) {
         let woke = match bells.as_ref().and_then(|(i, dir)| dir.doorbell(*i)) {
             Some(bell) => bell.sleep_until(moved, Some(WAKER_TICK)),
@@ -489,6 +495,7 @@ fn waker(watch: Arc<Watch>, bells: Option<(u32, DoorbellSegment)>) {
                 moved()
             }
         };
+        // SYNC(stop): as above.
         if woke && !watch.stop.load(Ordering::Acquire) {
             watch.changed.notify_one();
         }

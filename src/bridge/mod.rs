@@ -542,6 +542,7 @@ pub(crate) struct Outbox {
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Relaxed: a Debug print of a byte count; nothing is read through it.
         f.debug_struct("Outbox")
             .field("bytes", &self.bytes.load(Ordering::Relaxed))
             .finish_non_exhaustive()
@@ -591,6 +592,8 @@ impl Outbox {
     /// a prefix of its messages, then the close frame that says why).
     pub(crate) fn text(&self, s: String) -> Result<(), Overflow> {
         let mut q = self.q();
+        // Relaxed, here and for `bytes`/`over` below: these fields change only under the queue
+        // lock we hold, which orders them; they are atomics so `queued` can read them without it.
         if self.closing.load(Ordering::Relaxed) || self.refused.load(Ordering::Relaxed) {
             return Ok(()); // the connection is ending; the close frame says why
         }
@@ -600,6 +603,7 @@ impl Outbox {
         // One frame larger than the bound is taken when no other is queued (it must still go
         // out, even behind a few small ones); the bound is on the rest.
         if !fits && (over > 0 || s.len() <= self.max_bytes) {
+            // Relaxed: under the queue lock, like the loads above.
             self.refused.store(true, Ordering::Relaxed);
             return Err(Overflow {
                 bytes: queued + over,
@@ -607,6 +611,7 @@ impl Outbox {
                 max_bytes: self.max_bytes,
             });
         }
+        // Relaxed: under the queue lock, like the loads above.
         if fits {
             self.bytes.store(queued + s.len(), Ordering::Relaxed);
         } else {
@@ -618,6 +623,8 @@ impl Outbox {
 
     /// Bytes waiting to be written.
     pub(crate) fn queued(&self) -> usize {
+        // Relaxed: read without the queue lock as an estimate (to pace a replay); it publishes
+        // nothing, and the two loads may be from slightly different moments.
         self.bytes.load(Ordering::Relaxed) + self.over.load(Ordering::Relaxed)
     }
 
@@ -634,6 +641,7 @@ impl Outbox {
     /// peer is being disconnected for not reading them).
     pub(crate) fn close(&self, code: u16, reason: &str, discard: bool) {
         let mut q = self.q();
+        // Relaxed: under the queue lock, which orders `closing`, `bytes` and `over` below.
         if self.closing.swap(true, Ordering::Relaxed) {
             return;
         }
@@ -657,6 +665,7 @@ impl Outbox {
     fn pop(&self) -> Option<Message> {
         let mut q = self.q();
         let (m, over) = q.pop_front()?;
+        // Relaxed: `over` and `bytes` change only under the queue lock we hold.
         if over {
             self.over.store(0, Ordering::Relaxed);
         } else if let Message::Text(t) = &m {

@@ -257,6 +257,8 @@ impl Meter {
 
 impl Drop for HeldId {
     fn drop(&mut self) {
+        // Relaxed: the meter only bounds what a client may hold; nothing is published through
+        // it, and the read-modify-write keeps the count exact.
         self.meter.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }

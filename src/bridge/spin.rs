@@ -61,6 +61,8 @@ impl Spin {
             self.wake.notified().await;
             let mut seen = None;
             loop {
+                // Relaxed: only a time stamp that decides how long to keep polling; a stale one
+                // ends the spin a little early or late, and nothing else is read through it.
                 let last = self.last.load(Ordering::Relaxed);
                 if self.now().saturating_sub(last) >= budget {
                     break;

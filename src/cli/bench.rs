@@ -383,7 +383,10 @@ impl Bare {
 
     fn send(&self, dir: usize, bytes: &[u8]) {
         let (head, tail) = (self.word(dir * 256), self.word(dir * 256 + 128));
+        // Relaxed: the tail is ours; only this direction's one sender stores it.
         let t = tail.load(Ordering::Relaxed);
+        // SYNC(head): pairs with `recv`'s Release store of `head`: the reader is done copying
+        // a slot out before we see it free and overwrite it.
         while t - head.load(Ordering::Acquire) >= self.slots {
             std::hint::spin_loop();
         }
@@ -397,12 +400,16 @@ impl Bare {
             );
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(off + 8), bytes.len());
         }
+        // SYNC(tail): the slot's length and bytes written above are visible to a reader that
+        // sees the new tail.
         tail.store(t + 1, Ordering::Release);
     }
 
     fn recv(&self, dir: usize, out: &mut Vec<u8>) -> bool {
         let (head, tail) = (self.word(dir * 256), self.word(dir * 256 + 128));
+        // Relaxed: the head is ours; only this direction's one reader stores it.
         let h = head.load(Ordering::Relaxed);
+        // SYNC(tail): pairs with the Release store in `send`/`stop`: the slot's bytes are visible.
         while tail.load(Ordering::Acquire) == h {
             std::hint::spin_loop();
         }
@@ -418,13 +425,17 @@ impl Bare {
         unsafe {
             std::ptr::copy_nonoverlapping(self.base.add(off + 8), out.as_mut_ptr(), out.len())
         };
+        // SYNC(head): our copies out of the slot happen before the sender reuses it.
         head.store(h + 1, Ordering::Release);
         !stop
     }
 
     fn stop(&self, dir: usize) {
         let (head, tail) = (self.word(dir * 256), self.word(dir * 256 + 128));
+        // Relaxed: the tail is ours; only this direction's one sender stores it.
         let t = tail.load(Ordering::Relaxed);
+        // SYNC(head): pairs with `recv`'s Release store of `head`: the reader is done copying
+        // a slot out before we see it free and overwrite it.
         while t - head.load(Ordering::Acquire) >= self.slots {
             std::hint::spin_loop();
         }
@@ -433,6 +444,7 @@ impl Bare {
         unsafe {
             std::ptr::copy_nonoverlapping(u64::MAX.to_le_bytes().as_ptr(), self.base.add(off), 8)
         };
+        // SYNC(tail): the stop marker written above is visible to a reader that sees the tail.
         tail.store(t + 1, Ordering::Release);
     }
 }
@@ -493,6 +505,8 @@ pub fn peer(a: PeerArgs) -> Result<(), CliError> {
             ready();
             let mut seen = 0;
             loop {
+                // SYNC(ping): both loads pair with the parent's Release stores in `futex_round`;
+                // the word is the whole message, so nothing else needs to ride on the pairing.
                 while ping.load(Ordering::Acquire) == seen {
                     futex_wait(ping, seen);
                 }
@@ -500,6 +514,7 @@ pub fn peer(a: PeerArgs) -> Result<(), CliError> {
                 if seen == u32::MAX {
                     break;
                 }
+                // SYNC(pong): pairs with the parent's Acquire wait; again only the word itself.
                 pong.store(seen, Ordering::Release);
                 futex_wake(pong);
             }
@@ -614,13 +629,16 @@ fn futex_round(
     let mut seq = 0u32;
     let r = measure(s, warm, n, gap, || {
         seq += 1;
+        // SYNC(ping): pairs with the peer's Acquire wait; the word is the whole message.
         ping.store(seq, Ordering::Release);
         futex_wake(ping);
+        // SYNC(pong): pairs with the peer's Release echo; only the word itself is read.
         while pong.load(Ordering::Acquire) != seq {
             futex_wait(pong, seq - 1);
         }
         Ok(())
     });
+    // SYNC(ping): the stop value, same pairing as the rounds above.
     ping.store(u32::MAX, Ordering::Release);
     futex_wake(ping);
     r

@@ -59,6 +59,8 @@ fn read_samples(p: &mut Peer) -> Result<Vec<u64>, CliError> {
 fn wait_ack(board: &Bare, want: u64) -> Result<(), CliError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut spins = 0u32;
+    // SYNC(ack): pairs with the receivers' Release bumps: their sample pushes happen before
+    // this, and so before any later `signal_done` (which `wait_done` acquires).
     while board.word(ACK).load(Ordering::Acquire) < want {
         spins = spins.wrapping_add(1);
         if spins % 1024 == 0 && Instant::now() > deadline {
@@ -72,12 +74,15 @@ fn wait_ack(board: &Bare, want: u64) -> Result<(), CliError> {
 /// Tells a receiver the run is over. A futex, not a poll: a receiver's main thread waking up
 /// every millisecond on the measured core would itself show up in the tail.
 fn signal_done(board: &Bare) {
+    // SYNC(done): pairs with `wait_done`; passes on what `wait_ack` acquired (the receivers'
+    // sample pushes), so the receiver prints every sample.
     board.futex_word(DONE).store(1, Ordering::Release);
     futex_wake(board.futex_word(DONE));
 }
 
 fn wait_done(board: &Bare) {
     let w = board.futex_word(DONE);
+    // SYNC(done): pairs with the Release store in `signal_done`.
     while w.load(Ordering::Acquire) == 0 {
         futex_wait(w, 0);
     }
@@ -484,6 +489,8 @@ pub(super) fn peer(role: &str, a: &PeerArgs) -> Result<(), CliError> {
             while bare.recv(0, &mut buf) {
                 let now = mono_ns();
                 samples.push(now.saturating_sub(stamp_of(&buf).unwrap_or(now)));
+                // SYNC(ack): the Release side of `wait_ack`; here the samples stay in this thread
+                // and the ring orders the slot, so only the count matters: a margin, not a need.
                 bare.word(ACK).fetch_add(1, Ordering::Release);
             }
             print_samples(&samples);
@@ -528,9 +535,13 @@ pub(super) fn peer(role: &str, a: &PeerArgs) -> Result<(), CliError> {
                 );
                 move |stamp: Option<u64>| {
                     if expected > 0 {
+                        // Relaxed: a counter; the read-modify-write alone makes exactly one
+                        // caller see `expected`.
                         let c = count.fetch_add(1, Ordering::Relaxed) + 1;
                         if c == expected {
+                            // Relaxed: published by the Release store of `finished` below.
                             end.store(mono_ns(), Ordering::Relaxed);
+                            // SYNC(finished): `end` is visible to the main thread that sees 1.
                             finished.store(1, Ordering::Release);
                             futex_wake(&finished);
                         }
@@ -543,6 +554,8 @@ pub(super) fn peer(role: &str, a: &PeerArgs) -> Result<(), CliError> {
                             .unwrap_or_else(|e| e.into_inner())
                             .push(now.saturating_sub(t));
                     }
+                    // SYNC(ack): the sample pushed above happens before the sender's `wait_ack`
+                    // returns, and so (through SYNC(done)) before the main thread prints it.
                     board.word(ACK).fetch_add(1, Ordering::Release);
                 }
             };
@@ -554,6 +567,8 @@ pub(super) fn peer(role: &str, a: &PeerArgs) -> Result<(), CliError> {
                         let (f, firsts) = (on_item.clone(), firsts.clone());
                         let sub = client.contexts().subscribe(&a.name, move |u| {
                             if u.first {
+                                // SYNC(firsts): pairs with the Acquire poll below; only the
+                                // count is read there, so the pairing is a margin, not a need.
                                 firsts.fetch_add(1, Ordering::Release);
                                 return;
                             }
@@ -563,6 +578,7 @@ pub(super) fn peer(role: &str, a: &PeerArgs) -> Result<(), CliError> {
                     }
                     // Ready once every subscription has had its first callback.
                     let deadline = Instant::now() + Duration::from_secs(10);
+                    // SYNC(firsts): pairs with the Release bumps in the first callbacks.
                     while firsts.load(Ordering::Acquire) < a.n.max(1) {
                         if Instant::now() > deadline {
                             return Err(bench_err("ctx-sub", "no first callbacks"));
@@ -596,9 +612,11 @@ pub(super) fn peer(role: &str, a: &PeerArgs) -> Result<(), CliError> {
             }
             ready();
             if expected > 0 {
+                // SYNC(finished): pairs with the callback's Release store; `end` is visible.
                 while finished.load(Ordering::Acquire) == 0 {
                     futex_wait(&finished, 0);
                 }
+                // Relaxed: ordered by the SYNC(finished) Acquire above.
                 outln!(
                     "{}",
                     Value::object([("end", Value::from(end.load(Ordering::Relaxed)))])

@@ -822,6 +822,7 @@ impl Sampler {
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut peak = Mem::default();
+            // Relaxed: a stop flag; the peak comes back through join(), which orders it.
             while !s.load(Ordering::Relaxed) {
                 if let Some(m) = mem(pid) {
                     if m.rss > peak.rss {
@@ -839,6 +840,7 @@ impl Sampler {
     }
 
     fn finish(mut self) -> Mem {
+        // Relaxed: a stop flag; the thread's result comes back through join() below.
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .take()
@@ -849,6 +851,7 @@ impl Sampler {
 
 impl Drop for Sampler {
     fn drop(&mut self) {
+        // Relaxed: a stop flag; nothing is read back from the (detached) thread.
         self.stop.store(true, Ordering::Relaxed);
     }
 }

@@ -60,6 +60,7 @@ pub(crate) struct MySub {
     routing_key: Option<String>,
     source: Option<Map>,
     cb: BusCallback,
+    /// Cleared when the subscription ends (`SYNC(bus-sub-active)`): no more callbacks.
     active: AtomicBool,
 }
 
@@ -75,6 +76,8 @@ struct Route {
 impl Route {
     /// Whether no subscription changed since and every lane is still open.
     fn is_current(&self, shared: &Shared) -> bool {
+        // SYNC(bus_routes): pairs with the Release bump in `routes_changed`: a route is used
+        // only while no change since it was computed has been seen.
         self.generation == shared.bus_routes.load(Ordering::Acquire)
             && self.lanes.iter().all(|l| !l.is_closed())
     }
@@ -82,8 +85,8 @@ impl Route {
 
 /// Subscriptions changed: every computed route is stale.
 fn routes_changed(shared: &Shared) {
-    // Release: pairs with the Acquire in `Route::is_current`; the routes themselves are read
-    // under the bus lock or were computed after this load.
+    // SYNC(bus_routes): Release pairs with the Acquire in `Route::is_current`; the routes
+    // themselves are read under the bus lock or were computed after this load.
     shared.bus_routes.fetch_add(1, Ordering::Release);
 }
 
@@ -126,6 +129,8 @@ impl BusSubscription {
 
 impl Drop for BusSubscription {
     fn drop(&mut self) {
+        // SYNC(bus-sub-active): pairs with the Acquire loads in `deliver_to` and `restore`; the
+        // flag is the whole message (no more callbacks), nothing else is published through it.
         self.sub.active.store(false, Ordering::Release);
         if let Some(shared) = self.shared.upgrade() {
             let _gate = shared.conn.gate.enter();
@@ -156,6 +161,7 @@ pub(crate) fn subscribe(
         ));
     }
     let sub = Arc::new(MySub {
+        // Relaxed: a counter for ids; nothing is published through it.
         id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
         topic: topic.to_string(),
         routing_key: opts.routing_key,
@@ -195,6 +201,8 @@ pub(crate) fn subscribe(
         Err(e) => Some(e),
     };
     if let Some(e) = failed {
+        // SYNC(bus-sub-active): as in `drop`: the dispatcher may already hold the sub in its
+        // list and skips the sub once it sees the flag.
         sub.active.store(false, Ordering::Release);
         add(false);
         return Err(e);
@@ -253,7 +261,8 @@ fn route(
 ) -> Result<Arc<Route>, ClientError> {
     let (generation, peers, local) = {
         let st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
-        // Read under the lock, before the route: a change after this makes the route stale.
+        // SYNC(bus_routes): read under the lock, before the route: a change after this makes
+        // the route stale.
         let generation = shared.bus_routes.load(Ordering::Acquire);
         if opts.target.is_none() {
             let key = (topic.to_string(), opts.routing_key.clone());
@@ -753,6 +762,8 @@ pub(crate) fn deliver(shared: &Arc<Shared>, msg: &BusMessage) {
 fn deliver_to(subs: &[Arc<MySub>], msg: &BusMessage) {
     let mut source_value: Option<Value> = None;
     for s in subs.iter() {
+        // SYNC(bus-sub-active): pairs with the Release stores in `drop` and `subscribe`; only
+        // the flag is read.
         if !s.active.load(Ordering::Acquire)
             || !topic_matches(&s.topic, &msg.topic)
             || !routing_matches(s.routing_key.as_deref(), msg.routing_key.as_deref())
@@ -789,6 +800,8 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
         .unwrap_or_else(|e| e.into_inner())
         .mine
         .values()
+        // SYNC(bus-sub-active): pairs with the Release stores in `drop` and `subscribe`; only
+        // the flag is read.
         .filter(|s| s.active.load(Ordering::Acquire))
         .cloned()
         .collect();

@@ -52,6 +52,7 @@ struct Follower {
     cb: ChannelCallback,
     /// Context subscriptions for the channels currently joined (by channel name).
     current: Mutex<Vec<(String, ContextSubscription)>>,
+    /// Cleared when the subscription is dropped (`SYNC(follower-active)`): no more callbacks.
     active: AtomicBool,
 }
 
@@ -296,6 +297,8 @@ fn follow(shared: &Arc<Shared>, f: &Arc<Follower>, channel: &str) -> Result<(), 
         shared,
         &context_name(channel),
         Arc::new(move |u: &ContextUpdate| {
+            // SYNC(follower-active): pairs with the Release in `ChannelSubscription::drop`; only
+            // the flag is read.
             if weak
                 .upgrade()
                 .is_some_and(|f| f.active.load(Ordering::Acquire))
@@ -325,6 +328,7 @@ pub(crate) fn subscribe(
     cb: ChannelCallback,
 ) -> Result<ChannelSubscription, ContextError> {
     let f = Arc::new(Follower {
+        // Relaxed: a counter for ids; nothing is published through it.
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         cb,
         current: Mutex::new(Vec::new()),
@@ -354,6 +358,7 @@ pub(crate) fn subscribe_for(
     get(shared, name)
         .map_err(|_| ContextError::NotFound(format!("Channel with name: {name} doesn't exist!")))?;
     let f = Arc::new(Follower {
+        // Relaxed: a counter for ids; nothing is published through it.
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         cb,
         current: Mutex::new(Vec::new()),
@@ -368,6 +373,7 @@ pub(crate) fn subscribe_for(
 }
 
 pub(crate) fn on_changed(shared: &Arc<Shared>, cb: ChangedCallback) -> u64 {
+    // Relaxed: a counter for ids; nothing is published through it.
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let mut st = shared.channels.lock().unwrap_or_else(|e| e.into_inner());
     // The current membership first, as io.Connect replays it.
@@ -399,6 +405,8 @@ impl ChannelSubscription {
 impl Drop for ChannelSubscription {
     fn drop(&mut self) {
         for f in self.follower.iter().chain(self.fixed.iter()) {
+            // SYNC(follower-active): pairs with the Acquire in the callback set up by `follow`;
+            // the flag is the whole message (no more callbacks), nothing else rides on it.
             f.active.store(false, Ordering::Release);
             f.current.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }

@@ -148,6 +148,8 @@ impl ContextSubscription {
 
 impl Drop for ContextSubscription {
     fn drop(&mut self) {
+        // SYNC(sub-active): pairs with the Acquire loads that skip inactive subs; the flag is
+        // the whole message (no more callbacks), nothing else is published through it.
         self.sub.active.store(false, Ordering::Release);
         if let Some(shared) = self.shared.upgrade() {
             detach(&shared, &self.sub);
@@ -164,6 +166,7 @@ pub(crate) struct Sub {
     /// Versions up to this one were already delivered (by the first callback);
     /// `NEEDS_SNAPSHOT` until then.
     start: AtomicU64,
+    /// Cleared when the subscription is dropped (`SYNC(sub-active)`): no more callbacks.
     active: AtomicBool,
 }
 
@@ -186,6 +189,7 @@ pub(crate) struct CtxEntry {
     followed: AtomicBool,
     /// A subscription was added that still needs its first callback.
     new_subs: AtomicBool,
+    /// Set when the entry is replaced, destroyed or unreadable (`SYNC(ctx-closed)`).
     closed: AtomicBool,
     /// The mapping, for [`CtxEntry::prefault`].
     seg: ContextSegment,
@@ -243,10 +247,14 @@ impl CtxFollow {
     }
 
     fn needs_snapshot(&self) -> bool {
+        // SYNC(new_subs): pairs with the Release stores in `attach_sub_inner` and `migrate`:
+        // the subs pushed before them are in the list `pump_follow` then takes.
         self.entry.new_subs.load(Ordering::Acquire)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
+        // SYNC(ctx-closed), SYNC(followed): pair with the Release stores that close the entry or
+        // stop following it; only the flags are read (the pumper then drops this follow).
         self.entry.closed.load(Ordering::Acquire) || !self.entry.followed.load(Ordering::Acquire)
     }
 }
@@ -351,6 +359,8 @@ pub(crate) fn attach(
     });
     st.known.insert(name.clone(), id);
     if let Some(old) = st.open.insert(name, entry.clone()) {
+        // SYNC(ctx-closed): pairs with `last_written` (which then looks the name up again and
+        // finds the new entry) and `CtxFollow::is_closed` (the pumper drops the old follow).
         old.closed.store(true, Ordering::Release);
     }
     Ok(entry)
@@ -372,6 +382,8 @@ pub(crate) fn announced(shared: &Arc<Shared>, id: u64, name: String) {
         .name("knit-ctx-attach".into())
         .spawn(move || {
             for sub in waiting {
+                // SYNC(sub-active): pairs with `ContextSubscription::drop`; a dropped sub is
+                // not attached.
                 if sub.active.load(Ordering::Acquire) {
                     if let Err(e) = attach_sub(&shared, sub.clone()) {
                         crate::log::warn(format_args!(
@@ -393,13 +405,18 @@ pub(crate) fn destroyed(shared: &Arc<Shared>, id: u64, name: &str) {
     }
     if let Some(e) = st.open.get(name).filter(|e| e.id == id).cloned() {
         st.open.remove(name);
+        // SYNC(ctx-closed): pairs with `last_written` and `CtxFollow::is_closed`: writers stop
+        // using the entry and the pumper drops its follow.
         e.closed.store(true, Ordering::Release);
         let subs = e.subs.change(std::mem::take);
         for s in &subs {
+            // SYNC(sub-start): pairs with the Acquire loads in `pump_follow`, `settle` and
+            // `deliver_to`: the sub needs a first callback again once it is re-attached.
             s.start.store(NEEDS_SNAPSHOT, Ordering::Release);
         }
         let live: Vec<Arc<Sub>> = subs
             .into_iter()
+            // SYNC(sub-active): pairs with `ContextSubscription::drop`; only the flag is read.
             .filter(|s| s.active.load(Ordering::Acquire))
             .collect();
         // Nothing waits when nobody subscribed: no entry (a process that creates and destroys
@@ -558,6 +575,8 @@ fn last_written(shared: &Arc<Shared>, name: &str) -> Option<Arc<CtxEntry>> {
         if !std::ptr::eq(s.as_ptr(), Arc::as_ptr(shared)) || n != name {
             return None;
         }
+        // SYNC(ctx-closed): pairs with the Release stores in `attach`, `destroyed` and
+        // `pump_follow`; a closed entry is looked up again (under the table's lock).
         e.upgrade().filter(|e| !e.closed.load(Ordering::Acquire))
     })
 }
@@ -649,6 +668,7 @@ pub(crate) fn subscribe(
 ) -> Result<ContextSubscription, ContextError> {
     check_name(name)?;
     let sub = Arc::new(Sub {
+        // Relaxed: a counter for ids; nothing is published through it.
         id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
         name: name.to_string(),
         cb,
@@ -697,6 +717,8 @@ fn settle(shared: &Arc<Shared>, sub: &Arc<Sub>) {
         return;
     }
     shared.wait_for(
+        // SYNC(sub-start): pairs with the Release store in `pump_follow`: what it read at
+        // version `start` happens before our caller's next write, which gets a later version.
         move || s.start.load(Ordering::Acquire) != NEEDS_SNAPSHOT,
         Instant::now() + CONTROL_TIMEOUT,
     );
@@ -721,6 +743,8 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
             .push(sub);
         return Ok(());
     };
+    // SYNC(followed): an RMW, so exactly one caller sees false and subscribes; AcqRel: acquire
+    // side of the stores that clear it, release side for `is_closed` and `restore`.
     if !entry.followed.swap(true, Ordering::AcqRel) {
         entry.prefault();
         let id = entry.id;
@@ -730,6 +754,8 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
         )? {
             Reply::Ack => {}
             Reply::Fail(status, message) => {
+                // SYNC(followed): undoes our claim; pairs with the swap above (the next
+                // attacher subscribes) and the loads in `is_closed` and `restore`.
                 entry.followed.store(false, Ordering::Release);
                 return Err(ClientError::Gateway { status, message }.into());
             }
@@ -750,10 +776,14 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
             carry: None,
         };
         entry.subs.change(|v| v.push(sub));
+        // SYNC(new_subs): the sub pushed above is in the list the pumper takes once it sees
+        // the flag (Acquire in `needs_snapshot`).
         entry.new_subs.store(true, Ordering::Release);
         shared.add_ctx_follow(follow);
     } else {
         entry.subs.change(|v| v.push(sub));
+        // SYNC(new_subs): the sub pushed above is in the list the pumper takes once it sees
+        // the flag (Acquire in `needs_snapshot`).
         entry.new_subs.store(true, Ordering::Release);
         shared.wake_all();
     }
@@ -777,6 +807,8 @@ fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
         v.retain(|s| s.id != sub.id);
         v.is_empty()
     });
+    // SYNC(followed): an RMW, so only one racing detach unsubscribes; release side for
+    // `is_closed` (the pumper drops the follow), acquire side of the swap that set it.
     if now_empty && entry.followed.swap(false, Ordering::AcqRel) {
         // Fire and forget: nobody waits for the answer (request id 0 is never used).
         let _ = shared.conn.send(&ToGateway::UnsubscribeContext {
@@ -801,6 +833,8 @@ pub(crate) fn pump_follow(
     let mut n = 0;
     let entry = cf.entry.clone();
     if cf.data.is_none() || cf.needs_snapshot() {
+        // SYNC(new_subs): cleared before the list is taken below, under its lock: a sub pushed
+        // after that sets it again, so none is missed (the list's lock orders the two).
         entry.new_subs.store(false, Ordering::Release);
         if cf.data.is_none() {
             match read_snapshot(&entry, &mut cf.buf) {
@@ -817,6 +851,8 @@ pub(crate) fn pump_follow(
                 }
                 Err(e) => {
                     crate::log::warn(format_args!("context {:?}: {e}", entry.name));
+                    // SYNC(ctx-closed): pairs with `CtxFollow::is_closed` (the pumper drops
+                    // this follow) and `last_written`; only the flag is read.
                     entry.closed.store(true, Ordering::Release);
                     return 0;
                 }
@@ -824,7 +860,10 @@ pub(crate) fn pump_follow(
         }
         let subs: Arc<Vec<Arc<Sub>>> = entry.subs.snapshot();
         for s in subs.iter() {
+            // SYNC(sub-start): pairs with the Release stores in `destroyed` and `migrate`.
             if s.start.load(Ordering::Acquire) == NEEDS_SNAPSHOT {
+                // SYNC(sub-start): our copy at `cf.version` was read before this; `settle` pairs
+                // with it (see there).
                 s.start.store(cf.version, Ordering::Release);
                 // Nothing to show for a context that was never written.
                 if cf.version > 0 {
@@ -847,6 +886,8 @@ pub(crate) fn pump_follow(
     }
     // Events for the dispatch thread's own list are not in `queued`; they count here.
     let own = sink.is_some();
+    // queued: a back-pressure count only; the events travel through the task queue, which
+    // orders them, so nothing is published through this counter.
     while entry.queued.load(Ordering::Acquire) + if own { n } else { 0 } < MAX_QUEUED {
         let ev = match cf.f.next(&entry.store, &mut cf.buf) {
             Ok(None) => break,
@@ -1077,6 +1118,7 @@ fn queue(
     // for itself runs right after this pump round (which bounds it, see `pump_follow`).
     let counted = sink.is_none();
     if counted {
+        // queued: a back-pressure count only (see `pump_follow`); no pairing needed.
         entry.queued.fetch_add(1, Ordering::AcqRel);
     }
     let t = Task::Context {
@@ -1095,6 +1137,7 @@ fn queue(
 /// Runs one queued event (dispatch thread).
 pub(crate) fn deliver(entry: &Arc<CtxEntry>, ev: &ContextUpdate, only: Option<u64>, counted: bool) {
     if counted {
+        // queued: a back-pressure count only (see `pump_follow`); no pairing needed.
         entry.queued.fetch_sub(1, Ordering::AcqRel);
     }
     // The list as of the last change, kept by this (dispatch) thread: no lock per event.
@@ -1113,12 +1156,15 @@ thread_local! {
 
 fn deliver_to(subs: &[Arc<Sub>], ev: &ContextUpdate, only: Option<u64>) {
     for s in subs.iter() {
+        // SYNC(sub-active): pairs with `ContextSubscription::drop`; only the flag is read.
         if !s.active.load(Ordering::Acquire) {
             continue;
         }
         let wanted = match only {
             Some(id) => s.id == id,
             None => {
+                // SYNC(sub-start): pairs with the Release stores of `start`; only the value is
+                // used (the task queue already orders the pumper's store before later events).
                 let start = s.start.load(Ordering::Acquire);
                 start != NEEDS_SNAPSHOT && ev.version > start
             }
@@ -1185,6 +1231,8 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
     for (old, p) in entries.iter().zip(pending) {
         match p.and_then(|p| p.wait(&shared.conn, CONTROL_TIMEOUT)) {
             Ok(Reply::Context(new)) if Arc::ptr_eq(&new, old) => {
+                // SYNC(followed): pairs with the swaps in `attach_sub_inner` and `detach`; only
+                // the flag is read (a followed context is followed again).
                 if old.followed.load(Ordering::Acquire) {
                     resubscribe.push(old.clone());
                 }
@@ -1198,6 +1246,8 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
                     ));
                 }
                 // Its subscribers wait for it to exist again.
+                // SYNC(followed): pairs with `is_closed` (the pumper drops the follow) and the
+                // swap in `attach_sub_inner` (a re-attach subscribes again).
                 old.followed.store(false, Ordering::Release);
                 destroyed(shared, old.id, &old.name);
             }
@@ -1236,6 +1286,8 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
             .collect()
     };
     for sub in waiting {
+        // SYNC(sub-active): pairs with `ContextSubscription::drop`; a dropped sub is not
+        // attached.
         if sub.active.load(Ordering::Acquire) {
             if let Err(e) = attach_sub_inner(shared, sub.clone()) {
                 crate::log::warn(format_args!(
@@ -1254,6 +1306,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
     let subs = old.subs.change(std::mem::take);
     let subs: Vec<Arc<Sub>> = subs
         .into_iter()
+        // SYNC(sub-active): pairs with `ContextSubscription::drop`; only the flag is read.
         .filter(|s| s.active.load(Ordering::Acquire))
         .collect();
     if subs.is_empty() {
@@ -1261,7 +1314,9 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
     }
     for s in &subs {
         // Versions start again in the new segment: everything in it is news.
+        // SYNC(sub-start): pairs with the Release store in `pump_follow` (first callback done).
         if s.start.load(Ordering::Acquire) != NEEDS_SNAPSHOT {
+            // SYNC(sub-start): pairs with the Acquire loads in `deliver_to` and `pump_follow`.
             s.start.store(0, Ordering::Release);
         }
     }
@@ -1272,6 +1327,8 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         .as_ref()
         .map(|(_, d)| d.clone());
     new.subs.change(|v| v.extend(subs));
+    // SYNC(followed): an RMW, so exactly one caller sees false and subscribes; AcqRel as in
+    // `attach_sub_inner`.
     if new.followed.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -1281,6 +1338,8 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         CONTROL_TIMEOUT,
     );
     super::reconnect::expect_ack(&format!("following context {:?}", new.name), r);
+    // SYNC(new_subs): the subs moved in above are in the list the pumper takes once it sees
+    // the flag (Acquire in `needs_snapshot`).
     new.new_subs.store(true, Ordering::Release);
     shared.add_ctx_follow(CtxFollow {
         f: new.store.follower(),

@@ -38,7 +38,7 @@ impl<T: Clone> CowList<T> {
         let mut list = self.lock();
         let r = f(Arc::make_mut(&mut list));
         // Under the lock, so a reader that takes the lock sees a generation matching the list.
-        // Release pairs with the Acquire in `with_kept`: a reader that sees the new generation
+        // SYNC(gen): pairs with the Acquire in `with_kept`: a reader that sees the new generation
         // takes the new list.
         self.gen.fetch_add(1, Ordering::Release);
         r
@@ -60,6 +60,8 @@ pub(crate) fn with_kept<O: 'static, T: Clone + 'static, R>(
     f: impl FnOnce(&[T]) -> R,
 ) -> R {
     let l = list(owner);
+    // SYNC(gen): pairs with the bump in `CowList::change`. An unchanged generation means the
+    // kept list is current; a new one sends us to the lock, which orders the list itself.
     let gen = l.gen.load(Ordering::Acquire);
     let cached = kept
         .with(|c| c.take())

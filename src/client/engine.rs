@@ -81,6 +81,7 @@ thread_local! {
     /// A cheap per-thread token (std's ThreadId costs an Arc clone to obtain), and a spare slot.
     static THREAD_TOKEN: u64 = {
         static NEXT: AtomicU64 = AtomicU64::new(1);
+        // Relaxed: only unique tokens are needed; nothing is published through the counter.
         NEXT.fetch_add(1, Ordering::Relaxed)
     };
     static SPARE_SLOT: Cell<Option<Arc<CallSlot>>> = const { Cell::new(None) };
@@ -298,9 +299,13 @@ pub(crate) struct Shared {
     all_bells: Mutex<Vec<Arc<Bells>>>,
     local: Doorbell,
     rx: Mutex<RxSet>,
+    /// Whether a thread holds the receive set: a hint for the sleep predicates of threads
+    /// waiting for it (SYNC(rx_busy)); the mutex `rx` is what hands the set over.
     rx_busy: AtomicBool,
     /// Threads waiting for the receive set; the dispatcher lets go of it when non-zero.
     rx_wanted: AtomicUsize,
+    /// Set after pushing to `new_rx`/`new_ctx` or closing a lane; the pumper swaps it off and
+    /// rescans (SYNC(rx_dirty)).
     rx_dirty: AtomicBool,
     new_rx: Mutex<Vec<RxLane>>,
     new_ctx: Mutex<Vec<super::contexts::CtxFollow>>,
@@ -459,6 +464,8 @@ impl Shared {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
+        // SYNC(client-closed): pairs with the AcqRel swap in `ClientHandle::close` (client/mod.rs);
+        // a stop flag: what is torn down after it is reached through its own locks.
         self.closed.load(Ordering::Acquire)
     }
 
@@ -542,6 +549,8 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(rx);
+        // SYNC(rx_dirty): the lane pushed to `new_rx` above is visible to the pumper that swaps
+        // the flag in `pump`.
         self.rx_dirty.store(true, Ordering::Release);
         self.wake_all();
     }
@@ -552,6 +561,8 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(f);
+        // SYNC(rx_dirty): the follow pushed to `new_ctx` above is visible to the pumper that
+        // swaps the flag in `pump`.
         self.rx_dirty.store(true, Ordering::Release);
         self.wake_all();
     }
@@ -566,7 +577,11 @@ impl Shared {
         let lanes: Vec<Arc<Lane>> = self.lock_state().lanes.values().cloned().collect();
         let mut any = false;
         for l in lanes {
+            // SYNC(stalled): pairs with the pausing swap in `on_message`; the RMW lets one thread
+            // take each pause, so `stalled_lanes` drops once for it.
             if l.stalled.swap(false, Ordering::AcqRel) {
+                // SYNC(stalled_lanes): pairs with the load in `streams::drain`, a hint to call us;
+                // the swap above decides what resumes.
                 self.stalled_lanes.fetch_sub(1, Ordering::AcqRel);
                 any = true;
             }
@@ -623,6 +638,8 @@ impl Shared {
         if let Some(lane) = self.lock_state().lanes.remove(&peer) {
             lane.close();
         }
+        // SYNC(rx_dirty): the lane's `closed` (set above) is visible to the pumper that swaps the
+        // flag in `pump`, which drains the lane and drops it.
         self.rx_dirty.store(true, Ordering::Release);
         self.wake_all();
     }
@@ -632,10 +649,16 @@ impl Shared {
     pub(crate) fn retire_lanes(&self, lanes: &[Arc<Lane>]) {
         for l in lanes {
             l.close();
+            // SYNC(stalled): pairs with the pausing swap in `on_message`; the RMW lets one thread
+            // take each pause, so `stalled_lanes` drops once for it.
             if l.stalled.swap(false, Ordering::AcqRel) {
+                // SYNC(stalled_lanes): pairs with the load in `streams::drain`, a hint to call us;
+                // the swap above decides what resumes.
                 self.stalled_lanes.fetch_sub(1, Ordering::AcqRel);
             }
         }
+        // SYNC(rx_dirty): the lanes' `closed` (set above) is visible to the pumper that swaps the
+        // flag in `pump`, which drains the lanes and drops them.
         self.rx_dirty.store(true, Ordering::Release);
         self.wake_all();
     }
@@ -782,13 +805,15 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push_back(t);
-        // Release: a hint for sleep predicates (paired with the Acquire in `has_tasks`); the
-        // queue's mutex orders the tasks themselves.
+        // SYNC(queue_len): a hint for sleep predicates (paired with the Acquire in `has_tasks`);
+        // the queue's mutex orders the tasks themselves.
         self.queue_len.fetch_add(1, Ordering::Release);
         self.wake_all();
     }
 
     fn has_tasks(&self) -> bool {
+        // SYNC(queue_len): pairs with `enqueue`; only a hint, the tasks are taken under the
+        // queue's mutex.
         self.queue_len.load(Ordering::Acquire) != 0
     }
 
@@ -803,6 +828,8 @@ impl Shared {
                 let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
                 match q.pop_front() {
                     Some(t) => {
+                        // Release: under the queue's mutex, which orders the tasks;
+                        // the count is only a hint for sleep predicates and backpressure.
                         self.queue_len.fetch_sub(1, Ordering::Release);
                         t
                     }
@@ -834,6 +861,8 @@ impl Shared {
                 method_id,
                 args,
             } => {
+                // Relaxed: a hint, as in `peer_allowed`, which reads the rules themselves under the
+                // state lock.
                 if self.policy_on.load(Ordering::Relaxed) {
                     let name = self
                         .handlers
@@ -1112,6 +1141,8 @@ impl Shared {
         // queued after it.
         let dispatching = self.is_dispatch_thread() && !self.has_tasks();
         // Load first: a swap on every round would bounce the line for nothing.
+        // SYNC(rx_dirty): the swap's Acquire pairs with the Release stores in `add_rx`,
+        // `add_ctx_follow`, `drop_lane`, `retire_lanes`: new lanes and follows, closed lanes.
         if self.rx_dirty.load(Ordering::Acquire) && self.rx_dirty.swap(false, Ordering::AcqRel) {
             let mut fresh =
                 std::mem::take(&mut *self.new_rx.lock().unwrap_or_else(|e| e.into_inner()));
@@ -1146,6 +1177,7 @@ impl Shared {
         }
         // Backpressure: with too much queued for the dispatcher, leave records in the rings
         // (their writers then wait), so memory stays bounded.
+        // Relaxed: a threshold; a count a few tasks stale only moves when reading pauses.
         if self.queue_len.load(Ordering::Relaxed) >= MAX_QUEUED_TASKS {
             return handled;
         }
@@ -1184,6 +1216,8 @@ impl Shared {
             // peer waits: its reply is behind the subscriber's items, and the dispatcher may
             // be the very thread waiting (a stream callback that invokes the pushing server),
             // so the items are read on into the queue, up to a bound, until the reply is in.
+            // SYNC(stalled): pairs with the swaps in `resume_lanes`/`retire_lanes`; only whether to
+            // read on: the items themselves go through the inbox's lock.
             let stalled = l.lane.stalled.load(Ordering::Acquire);
             if stalled {
                 if l.past_stall >= MAX_PAST_STALL
@@ -1335,7 +1369,11 @@ impl Shared {
                         body,
                     )?
                 };
+                // SYNC(stalled): the RMW makes each pause count once; pairs with the swaps
+                // in `resume_lanes`/`retire_lanes` and the load in `pump_lane`.
                 if stall && !lane.stalled.swap(true, Ordering::AcqRel) {
+                    // SYNC(stalled_lanes): pairs with the load in `streams::drain`, which resumes
+                    // lanes; a hint, the swap above decides.
                     self.stalled_lanes.fetch_add(1, Ordering::AcqRel);
                 }
                 Ok(())
@@ -1357,6 +1395,8 @@ impl Shared {
         } else {
             std::mem::replace(&mut rx.ready, READY_SPARE.with(|c| c.take()))
         };
+        // SYNC(rx_busy): pairs with the waiters' sleep predicates; a wake-up hint only, the set
+        // itself is handed over by its mutex.
         self.rx_busy.store(false, Ordering::Release);
         drop(rx);
         self.local.notify();
@@ -1382,6 +1422,8 @@ impl Shared {
 
     fn take_rx(&self) -> Option<MutexGuard<'_, RxSet>> {
         let rx = self.rx.try_lock().ok()?;
+        // SYNC(rx_busy): a hint for the waiters' sleep predicates; the mutex taken above orders
+        // the set itself.
         self.rx_busy.store(true, Ordering::Release);
         Some(rx)
     }
@@ -1414,6 +1456,8 @@ impl Shared {
             }
             if let Some(mut rx) = self.take_rx() {
                 if wanted {
+                    // Relaxed: a count of waiters, a hint for the set's holder to let go;
+                    // nothing is published through it.
                     self.rx_wanted.fetch_sub(1, Ordering::Relaxed);
                     wanted = false;
                 }
@@ -1449,6 +1493,8 @@ impl Shared {
                             || {
                                 done()
                                     || rx.has_data()
+                                    // SYNC(rx_dirty): only a wake-up test;
+                                    // the swap in `pump` takes the work.
                                     || self.rx_dirty.load(Ordering::Acquire)
                                     || (dispatching && self.has_tasks())
                             },
@@ -1460,6 +1506,7 @@ impl Shared {
                 self.run_ready(ready);
             } else {
                 if !wanted {
+                    // Relaxed: a hint for the holder to let go sooner (see above).
                     self.rx_wanted.fetch_add(1, Ordering::Relaxed);
                     wanted = true;
                 }
@@ -1468,6 +1515,8 @@ impl Shared {
                     self.local.sleep_until(
                         || {
                             done()
+                                // SYNC(rx_busy): pairs with `release_rx`; a wake-up hint,
+                                // `take_rx`'s try_lock is what hands the set over.
                                 || !self.rx_busy.load(Ordering::Acquire)
                                 || (dispatching && self.has_tasks())
                         },
@@ -1477,6 +1526,7 @@ impl Shared {
             }
         };
         if wanted {
+            // Relaxed: a hint for the holder of the receive set; nothing is published through it.
             self.rx_wanted.fetch_sub(1, Ordering::Relaxed);
         }
         finished
@@ -1518,6 +1568,8 @@ impl Shared {
                 self.local.sleep_until(
                     || {
                         self.has_tasks()
+                            // SYNC(rx_busy): pairs with `release_rx`; a wake-up hint,
+                            // `take_rx`'s try_lock is what hands the set over.
                             || !self.rx_busy.load(Ordering::Acquire)
                             || self.is_closed()
                     },
@@ -1534,6 +1586,7 @@ impl Shared {
             if !rx.ready.is_empty()
                 || self.has_tasks()
                 || self.is_closed()
+                // Relaxed: a hint to let go of the receive set; a late look costs one more round.
                 || self.rx_wanted.load(Ordering::Relaxed) != 0
             {
                 break;
@@ -1555,8 +1608,12 @@ impl Shared {
                     || {
                         self.has_tasks()
                             || rx.has_data()
+                            // SYNC(rx_dirty): only a wake-up test;
+                            // the swap in `pump` takes the work.
                             || self.rx_dirty.load(Ordering::Acquire)
                             || self.is_closed()
+                            // Relaxed: a hint to let go of the receive set;
+                            // nothing is published through it.
                             || self.rx_wanted.load(Ordering::Relaxed) != 0
                     },
                     Some(limit),

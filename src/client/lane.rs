@@ -51,7 +51,8 @@ pub(crate) struct Lane {
     bells: DoorbellSegment,
     peer_doorbell: u32,
     closed: AtomicBool,
-    /// Reading paused: a blocking stream subscriber's queue is full.
+    /// Reading paused: a blocking stream subscriber's queue is full. Set and cleared by swaps,
+    /// so each pause is counted once in `Shared::stalled_lanes` (SYNC(stalled)).
     pub stalled: AtomicBool,
     /// Largest message body (fixed header + payload) accepted in either direction.
     pub max_message: usize,
@@ -179,10 +180,14 @@ impl Lane {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
+        // SYNC(lane-closed): pairs with `close`; a stop flag, nothing else rides on it (the
+        // pumper learns of closed lanes through SYNC(rx_dirty) in engine.rs).
         self.closed.load(Ordering::Acquire)
     }
 
     pub(crate) fn close(&self) {
+        // SYNC(lane-closed): senders and the pumper see the lane closed; nothing else rides on
+        // the flag (the rings have their own SYNC(tail)/SYNC(head)).
         self.closed.store(true, Ordering::Release);
     }
 

@@ -453,9 +453,11 @@ impl ClientBuilder {
             bells,
             peers,
         ));
+        // Relaxed: nothing else runs on this client yet (its threads are spawned below).
         shared
             .my_rules_on
             .store(my_rules.is_some(), std::sync::atomic::Ordering::Relaxed);
+        // Relaxed: as above; only threads started after this read it.
         shared
             .skip_own_policy
             .store(self.skip_own_policy, std::sync::atomic::Ordering::Relaxed);
@@ -502,6 +504,8 @@ struct ClientHandle {
 impl ClientHandle {
     fn close(&self) {
         let s = &self.shared;
+        // SYNC(client-closed): an RMW, so only the first close goes on; its Release half pairs
+        // with the Acquire in `Shared::is_closed` (engine.rs). Only the flag is read.
         if s.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
         }

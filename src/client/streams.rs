@@ -197,6 +197,8 @@ pub(crate) struct ServerSub {
     args: Value,
     branch: String,
     out: Mutex<OutQueue>,
+    /// Cleared once, by the swap in `drop_sub`; pushers stop at it (SYNC(sub-open)). A flag:
+    /// what is queued is under `out`'s lock.
     open: AtomicBool,
 }
 
@@ -215,6 +217,7 @@ pub(crate) struct StreamEntry {
     options: StreamOptions,
     /// A pusher keeps the list it took while it is current ([`with_subs`]).
     subs: CowList<Arc<ServerSub>>,
+    /// Set by `Stream::close`: requests are refused from then on (SYNC(stream-closed)).
     closed: AtomicBool,
 }
 
@@ -319,6 +322,8 @@ impl SubscriptionRequest {
             out: Mutex::new(OutQueue::default()),
             open: AtomicBool::new(true),
         });
+        // SYNC(stream-closed): pairs with `Stream::close`; a flag only, the subscriber list has
+        // its own lock.
         if self.entry.closed.load(Ordering::Acquire) {
             return reply(
                 &self.shared,
@@ -376,11 +381,15 @@ fn drop_sub(
     reason: &str,
     tell: bool,
 ) {
+    // SYNC(sub-open): the RMW lets one caller drop the subscription; Release pairs with the
+    // pushers' loads in `offer_ref`/`offer_batch` (a stop flag: the queue has its own lock).
     if !sub.open.swap(false, Ordering::AcqRel) {
         return;
     }
     entry.subs.change(|v| v.retain(|s| !Arc::ptr_eq(s, sub)));
     let pending = std::mem::take(&mut sub.out.lock().unwrap_or_else(|e| e.into_inner()).pending);
+    // SYNC(stream_pending): pairs with the load in `pending`; a count for the dispatch loop,
+    // the queued items themselves are under each queue's lock.
     shared
         .stream_pending
         .fetch_sub(pending.len(), Ordering::AcqRel);
@@ -491,6 +500,7 @@ fn offer_batch(
         }
         return Ok(());
     };
+    // SYNC(sub-open): pairs with the swap in `drop_sub`; a stop flag only.
     if sub.open.load(Ordering::Acquire) {
         let r = send_many(
             shared,
@@ -540,6 +550,8 @@ fn offer_ref(
     body: &mut [u8],
     key: Option<Value>,
 ) -> Result<(), ClientError> {
+    // SYNC(sub-open): pairs with the swap in `drop_sub`; a stop flag only (the queue below is
+    // under its own lock).
     if !sub.open.load(Ordering::Acquire) {
         return Ok(());
     }
@@ -578,10 +590,12 @@ fn offer_ref(
     }
     if out.pending.len() >= entry.options.queue.max(1) {
         out.pending.pop_front();
+        // SYNC(stream_pending): a count for `pending`; the item itself is under `out`'s lock.
         shared.stream_pending.fetch_sub(1, Ordering::AcqRel);
         out.gap = out.gap.saturating_add(1);
     }
     out.pending.push_back((body.to_vec(), key));
+    // SYNC(stream_pending): a count for `pending`; the item itself is under `out`'s lock.
     shared.stream_pending.fetch_add(1, Ordering::AcqRel);
     Ok(())
 }
@@ -594,6 +608,7 @@ fn flush_locked(shared: &Arc<Shared>, sub: &ServerSub, out: &mut OutQueue) {
             Ok(true) => {
                 out.gap = 0;
                 out.pending.pop_front();
+                // SYNC(stream_pending): a count for `pending`; the queue is under `out`'s lock.
                 shared.stream_pending.fetch_sub(1, Ordering::AcqRel);
             }
             _ => break,
@@ -767,6 +782,8 @@ impl Stream {
 
     /// Ends every subscription and unregisters the stream.
     pub fn close(&self) -> Result<(), ClientError> {
+        // SYNC(stream-closed): new requests are refused (`accept_on_branch`, `on_request`); a flag
+        // only, the subscriptions are dropped below under their own locks.
         self.entry.closed.store(true, Ordering::Release);
         for s in self.subscriptions() {
             drop_sub(&self.shared, &self.entry, &s.sub, "Stream closed", true);
@@ -876,6 +893,8 @@ pub(crate) struct ClientSub {
     /// item goes through it.
     batch_bound: AtomicUsize,
     /// Ended (by either side): no new items are accepted.
+    /// Set by the swaps in `end_client_sub`, `server_gone`, `lost` (the winner ends it) or by
+    /// `subscribe` on failure (SYNC(sub-closed)); a flag: the inbox has its own lock.
     closed: AtomicBool,
     /// Ended by us: queued items are not delivered any more.
     client_closed: AtomicBool,
@@ -925,7 +944,11 @@ impl Drop for ClientSubscription {
 }
 
 fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool) {
+    // SYNC(sub-client-closed): stops delivery of queued items (`deliver_batch`, `drain`); a flag
+    // only, nothing else rides on it.
     sub.client_closed.store(true, Ordering::Release);
+    // SYNC(sub-closed): the RMW lets one caller end the subscription; Release pairs with the
+    // loads that refuse new items (`accept_item`, `claim`, `StreamBatch::add`, `restore`).
     if sub.closed.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -1013,6 +1036,7 @@ pub(crate) fn subscribe(
             .unwrap_or_else(|e| e.into_inner());
     };
     let sub = Arc::new(ClientSub {
+        // Relaxed: ids only need to be unique; nothing is published through the counter.
         id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
         name: name.to_string(),
         params: params.clone(),
@@ -1046,6 +1070,7 @@ pub(crate) fn subscribe(
                 _ => None,
             });
             drop(r);
+            // SYNC(sub-closed): no new items are accepted (`accept_item`, `claim`); a flag only.
             sub.closed.store(true, Ordering::Release);
             forget_client_sub(shared, sub.id);
             return Err(match reason {
@@ -1212,6 +1237,8 @@ pub(crate) fn on_record(
                         .clamp(1, 1 << 20) as usize;
                     let policy = SlowConsumerPolicy::from_value(p);
                     let batch = matches!(policy, SlowConsumerPolicy::Block(_));
+                    // SYNC(batch_bound): pairs with `claim`; the value is all it carries
+                    // (the policy, stored next, is read under its own lock).
                     sub.batch_bound
                         .store(if batch { queue } else { 0 }, Ordering::Release);
                     *sub.policy.lock().unwrap_or_else(|e| e.into_inner()) = (policy, queue);
@@ -1275,6 +1302,7 @@ fn on_request(
         }
     };
     let entry = table(shared).served.get(&method_id).cloned();
+    // SYNC(stream-closed): pairs with `Stream::close`; a flag only (a closed stream refuses).
     let Some(entry) = entry.filter(|e| !e.closed.load(Ordering::Acquire)) else {
         let plain = shared
             .handlers
@@ -1369,6 +1397,8 @@ impl StreamBatch {
         slot.1 = h.private;
         slot.2 = h.gap;
         self.bytes += body.len();
+        // SYNC(sub-closed): pairs with the enders (`end_client_sub`, `server_gone`, ...); a flag:
+        // an item read after the end is decoded but not delivered.
         if !self.sub.closed.load(Ordering::Acquire) {
             self.len += 1;
         }
@@ -1425,6 +1455,8 @@ pub(crate) fn on_lane_data(
 /// Takes a subscription's delivery claim for a batch: only under the blocking policy, when it
 /// is open and nothing of it is queued or being delivered.
 fn claim(sub: &ClientSub) -> bool {
+    // SYNC(batch_bound): pairs with the store in `on_record`; SYNC(sub-closed): with the
+    // enders. A bound and a flag; the inbox below is under its own lock.
     if sub.batch_bound.load(Ordering::Acquire) == 0 || sub.closed.load(Ordering::Acquire) {
         return false;
     }
@@ -1454,6 +1486,7 @@ pub(crate) fn deliver_batch(shared: &Shared, batch: StreamBatch) {
         gap: 0,
     };
     for (data, private, gap) in &mut items[..len] {
+        // SYNC(sub-client-closed): pairs with `end_client_sub`; a stop flag only.
         if sub.client_closed.load(Ordering::Acquire) {
             break;
         }
@@ -1495,6 +1528,7 @@ fn call(sub: &ClientSub, ev: &StreamEvent) {
 /// Puts an item in the subscriber's inbox under the policy; schedules delivery. Returns
 /// whether the lane should pause.
 fn accept_item(shared: &Shared, sub: &Arc<ClientSub>, ev: StreamEvent) -> bool {
+    // SYNC(sub-closed): pairs with the enders; a flag only, the inbox is under its own lock.
     if sub.closed.load(Ordering::Acquire) {
         return false;
     }
@@ -1564,10 +1598,13 @@ pub(crate) fn drain(shared: &Shared, sub: &Arc<ClientSub>) {
             }
             out
         };
+        // SYNC(stalled_lanes): pairs with the pumper's count in `Shared::on_message`; a hint:
+        // `resume_lanes` swaps each lane's flag.
         if shared.stalled_lanes.load(Ordering::Acquire) > 0 {
             shared.resume_lanes();
         }
         for (mut ev, extra_gap) in batch {
+            // SYNC(sub-client-closed): pairs with `end_client_sub`; a stop flag only.
             if sub.client_closed.load(Ordering::Acquire) {
                 return;
             }
@@ -1592,6 +1629,8 @@ fn server_gone(shared: &Shared, sub: &Arc<ClientSub>, peer: PeerId, reason: &str
             .any(|x| x.state == ServerState::Accepted || x.state == ServerState::Pending)
     };
     sub.changed.notify_all();
+    // SYNC(sub-closed): the RMW lets one ender queue the Closed event; Release pairs with the
+    // loads that refuse new items.
     if last && !sub.closed.swap(true, Ordering::AcqRel) {
         forget_client_sub(shared, sub.id);
         let ev = StreamEvent::Closed {
@@ -1652,6 +1691,8 @@ pub(crate) fn not_invocable() -> MethodError {
 
 /// Items queued across all served streams' subscribers (for the dispatch loop's flushing).
 pub(crate) fn pending(shared: &Shared) -> usize {
+    // SYNC(stream_pending): pairs with the counts in `offer_ref`, `flush_locked`, `drop_sub`;
+    // a hint, `flush_all` reads the queues under their locks.
     shared.stream_pending.load(Ordering::Acquire)
 }
 
@@ -1694,6 +1735,7 @@ pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
         accept_until: Option<Instant>,
     }
     let start = Instant::now();
+    // SYNC(sub-closed): pairs with the enders; subscriptions already ended are not restored.
     let mut todo: Vec<Todo> = table(shared)
         .subs
         .values()
@@ -1711,6 +1753,7 @@ pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
         let now = Instant::now();
         let mut failed: Vec<(Arc<ClientSub>, String)> = Vec::new();
         todo.retain_mut(|t| {
+            // SYNC(sub-closed): pairs with the enders; one ended meanwhile needs no restoring.
             if t.sub.closed.load(Ordering::Acquire) {
                 return false;
             }
@@ -1790,6 +1833,8 @@ fn lost(shared: &Arc<Shared>, sub: &Arc<ClientSub>, reason: &str) {
             Duration::from_secs(1),
         );
     }
+    // SYNC(sub-closed): the RMW lets one ender queue the Closed event; Release pairs with the
+    // loads that refuse new items.
     if sub.closed.swap(true, Ordering::AcqRel) {
         return;
     }

@@ -48,6 +48,7 @@ const _: () = {
 
 impl std::fmt::Debug for RingCtl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Relaxed: a Debug print; the positions are only shown, no record is read through them.
         f.debug_struct("RingCtl")
             .field("head", &self.head.load(Ordering::Relaxed))
             .field("tail", &self.tail.load(Ordering::Relaxed))
@@ -599,6 +600,8 @@ pub mod heap_memory {
         /// The positions (head, tail), for tests.
         #[doc(hidden)]
         pub fn positions_for_test(&self) -> (u64, u64) {
+            // SeqCst: tests and fuzz harnesses call this with no other thread on the ring; any
+            // order would do.
             (
                 self.head.load(crate::sync::Ordering::SeqCst),
                 self.tail.load(crate::sync::Ordering::SeqCst),
@@ -607,6 +610,7 @@ pub mod heap_memory {
 
         /// Sets the positions, for tests that corrupt them on purpose.
         pub fn set_for_test(&self, head: u64, tail: u64) {
+            // SeqCst: as above, single-threaded test use; any order would do.
             self.head.store(head, crate::sync::Ordering::SeqCst);
             self.tail.store(tail, crate::sync::Ordering::SeqCst);
         }

@@ -191,6 +191,8 @@ impl Segment {
 
     /// The pid that created it, as written in the header (informational, not trusted).
     pub fn creator_pid(&self) -> u32 {
+        // Relaxed: written before `version` was published, which `open` read with Acquire before
+        // this segment existed; the value is informational anyway.
         self.header().creator_pid.load(Ordering::Relaxed)
     }
 
@@ -242,6 +244,8 @@ impl Segment {
         let h = unsafe { &*(map.as_ptr() as *const SegmentHeader) };
         // SYNC(version): pairs with the creator's Release store.
         let version = h.version.load(Ordering::Acquire);
+        // Relaxed, this and the header loads below: ordered after the Acquire load of `version`;
+        // when it is 0 the fields are not trusted (we return `NotInitialised`).
         if h.magic.load(Ordering::Relaxed) != MAGIC {
             return Err(if version == 0 {
                 ShmError::NotInitialised
@@ -259,6 +263,7 @@ impl Segment {
                 })
             }
         }
+        // Relaxed: as for `magic`, the Acquire load of `version` orders these.
         if h.kind.load(Ordering::Relaxed) != expected as u32 {
             return Err(ShmError::Invalid("unexpected segment kind"));
         }

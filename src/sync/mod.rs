@@ -61,6 +61,8 @@ pub(crate) mod futex {
 
     pub(crate) fn wait(word: &AtomicU32, expected: u32, _timeout: Option<Duration>) {
         let guard = LOCK.lock().unwrap();
+        // SeqCst, though LOCK is what orders this: a waker changes the word before it takes LOCK,
+        // so a wait that takes LOCK after it sees the change. Loom builds only.
         if word.load(Ordering::SeqCst) == expected {
             drop(CV.wait(guard).unwrap());
         }

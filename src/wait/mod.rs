@@ -88,10 +88,13 @@ impl Doorbell {
         // SYNC(seq): pairs with the Release bump in `wake`.
         let seq = self.seq.load(Ordering::Acquire);
         if ready() {
+            // Relaxed: nothing is published through the count; a notifier that still sees us
+            // counted only makes one wake-up nobody needs.
             self.sleepers.fetch_sub(1, Ordering::Relaxed);
             return true;
         }
         futex::wait(&self.seq, seq, timeout);
+        // Relaxed: as above; we are awake, so a notifier that misses us loses nothing.
         self.sleepers.fetch_sub(1, Ordering::Relaxed);
         ready()
     }
