@@ -1652,6 +1652,70 @@ impl Shared {
     }
 }
 
+#[cfg(test)]
+impl Shared {
+    /// A client's shared state with no gateway behind it and no threads of its own, for unit
+    /// tests: its connection is one end of a socket pair, returned with it (what the client
+    /// sends to the gateway arrives there).
+    pub(crate) fn for_test() -> (Arc<Shared>, std::os::unix::net::UnixStream) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let me = Instance {
+            application: "test".into(),
+            instance: "test".into(),
+            pid: std::process::id(),
+            user: "u".into(),
+            machine: "m".into(),
+            peer_id: PeerId(1),
+        };
+        let hello = super::reconnect::HelloParams {
+            path: std::path::PathBuf::new(),
+            application: "test".into(),
+            relay_only: false,
+            timeout: Duration::from_secs(1),
+            reconnect: false,
+        };
+        let bells = Bells {
+            seg: DoorbellSegment::open(crate::shm::create_doorbells(4).unwrap()).unwrap(),
+            index: 0,
+        };
+        let shared = Shared::new(
+            me,
+            WaitStrategy::Park,
+            false,
+            hello,
+            1 << 20,
+            super::conn::Conn::new(Arc::new(ours)),
+            bells,
+            BTreeMap::new(),
+        );
+        (Arc::new(shared), theirs)
+    }
+
+    /// Both ends of a lane (4 KiB rings) between us and `peer`: ours, listed among our lanes as
+    /// one the gateway set up would be, and the peer's.
+    pub(crate) fn lane_for_test(&self, peer: PeerId) -> ((Arc<Lane>, RxLane), (Arc<Lane>, RxLane)) {
+        let fds = [crate::shm::create_lane(4096).unwrap()];
+        let who = Arc::new(Instance {
+            peer_id: peer,
+            ..(*self.me()).clone()
+        });
+        let ours = Lane::open(peer, 1, 0, who, &fds, 1 << 20, self.bells(), 1).unwrap();
+        let theirs = Lane::open(
+            self.my_id(),
+            1,
+            1,
+            self.me(),
+            &fds,
+            1 << 20,
+            self.bells(),
+            0,
+        )
+        .unwrap();
+        self.lock_state().lanes.insert(peer, ours.0.clone());
+        (ours, theirs)
+    }
+}
+
 /// How long a reply may wait for room on the caller's lane.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -26,6 +26,8 @@ mod conn;
 mod contexts;
 mod cow;
 mod engine;
+#[cfg(test)]
+mod hook;
 mod interop;
 pub(crate) mod lane;
 mod reconnect;

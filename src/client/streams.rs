@@ -198,7 +198,7 @@ pub(crate) struct ServerSub {
     branch: String,
     out: Mutex<OutQueue>,
     /// Cleared once, by the swap in `drop_sub`; pushers stop at it (SYNC(sub-open)). A flag:
-    /// what is queued is under `out`'s lock.
+    /// what is queued is under `out`'s lock (and a pusher looks at the flag again under it).
     open: AtomicBool,
 }
 
@@ -382,7 +382,8 @@ fn drop_sub(
     tell: bool,
 ) {
     // SYNC(sub-open): the RMW lets one caller drop the subscription; Release pairs with the
-    // pushers' loads in `offer_ref`/`offer_batch` (a stop flag: the queue has its own lock).
+    // pushers' loads in `offer_ref`/`offer_batch` (a stop flag: the queue has its own lock, and
+    // taking it below orders the swap before `offer_ref`'s second look, under that lock).
     if !sub.open.swap(false, Ordering::AcqRel) {
         return;
     }
@@ -551,7 +552,7 @@ fn offer_ref(
     key: Option<Value>,
 ) -> Result<(), ClientError> {
     // SYNC(sub-open): pairs with the swap in `drop_sub`; a stop flag only (the queue below is
-    // under its own lock).
+    // under its own lock, and the flag is looked at again under it).
     if !sub.open.load(Ordering::Acquire) {
         return Ok(());
     }
@@ -560,7 +561,17 @@ fn offer_ref(
         blocked_send_failed(shared, entry, sub, r);
         return Ok(());
     }
+    #[cfg(test)]
+    super::hook::at("offer_ref: open, queue not locked yet");
     let mut out = sub.out.lock().unwrap_or_else(|e| e.into_inner());
+    // SYNC(sub-open): again, under the queue's lock, which `drop_sub` takes after its swap: if
+    // it has emptied the queue already, the mutex orders its swap before this load (so Relaxed
+    // is enough) and nothing is queued, else it empties the queue after us. An item queued for
+    // a dropped subscription would stay counted in `stream_pending` forever (and the dispatch
+    // loop flush every millisecond for it).
+    if !sub.open.load(Ordering::Relaxed) {
+        return Ok(());
+    }
     flush_locked(shared, sub, &mut out);
     if out.pending.is_empty() {
         rec::set_gap(body, out.gap);
@@ -1848,5 +1859,102 @@ fn lost(shared: &Arc<Shared>, sub: &Arc<ClientSub>, reason: &str) {
     if !inbox.scheduled {
         inbox.scheduled = true;
         shared.push_task(Task::StreamDrain(sub.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::hook;
+
+    fn instance(peer: PeerId) -> Arc<Instance> {
+        Arc::new(Instance {
+            application: "subscriber".into(),
+            instance: "subscriber".into(),
+            pid: 0,
+            user: "u".into(),
+            machine: "m".into(),
+            peer_id: peer,
+        })
+    }
+
+    /// A stream served by `shared` (registered with no gateway: `Stream::close` then fails to
+    /// unregister it, after ending its subscriptions).
+    fn served(shared: &Arc<Shared>, options: StreamOptions) -> Stream {
+        let entry = Arc::new(StreamEntry {
+            name: Arc::from("s"),
+            method_id: 1,
+            options,
+            subs: CowList::default(),
+            closed: AtomicBool::new(false),
+        });
+        table(shared).served.insert(entry.method_id, entry.clone());
+        Stream {
+            shared: shared.clone(),
+            entry,
+        }
+    }
+
+    /// A subscription of `peer` to `stream`, accepted.
+    fn subscribed(stream: &Stream, peer: PeerId, link: Link) -> StreamSubscription {
+        let sub = Arc::new(ServerSub {
+            peer,
+            sub_id: 7,
+            link,
+            caller: instance(peer),
+            args: Value::map(),
+            branch: String::new(),
+            out: Mutex::new(OutQueue::default()),
+            open: AtomicBool::new(true),
+        });
+        stream.entry.subs.change(|v| v.push(sub.clone()));
+        StreamSubscription {
+            shared: stream.shared.clone(),
+            entry: stream.entry.clone(),
+            sub,
+        }
+    }
+
+    /// Runs `f` on a thread of its own, start to end (as another thread of the client would).
+    fn elsewhere(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(f).join().unwrap();
+    }
+
+    #[test]
+    fn an_item_pushed_while_its_subscription_is_dropped_is_not_left_queued() {
+        let (shared, _gw) = Shared::for_test();
+        let peer = PeerId(2);
+        let ((lane, _), _subscriber_end) = shared.lane_for_test(peer);
+        let options = StreamOptions {
+            policy: SlowConsumerPolicy::DropOldest,
+            queue: 4,
+            ..Default::default()
+        };
+        let stream = served(&shared, options);
+        let sub = subscribed(&stream, peer, Link::Lane(lane));
+        // The subscriber reads nothing: its lane fills, then items wait in its queue.
+        let item = Value::object([("n", Value::from(1))]);
+        for _ in 0..10_000 {
+            if pending(&shared) > 0 {
+                break;
+            }
+            stream.push(item.clone()).unwrap();
+        }
+        assert!(pending(&shared) > 0, "the lane never filled");
+        // The next push finds the subscription open; before it takes the queue's lock, the
+        // subscription is dropped (its queue emptied and uncounted).
+        let point = "offer_ref: open, queue not locked yet";
+        let dropping = sub.clone();
+        hook::set(point, move || elsewhere(move || dropping.close()));
+        stream.push(item).unwrap();
+        assert!(!hook::is_set(point), "the push never reached the point");
+        // Nothing waits, or is counted, for a subscription nobody flushes any more (the
+        // dispatch loop would flush every millisecond for ever).
+        assert_eq!(
+            pending(&shared),
+            0,
+            "an item was queued for a dropped subscription"
+        );
+        assert!(sub.sub.out.lock().unwrap().pending.is_empty());
     }
 }
