@@ -322,9 +322,21 @@ impl SubscriptionRequest {
             out: Mutex::new(OutQueue::default()),
             open: AtomicBool::new(true),
         });
-        // SYNC(stream-closed): pairs with `Stream::close`; a flag only, the subscriber list has
-        // its own lock.
-        if self.entry.closed.load(Ordering::Acquire) {
+        #[cfg(test)]
+        super::hook::at("accept_on_branch: subscription not added yet");
+        let added = self.entry.subs.change(|v| {
+            // SYNC(stream-closed): under the subscriber list's lock, which `Stream::close` takes
+            // after setting the flag (to list the subscriptions it ends): either that close
+            // lists this one, or the mutex orders its store before this load (so Relaxed is
+            // enough). Looked at before the lock, a close could run in between and leave the
+            // subscription on a closed stream, its subscriber never told.
+            let open = !self.entry.closed.load(Ordering::Relaxed);
+            if open {
+                v.push(sub.clone());
+            }
+            open
+        });
+        if !added {
             return reply(
                 &self.shared,
                 &self.link,
@@ -333,7 +345,6 @@ impl SubscriptionRequest {
                 "stream closed",
             );
         }
-        self.entry.subs.change(|v| v.push(sub.clone()));
         let info = Value::object([
             ("branch", Value::from(branch)),
             ("policy", self.entry.options.policy.to_value()),
@@ -794,7 +805,9 @@ impl Stream {
     /// Ends every subscription and unregisters the stream.
     pub fn close(&self) -> Result<(), ClientError> {
         // SYNC(stream-closed): new requests are refused (`accept_on_branch`, `on_request`); a flag
-        // only, the subscriptions are dropped below under their own locks.
+        // only, the subscriptions are dropped below under their own locks. The subscriber list's
+        // lock, taken below to list them, orders the store before `accept_on_branch`'s look at
+        // the flag, under the same lock, if that comes after.
         self.entry.closed.store(true, Ordering::Release);
         for s in self.subscriptions() {
             drop_sub(&self.shared, &self.entry, &s.sub, "Stream closed", true);
@@ -1918,6 +1931,80 @@ mod tests {
     /// Runs `f` on a thread of its own, start to end (as another thread of the client would).
     fn elsewhere(f: impl FnOnce() + Send + 'static) {
         std::thread::spawn(f).join().unwrap();
+    }
+
+    /// The stream records the client sent through the gateway so far (relayed to peers).
+    fn relayed(gw: &std::os::unix::net::UnixStream) -> Vec<(u16, Vec<u8>)> {
+        use std::io::Read;
+        gw.set_nonblocking(true).unwrap();
+        let mut frames = crate::wire::frame::FrameReader::default();
+        let mut buf = [0u8; 4096];
+        loop {
+            match (&*gw).read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => frames.push_bytes(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("reading what the client sent: {e}"),
+            }
+        }
+        let mut out = Vec::new();
+        while let Some((body, _)) = frames.next_frame().unwrap() {
+            if let ToGateway::Record { kind, body, .. } =
+                crate::wire::frame::decode_body(&body).unwrap()
+            {
+                out.push((kind, body));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_subscription_accepted_while_its_stream_closes_is_refused_not_kept() {
+        let (shared, gw) = Shared::for_test();
+        let added = Arc::new(AtomicUsize::new(0));
+        let counted = added.clone();
+        let options = StreamOptions {
+            on_added: Some(Box::new(move |_| {
+                // Relaxed: read after the accepting call returned, on the same thread.
+                counted.fetch_add(1, Ordering::Relaxed);
+            })),
+            ..Default::default()
+        };
+        let stream = served(&shared, options);
+        let peer = PeerId(2);
+        let req = SubscriptionRequest {
+            shared: shared.clone(),
+            entry: stream.entry.clone(),
+            peer,
+            sub_id: 7,
+            link: Link::Relay(peer),
+            instance: instance(peer),
+            arguments: Value::map(),
+        };
+        // The stream closes, start to end, while the request is being accepted.
+        let point = "accept_on_branch: subscription not added yet";
+        let closing = stream.clone();
+        hook::set(point, move || {
+            elsewhere(move || {
+                // No gateway: unregistering fails, after the subscriptions were ended.
+                let _ = closing.close();
+            })
+        });
+        req.accept();
+        assert!(!hook::is_set(point), "the accept never reached the point");
+        assert!(
+            stream.subscriptions().is_empty(),
+            "a subscription outlived its stream"
+        );
+        // Relaxed: see above.
+        assert_eq!(added.load(Ordering::Relaxed), 0);
+        // The subscriber is told: refused (or, had it been accepted, closed).
+        let told = relayed(&gw).iter().any(|(kind, body)| match *kind {
+            KIND_SUB_REPLY => !rec::parse_reply(body).unwrap().accepted,
+            KIND_SUB_CLOSE => true,
+            _ => false,
+        });
+        assert!(told, "the subscriber was never told the stream ended");
     }
 
     #[test]
