@@ -572,12 +572,27 @@ impl Shared {
         self.enqueue(t);
     }
 
+    /// Stops reading `lane` for a blocking stream subscriber whose queue is full, until
+    /// [`Shared::resume_lanes`]. Called under that subscriber's inbox lock
+    /// (`streams::accept_item`), so the drain that empties the queue sees the pause.
+    pub(crate) fn pause_lane(&self, lane: &Lane) {
+        // SYNC(stalled): the RMW makes each pause count once; pairs with the swaps in
+        // `resume_lanes`/`retire_lanes` and the load in `pump_lane`.
+        if !lane.stalled.swap(true, Ordering::AcqRel) {
+            // SYNC(stalled_lanes): pairs with the load in `streams::drain`, which resumes lanes;
+            // a hint, the swap above decides. A `resume_lanes` may take this pause between the
+            // swap and the count, and subtract first: the count then wraps for a moment, which
+            // costs at most a `resume_lanes` that finds nothing to resume.
+            self.stalled_lanes.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// Lets lanes paused for a blocking stream subscriber be read again.
     pub(crate) fn resume_lanes(&self) {
         let lanes: Vec<Arc<Lane>> = self.lock_state().lanes.values().cloned().collect();
         let mut any = false;
         for l in lanes {
-            // SYNC(stalled): pairs with the pausing swap in `on_message`; the RMW lets one thread
+            // SYNC(stalled): pairs with the pausing swap in `pause_lane`; the RMW lets one thread
             // take each pause, so `stalled_lanes` drops once for it.
             if l.stalled.swap(false, Ordering::AcqRel) {
                 // SYNC(stalled_lanes): pairs with the load in `streams::drain`, a hint to call us;
@@ -649,7 +664,7 @@ impl Shared {
     pub(crate) fn retire_lanes(&self, lanes: &[Arc<Lane>]) {
         for l in lanes {
             l.close();
-            // SYNC(stalled): pairs with the pausing swap in `on_message`; the RMW lets one thread
+            // SYNC(stalled): pairs with the pausing swap in `pause_lane`; the RMW lets one thread
             // take each pause, so `stalled_lanes` drops once for it.
             if l.stalled.swap(false, Ordering::AcqRel) {
                 // SYNC(stalled_lanes): pairs with the load in `streams::drain`, a hint to call us;
@@ -1356,8 +1371,9 @@ impl Shared {
             | crate::wire::record::KIND_SUB_REPLY
             | crate::wire::record::KIND_STREAM_DATA
             | crate::wire::record::KIND_SUB_CLOSE => {
-                let stall = if kind == crate::wire::record::KIND_STREAM_DATA {
-                    super::streams::on_lane_data(self, lane, body, sink)?
+                // A data record that fills a blocking subscriber's queue pauses the lane.
+                if kind == crate::wire::record::KIND_STREAM_DATA {
+                    super::streams::on_lane_data(self, lane, body, sink)?;
                 } else {
                     let link = super::streams::Link::Lane(lane.clone());
                     super::streams::on_record(
@@ -1367,15 +1383,10 @@ impl Shared {
                         link,
                         kind,
                         body,
-                    )?
-                };
-                // SYNC(stalled): the RMW makes each pause count once; pairs with the swaps
-                // in `resume_lanes`/`retire_lanes` and the load in `pump_lane`.
-                if stall && !lane.stalled.swap(true, Ordering::AcqRel) {
-                    // SYNC(stalled_lanes): pairs with the load in `streams::drain`, which resumes
-                    // lanes; a hint, the swap above decides.
-                    self.stalled_lanes.fetch_add(1, Ordering::AcqRel);
+                    )?;
                 }
+                #[cfg(test)]
+                super::hook::at("on_message: stream record handled");
                 Ok(())
             }
             KIND_CANCEL => {
@@ -1689,6 +1700,17 @@ impl Shared {
             BTreeMap::new(),
         );
         (Arc::new(shared), theirs)
+    }
+
+    /// Handles a whole message read from `lane` as a thread other than the dispatcher does (one
+    /// waiting for a reply): what it finds for the dispatcher goes to the shared queue.
+    pub(crate) fn on_message_for_test(
+        self: &Arc<Self>,
+        lane: &Arc<Lane>,
+        kind: u16,
+        body: &[u8],
+    ) -> Result<(), &'static str> {
+        self.on_message(lane, kind, body, None)
     }
 
     /// Both ends of a lane (4 KiB rings) between us and `peer`: ours, listed among our lanes as

@@ -1231,8 +1231,8 @@ impl StreamError {
 
 // ----- records --------------------------------------------------------------------------------
 
-/// A stream record arrived from `from` (over a lane or relayed). Returns whether the lane should
-/// pause (a blocking-policy subscriber's queue is full).
+/// A stream record arrived from `from` (over a lane or relayed; data read from a lane goes to
+/// [`on_lane_data`] instead).
 pub(crate) fn on_record(
     shared: &Arc<Shared>,
     from: PeerId,
@@ -1240,18 +1240,18 @@ pub(crate) fn on_record(
     link: Link,
     kind: u16,
     body: &[u8],
-) -> Result<bool, &'static str> {
+) -> Result<(), &'static str> {
     let sub_id = rec::sub_id(body).map_err(|_| "short stream record")?;
     match kind {
         KIND_SUB_REQUEST => {
             on_request(shared, from, identity, link, body);
-            Ok(false)
+            Ok(())
         }
         KIND_SUB_REPLY => {
             let rec::Reply { accepted, info, .. } =
                 rec::parse_reply(body).map_err(|_| "bad stream reply")?;
             let sub = client_sub(shared, sub_id);
-            let Some(sub) = sub else { return Ok(false) };
+            let Some(sub) = sub else { return Ok(()) };
             if accepted {
                 if let Some(p) = info.get("policy") {
                     let queue = info
@@ -1276,9 +1276,10 @@ pub(crate) fn on_record(
                     .to_string();
                 set_state(&sub, from, ServerState::Rejected(reason));
             }
-            Ok(false)
+            Ok(())
         }
-        KIND_STREAM_DATA => to_inbox(shared, client_sub(shared, sub_id), body, identity),
+        // Relayed: no lane of ours to pause.
+        KIND_STREAM_DATA => to_inbox(shared, client_sub(shared, sub_id), body, identity, None),
         KIND_SUB_CLOSE => {
             let (_, reason) = rec::parse_close(body).map_err(|_| "short stream close")?;
             // Either a subscriber leaving one of our streams, or a server dropping us.
@@ -1297,7 +1298,7 @@ pub(crate) fn on_record(
             if let Some(sub) = sub {
                 server_gone(shared, &sub, from, &reason);
             }
-            Ok(false)
+            Ok(())
         }
         _ => Err("unknown stream record"),
     }
@@ -1364,24 +1365,26 @@ fn on_request(
     })));
 }
 
-/// A data record for `sub` (none: one we no longer hold) through the inbox. Extra GW3 fields
-/// (sequence, snapshot) have no place in knit's stream events. Returns whether the lane should
-/// pause.
+/// A data record for `sub` (none: one we no longer hold) through the inbox; `lane`, the one it
+/// was read from, pauses if it fills a blocking subscriber's queue. Extra GW3 fields (sequence,
+/// snapshot) have no place in knit's stream events.
 fn to_inbox(
     shared: &Shared,
     sub: Option<Arc<ClientSub>>,
     body: &[u8],
     server: Arc<Instance>,
-) -> Result<bool, &'static str> {
+    lane: Option<&Lane>,
+) -> Result<(), &'static str> {
     let d = rec::parse_data(body).map_err(|_| "undecodable stream data")?;
-    let Some(sub) = sub else { return Ok(false) };
+    let Some(sub) = sub else { return Ok(()) };
     let ev = StreamEvent::Data {
         data: d.data,
         server,
         private: d.private,
         gap: d.gap as u64,
     };
-    Ok(accept_item(shared, &sub, ev))
+    accept_item(shared, &sub, ev, lane);
+    Ok(())
 }
 
 /// Data items one pump round read from one lane for one of our subscriptions, delivered by the
@@ -1441,18 +1444,19 @@ const SPARE_MAX_BYTES: usize = 1 << 20;
 /// A data record read from a lane. `ready` is the dispatch thread's task list for this round
 /// (None on any other thread): the item joins or starts a batch there when the subscription
 /// has nothing waiting, else it goes through the inbox. A record that does not decode faults
-/// the lane, whichever path it would have taken. Returns whether the lane should pause.
+/// the lane, whichever path it would have taken. The lane pauses when the item fills a
+/// blocking subscriber's queue.
 pub(crate) fn on_lane_data(
     shared: &Shared,
     lane: &Arc<Lane>,
     body: &[u8],
     mut ready: Option<&mut Vec<Task>>,
-) -> Result<bool, &'static str> {
+) -> Result<(), &'static str> {
     let sub_id = rec::sub_id(body).map_err(|_| "short stream record")?;
     if let Some(Some(Task::StreamBatch(b))) = ready.as_deref_mut().map(|r| r.last_mut()) {
         if b.sub.id == sub_id && Arc::ptr_eq(&b.lane, lane) && b.len < b.bound {
             b.add(body)?;
-            return Ok(false);
+            return Ok(());
         }
     }
     let sub = client_sub(shared, sub_id);
@@ -1470,9 +1474,9 @@ pub(crate) fn on_lane_data(
             };
             let r = b.add(body);
             ready.push(Task::StreamBatch(b));
-            r.map(|()| false)
+            r
         }
-        (_, sub) => to_inbox(shared, sub, body, lane.identity.clone()),
+        (_, sub) => to_inbox(shared, sub, body, lane.identity.clone(), Some(lane)),
     }
 }
 
@@ -1549,12 +1553,12 @@ fn call(sub: &ClientSub, ev: &StreamEvent) {
     }
 }
 
-/// Puts an item in the subscriber's inbox under the policy; schedules delivery. Returns
-/// whether the lane should pause.
-fn accept_item(shared: &Shared, sub: &Arc<ClientSub>, ev: StreamEvent) -> bool {
+/// Puts an item in the subscriber's inbox under the policy; schedules delivery. Pauses `lane`
+/// (the one the item was read from) when the item fills a blocking subscriber's queue.
+fn accept_item(shared: &Shared, sub: &Arc<ClientSub>, ev: StreamEvent, lane: Option<&Lane>) {
     // SYNC(sub-closed): pairs with the enders; a flag only, the inbox is under its own lock.
     if sub.closed.load(Ordering::Acquire) {
-        return false;
+        return;
     }
     let (policy, bound) = sub.policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let key = match (&policy, &ev) {
@@ -1562,11 +1566,16 @@ fn accept_item(shared: &Shared, sub: &Arc<ClientSub>, ev: StreamEvent) -> bool {
         _ => None,
     };
     let mut inbox = sub.inbox.lock().unwrap_or_else(|e| e.into_inner());
-    let mut stall = false;
     match policy {
         SlowConsumerPolicy::Block(_) => {
             inbox.items.push_back((ev, None));
-            stall = inbox.items.len() >= bound;
+            if let Some(lane) = lane.filter(|_| inbox.items.len() >= bound) {
+                // Under the inbox's lock: the drain that takes this item locks it after us, so
+                // it sees the pause and resumes the lane. Paused once the lock is let go, the
+                // lane could miss a drain that emptied the inbox meanwhile and finished with
+                // nothing scheduled, and stay paused.
+                shared.pause_lane(lane);
+            }
         }
         _ => {
             if let Some(k) = &key {
@@ -1584,7 +1593,7 @@ fn accept_item(shared: &Shared, sub: &Arc<ClientSub>, ev: StreamEvent) -> bool {
                     if let StreamEvent::Data { gap, .. } = &mut slot.0 {
                         *gap += carried;
                     }
-                    return false;
+                    return;
                 }
             }
             if inbox.items.len() >= bound {
@@ -1602,7 +1611,6 @@ fn accept_item(shared: &Shared, sub: &Arc<ClientSub>, ev: StreamEvent) -> bool {
         let s = sub.clone();
         shared.push_task(Task::StreamDrain(s));
     }
-    stall
 }
 
 /// Delivers a subscriber's queued items (dispatch thread).
@@ -1622,8 +1630,9 @@ pub(crate) fn drain(shared: &Shared, sub: &Arc<ClientSub>) {
             }
             out
         };
-        // SYNC(stalled_lanes): pairs with the pumper's count in `Shared::on_message`; a hint:
-        // `resume_lanes` swaps each lane's flag.
+        // SYNC(stalled_lanes): pairs with the count in `Shared::pause_lane`; a hint:
+        // `resume_lanes` swaps each lane's flag. A pause for an item taken above was made under
+        // the inbox's lock (`accept_item`), which orders it before this load.
         if shared.stalled_lanes.load(Ordering::Acquire) > 0 {
             shared.resume_lanes();
         }
@@ -1956,6 +1965,61 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_lane_paused_for_a_full_subscriber_is_resumed_by_the_drain_that_empties_it() {
+        let (shared, _gw) = Shared::for_test();
+        let peer = PeerId(2);
+        let ((lane, _), _server_end) = shared.lane_for_test(peer);
+        let delivered = Arc::new(AtomicUsize::new(0));
+        let counted = delivered.clone();
+        // One of our subscriptions, accepted under the blocking policy with a queue of one.
+        let sub = Arc::new(ClientSub {
+            id: 7,
+            name: "s".into(),
+            params: StreamParams::default(),
+            cb: Arc::new(move |_| {
+                // Relaxed: read after the delivering thread was joined.
+                counted.fetch_add(1, Ordering::Relaxed);
+            }),
+            remotes: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+            inbox: Mutex::new(Inbox::default()),
+            policy: Mutex::new((SlowConsumerPolicy::Block(Duration::from_secs(5)), 1)),
+            batch_bound: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
+            client_closed: AtomicBool::new(false),
+        });
+        table(&shared).subs.insert(sub.id, sub.clone());
+        let mut body = Vec::new();
+        rec::data_into(&mut body, false, &Value::object([("n", Value::from(1))])).unwrap();
+        rec::set_sub_id(&mut body, sub.id);
+        // A thread that is not the dispatcher (one waiting for a reply) reads an item that fills
+        // the queue. Once the item is in the inbox, the dispatcher runs the drain it scheduled,
+        // start to end.
+        let point = "on_message: stream record handled";
+        let dispatcher = shared.clone();
+        hook::set(point, move || {
+            elsewhere(move || {
+                dispatcher.run_tasks(usize::MAX);
+            })
+        });
+        shared
+            .on_message_for_test(&lane, KIND_STREAM_DATA, &body)
+            .unwrap();
+        assert!(!hook::is_set(point), "the item never reached the point");
+        // Relaxed: see above.
+        assert_eq!(delivered.load(Ordering::Relaxed), 1);
+        assert!(!sub.inbox.lock().unwrap().scheduled);
+        // Nothing is queued or scheduled for the subscriber, so nothing would resume the lane:
+        // it must not be paused.
+        // Relaxed: every thread that touched them was joined.
+        assert!(
+            !lane.stalled.load(Ordering::Relaxed),
+            "the lane stays paused with its subscriber's queue empty"
+        );
+        assert_eq!(shared.stalled_lanes.load(Ordering::Relaxed), 0);
     }
 
     #[test]
