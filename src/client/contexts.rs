@@ -411,7 +411,9 @@ pub(crate) fn destroyed(shared: &Arc<Shared>, id: u64, name: &str) {
         let subs = e.subs.change(std::mem::take);
         for s in &subs {
             // SYNC(sub-start): pairs with the Acquire loads in `pump_follow`, `settle` and
-            // `deliver_to`: the sub needs a first callback again once it is re-attached.
+            // `deliver_to`: the sub needs a first callback again once it is re-attached. It was
+            // taken out of the list first, so a first-callback pass (which stores under the
+            // list's lock) that gave it this entry's version stored before this.
             s.start.store(NEEDS_SNAPSHOT, Ordering::Release);
         }
         let live: Vec<Arc<Sub>> = subs
@@ -858,29 +860,41 @@ pub(crate) fn pump_follow(
                 }
             }
         }
-        let subs: Arc<Vec<Arc<Sub>>> = entry.subs.snapshot();
-        for s in subs.iter() {
-            // SYNC(sub-start): pairs with the Release stores in `destroyed` and `migrate`.
-            if s.start.load(Ordering::Acquire) == NEEDS_SNAPSHOT {
-                // SYNC(sub-start): our copy at `cf.version` was read before this; `settle` pairs
-                // with it (see there).
-                s.start.store(cf.version, Ordering::Release);
-                // Nothing to show for a context that was never written.
-                if cf.version > 0 {
-                    let data = cf.data.clone().unwrap_or_else(|| Arc::new(Value::map()));
-                    let ev = ContextUpdate {
-                        name: entry.name.clone(),
-                        version: cf.version,
-                        delta: (*data).clone(),
-                        data,
-                        removed: Vec::new(),
-                        updater: None,
-                        first: true,
-                        conflated: false,
-                    };
-                    queue(shared, &entry, ev, Some(s.id), sink.as_deref_mut());
-                    n += 1;
-                }
+        #[cfg(test)]
+        tests::before_first_callbacks();
+        // Under the list's lock: `destroyed` and `migrate` take a sub out of the list (under
+        // it) before they reset its `start`, so a sub they took is not given this entry's
+        // version after they reset it, and one they take later is reset after our store. (A
+        // compare-exchange would not do: the value they store, NEEDS_SNAPSHOT, is the one we
+        // expect.)
+        let started: Vec<u64> = entry.subs.with_current(|subs| {
+            subs.iter()
+                // SYNC(sub-start): pairs with the Release stores in `destroyed` and `migrate`.
+                .filter(|s| s.start.load(Ordering::Acquire) == NEEDS_SNAPSHOT)
+                .map(|s| {
+                    // SYNC(sub-start): our copy at `cf.version` was read before this; `settle`
+                    // pairs with it (see there).
+                    s.start.store(cf.version, Ordering::Release);
+                    s.id
+                })
+                .collect()
+        });
+        // Nothing to show for a context that was never written.
+        if cf.version > 0 {
+            for id in started {
+                let data = cf.data.clone().unwrap_or_else(|| Arc::new(Value::map()));
+                let ev = ContextUpdate {
+                    name: entry.name.clone(),
+                    version: cf.version,
+                    delta: (*data).clone(),
+                    data,
+                    removed: Vec::new(),
+                    updater: None,
+                    first: true,
+                    conflated: false,
+                };
+                queue(shared, &entry, ev, Some(id), sink.as_deref_mut());
+                n += 1;
             }
         }
     }
@@ -1313,7 +1327,10 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         return;
     }
     for s in &subs {
-        // Versions start again in the new segment: everything in it is news.
+        // Versions start again in the new segment: everything in it is news. A load then a
+        // store is enough: the sub is in no list now (taken from `old` above, added to `new`
+        // below), and only a first-callback pass over a list that holds it (under the list's
+        // lock, `pump_follow`) or `destroyed` of such a list stores to it.
         // SYNC(sub-start): pairs with the Release store in `pump_follow` (first callback done).
         if s.start.load(Ordering::Acquire) != NEEDS_SNAPSHOT {
             // SYNC(sub-start): pairs with the Acquire loads in `deliver_to` and `pump_follow`.
@@ -1351,4 +1368,109 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         broken: false,
         carry: before,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::sync::mpsc::{channel, Receiver};
+
+    thread_local! {
+        /// Runs once, on the pumping thread, where a first-callback pass reads the context's
+        /// subscriptions: a test puts another thread's step there.
+        static BEFORE_FIRST_CALLBACKS: Cell<Option<Box<dyn FnOnce()>>> = const { Cell::new(None) };
+    }
+
+    pub(super) fn before_first_callbacks() {
+        if let Some(f) = BEFORE_FIRST_CALLBACKS.with(Cell::take) {
+            f();
+        }
+    }
+
+    fn obj(n: i64) -> Value {
+        Value::object([("n", Value::from(n))])
+    }
+
+    /// The next update (polling the client for it).
+    fn poll_next(c: &crate::client::Client, rx: &Receiver<ContextUpdate>) -> ContextUpdate {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(u) = rx.try_recv() {
+                return u;
+            }
+            assert!(Instant::now() < deadline, "no context update within 5 s");
+            c.poll(Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn a_context_destroyed_while_its_first_callbacks_are_given_owes_them_again() {
+        let dir = std::env::temp_dir().join(format!("knit-ctx-start-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("gw.sock");
+        let gw = crate::gateway::Gateway::bind(crate::gateway::GatewayConfig::new(&socket))
+            .unwrap()
+            .spawn()
+            .unwrap();
+        let w = crate::client::Client::builder("w")
+            .socket(&socket)
+            .connect()
+            .unwrap();
+        // Polled: the context's log is read on this thread only, inside `poll`.
+        let r = crate::client::Client::builder("r")
+            .socket(&socket)
+            .poll_mode(true)
+            .connect()
+            .unwrap();
+        // Subscribed before the context exists: it attaches when the context is created, and
+        // its first callback comes from the next `poll`.
+        let (tx, rx) = channel();
+        let sub = subscribe(
+            r.shared(),
+            "gone",
+            Arc::new(move |u: &ContextUpdate| {
+                let _ = tx.send(u.clone());
+            }),
+        )
+        .unwrap();
+        w.contexts().set("gone", obj(1)).unwrap();
+        let old = w.contexts().update("gone", obj(2)).unwrap();
+        // The context is destroyed (by this client: `destroyed` runs before `destroy` returns)
+        // after the pass giving the first callback has begun, before it records the start.
+        let (fired_tx, fired) = channel();
+        let shared = r.shared().clone();
+        BEFORE_FIRST_CALLBACKS.with(|h| {
+            h.set(Some(Box::new(move || {
+                destroy(&shared, "gone").unwrap();
+                let _ = fired_tx.send(());
+            })))
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fired.try_recv().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "no first-callback pass within 5 s"
+            );
+            r.poll(Duration::from_millis(100));
+        }
+        // SYNC(sub-start): a test's look at the value; this thread stored it, if anyone did.
+        let start = sub.sub.start.load(Ordering::Acquire);
+        assert_eq!(
+            start, NEEDS_SNAPSHOT,
+            "the subscription waits for the context again, so it needs a first callback \
+             (it was given version {start} of the destroyed context, which was at {old})"
+        );
+        // Created again: the subscription gets its first callback.
+        let v = w.contexts().set("gone", obj(3)).unwrap();
+        let u = poll_next(&r, &rx);
+        assert!(u.first, "{u:?}");
+        assert_eq!((u.version, &*u.data), (v, &obj(3)));
+        drop(sub);
+        r.close();
+        w.close();
+        gw.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

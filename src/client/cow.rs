@@ -33,6 +33,12 @@ impl<T: Clone> CowList<T> {
         self.lock().clone()
     }
 
+    /// Runs `f` on the list as it is now, under the lock every change takes: no change comes
+    /// between what `f` reads and what it does.
+    pub(crate) fn with_current<R>(&self, f: impl FnOnce(&[T]) -> R) -> R {
+        f(&self.lock())
+    }
+
     /// Changes the list (a copy of it, when a reader holds the current one).
     pub(crate) fn change<R>(&self, f: impl FnOnce(&mut Vec<T>) -> R) -> R {
         let mut list = self.lock();
