@@ -391,3 +391,59 @@ fn a_value_too_deep_for_readers_is_refused_and_locks_nobody_out() {
     writer.contexts().update("deep", j(r#"{"b":2}"#)).unwrap();
     assert_eq!(next(&rx).delta, j(r#"{"b":2}"#));
 }
+
+/// The next update of a polled client's subscription (polling for it).
+fn poll_next(c: &Client, rx: &Receiver<ContextUpdate>) -> ContextUpdate {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(u) = rx.try_recv() {
+            return u;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no context update within 5 s"
+        );
+        c.poll(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_context_subscribed_again_before_the_client_pumps_delivers_each_change_once() {
+    // A polled client reads the context's log only inside `poll` (and while it waits): the
+    // follow of its last subscription is still there when it subscribes again, and must go.
+    let env = Env::new("resub");
+    let w = env.client("writer");
+    let r = env.builder("reader").poll_mode(true).connect().unwrap();
+    w.contexts().set("re", j(r#"{"n":0}"#)).unwrap();
+    let (sub, rx) = watch(&r, "re");
+    assert!(poll_next(&r, &rx).first);
+    drop(sub);
+    let (_sub, rx) = watch(&r, "re");
+    let first = poll_next(&r, &rx);
+    assert!(first.first);
+    assert_eq!(*first.data, j(r#"{"n":0}"#));
+    let mut seen = Vec::new();
+    for n in 1..=2 {
+        let v = w
+            .contexts()
+            .update("re", j(&format!(r#"{{"n":{n}}}"#)))
+            .unwrap();
+        // Every callback for this change runs within the poll that delivers the first one
+        // (both follows would read the record in the same round).
+        loop {
+            let u = poll_next(&r, &rx);
+            seen.push(u.version);
+            if u.version == v {
+                break;
+            }
+        }
+        while let Ok(u) = rx.try_recv() {
+            seen.push(u.version);
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![first.version + 1, first.version + 2],
+        "each change once"
+    );
+}

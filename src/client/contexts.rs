@@ -185,8 +185,10 @@ pub(crate) struct CtxEntry {
     subs: CowList<Arc<Sub>>,
     /// Events queued for the dispatcher.
     queued: AtomicUsize,
-    /// Whether the pumper follows its log.
-    followed: AtomicBool,
+    /// Which follow of its log the pumper keeps: the claim (`NEXT_CLAIM`) of the follow made
+    /// when the context was last taken up, 0 while nobody follows it. A follow of an earlier
+    /// claim is stale even when the context is followed again: the pumper drops it.
+    followed: AtomicU64,
     /// A subscription was added that still needs its first callback.
     new_subs: AtomicBool,
     /// Set when the entry is replaced, destroyed or unreadable (`SYNC(ctx-closed)`).
@@ -225,6 +227,8 @@ pub(crate) struct CtxState {
 /// What the pumper keeps per followed context.
 pub(crate) struct CtxFollow {
     entry: Arc<CtxEntry>,
+    /// The `followed` claim this follow was made for.
+    claim: u64,
     f: Follower,
     /// Our copy of the data at `version` (an object; None until the first snapshot).
     data: Option<Arc<Value>>,
@@ -253,9 +257,11 @@ impl CtxFollow {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        // SYNC(ctx-closed), SYNC(followed): pair with the Release stores that close the entry or
-        // stop following it; only the flags are read (the pumper then drops this follow).
-        self.entry.closed.load(Ordering::Acquire) || !self.entry.followed.load(Ordering::Acquire)
+        // SYNC(ctx-closed), SYNC(followed): pair with the Release stores that close the entry and
+        // the RMWs that let go of it or take it up again; only the values are read (the pumper
+        // then drops this follow).
+        self.entry.closed.load(Ordering::Acquire)
+            || self.entry.followed.load(Ordering::Acquire) != self.claim
     }
 }
 
@@ -351,7 +357,7 @@ pub(crate) fn attach(
         cache: Mutex::new(None),
         subs: CowList::default(),
         queued: AtomicUsize::new(0),
-        followed: AtomicBool::new(false),
+        followed: AtomicU64::new(0),
         new_subs: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         seg,
@@ -662,6 +668,8 @@ pub(crate) fn destroy(shared: &Arc<Shared>, name: &str) -> Result<(), ContextErr
 }
 
 static NEXT_SUB: AtomicU64 = AtomicU64::new(1);
+/// Claims of `CtxEntry::followed` (never 0).
+static NEXT_CLAIM: AtomicU64 = AtomicU64::new(1);
 
 pub(crate) fn subscribe(
     shared: &Arc<Shared>,
@@ -745,9 +753,16 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
             .push(sub);
         return Ok(());
     };
-    // SYNC(followed): an RMW, so exactly one caller sees false and subscribes; AcqRel: acquire
-    // side of the stores that clear it, release side for `is_closed` and `restore`.
-    if !entry.followed.swap(true, Ordering::AcqRel) {
+    // Relaxed: a claim only needs to be unique.
+    let claim = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
+    // SYNC(followed): an RMW, so exactly one caller finds it unfollowed and subscribes; AcqRel
+    // (Acquire when it fails): acquire side of the RMWs and stores that clear it, release side
+    // for `is_closed`, `pump_follow` and `restore`.
+    if entry
+        .followed
+        .compare_exchange(0, claim, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
         entry.prefault();
         let id = entry.id;
         match shared.conn.request(
@@ -756,9 +771,13 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
         )? {
             Reply::Ack => {}
             Reply::Fail(status, message) => {
-                // SYNC(followed): undoes our claim; pairs with the swap above (the next
-                // attacher subscribes) and the loads in `is_closed` and `restore`.
-                entry.followed.store(false, Ordering::Release);
+                // SYNC(followed): undoes our claim (unless a detach already did); pairs with
+                // the compare-exchange above (the next attacher subscribes) and the loads in
+                // `is_closed` and `restore`.
+                let _ =
+                    entry
+                        .followed
+                        .compare_exchange(claim, 0, Ordering::Release, Ordering::Relaxed);
                 return Err(ClientError::Gateway { status, message }.into());
             }
             _ => {
@@ -770,6 +789,7 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
         let follow = CtxFollow {
             f: entry.store.follower(),
             entry: entry.clone(),
+            claim,
             data: None,
             last_updater: None,
             version: 0,
@@ -810,8 +830,8 @@ fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
         v.is_empty()
     });
     // SYNC(followed): an RMW, so only one racing detach unsubscribes; release side for
-    // `is_closed` (the pumper drops the follow), acquire side of the swap that set it.
-    if now_empty && entry.followed.swap(false, Ordering::AcqRel) {
+    // `is_closed` (the pumper drops the follow), acquire side of the RMW that set it.
+    if now_empty && entry.followed.swap(0, Ordering::AcqRel) != 0 {
         // Fire and forget: nobody waits for the answer (request id 0 is never used).
         let _ = shared.conn.send(&ToGateway::UnsubscribeContext {
             req: 0,
@@ -868,6 +888,15 @@ pub(crate) fn pump_follow(
         // compare-exchange would not do: the value they store, NEEDS_SNAPSHOT, is the one we
         // expect.)
         let started: Vec<u64> = entry.subs.with_current(|subs| {
+            // A stale follow (the context was let go of and taken up again since this round
+            // began) gives no first callback: the new follow gives it, from a snapshot it reads
+            // afterwards, so no update between the two is lost. SYNC(followed): pairs with the
+            // RMW that took the context up again, which comes before that claim's subs are
+            // pushed; the list's lock orders the push before this, so a sub seen here comes with
+            // its claim.
+            if entry.followed.load(Ordering::Acquire) != cf.claim {
+                return Vec::new();
+            }
             subs.iter()
                 // SYNC(sub-start): pairs with the Release stores in `destroyed` and `migrate`.
                 .filter(|s| s.start.load(Ordering::Acquire) == NEEDS_SNAPSHOT)
@@ -1245,9 +1274,9 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
     for (old, p) in entries.iter().zip(pending) {
         match p.and_then(|p| p.wait(&shared.conn, CONTROL_TIMEOUT)) {
             Ok(Reply::Context(new)) if Arc::ptr_eq(&new, old) => {
-                // SYNC(followed): pairs with the swaps in `attach_sub_inner` and `detach`; only
-                // the flag is read (a followed context is followed again).
-                if old.followed.load(Ordering::Acquire) {
+                // SYNC(followed): pairs with the RMWs in `attach_sub_inner` and `detach`; only
+                // the value is read (a followed context is followed again).
+                if old.followed.load(Ordering::Acquire) != 0 {
                     resubscribe.push(old.clone());
                 }
             }
@@ -1261,8 +1290,8 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
                 }
                 // Its subscribers wait for it to exist again.
                 // SYNC(followed): pairs with `is_closed` (the pumper drops the follow) and the
-                // swap in `attach_sub_inner` (a re-attach subscribes again).
-                old.followed.store(false, Ordering::Release);
+                // compare-exchange in `attach_sub_inner` (a re-attach subscribes again).
+                old.followed.store(0, Ordering::Release);
                 destroyed(shared, old.id, &old.name);
             }
             Ok(_) => {}
@@ -1344,9 +1373,15 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         .as_ref()
         .map(|(_, d)| d.clone());
     new.subs.change(|v| v.extend(subs));
-    // SYNC(followed): an RMW, so exactly one caller sees false and subscribes; AcqRel as in
-    // `attach_sub_inner`.
-    if new.followed.swap(true, Ordering::AcqRel) {
+    // Relaxed: a claim only needs to be unique.
+    let claim = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
+    // SYNC(followed): an RMW, so exactly one caller finds it unfollowed and subscribes; orderings
+    // as in `attach_sub_inner`.
+    if new
+        .followed
+        .compare_exchange(0, claim, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         return;
     }
     let id = new.id;
@@ -1361,6 +1396,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
     shared.add_ctx_follow(CtxFollow {
         f: new.store.follower(),
         entry: new.clone(),
+        claim,
         data: None,
         last_updater: None,
         version: 0,
@@ -1373,6 +1409,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::Client;
     use std::cell::Cell;
     use std::sync::mpsc::{channel, Receiver};
 
@@ -1388,12 +1425,101 @@ mod tests {
         }
     }
 
+    /// Runs `step` at the next first-callback pass of `r` (polling it for one).
+    fn at_next_first_callbacks(r: &Client, step: impl FnOnce() + 'static) {
+        let (fired_tx, fired) = channel();
+        BEFORE_FIRST_CALLBACKS.with(|h| {
+            h.set(Some(Box::new(move || {
+                step();
+                let _ = fired_tx.send(());
+            })))
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fired.try_recv().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "no first-callback pass within 5 s"
+            );
+            r.poll(Duration::from_millis(100));
+        }
+    }
+
+    /// A gateway, a writer `w` and a polled reader `r`, whose contexts' logs are read on the
+    /// test's thread only, inside `poll` (or while it waits).
+    struct Setup {
+        dir: std::path::PathBuf,
+        gw: Option<crate::gateway::GatewayHandle>,
+        w: Client,
+        r: Client,
+    }
+
+    impl Setup {
+        fn new(tag: &str) -> Setup {
+            let dir = std::env::temp_dir().join(format!("knit-ctx-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let socket = dir.join("gw.sock");
+            let gw = crate::gateway::Gateway::bind(crate::gateway::GatewayConfig::new(&socket))
+                .unwrap()
+                .spawn()
+                .unwrap();
+            let w = Client::builder("w").socket(&socket).connect().unwrap();
+            let r = Client::builder("r")
+                .socket(&socket)
+                .poll_mode(true)
+                .connect()
+                .unwrap();
+            Setup {
+                dir,
+                gw: Some(gw),
+                w,
+                r,
+            }
+        }
+    }
+
+    impl Drop for Setup {
+        fn drop(&mut self) {
+            self.r.close();
+            self.w.close();
+            if let Some(gw) = self.gw.take() {
+                gw.shutdown();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     fn obj(n: i64) -> Value {
         Value::object([("n", Value::from(n))])
     }
 
+    /// A subscription to `name` whose updates go to the receiver.
+    fn new_sub(name: &str) -> (Arc<Sub>, Receiver<ContextUpdate>) {
+        let (tx, rx) = channel();
+        let sub = Arc::new(Sub {
+            // Relaxed: ids only need to be unique.
+            id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
+            name: name.to_string(),
+            cb: Arc::new(move |u: &ContextUpdate| {
+                let _ = tx.send(u.clone());
+            }),
+            start: AtomicU64::new(NEEDS_SNAPSHOT),
+            active: AtomicBool::new(true),
+        });
+        (sub, rx)
+    }
+
+    /// `subscribe`, with the updates going to the receiver.
+    fn watch(c: &Client, name: &str) -> (ContextSubscription, Receiver<ContextUpdate>) {
+        let (tx, rx) = channel();
+        let cb = Arc::new(move |u: &ContextUpdate| {
+            let _ = tx.send(u.clone());
+        });
+        (subscribe(c.shared(), name, cb).unwrap(), rx)
+    }
+
     /// The next update (polling the client for it).
-    fn poll_next(c: &crate::client::Client, rx: &Receiver<ContextUpdate>) -> ContextUpdate {
+    fn poll_next(c: &Client, rx: &Receiver<ContextUpdate>) -> ContextUpdate {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Ok(u) = rx.try_recv() {
@@ -1406,55 +1532,16 @@ mod tests {
 
     #[test]
     fn a_context_destroyed_while_its_first_callbacks_are_given_owes_them_again() {
-        let dir = std::env::temp_dir().join(format!("knit-ctx-start-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("gw.sock");
-        let gw = crate::gateway::Gateway::bind(crate::gateway::GatewayConfig::new(&socket))
-            .unwrap()
-            .spawn()
-            .unwrap();
-        let w = crate::client::Client::builder("w")
-            .socket(&socket)
-            .connect()
-            .unwrap();
-        // Polled: the context's log is read on this thread only, inside `poll`.
-        let r = crate::client::Client::builder("r")
-            .socket(&socket)
-            .poll_mode(true)
-            .connect()
-            .unwrap();
+        let t = Setup::new("start");
         // Subscribed before the context exists: it attaches when the context is created, and
         // its first callback comes from the next `poll`.
-        let (tx, rx) = channel();
-        let sub = subscribe(
-            r.shared(),
-            "gone",
-            Arc::new(move |u: &ContextUpdate| {
-                let _ = tx.send(u.clone());
-            }),
-        )
-        .unwrap();
-        w.contexts().set("gone", obj(1)).unwrap();
-        let old = w.contexts().update("gone", obj(2)).unwrap();
+        let (sub, rx) = watch(&t.r, "gone");
+        t.w.contexts().set("gone", obj(1)).unwrap();
+        let old = t.w.contexts().update("gone", obj(2)).unwrap();
         // The context is destroyed (by this client: `destroyed` runs before `destroy` returns)
         // after the pass giving the first callback has begun, before it records the start.
-        let (fired_tx, fired) = channel();
-        let shared = r.shared().clone();
-        BEFORE_FIRST_CALLBACKS.with(|h| {
-            h.set(Some(Box::new(move || {
-                destroy(&shared, "gone").unwrap();
-                let _ = fired_tx.send(());
-            })))
-        });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fired.try_recv().is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "no first-callback pass within 5 s"
-            );
-            r.poll(Duration::from_millis(100));
-        }
+        let shared = t.r.shared().clone();
+        at_next_first_callbacks(&t.r, move || destroy(&shared, "gone").unwrap());
         // SYNC(sub-start): a test's look at the value; this thread stored it, if anyone did.
         let start = sub.sub.start.load(Ordering::Acquire);
         assert_eq!(
@@ -1463,14 +1550,45 @@ mod tests {
              (it was given version {start} of the destroyed context, which was at {old})"
         );
         // Created again: the subscription gets its first callback.
-        let v = w.contexts().set("gone", obj(3)).unwrap();
-        let u = poll_next(&r, &rx);
+        let v = t.w.contexts().set("gone", obj(3)).unwrap();
+        let u = poll_next(&t.r, &rx);
         assert!(u.first, "{u:?}");
         assert_eq!((u.version, &*u.data), (v, &obj(3)));
-        drop(sub);
-        r.close();
-        w.close();
-        gw.shutdown();
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_follow_made_stale_during_its_first_callback_pass_leaves_the_first_callback_to_the_new_one()
+    {
+        let t = Setup::new("stale");
+        t.w.contexts().set("again", obj(1)).unwrap();
+        let (a, rx_a) = watch(&t.r, "again");
+        assert!(poll_next(&t.r, &rx_a).first);
+        // `b` joins the followed context: the next poll gives it its first callback.
+        let (b, _rx_b) = new_sub("again");
+        attach_sub_inner(t.r.shared(), b.clone()).unwrap();
+        // Right then every subscription goes (the context is let go of) and `c` comes: the
+        // context is taken up again, with a new follow, while the old one is in its pass.
+        let (c, rx_c) = new_sub("again");
+        let shared = t.r.shared().clone();
+        at_next_first_callbacks(&t.r, move || {
+            drop(a);
+            // SYNC(sub-active): as `ContextSubscription::drop`.
+            b.active.store(false, Ordering::Release);
+            detach(&shared, &b);
+            attach_sub_inner(&shared, c).unwrap();
+        });
+        let v = t.w.contexts().update("again", obj(2)).unwrap();
+        // `c` gets the current value, whichever follow gives it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = Vec::new();
+        while seen.last() != Some(&v) {
+            assert!(
+                Instant::now() < deadline,
+                "c never saw version {v}: it saw {seen:?} (a first callback from the stale \
+                 follow, then nothing from the new one)"
+            );
+            t.r.poll(Duration::from_millis(100));
+            seen.extend(rx_c.try_iter().map(|u| u.version));
+        }
     }
 }
