@@ -755,60 +755,69 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
     };
     // Relaxed: a claim only needs to be unique.
     let claim = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
-    // SYNC(followed): an RMW, so exactly one caller finds it unfollowed and subscribes; AcqRel
-    // (Acquire when it fails): acquire side of the RMWs and stores that clear it, release side
-    // for `is_closed`, `pump_follow` and `restore`.
-    if entry
-        .followed
-        .compare_exchange(0, claim, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-    {
-        entry.prefault();
-        let id = entry.id;
-        match shared.conn.request(
-            |req| ToGateway::SubscribeContext { req, id },
-            CONTROL_TIMEOUT,
-        )? {
-            Reply::Ack => {}
-            Reply::Fail(status, message) => {
-                // SYNC(followed): undoes our claim (unless a detach already did); pairs with
-                // the compare-exchange above (the next attacher subscribes) and the loads in
-                // `is_closed` and `restore`.
-                let _ =
-                    entry
-                        .followed
-                        .compare_exchange(claim, 0, Ordering::Release, Ordering::Relaxed);
-                return Err(ClientError::Gateway { status, message }.into());
-            }
-            _ => {
-                return Err(
-                    ClientError::Protocol("unexpected reply to subscribe-context".into()).into(),
-                )
-            }
-        }
-        let follow = CtxFollow {
-            f: entry.store.follower(),
-            entry: entry.clone(),
-            claim,
-            data: None,
-            last_updater: None,
-            version: 0,
-            buf: Vec::new(),
-            broken: false,
-            carry: None,
-        };
-        entry.subs.change(|v| v.push(sub));
-        // SYNC(new_subs): the sub pushed above is in the list the pumper takes once it sees
-        // the flag (Acquire in `needs_snapshot`).
-        entry.new_subs.store(true, Ordering::Release);
-        shared.add_ctx_follow(follow);
-    } else {
-        entry.subs.change(|v| v.push(sub));
-        // SYNC(new_subs): the sub pushed above is in the list the pumper takes once it sees
-        // the flag (Acquire in `needs_snapshot`).
-        entry.new_subs.store(true, Ordering::Release);
+    // The sub is added, and the context taken up if nobody follows it, under the list's lock,
+    // which `detach` holds to take its sub out and let go of the context when that leaves the
+    // list empty: a detach before us has let go (we take the context up again, and ask the
+    // gateway after its unsubscription went), one after us finds our sub there. (Taken up
+    // before the sub was added, the context could be let go of by a detach that found the list
+    // empty, leaving this follow stale and the subs added meanwhile with none.)
+    let taken_up = entry.subs.change(|v| {
+        v.push(sub.clone());
+        // SYNC(followed): an RMW, so exactly one caller finds it unfollowed and subscribes;
+        // AcqRel (Acquire when it fails): acquire side of the RMWs and stores that clear it,
+        // release side for `is_closed`, `pump_follow` and `restore`.
+        entry
+            .followed
+            .compare_exchange(0, claim, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    });
+    // SYNC(new_subs): the sub pushed above is in the list the pumper takes once it sees the
+    // flag (Acquire in `needs_snapshot`).
+    entry.new_subs.store(true, Ordering::Release);
+    if !taken_up {
         shared.wake_all();
+        return Ok(());
     }
+    entry.prefault();
+    let id = entry.id;
+    let failed = match shared.conn.request(
+        |req| ToGateway::SubscribeContext { req, id },
+        CONTROL_TIMEOUT,
+    ) {
+        Ok(Reply::Ack) => None,
+        Ok(Reply::Fail(status, message)) => Some(ClientError::Gateway { status, message }),
+        Ok(_) => Some(ClientError::Protocol(
+            "unexpected reply to subscribe-context".into(),
+        )),
+        Err(e) => Some(e),
+    };
+    if let Some(e) = failed {
+        let ours = entry.subs.change(|v| {
+            let before = v.len();
+            v.retain(|s| !Arc::ptr_eq(s, &sub));
+            // SYNC(followed): undoes our claim (unless a detach already did); pairs with the
+            // compare-exchange above (the next attacher subscribes) and the loads in
+            // `is_closed` and `restore`.
+            let _ = entry
+                .followed
+                .compare_exchange(claim, 0, Ordering::Release, Ordering::Relaxed);
+            v.len() < before
+        });
+        // Not there any more: the context was destroyed meanwhile, and the sub waits for it
+        // to come back with the others (`destroyed` took it); or the sub was dropped.
+        return if ours { Err(e.into()) } else { Ok(()) };
+    }
+    shared.add_ctx_follow(CtxFollow {
+        f: entry.store.follower(),
+        entry: entry.clone(),
+        claim,
+        data: None,
+        last_updater: None,
+        version: 0,
+        buf: Vec::new(),
+        broken: false,
+        carry: None,
+    });
     Ok(())
 }
 
@@ -825,18 +834,27 @@ fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
         st.open.get(&sub.name).cloned()
     };
     let Some(entry) = entry else { return };
-    let now_empty = entry.subs.change(|v| {
+    // The context is let go of, and the gateway told, under the list's lock, which
+    // `attach_sub_inner` holds to add a sub (see there): a sub added before keeps the list from
+    // being empty here, one added after takes the context up again and subscribes after this
+    // unsubscription.
+    let let_go = entry.subs.change(|v| {
         v.retain(|s| s.id != sub.id);
-        v.is_empty()
-    });
-    // SYNC(followed): an RMW, so only one racing detach unsubscribes; release side for
-    // `is_closed` (the pumper drops the follow), acquire side of the RMW that set it.
-    if now_empty && entry.followed.swap(0, Ordering::AcqRel) != 0 {
+        // SYNC(followed): an RMW, so only one racing detach unsubscribes; release side for
+        // `is_closed` (the pumper drops the follow), acquire side of the RMW that set it.
+        if !v.is_empty() || entry.followed.swap(0, Ordering::AcqRel) == 0 {
+            return false;
+        }
         // Fire and forget: nobody waits for the answer (request id 0 is never used).
         let _ = shared.conn.send(&ToGateway::UnsubscribeContext {
             req: 0,
             id: entry.id,
         });
+        true
+    });
+    #[cfg(test)]
+    super::hook::at("detach: subscription taken out of the list");
+    if let_go {
         shared.wake_all();
     }
 }
@@ -891,9 +909,9 @@ pub(crate) fn pump_follow(
             // A stale follow (the context was let go of and taken up again since this round
             // began) gives no first callback: the new follow gives it, from a snapshot it reads
             // afterwards, so no update between the two is lost. SYNC(followed): pairs with the
-            // RMW that took the context up again, which comes before that claim's subs are
-            // pushed; the list's lock orders the push before this, so a sub seen here comes with
-            // its claim.
+            // RMW that took the context up again, made under this lock with that claim's first
+            // sub pushed (`attach_sub_inner`), so a sub of the new claim seen here comes with
+            // its claim. (`migrate` takes up a new entry, which has no stale follow.)
             if entry.followed.load(Ordering::Acquire) != cf.claim {
                 return Vec::new();
             }
@@ -1408,6 +1426,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::hook;
     use super::*;
     use crate::client::Client;
     use std::cell::Cell;
@@ -1528,6 +1547,54 @@ mod tests {
             assert!(Instant::now() < deadline, "no context update within 5 s");
             c.poll(Duration::from_millis(100));
         }
+    }
+
+    /// Runs `f` on a thread of its own, start to end (as another thread of the client would).
+    fn elsewhere(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(f).join().unwrap();
+    }
+
+    /// How many doorbells the gateway rings when `name` changes (it lists a follower's once
+    /// it has subscribed it).
+    fn rung(c: &Client, name: &str) -> usize {
+        let entry = open(c.shared(), name, false).unwrap().unwrap();
+        let mut n = 0;
+        entry.store.ctl().for_each_subscriber(|_| n += 1);
+        n
+    }
+
+    #[test]
+    fn a_subscription_added_while_the_last_one_goes_is_followed() {
+        let t = Setup::new("strand");
+        t.w.contexts().set("last", obj(1)).unwrap();
+        let (a, rx_a) = watch(&t.r, "last");
+        assert!(poll_next(&t.r, &rx_a).first);
+        assert_eq!(rung(&t.r, "last"), 1);
+        // `a`, the last subscription, goes; once it is out of the list, another thread adds `b`
+        // (start to end).
+        let (b, rx_b) = new_sub("last");
+        let shared = t.r.shared().clone();
+        let point = "detach: subscription taken out of the list";
+        hook::set(point, move || {
+            elsewhere(move || attach_sub(&shared, b).unwrap());
+        });
+        drop(a);
+        assert!(!hook::is_set(point), "the detach never reached the point");
+        // `b` is followed: it gets its first callback, then the changes.
+        let u = poll_next(&t.r, &rx_b);
+        assert!(u.first, "{u:?}");
+        assert_eq!(*u.data, obj(1));
+        let v = t.w.contexts().update("last", obj(2)).unwrap();
+        let u = poll_next(&t.r, &rx_b);
+        assert_eq!((u.version, u.first), (v, false));
+        // And the gateway knows it: its last word from us is the subscription, not the
+        // unsubscription (a request of ours after both tells they were handled).
+        t.r.contexts().set("sync", obj(0)).unwrap();
+        assert_eq!(
+            rung(&t.r, "last"),
+            1,
+            "the gateway has us unsubscribed while we follow the context"
+        );
     }
 
     #[test]
