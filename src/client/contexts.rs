@@ -688,15 +688,15 @@ pub(crate) fn subscribe(
     let _gate = shared.conn.gate.enter();
     match open(shared, name, false)? {
         Some(_) => {
-            attach_sub_inner(shared, sub.clone())?;
-            settle(shared, &sub);
+            let joined = attach_sub_inner(shared, sub.clone())?;
+            settle(shared, &sub, joined);
         }
         None => {
             let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
             if st.known.contains_key(name) {
                 drop(st);
-                attach_sub_inner(shared, sub.clone())?;
-                settle(shared, &sub);
+                let joined = attach_sub_inner(shared, sub.clone())?;
+                settle(shared, &sub, joined);
             } else {
                 st.waiting
                     .entry(name.to_string())
@@ -713,23 +713,27 @@ pub(crate) fn subscribe(
 
 /// Returns once the subscription has its starting point (the snapshot its first callback
 /// shows), so every write after `subscribe` returns reaches it as a change of its own and none
-/// is folded into the first value. (A subscription still waiting for its context to be
-/// created passes at once.)
-fn settle(shared: &Arc<Shared>, sub: &Arc<Sub>) {
+/// is folded into the first value. `joined`: the entry it was added to (`None`: it waits for
+/// its context to be created, and passes at once). A subscription whose entry is closed
+/// meanwhile passes too: the entry gives no first callback (its context was destroyed, and the
+/// subscription waits for it to be created again; or its segment was replaced, and the
+/// subscription gets its first callback from the new one).
+fn settle(shared: &Arc<Shared>, sub: &Arc<Sub>, joined: Option<Arc<CtxEntry>>) {
+    let Some(entry) = joined else { return };
     let s = sub.clone();
-    let waiting_for_creation = {
-        let st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
-        st.waiting
-            .get(&sub.name)
-            .is_some_and(|w| w.iter().any(|x| Arc::ptr_eq(x, sub)))
-    };
-    if waiting_for_creation {
-        return;
-    }
+    #[cfg(test)]
+    super::hook::at("settle: no first callback yet");
     shared.wait_for(
-        // SYNC(sub-start): pairs with the Release store in `pump_follow`: what it read at
-        // version `start` happens before our caller's next write, which gets a later version.
-        move || s.start.load(Ordering::Acquire) != NEEDS_SNAPSHOT,
+        move || {
+            // SYNC(sub-start): pairs with the Release store in `pump_follow`: what it read at
+            // version `start` happens before our caller's next write, which gets a later
+            // version.
+            s.start.load(Ordering::Acquire) != NEEDS_SNAPSHOT
+                // SYNC(ctx-closed): pairs with the Release stores that close the entry
+                // (`destroyed`, `attach`, `pump_follow`); only the flag is read: nothing is
+                // waited for once it is set.
+                || entry.closed.load(Ordering::Acquire)
+        },
         Instant::now() + CONTROL_TIMEOUT,
     );
 }
@@ -737,11 +741,15 @@ fn settle(shared: &Arc<Shared>, sub: &Arc<Sub>) {
 /// Adds a subscription to its (existing) context and makes sure the pumper follows the log.
 fn attach_sub(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
     let _gate = shared.conn.gate.enter();
-    attach_sub_inner(shared, sub)
+    attach_sub_inner(shared, sub).map(drop)
 }
 
-/// [`attach_sub`] for a caller that holds the gate or restores.
-fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
+/// [`attach_sub`] for a caller that holds the gate or restores. Returns the entry the
+/// subscription was added to (`None`: it waits for its context to be created).
+fn attach_sub_inner(
+    shared: &Arc<Shared>,
+    sub: Arc<Sub>,
+) -> Result<Option<Arc<CtxEntry>>, ContextError> {
     let Some(entry) = open(shared, &sub.name, false)? else {
         shared
             .ctx
@@ -751,7 +759,7 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
             .entry(sub.name.clone())
             .or_default()
             .push(sub);
-        return Ok(());
+        return Ok(None);
     };
     // Relaxed: a claim only needs to be unique.
     let claim = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
@@ -776,7 +784,7 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
     entry.new_subs.store(true, Ordering::Release);
     if !taken_up {
         shared.wake_all();
-        return Ok(());
+        return Ok(Some(entry));
     }
     entry.prefault();
     let id = entry.id;
@@ -805,7 +813,7 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
         });
         // Not there any more: the context was destroyed meanwhile, and the sub waits for it
         // to come back with the others (`destroyed` took it); or the sub was dropped.
-        return if ours { Err(e.into()) } else { Ok(()) };
+        return if ours { Err(e.into()) } else { Ok(None) };
     }
     shared.add_ctx_follow(CtxFollow {
         f: entry.store.follower(),
@@ -818,7 +826,7 @@ fn attach_sub_inner(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextEr
         broken: false,
         carry: None,
     });
-    Ok(())
+    Ok(Some(entry))
 }
 
 fn detach(shared: &Arc<Shared>, sub: &Arc<Sub>) {
@@ -1595,6 +1603,34 @@ mod tests {
             1,
             "the gateway has us unsubscribed while we follow the context"
         );
+    }
+
+    #[test]
+    fn subscribe_does_not_wait_for_a_first_callback_from_a_context_destroyed_meanwhile() {
+        let t = Setup::new("settle");
+        t.w.contexts().set("brief", obj(1)).unwrap();
+        // `subscribe` has added the subscription and waits for its first callback (which comes
+        // from its own pumping: the client is polled); first, another thread destroys the
+        // context, start to end.
+        let shared = t.r.shared().clone();
+        let point = "settle: no first callback yet";
+        hook::set(point, move || {
+            elsewhere(move || destroy(&shared, "brief").unwrap());
+        });
+        let began = Instant::now();
+        let (_sub, rx) = watch(&t.r, "brief");
+        let took = began.elapsed();
+        assert!(!hook::is_set(point), "subscribe never reached the point");
+        // A guard against the hang, not a measure: it waited for nothing (10 s) before.
+        assert!(
+            took < Duration::from_secs(5),
+            "subscribe waited {took:?} for the first callback of a destroyed context"
+        );
+        // The subscription waits for the context to come back, and gets it.
+        let v = t.w.contexts().set("brief", obj(2)).unwrap();
+        let u = poll_next(&t.r, &rx);
+        assert!(u.first, "{u:?}");
+        assert_eq!((u.version, &*u.data), (v, &obj(2)));
     }
 
     #[test]
