@@ -1399,6 +1399,11 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         .as_ref()
         .map(|(_, d)| d.clone());
     new.subs.change(|v| v.extend(subs));
+    // SYNC(new_subs): the subs moved in above are in the list the pumper takes once it sees
+    // the flag (Acquire in `needs_snapshot`). Set whoever follows the context: when it is
+    // followed already (an attach that got past the gate took it up), that follow gives them
+    // their first callbacks.
+    new.new_subs.store(true, Ordering::Release);
     // Relaxed: a claim only needs to be unique.
     let claim = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
     // SYNC(followed): an RMW, so exactly one caller finds it unfollowed and subscribes; orderings
@@ -1408,6 +1413,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         .compare_exchange(0, claim, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
+        shared.wake_all();
         return;
     }
     let id = new.id;
@@ -1416,9 +1422,6 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         CONTROL_TIMEOUT,
     );
     super::reconnect::expect_ack(&format!("following context {:?}", new.name), r);
-    // SYNC(new_subs): the subs moved in above are in the list the pumper takes once it sees
-    // the flag (Acquire in `needs_snapshot`).
-    new.new_subs.store(true, Ordering::Release);
     shared.add_ctx_follow(CtxFollow {
         f: new.store.follower(),
         entry: new.clone(),
@@ -1631,6 +1634,27 @@ mod tests {
         let u = poll_next(&t.r, &rx);
         assert!(u.first, "{u:?}");
         assert_eq!((u.version, &*u.data), (v, &obj(2)));
+    }
+
+    #[test]
+    fn subscriptions_moved_to_a_context_followed_already_get_their_first_callback() {
+        let t = Setup::new("migrate");
+        t.w.contexts().set("before", obj(1)).unwrap();
+        t.w.contexts().set("after", obj(2)).unwrap();
+        // The context's new segment ("after") is followed already: a subscription got past the
+        // gate while the restore ran (the gate's waits are bounded), and has its first callback.
+        let (_a, rx_a) = watch(&t.r, "after");
+        assert!(poll_next(&t.r, &rx_a).first);
+        // The replaced entry ("before") holds a subscription that still waits for its first
+        // callback; the restore moves it to the new segment.
+        let old = open(t.r.shared(), "before", false).unwrap().unwrap();
+        let new = open(t.r.shared(), "after", false).unwrap().unwrap();
+        let (b, rx_b) = new_sub("after");
+        old.subs.change(|v| v.push(b));
+        migrate(t.r.shared(), &old, &new);
+        let u = poll_next(&t.r, &rx_b);
+        assert!(u.first, "{u:?}");
+        assert_eq!(*u.data, obj(2));
     }
 
     #[test]
