@@ -750,35 +750,59 @@ fn attach_sub_inner(
     shared: &Arc<Shared>,
     sub: Arc<Sub>,
 ) -> Result<Option<Arc<CtxEntry>>, ContextError> {
-    let Some(entry) = open(shared, &sub.name, false)? else {
-        shared
-            .ctx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting
-            .entry(sub.name.clone())
-            .or_default()
-            .push(sub);
-        return Ok(None);
+    // The entry last found closed: found again, it is one that could not be read (it stays
+    // open under its name), and the sub is added to it as to any unreadable context.
+    let mut refused: Option<Arc<CtxEntry>> = None;
+    let (entry, claim, taken_up) = loop {
+        let Some(entry) = open(shared, &sub.name, false)? else {
+            shared
+                .ctx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .waiting
+                .entry(sub.name.clone())
+                .or_default()
+                .push(sub);
+            return Ok(None);
+        };
+        #[cfg(test)]
+        super::hook::at("attach_sub_inner: entry found, subscription not added yet");
+        let again = refused.as_ref().is_some_and(|r| Arc::ptr_eq(r, &entry));
+        // Relaxed: a claim only needs to be unique.
+        let claim = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
+        // The sub is added, and the context taken up if nobody follows it, under the list's
+        // lock, which `detach` holds to take its sub out and let go of the context when that
+        // leaves the list empty: a detach before us has let go (we take the context up again,
+        // and ask the gateway after its unsubscription went), one after us finds our sub there.
+        // (Taken up before the sub was added, the context could be let go of by a detach that
+        // found the list empty, leaving this follow stale and the subs added meanwhile with
+        // none.)
+        let joined = entry.subs.change(|v| {
+            // SYNC(ctx-closed): read under the list's lock, which `destroyed` takes after
+            // closing the entry, to take its subs out: either it takes ours with them (to wait
+            // for the context), or the mutex orders its store before this load and we see it.
+            if !again && entry.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            v.push(sub.clone());
+            // SYNC(followed): an RMW, so exactly one caller finds it unfollowed and subscribes;
+            // AcqRel (Acquire when it fails): acquire side of the RMWs and stores that clear
+            // it, release side for `is_closed`, `pump_follow` and `restore`.
+            Some(
+                entry
+                    .followed
+                    .compare_exchange(0, claim, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok(),
+            )
+        });
+        match joined {
+            Some(taken_up) => break (entry, claim, taken_up),
+            // Closed since `open` found it: destroyed (`open` now asks the gateway, and the sub
+            // waits for the context to be created again) or replaced (`open` finds the new
+            // entry). Added to it, the sub would be in a list nobody follows or moves on.
+            None => refused = Some(entry),
+        }
     };
-    // Relaxed: a claim only needs to be unique.
-    let claim = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
-    // The sub is added, and the context taken up if nobody follows it, under the list's lock,
-    // which `detach` holds to take its sub out and let go of the context when that leaves the
-    // list empty: a detach before us has let go (we take the context up again, and ask the
-    // gateway after its unsubscription went), one after us finds our sub there. (Taken up
-    // before the sub was added, the context could be let go of by a detach that found the list
-    // empty, leaving this follow stale and the subs added meanwhile with none.)
-    let taken_up = entry.subs.change(|v| {
-        v.push(sub.clone());
-        // SYNC(followed): an RMW, so exactly one caller finds it unfollowed and subscribes;
-        // AcqRel (Acquire when it fails): acquire side of the RMWs and stores that clear it,
-        // release side for `is_closed`, `pump_follow` and `restore`.
-        entry
-            .followed
-            .compare_exchange(0, claim, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    });
     // SYNC(new_subs): the sub pushed above is in the list the pumper takes once it sees the
     // flag (Acquire in `needs_snapshot`).
     entry.new_subs.store(true, Ordering::Release);
@@ -1655,6 +1679,30 @@ mod tests {
         let u = poll_next(&t.r, &rx_b);
         assert!(u.first, "{u:?}");
         assert_eq!(*u.data, obj(2));
+    }
+
+    #[test]
+    fn a_subscription_whose_context_is_destroyed_while_it_attaches_waits_for_it() {
+        let t = Setup::new("attach");
+        t.w.contexts().set("mid", obj(1)).unwrap();
+        let (_a, rx_a) = watch(&t.r, "mid");
+        assert!(poll_next(&t.r, &rx_a).first);
+        // `b` finds the context open; before it is added, another thread destroys the context,
+        // start to end.
+        let shared = t.r.shared().clone();
+        let point = "attach_sub_inner: entry found, subscription not added yet";
+        hook::set(point, move || {
+            elsewhere(move || destroy(&shared, "mid").unwrap());
+        });
+        let (_b, rx_b) = watch(&t.r, "mid");
+        assert!(!hook::is_set(point), "the attach never reached the point");
+        // Both wait for the context, and get it when it is created again.
+        let v = t.w.contexts().set("mid", obj(2)).unwrap();
+        for (who, rx) in [("a", &rx_a), ("b", &rx_b)] {
+            let u = poll_next(&t.r, rx);
+            assert!(u.first, "{who}: {u:?}");
+            assert_eq!((u.version, &*u.data), (v, &obj(2)), "{who}");
+        }
     }
 
     #[test]
