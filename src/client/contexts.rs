@@ -246,6 +246,21 @@ pub(crate) struct CtxFollow {
 }
 
 impl CtxFollow {
+    /// A follow of `entry` from its start, for `claim`, with `carry` (see the field).
+    fn new(entry: &Arc<CtxEntry>, claim: u64, carry: Option<Arc<Value>>) -> CtxFollow {
+        CtxFollow {
+            f: entry.store.follower(),
+            entry: entry.clone(),
+            claim,
+            data: None,
+            last_updater: None,
+            version: 0,
+            buf: Vec::new(),
+            broken: false,
+            carry,
+        }
+    }
+
     pub(crate) fn has_data(&self) -> bool {
         self.data.is_none() || self.f.has_more(&self.entry.store) || self.needs_snapshot()
     }
@@ -839,17 +854,7 @@ fn attach_sub_inner(
         // to come back with the others (`destroyed` took it); or the sub was dropped.
         return if ours { Err(e.into()) } else { Ok(None) };
     }
-    shared.add_ctx_follow(CtxFollow {
-        f: entry.store.follower(),
-        entry: entry.clone(),
-        claim,
-        data: None,
-        last_updater: None,
-        version: 0,
-        buf: Vec::new(),
-        broken: false,
-        carry: None,
-    });
+    shared.add_ctx_follow(CtxFollow::new(&entry, claim, None));
     Ok(Some(entry))
 }
 
@@ -1446,17 +1451,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         CONTROL_TIMEOUT,
     );
     super::reconnect::expect_ack(&format!("following context {:?}", new.name), r);
-    shared.add_ctx_follow(CtxFollow {
-        f: new.store.follower(),
-        entry: new.clone(),
-        claim,
-        data: None,
-        last_updater: None,
-        version: 0,
-        buf: Vec::new(),
-        broken: false,
-        carry: before,
-    });
+    shared.add_ctx_follow(CtxFollow::new(new, claim, before));
 }
 
 #[cfg(test)]

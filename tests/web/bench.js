@@ -130,25 +130,36 @@ async function rawServer(url) {
   process.send({ ready: true, id: ws.id });
 }
 
-// Context propagation with the library: the subscriber measures, the writer paces.
-async function ctxReader(url) {
-  const io = await connect(url, "bench-ctx-reader");
+// A reader process's one-way times: `add(i, t)` takes now - t for update i (t: the writer's
+// `process.hrtime`, the same clock), kept after the warm-up; `check()`, once the reader has
+// answered the update (so the writer never waits on a reader the parent has killed), answers
+// the parent's {collect: n} when n are in.
+function oneWayTimes() {
   const us = [];
   let want = null;
   let done = null;
-  await io.contexts.subscribe("bench.ping", (data) => {
-    if (typeof data.i !== "number" || data.i < 0) return;
-    const dt = Number(process.hrtime.bigint() - BigInt(data.t)) / 1000;
-    if (data.i >= WARMUP) us.push(dt);
-    io.contexts.update("bench.pong", { i: data.i });
-    if (want !== null && us.length >= want && done) done();
-  });
   process.on("message", (m) => {
     if (m.collect) {
       want = m.collect;
       const finish = () => { process.send({ us: us.slice(0, want) }); };
       if (us.length >= want) finish(); else done = finish;
     }
+  });
+  return {
+    add(i, t) { if (i >= WARMUP) us.push(Number(process.hrtime.bigint() - BigInt(t)) / 1000); },
+    check() { if (want !== null && us.length >= want && done) done(); },
+  };
+}
+
+// Context propagation with the library: the subscriber measures, the writer paces.
+async function ctxReader(url) {
+  const io = await connect(url, "bench-ctx-reader");
+  const times = oneWayTimes();
+  await io.contexts.subscribe("bench.ping", (data) => {
+    if (typeof data.i !== "number" || data.i < 0) return;
+    times.add(data.i, data.t);
+    io.contexts.update("bench.pong", { i: data.i });
+    times.check();
   });
   process.send({ ready: true });
 }
@@ -173,28 +184,18 @@ async function ctxWriter(url, n) {
 // The same with bare GW3 frames.
 async function rawCtxReader(url) {
   const ws = await rawLogin(url, "bench-raw-ctx-reader");
-  const us = [];
-  let want = null;
-  let done = null;
+  const times = oneWayTimes();
   const made = await ws.ask({ type: "create-context", domain: "global", request_id: "c", peer_id: ws.id,
     name: "bench.raw", data: {}, lifetime: "retained" });
   ws.onOther = (m) => {
     if (m.type !== "context-updated" || !m.delta.reset) return;
     const d = m.delta.reset;
     if (d.i < 0) return;
-    const dt = Number(process.hrtime.bigint() - BigInt(d.t)) / 1000;
-    if (d.i >= WARMUP) us.push(dt);
+    times.add(d.i, d.t);
     ws.send(JSON.stringify({ type: "update-context", domain: "global", request_id: `a${d.i}`, peer_id: ws.id,
       context_id: made.context_id, delta: { reset: { ack: d.i } } }));
-    if (want !== null && us.length >= want && done) done();
+    times.check();
   };
-  process.on("message", (m) => {
-    if (m.collect) {
-      want = m.collect;
-      const finish = () => { process.send({ us: us.slice(0, want) }); };
-      if (us.length >= want) finish(); else done = finish;
-    }
-  });
   process.send({ ready: true });
 }
 
@@ -257,9 +258,7 @@ async function directCtxReader() {
   const { WebSocketServer } = require("ws");
   const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
   await new Promise((ok) => wss.once("listening", ok));
-  const us = [];
-  let want = null;
-  let done = null;
+  const times = oneWayTimes();
   wss.on("connection", (ws) => ws.on("message", (d) => {
     const m = JSON.parse(d.toString());
     const answer = (a) => ws.send(JSON.stringify({ domain: m.domain, request_id: m.request_id, peer_id: "p-1", ...a }));
@@ -269,20 +268,12 @@ async function directCtxReader() {
     else if (m.type === "update-context" && m.delta.reset && m.delta.reset.t) {
       answer({ type: "success" });
       const r = m.delta.reset;
-      const dt = Number(process.hrtime.bigint() - BigInt(r.t)) / 1000;
-      if (r.i >= WARMUP) us.push(dt);
+      times.add(r.i, r.t);
       ws.send(JSON.stringify({ type: "context-updated", domain: "global", peer_id: "p-1", context_id: m.context_id,
         updater_id: "p-2", delta: { reset: { ack: r.i } } }));
-      if (want !== null && us.length >= want && done) done();
+      times.check();
     }
   }));
-  process.on("message", (m) => {
-    if (m.collect) {
-      want = m.collect;
-      const finish = () => { process.send({ us: us.slice(0, want) }); };
-      if (us.length >= want) finish(); else done = finish;
-    }
-  });
   process.send({ ready: true, url: `ws://127.0.0.1:${wss.address().port}` });
 }
 
