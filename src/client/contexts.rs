@@ -936,7 +936,7 @@ pub(crate) fn pump_follow(
             }
         }
         #[cfg(test)]
-        tests::before_first_callbacks();
+        super::hook::at("pump_follow: before the first callbacks");
         // Under the list's lock: `destroyed` and `migrate` take a sub out of the list (under
         // it) before they reset its `start`, so a sub they took is not given this entry's
         // version after they reset it, and one they take later is reset after our store. (A
@@ -1459,32 +1459,14 @@ mod tests {
     use super::super::hook;
     use super::*;
     use crate::client::Client;
-    use std::cell::Cell;
     use std::sync::mpsc::{channel, Receiver};
 
-    thread_local! {
-        /// Runs once, on the pumping thread, where a first-callback pass reads the context's
-        /// subscriptions: a test puts another thread's step there.
-        static BEFORE_FIRST_CALLBACKS: Cell<Option<Box<dyn FnOnce()>>> = const { Cell::new(None) };
-    }
-
-    pub(super) fn before_first_callbacks() {
-        if let Some(f) = BEFORE_FIRST_CALLBACKS.with(Cell::take) {
-            f();
-        }
-    }
-
-    /// Runs `step` at the next first-callback pass of `r` (polling it for one).
+    /// Runs `step` at the next first-callback pass of `r`'s pumper (this thread, polling).
     fn at_next_first_callbacks(r: &Client, step: impl FnOnce() + 'static) {
-        let (fired_tx, fired) = channel();
-        BEFORE_FIRST_CALLBACKS.with(|h| {
-            h.set(Some(Box::new(move || {
-                step();
-                let _ = fired_tx.send(());
-            })))
-        });
+        let point = "pump_follow: before the first callbacks";
+        hook::set(point, step);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while fired.try_recv().is_err() {
+        while hook::is_set(point) {
             assert!(
                 Instant::now() < deadline,
                 "no first-callback pass within 5 s"
