@@ -35,10 +35,8 @@
 // reference / knit).
 "use strict";
 const { referenceGateway } = require("./lib/reference");
+const { knitGateway: startKnit } = require("./lib/knit");
 const { fork, spawn } = require("child_process");
-const fs = require("fs");
-const os = require("os");
-const path = require("path");
 
 const argv = process.argv.slice(2);
 const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt; };
@@ -320,22 +318,8 @@ async function measureFloor(n, relayBin) {
   return us;
 }
 
-async function knitGateway(bin) {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "knit-bench-"));
-  const config = opt("--knit-config");
-  const child = spawn(bin, ["gateway", "--gateway", path.join(dir, "gw.sock"), "--ws", "127.0.0.1:0", "--ws-auth", "open",
-    ...(config ? ["--config", config] : [])], { stdio: ["ignore", "ignore", "pipe"] });
-  const url = await new Promise((ok, fail) => {
-    let err = "";
-    child.stderr.on("data", (d) => {
-      err += d;
-      const m = /bridge listening on (ws:\/\/[0-9.:]+)\//.exec(err);
-      if (m) ok(m[1]);
-    });
-    child.on("exit", (code) => fail(new Error(`knit gateway exited (${code}): ${err}`)));
-  });
-  return { url, pid: child.pid, close: async () => { child.kill("SIGTERM"); fs.rmSync(dir, { recursive: true, force: true }); } };
-}
+// knit's gateway for a round (with `--knit-config FILE` if given).
+const knitGateway = (bin) => { const config = opt("--knit-config"); return startKnit(bin, config ? ["--config", config] : []); };
 
 // For scripts/bridge-hop.sh and tracing by hand: a knit gateway (`--knit reference`: the
 // reference, in this process) and the library server and caller of `invoke_rtt` (with

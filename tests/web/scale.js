@@ -14,12 +14,10 @@
 // missed, wrong, or (knit) if the gateway logged a warning or an error: a crowd coming and going
 // is ordinary traffic.
 "use strict";
-const { spawn } = require("child_process");
 const fs = require("fs");
-const os = require("os");
-const path = require("path");
-const { client } = require("./scenarios");
+const { client, waitFor } = require("./scenarios");
 const { referenceGateway } = require("./lib/reference");
+const { knitGateway } = require("./lib/knit");
 
 const argv = process.argv.slice(2);
 const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt; };
@@ -27,44 +25,17 @@ const N = Number(opt("--n", 100));
 const UPDATES = 20;
 const WAIT_MS = 60000;
 
-// Resolves once `cond()` holds; rejects after WAIT_MS with `what`.
-async function until(cond, what) {
-  const end = Date.now() + WAIT_MS;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 1));
-  }
-}
-
-async function knitGateway(bin) {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "knit-scale-"));
-  const child = spawn(bin, ["gateway", "--gateway", path.join(dir, "gw.sock"), "--ws", "127.0.0.1:0", "--ws-auth", "open"],
-    { stdio: ["ignore", "ignore", "pipe"] });
-  let log = "";
-  const url = await new Promise((ok, fail) => {
-    child.stderr.on("data", (d) => {
-      log += d;
-      const m = /bridge listening on (ws:\/\/[0-9.:]+)\//.exec(log);
-      if (m) ok(m[1]);
-    });
-    child.once("exit", (code) => fail(new Error(`knit gateway exited (${code}): ${log}`)));
-  });
-  const rss = () => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${child.pid}/status`, "utf8"))[1]);
-  return {
-    url,
-    rss,
-    complaints: () => log.split("\n").filter((l) => /\b(warn|error)\b/.test(l)),
-    close: () => { child.kill("SIGTERM"); fs.rmSync(dir, { recursive: true, force: true }); },
-  };
-}
-
 async function main() {
   const bin = opt("--knit");
   const reference = argv.includes("--reference");
   if (!bin && !reference) throw new Error("--knit PATH or --reference is required");
   const g = reference ? await referenceGateway() : await knitGateway(bin);
+  // Polled every millisecond: the figures are the times things took, not the polling's step.
+  const until = (cond, what) => waitFor(cond, what, WAIT_MS, 1);
   const rss = {};
-  const mark = (k) => { if (g.rss) rss[k] = g.rss(); };
+  const mark = (k) => {
+    if (g.pid) rss[k] = Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${g.pid}/status`, "utf8"))[1]);
+  };
   const out = { gateway: reference ? "reference" : "knit", n: N };
   const problems = [];
   try {
@@ -115,9 +86,9 @@ async function main() {
   } catch (e) {
     problems.push(e.message || String(e));
   }
-  out.rss_kib = g.rss ? rss : null;
-  if (g.complaints) {
-    const c = g.complaints();
+  out.rss_kib = g.pid ? rss : null;
+  if (g.log) {
+    const c = g.log().split("\n").filter((l) => /\b(warn|error)\b/.test(l));
     if (c.length) problems.push(`the gateway complained: ${c.slice(0, 3).join(" | ")}${c.length > 3 ? ` (+${c.length - 3})` : ""}`);
   }
   console.log(JSON.stringify(out));

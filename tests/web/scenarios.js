@@ -9,11 +9,12 @@ const WebSocket = require("ws");
 const pause = (ms) => new Promise((r) => setTimeout(r, ms));
 const STEP_MS = Number(process.env.KNIT_STEP_MS || 200);
 
-async function waitFor(cond, what, ms = 5000) {
+// Resolves once `cond()` holds, looking every `step` ms; rejects after `ms` with `what`.
+async function waitFor(cond, what, ms = 5000, step = 10) {
   const end = Date.now() + ms;
   while (!cond()) {
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await pause(10);
+    await pause(step);
   }
 }
 
