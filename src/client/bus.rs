@@ -192,15 +192,7 @@ pub(crate) fn subscribe(
         },
         CONTROL_TIMEOUT,
     );
-    let failed = match reply {
-        Ok(Reply::Ack) => None,
-        Ok(Reply::Fail(status, message)) => Some(ClientError::Gateway { status, message }),
-        Ok(_) => Some(ClientError::Protocol(
-            "unexpected reply to bus subscribe".into(),
-        )),
-        Err(e) => Some(e),
-    };
-    if let Some(e) = failed {
+    if let Err(e) = Reply::ack(reply, "bus subscribe") {
         // SYNC(bus-sub-active): as in `drop`: the dispatcher may already hold the sub in its
         // list and skips the sub once it sees the flag.
         sub.active.store(false, Ordering::Release);

@@ -24,6 +24,18 @@ pub(crate) enum Reply {
     Context(Arc<super::contexts::CtxEntry>),
 }
 
+impl Reply {
+    /// The outcome of a request `what` that the gateway answers with `Ack`: a refusal is the
+    /// gateway's error, any other reply a protocol error.
+    pub(crate) fn ack(r: Result<Reply, ClientError>, what: &str) -> Result<(), ClientError> {
+        match r? {
+            Reply::Ack => Ok(()),
+            Reply::Fail(status, message) => Err(ClientError::Gateway { status, message }),
+            _ => Err(ClientError::Protocol(format!("unexpected reply to {what}"))),
+        }
+    }
+}
+
 /// Why the connection is down.
 #[derive(Debug, Clone)]
 pub(crate) struct Down {

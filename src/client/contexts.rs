@@ -827,18 +827,11 @@ fn attach_sub_inner(
     }
     entry.prefault();
     let id = entry.id;
-    let failed = match shared.conn.request(
+    let r = shared.conn.request(
         |req| ToGateway::SubscribeContext { req, id },
         CONTROL_TIMEOUT,
-    ) {
-        Ok(Reply::Ack) => None,
-        Ok(Reply::Fail(status, message)) => Some(ClientError::Gateway { status, message }),
-        Ok(_) => Some(ClientError::Protocol(
-            "unexpected reply to subscribe-context".into(),
-        )),
-        Err(e) => Some(e),
-    };
-    if let Some(e) = failed {
+    );
+    if let Err(e) = Reply::ack(r, "subscribe-context") {
         let ours = entry.subs.change(|v| {
             let before = v.len();
             v.retain(|s| !Arc::ptr_eq(s, &sub));
