@@ -315,8 +315,22 @@ struct Chosen {
     lane: Option<Arc<Lane>>,
 }
 
+/// The servers an invocation goes to.
+enum Choice {
+    /// The common case (`best`): one server, without a list.
+    One(Chosen),
+    /// Any number, in target order (none: no server yet).
+    Many(Vec<Chosen>),
+}
+
+impl Choice {
+    fn is_empty(&self) -> bool {
+        matches!(self, Choice::Many(v) if v.is_empty())
+    }
+}
+
 /// Servers of `method` in discovery order, ourselves first, filtered by `target`.
-fn choose(shared: &Arc<Shared>, method: &str, target: &Target) -> Vec<Chosen> {
+fn choose(shared: &Arc<Shared>, method: &str, target: &Target) -> Choice {
     let st = shared.lock_state();
     let servers = servers_of(shared, &st, method);
     let mut cands = servers.iter().filter_map(|&(peer, method_id)| {
@@ -337,20 +351,25 @@ fn choose(shared: &Arc<Shared>, method: &str, target: &Target) -> Vec<Chosen> {
         })
     });
     if *target == Target::Best {
-        // The hot path: the first candidate, without building the list.
-        return cands.next().into_iter().collect();
+        // The hot path: the first candidate, without building a list.
+        return match cands.next() {
+            Some(c) => Choice::One(c),
+            None => Choice::Many(Vec::new()),
+        };
     }
     let cands: Vec<Chosen> = cands.collect();
     let insts: Vec<&Instance> = cands.iter().map(|c| &*c.server).collect();
-    select(target, shared.my_id(), &insts)
-        .iter()
-        .filter_map(|i| {
-            cands
-                .iter()
-                .find(|c| c.server.peer_id == i.peer_id)
-                .cloned()
-        })
-        .collect()
+    Choice::Many(
+        select(target, shared.my_id(), &insts)
+            .iter()
+            .filter_map(|i| {
+                cands
+                    .iter()
+                    .find(|c| c.server.peer_id == i.peer_id)
+                    .cloned()
+            })
+            .collect(),
+    )
 }
 
 /// `(peer, method id)` of every server of `method`, ourselves first (`None`: any method of
@@ -511,102 +530,125 @@ pub(crate) fn invoke(
             })
             .unwrap_or_else(|e| e.into_inner());
     };
+    let deadline = Instant::now() + opts.timeout;
+    let many = match chosen {
+        Choice::One(c) => {
+            // One server (`best`): no list of calls or outcomes to build.
+            let sent = send_call(shared, &c, &args, opts);
+            let o = call_outcome(shared, &c, sent, deadline, method, opts);
+            return InvocationResult::aggregate_one(method, args, o)
+                .map_err(|r| InvokeError::Failed(Box::new(r)));
+        }
+        Choice::Many(cs) => cs,
+    };
     // Send one call per server, then collect the outcomes in target order.
-    let start = Instant::now();
-    let deadline = start + opts.timeout;
-    let mut pending = Vec::with_capacity(chosen.len());
-    for c in &chosen {
-        let my_id = shared.my_id();
-        let p = if c.server.peer_id == my_id {
-            let slot = super::engine::CallSlot::new(my_id);
-            shared.local_invoke(slot.clone(), c.method_id, args.clone());
-            Ok((None, slot))
-        } else if c.relay {
-            let (id, slot) = shared.new_call(c.server.peer_id);
-            let msg = ToGateway::Call {
-                call: id,
-                peer: c.server.peer_id,
-                method_id: c.method_id,
-                args: args.clone(),
-                timeout_ms: opts.timeout.as_millis().min(u32::MAX as u128) as u32,
-            };
-            match shared.conn.send(&msg) {
-                Ok(()) => Ok((Some(id), slot)),
-                Err(e) => {
-                    shared.forget_call(id);
-                    Err((e.status(), e.to_string()))
-                }
-            }
-        } else {
-            match lane_to(shared, c.server.peer_id, c.lane.as_ref()) {
-                Ok(lane) => {
-                    let (id, slot) = shared.new_call(c.server.peer_id);
-                    match shared.send_invoke(&lane, id, c.method_id, &args, opts.timeout) {
-                        Ok(()) => Ok((Some(id), slot)),
-                        Err(e) => {
-                            shared.forget_call(id);
-                            Err((e.status(), e.to_string()))
-                        }
-                    }
-                }
-                Err(e) => Err(e),
-            }
-        };
-        pending.push(p);
-    }
-    let mut outcomes = Vec::with_capacity(chosen.len());
-    for (c, p) in chosen.iter().zip(pending) {
-        let failure = |kind, message: String, context| CallFailure {
-            executed_by: c.server.clone(),
-            message,
-            context,
-            kind,
-        };
-        let o = match p {
-            Err((status, message)) => {
-                let kind = if status == Status::PeerLeft {
-                    FailureKind::PeerLeft
-                } else {
-                    FailureKind::Delivery(status)
-                };
-                Err(failure(kind, message, None))
-            }
-            Ok((id, slot)) => {
-                if shared.wait_slot(&slot, deadline) {
-                    let o = match slot.take() {
-                        Some(Ok(v)) => Ok(ReturnValue {
-                            executed_by: c.server.clone(),
-                            returned: v,
-                        }),
-                        Some(Err((kind, m, ctx))) => Err(failure(kind, m, ctx)),
-                        None => Err(failure(
-                            FailureKind::Delivery(Status::Internal),
-                            "outcome lost".into(),
-                            None,
-                        )),
-                    };
-                    super::engine::CallSlot::recycle(slot);
-                    o
-                } else {
-                    if let Some(id) = id {
-                        shared.forget_call(id);
-                    }
-                    let ms = opts.timeout.as_millis();
-                    Err(failure(
-                        FailureKind::Timeout,
-                        format!(
-                            "Invocation timeout ({ms} ms) reached for method name: {method}, target instance: {}",
-                            c.server.to_value()
-                        ),
-                        None,
-                    ))
-                }
-            }
-        };
-        outcomes.push(o);
-    }
+    let sent: Vec<Sent> = many
+        .iter()
+        .map(|c| send_call(shared, c, &args, opts))
+        .collect();
+    let outcomes = many
+        .iter()
+        .zip(sent)
+        .map(|(c, p)| call_outcome(shared, c, p, deadline, method, opts))
+        .collect();
     InvocationResult::aggregate(method, args, outcomes)
         .map_err(|r| InvokeError::Failed(Box::new(r)))
+}
+
+/// A call on its way to one server: its id (`None`: run here) and the slot its outcome comes
+/// to; or why it could not be sent.
+type Sent = Result<(Option<u64>, Arc<super::engine::CallSlot>), (Status, String)>;
+
+/// Sends the call to one chosen server: run here, relayed through the gateway, or on its lane.
+fn send_call(shared: &Arc<Shared>, c: &Chosen, args: &Value, opts: &InvokeOptions) -> Sent {
+    let my_id = shared.my_id();
+    if c.server.peer_id == my_id {
+        let slot = super::engine::CallSlot::new(my_id);
+        shared.local_invoke(slot.clone(), c.method_id, args.clone());
+        Ok((None, slot))
+    } else if c.relay {
+        let (id, slot) = shared.new_call(c.server.peer_id);
+        let msg = ToGateway::Call {
+            call: id,
+            peer: c.server.peer_id,
+            method_id: c.method_id,
+            args: args.clone(),
+            timeout_ms: opts.timeout.as_millis().min(u32::MAX as u128) as u32,
+        };
+        match shared.conn.send(&msg) {
+            Ok(()) => Ok((Some(id), slot)),
+            Err(e) => {
+                shared.forget_call(id);
+                Err((e.status(), e.to_string()))
+            }
+        }
+    } else {
+        let lane = lane_to(shared, c.server.peer_id, c.lane.as_ref())?;
+        let (id, slot) = shared.new_call(c.server.peer_id);
+        match shared.send_invoke(&lane, id, c.method_id, args, opts.timeout) {
+            Ok(()) => Ok((Some(id), slot)),
+            Err(e) => {
+                shared.forget_call(id);
+                Err((e.status(), e.to_string()))
+            }
+        }
+    }
+}
+
+/// Waits for one server's outcome, until `deadline`.
+fn call_outcome(
+    shared: &Arc<Shared>,
+    c: &Chosen,
+    sent: Sent,
+    deadline: Instant,
+    method: &str,
+    opts: &InvokeOptions,
+) -> Result<ReturnValue, CallFailure> {
+    let failure = |kind, message: String, context| CallFailure {
+        executed_by: c.server.clone(),
+        message,
+        context,
+        kind,
+    };
+    let (id, slot) = match sent {
+        Ok(s) => s,
+        Err((status, message)) => {
+            let kind = if status == Status::PeerLeft {
+                FailureKind::PeerLeft
+            } else {
+                FailureKind::Delivery(status)
+            };
+            return Err(failure(kind, message, None));
+        }
+    };
+    if !shared.wait_slot(&slot, deadline) {
+        if let Some(id) = id {
+            shared.forget_call(id);
+        }
+        let ms = opts.timeout.as_millis();
+        return Err(failure(
+            FailureKind::Timeout,
+            format!(
+                "Invocation timeout ({ms} ms) reached for method name: {method}, target instance: {}",
+                c.server.to_value()
+            ),
+            None,
+        ));
+    }
+    let o = match slot.take() {
+        Some(Ok(v)) => Ok(ReturnValue {
+            executed_by: c.server.clone(),
+            returned: v,
+        }),
+        Some(Err((kind, m, ctx))) => Err(failure(kind, m, ctx)),
+        None => Err(failure(
+            FailureKind::Delivery(Status::Internal),
+            "outcome lost".into(),
+            None,
+        )),
+    };
+    super::engine::CallSlot::recycle(slot);
+    o
 }
 
 pub(crate) fn servers(shared: &Shared) -> Vec<Instance> {

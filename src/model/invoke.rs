@@ -80,36 +80,14 @@ impl InvocationResult {
         outcomes: Vec<Result<ReturnValue, CallFailure>>,
     ) -> Result<InvocationResult, InvocationResult> {
         let multi = outcomes.len() > 1;
-        let mut r = InvocationResult {
-            method: method.to_string(),
-            called_with,
-            returned: Value::Null,
-            executed_by: None,
-            status: 0,
-            message: String::new(),
-            all_return_values: Vec::new(),
-            all_errors: Vec::new(),
-            multi,
-        };
         if !multi {
-            // The common case: one server, nothing to copy.
-            match outcomes.into_iter().next() {
-                Some(Ok(v)) => {
-                    r.returned = v.returned;
-                    r.executed_by = Some(v.executed_by);
-                    return Ok(r);
-                }
-                Some(Err(e)) => {
-                    r.status = 1;
-                    r.message = e.message.clone();
-                    r.executed_by = Some(e.executed_by.clone());
-                    r.returned = e.context.clone().unwrap_or(Value::Null);
-                    r.all_errors.push(e);
-                    return Err(r);
-                }
-                None => return Err(r),
-            }
+            let mut outcomes = outcomes.into_iter();
+            return match outcomes.next() {
+                Some(o) => Self::aggregate_one(method, called_with, o),
+                None => Err(Self::empty(method, called_with, false)),
+            };
         }
+        let mut r = Self::empty(method, called_with, true);
         match outcomes.first() {
             Some(Ok(v)) => {
                 r.returned = v.returned.clone();
@@ -133,6 +111,46 @@ impl InvocationResult {
             Err(r)
         } else {
             Ok(r)
+        }
+    }
+
+    /// [`InvocationResult::aggregate`] for one server's outcome, without a list.
+    #[allow(clippy::result_large_err)] // both arms are the same, full result
+    pub fn aggregate_one(
+        method: &str,
+        called_with: Value,
+        outcome: Result<ReturnValue, CallFailure>,
+    ) -> Result<InvocationResult, InvocationResult> {
+        let mut r = Self::empty(method, called_with, false);
+        match outcome {
+            Ok(v) => {
+                r.returned = v.returned;
+                r.executed_by = Some(v.executed_by);
+                Ok(r)
+            }
+            Err(e) => {
+                r.status = 1;
+                r.message = e.message.clone();
+                r.executed_by = Some(e.executed_by.clone());
+                r.returned = e.context.clone().unwrap_or(Value::Null);
+                r.all_errors.push(e);
+                Err(r)
+            }
+        }
+    }
+
+    /// No outcome yet.
+    fn empty(method: &str, called_with: Value, multi: bool) -> InvocationResult {
+        InvocationResult {
+            method: method.to_string(),
+            called_with,
+            returned: Value::Null,
+            executed_by: None,
+            status: 0,
+            message: String::new(),
+            all_return_values: Vec::new(),
+            all_errors: Vec::new(),
+            multi,
         }
     }
 
