@@ -29,6 +29,7 @@ mod delta;
 pub(crate) mod gate;
 pub(crate) mod gw3;
 mod hub;
+mod peers;
 mod pending;
 mod session;
 mod spin;
@@ -231,6 +232,7 @@ impl Bound {
         let shared = Arc::new(session::Shared {
             core,
             hub: hub::Hub::default(),
+            views: Default::default(),
             ids: gw3::Ids::new(node),
             auth: self.auth,
             limits,

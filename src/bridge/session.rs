@@ -9,6 +9,7 @@ use super::auth::Authenticator;
 use super::contexts::Contexts;
 use super::gw3::{self, rid, rid_ref, yield_invocation, yield_result, CallReq, Ids, Obj};
 use super::hub::{Hub, HubEvent, Kill, CLOSE_SLOW};
+use super::peers::{gid_of, PeerView, Views};
 use super::{BridgeConfig, Outbox, Wire};
 use crate::gateway::{Admission, Closer, CoreHandle, Limits, Outgoing};
 use crate::status::Status;
@@ -16,7 +17,7 @@ use crate::wire::frame::{FromGateway, MethodSpec, PeerId, RelayOutcome, ToGatewa
 use crate::wire::Value;
 use futures_util::StreamExt;
 use serde_json::{json, Value as J};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,6 +31,8 @@ use tokio_tungstenite::WebSocketStream;
 pub(crate) struct Shared {
     pub core: CoreHandle,
     pub hub: Hub,
+    /// The views of the peers connections know, shared between them.
+    pub views: Views,
     pub ids: Ids,
     pub auth: Authenticator,
     pub limits: Limits,
@@ -95,107 +98,25 @@ struct SuccessFrame<'a> {
     peer_id: &'a J,
 }
 
-/// Another peer as this connection's client knows it.
-struct Known {
-    /// The GW3 identity shown in `peer-added` (a web peer's shared with the hub: one copy
-    /// however many connections know the peer).
-    identity: Arc<J>,
-    /// The instance of a web peer (whose `agm` membership the hub knows); `None` for natives.
-    web: Option<String>,
-    /// Registry method id → method object (its `id` is the GW3 id; a web peer's object is
-    /// shared with the hub). Changed only through [`Known::add_method`] and
-    /// [`Known::remove_method`], which keep `by_gid` in step.
-    methods: BTreeMap<u32, Arc<J>>,
-    /// A hash of each method's GW3 id (as [`gw3::id_key`] writes it) → registry method id: a
-    /// call names its method by GW3 id, and a server may have thousands. Hashes, not the ids:
-    /// an id is any JSON a client chose, and a copy per connection that knows the peer would
-    /// undo the sharing of method objects. A peer's GW3 ids are distinct (a registration
-    /// repeating one is refused; a native method's is its registry id); a hit is checked
-    /// against the method's id, and if two ids ever share a hash the lookup falls back to a scan.
-    by_gid: HashMap<u64, u32>,
-    gid_hasher: std::collections::hash_map::RandomState,
-    gid_collision: bool,
+/// Another peer as this connection's client knows it: the view of it (shared with every other
+/// connection that sees it the same, `peers.rs`), and whether the client was told about it.
+pub(super) struct Known {
+    view: Arc<PeerView>,
     /// Whether the client was sent `peer-added` for it.
     announced: bool,
 }
 
-/// Whether two GW3 ids are the same id: the same JSON text ([`gw3::id_key`]), which for two
-/// strings, the usual case, is string equality.
-fn same_id(a: &J, b: &J) -> bool {
-    match (a, b) {
-        (J::String(x), J::String(y)) => x == y,
-        _ => gw3::id_key(a) == gw3::id_key(b),
-    }
-}
-
-/// The GW3 id of a method object (`null` when it has none).
-pub(super) fn gid_of(obj: &J) -> &J {
-    obj.get("id").unwrap_or(&J::Null)
-}
-
 impl Known {
-    fn new(identity: Arc<J>, web: Option<String>) -> Known {
+    fn new(view: Arc<PeerView>) -> Known {
         Known {
-            identity,
-            web,
-            methods: BTreeMap::new(),
-            by_gid: HashMap::new(),
-            gid_hasher: Default::default(),
-            gid_collision: false,
+            view,
             announced: false,
         }
     }
 
-    /// The hash of `id`'s JSON text, without writing the text out.
-    fn gid_hash(&self, id: &J) -> u64 {
-        use std::hash::{BuildHasher, Hasher};
-        struct Feed<H>(H);
-        impl<H: Hasher> std::io::Write for Feed<H> {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.write(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut feed = Feed(self.gid_hasher.build_hasher());
-        // Writing JSON into a hasher cannot fail: a `serde_json::Value` has string keys only.
-        let _ = serde_json::to_writer(&mut feed, id);
-        feed.0.finish()
-    }
-
-    fn method_by_gw3(&self, id: &J) -> Option<u32> {
-        if self.gid_collision {
-            return self
-                .methods
-                .iter()
-                .find(|(_, o)| same_id(gid_of(o), id))
-                .map(|(n, _)| *n);
-        }
-        let n = *self.by_gid.get(&self.gid_hash(id))?;
-        let obj = self.methods.get(&n)?;
-        same_id(gid_of(obj), id).then_some(n)
-    }
-
-    fn add_method(&mut self, n: u32, obj: Arc<J>) {
-        let h = self.gid_hash(gid_of(&obj));
-        if let Some(&other) = self.by_gid.get(&h) {
-            if other != n {
-                self.gid_collision = true;
-            }
-        }
-        self.by_gid.insert(h, n);
-        self.methods.insert(n, obj);
-    }
-
-    fn remove_method(&mut self, n: u32) -> Option<Arc<J>> {
-        let obj = self.methods.remove(&n)?;
-        let h = self.gid_hash(gid_of(&obj));
-        if self.by_gid.get(&h) == Some(&n) {
-            self.by_gid.remove(&h);
-        }
-        Some(obj)
+    /// Whether it is a web peer.
+    fn web(&self) -> bool {
+        self.view.web().is_some()
     }
 }
 
@@ -279,7 +200,9 @@ struct Me {
     methods: HashMap<u32, Arc<J>>,
     by_key: HashMap<String, u32>,
     next_method: u32,
-    known: BTreeMap<PeerId, Known>,
+    /// The other peers it knows (a view of each, shared: the connection's own cost per peer is
+    /// [`Known`]'s).
+    known: HashMap<PeerId, Known>,
     calls: HashMap<u64, PendingCall>,
     /// The request ids `calls` hold.
     waiting: Meter,
@@ -307,7 +230,7 @@ impl Me {
         if server == self.peer {
             Some(self.by_key.get(&gw3::id_key(method)).copied())
         } else {
-            Some(self.known.get(&server)?.method_by_gw3(method))
+            Some(self.known.get(&server)?.view.method_by_gw3(method))
         }
     }
 }
@@ -542,6 +465,9 @@ pub(crate) async fn run(
         s.sh.ctxs.forget_peer(me.peer);
         s.sh.core.closed(me.peer, why).await;
         s.sh.hub.remove(&me.instance);
+        let peers: Vec<PeerId> = me.known.keys().copied().collect();
+        drop(me);
+        s.sh.views.release(peers);
     }
     s.sh.gate.release(&mut s.congested);
     let Session { mut wire, .. } = s;
@@ -938,11 +864,14 @@ impl Session {
         };
         hub.admitted(&instance, peer);
         let id = J::String(self.sh.ids.peer(peer));
-        let mut known = BTreeMap::new();
+        let mut known = HashMap::with_capacity(welcome.peers.len());
         for p in &welcome.peers {
-            let mut k = self.known_from(&p.identity, p.transport);
-            self.add_known_methods(&mut k, &p.methods);
-            known.insert(p.identity.peer_id, k);
+            let mut v = self.view_of(&p.identity, p.transport);
+            for m in &p.methods {
+                v.add_method(m.id, self.method_object(v.web(), m));
+            }
+            let v = self.sh.views.share(p.identity.peer_id, v);
+            known.insert(p.identity.peer_id, Known::new(v));
         }
         let mut w = json!({
             "domain": "global", "type": "welcome", "request_id": request_id, "peer_id": id,
@@ -1289,7 +1218,10 @@ impl Session {
             me.in_agm = true;
             self.sh.hub.set_agm(&me.instance, true);
         }
-        let peers = me.known.keys().copied().collect();
+        // In the order of the peers' ids, the order they came in.
+        let mut peers: Vec<PeerId> = me.known.keys().copied().collect();
+        peers.sort_unstable();
+        let peers = peers.into();
         self.replay = Some(Replay {
             peers,
             frames: VecDeque::new(),
@@ -1343,32 +1275,25 @@ impl Session {
 
     // ---- notices from the registry ---------------------------------------------------------
 
-    fn known_from(&self, identity: &crate::wire::frame::Instance, transport: Transport) -> Known {
+    /// A peer the registry announces, with no methods yet (not shared yet).
+    fn view_of(&self, identity: &crate::wire::frame::Instance, transport: Transport) -> PeerView {
         let web = if transport == Transport::Relay {
             self.sh.hub.identity(&identity.instance)
         } else {
             None
         };
-        Known::new(
+        PeerView::new(
             web.clone()
                 .unwrap_or_else(|| Arc::new(gw3::native_identity(identity))),
             web.map(|_| identity.instance.clone()),
         )
     }
 
-    /// Adds methods to a known peer; returns their GW3 objects.
-    fn add_known_methods(&self, k: &mut Known, methods: &[MethodSpec]) -> Vec<Arc<J>> {
-        let mut objs = Vec::with_capacity(methods.len());
-        for m in methods {
-            let obj = k
-                .web
-                .as_ref()
-                .and_then(|inst| self.sh.hub.method(inst, m.id))
-                .unwrap_or_else(|| Arc::new(gw3::method_to_gw3(m.id, &m.def)));
-            objs.push(obj.clone());
-            k.add_method(m.id, obj);
-        }
-        objs
+    /// The GW3 object of a method of a peer (`web`: its instance if it is a web peer): a web
+    /// peer's as it registered it, a native's made from its definition.
+    fn method_object(&self, web: Option<&str>, m: &MethodSpec) -> Arc<J> {
+        web.and_then(|inst| self.sh.hub.method(inst, m.id))
+            .unwrap_or_else(|| Arc::new(gw3::method_to_gw3(m.id, &m.def)))
     }
 
     /// Reports this connection's backlog of registry notices to the gate.
@@ -1414,7 +1339,7 @@ impl Session {
         if !me.in_agm || k.announced {
             return Vec::new();
         }
-        if let Some(inst) = &k.web {
+        if let Some(inst) = k.view.web() {
             if !self.sh.hub.in_agm(inst) {
                 return Vec::new();
             }
@@ -1426,14 +1351,14 @@ impl Session {
             ty: "peer-added",
             peer_id: &me.id,
             new_peer_id: &server,
-            identity: &k.identity,
+            identity: k.view.identity(),
             meta: Local { local: true },
         })];
         // Methods in frames of about ANNOUNCE_CHUNK bytes each: a peer may hold 100 000
         // methods, tens of MiB in one frame otherwise.
         let mut chunk = Vec::new();
         let mut bytes = 0;
-        for o in k.methods.values() {
+        for o in k.view.methods() {
             let len = gw3::approx_len(o);
             if !chunk.is_empty() && bytes + len > ANNOUNCE_CHUNK {
                 frames.push(methods_added(&me.id, &server, std::mem::take(&mut chunk)));
@@ -1462,7 +1387,7 @@ impl Session {
                 if !std::mem::replace(&mut k.announced, false) || !me.in_agm {
                     return;
                 }
-                let ids: Vec<J> = k.methods.values().map(|o| gid_of(o).clone()).collect();
+                let ids: Vec<J> = k.view.methods().map(|o| gid_of(o).clone()).collect();
                 let (me_id, server) = (me.id.clone(), self.sh.ids.peer(p));
                 if !ids.is_empty() {
                     self.send(
@@ -1537,7 +1462,8 @@ impl Session {
                 ..
             } => {
                 let peer = identity.peer_id;
-                let k = self.known_from(&identity, transport);
+                let v = self.view_of(&identity, transport);
+                let k = Known::new(self.sh.views.share(peer, v));
                 if let Some(me) = self.me.as_mut() {
                     me.known.insert(peer, k);
                 }
@@ -1549,7 +1475,11 @@ impl Session {
                 let Some(k) = me.known.remove(&peer) else {
                     return;
                 };
-                if k.announced && me.in_agm {
+                let announced = k.announced;
+                drop(k);
+                self.sh.views.release([peer]);
+                let Some(me) = self.me.as_mut() else { return };
+                if announced && me.in_agm {
                     self.send(
                         json!({"domain": "agm", "type": "peer-removed", "peer_id": me_id,
                         "removed_id": self.sh.ids.peer(peer),
@@ -1561,7 +1491,13 @@ impl Session {
                 let Some(mut k) = me.known.remove(&peer) else {
                     return;
                 };
-                let objs = self.add_known_methods(&mut k, &methods);
+                let web = k.view.web().map(str::to_owned);
+                let objs = self
+                    .sh
+                    .views
+                    .add_methods(peer, &mut k.view, &methods, &|m| {
+                        self.method_object(web.as_deref(), m)
+                    });
                 let show = k.announced && !objs.is_empty();
                 let Some(me) = self.me.as_mut() else { return };
                 me.known.insert(peer, k);
@@ -1594,10 +1530,7 @@ impl Session {
                 let Some(k) = me.known.get_mut(&peer) else {
                     return;
                 };
-                let gids: Vec<J> = ids
-                    .iter()
-                    .filter_map(|n| k.remove_method(*n).map(|o| gid_of(&o).clone()))
-                    .collect();
+                let gids = self.sh.views.remove_methods(peer, &mut k.view, &ids);
                 if k.announced && in_agm && !gids.is_empty() {
                     self.send(
                         json!({"domain": "agm", "type": "methods-removed", "peer_id": me_id,
@@ -1636,8 +1569,7 @@ impl Session {
                 // A web caller's arguments are what its library sent (an array passes the
                 // library's check too): forwarded verbatim, as the reference gateway does. A
                 // native caller's non-object value is wrapped for the handler.
-                let web =
-                    caller == me.peer || me.known.get(&caller).is_some_and(|k| k.web.is_some());
+                let web = caller == me.peer || me.known.get(&caller).is_some_and(Known::web);
                 let arguments_kv = if web {
                     gw3::Kv::AsIs(&args)
                 } else {
@@ -1774,51 +1706,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    fn known() -> Known {
-        Known::new(Arc::new(J::Null), None)
-    }
-
-    /// A call names its method by GW3 id (a string, a number, any JSON); the index answers as
-    /// the method table does, through additions and removals.
-    #[test]
-    fn known_methods_are_found_by_gw3_id_until_removed() {
-        let mut k = known();
-        let ids = [json!("a"), json!(7), json!("7"), json!({"x": [1]})];
-        for (n, id) in (10u32..).zip(&ids) {
-            k.add_method(n, Arc::new(json!({"id": id, "name": format!("m{n}")})));
-        }
-        for (n, id) in (10u32..).zip(&ids) {
-            assert_eq!(k.method_by_gw3(id), Some(n), "{id}");
-        }
-        assert_eq!(k.method_by_gw3(&json!("b")), None);
-        let gone = k.remove_method(11).map(|o| gid_of(&o).clone());
-        assert_eq!(gone, Some(json!(7)));
-        assert_eq!(k.method_by_gw3(&json!(7)), None);
-        assert_eq!(k.method_by_gw3(&json!("7")), Some(12));
-        assert_eq!(k.remove_method(11), None);
-        assert_eq!(k.methods.len(), 3);
-        assert_eq!(k.by_gid.len(), 3);
-    }
-
-    /// Were two ids ever to share a hash, every lookup still finds the right method.
-    #[test]
-    fn a_hash_shared_by_two_ids_falls_back_to_the_scan() {
-        let mut k = known();
-        k.add_method(1, Arc::new(json!({"id": "a"})));
-        k.add_method(2, Arc::new(json!({"id": "b"})));
-        // Forge the collision: "b"'s entry now claims "a"'s hash too.
-        let (ha, hb) = (k.gid_hash(&json!("a")), k.gid_hash(&json!("b")));
-        k.by_gid.remove(&hb);
-        k.by_gid.insert(ha, 2);
-        assert_eq!(
-            k.method_by_gw3(&json!("a")),
-            None,
-            "the hit is checked against the id"
-        );
-        k.gid_collision = true;
-        assert_eq!(k.method_by_gw3(&json!("a")), Some(1));
-        assert_eq!(k.method_by_gw3(&json!("b")), Some(2));
     }
 }

@@ -187,7 +187,7 @@ impl Session {
             me.identity.clone()
         } else {
             match me.known.get(&from) {
-                Some(k) => k.identity.clone(),
+                Some(k) => k.view.identity().clone(),
                 None => return, // not a peer we may see
             }
         };
