@@ -36,6 +36,7 @@
 "use strict";
 const { referenceGateway } = require("./lib/reference");
 const { knitGateway: startKnit } = require("./lib/knit");
+const { openAsk } = require("./lib/ask");
 const { fork, spawn } = require("child_process");
 
 const argv = process.argv.slice(2);
@@ -78,23 +79,6 @@ async function caller(url, n) {
   }
   process.send({ us });
   await io.done();
-}
-
-// A WebSocket whose `ask(m)` sends `m` and resolves with the answer carrying its request_id;
-// other frames go to `onInvoke` (invocations) or `onOther`.
-async function openAsk(url) {
-  const WebSocket = require("ws");
-  const ws = new WebSocket(url);
-  await new Promise((ok, fail) => { ws.once("open", ok); ws.once("error", fail); });
-  const waiters = new Map();
-  ws.on("message", (d) => {
-    const m = JSON.parse(d.toString());
-    const w = m.request_id != null && waiters.get(m.request_id);
-    if (w) { waiters.delete(m.request_id); w(m); } else if (ws.onInvoke && m.type === "invoke") ws.onInvoke(m);
-    else if (ws.onOther) ws.onOther(m);
-  });
-  ws.ask = (m) => new Promise((ok) => { waiters.set(m.request_id, ok); ws.send(JSON.stringify(m)); });
-  return ws;
 }
 
 // Times `n` calls (after WARMUP), each expecting a `result`; sends the times to the parent.

@@ -16,8 +16,8 @@
 // Prints one JSON line per N: {n, agm, users, start_kib, idle_kib, per_conn_kib}.
 "use strict";
 const fs = require("fs");
-const WebSocket = require("ws");
 const { knitGateway } = require("./lib/knit");
+const { openAsk } = require("./lib/ask");
 
 const argv = process.argv.slice(2);
 const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt; };
@@ -31,22 +31,8 @@ function rssAnon(pid) {
   return Number(/RssAnon:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))[1]);
 }
 
-// A connection that answers `ask` by request id and ignores everything else.
-async function open(url) {
-  const ws = new WebSocket(url);
-  await new Promise((ok, fail) => { ws.once("open", ok); ws.once("error", fail); });
-  const waiters = new Map();
-  ws.on("message", (d) => {
-    const m = JSON.parse(d.toString());
-    const w = m.request_id != null && waiters.get(m.request_id);
-    if (w) { waiters.delete(m.request_id); w(m); }
-  });
-  ws.ask = (m) => new Promise((ok) => { waiters.set(m.request_id, ok); ws.send(JSON.stringify(m)); });
-  return ws;
-}
-
 async function login(url, i) {
-  const ws = await open(url);
+  const ws = await openAsk(url);
   const login = USERS ? `idle${i}` : "idle";
   const w = await ws.ask({ type: "hello", request_id: "h", identity: { application: `idle-${i}` },
     authentication: { method: "secret", login, secret: "x" } });
