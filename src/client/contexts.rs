@@ -465,12 +465,26 @@ pub(crate) fn all(shared: &Shared) -> Vec<String> {
 /// The current value: from our cache when the version has not moved, else from the snapshot.
 pub(crate) fn get(shared: &Arc<Shared>, name: &str) -> Result<ContextSnapshot, ContextError> {
     check_name(name)?;
-    let Some(entry) = open(shared, name, false)? else {
-        return Ok(ContextSnapshot {
-            name: name.to_string(),
-            version: 0,
-            data: Arc::new(Value::map()),
-        });
+    let mut retired = 0;
+    let entry = loop {
+        let Some(entry) = open(shared, name, false)? else {
+            return Ok(ContextSnapshot {
+                name: name.to_string(),
+                version: 0,
+                data: Arc::new(Value::map()),
+            });
+        };
+        #[cfg(test)]
+        super::hook::at("get: entry found, not read yet");
+        // Destroyed, and our connection has not read the notice yet: forgotten as the notice
+        // will have it, and looked up again (as in `write`). After that many, what the gateway
+        // hands out is what there is.
+        if retired < MAX_RETIRED && entry.store.ctl().is_retired() {
+            retired += 1;
+            destroyed(shared, entry.id, &entry.name);
+            continue;
+        }
+        break entry;
     };
     let (version, data) = snapshot(&entry)?;
     Ok(ContextSnapshot {
@@ -525,6 +539,71 @@ pub(crate) fn write(
     if shared.is_closed() {
         return Err(ClientError::Closed.into());
     }
+    let mut retired = 0;
+    loop {
+        let entry = entry_to_write(shared, name, &op, expect)?;
+        #[cfg(test)]
+        super::hook::at("write: entry found, not written yet");
+        // Take the cached value out, so that (if nobody else holds it) the write updates it in
+        // place.
+        let cached = entry.cache.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let token = shared.my_id().0;
+        let r = crate::store::context::write(
+            &entry.store,
+            token,
+            &op,
+            expect,
+            shared.max_payload(),
+            LOCK_TIMEOUT,
+            cached,
+        );
+        let (v, changed, data) = match r {
+            // Destroyed, and our connection has not read the notice yet (another client's
+            // destroy may have returned long before): nothing was written. The entry is
+            // forgotten as the notice will have it, and the name looked up again, which creates
+            // the context anew (or finds the one created since).
+            Err(WriteError::Retired) if retired < MAX_RETIRED => {
+                retired += 1;
+                destroyed(shared, entry.id, &entry.name);
+                continue;
+            }
+            r => r.map_err(|e| match e {
+                WriteError::Model(m) => m.into(),
+                WriteError::Store(s) => s.into(),
+                WriteError::Stale { expected, current } => ContextError::Stale {
+                    name: name.to_string(),
+                    expected,
+                    current,
+                },
+                WriteError::TooLarge { size, max } => ContextError::TooLarge { size, max },
+                WriteError::Corrupt(m) => ContextError::Corrupt(m),
+                WriteError::Encode(e) => ContextError::InvalidArgument(e.to_string()),
+                WriteError::Retired => {
+                    ContextError::Corrupt("every segment handed out for it is destroyed".into())
+                }
+            })?,
+        };
+        remember(&entry, v, &data);
+        remember_written(shared, &entry);
+        if changed {
+            ring_subscribers(shared, &entry);
+        }
+        return Ok(v);
+    }
+}
+
+/// How many destroyed segments one write looks past (each one a destroy that raced it; only a
+/// broken segment is found destroyed every time).
+const MAX_RETIRED: usize = 3;
+
+/// The entry a write of `op` goes to: the one this thread wrote last, the open one, or the
+/// context created for it.
+fn entry_to_write(
+    shared: &Arc<Shared>,
+    name: &str,
+    op: &ContextOp,
+    expect: Option<u64>,
+) -> Result<Arc<CtxEntry>, ContextError> {
     let entry = match last_written(shared, name)
         .map_or_else(|| open(shared, name, false), |e| Ok(Some(e)))?
     {
@@ -539,7 +618,7 @@ pub(crate) fn write(
                     current: 0,
                 });
             }
-            crate::model::context::apply(None, &op)?;
+            crate::model::context::apply(None, op)?;
             match open(shared, name, true)? {
                 Some(e) => e,
                 None => return Err(ContextError::NotFound(name.to_string())),
@@ -549,37 +628,7 @@ pub(crate) fn write(
     if !entry.writable {
         return Err(ContextError::PermissionDenied("update"));
     }
-    // Take the cached value out, so that (if nobody else holds it) the write updates it in place.
-    let cached = entry.cache.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let token = shared.my_id().0;
-    let (v, changed, data) = crate::store::context::write(
-        &entry.store,
-        token,
-        &op,
-        expect,
-        shared.max_payload(),
-        LOCK_TIMEOUT,
-        cached,
-    )
-    .map_err(|e| match e {
-        WriteError::Model(m) => m.into(),
-        WriteError::Store(s) => s.into(),
-        WriteError::Stale { expected, current } => ContextError::Stale {
-            name: name.to_string(),
-            expected,
-            current,
-        },
-        WriteError::TooLarge { size, max } => ContextError::TooLarge { size, max },
-        WriteError::Corrupt(m) => ContextError::Corrupt(m),
-        WriteError::Encode(e) => ContextError::InvalidArgument(e.to_string()),
-    })?;
-    remember(&entry, v, &data);
-    remember_written(shared, &entry);
-    if !changed {
-        return Ok(v);
-    }
-    ring_subscribers(shared, &entry);
-    Ok(v)
+    Ok(entry)
 }
 
 thread_local! {
@@ -1677,6 +1726,60 @@ mod tests {
             assert!(u.first, "{who}: {u:?}");
             assert_eq!((u.version, &*u.data), (v, &obj(2)), "{who}");
         }
+    }
+
+    #[test]
+    fn a_write_after_another_client_destroyed_the_context_creates_it_again() {
+        let t = Setup::new("retired");
+        t.w.contexts().set("anew", obj(1)).unwrap();
+        // `r` knows of it (it asks the gateway: no announcement to wait for).
+        assert_eq!(t.r.contexts().get("anew").unwrap().version, 1);
+        // `w`'s write has found its entry for the context (the one this thread wrote last) when
+        // `r` destroys the context, start to end: what a write that begins after the destroy
+        // returned finds while `w`'s connection has not read the notice yet.
+        let shared = t.r.shared().clone();
+        let point = "write: entry found, not written yet";
+        hook::set(point, move || {
+            elsewhere(move || destroy(&shared, "anew").unwrap());
+        });
+        let v = t.w.contexts().set("anew", obj(2)).unwrap();
+        assert!(!hook::is_set(point), "the write never reached the point");
+        // The write created the context again; it did not go to the destroyed one's segment,
+        // where nobody would ever see it.
+        let s = t.r.contexts().get("anew").unwrap();
+        assert_eq!(
+            (s.version, &*s.data),
+            (v, &obj(2)),
+            "the write (version {v}) is not in the context"
+        );
+        // And subscribers to the re-created context get it.
+        let (_sub, rx) = watch(&t.r, "anew");
+        let u = poll_next(&t.r, &rx);
+        assert!(u.first, "{u:?}");
+        assert_eq!((u.version, &*u.data), (v, &obj(2)));
+    }
+
+    #[test]
+    fn a_read_after_another_client_destroyed_the_context_finds_nothing() {
+        let t = Setup::new("retired-get");
+        t.w.contexts().set("went", obj(1)).unwrap();
+        assert_eq!(t.w.contexts().get("went").unwrap().version, 1);
+        // `r` knows of it (it asks the gateway: no announcement to wait for).
+        assert_eq!(t.r.contexts().get("went").unwrap().version, 1);
+        // `w`'s read has found its entry for the context when `r` destroys it, start to end
+        // (as in the test above).
+        let shared = t.r.shared().clone();
+        let point = "get: entry found, not read yet";
+        hook::set(point, move || {
+            elsewhere(move || destroy(&shared, "went").unwrap());
+        });
+        let s = t.w.contexts().get("went").unwrap();
+        assert!(!hook::is_set(point), "the read never reached the point");
+        assert_eq!(
+            (s.version, &*s.data),
+            (0, &Value::map()),
+            "the read shows the destroyed context's value"
+        );
     }
 
     #[test]

@@ -597,9 +597,11 @@ impl Registry {
         }
     }
 
-    /// Forgets context `id` without telling anyone.
+    /// Forgets context `id` without telling anyone (yet: the segment is retired first, so a
+    /// peer that writes it before it reads the notice finds it gone, `StoreCtl::retire`).
     fn take_context(&mut self, id: u64) -> Option<ContextRec> {
         let c = self.contexts.remove(id)?;
+        c.store.ctl().retire();
         self.keep_context_removed(id);
         Some(c)
     }

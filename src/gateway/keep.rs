@@ -170,6 +170,10 @@ impl Registry {
                 },
             )
         })?;
+        // Destroyed by the previous run, which stopped before the keeper heard of it.
+        if store.ctl().is_retired() {
+            return Err(invalid("destroyed"));
+        }
         // As at creation: a read-only descriptor made later cannot be reopened writable.
         let _ = crate::sys::memfd::restrict_mode(&fd);
         // The table names doorbells of the previous run's directory: subscribers come back

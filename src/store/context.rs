@@ -29,6 +29,9 @@ pub enum WriteError {
     /// The new value cannot be stored: readers could not decode it.
     #[error("invalid value: {0}")]
     Encode(#[from] codec::EncodeError),
+    /// The context was destroyed ([`crate::store::StoreCtl::retire`]): nothing was written.
+    #[error("context was destroyed")]
+    Retired,
 }
 
 /// Decodes a snapshot (empty bytes: `{}`).
@@ -82,6 +85,12 @@ pub fn write_noted<M: StoreMemory>(
         let d = *deadline.get_or_insert_with(|| Instant::now() + timeout);
         Instant::now() >= d
     })?;
+    // A destroy that retired the segment before we took the lock is seen here. (One that
+    // retires it just after this check races the write, which then goes with the context, as
+    // if it had come first.)
+    if store.ctl().is_retired() {
+        return Err(WriteError::Retired);
+    }
     let version = guard.version();
     if let Some(e) = expect {
         if e != version {

@@ -55,7 +55,10 @@ pub struct StoreCtl {
     log_tail: AtomicU64,
     /// One past the highest subscriber slot ever used (writers scan no further).
     sub_hi: AtomicU32,
-    _pad1: [u8; 108],
+    /// Non-zero once the context was destroyed (set by the gateway only, `retire`): writers
+    /// refuse to write it.
+    retired: AtomicU32,
+    _pad1: [u8; 104],
     seq: [SeqWord; 2],
     /// Doorbell indices + 1 of subscribers (0: empty slot). Written by the gateway only.
     subscribers: [AtomicU32; MAX_SUBSCRIBERS],
@@ -70,6 +73,7 @@ struct SeqWord {
 #[cfg(not(knit_loom))]
 const _: () = {
     assert!(std::mem::offset_of!(StoreCtl, version) == 128);
+    assert!(std::mem::offset_of!(StoreCtl, retired) == 148);
     assert!(std::mem::offset_of!(StoreCtl, seq) == 256);
     assert!(std::mem::offset_of!(StoreCtl, subscribers) == 512);
 };
@@ -93,7 +97,8 @@ impl StoreCtl {
             version: AtomicU64::new(0),
             log_tail: AtomicU64::new(0),
             sub_hi: AtomicU32::new(0),
-            _pad1: [0; 108],
+            retired: AtomicU32::new(0),
+            _pad1: [0; 104],
             seq: [
                 SeqWord {
                     seq: AtomicU64::new(0),
@@ -131,6 +136,22 @@ impl StoreCtl {
         self.lock
             .compare_exchange(holder, 0, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
+    }
+
+    /// Marks the context destroyed (gateway only, before it tells anyone the context is gone):
+    /// a peer that has not read that notice yet still has the segment mapped, and its writes
+    /// would land where nobody looks; they find this instead (`is_retired`). Never undone.
+    pub fn retire(&self) {
+        // SYNC(retired): pairs with the Acquire load in `is_retired`. Stored before the gateway
+        // sends any notice or acknowledgement of the destroy, so whoever acts on one of those
+        // (and then writes, or has another peer write) loads 1.
+        self.retired.store(1, Ordering::Release);
+    }
+
+    /// Whether the context was destroyed ([`StoreCtl::retire`]).
+    pub fn is_retired(&self) -> bool {
+        // SYNC(retired): pairs with the Release store in `retire`; only the flag is read.
+        self.retired.load(Ordering::Acquire) != 0
     }
 
     /// Adds a subscriber's doorbell index (gateway only). False if the table is full.

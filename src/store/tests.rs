@@ -346,3 +346,23 @@ fn reannounce_of_a_never_written_store_logs_nothing() {
     drop(g);
     assert_eq!(s.ctl().log_tail.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn a_retired_store_refuses_writes_and_frees_the_lock() {
+    use crate::model::context::ContextOp;
+    let s = store();
+    let op = |n: i64| {
+        let mut m = crate::wire::Map::new();
+        m.insert("n".into(), crate::wire::Value::from(n));
+        ContextOp::Set(m)
+    };
+    let write = |n| context::write(&s, 7, &op(n), None, 256, std::time::Duration::ZERO, None);
+    assert_eq!(write(1).unwrap().0, 1);
+    assert!(!s.ctl().is_retired());
+    s.ctl().retire();
+    assert!(s.ctl().is_retired());
+    assert!(matches!(write(2), Err(context::WriteError::Retired)));
+    // Nothing was written, and the lock is free again.
+    assert_eq!(s.ctl().version(), 1);
+    assert_eq!(s.ctl().lock_holder(), 0);
+}
