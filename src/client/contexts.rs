@@ -168,6 +168,11 @@ pub(crate) struct Sub {
     start: AtomicU64,
     /// Cleared when the subscription is dropped (`SYNC(sub-active)`): no more callbacks.
     active: AtomicBool,
+    /// What the subscription had when `migrate` moved it, after its first callback, to a
+    /// context's new segment (its `start` is `NEEDS_SNAPSHOT` again): the first-callback pass
+    /// gives it one conflated update from this instead of a first callback. Set while the sub
+    /// is in no list, taken under the list's lock (`pump_follow`), cleared by `destroyed`.
+    carry: Mutex<Option<Arc<Value>>>,
 }
 
 /// A mapped context.
@@ -240,14 +245,11 @@ pub(crate) struct CtxFollow {
     /// snapshot: logged records are not applied to it, each one retries the snapshot instead.
     /// Set once per episode, which is when the error is reported.
     broken: bool,
-    /// What subscribers had seen of a context whose segment was replaced while the gateway
-    /// was away: they get one conflated update with the difference (if any).
-    carry: Option<Arc<Value>>,
 }
 
 impl CtxFollow {
-    /// A follow of `entry` from its start, for `claim`, with `carry` (see the field).
-    fn new(entry: &Arc<CtxEntry>, claim: u64, carry: Option<Arc<Value>>) -> CtxFollow {
+    /// A follow of `entry` from its start, for `claim`.
+    fn new(entry: &Arc<CtxEntry>, claim: u64) -> CtxFollow {
         CtxFollow {
             f: entry.store.follower(),
             entry: entry.clone(),
@@ -257,7 +259,6 @@ impl CtxFollow {
             version: 0,
             buf: Vec::new(),
             broken: false,
-            carry,
         }
     }
 
@@ -431,6 +432,9 @@ pub(crate) fn destroyed(shared: &Arc<Shared>, id: u64, name: &str) {
         e.closed.store(true, Ordering::Release);
         let subs = e.subs.change(std::mem::take);
         for s in &subs {
+            // A first callback, not an update from what it had before a move: the context it
+            // gets next is a new one.
+            *s.carry.lock().unwrap_or_else(|e| e.into_inner()) = None;
             // SYNC(sub-start): pairs with the Acquire loads in `pump_follow`, `settle` and
             // `deliver_to`: the sub needs a first callback again once it is re-attached. It was
             // taken out of the list first, so a first-callback pass (which stores under the
@@ -748,6 +752,7 @@ pub(crate) fn subscribe(
         cb,
         start: AtomicU64::new(NEEDS_SNAPSHOT),
         active: AtomicBool::new(true),
+        carry: Mutex::new(None),
     });
     let _gate = shared.conn.gate.enter();
     match open(shared, name, false)? {
@@ -896,7 +901,7 @@ fn attach_sub_inner(
         // to come back with the others (`destroyed` took it); or the sub was dropped.
         return if ours { Err(e.into()) } else { Ok(None) };
     }
-    shared.add_ctx_follow(CtxFollow::new(&entry, claim, None));
+    shared.add_ctx_follow(CtxFollow::new(&entry, claim));
     Ok(Some(entry))
 }
 
@@ -960,13 +965,11 @@ pub(crate) fn pump_follow(
                 Ok((v, m)) => {
                     cf.f.resync(v);
                     cf.version = v;
-                    cf.data = Some(Arc::new(Value::Map((*m).clone())));
-                    if let Some(before) = cf.carry.take() {
-                        if let Some(ev) = carried_over(cf, &before) {
-                            queue(shared, &entry, ev, None, sink.as_deref_mut());
-                            n += 1;
-                        }
-                    }
+                    let data = Arc::new(Value::Map((*m).clone()));
+                    // The cache holds what subscribers were given (as after each update):
+                    // `migrate` takes it as what they had.
+                    remember(&entry, v, &data);
+                    cf.data = Some(data);
                 }
                 Err(e) => {
                     crate::log::warn(format_args!("context {:?}: {e}", entry.name));
@@ -984,7 +987,7 @@ pub(crate) fn pump_follow(
         // version after they reset it, and one they take later is reset after our store. (A
         // compare-exchange would not do: the value they store, NEEDS_SNAPSHOT, is the one we
         // expect.)
-        let started: Vec<u64> = entry.subs.with_current(|subs| {
+        let started: Vec<(u64, Option<Arc<Value>>)> = entry.subs.with_current(|subs| {
             // A stale follow (the context was let go of and taken up again since this round
             // began) gives no first callback: the new follow gives it, from a snapshot it reads
             // afterwards, so no update between the two is lost. SYNC(followed): pairs with the
@@ -1001,14 +1004,23 @@ pub(crate) fn pump_follow(
                     // SYNC(sub-start): our copy at `cf.version` was read before this; `settle`
                     // pairs with it (see there).
                     s.start.store(cf.version, Ordering::Release);
-                    s.id
+                    let carry = s.carry.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    (s.id, carry)
                 })
                 .collect()
         });
         // Nothing to show for a context that was never written.
         if cf.version > 0 {
-            for id in started {
+            for (id, carry) in started {
                 let data = cf.data.clone().unwrap_or_else(|| Arc::new(Value::map()));
+                // Moved here after its first callback: the difference from what it had, if any.
+                if let Some(had) = carry {
+                    if let Some(ev) = carried_over(cf, &had) {
+                        queue(shared, &entry, ev, Some(id), sink.as_deref_mut());
+                        n += 1;
+                    }
+                    continue;
+                }
                 let ev = ContextUpdate {
                     name: entry.name.clone(),
                     version: cf.version,
@@ -1315,8 +1327,9 @@ fn deliver_to(subs: &[Arc<Sub>], ev: &ContextUpdate, only: Option<u64>) {
     }
 }
 
-/// The update owed to subscribers carried over from a replaced segment: the difference between
-/// what they had and the new segment's value, or nothing when they are equal.
+/// The update owed to a subscription moved to a context's new segment after its first callback
+/// (`Sub::carry`): the difference between what it had and our copy, or nothing when they are
+/// equal.
 fn carried_over(cf: &CtxFollow, before: &Value) -> Option<ContextUpdate> {
     let now = cf.data.clone()?;
     let (before, after) = (before.as_map()?, now.as_map()?);
@@ -1452,28 +1465,36 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
     if subs.is_empty() {
         return;
     }
-    for s in &subs {
-        // Versions start again in the new segment: everything in it is news. A load then a
-        // store is enough: the sub is in no list now (taken from `old` above, added to `new`
-        // below), and only a first-callback pass over a list that holds it (under the list's
-        // lock, `pump_follow`) or `destroyed` of such a list stores to it.
-        // SYNC(sub-start): pairs with the Release store in `pump_follow` (first callback done).
-        if s.start.load(Ordering::Acquire) != NEEDS_SNAPSHOT {
-            // SYNC(sub-start): pairs with the Acquire loads in `deliver_to` and `pump_follow`.
-            s.start.store(0, Ordering::Release);
-        }
-    }
+    // What the subscribers had: the cache holds the value they were given last (`pump_follow`
+    // keeps it there, from the first snapshot on); `{}` if the context was never written.
     let before = old
         .cache
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
-        .map(|(_, d)| d.clone());
+        .map_or_else(|| Arc::new(Value::map()), |(_, d)| d.clone());
+    for s in &subs {
+        // Versions start again in the new segment. A sub that had its first callback gets,
+        // from the first-callback pass of whichever follow gives first callbacks here, one
+        // conflated update from what it had to the new segment's value, at the version that
+        // pass starts it from (`carry`); one that had none still gets its first callback.
+        // A load then a store is enough: the sub is in no list now (taken from `old` above,
+        // added to `new` below), and only a first-callback pass over a list that holds it
+        // (under the list's lock, `pump_follow`) or `destroyed` of such a list stores to it.
+        // SYNC(sub-start): pairs with the Release store in `pump_follow` (first callback done).
+        if s.start.load(Ordering::Acquire) != NEEDS_SNAPSHOT {
+            // Before the store below and the push into `new`'s list under its lock, which the
+            // pass takes before it takes the carry.
+            *s.carry.lock().unwrap_or_else(|e| e.into_inner()) = Some(before.clone());
+            // SYNC(sub-start): pairs with the Acquire loads in `deliver_to` and `pump_follow`.
+            s.start.store(NEEDS_SNAPSHOT, Ordering::Release);
+        }
+    }
     new.subs.change(|v| v.extend(subs));
     // SYNC(new_subs): the subs moved in above are in the list the pumper takes once it sees
     // the flag (Acquire in `needs_snapshot`). Set whoever follows the context: when it is
     // followed already (an attach that got past the gate took it up), that follow gives them
-    // their first callbacks.
+    // their first callbacks (or carried-over updates).
     new.new_subs.store(true, Ordering::Release);
     // Relaxed: a claim only needs to be unique.
     let claim = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
@@ -1493,7 +1514,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
         CONTROL_TIMEOUT,
     );
     super::reconnect::expect_ack(&format!("following context {:?}", new.name), r);
-    shared.add_ctx_follow(CtxFollow::new(new, claim, before));
+    shared.add_ctx_follow(CtxFollow::new(new, claim));
 }
 
 #[cfg(test)]
@@ -1578,6 +1599,7 @@ mod tests {
             }),
             start: AtomicU64::new(NEEDS_SNAPSHOT),
             active: AtomicBool::new(true),
+            carry: Mutex::new(None),
         });
         (sub, rx)
     }
@@ -1702,6 +1724,56 @@ mod tests {
         let u = poll_next(&t.r, &rx_b);
         assert!(u.first, "{u:?}");
         assert_eq!(*u.data, obj(2));
+    }
+
+    /// `b`, subscribed to `before` and given its first callback, is moved to `after`'s entry as
+    /// a restore moves the subscriptions of a context whose segment was replaced (`after`
+    /// followed already or not). `b` gets one conflated update from what it had to `after`'s
+    /// value, then `after`'s changes.
+    fn moved_after_its_first_callback(tag: &str, followed: bool) {
+        let t = Setup::new(tag);
+        let had = Value::object([("n", Value::from(1)), ("k", Value::from(1))]);
+        t.w.contexts().set("before", had.clone()).unwrap();
+        t.w.contexts().set("after", obj(2)).unwrap();
+        let _a = followed.then(|| {
+            let (a, rx_a) = watch(&t.r, "after");
+            assert!(poll_next(&t.r, &rx_a).first);
+            a
+        });
+        let (_b, rx_b) = watch(&t.r, "before");
+        let u = poll_next(&t.r, &rx_b);
+        assert!(u.first, "{u:?}");
+        assert_eq!(*u.data, had);
+        let old = open(t.r.shared(), "before", false).unwrap().unwrap();
+        let new = open(t.r.shared(), "after", false).unwrap().unwrap();
+        // SYNC(ctx-closed): as `attach` closes the entry a new segment replaces.
+        old.closed.store(true, Ordering::Release);
+        migrate(t.r.shared(), &old, &new);
+        let u = poll_next(&t.r, &rx_b);
+        assert!(
+            u.conflated && !u.first,
+            "b's first update after the move is not the one covering it: {u:?}"
+        );
+        assert_eq!(*u.data, obj(2));
+        assert_eq!(
+            u.delta,
+            Value::object([("n", Value::from(2)), ("k", Value::Null)])
+        );
+        assert_eq!(u.removed, vec!["k".to_string()]);
+        let v = t.w.contexts().update("after", obj(3)).unwrap();
+        let u = poll_next(&t.r, &rx_b);
+        assert_eq!((u.version, u.first, &*u.data), (v, false, &obj(3)));
+    }
+
+    #[test]
+    fn a_subscription_moved_after_its_first_callback_gets_the_update_covering_the_move() {
+        moved_after_its_first_callback("moved", false);
+    }
+
+    #[test]
+    fn a_subscription_moved_after_its_first_callback_to_a_context_followed_already_gets_the_update_covering_the_move(
+    ) {
+        moved_after_its_first_callback("moved-followed", true);
     }
 
     #[test]
