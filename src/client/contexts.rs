@@ -482,10 +482,10 @@ pub(crate) fn get(shared: &Arc<Shared>, name: &str) -> Result<ContextSnapshot, C
         super::hook::at("get: entry found, not read yet");
         // Destroyed, and our connection has not read the notice yet: forgotten as the notice
         // will have it, and looked up again (as in `write`). After that many, what the gateway
-        // hands out is what there is.
-        if retired < MAX_RETIRED && entry.store.ctl().is_retired() {
+        // hands out is what there is. A mark the gateway denies is read through.
+        if retired < MAX_RETIRED && entry.store.ctl().is_retired() && gone_for_good(shared, &entry)?
+        {
             retired += 1;
-            destroyed(shared, entry.id, &entry.name);
             continue;
         }
         break entry;
@@ -568,7 +568,12 @@ pub(crate) fn write(
             // the context anew (or finds the one created since).
             Err(WriteError::Retired) if retired < MAX_RETIRED => {
                 retired += 1;
-                destroyed(shared, entry.id, &entry.name);
+                if !gone_for_good(shared, &entry)? {
+                    return Err(ContextError::Corrupt(
+                        "the context's segment is marked destroyed, but the gateway still has it"
+                            .into(),
+                    ));
+                }
                 continue;
             }
             r => r.map_err(|e| match e {
@@ -594,6 +599,41 @@ pub(crate) fn write(
         }
         return Ok(v);
     }
+}
+
+/// Whether `entry`, whose segment is marked destroyed ([`crate::store::StoreCtl::retire`]), is
+/// gone at the gateway too; if so it is forgotten here, as the gateway's notice will have it.
+/// The mark lives in memory every writer of the context maps, so a broken or hostile peer can
+/// set it on a live context: taken on trust, it would detach this client's subscriptions from a
+/// context that goes on, for good. So the gateway is asked (one round trip, only on this path).
+fn gone_for_good(shared: &Arc<Shared>, entry: &Arc<CtxEntry>) -> Result<bool, ContextError> {
+    let name = entry.name.to_string();
+    let live = match shared.conn.request(
+        |req| ToGateway::OpenContext {
+            req,
+            name,
+            create: false,
+        },
+        CONTROL_TIMEOUT,
+    )? {
+        Reply::Context(e) => e.id == entry.id,
+        Reply::Fail(Status::NotFound, _) => false,
+        Reply::Fail(status, message) => {
+            return Err(ContextError::Client(ClientError::Gateway {
+                status,
+                message,
+            }))
+        }
+        _ => {
+            return Err(ContextError::Client(ClientError::Protocol(
+                "unexpected reply to open-context".into(),
+            )))
+        }
+    };
+    if !live {
+        destroyed(shared, entry.id, &entry.name);
+    }
+    Ok(!live)
 }
 
 /// How many destroyed segments one write looks past (each one a destroy that raced it; only a
@@ -1829,6 +1869,34 @@ mod tests {
         let u = poll_next(&t.r, &rx);
         assert!(u.first, "{u:?}");
         assert_eq!((u.version, &*u.data), (v, &obj(2)));
+    }
+
+    #[test]
+    fn a_destroyed_mark_the_gateway_denies_detaches_nothing() {
+        let t = Setup::new("bogus-mark");
+        t.w.contexts().set("live", obj(1)).unwrap();
+        let (_sub, rx) = watch(&t.w, "live");
+        assert!(poll_next(&t.w, &rx).first);
+        // A broken or hostile peer that maps the context writable marks the live context
+        // destroyed (here through `w`'s own mapping of it: the same memory).
+        let e = open(t.w.shared(), "live", false).unwrap().unwrap();
+        e.store.ctl().retire();
+        // Nobody can write it now: a typed error, not a write gone where nobody looks.
+        let err = t.w.contexts().set("live", obj(2)).unwrap_err();
+        assert!(matches!(err, ContextError::Corrupt(_)), "{err:?}");
+        // The subscription is still on the context, not waiting for it to be created again
+        // (which would never happen: the gateway still has it).
+        {
+            let st = t.w.shared().ctx.lock().unwrap();
+            assert!(st.open.contains_key("live"), "the context was forgotten");
+            assert!(
+                !st.waiting.contains_key("live"),
+                "the subscription was detached"
+            );
+        }
+        // Reads go on.
+        let s = t.w.contexts().get("live").unwrap();
+        assert_eq!((s.version, &*s.data), (1, &obj(1)));
     }
 
     #[test]
