@@ -320,13 +320,18 @@ pub(crate) fn open(
         // Not known here does not mean it does not exist: its announcement may still be on
         // its way, so ask the gateway (a miss costs one round trip; hits are local).
     }
-    let name_owned = name.to_string();
+    ask_gateway(shared, name, create)
+}
+
+/// The gateway's entry for context `name` (creating it if `create`); `None` if there is none.
+fn ask_gateway(
+    shared: &Arc<Shared>,
+    name: &str,
+    create: bool,
+) -> Result<Option<Arc<CtxEntry>>, ContextError> {
+    let name = name.to_string();
     match shared.conn.request(
-        |req| ToGateway::OpenContext {
-            req,
-            name: name_owned,
-            create,
-        },
+        |req| ToGateway::OpenContext { req, name, create },
         CONTROL_TIMEOUT,
     )? {
         Reply::Context(e) => Ok(Some(e)),
@@ -607,29 +612,7 @@ pub(crate) fn write(
 /// set it on a live context: taken on trust, it would detach this client's subscriptions from a
 /// context that goes on, for good. So the gateway is asked (one round trip, only on this path).
 fn gone_for_good(shared: &Arc<Shared>, entry: &Arc<CtxEntry>) -> Result<bool, ContextError> {
-    let name = entry.name.to_string();
-    let live = match shared.conn.request(
-        |req| ToGateway::OpenContext {
-            req,
-            name,
-            create: false,
-        },
-        CONTROL_TIMEOUT,
-    )? {
-        Reply::Context(e) => e.id == entry.id,
-        Reply::Fail(Status::NotFound, _) => false,
-        Reply::Fail(status, message) => {
-            return Err(ContextError::Client(ClientError::Gateway {
-                status,
-                message,
-            }))
-        }
-        _ => {
-            return Err(ContextError::Client(ClientError::Protocol(
-                "unexpected reply to open-context".into(),
-            )))
-        }
-    };
+    let live = ask_gateway(shared, &entry.name, false)?.is_some_and(|e| e.id == entry.id);
     if !live {
         destroyed(shared, entry.id, &entry.name);
     }
