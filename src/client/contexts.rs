@@ -1652,6 +1652,13 @@ mod tests {
         }
     }
 
+    /// The next update is a first callback showing `data` at `version`.
+    fn expect_first(c: &Client, rx: &Receiver<ContextUpdate>, version: u64, data: &Value) {
+        let u = poll_next(c, rx);
+        assert!(u.first, "{u:?}");
+        assert_eq!((u.version, &*u.data), (version, data));
+    }
+
     /// Runs `f` on a thread of its own, start to end (as another thread of the client would).
     fn elsewhere(f: impl FnOnce() + Send + 'static) {
         std::thread::spawn(f).join().unwrap();
@@ -1723,9 +1730,7 @@ mod tests {
         );
         // The subscription waits for the context to come back, and gets it.
         let v = t.w.contexts().set("brief", obj(2)).unwrap();
-        let u = poll_next(&t.r, &rx);
-        assert!(u.first, "{u:?}");
-        assert_eq!((u.version, &*u.data), (v, &obj(2)));
+        expect_first(&t.r, &rx, v, &obj(2));
     }
 
     #[test]
@@ -1849,9 +1854,7 @@ mod tests {
         );
         // And subscribers to the re-created context get it.
         let (_sub, rx) = watch(&t.r, "anew");
-        let u = poll_next(&t.r, &rx);
-        assert!(u.first, "{u:?}");
-        assert_eq!((u.version, &*u.data), (v, &obj(2)));
+        expect_first(&t.r, &rx, v, &obj(2));
     }
 
     #[test]
@@ -1926,9 +1929,7 @@ mod tests {
         );
         // Created again: the subscription gets its first callback.
         let v = t.w.contexts().set("gone", obj(3)).unwrap();
-        let u = poll_next(&t.r, &rx);
-        assert!(u.first, "{u:?}");
-        assert_eq!((u.version, &*u.data), (v, &obj(3)));
+        expect_first(&t.r, &rx, v, &obj(3));
     }
 
     #[test]
