@@ -4,7 +4,7 @@
 // per-client buffer so that it does not drop messages), in the same run, alternating rounds.
 //
 //   node bench.js --knit PATH/TO/knit [--knit-config FILE] [--n 2000] [--rounds 3] [--warmup 5000]
-//                 [--only SCENARIO,...]
+//                 [--only SCENARIO,...] [--deciles]
 //
 // Scenarios:
 //   invoke_rtt           invoke round trip: a server registers Bench.Echo, a caller invokes it;
@@ -31,7 +31,7 @@
 //                        ctx_update_raw_gw3 also the best context ratio any relay could reach
 //                        (ctx_update_ceiling).
 // Prints one JSON line per gateway and scenario {gateway, scenario, n, p50_us, p99_us, p999_us,
-// mean_us}, then {scenario, ratio_p50, ratio_p99, ratio_p999, ratio_mean, target} (ratio =
+// mean_us} (with --deciles also deciles_us: the 10th … 90th percentiles), then {scenario, ratio_p50, ratio_p99, ratio_p999, ratio_mean, target} (ratio =
 // reference / knit).
 "use strict";
 const { referenceGateway } = require("./lib/reference");
@@ -47,6 +47,7 @@ const role = opt("--role");
 // 1000-2000 is 20-25 % above that of calls 4000 and on), so fewer would time the JIT's warm-up
 // rather than the gateways.
 const WARMUP = Number(opt("--warmup", 5000));
+const DECILES = argv.includes("--deciles");
 
 // A child process of this script in `role`; it inherits the warm-up.
 const child = (role, args = []) => fork(__filename, ["--role", role, ...args, "--warmup", String(WARMUP)], { stdio: "inherit" });
@@ -346,8 +347,11 @@ function stats(gateway, scenario, xs) {
   xs.sort((a, b) => a - b);
   const q = (p) => xs[Math.min(xs.length - 1, Math.floor(p * xs.length))];
   const r = (v) => Math.round(v * 10) / 10;
-  return { gateway, scenario, n: xs.length, p50_us: r(q(0.5)), p99_us: r(q(0.99)), p999_us: r(q(0.999)),
+  const out = { gateway, scenario, n: xs.length, p50_us: r(q(0.5)), p99_us: r(q(0.99)), p999_us: r(q(0.999)),
     mean_us: r(xs.reduce((a, b) => a + b, 0) / xs.length) };
+  // `--deciles`: the shape of the distribution, not only its middle and tail.
+  if (DECILES) out.deciles_us = [1, 2, 3, 4, 5, 6, 7, 8, 9].map((d) => r(q(d / 10)));
+  return out;
 }
 
 async function main() {
