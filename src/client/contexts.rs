@@ -1542,7 +1542,7 @@ fn migrate(shared: &Arc<Shared>, old: &Arc<CtxEntry>, new: &Arc<CtxEntry>) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::hook;
+    use super::super::hook::{self, elsewhere};
     use super::*;
     use crate::client::Client;
     use std::sync::mpsc::{channel, Receiver};
@@ -1657,11 +1657,6 @@ mod tests {
         let u = poll_next(c, rx);
         assert!(u.first, "{u:?}");
         assert_eq!((u.version, &*u.data), (version, data));
-    }
-
-    /// Runs `f` on a thread of its own, start to end (as another thread of the client would).
-    fn elsewhere(f: impl FnOnce() + Send + 'static) {
-        std::thread::spawn(f).join().unwrap();
     }
 
     /// How many doorbells the gateway rings when `name` changes (it lists a follower's once

@@ -32,3 +32,9 @@ pub(crate) fn at(point: &'static str) {
         step();
     }
 }
+
+/// Runs `f` on a thread of its own, start to end, as another thread of the client would: the
+/// step a test usually sets.
+pub(crate) fn elsewhere(f: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(f).join().unwrap();
+}

@@ -1887,7 +1887,7 @@ fn lost(shared: &Arc<Shared>, sub: &Arc<ClientSub>, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::hook;
+    use crate::client::hook::{self, elsewhere};
 
     fn instance(peer: PeerId) -> Arc<Instance> {
         Arc::new(Instance {
@@ -1935,11 +1935,6 @@ mod tests {
             entry: stream.entry.clone(),
             sub,
         }
-    }
-
-    /// Runs `f` on a thread of its own, start to end (as another thread of the client would).
-    fn elsewhere(f: impl FnOnce() + Send + 'static) {
-        std::thread::spawn(f).join().unwrap();
     }
 
     /// The stream records the client sent through the gateway so far (relayed to peers).
