@@ -218,6 +218,12 @@ struct Me {
 }
 
 impl Me {
+    /// Whether `peer` speaks GW3: this connection, or a web peer it knows (a native one, or one
+    /// it does not know, takes knit's own shapes).
+    fn is_web(&self, peer: PeerId) -> bool {
+        peer == self.peer || self.known.get(&peer).is_some_and(Known::web)
+    }
+
     /// Whether a frame's `peer_id` names another peer than this connection's (null names none).
     fn is_other(&self, peer_id: &J) -> bool {
         !peer_id.is_null() && *peer_id != self.id
@@ -1569,7 +1575,7 @@ impl Session {
                 // A web caller's arguments are what its library sent (an array passes the
                 // library's check too): forwarded verbatim, as the reference gateway does. A
                 // native caller's non-object value is wrapped for the handler.
-                let web = caller == me.peer || me.known.get(&caller).is_some_and(Known::web);
+                let web = me.is_web(caller);
                 let arguments_kv = if web {
                     gw3::Kv::AsIs(&args)
                 } else {

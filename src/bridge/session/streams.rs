@@ -428,7 +428,7 @@ impl Session {
         let mut closes = Vec::with_capacity(hit.len());
         for n in hit {
             if let Some(s) = me.streams.take_in(n) {
-                let web = s.peer == me.peer || me.known.get(&s.peer).is_some_and(super::Known::web);
+                let web = me.is_web(s.peer);
                 if !(leaving && web) {
                     closes.push((s.peer, s.sub_id));
                 }
@@ -452,9 +452,7 @@ impl Session {
         let out = std::mem::take(&mut me.streams.out);
         let natives: Vec<(u64, PeerId)> = out
             .into_iter()
-            .filter(|(_, s)| {
-                s.server != me.peer && me.known.get(&s.server).is_none_or(|k| !k.web())
-            })
+            .filter(|(_, s)| !me.is_web(s.server))
             .map(|(n, s)| (n, s.server))
             .collect();
         for (n, server) in natives {
@@ -515,7 +513,7 @@ impl Session {
             self.core(record_to(from, KIND_SUB_REPLY, b)).await;
             return Ok(());
         }
-        let web = from == me.peer || me.known.get(&from).is_some_and(super::Known::web);
+        let web = me.is_web(from);
         let gid = if web {
             self.sh.ids.with('r', r.sub_id)
         } else {
