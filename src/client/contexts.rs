@@ -1035,7 +1035,6 @@ pub(crate) fn pump_follow(
         // Nothing to show for a context that was never written.
         if cf.version > 0 {
             for (id, carry) in started {
-                let data = cf.data.clone().unwrap_or_else(|| Arc::new(Value::map()));
                 // Moved here after its first callback: the difference from what it had, if any.
                 if let Some(had) = carry {
                     if let Some(ev) = carried_over(cf, &had) {
@@ -1044,6 +1043,7 @@ pub(crate) fn pump_follow(
                     }
                     continue;
                 }
+                let data = cf.data.clone().unwrap_or_else(|| Arc::new(Value::map()));
                 let ev = ContextUpdate {
                     name: entry.name.clone(),
                     version: cf.version,
@@ -1652,6 +1652,18 @@ mod tests {
         }
     }
 
+    /// `name` written (`{n: 1}`) by `t.w` and watched by `c`, its first callback taken.
+    fn watched(
+        t: &Setup,
+        c: &Client,
+        name: &str,
+    ) -> (ContextSubscription, Receiver<ContextUpdate>) {
+        t.w.contexts().set(name, obj(1)).unwrap();
+        let (sub, rx) = watch(c, name);
+        assert!(poll_next(c, &rx).first);
+        (sub, rx)
+    }
+
     /// The next update is a first callback showing `data` at `version`.
     fn expect_first(c: &Client, rx: &Receiver<ContextUpdate>, version: u64, data: &Value) {
         let u = poll_next(c, rx);
@@ -1671,9 +1683,7 @@ mod tests {
     #[test]
     fn a_subscription_added_while_the_last_one_goes_is_followed() {
         let t = Setup::new("strand");
-        t.w.contexts().set("last", obj(1)).unwrap();
-        let (a, rx_a) = watch(&t.r, "last");
-        assert!(poll_next(&t.r, &rx_a).first);
+        let (a, _rx_a) = watched(&t, &t.r, "last");
         assert_eq!(rung(&t.r, "last"), 1);
         // `a`, the last subscription, goes; once it is out of the list, another thread adds `b`
         // (start to end).
@@ -1802,9 +1812,7 @@ mod tests {
     #[test]
     fn a_subscription_whose_context_is_destroyed_while_it_attaches_waits_for_it() {
         let t = Setup::new("attach");
-        t.w.contexts().set("mid", obj(1)).unwrap();
-        let (_a, rx_a) = watch(&t.r, "mid");
-        assert!(poll_next(&t.r, &rx_a).first);
+        let (_a, rx_a) = watched(&t, &t.r, "mid");
         // `b` finds the context open; before it is added, another thread destroys the context,
         // start to end.
         let shared = t.r.shared().clone();
@@ -1855,9 +1863,7 @@ mod tests {
     #[test]
     fn a_destroyed_mark_the_gateway_denies_detaches_nothing() {
         let t = Setup::new("bogus-mark");
-        t.w.contexts().set("live", obj(1)).unwrap();
-        let (_sub, rx) = watch(&t.w, "live");
-        assert!(poll_next(&t.w, &rx).first);
+        let (_sub, _rx) = watched(&t, &t.w, "live");
         // A broken or hostile peer that maps the context writable marks the live context
         // destroyed (here through `w`'s own mapping of it: the same memory).
         let e = open(t.w.shared(), "live", false).unwrap().unwrap();
@@ -1931,9 +1937,7 @@ mod tests {
     fn a_follow_made_stale_during_its_first_callback_pass_leaves_the_first_callback_to_the_new_one()
     {
         let t = Setup::new("stale");
-        t.w.contexts().set("again", obj(1)).unwrap();
-        let (a, rx_a) = watch(&t.r, "again");
-        assert!(poll_next(&t.r, &rx_a).first);
+        let (a, _rx_a) = watched(&t, &t.r, "again");
         // `b` joins the followed context: the next poll gives it its first callback.
         let (b, _rx_b) = new_sub("again");
         attach_sub_inner(t.r.shared(), b.clone()).unwrap();
