@@ -540,11 +540,11 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             }
         }
         FromGateway::ContextDestroyed { id, name, .. } => {
-            super::contexts::destroyed(shared, id, &name)
+            super::contexts::destroy_notice(shared, id, &name)
         }
         FromGateway::ContextsDestroyed { gone } => {
             for (id, name, _) in gone {
-                super::contexts::destroyed(shared, id, &name)
+                super::contexts::destroy_notice(shared, id, &name)
             }
         }
         FromGateway::Shutdown { reason } => {

@@ -227,6 +227,10 @@ pub(crate) struct CtxState {
     pub open: HashMap<String, Arc<CtxEntry>>,
     /// Subscriptions to contexts that do not exist yet.
     pub waiting: HashMap<String, Vec<Arc<Sub>>>,
+    /// Tests only: while `Some`, the gateway's destroy notices are kept here instead of being
+    /// applied (a connection thread that has not read them yet), until [`release_notices`].
+    #[cfg(test)]
+    pub held: Option<Vec<(u64, String)>>,
 }
 
 /// What the pumper keeps per followed context.
@@ -312,15 +316,25 @@ pub(crate) fn open(
     name: &str,
     create: bool,
 ) -> Result<Option<Arc<CtxEntry>>, ContextError> {
-    {
-        let st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = st.open.get(name) {
-            return Ok(Some(e.clone()));
+    let found = shared
+        .ctx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .open
+        .get(name)
+        .cloned();
+    match found {
+        // Destroyed, and our connection has not read the notice yet (another client's destroy
+        // may have returned long before): forgotten as the notice will have it, and asked for
+        // as a name we do not know. A mark the gateway denies is read through.
+        Some(e) if e.store.ctl().is_retired() && gone_for_good(shared, &e)? => {
+            ask_gateway(shared, name, create)
         }
+        Some(e) => Ok(Some(e)),
         // Not known here does not mean it does not exist: its announcement may still be on
         // its way, so ask the gateway (a miss costs one round trip; hits are local).
+        None => ask_gateway(shared, name, create),
     }
-    ask_gateway(shared, name, create)
 }
 
 /// The gateway's entry for context `name` (creating it if `create`); `None` if there is none.
@@ -423,8 +437,39 @@ pub(crate) fn announced(shared: &Arc<Shared>, id: u64, name: String) {
         });
 }
 
-/// A context was destroyed (control thread): forget it; its subscribers wait for it to come
-/// back, as io.Connect subscriptions (by name) do.
+/// The gateway's notice that context `id` is destroyed (control thread).
+pub(crate) fn destroy_notice(shared: &Arc<Shared>, id: u64, name: &str) {
+    #[cfg(test)]
+    if let Some(held) = shared
+        .ctx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .held
+        .as_mut()
+    {
+        held.push((id, name.to_string()));
+        return;
+    }
+    destroyed(shared, id, name)
+}
+
+/// Tests only: from now on the gateway's destroy notices wait for [`release_notices`].
+#[cfg(test)]
+fn hold_notices(shared: &Arc<Shared>) {
+    shared.ctx.lock().unwrap().held = Some(Vec::new());
+}
+
+/// Tests only: applies the destroy notices held since [`hold_notices`], and stops holding them.
+#[cfg(test)]
+fn release_notices(shared: &Arc<Shared>) {
+    let held = shared.ctx.lock().unwrap().held.take().unwrap_or_default();
+    for (id, name) in held {
+        destroyed(shared, id, &name);
+    }
+}
+
+/// A context was destroyed: forget it; its subscribers wait for it to come back, as io.Connect
+/// subscriptions (by name) do.
 pub(crate) fn destroyed(shared: &Arc<Shared>, id: u64, name: &str) {
     let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
     if st.known.get(name) == Some(&id) {
@@ -485,9 +530,10 @@ pub(crate) fn get(shared: &Arc<Shared>, name: &str) -> Result<ContextSnapshot, C
         };
         #[cfg(test)]
         super::hook::at("get: entry found, not read yet");
-        // Destroyed, and our connection has not read the notice yet: forgotten as the notice
-        // will have it, and looked up again (as in `write`). After that many, what the gateway
-        // hands out is what there is. A mark the gateway denies is read through.
+        // Destroyed since `open` looked, and our connection has not read the notice yet:
+        // forgotten as the notice will have it, and looked up again (as in `write`). After that
+        // many, what the gateway hands out is what there is. A mark the gateway denies is read
+        // through.
         if retired < MAX_RETIRED && entry.store.ctl().is_retired() && gone_for_good(shared, &entry)?
         {
             retired += 1;
@@ -874,6 +920,12 @@ fn attach_sub_inner(
             // closing the entry, to take its subs out: either it takes ours with them (to wait
             // for the context), or the mutex orders its store before this load and we see it.
             if !again && entry.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            // Destroyed since `open` looked (by another client, whose destroy may have
+            // returned: the gateway marks the segment before it answers): `open` finds out
+            // whether for good, as for a context found destroyed.
+            if !again && entry.store.ctl().is_retired() {
                 return None;
             }
             v.push(sub.clone());
@@ -1907,6 +1959,53 @@ mod tests {
             (0, &Value::map()),
             "the read shows the destroyed context's value"
         );
+    }
+
+    /// `c` follows `name`; another client destroys it while `c`'s connection has not read the
+    /// notice (held back), before `c` subscribes again (`at_join`: after the new subscription
+    /// has found the context, before it joins it). The new subscription gets no first callback
+    /// from the destroyed context: it waits, with the old one, for the context to be created
+    /// again.
+    fn subscribed_after_another_client_destroyed(tag: &str, at_join: bool) {
+        let t = Setup::new(tag);
+        let name = "went";
+        let (_a, rx_a) = watched(&t, &t.w, name);
+        hold_notices(t.w.shared());
+        let shared = t.r.shared().clone();
+        let gone = move || destroy(&shared, name).unwrap();
+        let point = "attach_sub_inner: entry found, subscription not added yet";
+        if at_join {
+            hook::set(point, move || elsewhere(gone));
+        } else {
+            gone();
+        }
+        let (_b, rx_b) = watch(&t.w, name);
+        assert!(
+            !hook::is_set(point),
+            "the subscription never reached the point"
+        );
+        // Whatever the connection reads now is stale.
+        release_notices(t.w.shared());
+        let v = t.r.contexts().set(name, obj(2)).unwrap();
+        for (who, rx) in [("a", &rx_a), ("b", &rx_b)] {
+            let u = poll_next(&t.w, rx);
+            assert!(u.first, "{who}: {u:?}");
+            assert_eq!(
+                (u.version, &*u.data),
+                (v, &obj(2)),
+                "{who}'s first callback shows the destroyed context"
+            );
+        }
+    }
+
+    #[test]
+    fn a_subscription_to_a_context_another_client_destroyed_waits_for_it() {
+        subscribed_after_another_client_destroyed("retired-sub", false);
+    }
+
+    #[test]
+    fn a_subscription_joining_a_context_another_client_destroys_waits_for_it() {
+        subscribed_after_another_client_destroyed("retired-join", true);
     }
 
     #[test]
