@@ -227,10 +227,11 @@ pub(crate) struct CtxState {
     pub open: HashMap<String, Arc<CtxEntry>>,
     /// Subscriptions to contexts that do not exist yet.
     pub waiting: HashMap<String, Vec<Arc<Sub>>>,
-    /// Tests only: while `Some`, the gateway's destroy notices are kept here instead of being
-    /// applied (a connection thread that has not read them yet), until [`release_notices`].
+    /// Tests only: while `Some`, the gateway's context notices (`true`: added, `false`:
+    /// destroyed) are kept here instead of being applied (a connection thread that has not read
+    /// them yet), until [`release_notices`].
     #[cfg(test)]
-    pub held: Option<Vec<(u64, String)>>,
+    pub held: Option<Vec<(bool, u64, String)>>,
 }
 
 /// What the pumper keeps per followed context.
@@ -409,6 +410,21 @@ pub(crate) fn attach(
 
 /// A context was announced (control thread): subscriptions waiting for it attach.
 pub(crate) fn announced(shared: &Arc<Shared>, id: u64, name: String) {
+    #[cfg(test)]
+    if let Some(held) = shared
+        .ctx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .held
+        .as_mut()
+    {
+        held.push((true, id, name));
+        return;
+    }
+    announce(shared, id, name)
+}
+
+fn announce(shared: &Arc<Shared>, id: u64, name: String) {
     let waiting = {
         let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
         st.known.insert(name.clone(), id);
@@ -447,24 +463,29 @@ pub(crate) fn destroy_notice(shared: &Arc<Shared>, id: u64, name: &str) {
         .held
         .as_mut()
     {
-        held.push((id, name.to_string()));
+        held.push((false, id, name.to_string()));
         return;
     }
     destroyed(shared, id, name)
 }
 
-/// Tests only: from now on the gateway's destroy notices wait for [`release_notices`].
+/// Tests only: from now on the gateway's context notices wait for [`release_notices`].
 #[cfg(test)]
 fn hold_notices(shared: &Arc<Shared>) {
     shared.ctx.lock().unwrap().held = Some(Vec::new());
 }
 
-/// Tests only: applies the destroy notices held since [`hold_notices`], and stops holding them.
+/// Tests only: applies the context notices held since [`hold_notices`], in order, and stops
+/// holding them.
 #[cfg(test)]
 fn release_notices(shared: &Arc<Shared>) {
     let held = shared.ctx.lock().unwrap().held.take().unwrap_or_default();
-    for (id, name) in held {
-        destroyed(shared, id, &name);
+    for (added, id, name) in held {
+        if added {
+            announce(shared, id, name);
+        } else {
+            destroyed(shared, id, &name);
+        }
     }
 }
 
@@ -787,21 +808,48 @@ pub(crate) fn destroy(shared: &Arc<Shared>, name: &str) -> Result<(), ContextErr
         .known
         .get(name)
         .copied();
-    let Some(id) = id else {
-        return Err(ContextError::NotFound(name.to_string()));
+    // Not known here, or known by an id the gateway no longer has, does not mean there is no
+    // such context: its announcement (or that of its creation anew) may still be on its way.
+    // So the gateway is asked which one the name stands for (as `open` does), once.
+    let mut asked = id.is_none();
+    let mut id = match id {
+        Some(id) => id,
+        None => current_id(shared, name)?,
     };
-    match shared
-        .conn
-        .request(|req| ToGateway::DestroyContext { req, id }, CONTROL_TIMEOUT)?
-    {
-        Reply::Ack => {
-            destroyed(shared, id, name);
-            Ok(())
+    loop {
+        match shared
+            .conn
+            .request(|req| ToGateway::DestroyContext { req, id }, CONTROL_TIMEOUT)?
+        {
+            Reply::Ack => {
+                destroyed(shared, id, name);
+                return Ok(());
+            }
+            Reply::Fail(Status::NotFound, _) if !asked => {
+                asked = true;
+                destroyed(shared, id, name);
+                id = current_id(shared, name)?;
+            }
+            Reply::Fail(Status::NotFound, _) => {
+                return Err(ContextError::NotFound(name.to_string()))
+            }
+            Reply::Fail(status, message) => {
+                return Err(ClientError::Gateway { status, message }.into())
+            }
+            _ => {
+                return Err(
+                    ClientError::Protocol("unexpected reply to destroy-context".into()).into(),
+                )
+            }
         }
-        Reply::Fail(Status::NotFound, _) => Err(ContextError::NotFound(name.to_string())),
-        Reply::Fail(status, message) => Err(ClientError::Gateway { status, message }.into()),
-        _ => Err(ClientError::Protocol("unexpected reply to destroy-context".into()).into()),
     }
+}
+
+/// The id of the context the gateway has under `name` ([`ContextError::NotFound`] if none).
+fn current_id(shared: &Arc<Shared>, name: &str) -> Result<u64, ContextError> {
+    ask_gateway(shared, name, false)?
+        .map(|e| e.id)
+        .ok_or_else(|| ContextError::NotFound(name.to_string()))
 }
 
 static NEXT_SUB: AtomicU64 = AtomicU64::new(1);
@@ -2006,6 +2054,43 @@ mod tests {
     #[test]
     fn a_subscription_joining_a_context_another_client_destroys_waits_for_it() {
         subscribed_after_another_client_destroyed("retired-join", true);
+    }
+
+    #[test]
+    fn destroy_finds_a_context_whose_announcement_has_not_been_read() {
+        let t = Setup::new("destroy-unread");
+        hold_notices(t.w.shared());
+        t.r.contexts().set("fresh", obj(1)).unwrap();
+        // `w` has not heard of it, but it exists: destroying it works.
+        destroy(t.w.shared(), "fresh").unwrap();
+        release_notices(t.w.shared());
+        assert_eq!(
+            t.r.contexts().get("fresh").unwrap().version,
+            0,
+            "the context is still there"
+        );
+        // And a name that is nowhere is still not found.
+        let err = destroy(t.w.shared(), "nowhere").unwrap_err();
+        assert!(matches!(err, ContextError::NotFound(_)), "{err:?}");
+    }
+
+    #[test]
+    fn destroy_finds_a_context_created_anew_since_it_was_announced() {
+        let t = Setup::new("destroy-anew");
+        t.r.contexts().set("again", obj(1)).unwrap();
+        // `w` knows the first one.
+        assert_eq!(t.w.contexts().get("again").unwrap().version, 1);
+        hold_notices(t.w.shared());
+        destroy(t.r.shared(), "again").unwrap();
+        t.r.contexts().set("again", obj(2)).unwrap();
+        // `w` still has the first one's id; the name stands for the second one now.
+        destroy(t.w.shared(), "again").unwrap();
+        release_notices(t.w.shared());
+        assert_eq!(
+            t.r.contexts().get("again").unwrap().version,
+            0,
+            "the context created anew is still there"
+        );
     }
 
     #[test]
