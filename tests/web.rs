@@ -215,6 +215,12 @@ fn a_web_callers_array_arguments_reach_web_methods_and_streams_as_arrays() {
 }
 
 #[test]
+fn a_bus_subscription_to_the_empty_topic_is_accepted_and_served() {
+    semantics("io", "bus-empty-topic");
+    semantics("glue", "bus-empty-topic");
+}
+
+#[test]
 fn a_bus_subscription_unsubscribed_twice_is_no_error() {
     semantics("io", "bus-unsubscribe-twice");
     semantics("glue", "bus-unsubscribe-twice");
@@ -584,6 +590,56 @@ fn shared_contexts_bus_and_streams(native: &Client, web: &mut Script) {
     ticks.close().unwrap();
     let closed = expect(web, "stream-closed");
     assert_eq!(closed["message"], "ServerInitiated");
+}
+
+/// Web apps subscribed to contexts that do not exist yet; native writes create them (`update`,
+/// `set`, `set_path`): each web subscription's first callback shows the write's data. (The
+/// gateway used to announce a context a native write created before the write landed, and a
+/// web subscription joining in between began with `{}`: 30-50 % of the time per context.)
+fn contexts_native_writes_create(lib: &str) {
+    if !have_node(None) {
+        return;
+    }
+    let gw = gateway(&format!("created-{lib}"), AuthMode::Token);
+    let (prefix, n) = ("made.", 24);
+    let mut web = mixed_script(
+        &gw,
+        "mixed-created.js",
+        lib,
+        &["--prefix", prefix, "--n", &n.to_string()],
+    );
+    let native = gw.client("rust-creator");
+    let ctx = native.contexts();
+    for i in 0..n {
+        let name = format!("{prefix}{i}");
+        let x = Value::from(i);
+        match i % 3 {
+            0 => ctx.update(&name, Value::object([("x", x)])),
+            1 => ctx.set(&name, Value::object([("x", x)])),
+            _ => ctx.set_path(&name, "x", x),
+        }
+        .unwrap();
+    }
+    web.tell(r#"{"first": true}"#);
+    let first = web.json();
+    for i in 0..n {
+        let name = format!("{prefix}{i}");
+        assert_eq!(
+            first["first"][&name],
+            serde_json::json!({"x": i}),
+            "{name}'s first callback (every first callback: {first})"
+        );
+    }
+}
+
+#[test]
+fn contexts_native_writes_create_reach_interopio_core_subscribers_with_their_data_first() {
+    contexts_native_writes_create("io");
+}
+
+#[test]
+fn contexts_native_writes_create_reach_glue42_core_subscribers_with_their_data_first() {
+    contexts_native_writes_create("glue");
 }
 
 #[test]

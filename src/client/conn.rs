@@ -22,6 +22,13 @@ pub(crate) enum Reply {
     Fail(Status, String),
     Lane(Arc<Lane>),
     Context(Arc<super::contexts::CtxEntry>),
+    /// The answer to `OpenOrCreate`: the context, and whether the gateway made it holding our
+    /// data (at `version`).
+    Created {
+        entry: Arc<super::contexts::CtxEntry>,
+        created: bool,
+        version: u64,
+    },
 }
 
 impl Reply {
@@ -552,8 +559,31 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             // Relaxed: read by this (control) thread when the connection closes.
             shared.conn.stopping.store(true, Ordering::Relaxed);
         }
-        // Native clients never send `CreateContext` (a GW3 notion).
-        FromGateway::ContextCreated { .. } => {}
+        // The answer to `OpenOrCreate` (native clients never send GW3's `CreateContext`).
+        FromGateway::ContextCreated {
+            req,
+            id,
+            name,
+            created,
+            writable,
+            version,
+        } => {
+            let r = match fds.first() {
+                Some(fd) => super::contexts::attach(shared, id, name, writable, fd),
+                None => Err("context frame without a descriptor".to_string()),
+            };
+            match r {
+                Ok(entry) => shared.conn.complete(
+                    req,
+                    Reply::Created {
+                        entry,
+                        created,
+                        version,
+                    },
+                ),
+                Err(e) => shared.conn.complete(req, Reply::Fail(Status::Protocol, e)),
+            }
+        }
         FromGateway::Welcome(_) | FromGateway::Refused { .. } => {
             crate::log::warn(format_args!("unexpected handshake frame from the gateway"));
         }

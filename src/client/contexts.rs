@@ -310,12 +310,10 @@ fn decode_map(bytes: &[u8]) -> Result<Map, ContextError> {
     }
 }
 
-/// Maps the context (asking the gateway the first time). `Ok(None)` when it does not exist and
-/// `create` is false.
+/// Maps the context (asking the gateway the first time). `Ok(None)` when it does not exist.
 pub(crate) fn open(
     shared: &Arc<Shared>,
     name: &str,
-    create: bool,
 ) -> Result<Option<Arc<CtxEntry>>, ContextError> {
     let found = shared
         .ctx
@@ -329,24 +327,24 @@ pub(crate) fn open(
         // may have returned long before): forgotten as the notice will have it, and asked for
         // as a name we do not know. A mark the gateway denies is read through.
         Some(e) if e.store.ctl().is_retired() && gone_for_good(shared, &e)? => {
-            ask_gateway(shared, name, create)
+            ask_gateway(shared, name)
         }
         Some(e) => Ok(Some(e)),
         // Not known here does not mean it does not exist: its announcement may still be on
         // its way, so ask the gateway (a miss costs one round trip; hits are local).
-        None => ask_gateway(shared, name, create),
+        None => ask_gateway(shared, name),
     }
 }
 
-/// The gateway's entry for context `name` (creating it if `create`); `None` if there is none.
-fn ask_gateway(
-    shared: &Arc<Shared>,
-    name: &str,
-    create: bool,
-) -> Result<Option<Arc<CtxEntry>>, ContextError> {
+/// The gateway's entry for context `name`; `None` if there is none.
+fn ask_gateway(shared: &Arc<Shared>, name: &str) -> Result<Option<Arc<CtxEntry>>, ContextError> {
     let name = name.to_string();
     match shared.conn.request(
-        |req| ToGateway::OpenContext { req, name, create },
+        |req| ToGateway::OpenContext {
+            req,
+            name,
+            create: false,
+        },
         CONTROL_TIMEOUT,
     )? {
         Reply::Context(e) => Ok(Some(e)),
@@ -542,7 +540,7 @@ pub(crate) fn get(shared: &Arc<Shared>, name: &str) -> Result<ContextSnapshot, C
     check_name(name)?;
     let mut retired = 0;
     let entry = loop {
-        let Some(entry) = open(shared, name, false)? else {
+        let Some(entry) = open(shared, name)? else {
             return Ok(ContextSnapshot {
                 name: name.to_string(),
                 version: 0,
@@ -617,7 +615,14 @@ pub(crate) fn write(
     }
     let mut retired = 0;
     loop {
-        let entry = entry_to_write(shared, name, &op, expect)?;
+        let entry = match entry_to_write(shared, name, &op, expect)? {
+            ToWrite::Open(entry) => entry,
+            // The gateway made the context holding what the write gives it: done.
+            ToWrite::Made { entry, version } => {
+                remember_written(shared, &entry);
+                return Ok(version);
+            }
+        };
         #[cfg(test)]
         super::hook::at("write: entry found, not written yet");
         // Take the cached value out, so that (if nobody else holds it) the write updates it in
@@ -679,7 +684,7 @@ pub(crate) fn write(
 /// set it on a live context: taken on trust, it would detach this client's subscriptions from a
 /// context that goes on, for good. So the gateway is asked (one round trip, only on this path).
 fn gone_for_good(shared: &Arc<Shared>, entry: &Arc<CtxEntry>) -> Result<bool, ContextError> {
-    let live = ask_gateway(shared, &entry.name, false)?.is_some_and(|e| e.id == entry.id);
+    let live = ask_gateway(shared, &entry.name)?.is_some_and(|e| e.id == entry.id);
     if !live {
         destroyed(shared, entry.id, &entry.name);
     }
@@ -690,16 +695,25 @@ fn gone_for_good(shared: &Arc<Shared>, entry: &Arc<CtxEntry>) -> Result<bool, Co
 /// broken segment is found destroyed every time).
 const MAX_RETIRED: usize = 3;
 
+/// Where a write goes.
+enum ToWrite {
+    /// An existing context's entry, to write the op to.
+    Open(Arc<CtxEntry>),
+    /// A context the gateway made for the write, holding what the op gives a new context (at
+    /// `version`): nothing is left to write.
+    Made { entry: Arc<CtxEntry>, version: u64 },
+}
+
 /// The entry a write of `op` goes to: the one this thread wrote last, the open one, or the
-/// context created for it.
+/// context the gateway makes for it.
 fn entry_to_write(
     shared: &Arc<Shared>,
     name: &str,
     op: &ContextOp,
     expect: Option<u64>,
-) -> Result<Arc<CtxEntry>, ContextError> {
+) -> Result<ToWrite, ContextError> {
     let entry = match last_written(shared, name)
-        .map_or_else(|| open(shared, name, false), |e| Ok(Some(e)))?
+        .map_or_else(|| open(shared, name), |e| Ok(Some(e)))?
     {
         Some(e) => e,
         None => {
@@ -712,17 +726,65 @@ fn entry_to_write(
                     current: 0,
                 });
             }
-            crate::model::context::apply(None, op)?;
-            match open(shared, name, true)? {
-                Some(e) => e,
-                None => return Err(ContextError::NotFound(name.to_string())),
+            let data = crate::model::context::apply(None, op)?.map_or_else(Map::new, |c| c.data);
+            let mut bytes = Vec::new();
+            crate::wire::codec::encode_map_into(&data, &mut bytes)
+                .map_err(|e| ContextError::InvalidArgument(e.to_string()))?;
+            let max = shared.max_payload();
+            if bytes.len() > max {
+                return Err(ContextError::TooLarge {
+                    size: bytes.len(),
+                    max,
+                });
             }
+            // The gateway writes it before it announces the context (a context created empty
+            // and written after would show subscribers waiting for the name an empty first
+            // value), unless somebody made the context meanwhile: then the op is written to it.
+            let (entry, made) = open_or_create(shared, name, data)?;
+            if !entry.writable {
+                return Err(ContextError::PermissionDenied("update"));
+            }
+            return Ok(match made {
+                Some(version) => ToWrite::Made { entry, version },
+                None => ToWrite::Open(entry),
+            });
         }
     };
     if !entry.writable {
         return Err(ContextError::PermissionDenied("update"));
     }
-    Ok(entry)
+    Ok(ToWrite::Open(entry))
+}
+
+/// Context `name` from the gateway, made holding `data` if it did not exist (then with the
+/// version the data was written at).
+fn open_or_create(
+    shared: &Arc<Shared>,
+    name: &str,
+    data: Map,
+) -> Result<(Arc<CtxEntry>, Option<u64>), ContextError> {
+    let name = name.to_string();
+    match shared.conn.request(
+        |req| ToGateway::OpenOrCreate {
+            req,
+            name,
+            data: Value::Map(data),
+        },
+        CONTROL_TIMEOUT,
+    )? {
+        Reply::Created {
+            entry,
+            created,
+            version,
+        } => Ok((entry, created.then_some(version))),
+        Reply::Fail(status, message) => Err(ContextError::Client(ClientError::Gateway {
+            status,
+            message,
+        })),
+        _ => Err(ContextError::Client(ClientError::Protocol(
+            "unexpected reply to open-or-create".into(),
+        ))),
+    }
 }
 
 thread_local! {
@@ -847,7 +909,7 @@ pub(crate) fn destroy(shared: &Arc<Shared>, name: &str) -> Result<(), ContextErr
 
 /// The id of the context the gateway has under `name` ([`ContextError::NotFound`] if none).
 fn current_id(shared: &Arc<Shared>, name: &str) -> Result<u64, ContextError> {
-    ask_gateway(shared, name, false)?
+    ask_gateway(shared, name)?
         .map(|e| e.id)
         .ok_or_else(|| ContextError::NotFound(name.to_string()))
 }
@@ -872,7 +934,7 @@ pub(crate) fn subscribe(
         carry: Mutex::new(None),
     });
     let _gate = shared.conn.gate.enter();
-    match open(shared, name, false)? {
+    match open(shared, name)? {
         Some(_) => {
             let joined = attach_sub_inner(shared, sub.clone())?;
             settle(shared, &sub, joined);
@@ -940,7 +1002,7 @@ fn attach_sub_inner(
     // open under its name), and the sub is added to it as to any unreadable context.
     let mut refused: Option<Arc<CtxEntry>> = None;
     let (entry, claim, taken_up) = loop {
-        let Some(entry) = open(shared, &sub.name, false)? else {
+        let Some(entry) = open(shared, &sub.name)? else {
             shared
                 .ctx
                 .lock()
@@ -1774,7 +1836,7 @@ mod tests {
     /// How many doorbells the gateway rings when `name` changes (it lists a follower's once
     /// it has subscribed it).
     fn rung(c: &Client, name: &str) -> usize {
-        let entry = open(c.shared(), name, false).unwrap().unwrap();
+        let entry = open(c.shared(), name).unwrap().unwrap();
         let mut n = 0;
         entry.store.ctl().for_each_subscriber(|_| n += 1);
         n
@@ -1849,8 +1911,8 @@ mod tests {
         assert!(poll_next(&t.r, &rx_a).first);
         // The replaced entry ("before") holds a subscription that still waits for its first
         // callback; the restore moves it to the new segment.
-        let old = open(t.r.shared(), "before", false).unwrap().unwrap();
-        let new = open(t.r.shared(), "after", false).unwrap().unwrap();
+        let old = open(t.r.shared(), "before").unwrap().unwrap();
+        let new = open(t.r.shared(), "after").unwrap().unwrap();
         let (b, rx_b) = new_sub("after");
         old.subs.change(|v| v.push(b));
         migrate(t.r.shared(), &old, &new);
@@ -1877,8 +1939,8 @@ mod tests {
         let u = poll_next(&t.r, &rx_b);
         assert!(u.first, "{u:?}");
         assert_eq!(*u.data, had);
-        let old = open(t.r.shared(), "before", false).unwrap().unwrap();
-        let new = open(t.r.shared(), "after", false).unwrap().unwrap();
+        let old = open(t.r.shared(), "before").unwrap().unwrap();
+        let new = open(t.r.shared(), "after").unwrap().unwrap();
         // SYNC(ctx-closed): as `attach` closes the entry a new segment replaces.
         old.closed.store(true, Ordering::Release);
         migrate(t.r.shared(), &old, &new);
@@ -1966,7 +2028,7 @@ mod tests {
         let (_sub, _rx) = watched(&t, &t.w, "live");
         // A broken or hostile peer that maps the context writable marks the live context
         // destroyed (here through `w`'s own mapping of it: the same memory).
-        let e = open(t.w.shared(), "live", false).unwrap().unwrap();
+        let e = open(t.w.shared(), "live").unwrap().unwrap();
         e.store.ctl().retire();
         // Nobody can write it now: a typed error, not a write gone where nobody looks.
         let err = t.w.contexts().set("live", obj(2)).unwrap_err();

@@ -56,8 +56,11 @@ impl Registry {
         topic: String,
         routing_key: Option<String>,
     ) {
-        if topic.is_empty() || topic.len() > self.limits.max_name_len {
-            let msg = "Please provide the topic as a non-empty string!".to_string();
+        // An empty topic is a GW3 peer's (the reference gateway takes it); native clients
+        // refuse it before asking.
+        if topic.len() > self.limits.max_name_len {
+            let max = self.limits.max_name_len;
+            let msg = format!("the topic is longer than {max} bytes");
             return self.fail(from, req, Status::InvalidArgument, msg);
         }
         if !self.allowed(from, PolicyAction::Subscribe, &topic) {

@@ -426,35 +426,10 @@ impl Registry {
         }
         let (id, created) = match self.contexts.find(&user, &name) {
             Some(c) => (c.id, false),
-            None => {
-                let Value::Map(data) = data else {
-                    let msg = "Please provide the data as an object!".to_string();
-                    return self.fail(from, req, Status::InvalidArgument, msg);
-                };
-                let id = match self.new_context(&user, &name, lifetime, Some(from)) {
-                    Ok(id) => id,
-                    Err((s, m)) => return self.fail(from, req, s, m),
-                };
-                // Nobody else has the segment yet: the lock is free and the data is in place
-                // before anyone hears of the context.
-                let max = self.limits.max_payload as usize;
-                let written = self.contexts.by_id.get(&id).map(|c| {
-                    crate::store::context::write(
-                        &c.store,
-                        from.0,
-                        &crate::model::context::ContextOp::Set(data),
-                        None,
-                        max,
-                        std::time::Duration::from_secs(1),
-                        None,
-                    )
-                });
-                if let Some(Err(e)) = written {
-                    self.contexts.remove(id);
-                    return self.fail(from, req, Status::InvalidArgument, e.to_string());
-                }
-                (id, true)
-            }
+            None => match self.new_context_holding(&user, &name, lifetime, from, data) {
+                Ok(id) => (id, true),
+                Err((s, m)) => return self.fail(from, req, s, m),
+            },
         };
         let (fd, writable) = match self.context_fd(from, id) {
             Ok(x) => x,
@@ -477,14 +452,119 @@ impl Registry {
         if created {
             self.announce_context(id);
         }
+        let version = self.context_version(id);
         let msg = FromGateway::ContextCreated {
             req,
             id,
             name,
             created,
             writable,
+            version,
         };
         self.send(from, msg, vec![fd]);
+    }
+
+    /// A new context `name` of `user` holding `data` (an object), written with `creator` as
+    /// the updater before anyone hears of the context; announced only after that.
+    fn new_context_holding(
+        &mut self,
+        user: &str,
+        name: &str,
+        lifetime: ContextLifetime,
+        creator: PeerId,
+        data: Value,
+    ) -> Result<u64, (Status, String)> {
+        let Value::Map(data) = data else {
+            return Err((
+                Status::InvalidArgument,
+                "Please provide the data as an object!".into(),
+            ));
+        };
+        let id = self.new_context(user, name, lifetime, Some(creator))?;
+        // Nobody else has the segment yet: the lock is free and the data is in place before
+        // anyone hears of the context.
+        let max = self.limits.max_payload as usize;
+        let written = self.contexts.by_id.get(&id).map(|c| {
+            crate::store::context::write(
+                &c.store,
+                creator.0,
+                &crate::model::context::ContextOp::Set(data),
+                None,
+                max,
+                std::time::Duration::from_secs(1),
+                None,
+            )
+        });
+        match written {
+            Some(Err(e)) => {
+                self.contexts.remove(id);
+                let status = match e {
+                    crate::store::context::WriteError::TooLarge { .. } => Status::PayloadTooLarge,
+                    _ => Status::InvalidArgument,
+                };
+                Err((status, e.to_string()))
+            }
+            _ => Ok(id),
+        }
+    }
+
+    /// Context `id`'s version (0 when there is none).
+    fn context_version(&self, id: u64) -> u64 {
+        self.contexts
+            .by_id
+            .get(&id)
+            .map_or(0, |c| c.store.ctl().version())
+    }
+
+    /// A native write to a context the writer does not have: `open_context` with `create`,
+    /// except that a context made here holds the writer's `data` before anyone hears of it
+    /// (`ensure_context` announces it empty), so nobody (web subscribers waiting for the name
+    /// included) sees it empty first. The writer does not become a member.
+    pub(crate) fn open_or_create(&mut self, from: PeerId, req: u64, name: String, data: Value) {
+        let Some(user) = self.user_of(from) else {
+            return;
+        };
+        let (read, write) = self.context_access(from, &name);
+        let existing = self.contexts.find(&user, &name).map(|c| c.id);
+        if !read || (existing.is_none() && !write) {
+            let (action, msg) = if read {
+                ("context.write", "Not authorized to create context")
+            } else {
+                ("context.read", "Not authorized to read context")
+            };
+            if let Some(p) = self.peers.get(&from) {
+                log_denial(&p.identity, action, &name, "the gateway");
+            }
+            return self.fail(from, req, Status::PermissionDenied, msg.to_string());
+        }
+        let (id, created) = match existing {
+            Some(id) => (id, false),
+            None => {
+                match self.new_context_holding(&user, &name, ContextLifetime::Retained, from, data)
+                {
+                    Ok(id) => (id, true),
+                    Err((s, m)) => return self.fail(from, req, s, m),
+                }
+            }
+        };
+        if created {
+            self.announce_context(id);
+        }
+        match self.context_fd(from, id) {
+            Ok((fd, writable)) => {
+                let version = self.context_version(id);
+                let msg = FromGateway::ContextCreated {
+                    req,
+                    id,
+                    name,
+                    created,
+                    writable,
+                    version,
+                };
+                self.send(from, msg, vec![fd]);
+            }
+            Err((s, m)) => self.fail(from, req, s, m),
+        }
     }
 
     /// Adds `from` to context `id`'s subscribers (members).
@@ -822,6 +902,66 @@ mod tests {
             }
         )));
         assert!(reg.contexts.find("u", "d").is_none());
+    }
+
+    #[test]
+    fn a_write_creates_its_context_holding_the_data_before_announcing_it() {
+        let mut reg = registry_with(Limits {
+            max_payload: 64,
+            ..Limits::default()
+        });
+        let (a, mut ra) = join_web(&mut reg, "A", "u");
+        let (b, mut rb) = join_web(&mut reg, "B", "u");
+        drain(&mut ra);
+        drain(&mut rb);
+        let data = Value::object([("a", Value::from(1))]);
+        reg.open_or_create(a, 1, "n".into(), data.clone());
+        let msgs = drain(&mut ra);
+        let id = match &msgs[..] {
+            [FromGateway::ContextAdded { id, .. }, FromGateway::ContextCreated {
+                req: 1,
+                id: made,
+                created: true,
+                version: 1,
+                ..
+            }] if id == made => *id,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(
+            drain(&mut rb)[..],
+            [FromGateway::ContextAdded { .. }]
+        ));
+        // Announced holding the data, with the writer as its updater; the writer is not a
+        // member (unlike GW3's `create-context`).
+        let c = reg.contexts.get(id).unwrap();
+        let mut buf = Vec::new();
+        let info = c.store.read(&mut buf).unwrap();
+        assert_eq!((info.version, info.updater), (1, a.0));
+        assert_eq!(crate::wire::codec::decode(&buf).unwrap(), data);
+        assert!(c.subscribers.is_empty());
+        // The name again: the context as it is, nothing written.
+        reg.open_or_create(b, 2, "n".into(), Value::object([("b", Value::from(2))]));
+        assert!(matches!(
+            drain(&mut rb)[..],
+            [FromGateway::ContextCreated {
+                created: false,
+                version: 1,
+                ..
+            }]
+        ));
+        // Data over the limit: refused, and nothing made or announced.
+        let big = Value::object([("pad", Value::Bytes(vec![0; 100]))]);
+        reg.open_or_create(a, 3, "big".into(), big);
+        assert!(matches!(
+            drain(&mut ra)[..],
+            [FromGateway::Fail {
+                req: 3,
+                status: Status::PayloadTooLarge,
+                ..
+            }]
+        ));
+        assert!(drain(&mut rb).is_empty());
+        assert!(reg.contexts.find("u", "big").is_none());
     }
 
     #[test]

@@ -511,6 +511,7 @@ async fn serve(
                         ToGateway::CreateContext { req, name, lifetime, data } => {
                             registry.create_context(peer, req, name, lifetime, data)
                         }
+                        ToGateway::OpenOrCreate { req, name, data } => registry.open_or_create(peer, req, name, data),
                         ToGateway::BusSynced { ticket } => registry.bus_synced(peer, ticket),
                         ToGateway::Denied { peer: offender, action, resource } => {
                             registry.denied_by_peer(peer, offender, &action, &resource)

@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Bumped when the control protocol changes incompatibly. 2: `FromGateway::ContextsDestroyed`
-/// and `FromGateway::CallsFailed` (a version-1 client could not decode them).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// and `FromGateway::CallsFailed` (a version-1 client could not decode them). 3:
+/// `ToGateway::OpenOrCreate` and `FromGateway::ContextCreated::version`.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest control frame body accepted (method lists and snapshots can be large).
 pub const MAX_FRAME: usize = 64 << 20;
 /// Frame header size.
@@ -385,6 +386,17 @@ pub enum ToGateway {
         #[serde(with = "encoded_value")]
         data: Value,
     },
+    /// A native write to a context we do not have: map context `name`, and when it is missing
+    /// create it holding `data` (an object), written with us as the updater before anyone
+    /// hears of the context, so that nobody sees it empty first. Answered with
+    /// `ContextCreated` (`created`: made now, holding `data`) or `Fail`. Unlike
+    /// `CreateContext`, the caller does not become a member.
+    OpenOrCreate {
+        req: u64,
+        name: String,
+        #[serde(with = "encoded_value")]
+        data: Value,
+    },
 }
 
 /// Gateway → peer.
@@ -519,6 +531,9 @@ pub enum FromGateway {
         name: String,
         created: bool,
         writable: bool,
+        /// The context's version when answered (when `created`: the version its data was
+        /// written at).
+        version: u64,
     },
     /// Contexts destroyed together, as (id, name, why): those a departing peer owned or was
     /// the last member of. One notice, however many there were.

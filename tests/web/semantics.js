@@ -10,6 +10,8 @@
 //                    subscription request) as the array they are, as the reference forwards them
 //   bus-unsubscribe-twice  a bus subscription unsubscribed twice (the libraries send both) is
 //                    no error: @glue42/core would leave one unhandled
+//   bus-empty-topic  a bus subscription to the empty topic is accepted and gets what is
+//                    published on it, as on the reference
 "use strict";
 const { client } = require("./scenarios");
 
@@ -59,6 +61,24 @@ const checks = {
     later.unsubscribe();
     after.unsubscribe();
     await A.done();
+  },
+
+  async "bus-empty-topic"() {
+    const A = await client(url, "A", { lib });
+    const B = await client(url, "B", { lib });
+    const got = [];
+    let marked = false;
+    await B.bus.subscribe("", (d) => got.push(d));
+    await B.bus.subscribe("empty.mark", () => { marked = true; });
+    A.bus.publish("", { n: 1 });
+    // Behind the message, from the same publisher: once it is in, so is the message.
+    A.bus.publish("empty.mark", {});
+    const end = Date.now() + 10000;
+    while (!marked && Date.now() < end) await new Promise((r) => setTimeout(r, 5));
+    expect(marked, "the marker published after the message never came");
+    expect(JSON.stringify(got) === JSON.stringify([{ n: 1 }]), `the empty topic's subscription got ${JSON.stringify(got)}`);
+    await A.done();
+    await B.done();
   },
 };
 
