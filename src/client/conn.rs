@@ -378,6 +378,22 @@ pub(crate) fn peer_removed(shared: &Arc<Shared>, peer: PeerId, reason: String) {
     }
 }
 
+/// The entry for the context segment a frame carried (its first descriptor); the reply that
+/// fails the request when there is none or it cannot be mapped.
+fn attach_context(
+    shared: &Arc<Shared>,
+    fds: &[OwnedFd],
+    id: u64,
+    name: String,
+    writable: bool,
+) -> Result<Arc<super::contexts::CtxEntry>, Reply> {
+    let fd = fds
+        .first()
+        .ok_or_else(|| "context frame without a descriptor".to_string());
+    fd.and_then(|fd| super::contexts::attach(shared, id, name, writable, fd))
+        .map_err(|e| Reply::Fail(Status::Protocol, e))
+}
+
 fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
     match msg {
         FromGateway::Ack { req } => shared.conn.complete(req, Reply::Ack),
@@ -502,14 +518,8 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             name,
             writable,
         } => {
-            let r = match fds.first() {
-                Some(fd) => super::contexts::attach(shared, id, name, writable, fd),
-                None => Err("context frame without a descriptor".to_string()),
-            };
-            match r {
-                Ok(e) => shared.conn.complete(req, Reply::Context(e)),
-                Err(e) => shared.conn.complete(req, Reply::Fail(Status::Protocol, e)),
-            }
+            let r = attach_context(shared, &fds, id, name, writable).map(Reply::Context);
+            shared.conn.complete(req, r.unwrap_or_else(|e| e));
         }
         FromGateway::ContextAdded { id, name, .. } => super::contexts::announced(shared, id, name),
         FromGateway::BusSubscribed(info) => super::bus::remote_subscribed(shared, info),
@@ -568,21 +578,12 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             writable,
             version,
         } => {
-            let r = match fds.first() {
-                Some(fd) => super::contexts::attach(shared, id, name, writable, fd),
-                None => Err("context frame without a descriptor".to_string()),
-            };
-            match r {
-                Ok(entry) => shared.conn.complete(
-                    req,
-                    Reply::Created {
-                        entry,
-                        created,
-                        version,
-                    },
-                ),
-                Err(e) => shared.conn.complete(req, Reply::Fail(Status::Protocol, e)),
-            }
+            let r = attach_context(shared, &fds, id, name, writable).map(|entry| Reply::Created {
+                entry,
+                created,
+                version,
+            });
+            shared.conn.complete(req, r.unwrap_or_else(|e| e));
         }
         FromGateway::Welcome(_) | FromGateway::Refused { .. } => {
             crate::log::warn(format_args!("unexpected handshake frame from the gateway"));

@@ -403,33 +403,10 @@ impl Registry {
         lifetime: ContextLifetime,
         data: Value,
     ) {
-        let Some(user) = self.user_of(from) else {
-            return;
-        };
-        let (read, write) = self.context_access(from, &name);
-        let exists = self.contexts.find(&user, &name).is_some();
-        if !read || (!exists && !write) {
-            let action = if read {
-                "context.write"
-            } else {
-                "context.read"
-            };
-            if let Some(p) = self.peers.get(&from) {
-                log_denial(&p.identity, action, &name, "the gateway");
-            }
-            let msg = if read {
-                "Not authorized to create context"
-            } else {
-                "Not authorized to read context"
-            };
-            return self.fail(from, req, Status::PermissionDenied, msg.to_string());
-        }
-        let (id, created) = match self.contexts.find(&user, &name) {
-            Some(c) => (c.id, false),
-            None => match self.new_context_holding(&user, &name, lifetime, from, data) {
-                Ok(id) => (id, true),
-                Err((s, m)) => return self.fail(from, req, s, m),
-            },
+        let (id, created) = match self.existing_or_made(from, &name, lifetime, data) {
+            Ok(Some(x)) => x,
+            Ok(None) => return,
+            Err((s, m)) => return self.fail(from, req, s, m),
         };
         let (fd, writable) = match self.context_fd(from, id) {
             Ok(x) => x,
@@ -452,16 +429,68 @@ impl Registry {
         if created {
             self.announce_context(id);
         }
-        let version = self.context_version(id);
-        let msg = FromGateway::ContextCreated {
+        let msg = self.created_reply(req, id, name, created, writable);
+        self.send(from, msg, vec![fd]);
+    }
+
+    /// The context `name` of `from`'s user, or, when there is none and `from` may create it,
+    /// one made holding `data` (`from` its creator and updater): `(id, created)`. `None`:
+    /// `from` is gone.
+    fn existing_or_made(
+        &mut self,
+        from: PeerId,
+        name: &str,
+        lifetime: ContextLifetime,
+        data: Value,
+    ) -> Result<Option<(u64, bool)>, (Status, String)> {
+        let Some(user) = self.user_of(from) else {
+            return Ok(None);
+        };
+        let (read, write) = self.context_access(from, name);
+        let existing = self.contexts.find(&user, name).map(|c| c.id);
+        if !read || (existing.is_none() && !write) {
+            let (action, msg) = if read {
+                ("context.write", "Not authorized to create context")
+            } else {
+                ("context.read", "Not authorized to read context")
+            };
+            if let Some(p) = self.peers.get(&from) {
+                log_denial(&p.identity, action, name, "the gateway");
+            }
+            return Err((Status::PermissionDenied, msg.to_string()));
+        }
+        Ok(Some(match existing {
+            Some(id) => (id, false),
+            None => (
+                self.new_context_holding(&user, name, lifetime, from, data)?,
+                true,
+            ),
+        }))
+    }
+
+    /// The answer to `CreateContext` or `OpenOrCreate`, with the context's version now (when
+    /// `created`: the version its data was written at).
+    fn created_reply(
+        &self,
+        req: u64,
+        id: u64,
+        name: String,
+        created: bool,
+        writable: bool,
+    ) -> FromGateway {
+        let version = self
+            .contexts
+            .by_id
+            .get(&id)
+            .map_or(0, |c| c.store.ctl().version());
+        FromGateway::ContextCreated {
             req,
             id,
             name,
             created,
             writable,
             version,
-        };
-        self.send(from, msg, vec![fd]);
+        }
     }
 
     /// A new context `name` of `user` holding `data` (an object), written with `creator` as
@@ -508,59 +537,23 @@ impl Registry {
         }
     }
 
-    /// Context `id`'s version (0 when there is none).
-    fn context_version(&self, id: u64) -> u64 {
-        self.contexts
-            .by_id
-            .get(&id)
-            .map_or(0, |c| c.store.ctl().version())
-    }
-
     /// A native write to a context the writer does not have: `open_context` with `create`,
     /// except that a context made here holds the writer's `data` before anyone hears of it
     /// (`ensure_context` announces it empty), so nobody (web subscribers waiting for the name
     /// included) sees it empty first. The writer does not become a member.
     pub(crate) fn open_or_create(&mut self, from: PeerId, req: u64, name: String, data: Value) {
-        let Some(user) = self.user_of(from) else {
-            return;
-        };
-        let (read, write) = self.context_access(from, &name);
-        let existing = self.contexts.find(&user, &name).map(|c| c.id);
-        if !read || (existing.is_none() && !write) {
-            let (action, msg) = if read {
-                ("context.write", "Not authorized to create context")
-            } else {
-                ("context.read", "Not authorized to read context")
+        let (id, created) =
+            match self.existing_or_made(from, &name, ContextLifetime::Retained, data) {
+                Ok(Some(x)) => x,
+                Ok(None) => return,
+                Err((s, m)) => return self.fail(from, req, s, m),
             };
-            if let Some(p) = self.peers.get(&from) {
-                log_denial(&p.identity, action, &name, "the gateway");
-            }
-            return self.fail(from, req, Status::PermissionDenied, msg.to_string());
-        }
-        let (id, created) = match existing {
-            Some(id) => (id, false),
-            None => {
-                match self.new_context_holding(&user, &name, ContextLifetime::Retained, from, data)
-                {
-                    Ok(id) => (id, true),
-                    Err((s, m)) => return self.fail(from, req, s, m),
-                }
-            }
-        };
         if created {
             self.announce_context(id);
         }
         match self.context_fd(from, id) {
             Ok((fd, writable)) => {
-                let version = self.context_version(id);
-                let msg = FromGateway::ContextCreated {
-                    req,
-                    id,
-                    name,
-                    created,
-                    writable,
-                    version,
-                };
+                let msg = self.created_reply(req, id, name, created, writable);
                 self.send(from, msg, vec![fd]);
             }
             Err((s, m)) => self.fail(from, req, s, m),
