@@ -2124,13 +2124,7 @@ mod tests {
         hold_notices(t.w.shared());
         t.r.contexts().set("fresh", obj(1)).unwrap();
         // `w` has not heard of it, but it exists: destroying it works.
-        destroy(t.w.shared(), "fresh").unwrap();
-        release_notices(t.w.shared());
-        assert_eq!(
-            t.r.contexts().get("fresh").unwrap().version,
-            0,
-            "the context is still there"
-        );
+        destroy_unheard(&t, "fresh");
         // And a name that is nowhere is still not found.
         let err = destroy(t.w.shared(), "nowhere").unwrap_err();
         assert!(matches!(err, ContextError::NotFound(_)), "{err:?}");
@@ -2146,12 +2140,17 @@ mod tests {
         destroy(t.r.shared(), "again").unwrap();
         t.r.contexts().set("again", obj(2)).unwrap();
         // `w` still has the first one's id; the name stands for the second one now.
-        destroy(t.w.shared(), "again").unwrap();
+        destroy_unheard(&t, "again");
+    }
+
+    /// `t.w`, its context notices held, destroys `name`; then it is gone for everyone.
+    fn destroy_unheard(t: &Setup, name: &str) {
+        destroy(t.w.shared(), name).unwrap();
         release_notices(t.w.shared());
         assert_eq!(
-            t.r.contexts().get("again").unwrap().version,
+            t.r.contexts().get(name).unwrap().version,
             0,
-            "the context created anew is still there"
+            "{name} is still there"
         );
     }
 
