@@ -215,6 +215,12 @@ fn a_web_callers_array_arguments_reach_web_methods_and_streams_as_arrays() {
 }
 
 #[test]
+fn a_callee_leaving_is_reported_before_the_call_waiting_on_it_fails() {
+    semantics("io", "callee-gone-order");
+    semantics("glue", "callee-gone-order");
+}
+
+#[test]
 fn a_bus_subscription_to_the_empty_topic_is_accepted_and_served() {
     semantics("io", "bus-empty-topic");
     semantics("glue", "bus-empty-topic");

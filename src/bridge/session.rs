@@ -281,6 +281,9 @@ struct Replay {
     then: Option<String>,
 }
 
+/// At most how many registry notices a connection handles before it writes what they made.
+const BURST: usize = 32;
+
 async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
     match rx {
         Some(r) => r.recv().await,
@@ -426,6 +429,19 @@ pub(crate) async fn run(
             Some(ev) = hub_rx.recv(), if !replaying => s.on_hub(ev),
             Some(out) = recv_opt(&mut s.reg_rx), if !replaying => {
                 s.on_core(out).await;
+                // What the registry queued for us at the same moment goes out in the same
+                // write: a callee's removal and the failures of the calls waiting on it reach
+                // the client in one read, as the reference gateway's do (its library then
+                // reports them in one order), and a burst costs one flush.
+                for _ in 1..BURST {
+                    if s.replay.is_some() || !s.stash.is_empty() || s.done.is_some() {
+                        break;
+                    }
+                    let Some(out) = s.reg_rx.as_mut().and_then(|r| r.try_recv().ok()) else {
+                        break;
+                    };
+                    s.on_core(out).await;
+                }
                 s.observe_backlog();
             }
             // Another task queued frames for us (context updates).

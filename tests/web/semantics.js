@@ -12,8 +12,12 @@
 //                    no error: @glue42/core would leave one unhandled
 //   bus-empty-topic  a bus subscription to the empty topic is accepted and gets what is
 //                    published on it, as on the reference
+//   callee-gone-order  a server that leaves with a call waiting: the caller's library reports the
+//                    server removed before the invocation fails, every time (the reference
+//                    gateway's frames for both come in one write, so its clients always see
+//                    this order)
 "use strict";
-const { client } = require("./scenarios");
+const { client, raw, waitFor } = require("./scenarios");
 
 const argv = process.argv.slice(2);
 const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt; };
@@ -61,6 +65,33 @@ const checks = {
     later.unsubscribe();
     after.unsubscribe();
     await A.done();
+  },
+
+  async "callee-gone-order"() {
+    const B = await client(url, "B", { lib });
+    const rounds = 20;
+    const orders = {};
+    for (let r = 0; r < rounds; r++) {
+      const application = `gone-${r}`;
+      const K = await raw(url);
+      const w = await K.ask({ type: "hello", domain: "global", request_id: "h", identity: { application },
+        authentication: { method: "secret", login: "harness", secret: "secret" } });
+      await K.ask({ type: "join", domain: "global", destination: "agm", request_id: "j", peer_id: w.peer_id });
+      await K.ask({ type: "register", domain: "agm", request_id: "r", peer_id: w.peer_id, methods: [{ id: "1", name: "Gone.M" }] });
+      await waitFor(() => B.interop.methods("Gone.M").length === 1, "B to see the method");
+      const order = [];
+      const off = B.interop.serverRemoved((s) => s && s.application === application && order.push("serverRemoved"));
+      const call = B.interop.invoke("Gone.M", {}).then(() => order.push("returned"), () => order.push("rejected"));
+      expect(await K.next((m) => m.type === "invoke", 5000), `round ${r}: the call never reached the server`);
+      K.close();
+      await call;
+      await waitFor(() => order.length === 2, "the removal and the failure");
+      if (typeof off === "function") off();
+      orders[order.join(" then ")] = (orders[order.join(" then ")] || 0) + 1;
+      await waitFor(() => B.interop.methods("Gone.M").length === 0, "the method to go");
+    }
+    expect(orders["serverRemoved then rejected"] === rounds, `orders over ${rounds} rounds: ${JSON.stringify(orders)}`);
+    await B.done();
   },
 
   async "bus-empty-topic"() {
