@@ -625,6 +625,52 @@ fn a_gateway_whose_keeper_dies_starts_another_and_hands_it_every_context() {
     assert_eq!(ctx_get(&socket, "after"), json!({"y": 2}));
 }
 
+/// Only a socket is ever replaced: a file (or directory) at the gateway's path is left as it
+/// is and the gateway refuses to start, with a usage error naming the path. (A mistyped
+/// `--gateway` used to delete the file.)
+#[test]
+fn a_gateway_never_replaces_what_is_not_a_socket() {
+    use knit::gateway::Gateway;
+    let dir = TempDir::new("not-a-socket");
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let Err(e) = Gateway::bind(GatewayConfig::new(file.clone())) else {
+        panic!("the gateway started on a regular file");
+    };
+    assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("is not a socket"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    let sub = dir.path().join("adir");
+    std::fs::create_dir(&sub).unwrap();
+    let Err(e) = Gateway::bind(GatewayConfig::new(sub.clone())) else {
+        panic!("the gateway started on a directory");
+    };
+    assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+    assert!(sub.is_dir());
+    // Through the CLI: the usage exit code.
+    let out = common::run_knit(
+        &["gateway", "--gateway", file.to_str().unwrap(), "--no-ws"],
+        STARTUP,
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+/// Sockets whose names differ only after a dot (`gw.one`, `gw.two`) get gateways of their own:
+/// their lock (and token and keeper) files are not shared.
+#[test]
+fn gateways_on_sockets_differing_in_their_extension_both_start() {
+    let dir = TempDir::new("two-ext");
+    let one = spawn_gateway(GatewayConfig::new(dir.path().join("gw.one")));
+    let two = spawn_gateway(GatewayConfig::new(dir.path().join("gw.two")));
+    assert_ne!(
+        knit::control::sibling(one.socket_path(), "lock"),
+        knit::control::sibling(two.socket_path(), "lock")
+    );
+    one.shutdown();
+    two.shutdown();
+}
+
 /// A second gateway on a socket is refused; a lock on it held only for a moment (a process that
 /// forked while the previous gateway ran keeps a copy until it execs) is waited out.
 #[test]
@@ -640,7 +686,7 @@ fn a_second_gateway_is_refused_but_a_lock_held_for_a_moment_is_waited_out() {
     );
     gw.shutdown();
     // Another holder of the lock file, as a forked child would be.
-    let lock_path = dir.socket().with_extension("lock");
+    let lock_path = knit::control::sibling(&dir.socket(), "lock");
     let open_lock = || {
         std::fs::OpenOptions::new()
             .read(true)

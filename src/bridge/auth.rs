@@ -361,7 +361,7 @@ pub fn read_token(socket: &Path) -> io::Result<String> {
 
 /// Where the bridge token of the gateway at `socket` lives.
 pub fn token_path(socket: &Path) -> std::path::PathBuf {
-    socket.with_extension("token")
+    crate::control::sibling(socket, "token")
 }
 
 #[cfg(test)]

@@ -33,6 +33,19 @@ pub fn resolve_socket_path(explicit: Option<&Path>) -> PathBuf {
     }
 }
 
+/// The file next to the gateway socket `socket` that holds its `what` (`lock`, `token`,
+/// `keeper`): a `.sock` extension is replaced (`gateway.sock` → `gateway.token`), any other name
+/// gets `.what` appended (`gw.one` → `gw.one.lock`), so two sockets that differ only in their
+/// extension do not share their gateways' lock, token or keeper.
+pub fn sibling(socket: &Path, what: &str) -> PathBuf {
+    let name = socket
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".sock").filter(|s| !s.is_empty());
+    socket.with_file_name(format!("{}.{what}", stem.unwrap_or(&name)))
+}
+
 /// Creates `dir` (mode 0700) if missing; tightens it if it is ours but open to others; refuses
 /// it if it belongs to someone else.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
@@ -93,6 +106,20 @@ pub fn connect(socket: &Path) -> io::Result<std::os::unix::net::UnixStream> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sibling_files_replace_a_sock_extension_and_are_appended_to_any_other_name() {
+        let at = |n: &str| sibling(Path::new(n), "lock");
+        assert_eq!(at("/r/gateway.sock"), Path::new("/r/gateway.lock"));
+        assert_eq!(at("/r/gw.one"), Path::new("/r/gw.one.lock"));
+        assert_eq!(at("/r/gw.two"), Path::new("/r/gw.two.lock"));
+        assert_eq!(at("/r/gw"), Path::new("/r/gw.lock"));
+        assert_eq!(at("/r/.sock"), Path::new("/r/.sock.lock"));
+        assert_eq!(
+            sibling(Path::new("/r/gateway.sock"), "token"),
+            Path::new("/r/gateway.token")
+        );
+    }
+
     use super::*;
 
     #[test]

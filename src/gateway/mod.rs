@@ -83,6 +83,9 @@ pub enum GatewayError {
     /// Another gateway holds this socket.
     #[error("another gateway is already running on {0}")]
     AlreadyRunning(PathBuf),
+    /// Something that is not a socket is at the socket's path: it is left alone.
+    #[error("{0} exists and is not a socket: not replacing it (choose another --gateway path)")]
+    NotASocket(PathBuf),
     /// A system call failed.
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
@@ -96,6 +99,7 @@ impl GatewayError {
     pub fn status(&self) -> Status {
         match self {
             GatewayError::AlreadyRunning(_) => Status::AlreadyRunning,
+            GatewayError::NotASocket(_) => Status::InvalidArgument,
             GatewayError::Io { .. } => Status::GatewayUnreachable,
             GatewayError::Bridge(e) => e.status(),
         }
@@ -128,7 +132,13 @@ impl Gateway {
             .map_err(ctx(format!("socket directory {}", dir.display())))?;
         // An exclusive lock held for the gateway's life settles races between two starting
         // gateways; the connect probe below catches a gateway that holds no lock.
-        let lock_path = cfg.socket.with_extension("lock");
+        // Nothing but a socket is ever replaced: a mistyped path must not cost a file.
+        if let Ok(m) = std::fs::symlink_metadata(&cfg.socket) {
+            if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) {
+                return Err(GatewayError::NotASocket(cfg.socket.clone()));
+            }
+        }
+        let lock_path = crate::control::sibling(&cfg.socket, "lock");
         let lock = rustix::fs::open(
             &lock_path,
             rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
@@ -156,7 +166,12 @@ impl Gateway {
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        if cfg.socket.exists() {
+        // A socket nobody answers on (checked above that it is one; a file put there since is
+        // not removed).
+        if let Ok(m) = std::fs::symlink_metadata(&cfg.socket) {
+            if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) {
+                return Err(GatewayError::NotASocket(cfg.socket.clone()));
+            }
             std::fs::remove_file(&cfg.socket).map_err(ctx("removing a stale socket"))?;
         }
         let bridge = match &cfg.bridge {
