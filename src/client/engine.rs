@@ -1054,7 +1054,18 @@ impl Shared {
     ) {
         SCRATCH.with(|s| {
             let mut body = s.take();
-            if let Err(e) = record::result(&mut body, call_id, &outcome) {
+            // The payload limit applies to results as to arguments (the value's encoded size):
+            // an oversized result reaches the caller as `PayloadTooLarge`.
+            let size = match &outcome {
+                Ok(Value::Bytes(b)) => b.len(),
+                Ok(v) => crate::wire::codec::encoded_len(v),
+                Err(_) => 0,
+            };
+            let max = self.max_payload();
+            if size > max {
+                let msg = format!("result of {size} bytes exceeds the limit of {max} bytes");
+                record::result_too_large(&mut body, call_id, &msg);
+            } else if let Err(e) = record::result(&mut body, call_id, &outcome) {
                 let msg = format!("result cannot be sent: {e}");
                 // A plain message always encodes.
                 let _ = record::result(&mut body, call_id, &Err((msg, None)));
@@ -1311,6 +1322,9 @@ impl Shared {
                     match record::decode_error(payload) {
                         Ok((m, c)) if record::error_denied(payload) => {
                             Err((FailureKind::Delivery(crate::Status::PermissionDenied), m, c))
+                        }
+                        Ok((m, c)) if record::error_too_large(payload) => {
+                            Err((FailureKind::Delivery(crate::Status::PayloadTooLarge), m, c))
                         }
                         Ok((m, c)) => Err((FailureKind::Remote, m, c)),
                         Err(e) => {

@@ -168,22 +168,42 @@ pub fn result(
 /// Builds the result of an invocation the receiver's policy check refused: an error whose
 /// `denied` flag tells the caller it is `PermissionDenied`, not the method failing.
 pub fn result_denied(out: &mut Vec<u8>, call_id: u64, message: &str) {
+    result_marked(out, call_id, message, "denied")
+}
+
+/// Builds the result of an invocation whose result was over the payload limit: an error whose
+/// `too_large` flag tells the caller it is `PayloadTooLarge`, not the method failing.
+pub fn result_too_large(out: &mut Vec<u8>, call_id: u64, message: &str) {
+    result_marked(out, call_id, message, "too_large")
+}
+
+/// An error result `{message, mark: true}`.
+fn result_marked(out: &mut Vec<u8>, call_id: u64, message: &str, mark: &str) {
     out.clear();
     out.extend_from_slice(&call_id.to_le_bytes());
     out.extend_from_slice(&1u32.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     let mut m = super::Map::new();
     m.insert("message".into(), Value::from(message));
-    m.insert("denied".into(), Value::Bool(true));
+    m.insert(mark.into(), Value::Bool(true));
     // A two-key map of a string and a bool: never too deep to encode.
     let _ = codec::encode_into(&Value::Map(m), out);
 }
 
 /// Whether an error result is a policy refusal (see [`result_denied`]).
 pub fn error_denied(bytes: &[u8]) -> bool {
+    error_marked(bytes, "denied")
+}
+
+/// Whether an error result is a result over the payload limit (see [`result_too_large`]).
+pub fn error_too_large(bytes: &[u8]) -> bool {
+    error_marked(bytes, "too_large")
+}
+
+fn error_marked(bytes: &[u8], mark: &str) -> bool {
     codec::decode(bytes)
         .ok()
-        .and_then(|v| v.get("denied").and_then(Value::as_bool))
+        .and_then(|v| v.get(mark).and_then(Value::as_bool))
         .unwrap_or(false)
 }
 
