@@ -141,6 +141,52 @@ fn ctx_commands_print_versions_and_data_with_the_documented_exit_codes() {
     assert!(!list.as_array().unwrap().contains(&json!("inst")), "{list}");
 }
 
+/// A watch started before its context exists prints nothing until the context is created,
+/// then the creation as a change by its writer (DESIGN §5: `updater` is the writer's
+/// identity), and the same when the context is destroyed and created again.
+#[test]
+fn a_watch_waiting_for_its_context_shows_who_created_it() {
+    let dir = TempDir::new("ctxcreated");
+    let g = gw(&dir);
+    let sock = &g.socket;
+    let watch = Follower::start(sock, &["ctx", "watch", "fresh", "--count", "3"]);
+    let write = |app: &str, args: &[&str]| {
+        let mut all = vec!["--app", app, "ctx"];
+        all.extend_from_slice(args);
+        knit_ok(sock, &all);
+    };
+    // Each line awaited before the next write, so none is folded into a later one.
+    write("maker", &["update", "fresh", r#"{"a":1}"#]);
+    let mut lines = vec![watch.next()];
+    write("maker", &["update", "fresh", r#"{"b":2}"#]);
+    lines.push(watch.next());
+    write("breaker", &["destroy", "fresh"]);
+    write("remaker", &["set", "fresh", r#"{"c":3}"#]);
+    lines.push(watch.next());
+    watch.finish(0);
+    let seen: Vec<(Json, Json, Json)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["version"].clone(),
+                l["data"].clone(),
+                l["updater"]["application"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (json!(1), json!({"a": 1}), json!("maker")),
+            (json!(2), json!({"a": 1, "b": 2}), json!("maker")),
+            (json!(1), json!({"c": 3}), json!("remaker")),
+        ],
+        "{lines:?}"
+    );
+    assert_eq!(lines[0]["delta"], json!({"a": 1}));
+    assert_eq!(lines[2]["delta"], json!({"c": 3}));
+}
+
 #[test]
 fn two_watchers_see_one_identical_history_while_writers_race() {
     let dir = TempDir::new("ctxrace");

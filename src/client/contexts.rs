@@ -173,6 +173,12 @@ pub(crate) struct Sub {
     /// gives it one conflated update from this instead of a first callback. Set while the sub
     /// is in no list, taken under the list's lock (`pump_follow`), cleared by `destroyed`.
     carry: Mutex<Option<Arc<Value>>>,
+    /// The subscription waited for its context to be created (subscribed before it existed,
+    /// or its context was destroyed): the value it gets when the context comes is the
+    /// creation, a change by its writer (`first` false, `updater` the creator), not a state
+    /// shown on subscribing. Set before the sub goes into `waiting`, taken under the list's
+    /// lock by the first-callback pass (`SYNC(sub-waited)`: the list's lock orders both).
+    waited: AtomicBool,
 }
 
 /// A mapped context.
@@ -244,6 +250,8 @@ pub(crate) struct CtxFollow {
     data: Option<Arc<Value>>,
     /// The last writer seen, resolved (saves a peer-table lookup per update).
     last_updater: Option<(u64, Option<Arc<Instance>>)>,
+    /// Who wrote `version` (its token; 0: unknown, as after a conflated catch-up).
+    writer: u64,
     version: u64,
     buf: Vec<u8>,
     /// The shared memory failed validation and our copy could not be refreshed from the
@@ -261,6 +269,7 @@ impl CtxFollow {
             claim,
             data: None,
             last_updater: None,
+            writer: 0,
             version: 0,
             buf: Vec::new(),
             broken: false,
@@ -501,9 +510,11 @@ pub(crate) fn destroyed(shared: &Arc<Shared>, id: u64, name: &str) {
         e.closed.store(true, Ordering::Release);
         let subs = e.subs.change(std::mem::take);
         for s in &subs {
-            // A first callback, not an update from what it had before a move: the context it
-            // gets next is a new one.
+            // Not an update from what it had before a move: the context it gets next is a new
+            // one, and what it gets first is that context's creation.
             *s.carry.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            // SYNC(sub-waited): as in `subscribe`.
+            s.waited.store(true, Ordering::Relaxed);
             // SYNC(sub-start): pairs with the Acquire loads in `pump_follow`, `settle` and
             // `deliver_to`: the sub needs a first callback again once it is re-attached. It was
             // taken out of the list first, so a first-callback pass (which stores under the
@@ -932,6 +943,7 @@ pub(crate) fn subscribe(
         start: AtomicU64::new(NEEDS_SNAPSHOT),
         active: AtomicBool::new(true),
         carry: Mutex::new(None),
+        waited: AtomicBool::new(false),
     });
     let _gate = shared.conn.gate.enter();
     match open(shared, name)? {
@@ -946,6 +958,9 @@ pub(crate) fn subscribe(
                 let joined = attach_sub_inner(shared, sub.clone())?;
                 settle(shared, &sub, joined);
             } else {
+                // SYNC(sub-waited): read under the list's lock once the sub is attached, which
+                // happens after it is taken from `waiting` under this mutex: Relaxed is enough.
+                sub.waited.store(true, Ordering::Relaxed);
                 st.waiting
                     .entry(name.to_string())
                     .or_default()
@@ -1003,6 +1018,8 @@ fn attach_sub_inner(
     let mut refused: Option<Arc<CtxEntry>> = None;
     let (entry, claim, taken_up) = loop {
         let Some(entry) = open(shared, &sub.name)? else {
+            // SYNC(sub-waited): as in `subscribe`.
+            sub.waited.store(true, Ordering::Relaxed);
             shared
                 .ctx
                 .lock()
@@ -1147,9 +1164,10 @@ pub(crate) fn pump_follow(
         entry.new_subs.store(false, Ordering::Release);
         if cf.data.is_none() {
             match read_snapshot(&entry, &mut cf.buf) {
-                Ok((v, m)) => {
+                Ok((v, writer, m)) => {
                     cf.f.resync(v);
                     cf.version = v;
+                    cf.writer = writer;
                     let data = Arc::new(Value::Map((*m).clone()));
                     // The cache holds what subscribers were given (as after each update):
                     // `migrate` takes it as what they had.
@@ -1172,7 +1190,7 @@ pub(crate) fn pump_follow(
         // version after they reset it, and one they take later is reset after our store. (A
         // compare-exchange would not do: the value they store, NEEDS_SNAPSHOT, is the one we
         // expect.)
-        let started: Vec<(u64, Option<Arc<Value>>)> = entry.subs.with_current(|subs| {
+        let started: Vec<(u64, Option<Arc<Value>>, bool)> = entry.subs.with_current(|subs| {
             // A stale follow (the context was let go of and taken up again since this round
             // began) gives no first callback: the new follow gives it, from a snapshot it reads
             // afterwards, so no update between the two is lost. SYNC(followed): pairs with the
@@ -1190,13 +1208,14 @@ pub(crate) fn pump_follow(
                     // pairs with it (see there).
                     s.start.store(cf.version, Ordering::Release);
                     let carry = s.carry.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    (s.id, carry)
+                    // SYNC(sub-waited): see `Sub::waited`.
+                    (s.id, carry, s.waited.swap(false, Ordering::Relaxed))
                 })
                 .collect()
         });
         // Nothing to show for a context that was never written.
         if cf.version > 0 {
-            for (id, carry) in started {
+            for (id, carry, waited) in started {
                 // Moved here after its first callback: the difference from what it had, if any.
                 if let Some(had) = carry {
                     if let Some(ev) = carried_over(cf, &had) {
@@ -1206,15 +1225,26 @@ pub(crate) fn pump_follow(
                     continue;
                 }
                 let data = cf.data.clone().unwrap_or_else(|| Arc::new(Value::map()));
+                // A subscription that waited for the context gets its creation as a change by
+                // its writer (the creating write is version 1; later writes it did not see make
+                // it a conflated one, whose writer is not one peer); any other gets the current
+                // value as a state, with no writer.
+                let created = waited && cf.version == 1 && cf.writer != 0;
+                let updater = if created {
+                    let w = cf.writer;
+                    updater_of(shared, cf, w)
+                } else {
+                    None
+                };
                 let ev = ContextUpdate {
                     name: entry.name.clone(),
                     version: cf.version,
                     delta: (*data).clone(),
                     data,
                     removed: Vec::new(),
-                    updater: None,
-                    first: true,
-                    conflated: false,
+                    updater,
+                    first: !waited,
+                    conflated: waited && !created,
                 };
                 queue(shared, &entry, ev, Some(id), sink.as_deref_mut());
                 n += 1;
@@ -1268,9 +1298,13 @@ pub(crate) fn pump_follow(
     n
 }
 
-fn read_snapshot(entry: &CtxEntry, buf: &mut Vec<u8>) -> Result<(u64, Arc<Map>), ContextError> {
+/// The snapshot: its version, its writer's token and its data.
+fn read_snapshot(
+    entry: &CtxEntry,
+    buf: &mut Vec<u8>,
+) -> Result<(u64, u64, Arc<Map>), ContextError> {
     let info = entry.store.read(buf)?;
-    Ok((info.version, Arc::new(decode_map(buf)?)))
+    Ok((info.version, info.updater, Arc::new(decode_map(buf)?)))
 }
 
 /// Applies the logged op in `cf.buf` to our copy: a small update straight from its encoding,
@@ -1325,6 +1359,7 @@ fn apply_record(
             drop(cache);
             cf.data = Some(data);
             cf.version = version;
+            cf.writer = updater;
             return Some(Ok(None));
         }
         other => {
@@ -1343,6 +1378,7 @@ fn apply_record(
     drop(cache);
     cf.data = Some(data.clone());
     cf.version = version;
+    cf.writer = updater;
     let updater = updater_of(shared, cf, updater);
     Some(Ok(Some(ContextUpdate {
         name: cf.entry.name.clone(),
@@ -1383,6 +1419,7 @@ fn make_update(
     remember(&cf.entry, version, &data);
     cf.data = Some(data.clone());
     cf.version = version;
+    cf.writer = updater;
     let updater = updater_of(shared, cf, updater);
     Some(ContextUpdate {
         name: cf.entry.name.clone(),
@@ -1409,7 +1446,7 @@ fn resync_at(
     cf: &mut CtxFollow,
     exact: Option<(u64, u64)>,
 ) -> Option<ContextUpdate> {
-    let (v, now) = match read_snapshot(&cf.entry, &mut cf.buf) {
+    let (v, _, now) = match read_snapshot(&cf.entry, &mut cf.buf) {
         Ok(x) => x,
         Err(e) => {
             if !std::mem::replace(&mut cf.broken, true) {
@@ -1785,6 +1822,7 @@ mod tests {
             start: AtomicU64::new(NEEDS_SNAPSHOT),
             active: AtomicBool::new(true),
             carry: Mutex::new(None),
+            waited: AtomicBool::new(false),
         });
         (sub, rx)
     }
@@ -1831,6 +1869,18 @@ mod tests {
         let u = poll_next(c, rx);
         assert!(u.first, "{u:?}");
         assert_eq!((u.version, &*u.data), (version, data));
+    }
+
+    /// The next update is the creation of the context a subscription waited for: a change (not
+    /// a first callback) to `data` at `version`, by the application `by`.
+    fn expect_created(u: &ContextUpdate, version: u64, data: &Value, by: &str) {
+        assert!(!u.first && !u.conflated, "not a creation: {u:?}");
+        assert_eq!((u.version, &*u.data, &u.delta), (version, data, data));
+        assert_eq!(
+            u.updater.as_ref().map(|i| i.application.as_str()),
+            Some(by),
+            "{u:?}"
+        );
     }
 
     /// How many doorbells the gateway rings when `name` changes (it lists a follower's once
@@ -1897,7 +1947,7 @@ mod tests {
         );
         // The subscription waits for the context to come back, and gets it.
         let v = t.w.contexts().set("brief", obj(2)).unwrap();
-        expect_first(&t.r, &rx, v, &obj(2));
+        expect_created(&poll_next(&t.r, &rx), v, &obj(2), "w");
     }
 
     #[test]
@@ -1986,10 +2036,8 @@ mod tests {
         assert!(!hook::is_set(point), "the attach never reached the point");
         // Both wait for the context, and get it when it is created again.
         let v = t.w.contexts().set("mid", obj(2)).unwrap();
-        for (who, rx) in [("a", &rx_a), ("b", &rx_b)] {
-            let u = poll_next(&t.r, rx);
-            assert!(u.first, "{who}: {u:?}");
-            assert_eq!((u.version, &*u.data), (v, &obj(2)), "{who}");
+        for rx in [&rx_a, &rx_b] {
+            expect_created(&poll_next(&t.r, rx), v, &obj(2), "w");
         }
     }
 
@@ -2097,14 +2145,9 @@ mod tests {
         // Whatever the connection reads now is stale.
         release_notices(t.w.shared());
         let v = t.r.contexts().set(name, obj(2)).unwrap();
-        for (who, rx) in [("a", &rx_a), ("b", &rx_b)] {
-            let u = poll_next(&t.w, rx);
-            assert!(u.first, "{who}: {u:?}");
-            assert_eq!(
-                (u.version, &*u.data),
-                (v, &obj(2)),
-                "{who}'s first callback shows the destroyed context"
-            );
+        for rx in [&rx_a, &rx_b] {
+            // Not the destroyed context's value: the creation of the new one.
+            expect_created(&poll_next(&t.w, rx), v, &obj(2), "r");
         }
     }
 
@@ -2175,7 +2218,7 @@ mod tests {
         );
         // Created again: the subscription gets its first callback.
         let v = t.w.contexts().set("gone", obj(3)).unwrap();
-        expect_first(&t.r, &rx, v, &obj(3));
+        expect_created(&poll_next(&t.r, &rx), v, &obj(3), "w");
     }
 
     #[test]
