@@ -106,6 +106,49 @@ pub(crate) struct Authenticator {
     token: String,
     users: Vec<UserEntry>,
     key: [u8; 32],
+    throttle: Throttle,
+}
+
+/// Failed logins the bridge answers in one second, gateway-wide. Beyond that, every login is
+/// refused unchecked until the next second, so a password cannot be guessed at the speed of
+/// the loopback (about 17 000 guesses a second on one connection before; a 4-digit PIN now
+/// takes a quarter of an hour, and the attempt is logged).
+const MAX_FAILED_LOGINS_PER_S: u32 = 10;
+
+/// The failed-login budget of the current second.
+#[derive(Debug, Default)]
+struct Throttle {
+    /// (second, failures in it, logins refused unchecked in it).
+    state: std::sync::Mutex<(u64, u32, u64)>,
+}
+
+impl Throttle {
+    /// Whether a login may be checked at second `now`.
+    fn admits(&self, now: u64) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.0 != now {
+            if s.2 > 0 {
+                crate::log::warn(format_args!(
+                    "bridge: {} logins refused after {} failed ones within a second",
+                    s.2, s.1
+                ));
+            }
+            *s = (now, 0, 0);
+        }
+        if s.1 >= MAX_FAILED_LOGINS_PER_S {
+            s.2 += 1;
+            return false;
+        }
+        true
+    }
+
+    /// A login checked at second `now` failed.
+    fn failed(&self, now: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.0 == now {
+            s.1 += 1;
+        }
+    }
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -151,6 +194,12 @@ impl Authenticator {
     ) -> Self {
         let mut mac = HmacSha256::new_from_slice(token.as_bytes()).expect("HMAC takes any key");
         mac.update(b"knit bridge token signing key v1");
+        // A key of its own in open mode, where anyone on loopback gets tokens for any user:
+        // what it issued must not log in once the gateway runs with real authentication again
+        // (same token file).
+        if mode == AuthMode::Open {
+            mac.update(b" (open mode)");
+        }
         let key: [u8; 32] = mac.finalize().into_bytes().into();
         Self {
             mode,
@@ -158,12 +207,29 @@ impl Authenticator {
             token,
             users,
             key,
+            throttle: Throttle::default(),
         }
     }
 
     /// Checks a hello's `authentication` object. Errors are the reason texts clients see
-    /// (the reference gateway's, where it has one).
+    /// (the reference gateway's, where it has one). Failed logins are throttled
+    /// ([`MAX_FAILED_LOGINS_PER_S`]).
     pub(crate) fn authenticate(&self, auth: Option<&J>) -> Result<Login, String> {
+        self.authenticate_at(auth, now_s())
+    }
+
+    fn authenticate_at(&self, auth: Option<&J>, now: u64) -> Result<Login, String> {
+        if !self.throttle.admits(now) {
+            return Err("Too many failed logins: try again in a moment".into());
+        }
+        let r = self.check(auth);
+        if r.is_err() {
+            self.throttle.failed(now);
+        }
+        r
+    }
+
+    fn check(&self, auth: Option<&J>) -> Result<Login, String> {
         let Some(J::Object(a)) = auth else {
             return Err("Unknown authentication method ".into());
         };
@@ -503,6 +569,57 @@ mod tests {
                 &json!({"method": "access-token", "token": parts.join(".")})
             ))
             .is_err());
+    }
+
+    /// Tokens issued in open mode (to anyone, for any user) do not log in once the gateway
+    /// runs in token mode with the same token file, nor the reverse.
+    #[test]
+    fn open_mode_tokens_do_not_log_in_under_token_mode() {
+        let open = auth(AuthMode::Open);
+        let strict = auth(AuthMode::Token);
+        let login = open.authenticate(Some(&secret("me", "anything"))).unwrap();
+        let access = open.access_token(&login);
+        let gw = open.gateway_token("me");
+        for (method, token) in [("access-token", &access), ("gateway-token", &gw)] {
+            assert!(open
+                .authenticate(Some(&json!({"method": method, "token": token})))
+                .is_ok());
+            let e = strict
+                .authenticate(Some(&json!({"method": method, "token": token})))
+                .unwrap_err();
+            assert_eq!(e, "Invalid or expired token: invalid token", "{method}");
+        }
+        let real = strict.gateway_token("me");
+        assert!(open
+            .authenticate(Some(&json!({"method": "gateway-token", "token": real})))
+            .is_err());
+    }
+
+    /// After ten failed logins in a second every login is refused unchecked (even a right
+    /// one, which would otherwise tell the guesser it found it) until the next second.
+    #[test]
+    fn failed_logins_are_throttled_per_second() {
+        let a = auth(AuthMode::Token);
+        for i in 0..MAX_FAILED_LOGINS_PER_S {
+            let e = a
+                .authenticate_at(Some(&secret("alice", &format!("guess{i}"))), 100)
+                .unwrap_err();
+            assert_eq!(e, "Invalid login/secret");
+        }
+        let e = a
+            .authenticate_at(Some(&secret("alice", "wonder")), 100)
+            .unwrap_err();
+        assert_eq!(e, "Too many failed logins: try again in a moment");
+        // The next second: checked again.
+        let l = a
+            .authenticate_at(Some(&secret("alice", "wonder")), 101)
+            .unwrap();
+        assert_eq!(l.user, "alice");
+        // Successes do not count.
+        for _ in 0..2 * MAX_FAILED_LOGINS_PER_S {
+            a.authenticate_at(Some(&secret("alice", "wonder")), 102)
+                .unwrap();
+        }
     }
 
     #[test]
