@@ -1059,6 +1059,73 @@ async fn a_callee_leaving_fails_more_waiting_calls_than_the_callers_queue_holds(
     caller.barrier().await;
 }
 
+/// How many context segments process `pid` has mapped.
+fn context_mappings(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("knit-context"))
+        .count()
+}
+
+/// Web apps that each create an ownership context and leave, one after another, with no other
+/// web peer of their user to hear the contexts destroyed: the gateway does not keep their
+/// segments mapped. (It kept every one: ~10 KiB each, and one of `vm.max_map_count`.)
+#[tokio::test]
+async fn contexts_destroyed_with_nobody_left_to_hear_are_not_kept_mapped() {
+    let dir = common::TempDir::new("ctx-unmapped");
+    let child = std::process::Command::new(common::knit_bin())
+        .arg("gateway")
+        .arg("--gateway")
+        .arg(dir.socket())
+        .args(["--ws", "127.0.0.1:0", "--ws-auth", "open", "--no-keeper"])
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut gw = common::ChildGuard::new(child, "knit gateway");
+    let lines = common::Lines::spawn(gw.child_mut().stderr.take().unwrap());
+    let line = lines
+        .wait_for(common::STARTUP, |l| l.contains("bridge listening on ws://"))
+        .expect("the bridge did not start");
+    let addr: SocketAddr = line
+        .split("ws://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let cycle = |i: usize| async move {
+        let mut w = Web::login(addr, &format!("owner{i}"), "u", "").await;
+        let made = w
+            .req(
+                json!({"type": "create-context", "name": format!("mine.{i}"),
+                "data": {"i": i}, "lifetime": "ownership"}),
+            )
+            .await;
+        assert_eq!(made["type"], "context-created", "{made}");
+    };
+    cycle(0).await;
+    let before = context_mappings(gw.pid());
+    const CYCLES: usize = 40;
+    for i in 1..=CYCLES {
+        cycle(i).await;
+    }
+    // One more peer's login and a round trip: every departure before it has been handled.
+    let mut last = Web::login(addr, "last", "u", "").await;
+    last.barrier().await;
+    let after = context_mappings(gw.pid());
+    assert!(
+        after <= before + 3,
+        "{CYCLES} ownership contexts created and destroyed: {before} context mappings before, \
+         {after} after"
+    );
+}
+
 /// Resident memory of process `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

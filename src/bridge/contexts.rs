@@ -290,6 +290,22 @@ impl Contexts {
         }
     }
 
+    /// Forgets every mapped context the gateway has destroyed (its segment is marked retired,
+    /// `StoreCtl::retire`): a connection forgets a context when it hears it destroyed, but one
+    /// destroyed when no web peer of its user was left to hear it (an ownership context going
+    /// with its last peer) would otherwise stay mapped for good.
+    pub(crate) fn sweep_retired(&self) {
+        let gone: Vec<u64> = self
+            .lock()
+            .iter()
+            .filter(|(_, c)| c.store.ctl().is_retired())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.forget(id);
+        }
+    }
+
     /// Context `id` was destroyed.
     pub(crate) fn forget(&self, id: u64) {
         self.lock().remove(&id);

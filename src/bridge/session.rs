@@ -487,6 +487,9 @@ pub(crate) async fn run(
         s.sh.ctxs.forget_peer(me.peer);
         s.sh.core.closed(me.peer, why).await;
         s.sh.hub.remove(&me.instance);
+        // Contexts destroyed with no web peer of their user left to hear it (this one's, if the
+        // registry has removed it by now; else the next departure's sweep finds them).
+        s.sh.ctxs.sweep_retired();
         let peers: Vec<PeerId> = me.known.keys().copied().collect();
         drop(me);
         s.sh.views.release(peers);
