@@ -1059,6 +1059,32 @@ async fn a_callee_leaving_fails_more_waiting_calls_than_the_callers_queue_holds(
     caller.barrier().await;
 }
 
+/// An instance id is unique within a user's world, as in the reference gateway: another
+/// user's app with the same id is welcomed (it could otherwise lock that user's apps out, or
+/// learn which of their instance ids are live); the same user's second one is refused.
+#[tokio::test]
+async fn instance_ids_are_unique_per_user_not_across_users() {
+    let gw = gateway("instance-per-user", |b| b.auth = AuthMode::Open);
+    let hello = |login: &str| {
+        json!({"type": "hello", "domain": "global", "request_id": "h",
+            "identity": {"application": "app", "instance": "fixed-1"},
+            "authentication": {"method": "secret", "login": login, "secret": ""}})
+    };
+    let mut mallory = Web::connect(gw.ws()).await;
+    let w = mallory.request(hello("mallory")).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    let mut alice = Web::connect(gw.ws()).await;
+    let w = alice.request(hello("alice")).await;
+    assert_eq!(
+        w["type"], "welcome",
+        "another user's instance id locked alice out: {w}"
+    );
+    let mut again = Web::connect(gw.ws()).await;
+    let e = again.request(hello("alice")).await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["reason_uri"], "global.errors.already_seen", "{e}");
+}
+
 /// How many context segments process `pid` has mapped.
 fn context_mappings(pid: u32) -> usize {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))

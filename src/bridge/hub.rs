@@ -4,9 +4,9 @@
 //! peer to the others only once it has. The registry knows none of this; it sees web peers as
 //! ordinary relay peers.
 //!
-//! Entries are keyed by the peer's instance id, which the bridge chooses (or the client gives)
-//! before the registry admits the peer, so another connection that hears of the newcomer from
-//! the registry always finds its entry.
+//! Entries are keyed by the peer's user and instance id ([`key`]; the bridge chooses the
+//! instance, or the client gives it) before the registry admits the peer, so another
+//! connection that hears of the newcomer from the registry always finds its entry.
 
 use crate::wire::frame::PeerId;
 use serde_json::Value as J;
@@ -82,6 +82,12 @@ impl std::fmt::Debug for Hub {
     }
 }
 
+/// A web peer's key in the hub: its user and its instance id (unique within the user's world,
+/// as in the reference gateway; two users' apps may use the same instance id).
+pub(crate) fn key(user: &str, instance: &str) -> String {
+    format!("{}:{user}/{instance}", user.len())
+}
+
 /// Close code for a peer that cannot keep up (RFC 6455 1008, policy violation).
 pub(crate) const CLOSE_SLOW: u16 = 1008;
 
@@ -90,22 +96,22 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reserves `instance` for a connection about to be admitted. False if a web peer already
+    /// Reserves the peer `key` ([`key`]) for a connection about to be admitted. False if a web peer already
     /// holds it.
     pub(crate) fn reserve(
         &self,
-        instance: &str,
+        key: &str,
         user: &str,
         identity: Arc<J>,
         events: mpsc::Sender<HubEvent>,
         kill: Arc<Kill>,
     ) -> bool {
         let mut m = self.lock();
-        if m.contains_key(instance) {
+        if m.contains_key(key) {
             return false;
         }
         m.insert(
-            instance.to_string(),
+            key.to_string(),
             WebPeer {
                 peer: None,
                 user: user.to_string(),
@@ -119,42 +125,38 @@ impl Hub {
         true
     }
 
-    /// Records the registry id the reserved instance was admitted as.
-    pub(crate) fn admitted(&self, instance: &str, peer: PeerId) {
-        if let Some(w) = self.lock().get_mut(instance) {
+    /// Records the registry id the reserved key was admitted as.
+    pub(crate) fn admitted(&self, key: &str, peer: PeerId) {
+        if let Some(w) = self.lock().get_mut(key) {
             w.peer = Some(peer);
         }
     }
 
     /// Forgets a web peer (its connection ended or its admission failed).
-    pub(crate) fn remove(&self, instance: &str) {
-        self.lock().remove(instance);
+    pub(crate) fn remove(&self, key: &str) {
+        self.lock().remove(key);
     }
 
-    /// The GW3 identity of the web peer with this instance, if it is one.
-    pub(crate) fn identity(&self, instance: &str) -> Option<Arc<J>> {
-        self.lock().get(instance).map(|w| w.identity.clone())
+    /// The GW3 identity of the web peer with this key, if it is one.
+    pub(crate) fn identity(&self, key: &str) -> Option<Arc<J>> {
+        self.lock().get(key).map(|w| w.identity.clone())
     }
 
-    /// Whether the web peer with this instance has joined `agm` (false if unknown).
-    pub(crate) fn in_agm(&self, instance: &str) -> bool {
-        self.lock().get(instance).is_some_and(|w| w.in_agm)
+    /// Whether the web peer with this key has joined `agm` (false if unknown).
+    pub(crate) fn in_agm(&self, key: &str) -> bool {
+        self.lock().get(key).is_some_and(|w| w.in_agm)
     }
 
     /// Stores the method objects a web peer is registering.
-    pub(crate) fn add_methods(
-        &self,
-        instance: &str,
-        methods: impl IntoIterator<Item = (u32, Arc<J>)>,
-    ) {
-        if let Some(w) = self.lock().get_mut(instance) {
+    pub(crate) fn add_methods(&self, key: &str, methods: impl IntoIterator<Item = (u32, Arc<J>)>) {
+        if let Some(w) = self.lock().get_mut(key) {
             w.methods.extend(methods);
         }
     }
 
     /// Drops method objects.
-    pub(crate) fn remove_methods(&self, instance: &str, ids: &[u32]) {
-        if let Some(w) = self.lock().get_mut(instance) {
+    pub(crate) fn remove_methods(&self, key: &str, ids: &[u32]) {
+        if let Some(w) = self.lock().get_mut(key) {
             for id in ids {
                 w.methods.remove(id);
             }
@@ -162,18 +164,18 @@ impl Hub {
     }
 
     /// The verbatim object of a web peer's method.
-    pub(crate) fn method(&self, instance: &str, id: u32) -> Option<Arc<J>> {
+    pub(crate) fn method(&self, key: &str, id: u32) -> Option<Arc<J>> {
         self.lock()
-            .get(instance)
+            .get(key)
             .and_then(|w| w.methods.get(&id).cloned())
     }
 
     /// Marks a web peer in or out of `agm` and tells the other web peers of its user (their
     /// connections handle this news before the registry's notices, see `session.rs`). A
     /// connection whose notice queue is full is closed as a slow consumer, never skipped.
-    pub(crate) fn set_agm(&self, instance: &str, joined: bool) {
+    pub(crate) fn set_agm(&self, key: &str, joined: bool) {
         let m = self.lock();
-        let Some(me) = m.get(instance) else {
+        let Some(me) = m.get(key) else {
             return;
         };
         let (Some(peer), user) = (me.peer, me.user.clone()) else {
@@ -181,7 +183,7 @@ impl Hub {
         };
         drop(m);
         let mut m = self.lock();
-        if let Some(me) = m.get_mut(instance) {
+        if let Some(me) = m.get_mut(key) {
             me.in_agm = joined;
         }
         let ev = if joined {
@@ -190,7 +192,7 @@ impl Hub {
             HubEvent::AgmLeft(peer)
         };
         for (inst, w) in m.iter() {
-            if inst == instance || w.user != user || w.peer.is_none() {
+            if inst == key || w.user != user || w.peer.is_none() {
                 continue;
             }
             if w.events.try_send(ev.clone()).is_err() {

@@ -61,7 +61,7 @@ enum Change {
 pub(super) struct PeerView {
     /// The GW3 identity shown in `peer-added` (a web peer's is shared with the hub).
     identity: Arc<J>,
-    /// The instance of a web peer (whose `agm` membership the hub knows); `None` for natives.
+    /// The hub key of a web peer (whose `agm` membership the hub knows); `None` for natives.
     web: Option<String>,
     /// Registry method id → method object (its `id` is the GW3 id; a web peer's object is
     /// shared with the hub). Changed only through [`PeerView::add_method`] and
@@ -154,7 +154,7 @@ impl PeerView {
         &self.identity
     }
 
-    /// The instance of a web peer; `None` for natives.
+    /// The hub key of a web peer (`hub::key`); `None` for natives.
     pub(super) fn web(&self) -> Option<&str> {
         self.web.as_deref()
     }

@@ -192,7 +192,8 @@ struct Me {
     identity: Arc<J>,
     /// The same as knit values: what a bus `target` of its own publishes is matched against.
     attributes: Value,
-    instance: String,
+    /// Its entry in the hub (`hub::key` of its user and instance).
+    hub_key: String,
     user: String,
     in_agm: bool,
     /// Own methods: registry id → object (its `id` is the GW3 id; shared with the hub); and
@@ -486,7 +487,7 @@ pub(crate) async fn run(
     if let Some(me) = s.me.take() {
         s.sh.ctxs.forget_peer(me.peer);
         s.sh.core.closed(me.peer, why).await;
-        s.sh.hub.remove(&me.instance);
+        s.sh.hub.remove(&me.hub_key);
         // Contexts destroyed with no web peer of their user left to hear it (this one's, if the
         // registry has removed it by now; else the next departure's sweep finds them).
         s.sh.ctxs.sweep_retired();
@@ -847,8 +848,11 @@ impl Session {
         }
         let identity = Arc::new(J::Object(identity));
         let hub = &self.sh.hub;
+        // Instances are unique within a user's world, as in the reference gateway: another
+        // user's app cannot hold an instance id (or learn that it is taken).
+        let hub_key = super::hub::key(&login.user, &instance);
         if !hub.reserve(
-            &instance,
+            &hub_key,
             &login.user,
             identity.clone(),
             self.hub_tx.clone(),
@@ -879,7 +883,7 @@ impl Session {
         let (peer, welcome) = match self.sh.core.admit(adm, reg_tx, closer).await {
             Ok(x) => x,
             Err((status, message)) => {
-                hub.remove(&instance);
+                hub.remove(&hub_key);
                 return self.send(if status == Status::AlreadyExists {
                     fail("global.errors.already_seen", "Hello already received once")
                 } else {
@@ -887,7 +891,7 @@ impl Session {
                 });
             }
         };
-        hub.admitted(&instance, peer);
+        hub.admitted(&hub_key, peer);
         let id = J::String(self.sh.ids.peer(peer));
         let mut known = HashMap::with_capacity(welcome.peers.len());
         for p in &welcome.peers {
@@ -910,7 +914,7 @@ impl Session {
             id,
             identity: identity.clone(),
             attributes,
-            instance,
+            hub_key,
             user: login.user,
             in_agm: false,
             methods: HashMap::new(),
@@ -1063,10 +1067,9 @@ impl Session {
         me.next_method = next;
         me.method_bytes += adding;
         let ids: Vec<u32> = entries.iter().map(|e| e.0).collect();
-        self.sh.hub.add_methods(
-            &me.instance,
-            entries.iter().map(|(n, _, o)| (*n, o.clone())),
-        );
+        self.sh
+            .hub
+            .add_methods(&me.hub_key, entries.iter().map(|(n, _, o)| (*n, o.clone())));
         for (n, key, obj) in entries {
             me.by_key.insert(key, n);
             me.methods.insert(n, obj);
@@ -1241,7 +1244,7 @@ impl Session {
         let Some(me) = self.me.as_mut() else { return };
         if !me.in_agm {
             me.in_agm = true;
-            self.sh.hub.set_agm(&me.instance, true);
+            self.sh.hub.set_agm(&me.hub_key, true);
         }
         // In the order of the peers' ids, the order they came in.
         let mut peers: Vec<PeerId> = me.known.keys().copied().collect();
@@ -1286,7 +1289,7 @@ impl Session {
         // A peer that left agm serves nothing, for native peers either, and subscribes to
         // nothing.
         let ids: Vec<u32> = me.methods.keys().copied().collect();
-        self.sh.hub.set_agm(&me.instance, false);
+        self.sh.hub.set_agm(&me.hub_key, false);
         self.streams_leaving().await;
         self.streams_unregistering(&ids, true).await;
         let Some(me) = self.me.as_mut() else { return };
@@ -1302,15 +1305,16 @@ impl Session {
 
     /// A peer the registry announces, with no methods yet (not shared yet).
     fn view_of(&self, identity: &crate::wire::frame::Instance, transport: Transport) -> PeerView {
+        let key = super::hub::key(&identity.user, &identity.instance);
         let web = if transport == Transport::Relay {
-            self.sh.hub.identity(&identity.instance)
+            self.sh.hub.identity(&key)
         } else {
             None
         };
         PeerView::new(
             web.clone()
                 .unwrap_or_else(|| Arc::new(gw3::native_identity(identity))),
-            web.map(|_| identity.instance.clone()),
+            web.map(|_| key),
         )
     }
 
@@ -1687,7 +1691,7 @@ impl Session {
         let Some(me) = self.me.as_mut() else {
             return Vec::new();
         };
-        self.sh.hub.remove_methods(&me.instance, ids);
+        self.sh.hub.remove_methods(&me.hub_key, ids);
         let mut gids = Vec::with_capacity(ids.len());
         for n in ids {
             if let Some(obj) = me.methods.remove(n) {

@@ -427,7 +427,13 @@ impl Registry {
                 if i.len() > max {
                     return Err((Status::InvalidArgument, "instance id too long".into()));
                 }
-                if self.peers.values().any(|p| p.identity.instance == i) {
+                // Unique within the user's world (as in the reference gateway): another
+                // user's app cannot hold an instance id, nor learn that it is taken.
+                if self
+                    .peers
+                    .values()
+                    .any(|p| p.identity.instance == i && p.identity.user == adm.user)
+                {
                     return Err((
                         Status::AlreadyExists,
                         format!("instance {i:?} is already connected"),
