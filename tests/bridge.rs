@@ -1085,6 +1085,54 @@ async fn instance_ids_are_unique_per_user_not_across_users() {
     assert_eq!(e["reason_uri"], "global.errors.already_seen", "{e}");
 }
 
+/// A logged-in web peer that sends nothing for `inactive_timeout` is closed with a reason and
+/// removed (its methods with it), as the reference gateway drops a silent client; one that
+/// keeps sending (the client libraries `ping` every 30 s) stays.
+#[tokio::test]
+async fn a_silent_web_peer_is_closed_and_removed() {
+    let gw = gateway("inactive", |b| {
+        b.auth = AuthMode::Open;
+        b.inactive_timeout = Duration::from_secs(1);
+    });
+    let mut silent = Web::login(gw.ws(), "Silent", "u", "").await;
+    assert_eq!(
+        silent.register(json!([{"id": 1, "name": "Frozen"}])).await["type"],
+        "success"
+    );
+    let mut talker = Web::login(gw.ws(), "Talker", "u", "").await;
+    talker
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Frozen")
+        .await;
+    // The talker pings (as the libraries do, faster) while the silent peer says nothing.
+    let end = std::time::Instant::now() + WAIT;
+    let removed = loop {
+        assert!(
+            std::time::Instant::now() < end,
+            "the silent peer was never removed"
+        );
+        talker.send(json!({"type": "ping"})).await;
+        let got = tokio::time::timeout(Duration::from_millis(100), talker.frame()).await;
+        if let Ok(Some(Ok(m))) = got {
+            if m["type"] == "peer-removed" {
+                break m;
+            }
+            talker.inbox.push_back(m);
+        }
+    };
+    assert_eq!(removed["type"], "peer-removed");
+    let closed = loop {
+        match silent.frame().await {
+            Some(Err(close)) => break close,
+            Some(Ok(_)) => continue,
+            None => panic!("closed without a close frame"),
+        }
+    };
+    assert_eq!(closed.0, 1008, "{closed:?}");
+    assert!(closed.1.contains("nothing received"), "{closed:?}");
+    // The talker is still served.
+    talker.barrier().await;
+}
+
 /// How many context segments process `pid` has mapped.
 fn context_mappings(pid: u32) -> usize {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))

@@ -105,6 +105,9 @@ pub struct BridgeConfig {
     /// How long the gateway's thread keeps polling its sockets without sleeping after bridge
     /// traffic (saves the wake-up of a sleeping thread on the next frame); zero: never.
     pub spin: Duration,
+    /// A logged-in peer that sends nothing for this long is closed (1008) and removed, as the
+    /// reference gateway does after 60 s (the client libraries `ping` every 30 s); zero: never.
+    pub inactive_timeout: Duration,
 }
 
 impl BridgeConfig {
@@ -127,6 +130,7 @@ impl BridgeConfig {
             hello_timeout: Duration::from_secs(30),
             token_file: None,
             spin: Duration::from_micros(300),
+            inactive_timeout: Duration::from_secs(60),
         }
     }
 

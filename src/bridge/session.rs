@@ -370,6 +370,18 @@ pub(crate) async fn run(
     let sh = s.sh.clone();
     let hello_deadline = tokio::time::sleep(s.sh.cfg.hello_timeout);
     tokio::pin!(hello_deadline);
+    // A logged-in peer that sends nothing for `inactive_timeout` is gone (frozen, stopped, cut
+    // off without a close), as the reference gateway decides (`clients.inactive_seconds`; the
+    // client libraries send a `ping` every 30 s): checked a few times per timeout, by one timer
+    // made here.
+    let inactive = s.sh.cfg.inactive_timeout;
+    let mut idle_check = tokio::time::interval(if inactive.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        (inactive / 4).max(Duration::from_millis(10))
+    });
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = std::time::Instant::now();
     // Made once, not in every round of the loop: it is polled in every one.
     let killed = kill.killed();
     tokio::pin!(killed);
@@ -422,6 +434,15 @@ pub(crate) async fn run(
                 let why = "no successful hello in time".to_string();
                 break (why.clone(), Some((CLOSE_SLOW, why, false)));
             }
+            _ = idle_check.tick(), if !inactive.is_zero() && s.me.is_some() => {
+                if last_heard.elapsed() >= inactive {
+                    let why = format!(
+                        "nothing received for {} ms: the peer is taken for gone",
+                        inactive.as_millis()
+                    );
+                    break (why.clone(), Some((CLOSE_SLOW, why, false)));
+                }
+            }
             _ = ticket.evicted(), if ticket.waiting() => {
                 let why = super::pending::reason(s.sh.cfg.max_pending_logins);
                 evicted = true;
@@ -452,7 +473,11 @@ pub(crate) async fn run(
             // In a block: `select!` makes every branch's future in every round, enabled or not,
             // and a bare `sleep` reads the clock and sets up a timer entry when made.
             _ = async { tokio::time::sleep(super::gate::RECHECK).await }, if throttled => {}
-            frame = stream.next(), if !replaying && !throttled => match frame {
+            frame = stream.next(), if !replaying && !throttled => {
+                if let Some(Ok(_)) = &frame {
+                    last_heard = std::time::Instant::now();
+                }
+                match frame {
                 Some(Ok(Message::Text(t))) => {
                     s.sh.spin.touch();
                     s.on_text(t.as_str()).await
@@ -470,7 +495,7 @@ pub(crate) async fn run(
                     let why = format!("connection error: {e}");
                     break (why.clone(), code.map(|c| (c, why, false)));
                 }
-            },
+            }},
         }
     };
     if let Some((code, reason, discard)) = close {

@@ -456,6 +456,7 @@ struct BridgeFile {
     max_connections: Option<usize>,
     max_pending_logins: Option<usize>,
     hello_timeout_ms: Option<u64>,
+    inactive_timeout_ms: Option<u64>,
     spin_us: Option<u64>,
 }
 
@@ -523,6 +524,10 @@ fn bridge_config(
         file.hello_timeout_ms.map(Duration::from_millis),
     );
     set(&mut cfg.spin, file.spin_us.map(Duration::from_micros));
+    set(
+        &mut cfg.inactive_timeout,
+        file.inactive_timeout_ms.map(Duration::from_millis),
+    );
     for u in file.users {
         let password = match (u.password, u.password_sha256) {
             (Some(p), None) => knit::bridge::Password::Plain(p),
