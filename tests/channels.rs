@@ -36,10 +36,9 @@ fn the_default_channels_exist_with_colours() {
     // Stored as the context io.Connect uses.
     let raw = c.contexts().get("___channel___Red").unwrap();
     assert_eq!(raw.data.get("name"), Some(&Value::from("Red")));
-    assert!(matches!(
-        c.channels().join("Nope"),
-        Err(ContextError::NotFound(_))
-    ));
+    let e = c.channels().join("Nope").unwrap_err();
+    assert!(matches!(e, ContextError::NotFound(_)), "{e:?}");
+    assert_eq!(e.to_string(), "context with channel Nope does not exist");
 }
 
 #[test]

@@ -108,9 +108,8 @@ pub(crate) fn all(shared: &Shared) -> Vec<String> {
 pub(crate) fn get(shared: &Arc<Shared>, name: &str) -> Result<ChannelContext, ContextError> {
     let snap = ctx::get(shared, &context_name(name))?;
     if snap.version == 0 {
-        return Err(ContextError::NotFound(format!(
-            "A channel with name: {name} doesn't exist!"
-        )));
+        // Shown as "context with channel NAME does not exist".
+        return Err(ContextError::NotFound(format!("channel {name}")));
     }
     Ok(channel_context(&snap.data))
 }
@@ -355,8 +354,7 @@ pub(crate) fn subscribe_for(
     name: &str,
     cb: ChannelCallback,
 ) -> Result<ChannelSubscription, ContextError> {
-    get(shared, name)
-        .map_err(|_| ContextError::NotFound(format!("Channel with name: {name} doesn't exist!")))?;
+    get(shared, name).map_err(|_| ContextError::NotFound(format!("channel {name}")))?;
     let f = Arc::new(Follower {
         // Relaxed: a counter for ids; nothing is published through it.
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
