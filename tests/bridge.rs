@@ -1133,6 +1133,39 @@ async fn a_silent_web_peer_is_closed_and_removed() {
     talker.barrier().await;
 }
 
+/// An allowed origin written with a path (or a trailing slash) would never match what a
+/// browser sends: the configuration is refused, naming it, instead of silently never matching.
+#[test]
+fn a_configured_origin_with_a_path_is_refused() {
+    let dir = common::TempDir::new("origin-path");
+    let config = dir.path().join("gw.json");
+    for bad in [
+        "http://cfg.example:8080/",
+        "https://a.example/app",
+        "cfg.example",
+    ] {
+        std::fs::write(&config, json!({"bridge": {"origins": [bad]}}).to_string()).unwrap();
+        let out = common::run_knit(
+            &[
+                "gateway",
+                "--gateway",
+                dir.socket().to_str().unwrap(),
+                "--ws",
+                "127.0.0.1:0",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            common::STARTUP,
+        );
+        assert_eq!(out.code, Some(2), "{bad}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("is not an origin"),
+            "{bad}: {}",
+            out.stderr
+        );
+    }
+}
+
 /// How many context segments process `pid` has mapped.
 fn context_mappings(pid: u32) -> usize {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))

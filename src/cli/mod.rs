@@ -505,6 +505,17 @@ fn bridge_config(
             .parse()
             .map_err(|_| bad("--ws-auth must be token or open".into()))?;
     }
+    // An origin is a scheme, a host and a port, nothing after (what a browser sends): one
+    // with a path or a trailing slash would never match, silently.
+    for o in &file.origins {
+        let after_scheme = o.split_once("://").map(|(_, rest)| rest);
+        if o != "*" && (after_scheme.is_none() || after_scheme.is_some_and(|r| r.contains('/'))) {
+            return Err(bad(format!(
+                "bridge.origins: {o:?} is not an origin (scheme://host[:port], no path), \
+                 or \"*\""
+            )));
+        }
+    }
     cfg.origins = file.origins;
     cfg.allow_remote = file.allow_remote;
     cfg.max_frame = file.max_frame;
