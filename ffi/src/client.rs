@@ -380,6 +380,11 @@ pub unsafe extern "C" fn knit_wait_for_method(
                 unsafe { put_json(json_out, &m.to_value()) }
             }
             Some(_) => Ok(()),
+            // Closed by another thread while it waited: that, not "no server".
+            None if e.client.is_closed() => Err(Failure::new(
+                Status::Closed,
+                "the client is closed".to_string(),
+            )),
             None => Err(Failure::new(
                 Status::NoServer,
                 format!("no server offers {method:?} after {timeout_ms} ms"),

@@ -510,6 +510,8 @@ pub(crate) fn invoke(
             break c;
         }
         let wait_until = *wait_until.get_or_insert_with(|| Instant::now() + opts.wait);
+        #[cfg(test)]
+        super::hook::at("invoke: waiting for a server");
         let st = shared.lock_state();
         let gen = st.generation;
         let now = Instant::now();
@@ -517,7 +519,11 @@ pub(crate) fn invoke(
             // Nobody can tell us about servers while the gateway is away.
             return Err(ClientError::Disconnected.into());
         }
-        if now >= wait_until || shared.is_closed() {
+        // Closed while waiting (by another thread): that, not "no server".
+        if shared.is_closed() {
+            return Err(ClientError::Closed.into());
+        }
+        if now >= wait_until {
             return Err(InvokeError::NoServer {
                 method: method.to_string(),
                 target: opts.target.to_string(),
@@ -942,5 +948,42 @@ pub(crate) fn reset_events(
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::hook;
+    use crate::client::{Client, InvokeOptions};
+    use crate::model::Target;
+    use crate::{Status, Value};
+    use std::time::Duration;
+
+    /// A call waiting for a server when another thread closes the client fails with `Closed`,
+    /// not "no server".
+    #[test]
+    fn a_call_waiting_for_a_server_fails_closed_when_the_client_closes() {
+        let dir = std::env::temp_dir().join(format!("knit-interop-close-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("gw.sock");
+        let gw = crate::gateway::Gateway::bind(crate::gateway::GatewayConfig::new(&socket))
+            .unwrap()
+            .spawn()
+            .unwrap();
+        let c = std::sync::Arc::new(Client::builder("c").socket(&socket).connect().unwrap());
+        let point = "invoke: waiting for a server";
+        let other = c.clone();
+        hook::set(point, move || hook::elsewhere(move || other.close()));
+        let opts = InvokeOptions {
+            target: Target::Best,
+            wait: Duration::from_secs(60),
+            ..InvokeOptions::default()
+        };
+        let e = c.invoke("Nobody", Value::map(), &opts).unwrap_err();
+        assert!(!hook::is_set(point), "the call never waited");
+        assert_eq!(e.status(), Status::Closed, "{e:?}");
+        gw.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -570,6 +570,11 @@ impl Client {
         self.shared().max_payload()
     }
 
+    /// Whether the client was closed ([`Client::close`], from any thread).
+    pub fn is_closed(&self) -> bool {
+        self.shared().is_closed()
+    }
+
     /// Whether the control connection is up.
     pub fn is_connected(&self) -> bool {
         self.shared().conn.is_connected() && !self.shared().is_closed()

@@ -1049,7 +1049,11 @@ pub(crate) fn subscribe(
             // Nobody can tell us about servers while the gateway is away.
             return Err(StreamError::Client(ClientError::Disconnected));
         }
-        if now >= wait_until || shared.is_closed() {
+        // Closed while waiting (by another thread): that, not "no server".
+        if shared.is_closed() {
+            return Err(StreamError::Client(ClientError::Closed));
+        }
+        if now >= wait_until {
             return Err(StreamError::NoServer);
         }
         let _ = shared
