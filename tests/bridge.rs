@@ -1181,31 +1181,7 @@ fn context_mappings(pid: u32) -> usize {
 #[tokio::test]
 async fn contexts_destroyed_with_nobody_left_to_hear_are_not_kept_mapped() {
     let dir = common::TempDir::new("ctx-unmapped");
-    let child = std::process::Command::new(common::knit_bin())
-        .arg("gateway")
-        .arg("--gateway")
-        .arg(dir.socket())
-        .args(["--ws", "127.0.0.1:0", "--ws-auth", "open", "--no-keeper"])
-        .env("XDG_RUNTIME_DIR", dir.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut gw = common::ChildGuard::new(child, "knit gateway");
-    let lines = common::Lines::spawn(gw.child_mut().stderr.take().unwrap());
-    let line = lines
-        .wait_for(common::STARTUP, |l| l.contains("bridge listening on ws://"))
-        .expect("the bridge did not start");
-    let addr: SocketAddr = line
-        .split("ws://")
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (gw, addr) = gateway_process(&dir, &["--no-keeper"]);
     let cycle = |i: usize| async move {
         let mut w = Web::login(addr, &format!("owner{i}"), "u", "").await;
         let made = w
@@ -1233,32 +1209,15 @@ async fn contexts_destroyed_with_nobody_left_to_hear_are_not_kept_mapped() {
     );
 }
 
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// A web client's identity and method objects are as large as it makes them (up to
-/// `max_frame` each). Every connection that knew the peer kept its own copy of them, so one
-/// client could make the gateway's memory grow with the number of connections times what it
-/// sent (16 MiB of method objects cost 420 MB with 20 peers). They are shared now: the gateway
-/// — a process of its own here, so that its memory alone is measured — grows by a small
-/// multiple of what the client sent, however many peers know it.
-#[tokio::test]
-async fn big_identities_and_method_objects_are_kept_once_not_once_per_connection() {
-    let dir = common::TempDir::new("shared-objects");
-    // A 1 MiB identity: past the default `max_identity_bytes` (64 KiB), which bounds what
-    // this test measures.
-    let config = dir.path().join("gw.json");
-    std::fs::write(&config, r#"{"bridge": {"max_identity_bytes": 4194304}}"#).unwrap();
+/// A `knit gateway` process on `dir`'s socket with its bridge on a free loopback port, in
+/// `open` authentication, with `extra` arguments: the process and the bridge's address.
+fn gateway_process(dir: &common::TempDir, extra: &[&str]) -> (common::ChildGuard, SocketAddr) {
     let child = std::process::Command::new(common::knit_bin())
         .arg("gateway")
         .arg("--gateway")
         .arg(dir.socket())
-        .args(["--ws", "127.0.0.1:0", "--ws-auth", "open", "--config"])
-        .arg(&config)
+        .args(["--ws", "127.0.0.1:0", "--ws-auth", "open"])
+        .args(extra)
         .env("XDG_RUNTIME_DIR", dir.path())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -1279,6 +1238,30 @@ async fn big_identities_and_method_objects_are_kept_once_not_once_per_connection
         .unwrap()
         .parse()
         .unwrap();
+    (gw, addr)
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A web client's identity and method objects are as large as it makes them (up to
+/// `max_frame` each). Every connection that knew the peer kept its own copy of them, so one
+/// client could make the gateway's memory grow with the number of connections times what it
+/// sent (16 MiB of method objects cost 420 MB with 20 peers). They are shared now: the gateway
+/// — a process of its own here, so that its memory alone is measured — grows by a small
+/// multiple of what the client sent, however many peers know it.
+#[tokio::test]
+async fn big_identities_and_method_objects_are_kept_once_not_once_per_connection() {
+    let dir = common::TempDir::new("shared-objects");
+    // A 1 MiB identity: past the default `max_identity_bytes` (64 KiB), which bounds what
+    // this test measures.
+    let config = dir.path().join("gw.json");
+    std::fs::write(&config, r#"{"bridge": {"max_identity_bytes": 4194304}}"#).unwrap();
+    let (gw, addr) = gateway_process(&dir, &["--config", config.to_str().unwrap()]);
     const PEERS: usize = 24;
     const MIB: usize = 1 << 20;
     let mut peers = Vec::new();

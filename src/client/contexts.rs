@@ -418,14 +418,7 @@ pub(crate) fn attach(
 /// A context was announced (control thread): subscriptions waiting for it attach.
 pub(crate) fn announced(shared: &Arc<Shared>, id: u64, name: String) {
     #[cfg(test)]
-    if let Some(held) = shared
-        .ctx
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .held
-        .as_mut()
-    {
-        held.push((true, id, name));
+    if held_back(shared, true, id, &name) {
         return;
     }
     announce(shared, id, name)
@@ -463,17 +456,22 @@ fn announce(shared: &Arc<Shared>, id: u64, name: String) {
 /// The gateway's notice that context `id` is destroyed (control thread).
 pub(crate) fn destroy_notice(shared: &Arc<Shared>, id: u64, name: &str) {
     #[cfg(test)]
-    if let Some(held) = shared
-        .ctx
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .held
-        .as_mut()
-    {
-        held.push((false, id, name.to_string()));
+    if held_back(shared, false, id, name) {
         return;
     }
     destroyed(shared, id, name)
+}
+
+/// Tests only: keeps a context notice (`added`, else destroyed) for [`release_notices`] while
+/// a test holds them back; whether it did.
+#[cfg(test)]
+fn held_back(shared: &Arc<Shared>, added: bool, id: u64, name: &str) -> bool {
+    let mut st = shared.ctx.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(held) = st.held.as_mut() else {
+        return false;
+    };
+    held.push((added, id, name.to_string()));
+    true
 }
 
 /// Tests only: from now on the gateway's context notices wait for [`release_notices`].
