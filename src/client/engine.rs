@@ -1054,21 +1054,19 @@ impl Shared {
     ) {
         SCRATCH.with(|s| {
             let mut body = s.take();
-            // The payload limit applies to results as to arguments (the value's encoded size):
-            // an oversized result reaches the caller as `PayloadTooLarge`.
-            let size = match &outcome {
-                Ok(Value::Bytes(b)) => b.len(),
-                Ok(v) => crate::wire::codec::encoded_len(v),
-                Err(_) => 0,
-            };
-            let max = self.max_payload();
-            if size > max {
-                let msg = format!("result of {size} bytes exceeds the limit of {max} bytes");
-                record::result_too_large(&mut body, call_id, &msg);
-            } else if let Err(e) = record::result(&mut body, call_id, &outcome) {
+            if let Err(e) = record::result(&mut body, call_id, &outcome) {
                 let msg = format!("result cannot be sent: {e}");
                 // A plain message always encodes.
                 let _ = record::result(&mut body, call_id, &Err((msg, None)));
+            } else if outcome.is_ok() {
+                // The payload limit applies to results as to arguments (the value's encoded
+                // size, which the record's payload is): an oversized result reaches the caller
+                // as `PayloadTooLarge`.
+                let (size, max) = (body.len() - record::RESULT_HEADER, self.max_payload());
+                if size > max {
+                    let msg = format!("result of {size} bytes exceeds the limit of {max} bytes");
+                    record::result_too_large(&mut body, call_id, &msg);
+                }
             }
             if body.len() > lane.max_message {
                 let msg = format!(
