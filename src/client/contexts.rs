@@ -335,9 +335,7 @@ pub(crate) fn open(
         // Destroyed, and our connection has not read the notice yet (another client's destroy
         // may have returned long before): forgotten as the notice will have it, and asked for
         // as a name we do not know. A mark the gateway denies is read through.
-        Some(e) if e.store.ctl().is_retired() && gone_for_good(shared, &e)? => {
-            ask_gateway(shared, name)
-        }
+        Some(e) if e.store.ctl().is_retired() => Ok(gone_for_good(shared, &e)?.unwrap_or(Some(e))),
         Some(e) => Ok(Some(e)),
         // Not known here does not mean it does not exist: its announcement may still be on
         // its way, so ask the gateway (a miss costs one round trip; hits are local).
@@ -562,7 +560,9 @@ pub(crate) fn get(shared: &Arc<Shared>, name: &str) -> Result<ContextSnapshot, C
         // forgotten as the notice will have it, and looked up again (as in `write`). After that
         // many, what the gateway hands out is what there is. A mark the gateway denies is read
         // through.
-        if retired < MAX_RETIRED && entry.store.ctl().is_retired() && gone_for_good(shared, &entry)?
+        if retired < MAX_RETIRED
+            && entry.store.ctl().is_retired()
+            && gone_for_good(shared, &entry)?.is_some()
         {
             retired += 1;
             continue;
@@ -654,7 +654,7 @@ pub(crate) fn write(
             // the context anew (or finds the one created since).
             Err(WriteError::Retired) if retired < MAX_RETIRED => {
                 retired += 1;
-                if !gone_for_good(shared, &entry)? {
+                if gone_for_good(shared, &entry)?.is_none() {
                     return Err(ContextError::Corrupt(
                         "the context's segment is marked destroyed, but the gateway still has it"
                             .into(),
@@ -692,12 +692,19 @@ pub(crate) fn write(
 /// The mark lives in memory every writer of the context maps, so a broken or hostile peer can
 /// set it on a live context: taken on trust, it would detach this client's subscriptions from a
 /// context that goes on, for good. So the gateway is asked (one round trip, only on this path).
-fn gone_for_good(shared: &Arc<Shared>, entry: &Arc<CtxEntry>) -> Result<bool, ContextError> {
-    let live = ask_gateway(shared, &entry.name)?.is_some_and(|e| e.id == entry.id);
-    if !live {
-        destroyed(shared, entry.id, &entry.name);
+///
+/// `None`: the gateway still has it (a mark it denies). `Some`: what the gateway has under the
+/// name now, if anything (the answer that told us).
+fn gone_for_good(
+    shared: &Arc<Shared>,
+    entry: &Arc<CtxEntry>,
+) -> Result<Option<Option<Arc<CtxEntry>>>, ContextError> {
+    let now = ask_gateway(shared, &entry.name)?;
+    if now.as_ref().is_some_and(|e| e.id == entry.id) {
+        return Ok(None);
     }
-    Ok(!live)
+    destroyed(shared, entry.id, &entry.name);
+    Ok(Some(now))
 }
 
 /// How many destroyed segments one write looks past (each one a destroy that raced it; only a
