@@ -346,14 +346,10 @@ pub(crate) fn open(
 /// The gateway's entry for context `name`; `None` if there is none.
 fn ask_gateway(shared: &Arc<Shared>, name: &str) -> Result<Option<Arc<CtxEntry>>, ContextError> {
     let name = name.to_string();
-    match shared.conn.request(
-        |req| ToGateway::OpenContext {
-            req,
-            name,
-            create: false,
-        },
-        CONTROL_TIMEOUT,
-    )? {
+    match shared
+        .conn
+        .request(|req| ToGateway::OpenContext { req, name }, CONTROL_TIMEOUT)?
+    {
         Reply::Context(e) => Ok(Some(e)),
         Reply::Fail(Status::NotFound, _) => Ok(None),
         Reply::Fail(status, message) => Err(ContextError::Client(ClientError::Gateway {
@@ -1603,7 +1599,6 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
             shared.conn.start(|req| ToGateway::OpenContext {
                 req,
                 name: e.name.to_string(),
-                create: false,
             })
         })
         .collect();

@@ -210,22 +210,6 @@ impl Registry {
         }
     }
 
-    /// Creates context `name` for `user` if missing; returns its id. Announces new contexts to
-    /// everyone of that user (`creator`: who asked for it).
-    pub(crate) fn ensure_context(
-        &mut self,
-        user: &str,
-        name: &str,
-        creator: Option<PeerId>,
-    ) -> Result<u64, (Status, String)> {
-        if let Some(c) = self.contexts.find(user, name) {
-            return Ok(c.id);
-        }
-        let id = self.new_context(user, name, ContextLifetime::Retained, creator)?;
-        self.announce_context(id);
-        Ok(id)
-    }
-
     /// Makes the segment and the record of a new context, without telling anyone yet.
     pub(crate) fn new_context(
         &mut self,
@@ -343,12 +327,13 @@ impl Registry {
         Ok((c.ro_fd.clone().unwrap_or_else(|| c.fd.clone()), false))
     }
 
-    /// Maps context `name` for `from` (creating it when asked).
-    pub(crate) fn open_context(&mut self, from: PeerId, req: u64, name: String, create: bool) {
+    /// Maps context `name` for `from` (a write to a missing one creates it with
+    /// [`Registry::open_or_create`]).
+    pub(crate) fn open_context(&mut self, from: PeerId, req: u64, name: String) {
         let Some(user) = self.user_of(from) else {
             return;
         };
-        let (read, write) = self.context_access(from, &name);
+        let (read, _) = self.context_access(from, &name);
         if !read {
             let msg = "Not authorized to read context".to_string();
             if let Some(p) = self.peers.get(&from) {
@@ -358,17 +343,6 @@ impl Registry {
         }
         let id = match self.contexts.find(&user, &name) {
             Some(c) => c.id,
-            None if create && !write => {
-                if let Some(p) = self.peers.get(&from) {
-                    log_denial(&p.identity, "context.write", &name, "the gateway");
-                }
-                let msg = "Not authorized to create context".to_string();
-                return self.fail(from, req, Status::PermissionDenied, msg);
-            }
-            None if create => match self.ensure_context(&user, &name, Some(from)) {
-                Ok(id) => id,
-                Err((s, m)) => return self.fail(from, req, s, m),
-            },
             None => {
                 return self.fail(
                     from,
@@ -537,10 +511,9 @@ impl Registry {
         }
     }
 
-    /// A native write to a context the writer does not have: `open_context` with `create`,
-    /// except that a context made here holds the writer's `data` before anyone hears of it
-    /// (`ensure_context` announces it empty), so nobody (web subscribers waiting for the name
-    /// included) sees it empty first. The writer does not become a member.
+    /// A native write to a context the writer does not have: the context, or one made holding
+    /// the writer's `data` before anyone hears of it, so nobody (web subscribers waiting for the
+    /// name included) sees it empty first. The writer does not become a member.
     pub(crate) fn open_or_create(&mut self, from: PeerId, req: u64, name: String, data: Value) {
         let (id, created) =
             match self.existing_or_made(from, &name, ContextLifetime::Retained, data) {

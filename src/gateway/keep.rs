@@ -471,7 +471,14 @@ mod tests {
         assert_eq!(reg.contexts.visible_to("u"), vec![(3, "good".to_string())]);
         // Counters continue past the previous run's.
         assert!(reg.next_peer >= 500);
-        let id = reg.ensure_context("u", "new", None).unwrap();
+        let id = reg
+            .new_context(
+                "u",
+                "new",
+                crate::wire::frame::ContextLifetime::Retained,
+                None,
+            )
+            .unwrap();
         assert!(id >= 40, "context id {id} reuses the previous run's range");
     }
 

@@ -509,7 +509,7 @@ async fn serve(
                             registry.call(peer, call, to, method_id, args, timeout_ms)
                         }
                                                 ToGateway::Yield { invocation, outcome } => registry.yield_(peer, invocation, outcome),
-                        ToGateway::OpenContext { req, name, create } => registry.open_context(peer, req, name, create),
+                        ToGateway::OpenContext { req, name } => registry.open_context(peer, req, name),
                         ToGateway::SubscribeContext { req, id } => registry.subscribe_context(peer, req, id),
                         ToGateway::UnsubscribeContext { req, id } => registry.unsubscribe_context(peer, req, id),
                         ToGateway::DestroyContext { req, id } => registry.destroy_context(peer, req, id),

@@ -12,7 +12,8 @@ use std::fmt;
 
 /// Bumped when the control protocol changes incompatibly. 2: `FromGateway::ContextsDestroyed`
 /// and `FromGateway::CallsFailed` (a version-1 client could not decode them). 3:
-/// `ToGateway::OpenOrCreate` and `FromGateway::ContextCreated::version`.
+/// `ToGateway::OpenOrCreate` (a native write's creation; `OpenContext` no longer creates) and
+/// `FromGateway::ContextCreated::version`.
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest control frame body accepted (method lists and snapshots can be large).
 pub const MAX_FRAME: usize = 64 << 20;
@@ -311,12 +312,11 @@ pub enum ToGateway {
         invocation: u64,
         outcome: RelayOutcome,
     },
-    /// Map the context `name` (answered with `ContextOpened` or `Fail`); `create` makes it
-    /// when missing.
+    /// Map the context `name` (answered with `ContextOpened` or `Fail`; `NotFound` when there
+    /// is none: a write creates it with `OpenOrCreate`).
     OpenContext {
         req: u64,
         name: String,
-        create: bool,
     },
     /// Ring our doorbell when context `id` changes.
     SubscribeContext {

@@ -156,13 +156,7 @@ impl Session {
             }
         }
         let name = me.ctx.known.get(&id).cloned().unwrap_or_default();
-        let reply = self
-            .ask(|req| ToGateway::OpenContext {
-                req,
-                name,
-                create: false,
-            })
-            .await;
+        let reply = self.ask(|req| ToGateway::OpenContext { req, name }).await;
         match reply {
             Some(Outgoing {
                 msg:
