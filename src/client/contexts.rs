@@ -1763,34 +1763,22 @@ mod tests {
     /// A gateway, a writer `w` and a polled reader `r`, whose contexts' logs are read on the
     /// test's thread only, inside `poll` (or while it waits).
     struct Setup {
-        dir: std::path::PathBuf,
-        gw: Option<crate::gateway::GatewayHandle>,
         w: Client,
         r: Client,
+        /// Dropped after the clients are closed (fields drop after `Drop::drop`).
+        _gw: crate::client::testing::TestGateway,
     }
 
     impl Setup {
         fn new(tag: &str) -> Setup {
-            let dir = std::env::temp_dir().join(format!("knit-ctx-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            let socket = dir.join("gw.sock");
-            let gw = crate::gateway::Gateway::bind(crate::gateway::GatewayConfig::new(&socket))
-                .unwrap()
-                .spawn()
-                .unwrap();
-            let w = Client::builder("w").socket(&socket).connect().unwrap();
+            let gw = crate::client::testing::TestGateway::new(&format!("ctx-{tag}"));
+            let w = Client::builder("w").socket(gw.socket()).connect().unwrap();
             let r = Client::builder("r")
-                .socket(&socket)
+                .socket(gw.socket())
                 .poll_mode(true)
                 .connect()
                 .unwrap();
-            Setup {
-                dir,
-                gw: Some(gw),
-                w,
-                r,
-            }
+            Setup { w, r, _gw: gw }
         }
     }
 
@@ -1798,10 +1786,6 @@ mod tests {
         fn drop(&mut self) {
             self.r.close();
             self.w.close();
-            if let Some(gw) = self.gw.take() {
-                gw.shutdown();
-            }
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 

@@ -963,15 +963,8 @@ mod tests {
     /// not "no server".
     #[test]
     fn a_call_waiting_for_a_server_fails_closed_when_the_client_closes() {
-        let dir = std::env::temp_dir().join(format!("knit-interop-close-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("gw.sock");
-        let gw = crate::gateway::Gateway::bind(crate::gateway::GatewayConfig::new(&socket))
-            .unwrap()
-            .spawn()
-            .unwrap();
-        let c = std::sync::Arc::new(Client::builder("c").socket(&socket).connect().unwrap());
+        let gw = crate::client::testing::TestGateway::new("interop-close");
+        let c = std::sync::Arc::new(Client::builder("c").socket(gw.socket()).connect().unwrap());
         let point = "invoke: waiting for a server";
         let other = c.clone();
         hook::set(point, move || hook::elsewhere(move || other.close()));
@@ -983,7 +976,5 @@ mod tests {
         let e = c.invoke("Nobody", Value::map(), &opts).unwrap_err();
         assert!(!hook::is_set(point), "the call never waited");
         assert_eq!(e.status(), Status::Closed, "{e:?}");
-        gw.shutdown();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -32,6 +32,8 @@ mod interop;
 pub(crate) mod lane;
 mod reconnect;
 mod streams;
+#[cfg(test)]
+mod testing;
 
 pub use bus::{BusMessage, BusSubscription, PublishOptions, SubscribeOptions};
 pub use channels::{ChannelContext, ChannelMode, ChannelSubscription, ChannelUpdate};
