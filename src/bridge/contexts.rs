@@ -295,14 +295,12 @@ impl Contexts {
     /// destroyed when no web peer of its user was left to hear it (an ownership context going
     /// with its last peer) would otherwise stay mapped for good.
     pub(crate) fn sweep_retired(&self) {
-        let gone: Vec<u64> = self
-            .lock()
-            .iter()
-            .filter(|(_, c)| c.store.ctl().is_retired())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            self.forget(id);
+        let mut st = self.lock();
+        let before = st.len();
+        st.retain(|_, c| !c.store.ctl().is_retired());
+        if st.len() != before {
+            // The list under the map's lock, as `unfollow` takes them.
+            self.watch.list().retain(|w| st.contains_key(&w.id));
         }
     }
 
