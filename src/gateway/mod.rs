@@ -106,6 +106,17 @@ impl GatewayError {
     }
 }
 
+/// Whether a socket is at `path`; [`GatewayError::NotASocket`] when something else is.
+fn socket_there(path: &Path) -> Result<bool, GatewayError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            Err(GatewayError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) => Ok(true),
+        Err(_) => Ok(false),
+    }
+}
+
 fn ctx(context: impl Into<String>) -> impl FnOnce(io::Error) -> GatewayError {
     let context = context.into();
     move |source| GatewayError::Io { context, source }
@@ -133,11 +144,7 @@ impl Gateway {
         // An exclusive lock held for the gateway's life settles races between two starting
         // gateways; the connect probe below catches a gateway that holds no lock.
         // Nothing but a socket is ever replaced: a mistyped path must not cost a file.
-        if let Ok(m) = std::fs::symlink_metadata(&cfg.socket) {
-            if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) {
-                return Err(GatewayError::NotASocket(cfg.socket.clone()));
-            }
-        }
+        socket_there(&cfg.socket)?;
         let lock_path = crate::control::sibling(&cfg.socket, "lock");
         let lock = rustix::fs::open(
             &lock_path,
@@ -166,12 +173,8 @@ impl Gateway {
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        // A socket nobody answers on (checked above that it is one; a file put there since is
-        // not removed).
-        if let Ok(m) = std::fs::symlink_metadata(&cfg.socket) {
-            if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) {
-                return Err(GatewayError::NotASocket(cfg.socket.clone()));
-            }
+        // A socket nobody answers on (checked again: a file put there since is not removed).
+        if socket_there(&cfg.socket)? {
             std::fs::remove_file(&cfg.socket).map_err(ctx("removing a stale socket"))?;
         }
         let bridge = match &cfg.bridge {
