@@ -145,6 +145,14 @@ class Client:
         """The raw ``knit_client_t *`` (NULL once closed)."""
         return self._h if self._h is not None else ffi.NULL
 
+    def _open(self):
+        """The raw handle for a call into knit; a closed client raises ``CLOSED`` (a
+        :class:`UsageError`), as a closed handle does in C."""
+        h = self._h
+        if h is None:
+            raise UsageError(lib.KNIT_CLOSED, "the client is closed")
+        return h
+
     # ----- registering ------------------------------------------------------------------------
 
     def register(self, name, handler):
@@ -172,7 +180,7 @@ class Client:
                     except Exception:
                         pass
 
-        self._add(name, trampoline, lambda: lib.knit_register(self.handle, _c(name), trampoline, ffi.NULL))
+        self._add(name, trampoline, lambda: lib.knit_register(self._open(), _c(name), trampoline, ffi.NULL))
 
     def register_bytes(self, name, handler):
         """Registers ``handler(data: bytes, caller) -> bytes`` for raw-bytes calls (``data`` is
@@ -190,7 +198,7 @@ class Client:
                     except Exception:
                         pass
 
-        self._add(name, trampoline, lambda: lib.knit_register_bytes(self.handle, _c(name), trampoline, ffi.NULL))
+        self._add(name, trampoline, lambda: lib.knit_register_bytes(self._open(), _c(name), trampoline, ffi.NULL))
 
     def _add(self, name, cb, do_register):
         check(do_register())
@@ -198,7 +206,7 @@ class Client:
 
     def unregister(self, name):
         """Removes one of our methods; when this returns its handler is not running."""
-        check(lib.knit_unregister(self.handle, _c(name)))
+        check(lib.knit_unregister(self._open(), _c(name)))
         cb = self._keep.pop(name, None)
         if cb is not None:
             self._retired.append(cb)
@@ -214,7 +222,7 @@ class Client:
             target = json.dumps(target)
         out = ffi.new("char **")
         st = lib.knit_invoke_ex(
-            self.handle,
+            self._open(),
             _c(method),
             json.dumps({} if args is None else args).encode("utf-8"),
             _c(target),
@@ -234,7 +242,7 @@ class Client:
         data = bytes(data)
         out = ffi.new("uint8_t **")
         n = ffi.new("size_t *")
-        check(lib.knit_invoke_bytes(self.handle, _c(method), data, len(data), _c(target), wait_ms, timeout_ms, out, n))
+        check(lib.knit_invoke_bytes(self._open(), _c(method), data, len(data), _c(target), wait_ms, timeout_ms, out, n))
         try:
             return bytes(ffi.buffer(out[0], n[0]))
         finally:
@@ -298,12 +306,12 @@ class Client:
     def poll(self, timeout_ms=0):
         """Poll mode: runs pending handlers on this thread; returns how many ran."""
         n = ffi.new("uint32_t *")
-        check(lib.knit_client_poll(self.handle, timeout_ms, n))
+        check(lib.knit_client_poll(self._open(), timeout_ms, n))
         return n[0]
 
     def _json(self, f):
         out = ffi.new("char **")
-        st = f(self.handle, out)
+        st = f(self._open(), out)
         text = _take_string(out[0])
         check(st)
         return json.loads(text)
@@ -328,13 +336,13 @@ class Client:
     @property
     def max_payload(self):
         n = ffi.new("uint64_t *")
-        check(lib.knit_client_max_payload(self.handle, n))
+        check(lib.knit_client_max_payload(self._open(), n))
         return n[0]
 
     def wait_for_method(self, name, timeout_ms):
         """The method (as in :meth:`methods`) once it has a server, or None after the timeout."""
         out = ffi.new("char **")
-        st = lib.knit_wait_for_method(self.handle, _c(name), timeout_ms, out)
+        st = lib.knit_wait_for_method(self._open(), _c(name), timeout_ms, out)
         text = _take_string(out[0])
         if st == lib.KNIT_NO_SERVER:
             return None

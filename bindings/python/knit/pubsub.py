@@ -129,14 +129,14 @@ class Contexts:
         """``(data, version)``; version 0 when the context does not exist."""
         out = ffi.new("char **")
         v = ffi.new("uint64_t *")
-        st = lib.knit_context_get_ex(self._client.handle, _c(name), out, v)
+        st = lib.knit_context_get_ex(self._client._open(), _c(name), out, v)
         data = _take_json(out[0])
         check(st)
         return data, v[0]
 
     def _write(self, f, *args):
         v = ffi.new("uint64_t *")
-        check(f(self._client.handle, *args, v))
+        check(f(self._client._open(), *args, v))
         return v[0]
 
     def set(self, name, data):
@@ -151,13 +151,13 @@ class Contexts:
         """:meth:`update` only while the context is at ``version``; else raises InputError
         (``Status.ALREADY_EXISTS``)."""
         v = ffi.new("uint64_t *")
-        check(lib.knit_context_update_if(self._client.handle, _c(name), version, _json_text(delta), v))
+        check(lib.knit_context_update_if(self._client._open(), _c(name), version, _json_text(delta), v))
         return v[0]
 
     def set_path(self, name, path, value):
         """Sets one dotted path (``"a.b.c"``); ``None`` removes the leaf."""
         v = ffi.new("uint64_t *")
-        check(lib.knit_context_set_path(self._client.handle, _c(name), _c(path), _json_text(value), v))
+        check(lib.knit_context_set_path(self._client._open(), _c(name), _c(path), _json_text(value), v))
         return v[0]
 
     def set_paths(self, name, paths):
@@ -167,12 +167,12 @@ class Contexts:
         return self._write(lib.knit_context_set_paths, _c(name), _json_text(paths))
 
     def destroy(self, name):
-        check(lib.knit_context_destroy(self._client.handle, _c(name)))
+        check(lib.knit_context_destroy(self._client._open(), _c(name)))
 
     def all(self):
         """Every context name."""
         out = ffi.new("char **")
-        st = lib.knit_context_list(self._client.handle, out)
+        st = lib.knit_context_list(self._client._open(), out)
         names = _take_json(out[0])
         check(st)
         return names
@@ -189,7 +189,7 @@ class Contexts:
 
         out = ffi.new("knit_subscription_t **")
         sub._cbs = trampoline
-        check(lib.knit_context_subscribe_ex(self._client.handle, _c(name), trampoline, ffi.NULL, out))
+        check(lib.knit_context_subscribe_ex(self._client._open(), _c(name), trampoline, ffi.NULL, out))
         sub._h = out[0]
         self._client._live.add(sub)
         return sub
@@ -357,7 +357,7 @@ def create_stream(client, name, on_request=None, policy=None, block_ms=None, con
 
         stream._cbs = fn
     out = ffi.new("knit_stream_t **")
-    check(lib.knit_stream_create(client.handle, _c(name), _json_text(options), fn, ffi.NULL, out))
+    check(lib.knit_stream_create(client._open(), _c(name), _json_text(options), fn, ffi.NULL, out))
     stream._h = out[0]
     client._live.add(stream)
     return stream
@@ -385,7 +385,7 @@ def subscribe_stream(client, name, on_data, on_closed=None, args=None, target=No
     sub._cbs = (data_fn, closed_fn)
     out = ffi.new("knit_subscription_t **")
     check(lib.knit_stream_subscribe(
-        client.handle, _c(name), _json_text({} if args is None else args), _c(target),
+        client._open(), _c(name), _json_text({} if args is None else args), _c(target),
         lib.KNIT_DEFAULT_WAIT_MS if wait_ms is None else wait_ms, timeout_ms,
         data_fn, closed_fn, ffi.NULL, out))
     sub._h = out[0]
@@ -407,7 +407,7 @@ def subscribe(client, topic, callback, routing_key=None, source=None):
 
     sub._cbs = trampoline
     out = ffi.new("knit_subscription_t **")
-    check(lib.knit_subscribe_ex(client.handle, _c(topic), _json_text(options), trampoline, ffi.NULL, out))
+    check(lib.knit_subscribe_ex(client._open(), _c(topic), _json_text(options), trampoline, ffi.NULL, out))
     sub._h = out[0]
     client._live.add(sub)
     return sub
@@ -424,12 +424,12 @@ def _publish_options(routing_key, target):
 
 def publish(client, topic, data, routing_key=None, target=None):
     options = _publish_options(routing_key, target)
-    check(lib.knit_publish_ex(client.handle, _c(topic), _json_text(data), options))
+    check(lib.knit_publish_ex(client._open(), _c(topic), _json_text(data), options))
 
 
 def publish_batch(client, topic, items, routing_key=None, target=None):
     options = _publish_options(routing_key, target)
-    check(lib.knit_publish_batch(client.handle, _c(topic), _json_text(items), options))
+    check(lib.knit_publish_batch(client._open(), _c(topic), _json_text(items), options))
 
 
 def on_event(client, callback):
@@ -441,7 +441,7 @@ def on_event(client, callback):
 
     sub._cbs = trampoline
     out = ffi.new("knit_subscription_t **")
-    check(lib.knit_events_subscribe(client.handle, trampoline, ffi.NULL, out))
+    check(lib.knit_events_subscribe(client._open(), trampoline, ffi.NULL, out))
     sub._h = out[0]
     client._live.add(sub)
     return sub
@@ -458,7 +458,7 @@ class Channels:
 
     def _json(self, f, *args):
         out = ffi.new("char **")
-        st = f(self._client.handle, *args, out)
+        st = f(self._client._open(), *args, out)
         v = _take_json(out[0])
         check(st)
         return v
@@ -473,14 +473,14 @@ class Channels:
 
     def set_mode(self, mode):
         """``Channels.SINGLE`` (joining replaces) or ``Channels.MULTI`` (joining adds)."""
-        check(lib.knit_channel_set_mode(self._client.handle, mode))
+        check(lib.knit_channel_set_mode(self._client._open(), mode))
 
     def join(self, name):
-        check(lib.knit_channel_join(self._client.handle, _c(name)))
+        check(lib.knit_channel_join(self._client._open(), _c(name)))
 
     def leave(self, name=None):
         """Leaves one channel, or every joined channel (None)."""
-        check(lib.knit_channel_leave(self._client.handle, _c(name)))
+        check(lib.knit_channel_leave(self._client._open(), _c(name)))
 
     def joined(self):
         """The channels joined, the current one first."""
@@ -490,13 +490,13 @@ class Channels:
         """Replaces top-level keys of a channel's data (None: every joined channel); returns
         the context version."""
         v = ffi.new("uint64_t *")
-        check(lib.knit_channel_publish(self._client.handle, _json_text(data), _c(name), v))
+        check(lib.knit_channel_publish(self._client._open(), _json_text(data), _c(name), v))
         return v[0]
 
     def publish_fdc3(self, context, name=None):
         """Stores an FDC3 context (a dict with ``type``) as the latest of its type."""
         v = ffi.new("uint64_t *")
-        check(lib.knit_channel_publish_fdc3(self._client.handle, _json_text(context), _c(name), v))
+        check(lib.knit_channel_publish_fdc3(self._client._open(), _json_text(context), _c(name), v))
         return v[0]
 
     def _subscribe(self, callback, name):
@@ -510,9 +510,9 @@ class Channels:
         sub._cbs = trampoline
         out = ffi.new("knit_subscription_t **")
         if name is None:
-            st = lib.knit_channel_subscribe(self._client.handle, trampoline, ffi.NULL, out)
+            st = lib.knit_channel_subscribe(self._client._open(), trampoline, ffi.NULL, out)
         else:
-            st = lib.knit_channel_subscribe_for(self._client.handle, _c(name), trampoline, ffi.NULL, out)
+            st = lib.knit_channel_subscribe_for(self._client._open(), _c(name), trampoline, ffi.NULL, out)
         check(st)
         sub._h = out[0]
         self._client._live.add(sub)
@@ -537,7 +537,7 @@ class Channels:
 
         sub._cbs = trampoline
         out = ffi.new("knit_subscription_t **")
-        check(lib.knit_channel_on_changed(self._client.handle, trampoline, ffi.NULL, out))
+        check(lib.knit_channel_on_changed(self._client._open(), trampoline, ffi.NULL, out))
         sub._h = out[0]
         self._client._live.add(sub)
         return sub

@@ -161,8 +161,25 @@ def test_misuse_through_the_c_functions_gives_status_codes(gateway):
     c.close()  # idempotent in Python
     assert lib.knit_client_close(h) == knit.Status.CLOSED  # double close in C: a status
     assert lib.knit_invoke(h, b"m", b"{}", ffi.NULL, 0, out) == knit.Status.CLOSED
-    with pytest.raises(knit.UsageError):
+    with pytest.raises(knit.UsageError) as e:
         c.invoke("m")
+    assert e.value.status == knit.Status.CLOSED
+
+
+def test_a_client_used_after_its_with_block_says_closed(gateway):
+    with knit.Client("py-after-with", gateway) as c:
+        pass
+    assert not c.connected
+    for use in (
+        lambda: c.invoke("m"),
+        lambda: c.register("m", lambda args, caller: args),
+        lambda: c.contexts.get("n"),
+        lambda: c.publish("t", {}),
+    ):
+        with pytest.raises(knit.UsageError) as e:
+            use()
+        assert e.value.status == knit.Status.CLOSED
+        assert "closed" in e.value.message
 
 
 def test_a_rust_peer_in_another_process(gateway, serve_cli):
