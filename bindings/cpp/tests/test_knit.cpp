@@ -123,11 +123,19 @@ static void test_errors_and_raii() {
     CHECK(!a.is_open() && b.is_open());
     CHECK(contains(b.instance(), "\"application\":\"cpp-raii\""));
     CHECK(b.max_payload() == (1u << 20));
-    // A moved-from client's calls are status errors (NULL handle), not crashes.
-    EXPECT_THROW(knit::UsageError, a.invoke("X"), KNIT_INVALID_ARGUMENT);
+    // A moved-from client's calls are CLOSED errors, not crashes.
+    EXPECT_THROW(knit::UsageError, a.invoke("X"), KNIT_CLOSED);
     b.close();
     b.close();  // idempotent
     CHECK(!b.is_open() && !b.connected());
+    // So are a closed client's, whatever the call (as a closed handle gives in C).
+    auto closed = EXPECT_THROW(knit::UsageError, b.invoke("X"), KNIT_CLOSED);
+    CHECK(closed && contains(closed->what(), "closed"));
+    EXPECT_THROW(knit::UsageError, b.context_get("n"), KNIT_CLOSED);
+    EXPECT_THROW(knit::UsageError, b.publish("t", "{}"), KNIT_CLOSED);
+    EXPECT_THROW(knit::UsageError, b.register_method("M", [](const knit::Call&) { return "1"; }),
+                 KNIT_CLOSED);
+    CHECK(b.try_invoke("X").status == KNIT_CLOSED);
 }
 
 static void test_handlers() {

@@ -532,6 +532,16 @@ public:
     bool is_open() const noexcept { return h_ != nullptr; }
     knit_client_t* native() const noexcept { return h_; }
 
+private:
+    /// The handle for a call into knit: a closed client throws CLOSED (a UsageError), as a
+    /// closed handle gives in C, rather than the INVALID_ARGUMENT of a null one.
+    knit_client_t* open() const {
+        if (!h_) throw UsageError(KNIT_CLOSED, "the client is closed");
+        return h_;
+    }
+
+public:
+
     void register_method(const std::string& name, Handler h) {
         register_async(name, [h = std::move(h)](const Call& c, Reply& r) { r.ok(h(c)); });
     }
@@ -540,7 +550,7 @@ public:
         auto slot = std::make_unique<Slot>();
         slot->json = std::move(h);
         add(name, std::move(slot), [&](Slot* s) {
-            return knit_register(h_, name.c_str(), &Client::json_trampoline, s);
+            return knit_register(open(), name.c_str(), &Client::json_trampoline, s);
         });
     }
 
@@ -548,12 +558,12 @@ public:
         auto slot = std::make_unique<Slot>();
         slot->bytes = std::move(h);
         add(name, std::move(slot), [&](Slot* s) {
-            return knit_register_bytes(h_, name.c_str(), &Client::bytes_trampoline, s);
+            return knit_register_bytes(open(), name.c_str(), &Client::bytes_trampoline, s);
         });
     }
 
     void unregister(const std::string& name) {
-        check(knit_unregister(h_, name.c_str()));
+        check(knit_unregister(open(), name.c_str()));
         if (!slots_) return;
         std::lock_guard<std::mutex> g(slots_->mu);
         auto it = slots_->live.find(name);
@@ -569,7 +579,7 @@ public:
     std::string invoke(const std::string& method, const std::string& args_json = "{}",
                        const InvokeOptions& o = {}) {
         char* out = nullptr;
-        knit_status_t st = knit_invoke_ex(h_, method.c_str(), args_json.c_str(),
+        knit_status_t st = knit_invoke_ex(open(), method.c_str(), args_json.c_str(),
                                           detail::c_or_null(o.target), o.wait_ms, o.timeout_ms,
                                           &out);
         std::string json = detail::take(out);
@@ -582,6 +592,11 @@ public:
                        const InvokeOptions& o = {}) {
         char* out = nullptr;
         Outcome r;
+        if (!h_) {
+            r.status = KNIT_CLOSED;
+            r.message = "the client is closed";
+            return r;
+        }
         r.status = knit_invoke_ex(h_, method.c_str(), args_json.c_str(),
                                   detail::c_or_null(o.target), o.wait_ms, o.timeout_ms, &out);
         if (r.status != KNIT_OK) r.message = knit_last_error_message();
@@ -594,7 +609,7 @@ public:
                                       std::size_t len, const InvokeOptions& o = {}) {
         uint8_t* out = nullptr;
         std::size_t out_len = 0;
-        check(knit_invoke_bytes(h_, method.c_str(), static_cast<const uint8_t*>(data), len,
+        check(knit_invoke_bytes(open(), method.c_str(), static_cast<const uint8_t*>(data), len,
                                 detail::c_or_null(o.target), o.wait_ms, o.timeout_ms, &out,
                                 &out_len));
         std::unique_ptr<uint8_t, detail::BytesFree> owned(out);
@@ -604,7 +619,7 @@ public:
     /// Poll mode: runs pending handlers here, waiting up to timeout_ms; returns how many ran.
     uint32_t poll(uint32_t timeout_ms) {
         uint32_t n = 0;
-        check(knit_client_poll(h_, timeout_ms, &n));
+        check(knit_client_poll(open(), timeout_ms, &n));
         return n;
     }
 
@@ -614,12 +629,12 @@ public:
     bool connected() const noexcept { return knit_client_connected(h_) == KNIT_OK; }
     uint64_t max_payload() {
         uint64_t n = 0;
-        check(knit_client_max_payload(h_, &n));
+        check(knit_client_max_payload(open(), &n));
         return n;
     }
     /// Waits until `method` has a server; false after the timeout.
     bool wait_for_method(const std::string& method, uint32_t timeout_ms) {
-        knit_status_t st = knit_wait_for_method(h_, method.c_str(), timeout_ms, nullptr);
+        knit_status_t st = knit_wait_for_method(open(), method.c_str(), timeout_ms, nullptr);
         if (st == KNIT_NO_SERVER) return false;
         check(st);
         return true;
@@ -631,7 +646,7 @@ public:
     std::string context_get(const std::string& name, uint64_t* version = nullptr) {
         char* out = nullptr;
         uint64_t v = 0;
-        knit_status_t st = knit_context_get_ex(h_, name.c_str(), &out, &v);
+        knit_status_t st = knit_context_get_ex(open(), name.c_str(), &out, &v);
         std::string s = detail::take(out);
         check(st);
         if (version) *version = v;
@@ -640,13 +655,13 @@ public:
     /// Replaces the whole value (a JSON object); returns the version after.
     uint64_t context_set(const std::string& name, const std::string& data_json) {
         uint64_t v = 0;
-        check(knit_context_set_ex(h_, name.c_str(), data_json.c_str(), &v));
+        check(knit_context_set_ex(open(), name.c_str(), data_json.c_str(), &v));
         return v;
     }
     /// Merges top-level keys (null removes one); returns the version after.
     uint64_t context_update(const std::string& name, const std::string& delta_json) {
         uint64_t v = 0;
-        check(knit_context_update_ex(h_, name.c_str(), delta_json.c_str(), &v));
+        check(knit_context_update_ex(open(), name.c_str(), delta_json.c_str(), &v));
         return v;
     }
     /// context_update only while the context is at `expected_version`, else InputError
@@ -654,23 +669,23 @@ public:
     uint64_t context_update_if(const std::string& name, uint64_t expected_version,
                                const std::string& delta_json) {
         uint64_t v = 0;
-        check(knit_context_update_if(h_, name.c_str(), expected_version, delta_json.c_str(), &v));
+        check(knit_context_update_if(open(), name.c_str(), expected_version, delta_json.c_str(), &v));
         return v;
     }
     /// Sets one dotted path to a JSON value.
     uint64_t context_set_path(const std::string& name, const std::string& path,
                               const std::string& value_json) {
         uint64_t v = 0;
-        check(knit_context_set_path(h_, name.c_str(), path.c_str(), value_json.c_str(), &v));
+        check(knit_context_set_path(open(), name.c_str(), path.c_str(), value_json.c_str(), &v));
         return v;
     }
     /// Sets several paths in one version: {"a.b": 1, "c": null} or [[path, value], …].
     uint64_t context_set_paths(const std::string& name, const std::string& paths_json) {
         uint64_t v = 0;
-        check(knit_context_set_paths(h_, name.c_str(), paths_json.c_str(), &v));
+        check(knit_context_set_paths(open(), name.c_str(), paths_json.c_str(), &v));
         return v;
     }
-    void context_destroy(const std::string& name) { check(knit_context_destroy(h_, name.c_str())); }
+    void context_destroy(const std::string& name) { check(knit_context_destroy(open(), name.c_str())); }
     /// Every context name (JSON array).
     std::string contexts() { return json_of(knit_context_list); }
     /// Follows a context: the current value first (if it exists), then every change.
@@ -711,13 +726,13 @@ public:
     /// Publishes JSON data on a topic.
     void publish(const std::string& topic, const std::string& data_json,
                  const PublishOptions& o = {}) {
-        check(knit_publish_ex(h_, topic.c_str(), data_json.c_str(), publish_options(o).c_str()));
+        check(knit_publish_ex(open(), topic.c_str(), data_json.c_str(), publish_options(o).c_str()));
     }
     /// Publishes every element of a JSON array on a topic, in order, each as if published on
     /// its own, for the cost of one publish; a bad item refuses the whole batch.
     void publish_batch(const std::string& topic, const std::string& items_json,
                        const PublishOptions& o = {}) {
-        check(knit_publish_batch(h_, topic.c_str(), items_json.c_str(),
+        check(knit_publish_batch(open(), topic.c_str(), items_json.c_str(),
                                  publish_options(o).c_str()));
     }
     /// Subscribes to a topic or pattern ("prices.*", "prices.>").
@@ -757,7 +772,7 @@ public:
         holder->f = std::move(h);
         knit_subscription_t* sub = nullptr;
         check(knit_events_subscribe(
-            h_,
+            open(),
             [](void* ud, const char* event) {
                 auto* self = static_cast<H*>(ud);
                 detail::run_callback(self, [&] { self->f(detail::str(event)); });
@@ -774,31 +789,31 @@ public:
     /// One channel ({name, meta, data}); NotFoundError when there is none.
     std::string channel_get(const std::string& name) {
         char* out = nullptr;
-        knit_status_t st = knit_channel_get(h_, name.c_str(), &out);
+        knit_status_t st = knit_channel_get(open(), name.c_str(), &out);
         std::string s = detail::take(out);
         check(st);
         return s;
     }
     void channel_set_mode(ChannelMode m) {
-        check(knit_channel_set_mode(h_, static_cast<uint32_t>(m)));
+        check(knit_channel_set_mode(open(), static_cast<uint32_t>(m)));
     }
-    void channel_join(const std::string& name) { check(knit_channel_join(h_, name.c_str())); }
+    void channel_join(const std::string& name) { check(knit_channel_join(open(), name.c_str())); }
     /// Leaves one channel, or every joined one ("").
     void channel_leave(const std::string& name = {}) {
-        check(knit_channel_leave(h_, detail::c_or_null(name)));
+        check(knit_channel_leave(open(), detail::c_or_null(name)));
     }
     /// The channels joined (JSON array of names).
     std::string channels_joined() { return json_of(knit_channel_joined); }
     /// Replaces top-level keys of a channel's data ("" : every joined channel).
     uint64_t channel_publish(const std::string& data_json, const std::string& name = {}) {
         uint64_t v = 0;
-        check(knit_channel_publish(h_, data_json.c_str(), detail::c_or_null(name), &v));
+        check(knit_channel_publish(open(), data_json.c_str(), detail::c_or_null(name), &v));
         return v;
     }
     /// Stores an FDC3 context ({type, …}) as the latest of its type.
     uint64_t channel_publish_fdc3(const std::string& context_json, const std::string& name = {}) {
         uint64_t v = 0;
-        check(knit_channel_publish_fdc3(h_, context_json.c_str(), detail::c_or_null(name), &v));
+        check(knit_channel_publish_fdc3(open(), context_json.c_str(), detail::c_or_null(name), &v));
         return v;
     }
     /// Follows the channels this client is on.
@@ -816,7 +831,7 @@ public:
         holder->f = std::move(h);
         knit_subscription_t* sub = nullptr;
         check(knit_channel_on_changed(
-            h_,
+            open(),
             [](void* ud, const char* names) {
                 auto* self = static_cast<H*>(ud);
                 detail::run_callback(self, [&] { self->f(detail::str(names)); });
@@ -841,8 +856,8 @@ private:
             });
         };
         knit_subscription_t* sub = nullptr;
-        check(name ? knit_channel_subscribe_for(h_, name->c_str(), fn, holder.get(), &sub)
-                   : knit_channel_subscribe(h_, fn, holder.get(), &sub));
+        check(name ? knit_channel_subscribe_for(open(), name->c_str(), fn, holder.get(), &sub)
+                   : knit_channel_subscribe(open(), fn, holder.get(), &sub));
         return Subscription(sub, std::move(holder));
     }
 
@@ -882,7 +897,7 @@ public:
             };
         }
         knit_stream_t* st = nullptr;
-        check(knit_stream_create(h_, name.c_str(), opts.c_str(), fn, holder.get(), &st));
+        check(knit_stream_create(open(), name.c_str(), opts.c_str(), fn, holder.get(), &st));
         return Stream(st, std::move(holder));
     }
 
@@ -945,7 +960,7 @@ private:
 
     std::string json_of(knit_status_t (*f)(knit_client_t*, char**)) {
         char* out = nullptr;
-        knit_status_t st = f(h_, &out);
+        knit_status_t st = f(open(), &out);
         std::string s = detail::take(out);
         check(st);
         return s;
