@@ -656,19 +656,21 @@ fn a_gateway_never_replaces_what_is_not_a_socket() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 }
 
-/// Sockets whose names differ only after a dot (`gw.one`, `gw.two`) get gateways of their own:
-/// their lock (and token and keeper) files are not shared.
+/// Sockets whose names differ only after a dot (`gw.one`, `gw.two`, and `gw` against
+/// `gw.sock`) get gateways of their own: their lock and keeper files are not shared.
 #[test]
 fn gateways_on_sockets_differing_in_their_extension_both_start() {
     let dir = TempDir::new("two-ext");
-    let one = spawn_gateway(GatewayConfig::new(dir.path().join("gw.one")));
-    let two = spawn_gateway(GatewayConfig::new(dir.path().join("gw.two")));
-    assert_ne!(
-        knit::control::sibling(one.socket_path(), "lock"),
-        knit::control::sibling(two.socket_path(), "lock")
-    );
-    one.shutdown();
-    two.shutdown();
+    for (a, b) in [("gw.one", "gw.two"), ("gw", "gw.sock")] {
+        let one = spawn_gateway(GatewayConfig::new(dir.path().join(a)));
+        let two = spawn_gateway(GatewayConfig::new(dir.path().join(b)));
+        assert_ne!(
+            knit::control::own_file(one.socket_path(), "lock"),
+            knit::control::own_file(two.socket_path(), "lock")
+        );
+        one.shutdown();
+        two.shutdown();
+    }
 }
 
 /// A second gateway on a socket is refused; a lock on it held only for a moment (a process that
@@ -686,7 +688,7 @@ fn a_second_gateway_is_refused_but_a_lock_held_for_a_moment_is_waited_out() {
     );
     gw.shutdown();
     // Another holder of the lock file, as a forked child would be.
-    let lock_path = knit::control::sibling(&dir.socket(), "lock");
+    let lock_path = knit::control::own_file(&dir.socket(), "lock");
     let open_lock = || {
         std::fs::OpenOptions::new()
             .read(true)

@@ -33,10 +33,10 @@ pub fn resolve_socket_path(explicit: Option<&Path>) -> PathBuf {
     }
 }
 
-/// The file next to the gateway socket `socket` that holds its `what` (`lock`, `token`,
-/// `keeper`): a `.sock` extension is replaced (`gateway.sock` → `gateway.token`), any other name
-/// gets `.what` appended (`gw.one` → `gw.one.lock`), so two sockets that differ only in their
-/// extension do not share their gateways' lock, token or keeper.
+/// The file next to the gateway socket `socket` that users handle, its `what` (`token`): a
+/// `.sock` extension is replaced (`gateway.sock` → `gateway.token`), any other name gets
+/// `.what` appended (`gw.one` → `gw.one.token`). `gw` and `gw.sock` share one (harmless for
+/// the token: a gateway reuses a valid token file); the gateway's own files use [`own_file`].
 pub fn sibling(socket: &Path, what: &str) -> PathBuf {
     let name = socket
         .file_name()
@@ -44,6 +44,17 @@ pub fn sibling(socket: &Path, what: &str) -> PathBuf {
         .unwrap_or_default();
     let stem = name.strip_suffix(".sock").filter(|s| !s.is_empty());
     socket.with_file_name(format!("{}.{what}", stem.unwrap_or(&name)))
+}
+
+/// The gateway's own file `what` (`lock`, `keeper`) for the socket `socket`: the socket's whole
+/// name with `.what` appended (`gateway.sock` → `gateway.sock.lock`). Unlike [`sibling`] this
+/// is one-to-one, so no two sockets in a directory (`gw` and `gw.sock` included) share a
+/// gateway's lock or keeper; [`sibling`] names the one file users handle, the token.
+pub fn own_file(socket: &Path, what: &str) -> PathBuf {
+    let mut name = socket.file_name().unwrap_or_default().to_os_string();
+    name.push(".");
+    name.push(what);
+    socket.with_file_name(name)
 }
 
 /// Creates `dir` (mode 0700) if missing; tightens it if it is ours but open to others; refuses
@@ -108,15 +119,24 @@ pub fn connect(socket: &Path) -> io::Result<std::os::unix::net::UnixStream> {
 mod tests {
     #[test]
     fn sibling_files_replace_a_sock_extension_and_are_appended_to_any_other_name() {
-        let at = |n: &str| sibling(Path::new(n), "lock");
-        assert_eq!(at("/r/gateway.sock"), Path::new("/r/gateway.lock"));
-        assert_eq!(at("/r/gw.one"), Path::new("/r/gw.one.lock"));
-        assert_eq!(at("/r/gw.two"), Path::new("/r/gw.two.lock"));
+        let at = |n: &str| sibling(Path::new(n), "token");
+        assert_eq!(at("/r/gateway.sock"), Path::new("/r/gateway.token"));
+        assert_eq!(at("/r/gw.one"), Path::new("/r/gw.one.token"));
+        assert_eq!(at("/r/gw.two"), Path::new("/r/gw.two.token"));
+        assert_eq!(at("/r/gw"), Path::new("/r/gw.token"));
+        assert_eq!(at("/r/.sock"), Path::new("/r/.sock.token"));
+    }
+
+    #[test]
+    fn own_files_append_to_the_whole_name_so_no_two_sockets_share_them() {
+        let at = |n: &str| own_file(Path::new(n), "lock");
+        assert_eq!(at("/r/gateway.sock"), Path::new("/r/gateway.sock.lock"));
         assert_eq!(at("/r/gw"), Path::new("/r/gw.lock"));
-        assert_eq!(at("/r/.sock"), Path::new("/r/.sock.lock"));
+        assert_ne!(at("/r/gw"), at("/r/gw.sock"));
+        assert_ne!(at("/r/gw.one"), at("/r/gw.two"));
         assert_eq!(
-            sibling(Path::new("/r/gateway.sock"), "token"),
-            Path::new("/r/gateway.token")
+            own_file(Path::new("/r/gateway.sock"), "keeper"),
+            Path::new("/r/gateway.sock.keeper")
         );
     }
 

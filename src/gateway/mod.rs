@@ -145,7 +145,7 @@ impl Gateway {
         // gateways; the connect probe below catches a gateway that holds no lock.
         // Nothing but a socket is ever replaced: a mistyped path must not cost a file.
         socket_there(&cfg.socket)?;
-        let lock_path = crate::control::sibling(&cfg.socket, "lock");
+        let lock_path = crate::control::own_file(&cfg.socket, "lock");
         let lock = rustix::fs::open(
             &lock_path,
             rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,

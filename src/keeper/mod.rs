@@ -47,7 +47,7 @@ const SPAWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The keeper's socket for the gateway socket `gateway_socket` (same directory).
 pub fn socket_path(gateway_socket: &Path) -> PathBuf {
-    crate::control::sibling(gateway_socket, "keeper")
+    crate::control::own_file(gateway_socket, "keeper")
 }
 
 /// How a gateway finds or starts its keeper.
