@@ -2695,6 +2695,90 @@ async fn a_native_stream_serves_web_subscribers() {
     assert_eq!(next["reason_uri"], "agm.peer-removed");
 }
 
+/// A web app and a native app that serve each other a stream can hold subscriptions with the
+/// same number both ways (each side numbers its own). The native subscriber ending its own must
+/// not end the web app's.
+#[tokio::test]
+async fn a_native_subscriber_ending_its_subscription_leaves_a_web_one_with_the_same_number() {
+    let gw = gateway("stream-crossed", |_| {});
+    let native = gw.client("nat");
+    let stream = native
+        .create_stream("Nat.S", StreamOptions::default())
+        .unwrap();
+    let mut web = Web::login(gw.ws(), "web", &os_user(), &gw.token()).await;
+    let reg = web
+        .register(
+            json!([{"id": "s", "name": "Web.S", "flags": {"metadata": {}, "streaming": true}}]),
+        )
+        .await;
+    assert_eq!(reg["type"], "success");
+    let methods = web
+        .next(|m| m["type"] == "methods-added" && m["methods"][0]["name"] == "Nat.S")
+        .await;
+    let sub = web
+        .req(
+            json!({"type": "subscribe", "domain": "agm", "server_id": methods["server_id"],
+            "method_id": methods["methods"][0]["id"], "arguments_kv": {}}),
+        )
+        .await;
+    assert_eq!(sub["type"], "subscribed", "{sub}");
+    let sid = sub["subscription_id"].clone();
+    let number: u64 = sid
+        .as_str()
+        .unwrap()
+        .rsplit('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The native client's subscription numbers count from 1: spend them up to the web's.
+    let n = native.clone();
+    blocking(move || {
+        let own = n.create_stream("Own", StreamOptions::default()).unwrap();
+        let p = StreamParams {
+            wait: Duration::from_secs(5),
+            ..Default::default()
+        };
+        for _ in 1..number {
+            drop(n.subscribe_stream("Own", p.clone(), |_| {}).unwrap());
+        }
+        drop(own);
+    })
+    .await;
+    let n = native.clone();
+    let task = tokio::spawn(blocking(move || {
+        let p = StreamParams {
+            wait: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
+        n.subscribe_stream("Web.S", p, |_| {})
+    }));
+    let interest = web.next(|m| m["type"] == "add-interest").await;
+    web.send(
+        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a1",
+        "subscription_id": interest["subscription_id"], "stream_id": "0"}),
+    )
+    .await;
+    let native_sub = task.await.unwrap().expect("accepted");
+    drop(native_sub);
+    let gone = web
+        .next(|m| m["type"] == "remove-interest" || m["type"] == "subscription-cancelled")
+        .await;
+    assert_eq!(gone["type"], "remove-interest", "{gone}");
+    assert_eq!(gone["subscription_id"], interest["subscription_id"]);
+    // The web app's own subscription still delivers.
+    let s2 = stream.clone();
+    blocking(move || s2.push(obj(json!({"t": 1}))).unwrap()).await;
+    let e = web
+        .next(|m| m["type"] == "event" || m["type"] == "subscription-cancelled")
+        .await;
+    assert_eq!(
+        (e["type"].clone(), e["subscription_id"].clone()),
+        (json!("event"), sid)
+    );
+}
+
 #[tokio::test]
 async fn a_web_stream_serves_native_subscribers() {
     let gw = gateway("stream-w2n", |_| {});

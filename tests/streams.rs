@@ -140,6 +140,61 @@ fn requests_are_accepted_on_branches_or_rejected_and_pushes_follow_branches() {
     assert_eq!(data(next(&rb)).0, n(4));
 }
 
+/// A stream whose removed subscribers' applications arrive on a channel.
+fn watched_stream(c: &Client, name: &str) -> (knit::client::Stream, Receiver<String>) {
+    let (tx, removed) = channel();
+    let opts = StreamOptions {
+        on_removed: Some(Box::new(move |s| {
+            let _ = tx.send(s.instance().application.clone());
+        })),
+        ..Default::default()
+    };
+    (c.create_stream(name, opts).unwrap(), removed)
+}
+
+/// Subscription ids are each subscriber's own, so two peers that serve each other a stream hold
+/// one subscription each way under the same id. Ending one, from either side, ends only it.
+#[test]
+fn ending_one_of_two_crossed_subscriptions_with_the_same_id_leaves_the_other() {
+    let env = Env::new("crossed");
+    for server_ends in [false, true] {
+        let a = env.client("a");
+        let b = env.client("b");
+        let (sa, a_removed) = watched_stream(&a, "S.A");
+        let (sb, b_removed) = watched_stream(&b, "S.B");
+        // Each client's first subscription: the same id in both directions.
+        let (a_sub, a_rx) = collect(&a, "S.B", Value::map());
+        let (b_sub, b_rx) = collect(&b, "S.A", Value::map());
+        if server_ends {
+            // B's server drops A's subscription to S.B: A hears of it…
+            sb.subscriptions()[0].close();
+            assert_eq!(b_removed.recv_timeout(Duration::from_secs(5)).unwrap(), "a");
+            assert!(matches!(
+                next(&a_rx),
+                StreamEvent::Closed {
+                    server_initiated: true,
+                    ..
+                }
+            ));
+            // …and B's subscription to S.A carries on.
+            sa.push(n(1)).unwrap();
+            assert_eq!(data(next(&b_rx)).0, n(1));
+            assert_eq!(sa.subscriptions().len(), 1);
+            assert!(a_removed.try_recv().is_err(), "A's server dropped B");
+        } else {
+            // B ends its subscription to S.A: A's server hears of it…
+            b_sub.close();
+            assert_eq!(a_removed.recv_timeout(Duration::from_secs(5)).unwrap(), "b");
+            // …and A's subscription to S.B carries on.
+            sb.push(n(2)).unwrap();
+            assert_eq!(data(next(&a_rx)).0, n(2));
+            assert_eq!(sb.subscriptions().len(), 1);
+            assert!(b_removed.try_recv().is_err(), "B's server dropped A");
+        }
+        drop((a_sub, b_sub));
+    }
+}
+
 #[test]
 fn closing_from_either_side_is_reported_with_who_closed() {
     let env = Env::new("close");

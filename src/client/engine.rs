@@ -323,6 +323,9 @@ pub(crate) struct Shared {
     pub channels: Mutex<super::channels::ChannelState>,
     /// Streams we serve and stream subscriptions we hold.
     pub streams: Mutex<super::streams::StreamsState>,
+    /// The next id of a stream subscription of ours. Ids are the subscriber's (a server keys
+    /// them by subscriber and id), so each client numbers its own.
+    pub next_stream_sub: AtomicU64,
     /// Stream items queued for slow subscribers (flushed by the dispatch loop).
     pub stream_pending: AtomicUsize,
     /// Lanes paused for blocking stream subscribers (so draining checks only when some are).
@@ -389,6 +392,7 @@ impl Shared {
             bus_routes: AtomicU64::new(0),
             streams: Mutex::new(Default::default()),
             channels: Mutex::new(Default::default()),
+            next_stream_sub: AtomicU64::new(1),
             stream_pending: AtomicUsize::new(0),
             stalled_lanes: AtomicUsize::new(0),
             calls: Mutex::new(CallMap::default()),
@@ -1382,7 +1386,8 @@ impl Shared {
             crate::wire::record::KIND_SUB_REQUEST
             | crate::wire::record::KIND_SUB_REPLY
             | crate::wire::record::KIND_STREAM_DATA
-            | crate::wire::record::KIND_SUB_CLOSE => {
+            | crate::wire::record::KIND_SUB_CLOSE
+            | crate::wire::record::KIND_SUB_DROP => {
                 // A data record that fills a blocking subscriber's queue pauses the lane.
                 if kind == crate::wire::record::KIND_STREAM_DATA {
                     super::streams::on_lane_data(self, lane, body, sink)?;

@@ -21,11 +21,13 @@ use crate::model::target::{method_matches, select};
 use crate::model::Target;
 use crate::status::Status;
 use crate::wire::frame::{Instance, MethodDef, PeerId, ToGateway, Transport};
-use crate::wire::record::{KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST};
+use crate::wire::record::{
+    KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_DROP, KIND_SUB_REPLY, KIND_SUB_REQUEST,
+};
 use crate::wire::stream as rec;
 use crate::wire::Value;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -409,11 +411,11 @@ fn drop_sub(
         // The lane may be full (that is why a slow subscriber is dropped): then the news goes
         // around it, through the gateway, so it is never lost.
         let body = rec::close(sub.sub_id, reason);
-        if !matches!(try_send(shared, &sub.link, KIND_SUB_CLOSE, &body), Ok(true)) {
+        if !matches!(try_send(shared, &sub.link, KIND_SUB_DROP, &body), Ok(true)) {
             let _ = send(
                 shared,
                 &Link::Relay(sub.peer),
-                KIND_SUB_CLOSE,
+                KIND_SUB_DROP,
                 &body,
                 Duration::ZERO,
             );
@@ -1009,8 +1011,6 @@ fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool) {
     shared.push_task(Task::Call(Box::new(move || cb(&ev))));
 }
 
-static NEXT_SUB: AtomicU64 = AtomicU64::new(1);
-
 pub(crate) fn subscribe(
     shared: &Arc<Shared>,
     name: &str,
@@ -1065,7 +1065,7 @@ pub(crate) fn subscribe(
     };
     let sub = Arc::new(ClientSub {
         // Relaxed: ids only need to be unique; nothing is published through the counter.
-        id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
+        id: shared.next_stream_sub.fetch_add(1, Ordering::Relaxed),
         name: name.to_string(),
         params: params.clone(),
         cb,
@@ -1286,7 +1286,7 @@ pub(crate) fn on_record(
         KIND_STREAM_DATA => to_inbox(shared, client_sub(shared, sub_id), body, identity, None),
         KIND_SUB_CLOSE => {
             let (_, reason) = rec::parse_close(body).map_err(|_| "short stream close")?;
-            // Either a subscriber leaving one of our streams, or a server dropping us.
+            // A subscriber leaving one of our streams.
             for e in served_streams(shared) {
                 let hit = e
                     .subs
@@ -1298,6 +1298,11 @@ pub(crate) fn on_record(
                     drop_sub(shared, &e, &s, &reason, false);
                 }
             }
+            Ok(())
+        }
+        KIND_SUB_DROP => {
+            let (_, reason) = rec::parse_close(body).map_err(|_| "short stream drop")?;
+            // A server dropping us.
             let sub = client_sub(shared, sub_id);
             if let Some(sub) = sub {
                 server_gone(shared, &sub, from, &reason);

@@ -13,8 +13,9 @@ use std::fmt;
 /// Bumped when the control protocol changes incompatibly. 2: `FromGateway::ContextsDestroyed`
 /// and `FromGateway::CallsFailed` (a version-1 client could not decode them). 3:
 /// `ToGateway::OpenOrCreate` (a native write's creation; `OpenContext` no longer creates) and
-/// `FromGateway::ContextCreated::version`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// `FromGateway::ContextCreated::version`. 4: the record kind `SUB_DROP` (a server ending a
+/// subscription; `SUB_CLOSE` is now only a subscriber ending its own).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest control frame body accepted (method lists and snapshots can be large).
 pub const MAX_FRAME: usize = 64 << 20;
 /// Frame header size.

@@ -26,11 +26,15 @@ pub const KIND_CANCEL: u16 = 3;
 /// A bus message: topic, routing key, payload (layout in `client::bus`).
 pub const KIND_BUS: u16 = 4;
 /// Stream records (layouts in [`super::stream`]): a subscription request (subscriber → server),
-/// its answer, one data item, and the end of a subscription (either way).
+/// its answer, one data item, a subscriber ending its subscription (subscriber → server) and a
+/// server ending one (server → subscriber). The two ends are two kinds, not one: subscription
+/// ids are the subscriber's, so between two peers that both serve and subscribe an id names a
+/// subscription in each direction, and one kind for both would end both.
 pub const KIND_SUB_REQUEST: u16 = 5;
 pub const KIND_SUB_REPLY: u16 = 6;
 pub const KIND_STREAM_DATA: u16 = 7;
 pub const KIND_SUB_CLOSE: u16 = 8;
+pub const KIND_SUB_DROP: u16 = 9;
 
 /// Record flag: more fragments of this message follow.
 pub const FRAG_MORE: u16 = 1;

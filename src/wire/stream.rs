@@ -8,7 +8,7 @@
 //! | `SUB_REQUEST` | subscription id u64 (the subscriber's), method id u32, payload flags u32, arguments payload |
 //! | `SUB_REPLY` | subscription id u64, status u32 (0 accepted, 1 rejected), encoded info map |
 //! | `STREAM_DATA` | subscription id u64, data flags u32, gap u32, payload flags u32, [extra len u32, encoded extra], payload |
-//! | `SUB_CLOSE` | subscription id u64, reason (UTF-8) |
+//! | `SUB_CLOSE` (subscriber → server), `SUB_DROP` (server → subscriber) | subscription id u64, reason (UTF-8) |
 //!
 //! Subscription ids are chosen by the subscriber and are unique per subscriber, so a server
 //! keys subscriptions by (subscriber peer, id). Data flags: [`DATA_PRIVATE`] (sent to this

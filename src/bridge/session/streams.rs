@@ -18,7 +18,9 @@
 use super::{display_id, echo, gid_of, rid, rid_ref, HeldId, Meter, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::wire::frame::{PeerId, ToGateway};
-use crate::wire::record::{KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_REPLY, KIND_SUB_REQUEST};
+use crate::wire::record::{
+    KIND_STREAM_DATA, KIND_SUB_CLOSE, KIND_SUB_DROP, KIND_SUB_REPLY, KIND_SUB_REQUEST,
+};
 use crate::wire::stream as rec;
 use crate::wire::Value;
 use serde_json::{json, Value as J};
@@ -326,7 +328,7 @@ impl Session {
             // reason — the subscriber must not stay subscribed to a stream nobody feeds it.
             self.core(record_to(
                 s.peer,
-                KIND_SUB_CLOSE,
+                KIND_SUB_DROP,
                 rec::close(s.sub_id, &reason),
             ))
             .await;
@@ -406,7 +408,7 @@ impl Session {
         };
         self.core(record_to(
             s.peer,
-            KIND_SUB_CLOSE,
+            KIND_SUB_DROP,
             rec::close(s.sub_id, &reason),
         ))
         .await;
@@ -437,7 +439,7 @@ impl Session {
         for (peer, sub_id) in closes {
             self.core(record_to(
                 peer,
-                KIND_SUB_CLOSE,
+                KIND_SUB_DROP,
                 rec::close(sub_id, METHOD_REMOVED),
             ))
             .await;
@@ -474,6 +476,7 @@ impl Session {
             KIND_SUB_REPLY => self.on_sub_reply(from, body),
             KIND_STREAM_DATA => self.on_stream_data(from, body),
             KIND_SUB_CLOSE => self.on_sub_close(from, body),
+            KIND_SUB_DROP => self.on_sub_drop(from, body),
             _ => Err(crate::wire::record::RecordError::UnknownKind(kind)),
         };
         if let Err(e) = r {
@@ -623,24 +626,7 @@ impl Session {
             return Ok(());
         };
         let me_id = me.id.clone();
-        // A server dropping one of ours…
-        if me
-            .streams
-            .out
-            .get(&sub_id)
-            .is_some_and(|s| s.server == from)
-        {
-            if let Some(s) = me.streams.out.remove(&sub_id) {
-                self.send(if s.accepted {
-                    json!({"domain": "agm", "type": "subscription-cancelled", "peer_id": me_id,
-                        "subscription_id": s.gid, "reason_uri": close_uri(&reason), "reason": reason})
-                } else {
-                    gw3::error("agm", &s.request_id.id, &me_id, SUB_FAIL, &reason)
-                });
-            }
-            return Ok(());
-        }
-        // …or a subscriber leaving one of our streams.
+        // A subscriber leaving one of our streams.
         if let Some(n) = me.streams.by_key.get(&(from, sub_id)).copied() {
             if let Some(s) = me.streams.take_in(n) {
                 let method = me.methods.get(&s.method).map(|o| gid_of(o).clone());
@@ -650,6 +636,31 @@ impl Session {
                     "caller_id": self.sh.ids.peer(from), "reason_uri": "", "reason": reason}),
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// A server dropping one of our subscriptions.
+    fn on_sub_drop(
+        &mut self,
+        from: PeerId,
+        body: &[u8],
+    ) -> Result<(), crate::wire::record::RecordError> {
+        let (sub_id, reason) = rec::parse_close(body)?;
+        let Some(me) = self.me.as_mut() else {
+            return Ok(());
+        };
+        let me_id = me.id.clone();
+        if me.streams.out.get(&sub_id).is_none_or(|s| s.server != from) {
+            return Ok(());
+        }
+        if let Some(s) = me.streams.out.remove(&sub_id) {
+            self.send(if s.accepted {
+                json!({"domain": "agm", "type": "subscription-cancelled", "peer_id": me_id,
+                    "subscription_id": s.gid, "reason_uri": close_uri(&reason), "reason": reason})
+            } else {
+                gw3::error("agm", &s.request_id.id, &me_id, SUB_FAIL, &reason)
+            });
         }
         Ok(())
     }
