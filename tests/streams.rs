@@ -128,6 +128,11 @@ fn requests_are_accepted_on_branches_or_rejected_and_pushes_follow_branches() {
     one.push(n(3)).unwrap();
     let (d, private, _) = data(next(&rb));
     assert_eq!((d, private), (n(3), true));
+    // Items are objects there too.
+    for bad in [Value::from(5), Value::from("s"), Value::Null] {
+        let e = one.push(bad).unwrap_err();
+        assert!(e.to_string().contains("Data must be an object"), "{e}");
+    }
     // Closing a branch ends its subscribers, server-initiated.
     stream.close_branch("VOD");
     match next(&ra) {

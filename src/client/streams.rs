@@ -464,6 +464,7 @@ fn push_one(
     data: &Value,
     private: bool,
 ) -> Result<(), ClientError> {
+    check_item(data)?;
     let mut body = Vec::new();
     rec::data_into(&mut body, private, data)?;
     check_size(shared, &body)?;
