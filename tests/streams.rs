@@ -698,3 +698,39 @@ fn a_panicking_callback_loses_only_its_own_item() {
     let want: Vec<i64> = (0..500).filter(|i| i % 10 != 3).collect();
     assert_eq!(take(&rx, want.len()), want);
 }
+
+/// A subscription made inside a callback (on the client's dispatch thread, the one that reads
+/// what arrives) still hears its server's answer: it reads while it waits, as `invoke` does.
+#[test]
+fn a_callback_can_subscribe_to_another_peers_stream() {
+    let env = Env::new("nested-sub");
+    let server = env.client("server");
+    let stream = server
+        .create_stream("Nested", StreamOptions::default())
+        .unwrap();
+    let client = env.client("client");
+    let (tx, rx) = channel();
+    let c = client.clone();
+    let _bus = client
+        .subscribe(
+            "go",
+            knit::client::SubscribeOptions::default(),
+            move |_: &knit::client::BusMessage| {
+                let (dtx, drx) = channel();
+                let r = c.subscribe_stream("Nested", params(Value::map()), move |e| {
+                    let _ = dtx.send(e.clone());
+                });
+                let _ = tx.send(r.map(|s| (s, drx)));
+            },
+        )
+        .unwrap();
+    server
+        .publish("go", Value::map(), &knit::client::PublishOptions::default())
+        .unwrap();
+    let (_sub, events) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the callback never finished")
+        .expect("subscribing from a callback");
+    stream.push(n(1)).unwrap();
+    assert_eq!(data(next(&events)).0, n(1));
+}

@@ -28,7 +28,7 @@ use crate::wire::stream as rec;
 use crate::wire::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What a full subscriber queue does.
@@ -909,8 +909,11 @@ pub(crate) struct ClientSub {
     name: String,
     params: StreamParams,
     cb: StreamCallback,
+    /// Its servers and where each stands. A change wakes the client's waiters
+    /// ([`Shared::wake_all`]): `subscribe` waits through [`Shared::wait_for`], which reads
+    /// incoming records while it waits, so a subscription made inside a callback on the
+    /// dispatch thread still hears its server's answer.
     remotes: Mutex<Vec<Remote>>,
-    changed: Condvar,
     inbox: Mutex<Inbox>,
     /// The server's policy and queue bound (from its answer).
     policy: Mutex<(SlowConsumerPolicy, usize)>,
@@ -1003,7 +1006,7 @@ fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool) {
             );
         }
     }
-    sub.changed.notify_all();
+    shared.wake_all();
     let ev = StreamEvent::Closed {
         reason: "ClientInitiated".into(),
         server_initiated: false,
@@ -1071,7 +1074,6 @@ pub(crate) fn subscribe(
         params: params.clone(),
         cb,
         remotes: Mutex::new(Vec::new()),
-        changed: Condvar::new(),
         inbox: Mutex::new(Inbox::default()),
         policy: Mutex::new((SlowConsumerPolicy::default(), 1024)),
         batch_bound: AtomicUsize::new(0),
@@ -1082,47 +1084,44 @@ pub(crate) fn subscribe(
     send_requests(shared, &sub, &chosen);
     // The first acceptance completes the subscription; later ones join it.
     let deadline = Instant::now() + params.timeout;
-    let mut r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        if r.iter().any(|x| x.state == ServerState::Accepted) {
-            drop(r);
-            return Ok(ClientSubscription {
-                shared: shared.clone(),
-                sub,
-            });
-        }
-        if r.iter()
-            .all(|x| matches!(x.state, ServerState::Rejected(_) | ServerState::Gone))
-        {
-            let reason = r.iter().find_map(|x| match &x.state {
-                ServerState::Rejected(m) => Some(m.clone()),
-                _ => None,
-            });
-            drop(r);
-            // SYNC(sub-closed): no new items are accepted (`accept_item`, `claim`); a flag only.
-            sub.closed.store(true, Ordering::Release);
-            forget_client_sub(shared, sub.id);
-            return Err(match reason {
-                Some(m) => StreamError::Rejected(m),
-                // The servers were there, but reaching them needs the gateway.
-                None if !shared.conn.is_connected() && !shared.is_closed() => {
-                    StreamError::Client(ClientError::Disconnected)
-                }
-                None => StreamError::NoServer,
-            });
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            drop(r);
-            end_client_sub(shared, &sub, true);
-            return Err(StreamError::Timeout(params.timeout));
-        }
-        let (g, _) = sub
-            .changed
-            .wait_timeout(r, deadline - now)
-            .unwrap_or_else(|e| e.into_inner());
-        r = g;
+    let decided = |r: &[Remote]| {
+        r.iter().any(|x| x.state == ServerState::Accepted)
+            || r.iter()
+                .all(|x| matches!(x.state, ServerState::Rejected(_) | ServerState::Gone))
+    };
+    shared.wait_for(
+        || decided(&sub.remotes.lock().unwrap_or_else(|e| e.into_inner())),
+        deadline,
+    );
+    let r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
+    if r.iter().any(|x| x.state == ServerState::Accepted) {
+        drop(r);
+        return Ok(ClientSubscription {
+            shared: shared.clone(),
+            sub,
+        });
     }
+    if decided(&r) {
+        let reason = r.iter().find_map(|x| match &x.state {
+            ServerState::Rejected(m) => Some(m.clone()),
+            _ => None,
+        });
+        drop(r);
+        // SYNC(sub-closed): no new items are accepted (`accept_item`, `claim`); a flag only.
+        sub.closed.store(true, Ordering::Release);
+        forget_client_sub(shared, sub.id);
+        return Err(match reason {
+            Some(m) => StreamError::Rejected(m),
+            // The servers were there, but reaching them needs the gateway.
+            None if !shared.conn.is_connected() && !shared.is_closed() => {
+                StreamError::Client(ClientError::Disconnected)
+            }
+            None => StreamError::NoServer,
+        });
+    }
+    drop(r);
+    end_client_sub(shared, &sub, true);
+    Err(StreamError::Timeout(params.timeout))
 }
 
 /// The servers of stream `name` that `target` picks, ourselves included.
@@ -1187,12 +1186,12 @@ fn send_requests(shared: &Arc<Shared>, sub: &Arc<ClientSub>, chosen: &[(Arc<Inst
             // Subscribing to ourselves: handled as if it came in from a peer.
             on_request(shared, my_id, shared.me(), Link::Relay(my_id), &body);
         } else if send(shared, &link, KIND_SUB_REQUEST, &body, params.timeout).is_err() {
-            set_state(sub, server.peer_id, ServerState::Gone);
+            set_state(shared, sub, server.peer_id, ServerState::Gone);
         }
     }
 }
 
-fn set_state(sub: &ClientSub, peer: PeerId, s: ServerState) {
+fn set_state(shared: &Shared, sub: &ClientSub, peer: PeerId, s: ServerState) {
     let mut r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
     for x in r.iter_mut().filter(|x| x.peer == peer) {
         if x.state != ServerState::Gone {
@@ -1200,7 +1199,7 @@ fn set_state(sub: &ClientSub, peer: PeerId, s: ServerState) {
         }
     }
     drop(r);
-    sub.changed.notify_all();
+    shared.wake_all();
 }
 
 /// Why a stream subscription failed.
@@ -1272,14 +1271,14 @@ pub(crate) fn on_record(
                         .store(if batch { queue } else { 0 }, Ordering::Release);
                     *sub.policy.lock().unwrap_or_else(|e| e.into_inner()) = (policy, queue);
                 }
-                set_state(&sub, from, ServerState::Accepted);
+                set_state(shared, &sub, from, ServerState::Accepted);
             } else {
                 let reason = info
                     .get("reason")
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                set_state(&sub, from, ServerState::Rejected(reason));
+                set_state(shared, &sub, from, ServerState::Rejected(reason));
             }
             Ok(())
         }
@@ -1671,7 +1670,7 @@ fn server_gone(shared: &Shared, sub: &Arc<ClientSub>, peer: PeerId, reason: &str
             .iter()
             .any(|x| x.state == ServerState::Accepted || x.state == ServerState::Pending)
     };
-    sub.changed.notify_all();
+    shared.wake_all();
     // SYNC(sub-closed): the RMW lets one ender queue the Closed event; Release pairs with the
     // loads that refuse new items.
     if last && !sub.closed.swap(true, Ordering::AcqRel) {
@@ -1763,8 +1762,8 @@ pub(crate) fn forget_servers(shared: &Shared) {
     let subs = client_subs(shared);
     for s in subs {
         s.remotes.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        s.changed.notify_all();
     }
+    shared.wake_all();
 }
 
 /// Subscribes our stream subscriptions again as their servers reappear (restore thread): each
@@ -1989,7 +1988,6 @@ mod tests {
                 counted.fetch_add(1, Ordering::Relaxed);
             }),
             remotes: Mutex::new(Vec::new()),
-            changed: Condvar::new(),
             inbox: Mutex::new(Inbox::default()),
             policy: Mutex::new((SlowConsumerPolicy::Block(Duration::from_secs(5)), 1)),
             batch_bound: AtomicUsize::new(1),
