@@ -734,3 +734,47 @@ fn a_callback_can_subscribe_to_another_peers_stream() {
     stream.push(n(1)).unwrap();
     assert_eq!(data(next(&events)).0, n(1));
 }
+
+/// A server that accepts after its subscriber gave up does not keep a subscription nobody
+/// holds: the subscriber ends it when the acceptance arrives.
+#[test]
+fn an_acceptance_after_the_subscriber_timed_out_ends_the_subscription() {
+    let env = Env::new("late-accept");
+    let server = env.client("server");
+    let (req_tx, requests) = channel();
+    let (removed_tx, removed) = channel();
+    let stream = server
+        .create_stream(
+            "Late",
+            StreamOptions {
+                on_request: Some(Box::new(move |r: SubscriptionRequest| {
+                    let _ = req_tx.send(r);
+                })),
+                on_removed: Some(Box::new(move |s| {
+                    let _ = removed_tx.send(s.instance().application.clone());
+                })),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let client = env.client("client");
+    let p = StreamParams {
+        timeout: Duration::from_millis(200),
+        ..params(Value::map())
+    };
+    server.register("Ping", |_| Ok(Value::Null)).unwrap();
+    let err = client.subscribe_stream("Late", p, |_| {}).unwrap_err();
+    assert!(matches!(err, StreamError::Timeout(_)), "{err:?}");
+    // The subscriber's close went before this call on the same lane: when the call returns,
+    // the server has seen the close (and found nothing to end yet).
+    client
+        .invoke("Ping", Value::Null, &Default::default())
+        .unwrap();
+    let request = requests.recv_timeout(Duration::from_secs(5)).unwrap();
+    request.accept();
+    assert_eq!(
+        removed.recv_timeout(Duration::from_secs(5)).unwrap(),
+        "client"
+    );
+    assert!(stream.subscriptions().is_empty());
+}

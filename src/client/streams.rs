@@ -175,6 +175,14 @@ fn send_many<'b>(
 /// fragment by fragment as the subscriber reads).
 const BIG_ITEM_WAIT: Duration = Duration::from_secs(5);
 
+/// Sends a record that must not be lost: over `link` if it has room now, else around it
+/// through the gateway (a full lane is often why it is sent: a slow subscriber dropped).
+fn send_or_relay(shared: &Arc<Shared>, link: &Link, peer: PeerId, kind: u16, body: &[u8]) {
+    if !matches!(try_send(shared, link, kind, body), Ok(true)) {
+        let _ = send(shared, &Link::Relay(peer), kind, body, Duration::ZERO);
+    }
+}
+
 fn try_send(shared: &Arc<Shared>, link: &Link, kind: u16, body: &[u8]) -> Result<bool, SendError> {
     match link {
         Link::Lane(l) => match l.try_send(kind, body)? {
@@ -408,18 +416,8 @@ fn drop_sub(
         .stream_pending
         .fetch_sub(pending.len(), Ordering::AcqRel);
     if tell {
-        // The lane may be full (that is why a slow subscriber is dropped): then the news goes
-        // around it, through the gateway, so it is never lost.
         let body = rec::close(sub.sub_id, reason);
-        if !matches!(try_send(shared, &sub.link, KIND_SUB_DROP, &body), Ok(true)) {
-            let _ = send(
-                shared,
-                &Link::Relay(sub.peer),
-                KIND_SUB_DROP,
-                &body,
-                Duration::ZERO,
-            );
-        }
+        send_or_relay(shared, &sub.link, sub.peer, KIND_SUB_DROP, &body);
     }
     if let Some(f) = &entry.options.on_removed {
         f(&StreamSubscription {
@@ -1254,8 +1252,23 @@ pub(crate) fn on_record(
         KIND_SUB_REPLY => {
             let rec::Reply { accepted, info, .. } =
                 rec::parse_reply(body).map_err(|_| "bad stream reply")?;
-            let sub = client_sub(shared, sub_id);
-            let Some(sub) = sub else { return Ok(()) };
+            let sub = client_sub(shared, sub_id).filter(|s| {
+                s.remotes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .any(|x| x.peer == from && x.state != ServerState::Gone)
+            });
+            let Some(sub) = sub else {
+                // An acceptance of a subscription we no longer hold (it timed out, or was
+                // closed, before the server answered; our close found nothing to end then):
+                // end it, or the server keeps feeding a subscriber that is not there.
+                if accepted {
+                    let body = rec::close(sub_id, "ClientInitiated");
+                    send_or_relay(shared, &link, from, KIND_SUB_CLOSE, &body);
+                }
+                return Ok(());
+            };
             if accepted {
                 if let Some(p) = info.get("policy") {
                     let queue = info
