@@ -1802,7 +1802,9 @@ pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
         })
         .collect();
     while !todo.is_empty() {
-        if shared.is_closed() || shared.conn.epoch() != epoch {
+        // A new connection restores what is left with a fresh start; while there is none, this
+        // one can reach nobody (its requests would fail, its servers look gone).
+        if shared.is_closed() || shared.conn.epoch() != epoch || !shared.conn.is_connected() {
             return;
         }
         let now = Instant::now();
@@ -1825,28 +1827,21 @@ pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
                     true
                 }
                 Some(until) => {
-                    let r = t.sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
-                    if r.iter().any(|x| x.state == ServerState::Accepted) {
-                        return false;
+                    let mut r = t.sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
+                    match restore_step(&r, now, until, t.wait_until) {
+                        RestoreStep::Done => false,
+                        RestoreStep::Wait => true,
+                        RestoreStep::Retry => {
+                            r.retain(|x| x.state != ServerState::Gone);
+                            t.accept_until = None;
+                            true
+                        }
+                        RestoreStep::Fail(why) => {
+                            drop(r);
+                            failed.push((t.sub.clone(), why));
+                            false
+                        }
                     }
-                    let why = if r
-                        .iter()
-                        .all(|x| matches!(x.state, ServerState::Rejected(_) | ServerState::Gone))
-                    {
-                        r.iter()
-                            .find_map(|x| match &x.state {
-                                ServerState::Rejected(m) => Some(format!("rejected: {m}")),
-                                _ => None,
-                            })
-                            .unwrap_or_else(|| "its servers are gone".into())
-                    } else if now >= until {
-                        "no server accepted in time".into()
-                    } else {
-                        return true;
-                    };
-                    drop(r);
-                    failed.push((t.sub.clone(), why));
-                    false
                 }
             }
         });
@@ -1866,6 +1861,46 @@ pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
             .state_changed
             .wait_timeout_while(st, Duration::from_millis(20), |_| !shared.is_closed())
             .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// What restoring one subscription does next, from where its servers stand.
+#[derive(Debug, PartialEq)]
+enum RestoreStep {
+    /// A server accepted: restored.
+    Done,
+    /// Answers are still due.
+    Wait,
+    /// No server answered or could be reached, and none rejected: ask again when servers are
+    /// there (they may be reconnecting themselves, or the gateway went away again as the
+    /// requests went out).
+    Retry,
+    Fail(String),
+}
+
+/// `until`: when the servers asked must have answered; `wait_until`: until when servers may
+/// come back (the subscription's `wait` from the reconnection).
+fn restore_step(r: &[Remote], now: Instant, until: Instant, wait_until: Instant) -> RestoreStep {
+    if r.iter().any(|x| x.state == ServerState::Accepted) {
+        return RestoreStep::Done;
+    }
+    if r.iter()
+        .all(|x| matches!(x.state, ServerState::Rejected(_) | ServerState::Gone))
+    {
+        let rejected = r.iter().find_map(|x| match &x.state {
+            ServerState::Rejected(m) => Some(format!("rejected: {m}")),
+            _ => None,
+        });
+        return match rejected {
+            Some(why) => RestoreStep::Fail(why),
+            None if now < wait_until => RestoreStep::Retry,
+            None => RestoreStep::Fail("its servers are gone".into()),
+        };
+    }
+    if now >= until {
+        RestoreStep::Fail("no server accepted in time".into())
+    } else {
+        RestoreStep::Wait
     }
 }
 
@@ -1910,6 +1945,49 @@ fn lost(shared: &Arc<Shared>, sub: &Arc<ClientSub>, reason: &str) {
 mod tests {
     use super::*;
     use crate::client::hook::{self, elsewhere};
+
+    /// Restoring after a reconnection: a request that reached nobody (the gateway went away
+    /// again as it went out, or its server is reconnecting too) is asked again while the
+    /// subscription's wait lasts, rather than ending the subscription as "servers gone".
+    #[test]
+    fn a_restore_that_reached_no_server_asks_again_within_the_wait() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(5);
+        let remote = |state| Remote {
+            peer: PeerId(7),
+            identity: instance(PeerId(7)),
+            link: Link::Relay(PeerId(7)),
+            state,
+        };
+        let gone = [remote(ServerState::Gone)];
+        assert_eq!(restore_step(&[], now, later, later), RestoreStep::Retry);
+        assert_eq!(restore_step(&gone, now, later, later), RestoreStep::Retry);
+        // Past the wait: gone for good.
+        assert_eq!(
+            restore_step(&gone, now, later, now),
+            RestoreStep::Fail("its servers are gone".into())
+        );
+        // A rejection is final; an acceptance restores; a pending request waits for its answer.
+        let rejected = [
+            remote(ServerState::Rejected("no".into())),
+            remote(ServerState::Gone),
+        ];
+        assert_eq!(
+            restore_step(&rejected, now, later, later),
+            RestoreStep::Fail("rejected: no".into())
+        );
+        let accepted = [remote(ServerState::Gone), remote(ServerState::Accepted)];
+        assert_eq!(
+            restore_step(&accepted, now, later, later),
+            RestoreStep::Done
+        );
+        let pending = [remote(ServerState::Pending)];
+        assert_eq!(restore_step(&pending, now, later, later), RestoreStep::Wait);
+        assert_eq!(
+            restore_step(&pending, later, now, later),
+            RestoreStep::Fail("no server accepted in time".into())
+        );
+    }
 
     fn instance(peer: PeerId) -> Arc<Instance> {
         Arc::new(Instance {
