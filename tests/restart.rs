@@ -385,6 +385,21 @@ fn clients_reconnect_and_restore_everything_after_the_gateway_is_killed_and_rest
     assert!(ticks.try_status().is_none(), "knit stream serve exited");
     assert!(sub.try_status().is_none(), "knit sub exited");
 
+    // A command-line subscriber of the stream: its server stops with the gateway, and may be
+    // gone before the subscriber's own connection closes; still a clean stop (exit 6).
+    let mut stream_sub = Command::new(common::knit_bin())
+        .args(["--gateway", sock(&socket), "stream", "sub", "Restart.Ticks"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stream_sub_out = common::Lines::spawn(stream_sub.stdout.take().unwrap());
+    let mut stream_sub = common::ChildGuard::new(stream_sub, "knit stream sub");
+    stream_sub_out
+        .wait_for(STARTUP, |l| l.contains("\"data\""))
+        .expect("knit stream sub receives items");
+
     // A clean stop: the gateway exits 0, its keeper exits, the tools see it and exit 6, and
     // nothing is left running or in /dev/shm.
     let mut gw2 = gw2;
@@ -403,6 +418,7 @@ fn clients_reconnect_and_restore_everything_after_the_gateway_is_killed_and_rest
         ("knit serve", &mut echo.child),
         ("knit stream serve", &mut ticks),
         ("knit sub", &mut sub),
+        ("knit stream sub", &mut stream_sub),
     ] {
         let status = child
             .wait_timeout(STARTUP)

@@ -812,6 +812,14 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
             let mut printed = 0u64;
             while count.is_none_or(|c| printed < c) {
                 match rx.recv_timeout(Duration::from_millis(200)) {
+                    // Its server may have stopped with the gateway, before our connection
+                    // closed: that is the gateway's clean stop (exit 6), not a lost server.
+                    Ok(Value::Null) if client.gateway_stopping() => {
+                        return Err(CliError::new(
+                            Status::Disconnected,
+                            "the gateway closed the connection",
+                        ))
+                    }
                     Ok(Value::Null) => {
                         return Err(CliError::new(
                             Status::PeerLeft,

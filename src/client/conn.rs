@@ -180,11 +180,25 @@ impl Conn {
         let down = Down {
             since: Instant::now(),
             reason: reason.to_string(),
-            // Relaxed: written and read by the control thread only.
+            // Relaxed: a flag on its own (written by the control thread; others only read it,
+            // `announced_stop`); nothing is published through it.
             stopping: self.stopping.swap(false, Ordering::Relaxed),
         };
         *self.down.lock().unwrap_or_else(|e| e.into_inner()) = Some(down.clone());
         down
+    }
+
+    /// Whether the gateway announced a clean stop on the current connection, or the last one
+    /// closed after such an announcement.
+    pub(crate) fn announced_stop(&self) -> bool {
+        // Relaxed: a flag on its own (see `disconnected`).
+        self.stopping.load(Ordering::Relaxed)
+            || self
+                .down
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|d| d.stopping && !self.is_connected())
     }
 
     /// A new connection is up: requests go out on `sock`.
@@ -566,7 +580,8 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
         }
         FromGateway::Shutdown { reason } => {
             crate::log::info(format_args!("gateway is stopping: {reason}"));
-            // Relaxed: read by this (control) thread when the connection closes.
+            // Relaxed: a flag on its own, read when the connection closes and by
+            // `announced_stop`; nothing is published through it.
             shared.conn.stopping.store(true, Ordering::Relaxed);
         }
         // The answer to `OpenOrCreate` (native clients never send GW3's `CreateContext`).

@@ -582,6 +582,13 @@ impl Client {
         self.shared().conn.is_connected() && !self.shared().is_closed()
     }
 
+    /// Whether the gateway announced a clean stop (Ctrl-C, SIGTERM) on the current connection,
+    /// before or after the connection closed. A peer that stops with the gateway can be gone
+    /// before this client's connection closes: this tells its departure apart from a crash.
+    pub fn gateway_stopping(&self) -> bool {
+        self.shared().conn.announced_stop()
+    }
+
     /// Whether the control connection is up, and if not since when and why.
     pub fn connection_state(&self) -> ConnectionState {
         let s = self.shared();
