@@ -2695,6 +2695,54 @@ async fn a_native_stream_serves_web_subscribers() {
     assert_eq!(next["reason_uri"], "agm.peer-removed");
 }
 
+/// A web app's stream has no library of its own to check who subscribes: the gateway checks each
+/// subscription request it relays against the subscriber's rules, and the refused subscriber
+/// gets `PERMISSION_DENIED`, as it does from a native server.
+#[tokio::test]
+async fn subscriptions_to_a_web_stream_are_checked_against_the_subscribers_rules() {
+    let gw = Env::with("stream-policy", |cfg| {
+        cfg.bridge = Some(BridgeConfig::loopback_ephemeral());
+        cfg.policy = knit::model::policy::Policy::from_json(&json!({
+            "default": "allow",
+            "rules": [{"effect": "deny", "actions": "invoke", "resource": "Admin*", "app": "viewer"}]
+        }))
+        .unwrap();
+    });
+    let mut web = Web::login(gw.ws(), "web", &os_user(), &gw.token()).await;
+    let reg = web
+        .register(json!([{"id": "s", "name": "AdminWebFeed",
+            "flags": {"metadata": {}, "streaming": true}}]))
+        .await;
+    assert_eq!(reg["type"], "success");
+    let params = StreamParams {
+        wait: Duration::from_secs(5),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    // A library that skips its own check (a modified one) is refused all the same.
+    let rogue = gw
+        .builder("viewer")
+        .skip_own_policy_checks()
+        .connect()
+        .unwrap();
+    let p = params.clone();
+    let refused = blocking(move || rogue.subscribe_stream("AdminWebFeed", p, |_| {}).err()).await;
+    let e = refused.expect("a viewer subscribed to AdminWebFeed");
+    assert_eq!(e.status(), Status::PermissionDenied, "{e}");
+    // Another app may; the web server hears of that one only.
+    let ops = gw.client("ops");
+    let task = tokio::spawn(blocking(move || {
+        ops.subscribe_stream("AdminWebFeed", params, |_| {})
+    }));
+    let interest = web.next(|m| m["type"] == "add-interest").await;
+    web.send(
+        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a1",
+        "subscription_id": interest["subscription_id"], "stream_id": "0"}),
+    )
+    .await;
+    task.await.unwrap().expect("ops subscribes");
+}
+
 /// A web app and a native app that serve each other a stream can hold subscriptions with the
 /// same number both ways (each side numbers its own). The native subscriber ending its own must
 /// not end the web app's.

@@ -889,7 +889,19 @@ enum ServerState {
     Pending,
     Accepted,
     Rejected(String),
+    /// Refused by the access-control policy (the server's library or the gateway).
+    Denied(String),
     Gone,
+}
+
+impl ServerState {
+    /// Answered no, or gone: nothing more will come from this server.
+    fn finished(&self) -> bool {
+        matches!(
+            self,
+            ServerState::Rejected(_) | ServerState::Denied(_) | ServerState::Gone
+        )
+    }
 }
 
 struct Remote {
@@ -1083,9 +1095,7 @@ pub(crate) fn subscribe(
     // The first acceptance completes the subscription; later ones join it.
     let deadline = Instant::now() + params.timeout;
     let decided = |r: &[Remote]| {
-        r.iter().any(|x| x.state == ServerState::Accepted)
-            || r.iter()
-                .all(|x| matches!(x.state, ServerState::Rejected(_) | ServerState::Gone))
+        r.iter().any(|x| x.state == ServerState::Accepted) || r.iter().all(|x| x.state.finished())
     };
     shared.wait_for(
         || decided(&sub.remotes.lock().unwrap_or_else(|e| e.into_inner())),
@@ -1100,16 +1110,20 @@ pub(crate) fn subscribe(
         });
     }
     if decided(&r) {
-        let reason = r.iter().find_map(|x| match &x.state {
-            ServerState::Rejected(m) => Some(m.clone()),
+        let refusal = r.iter().find_map(|x| match &x.state {
+            ServerState::Rejected(m) => Some(StreamError::Rejected(m.clone())),
+            ServerState::Denied(m) => Some(StreamError::Client(ClientError::Gateway {
+                status: Status::PermissionDenied,
+                message: m.clone(),
+            })),
             _ => None,
         });
         drop(r);
         // SYNC(sub-closed): no new items are accepted (`accept_item`, `claim`); a flag only.
         sub.closed.store(true, Ordering::Release);
         forget_client_sub(shared, sub.id);
-        return Err(match reason {
-            Some(m) => StreamError::Rejected(m),
+        return Err(match refusal {
+            Some(e) => e,
             // The servers were there, but reaching them needs the gateway.
             None if !shared.conn.is_connected() && !shared.is_closed() => {
                 StreamError::Client(ClientError::Disconnected)
@@ -1291,7 +1305,13 @@ pub(crate) fn on_record(
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                set_state(shared, &sub, from, ServerState::Rejected(reason));
+                let denied = info.get("denied").and_then(Value::as_bool) == Some(true);
+                let state = if denied {
+                    ServerState::Denied(reason)
+                } else {
+                    ServerState::Rejected(reason)
+                };
+                set_state(shared, &sub, from, state);
             }
             Ok(())
         }
@@ -1364,11 +1384,7 @@ fn on_request(
         return reply(shared, &link, sub_id, false, why);
     };
     if !shared.peer_allowed(from, PolicyAction::Invoke, &entry.name) {
-        let why = format!(
-            "the gateway's policy does not allow subscribing to {:?}",
-            entry.name
-        );
-        return reply(shared, &link, sub_id, false, &why);
+        return reply_value(shared, &link, sub_id, false, &rec::denial(&entry.name));
     }
     let req = SubscriptionRequest {
         shared: shared.clone(),
@@ -1884,11 +1900,9 @@ fn restore_step(r: &[Remote], now: Instant, until: Instant, wait_until: Instant)
     if r.iter().any(|x| x.state == ServerState::Accepted) {
         return RestoreStep::Done;
     }
-    if r.iter()
-        .all(|x| matches!(x.state, ServerState::Rejected(_) | ServerState::Gone))
-    {
+    if r.iter().all(|x| x.state.finished()) {
         let rejected = r.iter().find_map(|x| match &x.state {
-            ServerState::Rejected(m) => Some(format!("rejected: {m}")),
+            ServerState::Rejected(m) | ServerState::Denied(m) => Some(format!("rejected: {m}")),
             _ => None,
         });
         return match rejected {

@@ -884,10 +884,38 @@ impl Registry {
 
     /// Relays a data-plane record between two peers that have no lane (one is behind the
     /// gateway). Dropped when the destination is gone or invisible.
+    /// A stream subscription request is checked against the subscriber's rules here: every
+    /// request to or from a peer behind the gateway (a web app) passes through, and a web
+    /// server has no library of its own to check it. A refusal is answered for the server.
     pub(crate) fn relay_record(&mut self, from: PeerId, to: PeerId, kind: u16, body: Vec<u8>) {
-        if self.visible(from, to) {
-            self.send(to, FromGateway::Record { from, kind, body }, Vec::new());
+        if !self.visible(from, to) {
+            return;
         }
+        if kind == crate::wire::record::KIND_SUB_REQUEST {
+            if let Some(refusal) = self.refused_subscription(from, to, &body) {
+                let answer = FromGateway::Record {
+                    from: to,
+                    kind: crate::wire::record::KIND_SUB_REPLY,
+                    body: refusal,
+                };
+                return self.send(from, answer, Vec::new());
+            }
+        }
+        self.send(to, FromGateway::Record { from, kind, body }, Vec::new());
+    }
+
+    /// The refusal of a stream subscription request `from` may not make, if it may not.
+    fn refused_subscription(&self, from: PeerId, to: PeerId, request: &[u8]) -> Option<Vec<u8>> {
+        use crate::wire::stream;
+        let r = stream::parse_request(request).ok()?;
+        let name = &self.peers.get(&to)?.methods.get(&r.method_id)?.name;
+        if self.allowed(from, PolicyAction::Invoke, name) {
+            return None;
+        }
+        let mut body = Vec::new();
+        let info = stream::denial(name);
+        stream::reply(&mut body, r.sub_id, false, &info).ok()?;
+        Some(body)
     }
 
     /// Forgets relayed calls long past their deadline (their callers gave up already).

@@ -18,7 +18,8 @@
 //!
 //! The reply's info map: `branch` (string), and from native servers `policy` and `queue` (their
 //! slow-consumer settings); a rejection carries `reason`, and, when a web server rejected,
-//! `reason_uri` and `gw3_reason` (its GW3 error as sent).
+//! `reason_uri` and `gw3_reason` (its GW3 error as sent); a refusal under the access-control
+//! policy also `denied: true` ([`denial`]).
 
 use super::codec::{self, EncodeError};
 use super::record::{decode_payload, decode_payload_into, encode_payload, RecordError};
@@ -248,6 +249,21 @@ pub fn parse_data_into(body: &[u8], slot: &mut Value) -> Result<DataHead, Record
         gap,
         extra,
     })
+}
+
+/// The info of a reply refusing a subscription to stream `name` under the access-control
+/// policy: `denied` makes the subscriber report `PERMISSION_DENIED`, not a rejection by the
+/// server.
+pub fn denial(name: &str) -> Value {
+    Value::object([
+        (
+            "reason",
+            Value::from(format!(
+                "the gateway's policy does not allow subscribing to {name:?}"
+            )),
+        ),
+        ("denied", Value::from(true)),
+    ])
 }
 
 /// Builds a close record.
