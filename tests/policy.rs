@@ -176,6 +176,74 @@ fn publishing_is_refused_by_the_subscribers_and_subscribing_by_the_gateway() {
     }
 }
 
+/// What a bus subscriber saw: (the pattern it subscribed with, the publisher's peer id, the
+/// topic).
+type Seen = (String, u64, String);
+
+#[test]
+fn wildcard_subscriptions_get_nothing_on_a_topic_the_subscriber_may_not_subscribe_to() {
+    let env = policy_env("wildcard");
+    // Subscribers: the viewer (may not subscribe to secret.*) over lanes, with a library that
+    // skips its own checks, and behind the gateway; and the blotter, which may.
+    let subscribers = [
+        env.client("viewer"),
+        rogue(&env, "viewer"),
+        env.relay_client("viewer"),
+        env.client("blotter"),
+    ];
+    let patterns = [">", "*.x", "secre*.x"];
+    let mut inboxes = Vec::new();
+    let mut subs = Vec::new();
+    for c in &subscribers {
+        let (tx, rx) = channel::<Seen>();
+        for p in patterns {
+            let tx = tx.clone();
+            // Accepted: the pattern's text is not `secret.*`.
+            let s = c
+                .subscribe(p, SubscribeOptions::default(), move |m| {
+                    let _ = tx.send((p.to_string(), m.source.peer_id.0, m.topic.to_string()));
+                })
+                .unwrap();
+            subs.push(s);
+        }
+        inboxes.push(rx);
+    }
+    // Publishers over lanes and through the gateway, the polite subscribers among them (their
+    // own subscriptions must not get their own secret either). Each publishes the secret, then
+    // a public topic: once the public one arrived, so had the secret, had it been sent.
+    let ops = env.client("ops");
+    let ops_relay = env.relay_client("ops");
+    let publishers = [
+        &ops,
+        &ops_relay,
+        &subscribers[0],
+        &subscribers[2],
+        &subscribers[3],
+    ];
+    let o = PublishOptions::default();
+    for p in publishers {
+        p.publish("secret.x", Value::from("hunter2"), &o).unwrap();
+        p.publish("public.x", Value::from("hello"), &o).unwrap();
+    }
+    for (i, rx) in inboxes.iter().enumerate() {
+        // `>` and `*.x` match public.x: two per publisher.
+        let mut seen = Vec::new();
+        while seen.iter().filter(|s: &&Seen| s.2 == "public.x").count() < 2 * publishers.len() {
+            seen.push(
+                rx.recv_timeout(Duration::from_secs(10))
+                    .expect("no message"),
+            );
+        }
+        let secrets = seen.iter().filter(|s| s.2 == "secret.x").count();
+        if i == 3 {
+            // The blotter may: all three patterns match secret.x.
+            assert_eq!(secrets, 3 * publishers.len(), "{seen:?}");
+        } else {
+            assert_eq!(secrets, 0, "subscriber {i} got a secret: {seen:?}");
+        }
+    }
+}
+
 #[test]
 fn contexts_and_channels_are_read_only_or_hidden_as_the_policy_says() {
     let env = policy_env("ctx");
