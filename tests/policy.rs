@@ -401,3 +401,75 @@ fn the_cli_exits_7_and_the_gateway_logs_the_denial() {
         gw.log()
     );
 }
+
+/// A `knit gateway` process enforcing [`policy`] (for what it logs).
+fn policy_gateway(dir: &TempDir) -> GatewayProc {
+    let file = dir.path().join("policy.json");
+    let rules = json!({
+        "rules": [
+            {"effect": "deny", "actions": "context.write", "resource": "ref.*", "app": "viewer"},
+            {"effect": "deny", "actions": "context.read", "resource": "hr.*", "app": "viewer"},
+            {"effect": "deny", "actions": "channel.write", "resource": "Red", "app": "viewer"}
+        ]
+    });
+    std::fs::write(&file, serde_json::to_vec(&rules).unwrap()).unwrap();
+    GatewayProc::start(dir, &["--no-keeper", "--policy", file.to_str().unwrap()])
+}
+
+/// How many of the gateway's log lines deny `app` `what`.
+fn denials(gw: &GatewayProc, app: &str, what: &str) -> usize {
+    gw.log()
+        .lines()
+        .filter(|l| l.contains("denied by policy") && l.contains(app) && l.contains(what))
+        .count()
+}
+
+#[test]
+fn refused_writes_to_a_context_mapped_read_only_are_logged() {
+    let dir = TempDir::new("policywrite");
+    let gw = policy_gateway(&dir);
+    let connect = |app: &str| Client::builder(app).socket(&gw.socket).connect().unwrap();
+    let owner = connect("refdata");
+    owner
+        .contexts()
+        .set("ref.ccy", Value::object([("EUR", Value::from(1.08))]))
+        .unwrap();
+    let viewer = connect("viewer");
+    let ctx = viewer.contexts();
+    // Mapped read-only for reading first, then written; and written without reading first.
+    ctx.get("ref.ccy").unwrap();
+    let e = ctx
+        .update("ref.ccy", Value::object([("EUR", Value::from(2))]))
+        .unwrap_err();
+    denied(e.status());
+    let fresh = connect("viewer");
+    let e = fresh
+        .contexts()
+        .set_path("ref.ccy", "EUR", Value::from(3))
+        .unwrap_err();
+    denied(e.status());
+    // A channel it may read but not write.
+    let ch = viewer.channels();
+    ch.join("Red").unwrap();
+    let e = ch
+        .publish(Value::object([("ric", Value::from("VOD.L"))]), None)
+        .unwrap_err();
+    denied(e.status());
+    // A round trip through the gateway after the reports: they have been handled (a
+    // connection's messages are handled in order) and logged.
+    for c in [&viewer, &fresh] {
+        assert!(c.contexts().get("hr.salaries").is_err());
+    }
+    assert_eq!(
+        denials(&gw, "\"viewer\"", "context.write \"ref.ccy\""),
+        2,
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        denials(&gw, "\"viewer\"", "context.write \"___channel___Red\""),
+        1,
+        "{}",
+        gw.log()
+    );
+}

@@ -526,6 +526,13 @@ impl Registry {
         }
         match self.context_fd(from, id) {
             Ok((fd, writable)) => {
+                // Asked for to write: a read-only mapping is the refusal of that write (the
+                // writer's library reports it as `PERMISSION_DENIED`).
+                if !writable {
+                    if let Some(p) = self.peers.get(&from) {
+                        log_denial(&p.identity, "context.write", &name, "the gateway");
+                    }
+                }
                 let msg = self.created_reply(req, id, name, created, writable);
                 self.send(from, msg, vec![fd]);
             }

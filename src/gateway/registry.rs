@@ -278,7 +278,10 @@ impl Registry {
         false
     }
 
-    /// A peer reports it refused something `offender` sent it over a lane.
+    /// A peer reports it refused something `offender` sent it over a lane, or (`offender` is
+    /// the peer itself) that it refused its own write to a context the gateway mapped
+    /// read-only for it. Logged only when the policy does deny it: a report is a claim, and a
+    /// peer cannot write lines into the gateway's log with made-up ones.
     pub(crate) fn denied_by_peer(
         &self,
         by: PeerId,
@@ -289,8 +292,26 @@ impl Registry {
         let (Some(b), Some(o)) = (self.peers.get(&by), self.peers.get(&offender)) else {
             return;
         };
-        let by = format!("{} ({})", b.identity.application, by);
-        log_denial(&o.identity, action, resource, &by);
+        let denied = match PolicyAction::from_name(action) {
+            // Its own write: refused because the gateway's mapping is read-only.
+            Some(PolicyAction::ContextWrite) if by == offender => {
+                !self.context_access(offender, resource).1
+            }
+            Some(a) if by != offender => !o.rules.allows(a, resource),
+            _ => false,
+        };
+        if !denied {
+            crate::log::debug(format_args!(
+                "{by} reported a denial the policy does not make: {action:?} {resource:?}"
+            ));
+            return;
+        }
+        if by == offender {
+            log_denial(&o.identity, action, resource, "a read-only mapping");
+        } else {
+            let by = format!("{} ({by})", b.identity.application);
+            log_denial(&o.identity, action, resource, &by);
+        }
     }
 
     /// Takes a doorbell for the gateway's own use (the WebSocket bridge sleeps on it, and it is

@@ -68,6 +68,20 @@ impl Action {
         }
     }
 
+    /// The action of a name used in logs and reports ([`Action::name`]); `None` for any other.
+    pub fn from_name(name: &str) -> Option<Action> {
+        [
+            Action::Register,
+            Action::Invoke,
+            Action::Publish,
+            Action::Subscribe,
+            Action::ContextRead,
+            Action::ContextWrite,
+        ]
+        .into_iter()
+        .find(|a| a.name() == name)
+    }
+
     /// Method names match case-insensitively (as io.Connect matches them); topics and
     /// contexts exactly.
     fn case_insensitive(self) -> bool {
