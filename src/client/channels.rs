@@ -366,7 +366,9 @@ pub(crate) fn subscribe_for(
     name: &str,
     cb: ChannelCallback,
 ) -> Result<ChannelSubscription, ContextError> {
-    get(shared, name).map_err(|_| ContextError::NotFound(format!("channel {name}")))?;
+    // Exists, and we may read it: refused as `get` and `join` are (`NOT_FOUND`,
+    // `PERMISSION_DENIED`, or why the gateway could not be asked).
+    get(shared, name)?;
     let f = Arc::new(Follower {
         // Relaxed: a counter for ids; nothing is published through it.
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
