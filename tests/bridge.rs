@@ -3301,11 +3301,13 @@ fn policy_gateway(tag: &str, policy: J) -> Env {
 }
 
 #[tokio::test]
-async fn a_web_subscriber_gets_nothing_its_policy_denies_whatever_the_pattern_or_publisher() {
+async fn a_web_subscriber_gets_nothing_its_policy_denies_whatever_the_pattern_or_publisher_itself_included(
+) {
     let gw = policy_gateway(
         "bus-policy",
         json!({"rules": [
-            {"effect": "deny", "actions": "subscribe", "resource": "secret.*", "app": "viewer"}
+            {"effect": "deny", "actions": "subscribe", "resource": "secret.*", "app": "viewer"},
+            {"effect": "deny", "actions": "publish", "resource": "orders.*", "app": "viewer"}
         ]}),
     );
     let web = Web::login(gw.ws(), "viewer", &os_user(), &gw.token()).await;
@@ -3333,8 +3335,13 @@ async fn a_web_subscriber_gets_nothing_its_policy_denies_whatever_the_pattern_or
             )
             .await;
     }
-    // Its own messages: one on a topic it may not subscribe to, and an allowed one.
-    for (topic, t) in [("secret.y", "own secret"), ("public.y", "own")] {
+    // Its own messages: a publish the policy refuses (delivered to nobody, itself included),
+    // one on a topic it may not subscribe to, and an allowed one.
+    for (topic, t) in [
+        ("orders.new", "denied"),
+        ("secret.y", "own secret"),
+        ("public.y", "own"),
+    ] {
         let id = web.id.clone();
         web.send(
             json!({"type": "publish", "domain": "bus", "peer_id": id, "topic": topic,

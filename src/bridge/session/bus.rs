@@ -4,7 +4,7 @@
 //! peer to its connection, and the connection emits one `event` per matching subscription. A
 //! web publisher's messages go through the gateway to everyone else; its own subscriptions get
 //! them here (the reference gateway delivers a publisher's messages to itself too), when the
-//! policy lets it subscribe to the topic.
+//! policy lets it publish and subscribe to the topic.
 
 use super::{frame_text, rid, rid_ref, Session};
 use crate::bridge::gw3::{self, Obj};
@@ -146,9 +146,11 @@ impl Session {
         let data = msg.get("data").cloned().unwrap_or(J::Null);
         let Some(me) = self.me.as_ref() else { return };
         let peer = me.peer;
-        // Not on a topic its `subscribe` rules deny, whatever pattern it subscribed with (as
-        // the gateway filters other subscribers).
-        let allowed = me.rules.allows(PolicyAction::Subscribe, topic);
+        // A publish the policy refuses reaches nobody, this peer included (the gateway refuses
+        // and logs it below); nor does a topic its `subscribe` rules deny, whatever pattern it
+        // subscribed with (as the gateway filters other subscribers).
+        let allowed = me.rules.allows(PolicyAction::Publish, topic)
+            && me.rules.allows(PolicyAction::Subscribe, topic);
         let mine = allowed
             && match &target {
                 // `login` is announced but not matched (as in the reference gateway; the
