@@ -10,7 +10,8 @@
 //! their own: for them the bridge's doorbell goes into the subscriber table, once per context
 //! however many of them subscribe.
 
-use super::registry::{log_denial, Registry};
+use super::registry::{log_denial, DeniedBy, Registry};
+use crate::model::policy::Action as PolicyAction;
 use crate::shm::{self, ContextSegment};
 use crate::status::Status;
 use crate::store::Store;
@@ -303,7 +304,12 @@ impl Registry {
         let (read, write) = self.context_access(peer, &c.name);
         if !read {
             if let Some(p) = self.peers.get(&peer) {
-                log_denial(&p.identity, "context.read", &c.name, "the gateway");
+                log_denial(
+                    &p.identity,
+                    PolicyAction::ContextRead,
+                    &c.name,
+                    DeniedBy::Gateway,
+                );
             }
             return Err((
                 Status::PermissionDenied,
@@ -337,7 +343,12 @@ impl Registry {
         if !read {
             let msg = "Not authorized to read context".to_string();
             if let Some(p) = self.peers.get(&from) {
-                log_denial(&p.identity, "context.read", &name, "the gateway");
+                log_denial(
+                    &p.identity,
+                    PolicyAction::ContextRead,
+                    &name,
+                    DeniedBy::Gateway,
+                );
             }
             return self.fail(from, req, Status::PermissionDenied, msg);
         }
@@ -424,12 +435,15 @@ impl Registry {
         let existing = self.contexts.find(&user, name).map(|c| c.id);
         if !read || (existing.is_none() && !write) {
             let (action, msg) = if read {
-                ("context.write", "Not authorized to create context")
+                (
+                    PolicyAction::ContextWrite,
+                    "Not authorized to create context",
+                )
             } else {
-                ("context.read", "Not authorized to read context")
+                (PolicyAction::ContextRead, "Not authorized to read context")
             };
             if let Some(p) = self.peers.get(&from) {
-                log_denial(&p.identity, action, name, "the gateway");
+                log_denial(&p.identity, action, name, DeniedBy::Gateway);
             }
             return Err((Status::PermissionDenied, msg.to_string()));
         }
@@ -530,7 +544,12 @@ impl Registry {
                 // writer's library reports it as `PERMISSION_DENIED`).
                 if !writable {
                     if let Some(p) = self.peers.get(&from) {
-                        log_denial(&p.identity, "context.write", &name, "the gateway");
+                        log_denial(
+                            &p.identity,
+                            PolicyAction::ContextWrite,
+                            &name,
+                            DeniedBy::Gateway,
+                        );
                     }
                 }
                 let msg = self.created_reply(req, id, name, created, writable);
@@ -609,7 +628,12 @@ impl Registry {
                 let not_owner = c.lifetime == ContextLifetime::Ownership && c.creator != Some(from);
                 if not_owner || !self.context_access(from, &c.name).1 {
                     if let Some(p) = self.peers.get(&from).filter(|_| !not_owner) {
-                        log_denial(&p.identity, "context.write", &c.name, "the gateway");
+                        log_denial(
+                            &p.identity,
+                            PolicyAction::ContextWrite,
+                            &c.name,
+                            DeniedBy::Gateway,
+                        );
                     }
                     return self.fail(
                         from,
