@@ -473,3 +473,49 @@ fn refused_writes_to_a_context_mapped_read_only_are_logged() {
         gw.log()
     );
 }
+
+#[test]
+fn malformed_policy_files_stop_the_gateway_with_exit_8_naming_the_problem() {
+    let dir = TempDir::new("policyfiles");
+    let cases = [
+        ("[]", "expected a policy object"),
+        (r#"["deny"]"#, "expected a policy object"),
+        (
+            r#"[{"effect": "deny", "actions": "*"}]"#,
+            "expected a policy object",
+        ),
+        (
+            r#"{"default": "deny", "default": "allow"}"#,
+            "duplicate field `default`",
+        ),
+        (
+            r#"{"rules": [{"effect": "deny", "actions": "*", "app": ""}]}"#,
+            "policy rule 0: empty app",
+        ),
+    ];
+    for (i, (text, why)) in cases.into_iter().enumerate() {
+        let file = dir.path().join(format!("p{i}.json"));
+        std::fs::write(&file, text).unwrap();
+        let config = dir.path().join(format!("c{i}.json"));
+        std::fs::write(&config, format!(r#"{{"policy": {text}}}"#)).unwrap();
+        let sock = dir.path().join(format!("g{i}.sock"));
+        let sock = sock.to_str().unwrap();
+        for how in ["--policy", "--config"] {
+            let path = if how == "--policy" { &file } else { &config };
+            let out = run_knit(
+                &[
+                    "gateway",
+                    "--no-ws",
+                    "--no-keeper",
+                    "--gateway",
+                    sock,
+                    how,
+                    path.to_str().unwrap(),
+                ],
+                Duration::from_secs(20),
+            );
+            assert_eq!(out.code, Some(8), "{how} {text}: {}", out.stderr);
+            assert!(out.stderr.contains(why), "{how} {text}: {}", out.stderr);
+        }
+    }
+}
