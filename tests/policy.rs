@@ -283,6 +283,8 @@ fn contexts_and_channels_are_read_only_or_hidden_as_the_policy_says() {
             panic!("subscribed");
         };
         denied(e.status());
+        // Nor destroyed: destroying takes what writing takes (read and write).
+        denied(ctx.destroy("hr.salaries").unwrap_err().status());
         // Channels: may join Red and read it, not publish on it; Green is fine.
         let ch = viewer.channels();
         ch.join("Red").unwrap();
@@ -300,6 +302,11 @@ fn contexts_and_channels_are_read_only_or_hidden_as_the_policy_says() {
         "a denied write changed the context"
     );
     assert!(!owner.contexts().all().contains(&"ref.new".to_string()));
+    assert_eq!(
+        owner.contexts().get("hr.salaries").unwrap().data.get("x"),
+        Some(&Value::from(1)),
+        "a denied destroy removed the context"
+    );
 }
 
 #[test]

@@ -626,14 +626,17 @@ impl Registry {
         match self.contexts.by_id.get(&id) {
             Some(c) if c.user == user => {
                 let not_owner = c.lifetime == ContextLifetime::Ownership && c.creator != Some(from);
-                if not_owner || !self.context_access(from, &c.name).1 {
+                // Destroying takes what writing takes: a peer that may not read a context may
+                // not write it (it is refused a mapping), so neither may it destroy it.
+                let (read, write) = self.context_access(from, &c.name);
+                if not_owner || !read || !write {
+                    let action = if read {
+                        PolicyAction::ContextWrite
+                    } else {
+                        PolicyAction::ContextRead
+                    };
                     if let Some(p) = self.peers.get(&from).filter(|_| !not_owner) {
-                        log_denial(
-                            &p.identity,
-                            PolicyAction::ContextWrite,
-                            &c.name,
-                            DeniedBy::Gateway,
-                        );
+                        log_denial(&p.identity, action, &c.name, DeniedBy::Gateway);
                     }
                     return self.fail(
                         from,
