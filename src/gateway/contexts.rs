@@ -243,7 +243,8 @@ impl Registry {
             * 8;
         let fd = shm::create_context(snapshot, self.limits.context_log)
             .map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
-        // Narrow the memfd's mode: a read-only descriptor then cannot be reopened writable.
+        // Narrow the memfd's mode: a read-only descriptor then cannot be reopened writable
+        // as it is (its holder could change the mode back: `memfd::read_only`).
         crate::sys::memfd::restrict_mode(&fd)
             .map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
         let seg = ContextSegment::open(&fd)
