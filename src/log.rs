@@ -73,3 +73,45 @@ pub(crate) fn info(args: std::fmt::Arguments<'_>) {
 pub(crate) fn debug(args: std::fmt::Arguments<'_>) {
     log(Level::Debug, args)
 }
+
+/// A string a peer supplied (an application name, a method, a topic, a reason), as a log line
+/// shows it: control characters and Unicode line and paragraph separators escaped (`\n`,
+/// `\u{1b}`…), so no peer can end a line and forge the next one, or send a terminal escape
+/// sequence to whoever reads the log; everything else as it is. Every log line that prints
+/// what a peer sent prints it through this, or quoted with `{:?}`, which escapes the same.
+#[derive(Debug)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Escaped;
+
+    #[test]
+    fn escaped_strings_cannot_break_a_log_line() {
+        let forged = "admin\nknit warn: FORGED\r\u{1b}[2J\u{2028}x\ty";
+        let shown = Escaped(forged).to_string();
+        assert!(
+            !shown.chars().any(|c| c.is_control() || c == '\u{2028}'),
+            "{shown}"
+        );
+        assert_eq!(
+            shown,
+            "admin\\nknit warn: FORGED\\r\\u{1b}[2J\\u{2028}x\\ty"
+        );
+        assert_eq!(Escaped("plain é \"name\"").to_string(), "plain é \"name\"");
+    }
+}

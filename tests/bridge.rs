@@ -1212,6 +1212,15 @@ async fn contexts_destroyed_with_nobody_left_to_hear_are_not_kept_mapped() {
 /// A `knit gateway` process on `dir`'s socket with its bridge on a free loopback port, in
 /// `open` authentication, with `extra` arguments: the process and the bridge's address.
 fn gateway_process(dir: &common::TempDir, extra: &[&str]) -> (common::ChildGuard, SocketAddr) {
+    let (gw, addr, _) = gateway_process_logging(dir, extra);
+    (gw, addr)
+}
+
+/// [`gateway_process`], with what it logs after its bridge started.
+fn gateway_process_logging(
+    dir: &common::TempDir,
+    extra: &[&str],
+) -> (common::ChildGuard, SocketAddr, common::Lines) {
     let child = std::process::Command::new(common::knit_bin())
         .arg("gateway")
         .arg("--gateway")
@@ -1238,7 +1247,7 @@ fn gateway_process(dir: &common::TempDir, extra: &[&str]) -> (common::ChildGuard
         .unwrap()
         .parse()
         .unwrap();
-    (gw, addr)
+    (gw, addr, lines)
 }
 
 /// Resident memory of process `pid`, in KiB.
@@ -3413,4 +3422,114 @@ async fn random_hostile_sequences_from_several_peers_leave_the_gateway_serving_a
     for seed in 1..=6 {
         hostile_run(seed, 500).await;
     }
+}
+
+/// A gateway whose bridge checks tokens, enforcing `policy`.
+fn policy_gateway(tag: &str, policy: J) -> Env {
+    Env::with(tag, |cfg| {
+        cfg.bridge = Some(BridgeConfig::loopback_ephemeral());
+        cfg.policy = knit::model::policy::Policy::from_json(&policy).unwrap();
+    })
+}
+
+#[tokio::test]
+async fn a_web_subscriber_gets_nothing_its_policy_denies_whatever_the_pattern_or_publisher_itself_included(
+) {
+    let gw = policy_gateway(
+        "bus-policy",
+        json!({"rules": [
+            {"effect": "deny", "actions": "subscribe", "resource": "secret.*", "app": "viewer"},
+            {"effect": "deny", "actions": "publish", "resource": "orders.*", "app": "viewer"}
+        ]}),
+    );
+    let web = Web::login(gw.ws(), "viewer", &os_user(), &gw.token()).await;
+    // Accepted: the pattern is not `secret.*`; the topics it matches are checked one by one.
+    let mut web = bus_subscriber(web, ">").await;
+    let native = gw.client("ops");
+    let o = knit::client::PublishOptions::default();
+    native
+        .publish("secret.x", Value::from(json!({"t": "secret"})), &o)
+        .unwrap();
+    native
+        .publish("public.x", Value::from(json!({"t": "public"})), &o)
+        .unwrap();
+    // A web publisher's messages go through the gateway, which filters the subscribers.
+    let mut other = Web::login(gw.ws(), "ops", &os_user(), &gw.token()).await;
+    other
+        .req(json!({"type": "join", "destination": "bus"}))
+        .await;
+    for (topic, t) in [("secret.z", "web secret"), ("public.z", "web")] {
+        let id = other.id.clone();
+        other
+            .send(
+                json!({"type": "publish", "domain": "bus", "peer_id": id, "topic": topic,
+                "data": {"t": t}}),
+            )
+            .await;
+    }
+    // Its own messages: a publish the policy refuses (delivered to nobody, itself included),
+    // one on a topic it may not subscribe to, and an allowed one.
+    for (topic, t) in [
+        ("orders.new", "denied"),
+        ("secret.y", "own secret"),
+        ("public.y", "own"),
+    ] {
+        let id = web.id.clone();
+        web.send(
+            json!({"type": "publish", "domain": "bus", "peer_id": id, "topic": topic,
+            "data": {"t": t}}),
+        )
+        .await;
+    }
+    // Each source's messages arrive in order: once the allowed ones are in, so would the
+    // others be.
+    let mut seen = Vec::new();
+    while !["public", "web", "own"]
+        .iter()
+        .all(|t| seen.contains(&json!(t)))
+    {
+        let e = web.next(|m| m["type"] == "event").await;
+        seen.push(e["data"]["t"].clone());
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_web_peers_refused_write_to_a_context_mapped_read_only_is_logged() {
+    let dir = common::TempDir::new("ctx-ro-log");
+    let file = dir.path().join("policy.json");
+    let rules = json!({"rules": [
+        {"effect": "deny", "actions": "context.write", "resource": "ref.*", "app": "viewer"}
+    ]});
+    std::fs::write(&file, rules.to_string()).unwrap();
+    let (_gw, addr, log) =
+        gateway_process_logging(&dir, &["--no-keeper", "--policy", file.to_str().unwrap()]);
+    let mut owner = Web::login(addr, "refdata", "u", "").await;
+    let made = owner
+        .req(
+            json!({"type": "create-context", "name": "ref.ccy", "data": {"EUR": 1.08},
+            "lifetime": "retained"}),
+        )
+        .await;
+    assert_eq!(made["type"], "context-created", "{made}");
+    let mut viewer = Web::login(addr, "viewer", "u", "").await;
+    let added = viewer
+        .next(|m| m["type"] == "context-added" && m["name"] == "ref.ccy")
+        .await;
+    let refused = viewer
+        .req(
+            json!({"type": "update-context", "context_id": added["context_id"],
+            "delta": {"updated": {"EUR": 2}}}),
+        )
+        .await;
+    assert_eq!(
+        refused["reason_uri"], "global.errors.not_authorized",
+        "{refused}"
+    );
+    let line = log.wait_for(WAIT, |l| l.contains("denied by policy"));
+    let line = line.expect("the refused write was not logged");
+    assert!(
+        line.contains("\"viewer\"") && line.contains("context.write \"ref.ccy\""),
+        "{line}"
+    );
 }

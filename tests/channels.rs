@@ -250,6 +250,26 @@ fn restrictions_are_enforced_by_the_runtime() {
         Status::PermissionDenied
     );
     assert!(outsider.channels().join("Red").is_err());
+    let Err(e) = outsider.channels().subscribe_for("Red", |_| {}) else {
+        panic!("subscribed to a channel it may not read");
+    };
+    assert_eq!(e.status(), Status::PermissionDenied);
+    let Err(e) = outsider.channels().subscribe_for("Nowhere", |_| {}) else {
+        panic!("subscribed to a channel that does not exist");
+    };
+    assert_eq!(e.status(), Status::NotFound);
+    // Listing leaves out what it may not read (and does not fail for it); `all` names it.
+    let listed: Vec<String> = outsider
+        .channels()
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    let mut readable = outsider.channels().all();
+    assert!(readable.contains(&"Red".to_string()));
+    readable.retain(|c| c != "Red");
+    assert_eq!(listed, readable);
     outsider
         .channels()
         .publish(j(r#"{"ok":true}"#), Some("Blue"))

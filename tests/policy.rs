@@ -176,6 +176,74 @@ fn publishing_is_refused_by_the_subscribers_and_subscribing_by_the_gateway() {
     }
 }
 
+/// What a bus subscriber saw: (the pattern it subscribed with, the publisher's peer id, the
+/// topic).
+type Seen = (String, u64, String);
+
+#[test]
+fn wildcard_subscriptions_get_nothing_on_a_topic_the_subscriber_may_not_subscribe_to() {
+    let env = policy_env("wildcard");
+    // Subscribers: the viewer (may not subscribe to secret.*) over lanes, with a library that
+    // skips its own checks, and behind the gateway; and the blotter, which may.
+    let subscribers = [
+        env.client("viewer"),
+        rogue(&env, "viewer"),
+        env.relay_client("viewer"),
+        env.client("blotter"),
+    ];
+    let patterns = [">", "*.x", "secre*.x"];
+    let mut inboxes = Vec::new();
+    let mut subs = Vec::new();
+    for c in &subscribers {
+        let (tx, rx) = channel::<Seen>();
+        for p in patterns {
+            let tx = tx.clone();
+            // Accepted: the pattern's text is not `secret.*`.
+            let s = c
+                .subscribe(p, SubscribeOptions::default(), move |m| {
+                    let _ = tx.send((p.to_string(), m.source.peer_id.0, m.topic.to_string()));
+                })
+                .unwrap();
+            subs.push(s);
+        }
+        inboxes.push(rx);
+    }
+    // Publishers over lanes and through the gateway, the polite subscribers among them (their
+    // own subscriptions must not get their own secret either). Each publishes the secret, then
+    // a public topic: once the public one arrived, so had the secret, had it been sent.
+    let ops = env.client("ops");
+    let ops_relay = env.relay_client("ops");
+    let publishers = [
+        &ops,
+        &ops_relay,
+        &subscribers[0],
+        &subscribers[2],
+        &subscribers[3],
+    ];
+    let o = PublishOptions::default();
+    for p in publishers {
+        p.publish("secret.x", Value::from("hunter2"), &o).unwrap();
+        p.publish("public.x", Value::from("hello"), &o).unwrap();
+    }
+    for (i, rx) in inboxes.iter().enumerate() {
+        // `>` and `*.x` match public.x: two per publisher.
+        let mut seen = Vec::new();
+        while seen.iter().filter(|s: &&Seen| s.2 == "public.x").count() < 2 * publishers.len() {
+            seen.push(
+                rx.recv_timeout(Duration::from_secs(10))
+                    .expect("no message"),
+            );
+        }
+        let secrets = seen.iter().filter(|s| s.2 == "secret.x").count();
+        if i == 3 {
+            // The blotter may: all three patterns match secret.x.
+            assert_eq!(secrets, 3 * publishers.len(), "{seen:?}");
+        } else {
+            assert_eq!(secrets, 0, "subscriber {i} got a secret: {seen:?}");
+        }
+    }
+}
+
 #[test]
 fn contexts_and_channels_are_read_only_or_hidden_as_the_policy_says() {
     let env = policy_env("ctx");
@@ -215,6 +283,8 @@ fn contexts_and_channels_are_read_only_or_hidden_as_the_policy_says() {
             panic!("subscribed");
         };
         denied(e.status());
+        // Nor destroyed: destroying takes what writing takes (read and write).
+        denied(ctx.destroy("hr.salaries").unwrap_err().status());
         // Channels: may join Red and read it, not publish on it; Green is fine.
         let ch = viewer.channels();
         ch.join("Red").unwrap();
@@ -232,6 +302,11 @@ fn contexts_and_channels_are_read_only_or_hidden_as_the_policy_says() {
         "a denied write changed the context"
     );
     assert!(!owner.contexts().all().contains(&"ref.new".to_string()));
+    assert_eq!(
+        owner.contexts().get("hr.salaries").unwrap().data.get("x"),
+        Some(&Value::from(1)),
+        "a denied destroy removed the context"
+    );
 }
 
 #[test]
@@ -334,4 +409,122 @@ fn the_cli_exits_7_and_the_gateway_logs_the_denial() {
         "gateway log: {}",
         gw.log()
     );
+}
+
+/// A `knit gateway` process enforcing [`policy`] (for what it logs).
+fn policy_gateway(dir: &TempDir) -> GatewayProc {
+    let file = dir.path().join("policy.json");
+    let rules = json!({
+        "rules": [
+            {"effect": "deny", "actions": "context.write", "resource": "ref.*", "app": "viewer"},
+            {"effect": "deny", "actions": "context.read", "resource": "hr.*", "app": "viewer"},
+            {"effect": "deny", "actions": "channel.write", "resource": "Red", "app": "viewer"}
+        ]
+    });
+    std::fs::write(&file, serde_json::to_vec(&rules).unwrap()).unwrap();
+    GatewayProc::start(dir, &["--no-keeper", "--policy", file.to_str().unwrap()])
+}
+
+/// How many of the gateway's log lines deny `app` `what`.
+fn denials(gw: &GatewayProc, app: &str, what: &str) -> usize {
+    gw.log()
+        .lines()
+        .filter(|l| l.contains("denied by policy") && l.contains(app) && l.contains(what))
+        .count()
+}
+
+#[test]
+fn refused_writes_to_a_context_mapped_read_only_are_logged() {
+    let dir = TempDir::new("policywrite");
+    let gw = policy_gateway(&dir);
+    let connect = |app: &str| Client::builder(app).socket(&gw.socket).connect().unwrap();
+    let owner = connect("refdata");
+    owner
+        .contexts()
+        .set("ref.ccy", Value::object([("EUR", Value::from(1.08))]))
+        .unwrap();
+    let viewer = connect("viewer");
+    let ctx = viewer.contexts();
+    // Mapped read-only for reading first, then written; and written without reading first.
+    ctx.get("ref.ccy").unwrap();
+    let e = ctx
+        .update("ref.ccy", Value::object([("EUR", Value::from(2))]))
+        .unwrap_err();
+    denied(e.status());
+    let fresh = connect("viewer");
+    let e = fresh
+        .contexts()
+        .set_path("ref.ccy", "EUR", Value::from(3))
+        .unwrap_err();
+    denied(e.status());
+    // A channel it may read but not write.
+    let ch = viewer.channels();
+    ch.join("Red").unwrap();
+    let e = ch
+        .publish(Value::object([("ric", Value::from("VOD.L"))]), None)
+        .unwrap_err();
+    denied(e.status());
+    // A round trip through the gateway after the reports: they have been handled (a
+    // connection's messages are handled in order) and logged.
+    for c in [&viewer, &fresh] {
+        assert!(c.contexts().get("hr.salaries").is_err());
+    }
+    assert_eq!(
+        denials(&gw, "\"viewer\"", "context.write \"ref.ccy\""),
+        2,
+        "{}",
+        gw.log()
+    );
+    assert_eq!(
+        denials(&gw, "\"viewer\"", "context.write \"___channel___Red\""),
+        1,
+        "{}",
+        gw.log()
+    );
+}
+
+#[test]
+fn malformed_policy_files_stop_the_gateway_with_exit_8_naming_the_problem() {
+    let dir = TempDir::new("policyfiles");
+    let cases = [
+        ("[]", "expected a policy object"),
+        (r#"["deny"]"#, "expected a policy object"),
+        (
+            r#"[{"effect": "deny", "actions": "*"}]"#,
+            "expected a policy object",
+        ),
+        (
+            r#"{"default": "deny", "default": "allow"}"#,
+            "duplicate field `default`",
+        ),
+        (
+            r#"{"rules": [{"effect": "deny", "actions": "*", "app": ""}]}"#,
+            "policy rule 0: empty app",
+        ),
+    ];
+    for (i, (text, why)) in cases.into_iter().enumerate() {
+        let file = dir.path().join(format!("p{i}.json"));
+        std::fs::write(&file, text).unwrap();
+        let config = dir.path().join(format!("c{i}.json"));
+        std::fs::write(&config, format!(r#"{{"policy": {text}}}"#)).unwrap();
+        let sock = dir.path().join(format!("g{i}.sock"));
+        let sock = sock.to_str().unwrap();
+        for how in ["--policy", "--config"] {
+            let path = if how == "--policy" { &file } else { &config };
+            let out = run_knit(
+                &[
+                    "gateway",
+                    "--no-ws",
+                    "--no-keeper",
+                    "--gateway",
+                    sock,
+                    how,
+                    path.to_str().unwrap(),
+                ],
+                Duration::from_secs(20),
+            );
+            assert_eq!(out.code, Some(8), "{how} {text}: {}", out.stderr);
+            assert!(out.stderr.contains(why), "{how} {text}: {}", out.stderr);
+        }
+    }
 }

@@ -192,6 +192,9 @@ struct Me {
     identity: Arc<J>,
     /// The same as knit values: what a bus `target` of its own publishes is matched against.
     attributes: Value,
+    /// What the gateway's policy lets it do: its own publishes reach its own subscriptions
+    /// only when these allow publishing and subscribing to the topic.
+    rules: crate::model::policy::PeerRules,
     /// Its entry in the hub (`hub::key` of its user and instance).
     hub_key: String,
     user: String,
@@ -939,6 +942,7 @@ impl Session {
             id,
             identity: identity.clone(),
             attributes,
+            rules: welcome.rules.clone(),
             hub_key,
             user: login.user,
             in_agm: false,

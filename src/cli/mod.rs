@@ -432,7 +432,8 @@ struct GatewayFile {
     queue_depth: Option<usize>,
     channels: Option<Vec<knit::gateway::channels::ChannelDef>>,
     channel_restrictions: Option<Vec<knit::gateway::channels::ChannelRestriction>>,
-    policy: Option<serde_json::Value>,
+    /// Read straight from the text (not through a `Value`), so a key given twice is refused.
+    policy: Option<knit::model::policy::Policy>,
     bridge: Option<BridgeFile>,
     #[serde(flatten)]
     other: serde_json::Map<String, serde_json::Value>,
@@ -596,9 +597,8 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         set(&mut cfg.queue_depth, f.queue_depth);
         set(&mut cfg.channels.channels, f.channels);
         set(&mut cfg.channels.restrictions, f.channel_restrictions);
-        if let Some(p) = &f.policy {
-            cfg.policy = knit::model::policy::Policy::from_json(p)
-                .map_err(|e| CliError::new(Status::BadInput, format!("{}: {e}", path.display())))?;
+        if let Some(p) = f.policy {
+            cfg.policy = p;
         }
         bridge_file = f.bridge;
         for k in f.other.keys() {
@@ -613,9 +613,7 @@ fn gateway(socket: PathBuf, args: GatewayArgs) -> CliResult {
         let text = std::fs::read_to_string(path).map_err(|e| {
             CliError::new(Status::BadInput, format!("reading {}: {e}", path.display()))
         })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| CliError::new(Status::BadInput, format!("{}: {e}", path.display())))?;
-        cfg.policy = knit::model::policy::Policy::from_json(&v)
+        cfg.policy = knit::model::policy::Policy::from_json_str(&text)
             .map_err(|e| CliError::new(Status::BadInput, format!("{}: {e}", path.display())))?;
     }
     if !cfg.policy.is_open() {

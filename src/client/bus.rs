@@ -278,21 +278,28 @@ fn route(
         (generation, peers, local)
     };
     let me_value = shared.me().to_value();
+    // A subscriber gets a topic only if its `subscribe` rules allow that topic, whatever
+    // pattern it subscribed with: the gateway checked only the pattern's text (docs/semantics.md
+    // §7). Decided here, once per route, so the publish path pays nothing more.
     let local = local
         && opts
             .target
             .as_ref()
-            .is_none_or(|t| identity_matches(t, &me_value));
+            .is_none_or(|t| identity_matches(t, &me_value))
+        && shared.check_mine(PolicyAction::Subscribe, topic).is_ok();
     let mut lanes = Vec::new();
     let mut relay = false;
     for p in peers {
-        let (identity, transport) = {
+        let (identity, transport, rules) = {
             let st = shared.lock_state();
             match st.peers.get(&p) {
-                Some(rp) => (rp.identity.clone(), rp.transport),
+                Some(rp) => (rp.identity.clone(), rp.transport, rp.rules.clone()),
                 None => continue,
             }
         };
+        if rules.is_some_and(|r| !r.allows(PolicyAction::Subscribe, topic)) {
+            continue;
+        }
         if let Some(t) = &opts.target {
             if !identity_matches(t, &identity.to_value()) {
                 continue;

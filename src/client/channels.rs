@@ -7,6 +7,7 @@
 use super::contexts::{self as ctx, ContextError, ContextSubscription, ContextUpdate};
 use super::engine::Shared;
 use crate::gateway::channels::CHANNEL_PREFIX;
+use crate::status::Status;
 use crate::wire::frame::Instance;
 use crate::wire::{Map, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -114,8 +115,19 @@ pub(crate) fn get(shared: &Arc<Shared>, name: &str) -> Result<ChannelContext, Co
     Ok(channel_context(&snap.data))
 }
 
+/// The contexts of the channels this client may read. One it may not read, or one removed
+/// since [`all`] listed it, is left out: the list is of what `get` would give, and one
+/// unreadable channel does not hide the others (`all` still names every channel).
 pub(crate) fn list(shared: &Arc<Shared>) -> Result<Vec<ChannelContext>, ContextError> {
-    all(shared).iter().map(|n| get(shared, n)).collect()
+    let mut out = Vec::new();
+    for n in all(shared) {
+        match get(shared, &n) {
+            Ok(c) => out.push(c),
+            Err(e) if matches!(e.status(), Status::PermissionDenied | Status::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 fn notify_changed(shared: &Arc<Shared>, joined: Vec<String>, cbs: Vec<ChangedCallback>) {
@@ -354,7 +366,9 @@ pub(crate) fn subscribe_for(
     name: &str,
     cb: ChannelCallback,
 ) -> Result<ChannelSubscription, ContextError> {
-    get(shared, name).map_err(|_| ContextError::NotFound(format!("channel {name}")))?;
+    // Exists, and we may read it: refused as `get` and `join` are (`NOT_FOUND`,
+    // `PERMISSION_DENIED`, or why the gateway could not be asked).
+    get(shared, name)?;
     let f = Arc::new(Follower {
         // Relaxed: a counter for ids; nothing is published through it.
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),

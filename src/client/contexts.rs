@@ -8,6 +8,7 @@ use super::cow::{with_kept, CowList, Kept};
 use super::engine::{Shared, Task};
 use super::ClientError;
 use crate::model::context::{apply_owned, Change, ContextError as ModelError, ContextOp};
+use crate::model::policy::Action as PolicyAction;
 use crate::shm::ContextSegment;
 use crate::status::Status;
 use crate::store::context::{WriteError, KIND_OP};
@@ -754,6 +755,7 @@ fn entry_to_write(
             // value), unless somebody made the context meanwhile: then the op is written to it.
             let (entry, made) = open_or_create(shared, name, data)?;
             if !entry.writable {
+                // The gateway logged it: it handed a read-only mapping to a write.
                 return Err(ContextError::PermissionDenied("update"));
             }
             return Ok(match made {
@@ -763,6 +765,13 @@ fn entry_to_write(
         }
     };
     if !entry.writable {
+        // Mapped read-only for reading before: the gateway does not know of this write, so
+        // tell it (it checks the claim against its policy and logs the denial).
+        let _ = shared.conn.send(&ToGateway::Denied {
+            peer: shared.my_id(),
+            action: PolicyAction::ContextWrite.name().to_string(),
+            resource: name.to_string(),
+        });
         return Err(ContextError::PermissionDenied("update"));
     }
     Ok(ToWrite::Open(entry))

@@ -878,7 +878,8 @@ impl Channels<'_> {
     pub fn all(&self) -> Vec<String> {
         channels::all(self.shared)
     }
-    /// Every channel's context.
+    /// The context of every channel this client may read (those it may not are left out;
+    /// [`Channels::all`] names them all).
     pub fn list(&self) -> Result<Vec<ChannelContext>, ContextError> {
         channels::list(self.shared)
     }

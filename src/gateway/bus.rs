@@ -217,6 +217,12 @@ impl Registry {
             if target.is_some_and(|t| !identity_matches(t, p.seen_by(publisher))) {
                 continue;
             }
+            // Its `subscribe` rules decide on the topic itself, whatever pattern it subscribed
+            // with (`bus_subscribe` could check only the pattern's text). Not logged: the
+            // subscriber asked for no topic in particular.
+            if !p.rules.allows(PolicyAction::Subscribe, &topic) {
+                continue;
+            }
             dests.push(s.peer);
         }
         for d in dests {

@@ -10,7 +10,8 @@
 //! their own: for them the bridge's doorbell goes into the subscriber table, once per context
 //! however many of them subscribe.
 
-use super::registry::{log_denial, Registry};
+use super::registry::{log_denial, DeniedBy, Registry};
+use crate::model::policy::Action as PolicyAction;
 use crate::shm::{self, ContextSegment};
 use crate::status::Status;
 use crate::store::Store;
@@ -242,7 +243,8 @@ impl Registry {
             * 8;
         let fd = shm::create_context(snapshot, self.limits.context_log)
             .map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
-        // Narrow the memfd's mode: a read-only descriptor then cannot be reopened writable.
+        // Narrow the memfd's mode: a read-only descriptor then cannot be reopened writable
+        // as it is (its holder could change the mode back: `memfd::read_only`).
         crate::sys::memfd::restrict_mode(&fd)
             .map_err(|e| (Status::Internal, format!("context segment: {e}")))?;
         let seg = ContextSegment::open(&fd)
@@ -303,7 +305,12 @@ impl Registry {
         let (read, write) = self.context_access(peer, &c.name);
         if !read {
             if let Some(p) = self.peers.get(&peer) {
-                log_denial(&p.identity, "context.read", &c.name, "the gateway");
+                log_denial(
+                    &p.identity,
+                    PolicyAction::ContextRead,
+                    &c.name,
+                    DeniedBy::Gateway,
+                );
             }
             return Err((
                 Status::PermissionDenied,
@@ -337,7 +344,12 @@ impl Registry {
         if !read {
             let msg = "Not authorized to read context".to_string();
             if let Some(p) = self.peers.get(&from) {
-                log_denial(&p.identity, "context.read", &name, "the gateway");
+                log_denial(
+                    &p.identity,
+                    PolicyAction::ContextRead,
+                    &name,
+                    DeniedBy::Gateway,
+                );
             }
             return self.fail(from, req, Status::PermissionDenied, msg);
         }
@@ -424,12 +436,15 @@ impl Registry {
         let existing = self.contexts.find(&user, name).map(|c| c.id);
         if !read || (existing.is_none() && !write) {
             let (action, msg) = if read {
-                ("context.write", "Not authorized to create context")
+                (
+                    PolicyAction::ContextWrite,
+                    "Not authorized to create context",
+                )
             } else {
-                ("context.read", "Not authorized to read context")
+                (PolicyAction::ContextRead, "Not authorized to read context")
             };
             if let Some(p) = self.peers.get(&from) {
-                log_denial(&p.identity, action, name, "the gateway");
+                log_denial(&p.identity, action, name, DeniedBy::Gateway);
             }
             return Err((Status::PermissionDenied, msg.to_string()));
         }
@@ -526,6 +541,18 @@ impl Registry {
         }
         match self.context_fd(from, id) {
             Ok((fd, writable)) => {
+                // Asked for to write: a read-only mapping is the refusal of that write (the
+                // writer's library reports it as `PERMISSION_DENIED`).
+                if !writable {
+                    if let Some(p) = self.peers.get(&from) {
+                        log_denial(
+                            &p.identity,
+                            PolicyAction::ContextWrite,
+                            &name,
+                            DeniedBy::Gateway,
+                        );
+                    }
+                }
                 let msg = self.created_reply(req, id, name, created, writable);
                 self.send(from, msg, vec![fd]);
             }
@@ -600,9 +627,17 @@ impl Registry {
         match self.contexts.by_id.get(&id) {
             Some(c) if c.user == user => {
                 let not_owner = c.lifetime == ContextLifetime::Ownership && c.creator != Some(from);
-                if not_owner || !self.context_access(from, &c.name).1 {
+                // Destroying takes what writing takes: a peer that may not read a context may
+                // not write it (it is refused a mapping), so neither may it destroy it.
+                let (read, write) = self.context_access(from, &c.name);
+                if not_owner || !read || !write {
+                    let action = if read {
+                        PolicyAction::ContextWrite
+                    } else {
+                        PolicyAction::ContextRead
+                    };
                     if let Some(p) = self.peers.get(&from).filter(|_| !not_owner) {
-                        log_denial(&p.identity, "context.write", &c.name, "the gateway");
+                        log_denial(&p.identity, action, &c.name, DeniedBy::Gateway);
                     }
                     return self.fail(
                         from,

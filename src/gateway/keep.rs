@@ -174,7 +174,8 @@ impl Registry {
         if store.ctl().is_retired() {
             return Err(invalid("destroyed"));
         }
-        // As at creation: a read-only descriptor made later cannot be reopened writable.
+        // As at creation: a read-only descriptor made later cannot be reopened writable as it
+        // is.
         let _ = crate::sys::memfd::restrict_mode(&fd);
         // The table names doorbells of the previous run's directory: subscribers come back
         // and subscribe again.

@@ -212,12 +212,42 @@ fn lane_key(a: PeerId, b: PeerId) -> (PeerId, PeerId) {
     }
 }
 
+/// Who refused something, as a denial's log line names it.
+#[derive(Clone, Copy)]
+pub(super) enum DeniedBy<'a> {
+    /// The gateway itself.
+    Gateway,
+    /// The offender's own library, whose mapping of the context is read-only (it reported it).
+    ReadOnlyMapping,
+    /// The peer that received it over a lane (it reported it).
+    Peer(&'a Instance),
+}
+
+impl std::fmt::Display for DeniedBy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeniedBy::Gateway => f.write_str("the gateway"),
+            DeniedBy::ReadOnlyMapping => f.write_str("a read-only mapping"),
+            DeniedBy::Peer(p) => write!(f, "{:?} ({})", p.application, p.peer_id),
+        }
+    }
+}
+
+/// A denial's log line. Whatever a peer chose (names, the resource) is quoted with `{:?}`,
+/// which escapes control characters: a newline in an application name cannot forge a line.
+fn denial_line(who: &Instance, action: PolicyAction, resource: &str, by: DeniedBy<'_>) -> String {
+    format!(
+        "denied by policy ({by}): application {:?} user {:?} peer {} may not {} {resource:?}",
+        who.application,
+        who.user,
+        who.peer_id,
+        action.name()
+    )
+}
+
 /// Logs a refusal (always: a denial is something an administrator wants to see).
-pub(super) fn log_denial(who: &Instance, action: &str, resource: &str, by: &str) {
-    crate::log::warn(format_args!(
-        "denied by policy ({by}): application {:?} user {:?} peer {} may not {action} {resource:?}",
-        who.application, who.user, who.peer_id
-    ));
+pub(super) fn log_denial(who: &Instance, action: PolicyAction, resource: &str, by: DeniedBy<'_>) {
+    crate::log::warn(format_args!("{}", denial_line(who, action, resource, by)));
 }
 
 fn relay_error(status: Status, message: impl Into<String>) -> RelayOutcome {
@@ -274,11 +304,14 @@ impl Registry {
         if p.rules.allows(action, resource) {
             return true;
         }
-        log_denial(&p.identity, action.name(), resource, "the gateway");
+        log_denial(&p.identity, action, resource, DeniedBy::Gateway);
         false
     }
 
-    /// A peer reports it refused something `offender` sent it over a lane.
+    /// A peer reports it refused something `offender` sent it over a lane, or (`offender` is
+    /// the peer itself) that it refused its own write to a context the gateway mapped
+    /// read-only for it. Logged only when the policy does deny it: a report is a claim, and a
+    /// peer cannot write lines into the gateway's log with made-up ones.
     pub(crate) fn denied_by_peer(
         &self,
         by: PeerId,
@@ -289,8 +322,29 @@ impl Registry {
         let (Some(b), Some(o)) = (self.peers.get(&by), self.peers.get(&offender)) else {
             return;
         };
-        let by = format!("{} ({})", b.identity.application, by);
-        log_denial(&o.identity, action, resource, &by);
+        let Some(action) = PolicyAction::from_name(action) else {
+            crate::log::debug(format_args!("{by} reported a denial of an unknown action"));
+            return;
+        };
+        let denied = if by == offender {
+            // Its own write: refused because the gateway's mapping is read-only.
+            action == PolicyAction::ContextWrite && !self.context_access(offender, resource).1
+        } else {
+            !o.rules.allows(action, resource)
+        };
+        if !denied {
+            crate::log::debug(format_args!(
+                "{by} reported a denial the policy does not make: {} {resource:?}",
+                action.name()
+            ));
+            return;
+        }
+        let by = if by == offender {
+            DeniedBy::ReadOnlyMapping
+        } else {
+            DeniedBy::Peer(&b.identity)
+        };
+        log_denial(&o.identity, action, resource, by);
     }
 
     /// Takes a doorbell for the gateway's own use (the WebSocket bridge sleeps on it, and it is
@@ -596,7 +650,12 @@ impl Registry {
                     ),
                 ))
             } else if !peer.rules.allows(PolicyAction::Register, &m.def.name) {
-                log_denial(&peer.identity, "register", &m.def.name, "the gateway");
+                log_denial(
+                    &peer.identity,
+                    PolicyAction::Register,
+                    &m.def.name,
+                    DeniedBy::Gateway,
+                );
                 Some((
                     Status::PermissionDenied,
                     format!(
@@ -735,7 +794,8 @@ impl Registry {
     ///   likely the broken one).
     pub(crate) fn lane_fault(&mut self, from: PeerId, other: PeerId, reason: &str) {
         crate::log::warn(format_args!(
-            "{from} reports a corrupt lane from {other}: {reason}"
+            "{from} reports a corrupt lane from {other}: {}",
+            crate::log::Escaped(reason)
         ));
         let Some(rec) = self.lanes.remove(&lane_key(from, other)) else {
             return;
@@ -1041,6 +1101,29 @@ impl Registry {
 pub(crate) mod tests {
     use super::*;
     use crate::wire::frame::ContextLifetime;
+
+    #[test]
+    fn a_denial_line_shows_what_peers_chose_escaped() {
+        let forged = "x\nknit warn: FORGED: application \"ops\" was granted root";
+        let who = |app: &str| Instance {
+            application: app.into(),
+            instance: "i".into(),
+            pid: 1,
+            user: forged.into(),
+            machine: "m".into(),
+            peer_id: PeerId(7),
+        };
+        let (offender, reporter) = (who(forged), who(forged));
+        for by in [
+            DeniedBy::Gateway,
+            DeniedBy::ReadOnlyMapping,
+            DeniedBy::Peer(&reporter),
+        ] {
+            let line = denial_line(&offender, PolicyAction::Invoke, forged, by);
+            assert!(!line.contains('\n'), "{line}");
+            assert!(line.starts_with("denied by policy ("), "{line}");
+        }
+    }
 
     fn recv(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(FromGateway, usize)> {
         let mut out = Vec::new();

@@ -68,6 +68,20 @@ impl Action {
         }
     }
 
+    /// The action of a name used in logs and reports ([`Action::name`]); `None` for any other.
+    pub fn from_name(name: &str) -> Option<Action> {
+        [
+            Action::Register,
+            Action::Invoke,
+            Action::Publish,
+            Action::Subscribe,
+            Action::ContextRead,
+            Action::ContextWrite,
+        ]
+        .into_iter()
+        .find(|a| a.name() == name)
+    }
+
     /// Method names match case-insensitively (as io.Connect matches them); topics and
     /// contexts exactly.
     fn case_insensitive(self) -> bool {
@@ -127,7 +141,41 @@ struct PolicyFile {
     #[serde(default = "allow")]
     default: Effect,
     #[serde(default)]
-    rules: Vec<RuleFile>,
+    rules: Vec<Object<RuleFile>>,
+}
+
+/// What a JSON object stands for, named when something else stands in its place.
+trait Named {
+    const WHAT: &'static str;
+}
+
+impl Named for PolicyFile {
+    const WHAT: &'static str = r#"a policy object {"default": "allow" or "deny", "rules": [...]}"#;
+}
+
+impl Named for RuleFile {
+    const WHAT: &'static str = r#"a rule object {"effect": "allow" or "deny", ...}"#;
+}
+
+/// A `T` read from a JSON object only: serde's derived structs also take an array of their
+/// fields in order, so `[]` loaded as an allow-all policy and `["deny"]` as deny-all.
+#[derive(Debug, Clone)]
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de> + Named> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de> + Named> serde::de::Visitor<'de> for V<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(T::WHAT)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData)).map(Object)
+    }
 }
 
 fn allow() -> Effect {
@@ -179,12 +227,24 @@ pub struct Who<'a> {
 }
 
 impl Policy {
-    /// Loads a policy from its JSON form.
+    /// Loads a policy from its JSON form. (A key given twice in an object is lost when the
+    /// text is parsed into a `Value`; [`Policy::from_json_str`] refuses it.)
     pub fn from_json(v: &serde_json::Value) -> Result<Policy, PolicyError> {
-        let f: PolicyFile =
-            serde_json::from_value(v.clone()).map_err(|e| PolicyError::Json(e.to_string()))?;
+        let f =
+            Object::<PolicyFile>::deserialize(v).map_err(|e| PolicyError::Json(e.to_string()))?;
+        Policy::from_file(f.0)
+    }
+
+    /// Loads a policy from JSON text: an object, each key at most once.
+    pub fn from_json_str(text: &str) -> Result<Policy, PolicyError> {
+        let f: Object<PolicyFile> =
+            serde_json::from_str(text).map_err(|e| PolicyError::Json(e.to_string()))?;
+        Policy::from_file(f.0)
+    }
+
+    fn from_file(f: PolicyFile) -> Result<Policy, PolicyError> {
         let mut rules = Vec::with_capacity(f.rules.len());
-        for (i, r) in f.rules.into_iter().enumerate() {
+        for (i, Object(r)) in f.rules.into_iter().enumerate() {
             let names = match r.actions {
                 OneOrMany::One(a) => vec![a],
                 OneOrMany::Many(v) => v,
@@ -200,6 +260,16 @@ impl Policy {
                     rule: i,
                     what: "empty resource".into(),
                 });
+            }
+            // An empty pattern matches no name at all: surely not what was meant (leaving the
+            // field out matches anyone).
+            for (field, v) in [("app", &r.app), ("user", &r.user), ("exe", &r.exe)] {
+                if v.as_deref() == Some("") {
+                    return Err(PolicyError::Invalid {
+                        rule: i,
+                        what: format!("empty {field} (leave it out to match any)"),
+                    });
+                }
             }
             let subject = Subject {
                 app: r.app,
@@ -270,6 +340,14 @@ impl Policy {
             default: self.default,
             rules,
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Policy {
+    /// As [`Policy::from_json_str`] (a policy inside a configuration file).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = Object::<PolicyFile>::deserialize(d)?;
+        Policy::from_file(f.0).map_err(serde::de::Error::custom)
     }
 }
 
@@ -463,5 +541,50 @@ mod tests {
             Err(PolicyError::Json(_))
         ));
         assert!(Policy::default().is_open());
+    }
+
+    #[test]
+    fn malformed_policy_files_are_refused_not_read_as_something_else() {
+        let refused = |text: &str| match Policy::from_json_str(text) {
+            Err(e) => e.to_string(),
+            Ok(p) => panic!("{text} loaded as {p:?}"),
+        };
+        // Arrays in place of objects (serde would read a struct's fields from them in order).
+        for text in [
+            "[]",
+            r#"["deny"]"#,
+            r#"[{"effect": "deny", "actions": "*"}]"#,
+        ] {
+            let e = refused(text);
+            assert!(e.contains("expected a policy object"), "{text}: {e}");
+        }
+        let e = refused(r#"{"rules": [["deny"]]}"#);
+        assert!(e.contains("expected a rule object"), "{e}");
+        // A key given twice.
+        let e = refused(r#"{"default": "deny", "default": "allow"}"#);
+        assert!(e.contains("duplicate field `default`"), "{e}");
+        let e = refused(r#"{"rules": [{"effect": "deny", "effect": "allow"}]}"#);
+        assert!(e.contains("duplicate field `effect`"), "{e}");
+        // Empty subject patterns, as an empty resource is.
+        for field in ["app", "user", "exe"] {
+            let text = format!(r#"{{"rules": [{{"effect": "deny", "{field}": ""}}]}}"#);
+            assert_eq!(
+                Policy::from_json_str(&text).unwrap_err(),
+                PolicyError::Invalid {
+                    rule: 0,
+                    what: format!("empty {field} (leave it out to match any)")
+                }
+            );
+        }
+        // The same checks on a value and inside a configuration file.
+        assert!(Policy::from_json(&json!([])).is_err());
+        assert!(serde_json::from_str::<Policy>(r#"{"default":"deny","default":"allow"}"#).is_err());
+        assert!(serde_json::from_str::<Policy>(r#"["deny"]"#).is_err());
+        // What is well formed still loads.
+        let p = Policy::from_json_str(r#"{"default": "deny", "rules": [{"effect": "allow"}]}"#);
+        assert!(p
+            .unwrap()
+            .for_peer(who("a", "u"))
+            .allows(Action::Invoke, "x"));
     }
 }

@@ -13,9 +13,11 @@ pub(crate) fn create_sealed(name: &str, len: u64) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// A read-only descriptor of the same memory (a writable mapping of it is refused), and the
-/// memfd's mode narrowed to owner-read so nobody but root can reopen it writable through
-/// `/proc`. Writers keep the descriptors they already have.
+/// A read-only descriptor of the same memory (a writable mapping of it is refused); with the
+/// memfd's mode narrowed to owner-read ([`restrict_mode`]) it cannot be reopened writable
+/// through `/proc` as it is. Its holder owns the memfd, though, and may `fchmod` it back:
+/// this keeps honest and buggy libraries from writing, not a hostile process of the same user
+/// (docs/semantics.md §6). Writers keep the descriptors they already have.
 pub(crate) fn read_only(fd: impl AsFd) -> io::Result<OwnedFd> {
     use std::os::fd::AsRawFd;
     let path = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());

@@ -3,12 +3,14 @@
 //! those write messages for web subscribers to the gateway, which hands one copy per matching
 //! peer to its connection, and the connection emits one `event` per matching subscription. A
 //! web publisher's messages go through the gateway to everyone else; its own subscriptions get
-//! them here (the reference gateway delivers a publisher's messages to itself too).
+//! them here (the reference gateway delivers a publisher's messages to itself too), when the
+//! policy lets it publish and subscribe to the topic.
 
 use super::{frame_text, rid, rid_ref, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::gateway::Outgoing;
 use crate::model::bus::{identity_matches, routing_matches, topic_matches};
+use crate::model::policy::Action as PolicyAction;
 use crate::wire::frame::{FromGateway, PeerId, ToGateway};
 use crate::wire::Value;
 use serde_json::{json, Value as J};
@@ -144,12 +146,18 @@ impl Session {
         let data = msg.get("data").cloned().unwrap_or(J::Null);
         let Some(me) = self.me.as_ref() else { return };
         let peer = me.peer;
-        let mine = match &target {
-            // `login` is announced but not matched (as in the reference gateway; the registry
-            // matches other subscribers the same way).
-            Value::Map(t) => !t.contains_key("login") && identity_matches(t, &me.attributes),
-            _ => true,
-        };
+        // A publish the policy refuses reaches nobody, this peer included (the gateway refuses
+        // and logs it below); nor does a topic its `subscribe` rules deny, whatever pattern it
+        // subscribed with (as the gateway filters other subscribers).
+        let allowed = me.rules.allows(PolicyAction::Publish, topic)
+            && me.rules.allows(PolicyAction::Subscribe, topic);
+        let mine = allowed
+            && match &target {
+                // `login` is announced but not matched (as in the reference gateway; the
+                // registry matches other subscribers the same way).
+                Value::Map(t) => !t.contains_key("login") && identity_matches(t, &me.attributes),
+                _ => true,
+            };
         if mine {
             self.bus_deliver(peer, topic, routing_key.as_deref(), &data);
         }

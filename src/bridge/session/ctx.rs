@@ -336,6 +336,20 @@ impl Session {
         let parts = delta::parse(delta_json).map_err(|e| Refusal::failure(e.to_string()))?;
         let plan = delta::plan(&parts).map_err(|e| Refusal::failure(e.to_string()))?;
         if !self.ctx_open(id).await? {
+            // The gateway mapped it read-only: have it log the refused write, as it logs its
+            // own refusals (it checks the report against its policy).
+            if let Some(me) = &self.me {
+                let resource = me.ctx.known.get(&id).cloned().unwrap_or_default();
+                let peer = me.peer;
+                self.core(ToGateway::Denied {
+                    peer,
+                    action: crate::model::policy::Action::ContextWrite
+                        .name()
+                        .to_string(),
+                    resource,
+                })
+                .await;
+            }
             return Err(Refusal {
                 uri: "global.errors.not_authorized",
                 reason: "Not authorized to update context".into(),
