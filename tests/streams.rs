@@ -255,6 +255,12 @@ fn closing_from_either_side_is_reported_with_who_closed() {
         c.subscribe_stream("S", p, |_| {}),
         Err(StreamError::NoServer)
     ));
+    // Closing again does nothing, even once the name is a new stream's.
+    let again = server.create_stream("S", StreamOptions::default()).unwrap();
+    stream.close().unwrap();
+    let (_sub3, rx3) = collect(&c, "S", Value::map());
+    again.push(n(7)).unwrap();
+    assert_eq!(data(next(&rx3)).0, n(7));
 }
 
 #[test]

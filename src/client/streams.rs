@@ -803,13 +803,16 @@ impl Stream {
         }
     }
 
-    /// Ends every subscription and unregisters the stream.
+    /// Ends every subscription and unregisters the stream. Closing again does nothing (the
+    /// name may be a new stream's by then, which stays).
     pub fn close(&self) -> Result<(), ClientError> {
         // SYNC(stream-closed): new requests are refused (`accept_on_branch`, `on_request`); a flag
         // only, the subscriptions are dropped below under their own locks. The subscriber list's
         // lock, taken below to list them, orders the store before `accept_on_branch`'s look at
-        // the flag, under the same lock, if that comes after.
-        self.entry.closed.store(true, Ordering::Release);
+        // the flag, under the same lock, if that comes after. The RMW lets one caller close.
+        if self.entry.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
         for s in self.subscriptions() {
             drop_sub(&self.shared, &self.entry, &s.sub, "Stream closed", true);
         }
