@@ -475,8 +475,8 @@ impl Session {
             KIND_SUB_REQUEST => self.on_sub_request(from, body).await,
             KIND_SUB_REPLY => self.on_sub_reply(from, body),
             KIND_STREAM_DATA => self.on_stream_data(from, body),
-            KIND_SUB_CLOSE => self.on_sub_close(from, body),
-            KIND_SUB_DROP => self.on_sub_drop(from, body),
+            KIND_SUB_CLOSE => self.on_sub_end(from, body, false),
+            KIND_SUB_DROP => self.on_sub_end(from, body, true),
             _ => Err(crate::wire::record::RecordError::UnknownKind(kind)),
         };
         if let Err(e) = r {
@@ -616,18 +616,32 @@ impl Session {
         Ok(())
     }
 
-    fn on_sub_close(
+    /// The end of a subscription: a subscriber leaving one of our streams (`SUB_CLOSE`), or a
+    /// server dropping one of ours (`by_server`, `SUB_DROP`).
+    fn on_sub_end(
         &mut self,
         from: PeerId,
         body: &[u8],
+        by_server: bool,
     ) -> Result<(), crate::wire::record::RecordError> {
         let (sub_id, reason) = rec::parse_close(body)?;
         let Some(me) = self.me.as_mut() else {
             return Ok(());
         };
         let me_id = me.id.clone();
-        // A subscriber leaving one of our streams.
-        if let Some(n) = me.streams.by_key.get(&(from, sub_id)).copied() {
+        if by_server {
+            if me.streams.out.get(&sub_id).is_none_or(|s| s.server != from) {
+                return Ok(());
+            }
+            if let Some(s) = me.streams.out.remove(&sub_id) {
+                self.send(if s.accepted {
+                    json!({"domain": "agm", "type": "subscription-cancelled", "peer_id": me_id,
+                        "subscription_id": s.gid, "reason_uri": close_uri(&reason), "reason": reason})
+                } else {
+                    gw3::error("agm", &s.request_id.id, &me_id, SUB_FAIL, &reason)
+                });
+            }
+        } else if let Some(n) = me.streams.by_key.get(&(from, sub_id)).copied() {
             if let Some(s) = me.streams.take_in(n) {
                 let method = me.methods.get(&s.method).map(|o| gid_of(o).clone());
                 self.send(
@@ -636,31 +650,6 @@ impl Session {
                     "caller_id": self.sh.ids.peer(from), "reason_uri": "", "reason": reason}),
                 );
             }
-        }
-        Ok(())
-    }
-
-    /// A server dropping one of our subscriptions.
-    fn on_sub_drop(
-        &mut self,
-        from: PeerId,
-        body: &[u8],
-    ) -> Result<(), crate::wire::record::RecordError> {
-        let (sub_id, reason) = rec::parse_close(body)?;
-        let Some(me) = self.me.as_mut() else {
-            return Ok(());
-        };
-        let me_id = me.id.clone();
-        if me.streams.out.get(&sub_id).is_none_or(|s| s.server != from) {
-            return Ok(());
-        }
-        if let Some(s) = me.streams.out.remove(&sub_id) {
-            self.send(if s.accepted {
-                json!({"domain": "agm", "type": "subscription-cancelled", "peer_id": me_id,
-                    "subscription_id": s.gid, "reason_uri": close_uri(&reason), "reason": reason})
-            } else {
-                gw3::error("agm", &s.request_id.id, &me_id, SUB_FAIL, &reason)
-            });
         }
         Ok(())
     }
