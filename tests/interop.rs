@@ -520,6 +520,18 @@ fn discovery_lists_methods_and_servers_and_waits_for_methods() {
     assert_eq!(info.servers.len(), 1);
     assert_eq!(info.servers[0].peer_id, late_peer);
     let _late = late.join().unwrap();
+    // "Wait forever" is `Duration::MAX`, for waits and timeouts alike (no overflow).
+    assert!(caller
+        .wait_for_method("LateMethod", Duration::MAX)
+        .is_some());
+    let forever = InvokeOptions {
+        wait: Duration::MAX,
+        timeout: Duration::MAX,
+        ..Default::default()
+    };
+    caller
+        .invoke("LateMethod", Value::Null, &forever)
+        .expect("invoked with no deadline");
 
     let start = Instant::now();
     assert!(caller

@@ -73,6 +73,13 @@ fn auto_accepted_subscribers_receive_pushes_in_order() {
         stream.push(Value::from(1)).is_err(),
         "data must be an object"
     );
+    // "Wait forever" is `Duration::MAX` (no overflow).
+    let forever = StreamParams {
+        wait: Duration::MAX,
+        timeout: Duration::MAX,
+        ..Default::default()
+    };
+    client.subscribe_stream("ticks", forever, |_| {}).unwrap();
 }
 
 #[test]

@@ -633,7 +633,7 @@ impl Shared {
         if token == u64::MAX || token == 0 {
             return None;
         }
-        let deadline = Instant::now() + wait;
+        let deadline = crate::wait::deadline(wait);
         let mut st = self.lock_state();
         loop {
             if let Some(p) = st.peers.get(&PeerId(token)) {
@@ -1658,7 +1658,7 @@ impl Shared {
     /// callbacks ran.
     pub(crate) fn poll(self: &Arc<Self>, timeout: Duration) -> usize {
         let prev = DISPATCHING.with(|d| d.replace(Arc::as_ptr(self) as usize));
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::wait::deadline(timeout);
         let mut backoff = Backoff::new(self.wait);
         let mut ran = 0;
         loop {

@@ -509,7 +509,7 @@ pub(crate) fn invoke(
         if !c.is_empty() {
             break c;
         }
-        let wait_until = *wait_until.get_or_insert_with(|| Instant::now() + opts.wait);
+        let wait_until = *wait_until.get_or_insert_with(|| crate::wait::deadline(opts.wait));
         #[cfg(test)]
         super::hook::at("invoke: waiting for a server");
         let st = shared.lock_state();
@@ -536,7 +536,7 @@ pub(crate) fn invoke(
             })
             .unwrap_or_else(|e| e.into_inner());
     };
-    let deadline = Instant::now() + opts.timeout;
+    let deadline = crate::wait::deadline(opts.timeout);
     let many = match chosen {
         Choice::One(c) => {
             // One server (`best`): no list of calls or outcomes to build.
@@ -709,7 +709,7 @@ pub(crate) fn wait_for_method(
     name: &str,
     timeout: Duration,
 ) -> Option<MethodInfo> {
-    let until = Instant::now() + timeout;
+    let until = crate::wait::deadline(timeout);
     loop {
         if let Some(m) = methods(shared).into_iter().find(|m| m.def.name == name) {
             return Some(m);

@@ -389,7 +389,7 @@ impl Patience {
     /// The ring is full: the wait starts now, unless it started earlier in this send.
     fn start(&mut self) {
         if self.until.is_none() {
-            self.until = Some(Instant::now() + self.timeout);
+            self.until = Some(crate::wait::deadline(self.timeout));
         }
     }
 

@@ -117,7 +117,7 @@ fn read_welcome(
     sock: &UnixStream,
     timeout: Duration,
 ) -> Result<(Welcome, Option<OwnedFd>, FrameReader), ClientError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::wait::deadline(timeout);
     let mut frames = FrameReader::default();
     let mut buf = vec![0u8; 64 * 1024];
     let mut fds = Vec::new();

@@ -1053,7 +1053,7 @@ pub(crate) fn subscribe(
     crate::wire::codec::check(&params.arguments)
         .map_err(|e| StreamError::InvalidArgument(e.to_string()))?;
     // Servers of the stream, waiting for one to appear.
-    let wait_until = Instant::now() + params.wait;
+    let wait_until = crate::wait::deadline(params.wait);
     let chosen: Vec<(Arc<Instance>, u32)> = loop {
         let c = candidates(shared, name, &params.target);
         if !c.is_empty() {
@@ -1096,7 +1096,7 @@ pub(crate) fn subscribe(
     table(shared).subs.insert(sub.id, sub.clone());
     send_requests(shared, &sub, &chosen);
     // The first acceptance completes the subscription; later ones join it.
-    let deadline = Instant::now() + params.timeout;
+    let deadline = crate::wait::deadline(params.timeout);
     let decided = |r: &[Remote]| {
         r.iter().any(|x| x.state == ServerState::Accepted) || r.iter().all(|x| x.state.finished())
     };
@@ -1808,7 +1808,6 @@ pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
         wait_until: Instant,
         accept_until: Option<Instant>,
     }
-    let start = Instant::now();
     // SYNC(sub-closed): pairs with the enders; subscriptions already ended are not restored.
     let mut todo: Vec<Todo> = table(shared)
         .subs
@@ -1816,7 +1815,7 @@ pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
         .filter(|s| !s.closed.load(Ordering::Acquire))
         .map(|s| Todo {
             sub: s.clone(),
-            wait_until: start + s.params.wait,
+            wait_until: crate::wait::deadline(s.params.wait),
             accept_until: None,
         })
         .collect();
@@ -1838,7 +1837,7 @@ pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
                     let c = candidates(shared, &t.sub.name, &t.sub.params.target);
                     if !c.is_empty() {
                         send_requests(shared, &t.sub, &c);
-                        t.accept_until = Some(now + t.sub.params.timeout);
+                        t.accept_until = Some(crate::wait::deadline(t.sub.params.timeout));
                     } else if now >= t.wait_until {
                         failed.push((t.sub.clone(), "no server offers the stream".into()));
                         return false;

@@ -82,7 +82,7 @@ pub fn write_noted<M: StoreMemory>(
     // The clock is read only when the lock is contended.
     let mut deadline: Option<Instant> = None;
     let guard = store.lock(token, || {
-        let d = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+        let d = *deadline.get_or_insert_with(|| crate::wait::deadline(timeout));
         Instant::now() >= d
     })?;
     // A destroy that retired the segment before we took the lock is seen here. (One that

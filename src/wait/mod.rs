@@ -22,6 +22,15 @@ mod loom_tests;
 use crate::sync::{fence, futex, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+/// The moment `after` from now, saturating: a caller's "wait forever" (`Duration::MAX`) is a
+/// century, not an overflow panic.
+pub(crate) fn deadline(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// The eventcount words. `#[repr(C)]`: this struct is part of the shared-memory format.
 #[repr(C)]
 #[derive(Debug)]
