@@ -1064,3 +1064,60 @@ fn connect_refuses_a_taken_instance_id_and_a_missing_gateway() {
     assert_eq!(e.status(), Status::GatewayUnreachable, "{e}");
     assert_eq!(e.status().exit_code(), 6);
 }
+
+/// An event subscription made while another peer registers methods sees each of them exactly
+/// once: in its replay if the method came before it, as an event if after, never both or
+/// neither (the replay and joining the subscribers are one step with respect to changes).
+#[test]
+fn event_subscriptions_made_during_registrations_see_each_method_exactly_once() {
+    const METHODS: usize = 400;
+    let env = Env::new("events-race");
+    let observer = env.client("observer");
+    let registrar = env.client("registrar");
+    let registrar_id = registrar.instance().peer_id;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let registering = std::thread::spawn(move || {
+        for i in 0..METHODS {
+            registrar
+                .register(format!("Race.{i}").as_str(), |_| Ok(Value::Null))
+                .unwrap();
+        }
+        d.store(true, std::sync::atomic::Ordering::Release);
+        registrar
+    });
+    // Subscriptions made one after another for as long as registrations go on.
+    type Seen = Arc<Mutex<std::collections::HashMap<String, usize>>>;
+    let mut subs: Vec<(knit::client::EventSubscription, Seen)> = Vec::new();
+    while !done.load(std::sync::atomic::Ordering::Acquire) && subs.len() < 200 {
+        let seen: Seen = Arc::default();
+        let s = seen.clone();
+        let sub = observer.on_event(move |e| {
+            if let InteropEvent::ServerMethodAdded { server, method } = e {
+                if server.peer_id == registrar_id {
+                    *s.lock().unwrap().entry(method.name.clone()).or_default() += 1;
+                }
+            }
+        });
+        subs.push((sub, seen));
+    }
+    let _registrar = registering.join().unwrap();
+    assert!(
+        subs.len() > 1,
+        "no subscription overlapped the registrations"
+    );
+    for (i, (_, seen)) in subs.iter().enumerate() {
+        let complete = common::wait_until(LONG, || seen.lock().unwrap().len() == METHODS);
+        let seen = seen.lock().unwrap();
+        assert!(
+            complete,
+            "subscription {i} saw {} methods of {METHODS}",
+            seen.len()
+        );
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
+        assert!(
+            twice.is_empty(),
+            "subscription {i} saw {twice:?} more than once"
+        );
+    }
+}

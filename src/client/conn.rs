@@ -362,6 +362,9 @@ fn read_until_closed(shared: &Arc<Shared>, sock: &UnixStream, frames: &mut Frame
 /// A peer is gone (the gateway said so, or, while disconnected, its process vanished): calls
 /// pending on it fail, its lane and stream subscriptions end, removal events go out.
 pub(crate) fn peer_removed(shared: &Arc<Shared>, peer: PeerId, reason: String) {
+    // The removal and its events under the events gate (nothing below calls user code while
+    // it is held); the rest after, as before.
+    let events = super::interop::events_gate(shared);
     let gone = {
         let mut st = shared.lock_state();
         st.generation += 1;
@@ -371,16 +374,7 @@ pub(crate) fn peer_removed(shared: &Arc<Shared>, peer: PeerId, reason: String) {
         }
         gone
     };
-    super::bus::peer_left(shared, peer);
-    shared.drop_lane(peer);
-    shared.fail_calls_to(
-        peer,
-        FailureKind::PeerLeft,
-        "Peer has left while waiting for result",
-    );
-    super::streams::peer_left(shared, peer);
-    shared.state_changed.notify_all();
-    if let Some(p) = gone {
+    if let Some(p) = &gone {
         super::interop::removed_methods(shared, &p.identity, p.methods.values().cloned().collect());
         super::interop::emit(
             shared,
@@ -390,6 +384,16 @@ pub(crate) fn peer_removed(shared: &Arc<Shared>, peer: PeerId, reason: String) {
             },
         );
     }
+    drop(events);
+    super::bus::peer_left(shared, peer);
+    shared.drop_lane(peer);
+    shared.fail_calls_to(
+        peer,
+        FailureKind::PeerLeft,
+        "Peer has left while waiting for result",
+    );
+    super::streams::peer_left(shared, peer);
+    shared.state_changed.notify_all();
 }
 
 /// The entry for the context segment a frame carried (its first descriptor); the reply that
@@ -457,6 +461,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
             rules,
         } => {
             let identity = Arc::new(identity);
+            let events = super::interop::events_gate(shared);
             {
                 let rules = super::engine::restrictive(rules);
                 if rules.is_some() {
@@ -480,6 +485,7 @@ fn handle(shared: &Arc<Shared>, msg: FromGateway, fds: Vec<OwnedFd>) {
                 shared,
                 super::InteropEvent::ServerAdded((*identity).clone()),
             );
+            drop(events);
         }
         FromGateway::PeerRemoved { peer, reason } => peer_removed(shared, peer, reason),
         FromGateway::MethodsAdded { peer, methods } => {

@@ -338,6 +338,12 @@ pub(crate) struct Shared {
     pub state_changed: Condvar,
     pub handlers: RwLock<HashMap<u32, Arc<MethodEntry>, std::hash::BuildHasherDefault<IdHasher>>>,
     pub subscribers: Mutex<Vec<(u64, super::EventCallback)>>,
+    /// Held from a change of methods or peers until its discovery events are queued, and by a
+    /// new event subscription while it takes its replay and joins: each change is then either
+    /// in the replay or among the events it gets, never both or neither
+    /// (`interop::events_gate`). Taken before the state lock, never while holding it, and
+    /// never around user code.
+    pub events_gate: Mutex<()>,
     pub closed: AtomicBool,
     /// What the gateway's policy lets us do (`None`: everything), to refuse early.
     pub my_rules: RwLock<Option<Arc<PeerRules>>>,
@@ -410,6 +416,7 @@ impl Shared {
             state_changed: Condvar::new(),
             handlers: RwLock::new(HashMap::default()),
             subscribers: Mutex::new(Vec::new()),
+            events_gate: Mutex::new(()),
             closed: AtomicBool::new(false),
             my_rules: RwLock::new(None),
             my_rules_on: AtomicBool::new(false),

@@ -141,6 +141,11 @@ fn identity_key(d: &MethodDef) -> String {
 /// looks at every method known (O(methods) per announcement, on every peer): without listeners
 /// it is skipped, so registering 10 000 methods among 256 peers does not cost each peer
 /// 10 000 × 10 000 key comparisons.
+/// Orders discovery changes with new event subscriptions (see `Shared::events_gate`).
+pub(crate) fn events_gate(shared: &Shared) -> std::sync::MutexGuard<'_, ()> {
+    shared.events_gate.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn listening(shared: &Shared) -> bool {
     !shared
         .subscribers
@@ -217,6 +222,7 @@ pub(crate) fn register(
         Ok(_) => return fail(ClientError::Protocol("unexpected reply to register".into())),
         Err(e) => return fail(e),
     }
+    let _events = events_gate(shared);
     let listening = listening(shared);
     let first_of_identity = {
         let mut st = shared.lock_state();
@@ -279,6 +285,7 @@ pub(crate) fn unregister(shared: &Arc<Shared>, name: &str) -> Result<(), ClientE
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
+    let _events = events_gate(shared);
     let listening = listening(shared);
     let last_of_identity = {
         let mut st = shared.lock_state();
@@ -734,7 +741,8 @@ static NEXT_SUB: AtomicU64 = AtomicU64::new(1);
 pub(crate) fn subscribe(shared: &Arc<Shared>, cb: EventCallback) -> EventSubscription {
     let id = NEXT_SUB.fetch_add(1, Ordering::Relaxed);
     // Replay what exists now, then deliver changes; both go through the task queue so the
-    // replay precedes any later event.
+    // replay precedes any later event, and the gate keeps changes out of the time between.
+    let _events = events_gate(shared);
     let mut replay: Vec<InteropEvent> = servers(shared)
         .into_iter()
         .map(InteropEvent::ServerAdded)
@@ -785,6 +793,7 @@ pub(crate) fn emit(shared: &Arc<Shared>, e: InteropEvent) {
 }
 
 pub(crate) fn methods_added(shared: &Arc<Shared>, peer: PeerId, methods: Vec<MethodSpec>) {
+    let _events = events_gate(shared);
     let mut events = Vec::new();
     let listening = listening(shared);
     {
@@ -825,6 +834,7 @@ pub(crate) fn methods_added(shared: &Arc<Shared>, peer: PeerId, methods: Vec<Met
 }
 
 pub(crate) fn methods_removed(shared: &Arc<Shared>, peer: PeerId, ids: Vec<u32>) {
+    let _events = events_gate(shared);
     let (server, gone) = {
         let mut st = shared.lock_state();
         let Some(p) = st.peers.get_mut(&peer) else {
@@ -839,7 +849,7 @@ pub(crate) fn methods_removed(shared: &Arc<Shared>, peer: PeerId, ids: Vec<u32>)
 }
 
 /// Emits the removal events for methods `server` no longer offers (already taken out of the
-/// state).
+/// state). The caller holds the events gate.
 pub(crate) fn removed_methods(shared: &Arc<Shared>, server: &Instance, gone: Vec<Arc<MethodDef>>) {
     if !listening(shared) {
         return;
