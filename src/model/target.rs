@@ -113,9 +113,18 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// Whether a method definition answers to `name` (case-insensitive, as io.Connect).
+/// Whether a method definition answers to `name`: case-insensitive as io.Connect's
+/// `toLowerCase` comparison, for every script (`Ärger` is `ärger`), as discovery groups
+/// methods, so a name listed with several servers reaches them all. ASCII names (the usual
+/// case) compare without lowering anything.
 pub fn method_matches(name: &str, def: &MethodDef) -> bool {
-    def.name.eq_ignore_ascii_case(name)
+    let own = def.name.as_str();
+    if own.is_ascii() && name.is_ascii() {
+        return own.eq_ignore_ascii_case(name);
+    }
+    own.chars()
+        .flat_map(char::to_lowercase)
+        .eq(name.chars().flat_map(char::to_lowercase))
 }
 
 /// Applies `target` to `candidates` (servers of the method, ourselves first if we serve it,
@@ -201,5 +210,9 @@ mod tests {
     fn method_names_match_case_insensitively() {
         assert!(method_matches("sum", &MethodDef::new("Sum")));
         assert!(!method_matches("sum", &MethodDef::new("Summ")));
+        // Every script, as discovery groups them.
+        assert!(method_matches("ärger", &MethodDef::new("Ärger")));
+        assert!(method_matches("ΣΟΦΊΑ", &MethodDef::new("σοφία")));
+        assert!(!method_matches("ärger", &MethodDef::new("Arger")));
     }
 }
