@@ -137,15 +137,15 @@ fn identity_key(d: &MethodDef) -> String {
     )
 }
 
-/// Whether anyone listens for discovery events. The `MethodAdded`/`MethodRemoved` bookkeeping
-/// looks at every method known (O(methods) per announcement, on every peer): without listeners
-/// it is skipped, so registering 10 000 methods among 256 peers does not cost each peer
-/// 10 000 × 10 000 key comparisons.
 /// Orders discovery changes with new event subscriptions (see `Shared::events_gate`).
 pub(crate) fn events_gate(shared: &Shared) -> std::sync::MutexGuard<'_, ()> {
     shared.events_gate.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether anyone listens for discovery events. The `MethodAdded`/`MethodRemoved` bookkeeping
+/// looks at every method known (O(methods) per announcement, on every peer): without listeners
+/// it is skipped, so registering 10 000 methods among 256 peers does not cost each peer
+/// 10 000 × 10 000 key comparisons.
 fn listening(shared: &Shared) -> bool {
     !shared
         .subscribers
