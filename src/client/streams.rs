@@ -897,14 +897,34 @@ enum ServerState {
     Gone,
 }
 
-impl ServerState {
-    /// Answered no, or gone: nothing more will come from this server.
-    fn finished(&self) -> bool {
+/// Where a subscription's servers stand, taken together.
+enum Standing<'a> {
+    /// One of them accepted.
+    Accepted,
+    /// Every one answered no or is gone: the first refusal (`Rejected` or `Denied`), if any.
+    Over(Option<&'a ServerState>),
+    /// Answers are still due.
+    Open,
+}
+
+fn standing(r: &[Remote]) -> Standing<'_> {
+    if r.iter().any(|x| x.state == ServerState::Accepted) {
+        return Standing::Accepted;
+    }
+    let over = |s: &ServerState| {
         matches!(
-            self,
+            s,
             ServerState::Rejected(_) | ServerState::Denied(_) | ServerState::Gone
         )
+    };
+    if r.iter().all(|x| over(&x.state)) {
+        return Standing::Over(
+            r.iter()
+                .map(|x| &x.state)
+                .find(|s| **s != ServerState::Gone),
+        );
     }
+    Standing::Open
 }
 
 struct Remote {
@@ -1097,46 +1117,45 @@ pub(crate) fn subscribe(
     send_requests(shared, &sub, &chosen);
     // The first acceptance completes the subscription; later ones join it.
     let deadline = crate::wait::deadline(params.timeout);
-    let decided = |r: &[Remote]| {
-        r.iter().any(|x| x.state == ServerState::Accepted) || r.iter().all(|x| x.state.finished())
-    };
-    shared.wait_for(
-        || decided(&sub.remotes.lock().unwrap_or_else(|e| e.into_inner())),
-        deadline,
-    );
-    let r = sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
-    if r.iter().any(|x| x.state == ServerState::Accepted) {
-        drop(r);
-        return Ok(ClientSubscription {
-            shared: shared.clone(),
-            sub,
-        });
-    }
-    if decided(&r) {
-        let refusal = r.iter().find_map(|x| match &x.state {
-            ServerState::Rejected(m) => Some(StreamError::Rejected(m.clone())),
-            ServerState::Denied(m) => Some(StreamError::Client(ClientError::Gateway {
+    let remotes = || sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
+    shared.wait_for(|| !matches!(standing(&remotes()), Standing::Open), deadline);
+    // `Err(None)`: no answer in time.
+    let r = remotes();
+    let outcome = match standing(&r) {
+        Standing::Accepted => Ok(()),
+        Standing::Over(Some(ServerState::Denied(m))) => {
+            Err(Some(StreamError::Client(ClientError::Gateway {
                 status: Status::PermissionDenied,
                 message: m.clone(),
-            })),
-            _ => None,
-        });
-        drop(r);
-        // SYNC(sub-closed): no new items are accepted (`accept_item`, `claim`); a flag only.
-        sub.closed.store(true, Ordering::Release);
-        forget_client_sub(shared, sub.id);
-        return Err(match refusal {
-            Some(e) => e,
-            // The servers were there, but reaching them needs the gateway.
-            None if !shared.conn.is_connected() && !shared.is_closed() => {
-                StreamError::Client(ClientError::Disconnected)
-            }
-            None => StreamError::NoServer,
-        });
-    }
+            })))
+        }
+        Standing::Over(Some(ServerState::Rejected(m))) => {
+            Err(Some(StreamError::Rejected(m.clone())))
+        }
+        // The servers were there, but reaching them needs the gateway.
+        Standing::Over(_) if !shared.conn.is_connected() && !shared.is_closed() => {
+            Err(Some(StreamError::Client(ClientError::Disconnected)))
+        }
+        Standing::Over(_) => Err(Some(StreamError::NoServer)),
+        Standing::Open => Err(None),
+    };
     drop(r);
-    end_client_sub(shared, &sub, true);
-    Err(StreamError::Timeout(params.timeout))
+    match outcome {
+        Ok(()) => Ok(ClientSubscription {
+            shared: shared.clone(),
+            sub,
+        }),
+        Err(Some(e)) => {
+            // SYNC(sub-closed): no new items are accepted (`accept_item`, `claim`); a flag only.
+            sub.closed.store(true, Ordering::Release);
+            forget_client_sub(shared, sub.id);
+            Err(e)
+        }
+        Err(None) => {
+            end_client_sub(shared, &sub, true);
+            Err(StreamError::Timeout(params.timeout))
+        }
+    }
 }
 
 /// The servers of stream `name` that `target` picks, ourselves included.
@@ -1899,24 +1918,15 @@ enum RestoreStep {
 /// `until`: when the servers asked must have answered; `wait_until`: until when servers may
 /// come back (the subscription's `wait` from the reconnection).
 fn restore_step(r: &[Remote], now: Instant, until: Instant, wait_until: Instant) -> RestoreStep {
-    if r.iter().any(|x| x.state == ServerState::Accepted) {
-        return RestoreStep::Done;
-    }
-    if r.iter().all(|x| x.state.finished()) {
-        let rejected = r.iter().find_map(|x| match &x.state {
-            ServerState::Rejected(m) | ServerState::Denied(m) => Some(format!("rejected: {m}")),
-            _ => None,
-        });
-        return match rejected {
-            Some(why) => RestoreStep::Fail(why),
-            None if now < wait_until => RestoreStep::Retry,
-            None => RestoreStep::Fail("its servers are gone".into()),
-        };
-    }
-    if now >= until {
-        RestoreStep::Fail("no server accepted in time".into())
-    } else {
-        RestoreStep::Wait
+    match standing(r) {
+        Standing::Accepted => RestoreStep::Done,
+        Standing::Over(Some(ServerState::Rejected(m) | ServerState::Denied(m))) => {
+            RestoreStep::Fail(format!("rejected: {m}"))
+        }
+        Standing::Over(_) if now < wait_until => RestoreStep::Retry,
+        Standing::Over(_) => RestoreStep::Fail("its servers are gone".into()),
+        Standing::Open if now >= until => RestoreStep::Fail("no server accepted in time".into()),
+        Standing::Open => RestoreStep::Wait,
     }
 }
 
