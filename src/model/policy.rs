@@ -387,10 +387,10 @@ impl PeerRules {
 }
 
 /// Glob match: `*` any run of characters (also empty), `?` exactly one; everything else
-/// literally. Iterative with one backtrack point, so linear-ish and never recursive.
+/// literally. Iterative with one backtrack point, so linear-ish and never recursive; it walks
+/// both strings in place (byte offsets at character boundaries), allocating nothing: it runs
+/// for every rule on every relayed bus message and route.
 pub fn glob(pattern: &str, text: &str, case_insensitive: bool) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
     let eq = |a: char, b: char| {
         if case_insensitive {
             a.to_lowercase().eq(b.to_lowercase())
@@ -398,27 +398,32 @@ pub fn glob(pattern: &str, text: &str, case_insensitive: bool) -> bool {
             a == b
         }
     };
+    let at = |s: &str, i: usize| s[i..].chars().next();
     let (mut pi, mut ti) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && eq(p[pi], t[ti]))) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
+    while let Some(tc) = at(text, ti) {
+        match at(pattern, pi) {
+            Some(pc) if pc == '?' || (pc != '*' && eq(pc, tc)) => {
+                pi += pc.len_utf8();
+                ti += tc.len_utf8();
+            }
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    // `st` is before `ti`, inside the text: one more character for the star.
+                    let st = st + at(text, st).map_or(1, char::len_utf8);
+                    pi = sp + 1;
+                    ti = st;
+                    star = Some((sp, st));
+                }
+                None => return false,
+            },
         }
     }
-    while pi < p.len() && p[pi] == '*' {
-        pi += 1;
-    }
-    pi == p.len()
+    pattern[pi..].bytes().all(|b| b == b'*')
 }
 
 #[cfg(test)]
@@ -431,6 +436,70 @@ mod tests {
             app,
             user,
             exe: None,
+        }
+    }
+
+    /// The reading `glob` had before it walked the strings in place (char vectors): the oracle.
+    /// Glob match: `*` any run of characters (also empty), `?` exactly one; everything else
+    /// literally. Iterative with one backtrack point, so linear-ish and never recursive.
+    fn glob_by_chars(pattern: &str, text: &str, case_insensitive: bool) -> bool {
+        let p: Vec<char> = pattern.chars().collect();
+        let t: Vec<char> = text.chars().collect();
+        let eq = |a: char, b: char| {
+            if case_insensitive {
+                a.to_lowercase().eq(b.to_lowercase())
+            } else {
+                a == b
+            }
+        };
+        let (mut pi, mut ti) = (0usize, 0usize);
+        let mut star: Option<(usize, usize)> = None;
+        while ti < t.len() {
+            if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && eq(p[pi], t[ti]))) {
+                pi += 1;
+                ti += 1;
+            } else if pi < p.len() && p[pi] == '*' {
+                star = Some((pi, ti));
+                pi += 1;
+            } else if let Some((sp, st)) = star {
+                pi = sp + 1;
+                ti = st + 1;
+                star = Some((sp, st + 1));
+            } else {
+                return false;
+            }
+        }
+        while pi < p.len() && p[pi] == '*' {
+            pi += 1;
+        }
+        pi == p.len()
+    }
+
+    #[test]
+    fn glob_reads_as_it_did_with_character_vectors() {
+        let alphabet = ['a', 'b', 'Ä', 'ä', 'é', '.', '*', '?'];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut pick = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..20_000 {
+            let mut word = |stars: bool| -> String {
+                let len = pick(7);
+                (0..len)
+                    .map(|_| alphabet[pick(if stars { 8 } else { 6 })])
+                    .collect()
+            };
+            let (p, t) = (word(true), word(false));
+            for ci in [false, true] {
+                assert_eq!(
+                    glob(&p, &t, ci),
+                    glob_by_chars(&p, &t, ci),
+                    "{p:?} {t:?} {ci}"
+                );
+            }
         }
     }
 
