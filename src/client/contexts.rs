@@ -767,11 +767,8 @@ fn entry_to_write(
     if !entry.writable {
         // Mapped read-only for reading before: the gateway does not know of this write, so
         // tell it (it checks the claim against its policy and logs the denial).
-        let _ = shared.conn.send(&ToGateway::Denied {
-            peer: shared.my_id(),
-            action: PolicyAction::ContextWrite.name().to_string(),
-            resource: name.to_string(),
-        });
+        let report = ToGateway::denied(shared.my_id(), PolicyAction::ContextWrite, name);
+        let _ = shared.conn.send(&report);
         return Err(ContextError::PermissionDenied("update"));
     }
     Ok(ToWrite::Open(entry))

@@ -459,11 +459,7 @@ impl Shared {
                     "refused: {peer} may not {} {resource:?} (gateway policy)",
                     action.name()
                 ));
-                let _ = self.conn.send(&ToGateway::Denied {
-                    peer,
-                    action: action.name().to_string(),
-                    resource: resource.to_string(),
-                });
+                let _ = self.conn.send(&ToGateway::denied(peer, action, resource));
                 false
             }
             _ => true,

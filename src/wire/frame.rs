@@ -365,8 +365,10 @@ pub enum ToGateway {
     },
     /// Clean disconnect.
     Goodbye,
-    /// We refused something `peer` sent us over a lane because the policy does not allow it
-    /// (for the gateway's log). No reply.
+    /// We refused something `peer` sent us over a lane because the policy does not allow it,
+    /// or (`peer` is ourselves) our own write to a context the gateway mapped read-only for
+    /// us (for the gateway's log, which checks the report first). No reply. Built by
+    /// [`ToGateway::denied`].
     Denied {
         peer: PeerId,
         action: String,
@@ -398,6 +400,17 @@ pub enum ToGateway {
         #[serde(with = "encoded_value")]
         data: Value,
     },
+}
+
+impl ToGateway {
+    /// The report that `peer` was refused `action` on `resource` (see [`ToGateway::Denied`]).
+    pub fn denied(peer: PeerId, action: crate::model::policy::Action, resource: &str) -> Self {
+        ToGateway::Denied {
+            peer,
+            action: action.name().to_string(),
+            resource: resource.to_string(),
+        }
+    }
 }
 
 /// Gateway → peer.

@@ -339,16 +339,10 @@ impl Session {
             // The gateway mapped it read-only: have it log the refused write, as it logs its
             // own refusals (it checks the report against its policy).
             if let Some(me) = &self.me {
-                let resource = me.ctx.known.get(&id).cloned().unwrap_or_default();
-                let peer = me.peer;
-                self.core(ToGateway::Denied {
-                    peer,
-                    action: crate::model::policy::Action::ContextWrite
-                        .name()
-                        .to_string(),
-                    resource,
-                })
-                .await;
+                let name = me.ctx.known.get(&id).map_or("", String::as_str);
+                let action = crate::model::policy::Action::ContextWrite;
+                let report = ToGateway::denied(me.peer, action, name);
+                self.core(report).await;
             }
             return Err(Refusal {
                 uri: "global.errors.not_authorized",
