@@ -951,7 +951,7 @@ private:
 
     template <class F>
     void add(const std::string& name, std::unique_ptr<Slot> slot, F do_register) {
-        if (!slots_) throw_status(KNIT_CLOSED);
+        (void)open();  // a closed (or moved-from) client has no slots either
         Slot* s = slot.get();
         std::lock_guard<std::mutex> g(slots_->mu);
         check(do_register(s));
