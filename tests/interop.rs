@@ -7,6 +7,7 @@ mod common;
 use common::{Env, TempDir};
 use knit::client::{
     Client, ClientError, InteropEvent, InvokeError, InvokeOptions, MethodError, Responder,
+    StreamOptions,
 };
 use knit::model::{FailureKind, InstanceFilter, InvocationResult, Target};
 use knit::{Status, Value};
@@ -58,7 +59,25 @@ fn register_refuses_duplicates_and_unregister_refuses_unknown_names() {
         .register("Solo", |_| Ok(Value::Null))
         .expect_err("a second registration of one name fails");
     assert_eq!(dup.status(), Status::AlreadyExists, "{dup}");
-    assert!(dup.to_string().contains("already exists"), "{dup}");
+    assert!(
+        dup.to_string()
+            .contains("A method with the name \"Solo\" already exists"),
+        "{dup}"
+    );
+    // A stream of a taken name is named a stream, as io.Connect's createStream names it.
+    let _ticks = server
+        .create_stream("Ticks", StreamOptions::default())
+        .unwrap();
+    let dup_stream = server
+        .create_stream("Ticks", StreamOptions::default())
+        .expect_err("a second stream of one name fails");
+    assert_eq!(dup_stream.status(), Status::AlreadyExists, "{dup_stream}");
+    assert!(
+        dup_stream
+            .to_string()
+            .contains("A stream with the name \"Ticks\" already exists"),
+        "{dup_stream}"
+    );
 
     let unknown = server.unregister("Nope").expect_err("unknown name");
     assert_eq!(unknown.status(), Status::NotFound, "{unknown}");

@@ -176,10 +176,7 @@ pub(crate) fn register(
     let id = {
         let mut st = shared.lock_state();
         if st.my_methods.values().any(|d| d.name == def.name) {
-            return Err(method_error(
-                Status::AlreadyExists,
-                format!("A method with the name \"{}\" already exists! Please, provide a unique name for the method.", def.name),
-            ));
+            return Err(method_error(Status::AlreadyExists, def.name_taken()));
         }
         let id = st.next_method_id;
         st.next_method_id += 1;

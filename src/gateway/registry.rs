@@ -642,13 +642,7 @@ impl Registry {
             } else if peer.method_names.contains_key(&m.def.name)
                 || !seen_names.insert(m.def.name.as_str())
             {
-                Some((
-                    Status::AlreadyExists,
-                    format!(
-                        "A method with the name \"{}\" already exists! Please, provide a unique name for the method.",
-                        m.def.name
-                    ),
-                ))
+                Some((Status::AlreadyExists, m.def.name_taken()))
             } else if !peer.rules.allows(PolicyAction::Register, &m.def.name) {
                 log_denial(
                     &peer.identity,

@@ -95,6 +95,17 @@ pub struct MethodDef {
 }
 
 impl MethodDef {
+    /// What registering this definition says when its client already has one of the same name:
+    /// io.Connect's wording, which names a stream as a stream. Names compare exactly, as
+    /// io.Connect's client compares them (`===`): `Dup` and `DUP` may both be registered.
+    pub fn name_taken(&self) -> String {
+        let what = if self.streaming { "stream" } else { "method" };
+        format!(
+            "A {what} with the name \"{}\" already exists! Please, provide a unique name for the {what}.",
+            self.name
+        )
+    }
+
     /// A definition with just a name.
     pub fn new(name: impl Into<String>) -> Self {
         Self {
