@@ -627,6 +627,10 @@ fn gateway_exits_0_and_removes_its_socket_on_sigterm() {
         .expect("the gateway stops after SIGTERM");
     assert_eq!(status.code(), Some(0), "gateway log: {}", gw.log());
     assert!(!gw.socket.exists(), "the socket file is removed");
+    assert!(
+        !knit::control::own_file(&gw.socket, "lock").exists(),
+        "the lock file is removed"
+    );
 }
 
 #[test]

@@ -705,10 +705,16 @@ fn a_second_gateway_is_refused_but_a_lock_held_for_a_moment_is_waited_out() {
     gw.shutdown();
     // Another holder of the lock file, as a forked child would be.
     let lock_path = knit::control::own_file(&dir.socket(), "lock");
+    assert!(
+        !lock_path.exists(),
+        "a clean stop removes the lock file too"
+    );
     let open_lock = || {
         std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .create(true)
+            .truncate(false)
             .open(&lock_path)
             .unwrap()
     };
@@ -732,4 +738,48 @@ fn a_second_gateway_is_refused_but_a_lock_held_for_a_moment_is_waited_out() {
     drop(held);
     let r = binding.join().unwrap();
     assert!(r.is_ok(), "{r:?}");
+}
+
+/// A stopping gateway unlinks its lock file while it holds it. A bind that opened that file
+/// before, and locks it after, must not take the unlinked file for the gateway's lock (a third
+/// gateway starting meanwhile would find the path free and run beside it): it locks the file
+/// at the path.
+#[test]
+fn a_bind_that_locked_an_unlinked_lock_file_takes_the_one_at_the_path() {
+    use knit::gateway::Gateway;
+    let dir = TempDir::new("bind-unlinked");
+    let lock_path = knit::control::own_file(&dir.socket(), "lock");
+    let open_lock = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .unwrap()
+    };
+    // The stopping gateway, as far as the lock goes.
+    let held = open_lock();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    let socket = dir.socket();
+    let binding = std::thread::spawn(move || Gateway::bind(GatewayConfig::new(socket)));
+    let opened = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|p| *p == lock_path)
+            .count()
+    };
+    assert!(common::wait_until(STARTUP, || opened() >= 2 || binding.is_finished()));
+    std::fs::remove_file(&lock_path).unwrap();
+    drop(held);
+    let gw = binding.join().unwrap().expect("the bind starts");
+    // The lock at the path is the bound gateway's: nobody else can take it.
+    let other = open_lock();
+    let taken = rustix::fs::flock(&other, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+    assert!(
+        taken.is_err(),
+        "the file at the lock path is not locked: a second gateway would start"
+    );
+    drop(gw);
 }

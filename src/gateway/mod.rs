@@ -130,7 +130,35 @@ pub struct Gateway {
     bridge: Option<crate::bridge::Bound>,
     /// The keeper's link and what it handed back, adopted when serving starts.
     kept: Option<(crate::keeper::Link, crate::keeper::State)>,
-    _lock: OwnedFd,
+    /// Taken by [`Gateway::run_until`], which releases it after the core stopped.
+    lock: Option<Held>,
+}
+
+/// The gateway's exclusive lock, and the files it owns while it holds it.
+#[derive(Debug)]
+struct Held {
+    lock: OwnedFd,
+    lock_path: PathBuf,
+    socket: PathBuf,
+}
+
+impl Held {
+    /// A clean stop: removes the socket and the lock file while the lock is still held, so
+    /// neither can be a starting gateway's by then (it takes the lock before it binds, and
+    /// checks that the lock it took is on the file at the path: [`is_file_at`]).
+    fn release(self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.lock_path);
+        drop(self.lock);
+    }
+}
+
+/// Whether `fd` is the file now at `path`.
+fn is_file_at(fd: &OwnedFd, path: &Path) -> bool {
+    match (rustix::fs::fstat(fd), rustix::fs::stat(path)) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
+    }
 }
 
 impl Gateway {
@@ -146,12 +174,15 @@ impl Gateway {
         // Nothing but a socket is ever replaced: a mistyped path must not cost a file.
         socket_there(&cfg.socket)?;
         let lock_path = crate::control::own_file(&cfg.socket, "lock");
-        let lock = rustix::fs::open(
-            &lock_path,
-            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| ctx(format!("lock file {}", lock_path.display()))(e.into()))?;
+        let open_lock = || {
+            rustix::fs::open(
+                &lock_path,
+                rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::from_raw_mode(0o600),
+            )
+            .map_err(|e| ctx(format!("lock file {}", lock_path.display()))(e.into()))
+        };
+        let mut lock = open_lock()?;
         // A gateway that stopped a moment ago can still seem to hold both: a process that
         // forked just then (another thread of an app that embeds the gateway, spawning a
         // child) keeps copies of its lock and listening socket until that child execs, which
@@ -162,6 +193,13 @@ impl Gateway {
             let locked =
                 rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
                     .is_ok();
+            // A gateway that stops unlinks the lock file while it still holds it: a lock taken
+            // on the file it unlinked locks nothing anyone else will open, so take the one at
+            // the path now (created afresh if need be).
+            if locked && !is_file_at(&lock, &lock_path) {
+                lock = open_lock()?;
+                continue;
+            }
             let answered = locked
                 && cfg.socket.exists()
                 && std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok();
@@ -215,12 +253,17 @@ impl Gateway {
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .map_err(ctx("socket permissions"))?;
+        let socket = cfg.socket.clone();
         Ok(Gateway {
             cfg,
             listener,
             bridge,
             kept,
-            _lock: lock,
+            lock: Some(Held {
+                lock,
+                lock_path,
+                socket,
+            }),
         })
     }
 
@@ -237,14 +280,14 @@ impl Gateway {
     /// Serves on the current thread until `shutdown` completes, then tells every peer, removes
     /// the socket file and returns.
     pub fn run_until(
-        self,
+        mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), GatewayError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(ctx("starting the runtime"))?;
-        let socket = self.cfg.socket.clone();
+        let held = self.lock.take();
         // The gateway's core loop runs as a task of its own, not as the `block_on` future: the
         // runtime polls that future only after it has polled its sockets, so a message a
         // connection task hands to the core would wait for a poll of the driver (and for any
@@ -265,7 +308,9 @@ impl Gateway {
             };
             done.unwrap_or_else(|e| Err(ctx("the gateway's core task")(std::io::Error::other(e))))
         });
-        let _ = std::fs::remove_file(&socket);
+        if let Some(held) = held {
+            held.release();
+        }
         result
     }
 
