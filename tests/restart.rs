@@ -783,3 +783,128 @@ fn a_bind_that_locked_an_unlinked_lock_file_takes_the_one_at_the_path() {
     );
     drop(gw);
 }
+
+/// An event subscription made while its client reconnects sees each (server, method) pair
+/// consistently: never added while it already has it, never removed before it was added. The
+/// reconnection swaps every peer at once and queues its events under the same gate as a
+/// subscription's replay and joining.
+#[test]
+fn event_subscriptions_made_during_reconnections_see_consistent_events() {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const RESTARTS: usize = 12;
+    let dir = TempDir::new("events-reconnect");
+    let start = || spawn_gateway(GatewayConfig::new(dir.socket()));
+    let mut gw = start();
+    let server = Client::builder("evr-server")
+        .socket(dir.socket())
+        .connect()
+        .unwrap();
+    for i in 0..3 {
+        server
+            .register(format!("Evr.{i}").as_str(), |_| Ok(Value::Null))
+            .unwrap();
+    }
+    let observer = Arc::new(
+        Client::builder("evr-observer")
+            .socket(dir.socket())
+            .connect()
+            .unwrap(),
+    );
+    let sees_server = |c: &Client, peer| {
+        c.methods()
+            .iter()
+            .filter(|m| m.def.name.starts_with("Evr."))
+            .all(|m| m.servers.iter().any(|s| s.peer_id == peer))
+            && c.methods()
+                .iter()
+                .filter(|m| m.def.name.starts_with("Evr."))
+                .count()
+                == 3
+    };
+    assert!(common::wait_until(STARTUP, || sees_server(
+        &observer,
+        server.instance().peer_id
+    )));
+    // What one subscription saw, in order: (added?, server, method).
+    type Log = Arc<Mutex<Vec<(bool, u64, String)>>>;
+    let done = Arc::new(AtomicBool::new(false));
+    let subscribing = {
+        let (o, d) = (observer.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut logs: Vec<Log> = Vec::new();
+            let mut live = std::collections::VecDeque::new();
+            while !d.load(Ordering::Acquire) {
+                let log: Log = Arc::default();
+                let l = log.clone();
+                live.push_back(o.on_event(move |e| {
+                    let entry = match e {
+                        InteropEvent::ServerMethodAdded { server, method } => {
+                            (true, server.peer_id.0, method.name.clone())
+                        }
+                        InteropEvent::ServerMethodRemoved { server, method } => {
+                            (false, server.peer_id.0, method.name.clone())
+                        }
+                        _ => return,
+                    };
+                    l.lock().unwrap().push(entry);
+                }));
+                if live.len() > 16 {
+                    live.pop_front();
+                }
+                logs.push(log);
+                // Pacing only: a subscription every 100 µs or so across the restarts.
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            (logs, live)
+        })
+    };
+    for _ in 0..RESTARTS {
+        gw.shutdown();
+        gw = start();
+        let reconnected = common::wait_until(STARTUP, || {
+            server.is_connected() && sees_server(&observer, server.instance().peer_id)
+        });
+        assert!(reconnected, "the observer did not see the server again");
+    }
+    done.store(true, Ordering::Release);
+    let (logs, _live) = subscribing.join().unwrap();
+    // Every callback queued so far has run once a call made now has its answer delivered: the
+    // dispatch thread runs tasks in order.
+    let (tx, rx) = channel();
+    let _marker = observer.on_event(move |_| {
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(STARTUP).expect("the dispatch thread runs");
+    let mut wrong = Vec::new();
+    for (i, log) in logs.iter().enumerate() {
+        let mut have = BTreeSet::new();
+        for (added, peer, name) in log.lock().unwrap().iter() {
+            let key = (*peer, name.clone());
+            let ok = if *added {
+                have.insert(key)
+            } else {
+                have.remove(&key)
+            };
+            if !ok {
+                wrong.push(format!(
+                    "subscription {i}: {} {name} of peer {peer}",
+                    if *added {
+                        "added twice"
+                    } else {
+                        "removed unseen"
+                    }
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} subscriptions saw inconsistent events: {:?}",
+        wrong.len(),
+        logs.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    drop(gw);
+}

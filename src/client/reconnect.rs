@@ -351,6 +351,11 @@ fn apply(
         .values()
         .map(|p| (p.identity.clone(), p.methods.values().cloned().collect()))
         .collect();
+    // From the swap of every peer until its events are queued, as every other change of
+    // methods or peers does: an event subscription's replay and joining are then either
+    // before both or after both (`Shared::events_gate`). Nothing in between runs user code or
+    // takes the gate.
+    let events = super::interop::events_gate(shared);
     let (old_peers, old_lanes) = {
         let mut st = shared.lock_state();
         let old_peers = std::mem::replace(&mut st.peers, new_peers);
@@ -383,6 +388,7 @@ fn apply(
         .map(|p| (p.identity, p.methods.into_values().collect()))
         .collect();
     super::interop::reset_events(shared, removed, added);
+    drop(events);
     shared.state_changed.notify_all();
     shared.wake_all();
     let s = shared.clone();
