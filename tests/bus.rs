@@ -411,3 +411,80 @@ fn a_batch_with_an_oversized_item_is_refused_whole() {
     a.publish("big", obj("n", 2), &o).unwrap();
     assert_eq!(next(&rb).1, obj("n", 2));
 }
+
+/// A callback that invokes a method for every message of a flood: while it waits for each
+/// reply the dispatcher runs the callbacks queued meanwhile, which invoke in turn. That nesting
+/// is bounded (`MAX_NESTING` waits that run callbacks, one more callback above them), so the
+/// dispatcher's stack is too, and every message and every reply still arrives. Unbounded, the
+/// depth grew with the queue and a long enough flood overflowed the stack.
+#[test]
+fn a_callback_that_invokes_on_every_message_of_a_flood_nests_a_bounded_depth() {
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const N: usize = 20_000;
+    let env = Env::new("bus-nest");
+    let server = env.client("server");
+    server
+        .register("Nest.Echo", |call| Ok(call.args.clone()))
+        .unwrap();
+    let subscriber = env.client("subscriber");
+    let depth = Arc::new(AtomicU32::new(0));
+    let deepest = Arc::new(AtomicU32::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let (done_tx, done) = channel::<usize>();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let _sub = {
+        let (c, depth, deepest, failed, seen) = (
+            subscriber.clone(),
+            depth.clone(),
+            deepest.clone(),
+            failed.clone(),
+            seen.clone(),
+        );
+        let opts = knit::client::InvokeOptions {
+            target: knit::model::Target::Best,
+            wait: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+        };
+        subscriber
+            .subscribe("nest", SubscribeOptions::default(), move |m| {
+                // Callbacks run on the dispatch thread only: these counts need no more
+                // than atomicity.
+                let d = depth.fetch_add(1, Ordering::Relaxed) + 1;
+                deepest.fetch_max(d, Ordering::Relaxed);
+                if c.invoke("Nest.Echo", m.data.clone(), &opts).is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                depth.fetch_sub(1, Ordering::Relaxed);
+                let n = seen.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == N {
+                    let _ = done_tx.send(n);
+                }
+            })
+            .unwrap()
+    };
+    let publisher = env.client("publisher");
+    // Its messages reach the subscriber over a lane once it knows of the subscription.
+    publisher
+        .publish("nest", obj("seq", -1), &PublishOptions::default())
+        .unwrap();
+    assert!(common::wait_until(Duration::from_secs(10), || {
+        seen.load(Ordering::Relaxed) >= 1
+    }));
+    seen.store(0, Ordering::Relaxed);
+    for i in 0..N {
+        publisher
+            .publish("nest", obj("seq", i as i64), &PublishOptions::default())
+            .unwrap();
+    }
+    let got = done
+        .recv_timeout(Duration::from_secs(120))
+        .expect("every message reached the callback");
+    assert_eq!(got, N);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "invocations failed");
+    let deepest = deepest.load(Ordering::Relaxed);
+    assert!(
+        deepest <= knit::client::MAX_NESTING + 1,
+        "callbacks nested {deepest} deep"
+    );
+}

@@ -272,6 +272,49 @@ impl RxSet {
 thread_local! {
     /// The `Shared` whose dispatch thread this is (while it dispatches), as an address.
     static DISPATCHING: Cell<usize> = const { Cell::new(0) };
+    /// How many waits of the dispatch thread that run callbacks are on its stack: a callback
+    /// that waits (an `invoke` from inside a handler) runs the callbacks queued meanwhile,
+    /// one of which may wait in turn.
+    static NESTING: Cell<u32> = const { Cell::new(0) };
+    /// Set while a wait on the dispatch thread is one too deep to run callbacks.
+    static CAPPED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Most waits on the dispatch thread that run callbacks, one inside another. A wait deeper
+/// than this only pumps (replies still arrive; deliveries stay queued for the levels below),
+/// so a callback that invokes from every message of a flood does not nest once per message
+/// until the stack overflows.
+pub const MAX_NESTING: u32 = 8;
+
+/// A wait of the dispatch thread, counted in [`NESTING`] (or marking [`CAPPED`]) while it
+/// lasts.
+struct Nest {
+    capped: bool,
+}
+
+impl Nest {
+    /// Whether this wait may run callbacks, and its guard.
+    fn enter(dispatch_thread: bool) -> (bool, Option<Nest>) {
+        if !dispatch_thread || CAPPED.with(Cell::get) {
+            return (false, None);
+        }
+        if NESTING.with(Cell::get) >= MAX_NESTING {
+            CAPPED.with(|c| c.set(true));
+            return (false, Some(Nest { capped: true }));
+        }
+        NESTING.with(|n| n.set(n.get() + 1));
+        (true, Some(Nest { capped: false }))
+    }
+}
+
+impl Drop for Nest {
+    fn drop(&mut self) {
+        if self.capped {
+            CAPPED.with(|c| c.set(false));
+        } else {
+            NESTING.with(|n| n.set(n.get() - 1));
+        }
+    }
 }
 
 /// Everything the client's threads share.
@@ -1170,7 +1213,7 @@ impl Shared {
         // must run first, or one peer's messages would reach the callbacks out of order. Only
         // the holder of the receive set reads lanes, so nothing read before this check can be
         // queued after it.
-        let dispatching = self.is_dispatch_thread() && !self.has_tasks();
+        let dispatching = self.is_dispatch_thread() && !CAPPED.with(Cell::get) && !self.has_tasks();
         // Load first: a swap on every round would bounce the line for nothing.
         // SYNC(rx_dirty): the swap's Acquire pairs with the Release stores in `add_rx`,
         // `add_ctx_follow`, `drop_lane`, `retire_lanes`: new lanes and follows, closed lanes.
@@ -1189,7 +1232,7 @@ impl Shared {
                     } else {
                         None
                     };
-                    let _ = self.pump_lane(&mut l, &mut rx.buf, sink, usize::MAX);
+                    let _ = self.pump_lane(&mut l, &mut rx.buf, sink, usize::MAX, false);
                 } else {
                     i += 1;
                 }
@@ -1207,18 +1250,19 @@ impl Shared {
             }
         }
         // Backpressure: with too much queued for the dispatcher, leave records in the rings
-        // (their writers then wait), so memory stays bounded.
+        // (their writers then wait), so memory stays bounded. As for a full stream subscriber
+        // (`pump_lane`), the lane of a peer whose reply a call awaits is read on, up to a
+        // bound: the waiter may be the dispatch thread itself, in a wait too deep to run
+        // callbacks (`MAX_NESTING`), and nobody else would drain the queue.
         // Relaxed: a threshold; a count a few tasks stale only moves when reading pauses.
-        if self.queue_len.load(Ordering::Relaxed) >= MAX_QUEUED_TASKS {
-            return handled;
-        }
+        let full = self.queue_len.load(Ordering::Relaxed) >= MAX_QUEUED_TASKS;
         let mut faults = Vec::new();
         let RxSet {
             lanes, buf, ready, ..
         } = rx;
         for l in lanes.iter_mut() {
             let sink = if dispatching { Some(&mut *ready) } else { None };
-            match self.pump_lane(l, buf, sink, BATCH) {
+            match self.pump_lane(l, buf, sink, BATCH, full) {
                 Ok(n) => handled += n,
                 Err(why) => faults.push((l.lane.peer, why)),
             }
@@ -1237,6 +1281,7 @@ impl Shared {
         buf: &mut Vec<u8>,
         mut sink: Option<&mut Vec<Task>>,
         max: usize,
+        queue_full: bool,
     ) -> Result<usize, &'static str> {
         let mut n = 0;
         // Whether a call to this lane's peer waits (looked up once, when first needed).
@@ -1249,7 +1294,7 @@ impl Shared {
             // so the items are read on into the queue, up to a bound, until the reply is in.
             // SYNC(stalled): pairs with the swaps in `resume_lanes`/`retire_lanes`; only whether to
             // read on: the items themselves go through the inbox's lock.
-            let stalled = l.lane.stalled.load(Ordering::Acquire);
+            let stalled = queue_full || l.lane.stalled.load(Ordering::Acquire);
             if stalled {
                 if l.past_stall >= MAX_PAST_STALL
                     || !*awaited.get_or_insert_with(|| self.awaits_reply_from(l.lane.peer))
@@ -1470,7 +1515,7 @@ impl Shared {
     /// Waits until `done()` holds or `deadline` passes, pumping (and, on the dispatch thread,
     /// running tasks) when it can. Returns `done()`'s last value.
     pub(crate) fn wait_for(self: &Arc<Self>, done: impl Fn() -> bool, deadline: Instant) -> bool {
-        let dispatching = self.is_dispatch_thread();
+        let (dispatching, _nest) = Nest::enter(self.is_dispatch_thread());
         let mut backoff = Backoff::new(self.wait);
         let mut wanted = false;
         let finished = loop {

@@ -38,6 +38,7 @@ mod testing;
 pub use bus::{BusMessage, BusSubscription, PublishOptions, SubscribeOptions};
 pub use channels::{ChannelContext, ChannelMode, ChannelSubscription, ChannelUpdate};
 pub use contexts::{ContextError, ContextSnapshot, ContextSubscription, ContextUpdate};
+pub use engine::MAX_NESTING;
 pub use interop::{InteropEvent, InvokeOptions, MethodInfo};
 pub use streams::{
     ClientSubscription, SlowConsumerPolicy, Stream, StreamError, StreamEvent, StreamOptions,
