@@ -1140,3 +1140,48 @@ fn event_subscriptions_made_during_registrations_see_each_method_exactly_once() 
         );
     }
 }
+
+/// A server that answers and closes at once (from inside its handler, or from another thread
+/// right after the answer): the caller gets the answer, not "Peer has left". The answer is in
+/// the lane before the gateway can report the server gone, and the caller's calls to a peer
+/// that left fail only once its lane is drained.
+#[test]
+fn an_answer_sent_just_before_the_server_closes_reaches_the_caller() {
+    const ROUNDS: usize = 150;
+    let env = Env::new("reply-close");
+    let caller = env.client("caller");
+    let mut lost = Vec::new();
+    for i in 0..ROUNDS {
+        let server = env.client(&format!("bye-{i}"));
+        let name = format!("Bye.{i}");
+        let (closed_tx, closed) = mpsc::channel::<()>();
+        let closed_tx = Mutex::new(closed_tx);
+        let inside = i % 2 == 0;
+        let s = server.clone();
+        server
+            .register_async(name.as_str(), move |call, responder: Responder| {
+                responder.ok(call.args.clone());
+                if inside {
+                    s.close();
+                }
+                let _ = closed_tx.lock().unwrap().send(());
+            })
+            .unwrap();
+        let closer = std::thread::spawn(move || {
+            if closed.recv_timeout(LONG).is_ok() && !inside {
+                server.close();
+            }
+        });
+        match caller.invoke(&name, Value::from(i as i64), &opts(Target::Best)) {
+            Ok(r) => assert_eq!(r.returned, Value::from(i as i64)),
+            Err(e) => lost.push(format!("round {i}: {e}")),
+        }
+        closer.join().unwrap();
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {ROUNDS} answers lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+}

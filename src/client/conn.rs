@@ -386,12 +386,7 @@ pub(crate) fn peer_removed(shared: &Arc<Shared>, peer: PeerId, reason: String) {
     }
     drop(events);
     super::bus::peer_left(shared, peer);
-    shared.drop_lane(peer);
-    shared.fail_calls_to(
-        peer,
-        FailureKind::PeerLeft,
-        "Peer has left while waiting for result",
-    );
+    shared.drop_departed_lane(peer, super::engine::PEER_LEFT);
     super::streams::peer_left(shared, peer);
     shared.state_changed.notify_all();
 }

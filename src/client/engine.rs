@@ -9,7 +9,7 @@
 //! completes, a task is queued or the receive set is released. So a lone invoker spinning for its
 //! reply reads the reply itself — no thread hand-off on the hot path.
 
-use super::lane::{Lane, RxLane, SendError};
+use super::lane::{Lane, Orphans, RxLane, SendError};
 use super::{Handler, Invocation, MethodError, Responder};
 use crate::model::policy::{Action as PolicyAction, PeerRules};
 use crate::model::FailureKind;
@@ -279,6 +279,9 @@ thread_local! {
     /// Set while a wait on the dispatch thread is one too deep to run callbacks.
     static CAPPED: Cell<bool> = const { Cell::new(false) };
 }
+
+/// What a call to a peer that left fails with (io.Connect's words).
+pub(crate) const PEER_LEFT: &str = "Peer has left while waiting for result";
 
 /// Most waits on the dispatch thread that run callbacks, one inside another. A wait deeper
 /// than this only pumps (replies still arrive; deliveries stay queued for the levels below),
@@ -706,6 +709,66 @@ impl Shared {
         // SYNC(rx_dirty): the lane's `closed` (set above) is visible to the pumper that swaps the
         // flag in `pump`, which drains the lane and drops it.
         self.rx_dirty.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// A peer left (the gateway said so): its lane closes, and the calls pending on it fail
+    /// once the pumper has drained what the peer wrote before it left, so a reply sent just
+    /// before a server closed still reaches its caller. Calls to a peer without a lane fail
+    /// at once.
+    pub(crate) fn drop_departed_lane(&self, peer: PeerId, message: &str) {
+        let lane = self.lock_state().lanes.remove(&peer);
+        let Some(lane) = lane else {
+            self.fail_calls_to(peer, FailureKind::PeerLeft, message);
+            return;
+        };
+        // Closed first: a call sending on the lane from now on fails by itself, so every call
+        // that could have a reply in the ring is among those collected below.
+        lane.close();
+        let pending: Vec<u64> = self
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, s)| s.peer == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        {
+            let mut orphans = lane.orphans.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*orphans, Orphans::Drained) {
+                drop(orphans);
+                self.fail_calls(&pending, FailureKind::PeerLeft, message);
+            } else {
+                *orphans = Orphans::Pending(pending);
+            }
+        }
+        // SYNC(rx_dirty): the lane's `closed` (set above) is visible to the pumper that swaps the
+        // flag in `pump`, which drains the lane and drops it.
+        self.rx_dirty.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// The pumper drained a closed lane: the calls its departed peer left pending and did not
+    /// answer fail now.
+    fn drained(&self, lane: &Lane) {
+        let was = std::mem::replace(
+            &mut *lane.orphans.lock().unwrap_or_else(|e| e.into_inner()),
+            Orphans::Drained,
+        );
+        if let Orphans::Pending(ids) = was {
+            self.fail_calls(&ids, FailureKind::PeerLeft, PEER_LEFT);
+        }
+    }
+
+    /// Fails these calls, those still pending.
+    fn fail_calls(&self, ids: &[u64], kind: FailureKind, message: &str) {
+        let slots: Vec<Arc<CallSlot>> = {
+            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+            ids.iter().filter_map(|id| calls.remove(id)).collect()
+        };
+        for s in slots {
+            s.complete(Err((kind, message.to_string(), None)));
+        }
         self.wake_all();
     }
 
@@ -1233,6 +1296,7 @@ impl Shared {
                         None
                     };
                     let _ = self.pump_lane(&mut l, &mut rx.buf, sink, usize::MAX, false);
+                    self.drained(&l.lane);
                 } else {
                     i += 1;
                 }

@@ -466,10 +466,9 @@ pub(crate) fn lane_to(
         .request(|req| ToGateway::OpenLane { req, peer }, CONTROL_TIMEOUT)
     {
         Ok(Reply::Lane(l)) => Ok(l),
-        Ok(Reply::Fail(Status::NotFound, _)) => Err((
-            Status::PeerLeft,
-            "Peer has left while waiting for result".into(),
-        )),
+        Ok(Reply::Fail(Status::NotFound, _)) => {
+            Err((Status::PeerLeft, super::engine::PEER_LEFT.into()))
+        }
         Ok(Reply::Fail(s, m)) => Err((s, m)),
         Ok(_) => Err((Status::Protocol, "unexpected reply to open-lane".into())),
         Err(e) => Err((e.status(), e.to_string())),

@@ -11,7 +11,7 @@ use crate::wire::record::{FRAG_CONT, FRAG_MORE};
 use std::borrow::Cow;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why a message could not be sent on a lane.
@@ -56,6 +56,22 @@ pub(crate) struct Lane {
     pub stalled: AtomicBool,
     /// Largest message body (fixed header + payload) accepted in either direction.
     pub max_message: usize,
+    /// Calls to the peer that were pending when it left (`Shared::drop_departed_lane`): their
+    /// replies may still be in the ring, so they fail only once it is drained.
+    pub orphans: Mutex<Orphans>,
+}
+
+/// Where the calls of a departed peer's lane stand (see [`Lane::orphans`]).
+#[derive(Debug, Default)]
+pub(crate) enum Orphans {
+    /// The peer has not left (or left with no call pending).
+    #[default]
+    None,
+    /// Left with these calls pending: the pumper fails those still pending once it drained the
+    /// lane.
+    Pending(Vec<u64>),
+    /// The pumper drained the lane: calls found pending later fail at once.
+    Drained,
 }
 
 /// The receiving half, owned by the receive set.
@@ -157,6 +173,7 @@ impl Lane {
             bells: bells.clone(),
             peer_doorbell,
             closed: AtomicBool::new(false),
+            orphans: Mutex::new(Orphans::None),
             stalled: AtomicBool::new(false),
             max_message,
         });
