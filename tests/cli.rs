@@ -633,6 +633,42 @@ fn gateway_exits_0_and_removes_its_socket_on_sigterm() {
     );
 }
 
+/// Out of descriptors, the gateway backs off and says so once, instead of retrying `accept` at
+/// once forever (a core spinning, nothing logged); it takes the connections that waited once
+/// others close.
+#[test]
+fn a_gateway_out_of_descriptors_backs_off_says_so_once_and_recovers() {
+    let dir = TempDir::new("cli-emfile");
+    let gw = GatewayProc::start_limited(&dir, &[], 64);
+    // Connections that never say hello: each one the gateway takes costs it a descriptor, and
+    // the rest wait in the backlog.
+    let held: Vec<std::os::unix::net::UnixStream> = (0..100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&gw.socket).unwrap())
+        .collect();
+    const WARNING: &str = "gateway: accepting connections fails";
+    assert!(
+        common::wait_until(QUICK, || gw.log().contains(WARNING)),
+        "no warning: {}",
+        gw.log()
+    );
+    drop(held);
+    // Served again: a tool connects, says hello and gets its answer.
+    let out = run_knit(&["--gateway", sock_arg(&gw.socket), "methods"], QUICK);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{} / gateway log: {}",
+        out.stderr,
+        gw.log()
+    );
+    assert_eq!(
+        gw.log().matches(WARNING).count(),
+        1,
+        "one warning per episode: {}",
+        gw.log()
+    );
+}
+
 #[test]
 fn serve_exits_6_when_its_gateway_stops() {
     let dir = TempDir::new("cli-gwgone");

@@ -294,7 +294,7 @@ async fn accept_loop(
     let mut conns = tokio::task::JoinSet::new();
     // Connections being refused (over `max_connections`): answered with HTTP 503, a few at once.
     let mut refusals = tokio::task::JoinSet::new();
-    let mut acc = Accepting::new(listener);
+    let mut acc = crate::sys::accept::Accepting::new(listener, "bridge");
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -323,94 +323,6 @@ async fn accept_loop(
         while conns.join_next().await.is_some() {}
     })
     .await;
-}
-
-/// Where connections come from: the bridge's listener (a trait so tests can make accepting
-/// fail).
-trait Listen {
-    type Conn;
-    fn poll_accept(
-        &self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<(Self::Conn, SocketAddr)>>;
-}
-
-impl Listen for TcpListener {
-    type Conn = TcpStream;
-    fn poll_accept(
-        &self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<(TcpStream, SocketAddr)>> {
-        TcpListener::poll_accept(self, cx)
-    }
-}
-
-/// First and longest pause after `accept` fails.
-const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(200));
-
-/// Accepts connections, backing off while `accept` fails (out of file descriptors: the
-/// pending connection stays in the backlog and the call fails again at once, so retrying
-/// without a pause spins a core). Failures are logged once per episode: again only after
-/// [`ACCEPT_LOG_EVERY`] (connections ending in between let a few through, and that is not the
-/// end of the shortage).
-struct Accepting<L> {
-    listener: L,
-    /// While failing: when to try again, and the next pause.
-    retry: Option<(tokio::time::Instant, Duration)>,
-    /// Failures since the last warning.
-    failures: u64,
-    warned: Option<tokio::time::Instant>,
-}
-
-/// How often a lasting failure to accept is logged.
-const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(60);
-
-impl<L: Listen> Accepting<L> {
-    fn new(listener: L) -> Self {
-        Accepting {
-            listener,
-            retry: None,
-            failures: 0,
-            warned: None,
-        }
-    }
-
-    /// Tries again without waiting out the pause (a connection ended, freeing its descriptor).
-    fn retry_now(&mut self) {
-        if let Some((at, _)) = &mut self.retry {
-            *at = tokio::time::Instant::now();
-        }
-    }
-
-    /// The next connection. Cancel-safe: the pause is kept in `self`.
-    async fn next(&mut self) -> (L::Conn, SocketAddr) {
-        loop {
-            if let Some((at, _)) = self.retry {
-                tokio::time::sleep_until(at).await;
-            }
-            match futures_util::future::poll_fn(|cx| self.listener.poll_accept(cx)).await {
-                Ok(c) => {
-                    self.retry = None;
-                    return c;
-                }
-                Err(e) => {
-                    let now = tokio::time::Instant::now();
-                    self.failures += 1;
-                    if self.warned.is_none_or(|w| now - w >= ACCEPT_LOG_EVERY) {
-                        crate::log::warn(format_args!(
-                            "bridge: accepting connections fails: {e} ({} times since the last warning; retrying every {} ms at most)",
-                            self.failures,
-                            ACCEPT_BACKOFF.1.as_millis()
-                        ));
-                        self.warned = Some(now);
-                        self.failures = 0;
-                    }
-                    let pause = self.retry.map_or(ACCEPT_BACKOFF.0, |(_, p)| p);
-                    self.retry = Some((now + pause, (pause * 2).min(ACCEPT_BACKOFF.1)));
-                }
-            }
-        }
-    }
 }
 
 /// Most refusals answered at once; connections beyond are dropped without an answer.
@@ -813,51 +725,6 @@ mod tests {
         out.text(s(50)).unwrap();
         out.text(s(200)).unwrap();
         assert_eq!(out.queued(), 250);
-    }
-
-    /// A listener whose `accept` fails `left` times (as with no file descriptors left), then
-    /// waits forever; it records when each attempt was made.
-    struct Failing {
-        left: std::cell::Cell<u32>,
-        attempts: std::cell::RefCell<Vec<tokio::time::Instant>>,
-    }
-
-    impl Listen for Failing {
-        type Conn = ();
-        fn poll_accept(
-            &self,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<((), SocketAddr)>> {
-            if self.left.get() == 0 {
-                return std::task::Poll::Pending;
-            }
-            self.left.set(self.left.get() - 1);
-            self.attempts.borrow_mut().push(tokio::time::Instant::now());
-            std::task::Poll::Ready(Err(io::Error::from_raw_os_error(24))) // EMFILE
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failing_accepts_back_off_instead_of_spinning() {
-        let failing = Failing {
-            left: std::cell::Cell::new(12),
-            attempts: Default::default(),
-        };
-        let mut acc = Accepting::new(failing);
-        // The clock is paused: this returns once every attempt was made and the listener waits.
-        let r = tokio::time::timeout(Duration::from_secs(3600), acc.next()).await;
-        assert!(r.is_err());
-        let at = acc.listener.attempts.borrow();
-        assert_eq!(at.len(), 12);
-        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
-        for pair in gaps.windows(2) {
-            assert!(pair[0] <= pair[1], "{gaps:?}");
-        }
-        assert!(
-            gaps[0] >= ACCEPT_BACKOFF.0 && gaps[gaps.len() - 1] == ACCEPT_BACKOFF.1,
-            "{gaps:?}"
-        );
-        assert_eq!(acc.failures, 11, "one warning");
     }
 
     #[test]

@@ -448,6 +448,8 @@ async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), GatewayError> {
     let listener = tokio::net::UnixListener::from_std(gw.listener).map_err(ctx("socket"))?;
+    // Backs off while `accept` fails (out of descriptors, it would fail again at once).
+    let mut accepting = crate::sys::accept::Accepting::new(listener, "gateway");
     let my_uid = identity::euid();
     let user = identity::user_name(my_uid);
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
@@ -508,9 +510,10 @@ async fn serve(
             // Reap writers whose connection ended: a finished task stays in the set (about
             // 1.4 KiB each) until joined, so a gateway that saw many short-lived peers grew
             // without bound (docs/load.md).
-            Some(_) = writers.join_next(), if !writers.is_empty() => {}
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+            // A connection that ended freed its descriptor: an `accept` failing for the lack of
+            // one may succeed now.
+            Some(_) = writers.join_next(), if !writers.is_empty() => accepting.retry_now(),
+            stream = accepting.next() => {
                 let cred = match identity::peer_cred(&stream) {
                     Ok(c) => c,
                     Err(_) => continue,

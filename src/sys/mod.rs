@@ -1,6 +1,7 @@
 //! Operating-system calls. Everything knit asks of the kernel enters here, through rustix, and
 //! leaves as `std::io::Error` or a typed error of the layer above.
 
+pub(crate) mod accept;
 pub mod affinity;
 pub(crate) mod fdpass;
 pub(crate) mod futex;

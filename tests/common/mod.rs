@@ -357,11 +357,36 @@ impl GatewayProc {
     }
 
     pub fn start_at(dir: &TempDir, socket: &Path, extra: &[&str]) -> GatewayProc {
+        Self::start_with(dir, socket, extra, None)
+    }
+
+    /// As [`GatewayProc::start`], with at most `nofile` open descriptors (`ulimit -n`).
+    pub fn start_limited(dir: &TempDir, extra: &[&str], nofile: u32) -> GatewayProc {
+        Self::start_with(dir, &dir.socket(), extra, Some(nofile))
+    }
+
+    fn start_with(
+        dir: &TempDir,
+        socket: &Path,
+        extra: &[&str],
+        nofile: Option<u32>,
+    ) -> GatewayProc {
         static N: AtomicU64 = AtomicU64::new(0);
         let log = dir
             .path()
             .join(format!("gateway-{}.log", N.fetch_add(1, Ordering::Relaxed)));
-        let child = Command::new(knit_bin())
+        let mut cmd = match nofile {
+            // The shell sets the limit and becomes the gateway (same pid).
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(knit_bin());
+                c
+            }
+            None => Command::new(knit_bin()),
+        };
+        let child = cmd
             .arg("gateway")
             .arg("--no-ws")
             .arg("--gateway")
