@@ -791,3 +791,40 @@ fn an_acceptance_after_the_subscriber_timed_out_ends_the_subscription() {
     );
     assert!(stream.subscriptions().is_empty());
 }
+
+/// A subscriber waiting for a stream asks the moment the stream is announced; the server has
+/// its stream in place by then, so the request is accepted, not refused as "not a stream".
+#[test]
+fn a_subscriber_waiting_for_a_stream_is_accepted_the_moment_it_appears() {
+    const ROUNDS: usize = 40;
+    let env = Env::new("stream-appears");
+    let subscriber = env.client("subscriber");
+    let server = env.client("server");
+    let mut refused = Vec::new();
+    for i in 0..ROUNDS {
+        let name = format!("Appears.{i}");
+        let waiting = {
+            let (c, name) = (subscriber.clone(), name.clone());
+            std::thread::spawn(move || {
+                let p = StreamParams {
+                    wait: Duration::from_secs(10),
+                    ..params(Value::map())
+                };
+                c.subscribe_stream(&name, p, |_| {}).map(|_| ())
+            })
+        };
+        let stream = server
+            .create_stream(name.as_str(), StreamOptions::default())
+            .unwrap();
+        if let Err(e) = waiting.join().unwrap() {
+            refused.push(format!("round {i}: {e}"));
+        }
+        stream.close().unwrap();
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of {ROUNDS} refused: {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+}

@@ -163,6 +163,17 @@ pub(crate) fn register(
     def: MethodDef,
     handler: Handler,
 ) -> Result<u32, ClientError> {
+    register_with(shared, def, |_| handler)
+}
+
+/// As [`register`], with the handler made once the method's id is known, before anyone can
+/// learn the method exists (a stream puts its entry in place there, so a subscription request
+/// that follows the announcement at once finds it).
+pub(crate) fn register_with(
+    shared: &Arc<Shared>,
+    def: MethodDef,
+    make_handler: impl FnOnce(u32) -> Handler,
+) -> Result<u32, ClientError> {
     if shared.is_closed() {
         return Err(ClientError::Closed);
     }
@@ -183,6 +194,7 @@ pub(crate) fn register(
         id
     };
     // The handler is in place before anyone can learn the method exists.
+    let handler = make_handler(id);
     shared
         .handlers
         .write()

@@ -828,19 +828,36 @@ pub(crate) fn create(
 ) -> Result<Stream, ClientError> {
     def.streaming = true;
     let name: Arc<str> = Arc::from(def.name.as_str());
-    let method_id = super::interop::register(shared, def, super::Handler::Stream)?;
-    let entry = Arc::new(StreamEntry {
-        name,
-        method_id,
-        options,
-        subs: CowList::default(),
-        closed: AtomicBool::new(false),
+    // The entry is served before the stream is announced: a subscriber waiting for the
+    // stream asks the moment it learns of it, and must find it.
+    let mut made = None;
+    let registered = super::interop::register_with(shared, def, |method_id| {
+        let entry = Arc::new(StreamEntry {
+            name,
+            method_id,
+            options,
+            subs: CowList::default(),
+            closed: AtomicBool::new(false),
+        });
+        table(shared).served.insert(method_id, entry.clone());
+        made = Some(entry);
+        super::Handler::Stream
     });
-    table(shared).served.insert(method_id, entry.clone());
-    Ok(Stream {
-        shared: shared.clone(),
-        entry,
-    })
+    match (registered, made) {
+        (Ok(_), Some(entry)) => Ok(Stream {
+            shared: shared.clone(),
+            entry,
+        }),
+        (Err(e), made) => {
+            if let Some(entry) = made {
+                table(shared).served.remove(&entry.method_id);
+            }
+            Err(e)
+        }
+        (Ok(_), None) => Err(ClientError::Protocol(
+            "a stream registered without its entry".into(),
+        )),
+    }
 }
 
 // ----- subscriber side ------------------------------------------------------------------------
