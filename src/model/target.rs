@@ -35,9 +35,9 @@ impl InstanceFilter {
 
     /// Whether `i` has every property set here.
     pub fn matches(&self, i: &Instance) -> bool {
-        let eq = |want: &Option<String>, have: &str| {
-            want.as_ref().is_none_or(|w| w.eq_ignore_ascii_case(have))
-        };
+        // Strings compare as io.Connect's `toLowerCase` compares them, in every script.
+        let eq =
+            |want: &Option<String>, have: &str| want.as_ref().is_none_or(|w| eq_lower(w, have));
         eq(&self.application, &i.application)
             && eq(&self.instance, &i.instance)
             && eq(&self.user, &i.user)
@@ -118,13 +118,17 @@ impl std::fmt::Display for Target {
 /// methods, so a name listed with several servers reaches them all. ASCII names (the usual
 /// case) compare without lowering anything.
 pub fn method_matches(name: &str, def: &MethodDef) -> bool {
-    let own = def.name.as_str();
-    if own.is_ascii() && name.is_ascii() {
-        return own.eq_ignore_ascii_case(name);
+    eq_lower(&def.name, name)
+}
+
+/// Whether `a` and `b` are equal lowercased, in every script (ASCII keeps its fast path).
+fn eq_lower(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        return a.eq_ignore_ascii_case(b);
     }
-    own.chars()
+    a.chars()
         .flat_map(char::to_lowercase)
-        .eq(name.chars().flat_map(char::to_lowercase))
+        .eq(b.chars().flat_map(char::to_lowercase))
 }
 
 /// Applies `target` to `candidates` (servers of the method, ourselves first if we serve it,
@@ -214,5 +218,14 @@ mod tests {
         assert!(method_matches("ärger", &MethodDef::new("Ärger")));
         assert!(method_matches("ΣΟΦΊΑ", &MethodDef::new("σοφία")));
         assert!(!method_matches("ärger", &MethodDef::new("Arger")));
+    }
+
+    #[test]
+    fn filter_strings_match_case_insensitively_in_every_script() {
+        let a = inst("Ünï", 1);
+        for want in ["ünï", "ÜNÏ", "Ünï"] {
+            assert!(InstanceFilter::application(want).matches(&a), "{want}");
+        }
+        assert!(!InstanceFilter::application("uni").matches(&a));
     }
 }
