@@ -215,8 +215,9 @@ pub extern "C" fn knit_client_close(client: *mut knit_client_t) -> knit_status_t
 /// Poll mode (`KNIT_CONNECT_POLL`): runs pending callbacks on this thread, waiting up to
 /// `timeout_ms` for one; `*handled_out` (if not NULL) gets how many ran. Returns
 /// `KNIT_DISCONNECTED` when nothing ran and the gateway connection is down (the client
-/// reconnects by itself: keep polling to ride out a gateway restart), and
-/// `KNIT_INVALID_ARGUMENT` on a client with a dispatcher thread.
+/// reconnects by itself: keep polling to ride out a gateway restart), `KNIT_CLOSED` once
+/// the client is closed (by another thread, or by a callback this poll ran: `*handled_out`
+/// still counts it), and `KNIT_INVALID_ARGUMENT` on a client with a dispatcher thread.
 ///
 /// # Safety
 /// `handled_out` is NULL or writable.
@@ -241,6 +242,11 @@ pub unsafe extern "C" fn knit_client_poll(
         if !handled_out.is_null() {
             // SAFETY: as above.
             unsafe { handled_out.write(u32::try_from(n).unwrap_or(u32::MAX)) };
+        }
+        // Closed while polling (from another thread, or by a callback): a closed handle, not
+        // a connection to wait for.
+        if e.client.is_closed() {
+            return Err(Failure::new(Status::Closed, "client is closed"));
         }
         if n == 0 && !e.client.is_connected() {
             return Err(Failure::new(

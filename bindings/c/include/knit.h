@@ -556,8 +556,9 @@ knit_status_t knit_client_close(knit_client_t *client);
  * Poll mode (`KNIT_CONNECT_POLL`): runs pending callbacks on this thread, waiting up to
  * `timeout_ms` for one; `*handled_out` (if not NULL) gets how many ran. Returns
  * `KNIT_DISCONNECTED` when nothing ran and the gateway connection is down (the client
- * reconnects by itself: keep polling to ride out a gateway restart), and
- * `KNIT_INVALID_ARGUMENT` on a client with a dispatcher thread.
+ * reconnects by itself: keep polling to ride out a gateway restart), `KNIT_CLOSED` once
+ * the client is closed (by another thread, or by a callback this poll ran: `*handled_out`
+ * still counts it), and `KNIT_INVALID_ARGUMENT` on a client with a dispatcher thread.
  *
  * # Safety
  * `handled_out` is NULL or writable.

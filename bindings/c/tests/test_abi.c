@@ -9,10 +9,12 @@
 #include <knit.h>
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static int failures = 0;
 static int checks = 0;
@@ -105,7 +107,9 @@ struct deferred {
     pthread_t thread;
     knit_reply_t *reply;
     knit_status_t status;
-    int started;
+    /* 0 until the handler tried to start its thread, then 1 (started) or -1 (failed): the
+       thread may answer, and the caller see the answer, before the handler returns. */
+    atomic_int started;
 };
 static void *deferred_thread(void *p) {
     struct deferred *d = p;
@@ -117,7 +121,8 @@ static void deferred(void *ud, const char *args, const char *caller, knit_reply_
     (void)args;
     (void)caller;
     d->reply = reply;
-    d->started = pthread_create(&d->thread, NULL, deferred_thread, d) == 0;
+    int rc = pthread_create(&d->thread, NULL, deferred_thread, d);
+    atomic_store(&d->started, rc == 0 ? 1 : -1);
 }
 
 /* Never answers: keeps the handle. */
@@ -355,8 +360,9 @@ static void test_round_trip_and_failures(void) {
     CHECK_STATUS(knit_invoke(client, "Deferred", "{}", NULL, 5000, &r), KNIT_OK);
     CHECK(CONTAINS(r, "\"returned\":{\"from\":\"thread\"}"));
     knit_string_free(r);
-    CHECK(d.started);
-    if (d.started) pthread_join(d.thread, NULL);
+    while (atomic_load(&d.started) == 0) sched_yield();
+    CHECK(atomic_load(&d.started) == 1);
+    if (atomic_load(&d.started) == 1) pthread_join(d.thread, NULL);
     CHECK(d.status == KNIT_OK);
 
     /* a handler that never answers: the caller times out with the result-shaped failure */
@@ -514,7 +520,15 @@ struct poll_ctx {
     knit_status_t status;
     char *result;
     pthread_t handler_thread;
+    /* What the invoking thread saw, to tell a failure's cause. */
+    char error[512];
+    double invoke_ms;
 };
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
 static void polled(void *ud, const char *args, const char *caller, knit_reply_t *reply) {
     struct poll_ctx *p = ud;
     (void)caller;
@@ -523,9 +537,20 @@ static void polled(void *ud, const char *args, const char *caller, knit_reply_t 
 }
 static void *poll_invoker(void *ud) {
     struct poll_ctx *p = ud;
+    double t0 = now_ms();
     p->status = knit_invoke(p->caller, "Polled", "{\"poll\":1}", NULL, 10000, &p->result);
+    p->invoke_ms = now_ms() - t0;
+    snprintf(p->error, sizeof p->error, "%s", knit_last_error_message());
     atomic_store(&p->done, 1);
     return NULL;
+}
+
+/* A poll-mode client's message callback that closes the client it runs for. */
+static void close_own_client(void *ud, const char *topic, const char *data, const char *source) {
+    (void)topic;
+    (void)data;
+    (void)source;
+    CHECK_STATUS(knit_client_close((knit_client_t *)ud), KNIT_OK);
 }
 
 static void test_poll_mode(void) {
@@ -537,12 +562,20 @@ static void test_poll_mode(void) {
     CHECK(pthread_create(&t, NULL, poll_invoker, &p) == 0);
     uint32_t handled = 0, total = 0;
     int rounds = 0;
+    double t0 = now_ms();
     while (!atomic_load(&p.done) && rounds++ < 200) {
         CHECK_STATUS(knit_client_poll(server, 50, &handled), KNIT_OK);
         total += handled;
     }
+    double polled_ms = now_ms() - t0;
     pthread_join(t, NULL);
     CHECK(p.status == KNIT_OK);
+    if (p.status != KNIT_OK)
+        fprintf(stderr,
+                "  poll mode: invoke gave %s after %.0f ms (%s; result %s); the server polled "
+                "%d rounds in %.0f ms and ran %u callbacks\n",
+                knit_status_name(p.status), p.invoke_ms, p.error, p.result ? p.result : "NULL",
+                rounds, polled_ms, total);
     CHECK(CONTAINS(p.result, "\"returned\":{\"poll\":1}"));
     knit_string_free(p.result);
     CHECK(total == 1);
@@ -557,6 +590,19 @@ static void test_poll_mode(void) {
     knit_string_free(r);
     CHECK_STATUS(knit_client_close(server), KNIT_OK);
     CHECK_STATUS(knit_client_poll(server, 0, &handled), KNIT_CLOSED);
+
+    /* closed during a poll (by a callback it ran): that poll says CLOSED, not DISCONNECTED */
+    knit_client_t *closing = connect_app("c-poll-closing", KNIT_CONNECT_POLL);
+    knit_subscription_t *sub = NULL;
+    CHECK_STATUS(knit_subscribe(closing, "c.poll.close", close_own_client, closing, &sub),
+                 KNIT_OK);
+    CHECK_STATUS(knit_publish(p.caller, "c.poll.close", "{}"), KNIT_OK);
+    knit_status_t st = KNIT_OK;
+    handled = 0;
+    for (int i = 0; i < 200 && st == KNIT_OK && handled == 0; i++)
+        st = knit_client_poll(closing, 50, &handled);
+    CHECK_STATUS(st, KNIT_CLOSED);
+    CHECK(handled == 1);
     CHECK_STATUS(knit_client_close(p.caller), KNIT_OK);
 }
 
