@@ -117,6 +117,11 @@ class Client:
             h, self._h = self._h, None
         if h is not None:
             check(lib.knit_client_close(h))
+        if getattr(pubsub._tls, "handler_of", None) is self:
+            # Closing from inside one of our method handlers, which is still running on this
+            # thread: its cffi callback must outlive it (freeing a callback while it runs would
+            # crash), so the handlers are kept for good (rare).
+            pubsub._orphans.append(dict(self._keep))
         running = getattr(pubsub._tls, "running", None)
         for x in list(self._live):  # closed with the client: forget their handles
             if x is running:  # closing from inside its callback: keep that alive
@@ -171,6 +176,8 @@ class Client:
         @ffi.callback("knit_method_fn")
         def trampoline(_ud, args, caller, reply_h):
             reply = Reply(reply_h)
+            outer = getattr(pubsub._tls, "handler_of", None)
+            pubsub._tls.handler_of = self
             try:
                 handler(json.loads(ffi.string(args)), json.loads(ffi.string(caller)), reply)
             except Exception as e:  # answered as the call's error
@@ -179,6 +186,8 @@ class Client:
                         reply.error(str(e) or type(e).__name__)
                     except Exception:
                         pass
+            finally:
+                pubsub._tls.handler_of = outer
 
         self._add(name, trampoline, lambda: lib.knit_register(self._open(), _c(name), trampoline, ffi.NULL))
 
@@ -189,6 +198,8 @@ class Client:
         @ffi.callback("knit_bytes_method_fn")
         def trampoline(_ud, data, n, caller, reply_h):
             reply = Reply(reply_h)
+            outer = getattr(pubsub._tls, "handler_of", None)
+            pubsub._tls.handler_of = self
             try:
                 reply.bytes(handler(bytes(ffi.buffer(data, n)), json.loads(ffi.string(caller))))
             except Exception as e:
@@ -197,6 +208,8 @@ class Client:
                         reply.error(str(e) or type(e).__name__)
                     except Exception:
                         pass
+            finally:
+                pubsub._tls.handler_of = outer
 
         self._add(name, trampoline, lambda: lib.knit_register_bytes(self._open(), _c(name), trampoline, ffi.NULL))
 

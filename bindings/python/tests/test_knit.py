@@ -182,6 +182,30 @@ def test_a_client_used_after_its_with_block_says_closed(gateway):
         assert "closed" in e.value.message
 
 
+def test_a_handler_that_closes_its_client_keeps_its_callback_alive(gateway):
+    """Closing the client from inside its own method handler must not free that handler's
+    cffi callback while it runs: it is kept for good instead."""
+    from knit import pubsub
+
+    server = knit.Client("py-closes-itself", gateway)
+    seen = {}
+    done = threading.Event()
+
+    def handler(args, caller, reply):
+        reply.ok(args)
+        seen["callback"] = server._keep.get("Py.CloseMe")
+        server.close()
+        done.set()
+
+    server.register_async("Py.CloseMe", handler)
+    with knit.Client("py-close-caller", gateway) as caller:
+        assert caller.invoke("Py.CloseMe", {"n": 1})["returned"] == {"n": 1}
+    assert done.wait(10)
+    assert seen["callback"] is not None
+    kept = [cb for o in pubsub._orphans if isinstance(o, dict) for cb in o.values()]
+    assert any(cb is seen["callback"] for cb in kept)
+
+
 def test_a_rust_peer_in_another_process(gateway, serve_cli):
     ready = serve_cli("Rust.Echo")
     with knit.Client("py-caller", gateway) as client:
