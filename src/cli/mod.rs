@@ -244,9 +244,21 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return code;
+            if e.use_stderr() {
+                let _ = e.print();
+                return 2;
+            }
+            // `--help`, `--version`: output like any other, so a failed write is exit 1 (and a
+            // reader that went away, 0).
+            use std::io::Write;
+            return match e.print().and_then(|()| std::io::stdout().flush()) {
+                Ok(()) => 0,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+                Err(e) => {
+                    errln!("knit: cannot write the output: {e}");
+                    1
+                }
+            };
         }
     };
     match run(cli) {
