@@ -404,8 +404,20 @@ fn parse_json_arg(arg: &str) -> Result<Value, CliError> {
     } else {
         arg.to_string()
     };
-    Value::from_json_str(&text)
-        .map_err(|e| CliError::new(Status::BadInput, format!("invalid JSON: {e}")))
+    parse_json(&text).map_err(|e| CliError::new(Status::BadInput, format!("invalid JSON: {e}")))
+}
+
+/// JSON text as a value, nested as deep as the store takes it ([`knit::wire::value::MAX_DEPTH`]
+/// levels of arrays and objects), so that whatever `ctx get` prints can be set again.
+/// serde_json's own limit (127 levels) is lifted; `Value`'s parser refuses anything deeper
+/// than the store's limit before descending into it, which bounds the recursion.
+fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
+    use serde::Deserialize;
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let v = Value::deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
 }
 
 fn print_json(v: &Value) {
