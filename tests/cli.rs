@@ -933,3 +933,130 @@ fn a_gateway_whose_stderr_was_closed_keeps_serving_and_stops_cleanly() {
     let status = gw.wait_timeout(QUICK).expect("the gateway did not stop");
     assert_eq!(status.code(), Some(0), "{status}");
 }
+
+#[test]
+fn help_and_version_that_cannot_be_written_exit_1() {
+    // `/dev/full` takes no byte: a failed write of the output is exit 1, as for any command.
+    for arg in ["--help", "--version"] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("opening /dev/full");
+        let out = std::process::Command::new(common::knit_bin())
+            .arg(arg)
+            .stdout(full)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("running knit");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "knit {arg}: {stderr}");
+        assert!(stderr.contains("cannot write"), "knit {arg}: {stderr}");
+        // Written somewhere that takes it, the same is exit 0.
+        assert_exit(&run_knit(&[arg], QUICK), 0);
+    }
+}
+
+#[test]
+fn stream_serve_refuses_a_rate_whose_period_is_not_a_duration() {
+    for rate in ["1e-300", "0", "nan", "-1", "inf"] {
+        let arg = format!("--rate={rate}");
+        let out = run_knit(&["stream", "serve", "cli-rate-x", &arg], QUICK);
+        assert_exit(&out, 2);
+        assert!(
+            out.stderr.contains("--rate"),
+            "--rate {rate}: {}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+        assert!(out.stdout.is_empty(), "--rate {rate}: {}", out.stdout);
+    }
+}
+
+#[test]
+fn bench_refuses_modes_and_sizes_it_would_not_measure() {
+    // Checked before anything runs: no gateway, no peers.
+    for (args, code, says) in [
+        (
+            &["bench", "stream", "--mode", "bogus"][..],
+            2,
+            "unknown mode",
+        ),
+        (&["bench", "rpc", "--mode", "bogus"][..], 2, "unknown mode"),
+        (&["bench", "ctx", "--mode", "park"][..], 2, "spin mode only"),
+        (&["bench", "bus", "--mode", "park"][..], 2, "spin mode only"),
+        (
+            &["bench", "stream", "--mode", "park"][..],
+            2,
+            "spin mode only",
+        ),
+        (&["bench", "all", "--mode", "park"][..], 2, "spin mode only"),
+        (
+            &["bench", "restart", "--mode", "spin"][..],
+            2,
+            "does not take --mode",
+        ),
+        (&["bench", "rpc", "--size", "0"][..], 2, "at least 1 byte"),
+        (&["bench", "bus", "--size", "0"][..], 2, "at least 8 bytes"),
+        (
+            &["bench", "stream", "--size", "7"][..],
+            2,
+            "at least 8 bytes",
+        ),
+        (
+            &["bench", "rpc", "--size", "16777300"][..],
+            8,
+            "payload limit",
+        ),
+        (
+            &["bench", "bus", "--size", "16777300"][..],
+            8,
+            "payload limit",
+        ),
+    ] {
+        let out = run_knit(args, QUICK);
+        assert_exit(&out, code);
+        assert!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "{args:?}: {}", out.stdout);
+    }
+}
+
+#[test]
+fn an_interrupted_bench_removes_its_gateway_directory() {
+    // The bench makes its private gateway under $TMPDIR: a directory of this test's own.
+    let tmp = TempDir::new("cli-bench-sigint");
+    let child = std::process::Command::new(common::knit_bin())
+        .args([
+            "bench",
+            "rpc",
+            "--mode",
+            "park",
+            "--iters",
+            "100000000",
+            "--json",
+        ])
+        .env("TMPDIR", tmp.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawning knit bench");
+    let mut bench = common::ChildGuard::new(child, "knit bench rpc");
+    let dir = tmp.path().join(format!("knit-bench-{}", bench.pid()));
+    // Its gateway is up once the lock and the socket exist (the bench runs far longer).
+    assert!(
+        wait_until(STARTUP, || dir.join("gw.sock").exists()
+            && dir.join("gw.sock.lock").exists()),
+        "the bench never made {}",
+        dir.display()
+    );
+    bench.signal(rustix::process::Signal::INT);
+    let status = bench
+        .wait_timeout(QUICK)
+        .expect("the bench did not exit on SIGINT");
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert!(
+        !dir.exists(),
+        "left behind: {:?}",
+        std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+}

@@ -458,3 +458,158 @@ fn sub_whose_reader_goes_away_exits_0_without_a_panic() {
     assert_eq!(sub.try_status().and_then(|s| s.code()), Some(0));
     assert_eq!(err.wait_for(QUICK, |l| l.contains("panicked")), None);
 }
+
+// ----- readers that do not keep up -------------------------------------------------------------
+
+/// The resident memory of process `pid`, in KiB (`VmRSS` in /proc/PID/status).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn sub_whose_reader_stops_reading_holds_back_the_publisher_instead_of_growing() {
+    // `knit sub flood | sleep 40`: nobody reads the pipe. The command's queue fills, its
+    // callback waits, the lane from the publisher fills, and the publisher gets BUSY (after the
+    // library's own wait for room): the memory the command holds stays bounded. Without a bound
+    // the command took every message into its own memory and the publisher never waited.
+    let dir = TempDir::new("subslow");
+    let g = gw(&dir);
+    let sock = &g.socket;
+    let mut child = common::spawn_piped(sock, &["sub", "cli-flood"]);
+    let err = Lines::spawn(child.stderr.take().expect("stderr"));
+    // Held, never read.
+    let _stdout = child.stdout.take().expect("stdout");
+    let sub = ChildGuard::new(child, "knit sub cli-flood");
+    err.wait_for(STARTUP, |l| l.contains("\"ready\""))
+        .expect("knit sub never said ready");
+    let publisher = Client::builder("flood-pub")
+        .socket(sock)
+        .connect()
+        .expect("connect");
+    // 64 KiB messages, up to 256 MiB in all: far more than the command may hold.
+    let payload = Value::from("x".repeat(64 << 10).as_str());
+    let mut busy = None;
+    for i in 0..4096u32 {
+        match publisher.publish(
+            "cli-flood",
+            payload.clone(),
+            &knit::client::PublishOptions::default(),
+        ) {
+            Ok(()) => {}
+            Err(e) => {
+                busy = Some((i, e));
+                break;
+            }
+        }
+    }
+    let rss = rss_kib(sub.pid());
+    let (sent, e) = busy.expect("every message was taken: the slow reader held nobody back");
+    assert_eq!(e.status(), knit::Status::Busy, "{e}");
+    // Its queue (4 MiB), the pipe, the lane and the process itself: well under 128 MiB.
+    assert!(
+        rss < 128 << 10,
+        "knit sub holds {rss} KiB after {sent} messages of 64 KiB"
+    );
+}
+
+#[test]
+fn stream_sub_closed_as_a_slow_consumer_says_so() {
+    // A stream that blocks a full subscriber briefly, then closes it as a slow consumer.
+    let dir = TempDir::new("streamslow");
+    let g = gw(&dir);
+    let sock = &g.socket;
+    let server = Client::builder("slow-stream-server")
+        .socket(sock)
+        .connect()
+        .expect("connect");
+    let (removed_tx, removed_rx) = std::sync::mpsc::channel();
+    let removed_tx = std::sync::Mutex::new(removed_tx);
+    let opts = knit::client::StreamOptions {
+        policy: knit::client::SlowConsumerPolicy::Block(Duration::from_millis(100)),
+        queue: 16,
+        on_removed: Some(Box::new(move |_| {
+            let _ = removed_tx.lock().unwrap().send(());
+        })),
+        ..Default::default()
+    };
+    let stream = server
+        .create_stream("cli-slow-stream", opts)
+        .expect("create_stream");
+    let mut child = common::spawn_piped(sock, &["stream", "sub", "cli-slow-stream"]);
+    let err = Lines::spawn(child.stderr.take().expect("stderr"));
+    // Not read until the server has dropped the subscription.
+    let stdout = child.stdout.take().expect("stdout");
+    let mut sub = ChildGuard::new(child, "knit stream sub cli-slow-stream");
+    err.wait_for(STARTUP, |l| l.contains("\"ready\""))
+        .expect("knit stream sub never said ready");
+    let item = Value::object([("pad", Value::from("z".repeat(16 << 10).as_str()))]);
+    let mut dropped = false;
+    for _ in 0..20_000 {
+        stream.push(item.clone()).expect("push");
+        if removed_rx.try_recv().is_ok() {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(
+        dropped,
+        "the subscriber kept up with 20 000 items nobody read"
+    );
+    // Now read: the command prints what it had, then ends saying why.
+    let drain = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stdout }, &mut s);
+        s.lines().count()
+    });
+    let status = sub
+        .wait_timeout(QUICK)
+        .expect("knit stream sub did not end");
+    let lines = drain.join().unwrap();
+    let why = err
+        .wait_for(QUICK, |l| l.starts_with("knit:"))
+        .unwrap_or_default();
+    assert!(why.contains("slow consumer"), "{why}");
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "{status} after {lines} lines: {why}"
+    );
+}
+
+#[test]
+fn whatever_ctx_get_prints_ctx_set_takes_back() {
+    let dir = TempDir::new("ctxdeep");
+    let g = gw(&dir);
+    let sock = &g.socket;
+    // The deepest value the store takes: 128 levels of objects.
+    let path = vec!["k"; 128].join(".");
+    knit_ok(sock, &["ctx", "set-path", "cli-deep", &path, "1"]);
+    let mut all = vec!["--gateway", s(sock), "ctx", "get", "cli-deep"];
+    let got = run_knit(&all, QUICK);
+    assert_eq!(got.code, Some(0), "{}", got.stderr);
+    all.truncate(2);
+    all.extend(["ctx", "set", "cli-deep-copy", "-"]);
+    let set = common::run_knit_stdin(&all, got.stdout.as_bytes(), QUICK);
+    assert_eq!(set.code, Some(0), "{}", set.stderr);
+    // Compared as text: the test's own JSON parser stops at 127 levels.
+    let copy = run_knit(
+        &["--gateway", s(sock), "ctx", "get", "cli-deep-copy"],
+        QUICK,
+    );
+    assert_eq!(copy.code, Some(0), "{}", copy.stderr);
+    assert_eq!(copy.stdout, got.stdout);
+    assert_eq!(got.stdout.matches("{\"k\":").count(), 128, "{}", got.stdout);
+    // One level more is bad input, as the store would refuse it (and no stack overflow for a
+    // lot more).
+    for n in [129, 100_000] {
+        let deep = "{\"k\":".repeat(n) + "1" + &"}".repeat(n);
+        let out = common::run_knit_stdin(&all, deep.as_bytes(), QUICK);
+        assert_eq!(out.code, Some(8), "{n} levels: {}", out.stderr);
+    }
+}

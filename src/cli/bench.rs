@@ -198,7 +198,125 @@ fn machine_now() -> String {
     )
 }
 
+// ----- what an interrupted bench leaves behind ------------------------------------------------
+
+/// The private directories (gateway socket, lock, logs) of the running bench, removed by
+/// [`on_signal_clean_up`] when SIGINT or SIGTERM ends the bench before it removes them itself.
+static RUN_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// `dir` is to be removed if the bench is interrupted (until [`forget_dir`]).
+pub(super) fn track_dir(dir: &std::path::Path) {
+    RUN_DIRS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(dir.to_path_buf());
+}
+
+/// `dir` was removed (or handed on) by the bench itself.
+pub(super) fn forget_dir(dir: &std::path::Path) {
+    RUN_DIRS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|d| d != dir);
+}
+
+/// Makes SIGINT and SIGTERM end the bench the way a normal return does as far as files go: the
+/// directories it made are removed, then it exits with 128 + the signal's number (130, 143).
+/// Its child peers die with it (the terminal's SIGINT reaches them too; otherwise their
+/// parent-death signal or their closed pipes end them).
+fn on_signal_clean_up() -> Result<(), CliError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| bench_err("signal handling", e))?;
+    // Registered here, before the bench starts: from now on the signals are ours to act on.
+    let (mut int, mut term) = rt
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })
+        .map_err(|e| bench_err("signal handling", e))?;
+    std::thread::Builder::new()
+        .name("knit-bench-signals".into())
+        .spawn(move || {
+            let code = rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => 130,
+                    _ = term.recv() => 143,
+                }
+            });
+            let dirs = std::mem::take(&mut *RUN_DIRS.lock().unwrap_or_else(|e| e.into_inner()));
+            for d in dirs {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            errln!("knit: bench interrupted");
+            std::process::exit(code);
+        })
+        .map_err(|e| bench_err("signal handling", e))?;
+    Ok(())
+}
+
+/// The payload limit of the private gateways the bench starts (their default).
+fn max_payload() -> u64 {
+    GatewayConfig::new(PathBuf::from("unused"))
+        .limits
+        .max_payload
+}
+
+/// Refuses what a scenario would not measure as asked: a mode it does not run in, a size its
+/// baseline cannot carry or the gateway would refuse.
+fn check_args(args: &BenchArgs) -> Result<(), CliError> {
+    let usage = |m: String| Err(CliError::new(Status::InvalidArgument, m));
+    let scenario = args.scenario.as_str();
+    let data = matches!(scenario, "ctx" | "bus" | "stream" | "all");
+    if let Some(m) = args.mode.as_deref() {
+        match (scenario, m) {
+            (_, m) if m != "spin" && m != "park" => {
+                return usage(format!("unknown mode {m:?}: spin or park"))
+            }
+            ("rpc", _) | ("ctx" | "bus" | "stream" | "all", "spin") => {}
+            ("ctx" | "bus" | "stream" | "all", _) => {
+                return usage(format!(
+                    "bench {scenario} measures spin mode only (ctx, bus and stream subscribers \
+                     spin); --mode park applies to bench rpc"
+                ))
+            }
+            _ => return usage(format!("bench {scenario} does not take --mode")),
+        }
+    }
+    if let Some(size) = args.size {
+        if data && size < 8 {
+            return usage(format!(
+                "--size {size}: bench {scenario} needs at least 8 bytes (each message carries \
+                 an 8-byte timestamp)"
+            ));
+        }
+        if size == 0 {
+            return usage(
+                "--size 0: a round trip needs at least 1 byte (the Unix-socket baseline sends \
+                 the payload)"
+                    .into(),
+            );
+        }
+        let max = max_payload();
+        if size as u64 > max {
+            return Err(CliError::new(
+                Status::PayloadTooLarge,
+                format!(
+                    "--size {size} is over the payload limit of the bench's gateway ({max} bytes)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: BenchArgs) -> Result<(), CliError> {
+    check_args(&args)?;
+    on_signal_clean_up()?;
     match args.scenario.as_str() {
         "rpc" => rpc(&args),
         "ctx" => data::ctx(&args),
@@ -281,6 +399,8 @@ impl Drop for Peer {
 
 fn spawn_peer(role: &str, extra: &[String], fd: Option<&OwnedFd>) -> Result<Peer, CliError> {
     let mut cmd = Command::new(exe()?);
+    // An interrupted bench exits at once (`on_signal_clean_up`): its peers go with it.
+    load::die_with_parent(&mut cmd, rustix::process::Signal::KILL);
     cmd.arg("__bench-peer")
         .arg(role)
         .args(extra)
@@ -685,9 +805,10 @@ fn rpc_round(
     };
     let payload = Value::Bytes(vec![0xAB; size]);
     measure(s, warm, n, gap, || {
+        // With its status: a payload over the gateway's limit is exit 8, not an internal error.
         let r = client
             .invoke("bench.echo", payload.clone(), &opts)
-            .map_err(|e| bench_err("invoke", e))?;
+            .map_err(|e| CliError::new(e.status(), format!("invoke: {e}")))?;
         match r.returned {
             Value::Bytes(b) if b.len() == size => Ok(()),
             _ => Err(bench_err("rpc", "wrong echo")),
@@ -749,6 +870,7 @@ fn rpc(args: &BenchArgs) -> Result<(), CliError> {
     pin(cpu_client);
     // A private gateway, so the bench needs nothing running and disturbs nothing.
     let dir = std::env::temp_dir().join(format!("knit-bench-{}", std::process::id()));
+    track_dir(&dir);
     let gw = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
         .map_err(|e| bench_err("gateway", e))?
         .spawn()
@@ -802,6 +924,7 @@ fn rpc(args: &BenchArgs) -> Result<(), CliError> {
     })();
     gw.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+    forget_dir(&dir);
     result
 }
 

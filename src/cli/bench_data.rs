@@ -90,13 +90,17 @@ fn wait_done(board: &Bare) {
 
 fn with_gateway<T>(f: impl FnOnce(&std::path::Path) -> Result<T, CliError>) -> Result<T, CliError> {
     let dir = std::env::temp_dir().join(format!("knit-bench-{}-{}", std::process::id(), mono_ns()));
-    let gw = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
-        .map_err(|e| bench_err("gateway", e))?
-        .spawn()
-        .map_err(|e| bench_err("gateway", e))?;
-    let r = f(gw.socket_path());
-    gw.shutdown();
+    track_dir(&dir);
+    let r = Gateway::bind(GatewayConfig::new(dir.join("gw.sock")))
+        .map_err(|e| bench_err("gateway", e))
+        .and_then(|g| g.spawn().map_err(|e| bench_err("gateway", e)))
+        .and_then(|gw| {
+            let r = f(gw.socket_path());
+            gw.shutdown();
+            r
+        });
     let _ = std::fs::remove_dir_all(&dir);
+    forget_dir(&dir);
     r
 }
 

@@ -134,7 +134,7 @@ fn round2(x: f64) -> f64 {
 
 /// Children die with the bench: the kernel sends `sig` when the thread that spawned them (the
 /// bench's main thread) ends, however it ends.
-fn die_with_parent(cmd: &mut Command, sig: rustix::process::Signal) {
+pub(super) fn die_with_parent(cmd: &mut Command, sig: rustix::process::Signal) {
     use std::os::unix::process::CommandExt;
     // SAFETY: between fork and exec the closure makes one system call (prctl), which is
     // async-signal-safe, and allocates nothing.
@@ -355,6 +355,7 @@ impl RunDir {
             .mode(0o700)
             .create(&p)
             .map_err(|e| bench_err("run directory", e))?;
+        track_dir(&p);
         Ok(RunDir(p))
     }
 }
@@ -362,6 +363,7 @@ impl RunDir {
 impl Drop for RunDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        forget_dir(&self.0);
     }
 }
 

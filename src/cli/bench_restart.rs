@@ -218,6 +218,7 @@ impl Round {
             std::env::temp_dir().join(format!("knit-bench-restart-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| bench_err("temp dir", e))?;
+        track_dir(&dir);
         Ok(Round {
             socket: dir.join("gw.sock"),
             dir,
@@ -333,6 +334,7 @@ impl Drop for Round {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        forget_dir(&self.dir);
     }
 }
 

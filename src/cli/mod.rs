@@ -18,6 +18,7 @@ macro_rules! errln {
 }
 
 mod bench;
+mod outq;
 
 use clap::{Parser, Subcommand};
 use knit::client::{Client, ClientError, InvokeError, InvokeOptions, Responder};
@@ -244,9 +245,21 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return code;
+            if e.use_stderr() {
+                let _ = e.print();
+                return 2;
+            }
+            // `--help`, `--version`: output like any other, so a failed write is exit 1 (and a
+            // reader that went away, 0).
+            use std::io::Write;
+            return match e.print().and_then(|()| std::io::stdout().flush()) {
+                Ok(()) => 0,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+                Err(e) => {
+                    errln!("knit: cannot write the output: {e}");
+                    1
+                }
+            };
         }
     };
     match run(cli) {
@@ -318,17 +331,20 @@ fn run(cli: Cli) -> CliResult {
             count,
         } => {
             let client = connect(&socket, cli.app.as_deref(), "knit-cli")?;
-            let (tx, rx) = std::sync::mpsc::channel::<Value>();
+            let (tx, rx) = outq::channel();
             let opts = knit::client::SubscribeOptions {
                 routing_key,
                 source: None,
             };
             let _sub = client.subscribe(&topic, opts, move |m| {
-                let _ = tx.send(Value::object([
-                    ("topic", Value::from(&*m.topic)),
-                    ("data", m.data.clone()),
-                    ("source", m.source.to_value()),
-                ]));
+                out_send(
+                    &tx,
+                    Value::object([
+                        ("topic", Value::from(&*m.topic)),
+                        ("data", m.data.clone()),
+                        ("source", m.source.to_value()),
+                    ]),
+                );
             })?;
             errln!(
                 "{}",
@@ -392,8 +408,20 @@ fn parse_json_arg(arg: &str) -> Result<Value, CliError> {
     } else {
         arg.to_string()
     };
-    Value::from_json_str(&text)
-        .map_err(|e| CliError::new(Status::BadInput, format!("invalid JSON: {e}")))
+    parse_json(&text).map_err(|e| CliError::new(Status::BadInput, format!("invalid JSON: {e}")))
+}
+
+/// JSON text as a value, nested as deep as the store takes it ([`knit::wire::value::MAX_DEPTH`]
+/// levels of arrays and objects), so that whatever `ctx get` prints can be set again.
+/// serde_json's own limit (127 levels) is lifted; `Value`'s parser refuses anything deeper
+/// than the store's limit before descending into it, which bounds the recursion.
+fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
+    use serde::Deserialize;
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let v = Value::deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
 }
 
 fn print_json(v: &Value) {
@@ -709,36 +737,85 @@ fn still_served(client: &Client) -> CliResult {
     }
 }
 
-/// Prints lines from `rx` until `count` were printed (or forever), failing if the gateway goes.
-fn print_lines(
-    client: &Client,
-    rx: std::sync::mpsc::Receiver<Value>,
-    count: Option<u64>,
-) -> CliResult {
+/// What a subscription's callback hands to the printing thread.
+enum Out {
+    /// One line of output (JSON text).
+    Line(String),
+    /// A stream subscription ended, for this reason.
+    Closed(String),
+}
+
+/// Hands `line` to the printer, waiting while its queue is full (a reader that does not keep up
+/// slows the subscription down instead of growing this process; [`outq`]). A printer that
+/// stopped (its loop ended) drops the line.
+fn out_send(tx: &outq::Sender<Out>, line: Value) {
+    let text = line.to_json_string();
+    let n = text.len();
+    let _ = tx.send(Out::Line(text), n);
+}
+
+/// Prints lines from `rx` until `count` were printed (or forever), failing if the gateway goes
+/// or a stream subscription is closed. Takes `rx` by value: it is dropped on every way out,
+/// which releases a callback waiting for room, before the subscription is dropped.
+fn print_lines(client: &Client, rx: outq::Receiver<Out>, count: Option<u64>) -> CliResult {
     let mut printed = 0u64;
     while count.is_none_or(|c| printed < c) {
         match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                print_json(&line);
+            Ok(Out::Line(line)) => {
+                outln!("{line}");
                 printed += 1;
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => still_served(client)?,
-            Err(_) => break,
+            Ok(Out::Closed(reason)) => return Err(stream_closed(client, &reason)),
+            Err(outq::RecvError::Timeout) => still_served(client)?,
+            Err(outq::RecvError::Disconnected) => break,
         }
     }
     Ok(())
+}
+
+/// Why a stream subscription ended, for its exit code.
+fn stream_closed(client: &Client, reason: &str) -> CliError {
+    // Its server may have stopped with the gateway, before our connection closed: that is the
+    // gateway's clean stop (exit 6), not a lost server.
+    if client.gateway_stopping() {
+        return CliError::new(Status::Disconnected, "the gateway closed the connection");
+    }
+    if reason.contains("slow consumer") {
+        return CliError::new(
+            Status::Busy,
+            format!(
+                "the stream's server closed this subscription: {reason} (its output was not \
+                 read fast enough)"
+            ),
+        );
+    }
+    let why = if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
+    };
+    CliError::new(
+        Status::PeerLeft,
+        format!("the stream was closed by its server{why}"),
+    )
 }
 
 fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliResult {
     use knit::client::{StreamEvent, StreamOptions, StreamParams};
     match cmd {
         StreamCmd::Serve { name, rate } => {
-            if !(rate > 0.0 && rate.is_finite()) {
-                return Err(CliError::new(
-                    Status::InvalidArgument,
-                    "--rate must be positive",
-                ));
-            }
+            // The period must be a duration too (`--rate 1e-300` is positive, but one push
+            // every 1e300 s is not a time this machine can wait for).
+            let period = (rate > 0.0 && rate.is_finite())
+                .then(|| Duration::try_from_secs_f64(1.0 / rate).ok())
+                .flatten()
+                .ok_or_else(|| {
+                    CliError::new(
+                        Status::InvalidArgument,
+                        "--rate must be a positive number of pushes per second whose period \
+                         (1/rate seconds) is representable",
+                    )
+                })?;
             let client = connect(socket, app, "knit-stream")?;
             let stream = client.create_stream(name.as_str(), StreamOptions::default())?;
             let me = client.instance();
@@ -749,7 +826,6 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                 ("pid", Value::from(me.pid)),
                 ("peerId", Value::from(me.peer_id.to_string())),
             ]));
-            let period = Duration::from_secs_f64(1.0 / rate);
             let start = std::time::Instant::now();
             let mut seq = 0u64;
             loop {
@@ -763,10 +839,22 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                     ("time", Value::from(now_ms)),
                 ]))?;
                 seq += 1;
-                // Keep the rate on average: sleep until the next slot.
-                let next = start + period.mul_f64(seq as f64);
-                if let Some(d) = next.checked_duration_since(std::time::Instant::now()) {
-                    std::thread::sleep(d);
+                // Keep the rate on average: sleep until the next slot (none when it lies beyond
+                // what the clock can represent), a little at a time so that a gateway that
+                // stops is noticed at any rate.
+                let next = Duration::try_from_secs_f64(period.as_secs_f64() * seq as f64)
+                    .ok()
+                    .and_then(|d| start.checked_add(d));
+                loop {
+                    let left = match next {
+                        Some(n) => n.saturating_duration_since(std::time::Instant::now()),
+                        None => Duration::MAX,
+                    };
+                    if left.is_zero() {
+                        break;
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(200)));
+                    still_served(&client)?;
                 }
             }
         }
@@ -781,7 +869,7 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                 None => Value::map(),
             };
             let client = connect(socket, app, "knit-cli")?;
-            let (tx, rx) = std::sync::mpsc::channel::<Value>();
+            let (tx, rx) = outq::channel();
             let stream_name = name.clone();
             let params = StreamParams {
                 arguments,
@@ -790,16 +878,16 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
             };
             let _sub = client
                 .subscribe_stream(&name, params, move |e| match e {
-                    StreamEvent::Data { data, server, .. } => {
-                        let _ = tx.send(Value::object([
+                    StreamEvent::Data { data, server, .. } => out_send(
+                        &tx,
+                        Value::object([
                             ("stream", Value::from(stream_name.as_str())),
                             ("data", data.clone()),
                             ("source", server.to_value()),
-                        ]));
-                    }
-                    StreamEvent::Closed { .. } => {
-                        // Dropping the sender ends the printing loop.
-                        let _ = tx.send(Value::Null);
+                        ]),
+                    ),
+                    StreamEvent::Closed { reason, .. } => {
+                        let _ = tx.send(Out::Closed(reason.clone()), 0);
                     }
                 })
                 .map_err(|e| CliError::new(e.status(), e.to_string()))?;
@@ -807,32 +895,7 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                 "{}",
                 Value::object([("ready", Value::from(true))]).to_json_string()
             );
-            let mut printed = 0u64;
-            while count.is_none_or(|c| printed < c) {
-                match rx.recv_timeout(Duration::from_millis(200)) {
-                    // Its server may have stopped with the gateway, before our connection
-                    // closed: that is the gateway's clean stop (exit 6), not a lost server.
-                    Ok(Value::Null) if client.gateway_stopping() => {
-                        return Err(CliError::new(
-                            Status::Disconnected,
-                            "the gateway closed the connection",
-                        ))
-                    }
-                    Ok(Value::Null) => {
-                        return Err(CliError::new(
-                            Status::PeerLeft,
-                            "the stream was closed by its server",
-                        ))
-                    }
-                    Ok(line) => {
-                        print_json(&line);
-                        printed += 1;
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => still_served(&client)?,
-                    Err(_) => break,
-                }
-            }
-            Ok(())
+            print_lines(&client, rx, count)
         }
     }
 }
@@ -863,7 +926,7 @@ fn ctx(socket: &std::path::Path, app: Option<&str>, cmd: CtxCmd) -> CliResult {
             ctx.all().into_iter().map(Value::from).collect(),
         )),
         CtxCmd::Watch { name, count } => {
-            let (tx, rx) = std::sync::mpsc::channel::<Value>();
+            let (tx, rx) = outq::channel();
             let _sub = ctx.subscribe(&name, move |u| {
                 let updater = u.updater.as_ref().map(|i| {
                     Value::object([
@@ -885,7 +948,7 @@ fn ctx(socket: &std::path::Path, app: Option<&str>, cmd: CtxCmd) -> CliResult {
                 if u.conflated {
                     line.insert("conflated".into(), Value::from(true));
                 }
-                let _ = tx.send(Value::Map(line));
+                out_send(&tx, Value::Map(line));
             })?;
             errln!(
                 "{}",
