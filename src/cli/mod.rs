@@ -780,9 +780,10 @@ fn stream_closed(client: &Client, reason: &str) -> CliError {
     if client.gateway_stopping() {
         return CliError::new(Status::Disconnected, "the gateway closed the connection");
     }
+    // Exit 5 as for any close by the server (the exit codes are a contract), with the reason.
     if reason.contains("slow consumer") {
         return CliError::new(
-            Status::Busy,
+            Status::PeerLeft,
             format!(
                 "the stream's server closed this subscription: {reason} (its output was not \
                  read fast enough)"
