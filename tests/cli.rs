@@ -810,10 +810,19 @@ fn usage_errors_exit_2() {
         &["serve", "M", "--echo", "--reply", "{}"][..], // both
         &["invoke", "M", "--timeout-ms", "soon"][..],
         &["no-such-command"][..],
+        &[][..],      // no command
+        &["ctx"][..], // no subcommand
     ] {
         let out = run_knit(args, QUICK);
         assert_exit(&out, 2);
         assert!(out.stdout.is_empty(), "{args:?}: {}", out.stdout);
+        // One line, as every error: what is wrong and the usage.
+        assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.starts_with("knit: ") && out.stderr.contains("see --help)"),
+            "{args:?}: {}",
+            out.stderr
+        );
     }
 }
 

@@ -241,12 +241,41 @@ impl From<ClientError> for CliError {
 
 type CliResult = Result<(), CliError>;
 
+/// A usage error as one line, as every error is (clap's is a paragraph, a usage line and a
+/// hint): "the following required arguments were not provided: <METHOD> (usage: knit invoke
+/// <METHOD> [ARGS]; see --help)".
+fn one_line_usage_error(rendered: &str) -> String {
+    let mut paragraphs = rendered.split("\n\n");
+    let what = paragraphs.next().unwrap_or_default();
+    let what = what.strip_prefix("error: ").unwrap_or(what);
+    let what = what.split_whitespace().collect::<Vec<_>>().join(" ");
+    let usage = paragraphs
+        .find_map(|p| p.trim().strip_prefix("Usage: "))
+        .map(|u| u.split_whitespace().collect::<Vec<_>>().join(" "));
+    match usage {
+        Some(u) => format!("{what} (usage: {u}; see --help)"),
+        None => format!("{what} (see --help)"),
+    }
+}
+
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             if e.use_stderr() {
-                let _ = e.print();
+                let rendered = e.render().to_string();
+                let line = if e.kind()
+                    == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                {
+                    // The rendering is the whole help: keep its usage line only.
+                    one_line_usage_error(&format!(
+                        "a command is required\n\n{}",
+                        rendered.split("\n\n").nth(1).unwrap_or_default()
+                    ))
+                } else {
+                    one_line_usage_error(&rendered)
+                };
+                errln!("knit: {line}");
                 return 2;
             }
             // `--help`, `--version`: output like any other, so a failed write is exit 1 (and a
