@@ -802,6 +802,18 @@ fn app_option_works_before_or_after_the_subcommand() {
     assert_eq!(out.json()["executed_by"]["peerId"], ready["peerId"]);
 }
 
+/// A gateway that takes connections but never answers (stopped with SIGSTOP, or stuck) is as
+/// unreachable as none: exit 6, not the reply timeout's 4.
+#[test]
+fn a_gateway_that_never_answers_the_hello_is_unreachable() {
+    let dir = TempDir::new("cli-mute");
+    // A listener nobody accepts on: connecting succeeds (the backlog), the hello is never read.
+    let _mute = std::os::unix::net::UnixListener::bind(dir.socket()).unwrap();
+    let out = run_knit(&["--gateway", sock_arg(&dir.socket()), "methods"], QUICK);
+    assert_exit(&out, 6);
+    assert!(out.stderr.contains("did not answer"), "{}", out.stderr);
+}
+
 #[test]
 fn usage_errors_exit_2() {
     for args in [

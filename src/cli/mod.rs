@@ -418,9 +418,18 @@ fn connect(
     app: Option<&str>,
     default_app: &str,
 ) -> Result<Client, CliError> {
-    Ok(Client::builder(app.unwrap_or(default_app))
+    Client::builder(app.unwrap_or(default_app))
         .socket(socket)
-        .connect()?)
+        .connect()
+        .map_err(|e| match e.status() {
+            // A gateway that takes the connection but never answers the hello (stopped, or
+            // stuck) is as unreachable as one that is not there: exit 6, not 4.
+            Status::Timeout => CliError::new(
+                Status::GatewayUnreachable,
+                format!("the gateway at {} did not answer: {e}", socket.display()),
+            ),
+            _ => e.into(),
+        })
 }
 
 /// A JSON argument: literal text, `@FILE`, or `-` (standard input). Invalid JSON is exit 8.
