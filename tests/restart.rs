@@ -689,6 +689,26 @@ fn gateways_on_sockets_differing_in_their_extension_both_start() {
     }
 }
 
+/// Opens (creating) a gateway's lock file, as another holder of it would.
+fn open_lock_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap()
+}
+
+/// How many descriptors of this process are open on `path`.
+fn descriptors_of(path: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p == path)
+        .count()
+}
+
 /// A second gateway on a socket is refused; a lock on it held only for a moment (a process that
 /// forked while the previous gateway ran keeps a copy until it execs) is waited out.
 #[test]
@@ -709,15 +729,7 @@ fn a_second_gateway_is_refused_but_a_lock_held_for_a_moment_is_waited_out() {
         !lock_path.exists(),
         "a clean stop removes the lock file too"
     );
-    let open_lock = || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .unwrap()
-    };
+    let open_lock = || open_lock_file(&lock_path);
     let held = open_lock();
     rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
     // Held throughout: refused.
@@ -727,13 +739,7 @@ fn a_second_gateway_is_refused_but_a_lock_held_for_a_moment_is_waited_out() {
     // file open too (a second descriptor of it in this process).
     let socket = dir.socket();
     let binding = std::thread::spawn(move || Gateway::bind(GatewayConfig::new(socket)).map(|_| ()));
-    let opened = || {
-        std::fs::read_dir("/proc/self/fd")
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|p| *p == lock_path)
-            .count()
-    };
+    let opened = || descriptors_of(&lock_path);
     assert!(common::wait_until(STARTUP, || opened() >= 2 || binding.is_finished()));
     drop(held);
     let r = binding.join().unwrap();
@@ -749,27 +755,13 @@ fn a_bind_that_locked_an_unlinked_lock_file_takes_the_one_at_the_path() {
     use knit::gateway::Gateway;
     let dir = TempDir::new("bind-unlinked");
     let lock_path = knit::control::own_file(&dir.socket(), "lock");
-    let open_lock = || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .unwrap()
-    };
+    let open_lock = || open_lock_file(&lock_path);
     // The stopping gateway, as far as the lock goes.
     let held = open_lock();
     rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
     let socket = dir.socket();
     let binding = std::thread::spawn(move || Gateway::bind(GatewayConfig::new(socket)));
-    let opened = || {
-        std::fs::read_dir("/proc/self/fd")
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|p| *p == lock_path)
-            .count()
-    };
+    let opened = || descriptors_of(&lock_path);
     assert!(common::wait_until(STARTUP, || opened() >= 2 || binding.is_finished()));
     std::fs::remove_file(&lock_path).unwrap();
     drop(held);
