@@ -3533,3 +3533,172 @@ async fn a_web_peers_refused_write_to_a_context_mapped_read_only_is_logged() {
         "{line}"
     );
 }
+
+/// What a web app sends obeys `max_payload` and the name limit as a native app's library makes
+/// it: arguments over the limit are refused to the web caller and never reach the server; a
+/// result over it (from a web server, or a native one answering a web caller) reaches the caller
+/// as an error naming the limit; a message over it, or on a topic longer than 1024 bytes, gets
+/// the publisher an error and reaches nobody. (With a 1000-byte limit, a web call's 50 000-byte
+/// arguments reached a native server and came back, a native caller got a web server's
+/// 50 000-byte result, and a web app's 50 000-byte message reached native subscribers.)
+#[tokio::test]
+async fn web_calls_results_and_messages_obey_the_payload_and_name_limits() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let gw = Env::with("web-limits", |cfg| {
+        cfg.limits.max_payload = 1000;
+        cfg.bridge = Some(BridgeConfig::loopback_ephemeral());
+    });
+    let native = gw.client("nat");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r2 = runs.clone();
+    native
+        .register("Echo", move |c| {
+            r2.fetch_add(1, Ordering::SeqCst);
+            Ok(c.args.clone())
+        })
+        .unwrap();
+    native
+        .register("Big", |_| Ok(Value::from("x".repeat(5000))))
+        .unwrap();
+    let mut web = Web::login(gw.ws(), "web", &os_user(), &gw.token()).await;
+    let methods = web.next(|m| m["type"] == "methods-added").await;
+    let server = methods["server_id"].clone();
+    let id_of = |name: &str| {
+        methods["methods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()["id"]
+            .clone()
+    };
+    let big = "x".repeat(50_000);
+    let refused = web
+        .req(json!({"type": "call", "domain": "agm", "server_id": server,
+            "method_id": id_of("Echo"), "arguments_kv": {"s": big}}))
+        .await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("bytes exceeds the limit of 1000 bytes"),
+        "{reason}"
+    );
+    let ok = web
+        .req(json!({"type": "call", "domain": "agm", "server_id": server,
+            "method_id": id_of("Echo"), "arguments_kv": {"s": "small"}}))
+        .await;
+    assert_eq!(ok["result"], json!({"s": "small"}), "{ok}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the refused call never ran");
+    // A native server's result over the limit, answering a web caller.
+    let too_big = web
+        .req(json!({"type": "call", "domain": "agm", "server_id": server,
+            "method_id": id_of("Big"), "arguments_kv": {}}))
+        .await;
+    assert_eq!(too_big["type"], "error", "{too_big}");
+    let reason = too_big["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("result of ") && reason.ends_with("exceeds the limit of 1000 bytes"),
+        "{reason}"
+    );
+
+    // A web server's result over the limit, answering a native caller.
+    let ok = web
+        .register(json!([{"id": 1, "name": "Web.Big", "flags": {}}]))
+        .await;
+    assert_eq!(ok["type"], "success");
+    let n2 = native.clone();
+    let call = tokio::spawn(blocking(move || {
+        n2.invoke("Web.Big", Value::map(), &opts())
+    }));
+    let inv = web.next(|m| m["type"] == "invoke").await;
+    web.send(json!({"type": "yield", "domain": "agm", "peer_id": web.id,
+        "invocation_id": inv["invocation_id"], "result": {"s": big}}))
+        .await;
+    let e = call.await.unwrap().unwrap_err();
+    assert_eq!(e.status(), Status::PayloadTooLarge, "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("result of ") && text.contains("exceeds the limit of 1000 bytes"),
+        "{text}"
+    );
+
+    // The bus: everything within the limits reaches the native subscriber and the publisher's
+    // own subscription; nothing else does, and the publisher hears why.
+    let (tx, mut rx) = unbounded_channel::<BusMessage>();
+    let _sub = native
+        .subscribe(">", SubscribeOptions::default(), move |m| {
+            let _ = tx.send(m.clone());
+        })
+        .unwrap();
+    web.req(json!({"type": "join", "destination": "bus"})).await;
+    let own = web
+        .req(json!({"type": "subscribe", "domain": "bus", "topic": ">"}))
+        .await;
+    assert_eq!(own["type"], "subscribed", "{own}");
+    for (rid, topic, data, why) in [
+        (
+            "p1",
+            "t".to_string(),
+            json!({"s": big}),
+            "bytes exceeds the limit of 1000 bytes",
+        ),
+        (
+            "p2",
+            "t".repeat(1025),
+            json!({"n": 0}),
+            "topic must be at most 1024 bytes, not 1025",
+        ),
+    ] {
+        web.send(
+            json!({"type": "publish", "domain": "bus", "peer_id": web.id,
+            "request_id": rid, "topic": topic, "data": data}),
+        )
+        .await;
+        let e = web.next(|m| m["request_id"] == rid).await;
+        assert_eq!(e["type"], "error", "{e}");
+        let reason = e["reason"].as_str().unwrap();
+        assert!(reason.contains(why), "{rid}: {reason}");
+    }
+    web.send(
+        json!({"type": "publish", "domain": "bus", "peer_id": web.id,
+        "request_id": "p3", "topic": "t".repeat(1024), "data": {"n": 1}}),
+    )
+    .await;
+    assert_eq!(
+        got(&mut rx).await.data,
+        obj(json!({"n": 1})),
+        "the first one"
+    );
+    let first = web.next(|m| m["type"] == "event").await;
+    assert_eq!(first["data"], json!({"n": 1}), "the first one");
+}
+
+/// A web app's context name longer than 1024 bytes is refused naming the limit (it was refused
+/// with "Please provide the name as a non-empty string!", the words for an empty one).
+#[tokio::test]
+async fn web_context_names_longer_than_the_limit_are_refused_naming_it() {
+    let gw = gateway("web-ctx-name", |b| b.auth = AuthMode::Open);
+    let mut web = Web::login(gw.ws(), "web", "u", "").await;
+    let long = web
+        .req(json!({"type": "create-context", "name": "n".repeat(1025),
+            "lifetime": "retained", "data": {}}))
+        .await;
+    assert_eq!(long["type"], "error", "{long}");
+    assert_eq!(
+        long["reason"],
+        "context name must be at most 1024 bytes, not 1025"
+    );
+    let empty = web
+        .req(json!({"type": "create-context", "name": "", "lifetime": "retained", "data": {}}))
+        .await;
+    assert_eq!(
+        empty["reason"],
+        "Please provide the name as a non-empty string!"
+    );
+    let fits = web
+        .req(json!({"type": "create-context", "name": "n".repeat(1024),
+            "lifetime": "retained", "data": {}}))
+        .await;
+    assert_eq!(fits["type"], "context-created", "{fits}");
+}

@@ -488,3 +488,42 @@ fn a_callback_that_invokes_on_every_message_of_a_flood_nests_a_bounded_depth() {
         "callbacks nested {deepest} deep"
     );
 }
+
+/// A topic longer than a subscription's may be (1024 bytes) is refused on publish as on
+/// subscribe, naming the limit, and reaches nobody. (A 1025-byte, or 20 MB, topic was
+/// published and delivered to `>` subscribers, while `subscribe` refused it.)
+#[test]
+fn topics_longer_than_the_name_limit_are_refused_on_publish_as_on_subscribe() {
+    let env = Env::new("long-topic");
+    let a = env.client("a");
+    let b = env.client("b");
+    let relayed = env.relay_client("r");
+    let (_sb, rb) = sub(&b, ">", SubscribeOptions::default());
+    let (_sr, rr) = sub(&relayed, ">", SubscribeOptions::default());
+    let o = PublishOptions::default();
+    for publisher in [&a, &relayed] {
+        for n in [1025, 20 << 20] {
+            let topic = "t".repeat(n);
+            let want = format!("topic must be at most 1024 bytes, not {n}");
+            let errs = [
+                publisher.publish(&topic, obj("n", 0), &o).unwrap_err(),
+                publisher
+                    .publish_batch(&topic, &[obj("n", 0)], &o)
+                    .unwrap_err(),
+                publisher
+                    .subscribe(&topic, SubscribeOptions::default(), |_| {})
+                    .err()
+                    .unwrap(),
+            ];
+            for e in errs {
+                assert_eq!(e.status(), knit::Status::InvalidArgument, "{e}");
+                assert!(e.to_string().contains(&want), "{e}");
+            }
+        }
+    }
+    // The longest topic there may be goes through; it is the first anyone got.
+    a.publish(&"t".repeat(1024), obj("n", 1), &o).unwrap();
+    for rx in [&rb, &rr] {
+        assert_eq!(next(rx).1, obj("n", 1));
+    }
+}

@@ -447,3 +447,45 @@ fn a_context_subscribed_again_before_the_client_pumps_delivers_each_change_once(
         "each change once"
     );
 }
+
+/// A name no context can have (empty, or longer than 1024 bytes) is refused by every context
+/// operation with `INVALID_ARGUMENT` (CLI exit 2), the message naming the limit. (A 1025-byte
+/// name got "Please provide the name as a non-empty string!", the client answered an empty
+/// name `BAD_INPUT` (exit 8) where the gateway said `INVALID_ARGUMENT` (exit 2), `subscribe`
+/// waited for a context that can never exist, `destroy` said `NOT_FOUND`, and `get` of a
+/// 1 MiB name returned an empty context.)
+#[test]
+fn context_names_empty_or_longer_than_the_limit_are_refused_by_every_operation() {
+    let env = Env::new("ctx-names");
+    let c = env.client("a");
+    let ctx = c.contexts();
+    let (long, huge) = ("n".repeat(1025), "n".repeat(1 << 20));
+    for name in [long.as_str(), huge.as_str(), ""] {
+        let want = if name.is_empty() {
+            "Please provide the name as a non-empty string!".to_string()
+        } else {
+            format!(
+                "context name must be at most 1024 bytes, not {}",
+                name.len()
+            )
+        };
+        let errs: Vec<(&str, ContextError)> = vec![
+            ("set", ctx.set(name, j("{}")).unwrap_err()),
+            ("update", ctx.update(name, j(r#"{"a":1}"#)).unwrap_err()),
+            ("set_path", ctx.set_path(name, "a", 1).unwrap_err()),
+            ("get", ctx.get(name).unwrap_err()),
+            ("subscribe", ctx.subscribe(name, |_| {}).err().unwrap()),
+            ("destroy", ctx.destroy(name).unwrap_err()),
+        ];
+        for (op, e) in errs {
+            assert_eq!(e.status(), knit::Status::InvalidArgument, "{op}: {e}");
+            assert_eq!(e.status().exit_code(), 2);
+            assert_eq!(e.to_string(), want, "{op}");
+        }
+    }
+    // The longest name there may be works.
+    let fits = "n".repeat(1024);
+    ctx.set(&fits, j(r#"{"a":1}"#)).unwrap();
+    assert_eq!(*ctx.get(&fits).unwrap().data, j(r#"{"a":1}"#));
+    ctx.destroy(&fits).unwrap();
+}

@@ -1185,3 +1185,39 @@ fn an_answer_sent_just_before_the_server_closes_reaches_the_caller() {
         &lost[..lost.len().min(5)]
     );
 }
+
+/// A name no method or stream can have (empty, or longer than 1024 bytes) is refused at once
+/// with `INVALID_ARGUMENT`, not waited for and answered `NO_SERVER`, and the error never
+/// repeats a long name whole. (A 1 MiB method name waited for a server and then failed
+/// `NO_SERVER` with the whole name in its message.)
+#[test]
+fn method_and_stream_names_empty_or_longer_than_the_limit_are_refused_at_once() {
+    let env = Env::new("method-names");
+    let c = env.client("caller");
+    // No wait: a name that is waited for fails `NO_SERVER`, not `INVALID_ARGUMENT`.
+    let o = InvokeOptions {
+        wait: Duration::ZERO,
+        ..Default::default()
+    };
+    let params = || knit::client::StreamParams {
+        wait: Duration::ZERO,
+        ..Default::default()
+    };
+    for name in [String::new(), "m".repeat(1025), "m".repeat(1 << 20)] {
+        let e = c.invoke(&name, Value::map(), &o).unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+        assert!(e.to_string().len() < 200, "{}", e.to_string().len());
+        let e = c.subscribe_stream(&name, params(), |_| {}).err().unwrap();
+        assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+        assert!(e.to_string().len() < 200, "{}", e.to_string().len());
+        if !name.is_empty() {
+            let want = format!("name must be at most 1024 bytes, not {}", name.len());
+            assert!(e.to_string().contains(&want), "{e}");
+        }
+    }
+    // A name that may exist is waited for and not found: its message repeats at most 200
+    // characters of it.
+    let e = c.invoke(&"m".repeat(1024), Value::map(), &o).unwrap_err();
+    assert_eq!(e.status(), Status::NoServer);
+    assert!(e.to_string().len() < 300, "{}", e.to_string().len());
+}

@@ -380,6 +380,15 @@ pub unsafe extern "C" fn knit_wait_for_method(
         let e = client_of(client)?;
         // SAFETY: caller's contract.
         let method = unsafe { req_str(method, "method") }?;
+        // As `knit_invoke` refuses it: a name no method can have is not waited for.
+        if method.is_empty() {
+            return Err(Failure::new(
+                Status::InvalidArgument,
+                "The provided 'method' argument is invalid.".to_string(),
+            ));
+        }
+        knit_core::model::check_name_len("method name", method, knit_core::model::MAX_NAME_LEN)
+            .map_err(|m| Failure::new(Status::InvalidArgument, m))?;
         match e.client.wait_for_method(method, millis(timeout_ms)) {
             Some(m) if !json_out.is_null() => {
                 // SAFETY: non-NULL and writable.
@@ -393,7 +402,10 @@ pub unsafe extern "C" fn knit_wait_for_method(
             )),
             None => Err(Failure::new(
                 Status::NoServer,
-                format!("no server offers {method:?} after {timeout_ms} ms"),
+                format!(
+                    "no server offers {:?} after {timeout_ms} ms",
+                    knit_core::model::clip_name(method)
+                ),
             )),
         }
     })

@@ -160,6 +160,8 @@ pub(crate) fn subscribe(
             "Please provide the topic as a non-empty string!".into(),
         ));
     }
+    crate::model::check_name_len("topic", topic, crate::model::MAX_NAME_LEN)
+        .map_err(ClientError::InvalidArgument)?;
     let sub = Arc::new(MySub {
         // Relaxed: a counter for ids; nothing is published through it.
         id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
@@ -547,6 +549,10 @@ fn check_publish(shared: &Shared, topic: &str) -> Result<(), ClientError> {
             "Please provide the topic as a non-empty string!".into(),
         ));
     }
+    // As long as a subscription's topic may be (the gateway refuses a longer `subscribe`):
+    // nobody could subscribe to it but with a pattern.
+    crate::model::check_name_len("topic", topic, crate::model::MAX_NAME_LEN)
+        .map_err(ClientError::InvalidArgument)?;
     if shared.is_closed() {
         return Err(ClientError::Closed);
     }
@@ -674,10 +680,7 @@ pub(crate) fn publish(
         } else {
             // Only local subscribers (or none): the same checks, without encoding.
             crate::wire::codec::check(&data)?;
-            let size = match &data {
-                Value::Bytes(b) => b.len(),
-                v => crate::wire::codec::encoded_len(v),
-            };
+            let size = crate::wire::record::payload_len(&data);
             if size > shared.max_payload() {
                 return Err(ClientError::PayloadTooLarge {
                     size,

@@ -33,9 +33,13 @@ const UPDATER_WAIT: Duration = Duration::from_millis(50);
 /// Why a context operation failed.
 #[derive(Debug, Error)]
 pub enum ContextError {
-    /// A bad name, path or value.
+    /// A bad path or value.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A context name that is empty or longer than the gateway allows (`INVALID_ARGUMENT`, as
+    /// the gateway answers it).
+    #[error("{0}")]
+    InvalidName(String),
     /// `destroy` of a context that does not exist.
     #[error("context with {0} does not exist")]
     NotFound(String),
@@ -68,6 +72,7 @@ impl ContextError {
     pub fn status(&self) -> Status {
         match self {
             ContextError::InvalidArgument(_) => Status::BadInput,
+            ContextError::InvalidName(_) => Status::InvalidArgument,
             ContextError::NotFound(_) => Status::NotFound,
             ContextError::Stale { .. } => Status::AlreadyExists,
             ContextError::TooLarge { .. } => Status::PayloadTooLarge,
@@ -300,11 +305,11 @@ fn invalid(msg: &str) -> ContextError {
     ContextError::InvalidArgument(msg.to_string())
 }
 
+/// The gateway's check of a context name ([`crate::model::check_context_name`]), made before
+/// asking it: a name no context can have is refused at once, whatever the operation.
 fn check_name(name: &str) -> Result<(), ContextError> {
-    if name.is_empty() {
-        return Err(invalid("Please provide the name as a non-empty string!"));
-    }
-    Ok(())
+    crate::model::check_context_name(name, crate::model::MAX_NAME_LEN)
+        .map_err(ContextError::InvalidName)
 }
 
 fn decode_map(bytes: &[u8]) -> Result<Map, ContextError> {

@@ -1175,9 +1175,8 @@ impl Shared {
                 // The payload limit applies to results as to arguments (the value's encoded
                 // size, which the record's payload is): an oversized result reaches the caller
                 // as `PayloadTooLarge`.
-                let (size, max) = (body.len() - record::RESULT_HEADER, self.max_payload());
-                if size > max {
-                    let msg = format!("result of {size} bytes exceeds the limit of {max} bytes");
+                let size = body.len() - record::RESULT_HEADER;
+                if let Some(msg) = record::result_over_limit(size, self.max_payload()) {
                     record::result_too_large(&mut body, call_id, &msg);
                 }
             }

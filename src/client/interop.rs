@@ -501,6 +501,9 @@ pub(crate) fn invoke(
             "The provided 'method' argument is invalid.".into(),
         ));
     }
+    // No method can have a longer name: refused at once, not waited for.
+    crate::model::check_name_len("method name", method, crate::model::MAX_NAME_LEN)
+        .map_err(InvokeError::InvalidArgument)?;
     if let Err(message) = shared.check_mine(PolicyAction::Invoke, method) {
         return Err(ClientError::Gateway {
             status: Status::PermissionDenied,
@@ -509,10 +512,7 @@ pub(crate) fn invoke(
         .into());
     }
     codec::check(&args).map_err(|e| InvokeError::InvalidArgument(e.to_string()))?;
-    let size = match &args {
-        Value::Bytes(b) => b.len(),
-        v => codec::encoded_len(v),
-    };
+    let size = crate::wire::record::payload_len(&args);
     let max = shared.max_payload();
     if size > max {
         return Err(InvokeError::PayloadTooLarge { size, max });
@@ -724,6 +724,10 @@ pub(crate) fn wait_for_method(
     name: &str,
     timeout: Duration,
 ) -> Option<MethodInfo> {
+    // No method has such a name: none will appear.
+    if !crate::model::is_method_name(name) {
+        return None;
+    }
     let until = crate::wait::deadline(timeout);
     loop {
         if let Some(m) = methods(shared).into_iter().find(|m| m.def.name == name) {

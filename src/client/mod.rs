@@ -122,7 +122,7 @@ pub enum InvokeError {
     /// No server matched within the wait.
     #[error(
         "Can not find a method matching {{\"name\":{}}} with server filter {target}",
-        serde_json::Value::from(method.as_str())
+        serde_json::Value::from(crate::model::clip_name(method).as_ref())
     )]
     NoServer { method: String, target: String },
     /// The arguments are larger than the gateway allows.
@@ -249,14 +249,7 @@ impl Responder {
                     ));
                     return;
                 }
-                let outcome = match outcome {
-                    Ok(v) => frame::RelayOutcome::Ok(v),
-                    Err((message, context)) => frame::RelayOutcome::Err {
-                        status: Status::MethodFailed,
-                        message,
-                        context: context.unwrap_or(Value::Null),
-                    },
-                };
+                let outcome = relay_outcome(outcome, self.shared.max_payload());
                 if let Err(e) = self.shared.conn.send(&ToGateway::Yield {
                     invocation,
                     outcome,
@@ -281,6 +274,33 @@ impl Responder {
     pub fn error(mut self, e: impl Into<MethodError>) {
         let e = e.into();
         self.send(Err((e.message, e.context)));
+    }
+}
+
+/// A method's outcome as a relayed answer. The payload limit applies to results as on a lane
+/// (`Shared::send_result`, the same check): an oversized result reaches the caller as
+/// `PayloadTooLarge`, not the method failing.
+fn relay_outcome(
+    outcome: Result<Value, (String, Option<Value>)>,
+    max_payload: usize,
+) -> frame::RelayOutcome {
+    match outcome {
+        Ok(v) => match crate::wire::record::result_over_limit(
+            crate::wire::record::payload_len(&v),
+            max_payload,
+        ) {
+            Some(message) => frame::RelayOutcome::Err {
+                status: Status::PayloadTooLarge,
+                message,
+                context: Value::Null,
+            },
+            None => frame::RelayOutcome::Ok(v),
+        },
+        Err((message, context)) => frame::RelayOutcome::Err {
+            status: Status::MethodFailed,
+            message,
+            context: context.unwrap_or(Value::Null),
+        },
     }
 }
 
@@ -674,7 +694,8 @@ impl Client {
         interop::methods_for(self.shared(), filter)
     }
 
-    /// Waits until a method named `name` has a server; `None` after `timeout`.
+    /// Waits until a method named `name` has a server; `None` after `timeout` (at once for a
+    /// name no method can have: empty, or longer than [`crate::model::MAX_NAME_LEN`]).
     pub fn wait_for_method(&self, name: &str, timeout: Duration) -> Option<MethodInfo> {
         interop::wait_for_method(self.shared(), name, timeout)
     }
@@ -953,5 +974,40 @@ impl From<&str> for frame::MethodDef {
 impl From<String> for frame::MethodDef {
     fn from(name: String) -> Self {
         frame::MethodDef::new(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relayed_result_over_the_payload_limit_becomes_payload_too_large() {
+        let big = Value::from("x".repeat(5000));
+        match relay_outcome(Ok(big.clone()), 1000) {
+            frame::RelayOutcome::Err {
+                status, message, ..
+            } => {
+                assert_eq!(status, Status::PayloadTooLarge);
+                let size = crate::wire::record::payload_len(&big);
+                assert_eq!(
+                    message,
+                    format!("result of {size} bytes exceeds the limit of 1000 bytes")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Within the limit, and errors (not results), go as they are.
+        assert!(matches!(
+            relay_outcome(Ok(big), 1 << 20),
+            frame::RelayOutcome::Ok(_)
+        ));
+        assert!(matches!(
+            relay_outcome(Err(("no".into(), None)), 1),
+            frame::RelayOutcome::Err {
+                status: Status::MethodFailed,
+                ..
+            }
+        ));
     }
 }

@@ -1076,6 +1076,9 @@ pub(crate) fn subscribe(
             "Please provide the stream name".into(),
         ));
     }
+    // No stream can have a longer name: refused at once, not waited for.
+    crate::model::check_name_len("stream name", name, crate::model::MAX_NAME_LEN)
+        .map_err(StreamError::InvalidArgument)?;
     if params.target == Target::SkipMine {
         return Err(StreamError::InvalidArgument(
             "\"skipMine\" is not a valid target. Valid targets are \"all\", \"best\", or an instance.".into(),

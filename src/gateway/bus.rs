@@ -4,6 +4,7 @@
 
 use super::registry::Registry;
 use crate::model::bus::{identity_matches, routing_matches, topic_matches};
+use crate::model::check_name_len;
 use crate::model::policy::Action as PolicyAction;
 use crate::status::Status;
 use crate::wire::frame::{BusSubInfo, FromGateway, PeerId, Transport};
@@ -58,9 +59,7 @@ impl Registry {
     ) {
         // An empty topic is a GW3 peer's (the reference gateway takes it); native clients
         // refuse it before asking.
-        if topic.len() > self.limits.max_name_len {
-            let max = self.limits.max_name_len;
-            let msg = format!("the topic is longer than {max} bytes");
+        if let Err(msg) = check_name_len("topic", &topic, self.limits.max_name_len) {
             return self.fail(from, req, Status::InvalidArgument, msg);
         }
         if !self.allowed(from, PolicyAction::Subscribe, &topic) {
@@ -191,8 +190,13 @@ impl Registry {
             return;
         };
         let everyone = publisher.transport == Transport::Relay;
-        // The publisher's library refuses first; this is for one that does not.
-        if !self.allowed(from, PolicyAction::Publish, &topic) {
+        // The publisher's library refuses first (the bridge for a web one, answering it); this
+        // is for one that does not: a topic longer than a subscription's may be, a payload
+        // larger than the limit, reach nobody.
+        if check_name_len("topic", &topic, self.limits.max_name_len).is_err()
+            || self.check_payload(&data).is_err()
+            || !self.allowed(from, PolicyAction::Publish, &topic)
+        {
             return;
         }
         let target = target.as_map();

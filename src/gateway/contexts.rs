@@ -211,6 +211,13 @@ impl Registry {
         }
     }
 
+    /// A name no context may have (empty, or longer than `max_name_len`) is refused for every
+    /// operation, as `InvalidArgument` naming the limit.
+    fn check_context_name(&self, name: &str) -> Result<(), (Status, String)> {
+        crate::model::check_context_name(name, self.limits.max_name_len)
+            .map_err(|m| (Status::InvalidArgument, m))
+    }
+
     /// Makes the segment and the record of a new context, without telling anyone yet.
     pub(crate) fn new_context(
         &mut self,
@@ -219,12 +226,7 @@ impl Registry {
         lifetime: ContextLifetime,
         creator: Option<PeerId>,
     ) -> Result<u64, (Status, String)> {
-        if name.is_empty() || name.len() > self.limits.max_name_len {
-            return Err((
-                Status::InvalidArgument,
-                "Please provide the name as a non-empty string!".into(),
-            ));
-        }
+        self.check_context_name(name)?;
         let max = self.limits.max_contexts.min(context_capacity());
         if self.contexts.len() >= max {
             return Err((Status::Busy, format!("at most {max} contexts")));
@@ -340,6 +342,9 @@ impl Registry {
         let Some(user) = self.user_of(from) else {
             return;
         };
+        if let Err((s, m)) = self.check_context_name(&name) {
+            return self.fail(from, req, s, m);
+        }
         let (read, _) = self.context_access(from, &name);
         if !read {
             let msg = "Not authorized to read context".to_string();
@@ -432,6 +437,7 @@ impl Registry {
         let Some(user) = self.user_of(from) else {
             return Ok(None);
         };
+        self.check_context_name(name)?;
         let (read, write) = self.context_access(from, name);
         let existing = self.contexts.find(&user, name).map(|c| c.id);
         if !read || (existing.is_none() && !write) {

@@ -53,7 +53,7 @@ impl Default for Limits {
             lane_capacity: 256 << 10,
             max_peers: 4096,
             max_methods_per_peer: 100_000,
-            max_name_len: 1024,
+            max_name_len: crate::model::MAX_NAME_LEN,
             max_pending_calls: 100_000,
             max_bus_subs_per_peer: 100_000,
             context_log: 64 << 10,
@@ -841,6 +841,10 @@ impl Registry {
                 Status::NotFound,
                 format!("Unable to find method with id {method_id}"),
             ))
+        } else if let Err(message) = self.check_payload(&args) {
+            // A web caller's (whose library checks nothing) or a modified native library's:
+            // refused as the caller's own library would, and the callee never sees it.
+            Some(relay_error(Status::PayloadTooLarge, message))
         } else if self.peers[&from].pending >= self.limits.max_pending_calls {
             Some(relay_error(
                 Status::Busy,
@@ -917,9 +921,30 @@ impl Registry {
         {
             return;
         }
+        // A result over the limit becomes the error a server's own library makes of it
+        // (`record::result_over_limit`): a web server's library checks nothing.
+        let outcome = match outcome {
+            RelayOutcome::Ok(v) => {
+                let max = usize::try_from(self.limits.max_payload).unwrap_or(usize::MAX);
+                match crate::wire::record::result_over_limit(
+                    crate::wire::record::payload_len(&v),
+                    max,
+                ) {
+                    Some(message) => relay_error(Status::PayloadTooLarge, message),
+                    None => RelayOutcome::Ok(v),
+                }
+            }
+            err => err,
+        };
         if let Some(r) = self.relayed.remove(&invocation) {
             self.finish(r, outcome);
         }
+    }
+
+    /// `Err` with the message when `v` is a payload larger than `max_payload`, measured and
+    /// worded as a native library does ([`record::payload_len`](crate::wire::record::payload_len)).
+    pub(crate) fn check_payload(&self, v: &Value) -> Result<(), String> {
+        crate::wire::record::check_payload(v, self.limits.max_payload)
     }
 
     fn finish(&mut self, r: Relayed, outcome: RelayOutcome) {
@@ -1730,6 +1755,77 @@ pub(crate) mod tests {
                 ..
             }
         ));
+    }
+
+    /// What peers without a library of ours send (web peers, a modified native library) obeys
+    /// `max_payload` and `max_name_len` as a native library's would: arguments over the limit are
+    /// refused to the caller and never reach the callee; a result over it reaches the caller as
+    /// `PayloadTooLarge`; a message over it, or with a topic longer than a name may be, reaches
+    /// nobody. (Nothing was checked: a web peer's 50 000-byte arguments, results and messages
+    /// all went through with a 1000-byte limit.)
+    #[test]
+    fn relayed_calls_results_and_messages_obey_the_payload_and_name_limits() {
+        let limits = Limits {
+            max_payload: 1000,
+            ..Limits::default()
+        };
+        let mut reg = Registry::new(limits).unwrap();
+        let (native, mut rn) = join(&mut reg, "native", "u");
+        let (web, mut rw) = join_web(&mut reg, "web", "u");
+        reg.register(web, 1, vec![spec(7, "Web.Echo")]);
+        recv(&mut rn);
+        recv(&mut rw);
+        let big = Value::from("x".repeat(5000));
+        let size = crate::wire::record::payload_len(&big);
+        reg.call(native, 11, web, 7, big.clone(), 1000);
+        assert!(recv(&mut rw).is_empty(), "the callee never sees it");
+        match recv(&mut rn).remove(0).0 {
+            FromGateway::CallResult {
+                call: 11,
+                outcome:
+                    RelayOutcome::Err {
+                        status, message, ..
+                    },
+            } => {
+                assert_eq!(status, Status::PayloadTooLarge);
+                let want = format!("payload of {size} bytes exceeds the limit of 1000 bytes");
+                assert_eq!(message, want);
+            }
+            other => panic!("{other:?}"),
+        }
+        reg.call(native, 12, web, 7, Value::from("small"), 1000);
+        let invocation = match recv(&mut rw).remove(0).0 {
+            FromGateway::Invoke { invocation, .. } => invocation,
+            other => panic!("{other:?}"),
+        };
+        reg.yield_(web, invocation, RelayOutcome::Ok(big.clone()));
+        match recv(&mut rn).remove(0).0 {
+            FromGateway::CallResult {
+                call: 12,
+                outcome:
+                    RelayOutcome::Err {
+                        status, message, ..
+                    },
+            } => {
+                assert_eq!(status, Status::PayloadTooLarge);
+                let want = format!("result of {size} bytes exceeds the limit of 1000 bytes");
+                assert_eq!(message, want);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The bus: the native peer subscribes to everything; only what is within the limits
+        // reaches it.
+        reg.bus_subscribe(native, 1, 1, ">".into(), None);
+        recv(&mut rn);
+        recv(&mut rw);
+        let publish = |reg: &mut Registry, topic: String, data: Value| {
+            reg.bus_publish(web, topic, None, Value::Null, data, false);
+        };
+        publish(&mut reg, "t".into(), big.clone());
+        publish(&mut reg, "t".repeat(1025), Value::from(1));
+        assert_eq!(bus_delivered(&mut rn), 0);
+        publish(&mut reg, "t".repeat(1024), Value::from("x".repeat(990)));
+        assert_eq!(bus_delivered(&mut rn), 1);
     }
 
     /// A callee that never answers (but stays) takes at most half of a caller's

@@ -87,6 +87,34 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The size of `v` as a payload ([`encode_payload`]'s bytes, without encoding it): what every
+/// payload limit is compared with, on whichever side (client, gateway, bridge) it is checked.
+pub fn payload_len(v: &Value) -> usize {
+    match v {
+        Value::Bytes(b) => b.len(),
+        other => codec::encoded_len(other),
+    }
+}
+
+/// `Err` with the message (a native library's words) when `v` is a payload larger than `max`:
+/// the check the gateway and the bridge make of what a peer without a library of ours sends.
+pub fn check_payload(v: &Value, max: u64) -> Result<(), String> {
+    let size = payload_len(v);
+    if size as u64 > max {
+        return Err(format!(
+            "payload of {size} bytes exceeds the limit of {max} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// The message of a method result of `size` payload bytes over the limit `max` (`None` within
+/// it): the same words whichever side finds it (the server's library, or the gateway for a
+/// server behind it).
+pub fn result_over_limit(size: usize, max: usize) -> Option<String> {
+    (size > max).then(|| format!("result of {size} bytes exceeds the limit of {max} bytes"))
+}
+
 /// Encodes a payload: raw bytes stay raw, anything else is encoded. Returns the payload flags.
 /// A value the codec refuses leaves `out` as it was.
 pub fn encode_payload(v: &Value, out: &mut Vec<u8>) -> Result<u32, EncodeError> {

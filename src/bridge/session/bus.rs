@@ -10,8 +10,10 @@ use super::{frame_text, rid, rid_ref, Session};
 use crate::bridge::gw3::{self, Obj};
 use crate::gateway::Outgoing;
 use crate::model::bus::{identity_matches, routing_matches, topic_matches};
+use crate::model::check_name_len;
 use crate::model::policy::Action as PolicyAction;
 use crate::wire::frame::{FromGateway, PeerId, ToGateway};
+use crate::wire::record::check_payload;
 use crate::wire::Value;
 use serde_json::{json, Value as J};
 use std::collections::BTreeMap;
@@ -131,7 +133,7 @@ impl Session {
     }
 
     async fn bus_publish(&mut self, msg: &Obj) {
-        // Fire-and-forget: a bad publish gets no answer, as in the reference gateway.
+        // Fire-and-forget: a malformed publish gets no answer, as in the reference gateway.
         let Some(J::String(topic)) = msg.get("topic") else {
             return;
         };
@@ -143,7 +145,18 @@ impl Session {
             Some(t @ J::Object(_)) => Value::from(t.clone()),
             Some(_) => return,
         };
-        let data = msg.get("data").cloned().unwrap_or(J::Null);
+        const NULL: &J = &J::Null;
+        let data = msg.get("data").unwrap_or(NULL);
+        let value = Value::from(data.clone());
+        // The limits a native publisher's library applies (a topic as long as a subscription's
+        // may be, a payload within `max_payload`), answered here because the gateway cannot
+        // answer a publish: an error for the publisher, the message for nobody.
+        let limits = &self.sh.limits;
+        let checked = check_name_len("topic", topic, limits.max_name_len)
+            .and_then(|()| check_payload(&value, limits.max_payload));
+        if let Err(reason) = checked {
+            return self.bus_error(msg, &reason);
+        }
         let Some(me) = self.me.as_ref() else { return };
         let peer = me.peer;
         // A publish the policy refuses reaches nobody, this peer included (the gateway refuses
@@ -159,14 +172,14 @@ impl Session {
                 _ => true,
             };
         if mine {
-            self.bus_deliver(peer, topic, routing_key.as_deref(), &data);
+            self.bus_deliver(peer, topic, routing_key.as_deref(), data);
         }
         self.publisher = true;
         self.core(ToGateway::BusPublish {
             topic: topic.clone(),
             routing_key,
             target,
-            data: Value::from(data),
+            data: value,
         })
         .await;
     }
