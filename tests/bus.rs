@@ -527,3 +527,92 @@ fn topics_longer_than_the_name_limit_are_refused_on_publish_as_on_subscribe() {
         assert_eq!(next(rx).1, obj("n", 1));
     }
 }
+
+/// The same flood, with a server that calls back: the subscriber's callback invokes B's
+/// method, and B's handler invokes one of the subscriber's own methods before answering. Waits
+/// too deep to run deliveries still run requests (the call-back), so every invocation, both
+/// ways, succeeds (the publisher floods far faster than a callback with two round trips runs,
+/// so the callbacks reach the cap); deliveries still nest a bounded depth.
+#[test]
+fn a_flood_whose_server_calls_back_is_answered_at_every_depth() {
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const N: usize = 5_000;
+    let env = Env::new("bus-nest-back");
+    let subscriber = env.client("subscriber");
+    let server = env.client("server");
+    let opts = knit::client::InvokeOptions {
+        target: knit::model::Target::Best,
+        wait: Duration::from_secs(10),
+        timeout: Duration::from_secs(10),
+    };
+    subscriber
+        .register("Back.Here", |call| Ok(call.args.clone()))
+        .unwrap();
+    let back_failed = Arc::new(AtomicUsize::new(0));
+    {
+        let (c, failed, opts) = (server.clone(), back_failed.clone(), opts.clone());
+        server
+            .register("Back.There", move |call| {
+                if c.invoke("Back.Here", call.args.clone(), &opts).is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(call.args.clone())
+            })
+            .unwrap();
+    }
+    let depth = Arc::new(AtomicU32::new(0));
+    let deepest = Arc::new(AtomicU32::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let (done_tx, done) = channel::<()>();
+    let _sub = {
+        let (c, depth, deepest, failed, seen) = (
+            subscriber.clone(),
+            depth.clone(),
+            deepest.clone(),
+            failed.clone(),
+            seen.clone(),
+        );
+        subscriber
+            .subscribe("nest.back", SubscribeOptions::default(), move |m| {
+                let d = depth.fetch_add(1, Ordering::Relaxed) + 1;
+                deepest.fetch_max(d, Ordering::Relaxed);
+                if c.invoke("Back.There", m.data.clone(), &opts).is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                depth.fetch_sub(1, Ordering::Relaxed);
+                if seen.fetch_add(1, Ordering::Relaxed) + 1 == N {
+                    let _ = done_tx.send(());
+                }
+            })
+            .unwrap()
+    };
+    let publisher = env.client("publisher");
+    for i in 0..N {
+        publisher
+            .publish(
+                "nest.back",
+                obj("seq", i as i64),
+                &PublishOptions::default(),
+            )
+            .unwrap();
+    }
+    done.recv_timeout(Duration::from_secs(120))
+        .expect("every message reached the callback");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "the subscriber's invocations failed"
+    );
+    assert_eq!(
+        back_failed.load(Ordering::Relaxed),
+        0,
+        "the server's call-backs failed"
+    );
+    let deepest = deepest.load(Ordering::Relaxed);
+    assert!(
+        deepest > knit::client::MAX_NESTING && deepest <= knit::client::MAX_NESTING + 1,
+        "callbacks nested {deepest} deep"
+    );
+}

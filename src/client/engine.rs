@@ -199,8 +199,27 @@ pub(crate) enum Task {
         method_id: u32,
         args: Value,
     },
+    /// A peer asks to subscribe to one of our streams (the stream's request handler, or the
+    /// acceptance).
+    Request(Box<dyn FnOnce() + Send>),
     /// Anything else (event callbacks).
     Call(Box<dyn FnOnce() + Send>),
+}
+
+impl Task {
+    /// A request that a caller waits on (an invocation of one of our methods, a subscription
+    /// to one of our streams), as opposed to a delivery (bus, stream items, contexts, events):
+    /// a wait too deep to run deliveries still runs these, since the caller may be the very
+    /// peer this client's waits are waiting for (it calls back).
+    fn is_request(&self) -> bool {
+        matches!(
+            self,
+            Task::Invoke { .. }
+                | Task::RelayInvoke { .. }
+                | Task::LocalInvoke { .. }
+                | Task::Request(_)
+        )
+    }
 }
 
 /// A peer as we know it.
@@ -283,39 +302,56 @@ thread_local! {
 /// What a call to a peer that left fails with (io.Connect's words).
 pub(crate) const PEER_LEFT: &str = "Peer has left while waiting for result";
 
-/// Most waits on the dispatch thread that run callbacks, one inside another. A wait deeper
-/// than this only pumps (replies still arrive; deliveries stay queued for the levels below),
-/// so a callback that invokes from every message of a flood does not nest once per message
-/// until the stack overflows.
+/// Most waits on the dispatch thread that run every kind of callback, one inside another. A
+/// wait deeper than this runs requests only (invocations of our methods, subscriptions to our
+/// streams: [`Task::is_request`]), which a caller waits on and which may be the very call-back
+/// this client's waits need; deliveries (bus, stream items, contexts, events) stay queued for
+/// the levels below. So a callback that invokes from every message of a flood does not nest
+/// once per message until the stack overflows, and a server that calls back still gets its
+/// answer.
 pub const MAX_NESTING: u32 = 8;
 
-/// A wait of the dispatch thread, counted in [`NESTING`] (or marking [`CAPPED`]) while it
-/// lasts.
+/// A wait of the dispatch thread: what it may run, and the guard that counts it in
+/// [`NESTING`] (or marks [`CAPPED`]) while it lasts.
 struct Nest {
+    /// Runs every queued task (and takes what it pumps into its own `ready` list).
+    dispatching: bool,
+    /// Runs queued requests only.
     capped: bool,
+    /// What to undo when the wait ends: `Some(true)` clears [`CAPPED`], `Some(false)` counts
+    /// one level less.
+    undo: Option<bool>,
 }
 
 impl Nest {
-    /// Whether this wait may run callbacks, and its guard.
-    fn enter(dispatch_thread: bool) -> (bool, Option<Nest>) {
-        if !dispatch_thread || CAPPED.with(Cell::get) {
-            return (false, None);
+    fn enter(dispatch_thread: bool) -> Nest {
+        let nest = |dispatching, capped, undo| Nest {
+            dispatching,
+            capped,
+            undo,
+        };
+        if !dispatch_thread {
+            return nest(false, false, None);
+        }
+        if CAPPED.with(Cell::get) {
+            // Inside a request run by a capped wait: capped too.
+            return nest(false, true, None);
         }
         if NESTING.with(Cell::get) >= MAX_NESTING {
             CAPPED.with(|c| c.set(true));
-            return (false, Some(Nest { capped: true }));
+            return nest(false, true, Some(true));
         }
         NESTING.with(|n| n.set(n.get() + 1));
-        (true, Some(Nest { capped: false }))
+        nest(true, false, Some(false))
     }
 }
 
 impl Drop for Nest {
     fn drop(&mut self) {
-        if self.capped {
-            CAPPED.with(|c| c.set(false));
-        } else {
-            NESTING.with(|n| n.set(n.get() - 1));
+        match self.undo {
+            Some(true) => CAPPED.with(|c| c.set(false)),
+            Some(false) => NESTING.with(|n| n.set(n.get() - 1)),
+            None => {}
         }
     }
 }
@@ -380,6 +416,8 @@ pub(crate) struct Shared {
     next_call: AtomicU64,
     queue: Mutex<VecDeque<Task>>,
     queue_len: AtomicUsize,
+    /// How many of the queued tasks are requests ([`Task::is_request`]).
+    queued_requests: AtomicUsize,
     pub state: Mutex<State>,
     pub state_changed: Condvar,
     pub handlers: RwLock<HashMap<u32, Arc<MethodEntry>, std::hash::BuildHasherDefault<IdHasher>>>,
@@ -451,6 +489,7 @@ impl Shared {
             next_call: AtomicU64::new(1),
             queue: Mutex::new(VecDeque::new()),
             queue_len: AtomicUsize::new(0),
+            queued_requests: AtomicUsize::new(0),
             state: Mutex::new(State {
                 peers,
                 lanes: HashMap::default(),
@@ -929,14 +968,52 @@ impl Shared {
     // ----- tasks -----------------------------------------------------------------------------
 
     pub(crate) fn enqueue(&self, t: Task) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(t);
+        let request = t.is_request();
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.push_back(t);
+            if request {
+                // SYNC(queued_requests): a hint for the sleep predicates of capped waits (paired
+                // with the Acquire in `has_requests`); the queue's mutex orders the tasks, and
+                // the count changes under it.
+                self.queued_requests.fetch_add(1, Ordering::Release);
+            }
+        }
         // SYNC(queue_len): a hint for sleep predicates (paired with the Acquire in `has_tasks`);
         // the queue's mutex orders the tasks themselves.
         self.queue_len.fetch_add(1, Ordering::Release);
         self.wake_all();
+    }
+
+    fn has_requests(&self) -> bool {
+        // SYNC(queued_requests): pairs with `enqueue`; only a hint, the tasks are taken under
+        // the queue's mutex.
+        self.queued_requests.load(Ordering::Acquire) != 0
+    }
+
+    /// Runs queued requests only, oldest first, leaving deliveries queued (a wait too deep to
+    /// run them: [`MAX_NESTING`]). Returns how many ran.
+    fn run_requests(self: &Arc<Self>, max: usize) -> usize {
+        let mut n = 0;
+        while n < max && self.has_requests() {
+            let t = {
+                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(i) = q.iter().position(Task::is_request) else {
+                    break;
+                };
+                let t = q.remove(i);
+                if t.is_some() {
+                    // Release: under the queue's mutex, as in `run_tasks`.
+                    self.queued_requests.fetch_sub(1, Ordering::Release);
+                    self.queue_len.fetch_sub(1, Ordering::Release);
+                }
+                t
+            };
+            let Some(t) = t else { break };
+            self.run_task(t);
+            n += 1;
+        }
+        n
     }
 
     fn has_tasks(&self) -> bool {
@@ -957,8 +1034,11 @@ impl Shared {
                 match q.pop_front() {
                     Some(t) => {
                         // Release: under the queue's mutex, which orders the tasks;
-                        // the count is only a hint for sleep predicates and backpressure.
+                        // the counts are only hints for sleep predicates and backpressure.
                         self.queue_len.fetch_sub(1, Ordering::Release);
+                        if t.is_request() {
+                            self.queued_requests.fetch_sub(1, Ordering::Release);
+                        }
                         t
                     }
                     None => break,
@@ -1072,7 +1152,7 @@ impl Shared {
                     ));
                 }
             }
-            Task::Call(f) => {
+            Task::Call(f) | Task::Request(f) => {
                 if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
                     crate::log::warn(format_args!(
                         "an event callback panicked: {}",
@@ -1578,7 +1658,8 @@ impl Shared {
     /// Waits until `done()` holds or `deadline` passes, pumping (and, on the dispatch thread,
     /// running tasks) when it can. Returns `done()`'s last value.
     pub(crate) fn wait_for(self: &Arc<Self>, done: impl Fn() -> bool, deadline: Instant) -> bool {
-        let (dispatching, _nest) = Nest::enter(self.is_dispatch_thread());
+        let nest = Nest::enter(self.is_dispatch_thread());
+        let (dispatching, capped) = (nest.dispatching, nest.capped);
         let mut backoff = Backoff::new(self.wait);
         let mut wanted = false;
         let finished = loop {
@@ -1590,6 +1671,10 @@ impl Shared {
                 break done();
             }
             if dispatching && self.run_tasks(16) > 0 {
+                backoff.reset();
+                continue;
+            }
+            if capped && self.run_requests(16) > 0 {
                 backoff.reset();
                 continue;
             }
@@ -1614,7 +1699,7 @@ impl Shared {
                         }
                         continue;
                     }
-                    if dispatching && self.has_tasks() {
+                    if (dispatching && self.has_tasks()) || (capped && self.has_requests()) {
                         break;
                     }
                     rounds = rounds.wrapping_add(1);
@@ -1636,6 +1721,7 @@ impl Shared {
                                     // the swap in `pump` takes the work.
                                     || self.rx_dirty.load(Ordering::Acquire)
                                     || (dispatching && self.has_tasks())
+                                    || (capped && self.has_requests())
                             },
                             Some(limit),
                         );
@@ -1658,6 +1744,7 @@ impl Shared {
                                 // `take_rx`'s try_lock is what hands the set over.
                                 || !self.rx_busy.load(Ordering::Acquire)
                                 || (dispatching && self.has_tasks())
+                                    || (capped && self.has_requests())
                         },
                         Some(limit),
                     );

@@ -1437,7 +1437,7 @@ fn on_request(
         instance: identity,
         arguments: args,
     };
-    shared.push_task(Task::Call(Box::new(move || {
+    shared.push_task(Task::Request(Box::new(move || {
         match &entry.options.on_request {
             Some(f) => f(req),
             None => req.accept(),
