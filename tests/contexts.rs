@@ -478,8 +478,8 @@ fn context_names_empty_or_longer_than_the_limit_are_refused_by_every_operation()
             ("destroy", ctx.destroy(name).unwrap_err()),
         ];
         for (op, e) in errs {
-            assert_eq!(e.status(), knit::Status::InvalidArgument, "{op}: {e}");
-            assert_eq!(e.status().exit_code(), 2);
+            assert_eq!(e.status(), knit::Status::BadInput, "{op}: {e}");
+            assert_eq!(e.status().exit_code(), 8);
             assert_eq!(e.to_string(), want, "{op}");
         }
     }

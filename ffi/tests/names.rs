@@ -1,9 +1,11 @@
-//! Names no method or context can have, through the C ABI: refused at once with
-//! `KNIT_INVALID_ARGUMENT`, and never repeated whole in the error message.
+//! Names no method or context can have, through the C ABI: refused at once (a method name
+//! with `KNIT_INVALID_ARGUMENT`, a context name with `KNIT_BAD_INPUT` as an empty one always
+//! was), and never repeated whole in the error message.
 
 use knit::{
     knit_client_close, knit_client_connect, knit_client_t, knit_context_get, knit_invoke,
-    knit_invoke_ex, knit_last_error_message, knit_wait_for_method, KNIT_INVALID_ARGUMENT, KNIT_OK,
+    knit_invoke_ex, knit_last_error_message, knit_wait_for_method, KNIT_BAD_INPUT,
+    KNIT_INVALID_ARGUMENT, KNIT_OK,
 };
 use knit_core::gateway::{Gateway, GatewayConfig};
 use std::ffi::{CStr, CString};
@@ -52,7 +54,7 @@ fn names_no_method_or_context_can_have_are_refused_at_once() {
             let st = knit_invoke(client, name.as_ptr(), null(), null(), 1000, &mut out);
             assert_eq!(st, KNIT_INVALID_ARGUMENT, "invoke: {}", last_error());
             let st = knit_context_get(client, name.as_ptr(), &mut out);
-            assert_eq!(st, KNIT_INVALID_ARGUMENT, "context_get: {}", last_error());
+            assert_eq!(st, KNIT_BAD_INPUT, "context_get: {}", last_error());
             assert!(last_error().len() < 200, "{}", last_error().len());
         }
     }

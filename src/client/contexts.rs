@@ -36,8 +36,8 @@ pub enum ContextError {
     /// A bad path or value.
     #[error("{0}")]
     InvalidArgument(String),
-    /// A context name that is empty or longer than the gateway allows (`INVALID_ARGUMENT`, as
-    /// the gateway answers it).
+    /// A context name that is empty or longer than the gateway allows (`BAD_INPUT`, as an
+    /// empty name has always been, and as the gateway answers it).
     #[error("{0}")]
     InvalidName(String),
     /// `destroy` of a context that does not exist.
@@ -72,7 +72,7 @@ impl ContextError {
     pub fn status(&self) -> Status {
         match self {
             ContextError::InvalidArgument(_) => Status::BadInput,
-            ContextError::InvalidName(_) => Status::InvalidArgument,
+            ContextError::InvalidName(_) => Status::BadInput,
             ContextError::NotFound(_) => Status::NotFound,
             ContextError::Stale { .. } => Status::AlreadyExists,
             ContextError::TooLarge { .. } => Status::PayloadTooLarge,

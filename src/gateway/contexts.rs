@@ -212,10 +212,11 @@ impl Registry {
     }
 
     /// A name no context may have (empty, or longer than `max_name_len`) is refused for every
-    /// operation, as `InvalidArgument` naming the limit.
+    /// operation, as `BadInput` (what the client libraries have always said of an empty name)
+    /// naming the limit.
     fn check_context_name(&self, name: &str) -> Result<(), (Status, String)> {
         crate::model::check_context_name(name, self.limits.max_name_len)
-            .map_err(|m| (Status::InvalidArgument, m))
+            .map_err(|m| (Status::BadInput, m))
     }
 
     /// Makes the segment and the record of a new context, without telling anyone yet.
