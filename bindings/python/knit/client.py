@@ -82,6 +82,15 @@ class Reply:
             _reply_error(h, b"method handler did not reply")
 
 
+def _handlers_running():
+    """The clients whose method handlers run on this thread, innermost last (a poll-mode
+    client's handler may poll another client, whose handler runs inside it)."""
+    running = getattr(pubsub._tls, "handlers_of", None)
+    if running is None:
+        running = pubsub._tls.handlers_of = []
+    return running
+
+
 class Client:
     """A connection to the gateway (``gateway=None``: ``$KNIT_GATEWAY`` or the default path).
 
@@ -117,11 +126,13 @@ class Client:
             h, self._h = self._h, None
         if h is not None:
             check(lib.knit_client_close(h))
-        if getattr(pubsub._tls, "handler_of", None) is self:
+        if any(c is self for c in getattr(pubsub._tls, "handlers_of", ())):
             # Closing from inside one of our method handlers, which is still running on this
-            # thread: its cffi callback must outlive it (freeing a callback while it runs would
-            # crash), so the handlers are kept for good (rare).
+            # thread (perhaps under another client's handler, in poll mode): its cffi callback
+            # must outlive it (freeing a callback while it runs would crash), so the handlers,
+            # those unregistered meanwhile too, are kept for good (rare).
             pubsub._orphans.append(dict(self._keep))
+            pubsub._orphans.append(list(self._retired))
         running = getattr(pubsub._tls, "running", None)
         for x in list(self._live):  # closed with the client: forget their handles
             if x is running:  # closing from inside its callback: keep that alive
@@ -176,8 +187,8 @@ class Client:
         @ffi.callback("knit_method_fn")
         def trampoline(_ud, args, caller, reply_h):
             reply = Reply(reply_h)
-            outer = getattr(pubsub._tls, "handler_of", None)
-            pubsub._tls.handler_of = self
+            running = _handlers_running()
+            running.append(self)
             try:
                 handler(json.loads(ffi.string(args)), json.loads(ffi.string(caller)), reply)
             except Exception as e:  # answered as the call's error
@@ -187,7 +198,7 @@ class Client:
                     except Exception:
                         pass
             finally:
-                pubsub._tls.handler_of = outer
+                running.pop()
 
         self._add(name, trampoline, lambda: lib.knit_register(self._open(), _c(name), trampoline, ffi.NULL))
 
@@ -198,8 +209,8 @@ class Client:
         @ffi.callback("knit_bytes_method_fn")
         def trampoline(_ud, data, n, caller, reply_h):
             reply = Reply(reply_h)
-            outer = getattr(pubsub._tls, "handler_of", None)
-            pubsub._tls.handler_of = self
+            running = _handlers_running()
+            running.append(self)
             try:
                 reply.bytes(handler(bytes(ffi.buffer(data, n)), json.loads(ffi.string(caller))))
             except Exception as e:
@@ -209,7 +220,7 @@ class Client:
                     except Exception:
                         pass
             finally:
-                pubsub._tls.handler_of = outer
+                running.pop()
 
         self._add(name, trampoline, lambda: lib.knit_register_bytes(self._open(), _c(name), trampoline, ffi.NULL))
 
