@@ -197,6 +197,13 @@ impl Gateway {
             // on the file it unlinked locks nothing anyone else will open, so take the one at
             // the path now (created afresh if need be).
             if locked && !is_file_at(&lock, &lock_path) {
+                // Within the same deadline: a file system on which the two never agree must
+                // not keep us here.
+                if std::time::Instant::now() >= confirm {
+                    return Err(ctx(format!("lock file {}", lock_path.display()))(
+                        std::io::Error::other("the file at the path is never the one locked"),
+                    ));
+                }
                 lock = open_lock()?;
                 continue;
             }
