@@ -993,6 +993,40 @@ fn stream_serve_refuses_a_rate_whose_period_is_not_a_duration() {
     }
 }
 
+/// Every `bench --json` row of the contract's scenarios carries the contract's fields, with
+/// figures that mean something (contexts included: their rate is that of one update after
+/// another, not 0).
+#[test]
+fn bench_rows_carry_the_contract_fields() {
+    let out = run_knit(
+        &["bench", "ctx", "--iters", "200", "--json"],
+        Duration::from_secs(120),
+    );
+    assert_exit(&out, 0);
+    let rows: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!rows.is_empty(), "{}", out.stderr);
+    for r in &rows {
+        for field in [
+            "scenario",
+            "size",
+            "iters",
+            "p50_ns",
+            "p99_ns",
+            "p999_ns",
+            "msgs_per_s",
+        ] {
+            assert!(r.get(field).is_some(), "{field} missing: {r}");
+        }
+        let rate = r["msgs_per_s"].as_f64().unwrap_or(0.0);
+        assert!(rate > 0.0, "msgs_per_s {rate}: {r}");
+        assert!(r["p50_ns"].as_u64() <= r["p99_ns"].as_u64(), "{r}");
+    }
+}
+
 #[test]
 fn bench_refuses_modes_and_sizes_it_would_not_measure() {
     // Checked before anything runs: no gateway, no peers.

@@ -185,7 +185,9 @@ fn data_row(
     m.insert("p999_ns".into(), Value::from(k.p999));
     m.insert(
         "msgs_per_s".into(),
-        Value::from(tput.map_or(0.0, |t| t.0).round()),
+        // Without a throughput run (contexts): the rate of the latency loop, one update after
+        // another.
+        Value::from(tput.map_or(k.msgs_per_s, |t| t.0).round()),
     );
     m.insert("baseline_shm_oneway_p50_ns".into(), Value::from(base.p50));
     m.insert("baseline_shm_oneway_p99_ns".into(), Value::from(base.p99));
@@ -327,7 +329,7 @@ pub(super) fn ctx(args: &BenchArgs) -> Result<(), CliError> {
         m.insert("p50_ns".into(), Value::from(k.p50));
         m.insert("p99_ns".into(), Value::from(k.p99));
         m.insert("p999_ns".into(), Value::from(k.p999));
-        m.insert("msgs_per_s".into(), Value::from(0));
+        m.insert("msgs_per_s".into(), Value::from(k.msgs_per_s.round()));
         m.insert("baseline_memcpy_1k_p50_ns".into(), Value::from(b.p50));
         m.insert("machine".into(), Value::from(machine()));
         let r = Value::Map(m);
