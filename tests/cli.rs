@@ -802,6 +802,29 @@ fn app_option_works_before_or_after_the_subcommand() {
     assert_eq!(out.json()["executed_by"]["peerId"], ready["peerId"]);
 }
 
+/// `stream serve` says ready with its whole identity, `instance` included, as `serve` does.
+#[test]
+fn stream_serve_says_ready_with_its_instance() {
+    let dir = TempDir::new("cli-stream-ready");
+    let gw = GatewayProc::start(&dir, &[]);
+    let mut child = common::spawn_piped(
+        &gw.socket,
+        &["--app", "ticker", "stream", "serve", "ReadyTicks"],
+    );
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let _guard = common::ChildGuard::new(child, "knit stream serve");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("a ready line");
+    let ready: Json = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(ready["ready"], json!(true), "{ready}");
+    assert_eq!(ready["stream"], json!("ReadyTicks"), "{ready}");
+    assert_eq!(ready["application"], json!("ticker"), "{ready}");
+    assert!(
+        ready["instance"].as_str().is_some_and(|i| !i.is_empty()),
+        "{ready}"
+    );
+}
+
 /// A gateway that takes connections but never answers (stopped with SIGSTOP, or stuck) is as
 /// unreachable as none: exit 6, not the reply timeout's 4.
 #[test]

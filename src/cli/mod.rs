@@ -862,6 +862,7 @@ fn stream(socket: &std::path::Path, app: Option<&str>, cmd: StreamCmd) -> CliRes
                 ("ready", Value::from(true)),
                 ("stream", Value::from(name.as_str())),
                 ("application", Value::from(me.application.as_str())),
+                ("instance", Value::from(me.instance.as_str())),
                 ("pid", Value::from(me.pid)),
                 ("peerId", Value::from(me.peer_id.to_string())),
             ]));
