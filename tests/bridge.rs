@@ -3672,6 +3672,50 @@ async fn web_calls_results_and_messages_obey_the_payload_and_name_limits() {
     );
     let first = web.next(|m| m["type"] == "event").await;
     assert_eq!(first["data"], json!({"n": 1}), "the first one");
+
+    // A web server's stream item over the limit reaches no native subscriber; the next does.
+    let reg = web
+        .register(json!([{"id": 2, "name": "Web.Feed",
+            "flags": {"metadata": {}, "streaming": true}}]))
+        .await;
+    assert_eq!(reg["type"], "success", "{reg}");
+    let (itx, mut items) = unbounded_channel::<StreamEvent>();
+    let n3 = native.clone();
+    let subscribing = tokio::spawn(blocking(move || {
+        let p = StreamParams {
+            wait: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        n3.subscribe_stream("Web.Feed", p, move |e| {
+            let _ = itx.send(e.clone());
+        })
+    }));
+    let interest = web.next(|m| m["type"] == "add-interest").await;
+    web.send(
+        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a1",
+        "subscription_id": interest["subscription_id"], "stream_id": "0"}),
+    )
+    .await;
+    let _feed = subscribing
+        .await
+        .unwrap()
+        .expect("the native app subscribes");
+    for data in [json!({"s": big}), json!({"n": 2})] {
+        web.send(
+            json!({"type": "publish", "domain": "agm", "peer_id": web.id,
+            "stream_id": "0", "data": data}),
+        )
+        .await;
+    }
+    match items.recv().await.expect("an item") {
+        StreamEvent::Data { data, .. } => assert!(
+            data == obj(json!({"n": 2})),
+            "the oversized item went through ({} bytes)",
+            knit::wire::record::payload_len(&data)
+        ),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// A web app's context name longer than 1024 bytes is refused naming the limit (it was refused

@@ -922,10 +922,12 @@ impl Registry {
             return;
         }
         // A result over the limit becomes the error a server's own library makes of it
-        // (`record::result_over_limit`): a web server's library checks nothing.
+        // (`record::result_over_limit`): a web server's library checks nothing. An error
+        // whose message and context are over it keeps its status and loses them, as a native
+        // library's oversized error record becomes a plain message.
+        let max = usize::try_from(self.limits.max_payload).unwrap_or(usize::MAX);
         let outcome = match outcome {
             RelayOutcome::Ok(v) => {
-                let max = usize::try_from(self.limits.max_payload).unwrap_or(usize::MAX);
                 match crate::wire::record::result_over_limit(
                     crate::wire::record::payload_len(&v),
                     max,
@@ -934,7 +936,27 @@ impl Registry {
                     None => RelayOutcome::Ok(v),
                 }
             }
-            err => err,
+            RelayOutcome::Err {
+                status,
+                message,
+                context,
+            } => {
+                let size = message
+                    .len()
+                    .saturating_add(crate::wire::record::payload_len(&context));
+                if size > max {
+                    relay_error(
+                        status,
+                        format!("error of {size} bytes exceeds the limit of {max} bytes"),
+                    )
+                } else {
+                    RelayOutcome::Err {
+                        status,
+                        message,
+                        context,
+                    }
+                }
+            }
         };
         if let Some(r) = self.relayed.remove(&invocation) {
             self.finish(r, outcome);
@@ -1810,6 +1832,38 @@ pub(crate) mod tests {
                 assert_eq!(status, Status::PayloadTooLarge);
                 let want = format!("result of {size} bytes exceeds the limit of 1000 bytes");
                 assert_eq!(message, want);
+            }
+            other => panic!("{other:?}"),
+        }
+        // An error whose context is over the limit keeps its status, not its context.
+        reg.call(native, 13, web, 7, Value::from("small"), 1000);
+        let invocation = match recv(&mut rw).remove(0).0 {
+            FromGateway::Invoke { invocation, .. } => invocation,
+            other => panic!("{other:?}"),
+        };
+        let failed = RelayOutcome::Err {
+            status: Status::MethodFailed,
+            message: "boom".into(),
+            context: big.clone(),
+        };
+        reg.yield_(web, invocation, failed);
+        match recv(&mut rn).remove(0).0 {
+            FromGateway::CallResult {
+                call: 13,
+                outcome:
+                    RelayOutcome::Err {
+                        status,
+                        message,
+                        context,
+                    },
+            } => {
+                assert_eq!(status, Status::MethodFailed);
+                let want = format!(
+                    "error of {} bytes exceeds the limit of 1000 bytes",
+                    4 + size
+                );
+                assert_eq!(message, want);
+                assert_eq!(context, Value::Null);
             }
             other => panic!("{other:?}"),
         }

@@ -384,6 +384,13 @@ impl Session {
             }
         }
         let data = Value::from(msg.get("data").cloned().unwrap_or(J::Null));
+        // Over the payload limit a native server's library refuses the push; a web server has
+        // none, so nobody gets it here (logged: the client libraries ignore an error to a
+        // stream `publish`).
+        if let Err(e) = crate::wire::record::check_payload(&data, self.sh.limits.max_payload) {
+            crate::log::warn(format_args!("stream item not forwarded: {e}"));
+            return;
+        }
         let mut body = Vec::new();
         if let Err(e) = rec::data_with_extra(&mut body, private, &Value::Map(extra), &data) {
             // Too deep for native readers: nobody gets it (logged).
