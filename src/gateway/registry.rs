@@ -250,6 +250,24 @@ pub(super) fn log_denial(who: &Instance, action: PolicyAction, resource: &str, b
     crate::log::warn(format_args!("{}", denial_line(who, action, resource, by)));
 }
 
+/// What a lane that could not be made is to the peer that asked: out of descriptors or
+/// memory is a shortage that passes (peers leave), as a context refused for it is, so `Busy`;
+/// anything else is a fault.
+fn lane_failure_status(e: &shm::ShmError) -> Status {
+    use rustix::io::Errno;
+    match e {
+        shm::ShmError::Io(io)
+            if matches!(
+                Errno::from_io_error(io),
+                Some(Errno::MFILE | Errno::NFILE | Errno::NOMEM)
+            ) =>
+        {
+            Status::Busy
+        }
+        _ => Status::Internal,
+    }
+}
+
 fn relay_error(status: Status, message: impl Into<String>) -> RelayOutcome {
     RelayOutcome::Err {
         status,
@@ -737,7 +755,9 @@ impl Registry {
         if !self.lanes.contains_key(&key) {
             let fd = match shm::create_lane(self.limits.lane_capacity) {
                 Ok(fd) => fd,
-                Err(e) => return self.fail(from, req, Status::Internal, format!("lane: {e}")),
+                Err(e) => {
+                    return self.fail(from, req, lane_failure_status(&e), format!("lane: {e}"))
+                }
             };
             let id = self.next_lane;
             self.next_lane += 1;
@@ -1785,6 +1805,24 @@ pub(crate) mod tests {
     /// `PayloadTooLarge`; a message over it, or with a topic longer than a name may be, reaches
     /// nobody. (Nothing was checked: a web peer's 50 000-byte arguments, results and messages
     /// all went through with a 1000-byte limit.)
+    #[test]
+    fn a_lane_refused_for_lack_of_descriptors_or_memory_is_busy() {
+        let io = |errno: i32| shm::ShmError::Io(std::io::Error::from_raw_os_error(errno));
+        let (emfile, enfile, enomem, einval) = (24, 23, 12, 22);
+        for shortage in [emfile, enfile, enomem] {
+            assert_eq!(
+                lane_failure_status(&io(shortage)),
+                Status::Busy,
+                "{shortage}"
+            );
+        }
+        assert_eq!(lane_failure_status(&io(einval)), Status::Internal);
+        assert_eq!(
+            lane_failure_status(&shm::ShmError::Invalid("x")),
+            Status::Internal
+        );
+    }
+
     #[test]
     fn relayed_calls_results_and_messages_obey_the_payload_and_name_limits() {
         let limits = Limits {
