@@ -70,6 +70,12 @@ fn load_every_call_is_answered_once_by_its_server() {
     let v = summary(&out, "load");
     let expected = clients * calls;
     assert_eq!(u(&v, "expected_calls"), expected, "{v}");
+    // The contract's fields of every bench row.
+    assert_eq!(u(&v, "iters"), expected, "{v}");
+    assert!(
+        v["size"].is_u64() && v["msgs_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{v}"
+    );
     assert_eq!(u(&v, "replies_ok"), expected, "lost or failed calls: {v}");
     assert_eq!(u(&v, "server_received"), expected, "{v}");
     assert_eq!(v["reconciled"], true, "{v}");

@@ -1226,6 +1226,11 @@ fn load_with(
         ("first_error", Value::from(first_error.as_str())),
         ("elapsed_s", Value::from(round2(elapsed.as_secs_f64()))),
         ("calls_per_s", Value::from(calls_per_s.round() as u64)),
+        // The contract's fields of every row: the calls' arguments are a small object (no
+        // payload size is set), every call is an iteration, the rate is the calls'.
+        ("size", Value::from(0)),
+        ("iters", Value::from(expected)),
+        ("msgs_per_s", Value::from(calls_per_s.round())),
         ("p50_ns", Value::from(hist.quantile(0.50))),
         ("p99_ns", Value::from(hist.quantile(0.99))),
         ("p999_ns", Value::from(hist.quantile(0.999))),
