@@ -1221,3 +1221,60 @@ fn method_and_stream_names_empty_or_longer_than_the_limit_are_refused_at_once() 
     assert_eq!(e.status(), Status::NoServer);
     assert!(e.to_string().len() < 300, "{}", e.to_string().len());
 }
+
+/// A flood of invocations whose handler invokes another server: while the handler waits, the
+/// dispatcher runs the invocations queued meanwhile, whose handlers wait in turn. That nesting
+/// is bounded too (`MAX_DEPTH` waits at most), and every call is still answered.
+#[test]
+fn a_flood_of_invocations_whose_handler_invokes_nests_a_bounded_depth() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const CALLERS: usize = 96;
+    const CALLS: usize = 5;
+    let env = Env::new("invoke-nest");
+    let leaf = env.client("leaf");
+    leaf.register("Nest.Leaf", |call| Ok(call.args.clone()))
+        .unwrap();
+    let middle = env.client("middle");
+    let depth = Arc::new(AtomicU32::new(0));
+    let deepest = Arc::new(AtomicU32::new(0));
+    {
+        let (c, depth, deepest) = (middle.clone(), depth.clone(), deepest.clone());
+        middle
+            .register("Nest.Middle", move |call| {
+                // Handlers run on the dispatch thread only: atomicity is all these need.
+                let d = depth.fetch_add(1, Ordering::Relaxed) + 1;
+                deepest.fetch_max(d, Ordering::Relaxed);
+                let r = c.invoke("Nest.Leaf", call.args.clone(), &opts(Target::Best));
+                depth.fetch_sub(1, Ordering::Relaxed);
+                r.map(|r| r.returned)
+                    .map_err(|e| MethodError::new(e.to_string()))
+            })
+            .unwrap();
+    }
+    let callers = env.client("callers");
+    let threads: Vec<_> = (0..CALLERS)
+        .map(|t| {
+            let c = callers.clone();
+            std::thread::spawn(move || {
+                (0..CALLS)
+                    .filter(|i| {
+                        let v = Value::from((t * CALLS + i) as i64);
+                        c.invoke("Nest.Middle", v.clone(), &opts(Target::Best))
+                            .is_ok_and(|r| r.returned == v)
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let answered: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(
+        answered,
+        CALLERS * CALLS,
+        "calls failed or were misanswered"
+    );
+    let deepest = deepest.load(Ordering::Relaxed);
+    assert!(
+        deepest <= knit::client::MAX_DEPTH + 1,
+        "handlers nested {deepest} deep"
+    );
+}

@@ -311,47 +311,61 @@ pub(crate) const PEER_LEFT: &str = "Peer has left while waiting for result";
 /// answer.
 pub const MAX_NESTING: u32 = 8;
 
-/// A wait of the dispatch thread: what it may run, and the guard that counts it in
-/// [`NESTING`] (or marks [`CAPPED`]) while it lasts.
+/// Most waits on the dispatch thread one inside another, requests included: a wait deeper
+/// than this runs nothing, so a flood of requests whose handlers wait (invocations that
+/// invoke) cannot grow the stack without bound either. Such a wait is answered from other
+/// threads and peers only, and may wait for its timeout.
+pub const MAX_DEPTH: u32 = 32;
+
+/// A wait of the dispatch thread: what it may run, and what it counts while it lasts
+/// ([`NESTING`], [`CAPPED`]).
 struct Nest {
     /// Runs every queued task (and takes what it pumps into its own `ready` list).
     dispatching: bool,
     /// Runs queued requests only.
     capped: bool,
-    /// What to undo when the wait ends: `Some(true)` clears [`CAPPED`], `Some(false)` counts
-    /// one level less.
-    undo: Option<bool>,
+    /// Counted in [`NESTING`].
+    counted: bool,
+    /// Set [`CAPPED`], which it clears when it ends.
+    caps: bool,
 }
 
 impl Nest {
     fn enter(dispatch_thread: bool) -> Nest {
-        let nest = |dispatching, capped, undo| Nest {
+        // Built once, at the end: a `Nest` dropped on the way would undo what it counts.
+        let nest = |dispatching, capped, counted, caps| Nest {
             dispatching,
             capped,
-            undo,
+            counted,
+            caps,
         };
         if !dispatch_thread {
-            return nest(false, false, None);
+            return nest(false, false, false, false);
         }
+        let depth = NESTING.with(Cell::get);
+        if depth >= MAX_DEPTH {
+            return nest(false, false, false, false);
+        }
+        NESTING.with(|n| n.set(depth + 1));
         if CAPPED.with(Cell::get) {
             // Inside a request run by a capped wait: capped too.
-            return nest(false, true, None);
+            return nest(false, true, true, false);
         }
-        if NESTING.with(Cell::get) >= MAX_NESTING {
+        if depth >= MAX_NESTING {
             CAPPED.with(|c| c.set(true));
-            return nest(false, true, Some(true));
+            return nest(false, true, true, true);
         }
-        NESTING.with(|n| n.set(n.get() + 1));
-        nest(true, false, Some(false))
+        nest(true, false, true, false)
     }
 }
 
 impl Drop for Nest {
     fn drop(&mut self) {
-        match self.undo {
-            Some(true) => CAPPED.with(|c| c.set(false)),
-            Some(false) => NESTING.with(|n| n.set(n.get() - 1)),
-            None => {}
+        if self.caps {
+            CAPPED.with(|c| c.set(false));
+        }
+        if self.counted {
+            NESTING.with(|n| n.set(n.get() - 1));
         }
     }
 }
@@ -1693,8 +1707,10 @@ impl Shared {
                     }
                     if self.pump(&mut rx) > 0 {
                         backoff.reset();
-                        // Nested dispatch: a call back into us must not deadlock.
-                        if !rx.ready.is_empty() {
+                        // Nested dispatch: a call back into us must not deadlock. (A capped
+                        // wait's pumping goes to the shared queue: a request it read runs
+                        // now, not after the flood it came with.)
+                        if !rx.ready.is_empty() || (capped && self.has_requests()) {
                             break;
                         }
                         continue;

@@ -38,7 +38,10 @@ mod testing;
 pub use bus::{BusMessage, BusSubscription, PublishOptions, SubscribeOptions};
 pub use channels::{ChannelContext, ChannelMode, ChannelSubscription, ChannelUpdate};
 pub use contexts::{ContextError, ContextSnapshot, ContextSubscription, ContextUpdate};
-pub use engine::MAX_NESTING;
+pub use engine::{MAX_DEPTH, MAX_NESTING};
+
+/// The dispatch thread's stack: 8 MiB, as a process's main thread has on Linux.
+const DISPATCH_STACK: usize = 8 << 20;
 pub use interop::{InteropEvent, InvokeOptions, MethodInfo};
 pub use streams::{
     ClientSubscription, SlowConsumerPolicy, Stream, StreamError, StreamEvent, StreamOptions,
@@ -508,6 +511,10 @@ impl ClientBuilder {
             Some(
                 std::thread::Builder::new()
                     .name("knit-dispatch".into())
+                    // Callbacks run here, up to `MAX_DEPTH` of them one inside another
+                    // (nested waits), in whatever language the app is written in: room for
+                    // that (address space only, until touched).
+                    .stack_size(DISPATCH_STACK)
                     .spawn(move || s.dispatch_loop())
                     .map_err(|e| ClientError::Protocol(format!("spawning the dispatcher: {e}")))?,
             )
