@@ -324,8 +324,6 @@ struct Nest {
     dispatching: bool,
     /// Runs queued requests only.
     capped: bool,
-    /// Counted in [`NESTING`].
-    counted: bool,
     /// Set [`CAPPED`], which it clears when it ends.
     caps: bool,
 }
@@ -333,29 +331,49 @@ struct Nest {
 impl Nest {
     fn enter(dispatch_thread: bool) -> Nest {
         // Built once, at the end: a `Nest` dropped on the way would undo what it counts.
-        let nest = |dispatching, capped, counted, caps| Nest {
+        let nest = |dispatching, capped, caps| Nest {
             dispatching,
             capped,
-            counted,
             caps,
         };
         if !dispatch_thread {
-            return nest(false, false, false, false);
+            return nest(false, false, false);
         }
         let depth = NESTING.with(Cell::get);
         if depth >= MAX_DEPTH {
-            return nest(false, false, false, false);
+            return nest(false, false, false);
         }
         NESTING.with(|n| n.set(depth + 1));
         if CAPPED.with(Cell::get) {
             // Inside a request run by a capped wait: capped too.
-            return nest(false, true, true, false);
+            return nest(false, true, false);
         }
         if depth >= MAX_NESTING {
             CAPPED.with(|c| c.set(true));
-            return nest(false, true, true, true);
+            return nest(false, true, true);
         }
-        nest(true, false, true, false)
+        nest(true, false, false)
+    }
+
+    /// Whether this wait is counted in [`NESTING`] (it runs something).
+    fn counted(&self) -> bool {
+        self.dispatching || self.capped
+    }
+
+    /// Whether something this wait may run is queued.
+    fn has_work(&self, sh: &Shared) -> bool {
+        (self.dispatching && sh.has_tasks()) || (self.capped && sh.has_requests())
+    }
+
+    /// Runs up to `max` of the queued tasks this wait may run. Returns how many ran.
+    fn run(&self, sh: &Arc<Shared>, max: usize) -> usize {
+        if self.dispatching {
+            sh.run_tasks(max)
+        } else if self.capped {
+            sh.run_requests(max)
+        } else {
+            0
+        }
     }
 }
 
@@ -364,7 +382,7 @@ impl Drop for Nest {
         if self.caps {
             CAPPED.with(|c| c.set(false));
         }
-        if self.counted {
+        if self.counted() {
             NESTING.with(|n| n.set(n.get() - 1));
         }
     }
@@ -778,14 +796,7 @@ impl Shared {
         // Closed first: a call sending on the lane from now on fails by itself, so every call
         // that could have a reply in the ring is among those collected below.
         lane.close();
-        let pending: Vec<u64> = self
-            .calls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, s)| s.peer == peer)
-            .map(|(id, _)| *id)
-            .collect();
+        let pending = self.calls_to(peer);
         {
             let mut orphans = lane.orphans.lock().unwrap_or_else(|e| e.into_inner());
             if matches!(*orphans, Orphans::Drained) {
@@ -912,19 +923,18 @@ impl Shared {
 
     /// Fails every call pending on `peer`.
     pub(crate) fn fail_calls_to(&self, peer: PeerId, kind: FailureKind, message: &str) {
-        let slots: Vec<Arc<CallSlot>> = {
-            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-            let ids: Vec<u64> = calls
-                .iter()
-                .filter(|(_, s)| s.peer == peer)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter().filter_map(|id| calls.remove(id)).collect()
-        };
-        for s in slots {
-            s.complete(Err((kind, message.to_string(), None)));
-        }
-        self.wake_all();
+        self.fail_calls(&self.calls_to(peer), kind, message);
+    }
+
+    /// The ids of the calls to `peer` waiting for their answers.
+    fn calls_to(&self, peer: PeerId) -> Vec<u64> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, s)| s.peer == peer)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Whether a call to `peer` waits for its reply.
@@ -1012,18 +1022,18 @@ impl Shared {
         while n < max && self.has_requests() {
             let t = {
                 let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(i) = q.iter().position(Task::is_request) else {
+                let Some(t) = q
+                    .iter()
+                    .position(Task::is_request)
+                    .and_then(|i| q.remove(i))
+                else {
                     break;
                 };
-                let t = q.remove(i);
-                if t.is_some() {
-                    // Release: under the queue's mutex, as in `run_tasks`.
-                    self.queued_requests.fetch_sub(1, Ordering::Release);
-                    self.queue_len.fetch_sub(1, Ordering::Release);
-                }
+                // Release: under the queue's mutex, as in `run_tasks`.
+                self.queued_requests.fetch_sub(1, Ordering::Release);
+                self.queue_len.fetch_sub(1, Ordering::Release);
                 t
             };
-            let Some(t) = t else { break };
             self.run_task(t);
             n += 1;
         }
@@ -1673,7 +1683,6 @@ impl Shared {
     /// running tasks) when it can. Returns `done()`'s last value.
     pub(crate) fn wait_for(self: &Arc<Self>, done: impl Fn() -> bool, deadline: Instant) -> bool {
         let nest = Nest::enter(self.is_dispatch_thread());
-        let (dispatching, capped) = (nest.dispatching, nest.capped);
         let mut backoff = Backoff::new(self.wait);
         let mut wanted = false;
         let finished = loop {
@@ -1684,11 +1693,7 @@ impl Shared {
             if now >= deadline {
                 break done();
             }
-            if dispatching && self.run_tasks(16) > 0 {
-                backoff.reset();
-                continue;
-            }
-            if capped && self.run_requests(16) > 0 {
+            if nest.run(self, 16) > 0 {
                 backoff.reset();
                 continue;
             }
@@ -1710,12 +1715,12 @@ impl Shared {
                         // Nested dispatch: a call back into us must not deadlock. (A capped
                         // wait's pumping goes to the shared queue: a request it read runs
                         // now, not after the flood it came with.)
-                        if !rx.ready.is_empty() || (capped && self.has_requests()) {
+                        if !rx.ready.is_empty() || (nest.capped && self.has_requests()) {
                             break;
                         }
                         continue;
                     }
-                    if (dispatching && self.has_tasks()) || (capped && self.has_requests()) {
+                    if nest.has_work(self) {
                         break;
                     }
                     rounds = rounds.wrapping_add(1);
@@ -1736,8 +1741,7 @@ impl Shared {
                                     // SYNC(rx_dirty): only a wake-up test;
                                     // the swap in `pump` takes the work.
                                     || self.rx_dirty.load(Ordering::Acquire)
-                                    || (dispatching && self.has_tasks())
-                                    || (capped && self.has_requests())
+                                    || nest.has_work(self)
                             },
                             Some(limit),
                         );
@@ -1759,8 +1763,7 @@ impl Shared {
                                 // SYNC(rx_busy): pairs with `release_rx`; a wake-up hint,
                                 // `take_rx`'s try_lock is what hands the set over.
                                 || !self.rx_busy.load(Ordering::Acquire)
-                                || (dispatching && self.has_tasks())
-                                    || (capped && self.has_requests())
+                                || nest.has_work(self)
                         },
                         Some(limit),
                     );
