@@ -280,31 +280,22 @@ impl Responder {
     }
 }
 
-/// A method's outcome as a relayed answer. The payload limit applies to results as on a lane
-/// (`Shared::send_result`, the same check): an oversized result reaches the caller as
-/// `PayloadTooLarge`, not the method failing.
+/// A method's outcome as a relayed answer, within the payload limit as on a lane
+/// (`RelayOutcome::within`): an oversized result reaches the caller as `PayloadTooLarge`, not
+/// the method failing.
 fn relay_outcome(
     outcome: Result<Value, (String, Option<Value>)>,
     max_payload: usize,
 ) -> frame::RelayOutcome {
     match outcome {
-        Ok(v) => match crate::wire::record::result_over_limit(
-            crate::wire::record::payload_len(&v),
-            max_payload,
-        ) {
-            Some(message) => frame::RelayOutcome::Err {
-                status: Status::PayloadTooLarge,
-                message,
-                context: Value::Null,
-            },
-            None => frame::RelayOutcome::Ok(v),
-        },
+        Ok(v) => frame::RelayOutcome::Ok(v),
         Err((message, context)) => frame::RelayOutcome::Err {
             status: Status::MethodFailed,
             message,
             context: context.unwrap_or(Value::Null),
         },
     }
+    .within(max_payload)
 }
 
 impl Drop for Responder {

@@ -941,43 +941,9 @@ impl Registry {
         {
             return;
         }
-        // A result over the limit becomes the error a server's own library makes of it
-        // (`record::result_over_limit`): a web server's library checks nothing. An error
-        // whose message and context are over it keeps its status and loses them, as a native
-        // library's oversized error record becomes a plain message.
-        let max = usize::try_from(self.limits.max_payload).unwrap_or(usize::MAX);
-        let outcome = match outcome {
-            RelayOutcome::Ok(v) => {
-                match crate::wire::record::result_over_limit(
-                    crate::wire::record::payload_len(&v),
-                    max,
-                ) {
-                    Some(message) => relay_error(Status::PayloadTooLarge, message),
-                    None => RelayOutcome::Ok(v),
-                }
-            }
-            RelayOutcome::Err {
-                status,
-                message,
-                context,
-            } => {
-                let size = message
-                    .len()
-                    .saturating_add(crate::wire::record::payload_len(&context));
-                if size > max {
-                    relay_error(
-                        status,
-                        format!("error of {size} bytes exceeds the limit of {max} bytes"),
-                    )
-                } else {
-                    RelayOutcome::Err {
-                        status,
-                        message,
-                        context,
-                    }
-                }
-            }
-        };
+        // A web server's library checks nothing: the limit a native one applies, applied here.
+        let outcome =
+            outcome.within(usize::try_from(self.limits.max_payload).unwrap_or(usize::MAX));
         if let Some(r) = self.relayed.remove(&invocation) {
             self.finish(r, outcome);
         }

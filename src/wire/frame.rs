@@ -199,6 +199,39 @@ pub enum RelayOutcome {
     },
 }
 
+impl RelayOutcome {
+    /// Within the payload limit `max`, as a server's own library sends an answer over a lane: a
+    /// result over it becomes `PayloadTooLarge` ("result of N bytes exceeds …"), an error whose
+    /// message and context are over it keeps its status and loses them. Whoever relays an
+    /// answer calls this (a native server's library, the gateway for a web server's).
+    pub fn within(self, max: usize) -> RelayOutcome {
+        use super::record::{payload_len, result_over_limit};
+        let over = match &self {
+            RelayOutcome::Ok(v) => result_over_limit(payload_len(v), max)
+                .map(|message| (Status::PayloadTooLarge, message)),
+            RelayOutcome::Err {
+                status,
+                message,
+                context,
+            } => {
+                let size = message.len().saturating_add(payload_len(context));
+                (size > max).then(|| {
+                    let message = format!("error of {size} bytes exceeds the limit of {max} bytes");
+                    (*status, message)
+                })
+            }
+        };
+        match over {
+            Some((status, message)) => RelayOutcome::Err {
+                status,
+                message,
+                context: Value::Null,
+            },
+            None => self,
+        }
+    }
+}
+
 /// A peer's bus subscription, as announced to publishers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BusSubInfo {
