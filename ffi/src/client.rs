@@ -381,13 +381,7 @@ pub unsafe extern "C" fn knit_wait_for_method(
         // SAFETY: caller's contract.
         let method = unsafe { req_str(method, "method") }?;
         // As `knit_invoke` refuses it: a name no method can have is not waited for.
-        if method.is_empty() {
-            return Err(Failure::new(
-                Status::InvalidArgument,
-                "The provided 'method' argument is invalid.".to_string(),
-            ));
-        }
-        knit_core::model::check_name_len("method name", method, knit_core::model::MAX_NAME_LEN)
+        knit_core::model::check_method_name(method)
             .map_err(|m| Failure::new(Status::InvalidArgument, m))?;
         match e.client.wait_for_method(method, millis(timeout_ms)) {
             Some(m) if !json_out.is_null() => {

@@ -155,13 +155,7 @@ pub(crate) fn subscribe(
     opts: SubscribeOptions,
     cb: BusCallback,
 ) -> Result<BusSubscription, ClientError> {
-    if topic.is_empty() {
-        return Err(ClientError::InvalidArgument(
-            "Please provide the topic as a non-empty string!".into(),
-        ));
-    }
-    crate::model::check_name_len("topic", topic, crate::model::MAX_NAME_LEN)
-        .map_err(ClientError::InvalidArgument)?;
+    check_topic(topic)?;
     let sub = Arc::new(MySub {
         // Relaxed: a counter for ids; nothing is published through it.
         id: NEXT_SUB.fetch_add(1, Ordering::Relaxed),
@@ -542,17 +536,21 @@ pub(crate) fn deliver_batch(shared: &Arc<Shared>, batch: BusBatch) {
     }
 }
 
-/// The checks every publish makes before routing.
-fn check_publish(shared: &Shared, topic: &str) -> Result<(), ClientError> {
+/// A topic one may subscribe to or publish on: not empty, and no longer than the gateway takes
+/// a subscription's (a longer one could be subscribed to with a pattern only).
+fn check_topic(topic: &str) -> Result<(), ClientError> {
     if topic.is_empty() {
         return Err(ClientError::InvalidArgument(
             "Please provide the topic as a non-empty string!".into(),
         ));
     }
-    // As long as a subscription's topic may be (the gateway refuses a longer `subscribe`):
-    // nobody could subscribe to it but with a pattern.
     crate::model::check_name_len("topic", topic, crate::model::MAX_NAME_LEN)
-        .map_err(ClientError::InvalidArgument)?;
+        .map_err(ClientError::InvalidArgument)
+}
+
+/// The checks every publish makes before routing.
+fn check_publish(shared: &Shared, topic: &str) -> Result<(), ClientError> {
+    check_topic(topic)?;
     if shared.is_closed() {
         return Err(ClientError::Closed);
     }

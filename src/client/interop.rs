@@ -496,14 +496,7 @@ pub(crate) fn invoke(
     if shared.is_closed() {
         return Err(ClientError::Closed.into());
     }
-    if method.is_empty() {
-        return Err(InvokeError::InvalidArgument(
-            "The provided 'method' argument is invalid.".into(),
-        ));
-    }
-    // No method can have a longer name: refused at once, not waited for.
-    crate::model::check_name_len("method name", method, crate::model::MAX_NAME_LEN)
-        .map_err(InvokeError::InvalidArgument)?;
+    crate::model::check_method_name(method).map_err(InvokeError::InvalidArgument)?;
     if let Err(message) = shared.check_mine(PolicyAction::Invoke, method) {
         return Err(ClientError::Gateway {
             status: Status::PermissionDenied,
@@ -725,7 +718,7 @@ pub(crate) fn wait_for_method(
     timeout: Duration,
 ) -> Option<MethodInfo> {
     // No method has such a name: none will appear.
-    if !crate::model::is_method_name(name) {
+    if crate::model::check_method_name(name).is_err() {
         return None;
     }
     let until = crate::wait::deadline(timeout);

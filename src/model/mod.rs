@@ -41,7 +41,7 @@ pub fn clip_name(name: &str) -> std::borrow::Cow<'_, str> {
 
 /// `Err` with the message when `name` cannot name a context: empty (io.Connect's words) or
 /// longer than `max` bytes. One check for every context operation, native or web, so one
-/// problem gets one answer (`INVALID_ARGUMENT`).
+/// problem gets one answer (`BAD_INPUT`).
 pub fn check_context_name(name: &str, max: usize) -> Result<(), String> {
     if name.is_empty() {
         return Err("Please provide the name as a non-empty string!".into());
@@ -49,8 +49,12 @@ pub fn check_context_name(name: &str, max: usize) -> Result<(), String> {
     check_name_len("context name", name, max)
 }
 
-/// Whether a method (or stream) could have this name: 1..=[`MAX_NAME_LEN`] bytes, as the
-/// gateway registers them.
-pub fn is_method_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= MAX_NAME_LEN
+/// `Err` with the message when no method could have this name (the gateway registers
+/// 1..=[`MAX_NAME_LEN`] bytes): io.Connect's words for an empty one. Invoking or waiting for
+/// such a name is refused at once rather than waited out.
+pub fn check_method_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("The provided 'method' argument is invalid.".into());
+    }
+    check_name_len("method name", name, MAX_NAME_LEN)
 }
