@@ -268,9 +268,7 @@ fn on_signal_clean_up() -> Result<(), CliError> {
 
 /// The payload limit of the private gateways the bench starts (their default).
 fn max_payload() -> u64 {
-    GatewayConfig::new(PathBuf::from("unused"))
-        .limits
-        .max_payload
+    knit::gateway::Limits::default().max_payload
 }
 
 /// Refuses what a scenario would not measure as asked: a mode it does not run in, a size its

@@ -243,11 +243,12 @@ type CliResult = Result<(), CliError>;
 
 /// A usage error as one line, as every error is (clap's is a paragraph, a usage line and a
 /// hint): "the following required arguments were not provided: <METHOD> (usage: knit invoke
-/// <METHOD> [ARGS]; see --help)".
-fn one_line_usage_error(rendered: &str) -> String {
+/// <METHOD> [ARGS]; see --help)". `what` replaces the first paragraph (when clap rendered a
+/// whole help instead of an error).
+fn one_line_usage_error(rendered: &str, what: Option<&str>) -> String {
     let mut paragraphs = rendered.split("\n\n");
-    let what = paragraphs.next().unwrap_or_default();
-    let what = what.strip_prefix("error: ").unwrap_or(what);
+    let first = paragraphs.next().unwrap_or_default();
+    let what = what.unwrap_or(first.strip_prefix("error: ").unwrap_or(first));
     let what = what.split_whitespace().collect::<Vec<_>>().join(" ");
     let usage = paragraphs
         .find_map(|p| p.trim().strip_prefix("Usage: "))
@@ -263,19 +264,14 @@ pub fn main() -> i32 {
         Ok(c) => c,
         Err(e) => {
             if e.use_stderr() {
-                let rendered = e.render().to_string();
-                let line = if e.kind()
-                    == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-                {
-                    // The rendering is the whole help: keep its usage line only.
-                    one_line_usage_error(&format!(
-                        "a command is required\n\n{}",
-                        rendered.split("\n\n").nth(1).unwrap_or_default()
-                    ))
-                } else {
-                    one_line_usage_error(&rendered)
-                };
-                errln!("knit: {line}");
+                // Without a command clap renders the whole help: its usage line is kept.
+                let missing =
+                    e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand;
+                let what = missing.then_some("a command is required");
+                errln!(
+                    "knit: {}",
+                    one_line_usage_error(&e.render().to_string(), what)
+                );
                 return 2;
             }
             // `--help`, `--version`: output like any other, so a failed write is exit 1 (and a
@@ -818,16 +814,8 @@ fn stream_closed(client: &Client, reason: &str) -> CliError {
     if client.gateway_stopping() {
         return CliError::new(Status::Disconnected, "the gateway closed the connection");
     }
-    // Exit 5 as for any close by the server (the exit codes are a contract), with the reason.
-    if reason.contains("slow consumer") {
-        return CliError::new(
-            Status::PeerLeft,
-            format!(
-                "the stream's server closed this subscription: {reason} (its output was not \
-                 read fast enough)"
-            ),
-        );
-    }
+    // Exit 5 (the exit codes are a contract), with the reason: "slow consumer" when our
+    // output was not read fast enough.
     let why = if reason.is_empty() {
         String::new()
     } else {
