@@ -412,6 +412,65 @@ fn a_batch_with_an_oversized_item_is_refused_whole() {
     assert_eq!(next(&rb).1, obj("n", 2));
 }
 
+/// Subscribes `subscriber` to `topic` with a callback that invokes `method` with each message,
+/// publishes `n` messages from a new client of `env`, and waits until every one reached the
+/// callback. Returns how deep the callbacks nested and how many of their invocations failed.
+fn flood_through_an_invoking_callback(
+    env: &Env,
+    subscriber: &Client,
+    topic: &str,
+    method: &'static str,
+    n: usize,
+) -> (u32, usize) {
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let opts = knit::client::InvokeOptions {
+        target: knit::model::Target::Best,
+        wait: Duration::from_secs(10),
+        timeout: Duration::from_secs(30),
+    };
+    let depth = Arc::new(AtomicU32::new(0));
+    let deepest = Arc::new(AtomicU32::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let (done_tx, done) = channel::<()>();
+    let _sub = {
+        let (c, depth, deepest, failed) = (
+            subscriber.clone(),
+            depth.clone(),
+            deepest.clone(),
+            failed.clone(),
+        );
+        subscriber
+            .subscribe(topic, SubscribeOptions::default(), move |m| {
+                // Callbacks run on the dispatch thread only: these counts need no more than
+                // atomicity.
+                let d = depth.fetch_add(1, Ordering::Relaxed) + 1;
+                deepest.fetch_max(d, Ordering::Relaxed);
+                if c.invoke(method, m.data.clone(), &opts).is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                depth.fetch_sub(1, Ordering::Relaxed);
+                if seen.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                    let _ = done_tx.send(());
+                }
+            })
+            .unwrap()
+    };
+    let publisher = env.client("publisher");
+    for i in 0..n {
+        publisher
+            .publish(topic, obj("seq", i as i64), &PublishOptions::default())
+            .unwrap();
+    }
+    done.recv_timeout(Duration::from_secs(120))
+        .expect("every message reached the callback");
+    (
+        deepest.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    )
+}
+
 /// A callback that invokes a method for every message of a flood: while it waits for each
 /// reply the dispatcher runs the callbacks queued meanwhile, which invoke in turn. That nesting
 /// is bounded (`MAX_NESTING` waits that run callbacks, one more callback above them), so the
@@ -419,70 +478,15 @@ fn a_batch_with_an_oversized_item_is_refused_whole() {
 /// depth grew with the queue and a long enough flood overflowed the stack.
 #[test]
 fn a_callback_that_invokes_on_every_message_of_a_flood_nests_a_bounded_depth() {
-    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-    use std::sync::Arc;
-    const N: usize = 20_000;
     let env = Env::new("bus-nest");
     let server = env.client("server");
     server
         .register("Nest.Echo", |call| Ok(call.args.clone()))
         .unwrap();
     let subscriber = env.client("subscriber");
-    let depth = Arc::new(AtomicU32::new(0));
-    let deepest = Arc::new(AtomicU32::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let (done_tx, done) = channel::<usize>();
-    let seen = Arc::new(AtomicUsize::new(0));
-    let _sub = {
-        let (c, depth, deepest, failed, seen) = (
-            subscriber.clone(),
-            depth.clone(),
-            deepest.clone(),
-            failed.clone(),
-            seen.clone(),
-        );
-        let opts = knit::client::InvokeOptions {
-            target: knit::model::Target::Best,
-            wait: Duration::from_secs(10),
-            timeout: Duration::from_secs(30),
-        };
-        subscriber
-            .subscribe("nest", SubscribeOptions::default(), move |m| {
-                // Callbacks run on the dispatch thread only: these counts need no more
-                // than atomicity.
-                let d = depth.fetch_add(1, Ordering::Relaxed) + 1;
-                deepest.fetch_max(d, Ordering::Relaxed);
-                if c.invoke("Nest.Echo", m.data.clone(), &opts).is_err() {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-                depth.fetch_sub(1, Ordering::Relaxed);
-                let n = seen.fetch_add(1, Ordering::Relaxed) + 1;
-                if n == N {
-                    let _ = done_tx.send(n);
-                }
-            })
-            .unwrap()
-    };
-    let publisher = env.client("publisher");
-    // Its messages reach the subscriber over a lane once it knows of the subscription.
-    publisher
-        .publish("nest", obj("seq", -1), &PublishOptions::default())
-        .unwrap();
-    assert!(common::wait_until(Duration::from_secs(10), || {
-        seen.load(Ordering::Relaxed) >= 1
-    }));
-    seen.store(0, Ordering::Relaxed);
-    for i in 0..N {
-        publisher
-            .publish("nest", obj("seq", i as i64), &PublishOptions::default())
-            .unwrap();
-    }
-    let got = done
-        .recv_timeout(Duration::from_secs(120))
-        .expect("every message reached the callback");
-    assert_eq!(got, N);
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "invocations failed");
-    let deepest = deepest.load(Ordering::Relaxed);
+    let (deepest, failed) =
+        flood_through_an_invoking_callback(&env, &subscriber, "nest", "Nest.Echo", 20_000);
+    assert_eq!(failed, 0, "invocations failed");
     assert!(
         deepest <= knit::client::MAX_NESTING + 1,
         "callbacks nested {deepest} deep"
@@ -535,23 +539,22 @@ fn topics_longer_than_the_name_limit_are_refused_on_publish_as_on_subscribe() {
 /// so the callbacks reach the cap); deliveries still nest a bounded depth.
 #[test]
 fn a_flood_whose_server_calls_back_is_answered_at_every_depth() {
-    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    const N: usize = 5_000;
     let env = Env::new("bus-nest-back");
     let subscriber = env.client("subscriber");
     let server = env.client("server");
-    let opts = knit::client::InvokeOptions {
-        target: knit::model::Target::Best,
-        wait: Duration::from_secs(10),
-        timeout: Duration::from_secs(10),
-    };
     subscriber
         .register("Back.Here", |call| Ok(call.args.clone()))
         .unwrap();
     let back_failed = Arc::new(AtomicUsize::new(0));
     {
-        let (c, failed, opts) = (server.clone(), back_failed.clone(), opts.clone());
+        let (c, failed) = (server.clone(), back_failed.clone());
+        let opts = knit::client::InvokeOptions {
+            target: knit::model::Target::Best,
+            wait: Duration::from_secs(10),
+            timeout: Duration::from_secs(10),
+        };
         server
             .register("Back.There", move |call| {
                 if c.invoke("Back.Here", call.args.clone(), &opts).is_err() {
@@ -561,56 +564,14 @@ fn a_flood_whose_server_calls_back_is_answered_at_every_depth() {
             })
             .unwrap();
     }
-    let depth = Arc::new(AtomicU32::new(0));
-    let deepest = Arc::new(AtomicU32::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::new(AtomicUsize::new(0));
-    let (done_tx, done) = channel::<()>();
-    let _sub = {
-        let (c, depth, deepest, failed, seen) = (
-            subscriber.clone(),
-            depth.clone(),
-            deepest.clone(),
-            failed.clone(),
-            seen.clone(),
-        );
-        subscriber
-            .subscribe("nest.back", SubscribeOptions::default(), move |m| {
-                let d = depth.fetch_add(1, Ordering::Relaxed) + 1;
-                deepest.fetch_max(d, Ordering::Relaxed);
-                if c.invoke("Back.There", m.data.clone(), &opts).is_err() {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-                depth.fetch_sub(1, Ordering::Relaxed);
-                if seen.fetch_add(1, Ordering::Relaxed) + 1 == N {
-                    let _ = done_tx.send(());
-                }
-            })
-            .unwrap()
-    };
-    let publisher = env.client("publisher");
-    for i in 0..N {
-        publisher
-            .publish(
-                "nest.back",
-                obj("seq", i as i64),
-                &PublishOptions::default(),
-            )
-            .unwrap();
-    }
-    done.recv_timeout(Duration::from_secs(120))
-        .expect("every message reached the callback");
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "the subscriber's invocations failed"
-    );
+    let (deepest, failed) =
+        flood_through_an_invoking_callback(&env, &subscriber, "nest.back", "Back.There", 5_000);
+    assert_eq!(failed, 0, "the subscriber's invocations failed");
     assert_eq!(
         back_failed.load(Ordering::Relaxed),
         0,
         "the server's call-backs failed"
     );
-    let deepest = deepest.load(Ordering::Relaxed);
     assert!(
         deepest > knit::client::MAX_NESTING && deepest <= knit::client::MAX_NESTING + 1,
         "callbacks nested {deepest} deep"
