@@ -46,6 +46,18 @@ struct Web {
 }
 
 impl Web {
+    /// Waits for the next subscription request to one of our streams and accepts it on
+    /// `stream_id` (a branch); returns the request.
+    async fn accept_interest(&mut self, stream_id: &str) -> J {
+        let interest = self.next(|m| m["type"] == "add-interest").await;
+        self.send(
+            json!({"type": "accepted", "domain": "agm", "peer_id": self.id, "request_id": "accept",
+            "subscription_id": interest["subscription_id"], "stream_id": stream_id}),
+        )
+        .await;
+        interest
+    }
+
     async fn open(
         addr: SocketAddr,
         origin: Option<&str>,
@@ -2743,12 +2755,7 @@ async fn subscriptions_to_a_web_stream_are_checked_against_the_subscribers_rules
     let task = tokio::spawn(blocking(move || {
         ops.subscribe_stream("AdminWebFeed", params, |_| {})
     }));
-    let interest = web.next(|m| m["type"] == "add-interest").await;
-    web.send(
-        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a1",
-        "subscription_id": interest["subscription_id"], "stream_id": "0"}),
-    )
-    .await;
+    web.accept_interest("0").await;
     task.await.unwrap().expect("ops subscribes");
 }
 
@@ -2811,12 +2818,7 @@ async fn a_native_subscriber_ending_its_subscription_leaves_a_web_one_with_the_s
         };
         n.subscribe_stream("Web.S", p, |_| {})
     }));
-    let interest = web.next(|m| m["type"] == "add-interest").await;
-    web.send(
-        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a1",
-        "subscription_id": interest["subscription_id"], "stream_id": "0"}),
-    )
-    .await;
+    let interest = web.accept_interest("0").await;
     let native_sub = task.await.unwrap().expect("accepted");
     drop(native_sub);
     let gone = web
@@ -2864,16 +2866,11 @@ async fn a_web_stream_serves_native_subscribers() {
         (task, rx)
     };
     let (task, mut events) = subscribe(json!({"k": 1}));
-    let interest = web.next(|m| m["type"] == "add-interest").await;
+    let interest = web.accept_interest("0").await;
     assert_eq!(interest["method_id"], "s");
     assert_eq!(interest["arguments_kv"], json!({"k": 1}));
     assert_eq!(interest["flags"], J::Null);
     let sid = interest["subscription_id"].clone();
-    web.send(
-        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a1",
-        "subscription_id": sid, "stream_id": "0"}),
-    )
-    .await;
     let sub = task.await.unwrap().expect("accepted");
     assert_eq!(sub.servers()[0].application, "web");
     web.send(
@@ -2921,12 +2918,7 @@ async fn a_web_stream_serves_native_subscribers() {
         Ok(_) => panic!("accepted"),
     }
     let (task, mut events) = subscribe(json!({}));
-    let interest = web.next(|m| m["type"] == "add-interest").await;
-    web.send(
-        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a2",
-        "subscription_id": interest["subscription_id"], "stream_id": "1"}),
-    )
-    .await;
+    let interest = web.accept_interest("1").await;
     let _sub = task.await.unwrap().unwrap();
     web.send(
         json!({"type": "drop-subscription", "domain": "agm", "peer_id": web.id,
@@ -2942,12 +2934,7 @@ async fn a_web_stream_serves_native_subscribers() {
     }
     // The web server unregisters the stream with a subscriber: it is told, as GW3 does.
     let (task, mut events) = subscribe(json!({}));
-    let interest = web.next(|m| m["type"] == "add-interest").await;
-    web.send(
-        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a3",
-        "subscription_id": interest["subscription_id"], "stream_id": "1"}),
-    )
-    .await;
+    web.accept_interest("1").await;
     let _sub = task.await.unwrap().unwrap();
     let ok = web
         .req(json!({"type": "unregister", "domain": "agm", "methods": ["s"]}))
@@ -3691,12 +3678,7 @@ async fn web_calls_results_and_messages_obey_the_payload_and_name_limits() {
             let _ = itx.send(e.clone());
         })
     }));
-    let interest = web.next(|m| m["type"] == "add-interest").await;
-    web.send(
-        json!({"type": "accepted", "domain": "agm", "peer_id": web.id, "request_id": "a1",
-        "subscription_id": interest["subscription_id"], "stream_id": "0"}),
-    )
-    .await;
+    web.accept_interest("0").await;
     let _feed = subscribing
         .await
         .unwrap()
