@@ -187,18 +187,9 @@ class Client:
         @ffi.callback("knit_method_fn")
         def trampoline(_ud, args, caller, reply_h):
             reply = Reply(reply_h)
-            running = _handlers_running()
-            running.append(self)
-            try:
-                handler(json.loads(ffi.string(args)), json.loads(ffi.string(caller)), reply)
-            except Exception as e:  # answered as the call's error
-                if not reply.answered:
-                    try:
-                        reply.error(str(e) or type(e).__name__)
-                    except Exception:
-                        pass
-            finally:
-                running.pop()
+            self._run_handler(
+                reply, lambda: handler(json.loads(ffi.string(args)), json.loads(ffi.string(caller)), reply)
+            )
 
         self._add(name, trampoline, lambda: lib.knit_register(self._open(), _c(name), trampoline, ffi.NULL))
 
@@ -209,20 +200,27 @@ class Client:
         @ffi.callback("knit_bytes_method_fn")
         def trampoline(_ud, data, n, caller, reply_h):
             reply = Reply(reply_h)
-            running = _handlers_running()
-            running.append(self)
-            try:
-                reply.bytes(handler(bytes(ffi.buffer(data, n)), json.loads(ffi.string(caller))))
-            except Exception as e:
-                if not reply.answered:
-                    try:
-                        reply.error(str(e) or type(e).__name__)
-                    except Exception:
-                        pass
-            finally:
-                running.pop()
+            self._run_handler(
+                reply, lambda: reply.bytes(handler(bytes(ffi.buffer(data, n)), json.loads(ffi.string(caller))))
+            )
 
         self._add(name, trampoline, lambda: lib.knit_register_bytes(self._open(), _c(name), trampoline, ffi.NULL))
+
+    def _run_handler(self, reply, call):
+        """Runs one of our method handlers (``call``) on this thread, marked as running there
+        (see :meth:`close`); an exception answers the call with its message as the error."""
+        running = _handlers_running()
+        running.append(self)
+        try:
+            call()
+        except Exception as e:
+            if not reply.answered:
+                try:
+                    reply.error(str(e) or type(e).__name__)
+                except Exception:
+                    pass
+        finally:
+            running.pop()
 
     def _add(self, name, cb, do_register):
         check(do_register())
