@@ -1098,6 +1098,78 @@ fn bench_refuses_modes_and_sizes_it_would_not_measure() {
     }
 }
 
+/// Pids of the running processes whose command line mentions `needle` (not zombies).
+fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && common::process_running(pid) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+#[test]
+fn a_restart_bench_ended_by_sigterm_stops_the_gateways_it_started() {
+    // `bench restart` runs `knit gateway` processes of its own under $TMPDIR; a gateway outlives
+    // its parent by design, so a bench killed by a lone SIGTERM (no terminal SIGINT reaching the
+    // whole group) used to leave one serving.
+    let tmp = TempDir::new("cli-bench-restart-term");
+    let child = std::process::Command::new(common::knit_bin())
+        .args(["bench", "restart", "--json"])
+        .env("TMPDIR", tmp.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawning knit bench restart");
+    let mut bench = common::ChildGuard::new(child, "knit bench restart");
+    let needle = tmp.path().to_string_lossy().into_owned();
+    // A gateway of the bench is serving (its socket accepts).
+    let serving = || {
+        processes_mentioning(&needle).iter().any(|(_, cmd)| {
+            cmd.contains(" gateway ")
+                && cmd.split_whitespace().any(|a| {
+                    a.ends_with("gw.sock") && std::os::unix::net::UnixStream::connect(a).is_ok()
+                })
+        })
+    };
+    assert!(
+        wait_until(STARTUP, serving),
+        "the bench never had a gateway serving"
+    );
+    bench.signal(rustix::process::Signal::TERM);
+    let status = bench
+        .wait_timeout(STARTUP)
+        .expect("the bench did not exit on SIGTERM");
+    assert_eq!(status.code(), Some(143), "{status}");
+    // Its gateways stop (each stops its keeper; a keeper left by a killed gateway lingers
+    // 30 s by the bench's own safety net, so only gateways are awaited here).
+    let gateways = || {
+        processes_mentioning(&needle)
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(" gateway "))
+            .collect::<Vec<_>>()
+    };
+    let stopped = wait_until(STARTUP, || gateways().is_empty());
+    let left = gateways();
+    for (pid, _) in &left {
+        if let Some(p) = rustix::process::Pid::from_raw(*pid as i32) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+    }
+    assert!(stopped, "left serving: {left:?}");
+}
+
 #[test]
 fn an_interrupted_bench_removes_its_gateway_directory() {
     // The bench makes its private gateway under $TMPDIR: a directory of this test's own.

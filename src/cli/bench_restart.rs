@@ -237,8 +237,8 @@ impl Round {
         let i = self.gateways.len();
         let log = std::fs::File::create(self.log(i)).map_err(|e| bench_err("gateway log", e))?;
         let spawned = Instant::now();
-        let child = Command::new(exe()?)
-            .arg("gateway")
+        let mut cmd = Command::new(exe()?);
+        cmd.arg("gateway")
             .arg("--no-ws")
             .arg("--gateway")
             .arg(&self.socket)
@@ -246,7 +246,11 @@ impl Round {
             .args(["--keeper-linger", "30"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log);
+        // A bench ended by a signal (or a crash) stops its gateway as a normal end does: a
+        // gateway outlives its parent otherwise.
+        load::die_with_parent(&mut cmd, rustix::process::Signal::TERM);
+        let child = cmd
             .spawn()
             .map_err(|e| bench_err("spawning knit gateway", e))?;
         self.gateways.push(child);
