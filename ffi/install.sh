@@ -33,3 +33,16 @@ sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@LIBDIR@|$LIBDIR|g" -e "s|@INCLUDEDIR@|$INCL
     -e "s|@VERSION@|$version|g" "$repo/ffi/knit.pc.in" >"$DESTDIR$LIBDIR/pkgconfig/knit.pc"
 chmod 0644 "$DESTDIR$LIBDIR/pkgconfig/knit.pc"
 echo "installed libknit $version under $DESTDIR$PREFIX"
+
+# The dynamic loader finds a newly installed library only once its cache knows it (programs
+# linked against it failed with "libknit.so: cannot open shared object file" until then).
+if [ -z "$DESTDIR" ]; then
+    ldconfig_bin="$(command -v ldconfig || { [ -x /sbin/ldconfig ] && echo /sbin/ldconfig; } || true)"
+    if [ "$(id -u)" = 0 ] && [ -n "$ldconfig_bin" ]; then
+        "$ldconfig_bin" || echo "install.sh: ldconfig failed" >&2
+    fi
+    if ! { [ -n "$ldconfig_bin" ] && "$ldconfig_bin" -p 2>/dev/null | grep -q "=> $LIBDIR/libknit.so\$"; }; then
+        echo "note: the dynamic loader does not know $LIBDIR yet: run ldconfig as root (if $LIBDIR" \
+             "is in /etc/ld.so.conf), or link with -Wl,-rpath,$LIBDIR, or set LD_LIBRARY_PATH=$LIBDIR" >&2
+    fi
+fi

@@ -1835,7 +1835,7 @@ fn the_configuration_examples_in_the_docs_start_a_gateway() {
             doc.replace('/', "-")
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        private_dir(&dir);
         let config = dir.join("gw.json");
         std::fs::write(&config, &json).unwrap();
         // The example's own address may be taken: a free port instead.
@@ -1855,11 +1855,21 @@ fn the_configuration_examples_in_the_docs_start_a_gateway() {
     }
 }
 
+/// Creates `dir` private to this user (mode 0700), as the gateway wants its socket directory.
+fn private_dir(dir: &std::path::Path) {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .unwrap();
+}
+
 #[tokio::test]
 async fn the_cli_serves_the_bridge_with_configured_users_and_prints_the_token() {
     let dir = std::env::temp_dir().join(format!("knit-bridge-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    private_dir(&dir);
     let config = dir.join("gw.json");
     std::fs::write(
         &config,
@@ -1931,7 +1941,7 @@ async fn the_cli_serves_the_bridge_with_configured_users_and_prints_the_token() 
 async fn tokens_of_a_user_no_longer_configured_do_not_log_in() {
     let dir = std::env::temp_dir().join(format!("knit-bridge-revoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    private_dir(&dir);
     let before = dir.join("before.json");
     std::fs::write(
         &before,

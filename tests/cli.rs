@@ -701,6 +701,37 @@ fn gateway_creates_a_private_socket_directory() {
 }
 
 #[test]
+fn gateway_refuses_a_socket_directory_open_to_others_and_leaves_its_mode_alone() {
+    // `--gateway /tmp/gw.sock` (or `~/gw.sock`) used to chmod that directory to 0700: run as
+    // root, the gateway closed /tmp to every other user.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("cli-open-dir");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for open in [0o1777, 0o755] {
+        let shared = dir.path().join(format!("shared-{open:o}"));
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(open)).unwrap();
+        let socket = shared.join("gw.sock");
+        let out = run_knit(
+            &["gateway", "--no-ws", "--gateway", sock_arg(&socket)],
+            QUICK,
+        );
+        assert_exit(&out, 6);
+        assert!(
+            out.stderr.contains("open to other users") && out.stderr.contains("mkdir -m 700"),
+            "{}",
+            out.stderr
+        );
+        assert_eq!(mode(&shared), open, "the directory's mode was changed");
+        assert_eq!(
+            std::fs::read_dir(&shared).unwrap().count(),
+            0,
+            "the gateway left files in a directory it refused"
+        );
+    }
+}
+
+#[test]
 fn gateway_path_comes_from_knit_gateway_when_not_given() {
     let dir = TempDir::new("cli-env");
     let gw = GatewayProc::start(&dir, &[]);
@@ -847,6 +878,10 @@ fn usage_errors_exit_2() {
         &["no-such-command"][..],
         &[][..],      // no command
         &["ctx"][..], // no subcommand
+        // Found by knit's own checks, past the parser: the same shape.
+        &["serve", "M", "--echo", "--wait", "bogus"][..],
+        &["--app", "x", "stream", "serve", "S", "--rate", "0"][..],
+        &["bench", "ctx", "--mode", "park"][..],
     ] {
         let out = run_knit(args, QUICK);
         assert_exit(&out, 2);
@@ -858,7 +893,25 @@ fn usage_errors_exit_2() {
             "{args:?}: {}",
             out.stderr
         );
+        // The usage is the subcommand's, named in full.
+        let usage = match args.first() {
+            Some(&"--app") => "(usage: knit stream serve ",
+            Some(&"ctx") => "(usage: knit ctx ",
+            Some(&"no-such-command") | None => "(usage: knit ",
+            Some(sub) => &format!("(usage: knit {sub} "),
+        };
+        assert!(out.stderr.contains(usage), "{args:?}: {}", out.stderr);
     }
+    // Neither --echo nor --reply: both are named as the alternatives they are.
+    let out = run_knit(&["serve", "M"], QUICK);
+    assert!(
+        out.stderr.contains("--echo") && out.stderr.contains("--reply"),
+        "{}",
+        out.stderr
+    );
+    // A bad --wait says what is accepted.
+    let out = run_knit(&["serve", "M", "--echo", "--wait", "bogus"], QUICK);
+    assert!(out.stderr.contains("spin-then-park"), "{}", out.stderr);
 }
 
 #[test]

@@ -217,7 +217,11 @@ impl Round {
         let dir =
             std::env::temp_dir().join(format!("knit-bench-restart-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| bench_err("temp dir", e))?;
+        // Private: the gateway refuses a socket directory open to others.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .recursive(true)
+            .create(&dir)
+            .map_err(|e| bench_err("temp dir", e))?;
         track_dir(&dir);
         Ok(Round {
             socket: dir.join("gw.sock"),

@@ -74,10 +74,11 @@ enum Cmd {
         timeout_ms: u64,
     },
     /// Serve a method (for demos and tests) until killed.
+    #[command(group(clap::ArgGroup::new("answer").required(true).args(["echo", "reply"])))]
     Serve {
         method: String,
         /// Return the arguments.
-        #[arg(long, conflicts_with = "reply", required_unless_present = "reply")]
+        #[arg(long)]
         echo: bool,
         /// Return this JSON.
         #[arg(long, value_name = "JSON")]
@@ -253,10 +254,9 @@ fn one_line_usage_error(rendered: &str, what: Option<&str>) -> String {
     let usage = paragraphs
         .find_map(|p| p.trim().strip_prefix("Usage: "))
         .map(|u| u.split_whitespace().collect::<Vec<_>>().join(" "));
-    match usage {
-        Some(u) => format!("{what} (usage: {u}; see --help)"),
-        None => format!("{what} (see --help)"),
-    }
+    // clap leaves the usage out of some errors (an invalid value): the subcommand's then.
+    let usage = usage.or_else(invoked_usage).unwrap_or_default();
+    with_usage(&what, &usage)
 }
 
 pub fn main() -> i32 {
@@ -290,9 +290,50 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            errln!("knit: {}", e.message);
-            e.status.exit_code()
+            let code = e.status.exit_code();
+            if code == 2 && !e.message.contains("see --help") {
+                // A usage error found past the parser reads like one the parser found.
+                let usage = invoked_usage().unwrap_or_default();
+                errln!("knit: {}", with_usage(&e.message, &usage));
+            } else {
+                errln!("knit: {}", e.message);
+            }
+            code
         }
+    }
+}
+
+/// The usage line of the (sub)command this process was run as: the command line's words that
+/// name subcommands, followed down clap's tree (`knit stream serve …` → `knit stream serve
+/// [OPTIONS] <NAME>`).
+fn invoked_usage() -> Option<String> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    // Gives every subcommand its whole name (`knit stream serve`).
+    cmd.build();
+    for arg in std::env::args_os().skip(1) {
+        let Some(arg) = arg.to_str() else { continue };
+        let Some(sub) = cmd.find_subcommand(arg).cloned() else {
+            continue;
+        };
+        cmd = sub;
+    }
+    let path = cmd.get_bin_name().map(str::to_string);
+    let usage = cmd.render_usage().to_string();
+    let usage = usage.strip_prefix("Usage: ").unwrap_or(&usage).trim();
+    let usage = usage.split_whitespace().collect::<Vec<_>>().join(" ");
+    Some(match path {
+        Some(p) if !usage.starts_with(&p) => format!("{p} {usage}"),
+        _ => usage,
+    })
+}
+
+/// `what (usage: USAGE; see --help)`, as [`one_line_usage_error`] writes clap's own.
+fn with_usage(what: &str, usage: &str) -> String {
+    if usage.is_empty() {
+        format!("{what} (see --help)")
+    } else {
+        format!("{what} (usage: {usage}; see --help)")
     }
 }
 
@@ -327,8 +368,12 @@ fn run(cli: Cli) -> CliResult {
                 Some(r) if !echo => Some(parse_json_arg(&r)?),
                 _ => None,
             };
-            let wait = WaitStrategy::parse(&wait)
-                .ok_or_else(|| CliError::new(Status::InvalidArgument, "bad --wait"))?;
+            let wait = WaitStrategy::parse(&wait).ok_or_else(|| {
+                CliError::new(
+                    Status::InvalidArgument,
+                    format!("bad --wait {wait:?}: spin, park, or spin-then-park[:MICROS]"),
+                )
+            })?;
             let client = Client::builder(cli.app.as_deref().unwrap_or("knit-serve"))
                 .socket(&socket)
                 .wait_strategy(wait)

@@ -15,7 +15,11 @@ impl TestGateway {
     pub(crate) fn new(tag: &str) -> TestGateway {
         let dir = std::env::temp_dir().join(format!("knit-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        // Private: the gateway refuses a socket directory open to others.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .recursive(true)
+            .create(&dir)
+            .unwrap();
         let socket = dir.join("gw.sock");
         let gw = Gateway::bind(GatewayConfig::new(&socket))
             .unwrap()

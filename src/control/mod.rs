@@ -2,8 +2,9 @@
 //!
 //! Default address: `$XDG_RUNTIME_DIR/knit/gateway.sock`, else `/tmp/knit-<uid>/gateway.sock`;
 //! `KNIT_GATEWAY` overrides both. The directory must be ours and closed to everybody else
-//! (mode 0700): the gateway creates it so, and a client refuses to connect through a directory
-//! another user could have planted a socket in. On top of that the gateway accepts only
+//! (mode 0700): the gateway creates it so (and refuses an existing one open to others, tightening
+//! only its own default directory), and a client refuses to connect through a directory another
+//! user could have planted a socket in. On top of that the gateway accepts only
 //! connections whose kernel-reported uid is its own.
 
 use std::io;
@@ -57,9 +58,17 @@ pub fn own_file(socket: &Path, what: &str) -> PathBuf {
     socket.with_file_name(name)
 }
 
-/// Creates `dir` (mode 0700) if missing; tightens it if it is ours but open to others; refuses
-/// it if it belongs to someone else.
+/// Creates `dir` (mode 0700) if missing and refuses it if it is not ours or is open to others.
+/// Only knit's own default directory ([`default_socket_path`]'s) is tightened when it is open:
+/// any other directory was made by someone for something else (`/tmp`, a home directory), and
+/// changing its mode would break whatever else lives there.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    let knits_own = default_socket_path().parent() == Some(dir);
+    ensure_private_dir_as(dir, knits_own)
+}
+
+/// [`ensure_private_dir`], tightening an open `dir` of ours only if `tighten`.
+fn ensure_private_dir_as(dir: &Path, tighten: bool) -> io::Result<()> {
     match std::fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new()
@@ -84,6 +93,18 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
         ));
     }
     if md.mode() & 0o077 != 0 {
+        if !tighten {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is open to other users (mode {:o}); the gateway's socket needs a \
+                     directory private to this user: make one (`mkdir -m 700 DIR`), or leave \
+                     the socket path out for the default",
+                    dir.display(),
+                    md.mode() & 0o7777
+                ),
+            ));
+        }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
@@ -143,14 +164,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn private_dir_is_created_0700_and_tightened() {
+    fn a_private_dir_is_created_0700_and_only_knits_own_is_tightened() {
         let base = std::env::temp_dir().join(format!("knit-dir-test-{}", std::process::id()));
         let dir = base.join("a");
         ensure_private_dir(&dir).unwrap();
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(check_private_dir(&dir.join("s.sock")).is_err());
-        ensure_private_dir(&dir).unwrap();
+        // Someone else's directory (here: one opened after the fact) keeps its mode and is
+        // refused, naming it.
+        for mode in [0o755, 0o1777, 0o710] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(check_private_dir(&dir.join("s.sock")).is_err());
+            let e = ensure_private_dir(&dir).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+            assert!(e.to_string().contains("open to other users"), "{e}");
+            assert!(e.to_string().contains(&format!("{mode:o}")), "{e}");
+            assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, mode);
+        }
+        // knit's own default directory is tightened.
+        ensure_private_dir_as(&dir, true).unwrap();
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
         check_private_dir(&dir.join("s.sock")).unwrap();
         std::fs::remove_dir_all(&base).unwrap();

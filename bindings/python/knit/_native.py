@@ -2,7 +2,7 @@
 
 Where the library is looked for, in order: ``$KNIT_LIB`` (a path), ``libknit.so`` next to this
 package, then the system's library path (``ctypes.util.find_library("knit")``, which sees
-``ldconfig``'s cache and ``LD_LIBRARY_PATH``), e.g. after ``make -C ffi install``.
+``ldconfig``'s cache and ``LD_LIBRARY_PATH``), e.g. after ``ffi/install.sh``.
 """
 
 import ctypes.util
