@@ -301,6 +301,8 @@ thread_local! {
 
 /// What a call to a peer that left fails with (io.Connect's words).
 pub(crate) const PEER_LEFT: &str = "Peer has left while waiting for result";
+/// What a server answers for a method it no longer has (io.Connect's words).
+pub(crate) const METHOD_REMOVED: &str = "Method has been removed";
 
 /// Most waits on the dispatch thread that run every kind of callback, one inside another. A
 /// wait deeper than this runs requests only (invocations of our methods, subscriptions to our
@@ -1201,7 +1203,9 @@ impl Shared {
             .get(&method_id)
             .cloned();
         let Some(entry) = entry else {
-            return responder.error(MethodError::new("Method has been removed"));
+            // Unregistered after the caller chose it: the caller may try it again under a new
+            // registration (`interop::invoke`), so it is told apart from the method failing.
+            return responder.removed();
         };
         let inv = Invocation {
             method: entry.name.clone(),
@@ -1248,6 +1252,18 @@ impl Shared {
         } else {
             self.enqueue(t);
         }
+    }
+
+    /// Answers an invocation of a method no longer registered (the caller sees `NotFound`).
+    pub(crate) fn send_removed(self: &Arc<Self>, lane: &Lane, call_id: u64) {
+        SCRATCH.with(|s| {
+            let mut body = s.take();
+            record::result_removed(&mut body, call_id, METHOD_REMOVED);
+            if let Err(e) = self.send_on(lane, KIND_RESULT, &body, REPLY_TIMEOUT) {
+                crate::log::debug(format_args!("reply to {} lost: {e}", lane.peer));
+            }
+            s.set(body);
+        });
     }
 
     /// Sends a reply on a lane (from any thread).
@@ -1542,6 +1558,9 @@ impl Shared {
                         }
                         Ok((m, c)) if record::error_too_large(payload) => {
                             Err((FailureKind::Delivery(crate::Status::PayloadTooLarge), m, c))
+                        }
+                        Ok((m, c)) if record::error_removed(payload) => {
+                            Err((FailureKind::Delivery(crate::Status::NotFound), m, c))
                         }
                         Ok((m, c)) => Err((FailureKind::Remote, m, c)),
                         Err(e) => {

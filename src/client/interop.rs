@@ -345,11 +345,16 @@ impl Choice {
     }
 }
 
-/// Servers of `method` in discovery order, ourselves first, filtered by `target`.
-fn choose(shared: &Arc<Shared>, method: &str, target: &Target) -> Choice {
+/// Servers of `method` in discovery order, ourselves first, filtered by `target`, leaving out
+/// the registrations in `stale` (`(server, method id)`: ones a server said it no longer has).
+fn choose(shared: &Arc<Shared>, method: &str, target: &Target, stale: &[(PeerId, u32)]) -> Choice {
     let st = shared.lock_state();
     let servers = servers_of(shared, &st, method);
+    let my_id = shared.my_id();
     let mut cands = servers.iter().filter_map(|&(peer, method_id)| {
+        if !stale.is_empty() && stale.contains(&(peer.unwrap_or(my_id), method_id)) {
+            return None;
+        }
         let Some(peer) = peer else {
             return Some(Chosen {
                 server: shared.me(),
@@ -513,7 +518,7 @@ pub(crate) fn invoke(
     // Find servers, waiting for one to appear if need be.
     let mut wait_until = None;
     let chosen = loop {
-        let c = choose(shared, method, &opts.target);
+        let c = choose(shared, method, &opts.target, &[]);
         if !c.is_empty() {
             break c;
         }
@@ -549,7 +554,10 @@ pub(crate) fn invoke(
         Choice::One(c) => {
             // One server (`best`): no list of calls or outcomes to build.
             let sent = send_call(shared, &c, &args, opts);
-            let o = call_outcome(shared, &c, sent, deadline, method, opts);
+            let mut o = call_outcome(shared, &c, sent, deadline, method, opts);
+            if is_removed(&o) {
+                o = again(shared, method, &args, opts, &c, None, o, deadline);
+            }
             return InvocationResult::aggregate_one(method, args, o)
                 .map_err(|r| InvokeError::Failed(Box::new(r)));
         }
@@ -563,10 +571,89 @@ pub(crate) fn invoke(
     let outcomes = many
         .iter()
         .zip(sent)
-        .map(|(c, p)| call_outcome(shared, c, p, deadline, method, opts))
+        .map(|(c, p)| {
+            let o = call_outcome(shared, c, p, deadline, method, opts);
+            if is_removed(&o) {
+                let only = Some(c.server.peer_id);
+                again(shared, method, &args, opts, c, only, o, deadline)
+            } else {
+                o
+            }
+        })
         .collect();
     InvocationResult::aggregate(method, args, outcomes)
         .map_err(|r| InvokeError::Failed(Box::new(r)))
+}
+
+/// Whether a call failed because its server no longer has the registration the caller chose
+/// (unregistered meanwhile: `Method has been removed` over a lane, or the gateway's `NotFound`
+/// for a relayed call).
+fn is_removed(o: &Result<ReturnValue, CallFailure>) -> bool {
+    matches!(o, Err(f) if f.kind == FailureKind::Delivery(Status::NotFound))
+}
+
+/// Calls `method` again after the server of `first` said it no longer has that registration.
+/// The caller's view of the servers comes through the gateway, later than what a server does
+/// on its lane: a method unregistered and registered again (a new id) was still the old
+/// registration in the view, and the call failed though the method stood. Waits (within
+/// `opts.wait`) for the view to catch up and calls the registration it then shows: any server
+/// the target picks, or with `only`, that server alone (`all`: each server keeps its place).
+/// Gives up with `last` when nothing shows up in time, or, with `only`, when the view has
+/// dropped the old registration and that server has no other.
+#[allow(clippy::too_many_arguments)]
+fn again(
+    shared: &Arc<Shared>,
+    method: &str,
+    args: &Value,
+    opts: &InvokeOptions,
+    first: &Chosen,
+    only: Option<PeerId>,
+    mut last: Result<ReturnValue, CallFailure>,
+    deadline: Instant,
+) -> Result<ReturnValue, CallFailure> {
+    let mut stale = vec![(first.server.peer_id, first.method_id)];
+    let wait_until = crate::wait::deadline(opts.wait);
+    loop {
+        let gen = shared.lock_state().generation;
+        let next = match choose(shared, method, &opts.target, &stale) {
+            Choice::One(c) => Some(c),
+            Choice::Many(cs) => cs
+                .into_iter()
+                .find(|c| only.is_none_or(|p| c.server.peer_id == p)),
+        };
+        if let Some(c) = next {
+            let sent = send_call(shared, &c, args, opts);
+            last = call_outcome(shared, &c, sent, deadline, method, opts);
+            if !is_removed(&last) {
+                return last;
+            }
+            stale.push((c.server.peer_id, c.method_id));
+            continue;
+        }
+        if let Some(p) = only {
+            // The view no longer holds any stale registration of that server: it has none.
+            let st = shared.lock_state();
+            let servers = servers_of(shared, &st, method);
+            let my_id = shared.my_id();
+            let held = servers
+                .iter()
+                .any(|&(peer, id)| peer.unwrap_or(my_id) == p && stale.contains(&(p, id)));
+            if !held {
+                return last;
+            }
+        }
+        let st = shared.lock_state();
+        let now = Instant::now();
+        if now >= wait_until || shared.is_closed() || !shared.conn.is_connected() {
+            return last;
+        }
+        let _ = shared
+            .state_changed
+            .wait_timeout_while(st, wait_until - now, |st| {
+                st.generation == gen && !shared.is_closed()
+            })
+            .unwrap_or_else(|e| e.into_inner());
+    }
 }
 
 /// A call on its way to one server: its id (`None`: run here) and the slot its outcome comes

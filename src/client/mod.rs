@@ -278,6 +278,40 @@ impl Responder {
         let e = e.into();
         self.send(Err((e.message, e.context)));
     }
+
+    /// Answers that the method invoked is not (any longer) registered here: `NotFound` for the
+    /// caller, who may find it registered again under another id, not the method failing.
+    pub(crate) fn removed(mut self) {
+        let message = engine::METHOD_REMOVED;
+        match self.target.take() {
+            Some(ReplyTarget::Lane { lane, call_id }) => self.shared.send_removed(&lane, call_id),
+            Some(ReplyTarget::Relay { invocation, epoch }) => {
+                if epoch != self.shared.conn.epoch() {
+                    return;
+                }
+                let outcome = frame::RelayOutcome::Err {
+                    status: Status::NotFound,
+                    message: message.into(),
+                    context: Value::Null,
+                };
+                if let Err(e) = self.shared.conn.send(&ToGateway::Yield {
+                    invocation,
+                    outcome,
+                }) {
+                    crate::log::debug(format_args!("relayed reply lost: {e}"));
+                }
+            }
+            Some(ReplyTarget::Local(slot)) => {
+                let o = Err((
+                    crate::model::FailureKind::Delivery(Status::NotFound),
+                    message.into(),
+                    None,
+                ));
+                self.shared.complete_local(&slot, o);
+            }
+            None => {}
+        }
+    }
 }
 
 /// A method's outcome as a relayed answer, within the payload limit as on a lane

@@ -911,6 +911,9 @@ enum ServerState {
     Rejected(String),
     /// Refused by the access-control policy (the server's library or the gateway).
     Denied(String),
+    /// The server no longer has the stream registration asked for (closed after the
+    /// subscriber chose it; perhaps created again under another id).
+    Removed(String),
     Gone,
 }
 
@@ -931,7 +934,10 @@ fn standing(r: &[Remote]) -> Standing<'_> {
     let over = |s: &ServerState| {
         matches!(
             s,
-            ServerState::Rejected(_) | ServerState::Denied(_) | ServerState::Gone
+            ServerState::Rejected(_)
+                | ServerState::Denied(_)
+                | ServerState::Removed(_)
+                | ServerState::Gone
         )
     };
     if r.iter().all(|x| over(&x.state)) {
@@ -946,6 +952,8 @@ fn standing(r: &[Remote]) -> Standing<'_> {
 
 struct Remote {
     peer: PeerId,
+    /// The stream registration asked for.
+    method: u32,
     identity: Arc<Instance>,
     link: Link,
     state: ServerState,
@@ -1094,32 +1102,7 @@ pub(crate) fn subscribe(
         .map_err(|e| StreamError::InvalidArgument(e.to_string()))?;
     // Servers of the stream, waiting for one to appear.
     let wait_until = crate::wait::deadline(params.wait);
-    let chosen: Vec<(Arc<Instance>, u32)> = loop {
-        let c = candidates(shared, name, &params.target);
-        if !c.is_empty() {
-            break c;
-        }
-        let st = shared.lock_state();
-        let gen = st.generation;
-        let now = Instant::now();
-        if !shared.conn.is_connected() && !shared.is_closed() {
-            // Nobody can tell us about servers while the gateway is away.
-            return Err(StreamError::Client(ClientError::Disconnected));
-        }
-        // Closed while waiting (by another thread): that, not "no server".
-        if shared.is_closed() {
-            return Err(StreamError::Client(ClientError::Closed));
-        }
-        if now >= wait_until {
-            return Err(StreamError::NoServer);
-        }
-        let _ = shared
-            .state_changed
-            .wait_timeout_while(st, wait_until - now, |st| {
-                st.generation == gen && !shared.is_closed()
-            })
-            .unwrap_or_else(|e| e.into_inner());
-    };
+    let chosen = servers_within(shared, name, &params.target, &[], wait_until)?;
     let sub = Arc::new(ClientSub {
         // Relaxed: ids only need to be unique; nothing is published through the counter.
         id: shared.next_stream_sub.fetch_add(1, Ordering::Relaxed),
@@ -1138,7 +1121,34 @@ pub(crate) fn subscribe(
     // The first acceptance completes the subscription; later ones join it.
     let deadline = crate::wait::deadline(params.timeout);
     let remotes = || sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
-    shared.wait_for(|| !matches!(standing(&remotes()), Standing::Open), deadline);
+    let mut stale: Vec<(PeerId, u32)> = Vec::new();
+    loop {
+        shared.wait_for(|| !matches!(standing(&remotes()), Standing::Open), deadline);
+        // Every server refused or is gone, and some said they no longer have the registration
+        // asked for: the stream was closed after we chose it, perhaps created again under an
+        // id our view (which comes through the gateway, later than the server's own lane)
+        // does not show yet. Ask the registrations the view shows next, within the wait.
+        let r = remotes();
+        let removed = matches!(standing(&r), Standing::Over(_))
+            && r.iter().any(|x| matches!(x.state, ServerState::Removed(_)));
+        if !removed {
+            break;
+        }
+        stale.extend(
+            r.iter()
+                .filter(|x| matches!(x.state, ServerState::Removed(_)))
+                .map(|x| (x.peer, x.method)),
+        );
+        drop(r);
+        match servers_within(shared, name, &params.target, &stale, wait_until) {
+            Ok(c) => {
+                remotes().retain(|x| !matches!(x.state, ServerState::Removed(_)));
+                send_requests(shared, &sub, &c);
+            }
+            // Nothing else in time: the refusal stands.
+            Err(_) => break,
+        }
+    }
     // `Err(None)`: no answer in time.
     let r = remotes();
     let outcome = match standing(&r) {
@@ -1149,7 +1159,7 @@ pub(crate) fn subscribe(
                 message: m.clone(),
             })))
         }
-        Standing::Over(Some(ServerState::Rejected(m))) => {
+        Standing::Over(Some(ServerState::Rejected(m) | ServerState::Removed(m))) => {
             Err(Some(StreamError::Rejected(m.clone())))
         }
         // The servers were there, but reaching them needs the gateway.
@@ -1178,22 +1188,68 @@ pub(crate) fn subscribe(
     }
 }
 
-/// The servers of stream `name` that `target` picks, ourselves included.
-fn candidates(shared: &Shared, name: &str, target: &Target) -> Vec<(Arc<Instance>, u32)> {
+/// The servers of stream `name` that `target` picks, leaving out `stale` registrations,
+/// waiting until `wait_until` for one to appear.
+fn servers_within(
+    shared: &Arc<Shared>,
+    name: &str,
+    target: &Target,
+    stale: &[(PeerId, u32)],
+    wait_until: Instant,
+) -> Result<Vec<(Arc<Instance>, u32)>, StreamError> {
+    loop {
+        let c = candidates(shared, name, target, stale);
+        if !c.is_empty() {
+            return Ok(c);
+        }
+        let st = shared.lock_state();
+        let gen = st.generation;
+        let now = Instant::now();
+        if !shared.conn.is_connected() && !shared.is_closed() {
+            // Nobody can tell us about servers while the gateway is away.
+            return Err(StreamError::Client(ClientError::Disconnected));
+        }
+        // Closed while waiting (by another thread): that, not "no server".
+        if shared.is_closed() {
+            return Err(StreamError::Client(ClientError::Closed));
+        }
+        if now >= wait_until {
+            return Err(StreamError::NoServer);
+        }
+        let _ = shared
+            .state_changed
+            .wait_timeout_while(st, wait_until - now, |st| {
+                st.generation == gen && !shared.is_closed()
+            })
+            .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// The servers of stream `name` that `target` picks, ourselves included, leaving out the
+/// registrations in `stale` (`(server, method id)`: ones a server said it no longer has).
+fn candidates(
+    shared: &Shared,
+    name: &str,
+    target: &Target,
+    stale: &[(PeerId, u32)],
+) -> Vec<(Arc<Instance>, u32)> {
     let st = shared.lock_state();
     let mut cands: Vec<(Arc<Instance>, u32)> = Vec::new();
+    let fresh = |peer: PeerId, id: u32| !stale.contains(&(peer, id));
+    let my_id = shared.my_id();
     if let Some((id, _)) = st
         .my_methods
         .iter()
-        .find(|(_, d)| d.streaming && method_matches(name, d))
+        .find(|(id, d)| d.streaming && method_matches(name, d) && fresh(my_id, **id))
     {
         cands.push((shared.me(), *id));
     }
     for p in st.peers.values() {
+        let peer = p.identity.peer_id;
         if let Some((id, _)) = p
             .methods
             .iter()
-            .find(|(_, d)| d.streaming && method_matches(name, d))
+            .find(|(id, d)| d.streaming && method_matches(name, d) && fresh(peer, **id))
         {
             cands.push((p.identity.clone(), *id));
         }
@@ -1232,6 +1288,7 @@ fn send_requests(shared: &Arc<Shared>, sub: &Arc<ClientSub>, chosen: &[(Arc<Inst
             .unwrap_or_else(|e| e.into_inner())
             .push(Remote {
                 peer: server.peer_id,
+                method: *method_id,
                 identity: server.clone(),
                 link: link.clone(),
                 state: ServerState::Pending,
@@ -1347,9 +1404,11 @@ pub(crate) fn on_record(
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                let denied = info.get("denied").and_then(Value::as_bool) == Some(true);
-                let state = if denied {
+                let flag = |k: &str| info.get(k).and_then(Value::as_bool) == Some(true);
+                let state = if flag("denied") {
                     ServerState::Denied(reason)
+                } else if flag("removed") {
+                    ServerState::Removed(reason)
                 } else {
                     ServerState::Rejected(reason)
                 };
@@ -1418,12 +1477,16 @@ fn on_request(
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(&method_id);
-        let why = if plain {
-            "Method is not a stream"
-        } else {
-            "Method has been removed"
-        };
-        return reply(shared, &link, sub_id, false, why);
+        if plain {
+            return reply(shared, &link, sub_id, false, "Method is not a stream");
+        }
+        // Closed after the subscriber chose it: `removed` lets it look for the stream again
+        // (created anew under another id, which its view may not show yet).
+        let info = Value::object([
+            ("reason", Value::from(super::engine::METHOD_REMOVED)),
+            ("removed", Value::from(true)),
+        ]);
+        return reply_value(shared, &link, sub_id, false, &info);
     };
     if !shared.peer_allowed(from, PolicyAction::Invoke, &entry.name) {
         return reply_value(shared, &link, sub_id, false, &rec::denial(&entry.name));
@@ -1873,7 +1936,7 @@ pub(crate) fn restore(shared: &Arc<Shared>, epoch: u64) {
             }
             match t.accept_until {
                 None => {
-                    let c = candidates(shared, &t.sub.name, &t.sub.params.target);
+                    let c = candidates(shared, &t.sub.name, &t.sub.params.target, &[]);
                     if !c.is_empty() {
                         send_requests(shared, &t.sub, &c);
                         t.accept_until = Some(crate::wait::deadline(t.sub.params.timeout));
@@ -2001,6 +2064,7 @@ mod tests {
         let later = now + Duration::from_secs(5);
         let remote = |state| Remote {
             peer: PeerId(7),
+            method: 1,
             identity: instance(PeerId(7)),
             link: Link::Relay(PeerId(7)),
             state,

@@ -209,6 +209,14 @@ pub fn result_too_large(out: &mut Vec<u8>, call_id: u64, message: &str) {
     result_marked(out, call_id, message, "too_large")
 }
 
+/// Builds the result of an invocation of a method the server no longer has (unregistered after
+/// the caller chose it): an error whose `removed` flag tells the caller it is `NotFound` — the
+/// method is gone from that server, perhaps registered again under another id — not the method
+/// failing.
+pub fn result_removed(out: &mut Vec<u8>, call_id: u64, message: &str) {
+    result_marked(out, call_id, message, "removed")
+}
+
 /// An error result `{message, mark: true}`.
 fn result_marked(out: &mut Vec<u8>, call_id: u64, message: &str, mark: &str) {
     out.clear();
@@ -230,6 +238,11 @@ pub fn error_denied(bytes: &[u8]) -> bool {
 /// Whether an error result is a result over the payload limit (see [`result_too_large`]).
 pub fn error_too_large(bytes: &[u8]) -> bool {
     error_marked(bytes, "too_large")
+}
+
+/// Whether an error result says the method is gone from the server (see [`result_removed`]).
+pub fn error_removed(bytes: &[u8]) -> bool {
+    error_marked(bytes, "removed")
 }
 
 fn error_marked(bytes: &[u8], mark: &str) -> bool {
