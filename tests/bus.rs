@@ -577,3 +577,46 @@ fn a_flood_whose_server_calls_back_is_answered_at_every_depth() {
         "callbacks nested {deepest} deep"
     );
 }
+
+#[test]
+fn a_callback_that_panics_loses_its_own_messages_only() {
+    // A delivery ran every subscription's callback inside one `catch_unwind`: the first one
+    // that panicked took the message from every subscription after it (0 of 30 got through).
+    let env = Env::new("bus-panic");
+    let a = env.client("a");
+    let b = env.client("b");
+    let _panics = b
+        .subscribe("p", SubscribeOptions::default(), |_| {
+            panic!("a callback that panics (on purpose)")
+        })
+        .unwrap();
+    let (_good, good) = sub(&b, "p", SubscribeOptions::default());
+    let o = PublishOptions::default();
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        a.publish("p", obj("n", i), &o).unwrap();
+        sent.push(obj("n", i));
+    }
+    // Raw bytes take the batch path; the client's own publishes are delivered in-process.
+    for i in 0..30u8 {
+        a.publish("p", Value::Bytes(vec![i]), &o).unwrap();
+        sent.push(Value::Bytes(vec![i]));
+    }
+    b.publish("p", obj("own", 1), &o).unwrap();
+    a.publish("p", Value::object([("marker", Value::from(true))]), &o)
+        .unwrap();
+    // No order holds across publishers: `a`'s in order up to its marker, and `b`'s own.
+    let (mut got, mut own, mut marker) = (Vec::new(), 0, false);
+    while !(marker && own > 0) {
+        let (_, d, _) = next(&good);
+        if d == obj("own", 1) {
+            own += 1;
+        } else if d.get("marker").is_some() {
+            marker = true;
+        } else if !marker {
+            got.push(d);
+        }
+    }
+    assert_eq!(got, sent);
+    assert_eq!(own, 1, "the client's own publish");
+}

@@ -489,3 +489,34 @@ fn context_names_empty_or_longer_than_the_limit_are_refused_by_every_operation()
     assert_eq!(*ctx.get(&fits).unwrap().data, j(r#"{"a":1}"#));
     ctx.destroy(&fits).unwrap();
 }
+
+#[test]
+fn a_callback_that_panics_loses_its_own_updates_only() {
+    // One `catch_unwind` around every subscription of a context: the first callback that
+    // panicked took each update from the subscriptions after it (0 of 5 got through).
+    let env = Env::new("ctx-panic");
+    let (w, r) = (env.client("writer"), env.client("reader"));
+    w.contexts().set("pc", j(r#"{"n":0}"#)).unwrap();
+    let _panics = r
+        .contexts()
+        .subscribe("pc", |_| panic!("a callback that panics (on purpose)"))
+        .unwrap();
+    let (_sub, rx) = watch(&r, "pc");
+    assert_eq!(*next(&rx).data, j(r#"{"n":0}"#));
+    let mut last = 0;
+    for n in 1..=5 {
+        last = w
+            .contexts()
+            .update("pc", Value::object([("n", Value::from(n))]))
+            .unwrap();
+    }
+    // Every update reaches the other subscription (a lagging one may get them conflated, but
+    // it reaches the last).
+    loop {
+        let u = next(&rx);
+        if u.version == last {
+            assert_eq!(*u.data, j(r#"{"n":5}"#));
+            break;
+        }
+    }
+}

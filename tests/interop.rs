@@ -1309,3 +1309,112 @@ fn a_method_unregistered_and_registered_again_is_invoked_at_once_every_time() {
         &failed[..failed.len().min(5)]
     );
 }
+
+#[test]
+fn an_event_callback_that_panics_loses_its_own_events_only() {
+    // Every discovery event went to all subscribers inside one `catch_unwind`: the first that
+    // panicked took each event from the others (0 of 6 got through).
+    let env = Env::new("event-panic");
+    let c = env.client("watcher");
+    let server = env.client("server");
+    let _panics = c.on_event(|_| panic!("a callback that panics (on purpose)"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _sub = c.on_event(move |e| {
+        if let InteropEvent::MethodAdded(d) = e {
+            let _ = tx.send(d.name.clone());
+        }
+    });
+    for i in 0..6 {
+        server
+            .register(format!("Panic.{i}").as_str(), |inv| Ok(inv.args.clone()))
+            .unwrap();
+    }
+    let mut seen: Vec<String> = Vec::new();
+    while seen.len() < 6 {
+        let name = rx
+            .recv_timeout(LONG)
+            .expect("an event did not reach the callback that does not panic");
+        if name.starts_with("Panic.") {
+            seen.push(name);
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        (0..6).map(|i| format!("Panic.{i}")).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn an_event_subscription_dropped_by_its_own_callback_gets_no_more_events() {
+    // Dropping an `EventSubscription` took it off the list, but events already queued for it
+    // (its replay of what exists, for one) still ran it: 8 more calls here.
+    let env = Env::new("event-drop");
+    let c = env.client("watcher");
+    let caller = env.client("caller");
+    for i in 0..4 {
+        caller
+            .register(format!("Existing.{i}").as_str(), |inv| Ok(inv.args.clone()))
+            .unwrap();
+    }
+    await_servers(&c, "Existing.3", 1);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slot: Arc<Mutex<Option<knit::client::EventSubscription>>> = Arc::default();
+    // Subscribed on the dispatch thread (in a method handler), so the replay — a dozen events
+    // — is queued and cannot start before the subscription is in its slot.
+    {
+        let (c2, calls, slot) = (c.clone(), calls.clone(), slot.clone());
+        c.register("Setup", move |_| {
+            let (calls, slot2) = (calls.clone(), slot.clone());
+            let sub = c2.on_event(move |_| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(slot2.lock().unwrap().take());
+            });
+            *slot.lock().unwrap() = Some(sub);
+            Ok(Value::Null)
+        })
+        .unwrap();
+    }
+    await_servers(&caller, "Setup", 1);
+    caller
+        .invoke("Setup", Value::map(), &opts(Target::Best))
+        .unwrap();
+    // A later event, and a second subscription's replay after it, to know the queue has run.
+    caller
+        .register("After", |inv| Ok(inv.args.clone()))
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _probe = c.on_event(move |e| {
+        if let InteropEvent::MethodAdded(d) = e {
+            let _ = tx.send(d.name.clone());
+        }
+    });
+    while rx.recv_timeout(LONG).expect("the probe saw no After") != "After" {}
+    assert!(slot.lock().unwrap().is_none(), "the callback never ran");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn wait_for_method_finds_what_invoke_reaches_whatever_the_case() {
+    // `invoke` matches names case-insensitively in every script; `wait_for_method` compared
+    // them exactly, so it waited out its whole timeout for a method `invoke` reached at once.
+    let env = Env::new("wait-case");
+    let server = env.client("server");
+    let caller = env.client("caller");
+    server.register("Echo", |inv| Ok(inv.args.clone())).unwrap();
+    server
+        .register("Ärger", |inv| Ok(inv.args.clone()))
+        .unwrap();
+    for (asked, registered) in [("echo", "Echo"), ("ECHO", "Echo"), ("ärger", "Ärger")] {
+        let found = caller
+            .wait_for_method(asked, LONG)
+            .unwrap_or_else(|| panic!("wait_for_method({asked:?}) found nothing"));
+        assert_eq!(found.def.name, registered);
+        caller
+            .invoke(asked, Value::map(), &opts(Target::Best))
+            .unwrap();
+    }
+    assert!(caller
+        .wait_for_method("Nope", Duration::from_millis(50))
+        .is_none());
+}

@@ -83,12 +83,19 @@ impl Route {
     }
 }
 
-/// Subscriptions changed: every computed route is stale.
-fn routes_changed(shared: &Shared) {
+/// Subscriptions changed: every computed route is stale, and is dropped with the lanes it
+/// holds (a stale route was kept until a gateway reconnection: a publisher to per-subscriber
+/// topics kept every departed subscriber's lane mapped).
+fn routes_changed(shared: &Shared, st: &mut BusState) {
     // SYNC(bus_routes): Release pairs with the Acquire in `Route::is_current`; the routes
     // themselves are read under the bus lock or were computed after this load.
     shared.bus_routes.fetch_add(1, Ordering::Release);
+    st.routes.clear();
 }
+
+/// Routes kept at most: a publisher on ever new topics (or routing keys) keeps no more (they
+/// are computed again when next used).
+const MAX_ROUTES: usize = 4096;
 
 #[derive(Default)]
 pub(crate) struct BusState {
@@ -101,11 +108,11 @@ pub(crate) struct BusState {
 
 /// Our subscriptions changed (`st` holds them): the delivering thread's list
 /// (`Shared::bus_subs`) and every route are stale.
-fn mine_changed(shared: &Shared, st: &BusState) {
+fn mine_changed(shared: &Shared, st: &mut BusState) {
     shared
         .bus_subs
         .change(|v| *v = st.mine.values().cloned().collect());
-    routes_changed(shared);
+    routes_changed(shared, st);
 }
 
 /// A subscription; dropping it (or `unsubscribe`) ends it.
@@ -136,7 +143,7 @@ impl Drop for BusSubscription {
             let _gate = shared.conn.gate.enter();
             let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
             st.mine.remove(&self.sub.id);
-            mine_changed(&shared, &st);
+            mine_changed(&shared, &mut st);
             drop(st);
             // Fire and forget (request id 0 is never used).
             let _ = shared.conn.send(&ToGateway::BusUnsubscribe {
@@ -176,7 +183,7 @@ pub(crate) fn subscribe(
         } else {
             st.mine.remove(&sub.id);
         }
-        mine_changed(shared, &st);
+        mine_changed(shared, &mut st);
     };
     add(true);
     let reply = shared.conn.request(
@@ -205,14 +212,14 @@ pub(crate) fn subscribe(
 pub(crate) fn remote_subscribed(shared: &Shared, info: BusSubInfo) {
     let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
     st.remote.insert((info.peer, info.sub), info);
-    routes_changed(shared);
+    routes_changed(shared, &mut st);
 }
 
 /// The gateway announced the end of a subscription (control thread).
 pub(crate) fn remote_unsubscribed(shared: &Shared, peer: PeerId, sub: u64) {
     let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
     st.remote.remove(&(peer, sub));
-    routes_changed(shared);
+    routes_changed(shared, &mut st);
 }
 
 /// A peer left (control thread): its subscriptions go with it. The gateway announces no
@@ -230,7 +237,7 @@ pub(crate) fn peer_left(shared: &Shared, peer: PeerId) {
     for k in gone {
         st.remote.remove(&k);
     }
-    routes_changed(shared);
+    routes_changed(shared, &mut st);
 }
 
 /// Seeds the remote subscriptions from the welcome.
@@ -239,7 +246,7 @@ pub(crate) fn seed(shared: &Shared, subs: Vec<BusSubInfo>) {
     for s in subs {
         st.remote.insert((s.peer, s.sub), s);
     }
-    routes_changed(shared);
+    routes_changed(shared, &mut st);
 }
 
 fn route(
@@ -320,8 +327,16 @@ fn route(
     });
     if opts.target.is_none() {
         let mut st = shared.bus.lock().unwrap_or_else(|e| e.into_inner());
-        st.routes
-            .insert((topic.to_string(), opts.routing_key.clone()), r.clone());
+        // Computed from an older state than the map holds now: not kept. SYNC(bus_routes):
+        // under the bus lock, which every `routes_changed` holds too, so a change after this
+        // check clears the map after the insert.
+        if generation == shared.bus_routes.load(Ordering::Acquire) {
+            if st.routes.len() >= MAX_ROUTES {
+                st.routes.clear();
+            }
+            st.routes
+                .insert((topic.to_string(), opts.routing_key.clone()), r.clone());
+        }
     }
     Ok(r)
 }
@@ -611,7 +626,10 @@ fn with_route<T>(
 /// A subscriber lane failed mid-publish: its route is stale. The other subscribers still get
 /// the message; the first failure the caller can act on is reported after all were tried.
 fn lane_failed(shared: &Shared, e: SendError, failed: &mut Option<ClientError>) {
-    routes_changed(shared);
+    routes_changed(
+        shared,
+        &mut shared.bus.lock().unwrap_or_else(|e| e.into_inner()),
+    );
     if e.status() != Status::PeerLeft && failed.is_none() {
         *failed = Some(ClientError::Gateway {
             status: e.status(),
@@ -776,7 +794,7 @@ fn deliver_to(subs: &[Arc<MySub>], msg: &BusMessage) {
                 continue;
             }
         }
-        (s.cb)(msg);
+        super::engine::isolated("a bus callback", || (s.cb)(msg));
     }
 }
 
@@ -788,8 +806,7 @@ pub(crate) fn connection_reset(shared: &Shared, subs: Vec<BusSubInfo>) {
     for s in subs {
         st.remote.insert((s.peer, s.sub), s);
     }
-    st.routes.clear();
-    routes_changed(shared);
+    routes_changed(shared, &mut st);
 }
 
 /// Subscribes our subscriptions again, with the same ids (restore thread).
@@ -820,5 +837,76 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
     for (s, p) in subs.iter().zip(pending) {
         let r = p.and_then(|p| p.wait(&shared.conn, CONTROL_TIMEOUT));
         super::reconnect::expect_ack(&format!("the bus subscription to {:?}", s.topic), r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MAX_ROUTES;
+    use crate::client::testing::TestGateway;
+    use crate::client::{Client, PublishOptions, SubscribeOptions};
+    use crate::Value;
+    use std::time::{Duration, Instant};
+
+    /// (routes kept, lanes they hold) of `c`.
+    fn kept(c: &Client) -> (usize, usize) {
+        let st = c.shared().bus.lock().unwrap();
+        let lanes = st.routes.values().map(|r| r.lanes.len()).sum();
+        (st.routes.len(), lanes)
+    }
+
+    #[test]
+    fn routes_are_bounded_and_go_with_the_subscriptions_they_were_computed_from() {
+        // Routes were only ever added: 200 000 topics published once grew a publisher by
+        // 33 MB, and departed subscribers' lanes stayed mapped through their routes.
+        let gw = TestGateway::new("bus-routes");
+        let publisher = Client::builder("pub")
+            .socket(gw.socket())
+            .connect()
+            .unwrap();
+        let o = PublishOptions::default();
+        for i in 0..MAX_ROUTES + 100 {
+            publisher
+                .publish(&format!("t.{i}"), Value::map(), &o)
+                .unwrap();
+        }
+        assert!(kept(&publisher).0 <= MAX_ROUTES, "{:?}", kept(&publisher));
+        // Subscribers on topics of their own, each published to once.
+        let subs: Vec<Client> = (0..4)
+            .map(|i| {
+                Client::builder(format!("sub{i}"))
+                    .socket(gw.socket())
+                    .connect()
+                    .unwrap()
+            })
+            .collect();
+        let held: Vec<_> = subs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.subscribe(&format!("own.{i}"), SubscribeOptions::default(), |_| {})
+                    .unwrap()
+            })
+            .collect();
+        for i in 0..4 {
+            publisher
+                .publish(&format!("own.{i}"), Value::map(), &o)
+                .unwrap();
+        }
+        assert_eq!(kept(&publisher).1, 4, "a lane per subscriber's route");
+        drop(held);
+        for c in subs {
+            c.close();
+        }
+        // Once the publisher hears they left, no route holds their lanes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while kept(&publisher).1 != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "still held: {:?}",
+                kept(&publisher)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }

@@ -136,7 +136,7 @@ fn notify_changed(shared: &Arc<Shared>, joined: Vec<String>, cbs: Vec<ChangedCal
     }
     shared.push_task(super::engine::Task::Call(Box::new(move || {
         for cb in &cbs {
-            cb(&joined);
+            super::engine::isolated("a channel callback", || cb(&joined));
         }
     })));
 }

@@ -1556,7 +1556,7 @@ fn deliver_to(subs: &[Arc<Sub>], ev: &ContextUpdate, only: Option<u64>) {
             }
         };
         if wanted {
-            (s.cb)(ev);
+            super::engine::isolated("a context callback", || (s.cb)(ev));
         }
     }
 }

@@ -455,7 +455,9 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub state_changed: Condvar,
     pub handlers: RwLock<HashMap<u32, Arc<MethodEntry>, std::hash::BuildHasherDefault<IdHasher>>>,
-    pub subscribers: Mutex<Vec<(u64, super::EventCallback)>>,
+    /// Discovery event callbacks: id, callback, and whether it still runs (cleared when its
+    /// `EventSubscription` is dropped, so events already queued skip it).
+    pub subscribers: Mutex<Vec<(u64, super::EventCallback, Arc<AtomicBool>)>>,
     /// Held from a change of methods or peers until its discovery events are queued, and by a
     /// new event subscription while it takes its replay and joins: each change is then either
     /// in the replay or among the events it gets, never both or neither
@@ -1998,6 +2000,15 @@ thread_local! {
     static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
     /// An emptied `ready` list, handed back to the receive set on the next release.
     static READY_SPARE: Cell<Vec<Task>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs one subscriber's callback, containing a panic to it: the other subscriptions a
+/// delivery goes to still get theirs (a loop over subscriptions inside one `catch_unwind`
+/// stopped at the first that panicked, on every message). `what`: "a bus callback", …
+pub(crate) fn isolated(what: &str, f: impl FnOnce()) {
+    if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        crate::log::warn(format_args!("{what} panicked: {}", panic_message(&*p)));
+    }
 }
 
 pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

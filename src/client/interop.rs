@@ -13,7 +13,7 @@ use crate::status::Status;
 use crate::wire::codec;
 use crate::wire::frame::{Instance, MethodDef, MethodSpec, PeerId, ToGateway, Transport};
 use crate::wire::Value;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -810,7 +810,12 @@ pub(crate) fn wait_for_method(
     }
     let until = crate::wait::deadline(timeout);
     loop {
-        if let Some(m) = methods(shared).into_iter().find(|m| m.def.name == name) {
+        // Matched as `invoke` matches (case-insensitive in every script): a method `invoke`
+        // reaches is one this finds.
+        if let Some(m) = methods(shared)
+            .into_iter()
+            .find(|m| method_matches(name, &m.def))
+        {
             return Some(m);
         }
         let st = shared.lock_state();
@@ -849,37 +854,47 @@ pub(crate) fn subscribe(shared: &Arc<Shared>, cb: EventCallback) -> EventSubscri
             });
         }
     }
+    let active = Arc::new(AtomicBool::new(true));
     {
         let mut subs = shared.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-        let cb2 = cb.clone();
+        let (cb2, active2) = (cb.clone(), active.clone());
         shared.enqueue(super::engine::Task::Call(Box::new(move || {
             for e in &replay {
-                cb2(e);
+                // SYNC(event-sub-active): pairs with the Release store of
+                // `EventSubscription::drop`; only the flag is read.
+                if !active2.load(Ordering::Acquire) {
+                    return;
+                }
+                super::engine::isolated("an event callback", || cb2(e));
             }
         })));
-        subs.push((id, cb));
+        subs.push((id, cb, active.clone()));
     }
     EventSubscription {
         shared: Arc::downgrade(shared),
         id,
+        active,
     }
 }
 
 /// Queues `e` for every subscriber.
 pub(crate) fn emit(shared: &Arc<Shared>, e: InteropEvent) {
-    let subs: Vec<EventCallback> = shared
+    let subs: Vec<(EventCallback, Arc<AtomicBool>)> = shared
         .subscribers
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .map(|(_, c)| c.clone())
+        .map(|(_, c, a)| (c.clone(), a.clone()))
         .collect();
     if subs.is_empty() {
         return;
     }
     shared.enqueue(super::engine::Task::Call(Box::new(move || {
-        for s in &subs {
-            s(&e);
+        for (s, active) in &subs {
+            // SYNC(event-sub-active): as in `subscribe`.
+            if active.load(Ordering::Acquire) {
+                super::engine::isolated("an event callback", || s(&e));
+            }
         }
     })));
 }

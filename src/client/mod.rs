@@ -345,6 +345,8 @@ impl Drop for Responder {
 pub struct EventSubscription {
     shared: std::sync::Weak<Shared>,
     id: u64,
+    /// Cleared on drop: events already queued for the callback skip it.
+    active: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EventSubscription {
@@ -354,11 +356,16 @@ impl EventSubscription {
 
 impl Drop for EventSubscription {
     fn drop(&mut self) {
+        // SYNC(event-sub-active): pairs with the Acquire loads of `interop::emit` and the
+        // replay; the callback runs no more once they see it (none may still be running, on
+        // the dispatch thread, when this is dropped from another).
+        self.active
+            .store(false, std::sync::atomic::Ordering::Release);
         if let Some(s) = self.shared.upgrade() {
             s.subscribers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .retain(|(id, _)| *id != self.id);
+                .retain(|(id, _, _)| *id != self.id);
         }
     }
 }
@@ -727,7 +734,8 @@ impl Client {
     }
 
     /// Waits until a method named `name` has a server; `None` after `timeout` (at once for a
-    /// name no method can have: empty, or longer than [`crate::model::MAX_NAME_LEN`]).
+    /// name no method can have: empty, or longer than [`crate::model::MAX_NAME_LEN`]). Names
+    /// match as `invoke` matches them: case-insensitive, in every script.
     pub fn wait_for_method(&self, name: &str, timeout: Duration) -> Option<MethodInfo> {
         interop::wait_for_method(self.shared(), name, timeout)
     }
