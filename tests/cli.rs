@@ -732,6 +732,46 @@ fn gateway_refuses_a_socket_directory_open_to_others_and_leaves_its_mode_alone()
 }
 
 #[test]
+fn a_socket_named_without_a_directory_is_in_the_current_one() {
+    // `--gateway gw.sock`: the path's parent is empty, which named no directory ("socket
+    // directory : No such file or directory" from the gateway, exit 6 from every client).
+    let dir = TempDir::new("cli-bare-name");
+    let mut gateway = common::ChildGuard::new(
+        std::process::Command::new(common::knit_bin())
+            .args(["gateway", "--no-ws", "--no-keeper", "--gateway", "gw.sock"])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawning knit gateway"),
+        "knit gateway",
+    );
+    let socket = dir.path().join("gw.sock");
+    assert!(
+        wait_until(STARTUP, || std::os::unix::net::UnixStream::connect(&socket)
+            .is_ok()),
+        "the gateway did not listen on gw.sock in its directory: {:?}",
+        gateway.try_status()
+    );
+    for name in ["gw.sock", "./gw.sock"] {
+        let out = std::process::Command::new(common::knit_bin())
+            .args(["--gateway", name, "methods", "--json"])
+            .current_dir(dir.path())
+            .output()
+            .expect("running knit methods");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    gateway.signal(rustix::process::Signal::TERM);
+    assert_eq!(gateway.wait_timeout(QUICK).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
 fn gateway_path_comes_from_knit_gateway_when_not_given() {
     let dir = TempDir::new("cli-env");
     let gw = GatewayProc::start(&dir, &[]);

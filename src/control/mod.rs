@@ -110,9 +110,19 @@ fn ensure_private_dir_as(dir: &Path, tighten: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// The directory a socket path names its socket in: `.` for a bare name (`gw.sock`, whose
+/// `parent()` is the empty path, which names no directory).
+pub fn socket_dir(socket: &Path) -> &Path {
+    match socket.parent() {
+        None => Path::new("/"),
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+    }
+}
+
 /// Checks that the socket's directory is ours and private before we trust what answers there.
 pub fn check_private_dir(socket: &Path) -> io::Result<()> {
-    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let dir = socket_dir(socket);
     let md = std::fs::metadata(dir)?;
     if md.uid() != crate::sys::identity::euid() || md.mode() & 0o077 != 0 {
         return Err(io::Error::new(
@@ -185,6 +195,15 @@ mod tests {
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
         check_private_dir(&dir.join("s.sock")).unwrap();
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_bare_socket_name_lives_in_the_current_directory() {
+        assert_eq!(socket_dir(Path::new("gw.sock")), Path::new("."));
+        assert_eq!(socket_dir(Path::new("./gw.sock")), Path::new("."));
+        assert_eq!(socket_dir(Path::new("d/gw.sock")), Path::new("d"));
+        assert_eq!(socket_dir(Path::new("/r/gw.sock")), Path::new("/r"));
+        assert_eq!(socket_dir(Path::new("/")), Path::new("/"));
     }
 
     #[test]

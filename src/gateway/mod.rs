@@ -166,7 +166,7 @@ impl Gateway {
     /// file nobody answers on.
     pub fn bind(cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
         use interprocess::local_socket::{prelude::*, GenericFilePath, Listener, ListenerOptions};
-        let dir = cfg.socket.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let dir = crate::control::socket_dir(&cfg.socket).to_path_buf();
         crate::control::ensure_private_dir(&dir)
             .map_err(ctx(format!("socket directory {}", dir.display())))?;
         // An exclusive lock held for the gateway's life settles races between two starting

@@ -41,7 +41,7 @@ enum Step {
 /// Runs a keeper on `socket` until told to exit, or until no gateway has been connected for
 /// `linger`, or until the socket file is removed or replaced.
 pub fn run(socket: &Path, linger: Duration) -> Result<(), KeeperError> {
-    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let dir = crate::control::socket_dir(socket);
     crate::control::ensure_private_dir(dir).map_err(super::io_err("keeper directory"))?;
     if socket.exists() {
         if UnixStream::connect(socket).is_ok() {
