@@ -665,7 +665,10 @@ impl Client {
         }
     }
 
-    /// Unregisters everything, says goodbye, stops the threads. Pending calls fail.
+    /// Unregisters everything, says goodbye, stops the threads. Pending calls fail (callers of
+    /// our methods see `PeerLeft` at once). Returns once a callback running on the dispatch
+    /// thread has returned (not waited for when called from that callback itself): after it,
+    /// none of this client's callbacks runs.
     pub fn close(&self) {
         self.h.close();
     }
