@@ -120,9 +120,11 @@ namespace Knit
         // Every client not closed yet, closed by a ProcessExit handler: a program whose Main
         // returns without Dispose while callbacks run must still exit. (At exit Mono aborts the
         // threads running managed code, knit's dispatcher among them, and a finaliser's close
-        // then waited forever for the aborted callback.) Weak references keep no client alive;
-        // one already collected is closed through its raw handle (KNIT_CLOSED if its finaliser
-        // did it first).
+        // then waited forever for the aborted callback.) Weak references keep no client alive.
+        // They track resurrection: a client that became unreachable but whose finaliser has not
+        // finished is still closed through Close, which makes the finaliser's Close wait for
+        // this one (closing its raw handle directly let the finaliser free the GCHandles while
+        // this close still waited for a running handler).
         static readonly Dictionary<IntPtr, WeakReference> unclosed = new Dictionary<IntPtr, WeakReference>();
 
         static KnitClient()
@@ -139,8 +141,7 @@ namespace Knit
                 try
                 {
                     var c = kv.Value.Target as KnitClient;
-                    if (c != null) c.Close();
-                    else NativeMethods.knit_client_close(kv.Key);
+                    if (c != null) c.Close(); // else collected: its finaliser closed it
                 }
                 catch (Exception) { }
             }
@@ -155,7 +156,7 @@ namespace Knit
             IntPtr h;
             Check(NativeMethods.knit_client_connect_ex(NativeMethods.Utf8(gateway), NativeMethods.Utf8(application), NativeMethods.Utf8(instance), flags, 0, out h));
             raw = h;
-            lock (unclosed) unclosed[h] = new WeakReference(this);
+            lock (unclosed) unclosed[h] = new WeakReference(this, true);
         }
 
         /// <summary>Closes the client if nobody disposed it.</summary>
@@ -196,6 +197,8 @@ namespace Knit
                 handlers = new List<Registration>(live.Values);
                 live.Clear();
                 foreach (var r in handlers) r.Free(); // knit calls none of them again
+                foreach (var g in afterClose) g.Free();
+                afterClose.Clear();
                 Monitor.PulseAll(gate);
             }
             lock (unclosed) unclosed.Remove(raw);

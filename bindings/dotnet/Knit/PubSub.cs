@@ -15,14 +15,21 @@ namespace Knit
     public sealed class SubscriptionHandle : SafeHandle
     {
         internal GCHandle State;
+        readonly KnitClient owner;
         public SubscriptionHandle() : base(IntPtr.Zero, true) { }
-        internal SubscriptionHandle(IntPtr h, GCHandle state) : base(IntPtr.Zero, true) { SetHandle(h); State = state; }
+        internal SubscriptionHandle(IntPtr h, GCHandle state, KnitClient owner) : base(IntPtr.Zero, true) { SetHandle(h); State = state; this.owner = owner; }
         public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
         protected override bool ReleaseHandle()
         {
             int st = NativeMethods.knit_subscription_close(handle);
-            // Safe even from inside the callback: it has already taken its handler.
-            if (State.IsAllocated) State.Free();
+            if (State.IsAllocated)
+            {
+                // Closed: safe even from inside the callback, which has already taken its
+                // handler. KNIT_CLOSED: the client's close took it, and may still be running
+                // (and calling it): the client frees it once that close has returned.
+                if (st == (int)Status.Closed && owner != null) owner.FreeAfterClose(State);
+                else State.Free();
+            }
             return st == 0 || st == (int)Status.Closed;
         }
     }
@@ -253,9 +260,13 @@ namespace Knit
         void Close()
         {
             if (Interlocked.Exchange(ref closing, 1) != 0) return;
-            NativeMethods.knit_stream_close(raw); // KNIT_CLOSED when its client closed it
-            // Safe even from inside the request callback: it has already taken its handler.
-            if (state.IsAllocated) state.Free();
+            int st = NativeMethods.knit_stream_close(raw);
+            if (state.IsAllocated)
+            {
+                // As for a subscription (SubscriptionHandle.ReleaseHandle).
+                if (st == (int)Status.Closed) owner.FreeAfterClose(state);
+                else state.Free();
+            }
         }
 
         public void Dispose()
@@ -282,6 +293,19 @@ namespace Knit
 
         internal void Forget(IDisposable x) { lock (gate) open.Remove(x); }
 
+        // GCHandles of subscriptions and streams that the client's close took: freed once
+        // knit_client_close has returned (it may still be calling them until then).
+        readonly List<GCHandle> afterClose = new List<GCHandle>();
+
+        internal void FreeAfterClose(GCHandle g)
+        {
+            lock (gate)
+            {
+                if (!closed) { afterClose.Add(g); return; }
+            }
+            g.Free();
+        }
+
         delegate int SubscribeFn(HandleRef client, IntPtr userData, out IntPtr subscription);
 
         /// <summary>Subscribes with handler as user_data. Its GCHandle is freed on every failure
@@ -295,7 +319,7 @@ namespace Knit
             try { st = subscribe(c, GCHandle.ToIntPtr(g), out h); }
             catch { g.Free(); throw; }
             if (st != 0) { g.Free(); throw Failure(st, null); }
-            var s = new Subscription(new SubscriptionHandle(h, g), this);
+            var s = new Subscription(new SubscriptionHandle(h, g, this), this);
             lock (gate)
             {
                 if (!closed) { open.Add(s); return s; }
