@@ -325,7 +325,9 @@ pub unsafe extern "C" fn knit_stream_create(
         };
         // SYNC(client-closed): see `subscription::add`.
         if e.closed.load(Ordering::SeqCst) {
-            if let Ok(s) = lock(&STREAMS).remove(h) {
+            // The lock is released before waiting (see `subscription::add`).
+            let removed = lock(&STREAMS).remove(h);
+            if let Ok(s) = removed {
                 s.gate.close_and_wait();
             }
             return Err(Failure::new(Status::Closed, "client is closed"));

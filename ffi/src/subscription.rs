@@ -86,7 +86,12 @@ pub(crate) unsafe fn add(
     // SYNC(client-closed): SeqCst with `knit_client_close`, which sets the flag before it
     // sweeps this table: either the sweep sees our entry, or we see the flag.
     if client.closed.load(Ordering::SeqCst) {
-        if let Ok(e) = subs().remove(h) {
+        // Not `if let Ok(e) = subs().remove(h)`: that holds the table's lock through `end`,
+        // which waits for a callback of this subscription — and one running already (it may
+        // run before this returns) that closes the client waits for the lock in
+        // `release_subscriptions`: a deadlock.
+        let removed = subs().remove(h);
+        if let Ok(e) = removed {
             end(e);
         }
         return Err(Failure::new(Status::Closed, "client is closed"));

@@ -1,7 +1,8 @@
 // Subscriptions (SafeHandle over knit_subscription_t), shared contexts, the bus, streams and
 // discovery events. Callbacks go through static trampolines (alive for the process) and find
-// their handler through a GCHandle passed as user_data, freed when the subscription closes.
-// No exception escapes a callback into native code.
+// their handler through a GCHandle passed as user_data, freed when the subscription closes (or
+// at once when making it fails). No exception escapes a callback into native code, not even
+// ThreadAbortException.
 using System;
 using System.Collections.Generic;
 using System.Runtime.InteropServices;
@@ -14,29 +15,21 @@ namespace Knit
     public sealed class SubscriptionHandle : SafeHandle
     {
         internal GCHandle State;
+        readonly KnitClient owner;
         public SubscriptionHandle() : base(IntPtr.Zero, true) { }
-        internal SubscriptionHandle(IntPtr h, GCHandle state) : base(IntPtr.Zero, true) { SetHandle(h); State = state; }
+        internal SubscriptionHandle(IntPtr h, GCHandle state, KnitClient owner) : base(IntPtr.Zero, true) { SetHandle(h); State = state; this.owner = owner; }
         public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
         protected override bool ReleaseHandle()
         {
             int st = NativeMethods.knit_subscription_close(handle);
-            // Safe even from inside the callback: it has already taken its handler.
-            if (State.IsAllocated) State.Free();
-            return st == 0 || st == (int)Status.Closed;
-        }
-    }
-
-    /// <summary>Owns a knit_stream_t; releasing it calls knit_stream_close.</summary>
-    public sealed class StreamHandle : SafeHandle
-    {
-        internal GCHandle State;
-        public StreamHandle() : base(IntPtr.Zero, true) { }
-        internal StreamHandle(IntPtr h, GCHandle state) : base(IntPtr.Zero, true) { SetHandle(h); State = state; }
-        public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
-        protected override bool ReleaseHandle()
-        {
-            int st = NativeMethods.knit_stream_close(handle);
-            if (State.IsAllocated) State.Free();
+            if (State.IsAllocated)
+            {
+                // Closed: safe even from inside the callback, which has already taken its
+                // handler. KNIT_CLOSED: the client's close took it, and may still be running
+                // (and calling it): the client frees it once that close has returned.
+                if (st == (int)Status.Closed && owner != null) owner.FreeAfterClose(State);
+                else State.Free();
+            }
             return st == 0 || st == (int)Status.Closed;
         }
     }
@@ -145,7 +138,7 @@ namespace Knit
         /// <summary>Sends a JSON object to this subscriber only.</summary>
         public void Push(string dataJson)
         {
-            KnitException.Check(NativeMethods.knit_stream_subscriber_push(h, NativeMethods.Utf8(dataJson)));
+            KnitException.Check(NativeMethods.knit_stream_subscriber_push(h, NativeMethods.Json(dataJson)));
         }
         /// <summary>Ends this subscription.</summary>
         public void Close()
@@ -185,14 +178,16 @@ namespace Knit
         public StreamSubscriber Accept(string branch = null)
         {
             IntPtr sub;
-            KnitException.Check(NativeMethods.knit_stream_accept(Take(), NativeMethods.Utf8(branch), out sub));
+            var b = NativeMethods.Utf8(branch); // before Take: a refused branch leaves it undecided
+            KnitException.Check(NativeMethods.knit_stream_accept(Take(), b, out sub));
             return new StreamSubscriber(sub);
         }
 
         /// <summary>Rejects; the subscriber's SubscribeStream throws RemoteException.</summary>
         public void Reject(string reason)
         {
-            KnitException.Check(NativeMethods.knit_stream_reject(Take(), NativeMethods.Utf8(reason)));
+            var r = NativeMethods.Utf8(reason); // before Take: a refused reason leaves it undecided
+            KnitException.Check(NativeMethods.knit_stream_reject(Take(), r));
         }
 
         void Abandon()
@@ -205,39 +200,50 @@ namespace Knit
     }
 
     /// <summary>A stream we serve. Dispose (or disposing its client) ends every subscription
-    /// and unregisters it; afterwards its request handler is not running.</summary>
+    /// and unregisters it; afterwards its request handler is not running. Every use after that
+    /// (also one racing with Dispose in another thread) is a UsageException (Status.Closed).</summary>
     public sealed class KnitStream : IDisposable
     {
-        readonly StreamHandle handle;
+        // A plain handle value and a closed flag, for the reasons KnitClient gives.
+        readonly IntPtr raw;
+        GCHandle state; // the request handler; freed once knit_stream_close has returned
+        int closing;
         readonly KnitClient owner;
-        internal KnitStream(StreamHandle h, KnitClient owner) { handle = h; this.owner = owner; }
+        internal KnitStream(IntPtr h, GCHandle state, KnitClient owner) { raw = h; this.state = state; this.owner = owner; }
+        ~KnitStream() { Close(); }
 
-        StreamHandle H
+        HandleRef H
         {
             get
             {
-                if (handle.IsClosed) throw new UsageException((int)Status.Closed, "the stream is closed", null);
-                return handle;
+                if (Volatile.Read(ref closing) != 0) throw new UsageException((int)Status.Closed, "the stream is closed", null);
+                return new HandleRef(this, raw);
             }
         }
 
-        public bool IsOpen { get { return !handle.IsClosed; } }
+        public bool IsOpen { get { return Volatile.Read(ref closing) == 0; } }
         /// <summary>Sends a JSON object to every subscriber.</summary>
-        public void Push(string dataJson) { KnitException.Check(NativeMethods.knit_stream_push(H, NativeMethods.Utf8(dataJson))); }
+        public void Push(string dataJson) { KnitException.Check(NativeMethods.knit_stream_push(H, NativeMethods.Json(dataJson))); }
         /// <summary>Sends every object of a JSON array to every subscriber, in order, for the
         /// cost of one push; a bad item refuses the whole batch.</summary>
-        public void PushBatch(string itemsJson) { KnitException.Check(NativeMethods.knit_stream_push_batch(H, NativeMethods.Utf8(itemsJson))); }
-        /// <summary>Sends a JSON object to the subscribers of these branches.</summary>
+        public void PushBatch(string itemsJson) { KnitException.Check(NativeMethods.knit_stream_push_batch(H, NativeMethods.Json(itemsJson))); }
+        /// <summary>Sends a JSON object to the subscribers of these branches (null: a
+        /// UsageException, as any null required argument).</summary>
         public void PushToBranches(string[] branches, string dataJson)
         {
-            var list = new List<string>();
-            foreach (var b in branches) list.Add(NativeMethods.JsonString(b));
-            KnitException.Check(NativeMethods.knit_stream_push_branches(H, NativeMethods.Utf8("[" + string.Join(",", list.ToArray()) + "]"), NativeMethods.Utf8(dataJson)));
+            byte[] list = null; // knit refuses NULL with INVALID_ARGUMENT
+            if (branches != null)
+            {
+                var items = new List<string>();
+                foreach (var b in branches) items.Add(b == null ? "null" : NativeMethods.JsonString(b)); // knit: BAD_INPUT
+                list = NativeMethods.Json("[" + string.Join(",", items.ToArray()) + "]");
+            }
+            KnitException.Check(NativeMethods.knit_stream_push_branches(H, list, NativeMethods.Json(dataJson)));
         }
         /// <summary>Ends every subscription on a branch.</summary>
         public void CloseBranch(string branch) { KnitException.Check(NativeMethods.knit_stream_close_branch(H, NativeMethods.Utf8(branch))); }
 
-        delegate int JsonFn(StreamHandle s, out IntPtr json);
+        delegate int JsonFn(HandleRef s, out IntPtr json);
         string Json(JsonFn f)
         {
             IntPtr p;
@@ -251,9 +257,22 @@ namespace Knit
         /// <summary>Current subscriptions (JSON array of {branch, instance, arguments}).</summary>
         public string Subscriptions() { return Json(NativeMethods.knit_stream_subscriptions); }
 
+        void Close()
+        {
+            if (Interlocked.Exchange(ref closing, 1) != 0) return;
+            int st = NativeMethods.knit_stream_close(raw);
+            if (state.IsAllocated)
+            {
+                // As for a subscription (SubscriptionHandle.ReleaseHandle).
+                if (st == (int)Status.Closed) owner.FreeAfterClose(state);
+                else state.Free();
+            }
+        }
+
         public void Dispose()
         {
-            handle.Dispose();
+            Close();
+            GC.SuppressFinalize(this);
             owner.Forget(this);
         }
     }
@@ -274,12 +293,39 @@ namespace Knit
 
         internal void Forget(IDisposable x) { lock (gate) open.Remove(x); }
 
-        Subscription Keep(int st, IntPtr h, GCHandle state)
+        // GCHandles of subscriptions and streams that the client's close took: freed once
+        // knit_client_close has returned (it may still be calling them until then).
+        readonly List<GCHandle> afterClose = new List<GCHandle>();
+
+        internal void FreeAfterClose(GCHandle g)
         {
-            if (st != 0) { state.Free(); KnitException.Check(st); }
-            var s = new Subscription(new SubscriptionHandle(h, state), this);
-            lock (gate) open.Add(s);
-            return s;
+            lock (gate)
+            {
+                if (!closed) { afterClose.Add(g); return; }
+            }
+            g.Free();
+        }
+
+        delegate int SubscribeFn(HandleRef client, IntPtr userData, out IntPtr subscription);
+
+        /// <summary>Subscribes with handler as user_data. Its GCHandle is freed on every failure
+        /// (the subscription's, when made, frees it on close).</summary>
+        Subscription Keep(object handler, SubscribeFn subscribe)
+        {
+            var c = H; // a closed client throws before anything is allocated
+            var g = GCHandle.Alloc(handler);
+            int st;
+            IntPtr h;
+            try { st = subscribe(c, GCHandle.ToIntPtr(g), out h); }
+            catch { g.Free(); throw; }
+            if (st != 0) { g.Free(); throw Failure(st, null); }
+            var s = new Subscription(new SubscriptionHandle(h, g, this), this);
+            lock (gate)
+            {
+                if (!closed) { open.Add(s); return s; }
+            }
+            s.Dispose(); // the client closed meanwhile, and the subscription with it
+            throw ClosedException();
         }
 
         void DisposeOpen()
@@ -300,7 +346,7 @@ namespace Knit
             IntPtr p;
             int st = NativeMethods.knit_context_get_ex(H, NativeMethods.Utf8(name), out p, out version);
             var s = NativeMethods.Take(p);
-            KnitException.Check(st);
+            Check(st);
             return s;
         }
 
@@ -308,7 +354,7 @@ namespace Knit
         public ulong ContextSet(string name, string dataJson)
         {
             ulong v;
-            KnitException.Check(NativeMethods.knit_context_set_ex(H, NativeMethods.Utf8(name), NativeMethods.Utf8(dataJson), out v));
+            Check(NativeMethods.knit_context_set_ex(H, NativeMethods.Utf8(name), NativeMethods.Json(dataJson), out v));
             return v;
         }
 
@@ -316,7 +362,7 @@ namespace Knit
         public ulong ContextUpdate(string name, string deltaJson)
         {
             ulong v;
-            KnitException.Check(NativeMethods.knit_context_update_ex(H, NativeMethods.Utf8(name), NativeMethods.Utf8(deltaJson), out v));
+            Check(NativeMethods.knit_context_update_ex(H, NativeMethods.Utf8(name), NativeMethods.Json(deltaJson), out v));
             return v;
         }
 
@@ -325,7 +371,7 @@ namespace Knit
         public ulong ContextUpdateIf(string name, ulong expectedVersion, string deltaJson)
         {
             ulong v;
-            KnitException.Check(NativeMethods.knit_context_update_if(H, NativeMethods.Utf8(name), expectedVersion, NativeMethods.Utf8(deltaJson), out v));
+            Check(NativeMethods.knit_context_update_if(H, NativeMethods.Utf8(name), expectedVersion, NativeMethods.Json(deltaJson), out v));
             return v;
         }
 
@@ -333,7 +379,7 @@ namespace Knit
         public ulong ContextSetPath(string name, string path, string valueJson)
         {
             ulong v;
-            KnitException.Check(NativeMethods.knit_context_set_path(H, NativeMethods.Utf8(name), NativeMethods.Utf8(path), NativeMethods.Utf8(valueJson), out v));
+            Check(NativeMethods.knit_context_set_path(H, NativeMethods.Utf8(name), NativeMethods.Utf8(path), NativeMethods.Json(valueJson), out v));
             return v;
         }
 
@@ -341,11 +387,11 @@ namespace Knit
         public ulong ContextSetPaths(string name, string pathsJson)
         {
             ulong v;
-            KnitException.Check(NativeMethods.knit_context_set_paths(H, NativeMethods.Utf8(name), NativeMethods.Utf8(pathsJson), out v));
+            Check(NativeMethods.knit_context_set_paths(H, NativeMethods.Utf8(name), NativeMethods.Json(pathsJson), out v));
             return v;
         }
 
-        public void ContextDestroy(string name) { KnitException.Check(NativeMethods.knit_context_destroy(H, NativeMethods.Utf8(name))); }
+        public void ContextDestroy(string name) { Check(NativeMethods.knit_context_destroy(H, NativeMethods.Utf8(name))); }
 
         /// <summary>Every context name (JSON array).</summary>
         public string Contexts() { return Json(NativeMethods.knit_context_list); }
@@ -353,10 +399,9 @@ namespace Knit
         /// <summary>Follows a context: its current value first (if it exists), then every change.</summary>
         public Subscription ContextSubscribe(string name, Action<ContextUpdate> handler)
         {
-            var g = GCHandle.Alloc(handler);
-            IntPtr h;
-            int st = NativeMethods.knit_context_subscribe(H, NativeMethods.Utf8(name), ContextTrampoline, GCHandle.ToIntPtr(g), out h);
-            return Keep(st, h, g);
+            NotNull(handler, "handler");
+            var n = NativeMethods.Utf8(name);
+            return Keep(handler, (HandleRef c, IntPtr ud, out IntPtr h) => NativeMethods.knit_context_subscribe(c, n, ContextTrampoline, ud, out h));
         }
 
         // ----- the bus ----------------------------------------------------------------------
@@ -366,7 +411,7 @@ namespace Knit
         public void Publish(string topic, string dataJson, string routingKey = null, string targetJson = null)
         {
             var opts = PublishOptions(routingKey, targetJson);
-            KnitException.Check(NativeMethods.knit_publish_ex(H, NativeMethods.Utf8(topic), NativeMethods.Utf8(dataJson), NativeMethods.Utf8(opts)));
+            Check(NativeMethods.knit_publish_ex(H, NativeMethods.Utf8(topic), NativeMethods.Json(dataJson), NativeMethods.Json(opts)));
         }
 
         /// <summary>Publishes every element of a JSON array on a topic, in order, each as if
@@ -375,7 +420,7 @@ namespace Knit
         public void PublishBatch(string topic, string itemsJson, string routingKey = null, string targetJson = null)
         {
             var opts = PublishOptions(routingKey, targetJson);
-            KnitException.Check(NativeMethods.knit_publish_batch(H, NativeMethods.Utf8(topic), NativeMethods.Utf8(itemsJson), NativeMethods.Utf8(opts)));
+            Check(NativeMethods.knit_publish_batch(H, NativeMethods.Utf8(topic), NativeMethods.Json(itemsJson), NativeMethods.Json(opts)));
         }
 
         static string PublishOptions(string routingKey, string targetJson)
@@ -394,19 +439,17 @@ namespace Knit
             if (routingKey != null) parts.Add("\"routingKey\":" + NativeMethods.JsonString(routingKey));
             if (sourceJson != null) parts.Add("\"source\":" + sourceJson);
             var opts = "{" + string.Join(",", parts.ToArray()) + "}";
-            var g = GCHandle.Alloc(handler);
-            IntPtr h;
-            int st = NativeMethods.knit_subscribe_ex(H, NativeMethods.Utf8(topic), NativeMethods.Utf8(opts), MessageTrampoline, GCHandle.ToIntPtr(g), out h);
-            return Keep(st, h, g);
+            NotNull(handler, "handler");
+            var t = NativeMethods.Utf8(topic);
+            var o = NativeMethods.Json(opts);
+            return Keep(handler, (HandleRef c, IntPtr ud, out IntPtr h) => NativeMethods.knit_subscribe_ex(c, t, o, MessageTrampoline, ud, out h));
         }
 
         /// <summary>Discovery events as JSON: what exists now, then every change.</summary>
         public Subscription OnEvent(Action<string> handler)
         {
-            var g = GCHandle.Alloc(handler);
-            IntPtr h;
-            int st = NativeMethods.knit_events_subscribe(H, EventTrampoline, GCHandle.ToIntPtr(g), out h);
-            return Keep(st, h, g);
+            NotNull(handler, "handler");
+            return Keep(handler, (HandleRef c, IntPtr ud, out IntPtr h) => NativeMethods.knit_events_subscribe(c, EventTrampoline, ud, out h));
         }
 
         // ----- colour channels --------------------------------------------------------------
@@ -420,14 +463,14 @@ namespace Knit
             IntPtr p;
             int st = NativeMethods.knit_channel_get(H, NativeMethods.Utf8(name), out p);
             var s = NativeMethods.Take(p);
-            KnitException.Check(st);
+            Check(st);
             return s;
         }
 
-        public void ChannelSetMode(ChannelMode mode) { KnitException.Check(NativeMethods.knit_channel_set_mode(H, (uint)mode)); }
-        public void ChannelJoin(string name) { KnitException.Check(NativeMethods.knit_channel_join(H, NativeMethods.Utf8(name))); }
+        public void ChannelSetMode(ChannelMode mode) { Check(NativeMethods.knit_channel_set_mode(H, (uint)mode)); }
+        public void ChannelJoin(string name) { Check(NativeMethods.knit_channel_join(H, NativeMethods.Utf8(name))); }
         /// <summary>Leaves one channel, or every joined one (null).</summary>
-        public void ChannelLeave(string name = null) { KnitException.Check(NativeMethods.knit_channel_leave(H, NativeMethods.Utf8(name))); }
+        public void ChannelLeave(string name = null) { Check(NativeMethods.knit_channel_leave(H, NativeMethods.Utf8(name))); }
         /// <summary>The channels joined (JSON array of names).</summary>
         public string ChannelsJoined() { return Json(NativeMethods.knit_channel_joined); }
 
@@ -436,7 +479,7 @@ namespace Knit
         public ulong ChannelPublish(string dataJson, string name = null)
         {
             ulong v;
-            KnitException.Check(NativeMethods.knit_channel_publish(H, NativeMethods.Utf8(dataJson), NativeMethods.Utf8(name), out v));
+            Check(NativeMethods.knit_channel_publish(H, NativeMethods.Json(dataJson), NativeMethods.Utf8(name), out v));
             return v;
         }
 
@@ -444,35 +487,30 @@ namespace Knit
         public ulong ChannelPublishFdc3(string contextJson, string name = null)
         {
             ulong v;
-            KnitException.Check(NativeMethods.knit_channel_publish_fdc3(H, NativeMethods.Utf8(contextJson), NativeMethods.Utf8(name), out v));
+            Check(NativeMethods.knit_channel_publish_fdc3(H, NativeMethods.Json(contextJson), NativeMethods.Utf8(name), out v));
             return v;
         }
 
         /// <summary>Follows the channels this client is on.</summary>
         public Subscription ChannelSubscribe(Action<ChannelUpdate> handler)
         {
-            var g = GCHandle.Alloc(handler);
-            IntPtr h;
-            int st = NativeMethods.knit_channel_subscribe(H, ChannelTrampoline, GCHandle.ToIntPtr(g), out h);
-            return Keep(st, h, g);
+            NotNull(handler, "handler");
+            return Keep(handler, (HandleRef c, IntPtr ud, out IntPtr h) => NativeMethods.knit_channel_subscribe(c, ChannelTrampoline, ud, out h));
         }
 
         /// <summary>Follows one channel without joining it.</summary>
         public Subscription ChannelSubscribeFor(string name, Action<ChannelUpdate> handler)
         {
-            var g = GCHandle.Alloc(handler);
-            IntPtr h;
-            int st = NativeMethods.knit_channel_subscribe_for(H, NativeMethods.Utf8(name), ChannelTrampoline, GCHandle.ToIntPtr(g), out h);
-            return Keep(st, h, g);
+            NotNull(handler, "handler");
+            var n = NativeMethods.Utf8(name);
+            return Keep(handler, (HandleRef c, IntPtr ud, out IntPtr h) => NativeMethods.knit_channel_subscribe_for(c, n, ChannelTrampoline, ud, out h));
         }
 
         /// <summary>Calls handler with the joined channels (JSON array) now and after every change.</summary>
         public Subscription OnChannelsChanged(Action<string> handler)
         {
-            var g = GCHandle.Alloc(handler);
-            IntPtr h;
-            int st = NativeMethods.knit_channel_on_changed(H, ChannelsChangedTrampoline, GCHandle.ToIntPtr(g), out h);
-            return Keep(st, h, g);
+            NotNull(handler, "handler");
+            return Keep(handler, (HandleRef c, IntPtr ud, out IntPtr h) => NativeMethods.knit_channel_on_changed(c, ChannelsChangedTrampoline, ud, out h));
         }
 
         // ----- streams ----------------------------------------------------------------------
@@ -481,14 +519,22 @@ namespace Knit
         /// the default branch); an exception it throws rejects the request.</summary>
         public KnitStream CreateStream(string name, Action<StreamRequest> onRequest = null, StreamOptions options = null)
         {
-            var opts = (options ?? new StreamOptions()).ToJson();
+            var opts = NativeMethods.Json((options ?? new StreamOptions()).ToJson());
+            var n = NativeMethods.Utf8(name);
+            var c = H; // a closed client throws before anything is allocated
             var g = onRequest != null ? GCHandle.Alloc(onRequest) : default(GCHandle);
             IntPtr h;
-            int st = NativeMethods.knit_stream_create(H, NativeMethods.Utf8(name), NativeMethods.Utf8(opts), onRequest != null ? RequestTrampoline : null, onRequest != null ? GCHandle.ToIntPtr(g) : IntPtr.Zero, out h);
-            if (st != 0) { if (g.IsAllocated) g.Free(); KnitException.Check(st); }
-            var s = new KnitStream(new StreamHandle(h, g), this);
-            lock (gate) open.Add(s);
-            return s;
+            int st;
+            try { st = NativeMethods.knit_stream_create(c, n, opts, onRequest != null ? RequestTrampoline : null, onRequest != null ? GCHandle.ToIntPtr(g) : IntPtr.Zero, out h); }
+            catch { if (g.IsAllocated) g.Free(); throw; }
+            if (st != 0) { if (g.IsAllocated) g.Free(); throw Failure(st, null); }
+            var s = new KnitStream(h, g, this);
+            lock (gate)
+            {
+                if (!closed) { open.Add(s); return s; }
+            }
+            s.Dispose(); // the client closed meanwhile, and the stream with it
+            throw ClosedException();
         }
 
         sealed class StreamHandlers
@@ -501,14 +547,16 @@ namespace Knit
         /// when rejected). onClosed(reason, serverInitiated) runs when the server side ends it.</summary>
         public Subscription SubscribeStream(string name, Action<StreamItem> onData, Action<string, bool> onClosed = null, StreamSubscribeOptions options = null)
         {
+            NotNull(onData, "onData");
             var o = options ?? new StreamSubscribeOptions();
-            var g = GCHandle.Alloc(new StreamHandlers { Data = onData, Closed = onClosed });
-            IntPtr h;
-            int st = NativeMethods.knit_stream_subscribe(H, NativeMethods.Utf8(name), NativeMethods.Utf8(o.ArgsJson), NativeMethods.Utf8(o.Target), o.WaitMs, o.TimeoutMs, StreamDataTrampoline, StreamClosedTrampoline, GCHandle.ToIntPtr(g), out h);
-            return Keep(st, h, g);
+            var n = NativeMethods.Utf8(name);
+            var a = NativeMethods.Json(o.ArgsJson);
+            var t = NativeMethods.Utf8(o.Target);
+            return Keep(new StreamHandlers { Data = onData, Closed = onClosed }, (HandleRef c, IntPtr ud, out IntPtr h) =>
+                NativeMethods.knit_stream_subscribe(c, n, a, t, o.WaitMs, o.TimeoutMs, StreamDataTrampoline, StreamClosedTrampoline, ud, out h));
         }
 
-        // ----- trampolines: no exception may escape ------------------------------------------
+        // ----- trampolines: no exception may escape (see Dispatch in Client.cs) ----------------
 
         static T Target<T>(IntPtr ud) where T : class
         {
@@ -516,58 +564,54 @@ namespace Knit
             catch (InvalidOperationException) { return null; }
         }
 
-        static void OnContext(IntPtr ud, IntPtr name, IntPtr data, IntPtr delta, ulong version)
+        /// <summary>Runs a subscription callback's body: an exception is reported, an abort
+        /// reset, nothing unwinds into knit.</summary>
+        static void Deliver<T>(string what, IntPtr ud, Action<T> body) where T : class
         {
+            callbackDepth++;
             try
             {
-                var f = Target<Action<ContextUpdate>>(ud);
-                if (f != null) f(new ContextUpdate { Name = NativeMethods.Read(name), DataJson = NativeMethods.Read(data), DeltaJson = NativeMethods.Read(delta), Version = version });
+                var f = Target<T>(ud);
+                if (f != null) body(f);
             }
-            catch (Exception e) { Console.Error.WriteLine("knit: context callback: " + e); }
+            catch (ThreadAbortException) { ResetAbort(); }
+            catch (Exception e)
+            {
+                try { Console.Error.WriteLine("knit: " + what + " callback: " + e); }
+                catch (ThreadAbortException) { ResetAbort(); }
+                catch (Exception) { }
+            }
+            finally { callbackDepth--; }
+        }
+
+        static void OnContext(IntPtr ud, IntPtr name, IntPtr data, IntPtr delta, ulong version)
+        {
+            Deliver<Action<ContextUpdate>>("context", ud, f => f(new ContextUpdate { Name = NativeMethods.Read(name), DataJson = NativeMethods.Read(data), DeltaJson = NativeMethods.Read(delta), Version = version }));
         }
 
         static void OnMessage(IntPtr ud, IntPtr topic, IntPtr data, IntPtr source)
         {
-            try
-            {
-                var f = Target<Action<BusMessage>>(ud);
-                if (f != null) f(new BusMessage { Topic = NativeMethods.Read(topic), DataJson = NativeMethods.Read(data), SourceJson = NativeMethods.Read(source) });
-            }
-            catch (Exception e) { Console.Error.WriteLine("knit: bus callback: " + e); }
+            Deliver<Action<BusMessage>>("bus", ud, f => f(new BusMessage { Topic = NativeMethods.Read(topic), DataJson = NativeMethods.Read(data), SourceJson = NativeMethods.Read(source) }));
         }
 
         static void OnEvent(IntPtr ud, IntPtr ev)
         {
-            try
-            {
-                var f = Target<Action<string>>(ud);
-                if (f != null) f(NativeMethods.Read(ev));
-            }
-            catch (Exception e) { Console.Error.WriteLine("knit: event callback: " + e); }
+            Deliver<Action<string>>("event", ud, f => f(NativeMethods.Read(ev)));
         }
 
         static void OnChannel(IntPtr ud, IntPtr channel, IntPtr data, IntPtr context, ulong version)
         {
-            try
-            {
-                var f = Target<Action<ChannelUpdate>>(ud);
-                if (f != null) f(new ChannelUpdate { Channel = NativeMethods.Read(channel), DataJson = NativeMethods.Read(data), ContextJson = NativeMethods.Read(context), Version = version });
-            }
-            catch (Exception e) { Console.Error.WriteLine("knit: channel callback: " + e); }
+            Deliver<Action<ChannelUpdate>>("channel", ud, f => f(new ChannelUpdate { Channel = NativeMethods.Read(channel), DataJson = NativeMethods.Read(data), ContextJson = NativeMethods.Read(context), Version = version }));
         }
 
         static void OnChannelsChanged(IntPtr ud, IntPtr names)
         {
-            try
-            {
-                var f = Target<Action<string>>(ud);
-                if (f != null) f(NativeMethods.Read(names));
-            }
-            catch (Exception e) { Console.Error.WriteLine("knit: channel callback: " + e); }
+            Deliver<Action<string>>("channel", ud, f => f(NativeMethods.Read(names)));
         }
 
         static void OnStreamRequest(IntPtr ud, IntPtr request, IntPtr args, IntPtr caller)
         {
+            callbackDepth++;
             StreamRequest r = null;
             try
             {
@@ -575,31 +619,39 @@ namespace Knit
                 var f = Target<Action<StreamRequest>>(ud);
                 if (f != null) f(r);
             }
-            catch (Exception e)
+            catch (ThreadAbortException)
             {
-                try { if (r != null && !r.Decided) r.Reject(e.Message); }
-                catch (Exception) { }
+                ResetAbort();
+                Refuse(r, request, "request handler was aborted");
             }
+            catch (Exception e) { Refuse(r, request, e.Message ?? e.GetType().FullName); }
+            finally { callbackDepth--; }
+        }
+
+        /// <summary>Rejects an undecided request whose handler failed; whatever goes wrong, it
+        /// is decided.</summary>
+        static void Refuse(StreamRequest r, IntPtr request, string reason)
+        {
+            try
+            {
+                if (r == null) r = new StreamRequest(request, null, null);
+                if (r.Decided) return;
+                try { r.Reject(reason); }
+                catch (Exception) { } // text knit refuses (a NUL, a lone surrogate)
+                r.Dispose(); // still undecided: rejected with "request was not decided"
+            }
+            catch (ThreadAbortException) { ResetAbort(); }
+            catch (Exception) { }
         }
 
         static void OnStreamData(IntPtr ud, IntPtr data, IntPtr server, uint flags, ulong gap)
         {
-            try
-            {
-                var h = Target<StreamHandlers>(ud);
-                if (h != null && h.Data != null) h.Data(new StreamItem { DataJson = NativeMethods.Read(data), ServerJson = NativeMethods.Read(server), Private = (flags & NativeMethods.KNIT_STREAM_PRIVATE) != 0, Gap = gap });
-            }
-            catch (Exception e) { Console.Error.WriteLine("knit: stream callback: " + e); }
+            Deliver<StreamHandlers>("stream", ud, h => h.Data(new StreamItem { DataJson = NativeMethods.Read(data), ServerJson = NativeMethods.Read(server), Private = (flags & NativeMethods.KNIT_STREAM_PRIVATE) != 0, Gap = gap }));
         }
 
         static void OnStreamClosed(IntPtr ud, IntPtr reason, uint flags)
         {
-            try
-            {
-                var h = Target<StreamHandlers>(ud);
-                if (h != null && h.Closed != null) h.Closed(NativeMethods.Read(reason), (flags & NativeMethods.KNIT_STREAM_SERVER_INITIATED) != 0);
-            }
-            catch (Exception e) { Console.Error.WriteLine("knit: stream callback: " + e); }
+            Deliver<StreamHandlers>("stream", ud, h => { if (h.Closed != null) h.Closed(NativeMethods.Read(reason), (flags & NativeMethods.KNIT_STREAM_SERVER_INITIATED) != 0); });
         }
     }
 }

@@ -3,8 +3,14 @@
 // another process (`knit serve ... --echo`, application "rust-echo").
 using System;
 using System.Collections.Generic;
+using System.Diagnostics;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using System.Threading;
 using Knit;
+
+/// <summary>An exception whose Message is null.</summary>
+sealed class NullMessageException : Exception { public override string Message { get { return null; } } }
 
 static class Tests
 {
@@ -184,7 +190,7 @@ static class Tests
     static void DisposeAndMisuse()
     {
         var c = new KnitClient("cs-dispose", gw);
-        IntPtr raw = c.Handle.DangerousGetHandle();
+        IntPtr raw = c.Handle;
         c.Dispose();
         c.Dispose(); // idempotent
         Throws<UsageException>(() => c.Invoke("x"), Status.Closed, "use after dispose");
@@ -448,12 +454,400 @@ static class Tests
         Throws<UsageException>(() => c.ContextGet("n"), Status.Closed, "context on a closed client");
     }
 
+    /// <summary>knit's own view of a client: 0 connected, 14 (KNIT_CLOSED) once closed.</summary>
+    static int NativeState(KnitClient c)
+    {
+        return NativeMethods.knit_client_connected(new HandleRef(null, c.Handle));
+    }
+
+    static bool Wait(WaitHandle h) { return h.WaitOne(10000); }
+
+    /// <summary>Runs f, giving "ok", "usage Closed"-style text for a KnitException, or the type
+    /// name of any other exception.</summary>
+    static string Outcome(Action f)
+    {
+        try { f(); return "ok"; }
+        catch (UsageException e) { return "usage " + e.Status; }
+        catch (KnitException e) { return e.GetType().Name + " " + e.Status; }
+        catch (Exception e) { return e.GetType().Name; }
+    }
+
+    // Dispose while knit calls on the client run: it closes at once (the in-flight calls end with
+    // Closed), and its handlers' GCHandles are freed only once knit no longer calls them.
+    static void DisposeWhileCallsRun()
+    {
+        using (var slow = new KnitClient("cs-dwr-slow", gw))
+        using (var caller = new KnitClient("cs-dwr-caller", gw))
+        {
+            var held = new List<Reply>();
+            var slowEntered = new AutoResetEvent(false);
+            slow.RegisterAsync("Cs.Dwr.Slow", (c, r) => { lock (held) held.Add(r); slowEntered.Set(); });
+            var answered = new List<Thread>();
+            Action<string> invokeInBackground = m =>
+            {
+                var t = new Thread(() => Outcome(() => caller.Invoke(m, "{}", new InvokeOptions { WaitMs = 0, TimeoutMs = 20000 })));
+                lock (answered) answered.Add(t);
+                t.Start();
+            };
+
+            // 1. From another thread, while a handler of the client waits inside an invoke on it.
+            var a = new KnitClient("cs-dwr-a", gw);
+            string outcome = null;
+            var handlerDone = new ManualResetEvent(false);
+            a.Register("Cs.Dwr.M", c =>
+            {
+                outcome = Outcome(() => a.Invoke("Cs.Dwr.Slow", "{}", new InvokeOptions { TimeoutMs = 20000 }));
+                handlerDone.Set();
+                return "{}";
+            });
+            a.Subscribe("cs.dwr", m => { });
+            Check(caller.WaitForMethod("Cs.Dwr.M", 5000) && caller.WaitForMethod("Cs.Dwr.Slow", 5000), "dwr: methods visible");
+            invokeInBackground("Cs.Dwr.M");
+            Check(Wait(slowEntered), "dwr: the handler waits inside an invoke");
+            a.Dispose();
+            Check(handlerDone.WaitOne(0), "dwr: when Dispose returns, the handler has returned");
+            Check(outcome == "usage Closed", "dwr: the handler's invoke ended with Closed: " + outcome);
+            Check(NativeState(a) == (int)Status.Closed, "dwr: closed in knit at once");
+            Check(!a.Connected, "dwr: not connected after Dispose");
+            Throws<UsageException>(() => a.Invoke("Cs.Dwr.Slow"), Status.Closed, "dwr: invoke after Dispose");
+            Throws<UsageException>(() => a.Subscribe("cs.dwr", m => { }), Status.Closed, "dwr: subscribe after Dispose");
+            a.Dispose(); // idempotent
+
+            // 2. From another thread, while a thread waits in WaitForMethod.
+            var b = new KnitClient("cs-dwr-b", gw);
+            var waiting = new ManualResetEvent(false);
+            string waited = null;
+            var w = new Thread(() => { waiting.Set(); waited = Outcome(() => b.WaitForMethod("Cs.Dwr.Nobody", 30000)); });
+            w.Start();
+            Check(Wait(waiting), "dwr: waiter started");
+            b.Dispose();
+            Check(w.Join(10000) && waited == "usage Closed", "dwr: a waiting WaitForMethod ends with Closed: " + waited);
+
+            // 3. Poll mode: a handler Poll runs disposes its own client; more calls are queued.
+            var p = new KnitClient("cs-dwr-poll", gw, poll: true);
+            int runs = 0, stateInside = -1;
+            string laterInside = null;
+            p.Register("Cs.Dwr.P", c =>
+            {
+                if (Interlocked.Increment(ref runs) == 1)
+                {
+                    p.Dispose();
+                    stateInside = NativeState(p);
+                    laterInside = Outcome(() => p.Publish("cs.dwr", "{}"));
+                }
+                return "{}";
+            });
+            Check(caller.WaitForMethod("Cs.Dwr.P", 5000), "dwr: poll method visible");
+            for (int i = 0; i < 3; i++) invokeInBackground("Cs.Dwr.P");
+            string pollEnd = null;
+            var until = DateTime.UtcNow.AddSeconds(15);
+            while (pollEnd == null && DateTime.UtcNow < until)
+            {
+                try { p.Poll(100); }
+                catch (UsageException e) { pollEnd = "usage " + e.Status; }
+                catch (Exception e) { pollEnd = e.GetType().Name; }
+            }
+            Check(pollEnd == "usage Closed", "dwr: Poll ends with Closed: " + pollEnd);
+            Check(stateInside == (int)Status.Closed, "dwr: disposed inside Poll, closed in knit at once: " + stateInside);
+            Check(laterInside == "usage Closed", "dwr: a call after Dispose inside the handler: " + laterInside);
+            Check(runs == 1, "dwr: no handler runs after Dispose (" + runs + ")");
+
+            // 4. Nested: the dispatcher waits inside an invoke an outer handler made; a handler
+            // run meanwhile (nested) disposes the client.
+            var n = new KnitClient("cs-dwr-nested", gw);
+            string outer = null;
+            int nestedState = -1;
+            var outerDone = new ManualResetEvent(false);
+            var nestedDone = new ManualResetEvent(false);
+            n.Register("Cs.Dwr.Outer", c =>
+            {
+                outer = Outcome(() => n.Invoke("Cs.Dwr.Slow", "{}", new InvokeOptions { TimeoutMs = 20000 }));
+                outerDone.Set();
+                return "{}";
+            });
+            n.Register("Cs.Dwr.Inner", c =>
+            {
+                n.Dispose();
+                nestedState = NativeState(n);
+                nestedDone.Set();
+                return "{}";
+            });
+            Check(caller.WaitForMethod("Cs.Dwr.Outer", 5000) && caller.WaitForMethod("Cs.Dwr.Inner", 5000), "dwr: nested methods visible");
+            invokeInBackground("Cs.Dwr.Outer");
+            Check(Wait(slowEntered), "dwr: the outer handler waits inside an invoke");
+            invokeInBackground("Cs.Dwr.Inner");
+            Check(Wait(nestedDone) && nestedState == (int)Status.Closed, "dwr: disposed by a nested handler, closed in knit at once: " + nestedState);
+            Check(Wait(outerDone) && outer == "usage Closed", "dwr: the outer handler's invoke ended with Closed: " + outer);
+            n.Dispose(); // from outside: returns once nothing runs
+            Throws<UsageException>(() => n.ContextGet("cs.dwr"), Status.Closed, "dwr: nested: use after Dispose");
+
+            lock (held) foreach (var r in held) Outcome(() => r.Ok("1"));
+            lock (answered) foreach (var t in answered) Check(t.Join(25000), "dwr: every caller is answered");
+        }
+    }
+
+    // Threads using a client while another disposes it: every failure is UsageException with
+    // Status.Closed (it was ObjectDisposedException, "Safe handle has been closed").
+    static void UseWhileDisposing()
+    {
+        using (var srv = new KnitClient("cs-uwd-srv", gw))
+        {
+            srv.Register("Cs.Uwd.Echo", c => c.ArgsJson);
+            var wrong = new List<string>();
+            int closedSeen = 0;
+            for (int round = 0; round < 8; round++)
+            {
+                var c = new KnitClient("cs-uwd", gw);
+                Check(c.WaitForMethod("Cs.Uwd.Echo", 5000), "uwd: method visible");
+                var calling = new CountdownEvent(6);
+                var threads = new List<Thread>();
+                for (int i = 0; i < 6; i++)
+                {
+                    int k = i;
+                    var t = new Thread(() =>
+                    {
+                        bool first = true;
+                        while (true)
+                        {
+                            try
+                            {
+                                switch (k % 3)
+                                {
+                                    case 0: c.Invoke("Cs.Uwd.Echo", "{\"k\":" + k + "}"); break;
+                                    case 1: c.Publish("cs.uwd", "{}"); break;
+                                    default: c.ContextSet("cs.uwd." + k, "{\"k\":" + k + "}"); break;
+                                }
+                            }
+                            catch (UsageException e)
+                            {
+                                if (e.Status == Status.Closed) Interlocked.Increment(ref closedSeen);
+                                else lock (wrong) wrong.Add("UsageException " + e.Status);
+                                break;
+                            }
+                            catch (Exception e) { lock (wrong) wrong.Add(e.GetType().Name + ": " + e.Message); break; }
+                            finally { if (first) { first = false; calling.Signal(); } }
+                        }
+                    });
+                    threads.Add(t);
+                    t.Start();
+                }
+                Check(calling.Wait(10000), "uwd: every thread is calling");
+                c.Dispose();
+                foreach (var t in threads) Check(t.Join(10000), "uwd: a calling thread ends");
+            }
+            lock (wrong) Check(wrong.Count == 0, "uwd: only Closed: " + string.Join("; ", wrong.ToArray()));
+            Check(closedSeen == 8 * 6, "uwd: every thread saw Closed (" + closedSeen + ")");
+        }
+    }
+
+    // A program that returns from Main without Dispose while callbacks run (this program, run
+    // with --exit-child) must exit; it hung: Mono aborted knit's dispatcher in a callback, the
+    // abort unwound into knit, and a finaliser's close waited for that callback forever.
+    static void ExitWithoutDispose()
+    {
+        var exe = System.Reflection.Assembly.GetExecutingAssembly().Location;
+        var psi = new ProcessStartInfo("mono", "--debug \"" + exe + "\" --exit-child \"" + gw + "\"") { UseShellExecute = false };
+        using (var p = Process.Start(psi))
+        {
+            bool exited = p.WaitForExit(40000);
+            if (!exited) { try { p.Kill(); } catch (Exception) { } p.WaitForExit(5000); }
+            Check(exited, "exit: a program that forgot Dispose while callbacks run exits");
+            Check(!exited || p.ExitCode == 0, "exit: exit code " + (exited ? p.ExitCode : -1));
+        }
+    }
+
+    static int ExitChild(string gateway)
+    {
+        var pub = new KnitClient("cs-exit-pub", gateway);
+        var sub = new KnitClient("cs-exit-sub", gateway);
+        long got = 0;
+        var flowing = new ManualResetEvent(false);
+        sub.Subscribe("cs.exit.flood", m =>
+        {
+            if (Interlocked.Increment(ref got) == 200) flowing.Set();
+            var busy = Stopwatch.StartNew(); // work: the dispatcher is mostly in managed code
+            while (busy.ElapsedTicks < Stopwatch.Frequency / 1000) { }
+        });
+        sub.Register("Cs.Exit.M", c => c.ArgsJson);
+        new Thread(() => { try { while (true) pub.Publish("cs.exit.flood", "{}"); } catch (KnitException) { } }) { IsBackground = true }.Start();
+        // Short deadlines: a call blocked on a full ring is not woken by its client's close
+        // (it waits for its deadline), and Mono's exit waits for it.
+        new Thread(() => { try { while (true) pub.Invoke("Cs.Exit.M", "{}", new InvokeOptions { TimeoutMs = 2000 }); } catch (KnitException) { } }) { IsBackground = true }.Start();
+        return flowing.WaitOne(20000) ? 0 : 3; // returns with callbacks flowing, nothing disposed
+    }
+
+    // A callback whose thread is aborted (as Mono does to every thread running managed code at
+    // exit): the abort must not unwind into knit; the caller is answered and callbacks go on.
+    static void AbortInCallback()
+    {
+        using (var s = new KnitClient("cs-abort-s", gw))
+        using (var c = new KnitClient("cs-abort-c", gw))
+        {
+            s.Register("Cs.Abort.M", call => { if (call.ArgsJson.Contains("abort")) Thread.CurrentThread.Abort(); return call.ArgsJson; });
+            var log = new Log();
+            s.ContextSubscribe("cs.abort", u => { log.Add(u.DataJson); if (u.DataJson.Contains("abort")) Thread.CurrentThread.Abort(); });
+            Check(c.WaitForMethod("Cs.Abort.M", 5000), "abort: method visible");
+            var e = Throws<RemoteException>(() => c.Invoke("Cs.Abort.M", "{\"abort\":1}", new InvokeOptions { TimeoutMs = 15000 }), Status.MethodFailed, "abort: an aborted handler answers with an error");
+            Check(e != null && Has(e.Message, "aborted"), "abort: says so");
+            Check(Has(c.Invoke("Cs.Abort.M", "{\"after\":1}", new InvokeOptions { TimeoutMs = 15000 }), "\"returned\":{\"after\":1}"), "abort: handlers run on");
+            c.ContextSet("cs.abort", "{\"abort\":1}");
+            Check(log.WaitFor("abort"), "abort: the context callback ran");
+            c.ContextSet("cs.abort", "{\"after\":2}");
+            Check(log.WaitFor("\"after\":2"), "abort: callbacks go on after an aborted one");
+            c.ContextDestroy("cs.abort");
+        }
+    }
+
+    // Text knit would not receive whole: an embedded NUL (C stops there) or a lone surrogate
+    // (no UTF-8 form) is refused, never cut or replaced.
+    static void StringsKnitCannotCarry()
+    {
+        using (var c = new KnitClient("cs-strings", gw))
+        {
+            c.Register("Cs.Str.Echo", call => call.ArgsJson);
+            Check(c.WaitForMethod("Cs.Str.Echo", 5000), "strings: method visible");
+            Throws<UsageException>(() => c.Invoke("Cs.Str.Echo\0junk", "{}"), Status.InvalidArgument, "strings: a method name with a NUL");
+            Throws<UsageException>(() => c.Invoke("Cs.Str.\uDC00", "{}"), Status.InvalidArgument, "strings: a method name with a lone surrogate");
+            Throws<UsageException>(() => c.ContextSet("cs.str\0evil", "{\"v\":1}"), Status.InvalidArgument, "strings: a context name with a NUL");
+            Check(c.ContextGet("cs.str") == "{}", "strings: nothing written under the name cut at the NUL");
+            Throws<InputException>(() => c.ContextSet("cs.str", "{\"s\":\"a\uD800b\"}"), Status.BadInput, "strings: JSON with a lone surrogate");
+            Check(c.ContextGet("cs.str") == "{}", "strings: nothing written with U+FFFD");
+            Throws<InputException>(() => c.Invoke("Cs.Str.Echo", "{\"s\":\"x\0y\"}"), Status.BadInput, "strings: JSON with a NUL");
+            Throws<InputException>(() => c.Publish("cs.str", "{\"s\":\"\uDBFF\"}"), Status.BadInput, "strings: published JSON with a lone surrogate");
+            Throws<UsageException>(() => c.Publish("cs.str\0x", "{}"), Status.InvalidArgument, "strings: a topic with a NUL");
+            Throws<UsageException>(() => new KnitClient("cs-str\0cd", gw), Status.InvalidArgument, "strings: an application name with a NUL");
+            // A result knit cannot carry is refused too, and the caller still gets an answer.
+            c.Register("Cs.Str.Bad", call => "{\"s\":\"\uD800\"}");
+            Throws<RemoteException>(() => c.Invoke("Cs.Str.Bad", "{}", new InvokeOptions { TimeoutMs = 15000 }), Status.MethodFailed, "strings: a result with a lone surrogate");
+            // Whole characters outside the BMP (surrogate pairs) and escaped NULs pass.
+            Check(Has(c.Invoke("Cs.Str.Echo", "{\"s\":\"\U0001F600\",\"z\":\"\\u0000\"}"), "\"returned\":{\"s\":\"\U0001F600\",\"z\":\"\\u0000\"}"), "strings: a surrogate pair and an escaped NUL");
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    static WeakReference RegisterTracked(KnitClient c, string name)
+    {
+        var payload = new byte[64];
+        c.Register(name, call => { GC.KeepAlive(payload); return "1"; });
+        return new WeakReference(payload);
+    }
+
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    static WeakReference SubscribeTracked(KnitClient c, int kind)
+    {
+        var payload = new byte[64];
+        Action<string> f = x => GC.KeepAlive(payload);
+        try
+        {
+            switch (kind)
+            {
+                case 0: c.Subscribe("cs.free", m => f(m.DataJson)); break;
+                case 1: c.ContextSubscribe("cs.free", u => f(u.DataJson)); break;
+                case 2: c.SubscribeStream("Cs.Free", i => f(i.DataJson)); break;
+                case 3: c.CreateStream("Cs.Free", r => f(r.ArgsJson)); break;
+                default: c.OnEvent(f); break;
+            }
+        }
+        catch (KnitException) { }
+        return new WeakReference(payload);
+    }
+
+    static int Dead(List<WeakReference> refs)
+    {
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        GC.Collect();
+        int n = 0;
+        foreach (var w in refs) if (!w.IsAlive) n++;
+        return n;
+    }
+
+    // Handlers are not kept after they are gone: unregistered ones (also from inside
+    // themselves), and those of subscriptions that failed (their GCHandles leaked). Mono scans
+    // stacks conservatively, so a few may stay alive by accident: most must be collected.
+    static void HandlersAreFreed()
+    {
+        using (var c = new KnitClient("cs-free", gw))
+        {
+            var refs = new List<WeakReference>();
+            for (int i = 0; i < 20; i++)
+            {
+                refs.Add(RegisterTracked(c, "Cs.Free." + i));
+                c.Unregister("Cs.Free." + i);
+            }
+            int dead = Dead(refs);
+            Check(dead >= 10, "free: unregistered handlers are collected (" + dead + " of 20)");
+
+            // A handler that unregisters itself.
+            var selfRefs = new List<WeakReference>();
+            for (int i = 0; i < 10; i++) selfRefs.Add(RegisterSelfUnregistering(c, "Cs.Free.Self." + i));
+            dead = Dead(selfRefs);
+            Check(dead >= 5, "free: handlers that unregistered themselves are collected (" + dead + " of 10)");
+        }
+        var closed = new KnitClient("cs-free-closed", gw);
+        closed.Dispose();
+        var failed = new List<WeakReference>();
+        for (int i = 0; i < 25; i++) failed.Add(SubscribeTracked(closed, i % 5));
+        int gone = Dead(failed);
+        Check(gone >= 13, "free: handlers of subscriptions refused on a closed client are collected (" + gone + " of 25)");
+    }
+
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    static WeakReference RegisterSelfUnregistering(KnitClient c, string name)
+    {
+        var payload = new byte[64];
+        c.Register(name, call => { GC.KeepAlive(payload); c.Unregister(name); return "1"; });
+        Check(Has(c.Invoke(name, "{}", new InvokeOptions { TimeoutMs = 10000 }), "\"returned\":1"), "free: self-unregistering handler ran");
+        return new WeakReference(payload);
+    }
+
+    // A handler's exception without a message still answers at once (it left the caller
+    // waiting for its whole timeout), as does one whose message knit cannot carry.
+    static void HandlerExceptionWithoutMessage()
+    {
+        using (var s = new KnitClient("cs-nullmsg-s", gw))
+        using (var c = new KnitClient("cs-nullmsg-c", gw))
+        {
+            s.Register("Cs.NullMsg", call => { throw new NullMessageException(); });
+            s.Register("Cs.NulMsg", call => { throw new InvalidOperationException("a\0b"); });
+            Check(c.WaitForMethod("Cs.NullMsg", 5000) && c.WaitForMethod("Cs.NulMsg", 5000), "nullmsg: methods visible");
+            var e = Throws<RemoteException>(() => c.Invoke("Cs.NullMsg", "{}", new InvokeOptions { TimeoutMs = 15000 }), Status.MethodFailed, "nullmsg: answered with an error");
+            Check(e != null && Has(e.Message, "NullMessageException"), "nullmsg: the exception's type is the message: " + (e == null ? null : e.Message));
+            Throws<RemoteException>(() => c.Invoke("Cs.NulMsg", "{}", new InvokeOptions { TimeoutMs = 15000 }), Status.MethodFailed, "nullmsg: a message with a NUL answers too");
+        }
+    }
+
+    // Null arguments: a UsageException (INVALID_ARGUMENT, as knit says of a NULL argument),
+    // never a NullReferenceException or a subscription that delivers nothing.
+    static void NullArguments()
+    {
+        using (var c = new KnitClient("cs-null", gw))
+        {
+            var stream = c.CreateStream("Cs.Null.S");
+            Throws<UsageException>(() => stream.PushToBranches(null, "{}"), Status.InvalidArgument, "null: PushToBranches(null)");
+            Throws<InputException>(() => stream.PushToBranches(new string[] { null }, "{}"), Status.BadInput, "null: a null branch");
+            Throws<UsageException>(() => c.Subscribe("cs.null", null), Status.InvalidArgument, "null: Subscribe handler");
+            Throws<UsageException>(() => c.SubscribeStream("Cs.Null.S", null), Status.InvalidArgument, "null: SubscribeStream onData");
+            Throws<UsageException>(() => c.ContextSubscribe("cs.null", null), Status.InvalidArgument, "null: ContextSubscribe handler");
+            Throws<UsageException>(() => c.OnEvent(null), Status.InvalidArgument, "null: OnEvent handler");
+            Throws<UsageException>(() => c.ChannelSubscribe(null), Status.InvalidArgument, "null: ChannelSubscribe handler");
+            Throws<UsageException>(() => c.OnChannelsChanged(null), Status.InvalidArgument, "null: OnChannelsChanged handler");
+            Throws<UsageException>(() => c.Register("Cs.Null.M", (Func<Call, string>)null), Status.InvalidArgument, "null: Register handler");
+            Throws<UsageException>(() => c.RegisterAsync("Cs.Null.M", null), Status.InvalidArgument, "null: RegisterAsync handler");
+            Throws<UsageException>(() => c.Invoke(null), Status.InvalidArgument, "null: method name");
+            stream.Dispose();
+        }
+    }
+
     static int Main(string[] args)
     {
+        if (args.Length == 2 && args[0] == "--exit-child") return ExitChild(args[1]);
         if (args.Length < 2) { Console.Error.WriteLine("usage: Tests.exe GATEWAY_SOCKET RUST_METHOD"); return 2; }
         gw = args[0];
         rustMethod = args[1];
-        var tests = new Action[] { StatusEnumMatchesTheLibrary, ConnectFailures, RoundTrips, PollMode, DisposeAndMisuse, RustPeer, Contexts, Bus, Streams, Events, Channels, SubscriptionMisuse };
+        var tests = new Action[] { StatusEnumMatchesTheLibrary, ConnectFailures, RoundTrips, PollMode, DisposeAndMisuse, RustPeer, Contexts, Bus, Streams, Events, Channels, SubscriptionMisuse,
+            DisposeWhileCallsRun, UseWhileDisposing, ExitWithoutDispose, AbortInCallback, StringsKnitCannotCarry,
+            HandlersAreFreed, HandlerExceptionWithoutMessage, NullArguments };
         foreach (var t in tests)
         {
             try { t(); }
