@@ -620,3 +620,56 @@ fn a_callback_that_panics_loses_its_own_messages_only() {
     assert_eq!(got, sent);
     assert_eq!(own, 1, "the client's own publish");
 }
+
+#[test]
+fn closing_a_client_ends_its_publish_waiting_on_a_subscriber_that_stopped_reading() {
+    // A publish waiting for room in a full subscriber ring ignored its client's close and
+    // waited out its own 5 s deadline (a program exiting meanwhile was held that long).
+    let env = Env::new("bus-close-full");
+    let publisher = env.client("publisher");
+    // A poll-mode subscriber that never polls: its ring fills and stays full.
+    let stuck = env
+        .builder("stuck")
+        .poll_mode(true)
+        .connect()
+        .expect("connecting the subscriber");
+    let _sub = stuck
+        .subscribe("full", SubscribeOptions::default(), |_| {})
+        .unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flooding = {
+        let (p, sent) = (publisher.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let o = PublishOptions::default();
+            let data = Value::object([("pad", Value::from("x".repeat(1024)))]);
+            loop {
+                if p.publish("full", data.clone(), &o).is_err() {
+                    return;
+                }
+                if sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 1_000_000 {
+                    return;
+                }
+            }
+        })
+    };
+    // The flood is stuck once the count stops moving (the ring holds a few hundred messages).
+    let mut last = u64::MAX;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = sent.load(std::sync::atomic::Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(!flooding.is_finished(), "the publisher never had to wait");
+    let closed_at = std::time::Instant::now();
+    publisher.close();
+    flooding.join().unwrap();
+    // Well before the publish's own 5 s deadline.
+    assert!(
+        closed_at.elapsed() < Duration::from_millis(2500),
+        "the publish ended {:?} after the close",
+        closed_at.elapsed()
+    );
+}

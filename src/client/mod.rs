@@ -579,6 +579,12 @@ impl ClientHandle {
             crate::model::FailureKind::Delivery(Status::Closed),
             "the client is closed",
         );
+        // A send waiting for room in a peer's full ring (a publish to a subscriber that stopped
+        // reading) gives up when it sees its lane closed, not at its own deadline seconds later.
+        let lanes: Vec<Arc<lane::Lane>> = s.lock_state().lanes.values().cloned().collect();
+        for l in lanes {
+            l.close();
+        }
         s.state_changed.notify_all();
         s.wake_all();
         let me = std::thread::current().id();
