@@ -1697,10 +1697,12 @@ impl Session {
                 const FAIL: &str = "agm.errors.invocation.failure";
                 let (uri, reason) = match status {
                     Status::MethodFailed => ("agm.errors.client_error", message),
-                    Status::NotFound => (FAIL, no_method(&pc.method, &pc.server)),
-                    Status::PeerLeft if message.starts_with("Unable to find peer") => {
+                    Status::NotFound | Status::PeerLeft
+                        if message.starts_with("Unable to find peer") =>
+                    {
                         (FAIL, format!("Unable to find peer with id {}", pc.server))
                     }
+                    Status::NotFound => (FAIL, no_method(&pc.method, &pc.server)),
                     _ => (FAIL, message),
                 };
                 let mut e = gw3::error("agm", &pc.request_id.id, me_id, uri, &reason);

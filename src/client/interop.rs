@@ -556,7 +556,16 @@ pub(crate) fn invoke(
             let sent = send_call(shared, &c, &args, opts);
             let mut o = call_outcome(shared, &c, sent, deadline, method, opts);
             if is_removed(&o) {
-                o = again(shared, method, &args, opts, &c, None, o, deadline);
+                o = match again(shared, method, &args, opts, &c, None, o, deadline) {
+                    Again::Outcome(o) => o,
+                    // Gone, and no other server within the wait: as if there had been none.
+                    Again::NoServer(_) => {
+                        return Err(InvokeError::NoServer {
+                            method: method.to_string(),
+                            target: opts.target.to_string(),
+                        })
+                    }
+                };
             }
             return InvocationResult::aggregate_one(method, args, o)
                 .map_err(|r| InvokeError::Failed(Box::new(r)));
@@ -575,7 +584,9 @@ pub(crate) fn invoke(
             let o = call_outcome(shared, c, p, deadline, method, opts);
             if is_removed(&o) {
                 let only = Some(c.server.peer_id);
-                again(shared, method, &args, opts, c, only, o, deadline)
+                match again(shared, method, &args, opts, c, only, o, deadline) {
+                    Again::Outcome(o) | Again::NoServer(o) => o,
+                }
             } else {
                 o
             }
@@ -592,14 +603,24 @@ fn is_removed(o: &Result<ReturnValue, CallFailure>) -> bool {
     matches!(o, Err(f) if f.kind == FailureKind::Delivery(Status::NotFound))
 }
 
+/// What [`again`] ended with.
+enum Again {
+    /// The call's outcome (the last one, when it gave up with the old registration still in
+    /// the view).
+    Outcome(Result<ReturnValue, CallFailure>),
+    /// The view dropped the old registration and showed no other in time (with the last
+    /// failure, for a caller that keeps it).
+    NoServer(Result<ReturnValue, CallFailure>),
+}
+
 /// Calls `method` again after the server of `first` said it no longer has that registration.
 /// The caller's view of the servers comes through the gateway, later than what a server does
 /// on its lane: a method unregistered and registered again (a new id) was still the old
 /// registration in the view, and the call failed though the method stood. Waits (within
 /// `opts.wait`) for the view to catch up and calls the registration it then shows: any server
 /// the target picks, or with `only`, that server alone (`all`: each server keeps its place).
-/// Gives up with `last` when nothing shows up in time, or, with `only`, when the view has
-/// dropped the old registration and that server has no other.
+/// Gives up when nothing shows up in time, or, with `only`, when the view has dropped the old
+/// registration and that server has no other.
 #[allow(clippy::too_many_arguments)]
 fn again(
     shared: &Arc<Shared>,
@@ -610,7 +631,7 @@ fn again(
     only: Option<PeerId>,
     mut last: Result<ReturnValue, CallFailure>,
     deadline: Instant,
-) -> Result<ReturnValue, CallFailure> {
+) -> Again {
     let mut stale = vec![(first.server.peer_id, first.method_id)];
     let wait_until = crate::wait::deadline(opts.wait);
     loop {
@@ -625,27 +646,33 @@ fn again(
             let sent = send_call(shared, &c, args, opts);
             last = call_outcome(shared, &c, sent, deadline, method, opts);
             if !is_removed(&last) {
-                return last;
+                return Again::Outcome(last);
             }
             stale.push((c.server.peer_id, c.method_id));
             continue;
         }
-        if let Some(p) = only {
-            // The view no longer holds any stale registration of that server: it has none.
+        // Whether the view still holds a registration a server said it no longer has (of
+        // that server, with `only`).
+        let held = {
             let st = shared.lock_state();
-            let servers = servers_of(shared, &st, method);
             let my_id = shared.my_id();
-            let held = servers
-                .iter()
-                .any(|&(peer, id)| peer.unwrap_or(my_id) == p && stale.contains(&(p, id)));
-            if !held {
-                return last;
-            }
+            servers_of(shared, &st, method).iter().any(|&(peer, id)| {
+                let peer = peer.unwrap_or(my_id);
+                only.is_none_or(|p| p == peer) && stale.contains(&(peer, id))
+            })
+        };
+        if only.is_some() && !held {
+            // That server has the method no longer.
+            return Again::NoServer(last);
         }
         let st = shared.lock_state();
         let now = Instant::now();
         if now >= wait_until || shared.is_closed() || !shared.conn.is_connected() {
-            return last;
+            return if held || shared.is_closed() {
+                Again::Outcome(last)
+            } else {
+                Again::NoServer(last)
+            };
         }
         let _ = shared
             .state_changed
@@ -714,8 +741,11 @@ fn call_outcome(
     let (id, slot) = match sent {
         Ok(s) => s,
         Err((status, message)) => {
+            // Not sent because the server had left (its lane closed): not the server leaving
+            // with the call pending (`PeerLeft`), but a registration gone before the call, as
+            // `NotFound` is; the caller looks again (`again`).
             let kind = if status == Status::PeerLeft {
-                FailureKind::PeerLeft
+                FailureKind::Delivery(Status::NotFound)
             } else {
                 FailureKind::Delivery(status)
             };

@@ -847,8 +847,11 @@ impl Registry {
         timeout_ms: u32,
     ) {
         let outcome = if !self.peers.contains_key(&peer) {
+            // Gone before the call came (the caller's view was behind): `NotFound`, as for a
+            // method it no longer has; the caller looks again (`client/interop.rs::again`).
+            // A server leaving with the call pending is `PeerLeft`.
             Some(relay_error(
-                Status::PeerLeft,
+                Status::NotFound,
                 format!("Unable to find peer with id {peer}"),
             ))
         } else if !self.visible(from, peer) {
@@ -1983,13 +1986,14 @@ pub(crate) mod tests {
                 }
             }
         ));
+        // A peer gone before the call came: not found (the caller may look again).
         reg.call(a, 3, PeerId(999), 1, Value::Null, 1000);
         assert!(matches!(
             &recv(&mut ra)[0].0,
             FromGateway::CallResult {
                 call: 3,
                 outcome: RelayOutcome::Err {
-                    status: Status::PeerLeft,
+                    status: Status::NotFound,
                     ..
                 }
             }
