@@ -776,7 +776,15 @@ fn an_acceptance_after_the_subscriber_timed_out_ends_the_subscription() {
         ..params(Value::map())
     };
     server.register("Ping", |_| Ok(Value::Null)).unwrap();
-    let err = client.subscribe_stream("Late", p, |_| {}).unwrap_err();
+    // A subscribe that failed calls its callback never (it queued a `Closed` event, which the
+    // C ABI delivered to an app that had freed what it reaches).
+    let called = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c2 = called.clone();
+    let err = client
+        .subscribe_stream("Late", p, move |_| {
+            c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+        .unwrap_err();
     assert!(matches!(err, StreamError::Timeout(_)), "{err:?}");
     // The subscriber's close went before this call on the same lane: when the call returns,
     // the server has seen the close (and found nothing to end yet).
@@ -790,6 +798,18 @@ fn an_acceptance_after_the_subscriber_timed_out_ends_the_subscription() {
         "client"
     );
     assert!(stream.subscriptions().is_empty());
+    // Everything the client's dispatcher had queued has run once its own publish arrives.
+    let (tx, rx) = channel();
+    let _sub = client
+        .subscribe("late.barrier", Default::default(), move |_| {
+            let _ = tx.send(());
+        })
+        .unwrap();
+    client
+        .publish("late.barrier", Value::map(), &Default::default())
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(called.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
 /// A subscriber waiting for a stream asks the moment the stream is announced; the server has

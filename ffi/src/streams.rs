@@ -714,7 +714,10 @@ pub unsafe extern "C" fn knit_stream_subscribe(
                     }
                 }
             }
-        })?;
+        });
+        // A failed subscribe calls back no more (its `user_data` is the app's again): a
+        // callback queued meanwhile finds the gate closed.
+        let sub = sub.inspect_err(|_| gate.close_and_wait())?;
         // SAFETY: `out` checked by `clear_out`.
         unsafe { add(&e, gate, Inner::Stream(sub), out) }
     })

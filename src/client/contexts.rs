@@ -438,19 +438,51 @@ fn announce(shared: &Arc<Shared>, id: u64, name: String) {
     let _ = std::thread::Builder::new()
         .name("knit-ctx-attach".into())
         .spawn(move || {
+            // Under the gate: a reconnection's restore comes after, and finds a sub that lost
+            // its connection back among the waiting ones.
+            let _gate = shared.conn.gate.enter();
             for sub in waiting {
                 // SYNC(sub-active): pairs with `ContextSubscription::drop`; a dropped sub is
                 // not attached.
                 if sub.active.load(Ordering::Acquire) {
-                    if let Err(e) = attach_sub(&shared, sub.clone()) {
-                        crate::log::warn(format_args!(
-                            "cannot subscribe to context {:?}: {e}",
-                            sub.name
-                        ));
+                    if let Err(e) = attach_sub_inner(&shared, sub.clone()) {
+                        attach_failed(&shared, sub, &e);
                     }
                 }
             }
         });
+}
+
+/// `sub` could not attach to its context (`e`). Without the gateway it waits again, for the
+/// reconnection's restore to attach it (it was in no entry and no list, so it was lost: a
+/// context created just as the gateway stopped was never delivered to it); otherwise the
+/// failure is logged.
+fn attach_failed(shared: &Shared, sub: Arc<Sub>, e: &ContextError) {
+    // The connection, not the context, failed it (it may be back already: the restore that
+    // follows waits for the gate this runs under).
+    let lost = matches!(
+        e.status(),
+        Status::Disconnected | Status::GatewayUnreachable
+    ) || !shared.conn.is_connected();
+    if lost && !shared.is_closed() {
+        crate::log::debug(format_args!(
+            "context {:?}: subscribing again once the gateway is back ({e})",
+            sub.name
+        ));
+        shared
+            .ctx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiting
+            .entry(sub.name.clone())
+            .or_default()
+            .push(sub);
+        return;
+    }
+    crate::log::warn(format_args!(
+        "cannot subscribe to context {:?}: {e}",
+        sub.name
+    ));
 }
 
 /// The gateway's notice that context `id` is destroyed (control thread).
@@ -1013,13 +1045,15 @@ fn settle(shared: &Arc<Shared>, sub: &Arc<Sub>, joined: Option<Arc<CtxEntry>>) {
     );
 }
 
-/// Adds a subscription to its (existing) context and makes sure the pumper follows the log.
+/// [`attach_sub_inner`] under the gate (tests).
+#[cfg(test)]
 fn attach_sub(shared: &Arc<Shared>, sub: Arc<Sub>) -> Result<(), ContextError> {
     let _gate = shared.conn.gate.enter();
     attach_sub_inner(shared, sub).map(drop)
 }
 
-/// [`attach_sub`] for a caller that holds the gate or restores. Returns the entry the
+/// Adds a subscription to its (existing) context and makes sure the pumper follows the log,
+/// for a caller that holds the gate or restores. Returns the entry the
 /// subscription was added to (`None`: it waits for its context to be created).
 fn attach_sub_inner(
     shared: &Arc<Shared>,
@@ -1676,10 +1710,7 @@ pub(crate) fn restore(shared: &Arc<Shared>) {
         // attached.
         if sub.active.load(Ordering::Acquire) {
             if let Err(e) = attach_sub_inner(shared, sub.clone()) {
-                crate::log::warn(format_args!(
-                    "cannot subscribe to context {:?}: {e}",
-                    sub.name
-                ));
+                attach_failed(shared, sub, &e);
             }
         }
     }

@@ -1021,17 +1021,19 @@ impl ClientSubscription {
 
     /// Ends the subscription ("ClientInitiated").
     pub fn close(&self) {
-        end_client_sub(&self.shared, &self.sub, true);
+        end_client_sub(&self.shared, &self.sub, true, true);
     }
 }
 
 impl Drop for ClientSubscription {
     fn drop(&mut self) {
-        end_client_sub(&self.shared, &self.sub, true);
+        end_client_sub(&self.shared, &self.sub, true, true);
     }
 }
 
-fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool) {
+/// Ends our subscription `sub`: `tell` its servers, and give its callback the `Closed` event
+/// (`closed_event`; not for a subscribe that failed).
+fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool, closed_event: bool) {
     // SYNC(sub-client-closed): stops delivery of queued items (`deliver_batch`, `drain`); a flag
     // only, nothing else rides on it.
     sub.client_closed.store(true, Ordering::Release);
@@ -1065,6 +1067,9 @@ fn end_client_sub(shared: &Arc<Shared>, sub: &Arc<ClientSub>, tell: bool) {
         }
     }
     shared.wake_all();
+    if !closed_event {
+        return;
+    }
     let ev = StreamEvent::Closed {
         reason: "ClientInitiated".into(),
         server_initiated: false,
@@ -1182,7 +1187,9 @@ pub(crate) fn subscribe(
             Err(e)
         }
         Err(None) => {
-            end_client_sub(shared, &sub, true);
+            // The caller gets the error, not a `Closed` event of a subscription it never had
+            // (a C app has freed what the callback would reach by then).
+            end_client_sub(shared, &sub, true, false);
             Err(StreamError::Timeout(params.timeout))
         }
     }

@@ -92,6 +92,9 @@ pub enum GatewayError {
     /// The WebSocket bridge could not start.
     #[error(transparent)]
     Bridge(#[from] crate::bridge::BridgeError),
+    /// A configuration value the gateway cannot run with.
+    #[error("invalid gateway configuration: {0}")]
+    Config(String),
 }
 
 impl GatewayError {
@@ -102,8 +105,50 @@ impl GatewayError {
             GatewayError::NotASocket(_) => Status::InvalidArgument,
             GatewayError::Io { .. } => Status::GatewayUnreachable,
             GatewayError::Bridge(e) => e.status(),
+            GatewayError::Config(_) => Status::InvalidArgument,
         }
     }
+}
+
+/// Refuses values the gateway cannot run with, before anything is bound (an embedding app's
+/// `queue_depth: 0` made the gateway panic at the first connection; a `lane_capacity` or
+/// `context_log` the shared memory cannot have failed every lane or context later).
+fn check_config(cfg: &GatewayConfig) -> Result<(), GatewayError> {
+    let bad = |m: String| Err(GatewayError::Config(m));
+    let l = &cfg.limits;
+    if cfg.queue_depth == 0 {
+        return bad("queue_depth must be at least 1".into());
+    }
+    if !l.lane_capacity.is_power_of_two()
+        || !(crate::shm::MIN_RING..=crate::shm::MAX_RING).contains(&l.lane_capacity)
+    {
+        return bad(format!(
+            "lane_capacity {} must be a power of two from {} to {}",
+            l.lane_capacity,
+            crate::shm::MIN_RING,
+            crate::shm::MAX_RING
+        ));
+    }
+    if !l.context_log.is_power_of_two()
+        || !(crate::shm::MIN_LOG..=crate::shm::MAX_LOG).contains(&l.context_log)
+    {
+        return bad(format!(
+            "context_log {} must be a power of two from {} to {}",
+            l.context_log,
+            crate::shm::MIN_LOG,
+            crate::shm::MAX_LOG
+        ));
+    }
+    for (what, v) in [
+        ("max_payload", l.max_payload as usize),
+        ("max_name_len", l.max_name_len),
+        ("max_peers", l.max_peers),
+    ] {
+        if v == 0 {
+            return bad(format!("{what} must be at least 1"));
+        }
+    }
+    Ok(())
 }
 
 /// Whether a socket is at `path`; [`GatewayError::NotASocket`] when something else is.
@@ -166,6 +211,7 @@ impl Gateway {
     /// file nobody answers on.
     pub fn bind(cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
         use interprocess::local_socket::{prelude::*, GenericFilePath, Listener, ListenerOptions};
+        check_config(&cfg)?;
         let dir = crate::control::socket_dir(&cfg.socket).to_path_buf();
         crate::control::ensure_private_dir(&dir)
             .map_err(ctx(format!("socket directory {}", dir.display())))?;
