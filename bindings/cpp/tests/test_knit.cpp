@@ -366,6 +366,74 @@ static void test_bus() {
     CHECK(!keyed.has("after"));
 }
 
+/// A subscription closed while a run of its callback is still on the stack further up: that run
+/// invokes, and the dispatcher runs the next message for it inside the wait (ffi/README.md,
+/// "Nesting"); the nested run closes its own subscription ("self"), or another subscription's
+/// callback closes it ("other"). The outer run goes on with its callback (and what it captured)
+/// intact — the wrapper used to free them under it (ASan: heap-use-after-free, then a double
+/// delete) — and the callback is not called again.
+static void test_close_while_running_further_up() {
+    for (const std::string mode : {"self", "other"}) {
+        knit::Client server = knit::Client::connect("cpp-nest-server", gw);
+        std::mutex mu;
+        std::condition_variable cv;
+        bool entered = false, closed = false;
+        server.register_method("Cpp.Nest.Gate", [&](const knit::Call&) {
+            // Returns once the nested run closed the subscription (or after 5 s).
+            std::unique_lock<std::mutex> g(mu);
+            entered = true;
+            cv.notify_all();
+            cv.wait_for(g, std::chrono::seconds(5), [&] { return closed; });
+            return std::string("1");
+        });
+        knit::Client c = knit::Client::connect("cpp-nest-sub", gw);
+        CHECK(c.wait_for_method("Cpp.Nest.Gate", 5000));
+        auto closed_now = [&] {
+            std::lock_guard<std::mutex> g(mu);
+            closed = true;
+            cv.notify_all();
+        };
+        Log log;
+        std::atomic<int> runs{0};
+        std::optional<knit::Subscription> a, b;
+        const std::string tag(64, 'x');  // copied into the callback: lives in the wrapper's holder
+        a.emplace(c.subscribe("cpp.nest.a", [&, tag](const knit::Message&) {
+            const int n = ++runs;
+            if (n == 1) {
+                c.invoke("Cpp.Nest.Gate");  // the next message runs inside this wait
+                log.add("outer run done " + std::to_string(tag.size()) + tag.substr(0, 1));
+            } else if (mode == "self") {
+                a->close();
+                closed_now();
+            }
+        }));
+        b.emplace(c.subscribe("cpp.nest.b", [&](const knit::Message&) {
+            a->close();
+            closed_now();
+        }));
+        knit::Subscription z = c.subscribe("cpp.nest.z", [&](const knit::Message& m) { log.add(m.data_json); });
+        knit::Client pub = knit::Client::connect("cpp-nest-pub", gw);  // knows the subscriptions
+        pub.publish("cpp.nest.a", "1");
+        {
+            std::unique_lock<std::mutex> g(mu);
+            CHECK(cv.wait_for(g, std::chrono::seconds(5), [&] { return entered; }));
+        }
+        pub.publish(mode == "self" ? "cpp.nest.a" : "cpp.nest.b", "2");
+        CHECK(log.wait_for("outer run done 64x"));
+        {
+            std::lock_guard<std::mutex> g(mu);
+            CHECK(closed);
+        }
+        pub.publish("cpp.nest.a", "3");
+        pub.publish("cpp.nest.z", "\"end\"");
+        CHECK(log.wait_for("end"));
+        CHECK(runs == (mode == "self" ? 2 : 1));
+        CHECK(!a->is_open());
+        a.reset();
+        b.reset();
+    }
+}
+
 static void test_streams() {
     knit::Client server = knit::Client::connect("cpp-stream-server", gw);
     knit::Client client = knit::Client::connect("cpp-stream-client", gw);
@@ -480,6 +548,63 @@ static void test_streams() {
                  KNIT_NO_SERVER);
 }
 
+/// Text knit refuses (not UTF-8) in a decision leaves the request undecided: accept and reject
+/// throw and keep it, and the wrapper still rejects it — with the exception's message, or a
+/// fixed one when that cannot be sent either — so the subscriber hears at once rather than
+/// waiting out its timeout. A method handler's exception whose message is not UTF-8 answers with
+/// a fixed error rather than "did not reply".
+static void test_text_knit_refuses() {
+    knit::Client server = knit::Client::connect("cpp-utf8-server", gw);
+    knit::Client client = knit::Client::connect("cpp-utf8-client", gw);
+    std::atomic<int> kept{0};
+    knit::StreamOptions so;
+    so.on_request = [&](knit::StreamRequest& r) {
+        if (contains(r.args_json(), "throw")) throw std::runtime_error("no entry for caf\xe9");
+        try {
+            if (contains(r.args_json(), "branch")) r.accept("eu\xff");
+            if (contains(r.args_json(), "reason")) r.reject("caf\xe9");
+        } catch (const knit::UsageError& e) {
+            if (e.status() == KNIT_INVALID_ARGUMENT && !r.decided()) kept++;
+            if (contains(r.args_json(), "then-accept")) {
+                r.accept();
+                return;
+            }
+            throw;  // rejected with this (valid) message
+        }
+    };
+    knit::Stream st = server.create_stream("Cpp.Utf8", std::move(so));
+    knit::StreamSubscribeOptions o;
+    o.wait_ms = 5000;
+    o.timeout_ms = 5000;
+    const std::pair<const char*, const char*> cases[] = {
+        {R"({"throw":1})", "request handler failed (its message is not UTF-8)"},
+        {R"({"branch":1})", "branch is not valid UTF-8"},
+        {R"({"reason":1})", "reason is not valid UTF-8"},
+    };
+    for (const auto& [args, reason] : cases) {
+        o.args_json = args;
+        auto e = EXPECT_THROW(knit::RemoteError,
+                              client.subscribe_stream("Cpp.Utf8", [](const knit::StreamItem&) {}, {}, o),
+                              KNIT_METHOD_FAILED);
+        CHECK(e && contains(e->what(), reason));
+    }
+    CHECK(kept == 2);
+    // The request is still held after a refused accept, so a valid decision can follow.
+    o.args_json = R"({"branch":1,"then-accept":1})";
+    Log items;
+    knit::Subscription s = client.subscribe_stream(
+        "Cpp.Utf8", [&](const knit::StreamItem& i) { items.add(i.data_json); }, {}, o);
+    CHECK(kept == 3);
+    st.push(R"({"n":1})");
+    CHECK(items.wait_for(R"({"n":1})"));
+
+    server.register_method("Cpp.Latin1", [](const knit::Call&) -> std::string {
+        throw std::runtime_error("bad caf\xe9");
+    });
+    auto e = EXPECT_THROW(knit::RemoteError, client.invoke("Cpp.Latin1"), KNIT_METHOD_FAILED);
+    CHECK(e && std::string(e->what()) == "method handler failed (its message is not UTF-8)");
+}
+
 static void test_events() {
     knit::Client watcher = knit::Client::connect("cpp-events", gw);
     Log events;
@@ -542,6 +667,8 @@ int main(int argc, char** argv) {
         test_contexts();
         test_bus();
         test_streams();
+        test_close_while_running_further_up();
+        test_text_knit_refuses();
         test_events();
         test_channels();
     } catch (const std::exception& e) {

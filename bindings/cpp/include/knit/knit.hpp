@@ -18,6 +18,7 @@
 
 #include <knit.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -99,41 +100,36 @@ inline std::string take(char* s) {
 inline const char* c_or_null(const std::string& s) { return s.empty() ? nullptr : s.c_str(); }
 
 /// What a subscription or stream keeps for its callbacks (the std::functions), passed to knit
-/// as user_data. Deleted when the subscription closes — or, when it is closed from inside its
-/// own callback, right after that callback returns (knit does not call it again).
+/// as user_data. Deleted when the subscription closes — or, when it is closed while runs of its
+/// callbacks are still on the stack (from inside one, or from another callback run inside a
+/// wait of one: ffi/README.md, "Nesting"), once the last of those runs returns (knit does not
+/// call it again).
 struct Holder {
     virtual ~Holder() = default;
-    bool delete_after_call = false;
+    /// Twice the number of runs of its callbacks in progress, plus 1 once retired. No run
+    /// begins after the holder is retired (knit calls nothing once closed), so whoever leaves
+    /// this at exactly 1 deletes it: the last run returning, or retire when none is running.
+    std::atomic<unsigned> state{0};
 };
 
-/// The holder whose callback runs on this thread now (callbacks of one client run one at a
-/// time on its dispatcher thread, or inside Client::poll).
-inline Holder*& running() noexcept {
-    static thread_local Holder* current = nullptr;
-    return current;
-}
-
 /// Runs a callback for `h`: no exception may leave it into C (they are swallowed: a
-/// subscription callback has nobody to report to), and a holder retired meanwhile is deleted.
+/// subscription callback has nobody to report to), and a holder retired meanwhile is deleted
+/// when its last run returns (runs nest: a callback that waits in knit may run again inside).
 template <class F>
 void run_callback(Holder* h, F&& f) noexcept {
-    Holder* outer = running();
-    running() = h;
+    h->state.fetch_add(2, std::memory_order_acq_rel);
     try {
         f();
     } catch (...) {
     }
-    running() = outer;
-    if (h->delete_after_call) delete h;
+    if (h->state.fetch_sub(2, std::memory_order_acq_rel) == 3) delete h;
 }
 
-/// Frees a holder now, or after its running callback returns.
+/// Frees a holder now, or after its callbacks' runs in progress return.
 inline void retire(std::unique_ptr<Holder> h) noexcept {
     if (!h) return;
-    if (running() == h.get()) {
-        h.release()->delete_after_call = true;
-    }
-    // else: destroyed here
+    Holder* p = h.release();
+    if (p->state.fetch_or(1, std::memory_order_acq_rel) == 0) delete p;
 }
 
 inline std::string str(const char* s) { return s ? std::string(s) : std::string(); }
@@ -198,7 +194,8 @@ struct BytesCall {
     std::string caller_json;
 };
 
-/// Returns the result as JSON text; a thrown exception answers with its what() as the error.
+/// Returns the result as JSON text; a thrown exception answers with its what() as the error
+/// (with "method handler failed (its message is not UTF-8)" when knit refuses what()).
 using Handler = std::function<std::string(const Call&)>;
 /// Answers through the Reply (may move it away to answer later); a thrown exception answers
 /// with its what() if the reply is still held.
@@ -225,7 +222,10 @@ struct Outcome {
 
 /// A subscription (context, bus topic, stream, discovery events). Move-only; destroying or
 /// closing it ends the subscription: afterwards its callback is not running and is not called
-/// again. Closing it from inside its own callback is fine. A subscription may outlive its
+/// again — except a run still on this thread's stack, which finishes with its callback (and
+/// what it captured) intact: closing it from inside its own callback is fine, as is closing it
+/// from another callback run inside a wait of one of its runs (nesting). A subscription may
+/// outlive its
 /// Client (closing the client ends it; closing it afterwards does nothing).
 class Subscription {
 public:
@@ -381,18 +381,34 @@ public:
     const std::string& caller_json() const noexcept { return caller_json_; }
     bool decided() const noexcept { return h_ == nullptr; }
 
-    /// Accepts on `branch` ("" is the default branch); returns the new subscriber.
+    /// Accepts on `branch` ("" is the default branch); returns the new subscriber. A branch
+    /// that is not UTF-8 throws UsageError (INVALID_ARGUMENT) and leaves the request undecided,
+    /// so a valid decision can follow (or destroying it rejects it).
     StreamSubscriber accept(const std::string& branch = {}) {
         knit_stream_subscriber_t* sub = nullptr;
-        check(knit_stream_accept(std::exchange(h_, nullptr), branch.c_str(), &sub));
+        decide(knit_stream_accept(h_, branch.c_str(), &sub));
         return StreamSubscriber(sub);
     }
-    /// Rejects; the subscriber's subscribe_stream throws RemoteError with the reason.
-    void reject(const std::string& reason) {
-        check(knit_stream_reject(std::exchange(h_, nullptr), reason.c_str()));
-    }
+    /// Rejects; the subscriber's subscribe_stream throws RemoteError with the reason. A reason
+    /// that is not UTF-8 throws UsageError (INVALID_ARGUMENT) and leaves the request undecided.
+    void reject(const std::string& reason) { decide(knit_stream_reject(h_, reason.c_str())); }
 
 private:
+    friend class Client;
+    /// Rejects with `reason`, or — when knit refuses it (not UTF-8) — with `fallback` (ASCII);
+    /// never throws. Nothing when already decided.
+    void reject_or(const std::string& reason, const char* fallback) noexcept {
+        if (!h_) return;
+        if (knit_stream_reject(h_, reason.c_str()) == KNIT_INVALID_ARGUMENT)
+            (void)knit_stream_reject(h_, fallback);
+        h_ = nullptr;
+    }
+    /// knit refuses text that is not UTF-8 (KNIT_INVALID_ARGUMENT) before it decides anything:
+    /// the request is still ours then. Every other outcome used the handle up.
+    void decide(knit_status_t st) {
+        if (st != KNIT_INVALID_ARGUMENT) h_ = nullptr;
+        check(st);
+    }
     void abandon() noexcept {
         if (h_) (void)knit_stream_reject(std::exchange(h_, nullptr), "request was not decided");
     }
@@ -401,7 +417,8 @@ private:
     std::string caller_json_;
 };
 
-/// Decides a request (may move it away to decide later). An exception rejects it with what().
+/// Decides a request (may move it away to decide later). An exception rejects it with what()
+/// (with "request handler failed (its message is not UTF-8)" when knit refuses what()).
 using RequestHandler = std::function<void(StreamRequest&)>;
 
 struct StreamOptions {
@@ -891,7 +908,8 @@ public:
                     try {
                         self->f(req);
                     } catch (const std::exception& e) {
-                        if (!req.decided()) req.reject(e.what());
+                        req.reject_or(e.what(),
+                                      "request handler failed (its message is not UTF-8)");
                     }
                 });
             };
@@ -973,6 +991,11 @@ private:
         } catch (const std::exception& e) {
             try {
                 if (!reply.answered()) reply.error(e.what());
+            } catch (...) {
+            }
+            try {
+                // knit refused the message (not UTF-8): answer all the same.
+                if (!reply.answered()) reply.error("method handler failed (its message is not UTF-8)");
             } catch (...) {
             }
         } catch (...) {
