@@ -630,6 +630,11 @@ fn lane_failed(shared: &Shared, e: SendError, failed: &mut Option<ClientError>) 
         shared,
         &mut shared.bus.lock().unwrap_or_else(|e| e.into_inner()),
     );
+    if shared.is_closed() {
+        // Our own close shut the lane under the send: the publish did not go out.
+        failed.get_or_insert(ClientError::Closed);
+        return;
+    }
     if e.status() != Status::PeerLeft && failed.is_none() {
         *failed = Some(ClientError::Gateway {
             status: e.status(),

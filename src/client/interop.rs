@@ -517,6 +517,9 @@ pub(crate) fn invoke(
     }
     // Find servers, waiting for one to appear if need be.
     let mut wait_until = None;
+    // The view's generation read before the last look (`None`: the first look, which takes no
+    // lock): a change after the look must not be waited for as if it were still to come.
+    let mut looked_at: Option<u64> = None;
     let chosen = loop {
         let c = choose(shared, method, &opts.target, &[]);
         if !c.is_empty() {
@@ -527,6 +530,12 @@ pub(crate) fn invoke(
         super::hook::at("invoke: waiting for a server");
         let st = shared.lock_state();
         let gen = st.generation;
+        if looked_at.replace(gen) != Some(gen) {
+            // Changed since (or not known before) the look: look again first. (Reading it
+            // after the look only, a server announced in between was waited for in vain, for
+            // the whole `wait`.)
+            continue;
+        }
         let now = Instant::now();
         if !shared.conn.is_connected() && !shared.is_closed() {
             // Nobody can tell us about servers while the gateway is away.
@@ -556,9 +565,13 @@ pub(crate) fn invoke(
             let sent = send_call(shared, &c, &args, opts);
             let mut o = call_outcome(shared, &c, sent, deadline, method, opts);
             if is_removed(&o) {
-                o = match again(shared, method, &args, opts, &c, None, o, deadline) {
+                o = match again(shared, method, &args, opts, &c, None, o) {
                     Again::Outcome(o) => o,
                     // Gone, and no other server within the wait: as if there had been none.
+                    // As the wait for a server says it: without the gateway, that.
+                    Again::NoServer(_) if !shared.conn.is_connected() && !shared.is_closed() => {
+                        return Err(ClientError::Disconnected.into());
+                    }
                     Again::NoServer(_) => {
                         return Err(InvokeError::NoServer {
                             method: method.to_string(),
@@ -584,7 +597,7 @@ pub(crate) fn invoke(
             let o = call_outcome(shared, c, p, deadline, method, opts);
             if is_removed(&o) {
                 let only = Some(c.server.peer_id);
-                match again(shared, method, &args, opts, c, only, o, deadline) {
+                match again(shared, method, &args, opts, c, only, o) {
                     Again::Outcome(o) | Again::NoServer(o) => o,
                 }
             } else {
@@ -621,7 +634,6 @@ enum Again {
 /// the target picks, or with `only`, that server alone (`all`: each server keeps its place).
 /// Gives up when nothing shows up in time, or, with `only`, when the view has dropped the old
 /// registration and that server has no other.
-#[allow(clippy::too_many_arguments)]
 fn again(
     shared: &Arc<Shared>,
     method: &str,
@@ -630,7 +642,6 @@ fn again(
     first: &Chosen,
     only: Option<PeerId>,
     mut last: Result<ReturnValue, CallFailure>,
-    deadline: Instant,
 ) -> Again {
     let mut stale = vec![(first.server.peer_id, first.method_id)];
     let wait_until = crate::wait::deadline(opts.wait);
@@ -643,6 +654,9 @@ fn again(
                 .find(|c| only.is_none_or(|p| c.server.peer_id == p)),
         };
         if let Some(c) = next {
+            // `timeout` counts from when a call is sent: this one's own (the wait for the view
+            // may have outlasted the first call's).
+            let deadline = crate::wait::deadline(opts.timeout);
             let sent = send_call(shared, &c, args, opts);
             last = call_outcome(shared, &c, sent, deadline, method, opts);
             if !is_removed(&last) {
@@ -744,7 +758,10 @@ fn call_outcome(
             // Not sent because the server had left (its lane closed): not the server leaving
             // with the call pending (`PeerLeft`), but a registration gone before the call, as
             // `NotFound` is; the caller looks again (`again`).
-            let kind = if status == Status::PeerLeft {
+            let kind = if shared.is_closed() {
+                // Our own close shut the lane under the send.
+                FailureKind::Delivery(Status::Closed)
+            } else if status == Status::PeerLeft {
                 FailureKind::Delivery(Status::NotFound)
             } else {
                 FailureKind::Delivery(status)
@@ -839,6 +856,8 @@ pub(crate) fn wait_for_method(
         return None;
     }
     let until = crate::wait::deadline(timeout);
+    // As in `invoke`: the generation read before the last look.
+    let mut looked_at: Option<u64> = None;
     loop {
         // Matched as `invoke` matches (case-insensitive in every script): a method `invoke`
         // reaches is one this finds.
@@ -850,6 +869,9 @@ pub(crate) fn wait_for_method(
         }
         let st = shared.lock_state();
         let gen = st.generation;
+        if looked_at.replace(gen) != Some(gen) {
+            continue;
+        }
         let now = Instant::now();
         if now >= until || shared.is_closed() {
             return None;
@@ -1123,5 +1145,45 @@ mod tests {
         let e = c.invoke("Nobody", Value::map(), &opts).unwrap_err();
         assert!(!hook::is_set(point), "the call never waited");
         assert_eq!(e.status(), Status::Closed, "{e:?}");
+    }
+
+    /// A server announced after the caller looked for one and before it waited is found at
+    /// once: the caller waited for a further change, the whole `wait` (here 20 s; every few
+    /// hundred rounds of a register/invoke/unregister loop).
+    #[test]
+    fn a_server_announced_between_the_look_and_the_wait_is_not_waited_for() {
+        let gw = crate::client::testing::TestGateway::new("interop-window");
+        let c = Client::builder("c").socket(gw.socket()).connect().unwrap();
+        let server = Client::builder("s").socket(gw.socket()).connect().unwrap();
+        let point = "invoke: waiting for a server";
+        let viewer = c.clone();
+        let registrar = server.clone();
+        hook::set(point, move || {
+            hook::elsewhere(move || {
+                registrar
+                    .register("Late", |inv| Ok(inv.args.clone()))
+                    .unwrap();
+                // In the caller's view before the caller goes on to wait.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !viewer.methods().iter().any(|m| m.def.name == "Late") {
+                    assert!(std::time::Instant::now() < deadline, "never announced");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        });
+        let opts = InvokeOptions {
+            target: Target::Best,
+            wait: Duration::from_secs(20),
+            ..InvokeOptions::default()
+        };
+        let started = std::time::Instant::now();
+        let r = c.invoke("Late", Value::map(), &opts).unwrap();
+        assert!(!hook::is_set(point), "the call never waited");
+        assert_eq!(r.returned, Value::map());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "found after {:?}",
+            started.elapsed()
+        );
     }
 }

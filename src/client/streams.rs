@@ -1107,7 +1107,7 @@ pub(crate) fn subscribe(
         .map_err(|e| StreamError::InvalidArgument(e.to_string()))?;
     // Servers of the stream, waiting for one to appear.
     let wait_until = crate::wait::deadline(params.wait);
-    let chosen = servers_within(shared, name, &params.target, &[], wait_until)?;
+    let chosen = servers_within(shared, name, &params.target, &[], &[], wait_until)?;
     let sub = Arc::new(ClientSub {
         // Relaxed: ids only need to be unique; nothing is published through the counter.
         id: shared.next_stream_sub.fetch_add(1, Ordering::Relaxed),
@@ -1124,7 +1124,7 @@ pub(crate) fn subscribe(
     table(shared).subs.insert(sub.id, sub.clone());
     send_requests(shared, &sub, &chosen);
     // The first acceptance completes the subscription; later ones join it.
-    let deadline = crate::wait::deadline(params.timeout);
+    let mut deadline = crate::wait::deadline(params.timeout);
     let remotes = || sub.remotes.lock().unwrap_or_else(|e| e.into_inner());
     let mut stale: Vec<(PeerId, u32)> = Vec::new();
     loop {
@@ -1144,10 +1144,18 @@ pub(crate) fn subscribe(
                 .filter(|x| matches!(x.state, ServerState::Removed(_)))
                 .map(|x| (x.peer, x.method)),
         );
+        // Servers that answered otherwise are not asked again.
+        let answered: Vec<PeerId> = r
+            .iter()
+            .filter(|x| !matches!(x.state, ServerState::Removed(_)))
+            .map(|x| x.peer)
+            .collect();
         drop(r);
-        match servers_within(shared, name, &params.target, &stale, wait_until) {
+        match servers_within(shared, name, &params.target, &stale, &answered, wait_until) {
             Ok(c) => {
                 remotes().retain(|x| !matches!(x.state, ServerState::Removed(_)));
+                // `timeout` counts from when a request is sent.
+                deadline = crate::wait::deadline(params.timeout);
                 send_requests(shared, &sub, &c);
             }
             // Nothing else in time: the refusal stands.
@@ -1195,22 +1203,29 @@ pub(crate) fn subscribe(
     }
 }
 
-/// The servers of stream `name` that `target` picks, leaving out `stale` registrations,
-/// waiting until `wait_until` for one to appear.
+/// The servers of stream `name` that `target` picks, leaving out `stale` registrations and the
+/// servers in `answered`, waiting until `wait_until` for one to appear.
 fn servers_within(
     shared: &Arc<Shared>,
     name: &str,
     target: &Target,
     stale: &[(PeerId, u32)],
+    answered: &[PeerId],
     wait_until: Instant,
 ) -> Result<Vec<(Arc<Instance>, u32)>, StreamError> {
+    // As in `interop::invoke`: the generation read before the last look.
+    let mut looked_at: Option<u64> = None;
     loop {
-        let c = candidates(shared, name, target, stale);
+        let mut c = candidates(shared, name, target, stale);
+        c.retain(|(i, _)| !answered.contains(&i.peer_id));
         if !c.is_empty() {
             return Ok(c);
         }
         let st = shared.lock_state();
         let gen = st.generation;
+        if looked_at.replace(gen) != Some(gen) {
+            continue;
+        }
         let now = Instant::now();
         if !shared.conn.is_connected() && !shared.is_closed() {
             // Nobody can tell us about servers while the gateway is away.
