@@ -301,6 +301,13 @@ thread_local! {
 
 /// What a call to a peer that left fails with (io.Connect's words).
 pub(crate) const PEER_LEFT: &str = "Peer has left while waiting for result";
+/// Why [`Shared::await_view`] found nothing.
+pub(crate) enum ViewWait {
+    Deadline,
+    Closed,
+    Disconnected,
+}
+
 /// What a server answers for a method it no longer has (io.Connect's words).
 pub(crate) const METHOD_REMOVED: &str = "Method has been removed";
 
@@ -584,6 +591,48 @@ impl Shared {
                 false
             }
             _ => true,
+        }
+    }
+
+    /// Looks at the view (peers and their methods) with `look` until it finds something,
+    /// waiting for each change of the view until `until`. The generation is read before each
+    /// wait and compared with the one read before the look that failed, so a change between
+    /// the two is looked at, not waited for (reading it after the look only, a server announced
+    /// in between was waited for in vain, for the whole wait). `need_gateway`: give up when the
+    /// gateway is away, since nobody can tell of changes then.
+    pub(crate) fn await_view<T>(
+        &self,
+        until: Instant,
+        need_gateway: bool,
+        mut look: impl FnMut() -> Option<T>,
+    ) -> Result<T, ViewWait> {
+        let mut looked_at: Option<u64> = None;
+        loop {
+            if let Some(t) = look() {
+                return Ok(t);
+            }
+            let st = self.lock_state();
+            let gen = st.generation;
+            if looked_at.replace(gen) != Some(gen) {
+                continue;
+            }
+            // Closed while waiting (by another thread): that, not "nothing found".
+            if self.is_closed() {
+                return Err(ViewWait::Closed);
+            }
+            if need_gateway && !self.conn.is_connected() {
+                return Err(ViewWait::Disconnected);
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Err(ViewWait::Deadline);
+            }
+            let _ = self
+                .state_changed
+                .wait_timeout_while(st, until - now, |st| {
+                    st.generation == gen && !self.is_closed()
+                })
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 

@@ -1,7 +1,7 @@
 //! Interop on the client: registering, invoking, discovery and its events.
 
 use super::conn::Reply;
-use super::engine::{MethodEntry, Shared, State};
+use super::engine::{MethodEntry, Shared, State, ViewWait};
 use super::lane::Lane;
 use super::{ClientError, EventCallback, EventSubscription, Handler, InvokeError};
 use crate::model::policy::Action as PolicyAction;
@@ -515,48 +515,31 @@ pub(crate) fn invoke(
     if size > max {
         return Err(InvokeError::PayloadTooLarge { size, max });
     }
-    // Find servers, waiting for one to appear if need be.
-    let mut wait_until = None;
-    // The view's generation read before the last look (`None`: the first look, which takes no
-    // lock): a change after the look must not be waited for as if it were still to come.
-    let mut looked_at: Option<u64> = None;
-    let chosen = loop {
-        let c = choose(shared, method, &opts.target, &[]);
-        if !c.is_empty() {
-            break c;
+    // Find servers, waiting for one to appear if need be (the clock is read only then).
+    let first = choose(shared, method, &opts.target, &[]);
+    let chosen = if !first.is_empty() {
+        first
+    } else {
+        let until = crate::wait::deadline(opts.wait);
+        let found = shared.await_view(until, true, || {
+            let c = choose(shared, method, &opts.target, &[]);
+            #[cfg(test)]
+            if c.is_empty() {
+                super::hook::at("invoke: waiting for a server");
+            }
+            (!c.is_empty()).then_some(c)
+        });
+        match found {
+            Ok(c) => c,
+            Err(ViewWait::Disconnected) => return Err(ClientError::Disconnected.into()),
+            Err(ViewWait::Closed) => return Err(ClientError::Closed.into()),
+            Err(ViewWait::Deadline) => {
+                return Err(InvokeError::NoServer {
+                    method: method.to_string(),
+                    target: opts.target.to_string(),
+                })
+            }
         }
-        let wait_until = *wait_until.get_or_insert_with(|| crate::wait::deadline(opts.wait));
-        #[cfg(test)]
-        super::hook::at("invoke: waiting for a server");
-        let st = shared.lock_state();
-        let gen = st.generation;
-        if looked_at.replace(gen) != Some(gen) {
-            // Changed since (or not known before) the look: look again first. (Reading it
-            // after the look only, a server announced in between was waited for in vain, for
-            // the whole `wait`.)
-            continue;
-        }
-        let now = Instant::now();
-        if !shared.conn.is_connected() && !shared.is_closed() {
-            // Nobody can tell us about servers while the gateway is away.
-            return Err(ClientError::Disconnected.into());
-        }
-        // Closed while waiting (by another thread): that, not "no server".
-        if shared.is_closed() {
-            return Err(ClientError::Closed.into());
-        }
-        if now >= wait_until {
-            return Err(InvokeError::NoServer {
-                method: method.to_string(),
-                target: opts.target.to_string(),
-            });
-        }
-        let _ = shared
-            .state_changed
-            .wait_timeout_while(st, wait_until - now, |st| {
-                st.generation == gen && !shared.is_closed()
-            })
-            .unwrap_or_else(|e| e.into_inner());
     };
     let deadline = crate::wait::deadline(opts.timeout);
     let many = match chosen {
@@ -856,33 +839,15 @@ pub(crate) fn wait_for_method(
         return None;
     }
     let until = crate::wait::deadline(timeout);
-    // As in `invoke`: the generation read before the last look.
-    let mut looked_at: Option<u64> = None;
-    loop {
-        // Matched as `invoke` matches (case-insensitive in every script): a method `invoke`
-        // reaches is one this finds.
-        if let Some(m) = methods(shared)
-            .into_iter()
-            .find(|m| method_matches(name, &m.def))
-        {
-            return Some(m);
-        }
-        let st = shared.lock_state();
-        let gen = st.generation;
-        if looked_at.replace(gen) != Some(gen) {
-            continue;
-        }
-        let now = Instant::now();
-        if now >= until || shared.is_closed() {
-            return None;
-        }
-        let _ = shared
-            .state_changed
-            .wait_timeout_while(st, until - now, |st| {
-                st.generation == gen && !shared.is_closed()
-            })
-            .unwrap_or_else(|e| e.into_inner());
-    }
+    // Matched as `invoke` matches (case-insensitive in every script): a method `invoke`
+    // reaches is one this finds.
+    shared
+        .await_view(until, false, || {
+            methods(shared)
+                .into_iter()
+                .find(|m| method_matches(name, &m.def))
+        })
+        .ok()
 }
 
 static NEXT_SUB: AtomicU64 = AtomicU64::new(1);

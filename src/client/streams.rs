@@ -13,7 +13,7 @@
 //! per value of a field).
 
 use super::cow::{with_kept, CowList, Kept};
-use super::engine::{Shared, Task};
+use super::engine::{Shared, Task, ViewWait};
 use super::lane::{split_at, Lane, SendError};
 use super::{ClientError, MethodError};
 use crate::model::policy::Action as PolicyAction;
@@ -1213,38 +1213,16 @@ fn servers_within(
     answered: &[PeerId],
     wait_until: Instant,
 ) -> Result<Vec<(Arc<Instance>, u32)>, StreamError> {
-    // As in `interop::invoke`: the generation read before the last look.
-    let mut looked_at: Option<u64> = None;
-    loop {
+    let found = shared.await_view(wait_until, true, || {
         let mut c = candidates(shared, name, target, stale);
         c.retain(|(i, _)| !answered.contains(&i.peer_id));
-        if !c.is_empty() {
-            return Ok(c);
-        }
-        let st = shared.lock_state();
-        let gen = st.generation;
-        if looked_at.replace(gen) != Some(gen) {
-            continue;
-        }
-        let now = Instant::now();
-        if !shared.conn.is_connected() && !shared.is_closed() {
-            // Nobody can tell us about servers while the gateway is away.
-            return Err(StreamError::Client(ClientError::Disconnected));
-        }
-        // Closed while waiting (by another thread): that, not "no server".
-        if shared.is_closed() {
-            return Err(StreamError::Client(ClientError::Closed));
-        }
-        if now >= wait_until {
-            return Err(StreamError::NoServer);
-        }
-        let _ = shared
-            .state_changed
-            .wait_timeout_while(st, wait_until - now, |st| {
-                st.generation == gen && !shared.is_closed()
-            })
-            .unwrap_or_else(|e| e.into_inner());
-    }
+        (!c.is_empty()).then_some(c)
+    });
+    found.map_err(|why| match why {
+        ViewWait::Disconnected => StreamError::Client(ClientError::Disconnected),
+        ViewWait::Closed => StreamError::Client(ClientError::Closed),
+        ViewWait::Deadline => StreamError::NoServer,
+    })
 }
 
 /// The servers of stream `name` that `target` picks, ourselves included, leaving out the
