@@ -453,6 +453,18 @@ fn announce(shared: &Arc<Shared>, id: u64, name: String) {
         });
 }
 
+/// Puts `sub` among the subscriptions waiting for their context to be announced.
+fn wait_for_context(shared: &Shared, sub: Arc<Sub>) {
+    shared
+        .ctx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .waiting
+        .entry(sub.name.clone())
+        .or_default()
+        .push(sub);
+}
+
 /// `sub` could not attach to its context (`e`). Without the gateway it waits again, for the
 /// reconnection's restore to attach it (it was in no entry and no list, so it was lost: a
 /// context created just as the gateway stopped was never delivered to it); otherwise the
@@ -469,14 +481,7 @@ fn attach_failed(shared: &Shared, sub: Arc<Sub>, e: &ContextError) {
             "context {:?}: subscribing again once the gateway is back ({e})",
             sub.name
         ));
-        shared
-            .ctx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting
-            .entry(sub.name.clone())
-            .or_default()
-            .push(sub);
+        wait_for_context(shared, sub);
         return;
     }
     crate::log::warn(format_args!(
@@ -1066,14 +1071,7 @@ fn attach_sub_inner(
         let Some(entry) = open(shared, &sub.name)? else {
             // SYNC(sub-waited): as in `subscribe`.
             sub.waited.store(true, Ordering::Relaxed);
-            shared
-                .ctx
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .waiting
-                .entry(sub.name.clone())
-                .or_default()
-                .push(sub);
+            wait_for_context(shared, sub);
             return Ok(None);
         };
         #[cfg(test)]

@@ -119,25 +119,26 @@ fn check_config(cfg: &GatewayConfig) -> Result<(), GatewayError> {
     if cfg.queue_depth == 0 {
         return bad("queue_depth must be at least 1".into());
     }
-    if !l.lane_capacity.is_power_of_two()
-        || !(crate::shm::MIN_RING..=crate::shm::MAX_RING).contains(&l.lane_capacity)
-    {
-        return bad(format!(
-            "lane_capacity {} must be a power of two from {} to {}",
+    // Sizes of shared memory: what `shm` creates segments with.
+    for (what, v, lo, hi) in [
+        (
+            "lane_capacity",
             l.lane_capacity,
             crate::shm::MIN_RING,
-            crate::shm::MAX_RING
-        ));
-    }
-    if !l.context_log.is_power_of_two()
-        || !(crate::shm::MIN_LOG..=crate::shm::MAX_LOG).contains(&l.context_log)
-    {
-        return bad(format!(
-            "context_log {} must be a power of two from {} to {}",
+            crate::shm::MAX_RING,
+        ),
+        (
+            "context_log",
             l.context_log,
             crate::shm::MIN_LOG,
-            crate::shm::MAX_LOG
-        ));
+            crate::shm::MAX_LOG,
+        ),
+    ] {
+        if !v.is_power_of_two() || !(lo..=hi).contains(&v) {
+            return bad(format!(
+                "{what} {v} must be a power of two from {lo} to {hi}"
+            ));
+        }
     }
     for (what, v) in [
         ("max_payload", l.max_payload as usize),
