@@ -535,13 +535,8 @@ pub(crate) fn deliver_batch(shared: &Arc<Shared>, batch: BusBatch) {
             }
             other => *other = Value::Bytes(p.payload.to_vec()),
         }
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver(shared, m)));
-        if let Err(p) = r {
-            crate::log::warn(format_args!(
-                "a bus callback panicked: {}",
-                super::engine::panic_message(&p)
-            ));
-        }
+        // Each callback runs contained (`isolated`).
+        deliver(shared, m);
     }
     // Keep the buffers for the next batch unless a burst of large messages grew them.
     if bytes.capacity() <= 1 << 20 {

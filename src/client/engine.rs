@@ -1196,15 +1196,8 @@ impl Shared {
                 only,
                 counted,
             } => {
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    super::contexts::deliver(&entry, &ev, only, counted)
-                }));
-                if let Err(p) = r {
-                    crate::log::warn(format_args!(
-                        "a context callback panicked: {}",
-                        panic_message(&p)
-                    ));
-                }
+                // Each callback runs contained (`isolated`).
+                super::contexts::deliver(&entry, &ev, only, counted)
             }
             Task::StreamDrain(sub) => {
                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -1219,16 +1212,8 @@ impl Shared {
             }
             Task::BusBatch(b) => super::bus::deliver_batch(self, b),
             Task::StreamBatch(b) => super::streams::deliver_batch(self, b),
-            Task::Bus(msg) => {
-                let r =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| super::bus::deliver(self, &msg)));
-                if let Err(p) = r {
-                    crate::log::warn(format_args!(
-                        "a bus callback panicked: {}",
-                        panic_message(&p)
-                    ));
-                }
-            }
+            // Each callback runs contained (`isolated`).
+            Task::Bus(msg) => super::bus::deliver(self, &msg),
             Task::Call(f) | Task::Request(f) => {
                 if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
                     crate::log::warn(format_args!(
